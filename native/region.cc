@@ -1,0 +1,252 @@
+#include "region.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "common.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+namespace livemig {
+
+namespace {
+
+// Every live mapping by id, so a worker thread (its own addon instance, same process) can
+// attach to the very same virtual range: write tracking is per mapping, not per file.
+std::mutex g_registry_mutex;
+std::unordered_map<uint64_t, Mapping*> g_registry;
+std::atomic<uint64_t> g_next_id{1};
+
+struct RegionData {
+  Napi::FunctionReference ctor;
+};
+
+void Register(Mapping* m) {
+  std::lock_guard<std::mutex> lock(g_registry_mutex);
+  g_registry[m->id] = m;
+}
+
+Napi::Object Wrap(Napi::Env env, Mapping* m) {
+  auto* data = env.GetInstanceData<RegionData>();
+  return data->ctor.New({Napi::External<Mapping>::New(env, m)});
+}
+
+Mapping* MapFd(int fd, size_t size, SysError* err) {
+  void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (addr == MAP_FAILED) {
+    err->set("mmap", errno);
+    return nullptr;
+  }
+  auto* m = new Mapping();
+  m->addr = static_cast<uint8_t*>(addr);
+  m->size = size;
+  m->fd = fd;
+  m->id = g_next_id.fetch_add(1);
+  Register(m);
+  return m;
+}
+
+Napi::Value Create(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t size = static_cast<size_t>(ToU64(info[0]));
+  std::string name = info[1].As<Napi::String>().Utf8Value();
+  int fd = static_cast<int>(syscall(SYS_memfd_create, name.c_str(), MFD_CLOEXEC));
+  if (fd < 0) throw MakeSysError(env, "memfd_create", errno);
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
+    int e = errno;
+    close(fd);
+    throw MakeSysError(env, "ftruncate", e);
+  }
+  SysError err;
+  Mapping* m = MapFd(fd, size, &err);
+  if (!m) {
+    close(fd);
+    throw MakeSysError(env, err);
+  }
+  return Wrap(env, m);
+}
+
+// Adopts a memfd/shm fd: the caller's fd is duplicated, so the caller keeps ownership of its own.
+Napi::Value Adopt(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int callerFd = info[0].As<Napi::Number>().Int32Value();
+  size_t size = static_cast<size_t>(ToU64(info[1]));
+  struct stat st;
+  if (fstat(callerFd, &st) != 0) throw MakeSysError(env, "fstat", errno);
+  if (static_cast<uint64_t>(st.st_size) < size) {
+    throw MakeSysError(env, "fstat", EINVAL,
+                       "file holds " + std::to_string(st.st_size) + " bytes, fewer than the region's " +
+                           std::to_string(size));
+  }
+  int fd = fcntl(callerFd, F_DUPFD_CLOEXEC, 3);
+  if (fd < 0) throw MakeSysError(env, "fcntl(F_DUPFD_CLOEXEC)", errno);
+  SysError err;
+  Mapping* m = MapFd(fd, size, &err);
+  if (!m) {
+    close(fd);
+    throw MakeSysError(env, err);
+  }
+  return Wrap(env, m);
+}
+
+Napi::Value Attach(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t id = ToU64(info[0]);
+  Mapping* m = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mutex);
+    auto it = g_registry.find(id);
+    if (it != g_registry.end() && !it->second->released.load()) {
+      m = it->second;
+      m->Ref();
+    }
+  }
+  if (!m) return env.Null();
+  return Wrap(env, m);
+}
+
+Napi::Value PageSize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(sysconf(_SC_PAGESIZE)));
+}
+
+}  // namespace
+
+void Mapping::Unref() {
+  if (refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mutex);
+    g_registry.erase(id);
+  }
+  Release();
+  munmap(addr, size);
+  delete this;
+}
+
+bool Mapping::Release() {
+  bool expected = false;
+  if (!released.compare_exchange_strong(expected, true)) return false;
+  // Replace the shared pages with private anonymous memory at the same address: any Buffer
+  // view still alive now sees harmless scratch memory instead of faulting, and the memfd's
+  // pages are freed as soon as its last mapping and descriptor are gone.
+  void* r = mmap(addr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+  (void)r;  // on failure the old shared mapping simply stays until munmap; still no crash
+  if (fd >= 0) close(fd);
+  fd = -1;
+  return true;
+}
+
+Napi::Function Region::Init(Napi::Env env) {
+  Napi::Function ctor = DefineClass(env, "NativeRegion",
+                                    {
+                                        InstanceMethod("view", &Region::View),
+                                        InstanceMethod("release", &Region::Release),
+                                        InstanceMethod("reserve", &Region::Reserve),
+                                        InstanceMethod("populate", &Region::Populate),
+                                        InstanceAccessor("fd", &Region::GetFd, nullptr),
+                                        InstanceAccessor("size", &Region::GetSize, nullptr),
+                                        InstanceAccessor("id", &Region::GetId, nullptr),
+                                        InstanceAccessor("address", &Region::GetAddress, nullptr),
+                                        InstanceAccessor("released", &Region::GetReleased, nullptr),
+                                    });
+  auto* data = new RegionData();
+  data->ctor = Napi::Persistent(ctor);
+  env.SetInstanceData<RegionData>(data);
+  return ctor;
+}
+
+Region::Region(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Region>(info) {
+  if (info.Length() != 1 || !info[0].IsExternal()) {
+    Napi::TypeError::New(info.Env(), "NativeRegion is created by regionCreate/regionAdopt/regionAttach")
+        .ThrowAsJavaScriptException();
+    return;
+  }
+  mapping_ = info[0].As<Napi::External<Mapping>>().Data();
+}
+
+Region::~Region() {
+  if (mapping_) mapping_->Unref();
+}
+
+Mapping* Region::LiveMapping(Napi::Env env) {
+  if (!mapping_ || mapping_->released.load()) {
+    Napi::Error err = Napi::Error::New(env, "region has been released");
+    err.Set("released", Napi::Boolean::New(env, true));
+    err.ThrowAsJavaScriptException();
+    return nullptr;
+  }
+  return mapping_;
+}
+
+Napi::Value Region::View(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = LiveMapping(env);
+  if (!m) return env.Undefined();
+  uint64_t offset = ToU64(info[0]);
+  uint64_t length = ToU64(info[1]);
+  if (offset > m->size || length > m->size - offset) {
+    Napi::RangeError::New(env, "view outside the region").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  m->Ref();
+  return Napi::Buffer<uint8_t>::New(env, m->addr + offset, static_cast<size_t>(length),
+                                    [](Napi::Env, uint8_t*, Mapping* mm) { mm->Unref(); }, m);
+}
+
+Napi::Value Region::Release(const Napi::CallbackInfo& info) {
+  bool did = mapping_ && mapping_->Release();
+  return Napi::Boolean::New(info.Env(), did);
+}
+
+// Allocates every page of the backing file now, so a destination refuses up front
+// (ENOSPC/ENOMEM) instead of dying of SIGBUS in the middle of a migration.
+Napi::Value Region::Reserve(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = LiveMapping(env);
+  if (!m) return env.Undefined();
+  if (fallocate(m->fd, 0, 0, static_cast<off_t>(m->size)) != 0) throw MakeSysError(env, "fallocate", errno);
+  return env.Undefined();
+}
+
+// Maps every page into this process's page tables so later writes run at memory speed.
+Napi::Value Region::Populate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = LiveMapping(env);
+  if (!m) return env.Undefined();
+  if (madvise(m->addr, m->size, MADV_POPULATE_WRITE) != 0) throw MakeSysError(env, "madvise(MADV_POPULATE_WRITE)", errno);
+  return env.Undefined();
+}
+
+Napi::Value Region::GetFd(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), mapping_ ? mapping_->fd : -1);
+}
+Napi::Value Region::GetSize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), mapping_ ? static_cast<double>(mapping_->size) : 0);
+}
+Napi::Value Region::GetId(const Napi::CallbackInfo& info) {
+  return Napi::BigInt::New(info.Env(), mapping_ ? mapping_->id : 0);
+}
+Napi::Value Region::GetAddress(const Napi::CallbackInfo& info) {
+  return Napi::BigInt::New(info.Env(), mapping_ ? reinterpret_cast<uint64_t>(mapping_->addr) : 0);
+}
+Napi::Value Region::GetReleased(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), !mapping_ || mapping_->released.load());
+}
+
+void InitRegionStatics(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeRegion", Region::Init(env));
+  exports.Set("regionCreate", Napi::Function::New(env, Create));
+  exports.Set("regionAdopt", Napi::Function::New(env, Adopt));
+  exports.Set("regionAttach", Napi::Function::New(env, Attach));
+  exports.Set("pageSize", Napi::Function::New(env, PageSize));
+}
+
+}  // namespace livemig

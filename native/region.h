@@ -1,0 +1,55 @@
+// Region mechanism: a shared mapping of a memfd (created here or adopted), zero-copy views,
+// and a release that can never turn a stale Buffer into a crash.
+#pragma once
+
+#include <napi.h>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+namespace livemig {
+
+// One mapping, shared by every Region object (main thread or worker) and every Buffer view
+// that refers to it. The address range stays reserved until the last reference is gone, so
+// views outlive release() safely; release() swaps the shared pages for private anonymous ones.
+struct Mapping {
+  uint8_t* addr = nullptr;
+  size_t size = 0;
+  int fd = -1;
+  uint64_t id = 0;
+  std::atomic<int> refs{1};
+  std::atomic<bool> released{false};
+
+  void Ref() { refs.fetch_add(1, std::memory_order_relaxed); }
+  void Unref();
+  // Returns false if it was already released.
+  bool Release();
+};
+
+class Region : public Napi::ObjectWrap<Region> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit Region(const Napi::CallbackInfo& info);
+  ~Region() override;
+
+  // The live mapping, or nullptr (with a JS exception pending) when released.
+  Mapping* LiveMapping(Napi::Env env);
+  static Region* Unwrap(const Napi::Value& v) { return Napi::ObjectWrap<Region>::Unwrap(v.As<Napi::Object>()); }
+
+ private:
+  Napi::Value View(const Napi::CallbackInfo& info);
+  Napi::Value Release(const Napi::CallbackInfo& info);
+  Napi::Value Reserve(const Napi::CallbackInfo& info);
+  Napi::Value Populate(const Napi::CallbackInfo& info);
+  Napi::Value GetFd(const Napi::CallbackInfo& info);
+  Napi::Value GetSize(const Napi::CallbackInfo& info);
+  Napi::Value GetId(const Napi::CallbackInfo& info);
+  Napi::Value GetAddress(const Napi::CallbackInfo& info);
+  Napi::Value GetReleased(const Napi::CallbackInfo& info);
+
+  Mapping* mapping_ = nullptr;
+};
+
+void InitRegionStatics(Napi::Env env, Napi::Object exports);
+
+}  // namespace livemig

@@ -1,0 +1,48 @@
+/**
+ * One error class for every livemig failure. `code` is stable and documented below; `phase`
+ * says which stage of a migration (or which subsystem) failed; `syscall`/`errno` are set when
+ * the kernel refused something.
+ */
+export const ErrorCodes = {
+  ERR_LIVEMIG_INVALID_ARGUMENT: 'an argument has the wrong type, range or alignment',
+  ERR_LIVEMIG_RELEASED: 'the region or tracker was used after release()/stop()',
+  ERR_LIVEMIG_NO_MEMORY: 'memory for the region could not be created, reserved or mapped',
+  ERR_LIVEMIG_SYSCALL: 'a system call failed; see syscall and errno',
+  ERR_LIVEMIG_UNSUPPORTED: 'the kernel lacks a feature this operation needs',
+  ERR_LIVEMIG_TRACKING: 'dirty-page tracking could not start or collect',
+  ERR_LIVEMIG_STATE: 'the operation is not valid in the current state',
+  ERR_LIVEMIG_HANDOVER: 'a guest process could not hand over its region',
+  ERR_LIVEMIG_TIMEOUT: 'a peer did not answer in time',
+} as const;
+
+export type ErrorCode = keyof typeof ErrorCodes;
+
+export interface LivemigErrorOptions {
+  phase?: string;
+  syscall?: string;
+  errno?: number;
+  errnoName?: string;
+  cause?: unknown;
+}
+
+export class LivemigError extends Error {
+  readonly code: ErrorCode;
+  readonly phase: string | undefined;
+  readonly syscall: string | undefined;
+  readonly errno: number | undefined;
+  readonly errnoName: string | undefined;
+
+  constructor(code: ErrorCode, message: string, options: LivemigErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'LivemigError';
+    this.code = code;
+    this.phase = options.phase;
+    this.syscall = options.syscall;
+    this.errno = options.errno;
+    this.errnoName = options.errnoName;
+  }
+}
+
+export function invalidArgument(message: string): LivemigError {
+  return new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', message, { phase: 'validate' });
+}

@@ -1,0 +1,4 @@
+export { LivemigError, ErrorCodes, type ErrorCode } from './errors.js';
+export { Region, PAGE_SIZE, type CreateRegionOptions } from './region/region.js';
+export { GuestListener, handOverRegion, parseHello, type GuestHello, type GuestConnection } from './region/handover.js';
+export * from './tracking/index.js';

@@ -1,0 +1,118 @@
+/**
+ * The only module that loads the addon. Every native call goes through here so that a
+ * kernel error becomes a LivemigError created at the caller's stack, with a stable code.
+ */
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+import { LivemigError, type ErrorCode } from './errors.js';
+
+export interface NativeRegion {
+  readonly fd: number;
+  readonly size: number;
+  readonly id: bigint;
+  readonly address: bigint;
+  readonly released: boolean;
+  view(offset: number, length: number): Buffer;
+  release(): boolean;
+  reserve(): void;
+  populate(): void;
+}
+
+export interface Received {
+  data: Buffer;
+  fds: number[];
+}
+
+interface Addon {
+  regionCreate(size: number, name: string): NativeRegion;
+  regionAdopt(fd: number, size: number): NativeRegion;
+  regionAttach(id: bigint): NativeRegion | null;
+  pageSize(): number;
+  uffdProbe(): bigint;
+  uffdWriteProtect(address: bigint, length: number, features: bigint): number;
+  pagemapOpen(pid: number): number;
+  pagemapScanSync(fd: number, start: bigint, length: number, pageSize: number, rearm: boolean): Uint32Array;
+  pagemapScan(fd: number, start: bigint, length: number, pageSize: number, rearm: boolean): Promise<Uint32Array>;
+  softDirtyClear(pid: number): void;
+  softDirtyScan(fd: number, start: bigint, length: number, pageSize: number, rearm: boolean): Promise<Uint32Array>;
+  softDirtyProbe(): boolean;
+  closeFd(fd: number): void;
+  xxh64(data: Buffer, seed: bigint): bigint;
+  hashCompare(region: NativeRegion, firstPage: number, count: number, pageSize: number, hashes: BigUint64Array): Promise<Uint32Array>;
+  unixListen(path: string): number;
+  unixConnect(path: string): number;
+  unixAccept(fd: number, timeoutMs: number): Promise<number>;
+  sendWithFds(fd: number, data: Buffer, fds: number[]): void;
+  recvWithFds(fd: number, timeoutMs: number): Promise<Received>;
+  UFFD_FEATURE_WP_ASYNC: bigint;
+  UFFD_FEATURE_WP_UNPOPULATED: bigint;
+  UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;
+}
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+// dist/src/native.js -> ../../build/Release; src/native.ts run directly -> ../build/Release
+function loadAddon(): Addon {
+  const require = createRequire(import.meta.url);
+  const candidates = [path.join(here, '../../build/Release/livemig.node'), path.join(here, '../build/Release/livemig.node')];
+  let lastError: unknown;
+  for (const c of candidates) {
+    try {
+      return require(c) as Addon;
+    } catch (e) {
+      lastError = e;
+    }
+  }
+  throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the livemig native addon is not built: run `npm install` (it runs node-gyp)', {
+    phase: 'load',
+    cause: lastError,
+  });
+}
+
+export const addon: Addon = loadAddon();
+
+interface NativeErrorShape {
+  message?: string;
+  syscall?: string;
+  errno?: number;
+  errnoName?: string;
+  released?: boolean;
+}
+
+/** Converts an error thrown by the addon into a LivemigError. */
+export function fromNative(e: unknown, code: ErrorCode, phase: string, what: string): LivemigError {
+  if (e instanceof LivemigError) return e;
+  const n = (e ?? {}) as NativeErrorShape;
+  if (n.released) return new LivemigError('ERR_LIVEMIG_RELEASED', `${what}: the region has been released`, { phase, cause: e });
+  const errnoName = n.errnoName;
+  const finalCode: ErrorCode = errnoName === 'ENOMEM' || errnoName === 'ENOSPC' ? 'ERR_LIVEMIG_NO_MEMORY' : code;
+  const detail = n.message ?? String(e);
+  const opts = { phase, cause: e } as const;
+  return new LivemigError(finalCode, `${what}: ${detail}`, {
+    ...opts,
+    ...(n.syscall === undefined ? {} : { syscall: n.syscall }),
+    ...(n.errno === undefined ? {} : { errno: n.errno }),
+    ...(errnoName === undefined ? {} : { errnoName }),
+  });
+}
+
+/** Runs a synchronous native call; a failure surfaces as a LivemigError thrown here. */
+export function call<T>(code: ErrorCode, phase: string, what: string, fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    throw fromNative(e, code, phase, what);
+  }
+}
+
+/** Awaits a native promise; the error is created here so its stack points at the caller. */
+export async function callAsync<T>(code: ErrorCode, phase: string, what: string, fn: () => Promise<T>): Promise<T> {
+  const site = new Error();
+  try {
+    return await fn();
+  } catch (e) {
+    const err = fromNative(e, code, phase, what);
+    if (site.stack) err.stack = `${err.name}: ${err.message}\n${site.stack.split('\n').slice(1).join('\n')}`;
+    throw err;
+  }
+}

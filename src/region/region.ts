@@ -1,0 +1,153 @@
+/**
+ * Region: a page-aligned shared memory range (a memfd or shm object mapped into this
+ * process) and its geometry. Views are zero-copy Buffers over the mapping.
+ */
+import { constants as bufferConstants } from 'node:buffer';
+import { LivemigError, invalidArgument } from '../errors.js';
+import { addon, call, type NativeRegion } from '../native.js';
+
+export const PAGE_SIZE: number = addon.pageSize();
+
+/** Largest region accepted: page indices travel as u32. */
+export const MAX_REGION_BYTES = 2 ** 32 * PAGE_SIZE;
+
+export interface CreateRegionOptions {
+  /** Name shown in /proc/PID/maps and fd listings (memfd name). */
+  name?: string;
+  /** Allocate every page now (fallocate) so a lack of memory fails here, not later. */
+  reserve?: boolean;
+  /** Map every page now (MADV_POPULATE_WRITE) so first writes run at memory speed. */
+  populate?: boolean;
+}
+
+function checkSize(size: unknown, what: string): number {
+  if (typeof size !== 'number' || !Number.isSafeInteger(size) || size <= 0) {
+    throw invalidArgument(`${what} must be a positive integer number of bytes, got ${String(size)}`);
+  }
+  if (size % PAGE_SIZE !== 0) {
+    throw invalidArgument(`${what} must be a multiple of the page size (${PAGE_SIZE}), got ${size}`);
+  }
+  if (size > MAX_REGION_BYTES) throw invalidArgument(`${what} must be at most ${MAX_REGION_BYTES} bytes, got ${size}`);
+  return size;
+}
+
+export class Region {
+  readonly size: number;
+  readonly pageSize: number = PAGE_SIZE;
+  readonly pageCount: number;
+  readonly #native: NativeRegion;
+
+  private constructor(native: NativeRegion) {
+    this.#native = native;
+    this.size = native.size;
+    this.pageCount = native.size / PAGE_SIZE;
+  }
+
+  /** A new memfd-backed region of `size` bytes (page-aligned), zero-filled. */
+  static create(size: number, options: CreateRegionOptions = {}): Region {
+    checkSize(size, 'size');
+    const name = options.name ?? 'livemig-region';
+    if (typeof name !== 'string' || name.length === 0 || name.length > 240) {
+      throw invalidArgument('name must be a non-empty string of at most 240 characters');
+    }
+    const region = new Region(call('ERR_LIVEMIG_NO_MEMORY', 'region', `creating a ${size}-byte region`, () => addon.regionCreate(size, name)));
+    try {
+      if (options.reserve) region.reserve();
+      if (options.populate) region.populate();
+    } catch (e) {
+      region.release();
+      throw e;
+    }
+    return region;
+  }
+
+  /**
+   * Maps an existing memfd or shm descriptor of at least `size` bytes. The descriptor is
+   * duplicated: the caller still owns (and may close) `fd`.
+   */
+  static adopt(fd: number, size: number): Region {
+    if (!Number.isInteger(fd) || fd < 0) throw invalidArgument(`fd must be a non-negative integer, got ${String(fd)}`);
+    checkSize(size, 'size');
+    return new Region(call('ERR_LIVEMIG_SYSCALL', 'region', `adopting fd ${fd}`, () => addon.regionAdopt(fd, size)));
+  }
+
+  /**
+   * The same mapping, from a worker thread of this process: pass `region.shareId` to the
+   * worker and call `Region.attach(id)` there. Writes through it are tracked like the owner's.
+   */
+  static attach(shareId: bigint): Region {
+    if (typeof shareId !== 'bigint') throw invalidArgument('shareId must be a bigint from region.shareId');
+    const n = addon.regionAttach(shareId);
+    if (!n) throw new LivemigError('ERR_LIVEMIG_RELEASED', `no live region has share id ${shareId}`, { phase: 'region' });
+    return new Region(n);
+  }
+
+  get released(): boolean {
+    return this.#native.released;
+  }
+  get fd(): number {
+    this.#assertLive('fd');
+    return this.#native.fd;
+  }
+  /** Start address of the mapping in this process (for tracking and diagnostics). */
+  get address(): bigint {
+    this.#assertLive('address');
+    return this.#native.address;
+  }
+  get shareId(): bigint {
+    this.#assertLive('shareId');
+    return this.#native.id;
+  }
+  /** @internal the native handle, for native page operations */
+  get nativeHandle(): NativeRegion {
+    this.#assertLive('nativeHandle');
+    return this.#native;
+  }
+
+  /**
+   * A zero-copy Buffer over [offset, offset+length). Default: the whole region (or the first
+   * buffer.constants.MAX_LENGTH bytes of a larger one). A view stays safe to touch after
+   * release() (it then sees scratch memory), but no longer shows the region.
+   */
+  view(offset = 0, length?: number): Buffer {
+    this.#assertLive('view');
+    const len = length ?? Math.min(this.size - offset, bufferConstants.MAX_LENGTH);
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset > this.size) {
+      throw invalidArgument(`offset must be an integer within the region (0..${this.size}), got ${offset}`);
+    }
+    if (!Number.isSafeInteger(len) || len < 0 || len > this.size - offset) {
+      throw invalidArgument(`length must be an integer with offset+length <= ${this.size}, got ${len}`);
+    }
+    if (len > bufferConstants.MAX_LENGTH) throw invalidArgument(`length must be at most ${bufferConstants.MAX_LENGTH} (Buffer limit)`);
+    return call('ERR_LIVEMIG_SYSCALL', 'region', 'view', () => this.#native.view(offset, len));
+  }
+
+  /** A view of one page. */
+  page(index: number): Buffer {
+    if (!Number.isInteger(index) || index < 0 || index >= this.pageCount) {
+      throw invalidArgument(`page index must be an integer in 0..${this.pageCount - 1}, got ${index}`);
+    }
+    return this.view(index * PAGE_SIZE, PAGE_SIZE);
+  }
+
+  /** Allocates all backing memory now; fails with ERR_LIVEMIG_NO_MEMORY if it cannot. */
+  reserve(): void {
+    this.#assertLive('reserve');
+    call('ERR_LIVEMIG_NO_MEMORY', 'reserve', `reserving ${this.size} bytes`, () => this.#native.reserve());
+  }
+
+  /** Faults every page into this process's page tables. */
+  populate(): void {
+    this.#assertLive('populate');
+    call('ERR_LIVEMIG_NO_MEMORY', 'reserve', `populating ${this.size} bytes`, () => this.#native.populate());
+  }
+
+  /** Unmaps and closes. Idempotent. Later calls on this region throw ERR_LIVEMIG_RELEASED. */
+  release(): void {
+    this.#native.release();
+  }
+
+  #assertLive(what: string): void {
+    if (this.#native.released) throw new LivemigError('ERR_LIVEMIG_RELEASED', `region.${what}: the region has been released`, { phase: 'region' });
+  }
+}

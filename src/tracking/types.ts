@@ -1,0 +1,23 @@
+export type BackendName = 'uffd-async' | 'soft-dirty' | 'hash' | 'external';
+
+/**
+ * Tracks which pages of a region were written.
+ * collect() returns the pages written since the previous collect() (or since start()),
+ * as ascending page indices, and re-arms them: a write that lands after a page was
+ * collected is reported by the next collect().
+ */
+export interface DirtyTracker {
+  readonly backend: BackendName;
+  readonly pageCount: number;
+  start(): Promise<void>;
+  collect(): Promise<Uint32Array>;
+  stop(): Promise<void>;
+}
+
+/** Where the memory being tracked is written: this process, or another one (a guest). */
+export interface RemoteTarget {
+  /** pid of the process that writes the region through its own mapping */
+  pid: number;
+  /** start address of that process's mapping of the region */
+  address: bigint;
+}
