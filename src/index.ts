@@ -2,3 +2,4 @@ export { LivemigError, ErrorCodes, type ErrorCode } from './errors.js';
 export { Region, PAGE_SIZE, type CreateRegionOptions } from './region/region.js';
 export { GuestListener, handOverRegion, parseHello, type GuestHello, type GuestConnection } from './region/handover.js';
 export * from './tracking/index.js';
+export { xxh64 } from './pages/hash.js';

@@ -3,6 +3,7 @@
  * process) and its geometry. Views are zero-copy Buffers over the mapping.
  */
 import { constants as bufferConstants } from 'node:buffer';
+import { readFileSync } from 'node:fs';
 import { LivemigError, invalidArgument } from '../errors.js';
 import { addon, call, type NativeRegion } from '../native.js';
 
@@ -31,6 +32,25 @@ function checkSize(size: unknown, what: string): number {
   return size;
 }
 
+/**
+ * Refuses a reservation the host cannot hold before asking the kernel: filling a memfd past
+ * the available memory would wake the OOM killer rather than fail cleanly.
+ */
+function assertMemoryAvailable(size: number): void {
+  let available: number | undefined;
+  try {
+    const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+    if (m) available = Number(m[1]) * 1024;
+  } catch {
+    available = undefined; // no /proc/meminfo (unusual container): let fallocate decide
+  }
+  if (available !== undefined && size > available) {
+    throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `cannot reserve ${size} bytes: only ${available} bytes of memory are available on this host`, {
+      phase: 'reserve',
+    });
+  }
+}
+
 export class Region {
   readonly size: number;
   readonly pageSize: number = PAGE_SIZE;
@@ -50,6 +70,7 @@ export class Region {
     if (typeof name !== 'string' || name.length === 0 || name.length > 240) {
       throw invalidArgument('name must be a non-empty string of at most 240 characters');
     }
+    if (options.reserve) assertMemoryAvailable(size);
     const region = new Region(call('ERR_LIVEMIG_NO_MEMORY', 'region', `creating a ${size}-byte region`, () => addon.regionCreate(size, name)));
     try {
       if (options.reserve) region.reserve();
