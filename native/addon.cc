@@ -9,6 +9,7 @@ namespace livemig {
 void InitTracking(Napi::Env env, Napi::Object exports);
 void InitPages(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
+void InitContent(Napi::Env env, Napi::Object exports);
 
 const char* ErrnoName(int err) {
   switch (err) {
@@ -71,6 +72,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitTracking(env, exports);
   InitPages(env, exports);
   InitFdPass(env, exports);
+  InitContent(env, exports);
   return exports;
 }
 

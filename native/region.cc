@@ -151,6 +151,7 @@ Napi::Function Region::Init(Napi::Env env) {
                                         InstanceMethod("release", &Region::Release),
                                         InstanceMethod("reserve", &Region::Reserve),
                                         InstanceMethod("populate", &Region::Populate),
+                                        InstanceMethod("populateAsync", &Region::PopulateAsync),
                                         InstanceAccessor("fd", &Region::GetFd, nullptr),
                                         InstanceAccessor("size", &Region::GetSize, nullptr),
                                         InstanceAccessor("id", &Region::GetId, nullptr),
@@ -223,6 +224,22 @@ Napi::Value Region::Populate(const Napi::CallbackInfo& info) {
   if (!m) return env.Undefined();
   if (madvise(m->addr, m->size, MADV_POPULATE_WRITE) != 0) throw MakeSysError(env, "madvise(MADV_POPULATE_WRITE)", errno);
   return env.Undefined();
+}
+
+// The same, on the thread pool: reserving 1 GiB takes seconds on a VM host and must not
+// stall the event loop (the handshake goes on meanwhile).
+Napi::Value Region::PopulateAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = LiveMapping(env);
+  if (!m) return env.Undefined();
+  m->Ref();
+  return Task<int>::Start(
+      env,
+      [m](int&, SysError& err) {
+        if (madvise(m->addr, m->size, MADV_POPULATE_WRITE) != 0) err.set("madvise(MADV_POPULATE_WRITE)", errno);
+        m->Unref();
+      },
+      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info.This()});
 }
 
 Napi::Value Region::GetFd(const Napi::CallbackInfo& info) {

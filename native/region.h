@@ -41,6 +41,7 @@ class Region : public Napi::ObjectWrap<Region> {
   Napi::Value Release(const Napi::CallbackInfo& info);
   Napi::Value Reserve(const Napi::CallbackInfo& info);
   Napi::Value Populate(const Napi::CallbackInfo& info);
+  Napi::Value PopulateAsync(const Napi::CallbackInfo& info);
   Napi::Value GetFd(const Napi::CallbackInfo& info);
   Napi::Value GetSize(const Napi::CallbackInfo& info);
   Napi::Value GetId(const Napi::CallbackInfo& info);

@@ -17,6 +17,7 @@ export interface NativeRegion {
   release(): boolean;
   reserve(): void;
   populate(): void;
+  populateAsync(): Promise<void>;
 }
 
 export interface Received {
@@ -45,6 +46,14 @@ interface Addon {
   unixAccept(fd: number, timeoutMs: number): Promise<number>;
   sendWithFds(fd: number, data: Buffer, fds: number[]): void;
   recvWithFds(fd: number, timeoutMs: number): Promise<Received>;
+  gatherPages(region: NativeRegion, pages: Uint32Array, out: Buffer, hashes: BigUint64Array): Promise<void>;
+  scatterPages(region: NativeRegion, indices: Uint32Array, data: Buffer, hashes: BigUint64Array): Promise<number>;
+  digestTable(hashes: BigUint64Array): bigint;
+  hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
+  contentFill(region: NativeRegion, content: number, seed: bigint): Promise<void>;
+  guestWrite(region: NativeRegion, st: BigUint64Array, n: number, span: number, sequential: boolean): void;
+  contentVerify(region: NativeRegion, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
+  mix64(z: bigint): bigint;
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;

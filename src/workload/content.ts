@@ -1,0 +1,46 @@
+/**
+ * The reference guest's content and write stream (../shared/CONTENT.md), computed in native
+ * code over whole regions.
+ */
+import { invalidArgument } from '../errors.js';
+import { addon, callAsync } from '../native.js';
+import type { Region } from '../region/region.js';
+
+export const CONTENTS = ['random', 'zero', 'text', 'dup', 'mixed'] as const;
+export type ContentName = (typeof CONTENTS)[number];
+export const PATTERNS = ['uniform', 'hot', 'sequential'] as const;
+export type PatternName = (typeof PATTERNS)[number];
+
+export function contentCode(name: string): number {
+  const i = (CONTENTS as readonly string[]).indexOf(name);
+  if (i < 0) throw invalidArgument(`content must be one of ${CONTENTS.join(', ')}, got ${name}`);
+  return i;
+}
+
+/** Fills every page of `region` with `content` for `seed`. The pages must be 4096 bytes. */
+export function fillContent(region: Region, content: ContentName, seed: bigint): Promise<void> {
+  if (region.pageSize !== 4096) throw invalidArgument('the reference content is defined for 4096-byte pages');
+  return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'filling content', () => addon.contentFill(region.nativeHandle, contentCode(content), seed));
+}
+
+export interface WriteModel {
+  content: ContentName;
+  seed: bigint;
+  /** writes made since the start of the stream */
+  writes: bigint;
+  /** pages the writes fall in */
+  span: number;
+  sequential: boolean;
+}
+
+/** Compares every page with what the model says it must hold; `bad` pages differ. */
+export function verifyContent(region: Region, model: WriteModel): Promise<{ bad: number; firstBad: number }> {
+  return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'verifying content', () =>
+    addon.contentVerify(region.nativeHandle, contentCode(model.content), model.seed, model.writes, model.span, model.sequential),
+  );
+}
+
+/** The initial state of the guest's write stream for `seed`: [xorshift state, counter]. */
+export function initialWriteState(seed: bigint): BigUint64Array {
+  return BigUint64Array.of(addon.mix64(seed) | 1n, 0n);
+}
