@@ -13,6 +13,16 @@ export const ErrorCodes = {
   ERR_LIVEMIG_STATE: 'the operation is not valid in the current state',
   ERR_LIVEMIG_HANDOVER: 'a guest process could not hand over its region',
   ERR_LIVEMIG_TIMEOUT: 'a peer did not answer in time',
+  ERR_LIVEMIG_PROTOCOL: 'the peer sent a frame or message the protocol does not allow',
+  ERR_LIVEMIG_FRAME_TOO_LARGE: 'a frame announced a payload larger than the protocol maximum',
+  ERR_LIVEMIG_VERSION: 'the peers share no protocol version',
+  ERR_LIVEMIG_PAGE_INDEX: 'a page index or count from the peer is outside the region',
+  ERR_LIVEMIG_REFUSED: 'the destination refused the migration (see the cause it gave)',
+  ERR_LIVEMIG_CONNECTION: 'the connection to the peer failed or closed early',
+  ERR_LIVEMIG_DIGEST: 'the destination image does not match the source (commitment digest differs)',
+  ERR_LIVEMIG_ABORTED: 'the migration was aborted; the source guest keeps running',
+  ERR_LIVEMIG_GUEST: 'the guest (pause/resume/device state callbacks) failed',
+  ERR_LIVEMIG_ACTIVATION_UNKNOWN: 'committed, but activation on the destination was not confirmed: the source stays paused, not released',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

@@ -3,3 +3,6 @@ export { Region, PAGE_SIZE, type CreateRegionOptions } from './region/region.js'
 export { GuestListener, handOverRegion, parseHello, type GuestHello, type GuestConnection } from './region/handover.js';
 export * from './tracking/index.js';
 export { xxh64 } from './pages/hash.js';
+export { migrate } from './precopy/sender.js';
+export type { MigrateOptions, MigrationReport, ProgressEvent, RoundStats } from './precopy/types.js';
+export { receiveOn, listen, type ReceiveOptions, type ReceiveReport, type ReceiveProgress, type Receiver } from './receiver/receiver.js';

@@ -1,0 +1,220 @@
+/**
+ * The source side of a migration: Clark's stages as an explicit state machine.
+ *   handshake -> precopy (rounds) -> stop-and-copy -> commit -> activate -> done
+ * Before ACTIVATE is sent, any failure aborts: the destination discards its copy and the guest
+ * resumes here. After ACTIVATE is sent and before ACTIVATED arrives, the outcome is unknown:
+ * the source stays paused (never released, never resumed) and the error says so.
+ */
+import net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { addon } from '../native.js';
+import { FrameChannel } from '../protocol/channel.js';
+import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
+import {
+  decodeAccept,
+  decodeActivated,
+  decodeCommitAck,
+  decodeError,
+  encodeAbort,
+  encodeActivate,
+  encodeCommit,
+  encodeDeviceState,
+  encodeHello,
+  encodeRoundEnd,
+} from '../protocol/messages.js';
+import { chooseTracker } from '../tracking/probe.js';
+import type { DirtyTracker } from '../tracking/types.js';
+import { UffdAsyncTracker } from '../tracking/uffd-async.js';
+import { BatchSender, mergePages } from './batches.js';
+import type { MigrateOptions, MigrationReport, RoundStats } from './types.js';
+
+type SenderState = 'connecting' | 'handshake' | 'precopy' | 'stop-and-copy' | 'commit' | 'activating' | 'done' | 'failed';
+
+/** Fixed cost of the final steps besides moving pages (final scan, device state, commit round trip), ms. */
+const FIXED_STOP_COST_MS = 2;
+
+const now = (): number => performance.now();
+
+function peerError(f: Frame, phase: string): LivemigError {
+  try {
+    const e = decodeError(f.payload);
+    const code = e.code === 'ERR_LIVEMIG_NO_MEMORY' || e.code === 'ERR_LIVEMIG_VERSION' || e.code === 'ERR_LIVEMIG_DIGEST' ? e.code : 'ERR_LIVEMIG_REFUSED';
+    return new LivemigError(code, `destination: ${e.code}: ${e.message}`, { phase });
+  } catch (err) {
+    return err as LivemigError;
+  }
+}
+
+async function connect(to: MigrateOptions['to']): Promise<net.Socket> {
+  if (to instanceof net.Socket) return to;
+  return new Promise((resolve, reject) => {
+    const s = net.connect({ host: to.host, port: to.port });
+    s.once('connect', () => resolve(s));
+    s.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot connect to ${to.host}:${to.port}: ${e.message}`, { phase: 'connect', cause: e })));
+  });
+}
+
+export async function migrate(options: MigrateOptions): Promise<MigrationReport> {
+  const { region } = options;
+  const downtimeLimitMs = options.downtimeLimitMs ?? 50;
+  const maxRounds = options.maxRounds ?? 30;
+  const batchPages = Math.max(1, Math.floor((options.batchBytes ?? 1 << 20) / region.pageSize));
+  if (!(downtimeLimitMs > 0)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'downtimeLimitMs must be a positive number', { phase: 'validate' });
+  if (!Number.isInteger(maxRounds) || maxRounds < 1) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'maxRounds must be a positive integer', { phase: 'validate' });
+  if (batchPages > 4096) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'batchBytes must be at most 4096 pages', { phase: 'validate' });
+
+  let state: SenderState = 'connecting';
+  let paused = false;
+  let channel: FrameChannel | undefined;
+  let tracker: DirtyTracker | undefined = options.tracker;
+  let trackerReason = 'given by the caller';
+  const progress = options.onProgress ?? (() => undefined);
+
+  try {
+    const tConnect = now();
+    channel = new FrameChannel(await connect(options.to));
+    state = 'handshake';
+    await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: [] }));
+    const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), options.handshakeTimeoutMs ?? 60_000)).payload);
+    if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
+      throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
+    }
+    const version = accept.version;
+    const prepMs = now() - tConnect;
+    if (!tracker) {
+      const choice = chooseTracker(region, options.target ? { target: options.target } : {});
+      tracker = choice.tracker;
+      trackerReason = `${choice.backend}: ${choice.reason}`;
+    }
+    progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason });
+
+    // Arm tracking before the first page is read: a write after this is caught by a later round.
+    await tracker.start();
+    const hashes = new BigUint64Array(region.pageCount);
+    const sender = new BatchSender(region, channel, hashes, batchPages, version);
+    state = 'precopy';
+    const tFirstPage = now();
+    const perRound: RoundStats[] = [];
+    let pending: Uint32Array = Uint32Array.from({ length: region.pageCount }, (_, i) => i);
+    let round = 1;
+    for (;;) {
+      const t0 = now();
+      const bytes = await sender.send(round, pending);
+      await channel.send(encodeRoundEnd({ round, pages: pending.length }, version));
+      const duration = now() - t0;
+      const dirty = await tracker.collect();
+      const mbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
+      const estimate = (dirty.length * region.pageSize) / 1e3 / Math.max(mbps, 1) + FIXED_STOP_COST_MS;
+      const fits = estimate <= downtimeLimitMs;
+      const last = round >= maxRounds;
+      const stats: RoundStats = {
+        round,
+        pages: pending.length,
+        bytes,
+        duration_ms: +duration.toFixed(3),
+        mbps: +mbps.toFixed(1),
+        dirty_pages: dirty.length,
+        estimated_downtime_ms: +estimate.toFixed(3),
+        decision: fits || last ? 'stop' : 'continue',
+        reason: fits
+          ? `${dirty.length} dirty pages fit the ${downtimeLimitMs} ms downtime limit at ${mbps.toFixed(0)} MB/s (estimate ${estimate.toFixed(2)} ms)`
+          : last
+            ? `round limit ${maxRounds} reached; stopping with ${dirty.length} dirty pages (estimate ${estimate.toFixed(2)} ms)`
+            : `${dirty.length} dirty pages need about ${estimate.toFixed(2)} ms, over the ${downtimeLimitMs} ms limit`,
+      };
+      perRound.push(stats);
+      progress({ type: 'round', ...stats });
+      pending = dirty;
+      if (stats.decision === 'stop') break;
+      round++;
+    }
+
+    // Stop-and-copy: the guest pauses; the last dirty pages and the device state go.
+    state = 'stop-and-copy';
+    const tPause = now();
+    let deviceState: Uint8Array;
+    try {
+      deviceState = await options.pause();
+      paused = true;
+    } catch (e) {
+      paused = true; // a pause that failed half-way must still be undone
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
+    }
+    const tPaused = now();
+    const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
+    const tCollected = now();
+    const lastPages = mergePages(pending, final);
+    const lastBytes = await sender.send(round + 1, lastPages);
+    await channel.send(encodeDeviceState(deviceState, version));
+    const tSent = now();
+    await tracker.stop();
+
+    state = 'commit';
+    const digest = addon.digestTable(hashes);
+    await channel.send(encodeCommit({ digest, pageCount: region.pageCount }, version));
+    const ack = decodeCommitAck((await channel.expect(FrameType.CommitAck, (f) => peerError(f, 'commit'))).payload);
+    if (ack.digest !== digest) throw new LivemigError('ERR_LIVEMIG_DIGEST', `destination acknowledged digest ${ack.digest.toString(16)}, ours is ${digest.toString(16)}`, { phase: 'commit' });
+    const tCommitted = now();
+    progress({ type: 'committed', digest: digest.toString(16) });
+    progress({ type: 'stop-and-copy', pages: lastPages.length, bytes: lastBytes });
+
+    // Point of commitment: once ACTIVATE is on its way, the source must never resume by itself.
+    state = 'activating';
+    await channel.send(encodeActivate(version));
+    const activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+    const tActive = now();
+    state = 'done';
+    const downtime = tActive - tPause;
+    progress({ type: 'activated', downtime_ms: downtime });
+    channel.close();
+    if (options.release) await options.release();
+    return {
+      verified: true,
+      mode: 'precopy',
+      digest: digest.toString(16).padStart(16, '0'),
+      prep_ms: +prepMs.toFixed(1),
+      total_ms: +(tActive - tFirstPage).toFixed(1),
+      downtime_ms: +downtime.toFixed(3),
+      rounds: round,
+      region_bytes: region.size,
+      wire_bytes: sender.bytesSent,
+      pages_sent: sender.pagesSent,
+      tracker: tracker.backend,
+      per_round: perRound,
+      stop_and_copy: {
+        pages: lastPages.length,
+        bytes: lastBytes,
+        pause_ms: +(tPaused - tPause).toFixed(3),
+        final_collect_ms: +(tCollected - tPaused).toFixed(3),
+        send_ms: +(tSent - tCollected).toFixed(3),
+        commit_ms: +(tCommitted - tSent).toFixed(3),
+        activate_ms: +activated.activateMs.toFixed(3),
+      },
+    };
+  } catch (e) {
+    const failedIn = state;
+    state = 'failed';
+    const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
+    if (failedIn === 'activating') {
+      channel?.destroy();
+      throw new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`, {
+        phase: 'activate',
+        cause: err,
+      });
+    }
+    // Before commitment: tell the destination to discard, stop tracking, resume the guest here.
+    if (channel && !channel.closed) {
+      await Promise.race([channel.send(encodeAbort({ reason: err.message }, PROTOCOL_VERSION)).catch(() => undefined), new Promise((r) => setTimeout(r, 200))]);
+      channel.destroy();
+    }
+    await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
+    if (paused) {
+      try {
+        await options.resume();
+      } catch (re) {
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `migration failed (${err.message}) and resuming the guest on the source failed too: ${(re as Error).message}`, { phase: failedIn, cause: re });
+      }
+    }
+    throw err;
+  }
+}

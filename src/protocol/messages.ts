@@ -1,0 +1,186 @@
+/**
+ * Message payloads, one encode/decode pair per frame type. Control messages are msgpack maps;
+ * PAGES is a binary batch. Every decoder treats its input as hostile and throws ProtocolError.
+ */
+import { pack, unpack } from 'msgpackr';
+import { ProtocolError } from './errors.js';
+import { FrameType, HEADER_BYTES, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrame, encodeHeader } from './frame.js';
+
+/** Most pages one PAGES frame may carry (16 MiB of 4 KiB pages). */
+export const MAX_BATCH_PAGES = 4096;
+export const PAGES_PREFIX_BYTES = 8;
+
+export interface Hello {
+  /** versions the sender speaks, [oldest, newest] */
+  versions: [number, number];
+  regionBytes: number;
+  pageSize: number;
+  /** authentication: reserved for a later version (pre-shared key, TLS); must be null now */
+  auth: null;
+  capabilities: string[];
+}
+export interface Accept {
+  version: number;
+  capabilities: string[];
+}
+export interface ErrorMessage {
+  code: string;
+  message: string;
+  phase: string;
+}
+export interface RoundEnd {
+  round: number;
+  pages: number;
+}
+export interface Commit {
+  digest: bigint;
+  pageCount: number;
+}
+export interface CommitAck {
+  digest: bigint;
+}
+export interface Activated {
+  activateMs: number;
+}
+export interface Abort {
+  reason: string;
+}
+
+function bad(what: string): ProtocolError {
+  return new ProtocolError('ERR_LIVEMIG_PROTOCOL', what);
+}
+
+function decodeMap(payload: Buffer, type: FrameType): Record<string, unknown> {
+  let v: unknown;
+  try {
+    v = unpack(payload);
+  } catch (e) {
+    throw bad(`${FrameType[type]} payload is not valid msgpack: ${(e as Error).message}`);
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v) || Buffer.isBuffer(v)) throw bad(`${FrameType[type]} payload is not a map`);
+  return v as Record<string, unknown>;
+}
+
+const isCount = (v: unknown, max = Number.MAX_SAFE_INTEGER): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 && v <= max;
+const isString = (v: unknown, max = 4096): v is string => typeof v === 'string' && v.length <= max;
+const isU64 = (v: unknown): v is bigint => typeof v === 'bigint' && v >= 0n && v < 1n << 64n;
+
+function control(type: FrameType, body: object, version: number): Buffer {
+  return encodeFrame(type, pack(body) as Buffer, version);
+}
+
+export const encodeHello = (h: Hello): Buffer => control(FrameType.Hello, h, PROTOCOL_VERSION);
+export function decodeHello(p: Buffer): Hello {
+  const m = decodeMap(p, FrameType.Hello);
+  const v = m.versions;
+  if (!Array.isArray(v) || v.length !== 2 || !isCount(v[0], 255) || !isCount(v[1], 255) || v[0] > v[1]) throw bad('HELLO versions must be [oldest, newest]');
+  if (!isCount(m.regionBytes) || m.regionBytes === 0) throw bad('HELLO regionBytes must be a positive integer');
+  if (!isCount(m.pageSize, 1 << 30) || m.pageSize === 0) throw bad('HELLO pageSize must be a positive integer');
+  if (m.auth !== null) throw bad('HELLO auth must be null in protocol version 1 (authentication is not negotiated yet)');
+  if (!Array.isArray(m.capabilities) || m.capabilities.length > 64 || !m.capabilities.every((c) => isString(c, 64))) throw bad('HELLO capabilities must be a list of short strings');
+  return { versions: [v[0], v[1]], regionBytes: m.regionBytes, pageSize: m.pageSize, auth: null, capabilities: m.capabilities as string[] };
+}
+
+/** The version both sides speak: the newest in both ranges, or undefined. */
+export function negotiateVersion(peer: [number, number]): number | undefined {
+  const v = Math.min(peer[1], PROTOCOL_VERSION);
+  return v >= Math.max(peer[0], MIN_PROTOCOL_VERSION) ? v : undefined;
+}
+
+export const encodeAccept = (a: Accept, version: number): Buffer => control(FrameType.Accept, a, version);
+export function decodeAccept(p: Buffer): Accept {
+  const m = decodeMap(p, FrameType.Accept);
+  if (!isCount(m.version, 255)) throw bad('ACCEPT version must be an integer');
+  if (!Array.isArray(m.capabilities) || !m.capabilities.every((c) => isString(c, 64))) throw bad('ACCEPT capabilities must be a list of strings');
+  return { version: m.version, capabilities: m.capabilities as string[] };
+}
+
+export const encodeError = (e: ErrorMessage, version: number): Buffer => control(FrameType.Error, e, version);
+export function decodeError(p: Buffer): ErrorMessage {
+  const m = decodeMap(p, FrameType.Error);
+  if (!isString(m.code, 64) || !/^ERR_LIVEMIG_[A-Z_]+$/.test(m.code)) throw bad('ERROR code must be an ERR_LIVEMIG_* string');
+  if (!isString(m.message) || !isString(m.phase, 64)) throw bad('ERROR message and phase must be strings');
+  return { code: m.code, message: m.message, phase: m.phase };
+}
+
+export const encodeRoundEnd = (r: RoundEnd, version: number): Buffer => control(FrameType.RoundEnd, r, version);
+export function decodeRoundEnd(p: Buffer): RoundEnd {
+  const m = decodeMap(p, FrameType.RoundEnd);
+  if (!isCount(m.round, 1 << 20) || !isCount(m.pages)) throw bad('ROUND_END round and pages must be counts');
+  return { round: m.round, pages: m.pages };
+}
+
+export const encodeCommit = (c: Commit, version: number): Buffer => control(FrameType.Commit, c, version);
+export function decodeCommit(p: Buffer): Commit {
+  const m = decodeMap(p, FrameType.Commit);
+  if (!isU64(m.digest) || !isCount(m.pageCount)) throw bad('COMMIT needs a u64 digest and a page count');
+  return { digest: m.digest, pageCount: m.pageCount };
+}
+
+export const encodeCommitAck = (c: CommitAck, version: number): Buffer => control(FrameType.CommitAck, c, version);
+export function decodeCommitAck(p: Buffer): CommitAck {
+  const m = decodeMap(p, FrameType.CommitAck);
+  if (!isU64(m.digest)) throw bad('COMMIT_ACK needs a u64 digest');
+  return { digest: m.digest };
+}
+
+export const encodeActivate = (version: number): Buffer => control(FrameType.Activate, {}, version);
+export const encodeActivated = (a: Activated, version: number): Buffer => control(FrameType.Activated, a, version);
+export function decodeActivated(p: Buffer): Activated {
+  const m = decodeMap(p, FrameType.Activated);
+  if (typeof m.activateMs !== 'number' || !(m.activateMs >= 0)) throw bad('ACTIVATED activateMs must be a non-negative number');
+  return { activateMs: m.activateMs };
+}
+
+export const encodeAbort = (a: Abort, version: number): Buffer => control(FrameType.Abort, a, version);
+export function decodeAbort(p: Buffer): Abort {
+  const m = decodeMap(p, FrameType.Abort);
+  if (!isString(m.reason)) throw bad('ABORT reason must be a string');
+  return { reason: m.reason };
+}
+
+export function encodeDeviceState(state: Uint8Array, version: number): Buffer {
+  if (state.length > MAX_PAYLOAD) throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `device state of ${state.length} bytes exceeds ${MAX_PAYLOAD}`);
+  return encodeFrame(FrameType.DeviceState, Buffer.from(state.buffer, state.byteOffset, state.byteLength), version);
+}
+
+/**
+ * PAGES layout (payload): u32 round, u32 count, count × u32 page index, count × pageSize bytes.
+ * pagesFrameBytes() sizes a buffer; writePagesPrefix() fills header, round, count and indices;
+ * the caller (native gather) fills the page data at dataOffset.
+ */
+export function pagesFrameBytes(count: number, pageSize: number): number {
+  return HEADER_BYTES + PAGES_PREFIX_BYTES + count * 4 + count * pageSize;
+}
+export function pagesDataOffset(count: number): number {
+  return HEADER_BYTES + PAGES_PREFIX_BYTES + count * 4;
+}
+export function writePagesPrefix(out: Buffer, round: number, pages: Uint32Array, pageSize: number, version: number): void {
+  const count = pages.length;
+  encodeHeader(FrameType.Pages, out.length - HEADER_BYTES, version, 0, out);
+  out.writeUInt32LE(round, HEADER_BYTES);
+  out.writeUInt32LE(count, HEADER_BYTES + 4);
+  const idx = HEADER_BYTES + PAGES_PREFIX_BYTES;
+  Buffer.from(pages.buffer, pages.byteOffset, count * 4).copy(out, idx);
+  void pageSize;
+}
+
+export interface PagesBatch {
+  round: number;
+  indices: Uint32Array;
+  data: Buffer;
+}
+
+/** Checks the batch's shape; page indices are checked against the region by the caller (native, all or nothing). */
+export function decodePages(p: Buffer, pageSize: number): PagesBatch {
+  if (p.length < PAGES_PREFIX_BYTES) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `PAGES payload of ${p.length} bytes is shorter than its prefix`);
+  const round = p.readUInt32LE(0);
+  const count = p.readUInt32LE(4);
+  if (count === 0 || count > MAX_BATCH_PAGES) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `PAGES count ${count} is outside 1..${MAX_BATCH_PAGES}`);
+  const want = PAGES_PREFIX_BYTES + count * 4 + count * pageSize;
+  if (p.length !== want) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `PAGES of ${count} pages must be ${want} bytes, got ${p.length}`);
+  const idxOff = p.byteOffset + PAGES_PREFIX_BYTES;
+  const indices = idxOff % 4 === 0 ? new Uint32Array(p.buffer, idxOff, count) : new Uint32Array(p.subarray(PAGES_PREFIX_BYTES, PAGES_PREFIX_BYTES + count * 4).buffer.slice(idxOff, idxOff + count * 4));
+  const data = p.subarray(PAGES_PREFIX_BYTES + count * 4);
+  return { round, indices, data };
+}

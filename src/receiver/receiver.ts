@@ -1,0 +1,201 @@
+/**
+ * The destination side: validate, reserve, apply, verify, commit, activate.
+ *   hello -> reserve -> receiving -> committed -> activated
+ * Nothing is activated before a matching commitment digest and the sender's ACTIVATE; any
+ * failure before that discards the region. Every frame is checked before it is used.
+ */
+import net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { addon, callAsync } from '../native.js';
+import { FrameChannel } from '../protocol/channel.js';
+import { ProtocolError } from '../protocol/errors.js';
+import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
+import {
+  decodeAbort,
+  decodeCommit,
+  decodeHello,
+  decodePages,
+  decodeRoundEnd,
+  encodeAccept,
+  encodeActivated,
+  encodeCommitAck,
+  encodeError,
+  negotiateVersion,
+} from '../protocol/messages.js';
+import { PAGE_SIZE, Region } from '../region/region.js';
+
+export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'failed';
+
+export type ReceiveProgress =
+  | { type: 'reserved'; region_bytes: number; reserve_ms: number }
+  | { type: 'round'; round: number; pages: number }
+  | { type: 'committed'; digest: string }
+  | { type: 'activated'; activate_ms: number };
+
+export interface ReceiveOptions {
+  /** refuse regions larger than this (default: what the host's memory allows) */
+  maxRegionBytes?: number;
+  /** hands the verified region and device state to the guest; the guest runs here from then on */
+  activate(region: Region, deviceState: Buffer): Promise<void>;
+  onProgress?(event: ReceiveProgress): void;
+  /** time allowed between frames before giving up (default 60 s) */
+  idleTimeoutMs?: number;
+}
+
+export interface ReceiveReport {
+  region_bytes: number;
+  reserve_ms: number;
+  pages_received: number;
+  rounds: number;
+  digest: string;
+  activate_ms: number;
+}
+
+/** Serves one migration on an accepted connection. */
+export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Promise<ReceiveReport> {
+  const ch = new FrameChannel(socket);
+  const progress = options.onProgress ?? (() => undefined);
+  const idle = options.idleTimeoutMs ?? 60_000;
+  let state: ReceiverState = 'hello';
+  let version = PROTOCOL_VERSION;
+  let region: Region | undefined;
+  try {
+    const hello = await ch.next(idle);
+    if (hello.type !== FrameType.Hello) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `the first frame must be HELLO, got ${FrameType[hello.type]}`);
+    if (hello.version < MIN_PROTOCOL_VERSION || hello.version > PROTOCOL_VERSION) {
+      throw new ProtocolError('ERR_LIVEMIG_VERSION', `protocol version ${hello.version} is not supported (this receiver speaks ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION})`);
+    }
+    const h = decodeHello(hello.payload);
+    const v = negotiateVersion(h.versions);
+    if (v === undefined) throw new ProtocolError('ERR_LIVEMIG_VERSION', `no common protocol version: peer speaks ${h.versions[0]}..${h.versions[1]}, we speak ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`);
+    version = v;
+    if (h.pageSize !== PAGE_SIZE) throw new LivemigError('ERR_LIVEMIG_REFUSED', `page size ${h.pageSize} differs from this host's ${PAGE_SIZE}`, { phase: 'handshake' });
+    if (h.regionBytes % PAGE_SIZE !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `region of ${h.regionBytes} bytes is not a whole number of pages`);
+    if (options.maxRegionBytes !== undefined && h.regionBytes > options.maxRegionBytes) {
+      throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `region of ${h.regionBytes} bytes exceeds this receiver's limit of ${options.maxRegionBytes}`, { phase: 'reserve' });
+    }
+
+    state = 'reserve';
+    const t0 = performance.now();
+    region = Region.create(h.regionBytes, { name: 'livemig-incoming', reserve: true });
+    await callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', 'populating the region', () => region!.nativeHandle.populateAsync());
+    const reserveMs = performance.now() - t0;
+    progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
+    const hashes = new BigUint64Array(region.pageCount);
+    await ch.send(encodeAccept({ version, capabilities: [] }, version));
+
+    state = 'receiving';
+    let deviceState: Buffer | undefined;
+    let pagesReceived = 0;
+    let rounds = 0;
+    let digest = 0n;
+    for (;;) {
+      const f: Frame = await ch.next(idle);
+      if (f.version !== version) throw new ProtocolError('ERR_LIVEMIG_VERSION', `frame of version ${f.version} after negotiating ${version}`);
+      switch (f.type) {
+        case FrameType.Pages: {
+          if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'PAGES after COMMIT');
+          const batch = decodePages(f.payload, region.pageSize);
+          const bad = await callAsync('ERR_LIVEMIG_SYSCALL', 'receive', 'applying pages', () => addon.scatterPages(region!.nativeHandle, batch.indices, batch.data, hashes));
+          if (bad >= 0) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `page index ${batch.indices[bad]} is outside the region's ${region.pageCount} pages`);
+          pagesReceived += batch.indices.length;
+          break;
+        }
+        case FrameType.RoundEnd: {
+          const r = decodeRoundEnd(f.payload);
+          rounds = Math.max(rounds, r.round);
+          progress({ type: 'round', round: r.round, pages: r.pages });
+          break;
+        }
+        case FrameType.DeviceState:
+          if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE after COMMIT');
+          deviceState = Buffer.from(f.payload);
+          break;
+        case FrameType.Commit: {
+          if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second COMMIT');
+          const c = decodeCommit(f.payload);
+          if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT before DEVICE_STATE');
+          if (c.pageCount !== region.pageCount) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `COMMIT for ${c.pageCount} pages, region has ${region.pageCount}`);
+          digest = addon.digestTable(hashes);
+          if (digest !== c.digest) {
+            throw new LivemigError('ERR_LIVEMIG_DIGEST', `image digest ${digest.toString(16)} differs from the source's ${c.digest.toString(16)}`, { phase: 'commit' });
+          }
+          await ch.send(encodeCommitAck({ digest }, version));
+          state = 'committed';
+          progress({ type: 'committed', digest: digest.toString(16) });
+          break;
+        }
+        case FrameType.Activate: {
+          if (state !== 'committed') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'ACTIVATE before a matching COMMIT');
+          const ta = performance.now();
+          await options.activate(region, deviceState!);
+          state = 'activated';
+          const activateMs = performance.now() - ta;
+          await ch.send(encodeActivated({ activateMs }, version)).catch(() => undefined); // the guest runs here either way
+          progress({ type: 'activated', activate_ms: activateMs });
+          ch.close();
+          return { region_bytes: region.size, reserve_ms: reserveMs, pages_received: pagesReceived, rounds, digest: digest.toString(16).padStart(16, '0'), activate_ms: activateMs };
+        }
+        case FrameType.Abort:
+          throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: state });
+        default:
+          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unexpected ${FrameType[f.type]} frame while ${state}`);
+      }
+    }
+  } catch (e) {
+    const failedIn = state;
+    state = 'failed';
+    const err =
+      e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
+    if (!ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED') {
+      await Promise.race([
+        ch.send(encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, version)).catch(() => undefined),
+        new Promise((r) => setTimeout(r, 200)),
+      ]);
+    }
+    ch.destroy();
+    region?.release(); // nothing was activated: the destination copy is discarded
+    throw err;
+  }
+}
+
+export interface Receiver {
+  readonly port: number;
+  readonly address: string;
+  /** the next migration's outcome */
+  next(): Promise<ReceiveReport>;
+  close(): Promise<void>;
+}
+
+/** Listens and serves migrations one at a time. */
+export async function listen(host: string, port: number, options: ReceiveOptions): Promise<Receiver> {
+  const server = net.createServer({ noDelay: true });
+  const results: { resolve: (r: ReceiveReport) => void; reject: (e: unknown) => void }[] = [];
+  const ready: Promise<ReceiveReport>[] = [];
+  let busy = false;
+  server.on('connection', (socket) => {
+    if (busy) {
+      socket.destroy(); // one migration at a time
+      return;
+    }
+    busy = true;
+    const p = receiveOn(socket, options).finally(() => {
+      busy = false;
+    });
+    p.catch(() => undefined);
+    const waiter = results.shift();
+    if (waiter) p.then(waiter.resolve, waiter.reject);
+    else ready.push(p);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot listen on ${host}:${port}: ${e.message}`, { phase: 'listen', cause: e })));
+    server.listen(port, host, () => resolve());
+  });
+  const addr = server.address() as net.AddressInfo;
+  return {
+    port: addr.port,
+    address: addr.address,
+    next: () => ready.shift() ?? new Promise((resolve, reject) => results.push({ resolve, reject })),
+    close: () => new Promise((resolve) => server.close(() => resolve())),
+  };
+}
