@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 
 #include "common.h"
@@ -126,7 +127,9 @@ void Mapping::Unref() {
     std::lock_guard<std::mutex> lock(g_registry_mutex);
     g_registry.erase(id);
   }
-  Release();
+  if (!released.load()) {
+    if (fd >= 0) close(fd);  // never released explicitly: the last reference is going now
+  }
   munmap(addr, size);
   delete this;
 }
@@ -135,12 +138,18 @@ bool Mapping::Release() {
   bool expected = false;
   if (!released.compare_exchange_strong(expected, true)) return false;
   // Replace the shared pages with private anonymous memory at the same address: any Buffer
-  // view still alive now sees harmless scratch memory instead of faulting, and the memfd's
-  // pages are freed as soon as its last mapping and descriptor are gone.
-  void* r = mmap(addr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
-  (void)r;  // on failure the old shared mapping simply stays until munmap; still no crash
-  if (fd >= 0) close(fd);
-  fd = -1;
+  // view still alive then sees harmless scratch memory instead of faulting, and the memfd's
+  // pages are freed once its last mapping and descriptor are gone. Tearing down a populated
+  // gigabyte takes ~100 ms, so it runs on its own thread, holding a reference so the range
+  // cannot be unmapped (and reused) under it.
+  Ref();
+  std::thread([this] {
+    void* r = mmap(addr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    (void)r;  // on failure the shared mapping stays until munmap; still no crash
+    if (fd >= 0) close(fd);
+    fd = -1;
+    Unref();
+  }).detach();
   return true;
 }
 

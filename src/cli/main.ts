@@ -2,11 +2,18 @@
 /** The `livemig` command. */
 import { LivemigError } from '../errors.js';
 import { probe } from '../tracking/probe.js';
+import { demoCommand, receiveCommand, sendCommand } from './commands.js';
 
 const USAGE = `usage: livemig <command> [options]
 
 commands:
-  probe [--json]   which dirty-tracking backends work on this kernel, and why not
+  demo [flags]                 migrate a reference guest live on loopback and report
+  receive --listen HOST:PORT   serve one migration; the reference guest resumes here
+  send --to HOST:PORT [flags]  start a reference guest here and migrate it to a receiver
+  probe [--json]               which dirty-tracking backends work on this kernel, and why not
+
+guest flags (demo, send): --size 1GiB --content mixed|random|zero|text|dup --rate 64 (MiB/s)
+  --pattern uniform|hot|sequential --hot-size 64MiB --downtime-limit 50 (ms) --max-rounds 30 --json
 `;
 
 async function main(argv: string[]): Promise<number> {
@@ -21,6 +28,12 @@ async function main(argv: string[]): Promise<number> {
       }
       return 0;
     }
+    case 'demo':
+      return demoCommand(rest);
+    case 'receive':
+      return receiveCommand(rest);
+    case 'send':
+      return sendCommand(rest);
     case undefined:
     case 'help':
     case '--help':

@@ -15,6 +15,7 @@ import {
   decodeActivated,
   decodeCommitAck,
   decodeError,
+  decodeRoundAck,
   encodeAbort,
   encodeActivate,
   encodeCommit,
@@ -127,6 +128,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       pending = dirty;
       if (stats.decision === 'stop') break;
       round++;
+    }
+
+    // Let the destination finish applying what is in flight before the pause, so that the
+    // pause does not pay for its backlog.
+    for (;;) {
+      const ack = decodeRoundAck((await channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
+      if (ack.round >= round) break;
     }
 
     // Stop-and-copy: the guest pauses; the last dirty pages and the device state go.

@@ -32,6 +32,7 @@ export enum FrameType {
   Activate = 9,
   Activated = 10,
   Abort = 11,
+  RoundAck = 12,
 }
 
 const KNOWN_TYPES = new Set<number>(Object.values(FrameType).filter((v): v is number => typeof v === 'number'));

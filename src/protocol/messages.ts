@@ -110,6 +110,12 @@ export function decodeRoundEnd(p: Buffer): RoundEnd {
   return { round: m.round, pages: m.pages };
 }
 
+/** ROUND_ACK (R->S): every page of rounds up to `round` is applied. Same body as ROUND_END. */
+export const encodeRoundAck = (r: RoundEnd, version: number): Buffer => control(FrameType.RoundAck, r, version);
+export function decodeRoundAck(p: Buffer): RoundEnd {
+  return decodeRoundEnd(p);
+}
+
 export const encodeCommit = (c: Commit, version: number): Buffer => control(FrameType.Commit, c, version);
 export function decodeCommit(p: Buffer): Commit {
   const m = decodeMap(p, FrameType.Commit);

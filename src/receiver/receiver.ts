@@ -19,6 +19,7 @@ import {
   encodeAccept,
   encodeActivated,
   encodeCommitAck,
+  encodeRoundAck,
   encodeError,
   negotiateVersion,
 } from '../protocol/messages.js';
@@ -35,6 +36,10 @@ export type ReceiveProgress =
 export interface ReceiveOptions {
   /** refuse regions larger than this (default: what the host's memory allows) */
   maxRegionBytes?: number;
+  /** called once the region is reserved, before pages arrive: start the destination guest warm here */
+  onReserved?(region: Region): void | Promise<void>;
+  /** called when the migration fails before activation (undo what onReserved started) */
+  onDiscard?(region: Region): void;
   /** hands the verified region and device state to the guest; the guest runs here from then on */
   activate(region: Region, deviceState: Buffer): Promise<void>;
   onProgress?(event: ReceiveProgress): void;
@@ -82,6 +87,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     const reserveMs = performance.now() - t0;
     progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
     const hashes = new BigUint64Array(region.pageCount);
+    await options.onReserved?.(region);
     await ch.send(encodeAccept({ version, capabilities: [] }, version));
 
     state = 'receiving';
@@ -104,6 +110,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
         case FrameType.RoundEnd: {
           const r = decodeRoundEnd(f.payload);
           rounds = Math.max(rounds, r.round);
+          // frames are applied in order, so everything before this one is in the region now
+          await ch.send(encodeRoundAck(r, version));
           progress({ type: 'round', round: r.round, pages: r.pages });
           break;
         }
@@ -154,7 +162,10 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
       ]);
     }
     ch.destroy();
-    region?.release(); // nothing was activated: the destination copy is discarded
+    if (region && failedIn !== 'activated') {
+      options.onDiscard?.(region);
+      region.release(); // nothing was activated: the destination copy is discarded
+    }
     throw err;
   }
 }

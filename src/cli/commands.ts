@@ -1,0 +1,190 @@
+/** The `livemig` subcommands: receive, send, demo. */
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { LivemigError } from '../errors.js';
+import { migrate } from '../precopy/sender.js';
+import type { MigrationReport, ProgressEvent } from '../precopy/types.js';
+import { listen } from '../receiver/receiver.js';
+import { CONTENTS, PATTERNS } from '../workload/content.js';
+import { HeartbeatObserver, IncomingGuest, SourceGuest } from '../workload/controller.js';
+import { parseHostPort, parseNumber, parseSize } from './units.js';
+
+const GUEST_FLAGS = {
+  size: { type: 'string', default: '1GiB' },
+  content: { type: 'string', default: 'mixed' },
+  rate: { type: 'string', default: '64' },
+  pattern: { type: 'string', default: 'uniform' },
+  'hot-size': { type: 'string', default: '64MiB' },
+  'downtime-limit': { type: 'string', default: '50' },
+  'max-rounds': { type: 'string', default: '30' },
+  json: { type: 'boolean', default: false },
+} as const;
+
+function guestOptions(v: Record<string, string | boolean | undefined>) {
+  const content = v.content as string;
+  const pattern = v.pattern as string;
+  if (!(CONTENTS as readonly string[]).includes(content)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `--content must be one of ${CONTENTS.join(', ')}`);
+  if (!(PATTERNS as readonly string[]).includes(pattern)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `--pattern must be one of ${PATTERNS.join(', ')}`);
+  const size = parseSize(v.size as string, '--size');
+  if (size % 4096 !== 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', '--size must be a multiple of 4 KiB');
+  return { size, content, pattern, rate: parseNumber(v.rate as string, '--rate'), hotSize: parseSize(v['hot-size'] as string, '--hot-size') };
+}
+
+function printRound(e: ProgressEvent): void {
+  if (e.type === 'round') {
+    process.stderr.write(`  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty -> ${e.decision}\n`);
+  } else if (e.type === 'handshake') {
+    process.stderr.write(`  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}\n`);
+  }
+}
+
+/** livemig receive --listen HOST:PORT: serves one migration; the reference guest resumes here. */
+export async function receiveCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({ args: argv, options: { listen: { type: 'string', default: '127.0.0.1:7878' }, 'max-region': { type: 'string' }, json: { type: 'boolean', default: false } } });
+  const { host, port } = parseHostPort(values.listen, '--listen');
+  let guestPid = 0;
+  let incoming: IncomingGuest | undefined;
+  const rx = await listen(host, port, {
+    ...(values['max-region'] ? { maxRegionBytes: parseSize(values['max-region'], '--max-region') } : {}),
+    onReserved: (region) => {
+      incoming = new IncomingGuest(region);
+    },
+    onDiscard: () => incoming?.kill(),
+    activate: async (_region, deviceState) => {
+      await incoming!.activate(deviceState);
+      guestPid = incoming!.child.pid ?? 0;
+    },
+  });
+  process.stdout.write(JSON.stringify({ listening: `${rx.address}:${rx.port}`, port: rx.port }) + '\n');
+  try {
+    const report = await rx.next();
+    process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid }) + '\n');
+    return 0;
+  } catch (e) {
+    const err = e as LivemigError;
+    process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message } }) + '\n');
+    return 1;
+  } finally {
+    await rx.close();
+  }
+}
+
+/** livemig send --to HOST:PORT: starts a reference guest here and migrates it live. */
+export async function sendCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({ args: argv, options: { to: { type: 'string' }, heartbeat: { type: 'string' }, ...GUEST_FLAGS } });
+  if (!values.to) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'send needs --to HOST:PORT');
+  const to = parseHostPort(values.to, '--to');
+  const g = guestOptions(values);
+  const guest = await SourceGuest.spawn({ ...g, ...(values.heartbeat ? { heartbeat: values.heartbeat } : {}) });
+  try {
+    const report = await migrate({
+      region: guest.region,
+      ...(guest.target ? { target: guest.target } : {}),
+      to,
+      pause: () => guest.pause(),
+      resume: () => guest.resume(),
+      release: () => guest.exit(),
+      downtimeLimitMs: parseNumber(values['downtime-limit'], '--downtime-limit'),
+      maxRounds: parseNumber(values['max-rounds'], '--max-rounds', 1),
+      onProgress: values.json ? undefined : printRound,
+    });
+    process.stdout.write(JSON.stringify(report) + '\n');
+    return 0;
+  } catch (e) {
+    guest.kill();
+    throw e;
+  }
+}
+
+const CLI_ENTRY = fileURLToPath(new URL('./main.js', import.meta.url));
+
+export interface DemoReport extends MigrationReport {
+  guest_gap_ms: number;
+  guest_verified: { bad: number; first_bad: number; writes: string; verify_ms: number };
+  content: string;
+  rate_mib_s: number;
+  pattern: string;
+}
+
+/** Runs receiver, guest and sender on loopback and migrates the guest live. */
+export async function runDemo(g: ReturnType<typeof guestOptions>, downtimeLimitMs: number, maxRounds: number, onProgress?: (e: ProgressEvent) => void): Promise<DemoReport> {
+  const observer = await HeartbeatObserver.start();
+  const receiver = spawn(process.execPath, [CLI_ENTRY, 'receive', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
+  let guest: SourceGuest | undefined;
+  let destPid = 0;
+  try {
+    const first = await lines.next();
+    if (first.done) throw new LivemigError('ERR_LIVEMIG_CONNECTION', 'the receiver exited before listening', { phase: 'demo' });
+    const { port } = JSON.parse(first.value) as { port: number };
+    guest = await SourceGuest.spawn({ ...g, heartbeat: observer.address });
+    await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
+    const tStart = performance.now();
+    const source = guest;
+    const report = await migrate({
+      region: source.region,
+      ...(source.target ? { target: source.target } : {}),
+      to: { host: '127.0.0.1', port },
+      pause: () => source.pause(),
+      resume: () => source.resume(),
+      release: () => source.exit(),
+      downtimeLimitMs,
+      maxRounds,
+      ...(onProgress ? { onProgress } : {}),
+    });
+    const done = await lines.next();
+    const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown };
+    if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });
+    destPid = rx.guest_pid;
+    const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
+    await new Promise((r) => setTimeout(r, 100)); // a few more heartbeats after the check
+    const gap = observer.maxGap(tStart, performance.now());
+    return {
+      ...report,
+      verified: report.verified && verify.verify!.bad === 0,
+      guest_gap_ms: +gap.toFixed(3),
+      guest_verified: { bad: verify.verify!.bad, first_bad: verify.verify!.firstBad, writes: verify.verify!.writes, verify_ms: +verify.verify!.ms.toFixed(0) },
+      content: g.content,
+      rate_mib_s: g.rate,
+      pattern: g.pattern,
+    };
+  } finally {
+    if (destPid) {
+      try {
+        process.kill(destPid, 'SIGTERM');
+      } catch {
+        // already gone
+      }
+    }
+    if (guest && guest.child.exitCode === null) guest.kill();
+    receiver.kill();
+    observer.close();
+  }
+}
+
+export async function demoCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({ args: argv, options: GUEST_FLAGS });
+  const g = guestOptions(values);
+  const downtime = parseNumber(values['downtime-limit'], '--downtime-limit');
+  if (!values.json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback\n`);
+  const r = await runDemo(g, downtime, parseNumber(values['max-rounds'], '--max-rounds', 1), values.json ? undefined : printRound);
+  if (values.json) {
+    process.stdout.write(JSON.stringify(r) + '\n');
+  } else {
+    const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)} MiB`;
+    process.stdout.write(
+      [
+        `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ${r.guest_verified.writes} writes)`,
+        `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
+        `preparation (handshake + reservation): ${r.prep_ms.toFixed(0)} ms`,
+        `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
+        `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms`,
+        `downtime as the guest saw it (largest heartbeat gap): ${r.guest_gap_ms.toFixed(2)} ms`,
+        `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,
+      ].join('\n') + '\n',
+    );
+  }
+  return r.verified ? 0 : 1;
+}

@@ -1,0 +1,212 @@
+#!/usr/bin/env node
+/**
+ * The reference guest: a process that owns a memfd region with CONTENT.md's content and
+ * writes to it at a given rate, emitting one heartbeat per millisecond (UDP, to an observer).
+ *
+ * Source mode (default): creates and fills its region, registers its own mapping for
+ * write-protect tracking, hands the memfd to livemig over --socket, then obeys JSON-line
+ * commands there: pause (answers with its state), resume, exit.
+ * Resume mode (--resume): adopts the region on fd 3 and the state in --state-file, verifies
+ * every page against its model (heartbeats go on meanwhile; writes wait), reports the result,
+ * then continues writing where the source stopped.
+ */
+import dgram from 'node:dgram';
+import os from 'node:os';
+import { readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+import { parseArgs } from 'node:util';
+import type net from 'node:net';
+import { addon } from '../native.js';
+import { handOverRegion } from '../region/handover.js';
+import { Region } from '../region/region.js';
+import { protectOwnRegion } from '../tracking/uffd-async.js';
+import { fillContent, initialWriteState, verifyContent, type ContentName, type PatternName } from './content.js';
+import { parseGuestState, type GuestState } from './state.js';
+
+const { values } = parseArgs({
+  options: {
+    socket: { type: 'string' },
+    size: { type: 'string', default: String(1 << 30) },
+    content: { type: 'string', default: 'mixed' },
+    seed: { type: 'string', default: '1' },
+    rate: { type: 'string', default: '64' },
+    pattern: { type: 'string', default: 'uniform' },
+    'hot-size': { type: 'string', default: String(64 << 20) },
+    heartbeat: { type: 'string' },
+    resume: { type: 'boolean', default: false },
+    incoming: { type: 'boolean', default: false },
+    'state-file': { type: 'string' },
+    'no-track': { type: 'boolean', default: false },
+  },
+});
+
+let region: Region;
+let state: GuestState;
+const st = new BigUint64Array(2);
+
+/**
+ * Incoming mode: started on the destination during pre-copy, with the region on fd 3, and
+ * warm (Node and the addon loaded); it waits for its state on the IPC channel, so activation
+ * costs one message instead of a process start.
+ */
+async function incomingState(): Promise<GuestState> {
+  return new Promise((resolve) => {
+    process.once('message', (m: { state: unknown }) => resolve(parseGuestState(Buffer.from(JSON.stringify(m.state)))));
+    process.send!({ op: 'ready' });
+  });
+}
+
+if (values.incoming) {
+  // map and populate now, during pre-copy, so the activated guest runs at memory speed at once
+  const early = Region.adopt(3, Number(values.size));
+  await early.nativeHandle.populateAsync();
+  state = await incomingState();
+  if (state.size !== early.size) throw new Error(`state is for ${state.size} bytes, region has ${early.size}`);
+  region = early;
+  st[0] = BigInt(state.xs);
+  st[1] = BigInt(state.writes);
+  process.send!({ op: 'running' });
+} else if (values.resume) {
+  state = parseGuestState(readFileSync(values['state-file']!));
+  region = Region.adopt(3, state.size);
+  st[0] = BigInt(state.xs);
+  st[1] = BigInt(state.writes);
+} else {
+  const size = Number(values.size);
+  const pattern = values.pattern as PatternName;
+  const pages = size / 4096;
+  const span = pattern === 'hot' ? Math.max(1, Math.min(pages, Math.floor(Number(values['hot-size']) / 4096))) : pages;
+  region = Region.create(size, { name: 'livemig-guest', reserve: true });
+  await fillContent(region, values.content as ContentName, BigInt(values.seed));
+  const init = initialWriteState(BigInt(values.seed));
+  st.set(init);
+  state = {
+    version: 1,
+    size,
+    content: values.content as ContentName,
+    seed: values.seed,
+    pattern,
+    span,
+    rate: Number(values.rate),
+    xs: '0',
+    writes: '0',
+    heartbeatSeq: 0,
+    ...(values.heartbeat ? { heartbeat: values.heartbeat } : {}),
+    throttle: 0,
+  };
+}
+
+// --- heartbeat: one UDP datagram per millisecond: {seq, writes, pid}
+const udp = dgram.createSocket('udp4');
+const [hbHost, hbPort] = state.heartbeat ? [state.heartbeat.split(':')[0]!, Number(state.heartbeat.split(':')[1])] : [undefined, 0];
+function heartbeat(extra?: object): void {
+  if (!hbHost) return;
+  const msg = Buffer.from(JSON.stringify({ seq: state.heartbeatSeq++, writes: st[1]!.toString(), pid: process.pid, ...extra }));
+  udp.send(msg, hbPort, hbHost);
+}
+
+// --- writes: rate MiB/s x 256 writes per second, in 1 ms slices; a backlog over 10 ms is dropped
+let running = false;
+let writing = true;
+let timer: NodeJS.Timeout | undefined;
+let scheduleStart = 0;
+let scheduled = 0;
+let lastBeat = 0;
+function tick(): void {
+  if (!running) return;
+  const t = performance.now();
+  if (writing && state.rate > 0) {
+    const perMs = (state.rate * 256 * (1 - state.throttle)) / 1000;
+    let due = Math.floor((t - scheduleStart) * perMs) - scheduled;
+    if (due > perMs * 10) {
+      // fell more than 10 ms behind: drop the backlog, never burst to catch up
+      scheduled += due - Math.ceil(perMs);
+      due = Math.ceil(perMs);
+    }
+    if (due > 0) {
+      addon.guestWrite(region.nativeHandle, st, due, state.span, state.pattern === 'sequential');
+      scheduled += due;
+    }
+  }
+  if (t - lastBeat >= 1) {
+    lastBeat = t;
+    heartbeat();
+  }
+  timer = setTimeout(tick, 1);
+}
+function start(): void {
+  running = true;
+  scheduleStart = performance.now();
+  scheduled = 0;
+  tick();
+}
+function stop(): void {
+  running = false;
+  if (timer) clearTimeout(timer);
+}
+function exportState(): GuestState {
+  return { ...state, xs: st[0]!.toString(), writes: st[1]!.toString() };
+}
+
+let control: net.Socket | undefined;
+if (values.resume || values.incoming) {
+  // Verify outside the pause: heartbeats continue while every page is checked; writes wait.
+  writing = false;
+  start();
+  const model = { content: state.content, seed: BigInt(state.seed), writes: st[1]!, span: state.span, sequential: state.pattern === 'sequential' };
+  const tv = performance.now();
+  const result = await verifyContent(region, model);
+  heartbeat({ verify: { bad: result.bad, firstBad: result.firstBad, writes: model.writes.toString(), ms: performance.now() - tv } });
+  writing = true;
+  scheduleStart = performance.now();
+  scheduled = 0;
+} else {
+  const protection = values['no-track'] ? undefined : protectOwnRegion(region);
+  control = handOverRegion(values.socket!, region, { tracking: protection ? 'uffd-async' : 'none', info: { content: state.content, size: state.size } });
+  start();
+}
+
+function reply(o: object): void {
+  control?.write(JSON.stringify(o) + '\n');
+}
+if (control) {
+  const lines = createInterface({ input: control });
+  lines.on('line', (line) => {
+    let m: { op?: string };
+    try {
+      m = JSON.parse(line) as { op?: string };
+    } catch {
+      return reply({ op: 'error', message: 'not JSON' });
+    }
+    switch (m.op) {
+      case 'pause':
+        stop();
+        reply({ op: 'paused', state: exportState() });
+        break;
+      case 'resume':
+        start();
+        reply({ op: 'resumed' });
+        break;
+      case 'state':
+        reply({ op: 'state', state: exportState() });
+        break;
+      case 'exit':
+        stop();
+        // freeing a large region is kernel work charged to this process: keep it out of the way
+        os.setPriority(19);
+        region.release();
+        control!.end(() => process.exit(0));
+        break;
+      default:
+        reply({ op: 'error', message: `unknown op ${String(m.op)}` });
+    }
+  });
+  control.on('close', () => {
+    // livemig went away: keep running as a guest would (it is still the primary here)
+  });
+  control.on('error', () => undefined); // a reset socket closes the control channel; the guest runs on
+}
+process.on('SIGTERM', () => {
+  stop();
+  process.exit(0);
+});
