@@ -50,8 +50,15 @@ const st = new BigUint64Array(2);
  * costs one message instead of a process start.
  */
 async function incomingState(): Promise<GuestState> {
+  // livemig went away before activating us: there is no guest to run here
+  const quit = (): never => process.exit(0);
+  process.once('disconnect', quit);
+  if (!process.connected) quit();
   return new Promise((resolve) => {
-    process.once('message', (m: { state: unknown }) => resolve(parseGuestState(Buffer.from(JSON.stringify(m.state)))));
+    process.once('message', (m: { state: unknown }) => {
+      process.off('disconnect', quit);
+      resolve(parseGuestState(Buffer.from(JSON.stringify(m.state))));
+    });
     process.send!({ op: 'ready' });
   });
 }

@@ -1,0 +1,124 @@
+/** The receiver treats the stream as hostile: each bad input ends with its error, nothing activated. */
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { once } from 'node:events';
+import { test } from 'node:test';
+import { LivemigError } from '../src/errors.js';
+import { FrameParser, FrameType, MAX_PAYLOAD, encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
+import * as M from '../src/protocol/messages.js';
+import { listen } from '../src/receiver/receiver.js';
+
+const PAGES = 16;
+const hello = (o: Partial<M.Hello> = {}): Buffer => M.encodeHello({ versions: [1, 1], regionBytes: PAGES * 4096, pageSize: 4096, auth: null, capabilities: [], ...o });
+
+/** Connects, sends `script` (frames, or functions of what came back), returns the frames received and the receiver's outcome. */
+async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { maxRegionBytes?: number } = {}): Promise<{ got: Frame[]; error: LivemigError; activated: boolean }> {
+  let activated = false;
+  const rx = await listen('127.0.0.1', 0, { ...opts, activate: async () => void (activated = true), idleTimeoutMs: 5000 });
+  const sock = net.connect(rx.port, '127.0.0.1');
+  await once(sock, 'connect');
+  const got: Frame[] = [];
+  const parser = new FrameParser();
+  sock.on('data', (c) => parser.push(c, (f) => got.push(f)));
+  sock.on('error', () => undefined);
+  const outcome = rx.next().then(
+    () => {
+      throw new Error('the receiver accepted a bad stream');
+    },
+    (e: unknown) => e as LivemigError,
+  );
+  for (const step of steps) {
+    const out = step(got);
+    if (out === 'close') {
+      sock.end();
+      break;
+    }
+    sock.write(out);
+    await new Promise((r) => setTimeout(r, 30));
+  }
+  const error = await outcome;
+  await new Promise((r) => setTimeout(r, 30));
+  sock.destroy();
+  await rx.close();
+  return { got, error, activated };
+}
+
+function pagesFrame(indices: number[]): Buffer {
+  const pages = Uint32Array.from(indices);
+  const b = Buffer.alloc(M.pagesFrameBytes(pages.length, 4096));
+  M.writePagesPrefix(b, 1, pages, 4096, 1);
+  return b;
+}
+
+function lastError(got: Frame[]): M.ErrorMessage {
+  const e = got.filter((f) => f.type === FrameType.Error).pop();
+  assert.ok(e, 'the receiver sent an ERROR frame');
+  return M.decodeError(e.payload);
+}
+
+test('a wrong protocol version is refused with ERR_LIVEMIG_VERSION', async () => {
+  const h = hello();
+  h.writeUInt8(9, 2);
+  const r = await session([() => h]);
+  assert.equal(r.error.code, 'ERR_LIVEMIG_VERSION');
+  assert.equal(lastError(r.got).code, 'ERR_LIVEMIG_VERSION');
+  assert.equal(r.activated, false);
+  const r2 = await session([() => hello({ versions: [5, 7] })]);
+  assert.equal(r2.error.code, 'ERR_LIVEMIG_VERSION');
+  assert.match(r2.error.message, /no common protocol version/);
+});
+
+test('a truncated frame ends with a connection error and nothing activated', async () => {
+  const p = pagesFrame([1, 2]);
+  const r = await session([() => hello(), () => p.subarray(0, 5000), () => 'close']);
+  assert.equal(r.got[0]?.type, FrameType.Accept);
+  assert.equal(r.error.code, 'ERR_LIVEMIG_CONNECTION');
+  assert.equal(r.activated, false);
+});
+
+test('an out-of-range page index is refused with ERR_LIVEMIG_PAGE_INDEX', async () => {
+  const r = await session([() => hello(), () => pagesFrame([0, PAGES])]);
+  assert.equal(r.error.code, 'ERR_LIVEMIG_PAGE_INDEX');
+  assert.match(r.error.message, new RegExp(`page index ${PAGES} is outside the region's ${PAGES} pages`));
+  assert.equal(lastError(r.got).code, 'ERR_LIVEMIG_PAGE_INDEX');
+  assert.equal(r.activated, false);
+});
+
+test('an oversized frame is refused from its header with ERR_LIVEMIG_FRAME_TOO_LARGE', async () => {
+  const h = encodeHeader(FrameType.Pages, 0);
+  h.writeUInt32LE(MAX_PAYLOAD + 1, 8);
+  const r = await session([() => hello(), () => h]);
+  assert.equal(r.error.code, 'ERR_LIVEMIG_FRAME_TOO_LARGE');
+  assert.equal(r.activated, false);
+});
+
+test('an unknown frame type and a frame out of order are protocol errors', async () => {
+  const h = encodeFrame(FrameType.Abort, Buffer.alloc(0));
+  h.writeUInt8(99, 3);
+  assert.equal((await session([() => hello(), () => h])).error.code, 'ERR_LIVEMIG_PROTOCOL');
+  const r = await session([() => pagesFrame([0])]);
+  assert.equal(r.error.code, 'ERR_LIVEMIG_PROTOCOL');
+  assert.match(r.error.message, /first frame must be HELLO/);
+  const early = await session([() => hello(), () => M.encodeActivate(1)]);
+  assert.match(early.error.message, /ACTIVATE before a matching COMMIT/);
+  assert.equal(early.activated, false);
+});
+
+test('a region over the receiver limit is refused before any page moves', async () => {
+  const r = await session([() => hello({ regionBytes: 1 << 30 })], { maxRegionBytes: 1 << 20 });
+  assert.equal(r.error.code, 'ERR_LIVEMIG_NO_MEMORY');
+  assert.equal(r.got.length, 1);
+  assert.equal(lastError(r.got).code, 'ERR_LIVEMIG_NO_MEMORY');
+});
+
+test('a commitment digest that does not match is refused and nothing activates', async () => {
+  const r = await session([
+    () => hello(),
+    () => pagesFrame(Array.from({ length: PAGES }, (_, i) => i)),
+    () => M.encodeDeviceState(Buffer.from('dev'), 1),
+    () => M.encodeCommit({ digest: 12345n, pageCount: PAGES }, 1),
+    () => M.encodeActivate(1),
+  ]);
+  assert.equal(r.error.code, 'ERR_LIVEMIG_DIGEST');
+  assert.equal(r.activated, false);
+});
