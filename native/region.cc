@@ -13,6 +13,9 @@
 
 #include "common.h"
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -241,11 +244,16 @@ Napi::Value Region::PopulateAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = LiveMapping(env);
   if (!m) return env.Undefined();
+  // read: map the pages the file already holds (a sender reading a guest's memory);
+  // write: also allocate missing ones (a receiver preparing to be written)
+  bool forWrite = info.Length() == 0 || info[0].ToBoolean().Value();
   m->Ref();
   return Task<int>::Start(
       env,
-      [m](int&, SysError& err) {
-        if (madvise(m->addr, m->size, MADV_POPULATE_WRITE) != 0) err.set("madvise(MADV_POPULATE_WRITE)", errno);
+      [m, forWrite](int&, SysError& err) {
+        if (madvise(m->addr, m->size, forWrite ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
+          err.set(forWrite ? "madvise(MADV_POPULATE_WRITE)" : "madvise(MADV_POPULATE_READ)", errno);
+        }
         m->Unref();
       },
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info.This()});

@@ -17,7 +17,7 @@ export interface NativeRegion {
   release(): boolean;
   reserve(): void;
   populate(): void;
-  populateAsync(): Promise<void>;
+  populateAsync(forWrite?: boolean): Promise<void>;
 }
 
 export interface Received {

@@ -109,7 +109,14 @@ export interface DemoReport extends MigrationReport {
 }
 
 /** Runs receiver, guest and sender on loopback and migrates the guest live. */
-export async function runDemo(g: ReturnType<typeof guestOptions>, downtimeLimitMs: number, maxRounds: number, onProgress?: (e: ProgressEvent) => void): Promise<DemoReport> {
+export async function runDemo(
+  g: ReturnType<typeof guestOptions>,
+  downtimeLimitMs: number,
+  maxRounds: number,
+  onProgress?: (e: ProgressEvent) => void,
+  /** naive stop-and-copy baseline: pause first, send everything once, then resume there */
+  naive = false,
+): Promise<DemoReport> {
   const observer = await HeartbeatObserver.start();
   const receiver = spawn(process.execPath, [CLI_ENTRY, 'receive', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
@@ -123,17 +130,19 @@ export async function runDemo(g: ReturnType<typeof guestOptions>, downtimeLimitM
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = performance.now();
     const source = guest;
+    const early = naive ? await source.pause() : undefined;
     const report = await migrate({
       region: source.region,
       ...(source.target ? { target: source.target } : {}),
       to: { host: '127.0.0.1', port },
-      pause: () => source.pause(),
+      pause: early ? async () => early : () => source.pause(),
       resume: () => source.resume(),
       release: () => source.exit(),
-      downtimeLimitMs,
-      maxRounds,
+      downtimeLimitMs: naive ? Number.MAX_SAFE_INTEGER : downtimeLimitMs,
+      maxRounds: naive ? 1 : maxRounds,
       ...(onProgress ? { onProgress } : {}),
     });
+    if (early) report.downtime_ms = +(report.total_ms + report.stop_and_copy.pause_ms).toFixed(3); // paused throughout
     const done = await lines.next();
     const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown };
     if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });

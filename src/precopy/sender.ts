@@ -73,6 +73,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
 
   try {
     const tConnect = now();
+    // Map the guest's pages into our own mapping while the destination reserves: reading
+    // through unmapped pages would fault once per page in the middle of the first round.
+    const populated = region.populateAsync(false);
+    populated.catch(() => undefined);
     channel = new FrameChannel(await connect(options.to));
     state = 'handshake';
     await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: [] }));
@@ -81,6 +85,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
     }
     const version = accept.version;
+    await populated;
     const prepMs = now() - tConnect;
     if (!tracker) {
       const choice = chooseTracker(region, options.target ? { target: options.target } : {});

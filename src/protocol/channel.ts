@@ -19,14 +19,15 @@ const LOW_WATER_FRAMES = 4;
 
 export class FrameChannel {
   readonly socket: net.Socket;
-  #parser = new FrameParser();
+  #parser: FrameParser;
   #queue: Frame[] = [];
   #waiter: Waiter | undefined;
   #failure: Error | undefined;
   #paused = false;
 
-  constructor(socket: net.Socket) {
+  constructor(socket: net.Socket, allocate?: (length: number) => Buffer) {
     this.socket = socket;
+    this.#parser = new FrameParser(allocate);
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => {
       try {

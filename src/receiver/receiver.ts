@@ -25,6 +25,27 @@ import {
 } from '../protocol/messages.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 
+const MAX_SCATTERS = 3;
+
+/** Reuses payload buffers of the common page-batch size. */
+class BufferPool {
+  #free: Buffer[] = [];
+  #size = 0;
+  get(n: number): Buffer {
+    if (n < 64 * 1024) return Buffer.allocUnsafe(n);
+    if (n > this.#size) {
+      this.#free = [];
+      this.#size = n;
+    }
+    const b = this.#free.pop() ?? Buffer.allocUnsafe(this.#size);
+    return b.length === n ? b : b.subarray(0, n);
+  }
+  put(b: Buffer): void {
+    if (b.buffer.byteLength !== this.#size || this.#free.length >= 8) return;
+    this.#free.push(Buffer.from(b.buffer, 0, this.#size));
+  }
+}
+
 export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'failed';
 
 export type ReceiveProgress =
@@ -58,7 +79,9 @@ export interface ReceiveReport {
 
 /** Serves one migration on an accepted connection. */
 export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Promise<ReceiveReport> {
-  const ch = new FrameChannel(socket);
+  // Page batches land in reused buffers: a fresh megabyte per frame costs 256 page faults.
+  const pool = new BufferPool();
+  const ch = new FrameChannel(socket, (n) => pool.get(n));
   const progress = options.onProgress ?? (() => undefined);
   const idle = options.idleTimeoutMs ?? 60_000;
   let state: ReceiverState = 'hello';
@@ -83,7 +106,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     state = 'reserve';
     const t0 = performance.now();
     region = Region.create(h.regionBytes, { name: 'livemig-incoming', reserve: true });
-    await callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', 'populating the region', () => region!.nativeHandle.populateAsync());
+    await region.populateAsync(true);
     const reserveMs = performance.now() - t0;
     progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
     const hashes = new BigUint64Array(region.pageCount);
@@ -95,16 +118,42 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     let pagesReceived = 0;
     let rounds = 0;
     let digest = 0n;
+    // Batches of one round hold distinct pages, so up to MAX_SCATTERS apply at once; a new
+    // round (or anything else) waits until the previous round's batches are all in place.
+    const scatters = new Set<Promise<void>>();
+    let scatterRound = -1;
+    let scatterError: unknown;
+    const drain = async (): Promise<void> => {
+      await Promise.all(scatters);
+      if (scatterError) throw scatterError;
+    };
     for (;;) {
       const f: Frame = await ch.next(idle);
       if (f.version !== version) throw new ProtocolError('ERR_LIVEMIG_VERSION', `frame of version ${f.version} after negotiating ${version}`);
+      if (f.type !== FrameType.Pages) await drain();
       switch (f.type) {
         case FrameType.Pages: {
           if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'PAGES after COMMIT');
           const batch = decodePages(f.payload, region.pageSize);
-          const bad = await callAsync('ERR_LIVEMIG_SYSCALL', 'receive', 'applying pages', () => addon.scatterPages(region!.nativeHandle, batch.indices, batch.data, hashes));
-          if (bad >= 0) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `page index ${batch.indices[bad]} is outside the region's ${region.pageCount} pages`);
-          pagesReceived += batch.indices.length;
+          if (batch.round !== scatterRound || scatters.size >= MAX_SCATTERS) {
+            if (batch.round !== scatterRound) await drain();
+            else await Promise.race(scatters);
+            if (scatterError) throw scatterError;
+            scatterRound = batch.round;
+          }
+          const r = region;
+          const p: Promise<void> = callAsync('ERR_LIVEMIG_SYSCALL', 'receive', 'applying pages', () => addon.scatterPages(r.nativeHandle, batch.indices, batch.data, hashes)).then(
+            (bad) => {
+              if (bad >= 0) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `page index ${batch.indices[bad]} is outside the region's ${r.pageCount} pages`);
+              pagesReceived += batch.indices.length;
+            },
+          ).catch((e: unknown) => {
+            scatterError ??= e;
+          }).finally(() => {
+            scatters.delete(p);
+            pool.put(f.payload);
+          });
+          scatters.add(p);
           break;
         }
         case FrameType.RoundEnd: {

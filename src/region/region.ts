@@ -5,7 +5,7 @@
 import { constants as bufferConstants } from 'node:buffer';
 import { readFileSync } from 'node:fs';
 import { LivemigError, invalidArgument } from '../errors.js';
-import { addon, call, type NativeRegion } from '../native.js';
+import { addon, call, callAsync, type NativeRegion } from '../native.js';
 
 export const PAGE_SIZE: number = addon.pageSize();
 
@@ -161,6 +161,15 @@ export class Region {
   populate(): void {
     this.#assertLive('populate');
     call('ERR_LIVEMIG_NO_MEMORY', 'reserve', `populating ${this.size} bytes`, () => this.#native.populate());
+  }
+
+  /**
+   * The same off the main thread. `forWrite: false` maps only what the file already holds
+   * (a sender about to read every page); true also allocates (a receiver about to write).
+   */
+  populateAsync(forWrite = true): Promise<void> {
+    this.#assertLive('populateAsync');
+    return callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', `populating ${this.size} bytes`, () => this.#native.populateAsync(forWrite));
   }
 
   /** Unmaps and closes. Idempotent. Later calls on this region throw ERR_LIVEMIG_RELEASED. */
