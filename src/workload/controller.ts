@@ -204,12 +204,16 @@ export class HeartbeatObserver {
     });
   }
 
-  /** Largest gap (ms) between consecutive heartbeats received in [from, to]. */
+  /** Largest gap (ms) between consecutive heartbeats received in [from, to], counting from the last one before `from`. */
   maxGap(from: number, to: number): number {
     let gap = 0;
     let prev: number | undefined;
     for (const b of this.beats) {
-      if (b.at < from || b.at > to) continue;
+      if (b.at > to) break;
+      if (b.at < from) {
+        prev = b.at;
+        continue;
+      }
       if (prev !== undefined) gap = Math.max(gap, b.at - prev);
       prev = b.at;
     }
