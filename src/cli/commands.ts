@@ -142,7 +142,7 @@ export async function runDemo(
       maxRounds: naive ? 1 : maxRounds,
       ...(onProgress ? { onProgress } : {}),
     });
-    if (early) report.downtime_ms = +(report.total_ms + report.stop_and_copy.pause_ms).toFixed(3); // paused throughout
+    if (early) report.downtime_ms = +(report.prep_ms + report.total_ms).toFixed(3); // paused from before the handshake to activation
     const done = await lines.next();
     const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown };
     if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });

@@ -123,12 +123,16 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     const scatters = new Set<Promise<void>>();
     let scatterRound = -1;
     let scatterError: unknown;
+    // a failed batch must end the session at once, not when the next frame arrives
+    let failScatter: (e: unknown) => void = () => undefined;
+    const scatterFailed = new Promise<never>((_, reject) => (failScatter = reject));
+    scatterFailed.catch(() => undefined);
     const drain = async (): Promise<void> => {
       await Promise.all(scatters);
       if (scatterError) throw scatterError;
     };
     for (;;) {
-      const f: Frame = await ch.next(idle);
+      const f: Frame = await Promise.race([ch.next(idle), scatterFailed]);
       if (f.version !== version) throw new ProtocolError('ERR_LIVEMIG_VERSION', `frame of version ${f.version} after negotiating ${version}`);
       if (f.type !== FrameType.Pages) await drain();
       switch (f.type) {
@@ -149,6 +153,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
             },
           ).catch((e: unknown) => {
             scatterError ??= e;
+            failScatter(e);
           }).finally(() => {
             scatters.delete(p);
             pool.put(f.payload);
