@@ -36,11 +36,16 @@ const FIXED_STOP_COST_MS = 2;
 
 const now = (): number => performance.now();
 
+/** Errors the destination reported itself: it says it did not (and will not) activate. */
+const reportedByPeer = new WeakSet<Error>();
+
 function peerError(f: Frame, phase: string): LivemigError {
   try {
     const e = decodeError(f.payload);
     const code = e.code === 'ERR_LIVEMIG_NO_MEMORY' || e.code === 'ERR_LIVEMIG_VERSION' || e.code === 'ERR_LIVEMIG_DIGEST' ? e.code : 'ERR_LIVEMIG_REFUSED';
-    return new LivemigError(code, `destination: ${e.code}: ${e.message}`, { phase });
+    const err = new LivemigError(code, `destination: ${e.code}: ${e.message}`, { phase });
+    reportedByPeer.add(err);
+    return err;
   } catch (err) {
     return err as LivemigError;
   }
@@ -208,7 +213,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const failedIn = state;
     state = 'failed';
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
-    if (failedIn === 'activating') {
+    // The destination answering ACTIVATE with an ERROR has discarded its copy (its activation
+    // failed): the source is still the only guest, so it resumes below like any early failure.
+    if (failedIn === 'activating' && !reportedByPeer.has(err)) {
       channel?.destroy();
       throw new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`, {
         phase: 'activate',
