@@ -8,7 +8,9 @@
         "native/tracking.cc",
         "native/pages.cc",
         "native/fdpass.cc",
-        "native/content.cc"
+        "native/content.cc",
+        "native/pagehash.cc",
+        "native/wire.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

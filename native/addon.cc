@@ -10,6 +10,7 @@ void InitTracking(Napi::Env env, Napi::Object exports);
 void InitPages(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
 void InitContent(Napi::Env env, Napi::Object exports);
+void InitWire(Napi::Env env, Napi::Object exports);
 
 const char* ErrnoName(int err) {
   switch (err) {
@@ -55,6 +56,11 @@ Napi::Error MakeSysError(Napi::Env env, const char* syscall, int err, const std:
 }
 
 Napi::Error MakeSysError(Napi::Env env, const SysError& e) {
+  if (!e.code.empty()) {
+    Napi::Error err = Napi::Error::New(env, e.detail);
+    err.Set("livemigCode", Napi::String::New(env, e.code));
+    return err;
+  }
   return MakeSysError(env, e.syscall.c_str(), e.err, e.detail);
 }
 
@@ -73,6 +79,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPages(env, exports);
   InitFdPass(env, exports);
   InitContent(env, exports);
+  InitWire(env, exports);
   return exports;
 }
 

@@ -16,7 +16,15 @@ struct SysError {
   std::string syscall;
   int err = 0;
   std::string detail;
+  // A livemig error code (ERR_LIVEMIG_*) for failures that are not a system call's, such as
+  // a peer breaking the protocol; then `detail` is the whole message.
+  std::string code;
   bool failed() const { return !syscall.empty(); }
+  void fail(const char* livemigCode, std::string message) {
+    syscall = "protocol";
+    code = livemigCode;
+    detail = std::move(message);
+  }
   void set(const char* call, int e, std::string more = "") {
     syscall = call;
     err = e;

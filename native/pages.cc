@@ -1,10 +1,11 @@
-// Hot loops over many pages at once. Content hashes are XXH64 (seed 0), bit-compatible with
-// xxhash-wasm's h64, so hashes computed here and in TypeScript can be compared.
+// Hot loops over many pages at once. Page hashes are PageHash (pagehash.h); Xxh64 here is
+// bit-compatible with xxhash-wasm's h64 and serves the digest over the hash table.
 #include <cstring>
 #include <thread>
 #include <vector>
 
 #include "common.h"
+#include "pagehash.h"
 #include "region.h"
 
 namespace livemig {
@@ -122,7 +123,7 @@ Napi::Value HashCompare(const Napi::CallbackInfo& info) {
           std::vector<uint32_t>& out = from == 0 ? changed : upper;
           const uint8_t* base = m->addr + first * pageSize;
           for (uint64_t i = from; i < to; i++) {
-            uint64_t h = Xxh64(base + i * pageSize, pageSize, 0);
+            uint64_t h = PageHash(base + i * pageSize, pageSize);
             if (h != table[i]) {
               table[i] = h;
               out.push_back(static_cast<uint32_t>(i));
@@ -136,92 +137,13 @@ Napi::Value HashCompare(const Napi::CallbackInfo& info) {
       {info[0], info[4]});
 }
 
-// gatherPages(region, pages: Uint32Array, out: Buffer, hashes: BigUint64Array) -> Promise<void>
-// Copies pages[k] to out[k*pageSize...], then hashes the copy (the bytes that will be sent)
-// into hashes[pages[k]]. Indices come from our own tracker but are still bounds-checked.
-Napi::Value Gather(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Region* region = Region::Unwrap(info[0]);
-  Mapping* m = region->LiveMapping(env);
-  if (!m) return env.Undefined();
-  Napi::Uint32Array pages = info[1].As<Napi::Uint32Array>();
-  Napi::Buffer<uint8_t> out = info[2].As<Napi::Buffer<uint8_t>>();
-  Napi::BigUint64Array hashes = info[3].As<Napi::BigUint64Array>();
-  const size_t pageSize = 4096;
-  size_t count = pages.ElementLength();
-  uint64_t pageCount = m->size / pageSize;
-  if (out.Length() < count * pageSize) throw Napi::RangeError::New(env, "gather buffer too small");
-  if (hashes.ElementLength() < pageCount) throw Napi::RangeError::New(env, "hash table smaller than the region");
-  const uint32_t* idx = pages.Data();
-  for (size_t k = 0; k < count; k++) {
-    if (idx[k] >= pageCount) throw Napi::RangeError::New(env, "page index outside the region");
-  }
-  uint8_t* dst = out.Data();
-  uint64_t* table = hashes.Data();
-  m->Ref();
-  return Task<int>::Start(
-      env,
-      [m, idx, count, dst, table](int&, SysError&) {
-        for (size_t k = 0; k < count; k++) {
-          uint8_t* d = dst + k * pageSize;
-          std::memcpy(d, m->addr + static_cast<uint64_t>(idx[k]) * pageSize, pageSize);
-          table[idx[k]] = Xxh64(d, pageSize, 0);
-        }
-        m->Unref();
-      },
-      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0], info[1], info[2], info[3]});
-}
-
-// scatterPages(region, indices: Uint32Array, data: Buffer, hashes) -> Promise<number>
-// Checks every index first (all or nothing), then copies data[k] to page indices[k] and
-// records its hash. Resolves -1, or the position of the first index outside the region
-// (nothing copied then).
-Napi::Value Scatter(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Region* region = Region::Unwrap(info[0]);
-  Mapping* m = region->LiveMapping(env);
-  if (!m) return env.Undefined();
-  Napi::Uint32Array indices = info[1].As<Napi::Uint32Array>();
-  Napi::Buffer<uint8_t> data = info[2].As<Napi::Buffer<uint8_t>>();
-  Napi::BigUint64Array hashes = info[3].As<Napi::BigUint64Array>();
-  const size_t pageSize = 4096;
-  size_t count = indices.ElementLength();
-  uint64_t pageCount = m->size / pageSize;
-  if (data.Length() < count * pageSize) throw Napi::RangeError::New(env, "scatter data shorter than its pages");
-  if (hashes.ElementLength() < pageCount) throw Napi::RangeError::New(env, "hash table smaller than the region");
-  const uint32_t* idx = indices.Data();
-  const uint8_t* src = data.Data();
-  uint64_t* table = hashes.Data();
-  m->Ref();
-  return Task<int64_t>::Start(
-      env,
-      [m, idx, count, src, table, pageCount](int64_t& bad, SysError&) {
-        bad = -1;
-        for (size_t k = 0; k < count; k++) {
-          if (idx[k] >= pageCount) {
-            bad = static_cast<int64_t>(k);
-            m->Unref();
-            return;
-          }
-        }
-        for (size_t k = 0; k < count; k++) {
-          const uint8_t* s = src + k * pageSize;
-          std::memcpy(m->addr + static_cast<uint64_t>(idx[k]) * pageSize, s, pageSize);
-          table[idx[k]] = Xxh64(s, pageSize, 0);
-        }
-        m->Unref();
-      },
-      [](Napi::Env e, int64_t& bad) -> Napi::Value { return Napi::Number::New(e, static_cast<double>(bad)); },
-      {info[0], info[1], info[2], info[3]});
-}
-
 // The commitment digest: XXH64 over the per-page hash table (8 bytes per page).
 Napi::Value Digest(const Napi::CallbackInfo& info) {
   Napi::BigUint64Array hashes = info[0].As<Napi::BigUint64Array>();
   return Napi::BigInt::New(info.Env(), Xxh64(reinterpret_cast<const uint8_t*>(hashes.Data()), hashes.ByteLength(), 0));
 }
 
-// hashAll(region, hashes) -> Promise<void>: every page's XXH64 (two threads).
+// hashAll(region, hashes) -> Promise<void>: every page's PageHash (two threads).
 Napi::Value HashAll(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Region* region = Region::Unwrap(info[0]);
@@ -236,7 +158,7 @@ Napi::Value HashAll(const Napi::CallbackInfo& info) {
       env,
       [m, table, count](int&, SysError&) {
         Parallel(count, [&](uint64_t from, uint64_t to) {
-          for (uint64_t i = from; i < to; i++) table[i] = Xxh64(m->addr + i * 4096, 4096, 0);
+          for (uint64_t i = from; i < to; i++) table[i] = PageHash(m->addr + i * 4096, 4096);
         });
         m->Unref();
       },
@@ -246,8 +168,6 @@ Napi::Value HashAll(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitPages(Napi::Env env, Napi::Object exports) {
-  exports.Set("gatherPages", Napi::Function::New(env, Gather));
-  exports.Set("scatterPages", Napi::Function::New(env, Scatter));
   exports.Set("digestTable", Napi::Function::New(env, Digest));
   exports.Set("hashAll", Napi::Function::New(env, HashAll));
   exports.Set("xxh64", Napi::Function::New(env, Hash));

@@ -6,6 +6,7 @@ import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { LivemigError, type ErrorCode } from './errors.js';
+import type { NativeWire } from './protocol/wire.js';
 
 export interface NativeRegion {
   readonly fd: number;
@@ -46,14 +47,15 @@ interface Addon {
   unixAccept(fd: number, timeoutMs: number): Promise<number>;
   sendWithFds(fd: number, data: Buffer, fds: number[]): void;
   recvWithFds(fd: number, timeoutMs: number): Promise<Received>;
-  gatherPages(region: NativeRegion, pages: Uint32Array, out: Buffer, hashes: BigUint64Array): Promise<void>;
-  scatterPages(region: NativeRegion, indices: Uint32Array, data: Buffer, hashes: BigUint64Array): Promise<number>;
   digestTable(hashes: BigUint64Array): bigint;
   hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
   contentFill(region: NativeRegion, content: number, seed: bigint): Promise<void>;
   guestWrite(region: NativeRegion, st: BigUint64Array, n: number, span: number, sequential: boolean): void;
   contentVerify(region: NativeRegion, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
   mix64(z: bigint): bigint;
+  Wire: new (fd: number) => NativeWire;
+  pageHash(data: Buffer): bigint;
+  pageHashVariants(data: Buffer): bigint[];
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;
@@ -86,6 +88,8 @@ interface NativeErrorShape {
   errno?: number;
   errnoName?: string;
   released?: boolean;
+  /** set by the addon for failures that are not a system call's (a peer breaking the protocol) */
+  livemigCode?: ErrorCode;
 }
 
 /** Converts an error thrown by the addon into a LivemigError. */
@@ -93,6 +97,10 @@ export function fromNative(e: unknown, code: ErrorCode, phase: string, what: str
   if (e instanceof LivemigError) return e;
   const n = (e ?? {}) as NativeErrorShape;
   if (n.released) return new LivemigError('ERR_LIVEMIG_RELEASED', `${what}: the region has been released`, { phase, cause: e });
+  if (n.livemigCode) {
+    const protocol = n.livemigCode !== 'ERR_LIVEMIG_CONNECTION' && n.livemigCode !== 'ERR_LIVEMIG_TIMEOUT';
+    return new LivemigError(n.livemigCode, n.message ?? what, { phase: protocol ? 'protocol' : phase });
+  }
   const errnoName = n.errnoName;
   const finalCode: ErrorCode = errnoName === 'ENOMEM' || errnoName === 'ENOSPC' ? 'ERR_LIVEMIG_NO_MEMORY' : code;
   const detail = n.message ?? String(e);

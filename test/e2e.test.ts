@@ -58,7 +58,10 @@ test('a live migration arrives bit-identical and the guest continues its heartbe
   let destDigest = -1n;
   let pausedState: GuestState | undefined;
   const rx = await listen('127.0.0.1', 0, {
-    onReserved: (region) => void (incoming = new IncomingGuest(region)),
+    onReserved: async (region) => {
+      incoming = new IncomingGuest(region);
+      await incoming.ready;
+    },
     activate: async (region, deviceState) => {
       destDigest = await imageDigest(region);
       await incoming!.activate(deviceState);

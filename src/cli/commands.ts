@@ -17,7 +17,7 @@ const GUEST_FLAGS = {
   rate: { type: 'string', default: '64' },
   pattern: { type: 'string', default: 'uniform' },
   'hot-size': { type: 'string', default: '64MiB' },
-  'downtime-limit': { type: 'string', default: '50' },
+  'downtime-limit': { type: 'string', default: '20' },
   'max-rounds': { type: 'string', default: '30' },
   json: { type: 'boolean', default: false },
 } as const;
@@ -48,8 +48,9 @@ export async function receiveCommand(argv: string[]): Promise<number> {
   let incoming: IncomingGuest | undefined;
   const rx = await listen(host, port, {
     ...(values['max-region'] ? { maxRegionBytes: parseSize(values['max-region'], '--max-region') } : {}),
-    onReserved: (region) => {
+    onReserved: async (region) => {
       incoming = new IncomingGuest(region);
+      await incoming.ready; // the guest maps its memory before pages flow, not during
     },
     onDiscard: () => incoming?.kill(),
     activate: async (_region, deviceState) => {

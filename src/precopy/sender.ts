@@ -8,7 +8,7 @@
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon } from '../native.js';
-import { FrameChannel } from '../protocol/channel.js';
+import { WireChannel } from '../protocol/wire.js';
 import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
 import {
   decodeAccept,
@@ -26,13 +26,17 @@ import {
 import { chooseTracker } from '../tracking/probe.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import { UffdAsyncTracker } from '../tracking/uffd-async.js';
-import { BatchSender, mergePages } from './batches.js';
+import { mergePages } from './batches.js';
 import type { MigrateOptions, MigrationReport, RoundStats } from './types.js';
 
 type SenderState = 'connecting' | 'handshake' | 'precopy' | 'stop-and-copy' | 'commit' | 'activating' | 'done' | 'failed';
 
-/** Fixed cost of the final steps besides moving pages (final scan, device state, commit round trip), ms. */
-const FIXED_STOP_COST_MS = 2;
+/**
+ * Cost of the pause besides moving pages, ms: the integrator's pause (~2 ms for the reference
+ * guest), the final collect (~0.5), the commit round trip with both digests (~2-4) and the
+ * activation round trip (~2-5), as measured by bench/e2e on a 2-vCPU host.
+ */
+const FIXED_STOP_COST_MS = 8;
 
 const now = (): number => performance.now();
 
@@ -62,7 +66,7 @@ async function connect(to: MigrateOptions['to']): Promise<net.Socket> {
 
 export async function migrate(options: MigrateOptions): Promise<MigrationReport> {
   const { region } = options;
-  const downtimeLimitMs = options.downtimeLimitMs ?? 50;
+  const downtimeLimitMs = options.downtimeLimitMs ?? 20;
   const maxRounds = options.maxRounds ?? 30;
   const batchPages = Math.max(1, Math.floor((options.batchBytes ?? 1 << 20) / region.pageSize));
   if (!(downtimeLimitMs > 0)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'downtimeLimitMs must be a positive number', { phase: 'validate' });
@@ -71,7 +75,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
 
   let state: SenderState = 'connecting';
   let paused = false;
-  let channel: FrameChannel | undefined;
+  let channel: WireChannel | undefined;
+  let bytesSent = 0;
+  let pagesSent = 0;
   let tracker: DirtyTracker | undefined = options.tracker;
   let trackerReason = 'given by the caller';
   const progress = options.onProgress ?? (() => undefined);
@@ -82,7 +88,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // through unmapped pages would fault once per page in the middle of the first round.
     const populated = region.populateAsync(false);
     populated.catch(() => undefined);
-    channel = new FrameChannel(await connect(options.to));
+    channel = WireChannel.fromSocket(await connect(options.to));
+    // frames from the destination are read as they come, so an ERROR it sends while we are
+    // busy sending pages explains the failure instead of a bare connection reset
+    channel.readAhead();
     state = 'handshake';
     await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: [] }));
     const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), options.handshakeTimeoutMs ?? 60_000)).payload);
@@ -102,7 +111,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // Arm tracking before the first page is read: a write after this is caught by a later round.
     await tracker.start();
     const hashes = new BigUint64Array(region.pageCount);
-    const sender = new BatchSender(region, channel, hashes, batchPages, version);
+    const ch = channel;
+    const sendPages = async (r: number, pages: Uint32Array): Promise<number> => {
+      const n = await ch.sendPages(region, pages, r, version, batchPages, hashes);
+      bytesSent += n;
+      pagesSent += pages.length;
+      return n;
+    };
     state = 'precopy';
     const tFirstPage = now();
     const perRound: RoundStats[] = [];
@@ -110,7 +125,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     let round = 1;
     for (;;) {
       const t0 = now();
-      const bytes = await sender.send(round, pending);
+      const bytes = await sendPages(round, pending);
       await channel.send(encodeRoundEnd({ round, pages: pending.length }, version));
       const duration = now() - t0;
       const dirty = await tracker.collect();
@@ -162,7 +177,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
     const tCollected = now();
     const lastPages = mergePages(pending, final);
-    const lastBytes = await sender.send(round + 1, lastPages);
+    const lastBytes = await sendPages(round + 1, lastPages);
     await channel.send(encodeDeviceState(deviceState, version));
     const tSent = now();
     await tracker.stop();
@@ -184,7 +199,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     state = 'done';
     const downtime = tActive - tPause;
     progress({ type: 'activated', downtime_ms: downtime });
-    channel.close();
+    await channel.finish();
     if (options.release) await options.release();
     return {
       verified: true,
@@ -195,8 +210,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       downtime_ms: +downtime.toFixed(3),
       rounds: round,
       region_bytes: region.size,
-      wire_bytes: sender.bytesSent,
-      pages_sent: sender.pagesSent,
+      wire_bytes: bytesSent,
+      pages_sent: pagesSent,
       tracker: tracker.backend,
       per_round: perRound,
       stop_and_copy: {
@@ -212,21 +227,25 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   } catch (e) {
     const failedIn = state;
     state = 'failed';
+    // A destination that refused something sends ERROR and closes; our send may fail first.
+    // Its ERROR, if it arrives within a moment, is the real cause.
+    if (channel && e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION') {
+      await new Promise((r) => setTimeout(r, 50));
+      const f = channel.takeQueuedError();
+      if (f) e = peerError(f, failedIn);
+    }
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
     // The destination answering ACTIVATE with an ERROR has discarded its copy (its activation
     // failed): the source is still the only guest, so it resumes below like any early failure.
     if (failedIn === 'activating' && !reportedByPeer.has(err)) {
-      channel?.destroy();
+      channel?.close();
       throw new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`, {
         phase: 'activate',
         cause: err,
       });
     }
     // Before commitment: tell the destination to discard, stop tracking, resume the guest here.
-    if (channel && !channel.closed) {
-      await Promise.race([channel.send(encodeAbort({ reason: err.message }, PROTOCOL_VERSION)).catch(() => undefined), new Promise((r) => setTimeout(r, 200))]);
-      channel.destroy();
-    }
+    if (channel) await channel.finish(channel.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
     await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
     if (paused) {
       try {

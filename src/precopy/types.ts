@@ -41,7 +41,7 @@ export interface MigrateOptions {
   tracker?: DirtyTracker;
   /** the guest writes from another process through its own mapping */
   target?: RemoteTarget;
-  /** stop-and-copy once the remaining pages fit this pause at the measured bandwidth (default 50 ms) */
+  /** stop-and-copy once the remaining pages fit this pause at the measured bandwidth (default 20 ms) */
   downtimeLimitMs?: number;
   /** at most this many pre-copy rounds before stop-and-copy (default 30) */
   maxRounds?: number;

@@ -6,15 +6,14 @@
  */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon, callAsync } from '../native.js';
-import { FrameChannel } from '../protocol/channel.js';
+import { addon } from '../native.js';
+import { WireChannel, type PageSink } from '../protocol/wire.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
 import {
   decodeAbort,
   decodeCommit,
   decodeHello,
-  decodePages,
   decodeRoundEnd,
   encodeAccept,
   encodeActivated,
@@ -24,27 +23,6 @@ import {
   negotiateVersion,
 } from '../protocol/messages.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
-
-const MAX_SCATTERS = 3;
-
-/** Reuses payload buffers of the common page-batch size. */
-class BufferPool {
-  #free: Buffer[] = [];
-  #size = 0;
-  get(n: number): Buffer {
-    if (n < 64 * 1024) return Buffer.allocUnsafe(n);
-    if (n > this.#size) {
-      this.#free = [];
-      this.#size = n;
-    }
-    const b = this.#free.pop() ?? Buffer.allocUnsafe(this.#size);
-    return b.length === n ? b : b.subarray(0, n);
-  }
-  put(b: Buffer): void {
-    if (b.buffer.byteLength !== this.#size || this.#free.length >= 8) return;
-    this.#free.push(Buffer.from(b.buffer, 0, this.#size));
-  }
-}
 
 export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'failed';
 
@@ -57,7 +35,10 @@ export type ReceiveProgress =
 export interface ReceiveOptions {
   /** refuse regions larger than this (default: what the host's memory allows) */
   maxRegionBytes?: number;
-  /** called once the region is reserved, before pages arrive: start the destination guest warm here */
+  /**
+   * called once the region is reserved, while its pages are being mapped and before any page
+   * arrives: start the destination guest warm here; the handshake waits for the promise
+   */
   onReserved?(region: Region): void | Promise<void>;
   /** called when the migration fails before activation (undo what onReserved started) */
   onDiscard?(region: Region): void;
@@ -79,16 +60,15 @@ export interface ReceiveReport {
 
 /** Serves one migration on an accepted connection. */
 export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Promise<ReceiveReport> {
-  // Page batches land in reused buffers: a fresh megabyte per frame costs 256 page faults.
-  const pool = new BufferPool();
-  const ch = new FrameChannel(socket, (n) => pool.get(n));
   const progress = options.onProgress ?? (() => undefined);
   const idle = options.idleTimeoutMs ?? 60_000;
+  const ch = WireChannel.fromSocket(socket);
+  ch.setIdleTimeout(idle); // a peer silent this long is gone
   let state: ReceiverState = 'hello';
   let version = PROTOCOL_VERSION;
   let region: Region | undefined;
   try {
-    const hello = await ch.next(idle);
+    const hello = await ch.next();
     if (hello.type !== FrameType.Hello) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `the first frame must be HELLO, got ${FrameType[hello.type]}`);
     if (hello.version < MIN_PROTOCOL_VERSION || hello.version > PROTOCOL_VERSION) {
       throw new ProtocolError('ERR_LIVEMIG_VERSION', `protocol version ${hello.version} is not supported (this receiver speaks ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION})`);
@@ -106,11 +86,15 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     state = 'reserve';
     const t0 = performance.now();
     region = Region.create(h.regionBytes, { name: 'livemig-incoming', reserve: true });
-    await region.populateAsync(true);
+    // Map every page now (faults are slow on VM hosts), while the integrator prepares its
+    // side of the same memory: both finish before the first page is accepted.
+    const populated = region.populateAsync(true);
+    populated.catch(() => undefined); // awaited below, after onReserved
+    await options.onReserved?.(region);
+    await populated;
     const reserveMs = performance.now() - t0;
     progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
     const hashes = new BigUint64Array(region.pageCount);
-    await options.onReserved?.(region);
     await ch.send(encodeAccept({ version, capabilities: [] }, version));
 
     state = 'receiving';
@@ -118,53 +102,21 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     let pagesReceived = 0;
     let rounds = 0;
     let digest = 0n;
-    // Batches of one round hold distinct pages, so up to MAX_SCATTERS apply at once; a new
-    // round (or anything else) waits until the previous round's batches are all in place.
-    const scatters = new Set<Promise<void>>();
-    let scatterRound = -1;
-    let scatterError: unknown;
-    // a failed batch must end the session at once, not when the next frame arrives
-    let failScatter: (e: unknown) => void = () => undefined;
-    const scatterFailed = new Promise<never>((_, reject) => (failScatter = reject));
-    scatterFailed.catch(() => undefined);
-    const drain = async (): Promise<void> => {
-      await Promise.all(scatters);
-      if (scatterError) throw scatterError;
-    };
+    // PAGES frames are applied natively as they arrive (checked, received straight into the
+    // region, hashed); the loop sees the control frames between them.
+    const sink: PageSink = { region, hashes, version };
     for (;;) {
-      const f: Frame = await Promise.race([ch.next(idle), scatterFailed]);
+      const f = await ch.next(undefined, state === 'receiving' ? sink : undefined);
+      pagesReceived += f.pages;
       if (f.version !== version) throw new ProtocolError('ERR_LIVEMIG_VERSION', `frame of version ${f.version} after negotiating ${version}`);
-      if (f.type !== FrameType.Pages) await drain();
       switch (f.type) {
-        case FrameType.Pages: {
-          if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'PAGES after COMMIT');
-          const batch = decodePages(f.payload, region.pageSize);
-          if (batch.round !== scatterRound || scatters.size >= MAX_SCATTERS) {
-            if (batch.round !== scatterRound) await drain();
-            else await Promise.race(scatters);
-            if (scatterError) throw scatterError;
-            scatterRound = batch.round;
-          }
-          const r = region;
-          const p: Promise<void> = callAsync('ERR_LIVEMIG_SYSCALL', 'receive', 'applying pages', () => addon.scatterPages(r.nativeHandle, batch.indices, batch.data, hashes)).then(
-            (bad) => {
-              if (bad >= 0) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `page index ${batch.indices[bad]} is outside the region's ${r.pageCount} pages`);
-              pagesReceived += batch.indices.length;
-            },
-          ).catch((e: unknown) => {
-            scatterError ??= e;
-            failScatter(e);
-          }).finally(() => {
-            scatters.delete(p);
-            pool.put(f.payload);
-          });
-          scatters.add(p);
-          break;
-        }
+        case FrameType.Pages:
+          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'PAGES after COMMIT');
         case FrameType.RoundEnd: {
           const r = decodeRoundEnd(f.payload);
           rounds = Math.max(rounds, r.round);
           // frames are applied in order, so everything before this one is in the region now
+          if (f.lastRound > r.round) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `ROUND_END for round ${r.round} after pages of round ${f.lastRound}`);
           await ch.send(encodeRoundAck(r, version));
           progress({ type: 'round', round: r.round, pages: r.pages });
           break;
@@ -195,7 +147,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           const activateMs = performance.now() - ta;
           await ch.send(encodeActivated({ activateMs }, version)).catch(() => undefined); // the guest runs here either way
           progress({ type: 'activated', activate_ms: activateMs });
-          ch.close();
+          await ch.finish();
           return { region_bytes: region.size, reserve_ms: reserveMs, pages_received: pagesReceived, rounds, digest: digest.toString(16).padStart(16, '0'), activate_ms: activateMs };
         }
         case FrameType.Abort:
@@ -209,13 +161,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     state = 'failed';
     const err =
       e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
-    if (!ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED') {
-      await Promise.race([
-        ch.send(encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, version)).catch(() => undefined),
-        new Promise((r) => setTimeout(r, 200)),
-      ]);
-    }
-    ch.destroy();
+    const tell = !ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED';
+    await ch.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, version) : undefined);
     if (region && failedIn !== 'activated') {
       options.onDiscard?.(region);
       region.release(); // nothing was activated: the destination copy is discarded
@@ -234,7 +181,8 @@ export interface Receiver {
 
 /** Listens and serves migrations one at a time. */
 export async function listen(host: string, port: number, options: ReceiveOptions): Promise<Receiver> {
-  const server = net.createServer({ noDelay: true });
+  // pauseOnConnect: Node must not read from the connection before the native wire owns it
+  const server = net.createServer({ noDelay: true, pauseOnConnect: true });
   const results: { resolve: (r: ReceiveReport) => void; reject: (e: unknown) => void }[] = [];
   const ready: Promise<ReceiveReport>[] = [];
   let busy = false;

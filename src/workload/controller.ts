@@ -149,6 +149,11 @@ export class IncomingGuest {
     });
   }
 
+  /** Resolves once the guest has mapped the whole region and waits for its state. */
+  get ready(): Promise<void> {
+    return this.#ready;
+  }
+
   async activate(deviceState: Buffer): Promise<void> {
     await this.#ready;
     const running = this.#expect('running');

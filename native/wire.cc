@@ -1,0 +1,484 @@
+// The migration stream's data path. After the handshake a TCP connection's descriptor is
+// handed to a Wire (a dup of it, switched to blocking mode) and every byte moves here, on
+// thread-pool threads with no JavaScript inside:
+//   - sendPages: PAGES frames written with sendmsg straight from the region (an iovec per run
+//     of contiguous pages; the kernel's copy is the only one), each page hashed right after
+//     it went, while it is still in cache;
+//   - read: frames parsed as a state machine that waits for exactly the bytes it needs
+//     (header, then prefix, then indices, then data); with a page sink, PAGES frames are
+//     checked and received straight into the region and hashed, and the first other frame
+//     is returned to JavaScript with its payload;
+//   - write: control frames, gathered.
+// One read and one write may run at once (TCP allows it); TypeScript serialises the rest.
+// Validation messages match src/protocol (frame.ts decodeHeader, messages.ts decodePages).
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <ctime>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "pagehash.h"
+#include "region.h"
+
+namespace livemig {
+
+namespace {
+
+constexpr uint16_t kMagic = 0x4D4C;
+constexpr size_t kHeaderBytes = 12;
+constexpr uint8_t kTypePages = 4;
+constexpr size_t kPrefixBytes = 8;
+constexpr size_t kPageSize = 4096;
+constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
+
+// Closes the descriptor when the Wire and every operation still using it are gone, so a
+// thread blocked in recv never sees its descriptor number reused under it.
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+uint32_t Le32(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
+uint16_t Le16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
+void Put32(uint8_t* p, uint32_t v) {
+  p[0] = v & 0xff;
+  p[1] = (v >> 8) & 0xff;
+  p[2] = (v >> 16) & 0xff;
+  p[3] = v >> 24;
+}
+
+// Sends every byte of iov[0..n); advances through partial sends.
+bool SendAll(int fd, iovec* iov, int n, SysError& err) {
+  while (n > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min(n, kMaxIov);
+    ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (sent < 0) {
+      if (errno == EINTR) continue;  // a signal arrived before any byte went: retry
+      // EAGAIN here means SO_SNDTIMEO expired; EPIPE/ECONNRESET the peer went away
+      err.set("sendmsg", errno);
+      return false;
+    }
+    size_t left = static_cast<size_t>(sent);
+    while (n > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      n--;
+    }
+    if (n > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return true;
+}
+
+// Receives exactly the bytes of iov[0..n). `what` names the part of the frame for errors.
+// Returns false with err set: an orderly close or reset mid-frame is a connection error.
+bool RecvAll(int fd, iovec* iov, int n, bool atFrameStart, SysError& err) {
+  bool any = false;
+  while (n > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min(n, kMaxIov);
+    ssize_t got = recvmsg(fd, &msg, MSG_WAITALL);
+    if (got < 0) {
+      if (errno == EINTR) continue;  // interrupted before data: retry
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        err.fail("ERR_LIVEMIG_TIMEOUT", "no data from the peer within the idle timeout");
+      } else {
+        err.set("recvmsg", errno);  // ECONNRESET, or EINVAL/ENOTCONN after a local shutdown
+      }
+      return false;
+    }
+    if (got == 0) {
+      err.fail("ERR_LIVEMIG_CONNECTION", atFrameStart && !any ? "the peer closed the connection" : "the peer closed the connection in the middle of a frame");
+      return false;
+    }
+    any = true;
+    size_t left = static_cast<size_t>(got);
+    while (n > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      n--;
+    }
+    if (n > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return true;
+}
+
+bool RecvBytes(int fd, void* p, size_t len, bool atFrameStart, SysError& err) {
+  if (len == 0) return true;
+  iovec v{p, len};
+  return RecvAll(fd, &v, 1, atFrameStart, err);
+}
+
+// Appends iovecs covering the given pages of the region, one per run of consecutive pages.
+void PageIovecs(uint8_t* base, const uint32_t* idx, size_t count, std::vector<iovec>& out) {
+  for (size_t k = 0; k < count;) {
+    size_t run = 1;
+    while (k + run < count && idx[k + run] == idx[k] + run) run++;
+    out.push_back({base + static_cast<uint64_t>(idx[k]) * kPageSize, run * kPageSize});
+    k += run;
+  }
+}
+
+struct ReadResult {
+  uint8_t version = 0, type = 0;
+  uint16_t flags = 0;
+  std::vector<uint8_t>* payload = nullptr;
+  double pages = 0, batches = 0, bytes = 0;
+  int64_t lastRound = -1;
+};
+
+struct Sink {
+  Mapping* m = nullptr;
+  uint64_t* hashes = nullptr;
+  uint64_t pageCount = 0;
+  uint8_t version = 0;
+  uint32_t maxBatchPages = 0;
+};
+
+// Receives one PAGES payload (after its header) into the region. All indices are checked
+// before a data byte is read, so a bad batch leaves the region as it was.
+bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
+  if (version != s.version) {
+    err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version));
+    return false;
+  }
+  if (length < kPrefixBytes) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES payload of " + std::to_string(length) + " bytes is shorter than its prefix");
+    return false;
+  }
+  uint8_t prefix[kPrefixBytes];
+  if (!RecvBytes(fd, prefix, kPrefixBytes, false, err)) return false;
+  uint32_t round = Le32(prefix), count = Le32(prefix + 4);
+  if (count == 0 || count > s.maxBatchPages) {
+    err.fail("ERR_LIVEMIG_PAGE_INDEX", "PAGES count " + std::to_string(count) + " is outside 1.." + std::to_string(s.maxBatchPages));
+    return false;
+  }
+  uint64_t want = kPrefixBytes + static_cast<uint64_t>(count) * (4 + kPageSize);
+  if (length != want) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES of " + std::to_string(count) + " pages must be " + std::to_string(want) + " bytes, got " + std::to_string(length));
+    return false;
+  }
+  idx.resize(count);
+  if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err)) return false;
+  for (uint32_t k = 0; k < count; k++) {
+    idx[k] = Le32(reinterpret_cast<uint8_t*>(&idx[k]));
+    if (idx[k] >= s.pageCount) {
+      err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " is outside the region's " + std::to_string(s.pageCount) + " pages");
+      return false;
+    }
+  }
+  iov.clear();
+  PageIovecs(s.m->addr, idx.data(), count, iov);
+  if (!RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
+  for (uint32_t k = 0; k < count; k++) {
+    s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
+  }
+  r.pages += count;
+  r.batches += 1;
+  r.bytes += static_cast<double>(kHeaderBytes + length);
+  r.lastRound = round;
+  return true;
+}
+
+class Wire : public Napi::ObjectWrap<Wire> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "Wire",
+                       {InstanceMethod("write", &Wire::Write), InstanceMethod("sendPages", &Wire::SendPages),
+                        InstanceMethod("read", &Wire::Read), InstanceMethod("shutdown", &Wire::Shutdown),
+                        InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
+                        InstanceMethod("finish", &Wire::Finish)});
+  }
+
+  // new Wire(fd): takes a duplicate of a connected TCP socket's descriptor; the caller closes
+  // its own. The duplicate is made blocking: the threads that use it wait in the kernel.
+  explicit Wire(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Wire>(info) {
+    Napi::Env env = info.Env();
+    int fd = fcntl(info[0].As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 3);
+    if (fd < 0) throw MakeSysError(env, "fcntl(F_DUPFD_CLOEXEC)", errno);
+    fd_ = std::make_shared<Fd>(fd);
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) throw MakeSysError(env, "fcntl(F_SETFL)", errno);
+    int one = 1;
+    // Frames are written whole; TCP_NODELAY keeps a lone control frame from waiting 40 ms
+    // for an ACK. ENOTSUP (not TCP, e.g. a socketpair in tests) is harmless.
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0 && errno != EOPNOTSUPP && errno != ENOPROTOOPT) {
+      throw MakeSysError(env, "setsockopt(TCP_NODELAY)", errno);
+    }
+  }
+
+ private:
+  std::shared_ptr<Fd> Live(Napi::Env env) {
+    if (!fd_) throw Napi::Error::New(env, "the wire is closed");
+    return fd_;
+  }
+
+  // write(buffers: Buffer[]) -> Promise<void>
+  Napi::Value Write(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Array arr = info[0].As<Napi::Array>();
+    std::vector<iovec> iov;
+    std::vector<Napi::Value> keep{info[0]};
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      Napi::Buffer<uint8_t> b = arr.Get(i).As<Napi::Buffer<uint8_t>>();
+      if (b.Length() > 0) iov.push_back({b.Data(), b.Length()});
+    }
+    return Task<int>::Start(
+        env,
+        [fd, iov](int&, SysError& err) mutable { SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err); },
+        [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, keep);
+  }
+
+  // sendPages(region, pages: Uint32Array, round, version, batchPages, hashes) -> Promise<number>
+  // Sends `pages` as PAGES frames of up to batchPages, straight from the region, and stores
+  // each page's hash (taken from the same memory right after it went) in hashes[page].
+  // Resolves to the bytes written. A page the guest changes meanwhile may go out torn; the
+  // tracker reports it dirty (write protection was re-armed before this read), so a later
+  // round resends it and rehashes it.
+  Napi::Value SendPages(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Mapping* m = Region::Unwrap(info[0])->LiveMapping(env);
+    if (!m) return env.Undefined();
+    Napi::Uint32Array pages = info[1].As<Napi::Uint32Array>();
+    uint32_t round = info[2].As<Napi::Number>().Uint32Value();
+    uint8_t version = static_cast<uint8_t>(info[3].As<Napi::Number>().Uint32Value());
+    uint32_t batchPages = info[4].As<Napi::Number>().Uint32Value();
+    Napi::BigUint64Array hashes = info[5].As<Napi::BigUint64Array>();
+    uint64_t pageCount = m->size / kPageSize;
+    if (batchPages == 0) throw Napi::RangeError::New(env, "batchPages must be positive");
+    if (hashes.ElementLength() < pageCount) throw Napi::RangeError::New(env, "hash table smaller than the region");
+    const uint32_t* idx = pages.Data();
+    size_t count = pages.ElementLength();
+    for (size_t k = 0; k < count; k++) {
+      if (idx[k] >= pageCount) throw Napi::RangeError::New(env, "page index outside the region");
+    }
+    uint64_t* table = hashes.Data();
+    m->Ref();
+    return Task<double>::Start(
+        env,
+        [fd, m, idx, count, round, version, batchPages, table](double& bytes, SysError& err) {
+          std::vector<uint8_t> head;
+          std::vector<iovec> iov;
+          for (size_t start = 0; start < count && !err.failed(); start += batchPages) {
+            size_t n = std::min<size_t>(batchPages, count - start);
+            const uint32_t* b = idx + start;
+            uint32_t payload = static_cast<uint32_t>(kPrefixBytes + n * (4 + kPageSize));
+            head.resize(kHeaderBytes + kPrefixBytes + n * 4);
+            uint8_t* h = head.data();
+            h[0] = kMagic & 0xff;
+            h[1] = kMagic >> 8;
+            h[2] = version;
+            h[3] = kTypePages;
+            h[4] = h[5] = h[6] = h[7] = 0;
+            Put32(h + 8, payload);
+            Put32(h + 12, round);
+            Put32(h + 16, static_cast<uint32_t>(n));
+            for (size_t k = 0; k < n; k++) Put32(h + 20 + 4 * k, b[k]);
+            iov.clear();
+            iov.push_back({h, head.size()});
+            PageIovecs(m->addr, b, n, iov);
+            if (SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) bytes += static_cast<double>(kHeaderBytes + payload);
+            for (size_t k = 0; k < n; k++) table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
+          }
+          m->Unref();
+        },
+        [](Napi::Env e, double& bytes) -> Napi::Value { return Napi::Number::New(e, bytes); }, {info[0], info[1], info[5]});
+  }
+
+  // read({maxPayload, maxType, sink?: {region, hashes, version, maxBatchPages}}) -> Promise<{
+  //   version, type, flags, payload: Buffer, pages, batches, bytes, lastRound }>
+  // Without a sink, returns the next frame. With one, receives PAGES frames into the region
+  // until another frame arrives, and returns that one with counts of what was applied.
+  Napi::Value Read(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Object o = info[0].As<Napi::Object>();
+    uint32_t maxPayload = o.Get("maxPayload").As<Napi::Number>().Uint32Value();
+    uint32_t maxType = o.Get("maxType").As<Napi::Number>().Uint32Value();
+    Sink sink;
+    std::vector<Napi::Value> keep{o};
+    Napi::Value sv = o.Get("sink");
+    if (sv.IsObject()) {
+      Napi::Object so = sv.As<Napi::Object>();
+      sink.m = Region::Unwrap(so.Get("region"))->LiveMapping(env);
+      if (!sink.m) return env.Undefined();
+      Napi::BigUint64Array hashes = so.Get("hashes").As<Napi::BigUint64Array>();
+      sink.pageCount = sink.m->size / kPageSize;
+      if (hashes.ElementLength() < sink.pageCount) throw Napi::RangeError::New(env, "hash table smaller than the region");
+      sink.hashes = hashes.Data();
+      sink.version = static_cast<uint8_t>(so.Get("version").As<Napi::Number>().Uint32Value());
+      sink.maxBatchPages = so.Get("maxBatchPages").As<Napi::Number>().Uint32Value();
+      sink.m->Ref();
+    }
+    return Task<ReadResult>::Start(
+        env,
+        [fd, maxPayload, maxType, sink](ReadResult& r, SysError& err) {
+          std::vector<uint32_t> idx;
+          std::vector<iovec> iov;
+          for (;;) {
+            uint8_t h[kHeaderBytes];
+            if (!RecvBytes(fd->fd, h, kHeaderBytes, true, err)) break;
+            uint16_t magic = Le16(h);
+            uint8_t version = h[2], type = h[3];
+            uint16_t flags = Le16(h + 4), reserved = Le16(h + 6);
+            uint32_t length = Le32(h + 8);
+            char hex[16];
+            if (magic != kMagic) {
+              snprintf(hex, sizeof hex, "%x", magic);
+              err.fail("ERR_LIVEMIG_PROTOCOL", std::string("bad frame magic 0x") + hex + " (expected 0x4d4c): not a livemig stream");
+              break;
+            }
+            if (type == 0 || type > maxType) {
+              err.fail("ERR_LIVEMIG_PROTOCOL", "unknown frame type " + std::to_string(type));
+              break;
+            }
+            if (reserved != 0) {
+              err.fail("ERR_LIVEMIG_PROTOCOL", "reserved header field is " + std::to_string(reserved) + ", not 0");
+              break;
+            }
+            if (length > maxPayload) {
+              err.fail("ERR_LIVEMIG_FRAME_TOO_LARGE", "frame of type " + std::to_string(type) + " announces " + std::to_string(length) + " payload bytes (max " + std::to_string(maxPayload) + ")");
+              break;
+            }
+            if (type == kTypePages && sink.m) {
+              if (!ReceivePages(fd->fd, sink, version, length, r, idx, iov, err)) break;
+              continue;
+            }
+            r.version = version;
+            r.type = type;
+            r.flags = flags;
+            r.payload = new std::vector<uint8_t>(length);
+            if (!RecvBytes(fd->fd, r.payload->data(), length, false, err)) break;
+            break;
+          }
+          if (err.failed() && r.payload) {
+            delete r.payload;
+            r.payload = nullptr;
+          }
+          if (sink.m) sink.m->Unref();
+        },
+        [](Napi::Env e, ReadResult& r) -> Napi::Value {
+          Napi::Object out = Napi::Object::New(e);
+          out.Set("version", r.version);
+          out.Set("type", r.type);
+          out.Set("flags", r.flags);
+          std::vector<uint8_t>* p = r.payload;
+          r.payload = nullptr;
+          out.Set("payload", p->empty() ? (delete p, Napi::Buffer<uint8_t>::New(e, 0))
+                                        : Napi::Buffer<uint8_t>::New(e, p->data(), p->size(), [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, p));
+          out.Set("pages", r.pages);
+          out.Set("batches", r.batches);
+          out.Set("bytes", r.bytes);
+          out.Set("lastRound", static_cast<double>(r.lastRound));
+          return out;
+        },
+        keep);
+  }
+
+  // Wakes every thread blocked on this connection (they fail) and tells the peer we are gone.
+  Napi::Value Shutdown(const Napi::CallbackInfo& info) {
+    if (fd_) shutdown(fd_->fd, SHUT_RDWR);  // ENOTCONN when the peer already left: nothing to undo
+    return info.Env().Undefined();
+  }
+
+  // finish(timeoutMs) -> Promise<void>: a graceful close after our last frame. Sends FIN, then
+  // reads and discards until the peer closes too (or the time is up), so the kernel never
+  // answers unread data with a reset that could destroy the frame we just sent (an ERROR).
+  Napi::Value Finish(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    double ms = info[0].As<Napi::Number>().DoubleValue();
+    return Task<int>::Start(
+        env,
+        [fd, ms](int&, SysError&) {
+          shutdown(fd->fd, SHUT_WR);  // ENOTCONN if the peer already reset: nothing left to flush
+          timespec t0;
+          clock_gettime(CLOCK_MONOTONIC, &t0);
+          static thread_local uint8_t sink[65536];
+          for (;;) {
+            timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            double left = ms - ((t.tv_sec - t0.tv_sec) * 1e3 + (t.tv_nsec - t0.tv_nsec) / 1e6);
+            if (left <= 0) break;
+            pollfd p{fd->fd, POLLIN, 0};
+            int r = poll(&p, 1, static_cast<int>(left) + 1);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) break;  // time is up (or poll failed): close anyway
+            ssize_t n = recv(fd->fd, sink, sizeof sink, MSG_DONTWAIT);
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (n <= 0) break;  // EOF: the peer closed; or reset: nothing more to protect
+          }
+        },
+        [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); });
+  }
+
+  // Drops our reference; the descriptor closes when the last operation using it returns.
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (fd_) shutdown(fd_->fd, SHUT_RDWR);
+    fd_.reset();
+    return info.Env().Undefined();
+  }
+
+  // setTimeouts(recvMs, sendMs): 0 means wait forever. A receive that sees no byte for
+  // recvMs fails with ERR_LIVEMIG_TIMEOUT.
+  Napi::Value SetTimeouts(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    for (int i = 0; i < 2; i++) {
+      double ms = info[i].As<Napi::Number>().DoubleValue();
+      timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>(static_cast<int64_t>(ms) % 1000 * 1000)};
+      if (setsockopt(fd->fd, SOL_SOCKET, i == 0 ? SO_RCVTIMEO : SO_SNDTIMEO, &tv, sizeof tv) != 0) throw MakeSysError(env, "setsockopt(SO_*TIMEO)", errno);
+    }
+    return env.Undefined();
+  }
+
+  std::shared_ptr<Fd> fd_;
+};
+
+Napi::Value PageHashJs(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> b = info[0].As<Napi::Buffer<uint8_t>>();
+  if (b.Length() % 128 != 0) throw Napi::RangeError::New(info.Env(), "pageHash input must be a multiple of 128 bytes");
+  return Napi::BigInt::New(info.Env(), PageHash(b.Data(), b.Length()));
+}
+
+Napi::Value PageHashVariantsJs(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> b = info[0].As<Napi::Buffer<uint8_t>>();
+  if (b.Length() % 128 != 0) throw Napi::RangeError::New(info.Env(), "pageHash input must be a multiple of 128 bytes");
+  uint64_t v[3];
+  int n = PageHashVariants(b.Data(), b.Length(), v);
+  Napi::Array out = Napi::Array::New(info.Env(), n);
+  for (int i = 0; i < n; i++) out.Set(i, Napi::BigInt::New(info.Env(), v[i]));
+  return out;
+}
+
+}  // namespace
+
+void InitWire(Napi::Env env, Napi::Object exports) {
+  exports.Set("Wire", Wire::Init(env));
+  exports.Set("pageHash", Napi::Function::New(env, PageHashJs));
+  exports.Set("pageHashVariants", Napi::Function::New(env, PageHashVariantsJs));
+}
+
+}  // namespace livemig

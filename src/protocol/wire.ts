@@ -1,0 +1,273 @@
+/**
+ * The migration connection once it carries frames: a native Wire (native/wire.cc) owns the
+ * socket's descriptor, so page batches move between the region and the kernel with no
+ * JavaScript per page and no user-space copy. This class serialises writes (frames never
+ * interleave), allows one read at a time, and turns native failures into LivemigErrors.
+ *
+ * Reads are on demand (`next`), or continuous (`readAhead`, for a sender that must notice an
+ * ERROR from the destination while it is busy sending). With a page sink, a read applies
+ * PAGES frames to the region natively and returns the first frame of any other type.
+ */
+import type net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { addon, fromNative, type NativeRegion } from '../native.js';
+import type { Region } from '../region/region.js';
+import { ProtocolError } from './errors.js';
+import { FrameType, MAX_PAYLOAD, type Frame } from './frame.js';
+import { MAX_BATCH_PAGES } from './messages.js';
+
+const MAX_TYPE = Math.max(...Object.values(FrameType).filter((v): v is number => typeof v === 'number'));
+
+export interface NativeWire {
+  write(buffers: Buffer[]): Promise<void>;
+  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array): Promise<number>;
+  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number } }): Promise<NativeFrame>;
+  finish(timeoutMs: number): Promise<void>;
+  shutdown(): void;
+  close(): void;
+  setTimeouts(recvMs: number, sendMs: number): void;
+}
+
+interface NativeFrame {
+  version: number;
+  type: number;
+  flags: number;
+  payload: Buffer;
+  pages: number;
+  batches: number;
+  bytes: number;
+  lastRound: number;
+}
+
+/** A frame, with what a sink applied before it arrived. */
+export interface WireFrame extends Frame {
+  /** pages and PAGES frames applied to the sink's region, and their bytes */
+  pages: number;
+  batches: number;
+  bytes: number;
+  /** round of the last PAGES frame applied, or -1 */
+  lastRound: number;
+}
+
+export interface PageSink {
+  region: Region;
+  /** per-page hashes of what was received, for the commitment digest */
+  hashes: BigUint64Array;
+  /** the negotiated version; a PAGES frame of another version is refused */
+  version: number;
+}
+
+export class WireChannel {
+  readonly #wire: NativeWire;
+  #writes: Promise<unknown> = Promise.resolve();
+  #reading = false;
+  // The stream can break one way only: a protocol error ends reading (the position in the
+  // stream is lost) but an ERROR frame can still be written; a failed write ends writing.
+  #readFailure: LivemigError | undefined;
+  #writeFailure: LivemigError | undefined;
+  #closed = false;
+  // read-ahead mode
+  #queue: WireFrame[] = [];
+  #waiters: { resolve: (f: WireFrame) => void; reject: (e: Error) => void }[] = [];
+  #readAhead = false;
+
+  private constructor(wire: NativeWire) {
+    this.#wire = wire;
+  }
+
+  /**
+   * Takes over a connected socket that nothing has read from: its descriptor is duplicated
+   * into a native Wire and the net.Socket is destroyed. Accepting servers should use
+   * `pauseOnConnect` so that Node never reads from the connection first.
+   */
+  static fromSocket(socket: net.Socket): WireChannel {
+    const handle = (socket as unknown as { _handle?: { fd?: number } })._handle;
+    const fd = handle?.fd;
+    if (typeof fd !== 'number' || fd < 0) {
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', { phase: 'connect' });
+    }
+    if (socket.bytesRead > 0 || socket.readableLength > 0) {
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the connection was already read from: hand it over before any data is read (servers: pauseOnConnect)', { phase: 'connect' });
+    }
+    let wire: NativeWire;
+    try {
+      wire = new addon.Wire(fd);
+    } catch (e) {
+      throw fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'connect', 'taking over the connection');
+    }
+    socket.destroy();
+    return new WireChannel(wire);
+  }
+
+  /** True once nothing more can be sent: the connection failed or was closed. */
+  get closed(): boolean {
+    return this.#closed || this.#writeFailure !== undefined;
+  }
+
+  /** Fails a receive that sees no byte for `ms` (0: wait forever). */
+  setIdleTimeout(ms: number): void {
+    this.#wire.setTimeouts(ms, 0);
+  }
+
+  /** Queues whole frames (a buffer each, or parts of one); resolves once the kernel has them. */
+  send(frame: Buffer | Buffer[]): Promise<void> {
+    const parts = Array.isArray(frame) ? frame : [frame];
+    return this.#write('sending a frame', () => this.#wire.write(parts));
+  }
+
+  /** Sends pages straight from the region as PAGES frames; resolves to the bytes written. */
+  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array): Promise<number> {
+    if (batchPages < 1 || batchPages > MAX_BATCH_PAGES) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
+    return this.#write('sending pages', () => this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes));
+  }
+
+  /**
+   * The next frame. With a sink, PAGES frames before it are applied to the sink's region.
+   * `timeoutMs` bounds the wait for the frame as a whole; the connection is unusable after.
+   */
+  async next(timeoutMs?: number, sink?: PageSink): Promise<WireFrame> {
+    if (this.#readAhead) {
+      if (sink) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read-ahead channel cannot take a page sink', { phase: 'transport' });
+      return this.#fromQueue(timeoutMs);
+    }
+    if (this.#reading) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read is already in progress on this connection', { phase: 'transport' });
+    this.#reading = true;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      const read = this.#readOne(sink);
+      if (timeoutMs === undefined) return await read;
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          const e = new LivemigError('ERR_LIVEMIG_TIMEOUT', `no message from the peer within ${timeoutMs} ms`, { phase: 'transport' });
+          this.#failBoth(e);
+          this.#wire.shutdown(); // wakes the blocked read
+          reject(e);
+        }, timeoutMs);
+      });
+      return await Promise.race([read, timeout]);
+    } finally {
+      if (timer) clearTimeout(timer);
+      this.#reading = false;
+    }
+  }
+
+  /** Waits for a frame of `type`; an ERROR frame from the peer becomes `onError`'s error. */
+  async expect(type: FrameType, onError: (f: Frame) => Error, timeoutMs?: number): Promise<WireFrame> {
+    const f = await this.next(timeoutMs);
+    if (f.type === type) return f;
+    if (f.type === FrameType.Error) throw onError(f);
+    throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `expected ${FrameType[type]}, got ${FrameType[f.type]}`);
+  }
+
+  /** From now on, frames are read as they arrive and queued for next(). */
+  readAhead(): void {
+    if (this.#readAhead) return;
+    if (this.#reading) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read is already in progress on this connection', { phase: 'transport' });
+    this.#readAhead = true;
+    const loop = async (): Promise<void> => {
+      while (!this.#closed && !this.#readFailure) {
+        let f: WireFrame;
+        try {
+          f = await this.#readOne();
+        } catch {
+          break; // recorded as the channel's failure by #readOne
+        }
+        const w = this.#waiters.shift();
+        if (w) w.resolve(f);
+        else this.#queue.push(f);
+      }
+      for (const w of this.#waiters.splice(0)) w.reject(this.#readFailure ?? closedError());
+    };
+    void loop();
+  }
+
+  /** An ERROR frame the peer sent that nobody has read yet (read-ahead mode). */
+  takeQueuedError(): Frame | undefined {
+    const i = this.#queue.findIndex((f) => f.type === FrameType.Error);
+    return i < 0 ? undefined : this.#queue.splice(i, 1)[0];
+  }
+
+  /** Sends our last frame(s), then closes without resetting what the peer has yet to read. */
+  async finish(last?: Buffer, timeoutMs = 200): Promise<void> {
+    if (this.#closed) return;
+    try {
+      if (last && !this.#writeFailure) await Promise.race([this.send(last), new Promise((r) => setTimeout(r, timeoutMs))]);
+      await this.#wire.finish(timeoutMs);
+    } catch {
+      // the connection is already gone: nothing left to deliver
+    }
+    this.close();
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#wire.close();
+  }
+
+  async #write(what: string, op: () => Promise<unknown>): Promise<never> {
+    const run = this.#writes.then(async () => {
+      if (this.#writeFailure) throw this.#writeFailure;
+      if (this.#closed) throw closedError();
+      try {
+        return await op();
+      } catch (e) {
+        this.#writeFailure ??= fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', what);
+        throw this.#writeFailure;
+      }
+    });
+    this.#writes = run.catch(() => undefined);
+    return run as Promise<never>;
+  }
+
+  async #readOne(sink?: PageSink): Promise<WireFrame> {
+    if (this.#readFailure) throw this.#readFailure;
+    if (this.#closed) throw closedError();
+    try {
+      const f = await this.#wire.read({
+        maxPayload: MAX_PAYLOAD,
+        maxType: MAX_TYPE,
+        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES } } : {}),
+      });
+      return { ...f, type: f.type as FrameType };
+    } catch (e) {
+      const err = fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', 'receiving');
+      if (err.phase === 'protocol') this.#readFailure ??= err;
+      else this.#failBoth(err); // the connection itself is gone (or timed out)
+      throw this.#readFailure;
+    }
+  }
+
+  #fromQueue(timeoutMs?: number): Promise<WireFrame> {
+    const f = this.#queue.shift();
+    if (f) return Promise.resolve(f);
+    if (this.#readFailure) return Promise.reject(this.#readFailure);
+    if (this.#closed) return Promise.reject(closedError());
+    return new Promise((resolve, reject) => {
+      const w = { resolve, reject };
+      this.#waiters.push(w);
+      if (timeoutMs !== undefined) {
+        setTimeout(() => {
+          const i = this.#waiters.indexOf(w);
+          if (i < 0) return;
+          this.#waiters.splice(i, 1);
+          const e = new LivemigError('ERR_LIVEMIG_TIMEOUT', `no message from the peer within ${timeoutMs} ms`, { phase: 'transport' });
+          this.#failBoth(e);
+          this.#wire.shutdown();
+          reject(e);
+        }, timeoutMs).unref();
+      }
+    });
+  }
+
+  #failBoth(e: LivemigError): void {
+    // The first failure is the one that explains what happened; the errors of calls that a
+    // shutdown woke up afterwards say less.
+    this.#readFailure ??= e;
+    this.#writeFailure ??= e;
+  }
+}
+
+function closedError(): LivemigError {
+  return new LivemigError('ERR_LIVEMIG_CONNECTION', 'the connection is closed', { phase: 'transport' });
+}

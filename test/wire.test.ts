@@ -1,0 +1,163 @@
+/**
+ * The native data path agrees with the protocol's reference encoder and parser (src/protocol):
+ * what sendPages writes parses as PAGES frames carrying the region's bytes, what the reference
+ * encoder writes lands in the region through a page sink, and the page hash is one function
+ * on every instruction set.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import { once } from 'node:events';
+import { test } from 'node:test';
+import { LivemigError } from '../src/errors.js';
+import { addon } from '../src/native.js';
+import { FrameParser, FrameType, encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
+import * as M from '../src/protocol/messages.js';
+import { WireChannel } from '../src/protocol/wire.js';
+import { Region } from '../src/region/region.js';
+
+const PS = 4096;
+
+/** A connected loopback pair: `a` taken over by a WireChannel, `b` a plain socket. */
+async function pair(): Promise<{ wire: WireChannel; peer: net.Socket; server: net.Server }> {
+  const server = net.createServer({ pauseOnConnect: true });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const accepted = once(server, 'connection');
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  await once(client, 'connect');
+  const [peer] = (await accepted) as [net.Socket];
+  peer.resume();
+  return { wire: WireChannel.fromSocket(client), peer, server };
+}
+
+function fillRandom(region: Region): void {
+  for (let i = 0; i < region.pageCount; i++) region.page(i).set(randomBytes(PS));
+}
+
+test('sendPages writes PAGES frames that the reference parser reads back as the region, and records each page hash', async () => {
+  const { wire, peer, server } = await pair();
+  const region = Region.create(64 * PS, { name: 'wire-send' });
+  fillRandom(region);
+  const hashes = new BigUint64Array(region.pageCount);
+  const frames: Frame[] = [];
+  const parser = new FrameParser();
+  peer.on('data', (c: Buffer) => parser.push(c, (f) => frames.push(f)));
+  const pages = Uint32Array.from([0, 1, 2, 7, 9, 10, 63, 40, 41]); // runs, singles, out of order
+  const bytes = await wire.sendPages(region, pages, 5, 1, 4, hashes);
+  await wire.send(encodeFrame(FrameType.RoundEnd, Buffer.alloc(0)));
+  while (!frames.some((f) => f.type === FrameType.RoundEnd)) await new Promise((r) => setTimeout(r, 5));
+  const batches = frames.filter((f) => f.type === FrameType.Pages).map((f) => M.decodePages(f.payload, PS));
+  assert.deepEqual(batches.map((b) => b.indices.length), [4, 4, 1], 'batches of at most 4 pages');
+  assert.equal(bytes, batches.reduce((n, b) => n + 12 + 8 + b.indices.length * (4 + PS), 0));
+  const seen = batches.flatMap((b) => [...b.indices]);
+  assert.deepEqual(seen, [...pages]);
+  for (const b of batches) {
+    assert.equal(b.round, 5);
+    b.indices.forEach((p, k) => assert.ok(b.data.subarray(k * PS, (k + 1) * PS).equals(region.page(p)), `page ${p} carried intact`));
+  }
+  for (let p = 0; p < region.pageCount; p++) {
+    assert.equal(hashes[p], pages.includes(p) ? addon.pageHash(Buffer.from(region.page(p))) : 0n, `hash of page ${p}`);
+  }
+  wire.close();
+  peer.destroy();
+  server.close();
+  region.release();
+});
+
+test('a read with a page sink applies reference-encoded PAGES frames and returns the next control frame', async () => {
+  const { wire, peer, server } = await pair();
+  const region = Region.create(32 * PS, { name: 'wire-recv' });
+  const hashes = new BigUint64Array(region.pageCount);
+  const src = Array.from({ length: 32 }, () => randomBytes(PS));
+  const frame = (idx: number[], round: number): Buffer => {
+    const b = Buffer.alloc(M.pagesFrameBytes(idx.length, PS));
+    M.writePagesPrefix(b, round, Uint32Array.from(idx), PS, 1);
+    idx.forEach((p, k) => src[p]!.copy(b, M.pagesDataOffset(idx.length) + k * PS));
+    return b;
+  };
+  const stream = Buffer.concat([frame([3, 4, 5], 1), frame([31], 1), frame([0, 20], 2), M.encodeRoundEnd({ round: 2, pages: 6 }, 1)]);
+  // dribble it in small pieces: the native parser must wait for every part
+  for (let i = 0; i < stream.length; i += 1000) peer.write(stream.subarray(i, i + 1000));
+  const f = await wire.next(undefined, { region, hashes, version: 1 });
+  assert.equal(f.type, FrameType.RoundEnd);
+  assert.deepEqual(M.decodeRoundEnd(f.payload), { round: 2, pages: 6 });
+  assert.equal(f.pages, 6);
+  assert.equal(f.batches, 3);
+  assert.equal(f.lastRound, 2);
+  for (let p = 0; p < 32; p++) {
+    const expected = [0, 3, 4, 5, 20, 31].includes(p) ? src[p]! : Buffer.alloc(PS);
+    assert.ok(Buffer.from(region.page(p)).equals(expected), `page ${p}`);
+    assert.equal(hashes[p], [0, 3, 4, 5, 20, 31].includes(p) ? addon.pageHash(expected) : 0n);
+  }
+  wire.close();
+  peer.destroy();
+  server.close();
+  region.release();
+});
+
+test('the native parser refuses what the reference parser refuses, before touching the region', async () => {
+  const cases: [string, Buffer, string, RegExp][] = [
+    ['bad magic', Buffer.concat([Buffer.from([1, 2]), encodeHeader(FrameType.Abort, 0).subarray(2)]), 'ERR_LIVEMIG_PROTOCOL', /magic/],
+    ['unknown type', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt8(99, 3); return h; })(), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 99/],
+    ['oversized', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt32LE(0xffffffff, 8); return h; })(), 'ERR_LIVEMIG_FRAME_TOO_LARGE', /max/],
+    ['index out of range', (() => { const b = Buffer.alloc(M.pagesFrameBytes(2, PS), 0xee); M.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), PS, 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 8/],
+    ['count zero', (() => { const b = Buffer.alloc(12 + 8); encodeHeader(FrameType.Pages, 8, 1, 0, b); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/],
+    ['wrong length', (() => { const b = Buffer.alloc(12 + 8 + 4 + 10); encodeHeader(FrameType.Pages, 22, 1, 0, b); b.writeUInt32LE(1, 16); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /must be/],
+    ['other version', (() => { const b = Buffer.alloc(M.pagesFrameBytes(1, PS)); M.writePagesPrefix(b, 1, Uint32Array.from([0]), PS, 2); return b; })(), 'ERR_LIVEMIG_VERSION', /version 2/],
+  ];
+  for (const [name, bytes, code, re] of cases) {
+    const { wire, peer, server } = await pair();
+    const region = Region.create(8 * PS, { name: 'wire-bad' });
+    const hashes = new BigUint64Array(region.pageCount);
+    peer.write(bytes);
+    await assert.rejects(wire.next(undefined, { region, hashes, version: 1 }), (e: unknown) => e instanceof LivemigError && e.code === code && re.test(e.message), name);
+    assert.ok(Buffer.from(region.view(0, region.size)).equals(Buffer.alloc(region.size)), `${name}: the region is untouched`);
+    assert.equal(wire.closed, false, `${name}: an ERROR frame can still be sent`);
+    wire.close();
+    peer.destroy();
+    server.close();
+    region.release();
+  }
+});
+
+test('a connection something already read from is refused', async () => {
+  const server = net.createServer((s) => s.write('hi'));
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  await once(client, 'data');
+  assert.throws(() => WireChannel.fromSocket(client), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && /already read/.test(e.message));
+  client.destroy();
+  server.close();
+});
+
+test('the page hash is the same on every instruction set this CPU has, and sensitive to every bit', () => {
+  const inputs = [Buffer.alloc(PS), Buffer.alloc(PS, 0xff), randomBytes(PS), randomBytes(PS * 4), Buffer.alloc(128, 1)];
+  for (const b of inputs) {
+    const v = addon.pageHashVariants(b);
+    assert.ok(v.length >= 1);
+    for (const h of v) assert.equal(h, v[0]);
+    assert.equal(addon.pageHash(b), v[0]);
+  }
+  const page = randomBytes(PS);
+  const base = addon.pageHash(page);
+  const seen = new Set<bigint>([base]);
+  for (let bit = 0; bit < PS * 8; bit += 7) {
+    const p = Buffer.from(page);
+    p[bit >> 3]! ^= 1 << (bit & 7);
+    const h = addon.pageHash(p);
+    assert.notEqual(h, base, `flipping bit ${bit} changes the hash`);
+    seen.add(h);
+  }
+  assert.equal(seen.size, 1 + Math.ceil((PS * 8) / 7), 'no two single-bit flips collide');
+  // pages that differ only in a counter, as the reference guest's do
+  const counters = new Set<bigint>();
+  for (let i = 0; i < 20000; i++) {
+    const p = Buffer.alloc(PS);
+    p.writeUInt32LE(i, 8);
+    counters.add(addon.pageHash(p));
+  }
+  assert.equal(counters.size, 20000);
+  assert.throws(() => addon.pageHash(Buffer.alloc(100)), /multiple of 128/);
+});
