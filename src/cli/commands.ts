@@ -8,6 +8,7 @@ import { migrate } from '../precopy/sender.js';
 import type { MigrationReport, ProgressEvent } from '../precopy/types.js';
 import { listen } from '../receiver/receiver.js';
 import { CONTENTS, PATTERNS } from '../workload/content.js';
+import { monotonicMs } from '../workload/clock.js';
 import { HeartbeatObserver, IncomingGuest, SourceGuest } from '../workload/controller.js';
 import { parseHostPort, parseNumber, parseSize } from './units.js';
 
@@ -129,7 +130,7 @@ export async function runDemo(
     const { port } = JSON.parse(first.value) as { port: number };
     guest = await SourceGuest.spawn({ ...g, heartbeat: observer.address });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
-    const tStart = performance.now();
+    const tStart = monotonicMs();
     const source = guest;
     const early = naive ? await source.pause() : undefined;
     const report = await migrate({
@@ -150,7 +151,7 @@ export async function runDemo(
     destPid = rx.guest_pid;
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
     await new Promise((r) => setTimeout(r, 100)); // a few more heartbeats after the check
-    const gap = observer.maxGap(tStart, performance.now());
+    const gap = observer.maxGap(tStart, monotonicMs());
     return {
       ...report,
       verified: report.verified && verify.verify!.bad === 0,

@@ -11,6 +11,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
+import { monotonicMs } from './clock.js';
 import { GuestListener, type GuestConnection } from '../region/handover.js';
 import type { Region } from '../region/region.js';
 import type { RemoteTarget } from '../tracking/types.js';
@@ -172,6 +173,7 @@ export interface Beat {
   seq: number;
   writes: string;
   pid: number;
+  /** when the guest sent it (its own clock stamp), monotonicMs() */
   at: number;
   verify?: { bad: number; firstBad: number; writes: string; ms: number };
 }
@@ -188,7 +190,9 @@ export class HeartbeatObserver {
     o.#socket.on('message', (msg) => {
       let b: Beat;
       try {
-        b = { ...(JSON.parse(msg.toString()) as Omit<Beat, 'at'>), at: performance.now() };
+        const m = JSON.parse(msg.toString()) as Omit<Beat, 'at'> & { t?: number };
+        // the guest's stamp, not our arrival time: a busy observer must not invent gaps
+        b = { ...m, at: typeof m.t === 'number' ? m.t : monotonicMs() };
       } catch {
         return; // not a heartbeat: ignore stray datagrams
       }
@@ -209,11 +213,14 @@ export class HeartbeatObserver {
     });
   }
 
-  /** Largest gap (ms) between consecutive heartbeats received in [from, to], counting from the last one before `from`. */
+  /**
+   * Largest gap (ms) between consecutive heartbeats sent in [from, to] (monotonicMs()), counting
+   * from the last one before `from`; source and destination guest beats are one sequence.
+   */
   maxGap(from: number, to: number): number {
     let gap = 0;
     let prev: number | undefined;
-    for (const b of this.beats) {
+    for (const b of [...this.beats].sort((x, y) => x.at - y.at)) {
       if (b.at > to) break;
       if (b.at < from) {
         prev = b.at;

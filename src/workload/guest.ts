@@ -11,6 +11,7 @@
  * then continues writing where the source stopped.
  */
 import dgram from 'node:dgram';
+import { monotonicMs } from './clock.js';
 import os from 'node:os';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
@@ -103,12 +104,13 @@ if (values.incoming) {
   };
 }
 
-// --- heartbeat: one UDP datagram per millisecond: {seq, writes, pid}
+// --- heartbeat: one UDP datagram per millisecond: {seq, writes, pid, t}; t is the guest's own
+// CLOCK_MONOTONIC (shared by every process on the host) when it sent the beat, in ms
 const udp = dgram.createSocket('udp4');
 const [hbHost, hbPort] = state.heartbeat ? [state.heartbeat.split(':')[0]!, Number(state.heartbeat.split(':')[1])] : [undefined, 0];
 function heartbeat(extra?: object): void {
   if (!hbHost) return;
-  const msg = Buffer.from(JSON.stringify({ seq: state.heartbeatSeq++, writes: st[1]!.toString(), pid: process.pid, ...extra }));
+  const msg = Buffer.from(JSON.stringify({ seq: state.heartbeatSeq++, writes: st[1]!.toString(), pid: process.pid, t: monotonicMs(), ...extra }));
   udp.send(msg, hbPort, hbHost);
 }
 
