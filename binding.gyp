@@ -10,7 +10,8 @@
         "native/fdpass.cc",
         "native/content.cc",
         "native/pagehash.cc",
-        "native/wire.cc"
+        "native/wire.cc",
+        "native/encode.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

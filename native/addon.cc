@@ -11,6 +11,7 @@ void InitPages(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
 void InitContent(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
+void InitEncode(Napi::Env env, Napi::Object exports);
 
 const char* ErrnoName(int err) {
   switch (err) {
@@ -80,6 +81,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFdPass(env, exports);
   InitContent(env, exports);
   InitWire(env, exports);
+  InitEncode(env, exports);
   return exports;
 }
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common.h"
+#include "encode.h"
 #include "pagehash.h"
 #include "region.h"
 
@@ -36,6 +37,7 @@ namespace {
 constexpr uint16_t kMagic = 0x4D4C;
 constexpr size_t kHeaderBytes = 12;
 constexpr uint8_t kTypePages = 4;
+constexpr uint8_t kTypePagesEnc = 13;
 constexpr size_t kPrefixBytes = 8;
 constexpr size_t kPageSize = 4096;
 constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
@@ -153,6 +155,7 @@ struct Sink {
   uint64_t pageCount = 0;
   uint8_t version = 0;
   uint32_t maxBatchPages = 0;
+  DedupState* dedup = nullptr;  // set when encodings were negotiated
 };
 
 // Receives one PAGES payload (after its header) into the region. All indices are checked
@@ -192,6 +195,124 @@ bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadR
   if (!RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
   for (uint32_t k = 0; k < count; k++) {
     s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
+    if (s.dedup) s.dedup->Invalidate(idx[k]);  // as the sender does for pages it sent unhashed
+  }
+  r.pages += count;
+  r.batches += 1;
+  r.bytes += static_cast<double>(kHeaderBytes + length);
+  r.lastRound = round;
+  return true;
+}
+
+// Receives one PAGES_ENC payload: prefix, indices, encodings, then the bodies, which are read
+// whole into `body` and decoded page by page in order, with the dedup index updated as the
+// sender updated it. A malformed page fails the migration (the region is discarded then).
+bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+  if (!s.dedup) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC without negotiated encodings");
+    return false;
+  }
+  if (version != s.version) {
+    err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version));
+    return false;
+  }
+  if (length < kPrefixBytes) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC payload of " + std::to_string(length) + " bytes is shorter than its prefix");
+    return false;
+  }
+  uint8_t prefix[kPrefixBytes];
+  if (!RecvBytes(fd, prefix, kPrefixBytes, false, err)) return false;
+  uint32_t round = Le32(prefix), count = Le32(prefix + 4);
+  if (count == 0 || count > s.maxBatchPages) {
+    err.fail("ERR_LIVEMIG_PAGE_INDEX", "PAGES_ENC count " + std::to_string(count) + " is outside 1.." + std::to_string(s.maxBatchPages));
+    return false;
+  }
+  uint64_t head = kPrefixBytes + static_cast<uint64_t>(count) * 5;
+  if (length < head) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC of " + std::to_string(count) + " pages is shorter than its index and encodings");
+    return false;
+  }
+  idx.resize(count);
+  std::vector<uint8_t> enc(count);
+  if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err) || !RecvBytes(fd, enc.data(), count, false, err)) return false;
+  for (uint32_t k = 0; k < count; k++) {
+    idx[k] = Le32(reinterpret_cast<uint8_t*>(&idx[k]));
+    if (idx[k] >= s.pageCount) {
+      err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " is outside the region's " + std::to_string(s.pageCount) + " pages");
+      return false;
+    }
+    if (enc[k] > kLz4) {
+      err.fail("ERR_LIVEMIG_PROTOCOL", "unknown page encoding " + std::to_string(enc[k]));
+      return false;
+    }
+  }
+  body.resize(length - head);
+  if (!RecvBytes(fd, body.data(), body.size(), false, err)) return false;
+  const uint64_t zh = ZeroPageHash(kPageSize);
+  size_t pos = 0;
+  auto need = [&](size_t n) {
+    if (body.size() - pos >= n) return true;
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body ends in the middle of a page");
+    return false;
+  };
+  for (uint32_t k = 0; k < count; k++) {
+    uint32_t x = idx[k];
+    uint8_t* dst = s.m->addr + static_cast<uint64_t>(x) * kPageSize;
+    uint64_t h;
+    switch (enc[k]) {
+      case kRaw:
+        if (!need(kPageSize)) return false;
+        std::memcpy(dst, body.data() + pos, kPageSize);
+        pos += kPageSize;
+        h = PageHash(dst, kPageSize);
+        break;
+      case kZero:
+        std::memset(dst, 0, kPageSize);
+        h = zh;
+        break;
+      case kDup: {
+        if (!need(8)) return false;
+        uint64_t ref;
+        std::memcpy(&ref, body.data() + pos, 8);
+        pos += 8;
+        uint32_t y;
+        if (!s.dedup->Find(ref, &y)) {
+          char hex[24];
+          snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(ref));
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " that this receiver does not hold");
+          return false;
+        }
+        if (y != x) std::memcpy(dst, s.m->addr + static_cast<uint64_t>(y) * kPageSize, kPageSize);
+        h = ref;
+        break;
+      }
+      default: {  // kLz4: u32 n, then n bytes: u32 original size + LZ4 block
+        if (!need(4)) return false;
+        uint32_t n = Le32(body.data() + pos);
+        pos += 4;
+        if (n < 4 || n > kPageSize || !need(n)) {
+          if (!err.failed()) err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 page of " + std::to_string(n) + " bytes (must be 4.." + std::to_string(kPageSize) + ")");
+          return false;
+        }
+        uint32_t original = Le32(body.data() + pos);
+        if (original != kPageSize) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 page decompresses to " + std::to_string(original) + " bytes, not the page size " + std::to_string(kPageSize));
+          return false;
+        }
+        if (!Lz4DecodeBlock(body.data() + pos + 4, n - 4, dst, kPageSize)) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", "corrupt lz4 page " + std::to_string(x));
+          return false;
+        }
+        pos += n;
+        h = PageHash(dst, kPageSize);
+      }
+    }
+    s.hashes[x] = h;
+    s.dedup->Set(x, h);
+  }
+  if (pos != body.size()) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body has " + std::to_string(body.size() - pos) + " bytes after its last page");
+    return false;
   }
   r.pages += count;
   r.batches += 1;
@@ -207,7 +328,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
                        {InstanceMethod("write", &Wire::Write), InstanceMethod("sendPages", &Wire::SendPages),
                         InstanceMethod("read", &Wire::Read), InstanceMethod("shutdown", &Wire::Shutdown),
                         InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
-                        InstanceMethod("finish", &Wire::Finish)});
+                        InstanceMethod("finish", &Wire::Finish), InstanceMethod("sendEncoded", &Wire::SendEncoded)});
   }
 
   // new Wire(fd): takes a duplicate of a connected TCP socket's descriptor; the caller closes
@@ -275,10 +396,14 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (idx[k] >= pageCount) throw Napi::RangeError::New(env, "page index outside the region");
     }
     uint64_t* table = hashes.Data();
+    DedupState* dedup = info[6].IsObject() ? &Dedup::Unwrap(info[6])->state : nullptr;
+    if (dedup && dedup->holder.size() != pageCount) throw Napi::RangeError::New(env, "dedup index does not match the region");
     m->Ref();
+    std::vector<Napi::Value> keep{info[0], info[1], info[5]};
+    if (dedup) keep.push_back(info[6]);
     return Task<double>::Start(
         env,
-        [fd, m, idx, count, round, version, batchPages, table](double& bytes, SysError& err) {
+        [fd, m, idx, count, round, version, batchPages, table, dedup](double& bytes, SysError& err) {
           std::vector<uint8_t> head;
           std::vector<iovec> iov;
           for (size_t start = 0; start < count && !err.failed(); start += batchPages) {
@@ -300,11 +425,95 @@ class Wire : public Napi::ObjectWrap<Wire> {
             iov.push_back({h, head.size()});
             PageIovecs(m->addr, b, n, iov);
             if (SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) bytes += static_cast<double>(kHeaderBytes + payload);
-            for (size_t k = 0; k < n; k++) table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
+            for (size_t k = 0; k < n; k++) {
+              table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
+              if (dedup) dedup->Invalidate(b[k]);  // hashed live, not from the bytes sent: never a dup source
+            }
           }
           m->Unref();
         },
-        [](Napi::Env e, double& bytes) -> Napi::Value { return Napi::Number::New(e, bytes); }, {info[0], info[1], info[5]});
+        [](Napi::Env e, double& bytes) -> Napi::Value { return Napi::Number::New(e, bytes); }, keep);
+  }
+
+  // sendEncoded(pages, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array,
+  //             hashes, round, version) -> Promise<number>
+  // One PAGES_ENC frame for a classified batch: skipped pages are left out; raw bodies come
+  // from staging[k*pageSize], lz4 bodies from lz4[k*pageSize] (lz4Lengths[k] bytes), dup bodies
+  // are the page's content hash. Resolves to the bytes written (0 if every page was skipped).
+  Napi::Value SendEncoded(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Uint32Array pages = info[0].As<Napi::Uint32Array>();
+    Napi::Uint8Array enc = info[1].As<Napi::Uint8Array>();
+    Napi::Buffer<uint8_t> staging = info[2].As<Napi::Buffer<uint8_t>>();
+    Napi::Buffer<uint8_t> lz4 = info[3].As<Napi::Buffer<uint8_t>>();
+    Napi::Int32Array lens = info[4].As<Napi::Int32Array>();
+    Napi::BigUint64Array hashes = info[5].As<Napi::BigUint64Array>();
+    uint32_t round = info[6].As<Napi::Number>().Uint32Value();
+    uint8_t version = static_cast<uint8_t>(info[7].As<Napi::Number>().Uint32Value());
+    size_t n = pages.ElementLength();
+    if (enc.ElementLength() != n || staging.Length() < n * kPageSize || lz4.Length() < n * kPageSize || lens.ElementLength() < n) throw Napi::RangeError::New(env, "sendEncoded buffers do not match the batch");
+    const uint32_t* idx = pages.Data();
+    for (size_t k = 0; k < n; k++) {
+      if (idx[k] >= hashes.ElementLength()) throw Napi::RangeError::New(env, "page index outside the hash table");
+      if (enc.Data()[k] == kLz4 && (lens.Data()[k] < 4 || static_cast<size_t>(lens.Data()[k]) > kPageSize)) throw Napi::RangeError::New(env, "lz4 length out of range");
+    }
+    const uint8_t* e = enc.Data();
+    const uint8_t* stage = staging.Data();
+    const uint8_t* out = lz4.Data();
+    const int32_t* len = lens.Data();
+    const uint64_t* table = hashes.Data();
+    return Task<double>::Start(
+        env,
+        [fd, idx, e, stage, out, len, table, n, round, version](double& bytes, SysError& err) {
+          std::vector<uint32_t> keep;
+          for (size_t k = 0; k < n; k++)
+            if (e[k] != kSkip) keep.push_back(static_cast<uint32_t>(k));
+          if (keep.empty()) return;
+          size_t c = keep.size();
+          std::vector<uint8_t> head(kHeaderBytes + kPrefixBytes + c * 5);
+          std::vector<uint8_t> small(c * 8);  // dup hashes and lz4 lengths
+          std::vector<iovec> iov;
+          iov.push_back({head.data(), head.size()});
+          uint64_t payload = kPrefixBytes + c * 5;
+          uint8_t* h = head.data();
+          for (size_t j = 0; j < c; j++) {
+            size_t k = keep[j];
+            Put32(h + 20 + 4 * j, idx[k]);
+            h[20 + 4 * c + j] = e[k];
+            uint8_t* sm = small.data() + 8 * j;
+            switch (e[k]) {
+              case kRaw:
+                iov.push_back({const_cast<uint8_t*>(stage + k * kPageSize), kPageSize});
+                payload += kPageSize;
+                break;
+              case kDup:
+                std::memcpy(sm, &table[idx[k]], 8);
+                iov.push_back({sm, 8});
+                payload += 8;
+                break;
+              case kLz4:
+                Put32(sm, static_cast<uint32_t>(len[k]));
+                iov.push_back({sm, 4});
+                iov.push_back({const_cast<uint8_t*>(out + k * kPageSize), static_cast<size_t>(len[k])});
+                payload += 4 + len[k];
+                break;
+              default:
+                break;  // kZero: no body
+            }
+          }
+          h[0] = kMagic & 0xff;
+          h[1] = kMagic >> 8;
+          h[2] = version;
+          h[3] = kTypePagesEnc;
+          h[4] = h[5] = h[6] = h[7] = 0;
+          Put32(h + 8, static_cast<uint32_t>(payload));
+          Put32(h + 12, round);
+          Put32(h + 16, static_cast<uint32_t>(c));
+          if (SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) bytes = static_cast<double>(kHeaderBytes + payload);
+        },
+        [](Napi::Env env2, double& bytes) -> Napi::Value { return Napi::Number::New(env2, bytes); },
+        {info[0], info[1], info[2], info[3], info[4], info[5]});
   }
 
   // read({maxPayload, maxType, sink?: {region, hashes, version, maxBatchPages}}) -> Promise<{
@@ -330,6 +539,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
       sink.hashes = hashes.Data();
       sink.version = static_cast<uint8_t>(so.Get("version").As<Napi::Number>().Uint32Value());
       sink.maxBatchPages = so.Get("maxBatchPages").As<Napi::Number>().Uint32Value();
+      Napi::Value dv = so.Get("dedup");
+      if (dv.IsObject()) {
+        Dedup* d = Dedup::Unwrap(dv);
+        if (d->state.holder.size() != sink.pageCount) throw Napi::RangeError::New(env, "dedup index does not match the region");
+        sink.dedup = &d->state;
+        keep.push_back(dv);
+      }
       sink.m->Ref();
     }
     return Task<ReadResult>::Start(
@@ -337,6 +553,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
         [fd, maxPayload, maxType, sink](ReadResult& r, SysError& err) {
           std::vector<uint32_t> idx;
           std::vector<iovec> iov;
+          std::vector<uint8_t> body;
           for (;;) {
             uint8_t h[kHeaderBytes];
             if (!RecvBytes(fd->fd, h, kHeaderBytes, true, err)) break;
@@ -364,6 +581,10 @@ class Wire : public Napi::ObjectWrap<Wire> {
             }
             if (type == kTypePages && sink.m) {
               if (!ReceivePages(fd->fd, sink, version, length, r, idx, iov, err)) break;
+              continue;
+            }
+            if (type == kTypePagesEnc && sink.m) {
+              if (!ReceiveEncoded(fd->fd, sink, version, length, r, idx, body, err)) break;
               continue;
             }
             r.version = version;

@@ -6,7 +6,7 @@ import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { LivemigError, type ErrorCode } from './errors.js';
-import type { NativeWire } from './protocol/wire.js';
+import type { NativeDedup, NativeWire } from './protocol/wire.js';
 
 export interface NativeRegion {
   readonly fd: number;
@@ -55,6 +55,10 @@ interface Addon {
   mix64(z: bigint): bigint;
   Wire: new (fd: number) => NativeWire;
   pageHash(data: Buffer): bigint;
+  Dedup: new (pageCount: number) => NativeDedup;
+  classifyPages(region: NativeRegion, pages: Uint32Array, staging: Buffer, hashes: BigUint64Array, dedup: NativeDedup, flags: number): Promise<Uint8Array>;
+  lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
+  zeroPageHash(): bigint;
   pageHashVariants(data: Buffer): bigint[];
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;

@@ -21,7 +21,14 @@ const GUEST_FLAGS = {
   'downtime-limit': { type: 'string', default: '20' },
   'max-rounds': { type: 'string', default: '30' },
   json: { type: 'boolean', default: false },
+  'no-zero': { type: 'boolean', default: false },
+  'no-dedup': { type: 'boolean', default: false },
+  'no-compress': { type: 'boolean', default: false },
 } as const;
+
+function encodingOptions(v: Record<string, string | boolean | undefined>): { zero: boolean; dedup: boolean; compress: boolean } {
+  return { zero: !v['no-zero'], dedup: !v['no-dedup'], compress: !v['no-compress'] };
+}
 
 function guestOptions(v: Record<string, string | boolean | undefined>) {
   const content = v.content as string;
@@ -43,12 +50,13 @@ function printRound(e: ProgressEvent): void {
 
 /** livemig receive --listen HOST:PORT: serves one migration; the reference guest resumes here. */
 export async function receiveCommand(argv: string[]): Promise<number> {
-  const { values } = parseArgs({ args: argv, options: { listen: { type: 'string', default: '127.0.0.1:7878' }, 'max-region': { type: 'string' }, json: { type: 'boolean', default: false } } });
+  const { values } = parseArgs({ args: argv, options: { listen: { type: 'string', default: '127.0.0.1:7878' }, 'max-region': { type: 'string' }, 'reuse-image': { type: 'string' }, json: { type: 'boolean', default: false } } });
   const { host, port } = parseHostPort(values.listen, '--listen');
   let guestPid = 0;
   let incoming: IncomingGuest | undefined;
   const rx = await listen(host, port, {
     ...(values['max-region'] ? { maxRegionBytes: parseSize(values['max-region'], '--max-region') } : {}),
+    ...(values['reuse-image'] ? { reuseImage: values['reuse-image'] } : {}),
     onReserved: async (region) => {
       incoming = new IncomingGuest(region);
       await incoming.ready; // the guest maps its memory before pages flow, not during
@@ -90,6 +98,7 @@ export async function sendCommand(argv: string[]): Promise<number> {
       release: () => guest.exit(),
       downtimeLimitMs: parseNumber(values['downtime-limit'], '--downtime-limit'),
       maxRounds: parseNumber(values['max-rounds'], '--max-rounds', 1),
+      encodings: encodingOptions(values),
       onProgress: values.json ? undefined : printRound,
     });
     process.stdout.write(JSON.stringify(report) + '\n');
@@ -118,9 +127,11 @@ export async function runDemo(
   onProgress?: (e: ProgressEvent) => void,
   /** naive stop-and-copy baseline: pause first, send everything once, then resume there */
   naive = false,
+  encodings: { zero: boolean; dedup: boolean; compress: boolean } = { zero: true, dedup: true, compress: true },
+  receiverArgs: string[] = [],
 ): Promise<DemoReport> {
   const observer = await HeartbeatObserver.start();
-  const receiver = spawn(process.execPath, [CLI_ENTRY, 'receive', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const receiver = spawn(process.execPath, [CLI_ENTRY, 'receive', '--listen', '127.0.0.1:0', ...receiverArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
   let destPid = 0;
@@ -142,6 +153,7 @@ export async function runDemo(
       release: () => source.exit(),
       downtimeLimitMs: naive ? Number.MAX_SAFE_INTEGER : downtimeLimitMs,
       maxRounds: naive ? 1 : maxRounds,
+      encodings: naive ? { zero: false, dedup: false, compress: false } : encodings,
       ...(onProgress ? { onProgress } : {}),
     });
     if (early) report.downtime_ms = +(report.prep_ms + report.total_ms).toFixed(3); // paused from before the handshake to activation
@@ -180,7 +192,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const g = guestOptions(values);
   const downtime = parseNumber(values['downtime-limit'], '--downtime-limit');
   if (!values.json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback\n`);
-  const r = await runDemo(g, downtime, parseNumber(values['max-rounds'], '--max-rounds', 1), values.json ? undefined : printRound);
+  const r = await runDemo(g, downtime, parseNumber(values['max-rounds'], '--max-rounds', 1), values.json ? undefined : printRound, false, encodingOptions(values));
   if (values.json) {
     process.stdout.write(JSON.stringify(r) + '\n');
   } else {
@@ -194,6 +206,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
         `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms`,
         `downtime as the guest saw it (largest heartbeat gap): ${r.guest_gap_ms.toFixed(2)} ms`,
         `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,
+        `encodings: ${r.encodings ? `${r.zero_pages} zero, ${r.dup_pages} dup, ${r.lz4_pages} lz4 (ratio ${r.lz4_ratio}), ${r.raw_pages} raw, ${r.skipped_pages} already there` : 'off'}`,
       ].join('\n') + '\n',
     );
   }

@@ -8,12 +8,16 @@
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon } from '../native.js';
-import { WireChannel } from '../protocol/wire.js';
+import { WireChannel, type NativeDedup } from '../protocol/wire.js';
+import { PageEncoder } from '../encoding/encoder.js';
 import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
 import {
   decodeAccept,
   decodeActivated,
   decodeCommitAck,
+  decodeImageHashes,
+  CAP_ENCODINGS,
+  CAP_IMAGE_HASHES,
   decodeError,
   decodeRoundAck,
   encodeAbort,
@@ -77,6 +81,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   let paused = false;
   let channel: WireChannel | undefined;
   let bytesSent = 0;
+  let encoder: PageEncoder | undefined;
   let pagesSent = 0;
   let tracker: DirtyTracker | undefined = options.tracker;
   let trackerReason = 'given by the caller';
@@ -93,12 +98,24 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // busy sending pages explains the failure instead of a bare connection reset
     channel.readAhead();
     state = 'handshake';
-    await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: [] }));
+    const enc = { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true };
+    const wantEncodings = enc.zero || enc.dedup || enc.compress;
+    await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: wantEncodings ? [CAP_ENCODINGS] : [] }));
     const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), options.handshakeTimeoutMs ?? 60_000)).payload);
     if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
       throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
     }
     const version = accept.version;
+    // Encodings: both sides start the dedup index from what the destination holds, a fresh
+    // (all-zero) region or the image whose hashes it sends now.
+    let dedup: NativeDedup | undefined;
+    if (wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS)) {
+      dedup = new addon.Dedup(region.pageCount);
+      const image = accept.capabilities.includes(CAP_IMAGE_HASHES)
+        ? decodeImageHashes((await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), options.handshakeTimeoutMs ?? 60_000)).payload, region.pageCount)
+        : new BigUint64Array(region.pageCount).fill(addon.zeroPageHash());
+      dedup.initImage(image);
+    }
     await populated;
     const prepMs = now() - tConnect;
     if (!tracker) {
@@ -112,8 +129,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     await tracker.start();
     const hashes = new BigUint64Array(region.pageCount);
     const ch = channel;
+    encoder = dedup ? new PageEncoder(region, ch, hashes, dedup, enc, version, batchPages) : undefined;
+    const pageEncoder = encoder;
     const sendPages = async (r: number, pages: Uint32Array): Promise<number> => {
-      const n = await ch.sendPages(region, pages, r, version, batchPages, hashes);
+      const n = pageEncoder ? await pageEncoder.send(r, pages) : await ch.sendPages(region, pages, r, version, batchPages, hashes);
       bytesSent += n;
       pagesSent += pages.length;
       return n;
@@ -200,7 +219,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const downtime = tActive - tPause;
     progress({ type: 'activated', downtime_ms: downtime });
     await channel.finish();
+    await encoder?.close();
     if (options.release) await options.release();
+    const es = encoder?.stats;
     return {
       verified: true,
       mode: 'precopy',
@@ -213,6 +234,13 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       wire_bytes: bytesSent,
       pages_sent: pagesSent,
       tracker: tracker.backend,
+      zero_pages: es?.zero_pages ?? 0,
+      dup_pages: es?.dup_pages ?? 0,
+      lz4_pages: es?.lz4_pages ?? 0,
+      raw_pages: es ? es.raw_pages : pagesSent,
+      skipped_pages: es?.skipped_pages ?? 0,
+      lz4_ratio: es && es.lz4_in > 0 ? +(es.lz4_out / es.lz4_in).toFixed(3) : 1,
+      encodings: encoder !== undefined,
       per_round: perRound,
       stop_and_copy: {
         pages: lastPages.length,
@@ -247,6 +275,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // Before commitment: tell the destination to discard, stop tracking, resume the guest here.
     if (channel) await channel.finish(channel.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
     await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
+    await encoder?.close().catch(() => undefined);
     if (paused) {
       try {
         await options.resume();

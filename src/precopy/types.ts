@@ -47,6 +47,11 @@ export interface MigrateOptions {
   maxRounds?: number;
   /** bytes of page data per PAGES frame (default 1 MiB) */
   batchBytes?: number;
+  /**
+   * page encodings (protocol version 2; each on by default): zero pages without payload,
+   * references to content the destination holds, LZ4 where it pays (see src/encoding/chooser.ts)
+   */
+  encodings?: { zero?: boolean; dedup?: boolean; compress?: boolean };
   /** handshake timeout (default 60 s: the destination may reserve gigabytes) */
   handshakeTimeoutMs?: number;
   onProgress?(event: ProgressEvent): void;
@@ -64,6 +69,16 @@ export interface MigrationReport {
   wire_bytes: number;
   pages_sent: number;
   tracker: string;
+  /** pages by how they went: zero (no payload), dup (a reference), lz4, raw; skipped = already there */
+  zero_pages: number;
+  dup_pages: number;
+  lz4_pages: number;
+  raw_pages: number;
+  skipped_pages: number;
+  /** compressed / original bytes of the pages sent as lz4 (1 when none) */
+  lz4_ratio: number;
+  /** whether PAGES_ENC was negotiated with the destination */
+  encodings: boolean;
   per_round: RoundStats[];
   stop_and_copy: { pages: number; bytes: number; pause_ms: number; final_collect_ms: number; send_ms: number; commit_ms: number; activate_ms: number };
 }

@@ -15,7 +15,7 @@ import { ProtocolError } from './errors.js';
 export const MAGIC = 0x4d4c;
 export const HEADER_BYTES = 12;
 /** Current protocol version, and the oldest one still accepted from a peer. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 export const MIN_PROTOCOL_VERSION = 1;
 /** Largest payload accepted: a 64 MiB device state, or a page batch (well under). */
 export const MAX_PAYLOAD = 64 * 1024 * 1024;
@@ -33,6 +33,10 @@ export enum FrameType {
   Activated = 10,
   Abort = 11,
   RoundAck = 12,
+  /** version 2: a batch with per-page encodings (raw, zero, dup, lz4) */
+  PagesEnc = 13,
+  /** version 2: the page hashes of an image the receiver already holds */
+  ImageHashes = 14,
 }
 
 const KNOWN_TYPES = new Set<number>(Object.values(FrameType).filter((v): v is number => typeof v === 'number'));

@@ -190,3 +190,56 @@ export function decodePages(p: Buffer, pageSize: number): PagesBatch {
   const data = p.subarray(PAGES_PREFIX_BYTES + count * 4);
   return { round, indices, data };
 }
+
+/** Capability names (HELLO from the sender, ACCEPT from the receiver; version 2 and later). */
+export const CAP_ENCODINGS = 'encodings';
+/** ACCEPT: an IMAGE_HASHES frame follows; without it the receiver's region starts all zero. */
+export const CAP_IMAGE_HASHES = 'image-hashes';
+
+export enum PageEncoding {
+  Raw = 0,
+  Zero = 1,
+  Dup = 2,
+  Lz4 = 3,
+}
+
+/** IMAGE_HASHES payload: pageCount × u64 little-endian page hashes, page order. */
+export function encodeImageHashes(hashes: BigUint64Array, version: number): Buffer {
+  return encodeFrame(FrameType.ImageHashes, Buffer.from(hashes.buffer, hashes.byteOffset, hashes.byteLength), version);
+}
+export function decodeImageHashes(p: Buffer, pageCount: number): BigUint64Array {
+  if (p.length !== pageCount * 8) throw bad(`IMAGE_HASHES of ${p.length} bytes, expected ${pageCount * 8} for ${pageCount} pages`);
+  const out = new BigUint64Array(pageCount);
+  Buffer.from(out.buffer).set(p);
+  return out;
+}
+
+export interface EncodedPage {
+  index: number;
+  encoding: PageEncoding;
+  /** raw: the page; zero: empty; dup: the 8-byte content hash; lz4: lz4-napi output (u32 size + block) */
+  body: Buffer;
+}
+
+/**
+ * PAGES_ENC layout (payload): u32 round, u32 count, count × u32 index, count × u8 encoding,
+ * then each page's body in order: raw pageSize bytes; zero nothing; dup u64 content hash;
+ * lz4 u32 n + n bytes (u32 original size, then an LZ4 block). The reference encoder; the
+ * sender's hot path builds the same bytes natively (native/wire.cc sendEncoded).
+ */
+export function encodePagesEnc(round: number, pages: EncodedPage[], version: number): Buffer {
+  const head = Buffer.alloc(PAGES_PREFIX_BYTES + pages.length * 5);
+  head.writeUInt32LE(round, 0);
+  head.writeUInt32LE(pages.length, 4);
+  pages.forEach((p, k) => {
+    head.writeUInt32LE(p.index, 8 + 4 * k);
+    head.writeUInt8(p.encoding, 8 + 4 * pages.length + k);
+  });
+  const bodies = pages.map((p) => {
+    if (p.encoding !== PageEncoding.Lz4) return p.body;
+    const n = Buffer.alloc(4);
+    n.writeUInt32LE(p.body.length);
+    return Buffer.concat([n, p.body]);
+  });
+  return encodeFrame(FrameType.PagesEnc, Buffer.concat([head, ...bodies]), version);
+}

@@ -20,12 +20,19 @@ const MAX_TYPE = Math.max(...Object.values(FrameType).filter((v): v is number =>
 
 export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
-  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array): Promise<number>;
-  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number } }): Promise<NativeFrame>;
+  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup): Promise<number>;
+  sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
+  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; dedup?: NativeDedup } }): Promise<NativeFrame>;
   finish(timeoutMs: number): Promise<void>;
   shutdown(): void;
   close(): void;
   setTimeouts(recvMs: number, sendMs: number): void;
+}
+
+/** The mirrored dedup index (native/encode.h). */
+export interface NativeDedup {
+  initImage(hashes: BigUint64Array): void;
+  size(): number;
 }
 
 interface NativeFrame {
@@ -55,6 +62,8 @@ export interface PageSink {
   hashes: BigUint64Array;
   /** the negotiated version; a PAGES frame of another version is refused */
   version: number;
+  /** present when encodings were negotiated: PAGES_ENC frames are decoded against it */
+  dedup?: NativeDedup;
 }
 
 export class WireChannel {
@@ -116,9 +125,14 @@ export class WireChannel {
   }
 
   /** Sends pages straight from the region as PAGES frames; resolves to the bytes written. */
-  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array): Promise<number> {
+  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup): Promise<number> {
     if (batchPages < 1 || batchPages > MAX_BATCH_PAGES) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
-    return this.#write('sending pages', () => this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes));
+    return this.#write('sending pages', () => this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes, dedup));
+  }
+
+  /** Sends one classified batch as a PAGES_ENC frame (see src/encoding/encoder.ts). */
+  sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number> {
+    return this.#write('sending pages', () => this.#wire.sendEncoded(pages, enc, staging, lz4, lz4Lengths, hashes, round, version));
   }
 
   /**
@@ -227,7 +241,7 @@ export class WireChannel {
       const f = await this.#wire.read({
         maxPayload: MAX_PAYLOAD,
         maxType: MAX_TYPE,
-        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES } } : {}),
+        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, ...(sink.dedup ? { dedup: sink.dedup } : {}) } } : {}),
       });
       return { ...f, type: f.type as FrameType };
     } catch (e) {

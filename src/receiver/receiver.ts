@@ -6,8 +6,9 @@
  */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon } from '../native.js';
-import { WireChannel, type PageSink } from '../protocol/wire.js';
+import { addon, callAsync } from '../native.js';
+import { WireChannel, type NativeDedup, type PageSink } from '../protocol/wire.js';
+import { open } from 'node:fs/promises';
 import { ProtocolError } from '../protocol/errors.js';
 import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
 import {
@@ -16,6 +17,9 @@ import {
   decodeHello,
   decodeRoundEnd,
   encodeAccept,
+  encodeImageHashes,
+  CAP_ENCODINGS,
+  CAP_IMAGE_HASHES,
   encodeActivated,
   encodeCommitAck,
   encodeRoundAck,
@@ -28,6 +32,8 @@ export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'a
 
 export type ReceiveProgress =
   | { type: 'reserved'; region_bytes: number; reserve_ms: number }
+  | { type: 'image'; path: string }
+  | { type: 'image-ignored'; path: string; reason: string }
   | { type: 'round'; round: number; pages: number }
   | { type: 'committed'; digest: string }
   | { type: 'activated'; activate_ms: number };
@@ -45,6 +51,11 @@ export interface ReceiveOptions {
   /** hands the verified region and device state to the guest; the guest runs here from then on */
   activate(region: Region, deviceState: Buffer): Promise<void>;
   onProgress?(event: ReceiveProgress): void;
+  /**
+   * an older image of the region this host kept (a file of exactly the region's size, e.g.
+   * from a guest that left): its pages are loaded first and the sender sends only what differs
+   */
+  reuseImage?: string;
   /** time allowed between frames before giving up (default 60 s) */
   idleTimeoutMs?: number;
 }
@@ -95,7 +106,23 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     const reserveMs = performance.now() - t0;
     progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
     const hashes = new BigUint64Array(region.pageCount);
-    await ch.send(encodeAccept({ version, capabilities: [] }, version));
+    // Encodings (version 2): a dedup index mirrored with the sender's, starting from what the
+    // region holds now: all zero, or the kept image (whose hashes the sender receives).
+    let dedup: NativeDedup | undefined;
+    let imageHashes = false;
+    if (version >= 2 && h.capabilities.includes(CAP_ENCODINGS)) {
+      dedup = new addon.Dedup(region.pageCount);
+      if (options.reuseImage && (await loadImage(region, options.reuseImage, hashes))) {
+        imageHashes = true;
+        progress({ type: 'image', path: options.reuseImage });
+      } else {
+        if (options.reuseImage) progress({ type: 'image-ignored', path: options.reuseImage, reason: `its size is not the region's ${region.size} bytes` });
+        hashes.fill(addon.zeroPageHash());
+      }
+      dedup.initImage(hashes);
+    }
+    await ch.send(encodeAccept({ version, capabilities: dedup ? (imageHashes ? [CAP_ENCODINGS, CAP_IMAGE_HASHES] : [CAP_ENCODINGS]) : [] }, version));
+    if (imageHashes) await ch.send(encodeImageHashes(hashes, version));
 
     state = 'receiving';
     let deviceState: Buffer | undefined;
@@ -104,14 +131,15 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     let digest = 0n;
     // PAGES frames are applied natively as they arrive (checked, received straight into the
     // region, hashed); the loop sees the control frames between them.
-    const sink: PageSink = { region, hashes, version };
+    const sink: PageSink = { region, hashes, version, ...(dedup ? { dedup } : {}) };
     for (;;) {
       const f = await ch.next(undefined, state === 'receiving' ? sink : undefined);
       pagesReceived += f.pages;
       if (f.version !== version) throw new ProtocolError('ERR_LIVEMIG_VERSION', `frame of version ${f.version} after negotiating ${version}`);
       switch (f.type) {
         case FrameType.Pages:
-          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'PAGES after COMMIT');
+        case FrameType.PagesEnc:
+          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `${FrameType[f.type]} after COMMIT`);
         case FrameType.RoundEnd: {
           const r = decodeRoundEnd(f.payload);
           rounds = Math.max(rounds, r.round);
@@ -211,4 +239,28 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     next: () => ready.shift() ?? new Promise((resolve, reject) => results.push({ resolve, reject })),
     close: () => new Promise((resolve) => server.close(() => resolve())),
   };
+}
+
+/**
+ * Loads a kept image into a freshly reserved region and hashes it. An image of another size
+ * is not this region's: it is ignored (every page is sent), never partly applied.
+ */
+async function loadImage(region: Region, path: string, hashes: BigUint64Array): Promise<boolean> {
+  const fh = await open(path, 'r').catch((e: unknown) => {
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `cannot open the reuse image ${path}: ${(e as Error).message}`, { phase: 'reserve', cause: e });
+  });
+  try {
+    const st = await fh.stat();
+    if (st.size !== region.size) return false;
+    const view = region.view(0, region.size);
+    for (let off = 0; off < region.size; ) {
+      const { bytesRead } = await fh.read(view, off, Math.min(64 << 20, region.size - off), off);
+      if (bytesRead === 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the reuse image ${path} ended early`, { phase: 'reserve' });
+      off += bytesRead;
+    }
+  } finally {
+    await fh.close();
+  }
+  await callAsync('ERR_LIVEMIG_SYSCALL', 'reserve', 'hashing the reuse image', () => addon.hashAll(region.nativeHandle, hashes));
+  return true;
 }

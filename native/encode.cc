@@ -1,0 +1,183 @@
+#include "encode.h"
+
+#include <cstring>
+
+#include "common.h"
+#include "pagehash.h"
+#include "region.h"
+
+namespace livemig {
+
+namespace {
+constexpr size_t kPageSize = 4096;
+}
+
+uint64_t ZeroPageHash(size_t pageSize) {
+  static const std::vector<uint8_t> zeros(65536, 0);
+  return PageHash(zeros.data(), pageSize);
+}
+
+bool IsZeroPage(const uint8_t* p, size_t len) {
+  // exits at the first nonzero word, so random pages cost a few loads
+  uint64_t acc = 0;
+  for (size_t i = 0; i < len; i += 64) {
+    uint64_t w[8];
+    std::memcpy(w, p + i, 64);
+    acc |= w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7];
+    if (acc) return false;
+  }
+  return true;
+}
+
+bool Lz4DecodeBlock(const uint8_t* src, size_t srcLen, uint8_t* dst, size_t dstLen) {
+  const uint8_t* ip = src;
+  const uint8_t* const iend = src + srcLen;
+  size_t op = 0;
+  auto readLength = [&](size_t base, size_t* out) -> bool {
+    size_t len = base;
+    if (base == 15) {
+      for (;;) {
+        if (ip >= iend) return false;
+        uint8_t b = *ip++;
+        len += b;
+        if (len > dstLen) return false;  // longer than the page can hold: malformed
+        if (b != 255) break;
+      }
+    }
+    *out = len;
+    return true;
+  };
+  while (ip < iend) {
+    uint8_t token = *ip++;
+    size_t lit;
+    if (!readLength(token >> 4, &lit)) return false;
+    if (lit > static_cast<size_t>(iend - ip) || lit > dstLen - op) return false;
+    std::memcpy(dst + op, ip, lit);
+    ip += lit;
+    op += lit;
+    if (ip == iend) break;  // the last sequence has literals only
+    if (iend - ip < 2) return false;
+    size_t offset = ip[0] | (ip[1] << 8);
+    ip += 2;
+    if (offset == 0 || offset > op) return false;  // refers before the start of the page
+    size_t match;
+    if (!readLength(token & 15, &match)) return false;
+    match += 4;
+    if (match > dstLen - op) return false;
+    // byte by byte: a match may overlap its own output (run-length style)
+    for (size_t i = 0; i < match; i++, op++) dst[op] = dst[op - offset];
+  }
+  return op == dstLen;
+}
+
+Napi::Function Dedup::Init(Napi::Env env) {
+  return DefineClass(env, "Dedup", {InstanceMethod("initImage", &Dedup::InitImage), InstanceMethod("size", &Dedup::Size)});
+}
+
+// new Dedup(pageCount): every page unknown.
+Dedup::Dedup(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Dedup>(info) {
+  state.Reset(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()));
+}
+
+// initImage(hashes: BigUint64Array): what the receiver holds before any page moves (a fresh
+// region: every page the zero page; a kept image: its page hashes). Same order on both sides.
+Napi::Value Dedup::InitImage(const Napi::CallbackInfo& info) {
+  Napi::BigUint64Array h = info[0].As<Napi::BigUint64Array>();
+  if (h.ElementLength() != state.holder.size()) throw Napi::RangeError::New(info.Env(), "image hashes must have one entry per page");
+  for (size_t i = 0; i < h.ElementLength(); i++) state.Set(static_cast<uint32_t>(i), h.Data()[i]);
+  return info.Env().Undefined();
+}
+
+Napi::Value Dedup::Size(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(state.where.size())); }
+
+namespace {
+
+// classifyPages(region, pages, staging: Buffer, hashes, dedup, flags) -> Promise<Uint8Array>
+// flags: 1 zero, 2 dedup. For each page, in order: an all-zero page (checked in place) is
+// the zero page; any other is copied to staging[k*pageSize] and hashed there (the copy is
+// what goes on the wire, so hash and bytes agree). Then: a page whose content the receiver
+// already holds in that very page is skipped; a zero page is `zero`; content held elsewhere
+// is `dup`; the rest `raw` (the caller may compress it). The dedup index is updated as the
+// receiver will update it.
+Napi::Value Classify(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = Region::Unwrap(info[0])->LiveMapping(env);
+  if (!m) return env.Undefined();
+  Napi::Uint32Array pages = info[1].As<Napi::Uint32Array>();
+  Napi::Buffer<uint8_t> staging = info[2].As<Napi::Buffer<uint8_t>>();
+  Napi::BigUint64Array hashes = info[3].As<Napi::BigUint64Array>();
+  Dedup* dedup = Dedup::Unwrap(info[4]);
+  uint32_t flags = info[5].As<Napi::Number>().Uint32Value();
+  uint64_t pageCount = m->size / kPageSize;
+  size_t n = pages.ElementLength();
+  if (staging.Length() < n * kPageSize) throw Napi::RangeError::New(env, "staging buffer too small");
+  if (hashes.ElementLength() < pageCount || dedup->state.holder.size() != pageCount) throw Napi::RangeError::New(env, "tables do not match the region");
+  const uint32_t* idx = pages.Data();
+  for (size_t k = 0; k < n; k++)
+    if (idx[k] >= pageCount) throw Napi::RangeError::New(env, "page index outside the region");
+  uint8_t* stage = staging.Data();
+  uint64_t* table = hashes.Data();
+  DedupState* st = &dedup->state;
+  m->Ref();
+  return Task<std::vector<uint8_t>>::Start(
+      env,
+      [m, idx, n, stage, table, st, flags](std::vector<uint8_t>& enc, SysError&) {
+        const bool zeroOn = flags & 1, dedupOn = flags & 2;
+        const uint64_t zh = ZeroPageHash(kPageSize);
+        enc.resize(n);
+        for (size_t k = 0; k < n; k++) {
+          uint32_t x = idx[k];
+          const uint8_t* live = m->addr + static_cast<uint64_t>(x) * kPageSize;
+          uint64_t h;
+          bool zero = IsZeroPage(live, kPageSize);
+          if (zero) {
+            h = zh;  // a write after this check makes the page dirty: a later round resends it
+          } else {
+            std::memcpy(stage + k * kPageSize, live, kPageSize);
+            h = PageHash(stage + k * kPageSize, kPageSize);
+          }
+          table[x] = h;
+          uint32_t y;
+          if (st->known[x] && st->holder[x] == h && (dedupOn || (zero && zeroOn))) {
+            enc[k] = kSkip;
+          } else if (zero && zeroOn) {
+            enc[k] = kZero;
+          } else if (dedupOn && st->Find(h, &y) && y != x) {
+            enc[k] = kDup;
+          } else {
+            if (zero) std::memset(stage + k * kPageSize, 0, kPageSize);
+            enc[k] = kRaw;
+          }
+          if (enc[k] != kSkip) st->Set(x, h);
+        }
+        m->Unref();
+      },
+      [](Napi::Env e, std::vector<uint8_t>& enc) -> Napi::Value {
+        Napi::Uint8Array out = Napi::Uint8Array::New(e, enc.size());
+        if (!enc.empty()) std::memcpy(out.Data(), enc.data(), enc.size());
+        return out;
+      },
+      {info[0], info[1], info[2], info[3], info[4]});
+}
+
+// lz4DecodePage(src: Buffer, pageSize) -> Buffer | null (tests and tools; the receiver decodes natively)
+Napi::Value Lz4DecodePageJs(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> src = info[0].As<Napi::Buffer<uint8_t>>();
+  size_t ps = info[1].As<Napi::Number>().Uint32Value();
+  Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(info.Env(), ps);
+  if (!Lz4DecodeBlock(src.Data(), src.Length(), out.Data(), ps)) return info.Env().Null();
+  return out;
+}
+
+Napi::Value ZeroHashJs(const Napi::CallbackInfo& info) { return Napi::BigInt::New(info.Env(), ZeroPageHash(kPageSize)); }
+
+}  // namespace
+
+void InitEncode(Napi::Env env, Napi::Object exports) {
+  exports.Set("Dedup", Dedup::Init(env));
+  exports.Set("classifyPages", Napi::Function::New(env, Classify));
+  exports.Set("lz4DecodePage", Napi::Function::New(env, Lz4DecodePageJs));
+  exports.Set("zeroPageHash", Napi::Function::New(env, ZeroHashJs));
+}
+
+}  // namespace livemig
