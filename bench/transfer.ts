@@ -2,7 +2,7 @@
  * bench/transfer: the data path alone. A receiver in a child process, a source region filled
  * with random pages in this process, no guest: one migration (first pass + stop-and-copy of
  * nothing), with the CPU each side used, against a raw-TCP ceiling measured in the same run.
- *   node dist/bench/transfer.js [--size 1GiB] [--runs 5]
+ *   node dist/bench/transfer.js [--size 1GiB] [--runs 5] [--encodings off|zero|dedup|all]
  */
 import { fork } from 'node:child_process';
 import { parseArgs } from 'node:util';
@@ -13,7 +13,7 @@ import { Region } from '../src/region/region.js';
 import { emit, machine, median } from './common.js';
 import { rawTcpCeiling } from './raw-tcp.js';
 
-const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, child: { type: 'boolean', default: false } } });
+const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, child: { type: 'boolean', default: false }, encodings: { type: 'string', default: 'off' } } });
 const size = Number(values.size);
 
 const cpu = (u: NodeJS.ResourceUsage): number => (u.userCPUTime + u.systemCPUTime) / 1e6;
@@ -28,6 +28,10 @@ if (values.child) {
     process.send!({ report: r, cpu_s: cpu(after) - cpu(before), user_s: (after.userCPUTime - before.userCPUTime) / 1e6 });
   }
 } else {
+  function encodings(v: string): { zero: boolean; dedup: boolean; compress: boolean } {
+    const on = (x: string): boolean => v === 'all' || v === x;
+    return { zero: on('zero'), dedup: on('dedup'), compress: v === 'all' };
+  }
   emit({ bench: 'transfer', case: 'machine', ...machine(), region_bytes: size });
   const ceiling = median([await rawTcpCeiling(size), await rawTcpCeiling(size), await rawTcpCeiling(size)]);
   emit({ bench: 'transfer', case: 'raw_tcp_ceiling', ms: +ceiling.toFixed(1), mb_s: +(size / 1e3 / ceiling).toFixed(0), runs: 3 });
@@ -48,7 +52,7 @@ if (values.child) {
   const passes: number[] = [];
   for (let i = 0; i < Number(values.runs); i++) {
     const before = process.resourceUsage();
-    const rep = await migrate({ region, to: { host: '127.0.0.1', port }, pause: async () => new Uint8Array(8), resume: async () => undefined, maxRounds: 1 });
+    const rep = await migrate({ region, to: { host: '127.0.0.1', port }, pause: async () => new Uint8Array(8), resume: async () => undefined, maxRounds: 1, encodings: encodings(values.encodings!) });
     const after = process.resourceUsage();
     const rx = await nextMsg();
     const pass = rep.per_round[0]!.duration_ms;

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "region.h"
+#include "tracking.h"
 
 // Debian 12's kernel headers predate these (Linux 6.7); values from the kernel's uapi
 // documentation (Documentation/admin-guide/mm/userfaultfd.rst, pagemap.rst).
@@ -140,6 +141,8 @@ Napi::Value UffdWriteProtect(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
+}  // namespace
+
 // Pages written in [start, end) since they were last protected, as page indices relative to
 // `start`; with `rearm`, the kernel write-protects exactly those pages again in the same walk,
 // so a write that lands after the walk passed a page is caught by the next scan.
@@ -178,6 +181,8 @@ void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize,
     cursor = arg.walk_end;
   }
 }
+
+namespace {
 
 int OpenProcFile(int pid, const char* name, int flags, SysError* err) {
   std::string path = pid == 0 ? std::string("/proc/self/") + name : "/proc/" + std::to_string(pid) + "/" + name;

@@ -29,6 +29,7 @@
 #include "encode.h"
 #include "pagehash.h"
 #include "region.h"
+#include "tracking.h"
 
 namespace livemig {
 
@@ -141,6 +142,17 @@ void PageIovecs(uint8_t* base, const uint32_t* idx, size_t count, std::vector<io
   }
 }
 
+// Where to ask which pages were written since their protection was re-armed (the tracker's
+// pagemap and the guest's address of the region), or fd -1.
+struct WrittenProbe {
+  int fd = -1;
+  uint64_t address = 0;
+};
+
+struct SendCounts {
+  double bytes = 0, zero = 0, dup = 0, skipped = 0, raw = 0, overheadMs = 0;
+};
+
 struct ReadResult {
   uint8_t version = 0, type = 0;
   uint16_t flags = 0;
@@ -195,7 +207,7 @@ bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadR
   if (!RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
   for (uint32_t k = 0; k < count; k++) {
     s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
-    if (s.dedup) s.dedup->Invalidate(idx[k]);  // as the sender does for pages it sent unhashed
+    if (s.dedup) s.dedup->Set(idx[k], s.hashes[idx[k]]);  // the receiver's index is the truth
   }
   r.pages += count;
   r.batches += 1;
@@ -204,9 +216,12 @@ bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadR
   return true;
 }
 
-// Receives one PAGES_ENC payload: prefix, indices, encodings, then the bodies, which are read
-// whole into `body` and decoded page by page in order, with the dedup index updated as the
-// sender updated it. A malformed page fails the migration (the region is discarded then).
+// Receives one PAGES_ENC payload: prefix, indices, encodings, then the bodies. Every index and
+// encoding is checked before a body byte is read. Without lz4 pages the body layout is known
+// from the encodings, so its size is checked too and raw bodies land straight in the region's
+// pages (dup hashes in a side buffer); with lz4 pages the body is read whole and decoded. Then
+// pages are applied in order with the dedup index updated as the sender updated it. A
+// malformed page fails the migration (the region is discarded then).
 bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
   if (!s.dedup) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC without negotiated encodings");
@@ -235,19 +250,48 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
   idx.resize(count);
   std::vector<uint8_t> enc(count);
   if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err) || !RecvBytes(fd, enc.data(), count, false, err)) return false;
+  bool anyLz4 = false;
+  uint64_t fixedBody = 0;  // body size when there is no lz4 page
   for (uint32_t k = 0; k < count; k++) {
     idx[k] = Le32(reinterpret_cast<uint8_t*>(&idx[k]));
     if (idx[k] >= s.pageCount) {
       err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " is outside the region's " + std::to_string(s.pageCount) + " pages");
       return false;
     }
-    if (enc[k] > kLz4) {
+    if (enc[k] > kMaxWireEncoding) {
       err.fail("ERR_LIVEMIG_PROTOCOL", "unknown page encoding " + std::to_string(enc[k]));
       return false;
     }
+    anyLz4 |= enc[k] == kLz4;
+    fixedBody += enc[k] == kRaw ? kPageSize : enc[k] == kDup ? 8 : 0;
   }
-  body.resize(length - head);
-  if (!RecvBytes(fd, body.data(), body.size(), false, err)) return false;
+  if (!s.dedup->order.Begin(idx.data(), count, s.pageCount)) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC lists a page twice");
+    return false;
+  }
+  const bool direct = !anyLz4;
+  std::vector<iovec> iov;
+  if (direct) {
+    if (fixedBody != length - head) {
+      err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(fixedBody) + " bytes, got " + std::to_string(length - head));
+      return false;
+    }
+    body.resize(count * 8ULL);  // dup hashes, at 8*k
+    for (uint32_t k = 0; k < count; k++) {
+      if (enc[k] == kDup) {
+        iov.push_back({body.data() + 8ULL * k, 8});
+      } else if (enc[k] != kZero) {
+        uint8_t* p = s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize;
+        bool extends = !iov.empty() && iov.back().iov_len % kPageSize == 0 && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == p;
+        if (extends) iov.back().iov_len += kPageSize;
+        else iov.push_back({p, kPageSize});
+      }
+    }
+    if (!iov.empty() && !RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
+  } else {
+    body.resize(length - head);
+    if (!RecvBytes(fd, body.data(), body.size(), false, err)) return false;
+  }
   const uint64_t zh = ZeroPageHash(kPageSize);
   size_t pos = 0;
   auto need = [&](size_t n) {
@@ -261,9 +305,11 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
     uint64_t h;
     switch (enc[k]) {
       case kRaw:
-        if (!need(kPageSize)) return false;
-        std::memcpy(dst, body.data() + pos, kPageSize);
-        pos += kPageSize;
+        if (!direct) {
+          if (!need(kPageSize)) return false;
+          std::memcpy(dst, body.data() + pos, kPageSize);
+          pos += kPageSize;
+        }
         h = PageHash(dst, kPageSize);
         break;
       case kZero:
@@ -271,15 +317,19 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
         h = zh;
         break;
       case kDup: {
-        if (!need(8)) return false;
         uint64_t ref;
-        std::memcpy(&ref, body.data() + pos, 8);
-        pos += 8;
+        if (direct) {
+          std::memcpy(&ref, body.data() + 8ULL * k, 8);
+        } else {
+          if (!need(8)) return false;
+          std::memcpy(&ref, body.data() + pos, 8);
+          pos += 8;
+        }
         uint32_t y;
-        if (!s.dedup->Find(ref, &y)) {
-          char hex[24];
-          snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(ref));
-          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " that this receiver does not hold");
+        char hex[24];
+        snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(ref));
+        if (!s.dedup->Find(ref, k, &y)) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " that this receiver does not hold (before this point of the frame)");
           return false;
         }
         if (y != x) std::memcpy(dst, s.m->addr + static_cast<uint64_t>(y) * kPageSize, kPageSize);
@@ -310,7 +360,7 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
     s.hashes[x] = h;
     s.dedup->Set(x, h);
   }
-  if (pos != body.size()) {
+  if (!direct && pos != body.size()) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body has " + std::to_string(body.size() - pos) + " bytes after its last page");
     return false;
   }
@@ -371,12 +421,16 @@ class Wire : public Napi::ObjectWrap<Wire> {
         [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, keep);
   }
 
-  // sendPages(region, pages: Uint32Array, round, version, batchPages, hashes) -> Promise<number>
-  // Sends `pages` as PAGES frames of up to batchPages, straight from the region, and stores
-  // each page's hash (taken from the same memory right after it went) in hashes[page].
-  // Resolves to the bytes written. A page the guest changes meanwhile may go out torn; the
-  // tracker reports it dirty (write protection was re-armed before this read), so a later
-  // round resends it and rehashes it.
+  // sendPages(region, pages: Uint32Array, round, version, batchPages, hashes, dedup?, flags?)
+  //   -> Promise<{bytes, zero, dup, skipped, raw}>
+  // Sends `pages` in frames of up to batchPages, straight from the region, and stores each
+  // page's hash in hashes[page]. Without flags: PAGES frames, each page hashed in place right
+  // after it went. With flags (1 zero, 2 dedup; needs the dedup index): PAGES_ENC frames where,
+  // in place and without a copy, an all-zero page is `zero`, a page whose hash the receiver's
+  // index holds is `dup`, one the receiver already holds there is left out, and the rest go
+  // `raw-live` from the region. A page the guest changes meanwhile may go out torn, or as a
+  // dup of its old content; the tracker reports it dirty (write protection was re-armed before
+  // this read), so a later round resends and rehashes it.
   Napi::Value SendPages(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto fd = Live(env);
@@ -398,41 +452,171 @@ class Wire : public Napi::ObjectWrap<Wire> {
     uint64_t* table = hashes.Data();
     DedupState* dedup = info[6].IsObject() ? &Dedup::Unwrap(info[6])->state : nullptr;
     if (dedup && dedup->holder.size() != pageCount) throw Napi::RangeError::New(env, "dedup index does not match the region");
+    uint32_t flags = info[7].IsNumber() ? info[7].As<Napi::Number>().Uint32Value() : 0;
+    if (flags && !dedup) throw Napi::TypeError::New(env, "encoded frames need the dedup index");
+    WrittenProbe probe;
+    if (info[8].IsObject()) {
+      Napi::Object po = info[8].As<Napi::Object>();
+      probe.fd = po.Get("pagemapFd").As<Napi::Number>().Int32Value();
+      bool lossless = false;
+      probe.address = po.Get("address").As<Napi::BigInt>().Uint64Value(&lossless);
+    }
     m->Ref();
     std::vector<Napi::Value> keep{info[0], info[1], info[5]};
     if (dedup) keep.push_back(info[6]);
-    return Task<double>::Start(
+    return Task<SendCounts>::Start(
         env,
-        [fd, m, idx, count, round, version, batchPages, table, dedup](double& bytes, SysError& err) {
+        [fd, m, idx, count, round, version, batchPages, table, dedup, flags, pageCount, probe](SendCounts& c, SysError& err) {
           std::vector<uint8_t> head;
           std::vector<iovec> iov;
+          std::vector<uint8_t> enc;
+          std::vector<uint64_t> refs;
+          std::vector<uint32_t> written;
+          std::vector<uint8_t> dirtyMark, hashedEarly;
+          const bool zeroOn = flags & 1, dedupOn = flags & 2;
+          const uint64_t zh = ZeroPageHash(kPageSize);
+          // time spent on encoding work (classifying before the send, indexing after it), so the
+          // chooser can weigh it against the bytes it saved
+          auto nowNs = [] { timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; };
+          long long t0 = nowNs(), overhead = 0;
           for (size_t start = 0; start < count && !err.failed(); start += batchPages) {
             size_t n = std::min<size_t>(batchPages, count - start);
             const uint32_t* b = idx + start;
-            uint32_t payload = static_cast<uint32_t>(kPrefixBytes + n * (4 + kPageSize));
-            head.resize(kHeaderBytes + kPrefixBytes + n * 4);
+            t0 = nowNs();
+            iov.clear();
+            uint64_t payload;
+            uint8_t type;
+            size_t kept = n;
+            if (!flags) {
+              payload = kPrefixBytes + n * (4 + kPageSize);
+              type = kTypePages;
+              head.resize(kHeaderBytes + kPrefixBytes + n * 4);
+              for (size_t k = 0; k < n; k++) Put32(head.data() + 20 + 4 * k, b[k]);
+              iov.push_back({head.data(), head.size()});
+              PageIovecs(m->addr, b, n, iov);
+              c.raw += static_cast<double>(n);
+            } else {
+              type = kTypePagesEnc;
+              enc.resize(n);
+              refs.resize(n);
+              hashedEarly.resize(n);
+              dedup->order.Begin(b, n, pageCount);
+              kept = 0;
+              for (size_t k = 0; k < n; k++) {
+                uint32_t x = b[k];
+                const uint8_t* live = m->addr + static_cast<uint64_t>(x) * kPageSize;
+                // the zero check's first load misses the cache; start the next pages' loads now
+                if (k + 8 < n) __builtin_prefetch(m->addr + static_cast<uint64_t>(b[k + 8]) * kPageSize);
+                bool zero = zeroOn && IsZeroPage(live, kPageSize);
+                // Hash before sending only where it can pay: the page may still be what the
+                // receiver holds there, or its fingerprint matches indexed content. Otherwise it
+                // is hashed after the send, while still in cache.
+                bool early = zero || (dedupOn && ((dedup->known[x] && dedup->holder[x] != zh) || dedup->MayHold(live)));
+                uint64_t h = zero ? zh : early ? PageHash(live, kPageSize) : 0;
+                hashedEarly[k] = early;
+                if (early) {
+                  table[x] = h;
+                  enc[k] = dedup->Choose(x, k, h, zero, zeroOn, dedupOn, false);
+                } else {
+                  enc[k] = kRaw;
+                  dedup->Invalidate(x);
+                }
+                refs[k] = h;
+                if (enc[k] != kSkip) kept++;
+              }
+              head.resize(kHeaderBytes + kPrefixBytes + kept * 5);
+              iov.push_back({head.data(), head.size()});
+              payload = kPrefixBytes + kept * 5;
+              size_t j = 0;
+              bool lastWasPage = false;  // consecutive raw pages share one iovec
+              for (size_t k = 0; k < n; k++) {
+                uint8_t e = enc[k];
+                if (e == kSkip) {
+                  c.skipped++;
+                  continue;
+                }
+                Put32(head.data() + 20 + 4 * j, b[k]);
+                head[20 + 4 * kept + j] = e;
+                j++;
+                if (e == kRaw) {
+                  uint8_t* p = m->addr + static_cast<uint64_t>(b[k]) * kPageSize;
+                  if (lastWasPage && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == p) iov.back().iov_len += kPageSize;
+                  else iov.push_back({p, kPageSize});
+                  lastWasPage = true;
+                  payload += kPageSize;
+                  c.raw++;
+                  continue;
+                }
+                lastWasPage = false;
+                if (e == kDup) {
+                  iov.push_back({&refs[k], 8});
+                  payload += 8;
+                  c.dup++;
+                } else {
+                  c.zero++;
+                }
+              }
+            }
+            if (kept == 0) continue;
+            if (flags) overhead += nowNs() - t0;
             uint8_t* h = head.data();
             h[0] = kMagic & 0xff;
             h[1] = kMagic >> 8;
             h[2] = version;
-            h[3] = kTypePages;
+            h[3] = type;
             h[4] = h[5] = h[6] = h[7] = 0;
-            Put32(h + 8, payload);
+            Put32(h + 8, static_cast<uint32_t>(payload));
             Put32(h + 12, round);
-            Put32(h + 16, static_cast<uint32_t>(n));
-            for (size_t k = 0; k < n; k++) Put32(h + 20 + 4 * k, b[k]);
-            iov.clear();
-            iov.push_back({h, head.size()});
-            PageIovecs(m->addr, b, n, iov);
-            if (SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) bytes += static_cast<double>(kHeaderBytes + payload);
-            for (size_t k = 0; k < n; k++) {
-              table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
-              if (dedup) dedup->Invalidate(b[k]);  // hashed live, not from the bytes sent: never a dup source
+            Put32(h + 16, static_cast<uint32_t>(kept));
+            if (!SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) break;
+            c.bytes += static_cast<double>(kHeaderBytes + payload);
+            if (!flags) {
+              for (size_t k = 0; k < n; k++) {
+                table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
+                if (dedup) dedup->Invalidate(b[k]);  // hashed live, after the send: not known to match
+              }
+            } else {
+              for (size_t k = 0; k < n; k++)
+                if (enc[k] == kRaw && !hashedEarly[k]) refs[k] = table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
+              if (dedupOn && probe.fd >= 0) {
+                long long tIndex = nowNs();
+                // A raw page not written since its protection was re-armed (before this send
+                // and both hashes) went out as exactly the hashed bytes: the receiver now holds
+                // it under that hash, so it may serve as a dup source from now on.
+                uint32_t lo = b[0], hi = b[0];
+                for (size_t k = 1; k < n; k++) lo = std::min(lo, b[k]), hi = std::max(hi, b[k]);
+                written.clear();
+                SysError scanErr;
+                ScanWritten(probe.fd, probe.address + uint64_t{lo} * kPageSize, probe.address + (uint64_t{hi} + 1) * kPageSize, kPageSize, false, &written, &scanErr);
+                if (!scanErr.failed()) {  // if the scan fails, the pages just stay out of the index
+                  dirtyMark.assign(hi - lo + 1, 0);
+                  for (uint32_t w : written) dirtyMark[w] = 1;
+                  for (size_t k = 0; k < n; k++) {
+                    if (k + 8 < n && enc[k + 8] == kRaw) dedup->head.Prefetch(refs[k + 8]);
+                    if (enc[k] != kRaw || dirtyMark[b[k] - lo]) continue;
+                    const uint8_t* p = m->addr + static_cast<uint64_t>(b[k]) * kPageSize;
+                    dedup->Set(b[k], refs[k]);
+                    dedup->NoteFingerprint(b[k], p);
+                  }
+                }
+                overhead += nowNs() - tIndex;
+              }
             }
           }
+          c.overheadMs = static_cast<double>(overhead) / 1e6;
           m->Unref();
         },
-        [](Napi::Env e, double& bytes) -> Napi::Value { return Napi::Number::New(e, bytes); }, keep);
+        [](Napi::Env e, SendCounts& c) -> Napi::Value {
+          Napi::Object o = Napi::Object::New(e);
+          o.Set("bytes", c.bytes);
+          o.Set("zero", c.zero);
+          o.Set("dup", c.dup);
+          o.Set("skipped", c.skipped);
+          o.Set("raw", c.raw);
+          o.Set("overheadMs", c.overheadMs);
+          return o;
+        },
+        keep);
   }
 
   // sendEncoded(pages, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array,
@@ -480,9 +664,10 @@ class Wire : public Napi::ObjectWrap<Wire> {
           for (size_t j = 0; j < c; j++) {
             size_t k = keep[j];
             Put32(h + 20 + 4 * j, idx[k]);
-            h[20 + 4 * c + j] = e[k];
+            h[20 + 4 * c + j] = e[k] == kIncompressible ? static_cast<uint8_t>(kRaw) : e[k];
             uint8_t* sm = small.data() + 8 * j;
             switch (e[k]) {
+              case kIncompressible:
               case kRaw:
                 iov.push_back({const_cast<uint8_t*>(stage + k * kPageSize), kPageSize});
                 payload += kPageSize;

@@ -14,6 +14,9 @@ import { FrameType } from '../src/protocol/frame.js';
 import * as M from '../src/protocol/messages.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import { Region } from '../src/region/region.js';
+import { UffdAsyncTracker, probe } from '../src/tracking/index.js';
+
+const uffd = probe().find((p) => p.backend === 'uffd-async')!;
 
 const PS = 4096;
 const V = 2;
@@ -102,5 +105,153 @@ test('the native LZ4 decoder agrees with lz4-napi and rejects every truncation',
     const out = addon.lz4DecodePage(c.subarray(4), PS);
     assert.ok(out && out.equals(page));
     for (let cut = 1; cut < c.length - 4; cut += 3) assert.equal(addon.lz4DecodePage(c.subarray(4, c.length - cut), PS), null, `cut ${cut}`);
+  }
+});
+
+test('the receiver indexes every page it holds; a dup of content it no longer holds is refused', async () => {
+  const a = randomBytes(PS);
+  const b = randomBytes(PS);
+  const dupOf = (p: Buffer): Buffer => Buffer.from(new BigUint64Array([addon.pageHash(p)]).buffer);
+  const ok = M.encodePagesEnc(
+    1,
+    [
+      { index: 5, encoding: M.PageEncoding.Raw, body: a },
+      { index: 6, encoding: M.PageEncoding.Raw, body: b },
+      { index: 7, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) },
+      { index: 8, encoding: M.PageEncoding.Dup, body: dupOf(b) },
+    ],
+    V,
+  );
+  const r = await receiverWith(Buffer.concat([ok, M.encodeRoundEnd({ round: 1, pages: 4 }, V)]));
+  await r.result;
+  assert.ok(r.region.page(5).equals(a) && r.region.page(6).equals(b) && r.region.page(8).equals(b));
+  assert.equal(r.hashes[5], addon.pageHash(a), 'raw pages are hashed for the digest');
+  r.close();
+  r.region.release();
+  const overwritten = Buffer.concat([
+    M.encodePagesEnc(1, [{ index: 5, encoding: M.PageEncoding.Raw, body: a }], V),
+    M.encodePagesEnc(1, [{ index: 5, encoding: M.PageEncoding.Raw, body: b }, { index: 9, encoding: M.PageEncoding.Dup, body: dupOf(a) }], V),
+  ]);
+  const r2 = await receiverWith(Buffer.concat([overwritten, M.encodeRoundEnd({ round: 1, pages: 3 }, V)]));
+  await assert.rejects(r2.result, /dup reference to content [0-9a-f]+ that this receiver does not hold/);
+  r2.close();
+  r2.region.release();
+});
+
+test('frame rules: a page listed twice, a dup of a page written later in the frame, and bodies of the wrong size are refused', async () => {
+  const a = randomBytes(PS);
+  const h = Buffer.from(new BigUint64Array([addon.zeroPageHash()]).buffer);
+  const cases: [string, Buffer, RegExp][] = [
+    ['twice', M.encodePagesEnc(1, [{ index: 2, encoding: M.PageEncoding.Raw, body: a }, { index: 2, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) }], V), /lists a page twice/],
+    // page 0 holds `a` until the raw page later in this frame replaces it
+    [
+      'dup of a later page',
+      Buffer.concat([
+        M.encodePagesEnc(1, [{ index: 0, encoding: M.PageEncoding.Raw, body: a }], V),
+        M.encodePagesEnc(1, [{ index: 3, encoding: M.PageEncoding.Dup, body: Buffer.from(new BigUint64Array([addon.pageHash(a)]).buffer) }, { index: 0, encoding: M.PageEncoding.Raw, body: randomBytes(PS) }], V),
+      ]),
+      /does not hold \(before this point of the frame\)/,
+    ],
+    ['short body', M.encodePagesEnc(1, [{ index: 1, encoding: M.PageEncoding.Raw, body: a.subarray(0, PS - 8) }, { index: 2, encoding: M.PageEncoding.Dup, body: h }], V), /bodies of 2 pages must be 4104 bytes/],
+  ];
+  for (const [name, frame, re] of cases) {
+    const r = await receiverWith(Buffer.concat([frame, M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
+    await assert.rejects(r.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && re.test(e.message), name);
+    r.close();
+    r.region.release();
+  }
+});
+
+test('in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, and the copy is exact', { skip: uffd.available ? false : uffd.reason }, async () => {
+  const pages = 64;
+  const server = net.createServer({ pauseOnConnect: true });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const accepted = once(server, 'connection');
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  await once(client, 'connect');
+  const [peer] = (await accepted) as [net.Socket];
+  const tx = WireChannel.fromSocket(client);
+  const rx = WireChannel.fromSocket(peer);
+  const src = Region.create(pages * PS, { name: 'enc-src' });
+  const dst = Region.create(pages * PS, { name: 'enc-dst' });
+  const shared = randomBytes(PS);
+  let expectZero = 0;
+  let expectDup = -1; // the first copy of `shared` goes raw
+  for (let i = 0; i < pages; i++) {
+    if (i % 4 === 0) expectZero++;
+    else if (i % 4 === 1) (src.page(i).set(shared), expectDup++);
+    else src.page(i).set(randomBytes(PS));
+  }
+  const zeroHashes = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
+  const txDedup = new addon.Dedup(pages);
+  txDedup.initImage(zeroHashes());
+  const rxHashes = zeroHashes();
+  const rxDedup = new addon.Dedup(pages);
+  rxDedup.initImage(rxHashes);
+  const txHashes = new BigUint64Array(pages);
+  const all = Uint32Array.from({ length: pages }, (_, i) => i);
+  // without a way to know the raw pages went out unchanged, none becomes a dup source
+  let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, dedup: rxDedup });
+  let c = await tx.sendPages(src, all, 1, V, 16, txHashes, txDedup, 3);
+  await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
+  let f = (await got) as { type: FrameType; pages: number; bytes: number };
+  assert.equal(f.type, FrameType.RoundEnd);
+  assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: 0, skipped: expectZero, dup: 0, raw: pages - expectZero });
+  assert.equal(f.bytes, c.bytes);
+  assert.ok(dst.view().equals(src.view()), 'destination equals source');
+  // again into a fresh receiver, with writes tracked: the first copy of `shared` serves the rest
+  dst.view().fill(0);
+  const txDedup2 = new addon.Dedup(pages);
+  txDedup2.initImage(zeroHashes());
+  const rxHashes2 = zeroHashes();
+  const rxDedup2 = new addon.Dedup(pages);
+  rxDedup2.initImage(rxHashes2);
+  const tracker = new UffdAsyncTracker(src);
+  await tracker.start();
+  src.page(2).set(randomBytes(PS)); // written after arming: sent, but never a dup source
+  got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, dedup: rxDedup2 });
+  c = await tx.sendPages(src, all, 2, V, 16, txHashes, txDedup2, 3, tracker.writtenProbe());
+  await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
+  f = (await got) as { type: FrameType; pages: number; bytes: number };
+  await tracker.stop();
+  // a raw page becomes a source once its frame went: copies in that first frame of 16 go raw too
+  const dups = expectDup - 3;
+  assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: 0, skipped: expectZero, dup: dups, raw: pages - expectZero - dups });
+  assert.ok(dst.view().equals(src.view()), 'destination equals source');
+  assert.deepEqual([...rxHashes2], [...txHashes], 'both sides hold the same page hashes');
+  tx.close();
+  rx.close();
+  server.close();
+  src.release();
+  dst.release();
+});
+
+test('migrating back to a kept image sends only the pages that changed, and the copy is exact', async () => {
+  const { migrate } = await import('../src/precopy/sender.js');
+  const { listen } = await import('../src/receiver/receiver.js');
+  const { writeFile, rm } = await import('node:fs/promises');
+  const { tmpdir } = await import('node:os');
+  const path = await import('node:path');
+  const pages = 512;
+  const src = Region.create(pages * PS, { name: 'reuse-src' });
+  await addon.contentFill(src.nativeHandle, 4, 7n); // mixed
+  const image = path.join(tmpdir(), `livemig-reuse-${process.pid}.img`);
+  await writeFile(image, src.view()); // what the destination kept when the guest left
+  const changed = [3, 50, 51, 200, 201, 202, 333, 400, 401, 511];
+  for (const p of changed) src.page(p).set(randomBytes(PS));
+  let received: Buffer | undefined;
+  const rx = await listen('127.0.0.1', 0, { reuseImage: image, activate: async (region) => void (received = Buffer.from(region.view())) });
+  try {
+    const report = await migrate({ region: src, to: { host: '127.0.0.1', port: rx.port }, pause: async () => new Uint8Array(0), resume: async () => undefined });
+    await rx.next();
+    assert.equal(report.verified, true);
+    assert.ok(received!.equals(src.view()), 'destination equals source');
+    assert.equal(report.skipped_pages, pages - changed.length, 'every unchanged page is left out');
+    assert.ok(report.wire_bytes < (changed.length + 4) * PS + 16 * 1024, `sent ${report.wire_bytes} bytes for ${changed.length} changed pages`);
+  } finally {
+    await rx.close();
+    src.release();
+    await rm(image, { force: true });
   }
 });

@@ -44,7 +44,7 @@ test('sendPages writes PAGES frames that the reference parser reads back as the 
   const parser = new FrameParser();
   peer.on('data', (c: Buffer) => parser.push(c, (f) => frames.push(f)));
   const pages = Uint32Array.from([0, 1, 2, 7, 9, 10, 63, 40, 41]); // runs, singles, out of order
-  const bytes = await wire.sendPages(region, pages, 5, 1, 4, hashes);
+  const { bytes } = await wire.sendPages(region, pages, 5, 1, 4, hashes);
   await wire.send(encodeFrame(FrameType.RoundEnd, Buffer.alloc(0)));
   while (!frames.some((f) => f.type === FrameType.RoundEnd)) await new Promise((r) => setTimeout(r, 5));
   const batches = frames.filter((f) => f.type === FrameType.Pages).map((f) => M.decodePages(f.payload, PS));

@@ -129,9 +129,13 @@ export async function runDemo(
   naive = false,
   encodings: { zero: boolean; dedup: boolean; compress: boolean } = { zero: true, dedup: true, compress: true },
   receiverArgs: string[] = [],
+  /** where the receiver runs: a command prefix (e.g. `ip netns exec NAME`) and the address it listens on */
+  receiverAt: { prefix: string[]; host: string; observer?: string } = { prefix: [], host: '127.0.0.1' },
 ): Promise<DemoReport> {
-  const observer = await HeartbeatObserver.start();
-  const receiver = spawn(process.execPath, [CLI_ENTRY, 'receive', '--listen', '127.0.0.1:0', ...receiverArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
+  // heartbeats from both guests must reach the observer: across a namespace link, on its near end
+  const observer = await HeartbeatObserver.start(receiverAt.observer);
+  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...receiverArgs];
+  const receiver = spawn(rxCommand[0]!, rxCommand.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
   let destPid = 0;
@@ -147,7 +151,7 @@ export async function runDemo(
     const report = await migrate({
       region: source.region,
       ...(source.target ? { target: source.target } : {}),
-      to: { host: '127.0.0.1', port },
+      to: { host: receiverAt.host, port },
       pause: early ? async () => early : () => source.pause(),
       resume: () => source.resume(),
       release: () => source.exit(),

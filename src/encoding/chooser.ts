@@ -1,24 +1,33 @@
 /**
  * Decides, from what it measures while running, whether encoding and compression pay.
  *
- * - Encoding (zero, dedup, skip) needs a copy of every nonzero page and an index lookup; on a
- *   link faster than that work (loopback on 2 cores) it can cost more than the bytes it
- *   saves. Pages go in segments, each either encoded or plain; the chooser measures each
- *   mode's throughput in pages per millisecond (the work done, so both the bytes saved and
- *   the CPU spent count), runs the faster one and probes the other at growing intervals.
- * - Compression pays when the compressor outruns the link (it runs beside the sending) and
- *   recent pages shrank. Throughputs are exponentially weighted averages of measured batches;
- *   when compression is off, every PROBE_EVERY-th batch is compressed anyway to keep the
- *   compressor's figures current.
+ * In-place encoding (zero pages, dups, pages the receiver holds) runs inside the native send
+ * and costs a fraction of a microsecond per page (the zero check's first load, indexing); the
+ * native side reports that time. It pays when the pages it saves times the time one raw page
+ * takes to send exceed it: on a 1 Gbit/s link almost always, on loopback only if a sixth or so
+ * of the pages are saved. When it does not pay, pages go as plain PAGES frames for a run of
+ * batches that doubles while the answer stays the same, then one in-place probe re-measures.
+ *
+ * Compression needs a copy of every page and a compressor that keeps up. It pays when the
+ * compressor outruns the link (it runs beside the sending) and the pages it is given shrink.
+ * The chooser keeps exponentially weighted figures of the link (wire bytes per ms of send),
+ * the compressor (input bytes per ms) and the ratio. While batches go out uncompressed it
+ * samples a few pages at growing intervals and compresses them off to the side, so its
+ * compressor figures stay current at a cost of well under 1%.
  */
-const PROBE_EVERY = 16;
-const SEGMENT_BATCHES = 8;
-const PROBE_BATCHES = 2;
 const ALPHA = 0.25;
 /** compress only if the compressor is this much faster than the link */
 const SPEED_MARGIN = 1.2;
 /** and recent compressible pages came out at most this fraction of their size */
 const MAX_RATIO = 0.9;
+/** and at least this share of nonzero pages looked compressible */
+const MIN_CANDIDATES = 0.05;
+/** batches between samples: starts here, doubles while the answer stays "do not compress" */
+const FIRST_SAMPLE_GAP = 8;
+const MAX_SAMPLE_GAP = 256;
+/** plain runs (in batches) while in-place encoding does not pay: first, and longest */
+const FIRST_PLAIN_RUN = 16;
+const MAX_PLAIN_RUN = 256;
 
 const ewma = (old: number | undefined, x: number): number => (old === undefined ? x : old + ALPHA * (x - old));
 
@@ -33,67 +42,74 @@ export class Chooser {
   linkMBps: number | undefined;
   compressMBps: number | undefined;
   ratio: number | undefined;
-  /** pages per ms of each mode, measured over whole segments */
-  encodedRate: number | undefined;
-  plainRate: number | undefined;
-  #yield: number | undefined;
-  #batch = 0;
-  /** counts encoded batches, for compression probes */
-  #segment = 0;
-  #segEncoded = true;
-  #segStart = 0;
-  #probeGap = 1;
-  #nextProbe = 2;
+  /** share of sampled nonzero pages that looked compressible */
+  candidates: number | undefined;
+  /** share of pages the in-place path saved, its overhead per page, and ms per raw page sent */
+  savedShare: number | undefined;
+  overheadMsPerPage: number | undefined;
+  msPerRawPage: number | undefined;
+  #batches = 0;
+  #nextSample = 0;
+  #sampleGap = FIRST_SAMPLE_GAP;
+  #plainRun = FIRST_PLAIN_RUN;
 
   constructor(options: ChooserOptions) {
     this.options = options;
   }
 
-  /**
-   * Starts a segment: whether it is encoded, and how many batches it spans. The faster mode
-   * runs SEGMENT_BATCHES; the slower one is probed for PROBE_BATCHES at growing intervals
-   * (every 2, 4, 8, ... segments while it stays slower), so learning costs a few percent.
-   */
-  beginSegment(): { encoded: boolean; batches: number } {
-    const o = this.options;
-    if (!o.zero && !o.dedup && !o.compress) return { encoded: false, batches: Number.MAX_SAFE_INTEGER };
-    this.#segment++;
-    this.#segStart = performance.now();
-    if (this.encodedRate === undefined) return (this.#segEncoded = true), { encoded: true, batches: PROBE_BATCHES };
-    if (this.plainRate === undefined) return (this.#segEncoded = false), { encoded: false, batches: PROBE_BATCHES };
-    const faster = this.encodedRate >= this.plainRate;
-    if (this.#segment >= this.#nextProbe) {
-      this.#probeGap *= 2;
-      this.#nextProbe = this.#segment + this.#probeGap;
-      this.#segEncoded = !faster;
-      return { encoded: !faster, batches: PROBE_BATCHES };
-    }
-    this.#segEncoded = faster;
-    return { encoded: faster, batches: SEGMENT_BATCHES };
+  /** Whether in-place encoding pays, from the figures so far (yes until measured). */
+  inPlacePays(): boolean {
+    if (this.savedShare === undefined || this.overheadMsPerPage === undefined || this.msPerRawPage === undefined) return true;
+    return this.savedShare * this.msPerRawPage > this.overheadMsPerPage;
   }
 
-  /** Ends the segment begun last, after `pages` pages were sent in it. */
-  endSegment(pages: number): void {
-    if (pages < 64) return; // a round's tail says little
-    const rate = pages / Math.max(performance.now() - this.#segStart, 0.01);
-    if (this.#segEncoded) this.encodedRate = ewma(this.encodedRate, rate);
-    else this.plainRate = ewma(this.plainRate, rate);
+  /** How many batches the next plain run spans; doubles each time in-place did not pay. */
+  nextPlainRun(): number {
+    const run = this.#plainRun;
+    this.#plainRun = Math.min(this.#plainRun * 2, MAX_PLAIN_RUN);
+    return run;
   }
 
-  /** Whether to compress the raw pages of an encoded batch. */
-  compressNext(): boolean {
-    if (!this.options.compress) return false;
-    if (this.compressMBps === undefined || this.ratio === undefined || this.linkMBps === undefined) return true; // measure first
-    this.#batch++;
-    return this.compressing() || this.#batch % PROBE_EVERY === 0;
+  /** An in-place call sent `pages`, saved `saved`, sent `raw` raw, took `ms` with `overheadMs` of encoding work. */
+  inPlace(pages: number, saved: number, raw: number, ms: number, overheadMs: number): void {
+    if (pages < 64) return;
+    this.savedShare = ewma(this.savedShare, saved / pages);
+    this.overheadMsPerPage = ewma(this.overheadMsPerPage, overheadMs / pages);
+    if (raw >= 64) this.msPerRawPage = ewma(this.msPerRawPage, Math.max(ms - overheadMs, 0) / raw);
+    if (this.inPlacePays()) this.#plainRun = FIRST_PLAIN_RUN;
   }
 
+  /** A plain call sent `pages` raw pages in `ms`. */
+  plain(pages: number, ms: number): void {
+    if (pages >= 64) this.msPerRawPage = ewma(this.msPerRawPage, ms / pages);
+  }
+
+  /** Whether the next batches go through the compressor. */
   compressing(): boolean {
     if (!this.options.compress || this.compressMBps === undefined || this.ratio === undefined || this.linkMBps === undefined) return false;
+    if ((this.candidates ?? 0) < MIN_CANDIDATES) return false;
     return this.ratio <= MAX_RATIO && this.compressMBps >= this.linkMBps * SPEED_MARGIN;
   }
 
-  /** A batch was written: `bytes` in `ms` of waiting for the socket. */
+  /** Whether to sample the next batch's pages before sending it uncompressed. */
+  wantSample(): boolean {
+    return this.options.compress && this.#batches >= this.#nextSample;
+  }
+
+  /** `n` batches went out; `compressed` whether through the compressor. */
+  advance(n: number): void {
+    this.#batches += n;
+  }
+
+  /** A sample of `nonzero` pages had `candidates` that looked compressible. */
+  sampled(nonzero: number, candidates: number): void {
+    if (nonzero > 0) this.candidates = ewma(this.candidates, candidates / nonzero);
+    if (this.compressing()) this.#sampleGap = FIRST_SAMPLE_GAP;
+    else this.#sampleGap = Math.min(this.#sampleGap * 2, MAX_SAMPLE_GAP);
+    this.#nextSample = this.#batches + this.#sampleGap;
+  }
+
+  /** A frame went out: `bytes` in `ms` of writing to the socket. */
   sent(bytes: number, ms: number): void {
     if (bytes < 64 * 1024) return; // too small to say anything about the link
     this.linkMBps = ewma(this.linkMBps, bytes / 1e3 / Math.max(ms, 0.01));
@@ -105,9 +121,8 @@ export class Chooser {
     this.ratio = ewma(this.ratio, output / input);
   }
 
-  /** An encoded batch of `rawBytes` of pages went out as `wireBytes` (the saving, for reports). */
-  encoded(rawBytes: number, wireBytes: number): void {
-    if (rawBytes === 0) return;
-    this.#yield = ewma(this.#yield, 1 - wireBytes / rawBytes);
+  describe(): string {
+    const f = (x: number | undefined, d = 0): string => (x === undefined ? '-' : x.toFixed(d));
+    return `in-place saves ${f(this.savedShare, 2)} of pages at ${f((this.overheadMsPerPage ?? NaN) * 1e3, 3)} us/page vs ${f((this.msPerRawPage ?? NaN) * 1e3, 3)} us per raw page -> ${this.inPlacePays() ? 'in place' : 'plain'}; link ${f(this.linkMBps)} MB/s, lz4 ${f(this.compressMBps)} MB/s ratio ${f(this.ratio, 2)} candidates ${f(this.candidates, 2)} -> ${this.compressing() ? 'compress' : 'plain'}`;
   }
 }

@@ -1,18 +1,29 @@
 /**
- * The sender's encoded path: per batch, classify (native: zero check in place, copy, hash,
- * skip/zero/dup against the mirrored dedup index), optionally compress the raw pages (worker
- * thread, lz4-napi), then send one PAGES_ENC frame. Classifying and compressing the next batch
- * overlap the sending of the previous one (two buffer sets). When the chooser finds encoding
- * does not pay, batches go out plain, straight from the region.
+ * The sender's page encoder. Three paths, chosen run by run by the chooser:
+ * - in place (the usual one): native sendPages writes PAGES_ENC frames straight from the
+ *   region, with zero pages and dups found in place and the rest sent raw (entering the dedup
+ *   index when the tracker shows they went out as hashed);
+ * - plain: PAGES frames straight from the region, when in-place encoding saves too little;
+ * - compressed: per batch, classify (native: copy, hash, zero/dup/skip against the mirrored
+ *   index, sample compressibility), compress the pages that look compressible (worker
+ *   thread, lz4-napi), then one PAGES_ENC frame. Classifying and compressing the next batch
+ *   overlap the sending of the previous one (two buffer sets).
  */
 import { addon, callAsync } from '../native.js';
 import { PageEncoding } from '../protocol/messages.js';
-import type { NativeDedup, WireChannel } from '../protocol/wire.js';
+import { SEND_DEDUP, SEND_ZERO, type NativeDedup, type WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
+import type { WrittenProbe } from '../tracking/types.js';
 import { Chooser, type ChooserOptions } from './chooser.js';
 import { Compressor } from './compressor.js';
 
 const SKIP = 255;
+const INCOMPRESSIBLE = 254;
+/** batches per native call on the in-place path, and per run on the compressed path */
+const PLAIN_RUN = 16;
+const COMPRESS_RUN = 8;
+/** pages compressed off to the side per sample while not compressing */
+const SAMPLE_PAGES = 32;
 
 export interface EncodingStats {
   zero_pages: number;
@@ -41,16 +52,21 @@ export class PageEncoder {
   readonly #dedup: NativeDedup;
   readonly #version: number;
   readonly #batchPages: number;
+  readonly #flags: number;
   readonly #sets: BufferSet[];
   #compressor: Compressor | undefined;
 
-  constructor(region: Region, channel: WireChannel, hashes: BigUint64Array, dedup: NativeDedup, options: ChooserOptions, version: number, batchPages: number) {
+  readonly #probe: () => WrittenProbe | undefined;
+
+  constructor(region: Region, channel: WireChannel, hashes: BigUint64Array, dedup: NativeDedup, options: ChooserOptions, version: number, batchPages: number, probe: () => WrittenProbe | undefined = () => undefined) {
+    this.#probe = probe;
     this.#region = region;
     this.#channel = channel;
     this.#hashes = hashes;
     this.#dedup = dedup;
     this.#version = version;
     this.#batchPages = batchPages;
+    this.#flags = (options.zero ? SEND_ZERO : 0) | (options.dedup ? SEND_DEDUP : 0);
     this.chooser = new Chooser(options);
     const bytes = batchPages * region.pageSize;
     this.#sets = [0, 1].map(() => ({ staging: new SharedArrayBuffer(bytes), output: new SharedArrayBuffer(bytes), lengths: new SharedArrayBuffer(batchPages * 4) }));
@@ -58,60 +74,111 @@ export class PageEncoder {
 
   /** Sends `pages` for `round`; resolves to the bytes written. */
   async send(round: number, pages: Uint32Array): Promise<number> {
+    let bytes = 0;
+    for (let at = 0; at < pages.length; ) {
+      const compress = this.chooser.compressing();
+      const inPlace = compress || this.#flags === 0 || this.chooser.inPlacePays();
+      const batches = compress ? COMPRESS_RUN : inPlace ? PLAIN_RUN : this.chooser.nextPlainRun();
+      const part = pages.subarray(at, Math.min(pages.length, at + batches * this.#batchPages));
+      at += part.length;
+      if (compress) bytes += await this.#sendCompressed(round, part);
+      else {
+        if (this.chooser.wantSample()) await this.#sample(part);
+        bytes += inPlace ? await this.#sendInPlace(round, part) : await this.#sendPlain(round, part);
+      }
+      this.chooser.advance(Math.ceil(part.length / this.#batchPages));
+    }
+    if (process.env.LIVEMIG_DEBUG_CHOOSER) console.error(`chooser round ${round}: ${this.chooser.describe()}`, JSON.stringify(this.stats));
+    return bytes;
+  }
+
+  async #sendInPlace(round: number, pages: Uint32Array): Promise<number> {
+    const t0 = performance.now();
+    const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup, this.#flags, this.#probe());
+    const ms = performance.now() - t0;
+    this.chooser.sent(c.bytes, ms);
+    if (this.#flags !== 0) this.chooser.inPlace(pages.length, c.zero + c.dup + c.skipped, c.raw, ms, c.overheadMs);
+    this.stats.zero_pages += c.zero;
+    this.stats.dup_pages += c.dup;
+    this.stats.skipped_pages += c.skipped;
+    this.stats.raw_pages += c.raw;
+    return c.bytes;
+  }
+
+  /** Plain PAGES frames straight from the region, when in-place encoding does not pay. */
+  async #sendPlain(round: number, pages: Uint32Array): Promise<number> {
+    const t0 = performance.now();
+    const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup);
+    const ms = performance.now() - t0;
+    this.chooser.sent(c.bytes, ms);
+    this.chooser.plain(pages.length, ms);
+    this.stats.raw_pages += c.raw;
+    return c.bytes;
+  }
+
+  /** Compresses a few of these pages off to the side, to keep the compressor figures current. */
+  async #sample(pages: Uint32Array): Promise<void> {
+    const n = Math.min(SAMPLE_PAGES, pages.length);
+    const step = Math.max(1, Math.floor(pages.length / n));
+    const picked = Uint32Array.from({ length: n }, (_, k) => pages[k * step]!);
+    const set = this.#sets[0]!;
+    const kind = addon.samplePages(this.#region.nativeHandle, picked, Buffer.from(set.staging));
+    const slots: number[] = [];
+    let nonzero = 0;
+    for (let k = 0; k < n; k++) {
+      if (kind[k] !== 0) nonzero++;
+      if (kind[k] === 2) slots.push(k);
+    }
+    if (slots.length > 0) {
+      this.#compressor ??= new Compressor();
+      const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(slots), this.#region.pageSize);
+      this.chooser.compressed(r.input, r.output, r.ms);
+    }
+    this.chooser.sampled(nonzero, slots.length);
+  }
+
+  async #sendCompressed(round: number, pages: Uint32Array): Promise<number> {
     const ps = this.#region.pageSize;
+    const classifyFlags = this.#flags | 4;
     let bytes = 0;
     let inflight: Promise<void> = Promise.resolve();
     let slot = 0;
-    for (let start = 0; start < pages.length; ) {
-      const seg = this.chooser.beginSegment();
-      const end = Math.min(pages.length, start + Math.min(seg.batches, pages.length) * this.#batchPages);
-      const segment = pages.subarray(start, end);
-      start = end;
-      if (!seg.encoded) {
-        // plain: one native call for the whole segment, straight from the region
-        const t0 = performance.now();
-        const b = await this.#channel.sendPages(this.#region, segment, round, this.#version, this.#batchPages, this.#hashes, this.#dedup);
-        this.chooser.sent(b, performance.now() - t0);
-        this.chooser.endSegment(segment.length);
-        this.stats.raw_pages += segment.length;
-        bytes += b;
-        continue;
-      }
-      for (let at = 0; at < segment.length; at += this.#batchPages) {
-        const batch = segment.subarray(at, Math.min(at + this.#batchPages, segment.length));
+    try {
+      for (let at = 0; at < pages.length; at += this.#batchPages) {
+        const batch = pages.subarray(at, Math.min(at + this.#batchPages, pages.length));
         const set = this.#sets[slot]!;
         slot ^= 1;
         const staging = Buffer.from(set.staging);
         const enc = await callAsync('ERR_LIVEMIG_SYSCALL', 'precopy', 'classifying pages', () =>
-          addon.classifyPages(this.#region.nativeHandle, batch, staging, this.#hashes, this.#dedup, (this.chooser.options.zero ? 1 : 0) | (this.chooser.options.dedup ? 2 : 0)),
+          addon.classifyPages(this.#region.nativeHandle, batch, staging, this.#hashes, this.#dedup, classifyFlags),
         );
         const lengths = new Int32Array(set.lengths);
         lengths.fill(0, 0, batch.length);
-        const raw: number[] = [];
-        for (let k = 0; k < enc.length; k++) if (enc[k] === PageEncoding.Raw) raw.push(k);
-        if (raw.length > 0 && this.chooser.compressNext()) {
-          this.#compressor ??= new Compressor();
-          const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(raw), ps);
-          this.chooser.compressed(r.input, r.output, r.ms);
-          if (this.chooser.compressing()) {
-            for (const k of raw) if (lengths[k]! > 0) enc[k] = PageEncoding.Lz4;
-          }
+        const candidates: number[] = [];
+        let nonzero = 0;
+        for (let k = 0; k < enc.length; k++) {
+          if (enc[k] === PageEncoding.Raw) candidates.push(k);
+          if (enc[k] === PageEncoding.Raw || enc[k] === INCOMPRESSIBLE) nonzero++;
         }
+        if (candidates.length > 0) {
+          this.#compressor ??= new Compressor();
+          const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(candidates), ps);
+          this.chooser.compressed(r.input, r.output, r.ms);
+          for (const k of candidates) if (lengths[k]! > 0) enc[k] = PageEncoding.Lz4;
+        }
+        this.chooser.sampled(nonzero, candidates.length);
         this.#count(enc, lengths);
         await inflight;
         const t0 = performance.now();
         inflight = this.#channel.sendEncoded(batch, enc, staging, Buffer.from(set.output), lengths, this.#hashes, round, this.#version).then((b) => {
           this.chooser.sent(b, performance.now() - t0);
-          this.chooser.encoded(batch.length * ps, b);
           bytes += b;
         });
         inflight.catch(() => undefined); // awaited on the next batch or below
       }
+    } finally {
       await inflight;
-      this.chooser.endSegment(segment.length);
     }
-    await inflight;
-    if (process.env.LIVEMIG_DEBUG_CHOOSER) console.error(`chooser round ${round}: encoded ${this.chooser.encodedRate?.toFixed(1)} plain ${this.chooser.plainRate?.toFixed(1)} pages/ms, link ${this.chooser.linkMBps?.toFixed(0)} MB/s, lz4 ${this.chooser.compressMBps?.toFixed(0)} MB/s ratio ${this.chooser.ratio?.toFixed(2)}`, JSON.stringify(this.stats));
     return bytes;
   }
 

@@ -129,10 +129,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     await tracker.start();
     const hashes = new BigUint64Array(region.pageCount);
     const ch = channel;
-    encoder = dedup ? new PageEncoder(region, ch, hashes, dedup, enc, version, batchPages) : undefined;
+    const tracking = tracker;
+    encoder = dedup ? new PageEncoder(region, ch, hashes, dedup, enc, version, batchPages, () => tracking.writtenProbe?.()) : undefined;
     const pageEncoder = encoder;
     const sendPages = async (r: number, pages: Uint32Array): Promise<number> => {
-      const n = pageEncoder ? await pageEncoder.send(r, pages) : await ch.sendPages(region, pages, r, version, batchPages, hashes);
+      const n = pageEncoder ? await pageEncoder.send(r, pages) : (await ch.sendPages(region, pages, r, version, batchPages, hashes)).bytes;
       bytesSent += n;
       pagesSent += pages.length;
       return n;

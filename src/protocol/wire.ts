@@ -15,12 +15,28 @@ import type { Region } from '../region/region.js';
 import { ProtocolError } from './errors.js';
 import { FrameType, MAX_PAYLOAD, type Frame } from './frame.js';
 import { MAX_BATCH_PAGES } from './messages.js';
+import type { WrittenProbe } from '../tracking/types.js';
 
 const MAX_TYPE = Math.max(...Object.values(FrameType).filter((v): v is number => typeof v === 'number'));
 
+/** What a sendPages call wrote: bytes, and pages per encoding (all `raw` for PAGES frames). */
+export interface SendCounts {
+  bytes: number;
+  zero: number;
+  dup: number;
+  skipped: number;
+  raw: number;
+  /** time spent classifying and indexing (the encoding work), not sending or hashing */
+  overheadMs: number;
+}
+
+/** sendPages flags: PAGES_ENC frames with, in place, zero detection and/or dedup. */
+export const SEND_ZERO = 1;
+export const SEND_DEDUP = 2;
+
 export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
-  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup): Promise<number>;
+  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags?: number, probe?: WrittenProbe): Promise<SendCounts>;
   sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
   read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; dedup?: NativeDedup } }): Promise<NativeFrame>;
   finish(timeoutMs: number): Promise<void>;
@@ -124,10 +140,15 @@ export class WireChannel {
     return this.#write('sending a frame', () => this.#wire.write(parts));
   }
 
-  /** Sends pages straight from the region as PAGES frames; resolves to the bytes written. */
-  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup): Promise<number> {
+  /**
+   * Sends pages straight from the region: PAGES frames, or with `flags` (SEND_ZERO, SEND_DEDUP;
+   * needs `dedup`) PAGES_ENC frames with zero/dup/raw pages chosen in place. With `probe`, raw
+   * pages that provably went out as hashed enter the dedup index (see native/wire.cc).
+   */
+  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags = 0, probe?: WrittenProbe): Promise<SendCounts> {
     if (batchPages < 1 || batchPages > MAX_BATCH_PAGES) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
-    return this.#write('sending pages', () => this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes, dedup));
+    if (flags !== 0 && dedup === undefined) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'encoded frames need the dedup index', { phase: 'precopy' });
+    return this.#write('sending pages', () => this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes, dedup, flags, probe));
   }
 
   /** Sends one classified batch as a PAGES_ENC frame (see src/encoding/encoder.ts). */

@@ -12,6 +12,18 @@ export interface DirtyTracker {
   start(): Promise<void>;
   collect(): Promise<Uint32Array>;
   stop(): Promise<void>;
+  /**
+   * While tracking with write protection: where the data path may ask, without re-arming,
+   * which pages were written since their protection was last re-armed. Lets the sender know
+   * that a page it hashed in place went out unchanged.
+   */
+  writtenProbe?(): WrittenProbe | undefined;
+}
+
+export interface WrittenProbe {
+  pagemapFd: number;
+  /** address of the tracked mapping in the process whose pagemap that is */
+  address: bigint;
 }
 
 /** Where the memory being tracked is written: this process, or another one (a guest). */

@@ -7,7 +7,7 @@ import { LivemigError } from '../errors.js';
 import { addon, call, callAsync } from '../native.js';
 import type { Region } from '../region/region.js';
 import { TrackerState } from './state.js';
-import type { DirtyTracker, RemoteTarget } from './types.js';
+import type { DirtyTracker, RemoteTarget, WrittenProbe } from './types.js';
 
 /** The features we ask for: WP_ASYNC is required; the other two widen where it works. */
 export function wantedUffdFeatures(available: bigint): bigint {
@@ -104,6 +104,10 @@ export class UffdAsyncTracker implements DirtyTracker {
   collectSync(): Uint32Array {
     if (!this.#state.tracking) throw new LivemigError('ERR_LIVEMIG_STATE', 'uffd-async tracker: collectSync() while not tracking', { phase: 'tracking' });
     return this.#scanSync();
+  }
+
+  writtenProbe(): WrittenProbe | undefined {
+    return this.#state.tracking && this.#pagemapFd >= 0 ? { pagemapFd: this.#pagemapFd, address: this.#address } : undefined;
   }
 
   async stop(): Promise<void> {
