@@ -2,10 +2,11 @@
  * bench/transfer: the data path alone. A receiver in a child process, a source region filled
  * with random pages in this process, no guest: one migration (first pass + stop-and-copy of
  * nothing), with the CPU each side used, against a raw-TCP ceiling measured in the same run.
- *   node dist/bench/transfer.js [--size 1GiB] [--runs 5] [--encodings off|zero|dedup|all]
+ *   node dist/bench/transfer.js [--size 1GiB] [--runs 5] [--encodings off|zero|dedup|all] [--content random|mixed|...]
  */
 import { fork } from 'node:child_process';
 import { parseArgs } from 'node:util';
+import { fillContent, type ContentName } from '../src/workload/content.js';
 import { addon } from '../src/native.js';
 import { migrate } from '../src/precopy/sender.js';
 import { listen } from '../src/receiver/receiver.js';
@@ -13,7 +14,7 @@ import { Region } from '../src/region/region.js';
 import { emit, machine, median } from './common.js';
 import { rawTcpCeiling } from './raw-tcp.js';
 
-const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, child: { type: 'boolean', default: false }, encodings: { type: 'string', default: 'off' } } });
+const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, child: { type: 'boolean', default: false }, encodings: { type: 'string', default: 'off' }, content: { type: 'string', default: 'random' } } });
 const size = Number(values.size);
 
 const cpu = (u: NodeJS.ResourceUsage): number => (u.userCPUTime + u.systemCPUTime) / 1e6;
@@ -36,7 +37,7 @@ if (values.child) {
   const ceiling = median([await rawTcpCeiling(size), await rawTcpCeiling(size), await rawTcpCeiling(size)]);
   emit({ bench: 'transfer', case: 'raw_tcp_ceiling', ms: +ceiling.toFixed(1), mb_s: +(size / 1e3 / ceiling).toFixed(0), runs: 3 });
   const region = Region.create(size, { name: 'bench-source' });
-  await addon.contentFill(region.nativeHandle, 0, 1n); // random
+  await fillContent(region, values.content as ContentName, 1n);
   const child = fork(process.argv[1]!, ['--child'], { stdio: 'inherit' });
   const messages: any[] = [];
   let wake: () => void = () => undefined;

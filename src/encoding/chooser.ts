@@ -1,33 +1,39 @@
 /**
  * Decides, from what it measures while running, whether encoding and compression pay.
  *
- * In-place encoding (zero pages, dups, pages the receiver holds) runs inside the native send
- * and costs a fraction of a microsecond per page (the zero check's first load, indexing); the
- * native side reports that time. It pays when the pages it saves times the time one raw page
- * takes to send exceed it: on a 1 Gbit/s link almost always, on loopback only if a sixth or so
- * of the pages are saved. When it does not pay, pages go as plain PAGES frames for a run of
- * batches that doubles while the answer stays the same, then one in-place probe re-measures.
+ * In-place encoding (zero pages, dups, pages the receiver holds) runs inside the native send:
+ * it reads every zero page whole and hashes possible dups before sending, and indexes what it
+ * sent. It pays when the pages it saves outweigh that work, which depends on the content and
+ * on how fast the link is. The chooser measures it: the throughput (pages per ms, the work done
+ * whichever way) of in-place runs and of plain runs (PAGES frames, no encoding work), runs the
+ * faster and probes the other for one run at doubling intervals.
  *
  * Compression needs a copy of every page and a compressor that keeps up. It pays when the
- * compressor outruns the link (it runs beside the sending) and the pages it is given shrink.
+ * region moves faster with it: the link carries fewer bytes, but the compressor (beside the
+ * sending) must keep up with the pages it is given, those that look compressible.
  * The chooser keeps exponentially weighted figures of the link (wire bytes per ms of send),
  * the compressor (input bytes per ms) and the ratio. While batches go out uncompressed it
  * samples a few pages at growing intervals and compresses them off to the side, so its
  * compressor figures stay current at a cost of well under 1%.
  */
 const ALPHA = 0.25;
-/** compress only if the compressor is this much faster than the link */
-const SPEED_MARGIN = 1.2;
+/** compress only if that moves region bytes this much faster than not compressing */
+const SPEED_MARGIN = 1.1;
 /** and recent compressible pages came out at most this fraction of their size */
 const MAX_RATIO = 0.9;
 /** and at least this share of nonzero pages looked compressible */
 const MIN_CANDIDATES = 0.05;
 /** batches between samples: starts here, doubles while the answer stays "do not compress" */
 const FIRST_SAMPLE_GAP = 8;
+/** what lz4-napi compresses per thread here before anything is measured (bench: ~100-250 MB/s) */
+const ASSUMED_COMPRESS_MBPS = 250;
 const MAX_SAMPLE_GAP = 256;
-/** plain runs (in batches) while in-place encoding does not pay: first, and longest */
-const FIRST_PLAIN_RUN = 16;
-const MAX_PLAIN_RUN = 256;
+/** runs (of RUN_BATCHES batches) between probes of the slower of in-place and plain: first, longest */
+const FIRST_PROBE_GAP = 4;
+const MAX_PROBE_GAP = 32;
+const LINK_PROBE_EVERY = 16;
+/** a plain run cannot be faster when in place leaves out at least this share of the pages */
+const NO_PLAIN_ABOVE = 0.5;
 
 const ewma = (old: number | undefined, x: number): number => (old === undefined ? x : old + ALPHA * (x - old));
 
@@ -44,56 +50,91 @@ export class Chooser {
   ratio: number | undefined;
   /** share of sampled nonzero pages that looked compressible */
   candidates: number | undefined;
-  /** share of pages the in-place path saved, its overhead per page, and ms per raw page sent */
+  /** share of pages the in-place path saved; pages per ms of in-place and of plain runs */
   savedShare: number | undefined;
-  overheadMsPerPage: number | undefined;
-  msPerRawPage: number | undefined;
+  inPlaceRate: number | undefined;
+  plainRate: number | undefined;
   #batches = 0;
   #nextSample = 0;
   #sampleGap = FIRST_SAMPLE_GAP;
-  #plainRun = FIRST_PLAIN_RUN;
+  #runs = 0;
+  #nextProbe = 1;
+  #probeGap = FIRST_PROBE_GAP;
+  #compressedRuns = 0;
 
   constructor(options: ChooserOptions) {
     this.options = options;
   }
 
-  /** Whether in-place encoding pays, from the figures so far (yes until measured). */
+  /** Whether in-place encoding is the faster, from the figures so far. */
   inPlacePays(): boolean {
-    if (this.savedShare === undefined || this.overheadMsPerPage === undefined || this.msPerRawPage === undefined) return true;
-    return this.savedShare * this.msPerRawPage > this.overheadMsPerPage;
+    if (this.inPlaceRate === undefined || this.plainRate === undefined) return true;
+    return this.inPlaceRate >= this.plainRate;
   }
 
-  /** How many batches the next plain run spans; doubles each time in-place did not pay. */
-  nextPlainRun(): number {
-    const run = this.#plainRun;
-    this.#plainRun = Math.min(this.#plainRun * 2, MAX_PLAIN_RUN);
-    return run;
+  /** Whether the next run goes in place (else plain): the faster one, or a probe of the other. */
+  nextRunInPlace(): boolean {
+    this.#runs++;
+    if (this.inPlaceRate === undefined) return true;
+    if ((this.savedShare ?? 0) >= NO_PLAIN_ABOVE) return true;
+    if (this.plainRate === undefined) return false;
+    const faster = this.inPlacePays();
+    if (faster && (this.savedShare ?? 0) >= NO_PLAIN_ABOVE) return true;
+    if (this.#runs >= this.#nextProbe) {
+      this.#nextProbe = this.#runs + this.#probeGap;
+      this.#probeGap = Math.min(this.#probeGap * 2, MAX_PROBE_GAP);
+      return !faster;
+    }
+    return faster;
   }
 
-  /** An in-place call sent `pages`, saved `saved`, sent `raw` raw, took `ms` with `overheadMs` of encoding work. */
-  inPlace(pages: number, saved: number, raw: number, ms: number, overheadMs: number): void {
-    if (pages < 64) return;
-    this.savedShare = ewma(this.savedShare, saved / pages);
-    this.overheadMsPerPage = ewma(this.overheadMsPerPage, overheadMs / pages);
-    if (raw >= 64) this.msPerRawPage = ewma(this.msPerRawPage, Math.max(ms - overheadMs, 0) / raw);
-    if (this.inPlacePays()) this.#plainRun = FIRST_PLAIN_RUN;
+  /** `pages` went out encoded (in place or compressed), of which `saved` needed no body. */
+  encoded(pages: number, saved: number): void {
+    if (pages >= 64) this.savedShare = ewma(this.savedShare, saved / pages);
   }
 
-  /** A plain call sent `pages` raw pages in `ms`. */
+  /** An in-place run sent `pages`, of which `saved` needed no body, in `ms`. */
+  inPlace(pages: number, saved: number, ms: number): void {
+    this.encoded(pages, saved);
+    if (pages < 1024) return; // a round's tail says little
+    this.inPlaceRate = ewma(this.inPlaceRate, pages / Math.max(ms, 0.01));
+  }
+
+  /** A plain run sent `pages` in `ms`. */
   plain(pages: number, ms: number): void {
-    if (pages >= 64) this.msPerRawPage = ewma(this.msPerRawPage, ms / pages);
+    if (pages >= 1024) this.plainRate = ewma(this.plainRate, pages / Math.max(ms, 0.01));
   }
 
   /** Whether the next batches go through the compressor. */
   compressing(): boolean {
     if (!this.options.compress || this.compressMBps === undefined || this.ratio === undefined || this.linkMBps === undefined) return false;
-    if ((this.candidates ?? 0) < MIN_CANDIDATES) return false;
-    return this.ratio <= MAX_RATIO && this.compressMBps >= this.linkMBps * SPEED_MARGIN;
+    const c = this.candidates ?? 0;
+    if (c < MIN_CANDIDATES || this.ratio > MAX_RATIO) return false;
+    // Region bytes per second either way. Without: the link carries what in-place encoding
+    // leaves. With: the link carries less, but the compressor must keep up with its share.
+    const saved = this.savedShare ?? 0;
+    const share = c * (1 - saved); // of all pages, those given to the compressor
+    const without = this.linkMBps / Math.max(1 - saved, 0.01);
+    const wire = Math.max(1 - saved - share * (1 - this.ratio), 0.01);
+    const withIt = Math.min(this.compressMBps / share, this.linkMBps / wire);
+    return withIt >= without * SPEED_MARGIN;
+  }
+
+  /**
+   * While compressing, every LINK_PROBE_EVERY-th run goes in place instead: the link figure
+   * comes only from runs big enough to fill the socket buffer many times over.
+   */
+  linkProbeDue(): boolean {
+    this.#compressedRuns++;
+    return this.#compressedRuns % LINK_PROBE_EVERY === 0;
   }
 
   /** Whether to sample the next batch's pages before sending it uncompressed. */
   wantSample(): boolean {
-    return this.options.compress && this.#batches >= this.#nextSample;
+    if (!this.options.compress || this.linkMBps === undefined) return false; // the link first
+    // one compressor thread cannot come near a link this fast: do not even start it
+    if (this.linkMBps > Math.max(this.compressMBps ?? 0, ASSUMED_COMPRESS_MBPS) * 4) return false;
+    return this.#batches >= this.#nextSample;
   }
 
   /** `n` batches went out; `compressed` whether through the compressor. */
@@ -109,7 +150,7 @@ export class Chooser {
     this.#nextSample = this.#batches + this.#sampleGap;
   }
 
-  /** A frame went out: `bytes` in `ms` of writing to the socket. */
+  /** A run of many frames went out: `bytes` in `ms` of writing to the socket. */
   sent(bytes: number, ms: number): void {
     if (bytes < 64 * 1024) return; // too small to say anything about the link
     this.linkMBps = ewma(this.linkMBps, bytes / 1e3 / Math.max(ms, 0.01));
@@ -123,6 +164,6 @@ export class Chooser {
 
   describe(): string {
     const f = (x: number | undefined, d = 0): string => (x === undefined ? '-' : x.toFixed(d));
-    return `in-place saves ${f(this.savedShare, 2)} of pages at ${f((this.overheadMsPerPage ?? NaN) * 1e3, 3)} us/page vs ${f((this.msPerRawPage ?? NaN) * 1e3, 3)} us per raw page -> ${this.inPlacePays() ? 'in place' : 'plain'}; link ${f(this.linkMBps)} MB/s, lz4 ${f(this.compressMBps)} MB/s ratio ${f(this.ratio, 2)} candidates ${f(this.candidates, 2)} -> ${this.compressing() ? 'compress' : 'plain'}`;
+    return `in-place saves ${f(this.savedShare, 2)} of pages, ${f(this.inPlaceRate)} vs plain ${f(this.plainRate)} pages/ms -> ${this.inPlacePays() ? 'in place' : 'plain'}; link ${f(this.linkMBps)} MB/s, lz4 ${f(this.compressMBps)} MB/s ratio ${f(this.ratio, 2)} candidates ${f(this.candidates, 2)} -> ${this.compressing() ? 'compress' : 'plain'}`;
   }
 }

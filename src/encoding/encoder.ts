@@ -19,8 +19,8 @@ import { Compressor } from './compressor.js';
 
 const SKIP = 255;
 const INCOMPRESSIBLE = 254;
-/** batches per native call on the in-place path, and per run on the compressed path */
-const PLAIN_RUN = 16;
+/** batches per native call on the in-place and plain paths, and per run on the compressed path */
+const RUN_BATCHES = 16;
 const COMPRESS_RUN = 8;
 /** pages compressed off to the side per sample while not compressing */
 const SAMPLE_PAGES = 32;
@@ -55,6 +55,8 @@ export class PageEncoder {
   readonly #flags: number;
   readonly #sets: BufferSet[];
   #compressor: Compressor | undefined;
+  #sampling: Promise<void> | undefined;
+  readonly #sampleSet: BufferSet;
 
   readonly #probe: () => WrittenProbe | undefined;
 
@@ -70,20 +72,22 @@ export class PageEncoder {
     this.chooser = new Chooser(options);
     const bytes = batchPages * region.pageSize;
     this.#sets = [0, 1].map(() => ({ staging: new SharedArrayBuffer(bytes), output: new SharedArrayBuffer(bytes), lengths: new SharedArrayBuffer(batchPages * 4) }));
+    const sampleBytes = SAMPLE_PAGES * region.pageSize;
+    this.#sampleSet = { staging: new SharedArrayBuffer(sampleBytes), output: new SharedArrayBuffer(sampleBytes), lengths: new SharedArrayBuffer(SAMPLE_PAGES * 4) };
+
   }
 
   /** Sends `pages` for `round`; resolves to the bytes written. */
   async send(round: number, pages: Uint32Array): Promise<number> {
     let bytes = 0;
     for (let at = 0; at < pages.length; ) {
-      const compress = this.chooser.compressing();
-      const inPlace = compress || this.#flags === 0 || this.chooser.inPlacePays();
-      const batches = compress ? COMPRESS_RUN : inPlace ? PLAIN_RUN : this.chooser.nextPlainRun();
-      const part = pages.subarray(at, Math.min(pages.length, at + batches * this.#batchPages));
+      const compress = this.chooser.compressing() && !this.chooser.linkProbeDue();
+      const inPlace = !compress && (this.#flags === 0 || this.chooser.nextRunInPlace());
+      const part = pages.subarray(at, Math.min(pages.length, at + (compress ? COMPRESS_RUN : RUN_BATCHES) * this.#batchPages));
       at += part.length;
       if (compress) bytes += await this.#sendCompressed(round, part);
       else {
-        if (this.chooser.wantSample()) await this.#sample(part);
+        if (this.chooser.wantSample()) this.#sample(part);
         bytes += inPlace ? await this.#sendInPlace(round, part) : await this.#sendPlain(round, part);
       }
       this.chooser.advance(Math.ceil(part.length / this.#batchPages));
@@ -97,7 +101,7 @@ export class PageEncoder {
     const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup, this.#flags, this.#probe());
     const ms = performance.now() - t0;
     this.chooser.sent(c.bytes, ms);
-    if (this.#flags !== 0) this.chooser.inPlace(pages.length, c.zero + c.dup + c.skipped, c.raw, ms, c.overheadMs);
+    if (this.#flags !== 0) this.chooser.inPlace(pages.length, c.zero + c.dup + c.skipped, ms);
     this.stats.zero_pages += c.zero;
     this.stats.dup_pages += c.dup;
     this.stats.skipped_pages += c.skipped;
@@ -116,30 +120,42 @@ export class PageEncoder {
     return c.bytes;
   }
 
-  /** Compresses a few of these pages off to the side, to keep the compressor figures current. */
-  async #sample(pages: Uint32Array): Promise<void> {
+  /**
+   * Compresses a few of these pages off to the side, to keep the compressor figures current.
+   * Does not hold up the sending: the copy is taken now, the compression finishes whenever the
+   * worker does, and no new sample starts while one is in flight.
+   */
+  #sample(pages: Uint32Array): void {
+    if (this.#sampling) return;
     const n = Math.min(SAMPLE_PAGES, pages.length);
     const step = Math.max(1, Math.floor(pages.length / n));
     const picked = Uint32Array.from({ length: n }, (_, k) => pages[k * step]!);
-    const set = this.#sets[0]!;
-    const kind = addon.samplePages(this.#region.nativeHandle, picked, Buffer.from(set.staging));
+    const kind = addon.samplePages(this.#region.nativeHandle, picked, Buffer.from(this.#sampleSet.staging));
     const slots: number[] = [];
     let nonzero = 0;
     for (let k = 0; k < n; k++) {
       if (kind[k] !== 0) nonzero++;
       if (kind[k] === 2) slots.push(k);
     }
-    if (slots.length > 0) {
-      this.#compressor ??= new Compressor();
-      const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(slots), this.#region.pageSize);
-      this.chooser.compressed(r.input, r.output, r.ms);
+    if (slots.length === 0) {
+      this.chooser.sampled(nonzero, 0);
+      return;
     }
-    this.chooser.sampled(nonzero, slots.length);
+    this.#compressor ??= new Compressor();
+    this.#sampling = this.#compressor
+      .compress(this.#sampleSet.staging, this.#sampleSet.output, this.#sampleSet.lengths, Uint32Array.from(slots), this.#region.pageSize)
+      .then((r) => {
+        this.chooser.compressed(r.input, r.output, r.ms);
+        this.chooser.sampled(nonzero, slots.length);
+      })
+      .finally(() => (this.#sampling = undefined));
+    this.#sampling.catch(() => undefined); // a failed sample leaves the figures as they were; close() reports the worker
   }
 
   async #sendCompressed(round: number, pages: Uint32Array): Promise<number> {
     const ps = this.#region.pageSize;
     const classifyFlags = this.#flags | 4;
+    await this.#sampling; // the worker takes one job at a time
     let bytes = 0;
     let inflight: Promise<void> = Promise.resolve();
     let slot = 0;
@@ -167,11 +183,11 @@ export class PageEncoder {
           for (const k of candidates) if (lengths[k]! > 0) enc[k] = PageEncoding.Lz4;
         }
         this.chooser.sampled(nonzero, candidates.length);
+        this.chooser.encoded(batch.length, batch.length - nonzero);
         this.#count(enc, lengths);
         await inflight;
-        const t0 = performance.now();
+        // (no link figure from these: a frame this small may just fill the socket buffer)
         inflight = this.#channel.sendEncoded(batch, enc, staging, Buffer.from(set.output), lengths, this.#hashes, round, this.#version).then((b) => {
-          this.chooser.sent(b, performance.now() - t0);
           bytes += b;
         });
         inflight.catch(() => undefined); // awaited on the next batch or below
@@ -198,6 +214,7 @@ export class PageEncoder {
   }
 
   async close(): Promise<void> {
+    await this.#sampling;
     await this.#compressor?.close();
   }
 }
