@@ -1,7 +1,8 @@
 /**
  * bench/inplace: the data path alone, in one process, both regions populated up front, so the
- * only difference between cases is the send mode: plain PAGES frames vs in-place encoded
- * PAGES_ENC (zero/dup/skip found in the native send). Alternates the modes run by run.
+ * only difference between cases is the send mode: plain PAGES frames without (bare) and with
+ * the sender's dedup index kept, and in-place encoded PAGES_ENC (zero/dup/skip found in the
+ * native send). Alternates the modes run by run.
  *   node dist/bench/inplace.js [--size 1GiB] [--runs 5] [--content mixed]
  */
 import net from 'node:net';
@@ -36,20 +37,20 @@ const tx = WireChannel.fromSocket(client);
 const rx = WireChannel.fromSocket(peer);
 const all = Uint32Array.from({ length: pages }, (_, i) => i);
 const zeroImage = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
-const times: Record<string, number[]> = { plain: [], inplace: [] };
+const times: Record<string, number[]> = { bare: [], plain: [], inplace: [] };
 for (let i = 0; i < Number(values.runs); i++) {
-  for (const mode of ['plain', 'inplace'] as const) {
+  for (const mode of ['bare', 'plain', 'inplace'] as const) {
     const txDedup = new addon.Dedup(pages);
     txDedup.initImage(zeroImage());
     const rxHashes = zeroImage();
-    const rxDedup = new addon.Dedup(pages);
-    rxDedup.initImage(rxHashes);
     const tracker = new UffdAsyncTracker(src);
     await tracker.start();
-    const got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, dedup: rxDedup });
+    const got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
     const t0 = performance.now();
     const c =
-      mode === 'plain'
+      mode === 'bare'
+        ? await tx.sendPages(src, all, 1, V, 256, new BigUint64Array(pages))
+        : mode === 'plain'
         ? await tx.sendPages(src, all, 1, V, 256, new BigUint64Array(pages), txDedup)
         : await tx.sendPages(src, all, 1, V, 256, new BigUint64Array(pages), txDedup, SEND_ZERO | SEND_DEDUP, tracker.writtenProbe());
     await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
@@ -63,7 +64,7 @@ for (let i = 0; i < Number(values.runs); i++) {
 }
 const p = median(times.plain!);
 const q = median(times.inplace!);
-emit({ bench: 'inplace', case: 'summary', plain_ms: p, inplace_ms: q, inplace_over_plain: +(q / p).toFixed(3), runs: times.plain!.length });
+emit({ bench: 'inplace', case: 'summary', bare_ms: median(times.bare!), plain_ms: p, inplace_ms: q, inplace_over_plain: +(q / p).toFixed(3), runs: times.plain!.length });
 tx.close();
 rx.close();
 server.close();

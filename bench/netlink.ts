@@ -44,5 +44,6 @@ export function createLink(rate = '1gbit'): NetLink {
     throw new Error(`cannot create the ${rate} namespace link (needs root, veth and htb): ${(e as Error).message}`);
   }
   process.once('exit', remove);
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => (remove(), process.exit(130)));
   return { ns, near, far, remove };
 }

@@ -52,7 +52,9 @@ for (const linkName of values.links!.split(',')) {
       for (const rate of values.rates!.split(',').map(Number)) {
         const results: Record<string, DemoReport[]> = { on: [], off: [] };
         for (let i = 0; i < runs; i++) {
-          for (const [name, enc] of [['off', OFF], ['on', ON]] as const) {
+          // alternate the order, so neither setting always runs after the other
+          const order = i % 2 === 0 ? ([['off', OFF], ['on', ON]] as const) : ([['on', ON], ['off', OFF]] as const);
+          for (const [name, enc] of order) {
             const r = await runDemo({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 }, 20, 30, undefined, false, enc, [], at);
             results[name]!.push(r);
           }

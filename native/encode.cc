@@ -105,7 +105,8 @@ Napi::Value Dedup::Size(const Napi::CallbackInfo& info) { return Napi::Number::N
 
 namespace {
 
-// classifyPages(region, pages, staging: Buffer, hashes, dedup, flags) -> Promise<Uint8Array>
+// classifyPages(region, pages, staging: Buffer, hashes, dedup, flags, sources: Int32Array)
+//   -> Promise<Uint8Array>; sources[k] = the page a dup's content is taken from
 // flags: 1 zero, 2 dedup, 4 mark raw pages that look incompressible. For each page, in order: an all-zero page (checked in place) is
 // the zero page; any other is copied to staging[k*pageSize] and hashed there (the copy is
 // what goes on the wire, so hash and bytes agree). Then: a page whose content the receiver
@@ -122,9 +123,12 @@ Napi::Value Classify(const Napi::CallbackInfo& info) {
   Napi::BigUint64Array hashes = info[3].As<Napi::BigUint64Array>();
   Dedup* dedup = Dedup::Unwrap(info[4]);
   uint32_t flags = info[5].As<Napi::Number>().Uint32Value();
+  Napi::Int32Array sourcesArr = info[6].As<Napi::Int32Array>();
   uint64_t pageCount = m->size / kPageSize;
   size_t n = pages.ElementLength();
   if (staging.Length() < n * kPageSize) throw Napi::RangeError::New(env, "staging buffer too small");
+  if (sourcesArr.ElementLength() < n) throw Napi::RangeError::New(env, "sources array too small");
+  int32_t* sources = sourcesArr.Data();
   if (hashes.ElementLength() < pageCount || dedup->state.holder.size() != pageCount) throw Napi::RangeError::New(env, "tables do not match the region");
   const uint32_t* idx = pages.Data();
   for (size_t k = 0; k < n; k++)
@@ -135,7 +139,7 @@ Napi::Value Classify(const Napi::CallbackInfo& info) {
   m->Ref();
   return Task<std::vector<uint8_t>>::Start(
       env,
-      [m, idx, n, stage, table, st, flags](std::vector<uint8_t>& enc, SysError&) {
+      [m, idx, n, stage, table, st, flags, sources](std::vector<uint8_t>& enc, SysError&) {
         const bool zeroOn = flags & 1, dedupOn = flags & 2, sample = flags & 4;
         const uint64_t zh = ZeroPageHash(kPageSize);
         enc.resize(n);
@@ -152,7 +156,9 @@ Napi::Value Classify(const Napi::CallbackInfo& info) {
             h = PageHash(stage + k * kPageSize, kPageSize);
           }
           table[x] = h;
-          enc[k] = st->Choose(x, k, h, zero, zeroOn, dedupOn, true);
+          uint32_t source = 0;
+          enc[k] = st->Choose(x, k, h, zero, zeroOn, dedupOn, true, &source);
+          if (enc[k] == kDup) sources[k] = static_cast<int32_t>(source);
           if ((enc[k] == kRaw || enc[k] == kDup) && !(zero && zeroOn)) st->NoteFingerprint(x, zero ? live : stage + k * kPageSize);
           if (enc[k] == kRaw) {
             if (zero) std::memset(stage + k * kPageSize, 0, kPageSize);
@@ -166,7 +172,7 @@ Napi::Value Classify(const Napi::CallbackInfo& info) {
         if (!enc.empty()) std::memcpy(out.Data(), enc.data(), enc.size());
         return out;
       },
-      {info[0], info[1], info[2], info[3], info[4]});
+      {info[0], info[1], info[2], info[3], info[4], info[6]});
 }
 
 // lz4DecodePage(src: Buffer, pageSize) -> Buffer | null (tests and tools; the receiver decodes natively)

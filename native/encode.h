@@ -17,6 +17,8 @@ namespace livemig {
 // sample found incompressible, and pages the receiver already holds in place.
 enum PageEncoding : uint8_t { kRaw = 0, kZero = 1, kDup = 2, kLz4 = 3, kIncompressible = 254, kSkip = 255 };
 constexpr uint8_t kMaxWireEncoding = kLz4;
+// A dup's body: u64 content hash, u32 page of the receiver holding that content.
+constexpr uint32_t kDupBody = 12;
 
 // Where each page sits in the frame being built or applied, to enforce the frame rules: a page
 // appears at most once, and a dup is never resolved from a page written later in the same
@@ -115,10 +117,10 @@ inline uint64_t PageFingerprint(const uint8_t* p) {
   return f ^ (f >> 29);
 }
 
-// Content hash -> every page holding it (a doubly linked list per hash), plus each page's hash.
-// The receiver's index is the truth about its region: every page it writes is entered under
-// the hash of what it now holds. The sender's index holds only what it knows the receiver
-// holds: a subset, so every dup it sends can be resolved.
+// The sender's knowledge of the receiver's region: content hash -> every page known to hold it
+// (a doubly linked list per hash), plus each page's hash. Only what it knows the receiver
+// holds, so every dup it sends names a page that does hold that content; the receiver checks
+// each against its own page hashes.
 struct DedupState {
   static constexpr uint32_t kNone = HeadTable::kNone;
   static constexpr size_t kFpBits = size_t{1} << 23;  // 1 MiB
@@ -127,6 +129,7 @@ struct DedupState {
   std::vector<uint32_t> next, prev;
   HeadTable head;  // content hash -> first page holding it
   std::vector<uint64_t> fpBits;  // sender only
+  std::vector<uint64_t> seenBits;  // sender only: fingerprints of raw pages sent
   FrameOrder order;
 
   void Reset(uint64_t pageCount) {
@@ -142,6 +145,16 @@ struct DedupState {
     if (fpBits.empty()) return false;
     uint64_t f = PageFingerprint(page) & (kFpBits - 1);
     return (fpBits[f >> 6] >> (f & 63)) & 1;
+  }
+  // Whether a page with this fingerprint was sent raw before (and notes that it now was). A
+  // raw page is worth indexing only when its content recurs: most pages are unique.
+  bool SeenBefore(const uint8_t* page) {
+    if (seenBits.empty()) seenBits.assign(kFpBits / 64, 0);
+    uint64_t f = PageFingerprint(page) & (kFpBits - 1);
+    uint64_t bit = uint64_t{1} << (f & 63);
+    bool seen = seenBits[f >> 6] & bit;
+    seenBits[f >> 6] |= bit;
+    return seen;
   }
   // Records the fingerprint of content just indexed.
   void NoteFingerprint(uint32_t, const uint8_t* page) {
@@ -177,13 +190,14 @@ struct DedupState {
   // The encoding of page x (k-th of its frame, content hash h), entering in the index what the
   // receiver will hold. A raw page is entered only if `rawIndexed` (its body is the hashed
   // bytes); otherwise the caller may Set it once it knows the bytes sent had hash h.
-  uint8_t Choose(uint32_t x, size_t k, uint64_t h, bool zero, bool zeroOn, bool dedupOn, bool rawIndexed) {
-    uint32_t y;
+  uint8_t Choose(uint32_t x, size_t k, uint64_t h, bool zero, bool zeroOn, bool dedupOn, bool rawIndexed, uint32_t* source) {
+    uint32_t y = 0;
     if (known[x] && holder[x] == h && (dedupOn || (zero && zeroOn))) return kSkip;
     uint8_t e;
     if (zero && zeroOn) e = kZero;
     else if (dedupOn && Find(h, k, &y) && y != x) e = kDup;
     else e = kRaw;
+    if (e == kDup) *source = y;
     if (e == kRaw && !rawIndexed) Invalidate(x);
     else Set(x, h);
     return e;

@@ -150,7 +150,7 @@ struct WrittenProbe {
 };
 
 struct SendCounts {
-  double bytes = 0, zero = 0, dup = 0, skipped = 0, raw = 0, overheadMs = 0;
+  double bytes = 0, zero = 0, dup = 0, skipped = 0, raw = 0, overheadMs = 0, indexMs = 0;
 };
 
 struct ReadResult {
@@ -167,7 +167,7 @@ struct Sink {
   uint64_t pageCount = 0;
   uint8_t version = 0;
   uint32_t maxBatchPages = 0;
-  DedupState* dedup = nullptr;  // set when encodings were negotiated
+  FrameOrder* order = nullptr;  // set when encodings were negotiated
 };
 
 // Receives one PAGES payload (after its header) into the region. All indices are checked
@@ -207,7 +207,6 @@ bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadR
   if (!RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
   for (uint32_t k = 0; k < count; k++) {
     s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
-    if (s.dedup) s.dedup->Set(idx[k], s.hashes[idx[k]]);  // the receiver's index is the truth
   }
   r.pages += count;
   r.batches += 1;
@@ -223,7 +222,7 @@ bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadR
 // pages are applied in order with the dedup index updated as the sender updated it. A
 // malformed page fails the migration (the region is discarded then).
 bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
-  if (!s.dedup) {
+  if (!s.order) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC without negotiated encodings");
     return false;
   }
@@ -263,9 +262,9 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
       return false;
     }
     anyLz4 |= enc[k] == kLz4;
-    fixedBody += enc[k] == kRaw ? kPageSize : enc[k] == kDup ? 8 : 0;
+    fixedBody += enc[k] == kRaw ? kPageSize : enc[k] == kDup ? kDupBody : 0;
   }
-  if (!s.dedup->order.Begin(idx.data(), count, s.pageCount)) {
+  if (!s.order->Begin(idx.data(), count, s.pageCount)) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC lists a page twice");
     return false;
   }
@@ -276,10 +275,10 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
       err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(fixedBody) + " bytes, got " + std::to_string(length - head));
       return false;
     }
-    body.resize(count * 8ULL);  // dup hashes, at 8*k
+    body.resize(count * uint64_t{kDupBody});  // dup bodies, at kDupBody*k
     for (uint32_t k = 0; k < count; k++) {
       if (enc[k] == kDup) {
-        iov.push_back({body.data() + 8ULL * k, 8});
+        iov.push_back({body.data() + uint64_t{kDupBody} * k, kDupBody});
       } else if (enc[k] != kZero) {
         uint8_t* p = s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize;
         bool extends = !iov.empty() && iov.back().iov_len % kPageSize == 0 && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == p;
@@ -317,19 +316,26 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
         h = zh;
         break;
       case kDup: {
-        uint64_t ref;
+        // u64 content hash, u32 page holding it: checked against what this side holds there
+        const uint8_t* d;
         if (direct) {
-          std::memcpy(&ref, body.data() + 8ULL * k, 8);
+          d = body.data() + uint64_t{kDupBody} * k;
         } else {
-          if (!need(8)) return false;
-          std::memcpy(&ref, body.data() + pos, 8);
-          pos += 8;
+          if (!need(kDupBody)) return false;
+          d = body.data() + pos;
+          pos += kDupBody;
         }
-        uint32_t y;
+        uint64_t ref;
+        std::memcpy(&ref, d, 8);
+        uint32_t y = Le32(d + 8);
         char hex[24];
         snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(ref));
-        if (!s.dedup->Find(ref, k, &y)) {
-          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " that this receiver does not hold (before this point of the frame)");
+        if (y >= s.pageCount || s.hashes[y] != ref) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this receiver does not hold there");
+          return false;
+        }
+        if (s.order->WrittenAfter(y, k)) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this frame writes later");
           return false;
         }
         if (y != x) std::memcpy(dst, s.m->addr + static_cast<uint64_t>(y) * kPageSize, kPageSize);
@@ -358,7 +364,6 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
       }
     }
     s.hashes[x] = h;
-    s.dedup->Set(x, h);
   }
   if (!direct && pos != body.size()) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body has " + std::to_string(body.size() - pos) + " bytes after its last page");
@@ -471,8 +476,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
           std::vector<iovec> iov;
           std::vector<uint8_t> enc;
           std::vector<uint64_t> refs;
+          std::vector<uint8_t> dupBodies;
           std::vector<uint32_t> written;
-          std::vector<uint8_t> dirtyMark, hashedEarly;
+          std::vector<uint8_t> dirtyMark, hashedEarly, wantIndex;
           const bool zeroOn = flags & 1, dedupOn = flags & 2;
           const uint64_t zh = ZeroPageHash(kPageSize);
           // time spent on encoding work (classifying before the send, indexing after it), so the
@@ -499,7 +505,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
               type = kTypePagesEnc;
               enc.resize(n);
               refs.resize(n);
+              dupBodies.resize(n * kDupBody);
               hashedEarly.resize(n);
+              wantIndex.resize(n);
               dedup->order.Begin(b, n, pageCount);
               kept = 0;
               for (size_t k = 0; k < n; k++) {
@@ -516,14 +524,35 @@ class Wire : public Napi::ObjectWrap<Wire> {
                 hashedEarly[k] = early;
                 if (early) {
                   table[x] = h;
-                  enc[k] = dedup->Choose(x, k, h, zero, zeroOn, dedupOn, false);
+                  uint32_t source = 0;
+                  enc[k] = dedup->Choose(x, k, h, zero, zeroOn, dedupOn, false, &source);
+                  if (enc[k] == kDup) {
+                    std::memcpy(&dupBodies[k * kDupBody], &h, 8);
+                    Put32(&dupBodies[k * kDupBody + 8], source);
+                  }
                 } else {
                   enc[k] = kRaw;
                   dedup->Invalidate(x);
                 }
+                // index a raw page after the send if it may be a dup source: early-hashed pages,
+                // and others whose content was seen before (not every unique page)
+                wantIndex[k] = dedupOn && enc[k] == kRaw && (early || dedup->SeenBefore(live));
                 refs[k] = h;
                 if (enc[k] != kSkip) kept++;
               }
+              size_t raws = 0;
+              for (size_t k = 0; k < n; k++) raws += enc[k] == kRaw;
+              if (raws == n) {
+                // nothing saved in this batch: a plain PAGES frame says the same and its
+                // receiver has less to do (no encodings to parse, one header per frame)
+                type = kTypePages;
+                payload = kPrefixBytes + n * (4 + kPageSize);
+                head.resize(kHeaderBytes + kPrefixBytes + n * 4);
+                for (size_t k = 0; k < n; k++) Put32(head.data() + 20 + 4 * k, b[k]);
+                iov.push_back({head.data(), head.size()});
+                PageIovecs(m->addr, b, n, iov);
+                c.raw += static_cast<double>(n);
+              } else {
               head.resize(kHeaderBytes + kPrefixBytes + kept * 5);
               iov.push_back({head.data(), head.size()});
               payload = kPrefixBytes + kept * 5;
@@ -549,12 +578,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
                 }
                 lastWasPage = false;
                 if (e == kDup) {
-                  iov.push_back({&refs[k], 8});
-                  payload += 8;
+                  iov.push_back({&dupBodies[k * kDupBody], kDupBody});
+                  payload += kDupBody;
                   c.dup++;
                 } else {
                   c.zero++;
                 }
+              }
               }
             }
             if (kept == 0) continue;
@@ -578,7 +608,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
             } else {
               for (size_t k = 0; k < n; k++)
                 if (enc[k] == kRaw && !hashedEarly[k]) refs[k] = table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
-              if (dedupOn && probe.fd >= 0) {
+              bool anyIndex = false;
+              for (size_t k = 0; k < n && !anyIndex; k++) anyIndex = wantIndex[k];
+              if (dedupOn && probe.fd >= 0 && anyIndex) {
                 long long tIndex = nowNs();
                 // A raw page not written since its protection was re-armed (before this send
                 // and both hashes) went out as exactly the hashed bytes: the receiver now holds
@@ -592,14 +624,15 @@ class Wire : public Napi::ObjectWrap<Wire> {
                   dirtyMark.assign(hi - lo + 1, 0);
                   for (uint32_t w : written) dirtyMark[w] = 1;
                   for (size_t k = 0; k < n; k++) {
-                    if (k + 8 < n && enc[k + 8] == kRaw) dedup->head.Prefetch(refs[k + 8]);
-                    if (enc[k] != kRaw || dirtyMark[b[k] - lo]) continue;
+                    if (k + 8 < n && wantIndex[k + 8]) dedup->head.Prefetch(refs[k + 8]);
+                    if (!wantIndex[k] || dirtyMark[b[k] - lo]) continue;
                     const uint8_t* p = m->addr + static_cast<uint64_t>(b[k]) * kPageSize;
                     dedup->Set(b[k], refs[k]);
                     dedup->NoteFingerprint(b[k], p);
                   }
                 }
                 overhead += nowNs() - tIndex;
+                c.indexMs += static_cast<double>(nowNs() - tIndex) / 1e6;
               }
             }
           }
@@ -614,16 +647,17 @@ class Wire : public Napi::ObjectWrap<Wire> {
           o.Set("skipped", c.skipped);
           o.Set("raw", c.raw);
           o.Set("overheadMs", c.overheadMs);
+          o.Set("indexMs", c.indexMs);
           return o;
         },
         keep);
   }
 
-  // sendEncoded(pages, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array,
+  // sendEncoded(pages, enc: Uint8Array, staging: Buffer, lz4: Buffer, lengths: Int32Array,
   //             hashes, round, version) -> Promise<number>
   // One PAGES_ENC frame for a classified batch: skipped pages are left out; raw bodies come
-  // from staging[k*pageSize], lz4 bodies from lz4[k*pageSize] (lz4Lengths[k] bytes), dup bodies
-  // are the page's content hash. Resolves to the bytes written (0 if every page was skipped).
+  // from staging[k*pageSize], lz4 bodies from lz4[k*pageSize] (lengths[k] bytes), dup bodies
+  // are the page's content hash and the source page lengths[k]. Resolves to the bytes written (0 if every page was skipped).
   Napi::Value SendEncoded(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto fd = Live(env);
@@ -641,6 +675,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     for (size_t k = 0; k < n; k++) {
       if (idx[k] >= hashes.ElementLength()) throw Napi::RangeError::New(env, "page index outside the hash table");
       if (enc.Data()[k] == kLz4 && (lens.Data()[k] < 4 || static_cast<size_t>(lens.Data()[k]) > kPageSize)) throw Napi::RangeError::New(env, "lz4 length out of range");
+      if (enc.Data()[k] == kDup && (lens.Data()[k] < 0 || static_cast<size_t>(lens.Data()[k]) >= hashes.ElementLength())) throw Napi::RangeError::New(env, "dup source page out of range");
     }
     const uint8_t* e = enc.Data();
     const uint8_t* stage = staging.Data();
@@ -656,7 +691,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
           if (keep.empty()) return;
           size_t c = keep.size();
           std::vector<uint8_t> head(kHeaderBytes + kPrefixBytes + c * 5);
-          std::vector<uint8_t> small(c * 8);  // dup hashes and lz4 lengths
+          std::vector<uint8_t> small(c * 16);  // dup bodies and lz4 lengths
           std::vector<iovec> iov;
           iov.push_back({head.data(), head.size()});
           uint64_t payload = kPrefixBytes + c * 5;
@@ -665,17 +700,18 @@ class Wire : public Napi::ObjectWrap<Wire> {
             size_t k = keep[j];
             Put32(h + 20 + 4 * j, idx[k]);
             h[20 + 4 * c + j] = e[k] == kIncompressible ? static_cast<uint8_t>(kRaw) : e[k];
-            uint8_t* sm = small.data() + 8 * j;
+            uint8_t* sm = small.data() + 16 * j;
             switch (e[k]) {
               case kIncompressible:
               case kRaw:
                 iov.push_back({const_cast<uint8_t*>(stage + k * kPageSize), kPageSize});
                 payload += kPageSize;
                 break;
-              case kDup:
+              case kDup:  // lengths[k] holds the source page for a dup
                 std::memcpy(sm, &table[idx[k]], 8);
-                iov.push_back({sm, 8});
-                payload += 8;
+                Put32(sm + 8, static_cast<uint32_t>(len[k]));
+                iov.push_back({sm, kDupBody});
+                payload += kDupBody;
                 break;
               case kLz4:
                 Put32(sm, static_cast<uint32_t>(len[k]));
@@ -724,18 +760,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
       sink.hashes = hashes.Data();
       sink.version = static_cast<uint8_t>(so.Get("version").As<Napi::Number>().Uint32Value());
       sink.maxBatchPages = so.Get("maxBatchPages").As<Napi::Number>().Uint32Value();
-      Napi::Value dv = so.Get("dedup");
-      if (dv.IsObject()) {
-        Dedup* d = Dedup::Unwrap(dv);
-        if (d->state.holder.size() != sink.pageCount) throw Napi::RangeError::New(env, "dedup index does not match the region");
-        sink.dedup = &d->state;
-        keep.push_back(dv);
-      }
+      if (so.Get("encodings").ToBoolean()) sink.order = order_.get();
       sink.m->Ref();
     }
+    auto order = order_;
     return Task<ReadResult>::Start(
         env,
-        [fd, maxPayload, maxType, sink](ReadResult& r, SysError& err) {
+        [fd, maxPayload, maxType, sink, order](ReadResult& r, SysError& err) {
           std::vector<uint32_t> idx;
           std::vector<iovec> iov;
           std::vector<uint8_t> body;
@@ -861,6 +892,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
   std::shared_ptr<Fd> fd_;
+  // frame rules of incoming PAGES_ENC frames; used by one read at a time
+  std::shared_ptr<FrameOrder> order_ = std::make_shared<FrameOrder>();
 };
 
 Napi::Value PageHashJs(const Napi::CallbackInfo& info) {

@@ -56,7 +56,7 @@ interface Addon {
   Wire: new (fd: number) => NativeWire;
   pageHash(data: Buffer): bigint;
   Dedup: new (pageCount: number) => NativeDedup;
-  classifyPages(region: NativeRegion, pages: Uint32Array, staging: Buffer, hashes: BigUint64Array, dedup: NativeDedup, flags: number): Promise<Uint8Array>;
+  classifyPages(region: NativeRegion, pages: Uint32Array, staging: Buffer, hashes: BigUint64Array, dedup: NativeDedup, flags: number, sources: Int32Array): Promise<Uint8Array>;
   samplePages(region: NativeRegion, pages: Uint32Array, staging: Buffer): Uint8Array;
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;

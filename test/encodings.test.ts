@@ -33,13 +33,19 @@ async function receiverWith(stream: Buffer, pages = 16): Promise<{ region: Regio
   const wire = WireChannel.fromSocket(client);
   const region = Region.create(pages * PS, { name: 'enc-test' });
   const hashes = new BigUint64Array(pages).fill(addon.zeroPageHash());
-  const dedup = new addon.Dedup(pages);
-  dedup.initImage(hashes);
   peer.write(stream);
-  const result = wire.next(undefined, { region, hashes, version: V, dedup });
+  const result = wire.next(undefined, { region, hashes, version: V, encodings: true });
   result.catch(() => undefined);
   return { region, hashes, result, close: () => (wire.close(), peer.destroy(), server.close()) };
 }
+
+/** a dup's body: the content hash, then the page holding it */
+const dupBody = (content: Buffer | bigint, page: number): Buffer => {
+  const b = Buffer.alloc(12);
+  b.writeBigUInt64LE(typeof content === 'bigint' ? content : addon.pageHash(content), 0);
+  b.writeUInt32LE(page, 8);
+  return b;
+};
 
 const text = (): Buffer => Buffer.from('the quick brown fox jumps over the lazy dog '.repeat(100).slice(0, PS));
 
@@ -51,7 +57,7 @@ test('raw, zero, dup and lz4 pages each arrive intact, and a dup may refer to a 
     [
       { index: 1, encoding: M.PageEncoding.Raw, body: a },
       { index: 2, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) },
-      { index: 3, encoding: M.PageEncoding.Dup, body: Buffer.from(new BigUint64Array([addon.pageHash(a)]).buffer) },
+      { index: 3, encoding: M.PageEncoding.Dup, body: dupBody(a, 1) },
       { index: 4, encoding: M.PageEncoding.Lz4, body: compressSync(t) },
     ],
     V,
@@ -78,7 +84,8 @@ test('a forged dup reference, a corrupt lz4 page and a wrong decompressed size a
   const wrongSize = Buffer.from(good);
   wrongSize.writeUInt32LE(PS / 2, 0);
   const cases: [string, M.EncodedPage, RegExp][] = [
-    ['forged dup', { index: 0, encoding: M.PageEncoding.Dup, body: Buffer.from(new BigUint64Array([0x1234n]).buffer) }, /dup reference to content 0000000000001234/],
+    ['forged dup', { index: 0, encoding: M.PageEncoding.Dup, body: dupBody(0x1234n, 1) }, /dup reference to content 0000000000001234 in page 1, which this receiver does not hold there/],
+    ['dup from outside the region', { index: 0, encoding: M.PageEncoding.Dup, body: dupBody(addon.zeroPageHash(), 1 << 30) }, /in page 1073741824, which this receiver does not hold/],
     ['corrupt lz4', { index: 0, encoding: M.PageEncoding.Lz4, body: corrupt }, /corrupt lz4 page 0/],
     ['wrong size', { index: 0, encoding: M.PageEncoding.Lz4, body: wrongSize }, /decompresses to 2048 bytes/],
     ['truncated lz4', { index: 0, encoding: M.PageEncoding.Lz4, body: good.subarray(0, good.length - 5) }, /corrupt lz4/],
@@ -108,17 +115,16 @@ test('the native LZ4 decoder agrees with lz4-napi and rejects every truncation',
   }
 });
 
-test('the receiver indexes every page it holds; a dup of content it no longer holds is refused', async () => {
+test('a dup is checked against what the receiver holds in the named page; content it no longer holds is refused', async () => {
   const a = randomBytes(PS);
   const b = randomBytes(PS);
-  const dupOf = (p: Buffer): Buffer => Buffer.from(new BigUint64Array([addon.pageHash(p)]).buffer);
   const ok = M.encodePagesEnc(
     1,
     [
       { index: 5, encoding: M.PageEncoding.Raw, body: a },
       { index: 6, encoding: M.PageEncoding.Raw, body: b },
       { index: 7, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) },
-      { index: 8, encoding: M.PageEncoding.Dup, body: dupOf(b) },
+      { index: 8, encoding: M.PageEncoding.Dup, body: dupBody(b, 6) },
     ],
     V,
   );
@@ -130,17 +136,17 @@ test('the receiver indexes every page it holds; a dup of content it no longer ho
   r.region.release();
   const overwritten = Buffer.concat([
     M.encodePagesEnc(1, [{ index: 5, encoding: M.PageEncoding.Raw, body: a }], V),
-    M.encodePagesEnc(1, [{ index: 5, encoding: M.PageEncoding.Raw, body: b }, { index: 9, encoding: M.PageEncoding.Dup, body: dupOf(a) }], V),
+    M.encodePagesEnc(1, [{ index: 5, encoding: M.PageEncoding.Raw, body: b }, { index: 9, encoding: M.PageEncoding.Dup, body: dupBody(a, 5) }], V),
   ]);
   const r2 = await receiverWith(Buffer.concat([overwritten, M.encodeRoundEnd({ round: 1, pages: 3 }, V)]));
-  await assert.rejects(r2.result, /dup reference to content [0-9a-f]+ that this receiver does not hold/);
+  await assert.rejects(r2.result, /dup reference to content [0-9a-f]+ in page 5, which this receiver does not hold there/);
   r2.close();
   r2.region.release();
 });
 
 test('frame rules: a page listed twice, a dup of a page written later in the frame, and bodies of the wrong size are refused', async () => {
   const a = randomBytes(PS);
-  const h = Buffer.from(new BigUint64Array([addon.zeroPageHash()]).buffer);
+  const h = dupBody(addon.zeroPageHash(), 5);
   const cases: [string, Buffer, RegExp][] = [
     ['twice', M.encodePagesEnc(1, [{ index: 2, encoding: M.PageEncoding.Raw, body: a }, { index: 2, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) }], V), /lists a page twice/],
     // page 0 holds `a` until the raw page later in this frame replaces it
@@ -148,11 +154,11 @@ test('frame rules: a page listed twice, a dup of a page written later in the fra
       'dup of a later page',
       Buffer.concat([
         M.encodePagesEnc(1, [{ index: 0, encoding: M.PageEncoding.Raw, body: a }], V),
-        M.encodePagesEnc(1, [{ index: 3, encoding: M.PageEncoding.Dup, body: Buffer.from(new BigUint64Array([addon.pageHash(a)]).buffer) }, { index: 0, encoding: M.PageEncoding.Raw, body: randomBytes(PS) }], V),
+        M.encodePagesEnc(1, [{ index: 3, encoding: M.PageEncoding.Dup, body: dupBody(a, 0) }, { index: 0, encoding: M.PageEncoding.Raw, body: randomBytes(PS) }], V),
       ]),
-      /does not hold \(before this point of the frame\)/,
+      /in page 0, which this frame writes later/,
     ],
-    ['short body', M.encodePagesEnc(1, [{ index: 1, encoding: M.PageEncoding.Raw, body: a.subarray(0, PS - 8) }, { index: 2, encoding: M.PageEncoding.Dup, body: h }], V), /bodies of 2 pages must be 4104 bytes/],
+    ['short body', M.encodePagesEnc(1, [{ index: 1, encoding: M.PageEncoding.Raw, body: a.subarray(0, PS - 8) }, { index: 2, encoding: M.PageEncoding.Dup, body: h }], V), /bodies of 2 pages must be 4108 bytes/],
   ];
   for (const [name, frame, re] of cases) {
     const r = await receiverWith(Buffer.concat([frame, M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
@@ -187,12 +193,10 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
   const txDedup = new addon.Dedup(pages);
   txDedup.initImage(zeroHashes());
   const rxHashes = zeroHashes();
-  const rxDedup = new addon.Dedup(pages);
-  rxDedup.initImage(rxHashes);
   const txHashes = new BigUint64Array(pages);
   const all = Uint32Array.from({ length: pages }, (_, i) => i);
   // without a way to know the raw pages went out unchanged, none becomes a dup source
-  let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, dedup: rxDedup });
+  let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
   let c = await tx.sendPages(src, all, 1, V, 16, txHashes, txDedup, 3);
   await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
   let f = (await got) as { type: FrameType; pages: number; bytes: number };
@@ -205,12 +209,10 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
   const txDedup2 = new addon.Dedup(pages);
   txDedup2.initImage(zeroHashes());
   const rxHashes2 = zeroHashes();
-  const rxDedup2 = new addon.Dedup(pages);
-  rxDedup2.initImage(rxHashes2);
   const tracker = new UffdAsyncTracker(src);
   await tracker.start();
   src.page(2).set(randomBytes(PS)); // written after arming: sent, but never a dup source
-  got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, dedup: rxDedup2 });
+  got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, encodings: true });
   c = await tx.sendPages(src, all, 2, V, 16, txHashes, txDedup2, 3, tracker.writtenProbe());
   await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
   f = (await got) as { type: FrameType; pages: number; bytes: number };

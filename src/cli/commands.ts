@@ -1,3 +1,4 @@
+import { once } from 'node:events';
 /** The `livemig` subcommands: receive, send, demo. */
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
@@ -186,8 +187,24 @@ export async function runDemo(
       }
     }
     if (guest && guest.child.exitCode === null) guest.kill();
-    receiver.kill();
+    if (receiver.exitCode === null) {
+      const exited = once(receiver, 'exit');
+      receiver.kill();
+      await exited;
+    }
     observer.close();
+    // Wait until the destination guest is gone too: tearing down a gigabyte it mapped would
+    // otherwise run beside whatever comes next (a benchmark's next run).
+    for (let i = 0; destPid && i < 500 && alive(destPid); i++) await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false; // ESRCH: gone
   }
 }
 

@@ -13,11 +13,17 @@ commands:
   probe [--json]               which dirty-tracking backends work on this kernel, and why not
 
 guest flags (demo, send): --size 1GiB --content mixed|random|zero|text|dup --rate 64 (MiB/s)
-  --pattern uniform|hot|sequential --hot-size 64MiB --downtime-limit 50 (ms) --max-rounds 30 --json
+  --pattern uniform|hot|sequential --hot-size 64MiB --downtime-limit 20 (ms) --max-rounds 30 --json
+  --no-zero --no-dedup --no-compress   switch page encodings off (each is on by default)
+receive flags: --max-region SIZE --reuse-image PATH (an image this host kept: send only what differs) --json
 `;
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  if (command !== undefined && (rest.includes('--help') || rest.includes('-h'))) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
   switch (command) {
     case 'probe': {
       const result = probe();
@@ -52,6 +58,7 @@ main(process.argv.slice(2)).then(
   },
   (e: unknown) => {
     if (e instanceof LivemigError) process.stderr.write(`livemig: ${e.code} (${e.phase ?? 'unknown phase'}): ${e.message}\n`);
+    else if ((e as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) process.stderr.write(`livemig: ${(e as Error).message}\n${USAGE}`);
     else process.stderr.write(`livemig: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
     process.exitCode = 1;
   },

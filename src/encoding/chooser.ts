@@ -61,6 +61,7 @@ export class Chooser {
   #nextProbe = 1;
   #probeGap = FIRST_PROBE_GAP;
   #compressedRuns = 0;
+  #linkRuns = 0;
 
   constructor(options: ChooserOptions) {
     this.options = options;
@@ -131,9 +132,9 @@ export class Chooser {
 
   /** Whether to sample the next batch's pages before sending it uncompressed. */
   wantSample(): boolean {
-    if (!this.options.compress || this.linkMBps === undefined) return false; // the link first
-    // one compressor thread cannot come near a link this fast: do not even start it
-    if (this.linkMBps > Math.max(this.compressMBps ?? 0, ASSUMED_COMPRESS_MBPS) * 4) return false;
+    if (!this.options.compress || this.linkMBps === undefined || this.#linkRuns < 2) return false; // the link first
+    // the compressor threads cannot come near a link this fast: do not even start them
+    if (this.linkMBps > Math.max(this.compressMBps ?? 0, ASSUMED_COMPRESS_MBPS) * 2.5) return false;
     return this.#batches >= this.#nextSample;
   }
 
@@ -153,6 +154,7 @@ export class Chooser {
   /** A run of many frames went out: `bytes` in `ms` of writing to the socket. */
   sent(bytes: number, ms: number): void {
     if (bytes < 64 * 1024) return; // too small to say anything about the link
+    this.#linkRuns++;
     this.linkMBps = ewma(this.linkMBps, bytes / 1e3 / Math.max(ms, 0.01));
   }
 

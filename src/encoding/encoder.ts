@@ -20,7 +20,7 @@ import { Compressor } from './compressor.js';
 const SKIP = 255;
 const INCOMPRESSIBLE = 254;
 /** batches per native call on the in-place and plain paths, and per run on the compressed path */
-const RUN_BATCHES = 16;
+const RUN_BATCHES = Number(process.env.LIVEMIG_RUN_BATCHES ?? 16);
 const COMPRESS_RUN = 8;
 /** pages compressed off to the side per sample while not compressing */
 const SAMPLE_PAGES = 32;
@@ -56,6 +56,12 @@ export class PageEncoder {
   readonly #sets: BufferSet[];
   #compressor: Compressor | undefined;
   #sampling: Promise<void> | undefined;
+  #inPlaceMs = 0;
+  #overheadMs = 0;
+  #indexMs = 0;
+  #plainMs = 0;
+  #sendWallMs = 0;
+  #inPlacePages = 0;
   readonly #sampleSet: BufferSet;
 
   readonly #probe: () => WrittenProbe | undefined;
@@ -79,6 +85,7 @@ export class PageEncoder {
 
   /** Sends `pages` for `round`; resolves to the bytes written. */
   async send(round: number, pages: Uint32Array): Promise<number> {
+    const tSend = performance.now();
     let bytes = 0;
     for (let at = 0; at < pages.length; ) {
       const compress = this.chooser.compressing() && !this.chooser.linkProbeDue();
@@ -92,7 +99,8 @@ export class PageEncoder {
       }
       this.chooser.advance(Math.ceil(part.length / this.#batchPages));
     }
-    if (process.env.LIVEMIG_DEBUG_CHOOSER) console.error(`chooser round ${round}: ${this.chooser.describe()}`, JSON.stringify(this.stats));
+    this.#sendWallMs += performance.now() - tSend;
+    if (process.env.LIVEMIG_DEBUG_CHOOSER) console.error(`chooser round ${round}: wall ${this.#sendWallMs.toFixed(0)} ms, plain calls ${this.#plainMs.toFixed(0)} ms, in place ${this.#inPlacePages} pages in ${this.#inPlaceMs.toFixed(0)} ms (encoding work ${this.#overheadMs.toFixed(0)} ms, indexing ${this.#indexMs.toFixed(0)}); ${this.chooser.describe()}`, JSON.stringify(this.stats));
     return bytes;
   }
 
@@ -102,6 +110,10 @@ export class PageEncoder {
     const ms = performance.now() - t0;
     this.chooser.sent(c.bytes, ms);
     if (this.#flags !== 0) this.chooser.inPlace(pages.length, c.zero + c.dup + c.skipped, ms);
+    this.#inPlaceMs += ms;
+    this.#overheadMs += c.overheadMs;
+    this.#indexMs += c.indexMs;
+    this.#inPlacePages += pages.length;
     this.stats.zero_pages += c.zero;
     this.stats.dup_pages += c.dup;
     this.stats.skipped_pages += c.skipped;
@@ -116,6 +128,7 @@ export class PageEncoder {
     const ms = performance.now() - t0;
     this.chooser.sent(c.bytes, ms);
     this.chooser.plain(pages.length, ms);
+    this.#plainMs += ms;
     this.stats.raw_pages += c.raw;
     return c.bytes;
   }
@@ -165,11 +178,12 @@ export class PageEncoder {
         const set = this.#sets[slot]!;
         slot ^= 1;
         const staging = Buffer.from(set.staging);
-        const enc = await callAsync('ERR_LIVEMIG_SYSCALL', 'precopy', 'classifying pages', () =>
-          addon.classifyPages(this.#region.nativeHandle, batch, staging, this.#hashes, this.#dedup, classifyFlags),
-        );
+        // per page: a dup's source page (from classify), or an lz4 page's length (compressor)
         const lengths = new Int32Array(set.lengths);
         lengths.fill(0, 0, batch.length);
+        const enc = await callAsync('ERR_LIVEMIG_SYSCALL', 'precopy', 'classifying pages', () =>
+          addon.classifyPages(this.#region.nativeHandle, batch, staging, this.#hashes, this.#dedup, classifyFlags, lengths),
+        );
         const candidates: number[] = [];
         let nonzero = 0;
         for (let k = 0; k < enc.length; k++) {

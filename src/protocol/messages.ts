@@ -217,13 +217,14 @@ export function decodeImageHashes(p: Buffer, pageCount: number): BigUint64Array 
 export interface EncodedPage {
   index: number;
   encoding: PageEncoding;
-  /** raw: the page; zero: empty; dup: the 8-byte content hash; lz4: lz4-napi output (u32 size + block) */
+  /** raw: the page; zero: empty; dup: u64 content hash + u32 page holding it; lz4: lz4-napi output (u32 size + block) */
   body: Buffer;
 }
 
 /**
  * PAGES_ENC layout (payload): u32 round, u32 count, count × u32 index, count × u8 encoding,
- * then each page's body in order: raw pageSize bytes; zero nothing; dup u64 content hash;
+ * then each page's body in order: raw pageSize bytes; zero nothing; dup u64 content hash and
+ * u32 page of the receiver holding it;
  * lz4 u32 n + n bytes (u32 original size, then an LZ4 block). The reference encoder; the
  * sender's hot path builds the same bytes natively (native/wire.cc sendEncoded).
  */

@@ -28,6 +28,8 @@ export interface SendCounts {
   raw: number;
   /** time spent classifying and indexing (the encoding work), not sending or hashing */
   overheadMs: number;
+  /** of which indexing pages after the send */
+  indexMs: number;
 }
 
 /** sendPages flags: PAGES_ENC frames with, in place, zero detection and/or dedup. */
@@ -38,7 +40,7 @@ export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
   sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags?: number, probe?: WrittenProbe): Promise<SendCounts>;
   sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
-  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; dedup?: NativeDedup } }): Promise<NativeFrame>;
+  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
   finish(timeoutMs: number): Promise<void>;
   shutdown(): void;
   close(): void;
@@ -78,8 +80,11 @@ export interface PageSink {
   hashes: BigUint64Array;
   /** the negotiated version; a PAGES frame of another version is refused */
   version: number;
-  /** present when encodings were negotiated: PAGES_ENC frames are decoded against it */
-  dedup?: NativeDedup;
+  /**
+   * encodings were negotiated: PAGES_ENC frames are decoded, and a dup is checked against
+   * `hashes` (what this side holds in each page, from its initial image on)
+   */
+  encodings?: boolean;
 }
 
 export class WireChannel {
@@ -262,7 +267,7 @@ export class WireChannel {
       const f = await this.#wire.read({
         maxPayload: MAX_PAYLOAD,
         maxType: MAX_TYPE,
-        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, ...(sink.dedup ? { dedup: sink.dedup } : {}) } } : {}),
+        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, encodings: sink.encodings === true } } : {}),
       });
       return { ...f, type: f.type as FrameType };
     } catch (e) {

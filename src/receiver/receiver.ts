@@ -7,7 +7,7 @@
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync } from '../native.js';
-import { WireChannel, type NativeDedup, type PageSink } from '../protocol/wire.js';
+import { WireChannel, type PageSink } from '../protocol/wire.js';
 import { open } from 'node:fs/promises';
 import { ProtocolError } from '../protocol/errors.js';
 import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
@@ -106,12 +106,12 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     const reserveMs = performance.now() - t0;
     progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
     const hashes = new BigUint64Array(region.pageCount);
-    // Encodings (version 2): a dedup index mirrored with the sender's, starting from what the
-    // region holds now: all zero, or the kept image (whose hashes the sender receives).
-    let dedup: NativeDedup | undefined;
+    // Encodings (version 2): `hashes` says what each page holds from the start, all zero or
+    // the kept image (whose hashes the sender receives); a dup is checked against it.
+    let encodings = false;
     let imageHashes = false;
     if (version >= 2 && h.capabilities.includes(CAP_ENCODINGS)) {
-      dedup = new addon.Dedup(region.pageCount);
+      encodings = true;
       if (options.reuseImage && (await loadImage(region, options.reuseImage, hashes))) {
         imageHashes = true;
         progress({ type: 'image', path: options.reuseImage });
@@ -119,9 +119,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
         if (options.reuseImage) progress({ type: 'image-ignored', path: options.reuseImage, reason: `its size is not the region's ${region.size} bytes` });
         hashes.fill(addon.zeroPageHash());
       }
-      dedup.initImage(hashes);
     }
-    await ch.send(encodeAccept({ version, capabilities: dedup ? (imageHashes ? [CAP_ENCODINGS, CAP_IMAGE_HASHES] : [CAP_ENCODINGS]) : [] }, version));
+    await ch.send(encodeAccept({ version, capabilities: encodings ? (imageHashes ? [CAP_ENCODINGS, CAP_IMAGE_HASHES] : [CAP_ENCODINGS]) : [] }, version));
     if (imageHashes) await ch.send(encodeImageHashes(hashes, version));
 
     state = 'receiving';
@@ -131,7 +130,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     let digest = 0n;
     // PAGES frames are applied natively as they arrive (checked, received straight into the
     // region, hashed); the loop sees the control frames between them.
-    const sink: PageSink = { region, hashes, version, ...(dedup ? { dedup } : {}) };
+    const sink: PageSink = { region, hashes, version, encodings };
     for (;;) {
       const f = await ch.next(undefined, state === 'receiving' ? sink : undefined);
       pagesReceived += f.pages;
