@@ -13,6 +13,14 @@ constexpr uint64_t K0[8] = {0x9E3779B185EBCA87ULL, 0xC2B2AE3D27D4EB4FULL, 0x1656
 constexpr uint64_t K1[8] = {0xD6E8FEB86659FD93ULL, 0xA0761D6478BD642FULL, 0xE7037ED1A0B428DBULL, 0x8EBC6AF09C88C6E3ULL,
                             0x589965CC75374CC3ULL, 0x1D8E4E27C47D124FULL, 0xBF58476D1CE4E5B9ULL, 0x94D049BB133111EBULL};
 
+// Per-block key steps: every 128-byte block is keyed differently, so a word counts differently
+// at each position (the first definition reused one key for every block, and sparse pages whose
+// words merely sat in other blocks, or summed to the same value, collided).
+constexpr uint64_t S0[8] = {0xA0761D6478BD642FULL, 0xE7037ED1A0B428DBULL, 0x8EBC6AF09C88C6E3ULL, 0x589965CC75374CC3ULL,
+                            0x1D8E4E27C47D124FULL, 0xBF58476D1CE4E5B9ULL, 0x94D049BB133111EBULL, 0xD6E8FEB86659FD93ULL};
+constexpr uint64_t S1[8] = {0xFF51AFD7ED558CCDULL, 0xC4CEB9FE1A85EC53ULL, 0x2545F4914F6CDD1DULL, 0x9E3779B97F4A7C15ULL,
+                            0xBF58476D1CE4E5B9ULL, 0x94D049BB133111EBULL, 0x27D4EB2F165667C5ULL, 0x85EBCA77C2B2AE63ULL};
+
 inline uint64_t Fold(uint64_t a, uint64_t b) {
   unsigned __int128 m = static_cast<unsigned __int128>(a) * b;
   return static_cast<uint64_t>(m) ^ static_cast<uint64_t>(m >> 64);
@@ -34,13 +42,20 @@ inline uint64_t Avalanche(uint64_t h) {
   std::memcpy(&key1, K1, 64);                                                               \
   acc0 = key1;                                                                              \
   acc1 = key0;                                                                              \
+  V8 step0, step1;                                                                          \
+  std::memcpy(&step0, S0, 64);                                                              \
+  std::memcpy(&step1, S1, 64);                                                              \
   for (size_t i = 0; i < len; i += 128) {                                                   \
     V8 d0, d1;                                                                              \
     std::memcpy(&d0, p + i, 64);                                                            \
     std::memcpy(&d1, p + i + 64, 64);                                                       \
     V8 x0 = d0 ^ key0, x1 = d1 ^ key1;                                                      \
+    x0 ^= x0 << 32;                                                                         \
+    x1 ^= x1 << 32;                                                                         \
     acc0 += (x0 & 0xFFFFFFFFULL) * (x0 >> 32) + ((d0 << 32) | (d0 >> 32));                   \
     acc1 += (x1 & 0xFFFFFFFFULL) * (x1 >> 32) + ((d1 << 32) | (d1 >> 32));                   \
+    key0 += step0;                                                                          \
+    key1 += step1;                                                                          \
   }                                                                                         \
   uint64_t a[8], b[8];                                                                      \
   std::memcpy(a, &acc0, 64);                                                                \

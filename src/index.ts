@@ -4,5 +4,6 @@ export { GuestListener, handOverRegion, parseHello, type GuestHello, type GuestC
 export * from './tracking/index.js';
 export { xxh64 } from './pages/hash.js';
 export { migrate } from './precopy/sender.js';
-export type { MigrateOptions, MigrationReport, ProgressEvent, RoundStats } from './precopy/types.js';
+export { MigrationControl, type MigrateOptions, type MigrationReport, type ProgressEvent, type RoundStats } from './precopy/types.js';
+export type { StallAction } from './precopy/policy.js';
 export { receiveOn, listen, type ReceiveOptions, type ReceiveReport, type ReceiveProgress, type Receiver } from './receiver/receiver.js';

@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { LivemigError } from '../errors.js';
 import { migrate } from '../precopy/sender.js';
-import type { MigrationReport, ProgressEvent } from '../precopy/types.js';
+import type { MigrateOptions, MigrationReport, ProgressEvent } from '../precopy/types.js';
 import { listen } from '../receiver/receiver.js';
 import { CONTENTS, PATTERNS } from '../workload/content.js';
 import { monotonicMs } from '../workload/clock.js';
@@ -19,13 +19,40 @@ const GUEST_FLAGS = {
   rate: { type: 'string', default: '64' },
   pattern: { type: 'string', default: 'uniform' },
   'hot-size': { type: 'string', default: '64MiB' },
-  'downtime-limit': { type: 'string', default: '20' },
+  'downtime-limit': { type: 'string', default: '50' },
   'max-rounds': { type: 'string', default: '30' },
   json: { type: 'boolean', default: false },
   'no-zero': { type: 'boolean', default: false },
   'no-dedup': { type: 'boolean', default: false },
   'no-compress': { type: 'boolean', default: false },
+  'on-stall': { type: 'string' },
+  bandwidth: { type: 'string' },
+  deadline: { type: 'string' },
+  'no-wws': { type: 'boolean', default: false },
+  'rate-adapt': { type: 'string' },
+  'max-bytes': { type: 'string' },
 } as const;
+
+/** The convergence settings given on the command line (see MigrateOptions). */
+export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes'>;
+
+function policyOptions(v: Record<string, string | boolean | undefined>): PolicyFlags {
+  const o: PolicyFlags = {};
+  const stall = v['on-stall'];
+  if (typeof stall === 'string') {
+    if (!['throttle', 'postcopy', 'force', 'abort'].includes(stall)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `--on-stall must be throttle, postcopy, force or abort, got ${stall}`);
+    o.onStall = stall as PolicyFlags['onStall'];
+  }
+  if (typeof v.bandwidth === 'string') o.bandwidthMiBps = parseNumber(v.bandwidth, '--bandwidth (MiB/s)', Number.MIN_VALUE);
+  if (typeof v.deadline === 'string') o.deadlineMs = parseNumber(v.deadline, '--deadline (seconds)', Number.MIN_VALUE) * 1000;
+  if (v['no-wws']) o.wws = false;
+  if (typeof v['rate-adapt'] === 'string') {
+    const [a, b] = v['rate-adapt'].split(':');
+    o.rateAdaptation = { startMiBps: parseNumber(a ?? '', '--rate-adapt START', Number.MIN_VALUE), incrementMiBps: parseNumber(b ?? '50', '--rate-adapt INCREMENT') };
+  }
+  if (typeof v['max-bytes'] === 'string') o.maxBytes = parseSize(v['max-bytes'], '--max-bytes');
+  return o;
+}
 
 function encodingOptions(v: Record<string, string | boolean | undefined>): { zero: boolean; dedup: boolean; compress: boolean } {
   return { zero: !v['no-zero'], dedup: !v['no-dedup'], compress: !v['no-compress'] };
@@ -43,7 +70,7 @@ function guestOptions(v: Record<string, string | boolean | undefined>) {
 
 function printRound(e: ProgressEvent): void {
   if (e.type === 'round') {
-    process.stderr.write(`  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty -> ${e.decision}\n`);
+    process.stderr.write(`  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty, ${e.wws_pages} held, est. ${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}\n`);
   } else if (e.type === 'handshake') {
     process.stderr.write(`  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}\n`);
   }
@@ -100,6 +127,8 @@ export async function sendCommand(argv: string[]): Promise<number> {
       downtimeLimitMs: parseNumber(values['downtime-limit'], '--downtime-limit'),
       maxRounds: parseNumber(values['max-rounds'], '--max-rounds', 1),
       encodings: encodingOptions(values),
+      throttle: (p) => guest.throttle(p),
+      ...policyOptions(values),
       onProgress: values.json ? undefined : printRound,
     });
     process.stdout.write(JSON.stringify(report) + '\n');
@@ -132,6 +161,7 @@ export async function runDemo(
   receiverArgs: string[] = [],
   /** where the receiver runs: a command prefix (e.g. `ip netns exec NAME`) and the address it listens on */
   receiverAt: { prefix: string[]; host: string; observer?: string } = { prefix: [], host: '127.0.0.1' },
+  policy: PolicyFlags = {},
 ): Promise<DemoReport> {
   // heartbeats from both guests must reach the observer: across a namespace link, on its near end
   const observer = await HeartbeatObserver.start(receiverAt.observer);
@@ -159,6 +189,8 @@ export async function runDemo(
       downtimeLimitMs: naive ? Number.MAX_SAFE_INTEGER : downtimeLimitMs,
       maxRounds: naive ? 1 : maxRounds,
       encodings: naive ? { zero: false, dedup: false, compress: false } : encodings,
+      throttle: (p) => source.throttle(p),
+      ...(naive ? { wws: false } : policy),
       ...(onProgress ? { onProgress } : {}),
     });
     if (early) report.downtime_ms = +(report.prep_ms + report.total_ms).toFixed(3); // paused from before the handshake to activation
@@ -213,7 +245,7 @@ export async function demoCommand(argv: string[]): Promise<number> {
   const g = guestOptions(values);
   const downtime = parseNumber(values['downtime-limit'], '--downtime-limit');
   if (!values.json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback\n`);
-  const r = await runDemo(g, downtime, parseNumber(values['max-rounds'], '--max-rounds', 1), values.json ? undefined : printRound, false, encodingOptions(values));
+  const r = await runDemo(g, downtime, parseNumber(values['max-rounds'], '--max-rounds', 1), values.json ? undefined : printRound, false, encodingOptions(values), [], undefined, policyOptions(values));
   if (values.json) {
     process.stdout.write(JSON.stringify(r) + '\n');
   } else {

@@ -13,8 +13,11 @@ commands:
   probe [--json]               which dirty-tracking backends work on this kernel, and why not
 
 guest flags (demo, send): --size 1GiB --content mixed|random|zero|text|dup --rate 64 (MiB/s)
-  --pattern uniform|hot|sequential --hot-size 64MiB --downtime-limit 20 (ms) --max-rounds 30 --json
+  --pattern uniform|hot|sequential --hot-size 64MiB --downtime-limit 50 (ms) --max-rounds 30 --json
   --no-zero --no-dedup --no-compress   switch page encodings off (each is on by default)
+  --on-stall throttle|postcopy|force|abort   when pre-copy does not converge (default throttle)
+  --bandwidth MiB/s   cap, enforced smoothly   --deadline SECONDS   done or given up by then
+  --no-wws   send hot pages every round   --rate-adapt START:INC (MiB/s)   --max-bytes SIZE (default 3x)
 receive flags: --max-region SIZE --reuse-image PATH (an image this host kept: send only what differs) --json
 `;
 

@@ -31,7 +31,7 @@ const MAX_SAMPLE_GAP = 256;
 /** runs (of RUN_BATCHES batches) between probes of the slower of in-place and plain: first, longest */
 const FIRST_PROBE_GAP = 4;
 const MAX_PROBE_GAP = 32;
-const LINK_PROBE_EVERY = 16;
+const LINK_PROBE_EVERY = 32;
 /** a plain run cannot be faster when in place leaves out at least this share of the pages */
 const NO_PLAIN_ABOVE = 0.5;
 
@@ -132,7 +132,7 @@ export class Chooser {
 
   /** Whether to sample the next batch's pages before sending it uncompressed. */
   wantSample(): boolean {
-    if (!this.options.compress || this.linkMBps === undefined || this.#linkRuns < 2) return false; // the link first
+    if (!this.options.compress || this.linkMBps === undefined || this.#linkRuns < 1) return false; // the link first
     // the compressor threads cannot come near a link this fast: do not even start them
     if (this.linkMBps > Math.max(this.compressMBps ?? 0, ASSUMED_COMPRESS_MBPS) * 2.5) return false;
     return this.#batches >= this.#nextSample;

@@ -20,7 +20,9 @@ import { Compressor } from './compressor.js';
 const SKIP = 255;
 const INCOMPRESSIBLE = 254;
 /** batches per native call on the in-place and plain paths, and per run on the compressed path */
-const RUN_BATCHES = Number(process.env.LIVEMIG_RUN_BATCHES ?? 16);
+const RUN_BATCHES = 16;
+const LEARNING_RUNS = 3;
+const LEARNING_RUN_BATCHES = 4;
 const COMPRESS_RUN = 8;
 /** pages compressed off to the side per sample while not compressing */
 const SAMPLE_PAGES = 32;
@@ -56,6 +58,7 @@ export class PageEncoder {
   readonly #sets: BufferSet[];
   #compressor: Compressor | undefined;
   #sampling: Promise<void> | undefined;
+  #runs = 0;
   #inPlaceMs = 0;
   #overheadMs = 0;
   #indexMs = 0;
@@ -90,7 +93,9 @@ export class PageEncoder {
     for (let at = 0; at < pages.length; ) {
       const compress = this.chooser.compressing() && !this.chooser.linkProbeDue();
       const inPlace = !compress && (this.#flags === 0 || this.chooser.nextRunInPlace());
-      const part = pages.subarray(at, Math.min(pages.length, at + (compress ? COMPRESS_RUN : RUN_BATCHES) * this.#batchPages));
+      // the first runs are short: the chooser learns the link and the content sooner
+      const runBatches = this.#runs++ < LEARNING_RUNS ? LEARNING_RUN_BATCHES : RUN_BATCHES;
+      const part = pages.subarray(at, Math.min(pages.length, at + (compress ? COMPRESS_RUN : runBatches) * this.#batchPages));
       at += part.length;
       if (compress) bytes += await this.#sendCompressed(round, part);
       else {

@@ -16,6 +16,7 @@ import {
   decodeActivated,
   decodeCommitAck,
   decodeImageHashes,
+  CAP_COMMIT_ACTIVATE,
   CAP_ENCODINGS,
   CAP_IMAGE_HASHES,
   decodeError,
@@ -31,7 +32,13 @@ import { chooseTracker } from '../tracking/probe.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import { UffdAsyncTracker } from '../tracking/uffd-async.js';
 import { mergePages } from './batches.js';
+import { RateMeter, TokenBucket } from './bandwidth.js';
+import { ConvergencePolicy, type StallAction } from './policy.js';
 import type { MigrateOptions, MigrationReport, RoundStats } from './types.js';
+import { WritableWorkingSet } from './wws.js';
+
+const STALL_ACTIONS: readonly StallAction[] = ['throttle', 'postcopy', 'force', 'abort'];
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 type SenderState = 'connecting' | 'handshake' | 'precopy' | 'stop-and-copy' | 'commit' | 'activating' | 'done' | 'failed';
 
@@ -70,12 +77,22 @@ async function connect(to: MigrateOptions['to']): Promise<net.Socket> {
 
 export async function migrate(options: MigrateOptions): Promise<MigrationReport> {
   const { region } = options;
-  const downtimeLimitMs = options.downtimeLimitMs ?? 20;
+  const downtimeLimitMs = options.downtimeLimitMs ?? 50;
   const maxRounds = options.maxRounds ?? 30;
+  const maxBytes = options.maxBytes ?? 3 * region.size;
+  const onStall: StallAction = options.onStall ?? (options.throttle ? 'throttle' : 'force');
   const batchPages = Math.max(1, Math.floor((options.batchBytes ?? 1 << 20) / region.pageSize));
-  if (!(downtimeLimitMs > 0)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'downtimeLimitMs must be a positive number', { phase: 'validate' });
-  if (!Number.isInteger(maxRounds) || maxRounds < 1) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'maxRounds must be a positive integer', { phase: 'validate' });
-  if (batchPages > 4096) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'batchBytes must be at most 4096 pages', { phase: 'validate' });
+  const invalid = (m: string): LivemigError => new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', m, { phase: 'validate' });
+  if (!(downtimeLimitMs > 0)) throw invalid('downtimeLimitMs must be a positive number');
+  if (!Number.isInteger(maxRounds) || maxRounds < 1) throw invalid('maxRounds must be a positive integer');
+  if (!(maxBytes > 0)) throw invalid('maxBytes must be a positive number');
+  if (batchPages > 4096) throw invalid('batchBytes must be at most 4096 pages');
+  if (!STALL_ACTIONS.includes(onStall)) throw invalid(`onStall must be one of ${STALL_ACTIONS.join(', ')}, got ${String(onStall)}`);
+  if (onStall === 'throttle' && !options.throttle) throw invalid("onStall 'throttle' needs a throttle(percent) callback to slow the guest");
+  if (options.bandwidthMiBps !== undefined && !(options.bandwidthMiBps > 0)) throw invalid('bandwidthMiBps must be a positive number');
+  if (options.deadlineMs !== undefined && !(options.deadlineMs > 0)) throw invalid('deadlineMs must be a positive number');
+  const ra = options.rateAdaptation;
+  if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');
 
   let state: SenderState = 'connecting';
   let paused = false;
@@ -84,6 +101,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   let encoder: PageEncoder | undefined;
   let pagesSent = 0;
   let tracker: DirtyTracker | undefined = options.tracker;
+  let unsubscribe: (() => void) | undefined;
+  let throttled = false;
   let trackerReason = 'given by the caller';
   const progress = options.onProgress ?? (() => undefined);
 
@@ -100,7 +119,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     state = 'handshake';
     const enc = { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true };
     const wantEncodings = enc.zero || enc.dedup || enc.compress;
-    await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: wantEncodings ? [CAP_ENCODINGS] : [] }));
+    await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: wantEncodings ? [CAP_ENCODINGS, CAP_COMMIT_ACTIVATE] : [CAP_COMMIT_ACTIVATE] }));
     const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), options.handshakeTimeoutMs ?? 60_000)).payload);
     if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
       throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
@@ -141,39 +160,130 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     state = 'precopy';
     const tFirstPage = now();
     const perRound: RoundStats[] = [];
+    const policy = new ConvergencePolicy({ downtimeLimitMs, maxRounds, maxBytes, onStall, fixedCostMs: FIXED_STOP_COST_MS, ...(options.deadlineMs !== undefined ? { deadlineMs: options.deadlineMs } : {}) });
+    const wws = options.wws === false ? undefined : new WritableWorkingSet(region.pageCount);
+    const meter = new RateMeter(1000);
+    // Bandwidth: the user's cap (changeable while running) and, with rate adaptation, a limit
+    // per round; the lower one is enforced by a token bucket between chunks of ~20 ms.
+    let capMiBps = options.control?.bandwidth ?? options.bandwidthMiBps;
+    let roundLimitMiBps = ra?.startMiBps;
+    let bucket: TokenBucket | undefined;
+    const applyCap = (): void => {
+      const limits = [capMiBps, roundLimitMiBps].filter((x): x is number => x !== undefined);
+      if (limits.length === 0) bucket = undefined;
+      else if (bucket) bucket.setRate(Math.min(...limits) * 2 ** 20, now());
+      else bucket = new TokenBucket(Math.min(...limits) * 2 ** 20, now());
+    };
+    applyCap();
+    unsubscribe = options.control?.onBandwidth((m) => {
+      capMiBps = m;
+      applyCap();
+    });
+    const deadlineAt = options.deadlineMs !== undefined ? tConnect + options.deadlineMs : undefined;
+    /** Sends a round's pages in chunks, paced by the bucket; stops early if the deadline nears. */
+    const sendRound = async (r: number, pages: Uint32Array, final = false): Promise<{ bytes: number; unsent: Uint32Array }> => {
+      let bytes = 0;
+      let at = 0;
+      while (at < pages.length) {
+        const rate = bucket?.bytesPerSecond;
+        const chunk = rate !== undefined ? Math.max(batchPages, Math.floor((rate * 0.02) / region.pageSize)) : deadlineAt !== undefined ? 16 * batchPages : pages.length;
+        const part = pages.subarray(at, at + chunk);
+        const t0 = now();
+        const b = await sendPages(r, part);
+        const t1 = now();
+        meter.add(t1, b, t1 - t0);
+        bytes += b;
+        at += part.length;
+        if (bucket) {
+          const wait = bucket.take(b, now());
+          if (wait > 0) await sleep(wait);
+        }
+        // leave the rest to the stop-and-copy (or to giving up) rather than run out of time
+        if (deadlineAt !== undefined && !final && at < pages.length) {
+          const mbps = meter.mbps() ?? 1;
+          if (now() + ((pages.length - at) * region.pageSize) / 1e3 / mbps > deadlineAt - 2 * downtimeLimitMs) break;
+        }
+      }
+      return { bytes, unsent: pages.subarray(at) };
+    };
     let pending: Uint32Array = Uint32Array.from({ length: region.pageCount }, (_, i) => i);
     let round = 1;
+    let stopReason = '';
+    let forcedStop = false;
+    let maxThrottle = 0;
     for (;;) {
       const t0 = now();
-      const bytes = await sendPages(round, pending);
-      await channel.send(encodeRoundEnd({ round, pages: pending.length }, version));
+      const { bytes, unsent } = await sendRound(round, pending);
+      const sentPages = pending.length - unsent.length;
+      await channel.send(encodeRoundEnd({ round, pages: sentPages }, version));
       const duration = now() - t0;
       const dirty = await tracker.collect();
-      const mbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
-      const estimate = (dirty.length * region.pageSize) / 1e3 / Math.max(mbps, 1) + FIXED_STOP_COST_MS;
-      const fits = estimate <= downtimeLimitMs;
-      const last = round >= maxRounds;
+      wws?.record(dirty);
+      const due = unsent.length > 0 ? mergePages(dirty, unsent) : dirty;
+      const plan = wws ? wws.plan(due) : { send: due, held: 0 };
+      const roundMbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
+      const bandwidth = meter.mbps() ?? roundMbps;
+      const d = policy.decide({
+        round,
+        pagesSent: sentPages,
+        bytesSent: bytes,
+        durationMs: duration,
+        dirtyPages: plan.send.length,
+        heldPages: plan.held,
+        elapsedMs: now() - tConnect,
+        totalBytes: bytesSent,
+        mbps: bandwidth,
+        pageSize: region.pageSize,
+      });
+      const perPage = sentPages > 0 ? bytes / sentPages : region.pageSize;
+      const dirtyMbps = (dirty.length * region.pageSize) / 1e3 / Math.max(duration, 0.001);
       const stats: RoundStats = {
         round,
-        pages: pending.length,
+        pages: sentPages,
         bytes,
         duration_ms: +duration.toFixed(3),
-        mbps: +mbps.toFixed(1),
+        mbps: +roundMbps.toFixed(1),
+        bandwidth_mbps: +bandwidth.toFixed(1),
         dirty_pages: dirty.length,
-        estimated_downtime_ms: +estimate.toFixed(3),
-        decision: fits || last ? 'stop' : 'continue',
-        reason: fits
-          ? `${dirty.length} dirty pages fit the ${downtimeLimitMs} ms downtime limit at ${mbps.toFixed(0)} MB/s (estimate ${estimate.toFixed(2)} ms)`
-          : last
-            ? `round limit ${maxRounds} reached; stopping with ${dirty.length} dirty pages (estimate ${estimate.toFixed(2)} ms)`
-            : `${dirty.length} dirty pages need about ${estimate.toFixed(2)} ms, over the ${downtimeLimitMs} ms limit`,
+        dirty_pages_rate: +((dirty.length * 1000) / Math.max(duration, 0.001)).toFixed(0),
+        dirty_mbps: +dirtyMbps.toFixed(1),
+        wws_pages: plan.held,
+        transferred: bytesSent,
+        remaining: Math.round((plan.send.length + plan.held) * perPage),
+        expected_downtime_ms: +d.estimateMs.toFixed(3),
+        cpu_throttle_percentage: policy.throttle,
+        max_bandwidth_mib_s: bucket ? +(bucket.bytesPerSecond / 2 ** 20).toFixed(1) : 0,
+        decision: d.action,
+        reason: d.reason,
       };
       perRound.push(stats);
       progress({ type: 'round', ...stats });
-      pending = dirty;
-      if (stats.decision === 'stop') break;
+      pending = plan.send;
+      if (ra) {
+        // Clark: the next round at this round's dirtying rate plus a margin
+        roundLimitMiBps = (dirtyMbps * 1e6) / 2 ** 20 + ra.incrementMiBps;
+        applyCap();
+      }
+      if (d.action === 'throttle') {
+        throttled = true;
+        await options.throttle!(d.level);
+        maxThrottle = Math.max(maxThrottle, d.level);
+      } else if (d.action === 'postcopy') {
+        throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: post-copy is not available in this version; the guest stays here`, { phase: 'precopy' });
+      } else if (d.action === 'abort') {
+        throw new LivemigError(d.code, d.reason, { phase: 'precopy' });
+      } else if (d.action === 'stop') {
+        stopReason = d.reason;
+        forcedStop = d.forced;
+        break;
+      }
       round++;
     }
+    // stop-and-copy goes at the cap, not at the last round's adapted rate
+    roundLimitMiBps = undefined;
+    applyCap();
+    const held = wws ? wws.heldPages() : new Uint32Array(0);
+    if (held.length > 0) pending = mergePages(pending, held);
 
     // Let the destination finish applying what is in flight before the pause, so that the
     // pause does not pay for its backlog.
@@ -197,28 +307,41 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
     const tCollected = now();
     const lastPages = mergePages(pending, final);
-    const lastBytes = await sendPages(round + 1, lastPages);
+    const lastBytes = (await sendRound(round + 1, lastPages, true)).bytes;
     await channel.send(encodeDeviceState(deviceState, version));
     const tSent = now();
     await tracker.stop();
 
     state = 'commit';
     const digest = addon.digestTable(hashes);
-    await channel.send(encodeCommit({ digest, pageCount: region.pageCount }, version));
-    const ack = decodeCommitAck((await channel.expect(FrameType.CommitAck, (f) => peerError(f, 'commit'))).payload);
-    if (ack.digest !== digest) throw new LivemigError('ERR_LIVEMIG_DIGEST', `destination acknowledged digest ${ack.digest.toString(16)}, ours is ${digest.toString(16)}`, { phase: 'commit' });
-    const tCommitted = now();
-    progress({ type: 'committed', digest: digest.toString(16) });
-    progress({ type: 'stop-and-copy', pages: lastPages.length, bytes: lastBytes });
-
-    // Point of commitment: once ACTIVATE is on its way, the source must never resume by itself.
-    state = 'activating';
-    await channel.send(encodeActivate(version));
-    const activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+    let tCommitted: number;
+    let activated: ReturnType<typeof decodeActivated>;
+    if (accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
+      // One round trip: the destination checks the digest and activates at once. Sending this
+      // COMMIT is the point of commitment; an ERROR back means it did not activate.
+      state = 'activating';
+      await channel.send(encodeCommit({ digest, pageCount: region.pageCount, activate: true }, version));
+      activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+      tCommitted = now();
+      progress({ type: 'committed', digest: digest.toString(16) });
+      progress({ type: 'stop-and-copy', pages: lastPages.length, bytes: lastBytes });
+    } else {
+      await channel.send(encodeCommit({ digest, pageCount: region.pageCount }, version));
+      const ack = decodeCommitAck((await channel.expect(FrameType.CommitAck, (f) => peerError(f, 'commit'))).payload);
+      if (ack.digest !== digest) throw new LivemigError('ERR_LIVEMIG_DIGEST', `destination acknowledged digest ${ack.digest.toString(16)}, ours is ${digest.toString(16)}`, { phase: 'commit' });
+      tCommitted = now();
+      progress({ type: 'committed', digest: digest.toString(16) });
+      progress({ type: 'stop-and-copy', pages: lastPages.length, bytes: lastBytes });
+      // Point of commitment: once ACTIVATE is on its way, the source must never resume by itself.
+      state = 'activating';
+      await channel.send(encodeActivate(version));
+      activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+    }
     const tActive = now();
     state = 'done';
     const downtime = tActive - tPause;
     progress({ type: 'activated', downtime_ms: downtime });
+    unsubscribe?.();
     await channel.finish();
     await encoder?.close();
     if (options.release) await options.release();
@@ -243,6 +366,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       lz4_ratio: es && es.lz4_in > 0 ? +(es.lz4_out / es.lz4_in).toFixed(3) : 1,
       encodings: encoder !== undefined,
       per_round: perRound,
+      stop_reason: stopReason,
+      forced_stop: forcedStop,
+      max_throttle_percentage: maxThrottle,
       stop_and_copy: {
         pages: lastPages.length,
         bytes: lastBytes,
@@ -275,8 +401,16 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     }
     // Before commitment: tell the destination to discard, stop tracking, resume the guest here.
     if (channel) await channel.finish(channel.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
+    unsubscribe?.();
     await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
     await encoder?.close().catch(() => undefined);
+    if (throttled) {
+      try {
+        await options.throttle!(0); // the guest runs at full speed here again
+      } catch (te) {
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `migration failed (${err.message}) and releasing the guest's throttle failed: ${(te as Error).message}`, { phase: failedIn, cause: te });
+      }
+    }
     if (paused) {
       try {
         await options.resume();

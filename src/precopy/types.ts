@@ -1,21 +1,58 @@
 import type net from 'node:net';
 import type { Region } from '../region/region.js';
 import type { DirtyTracker, RemoteTarget } from '../tracking/types.js';
+import type { StallAction } from './policy.js';
 
+/** Changes a running migration's settings (pass one as `control`, keep a reference). */
+export class MigrationControl {
+  #bandwidth: number | undefined;
+  #listeners: ((mibps: number | undefined) => void)[] = [];
+
+  /** A new bandwidth cap in MiB/s, or undefined for none; takes effect at the next chunk. */
+  setBandwidth(mibps: number | undefined): void {
+    if (mibps !== undefined && !(mibps > 0)) throw new RangeError(`bandwidth must be a positive number of MiB/s, got ${mibps}`);
+    this.#bandwidth = mibps;
+    for (const l of this.#listeners) l(mibps);
+  }
+  get bandwidth(): number | undefined {
+    return this.#bandwidth;
+  }
+  /** @internal */
+  onBandwidth(l: (mibps: number | undefined) => void): () => void {
+    this.#listeners.push(l);
+    return () => (this.#listeners = this.#listeners.filter((x) => x !== l));
+  }
+}
+
+/** One pre-copy round, as progress events and the report give it (names after QEMU's query-migrate where they mean the same). */
 export interface RoundStats {
   round: number;
   /** pages sent in this round */
   pages: number;
-  /** bytes put on the wire in this round (frames included) */
+  /** bytes put on the wire in this round (frames included, after encoding) */
   bytes: number;
   duration_ms: number;
-  /** achieved throughput of this round, MB/s (10^6 bytes) */
+  /** throughput of this round, MB/s (10^6 bytes) */
   mbps: number;
+  /** bandwidth achieved over the last second of sending, MB/s: what the estimate uses */
+  bandwidth_mbps: number;
   /** pages found dirty at the end of this round */
   dirty_pages: number;
+  /** how fast the guest dirtied pages during the round: pages per second, and MB/s */
+  dirty_pages_rate: number;
+  dirty_mbps: number;
+  /** writable working set: pages dirtied in each of the last rounds, held back for stop-and-copy */
+  wws_pages: number;
+  /** bytes sent so far, and bytes still to send if we stopped now (at the recent bytes per page) */
+  transferred: number;
+  remaining: number;
   /** estimated downtime if we stopped now */
-  estimated_downtime_ms: number;
-  decision: 'continue' | 'stop';
+  expected_downtime_ms: number;
+  /** how much the guest's writes are throttled now, percent (auto-converge) */
+  cpu_throttle_percentage: number;
+  /** bandwidth cap in force during the round, MiB/s (0: none) */
+  max_bandwidth_mib_s: number;
+  decision: 'continue' | 'stop' | 'throttle' | 'postcopy' | 'abort';
   reason: string;
 }
 
@@ -41,10 +78,37 @@ export interface MigrateOptions {
   tracker?: DirtyTracker;
   /** the guest writes from another process through its own mapping */
   target?: RemoteTarget;
-  /** stop-and-copy once the remaining pages fit this pause at the measured bandwidth (default 20 ms) */
+  /** stop-and-copy once the remaining pages fit this pause at the measured bandwidth (default 50 ms) */
   downtimeLimitMs?: number;
   /** at most this many pre-copy rounds before stop-and-copy (default 30) */
   maxRounds?: number;
+  /** at most this many bytes sent in pre-copy before stop-and-copy (default 3x the region, as Xen) */
+  maxBytes?: number;
+  /**
+   * what to do when the guest dirties memory as fast as it is sent, over several rounds:
+   * 'throttle' (auto-converge through `throttle`; the default when it is given), 'postcopy',
+   * 'force' (stop and copy anyway; the default otherwise) or 'abort' (the guest stays here)
+   */
+  onStall?: StallAction;
+  /**
+   * slows the guest's writes to (100 - percent)% (auto-converge); called with rising percents
+   * while pre-copy does not converge, and with 0 before the guest resumes here after a failure.
+   * The device state handed over at the switch should not carry the throttle.
+   */
+  throttle?(percent: number): Promise<void>;
+  /** writable-working-set detection: hold back pages rewritten round after round (default on) */
+  wws?: boolean;
+  /** bandwidth cap, MiB/s (default none); change it while running with control.setBandwidth */
+  bandwidthMiBps?: number;
+  /**
+   * Clark's dynamic rate adaptation: the first round at startMiBps, each next one at the last
+   * round's dirtying rate plus incrementMiBps, up to the cap; stop-and-copy at the cap
+   */
+  rateAdaptation?: { startMiBps: number; incrementMiBps: number };
+  /** the migration completes, or ends with the guest still here, within this many ms */
+  deadlineMs?: number;
+  /** live controls: bandwidth changes while running */
+  control?: MigrationControl;
   /** bytes of page data per PAGES frame (default 1 MiB) */
   batchBytes?: number;
   /**
@@ -80,5 +144,10 @@ export interface MigrationReport {
   /** whether PAGES_ENC was negotiated with the destination */
   encodings: boolean;
   per_round: RoundStats[];
+  /** why pre-copy ended, and whether a bound forced it (the downtime may exceed the limit then) */
+  stop_reason: string;
+  forced_stop: boolean;
+  /** highest throttle applied, percent */
+  max_throttle_percentage: number;
   stop_and_copy: { pages: number; bytes: number; pause_ms: number; final_collect_ms: number; send_ms: number; commit_ms: number; activate_ms: number };
 }

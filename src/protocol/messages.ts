@@ -35,6 +35,8 @@ export interface RoundEnd {
 export interface Commit {
   digest: bigint;
   pageCount: number;
+  /** with CAP_COMMIT_ACTIVATE: activate at once if the digest matches (no COMMIT_ACK, no ACTIVATE) */
+  activate?: boolean;
 }
 export interface CommitAck {
   digest: bigint;
@@ -120,7 +122,8 @@ export const encodeCommit = (c: Commit, version: number): Buffer => control(Fram
 export function decodeCommit(p: Buffer): Commit {
   const m = decodeMap(p, FrameType.Commit);
   if (!isU64(m.digest) || !isCount(m.pageCount)) throw bad('COMMIT needs a u64 digest and a page count');
-  return { digest: m.digest, pageCount: m.pageCount };
+  if (m.activate !== undefined && typeof m.activate !== 'boolean') throw bad('COMMIT activate must be a boolean');
+  return { digest: m.digest, pageCount: m.pageCount, ...(m.activate === true ? { activate: true } : {}) };
 }
 
 export const encodeCommitAck = (c: CommitAck, version: number): Buffer => control(FrameType.CommitAck, c, version);
@@ -195,6 +198,12 @@ export function decodePages(p: Buffer, pageSize: number): PagesBatch {
 export const CAP_ENCODINGS = 'encodings';
 /** ACCEPT: an IMAGE_HASHES frame follows; without it the receiver's region starts all zero. */
 export const CAP_IMAGE_HASHES = 'image-hashes';
+/**
+ * HELLO/ACCEPT: COMMIT may carry `activate: true`: the destination checks the digest and, if it
+ * matches, activates at once and answers ACTIVATED (one round trip less inside the downtime);
+ * if not, it answers ERROR and the source resumes. Sending that COMMIT is the point of commitment.
+ */
+export const CAP_COMMIT_ACTIVATE = 'commit-activate';
 
 export enum PageEncoding {
   Raw = 0,

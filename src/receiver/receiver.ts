@@ -18,6 +18,7 @@ import {
   decodeRoundEnd,
   encodeAccept,
   encodeImageHashes,
+  CAP_COMMIT_ACTIVATE,
   CAP_ENCODINGS,
   CAP_IMAGE_HASHES,
   encodeActivated,
@@ -120,7 +121,9 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
         hashes.fill(addon.zeroPageHash());
       }
     }
-    await ch.send(encodeAccept({ version, capabilities: encodings ? (imageHashes ? [CAP_ENCODINGS, CAP_IMAGE_HASHES] : [CAP_ENCODINGS]) : [] }, version));
+    const commitActivate = h.capabilities.includes(CAP_COMMIT_ACTIVATE);
+    const caps = [...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : [])];
+    await ch.send(encodeAccept({ version, capabilities: caps }, version));
     if (imageHashes) await ch.send(encodeImageHashes(hashes, version));
 
     state = 'receiving';
@@ -161,11 +164,13 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           if (digest !== c.digest) {
             throw new LivemigError('ERR_LIVEMIG_DIGEST', `image digest ${digest.toString(16)} differs from the source's ${c.digest.toString(16)}`, { phase: 'commit' });
           }
-          await ch.send(encodeCommitAck({ digest }, version));
+          if (c.activate && !commitActivate) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT with activate, which was not negotiated');
+          if (!c.activate) await ch.send(encodeCommitAck({ digest }, version));
           state = 'committed';
           progress({ type: 'committed', digest: digest.toString(16) });
-          break;
+          if (!c.activate) break;
         }
+        // falls through: a COMMIT with activate activates at once
         case FrameType.Activate: {
           if (state !== 'committed') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'ACTIVATE before a matching COMMIT');
           const ta = performance.now();

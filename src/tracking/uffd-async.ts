@@ -93,6 +93,11 @@ export class UffdAsyncTracker implements DirtyTracker {
   }
 
   collect(): Promise<Uint32Array> {
+    // Checked here, not left to the kernel: once unmapped, the address range may already hold
+    // another mapping, which PAGEMAP_SCAN would then scan without complaint.
+    if (!this.#target && this.#region.released) {
+      return Promise.reject(new LivemigError('ERR_LIVEMIG_TRACKING', 'uffd-async tracker: the region was released while tracking', { phase: 'tracking' }));
+    }
     return this.#state.collecting(() =>
       callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () =>
         addon.pagemapScan(this.#pagemapFd, this.#address, this.#region.size, this.#region.pageSize, true),

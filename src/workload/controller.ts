@@ -72,8 +72,8 @@ export class SourceGuest {
     return this.conn.hello.tracking === 'uffd-async' ? { pid: this.conn.pid, address: this.conn.address } : undefined;
   }
 
-  async request(op: string): Promise<Record<string, unknown>> {
-    this.conn.socket.write(JSON.stringify({ op }) + '\n');
+  async request(op: string, args: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
+    this.conn.socket.write(JSON.stringify({ op, ...args }) + '\n');
     const next = await this.#lines.next();
     if (next.done) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest closed its control socket (asked to ${op})`, { phase: 'guest' });
     return JSON.parse(next.value) as Record<string, unknown>;
@@ -88,6 +88,11 @@ export class SourceGuest {
   async resume(): Promise<void> {
     const r = await this.request('resume');
     if (r.op !== 'resumed') throw new LivemigError('ERR_LIVEMIG_GUEST', `resume answered ${JSON.stringify(r)}`, { phase: 'resume' });
+  }
+  /** Slows the guest's writes to (100 - percent)% of its rate (auto-converge); 0 releases. */
+  async throttle(percent: number): Promise<void> {
+    const r = await this.request('throttle', { percent });
+    if (r.op !== 'throttled') throw new LivemigError('ERR_LIVEMIG_GUEST', `throttle answered ${JSON.stringify(r)}`, { phase: 'precopy' });
   }
   async state(): Promise<GuestState> {
     return (await this.request('state')).state as GuestState;

@@ -190,7 +190,8 @@ if (control) {
     switch (m.op) {
       case 'pause':
         stop();
-        reply({ op: 'paused', state: exportState() });
+        // the throttle is a migration's, not the guest's: wherever it resumes, it runs at full rate
+        reply({ op: 'paused', state: { ...exportState(), throttle: 0 } });
         break;
       case 'resume':
         start();
@@ -199,6 +200,19 @@ if (control) {
       case 'state':
         reply({ op: 'state', state: exportState() });
         break;
+      case 'throttle': {
+        // auto-converge: write at (100 - percent)% of the rate, like a throttled vCPU
+        const pct = Number((m as { percent?: unknown }).percent);
+        if (!(pct >= 0 && pct < 100)) {
+          reply({ op: 'error', message: `throttle percent must be within 0..99, got ${String((m as { percent?: unknown }).percent)}` });
+          break;
+        }
+        state.throttle = pct / 100;
+        scheduleStart = performance.now();
+        scheduled = 0;
+        reply({ op: 'throttled', percent: pct });
+        break;
+      }
       case 'exit':
         stop();
         // freeing a large region is kernel work charged to this process: keep it out of the way

@@ -1,0 +1,123 @@
+/**
+ * The convergence policy: after each pre-copy round, whether to go on, stop and copy, or act on
+ * a guest that writes faster than we send. It only decides; the sender (sender.ts) acts.
+ *
+ * - Estimated downtime of stopping now: the bytes still to send (pages dirty and held back,
+ *   at the recent bytes per page after encoding) over the bandwidth achieved recently, plus
+ *   the fixed cost of the final steps. Stop when it fits the downtime limit.
+ * - Bounds: at most maxRounds rounds and maxBytes sent (default 3x the region, as Xen does);
+ *   reaching one stops and copies with whatever is left (the downtime is reported). A stall
+ *   detected in the same round acts first: the user chose what should happen then.
+ * - Stall: in STALL_ROUNDS rounds in a row, what remains did not shrink by a tenth while
+ *   not fitting the limit: the guest dirties as fast as we send. Then the stall policy acts:
+ *   throttle (auto-converge, in steps of THROTTLE_STEP from THROTTLE_FIRST up to THROTTLE_MAX,
+ *   like QEMU's cpu-throttle), postcopy, force (stop and copy now), or abort.
+ * - Deadline: stop and copy when the next round could not finish in time but stopping now
+ *   can; give up (source intact) when not even that fits.
+ */
+export type StallAction = 'throttle' | 'postcopy' | 'force' | 'abort';
+
+export const STALL_ROUNDS = 2;
+const SHRINK = 0.9;
+export const THROTTLE_FIRST = 20;
+export const THROTTLE_STEP = 10;
+export const THROTTLE_MAX = 99;
+
+export interface PolicyOptions {
+  downtimeLimitMs: number;
+  maxRounds: number;
+  maxBytes: number;
+  onStall: StallAction;
+  /** ms from the start of the migration by which it must be done or given up */
+  deadlineMs?: number;
+  /** cost of the pause besides moving pages, ms */
+  fixedCostMs: number;
+}
+
+export interface RoundFacts {
+  round: number;
+  pagesSent: number;
+  bytesSent: number;
+  durationMs: number;
+  /** pages found dirty at the end of the round, and held back as hot (not counted in dirty) */
+  dirtyPages: number;
+  heldPages: number;
+  /** since the migration started, ms; and bytes sent so far */
+  elapsedMs: number;
+  totalBytes: number;
+  /** bandwidth achieved recently, MB/s (after encoding) */
+  mbps: number;
+  pageSize: number;
+}
+
+export type Decision =
+  | { action: 'continue'; reason: string; estimateMs: number }
+  | { action: 'stop'; reason: string; estimateMs: number; forced: boolean }
+  | { action: 'throttle'; level: number; reason: string; estimateMs: number }
+  | { action: 'postcopy' | 'abort'; reason: string; estimateMs: number; code: 'ERR_LIVEMIG_STALLED' | 'ERR_LIVEMIG_DEADLINE' };
+
+export class ConvergencePolicy {
+  readonly options: PolicyOptions;
+  throttle = 0;
+  #bytesPerPage: number | undefined;
+  #remaining: number[] = [];
+  #stallRounds = 0;
+
+  constructor(options: PolicyOptions) {
+    this.options = options;
+  }
+
+  /** Estimated downtime (ms) of stopping with `pages` left, from the facts of the last round. */
+  estimate(pages: number, f: RoundFacts): number {
+    const perPage = this.#bytesPerPage ?? f.pageSize;
+    return (pages * perPage) / 1e3 / Math.max(f.mbps, 1) + this.options.fixedCostMs;
+  }
+
+  decide(f: RoundFacts): Decision {
+    const o = this.options;
+    if (f.pagesSent > 0) {
+      const perPage = f.bytesSent / f.pagesSent;
+      this.#bytesPerPage = this.#bytesPerPage === undefined ? perPage : 0.5 * this.#bytesPerPage + 0.5 * perPage;
+    }
+    const remaining = f.dirtyPages + f.heldPages;
+    const est = this.estimate(remaining, f);
+    const fmt = (x: number): string => x.toFixed(2);
+    const prev = this.#remaining.at(-1);
+    this.#remaining.push(remaining);
+    this.#stallRounds = prev !== undefined && remaining > prev * SHRINK ? this.#stallRounds + 1 : 0;
+
+    if (est <= o.downtimeLimitMs) {
+      return { action: 'stop', forced: false, estimateMs: est, reason: `${remaining} pages left fit the ${o.downtimeLimitMs} ms downtime limit at ${f.mbps.toFixed(0)} MB/s (estimate ${fmt(est)} ms)` };
+    }
+    if (o.deadlineMs !== undefined) {
+      const left = o.deadlineMs - f.elapsedMs;
+      // another round takes about as long as the last one; then the stop itself
+      if (f.durationMs + est > left) {
+        if (est <= left) return { action: 'stop', forced: true, estimateMs: est, reason: `deadline: ${fmt(left)} ms left, not enough for another round; stopping now (estimate ${fmt(est)} ms)` };
+        return { action: 'abort', code: 'ERR_LIVEMIG_DEADLINE', estimateMs: est, reason: `deadline: ${fmt(left)} ms left, stopping now would take about ${fmt(est)} ms` };
+      }
+    }
+    if (this.#stallRounds >= STALL_ROUNDS) {
+      const why = `not converging: ${remaining} pages left after ${this.#stallRounds} rounds that did not shrink them by a tenth (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms)`;
+      this.#stallRounds = 0;
+      switch (o.onStall) {
+        case 'throttle':
+          if (this.throttle < THROTTLE_MAX) {
+            this.throttle = this.throttle === 0 ? THROTTLE_FIRST : Math.min(THROTTLE_MAX, this.throttle + THROTTLE_STEP);
+            this.#stallRounds = STALL_ROUNDS - 1; // one more round to see the effect, then step again
+            return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `${why}; throttling the guest to ${100 - this.throttle}% of its writes` };
+          }
+          return { action: 'stop', forced: true, estimateMs: est, reason: `${why}; throttle at its maximum ${THROTTLE_MAX}%: stopping` };
+        case 'force':
+          return { action: 'stop', forced: true, estimateMs: est, reason: `${why}; stall policy force: stopping now` };
+        case 'postcopy':
+          return { action: 'postcopy', code: 'ERR_LIVEMIG_STALLED', estimateMs: est, reason: `${why}; stall policy postcopy` };
+        case 'abort':
+          return { action: 'abort', code: 'ERR_LIVEMIG_STALLED', estimateMs: est, reason: `${why}; stall policy abort: giving up, the guest stays here` };
+      }
+    }
+    if (f.round >= o.maxRounds) return { action: 'stop', forced: true, estimateMs: est, reason: `round limit ${o.maxRounds} reached; stopping with ${remaining} pages left (estimate ${fmt(est)} ms)` };
+    if (f.totalBytes >= o.maxBytes) return { action: 'stop', forced: true, estimateMs: est, reason: `byte limit ${o.maxBytes} reached (${f.totalBytes} sent); stopping with ${remaining} pages left (estimate ${fmt(est)} ms)` };
+    return { action: 'continue', estimateMs: est, reason: `${remaining} pages left need about ${fmt(est)} ms, over the ${o.downtimeLimitMs} ms limit` };
+  }
+}
