@@ -75,7 +75,9 @@ export class ConvergencePolicy {
 
   decide(f: RoundFacts): Decision {
     const o = this.options;
-    if (f.pagesSent > 0) {
+    // bytes per page from rounds of dirty pages only: the first round's (zero pages left out,
+    // duplicates) says little about pages the guest just wrote; until then, a whole page each
+    if (f.round >= 2 && f.pagesSent >= 64) {
       const perPage = f.bytesSent / f.pagesSent;
       this.#bytesPerPage = this.#bytesPerPage === undefined ? perPage : 0.5 * this.#bytesPerPage + 0.5 * perPage;
     }

@@ -163,6 +163,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const policy = new ConvergencePolicy({ downtimeLimitMs, maxRounds, maxBytes, onStall, fixedCostMs: FIXED_STOP_COST_MS, ...(options.deadlineMs !== undefined ? { deadlineMs: options.deadlineMs } : {}) });
     const wws = options.wws === false ? undefined : new WritableWorkingSet(region.pageCount);
     const meter = new RateMeter(1000);
+    const lightMeter = new RateMeter(1000);
     // Bandwidth: the user's cap (changeable while running) and, with rate adaptation, a limit
     // per round; the lower one is enforced by a token bucket between chunks of ~20 ms.
     let capMiBps = options.control?.bandwidth ?? options.bandwidthMiBps;
@@ -191,7 +192,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         const t0 = now();
         const b = await sendPages(r, part);
         const t1 = now();
-        meter.add(t1, b, t1 - t0);
+        // the link's rate shows in chunks that were mostly page bodies; chunks of skipped and
+        // zero pages measure the CPU, and would make the estimate for raw dirty pages too low
+        (b >= 0.5 * part.length * region.pageSize ? meter : lightMeter).add(t1, b, t1 - t0);
         bytes += b;
         at += part.length;
         if (bucket) {
@@ -200,7 +203,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         }
         // leave the rest to the stop-and-copy (or to giving up) rather than run out of time
         if (deadlineAt !== undefined && !final && at < pages.length) {
-          const mbps = meter.mbps() ?? 1;
+          const mbps = meter.mbps() ?? lightMeter.mbps() ?? 1;
           if (now() + ((pages.length - at) * region.pageSize) / 1e3 / mbps > deadlineAt - 2 * downtimeLimitMs) break;
         }
       }
@@ -222,7 +225,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       const due = unsent.length > 0 ? mergePages(dirty, unsent) : dirty;
       const plan = wws ? wws.plan(due) : { send: due, held: 0 };
       const roundMbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
-      const bandwidth = meter.mbps() ?? roundMbps;
+      const bandwidth = meter.mbps() ?? lightMeter.mbps() ?? roundMbps;
       const d = policy.decide({
         round,
         pagesSent: sentPages,
