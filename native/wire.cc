@@ -493,14 +493,18 @@ class Wire : public Napi::ObjectWrap<Wire> {
             uint64_t payload;
             uint8_t type;
             size_t kept = n;
-            if (!flags) {
-              payload = kPrefixBytes + n * (4 + kPageSize);
+            // a PAGES frame of the whole batch: indices in the head, bodies straight from the region
+            auto plainFrame = [&] {
               type = kTypePages;
+              payload = kPrefixBytes + n * (4 + kPageSize);
               head.resize(kHeaderBytes + kPrefixBytes + n * 4);
               for (size_t k = 0; k < n; k++) Put32(head.data() + 20 + 4 * k, b[k]);
               iov.push_back({head.data(), head.size()});
               PageIovecs(m->addr, b, n, iov);
               c.raw += static_cast<double>(n);
+            };
+            if (!flags) {
+              plainFrame();
             } else {
               type = kTypePagesEnc;
               enc.resize(n);
@@ -545,13 +549,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
               if (raws == n) {
                 // nothing saved in this batch: a plain PAGES frame says the same and its
                 // receiver has less to do (no encodings to parse, one header per frame)
-                type = kTypePages;
-                payload = kPrefixBytes + n * (4 + kPageSize);
-                head.resize(kHeaderBytes + kPrefixBytes + n * 4);
-                for (size_t k = 0; k < n; k++) Put32(head.data() + 20 + 4 * k, b[k]);
-                iov.push_back({head.data(), head.size()});
-                PageIovecs(m->addr, b, n, iov);
-                c.raw += static_cast<double>(n);
+                plainFrame();
               } else {
               head.resize(kHeaderBytes + kPrefixBytes + kept * 5);
               iov.push_back({head.data(), head.size()});

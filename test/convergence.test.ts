@@ -61,7 +61,7 @@ test('token bucket: the cap holds within 10% over every one-second window (simul
 });
 
 function facts(over: Partial<RoundFacts>): RoundFacts {
-  return { round: 1, pagesSent: 1000, bytesSent: 1000 * 4096, durationMs: 100, dirtyPages: 900, heldPages: 0, elapsedMs: 1000, totalBytes: 1 << 20, mbps: 40, pageSize: 4096, ...over };
+  return { round: 1, pagesSent: 1000, bytesSent: 1000 * 4096, durationMs: 100, dirtyPages: 900, dirtiedPages: 900, heldPages: 0, elapsedMs: 1000, totalBytes: 1 << 20, mbps: 40, pageSize: 4096, ...over };
 }
 
 test('policy: stop when the estimate fits; bounds force a stop; a stall triggers the chosen action', () => {
@@ -89,6 +89,17 @@ test('policy: stop when the estimate fits; bounds force a stop; a stall triggers
   // a shrinking remainder is convergence, however slow
   const p = new ConvergencePolicy({ ...base, onStall: 'abort' });
   for (let r = 1; r <= 8; r++) assert.equal(p.decide(facts({ round: r, dirtyPages: 3000 - r * 300 })).action, 'continue', `round ${r}`);
+});
+
+test('policy: when it fits, one more short round is taken if it should leave far less behind', () => {
+  const p = new ConvergencePolicy({ downtimeLimitMs: 50, maxRounds: 30, maxBytes: 1 << 30, fixedCostMs: 8, onStall: 'force' });
+  // 400 pages at 1000 MB/s: ~1.6 ms to send; the guest dirtied 100 pages in a 500 ms round
+  const d = p.decide(facts({ dirtyPages: 400, dirtiedPages: 100, durationMs: 500, mbps: 1000 }));
+  assert.equal(d.action, 'continue', d.reason);
+  assert.match(d.reason, /one more round/);
+  // a guest that dirties as fast as that round would take: stop now
+  const q = new ConvergencePolicy({ downtimeLimitMs: 50, maxRounds: 30, maxBytes: 1 << 30, fixedCostMs: 8, onStall: 'force' });
+  assert.equal(q.decide(facts({ dirtyPages: 400, dirtiedPages: 400_000, durationMs: 500, mbps: 1000 })).action, 'stop');
 });
 
 test('policy: the deadline stops early when stopping fits in the time left, and gives up when not', () => {

@@ -4,8 +4,6 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import net from 'node:net';
-import { once } from 'node:events';
 import { test } from 'node:test';
 import { compressSync } from 'lz4-napi';
 import { LivemigError } from '../src/errors.js';
@@ -14,6 +12,7 @@ import { FrameType } from '../src/protocol/frame.js';
 import * as M from '../src/protocol/messages.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import { Region } from '../src/region/region.js';
+import { tcpPair } from './helpers.js';
 import { UffdAsyncTracker, probe } from '../src/tracking/index.js';
 
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
@@ -22,13 +21,7 @@ const PS = 4096;
 const V = 2;
 
 async function receiverWith(stream: Buffer, pages = 16): Promise<{ region: Region; hashes: BigUint64Array; result: Promise<unknown>; close: () => void }> {
-  const server = net.createServer({ pauseOnConnect: true });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const accepted = once(server, 'connection');
-  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [peer] = (await accepted) as [net.Socket];
+  const { client, peer, server } = await tcpPair();
   peer.resume();
   const wire = WireChannel.fromSocket(client);
   const region = Region.create(pages * PS, { name: 'enc-test' });
@@ -170,13 +163,7 @@ test('frame rules: a page listed twice, a dup of a page written later in the fra
 
 test('in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, and the copy is exact', { skip: uffd.available ? false : uffd.reason }, async () => {
   const pages = 64;
-  const server = net.createServer({ pauseOnConnect: true });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const accepted = once(server, 'connection');
-  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [peer] = (await accepted) as [net.Socket];
+  const { client, peer, server } = await tcpPair();
   const tx = WireChannel.fromSocket(client);
   const rx = WireChannel.fromSocket(peer);
   const src = Region.create(pages * PS, { name: 'enc-src' });

@@ -5,7 +5,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import type net from 'node:net';
+import net from 'node:net';
 
 export const GiB = 1 << 30;
 export const here = path.dirname(fileURLToPath(import.meta.url));
@@ -80,4 +80,16 @@ export class ChildGuest {
     this.socket.write(JSON.stringify({ op: 'exit' }) + '\n');
     if (this.child.exitCode === null) await once(this.child, 'exit');
   }
+}
+
+/** A connected loopback TCP pair; the accepting side is paused (a native wire may take it over). */
+export async function tcpPair(): Promise<{ client: net.Socket; peer: net.Socket; server: net.Server }> {
+  const server = net.createServer({ pauseOnConnect: true });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const accepted = once(server, 'connection');
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  await once(client, 'connect');
+  const [peer] = (await accepted) as [net.Socket];
+  return { client, peer, server };
 }

@@ -15,18 +15,13 @@ import { FrameParser, FrameType, encodeFrame, encodeHeader, type Frame } from '.
 import * as M from '../src/protocol/messages.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import { Region } from '../src/region/region.js';
+import { tcpPair } from './helpers.js';
 
 const PS = 4096;
 
 /** A connected loopback pair: `a` taken over by a WireChannel, `b` a plain socket. */
 async function pair(): Promise<{ wire: WireChannel; peer: net.Socket; server: net.Server }> {
-  const server = net.createServer({ pauseOnConnect: true });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const accepted = once(server, 'connection');
-  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [peer] = (await accepted) as [net.Socket];
+  const { client, peer, server } = await tcpPair();
   peer.resume();
   return { wire: WireChannel.fromSocket(client), peer, server };
 }

@@ -26,3 +26,9 @@ export function mergePages(a: Uint32Array, b: Uint32Array): Uint32Array {
   while (j < b.length) out[n++] = b[j++]!;
   return out.subarray(0, n);
 }
+
+/** Index of the first page that is not above the one before it, or -1: page lists go out in ascending order, each page once. */
+export function firstOutOfOrder(pages: Uint32Array): number {
+  for (let i = 1; i < pages.length; i++) if (pages[i]! <= pages[i - 1]!) return i;
+  return -1;
+}

@@ -31,7 +31,7 @@ import {
 import { chooseTracker } from '../tracking/probe.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import { UffdAsyncTracker } from '../tracking/uffd-async.js';
-import { mergePages } from './batches.js';
+import { firstOutOfOrder, mergePages } from './batches.js';
 import { RateMeter, TokenBucket } from './bandwidth.js';
 import { ConvergencePolicy, type StallAction } from './policy.js';
 import type { MigrateOptions, MigrationReport, RoundStats } from './types.js';
@@ -183,6 +183,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const deadlineAt = options.deadlineMs !== undefined ? tConnect + options.deadlineMs : undefined;
     /** Sends a round's pages in chunks, paced by the bucket; stops early if the deadline nears. */
     const sendRound = async (r: number, pages: Uint32Array, final = false): Promise<{ bytes: number; unsent: Uint32Array }> => {
+      // a page listed twice would be refused by the destination; say which list broke the rule
+      const bad = firstOutOfOrder(pages);
+      if (bad >= 0) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the page list of round ${r} is not ascending at ${bad} (${pages[bad - 1]}, ${pages[bad]})`, { phase: final ? 'stop-and-copy' : 'precopy' });
       let bytes = 0;
       let at = 0;
       while (at < pages.length) {
@@ -232,6 +235,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         bytesSent: bytes,
         durationMs: duration,
         dirtyPages: plan.send.length,
+        dirtiedPages: dirty.length,
         heldPages: plan.held,
         elapsedMs: now() - tConnect,
         totalBytes: bytesSent,
