@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -159,6 +160,12 @@ void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize,
   arg.category_mask = PAGE_IS_WRITTEN;
   arg.return_mask = PAGE_IS_WRITTEN;
   uint64_t cursor = start;
+  // Everything below `reported` is already in `out`. A call that stops early (vec full) may
+  // set walk_end inside the last region it returned (seen with 256 MiB/s of scattered writes:
+  // the next call then returned those pages again, out of order); clamping keeps the output
+  // ascending and each page once. A page dropped that way is in the output already, and the
+  // walk that returned it again has re-armed it, so a later write is still caught.
+  uint64_t reported = start;
   while (cursor < end) {
     arg.start = cursor;
     arg.walk_end = 0;
@@ -170,9 +177,12 @@ void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize,
       return;
     }
     for (int i = 0; i < n; i++) {
-      uint64_t first = (vec[i].start - start) / pageSize;
+      uint64_t from = std::max<uint64_t>(vec[i].start, reported);
+      if (from >= vec[i].end) continue;
+      uint64_t first = (from - start) / pageSize;
       uint64_t last = (vec[i].end - start) / pageSize;
       for (uint64_t p = first; p < last; p++) out->push_back(static_cast<uint32_t>(p));
+      reported = vec[i].end;
     }
     if (arg.walk_end <= cursor) {
       err->set("ioctl(PAGEMAP_SCAN)", EIO, "scan made no progress");
