@@ -160,12 +160,13 @@ void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize,
   arg.category_mask = PAGE_IS_WRITTEN;
   arg.return_mask = PAGE_IS_WRITTEN;
   uint64_t cursor = start;
-  // Everything below `reported` is already in `out`. A call that stops early (vec full) may
-  // set walk_end inside the last region it returned (seen with 256 MiB/s of scattered writes:
-  // the next call then returned those pages again, out of order); clamping keeps the output
-  // ascending and each page once. A page dropped that way is in the output already, and the
-  // walk that returned it again has re-armed it, so a later write is still caught.
+  // A call that stops early (vec full) may set walk_end before the end of the last region it
+  // returned (seen with 256 MiB/s of scattered writes): the next call starts there and may
+  // return pages again, some of them written since (new). Keep them all; if that happened,
+  // sort and drop the repeats at the end, so the output stays ascending with each page once.
   uint64_t reported = start;
+  size_t base = out->size();
+  bool overlapped = false;
   while (cursor < end) {
     arg.start = cursor;
     arg.walk_end = 0;
@@ -177,18 +178,21 @@ void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize,
       return;
     }
     for (int i = 0; i < n; i++) {
-      uint64_t from = std::max<uint64_t>(vec[i].start, reported);
-      if (from >= vec[i].end) continue;
-      uint64_t first = (from - start) / pageSize;
+      if (vec[i].start < reported) overlapped = true;
+      uint64_t first = (vec[i].start - start) / pageSize;
       uint64_t last = (vec[i].end - start) / pageSize;
       for (uint64_t p = first; p < last; p++) out->push_back(static_cast<uint32_t>(p));
-      reported = vec[i].end;
+      reported = std::max<uint64_t>(reported, vec[i].end);
     }
     if (arg.walk_end <= cursor) {
       err->set("ioctl(PAGEMAP_SCAN)", EIO, "scan made no progress");
       return;
     }
     cursor = arg.walk_end;
+  }
+  if (overlapped) {
+    std::sort(out->begin() + base, out->end());
+    out->erase(std::unique(out->begin() + base, out->end()), out->end());
   }
 }
 
