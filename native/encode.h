@@ -1,7 +1,7 @@
 // Page encodings (issue 4): zero pages, deduplication against content the receiver holds,
-// and LZ4. The dedup index is mirrored: sender and receiver apply the same update rule to
-// every page in stream order, so the sender always knows what the receiver can copy from.
-// Spec: docs/PROTOCOL.md, "PAGES_ENC" and "Deduplication index".
+// and LZ4. The sender keeps an index of what it knows the receiver holds (a subset of the
+// truth); a dup names a page, and the receiver checks it against its own page hashes.
+// Spec: docs/PROTOCOL.md, "PAGES_ENC" and "What the sender knows the receiver holds".
 #pragma once
 
 #include <napi.h>

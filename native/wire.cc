@@ -427,15 +427,17 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
   // sendPages(region, pages: Uint32Array, round, version, batchPages, hashes, dedup?, flags?)
-  //   -> Promise<{bytes, zero, dup, skipped, raw}>
+  //   -> Promise<{bytes, zero, dup, skipped, raw, overheadMs, indexMs}>
   // Sends `pages` in frames of up to batchPages, straight from the region, and stores each
   // page's hash in hashes[page]. Without flags: PAGES frames, each page hashed in place right
   // after it went. With flags (1 zero, 2 dedup; needs the dedup index): PAGES_ENC frames where,
-  // in place and without a copy, an all-zero page is `zero`, a page whose hash the receiver's
-  // index holds is `dup`, one the receiver already holds there is left out, and the rest go
-  // `raw-live` from the region. A page the guest changes meanwhile may go out torn, or as a
-  // dup of its old content; the tracker reports it dirty (write protection was re-armed before
-  // this read), so a later round resends and rehashes it.
+  // in place and without a copy, an all-zero page is `zero`, a page whose content the sender
+  // knows the receiver holds elsewhere is `dup`, one the receiver already holds there is left
+  // out, and the rest go raw from the region (a batch with nothing saved goes as PAGES). With a
+  // probe, raw pages the tracker shows unwritten since before their hash become dup sources.
+  // A page the guest changes meanwhile may go out torn, or as a dup of its old content; the
+  // tracker reports it dirty (write protection was re-armed before this read), so a later
+  // round resends and rehashes it.
   Napi::Value SendPages(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto fd = Live(env);

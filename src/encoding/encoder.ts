@@ -4,9 +4,9 @@
  *   region, with zero pages and dups found in place and the rest sent raw (entering the dedup
  *   index when the tracker shows they went out as hashed);
  * - plain: PAGES frames straight from the region, when in-place encoding saves too little;
- * - compressed: per batch, classify (native: copy, hash, zero/dup/skip against the mirrored
- *   index, sample compressibility), compress the pages that look compressible (worker
- *   thread, lz4-napi), then one PAGES_ENC frame. Classifying and compressing the next batch
+ * - compressed: per batch, classify (native: copy, hash, zero/dup/skip against the sender's
+ *   index, sample compressibility), compress the pages that look compressible (two worker
+ *   threads, lz4-napi), then one PAGES_ENC frame. Classifying and compressing the next batch
  *   overlap the sending of the previous one (two buffer sets).
  */
 import { addon, callAsync } from '../native.js';

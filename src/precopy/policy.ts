@@ -114,6 +114,15 @@ export class ConvergencePolicy {
         return { action: 'abort', code: 'ERR_LIVEMIG_DEADLINE', estimateMs: est, reason: `deadline: ${fmt(left)} ms left, stopping now would take about ${fmt(est)} ms` };
       }
     }
+    // Once throttling, step up every round while the guest still dirties more than half of
+    // what we send (QEMU's auto-converge steps each iteration too): on a slow link a round is
+    // long, and waiting for a stall to show again costs seconds per step.
+    const dirtyMbps = (f.dirtiedPages * f.pageSize) / 1e3 / Math.max(f.durationMs, 0.001);
+    if (o.onStall === 'throttle' && this.throttle > 0 && this.throttle < THROTTLE_MAX && dirtyMbps > 0.5 * f.mbps) {
+      this.throttle = Math.min(THROTTLE_MAX, this.throttle + THROTTLE_STEP);
+      this.#stallRounds = 0;
+      return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ${100 - this.throttle}% of its writes` };
+    }
     if (this.#stallRounds >= STALL_ROUNDS) {
       const why = `not converging: ${remaining} pages left after ${this.#stallRounds} rounds that did not shrink them by a tenth (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms)`;
       this.#stallRounds = 0;

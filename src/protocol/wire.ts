@@ -47,7 +47,7 @@ export interface NativeWire {
   setTimeouts(recvMs: number, sendMs: number): void;
 }
 
-/** The mirrored dedup index (native/encode.h). */
+/** The sender's index of what the receiver holds (native/encode.h). */
 export interface NativeDedup {
   initImage(hashes: BigUint64Array): void;
   size(): number;
