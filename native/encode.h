@@ -39,6 +39,11 @@ struct FrameOrder {
     return unique;
   }
   bool WrittenAfter(uint32_t page, size_t k) const { return gen[page] == cur && pos[page] > k; }
+  void Reserve(size_t pageCount) {
+    gen.assign(pageCount, 0);
+    pos.assign(pageCount, 0);
+    cur = 0;
+  }
 };
 
 // Open-addressing map from content hash to one page holding it (linear probing, backward-shift
@@ -138,18 +143,20 @@ struct DedupState {
     next.assign(pageCount, kNone);
     prev.assign(pageCount, kNone);
     head.Reset(pageCount);
-    fpBits.clear();
+    // Allocated and touched now, during the handshake: first touches of fresh memory are slow
+    // on a VM (the host backs each page), and would otherwise land in the first pass.
+    fpBits.assign(kFpBits / 64, 0);
+    seenBits.assign(kFpBits / 64, 0);
+    order.Reserve(pageCount);
   }
   // Whether some indexed page may hold content with this page's fingerprint.
   bool MayHold(const uint8_t* page) const {
-    if (fpBits.empty()) return false;
     uint64_t f = PageFingerprint(page) & (kFpBits - 1);
     return (fpBits[f >> 6] >> (f & 63)) & 1;
   }
   // Whether a page with this fingerprint was sent raw before (and notes that it now was). A
   // raw page is worth indexing only when its content recurs: most pages are unique.
   bool SeenBefore(const uint8_t* page) {
-    if (seenBits.empty()) seenBits.assign(kFpBits / 64, 0);
     uint64_t f = PageFingerprint(page) & (kFpBits - 1);
     uint64_t bit = uint64_t{1} << (f & 63);
     bool seen = seenBits[f >> 6] & bit;
@@ -158,7 +165,6 @@ struct DedupState {
   }
   // Records the fingerprint of content just indexed.
   void NoteFingerprint(uint32_t, const uint8_t* page) {
-    if (fpBits.empty()) fpBits.assign(kFpBits / 64, 0);
     uint64_t f = PageFingerprint(page) & (kFpBits - 1);
     fpBits[f >> 6] |= uint64_t{1} << (f & 63);
   }
