@@ -11,7 +11,8 @@
         "native/content.cc",
         "native/pagehash.cc",
         "native/wire.cc",
-        "native/encode.cc"
+        "native/encode.cc",
+        "native/postcopy.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

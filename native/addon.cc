@@ -12,6 +12,7 @@ void InitFdPass(Napi::Env env, Napi::Object exports);
 void InitContent(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
 void InitEncode(Napi::Env env, Napi::Object exports);
+void InitPostcopy(Napi::Env env, Napi::Object exports);
 
 const char* ErrnoName(int err) {
   switch (err) {
@@ -82,6 +83,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitContent(env, exports);
   InitWire(env, exports);
   InitEncode(env, exports);
+  InitPostcopy(env, exports);
   return exports;
 }
 

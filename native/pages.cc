@@ -167,6 +167,9 @@ Napi::Value HashAll(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+// The commitment digest of a page-hash table (post-copy computes it on its own thread).
+uint64_t DigestHashes(const uint64_t* hashes, size_t count) { return Xxh64(reinterpret_cast<const uint8_t*>(hashes), count * 8, 0); }
+
 void InitPages(Napi::Env env, Napi::Object exports) {
   exports.Set("digestTable", Napi::Function::New(env, Digest));
   exports.Set("hashAll", Napi::Function::New(env, HashAll));

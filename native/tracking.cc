@@ -59,10 +59,6 @@ struct pm_scan_arg {
 
 namespace livemig {
 
-namespace {
-
-constexpr uint64_t kPagemapSoftDirtyBit = 1ULL << 55;
-
 // A new userfaultfd: the syscall first, then /dev/userfaultfd (allowed for its file's owner
 // group even when vm.unprivileged_userfaultfd is 0).
 int OpenUffd(SysError* err) {
@@ -81,6 +77,10 @@ int OpenUffd(SysError* err) {
   err->set("userfaultfd", first);
   return -1;
 }
+
+namespace {
+
+constexpr uint64_t kPagemapSoftDirtyBit = 1ULL << 55;
 
 // The features this kernel offers (UFFDIO_API with none requested reports them all).
 Napi::Value UffdProbe(const Napi::CallbackInfo& info) {

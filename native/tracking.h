@@ -12,4 +12,7 @@ namespace livemig {
 // as page indices relative to `start`; with `rearm`, protects them again in the same walk.
 void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize, bool rearm, std::vector<uint32_t>* out, SysError* err);
 
+// A new userfaultfd (non-blocking, close-on-exec, user-mode faults only), or -1 with err set.
+int OpenUffd(SysError* err);
+
 }  // namespace livemig

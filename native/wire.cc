@@ -27,6 +27,7 @@
 
 #include "common.h"
 #include "encode.h"
+#include "netio.h"
 #include "pagehash.h"
 #include "region.h"
 #include "tracking.h"
@@ -41,7 +42,6 @@ constexpr uint8_t kTypePages = 4;
 constexpr uint8_t kTypePagesEnc = 13;
 constexpr size_t kPrefixBytes = 8;
 constexpr size_t kPageSize = 4096;
-constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
 
 // Closes the descriptor when the Wire and every operation still using it are gone, so a
 // thread blocked in recv never sees its descriptor number reused under it.
@@ -53,14 +53,7 @@ struct Fd {
   }
 };
 
-uint32_t Le32(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
-uint16_t Le16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
-void Put32(uint8_t* p, uint32_t v) {
-  p[0] = v & 0xff;
-  p[1] = (v >> 8) & 0xff;
-  p[2] = (v >> 16) & 0xff;
-  p[3] = v >> 24;
-}
+}  // namespace
 
 // Sends every byte of iov[0..n); advances through partial sends.
 bool SendAll(int fd, iovec* iov, int n, SysError& err) {
@@ -141,6 +134,8 @@ void PageIovecs(uint8_t* base, const uint32_t* idx, size_t count, std::vector<io
     k += run;
   }
 }
+
+namespace {
 
 // Where to ask which pages were written since their protection was re-armed (the tracker's
 // pagemap and the guest's address of the region), or fd -1.
@@ -383,7 +378,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
                        {InstanceMethod("write", &Wire::Write), InstanceMethod("sendPages", &Wire::SendPages),
                         InstanceMethod("read", &Wire::Read), InstanceMethod("shutdown", &Wire::Shutdown),
                         InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
-                        InstanceMethod("finish", &Wire::Finish), InstanceMethod("sendEncoded", &Wire::SendEncoded)});
+                        InstanceMethod("finish", &Wire::Finish), InstanceMethod("sendEncoded", &Wire::SendEncoded),
+                        InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget)});
   }
 
   // new Wire(fd): takes a duplicate of a connected TCP socket's descriptor; the caller closes
@@ -869,6 +865,17 @@ class Wire : public Napi::ObjectWrap<Wire> {
           }
         },
         [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); });
+  }
+
+  // The descriptor, for a post-copy service that takes a dup of it (no read or write may be
+  // left running on this Wire then).
+  Napi::Value GetFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), Live(info.Env())->fd); }
+
+  // Drops our reference without shutting the connection down: a post-copy service holds its
+  // own dup of the descriptor and goes on using the connection.
+  Napi::Value Forget(const Napi::CallbackInfo& info) {
+    fd_.reset();
+    return info.Env().Undefined();
   }
 
   // Drops our reference; the descriptor closes when the last operation using it returns.

@@ -26,6 +26,33 @@ export interface Received {
   fds: number[];
 }
 
+/** from a post-copy thread: complete (with the destination's digest), disconnected, error, stopped */
+export interface PostcopyEvent {
+  type: 'complete' | 'disconnected' | 'error' | 'stopped';
+  message?: string;
+  code?: string;
+  digest?: bigint;
+}
+
+export interface NativePostcopyDest {
+  start(): void;
+  attach(pushFd: number, prioFd: number): void;
+  stats(): { faults: number; faultsLocal: number; pulled: number; pushed: number; duplicates: number; arrived: number; blockedMs: number; bytes: number; connected: boolean };
+  latencies(): Float64Array;
+  held(): Uint8Array;
+  stop(): void;
+}
+
+export interface NativePostcopySource {
+  attach(pushFd: number, prioFd: number): void;
+  push(pages: Uint32Array, batchPages: number): Promise<{ pages: number; bytes: number }>;
+  recent(): Uint32Array;
+  reset(held: Uint8Array): void;
+  unsent(): Uint32Array;
+  stats(): { requests: number; served: number; pushed: number; servedBytes: number };
+  detach(): void;
+}
+
 interface Addon {
   regionCreate(size: number, name: string): NativeRegion;
   regionAdopt(fd: number, size: number): NativeRegion;
@@ -61,6 +88,11 @@ interface Addon {
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;
   pageHashVariants(data: Buffer): bigint[];
+  PostcopyDest: new (region: NativeRegion, uffd: number, guestAddress: bigint, states: Uint8Array, hashes: BigUint64Array, version: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopyDest;
+  PostcopySource: new (region: NativeRegion, needed: Uint8Array, version: number, round: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopySource;
+  uffdRegisterMinor(address: bigint, length: number): number;
+  takeFd(pid: number, fd: number): number;
+  dropPageTables(address: bigint, length: number): void;
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;

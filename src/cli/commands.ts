@@ -31,10 +31,11 @@ const GUEST_FLAGS = {
   'no-wws': { type: 'boolean', default: false },
   'rate-adapt': { type: 'string' },
   'max-bytes': { type: 'string' },
+  mode: { type: 'string' },
 } as const;
 
 /** The convergence settings given on the command line (see MigrateOptions). */
-export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes'>;
+export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes' | 'mode'>;
 
 function policyOptions(v: Record<string, string | boolean | undefined>): PolicyFlags {
   const o: PolicyFlags = {};
@@ -51,6 +52,10 @@ function policyOptions(v: Record<string, string | boolean | undefined>): PolicyF
     o.rateAdaptation = { startMiBps: parseNumber(a ?? '', '--rate-adapt START', Number.MIN_VALUE), incrementMiBps: parseNumber(b ?? '50', '--rate-adapt INCREMENT') };
   }
   if (typeof v['max-bytes'] === 'string') o.maxBytes = parseSize(v['max-bytes'], '--max-bytes');
+  if (typeof v.mode === 'string') {
+    if (!['precopy', 'postcopy', 'hybrid'].includes(v.mode)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `--mode must be precopy, postcopy or hybrid, got ${v.mode}`);
+    o.mode = v.mode as PolicyFlags['mode'];
+  }
   return o;
 }
 
@@ -85,10 +90,11 @@ export async function receiveCommand(argv: string[]): Promise<number> {
   const rx = await listen(host, port, {
     ...(values['max-region'] ? { maxRegionBytes: parseSize(values['max-region'], '--max-region') } : {}),
     ...(values['reuse-image'] ? { reuseImage: values['reuse-image'] } : {}),
-    onReserved: async (region) => {
-      incoming = new IncomingGuest(region);
+    onReserved: async (region, postcopy) => {
+      incoming = new IncomingGuest(region, postcopy === 'planned' ? 'planned' : 'possible');
       await incoming.ready; // the guest maps its memory before pages flow, not during
     },
+    postcopy: { register: () => incoming!.register() },
     onDiscard: () => incoming?.kill(),
     activate: async (_region, deviceState) => {
       await incoming!.activate(deviceState);
@@ -98,7 +104,8 @@ export async function receiveCommand(argv: string[]): Promise<number> {
   process.stdout.write(JSON.stringify({ listening: `${rx.address}:${rx.port}`, port: rx.port }) + '\n');
   try {
     const report = await rx.next();
-    process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid }) + '\n');
+    if (report.mode === 'postcopy') await incoming!.verify();
+    process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid || incoming?.child.pid || 0 }) + '\n');
     return 0;
   } catch (e) {
     const err = e as LivemigError;
@@ -144,6 +151,8 @@ const CLI_ENTRY = fileURLToPath(new URL('./main.js', import.meta.url));
 export interface DemoReport extends MigrationReport {
   guest_gap_ms: number;
   guest_verified: { bad: number; first_bad: number; writes: string; verify_ms: number };
+  /** the destination's post-copy figures: faults, latency percentiles, pages pulled and pushed */
+  destination_postcopy?: Record<string, number>;
   content: string;
   rate_mib_s: number;
   pattern: string;
@@ -195,7 +204,7 @@ export async function runDemo(
     });
     if (early) report.downtime_ms = +(report.prep_ms + report.total_ms).toFixed(3); // paused from before the handshake to activation
     const done = await lines.next();
-    const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown };
+    const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown; received?: { postcopy?: Record<string, number> } };
     if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });
     destPid = rx.guest_pid;
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
@@ -206,6 +215,7 @@ export async function runDemo(
       verified: report.verified && verify.verify!.bad === 0,
       guest_gap_ms: +gap.toFixed(3),
       guest_verified: { bad: verify.verify!.bad, first_bad: verify.verify!.firstBad, writes: verify.verify!.writes, verify_ms: +verify.verify!.ms.toFixed(0) },
+      ...(rx.received?.postcopy ? { destination_postcopy: rx.received.postcopy } : {}),
       content: g.content,
       rate_mib_s: g.rate,
       pattern: g.pattern,

@@ -17,6 +17,7 @@ guest flags (demo, send): --size 1GiB --content mixed|random|zero|text|dup --rat
   --no-zero --no-dedup --no-compress   switch page encodings off (each is on by default)
   --on-stall throttle|postcopy|force|abort   when pre-copy does not converge (default throttle)
   --bandwidth MiB/s   cap, enforced smoothly   --deadline SECONDS   done or given up by then
+  --mode precopy|postcopy|hybrid   post-copy: the guest moves at once, pages follow on demand
   --no-wws   send hot pages every round   --rate-adapt START:INC (MiB/s)   --max-bytes SIZE (default 3x)
 receive flags: --max-region SIZE --reuse-image PATH (an image this host kept: send only what differs) --json
 `;

@@ -34,6 +34,8 @@ const MAX_PROBE_GAP = 32;
 const LINK_PROBE_EVERY = 32;
 /** a plain run cannot be faster when in place leaves out at least this share of the pages */
 const NO_PLAIN_ABOVE = 0.5;
+/** in place "saves nothing" below this share of pages */
+const NOTHING_SAVED = 0.01;
 
 const ewma = (old: number | undefined, x: number): number => (old === undefined ? x : old + ALPHA * (x - old));
 
@@ -70,6 +72,8 @@ export class Chooser {
   /** Whether in-place encoding is the faster, from the figures so far. */
   inPlacePays(): boolean {
     if (this.inPlaceRate === undefined || this.plainRate === undefined) return true;
+    // saving nothing, the in-place work is pure cost: rates within the noise go plain
+    if ((this.savedShare ?? 0) < NOTHING_SAVED) return this.inPlaceRate >= this.plainRate * 1.05;
     return this.inPlaceRate >= this.plainRate;
   }
 

@@ -19,8 +19,13 @@ import { Compressor } from './compressor.js';
 
 const SKIP = 255;
 const INCOMPRESSIBLE = 254;
-/** batches per native call on the in-place and plain paths, and per run on the compressed path */
+/**
+ * batches per native call on the in-place and plain paths: starts here, doubles while the
+ * path stays the same (each call's return costs a wake-up of the event loop and a refilled
+ * socket on a 2-core host), back to the start when the path changes
+ */
 const RUN_BATCHES = 16;
+const MAX_RUN_BATCHES = 256;
 const LEARNING_RUNS = 3;
 const LEARNING_RUN_BATCHES = 4;
 const COMPRESS_RUN = 8;
@@ -59,6 +64,8 @@ export class PageEncoder {
   #compressor: Compressor | undefined;
   #sampling: Promise<void> | undefined;
   #runs = 0;
+  #runBatches = RUN_BATCHES;
+  #lastPath: 'in-place' | 'plain' | 'compressed' | undefined;
   #inPlaceMs = 0;
   #overheadMs = 0;
   #indexMs = 0;
@@ -93,8 +100,11 @@ export class PageEncoder {
     for (let at = 0; at < pages.length; ) {
       const compress = this.chooser.compressing() && !this.chooser.linkProbeDue();
       const inPlace = !compress && (this.#flags === 0 || this.chooser.nextRunInPlace());
+      const path = compress ? 'compressed' : inPlace ? 'in-place' : 'plain';
+      this.#runBatches = path === this.#lastPath ? Math.min(this.#runBatches * 2, MAX_RUN_BATCHES) : RUN_BATCHES;
+      this.#lastPath = path;
       // the first runs are short: the chooser learns the link and the content sooner
-      const runBatches = this.#runs++ < LEARNING_RUNS ? LEARNING_RUN_BATCHES : RUN_BATCHES;
+      const runBatches = this.#runs++ < LEARNING_RUNS ? LEARNING_RUN_BATCHES : this.#runBatches;
       const part = pages.subarray(at, Math.min(pages.length, at + (compress ? COMPRESS_RUN : runBatches) * this.#batchPages));
       at += part.length;
       if (compress) bytes += await this.#sendCompressed(round, part);

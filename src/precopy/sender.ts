@@ -19,6 +19,8 @@ import {
   CAP_COMMIT_ACTIVATE,
   CAP_ENCODINGS,
   CAP_IMAGE_HASHES,
+  CAP_POSTCOPY,
+  CAP_POSTCOPY_PLANNED,
   decodeError,
   decodeRoundAck,
   encodeAbort,
@@ -36,11 +38,13 @@ import { RateMeter, TokenBucket } from './bandwidth.js';
 import { ConvergencePolicy, type StallAction } from './policy.js';
 import type { MigrateOptions, MigrationReport, RoundStats } from './types.js';
 import { WritableWorkingSet } from './wws.js';
+import { attachConnection, runPostcopy, type PostcopyLink } from '../postcopy/switch.js';
 
 const STALL_ACTIONS: readonly StallAction[] = ['throttle', 'postcopy', 'force', 'abort'];
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-type SenderState = 'connecting' | 'handshake' | 'precopy' | 'stop-and-copy' | 'commit' | 'activating' | 'done' | 'failed';
+type SenderState = 'connecting' | 'handshake' | 'precopy' | 'stop-and-copy' | 'commit' | 'activating' | 'postcopy' | 'done' | 'failed';
+const MODES = ['precopy', 'postcopy', 'hybrid'] as const;
 
 /**
  * Cost of the pause besides moving pages, ms: the integrator's pause (~2 ms for the reference
@@ -91,6 +95,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   if (onStall === 'throttle' && !options.throttle) throw invalid("onStall 'throttle' needs a throttle(percent) callback to slow the guest");
   if (options.bandwidthMiBps !== undefined && !(options.bandwidthMiBps > 0)) throw invalid('bandwidthMiBps must be a positive number');
   if (options.deadlineMs !== undefined && !(options.deadlineMs > 0)) throw invalid('deadlineMs must be a positive number');
+  const mode = options.mode ?? 'precopy';
+  if (!MODES.includes(mode)) throw invalid(`mode must be one of ${MODES.join(', ')}, got ${String(mode)}`);
+  if (options.recoverTimeoutMs !== undefined && !(options.recoverTimeoutMs > 0)) throw invalid('recoverTimeoutMs must be a positive number');
+  const mayPostcopy = mode !== 'precopy' || onStall === 'postcopy' || options.control !== undefined;
   const ra = options.rateAdaptation;
   if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');
 
@@ -119,12 +127,17 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     state = 'handshake';
     const enc = { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true };
     const wantEncodings = enc.zero || enc.dedup || enc.compress;
-    await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: wantEncodings ? [CAP_ENCODINGS, CAP_COMMIT_ACTIVATE] : [CAP_COMMIT_ACTIVATE] }));
+    await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities: [...(wantEncodings ? [CAP_ENCODINGS] : []), CAP_COMMIT_ACTIVATE, ...(mayPostcopy ? [CAP_POSTCOPY] : []), ...(mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : [])] }));
     const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), options.handshakeTimeoutMs ?? 60_000)).payload);
     if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
       throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
     }
     const version = accept.version;
+    const link: PostcopyLink | undefined =
+      accept.capabilities.includes(CAP_POSTCOPY) && accept.session
+        ? { session: accept.session, version, connect: options.connect ?? (() => connect(options.to instanceof net.Socket ? (() => { throw invalid('post-copy needs `connect` (a way to open more connections) when `to` is a socket'); })() : options.to)) }
+        : undefined;
+    if (mode !== 'precopy' && !link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${mode}: the destination does not offer post-copy`, { phase: 'handshake' });
     // Encodings: both sides start the dedup index from what the destination holds, a fresh
     // (all-zero) region or the image whose hashes it sends now.
     let dedup: NativeDedup | undefined;
@@ -217,7 +230,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     let stopReason = '';
     let forcedStop = false;
     let maxThrottle = 0;
-    for (;;) {
+    let switchToPostcopy = mode === 'postcopy';
+    for (; !switchToPostcopy; ) {
       const t0 = now();
       const { bytes, unsent } = await sendRound(round, pending);
       const sentPages = pending.length - unsent.length;
@@ -275,8 +289,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         throttled = true;
         await options.throttle!(d.level);
         maxThrottle = Math.max(maxThrottle, d.level);
-      } else if (d.action === 'postcopy') {
-        throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: post-copy is not available in this version; the guest stays here`, { phase: 'precopy' });
+      } else if (d.action === 'postcopy' || mode === 'hybrid' || options.control?.postcopyRequested) {
+        if (!link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: the destination does not offer post-copy; the guest stays here`, { phase: 'precopy' });
+        stopReason = d.action === 'postcopy' ? `${d.reason}: switching to post-copy` : mode === 'hybrid' ? 'hybrid: switching to post-copy after the first pass' : 'post-copy requested';
+        switchToPostcopy = true;
+        break;
       } else if (d.action === 'abort') {
         throw new LivemigError(d.code, d.reason, { phase: 'precopy' });
       } else if (d.action === 'stop') {
@@ -294,9 +311,86 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
 
     // Let the destination finish applying what is in flight before the pause, so that the
     // pause does not pay for its backlog.
-    for (;;) {
+    for (; mode !== 'postcopy'; ) {
       const ack = decodeRoundAck((await channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
       if (ack.round >= round) break;
+    }
+    if (switchToPostcopy) {
+      // the priority connection joins before the pause: no connect inside it
+      const prio = await attachConnection(link!, 'prio');
+      state = 'stop-and-copy';
+      const tPause = now();
+      let deviceState: Uint8Array;
+      try {
+        deviceState = await options.pause();
+        paused = true;
+      } catch (e) {
+        paused = true;
+        prio.close();
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
+      }
+      const needed = new Uint8Array(region.pageCount);
+      if (mode === 'postcopy') needed.fill(1);
+      else {
+        const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
+        for (const p of mergePages(pending, final)) needed[p] = 1;
+      }
+      await channel.send(encodeDeviceState(deviceState, version));
+      let downtime = 0;
+      let pagesNeeded = 0;
+      const tPc = now();
+      const pc = await runPostcopy({
+        channel,
+        prio,
+        link: link!,
+        region,
+        needed,
+        round: round + 1,
+        batchPages,
+        recoverTimeoutMs: options.recoverTimeoutMs ?? 60_000,
+        peerError,
+        onCommitted: () => (state = 'activating'),
+        onRunning: () => {
+          state = 'postcopy';
+          downtime = now() - tPause;
+          progress({ type: 'activated', downtime_ms: downtime });
+          // tracking is over (the source is paused for good); stopping it is not the guest's pause
+          void tracker!.stop().catch(() => undefined);
+        },
+        onProgress: (st) => progress({ type: 'postcopy', ...st }),
+      });
+      pagesNeeded = pc.pages_needed;
+      state = 'done';
+      unsubscribe?.();
+      await encoder?.close();
+      if (options.release) await options.release();
+      const es = encoder?.stats;
+      return {
+        verified: true,
+        mode: mode === 'precopy' ? 'hybrid' : mode,
+        digest: pc.digest.toString(16).padStart(16, '0'),
+        prep_ms: +prepMs.toFixed(1),
+        total_ms: +(now() - tFirstPage).toFixed(1),
+        downtime_ms: +downtime.toFixed(3),
+        rounds: mode === 'postcopy' ? 0 : round,
+        region_bytes: region.size,
+        wire_bytes: bytesSent + pc.stats.bytes,
+        pages_sent: pagesSent + pc.stats.pages_pushed + pc.stats.pages_served,
+        tracker: tracker.backend,
+        zero_pages: es?.zero_pages ?? 0,
+        dup_pages: es?.dup_pages ?? 0,
+        lz4_pages: es?.lz4_pages ?? 0,
+        raw_pages: (es ? es.raw_pages : pagesSent) + pc.stats.pages_pushed + pc.stats.pages_served,
+        skipped_pages: es?.skipped_pages ?? 0,
+        lz4_ratio: es && es.lz4_in > 0 ? +(es.lz4_out / es.lz4_in).toFixed(3) : 1,
+        encodings: encoder !== undefined,
+        per_round: perRound,
+        stop_reason: stopReason || 'post-copy from the start',
+        forced_stop: false,
+        max_throttle_percentage: maxThrottle,
+        stop_and_copy: { pages: 0, bytes: 0, pause_ms: 0, final_collect_ms: 0, send_ms: 0, commit_ms: 0, activate_ms: +pc.activate_ms.toFixed(3) },
+        postcopy: { ...pc.stats, pages_needed: pagesNeeded, postcopy_ms: +(now() - tPc).toFixed(1) },
+      };
     }
 
     // Stop-and-copy: the guest pauses; the last dirty pages and the device state go.
@@ -399,6 +493,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
     // The destination answering ACTIVATE with an ERROR has discarded its copy (its activation
     // failed): the source is still the only guest, so it resumes below like any early failure.
+    if ((failedIn as SenderState) === 'postcopy') {
+      // the guest runs at the destination: it must never resume here; this copy stays, paused
+      channel?.close();
+      throw err;
+    }
     if (failedIn === 'activating' && !reportedByPeer.has(err)) {
       channel?.close();
       throw new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`, {

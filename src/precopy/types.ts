@@ -7,6 +7,16 @@ import type { StallAction } from './policy.js';
 export class MigrationControl {
   #bandwidth: number | undefined;
   #listeners: ((mibps: number | undefined) => void)[] = [];
+  #postcopy = false;
+
+  /** Switch to post-copy at the end of the current round (the destination must offer it). */
+  startPostcopy(): void {
+    this.#postcopy = true;
+  }
+  /** @internal */
+  get postcopyRequested(): boolean {
+    return this.#postcopy;
+  }
 
   /** A new bandwidth cap in MiB/s, or undefined for none; takes effect at the next chunk. */
   setBandwidth(mibps: number | undefined): void {
@@ -61,7 +71,16 @@ export type ProgressEvent =
   | ({ type: 'round' } & RoundStats)
   | { type: 'stop-and-copy'; pages: number; bytes: number }
   | { type: 'committed'; digest: string }
-  | { type: 'activated'; downtime_ms: number };
+  | { type: 'activated'; downtime_ms: number }
+  | ({ type: 'postcopy' } & PostcopyStats);
+
+export interface PostcopyStats {
+  pages_pushed: number;
+  pages_served: number;
+  requests: number;
+  bytes: number;
+  reconnects: number;
+}
 
 export interface MigrateOptions {
   /** the guest's memory, mapped in this process */
@@ -116,6 +135,16 @@ export interface MigrateOptions {
    * references to content the destination holds, LZ4 where it pays (see src/encoding/chooser.ts)
    */
   encodings?: { zero?: boolean; dedup?: boolean; compress?: boolean };
+  /**
+   * 'precopy' (default): rounds, then stop-and-copy (or post-copy if the stall policy says so,
+   * or control.startPostcopy() is called); 'postcopy': the guest moves at once and its pages
+   * follow; 'hybrid': one pre-copy pass, then post-copy for what changed since
+   */
+  mode?: 'precopy' | 'postcopy' | 'hybrid';
+  /** opens another connection to the destination (post-copy; default: connect to `to` again) */
+  connect?(): Promise<net.Socket>;
+  /** post-copy: how long to keep trying to reconnect after the link breaks (default 60 s) */
+  recoverTimeoutMs?: number;
   /** handshake timeout (default 60 s: the destination may reserve gigabytes) */
   handshakeTimeoutMs?: number;
   onProgress?(event: ProgressEvent): void;
@@ -123,7 +152,7 @@ export interface MigrateOptions {
 
 export interface MigrationReport {
   verified: boolean;
-  mode: 'precopy';
+  mode: 'precopy' | 'postcopy' | 'hybrid';
   digest: string;
   prep_ms: number;
   total_ms: number;
@@ -150,4 +179,6 @@ export interface MigrationReport {
   /** highest throttle applied, percent */
   max_throttle_percentage: number;
   stop_and_copy: { pages: number; bytes: number; pause_ms: number; final_collect_ms: number; send_ms: number; commit_ms: number; activate_ms: number };
+  /** post-copy phase: pages pushed and served on request, from the switch to completion */
+  postcopy?: PostcopyStats & { pages_needed: number; postcopy_ms: number };
 }

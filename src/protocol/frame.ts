@@ -37,6 +37,15 @@ export enum FrameType {
   PagesEnc = 13,
   /** version 2: the page hashes of an image the receiver already holds */
   ImageHashes = 14,
+  /** version 2, capability `postcopy`: the switch; the destination resumes the guest at once */
+  Postcopy = 15,
+  PostcopyRunning = 16,
+  /** version 2: a new connection joining a post-copy session (priority, or after a break) */
+  Attach = 17,
+  /** binary, on the priority connection only; parsed natively (native/postcopy.cc) */
+  PageRequest = 18,
+  PostcopyComplete = 19,
+  Attached = 20,
 }
 
 const KNOWN_TYPES = new Set<number>(Object.values(FrameType).filter((v): v is number => typeof v === 'number'));

@@ -22,6 +22,8 @@ export interface Hello {
 export interface Accept {
   version: number;
   capabilities: string[];
+  /** with CAP_POSTCOPY: the token an ATTACH must name */
+  session?: string;
 }
 export interface ErrorMessage {
   code: string;
@@ -94,7 +96,8 @@ export function decodeAccept(p: Buffer): Accept {
   const m = decodeMap(p, FrameType.Accept);
   if (!isCount(m.version, 255)) throw bad('ACCEPT version must be an integer');
   if (!Array.isArray(m.capabilities) || !m.capabilities.every((c) => isString(c, 64))) throw bad('ACCEPT capabilities must be a list of strings');
-  return { version: m.version, capabilities: m.capabilities as string[] };
+  if (m.session !== undefined && !(isString(m.session, 64) && /^[0-9a-f]{32}$/.test(m.session))) throw bad('ACCEPT session must be 32 hex digits');
+  return { version: m.version, capabilities: m.capabilities as string[], ...(m.session !== undefined ? { session: m.session } : {}) };
 }
 
 export const encodeError = (e: ErrorMessage, version: number): Buffer => control(FrameType.Error, e, version);
@@ -252,4 +255,78 @@ export function encodePagesEnc(round: number, pages: EncodedPage[], version: num
     return Buffer.concat([n, p.body]);
   });
   return encodeFrame(FrameType.PagesEnc, Buffer.concat([head, ...bodies]), version);
+}
+
+/**
+ * HELLO/ACCEPT: the sender may switch to post-copy (POSTCOPY); ACCEPT then carries a session
+ * token, and further connections join with ATTACH naming it.
+ */
+export const CAP_POSTCOPY = 'postcopy';
+/** HELLO: the sender will switch to post-copy (mode postcopy or hybrid): the destination need not map the guest's memory ahead */
+export const CAP_POSTCOPY_PLANNED = 'postcopy-planned';
+
+export interface Postcopy {
+  /** 1 bit per page (page p: byte p>>3, bit p&7): the destination must fetch it; others it holds */
+  needed: Buffer;
+}
+export interface PostcopyRunning {
+  activateMs: number;
+}
+export type AttachRole = 'push' | 'prio';
+export interface Attach {
+  session: string;
+  role: AttachRole;
+}
+export interface Attached {
+  /** 1 bit per page the destination holds (empty when it holds nothing yet that matters) */
+  held: Buffer;
+}
+
+const bitmapBytes = (pageCount: number): number => Math.ceil(pageCount / 8);
+
+export const encodePostcopy = (p: Postcopy, version: number): Buffer => control(FrameType.Postcopy, p, version);
+export function decodePostcopy(p: Buffer, pageCount: number): Postcopy {
+  const m = decodeMap(p, FrameType.Postcopy);
+  if (!Buffer.isBuffer(m.needed) && !(m.needed instanceof Uint8Array)) throw bad('POSTCOPY needed must be a bitmap');
+  const needed = Buffer.from(m.needed as Uint8Array);
+  if (needed.length !== bitmapBytes(pageCount)) throw bad(`POSTCOPY bitmap of ${needed.length} bytes for ${pageCount} pages`);
+  if (pageCount % 8 !== 0 && needed[needed.length - 1]! >> pageCount % 8 !== 0) throw bad('POSTCOPY bitmap names pages past the region');
+  return { needed };
+}
+
+export const encodePostcopyRunning = (r: PostcopyRunning, version: number): Buffer => control(FrameType.PostcopyRunning, r, version);
+export function decodePostcopyRunning(p: Buffer): PostcopyRunning {
+  const m = decodeMap(p, FrameType.PostcopyRunning);
+  if (typeof m.activateMs !== 'number' || !(m.activateMs >= 0)) throw bad('POSTCOPY_RUNNING activateMs must be a non-negative number');
+  return { activateMs: m.activateMs };
+}
+
+export const encodeAttach = (a: Attach, version: number): Buffer => control(FrameType.Attach, a, version);
+export function decodeAttach(p: Buffer): Attach {
+  const m = decodeMap(p, FrameType.Attach);
+  if (!isString(m.session, 64) || !/^[0-9a-f]{32}$/.test(m.session)) throw bad('ATTACH session must be 32 hex digits');
+  if (m.role !== 'push' && m.role !== 'prio') throw bad(`ATTACH role must be push or prio, got ${String(m.role)}`);
+  return { session: m.session, role: m.role };
+}
+
+export const encodeAttached = (a: Attached, version: number): Buffer => control(FrameType.Attached, a, version);
+export function decodeAttached(p: Buffer, pageCount: number): Attached {
+  const m = decodeMap(p, FrameType.Attached);
+  if (!Buffer.isBuffer(m.held) && !(m.held instanceof Uint8Array)) throw bad('ATTACHED held must be a bitmap');
+  const held = Buffer.from(m.held as Uint8Array);
+  if (held.length !== 0 && held.length !== bitmapBytes(pageCount)) throw bad(`ATTACHED bitmap of ${held.length} bytes for ${pageCount} pages`);
+  return { held };
+}
+
+/** One byte per page (0/1) from a bitmap of `pageCount` bits, and back. */
+export function bitmapToBytes(bits: Buffer, pageCount: number): Uint8Array {
+  const out = new Uint8Array(pageCount);
+  if (bits.length === 0) return out;
+  for (let p = 0; p < pageCount; p++) out[p] = (bits[p >> 3]! >> (p & 7)) & 1;
+  return out;
+}
+export function bytesToBitmap(bytes: Uint8Array): Buffer {
+  const out = Buffer.alloc(bitmapBytes(bytes.length));
+  for (let p = 0; p < bytes.length; p++) if (bytes[p]) out[p >> 3]! |= 1 << (p & 7);
+  return out;
 }

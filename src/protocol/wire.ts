@@ -45,6 +45,8 @@ export interface NativeWire {
   shutdown(): void;
   close(): void;
   setTimeouts(recvMs: number, sendMs: number): void;
+  fd(): number;
+  forget(): void;
 }
 
 /** The sender's index of what the receiver holds (native/encode.h). */
@@ -127,6 +129,23 @@ export class WireChannel {
     }
     socket.destroy();
     return new WireChannel(wire);
+  }
+
+  /**
+   * The connection's descriptor, for a post-copy service that takes its own dup of it; no
+   * read or write may be left running on this channel from then on.
+   */
+  get fd(): number {
+    return this.#wire.fd();
+  }
+
+  /**
+   * Lets go of the connection without shutting it down, after a post-copy service took its
+   * own dup of the descriptor; the channel is closed for this side from then on.
+   */
+  handOff(): void {
+    this.#closed = true;
+    this.#wire.forget();
   }
 
   /** True once nothing more can be sent: the connection failed or was closed. */

@@ -28,8 +28,21 @@ import {
   negotiateVersion,
 } from '../protocol/messages.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
+import { randomBytes } from 'node:crypto';
+import { FaultService, type FaultStats } from '../postcopy/dest.js';
+import {
+  bitmapToBytes,
+  bytesToBitmap,
+  decodeAttach,
+  decodePostcopy,
+  encodeAttached,
+  encodePostcopyRunning,
+  CAP_POSTCOPY,
+  CAP_POSTCOPY_PLANNED,
+  type Attach,
+} from '../protocol/messages.js';
 
-export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'failed';
+export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'postcopy' | 'failed';
 
 export type ReceiveProgress =
   | { type: 'reserved'; region_bytes: number; reserve_ms: number }
@@ -37,7 +50,11 @@ export type ReceiveProgress =
   | { type: 'image-ignored'; path: string; reason: string }
   | { type: 'round'; round: number; pages: number }
   | { type: 'committed'; digest: string }
-  | { type: 'activated'; activate_ms: number };
+  | { type: 'activated'; activate_ms: number }
+  | { type: 'postcopy-running'; activate_ms: number; pages_needed: number }
+  | { type: 'postcopy-disconnected'; message: string }
+  | { type: 'postcopy-reconnected'; pages_held: number }
+  | ({ type: 'postcopy-progress' } & FaultStats);
 
 export interface ReceiveOptions {
   /** refuse regions larger than this (default: what the host's memory allows) */
@@ -46,7 +63,7 @@ export interface ReceiveOptions {
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise
    */
-  onReserved?(region: Region): void | Promise<void>;
+  onReserved?(region: Region, postcopy: 'planned' | 'possible' | 'no'): void | Promise<void>;
   /** called when the migration fails before activation (undo what onReserved started) */
   onDiscard?(region: Region): void;
   /** hands the verified region and device state to the guest; the guest runs here from then on */
@@ -59,6 +76,17 @@ export interface ReceiveOptions {
   reuseImage?: string;
   /** time allowed between frames before giving up (default 60 s) */
   idleTimeoutMs?: number;
+  /**
+   * Post-copy support (capability `postcopy`): register the guest's mapping of the region for
+   * minor faults (userfaultfd, UFFD_FEATURE_MINOR_SHMEM) before it resumes, and return the
+   * userfaultfd (a descriptor in this process) and the mapping's address in the guest.
+   * `activate` then resumes the guest with pages still missing; they arrive while it runs.
+   */
+  postcopy?: { register(region: Region): Promise<{ uffd: number; address: bigint }> };
+  /** post-copy: how long to wait for the source to come back after a break (default 60 s) */
+  recoverTimeoutMs?: number;
+  /** @internal set by listen(): routes ATTACH connections of a post-copy session here */
+  sessions?: Map<string, (ch: WireChannel, a: Attach) => void>;
 }
 
 export interface ReceiveReport {
@@ -68,6 +96,8 @@ export interface ReceiveReport {
   rounds: number;
   digest: string;
   activate_ms: number;
+  mode: 'precopy' | 'postcopy';
+  postcopy?: FaultStats & { pages_needed: number; total_ms: number; reconnects: number };
 }
 
 /** Serves one migration on an accepted connection. */
@@ -79,6 +109,9 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
   let state: ReceiverState = 'hello';
   let version = PROTOCOL_VERSION;
   let region: Region | undefined;
+  let sessions: Map<string, (ch: WireChannel, a: Attach) => void> | undefined;
+  let sessionKey = '';
+  let faults: FaultService | undefined;
   try {
     const hello = await ch.next();
     if (hello.type !== FrameType.Hello) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `the first frame must be HELLO, got ${FrameType[hello.type]}`);
@@ -102,7 +135,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     // side of the same memory: both finish before the first page is accepted.
     const populated = region.populateAsync(true);
     populated.catch(() => undefined); // awaited below, after onReserved
-    await options.onReserved?.(region);
+    const postcopyCap = version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
+    await options.onReserved?.(region, !postcopyCap ? 'no' : h.capabilities.includes(CAP_POSTCOPY_PLANNED) ? 'planned' : 'possible');
     await populated;
     const reserveMs = performance.now() - t0;
     progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
@@ -122,8 +156,20 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
       }
     }
     const commitActivate = h.capabilities.includes(CAP_COMMIT_ACTIVATE);
-    const caps = [...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : [])];
-    await ch.send(encodeAccept({ version, capabilities: caps }, version));
+    const caps = [...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []), ...(postcopyCap ? [CAP_POSTCOPY] : [])];
+    // post-copy: further connections join this session with ATTACH naming the token
+    const session = postcopyCap ? randomBytes(16).toString('hex') : undefined;
+    const attached: { push?: WireChannel; prio?: WireChannel; wake?: () => void } = {};
+    if (session && options.sessions) {
+      sessions = options.sessions;
+      sessionKey = session;
+      options.sessions.set(session, (c, a) => {
+        attached[a.role]?.close(); // a newer connection for the same role replaces an older one
+        attached[a.role] = c;
+        attached.wake?.();
+      });
+    }
+    await ch.send(encodeAccept({ version, capabilities: caps, ...(session ? { session } : {}) }, version));
     if (imageHashes) await ch.send(encodeImageHashes(hashes, version));
 
     state = 'receiving';
@@ -180,7 +226,47 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           await ch.send(encodeActivated({ activateMs }, version)).catch(() => undefined); // the guest runs here either way
           progress({ type: 'activated', activate_ms: activateMs });
           await ch.finish();
-          return { region_bytes: region.size, reserve_ms: reserveMs, pages_received: pagesReceived, rounds, digest: digest.toString(16).padStart(16, '0'), activate_ms: activateMs };
+          return { region_bytes: region.size, reserve_ms: reserveMs, pages_received: pagesReceived, rounds, digest: digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy' };
+        }
+        case FrameType.Postcopy: {
+          if (!postcopyCap || !options.postcopy) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
+          if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY while ${state}`);
+          if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
+          const prio = attached.prio;
+          if (!prio) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before the priority connection attached');
+          const needed = bitmapToBytes(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount);
+          const held = needed.map((x) => 1 - x);
+          let pagesNeeded = 0;
+          for (const x of needed) pagesNeeded += x;
+          // From here the guest runs here: the source never resumes it (point of commitment).
+          const ta = performance.now();
+          const reg = await options.postcopy.register(region);
+          faults = new FaultService(region, reg.uffd, reg.address, held, hashes, version);
+          faults.start();
+          faults.attach(ch.fd, prio.fd);
+          prio.handOff();
+          attached.prio = undefined;
+          await options.activate(region, deviceState);
+          state = 'postcopy';
+          const activateMs = performance.now() - ta;
+          await ch.send(encodePostcopyRunning({ activateMs }, version));
+          progress({ type: 'postcopy-running', activate_ms: activateMs, pages_needed: pagesNeeded });
+          const tRun = performance.now();
+          const reconnects = await servePostcopy(faults, attached, region, version, options, progress);
+          const fs = faults.stats();
+          // the thread stops by itself once every page is mapped into the guest
+          await faults.done;
+          ch.handOff();
+          return {
+            region_bytes: region.size,
+            reserve_ms: reserveMs,
+            pages_received: pagesReceived + fs.pages_pulled + fs.pages_pushed,
+            rounds,
+            digest: (await faults.complete).toString(16).padStart(16, '0'),
+            activate_ms: activateMs,
+            mode: 'postcopy',
+            postcopy: { ...fs, pages_needed: pagesNeeded, total_ms: +(performance.now() - tRun).toFixed(1), reconnects },
+          };
         }
         case FrameType.Abort:
           throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: state });
@@ -193,13 +279,73 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     state = 'failed';
     const err =
       e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
-    const tell = !ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED';
+    const tell = !ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
     await ch.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, version) : undefined);
-    if (region && failedIn !== 'activated') {
+    // in post-copy the guest runs here on whatever pages it has: the region stays
+    if (faults && failedIn !== 'postcopy') faults.stop();
+    if (region && failedIn !== 'activated' && failedIn !== 'postcopy') {
       options.onDiscard?.(region);
       region.release(); // nothing was activated: the destination copy is discarded
     }
     throw err;
+  } finally {
+    if (sessions) sessions.delete(sessionKey);
+  }
+}
+
+/**
+ * Waits for post-copy to complete; after a break, for the source to attach again (both
+ * connections), then tells it what this side holds. Resolves with the number of reconnections.
+ */
+async function servePostcopy(faults: FaultService, attached: { push?: WireChannel; prio?: WireChannel; wake?: () => void }, region: Region, version: number, options: ReceiveOptions, progress: (e: ReceiveProgress) => void): Promise<number> {
+  let reconnects = 0;
+  let broken: string | undefined;
+  let wake: (() => void) | undefined;
+  const off = faults.on((e) => {
+    if (e.type === 'disconnected') broken = e.message ?? 'the link broke';
+    wake?.();
+  });
+  attached.wake = () => wake?.();
+  let done = false;
+  faults.complete.then(
+    () => ((done = true), wake?.()),
+    () => wake?.(),
+  );
+  const timer = setInterval(() => progress({ type: 'postcopy-progress', ...faults.stats() }), 1000);
+  try {
+    for (;;) {
+      if (done) return reconnects;
+      await Promise.race([faults.complete, new Promise<void>((r) => (wake = r))]);
+      if (done) return reconnects;
+      if (broken === undefined) continue;
+      progress({ type: 'postcopy-disconnected', message: broken });
+      const deadline = performance.now() + (options.recoverTimeoutMs ?? 60_000);
+      while (!(attached.push && attached.prio)) {
+        const left = deadline - performance.now();
+        if (left <= 0) {
+          const held = faults.held().reduce((a, b) => a + b, 0);
+          throw new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${options.recoverTimeoutMs ?? 60_000} ms (${broken}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
+        }
+        await new Promise<void>((r) => {
+          wake = r;
+          setTimeout(r, Math.min(left, 1000));
+        });
+      }
+      broken = undefined;
+      const held = faults.held();
+      const prio = attached.prio;
+      const push = attached.push;
+      attached.prio = attached.push = undefined;
+      await prio.send(encodeAttached({ held: bytesToBitmap(held) }, version));
+      faults.attach(push.fd, prio.fd);
+      push.handOff();
+      prio.handOff();
+      reconnects++;
+      progress({ type: 'postcopy-reconnected', pages_held: held.reduce((a, b) => a + b, 0) });
+    }
+  } finally {
+    clearInterval(timer);
+    off();
   }
 }
 
@@ -218,9 +364,12 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   const results: { resolve: (r: ReceiveReport) => void; reject: (e: unknown) => void }[] = [];
   const ready: Promise<ReceiveReport>[] = [];
   let busy = false;
+  const sessions = new Map<string, (ch: WireChannel, a: Attach) => void>();
+  options = { ...options, sessions };
   server.on('connection', (socket) => {
     if (busy) {
-      socket.destroy(); // one migration at a time
+      // one migration at a time; another connection may only join its post-copy session
+      void routeAttach(socket, sessions);
       return;
     }
     busy = true;
@@ -243,6 +392,28 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     next: () => ready.shift() ?? new Promise((resolve, reject) => results.push({ resolve, reject })),
     close: () => new Promise((resolve) => server.close(() => resolve())),
   };
+}
+
+/** A connection while a migration runs: its first frame must be ATTACH naming a live session. */
+async function routeAttach(socket: net.Socket, sessions: Map<string, (ch: WireChannel, a: Attach) => void>): Promise<void> {
+  let ch: WireChannel;
+  try {
+    ch = WireChannel.fromSocket(socket);
+  } catch {
+    socket.destroy();
+    return;
+  }
+  try {
+    const f = await ch.next(5_000);
+    if (f.type !== FrameType.Attach) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `a second connection must start with ATTACH, got ${FrameType[f.type] ?? f.type}`);
+    const a = decodeAttach(f.payload);
+    const join = sessions.get(a.session);
+    if (!join) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'ATTACH names no session running here', { phase: 'attach' });
+    join(ch, a);
+  } catch (e) {
+    const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'attach', cause: e });
+    await ch.finish(ch.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'attach' }, PROTOCOL_VERSION));
+  }
 }
 
 /**

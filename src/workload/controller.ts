@@ -11,6 +11,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
+import { addon } from '../native.js';
 import { monotonicMs } from './clock.js';
 import { GuestListener, type GuestConnection } from '../region/handover.js';
 import type { Region } from '../region/region.js';
@@ -124,27 +125,53 @@ export function spawnDestinationGuest(region: Region, deviceState: Buffer): Chil
   return child;
 }
 
+interface GuestMessage {
+  op?: string;
+  uffd?: number;
+  address?: string;
+  registered?: { uffd: number; address: string };
+}
+
 /**
  * A destination guest started ahead of activation (like a hypervisor started with -incoming):
  * it holds the region's fd and is ready; activate() hands it the state and waits until it runs.
  */
 export class IncomingGuest {
   readonly child: ChildProcess;
-  readonly #ready: Promise<void>;
+  readonly #ready: Promise<GuestMessage>;
+  #postcopy = false;
 
-  constructor(region: Region) {
-    this.child = spawn(process.execPath, [GUEST_ENTRY, '--incoming', '--size', String(region.size)], { stdio: ['ignore', 'inherit', 'inherit', region.fd, 'ipc'] });
+  /** @param postcopy 'planned': register for post-copy at once, map nothing ahead; 'possible': map ahead, register on demand */
+  constructor(region: Region, postcopy: 'planned' | 'possible' = 'possible') {
+    this.child = spawn(process.execPath, [GUEST_ENTRY, '--incoming', '--size', String(region.size), '--postcopy', postcopy], { stdio: ['ignore', 'inherit', 'inherit', region.fd, 'ipc'] });
     this.#ready = this.#expect('ready');
     this.#ready.catch(() => undefined);
   }
 
-  #expect(op: string): Promise<void> {
+  /**
+   * Post-copy: the guest's mapping registered for minor faults; returns livemig's copy of the
+   * guest's userfaultfd and the mapping's address in the guest.
+   */
+  async register(): Promise<{ uffd: number; address: bigint }> {
+    const ready = await this.#ready;
+    let reg = ready.registered;
+    if (!reg) {
+      const answer = this.#expect('registered');
+      this.child.send({ op: 'register' });
+      const m = await answer;
+      reg = { uffd: m.uffd!, address: m.address! };
+    }
+    this.#postcopy = true;
+    return { uffd: addon.takeFd(this.child.pid!, reg.uffd), address: BigInt(reg.address) };
+  }
+
+  #expect(op: string): Promise<GuestMessage> {
     return new Promise((resolve, reject) => {
-      const onMessage = (m: { op?: string }): void => {
+      const onMessage = (m: GuestMessage): void => {
         if (m.op !== op) return;
         this.child.off('message', onMessage);
         this.child.off('exit', onExit);
-        resolve();
+        resolve(m);
       };
       const onExit = (code: number | null): void => {
         this.child.off('message', onMessage);
@@ -157,7 +184,7 @@ export class IncomingGuest {
 
   /** Resolves once the guest has mapped the whole region and waits for its state. */
   get ready(): Promise<void> {
-    return this.#ready;
+    return this.#ready.then(() => undefined);
   }
 
   async activate(deviceState: Buffer): Promise<void> {
@@ -165,7 +192,17 @@ export class IncomingGuest {
     const running = this.#expect('running');
     this.child.send({ state: JSON.parse(deviceState.toString('utf8')) as unknown });
     await running;
+    if (this.#postcopy) return; // stays connected until verify()
     this.child.disconnect(); // the guest runs on its own now
+    this.child.unref();
+  }
+
+  /** Post-copy: every page has arrived; the guest checks its whole region (result in a heartbeat). */
+  async verify(): Promise<void> {
+    const done = this.#expect('verified');
+    this.child.send({ op: 'verify' });
+    await done;
+    this.child.disconnect();
     this.child.unref();
   }
 

@@ -38,37 +38,60 @@ const { values } = parseArgs({
     incoming: { type: 'boolean', default: false },
     'state-file': { type: 'string' },
     'no-track': { type: 'boolean', default: false },
+    postcopy: { type: 'string', default: 'possible' },
   },
 });
 
 let region: Region;
 let state: GuestState;
+/** post-copy: run at once (faulting pages in as it touches them), verify when livemig says all arrived */
+let postcopyGuest = false;
 const st = new BigUint64Array(2);
 
 /**
  * Incoming mode: started on the destination during pre-copy, with the region on fd 3, and
  * warm (Node and the addon loaded); it waits for its state on the IPC channel, so activation
  * costs one message instead of a process start.
+ * Post-copy: the guest registers its mapping for minor faults (livemig maps each page in as it
+ * arrives) and tells livemig its userfaultfd's number, which livemig copies (pidfd_getfd).
+ * `--postcopy planned`: registered at once, nothing mapped ahead; `possible` (the default): the
+ * mapping is populated for a fast pre-copy activation, and on `register` its page-table entries
+ * are dropped first (the pages stay in the memfd), so every page faults until livemig maps it.
  */
-async function incomingState(): Promise<GuestState> {
+async function incomingState(early: Region, registered: { uffd: number; address: string } | undefined): Promise<GuestState> {
   // livemig went away before activating us: there is no guest to run here
   const quit = (): never => process.exit(0);
   process.once('disconnect', quit);
   if (!process.connected) quit();
   return new Promise((resolve) => {
-    process.once('message', (m: { state: unknown }) => {
+    const onMessage = (m: { op?: string; state?: unknown }): void => {
+      if (m.op === 'register') {
+        addon.dropPageTables(early.address, early.size);
+        const uffd = addon.uffdRegisterMinor(early.address, early.size);
+        postcopyGuest = true;
+        process.send!({ op: 'registered', uffd, address: early.address.toString() });
+        return;
+      }
+      if (m.state === undefined) return;
+      process.off('message', onMessage);
       process.off('disconnect', quit);
       resolve(parseGuestState(Buffer.from(JSON.stringify(m.state))));
-    });
-    process.send!({ op: 'ready' });
+    };
+    process.on('message', onMessage);
+    process.send!({ op: 'ready', ...(registered ? { registered } : {}) });
   });
 }
 
 if (values.incoming) {
-  // map and populate now, during pre-copy, so the activated guest runs at memory speed at once
   const early = Region.adopt(3, Number(values.size));
-  await early.nativeHandle.populateAsync();
-  state = await incomingState();
+  let registered: { uffd: number; address: string } | undefined;
+  if (values.postcopy === 'planned') {
+    registered = { uffd: addon.uffdRegisterMinor(early.address, early.size), address: early.address.toString() };
+    postcopyGuest = true;
+  }
+  // map and populate now, during pre-copy, so the activated guest runs at memory speed at once
+  else await early.nativeHandle.populateAsync();
+  state = await incomingState(early, registered);
   if (state.size !== early.size) throw new Error(`state is for ${state.size} bytes, region has ${early.size}`);
   region = early;
   st[0] = BigInt(state.xs);
@@ -158,7 +181,27 @@ function exportState(): GuestState {
 }
 
 let control: net.Socket | undefined;
-if (values.resume || values.incoming) {
+async function verifyNow(): Promise<void> {
+  const model = { content: state.content, seed: BigInt(state.seed), writes: st[1]!, span: state.span, sequential: state.pattern === 'sequential' };
+  const tv = performance.now();
+  const result = await verifyContent(region, model);
+  heartbeat({ verify: { bad: result.bad, firstBad: result.firstBad, writes: model.writes.toString(), ms: performance.now() - tv } });
+}
+if (values.incoming && postcopyGuest) {
+  // Post-copy: write at once; pages not here yet fault in over the network. livemig asks for
+  // the check once every page has arrived (writes pause meanwhile, heartbeats go on).
+  start();
+  process.on('message', (m: { op?: string }) => {
+    if (m.op !== 'verify') return;
+    writing = false;
+    void verifyNow().then(() => {
+      writing = true;
+      scheduleStart = performance.now();
+      scheduled = 0;
+      process.send?.({ op: 'verified' });
+    });
+  });
+} else if (values.resume || values.incoming) {
   // Verify outside the pause: heartbeats continue while every page is checked; writes wait.
   writing = false;
   start();

@@ -1,0 +1,115 @@
+/**
+ * The destination's fault service (mechanism: native/postcopy.cc). The guest's mapping of the
+ * region is registered for minor faults; livemig's own mapping receives the pages, and each is
+ * mapped into the guest (UFFDIO_CONTINUE) once it is whole: at once when it was pushed, when it
+ * arrives when a fault waits for it.
+ */
+import { LivemigError, type ErrorCode } from '../errors.js';
+import { addon, type NativePostcopyDest, type PostcopyEvent } from '../native.js';
+import type { Region } from '../region/region.js';
+
+export interface FaultStats {
+  /** faults the guest raised; of which on pages already here (mapped without a request) */
+  faults: number;
+  faults_local: number;
+  /** pages that came because a fault asked for them, and pages pushed in the background */
+  pages_pulled: number;
+  pages_pushed: number;
+  /** pages received twice (around a reconnection) and dropped */
+  duplicates: number;
+  /** total time guest threads waited on pages that had to come over the network, ms */
+  blocked_ms: number;
+  /** fault latency (fault read to page mapped), µs */
+  fault_latency_p50_us: number;
+  fault_latency_p99_us: number;
+  bytes: number;
+}
+
+export function percentile(sorted: Float64Array, q: number): number {
+  if (sorted.length === 0) return 0;
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
+}
+
+export class FaultService {
+  readonly #native: NativePostcopyDest;
+  readonly #listeners = new Set<(e: PostcopyEvent) => void>();
+  /** the destination's digest over every page's hash, once it holds every page */
+  readonly complete: Promise<bigint>;
+  /** the thread has mapped every page into the guest and unregistered: nothing more to serve */
+  readonly done: Promise<void>;
+  #stopped = false;
+
+  /**
+   * @param held one byte per page: 1 if the region already holds the page's final content
+   *   (sent in pre-copy and not dirtied since), 0 if it must come from the source
+   * @param hashes per-page hashes; those of held pages are kept, the others are set on arrival
+   */
+  constructor(region: Region, uffd: number, guestAddress: bigint, held: Uint8Array, hashes: BigUint64Array, version: number) {
+    if (held.length !== region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `held has ${held.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
+    const states = held.map((h) => (h ? 2 : 0));
+    this.#native = new addon.PostcopyDest(region.nativeHandle, uffd, guestAddress, states, hashes, version, (e) => {
+      for (const l of this.#listeners) l(e);
+    });
+    this.complete = new Promise((resolve, reject) => {
+      this.on((e) => {
+        if (e.type === 'complete') resolve(e.digest!);
+        else if (e.type === 'error') reject(new LivemigError((e.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_SYSCALL', `post-copy fault service: ${e.message ?? 'failed'}`, { phase: 'postcopy' }));
+      });
+    });
+    this.complete.catch(() => undefined); // observed by whoever awaits it
+    this.done = new Promise((resolve, reject) => {
+      this.on((e) => {
+        if (e.type === 'stopped') resolve();
+        else if (e.type === 'error') reject(new LivemigError((e.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_SYSCALL', `post-copy fault service: ${e.message ?? 'failed'}`, { phase: 'postcopy' }));
+      });
+    });
+    this.done.catch(() => undefined);
+  }
+
+  /** Subscribes to the native thread's events; returns the unsubscribe function. */
+  on(l: (e: PostcopyEvent) => void): () => void {
+    this.#listeners.add(l);
+    return () => this.#listeners.delete(l);
+  }
+
+  start(): void {
+    this.#native.start();
+  }
+
+  /** Hands the service the two connections (push stream, priority requests); after a break, new ones. */
+  attach(pushFd: number, prioFd: number): void {
+    this.#native.attach(pushFd, prioFd);
+  }
+
+  /** One byte per page, 1 where the destination holds it now (asked for after a break). */
+  held(): Uint8Array {
+    return this.#native.held();
+  }
+
+  stats(): FaultStats {
+    const s = this.#native.stats();
+    const lat = this.#native.latencies().sort();
+    return {
+      faults: s.faults,
+      faults_local: s.faultsLocal,
+      pages_pulled: s.pulled,
+      pages_pushed: s.pushed,
+      duplicates: s.duplicates,
+      blocked_ms: +s.blockedMs.toFixed(3),
+      fault_latency_p50_us: +(percentile(lat, 0.5) / 1e3).toFixed(1),
+      fault_latency_p99_us: +(percentile(lat, 0.99) / 1e3).toFixed(1),
+      bytes: s.bytes,
+    };
+  }
+
+  get connected(): boolean {
+    return this.#native.stats().connected;
+  }
+
+  /** Stops the thread (it stops by itself once every page is in the guest). */
+  stop(): void {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    this.#native.stop();
+  }
+}

@@ -1,0 +1,140 @@
+/**
+ * The source's side of post-copy (mechanism: native/postcopy.cc). The guest is paused here and
+ * runs at the destination. A native server thread answers page requests on the priority
+ * connection; this module pushes every other page in the background, in order, but first
+ * the neighbourhood of pages the guest just asked for (pre-paging, Hines & Gopalan: a fault
+ * predicts faults nearby). Each page goes once: whoever claims it first (push or request).
+ * If a connection breaks, pushing pauses until `reconnect` gives new ones; the destination
+ * then says what it holds, and only the rest is sent.
+ */
+import { LivemigError, type ErrorCode } from '../errors.js';
+import { addon, type NativePostcopySource, type PostcopyEvent } from '../native.js';
+import type { Region } from '../region/region.js';
+
+/** pages pushed after each fault, from the faulting page on */
+const PREPAGE_PAGES = 64;
+/** pages per push call (the push stream is read a chunk at a time between faults) */
+const PUSH_CALL_PAGES = 1024;
+
+export interface PushStats {
+  pages_pushed: number;
+  pages_served: number;
+  requests: number;
+  bytes: number;
+  reconnects: number;
+}
+
+export interface Connections {
+  pushFd: number;
+  prioFd: number;
+  /** what the destination holds (one byte per page), or undefined at the first attach */
+  held?: Uint8Array;
+  close(): void;
+}
+
+export class PageServer {
+  readonly #native: NativePostcopySource;
+  readonly #region: Region;
+  readonly #listeners = new Set<(e: PostcopyEvent) => void>();
+  #cursor = 0;
+  #reconnects = 0;
+  #bytes = 0;
+  #conn: Connections | undefined;
+  readonly #batchPages: number;
+
+  /** @param needed one byte per page: 1 if the destination must get it */
+  constructor(region: Region, needed: Uint8Array, version: number, round: number, batchPages: number) {
+    this.#region = region;
+    this.#batchPages = batchPages;
+    this.#native = new addon.PostcopySource(region.nativeHandle, needed, version, round, (e) => {
+      for (const l of this.#listeners) l(e);
+    });
+  }
+
+  on(l: (e: PostcopyEvent) => void): () => void {
+    this.#listeners.add(l);
+    return () => this.#listeners.delete(l);
+  }
+
+  attach(c: Connections): void {
+    if (c.held) this.#native.reset(c.held);
+    this.#native.attach(c.pushFd, c.prioFd);
+    this.#conn?.close();
+    this.#conn = c;
+  }
+
+  /**
+   * Pushes every page still unsent, and resolves with the destination's digest once it says it
+   * has them all. `reconnect` is called after a break, until it succeeds or throws.
+   */
+  async run(reconnect: () => Promise<Connections>, onProgress?: (s: PushStats) => void): Promise<bigint> {
+    let event: PostcopyEvent | undefined;
+    let wake: (() => void) | undefined;
+    const off = this.on((e) => {
+      event ??= e;
+      if (e.type === 'complete') event = e; // completion wins over the close that follows it
+      wake?.();
+    });
+    const waitEvent = (): Promise<void> => new Promise((r) => (wake = r));
+    try {
+      for (;;) {
+        if (event?.type === 'complete') return event.digest!;
+        if (event?.type === 'error') throw new LivemigError((event.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_PROTOCOL', `post-copy page server: ${event.message ?? 'failed'}`, { phase: 'postcopy' });
+        if (event?.type === 'disconnected') {
+          event = undefined;
+          this.#native.detach();
+          this.attach(await reconnect());
+          this.#reconnects++;
+          this.#cursor = 0;
+          continue;
+        }
+        const next = this.#nextPages();
+        if (next.length === 0) {
+          await waitEvent(); // everything went: the destination's COMPLETE (or a break) is next
+          continue;
+        }
+        try {
+          const r = await this.#native.push(next, this.#batchPages);
+          this.#bytes += r.bytes;
+        } catch (e) {
+          // the push connection broke; the server thread sees it too (or already has)
+          this.#native.detach();
+          event ??= { type: 'disconnected', message: (e as Error).message };
+        }
+        onProgress?.(this.stats());
+      }
+    } finally {
+      off();
+    }
+  }
+
+  /** The next pages to push: near recent faults first, then onward from the cursor. */
+  #nextPages(): Uint32Array {
+    const pages = this.#region.pageCount;
+    const recent = this.#native.recent();
+    if (recent.length > 0) {
+      const want = new Set<number>();
+      for (const r of recent.slice(-8)) for (let p = r; p < Math.min(pages, r + PREPAGE_PAGES); p++) want.add(p);
+      return Uint32Array.from([...want].sort((a, b) => a - b));
+    }
+    if (this.#cursor >= pages) {
+      // a full pass is done; pages left unsent (a break lost them) go now
+      const rest = this.#native.unsent();
+      return rest.subarray(0, PUSH_CALL_PAGES);
+    }
+    const from = this.#cursor;
+    this.#cursor = Math.min(pages, from + PUSH_CALL_PAGES);
+    return Uint32Array.from({ length: this.#cursor - from }, (_, k) => from + k);
+  }
+
+  stats(): PushStats {
+    const s = this.#native.stats();
+    return { pages_pushed: s.pushed, pages_served: s.served, requests: s.requests, bytes: this.#bytes + s.servedBytes, reconnects: this.#reconnects };
+  }
+
+  close(): void {
+    this.#native.detach();
+    this.#conn?.close();
+    this.#conn = undefined;
+  }
+}

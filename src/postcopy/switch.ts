@@ -1,0 +1,105 @@
+/**
+ * The source's switch to post-copy: with the guest paused, the device state and the list of
+ * pages the destination lacks go, the destination resumes the guest at once (the point of
+ * commitment is sending POSTCOPY), and the pages follow: on request on the priority
+ * connection, pushed in the background on the main one.
+ */
+import net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { addon } from '../native.js';
+import { FrameType, type Frame } from '../protocol/frame.js';
+import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
+import { WireChannel } from '../protocol/wire.js';
+import type { Region } from '../region/region.js';
+import { PageServer, type Connections, type PushStats } from './source.js';
+
+export interface PostcopyLink {
+  /** opens a new connection to the destination */
+  connect(): Promise<net.Socket>;
+  session: string;
+  version: number;
+}
+
+/** A connection joining the session as `role`. */
+export async function attachConnection(link: PostcopyLink, role: AttachRole): Promise<WireChannel> {
+  const ch = WireChannel.fromSocket(await link.connect());
+  await ch.send(encodeAttach({ session: link.session, role }, link.version));
+  return ch;
+}
+
+/** After a break: both connections again, and what the destination holds. Retries until `timeoutMs`. */
+export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: number, peerError: (f: Frame) => Error): Promise<Connections> {
+  const deadline = performance.now() + timeoutMs;
+  let last: unknown;
+  while (performance.now() < deadline) {
+    let push: WireChannel | undefined;
+    let prio: WireChannel | undefined;
+    try {
+      push = await attachConnection(link, 'push');
+      prio = await attachConnection(link, 'prio');
+      const held = decodeAttached((await prio.expect(FrameType.Attached, peerError, 5_000)).payload, region.pageCount).held;
+      const p = push;
+      const q = prio;
+      return { pushFd: push.fd, prioFd: prio.fd, held: bitmapToBytes(held, region.pageCount), close: () => (p.handOff(), q.handOff()) };
+    } catch (e) {
+      last = e;
+      push?.close();
+      prio?.close();
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+  throw new LivemigError('ERR_LIVEMIG_CONNECTION', `post-copy: the destination did not come back within ${timeoutMs} ms (${(last as Error | undefined)?.message ?? 'no attempt'}); the guest runs there and waits for pages that are only here: this source keeps them, paused`, { phase: 'postcopy', cause: last });
+}
+
+export interface PostcopyResult {
+  downtime_end: number;
+  activate_ms: number;
+  pages_needed: number;
+  stats: PushStats;
+  digest: bigint;
+}
+
+/**
+ * Runs the switch and the whole post-copy phase. `onCommitted` is called once POSTCOPY has been
+ * sent (from then on the guest must never resume here); `onRunning` when the destination runs it.
+ */
+export async function runPostcopy(o: {
+  channel: WireChannel;
+  prio: WireChannel;
+  link: PostcopyLink;
+  region: Region;
+  needed: Uint8Array;
+  round: number;
+  batchPages: number;
+  recoverTimeoutMs: number;
+  peerError: (f: Frame, phase: string) => Error;
+  onCommitted(): void;
+  onRunning(activateMs: number): void;
+  onProgress?(s: PushStats): void;
+}): Promise<PostcopyResult> {
+  const { channel, region } = o;
+  const server = new PageServer(region, o.needed, o.link.version, o.round, o.batchPages);
+  try {
+    // the server answers requests from the first fault on: attach before the switch
+    server.attach({ pushFd: channel.fd, prioFd: o.prio.fd, close: () => o.prio.handOff() });
+    let pagesNeeded = 0;
+    for (const x of o.needed) pagesNeeded += x;
+    await channel.send(encodePostcopy({ needed: bytesToBitmap(o.needed) }, o.link.version));
+    o.onCommitted();
+    const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
+    const tRunning = performance.now();
+    o.onRunning(running.activateMs);
+    const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress);
+    // the source's image is the one the destination must now hold: compare digests
+    const hashes = new BigUint64Array(region.pageCount);
+    await addon.hashAll(region.nativeHandle, hashes);
+    const digest = addon.digestTable(hashes);
+    if (digest !== destDigest) {
+      throw new LivemigError('ERR_LIVEMIG_DIGEST', `post-copy finished but the destination's image digest ${destDigest.toString(16)} differs from the source's ${digest.toString(16)}; the source keeps its copy, paused`, { phase: 'postcopy' });
+    }
+    return { downtime_end: tRunning, activate_ms: running.activateMs, pages_needed: pagesNeeded, stats: server.stats(), digest };
+  } finally {
+    server.close();
+    channel.handOff();
+  }
+}
