@@ -96,6 +96,7 @@ int DupBlocking(int fd, bool blocking, SysError& err) {
 struct Event {
   std::string type, message, code;
   uint64_t digest = 0;
+  uint32_t generation = 0;  // which attachment it is about (source: events of an old connection are stale)
 };
 
 void CallEvent(Napi::Env env, Napi::Function fn, Event* e) {
@@ -104,6 +105,7 @@ void CallEvent(Napi::Env env, Napi::Function fn, Event* e) {
   if (!e->message.empty()) o.Set("message", e->message);
   if (!e->code.empty()) o.Set("code", e->code);
   if (e->type == "complete") o.Set("digest", Napi::BigInt::New(env, e->digest));
+  o.Set("generation", e->generation);
   delete e;
   fn.Call({o});
 }
@@ -642,7 +644,8 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     }
     push_ = std::make_shared<int>(push);
     prio_ = prio;
-    server_ = std::thread([this, prio] { Serve(prio); });
+    uint32_t gen = ++generation_;
+    server_ = std::thread([this, prio, gen] { Serve(prio, gen); });
     return info.Env().Undefined();
   }
 
@@ -762,7 +765,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   void Emit(Event* e) { tsfn_.BlockingCall(e, CallEvent); }
 
   // The page server: reads requests, answers each with the pages no one has sent yet.
-  void Serve(int fd) {
+  void Serve(int fd, uint32_t gen) {
     SysError err;
     uint8_t h[kHeader];
     std::vector<uint8_t> body, head;
@@ -786,6 +789,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
         }
         Event* e = new Event{"complete", "", ""};
         std::memcpy(&e->digest, c, 8);
+        e->generation = gen;
         Emit(e);
         return;
       }
@@ -837,7 +841,9 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
       servedBytes_ += head.size() + size_t{m} * kPage;
     }
     bool protocol = err.code == "ERR_LIVEMIG_PROTOCOL" || err.code == "ERR_LIVEMIG_PAGE_INDEX" || err.code == "ERR_LIVEMIG_VERSION";
-    Emit(new Event{protocol ? "error" : "disconnected", err.detail.empty() ? err.syscall + ": " + std::strerror(err.err) : err.detail, err.code});
+    Event* e = new Event{protocol ? "error" : "disconnected", err.detail.empty() ? err.syscall + ": " + std::strerror(err.err) : err.detail, err.code};
+    e->generation = gen;
+    Emit(e);
   }
 
   Mapping* m_ = nullptr;
@@ -851,6 +857,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   std::mutex mu_;
   std::vector<uint32_t> recent_;
   std::atomic<uint64_t> requests_{0}, served_{0}, pushedPages_{0}, servedBytes_{0};
+  uint32_t generation_ = 0;
   Napi::ThreadSafeFunction tsfn_;
 };
 

@@ -32,6 +32,8 @@ export interface PostcopyEvent {
   message?: string;
   code?: string;
   digest?: bigint;
+  /** source: the attachment (1, 2, ... per attach) the event is about */
+  generation?: number;
 }
 
 export interface NativePostcopyDest {

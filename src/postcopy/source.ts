@@ -40,6 +40,7 @@ export class PageServer {
   #reconnects = 0;
   #bytes = 0;
   #conn: Connections | undefined;
+  #generation = 0;
   readonly #batchPages: number;
 
   /** @param needed one byte per page: 1 if the destination must get it */
@@ -59,6 +60,7 @@ export class PageServer {
   attach(c: Connections): void {
     if (c.held) this.#native.reset(c.held);
     this.#native.attach(c.pushFd, c.prioFd);
+    this.#generation++;
     this.#conn?.close();
     this.#conn = c;
   }
@@ -71,6 +73,8 @@ export class PageServer {
     let event: PostcopyEvent | undefined;
     let wake: (() => void) | undefined;
     const off = this.on((e) => {
+      // a break of a connection already replaced says nothing about the current one
+      if (e.type === 'disconnected' && e.generation !== this.#generation) return;
       event ??= e;
       if (e.type === 'complete') event = e; // completion wins over the close that follows it
       wake?.();

@@ -84,10 +84,16 @@ export async function runPostcopy(o: {
     server.attach({ pushFd: channel.fd, prioFd: o.prio.fd, close: () => o.prio.handOff() });
     let pagesNeeded = 0;
     for (const x of o.needed) pagesNeeded += x;
-    await channel.send(encodePostcopy({ needed: bytesToBitmap(o.needed) }, o.link.version));
+    const dbg = process.env.LIVEMIG_DEBUG_POSTCOPY ? (m: string) => console.error(`postcopy ${performance.now().toFixed(1)} ${m}`) : () => undefined;
+    dbg('attached');
+    const bitmap = bytesToBitmap(o.needed);
+    dbg('bitmap');
+    await channel.send(encodePostcopy({ needed: bitmap }, o.link.version));
+    dbg('sent POSTCOPY');
     o.onCommitted();
     const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
     const tRunning = performance.now();
+    dbg('running');
     o.onRunning(running.activateMs);
     const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress);
     // the source's image is the one the destination must now hold: compare digests

@@ -329,13 +329,16 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         prio.close();
         throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
       }
+      if (process.env.LIVEMIG_DEBUG_POSTCOPY) console.error(`postcopy ${now().toFixed(1)} paused (pause ${(now() - tPause).toFixed(1)} ms)`);
       const needed = new Uint8Array(region.pageCount);
       if (mode === 'postcopy') needed.fill(1);
       else {
         const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
         for (const p of mergePages(pending, final)) needed[p] = 1;
       }
+      if (process.env.LIVEMIG_DEBUG_POSTCOPY) console.error(`postcopy ${now().toFixed(1)} needed`);
       await channel.send(encodeDeviceState(deviceState, version));
+      if (process.env.LIVEMIG_DEBUG_POSTCOPY) console.error(`postcopy ${now().toFixed(1)} device state sent`);
       let downtime = 0;
       let pagesNeeded = 0;
       const tPc = now();

@@ -234,6 +234,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
           const prio = attached.prio;
           if (!prio) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before the priority connection attached');
+          const dbg = process.env.LIVEMIG_DEBUG_POSTCOPY ? (m: string) => console.error(`rx postcopy ${performance.now().toFixed(1)} ${m}`) : () => undefined;
+          dbg('POSTCOPY received');
           const needed = bitmapToBytes(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount);
           const held = needed.map((x) => 1 - x);
           let pagesNeeded = 0;
@@ -242,8 +244,10 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           const ta = performance.now();
           const reg = await options.postcopy.register(region);
           faults = new FaultService(region, reg.uffd, reg.address, held, hashes, version);
+          dbg('registered');
           faults.start();
           faults.attach(ch.fd, prio.fd);
+          dbg('fault service running');
           prio.handOff();
           attached.prio = undefined;
           await options.activate(region, deviceState);

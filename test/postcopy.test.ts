@@ -1,0 +1,266 @@
+/**
+ * Post-copy: the destination resumes first and pages follow (src/postcopy, native/postcopy.cc).
+ * Needs userfaultfd minor faults on shared memory; skipped with the reason when the kernel lacks them.
+ */
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { after, describe, test } from 'node:test';
+import { addon } from '../src/native.js';
+import { FaultService } from '../src/postcopy/dest.js';
+import { PageServer } from '../src/postcopy/source.js';
+import { migrate } from '../src/precopy/sender.js';
+import { MigrationControl } from '../src/precopy/types.js';
+import { WireChannel } from '../src/protocol/wire.js';
+import { listen, type ReceiveReport } from '../src/receiver/receiver.js';
+import { Region } from '../src/region/region.js';
+import { fillContent } from '../src/workload/content.js';
+import { HeartbeatObserver, IncomingGuest, SourceGuest } from '../src/workload/controller.js';
+import { tcpPair } from './helpers.js';
+
+const MiB = 1 << 20;
+
+function minorFaultsReason(): string | undefined {
+  const probe = Region.create(MiB, { name: 'livemig-probe' });
+  try {
+    addon.closeFd(addon.uffdRegisterMinor(probe.address, probe.size));
+    return undefined;
+  } catch (e) {
+    return `userfaultfd minor faults on shared memory are not available: ${(e as Error).message}`;
+  } finally {
+    probe.release();
+  }
+}
+const skip = minorFaultsReason();
+if (skip) console.log(`# skipping post-copy tests: ${skip}`);
+
+async function channelPair(): Promise<[WireChannel, WireChannel, net.Server]> {
+  const { client, peer, server } = await tcpPair();
+  return [WireChannel.fromSocket(client), WireChannel.fromSocket(peer), server];
+}
+
+describe('post-copy fault service (in process)', { skip }, () => {
+  test('faults from several threads on the same pages: every page is installed once, with the source content', async () => {
+    const size = 16 * MiB;
+    const src = Region.create(size, { name: 'livemig-pc-src' });
+    await fillContent(src, 'mixed', 7n);
+    const dst = Region.create(size, { name: 'livemig-pc-dst', reserve: true });
+    dst.populate(); // every page in the memfd's page cache: a guest touch is a minor fault
+    const guestView = Region.adopt(dst.fd, size); // the "guest's" mapping, never touched before registration
+    const uffd = addon.uffdRegisterMinor(guestView.address, size);
+    const hashes = new BigUint64Array(dst.pageCount);
+    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount), hashes, 2);
+    const server = new PageServer(src, new Uint8Array(src.pageCount).fill(1), 2, 1, 256);
+    const [pushTx, pushRx, s1] = await channelPair();
+    const [prioTx, prioRx, s2] = await channelPair();
+    try {
+      faults.start();
+      faults.attach(pushRx.fd, prioRx.fd);
+      server.attach({ pushFd: pushTx.fd, prioFd: prioTx.fd, close: () => undefined });
+      const srcEvents: string[] = [];
+      const complete = new Promise<bigint>((resolve) => server.on((e) => (srcEvents.push(e.type), e.type === 'complete' && resolve(e.digest!))));
+      // nothing is pushed: every page must come because a fault asked for it; two hashAll calls
+      // (two threads each) read the same pages at once
+      const a = new BigUint64Array(dst.pageCount);
+      const b = new BigUint64Array(dst.pageCount);
+      await Promise.all([addon.hashAll(guestView.nativeHandle, a), addon.hashAll(guestView.nativeHandle, b)]);
+      const want = new BigUint64Array(src.pageCount);
+      await addon.hashAll(src.nativeHandle, want);
+      assert.deepEqual(a, want, 'the guest read the source content');
+      assert.deepEqual(b, want);
+      const digest = await complete;
+      assert.equal(digest, addon.digestTable(want), 'the destination digest covers every page');
+      await faults.done;
+      const st = faults.stats();
+      assert.equal(st.pages_pulled, dst.pageCount, 'each page pulled');
+      assert.equal(st.pages_pushed, 0);
+      assert.equal(st.duplicates, 0, 'no page arrived twice');
+      assert.ok(st.faults >= dst.pageCount, `at least one fault per page (${st.faults})`);
+      assert.ok(st.fault_latency_p50_us > 0);
+      const ss = server.stats();
+      assert.equal(ss.pages_served, src.pageCount, 'the source served each page once');
+      assert.ok(ss.requests >= src.pageCount);
+    } finally {
+      faults.stop();
+      server.close();
+      for (const c of [pushTx, pushRx, prioTx, prioRx]) c.close();
+      s1.close();
+      s2.close();
+      addon.closeFd(uffd);
+      guestView.release();
+      dst.release();
+      src.release();
+    }
+  });
+
+  test('a push frame with a page outside the region is refused before anything is written', async () => {
+    const size = 4 * MiB;
+    const dst = Region.create(size, { name: 'livemig-pc-bad', reserve: true });
+    dst.populate();
+    const guestView = Region.adopt(dst.fd, size);
+    const uffd = addon.uffdRegisterMinor(guestView.address, size);
+    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount), new BigUint64Array(dst.pageCount), 2);
+    const [pushTx, pushRx, s1] = await channelPair();
+    const [prioTx, prioRx, s2] = await channelPair();
+    try {
+      faults.start();
+      faults.attach(pushRx.fd, prioRx.fd);
+      const frame = Buffer.alloc(12 + 8 + 4 + 4096);
+      frame.writeUInt16LE(0x4d4c, 0);
+      frame.writeUInt8(2, 2);
+      frame.writeUInt8(4, 3);
+      frame.writeUInt32LE(8 + 4 + 4096, 8);
+      frame.writeUInt32LE(1, 12);
+      frame.writeUInt32LE(1, 16);
+      frame.writeUInt32LE(dst.pageCount, 20); // one past the last page
+      await pushTx.send(frame);
+      await assert.rejects(faults.done, (e: Error & { code?: string }) => e.code === 'ERR_LIVEMIG_PAGE_INDEX' && /outside the region/.test(e.message));
+    } finally {
+      faults.stop();
+      for (const c of [pushTx, pushRx, prioTx, prioRx]) c.close();
+      s1.close();
+      s2.close();
+      addon.closeFd(uffd);
+      guestView.release();
+      dst.release();
+    }
+  });
+});
+
+/** A receiver with a reference guest behind it, and a way to cut its connections. */
+async function setup(size: number, rate: number): Promise<{
+  guest: SourceGuest;
+  observer: HeartbeatObserver;
+  result: Promise<ReceiveReport>;
+  port: number;
+  incoming: () => IncomingGuest;
+  close(): Promise<void>;
+}> {
+  let incoming: IncomingGuest | undefined;
+  let closed = false;
+  const rx = await listen('127.0.0.1', 0, {
+    onReserved: async (region, plan) => {
+      incoming = new IncomingGuest(region, plan === 'planned' ? 'planned' : 'possible');
+      await incoming.ready;
+    },
+    onDiscard: () => incoming?.kill(),
+    postcopy: { register: () => incoming!.register() },
+    activate: async (_r, ds) => incoming!.activate(ds),
+    recoverTimeoutMs: 20_000,
+  });
+  const observer = await HeartbeatObserver.start();
+  const guest = await SourceGuest.spawn({ size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address });
+  const result = rx.next();
+  result.catch(() => undefined);
+  return {
+    guest,
+    observer,
+    result,
+    port: rx.port,
+    incoming: () => incoming!,
+    close: async () => {
+      if (closed) return;
+      closed = true;
+      guest.kill();
+      incoming?.kill();
+      observer.close();
+      await rx.close();
+    },
+  };
+}
+
+/** After post-copy: the destination guest checks every page against its model. */
+async function verifyDestination(s: Awaited<ReturnType<typeof setup>>): Promise<{ bad: number }> {
+  const pid = s.incoming().child.pid;
+  await s.incoming().verify();
+  const beat = await s.observer.waitFor((b) => b.pid === pid && b.verify !== undefined, 60_000);
+  return beat.verify!;
+}
+
+describe('post-copy migrations of the reference guest', { skip }, () => {
+  let s: Awaited<ReturnType<typeof setup>>;
+  after(async () => s?.close());
+
+  test('postcopy: the guest runs at the destination at once, writing, and ends bit-identical', async () => {
+    s = await setup(64 * MiB, 64);
+    const g = s.guest;
+    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'postcopy' });
+    const rx = await s.result;
+    assert.equal(report.mode, 'postcopy');
+    assert.equal(rx.mode, 'postcopy');
+    assert.equal(rx.digest, report.digest, 'both sides hold the same image');
+    assert.equal(report.postcopy!.pages_needed, g.region.pageCount);
+    assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, g.region.pageCount, 'every page crossed once');
+    assert.equal((await verifyDestination(s)).bad, 0);
+    // the guest's heartbeat goes on at the destination
+    const pid = s.incoming().child.pid;
+    const beats = s.observer.beats.filter((b) => b.pid === pid).length;
+    await new Promise((r) => setTimeout(r, 50));
+    assert.ok(s.observer.beats.filter((b) => b.pid === pid).length > beats, 'heartbeats continue on the destination');
+    await s.close();
+  });
+
+  test('hybrid: one pre-copy pass, then only the pages dirtied since are fetched', async () => {
+    s = await setup(64 * MiB, 256);
+    const g = s.guest;
+    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'hybrid' });
+    const rx = await s.result;
+    assert.equal(report.mode, 'hybrid');
+    assert.equal(report.rounds, 1);
+    const needed = report.postcopy!.pages_needed;
+    assert.ok(needed > 0 && needed < g.region.pageCount, `stale pages dropped and fetched again: ${needed}`);
+    assert.equal(rx.postcopy!.pages_needed, needed);
+    assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, needed, 'exactly the stale pages crossed again');
+    assert.equal(rx.digest, report.digest);
+    assert.equal((await verifyDestination(s)).bad, 0);
+    await s.close();
+  });
+
+  test('a link cut in the middle of post-copy and restored completes with nothing lost', async () => {
+    s = await setup(256 * MiB, 64);
+    const g = s.guest;
+    // a proxy between the two sides that can drop every connection at once
+    const live = new Set<net.Socket>();
+    let cut = false;
+    const proxy = net.createServer((c) => {
+      const up = net.connect(s.port, '127.0.0.1');
+      for (const x of [c, up]) {
+        live.add(x);
+        x.on('close', () => live.delete(x));
+        x.on('error', () => undefined);
+      }
+      c.pipe(up);
+      up.pipe(c);
+    });
+    proxy.listen(0, '127.0.0.1');
+    await new Promise((r) => proxy.once('listening', r));
+    const port = (proxy.address() as net.AddressInfo).port;
+    const control = new MigrationControl();
+    let cuts = 0;
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      release: () => g.exit(),
+      mode: 'postcopy',
+      control,
+      onProgress: (e) => {
+        if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
+          cut = true;
+          cuts++;
+          for (const x of live) x.destroy(); // the link goes down; new connections get through again
+        }
+      },
+    });
+    proxy.close();
+    const rx = await s.result;
+    assert.equal(cuts, 1);
+    assert.ok(report.postcopy!.reconnects >= 1, 'the source reconnected');
+    assert.ok(rx.postcopy!.reconnects >= 1, 'the destination took the new connections');
+    assert.equal(rx.digest, report.digest, 'same image on both sides');
+    assert.equal((await verifyDestination(s)).bad, 0);
+    await s.close();
+  });
+});
+
