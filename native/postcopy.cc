@@ -158,11 +158,14 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     version_ = static_cast<uint8_t>(info[5].As<Napi::Number>().Uint32Value());
     faultAt_.assign(pages_, 0);
     tsfn_ = Napi::ThreadSafeFunction::New(env, info[6].As<Napi::Function>(), "livemig-postcopy-dest", 0, 1);
+    tsfn_.Unref(env);  // events matter to whoever awaits them; they must not keep the process alive
     wake_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_ < 0) throw MakeSysError(env, "eventfd", errno);
   }
 
   ~PostcopyDest() override {
+    // at exit the environment may already have finalized the thread-safe function: no Release here
+    released_ = true;
     Shutdown();
     if (wake_ >= 0) close(wake_);
     if (m_) m_->Unref();
@@ -623,11 +626,11 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     version_ = static_cast<uint8_t>(info[2].As<Napi::Number>().Uint32Value());
     round_ = info[3].As<Napi::Number>().Uint32Value();
     tsfn_ = Napi::ThreadSafeFunction::New(env, info[4].As<Napi::Function>(), "livemig-postcopy-source", 0, 1);
+    tsfn_.Unref(env);
   }
 
   ~PostcopySource() override {
-    StopServer();
-    tsfn_.Release();
+    StopServer();  // (the thread-safe function is unreferenced; the environment finalizes it)
     if (m_) m_->Unref();
   }
 

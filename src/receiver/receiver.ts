@@ -260,6 +260,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           const fs = faults.stats();
           // the thread stops by itself once every page is mapped into the guest
           await faults.done;
+          faults.stop(); // joins the finished thread
           ch.handOff();
           return {
             region_bytes: region.size,
