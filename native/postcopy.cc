@@ -19,6 +19,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <fcntl.h>
@@ -31,6 +32,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "common.h"
@@ -135,7 +137,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
                         InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
   }
 
-  // new PostcopyDest(region, uffd, guestAddress: bigint, states: Uint8Array (0 missing, 2 held),
+  // new PostcopyDest(region, uffd, guestAddress: bigint, needed: Uint8Array (1: must come from the source),
   //                  hashes: BigUint64Array, version, onEvent)
   explicit PostcopyDest(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopyDest>(info) {
     Napi::Env env = info.Env();
@@ -147,16 +149,18 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     guestBase_ = ToU64(info[2]);
     Napi::Uint8Array st = info[3].As<Napi::Uint8Array>();
     Napi::BigUint64Array h = info[4].As<Napi::BigUint64Array>();
-    if (st.ElementLength() != pages_ || h.ElementLength() != pages_) throw Napi::RangeError::New(env, "states and hashes must have one entry per page");
-    state_.assign(st.Data(), st.Data() + pages_);
-    for (uint8_t& s : state_) {
-      if (s != kMissing && s != kArrived) throw Napi::RangeError::New(env, "initial page states are 0 (missing) or 2 (held)");
-      if (s == kArrived) arrived_++;
+    if (st.ElementLength() != pages_ || h.ElementLength() != pages_) throw Napi::RangeError::New(env, "needed and hashes must have one entry per page");
+    // the caller's array becomes the state table (no copy: this runs inside the guest's pause,
+    // where first touches of fresh memory cost ~15 us per 4 KiB page on this host)
+    stateRef_ = Napi::Persistent(st);
+    state_ = st.Data();
+    for (uint64_t p = 0; p < pages_; p++) {
+      state_[p] = state_[p] ? kMissing : kArrived;
+      arrived_ += state_[p] == kArrived;
     }
     hashesRef_ = Napi::Persistent(h);
     hashes_ = h.Data();
     version_ = static_cast<uint8_t>(info[5].As<Napi::Number>().Uint32Value());
-    faultAt_.assign(pages_, 0);
     tsfn_ = Napi::ThreadSafeFunction::New(env, info[6].As<Napi::Function>(), "livemig-postcopy-dest", 0, 1);
     tsfn_.Unref(env);  // events matter to whoever awaits them; they must not keep the process alive
     wake_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -291,7 +295,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     arrived_++;
     arrivedShared_.store(arrived_, std::memory_order_relaxed);
     if (state_[p] == kRequested) {
-      uint64_t lat = NowNs() - faultAt_[p];
+      auto at = faultAt_.find(p);
+      uint64_t lat = at != faultAt_.end() ? NowNs() - at->second : 0;
+      if (at != faultAt_.end()) faultAt_.erase(at);
       blockedNs_ += lat;
       std::lock_guard<std::mutex> g(mu_);
       latencies_.push_back(lat);
@@ -398,6 +404,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   }
 
   void Run() {
+    // a fault waits on this thread: let it preempt bulk work (the guest's own threads included)
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
     int push = -1, prio = -1;
     PageReader pushR, prioR;
     std::vector<uint32_t> toRequest, toMap;
@@ -422,6 +430,40 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       if (completeSent) return;  // the source closes once it has everything it needed to hear
       completeQueued = false;
       Emit(new Event{"disconnected", why.detail.empty() ? why.syscall + ": " + std::strerror(why.err) : why.detail, why.code});
+    };
+    // queues the waiting requests and sends what the priority connection takes now; false if it broke
+    auto flushOut = [&]() -> bool {
+      if (prio >= 0 && !toRequest.empty()) {
+        for (size_t at = 0; at < toRequest.size(); at += kMaxBatch) {
+          uint32_t n = static_cast<uint32_t>(std::min<size_t>(kMaxBatch, toRequest.size() - at));
+          size_t base = out.size();
+          out.resize(base + kHeader + 4 + 4 * size_t{n});
+          PutHeader(&out[base], version_, kRequest, 4 + 4 * n);
+          Put32(&out[base + kHeader], n);
+          for (uint32_t k = 0; k < n; k++) Put32(&out[base + kHeader + 4 + 4 * k], toRequest[at + k]);
+        }
+        toRequest.clear();
+      }
+      if (prio >= 0 && outAt < out.size()) {
+        ssize_t n = send(prio, out.data() + outAt, out.size() - outAt, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0 && errno != EAGAIN && errno != EINTR) {
+          SysError e;
+          e.set("send", errno);
+          disconnect(e);
+          return false;
+        }
+        if (n > 0) outAt += static_cast<size_t>(n);
+        if (outAt == out.size()) {
+          out.clear(), outAt = 0;
+          if (completeQueued && !completeSent) {
+            completeSent = true;
+            Event* e = new Event{"complete", "", ""};
+            e->digest = digest_;
+            Emit(e);
+          }
+        }
+      }
+      return true;
     };
     for (;;) {
       pollfd fds[4];
@@ -476,7 +518,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
                 break;
               case kMissing:
                 state_[p] = kRequested;
-                faultAt_[p] = NowNs();
+                faultAt_[p] = NowNs();  // only pages a fault waits on: a few thousand, not one per page
                 toRequest.push_back(p);
                 break;
               case kRequested:  // another thread waits on the same page: one request is enough
@@ -493,6 +535,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         if (err.failed()) break;
         if (!MapRuns(toMap, err)) break;
       }
+      // a fault's request goes out before any bulk reading
+      if (!flushOut()) continue;
       for (int k = 2; k < nf; k++) {
         if (!fds[k].revents) continue;
         bool isPrio = fds[k].fd == prio;
@@ -515,17 +559,6 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       }
       if (err.failed()) break;
       // requests, and COMPLETE once everything is here, go after this round's reads
-      if (prio >= 0 && !toRequest.empty()) {
-        for (size_t at = 0; at < toRequest.size(); at += kMaxBatch) {
-          uint32_t n = static_cast<uint32_t>(std::min<size_t>(kMaxBatch, toRequest.size() - at));
-          size_t base = out.size();
-          out.resize(base + kHeader + 4 + 4 * size_t{n});
-          PutHeader(&out[base], version_, kRequest, 4 + 4 * n);
-          Put32(&out[base + kHeader], n);
-          for (uint32_t k = 0; k < n; k++) Put32(&out[base + kHeader + 4 + 4 * k], toRequest[at + k]);
-        }
-        toRequest.clear();
-      }
       if (prio >= 0 && arrived_ == pages_ && !completeQueued) {
         size_t base = out.size();
         out.resize(base + kHeader + 12);
@@ -536,25 +569,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         completeQueued = true;
         digest_ = d;
       }
-      if (prio >= 0 && outAt < out.size()) {
-        ssize_t n = send(prio, out.data() + outAt, out.size() - outAt, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n < 0 && errno != EAGAIN && errno != EINTR) {
-          SysError e;
-          e.set("send", errno);
-          disconnect(e);
-          continue;
-        }
-        if (n > 0) outAt += static_cast<size_t>(n);
-        if (outAt == out.size()) {
-          out.clear(), outAt = 0;
-          if (completeQueued && !completeSent) {
-            completeSent = true;
-            Event* e = new Event{"complete", "", ""};
-            e->digest = digest_;
-            Emit(e);
-          }
-        }
-      }
+      if (!flushOut()) continue;
       if (completeSent && mapCursor == pages_) break;  // every page is in the guest: nothing left to serve
     }
     if (!err.failed() && completeSent) {
@@ -576,8 +591,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   int wake_ = -1;
   uint64_t guestBase_ = 0;
   uint8_t version_ = 0;
-  std::vector<uint8_t> state_;
-  std::vector<uint64_t> faultAt_;
+  uint8_t* state_ = nullptr;
+  Napi::Reference<Napi::Uint8Array> stateRef_;
+  std::unordered_map<uint32_t, uint64_t> faultAt_;
   uint64_t* hashes_ = nullptr;
   Napi::Reference<Napi::BigUint64Array> hashesRef_;
   uint64_t arrived_ = 0, digest_ = 0;
@@ -612,7 +628,8 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
                         InstanceMethod("detach", &PostcopySource::Detach)});
   }
 
-  // new PostcopySource(region, needed: Uint8Array (1: the destination needs the page), version, round, onEvent)
+  // new PostcopySource(region, needed: Uint8Array (1: the destination needs the page), version, round,
+  //                    hashes?: BigUint64Array (each page sent is hashed into it), onEvent)
   explicit PostcopySource(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopySource>(info) {
     Napi::Env env = info.Env();
     m_ = Region::Unwrap(info[0])->LiveMapping(env);
@@ -625,7 +642,13 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     for (uint64_t p = 0; p < pages_; p++) claim_[p].store(need[p] ? kUnsent : kPushed, std::memory_order_relaxed);
     version_ = static_cast<uint8_t>(info[2].As<Napi::Number>().Uint32Value());
     round_ = info[3].As<Napi::Number>().Uint32Value();
-    tsfn_ = Napi::ThreadSafeFunction::New(env, info[4].As<Napi::Function>(), "livemig-postcopy-source", 0, 1);
+    if (info[4].IsTypedArray()) {
+      Napi::BigUint64Array h = info[4].As<Napi::BigUint64Array>();
+      if (h.ElementLength() != pages_) throw Napi::RangeError::New(env, "hashes must have one entry per page");
+      hashesRef_ = Napi::Persistent(h);
+      hashes_ = h.Data();
+    }
+    tsfn_ = Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "livemig-postcopy-source", 0, 1);
     tsfn_.Unref(env);
   }
 
@@ -713,7 +736,10 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
               for (uint32_t p : mine) claim_[p].store(kUnsent);
               break;
             }
-            for (uint32_t p : mine) claim_[p].store(kPushed);
+            for (uint32_t p : mine) {
+              if (hashes_) hashes_[p] = PageHash(m->addr + uint64_t{p} * kPage, kPage);  // just sent, still in cache
+              claim_[p].store(kPushed);
+            }
             o.pages += n;
             o.bytes += static_cast<double>(head.size() + size_t{n} * kPage);
             pushedPages_ += n;
@@ -739,12 +765,14 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     return PagesToJs(info.Env(), std::move(r));
   }
 
-  // reset(held: Uint8Array, 1 = the destination holds the page): after a reconnection, what
-  // it holds is sent never again and what it lacks is unsent, whoever had claimed it
+  // reset(pages: Uint8Array, meaning: 'held' | 'needed'): 'held' after a reconnection (what
+  // the destination holds is sent never again, what it lacks is unsent, whoever had claimed
+  // it); 'needed' at the switch (what it must get is unsent, the rest it has)
   Napi::Value Reset(const Napi::CallbackInfo& info) {
     Napi::Uint8Array held = info[0].As<Napi::Uint8Array>();
-    if (held.ElementLength() != pages_) throw Napi::RangeError::New(info.Env(), "held must have one entry per page");
-    for (uint64_t p = 0; p < pages_; p++) claim_[p].store(held[p] ? kPushed : kUnsent);
+    bool needed = info[1].IsString() && info[1].As<Napi::String>().Utf8Value() == "needed";
+    if (held.ElementLength() != pages_) throw Napi::RangeError::New(info.Env(), "the page array must have one entry per page");
+    for (uint64_t p = 0; p < pages_; p++) claim_[p].store((held[p] != 0) != needed ? kPushed : kUnsent);
     return info.Env().Undefined();
   }
 
@@ -769,6 +797,8 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
 
   // The page server: reads requests, answers each with the pages no one has sent yet.
   void Serve(int fd, uint32_t gen) {
+    // a fault at the destination waits on this thread: wake ahead of the background push
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
     SysError err;
     uint8_t h[kHeader];
     std::vector<uint8_t> body, head;
@@ -840,6 +870,8 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
         for (uint32_t p : mine) claim_[p].store(kUnsent);
         break;
       }
+      if (hashes_)
+        for (uint32_t p : mine) hashes_[p] = PageHash(m_->addr + uint64_t{p} * kPage, kPage);
       served_ += m;
       servedBytes_ += head.size() + size_t{m} * kPage;
     }
@@ -861,6 +893,8 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   std::vector<uint32_t> recent_;
   std::atomic<uint64_t> requests_{0}, served_{0}, pushedPages_{0}, servedBytes_{0};
   uint32_t generation_ = 0;
+  uint64_t* hashes_ = nullptr;  // a page is hashed by whichever thread sent it (one per page)
+  Napi::Reference<Napi::BigUint64Array> hashesRef_;
   Napi::ThreadSafeFunction tsfn_;
 };
 
@@ -908,6 +942,37 @@ Napi::Value DropPageTables(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// packBits(bytes: Uint8Array) -> Buffer: one bit per entry (entry p: byte p>>3, bit p&7), set where nonzero.
+// Per-page loops in JavaScript run once per migration, in the interpreter, inside the pause: here instead.
+Napi::Value PackBits(const Napi::CallbackInfo& info) {
+  Napi::Uint8Array in = info[0].As<Napi::Uint8Array>();
+  size_t n = in.ElementLength();
+  Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(info.Env(), (n + 7) / 8);
+  std::memset(out.Data(), 0, out.Length());
+  for (size_t p = 0; p < n; p++)
+    if (in[p]) out.Data()[p >> 3] |= static_cast<uint8_t>(1u << (p & 7));
+  return out;
+}
+
+// unpackBits(bits: Uint8Array, count) -> {bytes: Uint8Array (0/1 per entry), set: number}
+Napi::Value UnpackBits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Uint8Array bits = info[0].As<Napi::Uint8Array>();
+  size_t n = static_cast<size_t>(info[1].As<Napi::Number>().Int64Value());
+  if (bits.ElementLength() != 0 && bits.ElementLength() < (n + 7) / 8) throw Napi::RangeError::New(env, "bitmap shorter than its count");
+  Napi::Uint8Array out = Napi::Uint8Array::New(env, n);
+  double set = 0;
+  for (size_t p = 0; p < n && bits.ElementLength() != 0; p++) {
+    out[p] = (bits[p >> 3] >> (p & 7)) & 1;
+    set += out[p];
+  }
+  if (bits.ElementLength() == 0) std::memset(out.Data(), 0, n);
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("bytes", out);
+  r.Set("set", set);
+  return r;
+}
+
 // takeFd(pid, fd): a copy of another process's descriptor (pidfd_getfd; needs ptrace rights
 // over it, which a parent running as the same user or root has).
 Napi::Value TakeFd(const Napi::CallbackInfo& info) {
@@ -930,6 +995,8 @@ void InitPostcopy(Napi::Env env, Napi::Object exports) {
   exports.Set("PostcopySource", PostcopySource::Init(env));
   exports.Set("uffdRegisterMinor", Napi::Function::New(env, UffdRegisterMinor));
   exports.Set("takeFd", Napi::Function::New(env, TakeFd));
+  exports.Set("packBits", Napi::Function::New(env, PackBits));
+  exports.Set("unpackBits", Napi::Function::New(env, UnpackBits));
   exports.Set("dropPageTables", Napi::Function::New(env, DropPageTables));
 }
 

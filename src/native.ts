@@ -49,7 +49,7 @@ export interface NativePostcopySource {
   attach(pushFd: number, prioFd: number): void;
   push(pages: Uint32Array, batchPages: number): Promise<{ pages: number; bytes: number }>;
   recent(): Uint32Array;
-  reset(held: Uint8Array): void;
+  reset(pages: Uint8Array, meaning: 'held' | 'needed'): void;
   unsent(): Uint32Array;
   stats(): { requests: number; served: number; pushed: number; servedBytes: number };
   detach(): void;
@@ -90,11 +90,13 @@ interface Addon {
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;
   pageHashVariants(data: Buffer): bigint[];
-  PostcopyDest: new (region: NativeRegion, uffd: number, guestAddress: bigint, states: Uint8Array, hashes: BigUint64Array, version: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopyDest;
-  PostcopySource: new (region: NativeRegion, needed: Uint8Array, version: number, round: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopySource;
+  PostcopyDest: new (region: NativeRegion, uffd: number, guestAddress: bigint, needed: Uint8Array, hashes: BigUint64Array, version: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopyDest;
+  PostcopySource: new (region: NativeRegion, needed: Uint8Array, version: number, round: number, hashes: BigUint64Array | undefined, onEvent: (e: PostcopyEvent) => void) => NativePostcopySource;
   uffdRegisterMinor(address: bigint, length: number): number;
   takeFd(pid: number, fd: number): number;
   dropPageTables(address: bigint, length: number): void;
+  packBits(bytes: Uint8Array): Buffer;
+  unpackBits(bits: Uint8Array, count: number): { bytes: Uint8Array; set: number };
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;

@@ -48,8 +48,9 @@ describe('post-copy fault service (in process)', { skip }, () => {
     const guestView = Region.adopt(dst.fd, size); // the "guest's" mapping, never touched before registration
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
     const hashes = new BigUint64Array(dst.pageCount);
-    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount), hashes, 2);
-    const server = new PageServer(src, new Uint8Array(src.pageCount).fill(1), 2, 1, 256);
+    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), hashes, 2);
+    const sentHashes = new BigUint64Array(src.pageCount);
+    const server = new PageServer(src, new Uint8Array(src.pageCount).fill(1), 2, 1, 256, sentHashes);
     const [pushTx, pushRx, s1] = await channelPair();
     const [prioTx, prioRx, s2] = await channelPair();
     try {
@@ -67,6 +68,7 @@ describe('post-copy fault service (in process)', { skip }, () => {
       await addon.hashAll(src.nativeHandle, want);
       assert.deepEqual(a, want, 'the guest read the source content');
       assert.deepEqual(b, want);
+      assert.deepEqual(sentHashes, want, 'the source hashed each page it served');
       const digest = await complete;
       assert.equal(digest, addon.digestTable(want), 'the destination digest covers every page');
       await faults.done;
@@ -98,7 +100,7 @@ describe('post-copy fault service (in process)', { skip }, () => {
     dst.populate();
     const guestView = Region.adopt(dst.fd, size);
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
-    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount), new BigUint64Array(dst.pageCount), 2);
+    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
     const [pushTx, pushRx, s1] = await channelPair();
     const [prioTx, prioRx, s2] = await channelPair();
     try {

@@ -40,14 +40,13 @@ export class FaultService {
   #stopped = false;
 
   /**
-   * @param held one byte per page: 1 if the region already holds the page's final content
-   *   (sent in pre-copy and not dirtied since), 0 if it must come from the source
+   * @param needed one byte per page: 1 if it must come from the source, 0 if the region already
+   *   holds its final content (sent in pre-copy and not dirtied since)
    * @param hashes per-page hashes; those of held pages are kept, the others are set on arrival
    */
-  constructor(region: Region, uffd: number, guestAddress: bigint, held: Uint8Array, hashes: BigUint64Array, version: number) {
-    if (held.length !== region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `held has ${held.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
-    const states = held.map((h) => (h ? 2 : 0));
-    this.#native = new addon.PostcopyDest(region.nativeHandle, uffd, guestAddress, states, hashes, version, (e) => {
+  constructor(region: Region, uffd: number, guestAddress: bigint, needed: Uint8Array, hashes: BigUint64Array, version: number) {
+    if (needed.length !== region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
+    this.#native = new addon.PostcopyDest(region.nativeHandle, uffd, guestAddress, needed, hashes, version, (e) => {
       for (const l of this.#listeners) l(e);
     });
     this.complete = new Promise((resolve, reject) => {

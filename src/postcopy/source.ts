@@ -43,11 +43,16 @@ export class PageServer {
   #generation = 0;
   readonly #batchPages: number;
 
-  /** @param needed one byte per page: 1 if the destination must get it */
-  constructor(region: Region, needed: Uint8Array, version: number, round: number, batchPages: number) {
+  /**
+   * @param needed one byte per page: 1 if the destination must get it
+   * @param hashes if given, each page sent is hashed into it right after it went (the sending
+   *   thread does it: it slows the push by about a tenth, measured, so the sender hashes
+   *   the paused region once the destination has everything instead)
+   */
+  constructor(region: Region, needed: Uint8Array, version: number, round: number, batchPages: number, hashes?: BigUint64Array) {
     this.#region = region;
     this.#batchPages = batchPages;
-    this.#native = new addon.PostcopySource(region.nativeHandle, needed, version, round, (e) => {
+    this.#native = new addon.PostcopySource(region.nativeHandle, needed, version, round, hashes, (e) => {
       for (const l of this.#listeners) l(e);
     });
   }
@@ -57,8 +62,13 @@ export class PageServer {
     return () => this.#listeners.delete(l);
   }
 
+  /** The pages the destination must get (one byte per page), when known only at the switch. */
+  setNeeded(needed: Uint8Array): void {
+    this.#native.reset(needed, 'needed');
+  }
+
   attach(c: Connections): void {
-    if (c.held) this.#native.reset(c.held);
+    if (c.held) this.#native.reset(c.held, 'held');
     this.#native.attach(c.pushFd, c.prioFd);
     this.#generation++;
     this.#conn?.close();

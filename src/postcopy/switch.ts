@@ -11,7 +11,7 @@ import { FrameType, type Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
 import { WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
-import { PageServer, type Connections, type PushStats } from './source.js';
+import type { PageServer, Connections, PushStats } from './source.js';
 
 export interface PostcopyLink {
   /** opens a new connection to the destination */
@@ -53,6 +53,9 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
 
 export interface PostcopyResult {
   downtime_end: number;
+  /** when the destination had every page (performance.now()), and the digest check after it */
+  complete_at: number;
+  verify_ms: number;
   activate_ms: number;
   pages_needed: number;
   stats: PushStats;
@@ -64,13 +67,15 @@ export interface PostcopyResult {
  * sent (from then on the guest must never resume here); `onRunning` when the destination runs it.
  */
 export async function runPostcopy(o: {
+  /** created before the pause (its tables are allocated there), not attached yet */
+  server: PageServer;
   channel: WireChannel;
   prio: WireChannel;
   link: PostcopyLink;
   region: Region;
   needed: Uint8Array;
-  round: number;
-  batchPages: number;
+  pagesNeeded: number;
+  hashes: BigUint64Array;
   recoverTimeoutMs: number;
   peerError: (f: Frame, phase: string) => Error;
   onCommitted(): void;
@@ -78,32 +83,26 @@ export async function runPostcopy(o: {
   onProgress?(s: PushStats): void;
 }): Promise<PostcopyResult> {
   const { channel, region } = o;
-  const server = new PageServer(region, o.needed, o.link.version, o.round, o.batchPages);
+  const server = o.server;
   try {
     // the server answers requests from the first fault on: attach before the switch
     server.attach({ pushFd: channel.fd, prioFd: o.prio.fd, close: () => o.prio.handOff() });
-    let pagesNeeded = 0;
-    for (const x of o.needed) pagesNeeded += x;
-    const dbg = process.env.LIVEMIG_DEBUG_POSTCOPY ? (m: string) => console.error(`postcopy ${performance.now().toFixed(1)} ${m}`) : () => undefined;
-    dbg('attached');
     const bitmap = bytesToBitmap(o.needed);
-    dbg('bitmap');
     await channel.send(encodePostcopy({ needed: bitmap }, o.link.version));
-    dbg('sent POSTCOPY');
     o.onCommitted();
     const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
     const tRunning = performance.now();
-    dbg('running');
     o.onRunning(running.activateMs);
     const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress);
-    // the source's image is the one the destination must now hold: compare digests
-    const hashes = new BigUint64Array(region.pageCount);
-    await addon.hashAll(region.nativeHandle, hashes);
-    const digest = addon.digestTable(hashes);
+    const tComplete = performance.now();
+    // the source's image (paused, unchanged) is the one the destination must now hold: compare
+    // digests; the guest no longer needs this side for pages, so this is outside its time
+    await addon.hashAll(region.nativeHandle, o.hashes);
+    const digest = addon.digestTable(o.hashes);
     if (digest !== destDigest) {
       throw new LivemigError('ERR_LIVEMIG_DIGEST', `post-copy finished but the destination's image digest ${destDigest.toString(16)} differs from the source's ${digest.toString(16)}; the source keeps its copy, paused`, { phase: 'postcopy' });
     }
-    return { downtime_end: tRunning, activate_ms: running.activateMs, pages_needed: pagesNeeded, stats: server.stats(), digest };
+    return { downtime_end: tRunning, complete_at: tComplete, verify_ms: performance.now() - tComplete, activate_ms: running.activateMs, pages_needed: o.pagesNeeded, stats: server.stats(), digest };
   } finally {
     server.close();
     channel.handOff();

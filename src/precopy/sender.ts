@@ -39,6 +39,7 @@ import { ConvergencePolicy, type StallAction } from './policy.js';
 import type { MigrateOptions, MigrationReport, RoundStats } from './types.js';
 import { WritableWorkingSet } from './wws.js';
 import { attachConnection, runPostcopy, type PostcopyLink } from '../postcopy/switch.js';
+import { PageServer } from '../postcopy/source.js';
 
 const STALL_ACTIONS: readonly StallAction[] = ['throttle', 'postcopy', 'force', 'abort'];
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -316,8 +317,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       if (ack.round >= round) break;
     }
     if (switchToPostcopy) {
-      // the priority connection joins before the pause: no connect inside it
+      // the priority connection joins, and the page server's tables are made, before the pause
       const prio = await attachConnection(link!, 'prio');
+      const allPages = new Uint8Array(region.pageCount).fill(1);
+      const server = new PageServer(region, allPages, version, round + 1, batchPages);
       state = 'stop-and-copy';
       const tPause = now();
       let deviceState: Uint8Array;
@@ -329,27 +332,28 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         prio.close();
         throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
       }
-      if (process.env.LIVEMIG_DEBUG_POSTCOPY) console.error(`postcopy ${now().toFixed(1)} paused (pause ${(now() - tPause).toFixed(1)} ms)`);
-      const needed = new Uint8Array(region.pageCount);
-      if (mode === 'postcopy') needed.fill(1);
-      else {
+      let needed = allPages;
+      let pagesNeeded = region.pageCount;
+      if (mode !== 'postcopy') {
         const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
-        for (const p of mergePages(pending, final)) needed[p] = 1;
+        const stale = mergePages(pending, final);
+        needed = new Uint8Array(region.pageCount);
+        for (const p of stale) needed[p] = 1;
+        pagesNeeded = stale.length;
+        server.setNeeded(needed);
       }
-      if (process.env.LIVEMIG_DEBUG_POSTCOPY) console.error(`postcopy ${now().toFixed(1)} needed`);
       await channel.send(encodeDeviceState(deviceState, version));
-      if (process.env.LIVEMIG_DEBUG_POSTCOPY) console.error(`postcopy ${now().toFixed(1)} device state sent`);
       let downtime = 0;
-      let pagesNeeded = 0;
       const tPc = now();
       const pc = await runPostcopy({
+        server,
         channel,
         prio,
         link: link!,
         region,
         needed,
-        round: round + 1,
-        batchPages,
+        pagesNeeded,
+        hashes,
         recoverTimeoutMs: options.recoverTimeoutMs ?? 60_000,
         peerError,
         onCommitted: () => (state = 'activating'),
@@ -362,7 +366,6 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         },
         onProgress: (st) => progress({ type: 'postcopy', ...st }),
       });
-      pagesNeeded = pc.pages_needed;
       state = 'done';
       unsubscribe?.();
       await encoder?.close();
@@ -373,7 +376,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         mode: mode === 'precopy' ? 'hybrid' : mode,
         digest: pc.digest.toString(16).padStart(16, '0'),
         prep_ms: +prepMs.toFixed(1),
-        total_ms: +(now() - tFirstPage).toFixed(1),
+        // until the destination held every page (the guest no longer depends on this side)
+        total_ms: +(pc.complete_at - tFirstPage).toFixed(1),
         downtime_ms: +downtime.toFixed(3),
         rounds: mode === 'postcopy' ? 0 : round,
         region_bytes: region.size,
@@ -392,7 +396,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         forced_stop: false,
         max_throttle_percentage: maxThrottle,
         stop_and_copy: { pages: 0, bytes: 0, pause_ms: 0, final_collect_ms: 0, send_ms: 0, commit_ms: 0, activate_ms: +pc.activate_ms.toFixed(3) },
-        postcopy: { ...pc.stats, pages_needed: pagesNeeded, postcopy_ms: +(now() - tPc).toFixed(1) },
+        postcopy: { ...pc.stats, pages_needed: pagesNeeded, postcopy_ms: +(pc.complete_at - tPc).toFixed(1), verify_ms: +pc.verify_ms.toFixed(1) },
       };
     }
 

@@ -180,5 +180,5 @@ export interface MigrationReport {
   max_throttle_percentage: number;
   stop_and_copy: { pages: number; bytes: number; pause_ms: number; final_collect_ms: number; send_ms: number; commit_ms: number; activate_ms: number };
   /** post-copy phase: pages pushed and served on request, from the switch to completion */
-  postcopy?: PostcopyStats & { pages_needed: number; postcopy_ms: number };
+  postcopy?: PostcopyStats & { pages_needed: number; postcopy_ms: number; verify_ms: number };
 }

@@ -3,6 +3,7 @@
  * PAGES is a binary batch. Every decoder treats its input as hostile and throws ProtocolError.
  */
 import { pack, unpack } from 'msgpackr';
+import { addon } from '../native.js';
 import { ProtocolError } from './errors.js';
 import { FrameType, HEADER_BYTES, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrame, encodeHeader } from './frame.js';
 
@@ -318,15 +319,10 @@ export function decodeAttached(p: Buffer, pageCount: number): Attached {
   return { held };
 }
 
-/** One byte per page (0/1) from a bitmap of `pageCount` bits, and back. */
+/** One byte per page (0/1) from a bitmap of `pageCount` bits, and back (native: these run inside the pause). */
 export function bitmapToBytes(bits: Buffer, pageCount: number): Uint8Array {
-  const out = new Uint8Array(pageCount);
-  if (bits.length === 0) return out;
-  for (let p = 0; p < pageCount; p++) out[p] = (bits[p >> 3]! >> (p & 7)) & 1;
-  return out;
+  return addon.unpackBits(bits, pageCount).bytes;
 }
 export function bytesToBitmap(bytes: Uint8Array): Buffer {
-  const out = Buffer.alloc(bitmapBytes(bytes.length));
-  for (let p = 0; p < bytes.length; p++) if (bytes[p]) out[p >> 3]! |= 1 << (p & 7);
-  return out;
+  return addon.packBits(bytes);
 }

@@ -234,20 +234,15 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
           const prio = attached.prio;
           if (!prio) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before the priority connection attached');
-          const dbg = process.env.LIVEMIG_DEBUG_POSTCOPY ? (m: string) => console.error(`rx postcopy ${performance.now().toFixed(1)} ${m}`) : () => undefined;
-          dbg('POSTCOPY received');
-          const needed = bitmapToBytes(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount);
-          const held = needed.map((x) => 1 - x);
-          let pagesNeeded = 0;
-          for (const x of needed) pagesNeeded += x;
+          const unpacked = addon.unpackBits(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount);
+          const needed = unpacked.bytes;
+          const pagesNeeded = unpacked.set;
           // From here the guest runs here: the source never resumes it (point of commitment).
           const ta = performance.now();
           const reg = await options.postcopy.register(region);
-          faults = new FaultService(region, reg.uffd, reg.address, held, hashes, version);
-          dbg('registered');
+          faults = new FaultService(region, reg.uffd, reg.address, needed, hashes, version);
           faults.start();
           faults.attach(ch.fd, prio.fd);
-          dbg('fault service running');
           prio.handOff();
           attached.prio = undefined;
           await options.activate(region, deviceState);
@@ -328,7 +323,7 @@ async function servePostcopy(faults: FaultService, attached: { push?: WireChanne
       while (!(attached.push && attached.prio)) {
         const left = deadline - performance.now();
         if (left <= 0) {
-          const held = faults.held().reduce((a, b) => a + b, 0);
+          const held = addon.unpackBits(bytesToBitmap(faults.held()), region.pageCount).set;
           throw new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${options.recoverTimeoutMs ?? 60_000} ms (${broken}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
         }
         await new Promise<void>((r) => {
@@ -346,7 +341,7 @@ async function servePostcopy(faults: FaultService, attached: { push?: WireChanne
       push.handOff();
       prio.handOff();
       reconnects++;
-      progress({ type: 'postcopy-reconnected', pages_held: held.reduce((a, b) => a + b, 0) });
+      progress({ type: 'postcopy-reconnected', pages_held: addon.unpackBits(bytesToBitmap(held), region.pageCount).set });
     }
   } finally {
     clearInterval(timer);
