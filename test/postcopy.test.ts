@@ -217,6 +217,53 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
+  test('pre-copy that stalls switches to post-copy (stall policy), from a destination guest mapped ahead', async () => {
+    s = await setup(64 * MiB, 256);
+    const g = s.guest;
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: s.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      release: () => g.exit(),
+      onStall: 'postcopy',
+      bandwidthMiBps: 16, // the guest dirties 256 MiB/s: pre-copy cannot converge
+      encodings: { zero: false, dedup: false, compress: false },
+    });
+    const rx = await s.result;
+    assert.equal(report.mode, 'hybrid');
+    assert.match(report.stop_reason, /switching to post-copy/);
+    assert.ok(report.rounds >= 2, `pre-copy ran rounds first (${report.rounds})`);
+    assert.equal(rx.mode, 'postcopy');
+    assert.equal(rx.digest, report.digest);
+    assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, report.postcopy!.pages_needed);
+    assert.equal((await verifyDestination(s)).bad, 0);
+    await s.close();
+  });
+
+  test('control.startPostcopy() switches a running pre-copy migration', async () => {
+    s = await setup(64 * MiB, 64);
+    const g = s.guest;
+    const control = new MigrationControl();
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: s.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      release: () => g.exit(),
+      control,
+      onProgress: (e) => e.type === 'round' && e.round === 1 && control.startPostcopy(),
+    });
+    const rx = await s.result;
+    assert.equal(report.stop_reason, 'post-copy requested');
+    assert.equal(rx.mode, 'postcopy');
+    assert.equal(rx.digest, report.digest);
+    assert.equal((await verifyDestination(s)).bad, 0);
+    await s.close();
+  });
+
   test('a link cut in the middle of post-copy and restored completes with nothing lost', async () => {
     s = await setup(256 * MiB, 64);
     const g = s.guest;

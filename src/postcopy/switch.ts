@@ -23,7 +23,12 @@ export interface PostcopyLink {
 /** A connection joining the session as `role`. */
 export async function attachConnection(link: PostcopyLink, role: AttachRole): Promise<WireChannel> {
   const ch = WireChannel.fromSocket(await link.connect());
-  await ch.send(encodeAttach({ session: link.session, role }, link.version));
+  try {
+    await ch.send(encodeAttach({ session: link.session, role }, link.version));
+  } catch (e) {
+    ch.close();
+    throw e;
+  }
   return ch;
 }
 
@@ -45,6 +50,8 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
       last = e;
       push?.close();
       prio?.close();
+      // the destination answered that it has no such session: it is gone, retrying cannot help
+      if (e instanceof LivemigError && e.code === 'ERR_LIVEMIG_REFUSED') break;
       await new Promise((r) => setTimeout(r, 200));
     }
   }

@@ -256,6 +256,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           // the thread stops by itself once every page is mapped into the guest
           await faults.done;
           faults.stop(); // joins the finished thread
+          addon.closeFd(reg.uffd); // our copy of the guest's userfaultfd (the guest keeps its own)
           ch.handOff();
           return {
             region_bytes: region.size,
