@@ -20,6 +20,8 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <fcntl.h>
@@ -57,6 +59,7 @@ constexpr uint8_t kRequest = 18;   // D->S: u32 count, u32 pages
 constexpr uint8_t kComplete = 19;  // D->S: u64 digest of the page hashes, u32 page count
 constexpr uint32_t kMaxBatch = 4096;
 constexpr size_t kPushChunk = 128 * 1024;  // bytes read from the push stream between fault checks
+constexpr size_t kPushChunkWaiting = 16 * 1024;  // ... while a fault waits on a requested page
 
 enum : uint8_t { kMissing = 0, kRequested = 1, kArrived = 2, kMapped = 3 };
 enum : uint8_t { kUnsent = 0, kPushing = 1, kPushed = 2, kServed = 3 };
@@ -543,7 +546,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         if (fds[k].fd != prio && fds[k].fd != push) continue;  // replaced above
         SysError e;
         // requests first: drain the priority connection; the push stream a chunk at a time
-        int r = ReadPages(fds[k].fd, isPrio ? prioR : pushR, isPrio, isPrio ? SIZE_MAX : kPushChunk, toMap, e);
+        // while a fault waits, look at the priority connection again after every few pages
+        size_t budget = isPrio ? SIZE_MAX : faultAt_.empty() ? kPushChunk : kPushChunkWaiting;
+        int r = ReadPages(fds[k].fd, isPrio ? prioR : pushR, isPrio, budget, toMap, e);
         if (r < 0) {
           if (e.syscall == "ioctl(UFFDIO_CONTINUE)") {
             err = e;
@@ -797,8 +802,12 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
 
   // The page server: reads requests, answers each with the pages no one has sent yet.
   void Serve(int fd, uint32_t gen) {
-    // a fault at the destination waits on this thread: wake ahead of the background push
-    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
+    // a fault at the destination waits on this thread: it must run the moment a request comes,
+    // ahead of the background push (real-time FIFO when allowed: it only ever sends a few pages
+    // and sleeps; else nice -10)
+    sched_param sp{};
+    sp.sched_priority = 1;
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp) != 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
     SysError err;
     uint8_t h[kHeader];
     std::vector<uint8_t> body, head;
