@@ -963,13 +963,15 @@ Napi::Value PackBits(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// unpackBits(bits: Uint8Array, count) -> {bytes: Uint8Array (0/1 per entry), set: number}
+// unpackBits(bits: Uint8Array, count, into?: Uint8Array) -> {bytes: Uint8Array (0/1 per entry), set: number}
+// `into` (count bytes) lets a caller use memory it touched ahead, outside a pause.
 Napi::Value UnpackBits(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Uint8Array bits = info[0].As<Napi::Uint8Array>();
   size_t n = static_cast<size_t>(info[1].As<Napi::Number>().Int64Value());
   if (bits.ElementLength() != 0 && bits.ElementLength() < (n + 7) / 8) throw Napi::RangeError::New(env, "bitmap shorter than its count");
-  Napi::Uint8Array out = Napi::Uint8Array::New(env, n);
+  if (info[2].IsTypedArray() && info[2].As<Napi::Uint8Array>().ElementLength() != n) throw Napi::RangeError::New(env, "into must hold count bytes");
+  Napi::Uint8Array out = info[2].IsTypedArray() ? info[2].As<Napi::Uint8Array>() : Napi::Uint8Array::New(env, n);
   double set = 0;
   for (size_t p = 0; p < n && bits.ElementLength() != 0; p++) {
     out[p] = (bits[p >> 3] >> (p & 7)) & 1;

@@ -96,7 +96,7 @@ interface Addon {
   takeFd(pid: number, fd: number): number;
   dropPageTables(address: bigint, length: number): void;
   packBits(bytes: Uint8Array): Buffer;
-  unpackBits(bits: Uint8Array, count: number): { bytes: Uint8Array; set: number };
+  unpackBits(bits: Uint8Array, count: number, into?: Uint8Array): { bytes: Uint8Array; set: number };
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;

@@ -169,6 +169,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
         attached.wake?.();
       });
     }
+    // the post-copy page table, touched now so that the switch does not fault its memory in
+    const neededTable = session ? new Uint8Array(region.pageCount).fill(1) : undefined;
     await ch.send(encodeAccept({ version, capabilities: caps, ...(session ? { session } : {}) }, version));
     if (imageHashes) await ch.send(encodeImageHashes(hashes, version));
 
@@ -234,7 +236,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
           const prio = attached.prio;
           if (!prio) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before the priority connection attached');
-          const unpacked = addon.unpackBits(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount);
+          const unpacked = addon.unpackBits(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount, neededTable);
           const needed = unpacked.bytes;
           const pagesNeeded = unpacked.set;
           // From here the guest runs here: the source never resumes it (point of commitment).
