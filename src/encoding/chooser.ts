@@ -31,7 +31,7 @@ const MAX_SAMPLE_GAP = 256;
 /** runs (of RUN_BATCHES batches) between probes of the slower of in-place and plain: first, longest */
 const FIRST_PROBE_GAP = 4;
 const MAX_PROBE_GAP = 32;
-const LINK_PROBE_EVERY = 32;
+const LINK_PROBE_EVERY = 64;
 /** a plain run cannot be faster when in place leaves out at least this share of the pages */
 const NO_PLAIN_ABOVE = 0.5;
 /** in place "saves nothing" below this share of pages */
@@ -134,11 +134,18 @@ export class Chooser {
     return this.#compressedRuns % LINK_PROBE_EVERY === 0;
   }
 
+  /** Whether the link is known to be too fast for the compressor to matter (or it is off). */
+  compressionOutOfReach(): boolean {
+    if (!this.options.compress) return true;
+    if (this.linkMBps === undefined || this.#linkRuns < 1) return false;
+    return this.linkMBps > Math.max(this.compressMBps ?? 0, ASSUMED_COMPRESS_MBPS) * 2.5;
+  }
+
   /** Whether to sample the next batch's pages before sending it uncompressed. */
   wantSample(): boolean {
     if (!this.options.compress || this.linkMBps === undefined || this.#linkRuns < 1) return false; // the link first
     // the compressor threads cannot come near a link this fast: do not even start them
-    if (this.linkMBps > Math.max(this.compressMBps ?? 0, ASSUMED_COMPRESS_MBPS) * 2.5) return false;
+    if (this.compressionOutOfReach()) return false;
     return this.#batches >= this.#nextSample;
   }
 

@@ -101,7 +101,10 @@ export class PageEncoder {
       const compress = this.chooser.compressing() && !this.chooser.linkProbeDue();
       const inPlace = !compress && (this.#flags === 0 || this.chooser.nextRunInPlace());
       const path = compress ? 'compressed' : inPlace ? 'in-place' : 'plain';
-      this.#runBatches = path === this.#lastPath ? Math.min(this.#runBatches * 2, MAX_RUN_BATCHES) : RUN_BATCHES;
+      // (on a link slow enough for compression to matter, runs stay short: samples and the
+      // switch to compressing happen at run starts)
+      const grow = path === this.#lastPath && this.chooser.compressionOutOfReach();
+      this.#runBatches = grow ? Math.min(this.#runBatches * 2, MAX_RUN_BATCHES) : RUN_BATCHES;
       this.#lastPath = path;
       // the first runs are short: the chooser learns the link and the content sooner
       const runBatches = this.#runs++ < LEARNING_RUNS ? LEARNING_RUN_BATCHES : this.#runBatches;

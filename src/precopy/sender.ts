@@ -204,7 +204,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       let at = 0;
       while (at < pages.length) {
         const rate = bucket?.bytesPerSecond;
-        const chunk = rate !== undefined ? Math.max(batchPages, Math.floor((rate * 0.02) / region.pageSize)) : deadlineAt !== undefined ? 16 * batchPages : pages.length;
+        // chunks where the round may have to stop early: at a deadline, or at the byte bound
+        const mayCross = !final && bytesSent + (pages.length - at) * region.pageSize > maxBytes;
+        const chunk = rate !== undefined ? Math.max(batchPages, Math.floor((rate * 0.02) / region.pageSize)) : deadlineAt !== undefined || mayCross ? 16 * batchPages : pages.length;
         const part = pages.subarray(at, at + chunk);
         const t0 = now();
         const b = await sendPages(r, part);
@@ -218,6 +220,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           const wait = bucket.take(b, now());
           if (wait > 0) await sleep(wait);
         }
+        // the byte bound holds within a round too: the rest goes at the stop (the policy stops now)
+        if (!final && bytesSent >= maxBytes && at < pages.length) break;
         // leave the rest to the stop-and-copy (or to giving up) rather than run out of time
         if (deadlineAt !== undefined && !final && at < pages.length) {
           const mbps = meter.mbps() ?? lightMeter.mbps() ?? 1;
