@@ -12,7 +12,9 @@
         "native/pagehash.cc",
         "native/wire.cc",
         "native/encode.cc",
-        "native/postcopy.cc"
+        "native/postcopy.cc",
+        "native/postcopy_dest.cc",
+        "native/postcopy_source.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -114,6 +114,17 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   let throttled = false;
   let trackerReason = 'given by the caller';
   const progress = options.onProgress ?? (() => undefined);
+  /** Pauses the guest for the switch; returns its device state. */
+  const pauseGuest = async (): Promise<Uint8Array> => {
+    try {
+      const deviceState = await options.pause();
+      paused = true;
+      return deviceState;
+    } catch (e) {
+      paused = true; // a pause that failed half-way must still be undone
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
+    }
+  };
 
   try {
     const tConnect = now();
@@ -327,15 +338,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       const server = new PageServer(region, allPages, version, round + 1, batchPages);
       state = 'stop-and-copy';
       const tPause = now();
-      let deviceState: Uint8Array;
-      try {
-        deviceState = await options.pause();
-        paused = true;
-      } catch (e) {
-        paused = true;
+      const deviceState = await pauseGuest().catch((e: unknown) => {
         prio.close();
-        throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
-      }
+        throw e;
+      });
       let needed = allPages;
       let pagesNeeded = region.pageCount;
       if (mode !== 'postcopy') {
@@ -407,14 +413,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // Stop-and-copy: the guest pauses; the last dirty pages and the device state go.
     state = 'stop-and-copy';
     const tPause = now();
-    let deviceState: Uint8Array;
-    try {
-      deviceState = await options.pause();
-      paused = true;
-    } catch (e) {
-      paused = true; // a pause that failed half-way must still be undone
-      throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
-    }
+    const deviceState = await pauseGuest();
     const tPaused = now();
     const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
     const tCollected = now();

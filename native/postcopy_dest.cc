@@ -1,0 +1,537 @@
+// Post-copy, destination: the fault service (see postcopy.cc for the design). One native thread
+// owns the guest's userfaultfd and both post-copy connections, so the per-page state needs no
+// locks: missing -> requested (a fault waits) -> mapped, or missing -> arrived -> mapped.
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <linux/userfaultfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "pagehash.h"
+#include "postcopy.h"
+#include "region.h"
+
+namespace livemig {
+
+uint64_t DigestHashes(const uint64_t* hashes, size_t count);
+
+namespace postcopy {
+
+namespace {
+
+// ---------------------------------------------------------------- destination
+
+// Incremental reader of PAGES frames from a non-blocking socket: waits for exactly the bytes
+// each part needs (header, prefix, indices, bodies); bodies land in the region when the page
+// may still be written, in a scratch page otherwise.
+struct PageReader {
+  int phase = 0;  // 0 header, 1 prefix, 2 indices, 3 bodies
+  uint8_t head[kHeader + 8];
+  size_t got = 0;
+  uint32_t count = 0, at = 0;  // pages in the frame; next page's body
+  size_t off = 0;              // bytes of page `at` already received
+  std::vector<uint32_t> idx;
+  std::vector<uint8_t> toRegion;
+  void Reset() { phase = 0, got = 0, count = 0, at = 0, off = 0; }
+};
+
+class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "PostcopyDest",
+                       {InstanceMethod("start", &PostcopyDest::Start), InstanceMethod("attach", &PostcopyDest::Attach),
+                        InstanceMethod("stats", &PostcopyDest::Stats), InstanceMethod("latencies", &PostcopyDest::Latencies),
+                        InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
+  }
+
+  // new PostcopyDest(region, uffd, guestAddress: bigint, needed: Uint8Array (1: must come from the source),
+  //                  hashes: BigUint64Array, version, onEvent)
+  explicit PostcopyDest(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopyDest>(info) {
+    Napi::Env env = info.Env();
+    m_ = Region::Unwrap(info[0])->LiveMapping(env);
+    if (!m_) return;
+    m_->Ref();
+    pages_ = m_->size / kPage;
+    uffd_ = info[1].As<Napi::Number>().Int32Value();
+    guestBase_ = ToU64(info[2]);
+    Napi::Uint8Array st = info[3].As<Napi::Uint8Array>();
+    Napi::BigUint64Array h = info[4].As<Napi::BigUint64Array>();
+    if (st.ElementLength() != pages_ || h.ElementLength() != pages_) throw Napi::RangeError::New(env, "needed and hashes must have one entry per page");
+    // the caller's array becomes the state table (no copy: this runs inside the guest's pause,
+    // where first touches of fresh memory cost ~15 us per 4 KiB page on this host)
+    stateRef_ = Napi::Persistent(st);
+    state_ = st.Data();
+    for (uint64_t p = 0; p < pages_; p++) {
+      state_[p] = state_[p] ? kMissing : kArrived;
+      arrived_ += state_[p] == kArrived;
+    }
+    hashesRef_ = Napi::Persistent(h);
+    hashes_ = h.Data();
+    version_ = static_cast<uint8_t>(info[5].As<Napi::Number>().Uint32Value());
+    tsfn_ = Napi::ThreadSafeFunction::New(env, info[6].As<Napi::Function>(), "livemig-postcopy-dest", 0, 1);
+    tsfn_.Unref(env);  // events matter to whoever awaits them; they must not keep the process alive
+    wake_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_ < 0) throw MakeSysError(env, "eventfd", errno);
+  }
+
+  ~PostcopyDest() override {
+    // at exit the environment may already have finalized the thread-safe function: no Release here
+    released_ = true;
+    Shutdown();
+    if (wake_ >= 0) close(wake_);
+    if (m_) m_->Unref();
+  }
+
+ private:
+  Napi::Value Start(const Napi::CallbackInfo& info) {
+    if (thread_.joinable()) throw Napi::Error::New(info.Env(), "the fault service is already running");
+    thread_ = std::thread([this] { Run(); });
+    return info.Env().Undefined();
+  }
+
+  // attach(pushFd, prioFd): the thread takes dups of both (new connections after a break)
+  Napi::Value Attach(const Napi::CallbackInfo& info) {
+    SysError err;
+    int push = DupBlocking(info[0].As<Napi::Number>().Int32Value(), false, err);
+    int prio = push >= 0 ? DupBlocking(info[1].As<Napi::Number>().Int32Value(), false, err) : -1;
+    if (err.failed()) {
+      if (push >= 0) close(push);
+      throw MakeSysError(info.Env(), err);
+    }
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (newPush_ >= 0) close(newPush_), close(newPrio_);
+      newPush_ = push, newPrio_ = prio;
+    }
+    Wake();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("faults", static_cast<double>(faults_.load()));
+    o.Set("faultsLocal", static_cast<double>(faultsLocal_.load()));
+    o.Set("pulled", static_cast<double>(pulled_.load()));
+    o.Set("pushed", static_cast<double>(pushed_.load()));
+    o.Set("duplicates", static_cast<double>(duplicates_.load()));
+    o.Set("arrived", static_cast<double>(arrivedShared_.load()));
+    o.Set("blockedMs", static_cast<double>(blockedNs_.load()) / 1e6);
+    o.Set("bytes", static_cast<double>(bytes_.load()));
+    o.Set("connected", connected_.load());
+    return o;
+  }
+
+  // fault latencies so far (ns, in the order served)
+  Napi::Value Latencies(const Napi::CallbackInfo& info) {
+    std::lock_guard<std::mutex> g(mu_);
+    Napi::Float64Array a = Napi::Float64Array::New(info.Env(), latencies_.size());
+    for (size_t k = 0; k < latencies_.size(); k++) a[k] = static_cast<double>(latencies_[k]);
+    return a;
+  }
+
+  // 1 for each page the destination holds. Read while the thread may run: a page becomes held
+  // only when its body has arrived, which needs a connection, and this is asked for between
+  // connections; a byte read racing a store sees the old or the new state, both valid.
+  Napi::Value Held(const Napi::CallbackInfo& info) {
+    Napi::Uint8Array a = Napi::Uint8Array::New(info.Env(), pages_);
+    for (uint64_t p = 0; p < pages_; p++) a[p] = __atomic_load_n(&state_[p], __ATOMIC_RELAXED) >= kArrived ? 1 : 0;
+    return a;
+  }
+
+  Napi::Value Stop(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  void Shutdown() {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+    }
+    Wake();
+    if (thread_.joinable()) thread_.join();
+    if (!released_) {
+      released_ = true;
+      tsfn_.Release();
+    }
+  }
+
+  void Wake() {
+    uint64_t one = 1;
+    if (write(wake_, &one, 8) < 0) {
+      // EAGAIN: the counter is already nonzero, the thread will wake anyway
+    }
+  }
+
+  void Emit(Event* e) { tsfn_.BlockingCall(e, CallEvent); }
+
+  // Maps pages [first, first+n) into the guest and wakes whoever waits on them.
+  bool Continue(uint32_t first, uint32_t n, SysError& err) {
+    uint64_t start = guestBase_ + uint64_t{first} * kPage, end = start + uint64_t{n} * kPage;
+    while (start < end) {
+      uffdio_continue c{};
+      c.range.start = start;
+      c.range.len = end - start;
+      if (ioctl(uffd_, UFFDIO_CONTINUE, &c) == 0) return true;
+      int e = errno;
+      uint64_t done = c.mapped > 0 ? static_cast<uint64_t>(c.mapped) : 0;
+      if (e == EEXIST) {
+        // the guest's page table already has the page (mapped earlier): nothing to install,
+        // but a thread may wait on it: wake it, and go on after it
+        start += done;
+        uffdio_range w{start, kPage};
+        ioctl(uffd_, UFFDIO_WAKE, &w);
+        start += kPage;
+      } else if (e == EAGAIN) {
+        start += done;  // the guest's mappings are changing (mremap, fork): retry the rest
+      } else {  // ESRCH: the guest process is gone; ENOENT/EINVAL: not our mapping any more
+        return err.set("ioctl(UFFDIO_CONTINUE)", e), false;
+      }
+    }
+    return true;
+  }
+
+  // A whole page body is in the region (or scratch): record it and map it if someone waits.
+  void Landed(uint32_t p, bool toRegion, bool viaRequest, std::vector<uint32_t>& toMap) {
+    if (!toRegion) {
+      duplicates_++;
+      return;
+    }
+    hashes_[p] = PageHash(m_->addr + uint64_t{p} * kPage, kPage);
+    (viaRequest ? pulled_ : pushed_)++;
+    arrived_++;
+    arrivedShared_.store(arrived_, std::memory_order_relaxed);
+    if (state_[p] == kRequested) {
+      auto at = faultAt_.find(p);
+      uint64_t lat = at != faultAt_.end() ? NowNs() - at->second : 0;
+      if (at != faultAt_.end()) faultAt_.erase(at);
+      blockedNs_ += lat;
+      std::lock_guard<std::mutex> g(mu_);
+      latencies_.push_back(lat);
+    }
+    state_[p] = kArrived;
+    toMap.push_back(p);  // mapped right away: a pushed page the guest touches later costs no fault
+  }
+
+  bool MapRuns(std::vector<uint32_t>& toMap, SysError& err) {
+    for (size_t k = 0; k < toMap.size();) {
+      size_t run = 1;
+      while (k + run < toMap.size() && toMap[k + run] == toMap[k] + run) run++;
+      if (!Continue(toMap[k], static_cast<uint32_t>(run), err)) return false;
+      for (size_t j = 0; j < run; j++) state_[toMap[k + j]] = kMapped;
+      k += run;
+    }
+    toMap.clear();
+    return true;
+  }
+
+  // Reads what `fd` has (at most `budget` bytes of bodies). 0 would block, 1 progress, -1 error.
+  int ReadPages(int fd, PageReader& r, bool viaRequest, size_t budget, std::vector<uint32_t>& toMap, SysError& err) {
+    for (;;) {
+      if (r.phase < 3) {
+        size_t want = r.phase == 0 ? kHeader : r.phase == 1 ? kHeader + 8 : kHeader + 8 + size_t{r.count} * 4;
+        uint8_t* dst = r.phase < 2 ? r.head + r.got : reinterpret_cast<uint8_t*>(r.idx.data()) + (r.got - kHeader - 8);
+        ssize_t n = recv(fd, dst, want - r.got, MSG_DONTWAIT);
+        if (n < 0) {
+          if (errno == EAGAIN || errno == EINTR) return 0;
+          return err.set("recv", errno), -1;
+        }
+        if (n == 0) return err.fail("ERR_LIVEMIG_CONNECTION", "the source closed a post-copy connection"), -1;
+        r.got += static_cast<size_t>(n);
+        if (r.got < want) continue;
+        if (r.phase == 0) {
+          uint8_t type;
+          uint32_t length;
+          if (!CheckHeader(r.head, version_, &type, &length, err)) return -1;
+          if (type != kPages) return err.fail("ERR_LIVEMIG_PROTOCOL", "unexpected frame type " + std::to_string(type) + " on a post-copy page stream"), -1;
+          r.phase = 1;
+        } else if (r.phase == 1) {
+          r.count = Le32(r.head + kHeader + 4);
+          uint64_t length = Le32(r.head + 8);
+          if (r.count == 0 || r.count > kMaxBatch) return err.fail("ERR_LIVEMIG_PROTOCOL", "post-copy batch of " + std::to_string(r.count) + " pages"), -1;
+          if (length != 8 + uint64_t{r.count} * (4 + kPage)) return err.fail("ERR_LIVEMIG_PROTOCOL", "post-copy PAGES length does not match its count"), -1;
+          r.idx.resize(r.count);
+          r.phase = 2;
+        } else {
+          r.toRegion.resize(r.count);
+          for (uint32_t k = 0; k < r.count; k++) {
+            uint32_t p = r.idx[k] = Le32(reinterpret_cast<uint8_t*>(&r.idx[k]));
+            if (p >= pages_) return err.fail("ERR_LIVEMIG_PAGE_INDEX", "post-copy page " + std::to_string(p) + " outside the region"), -1;
+          }
+          for (uint32_t k = 1; k < r.count; k++)
+            if (r.idx[k] <= r.idx[k - 1]) return err.fail("ERR_LIVEMIG_PROTOCOL", "post-copy page indices are not ascending"), -1;
+          for (uint32_t k = 0; k < r.count; k++) {
+            uint8_t s = state_[r.idx[k]];
+            // a page already here (sent twice around a reconnect) must not be written again
+            r.toRegion[k] = (s == kMissing || s == kRequested) ? 1 : 0;
+          }
+          r.phase = 3;
+          r.at = 0;
+          r.off = 0;
+        }
+        continue;
+      }
+      // bodies: one recvmsg over the next pages, straight to where they belong
+      iovec iov[64];
+      int n = 0;
+      size_t bytes = 0;
+      for (uint32_t k = r.at; k < r.count && n < 64 && bytes < budget; k++, n++) {
+        size_t skip = k == r.at ? r.off : 0;
+        uint8_t* base = r.toRegion[k] ? m_->addr + uint64_t{r.idx[k]} * kPage : scratch_;
+        iov[n] = {base + skip, kPage - skip};
+        bytes += kPage - skip;
+      }
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(n);
+      ssize_t got = recvmsg(fd, &msg, MSG_DONTWAIT);
+      if (got < 0) {
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        return err.set("recvmsg", errno), -1;
+      }
+      if (got == 0) return err.fail("ERR_LIVEMIG_CONNECTION", "the source closed a post-copy connection in the middle of a frame"), -1;
+      bytes_ += static_cast<uint64_t>(got);
+      size_t left = static_cast<size_t>(got);
+      while (left > 0) {
+        size_t need = kPage - r.off;
+        size_t take = left < need ? left : need;
+        r.off += take;
+        left -= take;
+        if (r.off == kPage) {
+          Landed(r.idx[r.at], r.toRegion[r.at], viaRequest, toMap);
+          r.at++;
+          r.off = 0;
+        }
+      }
+      if (r.at == r.count) r.Reset();
+      if (!MapRuns(toMap, err)) return -1;
+      if (static_cast<size_t>(got) >= budget || budget == 0) return 1;
+      budget -= static_cast<size_t>(got);
+    }
+  }
+
+  void Run() {
+    // a fault waits on this thread: let it preempt bulk work (the guest's own threads included)
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
+    int push = -1, prio = -1;
+    PageReader pushR, prioR;
+    std::vector<uint32_t> toRequest, toMap;
+    std::vector<uint8_t> out;  // bytes waiting to go to the source on the priority connection
+    size_t outAt = 0;
+    bool completeQueued = false, completeSent = false;
+    SysError err;
+    uffd_msg msgs[64];
+    // pages held from pre-copy are mapped into the guest a run at a time, between events
+    uint32_t mapCursor = 0;
+    auto mapHeld = [&]() -> bool {
+      for (uint32_t budget = 2048; mapCursor < pages_ && budget > 0; mapCursor++, budget--)
+        if (state_[mapCursor] == kArrived) toMap.push_back(mapCursor);
+      return MapRuns(toMap, err);
+    };
+    auto disconnect = [&](const SysError& why) {
+      if (push >= 0) close(push), close(prio);
+      push = prio = -1;
+      connected_ = false;
+      out.clear(), outAt = 0;
+      pushR.Reset(), prioR.Reset();
+      if (completeSent) return;  // the source closes once it has everything it needed to hear
+      completeQueued = false;
+      Emit(new Event{"disconnected", why.detail.empty() ? why.syscall + ": " + std::strerror(why.err) : why.detail, why.code});
+    };
+    // queues the waiting requests and sends what the priority connection takes now; false if it broke
+    auto flushOut = [&]() -> bool {
+      if (prio >= 0 && !toRequest.empty()) {
+        for (size_t at = 0; at < toRequest.size(); at += kMaxBatch) {
+          uint32_t n = static_cast<uint32_t>(std::min<size_t>(kMaxBatch, toRequest.size() - at));
+          size_t base = out.size();
+          out.resize(base + kHeader + 4 + 4 * size_t{n});
+          PutHeader(&out[base], version_, kRequest, 4 + 4 * n);
+          Put32(&out[base + kHeader], n);
+          for (uint32_t k = 0; k < n; k++) Put32(&out[base + kHeader + 4 + 4 * k], toRequest[at + k]);
+        }
+        toRequest.clear();
+      }
+      if (prio >= 0 && outAt < out.size()) {
+        ssize_t n = send(prio, out.data() + outAt, out.size() - outAt, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0 && errno != EAGAIN && errno != EINTR) {
+          SysError e;
+          e.set("send", errno);
+          disconnect(e);
+          return false;
+        }
+        if (n > 0) outAt += static_cast<size_t>(n);
+        if (outAt == out.size()) {
+          out.clear(), outAt = 0;
+          if (completeQueued && !completeSent) {
+            completeSent = true;
+            Event* e = new Event{"complete", "", ""};
+            e->digest = digest_;
+            Emit(e);
+          }
+        }
+      }
+      return true;
+    };
+    for (;;) {
+      pollfd fds[4];
+      int nf = 0;
+      fds[nf++] = {wake_, POLLIN, 0};
+      fds[nf++] = {uffd_, POLLIN, 0};
+      if (prio >= 0) fds[nf++] = {prio, static_cast<short>(POLLIN | (outAt < out.size() ? POLLOUT : 0)), 0};
+      if (push >= 0) fds[nf++] = {push, POLLIN, 0};
+      if (poll(fds, nf, mapCursor < pages_ ? 0 : -1) < 0) {
+        if (errno == EINTR) continue;
+        err.set("poll", errno);
+        break;
+      }
+      if (mapCursor < pages_ && !mapHeld()) break;
+      if (fds[0].revents) {
+        uint64_t v;
+        if (read(wake_, &v, 8) < 0) { /* EAGAIN: another wake already consumed it */ }
+        std::lock_guard<std::mutex> g(mu_);
+        if (stop_) break;
+        if (newPush_ >= 0) {
+          if (push >= 0) close(push), close(prio);
+          push = newPush_, prio = newPrio_;
+          newPush_ = newPrio_ = -1;
+          connected_ = true;
+          pushR.Reset(), prioR.Reset();
+          // requests that were in flight on the old connection are asked again
+          for (uint32_t p = 0; p < pages_; p++)
+            if (state_[p] == kRequested) toRequest.push_back(p);
+        }
+      }
+      if (fds[1].revents) {
+        for (;;) {
+          ssize_t n = read(uffd_, msgs, sizeof msgs);
+          if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR) break;  // drained
+            err.set("read(userfaultfd)", errno);
+            break;
+          }
+          for (size_t k = 0; k < static_cast<size_t>(n) / sizeof(uffd_msg); k++) {
+            if (msgs[k].event != UFFD_EVENT_PAGEFAULT) continue;  // no other event was asked for
+            uint64_t a = msgs[k].arg.pagefault.address;
+            if (a < guestBase_ || a >= guestBase_ + pages_ * kPage) {
+              err.fail("ERR_LIVEMIG_STATE", "a fault outside the registered region");
+              break;
+            }
+            uint32_t p = static_cast<uint32_t>((a - guestBase_) / kPage);
+            faults_++;
+            switch (state_[p]) {
+              case kArrived:  // here but not yet mapped: map it now
+                faultsLocal_++;
+                toMap.push_back(p);
+                break;
+              case kMissing:
+                state_[p] = kRequested;
+                faultAt_[p] = NowNs();  // only pages a fault waits on: a few thousand, not one per page
+                toRequest.push_back(p);
+                break;
+              case kRequested:  // another thread waits on the same page: one request is enough
+                break;
+              case kMapped: {  // mapped after this fault was raised; CONTINUE woke it, wake again to be sure
+                uffdio_range w{guestBase_ + uint64_t{p} * kPage, kPage};
+                ioctl(uffd_, UFFDIO_WAKE, &w);
+                break;
+              }
+            }
+          }
+          if (err.failed()) break;
+        }
+        if (err.failed()) break;
+        if (!MapRuns(toMap, err)) break;
+      }
+      // a fault's request goes out before any bulk reading
+      if (!flushOut()) continue;
+      for (int k = 2; k < nf; k++) {
+        if (!fds[k].revents) continue;
+        bool isPrio = fds[k].fd == prio;
+        if (fds[k].fd != prio && fds[k].fd != push) continue;  // replaced above
+        SysError e;
+        // requests first: drain the priority connection; the push stream a chunk at a time
+        // while a fault waits, look at the priority connection again after every few pages
+        size_t budget = isPrio ? SIZE_MAX : faultAt_.empty() ? kPushChunk : kPushChunkWaiting;
+        int r = ReadPages(fds[k].fd, isPrio ? prioR : pushR, isPrio, budget, toMap, e);
+        if (r < 0) {
+          if (e.syscall == "ioctl(UFFDIO_CONTINUE)") {
+            err = e;
+            break;
+          }
+          if (e.code == "ERR_LIVEMIG_PROTOCOL" || e.code == "ERR_LIVEMIG_PAGE_INDEX" || e.code == "ERR_LIVEMIG_VERSION") {
+            err = e;  // a broken peer is not a broken link: stop
+            break;
+          }
+          disconnect(e);
+          break;
+        }
+      }
+      if (err.failed()) break;
+      // requests, and COMPLETE once everything is here, go after this round's reads
+      if (prio >= 0 && arrived_ == pages_ && !completeQueued) {
+        size_t base = out.size();
+        out.resize(base + kHeader + 12);
+        PutHeader(&out[base], version_, kComplete, 12);
+        uint64_t d = DigestOf();
+        std::memcpy(&out[base + kHeader], &d, 8);
+        Put32(&out[base + kHeader + 8], static_cast<uint32_t>(pages_));
+        completeQueued = true;
+        digest_ = d;
+      }
+      if (!flushOut()) continue;
+      if (completeSent && mapCursor == pages_) break;  // every page is in the guest: nothing left to serve
+    }
+    if (!err.failed() && completeSent) {
+      // no fault can need us any more; a page the guest drops later faults in from the memfd
+      uffdio_range all{guestBase_, pages_ * kPage};
+      if (ioctl(uffd_, UFFDIO_UNREGISTER, &all) != 0 && errno != ESRCH) err.set("ioctl(UFFDIO_UNREGISTER)", errno);
+    }
+    if (push >= 0) close(push), close(prio);
+    connected_ = false;
+    if (err.failed()) Emit(new Event{"error", err.detail.empty() ? err.syscall + ": " + std::strerror(err.err) : err.detail, err.code});
+    else Emit(new Event{"stopped", "", ""});
+  }
+
+  uint64_t DigestOf();
+
+  Mapping* m_ = nullptr;
+  uint64_t pages_ = 0;
+  int uffd_ = -1;
+  int wake_ = -1;
+  uint64_t guestBase_ = 0;
+  uint8_t version_ = 0;
+  uint8_t* state_ = nullptr;
+  Napi::Reference<Napi::Uint8Array> stateRef_;
+  std::unordered_map<uint32_t, uint64_t> faultAt_;
+  uint64_t* hashes_ = nullptr;
+  Napi::Reference<Napi::BigUint64Array> hashesRef_;
+  uint64_t arrived_ = 0, digest_ = 0;
+  alignas(64) uint8_t scratch_[kPage];
+  std::thread thread_;
+  std::mutex mu_;
+  bool stop_ = false, released_ = false;
+  int newPush_ = -1, newPrio_ = -1;
+  std::vector<uint64_t> latencies_;
+  std::atomic<uint64_t> faults_{0}, faultsLocal_{0}, pulled_{0}, pushed_{0}, duplicates_{0}, blockedNs_{0}, bytes_{0}, arrivedShared_{0};
+  std::atomic<bool> connected_{false};
+  Napi::ThreadSafeFunction tsfn_;
+};
+
+}  // namespace
+
+uint64_t PostcopyDest::DigestOf() { return DigestHashes(hashes_, pages_); }
+
+Napi::Function DestClass(Napi::Env env) { return PostcopyDest::Init(env); }
+
+}  // namespace postcopy
+}  // namespace livemig
