@@ -263,9 +263,14 @@ export async function demoCommand(argv: string[]): Promise<number> {
     process.stdout.write(
       [
         `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ${r.guest_verified.writes} writes)`,
-        `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
+        r.postcopy
+          ? `mode: ${r.mode}; ${r.rounds} pre-copy rounds, then post-copy of ${r.postcopy.pages_needed} pages (${r.postcopy.pages_pushed} pushed, ${r.postcopy.pages_served} on request; ${r.postcopy.reconnects} reconnections)`
+          : `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
+        ...(r.destination_postcopy
+          ? [`faults at the destination: ${r.destination_postcopy.faults}, latency p50 ${r.destination_postcopy.fault_latency_p50_us} us, p99 ${r.destination_postcopy.fault_latency_p99_us} us; guest blocked ${r.destination_postcopy.blocked_ms} ms in total`]
+          : []),
         `preparation (handshake + reservation): ${r.prep_ms.toFixed(0)} ms`,
-        `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
+        r.postcopy ? `total time (first page to the destination holding every page): ${r.total_ms.toFixed(0)} ms` : `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
         `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms`,
         `downtime as the guest saw it (largest heartbeat gap): ${r.guest_gap_ms.toFixed(2)} ms`,
         `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,

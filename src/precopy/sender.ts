@@ -170,7 +170,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason });
 
     // Arm tracking before the first page is read: a write after this is caught by a later round.
-    await tracker.start();
+    // (post-copy from the start has no rounds: nothing to track)
+    if (mode !== 'postcopy') await tracker.start();
     const hashes = new BigUint64Array(region.pageCount);
     const ch = channel;
     const tracking = tracker;
@@ -372,7 +373,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           downtime = now() - tPause;
           progress({ type: 'activated', downtime_ms: downtime });
           // tracking is over (the source is paused for good); stopping it is not the guest's pause
-          void tracker!.stop().catch(() => undefined);
+          if (mode !== 'postcopy') void tracker!.stop().catch(() => undefined);
         },
         onProgress: (st) => progress({ type: 'postcopy', ...st }),
       });
