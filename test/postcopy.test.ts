@@ -10,6 +10,7 @@ import { FaultService } from '../src/postcopy/dest.js';
 import { PageServer } from '../src/postcopy/source.js';
 import { migrate } from '../src/precopy/sender.js';
 import { MigrationControl } from '../src/precopy/types.js';
+import { LivemigError } from '../src/errors.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import { listen, type ReceiveReport } from '../src/receiver/receiver.js';
 import { Region } from '../src/region/region.js';
@@ -129,7 +130,7 @@ describe('post-copy fault service (in process)', { skip }, () => {
 });
 
 /** A receiver with a reference guest behind it, and a way to cut its connections. */
-async function setup(size: number, rate: number): Promise<{
+async function setup(size: number, rate: number, recoverTimeoutMs = 20_000): Promise<{
   guest: SourceGuest;
   observer: HeartbeatObserver;
   result: Promise<ReceiveReport>;
@@ -147,7 +148,7 @@ async function setup(size: number, rate: number): Promise<{
     onDiscard: () => incoming?.kill(),
     postcopy: { register: () => incoming!.register() },
     activate: async (_r, ds) => incoming!.activate(ds),
-    recoverTimeoutMs: 20_000,
+    recoverTimeoutMs,
   });
   const observer = await HeartbeatObserver.start();
   const guest = await SourceGuest.spawn({ size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address });
@@ -311,5 +312,46 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     assert.equal((await verifyDestination(s)).bad, 0);
     await s.close();
   });
-});
 
+  test('a source gone for good: both sides say so clearly; the destination keeps what it has', async () => {
+    s = await setup(256 * MiB, 64, 1500);
+    const g = s.guest;
+    const live = new Set<net.Socket>();
+    let cut = false;
+    const proxy = net.createServer((c) => {
+      if (cut) return void c.destroy(); // the source host is gone: nothing gets through again
+      const up = net.connect(s.port, '127.0.0.1');
+      for (const x of [c, up]) {
+        live.add(x);
+        x.on('close', () => live.delete(x));
+        x.on('error', () => undefined);
+      }
+      c.pipe(up);
+      up.pipe(c);
+    });
+    proxy.listen(0, '127.0.0.1');
+    await new Promise((r) => proxy.once('listening', r));
+    const port = (proxy.address() as net.AddressInfo).port;
+    const run = migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      release: () => g.exit(),
+      mode: 'postcopy',
+      recoverTimeoutMs: 1500,
+      onProgress: (e) => {
+        if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
+          cut = true;
+          for (const x of live) x.destroy();
+        }
+      },
+    });
+    await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && /did not come back/.test(e.message) && e.phase === 'postcopy');
+    await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST' && /cannot finish/.test(e.message));
+    assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
+    proxy.close();
+    await s.close();
+  });
+});
