@@ -41,6 +41,7 @@ export class PageServer {
   #bytes = 0;
   #conn: Connections | undefined;
   #generation = 0;
+  #servedPaced = 0;
   readonly #batchPages: number;
 
   /**
@@ -79,7 +80,11 @@ export class PageServer {
    * Pushes every page still unsent, and resolves with the destination's digest once it says it
    * has them all. `reconnect` is called after a break, until it succeeds or throws.
    */
-  async run(reconnect: () => Promise<Connections>, onProgress?: (s: PushStats) => void): Promise<bigint> {
+  /**
+   * @param pace called after each push call with its bytes; resolves when the next may go
+   * @param callPages pages per push call (smaller under a bandwidth cap, so the pacing is smooth)
+   */
+  async run(reconnect: () => Promise<Connections>, onProgress?: (s: PushStats) => void, pace?: (bytes: number) => Promise<void>, callPages: () => number = () => PUSH_CALL_PAGES): Promise<bigint> {
     let event: PostcopyEvent | undefined;
     let wake: (() => void) | undefined;
     const off = this.on((e) => {
@@ -102,7 +107,7 @@ export class PageServer {
           this.#cursor = 0;
           continue;
         }
-        const next = this.#nextPages();
+        const next = this.#nextPages(Math.max(1, Math.min(PUSH_CALL_PAGES, callPages())));
         if (next.length === 0) {
           await waitEvent(); // everything went: the destination's COMPLETE (or a break) is next
           continue;
@@ -110,6 +115,10 @@ export class PageServer {
         try {
           const r = await this.#native.push(next, this.#batchPages);
           this.#bytes += r.bytes;
+          // pages served on request go at once, but count against the cap: the push waits for them
+          const served = this.#native.stats().servedBytes;
+          await pace?.(r.bytes + served - this.#servedPaced);
+          this.#servedPaced = served;
         } catch (e) {
           // the push connection broke; the server thread sees it too (or already has)
           this.#native.detach();
@@ -123,7 +132,7 @@ export class PageServer {
   }
 
   /** The next pages to push: near recent faults first, then onward from the cursor. */
-  #nextPages(): Uint32Array {
+  #nextPages(max: number): Uint32Array {
     const pages = this.#region.pageCount;
     const recent = this.#native.recent();
     if (recent.length > 0) {
@@ -134,10 +143,10 @@ export class PageServer {
     if (this.#cursor >= pages) {
       // a full pass is done; pages left unsent (a break lost them) go now
       const rest = this.#native.unsent();
-      return rest.subarray(0, PUSH_CALL_PAGES);
+      return rest.subarray(0, max);
     }
     const from = this.#cursor;
-    this.#cursor = Math.min(pages, from + PUSH_CALL_PAGES);
+    this.#cursor = Math.min(pages, from + max);
     return Uint32Array.from({ length: this.#cursor - from }, (_, k) => from + k);
   }
 

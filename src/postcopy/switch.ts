@@ -88,6 +88,10 @@ export async function runPostcopy(o: {
   onCommitted(): void;
   onRunning(activateMs: number): void;
   onProgress?(s: PushStats): void;
+  /** called after each push with its bytes; resolves when the next may go (bandwidth cap) */
+  pace?(bytes: number): Promise<void>;
+  /** pages per push call */
+  callPages?(): number;
 }): Promise<PostcopyResult> {
   const { channel, region } = o;
   const server = o.server;
@@ -100,7 +104,7 @@ export async function runPostcopy(o: {
     const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
     const tRunning = performance.now();
     o.onRunning(running.activateMs);
-    const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress);
+    const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress, o.pace, o.callPages);
     const tComplete = performance.now();
     // the source's image (paused, unchanged) is the one the destination must now hold: compare
     // digests; the guest no longer needs this side for pages, so this is outside its time

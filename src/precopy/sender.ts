@@ -376,6 +376,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
           if (mode !== 'postcopy') void tracker!.stop().catch(() => undefined);
         },
         onProgress: (st) => progress({ type: 'postcopy', ...st }),
+        // the background push keeps to the bandwidth cap (requests for faulting pages do not wait)
+        pace: async (bytes) => {
+          const wait = bucket?.take(bytes, now()) ?? 0;
+          if (wait > 0) await sleep(wait);
+        },
+        callPages: () => (bucket ? Math.max(16, Math.floor((bucket.bytesPerSecond * 0.02) / region.pageSize)) : 1024),
       });
       state = 'done';
       unsubscribe?.();
