@@ -15,8 +15,12 @@ namespace livemig {
 
 // kIncompressible and kSkip never go on the wire: the sender's classifier marks raw pages its
 // sample found incompressible, and pages the receiver already holds in place.
-enum PageEncoding : uint8_t { kRaw = 0, kZero = 1, kDup = 2, kLz4 = 3, kIncompressible = 254, kSkip = 255 };
-constexpr uint8_t kMaxWireEncoding = kLz4;
+// kLz4Cont: this page is part of the LZ4 block of the lz4 page before it (no body of its own);
+// 4 is not used (an encoding removed before release) and is refused like any unknown value.
+enum PageEncoding : uint8_t { kRaw = 0, kZero = 1, kDup = 2, kLz4 = 3, kLz4Cont = 5, kIncompressible = 254, kSkip = 255 };
+constexpr bool IsWireEncoding(uint8_t e) { return e <= kLz4 || e == kLz4Cont; }
+// An LZ4 block covers at most this many pages (one lz4 page and its continuations).
+constexpr uint32_t kMaxLz4Group = 4;
 // A dup's body: u64 content hash, u32 page of the receiver holding that content.
 constexpr uint32_t kDupBody = 12;
 

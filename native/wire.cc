@@ -252,9 +252,18 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
       err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " is outside the region's " + std::to_string(s.pageCount) + " pages");
       return false;
     }
-    if (enc[k] > kMaxWireEncoding) {
+    if (!IsWireEncoding(enc[k])) {
       err.fail("ERR_LIVEMIG_PROTOCOL", "unknown page encoding " + std::to_string(enc[k]));
       return false;
+    }
+    if (enc[k] == kLz4Cont) {
+      // a continuation follows an lz4 page or another continuation, at most a group's length
+      uint32_t g = 1;
+      while (g <= k && enc[k - g] == kLz4Cont) g++;
+      if (g > k || enc[k - g] != kLz4 || g >= kMaxLz4Group) {
+        err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 continuation page " + std::to_string(idx[k]) + " without an lz4 block of at most " + std::to_string(kMaxLz4Group) + " pages before it");
+        return false;
+      }
     }
     anyLz4 |= enc[k] == kLz4;
     fixedBody += enc[k] == kRaw ? kPageSize : enc[k] == kDup ? kDupBody : 0;
@@ -288,6 +297,7 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
   }
   const uint64_t zh = ZeroPageHash(kPageSize);
   size_t pos = 0;
+  std::vector<uint8_t> lz4Scratch;
   auto need = [&](size_t n) {
     if (body.size() - pos >= n) return true;
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body ends in the middle of a page");
@@ -337,25 +347,44 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
         h = ref;
         break;
       }
-      default: {  // kLz4: u32 n, then n bytes: u32 original size + LZ4 block
+      case kLz4Cont:  // (checked above to follow its block; consumed by it)
+        err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 continuation page " + std::to_string(x) + " outside its block");
+        return false;
+      default: {  // kLz4: u32 n, then n bytes: u32 original size + LZ4 block of g pages
+        uint32_t g = 1;
+        while (k + g < count && enc[k + g] == kLz4Cont) g++;
+        const uint64_t want = uint64_t{g} * kPageSize;
         if (!need(4)) return false;
         uint32_t n = Le32(body.data() + pos);
         pos += 4;
-        if (n < 4 || n > kPageSize || !need(n)) {
-          if (!err.failed()) err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 page of " + std::to_string(n) + " bytes (must be 4.." + std::to_string(kPageSize) + ")");
+        if (n < 4 || n > want || !need(n)) {
+          if (!err.failed()) err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 block of " + std::to_string(n) + " bytes for " + std::to_string(g) + " page(s) (must be 4.." + std::to_string(want) + ")");
           return false;
         }
         uint32_t original = Le32(body.data() + pos);
-        if (original != kPageSize) {
-          err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 page decompresses to " + std::to_string(original) + " bytes, not the page size " + std::to_string(kPageSize));
+        if (original != want) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 block decompresses to " + std::to_string(original) + " bytes, not " + std::to_string(g) + " page(s) of " + std::to_string(kPageSize));
           return false;
         }
-        if (!Lz4DecodeBlock(body.data() + pos + 4, n - 4, dst, kPageSize)) {
+        // one page decodes in place; a group into scratch, then to each of its pages
+        uint8_t* out = dst;
+        if (g > 1) {
+          lz4Scratch.resize(want);
+          out = lz4Scratch.data();
+        }
+        if (!Lz4DecodeBlock(body.data() + pos + 4, n - 4, out, want)) {
           err.fail("ERR_LIVEMIG_PROTOCOL", "corrupt lz4 page " + std::to_string(x));
           return false;
         }
         pos += n;
+        for (uint32_t j = 1; j < g; j++) {
+          uint8_t* pj = s.m->addr + static_cast<uint64_t>(idx[k + j]) * kPageSize;
+          std::memcpy(pj, out + uint64_t{j} * kPageSize, kPageSize);
+          s.hashes[idx[k + j]] = PageHash(pj, kPageSize);
+        }
+        if (g > 1) std::memcpy(dst, out, kPageSize);
         h = PageHash(dst, kPageSize);
+        k += g - 1;  // the continuations are applied
       }
     }
     s.hashes[x] = h;
@@ -670,7 +699,12 @@ class Wire : public Napi::ObjectWrap<Wire> {
     const uint32_t* idx = pages.Data();
     for (size_t k = 0; k < n; k++) {
       if (idx[k] >= hashes.ElementLength()) throw Napi::RangeError::New(env, "page index outside the hash table");
-      if (enc.Data()[k] == kLz4 && (lens.Data()[k] < 4 || static_cast<size_t>(lens.Data()[k]) > kPageSize)) throw Napi::RangeError::New(env, "lz4 length out of range");
+      if (enc.Data()[k] == kLz4) {
+        size_t g = 1;
+        while (k + g < n && enc.Data()[k + g] == kLz4Cont) g++;
+        if (g > kMaxLz4Group || lens.Data()[k] < 4 || static_cast<size_t>(lens.Data()[k]) > g * kPageSize) throw Napi::RangeError::New(env, "lz4 length out of range");
+      }
+      if (enc.Data()[k] == kLz4Cont && (k == 0 || (enc.Data()[k - 1] != kLz4 && enc.Data()[k - 1] != kLz4Cont))) throw Napi::RangeError::New(env, "lz4 continuation without its block");
       if (enc.Data()[k] == kDup && (lens.Data()[k] < 0 || static_cast<size_t>(lens.Data()[k]) >= hashes.ElementLength())) throw Napi::RangeError::New(env, "dup source page out of range");
     }
     const uint8_t* e = enc.Data();

@@ -99,6 +99,56 @@ test('a forged dup reference, a corrupt lz4 page and a wrong decompressed size a
   r.region.release();
 });
 
+test('an lz4 block may cover a page and up to three continuation pages after it; a continuation without its block is refused', async () => {
+  const t = text();
+  const u = Buffer.from(t).reverse();
+  const w = Buffer.alloc(PS, 0x41);
+  const block = compressSync(Buffer.concat([t, u, w]));
+  const frame = M.encodePagesEnc(
+    1,
+    [
+      { index: 7, encoding: M.PageEncoding.Lz4, body: block },
+      { index: 3, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) },
+      { index: 9, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) },
+      { index: 4, encoding: M.PageEncoding.Dup, body: dupBody(u, 3) },
+    ],
+    V,
+  );
+  const r = await receiverWith(Buffer.concat([frame, M.encodeRoundEnd({ round: 1, pages: 4 }, V)]));
+  const f = (await r.result) as { type: FrameType; pages: number };
+  assert.equal(f.type, FrameType.RoundEnd);
+  assert.ok(r.region.page(7).equals(t) && r.region.page(3).equals(u) && r.region.page(9).equals(w), 'the block lands on its three pages');
+  assert.ok(r.region.page(4).equals(u), 'a later dup may name a page of the block');
+  for (const [p, c] of [[7, t], [3, u], [9, w]] as const) assert.equal(r.hashes[p], addon.pageHash(c));
+  r.close();
+  r.region.release();
+  const cont: M.EncodedPage = { index: 2, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) };
+  const cases: [string, M.EncodedPage[], RegExp][] = [
+    ['alone', [cont], /continuation page 2 without an lz4 block/],
+    ['after raw', [{ index: 1, encoding: M.PageEncoding.Raw, body: t }, cont], /continuation page 2 without an lz4 block/],
+    ['block of 3 pages with one continuation', [{ index: 1, encoding: M.PageEncoding.Lz4, body: block }, cont], /decompresses to 12288 bytes, not 2 page/],
+    ['one page with a continuation', [{ index: 1, encoding: M.PageEncoding.Lz4, body: compressSync(t) }, cont], /decompresses to 4096 bytes, not 2 page/],
+    [
+      'five pages in a block',
+      [{ index: 1, encoding: M.PageEncoding.Lz4, body: compressSync(Buffer.concat([t, t, t, t, t])) }, ...[2, 3, 4, 5].map((i) => ({ index: i, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) }))],
+      /continuation page 5 without an lz4 block of at most 4 pages/,
+    ],
+  ];
+  for (const [name, pages, re] of cases) {
+    const rr = await receiverWith(Buffer.concat([M.encodePagesEnc(1, pages, V), M.encodeRoundEnd({ round: 1, pages: pages.length }, V)]));
+    await assert.rejects(rr.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && re.test(e.message), name);
+    rr.close();
+    rr.region.release();
+  }
+  // encoding 4 (removed before release) is unknown
+  const bad = M.encodePagesEnc(1, [{ index: 0, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) }], V);
+  bad[12 + 8 + 4] = 4;
+  const r4 = await receiverWith(Buffer.concat([bad, M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
+  await assert.rejects(r4.result, /unknown page encoding 4/);
+  r4.close();
+  r4.region.release();
+});
+
 test('the native LZ4 decoder agrees with lz4-napi and rejects every truncation', () => {
   for (const page of [text(), Buffer.alloc(PS, 7), Buffer.concat([randomBytes(PS / 2), Buffer.alloc(PS / 2)])]) {
     const c = compressSync(page);

@@ -34,6 +34,8 @@ const MAX_PROBE_GAP = 32;
 const LINK_PROBE_EVERY = 64;
 /** a plain run cannot be faster when in place leaves out at least this share of the pages */
 const NO_PLAIN_ABOVE = 0.5;
+/** on a slow link, no plain probes once in place leaves out this share of the pages */
+const SLOW_LINK_NO_PLAIN_ABOVE = 0.1;
 /** in place "saves nothing" below this share of pages */
 const NOTHING_SAVED = 0.01;
 
@@ -82,6 +84,9 @@ export class Chooser {
     this.#runs++;
     if (this.inPlaceRate === undefined) return true;
     if ((this.savedShare ?? 0) >= NO_PLAIN_ABOVE) return true;
+    // on a link slow enough for compression to matter, the pages in-place encoding leaves out
+    // cost far more link time than the encoding work: a plain probe would only waste its run
+    if (this.linkMBps !== undefined && !this.compressionOutOfReach() && (this.savedShare ?? 0) >= SLOW_LINK_NO_PLAIN_ABOVE) return true;
     if (this.plainRate === undefined) return false;
     const faster = this.inPlacePays();
     if (faster && (this.savedShare ?? 0) >= NO_PLAIN_ABOVE) return true;

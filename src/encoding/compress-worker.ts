@@ -1,7 +1,9 @@
 /**
- * Worker thread: compresses the pages of a batch with lz4-napi, off the main thread, from a
- * shared staging buffer into a shared output buffer (page slot k -> output slot k). A page
- * whose compressed form is not at least 1/8 smaller stays raw (length 0).
+ * Worker thread: compresses groups of consecutive page slots of a batch with lz4-napi, off the
+ * main thread, from a shared staging buffer into a shared output buffer (a group starting at
+ * slot k -> output from slot k on; its later slots' room is the group's). A group whose
+ * compressed form is not at least 1/8 smaller stays raw (length 0). Pages compressed together
+ * compress better (text: 1.71x one page at a time, 2.05x per 16 KiB).
  */
 import { parentPort } from 'node:worker_threads';
 import { compressSync } from 'lz4-napi';
@@ -10,23 +12,24 @@ interface Job {
   staging: SharedArrayBuffer;
   output: SharedArrayBuffer;
   lengths: SharedArrayBuffer;
-  slots: Uint32Array;
+  /** pairs: first slot, number of slots */
+  groups: Uint32Array;
   pageSize: number;
 }
 
 parentPort!.on('message', (job: Job) => {
   const t0 = performance.now();
   const lengths = new Int32Array(job.lengths);
-  const limit = job.pageSize - (job.pageSize >> 3);
   let input = 0;
   let output = 0;
-  for (const k of job.slots) {
-    const page = Buffer.from(job.staging, k * job.pageSize, job.pageSize);
-    const c = compressSync(page);
-    input += job.pageSize;
-    output += Math.min(c.length, job.pageSize);
-    if (c.length <= limit) {
-      Buffer.from(job.output, k * job.pageSize, job.pageSize).set(c);
+  for (let i = 0; i < job.groups.length; i += 2) {
+    const k = job.groups[i]!;
+    const bytes = job.groups[i + 1]! * job.pageSize;
+    const c = compressSync(Buffer.from(job.staging, k * job.pageSize, bytes));
+    input += bytes;
+    output += Math.min(c.length, bytes);
+    if (c.length <= bytes - (bytes >> 3)) {
+      Buffer.from(job.output, k * job.pageSize, bytes).set(c);
       lengths[k] = c.length;
     } else {
       lengths[k] = 0;

@@ -36,11 +36,11 @@ class CompressWorker {
     this.#worker.unref();
   }
 
-  run(staging: SharedArrayBuffer, output: SharedArrayBuffer, lengths: SharedArrayBuffer, slots: Uint32Array, pageSize: number): Promise<CompressResult> {
+  run(staging: SharedArrayBuffer, output: SharedArrayBuffer, lengths: SharedArrayBuffer, groups: Uint32Array, pageSize: number): Promise<CompressResult> {
     if (this.#pending) return Promise.reject(new Error('one job per worker at a time'));
     return new Promise((resolve, reject) => {
       this.#pending = { resolve, reject };
-      this.#worker.postMessage({ staging, output, lengths, slots, pageSize });
+      this.#worker.postMessage({ staging, output, lengths, groups, pageSize });
     });
   }
 
@@ -56,10 +56,19 @@ export class Compressor {
     this.#workers = Array.from({ length: Math.max(1, threads) }, () => new CompressWorker());
   }
 
-  /** Compresses staging slots `slots` into output; lengths[k] = compressed bytes, or 0 for "keep raw". One job at a time. */
-  async compress(staging: SharedArrayBuffer, output: SharedArrayBuffer, lengths: SharedArrayBuffer, slots: Uint32Array, pageSize: number): Promise<CompressResult> {
+  /**
+   * Compresses groups of staging slots (pairs: first slot, slot count) into output; for a
+   * group starting at k, lengths[k] = compressed bytes, or 0 for "keep raw". One job at a time.
+   */
+  async compress(staging: SharedArrayBuffer, output: SharedArrayBuffer, lengths: SharedArrayBuffer, groups: Uint32Array, pageSize: number): Promise<CompressResult> {
     const n = this.#workers.length;
-    const parts = this.#workers.map((_, w) => slots.filter((_, k) => k % n === w)).filter((p) => p.length > 0);
+    const parts = this.#workers
+      .map((_, w) => {
+        const mine: number[] = [];
+        for (let i = 0; i < groups.length; i += 2) if ((i >> 1) % n === w) mine.push(groups[i]!, groups[i + 1]!);
+        return Uint32Array.from(mine);
+      })
+      .filter((p) => p.length > 0);
     const results = await Promise.all(parts.map((p, w) => this.#workers[w]!.run(staging, output, lengths, p, pageSize)));
     // the workers' own time: a message's trip and a worker's start-up say nothing about lz4
     return { ms: Math.max(...results.map((r) => r.ms)), input: results.reduce((a, r) => a + r.input, 0), output: results.reduce((a, r) => a + r.output, 0) };

@@ -29,6 +29,8 @@ const MAX_RUN_BATCHES = 256;
 const LEARNING_RUNS = 3;
 const LEARNING_RUN_BATCHES = 4;
 const COMPRESS_RUN = 8;
+/** pages compressed together as one LZ4 block (protocol maximum: 4) */
+const LZ4_GROUP = 4;
 /** pages compressed off to the side per sample while not compressing */
 const SAMPLE_PAGES = 32;
 
@@ -173,8 +175,9 @@ export class PageEncoder {
       return;
     }
     this.#compressor ??= new Compressor();
+    // (sampled pages are not neighbours: one page a group, a slightly pessimistic ratio)
     this.#sampling = this.#compressor
-      .compress(this.#sampleSet.staging, this.#sampleSet.output, this.#sampleSet.lengths, Uint32Array.from(slots), this.#region.pageSize)
+      .compress(this.#sampleSet.staging, this.#sampleSet.output, this.#sampleSet.lengths, Uint32Array.from(slots.flatMap((k) => [k, 1])), this.#region.pageSize)
       .then((r) => {
         this.chooser.compressed(r.input, r.output, r.ms);
         this.chooser.sampled(nonzero, slots.length);
@@ -210,9 +213,22 @@ export class PageEncoder {
         }
         if (candidates.length > 0) {
           this.#compressor ??= new Compressor();
-          const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(candidates), ps);
+          // runs of neighbouring candidates (in frame order) compress as one block, up to LZ4_GROUP
+          const groups: number[] = [];
+          for (let i = 0; i < candidates.length; ) {
+            let g = 1;
+            while (g < LZ4_GROUP && i + g < candidates.length && candidates[i + g] === candidates[i]! + g) g++;
+            groups.push(candidates[i]!, g);
+            i += g;
+          }
+          const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(groups), ps);
           this.chooser.compressed(r.input, r.output, r.ms);
-          for (const k of candidates) if (lengths[k]! > 0) enc[k] = PageEncoding.Lz4;
+          for (let i = 0; i < groups.length; i += 2) {
+            const k = groups[i]!;
+            if (lengths[k]! <= 0) continue;
+            enc[k] = PageEncoding.Lz4;
+            for (let j = 1; j < groups[i + 1]!; j++) enc[k + j] = PageEncoding.Lz4Cont;
+          }
         }
         this.chooser.sampled(nonzero, candidates.length);
         this.chooser.encoded(batch.length, batch.length - nonzero);
@@ -241,6 +257,9 @@ export class PageEncoder {
         this.stats.lz4_pages++;
         this.stats.lz4_in += ps;
         this.stats.lz4_out += lengths[k]!;
+      } else if (e === PageEncoding.Lz4Cont) {
+        this.stats.lz4_pages++;
+        this.stats.lz4_in += ps; // its compressed bytes are counted with the block's first page
       } else this.stats.raw_pages++;
     }
   }

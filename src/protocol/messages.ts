@@ -213,7 +213,11 @@ export enum PageEncoding {
   Raw = 0,
   Zero = 1,
   Dup = 2,
+  /** an LZ4 block of this page, or of this page and the Lz4Cont pages right after it (at most 4 in all) */
   Lz4 = 3,
+  /** 4 is not used (removed before release; refused) */
+  /** part of the block of the Lz4 page before it; no body */
+  Lz4Cont = 5,
 }
 
 /** IMAGE_HASHES payload: pageCount × u64 little-endian page hashes, page order. */
@@ -230,7 +234,7 @@ export function decodeImageHashes(p: Buffer, pageCount: number): BigUint64Array 
 export interface EncodedPage {
   index: number;
   encoding: PageEncoding;
-  /** raw: the page; zero: empty; dup: u64 content hash + u32 page holding it; lz4: lz4-napi output (u32 size + block) */
+  /** raw: the page; zero: empty; dup: u64 content hash + u32 page holding it; lz4: lz4-napi output (u32 size + block); lz4 continuation: empty */
   body: Buffer;
 }
 
