@@ -134,15 +134,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
             }
             if (mine.empty()) continue;
             uint32_t n = static_cast<uint32_t>(mine.size());
-            head.resize(kHeader + 8 + 4 * size_t{n});
-            PutHeader(head.data(), version_, kPages, static_cast<uint32_t>(8 + size_t{n} * (4 + kPage)));
-            Put32(&head[kHeader], round_);
-            Put32(&head[kHeader + 4], n);
-            for (uint32_t k = 0; k < n; k++) Put32(&head[kHeader + 8 + 4 * k], mine[k]);
-            iov.clear();
-            iov.push_back({head.data(), head.size()});
-            PageIovecs(m->addr, mine.data(), n, iov);
-            if (!SendAll(*fd, iov.data(), static_cast<int>(iov.size()), err)) {
+            if (!SendPagesFrame(*fd, m->addr, mine, head, iov, err)) {
               // not known to have arrived: the destination's list after reconnecting decides
               for (uint32_t p : mine) claim_[p].store(kUnsent);
               break;
@@ -205,6 +197,21 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   }
 
   void Emit(Event* e) { tsfn_.BlockingCall(e, CallEvent); }
+
+  // One PAGES frame of `pages` (ascending), bodies straight from the region. `head` and `iov`
+  // are the caller's scratch.
+  bool SendPagesFrame(int fd, const uint8_t* base, const std::vector<uint32_t>& pages, std::vector<uint8_t>& head, std::vector<iovec>& iov, SysError& err) {
+    uint32_t n = static_cast<uint32_t>(pages.size());
+    head.resize(kHeader + 8 + 4 * size_t{n});
+    PutHeader(head.data(), version_, kPages, static_cast<uint32_t>(8 + size_t{n} * (4 + kPage)));
+    Put32(&head[kHeader], round_);
+    Put32(&head[kHeader + 4], n);
+    for (uint32_t k = 0; k < n; k++) Put32(&head[kHeader + 8 + 4 * k], pages[k]);
+    iov.clear();
+    iov.push_back({head.data(), head.size()});
+    PageIovecs(const_cast<uint8_t*>(base), pages.data(), n, iov);
+    return SendAll(fd, iov.data(), static_cast<int>(iov.size()), err);
+  }
 
   // The page server: reads requests, answers each with the pages no one has sent yet.
   void Serve(int fd, uint32_t gen) {
@@ -273,15 +280,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
       std::sort(mine.begin(), mine.end());
       mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
       uint32_t m = static_cast<uint32_t>(mine.size());
-      head.resize(kHeader + 8 + 4 * size_t{m});
-      PutHeader(head.data(), version_, kPages, static_cast<uint32_t>(8 + size_t{m} * (4 + kPage)));
-      Put32(&head[kHeader], round_);
-      Put32(&head[kHeader + 4], m);
-      for (uint32_t k = 0; k < m; k++) Put32(&head[kHeader + 8 + 4 * k], mine[k]);
-      iov.clear();
-      iov.push_back({head.data(), head.size()});
-      PageIovecs(m_->addr, mine.data(), m, iov);
-      if (!SendAll(fd, iov.data(), static_cast<int>(iov.size()), err)) {
+      if (!SendPagesFrame(fd, m_->addr, mine, head, iov, err)) {
         for (uint32_t p : mine) claim_[p].store(kUnsent);
         break;
       }

@@ -171,6 +171,33 @@ async function setup(size: number, rate: number, recoverTimeoutMs = 20_000): Pro
   };
 }
 
+/** A TCP proxy to `port` that can drop every connection at once (and, `forGood`, refuse new ones). */
+async function cuttableProxy(port: number, forGood: boolean): Promise<{ port: number; cut(): void; close(): void }> {
+  const live = new Set<net.Socket>();
+  let down = false;
+  const server = net.createServer((c) => {
+    if (down && forGood) return void c.destroy();
+    const up = net.connect(port, '127.0.0.1');
+    for (const x of [c, up]) {
+      live.add(x);
+      x.on('close', () => live.delete(x));
+      x.on('error', () => undefined);
+    }
+    c.pipe(up);
+    up.pipe(c);
+  });
+  server.listen(0, '127.0.0.1');
+  await new Promise((r) => server.once('listening', r));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    cut: () => {
+      down = true;
+      for (const x of live) x.destroy();
+    },
+    close: () => server.close(),
+  };
+}
+
 /** After post-copy: the destination guest checks every page against its model. */
 async function verifyDestination(s: Awaited<ReturnType<typeof setup>>): Promise<{ bad: number }> {
   const pid = s.incoming().child.pid;
@@ -269,21 +296,9 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     s = await setup(256 * MiB, 64);
     const g = s.guest;
     // a proxy between the two sides that can drop every connection at once
-    const live = new Set<net.Socket>();
+    const proxy = await cuttableProxy(s.port, false);
+    const port = proxy.port;
     let cut = false;
-    const proxy = net.createServer((c) => {
-      const up = net.connect(s.port, '127.0.0.1');
-      for (const x of [c, up]) {
-        live.add(x);
-        x.on('close', () => live.delete(x));
-        x.on('error', () => undefined);
-      }
-      c.pipe(up);
-      up.pipe(c);
-    });
-    proxy.listen(0, '127.0.0.1');
-    await new Promise((r) => proxy.once('listening', r));
-    const port = (proxy.address() as net.AddressInfo).port;
     const control = new MigrationControl();
     let cuts = 0;
     const report = await migrate({
@@ -299,7 +314,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
         if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
           cut = true;
           cuts++;
-          for (const x of live) x.destroy(); // the link goes down; new connections get through again
+          proxy.cut(); // the link goes down; new connections get through again
         }
       },
     });
@@ -316,22 +331,10 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
   test('a source gone for good: both sides say so clearly; the destination keeps what it has', async () => {
     s = await setup(256 * MiB, 64, 1500);
     const g = s.guest;
-    const live = new Set<net.Socket>();
+    // the source host goes away: after the cut nothing gets through again
+    const proxy = await cuttableProxy(s.port, true);
+    const port = proxy.port;
     let cut = false;
-    const proxy = net.createServer((c) => {
-      if (cut) return void c.destroy(); // the source host is gone: nothing gets through again
-      const up = net.connect(s.port, '127.0.0.1');
-      for (const x of [c, up]) {
-        live.add(x);
-        x.on('close', () => live.delete(x));
-        x.on('error', () => undefined);
-      }
-      c.pipe(up);
-      up.pipe(c);
-    });
-    proxy.listen(0, '127.0.0.1');
-    await new Promise((r) => proxy.once('listening', r));
-    const port = (proxy.address() as net.AddressInfo).port;
     const run = migrate({
       region: g.region,
       ...(g.target ? { target: g.target } : {}),
@@ -344,7 +347,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       onProgress: (e) => {
         if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
           cut = true;
-          for (const x of live) x.destroy();
+          proxy.cut();
         }
       },
     });
