@@ -30,7 +30,9 @@ const ASSUMED_COMPRESS_MBPS = 250;
 const MAX_SAMPLE_GAP = 256;
 /** runs (of RUN_BATCHES batches) between probes of the slower of in-place and plain: first, longest */
 const FIRST_PROBE_GAP = 4;
-const MAX_PROBE_GAP = 32;
+const MAX_PROBE_GAP = 64;
+/** one path this much faster than the other is a clear win: its probes get rarer faster */
+const CLEAR_WIN = 1.3;
 const LINK_PROBE_EVERY = 64;
 /** a plain run cannot be faster when in place leaves out at least this share of the pages */
 const NO_PLAIN_ABOVE = 0.5;
@@ -92,7 +94,9 @@ export class Chooser {
     if (faster && (this.savedShare ?? 0) >= NO_PLAIN_ABOVE) return true;
     if (this.#runs >= this.#nextProbe) {
       this.#nextProbe = this.#runs + this.#probeGap;
-      this.#probeGap = Math.min(this.#probeGap * 2, MAX_PROBE_GAP);
+      // a probe of a path measured far slower costs a run at that speed: probe it rarely
+      const clearWin = Math.max(this.inPlaceRate, this.plainRate) > CLEAR_WIN * Math.min(this.inPlaceRate, this.plainRate);
+      this.#probeGap = Math.min(this.#probeGap * (clearWin ? 4 : 2), MAX_PROBE_GAP);
       return !faster;
     }
     return faster;

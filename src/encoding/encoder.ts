@@ -22,7 +22,7 @@ const INCOMPRESSIBLE = 254;
 /**
  * batches per native call on the in-place and plain paths: starts here, doubles while the
  * path stays the same (each call's return costs a wake-up of the event loop and a refilled
- * socket on a 2-core host), back to the start when the path changes
+ * socket on a 2-core host)
  */
 const RUN_BATCHES = 16;
 const MAX_RUN_BATCHES = 256;
@@ -67,6 +67,7 @@ export class PageEncoder {
   #sampling: Promise<void> | undefined;
   #runs = 0;
   #runBatches = RUN_BATCHES;
+  readonly #runLengths = new Map<'in-place' | 'plain' | 'compressed', number>();
   #lastPath: 'in-place' | 'plain' | 'compressed' | undefined;
   #inPlaceMs = 0;
   #overheadMs = 0;
@@ -103,10 +104,13 @@ export class PageEncoder {
       const compress = this.chooser.compressing() && !this.chooser.linkProbeDue();
       const inPlace = !compress && (this.#flags === 0 || this.chooser.nextRunInPlace());
       const path = compress ? 'compressed' : inPlace ? 'in-place' : 'plain';
-      // (on a link slow enough for compression to matter, runs stay short: samples and the
-      // switch to compressing happen at run starts)
-      const grow = path === this.#lastPath && this.chooser.compressionOutOfReach();
-      this.#runBatches = grow ? Math.min(this.#runBatches * 2, MAX_RUN_BATCHES) : RUN_BATCHES;
+      // Each path keeps its own run length: it doubles while the path repeats, and a one-run
+      // probe of the other path does not cut it back. (On a link slow enough for compression to
+      // matter, runs stay short: samples and the switch to compressing happen at run starts.)
+      const outOfReach = this.chooser.compressionOutOfReach();
+      const remembered = this.#runLengths.get(path) ?? RUN_BATCHES;
+      this.#runBatches = !outOfReach ? RUN_BATCHES : path === this.#lastPath ? Math.min(remembered * 2, MAX_RUN_BATCHES) : remembered;
+      this.#runLengths.set(path, this.#runBatches);
       this.#lastPath = path;
       // the first runs are short: the chooser learns the link and the content sooner
       const runBatches = this.#runs++ < LEARNING_RUNS ? LEARNING_RUN_BATCHES : this.#runBatches;
