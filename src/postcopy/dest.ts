@@ -85,6 +85,11 @@ export class FaultService {
     return this.#native.held();
   }
 
+  /** How many pages the destination holds now. */
+  heldCount(): number {
+    return this.#native.stats().arrived;
+  }
+
   stats(): FaultStats {
     const s = this.#native.stats();
     const lat = this.#native.latencies().sort();

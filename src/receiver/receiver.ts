@@ -31,7 +31,6 @@ import { PAGE_SIZE, Region } from '../region/region.js';
 import { randomBytes } from 'node:crypto';
 import { FaultService, type FaultStats } from '../postcopy/dest.js';
 import {
-  bitmapToBytes,
   bytesToBitmap,
   decodeAttach,
   decodePostcopy,
@@ -326,7 +325,7 @@ async function servePostcopy(faults: FaultService, attached: { push?: WireChanne
       while (!(attached.push && attached.prio)) {
         const left = deadline - performance.now();
         if (left <= 0) {
-          const held = addon.unpackBits(bytesToBitmap(faults.held()), region.pageCount).set;
+          const held = faults.heldCount();
           throw new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${options.recoverTimeoutMs ?? 60_000} ms (${broken}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
         }
         await new Promise<void>((r) => {
@@ -344,7 +343,7 @@ async function servePostcopy(faults: FaultService, attached: { push?: WireChanne
       push.handOff();
       prio.handOff();
       reconnects++;
-      progress({ type: 'postcopy-reconnected', pages_held: addon.unpackBits(bytesToBitmap(held), region.pageCount).set });
+      progress({ type: 'postcopy-reconnected', pages_held: faults.heldCount() });
     }
   } finally {
     clearInterval(timer);
