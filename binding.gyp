@@ -14,7 +14,9 @@
         "native/encode.cc",
         "native/postcopy.cc",
         "native/postcopy_dest.cc",
-        "native/postcopy_source.cc"
+        "native/postcopy_source.cc",
+        "native/sched.cc",
+        "native/guestctl.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],

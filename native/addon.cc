@@ -13,6 +13,8 @@ void InitContent(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
 void InitEncode(Napi::Env env, Napi::Object exports);
 void InitPostcopy(Napi::Env env, Napi::Object exports);
+void InitSched(Napi::Env env, Napi::Object exports);
+void InitGuestControl(Napi::Env env, Napi::Object exports);
 
 const char* ErrnoName(int err) {
   switch (err) {
@@ -84,6 +86,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitWire(env, exports);
   InitEncode(env, exports);
   InitPostcopy(env, exports);
+  InitSched(env, exports);
+  InitGuestControl(env, exports);
   return exports;
 }
 

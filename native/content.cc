@@ -11,6 +11,8 @@
 
 #include "common.h"
 #include "region.h"
+#include "guestctl.h"
+#include <algorithm>
 
 namespace livemig {
 
@@ -142,7 +144,8 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0]});
 }
 
-// guestWrite(region, st: BigUint64Array[2], n, span, sequential): performs n writes.
+// guestWrite(region, st: BigUint64Array[2+], n, span, sequential) -> writes done: up to n,
+// fewer when the guest is paused meanwhile.
 Napi::Value GuestWrite(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Region* region = Region::Unwrap(info[0]);
@@ -152,12 +155,19 @@ Napi::Value GuestWrite(const Napi::CallbackInfo& info) {
   uint64_t n = ToU64(info[2]);
   WriteSpec w{ToU64(info[3]), info[4].ToBoolean().Value()};
   if (w.span == 0 || w.span > m->size / kPage) throw Napi::RangeError::New(env, "span outside the region");
-  for (uint64_t k = 0; k < n; k++) {
-    uint64_t page, slot, counter;
-    NextWrite(st, w, &page, &slot, &counter);
-    std::memcpy(m->addr + page * kPage + slot * 8, &counter, 8);
+  // In chunks through the gate: a pause waits for at most one chunk, and no write follows it.
+  GuestGate& g = TheGuestGate();
+  uint64_t done = 0;
+  while (done < n) {
+    std::lock_guard<std::mutex> lock(g.mu);
+    if (g.paused) break;
+    for (uint64_t end = std::min(n, done + 64); done < end; done++) {
+      uint64_t page, slot, counter;
+      NextWrite(st, w, &page, &slot, &counter);
+      std::memcpy(m->addr + page * kPage + slot * 8, &counter, 8);
+    }
   }
-  return env.Undefined();
+  return Napi::Number::New(env, static_cast<double>(done));
 }
 
 struct VerifyResult {

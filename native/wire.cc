@@ -15,6 +15,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -408,7 +409,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
                         InstanceMethod("read", &Wire::Read), InstanceMethod("shutdown", &Wire::Shutdown),
                         InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
                         InstanceMethod("finish", &Wire::Finish), InstanceMethod("sendEncoded", &Wire::SendEncoded),
-                        InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget)});
+                        InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget),
+                        InstanceMethod("writeNow", &Wire::WriteNow), InstanceMethod("readNow", &Wire::ReadNow)});
   }
 
   // new Wire(fd): takes a duplicate of a connected TCP socket's descriptor; the caller closes
@@ -449,6 +451,32 @@ class Wire : public Napi::ObjectWrap<Wire> {
         env,
         [fd, iov](int&, SysError& err) mutable { SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err); },
         [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, keep);
+  }
+
+  // writeNow(parts: Buffer[]) -> bytes the kernel took at once, on the calling thread, without
+  // waiting (0 when the socket buffer is full). For small control frames inside a pause, where
+  // a hop through the thread pool and back costs more than the send; the caller queues the
+  // rest, if any, behind it.
+  Napi::Value WriteNow(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Array arr = info[0].As<Napi::Array>();
+    std::vector<iovec> iov;
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      Napi::Buffer<uint8_t> b = arr.Get(i).As<Napi::Buffer<uint8_t>>();
+      if (b.Length() > 0) iov.push_back({b.Data(), b.Length()});
+    }
+    if (iov.empty()) return Napi::Number::New(env, 0);
+    msghdr msg{};
+    msg.msg_iov = iov.data();
+    msg.msg_iovlen = std::min(static_cast<int>(iov.size()), kMaxIov);
+    for (;;) {
+      ssize_t n = sendmsg(fd->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n >= 0) return Napi::Number::New(env, static_cast<double>(n));
+      if (errno == EINTR) continue;                             // interrupted before any byte: again
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(env, 0);  // full: queue it
+      throw MakeSysError(env, "sendmsg", errno);                // EPIPE, ECONNRESET: the connection is gone
+    }
   }
 
   // sendPages(region, pages: Uint32Array, round, version, batchPages, hashes, dedup?, flags?)
@@ -862,6 +890,49 @@ class Wire : public Napi::ObjectWrap<Wire> {
           return out;
         },
         keep);
+  }
+
+  // readNow({maxPayload, maxType}) -> a frame, or null: a whole control frame (not pages, at
+  // most 64 KiB) that is already in the socket buffer, read on the calling thread. Anything
+  // else (not all there yet, pages, a header read() would refuse) returns null and is left
+  // for read(), which waits, applies pages and reports errors. Inside a pause, a frame that
+  // has arrived needs no hop through the thread pool.
+  Napi::Value ReadNow(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Object o = info[0].As<Napi::Object>();
+    uint32_t maxPayload = std::min<uint32_t>(o.Get("maxPayload").As<Napi::Number>().Uint32Value(), 64 * 1024);
+    uint32_t maxType = o.Get("maxType").As<Napi::Number>().Uint32Value();
+    uint8_t h[kHeaderBytes];
+    ssize_t n = recv(fd->fd, h, kHeaderBytes, MSG_PEEK | MSG_DONTWAIT);
+    if (n != static_cast<ssize_t>(kHeaderBytes)) return env.Null();  // EAGAIN, EOF, an error, or a partial header
+    uint8_t version = h[2], type = h[3];
+    uint32_t length = Le32(h + 8);
+    if (Le16(h) != kMagic || type == 0 || type > maxType || Le16(h + 6) != 0 || length > maxPayload) return env.Null();
+    if (type == kTypePages || type == kTypePagesEnc) return env.Null();
+    int queued = 0;
+    if (ioctl(fd->fd, FIONREAD, &queued) != 0 || static_cast<uint64_t>(queued) < kHeaderBytes + static_cast<uint64_t>(length)) return env.Null();
+    Napi::Buffer<uint8_t> payload = Napi::Buffer<uint8_t>::New(env, length);
+    iovec iov[2] = {{h, kHeaderBytes}, {payload.Data(), length}};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = length ? 2 : 1;
+    ssize_t got;
+    do got = recvmsg(fd->fd, &msg, MSG_DONTWAIT);
+    while (got < 0 && errno == EINTR);
+    // FIONREAD said it is all there and only this thread reads now: anything short is a broken
+    // connection, which the next read() reports
+    if (got != static_cast<ssize_t>(kHeaderBytes + length)) throw MakeSysError(env, "recvmsg", got < 0 ? errno : EPROTO, "a buffered frame came short");
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("version", version);
+    out.Set("type", type);
+    out.Set("flags", Le16(h + 4));
+    out.Set("payload", payload);
+    out.Set("pages", 0);
+    out.Set("batches", 0);
+    out.Set("bytes", 0);
+    out.Set("lastRound", -1.0);
+    return out;
   }
 
   // Wakes every thread blocked on this connection (they fail) and tells the peer we are gone.

@@ -79,7 +79,7 @@ interface Addon {
   digestTable(hashes: BigUint64Array): bigint;
   hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
   contentFill(region: NativeRegion, content: number, seed: bigint): Promise<void>;
-  guestWrite(region: NativeRegion, st: BigUint64Array, n: number, span: number, sequential: boolean): void;
+  guestWrite(region: NativeRegion, st: BigUint64Array, n: number, span: number, sequential: boolean): number;
   contentVerify(region: NativeRegion, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
   mix64(z: bigint): bigint;
   Wire: new (fd: number) => NativeWire;
@@ -97,6 +97,17 @@ interface Addon {
   dropPageTables(address: bigint, length: number): void;
   packBits(bytes: Uint8Array): Buffer;
   unpackBits(bits: Uint8Array, count: number, into?: Uint8Array): { bytes: Uint8Array; set: number };
+  setShortSlices(ns: number): { threads: number; applied: boolean };
+  socketPair(): [number, number];
+  controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): { tag: number; body: Buffer };
+  controlSend(fd: number, tag: number, body?: Buffer): void;
+  controlReceive(fd: number, timeoutMs: number): { tag: number; body: Buffer };
+  gateStart(fd: number, st: BigUint64Array): void;
+  gatePaused(): boolean;
+  gateSetPaused(paused: boolean): void;
+  gateBeat(st: BigUint64Array): number;
+  waitCommand(fd: number): { tag: number; body: Buffer } | null;
+  replyCommand(fd: number, tag: number, body?: Buffer): void;
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;

@@ -24,6 +24,7 @@ test('a guest hello is checked field by field', () => {
     [hello({ address: '99999999999999999999' }), /not page-aligned/],
     [hello({ tracking: 'magic' }), /tracking magic is unknown/],
     [hello({ info: 5 }), /info is not an object/],
+    [hello({ control: 'slow' }), /control slow is unknown/],
   ];
   for (const [data, re] of cases) {
     assert.throws(() => parseHello(data), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_HANDOVER' && re.test(e.message), re.source);
@@ -48,7 +49,9 @@ test('a handover without exactly one descriptor is refused and leaks nothing', a
     await assert.rejects(l.accept(2000), /got 2/);
     const c3 = rawSend(l.path, hello({ version: 9 }), [r.fd]);
     await assert.rejects(l.accept(2000), /version 9/);
-    for (const c of [c1, c2, c3]) addon.closeFd(c);
+    const c4 = rawSend(l.path, hello({ control: 'fast' }), [r.fd]);
+    await assert.rejects(l.accept(2000), /expected two descriptors \(the memfd, the control socket\), got 1/);
+    for (const c of [c1, c2, c3, c4]) addon.closeFd(c);
     assert.equal(openFds(), before, 'every received descriptor was closed');
   } finally {
     l.close();
@@ -65,6 +68,7 @@ test('a good handover adopts the memfd and opens a message socket', async () => 
     const conn = await l.accept(2000);
     assert.equal(conn.region.page(2).toString('utf8', 0, 5), 'guest');
     assert.equal(conn.address, r.address);
+    assert.equal(conn.controlFd, -1, 'no control socket was offered');
     conn.socket.destroy();
     conn.region.release();
     addon.closeFd(c);

@@ -96,6 +96,7 @@ export async function receiveCommand(argv: string[]): Promise<number> {
     },
     postcopy: { register: () => incoming!.register() },
     onDiscard: () => incoming?.kill(),
+    prepare: (_region, deviceState) => incoming!.prepare(deviceState),
     activate: async (_region, deviceState) => {
       await incoming!.activate(deviceState);
       guestPid = incoming!.child.pid ?? 0;

@@ -7,6 +7,7 @@
  */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
+import { trace } from '../trace.js';
 import { addon } from '../native.js';
 import { WireChannel, type NativeDedup } from '../protocol/wire.js';
 import { PageEncoder } from '../encoding/encoder.js';
@@ -420,14 +421,17 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // Stop-and-copy: the guest pauses; the last dirty pages and the device state go.
     state = 'stop-and-copy';
     const tPause = now();
+    trace('source: pause requested');
     const deviceState = await pauseGuest();
     const tPaused = now();
+    trace('source: guest paused');
     const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
     const tCollected = now();
     const lastPages = mergePages(pending, final);
     const lastBytes = (await sendRound(round + 1, lastPages, true)).bytes;
     await channel.send(encodeDeviceState(deviceState, version));
     const tSent = now();
+    trace(`source: last ${lastPages.length} pages and device state sent`);
     await tracker.stop();
 
     state = 'commit';
@@ -439,6 +443,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       // COMMIT is the point of commitment; an ERROR back means it did not activate.
       state = 'activating';
       await channel.send(encodeCommit({ digest, pageCount: region.pageCount, activate: true }, version));
+      trace('source: COMMIT sent');
       activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
       tCommitted = now();
       progress({ type: 'committed', digest: digest.toString(16) });
@@ -456,6 +461,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
     }
     const tActive = now();
+    trace('source: ACTIVATED received');
     state = 'done';
     const downtime = tActive - tPause;
     progress({ type: 'activated', downtime_ms: downtime });

@@ -38,6 +38,8 @@ export const SEND_DEDUP = 2;
 
 export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
+  writeNow(buffers: Buffer[]): number;
+  readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
   sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags?: number, probe?: WrittenProbe): Promise<SendCounts>;
   sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
   read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
@@ -92,6 +94,8 @@ export interface PageSink {
 export class WireChannel {
   readonly #wire: NativeWire;
   #writes: Promise<unknown> = Promise.resolve();
+  /** writes queued or running: a frame goes at once only when nothing is ahead of it */
+  #writesPending = 0;
   #reading = false;
   // The stream can break one way only: a protocol error ends reading (the position in the
   // stream is lost) but an ERROR frame can still be written; a failed write ends writing.
@@ -160,7 +164,23 @@ export class WireChannel {
 
   /** Queues whole frames (a buffer each, or parts of one); resolves once the kernel has them. */
   send(frame: Buffer | Buffer[]): Promise<void> {
-    const parts = Array.isArray(frame) ? frame : [frame];
+    let parts = Array.isArray(frame) ? frame : [frame];
+    // A small frame with nothing ahead of it goes from this thread: a control message inside
+    // the pause would otherwise wait for a pool thread to wake and for this loop to hear back.
+    if (this.#writesPending === 0 && !this.#writeFailure && !this.#closed) {
+      const total = parts.reduce((n, p) => n + p.length, 0);
+      if (total <= SEND_NOW_MAX) {
+        let sent: number;
+        try {
+          sent = this.#wire.writeNow(parts);
+        } catch (e) {
+          this.#writeFailure ??= fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', 'sending a frame');
+          return Promise.reject(this.#writeFailure);
+        }
+        if (sent === total) return Promise.resolve();
+        parts = remainder(parts, sent);
+      }
+    }
     return this.#write('sending a frame', () => this.#wire.write(parts));
   }
 
@@ -190,6 +210,16 @@ export class WireChannel {
       return this.#fromQueue(timeoutMs);
     }
     if (this.#reading) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read is already in progress on this connection', { phase: 'transport' });
+    // A control frame that has already arrived is taken on this thread (no read is running)
+    if (!this.#readFailure && !this.#closed) {
+      let ready: NativeFrame | null = null;
+      try {
+        ready = this.#wire.readNow({ maxPayload: MAX_PAYLOAD, maxType: MAX_TYPE });
+      } catch {
+        ready = null; // a broken connection: the read below reports it
+      }
+      if (ready) return { ...ready, type: ready.type as FrameType };
+    }
     this.#reading = true;
     let timer: NodeJS.Timeout | undefined;
     try {
@@ -265,14 +295,20 @@ export class WireChannel {
   }
 
   async #write(what: string, op: () => Promise<unknown>): Promise<never> {
+    this.#writesPending++;
     const run = this.#writes.then(async () => {
-      if (this.#writeFailure) throw this.#writeFailure;
-      if (this.#closed) throw closedError();
       try {
-        return await op();
-      } catch (e) {
-        this.#writeFailure ??= fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', what);
-        throw this.#writeFailure;
+        if (this.#writeFailure) throw this.#writeFailure;
+        if (this.#closed) throw closedError();
+        try {
+          return await op();
+        } catch (e) {
+          this.#writeFailure ??= fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', what);
+          throw this.#writeFailure;
+        }
+      } finally {
+        // before the caller hears of it: its next frame may then go at once (see send)
+        this.#writesPending--;
       }
     });
     this.#writes = run.catch(() => undefined);
@@ -325,6 +361,23 @@ export class WireChannel {
     this.#readFailure ??= e;
     this.#writeFailure ??= e;
   }
+}
+
+/** frames up to this size may be written from the calling thread (see send) */
+const SEND_NOW_MAX = 64 * 1024;
+
+/** The parts of a frame after its first `sent` bytes. */
+function remainder(parts: Buffer[], sent: number): Buffer[] {
+  const rest: Buffer[] = [];
+  for (const p of parts) {
+    if (sent >= p.length) {
+      sent -= p.length;
+      continue;
+    }
+    rest.push(sent > 0 ? p.subarray(sent) : p);
+    sent = 0;
+  }
+  return rest;
 }
 
 function closedError(): LivemigError {

@@ -4,6 +4,7 @@
  * Nothing is activated before a matching commitment digest and the sender's ACTIVATE; any
  * failure before that discards the region. Every frame is checked before it is used.
  */
+import { trace } from '../trace.js';
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync } from '../native.js';
@@ -67,6 +68,12 @@ export interface ReceiveOptions {
   onDiscard?(region: Region): void;
   /** hands the verified region and device state to the guest; the guest runs here from then on */
   activate(region: Region, deviceState: Buffer): Promise<void>;
+  /**
+   * called as soon as the device state arrives, before the source commits: load and check it so
+   * that `activate` only has to start the guest. A rejection fails the migration while the
+   * source can still resume its guest.
+   */
+  prepare?(region: Region, deviceState: Buffer): Promise<void>;
   onProgress?(event: ReceiveProgress): void;
   /**
    * an older image of the region this host kept (a file of exactly the region's size, e.g.
@@ -178,6 +185,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     let pagesReceived = 0;
     let rounds = 0;
     let digest = 0n;
+    let digestAt = -1; // pagesReceived when `digest` was computed
+    let prepared: Promise<void> | undefined;
     // PAGES frames are applied natively as they arrive (checked, received straight into the
     // region, hashed); the loop sees the control frames between them.
     const sink: PageSink = { region, hashes, version, encodings };
@@ -201,17 +210,28 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
         case FrameType.DeviceState:
           if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE after COMMIT');
           deviceState = Buffer.from(f.payload);
+          trace('receiver: DEVICE_STATE received');
+          if (options.prepare && !prepared) {
+            prepared = options.prepare(region, deviceState);
+            prepared.catch(() => undefined); // awaited at COMMIT or POSTCOPY
+          }
+          // the last pages came before the device state: the digest is known while COMMIT is on its way
+          digestAt = pagesReceived;
+          digest = addon.digestTable(hashes);
+          trace('receiver: guest preparing, digest computed');
           break;
         case FrameType.Commit: {
           if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second COMMIT');
+          trace('receiver: COMMIT received');
           const c = decodeCommit(f.payload);
           if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT before DEVICE_STATE');
           if (c.pageCount !== region.pageCount) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `COMMIT for ${c.pageCount} pages, region has ${region.pageCount}`);
-          digest = addon.digestTable(hashes);
+          if (digestAt !== pagesReceived) digest = addon.digestTable(hashes);
           if (digest !== c.digest) {
             throw new LivemigError('ERR_LIVEMIG_DIGEST', `image digest ${digest.toString(16)} differs from the source's ${c.digest.toString(16)}`, { phase: 'commit' });
           }
           if (c.activate && !commitActivate) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT with activate, which was not negotiated');
+          if (prepared) await prepared; // a state the guest refuses fails here, before commitment
           if (!c.activate) await ch.send(encodeCommitAck({ digest }, version));
           state = 'committed';
           progress({ type: 'committed', digest: digest.toString(16) });
@@ -221,10 +241,13 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
         case FrameType.Activate: {
           if (state !== 'committed') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'ACTIVATE before a matching COMMIT');
           const ta = performance.now();
+          trace('receiver: activating');
           await options.activate(region, deviceState!);
+          trace('receiver: guest activated');
           state = 'activated';
           const activateMs = performance.now() - ta;
           await ch.send(encodeActivated({ activateMs }, version)).catch(() => undefined); // the guest runs here either way
+          trace('receiver: ACTIVATED sent');
           progress({ type: 'activated', activate_ms: activateMs });
           await ch.finish();
           return { region_bytes: region.size, reserve_ms: reserveMs, pages_received: pagesReceived, rounds, digest: digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy' };
@@ -233,8 +256,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           if (!postcopyCap || !options.postcopy) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
           if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY while ${state}`);
           if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
-          const prio = attached.prio;
-          if (!prio) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before the priority connection attached');
+          // the priority connection's ATTACH travels on its own stream: it may not be read yet
+          const prio = await attachedPrio(attached, PRIO_ATTACH_WAIT_MS);
           const unpacked = addon.unpackBits(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount, neededTable);
           const needed = unpacked.bytes;
           const pagesNeeded = unpacked.set;
@@ -440,4 +463,20 @@ async function loadImage(region: Region, path: string, hashes: BigUint64Array): 
   }
   await callAsync('ERR_LIVEMIG_SYSCALL', 'reserve', 'hashing the reuse image', () => addon.hashAll(region.nativeHandle, hashes));
   return true;
+}
+
+const PRIO_ATTACH_WAIT_MS = 5_000;
+
+/** The session's priority connection, once its ATTACH has been read (it races POSTCOPY). */
+async function attachedPrio(attached: { prio?: WireChannel; wake?: () => void }, ms: number): Promise<WireChannel> {
+  const deadline = performance.now() + ms;
+  while (!attached.prio) {
+    const left = deadline - performance.now();
+    if (left <= 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${ms} ms`);
+    await new Promise<void>((resolve) => {
+      const t = setTimeout(resolve, left);
+      attached.wake = () => (clearTimeout(t), resolve());
+    });
+  }
+  return attached.prio;
 }

@@ -23,11 +23,18 @@ export interface GuestHello {
   tracking: 'uffd-async' | 'none';
   /** free-form facts the guest wants to pass along (content, seed, ...) */
   info?: Record<string, unknown>;
+  /**
+   * 'fast': a second descriptor follows the memfd, a stream socket on which the guest answers
+   * one-byte pause/resume requests from a thread of its own (native/guestctl.cc has the wire)
+   */
+  control?: 'fast';
 }
 
 export interface HandOverOptions {
   tracking: GuestHello['tracking'];
   info?: Record<string, unknown>;
+  /** the guest's end of a fast control socket (see GuestHello.control); livemig gets a copy */
+  controlFd?: number;
 }
 
 /** Guest side: connect to livemig at `socketPath` and hand over `region`. */
@@ -41,11 +48,12 @@ export function handOverRegion(socketPath: string, region: Region, options: Hand
     pageSize: region.pageSize,
     tracking: options.tracking,
     ...(options.info ? { info: options.info } : {}),
+    ...(options.controlFd !== undefined ? { control: 'fast' as const } : {}),
   };
   const fd = call('ERR_LIVEMIG_HANDOVER', 'handover', `connecting to ${socketPath}`, () => addon.unixConnect(socketPath));
   try {
     call('ERR_LIVEMIG_HANDOVER', 'handover', 'sending the region', () =>
-      addon.sendWithFds(fd, Buffer.from(JSON.stringify(hello)), [region.fd]),
+      addon.sendWithFds(fd, Buffer.from(JSON.stringify(hello)), options.controlFd !== undefined ? [region.fd, options.controlFd] : [region.fd]),
     );
   } catch (e) {
     addon.closeFd(fd);
@@ -61,6 +69,8 @@ export interface GuestConnection {
   /** the guest's own mapping address (for tracking its writes) */
   address: bigint;
   socket: net.Socket;
+  /** livemig's end of the guest's fast control socket, when it handed one over; else -1 */
+  controlFd: number;
 }
 
 function rejectHello(why: string): LivemigError {
@@ -88,6 +98,7 @@ export function parseHello(data: Buffer): GuestHello {
   if (address === 0n || address % BigInt(PAGE_SIZE) !== 0n || address >= 1n << 64n) throw rejectHello(`address ${o.address} is not page-aligned`);
   if (o.tracking !== 'uffd-async' && o.tracking !== 'none') throw rejectHello(`tracking ${String(o.tracking)} is unknown`);
   if (o.info !== undefined && (typeof o.info !== 'object' || o.info === null)) throw rejectHello('info is not an object');
+  if (o.control !== undefined && o.control !== 'fast') throw rejectHello(`control ${String(o.control)} is unknown`);
   return o as unknown as GuestHello;
 }
 
@@ -120,14 +131,16 @@ export class GuestListener {
       const msg = await callAsync('ERR_LIVEMIG_HANDOVER', 'handover', 'receiving the region', () => addon.recvWithFds(conn, timeoutMs));
       fds = msg.fds;
       const hello = parseHello(msg.data);
-      if (fds.length !== 1) throw rejectHello(`expected one descriptor (the memfd), got ${fds.length}`);
+      const expected = hello.control === 'fast' ? 2 : 1;
+      if (fds.length !== expected) throw rejectHello(`expected ${expected === 2 ? 'two descriptors (the memfd, the control socket)' : 'one descriptor (the memfd)'}, got ${fds.length}`);
       const region = Region.adopt(fds[0]!, hello.size);
-      return { region, hello, pid: hello.pid, address: BigInt(hello.address), socket: new net.Socket({ fd: conn, readable: true, writable: true }) };
+      const controlFd = expected === 2 ? fds.pop()! : -1; // kept: not closed below
+      return { region, hello, pid: hello.pid, address: BigInt(hello.address), socket: new net.Socket({ fd: conn, readable: true, writable: true }), controlFd };
     } catch (e) {
       addon.closeFd(conn);
       throw e;
     } finally {
-      for (const f of fds) addon.closeFd(f); // adopt() duplicated the one it kept
+      for (const f of fds) addon.closeFd(f); // adopt() duplicated the memfd it kept
     }
   }
 

@@ -33,11 +33,15 @@ export interface GuestOptions {
 }
 
 let seq = 0;
+/** a guest's control thread answers in microseconds; this long means it is gone or stuck */
+const CONTROL_TIMEOUT_MS = 2000;
 
 export class SourceGuest {
   readonly child: ChildProcess;
   readonly conn: GuestConnection;
   #lines: AsyncIterator<string>;
+  /** the state's fields a pause does not change, read once after the handover */
+  #fixed: GuestState | undefined;
 
   private constructor(child: ChildProcess, conn: GuestConnection) {
     this.child = child;
@@ -56,7 +60,9 @@ export class SourceGuest {
     });
     try {
       const conn = await Promise.race([listener.accept(o.startTimeoutMs ?? 120_000), exited]);
-      return new SourceGuest(child, conn);
+      const guest = new SourceGuest(child, conn);
+      if (conn.controlFd >= 0) guest.#fixed = await guest.state();
+      return guest;
     } catch (e) {
       child.kill('SIGKILL');
       throw e;
@@ -80,16 +86,48 @@ export class SourceGuest {
     return JSON.parse(next.value) as Record<string, unknown>;
   }
 
-  /** Pauses the guest; its state is the device state to carry. */
+  /**
+   * Pauses the guest; its state is the device state to carry. With the fast control socket the
+   * guest's control thread answers a byte with its run state {xorshift, writes, heartbeat seq}
+   * while this thread waits (no event loop on either side of the pause).
+   */
   async pause(): Promise<Buffer> {
+    if (this.#fixed) {
+      const r = this.#control(0x50 /* P */, 0x70 /* p */, 'stop-and-copy');
+      if (r.length !== 24) throw new LivemigError('ERR_LIVEMIG_GUEST', `pause answered ${r.length} bytes of run state, not 24`, { phase: 'stop-and-copy' });
+      const run = new BigUint64Array(r.buffer.slice(r.byteOffset, r.byteOffset + 24));
+      // the throttle is a migration's, not the guest's: wherever it resumes, it runs at full rate
+      return Buffer.from(JSON.stringify({ ...this.#fixed, xs: run[0]!.toString(), writes: run[1]!.toString(), heartbeatSeq: Number(run[2]), throttle: 0 }));
+    }
     const r = await this.request('pause');
     if (r.op !== 'paused') throw new LivemigError('ERR_LIVEMIG_GUEST', `pause answered ${JSON.stringify(r)}`, { phase: 'stop-and-copy' });
     return Buffer.from(JSON.stringify(r.state));
   }
   async resume(): Promise<void> {
+    if (this.#fixed) {
+      this.#control(0x52 /* R */, 0x72 /* r */, 'resume');
+      return;
+    }
     const r = await this.request('resume');
     if (r.op !== 'resumed') throw new LivemigError('ERR_LIVEMIG_GUEST', `resume answered ${JSON.stringify(r)}`, { phase: 'resume' });
   }
+  #closeControl(): void {
+    if (this.conn.controlFd < 0) return;
+    addon.closeFd(this.conn.controlFd);
+    this.conn.controlFd = -1;
+  }
+
+  #control(request: number, answer: number, phase: string): Buffer {
+    let r: { tag: number; body: Buffer };
+    try {
+      r = addon.controlRequest(this.conn.controlFd, request, CONTROL_TIMEOUT_MS);
+    } catch (e) {
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's control socket failed: ${(e as Error).message}`, { phase, cause: e });
+    }
+    if (r.tag !== answer) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest answered '${String.fromCharCode(r.tag)}' to '${String.fromCharCode(request)}'`, { phase });
+    return r.body;
+  }
+
   /** Slows the guest's writes to (100 - percent)% of its rate (auto-converge); 0 releases. */
   async throttle(percent: number): Promise<void> {
     const r = await this.request('throttle', { percent });
@@ -106,11 +144,13 @@ export class SourceGuest {
       if (this.child.exitCode === null) this.child.kill('SIGKILL');
     }
     this.conn.socket.destroy();
+    this.#closeControl();
     this.conn.region.release();
   }
   kill(): void {
     this.child.kill('SIGKILL');
     this.conn.socket.destroy();
+    this.#closeControl();
     if (!this.conn.region.released) this.conn.region.release();
   }
 }
@@ -127,6 +167,7 @@ export function spawnDestinationGuest(region: Region, deviceState: Buffer): Chil
 
 interface GuestMessage {
   op?: string;
+  message?: string;
   uffd?: number;
   address?: string;
   registered?: { uffd: number; address: string };
@@ -140,10 +181,26 @@ export class IncomingGuest {
   readonly child: ChildProcess;
   readonly #ready: Promise<GuestMessage>;
   #postcopy = false;
+  /** livemig's end of the go socket; the guest blocks on its end once prepared */
+  #goFd: number;
+  #prepared: Promise<void> | undefined;
+  #stateSent = false;
 
   /** @param postcopy 'planned': register for post-copy at once, map nothing ahead; 'possible': map ahead, register on demand */
   constructor(region: Region, postcopy: 'planned' | 'possible' = 'possible') {
-    this.child = spawn(process.execPath, [GUEST_ENTRY, '--incoming', '--size', String(region.size), '--postcopy', postcopy], { stdio: ['ignore', 'inherit', 'inherit', region.fd, 'ipc'] });
+    const [mine, theirs] = addon.socketPair();
+    try {
+      this.child = spawn(process.execPath, [GUEST_ENTRY, '--incoming', '--size', String(region.size), '--postcopy', postcopy, '--go-fd', '5'], {
+        stdio: ['ignore', 'inherit', 'inherit', region.fd, 'ipc', theirs],
+      });
+    } catch (e) {
+      addon.closeFd(mine);
+      throw e;
+    } finally {
+      addon.closeFd(theirs);
+    }
+    this.#goFd = mine;
+    this.child.once('exit', () => this.#closeGo());
     this.#ready = this.#expect('ready');
     this.#ready.catch(() => undefined);
   }
@@ -156,10 +213,10 @@ export class IncomingGuest {
     const ready = await this.#ready;
     let reg = ready.registered;
     if (!reg) {
-      const answer = this.#expect('registered');
-      this.child.send({ op: 'register' });
-      const m = await answer;
-      reg = { uffd: m.uffd!, address: m.address! };
+      await this.#prepared; // its answer comes first on the go socket
+      const body = this.#command(0x55 /* U */, 0x75 /* u */, 'postcopy');
+      if (body.length !== 12) throw new LivemigError('ERR_LIVEMIG_GUEST', `register answered ${body.length} bytes, not 12`, { phase: 'postcopy' });
+      reg = { uffd: body.readUInt32LE(0), address: body.readBigUInt64LE(4).toString() };
     }
     this.#postcopy = true;
     return { uffd: addon.takeFd(this.child.pid!, reg.uffd), address: BigInt(reg.address) };
@@ -168,10 +225,11 @@ export class IncomingGuest {
   #expect(op: string): Promise<GuestMessage> {
     return new Promise((resolve, reject) => {
       const onMessage = (m: GuestMessage): void => {
-        if (m.op !== op) return;
+        if (m.op !== op && m.op !== 'error') return;
         this.child.off('message', onMessage);
         this.child.off('exit', onExit);
-        resolve(m);
+        if (m.op === 'error') reject(new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest refused (waiting for '${op}'): ${String(m.message)}`, { phase: 'activate' }));
+        else resolve(m);
       };
       const onExit = (code: number | null): void => {
         this.child.off('message', onMessage);
@@ -187,14 +245,39 @@ export class IncomingGuest {
     return this.#ready.then(() => undefined);
   }
 
+  /**
+   * Hands the guest its state ahead of activation: it checks and loads it, then waits on its
+   * go socket. Called when the device state arrives, before the source commits, so a state the
+   * guest refuses fails the migration while the source can still resume its guest. The state
+   * goes at once; the answer is read when the caller next waits, so the guest checks the state
+   * while the caller goes on (the receiver computes its digest meanwhile).
+   */
+  prepare(deviceState: Buffer): Promise<void> {
+    this.#prepared ??= this.#ready.then(() => undefined);
+    if (this.#goFd >= 0 && !this.#stateSent) {
+      this.#stateSent = true;
+      try {
+        addon.controlSend(this.#goFd, 0x53 /* S */, deviceState);
+      } catch (e) {
+        this.#prepared = Promise.reject(new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest's go socket failed: ${(e as Error).message}`, { phase: 'activate', cause: e }));
+        return this.#prepared;
+      }
+      this.#prepared = this.#prepared.then(() => void this.#answer(0x53 /* S */, 0x73 /* s */, 'activate'));
+    }
+    return this.#prepared;
+  }
+
+  /** Starts the guest: one byte on the go socket, answered by the guest itself (prepares first if need be). */
   async activate(deviceState: Buffer): Promise<void> {
-    await this.#ready;
-    const running = this.#expect('running');
-    this.child.send({ state: JSON.parse(deviceState.toString('utf8')) as unknown });
-    await running;
+    await this.prepare(deviceState);
+    this.#command(0x47 /* G */, 0x67 /* g */, 'activate');
+    this.#closeGo();
     if (this.#postcopy) return; // stays connected until verify()
-    this.child.disconnect(); // the guest runs on its own now
-    this.child.unref();
+    // the guest runs on its own now; letting go of it is not part of the hand-over
+    setImmediate(() => {
+      if (this.child.connected) this.child.disconnect();
+      this.child.unref();
+    });
   }
 
   /** Post-copy: every page has arrived; the guest checks its whole region (result in a heartbeat). */
@@ -208,6 +291,36 @@ export class IncomingGuest {
 
   kill(): void {
     this.child.kill('SIGKILL');
+    this.#closeGo();
+  }
+
+  #closeGo(): void {
+    if (this.#goFd < 0) return;
+    addon.closeFd(this.#goFd);
+    this.#goFd = -1;
+  }
+
+  #command(request: number, answer: number, phase: string): Buffer {
+    if (this.#goFd < 0) throw new LivemigError('ERR_LIVEMIG_GUEST', 'the incoming guest is gone', { phase });
+    try {
+      addon.controlSend(this.#goFd, request);
+    } catch (e) {
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest's go socket failed: ${(e as Error).message}`, { phase, cause: e });
+    }
+    return this.#answer(request, answer, phase);
+  }
+
+  #answer(request: number, answer: number, phase: string): Buffer {
+    if (this.#goFd < 0) throw new LivemigError('ERR_LIVEMIG_GUEST', 'the incoming guest is gone', { phase });
+    let r: { tag: number; body: Buffer };
+    try {
+      r = addon.controlReceive(this.#goFd, CONTROL_TIMEOUT_MS);
+    } catch (e) {
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest's go socket failed: ${(e as Error).message}`, { phase, cause: e });
+    }
+    if (r.tag === 0x65 /* e */) throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest refused '${String.fromCharCode(request)}': ${r.body.toString('utf8')}`, { phase });
+    if (r.tag !== answer) throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest answered '${String.fromCharCode(r.tag)}' to '${String.fromCharCode(request)}'`, { phase });
+    return r.body;
   }
 }
 

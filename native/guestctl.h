@@ -1,0 +1,19 @@
+// The reference guest's run gate: its writes and heartbeats pass it, and a native control
+// thread closes it on a pause request without waiting for the guest's event loop.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+
+namespace livemig {
+
+struct GuestGate {
+  std::mutex mu;                 // held while the guest writes a chunk or stamps a beat
+  std::atomic<bool> paused{false};
+  uint64_t* st = nullptr;        // {xorshift state, writes, heartbeat seq}, while a gate thread runs
+};
+
+GuestGate& TheGuestGate();
+
+}  // namespace livemig

@@ -1,0 +1,103 @@
+// Scheduling hints for latency-critical threads. On EEVDF (Linux >= 6.12) a fair-class thread
+// may ask for a shorter slice: its virtual deadline comes sooner, so when it wakes (a control
+// message, a pause request) it preempts a thread running a long slice instead of waiting for
+// that slice to end (~1.5 ms on a 2-CPU host, measured as 2 ms wake-up delays at hand-over).
+#include <dirent.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "common.h"
+
+namespace livemig {
+namespace {
+
+struct SchedAttr {
+  uint32_t size;
+  uint32_t policy;
+  uint64_t flags;
+  int32_t nice;
+  uint32_t priority;
+  uint64_t runtime;  // for SCHED_OTHER since 6.12: the requested slice in ns
+  uint64_t deadline;
+  uint64_t period;
+};
+
+// The slice the kernel applies to a thread, from /proc; 0 when the field is not there (a
+// kernel without custom slices reports none, or ignores the request).
+uint64_t ReadSlice(pid_t tid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/task/%d/sched", tid);
+  FILE* f = std::fopen(path, "r");
+  if (!f) return 0;
+  char line[256];
+  uint64_t slice = 0;
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strncmp(line, "se.slice", 8) == 0) {
+      const char* colon = std::strchr(line, ':');
+      if (colon) slice = std::strtoull(colon + 1, nullptr, 10);
+      break;
+    }
+  }
+  std::fclose(f);
+  return slice;
+}
+
+Napi::Object ResultObject(Napi::Env env, uint32_t threads, bool applied) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("threads", Napi::Number::New(env, threads));
+  o.Set("applied", Napi::Boolean::New(env, applied && threads > 0));
+  return o;
+}
+
+// setShortSlices(ns): every fair-class thread of this process (and, by inheritance, threads
+// and processes it creates later) asks for slices of `ns`; 0 goes back to the kernel's default
+// slice. Real-time threads are left alone.
+// Returns {threads, applied}: applied is false when the kernel did not take the request.
+Napi::Value SetShortSlices(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t ns = ToU64(info[0]);
+  DIR* dir = opendir("/proc/self/task");
+  if (!dir) throw MakeSysError(env, "opendir", errno, "/proc/self/task");
+  uint32_t threads = 0;
+  bool applied = true;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    pid_t tid = static_cast<pid_t>(std::atoi(e->d_name));
+    int policy = sched_getscheduler(tid);
+    if (policy < 0) continue;  // ESRCH: the thread ended meanwhile
+    if (policy != SCHED_OTHER && policy != SCHED_BATCH) continue;
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+    if (errno != 0) continue;  // ESRCH again
+    SchedAttr a{};
+    a.size = sizeof a;
+    a.policy = static_cast<uint32_t>(policy);
+    a.nice = nice;
+    a.runtime = ns;
+    if (syscall(SYS_sched_setattr, tid, &a, 0) != 0) {
+      int err = errno;
+      if (err == ESRCH) continue;  // ended meanwhile
+      closedir(dir);
+      // EINVAL: a kernel that refuses a runtime for the fair class; EPERM: not allowed
+      if (err == EINVAL || err == EPERM) return ResultObject(env, threads, false);
+      throw MakeSysError(env, "sched_setattr", err);
+    }
+    if (ns != 0 && ReadSlice(tid) != ns) applied = false;
+    threads++;
+  }
+  closedir(dir);
+  return ResultObject(env, threads, applied);
+}
+
+}  // namespace
+
+void InitSched(Napi::Env env, Napi::Object exports) {
+  exports.Set("setShortSlices", Napi::Function::New(env, SetShortSlices));
+}
+
+}  // namespace livemig
