@@ -97,7 +97,21 @@ export class PageEncoder {
   }
 
   /** Sends `pages` for `round`; resolves to the bytes written. */
-  async send(round: number, pages: Uint32Array): Promise<number> {
+  /**
+   * `final`: the stop-and-copy's pages, inside the pause. Unless the link is slow enough that
+   * they are being compressed, they go in one in-place call with no learning (no samples,
+   * probes or timings: nothing follows them) and no written-probe (a page sent now never serves
+   * as a dup source later).
+   */
+  async send(round: number, pages: Uint32Array, final = false): Promise<number> {
+    if (final && !this.chooser.compressing()) {
+      const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup, this.#flags);
+      this.stats.zero_pages += c.zero;
+      this.stats.dup_pages += c.dup;
+      this.stats.skipped_pages += c.skipped;
+      this.stats.raw_pages += c.raw;
+      return c.bytes;
+    }
     const tSend = performance.now();
     let bytes = 0;
     for (let at = 0; at < pages.length; ) {

@@ -178,8 +178,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const tracking = tracker;
     encoder = dedup ? new PageEncoder(region, ch, hashes, dedup, enc, version, batchPages, () => tracking.writtenProbe?.()) : undefined;
     const pageEncoder = encoder;
-    const sendPages = async (r: number, pages: Uint32Array): Promise<number> => {
-      const n = pageEncoder ? await pageEncoder.send(r, pages) : (await ch.sendPages(region, pages, r, version, batchPages, hashes)).bytes;
+    const sendPages = async (r: number, pages: Uint32Array, final: boolean): Promise<number> => {
+      const n = pageEncoder ? await pageEncoder.send(r, pages, final) : (await ch.sendPages(region, pages, r, version, batchPages, hashes)).bytes;
       bytesSent += n;
       pagesSent += pages.length;
       return n;
@@ -222,7 +222,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         const chunk = rate !== undefined ? Math.max(batchPages, Math.floor((rate * 0.02) / region.pageSize)) : deadlineAt !== undefined || mayCross ? 16 * batchPages : pages.length;
         const part = pages.subarray(at, at + chunk);
         const t0 = now();
-        const b = await sendPages(r, part);
+        const b = await sendPages(r, part, final);
         const t1 = now();
         // the link's rate shows in chunks that were mostly page bodies; chunks of skipped and
         // zero pages measure the CPU, and would make the estimate for raw dirty pages too low
@@ -432,7 +432,6 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     await channel.send(encodeDeviceState(deviceState, version));
     const tSent = now();
     trace(`source: last ${lastPages.length} pages and device state sent`);
-    await tracker.stop();
 
     state = 'commit';
     const digest = addon.digestTable(hashes);
@@ -463,6 +462,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const tActive = now();
     trace('source: ACTIVATED received');
     state = 'done';
+    // tracking stops after the hand-over: the guest is paused, and undoing write protection
+    // walks the whole range (kernel work that has no place in the pause)
+    await tracker.stop();
     const downtime = tActive - tPause;
     progress({ type: 'activated', downtime_ms: downtime });
     unsubscribe?.();
