@@ -72,6 +72,25 @@ class Task : public Napi::AsyncWorker {
     return p;
   }
 
+  // The same work on the calling thread, settled before this returns: for small work inside a
+  // guest's pause, where a pool thread waking up and the loop hearing back cost more than it.
+  static Napi::Promise RunNow(Napi::Env env, Work work, Done done) {
+    R result{};
+    SysError err;
+    work(result, err);
+    auto d = Napi::Promise::Deferred::New(env);
+    if (err.failed()) {
+      d.Reject(MakeSysError(env, err).Value());
+    } else {
+      try {
+        d.Resolve(done(env, result));
+      } catch (const Napi::Error& e) {
+        d.Reject(e.Value());
+      }
+    }
+    return d.Promise();
+  }
+
  protected:
   void Execute() override {
     work_(result_, err_);

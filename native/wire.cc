@@ -524,186 +524,186 @@ class Wire : public Napi::ObjectWrap<Wire> {
     m->Ref();
     std::vector<Napi::Value> keep{info[0], info[1], info[5]};
     if (dedup) keep.push_back(info[6]);
-    return Task<SendCounts>::Start(
-        env,
-        [fd, m, idx, count, round, version, batchPages, table, dedup, flags, pageCount, probe](SendCounts& c, SysError& err) {
-          std::vector<uint8_t> head;
-          std::vector<iovec> iov;
-          std::vector<uint8_t> enc;
-          std::vector<uint64_t> refs;
-          std::vector<uint8_t> dupBodies;
-          std::vector<uint32_t> written;
-          std::vector<uint8_t> dirtyMark, hashedEarly, wantIndex;
-          const bool zeroOn = flags & 1, dedupOn = flags & 2;
-          const uint64_t zh = ZeroPageHash(kPageSize);
-          // time spent on encoding work (classifying before the send, indexing after it), so the
-          // chooser can weigh it against the bytes it saved
-          auto nowNs = [] { timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; };
-          long long t0 = nowNs(), overhead = 0;
-          for (size_t start = 0; start < count && !err.failed(); start += batchPages) {
-            size_t n = std::min<size_t>(batchPages, count - start);
-            const uint32_t* b = idx + start;
-            t0 = nowNs();
-            iov.clear();
-            uint64_t payload;
-            uint8_t type;
-            size_t kept = n;
-            // a PAGES frame of the whole batch: indices in the head, bodies straight from the region
-            auto plainFrame = [&] {
-              type = kTypePages;
-              payload = kPrefixBytes + n * (4 + kPageSize);
-              head.resize(kHeaderBytes + kPrefixBytes + n * 4);
-              for (size_t k = 0; k < n; k++) Put32(head.data() + 20 + 4 * k, b[k]);
-              iov.push_back({head.data(), head.size()});
-              PageIovecs(m->addr, b, n, iov);
-              c.raw += static_cast<double>(n);
+    // now: on the calling thread (a few pages inside the pause; see Task::RunNow)
+    bool now = info.Length() > 9 && info[9].ToBoolean().Value();
+    auto work = [fd, m, idx, count, round, version, batchPages, table, dedup, flags, pageCount, probe](SendCounts& c, SysError& err) {
+      std::vector<uint8_t> head;
+      std::vector<iovec> iov;
+      std::vector<uint8_t> enc;
+      std::vector<uint64_t> refs;
+      std::vector<uint8_t> dupBodies;
+      std::vector<uint32_t> written;
+      std::vector<uint8_t> dirtyMark, hashedEarly, wantIndex;
+      const bool zeroOn = flags & 1, dedupOn = flags & 2;
+      const uint64_t zh = ZeroPageHash(kPageSize);
+      // time spent on encoding work (classifying before the send, indexing after it), so the
+      // chooser can weigh it against the bytes it saved
+      auto nowNs = [] { timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; };
+      long long t0 = nowNs(), overhead = 0;
+      for (size_t start = 0; start < count && !err.failed(); start += batchPages) {
+        size_t n = std::min<size_t>(batchPages, count - start);
+        const uint32_t* b = idx + start;
+        t0 = nowNs();
+        iov.clear();
+        uint64_t payload;
+        uint8_t type;
+        size_t kept = n;
+        // a PAGES frame of the whole batch: indices in the head, bodies straight from the region
+        auto plainFrame = [&] {
+          type = kTypePages;
+          payload = kPrefixBytes + n * (4 + kPageSize);
+          head.resize(kHeaderBytes + kPrefixBytes + n * 4);
+          for (size_t k = 0; k < n; k++) Put32(head.data() + 20 + 4 * k, b[k]);
+          iov.push_back({head.data(), head.size()});
+          PageIovecs(m->addr, b, n, iov);
+          c.raw += static_cast<double>(n);
             };
-            if (!flags) {
-              plainFrame();
+        if (!flags) {
+          plainFrame();
+        } else {
+          type = kTypePagesEnc;
+          enc.resize(n);
+          refs.resize(n);
+          dupBodies.resize(n * kDupBody);
+          hashedEarly.resize(n);
+          wantIndex.resize(n);
+          dedup->order.Begin(b, n, pageCount);
+          kept = 0;
+          for (size_t k = 0; k < n; k++) {
+            uint32_t x = b[k];
+            const uint8_t* live = m->addr + static_cast<uint64_t>(x) * kPageSize;
+            // the zero check's first load misses the cache; start the next pages' loads now
+            if (k + 8 < n) __builtin_prefetch(m->addr + static_cast<uint64_t>(b[k + 8]) * kPageSize);
+            bool zero = zeroOn && IsZeroPage(live, kPageSize);
+            // Hash before sending only where it can pay: the page may still be what the
+            // receiver holds there, or its fingerprint matches indexed content. Otherwise it
+            // is hashed after the send, while still in cache.
+            bool early = zero || (dedupOn && ((dedup->known[x] && dedup->holder[x] != zh) || dedup->MayHold(live)));
+            uint64_t h = zero ? zh : early ? PageHash(live, kPageSize) : 0;
+            hashedEarly[k] = early;
+            if (early) {
+              table[x] = h;
+              uint32_t source = 0;
+              enc[k] = dedup->Choose(x, k, h, zero, zeroOn, dedupOn, false, &source);
+              if (enc[k] == kDup) {
+                std::memcpy(&dupBodies[k * kDupBody], &h, 8);
+                Put32(&dupBodies[k * kDupBody + 8], source);
+              }
             } else {
-              type = kTypePagesEnc;
-              enc.resize(n);
-              refs.resize(n);
-              dupBodies.resize(n * kDupBody);
-              hashedEarly.resize(n);
-              wantIndex.resize(n);
-              dedup->order.Begin(b, n, pageCount);
-              kept = 0;
-              for (size_t k = 0; k < n; k++) {
-                uint32_t x = b[k];
-                const uint8_t* live = m->addr + static_cast<uint64_t>(x) * kPageSize;
-                // the zero check's first load misses the cache; start the next pages' loads now
-                if (k + 8 < n) __builtin_prefetch(m->addr + static_cast<uint64_t>(b[k + 8]) * kPageSize);
-                bool zero = zeroOn && IsZeroPage(live, kPageSize);
-                // Hash before sending only where it can pay: the page may still be what the
-                // receiver holds there, or its fingerprint matches indexed content. Otherwise it
-                // is hashed after the send, while still in cache.
-                bool early = zero || (dedupOn && ((dedup->known[x] && dedup->holder[x] != zh) || dedup->MayHold(live)));
-                uint64_t h = zero ? zh : early ? PageHash(live, kPageSize) : 0;
-                hashedEarly[k] = early;
-                if (early) {
-                  table[x] = h;
-                  uint32_t source = 0;
-                  enc[k] = dedup->Choose(x, k, h, zero, zeroOn, dedupOn, false, &source);
-                  if (enc[k] == kDup) {
-                    std::memcpy(&dupBodies[k * kDupBody], &h, 8);
-                    Put32(&dupBodies[k * kDupBody + 8], source);
-                  }
-                } else {
-                  enc[k] = kRaw;
-                  dedup->Invalidate(x);
-                }
-                // index a raw page after the send if it may be a dup source: early-hashed pages,
-                // and others whose content was seen before (not every unique page)
-                wantIndex[k] = dedupOn && enc[k] == kRaw && (early || dedup->SeenBefore(live));
-                refs[k] = h;
-                if (enc[k] != kSkip) kept++;
-              }
-              size_t raws = 0;
-              for (size_t k = 0; k < n; k++) raws += enc[k] == kRaw;
-              if (raws == n) {
-                // nothing saved in this batch: a plain PAGES frame says the same and its
-                // receiver has less to do (no encodings to parse, one header per frame)
-                plainFrame();
-              } else {
-              head.resize(kHeaderBytes + kPrefixBytes + kept * 5);
-              iov.push_back({head.data(), head.size()});
-              payload = kPrefixBytes + kept * 5;
-              size_t j = 0;
-              bool lastWasPage = false;  // consecutive raw pages share one iovec
-              for (size_t k = 0; k < n; k++) {
-                uint8_t e = enc[k];
-                if (e == kSkip) {
-                  c.skipped++;
-                  continue;
-                }
-                Put32(head.data() + 20 + 4 * j, b[k]);
-                head[20 + 4 * kept + j] = e;
-                j++;
-                if (e == kRaw) {
-                  uint8_t* p = m->addr + static_cast<uint64_t>(b[k]) * kPageSize;
-                  if (lastWasPage && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == p) iov.back().iov_len += kPageSize;
-                  else iov.push_back({p, kPageSize});
-                  lastWasPage = true;
-                  payload += kPageSize;
-                  c.raw++;
-                  continue;
-                }
-                lastWasPage = false;
-                if (e == kDup) {
-                  iov.push_back({&dupBodies[k * kDupBody], kDupBody});
-                  payload += kDupBody;
-                  c.dup++;
-                } else {
-                  c.zero++;
-                }
-              }
-              }
+              enc[k] = kRaw;
+              dedup->Invalidate(x);
             }
-            if (kept == 0) continue;
-            if (flags) overhead += nowNs() - t0;
-            uint8_t* h = head.data();
-            h[0] = kMagic & 0xff;
-            h[1] = kMagic >> 8;
-            h[2] = version;
-            h[3] = type;
-            h[4] = h[5] = h[6] = h[7] = 0;
-            Put32(h + 8, static_cast<uint32_t>(payload));
-            Put32(h + 12, round);
-            Put32(h + 16, static_cast<uint32_t>(kept));
-            if (!SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) break;
-            c.bytes += static_cast<double>(kHeaderBytes + payload);
-            if (!flags) {
-              for (size_t k = 0; k < n; k++) {
-                table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
-                if (dedup) dedup->Invalidate(b[k]);  // hashed live, after the send: not known to match
-              }
+            // index a raw page after the send if it may be a dup source: early-hashed pages,
+            // and others whose content was seen before (not every unique page)
+            wantIndex[k] = dedupOn && enc[k] == kRaw && (early || dedup->SeenBefore(live));
+            refs[k] = h;
+            if (enc[k] != kSkip) kept++;
+          }
+          size_t raws = 0;
+          for (size_t k = 0; k < n; k++) raws += enc[k] == kRaw;
+          if (raws == n) {
+            // nothing saved in this batch: a plain PAGES frame says the same and its
+            // receiver has less to do (no encodings to parse, one header per frame)
+            plainFrame();
+          } else {
+          head.resize(kHeaderBytes + kPrefixBytes + kept * 5);
+          iov.push_back({head.data(), head.size()});
+          payload = kPrefixBytes + kept * 5;
+          size_t j = 0;
+          bool lastWasPage = false;  // consecutive raw pages share one iovec
+          for (size_t k = 0; k < n; k++) {
+            uint8_t e = enc[k];
+            if (e == kSkip) {
+              c.skipped++;
+              continue;
+            }
+            Put32(head.data() + 20 + 4 * j, b[k]);
+            head[20 + 4 * kept + j] = e;
+            j++;
+            if (e == kRaw) {
+              uint8_t* p = m->addr + static_cast<uint64_t>(b[k]) * kPageSize;
+              if (lastWasPage && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == p) iov.back().iov_len += kPageSize;
+              else iov.push_back({p, kPageSize});
+              lastWasPage = true;
+              payload += kPageSize;
+              c.raw++;
+              continue;
+            }
+            lastWasPage = false;
+            if (e == kDup) {
+              iov.push_back({&dupBodies[k * kDupBody], kDupBody});
+              payload += kDupBody;
+              c.dup++;
             } else {
-              for (size_t k = 0; k < n; k++)
-                if (enc[k] == kRaw && !hashedEarly[k]) refs[k] = table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
-              bool anyIndex = false;
-              for (size_t k = 0; k < n && !anyIndex; k++) anyIndex = wantIndex[k];
-              if (dedupOn && probe.fd >= 0 && anyIndex) {
-                long long tIndex = nowNs();
-                // A raw page not written since its protection was re-armed (before this send
-                // and both hashes) went out as exactly the hashed bytes: the receiver now holds
-                // it under that hash, so it may serve as a dup source from now on.
-                uint32_t lo = b[0], hi = b[0];
-                for (size_t k = 1; k < n; k++) lo = std::min(lo, b[k]), hi = std::max(hi, b[k]);
-                written.clear();
-                SysError scanErr;
-                ScanWritten(probe.fd, probe.address + uint64_t{lo} * kPageSize, probe.address + (uint64_t{hi} + 1) * kPageSize, kPageSize, false, &written, &scanErr);
-                if (!scanErr.failed()) {  // if the scan fails, the pages just stay out of the index
-                  dirtyMark.assign(hi - lo + 1, 0);
-                  for (uint32_t w : written) dirtyMark[w] = 1;
-                  for (size_t k = 0; k < n; k++) {
-                    if (k + 8 < n && wantIndex[k + 8]) dedup->head.Prefetch(refs[k + 8]);
-                    if (!wantIndex[k] || dirtyMark[b[k] - lo]) continue;
-                    const uint8_t* p = m->addr + static_cast<uint64_t>(b[k]) * kPageSize;
-                    dedup->Set(b[k], refs[k]);
-                    dedup->NoteFingerprint(b[k], p);
-                  }
-                }
-                overhead += nowNs() - tIndex;
-                c.indexMs += static_cast<double>(nowNs() - tIndex) / 1e6;
-              }
+              c.zero++;
             }
           }
-          c.overheadMs = static_cast<double>(overhead) / 1e6;
-          m->Unref();
-        },
-        [](Napi::Env e, SendCounts& c) -> Napi::Value {
-          Napi::Object o = Napi::Object::New(e);
-          o.Set("bytes", c.bytes);
-          o.Set("zero", c.zero);
-          o.Set("dup", c.dup);
-          o.Set("skipped", c.skipped);
-          o.Set("raw", c.raw);
-          o.Set("overheadMs", c.overheadMs);
-          o.Set("indexMs", c.indexMs);
-          return o;
-        },
-        keep);
+          }
+        }
+        if (kept == 0) continue;
+        if (flags) overhead += nowNs() - t0;
+        uint8_t* h = head.data();
+        h[0] = kMagic & 0xff;
+        h[1] = kMagic >> 8;
+        h[2] = version;
+        h[3] = type;
+        h[4] = h[5] = h[6] = h[7] = 0;
+        Put32(h + 8, static_cast<uint32_t>(payload));
+        Put32(h + 12, round);
+        Put32(h + 16, static_cast<uint32_t>(kept));
+        if (!SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) break;
+        c.bytes += static_cast<double>(kHeaderBytes + payload);
+        if (!flags) {
+          for (size_t k = 0; k < n; k++) {
+            table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
+            if (dedup) dedup->Invalidate(b[k]);  // hashed live, after the send: not known to match
+          }
+        } else {
+          for (size_t k = 0; k < n; k++)
+            if (enc[k] == kRaw && !hashedEarly[k]) refs[k] = table[b[k]] = PageHash(m->addr + static_cast<uint64_t>(b[k]) * kPageSize, kPageSize);
+          bool anyIndex = false;
+          for (size_t k = 0; k < n && !anyIndex; k++) anyIndex = wantIndex[k];
+          if (dedupOn && probe.fd >= 0 && anyIndex) {
+            long long tIndex = nowNs();
+            // A raw page not written since its protection was re-armed (before this send
+            // and both hashes) went out as exactly the hashed bytes: the receiver now holds
+            // it under that hash, so it may serve as a dup source from now on.
+            uint32_t lo = b[0], hi = b[0];
+            for (size_t k = 1; k < n; k++) lo = std::min(lo, b[k]), hi = std::max(hi, b[k]);
+            written.clear();
+            SysError scanErr;
+            ScanWritten(probe.fd, probe.address + uint64_t{lo} * kPageSize, probe.address + (uint64_t{hi} + 1) * kPageSize, kPageSize, false, &written, &scanErr);
+            if (!scanErr.failed()) {  // if the scan fails, the pages just stay out of the index
+              dirtyMark.assign(hi - lo + 1, 0);
+              for (uint32_t w : written) dirtyMark[w] = 1;
+              for (size_t k = 0; k < n; k++) {
+                if (k + 8 < n && wantIndex[k + 8]) dedup->head.Prefetch(refs[k + 8]);
+                if (!wantIndex[k] || dirtyMark[b[k] - lo]) continue;
+                const uint8_t* p = m->addr + static_cast<uint64_t>(b[k]) * kPageSize;
+                dedup->Set(b[k], refs[k]);
+                dedup->NoteFingerprint(b[k], p);
+              }
+            }
+            overhead += nowNs() - tIndex;
+            c.indexMs += static_cast<double>(nowNs() - tIndex) / 1e6;
+          }
+        }
+      }
+      c.overheadMs = static_cast<double>(overhead) / 1e6;
+      m->Unref();
+    };
+    auto done = [](Napi::Env e, SendCounts& c) -> Napi::Value {
+      Napi::Object o = Napi::Object::New(e);
+      o.Set("bytes", c.bytes);
+      o.Set("zero", c.zero);
+      o.Set("dup", c.dup);
+      o.Set("skipped", c.skipped);
+      o.Set("raw", c.raw);
+      o.Set("overheadMs", c.overheadMs);
+      o.Set("indexMs", c.indexMs);
+      return o;
+    };
+    return now ? Task<SendCounts>::RunNow(env, work, done) : Task<SendCounts>::Start(env, work, done, keep);
   }
 
   // sendEncoded(pages, enc: Uint8Array, staging: Buffer, lz4: Buffer, lengths: Int32Array,

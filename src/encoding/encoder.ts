@@ -105,7 +105,7 @@ export class PageEncoder {
    */
   async send(round: number, pages: Uint32Array, final = false): Promise<number> {
     if (final && !this.chooser.compressing()) {
-      const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup, this.#flags);
+      const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup, this.#flags, undefined, true);
       this.stats.zero_pages += c.zero;
       this.stats.dup_pages += c.dup;
       this.stats.skipped_pages += c.skipped;

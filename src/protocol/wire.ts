@@ -40,7 +40,7 @@ export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
   writeNow(buffers: Buffer[]): number;
   readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
-  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags?: number, probe?: WrittenProbe): Promise<SendCounts>;
+  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags?: number, probe?: WrittenProbe, now?: boolean): Promise<SendCounts>;
   sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
   read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
   finish(timeoutMs: number): Promise<void>;
@@ -187,11 +187,19 @@ export class WireChannel {
   /**
    * Sends pages straight from the region: PAGES frames, or with `flags` (SEND_ZERO, SEND_DEDUP;
    * needs `dedup`) PAGES_ENC frames with zero/dup/raw pages chosen in place. With `probe`, raw
-   * pages that provably went out as hashed enter the dedup index (see native/wire.cc).
+   * pages that provably went out as hashed enter the dedup index (see native/wire.cc). With
+   * `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go from the calling thread (the
+   * last pages, inside the pause).
    */
-  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags = 0, probe?: WrittenProbe): Promise<SendCounts> {
+  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags = 0, probe?: WrittenProbe, now = false): Promise<SendCounts> {
     if (batchPages < 1 || batchPages > MAX_BATCH_PAGES) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
     if (flags !== 0 && dedup === undefined) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'encoded frames need the dedup index', { phase: 'precopy' });
+    if (now && pages.length <= SEND_NOW_PAGES && this.#writesPending === 0 && !this.#writeFailure && !this.#closed) {
+      return this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes, dedup, flags, probe, true).catch((e: unknown) => {
+        this.#writeFailure ??= fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', 'sending pages');
+        throw this.#writeFailure;
+      });
+    }
     return this.#write('sending pages', () => this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes, dedup, flags, probe));
   }
 
@@ -365,6 +373,8 @@ export class WireChannel {
 
 /** frames up to this size may be written from the calling thread (see send) */
 const SEND_NOW_MAX = 64 * 1024;
+/** pages a sendPages call may send from the calling thread (4 MiB: well under a millisecond) */
+const SEND_NOW_PAGES = 1024;
 
 /** The parts of a frame after its first `sent` bytes. */
 function remainder(parts: Buffer[], sent: number): Buffer[] {
