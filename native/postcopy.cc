@@ -81,10 +81,15 @@ Napi::Value DropPageTables(const Napi::CallbackInfo& info) {
 Napi::Value PackBits(const Napi::CallbackInfo& info) {
   Napi::Uint8Array in = info[0].As<Napi::Uint8Array>();
   size_t n = in.ElementLength();
+  const uint8_t* src = in.Data();
   Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(info.Env(), (n + 7) / 8);
-  std::memset(out.Data(), 0, out.Length());
-  for (size_t p = 0; p < n; p++)
-    if (in[p]) out.Data()[p >> 3] |= static_cast<uint8_t>(1u << (p & 7));
+  uint8_t* dst = out.Data();
+  // eight entries a bitmap byte, on raw pointers: this runs inside a pause (262144 entries a GiB)
+  for (size_t b = 0; b < out.Length(); b++) {
+    uint8_t v = 0;
+    for (size_t k = 0; k < 8 && 8 * b + k < n; k++) v |= static_cast<uint8_t>((src[8 * b + k] != 0) << k);
+    dst[b] = v;
+  }
   return out;
 }
 
@@ -97,15 +102,21 @@ Napi::Value UnpackBits(const Napi::CallbackInfo& info) {
   if (bits.ElementLength() != 0 && bits.ElementLength() < (n + 7) / 8) throw Napi::RangeError::New(env, "bitmap shorter than its count");
   if (info[2].IsTypedArray() && info[2].As<Napi::Uint8Array>().ElementLength() != n) throw Napi::RangeError::New(env, "into must hold count bytes");
   Napi::Uint8Array out = info[2].IsTypedArray() ? info[2].As<Napi::Uint8Array>() : Napi::Uint8Array::New(env, n);
-  double set = 0;
-  for (size_t p = 0; p < n && bits.ElementLength() != 0; p++) {
-    out[p] = (bits[p >> 3] >> (p & 7)) & 1;
-    set += out[p];
+  uint8_t* dst = out.Data();
+  uint64_t set = 0;
+  if (bits.ElementLength() == 0) {
+    std::memset(dst, 0, n);
+  } else {
+    const uint8_t* src = bits.Data();
+    for (size_t p = 0; p < n; p++) {
+      uint8_t v = (src[p >> 3] >> (p & 7)) & 1;
+      dst[p] = v;
+      set += v;
+    }
   }
-  if (bits.ElementLength() == 0) std::memset(out.Data(), 0, n);
   Napi::Object r = Napi::Object::New(env);
   r.Set("bytes", out);
-  r.Set("set", set);
+  r.Set("set", static_cast<double>(set));
   return r;
 }
 

@@ -71,10 +71,16 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     // where first touches of fresh memory cost ~15 us per 4 KiB page on this host)
     stateRef_ = Napi::Persistent(st);
     state_ = st.Data();
+    // locals only: a store through a uint8_t* may alias any member, which kept this loop from
+    // being vectorised and cost ~0.8 ms of the pause for 1 GiB
+    uint8_t* st8 = state_;
+    uint64_t arrived = 0;
     for (uint64_t p = 0; p < pages_; p++) {
-      state_[p] = state_[p] ? kMissing : kArrived;
-      arrived_ += state_[p] == kArrived;
+      uint8_t v = st8[p] ? kMissing : kArrived;
+      st8[p] = v;
+      arrived += v == kArrived;
     }
+    arrived_ = arrived;
     hashesRef_ = Napi::Persistent(h);
     hashes_ = h.Data();
     version_ = static_cast<uint8_t>(info[5].As<Napi::Number>().Uint32Value());

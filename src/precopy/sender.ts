@@ -340,6 +340,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       const server = new PageServer(region, allPages, version, round + 1, batchPages);
       state = 'stop-and-copy';
       const tPause = now();
+      trace('source: pause requested (post-copy)');
       const deviceState = await pauseGuest().catch((e: unknown) => {
         prio.close();
         throw e;
@@ -354,7 +355,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         pagesNeeded = stale.length;
         server.setNeeded(needed);
       }
+      trace('source: guest paused (post-copy)');
       await channel.send(encodeDeviceState(deviceState, version));
+      trace('source: device state sent (post-copy)');
       let downtime = 0;
       const tPc = now();
       const pc = await runPostcopy({
@@ -372,6 +375,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         onRunning: () => {
           state = 'postcopy';
           downtime = now() - tPause;
+          trace('source: POSTCOPY_RUNNING received');
           progress({ type: 'activated', downtime_ms: downtime });
           // tracking is over (the source is paused for good); stopping it is not the guest's pause
           if (mode !== 'postcopy') void tracker!.stop().catch(() => undefined);

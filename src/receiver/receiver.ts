@@ -142,7 +142,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     const populated = region.populateAsync(true);
     populated.catch(() => undefined); // awaited below, after onReserved
     const postcopyCap = version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
-    await options.onReserved?.(region, !postcopyCap ? 'no' : h.capabilities.includes(CAP_POSTCOPY_PLANNED) ? 'planned' : 'possible');
+    const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
+    await options.onReserved?.(region, !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible');
     await populated;
     const reserveMs = performance.now() - t0;
     progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
@@ -215,9 +216,12 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
             prepared = options.prepare(region, deviceState);
             prepared.catch(() => undefined); // awaited at COMMIT or POSTCOPY
           }
-          // the last pages came before the device state: the digest is known while COMMIT is on its way
-          digestAt = pagesReceived;
-          digest = addon.digestTable(hashes);
+          // the last pages came before the device state: the digest is known while COMMIT is on its
+          // way (post-copy from the start ends with a digest of its own: none is due here)
+          if (!postcopyPlanned) {
+            digestAt = pagesReceived;
+            digest = addon.digestTable(hashes);
+          }
           trace('receiver: guest preparing, digest computed');
           break;
         case FrameType.Commit: {
@@ -256,6 +260,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           if (!postcopyCap || !options.postcopy) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
           if (state !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY while ${state}`);
           if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
+          trace('receiver: POSTCOPY received');
           // the priority connection's ATTACH travels on its own stream: it may not be read yet
           const prio = await attachedPrio(attached, PRIO_ATTACH_WAIT_MS);
           const unpacked = addon.unpackBits(decodePostcopy(f.payload, region.pageCount).needed, region.pageCount, neededTable);
@@ -264,12 +269,15 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
           // From here the guest runs here: the source never resumes it (point of commitment).
           const ta = performance.now();
           const reg = await options.postcopy.register(region);
+          trace('receiver: registered');
           faults = new FaultService(region, reg.uffd, reg.address, needed, hashes, version);
           faults.start();
           faults.attach(ch.fd, prio.fd);
           prio.handOff();
           attached.prio = undefined;
+          trace('receiver: fault service started');
           await options.activate(region, deviceState);
+          trace('receiver: guest activated (post-copy)');
           state = 'postcopy';
           const activateMs = performance.now() - ta;
           await ch.send(encodePostcopyRunning({ activateMs }, version));
