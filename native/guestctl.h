@@ -16,4 +16,7 @@ struct GuestGate {
 
 GuestGate& TheGuestGate();
 
+// native/sched.cc: a slice of `ns` (0: the default) for the calling thread; false if refused
+bool SetThreadSlice(uint64_t ns);
+
 }  // namespace livemig

@@ -47,6 +47,31 @@ uint64_t ReadSlice(pid_t tid) {
   return slice;
 }
 
+}  // namespace
+
+// Asks for `ns`-long slices (0: the default) for the calling thread only; false when the
+// kernel refused. For a thread that only waits for control messages and must answer at once.
+bool SetThreadSlice(uint64_t ns) {
+  pid_t tid = static_cast<pid_t>(syscall(SYS_gettid));
+  int policy = sched_getscheduler(tid);
+  if (policy != SCHED_OTHER && policy != SCHED_BATCH) return false;
+  errno = 0;
+  int nice = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+  if (errno != 0) return false;
+  SchedAttr a{};
+  a.size = sizeof a;
+  a.policy = static_cast<uint32_t>(policy);
+  a.nice = nice;
+  a.runtime = ns;
+  return syscall(SYS_sched_setattr, tid, &a, 0) == 0;
+}
+
+namespace {
+
+Napi::Value SetThreadSliceJs(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), SetThreadSlice(ToU64(info[0])));
+}
+
 Napi::Object ResultObject(Napi::Env env, uint32_t threads, bool applied) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("threads", Napi::Number::New(env, threads));
@@ -98,6 +123,7 @@ Napi::Value SetShortSlices(const Napi::CallbackInfo& info) {
 
 void InitSched(Napi::Env env, Napi::Object exports) {
   exports.Set("setShortSlices", Napi::Function::New(env, SetShortSlices));
+  exports.Set("setThreadSlice", Napi::Function::New(env, SetThreadSliceJs));
 }
 
 }  // namespace livemig

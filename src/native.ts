@@ -98,6 +98,7 @@ interface Addon {
   packBits(bytes: Uint8Array): Buffer;
   unpackBits(bits: Uint8Array, count: number, into?: Uint8Array): { bytes: Uint8Array; set: number };
   setShortSlices(ns: number): { threads: number; applied: boolean };
+  setThreadSlice(ns: number): boolean;
   socketPair(): [number, number];
   controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): { tag: number; body: Buffer };
   controlSend(fd: number, tag: number, body?: Buffer): void;

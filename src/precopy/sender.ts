@@ -433,25 +433,27 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const tCollected = now();
     const lastPages = mergePages(pending, final);
     const lastBytes = (await sendRound(round + 1, lastPages, true)).bytes;
-    await channel.send(encodeDeviceState(deviceState, version));
-    const tSent = now();
-    trace(`source: last ${lastPages.length} pages and device state sent`);
-
-    state = 'commit';
     const digest = addon.digestTable(hashes);
+    let tSent: number;
     let tCommitted: number;
     let activated: ReturnType<typeof decodeActivated>;
     if (accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
-      // One round trip: the destination checks the digest and activates at once. Sending this
-      // COMMIT is the point of commitment; an ERROR back means it did not activate.
+      // The device state and COMMIT in one write: the destination wakes once, hands the state to
+      // its guest and checks the digest back to back. COMMIT is the point of commitment, and it
+      // is the write's last bytes: a write that failed did not deliver it whole, so the guest
+      // may still resume here; once the write is done, an ERROR back means it did not activate.
+      await channel.send([encodeDeviceState(deviceState, version), encodeCommit({ digest, pageCount: region.pageCount, activate: true }, version)]);
       state = 'activating';
-      await channel.send(encodeCommit({ digest, pageCount: region.pageCount, activate: true }, version));
-      trace('source: COMMIT sent');
+      tSent = now();
+      trace(`source: last ${lastPages.length} pages, device state and COMMIT sent`);
       activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
       tCommitted = now();
       progress({ type: 'committed', digest: digest.toString(16) });
       progress({ type: 'stop-and-copy', pages: lastPages.length, bytes: lastBytes });
     } else {
+      await channel.send(encodeDeviceState(deviceState, version));
+      tSent = now();
+      state = 'commit';
       await channel.send(encodeCommit({ digest, pageCount: region.pageCount }, version));
       const ack = decodeCommitAck((await channel.expect(FrameType.CommitAck, (f) => peerError(f, 'commit'))).payload);
       if (ack.digest !== digest) throw new LivemigError('ERR_LIVEMIG_DIGEST', `destination acknowledged digest ${ack.digest.toString(16)}, ours is ${digest.toString(16)}`, { phase: 'commit' });

@@ -133,7 +133,11 @@ if (values.incoming) {
   else await early.nativeHandle.populateAsync();
   trace('incoming guest: populated');
   process.send!({ op: 'ready', ...(registered ? { registered } : {}) });
+  // while it only waits to be told to go, the main thread answers at once (a short slice, as
+  // the control thread has); running, it is a vCPU with the default slice again
+  addon.setThreadSlice(100_000);
   state = waitForGo(Number(values['go-fd']), early);
+  addon.setThreadSlice(0);
   trace('incoming guest: running');
   region = early;
   st[0] = BigInt(state.xs);
