@@ -109,6 +109,14 @@ int ReadMessage(int fd, uint8_t* tag, std::vector<uint8_t>* body, double deadlin
   return len ? ReadExact(fd, body->data(), len, deadline) : 0;
 }
 
+// {tag, body} for JavaScript
+Napi::Object MessageObject(Napi::Env env, uint8_t tag, const std::vector<uint8_t>& body) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("tag", Napi::Number::New(env, tag));
+  o.Set("body", Napi::Buffer<uint8_t>::Copy(env, body.data(), body.size()));
+  return o;
+}
+
 void SendRequest(Napi::Env env, int fd, uint8_t tag, Napi::Value bodyValue) {
   const uint8_t* body = nullptr;
   size_t len = 0;
@@ -125,10 +133,7 @@ Napi::Value ReceiveReply(Napi::Env env, int fd, double timeoutMs) {
   std::vector<uint8_t> body;
   int err = ReadMessage(fd, &tag, &body, NowMs() + timeoutMs);
   if (err) throw MakeSysError(env, "recv", err, "control reply");
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("tag", Napi::Number::New(env, tag));
-  o.Set("body", Napi::Buffer<uint8_t>::Copy(env, body.data(), body.size()));
-  return o;
+  return MessageObject(env, tag, body);
 }
 
 // controlSend(fd, tag, body?): one request, written at once (the peer reads its socket all the
@@ -232,10 +237,7 @@ Napi::Value WaitCommand(const Napi::CallbackInfo& info) {
   int err = ReadMessage(fd, &req, &body, -1);
   if (err == ECONNRESET) return env.Null();
   if (err) throw MakeSysError(env, "recv", err, "waiting for a command");
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("tag", Napi::Number::New(env, req));
-  o.Set("body", Napi::Buffer<uint8_t>::Copy(env, body.data(), body.size()));
-  return o;
+  return MessageObject(env, req, body);
 }
 
 // replyCommand(fd, tag, body?)

@@ -41,6 +41,18 @@ constexpr uint16_t kMagic = 0x4D4C;
 constexpr size_t kHeaderBytes = 12;
 constexpr uint8_t kTypePages = 4;
 constexpr uint8_t kTypePagesEnc = 13;
+
+// Frame header and the pages prefix (round, count) of a PAGES or PAGES_ENC frame.
+inline void PutPagesHead(uint8_t* h, uint8_t version, uint8_t type, uint64_t payload, uint32_t round, uint32_t count) {
+  h[0] = kMagic & 0xff;
+  h[1] = kMagic >> 8;
+  h[2] = version;
+  h[3] = type;
+  h[4] = h[5] = h[6] = h[7] = 0;
+  Put32(h + 8, static_cast<uint32_t>(payload));
+  Put32(h + 12, round);
+  Put32(h + 16, count);
+}
 constexpr size_t kPrefixBytes = 8;
 constexpr size_t kPageSize = 4096;
 
@@ -642,15 +654,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
         }
         if (kept == 0) continue;
         if (flags) overhead += nowNs() - t0;
-        uint8_t* h = head.data();
-        h[0] = kMagic & 0xff;
-        h[1] = kMagic >> 8;
-        h[2] = version;
-        h[3] = type;
-        h[4] = h[5] = h[6] = h[7] = 0;
-        Put32(h + 8, static_cast<uint32_t>(payload));
-        Put32(h + 12, round);
-        Put32(h + 16, static_cast<uint32_t>(kept));
+        PutPagesHead(head.data(), version, type, payload, round, static_cast<uint32_t>(kept));
         if (!SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) break;
         c.bytes += static_cast<double>(kHeaderBytes + payload);
         if (!flags) {
@@ -781,14 +785,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
                 break;  // kZero: no body
             }
           }
-          h[0] = kMagic & 0xff;
-          h[1] = kMagic >> 8;
-          h[2] = version;
-          h[3] = kTypePagesEnc;
-          h[4] = h[5] = h[6] = h[7] = 0;
-          Put32(h + 8, static_cast<uint32_t>(payload));
-          Put32(h + 12, round);
-          Put32(h + 16, static_cast<uint32_t>(c));
+          PutPagesHead(h, version, kTypePagesEnc, payload, round, static_cast<uint32_t>(c));
           if (SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err)) bytes = static_cast<double>(kHeaderBytes + payload);
         },
         [](Napi::Env env2, double& bytes) -> Napi::Value { return Napi::Number::New(env2, bytes); },

@@ -102,6 +102,16 @@ export class Chooser {
     return faster;
   }
 
+  /**
+   * Plain frames have won outright: compression cannot help on this link, in-place encoding
+   * leaves out next to nothing, and plain runs are at least as fast. The rest of a round then
+   * goes in one call, as with encodings off (a probe at the next round's start re-checks).
+   */
+  settledPlain(): boolean {
+    if (!this.compressionOutOfReach() || this.inPlaceRate === undefined || this.plainRate === undefined) return false;
+    return (this.savedShare ?? 0) < NOTHING_SAVED && !this.inPlacePays();
+  }
+
   /** `pages` went out encoded (in place or compressed), of which `saved` needed no body. */
   encoded(pages: number, saved: number): void {
     if (pages >= 64) this.savedShare = ewma(this.savedShare, saved / pages);

@@ -128,7 +128,8 @@ export class PageEncoder {
       this.#lastPath = path;
       // the first runs are short: the chooser learns the link and the content sooner
       const runBatches = this.#runs++ < LEARNING_RUNS ? LEARNING_RUN_BATCHES : this.#runBatches;
-      const part = pages.subarray(at, Math.min(pages.length, at + (compress ? COMPRESS_RUN : runBatches) * this.#batchPages));
+      const toEnd = path === 'plain' && this.chooser.settledPlain();
+      const part = pages.subarray(at, toEnd ? pages.length : Math.min(pages.length, at + (compress ? COMPRESS_RUN : runBatches) * this.#batchPages));
       at += part.length;
       if (compress) bytes += await this.#sendCompressed(round, part);
       else {
