@@ -14,7 +14,8 @@ function fed(savedShare: number, inPlaceRate: number, plainRate: number, linkMBp
 test('plain frames are settled only where nothing else can win: a fast link, nothing saved in place, plain faster', () => {
   assert.equal(fed(0, 100, 120, 3000).settledPlain(), true, 'loopback, random pages');
   assert.equal(fed(0.4, 100, 120, 3000).settledPlain(), false, 'in place leaves out 40%: it stays in play');
-  assert.equal(fed(0, 130, 120, 3000).settledPlain(), false, 'in place measured faster');
+  assert.equal(fed(0, 250, 120, 3000).settledPlain(), true, 'saving nothing, in place is pure cost whatever its runs measured');
+  assert.equal(fed(0.05, 100, 120, 3000).settledPlain(), false, 'in place leaves out 5%: not settled');
   assert.equal(fed(0, 100, 120, 100).settledPlain(), false, 'a link slow enough for compression to matter');
   assert.equal(new Chooser({ zero: true, dedup: true, compress: true }).settledPlain(), false, 'nothing measured yet');
 });
