@@ -5,6 +5,7 @@
  * connection, pushed in the background on the main one.
  */
 import net from 'node:net';
+import { trace } from '../trace.js';
 import { LivemigError } from '../errors.js';
 import { addon } from '../native.js';
 import { FrameType, type Frame } from '../protocol/frame.js';
@@ -77,6 +78,8 @@ export async function runPostcopy(o: {
   /** created before the pause (its tables are allocated there), not attached yet */
   server: PageServer;
   channel: WireChannel;
+  /** the DEVICE_STATE frame: it goes in the same write as POSTCOPY */
+  deviceState: Buffer;
   prio: WireChannel;
   link: PostcopyLink;
   region: Region;
@@ -99,7 +102,10 @@ export async function runPostcopy(o: {
     // the server answers requests from the first fault on: attach before the switch
     server.attach({ pushFd: channel.fd, prioFd: o.prio.fd, close: () => o.prio.handOff() });
     const bitmap = bytesToBitmap(o.needed);
-    await channel.send(encodePostcopy({ needed: bitmap }, o.link.version));
+    // One write: the destination wakes once for the state and the switch. POSTCOPY is the point
+    // of commitment and the write's last bytes: a write that failed did not deliver it whole.
+    await channel.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
+    trace('source: device state and POSTCOPY sent');
     o.onCommitted();
     const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
     const tRunning = performance.now();

@@ -356,13 +356,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         server.setNeeded(needed);
       }
       trace('source: guest paused (post-copy)');
-      await channel.send(encodeDeviceState(deviceState, version));
-      trace('source: device state sent (post-copy)');
       let downtime = 0;
       const tPc = now();
       const pc = await runPostcopy({
         server,
         channel,
+        deviceState: encodeDeviceState(deviceState, version),
         prio,
         link: link!,
         region,
