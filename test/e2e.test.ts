@@ -179,3 +179,51 @@ test('the connection cut during stop-and-copy resumes the guest on the source', 
     guest.kill();
   }
 });
+
+test('a device state the destination guest refuses fails the migration before commitment, and the source resumes', async () => {
+  const guest = await SourceGuest.spawn(guestOpts);
+  let incoming: IncomingGuest | undefined;
+  let activated = false;
+  const rx = await listen('127.0.0.1', 0, {
+    onReserved: async (region) => {
+      incoming = new IncomingGuest(region);
+      await incoming.ready;
+    },
+    onDiscard: () => incoming?.kill(),
+    prepare: (_region, deviceState) => incoming!.prepare(deviceState),
+    activate: async () => void (activated = true),
+  });
+  const rxOutcome = rx.next().then(
+    () => undefined,
+    (e: unknown) => e as LivemigError,
+  );
+  try {
+    let resumed = 0;
+    await assert.rejects(
+      migrate({
+        region: guest.region,
+        target: guest.target!,
+        to: { host: '127.0.0.1', port: rx.port },
+        // a state from some other guest: the destination's guest cannot load it
+        pause: async () => {
+          await guest.pause();
+          return Buffer.from(JSON.stringify({ version: 7 }));
+        },
+        resume: async () => {
+          resumed++;
+          await guest.resume();
+        },
+        release: () => guest.exit(),
+      }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_REFUSED' && /ERR_LIVEMIG_GUEST: the incoming guest refused 'S'.*version 7/.test(e.message),
+    );
+    assert.equal(resumed, 1, 'the source guest was resumed once');
+    assert.equal(activated, false, 'nothing was activated at the destination');
+    const rxErr = await rxOutcome;
+    assert.equal(rxErr?.code, 'ERR_LIVEMIG_GUEST');
+    await assertSourceIntact(guest);
+  } finally {
+    incoming?.kill();
+    guest.kill();
+  }
+});
