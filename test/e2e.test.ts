@@ -225,5 +225,6 @@ test('a device state the destination guest refuses fails the migration before co
   } finally {
     incoming?.kill();
     guest.kill();
+    await rx.close();
   }
 });
