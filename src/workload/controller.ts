@@ -175,7 +175,8 @@ interface GuestMessage {
 
 /**
  * A destination guest started ahead of activation (like a hypervisor started with -incoming):
- * it holds the region's fd and is ready; activate() hands it the state and waits until it runs.
+ * it holds the region's fd, maps it, and then waits on its go socket: prepare() hands it the
+ * state before the source commits, activate() starts it with one byte and waits until it runs.
  */
 export class IncomingGuest {
   readonly child: ChildProcess;

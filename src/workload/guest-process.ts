@@ -1,11 +1,13 @@
-#!/usr/bin/env node
 /**
- * The reference guest: a process that owns a memfd region with CONTENT.md's content and
- * writes to it at a given rate, emitting one heartbeat per millisecond (UDP, to an observer).
+ * The reference guest (entry: guest.ts, which switches on eager compilation first): a process
+ * that owns a memfd region with CONTENT.md's content and writes to it at a given rate, emitting
+ * one heartbeat per millisecond (UDP, to an observer).
  *
  * Source mode (default): creates and fills its region, registers its own mapping for
- * write-protect tracking, hands the memfd to livemig over --socket, then obeys JSON-line
- * commands there: pause (answers with its state), resume, exit.
+ * write-protect tracking, hands the memfd to livemig over --socket together with a fast control
+ * socket (pause/resume answered by a native thread, see docs/HANDOVER.md), then obeys JSON-line
+ * commands on --socket: pause (answers with its state), resume, state, throttle, exit.
+ * Incoming mode (--incoming, --go-fd): started warm on the destination; see waitForGo below.
  * Resume mode (--resume): adopts the region on fd 3 and the state in --state-file, verifies
  * every page against its model (heartbeats go on meanwhile; writes wait), reports the result,
  * then continues writing where the source stopped.
