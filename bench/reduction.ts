@@ -57,6 +57,7 @@ for (const linkName of values.links!.split(',')) {
           for (const [name, enc] of order) {
             const r = await runDemo({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 }, 20, 30, undefined, false, enc, [], at);
             results[name]!.push(r);
+            if (process.env.BENCH_VERBOSE) console.error(name, r.prep_ms, r.total_ms);
           }
         }
         for (const name of ['off', 'on'] as const) {
