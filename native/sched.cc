@@ -12,6 +12,7 @@
 #include <cstdlib>
 
 #include "common.h"
+#include "guestctl.h"
 
 namespace livemig {
 namespace {
@@ -64,6 +65,42 @@ bool SetThreadSlice(uint64_t ns) {
   a.nice = nice;
   a.runtime = ns;
   return syscall(SYS_sched_setattr, tid, &a, 0) == 0;
+}
+
+bool MayLeaveIdle() {
+  if (geteuid() == 0) return true;
+  // an unprivileged thread leaves SCHED_IDLE only for a nice value its RLIMIT_NICE allows
+  rlimit r{};
+  if (getrlimit(RLIMIT_NICE, &r) != 0) return false;
+  errno = 0;
+  int nice = getpriority(PRIO_PROCESS, 0);
+  return errno == 0 && r.rlim_cur != RLIM_INFINITY ? static_cast<int>(r.rlim_cur) >= 20 - nice : errno == 0;
+}
+
+uint32_t SetOtherThreadsIdle(bool idle) {
+  pid_t self = static_cast<pid_t>(syscall(SYS_gettid));
+  DIR* dir = opendir("/proc/self/task");
+  if (!dir) return 0;
+  uint32_t changed = 0;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    pid_t tid = static_cast<pid_t>(std::atoi(e->d_name));
+    if (tid == self) continue;
+    int policy = sched_getscheduler(tid);
+    // only fair-class threads move, and back only those this moved (no other thread here runs
+    // SCHED_IDLE on purpose); ESRCH (ended meanwhile) shows as -1 and is skipped
+    if (idle ? policy != SCHED_OTHER && policy != SCHED_BATCH : policy != SCHED_IDLE) continue;
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+    if (errno != 0) continue;
+    SchedAttr a{};
+    a.size = sizeof a;
+    a.policy = idle ? SCHED_IDLE : SCHED_OTHER;
+    a.nice = nice;
+    if (syscall(SYS_sched_setattr, tid, &a, 0) == 0) changed++;
+  }
+  closedir(dir);
+  return changed;
 }
 
 namespace {

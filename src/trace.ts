@@ -4,15 +4,28 @@
  * stamped with CLOCK_MONOTONIC (the same clock in every process on the host). Observers in the
  * same process can subscribe to the `livemig:trace` diagnostics channel instead.
  */
-import { appendFileSync } from 'node:fs';
+import { openSync, writeSync } from 'node:fs';
 import diagnostics_channel from 'node:diagnostics_channel';
 
 const channel = diagnostics_channel.channel('livemig:trace');
 const file = process.env['LIVEMIG_TRACE'];
+// opened once: an open and close per line would cost more than some of the steps it times
+let fd: number | undefined;
 
 export function trace(event: string): void {
+  traceLine(event);
+}
+
+function traceLine(event: string): void {
   if (!file && !channel.hasSubscribers) return;
   const ms = Number(process.hrtime.bigint() / 1000n) / 1000;
   if (channel.hasSubscribers) channel.publish({ ms, event });
-  if (file) appendFileSync(file, `${ms.toFixed(3)} ${process.pid} ${event}\n`);
+  if (file) {
+    fd ??= openSync(file, 'a');
+    writeSync(fd, `${ms.toFixed(3)} ${process.pid} ${event}\n`);
+  }
 }
+
+// the first line is written at start-up: writing compiles Node's file functions, which must not
+// happen for the first time inside a pause being timed
+if (file) traceLine(`trace: ${process.argv.slice(1).join(' ')}`);

@@ -13,11 +13,27 @@ import { preferShortSlices, defaultSlices } from '../src/sched.js';
 import { IncomingGuest } from '../src/workload/controller.js';
 import { LivemigError } from '../src/errors.js';
 import { tcpPair } from './helpers.js';
+import { readdirSync, readFileSync } from 'node:fs';
+
+/** Scheduling policy of each thread of this process (field 41 of /proc/self/task/TID/stat). */
+function threadPolicies(): number[] {
+  const out: number[] = [];
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+      out.push(Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[41 - 3]));
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return out;
+}
+const SCHED_IDLE = 5;
 
 const P = 0x50;
 const R = 0x52;
 
-test('a pause through the control thread stops writes and beats, and answers the run state of that moment', () => {
+test('a pause through the control thread stops writes and beats, and answers the run state of that moment', async () => {
   // this file's process is the "guest": the gate is process-wide
   const region = Region.create(16 * 4096, { name: 'gate' });
   const st = new BigUint64Array([12345n, 0n, 7n]);
@@ -33,6 +49,13 @@ test('a pause through the control thread stops writes and beats, and answers the
     assert.equal(run[1], 100n);
     assert.equal(run[2], 8n);
     assert.equal(addon.gatePaused(), true);
+    if (process.getuid?.() === 0) {
+      // paused, every other thread of the guest runs only on otherwise idle CPUs (set just
+      // after the answer: wait for it)
+      for (let i = 0; i < 200 && threadPolicies().filter((p) => p === SCHED_IDLE).length < threadPolicies().length - 1; i++) await new Promise((r) => setTimeout(r, 5));
+      const idle = threadPolicies().filter((p) => p === SCHED_IDLE).length;
+      assert.equal(idle, threadPolicies().length - 1, 'all but the control thread are SCHED_IDLE while paused');
+    }
     const before = Buffer.from(region.view());
     assert.equal(addon.guestWrite(region.nativeHandle, st, 100, 16, false), 0, 'no write passes a closed gate');
     assert.equal(addon.gateBeat(st), -1, 'a paused guest does not beat');
@@ -41,6 +64,7 @@ test('a pause through the control thread stops writes and beats, and answers the
 
     assert.equal(String.fromCharCode(addon.controlRequest(theirs, R, 2000).tag), 'r');
     assert.equal(addon.gatePaused(), false);
+    assert.equal(threadPolicies().filter((p) => p === SCHED_IDLE).length, 0, 'resumed, no thread is left SCHED_IDLE');
     assert.equal(addon.guestWrite(region.nativeHandle, st, 10, 16, false), 10);
     assert.equal(String.fromCharCode(addon.controlRequest(theirs, 0x21, 2000).tag), 'e', 'an unknown request is answered, not ignored');
     assert.throws(() => addon.controlRequest(theirs, P, 2000, Buffer.alloc(5000)), /longer than 4096/);

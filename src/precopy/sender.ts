@@ -8,6 +8,8 @@
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { trace } from '../trace.js';
+import { warmUpRuntime } from '../warmup.js';
+import { warmUpProtocol } from '../protocol/warmup.js';
 import { addon } from '../native.js';
 import { WireChannel, type NativeDedup } from '../protocol/wire.js';
 import { PageEncoder } from '../encoding/encoder.js';
@@ -146,6 +148,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
     }
     const version = accept.version;
+    // the hand-over's code paths run once now, not for the first time inside the pause
+    warmUpRuntime();
+    warmUpProtocol(version);
     const link: PostcopyLink | undefined =
       accept.capabilities.includes(CAP_POSTCOPY) && accept.session
         ? { session: accept.session, version, connect: options.connect ?? (() => connect(options.to instanceof net.Socket ? (() => { throw invalid('post-copy needs `connect` (a way to open more connections) when `to` is a socket'); })() : options.to)) }
@@ -348,7 +353,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       let needed = allPages;
       let pagesNeeded = region.pageCount;
       if (mode !== 'postcopy') {
-        const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
+        // the last collect: the guest stays paused until it runs elsewhere or resumes after a failure
+    // (when the migration is over and tracking stops), so nothing needs protecting again
+    const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync({ rearm: false }) : await tracker.collect();
         const stale = mergePages(pending, final);
         needed = new Uint8Array(region.pageCount);
         for (const p of stale) needed[p] = 1;
@@ -428,20 +435,28 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const deviceState = await pauseGuest();
     const tPaused = now();
     trace('source: guest paused');
-    const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync() : await tracker.collect();
+    // the last collect: the guest stays paused until it runs elsewhere or resumes after a failure
+    // (when the migration is over and tracking stops), so nothing needs protecting again
+    const final = tracker instanceof UffdAsyncTracker ? tracker.collectSync({ rearm: false }) : await tracker.collect();
     const tCollected = now();
+    trace('source: final collect done');
     const lastPages = mergePages(pending, final);
     const lastBytes = (await sendRound(round + 1, lastPages, true)).bytes;
-    const digest = addon.digestTable(hashes);
+    trace('source: last pages sent');
+    let digest: bigint;
     let tSent: number;
     let tCommitted: number;
     let activated: ReturnType<typeof decodeActivated>;
     if (accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
-      // The device state and COMMIT in one write: the destination wakes once, hands the state to
-      // its guest and checks the digest back to back. COMMIT is the point of commitment, and it
-      // is the write's last bytes: a write that failed did not deliver it whole, so the guest
-      // may still resume here; once the write is done, an ERROR back means it did not activate.
-      await channel.send([encodeDeviceState(deviceState, version), encodeCommit({ digest, pageCount: region.pageCount, activate: true }, version)]);
+      // The device state goes before our digest is known: the destination hands it to its guest
+      // and computes its own digest while we compute ours (each reads a table of 8 bytes per
+      // page: ~0.4 ms for 1 GiB here), instead of one after the other. COMMIT is the point of
+      // commitment: a write that failed did not deliver it whole, so the guest may still resume
+      // here; once the write is done, an ERROR back means it did not activate.
+      await channel.send(encodeDeviceState(deviceState, version));
+      digest = addon.digestTable(hashes);
+      trace('source: digest computed');
+      await channel.send(encodeCommit({ digest, pageCount: region.pageCount, activate: true }, version));
       state = 'activating';
       tSent = now();
       trace(`source: last ${lastPages.length} pages, device state and COMMIT sent`);
@@ -450,6 +465,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
       progress({ type: 'committed', digest: digest.toString(16) });
       progress({ type: 'stop-and-copy', pages: lastPages.length, bytes: lastBytes });
     } else {
+      digest = addon.digestTable(hashes);
       await channel.send(encodeDeviceState(deviceState, version));
       tSent = now();
       state = 'commit';

@@ -5,6 +5,8 @@
  * failure before that discards the region. Every frame is checked before it is used.
  */
 import { trace } from '../trace.js';
+import { warmUpRuntime } from '../warmup.js';
+import { warmUpProtocol } from '../protocol/warmup.js';
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync } from '../native.js';
@@ -180,6 +182,9 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions): Pr
     const neededTable = session ? new Uint8Array(region.pageCount).fill(1) : undefined;
     await ch.send(encodeAccept({ version, capabilities: caps, ...(session ? { session } : {}) }, version));
     if (imageHashes) await ch.send(encodeImageHashes(hashes, version));
+    // the hand-over's code paths run once now, not for the first time inside the pause
+    warmUpRuntime();
+    warmUpProtocol(version);
 
     state = 'receiving';
     let deviceState: Buffer | undefined;

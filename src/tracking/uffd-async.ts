@@ -105,10 +105,15 @@ export class UffdAsyncTracker implements DirtyTracker {
     );
   }
 
-  /** The same as collect(), on the calling thread: for the final collect while the guest is paused. */
-  collectSync(): Uint32Array {
+  /**
+   * The same as collect(), on the calling thread: for the final collect while the guest is paused.
+   * `rearm: false` leaves the pages it reports writable: no write-protection walk and no TLB
+   * shoot-down across CPUs inside the pause. Any later collect reports those pages again (a
+   * superset: nothing is missed), so only the last collect should skip it.
+   */
+  collectSync(options: { rearm?: boolean } = {}): Uint32Array {
     if (!this.#state.tracking) throw new LivemigError('ERR_LIVEMIG_STATE', 'uffd-async tracker: collectSync() while not tracking', { phase: 'tracking' });
-    return this.#scanSync();
+    return this.#scanSync(options.rearm ?? true);
   }
 
   writtenProbe(): WrittenProbe | undefined {
@@ -121,9 +126,9 @@ export class UffdAsyncTracker implements DirtyTracker {
     this.#closeAll();
   }
 
-  #scanSync(): Uint32Array {
+  #scanSync(rearm = true): Uint32Array {
     return call('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () =>
-      addon.pagemapScanSync(this.#pagemapFd, this.#address, this.#region.size, this.#region.pageSize, true),
+      addon.pagemapScanSync(this.#pagemapFd, this.#address, this.#region.size, this.#region.pageSize, rearm),
     );
   }
 

@@ -134,6 +134,8 @@ if (values.incoming) {
   // map and populate now, during pre-copy, so the activated guest runs at memory speed at once
   else await early.nativeHandle.populateAsync();
   trace('incoming guest: populated');
+  // the state check runs once now, not for the first time between 'S' and its answer
+  parseGuestState(Buffer.from(JSON.stringify({ version: 1, size: early.size, content: 'zero', seed: '1', pattern: 'uniform', span: 1, rate: 0, xs: '1', writes: '0', heartbeatSeq: 0, throttle: 0 } satisfies GuestState)));
   process.send!({ op: 'ready', ...(registered ? { registered } : {}) });
   // while it only waits to be told to go, the main thread answers at once (a short slice, as
   // the control thread has); running, it is a vCPU with the default slice again
