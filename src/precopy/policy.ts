@@ -10,7 +10,10 @@
  *   reaching one stops and copies with whatever is left (the downtime is reported). A stall
  *   detected in the same round acts first: the user chose what should happen then.
  * - Stall: in STALL_ROUNDS rounds in a row, what remains did not shrink by a tenth while
- *   not fitting the limit: the guest dirties as fast as we send. Then the stall policy acts:
+ *   not fitting the limit: the guest dirties as fast as we send. With the throttle policy, a
+ *   guest that dirtied more than half as fast as we sent (SLOW_SHARE) in STALL_ROUNDS rounds in
+ *   a row counts too, as with QEMU's throttle-trigger-threshold of 50%: it converges, but in so
+ *   many rounds that the migration takes several times longer. Then the stall policy acts:
  *   throttle (auto-converge, in steps of THROTTLE_STEP from THROTTLE_FIRST up to THROTTLE_MAX,
  *   like QEMU's cpu-throttle), postcopy, force (stop and copy now), or abort.
  * - Deadline: stop and copy when the next round could not finish in time but stopping now
@@ -20,6 +23,8 @@ export type StallAction = 'throttle' | 'postcopy' | 'force' | 'abort';
 
 export const STALL_ROUNDS = 2;
 const SHRINK = 0.9;
+/** with the throttle policy: a dirty rate above this share of the bandwidth is too slow to converge */
+export const SLOW_SHARE = 0.5;
 export const THROTTLE_FIRST = 20;
 export const THROTTLE_STEP = 10;
 export const THROTTLE_MAX = 99;
@@ -69,6 +74,7 @@ export class ConvergencePolicy {
   #bytesPerPage: number | undefined;
   #remaining: number[] = [];
   #stallRounds = 0;
+  #slowRounds = 0;
 
   constructor(options: PolicyOptions) {
     this.options = options;
@@ -94,6 +100,9 @@ export class ConvergencePolicy {
     const prev = this.#remaining.at(-1);
     this.#remaining.push(remaining);
     this.#stallRounds = prev !== undefined && remaining > prev * SHRINK ? this.#stallRounds + 1 : 0;
+    const dirtyMbps = (f.dirtiedPages * f.pageSize) / 1e3 / Math.max(f.durationMs, 0.001);
+    // counted like stalls, from the second round on (the first pass says little of a rate)
+    this.#slowRounds = prev !== undefined && dirtyMbps > SLOW_SHARE * f.mbps ? this.#slowRounds + 1 : 0;
 
     if (est <= o.downtimeLimitMs) {
       // It fits; but while another round is short (it sends what is left, which fits the limit)
@@ -117,11 +126,15 @@ export class ConvergencePolicy {
     // Once throttling, step up every round while the guest still dirties more than half of
     // what we send (QEMU's auto-converge steps each iteration too): on a slow link a round is
     // long, and waiting for a stall to show again costs seconds per step.
-    const dirtyMbps = (f.dirtiedPages * f.pageSize) / 1e3 / Math.max(f.durationMs, 0.001);
     if (o.onStall === 'throttle' && this.throttle > 0 && this.throttle < THROTTLE_MAX && dirtyMbps > 0.5 * f.mbps) {
       this.throttle = Math.min(THROTTLE_MAX, this.throttle + THROTTLE_STEP);
       this.#stallRounds = 0;
       return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ${100 - this.throttle}% of its writes` };
+    }
+    if (o.onStall === 'throttle' && this.throttle === 0 && this.#slowRounds >= STALL_ROUNDS && this.#stallRounds < STALL_ROUNDS) {
+      this.throttle = THROTTLE_FIRST;
+      this.#slowRounds = 0;
+      return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `converging too slowly: the guest dirtied ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent, more than ${SLOW_SHARE * 100}% for ${STALL_ROUNDS} rounds (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms); throttling the guest to ${100 - this.throttle}% of its writes` };
     }
     if (this.#stallRounds >= STALL_ROUNDS) {
       const why = `not converging: ${remaining} pages left after ${this.#stallRounds} rounds that did not shrink them by a tenth (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms)`;
