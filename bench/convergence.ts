@@ -55,6 +55,7 @@ for (const linkName of values.links!.split(',')) {
             total_ms: total,
             downtime_ms: median(rs.map((r) => r.downtime_ms)),
             guest_gap_ms: median(rs.map((r) => r.guest_gap_ms)),
+            guest_gap_preparation_ms: median(rs.map((r) => r.guest_gap_preparation_ms)),
             bytes_over_region: +(median(rs.map((r) => r.wire_bytes)) / size).toFixed(3),
             rounds: median(rs.map((r) => r.rounds)),
             stop_and_copy_pages: median(rs.map((r) => r.stop_and_copy.pages)),

@@ -44,7 +44,7 @@ const runs = Number(values.runs);
   for (let i = 0; i < runs; i++) {
     const r = await runDemo(g('mixed', 64), 20, 30);
     live.push(r);
-    emit({ bench: 'e2e', case: 'livemig_mixed_64_run', run: i, downtime_ms: r.downtime_ms, guest_gap_ms: r.guest_gap_ms, total_ms: r.total_ms, rounds: r.rounds, wire_bytes: r.wire_bytes, stop_and_copy: r.stop_and_copy, verified: r.verified });
+    emit({ bench: 'e2e', case: 'livemig_mixed_64_run', run: i, downtime_ms: r.downtime_ms, guest_gap_ms: r.guest_gap_ms, guest_gap_preparation_ms: r.guest_gap_preparation_ms, total_ms: r.total_ms, rounds: r.rounds, wire_bytes: r.wire_bytes, stop_and_copy: r.stop_and_copy, verified: r.verified });
   }
   const dt = median(live.map((r) => r.downtime_ms));
   emit({

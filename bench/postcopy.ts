@@ -32,7 +32,7 @@ for (const rate of values.rates!.split(',').map(Number)) {
     for (const mode of values.modes!.split(',')) (post[mode] ??= []).push(await runDemo(g, 50, 30, undefined, false, undefined, [], undefined, { mode: mode as 'postcopy' | 'hybrid' }));
   }
   const firstPass = median(pre.map((r) => r.per_round[0]?.duration_ms ?? r.total_ms));
-  emit({ bench: 'postcopy', case: 'precopy', write_mib_s: rate, total_ms: median(pre.map((r) => r.total_ms)), first_pass_ms: firstPass, downtime_ms: median(pre.map((r) => r.downtime_ms)), guest_gap_ms: median(pre.map((r) => r.guest_gap_ms)), bytes_over_region: +(median(pre.map((r) => r.wire_bytes)) / size).toFixed(3), verified: pre.every((r) => r.verified), runs });
+  emit({ bench: 'postcopy', case: 'precopy', write_mib_s: rate, total_ms: median(pre.map((r) => r.total_ms)), first_pass_ms: firstPass, downtime_ms: median(pre.map((r) => r.downtime_ms)), guest_gap_ms: median(pre.map((r) => r.guest_gap_ms)), guest_gap_preparation_ms: median(pre.map((r) => r.guest_gap_preparation_ms)), bytes_over_region: +(median(pre.map((r) => r.wire_bytes)) / size).toFixed(3), verified: pre.every((r) => r.verified), runs });
   for (const [mode, rs] of Object.entries(post)) {
     const d = (k: string): number => median(rs.map((r) => Number(r.destination_postcopy?.[k] ?? NaN)));
     const total = median(rs.map((r) => r.total_ms));
@@ -44,6 +44,7 @@ for (const rate of values.rates!.split(',').map(Number)) {
       total_over_precopy_first_pass: +(total / firstPass).toFixed(2),
       downtime_ms: median(rs.map((r) => r.downtime_ms)),
       guest_gap_ms: median(rs.map((r) => r.guest_gap_ms)),
+      guest_gap_preparation_ms: median(rs.map((r) => r.guest_gap_preparation_ms)),
       fault_latency_p50_us: d('fault_latency_p50_us'),
       fault_latency_p99_us: d('fault_latency_p99_us'),
       faults: d('faults'),

@@ -37,3 +37,8 @@ parentPort!.on('message', (job: Job) => {
   }
   parentPort!.postMessage({ ms: performance.now() - t0, input, output });
 });
+
+// lz4-napi's first call loads and sets up its allocator: done now, then the parent hears that
+// this worker can take jobs (it starts workers while the destination reserves, not mid-round)
+compressSync(Buffer.alloc(4096, 1));
+parentPort!.postMessage({ ready: true });

@@ -21,9 +21,16 @@ export interface CompressResult {
 class CompressWorker {
   readonly #worker = new Worker(WORKER);
   #pending: { resolve: (r: CompressResult) => void; reject: (e: Error) => void } | undefined;
+  /** resolves once the worker has loaded lz4-napi and compressed a page */
+  readonly ready: Promise<void>;
 
   constructor() {
-    this.#worker.on('message', (r: CompressResult) => {
+    let started: { resolve: () => void; reject: (e: Error) => void } | undefined;
+    this.ready = new Promise<void>((resolve, reject) => (started = { resolve, reject }));
+    this.ready.catch(() => undefined); // also reported to the job waiting on it, or by close()
+    this.#worker.on('error', (e) => started!.reject(e));
+    this.#worker.on('message', (r: CompressResult | { ready: true }) => {
+      if ('ready' in r) return started!.resolve();
       const p = this.#pending;
       this.#pending = undefined;
       p?.resolve(r);
@@ -72,6 +79,11 @@ export class Compressor {
     const results = await Promise.all(parts.map((p, w) => this.#workers[w]!.run(staging, output, lengths, p, pageSize)));
     // the workers' own time: a message's trip and a worker's start-up say nothing about lz4
     return { ms: Math.max(...results.map((r) => r.ms)), input: results.reduce((a, r) => a + r.input, 0), output: results.reduce((a, r) => a + r.output, 0) };
+  }
+
+  /** Waits until every worker can take a job. */
+  async ready(): Promise<void> {
+    await Promise.all(this.#workers.map((w) => w.ready));
   }
 
   async close(): Promise<void> {

@@ -283,6 +283,18 @@ export class PageEncoder {
     }
   }
 
+  /**
+   * Readies what the first round would otherwise set up in its first milliseconds, where it
+   * competes with the guest for the CPU: the compressor's threads (two V8 isolates) and the
+   * first touch of the staging buffers. The sender calls it while the destination reserves.
+   */
+  async prepare(): Promise<void> {
+    for (const set of [...this.#sets, this.#sampleSet]) for (const b of [set.staging, set.output, set.lengths]) new Uint8Array(b).fill(0);
+    if (!this.chooser.options.compress) return;
+    this.#compressor ??= new Compressor();
+    await this.#compressor.ready();
+  }
+
   async close(): Promise<void> {
     await this.#sampling;
     await this.#compressor?.close();

@@ -166,7 +166,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         : new BigUint64Array(region.pageCount).fill(addon.zeroPageHash());
       dedup.initImage(image);
     }
-    await populated;
+    // per-page tables and the encoder are set up (first touch included) while the destination
+    // reserves: in the first round they would take the CPU from the guest and the round
+    const hashes = new BigUint64Array(region.pageCount).fill(0n);
+    encoder = dedup ? new PageEncoder(region, channel, hashes, dedup, enc, version, batchPages, () => tracker?.writtenProbe?.()) : undefined;
+    await Promise.all([populated, encoder?.prepare()]);
     const prepMs = now() - tConnect;
     if (!tracker) {
       const choice = chooseTracker(region, options.target ? { target: options.target } : {});
@@ -178,10 +182,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     // Arm tracking before the first page is read: a write after this is caught by a later round.
     // (post-copy from the start has no rounds: nothing to track)
     if (mode !== 'postcopy') await tracker.start();
-    const hashes = new BigUint64Array(region.pageCount);
     const ch = channel;
-    const tracking = tracker;
-    encoder = dedup ? new PageEncoder(region, ch, hashes, dedup, enc, version, batchPages, () => tracking.writtenProbe?.()) : undefined;
     const pageEncoder = encoder;
     const sendPages = async (r: number, pages: Uint32Array, final: boolean): Promise<number> => {
       const n = pageEncoder ? await pageEncoder.send(r, pages, final) : (await ch.sendPages(region, pages, r, version, batchPages, hashes)).bytes;
