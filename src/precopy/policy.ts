@@ -14,8 +14,10 @@
  *   guest that dirtied more than half as fast as we sent (SLOW_SHARE) in STALL_ROUNDS rounds in
  *   a row counts too, as with QEMU's throttle-trigger-threshold of 50%: it converges, but in so
  *   many rounds that the migration takes several times longer. Then the stall policy acts:
- *   throttle (auto-converge, in steps of THROTTLE_STEP from THROTTLE_FIRST up to THROTTLE_MAX,
- *   like QEMU's cpu-throttle), postcopy, force (stop and copy now), or abort.
+ *   throttle (auto-converge from THROTTLE_FIRST up to THROTTLE_MAX, like QEMU's cpu-throttle,
+ *   in steps of at least THROTTLE_STEP that go straight to the level the guest's unthrottled
+ *   rate calls for, as QEMU's cpu-throttle-tailslow does in spirit), postcopy, force (stop and
+ *   copy now), or abort.
  * - Deadline: stop and copy when the next round could not finish in time but stopping now
  *   can; give up (source intact) when not even that fits.
  */
@@ -127,7 +129,12 @@ export class ConvergencePolicy {
     // what we send (QEMU's auto-converge steps each iteration too): on a slow link a round is
     // long, and waiting for a stall to show again costs seconds per step.
     if (o.onStall === 'throttle' && this.throttle > 0 && this.throttle < THROTTLE_MAX && dirtyMbps > 0.5 * f.mbps) {
-      this.throttle = Math.min(THROTTLE_MAX, this.throttle + THROTTLE_STEP);
+      // at least one step; further if the guest's unthrottled rate says one step cannot be
+      // enough: the level at which it would dirty a quarter of what we send (a guest writing 9x
+      // faster than a 1 Gbit/s link needs ~97%, nine steps away, each a long round)
+      const unthrottled = dirtyMbps / Math.max(0.01, 1 - this.throttle / 100);
+      const aim = Math.ceil(100 * (1 - (SLOW_SHARE / 2) * (f.mbps / unthrottled)));
+      this.throttle = Math.min(THROTTLE_MAX, Math.max(this.throttle + THROTTLE_STEP, aim));
       this.#stallRounds = 0;
       return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ${100 - this.throttle}% of its writes` };
     }

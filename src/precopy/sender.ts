@@ -57,6 +57,13 @@ const MODES = ['precopy', 'postcopy', 'hybrid'] as const;
  */
 const FIXED_STOP_COST_MS = 8;
 
+/**
+ * Longest a round after the first runs before the rest of its pages wait for the next: through
+ * 1 Gbit/s a pass over 1 GiB takes ~9 s, and a policy that acts once a round would step the
+ * throttle once every 9 s while the guest dirties the region again.
+ */
+const ROUND_BUDGET_MS = 1000;
+
 const now = (): number => performance.now();
 
 /** Errors the destination reported itself: it says it did not (and will not) activate. */
@@ -215,19 +222,21 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     });
     const deadlineAt = options.deadlineMs !== undefined ? tConnect + options.deadlineMs : undefined;
     /** Sends a round's pages in chunks, paced by the bucket; stops early if the deadline nears. */
-    const sendRound = async (r: number, pages: Uint32Array, final = false): Promise<{ bytes: number; unsent: Uint32Array }> => {
+    const sendRound = async (r: number, pages: Uint32Array, final = false, budgetMs?: number): Promise<{ bytes: number; unsent: Uint32Array }> => {
       // a page listed twice would be refused by the destination; say which list broke the rule
       const bad = firstOutOfOrder(pages);
       if (bad >= 0) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the page list of round ${r} is not ascending at ${bad} (${pages[bad - 1]}, ${pages[bad]})`, { phase: final ? 'stop-and-copy' : 'precopy' });
       let bytes = 0;
       let at = 0;
+      let tRoundStart: number | undefined;
       while (at < pages.length) {
         const rate = bucket?.bytesPerSecond;
         // chunks where the round may have to stop early: at a deadline, or at the byte bound
         const mayCross = !final && bytesSent + (pages.length - at) * region.pageSize > maxBytes;
-        const chunk = rate !== undefined ? Math.max(batchPages, Math.floor((rate * 0.02) / region.pageSize)) : deadlineAt !== undefined || mayCross ? 16 * batchPages : pages.length;
+        const chunk = rate !== undefined ? Math.max(batchPages, Math.floor((rate * 0.02) / region.pageSize)) : deadlineAt !== undefined || mayCross || budgetMs !== undefined ? 16 * batchPages : pages.length;
         const part = pages.subarray(at, at + chunk);
         const t0 = now();
+        tRoundStart ??= t0;
         const b = await sendPages(r, part, final);
         const t1 = now();
         // the link's rate shows in chunks that were mostly page bodies; chunks of skipped and
@@ -241,6 +250,9 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         }
         // the byte bound holds within a round too: the rest goes at the stop (the policy stops now)
         if (!final && bytesSent >= maxBytes && at < pages.length) break;
+        // a long round ends early (the rest joins the next one), so that the policy sees the
+        // guest's dirtying rate and can act every second, not once per slow pass
+        if (budgetMs !== undefined && at < pages.length && now() - tRoundStart >= budgetMs) break;
         // leave the rest to the stop-and-copy (or to giving up) rather than run out of time
         if (deadlineAt !== undefined && !final && at < pages.length) {
           const mbps = meter.mbps() ?? lightMeter.mbps() ?? 1;
@@ -257,7 +269,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     let switchToPostcopy = mode === 'postcopy';
     for (; !switchToPostcopy; ) {
       const t0 = now();
-      const { bytes, unsent } = await sendRound(round, pending);
+      // after the first pass (which must send everything anyway), a round expected to take
+      // longer than ROUND_BUDGET_MS is cut there
+      const knownMbps = round > 1 ? meter.mbps() ?? lightMeter.mbps() : undefined;
+      const long = knownMbps !== undefined && (pending.length * region.pageSize) / 1e3 / knownMbps > ROUND_BUDGET_MS;
+      const { bytes, unsent } = await sendRound(round, pending, false, long ? ROUND_BUDGET_MS : undefined);
       const sentPages = pending.length - unsent.length;
       await channel.send(encodeRoundEnd({ round, pages: sentPages }, version));
       const duration = now() - t0;
@@ -289,6 +305,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
         duration_ms: +duration.toFixed(3),
         mbps: +roundMbps.toFixed(1),
         bandwidth_mbps: +bandwidth.toFixed(1),
+        carried_pages: unsent.length,
         dirty_pages: dirty.length,
         dirty_pages_rate: +((dirty.length * 1000) / Math.max(duration, 0.001)).toFixed(0),
         dirty_mbps: +dirtyMbps.toFixed(1),

@@ -46,6 +46,11 @@ export interface RoundStats {
   mbps: number;
   /** bandwidth achieved over the last second of sending, MB/s: what the estimate uses */
   bandwidth_mbps: number;
+  /**
+   * pages of this round's list it did not send: a round after the first is cut after about a
+   * second, and at the byte bound or a nearing deadline; they join the next round (or the stop)
+   */
+  carried_pages: number;
   /** pages found dirty at the end of this round */
   dirty_pages: number;
   /** how fast the guest dirtied pages during the round: pages per second, and MB/s */
