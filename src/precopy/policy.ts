@@ -130,10 +130,10 @@ export class ConvergencePolicy {
     // long, and waiting for a stall to show again costs seconds per step.
     if (o.onStall === 'throttle' && this.throttle > 0 && this.throttle < THROTTLE_MAX && dirtyMbps > 0.5 * f.mbps) {
       // at least one step; further if the guest's unthrottled rate says one step cannot be
-      // enough: the level at which it would dirty a quarter of what we send (a guest writing 9x
-      // faster than a 1 Gbit/s link needs ~97%, nine steps away, each a long round)
+      // enough: the level at which it would dirty half of what we send, where stepping stops (a
+      // guest writing 9x faster than a 1 Gbit/s link needs ~95%, eight steps away, each a round)
       const unthrottled = dirtyMbps / Math.max(0.01, 1 - this.throttle / 100);
-      const aim = Math.ceil(100 * (1 - (SLOW_SHARE / 2) * (f.mbps / unthrottled)));
+      const aim = Math.ceil(100 * (1 - SLOW_SHARE * (f.mbps / unthrottled)));
       this.throttle = Math.min(THROTTLE_MAX, Math.max(this.throttle + THROTTLE_STEP, aim));
       this.#stallRounds = 0;
       return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ${100 - this.throttle}% of its writes` };
