@@ -128,7 +128,7 @@ export class ConvergencePolicy {
     // Once throttling, step up every round while the guest still dirties more than half of
     // what we send (QEMU's auto-converge steps each iteration too): on a slow link a round is
     // long, and waiting for a stall to show again costs seconds per step.
-    if (o.onStall === 'throttle' && this.throttle > 0 && this.throttle < THROTTLE_MAX && dirtyMbps > 0.5 * f.mbps) {
+    if (o.onStall === 'throttle' && this.throttle > 0 && this.throttle < THROTTLE_MAX && dirtyMbps > SLOW_SHARE * f.mbps) {
       // at least one step; further if the guest's unthrottled rate says one step cannot be
       // enough: the level at which it would dirty half of what we send, where stepping stops (a
       // guest writing 9x faster than a 1 Gbit/s link needs ~95%, eight steps away, each a round)

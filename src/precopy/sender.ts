@@ -58,9 +58,10 @@ const MODES = ['precopy', 'postcopy', 'hybrid'] as const;
 const FIXED_STOP_COST_MS = 8;
 
 /**
- * Longest a round after the first runs before the rest of its pages wait for the next: through
- * 1 Gbit/s a pass over 1 GiB takes ~9 s, and a policy that acts once a round would step the
- * throttle once every 9 s while the guest dirties the region again.
+ * Longest a round after the first runs, with the throttle stall policy, before the rest of its
+ * pages wait for the next: through 1 Gbit/s a pass over 1 GiB takes ~9 s, and a policy that
+ * acts once a round would step the throttle once every 9 s while the guest dirties the region
+ * again.
  */
 const ROUND_BUDGET_MS = 1000;
 
@@ -270,8 +271,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     for (; !switchToPostcopy; ) {
       const t0 = now();
       // after the first pass (which must send everything anyway), a round expected to take
-      // longer than ROUND_BUDGET_MS is cut there
-      const knownMbps = round > 1 ? meter.mbps() ?? lightMeter.mbps() : undefined;
+      // longer than ROUND_BUDGET_MS is cut there, for the throttle's sake. Only then: the other
+      // stall actions judge a round by how far it shrank what is left, which a cut round does
+      // not show (a guest that would converge over whole rounds would be forced, moved or given up)
+      const knownMbps = round > 1 && onStall === 'throttle' ? meter.mbps() ?? lightMeter.mbps() : undefined;
       const long = knownMbps !== undefined && (pending.length * region.pageSize) / 1e3 / knownMbps > ROUND_BUDGET_MS;
       const { bytes, unsent } = await sendRound(round, pending, false, long ? ROUND_BUDGET_MS : undefined);
       const sentPages = pending.length - unsent.length;

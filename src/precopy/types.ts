@@ -47,8 +47,9 @@ export interface RoundStats {
   /** bandwidth achieved over the last second of sending, MB/s: what the estimate uses */
   bandwidth_mbps: number;
   /**
-   * pages of this round's list it did not send: a round after the first is cut after about a
-   * second, and at the byte bound or a nearing deadline; they join the next round (or the stop)
+   * pages of this round's list it did not send: with the throttle stall policy a round after the
+   * first is cut after about a second, and any round at the byte bound or a nearing deadline;
+   * they join the next round (or the stop)
    */
   carried_pages: number;
   /** pages found dirty at the end of this round */
