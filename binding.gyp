@@ -1,28 +1,46 @@
 {
+  "target_defaults": {
+    "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")", "native"],
+    "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+    "cflags_cc!": ["-fno-exceptions", "-O3"],
+    "cflags_cc": ["-fexceptions", "-O2", "-std=c++17", "-Wall", "-Wextra"],
+    "conditions": [["OS!='linux'", { "type": "none" }]]
+  },
   "targets": [
     {
       "target_name": "livemig",
       "sources": [
         "native/addon.cc",
-        "native/region.cc",
-        "native/tracking.cc",
-        "native/pages.cc",
-        "native/fdpass.cc",
-        "native/content.cc",
-        "native/pagehash.cc",
-        "native/wire.cc",
-        "native/encode.cc",
-        "native/postcopy.cc",
-        "native/postcopy_dest.cc",
-        "native/postcopy_source.cc",
-        "native/sched.cc",
-        "native/guestctl.cc"
-      ],
-      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
-      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],
-      "cflags_cc!": ["-fno-exceptions", "-O3"],
-      "cflags_cc": ["-fexceptions", "-O2", "-std=c++17", "-Wall", "-Wextra"],
-      "conditions": [["OS!='linux'", { "type": "none" }]]
+        "native/errors.cc",
+        "native/io/socket.cc",
+        "native/region/region.cc",
+        "native/region/pages.cc",
+        "native/tracking/tracking.cc",
+        "native/codec/pagehash.cc",
+        "native/codec/encode.cc",
+        "native/wire/format.cc",
+        "native/wire/send_pages.cc",
+        "native/wire/receive_pages.cc",
+        "native/wire/wire.cc",
+        "native/postcopy/postcopy.cc",
+        "native/postcopy/dest.cc",
+        "native/postcopy/source.cc",
+        "native/process/fdpass.cc",
+        "native/process/sched.cc",
+        "native/process/control_msg.cc",
+        "native/process/guest_control.cc"
+      ]
+    },
+    {
+      "target_name": "livemig_guest",
+      "sources": [
+        "native/refguest/addon.cc",
+        "native/errors.cc",
+        "native/refguest/content.cc",
+        "native/refguest/gate.cc",
+        "native/process/control_msg.cc",
+        "native/process/sched.cc"
+      ]
     }
   ]
 }

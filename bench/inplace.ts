@@ -9,9 +9,9 @@ import net from 'node:net';
 import { once } from 'node:events';
 import { parseArgs } from 'node:util';
 import { addon } from '../src/native.js';
-import { FrameType } from '../src/protocol/frame.js';
-import * as M from '../src/protocol/messages.js';
+import { FrameType } from '../src/protocol/format.js';
 import { SEND_DEDUP, SEND_ZERO, WireChannel } from '../src/protocol/wire.js';
+import * as M from '../src/protocol/messages.js';
 import { Region } from '../src/region/region.js';
 import { UffdAsyncTracker } from '../src/tracking/index.js';
 import { fillContent, type ContentName } from '../src/workload/content.js';
@@ -42,7 +42,7 @@ const bareHashes = new BigUint64Array(pages);
 async function sendInCalls(n: number): Promise<{ bytes: number; zero: number; dup: number; skipped: number; raw: number; overheadMs: number; indexMs: number }> {
   const total = { bytes: 0, zero: 0, dup: 0, skipped: 0, raw: 0, overheadMs: 0, indexMs: 0 };
   for (let at = 0; at < pages; at += n) {
-    const c = await tx.sendPages(src, all.subarray(at, at + n), 1, V, 256, bareHashes);
+    const c = await tx.sendPages({ region: src, pages: all.subarray(at, at + n), round: 1, version: V, batchPages: 256, hashes: bareHashes });
     total.bytes += c.bytes;
     total.raw += c.raw;
   }
@@ -60,12 +60,12 @@ for (let i = 0; i < Number(values.runs); i++) {
     const t0 = performance.now();
     const c =
       mode === 'bare'
-        ? await tx.sendPages(src, all, 1, V, 256, new BigUint64Array(pages))
+        ? await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 256, hashes: new BigUint64Array(pages) })
         : mode === 'bare16'
         ? await sendInCalls(16 * 256)
         : mode === 'plain'
-        ? await tx.sendPages(src, all, 1, V, 256, new BigUint64Array(pages), txDedup)
-        : await tx.sendPages(src, all, 1, V, 256, new BigUint64Array(pages), txDedup, SEND_ZERO | SEND_DEDUP, tracker.writtenProbe());
+        ? await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 256, hashes: new BigUint64Array(pages), dedup: txDedup })
+        : await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 256, hashes: new BigUint64Array(pages), dedup: txDedup, flags: SEND_ZERO | SEND_DEDUP, probe: tracker.writtenProbe() });
     await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
     const f = await got;
     const ms = performance.now() - t0;

@@ -13,7 +13,8 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { runDemo, type DemoReport } from '../src/cli/commands.js';
 import { addon } from '../src/native.js';
-import { migrate } from '../src/precopy/sender.js';
+import { guestAddon } from '../src/workload/guest-addon.js';
+import { migrate } from '../src/source/migrate.js';
 import { listen } from '../src/receiver/receiver.js';
 import { Region } from '../src/region/region.js';
 import { emit, machine, median } from './common.js';
@@ -97,7 +98,7 @@ for (const linkName of values.links!.split(',')) {
 // Migrating back: the destination kept the image the guest left with; 10% of pages changed since.
 {
   const src = Region.create(size, { name: 'bench-back' });
-  await addon.contentFill(src.nativeHandle, 4, 1n); // mixed
+  await guestAddon.contentFill(src.view(), 4, 1n); // mixed
   const image = path.join(tmpdir(), `livemig-bench-image-${process.pid}`);
   await writeFile(image, src.view());
   const pages = src.pageCount;

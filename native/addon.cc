@@ -1,93 +1,83 @@
 // livemig native addon: Linux mechanisms JavaScript cannot reach. No policy lives here.
 #include <napi.h>
+#include <unistd.h>
+
+#include <string>
 
 #include "common.h"
-#include "region.h"
+#include "region/region.h"
+#include "wire/format.h"
 
 namespace livemig {
 
 void InitTracking(Napi::Env env, Napi::Object exports);
 void InitPages(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
-void InitContent(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
 void InitEncode(Napi::Env env, Napi::Object exports);
 void InitPostcopy(Napi::Env env, Napi::Object exports);
 void InitSched(Napi::Env env, Napi::Object exports);
 void InitGuestControl(Napi::Env env, Napi::Object exports);
 
-const char* ErrnoName(int err) {
-  switch (err) {
-    case EPERM: return "EPERM";
-    case ENOENT: return "ENOENT";
-    case ESRCH: return "ESRCH";
-    case EINTR: return "EINTR";
-    case EIO: return "EIO";
-    case EBADF: return "EBADF";
-    case EAGAIN: return "EAGAIN";
-    case ENOMEM: return "ENOMEM";
-    case EACCES: return "EACCES";
-    case EFAULT: return "EFAULT";
-    case EBUSY: return "EBUSY";
-    case EEXIST: return "EEXIST";
-    case EINVAL: return "EINVAL";
-    case ENFILE: return "ENFILE";
-    case EMFILE: return "EMFILE";
-    case ENOSPC: return "ENOSPC";
-    case ENOSYS: return "ENOSYS";
-    case ENOTTY: return "ENOTTY";
-    case EOPNOTSUPP: return "EOPNOTSUPP";
-    case ECONNREFUSED: return "ECONNREFUSED";
-    case ECONNRESET: return "ECONNRESET";
-    case EPIPE: return "EPIPE";
-    case ETIMEDOUT: return "ETIMEDOUT";
-    case EADDRINUSE: return "EADDRINUSE";
-    case ENOTCONN: return "ENOTCONN";
-    case EMSGSIZE: return "EMSGSIZE";
-    case ENODEV: return "ENODEV";
-    default: return "E?";
-  }
+namespace {
+
+// The wire format's constants as this build has them, for the test that compares them with
+// src/protocol/format.ts.
+Napi::Object WireFormat(Napi::Env env) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("magic", wire::kMagic);
+  o.Set("headerBytes", static_cast<double>(wire::kHeaderBytes));
+  o.Set("protocolVersion", wire::kProtocolVersion);
+  o.Set("minProtocolVersion", wire::kMinProtocolVersion);
+  o.Set("maxPayload", wire::kMaxPayload);
+  o.Set("flagsNone", wire::kFlagsNone);
+  o.Set("pageSize", static_cast<double>(wire::kPageSize));
+  o.Set("maxBatchPages", wire::kMaxBatchPages);
+  o.Set("pagesPrefixBytes", static_cast<double>(wire::kPagesPrefixBytes));
+  o.Set("dupBodyBytes", wire::kDupBodyBytes);
+  o.Set("maxLz4Group", wire::kMaxLz4Group);
+  o.Set("maxFrameType", static_cast<uint32_t>(wire::kMaxFrameType));
+  Napi::Object types = Napi::Object::New(env);
+  const std::pair<const char*, uint8_t> named[] = {
+      {"Hello", wire::kHello}, {"Accept", wire::kAccept}, {"Error", wire::kError}, {"Pages", wire::kPages},
+      {"RoundEnd", wire::kRoundEnd}, {"DeviceState", wire::kDeviceState}, {"Commit", wire::kCommit},
+      {"CommitAck", wire::kCommitAck}, {"Activate", wire::kActivate}, {"Activated", wire::kActivated},
+      {"Abort", wire::kAbort}, {"RoundAck", wire::kRoundAck}, {"PagesEnc", wire::kPagesEnc},
+      {"ImageHashes", wire::kImageHashes}, {"Postcopy", wire::kPostcopy}, {"PostcopyRunning", wire::kPostcopyRunning},
+      {"Attach", wire::kAttach}, {"PageRequest", wire::kPageRequest}, {"PostcopyComplete", wire::kPostcopyComplete},
+      {"Attached", wire::kAttached}};
+  for (const auto& [name, value] : named) types.Set(name, static_cast<uint32_t>(value));
+  o.Set("frameTypes", types);
+  Napi::Object enc = Napi::Object::New(env);
+  enc.Set("Raw", static_cast<uint32_t>(wire::kEncRaw));
+  enc.Set("Zero", static_cast<uint32_t>(wire::kEncZero));
+  enc.Set("Dup", static_cast<uint32_t>(wire::kEncDup));
+  enc.Set("Lz4", static_cast<uint32_t>(wire::kEncLz4));
+  enc.Set("Lz4Cont", static_cast<uint32_t>(wire::kEncLz4Cont));
+  o.Set("pageEncodings", enc);
+  return o;
 }
 
-Napi::Error MakeSysError(Napi::Env env, const char* syscall, int err, const std::string& detail) {
-  std::string msg = std::string(syscall) + " failed: " + ErrnoName(err) + " (" + std::strerror(err) + ")";
-  if (!detail.empty()) msg += ": " + detail;
-  Napi::Error e = Napi::Error::New(env, msg);
-  e.Set("syscall", Napi::String::New(env, syscall));
-  e.Set("errno", Napi::Number::New(env, err));
-  e.Set("errnoName", Napi::String::New(env, ErrnoName(err)));
-  return e;
-}
-
-Napi::Error MakeSysError(Napi::Env env, const SysError& e) {
-  if (!e.code.empty()) {
-    Napi::Error err = Napi::Error::New(env, e.detail);
-    err.Set("livemigCode", Napi::String::New(env, e.code));
-    return err;
-  }
-  return MakeSysError(env, e.syscall.c_str(), e.err, e.detail);
-}
-
-Napi::Uint32Array PagesToJs(Napi::Env env, std::vector<uint32_t>&& pages) {
-  size_t n = pages.size();
-  if (n == 0) return Napi::Uint32Array::New(env, 0);
-  auto* owned = new std::vector<uint32_t>(std::move(pages));
-  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, owned->data(), n * sizeof(uint32_t),
-                                                [](Napi::Env, void*, std::vector<uint32_t>* v) { delete v; }, owned);
-  return Napi::Uint32Array::New(env, n, ab, 0);
-}
+}  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  // One truth for the page size: the wire, every region and every page loop use 4 KiB pages.
+  // A host with other pages (arm64 with 16 or 64 KiB, say) is refused here, at load, with the
+  // reason, rather than migrating with a geometry half the code does not expect.
+  long hostPage = sysconf(_SC_PAGESIZE);
+  if (hostPage != static_cast<long>(wire::kPageSize)) {
+    throw Napi::Error::New(env, "livemig needs 4096-byte pages; this host's page size is " + std::to_string(hostPage));
+  }
   InitRegionStatics(env, exports);
   InitTracking(env, exports);
   InitPages(env, exports);
   InitFdPass(env, exports);
-  InitContent(env, exports);
   InitWire(env, exports);
   InitEncode(env, exports);
   InitPostcopy(env, exports);
   InitSched(env, exports);
   InitGuestControl(env, exports);
+  exports.Set("wireFormat", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value { return WireFormat(info.Env()); }));
   return exports;
 }
 

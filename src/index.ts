@@ -3,7 +3,7 @@ export { Region, PAGE_SIZE, type CreateRegionOptions } from './region/region.js'
 export { GuestListener, handOverRegion, parseHello, type GuestHello, type GuestConnection } from './region/handover.js';
 export * from './tracking/index.js';
 export { xxh64 } from './pages/hash.js';
-export { migrate } from './precopy/sender.js';
-export { MigrationControl, type MigrateOptions, type MigrationReport, type ProgressEvent, type RoundStats } from './precopy/types.js';
+export { migrate } from './source/migrate.js';
+export { MigrationControl, type MigrateOptions, type MigrationReport, type ProgressEvent, type RoundStats } from './source/types.js';
 export type { StallAction } from './precopy/policy.js';
 export { receiveOn, listen, type ReceiveOptions, type ReceiveReport, type ReceiveProgress, type Receiver } from './receiver/receiver.js';

@@ -6,7 +6,68 @@ import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { LivemigError, type ErrorCode } from './errors.js';
-import type { NativeDedup, NativeWire } from './protocol/wire.js';
+
+/** Where the data path may ask which pages were written since re-armed (src/tracking/types.ts WrittenProbe). */
+export interface NativeWrittenProbe {
+  pagemapFd: number;
+  address: bigint;
+}
+
+/** What a sendPages call wrote: bytes, and pages per encoding (all `raw` for PAGES frames). */
+export interface SendCounts {
+  bytes: number;
+  zero: number;
+  dup: number;
+  skipped: number;
+  raw: number;
+  /** time spent classifying and indexing (the encoding work), not sending or hashing */
+  overheadMs: number;
+  /** of which indexing pages after the send */
+  indexMs: number;
+}
+
+export interface NativeWire {
+  write(buffers: Buffer[]): Promise<void>;
+  writeNow(buffers: Buffer[]): number;
+  readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
+  sendPages(o: {
+    region: NativeRegion;
+    pages: Uint32Array;
+    round: number;
+    version: number;
+    batchPages: number;
+    hashes: BigUint64Array;
+    dedup?: NativeDedup;
+    flags: number;
+    probe?: NativeWrittenProbe;
+    now: boolean;
+  }): Promise<SendCounts>;
+  sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
+  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
+  finish(timeoutMs: number): Promise<void>;
+  shutdown(): void;
+  close(): void;
+  setTimeouts(recvMs: number, sendMs: number): void;
+  fd(): number;
+  forget(): void;
+}
+
+/** The sender's index of what the receiver holds (native/encode.h). */
+export interface NativeDedup {
+  initImage(hashes: BigUint64Array): void;
+  size(): number;
+}
+
+export interface NativeFrame {
+  version: number;
+  type: number;
+  flags: number;
+  payload: Buffer;
+  pages: number;
+  batches: number;
+  bytes: number;
+  lastRound: number;
+}
 
 export interface NativeRegion {
   readonly fd: number;
@@ -55,6 +116,23 @@ export interface NativePostcopySource {
   detach(): void;
 }
 
+export interface NativeWireFormat {
+  magic: number;
+  headerBytes: number;
+  protocolVersion: number;
+  minProtocolVersion: number;
+  maxPayload: number;
+  flagsNone: number;
+  pageSize: number;
+  maxBatchPages: number;
+  pagesPrefixBytes: number;
+  dupBodyBytes: number;
+  maxLz4Group: number;
+  maxFrameType: number;
+  frameTypes: Record<string, number>;
+  pageEncodings: Record<string, number>;
+}
+
 interface Addon {
   regionCreate(size: number, name: string): NativeRegion;
   regionAdopt(fd: number, size: number): NativeRegion;
@@ -78,10 +156,6 @@ interface Addon {
   recvWithFds(fd: number, timeoutMs: number): Promise<Received>;
   digestTable(hashes: BigUint64Array): bigint;
   hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
-  contentFill(region: NativeRegion, content: number, seed: bigint): Promise<void>;
-  guestWrite(region: NativeRegion, st: BigUint64Array, n: number, span: number, sequential: boolean): number;
-  contentVerify(region: NativeRegion, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
-  mix64(z: bigint): bigint;
   Wire: new (fd: number) => NativeWire;
   pageHash(data: Buffer): bigint;
   Dedup: new (pageCount: number) => NativeDedup;
@@ -103,12 +177,8 @@ interface Addon {
   controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): { tag: number; body: Buffer };
   controlSend(fd: number, tag: number, body?: Buffer): void;
   controlReceive(fd: number, timeoutMs: number): { tag: number; body: Buffer };
-  gateStart(fd: number, st: BigUint64Array): void;
-  gatePaused(): boolean;
-  gateSetPaused(paused: boolean): void;
-  gateBeat(st: BigUint64Array): number;
-  waitCommand(fd: number): { tag: number; body: Buffer } | null;
-  replyCommand(fd: number, tag: number, body?: Buffer): void;
+  /** the wire format's constants as the addon was built with them (test/format.test.ts) */
+  wireFormat(): NativeWireFormat;
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;
@@ -124,6 +194,8 @@ function loadAddon(): Addon {
     try {
       return require(c) as Addon;
     } catch (e) {
+      // built, but this host is not one it can run on (its page size): say so, not "not built"
+      if ((e as { code?: string }).code !== 'MODULE_NOT_FOUND') throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `the livemig native addon cannot load: ${(e as Error).message}`, { phase: 'load', cause: e });
       lastError = e;
     }
   }

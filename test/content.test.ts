@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { test } from 'node:test';
 import { addon } from '../src/native.js';
+import { guestAddon } from '../src/workload/guest-addon.js';
 import { Region } from '../src/region/region.js';
 import { fillContent, initialWriteState, verifyContent, type ContentName } from '../src/workload/content.js';
 
@@ -29,7 +30,7 @@ test('the write model verifies a region after writes, and catches one wrong page
   try {
     await fillContent(r, 'mixed', 7n);
     const st = initialWriteState(7n);
-    addon.guestWrite(r.nativeHandle, st, 5000, 512, false);
+    guestAddon.guestWrite(r.view(), st, 5000, 512, false);
     assert.equal(st[1], 5000n);
     const model = { content: 'mixed' as const, seed: 7n, writes: 5000n, span: 512, sequential: false };
     assert.deepEqual(await verifyContent(r, model), { bad: 0, firstBad: -1 });

@@ -6,10 +6,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
-import { TokenBucket } from '../src/precopy/bandwidth.js';
+import { TokenBucket } from '../src/pacing/bandwidth.js';
 import { ConvergencePolicy, STALL_ROUNDS, THROTTLE_FIRST, THROTTLE_STEP, type RoundFacts, type StallAction } from '../src/precopy/policy.js';
-import { migrate } from '../src/precopy/sender.js';
-import type { ProgressEvent } from '../src/precopy/types.js';
+import { migrate } from '../src/source/migrate.js';
+import type { ProgressEvent } from '../src/source/types.js';
 import { WritableWorkingSet } from '../src/precopy/wws.js';
 import { listen } from '../src/receiver/receiver.js';
 import { Region } from '../src/region/region.js';
@@ -138,6 +138,9 @@ class HotTracker implements DirtyTracker {
   async start(): Promise<void> {}
   async collect(): Promise<Uint32Array> {
     return Uint32Array.from(this.hot);
+  }
+  collectFinal(): Promise<Uint32Array> {
+    return this.collect();
   }
   async stop(): Promise<void> {}
 }
@@ -305,7 +308,7 @@ test('with the throttle policy a round after the first that would take over a se
 });
 
 test('the bandwidth cap can be changed while the migration runs', { skip: uffd.available ? false : uffd.reason }, async () => {
-  const { MigrationControl } = await import('../src/precopy/types.js');
+  const { MigrationControl } = await import('../src/source/types.js');
   const guest = await SourceGuest.spawn({ size: 8 << 20, content: 'mixed', rate: 64, pattern: 'uniform', hotSize: 64 << 20 });
   const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
   const control = new MigrationControl();

@@ -11,7 +11,7 @@ import { createInterface } from 'node:readline';
 import { after, before, test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
-import { migrate } from '../src/precopy/sender.js';
+import { migrate } from '../src/source/migrate.js';
 import { listen } from '../src/receiver/receiver.js';
 import type { Region } from '../src/region/region.js';
 import { verifyContent } from '../src/workload/content.js';

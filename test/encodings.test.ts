@@ -8,9 +8,12 @@ import { test } from 'node:test';
 import { compressSync } from 'lz4-napi';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
-import { FrameType } from '../src/protocol/frame.js';
-import * as M from '../src/protocol/messages.js';
+import { guestAddon } from '../src/workload/guest-addon.js';
+import { FrameType } from '../src/protocol/format.js';
 import { WireChannel } from '../src/protocol/wire.js';
+import * as M from '../src/protocol/messages.js';
+import * as R from './reference/frames.js';
+import * as F from '../src/protocol/format.js';
 import { Region } from '../src/region/region.js';
 import { tcpPair } from './helpers.js';
 import { UffdAsyncTracker, probe } from '../src/tracking/index.js';
@@ -45,13 +48,13 @@ const text = (): Buffer => Buffer.from('the quick brown fox jumps over the lazy 
 test('raw, zero, dup and lz4 pages each arrive intact, and a dup may refer to a page of the same batch', async () => {
   const a = randomBytes(PS);
   const t = text();
-  const frame = M.encodePagesEnc(
+  const frame = R.encodePagesEnc(
     1,
     [
-      { index: 1, encoding: M.PageEncoding.Raw, body: a },
-      { index: 2, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) },
-      { index: 3, encoding: M.PageEncoding.Dup, body: dupBody(a, 1) },
-      { index: 4, encoding: M.PageEncoding.Lz4, body: compressSync(t) },
+      { index: 1, encoding: F.PageEncoding.Raw, body: a },
+      { index: 2, encoding: F.PageEncoding.Zero, body: Buffer.alloc(0) },
+      { index: 3, encoding: F.PageEncoding.Dup, body: dupBody(a, 1) },
+      { index: 4, encoding: F.PageEncoding.Lz4, body: compressSync(t) },
     ],
     V,
   );
@@ -76,22 +79,22 @@ test('a forged dup reference, a corrupt lz4 page and a wrong decompressed size a
   const corrupt = Buffer.concat([good.subarray(0, 4), Buffer.from([0x0f, 0x00, 0x00, 0x00])]);
   const wrongSize = Buffer.from(good);
   wrongSize.writeUInt32LE(PS / 2, 0);
-  const cases: [string, M.EncodedPage, RegExp][] = [
-    ['forged dup', { index: 0, encoding: M.PageEncoding.Dup, body: dupBody(0x1234n, 1) }, /dup reference to content 0000000000001234 in page 1, which this receiver does not hold there/],
-    ['dup from outside the region', { index: 0, encoding: M.PageEncoding.Dup, body: dupBody(addon.zeroPageHash(), 1 << 30) }, /in page 1073741824, which this receiver does not hold/],
-    ['corrupt lz4', { index: 0, encoding: M.PageEncoding.Lz4, body: corrupt }, /corrupt lz4 page 0/],
-    ['wrong size', { index: 0, encoding: M.PageEncoding.Lz4, body: wrongSize }, /decompresses to 2048 bytes/],
-    ['truncated lz4', { index: 0, encoding: M.PageEncoding.Lz4, body: good.subarray(0, good.length - 5) }, /corrupt lz4/],
+  const cases: [string, R.EncodedPage, RegExp][] = [
+    ['forged dup', { index: 0, encoding: F.PageEncoding.Dup, body: dupBody(0x1234n, 1) }, /dup reference to content 0000000000001234 in page 1, which this receiver does not hold there/],
+    ['dup from outside the region', { index: 0, encoding: F.PageEncoding.Dup, body: dupBody(addon.zeroPageHash(), 1 << 30) }, /in page 1073741824, which this receiver does not hold/],
+    ['corrupt lz4', { index: 0, encoding: F.PageEncoding.Lz4, body: corrupt }, /corrupt lz4 page 0/],
+    ['wrong size', { index: 0, encoding: F.PageEncoding.Lz4, body: wrongSize }, /decompresses to 2048 bytes/],
+    ['truncated lz4', { index: 0, encoding: F.PageEncoding.Lz4, body: good.subarray(0, good.length - 5) }, /corrupt lz4/],
   ];
   for (const [name, page, re] of cases) {
     // a ROUND_END follows, so a page that slipped through ends the read instead of hanging it
-    const r = await receiverWith(Buffer.concat([M.encodePagesEnc(1, [page], V), M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
+    const r = await receiverWith(Buffer.concat([R.encodePagesEnc(1, [page], V), M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
     await assert.rejects(r.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && re.test(e.message), name);
     r.close();
     r.region.release();
   }
   // an unknown encoding byte
-  const bad = M.encodePagesEnc(1, [{ index: 0, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) }], V);
+  const bad = R.encodePagesEnc(1, [{ index: 0, encoding: F.PageEncoding.Zero, body: Buffer.alloc(0) }], V);
   bad[12 + 8 + 4] = 9;
   const r = await receiverWith(Buffer.concat([bad, M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
   await assert.rejects(r.result, /unknown page encoding 9/);
@@ -104,13 +107,13 @@ test('an lz4 block may cover a page and up to three continuation pages after it;
   const u = Buffer.from(t).reverse();
   const w = Buffer.alloc(PS, 0x41);
   const block = compressSync(Buffer.concat([t, u, w]));
-  const frame = M.encodePagesEnc(
+  const frame = R.encodePagesEnc(
     1,
     [
-      { index: 7, encoding: M.PageEncoding.Lz4, body: block },
-      { index: 3, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) },
-      { index: 9, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) },
-      { index: 4, encoding: M.PageEncoding.Dup, body: dupBody(u, 3) },
+      { index: 7, encoding: F.PageEncoding.Lz4, body: block },
+      { index: 3, encoding: F.PageEncoding.Lz4Cont, body: Buffer.alloc(0) },
+      { index: 9, encoding: F.PageEncoding.Lz4Cont, body: Buffer.alloc(0) },
+      { index: 4, encoding: F.PageEncoding.Dup, body: dupBody(u, 3) },
     ],
     V,
   );
@@ -122,26 +125,26 @@ test('an lz4 block may cover a page and up to three continuation pages after it;
   for (const [p, c] of [[7, t], [3, u], [9, w]] as const) assert.equal(r.hashes[p], addon.pageHash(c));
   r.close();
   r.region.release();
-  const cont: M.EncodedPage = { index: 2, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) };
-  const cases: [string, M.EncodedPage[], RegExp][] = [
+  const cont: R.EncodedPage = { index: 2, encoding: F.PageEncoding.Lz4Cont, body: Buffer.alloc(0) };
+  const cases: [string, R.EncodedPage[], RegExp][] = [
     ['alone', [cont], /continuation page 2 without an lz4 block/],
-    ['after raw', [{ index: 1, encoding: M.PageEncoding.Raw, body: t }, cont], /continuation page 2 without an lz4 block/],
-    ['block of 3 pages with one continuation', [{ index: 1, encoding: M.PageEncoding.Lz4, body: block }, cont], /decompresses to 12288 bytes, not 2 page/],
-    ['one page with a continuation', [{ index: 1, encoding: M.PageEncoding.Lz4, body: compressSync(t) }, cont], /decompresses to 4096 bytes, not 2 page/],
+    ['after raw', [{ index: 1, encoding: F.PageEncoding.Raw, body: t }, cont], /continuation page 2 without an lz4 block/],
+    ['block of 3 pages with one continuation', [{ index: 1, encoding: F.PageEncoding.Lz4, body: block }, cont], /decompresses to 12288 bytes, not 2 page/],
+    ['one page with a continuation', [{ index: 1, encoding: F.PageEncoding.Lz4, body: compressSync(t) }, cont], /decompresses to 4096 bytes, not 2 page/],
     [
       'five pages in a block',
-      [{ index: 1, encoding: M.PageEncoding.Lz4, body: compressSync(Buffer.concat([t, t, t, t, t])) }, ...[2, 3, 4, 5].map((i) => ({ index: i, encoding: M.PageEncoding.Lz4Cont, body: Buffer.alloc(0) }))],
+      [{ index: 1, encoding: F.PageEncoding.Lz4, body: compressSync(Buffer.concat([t, t, t, t, t])) }, ...[2, 3, 4, 5].map((i) => ({ index: i, encoding: F.PageEncoding.Lz4Cont, body: Buffer.alloc(0) }))],
       /continuation page 5 without an lz4 block of at most 4 pages/,
     ],
   ];
   for (const [name, pages, re] of cases) {
-    const rr = await receiverWith(Buffer.concat([M.encodePagesEnc(1, pages, V), M.encodeRoundEnd({ round: 1, pages: pages.length }, V)]));
+    const rr = await receiverWith(Buffer.concat([R.encodePagesEnc(1, pages, V), M.encodeRoundEnd({ round: 1, pages: pages.length }, V)]));
     await assert.rejects(rr.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && re.test(e.message), name);
     rr.close();
     rr.region.release();
   }
   // encoding 4 (removed before release) is unknown
-  const bad = M.encodePagesEnc(1, [{ index: 0, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) }], V);
+  const bad = R.encodePagesEnc(1, [{ index: 0, encoding: F.PageEncoding.Zero, body: Buffer.alloc(0) }], V);
   bad[12 + 8 + 4] = 4;
   const r4 = await receiverWith(Buffer.concat([bad, M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
   await assert.rejects(r4.result, /unknown page encoding 4/);
@@ -161,13 +164,13 @@ test('the native LZ4 decoder agrees with lz4-napi and rejects every truncation',
 test('a dup is checked against what the receiver holds in the named page; content it no longer holds is refused', async () => {
   const a = randomBytes(PS);
   const b = randomBytes(PS);
-  const ok = M.encodePagesEnc(
+  const ok = R.encodePagesEnc(
     1,
     [
-      { index: 5, encoding: M.PageEncoding.Raw, body: a },
-      { index: 6, encoding: M.PageEncoding.Raw, body: b },
-      { index: 7, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) },
-      { index: 8, encoding: M.PageEncoding.Dup, body: dupBody(b, 6) },
+      { index: 5, encoding: F.PageEncoding.Raw, body: a },
+      { index: 6, encoding: F.PageEncoding.Raw, body: b },
+      { index: 7, encoding: F.PageEncoding.Zero, body: Buffer.alloc(0) },
+      { index: 8, encoding: F.PageEncoding.Dup, body: dupBody(b, 6) },
     ],
     V,
   );
@@ -178,8 +181,8 @@ test('a dup is checked against what the receiver holds in the named page; conten
   r.close();
   r.region.release();
   const overwritten = Buffer.concat([
-    M.encodePagesEnc(1, [{ index: 5, encoding: M.PageEncoding.Raw, body: a }], V),
-    M.encodePagesEnc(1, [{ index: 5, encoding: M.PageEncoding.Raw, body: b }, { index: 9, encoding: M.PageEncoding.Dup, body: dupBody(a, 5) }], V),
+    R.encodePagesEnc(1, [{ index: 5, encoding: F.PageEncoding.Raw, body: a }], V),
+    R.encodePagesEnc(1, [{ index: 5, encoding: F.PageEncoding.Raw, body: b }, { index: 9, encoding: F.PageEncoding.Dup, body: dupBody(a, 5) }], V),
   ]);
   const r2 = await receiverWith(Buffer.concat([overwritten, M.encodeRoundEnd({ round: 1, pages: 3 }, V)]));
   await assert.rejects(r2.result, /dup reference to content [0-9a-f]+ in page 5, which this receiver does not hold there/);
@@ -191,17 +194,17 @@ test('frame rules: a page listed twice, a dup of a page written later in the fra
   const a = randomBytes(PS);
   const h = dupBody(addon.zeroPageHash(), 5);
   const cases: [string, Buffer, RegExp][] = [
-    ['twice', M.encodePagesEnc(1, [{ index: 2, encoding: M.PageEncoding.Raw, body: a }, { index: 2, encoding: M.PageEncoding.Zero, body: Buffer.alloc(0) }], V), /lists a page twice/],
+    ['twice', R.encodePagesEnc(1, [{ index: 2, encoding: F.PageEncoding.Raw, body: a }, { index: 2, encoding: F.PageEncoding.Zero, body: Buffer.alloc(0) }], V), /lists a page twice/],
     // page 0 holds `a` until the raw page later in this frame replaces it
     [
       'dup of a later page',
       Buffer.concat([
-        M.encodePagesEnc(1, [{ index: 0, encoding: M.PageEncoding.Raw, body: a }], V),
-        M.encodePagesEnc(1, [{ index: 3, encoding: M.PageEncoding.Dup, body: dupBody(a, 0) }, { index: 0, encoding: M.PageEncoding.Raw, body: randomBytes(PS) }], V),
+        R.encodePagesEnc(1, [{ index: 0, encoding: F.PageEncoding.Raw, body: a }], V),
+        R.encodePagesEnc(1, [{ index: 3, encoding: F.PageEncoding.Dup, body: dupBody(a, 0) }, { index: 0, encoding: F.PageEncoding.Raw, body: randomBytes(PS) }], V),
       ]),
       /in page 0, which this frame writes later/,
     ],
-    ['short body', M.encodePagesEnc(1, [{ index: 1, encoding: M.PageEncoding.Raw, body: a.subarray(0, PS - 8) }, { index: 2, encoding: M.PageEncoding.Dup, body: h }], V), /bodies of 2 pages must be 4108 bytes/],
+    ['short body', R.encodePagesEnc(1, [{ index: 1, encoding: F.PageEncoding.Raw, body: a.subarray(0, PS - 8) }, { index: 2, encoding: F.PageEncoding.Dup, body: h }], V), /bodies of 2 pages must be 4108 bytes/],
   ];
   for (const [name, frame, re] of cases) {
     const r = await receiverWith(Buffer.concat([frame, M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
@@ -234,7 +237,7 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
   const all = Uint32Array.from({ length: pages }, (_, i) => i);
   // without a way to know the raw pages went out unchanged, none becomes a dup source
   let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
-  let c = await tx.sendPages(src, all, 1, V, 16, txHashes, txDedup, 3);
+  let c = await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup, flags: 3 });
   await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
   let f = (await got) as { type: FrameType; pages: number; bytes: number };
   assert.equal(f.type, FrameType.RoundEnd);
@@ -250,7 +253,7 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
   await tracker.start();
   src.page(2).set(randomBytes(PS)); // written after arming: sent, but never a dup source
   got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, encodings: true });
-  c = await tx.sendPages(src, all, 2, V, 16, txHashes, txDedup2, 3, tracker.writtenProbe());
+  c = await tx.sendPages({ region: src, pages: all, round: 2, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup2, flags: 3, probe: tracker.writtenProbe() });
   await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
   f = (await got) as { type: FrameType; pages: number; bytes: number };
   await tracker.stop();
@@ -267,14 +270,14 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
 });
 
 test('migrating back to a kept image sends only the pages that changed, and the copy is exact', async () => {
-  const { migrate } = await import('../src/precopy/sender.js');
+  const { migrate } = await import('../src/source/migrate.js');
   const { listen } = await import('../src/receiver/receiver.js');
   const { writeFile, rm } = await import('node:fs/promises');
   const { tmpdir } = await import('node:os');
   const path = await import('node:path');
   const pages = 512;
   const src = Region.create(pages * PS, { name: 'reuse-src' });
-  await addon.contentFill(src.nativeHandle, 4, 7n); // mixed
+  await guestAddon.contentFill(src.view(), 4, 7n); // mixed
   const image = path.join(tmpdir(), `livemig-reuse-${process.pid}.img`);
   await writeFile(image, src.view()); // what the destination kept when the guest left
   const changed = [3, 50, 51, 200, 201, 202, 333, 400, 401, 511];

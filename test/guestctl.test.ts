@@ -6,7 +6,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { addon } from '../src/native.js';
-import { FrameType, encodeFrame, encodeHeader } from '../src/protocol/frame.js';
+import { guestAddon } from '../src/workload/guest-addon.js';
+import { FrameType } from '../src/protocol/format.js';
+import { encodeFrame, encodeHeader } from '../src/protocol/frame.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import { Region } from '../src/region/region.js';
 import { preferShortSlices, defaultSlices } from '../src/sched.js';
@@ -38,17 +40,17 @@ test('a pause through the control thread stops writes and beats, and answers the
   const region = Region.create(16 * 4096, { name: 'gate' });
   const st = new BigUint64Array([12345n, 0n, 7n]);
   const [mine, theirs] = addon.socketPair();
-  addon.gateStart(mine, st);
+  guestAddon.gateStart(mine, st);
   try {
-    assert.equal(addon.guestWrite(region.nativeHandle, st, 100, 16, false), 100);
-    assert.equal(addon.gateBeat(st), 7);
+    assert.equal(guestAddon.guestWrite(region.view(), st, 100, 16, false), 100);
+    assert.equal(guestAddon.gateBeat(st), 7);
     const paused = addon.controlRequest(theirs, P, 2000);
     assert.equal(String.fromCharCode(paused.tag), 'p');
     const run = new BigUint64Array(paused.body.buffer.slice(paused.body.byteOffset, paused.body.byteOffset + 24));
     assert.deepEqual([...run], [...st], 'the reply is the state the guest stopped in');
     assert.equal(run[1], 100n);
     assert.equal(run[2], 8n);
-    assert.equal(addon.gatePaused(), true);
+    assert.equal(guestAddon.gatePaused(), true);
     if (process.getuid?.() === 0) {
       // paused, every other thread of the guest runs only on otherwise idle CPUs (set just
       // after the answer: wait for it)
@@ -57,19 +59,19 @@ test('a pause through the control thread stops writes and beats, and answers the
       assert.equal(idle, threadPolicies().length - 1, 'all but the control thread are SCHED_IDLE while paused');
     }
     const before = Buffer.from(region.view());
-    assert.equal(addon.guestWrite(region.nativeHandle, st, 100, 16, false), 0, 'no write passes a closed gate');
-    assert.equal(addon.gateBeat(st), -1, 'a paused guest does not beat');
+    assert.equal(guestAddon.guestWrite(region.view(), st, 100, 16, false), 0, 'no write passes a closed gate');
+    assert.equal(guestAddon.gateBeat(st), -1, 'a paused guest does not beat');
     assert.ok(before.equals(Buffer.from(region.view())));
     assert.deepEqual([...st], [...run]);
 
     assert.equal(String.fromCharCode(addon.controlRequest(theirs, R, 2000).tag), 'r');
-    assert.equal(addon.gatePaused(), false);
+    assert.equal(guestAddon.gatePaused(), false);
     assert.equal(threadPolicies().filter((p) => p === SCHED_IDLE).length, 0, 'resumed, no thread is left SCHED_IDLE');
-    assert.equal(addon.guestWrite(region.nativeHandle, st, 10, 16, false), 10);
+    assert.equal(guestAddon.guestWrite(region.view(), st, 10, 16, false), 10);
     assert.equal(String.fromCharCode(addon.controlRequest(theirs, 0x21, 2000).tag), 'e', 'an unknown request is answered, not ignored');
     assert.throws(() => addon.controlRequest(theirs, P, 2000, Buffer.alloc(5000)), /longer than 4096/);
   } finally {
-    addon.gateSetPaused(false);
+    guestAddon.gateSetPaused(false);
     addon.closeFd(theirs); // the control thread sees the end of the stream and stops
     region.release();
   }

@@ -2,8 +2,12 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { pack } from 'msgpackr';
 import { LivemigError } from '../src/errors.js';
-import { FrameParser, FrameType, HEADER_BYTES, MAX_PAYLOAD, PROTOCOL_VERSION, decodeHeader, encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
+import { FrameParser, decodeHeader } from './reference/frames.js';
+import { FrameType, HEADER_BYTES, MAX_PAYLOAD, PROTOCOL_VERSION } from '../src/protocol/format.js';
+import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
 import * as M from '../src/protocol/messages.js';
+import * as R from './reference/frames.js';
+import * as F from '../src/protocol/format.js';
 
 const V = PROTOCOL_VERSION;
 const throwsCode = (fn: () => unknown, code: string, re?: RegExp): void =>
@@ -82,11 +86,11 @@ test('control decoders reject wrong values', () => {
 
 test('PAGES batches: layout roundtrip and shape checks', () => {
   const pages = Uint32Array.of(3, 9);
-  const buf = Buffer.alloc(M.pagesFrameBytes(2, 4096));
-  M.writePagesPrefix(buf, 7, pages, 4096, V);
-  buf.fill(0xaa, M.pagesDataOffset(2));
+  const buf = Buffer.alloc(R.pagesFrameBytes(2, 4096));
+  R.writePagesPrefix(buf, 7, pages, V);
+  buf.fill(0xaa, R.pagesDataOffset(2));
   const f = parseAll(buf, 1000)[0]!;
-  const b = M.decodePages(f.payload, 4096);
+  const b = R.decodePages(f.payload, 4096);
   assert.equal(b.round, 7);
   assert.deepEqual(Array.from(b.indices), [3, 9]);
   assert.equal(b.data.length, 8192);
@@ -96,10 +100,10 @@ test('PAGES batches: layout roundtrip and shape checks', () => {
     p.writeUInt32LE(count, 4);
     return p;
   };
-  throwsCode(() => M.decodePages(Buffer.alloc(4), 4096), 'ERR_LIVEMIG_PROTOCOL', /shorter than its prefix/);
-  throwsCode(() => M.decodePages(prefix(0, 0), 4096), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/);
-  throwsCode(() => M.decodePages(prefix(M.MAX_BATCH_PAGES + 1, 0), 4096), 'ERR_LIVEMIG_PAGE_INDEX', /count 4097/);
-  throwsCode(() => M.decodePages(prefix(2, 4 * 2 + 4096), 4096), 'ERR_LIVEMIG_PROTOCOL', /must be 8208 bytes, got 4112/);
+  throwsCode(() => R.decodePages(Buffer.alloc(4), 4096), 'ERR_LIVEMIG_PROTOCOL', /shorter than its prefix/);
+  throwsCode(() => R.decodePages(prefix(0, 0), 4096), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/);
+  throwsCode(() => R.decodePages(prefix(F.MAX_BATCH_PAGES + 1, 0), 4096), 'ERR_LIVEMIG_PAGE_INDEX', /count 4097/);
+  throwsCode(() => R.decodePages(prefix(2, 4 * 2 + 4096), 4096), 'ERR_LIVEMIG_PROTOCOL', /must be 8208 bytes, got 4112/);
 });
 
 test('version negotiation takes the newest common version', () => {

@@ -4,8 +4,11 @@ import net from 'node:net';
 import { once } from 'node:events';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
-import { FrameParser, FrameType, MAX_PAYLOAD, encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
+import { FrameParser } from './reference/frames.js';
+import { FrameType, MAX_PAYLOAD } from '../src/protocol/format.js';
+import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
 import * as M from '../src/protocol/messages.js';
+import * as R from './reference/frames.js';
 import { listen } from '../src/receiver/receiver.js';
 
 const PAGES = 16;
@@ -45,8 +48,8 @@ async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { ma
 
 function pagesFrame(indices: number[]): Buffer {
   const pages = Uint32Array.from(indices);
-  const b = Buffer.alloc(M.pagesFrameBytes(pages.length, 4096));
-  M.writePagesPrefix(b, 1, pages, 4096, 1);
+  const b = Buffer.alloc(R.pagesFrameBytes(pages.length, 4096));
+  R.writePagesPrefix(b, 1, pages, 1);
   return b;
 }
 

@@ -11,9 +11,13 @@ import { once } from 'node:events';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
-import { FrameParser, FrameType, encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
-import * as M from '../src/protocol/messages.js';
+import { guestAddon } from '../src/workload/guest-addon.js';
+import { FrameParser } from './reference/frames.js';
+import { FrameType } from '../src/protocol/format.js';
+import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
 import { WireChannel } from '../src/protocol/wire.js';
+import * as M from '../src/protocol/messages.js';
+import * as R from './reference/frames.js';
 import { Region } from '../src/region/region.js';
 import { tcpPair } from './helpers.js';
 
@@ -39,10 +43,10 @@ test('sendPages writes PAGES frames that the reference parser reads back as the 
   const parser = new FrameParser();
   peer.on('data', (c: Buffer) => parser.push(c, (f) => frames.push(f)));
   const pages = Uint32Array.from([0, 1, 2, 7, 9, 10, 63, 40, 41]); // runs, singles, out of order
-  const { bytes } = await wire.sendPages(region, pages, 5, 1, 4, hashes);
+  const { bytes } = await wire.sendPages({ region, pages, round: 5, version: 1, batchPages: 4, hashes });
   await wire.send(encodeFrame(FrameType.RoundEnd, Buffer.alloc(0)));
   while (!frames.some((f) => f.type === FrameType.RoundEnd)) await new Promise((r) => setTimeout(r, 5));
-  const batches = frames.filter((f) => f.type === FrameType.Pages).map((f) => M.decodePages(f.payload, PS));
+  const batches = frames.filter((f) => f.type === FrameType.Pages).map((f) => R.decodePages(f.payload, PS));
   assert.deepEqual(batches.map((b) => b.indices.length), [4, 4, 1], 'batches of at most 4 pages');
   assert.equal(bytes, batches.reduce((n, b) => n + 12 + 8 + b.indices.length * (4 + PS), 0));
   const seen = batches.flatMap((b) => [...b.indices]);
@@ -66,9 +70,9 @@ test('a read with a page sink applies reference-encoded PAGES frames and returns
   const hashes = new BigUint64Array(region.pageCount);
   const src = Array.from({ length: 32 }, () => randomBytes(PS));
   const frame = (idx: number[], round: number): Buffer => {
-    const b = Buffer.alloc(M.pagesFrameBytes(idx.length, PS));
-    M.writePagesPrefix(b, round, Uint32Array.from(idx), PS, 1);
-    idx.forEach((p, k) => src[p]!.copy(b, M.pagesDataOffset(idx.length) + k * PS));
+    const b = Buffer.alloc(R.pagesFrameBytes(idx.length, PS));
+    R.writePagesPrefix(b, round, Uint32Array.from(idx), 1);
+    idx.forEach((p, k) => src[p]!.copy(b, R.pagesDataOffset(idx.length) + k * PS));
     return b;
   };
   const stream = Buffer.concat([frame([3, 4, 5], 1), frame([31], 1), frame([0, 20], 2), M.encodeRoundEnd({ round: 2, pages: 6 }, 1)]);
@@ -96,10 +100,10 @@ test('the native parser refuses what the reference parser refuses, before touchi
     ['bad magic', Buffer.concat([Buffer.from([1, 2]), encodeHeader(FrameType.Abort, 0).subarray(2)]), 'ERR_LIVEMIG_PROTOCOL', /magic/],
     ['unknown type', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt8(99, 3); return h; })(), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 99/],
     ['oversized', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt32LE(0xffffffff, 8); return h; })(), 'ERR_LIVEMIG_FRAME_TOO_LARGE', /max/],
-    ['index out of range', (() => { const b = Buffer.alloc(M.pagesFrameBytes(2, PS), 0xee); M.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), PS, 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 8/],
+    ['index out of range', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 8/],
     ['count zero', (() => { const b = Buffer.alloc(12 + 8); encodeHeader(FrameType.Pages, 8, 1, 0, b); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/],
     ['wrong length', (() => { const b = Buffer.alloc(12 + 8 + 4 + 10); encodeHeader(FrameType.Pages, 22, 1, 0, b); b.writeUInt32LE(1, 16); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /must be/],
-    ['other version', (() => { const b = Buffer.alloc(M.pagesFrameBytes(1, PS)); M.writePagesPrefix(b, 1, Uint32Array.from([0]), PS, 2); return b; })(), 'ERR_LIVEMIG_VERSION', /version 2/],
+    ['other version', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 2); return b; })(), 'ERR_LIVEMIG_VERSION', /version 2/],
   ];
   for (const [name, bytes, code, re] of cases) {
     const { wire, peer, server } = await pair();
@@ -172,8 +176,8 @@ test('the page hash tells sparse pages apart: a word in another block, words tha
   const pages = 16384;
   const region = Region.create(pages * PS, { name: 'hash-sparse' });
   try {
-    const st = BigUint64Array.of(addon.mix64(1n) | 1n, 0n);
-    addon.guestWrite(region.nativeHandle, st, 60000, pages, false);
+    const st = BigUint64Array.of(guestAddon.mix64(1n) | 1n, 0n);
+    guestAddon.guestWrite(region.view(), st, 60000, pages, false);
     const byHash = new Map<bigint, number>();
     for (let i = 0; i < pages; i++) {
       const h = addon.pageHash(region.page(i));

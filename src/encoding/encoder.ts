@@ -9,9 +9,9 @@
  *   threads, lz4-napi), then one PAGES_ENC frame. Classifying and compressing the next batch
  *   overlap the sending of the previous one (two buffer sets).
  */
-import { addon, callAsync } from '../native.js';
-import { PageEncoding } from '../protocol/messages.js';
-import { SEND_DEDUP, SEND_ZERO, type NativeDedup, type WireChannel } from '../protocol/wire.js';
+import { addon, callAsync, type NativeDedup } from '../native.js';
+import { PageEncoding } from '../protocol/format.js';
+import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest, type WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { Chooser, type ChooserOptions } from './chooser.js';
@@ -44,6 +44,20 @@ export interface EncodingStats {
   /** bytes of pages that went out compressed, before and after */
   lz4_in: number;
   lz4_out: number;
+}
+
+export interface PageEncoderOptions {
+  region: Region;
+  channel: WireChannel;
+  /** per-page hashes of what was sent */
+  hashes: BigUint64Array;
+  /** the index of what the receiver holds, shared with the native sender */
+  dedup: NativeDedup;
+  encodings: ChooserOptions;
+  version: number;
+  batchPages: number;
+  /** where the data path may ask which pages were written since re-armed (the tracker's) */
+  probe?: () => WrittenProbe | undefined;
 }
 
 interface BufferSet {
@@ -79,8 +93,9 @@ export class PageEncoder {
 
   readonly #probe: () => WrittenProbe | undefined;
 
-  constructor(region: Region, channel: WireChannel, hashes: BigUint64Array, dedup: NativeDedup, options: ChooserOptions, version: number, batchPages: number, probe: () => WrittenProbe | undefined = () => undefined) {
-    this.#probe = probe;
+  constructor(o: PageEncoderOptions) {
+    const { region, channel, hashes, dedup, encodings: options, version, batchPages } = o;
+    this.#probe = o.probe ?? (() => undefined);
     this.#region = region;
     this.#channel = channel;
     this.#hashes = hashes;
@@ -93,11 +108,10 @@ export class PageEncoder {
     this.#sets = [0, 1].map(() => ({ staging: new SharedArrayBuffer(bytes), output: new SharedArrayBuffer(bytes), lengths: new SharedArrayBuffer(batchPages * 4) }));
     const sampleBytes = SAMPLE_PAGES * region.pageSize;
     this.#sampleSet = { staging: new SharedArrayBuffer(sampleBytes), output: new SharedArrayBuffer(sampleBytes), lengths: new SharedArrayBuffer(SAMPLE_PAGES * 4) };
-
   }
 
-  /** Sends `pages` for `round`; resolves to the bytes written. */
   /**
+   * Sends `pages` for `round`; resolves to the bytes written.
    * `final`: the stop-and-copy's pages, inside the pause. Unless the link is slow enough that
    * they are being compressed, they go in one in-place call with no learning (no samples,
    * probes or timings: nothing follows them) and no written-probe (a page sent now never serves
@@ -105,7 +119,7 @@ export class PageEncoder {
    */
   async send(round: number, pages: Uint32Array, final = false): Promise<number> {
     if (final && !this.chooser.compressing()) {
-      const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup, this.#flags, undefined, true);
+      const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, now: true });
       this.stats.zero_pages += c.zero;
       this.stats.dup_pages += c.dup;
       this.stats.skipped_pages += c.skipped;
@@ -143,9 +157,15 @@ export class PageEncoder {
     return bytes;
   }
 
+  /** The parts of every sendPages call this encoder makes. */
+  #call(round: number, pages: Uint32Array): SendPagesRequest {
+    return { region: this.#region, pages, round, version: this.#version, batchPages: this.#batchPages, hashes: this.#hashes };
+  }
+
   async #sendInPlace(round: number, pages: Uint32Array): Promise<number> {
     const t0 = performance.now();
-    const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup, this.#flags, this.#probe());
+    const probe = this.#probe();
+    const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, ...(probe ? { probe } : {}) });
     const ms = performance.now() - t0;
     this.chooser.sent(c.bytes, ms);
     if (this.#flags !== 0) this.chooser.inPlace(pages.length, c.zero + c.dup + c.skipped, ms);
@@ -163,7 +183,7 @@ export class PageEncoder {
   /** Plain PAGES frames straight from the region, when in-place encoding does not pay. */
   async #sendPlain(round: number, pages: Uint32Array): Promise<number> {
     const t0 = performance.now();
-    const c = await this.#channel.sendPages(this.#region, pages, round, this.#version, this.#batchPages, this.#hashes, this.#dedup);
+    const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup });
     const ms = performance.now() - t0;
     this.chooser.sent(c.bytes, ms);
     this.chooser.plain(pages.length, ms);

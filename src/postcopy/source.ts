@@ -24,6 +24,14 @@ export interface PushStats {
   reconnects: number;
 }
 
+/** The part of the migration's pacer (src/pacing/pacer.ts) the push uses. */
+export interface PushPacer {
+  /** pages for the next push call */
+  pushPages(): number;
+  /** takes `bytes`; resolves when the next push may go */
+  pace(bytes: number): Promise<void>;
+}
+
 export interface Connections {
   pushFd: number;
   prioFd: number;
@@ -78,13 +86,10 @@ export class PageServer {
 
   /**
    * Pushes every page still unsent, and resolves with the destination's digest once it says it
-   * has them all. `reconnect` is called after a break, until it succeeds or throws.
+   * has them all. `reconnect` is called after a break, until it succeeds or throws. With a
+   * pacer, each push call is sized and paced by it (pages served on request count too).
    */
-  /**
-   * @param pace called after each push call with its bytes; resolves when the next may go
-   * @param callPages pages per push call (smaller under a bandwidth cap, so the pacing is smooth)
-   */
-  async run(reconnect: () => Promise<Connections>, onProgress?: (s: PushStats) => void, pace?: (bytes: number) => Promise<void>, callPages: () => number = () => PUSH_CALL_PAGES): Promise<bigint> {
+  async run(reconnect: () => Promise<Connections>, onProgress?: (s: PushStats) => void, pacer?: PushPacer): Promise<bigint> {
     let event: PostcopyEvent | undefined;
     let wake: (() => void) | undefined;
     const off = this.on((e) => {
@@ -107,7 +112,7 @@ export class PageServer {
           this.#cursor = 0;
           continue;
         }
-        const next = this.#nextPages(Math.max(1, Math.min(PUSH_CALL_PAGES, callPages())));
+        const next = this.#nextPages(Math.max(1, Math.min(PUSH_CALL_PAGES, pacer?.pushPages() ?? PUSH_CALL_PAGES)));
         if (next.length === 0) {
           await waitEvent(); // everything went: the destination's COMPLETE (or a break) is next
           continue;
@@ -117,7 +122,7 @@ export class PageServer {
           this.#bytes += r.bytes;
           // pages served on request go at once, but count against the cap: the push waits for them
           const served = this.#native.stats().servedBytes;
-          await pace?.(r.bytes + served - this.#servedPaced);
+          await pacer?.pace(r.bytes + served - this.#servedPaced);
           this.#servedPaced = served;
         } catch (e) {
           // the push connection broke; the server thread sees it too (or already has)

@@ -8,11 +8,12 @@ import net from 'node:net';
 import { trace } from '../trace.js';
 import { LivemigError } from '../errors.js';
 import { addon } from '../native.js';
-import { FrameType, type Frame } from '../protocol/frame.js';
+import { FrameType } from '../protocol/format.js';
+import { type Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
 import { WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
-import type { PageServer, Connections, PushStats } from './source.js';
+import type { PageServer, Connections, PushPacer, PushStats } from './source.js';
 
 export interface PostcopyLink {
   /** opens a new connection to the destination */
@@ -91,10 +92,8 @@ export async function runPostcopy(o: {
   onCommitted(): void;
   onRunning(activateMs: number): void;
   onProgress?(s: PushStats): void;
-  /** called after each push with its bytes; resolves when the next may go (bandwidth cap) */
-  pace?(bytes: number): Promise<void>;
-  /** pages per push call */
-  callPages?(): number;
+  /** the migration's pacer: the background push keeps to its cap */
+  pacer?: PushPacer;
 }): Promise<PostcopyResult> {
   const { channel, region } = o;
   const server = o.server;
@@ -110,7 +109,7 @@ export async function runPostcopy(o: {
     const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
     const tRunning = performance.now();
     o.onRunning(running.activateMs);
-    const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress, o.pace, o.callPages);
+    const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress, o.pacer);
     const tComplete = performance.now();
     // the source's image (paused, unchanged) is the one the destination must now hold: compare
     // digests; the guest no longer needs this side for pages, so this is outside its time

@@ -1,15 +1,13 @@
 /**
- * Message payloads, one encode/decode pair per frame type. Control messages are msgpack maps;
- * PAGES is a binary batch. Every decoder treats its input as hostile and throws ProtocolError.
+ * Control message payloads, one encode/decode pair per frame type: msgpack maps (page frames
+ * are binary and built and parsed natively; their reference is test/reference/frames.ts).
+ * Every decoder treats its input as hostile and throws ProtocolError.
  */
 import { pack, unpack } from 'msgpackr';
 import { addon } from '../native.js';
 import { ProtocolError } from './errors.js';
-import { FrameType, HEADER_BYTES, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, encodeFrame, encodeHeader } from './frame.js';
-
-/** Most pages one PAGES frame may carry (16 MiB of 4 KiB pages). */
-export const MAX_BATCH_PAGES = 4096;
-export const PAGES_PREFIX_BYTES = 8;
+import { encodeFrame } from './frame.js';
+import { FrameType, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
 
 export interface Hello {
   /** versions the sender speaks, [oldest, newest] */
@@ -157,69 +155,6 @@ export function encodeDeviceState(state: Uint8Array, version: number): Buffer {
   return encodeFrame(FrameType.DeviceState, Buffer.from(state.buffer, state.byteOffset, state.byteLength), version);
 }
 
-/**
- * PAGES layout (payload): u32 round, u32 count, count × u32 page index, count × pageSize bytes.
- * pagesFrameBytes() sizes a buffer; writePagesPrefix() fills header, round, count and indices;
- * the caller (native gather) fills the page data at dataOffset.
- */
-export function pagesFrameBytes(count: number, pageSize: number): number {
-  return HEADER_BYTES + PAGES_PREFIX_BYTES + count * 4 + count * pageSize;
-}
-export function pagesDataOffset(count: number): number {
-  return HEADER_BYTES + PAGES_PREFIX_BYTES + count * 4;
-}
-export function writePagesPrefix(out: Buffer, round: number, pages: Uint32Array, pageSize: number, version: number): void {
-  const count = pages.length;
-  encodeHeader(FrameType.Pages, out.length - HEADER_BYTES, version, 0, out);
-  out.writeUInt32LE(round, HEADER_BYTES);
-  out.writeUInt32LE(count, HEADER_BYTES + 4);
-  const idx = HEADER_BYTES + PAGES_PREFIX_BYTES;
-  Buffer.from(pages.buffer, pages.byteOffset, count * 4).copy(out, idx);
-  void pageSize;
-}
-
-export interface PagesBatch {
-  round: number;
-  indices: Uint32Array;
-  data: Buffer;
-}
-
-/** Checks the batch's shape; page indices are checked against the region by the caller (native, all or nothing). */
-export function decodePages(p: Buffer, pageSize: number): PagesBatch {
-  if (p.length < PAGES_PREFIX_BYTES) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `PAGES payload of ${p.length} bytes is shorter than its prefix`);
-  const round = p.readUInt32LE(0);
-  const count = p.readUInt32LE(4);
-  if (count === 0 || count > MAX_BATCH_PAGES) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `PAGES count ${count} is outside 1..${MAX_BATCH_PAGES}`);
-  const want = PAGES_PREFIX_BYTES + count * 4 + count * pageSize;
-  if (p.length !== want) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `PAGES of ${count} pages must be ${want} bytes, got ${p.length}`);
-  const idxOff = p.byteOffset + PAGES_PREFIX_BYTES;
-  const indices = idxOff % 4 === 0 ? new Uint32Array(p.buffer, idxOff, count) : new Uint32Array(p.subarray(PAGES_PREFIX_BYTES, PAGES_PREFIX_BYTES + count * 4).buffer.slice(idxOff, idxOff + count * 4));
-  const data = p.subarray(PAGES_PREFIX_BYTES + count * 4);
-  return { round, indices, data };
-}
-
-/** Capability names (HELLO from the sender, ACCEPT from the receiver; version 2 and later). */
-export const CAP_ENCODINGS = 'encodings';
-/** ACCEPT: an IMAGE_HASHES frame follows; without it the receiver's region starts all zero. */
-export const CAP_IMAGE_HASHES = 'image-hashes';
-/**
- * HELLO/ACCEPT: COMMIT may carry `activate: true`: the destination checks the digest and, if it
- * matches, activates at once and answers ACTIVATED (one round trip less inside the downtime);
- * if not, it answers ERROR and the source resumes. Sending that COMMIT is the point of commitment.
- */
-export const CAP_COMMIT_ACTIVATE = 'commit-activate';
-
-export enum PageEncoding {
-  Raw = 0,
-  Zero = 1,
-  Dup = 2,
-  /** an LZ4 block of this page, or of this page and the Lz4Cont pages right after it (at most 4 in all) */
-  Lz4 = 3,
-  /** 4 is not used (removed before release; refused) */
-  /** part of the block of the Lz4 page before it; no body */
-  Lz4Cont = 5,
-}
-
 /** IMAGE_HASHES payload: pageCount × u64 little-endian page hashes, page order. */
 export function encodeImageHashes(hashes: BigUint64Array, version: number): Buffer {
   return encodeFrame(FrameType.ImageHashes, Buffer.from(hashes.buffer, hashes.byteOffset, hashes.byteLength), version);
@@ -230,45 +165,6 @@ export function decodeImageHashes(p: Buffer, pageCount: number): BigUint64Array 
   Buffer.from(out.buffer).set(p);
   return out;
 }
-
-export interface EncodedPage {
-  index: number;
-  encoding: PageEncoding;
-  /** raw: the page; zero: empty; dup: u64 content hash + u32 page holding it; lz4: lz4-napi output (u32 size + block); lz4 continuation: empty */
-  body: Buffer;
-}
-
-/**
- * PAGES_ENC layout (payload): u32 round, u32 count, count × u32 index, count × u8 encoding,
- * then each page's body in order: raw pageSize bytes; zero nothing; dup u64 content hash and
- * u32 page of the receiver holding it;
- * lz4 u32 n + n bytes (u32 original size, then an LZ4 block). The reference encoder; the
- * sender's hot path builds the same bytes natively (native/wire.cc sendEncoded).
- */
-export function encodePagesEnc(round: number, pages: EncodedPage[], version: number): Buffer {
-  const head = Buffer.alloc(PAGES_PREFIX_BYTES + pages.length * 5);
-  head.writeUInt32LE(round, 0);
-  head.writeUInt32LE(pages.length, 4);
-  pages.forEach((p, k) => {
-    head.writeUInt32LE(p.index, 8 + 4 * k);
-    head.writeUInt8(p.encoding, 8 + 4 * pages.length + k);
-  });
-  const bodies = pages.map((p) => {
-    if (p.encoding !== PageEncoding.Lz4) return p.body;
-    const n = Buffer.alloc(4);
-    n.writeUInt32LE(p.body.length);
-    return Buffer.concat([n, p.body]);
-  });
-  return encodeFrame(FrameType.PagesEnc, Buffer.concat([head, ...bodies]), version);
-}
-
-/**
- * HELLO/ACCEPT: the sender may switch to post-copy (POSTCOPY); ACCEPT then carries a session
- * token, and further connections join with ATTACH naming it.
- */
-export const CAP_POSTCOPY = 'postcopy';
-/** HELLO: the sender will switch to post-copy (mode postcopy or hybrid): the destination need not map the guest's memory ahead */
-export const CAP_POSTCOPY_PLANNED = 'postcopy-planned';
 
 export interface Postcopy {
   /** 1 bit per page (page p: byte p>>3, bit p&7): the destination must fetch it; others it holds */

@@ -2,7 +2,8 @@
  * Encodes and decodes, once, every control message that passes inside the pause, so that the
  * first real one does not compile msgpack's and Buffer's paths there (see src/warmup.ts).
  */
-import { FrameType, HEADER_BYTES, encodeFrame } from './frame.js';
+import { encodeFrame } from './frame.js';
+import { FrameType, HEADER_BYTES } from './format.js';
 import {
   decodeAbort,
   decodeActivated,

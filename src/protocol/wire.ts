@@ -10,62 +10,35 @@
  */
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon, fromNative, type NativeRegion } from '../native.js';
+import { addon, fromNative, type NativeDedup, type NativeFrame, type NativeWire, type SendCounts } from '../native.js';
 import type { Region } from '../region/region.js';
-import { ProtocolError } from './errors.js';
-import { FrameType, MAX_PAYLOAD, type Frame } from './frame.js';
-import { MAX_BATCH_PAGES } from './messages.js';
 import type { WrittenProbe } from '../tracking/types.js';
+import { ProtocolError } from './errors.js';
+import type { Frame } from './frame.js';
+import { FrameType, MAX_BATCH_PAGES, MAX_FRAME_TYPE as MAX_TYPE, MAX_PAYLOAD } from './format.js';
 
-const MAX_TYPE = Math.max(...Object.values(FrameType).filter((v): v is number => typeof v === 'number'));
-
-/** What a sendPages call wrote: bytes, and pages per encoding (all `raw` for PAGES frames). */
-export interface SendCounts {
-  bytes: number;
-  zero: number;
-  dup: number;
-  skipped: number;
-  raw: number;
-  /** time spent classifying and indexing (the encoding work), not sending or hashing */
-  overheadMs: number;
-  /** of which indexing pages after the send */
-  indexMs: number;
-}
+export type { SendCounts } from '../native.js';
 
 /** sendPages flags: PAGES_ENC frames with, in place, zero detection and/or dedup. */
 export const SEND_ZERO = 1;
 export const SEND_DEDUP = 2;
 
-export interface NativeWire {
-  write(buffers: Buffer[]): Promise<void>;
-  writeNow(buffers: Buffer[]): number;
-  readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
-  sendPages(region: NativeRegion, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags?: number, probe?: WrittenProbe, now?: boolean): Promise<SendCounts>;
-  sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
-  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
-  finish(timeoutMs: number): Promise<void>;
-  shutdown(): void;
-  close(): void;
-  setTimeouts(recvMs: number, sendMs: number): void;
-  fd(): number;
-  forget(): void;
-}
-
-/** The sender's index of what the receiver holds (native/encode.h). */
-export interface NativeDedup {
-  initImage(hashes: BigUint64Array): void;
-  size(): number;
-}
-
-interface NativeFrame {
+/** One sendPages call (see WireChannel.sendPages). */
+export interface SendPagesRequest {
+  region: Region;
+  pages: Uint32Array;
+  round: number;
   version: number;
-  type: number;
-  flags: number;
-  payload: Buffer;
-  pages: number;
-  batches: number;
-  bytes: number;
-  lastRound: number;
+  batchPages: number;
+  /** each page's hash is stored here as it goes (the commitment digest is over them) */
+  hashes: BigUint64Array;
+  /** PAGES_ENC needs the index of what the receiver holds */
+  dedup?: NativeDedup;
+  flags?: number;
+  /** raw pages the tracker shows unwritten since their hash enter the dedup index */
+  probe?: WrittenProbe;
+  /** up to SEND_NOW_PAGES pages with nothing queued ahead go from the calling thread */
+  now?: boolean;
 }
 
 /** A frame, with what a sink applied before it arrived. */
@@ -187,20 +160,24 @@ export class WireChannel {
   /**
    * Sends pages straight from the region: PAGES frames, or with `flags` (SEND_ZERO, SEND_DEDUP;
    * needs `dedup`) PAGES_ENC frames with zero/dup/raw pages chosen in place. With `probe`, raw
-   * pages that provably went out as hashed enter the dedup index (see native/wire.cc). With
-   * `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go from the calling thread (the
-   * last pages, inside the pause).
+   * pages that provably went out as hashed enter the dedup index (see native/wire/send_pages.cc).
+   * With `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go from the calling thread
+   * (the last pages, inside the pause).
    */
-  sendPages(region: Region, pages: Uint32Array, round: number, version: number, batchPages: number, hashes: BigUint64Array, dedup?: NativeDedup, flags = 0, probe?: WrittenProbe, now = false): Promise<SendCounts> {
+  sendPages(req: SendPagesRequest): Promise<SendCounts> {
+    const { region, pages, round, version, batchPages, hashes, dedup, flags = 0, probe } = req;
     if (batchPages < 1 || batchPages > MAX_BATCH_PAGES) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
     if (flags !== 0 && dedup === undefined) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'encoded frames need the dedup index', { phase: 'precopy' });
-    if (now && pages.length <= SEND_NOW_PAGES && this.#writesPending === 0 && !this.#writeFailure && !this.#closed) {
-      return this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes, dedup, flags, probe, true).catch((e: unknown) => {
+    if (hashes.length < region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the hash table has ${hashes.length} entries for ${region.pageCount} pages`, { phase: 'precopy' });
+    const now = req.now === true && pages.length <= SEND_NOW_PAGES && this.#writesPending === 0 && !this.#writeFailure && !this.#closed;
+    const call = { region: region.nativeHandle, pages, round, version, batchPages, hashes, flags, now, ...(dedup ? { dedup } : {}), ...(probe ? { probe } : {}) };
+    if (now) {
+      return this.#wire.sendPages(call).catch((e: unknown) => {
         this.#writeFailure ??= fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', 'sending pages');
         throw this.#writeFailure;
       });
     }
-    return this.#write('sending pages', () => this.#wire.sendPages(region.nativeHandle, pages, round, version, batchPages, hashes, dedup, flags, probe));
+    return this.#write('sending pages', () => this.#wire.sendPages(call));
   }
 
   /** Sends one classified batch as a PAGES_ENC frame (see src/encoding/encoder.ts). */

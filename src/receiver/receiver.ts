@@ -11,38 +11,14 @@ import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync } from '../native.js';
 import { WireChannel, type PageSink } from '../protocol/wire.js';
+import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { type Frame } from '../protocol/frame.js';
+import { bytesToBitmap, decodeAbort, decodeAttach, decodeCommit, decodeHello, decodePostcopy, decodeRoundEnd, encodeAccept, encodeActivated, encodeAttached, encodeCommitAck, encodeError, encodeImageHashes, encodePostcopyRunning, encodeRoundAck, negotiateVersion, type Attach } from '../protocol/messages.js';
 import { open } from 'node:fs/promises';
 import { ProtocolError } from '../protocol/errors.js';
-import { FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame } from '../protocol/frame.js';
-import {
-  decodeAbort,
-  decodeCommit,
-  decodeHello,
-  decodeRoundEnd,
-  encodeAccept,
-  encodeImageHashes,
-  CAP_COMMIT_ACTIVATE,
-  CAP_ENCODINGS,
-  CAP_IMAGE_HASHES,
-  encodeActivated,
-  encodeCommitAck,
-  encodeRoundAck,
-  encodeError,
-  negotiateVersion,
-} from '../protocol/messages.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 import { randomBytes } from 'node:crypto';
 import { FaultService, type FaultStats } from '../postcopy/dest.js';
-import {
-  bytesToBitmap,
-  decodeAttach,
-  decodePostcopy,
-  encodeAttached,
-  encodePostcopyRunning,
-  CAP_POSTCOPY,
-  CAP_POSTCOPY_PLANNED,
-  type Attach,
-} from '../protocol/messages.js';
 
 export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'postcopy' | 'failed';
 

@@ -6,8 +6,10 @@ import { constants as bufferConstants } from 'node:buffer';
 import { readFileSync } from 'node:fs';
 import { LivemigError, invalidArgument } from '../errors.js';
 import { addon, call, callAsync, type NativeRegion } from '../native.js';
+import { PAGE_SIZE as WIRE_PAGE_SIZE } from '../protocol/format.js';
 
-export const PAGE_SIZE: number = addon.pageSize();
+/** The page size of every region: the wire's (the addon refuses to load on other hosts). */
+export const PAGE_SIZE: number = WIRE_PAGE_SIZE;
 
 /** Largest region accepted: page indices travel as u32. */
 export const MAX_REGION_BYTES = 2 ** 32 * PAGE_SIZE;

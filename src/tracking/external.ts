@@ -58,6 +58,10 @@ export class ExternalTracker implements DirtyTracker {
     });
   }
 
+  collectFinal(): Promise<Uint32Array> {
+    return this.collect();
+  }
+
   async stop(): Promise<void> {
     this.#state.beginStop();
   }

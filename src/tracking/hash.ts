@@ -32,6 +32,10 @@ export class HashTracker implements DirtyTracker {
     return this.#state.collecting(() => this.#scan());
   }
 
+  collectFinal(): Promise<Uint32Array> {
+    return this.collect();
+  }
+
   async stop(): Promise<void> {
     if (!this.#state.beginStop()) return;
     await this.#state.quiesce();

@@ -49,6 +49,10 @@ export class SoftDirtyTracker implements DirtyTracker {
     });
   }
 
+  collectFinal(): Promise<Uint32Array> {
+    return this.collect();
+  }
+
   async stop(): Promise<void> {
     if (!this.#state.beginStop()) return;
     await this.#state.quiesce();

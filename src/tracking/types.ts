@@ -11,6 +11,13 @@ export interface DirtyTracker {
   readonly pageCount: number;
   start(): Promise<void>;
   collect(): Promise<Uint32Array>;
+  /**
+   * The last collect, with the guest paused until it runs elsewhere or resumes after a failure
+   * (when tracking stops): the same pages as collect(), but nothing needs protecting again, so
+   * a backend may skip re-arming, and should answer as fast as it can (it is inside the pause).
+   * No collect may follow it; stop() may.
+   */
+  collectFinal(): Promise<Uint32Array>;
   stop(): Promise<void>;
   /**
    * While tracking with write protection: where the data path may ask, without re-arming,

@@ -116,6 +116,18 @@ export class UffdAsyncTracker implements DirtyTracker {
     return this.#scanSync(options.rearm ?? true);
   }
 
+  /**
+   * On the calling thread and without re-arming: no write-protection walk and no TLB shoot-down
+   * across CPUs inside the pause, and no hop to the thread pool.
+   */
+  collectFinal(): Promise<Uint32Array> {
+    try {
+      return Promise.resolve(this.collectSync({ rearm: false }));
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
   writtenProbe(): WrittenProbe | undefined {
     return this.#state.tracking && this.#pagemapFd >= 0 ? { pagemapFd: this.#pagemapFd, address: this.#address } : undefined;
   }

@@ -3,7 +3,8 @@
  * code over whole regions.
  */
 import { invalidArgument } from '../errors.js';
-import { addon, callAsync } from '../native.js';
+import { callAsync } from '../native.js';
+import { guestAddon } from './guest-addon.js';
 import type { Region } from '../region/region.js';
 
 export const CONTENTS = ['random', 'zero', 'text', 'dup', 'mixed'] as const;
@@ -20,7 +21,7 @@ export function contentCode(name: string): number {
 /** Fills every page of `region` with `content` for `seed`. The pages must be 4096 bytes. */
 export function fillContent(region: Region, content: ContentName, seed: bigint): Promise<void> {
   if (region.pageSize !== 4096) throw invalidArgument('the reference content is defined for 4096-byte pages');
-  return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'filling content', () => addon.contentFill(region.nativeHandle, contentCode(content), seed));
+  return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'filling content', () => guestAddon.contentFill(region.view(), contentCode(content), seed));
 }
 
 export interface WriteModel {
@@ -36,11 +37,11 @@ export interface WriteModel {
 /** Compares every page with what the model says it must hold; `bad` pages differ. */
 export function verifyContent(region: Region, model: WriteModel): Promise<{ bad: number; firstBad: number }> {
   return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'verifying content', () =>
-    addon.contentVerify(region.nativeHandle, contentCode(model.content), model.seed, model.writes, model.span, model.sequential),
+    guestAddon.contentVerify(region.view(), contentCode(model.content), model.seed, model.writes, model.span, model.sequential),
   );
 }
 
 /** The initial state of the guest's write stream for `seed`: [xorshift state, counter]. */
 export function initialWriteState(seed: bigint): BigUint64Array {
-  return BigUint64Array.of(addon.mix64(seed) | 1n, 0n);
+  return BigUint64Array.of(guestAddon.mix64(seed) | 1n, 0n);
 }

@@ -22,6 +22,7 @@ import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import type net from 'node:net';
 import { addon } from '../native.js';
+import { guestAddon } from './guest-addon.js';
 import { handOverRegion } from '../region/handover.js';
 import { Region } from '../region/region.js';
 import { protectOwnRegion } from '../tracking/uffd-async.js';
@@ -89,7 +90,7 @@ const TAG = { state: 0x53, stateOk: 0x73, register: 0x55, registered: 0x75, go: 
 function waitForGo(fd: number, early: Region): GuestState {
   let loaded: GuestState | undefined;
   for (;;) {
-    const m = addon.waitCommand(fd);
+    const m = guestAddon.waitCommand(fd);
     if (m === null) process.exit(0);
     switch (m.tag) {
       case TAG.state:
@@ -97,28 +98,28 @@ function waitForGo(fd: number, early: Region): GuestState {
           const s = parseGuestState(m.body);
           if (s.size !== early.size) throw new Error(`state is for ${s.size} bytes, region has ${early.size}`);
           loaded = s;
-          addon.replyCommand(fd, TAG.stateOk);
+          guestAddon.replyCommand(fd, TAG.stateOk);
         } catch (e) {
-          addon.replyCommand(fd, TAG.error, Buffer.from((e as Error).message.slice(0, 1000)));
+          guestAddon.replyCommand(fd, TAG.error, Buffer.from((e as Error).message.slice(0, 1000)));
         }
         break;
       case TAG.register: {
         const body = Buffer.alloc(12);
         body.writeUInt32LE(registerForPostcopy(early), 0);
         body.writeBigUInt64LE(early.address, 4);
-        addon.replyCommand(fd, TAG.registered, body);
+        guestAddon.replyCommand(fd, TAG.registered, body);
         break;
       }
       case TAG.go:
         if (!loaded) {
-          addon.replyCommand(fd, TAG.error, Buffer.from('go before a state'));
+          guestAddon.replyCommand(fd, TAG.error, Buffer.from('go before a state'));
           break;
         }
-        addon.replyCommand(fd, TAG.going);
+        guestAddon.replyCommand(fd, TAG.going);
         addon.closeFd(fd);
         return loaded;
       default:
-        addon.replyCommand(fd, TAG.error, Buffer.from(`unknown request ${m.tag}`));
+        guestAddon.replyCommand(fd, TAG.error, Buffer.from(`unknown request ${m.tag}`));
     }
   }
 }
@@ -184,7 +185,7 @@ const [hbHost, hbPort] = state.heartbeat ? [state.heartbeat.split(':')[0]!, Numb
 let sentBeat = false;
 function heartbeat(extra?: object): void {
   if (!hbHost) return;
-  const seq = addon.gateBeat(st);
+  const seq = guestAddon.gateBeat(st);
   if (seq < 0) return; // paused: the guest is not running here
   const msg = Buffer.from(JSON.stringify({ seq, writes: st[1]!.toString(), pid: process.pid, t: monotonicMs(), ...extra }));
   if (!sentBeat) trace(`guest: first beat (seq ${seq})`);
@@ -204,7 +205,7 @@ let wasPaused = false;
 function tick(): void {
   if (!running) return;
   const t = performance.now();
-  if (addon.gatePaused()) {
+  if (guestAddon.gatePaused()) {
     // paused through the control socket, whose thread does not reach this loop: idle lightly
     wasPaused = true;
     lastTick = 0;
@@ -227,7 +228,7 @@ function tick(): void {
       due = Math.ceil(perMs);
     }
     if (due > 0) {
-      addon.guestWrite(region.nativeHandle, st, due, state.span, state.pattern === 'sequential');
+      guestAddon.guestWrite(region.view(), st, due, state.span, state.pattern === 'sequential');
       scheduled += due;
     }
   }
@@ -287,7 +288,7 @@ if (values.incoming && postcopyGuest) {
   const protection = values['no-track'] ? undefined : protectOwnRegion(region);
   // pause and resume are answered by a native thread on a socket of their own (native/guestctl.cc)
   const [mine, theirs] = addon.socketPair();
-  addon.gateStart(mine, st);
+  guestAddon.gateStart(mine, st);
   control = handOverRegion(values.socket!, region, { tracking: protection ? 'uffd-async' : 'none', info: { content: state.content, size: state.size }, controlFd: theirs });
   addon.closeFd(theirs);
   start();
@@ -308,12 +309,12 @@ if (control) {
     switch (m.op) {
       case 'pause':
         trace('guest: pause received');
-        addon.gateSetPaused(true);
+        guestAddon.gateSetPaused(true);
         // the throttle is a migration's, not the guest's: wherever it resumes, it runs at full rate
         reply({ op: 'paused', state: { ...exportState(), throttle: 0 } });
         break;
       case 'resume':
-        addon.gateSetPaused(false);
+        guestAddon.gateSetPaused(false);
         reply({ op: 'resumed' });
         break;
       case 'state':

@@ -10,18 +10,19 @@
 #include <string>
 
 #include "common.h"
-#include "netio.h"
+#include "io/socket.h"
+#include "wire/format.h"
 
 namespace livemig {
 namespace postcopy {
 
-constexpr size_t kPage = 4096;
-constexpr size_t kHeader = 12;
-constexpr uint16_t kMagic = 0x4D4C;
-constexpr uint8_t kPages = 4;
-constexpr uint8_t kRequest = 18;   // D->S: u32 count, u32 pages
-constexpr uint8_t kComplete = 19;  // D->S: u64 digest of the page hashes, u32 page count
-constexpr uint32_t kMaxBatch = 4096;
+// the wire's values (wire/format.h)
+constexpr size_t kPage = wire::kPageSize;
+constexpr size_t kHeader = wire::kHeaderBytes;
+constexpr uint8_t kPages = wire::kPages;
+constexpr uint8_t kRequest = wire::kPageRequest;    // D->S: u32 count, u32 pages
+constexpr uint8_t kComplete = wire::kPostcopyComplete;  // D->S: u64 digest of the page hashes, u32 page count
+constexpr uint32_t kMaxBatch = wire::kMaxBatchPages;
 constexpr size_t kPushChunk = 128 * 1024;  // bytes read from the push stream between fault checks
 constexpr size_t kPushChunkWaiting = 16 * 1024;  // ... while a fault waits on a requested page
 
@@ -34,22 +35,16 @@ inline uint64_t NowNs() {
   return static_cast<uint64_t>(t.tv_sec) * 1000000000ULL + static_cast<uint64_t>(t.tv_nsec);
 }
 
-inline void PutHeader(uint8_t* h, uint8_t version, uint8_t type, uint32_t length) {
-  h[0] = kMagic & 0xff;
-  h[1] = kMagic >> 8;
-  h[2] = version;
-  h[3] = type;
-  h[4] = h[5] = h[6] = h[7] = 0;
-  Put32(h + 8, length);
-}
+using wire::PutHeader;
 
-// A header from the peer: magic, version and reserved bytes checked; type and length returned.
+// A header from the peer: the wire's checks, then this session's version and no flags.
 inline bool CheckHeader(const uint8_t* h, uint8_t version, uint8_t* type, uint32_t* length, SysError& err) {
-  if (Le16(h) != kMagic) return err.fail("ERR_LIVEMIG_PROTOCOL", "bad frame magic on a post-copy connection"), false;
-  if (h[2] != version) return err.fail("ERR_LIVEMIG_VERSION", "post-copy frame of version " + std::to_string(h[2])), false;
-  if (h[4] || h[5] || h[6] || h[7]) return err.fail("ERR_LIVEMIG_PROTOCOL", "nonzero flags or reserved bytes in a post-copy frame"), false;
-  *type = h[3];
-  *length = Le32(h + 8);
+  wire::Header hd;
+  if (!wire::CheckHeader(h, wire::kMaxPayload, hd, err)) return false;
+  if (hd.version != version) return err.fail("ERR_LIVEMIG_VERSION", "post-copy frame of version " + std::to_string(hd.version)), false;
+  if (hd.flags != wire::kFlagsNone) return err.fail("ERR_LIVEMIG_PROTOCOL", "nonzero flags in a post-copy frame"), false;
+  *type = hd.type;
+  *length = hd.length;
   return true;
 }
 

@@ -12,7 +12,7 @@
 #include <cstdlib>
 
 #include "common.h"
-#include "guestctl.h"
+#include "refguest/gate.h"
 
 namespace livemig {
 namespace {

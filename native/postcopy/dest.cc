@@ -17,9 +17,9 @@
 #include <unordered_map>
 #include <vector>
 
-#include "pagehash.h"
-#include "postcopy.h"
-#include "region.h"
+#include "codec/pagehash.h"
+#include "postcopy/postcopy.h"
+#include "region/region.h"
 
 namespace livemig {
 
@@ -262,18 +262,14 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
           if (type != kPages) return err.fail("ERR_LIVEMIG_PROTOCOL", "unexpected frame type " + std::to_string(type) + " on a post-copy page stream"), -1;
           r.phase = 1;
         } else if (r.phase == 1) {
-          r.count = Le32(r.head + kHeader + 4);
-          uint64_t length = Le32(r.head + 8);
-          if (r.count == 0 || r.count > kMaxBatch) return err.fail("ERR_LIVEMIG_PROTOCOL", "post-copy batch of " + std::to_string(r.count) + " pages"), -1;
-          if (length != 8 + uint64_t{r.count} * (4 + kPage)) return err.fail("ERR_LIVEMIG_PROTOCOL", "post-copy PAGES length does not match its count"), -1;
+          uint32_t round;
+          const uint32_t length = Le32(r.head + 8);
+          if (!wire::CheckPagesPrefix("post-copy PAGES", r.head + kHeader, kMaxBatch, &round, &r.count, err) || !wire::CheckPlainPagesLength("post-copy PAGES", length, r.count, err)) return -1;
           r.idx.resize(r.count);
           r.phase = 2;
         } else {
           r.toRegion.resize(r.count);
-          for (uint32_t k = 0; k < r.count; k++) {
-            uint32_t p = r.idx[k] = Le32(reinterpret_cast<uint8_t*>(&r.idx[k]));
-            if (p >= pages_) return err.fail("ERR_LIVEMIG_PAGE_INDEX", "post-copy page " + std::to_string(p) + " outside the region"), -1;
-          }
+          if (!wire::DecodePageIndices(r.idx.data(), r.count, pages_, err)) return -1;
           for (uint32_t k = 1; k < r.count; k++)
             if (r.idx[k] <= r.idx[k - 1]) return err.fail("ERR_LIVEMIG_PROTOCOL", "post-copy page indices are not ascending"), -1;
           for (uint32_t k = 0; k < r.count; k++) {

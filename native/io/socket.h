@@ -1,26 +1,31 @@
-// Blocking socket I/O shared by the migration stream (wire.cc) and post-copy (postcopy.cc).
+// Blocking socket I/O shared by the migration stream (wire/) and post-copy (postcopy/).
 #pragma once
 
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
 #include "common.h"
+#include "io/bytes.h"
 
 namespace livemig {
 
 constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
 
-inline uint32_t Le32(const uint8_t* p) { return p[0] | (p[1] << 8) | (p[2] << 16) | (static_cast<uint32_t>(p[3]) << 24); }
-inline uint16_t Le16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
-inline void Put32(uint8_t* p, uint32_t v) {
-  p[0] = v & 0xff;
-  p[1] = (v >> 8) & 0xff;
-  p[2] = (v >> 16) & 0xff;
-  p[3] = v >> 24;
-}
+// Closes the descriptor when its last holder is gone (a Wire and every operation still using
+// it), so a thread blocked in recv never sees its descriptor number reused under it.
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
 
 // Sends every byte of iov[0..n); advances through partial sends. False with err set.
 bool SendAll(int fd, iovec* iov, int n, SysError& err);

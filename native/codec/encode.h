@@ -11,18 +11,29 @@
 #include <cstring>
 #include <vector>
 
+#include "wire/format.h"
+
 namespace livemig {
 
 // kIncompressible and kSkip never go on the wire: the sender's classifier marks raw pages its
 // sample found incompressible, and pages the receiver already holds in place.
 // kLz4Cont: this page is part of the LZ4 block of the lz4 page before it (no body of its own);
 // 4 is not used (an encoding removed before release) and is refused like any unknown value.
-enum PageEncoding : uint8_t { kRaw = 0, kZero = 1, kDup = 2, kLz4 = 3, kLz4Cont = 5, kIncompressible = 254, kSkip = 255 };
+// The wire's values come from wire/format.h.
+enum PageEncoding : uint8_t {
+  kRaw = wire::kEncRaw,
+  kZero = wire::kEncZero,
+  kDup = wire::kEncDup,
+  kLz4 = wire::kEncLz4,
+  kLz4Cont = wire::kEncLz4Cont,
+  kIncompressible = 254,
+  kSkip = 255,
+};
 constexpr bool IsWireEncoding(uint8_t e) { return e <= kLz4 || e == kLz4Cont; }
 // An LZ4 block covers at most this many pages (one lz4 page and its continuations).
-constexpr uint32_t kMaxLz4Group = 4;
+constexpr uint32_t kMaxLz4Group = wire::kMaxLz4Group;
 // A dup's body: u64 content hash, u32 page of the receiver holding that content.
-constexpr uint32_t kDupBody = 12;
+constexpr uint32_t kDupBody = wire::kDupBodyBytes;
 
 // Where each page sits in the frame being built or applied, to enforce the frame rules: a page
 // appears at most once, and a dup is never resolved from a page written later in the same

@@ -16,9 +16,9 @@
 #include <unordered_map>
 #include <vector>
 
-#include "pagehash.h"
-#include "postcopy.h"
-#include "region.h"
+#include "codec/pagehash.h"
+#include "postcopy/postcopy.h"
+#include "region/region.h"
 #include <pthread.h>
 #include <sched.h>
 

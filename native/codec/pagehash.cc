@@ -1,4 +1,4 @@
-#include "pagehash.h"
+#include "codec/pagehash.h"
 
 #include <cstring>
 

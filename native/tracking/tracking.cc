@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "common.h"
-#include "region.h"
-#include "tracking.h"
+#include "region/region.h"
+#include "tracking/tracking.h"
 
 // Debian 12's kernel headers predate these (Linux 6.7); values from the kernel's uapi
 // documentation (Documentation/admin-guide/mm/userfaultfd.rst, pagemap.rst).

@@ -21,8 +21,8 @@
 #include <linux/userfaultfd.h>
 #include <unistd.h>
 
-#include "postcopy.h"
-#include "tracking.h"
+#include "postcopy/postcopy.h"
+#include "tracking/tracking.h"
 
 #ifndef UFFD_FEATURE_MINOR_SHMEM
 #define UFFD_FEATURE_MINOR_SHMEM (1 << 10)

@@ -1,4 +1,4 @@
-// The reference guest's content and writes, exactly as ../shared/CONTENT.md defines them.
+// The reference guest's content and writes, exactly as docs/CONTENT.md defines them.
 // Native because it touches every page: filling or verifying 1 GiB in JavaScript BigInt
 // arithmetic would take minutes.
 #include <sys/resource.h>
@@ -10,15 +10,28 @@
 #include <vector>
 
 #include "common.h"
-#include "region.h"
-#include "guestctl.h"
+#include "refguest/gate.h"
+#include "wire/format.h"
 #include <algorithm>
 
 namespace livemig {
 
 namespace {
 
-constexpr size_t kPage = 4096;
+constexpr size_t kPage = wire::kPageSize;
+
+// The guest's memory as a Buffer over its mapping (Region.view): kept alive by the calling
+// JavaScript (and, for work off the main thread, by the Task's reference to the Buffer).
+struct Memory {
+  uint8_t* addr;
+  uint64_t size;
+};
+
+Memory MemoryOf(const Napi::Value& v) {
+  Napi::Buffer<uint8_t> b = v.As<Napi::Buffer<uint8_t>>();
+  if (b.Length() % kPage != 0) throw Napi::RangeError::New(v.Env(), "the guest memory must be whole pages");
+  return {b.Data(), b.Length()};
+}
 
 inline uint64_t Mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ULL;
@@ -127,20 +140,16 @@ inline void NextWrite(uint64_t* st, const WriteSpec& w, uint64_t* page, uint64_t
 
 Napi::Value Fill(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Region* region = Region::Unwrap(info[0]);
-  Mapping* m = region->LiveMapping(env);
-  if (!m) return env.Undefined();
+  Memory m = MemoryOf(info[0]);
   int content = info[1].As<Napi::Number>().Int32Value();
   uint64_t seed = ToU64(info[2]);
-  uint64_t pages = m->size / kPage;
-  m->Ref();
-  return Task<int>::Start(
+  uint64_t pages = m.size / kPage;
+    return Task<int>::Start(
       env,
       [m, content, seed, pages](int&, SysError&) {
         Keys k(seed);
-        for (uint64_t i = 0; i < pages; i++) PageContent(content, k, i, m->addr + i * kPage);
-        m->Unref();
-      },
+        for (uint64_t i = 0; i < pages; i++) PageContent(content, k, i, m.addr + i * kPage);
+              },
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0]});
 }
 
@@ -148,13 +157,11 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
 // fewer when the guest is paused meanwhile.
 Napi::Value GuestWrite(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Region* region = Region::Unwrap(info[0]);
-  Mapping* m = region->LiveMapping(env);
-  if (!m) return env.Undefined();
+  Memory m = MemoryOf(info[0]);
   uint64_t* st = info[1].As<Napi::BigUint64Array>().Data();
   uint64_t n = ToU64(info[2]);
   WriteSpec w{ToU64(info[3]), info[4].ToBoolean().Value()};
-  if (w.span == 0 || w.span > m->size / kPage) throw Napi::RangeError::New(env, "span outside the region");
+  if (w.span == 0 || w.span > m.size / kPage) throw Napi::RangeError::New(env, "span outside the region");
   // In chunks through the gate: a pause waits for at most one chunk, and no write follows it.
   GuestGate& g = TheGuestGate();
   uint64_t done = 0;
@@ -164,7 +171,7 @@ Napi::Value GuestWrite(const Napi::CallbackInfo& info) {
     for (uint64_t end = std::min(n, done + 64); done < end; done++) {
       uint64_t page, slot, counter;
       NextWrite(st, w, &page, &slot, &counter);
-      std::memcpy(m->addr + page * kPage + slot * 8, &counter, 8);
+      std::memcpy(m.addr + page * kPage + slot * 8, &counter, 8);
     }
   }
   return Napi::Number::New(env, static_cast<double>(done));
@@ -180,17 +187,14 @@ struct VerifyResult {
 // compares. The last value written to each (page, slot) is found by replaying the stream.
 Napi::Value Verify(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Region* region = Region::Unwrap(info[0]);
-  Mapping* m = region->LiveMapping(env);
-  if (!m) return env.Undefined();
+  Memory m = MemoryOf(info[0]);
   int content = info[1].As<Napi::Number>().Int32Value();
   uint64_t seed = ToU64(info[2]);
   uint64_t writes = ToU64(info[3]);
   WriteSpec w{ToU64(info[4]), info[5].ToBoolean().Value()};
-  uint64_t pages = m->size / kPage;
+  uint64_t pages = m.size / kPage;
   if (w.span == 0 || w.span > pages) throw Napi::RangeError::New(env, "span outside the region");
-  m->Ref();
-  return Task<VerifyResult>::Start(
+    return Task<VerifyResult>::Start(
       env,
       [m, content, seed, writes, w, pages](VerifyResult& out, SysError&) {
         // A check in the background must not take the CPU from the guest's own work (its
@@ -221,14 +225,13 @@ Napi::Value Verify(const Napi::CallbackInfo& info) {
               if (v) std::memcpy(expect + 8 * s, &v, 8);
             }
           }
-          if (std::memcmp(expect, m->addr + i * kPage, kPage) != 0) {
+          if (std::memcmp(expect, m.addr + i * kPage, kPage) != 0) {
             if (out.firstBad < 0) out.firstBad = static_cast<int64_t>(i);
             out.bad++;
           }
         }
         setpriority(PRIO_PROCESS, tid, before);
-        m->Unref();
-      },
+              },
       [](Napi::Env e, VerifyResult& r) -> Napi::Value {
         Napi::Object o = Napi::Object::New(e);
         o.Set("bad", Napi::Number::New(e, static_cast<double>(r.bad)));

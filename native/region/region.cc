@@ -1,4 +1,4 @@
-#include "region.h"
+#include "region/region.h"
 
 #include <fcntl.h>
 #include <linux/falloc.h>

@@ -5,8 +5,9 @@
 #include <vector>
 
 #include "common.h"
-#include "pagehash.h"
-#include "region.h"
+#include "codec/pagehash.h"
+#include "region/region.h"
+#include "wire/format.h"
 
 namespace livemig {
 
@@ -150,7 +151,7 @@ Napi::Value HashAll(const Napi::CallbackInfo& info) {
   Mapping* m = region->LiveMapping(env);
   if (!m) return env.Undefined();
   Napi::BigUint64Array hashes = info[1].As<Napi::BigUint64Array>();
-  uint64_t count = m->size / 4096;
+  uint64_t count = m->size / wire::kPageSize;
   if (hashes.ElementLength() < count) throw Napi::RangeError::New(env, "hash table smaller than the region");
   uint64_t* table = hashes.Data();
   m->Ref();
@@ -158,11 +159,27 @@ Napi::Value HashAll(const Napi::CallbackInfo& info) {
       env,
       [m, table, count](int&, SysError&) {
         Parallel(count, [&](uint64_t from, uint64_t to) {
-          for (uint64_t i = from; i < to; i++) table[i] = PageHash(m->addr + i * 4096, 4096);
+          for (uint64_t i = from; i < to; i++) table[i] = PageHash(m->addr + i * wire::kPageSize, wire::kPageSize);
         });
         m->Unref();
       },
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0], info[1]});
+}
+
+Napi::Value PageHashJs(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> b = info[0].As<Napi::Buffer<uint8_t>>();
+  if (b.Length() % 128 != 0) throw Napi::RangeError::New(info.Env(), "pageHash input must be a multiple of 128 bytes");
+  return Napi::BigInt::New(info.Env(), PageHash(b.Data(), b.Length()));
+}
+
+Napi::Value PageHashVariantsJs(const Napi::CallbackInfo& info) {
+  Napi::Buffer<uint8_t> b = info[0].As<Napi::Buffer<uint8_t>>();
+  if (b.Length() % 128 != 0) throw Napi::RangeError::New(info.Env(), "pageHash input must be a multiple of 128 bytes");
+  uint64_t v[3];
+  int n = PageHashVariants(b.Data(), b.Length(), v);
+  Napi::Array out = Napi::Array::New(info.Env(), n);
+  for (int i = 0; i < n; i++) out.Set(i, Napi::BigInt::New(info.Env(), v[i]));
+  return out;
 }
 
 }  // namespace
@@ -175,6 +192,8 @@ void InitPages(Napi::Env env, Napi::Object exports) {
   exports.Set("hashAll", Napi::Function::New(env, HashAll));
   exports.Set("xxh64", Napi::Function::New(env, Hash));
   exports.Set("hashCompare", Napi::Function::New(env, HashCompare));
+  exports.Set("pageHash", Napi::Function::New(env, PageHashJs));
+  exports.Set("pageHashVariants", Napi::Function::New(env, PageHashVariantsJs));
 }
 
 }  // namespace livemig

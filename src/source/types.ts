@@ -1,12 +1,17 @@
 import type net from 'node:net';
 import type { Region } from '../region/region.js';
 import type { DirtyTracker, RemoteTarget } from '../tracking/types.js';
-import type { StallAction } from './policy.js';
+import type { StallAction } from '../precopy/policy.js';
+
+/** What a running migration's bandwidth cap is enforced by (src/pacing/pacer.ts). */
+export interface BandwidthTarget {
+  setCap(mibps: number | undefined): void;
+}
 
 /** Changes a running migration's settings (pass one as `control`, keep a reference). */
 export class MigrationControl {
   #bandwidth: number | undefined;
-  #listeners: ((mibps: number | undefined) => void)[] = [];
+  #target: BandwidthTarget | undefined;
   #postcopy = false;
 
   /** Switch to post-copy at the end of the current round (the destination must offer it). */
@@ -22,15 +27,17 @@ export class MigrationControl {
   setBandwidth(mibps: number | undefined): void {
     if (mibps !== undefined && !(mibps > 0)) throw new RangeError(`bandwidth must be a positive number of MiB/s, got ${mibps}`);
     this.#bandwidth = mibps;
-    for (const l of this.#listeners) l(mibps);
+    this.#target?.setCap(mibps);
   }
   get bandwidth(): number | undefined {
     return this.#bandwidth;
   }
-  /** @internal */
-  onBandwidth(l: (mibps: number | undefined) => void): () => void {
-    this.#listeners.push(l);
-    return () => (this.#listeners = this.#listeners.filter((x) => x !== l));
+  /** @internal the running migration's pacer receives every later setBandwidth; returns the unbinding */
+  bind(target: BandwidthTarget): () => void {
+    this.#target = target;
+    return () => {
+      if (this.#target === target) this.#target = undefined;
+    };
   }
 }
 

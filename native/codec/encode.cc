@@ -1,15 +1,15 @@
-#include "encode.h"
+#include "codec/encode.h"
 
 #include <cstring>
 
 #include "common.h"
-#include "pagehash.h"
-#include "region.h"
+#include "codec/pagehash.h"
+#include "region/region.h"
 
 namespace livemig {
 
 namespace {
-constexpr size_t kPageSize = 4096;
+using wire::kPageSize;
 }
 
 uint64_t ZeroPageHash(size_t pageSize) {

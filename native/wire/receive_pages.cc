@@ -1,0 +1,228 @@
+// Receiving pages into the region (see receive_pages.h).
+#include "wire/receive_pages.h"
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "codec/pagehash.h"
+#include "io/socket.h"
+#include "wire/format.h"
+
+namespace livemig {
+namespace wire {
+
+bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
+  if (version != s.version) {
+    err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version));
+    return false;
+  }
+  if (length < kPagesPrefixBytes) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES payload of " + std::to_string(length) + " bytes is shorter than its prefix");
+    return false;
+  }
+  uint8_t prefix[kPagesPrefixBytes];
+  if (!RecvBytes(fd, prefix, kPagesPrefixBytes, false, err)) return false;
+  uint32_t round, count;
+  if (!CheckPagesPrefix("PAGES", prefix, s.maxBatchPages, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
+  idx.resize(count);
+  if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err)) return false;
+  if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
+  iov.clear();
+  PageIovecs(s.m->addr, idx.data(), count, iov);
+  if (!RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
+  for (uint32_t k = 0; k < count; k++) {
+    s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
+  }
+  r.pages += count;
+  r.batches += 1;
+  r.bytes += static_cast<double>(kHeaderBytes + length);
+  r.lastRound = round;
+  return true;
+}
+
+// Receives one PAGES_ENC payload: prefix, indices, encodings, then the bodies. Every index and
+// encoding is checked before a body byte is read. Without lz4 pages the body layout is known
+// from the encodings, so its size is checked too and raw bodies land straight in the region's
+// pages (dup hashes in a side buffer); with lz4 pages the body is read whole and decoded. Then
+// pages are applied in order with the dedup index updated as the sender updated it. A
+// malformed page fails the migration (the region is discarded then).
+bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+  if (!s.order) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC without negotiated encodings");
+    return false;
+  }
+  if (version != s.version) {
+    err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version));
+    return false;
+  }
+  if (length < kPagesPrefixBytes) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC payload of " + std::to_string(length) + " bytes is shorter than its prefix");
+    return false;
+  }
+  uint8_t prefix[kPagesPrefixBytes];
+  if (!RecvBytes(fd, prefix, kPagesPrefixBytes, false, err)) return false;
+  uint32_t round, count;
+  if (!CheckPagesPrefix("PAGES_ENC", prefix, s.maxBatchPages, &round, &count, err)) return false;
+  uint64_t head = kPagesPrefixBytes + static_cast<uint64_t>(count) * 5;
+  if (length < head) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC of " + std::to_string(count) + " pages is shorter than its index and encodings");
+    return false;
+  }
+  idx.resize(count);
+  std::vector<uint8_t> enc(count);
+  if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err) || !RecvBytes(fd, enc.data(), count, false, err)) return false;
+  bool anyLz4 = false;
+  uint64_t fixedBody = 0;  // body size when there is no lz4 page
+  if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
+  for (uint32_t k = 0; k < count; k++) {
+    if (!IsWireEncoding(enc[k])) {
+      err.fail("ERR_LIVEMIG_PROTOCOL", "unknown page encoding " + std::to_string(enc[k]));
+      return false;
+    }
+    if (enc[k] == kLz4Cont) {
+      // a continuation follows an lz4 page or another continuation, at most a group's length
+      uint32_t g = 1;
+      while (g <= k && enc[k - g] == kLz4Cont) g++;
+      if (g > k || enc[k - g] != kLz4 || g >= kMaxLz4Group) {
+        err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 continuation page " + std::to_string(idx[k]) + " without an lz4 block of at most " + std::to_string(kMaxLz4Group) + " pages before it");
+        return false;
+      }
+    }
+    anyLz4 |= enc[k] == kLz4;
+    fixedBody += enc[k] == kRaw ? kPageSize : enc[k] == kDup ? kDupBody : 0;
+  }
+  if (!s.order->Begin(idx.data(), count, s.pageCount)) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC lists a page twice");
+    return false;
+  }
+  const bool direct = !anyLz4;
+  std::vector<iovec> iov;
+  if (direct) {
+    if (fixedBody != length - head) {
+      err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(fixedBody) + " bytes, got " + std::to_string(length - head));
+      return false;
+    }
+    body.resize(count * uint64_t{kDupBody});  // dup bodies, at kDupBody*k
+    for (uint32_t k = 0; k < count; k++) {
+      if (enc[k] == kDup) {
+        iov.push_back({body.data() + uint64_t{kDupBody} * k, kDupBody});
+      } else if (enc[k] != kZero) {
+        uint8_t* p = s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize;
+        bool extends = !iov.empty() && iov.back().iov_len % kPageSize == 0 && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == p;
+        if (extends) iov.back().iov_len += kPageSize;
+        else iov.push_back({p, kPageSize});
+      }
+    }
+    if (!iov.empty() && !RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
+  } else {
+    body.resize(length - head);
+    if (!RecvBytes(fd, body.data(), body.size(), false, err)) return false;
+  }
+  const uint64_t zh = ZeroPageHash(kPageSize);
+  size_t pos = 0;
+  std::vector<uint8_t> lz4Scratch;
+  auto need = [&](size_t n) {
+    if (body.size() - pos >= n) return true;
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body ends in the middle of a page");
+    return false;
+  };
+  for (uint32_t k = 0; k < count; k++) {
+    uint32_t x = idx[k];
+    uint8_t* dst = s.m->addr + static_cast<uint64_t>(x) * kPageSize;
+    uint64_t h;
+    switch (enc[k]) {
+      case kRaw:
+        if (!direct) {
+          if (!need(kPageSize)) return false;
+          std::memcpy(dst, body.data() + pos, kPageSize);
+          pos += kPageSize;
+        }
+        h = PageHash(dst, kPageSize);
+        break;
+      case kZero:
+        std::memset(dst, 0, kPageSize);
+        h = zh;
+        break;
+      case kDup: {
+        // u64 content hash, u32 page holding it: checked against what this side holds there
+        const uint8_t* d;
+        if (direct) {
+          d = body.data() + uint64_t{kDupBody} * k;
+        } else {
+          if (!need(kDupBody)) return false;
+          d = body.data() + pos;
+          pos += kDupBody;
+        }
+        uint64_t ref;
+        std::memcpy(&ref, d, 8);
+        uint32_t y = Le32(d + 8);
+        char hex[24];
+        snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(ref));
+        if (y >= s.pageCount || s.hashes[y] != ref) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this receiver does not hold there");
+          return false;
+        }
+        if (s.order->WrittenAfter(y, k)) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this frame writes later");
+          return false;
+        }
+        if (y != x) std::memcpy(dst, s.m->addr + static_cast<uint64_t>(y) * kPageSize, kPageSize);
+        h = ref;
+        break;
+      }
+      case kLz4Cont:  // (checked above to follow its block; consumed by it)
+        err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 continuation page " + std::to_string(x) + " outside its block");
+        return false;
+      default: {  // kLz4: u32 n, then n bytes: u32 original size + LZ4 block of g pages
+        uint32_t g = 1;
+        while (k + g < count && enc[k + g] == kLz4Cont) g++;
+        const uint64_t want = uint64_t{g} * kPageSize;
+        if (!need(4)) return false;
+        uint32_t n = Le32(body.data() + pos);
+        pos += 4;
+        if (n < 4 || n > want || !need(n)) {
+          if (!err.failed()) err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 block of " + std::to_string(n) + " bytes for " + std::to_string(g) + " page(s) (must be 4.." + std::to_string(want) + ")");
+          return false;
+        }
+        uint32_t original = Le32(body.data() + pos);
+        if (original != want) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 block decompresses to " + std::to_string(original) + " bytes, not " + std::to_string(g) + " page(s) of " + std::to_string(kPageSize));
+          return false;
+        }
+        // one page decodes in place; a group into scratch, then to each of its pages
+        uint8_t* out = dst;
+        if (g > 1) {
+          lz4Scratch.resize(want);
+          out = lz4Scratch.data();
+        }
+        if (!Lz4DecodeBlock(body.data() + pos + 4, n - 4, out, want)) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", "corrupt lz4 page " + std::to_string(x));
+          return false;
+        }
+        pos += n;
+        for (uint32_t j = 1; j < g; j++) {
+          uint8_t* pj = s.m->addr + static_cast<uint64_t>(idx[k + j]) * kPageSize;
+          std::memcpy(pj, out + uint64_t{j} * kPageSize, kPageSize);
+          s.hashes[idx[k + j]] = PageHash(pj, kPageSize);
+        }
+        if (g > 1) std::memcpy(dst, out, kPageSize);
+        h = PageHash(dst, kPageSize);
+        k += g - 1;  // the continuations are applied
+      }
+    }
+    s.hashes[x] = h;
+  }
+  if (!direct && pos != body.size()) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body has " + std::to_string(body.size() - pos) + " bytes after its last page");
+    return false;
+  }
+  r.pages += count;
+  r.batches += 1;
+  r.bytes += static_cast<double>(kHeaderBytes + length);
+  r.lastRound = round;
+  return true;
+}
+
+}  // namespace wire
+}  // namespace livemig

@@ -1,0 +1,43 @@
+// Receiving pages into the region: PAGES and PAGES_ENC payloads read straight from the socket
+// into their pages, every index and encoding checked before a body byte is read, each page
+// hashed as it lands. Used by the migration stream's reader (wire.cc) with a page sink.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "codec/encode.h"
+#include "common.h"
+#include "region/region.h"
+
+namespace livemig {
+namespace wire {
+
+struct ReadResult {
+  uint8_t version = 0, type = 0;
+  uint16_t flags = 0;
+  std::vector<uint8_t>* payload = nullptr;
+  double pages = 0, batches = 0, bytes = 0;
+  int64_t lastRound = -1;
+};
+
+// Where PAGES frames land, and the rules they must meet.
+struct Sink {
+  Mapping* m = nullptr;
+  uint64_t* hashes = nullptr;
+  uint64_t pageCount = 0;
+  uint8_t version = 0;
+  uint32_t maxBatchPages = 0;
+  FrameOrder* order = nullptr;  // set when encodings were negotiated
+};
+
+// One PAGES payload (after its header) into the region. All indices are checked before a
+// data byte is read, so a bad batch leaves the region as it was.
+bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err);
+// One PAGES_ENC payload (after its header); see receive_pages.cc.
+bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err);
+
+}  // namespace wire
+}  // namespace livemig

@@ -1,0 +1,74 @@
+// Sending pages: PAGES frames straight from the region, or PAGES_ENC frames with zero and dup
+// pages found in place (send_pages.cc), and one PAGES_ENC frame of a batch classified and
+// compressed beforehand (SendEncodedBatch). No JavaScript; these run on pool threads or, for
+// a few pages inside the pause, on the calling thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "codec/encode.h"
+#include "io/socket.h"
+#include "region/region.h"
+
+namespace livemig {
+namespace wire {
+
+// Where to ask which pages were written since their protection was re-armed (the tracker's
+// pagemap and the guest's address of the region), or fd -1.
+struct WrittenProbe {
+  int fd = -1;
+  uint64_t address = 0;
+};
+
+struct SendCounts {
+  double bytes = 0, zero = 0, dup = 0, skipped = 0, raw = 0, overheadMs = 0, indexMs = 0;
+};
+
+// SEND_ZERO, SEND_DEDUP (src/protocol/wire.ts)
+constexpr uint32_t kSendZero = 1;
+constexpr uint32_t kSendDedup = 2;
+
+struct SendPagesJob {
+  std::shared_ptr<Fd> fd;
+  Mapping* m = nullptr;
+  const uint32_t* idx = nullptr;
+  size_t count = 0;
+  uint32_t round = 0;
+  uint8_t version = 0;
+  uint32_t batchPages = 0;
+  uint64_t* hashes = nullptr;  // one per page of the region
+  uint64_t pageCount = 0;
+  DedupState* dedup = nullptr;  // needed with flags
+  uint32_t flags = 0;
+  WrittenProbe probe;
+};
+
+// Sends job.idx in frames of up to batchPages and stores each page's hash. Without flags:
+// PAGES frames, each page hashed in place right after it went. With flags: PAGES_ENC frames
+// where an all-zero page is `zero`, a page whose content the receiver holds elsewhere is `dup`,
+// one the receiver already holds there is left out, and the rest go raw from the region (a
+// batch with nothing saved goes as PAGES). With a probe, raw pages the tracker shows unwritten
+// since before their hash become dup sources. A page the guest changes meanwhile may go out
+// torn, or as a dup of its old content; the tracker reports it dirty (write protection was
+// re-armed before this read), so a later round resends and rehashes it.
+void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err);
+
+struct EncodedBatch {
+  const uint32_t* idx = nullptr;
+  const uint8_t* enc = nullptr;    // per page: PageEncoding, kIncompressible (goes raw) or kSkip
+  const uint8_t* staging = nullptr;  // raw bodies at k * page size
+  const uint8_t* lz4 = nullptr;      // lz4 bodies at k * page size, lengths[k] bytes
+  const int32_t* lengths = nullptr;  // lz4: the block's bytes; dup: the page holding the content
+  const uint64_t* hashes = nullptr;
+  size_t count = 0;
+  uint32_t round = 0;
+  uint8_t version = 0;
+};
+
+// One PAGES_ENC frame of a classified batch; `bytes` is what went (0 if every page was skipped).
+void SendEncodedBatch(int fd, const EncodedBatch& b, double& bytes, SysError& err);
+
+}  // namespace wire
+}  // namespace livemig

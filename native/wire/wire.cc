@@ -1,0 +1,445 @@
+// The migration stream's data path. After the handshake a TCP connection's descriptor is
+// handed to a Wire (a dup of it, switched to blocking mode) and every byte moves here, on
+// thread-pool threads with no JavaScript inside:
+//   - sendPages: PAGES frames written with sendmsg straight from the region (an iovec per run
+//     of contiguous pages; the kernel's copy is the only one), each page hashed right after
+//     it went, while it is still in cache;
+//   - read: frames parsed as a state machine that waits for exactly the bytes it needs
+//     (header, then prefix, then indices, then data); with a page sink, PAGES frames are
+//     checked and received straight into the region and hashed, and the first other frame
+//     is returned to JavaScript with its payload;
+//   - write: control frames, gathered.
+// One read and one write may run at once (TCP allows it); TypeScript serialises the rest.
+// Validation messages match src/protocol (frame.ts decodeHeader, messages.ts decodePages).
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <ctime>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "codec/encode.h"
+#include "codec/pagehash.h"
+#include "common.h"
+#include "io/socket.h"
+#include "region/region.h"
+#include "wire/format.h"
+#include "wire/receive_pages.h"
+#include "wire/send_pages.h"
+
+namespace livemig {
+
+namespace {
+
+using wire::CheckHeader;
+using wire::EncodedBatch;
+using wire::Header;
+using wire::kHeaderBytes;
+using wire::kMaxBatchPages;
+using wire::kPageSize;
+using wire::kPages;
+using wire::kPagesEnc;
+using wire::ReadResult;
+using wire::SendCounts;
+using wire::SendPagesJob;
+using wire::Sink;
+
+class Wire : public Napi::ObjectWrap<Wire> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "Wire",
+                       {InstanceMethod("write", &Wire::Write), InstanceMethod("sendPages", &Wire::SendPages),
+                        InstanceMethod("read", &Wire::Read), InstanceMethod("shutdown", &Wire::Shutdown),
+                        InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
+                        InstanceMethod("finish", &Wire::Finish), InstanceMethod("sendEncoded", &Wire::SendEncoded),
+                        InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget),
+                        InstanceMethod("writeNow", &Wire::WriteNow), InstanceMethod("readNow", &Wire::ReadNow)});
+  }
+
+  // new Wire(fd): takes a duplicate of a connected TCP socket's descriptor; the caller closes
+  // its own. The duplicate is made blocking: the threads that use it wait in the kernel.
+  explicit Wire(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Wire>(info) {
+    Napi::Env env = info.Env();
+    int fd = fcntl(info[0].As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 3);
+    if (fd < 0) throw MakeSysError(env, "fcntl(F_DUPFD_CLOEXEC)", errno);
+    fd_ = std::make_shared<Fd>(fd);
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) throw MakeSysError(env, "fcntl(F_SETFL)", errno);
+    int one = 1;
+    // Frames are written whole; TCP_NODELAY keeps a lone control frame from waiting 40 ms
+    // for an ACK. ENOTSUP (not TCP, e.g. a socketpair in tests) is harmless.
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0 && errno != EOPNOTSUPP && errno != ENOPROTOOPT) {
+      throw MakeSysError(env, "setsockopt(TCP_NODELAY)", errno);
+    }
+  }
+
+ private:
+  std::shared_ptr<Fd> Live(Napi::Env env) {
+    if (!fd_) throw Napi::Error::New(env, "the wire is closed");
+    return fd_;
+  }
+
+  // write(buffers: Buffer[]) -> Promise<void>
+  Napi::Value Write(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Array arr = info[0].As<Napi::Array>();
+    std::vector<iovec> iov;
+    std::vector<Napi::Value> keep{info[0]};
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      Napi::Buffer<uint8_t> b = arr.Get(i).As<Napi::Buffer<uint8_t>>();
+      if (b.Length() > 0) iov.push_back({b.Data(), b.Length()});
+    }
+    return Task<int>::Start(
+        env,
+        [fd, iov](int&, SysError& err) mutable { SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err); },
+        [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, keep);
+  }
+
+  // writeNow(parts: Buffer[]) -> bytes the kernel took at once, on the calling thread, without
+  // waiting (0 when the socket buffer is full). For small control frames inside a pause, where
+  // a hop through the thread pool and back costs more than the send; the caller queues the
+  // rest, if any, behind it.
+  Napi::Value WriteNow(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Array arr = info[0].As<Napi::Array>();
+    std::vector<iovec> iov;
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      Napi::Buffer<uint8_t> b = arr.Get(i).As<Napi::Buffer<uint8_t>>();
+      if (b.Length() > 0) iov.push_back({b.Data(), b.Length()});
+    }
+    if (iov.empty()) return Napi::Number::New(env, 0);
+    msghdr msg{};
+    msg.msg_iov = iov.data();
+    msg.msg_iovlen = std::min(static_cast<int>(iov.size()), kMaxIov);
+    for (;;) {
+      ssize_t n = sendmsg(fd->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n >= 0) return Napi::Number::New(env, static_cast<double>(n));
+      if (errno == EINTR) continue;                             // interrupted before any byte: again
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(env, 0);  // full: queue it
+      throw MakeSysError(env, "sendmsg", errno);                // EPIPE, ECONNRESET: the connection is gone
+    }
+  }
+
+  // sendPages({region, pages: Uint32Array, round, version, batchPages, hashes, dedup?, flags,
+  //            probe?: {pagemapFd, address}, now}) -> Promise<{bytes, zero, dup, skipped, raw,
+  //            overheadMs, indexMs}>: see wire/send_pages.h. `now`: on the calling thread (a
+  // few pages inside the pause; see Task::RunNow).
+  Napi::Value SendPages(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = info[0].As<Napi::Object>();
+    SendPagesJob job;
+    job.fd = Live(env);
+    Napi::Value regionValue = o.Get("region");
+    job.m = Region::Unwrap(regionValue.As<Napi::Object>())->LiveMapping(env);
+    if (!job.m) return env.Undefined();
+    Napi::Uint32Array pages = o.Get("pages").As<Napi::Uint32Array>();
+    Napi::BigUint64Array hashes = o.Get("hashes").As<Napi::BigUint64Array>();
+    job.round = o.Get("round").As<Napi::Number>().Uint32Value();
+    job.version = static_cast<uint8_t>(o.Get("version").As<Napi::Number>().Uint32Value());
+    job.batchPages = o.Get("batchPages").As<Napi::Number>().Uint32Value();
+    job.pageCount = job.m->size / kPageSize;
+    if (job.batchPages == 0 || job.batchPages > kMaxBatchPages) throw Napi::RangeError::New(env, "batchPages must be 1..4096");
+    if (hashes.ElementLength() < job.pageCount) throw Napi::RangeError::New(env, "hash table smaller than the region");
+    job.idx = pages.Data();
+    job.count = pages.ElementLength();
+    for (size_t k = 0; k < job.count; k++) {
+      if (job.idx[k] >= job.pageCount) throw Napi::RangeError::New(env, "page index outside the region");
+    }
+    job.hashes = hashes.Data();
+    Napi::Value dedupValue = o.Get("dedup");
+    job.dedup = dedupValue.IsObject() ? &Dedup::Unwrap(dedupValue.As<Napi::Object>())->state : nullptr;
+    if (job.dedup && job.dedup->holder.size() != job.pageCount) throw Napi::RangeError::New(env, "dedup index does not match the region");
+    Napi::Value flags = o.Get("flags");
+    job.flags = flags.IsNumber() ? flags.As<Napi::Number>().Uint32Value() : 0;
+    if (job.flags && !job.dedup) throw Napi::TypeError::New(env, "encoded frames need the dedup index");
+    Napi::Value probe = o.Get("probe");
+    if (probe.IsObject()) {
+      Napi::Object po = probe.As<Napi::Object>();
+      job.probe.fd = po.Get("pagemapFd").As<Napi::Number>().Int32Value();
+      job.probe.address = ToU64(po.Get("address"));
+    }
+    const bool now = o.Get("now").ToBoolean().Value();
+    job.m->Ref();
+    auto work = [job](SendCounts& c, SysError& err) {
+      wire::SendPages(job, c, err);
+      job.m->Unref();
+    };
+    auto done = [](Napi::Env e, SendCounts& c) -> Napi::Value {
+      Napi::Object r = Napi::Object::New(e);
+      r.Set("bytes", c.bytes);
+      r.Set("zero", c.zero);
+      r.Set("dup", c.dup);
+      r.Set("skipped", c.skipped);
+      r.Set("raw", c.raw);
+      r.Set("overheadMs", c.overheadMs);
+      r.Set("indexMs", c.indexMs);
+      return r;
+    };
+    // the request object holds the region, pages, hashes and dedup alive until the work is done
+    return now ? Task<SendCounts>::RunNow(env, work, done) : Task<SendCounts>::Start(env, work, done, {o});
+  }
+
+  // sendEncoded(pages, enc: Uint8Array, staging: Buffer, lz4: Buffer, lengths: Int32Array,
+  //             hashes, round, version) -> Promise<number>
+  // One PAGES_ENC frame for a classified batch: skipped pages are left out; raw bodies come
+  // from staging[k*pageSize], lz4 bodies from lz4[k*pageSize] (lengths[k] bytes), dup bodies
+  // are the page's content hash and the source page lengths[k]. Resolves to the bytes written (0 if every page was skipped).
+  Napi::Value SendEncoded(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Uint32Array pages = info[0].As<Napi::Uint32Array>();
+    Napi::Uint8Array enc = info[1].As<Napi::Uint8Array>();
+    Napi::Buffer<uint8_t> staging = info[2].As<Napi::Buffer<uint8_t>>();
+    Napi::Buffer<uint8_t> lz4 = info[3].As<Napi::Buffer<uint8_t>>();
+    Napi::Int32Array lens = info[4].As<Napi::Int32Array>();
+    Napi::BigUint64Array hashes = info[5].As<Napi::BigUint64Array>();
+    uint32_t round = info[6].As<Napi::Number>().Uint32Value();
+    uint8_t version = static_cast<uint8_t>(info[7].As<Napi::Number>().Uint32Value());
+    size_t n = pages.ElementLength();
+    if (enc.ElementLength() != n || staging.Length() < n * kPageSize || lz4.Length() < n * kPageSize || lens.ElementLength() < n) throw Napi::RangeError::New(env, "sendEncoded buffers do not match the batch");
+    const uint32_t* idx = pages.Data();
+    for (size_t k = 0; k < n; k++) {
+      if (idx[k] >= hashes.ElementLength()) throw Napi::RangeError::New(env, "page index outside the hash table");
+      if (enc.Data()[k] == kLz4) {
+        size_t g = 1;
+        while (k + g < n && enc.Data()[k + g] == kLz4Cont) g++;
+        if (g > kMaxLz4Group || lens.Data()[k] < 4 || static_cast<size_t>(lens.Data()[k]) > g * kPageSize) throw Napi::RangeError::New(env, "lz4 length out of range");
+      }
+      if (enc.Data()[k] == kLz4Cont && (k == 0 || (enc.Data()[k - 1] != kLz4 && enc.Data()[k - 1] != kLz4Cont))) throw Napi::RangeError::New(env, "lz4 continuation without its block");
+      if (enc.Data()[k] == kDup && (lens.Data()[k] < 0 || static_cast<size_t>(lens.Data()[k]) >= hashes.ElementLength())) throw Napi::RangeError::New(env, "dup source page out of range");
+    }
+    EncodedBatch batch;
+    batch.idx = idx;
+    batch.enc = enc.Data();
+    batch.staging = staging.Data();
+    batch.lz4 = lz4.Data();
+    batch.lengths = lens.Data();
+    batch.hashes = hashes.Data();
+    batch.count = n;
+    batch.round = round;
+    batch.version = version;
+    return Task<double>::Start(
+        env, [fd, batch](double& bytes, SysError& err) { SendEncodedBatch(fd->fd, batch, bytes, err); },
+        [](Napi::Env env2, double& bytes) -> Napi::Value { return Napi::Number::New(env2, bytes); },
+        {info[0], info[1], info[2], info[3], info[4], info[5]});
+  }
+
+  // read({maxPayload, maxType, sink?: {region, hashes, version, maxBatchPages}}) -> Promise<{
+  //   version, type, flags, payload: Buffer, pages, batches, bytes, lastRound }>
+  // Without a sink, returns the next frame. With one, receives PAGES frames into the region
+  // until another frame arrives, and returns that one with counts of what was applied.
+  Napi::Value Read(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Object o = info[0].As<Napi::Object>();
+    uint32_t maxPayload = o.Get("maxPayload").As<Napi::Number>().Uint32Value();
+    uint32_t maxType = o.Get("maxType").As<Napi::Number>().Uint32Value();
+    Sink sink;
+    std::vector<Napi::Value> keep{o};
+    Napi::Value sv = o.Get("sink");
+    if (sv.IsObject()) {
+      Napi::Object so = sv.As<Napi::Object>();
+      sink.m = Region::Unwrap(so.Get("region"))->LiveMapping(env);
+      if (!sink.m) return env.Undefined();
+      Napi::BigUint64Array hashes = so.Get("hashes").As<Napi::BigUint64Array>();
+      sink.pageCount = sink.m->size / kPageSize;
+      if (hashes.ElementLength() < sink.pageCount) throw Napi::RangeError::New(env, "hash table smaller than the region");
+      sink.hashes = hashes.Data();
+      sink.version = static_cast<uint8_t>(so.Get("version").As<Napi::Number>().Uint32Value());
+      sink.maxBatchPages = so.Get("maxBatchPages").As<Napi::Number>().Uint32Value();
+      if (so.Get("encodings").ToBoolean()) sink.order = order_.get();
+      sink.m->Ref();
+    }
+    auto order = order_;
+    return Task<ReadResult>::Start(
+        env,
+        [fd, maxPayload, maxType, sink, order](ReadResult& r, SysError& err) {
+          std::vector<uint32_t> idx;
+          std::vector<iovec> iov;
+          std::vector<uint8_t> body;
+          for (;;) {
+            uint8_t h[kHeaderBytes];
+            if (!RecvBytes(fd->fd, h, kHeaderBytes, true, err)) break;
+            Header hd;
+            if (!CheckHeader(h, maxPayload, hd, err)) break;
+            if (hd.type > maxType) {
+              err.fail("ERR_LIVEMIG_PROTOCOL", "unknown frame type " + std::to_string(hd.type));
+              break;
+            }
+            const uint8_t version = hd.version, type = hd.type;
+            const uint16_t flags = hd.flags;
+            const uint32_t length = hd.length;
+            if (type == kPages && sink.m) {
+              if (!ReceivePages(fd->fd, sink, version, length, r, idx, iov, err)) break;
+              continue;
+            }
+            if (type == kPagesEnc && sink.m) {
+              if (!ReceiveEncoded(fd->fd, sink, version, length, r, idx, body, err)) break;
+              continue;
+            }
+            r.version = version;
+            r.type = type;
+            r.flags = flags;
+            r.payload = new std::vector<uint8_t>(length);
+            if (!RecvBytes(fd->fd, r.payload->data(), length, false, err)) break;
+            break;
+          }
+          if (err.failed() && r.payload) {
+            delete r.payload;
+            r.payload = nullptr;
+          }
+          if (sink.m) sink.m->Unref();
+        },
+        [](Napi::Env e, ReadResult& r) -> Napi::Value {
+          Napi::Object out = Napi::Object::New(e);
+          out.Set("version", r.version);
+          out.Set("type", r.type);
+          out.Set("flags", r.flags);
+          std::vector<uint8_t>* p = r.payload;
+          r.payload = nullptr;
+          out.Set("payload", p->empty() ? (delete p, Napi::Buffer<uint8_t>::New(e, 0))
+                                        : Napi::Buffer<uint8_t>::New(e, p->data(), p->size(), [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, p));
+          out.Set("pages", r.pages);
+          out.Set("batches", r.batches);
+          out.Set("bytes", r.bytes);
+          out.Set("lastRound", static_cast<double>(r.lastRound));
+          return out;
+        },
+        keep);
+  }
+
+  // readNow({maxPayload, maxType}) -> a frame, or null: a whole control frame (not pages, at
+  // most 64 KiB) that is already in the socket buffer, read on the calling thread. Anything
+  // else (not all there yet, pages, a header read() would refuse) returns null and is left
+  // for read(), which waits, applies pages and reports errors. Inside a pause, a frame that
+  // has arrived needs no hop through the thread pool.
+  Napi::Value ReadNow(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    Napi::Object o = info[0].As<Napi::Object>();
+    uint32_t maxPayload = std::min<uint32_t>(o.Get("maxPayload").As<Napi::Number>().Uint32Value(), 64 * 1024);
+    uint32_t maxType = o.Get("maxType").As<Napi::Number>().Uint32Value();
+    uint8_t h[kHeaderBytes];
+    ssize_t n = recv(fd->fd, h, kHeaderBytes, MSG_PEEK | MSG_DONTWAIT);
+    if (n != static_cast<ssize_t>(kHeaderBytes)) return env.Null();  // EAGAIN, EOF, an error, or a partial header
+    Header hd;
+    SysError refused;  // read() reports it, with the stream position it needs
+    if (!CheckHeader(h, maxPayload, hd, refused) || hd.type > maxType) return env.Null();
+    const uint8_t version = hd.version, type = hd.type;
+    const uint32_t length = hd.length;
+    if (type == kPages || type == kPagesEnc) return env.Null();
+    int queued = 0;
+    if (ioctl(fd->fd, FIONREAD, &queued) != 0 || static_cast<uint64_t>(queued) < kHeaderBytes + static_cast<uint64_t>(length)) return env.Null();
+    Napi::Buffer<uint8_t> payload = Napi::Buffer<uint8_t>::New(env, length);
+    iovec iov[2] = {{h, kHeaderBytes}, {payload.Data(), length}};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = length ? 2 : 1;
+    ssize_t got;
+    do got = recvmsg(fd->fd, &msg, MSG_DONTWAIT);
+    while (got < 0 && errno == EINTR);
+    // FIONREAD said it is all there and only this thread reads now: anything short is a broken
+    // connection, which the next read() reports
+    if (got != static_cast<ssize_t>(kHeaderBytes + length)) throw MakeSysError(env, "recvmsg", got < 0 ? errno : EPROTO, "a buffered frame came short");
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("version", version);
+    out.Set("type", type);
+    out.Set("flags", Le16(h + 4));
+    out.Set("payload", payload);
+    out.Set("pages", 0);
+    out.Set("batches", 0);
+    out.Set("bytes", 0);
+    out.Set("lastRound", -1.0);
+    return out;
+  }
+
+  // Wakes every thread blocked on this connection (they fail) and tells the peer we are gone.
+  Napi::Value Shutdown(const Napi::CallbackInfo& info) {
+    if (fd_) shutdown(fd_->fd, SHUT_RDWR);  // ENOTCONN when the peer already left: nothing to undo
+    return info.Env().Undefined();
+  }
+
+  // finish(timeoutMs) -> Promise<void>: a graceful close after our last frame. Sends FIN, then
+  // reads and discards until the peer closes too (or the time is up), so the kernel never
+  // answers unread data with a reset that could destroy the frame we just sent (an ERROR).
+  Napi::Value Finish(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    double ms = info[0].As<Napi::Number>().DoubleValue();
+    return Task<int>::Start(
+        env,
+        [fd, ms](int&, SysError&) {
+          shutdown(fd->fd, SHUT_WR);  // ENOTCONN if the peer already reset: nothing left to flush
+          timespec t0;
+          clock_gettime(CLOCK_MONOTONIC, &t0);
+          static thread_local uint8_t sink[65536];
+          for (;;) {
+            timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            double left = ms - ((t.tv_sec - t0.tv_sec) * 1e3 + (t.tv_nsec - t0.tv_nsec) / 1e6);
+            if (left <= 0) break;
+            pollfd p{fd->fd, POLLIN, 0};
+            int r = poll(&p, 1, static_cast<int>(left) + 1);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) break;  // time is up (or poll failed): close anyway
+            ssize_t n = recv(fd->fd, sink, sizeof sink, MSG_DONTWAIT);
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (n <= 0) break;  // EOF: the peer closed; or reset: nothing more to protect
+          }
+        },
+        [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); });
+  }
+
+  // The descriptor, for a post-copy service that takes a dup of it (no read or write may be
+  // left running on this Wire then).
+  Napi::Value GetFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), Live(info.Env())->fd); }
+
+  // Drops our reference without shutting the connection down: a post-copy service holds its
+  // own dup of the descriptor and goes on using the connection.
+  Napi::Value Forget(const Napi::CallbackInfo& info) {
+    fd_.reset();
+    return info.Env().Undefined();
+  }
+
+  // Drops our reference; the descriptor closes when the last operation using it returns.
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (fd_) shutdown(fd_->fd, SHUT_RDWR);
+    fd_.reset();
+    return info.Env().Undefined();
+  }
+
+  // setTimeouts(recvMs, sendMs): 0 means wait forever. A receive that sees no byte for
+  // recvMs fails with ERR_LIVEMIG_TIMEOUT.
+  Napi::Value SetTimeouts(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto fd = Live(env);
+    for (int i = 0; i < 2; i++) {
+      double ms = info[i].As<Napi::Number>().DoubleValue();
+      timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>(static_cast<int64_t>(ms) % 1000 * 1000)};
+      if (setsockopt(fd->fd, SOL_SOCKET, i == 0 ? SO_RCVTIMEO : SO_SNDTIMEO, &tv, sizeof tv) != 0) throw MakeSysError(env, "setsockopt(SO_*TIMEO)", errno);
+    }
+    return env.Undefined();
+  }
+
+  std::shared_ptr<Fd> fd_;
+  // frame rules of incoming PAGES_ENC frames; used by one read at a time
+  std::shared_ptr<FrameOrder> order_ = std::make_shared<FrameOrder>();
+};
+
+}  // namespace
+
+void InitWire(Napi::Env env, Napi::Object exports) {
+  exports.Set("Wire", Wire::Init(env));
+}
+
+}  // namespace livemig

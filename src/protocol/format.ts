@@ -1,0 +1,98 @@
+/**
+ * The wire format's one home in TypeScript (spec: docs/PROTOCOL.md; native twin:
+ * native/wire/format.h, and test/format.test.ts checks that the two agree). Every frame is a
+ * fixed 12-byte little-endian header followed by `length` payload bytes:
+ *
+ *   offset size field
+ *   0      2    magic    0x4D4C ("LM")
+ *   2      1    version  protocol version of this frame
+ *   3      1    type     FrameType; 0 is reserved as invalid
+ *   4      2    flags    per-type; 0 unless the type defines flags (none does yet)
+ *   6      2    reserved must be 0
+ *   8      4    length   payload bytes, at most MAX_PAYLOAD
+ */
+
+export const MAGIC = 0x4d4c;
+export const HEADER_BYTES = 12;
+/** Current protocol version, and the oldest one still accepted from a peer. */
+export const PROTOCOL_VERSION = 2;
+export const MIN_PROTOCOL_VERSION = 1;
+/** Largest payload accepted: a 64 MiB device state, or a page batch (well under). */
+export const MAX_PAYLOAD = 64 * 1024 * 1024;
+/** Header flags defined so far: none; a frame carries 0. */
+export const FLAGS_NONE = 0;
+
+/**
+ * The page size of the wire and of every region: PAGES bodies are this long. The addon refuses
+ * to load on a host whose page size differs (native/addon.cc), so there is one truth.
+ */
+export const PAGE_SIZE = 4096;
+/** Most pages one PAGES or PAGES_ENC frame may carry (16 MiB of 4 KiB pages). */
+export const MAX_BATCH_PAGES = 4096;
+/** PAGES and PAGES_ENC payloads start with u32 round, u32 count. */
+export const PAGES_PREFIX_BYTES = 8;
+/** A dup page's body: u64 content hash, u32 page of the receiver holding it. */
+export const DUP_BODY_BYTES = 12;
+/** Pages one LZ4 block may cover (an Lz4 page and up to three Lz4Cont pages after it). */
+export const MAX_LZ4_GROUP = 4;
+
+export enum FrameType {
+  Hello = 1,
+  Accept = 2,
+  Error = 3,
+  Pages = 4,
+  RoundEnd = 5,
+  DeviceState = 6,
+  Commit = 7,
+  CommitAck = 8,
+  Activate = 9,
+  Activated = 10,
+  Abort = 11,
+  RoundAck = 12,
+  /** version 2: a batch with per-page encodings (raw, zero, dup, lz4) */
+  PagesEnc = 13,
+  /** version 2: the page hashes of an image the receiver already holds */
+  ImageHashes = 14,
+  /** version 2, capability `postcopy`: the switch; the destination resumes the guest at once */
+  Postcopy = 15,
+  PostcopyRunning = 16,
+  /** version 2: a new connection joining a post-copy session (priority, or after a break) */
+  Attach = 17,
+  /** binary, on the priority connection only: u32 count, count × u32 page */
+  PageRequest = 18,
+  /** binary, D->S: u64 digest of the page hashes, u32 page count */
+  PostcopyComplete = 19,
+  Attached = 20,
+}
+
+export const MAX_FRAME_TYPE = Math.max(...Object.values(FrameType).filter((v): v is number => typeof v === 'number'));
+
+/** Per-page encodings of a PAGES_ENC frame. */
+export enum PageEncoding {
+  Raw = 0,
+  Zero = 1,
+  Dup = 2,
+  /** an LZ4 block of this page, or of this page and the Lz4Cont pages right after it (at most 4 in all) */
+  Lz4 = 3,
+  /** 4 is not used (removed before release; refused) */
+  /** part of the block of the Lz4 page before it; no body */
+  Lz4Cont = 5,
+}
+
+/** Capability names (HELLO from the sender, ACCEPT from the receiver; version 2 and later). */
+export const CAP_ENCODINGS = 'encodings';
+/** ACCEPT: an IMAGE_HASHES frame follows; without it the receiver's region starts all zero. */
+export const CAP_IMAGE_HASHES = 'image-hashes';
+/**
+ * HELLO/ACCEPT: COMMIT may carry `activate: true`: the destination checks the digest and, if it
+ * matches, activates at once and answers ACTIVATED (one round trip less inside the downtime);
+ * if not, it answers ERROR and the source resumes. Sending that COMMIT is the point of commitment.
+ */
+export const CAP_COMMIT_ACTIVATE = 'commit-activate';
+/**
+ * HELLO/ACCEPT: the sender may switch to post-copy (POSTCOPY); ACCEPT then carries a session
+ * token, and further connections join with ATTACH naming it.
+ */
+export const CAP_POSTCOPY = 'postcopy';
+/** HELLO: the sender will switch to post-copy (mode postcopy or hybrid): the destination need not map the guest's memory ahead */
+export const CAP_POSTCOPY_PLANNED = 'postcopy-planned';

@@ -1,0 +1,73 @@
+/**
+ * Stage 4, commitment and activation. With `commit-activate` (the usual case) COMMIT carries
+ * the request to activate: one round trip. Without it (a version-1 destination), COMMIT_ACK
+ * then ACTIVATE. Either way the point of commitment is the moment the frame that lets the
+ * destination activate has been written whole.
+ */
+import { LivemigError } from '../errors.js';
+import { addon } from '../native.js';
+import { CAP_COMMIT_ACTIVATE, FrameType } from '../protocol/format.js';
+import { decodeActivated, decodeCommitAck, encodeActivate, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
+import { trace } from '../trace.js';
+import { now, type SourceContext } from './context.js';
+import { peerError } from './peer.js';
+import type { StoppedGuest } from './stop-and-copy.js';
+
+export interface Activation {
+  digest: bigint;
+  /** when everything up to COMMIT was written, when the commitment was confirmed, when the guest ran there */
+  tSent: number;
+  tCommitted: number;
+  tActive: number;
+  /** the destination's own activation time, ms */
+  activateMs: number;
+}
+
+export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGuest): Promise<Activation> {
+  const { channel, version, accept } = ctx.session;
+  const pageCount = ctx.settings.options.region.pageCount;
+  const deviceState = encodeDeviceState(stopped.deviceState, version);
+  let digest: bigint;
+  let tSent: number;
+  let tCommitted: number;
+  let activated: ReturnType<typeof decodeActivated>;
+  if (accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
+    // The device state goes before our digest is known: the destination hands it to its guest
+    // and computes its own digest while we compute ours (each reads a table of 8 bytes per
+    // page: ~0.4 ms for 1 GiB here), instead of one after the other. COMMIT is the point of
+    // commitment: a write that failed did not deliver it whole, so the guest may still resume
+    // here; once the write is done, an ERROR back means it did not activate.
+    await channel.send(deviceState);
+    digest = addon.digestTable(ctx.hashes);
+    trace('source: digest computed');
+    await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
+    ctx.enter('activating');
+    tSent = now();
+    trace(`source: last ${stopped.lastPages} pages, device state and COMMIT sent`);
+    activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+    tCommitted = now();
+    reportCommitted(ctx, digest, stopped);
+  } else {
+    digest = addon.digestTable(ctx.hashes);
+    await channel.send(deviceState);
+    tSent = now();
+    ctx.enter('commit');
+    await channel.send(encodeCommit({ digest, pageCount }, version));
+    const ack = decodeCommitAck((await channel.expect(FrameType.CommitAck, (f) => peerError(f, 'commit'))).payload);
+    if (ack.digest !== digest) throw new LivemigError('ERR_LIVEMIG_DIGEST', `destination acknowledged digest ${ack.digest.toString(16)}, ours is ${digest.toString(16)}`, { phase: 'commit' });
+    tCommitted = now();
+    reportCommitted(ctx, digest, stopped);
+    // Point of commitment: once ACTIVATE is on its way, the source must never resume by itself.
+    ctx.enter('activating');
+    await channel.send(encodeActivate(version));
+    activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+  }
+  const tActive = now();
+  trace('source: ACTIVATED received');
+  return { digest, tSent, tCommitted, tActive, activateMs: activated.activateMs };
+}
+
+function reportCommitted(ctx: SourceContext, digest: bigint, stopped: StoppedGuest): void {
+  ctx.progress({ type: 'committed', digest: digest.toString(16) });
+  ctx.progress({ type: 'stop-and-copy', pages: stopped.lastPages, bytes: stopped.lastBytes });
+}

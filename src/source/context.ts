@@ -1,0 +1,162 @@
+/**
+ * What the source's stages share: the settings, the connection, the tracker, the encoder, the
+ * pacer, the counters and the one place where the migration's stage changes. Each stage is a
+ * function over this object (see migrate.ts for the order).
+ */
+import { LivemigError } from '../errors.js';
+import type { PageEncoder } from '../encoding/encoder.js';
+import { Pacer } from '../pacing/pacer.js';
+import type { PostcopyLink } from '../postcopy/switch.js';
+import { type Accept } from '../protocol/messages.js';
+import { type WireChannel } from '../protocol/wire.js';
+import type { DirtyTracker } from '../tracking/types.js';
+import type { Settings } from './options.js';
+import type { ProgressEvent, RoundStats } from './types.js';
+
+export type SourceStage = 'connecting' | 'handshake' | 'precopy' | 'stop-and-copy' | 'commit' | 'activating' | 'postcopy' | 'done' | 'failed';
+
+/**
+ * The stages each stage may lead to. Commitment is entering `activating`: from then on the
+ * guest must never resume here by itself.
+ */
+const NEXT: { readonly [S in SourceStage]: readonly SourceStage[] } = {
+  connecting: ['handshake', 'failed'],
+  handshake: ['precopy', 'failed'],
+  precopy: ['stop-and-copy', 'failed'],
+  'stop-and-copy': ['commit', 'activating', 'failed'],
+  commit: ['activating', 'failed'],
+  activating: ['postcopy', 'done', 'failed'],
+  postcopy: ['done', 'failed'],
+  done: [],
+  failed: [],
+};
+
+const COMMITTED: ReadonlySet<SourceStage> = new Set(['activating', 'postcopy', 'done']);
+
+export const now = (): number => performance.now();
+
+/** What the handshake established; fixed for the rest of the migration. */
+export interface Session {
+  channel: WireChannel;
+  version: number;
+  accept: Accept;
+  tracker: DirtyTracker;
+  trackerReason: string;
+  /** post-copy's way to open more connections, when the destination offers post-copy */
+  link: PostcopyLink | undefined;
+  encoder: PageEncoder | undefined;
+  /** when the handshake and reservation were done (ms), and how long they took */
+  prepMs: number;
+}
+
+export class SourceContext {
+  readonly settings: Settings;
+  readonly pacer: Pacer;
+  readonly tConnect = now();
+  /** per-page hashes of what was sent: the commitment digest is over them */
+  readonly hashes: BigUint64Array;
+  readonly perRound: RoundStats[] = [];
+  #stage: SourceStage = 'connecting';
+  #session: Session | undefined;
+  #unbindControl: (() => void) | undefined;
+  /** the connection, as soon as it exists (the handshake may fail before the session does) */
+  channel: WireChannel | undefined;
+  tracker: DirtyTracker | undefined;
+  encoder: PageEncoder | undefined;
+  /** the guest was paused (or a pause failed half-way): a rollback must resume it */
+  paused = false;
+  /** the guest was throttled: a rollback must release the throttle */
+  throttled = false;
+  maxThrottle = 0;
+  bytesSent = 0;
+  pagesSent = 0;
+  tFirstPage = 0;
+  /** the current (at the end, the last) pre-copy round; post-copy's pages carry the next one */
+  round = 1;
+  /** pages still due, ascending */
+  pending: Uint32Array;
+  stopReason = '';
+  forcedStop = false;
+
+  constructor(settings: Settings) {
+    this.settings = settings;
+    const { options } = settings;
+    this.hashes = new BigUint64Array(options.region.pageCount);
+    this.pending = Uint32Array.from({ length: options.region.pageCount }, (_, i) => i);
+    this.pacer = new Pacer({
+      pageSize: options.region.pageSize,
+      batchPages: settings.batchPages,
+      ...((options.control?.bandwidth ?? options.bandwidthMiBps) !== undefined ? { capMiBps: options.control?.bandwidth ?? options.bandwidthMiBps } : {}),
+      ...(options.rateAdaptation ? { startMiBps: options.rateAdaptation.startMiBps } : {}),
+    });
+    this.#unbindControl = options.control?.bind(this.pacer);
+  }
+
+  get stage(): SourceStage {
+    return this.#stage;
+  }
+
+  /** ACTIVATE or POSTCOPY went: the guest lives at the destination (or nobody knows yet). */
+  get committed(): boolean {
+    return COMMITTED.has(this.#stage);
+  }
+
+  /** The one place the stage changes; a transition the table does not allow is a bug here. */
+  enter(next: SourceStage): void {
+    if (!NEXT[this.#stage].includes(next)) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the source cannot go from ${this.#stage} to ${next}`, { phase: this.#stage });
+    this.#stage = next;
+  }
+
+  /** Records a failure; returns the stage it happened in. */
+  fail(): SourceStage {
+    const failedIn = this.#stage;
+    this.#stage = 'failed';
+    return failedIn;
+  }
+
+  get session(): Session {
+    if (!this.#session) throw new LivemigError('ERR_LIVEMIG_STATE', 'internal: the handshake has not completed', { phase: this.#stage });
+    return this.#session;
+  }
+
+  set session(s: Session) {
+    this.#session = s;
+  }
+
+  get deadlineAt(): number | undefined {
+    return this.settings.options.deadlineMs !== undefined ? this.tConnect + this.settings.options.deadlineMs : undefined;
+  }
+
+  progress(e: ProgressEvent): void {
+    this.settings.options.onProgress?.(e);
+  }
+
+  /** Sends pages of round `r` through the encoder, or plain when encodings are off; counts them. */
+  async sendPages(r: number, pages: Uint32Array, final: boolean): Promise<number> {
+    const { channel, encoder, version } = this.session;
+    const n = encoder
+      ? await encoder.send(r, pages, final)
+      : (await channel.sendPages({ region: this.settings.options.region, pages, round: r, version, batchPages: this.settings.batchPages, hashes: this.hashes })).bytes;
+    this.bytesSent += n;
+    this.pagesSent += pages.length;
+    return n;
+  }
+
+  /** Pauses the guest for the switch; returns its device state. */
+  async pauseGuest(): Promise<Uint8Array> {
+    try {
+      const deviceState = await this.settings.options.pause();
+      this.paused = true;
+      return deviceState;
+    } catch (e) {
+      this.paused = true; // a pause that failed half-way must still be undone
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `pausing the guest failed: ${(e as Error).message}`, { phase: 'stop-and-copy', cause: e });
+    }
+  }
+
+  /** Live controls no longer reach this migration. */
+  unbindControl(): void {
+    this.#unbindControl?.();
+    this.#unbindControl = undefined;
+  }
+}

@@ -1,0 +1,96 @@
+/**
+ * Stage 1, handshake and reservation: connect, HELLO and ACCEPT, the dedup index from what the
+ * destination holds, and everything the first round would otherwise pay for (our mapping of
+ * the guest's pages, the encoder's buffers and threads, the tracker's choice) done while the
+ * destination reserves the region.
+ */
+import net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { addon, call, type NativeDedup } from '../native.js';
+import { PageEncoder } from '../encoding/encoder.js';
+import type { PostcopyLink } from '../postcopy/switch.js';
+import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
+import { WireChannel } from '../protocol/wire.js';
+import { warmUpProtocol } from '../protocol/warmup.js';
+import { chooseTracker } from '../tracking/probe.js';
+import { warmUpRuntime } from '../warmup.js';
+import { now, type SourceContext } from './context.js';
+import { invalid } from './options.js';
+import { connect, peerError } from './peer.js';
+
+export async function handshake(ctx: SourceContext): Promise<void> {
+  const { settings } = ctx;
+  const { options } = settings;
+  const { region } = options;
+  // Map the guest's pages into our own mapping while the destination reserves: reading
+  // through unmapped pages would fault once per page in the middle of the first round.
+  const populated = region.populateAsync(false);
+  populated.catch(() => undefined); // awaited below
+  const channel = WireChannel.fromSocket(await connect(options.to));
+  ctx.channel = channel;
+  // frames from the destination are read as they come, so an ERROR it sends while we are
+  // busy sending pages explains the failure instead of a bare connection reset
+  channel.readAhead();
+  ctx.enter('handshake');
+  const enc = settings.encodings;
+  const wantEncodings = enc.zero || enc.dedup || enc.compress;
+  const capabilities = [
+    ...(wantEncodings ? [CAP_ENCODINGS] : []),
+    CAP_COMMIT_ACTIVATE,
+    ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
+    ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
+  ];
+  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities }));
+  const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
+  if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
+    throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
+  }
+  const version = accept.version;
+  // the hand-over's code paths run once now, not for the first time inside the pause
+  warmUpRuntime();
+  warmUpProtocol(version);
+  const link = postcopyLink(ctx, accept, version);
+  if (settings.mode !== 'precopy' && !link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
+  const dedup = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await dedupIndex(ctx, channel, accept) : undefined;
+  // the encoder (first touch of its buffers included) is set up while the destination
+  // reserves: in the first round it would take the CPU from the guest and the round
+  const encoder = dedup ? new PageEncoder({ region, channel, hashes: ctx.hashes, dedup, encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.() }) : undefined;
+  ctx.encoder = encoder;
+  await Promise.all([populated, encoder?.prepare()]);
+  const prepMs = now() - ctx.tConnect;
+  let tracker = options.tracker;
+  let trackerReason = 'given by the caller';
+  if (!tracker) {
+    const choice = chooseTracker(region, options.target ? { target: options.target } : {});
+    tracker = choice.tracker;
+    trackerReason = `${choice.backend}: ${choice.reason}`;
+  }
+  ctx.tracker = tracker;
+  ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, prepMs };
+  ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason });
+}
+
+function postcopyLink(ctx: SourceContext, accept: Accept, version: number): PostcopyLink | undefined {
+  if (!accept.capabilities.includes(CAP_POSTCOPY) || !accept.session) return undefined;
+  const { options } = ctx.settings;
+  const to = options.to;
+  const reconnect =
+    options.connect ??
+    (() => {
+      if (to instanceof net.Socket) throw invalid('post-copy needs `connect` (a way to open more connections) when `to` is a socket');
+      return connect(to);
+    });
+  return { session: accept.session, version, connect: reconnect };
+}
+
+/** Both sides start the dedup index from what the destination holds: a fresh (all-zero) region, or the image whose hashes it sends now. */
+async function dedupIndex(ctx: SourceContext, channel: WireChannel, accept: Accept): Promise<NativeDedup> {
+  const { region } = ctx.settings.options;
+  const dedup = call('ERR_LIVEMIG_NO_MEMORY', 'handshake', 'creating the dedup index', () => new addon.Dedup(region.pageCount));
+  const image = accept.capabilities.includes(CAP_IMAGE_HASHES)
+    ? decodeImageHashes((await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload, region.pageCount)
+    : new BigUint64Array(region.pageCount).fill(addon.zeroPageHash());
+  call('ERR_LIVEMIG_INVALID_ARGUMENT', 'handshake', 'loading the destination image into the dedup index', () => dedup.initImage(image));
+  return dedup;
+}

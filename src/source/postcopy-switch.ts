@@ -1,0 +1,78 @@
+/**
+ * Stage 3', the switch to post-copy: the priority connection joins and the page server's
+ * tables are made before the pause; with the guest paused, the pages the destination lacks
+ * are listed and the guest moves at once (src/postcopy/switch.ts); its pages follow, paced
+ * like pre-copy's.
+ */
+import { mergePages } from '../precopy/batches.js';
+import { PageServer } from '../postcopy/source.js';
+import { attachConnection, runPostcopy } from '../postcopy/switch.js';
+import { encodeDeviceState } from '../protocol/messages.js';
+import { trace } from '../trace.js';
+import { now, type SourceContext } from './context.js';
+import { peerError } from './peer.js';
+import { noStopAndCopy, type Ending } from './report.js';
+
+export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
+  const { settings } = ctx;
+  const { region } = settings.options;
+  const { channel, version, tracker } = ctx.session;
+  const link = ctx.session.link!; // the handshake refused post-copy modes without one, and the rounds a switch
+  const prio = await attachConnection(link, 'prio');
+  const allPages = new Uint8Array(region.pageCount).fill(1);
+  const server = new PageServer(region, allPages, version, ctx.round + 1, settings.batchPages);
+  ctx.enter('stop-and-copy');
+  const tPause = now();
+  trace('source: pause requested (post-copy)');
+  const deviceState = await ctx.pauseGuest().catch((e: unknown) => {
+    prio.close();
+    throw e;
+  });
+  let needed = allPages;
+  let pagesNeeded = region.pageCount;
+  if (settings.mode !== 'postcopy') {
+    const stale = mergePages(ctx.pending, await tracker.collectFinal());
+    needed = new Uint8Array(region.pageCount);
+    for (const p of stale) needed[p] = 1;
+    pagesNeeded = stale.length;
+    server.setNeeded(needed);
+  }
+  trace('source: guest paused (post-copy)');
+  let downtime = 0;
+  const tPc = now();
+  const pc = await runPostcopy({
+    server,
+    channel,
+    deviceState: encodeDeviceState(deviceState, version),
+    prio,
+    link,
+    region,
+    needed,
+    pagesNeeded,
+    hashes: ctx.hashes,
+    recoverTimeoutMs: settings.recoverTimeoutMs,
+    peerError,
+    onCommitted: () => ctx.enter('activating'),
+    onRunning: () => {
+      ctx.enter('postcopy');
+      downtime = now() - tPause;
+      trace('source: POSTCOPY_RUNNING received');
+      ctx.progress({ type: 'activated', downtime_ms: downtime });
+      // tracking is over (the source is paused for good); stopping it is not the guest's pause
+      if (settings.mode !== 'postcopy') void tracker.stop().catch(() => undefined);
+    },
+    onProgress: (st) => ctx.progress({ type: 'postcopy', ...st }),
+    // the background push keeps to the bandwidth cap (requests for faulting pages do not wait)
+    pacer: ctx.pacer,
+  });
+  ctx.enter('done');
+  return {
+    mode: settings.mode === 'precopy' ? 'hybrid' : settings.mode,
+    digest: pc.digest,
+    // until the destination held every page (the guest no longer depends on this side)
+    totalMs: pc.complete_at - ctx.tFirstPage,
+    downtimeMs: downtime,
+    stopAndCopy: noStopAndCopy(pc.activate_ms),
+    postcopy: { stats: pc.stats, pagesNeeded, postcopyMs: pc.complete_at - tPc, verifyMs: pc.verify_ms },
+  };
+}

@@ -1,0 +1,54 @@
+/** The one report builder: what every ending of a migration says, from the context's counters. */
+import type { PushStats } from '../postcopy/source.js';
+import type { SourceContext } from './context.js';
+import type { MigrationReport } from './types.js';
+
+export interface Ending {
+  mode: MigrationReport['mode'];
+  digest: bigint;
+  totalMs: number;
+  downtimeMs: number;
+  stopAndCopy: MigrationReport['stop_and_copy'];
+  /** the post-copy phase, when the migration ended with one */
+  postcopy?: { stats: PushStats; pagesNeeded: number; postcopyMs: number; verifyMs: number };
+}
+
+const NO_STOP_AND_COPY = { pages: 0, bytes: 0, pause_ms: 0, final_collect_ms: 0, send_ms: 0, commit_ms: 0 } as const;
+
+/** The stop-and-copy figures of a migration that switched to post-copy instead. */
+export function noStopAndCopy(activateMs: number): MigrationReport['stop_and_copy'] {
+  return { ...NO_STOP_AND_COPY, activate_ms: +activateMs.toFixed(3) };
+}
+
+export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
+  const { tracker, encoder, prepMs } = ctx.session;
+  const es = encoder?.stats;
+  const pc = end.postcopy;
+  const pcPages = pc ? pc.stats.pages_pushed + pc.stats.pages_served : 0;
+  return {
+    verified: true,
+    mode: end.mode,
+    digest: end.digest.toString(16).padStart(16, '0'),
+    prep_ms: +prepMs.toFixed(1),
+    total_ms: +end.totalMs.toFixed(1),
+    downtime_ms: +end.downtimeMs.toFixed(3),
+    rounds: ctx.settings.mode === 'postcopy' ? 0 : ctx.round,
+    region_bytes: ctx.settings.options.region.size,
+    wire_bytes: ctx.bytesSent + (pc?.stats.bytes ?? 0),
+    pages_sent: ctx.pagesSent + pcPages,
+    tracker: tracker.backend,
+    zero_pages: es?.zero_pages ?? 0,
+    dup_pages: es?.dup_pages ?? 0,
+    lz4_pages: es?.lz4_pages ?? 0,
+    raw_pages: (es ? es.raw_pages : ctx.pagesSent) + pcPages,
+    skipped_pages: es?.skipped_pages ?? 0,
+    lz4_ratio: es && es.lz4_in > 0 ? +(es.lz4_out / es.lz4_in).toFixed(3) : 1,
+    encodings: encoder !== undefined,
+    per_round: ctx.perRound,
+    stop_reason: pc ? ctx.stopReason || 'post-copy from the start' : ctx.stopReason,
+    forced_stop: pc ? false : ctx.forcedStop,
+    max_throttle_percentage: ctx.maxThrottle,
+    stop_and_copy: end.stopAndCopy,
+    ...(pc ? { postcopy: { ...pc.stats, pages_needed: pc.pagesNeeded, postcopy_ms: +pc.postcopyMs.toFixed(1), verify_ms: +pc.verifyMs.toFixed(1) } } : {}),
+  };
+}

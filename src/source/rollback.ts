@@ -1,0 +1,60 @@
+/**
+ * Stage 5, rollback: what a failure leaves behind. Before commitment the destination is told to
+ * discard, tracking stops, the throttle is released and the guest resumes here. After it, the
+ * guest lives at the destination (or nobody knows yet): this copy stays paused, never resumed.
+ */
+import { LivemigError } from '../errors.js';
+import { PROTOCOL_VERSION } from '../protocol/format.js';
+import { encodeAbort } from '../protocol/messages.js';
+import type { SourceContext } from './context.js';
+import { isReportedByPeer, peerError } from './peer.js';
+
+/** How long a destination that refused something gets for its ERROR to arrive after our send failed. */
+const PEER_ERROR_GRACE_MS = 50;
+
+/** Undoes what can be undone; returns the error to throw. */
+export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigError> {
+  const failedIn = ctx.fail();
+  const { channel, tracker, encoder, settings } = ctx;
+  ctx.unbindControl();
+  // A destination that refused something sends ERROR and closes; our send may fail first.
+  // Its ERROR, if it arrives within a moment, is the real cause.
+  if (channel && e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION') {
+    await new Promise((r) => setTimeout(r, PEER_ERROR_GRACE_MS));
+    const f = channel.takeQueuedError();
+    if (f) e = peerError(f, failedIn);
+  }
+  const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
+  if (failedIn === 'postcopy' || failedIn === 'done') {
+    // the guest runs at the destination: it must never resume here; this copy stays, paused
+    channel?.close();
+    return err;
+  }
+  // The destination answering ACTIVATE with an ERROR has discarded its copy (its activation
+  // failed): the source is still the only guest, so it resumes below like any early failure.
+  if (failedIn === 'activating' && !isReportedByPeer(err)) {
+    channel?.close();
+    return new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`, {
+      phase: 'activate',
+      cause: err,
+    });
+  }
+  if (channel) await channel.finish(channel.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
+  await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
+  await encoder?.close().catch(() => undefined);
+  if (ctx.throttled) {
+    try {
+      await settings.options.throttle!(0); // the guest runs at full speed here again
+    } catch (te) {
+      return new LivemigError('ERR_LIVEMIG_GUEST', `migration failed (${err.message}) and releasing the guest's throttle failed: ${(te as Error).message}`, { phase: failedIn, cause: te });
+    }
+  }
+  if (ctx.paused) {
+    try {
+      await settings.options.resume();
+    } catch (re) {
+      return new LivemigError('ERR_LIVEMIG_GUEST', `migration failed (${err.message}) and resuming the guest on the source failed too: ${(re as Error).message}`, { phase: failedIn, cause: re });
+    }
+  }
+  return err;
+}

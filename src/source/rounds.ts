@@ -1,0 +1,182 @@
+/**
+ * Stage 2, pre-copy rounds: send what is due, collect what the guest dirtied meanwhile, let the
+ * policy decide (go on, stop, throttle, switch to post-copy, give up). Ends with the destination
+ * caught up on everything sent, so that the pause does not pay for its backlog.
+ */
+import { LivemigError } from '../errors.js';
+import { firstOutOfOrder, mergePages } from '../precopy/batches.js';
+import { ConvergencePolicy } from '../precopy/policy.js';
+import { WritableWorkingSet } from '../precopy/wws.js';
+import { FrameType } from '../protocol/format.js';
+import { decodeRoundAck, encodeRoundEnd } from '../protocol/messages.js';
+import { now, type SourceContext } from './context.js';
+import { peerError } from './peer.js';
+import type { RoundStats } from './types.js';
+
+/**
+ * Cost of the pause besides moving pages, ms: the integrator's pause (~2 ms for the reference
+ * guest), the final collect (~0.5), the commit round trip with both digests (~2-4) and the
+ * activation round trip (~2-5), as measured by bench/e2e on a 2-vCPU host.
+ */
+const FIXED_STOP_COST_MS = 8;
+
+/**
+ * Longest a round after the first runs, with the throttle stall policy, before the rest of its
+ * pages wait for the next: through 1 Gbit/s a pass over 1 GiB takes ~9 s, and a policy that
+ * acts once a round would step the throttle once every 9 s while the guest dirties the region
+ * again.
+ */
+const ROUND_BUDGET_MS = 1000;
+
+/** How pre-copy ended: stop and copy, or switch to post-copy. */
+export type PrecopyOutcome = 'stop-and-copy' | 'postcopy';
+
+export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
+  const { settings } = ctx;
+  const { options } = settings;
+  const { region } = options;
+  const { channel, version, tracker, link } = ctx.session;
+  // Arm tracking before the first page is read: a write after this is caught by a later round.
+  // (post-copy from the start has no rounds: nothing to track)
+  if (settings.mode !== 'postcopy') await tracker.start();
+  ctx.enter('precopy');
+  ctx.tFirstPage = now();
+  if (settings.mode === 'postcopy') return 'postcopy';
+  const policy = new ConvergencePolicy({
+    downtimeLimitMs: settings.downtimeLimitMs,
+    maxRounds: settings.maxRounds,
+    maxBytes: settings.maxBytes,
+    onStall: settings.onStall,
+    fixedCostMs: FIXED_STOP_COST_MS,
+    ...(options.deadlineMs !== undefined ? { deadlineMs: options.deadlineMs } : {}),
+  });
+  const wws = options.wws === false ? undefined : new WritableWorkingSet(region.pageCount);
+  const ra = options.rateAdaptation;
+  let outcome: PrecopyOutcome | undefined;
+  for (let round = 1; outcome === undefined; round++) {
+    ctx.round = round;
+    const t0 = now();
+    // after the first pass (which must send everything anyway), a round expected to take
+    // longer than ROUND_BUDGET_MS is cut there, for the throttle's sake. Only then: the other
+    // stall actions judge a round by how far it shrank what is left, which a cut round does
+    // not show (a guest that would converge over whole rounds would be forced, moved or given up)
+    const knownMbps = round > 1 && settings.onStall === 'throttle' ? ctx.pacer.achievedMbps() : undefined;
+    const long = knownMbps !== undefined && (ctx.pending.length * region.pageSize) / 1e3 / knownMbps > ROUND_BUDGET_MS;
+    const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);
+    const sentPages = ctx.pending.length - unsent.length;
+    await channel.send(encodeRoundEnd({ round, pages: sentPages }, version));
+    const duration = now() - t0;
+    const dirty = await tracker.collect();
+    wws?.record(dirty);
+    const due = unsent.length > 0 ? mergePages(dirty, unsent) : dirty;
+    const plan = wws ? wws.plan(due) : { send: due, held: 0 };
+    const roundMbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
+    const bandwidth = ctx.pacer.achievedMbps() ?? roundMbps;
+    const d = policy.decide({
+      round,
+      pagesSent: sentPages,
+      bytesSent: bytes,
+      durationMs: duration,
+      dirtyPages: plan.send.length,
+      dirtiedPages: dirty.length,
+      heldPages: plan.held,
+      elapsedMs: now() - ctx.tConnect,
+      totalBytes: ctx.bytesSent,
+      mbps: bandwidth,
+      pageSize: region.pageSize,
+    });
+    const perPage = sentPages > 0 ? bytes / sentPages : region.pageSize;
+    const dirtyMbps = (dirty.length * region.pageSize) / 1e3 / Math.max(duration, 0.001);
+    const stats: RoundStats = {
+      round,
+      pages: sentPages,
+      bytes,
+      duration_ms: +duration.toFixed(3),
+      mbps: +roundMbps.toFixed(1),
+      bandwidth_mbps: +bandwidth.toFixed(1),
+      carried_pages: unsent.length,
+      dirty_pages: dirty.length,
+      dirty_pages_rate: +((dirty.length * 1000) / Math.max(duration, 0.001)).toFixed(0),
+      dirty_mbps: +dirtyMbps.toFixed(1),
+      wws_pages: plan.held,
+      transferred: ctx.bytesSent,
+      remaining: Math.round((plan.send.length + plan.held) * perPage),
+      expected_downtime_ms: +d.estimateMs.toFixed(3),
+      cpu_throttle_percentage: policy.throttle,
+      max_bandwidth_mib_s: ctx.pacer.limitMiBps,
+      decision: d.action,
+      reason: d.reason,
+    };
+    ctx.perRound.push(stats);
+    ctx.progress({ type: 'round', ...stats });
+    ctx.pending = plan.send;
+    // Clark: the next round at this round's dirtying rate plus a margin
+    if (ra) ctx.pacer.setRoundLimit((dirtyMbps * 1e6) / 2 ** 20 + ra.incrementMiBps);
+    if (d.action === 'throttle') {
+      ctx.throttled = true;
+      await options.throttle!(d.level);
+      ctx.maxThrottle = Math.max(ctx.maxThrottle, d.level);
+    } else if (d.action === 'postcopy' || settings.mode === 'hybrid' || options.control?.postcopyRequested) {
+      if (!link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: the destination does not offer post-copy; the guest stays here`, { phase: 'precopy' });
+      ctx.stopReason = d.action === 'postcopy' ? `${d.reason}: switching to post-copy` : settings.mode === 'hybrid' ? 'hybrid: switching to post-copy after the first pass' : 'post-copy requested';
+      outcome = 'postcopy';
+    } else if (d.action === 'abort') {
+      throw new LivemigError(d.code, d.reason, { phase: 'precopy' });
+    } else if (d.action === 'stop') {
+      ctx.stopReason = d.reason;
+      ctx.forcedStop = d.forced;
+      outcome = 'stop-and-copy';
+    }
+  }
+  // stop-and-copy goes at the cap, not at the last round's adapted rate
+  ctx.pacer.setRoundLimit(undefined);
+  const held = wws ? wws.heldPages() : new Uint32Array(0);
+  if (held.length > 0) ctx.pending = mergePages(ctx.pending, held);
+  // Let the destination finish applying what is in flight before the pause, so that the
+  // pause does not pay for its backlog.
+  for (;;) {
+    const ack = decodeRoundAck((await channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
+    if (ack.round >= ctx.round) break;
+  }
+  return outcome;
+}
+
+/**
+ * Sends a round's pages in chunks, paced; stops early at the byte bound, at the end of the
+ * round's time budget, or when the deadline nears. Returns the bytes sent and the pages left.
+ */
+export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Array, final: boolean, budgetMs?: number): Promise<{ bytes: number; unsent: Uint32Array }> {
+  const { settings, pacer } = ctx;
+  const { region } = settings.options;
+  // a page listed twice would be refused by the destination; say which list broke the rule
+  const bad = firstOutOfOrder(pages);
+  if (bad >= 0) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the page list of round ${r} is not ascending at ${bad} (${pages[bad - 1]}, ${pages[bad]})`, { phase: final ? 'stop-and-copy' : 'precopy' });
+  const deadlineAt = ctx.deadlineAt;
+  let bytes = 0;
+  let at = 0;
+  let tRoundStart: number | undefined;
+  while (at < pages.length) {
+    // chunks where the round may have to stop early: at a deadline, or at the byte bound
+    const mayCross = !final && ctx.bytesSent + (pages.length - at) * region.pageSize > settings.maxBytes;
+    const chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
+    const part = pages.subarray(at, at + chunk);
+    const t0 = now();
+    tRoundStart ??= t0;
+    const b = await ctx.sendPages(r, part, final);
+    pacer.record(b, part.length, t0, now());
+    bytes += b;
+    at += part.length;
+    await pacer.pace(b);
+    // the byte bound holds within a round too: the rest goes at the stop (the policy stops now)
+    if (!final && ctx.bytesSent >= settings.maxBytes && at < pages.length) break;
+    // a long round ends early (the rest joins the next one), so that the policy sees the
+    // guest's dirtying rate and can act every second, not once per slow pass
+    if (budgetMs !== undefined && at < pages.length && now() - tRoundStart >= budgetMs) break;
+    // leave the rest to the stop-and-copy (or to giving up) rather than run out of time
+    if (deadlineAt !== undefined && !final && at < pages.length) {
+      const mbps = pacer.achievedMbps() ?? 1;
+      if (now() + ((pages.length - at) * region.pageSize) / 1e3 / mbps > deadlineAt - 2 * settings.downtimeLimitMs) break;
+    }
+  }
+  return { bytes, unsent: pages.subarray(at) };
+}

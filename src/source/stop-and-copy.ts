@@ -1,0 +1,36 @@
+/**
+ * Stage 3, stop-and-copy: the guest pauses, the tracker's last collect (without re-arming: the
+ * guest stays paused until it runs elsewhere or resumes after a failure) and the last dirty
+ * pages go from the calling thread.
+ */
+import { mergePages } from '../precopy/batches.js';
+import { trace } from '../trace.js';
+import { now, type SourceContext } from './context.js';
+import { sendRound } from './rounds.js';
+
+export interface StoppedGuest {
+  deviceState: Uint8Array;
+  lastPages: number;
+  lastBytes: number;
+  tPause: number;
+  tPaused: number;
+  tCollected: number;
+  tLastSent: number;
+}
+
+export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
+  const { tracker } = ctx.session;
+  ctx.enter('stop-and-copy');
+  const tPause = now();
+  trace('source: pause requested');
+  const deviceState = await ctx.pauseGuest();
+  const tPaused = now();
+  trace('source: guest paused');
+  const final = await tracker.collectFinal();
+  const tCollected = now();
+  trace('source: final collect done');
+  const lastPages = mergePages(ctx.pending, final);
+  const lastBytes = (await sendRound(ctx, ctx.round + 1, lastPages, true)).bytes;
+  trace('source: last pages sent');
+  return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };
+}
