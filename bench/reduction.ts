@@ -15,7 +15,7 @@ import { runDemo, type DemoReport } from '../src/cli/commands.js';
 import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { migrate } from '../src/source/migrate.js';
-import { listen } from '../src/receiver/receiver.js';
+import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { emit, machine, median } from './common.js';
 import { createLink, type NetLink } from './netlink.js';

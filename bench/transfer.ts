@@ -9,7 +9,7 @@ import { parseArgs } from 'node:util';
 import { fillContent, type ContentName } from '../src/workload/content.js';
 import { addon } from '../src/native.js';
 import { migrate } from '../src/source/migrate.js';
-import { listen } from '../src/receiver/receiver.js';
+import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { emit, machine, median } from './common.js';
 import { rawTcpCeiling } from './raw-tcp.js';

@@ -6,4 +6,5 @@ export { xxh64 } from './pages/hash.js';
 export { migrate } from './source/migrate.js';
 export { MigrationControl, type MigrateOptions, type MigrationReport, type ProgressEvent, type RoundStats } from './source/types.js';
 export type { StallAction } from './precopy/policy.js';
-export { receiveOn, listen, type ReceiveOptions, type ReceiveReport, type ReceiveProgress, type Receiver } from './receiver/receiver.js';
+export { receiveOn, type ReceiveOptions, type ReceiveReport, type ReceiveProgress } from './receiver/receiver.js';
+export { listen, type Receiver } from './receiver/listen.js';

@@ -11,7 +11,7 @@ import { ConvergencePolicy, STALL_ROUNDS, THROTTLE_FIRST, THROTTLE_STEP, type Ro
 import { migrate } from '../src/source/migrate.js';
 import type { ProgressEvent } from '../src/source/types.js';
 import { WritableWorkingSet } from '../src/precopy/wws.js';
-import { listen } from '../src/receiver/receiver.js';
+import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { probe } from '../src/tracking/index.js';
 import type { DirtyTracker } from '../src/tracking/types.js';

@@ -12,7 +12,7 @@ import { after, before, test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
 import { migrate } from '../src/source/migrate.js';
-import { listen } from '../src/receiver/receiver.js';
+import { listen } from '../src/receiver/listen.js';
 import type { Region } from '../src/region/region.js';
 import { verifyContent } from '../src/workload/content.js';
 import { HeartbeatObserver, IncomingGuest, SourceGuest } from '../src/workload/controller.js';

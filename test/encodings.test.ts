@@ -271,7 +271,7 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
 
 test('migrating back to a kept image sends only the pages that changed, and the copy is exact', async () => {
   const { migrate } = await import('../src/source/migrate.js');
-  const { listen } = await import('../src/receiver/receiver.js');
+  const { listen } = await import('../src/receiver/listen.js');
   const { writeFile, rm } = await import('node:fs/promises');
   const { tmpdir } = await import('node:os');
   const path = await import('node:path');

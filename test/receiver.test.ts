@@ -9,7 +9,7 @@ import { FrameType, MAX_PAYLOAD } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
-import { listen } from '../src/receiver/receiver.js';
+import { listen } from '../src/receiver/listen.js';
 
 const PAGES = 16;
 const hello = (o: Partial<M.Hello> = {}): Buffer => M.encodeHello({ versions: [1, 1], regionBytes: PAGES * 4096, pageSize: 4096, auth: null, capabilities: [], ...o });

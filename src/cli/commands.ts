@@ -7,7 +7,7 @@ import { parseArgs } from 'node:util';
 import { LivemigError } from '../errors.js';
 import { migrate } from '../source/migrate.js';
 import type { MigrateOptions, MigrationReport, ProgressEvent } from '../source/types.js';
-import { listen } from '../receiver/receiver.js';
+import { listen } from '../receiver/listen.js';
 import { CONTENTS, PATTERNS } from '../workload/content.js';
 import { monotonicMs } from '../workload/clock.js';
 import { HeartbeatObserver, IncomingGuest, SourceGuest } from '../workload/controller.js';

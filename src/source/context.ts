@@ -6,6 +6,7 @@
 import { LivemigError } from '../errors.js';
 import type { PageEncoder } from '../encoding/encoder.js';
 import { Pacer } from '../pacing/pacer.js';
+import { Stages } from '../stages.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import { type Accept } from '../protocol/messages.js';
 import { type WireChannel } from '../protocol/wire.js';
@@ -19,7 +20,7 @@ export type SourceStage = 'connecting' | 'handshake' | 'precopy' | 'stop-and-cop
  * The stages each stage may lead to. Commitment is entering `activating`: from then on the
  * guest must never resume here by itself.
  */
-const NEXT: { readonly [S in SourceStage]: readonly SourceStage[] } = {
+const NEXT = {
   connecting: ['handshake', 'failed'],
   handshake: ['precopy', 'failed'],
   precopy: ['stop-and-copy', 'failed'],
@@ -29,7 +30,7 @@ const NEXT: { readonly [S in SourceStage]: readonly SourceStage[] } = {
   postcopy: ['done', 'failed'],
   done: [],
   failed: [],
-};
+} as const satisfies { readonly [S in SourceStage]: readonly SourceStage[] };
 
 const COMMITTED: ReadonlySet<SourceStage> = new Set(['activating', 'postcopy', 'done']);
 
@@ -56,7 +57,7 @@ export class SourceContext {
   /** per-page hashes of what was sent: the commitment digest is over them */
   readonly hashes: BigUint64Array;
   readonly perRound: RoundStats[] = [];
-  #stage: SourceStage = 'connecting';
+  readonly #stages = new Stages<SourceStage>('connecting', 'failed', NEXT);
   #session: Session | undefined;
   #unbindControl: (() => void) | undefined;
   /** the connection, as soon as it exists (the handshake may fail before the session does) */
@@ -93,29 +94,26 @@ export class SourceContext {
   }
 
   get stage(): SourceStage {
-    return this.#stage;
+    return this.#stages.current;
   }
 
   /** ACTIVATE or POSTCOPY went: the guest lives at the destination (or nobody knows yet). */
   get committed(): boolean {
-    return COMMITTED.has(this.#stage);
+    return COMMITTED.has(this.#stages.current);
   }
 
   /** The one place the stage changes; a transition the table does not allow is a bug here. */
   enter(next: SourceStage): void {
-    if (!NEXT[this.#stage].includes(next)) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the source cannot go from ${this.#stage} to ${next}`, { phase: this.#stage });
-    this.#stage = next;
+    this.#stages.enter(next);
   }
 
   /** Records a failure; returns the stage it happened in. */
   fail(): SourceStage {
-    const failedIn = this.#stage;
-    this.#stage = 'failed';
-    return failedIn;
+    return this.#stages.fail();
   }
 
   get session(): Session {
-    if (!this.#session) throw new LivemigError('ERR_LIVEMIG_STATE', 'internal: the handshake has not completed', { phase: this.#stage });
+    if (!this.#session) throw new LivemigError('ERR_LIVEMIG_STATE', 'internal: the handshake has not completed', { phase: this.#stages.current });
     return this.#session;
   }
 

@@ -1,0 +1,124 @@
+/**
+ * The destination's post-copy: at POSTCOPY the guest is registered for minor faults and
+ * resumed here at once (the point of commitment); its missing pages arrive on the push stream
+ * and, for faults, on the priority connection. After a break, both connections join the
+ * session again and the source is told what this side holds.
+ */
+import { LivemigError } from '../errors.js';
+import { addon, call } from '../native.js';
+import { FaultService } from '../postcopy/dest.js';
+import { ProtocolError } from '../protocol/errors.js';
+import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } from '../protocol/messages.js';
+import type { WireChannel } from '../protocol/wire.js';
+import type { Region } from '../region/region.js';
+import { trace } from '../trace.js';
+import type { PostcopySession } from './session.js';
+import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from './types.js';
+
+/** How long the priority connection (on its own stream, racing POSTCOPY) may take to join. */
+const PRIO_ATTACH_WAIT_MS = 5_000;
+
+export interface PostcopyStart {
+  ch: WireChannel;
+  payload: Buffer;
+  region: Region;
+  hashes: BigUint64Array;
+  /** the post-copy page table, touched when reserved so that the switch does not fault it in */
+  neededTable: Uint8Array;
+  deviceState: Buffer;
+  version: number;
+  session: PostcopySession;
+  options: ReceiveOptions & Required<Pick<ReceiveOptions, 'postcopy'>>;
+  progress(e: ReceiveProgress): void;
+  /** called once the guest runs here: from then on it must never be discarded */
+  onRunning(): void;
+  /** the fault service, as soon as it exists (a failure must stop it) */
+  onFaults(f: FaultService): void;
+}
+
+export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy'>): Promise<ReceiveReport> {
+  const { ch, region, version, options, progress } = o;
+  trace('receiver: POSTCOPY received');
+  const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`));
+  const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () => addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.neededTable));
+  const pagesNeeded = unpacked.set;
+  // From here the guest runs here: the source never resumes it (point of commitment).
+  const ta = performance.now();
+  const reg = await options.postcopy.register(region);
+  trace('receiver: registered');
+  const faults = new FaultService(region, reg.uffd, reg.address, unpacked.bytes, o.hashes, version);
+  o.onFaults(faults);
+  faults.start();
+  faults.attach(ch.fd, prio.fd);
+  prio.handOff();
+  trace('receiver: fault service started');
+  await options.activate(region, o.deviceState);
+  trace('receiver: guest activated (post-copy)');
+  o.onRunning();
+  const activateMs = performance.now() - ta;
+  await ch.send(encodePostcopyRunning({ activateMs }, version));
+  progress({ type: 'postcopy-running', activate_ms: activateMs, pages_needed: pagesNeeded });
+  const tRun = performance.now();
+  const reconnects = await servePostcopy(faults, o.session, region, version, options, progress);
+  const fs = faults.stats();
+  // the thread stops by itself once every page is mapped into the guest
+  await faults.done;
+  faults.stop(); // joins the finished thread
+  addon.closeFd(reg.uffd); // our copy of the guest's userfaultfd (the guest keeps its own)
+  ch.handOff();
+  return {
+    ...base,
+    pages_received: base.pages_received + fs.pages_pulled + fs.pages_pushed,
+    digest: (await faults.complete).toString(16).padStart(16, '0'),
+    activate_ms: activateMs,
+    mode: 'postcopy',
+    postcopy: { ...fs, pages_needed: pagesNeeded, total_ms: +(performance.now() - tRun).toFixed(1), reconnects },
+  };
+}
+
+/**
+ * Waits for post-copy to complete; after a break, for the source to attach again (both
+ * connections), then tells it what this side holds. Resolves with the number of reconnections.
+ */
+async function servePostcopy(faults: FaultService, session: PostcopySession, region: Region, version: number, options: ReceiveOptions, progress: (e: ReceiveProgress) => void): Promise<number> {
+  const recoverMs = options.recoverTimeoutMs ?? 60_000;
+  let reconnects = 0;
+  let broken: string | undefined;
+  let wake: (() => void) | undefined;
+  const off = faults.on((e) => {
+    if (e.type !== 'disconnected') return;
+    broken = e.message ?? 'the link broke';
+    wake?.();
+  });
+  let done = false;
+  faults.complete.then(
+    () => ((done = true), wake?.()),
+    () => wake?.(),
+  );
+  const timer = setInterval(() => progress({ type: 'postcopy-progress', ...faults.stats() }), 1000);
+  try {
+    for (;;) {
+      if (done) return reconnects;
+      if (broken === undefined) {
+        await Promise.race([faults.complete, new Promise<void>((r) => (wake = r))]);
+        continue;
+      }
+      const why = broken;
+      progress({ type: 'postcopy-disconnected', message: why });
+      const { push, prio } = await session.take(['push', 'prio'], recoverMs, () => {
+        const held = faults.heldCount();
+        return new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${recoverMs} ms (${why}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
+      });
+      broken = undefined;
+      await prio.send(encodeAttached({ held: bytesToBitmap(faults.held()) }, version));
+      faults.attach(push.fd, prio.fd);
+      push.handOff();
+      prio.handOff();
+      reconnects++;
+      progress({ type: 'postcopy-reconnected', pages_held: faults.heldCount() });
+    }
+  } finally {
+    clearInterval(timer);
+    off();
+  }
+}

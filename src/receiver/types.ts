@@ -1,0 +1,65 @@
+/** The destination's public types: options, progress events and the report. */
+import type { FaultStats } from '../postcopy/dest.js';
+import type { Region } from '../region/region.js';
+
+export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'postcopy' | 'failed';
+
+export type ReceiveProgress =
+  | { type: 'reserved'; region_bytes: number; reserve_ms: number }
+  | { type: 'image'; path: string }
+  | { type: 'image-ignored'; path: string; reason: string }
+  | { type: 'round'; round: number; pages: number }
+  | { type: 'committed'; digest: string }
+  | { type: 'activated'; activate_ms: number }
+  | { type: 'postcopy-running'; activate_ms: number; pages_needed: number }
+  | { type: 'postcopy-disconnected'; message: string }
+  | { type: 'postcopy-reconnected'; pages_held: number }
+  | ({ type: 'postcopy-progress' } & FaultStats);
+
+export interface ReceiveOptions {
+  /** refuse regions larger than this (default: what the host's memory allows) */
+  maxRegionBytes?: number;
+  /**
+   * called once the region is reserved, while its pages are being mapped and before any page
+   * arrives: start the destination guest warm here; the handshake waits for the promise
+   */
+  onReserved?(region: Region, postcopy: 'planned' | 'possible' | 'no'): void | Promise<void>;
+  /** called when the migration fails before activation (undo what onReserved started) */
+  onDiscard?(region: Region): void;
+  /** hands the verified region and device state to the guest; the guest runs here from then on */
+  activate(region: Region, deviceState: Buffer): Promise<void>;
+  /**
+   * called as soon as the device state arrives, before the source commits: load and check it so
+   * that `activate` only has to start the guest. A rejection fails the migration while the
+   * source can still resume its guest.
+   */
+  prepare?(region: Region, deviceState: Buffer): Promise<void>;
+  onProgress?(event: ReceiveProgress): void;
+  /**
+   * an older image of the region this host kept (a file of exactly the region's size, e.g.
+   * from a guest that left): its pages are loaded first and the sender sends only what differs
+   */
+  reuseImage?: string;
+  /** time allowed between frames before giving up (default 60 s) */
+  idleTimeoutMs?: number;
+  /**
+   * Post-copy support (capability `postcopy`): register the guest's mapping of the region for
+   * minor faults (userfaultfd, UFFD_FEATURE_MINOR_SHMEM) before it resumes, and return the
+   * userfaultfd (a descriptor in this process) and the mapping's address in the guest.
+   * `activate` then resumes the guest with pages still missing; they arrive while it runs.
+   */
+  postcopy?: { register(region: Region): Promise<{ uffd: number; address: bigint }> };
+  /** post-copy: how long to wait for the source to come back after a break (default 60 s) */
+  recoverTimeoutMs?: number;
+}
+
+export interface ReceiveReport {
+  region_bytes: number;
+  reserve_ms: number;
+  pages_received: number;
+  rounds: number;
+  digest: string;
+  activate_ms: number;
+  mode: 'precopy' | 'postcopy';
+  postcopy?: FaultStats & { pages_needed: number; total_ms: number; reconnects: number };
+}
