@@ -7,7 +7,7 @@
  *     [--patterns uniform,hot] [--downtime-limit 50]
  */
 import { parseArgs } from 'node:util';
-import { runDemo, type DemoReport } from '../src/cli/commands.js';
+import { guestSpecOf, runDemo, type DemoReport, type ReceiverPlace } from '../src/demo/demo.js';
 import { emit, machine, median } from './common.js';
 import { createLink, type NetLink } from './netlink.js';
 
@@ -28,7 +28,7 @@ emit({ bench: 'convergence', case: 'machine', ...machine(), region_bytes: size, 
 
 for (const linkName of values.links!.split(',')) {
   let link: NetLink | undefined;
-  let at: Parameters<typeof runDemo>[7] = { prefix: [], host: '127.0.0.1' };
+  let at: ReceiverPlace = { prefix: [], host: '127.0.0.1' };
   if (linkName !== 'loopback') {
     link = createLink(linkName);
     at = { prefix: ['ip', 'netns', 'exec', link.ns], host: link.far, observer: link.near };
@@ -40,7 +40,7 @@ for (const linkName of values.links!.split(',')) {
         for (const wws of [true, false]) {
           const rs: DemoReport[] = [];
           for (let i = 0; i < runs; i++) {
-            rs.push(await runDemo({ size, content: 'mixed', rate, pattern, hotSize: 64 << 20 }, limit, 30, undefined, false, { zero: true, dedup: true, compress: true }, [], at, { wws, onStall: 'throttle' }));
+            rs.push(await runDemo({ guest: guestSpecOf({ size, content: 'mixed', rate, pattern, hotSize: 64 << 20 }), downtimeLimitMs: limit, receiverAt: at, policy: { wws, onStall: 'throttle' } }));
           }
           const total = median(rs.map((r) => r.total_ms));
           if (rate === 0 && wws) idleMs = total;

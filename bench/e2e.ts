@@ -5,7 +5,7 @@
  *   node dist/bench/e2e.js [--size 1GiB] [--runs 5]
  */
 import { parseArgs } from 'node:util';
-import { runDemo, type DemoReport } from '../src/cli/commands.js';
+import { guestSpecOf, runDemo, type DemoReport, type GuestSpec } from '../src/demo/demo.js';
 import { emit, machine, median } from './common.js';
 import { rawTcpCeiling } from './raw-tcp.js';
 
@@ -20,9 +20,9 @@ const runs = Number(values.runs);
   const ceiling = median(ceilings);
   emit({ bench: 'e2e', case: 'raw_tcp_ceiling', bytes: size, ms: +ceiling.toFixed(1), mb_s: +(size / 1e3 / ceiling).toFixed(0), runs: 3 });
 
-  const g = (content: string, rate: number) => ({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 });
+  const g = (content: string, rate: number): GuestSpec => guestSpecOf({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 });
   const idle: DemoReport[] = [];
-  for (let i = 0; i < 3; i++) idle.push(await runDemo(g('random', 0), 20, 30));
+  for (let i = 0; i < 3; i++) idle.push(await runDemo({ guest: g('random', 0), downtimeLimitMs: 20 }));
   const firstPass = median(idle.map((r) => r.per_round[0]!.duration_ms));
   emit({
     bench: 'e2e',
@@ -37,12 +37,12 @@ const runs = Number(values.runs);
   });
 
   const naive: DemoReport[] = [];
-  for (let i = 0; i < 3; i++) naive.push(await runDemo(g('mixed', 64), 20, 1, undefined, true));
+  for (let i = 0; i < 3; i++) naive.push(await runDemo({ guest: g('mixed', 64), downtimeLimitMs: 20, maxRounds: 1, naive: true }));
   emit({ bench: 'e2e', case: 'naive_stop_and_copy_mixed_64', downtime_ms: median(naive.map((r) => r.downtime_ms)), guest_gap_ms: median(naive.map((r) => r.guest_gap_ms)), total_ms: median(naive.map((r) => r.total_ms)), verified: naive.every((r) => r.verified), runs: 3 });
 
   const live: DemoReport[] = [];
   for (let i = 0; i < runs; i++) {
-    const r = await runDemo(g('mixed', 64), 20, 30);
+    const r = await runDemo({ guest: g('mixed', 64), downtimeLimitMs: 20 });
     live.push(r);
     emit({ bench: 'e2e', case: 'livemig_mixed_64_run', run: i, downtime_ms: r.downtime_ms, guest_gap_ms: r.guest_gap_ms, guest_gap_preparation_ms: r.guest_gap_preparation_ms, total_ms: r.total_ms, rounds: r.rounds, wire_bytes: r.wire_bytes, stop_and_copy: r.stop_and_copy, verified: r.verified });
   }

@@ -7,7 +7,7 @@
  *   node dist/bench/postcopy.js [--size 1GiB] [--runs 3] [--rates 256,1024] [--modes postcopy,hybrid]
  */
 import { parseArgs } from 'node:util';
-import { runDemo, type DemoReport } from '../src/cli/commands.js';
+import { guestSpecOf, runDemo, type DemoReport } from '../src/demo/demo.js';
 import { emit, machine, median } from './common.js';
 
 const { values } = parseArgs({
@@ -23,13 +23,13 @@ const runs = Number(values.runs);
 emit({ bench: 'postcopy', case: 'machine', ...machine(), region_bytes: size });
 
 for (const rate of values.rates!.split(',').map(Number)) {
-  const g = { size, content: 'mixed', rate, pattern: 'uniform', hotSize: 64 << 20 };
+  const g = guestSpecOf({ size, content: 'mixed', rate, pattern: 'uniform', hotSize: 64 << 20 });
   const pre: DemoReport[] = [];
   const post: Record<string, DemoReport[]> = {};
   for (let i = 0; i < runs; i++) {
     // interleaved, so a drift of the host hits both alike
-    pre.push(await runDemo(g, 50, 30, undefined, false, undefined, [], undefined, { onStall: 'force' }));
-    for (const mode of values.modes!.split(',')) (post[mode] ??= []).push(await runDemo(g, 50, 30, undefined, false, undefined, [], undefined, { mode: mode as 'postcopy' | 'hybrid' }));
+    pre.push(await runDemo({ guest: g, policy: { onStall: 'force' } }));
+    for (const mode of values.modes!.split(',')) (post[mode] ??= []).push(await runDemo({ guest: g, policy: { mode: mode as 'postcopy' | 'hybrid' } }));
   }
   const firstPass = median(pre.map((r) => r.per_round[0]?.duration_ms ?? r.total_ms));
   emit({ bench: 'postcopy', case: 'precopy', write_mib_s: rate, total_ms: median(pre.map((r) => r.total_ms)), first_pass_ms: firstPass, downtime_ms: median(pre.map((r) => r.downtime_ms)), guest_gap_ms: median(pre.map((r) => r.guest_gap_ms)), guest_gap_preparation_ms: median(pre.map((r) => r.guest_gap_preparation_ms)), bytes_over_region: +(median(pre.map((r) => r.wire_bytes)) / size).toFixed(3), verified: pre.every((r) => r.verified), runs });

@@ -11,8 +11,7 @@ import { rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { runDemo, type DemoReport } from '../src/cli/commands.js';
-import { addon } from '../src/native.js';
+import { guestSpecOf, runDemo, type DemoReport, type ReceiverPlace } from '../src/demo/demo.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { migrate } from '../src/source/migrate.js';
 import { listen } from '../src/receiver/listen.js';
@@ -39,7 +38,7 @@ emit({ bench: 'reduction', case: 'machine', ...machine(), region_bytes: size });
 
 for (const linkName of values.links!.split(',')) {
   let link: NetLink | undefined;
-  let at: Parameters<typeof runDemo>[7] = { prefix: [], host: '127.0.0.1' };
+  let at: ReceiverPlace = { prefix: [], host: '127.0.0.1' };
   if (linkName === 'loopback') {
     const ceiling = median([await rawTcpCeiling(size), await rawTcpCeiling(size), await rawTcpCeiling(size)]);
     emit({ bench: 'reduction', case: 'baseline', link: linkName, raw_tcp_ms: +ceiling.toFixed(1), mb_s: +(size / 1e3 / ceiling).toFixed(0) });
@@ -56,7 +55,7 @@ for (const linkName of values.links!.split(',')) {
           // alternate the order, so neither setting always runs after the other
           const order = i % 2 === 0 ? ([['off', OFF], ['on', ON]] as const) : ([['on', ON], ['off', OFF]] as const);
           for (const [name, enc] of order) {
-            const r = await runDemo({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 }, 20, 30, undefined, false, enc, [], at);
+            const r = await runDemo({ guest: guestSpecOf({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 }), downtimeLimitMs: 20, encodings: enc, receiverAt: at });
             results[name]!.push(r);
             if (process.env.BENCH_VERBOSE) console.error(name, r.prep_ms, r.total_ms);
           }

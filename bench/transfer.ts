@@ -7,7 +7,6 @@
 import { fork } from 'node:child_process';
 import { parseArgs } from 'node:util';
 import { fillContent, type ContentName } from '../src/workload/content.js';
-import { addon } from '../src/native.js';
 import { migrate } from '../src/source/migrate.js';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';

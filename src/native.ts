@@ -258,3 +258,13 @@ export async function callAsync<T>(code: ErrorCode, phase: string, what: string,
     throw err;
   }
 }
+
+/** The commitment digest over a table of page hashes (XXH64 of the table). */
+export function digestOf(hashes: BigUint64Array, phase: string): bigint {
+  return call('ERR_LIVEMIG_SYSCALL', phase, 'computing the image digest', () => addon.digestTable(hashes));
+}
+
+/** Closes a descriptor this process owns (a failure is a bug here: EBADF). */
+export function closeFd(fd: number, phase: string): void {
+  call('ERR_LIVEMIG_SYSCALL', phase, `closing descriptor ${fd}`, () => addon.closeFd(fd));
+}

@@ -1,31 +1,52 @@
 /**
- * Timeline tracing for finding where milliseconds go across processes. Off unless the
- * environment names a file in LIVEMIG_TRACE; then every process appends `ms pid event` lines
- * stamped with CLOCK_MONOTONIC (the same clock in every process on the host). Observers in the
- * same process can subscribe to the `livemig:trace` diagnostics channel instead.
+ * Observability without a logger: named diagnostics_channel channels, one per event family,
+ * each message a structured object (as undici publishes its own). Subscribers in the process
+ * (a daemon, a test, a benchmark) get them through `diagnostics_channel.subscribe(name, fn)`.
+ *
+ *   livemig:source    the source's steps ({ ms, event, ... })
+ *   livemig:receiver  the destination's steps
+ *   livemig:guest     the reference guest's steps
+ *   livemig:chooser   the page encoder's per-round accounting ({ ms, event, round, ... })
+ *
+ * With LIVEMIG_TRACE naming a file, every process also appends `ms pid family: event` lines
+ * stamped with CLOCK_MONOTONIC (the same clock in every process on the host), for lining up a
+ * hand-over across processes.
  */
 import { openSync, writeSync } from 'node:fs';
 import diagnostics_channel from 'node:diagnostics_channel';
 
-const channel = diagnostics_channel.channel('livemig:trace');
+export type TraceFamily = 'source' | 'receiver' | 'guest' | 'chooser';
+
+export const CHANNELS: { readonly [F in TraceFamily]: diagnostics_channel.Channel } = {
+  source: diagnostics_channel.channel('livemig:source'),
+  receiver: diagnostics_channel.channel('livemig:receiver'),
+  guest: diagnostics_channel.channel('livemig:guest'),
+  chooser: diagnostics_channel.channel('livemig:chooser'),
+};
+
 const file = process.env['LIVEMIG_TRACE'];
 // opened once: an open and close per line would cost more than some of the steps it times
 let fd: number | undefined;
 
-export function trace(event: string): void {
-  traceLine(event);
+/** Whether anyone listens to `family` (to skip building a costly payload). */
+export function tracing(family: TraceFamily): boolean {
+  return file !== undefined || CHANNELS[family].hasSubscribers;
 }
 
-function traceLine(event: string): void {
+/** One step of `family`; `data` is carried to subscribers (the trace file gets the event name). */
+export function trace(family: TraceFamily, event: string, data?: Record<string, unknown>): void {
+  const channel = CHANNELS[family];
   if (!file && !channel.hasSubscribers) return;
   const ms = Number(process.hrtime.bigint() / 1000n) / 1000;
-  if (channel.hasSubscribers) channel.publish({ ms, event });
-  if (file) {
-    fd ??= openSync(file, 'a');
-    writeSync(fd, `${ms.toFixed(3)} ${process.pid} ${event}\n`);
-  }
+  if (channel.hasSubscribers) channel.publish({ ms, event, ...data });
+  if (file) writeLine(`${ms.toFixed(3)} ${process.pid} ${family}: ${event}${data ? ' ' + JSON.stringify(data) : ''}\n`);
+}
+
+function writeLine(line: string): void {
+  fd ??= openSync(file!, 'a');
+  writeSync(fd, line);
 }
 
 // the first line is written at start-up: writing compiles Node's file functions, which must not
 // happen for the first time inside a pause being timed
-if (file) traceLine(`trace: ${process.argv.slice(1).join(' ')}`);
+if (file) writeLine(`${(Number(process.hrtime.bigint() / 1000n) / 1000).toFixed(3)} ${process.pid} trace: ${process.argv.slice(1).join(' ')}\n`);

@@ -1,7 +1,6 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { test } from 'node:test';
-import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { Region } from '../src/region/region.js';
 import { fillContent, initialWriteState, verifyContent, type ContentName } from '../src/workload/content.js';

@@ -9,7 +9,6 @@ import { compressSync } from 'lz4-napi';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
-import { FrameType } from '../src/protocol/format.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
@@ -59,8 +58,8 @@ test('raw, zero, dup and lz4 pages each arrive intact, and a dup may refer to a 
     V,
   );
   const r = await receiverWith(Buffer.concat([frame, M.encodeRoundEnd({ round: 1, pages: 4 }, V)]));
-  const f = (await r.result) as { type: FrameType; pages: number };
-  assert.equal(f.type, FrameType.RoundEnd);
+  const f = (await r.result) as { type: F.FrameType; pages: number };
+  assert.equal(f.type, F.FrameType.RoundEnd);
   assert.equal(f.pages, 4);
   assert.ok(r.region.page(1).equals(a));
   assert.ok(r.region.page(2).equals(Buffer.alloc(PS)));
@@ -118,8 +117,8 @@ test('an lz4 block may cover a page and up to three continuation pages after it;
     V,
   );
   const r = await receiverWith(Buffer.concat([frame, M.encodeRoundEnd({ round: 1, pages: 4 }, V)]));
-  const f = (await r.result) as { type: FrameType; pages: number };
-  assert.equal(f.type, FrameType.RoundEnd);
+  const f = (await r.result) as { type: F.FrameType; pages: number };
+  assert.equal(f.type, F.FrameType.RoundEnd);
   assert.ok(r.region.page(7).equals(t) && r.region.page(3).equals(u) && r.region.page(9).equals(w), 'the block lands on its three pages');
   assert.ok(r.region.page(4).equals(u), 'a later dup may name a page of the block');
   for (const [p, c] of [[7, t], [3, u], [9, w]] as const) assert.equal(r.hashes[p], addon.pageHash(c));
@@ -239,8 +238,8 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
   let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
   let c = await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup, flags: 3 });
   await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
-  let f = (await got) as { type: FrameType; pages: number; bytes: number };
-  assert.equal(f.type, FrameType.RoundEnd);
+  let f = (await got) as { type: F.FrameType; pages: number; bytes: number };
+  assert.equal(f.type, F.FrameType.RoundEnd);
   assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: 0, skipped: expectZero, dup: 0, raw: pages - expectZero });
   assert.equal(f.bytes, c.bytes);
   assert.ok(dst.view().equals(src.view()), 'destination equals source');
@@ -255,7 +254,7 @@ test('in-place encoded sends: zero pages of a fresh receiver are left out, repea
   got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, encodings: true });
   c = await tx.sendPages({ region: src, pages: all, round: 2, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup2, flags: 3, probe: tracker.writtenProbe() });
   await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
-  f = (await got) as { type: FrameType; pages: number; bytes: number };
+  f = (await got) as { type: F.FrameType; pages: number; bytes: number };
   await tracker.stop();
   // a raw page becomes a source once its frame went: copies in that first frame of 16 go raw too
   const dups = expectDup - 3;

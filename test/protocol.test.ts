@@ -2,19 +2,17 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { pack } from 'msgpackr';
 import { LivemigError } from '../src/errors.js';
-import { FrameParser, decodeHeader } from './reference/frames.js';
-import { FrameType, HEADER_BYTES, MAX_PAYLOAD, PROTOCOL_VERSION } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import * as F from '../src/protocol/format.js';
 
-const V = PROTOCOL_VERSION;
+const V = F.PROTOCOL_VERSION;
 const throwsCode = (fn: () => unknown, code: string, re?: RegExp): void =>
   assert.throws(fn, (e: unknown) => e instanceof LivemigError && e.code === code && (!re || re.test(e.message)));
 
 function parseAll(bytes: Buffer, step: number): Frame[] {
-  const p = new FrameParser();
+  const p = new R.FrameParser();
   const out: Frame[] = [];
   for (let i = 0; i < bytes.length; i += step) p.push(bytes.subarray(i, i + step), (f) => out.push(f));
   assert.equal(p.pending, 0);
@@ -22,33 +20,33 @@ function parseAll(bytes: Buffer, step: number): Frame[] {
 }
 
 test('header roundtrip, and every bad header is refused before its payload is allocated', () => {
-  const h = encodeHeader(FrameType.Commit, 77, V, 3);
-  assert.deepEqual(decodeHeader(h), { version: V, type: FrameType.Commit, flags: 3, length: 77 });
+  const h = encodeHeader(F.FrameType.Commit, 77, V, 3);
+  assert.deepEqual(R.decodeHeader(h), { version: V, type: F.FrameType.Commit, flags: 3, length: 77 });
   const mutate = (off: number, write: (b: Buffer) => void): Buffer => {
     const b = Buffer.from(h);
     write(b);
     void off;
     return b;
   };
-  throwsCode(() => decodeHeader(mutate(0, (b) => b.writeUInt16LE(0x1234, 0))), 'ERR_LIVEMIG_PROTOCOL', /bad frame magic/);
-  throwsCode(() => decodeHeader(mutate(0, (b) => b.writeUInt8(0, 3))), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 0/);
-  throwsCode(() => decodeHeader(mutate(0, (b) => b.writeUInt8(200, 3))), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 200/);
-  throwsCode(() => decodeHeader(mutate(0, (b) => b.writeUInt16LE(1, 6))), 'ERR_LIVEMIG_PROTOCOL', /reserved/);
-  throwsCode(() => decodeHeader(mutate(0, (b) => b.writeUInt32LE(MAX_PAYLOAD + 1, 8))), 'ERR_LIVEMIG_FRAME_TOO_LARGE');
-  throwsCode(() => encodeHeader(FrameType.Pages, MAX_PAYLOAD + 1), 'ERR_LIVEMIG_FRAME_TOO_LARGE');
+  throwsCode(() => R.decodeHeader(mutate(0, (b) => b.writeUInt16LE(0x1234, 0))), 'ERR_LIVEMIG_PROTOCOL', /bad frame magic/);
+  throwsCode(() => R.decodeHeader(mutate(0, (b) => b.writeUInt8(0, 3))), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 0/);
+  throwsCode(() => R.decodeHeader(mutate(0, (b) => b.writeUInt8(200, 3))), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 200/);
+  throwsCode(() => R.decodeHeader(mutate(0, (b) => b.writeUInt16LE(1, 6))), 'ERR_LIVEMIG_PROTOCOL', /reserved/);
+  throwsCode(() => R.decodeHeader(mutate(0, (b) => b.writeUInt32LE(F.MAX_PAYLOAD + 1, 8))), 'ERR_LIVEMIG_FRAME_TOO_LARGE');
+  throwsCode(() => encodeHeader(F.FrameType.Pages, F.MAX_PAYLOAD + 1), 'ERR_LIVEMIG_FRAME_TOO_LARGE');
 });
 
 test('the parser yields the same frames however the stream is split, and holds back a truncated one', () => {
-  const frames = [encodeFrame(FrameType.Abort, Buffer.from('x')), encodeFrame(FrameType.DeviceState, Buffer.alloc(5000, 7)), encodeFrame(FrameType.Activate, Buffer.alloc(0))];
+  const frames = [encodeFrame(F.FrameType.Abort, Buffer.from('x')), encodeFrame(F.FrameType.DeviceState, Buffer.alloc(5000, 7)), encodeFrame(F.FrameType.Activate, Buffer.alloc(0))];
   const all = Buffer.concat(frames);
   for (const step of [1, 3, 12, 13, 4096, all.length]) {
     const got = parseAll(all, step);
-    assert.deepEqual(got.map((f) => [f.type, f.payload.length]), [[FrameType.Abort, 1], [FrameType.DeviceState, 5000], [FrameType.Activate, 0]]);
+    assert.deepEqual(got.map((f) => [f.type, f.payload.length]), [[F.FrameType.Abort, 1], [F.FrameType.DeviceState, 5000], [F.FrameType.Activate, 0]]);
   }
-  const p = new FrameParser();
+  const p = new R.FrameParser();
   const out: Frame[] = [];
-  p.push(all.subarray(0, HEADER_BYTES + 100), (f) => out.push(f));
-  p.push(all.subarray(HEADER_BYTES + 1, HEADER_BYTES + 50), (f) => out.push(f));
+  p.push(all.subarray(0, F.HEADER_BYTES + 100), (f) => out.push(f));
+  p.push(all.subarray(F.HEADER_BYTES + 1, F.HEADER_BYTES + 50), (f) => out.push(f));
   assert.equal(out.length, 1);
   assert.ok(p.pending > 0, 'an incomplete frame is pending, not delivered');
 });
@@ -108,7 +106,7 @@ test('PAGES batches: layout roundtrip and shape checks', () => {
 
 test('version negotiation takes the newest common version', () => {
   assert.equal(M.negotiateVersion([1, 1]), 1);
-  assert.equal(M.negotiateVersion([1, 9]), PROTOCOL_VERSION);
-  assert.equal(M.negotiateVersion([2, 9]), PROTOCOL_VERSION >= 2 ? 2 : undefined);
+  assert.equal(M.negotiateVersion([1, 9]), F.PROTOCOL_VERSION);
+  assert.equal(M.negotiateVersion([2, 9]), F.PROTOCOL_VERSION >= 2 ? 2 : undefined);
   assert.equal(M.negotiateVersion([0, 0]), undefined);
 });

@@ -4,7 +4,6 @@ import net from 'node:net';
 import { once } from 'node:events';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
-import { FrameParser } from './reference/frames.js';
 import { FrameType, MAX_PAYLOAD } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
 import * as M from '../src/protocol/messages.js';
@@ -21,7 +20,7 @@ async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { ma
   const sock = net.connect(rx.port, '127.0.0.1');
   await once(sock, 'connect');
   const got: Frame[] = [];
-  const parser = new FrameParser();
+  const parser = new R.FrameParser();
   sock.on('data', (c) => parser.push(c, (f) => got.push(f)));
   sock.on('error', () => undefined);
   const outcome = rx.next().then(

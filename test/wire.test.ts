@@ -12,7 +12,6 @@ import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
-import { FrameParser } from './reference/frames.js';
 import { FrameType } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
 import { WireChannel } from '../src/protocol/wire.js';
@@ -40,7 +39,7 @@ test('sendPages writes PAGES frames that the reference parser reads back as the 
   fillRandom(region);
   const hashes = new BigUint64Array(region.pageCount);
   const frames: Frame[] = [];
-  const parser = new FrameParser();
+  const parser = new R.FrameParser();
   peer.on('data', (c: Buffer) => parser.push(c, (f) => frames.push(f)));
   const pages = Uint32Array.from([0, 1, 2, 7, 9, 10, 63, 40, 41]); // runs, singles, out of order
   const { bytes } = await wire.sendPages({ region, pages, round: 5, version: 1, batchPages: 4, hashes });

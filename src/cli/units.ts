@@ -1,4 +1,4 @@
-import { invalidArgument } from '../errors.js';
+import { usageError as invalidArgument } from './flags.js';
 
 const UNITS: Record<string, number> = { '': 1, b: 1, k: 1024, kb: 1000, kib: 1024, m: 1 << 20, mb: 1e6, mib: 1 << 20, g: 1 << 30, gb: 1e9, gib: 1 << 30, t: 2 ** 40, tib: 2 ** 40 };
 

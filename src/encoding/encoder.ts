@@ -9,7 +9,8 @@
  *   threads, lz4-napi), then one PAGES_ENC frame. Classifying and compressing the next batch
  *   overlap the sending of the previous one (two buffer sets).
  */
-import { addon, callAsync, type NativeDedup } from '../native.js';
+import { addon, call, callAsync, type NativeDedup } from '../native.js';
+import { trace, tracing } from '../trace.js';
 import { PageEncoding } from '../protocol/format.js';
 import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest, type WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
@@ -153,7 +154,19 @@ export class PageEncoder {
       this.chooser.advance(Math.ceil(part.length / this.#batchPages));
     }
     this.#sendWallMs += performance.now() - tSend;
-    if (process.env.LIVEMIG_DEBUG_CHOOSER) console.error(`chooser round ${round}: wall ${this.#sendWallMs.toFixed(0)} ms, plain calls ${this.#plainMs.toFixed(0)} ms, in place ${this.#inPlacePages} pages in ${this.#inPlaceMs.toFixed(0)} ms (encoding work ${this.#overheadMs.toFixed(0)} ms, indexing ${this.#indexMs.toFixed(0)}); ${this.chooser.describe()}`, JSON.stringify(this.stats));
+    if (tracing('chooser')) {
+      trace('chooser', 'round sent', {
+        round,
+        wall_ms: +this.#sendWallMs.toFixed(1),
+        plain_ms: +this.#plainMs.toFixed(1),
+        in_place_pages: this.#inPlacePages,
+        in_place_ms: +this.#inPlaceMs.toFixed(1),
+        overhead_ms: +this.#overheadMs.toFixed(1),
+        index_ms: +this.#indexMs.toFixed(1),
+        chooser: this.chooser.describe(),
+        ...this.stats,
+      });
+    }
     return bytes;
   }
 
@@ -202,7 +215,7 @@ export class PageEncoder {
     const n = Math.min(SAMPLE_PAGES, pages.length);
     const step = Math.max(1, Math.floor(pages.length / n));
     const picked = Uint32Array.from({ length: n }, (_, k) => pages[k * step]!);
-    const kind = addon.samplePages(this.#region.nativeHandle, picked, Buffer.from(this.#sampleSet.staging));
+    const kind = call('ERR_LIVEMIG_SYSCALL', 'precopy', 'sampling pages', () => addon.samplePages(this.#region.nativeHandle, picked, Buffer.from(this.#sampleSet.staging)));
     const slots: number[] = [];
     let nonzero = 0;
     for (let k = 0; k < n; k++) {

@@ -5,7 +5,7 @@
  * arrives when a fault waits for it.
  */
 import { LivemigError, type ErrorCode } from '../errors.js';
-import { addon, type NativePostcopyDest, type PostcopyEvent } from '../native.js';
+import { addon, call, type NativePostcopyDest, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
 
 export interface FaultStats {
@@ -46,9 +46,10 @@ export class FaultService {
    */
   constructor(region: Region, uffd: number, guestAddress: bigint, needed: Uint8Array, hashes: BigUint64Array, version: number) {
     if (needed.length !== region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
-    this.#native = new addon.PostcopyDest(region.nativeHandle, uffd, guestAddress, needed, hashes, version, (e) => {
+    const onEvent = (e: PostcopyEvent): void => {
       for (const l of this.#listeners) l(e);
-    });
+    };
+    this.#native = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'starting the fault service', () => new addon.PostcopyDest(region.nativeHandle, uffd, guestAddress, needed, hashes, version, onEvent));
     this.complete = new Promise((resolve, reject) => {
       this.on((e) => {
         if (e.type === 'complete') resolve(e.digest!);

@@ -8,7 +8,7 @@
  * then says what it holds, and only the rest is sent.
  */
 import { LivemigError, type ErrorCode } from '../errors.js';
-import { addon, type NativePostcopySource, type PostcopyEvent } from '../native.js';
+import { addon, call, type NativePostcopySource, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
 
 /** pages pushed after each fault, from the faulting page on */
@@ -61,9 +61,10 @@ export class PageServer {
   constructor(region: Region, needed: Uint8Array, version: number, round: number, batchPages: number, hashes?: BigUint64Array) {
     this.#region = region;
     this.#batchPages = batchPages;
-    this.#native = new addon.PostcopySource(region.nativeHandle, needed, version, round, hashes, (e) => {
+    const onEvent = (e: PostcopyEvent): void => {
       for (const l of this.#listeners) l(e);
-    });
+    };
+    this.#native = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'creating the page server', () => new addon.PostcopySource(region.nativeHandle, needed, version, round, hashes, onEvent));
   }
 
   on(l: (e: PostcopyEvent) => void): () => void {

@@ -7,7 +7,7 @@
 import net from 'node:net';
 import { trace } from '../trace.js';
 import { LivemigError } from '../errors.js';
-import { addon } from '../native.js';
+import { addon, callAsync, digestOf } from '../native.js';
 import { FrameType } from '../protocol/format.js';
 import { type Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
@@ -104,7 +104,7 @@ export async function runPostcopy(o: {
     // One write: the destination wakes once for the state and the switch. POSTCOPY is the point
     // of commitment and the write's last bytes: a write that failed did not deliver it whole.
     await channel.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
-    trace('source: device state and POSTCOPY sent');
+    trace('source', 'device state and POSTCOPY sent');
     o.onCommitted();
     const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
     const tRunning = performance.now();
@@ -113,8 +113,8 @@ export async function runPostcopy(o: {
     const tComplete = performance.now();
     // the source's image (paused, unchanged) is the one the destination must now hold: compare
     // digests; the guest no longer needs this side for pages, so this is outside its time
-    await addon.hashAll(region.nativeHandle, o.hashes);
-    const digest = addon.digestTable(o.hashes);
+    await callAsync('ERR_LIVEMIG_SYSCALL', 'postcopy', 'hashing the paused region', () => addon.hashAll(region.nativeHandle, o.hashes));
+    const digest = digestOf(o.hashes, 'postcopy');
     if (digest !== destDigest) {
       throw new LivemigError('ERR_LIVEMIG_DIGEST', `post-copy finished but the destination's image digest ${destDigest.toString(16)} differs from the source's ${digest.toString(16)}; the source keeps its copy, paused`, { phase: 'postcopy' });
     }

@@ -4,7 +4,7 @@
  * Every decoder treats its input as hostile and throws ProtocolError.
  */
 import { pack, unpack } from 'msgpackr';
-import { addon } from '../native.js';
+import { addon, call } from '../native.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
 import { FrameType, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
@@ -221,8 +221,8 @@ export function decodeAttached(p: Buffer, pageCount: number): Attached {
 
 /** One byte per page (0/1) from a bitmap of `pageCount` bits, and back (native: these run inside the pause). */
 export function bitmapToBytes(bits: Buffer, pageCount: number): Uint8Array {
-  return addon.unpackBits(bits, pageCount).bytes;
+  return call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking a page bitmap', () => addon.unpackBits(bits, pageCount)).bytes;
 }
 export function bytesToBitmap(bytes: Uint8Array): Buffer {
-  return addon.packBits(bytes);
+  return call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'packing a page bitmap', () => addon.packBits(bytes));
 }

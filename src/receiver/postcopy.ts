@@ -5,7 +5,7 @@
  * session again and the source is told what this side holds.
  */
 import { LivemigError } from '../errors.js';
-import { addon, call } from '../native.js';
+import { addon, call, closeFd } from '../native.js';
 import { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } from '../protocol/messages.js';
@@ -38,22 +38,22 @@ export interface PostcopyStart {
 
 export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy'>): Promise<ReceiveReport> {
   const { ch, region, version, options, progress } = o;
-  trace('receiver: POSTCOPY received');
+  trace('receiver', 'POSTCOPY received');
   const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`));
   const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () => addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.neededTable));
   const pagesNeeded = unpacked.set;
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();
   const reg = await options.postcopy.register(region);
-  trace('receiver: registered');
+  trace('receiver', 'registered');
   const faults = new FaultService(region, reg.uffd, reg.address, unpacked.bytes, o.hashes, version);
   o.onFaults(faults);
   faults.start();
   faults.attach(ch.fd, prio.fd);
   prio.handOff();
-  trace('receiver: fault service started');
+  trace('receiver', 'fault service started');
   await options.activate(region, o.deviceState);
-  trace('receiver: guest activated (post-copy)');
+  trace('receiver', 'guest activated (post-copy)');
   o.onRunning();
   const activateMs = performance.now() - ta;
   await ch.send(encodePostcopyRunning({ activateMs }, version));
@@ -64,7 +64,7 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
   // the thread stops by itself once every page is mapped into the guest
   await faults.done;
   faults.stop(); // joins the finished thread
-  addon.closeFd(reg.uffd); // our copy of the guest's userfaultfd (the guest keeps its own)
+  closeFd(reg.uffd, 'postcopy'); // our copy of the guest's userfaultfd (the guest keeps its own)
   ch.handOff();
   return {
     ...base,

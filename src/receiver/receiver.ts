@@ -7,7 +7,7 @@
  */
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon } from '../native.js';
+import { addon, call, digestOf } from '../native.js';
 import type { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
@@ -90,7 +90,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions, ses
         progress({ type: 'image', path: options.reuseImage });
       } else {
         if (options.reuseImage) progress({ type: 'image-ignored', path: options.reuseImage, reason: `its size is not the region's ${region.size} bytes` });
-        hashes.fill(addon.zeroPageHash());
+        hashes.fill(call('ERR_LIVEMIG_SYSCALL', 'reserve', 'the zero page hash', () => addon.zeroPageHash()));
       }
     }
     const commitActivate = h.capabilities.includes(CAP_COMMIT_ACTIVATE);
@@ -135,7 +135,7 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions, ses
         case FrameType.DeviceState:
           if (stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE after COMMIT');
           deviceState = Buffer.from(f.payload);
-          trace('receiver: DEVICE_STATE received');
+          trace('receiver', 'DEVICE_STATE received');
           if (options.prepare && !prepared) {
             prepared = options.prepare(region, deviceState);
             prepared.catch(() => undefined); // awaited at COMMIT or POSTCOPY
@@ -144,17 +144,17 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions, ses
           // way (post-copy from the start ends with a digest of its own: none is due here)
           if (!postcopyPlanned) {
             digestAt = pagesReceived;
-            digest = addon.digestTable(hashes);
+            digest = digestOf(hashes, 'commit');
           }
-          trace('receiver: guest preparing, digest computed');
+          trace('receiver', 'guest preparing, digest computed');
           break;
         case FrameType.Commit: {
           if (stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second COMMIT');
-          trace('receiver: COMMIT received');
+          trace('receiver', 'COMMIT received');
           const c = decodeCommit(f.payload);
           if (deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT before DEVICE_STATE');
           if (c.pageCount !== region.pageCount) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `COMMIT for ${c.pageCount} pages, region has ${region.pageCount}`);
-          if (digestAt !== pagesReceived) digest = addon.digestTable(hashes);
+          if (digestAt !== pagesReceived) digest = digestOf(hashes, 'commit');
           if (digest !== c.digest) {
             throw new LivemigError('ERR_LIVEMIG_DIGEST', `image digest ${digest.toString(16)} differs from the source's ${c.digest.toString(16)}`, { phase: 'commit' });
           }
@@ -169,13 +169,13 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions, ses
         case FrameType.Activate: {
           if (stage.current !== 'committed') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'ACTIVATE before a matching COMMIT');
           const ta = performance.now();
-          trace('receiver: activating');
+          trace('receiver', 'activating');
           await options.activate(region, deviceState!);
-          trace('receiver: guest activated');
+          trace('receiver', 'guest activated');
           stage.enter('activated');
           const activateMs = performance.now() - ta;
           await ch.send(encodeActivated({ activateMs }, version)).catch(() => undefined); // the guest runs here either way
-          trace('receiver: ACTIVATED sent');
+          trace('receiver', 'ACTIVATED sent');
           progress({ type: 'activated', activate_ms: activateMs });
           await ch.finish();
           return { region_bytes: region.size, reserve_ms: reserveMs, pages_received: pagesReceived, rounds, digest: digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy' };

@@ -6,7 +6,7 @@
  */
 import net from 'node:net';
 import { LivemigError, invalidArgument } from '../errors.js';
-import { addon, call, callAsync } from '../native.js';
+import { addon, call, callAsync, closeFd } from '../native.js';
 import { PAGE_SIZE, Region } from './region.js';
 
 export const HANDOVER_VERSION = 1;
@@ -56,7 +56,7 @@ export function handOverRegion(socketPath: string, region: Region, options: Hand
       addon.sendWithFds(fd, Buffer.from(JSON.stringify(hello)), options.controlFd !== undefined ? [region.fd, options.controlFd] : [region.fd]),
     );
   } catch (e) {
-    addon.closeFd(fd);
+    closeFd(fd, 'handover');
     throw e;
   }
   return new net.Socket({ fd, readable: true, writable: true });
@@ -137,16 +137,16 @@ export class GuestListener {
       const controlFd = expected === 2 ? fds.pop()! : -1; // kept: not closed below
       return { region, hello, pid: hello.pid, address: BigInt(hello.address), socket: new net.Socket({ fd: conn, readable: true, writable: true }), controlFd };
     } catch (e) {
-      addon.closeFd(conn);
+      closeFd(conn, 'handover');
       throw e;
     } finally {
-      for (const f of fds) addon.closeFd(f); // adopt() duplicated the memfd it kept
+      for (const f of fds) closeFd(f, 'handover'); // adopt() duplicated the memfd it kept
     }
   }
 
   close(): void {
     if (this.#fd < 0) return;
-    addon.closeFd(this.#fd);
+    closeFd(this.#fd, 'handover');
     this.#fd = -1;
   }
 }

@@ -100,7 +100,7 @@ export class Region {
    */
   static attach(shareId: bigint): Region {
     if (typeof shareId !== 'bigint') throw invalidArgument('shareId must be a bigint from region.shareId');
-    const n = addon.regionAttach(shareId);
+    const n = call('ERR_LIVEMIG_SYSCALL', 'region', 'attaching to a shared region', () => addon.regionAttach(shareId));
     if (!n) throw new LivemigError('ERR_LIVEMIG_RELEASED', `no live region has share id ${shareId}`, { phase: 'region' });
     return new Region(n);
   }

@@ -5,7 +5,7 @@
  * destination activate has been written whole.
  */
 import { LivemigError } from '../errors.js';
-import { addon } from '../native.js';
+import { digestOf } from '../native.js';
 import { CAP_COMMIT_ACTIVATE, FrameType } from '../protocol/format.js';
 import { decodeActivated, decodeCommitAck, encodeActivate, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
 import { trace } from '../trace.js';
@@ -38,17 +38,17 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     // commitment: a write that failed did not deliver it whole, so the guest may still resume
     // here; once the write is done, an ERROR back means it did not activate.
     await channel.send(deviceState);
-    digest = addon.digestTable(ctx.hashes);
-    trace('source: digest computed');
+    digest = digestOf(ctx.hashes, 'commit');
+    trace('source', 'digest computed');
     await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
     ctx.enter('activating');
     tSent = now();
-    trace(`source: last ${stopped.lastPages} pages, device state and COMMIT sent`);
+    trace('source', 'last pages, device state and COMMIT sent', { pages: stopped.lastPages });
     activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
     tCommitted = now();
     reportCommitted(ctx, digest, stopped);
   } else {
-    digest = addon.digestTable(ctx.hashes);
+    digest = digestOf(ctx.hashes, 'commit');
     await channel.send(deviceState);
     tSent = now();
     ctx.enter('commit');
@@ -63,7 +63,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
   }
   const tActive = now();
-  trace('source: ACTIVATED received');
+  trace('source', 'ACTIVATED received');
   return { digest, tSent, tCommitted, tActive, activateMs: activated.activateMs };
 }
 

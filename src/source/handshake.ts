@@ -90,7 +90,7 @@ async function dedupIndex(ctx: SourceContext, channel: WireChannel, accept: Acce
   const dedup = call('ERR_LIVEMIG_NO_MEMORY', 'handshake', 'creating the dedup index', () => new addon.Dedup(region.pageCount));
   const image = accept.capabilities.includes(CAP_IMAGE_HASHES)
     ? decodeImageHashes((await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload, region.pageCount)
-    : new BigUint64Array(region.pageCount).fill(addon.zeroPageHash());
+    : new BigUint64Array(region.pageCount).fill(call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash()));
   call('ERR_LIVEMIG_INVALID_ARGUMENT', 'handshake', 'loading the destination image into the dedup index', () => dedup.initImage(image));
   return dedup;
 }

@@ -23,7 +23,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   const server = new PageServer(region, allPages, version, ctx.round + 1, settings.batchPages);
   ctx.enter('stop-and-copy');
   const tPause = now();
-  trace('source: pause requested (post-copy)');
+  trace('source', 'pause requested (post-copy)');
   const deviceState = await ctx.pauseGuest().catch((e: unknown) => {
     prio.close();
     throw e;
@@ -37,7 +37,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     pagesNeeded = stale.length;
     server.setNeeded(needed);
   }
-  trace('source: guest paused (post-copy)');
+  trace('source', 'guest paused (post-copy)');
   let downtime = 0;
   const tPc = now();
   const pc = await runPostcopy({
@@ -56,7 +56,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     onRunning: () => {
       ctx.enter('postcopy');
       downtime = now() - tPause;
-      trace('source: POSTCOPY_RUNNING received');
+      trace('source', 'POSTCOPY_RUNNING received');
       ctx.progress({ type: 'activated', downtime_ms: downtime });
       // tracking is over (the source is paused for good); stopping it is not the guest's pause
       if (settings.mode !== 'postcopy') void tracker.stop().catch(() => undefined);

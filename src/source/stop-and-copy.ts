@@ -22,15 +22,15 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const { tracker } = ctx.session;
   ctx.enter('stop-and-copy');
   const tPause = now();
-  trace('source: pause requested');
+  trace('source', 'pause requested');
   const deviceState = await ctx.pauseGuest();
   const tPaused = now();
-  trace('source: guest paused');
+  trace('source', 'guest paused');
   const final = await tracker.collectFinal();
   const tCollected = now();
-  trace('source: final collect done');
+  trace('source', 'final collect done');
   const lastPages = mergePages(ctx.pending, final);
   const lastBytes = (await sendRound(ctx, ctx.round + 1, lastPages, true)).bytes;
-  trace('source: last pages sent');
+  trace('source', 'last pages sent');
   return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };
 }

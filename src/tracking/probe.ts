@@ -4,7 +4,7 @@
  * is not trusted.
  */
 import { LivemigError } from '../errors.js';
-import { addon } from '../native.js';
+import { addon, closeFd } from '../native.js';
 import { Region } from '../region/region.js';
 import { ExternalTracker } from './external.js';
 import { HashTracker } from './hash.js';
@@ -55,7 +55,7 @@ function probeUffdAsync(): BackendProbe {
     const n = e as { errnoName?: string; syscall?: string };
     return { backend, available: false, reason: n.syscall ? `${n.syscall} failed with ${n.errnoName ?? '?'}` : describe(e) };
   } finally {
-    if (pagemap >= 0) addon.closeFd(pagemap);
+    if (pagemap >= 0) closeFd(pagemap, 'probe');
     protection?.close();
     region.release();
   }

@@ -6,7 +6,7 @@
  * first written between them is cleared unseen. It is exact only while the writer is paused
  * (the final collect of a migration); uffd-async has no such window and is preferred.
  */
-import { addon, call, callAsync } from '../native.js';
+import { addon, call, callAsync, closeFd } from '../native.js';
 import type { Region } from '../region/region.js';
 import { TrackerState } from './state.js';
 import type { DirtyTracker, RemoteTarget } from './types.js';
@@ -56,7 +56,7 @@ export class SoftDirtyTracker implements DirtyTracker {
   async stop(): Promise<void> {
     if (!this.#state.beginStop()) return;
     await this.#state.quiesce();
-    addon.closeFd(this.#pagemapFd);
+    closeFd(this.#pagemapFd, 'tracking');
     this.#pagemapFd = -1;
   }
 

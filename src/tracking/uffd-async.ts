@@ -4,7 +4,7 @@
  * them again in the same page-table walk.
  */
 import { LivemigError } from '../errors.js';
-import { addon, call, callAsync } from '../native.js';
+import { addon, call, callAsync, closeFd } from '../native.js';
 import type { Region } from '../region/region.js';
 import { TrackerState } from './state.js';
 import type { DirtyTracker, RemoteTarget, WrittenProbe } from './types.js';
@@ -44,7 +44,7 @@ export function protectOwnRegion(region: Region): WriteProtection {
     close() {
       if (!open) return;
       open = false;
-      addon.closeFd(uffd);
+      closeFd(uffd, 'tracking');
     },
   };
 }
@@ -145,7 +145,7 @@ export class UffdAsyncTracker implements DirtyTracker {
   }
 
   #closeAll(): void {
-    if (this.#pagemapFd >= 0) addon.closeFd(this.#pagemapFd);
+    if (this.#pagemapFd >= 0) closeFd(this.#pagemapFd, 'tracking');
     this.#pagemapFd = -1;
     this.#protection?.close();
     this.#protection = undefined;

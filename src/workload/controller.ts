@@ -5,13 +5,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import dgram from 'node:dgram';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
-import { addon } from '../native.js';
+import { addon, closeFd } from '../native.js';
 import { monotonicMs } from './clock.js';
 import { GuestListener, type GuestConnection } from '../region/handover.js';
 import type { Region } from '../region/region.js';
@@ -113,7 +111,7 @@ export class SourceGuest {
   }
   #closeControl(): void {
     if (this.conn.controlFd < 0) return;
-    addon.closeFd(this.conn.controlFd);
+    closeFd(this.conn.controlFd, 'guest');
     this.conn.controlFd = -1;
   }
 
@@ -155,16 +153,6 @@ export class SourceGuest {
   }
 }
 
-/** Starts the reference guest on the destination from the migrated region and state. */
-export function spawnDestinationGuest(region: Region, deviceState: Buffer): ChildProcess {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-state-'));
-  const file = path.join(dir, 'state.json');
-  writeFileSync(file, deviceState);
-  const child = spawn(process.execPath, [GUEST_ENTRY, '--resume', '--state-file', file], { stdio: ['ignore', 'inherit', 'inherit', region.fd] });
-  child.once('exit', () => rmSync(dir, { recursive: true, force: true }));
-  return child;
-}
-
 interface GuestMessage {
   op?: string;
   message?: string;
@@ -195,10 +183,10 @@ export class IncomingGuest {
         stdio: ['ignore', 'inherit', 'inherit', region.fd, 'ipc', theirs],
       });
     } catch (e) {
-      addon.closeFd(mine);
+      closeFd(mine, 'guest');
       throw e;
     } finally {
-      addon.closeFd(theirs);
+      closeFd(theirs, 'guest');
     }
     this.#goFd = mine;
     this.child.once('exit', () => this.#closeGo());
@@ -297,7 +285,7 @@ export class IncomingGuest {
 
   #closeGo(): void {
     if (this.#goFd < 0) return;
-    addon.closeFd(this.#goFd);
+    closeFd(this.#goFd, 'guest');
     this.#goFd = -1;
   }
 

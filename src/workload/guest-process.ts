@@ -8,20 +8,18 @@
  * socket (pause/resume answered by a native thread, see docs/HANDOVER.md), then obeys JSON-line
  * commands on --socket: pause (answers with its state), resume, state, throttle, exit.
  * Incoming mode (--incoming, --go-fd): started warm on the destination; see waitForGo below.
- * Resume mode (--resume): adopts the region on fd 3 and the state in --state-file, verifies
- * every page against its model (heartbeats go on meanwhile; writes wait), reports the result,
- * then continues writing where the source stopped.
+ * Once told to go it verifies every page against its model (heartbeats go on meanwhile;
+ * writes wait), reports the result, then continues writing where the source stopped.
  */
 import { trace } from '../trace.js';
 import { defaultSlices } from '../sched.js';
 import dgram from 'node:dgram';
 import { monotonicMs } from './clock.js';
 import os from 'node:os';
-import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import type net from 'node:net';
-import { addon } from '../native.js';
+import { addon, closeFd } from '../native.js';
 import { guestAddon } from './guest-addon.js';
 import { handOverRegion } from '../region/handover.js';
 import { Region } from '../region/region.js';
@@ -39,9 +37,7 @@ const { values } = parseArgs({
     pattern: { type: 'string', default: 'uniform' },
     'hot-size': { type: 'string', default: String(64 << 20) },
     heartbeat: { type: 'string' },
-    resume: { type: 'boolean', default: false },
     incoming: { type: 'boolean', default: false },
-    'state-file': { type: 'string' },
     'no-track': { type: 'boolean', default: false },
     postcopy: { type: 'string', default: 'possible' },
     'go-fd': { type: 'string' },
@@ -69,7 +65,7 @@ const st = new BigUint64Array(3);
 /**
  * Incoming mode: started on the destination during pre-copy, with the region on fd 3 and its
  * go socket on fd 5, warm (Node and the addon loaded, the region mapped). After 'ready' on the
- * IPC channel it blocks on the go socket (native/guestctl.cc has the wire): 'S' hands it its
+ * IPC channel it blocks on the go socket (native/refguest/gate.cc has the wire): 'S' hands it its
  * state, checked and loaded before the source commits; 'G' starts it within microseconds, with
  * no event loop in between. End of stream: livemig gave up, there is no guest to run here.
  * Post-copy: the guest registers its mapping for minor faults (livemig maps each page in as it
@@ -116,7 +112,7 @@ function waitForGo(fd: number, early: Region): GuestState {
           break;
         }
         guestAddon.replyCommand(fd, TAG.going);
-        addon.closeFd(fd);
+        closeFd(fd, 'guest');
         return loaded;
       default:
         guestAddon.replyCommand(fd, TAG.error, Buffer.from(`unknown request ${m.tag}`));
@@ -134,7 +130,7 @@ if (values.incoming) {
   }
   // map and populate now, during pre-copy, so the activated guest runs at memory speed at once
   else await early.nativeHandle.populateAsync();
-  trace('incoming guest: populated');
+  trace('guest', 'incoming: populated');
   // the state check runs once now, not for the first time between 'S' and its answer
   parseGuestState(Buffer.from(JSON.stringify({ version: 1, size: early.size, content: 'zero', seed: '1', pattern: 'uniform', span: 1, rate: 0, xs: '1', writes: '0', heartbeatSeq: 0, throttle: 0 } satisfies GuestState)));
   process.send!({ op: 'ready', ...(registered ? { registered } : {}) });
@@ -143,14 +139,8 @@ if (values.incoming) {
   addon.setThreadSlice(100_000);
   state = waitForGo(Number(values['go-fd']), early);
   addon.setThreadSlice(0);
-  trace('incoming guest: running');
+  trace('guest', 'incoming: running');
   region = early;
-  st[0] = BigInt(state.xs);
-  st[1] = BigInt(state.writes);
-  st[2] = BigInt(state.heartbeatSeq);
-} else if (values.resume) {
-  state = parseGuestState(readFileSync(values['state-file']!));
-  region = Region.adopt(3, state.size);
   st[0] = BigInt(state.xs);
   st[1] = BigInt(state.writes);
   st[2] = BigInt(state.heartbeatSeq);
@@ -188,7 +178,7 @@ function heartbeat(extra?: object): void {
   const seq = guestAddon.gateBeat(st);
   if (seq < 0) return; // paused: the guest is not running here
   const msg = Buffer.from(JSON.stringify({ seq, writes: st[1]!.toString(), pid: process.pid, t: monotonicMs(), ...extra }));
-  if (!sentBeat) trace(`guest: first beat (seq ${seq})`);
+  if (!sentBeat) trace('guest', 'first beat', { seq });
   sentBeat = true;
   udp.send(msg, hbPort, hbHost);
 }
@@ -217,7 +207,7 @@ function tick(): void {
     scheduleStart = t; // resumed: no burst to catch up the paused time
     scheduled = 0;
   }
-  if (t - lastTick > 3 && lastTick > 0) trace(`guest: tick ${(t - lastTick).toFixed(1)} ms after the last`);
+  if (t - lastTick > 3 && lastTick > 0) trace('guest', 'late tick', { ms_since_last: +(t - lastTick).toFixed(1) });
   lastTick = t;
   if (writing && state.rate > 0) {
     const perMs = (state.rate * 256 * (1 - state.throttle)) / 1000;
@@ -273,7 +263,7 @@ if (values.incoming && postcopyGuest) {
       process.send?.({ op: 'verified' });
     });
   });
-} else if (values.resume || values.incoming) {
+} else if (values.incoming) {
   // Verify outside the pause: heartbeats continue while every page is checked; writes wait.
   writing = false;
   start();
@@ -286,11 +276,11 @@ if (values.incoming && postcopyGuest) {
   scheduled = 0;
 } else {
   const protection = values['no-track'] ? undefined : protectOwnRegion(region);
-  // pause and resume are answered by a native thread on a socket of their own (native/guestctl.cc)
+  // pause and resume are answered by a native thread on a socket of their own (native/refguest/gate.cc)
   const [mine, theirs] = addon.socketPair();
   guestAddon.gateStart(mine, st);
   control = handOverRegion(values.socket!, region, { tracking: protection ? 'uffd-async' : 'none', info: { content: state.content, size: state.size }, controlFd: theirs });
-  addon.closeFd(theirs);
+  closeFd(theirs, 'guest');
   start();
 }
 
@@ -308,7 +298,7 @@ if (control) {
     }
     switch (m.op) {
       case 'pause':
-        trace('guest: pause received');
+        trace('guest', 'pause received');
         guestAddon.gateSetPaused(true);
         // the throttle is a migration's, not the guest's: wherever it resumes, it runs at full rate
         reply({ op: 'paused', state: { ...exportState(), throttle: 0 } });

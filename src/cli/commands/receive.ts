@@ -1,0 +1,57 @@
+/** livemig receive: serve one migration; the reference guest resumes here. */
+import type { LivemigError } from '../../errors.js';
+import { listen } from '../../receiver/listen.js';
+import { IncomingGuest } from '../../workload/controller.js';
+import { str, type Command, type FlagValues } from '../flags.js';
+import { parseHostPort, parseSize } from '../units.js';
+
+export const receive: Command = {
+  name: 'receive',
+  summary: 'serve one migration; the reference guest resumes here',
+  synopsis: '[--listen HOST:PORT] [flags]',
+  description: [
+    'Listens for one migration from `livemig send` (or the library), reserves the region,',
+    'receives and verifies it, and resumes the reference guest here. Prints one JSON line when',
+    'listening ({listening, port}) and one with the outcome ({received, guest_pid} or {error}).',
+    'Exits 0 when the guest runs here, 1 when the migration failed (nothing was activated).',
+  ].join('\n'),
+  flags: {
+    listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'where to listen (port 0: any free port)' },
+    'max-region': { type: 'string', value: 'SIZE', help: 'refuse larger regions (default: what the memory allows)' },
+    'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
+    json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
+  },
+  async run(v: FlagValues): Promise<number> {
+    const { host, port } = parseHostPort(str(v, 'listen'), '--listen');
+    let guestPid = 0;
+    let incoming: IncomingGuest | undefined;
+    const rx = await listen(host, port, {
+      ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
+      ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
+      onReserved: async (region, postcopy) => {
+        incoming = new IncomingGuest(region, postcopy === 'planned' ? 'planned' : 'possible');
+        await incoming.ready; // the guest maps its memory before pages flow, not during
+      },
+      postcopy: { register: () => incoming!.register() },
+      onDiscard: () => incoming?.kill(),
+      prepare: (_region, deviceState) => incoming!.prepare(deviceState),
+      activate: async (_region, deviceState) => {
+        await incoming!.activate(deviceState);
+        guestPid = incoming!.child.pid ?? 0;
+      },
+    });
+    process.stdout.write(JSON.stringify({ listening: `${rx.address}:${rx.port}`, port: rx.port }) + '\n');
+    try {
+      const report = await rx.next();
+      if (report.mode === 'postcopy') await incoming!.verify();
+      process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid || incoming?.child.pid || 0 }) + '\n');
+      return 0;
+    } catch (e) {
+      const err = e as LivemigError;
+      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message } }) + '\n');
+      return 1;
+    } finally {
+      await rx.close();
+    }
+},
+};

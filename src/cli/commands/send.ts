@@ -1,0 +1,48 @@
+/** livemig send: start a reference guest here and migrate it live to a receiver. */
+import { migrate } from '../../source/migrate.js';
+import { SourceGuest } from '../../workload/controller.js';
+import { str, usageError, type Command, type FlagValues } from '../flags.js';
+import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags, printProgress } from '../migration-flags.js';
+import { parseHostPort } from '../units.js';
+
+export const send: Command = {
+  name: 'send',
+  summary: 'start a reference guest here and migrate it to a receiver',
+  synopsis: '--to HOST:PORT [flags]',
+  description: [
+    'Starts a reference guest on this host and migrates it live to `livemig receive` at',
+    'HOST:PORT. Prints the migration report as JSON on stdout (progress on stderr). On any',
+    'failure before commitment the guest resumes here and the command exits 1.',
+  ].join('\n'),
+  flags: {
+    to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
+    heartbeat: { type: 'string', value: 'HOST:PORT', help: "where the guest sends its UDP heartbeats (default none)" },
+    ...GUEST_FLAGS,
+    ...POLICY_FLAGS,
+  },
+  async run(v: FlagValues): Promise<number> {
+    if (typeof v['to'] !== 'string') throw usageError("send needs --to HOST:PORT (see 'livemig send --help')");
+    const to = parseHostPort(str(v, 'to'), '--to');
+    const g = guestSpec(v);
+    const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v) };
+    const guest = await SourceGuest.spawn({ ...g, ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) });
+    try {
+      const report = await migrate({
+        region: guest.region,
+        ...(guest.target ? { target: guest.target } : {}),
+        to,
+        pause: () => guest.pause(),
+        resume: () => guest.resume(),
+        release: () => guest.exit(),
+        throttle: (p) => guest.throttle(p),
+        ...settings,
+        ...(v['json'] === true ? {} : { onProgress: printProgress }),
+      });
+      process.stdout.write(JSON.stringify(report) + '\n');
+      return 0;
+    } catch (e) {
+      guest.kill();
+      throw e;
+    }
+  },
+};

@@ -1,0 +1,90 @@
+/** Flags shared by the commands that migrate a reference guest (demo, send), and their parsing. */
+import type { GuestSpec, PolicyFlags } from '../demo/demo.js';
+import { PAGE_SIZE } from '../protocol/format.js';
+import type { ProgressEvent } from '../source/types.js';
+import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workload/content.js';
+import { str, usageError, type FlagValues, type Flags } from './flags.js';
+import { parseNumber, parseSize } from './units.js';
+
+const STALL = ['throttle', 'postcopy', 'force', 'abort'] as const;
+const MODES = ['precopy', 'postcopy', 'hybrid'] as const;
+
+export const GUEST_FLAGS: Flags = {
+  size: { type: 'string', default: '1GiB', value: 'SIZE', help: "the reference guest's memory (a multiple of 4 KiB)" },
+  content: { type: 'string', default: 'mixed', value: CONTENTS.join('|'), help: 'what its pages hold (docs/CONTENT.md)' },
+  rate: { type: 'string', default: '64', value: 'MiB/s', help: 'how fast it writes while migrating' },
+  pattern: { type: 'string', default: 'uniform', value: PATTERNS.join('|'), help: 'where it writes' },
+  'hot-size': { type: 'string', default: '64MiB', value: 'SIZE', help: 'the hot set of --pattern hot' },
+};
+
+export const POLICY_FLAGS: Flags = {
+  'downtime-limit': { type: 'string', default: '50', value: 'MS', help: 'stop and copy once the rest fits this pause' },
+  'max-rounds': { type: 'string', default: '30', value: 'N', help: 'at most this many pre-copy rounds' },
+  'max-bytes': { type: 'string', value: 'SIZE', help: 'at most this much sent in pre-copy (default 3x the region)' },
+  'on-stall': { type: 'string', value: STALL.join('|'), help: 'when pre-copy does not converge (default throttle)' },
+  bandwidth: { type: 'string', value: 'MiB/s', help: 'cap the rate, smoothly (default none)' },
+  deadline: { type: 'string', value: 'SECONDS', help: 'finish, or give up with the guest still here, by then' },
+  mode: { type: 'string', value: MODES.join('|'), help: 'post-copy: the guest moves at once, its pages follow (default precopy)' },
+  'no-wws': { type: 'boolean', default: false, help: 'send pages rewritten every round each round (no writable working set)' },
+  'rate-adapt': { type: 'string', value: 'START:INC', help: "Clark's rate adaptation, MiB/s: first round at START, then the dirty rate + INC" },
+  'no-zero': { type: 'boolean', default: false, help: 'send zero pages as bytes' },
+  'no-dedup': { type: 'boolean', default: false, help: 'send pages the destination holds as bytes' },
+  'no-compress': { type: 'boolean', default: false, help: 'never compress pages (LZ4)' },
+  json: { type: 'boolean', default: false, help: 'print the report as one JSON line, no progress' },
+};
+
+export function guestSpec(v: FlagValues): GuestSpec {
+  const content = str(v, 'content');
+  const pattern = str(v, 'pattern');
+  if (!(CONTENTS as readonly string[]).includes(content)) throw usageError(`--content must be one of ${CONTENTS.join(', ')}, got '${content}'`);
+  if (!(PATTERNS as readonly string[]).includes(pattern)) throw usageError(`--pattern must be one of ${PATTERNS.join(', ')}, got '${pattern}'`);
+  const size = parseSize(str(v, 'size'), '--size');
+  if (size % PAGE_SIZE !== 0) throw usageError(`--size must be a multiple of 4 KiB, got ${size} bytes`);
+  return { size, content: content as ContentName, pattern: pattern as PatternName, rate: parseNumber(str(v, 'rate'), '--rate'), hotSize: parseSize(str(v, 'hot-size'), '--hot-size') };
+}
+
+export function policyFlags(v: FlagValues): PolicyFlags {
+  const o: PolicyFlags = {};
+  const stall = v['on-stall'];
+  if (typeof stall === 'string') {
+    if (!(STALL as readonly string[]).includes(stall)) throw usageError(`--on-stall must be throttle, postcopy, force or abort, got '${stall}'`);
+    o.onStall = stall as PolicyFlags['onStall'];
+  }
+  if (typeof v['bandwidth'] === 'string') o.bandwidthMiBps = parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE);
+  if (typeof v['deadline'] === 'string') o.deadlineMs = parseNumber(v['deadline'], '--deadline (seconds)', Number.MIN_VALUE) * 1000;
+  if (v['no-wws']) o.wws = false;
+  if (typeof v['rate-adapt'] === 'string') {
+    const [a, b] = v['rate-adapt'].split(':');
+    o.rateAdaptation = { startMiBps: parseNumber(a ?? '', '--rate-adapt START', Number.MIN_VALUE), incrementMiBps: parseNumber(b ?? '50', '--rate-adapt INCREMENT') };
+  }
+  if (typeof v['max-bytes'] === 'string') o.maxBytes = parseSize(v['max-bytes'], '--max-bytes');
+  const mode = v['mode'];
+  if (typeof mode === 'string') {
+    if (!(MODES as readonly string[]).includes(mode)) throw usageError(`--mode must be precopy, postcopy or hybrid, got '${mode}'`);
+    o.mode = mode as PolicyFlags['mode'];
+  }
+  return o;
+}
+
+export function encodingFlags(v: FlagValues): { zero: boolean; dedup: boolean; compress: boolean } {
+  return { zero: !v['no-zero'], dedup: !v['no-dedup'], compress: !v['no-compress'] };
+}
+
+export function downtimeLimit(v: FlagValues): number {
+  return parseNumber(str(v, 'downtime-limit'), '--downtime-limit', Number.MIN_VALUE);
+}
+
+export function maxRounds(v: FlagValues): number {
+  const n = parseNumber(str(v, 'max-rounds'), '--max-rounds', 1);
+  if (!Number.isInteger(n)) throw usageError(`--max-rounds must be a whole number, got '${n}'`);
+  return n;
+}
+
+/** A round and the handshake as one line each on stderr. */
+export function printProgress(e: ProgressEvent): void {
+  if (e.type === 'round') {
+    process.stderr.write(`  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty, ${e.wws_pages} held, est. ${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}\n`);
+  } else if (e.type === 'handshake') {
+    process.stderr.write(`  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}\n`);
+  }
+}

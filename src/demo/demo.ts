@@ -1,0 +1,181 @@
+/**
+ * The demo: a reference guest, a receiver (`livemig receive`, its own process) and a sender,
+ * on loopback or across a namespace link; the guest migrates live and checks every page at
+ * the destination. Used by `livemig demo` and by the benchmarks.
+ */
+import { once } from 'node:events';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { LivemigError, invalidArgument } from '../errors.js';
+import { migrate } from '../source/migrate.js';
+import type { MigrateOptions, MigrationReport, ProgressEvent } from '../source/types.js';
+import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workload/content.js';
+import { monotonicMs } from '../workload/clock.js';
+import { HeartbeatObserver, SourceGuest } from '../workload/controller.js';
+
+const CLI_ENTRY = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+
+export interface DemoReport extends MigrationReport {
+  /** largest heartbeat gap from the first page sent (the window of total_ms) to after the check */
+  guest_gap_ms: number;
+  /**
+   * largest heartbeat gap during the handshake and the destination's reservation. Reported apart:
+   * here the destination shares the source's VM, whose first touch of fresh memory stalls it at
+   * the host level (bench/RESULTS.md); across two hosts it cannot reach the guest.
+   */
+  guest_gap_preparation_ms: number;
+  guest_verified: { bad: number; first_bad: number; writes: string; verify_ms: number };
+  /** the destination's post-copy figures: faults, latency percentiles, pages pulled and pushed */
+  destination_postcopy?: Record<string, number>;
+  content: string;
+  rate_mib_s: number;
+  pattern: string;
+}
+
+/** The reference guest a demo migrates (see docs/CONTENT.md). */
+export interface GuestSpec {
+  size: number;
+  content: ContentName;
+  /** MiB/s the guest writes */
+  rate: number;
+  pattern: PatternName;
+  /** the hot pattern's hot set, bytes */
+  hotSize: number;
+}
+
+/** A GuestSpec from names given as strings (a benchmark's flags), checked. */
+export function guestSpecOf(g: { size: number; content: string; rate: number; pattern: string; hotSize: number }): GuestSpec {
+  if (!(CONTENTS as readonly string[]).includes(g.content)) throw invalidArgument(`content must be one of ${CONTENTS.join(', ')}, got '${g.content}'`);
+  if (!(PATTERNS as readonly string[]).includes(g.pattern)) throw invalidArgument(`pattern must be one of ${PATTERNS.join(', ')}, got '${g.pattern}'`);
+  return { ...g, content: g.content as ContentName, pattern: g.pattern as PatternName };
+}
+
+/** Where the demo's receiver runs: a command prefix (e.g. `ip netns exec NAME`) and the address it listens on. */
+export interface ReceiverPlace {
+  prefix: string[];
+  host: string;
+  /** where the heartbeat observer listens, when the receiver is across a link */
+  observer?: string;
+}
+
+/** The convergence settings a demo passes on to migrate() (see MigrateOptions). */
+export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes' | 'mode'>;
+
+export interface DemoOptions {
+  guest: GuestSpec;
+  /** default 50 ms */
+  downtimeLimitMs?: number;
+  /** default 30 */
+  maxRounds?: number;
+  onProgress?(e: ProgressEvent): void;
+  /** the naive stop-and-copy baseline: pause first, send everything once, then resume there */
+  naive?: boolean;
+  /** default: every encoding on */
+  encodings?: { zero: boolean; dedup: boolean; compress: boolean };
+  /** more flags for `livemig receive` */
+  receiverArgs?: string[];
+  /** default: loopback, in this namespace */
+  receiverAt?: ReceiverPlace;
+  policy?: PolicyFlags;
+}
+
+/** Runs receiver, guest and sender on loopback (or across a namespace link) and migrates the guest live. */
+export async function runDemo(o: DemoOptions): Promise<DemoReport> {
+  const g = o.guest;
+  const naive = o.naive ?? false;
+  const encodings = o.encodings ?? { zero: true, dedup: true, compress: true };
+  const receiverAt = o.receiverAt ?? { prefix: [], host: '127.0.0.1' };
+  const receiverArgs = o.receiverArgs ?? [];
+  const policy = o.policy ?? {};
+  const onProgress = o.onProgress;
+  const downtimeLimitMs = o.downtimeLimitMs ?? 50;
+  const maxRounds = o.maxRounds ?? 30;
+  // heartbeats from both guests must reach the observer: across a namespace link, on its near end
+  const observer = await HeartbeatObserver.start(receiverAt.observer);
+  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...receiverArgs];
+  const receiver = spawn(rxCommand[0]!, rxCommand.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
+  const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
+  let guest: SourceGuest | undefined;
+  let destPid = 0;
+  try {
+    const first = await lines.next();
+    if (first.done) throw new LivemigError('ERR_LIVEMIG_CONNECTION', 'the receiver exited before listening', { phase: 'demo' });
+    const { port } = JSON.parse(first.value) as { port: number };
+    guest = await SourceGuest.spawn({ ...g, heartbeat: observer.address });
+    await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
+    const tStart = monotonicMs();
+    let tMigrating: number | undefined;
+    const progress = (e: ProgressEvent): void => {
+      if (e.type === 'handshake') tMigrating = monotonicMs();
+      onProgress?.(e);
+    };
+    const source = guest;
+    const early = naive ? await source.pause() : undefined;
+    const report = await migrate({
+      region: source.region,
+      ...(source.target ? { target: source.target } : {}),
+      to: { host: receiverAt.host, port },
+      pause: early ? async () => early : () => source.pause(),
+      resume: () => source.resume(),
+      release: () => source.exit(),
+      downtimeLimitMs: naive ? Number.MAX_SAFE_INTEGER : downtimeLimitMs,
+      maxRounds: naive ? 1 : maxRounds,
+      encodings: naive ? { zero: false, dedup: false, compress: false } : encodings,
+      throttle: (p) => source.throttle(p),
+      ...(naive ? { wws: false } : policy),
+      onProgress: progress,
+    });
+    if (early) report.downtime_ms = +(report.prep_ms + report.total_ms).toFixed(3); // paused from before the handshake to activation
+    const done = await lines.next();
+    const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown; received?: { postcopy?: Record<string, number> } };
+    if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });
+    destPid = rx.guest_pid;
+    const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
+    await new Promise((r) => setTimeout(r, 100)); // a few more heartbeats after the check
+    const tEnd = monotonicMs();
+    // a naive stop-and-copy pauses before the handshake: its whole run is the guest's gap
+    const migrating = naive || tMigrating === undefined ? tStart : tMigrating;
+    const gap = observer.maxGap(migrating, tEnd);
+    const prepGap = migrating > tStart ? observer.maxGap(tStart, migrating) : 0;
+    return {
+      ...report,
+      verified: report.verified && verify.verify!.bad === 0,
+      guest_gap_ms: +gap.toFixed(3),
+      guest_gap_preparation_ms: +prepGap.toFixed(3),
+      guest_verified: { bad: verify.verify!.bad, first_bad: verify.verify!.firstBad, writes: verify.verify!.writes, verify_ms: +verify.verify!.ms.toFixed(0) },
+      ...(rx.received?.postcopy ? { destination_postcopy: rx.received.postcopy } : {}),
+      content: g.content,
+      rate_mib_s: g.rate,
+      pattern: g.pattern,
+    };
+  } finally {
+    if (destPid) {
+      try {
+        process.kill(destPid, 'SIGTERM');
+      } catch {
+        // already gone
+      }
+    }
+    if (guest && guest.child.exitCode === null) guest.kill();
+    if (receiver.exitCode === null) {
+      const exited = once(receiver, 'exit');
+      receiver.kill();
+      await exited;
+    }
+    observer.close();
+    // Wait until the destination guest is gone too: tearing down a gigabyte it mapped would
+    // otherwise run beside whatever comes next (a benchmark's next run).
+    for (let i = 0; destPid && i < 500 && alive(destPid); i++) await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false; // ESRCH: gone
+  }
+}
+
