@@ -23,8 +23,6 @@ export interface PostcopyStart {
   payload: Buffer;
   region: Region;
   hashes: BigUint64Array;
-  /** the post-copy page table, touched when reserved so that the switch does not fault it in */
-  neededTable: Uint8Array;
   deviceState: Buffer;
   version: number;
   session: PostcopySession;
@@ -40,7 +38,7 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
   const { ch, region, version, options, progress } = o;
   trace('receiver', 'POSTCOPY received');
   const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`));
-  const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () => addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.neededTable));
+  const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () => addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable));
   const pagesNeeded = unpacked.set;
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();

@@ -13,9 +13,18 @@ import type { WireChannel } from '../protocol/wire.js';
 
 export class PostcopySession {
   readonly token = randomBytes(16).toString('hex');
+  /**
+   * The page table the switch fills from POSTCOPY's bitmap, made and touched when the session
+   * opens (at reservation) so that the switch, inside the pause, does not fault its memory in.
+   */
+  readonly neededTable: Uint8Array;
   readonly #slots: Partial<Record<AttachRole, WireChannel>> = {};
   readonly #waiters = new Set<() => void>();
   #closed = false;
+
+  constructor(pageCount: number) {
+    this.neededTable = new Uint8Array(pageCount).fill(1);
+  }
 
   /** A connection joined as `role` (the listener routed its ATTACH here). */
   join(role: AttachRole, ch: WireChannel): void {
@@ -78,8 +87,8 @@ export class PostcopySession {
 export class SessionTable {
   readonly #byToken = new Map<string, PostcopySession>();
 
-  open(): PostcopySession {
-    const s = new PostcopySession();
+  open(pageCount: number): PostcopySession {
+    const s = new PostcopySession(pageCount);
     this.#byToken.set(s.token, s);
     return s;
   }

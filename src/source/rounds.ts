@@ -5,7 +5,7 @@
  */
 import { LivemigError } from '../errors.js';
 import { firstOutOfOrder, mergePages } from '../precopy/batches.js';
-import { ConvergencePolicy } from '../precopy/policy.js';
+import { ConvergencePolicy, type Decision } from '../precopy/policy.js';
 import { WritableWorkingSet } from '../precopy/wws.js';
 import { FrameType } from '../protocol/format.js';
 import { decodeRoundAck, encodeRoundEnd } from '../protocol/messages.js';
@@ -85,28 +85,8 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       mbps: bandwidth,
       pageSize: region.pageSize,
     });
-    const perPage = sentPages > 0 ? bytes / sentPages : region.pageSize;
     const dirtyMbps = (dirty.length * region.pageSize) / 1e3 / Math.max(duration, 0.001);
-    const stats: RoundStats = {
-      round,
-      pages: sentPages,
-      bytes,
-      duration_ms: +duration.toFixed(3),
-      mbps: +roundMbps.toFixed(1),
-      bandwidth_mbps: +bandwidth.toFixed(1),
-      carried_pages: unsent.length,
-      dirty_pages: dirty.length,
-      dirty_pages_rate: +((dirty.length * 1000) / Math.max(duration, 0.001)).toFixed(0),
-      dirty_mbps: +dirtyMbps.toFixed(1),
-      wws_pages: plan.held,
-      transferred: ctx.bytesSent,
-      remaining: Math.round((plan.send.length + plan.held) * perPage),
-      expected_downtime_ms: +d.estimateMs.toFixed(3),
-      cpu_throttle_percentage: policy.throttle,
-      max_bandwidth_mib_s: ctx.pacer.limitMiBps,
-      decision: d.action,
-      reason: d.reason,
-    };
+    const stats = roundStats(ctx, { round, sentPages, bytes, duration, roundMbps, bandwidth, carried: unsent.length, dirtied: dirty.length, dirtyMbps, plan, decision: d, throttle: policy.throttle });
     ctx.perRound.push(stats);
     ctx.progress({ type: 'round', ...stats });
     ctx.pending = plan.send;
@@ -179,4 +159,33 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
     }
   }
   return { bytes, unsent: pages.subarray(at) };
+}
+
+/** One round as the report and the progress events give it (names after QEMU's query-migrate). */
+function roundStats(
+  ctx: SourceContext,
+  r: { round: number; sentPages: number; bytes: number; duration: number; roundMbps: number; bandwidth: number; carried: number; dirtied: number; dirtyMbps: number; plan: { send: Uint32Array; held: number }; decision: Decision; throttle: number },
+): RoundStats {
+  const pageSize = ctx.settings.options.region.pageSize;
+  const perPage = r.sentPages > 0 ? r.bytes / r.sentPages : pageSize;
+  return {
+    round: r.round,
+    pages: r.sentPages,
+    bytes: r.bytes,
+    duration_ms: +r.duration.toFixed(3),
+    mbps: +r.roundMbps.toFixed(1),
+    bandwidth_mbps: +r.bandwidth.toFixed(1),
+    carried_pages: r.carried,
+    dirty_pages: r.dirtied,
+    dirty_pages_rate: +((r.dirtied * 1000) / Math.max(r.duration, 0.001)).toFixed(0),
+    dirty_mbps: +r.dirtyMbps.toFixed(1),
+    wws_pages: r.plan.held,
+    transferred: ctx.bytesSent,
+    remaining: Math.round((r.plan.send.length + r.plan.held) * perPage),
+    expected_downtime_ms: +r.decision.estimateMs.toFixed(3),
+    cpu_throttle_percentage: r.throttle,
+    max_bandwidth_mib_s: ctx.pacer.limitMiBps,
+    decision: r.decision.action,
+    reason: r.decision.reason,
+  };
 }
