@@ -322,6 +322,74 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     }
   }
 
+  // Reads every fault the guest raised: a page already here is mapped, a missing one is asked
+  // for once (a second thread faulting on it waits with the first). False with err set.
+  bool ReadFaults(std::vector<uint32_t>& toMap, std::vector<uint32_t>& toRequest, SysError& err) {
+    uffd_msg msgs[64];
+    for (;;) {
+      ssize_t n = read(uffd_, msgs, sizeof msgs);
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR) return true;  // drained
+        return err.set("read(userfaultfd)", errno), false;
+      }
+      for (size_t k = 0; k < static_cast<size_t>(n) / sizeof(uffd_msg); k++) {
+        if (msgs[k].event != UFFD_EVENT_PAGEFAULT) continue;  // no other event was asked for
+        uint64_t a = msgs[k].arg.pagefault.address;
+        if (a < guestBase_ || a >= guestBase_ + pages_ * kPage) return err.fail("ERR_LIVEMIG_STATE", "a fault outside the registered region"), false;
+        uint32_t p = static_cast<uint32_t>((a - guestBase_) / kPage);
+        faults_++;
+        switch (state_[p]) {
+          case kArrived:  // here but not yet mapped: map it now
+            faultsLocal_++;
+            toMap.push_back(p);
+            break;
+          case kMissing:
+            state_[p] = kRequested;
+            faultAt_[p] = NowNs();  // only pages a fault waits on: a few thousand, not one per page
+            toRequest.push_back(p);
+            break;
+          case kRequested:  // another thread waits on the same page: one request is enough
+            break;
+          case kMapped: {  // mapped after this fault was raised; CONTINUE woke it, wake again to be sure
+            uffdio_range w{guestBase_ + uint64_t{p} * kPage, kPage};
+            ioctl(uffd_, UFFDIO_WAKE, &w);
+            break;
+          }
+        }
+      }
+    }
+  }
+
+  // The wake-up event: stop (false), or connections attached after a break, which replace the
+  // old ones; requests in flight on the old connection are asked again.
+  bool TakeWake(int& push, int& prio, PageReader& pushR, PageReader& prioR, std::vector<uint32_t>& toRequest) {
+    uint64_t v;
+    if (read(wake_, &v, 8) < 0) { /* EAGAIN: another wake already consumed it */ }
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_) return false;
+    if (newPush_ >= 0) {
+      if (push >= 0) close(push), close(prio);
+      push = newPush_, prio = newPrio_;
+      newPush_ = newPrio_ = -1;
+      connected_ = true;
+      pushR.Reset(), prioR.Reset();
+      for (uint32_t p = 0; p < pages_; p++)
+        if (state_[p] == kRequested) toRequest.push_back(p);
+    }
+    return true;
+  }
+
+  // COMPLETE for the source: the digest over every page's hash, and the page count.
+  void QueueComplete(std::vector<uint8_t>& out) {
+    size_t base = out.size();
+    out.resize(base + kHeader + 12);
+    PutHeader(&out[base], version_, kComplete, 12);
+    uint64_t d = DigestOf();
+    std::memcpy(&out[base + kHeader], &d, 8);
+    Put32(&out[base + kHeader + 8], static_cast<uint32_t>(pages_));
+    digest_ = d;
+  }
+
   void Run() {
     // a fault waits on this thread: let it preempt bulk work (the guest's own threads included)
     setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
@@ -332,7 +400,6 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     size_t outAt = 0;
     bool completeQueued = false, completeSent = false;
     SysError err;
-    uffd_msg msgs[64];
     // pages held from pre-copy are mapped into the guest a run at a time, between events
     uint32_t mapCursor = 0;
     auto mapHeld = [&]() -> bool {
@@ -397,63 +464,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         break;
       }
       if (mapCursor < pages_ && !mapHeld()) break;
-      if (fds[0].revents) {
-        uint64_t v;
-        if (read(wake_, &v, 8) < 0) { /* EAGAIN: another wake already consumed it */ }
-        std::lock_guard<std::mutex> g(mu_);
-        if (stop_) break;
-        if (newPush_ >= 0) {
-          if (push >= 0) close(push), close(prio);
-          push = newPush_, prio = newPrio_;
-          newPush_ = newPrio_ = -1;
-          connected_ = true;
-          pushR.Reset(), prioR.Reset();
-          // requests that were in flight on the old connection are asked again
-          for (uint32_t p = 0; p < pages_; p++)
-            if (state_[p] == kRequested) toRequest.push_back(p);
-        }
-      }
-      if (fds[1].revents) {
-        for (;;) {
-          ssize_t n = read(uffd_, msgs, sizeof msgs);
-          if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR) break;  // drained
-            err.set("read(userfaultfd)", errno);
-            break;
-          }
-          for (size_t k = 0; k < static_cast<size_t>(n) / sizeof(uffd_msg); k++) {
-            if (msgs[k].event != UFFD_EVENT_PAGEFAULT) continue;  // no other event was asked for
-            uint64_t a = msgs[k].arg.pagefault.address;
-            if (a < guestBase_ || a >= guestBase_ + pages_ * kPage) {
-              err.fail("ERR_LIVEMIG_STATE", "a fault outside the registered region");
-              break;
-            }
-            uint32_t p = static_cast<uint32_t>((a - guestBase_) / kPage);
-            faults_++;
-            switch (state_[p]) {
-              case kArrived:  // here but not yet mapped: map it now
-                faultsLocal_++;
-                toMap.push_back(p);
-                break;
-              case kMissing:
-                state_[p] = kRequested;
-                faultAt_[p] = NowNs();  // only pages a fault waits on: a few thousand, not one per page
-                toRequest.push_back(p);
-                break;
-              case kRequested:  // another thread waits on the same page: one request is enough
-                break;
-              case kMapped: {  // mapped after this fault was raised; CONTINUE woke it, wake again to be sure
-                uffdio_range w{guestBase_ + uint64_t{p} * kPage, kPage};
-                ioctl(uffd_, UFFDIO_WAKE, &w);
-                break;
-              }
-            }
-          }
-          if (err.failed()) break;
-        }
-        if (err.failed()) break;
-        if (!MapRuns(toMap, err)) break;
-      }
+      if (fds[0].revents && !TakeWake(push, prio, pushR, prioR, toRequest)) break;
+      if (fds[1].revents && (!ReadFaults(toMap, toRequest, err) || !MapRuns(toMap, err))) break;
       // a fault's request goes out before any bulk reading
       if (!flushOut()) continue;
       for (int k = 2; k < nf; k++) {
@@ -481,14 +493,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       if (err.failed()) break;
       // requests, and COMPLETE once everything is here, go after this round's reads
       if (prio >= 0 && arrived_ == pages_ && !completeQueued) {
-        size_t base = out.size();
-        out.resize(base + kHeader + 12);
-        PutHeader(&out[base], version_, kComplete, 12);
-        uint64_t d = DigestOf();
-        std::memcpy(&out[base + kHeader], &d, 8);
-        Put32(&out[base + kHeader + 8], static_cast<uint32_t>(pages_));
+        QueueComplete(out);
         completeQueued = true;
-        digest_ = d;
       }
       if (!flushOut()) continue;
       if (completeSent && mapCursor == pages_) break;  // every page is in the guest: nothing left to serve

@@ -47,7 +47,19 @@ bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadR
 // pages (dup hashes in a side buffer); with lz4 pages the body is read whole and decoded. Then
 // pages are applied in order with the dedup index updated as the sender updated it. A
 // malformed page fails the migration (the region is discarded then).
-bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+namespace {
+
+// What a PAGES_ENC frame's head says: its pages' indices (in `idx`) and encodings.
+struct EncodedHead {
+  uint32_t round = 0, count = 0;
+  uint64_t head = 0;       // bytes of prefix, indices and encodings
+  std::vector<uint8_t> enc;
+  bool anyLz4 = false;
+  uint64_t fixedBody = 0;  // body size when there is no lz4 page
+};
+
+// Prefix, indices and encodings, every one checked (and the frame rules) before a body byte.
+bool ReadEncodedHead(int fd, const Sink& s, uint8_t version, uint32_t length, EncodedHead& h, std::vector<uint32_t>& idx, SysError& err) {
   if (!s.order) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC without negotiated encodings");
     return false;
@@ -62,18 +74,17 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
   }
   uint8_t prefix[kPagesPrefixBytes];
   if (!RecvBytes(fd, prefix, kPagesPrefixBytes, false, err)) return false;
-  uint32_t round, count;
-  if (!CheckPagesPrefix("PAGES_ENC", prefix, s.maxBatchPages, &round, &count, err)) return false;
-  uint64_t head = kPagesPrefixBytes + static_cast<uint64_t>(count) * 5;
-  if (length < head) {
+  if (!CheckPagesPrefix("PAGES_ENC", prefix, s.maxBatchPages, &h.round, &h.count, err)) return false;
+  const uint32_t count = h.count;
+  h.head = kPagesPrefixBytes + static_cast<uint64_t>(count) * 5;
+  if (length < h.head) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC of " + std::to_string(count) + " pages is shorter than its index and encodings");
     return false;
   }
   idx.resize(count);
-  std::vector<uint8_t> enc(count);
+  std::vector<uint8_t>& enc = h.enc;
+  enc.resize(count);
   if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err) || !RecvBytes(fd, enc.data(), count, false, err)) return false;
-  bool anyLz4 = false;
-  uint64_t fixedBody = 0;  // body size when there is no lz4 page
   if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
   for (uint32_t k = 0; k < count; k++) {
     if (!IsWireEncoding(enc[k])) {
@@ -89,18 +100,26 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
         return false;
       }
     }
-    anyLz4 |= enc[k] == kLz4;
-    fixedBody += enc[k] == kRaw ? kPageSize : enc[k] == kDup ? kDupBody : 0;
+    h.anyLz4 |= enc[k] == kLz4;
+    h.fixedBody += enc[k] == kRaw ? kPageSize : enc[k] == kDup ? kDupBody : 0;
   }
   if (!s.order->Begin(idx.data(), count, s.pageCount)) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC lists a page twice");
     return false;
   }
-  const bool direct = !anyLz4;
+  return true;
+}
+
+// The bodies: without lz4 pages their layout is known from the encodings, so their size is
+// checked and raw bodies land straight in the region's pages (dup bodies in `body` at
+// kDupBody * k); with lz4 pages the body is read whole, to be decoded.
+bool ReceiveBodies(int fd, const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+  const uint32_t count = h.count;
+  const std::vector<uint8_t>& enc = h.enc;
   std::vector<iovec> iov;
-  if (direct) {
-    if (fixedBody != length - head) {
-      err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(fixedBody) + " bytes, got " + std::to_string(length - head));
+  if (!h.anyLz4) {
+    if (h.fixedBody != length - h.head) {
+      err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(h.fixedBody) + " bytes, got " + std::to_string(length - h.head));
       return false;
     }
     body.resize(count * uint64_t{kDupBody});  // dup bodies, at kDupBody*k
@@ -116,9 +135,17 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
     }
     if (!iov.empty() && !RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
   } else {
-    body.resize(length - head);
+    body.resize(length - h.head);
     if (!RecvBytes(fd, body.data(), body.size(), false, err)) return false;
   }
+  return true;
+}
+
+// Applies the pages in order, updating the hashes as the sender did; a malformed page fails.
+bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body, ReadResult& r, SysError& err) {
+  const uint32_t count = h.count;
+  const std::vector<uint8_t>& enc = h.enc;
+  const bool direct = !h.anyLz4;
   const uint64_t zh = ZeroPageHash(kPageSize);
   size_t pos = 0;
   std::vector<uint8_t> lz4Scratch;
@@ -220,8 +247,15 @@ bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, Rea
   r.pages += count;
   r.batches += 1;
   r.bytes += static_cast<double>(kHeaderBytes + length);
-  r.lastRound = round;
+  r.lastRound = h.round;
   return true;
+}
+
+}  // namespace
+
+bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+  EncodedHead h;
+  return ReadEncodedHead(fd, s, version, length, h, idx, err) && ReceiveBodies(fd, s, length, h, idx, body, err) && ApplyEncoded(s, length, h, idx, body, r, err);
 }
 
 }  // namespace wire
