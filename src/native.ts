@@ -26,22 +26,25 @@ export interface SendCounts {
   indexMs: number;
 }
 
+/** One sendPages call across the boundary (see WireChannel.sendPages for the fields). */
+export interface NativeSendPages {
+  region: NativeRegion;
+  pages: Uint32Array;
+  round: number;
+  version: number;
+  batchPages: number;
+  hashes: BigUint64Array;
+  dedup?: NativeDedup;
+  flags: number;
+  probe?: NativeWrittenProbe;
+  now: boolean;
+}
+
 export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
   writeNow(buffers: Buffer[]): number;
   readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
-  sendPages(o: {
-    region: NativeRegion;
-    pages: Uint32Array;
-    round: number;
-    version: number;
-    batchPages: number;
-    hashes: BigUint64Array;
-    dedup?: NativeDedup;
-    flags: number;
-    probe?: NativeWrittenProbe;
-    now: boolean;
-  }): Promise<SendCounts>;
+  sendPages(o: NativeSendPages): Promise<SendCounts>;
   sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
   read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
   finish(timeoutMs: number): Promise<void>;
@@ -185,27 +188,28 @@ interface Addon {
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-// dist/src/native.js -> ../../build/Release; src/native.ts run directly -> ../build/Release
-function loadAddon(): Addon {
+
+/**
+ * Loads one of the addons node-gyp built (build/Release/NAME.node): from dist/src/native.js
+ * that is ../../build/Release, from src/native.ts run directly ../build/Release.
+ */
+export function loadBuilt<T>(name: string, what: string): T {
   const require = createRequire(import.meta.url);
-  const candidates = [path.join(here, '../../build/Release/livemig.node'), path.join(here, '../build/Release/livemig.node')];
+  const candidates = [path.join(here, `../../build/Release/${name}.node`), path.join(here, `../build/Release/${name}.node`)];
   let lastError: unknown;
   for (const c of candidates) {
     try {
-      return require(c) as Addon;
+      return require(c) as T;
     } catch (e) {
       // built, but this host is not one it can run on (its page size): say so, not "not built"
-      if ((e as { code?: string }).code !== 'MODULE_NOT_FOUND') throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `the livemig native addon cannot load: ${(e as Error).message}`, { phase: 'load', cause: e });
+      if ((e as { code?: string }).code !== 'MODULE_NOT_FOUND') throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${what} cannot load: ${(e as Error).message}`, { phase: 'load', cause: e });
       lastError = e;
     }
   }
-  throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the livemig native addon is not built: run `npm install` (it runs node-gyp)', {
-    phase: 'load',
-    cause: lastError,
-  });
+  throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${what} is not built: run \`npm install\` (it runs node-gyp)`, { phase: 'load', cause: lastError });
 }
 
-export const addon: Addon = loadAddon();
+export const addon: Addon = loadBuilt<Addon>('livemig', 'the livemig native addon');
 
 interface NativeErrorShape {
   message?: string;

@@ -10,7 +10,7 @@
  */
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon, fromNative, type NativeDedup, type NativeFrame, type NativeWire, type SendCounts } from '../native.js';
+import { addon, fromNative, type NativeFrame, type NativeSendPages, type NativeWire, type SendCounts } from '../native.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { ProtocolError } from './errors.js';
@@ -23,23 +23,15 @@ export type { SendCounts } from '../native.js';
 export const SEND_ZERO = 1;
 export const SEND_DEDUP = 2;
 
-/** One sendPages call (see WireChannel.sendPages). */
-export interface SendPagesRequest {
-  region: Region;
-  pages: Uint32Array;
-  round: number;
-  version: number;
-  batchPages: number;
-  /** each page's hash is stored here as it goes (the commitment digest is over them) */
-  hashes: BigUint64Array;
-  /** PAGES_ENC needs the index of what the receiver holds */
-  dedup?: NativeDedup;
-  flags?: number;
-  /** raw pages the tracker shows unwritten since their hash enter the dedup index */
-  probe?: WrittenProbe;
-  /** up to SEND_NOW_PAGES pages with nothing queued ahead go from the calling thread */
-  now?: boolean;
-}
+/**
+ * One sendPages call: the region, the pages (ascending within a round) and the round, the
+ * negotiated version, pages per frame, and the table each page's hash is stored in as it goes
+ * (the commitment digest is over it). PAGES_ENC needs `dedup` (the index of what the receiver
+ * holds) and `flags`; with `probe`, raw pages the tracker shows unwritten since their hash
+ * enter the dedup index; with `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go
+ * from the calling thread.
+ */
+export type SendPagesRequest = Omit<NativeSendPages, 'region' | 'flags' | 'now' | 'probe'> & { region: Region; flags?: number; probe?: WrittenProbe; now?: boolean };
 
 /** A frame, with what a sink applied before it arrived. */
 export interface WireFrame extends Frame {

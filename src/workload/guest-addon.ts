@@ -3,10 +3,7 @@
  * generator and write stream, and its end of the control socket. The library does not load it;
  * only the reference guest, the demo and the tests do.
  */
-import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
-import path from 'node:path';
-import { LivemigError } from '../errors.js';
+import { loadBuilt } from '../native.js';
 
 export interface GuestAddon {
   /** memory: a Buffer over the guest's whole mapping (Region.view()) */
@@ -22,21 +19,4 @@ export interface GuestAddon {
   replyCommand(fd: number, tag: number, body?: Buffer): void;
 }
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-
-function load(): GuestAddon {
-  const require = createRequire(import.meta.url);
-  // dist/src/workload -> ../../../build/Release; src/workload run directly -> ../../build/Release
-  const candidates = [path.join(here, '../../../build/Release/livemig_guest.node'), path.join(here, '../../build/Release/livemig_guest.node')];
-  let lastError: unknown;
-  for (const c of candidates) {
-    try {
-      return require(c) as GuestAddon;
-    } catch (e) {
-      lastError = e;
-    }
-  }
-  throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', "the reference guest's addon is not built: run `npm install` (it runs node-gyp)", { phase: 'load', cause: lastError });
-}
-
-export const guestAddon: GuestAddon = load();
+export const guestAddon: GuestAddon = loadBuilt<GuestAddon>('livemig_guest', "the reference guest's addon");
