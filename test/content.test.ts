@@ -12,7 +12,7 @@ const checks: [ContentName, string][] = [
 ];
 
 for (const [content, sha] of checks) {
-  test(`${content} content over 4096 pages matches CONTENT.md's check value`, async () => {
+  test(`${content} content over 4096 pages matches docs/CONTENT.md's check value`, async () => {
     const r = Region.create(4096 * 4096);
     try {
       await fillContent(r, content, 1n);

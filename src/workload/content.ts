@@ -1,5 +1,5 @@
 /**
- * The reference guest's content and write stream (../shared/CONTENT.md), computed in native
+ * The reference guest's content and write stream (docs/CONTENT.md), computed in native
  * code over whole regions.
  */
 import { invalidArgument } from '../errors.js';

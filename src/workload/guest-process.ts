@@ -1,6 +1,6 @@
 /**
  * The reference guest (entry: guest.ts, which switches on eager compilation first): a process
- * that owns a memfd region with CONTENT.md's content and writes to it at a given rate, emitting
+ * that owns a memfd region with docs/CONTENT.md's content and writes to it at a given rate, emitting
  * one heartbeat per millisecond (UDP, to an observer).
  *
  * Source mode (default): creates and fills its region, registers its own mapping for
