@@ -40,12 +40,28 @@ export interface NativeSendPages {
   now: boolean;
 }
 
+/**
+ * One classified batch as one PAGES_ENC frame (src/encoding/encoder.ts): per page its
+ * encoding (or skip), raw bodies in `staging` and LZ4 bodies in `lz4` at page k's offset,
+ * `lengths[k]` an LZ4 body's bytes or a dup's source page; the dup's hash from `hashes`.
+ */
+export interface NativeSendEncoded {
+  pages: Uint32Array;
+  encodings: Uint8Array;
+  staging: Buffer;
+  lz4: Buffer;
+  lengths: Int32Array;
+  hashes: BigUint64Array;
+  round: number;
+  version: number;
+}
+
 export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
   writeNow(buffers: Buffer[]): number;
   readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
   sendPages(o: NativeSendPages): Promise<SendCounts>;
-  sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number>;
+  sendEncoded(o: NativeSendEncoded): Promise<number>;
   read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
   finish(timeoutMs: number): Promise<void>;
   shutdown(): void;
@@ -55,7 +71,7 @@ export interface NativeWire {
   forget(): void;
 }
 
-/** The sender's index of what the receiver holds (native/encode.h). */
+/** The sender's index of what the receiver holds (native/codec/encode.h). */
 export interface NativeDedup {
   initImage(hashes: BigUint64Array): void;
   size(): number;

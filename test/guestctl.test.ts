@@ -1,5 +1,5 @@
 /**
- * The hand-over's fast paths: the guest's control thread and run gate (native/guestctl.cc),
+ * The hand-over's fast paths: the guest's control thread and run gate (native/refguest/gate.cc),
  * the incoming guest's go socket, control frames written and read on the calling thread
  * (Wire.writeNow/readNow), and the scheduling hint (src/sched.ts).
  */

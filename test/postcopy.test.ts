@@ -1,5 +1,5 @@
 /**
- * Post-copy: the destination resumes first and pages follow (src/postcopy, native/postcopy.cc).
+ * Post-copy: the destination resumes first and pages follow (src/postcopy, native/postcopy/).
  * Needs userfaultfd minor faults on shared memory; skipped with the reason when the kernel lacks them.
  */
 import assert from 'node:assert/strict';

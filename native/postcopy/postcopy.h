@@ -1,5 +1,5 @@
-// Post-copy: what the destination's fault service (postcopy_dest.cc) and the source's page
-// server (postcopy_source.cc) share: frame constants and helpers, and the events their threads
+// Post-copy: what the destination's fault service (dest.cc) and the source's page
+// server (source.cc) share: frame constants and helpers, and the events their threads
 // send to JavaScript. The design is described in postcopy.cc.
 #pragma once
 

@@ -203,9 +203,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   bool SendPagesFrame(int fd, const uint8_t* base, const std::vector<uint32_t>& pages, std::vector<uint8_t>& head, std::vector<iovec>& iov, SysError& err) {
     uint32_t n = static_cast<uint32_t>(pages.size());
     head.resize(kHeader + 8 + 4 * size_t{n});
-    PutHeader(head.data(), version_, kPages, static_cast<uint32_t>(8 + size_t{n} * (4 + kPage)));
-    Put32(&head[kHeader], round_);
-    Put32(&head[kHeader + 4], n);
+    wire::PutPagesHead(head.data(), version_, kPages, 8 + uint64_t{n} * (4 + kPage), round_, n);
     for (uint32_t k = 0; k < n; k++) Put32(&head[kHeader + 8 + 4 * k], pages[k]);
     iov.clear();
     iov.push_back({head.data(), head.size()});

@@ -16,9 +16,9 @@ struct GuestGate {
 
 GuestGate& TheGuestGate();
 
-// native/sched.cc: a slice of `ns` (0: the default) for the calling thread; false if refused
+// native/process/sched.cc: a slice of `ns` (0: the default) for the calling thread; false if refused
 bool SetThreadSlice(uint64_t ns);
-// native/sched.cc: every other thread of this process to SCHED_IDLE (true) or back to
+// native/process/sched.cc: every other thread of this process to SCHED_IDLE (true) or back to
 // SCHED_OTHER (false); returns how many moved. MayLeaveIdle: whether going back is permitted.
 uint32_t SetOtherThreadsIdle(bool idle);
 bool MayLeaveIdle();

@@ -189,22 +189,24 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return now ? Task<SendCounts>::RunNow(env, work, done) : Task<SendCounts>::Start(env, work, done, {o});
   }
 
-  // sendEncoded(pages, enc: Uint8Array, staging: Buffer, lz4: Buffer, lengths: Int32Array,
-  //             hashes, round, version) -> Promise<number>
+  // sendEncoded({pages, encodings: Uint8Array, staging: Buffer, lz4: Buffer, lengths: Int32Array,
+  //              hashes, round, version}) -> Promise<number>
   // One PAGES_ENC frame for a classified batch: skipped pages are left out; raw bodies come
   // from staging[k*pageSize], lz4 bodies from lz4[k*pageSize] (lengths[k] bytes), dup bodies
-  // are the page's content hash and the source page lengths[k]. Resolves to the bytes written (0 if every page was skipped).
+  // are the page's content hash and the source page lengths[k]. Resolves to the bytes written
+  // (0 if every page was skipped).
   Napi::Value SendEncoded(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto fd = Live(env);
-    Napi::Uint32Array pages = info[0].As<Napi::Uint32Array>();
-    Napi::Uint8Array enc = info[1].As<Napi::Uint8Array>();
-    Napi::Buffer<uint8_t> staging = info[2].As<Napi::Buffer<uint8_t>>();
-    Napi::Buffer<uint8_t> lz4 = info[3].As<Napi::Buffer<uint8_t>>();
-    Napi::Int32Array lens = info[4].As<Napi::Int32Array>();
-    Napi::BigUint64Array hashes = info[5].As<Napi::BigUint64Array>();
-    uint32_t round = info[6].As<Napi::Number>().Uint32Value();
-    uint8_t version = static_cast<uint8_t>(info[7].As<Napi::Number>().Uint32Value());
+    Napi::Object o = info[0].As<Napi::Object>();
+    Napi::Uint32Array pages = o.Get("pages").As<Napi::Uint32Array>();
+    Napi::Uint8Array enc = o.Get("encodings").As<Napi::Uint8Array>();
+    Napi::Buffer<uint8_t> staging = o.Get("staging").As<Napi::Buffer<uint8_t>>();
+    Napi::Buffer<uint8_t> lz4 = o.Get("lz4").As<Napi::Buffer<uint8_t>>();
+    Napi::Int32Array lens = o.Get("lengths").As<Napi::Int32Array>();
+    Napi::BigUint64Array hashes = o.Get("hashes").As<Napi::BigUint64Array>();
+    uint32_t round = o.Get("round").As<Napi::Number>().Uint32Value();
+    uint8_t version = static_cast<uint8_t>(o.Get("version").As<Napi::Number>().Uint32Value());
     size_t n = pages.ElementLength();
     if (enc.ElementLength() != n || staging.Length() < n * kPageSize || lz4.Length() < n * kPageSize || lens.ElementLength() < n) throw Napi::RangeError::New(env, "sendEncoded buffers do not match the batch");
     const uint32_t* idx = pages.Data();
@@ -231,7 +233,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return Task<double>::Start(
         env, [fd, batch](double& bytes, SysError& err) { SendEncodedBatch(fd->fd, batch, bytes, err); },
         [](Napi::Env env2, double& bytes) -> Napi::Value { return Napi::Number::New(env2, bytes); },
-        {info[0], info[1], info[2], info[3], info[4], info[5]});
+        {o, pages, enc, staging, lz4, lens, hashes});
   }
 
   // read({maxPayload, maxType, sink?: {region, hashes, version, maxBatchPages}}) -> Promise<{

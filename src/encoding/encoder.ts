@@ -287,7 +287,7 @@ export class PageEncoder {
         this.#count(enc, lengths);
         await inflight;
         // (no link figure from these: a frame this small may just fill the socket buffer)
-        inflight = this.#channel.sendEncoded(batch, enc, staging, Buffer.from(set.output), lengths, this.#hashes, round, this.#version).then((b) => {
+        inflight = this.#channel.sendEncoded({ pages: batch, encodings: enc, staging, lz4: Buffer.from(set.output), lengths, hashes: this.#hashes, round, version: this.#version }).then((b) => {
           bytes += b;
         });
         inflight.catch(() => undefined); // awaited on the next batch or below

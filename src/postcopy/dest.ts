@@ -1,5 +1,5 @@
 /**
- * The destination's fault service (mechanism: native/postcopy.cc). The guest's mapping of the
+ * The destination's fault service (mechanism: native/postcopy/). The guest's mapping of the
  * region is registered for minor faults; livemig's own mapping receives the pages, and each is
  * mapped into the guest (UFFDIO_CONTINUE) once it is whole: at once when it was pushed, when it
  * arrives when a fault waits for it.

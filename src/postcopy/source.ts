@@ -1,5 +1,5 @@
 /**
- * The source's side of post-copy (mechanism: native/postcopy.cc). The guest is paused here and
+ * The source's side of post-copy (mechanism: native/postcopy/). The guest is paused here and
  * runs at the destination. A native server thread answers page requests on the priority
  * connection; this module pushes every other page in the background, in order, but first
  * the neighbourhood of pages the guest just asked for (pre-paging, Hines & Gopalan: a fault

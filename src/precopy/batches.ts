@@ -1,4 +1,5 @@
-/** Page-list helpers for the pre-copy rounds. */
+// Page-list helpers for the pre-copy rounds.
+
 /** Merges two ascending page lists into one without duplicates. */
 export function mergePages(a: Uint32Array, b: Uint32Array): Uint32Array {
   if (a.length === 0) return b;

@@ -1,6 +1,6 @@
 /**
  * The convergence policy: after each pre-copy round, whether to go on, stop and copy, or act on
- * a guest that writes faster than we send. It only decides; the sender (sender.ts) acts.
+ * a guest that writes faster than we send. It only decides; the pre-copy rounds (src/source/rounds.ts) act.
  *
  * - Estimated downtime of stopping now: the bytes still to send (pages dirty and held back,
  *   at the recent bytes per page after encoding) over the bandwidth achieved recently, plus

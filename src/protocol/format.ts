@@ -74,7 +74,7 @@ export enum PageEncoding {
   Dup = 2,
   /** an LZ4 block of this page, or of this page and the Lz4Cont pages right after it (at most 4 in all) */
   Lz4 = 3,
-  /** 4 is not used (removed before release; refused) */
+  // 4 is not used (removed before release; refused)
   /** part of the block of the Lz4 page before it; no body */
   Lz4Cont = 5,
 }

@@ -1,5 +1,5 @@
 /**
- * The migration connection once it carries frames: a native Wire (native/wire.cc) owns the
+ * The migration connection once it carries frames: a native Wire (native/wire/wire.cc) owns the
  * socket's descriptor, so page batches move between the region and the kernel with no
  * JavaScript per page and no user-space copy. This class serialises writes (frames never
  * interleave), allows one read at a time, and turns native failures into LivemigErrors.
@@ -10,7 +10,7 @@
  */
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon, fromNative, type NativeFrame, type NativeSendPages, type NativeWire, type SendCounts } from '../native.js';
+import { addon, fromNative, type NativeFrame, type NativeSendEncoded, type NativeSendPages, type NativeWire, type SendCounts } from '../native.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { ProtocolError } from './errors.js';
@@ -173,8 +173,8 @@ export class WireChannel {
   }
 
   /** Sends one classified batch as a PAGES_ENC frame (see src/encoding/encoder.ts). */
-  sendEncoded(pages: Uint32Array, enc: Uint8Array, staging: Buffer, lz4: Buffer, lz4Lengths: Int32Array, hashes: BigUint64Array, round: number, version: number): Promise<number> {
-    return this.#write('sending pages', () => this.#wire.sendEncoded(pages, enc, staging, lz4, lz4Lengths, hashes, round, version));
+  sendEncoded(batch: NativeSendEncoded): Promise<number> {
+    return this.#write('sending pages', () => this.#wire.sendEncoded(batch));
   }
 
   /**

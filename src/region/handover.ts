@@ -25,7 +25,7 @@ export interface GuestHello {
   info?: Record<string, unknown>;
   /**
    * 'fast': a second descriptor follows the memfd, a stream socket on which the guest answers
-   * one-byte pause/resume requests from a thread of its own (native/guestctl.cc has the wire)
+   * one-byte pause/resume requests from a thread of its own (native/process/control_msg.h has the framing)
    */
   control?: 'fast';
 }

@@ -24,7 +24,7 @@ import { guestAddon } from './guest-addon.js';
 import { handOverRegion } from '../region/handover.js';
 import { Region } from '../region/region.js';
 import { protectOwnRegion } from '../tracking/uffd-async.js';
-import { fillContent, initialWriteState, verifyContent, type ContentName, type PatternName } from './content.js';
+import { fillContent, initialWriteState, memoryOf, verifyContent, type ContentName, type PatternName } from './content.js';
 import { parseGuestState, type GuestState } from './state.js';
 
 const { values } = parseArgs({
@@ -56,12 +56,6 @@ await new Promise<void>((resolve) => udp.bind(0, () => resolve()));
 await new Promise<void>((resolve) => udp.send(Buffer.alloc(0), udp.address().port, '127.0.0.1', () => resolve()));
 
 let region: Region;
-/**
- * One Buffer over the whole region for the write loop, made once: a Buffer over a gigabyte of
- * external memory per 1 ms tick would count against V8's external-memory budget every time
- * and push it into collecting garbage far more often.
- */
-let memory: Buffer | undefined;
 let state: GuestState;
 /** post-copy: run at once (faulting pages in as it touches them), verify when livemig says all arrived */
 let postcopyGuest = false;
@@ -129,6 +123,7 @@ function waitForGo(fd: number, early: Region): GuestState {
 if (values.incoming && values['go-fd'] === undefined) throw new Error('--incoming needs --go-fd');
 if (values.incoming) {
   const early = Region.adopt(3, Number(values.size));
+  memoryOf(early); // before it runs: see memoryOf
   let registered: { uffd: number; address: string } | undefined;
   if (values.postcopy === 'planned') {
     registered = { uffd: addon.uffdRegisterMinor(early.address, early.size), address: early.address.toString() };
@@ -224,8 +219,7 @@ function tick(): void {
       due = Math.ceil(perMs);
     }
     if (due > 0) {
-      memory ??= region.view();
-      guestAddon.guestWrite(memory, st, due, state.span, state.pattern === 'sequential');
+      guestAddon.guestWrite(memoryOf(region), st, due, state.span, state.pattern === 'sequential');
       scheduled += due;
     }
   }

@@ -137,7 +137,7 @@ export interface EncodedPage {
  * then each page's body in order: raw pageSize bytes; zero nothing; dup u64 content hash and
  * u32 page of the receiver holding it;
  * lz4 u32 n + n bytes (u32 original size, then an LZ4 block). The reference encoder; the
- * sender's hot path builds the same bytes natively (native/wire.cc sendEncoded).
+ * sender's hot path builds the same bytes natively (native/wire/send_pages.cc SendEncodedBatch).
  */
 export function encodePagesEnc(round: number, pages: EncodedPage[], version: number): Buffer {
   const head = Buffer.alloc(PAGES_PREFIX_BYTES + pages.length * 5);
