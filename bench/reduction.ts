@@ -97,7 +97,7 @@ for (const linkName of values.links!.split(',')) {
 // Migrating back: the destination kept the image the guest left with; 10% of pages changed since.
 {
   const src = Region.create(size, { name: 'bench-back' });
-  await guestAddon.contentFill(src.view(), 4, 1n); // mixed
+  await guestAddon.contentFill(src.address, src.size, 4, 1n); // mixed
   const image = path.join(tmpdir(), `livemig-bench-image-${process.pid}`);
   await writeFile(image, src.view());
   const pages = src.pageCount;

@@ -6,7 +6,7 @@
  * lets the woken thread run at once. Threads and processes created later inherit the slice.
  */
 import { LivemigError } from './errors.js';
-import { addon } from './native.js';
+import { addon, call } from './native.js';
 
 export interface SliceResult {
   /** threads of this process that now ask for the slice */
@@ -23,7 +23,7 @@ export function preferShortSlices(us: number = DEFAULT_SLICE_US): SliceResult {
   if (!Number.isFinite(us) || us < 100 || us > 100_000) {
     throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `slice must be within 100..100000 µs, got ${String(us)}`, { phase: 'setup' });
   }
-  return addon.setShortSlices(Math.round(us * 1000));
+  return call('ERR_LIVEMIG_SYSCALL', 'setup', 'asking for short slices', () => addon.setShortSlices(Math.round(us * 1000)));
 }
 
 /**
@@ -31,5 +31,5 @@ export function preferShortSlices(us: number = DEFAULT_SLICE_US): SliceResult {
  * by a livemig process, which would otherwise inherit livemig's hint and compete with it.
  */
 export function defaultSlices(): SliceResult {
-  return addon.setShortSlices(0);
+  return call('ERR_LIVEMIG_SYSCALL', 'setup', 'going back to default slices', () => addon.setShortSlices(0));
 }

@@ -29,7 +29,7 @@ test('the write model verifies a region after writes, and catches one wrong page
   try {
     await fillContent(r, 'mixed', 7n);
     const st = initialWriteState(7n);
-    guestAddon.guestWrite(r.view(), st, 5000, 512, false);
+    guestAddon.guestWrite(r.address, r.size, st, 5000, 512, false);
     assert.equal(st[1], 5000n);
     const model = { content: 'mixed' as const, seed: 7n, writes: 5000n, span: 512, sequential: false };
     assert.deepEqual(await verifyContent(r, model), { bad: 0, firstBad: -1 });

@@ -276,7 +276,7 @@ test('migrating back to a kept image sends only the pages that changed, and the 
   const path = await import('node:path');
   const pages = 512;
   const src = Region.create(pages * PS, { name: 'reuse-src' });
-  await guestAddon.contentFill(src.view(), 4, 7n); // mixed
+  await guestAddon.contentFill(src.address, src.size, 4, 7n); // mixed
   const image = path.join(tmpdir(), `livemig-reuse-${process.pid}.img`);
   await writeFile(image, src.view()); // what the destination kept when the guest left
   const changed = [3, 50, 51, 200, 201, 202, 333, 400, 401, 511];

@@ -42,7 +42,7 @@ test('a pause through the control thread stops writes and beats, and answers the
   const [mine, theirs] = addon.socketPair();
   guestAddon.gateStart(mine, st);
   try {
-    assert.equal(guestAddon.guestWrite(region.view(), st, 100, 16, false), 100);
+    assert.equal(guestAddon.guestWrite(region.address, region.size, st, 100, 16, false), 100);
     assert.equal(guestAddon.gateBeat(st), 7);
     const paused = addon.controlRequest(theirs, P, 2000);
     assert.equal(String.fromCharCode(paused.tag), 'p');
@@ -59,7 +59,7 @@ test('a pause through the control thread stops writes and beats, and answers the
       assert.equal(idle, threadPolicies().length - 1, 'all but the control thread are SCHED_IDLE while paused');
     }
     const before = Buffer.from(region.view());
-    assert.equal(guestAddon.guestWrite(region.view(), st, 100, 16, false), 0, 'no write passes a closed gate');
+    assert.equal(guestAddon.guestWrite(region.address, region.size, st, 100, 16, false), 0, 'no write passes a closed gate');
     assert.equal(guestAddon.gateBeat(st), -1, 'a paused guest does not beat');
     assert.ok(before.equals(Buffer.from(region.view())));
     assert.deepEqual([...st], [...run]);
@@ -67,7 +67,7 @@ test('a pause through the control thread stops writes and beats, and answers the
     assert.equal(String.fromCharCode(addon.controlRequest(theirs, R, 2000).tag), 'r');
     assert.equal(guestAddon.gatePaused(), false);
     assert.equal(threadPolicies().filter((p) => p === SCHED_IDLE).length, 0, 'resumed, no thread is left SCHED_IDLE');
-    assert.equal(guestAddon.guestWrite(region.view(), st, 10, 16, false), 10);
+    assert.equal(guestAddon.guestWrite(region.address, region.size, st, 10, 16, false), 10);
     assert.equal(String.fromCharCode(addon.controlRequest(theirs, 0x21, 2000).tag), 'e', 'an unknown request is answered, not ignored');
     assert.throws(() => addon.controlRequest(theirs, P, 2000, Buffer.alloc(5000)), /longer than 4096/);
   } finally {

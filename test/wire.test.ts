@@ -176,7 +176,7 @@ test('the page hash tells sparse pages apart: a word in another block, words tha
   const region = Region.create(pages * PS, { name: 'hash-sparse' });
   try {
     const st = BigUint64Array.of(guestAddon.mix64(1n) | 1n, 0n);
-    guestAddon.guestWrite(region.view(), st, 60000, pages, false);
+    guestAddon.guestWrite(region.address, region.size, st, 60000, pages, false);
     const byHash = new Map<bigint, number>();
     for (let i = 0; i < pages; i++) {
       const h = addon.pageHash(region.page(i));

@@ -20,17 +20,21 @@ namespace {
 
 constexpr size_t kPage = wire::kPageSize;
 
-// The guest's memory as a Buffer over its mapping (Region.view): kept alive by the calling
-// JavaScript (and, for work off the main thread, by the Task's reference to the Buffer).
+// The guest's memory: its mapping's address (a bigint) and size, from the guest's own Region.
+// Not a Buffer: a Buffer over a gigabyte counts against V8's external-memory budget and sets
+// off garbage collections in the guest, where its heartbeat gap is measured. The reference guest
+// passes its live region (src/workload/content.ts checks it) and never releases it while a
+// call runs.
 struct Memory {
   uint8_t* addr;
   uint64_t size;
 };
 
-Memory MemoryOf(const Napi::Value& v) {
-  Napi::Buffer<uint8_t> b = v.As<Napi::Buffer<uint8_t>>();
-  if (b.Length() % kPage != 0) throw Napi::RangeError::New(v.Env(), "the guest memory must be whole pages");
-  return {b.Data(), b.Length()};
+Memory MemoryOf(const Napi::Value& address, const Napi::Value& size) {
+  uint64_t a = ToU64(address);
+  uint64_t n = ToU64(size);
+  if (a == 0 || a % kPage != 0 || n == 0 || n % kPage != 0) throw Napi::RangeError::New(address.Env(), "the guest memory must be a page-aligned mapping of whole pages");
+  return {reinterpret_cast<uint8_t*>(a), n};
 }
 
 inline uint64_t Mix64(uint64_t z) {
@@ -140,9 +144,9 @@ inline void NextWrite(uint64_t* st, const WriteSpec& w, uint64_t* page, uint64_t
 
 Napi::Value Fill(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Memory m = MemoryOf(info[0]);
-  int content = info[1].As<Napi::Number>().Int32Value();
-  uint64_t seed = ToU64(info[2]);
+  Memory m = MemoryOf(info[0], info[1]);
+  int content = info[2].As<Napi::Number>().Int32Value();
+  uint64_t seed = ToU64(info[3]);
   uint64_t pages = m.size / kPage;
     return Task<int>::Start(
       env,
@@ -157,10 +161,10 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
 // fewer when the guest is paused meanwhile.
 Napi::Value GuestWrite(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Memory m = MemoryOf(info[0]);
-  uint64_t* st = info[1].As<Napi::BigUint64Array>().Data();
-  uint64_t n = ToU64(info[2]);
-  WriteSpec w{ToU64(info[3]), info[4].ToBoolean().Value()};
+  Memory m = MemoryOf(info[0], info[1]);
+  uint64_t* st = info[2].As<Napi::BigUint64Array>().Data();
+  uint64_t n = ToU64(info[3]);
+  WriteSpec w{ToU64(info[4]), info[5].ToBoolean().Value()};
   if (w.span == 0 || w.span > m.size / kPage) throw Napi::RangeError::New(env, "span outside the region");
   // In chunks through the gate: a pause waits for at most one chunk, and no write follows it.
   GuestGate& g = TheGuestGate();
@@ -187,11 +191,11 @@ struct VerifyResult {
 // compares. The last value written to each (page, slot) is found by replaying the stream.
 Napi::Value Verify(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Memory m = MemoryOf(info[0]);
-  int content = info[1].As<Napi::Number>().Int32Value();
-  uint64_t seed = ToU64(info[2]);
-  uint64_t writes = ToU64(info[3]);
-  WriteSpec w{ToU64(info[4]), info[5].ToBoolean().Value()};
+  Memory m = MemoryOf(info[0], info[1]);
+  int content = info[2].As<Napi::Number>().Int32Value();
+  uint64_t seed = ToU64(info[3]);
+  uint64_t writes = ToU64(info[4]);
+  WriteSpec w{ToU64(info[5]), info[6].ToBoolean().Value()};
   uint64_t pages = m.size / kPage;
   if (w.span == 0 || w.span > pages) throw Napi::RangeError::New(env, "span outside the region");
     return Task<VerifyResult>::Start(

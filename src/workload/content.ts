@@ -18,27 +18,10 @@ export function contentCode(name: string): number {
   return i;
 }
 
-const memories = new WeakMap<Region, Buffer>();
-
-/**
- * One Buffer over the whole region for the reference guest's native code, made once per region:
- * a new Buffer over a gigabyte of memory counts against V8's external-memory budget each time
- * and can set off a garbage collection on the guest's main thread (a heartbeat gap) where it is
- * made. The guest makes it before it runs (memoryOf at start-up); later calls find it.
- */
-export function memoryOf(region: Region): Buffer {
-  let m = memories.get(region);
-  if (!m) {
-    m = region.view();
-    memories.set(region, m);
-  }
-  return m;
-}
-
 /** Fills every page of `region` with `content` for `seed`. The pages must be 4096 bytes. */
 export function fillContent(region: Region, content: ContentName, seed: bigint): Promise<void> {
   if (region.pageSize !== 4096) throw invalidArgument('the reference content is defined for 4096-byte pages');
-  return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'filling content', () => guestAddon.contentFill(memoryOf(region), contentCode(content), seed));
+  return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'filling content', () => guestAddon.contentFill(region.address, region.size, contentCode(content), seed));
 }
 
 export interface WriteModel {
@@ -54,7 +37,7 @@ export interface WriteModel {
 /** Compares every page with what the model says it must hold; `bad` pages differ. */
 export function verifyContent(region: Region, model: WriteModel): Promise<{ bad: number; firstBad: number }> {
   return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'verifying content', () =>
-    guestAddon.contentVerify(memoryOf(region), contentCode(model.content), model.seed, model.writes, model.span, model.sequential),
+    guestAddon.contentVerify(region.address, region.size, contentCode(model.content), model.seed, model.writes, model.span, model.sequential),
   );
 }
 

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
-import { addon, closeFd } from '../native.js';
+import { addon, call, closeFd } from '../native.js';
 import { monotonicMs } from './clock.js';
 import { GuestListener, type GuestConnection } from '../region/handover.js';
 import type { Region } from '../region/region.js';
@@ -177,7 +177,7 @@ export class IncomingGuest {
 
   /** @param postcopy 'planned': register for post-copy at once, map nothing ahead; 'possible': map ahead, register on demand */
   constructor(region: Region, postcopy: 'planned' | 'possible' = 'possible') {
-    const [mine, theirs] = addon.socketPair();
+    const [mine, theirs] = call('ERR_LIVEMIG_GUEST', 'reserve', 'making the go socket pair', () => addon.socketPair());
     try {
       this.child = spawn(process.execPath, [GUEST_ENTRY, '--incoming', '--size', String(region.size), '--postcopy', postcopy, '--go-fd', '5'], {
         stdio: ['ignore', 'inherit', 'inherit', region.fd, 'ipc', theirs],
@@ -208,7 +208,8 @@ export class IncomingGuest {
       reg = { uffd: body.readUInt32LE(0), address: body.readBigUInt64LE(4).toString() };
     }
     this.#postcopy = true;
-    return { uffd: addon.takeFd(this.child.pid!, reg.uffd), address: BigInt(reg.address) };
+    const pid = this.child.pid!;
+    return { uffd: call('ERR_LIVEMIG_GUEST', 'postcopy', "taking the guest's userfaultfd", () => addon.takeFd(pid, reg.uffd)), address: BigInt(reg.address) };
   }
 
   #expect(op: string): Promise<GuestMessage> {

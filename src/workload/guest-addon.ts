@@ -6,10 +6,14 @@
 import { loadBuilt } from '../native.js';
 
 export interface GuestAddon {
-  /** memory: a Buffer over the guest's whole mapping (Region.view()) */
-  contentFill(memory: Buffer, content: number, seed: bigint): Promise<void>;
-  guestWrite(memory: Buffer, st: BigUint64Array, n: number, span: number, sequential: boolean): number;
-  contentVerify(memory: Buffer, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
+  /**
+   * address, size: the guest's live region (Region.address, Region.size), not a Buffer over it:
+   * a Buffer over a gigabyte counts against V8's external-memory budget and sets off garbage
+   * collections in the guest, where its heartbeat gap is measured
+   */
+  contentFill(address: bigint, size: number, content: number, seed: bigint): Promise<void>;
+  guestWrite(address: bigint, size: number, st: BigUint64Array, n: number, span: number, sequential: boolean): number;
+  contentVerify(address: bigint, size: number, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
   mix64(z: bigint): bigint;
   gateStart(fd: number, st: BigUint64Array): void;
   gatePaused(): boolean;

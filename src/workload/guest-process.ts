@@ -24,7 +24,7 @@ import { guestAddon } from './guest-addon.js';
 import { handOverRegion } from '../region/handover.js';
 import { Region } from '../region/region.js';
 import { protectOwnRegion } from '../tracking/uffd-async.js';
-import { fillContent, initialWriteState, memoryOf, verifyContent, type ContentName, type PatternName } from './content.js';
+import { fillContent, initialWriteState, verifyContent, type ContentName, type PatternName } from './content.js';
 import { parseGuestState, type GuestState } from './state.js';
 
 const { values } = parseArgs({
@@ -123,7 +123,6 @@ function waitForGo(fd: number, early: Region): GuestState {
 if (values.incoming && values['go-fd'] === undefined) throw new Error('--incoming needs --go-fd');
 if (values.incoming) {
   const early = Region.adopt(3, Number(values.size));
-  memoryOf(early); // before it runs: see memoryOf
   let registered: { uffd: number; address: string } | undefined;
   if (values.postcopy === 'planned') {
     registered = { uffd: addon.uffdRegisterMinor(early.address, early.size), address: early.address.toString() };
@@ -219,7 +218,7 @@ function tick(): void {
       due = Math.ceil(perMs);
     }
     if (due > 0) {
-      guestAddon.guestWrite(memoryOf(region), st, due, state.span, state.pattern === 'sequential');
+      guestAddon.guestWrite(region.address, region.size, st, due, state.span, state.pattern === 'sequential');
       scheduled += due;
     }
   }
