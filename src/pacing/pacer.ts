@@ -100,10 +100,19 @@ export class Pacer {
     return this.#meter.mbps() ?? this.#lightMeter.mbps();
   }
 
+  /** Takes `bytes` from the bucket; returns the ms to wait before the next send (0: at once). */
+  take(bytes: number): number {
+    return this.#bucket?.take(bytes, this.#clock()) ?? 0;
+  }
+
   /** Takes `bytes` from the bucket; resolves when the next send may go. */
   async pace(bytes: number): Promise<void> {
-    const wait = this.#bucket?.take(bytes, this.#clock()) ?? 0;
+    const wait = this.take(bytes);
     if (wait > 0) await sleep(wait);
+  }
+
+  sleep(ms: number): Promise<void> {
+    return sleep(ms);
   }
 
   #apply(): void {

@@ -31,7 +31,8 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   let needed = allPages;
   let pagesNeeded = region.pageCount;
   if (settings.mode !== 'postcopy') {
-    const stale = mergePages(ctx.pending, await tracker.collectFinal());
+    const collected = tracker.collectFinal();
+    const stale = mergePages(ctx.pending, collected instanceof Uint32Array ? collected : await collected);
     needed = new Uint8Array(region.pageCount);
     for (const p of stale) needed[p] = 1;
     pagesNeeded = stale.length;

@@ -146,7 +146,9 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
     pacer.record(b, part.length, t0, now());
     bytes += b;
     at += part.length;
-    await pacer.pace(b);
+    // no await when nothing waits: the last pages go inside the pause
+    const wait = pacer.take(b);
+    if (wait > 0) await pacer.sleep(wait);
     // the byte bound holds within a round too: the rest goes at the stop (the policy stops now)
     if (!final && ctx.bytesSent >= settings.maxBytes && at < pages.length) break;
     // a long round ends early (the rest joins the next one), so that the policy sees the

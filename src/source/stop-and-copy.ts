@@ -26,7 +26,8 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const deviceState = await ctx.pauseGuest();
   const tPaused = now();
   trace('source', 'guest paused');
-  const final = await tracker.collectFinal();
+  const collected = tracker.collectFinal();
+  const final = collected instanceof Uint32Array ? collected : await collected;
   const tCollected = now();
   trace('source', 'final collect done');
   const lastPages = mergePages(ctx.pending, final);

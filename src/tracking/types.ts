@@ -14,10 +14,11 @@ export interface DirtyTracker {
   /**
    * The last collect, with the guest paused until it runs elsewhere or resumes after a failure
    * (when tracking stops): the same pages as collect(), but nothing needs protecting again, so
-   * a backend may skip re-arming, and should answer as fast as it can (it is inside the pause).
-   * No collect may follow it; stop() may.
+   * a backend may skip re-arming, and should answer as fast as it can (it is inside the pause):
+   * one that can answer on the calling thread returns the pages themselves, which spares the
+   * pause a trip through the microtask queue. No collect may follow it; stop() may.
    */
-  collectFinal(): Promise<Uint32Array>;
+  collectFinal(): Uint32Array | Promise<Uint32Array>;
   stop(): Promise<void>;
   /**
    * While tracking with write protection: where the data path may ask, without re-arming,

@@ -120,12 +120,8 @@ export class UffdAsyncTracker implements DirtyTracker {
    * On the calling thread and without re-arming: no write-protection walk and no TLB shoot-down
    * across CPUs inside the pause, and no hop to the thread pool.
    */
-  collectFinal(): Promise<Uint32Array> {
-    try {
-      return Promise.resolve(this.collectSync({ rearm: false }));
-    } catch (e) {
-      return Promise.reject(e);
-    }
+  collectFinal(): Uint32Array {
+    return this.collectSync({ rearm: false });
   }
 
   writtenProbe(): WrittenProbe | undefined {
