@@ -2,7 +2,8 @@
  * Two builds of livemig, interleaved: the same demo configurations run alternately with each
  * build's CLI (`A/dist/src/cli/main.js demo --json ...`), so that a host that drifts over the
  * sitting drifts for both. Prints a JSON line per run and one summary line per configuration
- * and build: medians and ranges of downtime, guest gap and total time, and B's medians over A's.
+ * and build: medians and ranges of downtime, guest gap, total time and the pages the pause
+ * carried (the downtime follows them, and they vary with the run), and B's medians over A's.
  *
  *   node dist/bench/compare.js --a DIR --b DIR [--runs 5] [--configs default,hot,random,postcopy]
  */
@@ -32,13 +33,16 @@ interface Sample {
   guest_gap_ms: number;
   total_ms: number;
   verified: boolean;
+  /** what the pause had to carry: how much the downtime depends on the run, not the build */
+  stop_pages: number;
+  rounds: number;
 }
 
 function demo(dir: string, args: string[]): Sample {
   const r = spawnSync(process.execPath, [path.join(dir, 'dist/src/cli/main.js'), 'demo', '--json', ...args], { encoding: 'utf8', timeout: 600_000 });
   if (r.status !== 0) throw new Error(`${dir}: demo ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
-  const rep = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Sample;
-  return { downtime_ms: rep.downtime_ms, guest_gap_ms: rep.guest_gap_ms, total_ms: rep.total_ms, verified: rep.verified };
+  const rep = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Omit<Sample, 'stop_pages'> & { stop_and_copy: { pages: number } };
+  return { downtime_ms: rep.downtime_ms, guest_gap_ms: rep.guest_gap_ms, total_ms: rep.total_ms, verified: rep.verified, stop_pages: rep.stop_and_copy.pages, rounds: rep.rounds };
 }
 
 const median = (xs: number[]): number => {
@@ -61,6 +65,7 @@ for (const name of names) {
     downtime_ms: summary(got[which].map((s) => s.downtime_ms)),
     guest_gap_ms: summary(got[which].map((s) => s.guest_gap_ms)),
     total_ms: summary(got[which].map((s) => s.total_ms)),
+    stop_pages: summary(got[which].map((s) => s.stop_pages)),
     verified: got[which].every((s) => s.verified),
   });
   const sa = stat('a');
