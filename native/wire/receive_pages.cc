@@ -12,19 +12,26 @@
 namespace livemig {
 namespace wire {
 
-bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
+namespace {
+
+// What both page frames start with: the negotiated version, and the u32 round, u32 count
+// prefix (count within the batch limit). `what` names the frame in messages.
+bool ReadPagesPrefix(int fd, const Sink& s, const char* what, uint8_t version, uint32_t length, uint32_t* round, uint32_t* count, SysError& err) {
   if (version != s.version) {
-    err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version));
-    return false;
+    return err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version)), false;
   }
   if (length < kPagesPrefixBytes) {
-    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES payload of " + std::to_string(length) + " bytes is shorter than its prefix");
-    return false;
+    return err.fail("ERR_LIVEMIG_PROTOCOL", std::string(what) + " payload of " + std::to_string(length) + " bytes is shorter than its prefix"), false;
   }
   uint8_t prefix[kPagesPrefixBytes];
-  if (!RecvBytes(fd, prefix, kPagesPrefixBytes, false, err)) return false;
+  return RecvBytes(fd, prefix, kPagesPrefixBytes, false, err) && CheckPagesPrefix(what, prefix, s.maxBatchPages, round, count, err);
+}
+
+}  // namespace
+
+bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
   uint32_t round, count;
-  if (!CheckPagesPrefix("PAGES", prefix, s.maxBatchPages, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
+  if (!ReadPagesPrefix(fd, s, "PAGES", version, length, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
   idx.resize(count);
   if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err)) return false;
   if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
@@ -64,17 +71,7 @@ bool ReadEncodedHead(int fd, const Sink& s, uint8_t version, uint32_t length, En
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC without negotiated encodings");
     return false;
   }
-  if (version != s.version) {
-    err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version));
-    return false;
-  }
-  if (length < kPagesPrefixBytes) {
-    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC payload of " + std::to_string(length) + " bytes is shorter than its prefix");
-    return false;
-  }
-  uint8_t prefix[kPagesPrefixBytes];
-  if (!RecvBytes(fd, prefix, kPagesPrefixBytes, false, err)) return false;
-  if (!CheckPagesPrefix("PAGES_ENC", prefix, s.maxBatchPages, &h.round, &h.count, err)) return false;
+  if (!ReadPagesPrefix(fd, s, "PAGES_ENC", version, length, &h.round, &h.count, err)) return false;
   const uint32_t count = h.count;
   h.head = kPagesPrefixBytes + static_cast<uint64_t>(count) * 5;
   if (length < h.head) {
