@@ -9,7 +9,7 @@ import { trace } from '../trace.js';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, digestOf } from '../native.js';
 import { FrameType } from '../protocol/format.js';
-import { type Frame } from '../protocol/frame.js';
+import type { Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
 import { WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';

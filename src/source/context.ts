@@ -8,8 +8,8 @@ import type { PageEncoder } from '../encoding/encoder.js';
 import { Pacer } from '../pacing/pacer.js';
 import { Stages } from '../stages.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import { type Accept } from '../protocol/messages.js';
-import { type WireChannel } from '../protocol/wire.js';
+import type { Accept } from '../protocol/messages.js';
+import type { WireChannel } from '../protocol/wire.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import type { Settings } from './options.js';
 import type { ProgressEvent, RoundStats } from './types.js';
@@ -31,8 +31,6 @@ const NEXT = {
   done: [],
   failed: [],
 } as const satisfies { readonly [S in SourceStage]: readonly SourceStage[] };
-
-const COMMITTED: ReadonlySet<SourceStage> = new Set(['activating', 'postcopy', 'done']);
 
 export const now = (): number => performance.now();
 
@@ -95,11 +93,6 @@ export class SourceContext {
 
   get stage(): SourceStage {
     return this.#stages.current;
-  }
-
-  /** ACTIVATE or POSTCOPY went: the guest lives at the destination (or nobody knows yet). */
-  get committed(): boolean {
-    return COMMITTED.has(this.#stages.current);
   }
 
   /** The one place the stage changes; a transition the table does not allow is a bug here. */

@@ -1,7 +1,7 @@
 /** The destination as the source sees it: connecting, and what its ERROR frames mean. */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { type Frame } from '../protocol/frame.js';
+import type { Frame } from '../protocol/frame.js';
 import { decodeError } from '../protocol/messages.js';
 import type { MigrateOptions } from './types.js';
 
