@@ -13,6 +13,7 @@
         "native/addon.cc",
         "native/errors.cc",
         "native/io/socket.cc",
+        "native/io/aead.cc",
         "native/region/region.cc",
         "native/region/pages.cc",
         "native/tracking/tracking.cc",

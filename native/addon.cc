@@ -18,6 +18,7 @@ void InitEncode(Napi::Env env, Napi::Object exports);
 void InitPostcopy(Napi::Env env, Napi::Object exports);
 void InitSched(Napi::Env env, Napi::Object exports);
 void InitGuestControl(Napi::Env env, Napi::Object exports);
+void InitAead(Napi::Env env, Napi::Object exports);
 
 namespace {
 
@@ -77,6 +78,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPostcopy(env, exports);
   InitSched(env, exports);
   InitGuestControl(env, exports);
+  InitAead(env, exports);
   exports.Set("wireFormat", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value { return WireFormat(info.Env()); }));
   return exports;
 }

@@ -196,6 +196,10 @@ interface Addon {
   controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): { tag: number; body: Buffer };
   controlSend(fd: number, tag: number, body?: Buffer): void;
   controlReceive(fd: number, timeoutMs: number): { tag: number; body: Buffer };
+  /** AES-256-GCM records (native/io/aead.h), sealed or opened in turn from counter 0 */
+  aeadSeal(key: Buffer, salt: Buffer, records: Buffer[]): Buffer[];
+  aeadOpen(key: Buffer, salt: Buffer, sealed: Buffer[]): Buffer[];
+  aeadThroughput(bytes: number, recordBytes: number): { sealMs: number; openMs: number };
   /** the wire format's constants as the addon was built with them (test/format.test.ts) */
   wireFormat(): NativeWireFormat;
   UFFD_FEATURE_WP_ASYNC: bigint;

@@ -1,0 +1,154 @@
+// AEAD records (see aead.h), and their JavaScript binding for tests and benchmarks.
+#include "io/aead.h"
+
+#include <openssl/evp.h>
+
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace livemig {
+
+Aead::~Aead() {
+  if (ctx_) EVP_CIPHER_CTX_free(ctx_);
+}
+
+bool Aead::Init(const uint8_t* key, const uint8_t* salt, SysError& err) {
+  ctx_ = EVP_CIPHER_CTX_new();
+  if (!ctx_) return err.fail("ERR_LIVEMIG_NO_MEMORY", "cannot allocate a cipher context"), false;
+  // the key is set once; each record sets only its nonce
+  if (EVP_CipherInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, key, nullptr, -1) != 1) return err.fail("ERR_LIVEMIG_UNSUPPORTED", "AES-256-GCM is not available"), false;
+  std::memcpy(salt_, salt, kAeadSaltBytes);
+  return true;
+}
+
+bool Aead::Nonce(uint8_t* iv, SysError& err) {
+  if (seq_ == std::numeric_limits<uint64_t>::max()) return err.fail("ERR_LIVEMIG_PROTOCOL", "the record counter would wrap: the key must change"), false;
+  std::memcpy(iv, salt_, kAeadSaltBytes);
+  const uint64_t s = seq_++;
+  for (int i = 0; i < 8; i++) iv[kAeadSaltBytes + i] = static_cast<uint8_t>(s >> (56 - 8 * i));  // big-endian counter
+  return true;
+}
+
+bool Aead::Seal(const iovec* iov, int n, size_t total, uint8_t* out, SysError& err) {
+  uint8_t iv[12];
+  if (!Nonce(iv, err)) return false;
+  int len = 0;
+  if (EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptInit_ex failed"), false;
+  size_t at = 0;
+  for (int k = 0; k < n; k++) {
+    if (EVP_EncryptUpdate(ctx_, out + at, &len, static_cast<const uint8_t*>(iov[k].iov_base), static_cast<int>(iov[k].iov_len)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptUpdate failed"), false;
+    at += static_cast<size_t>(len);
+  }
+  if (at != total || EVP_EncryptFinal_ex(ctx_, out + at, &len) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptFinal_ex failed"), false;
+  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kAeadTagBytes, out + total) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "reading the GCM tag failed"), false;
+  return true;
+}
+
+bool Aead::Open(const uint8_t* in, size_t len, const iovec* iov, int n, SysError& err) {
+  uint8_t iv[12];
+  if (!Nonce(iv, err)) return false;
+  int got = 0;
+  if (EVP_DecryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptInit_ex failed"), false;
+  size_t at = 0;
+  for (int k = 0; k < n; k++) {
+    if (at + iov[k].iov_len > len) return err.fail("ERR_LIVEMIG_PROTOCOL", "an encrypted record is shorter than what it must fill"), false;
+    if (EVP_DecryptUpdate(ctx_, static_cast<uint8_t*>(iov[k].iov_base), &got, in + at, static_cast<int>(iov[k].iov_len)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptUpdate failed"), false;
+    at += iov[k].iov_len;
+  }
+  if (at != len) return err.fail("ERR_LIVEMIG_PROTOCOL", "an encrypted record is longer than what it must fill"), false;
+  uint8_t tag[kAeadTagBytes];
+  std::memcpy(tag, in + len, kAeadTagBytes);
+  uint8_t tail[16];
+  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kAeadTagBytes, tag) != 1 || EVP_DecryptFinal_ex(ctx_, tail, &got) != 1) {
+    return err.fail("ERR_LIVEMIG_AUTH", "an encrypted record failed authentication: the stream was altered or the keys differ"), false;
+  }
+  return true;
+}
+
+namespace {
+
+// aeadSeal(key: Buffer(32), salt: Buffer(4), records: Buffer[]) -> Buffer[]: each record
+// sealed in turn (counter 0, 1, ...); for tests against Node's own AES-256-GCM.
+Napi::Value SealJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Buffer<uint8_t> key = info[0].As<Napi::Buffer<uint8_t>>(), salt = info[1].As<Napi::Buffer<uint8_t>>();
+  if (key.Length() != kAeadKeyBytes || salt.Length() != kAeadSaltBytes) throw Napi::RangeError::New(env, "key must be 32 bytes and salt 4");
+  Napi::Array in = info[2].As<Napi::Array>();
+  Aead a;
+  SysError err;
+  if (!a.Init(key.Data(), salt.Data(), err)) throw MakeSysError(env, err);
+  Napi::Array out = Napi::Array::New(env, in.Length());
+  for (uint32_t i = 0; i < in.Length(); i++) {
+    Napi::Buffer<uint8_t> r = in.Get(i).As<Napi::Buffer<uint8_t>>();
+    Napi::Buffer<uint8_t> sealed = Napi::Buffer<uint8_t>::New(env, r.Length() + kAeadTagBytes);
+    iovec v{r.Data(), r.Length()};
+    if (!a.Seal(&v, 1, r.Length(), sealed.Data(), err)) throw MakeSysError(env, err);
+    out.Set(i, sealed);
+  }
+  return out;
+}
+
+// aeadOpen(key, salt, sealed: Buffer[]) -> Buffer[]: each opened in turn; throws
+// ERR_LIVEMIG_AUTH at the first that fails.
+Napi::Value OpenJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Buffer<uint8_t> key = info[0].As<Napi::Buffer<uint8_t>>(), salt = info[1].As<Napi::Buffer<uint8_t>>();
+  if (key.Length() != kAeadKeyBytes || salt.Length() != kAeadSaltBytes) throw Napi::RangeError::New(env, "key must be 32 bytes and salt 4");
+  Napi::Array in = info[2].As<Napi::Array>();
+  Aead a;
+  SysError err;
+  if (!a.Init(key.Data(), salt.Data(), err)) throw MakeSysError(env, err);
+  Napi::Array out = Napi::Array::New(env, in.Length());
+  for (uint32_t i = 0; i < in.Length(); i++) {
+    Napi::Buffer<uint8_t> r = in.Get(i).As<Napi::Buffer<uint8_t>>();
+    if (r.Length() < kAeadTagBytes) throw Napi::RangeError::New(env, "a sealed record is at least its tag");
+    size_t len = r.Length() - kAeadTagBytes;
+    Napi::Buffer<uint8_t> plain = Napi::Buffer<uint8_t>::New(env, len);
+    iovec v{plain.Data(), len};
+    if (!a.Open(r.Data(), len, &v, 1, err)) throw MakeSysError(env, err);
+    out.Set(i, plain);
+  }
+  return out;
+}
+
+// aeadThroughput(bytes, recordBytes) -> {sealMs, openMs}: one thread seals `bytes` in records
+// and opens them again (for bench/secure's budget: what the cipher costs per GiB here).
+Napi::Value ThroughputJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t bytes = static_cast<size_t>(info[0].As<Napi::Number>().Int64Value());
+  size_t rec = static_cast<size_t>(info[1].As<Napi::Number>().Int64Value());
+  if (rec == 0 || rec > (64u << 20) || bytes < rec) throw Napi::RangeError::New(env, "record size must be 1..64 MiB and at most the total");
+  std::vector<uint8_t> plain(rec, 0x5a), sealed(rec + kAeadTagBytes), back(rec);
+  uint8_t key[kAeadKeyBytes] = {1}, salt[kAeadSaltBytes] = {2};
+  Aead s, o;
+  SysError err;
+  if (!s.Init(key, salt, err) || !o.Init(key, salt, err)) throw MakeSysError(env, err);
+  double sealMs = 0, openMs = 0;
+  for (size_t done = 0; done + rec <= bytes; done += rec) {
+    auto t0 = std::chrono::steady_clock::now();
+    iovec in{plain.data(), rec};
+    if (!s.Seal(&in, 1, rec, sealed.data(), err)) throw MakeSysError(env, err);
+    auto t1 = std::chrono::steady_clock::now();
+    iovec out{back.data(), rec};
+    if (!o.Open(sealed.data(), rec, &out, 1, err)) throw MakeSysError(env, err);
+    auto t2 = std::chrono::steady_clock::now();
+    sealMs += std::chrono::duration<double, std::milli>(t1 - t0).count();
+    openMs += std::chrono::duration<double, std::milli>(t2 - t1).count();
+  }
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("sealMs", sealMs);
+  r.Set("openMs", openMs);
+  return r;
+}
+
+}  // namespace
+
+void InitAead(Napi::Env env, Napi::Object exports) {
+  exports.Set("aeadSeal", Napi::Function::New(env, SealJs));
+  exports.Set("aeadOpen", Napi::Function::New(env, OpenJs));
+  exports.Set("aeadThroughput", Napi::Function::New(env, ThroughputJs));
+}
+
+}  // namespace livemig
