@@ -101,6 +101,28 @@ export class WireChannel {
   }
 
   /**
+   * Takes over a connection on which a TLS handshake ran (src/security/tls.ts): `tls` must have
+   * stopped reading with nothing of the peer's left unread (the handshake's closing exchange
+   * sees to that). Its descriptor is duplicated into a native Wire, and the TLS socket is
+   * destroyed without a close_notify, so the stream goes on in the clear for the native data
+   * path (which is to carry its own records, keyed from the TLS session).
+   */
+  static fromSecured(raw: net.Socket, tls: net.Socket): WireChannel {
+    const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (typeof fd !== 'number' || fd < 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the secured connection has no file descriptor', { phase: 'connect' });
+    if (tls.readableLength > 0) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
+    let wire: NativeWire;
+    try {
+      wire = new addon.Wire(fd);
+    } catch (e) {
+      throw fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'connect', 'taking over the secured connection');
+    }
+    tls.destroy();
+    raw.destroy();
+    return new WireChannel(wire);
+  }
+
+  /**
    * The connection's descriptor, for a post-copy service that takes its own dup of it; no
    * read or write may be left running on this channel from then on.
    */

@@ -1,0 +1,181 @@
+/**
+ * Mutual authentication before the first livemig frame (issue 17; not yet used by migrate()
+ * and listen()): a TLS handshake on the fresh connection with certificates (TLS 1.3, both
+ * sides presenting one, names checked) or a pre-shared key (TLS 1.2 ECDHE-PSK, which keeps
+ * forward secrecy; Node 20 has no external PSK for TLS 1.3), then a closing exchange after
+ * which neither side's TLS layer reads, and the connection is handed to the native data path
+ * with keys for each direction taken from the TLS exporter (RFC 5705 / RFC 8446 §7.5).
+ *
+ *   client (source)                        server (destination)
+ *     ClientHello ... Finished  ------->     (handshake; certificate names or PSK identity checked)
+ *                               <-------     session tickets (TLS 1.3)
+ *     "LMOK" (TLS record)       ------->     stops reading TLS, then
+ *                               <-------     "LMGO" (its last TLS record)
+ *     stops reading TLS; from here both speak livemig frames on the bare descriptor
+ */
+import net from 'node:net';
+import tls from 'node:tls';
+import { LivemigError } from '../errors.js';
+import { WireChannel } from '../protocol/wire.js';
+
+export type Credentials =
+  | {
+      kind: 'cert';
+      /** PEM: this side's certificate and key, and the CA its peer's certificate must chain to */
+      cert: Buffer;
+      key: Buffer;
+      ca: Buffer;
+      /** server: the client certificate names admitted (like QEMU's tls-authz); absent: any the CA signed */
+      allow?: readonly string[];
+      /** client: the name the server's certificate must carry */
+      peerName?: string;
+    }
+  | { kind: 'psk'; identity: string; key: Buffer };
+
+export interface DirectionKeys {
+  key: Buffer;
+  salt: Buffer;
+}
+
+export interface Secured {
+  channel: WireChannel;
+  /** what this side seals with, and what it opens with (the peer's send keys) */
+  send: DirectionKeys;
+  receive: DirectionKeys;
+  auth: 'tls-cert' | 'tls-psk';
+  /** the peer's certificate name, or its PSK identity */
+  peer: string;
+  cipher: string;
+}
+
+const PSK_CIPHER = 'ECDHE-PSK-CHACHA20-POLY1305';
+const EXPORTER_LABEL = 'EXPORTER-livemig-stream-v1';
+const CLIENT_DONE = Buffer.from('LMOK');
+const SERVER_DONE = Buffer.from('LMGO');
+/** client to server key and salt, then server to client */
+const KEY_BYTES = 32;
+const SALT_BYTES = 4;
+
+function refused(message: string, cause?: unknown): LivemigError {
+  return new LivemigError('ERR_LIVEMIG_AUTH', message, { phase: 'handshake', ...(cause === undefined ? {} : { cause }) });
+}
+
+function keys(s: tls.TLSSocket, isClient: boolean): { send: DirectionKeys; receive: DirectionKeys } {
+  const m = s.exportKeyingMaterial(2 * (KEY_BYTES + SALT_BYTES), EXPORTER_LABEL, Buffer.alloc(0));
+  const c2s = { key: m.subarray(0, KEY_BYTES), salt: m.subarray(KEY_BYTES, KEY_BYTES + SALT_BYTES) };
+  const s2c = { key: m.subarray(KEY_BYTES + SALT_BYTES, 2 * KEY_BYTES + SALT_BYTES), salt: m.subarray(2 * KEY_BYTES + SALT_BYTES) };
+  return isClient ? { send: c2s, receive: s2c } : { send: s2c, receive: c2s };
+}
+
+/** Stops the TLS layer reading from the descriptor at once (Node's pause() only stops the stream). */
+function stopReading(s: tls.TLSSocket): void {
+  (s as unknown as { _handle?: { readStop?: () => number } })._handle?.readStop?.();
+}
+
+/** Resolves with `marker` once it has arrived (the peer's last TLS record); anything else is refused. */
+function awaitMarker(s: tls.TLSSocket, marker: Buffer, timeoutMs: number, onArrived: () => void): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let got = Buffer.alloc(0);
+    const timer = setTimeout(() => fail(new LivemigError('ERR_LIVEMIG_TIMEOUT', `the peer did not finish the secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+    const onError = (e: Error): void => fail(refused(`the secure handshake failed: ${e.message}`, e));
+    const onClose = (): void => fail(refused('the peer closed the connection during the secure handshake'));
+    const settle = (): void => {
+      clearTimeout(timer);
+      s.off('data', onData);
+      s.off('error', onError);
+      s.off('close', onClose);
+    };
+    const fail = (e: Error): void => {
+      settle();
+      reject(e);
+    };
+    const onData = (d: Buffer): void => {
+      got = Buffer.concat([got, d]);
+      if (got.length < marker.length) return;
+      if (got.length > marker.length || !got.equals(marker)) return fail(new LivemigError('ERR_LIVEMIG_PROTOCOL', 'unexpected data in the secure handshake', { phase: 'handshake' }));
+      onArrived(); // in the same tick as the marker: nothing after it is read by TLS
+      settle();
+      resolve();
+    };
+    s.on('data', onData);
+    s.on('error', onError);
+    s.on('close', onClose);
+  });
+}
+
+const write = (s: tls.TLSSocket, b: Buffer): Promise<void> => new Promise((resolve, reject) => s.write(b, (e) => (e ? reject(refused(`the secure handshake failed: ${e.message}`, e)) : resolve())));
+
+/** The source's side: authenticates the destination and itself, then hands the connection over. */
+export async function secureConnect(raw: net.Socket, creds: Credentials, timeoutMs = 10_000): Promise<Secured> {
+  const options: tls.ConnectionOptions =
+    creds.kind === 'cert'
+      ? { socket: raw, cert: creds.cert, key: creds.key, ca: creds.ca, minVersion: 'TLSv1.3', ...(creds.peerName ? { servername: creds.peerName } : { checkServerIdentity: () => undefined }) }
+      : { socket: raw, ciphers: PSK_CIPHER, minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2', checkServerIdentity: () => undefined, pskCallback: () => ({ psk: creds.key, identity: creds.identity }) };
+  const s = tls.connect(options);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+      s.once('secureConnect', () => (clearTimeout(timer), resolve()));
+      s.once('error', (e) => (clearTimeout(timer), reject(refused(`the destination could not be authenticated: ${e.message}`, e))));
+    });
+    if (creds.kind === 'cert' && !s.authorized) throw refused(`the destination's certificate is not trusted: ${String(s.authorizationError)}`);
+    const peer = creds.kind === 'cert' ? String(s.getPeerCertificate().subject?.CN ?? '') : creds.identity;
+    const k = keys(s, true);
+    const cipher = s.getCipher().name;
+    const done = awaitMarker(s, SERVER_DONE, timeoutMs, () => stopReading(s));
+    await write(s, CLIENT_DONE);
+    await done;
+    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s) };
+  } catch (e) {
+    s.destroy();
+    throw e;
+  }
+}
+
+/** The destination's side: authenticates the source (certificate name in `allow`, or PSK) and itself. */
+export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutMs = 10_000): Promise<Secured> {
+  let pskIdentity = '';
+  const options: tls.TlsOptions =
+    creds.kind === 'cert'
+      ? // the chain is checked below, so that a refusal says why (rejectUnauthorized only hangs up)
+        { cert: creds.cert, key: creds.key, ca: creds.ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.3' }
+      : {
+          ciphers: PSK_CIPHER,
+          minVersion: 'TLSv1.2',
+          maxVersion: 'TLSv1.2',
+          pskCallback: (_s: tls.TLSSocket, identity: string) => {
+            pskIdentity = identity;
+            return identity === creds.identity ? creds.key : null;
+          },
+        };
+  // A tls.Server that never listens: it wraps the connection we accepted and works out whether
+  // the client's certificate chains to the CA (authorized, authorizationError).
+  const server = tls.createServer(options);
+  let s: tls.TLSSocket | undefined;
+  try {
+    s = await new Promise<tls.TLSSocket>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+      server.once('secureConnection', (t: tls.TLSSocket) => (clearTimeout(timer), resolve(t)));
+      server.once('tlsClientError', (e) => (clearTimeout(timer), reject(refused(`the source could not be authenticated: ${e.message}`, e))));
+      raw.once('close', () => (clearTimeout(timer), reject(refused('the source closed the connection during the secure handshake'))));
+      server.emit('connection', raw);
+    });
+    let peer: string;
+    if (creds.kind === 'cert') {
+      peer = String(s.getPeerCertificate().subject?.CN ?? '');
+      if (!s.authorized) throw refused(`the source could not be authenticated: its certificate is not trusted (${String(s.authorizationError ?? 'none presented')})`);
+      if (creds.allow && !creds.allow.includes(peer)) throw refused(`the source's certificate names '${peer}', which --allow does not admit`);
+    } else {
+      peer = pskIdentity;
+    }
+    const k = keys(s, false);
+    const cipher = s.getCipher().name;
+    await awaitMarker(s, CLIENT_DONE, timeoutMs, () => stopReading(s!));
+    await write(s, SERVER_DONE);
+    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s) };
+  } catch (e) {
+    s?.destroy();
+    raw.destroy();
+    throw e;
+  }
+}
