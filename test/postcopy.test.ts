@@ -13,6 +13,8 @@ import { MigrationControl } from '../src/source/types.js';
 import { LivemigError } from '../src/errors.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import { listen } from '../src/receiver/listen.js';
+import type { Credentials } from '../src/security/tls.js';
+import { makeCa, opensslMissing } from './certs.js';
 import type { ReceiveReport } from '../src/receiver/receiver.js';
 import { Region } from '../src/region/region.js';
 import { fillContent } from '../src/workload/content.js';
@@ -131,7 +133,7 @@ describe('post-copy fault service (in process)', { skip }, () => {
 });
 
 /** A receiver with a reference guest behind it, and a way to cut its connections. */
-async function setup(size: number, rate: number, recoverTimeoutMs = 20_000): Promise<{
+async function setup(size: number, rate: number, recoverTimeoutMs = 20_000, credentials?: Credentials): Promise<{
   guest: SourceGuest;
   observer: HeartbeatObserver;
   result: Promise<ReceiveReport>;
@@ -150,6 +152,7 @@ async function setup(size: number, rate: number, recoverTimeoutMs = 20_000): Pro
     postcopy: { register: () => incoming!.register() },
     activate: async (_r, ds) => incoming!.activate(ds),
     recoverTimeoutMs,
+    ...(credentials ? { credentials } : {}),
   });
   const observer = await HeartbeatObserver.start();
   const guest = await SourceGuest.spawn({ size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address });
@@ -227,6 +230,19 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     const beats = s.observer.beats.filter((b) => b.pid === pid).length;
     await new Promise((r) => setTimeout(r, 50));
     assert.ok(s.observer.beats.filter((b) => b.pid === pid).length > beats, 'heartbeats continue on the destination');
+    await s.close();
+  });
+
+  test('postcopy over authenticated connections: the priority connection joins with its own handshake, and the image is the same', { skip: opensslMissing }, async () => {
+    const { ca, certs } = makeCa(['src', 'dst']);
+    s = await setup(64 * MiB, 64, 20_000, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+    const g = s.guest;
+    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'postcopy', credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' } });
+    const rx = await s.result;
+    assert.deepEqual([report.security.auth, report.security.peer, rx.security.peer], ['tls-cert', 'dst', 'src']);
+    assert.equal(rx.digest, report.digest, 'both sides hold the same image');
+    assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, g.region.pageCount, 'every page crossed once');
+    assert.equal((await verifyDestination(s)).bad, 0);
     await s.close();
   });
 

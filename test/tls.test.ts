@@ -6,44 +6,15 @@
  * come from the openssl command (skipped, with the reason, where it is missing).
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { encodeFrame } from '../src/protocol/frame.js';
 import { FrameType } from '../src/protocol/format.js';
 import { secureAccept, secureConnect, type Credentials, type Secured } from '../src/security/tls.js';
+import { makeCa as makeTestCa, opensslMissing as why } from './certs.js';
 
-const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-tls-'));
-after(() => rmSync(dir, { recursive: true, force: true }));
-
-function openssl(...args: string[]): void {
-  execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' });
-}
-
-let why: string | undefined;
-try {
-  execFileSync('openssl', ['version'], { stdio: 'ignore' });
-} catch {
-  why = 'the openssl command is not installed (it makes the test certificates)';
-}
-
-/** A CA and certificates for `names`, each signed by it. */
-function makeCa(tag: string, names: string[]): { ca: Buffer; certs: Record<string, { cert: Buffer; key: Buffer }> } {
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
-  openssl('req', '-x509', ...ec, '-keyout', `${tag}-ca.key`, '-out', `${tag}-ca.crt`, '-days', '1', '-subj', `/CN=${tag} test CA`);
-  const certs: Record<string, { cert: Buffer; key: Buffer }> = {};
-  for (const n of names) {
-    openssl('req', ...ec, '-keyout', `${tag}-${n}.key`, '-out', `${tag}-${n}.csr`, '-subj', `/CN=${n}`);
-    writeFileSync(path.join(dir, `${tag}-${n}.ext`), `subjectAltName=DNS:${n}\n`);
-    openssl('x509', '-req', '-in', `${tag}-${n}.csr`, '-CA', `${tag}-ca.crt`, '-CAkey', `${tag}-ca.key`, '-CAcreateserial', '-out', `${tag}-${n}.crt`, '-days', '1', '-extfile', `${tag}-${n}.ext`);
-    certs[n] = { cert: readFileSync(path.join(dir, `${tag}-${n}.crt`)), key: readFileSync(path.join(dir, `${tag}-${n}.key`)) };
-  }
-  return { ca: readFileSync(path.join(dir, `${tag}-ca.crt`)), certs };
-}
+const makeCa = (_tag: string, names: string[]) => makeTestCa(names);
 
 /** One connection on loopback: the client and server sides secured with their credentials. */
 async function pair(client: Credentials, server: Credentials): Promise<[PromiseSettledResult<Secured>, PromiseSettledResult<Secured>]> {

@@ -4,7 +4,6 @@
  * commitment is sending POSTCOPY), and the pages follow: on request on the priority
  * connection, pushed in the background on the main one.
  */
-import net from 'node:net';
 import { trace } from '../trace.js';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, digestOf } from '../native.js';
@@ -16,15 +15,15 @@ import type { Region } from '../region/region.js';
 import type { PageServer, Connections, PushPacer, PushStats } from './source.js';
 
 export interface PostcopyLink {
-  /** opens a new connection to the destination */
-  connect(): Promise<net.Socket>;
+  /** opens a new connection to the destination, authenticated as the first one was */
+  connect(): Promise<WireChannel>;
   session: string;
   version: number;
 }
 
 /** A connection joining the session as `role`. */
 export async function attachConnection(link: PostcopyLink, role: AttachRole): Promise<WireChannel> {
-  const ch = WireChannel.fromSocket(await link.connect());
+  const ch = await link.connect();
   try {
     await ch.send(encodeAttach({ session: link.session, role }, link.version));
   } catch (e) {

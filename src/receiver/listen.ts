@@ -7,7 +7,9 @@ import { LivemigError } from '../errors.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAttach, encodeError } from '../protocol/messages.js';
-import { WireChannel } from '../protocol/wire.js';
+import type { WireChannel } from '../protocol/wire.js';
+import { openChannel } from '../security/tls.js';
+import { trace } from '../trace.js';
 import { receiveOn } from './receiver.js';
 import { SessionTable } from './session.js';
 import type { ReceiveOptions, ReceiveReport } from './types.js';
@@ -33,7 +35,7 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   const sessions = new SessionTable();
   server.on('connection', (socket) => {
     if (busy) {
-      void routeAttach(socket, sessions);
+      void routeAttach(socket, sessions, options);
       return;
     }
     busy = true;
@@ -59,12 +61,15 @@ export async function listen(host: string, port: number, options: ReceiveOptions
 }
 
 /** A connection while a migration runs: its first frame must be ATTACH naming a live session. */
-async function routeAttach(socket: net.Socket, sessions: SessionTable): Promise<void> {
+async function routeAttach(socket: net.Socket, sessions: SessionTable, options: ReceiveOptions): Promise<void> {
   let ch: WireChannel;
   try {
-    ch = WireChannel.fromSocket(socket);
-  } catch {
-    socket.destroy(); // no descriptor to take over: nothing was read, nothing to answer
+    // a joining connection authenticates like the first one: nobody else may attach to a session
+    ch = (await openChannel(socket, options.credentials, 'server', options.authTimeoutMs ?? ATTACH_WAIT_MS)).channel;
+  } catch (e) {
+    // not authenticated, or no descriptor to take over: nothing to answer, but observers hear it
+    trace('receiver', 'joining connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
+    socket.destroy();
     return;
   }
   try {

@@ -13,7 +13,8 @@ import { ProtocolError } from '../protocol/errors.js';
 import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, encodeActivated, encodeCommitAck, encodeError, encodeImageHashes, encodeRoundAck, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
-import { WireChannel, type PageSink, type WireFrame } from '../protocol/wire.js';
+import type { PageSink, WireChannel, WireFrame } from '../protocol/wire.js';
+import { openChannel, type SecurityReport } from '../security/tls.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
@@ -22,6 +23,9 @@ import { runPostcopy } from './postcopy.js';
 import { SessionTable, type PostcopySession } from './session.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } from './types.js';
 import { Stages } from '../stages.js';
+
+/** How long a source may take to authenticate (the destination holds nothing for it meanwhile). */
+const AUTH_TIMEOUT_MS = 10_000;
 
 const NEXT = {
   hello: ['reserve', 'failed'],
@@ -40,9 +44,10 @@ export type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } fr
  * connections that join a post-copy session (without one, nobody can join: no post-copy).
  */
 export async function receiveOn(socket: net.Socket, options: ReceiveOptions, sessions = new SessionTable()): Promise<ReceiveReport> {
-  const ch = WireChannel.fromSocket(socket);
+  // nothing is reserved for a source that cannot authenticate
+  const { channel: ch, security } = await openChannel(socket, options.credentials, 'server', options.authTimeoutMs ?? AUTH_TIMEOUT_MS);
   ch.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
-  const incoming = new Incoming(ch, options, sessions);
+  const incoming = new Incoming(ch, options, sessions, security);
   try {
     const hello = await incoming.hello();
     const accepted = await incoming.reserve(hello);
@@ -72,13 +77,15 @@ class Incoming {
   readonly #sessions: SessionTable;
   readonly #progress: (e: ReceiveProgress) => void;
   readonly #stage = new Stages<ReceiverState>('hello', 'failed', NEXT);
+  readonly #security: SecurityReport;
   #version = PROTOCOL_VERSION;
   #region: Region | undefined;
   #session: PostcopySession | undefined;
   #faults: FaultService | undefined;
 
-  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable) {
+  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, security: SecurityReport) {
     this.#ch = ch;
+    this.#security = security;
     this.#options = options;
     this.#sessions = sessions;
     this.#progress = options.onProgress ?? (() => undefined);
@@ -251,7 +258,7 @@ class Incoming {
     trace('receiver', 'ACTIVATED sent');
     this.#progress({ type: 'activated', activate_ms: activateMs });
     await this.#ch.finish();
-    return { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy' };
+    return { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security };
   }
 
   async #postcopy(payload: Buffer, a: Accepted, got: Received): Promise<ReceiveReport> {
@@ -274,7 +281,7 @@ class Incoming {
         onRunning: () => this.#stage.enter('postcopy'),
         onFaults: (s) => (this.#faults = s),
       },
-      { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds },
+      { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, security: this.#security },
     );
   }
 

@@ -1,6 +1,7 @@
 /** The destination's public types: options, progress events and the report. */
 import type { FaultStats } from '../postcopy/dest.js';
 import type { Region } from '../region/region.js';
+import type { Credentials, SecurityReport } from '../security/tls.js';
 
 export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'postcopy' | 'failed';
 
@@ -51,6 +52,13 @@ export interface ReceiveOptions {
   postcopy?: { register(region: Region): Promise<{ uffd: number; address: bigint }> };
   /** post-copy: how long to wait for the source to come back after a break (default 60 s) */
   recoverTimeoutMs?: number;
+  /**
+   * authenticate the source before its first frame, on every connection (src/security/tls.ts);
+   * with certificates, `allow` names the sources admitted
+   */
+  credentials?: Credentials;
+  /** how long the authentication may take (default 10 s) */
+  authTimeoutMs?: number;
 }
 
 export interface ReceiveReport {
@@ -61,5 +69,7 @@ export interface ReceiveReport {
   digest: string;
   activate_ms: number;
   mode: 'precopy' | 'postcopy';
+  /** how the source's connection was secured */
+  security: SecurityReport;
   postcopy?: FaultStats & { pages_needed: number; total_ms: number; reconnects: number };
 }

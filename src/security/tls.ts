@@ -179,3 +179,25 @@ export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutM
     throw e;
   }
 }
+
+/** What a report says of a connection's security. */
+export interface SecurityReport {
+  auth: 'tls-cert' | 'tls-psk' | 'none';
+  /** the peer's certificate name or PSK identity; null without authentication */
+  peer: string | null;
+  cipher: string | null;
+  /** whether pages cross encrypted (not yet: the native record layer is not wired in) */
+  encrypted: boolean;
+}
+
+const INSECURE: SecurityReport = { auth: 'none', peer: null, cipher: null, encrypted: false };
+
+/**
+ * A fresh connection as a livemig channel: authenticated first when there are credentials
+ * (`client`: we opened it; `server`: we accepted it), taken over as it is otherwise.
+ */
+export async function openChannel(socket: net.Socket, creds: Credentials | undefined, side: 'client' | 'server', timeoutMs: number): Promise<{ channel: WireChannel; security: SecurityReport }> {
+  if (!creds) return { channel: WireChannel.fromSocket(socket), security: INSECURE };
+  const s = side === 'client' ? await secureConnect(socket, creds, timeoutMs) : await secureAccept(socket, creds, timeoutMs);
+  return { channel: s.channel, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: false } };
+}

@@ -10,6 +10,7 @@ import { Stages } from '../stages.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import type { Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
+import type { SecurityReport } from '../security/tls.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import type { Settings } from './options.js';
 import type { ProgressEvent, RoundStats } from './types.js';
@@ -46,6 +47,7 @@ export interface Session {
   encoder: PageEncoder | undefined;
   /** when the handshake and reservation were done (ms), and how long they took */
   prepMs: number;
+  security: SecurityReport;
 }
 
 export class SourceContext {

@@ -11,7 +11,8 @@ import { PageEncoder } from '../encoding/encoder.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
-import { WireChannel } from '../protocol/wire.js';
+import type { WireChannel } from '../protocol/wire.js';
+import { openChannel } from '../security/tls.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
@@ -27,7 +28,8 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   // through unmapped pages would fault once per page in the middle of the first round.
   const populated = region.populateAsync(false);
   populated.catch(() => undefined); // awaited below
-  const channel = WireChannel.fromSocket(await connect(options.to));
+  const opened = await openChannel(await connect(options.to), options.credentials, 'client', settings.handshakeTimeoutMs);
+  const channel = opened.channel;
   ctx.channel = channel;
   // frames from the destination are read as they come, so an ERROR it sends while we are
   // busy sending pages explains the failure instead of a bare connection reset
@@ -67,7 +69,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
     trackerReason = `${choice.backend}: ${choice.reason}`;
   }
   ctx.tracker = tracker;
-  ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, prepMs };
+  ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, prepMs, security: opened.security };
   ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason });
 }
 
@@ -75,12 +77,14 @@ function postcopyLink(ctx: SourceContext, accept: Accept, version: number): Post
   if (!accept.capabilities.includes(CAP_POSTCOPY) || !accept.session) return undefined;
   const { options } = ctx.settings;
   const to = options.to;
-  const reconnect =
+  const open =
     options.connect ??
     (() => {
       if (to instanceof net.Socket) throw invalid('post-copy needs `connect` (a way to open more connections) when `to` is a socket');
       return connect(to);
     });
+  // every further connection (the priority one, and each after a break) is authenticated too
+  const reconnect = async (): Promise<WireChannel> => (await openChannel(await open(), options.credentials, 'client', ctx.settings.handshakeTimeoutMs)).channel;
   return { session: accept.session, version, connect: reconnect };
 }
 

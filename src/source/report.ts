@@ -49,6 +49,7 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     forced_stop: pc ? false : ctx.forcedStop,
     max_throttle_percentage: ctx.maxThrottle,
     stop_and_copy: end.stopAndCopy,
+    security: ctx.session.security,
     ...(pc ? { postcopy: { ...pc.stats, pages_needed: pc.pagesNeeded, postcopy_ms: +pc.postcopyMs.toFixed(1), verify_ms: +pc.verifyMs.toFixed(1) } } : {}),
   };
 }

@@ -2,6 +2,7 @@ import type net from 'node:net';
 import type { Region } from '../region/region.js';
 import type { DirtyTracker, RemoteTarget } from '../tracking/types.js';
 import type { StallAction } from '../precopy/policy.js';
+import type { Credentials, SecurityReport } from '../security/tls.js';
 
 /** What a running migration's bandwidth cap is enforced by (src/pacing/pacer.ts). */
 export interface BandwidthTarget {
@@ -160,6 +161,11 @@ export interface MigrateOptions {
   recoverTimeoutMs?: number;
   /** handshake timeout (default 60 s: the destination may reserve gigabytes) */
   handshakeTimeoutMs?: number;
+  /**
+   * authenticate both sides before the first frame, on every connection (src/security/tls.ts):
+   * certificates (TLS 1.3) or a pre-shared key; without, the connection is not authenticated
+   */
+  credentials?: Credentials;
   onProgress?(event: ProgressEvent): void;
 }
 
@@ -192,6 +198,8 @@ export interface MigrationReport {
   /** highest throttle applied, percent */
   max_throttle_percentage: number;
   stop_and_copy: { pages: number; bytes: number; pause_ms: number; final_collect_ms: number; send_ms: number; commit_ms: number; activate_ms: number };
+  /** how the connections were secured */
+  security: SecurityReport;
   /** post-copy phase: pages pushed and served on request, from the switch to completion */
   postcopy?: PostcopyStats & { pages_needed: number; postcopy_ms: number; verify_ms: number };
 }
