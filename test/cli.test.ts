@@ -40,3 +40,41 @@ test('usage errors name the usage stage and exit 2, as an unknown command does',
     assert.ok(!r.stderr.includes('unknown phase'), 'every error names its stage');
   }
 });
+
+test('send and receive with --psk-file: the migration runs authenticated; a wrong key fails both with ERR_LIVEMIG_AUTH before any page', async () => {
+  const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
+  const os = await import('node:os');
+  const { spawn } = await import('node:child_process');
+  const { createInterface } = await import('node:readline');
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-psk-'));
+  try {
+    const good = path.join(dir, 'good.psk');
+    const bad = path.join(dir, 'bad.psk');
+    writeFileSync(good, `src:${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    writeFileSync(bad, `src:${'cd'.repeat(32)}\n`, { mode: 0o600 });
+    const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
+    const attempt = async (senderKey: string): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync> }> => {
+      const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', good], { stdio: ['ignore', 'pipe', 'inherit'], env });
+      const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
+      const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
+      const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
+      const rx = JSON.parse((await lines.next()).value as string) as Record<string, unknown>;
+      receiver.kill();
+      const guestPid = (rx as { guest_pid?: number }).guest_pid;
+      if (guestPid) process.kill(guestPid, 'SIGTERM');
+      return { rx, tx };
+    };
+    const ok = await attempt(good);
+    assert.equal(ok.tx.status, 0, String(ok.tx.stderr));
+    const report = JSON.parse(String(ok.tx.stdout).trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string } };
+    assert.equal(report.verified, true);
+    assert.deepEqual([report.security.auth, report.security.peer], ['tls-psk', 'src']);
+    assert.equal((ok.rx as { received: { security: { auth: string } } }).received.security.auth, 'tls-psk');
+    const refused = await attempt(bad);
+    assert.equal(refused.tx.status, 1, 'the sender fails');
+    assert.match(String(refused.tx.stderr), /ERR_LIVEMIG_AUTH/);
+    assert.equal((refused.rx as { error: { code: string } }).error.code, 'ERR_LIVEMIG_AUTH', 'the receiver refused before reserving');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -47,6 +47,7 @@ function describe(r: DemoReport): string {
       `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms`,
       `downtime as the guest saw it (largest heartbeat gap from the first page on): ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
       `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,
+      `security: ${r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`}; pages ${r.security.encrypted ? 'encrypted' : 'not encrypted'}`,
       `encodings: ${r.encodings ? `${r.zero_pages} zero, ${r.dup_pages} dup, ${r.lz4_pages} lz4 (ratio ${r.lz4_ratio}), ${r.raw_pages} raw, ${r.skipped_pages} already there` : 'off'}`,
     ].join('\n') + '\n'
   );

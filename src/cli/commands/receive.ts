@@ -3,6 +3,7 @@ import type { LivemigError } from '../../errors.js';
 import { listen } from '../../receiver/listen.js';
 import { IncomingGuest } from '../../workload/controller.js';
 import { str, type Command, type FlagValues } from '../flags.js';
+import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseSize } from '../units.js';
 
 export const receive: Command = {
@@ -20,12 +21,15 @@ export const receive: Command = {
     'max-region': { type: 'string', value: 'SIZE', help: 'refuse larger regions (default: what the memory allows)' },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
+    ...DESTINATION_SECURITY_FLAGS,
   },
   async run(v: FlagValues): Promise<number> {
     const { host, port } = parseHostPort(str(v, 'listen'), '--listen');
+    const credentials = credentialsFrom(v, 'destination');
     let guestPid = 0;
     let incoming: IncomingGuest | undefined;
     const rx = await listen(host, port, {
+      ...(credentials ? { credentials } : {}),
       ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
       ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
       onReserved: async (region, postcopy) => {

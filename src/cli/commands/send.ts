@@ -3,6 +3,7 @@ import { migrate } from '../../source/migrate.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags, printProgress } from '../migration-flags.js';
+import { SOURCE_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort } from '../units.js';
 
 export const send: Command = {
@@ -19,12 +20,14 @@ export const send: Command = {
     heartbeat: { type: 'string', value: 'HOST:PORT', help: "where the guest sends its UDP heartbeats (default none)" },
     ...GUEST_FLAGS,
     ...POLICY_FLAGS,
+    ...SOURCE_SECURITY_FLAGS,
   },
   async run(v: FlagValues): Promise<number> {
     if (typeof v['to'] !== 'string') throw usageError("send needs --to HOST:PORT (see 'livemig send --help')");
     const to = parseHostPort(str(v, 'to'), '--to');
     const g = guestSpec(v);
-    const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v) };
+    const credentials = credentialsFrom(v, 'source');
+    const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v), ...(credentials ? { credentials } : {}) };
     const guest = await SourceGuest.spawn({ ...g, ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) });
     try {
       const report = await migrate({
