@@ -30,6 +30,8 @@ test('usage errors name the usage stage and exit 2, as an unknown command does',
     [['send', '--to', 'nowhere'], /\(usage\): --to: expected HOST:PORT/],
     [['demo', '--bogus'], /\(usage\): demo: Unknown option '--bogus'/],
     [['receive', 'stray'], /\(usage\): receive: .*stray/],
+    [['receive', '--listen', '0.0.0.0:0'], /ERR_LIVEMIG_INSECURE \(validate\): listening on 0\.0\.0\.0 without credentials.*--insecure/],
+    [['send', '--to', '10.11.12.13:7878', '--size', '16MiB'], /ERR_LIVEMIG_INSECURE \(validate\): migrating to 10\.11\.12\.13 without credentials/],
     [['bogus'], /unknown command 'bogus'/],
     [[], /usage: livemig <command>/],
   ];

@@ -81,3 +81,20 @@ test('a source the destination cannot authenticate is refused before anything is
   assert.equal(psk.error?.code, 'ERR_LIVEMIG_AUTH', 'a wrong pre-shared key is refused');
   assert.equal(psk.reserved, 0);
 });
+
+test('secure by default: off loopback without credentials, listen() and migrate() refuse unless insecure is asked for', async () => {
+  await assert.rejects(listen('0.0.0.0', 0, { activate: async () => undefined }), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE' && /--insecure/.test(e.message));
+  const rx = await listen('0.0.0.0', 0, { activate: async () => undefined, insecure: true });
+  await rx.close();
+  const region = Region.create(16 * 4096, { name: 'insecure-src' });
+  let paused = 0;
+  try {
+    await assert.rejects(
+      migrate({ region, to: { host: '10.11.12.13', port: 7878 }, pause: async () => (paused++, new Uint8Array(0)), resume: async () => undefined }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE' && e.phase === 'validate',
+    );
+    assert.equal(paused, 0);
+  } finally {
+    region.release();
+  }
+});

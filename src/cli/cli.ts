@@ -18,7 +18,7 @@ function globalUsage(): string {
     ...COMMANDS.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
     `  ${'help'.padEnd(width)}this text, or a command's own: livemig help <command>, livemig <command> --help`,
     '',
-    'exit codes: 0 done, 1 the migration (or the check) failed, 2 a usage error',
+    'exit codes: 0 done, 1 the migration (or the check) failed, 2 a usage error (or off loopback without credentials)',
     '',
   ].join('\n');
 }

@@ -36,7 +36,8 @@ export function usageError(message: string): LivemigError {
 }
 
 export function isUsageError(e: unknown): boolean {
-  return e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && (e.phase === 'usage' || e.phase === 'validate');
+  if (!(e instanceof LivemigError)) return false;
+  return e.code === 'ERR_LIVEMIG_INSECURE' || (e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && (e.phase === 'usage' || e.phase === 'validate'));
 }
 
 const HELP_FLAG: FlagSpec = { type: 'boolean', help: 'print this help and exit' };

@@ -9,6 +9,7 @@ export const SOURCE_SECURITY_FLAGS: Flags = {
   'tls-ca': { type: 'string', value: 'FILE', help: "the CA the peer's certificate must chain to (PEM)" },
   'peer-name': { type: 'string', value: 'NAME', help: "the name the destination's certificate must carry" },
   'psk-file': { type: 'string', value: 'FILE', help: 'authenticate with a pre-shared key instead: a file holding IDENTITY:HEXKEY (32 bytes or more)' },
+  insecure: { type: 'boolean', default: false, help: 'off loopback without credentials, on purpose (refused otherwise)' },
 };
 
 export const DESTINATION_SECURITY_FLAGS: Flags = {

@@ -8,6 +8,7 @@ import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError, invalidArgument } from '../errors.js';
+import { isLoopback } from '../security/tls.js';
 import { migrate } from '../source/migrate.js';
 import type { MigrateOptions, MigrationReport, ProgressEvent } from '../source/types.js';
 import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workload/content.js';
@@ -93,7 +94,9 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const maxRounds = o.maxRounds ?? 30;
   // heartbeats from both guests must reach the observer: across a namespace link, on its near end
   const observer = await HeartbeatObserver.start(receiverAt.observer);
-  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...receiverArgs];
+  // a receiver in a test namespace is off loopback: the demo runs it without credentials on purpose
+  const insecure = isLoopback(receiverAt.host) ? [] : ['--insecure'];
+  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...insecure, ...receiverArgs];
   const receiver = spawn(rxCommand[0]!, rxCommand.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
@@ -116,6 +119,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       region: source.region,
       ...(source.target ? { target: source.target } : {}),
       to: { host: receiverAt.host, port },
+      insecure: !isLoopback(receiverAt.host),
       pause: early ? async () => early : () => source.pause(),
       resume: () => source.resume(),
       release: () => source.exit(),

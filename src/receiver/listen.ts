@@ -8,7 +8,7 @@ import { ProtocolError } from '../protocol/errors.js';
 import { FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAttach, encodeError } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
-import { openChannel } from '../security/tls.js';
+import { assertSecureEnough, openChannel } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { receiveOn } from './receiver.js';
 import { SessionTable } from './session.js';
@@ -27,6 +27,7 @@ export interface Receiver {
 
 /** Listens and serves migrations one at a time. */
 export async function listen(host: string, port: number, options: ReceiveOptions): Promise<Receiver> {
+  assertSecureEnough(host, options.credentials, options.insecure, 'listening on');
   // pauseOnConnect: Node must not read from the connection before the native wire owns it
   const server = net.createServer({ noDelay: true, pauseOnConnect: true });
   const results: { resolve: (r: ReceiveReport) => void; reject: (e: unknown) => void }[] = [];

@@ -59,6 +59,8 @@ export interface ReceiveOptions {
   credentials?: Credentials;
   /** how long the authentication may take (default 10 s) */
   authTimeoutMs?: number;
+  /** listen off loopback without credentials, on purpose (refused otherwise: ERR_LIVEMIG_INSECURE) */
+  insecure?: boolean;
 }
 
 export interface ReceiveReport {

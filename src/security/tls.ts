@@ -201,3 +201,21 @@ export async function openChannel(socket: net.Socket, creds: Credentials | undef
   const s = side === 'client' ? await secureConnect(socket, creds, timeoutMs) : await secureAccept(socket, creds, timeoutMs);
   return { channel: s.channel, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: false } };
 }
+
+/** Loopback addresses: the one place a migration may run without credentials unasked. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host) || /^::ffff:127\./.test(host);
+}
+
+/**
+ * Secure by default: off loopback, a migration without credentials is refused unless asked for
+ * on purpose. Returns nothing; throws ERR_LIVEMIG_INSECURE with how to fix it.
+ */
+export function assertSecureEnough(host: string, creds: Credentials | undefined, insecure: boolean | undefined, what: string): void {
+  if (creds || insecure || isLoopback(host)) return;
+  throw new LivemigError(
+    'ERR_LIVEMIG_INSECURE',
+    `${what} ${host} without credentials: anyone who reaches it could ${what.startsWith('listening') ? 'send or activate a guest' : 'receive the guest'}. Give --tls-cert/--tls-key/--tls-ca (with --allow or --peer-name) or --psk-file, or pass --insecure on purpose`,
+    { phase: 'validate' },
+  );
+}

@@ -1,5 +1,7 @@
 /** The source's options, checked once with exact messages and resolved to their defaults. */
+import net from 'node:net';
 import { LivemigError } from '../errors.js';
+import { assertSecureEnough } from '../security/tls.js';
 import type { StallAction } from '../precopy/policy.js';
 import type { MigrateOptions } from './types.js';
 
@@ -42,6 +44,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
   const mode = options.mode ?? 'precopy';
   if (!MODES.includes(mode)) throw invalid(`mode must be one of ${MODES.join(', ')}, got ${String(mode)}`);
   if (options.recoverTimeoutMs !== undefined && !(options.recoverTimeoutMs > 0)) throw invalid('recoverTimeoutMs must be a positive number');
+  if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
   const ra = options.rateAdaptation;
   if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');
   return {

@@ -166,6 +166,8 @@ export interface MigrateOptions {
    * certificates (TLS 1.3) or a pre-shared key; without, the connection is not authenticated
    */
   credentials?: Credentials;
+  /** migrate to a destination off loopback without credentials, on purpose (refused otherwise: ERR_LIVEMIG_INSECURE) */
+  insecure?: boolean;
   onProgress?(event: ProgressEvent): void;
 }
 

@@ -30,6 +30,7 @@ export const receive: Command = {
     let incoming: IncomingGuest | undefined;
     const rx = await listen(host, port, {
       ...(credentials ? { credentials } : {}),
+      ...(v['insecure'] === true ? { insecure: true } : {}),
       ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
       ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
       onReserved: async (region, postcopy) => {

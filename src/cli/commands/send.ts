@@ -1,4 +1,5 @@
 /** livemig send: start a reference guest here and migrate it live to a receiver. */
+import { assertSecureEnough } from '../../security/tls.js';
 import { migrate } from '../../source/migrate.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
@@ -27,7 +28,9 @@ export const send: Command = {
     const to = parseHostPort(str(v, 'to'), '--to');
     const g = guestSpec(v);
     const credentials = credentialsFrom(v, 'source');
-    const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v), ...(credentials ? { credentials } : {}) };
+    const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v), ...(credentials ? { credentials } : {}), ...(v['insecure'] === true ? { insecure: true } : {}) };
+    // refused before a guest starts
+    assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     const guest = await SourceGuest.spawn({ ...g, ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) });
     try {
       const report = await migrate({
