@@ -32,6 +32,7 @@ Napi::Object WireFormat(Napi::Env env) {
   o.Set("minProtocolVersion", wire::kMinProtocolVersion);
   o.Set("maxPayload", wire::kMaxPayload);
   o.Set("flagsNone", wire::kFlagsNone);
+  o.Set("flagProve", wire::kFlagProve);
   o.Set("pageSize", static_cast<double>(wire::kPageSize));
   o.Set("maxBatchPages", wire::kMaxBatchPages);
   o.Set("pagesPrefixBytes", static_cast<double>(wire::kPagesPrefixBytes));
@@ -46,7 +47,7 @@ Napi::Object WireFormat(Napi::Env env) {
       {"Abort", wire::kAbort}, {"RoundAck", wire::kRoundAck}, {"PagesEnc", wire::kPagesEnc},
       {"ImageHashes", wire::kImageHashes}, {"Postcopy", wire::kPostcopy}, {"PostcopyRunning", wire::kPostcopyRunning},
       {"Attach", wire::kAttach}, {"PageRequest", wire::kPageRequest}, {"PostcopyComplete", wire::kPostcopyComplete},
-      {"Attached", wire::kAttached}};
+      {"Attached", wire::kAttached}, {"Digest", wire::kDigest}};
   for (const auto& [name, value] : named) types.Set(name, static_cast<uint32_t>(value));
   o.Set("frameTypes", types);
   Napi::Object enc = Napi::Object::New(env);

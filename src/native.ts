@@ -142,6 +142,7 @@ export interface NativeWireFormat {
   minProtocolVersion: number;
   maxPayload: number;
   flagsNone: number;
+  flagProve: number;
   pageSize: number;
   maxBatchPages: number;
   pagesPrefixBytes: number;

@@ -107,6 +107,7 @@ test('PAGES batches: layout roundtrip and shape checks', () => {
 test('version negotiation takes the newest common version', () => {
   assert.equal(M.negotiateVersion([1, 1]), 1);
   assert.equal(M.negotiateVersion([1, 9]), F.PROTOCOL_VERSION);
-  assert.equal(M.negotiateVersion([2, 9]), F.PROTOCOL_VERSION >= 2 ? 2 : undefined);
+  assert.equal(M.negotiateVersion([2, 9]), F.PROTOCOL_VERSION);
+  assert.equal(M.negotiateVersion([1, 2]), 2, 'an older peer gets its newest');
   assert.equal(M.negotiateVersion([0, 0]), undefined);
 });

@@ -16,10 +16,11 @@ namespace wire {
 
 constexpr uint16_t kMagic = 0x4D4C;
 constexpr size_t kHeaderBytes = 12;
-constexpr uint8_t kProtocolVersion = 2;
+constexpr uint8_t kProtocolVersion = 3;
 constexpr uint8_t kMinProtocolVersion = 1;
 constexpr uint32_t kMaxPayload = 64u * 1024 * 1024;
 constexpr uint16_t kFlagsNone = 0;
+constexpr uint16_t kFlagProve = 1;  // DEVICE_STATE, version 3: the destination answers with DIGEST
 // The page size of the wire and of every region; the addon refuses to load where the host's
 // differs (addon.cc), so nothing else needs to ask.
 constexpr size_t kPageSize = 4096;
@@ -49,7 +50,8 @@ enum FrameType : uint8_t {
   kPageRequest = 18,       // D->S on the priority connection: u32 count, count x u32 page
   kPostcopyComplete = 19,  // D->S: u64 digest of the page hashes, u32 page count
   kAttached = 20,
-  kMaxFrameType = kAttached,
+  kDigest = 21,  // version 3, R->S: the destination's own digest, asked for by kFlagProve
+  kMaxFrameType = kDigest,
 };
 
 // Per-page encodings of PAGES_ENC on the wire (4 is not used).

@@ -15,12 +15,17 @@
 export const MAGIC = 0x4d4c;
 export const HEADER_BYTES = 12;
 /** Current protocol version, and the oldest one still accepted from a peer. */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 export const MIN_PROTOCOL_VERSION = 1;
 /** Largest payload accepted: a 64 MiB device state, or a page batch (well under). */
 export const MAX_PAYLOAD = 64 * 1024 * 1024;
-/** Header flags defined so far: none; a frame carries 0. */
+/** Header flags: none but DEVICE_STATE's; every other frame carries 0. */
 export const FLAGS_NONE = 0;
+/**
+ * DEVICE_STATE, version 3: the source commits after this frame, so the destination sends its
+ * own digest of what it holds (DIGEST) for the source to compare before it commits.
+ */
+export const FLAG_PROVE = 1;
 
 /**
  * The page size of the wire and of every region: PAGES bodies are this long. The addon refuses
@@ -63,6 +68,8 @@ export enum FrameType {
   /** binary, D->S: u64 digest of the page hashes, u32 page count */
   PostcopyComplete = 19,
   Attached = 20,
+  /** version 3, R->S: the destination's own digest of what it holds, asked for by DEVICE_STATE's FLAG_PROVE */
+  Digest = 21,
 }
 
 export const MAX_FRAME_TYPE = Math.max(...Object.values(FrameType).filter((v): v is number => typeof v === 'number'));

@@ -7,7 +7,7 @@ import { pack, unpack } from 'msgpackr';
 import { addon, call } from '../native.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
-import { FrameType, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
+import { FLAG_PROVE, FLAGS_NONE, FrameType, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
 
 export interface Hello {
   /** versions the sender speaks, [oldest, newest] */
@@ -150,9 +150,22 @@ export function decodeAbort(p: Buffer): Abort {
   return { reason: m.reason };
 }
 
-export function encodeDeviceState(state: Uint8Array, version: number): Buffer {
+/** `prove` (version 3): the source commits next, so the destination answers with DIGEST. */
+export function encodeDeviceState(state: Uint8Array, version: number, prove = false): Buffer {
   if (state.length > MAX_PAYLOAD) throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `device state of ${state.length} bytes exceeds ${MAX_PAYLOAD}`);
-  return encodeFrame(FrameType.DeviceState, Buffer.from(state.buffer, state.byteOffset, state.byteLength), version);
+  return encodeFrame(FrameType.DeviceState, Buffer.from(state.buffer, state.byteOffset, state.byteLength), version, prove ? FLAG_PROVE : FLAGS_NONE);
+}
+
+/** DIGEST (version 3, R->S): the destination's digest of what it holds, computed on its own. */
+export interface Digest {
+  digest: bigint;
+  pageCount: number;
+}
+export const encodeDigest = (d: Digest, version: number): Buffer => control(FrameType.Digest, d, version);
+export function decodeDigest(p: Buffer): Digest {
+  const m = decodeMap(p, FrameType.Digest);
+  if (!isU64(m.digest) || !isCount(m.pageCount)) throw bad('DIGEST needs a u64 digest and a page count');
+  return { digest: m.digest, pageCount: m.pageCount };
 }
 
 /** IMAGE_HASHES payload: pageCount × u64 little-endian page hashes, page order. */

@@ -10,11 +10,11 @@ import { LivemigError } from '../errors.js';
 import { addon, call, digestOf } from '../native.js';
 import type { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
-import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
-import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, encodeActivated, encodeCommitAck, encodeError, encodeImageHashes, encodeRoundAck, negotiateVersion, type Hello } from '../protocol/messages.js';
+import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FLAG_PROVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, encodeActivated, encodeCommitAck, encodeDigest, encodeError, encodeImageHashes, encodeRoundAck, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { PageSink, WireChannel, WireFrame } from '../protocol/wire.js';
-import { openChannel, type SecurityReport } from '../security/tls.js';
+import { isLoopback, openChannel, type SecurityReport } from '../security/tls.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
@@ -44,10 +44,11 @@ export type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } fr
  * connections that join a post-copy session (without one, nobody can join: no post-copy).
  */
 export async function receiveOn(socket: net.Socket, options: ReceiveOptions, sessions = new SessionTable()): Promise<ReceiveReport> {
+  const local = socket.localAddress ?? '';
   // nothing is reserved for a source that cannot authenticate
   const { channel: ch, security } = await openChannel(socket, options.credentials, 'server', options.authTimeoutMs ?? AUTH_TIMEOUT_MS);
   ch.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
-  const incoming = new Incoming(ch, options, sessions, security);
+  const incoming = new Incoming(ch, options, sessions, security, local);
   try {
     const hello = await incoming.hello();
     const accepted = await incoming.reserve(hello);
@@ -78,13 +79,16 @@ class Incoming {
   readonly #progress: (e: ReceiveProgress) => void;
   readonly #stage = new Stages<ReceiverState>('hello', 'failed', NEXT);
   readonly #security: SecurityReport;
+  /** the address the source reached: on loopback, an old source may still migrate unauthenticated */
+  readonly #local: string;
   #version = PROTOCOL_VERSION;
   #region: Region | undefined;
   #session: PostcopySession | undefined;
   #faults: FaultService | undefined;
 
-  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, security: SecurityReport) {
+  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, security: SecurityReport, local: string) {
     this.#ch = ch;
+    this.#local = local;
     this.#security = security;
     this.#options = options;
     this.#sessions = sessions;
@@ -102,6 +106,9 @@ class Incoming {
     const v = negotiateVersion(h.versions);
     if (v === undefined) throw new ProtocolError('ERR_LIVEMIG_VERSION', `no common protocol version: peer speaks ${h.versions[0]}..${h.versions[1]}, we speak ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`);
     this.#version = v;
+    if (v < 3 && (this.#options.credentials !== undefined || !isLoopback(this.#local))) {
+      throw new ProtocolError('ERR_LIVEMIG_VERSION', `protocol version ${v} does not let this side prove its image before the commit: refused off loopback and with credentials (version 3 needed)`);
+    }
     if (h.pageSize !== PAGE_SIZE) throw new LivemigError('ERR_LIVEMIG_REFUSED', `page size ${h.pageSize} differs from this host's ${PAGE_SIZE}`, { phase: 'handshake' });
     if (h.regionBytes % PAGE_SIZE !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `region of ${h.regionBytes} bytes is not a whole number of pages`);
     if (this.#options.maxRegionBytes !== undefined && h.regionBytes > this.#options.maxRegionBytes) {
@@ -182,7 +189,7 @@ class Incoming {
           await this.#roundEnd(f, got);
           break;
         case FrameType.DeviceState:
-          this.#deviceState(f.payload, a, got);
+          await this.#deviceState(f, a, got);
           break;
         case FrameType.Commit: {
           const activate = await this.#commit(f.payload, a, got);
@@ -210,9 +217,11 @@ class Incoming {
     this.#progress({ type: 'round', round: r.round, pages: r.pages });
   }
 
-  #deviceState(payload: Buffer, a: Accepted, got: Received): void {
+  async #deviceState(f: WireFrame, a: Accepted, got: Received): Promise<void> {
     if (this.#stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE after COMMIT');
-    got.deviceState = Buffer.from(payload);
+    const prove = (f.flags & FLAG_PROVE) !== 0;
+    if (f.flags & ~FLAG_PROVE || (prove && this.#version < 3)) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `DEVICE_STATE with flags 0x${f.flags.toString(16)}, which version ${this.#version} does not define`);
+    got.deviceState = Buffer.from(f.payload);
     trace('receiver', 'DEVICE_STATE received');
     if (this.#options.prepare && !got.prepared) {
       got.prepared = this.#options.prepare(a.region, got.deviceState);
@@ -220,11 +229,14 @@ class Incoming {
     }
     // the last pages came before the device state: the digest is known while COMMIT is on its
     // way (post-copy from the start ends with a digest of its own: none is due here)
-    if (!a.postcopyPlanned) {
+    if (!a.postcopyPlanned || prove) {
       got.digestAt = got.pages;
       got.digest = digestOf(a.hashes, 'commit');
     }
     trace('receiver', 'guest preparing, digest computed');
+    // version 3: the proof that this side holds the image, computed here, before the source
+    // says what its digest is (an impostor could only echo it)
+    if (prove) await this.#ch.send(encodeDigest({ digest: got.digest, pageCount: a.region.pageCount }, this.#version));
   }
 
   /** COMMIT: the digests must match and the guest must take its state; returns whether to activate now. */

@@ -7,7 +7,8 @@
 import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
 import { CAP_COMMIT_ACTIVATE, FrameType } from '../protocol/format.js';
-import { decodeActivated, decodeCommitAck, encodeActivate, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
+import { decodeActivated, decodeCommitAck, decodeDigest, encodeActivate, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
+import type { WireChannel } from '../protocol/wire.js';
 import { trace } from '../trace.js';
 import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
@@ -26,7 +27,9 @@ export interface Activation {
 export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGuest): Promise<Activation> {
   const { channel, version, accept } = ctx.session;
   const pageCount = ctx.settings.options.region.pageCount;
-  const deviceState = encodeDeviceState(stopped.deviceState, version);
+  // version 3: the destination proves it holds the image before we commit (DIGEST)
+  const prove = version >= 3 && accept.capabilities.includes(CAP_COMMIT_ACTIVATE);
+  const deviceState = encodeDeviceState(stopped.deviceState, version, prove);
   let digest: bigint;
   let tSent: number;
   let tCommitted: number;
@@ -40,6 +43,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     await channel.send(deviceState);
     digest = digestOf(ctx.hashes, 'commit');
     trace('source', 'digest computed');
+    if (prove) await checkProof(channel, digest, pageCount);
     await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
     ctx.enter('activating');
     tSent = now();
@@ -65,6 +69,18 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
   const tActive = now();
   trace('source', 'ACTIVATED received');
   return { digest, tSent, tCommitted, tActive, activateMs: activated.activateMs };
+}
+
+/**
+ * The destination's own digest against ours, before anything commits: a mismatch (or a peer
+ * that skips the proof) ends the migration with the guest resumed here.
+ */
+async function checkProof(channel: WireChannel, digest: bigint, pageCount: number): Promise<void> {
+  const theirs = decodeDigest((await channel.expect(FrameType.Digest, (f) => peerError(f, 'commit'))).payload);
+  trace('source', 'destination digest received');
+  if (theirs.pageCount !== pageCount || theirs.digest !== digest) {
+    throw new LivemigError('ERR_LIVEMIG_DIGEST', `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ${pageCount}: it does not hold this image`, { phase: 'commit' });
+  }
 }
 
 function reportCommitted(ctx: SourceContext, digest: bigint, stopped: StoppedGuest): void {

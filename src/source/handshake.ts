@@ -12,7 +12,7 @@ import type { PostcopyLink } from '../postcopy/switch.js';
 import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
-import { openChannel } from '../security/tls.js';
+import { isLoopback, openChannel } from '../security/tls.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
@@ -28,7 +28,9 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   // through unmapped pages would fault once per page in the middle of the first round.
   const populated = region.populateAsync(false);
   populated.catch(() => undefined); // awaited below
-  const opened = await openChannel(await connect(options.to), options.credentials, 'client', settings.handshakeTimeoutMs);
+  const socket = await connect(options.to);
+  const remote = socket.remoteAddress ?? '';
+  const opened = await openChannel(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
   const channel = opened.channel;
   ctx.channel = channel;
   // frames from the destination are read as they come, so an ERROR it sends while we are
@@ -49,6 +51,12 @@ export async function handshake(ctx: SourceContext): Promise<void> {
     throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
   }
   const version = accept.version;
+  // before version 3 the destination does not prove it holds the image before the commit
+  // (an impostor that echoes our digest could make us release the guest): only an
+  // unauthenticated migration on loopback, the demo's, may still speak it
+  if (version < 3 && (options.credentials !== undefined || !isLoopback(remote))) {
+    throw new LivemigError('ERR_LIVEMIG_VERSION', `the destination speaks protocol version ${version}, whose commit it does not prove: refused off loopback and with credentials (version 3 needed)`, { phase: 'handshake' });
+  }
   // the hand-over's code paths run once now, not for the first time inside the pause
   warmUpRuntime();
   warmUpProtocol(version);
