@@ -12,7 +12,7 @@ const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/
 const run = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, env: { ...process.env, LIVEMIG_SLICE_US: '0' } });
 
 test("each command's --help prints its own usage and flags, and exits 0", () => {
-  for (const [cmd, flag] of [['demo', '--downtime-limit'], ['send', '--to'], ['receive', '--listen'], ['probe', '--json']] as const) {
+  for (const [cmd, flag] of [['demo', '--downtime-limit'], ['send', '--to'], ['receive', '--listen'], ['probe', '--json'], ['keys', '--out']] as const) {
     const r = run(cmd, '--help');
     assert.equal(r.status, 0, `${cmd} --help exits 0`);
     assert.match(r.stdout, new RegExp(`^usage: livemig ${cmd} `), `${cmd}: its own usage line`);
@@ -43,8 +43,8 @@ test('usage errors name the usage stage and exit 2, as an unknown command does',
   }
 });
 
-test('send and receive with --psk-file: the migration runs authenticated; a wrong key fails both with ERR_LIVEMIG_AUTH before any page', async () => {
-  const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
+test('keys psk writes a key file that send and receive take with --psk-file: the migration runs authenticated; a wrong key fails both with ERR_LIVEMIG_AUTH before any page', async () => {
+  const { mkdtempSync, writeFileSync, rmSync, statSync, readFileSync } = await import('node:fs');
   const os = await import('node:os');
   const { spawn } = await import('node:child_process');
   const { createInterface } = await import('node:readline');
@@ -52,7 +52,13 @@ test('send and receive with --psk-file: the migration runs authenticated; a wron
   try {
     const good = path.join(dir, 'good.psk');
     const bad = path.join(dir, 'bad.psk');
-    writeFileSync(good, `src:${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    // the good key from `livemig keys psk`: a new random key, owner-only, never overwritten
+    const made = run('keys', 'psk', '--out', good, '--identity', 'src');
+    assert.equal(made.status, 0, made.stderr);
+    assert.equal(statSync(good).mode & 0o777, 0o600, 'the key file is readable by its owner only');
+    assert.match(readFileSync(good, 'utf8'), /^src:[0-9a-f]{64}\n$/);
+    const again = run('keys', 'psk', '--out', good);
+    assert.equal(again.status, 2, 'an existing key file is never overwritten');
     writeFileSync(bad, `src:${'cd'.repeat(32)}\n`, { mode: 0o600 });
     const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
     const attempt = async (senderKey: string): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync> }> => {

@@ -2,12 +2,13 @@
 import { LivemigError } from '../errors.js';
 import { preferShortSlices } from '../sched.js';
 import { demo } from './commands/demo.js';
+import { keys } from './commands/keys.js';
 import { probe } from './commands/probe.js';
 import { receive } from './commands/receive.js';
 import { send } from './commands/send.js';
 import { USAGE_EXIT, commandHelp, isUsageError, parseFlags, type Command } from './flags.js';
 
-const COMMANDS: readonly Command[] = [demo, receive, send, probe];
+const COMMANDS: readonly Command[] = [demo, receive, send, probe, keys];
 
 function globalUsage(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
@@ -49,13 +50,13 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`livemig: unknown command '${name}'\n${globalUsage()}`);
     return USAGE_EXIT;
   }
-  const values = parseFlags(cmd, rest);
-  if (values === 'help') {
+  const parsed = parseFlags(cmd, rest);
+  if (parsed === 'help') {
     process.stdout.write(commandHelp(cmd));
     return 0;
   }
-  if (cmd !== probe) latencyHint();
-  return cmd.run(values);
+  if (cmd !== probe && cmd !== keys) latencyHint();
+  return cmd.run(parsed.values, parsed.positionals);
 }
 
 main(process.argv.slice(2)).then(

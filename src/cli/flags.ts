@@ -26,7 +26,9 @@ export interface Command {
   /** what the command does, a few lines */
   description: string;
   flags: Flags;
-  run(values: FlagValues): Promise<number>;
+  /** the command takes words before its flags (e.g. `keys psk`) */
+  positionals?: boolean;
+  run(values: FlagValues, positionals: string[]): Promise<number>;
 }
 
 export const USAGE_EXIT = 2;
@@ -43,19 +45,19 @@ export function isUsageError(e: unknown): boolean {
 const HELP_FLAG: FlagSpec = { type: 'boolean', help: 'print this help and exit' };
 
 /** Parses argv against the command's flags; unknown flags and stray arguments are usage errors. */
-export function parseFlags(cmd: Command, argv: string[]): FlagValues | 'help' {
+export function parseFlags(cmd: Command, argv: string[]): { values: FlagValues; positionals: string[] } | 'help' {
   const options: Record<string, { type: 'string' | 'boolean'; default?: string | boolean; short?: string }> = {};
   for (const [name, f] of Object.entries({ ...cmd.flags, help: HELP_FLAG })) {
     options[name] = { type: f.type, ...(f.default !== undefined ? { default: f.default } : {}), ...(name === 'help' ? { short: 'h' } : {}) };
   }
   let parsed: ReturnType<typeof parseArgs>;
   try {
-    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false });
+    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: cmd.positionals === true });
   } catch (e) {
     throw usageError(`${cmd.name}: ${(e as Error).message.split('\n')[0]} (see 'livemig ${cmd.name} --help')`);
   }
   if (parsed.values['help']) return 'help';
-  return parsed.values as FlagValues;
+  return { values: parsed.values as FlagValues, positionals: parsed.positionals };
 }
 
 export function commandHelp(cmd: Command): string {
