@@ -69,9 +69,10 @@ bool Aead::Open(const uint8_t* in, size_t len, const iovec* iov, int n, SysError
 
 namespace {
 
-// aeadSeal(key: Buffer(32), salt: Buffer(4), records: Buffer[]) -> Buffer[]: each record
-// sealed in turn (counter 0, 1, ...); for tests against Node's own AES-256-GCM.
-Napi::Value SealJs(const Napi::CallbackInfo& info) {
+// Runs `each` over the records of info[2] with an Aead keyed from info[0] (32 bytes) and
+// info[1] (the 4-byte salt), in turn from counter 0; returns what it makes of each.
+template <typename Each>
+Napi::Value EachRecord(const Napi::CallbackInfo& info, Each each) {
   Napi::Env env = info.Env();
   Napi::Buffer<uint8_t> key = info[0].As<Napi::Buffer<uint8_t>>(), salt = info[1].As<Napi::Buffer<uint8_t>>();
   if (key.Length() != kAeadKeyBytes || salt.Length() != kAeadSaltBytes) throw Napi::RangeError::New(env, "key must be 32 bytes and salt 4");
@@ -81,36 +82,34 @@ Napi::Value SealJs(const Napi::CallbackInfo& info) {
   if (!a.Init(key.Data(), salt.Data(), err)) throw MakeSysError(env, err);
   Napi::Array out = Napi::Array::New(env, in.Length());
   for (uint32_t i = 0; i < in.Length(); i++) {
-    Napi::Buffer<uint8_t> r = in.Get(i).As<Napi::Buffer<uint8_t>>();
-    Napi::Buffer<uint8_t> sealed = Napi::Buffer<uint8_t>::New(env, r.Length() + kAeadTagBytes);
-    iovec v{r.Data(), r.Length()};
-    if (!a.Seal(&v, 1, r.Length(), sealed.Data(), err)) throw MakeSysError(env, err);
-    out.Set(i, sealed);
+    out.Set(i, each(env, a, in.Get(i).As<Napi::Buffer<uint8_t>>(), err));
+    if (err.failed()) throw MakeSysError(env, err);
   }
   return out;
+}
+
+// aeadSeal(key: Buffer(32), salt: Buffer(4), records: Buffer[]) -> Buffer[]: each record
+// sealed in turn (counter 0, 1, ...); for tests against Node's own AES-256-GCM.
+Napi::Value SealJs(const Napi::CallbackInfo& info) {
+  return EachRecord(info, [](Napi::Env env, Aead& a, Napi::Buffer<uint8_t> r, SysError& err) {
+    Napi::Buffer<uint8_t> sealed = Napi::Buffer<uint8_t>::New(env, r.Length() + kAeadTagBytes);
+    iovec v{r.Data(), r.Length()};
+    a.Seal(&v, 1, r.Length(), sealed.Data(), err);
+    return sealed;
+  });
 }
 
 // aeadOpen(key, salt, sealed: Buffer[]) -> Buffer[]: each opened in turn; throws
 // ERR_LIVEMIG_AUTH at the first that fails.
 Napi::Value OpenJs(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Napi::Buffer<uint8_t> key = info[0].As<Napi::Buffer<uint8_t>>(), salt = info[1].As<Napi::Buffer<uint8_t>>();
-  if (key.Length() != kAeadKeyBytes || salt.Length() != kAeadSaltBytes) throw Napi::RangeError::New(env, "key must be 32 bytes and salt 4");
-  Napi::Array in = info[2].As<Napi::Array>();
-  Aead a;
-  SysError err;
-  if (!a.Init(key.Data(), salt.Data(), err)) throw MakeSysError(env, err);
-  Napi::Array out = Napi::Array::New(env, in.Length());
-  for (uint32_t i = 0; i < in.Length(); i++) {
-    Napi::Buffer<uint8_t> r = in.Get(i).As<Napi::Buffer<uint8_t>>();
+  return EachRecord(info, [](Napi::Env env, Aead& a, Napi::Buffer<uint8_t> r, SysError& err) {
     if (r.Length() < kAeadTagBytes) throw Napi::RangeError::New(env, "a sealed record is at least its tag");
     size_t len = r.Length() - kAeadTagBytes;
     Napi::Buffer<uint8_t> plain = Napi::Buffer<uint8_t>::New(env, len);
     iovec v{plain.Data(), len};
-    if (!a.Open(r.Data(), len, &v, 1, err)) throw MakeSysError(env, err);
-    out.Set(i, plain);
-  }
-  return out;
+    a.Open(r.Data(), len, &v, 1, err);
+    return plain;
+  });
 }
 
 // aeadThroughput(bytes, recordBytes) -> {sealMs, openMs}: one thread seals `bytes` in records

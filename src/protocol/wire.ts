@@ -82,22 +82,10 @@ export class WireChannel {
    * `pauseOnConnect` so that Node never reads from the connection first.
    */
   static fromSocket(socket: net.Socket): WireChannel {
-    const handle = (socket as unknown as { _handle?: { fd?: number } })._handle;
-    const fd = handle?.fd;
-    if (typeof fd !== 'number' || fd < 0) {
-      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', { phase: 'connect' });
-    }
     if (socket.bytesRead > 0 || socket.readableLength > 0) {
       throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the connection was already read from: hand it over before any data is read (servers: pauseOnConnect)', { phase: 'connect' });
     }
-    let wire: NativeWire;
-    try {
-      wire = new addon.Wire(fd);
-    } catch (e) {
-      throw fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'connect', 'taking over the connection');
-    }
-    socket.destroy();
-    return new WireChannel(wire);
+    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection');
   }
 
   /**
@@ -108,17 +96,21 @@ export class WireChannel {
    * path (which is to carry its own records, keyed from the TLS session).
    */
   static fromSecured(raw: net.Socket, tls: net.Socket): WireChannel {
-    const fd = (raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (typeof fd !== 'number' || fd < 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the secured connection has no file descriptor', { phase: 'connect' });
     if (tls.readableLength > 0) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
+    return WireChannel.#takeOver(raw, [tls, raw], 'the secured connection has no file descriptor', 'taking over the secured connection');
+  }
+
+  /** Duplicates `socket`'s descriptor into a native Wire, then destroys `done` (Node's side of it). */
+  static #takeOver(socket: net.Socket, done: net.Socket[], noFd: string, what: string): WireChannel {
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (typeof fd !== 'number' || fd < 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', noFd, { phase: 'connect' });
     let wire: NativeWire;
     try {
       wire = new addon.Wire(fd);
     } catch (e) {
-      throw fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'connect', 'taking over the secured connection');
+      throw fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'connect', what);
     }
-    tls.destroy();
-    raw.destroy();
+    for (const s of done) s.destroy();
     return new WireChannel(wire);
   }
 
