@@ -14,6 +14,8 @@
         "native/errors.cc",
         "native/io/socket.cc",
         "native/io/aead.cc",
+        "native/io/records.cc",
+        "native/io/link.cc",
         "native/region/region.cc",
         "native/region/pages.cc",
         "native/tracking/tracking.cc",

@@ -56,8 +56,15 @@ export interface NativeSendEncoded {
   version: number;
 }
 
+/** The record keys of an encrypted connection, one direction each (from the TLS exporter). */
+export interface WireKeys {
+  send: { key: Buffer; salt: Buffer };
+  receive: { key: Buffer; salt: Buffer };
+}
+
 export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
+  /** bytes the kernel took at once; encrypted, -1: the frame was sealed whole and part of it waits for a write() */
   writeNow(buffers: Buffer[]): number;
   readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
   sendPages(o: NativeSendPages): Promise<SendCounts>;
@@ -118,7 +125,7 @@ export interface PostcopyEvent {
 
 export interface NativePostcopyDest {
   start(): void;
-  attach(pushFd: number, prioFd: number): void;
+  attach(push: NativeWire, prio: NativeWire): void;
   stats(): { faults: number; faultsLocal: number; pulled: number; pushed: number; duplicates: number; arrived: number; blockedMs: number; bytes: number; connected: boolean };
   latencies(): Float64Array;
   held(): Uint8Array;
@@ -126,7 +133,7 @@ export interface NativePostcopyDest {
 }
 
 export interface NativePostcopySource {
-  attach(pushFd: number, prioFd: number): void;
+  attach(push: NativeWire, prio: NativeWire): void;
   push(pages: Uint32Array, batchPages: number): Promise<{ pages: number; bytes: number }>;
   recent(): Uint32Array;
   reset(pages: Uint8Array, meaning: 'held' | 'needed'): void;
@@ -176,7 +183,7 @@ interface Addon {
   recvWithFds(fd: number, timeoutMs: number): Promise<Received>;
   digestTable(hashes: BigUint64Array): bigint;
   hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
-  Wire: new (fd: number) => NativeWire;
+  Wire: new (fd: number, keys?: WireKeys) => NativeWire;
   pageHash(data: Buffer): bigint;
   Dedup: new (pageCount: number) => NativeDedup;
   classifyPages(region: NativeRegion, pages: Uint32Array, staging: Buffer, hashes: BigUint64Array, dedup: NativeDedup, flags: number, sources: Int32Array): Promise<Uint8Array>;

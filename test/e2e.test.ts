@@ -51,13 +51,17 @@ async function assertSourceIntact(guest: SourceGuest): Promise<void> {
   assert.deepEqual(check, { bad: 0, firstBad: -1 }, 'the source image matches the guest model');
 }
 
-test('a live migration arrives bit-identical and the guest continues its heartbeat and counters', async () => {
+// the stream is encrypted here (a pre-shared key): the records carry the live guest's pages
+const psk = { kind: 'psk', identity: 'e2e', key: Buffer.alloc(32, 5) } as const;
+
+test('a live migration over an encrypted stream arrives bit-identical and the guest continues its heartbeat and counters', async () => {
   const guest = await SourceGuest.spawn({ ...guestOpts, heartbeat: observer.address });
   let incoming: IncomingGuest | undefined;
   let sourceDigest = 0n;
   let destDigest = -1n;
   let pausedState: GuestState | undefined;
   const rx = await listen('127.0.0.1', 0, {
+    credentials: psk,
     onReserved: async (region) => {
       incoming = new IncomingGuest(region);
       await incoming.ready;
@@ -81,9 +85,11 @@ test('a live migration arrives bit-identical and the guest continues its heartbe
       },
       resume: () => guest.resume(),
       release: () => guest.exit(),
+      credentials: psk,
     });
     await rx.next();
     assert.equal(report.verified, true);
+    assert.deepEqual([report.security.auth, report.security.encrypted], ['tls-psk', true]);
     assert.ok(report.rounds >= 1);
     assert.equal(destDigest, sourceDigest, 'destination image equals the source image at pause');
     assert.ok(BigInt(pausedState!.writes) > 0n, 'the guest was writing during the migration');

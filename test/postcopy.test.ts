@@ -59,8 +59,8 @@ describe('post-copy fault service (in process)', { skip }, () => {
     const [prioTx, prioRx, s2] = await channelPair();
     try {
       faults.start();
-      faults.attach(pushRx.fd, prioRx.fd);
-      server.attach({ pushFd: pushTx.fd, prioFd: prioTx.fd, close: () => undefined });
+      faults.attach(pushRx.handle, prioRx.handle);
+      server.attach({ push: pushTx.handle, prio: prioTx.handle, close: () => undefined });
       const srcEvents: string[] = [];
       const complete = new Promise<bigint>((resolve) => server.on((e) => (srcEvents.push(e.type), e.type === 'complete' && resolve(e.digest!))));
       // nothing is pushed: every page must come because a fault asked for it; two hashAll calls
@@ -109,7 +109,7 @@ describe('post-copy fault service (in process)', { skip }, () => {
     const [prioTx, prioRx, s2] = await channelPair();
     try {
       faults.start();
-      faults.attach(pushRx.fd, prioRx.fd);
+      faults.attach(pushRx.handle, prioRx.handle);
       const frame = Buffer.alloc(12 + 8 + 4 + 4096);
       frame.writeUInt16LE(0x4d4c, 0);
       frame.writeUInt8(2, 2);
@@ -210,6 +210,8 @@ async function verifyDestination(s: Awaited<ReturnType<typeof setup>>): Promise<
   return beat.verify!;
 }
 
+const psk: Credentials = { kind: 'psk', identity: 'src', key: Buffer.alloc(32, 4) };
+
 describe('post-copy migrations of the reference guest', { skip }, () => {
   let s: Awaited<ReturnType<typeof setup>>;
   after(async () => s?.close());
@@ -246,12 +248,13 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
-  test('hybrid: one pre-copy pass, then only the pages dirtied since are fetched', async () => {
-    s = await setup(64 * MiB, 256);
+  test('hybrid over an encrypted stream: one pre-copy pass, then only the pages dirtied since are fetched', async () => {
+    s = await setup(64 * MiB, 256, 20_000, psk);
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'hybrid' });
+    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'hybrid', credentials: psk });
     const rx = await s.result;
     assert.equal(report.mode, 'hybrid');
+    assert.equal(report.security.encrypted, true);
     assert.equal(report.rounds, 1);
     const needed = report.postcopy!.pages_needed;
     assert.ok(needed > 0 && needed < g.region.pageCount, `stale pages dropped and fetched again: ${needed}`);
@@ -309,8 +312,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
-  test('a link cut in the middle of post-copy and restored completes with nothing lost', async () => {
-    s = await setup(256 * MiB, 64);
+  test('a link cut in the middle of encrypted post-copy and restored completes with nothing lost (new connections, new keys)', async () => {
+    s = await setup(256 * MiB, 64, 20_000, psk);
     const g = s.guest;
     // a proxy between the two sides that can drop every connection at once
     const proxy = await cuttableProxy(s.port, false);
@@ -327,6 +330,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       release: () => g.exit(),
       mode: 'postcopy',
       control,
+      credentials: psk,
       onProgress: (e) => {
         if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
           cut = true;

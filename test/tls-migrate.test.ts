@@ -46,7 +46,7 @@ test('a pre-copy migration with certificates: verified, and each side names the 
   const r = await migrateWith({ kind: 'cert', ...certs['src']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
   assert.ok(r.report, String(r.error));
   assert.equal(r.report.verified, true);
-  assert.deepEqual(r.report.security, { auth: 'tls-cert', peer: 'dst', cipher: r.report.security.cipher, encrypted: false });
+  assert.deepEqual(r.report.security, { auth: 'tls-cert', peer: 'dst', cipher: r.report.security.cipher, encrypted: true });
   assert.match(r.report.security.cipher ?? '', /^TLS_/);
   assert.equal((r.received as ReceiveReport).security.peer, 'src');
 });

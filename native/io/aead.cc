@@ -31,11 +31,12 @@ bool Aead::Nonce(uint8_t* iv, SysError& err) {
   return true;
 }
 
-bool Aead::Seal(const iovec* iov, int n, size_t total, uint8_t* out, SysError& err) {
+bool Aead::Seal(const uint8_t* aad, size_t aadLen, const iovec* iov, int n, size_t total, uint8_t* out, SysError& err) {
   uint8_t iv[12];
   if (!Nonce(iv, err)) return false;
   int len = 0;
   if (EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptInit_ex failed"), false;
+  if (aadLen && EVP_EncryptUpdate(ctx_, nullptr, &len, aad, static_cast<int>(aadLen)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptUpdate (aad) failed"), false;
   size_t at = 0;
   for (int k = 0; k < n; k++) {
     if (EVP_EncryptUpdate(ctx_, out + at, &len, static_cast<const uint8_t*>(iov[k].iov_base), static_cast<int>(iov[k].iov_len)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptUpdate failed"), false;
@@ -46,22 +47,19 @@ bool Aead::Seal(const iovec* iov, int n, size_t total, uint8_t* out, SysError& e
   return true;
 }
 
-bool Aead::Open(const uint8_t* in, size_t len, const iovec* iov, int n, SysError& err) {
+bool Aead::OpenInPlace(const uint8_t* aad, size_t aadLen, const iovec* iov, int n, const uint8_t* tag, SysError& err) {
   uint8_t iv[12];
   if (!Nonce(iv, err)) return false;
   int got = 0;
   if (EVP_DecryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptInit_ex failed"), false;
-  size_t at = 0;
+  if (aadLen && EVP_DecryptUpdate(ctx_, nullptr, &got, aad, static_cast<int>(aadLen)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptUpdate (aad) failed"), false;
   for (int k = 0; k < n; k++) {
-    if (at + iov[k].iov_len > len) return err.fail("ERR_LIVEMIG_PROTOCOL", "an encrypted record is shorter than what it must fill"), false;
-    if (EVP_DecryptUpdate(ctx_, static_cast<uint8_t*>(iov[k].iov_base), &got, in + at, static_cast<int>(iov[k].iov_len)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptUpdate failed"), false;
-    at += iov[k].iov_len;
+    uint8_t* p = static_cast<uint8_t*>(iov[k].iov_base);
+    // GCM is a stream mode: in place, every byte comes out as it goes in (got == iov_len)
+    if (EVP_DecryptUpdate(ctx_, p, &got, p, static_cast<int>(iov[k].iov_len)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptUpdate failed"), false;
   }
-  if (at != len) return err.fail("ERR_LIVEMIG_PROTOCOL", "an encrypted record is longer than what it must fill"), false;
-  uint8_t tag[kAeadTagBytes];
-  std::memcpy(tag, in + len, kAeadTagBytes);
   uint8_t tail[16];
-  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kAeadTagBytes, tag) != 1 || EVP_DecryptFinal_ex(ctx_, tail, &got) != 1) {
+  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_SET_TAG, kAeadTagBytes, const_cast<uint8_t*>(tag)) != 1 || EVP_DecryptFinal_ex(ctx_, tail, &got) != 1) {
     return err.fail("ERR_LIVEMIG_AUTH", "an encrypted record failed authentication: the stream was altered or the keys differ"), false;
   }
   return true;
@@ -94,7 +92,7 @@ Napi::Value SealJs(const Napi::CallbackInfo& info) {
   return EachRecord(info, [](Napi::Env env, Aead& a, Napi::Buffer<uint8_t> r, SysError& err) {
     Napi::Buffer<uint8_t> sealed = Napi::Buffer<uint8_t>::New(env, r.Length() + kAeadTagBytes);
     iovec v{r.Data(), r.Length()};
-    a.Seal(&v, 1, r.Length(), sealed.Data(), err);
+    a.Seal(nullptr, 0, &v, 1, r.Length(), sealed.Data(), err);
     return sealed;
   });
 }
@@ -105,9 +103,9 @@ Napi::Value OpenJs(const Napi::CallbackInfo& info) {
   return EachRecord(info, [](Napi::Env env, Aead& a, Napi::Buffer<uint8_t> r, SysError& err) {
     if (r.Length() < kAeadTagBytes) throw Napi::RangeError::New(env, "a sealed record is at least its tag");
     size_t len = r.Length() - kAeadTagBytes;
-    Napi::Buffer<uint8_t> plain = Napi::Buffer<uint8_t>::New(env, len);
+    Napi::Buffer<uint8_t> plain = Napi::Buffer<uint8_t>::Copy(env, r.Data(), len);
     iovec v{plain.Data(), len};
-    a.Open(r.Data(), len, &v, 1, err);
+    a.OpenInPlace(nullptr, 0, &v, 1, r.Data() + len, err);
     return plain;
   });
 }
@@ -119,7 +117,7 @@ Napi::Value ThroughputJs(const Napi::CallbackInfo& info) {
   size_t bytes = static_cast<size_t>(info[0].As<Napi::Number>().Int64Value());
   size_t rec = static_cast<size_t>(info[1].As<Napi::Number>().Int64Value());
   if (rec == 0 || rec > (64u << 20) || bytes < rec) throw Napi::RangeError::New(env, "record size must be 1..64 MiB and at most the total");
-  std::vector<uint8_t> plain(rec, 0x5a), sealed(rec + kAeadTagBytes), back(rec);
+  std::vector<uint8_t> plain(rec, 0x5a), sealed(rec + kAeadTagBytes);
   uint8_t key[kAeadKeyBytes] = {1}, salt[kAeadSaltBytes] = {2};
   Aead s, o;
   SysError err;
@@ -128,10 +126,10 @@ Napi::Value ThroughputJs(const Napi::CallbackInfo& info) {
   for (size_t done = 0; done + rec <= bytes; done += rec) {
     auto t0 = std::chrono::steady_clock::now();
     iovec in{plain.data(), rec};
-    if (!s.Seal(&in, 1, rec, sealed.data(), err)) throw MakeSysError(env, err);
+    if (!s.Seal(nullptr, 0, &in, 1, rec, sealed.data(), err)) throw MakeSysError(env, err);
     auto t1 = std::chrono::steady_clock::now();
-    iovec out{back.data(), rec};
-    if (!o.Open(sealed.data(), rec, &out, 1, err)) throw MakeSysError(env, err);
+    iovec out{sealed.data(), rec};
+    if (!o.OpenInPlace(nullptr, 0, &out, 1, sealed.data() + rec, err)) throw MakeSysError(env, err);
     auto t2 = std::chrono::steady_clock::now();
     sealMs += std::chrono::duration<double, std::milli>(t1 - t0).count();
     openMs += std::chrono::duration<double, std::milli>(t2 - t1).count();

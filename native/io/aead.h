@@ -1,5 +1,4 @@
-// AEAD records for an encrypted migration stream (issue 17, mechanism only; not wired into the
-// Wire yet): AES-256-GCM through the OpenSSL that Node ships (AES-NI/VAES). Keys are never made
+// The AEAD under an encrypted migration stream's records (io/records.h): AES-256-GCM through the OpenSSL that Node ships (AES-NI/VAES). Keys are never made
 // here: they come from the authenticated TLS session's exporter. One Aead per direction, each
 // with its own key; the 96-bit nonce is a 4-byte salt then a 64-bit record counter, so a nonce
 // never repeats under a key (the counter refuses to wrap).
@@ -28,13 +27,13 @@ class Aead {
   ~Aead();
 
   bool Init(const uint8_t* key, const uint8_t* salt, SysError& err);
-  // Seals the bytes of iov[0..n) (`total` of them) into out: ciphertext, then the 16-byte tag.
-  bool Seal(const iovec* iov, int n, size_t total, uint8_t* out, SysError& err);
-  // Opens `len` bytes of ciphertext followed by their tag into the bytes of iov[0..n) (`len`
-  // of them in all). The plaintext is written before the tag is known to be good: a failure
-  // means the caller must treat what it wrote as garbage (the migration ends; nothing is
-  // activated from it).
-  bool Open(const uint8_t* in, size_t len, const iovec* iov, int n, SysError& err);
+  // Seals the bytes of iov[0..n) (`total` of them) into out: ciphertext, then the 16-byte tag;
+  // `aad` (aadLen bytes, may be 0) is authenticated with them but not sent by this.
+  bool Seal(const uint8_t* aad, size_t aadLen, const iovec* iov, int n, size_t total, uint8_t* out, SysError& err);
+  // Opens the ciphertext in iov[0..n) in place against `tag` and `aad`. The plaintext is
+  // written before the tag is known to be good: a failure means the caller must treat those
+  // bytes as garbage (the migration ends; nothing is activated from them).
+  bool OpenInPlace(const uint8_t* aad, size_t aadLen, const iovec* iov, int n, const uint8_t* tag, SysError& err);
   uint64_t records() const { return seq_; }
 
  private:

@@ -15,18 +15,6 @@ namespace livemig {
 
 constexpr int kMaxIov = 1024;  // IOV_MAX on Linux
 
-// Closes the descriptor when its last holder is gone (a Wire and every operation still using
-// it), so a thread blocked in recv never sees its descriptor number reused under it.
-struct Fd {
-  int fd;
-  explicit Fd(int f) : fd(f) {}
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  ~Fd() {
-    if (fd >= 0) close(fd);
-  }
-};
-
 // Sends every byte of iov[0..n); advances through partial sends. False with err set.
 bool SendAll(int fd, iovec* iov, int n, SysError& err);
 // Receives exactly the bytes of iov[0..n); a close at a frame's start and one inside it are

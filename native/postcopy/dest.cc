@@ -20,6 +20,7 @@
 #include "codec/pagehash.h"
 #include "postcopy/postcopy.h"
 #include "region/region.h"
+#include "wire/wire.h"
 
 namespace livemig {
 
@@ -105,18 +106,16 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     return info.Env().Undefined();
   }
 
-  // attach(pushFd, prioFd): the thread takes dups of both (new connections after a break)
+  // attach(push: Wire, prio: Wire): the thread takes both connections over from their Wires
+  // (new connections after a break), their descriptors made non-blocking
   Napi::Value Attach(const Napi::CallbackInfo& info) {
-    SysError err;
-    int push = DupBlocking(info[0].As<Napi::Number>().Int32Value(), false, err);
-    int prio = push >= 0 ? DupBlocking(info[1].As<Napi::Number>().Int32Value(), false, err) : -1;
-    if (err.failed()) {
-      if (push >= 0) close(push);
-      throw MakeSysError(info.Env(), err);
+    std::shared_ptr<Link> push = LinkOfWire(info.Env(), info[0]), prio = LinkOfWire(info.Env(), info[1]);
+    for (int fd : {push->fd(), prio->fd()}) {
+      int fl = fcntl(fd, F_GETFL);
+      if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) throw MakeSysError(info.Env(), "fcntl(F_SETFL)", errno);
     }
     {
       std::lock_guard<std::mutex> g(mu_);
-      if (newPush_ >= 0) close(newPush_), close(newPrio_);
       newPush_ = push, newPrio_ = prio;
     }
     Wake();
@@ -241,18 +240,15 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     return true;
   }
 
-  // Reads what `fd` has (at most `budget` bytes of bodies). 0 would block, 1 progress, -1 error.
-  int ReadPages(int fd, PageReader& r, bool viaRequest, size_t budget, std::vector<uint32_t>& toMap, SysError& err) {
+  // Reads what `link` has (at most `budget` bytes of bodies). 0 would block, 1 progress, -1 error.
+  int ReadPages(Link& link, PageReader& r, bool viaRequest, size_t budget, std::vector<uint32_t>& toMap, SysError& err) {
     for (;;) {
       if (r.phase < 3) {
         size_t want = r.phase == 0 ? kHeader : r.phase == 1 ? kHeader + 8 : kHeader + 8 + size_t{r.count} * 4;
         uint8_t* dst = r.phase < 2 ? r.head + r.got : reinterpret_cast<uint8_t*>(r.idx.data()) + (r.got - kHeader - 8);
-        ssize_t n = recv(fd, dst, want - r.got, MSG_DONTWAIT);
-        if (n < 0) {
-          if (errno == EAGAIN || errno == EINTR) return 0;
-          return err.set("recv", errno), -1;
-        }
-        if (n == 0) return err.fail("ERR_LIVEMIG_CONNECTION", "the source closed a post-copy connection"), -1;
+        iovec part{dst, want - r.got};
+        ssize_t n = link.RecvSome(&part, 1, err);
+        if (n <= 0) return static_cast<int>(n);
         r.got += static_cast<size_t>(n);
         if (r.got < want) continue;
         if (r.phase == 0) {
@@ -293,15 +289,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         iov[n] = {base + skip, kPage - skip};
         bytes += kPage - skip;
       }
-      msghdr msg{};
-      msg.msg_iov = iov;
-      msg.msg_iovlen = static_cast<size_t>(n);
-      ssize_t got = recvmsg(fd, &msg, MSG_DONTWAIT);
-      if (got < 0) {
-        if (errno == EAGAIN || errno == EINTR) return 0;
-        return err.set("recvmsg", errno), -1;
-      }
-      if (got == 0) return err.fail("ERR_LIVEMIG_CONNECTION", "the source closed a post-copy connection in the middle of a frame"), -1;
+      ssize_t got = link.RecvSome(iov, n, err);
+      if (got <= 0) return static_cast<int>(got);
       bytes_ += static_cast<uint64_t>(got);
       size_t left = static_cast<size_t>(got);
       while (left > 0) {
@@ -361,16 +350,16 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   }
 
   // The wake-up event: stop (false), or connections attached after a break, which replace the
-  // old ones; requests in flight on the old connection are asked again.
-  bool TakeWake(int& push, int& prio, PageReader& pushR, PageReader& prioR, std::vector<uint32_t>& toRequest) {
+  // old ones (`replaced`); requests in flight on the old connection are asked again.
+  bool TakeWake(std::shared_ptr<Link>& push, std::shared_ptr<Link>& prio, PageReader& pushR, PageReader& prioR, std::vector<uint32_t>& toRequest, bool& replaced) {
     uint64_t v;
     if (read(wake_, &v, 8) < 0) { /* EAGAIN: another wake already consumed it */ }
     std::lock_guard<std::mutex> g(mu_);
     if (stop_) return false;
-    if (newPush_ >= 0) {
-      if (push >= 0) close(push), close(prio);
-      push = newPush_, prio = newPrio_;
-      newPush_ = newPrio_ = -1;
+    if (newPush_) {
+      push = std::move(newPush_), prio = std::move(newPrio_);
+      newPush_.reset(), newPrio_.reset();
+      replaced = true;
       connected_ = true;
       pushR.Reset(), prioR.Reset();
       for (uint32_t p = 0; p < pages_; p++)
@@ -380,20 +369,27 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   }
 
   // COMPLETE for the source: the digest over every page's hash, and the page count.
-  void QueueComplete(std::vector<uint8_t>& out) {
-    size_t base = out.size();
-    out.resize(base + kHeader + 12);
-    PutHeader(&out[base], version_, kComplete, 12);
+  bool QueueComplete(Link& prio, std::vector<uint8_t>& out, SysError& err) {
+    uint8_t f[kHeader + 12];
+    PutHeader(f, version_, kComplete, 12);
     uint64_t d = DigestOf();
-    std::memcpy(&out[base + kHeader], &d, 8);
-    Put32(&out[base + kHeader + 8], static_cast<uint32_t>(pages_));
+    std::memcpy(f + kHeader, &d, 8);
+    Put32(f + kHeader + 8, static_cast<uint32_t>(pages_));
     digest_ = d;
+    return Queue(prio, f, sizeof f, out, err);
+  }
+
+  // Appends a frame for the priority connection to out: as it is, or sealed in a record.
+  static bool Queue(Link& prio, const uint8_t* frame, size_t len, std::vector<uint8_t>& out, SysError& err) {
+    if (prio.encrypted()) return prio.tx()->SealInto(frame, len, out, err);
+    out.insert(out.end(), frame, frame + len);
+    return true;
   }
 
   void Run() {
     // a fault waits on this thread: let it preempt bulk work (the guest's own threads included)
     setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), -10);
-    int push = -1, prio = -1;
+    std::shared_ptr<Link> push, prio;
     PageReader pushR, prioR;
     std::vector<uint32_t> toRequest, toMap;
     std::vector<uint8_t> out;  // bytes waiting to go to the source on the priority connection
@@ -408,8 +404,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       return MapRuns(toMap, err);
     };
     auto disconnect = [&](const SysError& why) {
-      if (push >= 0) close(push), close(prio);
-      push = prio = -1;
+      push.reset(), prio.reset();
       connected_ = false;
       out.clear(), outAt = 0;
       pushR.Reset(), prioR.Reset();
@@ -417,21 +412,26 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       completeQueued = false;
       Emit(new Event{"disconnected", why.detail.empty() ? why.syscall + ": " + std::strerror(why.err) : why.detail, why.code});
     };
+    std::vector<uint8_t> frame;
     // queues the waiting requests and sends what the priority connection takes now; false if it broke
     auto flushOut = [&]() -> bool {
-      if (prio >= 0 && !toRequest.empty()) {
+      if (prio && !toRequest.empty()) {
         for (size_t at = 0; at < toRequest.size(); at += kMaxBatch) {
           uint32_t n = static_cast<uint32_t>(std::min<size_t>(kMaxBatch, toRequest.size() - at));
-          size_t base = out.size();
-          out.resize(base + kHeader + 4 + 4 * size_t{n});
-          PutHeader(&out[base], version_, kRequest, 4 + 4 * n);
-          Put32(&out[base + kHeader], n);
-          for (uint32_t k = 0; k < n; k++) Put32(&out[base + kHeader + 4 + 4 * k], toRequest[at + k]);
+          frame.resize(kHeader + 4 + 4 * size_t{n});
+          PutHeader(frame.data(), version_, kRequest, 4 + 4 * n);
+          Put32(&frame[kHeader], n);
+          for (uint32_t k = 0; k < n; k++) Put32(&frame[kHeader + 4 + 4 * k], toRequest[at + k]);
+          SysError e;
+          if (!Queue(*prio, frame.data(), frame.size(), out, e)) {
+            err = e;
+            return false;
+          }
         }
         toRequest.clear();
       }
-      if (prio >= 0 && outAt < out.size()) {
-        ssize_t n = send(prio, out.data() + outAt, out.size() - outAt, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (prio && outAt < out.size()) {
+        ssize_t n = send(prio->fd(), out.data() + outAt, out.size() - outAt, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (n < 0 && errno != EAGAIN && errno != EINTR) {
           SysError e;
           e.set("send", errno);
@@ -456,27 +456,40 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       int nf = 0;
       fds[nf++] = {wake_, POLLIN, 0};
       fds[nf++] = {uffd_, POLLIN, 0};
-      if (prio >= 0) fds[nf++] = {prio, static_cast<short>(POLLIN | (outAt < out.size() ? POLLOUT : 0)), 0};
-      if (push >= 0) fds[nf++] = {push, POLLIN, 0};
-      if (poll(fds, nf, mapCursor < pages_ ? 0 : -1) < 0) {
+      std::shared_ptr<Link> polled[4];  // the connection behind each entry from the third on
+      if (prio) polled[nf] = prio, fds[nf++] = {prio->fd(), static_cast<short>(POLLIN | (outAt < out.size() ? POLLOUT : 0)), 0};
+      if (push) polled[nf] = push, fds[nf++] = {push->fd(), POLLIN, 0};
+      // plaintext already opened into a link's buffer is not announced by poll: do not wait then
+      const bool buffered = (prio && prio->HasBuffered()) || (push && push->HasBuffered());
+      if (poll(fds, nf, mapCursor < pages_ || buffered ? 0 : -1) < 0) {
         if (errno == EINTR) continue;
         err.set("poll", errno);
         break;
       }
       if (mapCursor < pages_ && !mapHeld()) break;
-      if (fds[0].revents && !TakeWake(push, prio, pushR, prioR, toRequest)) break;
+      bool replaced = false;
+      if (fds[0].revents && !TakeWake(push, prio, pushR, prioR, toRequest, replaced)) break;
+      if (replaced) {
+        // what was queued for the old connection (sealed under its keys) is asked again below
+        out.clear(), outAt = 0;
+        if (!completeSent) completeQueued = false;
+      }
       if (fds[1].revents && (!ReadFaults(toMap, toRequest, err) || !MapRuns(toMap, err))) break;
       // a fault's request goes out before any bulk reading
-      if (!flushOut()) continue;
+      if (!flushOut()) {
+        if (err.failed()) break;
+        continue;
+      }
       for (int k = 2; k < nf; k++) {
-        if (!fds[k].revents) continue;
-        bool isPrio = fds[k].fd == prio;
-        if (fds[k].fd != prio && fds[k].fd != push) continue;  // replaced above
+        Link* link = polled[k].get();
+        if (link != prio.get() && link != push.get()) continue;  // replaced above
+        if (!fds[k].revents && !link->HasBuffered()) continue;
+        bool isPrio = link == prio.get();
         SysError e;
         // requests first: drain the priority connection; the push stream a chunk at a time
         // while a fault waits, look at the priority connection again after every few pages
         size_t budget = isPrio ? SIZE_MAX : faultAt_.empty() ? kPushChunk : kPushChunkWaiting;
-        int r = ReadPages(fds[k].fd, isPrio ? prioR : pushR, isPrio, budget, toMap, e);
+        int r = ReadPages(*link, isPrio ? prioR : pushR, isPrio, budget, toMap, e);
         if (r < 0) {
           if (e.syscall == "ioctl(UFFDIO_CONTINUE)") {
             err = e;
@@ -492,11 +505,14 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       }
       if (err.failed()) break;
       // requests, and COMPLETE once everything is here, go after this round's reads
-      if (prio >= 0 && arrived_ == pages_ && !completeQueued) {
-        QueueComplete(out);
+      if (prio && arrived_ == pages_ && !completeQueued) {
+        if (!QueueComplete(*prio, out, err)) break;
         completeQueued = true;
       }
-      if (!flushOut()) continue;
+      if (!flushOut()) {
+        if (err.failed()) break;
+        continue;
+      }
       if (completeSent && mapCursor == pages_) break;  // every page is in the guest: nothing left to serve
     }
     if (!err.failed() && completeSent) {
@@ -504,7 +520,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       uffdio_range all{guestBase_, pages_ * kPage};
       if (ioctl(uffd_, UFFDIO_UNREGISTER, &all) != 0 && errno != ESRCH) err.set("ioctl(UFFDIO_UNREGISTER)", errno);
     }
-    if (push >= 0) close(push), close(prio);
+    push.reset(), prio.reset();
     connected_ = false;
     if (err.failed()) Emit(new Event{"error", err.detail.empty() ? err.syscall + ": " + std::strerror(err.err) : err.detail, err.code});
     else Emit(new Event{"stopped", "", ""});
@@ -528,7 +544,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   std::thread thread_;
   std::mutex mu_;
   bool stop_ = false, released_ = false;
-  int newPush_ = -1, newPrio_ = -1;
+  std::shared_ptr<Link> newPush_, newPrio_;
   std::vector<uint64_t> latencies_;
   std::atomic<uint64_t> faults_{0}, faultsLocal_{0}, pulled_{0}, pushed_{0}, duplicates_{0}, blockedNs_{0}, bytes_{0}, arrivedShared_{0};
   std::atomic<bool> connected_{false};

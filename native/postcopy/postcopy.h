@@ -48,14 +48,6 @@ inline bool CheckHeader(const uint8_t* h, uint8_t version, uint8_t* type, uint32
   return true;
 }
 
-inline int DupBlocking(int fd, bool blocking, SysError& err) {
-  int d = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-  if (d < 0) return err.set("fcntl(F_DUPFD_CLOEXEC)", errno), -1;
-  int fl = fcntl(d, F_GETFL);
-  fcntl(d, F_SETFL, blocking ? (fl & ~O_NONBLOCK) : (fl | O_NONBLOCK));
-  return d;
-}
-
 // Events from a native thread to JavaScript: {type, message?, digest?}.
 struct Event {
   std::string type, message, code;

@@ -19,6 +19,7 @@
 #include "codec/pagehash.h"
 #include "postcopy/postcopy.h"
 #include "region/region.h"
+#include "wire/wire.h"
 #include <pthread.h>
 #include <sched.h>
 
@@ -69,30 +70,24 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   }
 
  private:
-  // attach(pushFd, prioFd): blocking dups; starts the page server on the priority connection
+  // attach(push: Wire, prio: Wire): takes both connections over from their Wires (blocking
+  // descriptors, records in sequence) and starts the page server on the priority one
   Napi::Value Attach(const Napi::CallbackInfo& info) {
+    std::shared_ptr<Link> push = LinkOfWire(info.Env(), info[0]), prio = LinkOfWire(info.Env(), info[1]);
     StopServer();
-    SysError err;
-    int push = DupBlocking(info[0].As<Napi::Number>().Int32Value(), true, err);
-    int prio = push >= 0 ? DupBlocking(info[1].As<Napi::Number>().Int32Value(), true, err) : -1;
-    if (err.failed()) {
-      if (push >= 0) close(push);
-      throw MakeSysError(info.Env(), err);
-    }
-    push_ = std::make_shared<int>(push);
+    push_ = push;
     prio_ = prio;
     uint32_t gen = ++generation_;
-    server_ = std::thread([this, prio, gen] { Serve(prio, gen); });
+    server_ = std::thread([this, prio, gen] { Serve(*prio, gen); });
     return info.Env().Undefined();
   }
 
   void StopServer() {
-    if (prio_ >= 0) shutdown(prio_, SHUT_RDWR);
+    if (prio_) shutdown(prio_->fd(), SHUT_RDWR);
     if (server_.joinable()) server_.join();
-    if (prio_ >= 0) close(prio_);
-    prio_ = -1;
+    prio_.reset();
     if (push_) {
-      shutdown(*push_, SHUT_RDWR);
+      shutdown(push_->fd(), SHUT_RDWR);
       push_.reset();  // closed by the last push() still holding it
     }
   }
@@ -112,7 +107,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     if (batch == 0 || batch > kMaxBatch) throw Napi::RangeError::New(env, "batch must be 1..4096 pages");
     for (size_t k = 0; k < list.ElementLength(); k++)
       if (list[k] >= pages_) throw Napi::RangeError::New(env, "page index outside the region");
-    auto fd = push_;
+    auto link = push_;
     const uint32_t* idx = list.Data();
     size_t count = list.ElementLength();
     Mapping* m = m_;
@@ -122,7 +117,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     };
     return Task<Out>::Start(
         env,
-        [this, fd, idx, count, batch, m](Out& o, SysError& err) {
+        [this, link, idx, count, batch, m](Out& o, SysError& err) {
           std::vector<uint32_t> mine;
           std::vector<uint8_t> head;
           std::vector<iovec> iov;
@@ -134,7 +129,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
             }
             if (mine.empty()) continue;
             uint32_t n = static_cast<uint32_t>(mine.size());
-            if (!SendPagesFrame(*fd, m->addr, mine, head, iov, err)) {
+            if (!SendPagesFrame(*link, m->addr, mine, head, iov, err)) {
               // not known to have arrived: the destination's list after reconnecting decides
               for (uint32_t p : mine) claim_[p].store(kUnsent);
               break;
@@ -200,7 +195,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
 
   // One PAGES frame of `pages` (ascending), bodies straight from the region. `head` and `iov`
   // are the caller's scratch.
-  bool SendPagesFrame(int fd, const uint8_t* base, const std::vector<uint32_t>& pages, std::vector<uint8_t>& head, std::vector<iovec>& iov, SysError& err) {
+  bool SendPagesFrame(Link& link, const uint8_t* base, const std::vector<uint32_t>& pages, std::vector<uint8_t>& head, std::vector<iovec>& iov, SysError& err) {
     uint32_t n = static_cast<uint32_t>(pages.size());
     head.resize(kHeader + 8 + 4 * size_t{n});
     wire::PutPagesHead(head.data(), version_, kPages, 8 + uint64_t{n} * (4 + kPage), round_, n);
@@ -208,11 +203,11 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     iov.clear();
     iov.push_back({head.data(), head.size()});
     PageIovecs(const_cast<uint8_t*>(base), pages.data(), n, iov);
-    return SendAll(fd, iov.data(), static_cast<int>(iov.size()), err);
+    return link.Send(iov.data(), static_cast<int>(iov.size()), head.size(), err);
   }
 
   // The page server: reads requests, answers each with the pages no one has sent yet.
-  void Serve(int fd, uint32_t gen) {
+  void Serve(Link& link, uint32_t gen) {
     // a fault at the destination waits on this thread: it must run the moment a request comes,
     // ahead of the background push (real-time FIFO when allowed: it only ever sends a few pages
     // and sleeps; else nice -10)
@@ -225,7 +220,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     std::vector<uint32_t> mine;
     std::vector<iovec> iov;
     for (;;) {
-      if (!RecvBytes(fd, h, kHeader, true, err)) break;
+      if (!link.RecvBytes(h, kHeader, true, err)) break;
       uint8_t type;
       uint32_t length;
       if (!CheckHeader(h, version_, &type, &length, err)) break;
@@ -235,7 +230,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
           break;
         }
         uint8_t c[12];
-        if (!RecvBytes(fd, c, 12, false, err)) break;
+        if (!link.RecvBytes(c, 12, false, err)) break;
         if (Le32(c + 8) != pages_) {
           err.fail("ERR_LIVEMIG_PROTOCOL", "post-copy COMPLETE for another page count");
           break;
@@ -251,7 +246,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
         break;
       }
       body.resize(length);
-      if (!RecvBytes(fd, body.data(), length, false, err)) break;
+      if (!link.RecvBytes(body.data(), length, false, err)) break;
       uint32_t n = Le32(body.data());
       if (n == 0 || length != 4 + 4 * uint64_t{n}) {
         err.fail("ERR_LIVEMIG_PROTOCOL", "page request count does not match its length");
@@ -278,7 +273,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
       std::sort(mine.begin(), mine.end());
       mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
       uint32_t m = static_cast<uint32_t>(mine.size());
-      if (!SendPagesFrame(fd, m_->addr, mine, head, iov, err)) {
+      if (!SendPagesFrame(link, m_->addr, mine, head, iov, err)) {
         for (uint32_t p : mine) claim_[p].store(kUnsent);
         break;
       }
@@ -298,8 +293,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   uint8_t version_ = 0;
   uint32_t round_ = 0;
   std::unique_ptr<std::atomic<uint8_t>[]> claim_;
-  std::shared_ptr<int> push_;
-  int prio_ = -1;
+  std::shared_ptr<Link> push_, prio_;
   std::thread server_;
   std::mutex mu_;
   std::vector<uint32_t> recent_;

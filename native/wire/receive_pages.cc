@@ -16,7 +16,7 @@ namespace {
 
 // What both page frames start with: the negotiated version, and the u32 round, u32 count
 // prefix (count within the batch limit). `what` names the frame in messages.
-bool ReadPagesPrefix(int fd, const Sink& s, const char* what, uint8_t version, uint32_t length, uint32_t* round, uint32_t* count, SysError& err) {
+bool ReadPagesPrefix(Link& link, const Sink& s, const char* what, uint8_t version, uint32_t length, uint32_t* round, uint32_t* count, SysError& err) {
   if (version != s.version) {
     return err.fail("ERR_LIVEMIG_VERSION", "frame of version " + std::to_string(version) + " after negotiating " + std::to_string(s.version)), false;
   }
@@ -24,20 +24,20 @@ bool ReadPagesPrefix(int fd, const Sink& s, const char* what, uint8_t version, u
     return err.fail("ERR_LIVEMIG_PROTOCOL", std::string(what) + " payload of " + std::to_string(length) + " bytes is shorter than its prefix"), false;
   }
   uint8_t prefix[kPagesPrefixBytes];
-  return RecvBytes(fd, prefix, kPagesPrefixBytes, false, err) && CheckPagesPrefix(what, prefix, s.maxBatchPages, round, count, err);
+  return link.RecvBytes(prefix, kPagesPrefixBytes, false, err) && CheckPagesPrefix(what, prefix, s.maxBatchPages, round, count, err);
 }
 
 }  // namespace
 
-bool ReceivePages(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
+bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
   uint32_t round, count;
-  if (!ReadPagesPrefix(fd, s, "PAGES", version, length, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
+  if (!ReadPagesPrefix(link, s, "PAGES", version, length, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
   idx.resize(count);
-  if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err)) return false;
+  if (!link.RecvBytes(idx.data(), count * 4ULL, false, err)) return false;
   if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
   iov.clear();
   PageIovecs(s.m->addr, idx.data(), count, iov);
-  if (!RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
+  if (!link.Recv(iov.data(), static_cast<int>(iov.size()), false, err)) return false;
   for (uint32_t k = 0; k < count; k++) {
     s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
   }
@@ -66,12 +66,12 @@ struct EncodedHead {
 };
 
 // Prefix, indices and encodings, every one checked (and the frame rules) before a body byte.
-bool ReadEncodedHead(int fd, const Sink& s, uint8_t version, uint32_t length, EncodedHead& h, std::vector<uint32_t>& idx, SysError& err) {
+bool ReadEncodedHead(Link& link, const Sink& s, uint8_t version, uint32_t length, EncodedHead& h, std::vector<uint32_t>& idx, SysError& err) {
   if (!s.order) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC without negotiated encodings");
     return false;
   }
-  if (!ReadPagesPrefix(fd, s, "PAGES_ENC", version, length, &h.round, &h.count, err)) return false;
+  if (!ReadPagesPrefix(link, s, "PAGES_ENC", version, length, &h.round, &h.count, err)) return false;
   const uint32_t count = h.count;
   h.head = kPagesPrefixBytes + static_cast<uint64_t>(count) * 5;
   if (length < h.head) {
@@ -81,7 +81,7 @@ bool ReadEncodedHead(int fd, const Sink& s, uint8_t version, uint32_t length, En
   idx.resize(count);
   std::vector<uint8_t>& enc = h.enc;
   enc.resize(count);
-  if (!RecvBytes(fd, idx.data(), count * 4ULL, false, err) || !RecvBytes(fd, enc.data(), count, false, err)) return false;
+  if (!link.RecvBytes(idx.data(), count * 4ULL, false, err) || !link.RecvBytes(enc.data(), count, false, err)) return false;
   if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
   for (uint32_t k = 0; k < count; k++) {
     if (!IsWireEncoding(enc[k])) {
@@ -110,7 +110,7 @@ bool ReadEncodedHead(int fd, const Sink& s, uint8_t version, uint32_t length, En
 // The bodies: without lz4 pages their layout is known from the encodings, so their size is
 // checked and raw bodies land straight in the region's pages (dup bodies in `body` at
 // kDupBody * k); with lz4 pages the body is read whole, to be decoded.
-bool ReceiveBodies(int fd, const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+bool ReceiveBodies(Link& link, const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
   const uint32_t count = h.count;
   const std::vector<uint8_t>& enc = h.enc;
   std::vector<iovec> iov;
@@ -130,10 +130,10 @@ bool ReceiveBodies(int fd, const Sink& s, uint32_t length, const EncodedHead& h,
         else iov.push_back({p, kPageSize});
       }
     }
-    if (!iov.empty() && !RecvAll(fd, iov.data(), static_cast<int>(iov.size()), false, err)) return false;
+    if (!iov.empty() && !link.Recv(iov.data(), static_cast<int>(iov.size()), false, err)) return false;
   } else {
     body.resize(length - h.head);
-    if (!RecvBytes(fd, body.data(), body.size(), false, err)) return false;
+    if (!link.RecvBytes(body.data(), body.size(), false, err)) return false;
   }
   return true;
 }
@@ -250,9 +250,9 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
 
 }  // namespace
 
-bool ReceiveEncoded(int fd, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+bool ReceiveEncoded(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
   EncodedHead h;
-  return ReadEncodedHead(fd, s, version, length, h, idx, err) && ReceiveBodies(fd, s, length, h, idx, body, err) && ApplyEncoded(s, length, h, idx, body, r, err);
+  return ReadEncodedHead(link, s, version, length, h, idx, err) && ReceiveBodies(link, s, length, h, idx, body, err) && ApplyEncoded(s, length, h, idx, body, r, err);
 }
 
 }  // namespace wire

@@ -204,14 +204,14 @@ void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err) {
     if (t.kept == 0) continue;
     if (job.flags) overhead += NowNs() - t0;
     PutPagesHead(t.head.data(), job.version, t.type, t.payload, job.round, static_cast<uint32_t>(t.kept));
-    if (!SendAll(job.fd->fd, t.iov.data(), static_cast<int>(t.iov.size()), err)) break;
+    if (!job.link->Send(t.iov.data(), static_cast<int>(t.iov.size()), t.head.size(), err)) break;
     c.bytes += static_cast<double>(kHeaderBytes + t.payload);
     AfterSend(job, t, c, overhead);
   }
   c.overheadMs = static_cast<double>(overhead) / 1e6;
 }
 
-void SendEncodedBatch(int fd, const EncodedBatch& b, double& bytes, SysError& err) {
+void SendEncodedBatch(Link& link, const EncodedBatch& b, double& bytes, SysError& err) {
   std::vector<uint32_t> keep;
   for (size_t k = 0; k < b.count; k++)
     if (b.enc[k] != kSkip) keep.push_back(static_cast<uint32_t>(k));
@@ -251,7 +251,7 @@ void SendEncodedBatch(int fd, const EncodedBatch& b, double& bytes, SysError& er
     }
   }
   PutPagesHead(head.data(), b.version, kPagesEnc, payload, b.round, static_cast<uint32_t>(c));
-  if (SendAll(fd, iov.data(), static_cast<int>(iov.size()), err)) bytes = static_cast<double>(kHeaderBytes + payload);
+  if (link.Send(iov.data(), static_cast<int>(iov.size()), head.size(), err)) bytes = static_cast<double>(kHeaderBytes + payload);
 }
 
 }  // namespace wire

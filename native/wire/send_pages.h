@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "codec/encode.h"
-#include "io/socket.h"
+#include "io/link.h"
 #include "region/region.h"
 
 namespace livemig {
@@ -31,7 +31,7 @@ constexpr uint32_t kSendZero = 1;
 constexpr uint32_t kSendDedup = 2;
 
 struct SendPagesJob {
-  std::shared_ptr<Fd> fd;
+  std::shared_ptr<Link> link;
   Mapping* m = nullptr;
   const uint32_t* idx = nullptr;
   size_t count = 0;
@@ -68,7 +68,7 @@ struct EncodedBatch {
 };
 
 // One PAGES_ENC frame of a classified batch; `bytes` is what went (0 if every page was skipped).
-void SendEncodedBatch(int fd, const EncodedBatch& b, double& bytes, SysError& err);
+void SendEncodedBatch(Link& link, const EncodedBatch& b, double& bytes, SysError& err);
 
 }  // namespace wire
 }  // namespace livemig

@@ -29,7 +29,9 @@
 #include "codec/encode.h"
 #include "codec/pagehash.h"
 #include "common.h"
+#include "io/link.h"
 #include "io/socket.h"
+#include "wire/wire.h"
 #include "region/region.h"
 #include "wire/format.h"
 #include "wire/receive_pages.h"
@@ -64,13 +66,21 @@ class Wire : public Napi::ObjectWrap<Wire> {
                         InstanceMethod("writeNow", &Wire::WriteNow), InstanceMethod("readNow", &Wire::ReadNow)});
   }
 
-  // new Wire(fd): takes a duplicate of a connected TCP socket's descriptor; the caller closes
-  // its own. The duplicate is made blocking: the threads that use it wait in the kernel.
+  // new Wire(fd, keys?: {send: {key, salt}, receive: {key, salt}}): takes a duplicate of a
+  // connected TCP socket's descriptor; the caller closes its own. The duplicate is made
+  // blocking: the threads that use it wait in the kernel. With keys, every byte either way is
+  // in AEAD records from the first frame on (io/records.h).
   explicit Wire(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Wire>(info) {
     Napi::Env env = info.Env();
     int fd = fcntl(info[0].As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 3);
     if (fd < 0) throw MakeSysError(env, "fcntl(F_DUPFD_CLOEXEC)", errno);
-    fd_ = std::make_shared<Fd>(fd);
+    link_ = std::make_shared<Link>(fd);
+    if (info[1].IsObject()) {
+      Napi::Object k = info[1].As<Napi::Object>();
+      DirectionKey send = KeyOf(env, k.Get("send")), receive = KeyOf(env, k.Get("receive"));
+      SysError err;
+      if (!link_->Encrypt(send, receive, err)) throw MakeSysError(env, err);
+    }
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) throw MakeSysError(env, "fcntl(F_SETFL)", errno);
     int one = 1;
@@ -82,9 +92,22 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
  private:
-  std::shared_ptr<Fd> Live(Napi::Env env) {
-    if (!fd_) throw Napi::Error::New(env, "the wire is closed");
-    return fd_;
+  static DirectionKey KeyOf(Napi::Env env, Napi::Value v) {
+    if (!v.IsObject()) throw Napi::TypeError::New(env, "keys must be {send: {key, salt}, receive: {key, salt}}");
+    Napi::Object o = v.As<Napi::Object>();
+    Napi::Value key = o.Get("key"), salt = o.Get("salt");
+    if (!key.IsBuffer() || !salt.IsBuffer() || key.As<Napi::Buffer<uint8_t>>().Length() != kAeadKeyBytes || salt.As<Napi::Buffer<uint8_t>>().Length() != kAeadSaltBytes) {
+      throw Napi::RangeError::New(env, "a direction's key must be 32 bytes and its salt 4");
+    }
+    DirectionKey d;
+    std::memcpy(d.key, key.As<Napi::Buffer<uint8_t>>().Data(), kAeadKeyBytes);
+    std::memcpy(d.salt, salt.As<Napi::Buffer<uint8_t>>().Data(), kAeadSaltBytes);
+    return d;
+  }
+
+  std::shared_ptr<Link> Live(Napi::Env env) {
+    if (!link_) throw Napi::Error::New(env, "the wire is closed");
+    return link_;
   }
 
   // write(buffers: Buffer[]) -> Promise<void>
@@ -100,14 +123,15 @@ class Wire : public Napi::ObjectWrap<Wire> {
     }
     return Task<int>::Start(
         env,
-        [fd, iov](int&, SysError& err) mutable { SendAll(fd->fd, iov.data(), static_cast<int>(iov.size()), err); },
+        [fd, iov](int&, SysError& err) mutable { fd->Send(iov.data(), static_cast<int>(iov.size()), 0, err); },
         [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, keep);
   }
 
   // writeNow(parts: Buffer[]) -> bytes the kernel took at once, on the calling thread, without
   // waiting (0 when the socket buffer is full). For small control frames inside a pause, where
   // a hop through the thread pool and back costs more than the send; the caller queues the
-  // rest, if any, behind it.
+  // rest, if any, behind it. Encrypted, the frame is sealed whole and -1 means part of its
+  // record waits here: the caller queues a write (of nothing, if need be) to send it.
   Napi::Value WriteNow(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto fd = Live(env);
@@ -118,11 +142,19 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (b.Length() > 0) iov.push_back({b.Data(), b.Length()});
     }
     if (iov.empty()) return Napi::Number::New(env, 0);
+    if (fd->encrypted()) {
+      bool waiting = false;
+      SysError err;
+      if (!fd->tx()->SendNow(fd->fd(), iov.data(), static_cast<int>(iov.size()), waiting, err)) throw MakeSysError(env, err);
+      size_t total = 0;
+      for (auto& v : iov) total += v.iov_len;
+      return Napi::Number::New(env, waiting ? -1.0 : static_cast<double>(total));
+    }
     msghdr msg{};
     msg.msg_iov = iov.data();
     msg.msg_iovlen = std::min(static_cast<int>(iov.size()), kMaxIov);
     for (;;) {
-      ssize_t n = sendmsg(fd->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+      ssize_t n = sendmsg(fd->fd(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n >= 0) return Napi::Number::New(env, static_cast<double>(n));
       if (errno == EINTR) continue;                             // interrupted before any byte: again
       if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(env, 0);  // full: queue it
@@ -138,7 +170,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Napi::Env env = info.Env();
     Napi::Object o = info[0].As<Napi::Object>();
     SendPagesJob job;
-    job.fd = Live(env);
+    job.link = Live(env);
     Napi::Value regionValue = o.Get("region");
     job.m = Region::Unwrap(regionValue.As<Napi::Object>())->LiveMapping(env);
     if (!job.m) return env.Undefined();
@@ -231,7 +263,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     batch.round = round;
     batch.version = version;
     return Task<double>::Start(
-        env, [fd, batch](double& bytes, SysError& err) { SendEncodedBatch(fd->fd, batch, bytes, err); },
+        env, [fd, batch](double& bytes, SysError& err) { SendEncodedBatch(*fd, batch, bytes, err); },
         [](Napi::Env env2, double& bytes) -> Napi::Value { return Napi::Number::New(env2, bytes); },
         {o, pages, enc, staging, lz4, lens, hashes});
   }
@@ -271,7 +303,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
           std::vector<uint8_t> body;
           for (;;) {
             uint8_t h[kHeaderBytes];
-            if (!RecvBytes(fd->fd, h, kHeaderBytes, true, err)) break;
+            if (!fd->RecvBytes(h, kHeaderBytes, true, err)) break;
             Header hd;
             if (!CheckHeader(h, maxPayload, hd, err)) break;
             if (hd.type > maxType) {
@@ -282,18 +314,18 @@ class Wire : public Napi::ObjectWrap<Wire> {
             const uint16_t flags = hd.flags;
             const uint32_t length = hd.length;
             if (type == kPages && sink.m) {
-              if (!ReceivePages(fd->fd, sink, version, length, r, idx, iov, err)) break;
+              if (!ReceivePages(*fd, sink, version, length, r, idx, iov, err)) break;
               continue;
             }
             if (type == kPagesEnc && sink.m) {
-              if (!ReceiveEncoded(fd->fd, sink, version, length, r, idx, body, err)) break;
+              if (!ReceiveEncoded(*fd, sink, version, length, r, idx, body, err)) break;
               continue;
             }
             r.version = version;
             r.type = type;
             r.flags = flags;
             r.payload = new std::vector<uint8_t>(length);
-            if (!RecvBytes(fd->fd, r.payload->data(), length, false, err)) break;
+            if (!fd->RecvBytes(r.payload->data(), length, false, err)) break;
             break;
           }
           if (err.failed() && r.payload) {
@@ -331,8 +363,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Napi::Object o = info[0].As<Napi::Object>();
     uint32_t maxPayload = std::min<uint32_t>(o.Get("maxPayload").As<Napi::Number>().Uint32Value(), 64 * 1024);
     uint32_t maxType = o.Get("maxType").As<Napi::Number>().Uint32Value();
+    if (fd->encrypted()) return ReadNowSealed(env, *fd, maxPayload, maxType);
     uint8_t h[kHeaderBytes];
-    ssize_t n = recv(fd->fd, h, kHeaderBytes, MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = recv(fd->fd(), h, kHeaderBytes, MSG_PEEK | MSG_DONTWAIT);
     if (n != static_cast<ssize_t>(kHeaderBytes)) return env.Null();  // EAGAIN, EOF, an error, or a partial header
     Header hd;
     SysError refused;  // read() reports it, with the stream position it needs
@@ -341,22 +374,26 @@ class Wire : public Napi::ObjectWrap<Wire> {
     const uint32_t length = hd.length;
     if (type == kPages || type == kPagesEnc) return env.Null();
     int queued = 0;
-    if (ioctl(fd->fd, FIONREAD, &queued) != 0 || static_cast<uint64_t>(queued) < kHeaderBytes + static_cast<uint64_t>(length)) return env.Null();
+    if (ioctl(fd->fd(), FIONREAD, &queued) != 0 || static_cast<uint64_t>(queued) < kHeaderBytes + static_cast<uint64_t>(length)) return env.Null();
     Napi::Buffer<uint8_t> payload = Napi::Buffer<uint8_t>::New(env, length);
     iovec iov[2] = {{h, kHeaderBytes}, {payload.Data(), length}};
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = length ? 2 : 1;
     ssize_t got;
-    do got = recvmsg(fd->fd, &msg, MSG_DONTWAIT);
+    do got = recvmsg(fd->fd(), &msg, MSG_DONTWAIT);
     while (got < 0 && errno == EINTR);
     // FIONREAD said it is all there and only this thread reads now: anything short is a broken
     // connection, which the next read() reports
     if (got != static_cast<ssize_t>(kHeaderBytes + length)) throw MakeSysError(env, "recvmsg", got < 0 ? errno : EPROTO, "a buffered frame came short");
+    return ControlFrame(env, version, type, Le16(h + 4), payload);
+  }
+
+  static Napi::Object ControlFrame(Napi::Env env, uint8_t version, uint8_t type, uint16_t flags, Napi::Buffer<uint8_t> payload) {
     Napi::Object out = Napi::Object::New(env);
     out.Set("version", version);
     out.Set("type", type);
-    out.Set("flags", Le16(h + 4));
+    out.Set("flags", flags);
     out.Set("payload", payload);
     out.Set("pages", 0);
     out.Set("batches", 0);
@@ -365,9 +402,26 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return out;
   }
 
+  // readNow on an encrypted stream: a record already in the socket buffer is opened into the
+  // link's buffer, and a whole control frame there is taken from it.
+  static Napi::Value ReadNowSealed(Napi::Env env, Link& link, uint32_t maxPayload, uint32_t maxType) {
+    SysError err;
+    RecordReceiver* rx = link.rx();
+    if (!rx->FillNow(link.fd(), kHeaderBytes + maxPayload, err)) throw MakeSysError(env, err);
+    if (rx->buffered() < kHeaderBytes) return env.Null();
+    const uint8_t* h = rx->bufferedData();
+    Header hd;
+    SysError refused;  // read() reports it
+    if (!CheckHeader(h, maxPayload, hd, refused) || hd.type > maxType || hd.type == kPages || hd.type == kPagesEnc) return env.Null();
+    if (rx->buffered() < kHeaderBytes + static_cast<size_t>(hd.length)) return env.Null();
+    Napi::Buffer<uint8_t> payload = Napi::Buffer<uint8_t>::Copy(env, h + kHeaderBytes, hd.length);
+    rx->Consume(kHeaderBytes + hd.length);
+    return ControlFrame(env, hd.version, hd.type, hd.flags, payload);
+  }
+
   // Wakes every thread blocked on this connection (they fail) and tells the peer we are gone.
   Napi::Value Shutdown(const Napi::CallbackInfo& info) {
-    if (fd_) shutdown(fd_->fd, SHUT_RDWR);  // ENOTCONN when the peer already left: nothing to undo
+    if (link_) shutdown(link_->fd(), SHUT_RDWR);  // ENOTCONN when the peer already left: nothing to undo
     return info.Env().Undefined();
   }
 
@@ -381,7 +435,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return Task<int>::Start(
         env,
         [fd, ms](int&, SysError&) {
-          shutdown(fd->fd, SHUT_WR);  // ENOTCONN if the peer already reset: nothing left to flush
+          SysError unsent;  // a record part that never left: the peer reports the frame it lacks
+          if (fd->encrypted()) fd->tx()->Flush(fd->fd(), unsent);
+          shutdown(fd->fd(), SHUT_WR);  // ENOTCONN if the peer already reset: nothing left to flush
           timespec t0;
           clock_gettime(CLOCK_MONOTONIC, &t0);
           static thread_local uint8_t sink[65536];
@@ -390,11 +446,11 @@ class Wire : public Napi::ObjectWrap<Wire> {
             clock_gettime(CLOCK_MONOTONIC, &t);
             double left = ms - ((t.tv_sec - t0.tv_sec) * 1e3 + (t.tv_nsec - t0.tv_nsec) / 1e6);
             if (left <= 0) break;
-            pollfd p{fd->fd, POLLIN, 0};
+            pollfd p{fd->fd(), POLLIN, 0};
             int r = poll(&p, 1, static_cast<int>(left) + 1);
             if (r < 0 && errno == EINTR) continue;
             if (r <= 0) break;  // time is up (or poll failed): close anyway
-            ssize_t n = recv(fd->fd, sink, sizeof sink, MSG_DONTWAIT);
+            ssize_t n = recv(fd->fd(), sink, sizeof sink, MSG_DONTWAIT);
             if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
             if (n <= 0) break;  // EOF: the peer closed; or reset: nothing more to protect
           }
@@ -404,19 +460,24 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
   // The descriptor, for a post-copy service that takes a dup of it (no read or write may be
   // left running on this Wire then).
-  Napi::Value GetFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), Live(info.Env())->fd); }
+  Napi::Value GetFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), Live(info.Env())->fd()); }
+
+ public:
+  std::shared_ptr<Link> link() const { return link_; }
+
+ private:
 
   // Drops our reference without shutting the connection down: a post-copy service holds its
   // own dup of the descriptor and goes on using the connection.
   Napi::Value Forget(const Napi::CallbackInfo& info) {
-    fd_.reset();
+    link_.reset();
     return info.Env().Undefined();
   }
 
   // Drops our reference; the descriptor closes when the last operation using it returns.
   Napi::Value Close(const Napi::CallbackInfo& info) {
-    if (fd_) shutdown(fd_->fd, SHUT_RDWR);
-    fd_.reset();
+    if (link_) shutdown(link_->fd(), SHUT_RDWR);
+    link_.reset();
     return info.Env().Undefined();
   }
 
@@ -428,12 +489,12 @@ class Wire : public Napi::ObjectWrap<Wire> {
     for (int i = 0; i < 2; i++) {
       double ms = info[i].As<Napi::Number>().DoubleValue();
       timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>(static_cast<int64_t>(ms) % 1000 * 1000)};
-      if (setsockopt(fd->fd, SOL_SOCKET, i == 0 ? SO_RCVTIMEO : SO_SNDTIMEO, &tv, sizeof tv) != 0) throw MakeSysError(env, "setsockopt(SO_*TIMEO)", errno);
+      if (setsockopt(fd->fd(), SOL_SOCKET, i == 0 ? SO_RCVTIMEO : SO_SNDTIMEO, &tv, sizeof tv) != 0) throw MakeSysError(env, "setsockopt(SO_*TIMEO)", errno);
     }
     return env.Undefined();
   }
 
-  std::shared_ptr<Fd> fd_;
+  std::shared_ptr<Link> link_;
   // frame rules of incoming PAGES_ENC frames; used by one read at a time
   std::shared_ptr<FrameOrder> order_ = std::make_shared<FrameOrder>();
 };
@@ -442,6 +503,14 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
 void InitWire(Napi::Env env, Napi::Object exports) {
   exports.Set("Wire", Wire::Init(env));
+}
+
+std::shared_ptr<Link> LinkOfWire(Napi::Env env, Napi::Value wire) {
+  if (!wire.IsObject()) throw Napi::TypeError::New(env, "expected a Wire");
+  Wire* w = Wire::Unwrap(wire.As<Napi::Object>());
+  std::shared_ptr<Link> l = w ? w->link() : nullptr;
+  if (!l) throw Napi::Error::New(env, "the wire is closed");
+  return l;
 }
 
 }  // namespace livemig

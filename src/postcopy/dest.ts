@@ -5,7 +5,7 @@
  * arrives when a fault waits for it.
  */
 import { LivemigError, type ErrorCode } from '../errors.js';
-import { addon, call, type NativePostcopyDest, type PostcopyEvent } from '../native.js';
+import { addon, call, type NativePostcopyDest, type NativeWire, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
 
 export interface FaultStats {
@@ -77,8 +77,8 @@ export class FaultService {
   }
 
   /** Hands the service the two connections (push stream, priority requests); after a break, new ones. */
-  attach(pushFd: number, prioFd: number): void {
-    this.#native.attach(pushFd, prioFd);
+  attach(push: NativeWire, prio: NativeWire): void {
+    this.#native.attach(push, prio);
   }
 
   /** One byte per page, 1 where the destination holds it now (asked for after a break). */

@@ -8,7 +8,7 @@
  * then says what it holds, and only the rest is sent.
  */
 import { LivemigError, type ErrorCode } from '../errors.js';
-import { addon, call, type NativePostcopySource, type PostcopyEvent } from '../native.js';
+import { addon, call, type NativePostcopySource, type NativeWire, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
 
 /** pages pushed after each fault, from the faulting page on */
@@ -33,8 +33,9 @@ export interface PushPacer {
 }
 
 export interface Connections {
-  pushFd: number;
-  prioFd: number;
+  /** the push stream's and the priority requests' connections, taken over from their channels */
+  push: NativeWire;
+  prio: NativeWire;
   /** what the destination holds (one byte per page), or undefined at the first attach */
   held?: Uint8Array;
   close(): void;
@@ -79,7 +80,7 @@ export class PageServer {
 
   attach(c: Connections): void {
     if (c.held) this.#native.reset(c.held, 'held');
-    this.#native.attach(c.pushFd, c.prioFd);
+    this.#native.attach(c.push, c.prio);
     this.#generation++;
     this.#conn?.close();
     this.#conn = c;

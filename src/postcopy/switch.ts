@@ -46,7 +46,7 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
       const held = decodeAttached((await prio.expect(FrameType.Attached, peerError, 5_000)).payload, region.pageCount).held;
       const p = push;
       const q = prio;
-      return { pushFd: push.fd, prioFd: prio.fd, held: bitmapToBytes(held, region.pageCount), close: () => (p.handOff(), q.handOff()) };
+      return { push: push.handle, prio: prio.handle, held: bitmapToBytes(held, region.pageCount), close: () => (p.handOff(), q.handOff()) };
     } catch (e) {
       last = e;
       push?.close();
@@ -98,7 +98,7 @@ export async function runPostcopy(o: {
   const server = o.server;
   try {
     // the server answers requests from the first fault on: attach before the switch
-    server.attach({ pushFd: channel.fd, prioFd: o.prio.fd, close: () => o.prio.handOff() });
+    server.attach({ push: channel.handle, prio: o.prio.handle, close: () => o.prio.handOff() });
     const bitmap = bytesToBitmap(o.needed);
     // One write: the destination wakes once for the state and the switch. POSTCOPY is the point
     // of commitment and the write's last bytes: a write that failed did not deliver it whole.

@@ -10,7 +10,7 @@
  */
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon, fromNative, type NativeFrame, type NativeSendEncoded, type NativeSendPages, type NativeWire, type SendCounts } from '../native.js';
+import { addon, fromNative, type NativeFrame, type NativeSendEncoded, type NativeSendPages, type NativeWire, type SendCounts, type WireKeys } from '../native.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { ProtocolError } from './errors.js';
@@ -95,18 +95,21 @@ export class WireChannel {
    * destroyed without a close_notify, so the stream goes on in the clear for the native data
    * path (which is to carry its own records, keyed from the TLS session).
    */
-  static fromSecured(raw: net.Socket, tls: net.Socket): WireChannel {
+  static fromSecured(raw: net.Socket, tls: net.Socket, keys: WireKeys): WireChannel {
     if (tls.readableLength > 0) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
-    return WireChannel.#takeOver(raw, [tls, raw], 'the secured connection has no file descriptor', 'taking over the secured connection');
+    return WireChannel.#takeOver(raw, [tls, raw], 'the secured connection has no file descriptor', 'taking over the secured connection', keys);
   }
 
-  /** Duplicates `socket`'s descriptor into a native Wire, then destroys `done` (Node's side of it). */
-  static #takeOver(socket: net.Socket, done: net.Socket[], noFd: string, what: string): WireChannel {
+  /**
+   * Duplicates `socket`'s descriptor into a native Wire (whose records are sealed with `keys`,
+   * if given), then destroys `done` (Node's side of it).
+   */
+  static #takeOver(socket: net.Socket, done: net.Socket[], noFd: string, what: string, keys?: WireKeys): WireChannel {
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (typeof fd !== 'number' || fd < 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', noFd, { phase: 'connect' });
     let wire: NativeWire;
     try {
-      wire = new addon.Wire(fd);
+      wire = keys ? new addon.Wire(fd, keys) : new addon.Wire(fd);
     } catch (e) {
       throw fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'connect', what);
     }
@@ -115,16 +118,17 @@ export class WireChannel {
   }
 
   /**
-   * The connection's descriptor, for a post-copy service that takes its own dup of it; no
-   * read or write may be left running on this channel from then on.
+   * The native connection, for a post-copy service to take over (its descriptor, and its
+   * records' keys and counters when encrypted); no read or write may be left running on this
+   * channel from then on.
    */
-  get fd(): number {
-    return this.#wire.fd();
+  get handle(): NativeWire {
+    return this.#wire;
   }
 
   /**
-   * Lets go of the connection without shutting it down, after a post-copy service took its
-   * own dup of the descriptor; the channel is closed for this side from then on.
+   * Lets go of the connection without shutting it down, after a post-copy service took it
+   * over; the channel is closed for this side from then on.
    */
   handOff(): void {
     this.#closed = true;
@@ -157,7 +161,8 @@ export class WireChannel {
           return Promise.reject(this.#writeFailure);
         }
         if (sent === total) return Promise.resolve();
-        parts = remainder(parts, sent);
+        // encrypted: the frame was sealed whole and part of its record waits in the Wire
+        parts = sent < 0 ? [] : remainder(parts, sent);
       }
     }
     return this.#write('sending a frame', () => this.#wire.write(parts));

@@ -47,7 +47,7 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
   const faults = new FaultService(region, reg.uffd, reg.address, unpacked.bytes, o.hashes, version);
   o.onFaults(faults);
   faults.start();
-  faults.attach(ch.fd, prio.fd);
+  faults.attach(ch.handle, prio.handle);
   prio.handOff();
   trace('receiver', 'fault service started');
   await options.activate(region, o.deviceState);
@@ -109,7 +109,7 @@ async function servePostcopy(faults: FaultService, session: PostcopySession, reg
       });
       broken = undefined;
       await prio.send(encodeAttached({ held: bytesToBitmap(faults.held()) }, version));
-      faults.attach(push.fd, prio.fd);
+      faults.attach(push.handle, prio.handle);
       push.handOff();
       prio.handOff();
       reconnects++;

@@ -1,10 +1,10 @@
 /**
- * Mutual authentication before the first livemig frame (issue 17; not yet used by migrate()
- * and listen()): a TLS handshake on the fresh connection with certificates (TLS 1.3, both
+ * Mutual authentication before the first livemig frame, on every connection: a TLS handshake on the fresh connection with certificates (TLS 1.3, both
  * sides presenting one, names checked) or a pre-shared key (TLS 1.2 ECDHE-PSK, which keeps
  * forward secrecy; Node 20 has no external PSK for TLS 1.3), then a closing exchange after
  * which neither side's TLS layer reads, and the connection is handed to the native data path
- * with keys for each direction taken from the TLS exporter (RFC 5705 / RFC 8446 §7.5).
+ * with keys for each direction taken from the TLS exporter (RFC 5705 / RFC 8446 §7.5), which
+ * seal every byte from then on in AEAD records (native/io/records.h).
  *
  *   client (source)                        server (destination)
  *     ClientHello ... Finished  ------->     (handshake; certificate names or PSK identity checked)
@@ -125,7 +125,7 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
     const done = awaitMarker(s, SERVER_DONE, timeoutMs, () => stopReading(s));
     await write(s, CLIENT_DONE);
     await done;
-    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s) };
+    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s, k) };
   } catch (e) {
     s.destroy();
     throw e;
@@ -172,7 +172,7 @@ export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutM
     const cipher = s.getCipher().name;
     await awaitMarker(s, CLIENT_DONE, timeoutMs, () => stopReading(s!));
     await write(s, SERVER_DONE);
-    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s) };
+    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s, k) };
   } catch (e) {
     s?.destroy();
     raw.destroy();
@@ -186,7 +186,7 @@ export interface SecurityReport {
   /** the peer's certificate name or PSK identity; null without authentication */
   peer: string | null;
   cipher: string | null;
-  /** whether pages cross encrypted (not yet: the native record layer is not wired in) */
+  /** whether every byte after the handshake crosses in AEAD records (native/io/records.h) */
   encrypted: boolean;
 }
 
@@ -199,7 +199,7 @@ const INSECURE: SecurityReport = { auth: 'none', peer: null, cipher: null, encry
 export async function openChannel(socket: net.Socket, creds: Credentials | undefined, side: 'client' | 'server', timeoutMs: number): Promise<{ channel: WireChannel; security: SecurityReport }> {
   if (!creds) return { channel: WireChannel.fromSocket(socket), security: INSECURE };
   const s = side === 'client' ? await secureConnect(socket, creds, timeoutMs) : await secureAccept(socket, creds, timeoutMs);
-  return { channel: s.channel, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: false } };
+  return { channel: s.channel, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: true } };
 }
 
 /** Loopback addresses: the one place a migration may run without credentials unasked. */
