@@ -16,6 +16,7 @@
         "native/io/aead.cc",
         "native/io/records.cc",
         "native/io/link.cc",
+        "native/io/ktls.cc",
         "native/region/region.cc",
         "native/region/pages.cc",
         "native/tracking/tracking.cc",

@@ -19,6 +19,7 @@ void InitPostcopy(Napi::Env env, Napi::Object exports);
 void InitSched(Napi::Env env, Napi::Object exports);
 void InitGuestControl(Napi::Env env, Napi::Object exports);
 void InitAead(Napi::Env env, Napi::Object exports);
+void InitKernelTls(Napi::Env env, Napi::Object exports);
 
 namespace {
 
@@ -80,6 +81,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitSched(env, exports);
   InitGuestControl(env, exports);
   InitAead(env, exports);
+  InitKernelTls(env, exports);
   exports.Set("wireFormat", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value { return WireFormat(info.Env()); }));
   return exports;
 }

@@ -208,6 +208,8 @@ interface Addon {
   aeadSeal(key: Buffer, salt: Buffer, records: Buffer[]): Buffer[];
   aeadOpen(key: Buffer, salt: Buffer, sealed: Buffer[]): Buffer[];
   aeadThroughput(bytes: number, recordBytes: number): { sealMs: number; openMs: number };
+  /** 0 if a loopback TCP socket takes TCP_ULP "tls", else its errno (-1: the probe's sockets failed) */
+  kernelTlsErrno(): number;
   /** the wire format's constants as the addon was built with them (test/format.test.ts) */
   wireFormat(): NativeWireFormat;
   UFFD_FEATURE_WP_ASYNC: bigint;

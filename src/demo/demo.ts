@@ -8,7 +8,11 @@ import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError, invalidArgument } from '../errors.js';
-import { isLoopback } from '../security/tls.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { makeTestCa, writeTestCa } from '../security/test-ca.js';
+import { isLoopback, type Credentials } from '../security/tls.js';
 import { migrate } from '../source/migrate.js';
 import type { MigrateOptions, MigrationReport, ProgressEvent } from '../source/types.js';
 import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workload/content.js';
@@ -79,6 +83,8 @@ export interface DemoOptions {
   /** default: loopback, in this namespace */
   receiverAt?: ReceiverPlace;
   policy?: PolicyFlags;
+  /** mutual TLS from a fresh test CA (src/security/test-ca.ts): authenticated, encrypted */
+  secure?: boolean;
 }
 
 /** Runs receiver, guest and sender on loopback (or across a namespace link) and migrates the guest live. */
@@ -95,8 +101,9 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   // heartbeats from both guests must reach the observer: across a namespace link, on its near end
   const observer = await HeartbeatObserver.start(receiverAt.observer);
   // a receiver in a test namespace is off loopback: the demo runs it without credentials on purpose
-  const insecure = isLoopback(receiverAt.host) ? [] : ['--insecure'];
-  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...insecure, ...receiverArgs];
+  const insecure = isLoopback(receiverAt.host) || o.secure ? [] : ['--insecure'];
+  const secure = o.secure ? secureDemo() : undefined;
+  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...insecure, ...(secure?.receiverArgs ?? []), ...receiverArgs];
   const receiver = spawn(rxCommand[0]!, rxCommand.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
@@ -119,7 +126,8 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       region: source.region,
       ...(source.target ? { target: source.target } : {}),
       to: { host: receiverAt.host, port },
-      insecure: !isLoopback(receiverAt.host),
+      insecure: !isLoopback(receiverAt.host) && !secure,
+      ...(secure ? { credentials: secure.credentials } : {}),
       pause: early ? async () => early : () => source.pause(),
       resume: () => source.resume(),
       release: () => source.exit(),
@@ -168,10 +176,32 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       await exited;
     }
     observer.close();
+    secure?.remove();
     // Wait until the destination guest is gone too: tearing down a gigabyte it mapped would
     // otherwise run beside whatever comes next (a benchmark's next run).
     for (let i = 0; destPid && i < 500 && alive(destPid); i++) await new Promise((r) => setTimeout(r, 10));
   }
+}
+
+/**
+ * The demo's credentials: a fresh test CA with certificates for 'src' (this side) and 'dst'
+ * (the receiver, which reads its files from a private temporary directory).
+ */
+function secureDemo(): { receiverArgs: string[]; credentials: Credentials; remove(): void } {
+  const ca = makeTestCa(['src', 'dst'], 1);
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-demo-ca-'));
+  try {
+    writeTestCa(dir, { ...ca, certs: { dst: ca.certs['dst']! } });
+  } catch (e) {
+    rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+  const f = (n: string): string => path.join(dir, n);
+  return {
+    receiverArgs: ['--tls-cert', f('dst.crt'), '--tls-key', f('dst.key'), '--tls-ca', f('ca.crt'), '--allow', 'src'],
+    credentials: { kind: 'cert', ...ca.certs['src']!, ca: ca.ca, peerName: 'dst' },
+    remove: () => rmSync(dir, { recursive: true, force: true }),
+  };
 }
 
 function alive(pid: number): boolean {

@@ -1,36 +1,58 @@
-/** livemig keys: credentials for the transfer pair (a pre-shared key; certificates come from a CA). */
+/** livemig keys: credentials for the transfer pair: a pre-shared key, or a test CA with certificates. */
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
+import { makeTestCa, writeTestCa } from '../../security/test-ca.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 
 export const keys: Command = {
   name: 'keys',
-  summary: 'write a pre-shared key file for send and receive (--psk-file)',
-  synopsis: 'psk --out FILE [--identity NAME]',
+  summary: 'write a pre-shared key (--psk-file) or a test CA and certificates (--tls-*)',
+  synopsis: 'psk --out FILE [--identity NAME] | ca --out DIR --names NAME[,NAME...] [--days N]',
   description: [
     'keys psk writes a new random 32-byte key as IDENTITY:HEXKEY to FILE, readable by its owner',
     'only (mode 0600), for `livemig send --psk-file FILE` and `livemig receive --psk-file FILE`:',
-    'copy it to both hosts over a channel you trust. It never overwrites a file. Certificates',
-    '(--tls-cert/--tls-key/--tls-ca) come from your CA; for a test CA, `openssl` makes one.',
+    'copy it to both hosts over a channel you trust. It never overwrites a file.',
+    '',
+    'keys ca writes a TEST CA into DIR (which must exist): ca.crt and ca.key, and for each name',
+    'NAME.crt and NAME.key (EC P-256; the name is the certificate\'s CN and DNS name; keys mode',
+    '0600), made with the openssl command. Then, with --names src,dst:',
+    '  livemig receive --tls-cert dst.crt --tls-key dst.key --tls-ca ca.crt --allow src ...',
+    '  livemig send --tls-cert src.crt --tls-key src.key --tls-ca ca.crt --peer-name dst ...',
+    'This is for trying certificates out. In production your CA issues the hosts\' certificates',
+    'and keeps its key elsewhere; never ship ca.key to a host. It never overwrites a file.',
   ].join('\n'),
   flags: {
-    out: { type: 'string', value: 'FILE', help: 'where to write the key (required; must not exist)' },
-    identity: { type: 'string', default: 'livemig', value: 'NAME', help: 'the identity the source presents' },
+    out: { type: 'string', value: 'FILE|DIR', help: 'psk: the key file to write; ca: the directory to write into (required; files must not exist)' },
+    identity: { type: 'string', default: 'livemig', value: 'NAME', help: 'psk: the identity the source presents' },
+    names: { type: 'string', value: 'NAME[,NAME...]', help: 'ca: a certificate per name (host-name characters)' },
+    days: { type: 'string', default: '30', value: 'N', help: 'ca: how long the CA and certificates are valid' },
   },
   positionals: true,
   async run(v: FlagValues, rest: string[]): Promise<number> {
-    if (rest.length !== 1 || rest[0] !== 'psk') throw usageError("keys needs what to make: 'livemig keys psk --out FILE' (see 'livemig keys --help')");
-    if (typeof v['out'] !== 'string') throw usageError("keys psk needs --out FILE (see 'livemig keys --help')");
-    const identity = str(v, 'identity');
-    if (!/^[^:\s]{1,128}$/.test(identity)) throw usageError(`--identity must be 1..128 characters without ':' or spaces, got '${identity}'`);
-    const out = v['out'];
-    try {
-      // 'wx': refuse an existing file; 0600: the key is a secret
-      writeFileSync(out, `${identity}:${randomBytes(32).toString('hex')}\n`, { flag: 'wx', mode: 0o600 });
-    } catch (e) {
-      throw usageError(`--out: cannot write ${out}: ${(e as Error).message}`);
-    }
-    process.stdout.write(JSON.stringify({ written: out, identity, key_bytes: 32 }) + '\n');
-    return 0;
+    if (rest.length !== 1 || (rest[0] !== 'psk' && rest[0] !== 'ca')) throw usageError("keys needs what to make: 'livemig keys psk --out FILE' or 'livemig keys ca --out DIR --names src,dst' (see 'livemig keys --help')");
+    if (typeof v['out'] !== 'string') throw usageError(`keys ${rest[0]} needs --out ${rest[0] === 'psk' ? 'FILE' : 'DIR'} (see 'livemig keys --help')`);
+    return rest[0] === 'psk' ? psk(v, v['out']) : ca(v, v['out']);
   },
 };
+
+function psk(v: FlagValues, out: string): number {
+  const identity = str(v, 'identity');
+  if (!/^[^:\s]{1,128}$/.test(identity)) throw usageError(`--identity must be 1..128 characters without ':' or spaces, got '${identity}'`);
+  try {
+    // 'wx': refuse an existing file; 0600: the key is a secret
+    writeFileSync(out, `${identity}:${randomBytes(32).toString('hex')}\n`, { flag: 'wx', mode: 0o600 });
+  } catch (e) {
+    throw usageError(`--out: cannot write ${out}: ${(e as Error).message}`);
+  }
+  process.stdout.write(JSON.stringify({ written: out, identity, key_bytes: 32 }) + '\n');
+  return 0;
+}
+
+function ca(v: FlagValues, dir: string): number {
+  if (typeof v['names'] !== 'string') throw usageError("keys ca needs --names NAME[,NAME...]: a certificate per host, e.g. --names src,dst");
+  const names = v['names'].split(',').map((n) => n.trim());
+  const days = Number(str(v, 'days'));
+  const written = writeTestCa(dir, makeTestCa(names, days));
+  process.stdout.write(JSON.stringify({ written, names, days, note: 'a test CA: in production, certificates come from your CA' }) + '\n');
+  return 0;
+}
