@@ -48,11 +48,13 @@ struct IovCursor {
 // ---------------------------------------------------------------- sending
 
 bool RecordSender::Init(const DirectionKey& k, SysError& err) {
-  buf_.reserve(kRecordMax + kRecordOverhead);
+  buf_.resize(kRecordMax + kRecordOverhead);
+  buf_.resize(0);
   return aead_.Init(k.key, k.salt, err);
 }
 
-bool RecordSender::SealRecords(const iovec* iov, int n, size_t head, std::vector<uint8_t>& out, SysError& err) {
+template <typename Out>
+bool RecordSender::SealRecords(const iovec* iov, int n, size_t head, Out& out, SysError& err) {
   IovCursor cur{iov, n};
   size_t left = TotalOf(iov, n);
   bool first = true;
@@ -63,8 +65,9 @@ bool RecordSender::SealRecords(const iovec* iov, int n, size_t head, std::vector
     cur.Take(len, sub_);
     size_t at = out.size();
     out.resize(at + kRecordHeadBytes + len + kAeadTagBytes);
-    Put32(&out[at], static_cast<uint32_t>(len));
-    if (!aead_.Seal(&out[at], kRecordHeadBytes, sub_.data(), static_cast<int>(sub_.size()), len, &out[at + kRecordHeadBytes], err)) return false;
+    uint8_t* rec = out.data() + at;
+    Put32(rec, static_cast<uint32_t>(len));
+    if (!aead_.Seal(rec, kRecordHeadBytes, sub_.data(), static_cast<int>(sub_.size()), len, rec + kRecordHeadBytes, err)) return false;
     left -= len;
   }
   return true;
@@ -82,7 +85,7 @@ bool RecordSender::Send(int fd, const iovec* iov, int n, size_t head, SysError& 
     if (first && head > 0 && head < len) len = head;
     first = false;
     cur.Take(len, part);
-    buf_.clear();
+    buf_.resize(0);
     if (!SealRecords(part.data(), static_cast<int>(part.size()), 0, buf_, err)) return false;
     iovec v{buf_.data(), buf_.size()};
     if (!SendAll(fd, &v, 1, err)) return false;
@@ -123,7 +126,7 @@ bool RecordSender::SealInto(const uint8_t* p, size_t len, std::vector<uint8_t>& 
 // ---------------------------------------------------------------- receiving
 
 bool RecordReceiver::Init(const DirectionKey& k, SysError& err) {
-  plain_.reserve(kRecordMax + kAeadTagBytes);
+  plain_.resize(kRecordMax + kRecordOverhead);
   rec_.resize(kRecordMax + kRecordOverhead);
   return aead_.Init(k.key, k.salt, err);
 }

@@ -18,6 +18,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -28,6 +30,30 @@ namespace livemig {
 constexpr size_t kRecordMax = 256 * 1024;  // fits L2 here: sealed, sent, received and opened while hot
 constexpr size_t kRecordHeadBytes = 4;
 constexpr size_t kRecordOverhead = kRecordHeadBytes + kAeadTagBytes;
+
+// Bytes that grow without being zero-filled: every byte of a record is written before it is
+// read, and zeroing 256 KiB a record would cost a pass over the data.
+class RawBytes {
+ public:
+  uint8_t* data() { return p_.get(); }
+  const uint8_t* data() const { return p_.get(); }
+  size_t size() const { return size_; }
+  void resize(size_t n) {
+    if (n > cap_) {
+      std::unique_ptr<uint8_t[]> q(new uint8_t[n]);  // default-initialised: not zeroed
+      if (size_) std::memcpy(q.get(), p_.get(), size_);
+      p_ = std::move(q), cap_ = n;
+    }
+    size_ = n;
+  }
+  void swap(RawBytes& o) {
+    std::swap(p_, o.p_), std::swap(size_, o.size_), std::swap(cap_, o.cap_);
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> p_;
+  size_t size_ = 0, cap_ = 0;
+};
 
 struct DirectionKey {
   uint8_t key[kAeadKeyBytes];
@@ -51,9 +77,12 @@ class RecordSender {
   bool SealInto(const uint8_t* p, size_t len, std::vector<uint8_t>& out, SysError& err);
 
  private:
-  bool SealRecords(const iovec* iov, int n, size_t head, std::vector<uint8_t>& out, SysError& err);
+  // Appends the records of iov[0..n) to out (a std::vector<uint8_t> or RawBytes).
+  template <typename Out>
+  bool SealRecords(const iovec* iov, int n, size_t head, Out& out, SysError& err);
   Aead aead_;
-  std::vector<uint8_t> buf_, waiting_;
+  RawBytes buf_;
+  std::vector<uint8_t> waiting_;
   size_t waitingAt_ = 0;
   std::vector<iovec> sub_;
 };
@@ -81,7 +110,7 @@ class RecordReceiver {
   bool CheckLength(uint32_t len, SysError& err);
   size_t Serve(iovec*& iov, int& n, size_t want);
   Aead aead_;
-  std::vector<uint8_t> plain_, rec_;
+  RawBytes plain_, rec_;
   size_t plainAt_ = 0, plainEnd_ = 0;
   size_t recGot_ = 0;  // bytes of a record assembled by RecvSome
   uint32_t recLen_ = 0;

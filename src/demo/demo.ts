@@ -36,6 +36,11 @@ export interface DemoReport extends MigrationReport {
   content: string;
   rate_mib_s: number;
   pattern: string;
+  /**
+   * CPU seconds (user + system) of each side's livemig process: this one from the handshake to
+   * the report, the receiver's from listening to its report (the guests are processes of their own)
+   */
+  cpu_s: { source: number; destination: number };
 }
 
 /** The reference guest a demo migrates (see docs/CONTENT.md). */
@@ -122,6 +127,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     };
     const source = guest;
     const early = naive ? await source.pause() : undefined;
+    const cpu0 = process.cpuUsage();
     const report = await migrate({
       region: source.region,
       ...(source.target ? { target: source.target } : {}),
@@ -138,9 +144,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       ...(naive ? { wws: false } : policy),
       onProgress: progress,
     });
+    const cpu = process.cpuUsage(cpu0);
     if (early) report.downtime_ms = +(report.prep_ms + report.total_ms).toFixed(3); // paused from before the handshake to activation
     const done = await lines.next();
-    const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown; received?: { postcopy?: Record<string, number> } };
+    const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown; received?: { postcopy?: Record<string, number> }; cpu_s?: { user: number; system: number } };
     if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });
     destPid = rx.guest_pid;
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
@@ -160,6 +167,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       content: g.content,
       rate_mib_s: g.rate,
       pattern: g.pattern,
+      cpu_s: { source: +((cpu.user + cpu.system) / 1e6).toFixed(3), destination: rx.cpu_s ? +(rx.cpu_s.user + rx.cpu_s.system).toFixed(3) : Number.NaN },
     };
   } finally {
     if (destPid) {

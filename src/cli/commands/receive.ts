@@ -46,10 +46,14 @@ export const receive: Command = {
       },
     });
     process.stdout.write(JSON.stringify({ listening: `${rx.address}:${rx.port}`, port: rx.port }) + '\n');
+    const cpu0 = process.cpuUsage();
     try {
       const report = await rx.next();
       if (report.mode === 'postcopy') await incoming!.verify();
-      process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid || incoming?.child.pid || 0 }) + '\n');
+      // this process's CPU from listening to the report (the guest it started is its own process)
+      const cpu = process.cpuUsage(cpu0);
+      const cpuS = { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) };
+      process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid || incoming?.child.pid || 0, cpu_s: cpuS }) + '\n');
       return 0;
     } catch (e) {
       const err = e as LivemigError;
