@@ -33,6 +33,8 @@ interface Sample {
   first_pass_mb_s: number;
   total_ms: number;
   downtime_ms: number;
+  /** what the pause carried: the downtime follows it, and it varies with the run */
+  stop_pages: number;
   cpu_source_s: number;
   cpu_destination_s: number;
   rounds: number;
@@ -47,6 +49,7 @@ function sample(r: DemoReport): Sample {
     first_pass_mb_s: +(r.region_bytes / 1e3 / fp).toFixed(0),
     total_ms: +r.total_ms.toFixed(1),
     downtime_ms: r.downtime_ms,
+    stop_pages: r.stop_and_copy.pages,
     cpu_source_s: r.cpu_s.source,
     cpu_destination_s: r.cpu_s.destination,
     rounds: r.rounds,
@@ -99,7 +102,7 @@ for (const name of cases) {
   const ratio = (k: keyof Sample) => +(median(got.encrypted.map((s) => s[k] as number)) / median(got.plain.map((s) => s[k] as number))).toFixed(3);
   const summary: Record<string, unknown> = {};
   for (const mode of ['plain', 'encrypted'] as const) {
-    summary[mode] = { first_pass_ms: of(mode, 'first_pass_ms'), first_pass_mb_s: of(mode, 'first_pass_mb_s'), total_ms: of(mode, 'total_ms'), downtime_ms: of(mode, 'downtime_ms'), cpu_source_s: of(mode, 'cpu_source_s'), cpu_destination_s: of(mode, 'cpu_destination_s') };
+    summary[mode] = { first_pass_ms: of(mode, 'first_pass_ms'), first_pass_mb_s: of(mode, 'first_pass_mb_s'), total_ms: of(mode, 'total_ms'), downtime_ms: of(mode, 'downtime_ms'), stop_pages: of(mode, 'stop_pages'), cpu_source_s: of(mode, 'cpu_source_s'), cpu_destination_s: of(mode, 'cpu_destination_s') };
   }
   emit({
     bench: 'secure',
