@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import tls from 'node:tls';
 import { after, describe, test } from 'node:test';
 import { addon } from '../src/native.js';
 import { FaultService } from '../src/postcopy/dest.js';
@@ -175,13 +176,14 @@ async function setup(size: number, rate: number, recoverTimeoutMs = 20_000, cred
   };
 }
 
-/** A TCP proxy to `port` that can drop every connection at once (and, `forGood`, refuse new ones). */
-async function cuttableProxy(port: number, forGood: boolean): Promise<{ port: number; cut(): void; close(): void }> {
+/** A TCP proxy to `port` that can drop every connection at once (and, `forGood`, refuse new ones; or send them to `afterCutTo`). */
+async function cuttableProxy(port: number, forGood: boolean, afterCutTo?: number): Promise<{ port: number; cut(): void; close(): void }> {
   const live = new Set<net.Socket>();
   let down = false;
   const server = net.createServer((c) => {
     if (down && forGood) return void c.destroy();
-    const up = net.connect(port, '127.0.0.1');
+    // after the cut, `afterCutTo` (an impostor) answers in the destination's place
+    const up = net.connect(down && afterCutTo !== undefined ? afterCutTo : port, '127.0.0.1');
     for (const x of [c, up]) {
       live.add(x);
       x.on('close', () => live.delete(x));
@@ -346,6 +348,52 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     assert.ok(rx.postcopy!.reconnects >= 1, 'the destination took the new connections');
     assert.equal(rx.digest, report.digest, 'same image on both sides');
     assert.equal((await verifyDestination(s)).bad, 0);
+    await s.close();
+  });
+
+  test('a post-copy reconnect that reaches an impostor is refused, nothing is pushed to it, and the source keeps its copy', { skip: opensslMissing }, async () => {
+    const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
+    s = await setup(256 * MiB, 64, 1500, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+    const g = s.guest;
+    // an impostor with a certificate from the same CA, for another name: it records what it gets
+    let impostorBytes = 0;
+    let impostorConnections = 0;
+    const impostor = tls.createServer({ cert: certs['mallory']!.cert, key: certs['mallory']!.key, ca, requestCert: true, rejectUnauthorized: false }, (t) => {
+      impostorConnections++;
+      t.on('data', (d: Buffer) => void (impostorBytes += d.length));
+      t.on('error', () => undefined);
+    });
+    let impostorDials = 0;
+    impostor.on('connection', () => void impostorDials++);
+    impostor.on('tlsClientError', () => undefined); // the source hangs up on it
+    await new Promise<void>((r) => impostor.listen(0, '127.0.0.1', r));
+    const proxy = await cuttableProxy(s.port, false, (impostor.address() as net.AddressInfo).port);
+    let cut = false;
+    const run = migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: proxy.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      release: () => g.exit(),
+      mode: 'postcopy',
+      recoverTimeoutMs: 1500,
+      credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
+      onProgress: (e) => {
+        if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
+          cut = true;
+          proxy.cut();
+        }
+      },
+    });
+    await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && e.phase === 'postcopy');
+    await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST');
+    assert.ok(cut, 'the link was cut in the middle of post-copy');
+    assert.ok(impostorDials >= 1, `the source's reconnects reached the impostor (${impostorDials})`);
+    assert.deepEqual([impostorConnections, impostorBytes], [0, 0], 'no handshake with the impostor completed: no ATTACH, no page reached it');
+    assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
+    proxy.close();
+    impostor.close();
     await s.close();
   });
 

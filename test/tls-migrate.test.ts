@@ -22,7 +22,7 @@ interface Outcome {
   paused: number;
 }
 
-async function migrateWith(client: Credentials, server: Credentials): Promise<Outcome> {
+async function migrateWith(client: Credentials | undefined, server: Credentials): Promise<Outcome> {
   const region = Region.create(512 * 4096, { name: 'tls-src' });
   for (let p = 0; p < region.pageCount; p++) region.page(p).fill(p & 255);
   let reserved = 0;
@@ -31,7 +31,7 @@ async function migrateWith(client: Credentials, server: Credentials): Promise<Ou
   const received = rx.next();
   received.catch(() => undefined);
   try {
-    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, credentials: client, pause: async () => (paused++, new Uint8Array(8)), resume: async () => undefined });
+    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, ...(client ? { credentials: client } : {}), pause: async () => (paused++, new Uint8Array(8)), resume: async () => undefined });
     return { report, received: await received, reserved, paused };
   } catch (e) {
     return { error: e as LivemigError, received: await received.catch((e2: unknown) => e2 as LivemigError), reserved, paused };
@@ -80,6 +80,26 @@ test('a source the destination cannot authenticate is refused before anything is
   const psk = await migrateWith({ kind: 'psk', identity: 'src', key: Buffer.alloc(32, 1) }, { kind: 'psk', identity: 'src', key: Buffer.alloc(32, 2) });
   assert.equal(psk.error?.code, 'ERR_LIVEMIG_AUTH', 'a wrong pre-shared key is refused');
   assert.equal(psk.reserved, 0);
+  // a certificate from another CA
+  const other = makeCa(['src']);
+  const foreign = await migrateWith({ kind: 'cert', ...other.certs['src']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+  assert.ok(foreign.error, 'a certificate from an unknown CA fails the migration');
+  assert.match((foreign.received as LivemigError).message, /not trusted/);
+  assert.deepEqual([foreign.reserved, foreign.paused], [0, 0], 'unknown CA: nothing reserved, never paused');
+  // no credentials at all: the destination reads HELLO as a broken TLS handshake
+  const none = await migrateWith(undefined, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+  assert.ok(none.error, 'a source without credentials fails');
+  assert.equal((none.received as LivemigError).code, 'ERR_LIVEMIG_AUTH');
+  assert.deepEqual([none.reserved, none.paused], [0, 0], 'no credentials: nothing reserved, never paused');
+});
+
+test('a destination that is not the one the source expects is refused before any page leaves', { skip: opensslMissing }, async () => {
+  const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
+  // mallory has a certificate from the same CA, but the source asked for 'dst'
+  const r = await migrateWith({ kind: 'cert', ...certs['src']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['mallory']!, ca, allow: ['src'] });
+  assert.equal(r.error?.code, 'ERR_LIVEMIG_AUTH', String(r.error));
+  assert.match(r.error!.message, /destination could not be authenticated|not trusted/);
+  assert.deepEqual([r.reserved, r.paused], [0, 0], 'no page left: nothing was reserved and the guest never paused');
 });
 
 test('secure by default: off loopback without credentials, listen() and migrate() refuse unless insecure is asked for', async () => {
