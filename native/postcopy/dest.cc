@@ -85,15 +85,13 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     hashesRef_ = Napi::Persistent(h);
     hashes_ = h.Data();
     version_ = static_cast<uint8_t>(info[5].As<Napi::Number>().Uint32Value());
-    tsfn_ = Napi::ThreadSafeFunction::New(env, info[6].As<Napi::Function>(), "livemig-postcopy-dest", 0, 1);
-    tsfn_.Unref(env);  // events matter to whoever awaits them; they must not keep the process alive
+    events_.Init(env, info[6].As<Napi::Function>(), "livemig-postcopy-dest");
     wake_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_ < 0) throw MakeSysError(env, "eventfd", errno);
   }
 
   ~PostcopyDest() override {
-    // at exit the environment may already have finalized the thread-safe function: no Release here
-    released_ = true;
+    events_.Close();  // at exit the thread-safe function may be going away under us
     Shutdown();
     if (wake_ >= 0) close(wake_);
     if (m_) m_->Unref();
@@ -165,10 +163,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     }
     Wake();
     if (thread_.joinable()) thread_.join();
-    if (!released_) {
-      released_ = true;
-      tsfn_.Release();
-    }
+    events_.Release();
   }
 
   void Wake() {
@@ -178,7 +173,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     }
   }
 
-  void Emit(Event* e) { tsfn_.BlockingCall(e, CallEvent); }
+  void Emit(Event* e) { events_.Emit(e); }
 
   // Maps pages [first, first+n) into the guest and wakes whoever waits on them.
   bool Continue(uint32_t first, uint32_t n, SysError& err) {
@@ -543,12 +538,12 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   alignas(64) uint8_t scratch_[kPage];
   std::thread thread_;
   std::mutex mu_;
-  bool stop_ = false, released_ = false;
+  bool stop_ = false;
   std::shared_ptr<Link> newPush_, newPrio_;
   std::vector<uint64_t> latencies_;
   std::atomic<uint64_t> faults_{0}, faultsLocal_{0}, pulled_{0}, pushed_{0}, duplicates_{0}, blockedNs_{0}, bytes_{0}, arrivedShared_{0};
   std::atomic<bool> connected_{false};
-  Napi::ThreadSafeFunction tsfn_;
+  EventSink events_;
 };
 
 }  // namespace

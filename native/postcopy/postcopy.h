@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "common.h"
@@ -66,6 +67,38 @@ inline void CallEvent(Napi::Env env, Napi::Function fn, Event* e) {
   fn.Call({o});
 }
 
+
+// Where a service thread's events go: a thread-safe function that may be closed under it. When
+// the object is destroyed (a finalizer, or the environment's cleanup at exit, which may be
+// tearing the thread-safe function down at that moment) its thread must not call into it:
+// Close() waits for a call in progress and drops every later event.
+class EventSink {
+ public:
+  void Init(Napi::Env env, Napi::Function fn, const char* name) {
+    tsfn_ = Napi::ThreadSafeFunction::New(env, fn, name, 0, 1);
+    tsfn_.Unref(env);  // events matter to whoever awaits them; they must not keep the process alive
+  }
+  void Emit(Event* e) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (closed_ || tsfn_.BlockingCall(e, CallEvent) != napi_ok) delete e;  // napi_closing: nobody listens
+  }
+  void Close() {
+    std::lock_guard<std::mutex> g(mu_);
+    closed_ = true;
+  }
+  // Lets the environment finalize the function (not at exit: it may be gone already).
+  void Release() {
+    std::lock_guard<std::mutex> g(mu_);
+    if (closed_) return;
+    closed_ = true;
+    tsfn_.Release();
+  }
+
+ private:
+  std::mutex mu_;
+  bool closed_ = false;
+  Napi::ThreadSafeFunction tsfn_;
+};
 
 Napi::Function DestClass(Napi::Env env);
 Napi::Function SourceClass(Napi::Env env);

@@ -60,12 +60,12 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
       hashesRef_ = Napi::Persistent(h);
       hashes_ = h.Data();
     }
-    tsfn_ = Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "livemig-postcopy-source", 0, 1);
-    tsfn_.Unref(env);
+    events_.Init(env, info[5].As<Napi::Function>(), "livemig-postcopy-source");
   }
 
   ~PostcopySource() override {
-    StopServer();  // (the thread-safe function is unreferenced; the environment finalizes it)
+    events_.Close();  // at exit the thread-safe function may be going away under us
+    StopServer();
     if (m_) m_->Unref();
   }
 
@@ -191,7 +191,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     return o;
   }
 
-  void Emit(Event* e) { tsfn_.BlockingCall(e, CallEvent); }
+  void Emit(Event* e) { events_.Emit(e); }
 
   // One PAGES frame of `pages` (ascending), bodies straight from the region. `head` and `iov`
   // are the caller's scratch.
@@ -301,7 +301,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   uint32_t generation_ = 0;
   uint64_t* hashes_ = nullptr;  // a page is hashed by whichever thread sent it (one per page)
   Napi::Reference<Napi::BigUint64Array> hashesRef_;
-  Napi::ThreadSafeFunction tsfn_;
+  EventSink events_;
 };
 
 }  // namespace
