@@ -28,6 +28,14 @@ export async function rawTcpCeiling(size: number): Promise<number> {
   const port = await new Promise<number>((resolve) => sink.stdout!.once('data', (d: Buffer) => resolve(Number(d.toString().trim()))));
   const sock = net.connect({ port, host: '127.0.0.1', noDelay: true });
   await new Promise((r) => sock.once('connect', r));
+  const ms = await pump(sock, size);
+  sock.destroy();
+  sink.kill();
+  return ms;
+}
+
+/** Writes `size` bytes in 1 MiB writes; milliseconds from the first write to the receiver's one-byte answer. */
+export async function pump(sock: net.Socket, size: number): Promise<number> {
   const bufs = Array.from({ length: 4 }, () => Buffer.alloc(1 << 20, 0x5a));
   const t0 = performance.now();
   const done = new Promise((r) => sock.once('data', r));
@@ -35,8 +43,5 @@ export async function rawTcpCeiling(size: number): Promise<number> {
     if (!sock.write(bufs[i % 4]!)) await new Promise((r) => sock.once('drain', r));
   }
   await done;
-  const ms = performance.now() - t0;
-  sock.destroy();
-  sink.kill();
-  return ms;
+  return performance.now() - t0;
 }

@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import tls from 'node:tls';
 import { fileURLToPath } from 'node:url';
+import { pump } from './raw-tcp.js';
 
 const SELF = fileURLToPath(import.meta.url);
 
@@ -34,14 +35,7 @@ export async function nodeTlsStream(size: number, certDir: string): Promise<{ ms
   const sock = tls.connect({ port, host: '127.0.0.1', ca: readFileSync(path.join(certDir, 'ca.crt')), servername: 'dst', minVersion: 'TLSv1.3' });
   await new Promise((r) => sock.once('secureConnect', r));
   sock.setNoDelay(true);
-  const bufs = Array.from({ length: 4 }, () => Buffer.alloc(1 << 20, 0x5a));
-  const t0 = performance.now();
-  const done = new Promise((r) => sock.once('data', r));
-  for (let sent = 0, i = 0; sent < size; sent += 1 << 20, i++) {
-    if (!sock.write(bufs[i % 4]!)) await new Promise((r) => sock.once('drain', r));
-  }
-  await done;
-  const ms = performance.now() - t0;
+  const ms = await pump(sock, size);
   const cipher = sock.getCipher().name;
   sock.destroy();
   sink.kill();
