@@ -21,8 +21,9 @@ bool SendAll(int fd, iovec* iov, int n, SysError& err) {
     ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (sent < 0) {
       if (errno == EINTR) continue;  // a signal arrived before any byte went: retry
-      // EAGAIN here means SO_SNDTIMEO expired; EPIPE/ECONNRESET the peer went away
-      err.set("sendmsg", errno);
+      // EAGAIN here means SO_SNDTIMEO expired (the peer stopped reading); EPIPE/ECONNRESET the peer went away
+      if (errno == EAGAIN || errno == EWOULDBLOCK) err.fail("ERR_LIVEMIG_TIMEOUT", "the peer took no byte within the send timeout: it stopped reading");
+      else err.set("sendmsg", errno);
       return false;
     }
     size_t left = static_cast<size_t>(sent);

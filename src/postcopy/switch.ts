@@ -88,6 +88,8 @@ export async function runPostcopy(o: {
   hashes: BigUint64Array;
   recoverTimeoutMs: number;
   peerError: (f: Frame, phase: string) => Error;
+  /** right before POSTCOPY is written (the point of commitment begins: nothing may abort after it) */
+  onCommitting?(): void;
   onCommitted(): void;
   onRunning(activateMs: number): void;
   onProgress?(s: PushStats): void;
@@ -102,6 +104,7 @@ export async function runPostcopy(o: {
     const bitmap = bytesToBitmap(o.needed);
     // One write: the destination wakes once for the state and the switch. POSTCOPY is the point
     // of commitment and the write's last bytes: a write that failed did not deliver it whole.
+    o.onCommitting?.();
     await channel.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
     trace('source', 'device state and POSTCOPY sent');
     o.onCommitted();

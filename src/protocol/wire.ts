@@ -140,9 +140,12 @@ export class WireChannel {
     return this.#closed || this.#writeFailure !== undefined;
   }
 
-  /** Fails a receive that sees no byte for `ms` (0: wait forever). */
+  /**
+   * Fails a receive that sees no byte for `ms`, and a send that can move no byte for `ms` (a
+   * peer that stopped reading); 0: wait forever.
+   */
   setIdleTimeout(ms: number): void {
-    this.#wire.setTimeouts(ms, 0);
+    this.#wire.setTimeouts(ms, ms);
   }
 
   /** Queues whole frames (a buffer each, or parts of one); resolves once the kernel has them. */
@@ -282,6 +285,16 @@ export class WireChannel {
       // the connection is already gone: nothing left to deliver
     }
     this.close();
+  }
+
+  /**
+   * Ends the connection from this side with `e` as the cause (a cancel, a deadline): every
+   * pending and later operation fails with it, and a blocked native read or write wakes up.
+   */
+  abort(e: LivemigError): void {
+    this.#failBoth(e);
+    if (!this.#closed) this.#wire.shutdown();
+    for (const w of this.#waiters.splice(0)) w.reject(e);
   }
 
   close(): void {

@@ -44,6 +44,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     digest = digestOf(ctx.hashes, 'commit');
     trace('source', 'digest computed');
     if (prove) await checkProof(channel, digest, pageCount);
+    ctx.beginCommitment();
     await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
     ctx.enter('activating');
     tSent = now();
@@ -62,6 +63,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     tCommitted = now();
     reportCommitted(ctx, digest, stopped);
     // Point of commitment: once ACTIVATE is on its way, the source must never resume by itself.
+    ctx.beginCommitment();
     ctx.enter('activating');
     await channel.send(encodeActivate(version));
     activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);

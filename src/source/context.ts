@@ -7,6 +7,7 @@ import { LivemigError } from '../errors.js';
 import type { PageEncoder } from '../encoding/encoder.js';
 import { Pacer } from '../pacing/pacer.js';
 import { Stages } from '../stages.js';
+import { Deadlines } from './deadlines.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import type { Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
@@ -58,8 +59,16 @@ export class SourceContext {
   readonly hashes: BigUint64Array;
   readonly perRound: RoundStats[] = [];
   readonly #stages = new Stages<SourceStage>('connecting', 'failed', NEXT);
+  readonly deadlines: Deadlines;
   #session: Session | undefined;
   #unbindControl: (() => void) | undefined;
+  #unbindCancel: (() => void) | undefined;
+  /** the frame that lets the destination activate is on its way: nothing may abort any more */
+  #committing = false;
+  /** why the migration was ended from outside (a cancel, a deadline); the rollback reports it */
+  abortReason: LivemigError | undefined;
+  /** called once by abort() while the connection is still being opened */
+  #onAbort: (() => void) | undefined;
   /** the connection, as soon as it exists (the handshake may fail before the session does) */
   channel: WireChannel | undefined;
   tracker: DirtyTracker | undefined;
@@ -91,6 +100,40 @@ export class SourceContext {
       ...(options.rateAdaptation ? { startMiBps: options.rateAdaptation.startMiBps } : {}),
     });
     this.#unbindControl = options.control?.bind(this.pacer);
+    this.#unbindCancel = options.control?.bindCancel(() => {
+      if (!this.abort(new LivemigError('ERR_LIVEMIG_CANCELLED', `migration cancelled in ${this.stage}; the guest keeps running on the source`, { phase: this.stage }))) {
+        throw new LivemigError('ERR_LIVEMIG_STATE', `cannot cancel in ${this.stage}: the migration has passed its point of commitment (the guest may already run at the destination)`, { phase: 'cancel' });
+      }
+    });
+    this.deadlines = new Deadlines({ progressTimeoutMs: settings.progressTimeoutMs, maxPauseMs: settings.maxPauseMs, abort: (e) => void this.abort(e), stage: () => this.stage });
+  }
+
+  /**
+   * Ends the migration before its point of commitment: every pending and later operation on
+   * the connection fails with `reason`, and the rollback resumes the guest here. False (and
+   * nothing done) once commitment has begun or the migration is over.
+   */
+  abort(reason: LivemigError): boolean {
+    const s = this.stage;
+    if (this.#committing || s === 'activating' || s === 'postcopy' || s === 'done' || s === 'failed') return false;
+    this.abortReason ??= reason;
+    this.deadlines.stop();
+    this.channel?.abort(reason);
+    this.#onAbort?.();
+    return true;
+  }
+
+  /** While the connection is being opened, what abort() must undo (destroy the socket). */
+  onAbort(fn: (() => void) | undefined): void {
+    this.#onAbort = fn;
+    if (fn && this.abortReason) fn();
+  }
+
+  /** Right before the frame that lets the destination activate: no abort from here on. */
+  beginCommitment(): void {
+    if (this.abortReason) throw this.abortReason;
+    this.#committing = true;
+    this.deadlines.stop();
   }
 
   get stage(): SourceStage {
@@ -132,6 +175,7 @@ export class SourceContext {
       : (await channel.sendPages({ region: this.settings.options.region, pages, round: r, version, batchPages: this.settings.batchPages, hashes: this.hashes })).bytes;
     this.bytesSent += n;
     this.pagesSent += pages.length;
+    this.deadlines.noteProgress();
     return n;
   }
 
@@ -150,6 +194,8 @@ export class SourceContext {
   /** Live controls no longer reach this migration. */
   unbindControl(): void {
     this.#unbindControl?.();
-    this.#unbindControl = undefined;
+    this.#unbindCancel?.();
+    this.#unbindControl = this.#unbindCancel = undefined;
+    this.deadlines.stop();
   }
 }

@@ -29,10 +29,14 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const populated = region.populateAsync(false);
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
+  // a cancel during the secure handshake ends it here (the channel does not exist yet)
+  ctx.onAbort(() => socket.destroy());
   const remote = socket.remoteAddress ?? '';
   const opened = await openChannel(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
   const channel = opened.channel;
+  ctx.onAbort(undefined);
   ctx.channel = channel;
+  if (ctx.abortReason) channel.abort(ctx.abortReason);
   // frames from the destination are read as they come, so an ERROR it sends while we are
   // busy sending pages explains the failure instead of a bare connection reset
   channel.readAhead();

@@ -22,6 +22,8 @@ export interface Settings {
   readonly encodings: { zero: boolean; dedup: boolean; compress: boolean };
   readonly handshakeTimeoutMs: number;
   readonly recoverTimeoutMs: number;
+  readonly progressTimeoutMs: number;
+  readonly maxPauseMs: number;
 }
 
 export const invalid = (m: string): LivemigError => new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', m, { phase: 'validate' });
@@ -44,6 +46,10 @@ export function resolveOptions(options: MigrateOptions): Settings {
   const mode = options.mode ?? 'precopy';
   if (!MODES.includes(mode)) throw invalid(`mode must be one of ${MODES.join(', ')}, got ${String(mode)}`);
   if (options.recoverTimeoutMs !== undefined && !(options.recoverTimeoutMs > 0)) throw invalid('recoverTimeoutMs must be a positive number');
+  for (const k of ['progressTimeoutMs', 'maxPauseMs', 'handshakeTimeoutMs'] as const) {
+    const v = options[k];
+    if (v !== undefined && !(Number.isFinite(v) && v > 0)) throw invalid(`${k} must be a positive number of milliseconds, got ${String(v)}`);
+  }
   if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
   const ra = options.rateAdaptation;
   if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');
@@ -59,5 +65,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
     encodings: { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true },
     handshakeTimeoutMs: options.handshakeTimeoutMs ?? 60_000,
     recoverTimeoutMs: options.recoverTimeoutMs ?? 60_000,
+    progressTimeoutMs: options.progressTimeoutMs ?? 30_000,
+    maxPauseMs: options.maxPauseMs ?? 5_000,
   };
 }

@@ -23,6 +23,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   const server = new PageServer(region, allPages, version, ctx.round + 1, settings.batchPages);
   ctx.enter('stop-and-copy');
   const tPause = now();
+  ctx.deadlines.armPause();
   trace('source', 'pause requested (post-copy)');
   const deviceState = await ctx.pauseGuest().catch((e: unknown) => {
     prio.close();
@@ -53,6 +54,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     hashes: ctx.hashes,
     recoverTimeoutMs: settings.recoverTimeoutMs,
     peerError,
+    onCommitting: () => ctx.beginCommitment(),
     onCommitted: () => ctx.enter('activating'),
     onRunning: () => {
       ctx.enter('postcopy');

@@ -24,6 +24,8 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
     const f = channel.takeQueuedError();
     if (f) e = peerError(f, failedIn);
   }
+  // a cancel or a deadline ended it: that is the cause, not the connection it shut down
+  if (ctx.abortReason) e = ctx.abortReason;
   const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
   if (failedIn === 'postcopy' || failedIn === 'done') {
     // the guest runs at the destination: it must never resume here; this copy stays, paused

@@ -40,6 +40,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // (post-copy from the start has no rounds: nothing to track)
   if (settings.mode !== 'postcopy') await tracker.start();
   ctx.enter('precopy');
+  ctx.deadlines.watchProgress();
   ctx.tFirstPage = now();
   if (settings.mode === 'postcopy') return 'postcopy';
   const policy = new ConvergencePolicy({
@@ -116,6 +117,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // pause does not pay for its backlog.
   for (;;) {
     const ack = decodeRoundAck((await channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
+    ctx.deadlines.noteProgress();
     if (ack.round >= ctx.round) break;
   }
   return outcome;

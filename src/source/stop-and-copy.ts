@@ -22,6 +22,7 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const { tracker } = ctx.session;
   ctx.enter('stop-and-copy');
   const tPause = now();
+  ctx.deadlines.armPause();
   trace('source', 'pause requested');
   const deviceState = await ctx.pauseGuest();
   const tPaused = now();

@@ -1,4 +1,5 @@
 import type net from 'node:net';
+import { LivemigError } from '../errors.js';
 import type { Region } from '../region/region.js';
 import type { DirtyTracker, RemoteTarget } from '../tracking/types.js';
 import type { StallAction } from '../precopy/policy.js';
@@ -14,6 +15,25 @@ export class MigrationControl {
   #bandwidth: number | undefined;
   #target: BandwidthTarget | undefined;
   #postcopy = false;
+  #cancel: (() => void) | undefined;
+
+  /**
+   * Ends the running migration before its point of commitment: the destination discards its
+   * copy and the guest keeps (or resumes) running here; migrate() rejects with
+   * ERR_LIVEMIG_CANCELLED. After commitment the guest may already run at the destination, and
+   * cancel() throws ERR_LIVEMIG_STATE instead; so it does when no migration runs.
+   */
+  cancel(): void {
+    if (!this.#cancel) throw new LivemigError('ERR_LIVEMIG_STATE', 'no migration is running under this control', { phase: 'cancel' });
+    this.#cancel();
+  }
+  /** @internal the running migration's cancel; returns the unbinding */
+  bindCancel(fn: () => void): () => void {
+    this.#cancel = fn;
+    return () => {
+      if (this.#cancel === fn) this.#cancel = undefined;
+    };
+  }
 
   /** Switch to post-copy at the end of the current round (the destination must offer it). */
   startPostcopy(): void {
@@ -161,6 +181,17 @@ export interface MigrateOptions {
   recoverTimeoutMs?: number;
   /** handshake timeout (default 60 s: the destination may reserve gigabytes) */
   handshakeTimeoutMs?: number;
+  /**
+   * after the handshake, the longest time without progress (pages taken by the connection, a
+   * round acknowledged) before the migration is aborted and the guest keeps running here;
+   * default 30 s
+   */
+  progressTimeoutMs?: number;
+  /**
+   * the longest the guest may stay paused before the point of commitment: past it the
+   * migration is aborted and the guest resumes here; default 5000 ms
+   */
+  maxPauseMs?: number;
   /**
    * authenticate both sides before the first frame, on every connection (src/security/tls.ts):
    * certificates (TLS 1.3) or a pre-shared key; without, the connection is not authenticated

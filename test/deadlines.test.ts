@@ -1,0 +1,142 @@
+/**
+ * A stalled peer cannot keep the source guest paused, or a migration hanging (issue 18,
+ * points 1 and 2): no commitment within maxPauseMs of the pause aborts and resumes the guest
+ * here; no progress for progressTimeoutMs aborts with the guest never paused; cancel() ends a
+ * migration before its point of commitment and is refused after it.
+ */
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { test } from 'node:test';
+import { LivemigError } from '../src/errors.js';
+import { CAP_COMMIT_ACTIVATE, FrameType } from '../src/protocol/format.js';
+import { decodeRoundEnd, encodeAccept, encodeRoundAck } from '../src/protocol/messages.js';
+import { listen } from '../src/receiver/listen.js';
+import { Region } from '../src/region/region.js';
+import { migrate } from '../src/source/migrate.js';
+import { MigrationControl } from '../src/source/types.js';
+import { FrameParser } from './reference/frames.js';
+
+const off = { zero: false, dedup: false, compress: false };
+
+function filled(pages: number, name: string): Region {
+  const r = Region.create(pages * 4096, { name });
+  for (let p = 0; p < pages; p++) r.page(p).fill((p * 7) & 255);
+  return r;
+}
+
+test('a destination that stalls inside the pause: no commitment within maxPauseMs, the guest resumes here and COMMIT never leaves', async () => {
+  // acknowledges every round, then goes silent at DEVICE_STATE (a stopped process, a dead link)
+  const seen: FrameType[] = [];
+  const server = net.createServer((s) => {
+    const parser = new FrameParser();
+    s.on('error', () => undefined);
+    s.on('data', (chunk: Buffer) =>
+      parser.push(chunk, (f) => {
+        seen.push(f.type);
+        if (f.type === FrameType.Hello) s.write(encodeAccept({ version: 3, capabilities: [CAP_COMMIT_ACTIVATE] }, 3));
+        else if (f.type === FrameType.RoundEnd) s.write(encodeRoundAck(decodeRoundEnd(f.payload), 3));
+      }),
+    );
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const region = filled(256, 'dl-pause');
+  let paused = 0;
+  let resumed = 0;
+  let released = 0;
+  try {
+    await assert.rejects(
+      migrate({ region, to: { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port }, encodings: off, maxPauseMs: 300, pause: async () => (paused++, new Uint8Array(16)), resume: async () => void resumed++, release: async () => void released++ }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_TIMEOUT' && /no commitment within 300 ms of pausing/.test(e.message) && e.phase === 'stop-and-copy',
+    );
+    assert.deepEqual([paused, resumed, released], [1, 1, 0], 'paused once, resumed on the source, not released');
+    assert.ok(seen.includes(FrameType.DeviceState), 'the pause was reached');
+    assert.ok(!seen.includes(FrameType.Commit), 'COMMIT never left');
+  } finally {
+    server.close();
+    region.release();
+  }
+});
+
+test('a destination that stops reading in pre-copy: aborted after progressTimeoutMs with the guest never paused', async () => {
+  // accepts, then never reads again: the source's sends block once the socket buffers are full
+  const server = net.createServer((s) => {
+    const parser = new FrameParser();
+    s.on('error', () => undefined);
+    s.on('data', (chunk: Buffer) =>
+      parser.push(chunk, (f) => {
+        if (f.type !== FrameType.Hello) return;
+        s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
+        s.pause();
+      }),
+    );
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const region = filled(16384, 'dl-progress'); // 64 MiB: far more than the socket buffers hold
+  let paused = 0;
+  try {
+    await assert.rejects(
+      migrate({ region, to: { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port }, encodings: off, progressTimeoutMs: 400, pause: async () => (paused++, new Uint8Array(0)), resume: async () => undefined }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_TIMEOUT' && /no progress from the destination/.test(e.message) && e.phase === 'precopy',
+    );
+    assert.equal(paused, 0, 'the guest was never paused');
+  } finally {
+    server.close();
+    region.release();
+  }
+});
+
+test('cancel() in pre-copy ends the migration with the guest running here; after commitment it is refused', async () => {
+  const region = filled(4096, 'dl-cancel');
+  let discarded = 0;
+  let paused = 0;
+  let resumed = 0;
+  const rx = await listen('127.0.0.1', 0, { onDiscard: () => void discarded++, activate: async () => undefined });
+  const control = new MigrationControl();
+  try {
+    const received = rx.next();
+    received.catch(() => undefined);
+    await assert.rejects(
+      migrate({
+        region,
+        to: { host: '127.0.0.1', port: rx.port },
+        encodings: off,
+        control,
+        bandwidthMiBps: 8, // slow enough that the first round is still running when we cancel
+        pause: async () => (paused++, new Uint8Array(0)),
+        resume: async () => void resumed++,
+        onProgress: (e) => {
+          if (e.type === 'handshake') setTimeout(() => control.cancel(), 50);
+        },
+      }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CANCELLED' && e.phase === 'precopy',
+    );
+    assert.equal(paused, resumed, 'the guest is running on the source');
+    await assert.rejects(received);
+    assert.equal(discarded, 1, 'the destination discarded its copy');
+    assert.throws(() => control.cancel(), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_STATE' && /no migration is running/.test(e.message));
+  } finally {
+    await rx.close();
+  }
+  // after commitment: the destination tries to cancel from inside its activation (COMMIT was sent)
+  let refusal: unknown;
+  const control2 = new MigrationControl();
+  const rx2 = await listen('127.0.0.1', 0, {
+    activate: async () => {
+      try {
+        control2.cancel();
+      } catch (e) {
+        refusal = e;
+      }
+    },
+  });
+  try {
+    const received = rx2.next();
+    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx2.port }, encodings: off, control: control2, pause: async () => new Uint8Array(0), resume: async () => undefined });
+    await received;
+    assert.equal(report.verified, true, 'the migration completed');
+    assert.ok(refusal instanceof LivemigError && refusal.code === 'ERR_LIVEMIG_STATE' && /passed its point of commitment/.test(refusal.message), `cancel after commitment is refused: ${String(refusal)}`);
+  } finally {
+    await rx2.close();
+    region.release();
+  }
+});
