@@ -48,7 +48,7 @@ Napi::Object WireFormat(Napi::Env env) {
       {"Abort", wire::kAbort}, {"RoundAck", wire::kRoundAck}, {"PagesEnc", wire::kPagesEnc},
       {"ImageHashes", wire::kImageHashes}, {"Postcopy", wire::kPostcopy}, {"PostcopyRunning", wire::kPostcopyRunning},
       {"Attach", wire::kAttach}, {"PageRequest", wire::kPageRequest}, {"PostcopyComplete", wire::kPostcopyComplete},
-      {"Attached", wire::kAttached}, {"Digest", wire::kDigest}};
+      {"Attached", wire::kAttached}, {"Digest", wire::kDigest}, {"Resolve", wire::kResolve}, {"Resolved", wire::kResolved}};
   for (const auto& [name, value] : named) types.Set(name, static_cast<uint32_t>(value));
   o.Set("frameTypes", types);
   Napi::Object enc = Napi::Object::New(env);

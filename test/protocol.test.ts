@@ -64,6 +64,8 @@ test('every control message roundtrips', () => {
   assert.deepEqual(M.decodeActivated(one(M.encodeActivated({ activateMs: 1.5 }, V))), { activateMs: 1.5 });
   assert.deepEqual(M.decodeAbort(one(M.encodeAbort({ reason: 'r' }, V))), { reason: 'r' });
   assert.deepEqual(one(M.encodeDeviceState(Buffer.from('blob'), V)).toString(), 'blob');
+  assert.deepEqual(M.decodeResolve(one(M.encodeResolve({ session: 'a'.repeat(32) }, V))), { session: 'a'.repeat(32) });
+  for (const outcome of ['activated', 'not-activated'] as const) assert.deepEqual(M.decodeResolved(one(M.encodeResolved({ outcome }, V))), { outcome });
 });
 
 test('control decoders reject wrong values', () => {
@@ -80,6 +82,9 @@ test('control decoders reject wrong values', () => {
   throwsCode(() => M.decodeCommit(pack({ digest: 5, pageCount: 1 }) as Buffer), 'ERR_LIVEMIG_PROTOCOL', /u64 digest/);
   throwsCode(() => M.decodeRoundEnd(pack({ round: 'x', pages: 1 }) as Buffer), 'ERR_LIVEMIG_PROTOCOL');
   throwsCode(() => M.decodeActivated(pack({ activateMs: -1 }) as Buffer), 'ERR_LIVEMIG_PROTOCOL');
+  throwsCode(() => M.decodeResolve(pack({ session: 'A'.repeat(32) }) as Buffer), 'ERR_LIVEMIG_PROTOCOL', /32 hex digits/);
+  throwsCode(() => M.decodeResolve(pack({ session: 'a'.repeat(33) }) as Buffer), 'ERR_LIVEMIG_PROTOCOL', /32 hex digits/);
+  throwsCode(() => M.decodeResolved(pack({ outcome: 'maybe' }) as Buffer), 'ERR_LIVEMIG_PROTOCOL', /activated or not-activated/);
 });
 
 test('PAGES batches: layout roundtrip and shape checks', () => {

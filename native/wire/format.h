@@ -51,7 +51,9 @@ enum FrameType : uint8_t {
   kPostcopyComplete = 19,  // D->S: u64 digest of the page hashes, u32 page count
   kAttached = 20,
   kDigest = 21,  // version 3, R->S: the destination's own digest, asked for by kFlagProve
-  kMaxFrameType = kDigest,
+  kResolve = 22,   // capability resolve, S->R on a new connection
+  kResolved = 23,  // R->S: activated or not-activated (then fenced)
+  kMaxFrameType = kResolved,
 };
 
 // Per-page encodings of PAGES_ENC on the wire (4 is not used).

@@ -4,11 +4,12 @@ import { preferShortSlices } from '../sched.js';
 import { demo } from './commands/demo.js';
 import { keys } from './commands/keys.js';
 import { probe } from './commands/probe.js';
+import { resolve } from './commands/resolve.js';
 import { receive } from './commands/receive.js';
 import { send } from './commands/send.js';
 import { USAGE_EXIT, commandHelp, isUsageError, parseFlags, type Command } from './flags.js';
 
-const COMMANDS: readonly Command[] = [demo, receive, send, probe, keys];
+const COMMANDS: readonly Command[] = [demo, receive, send, probe, keys, resolve];
 
 function globalUsage(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
@@ -55,7 +56,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(commandHelp(cmd));
     return 0;
   }
-  if (cmd !== probe && cmd !== keys) latencyHint();
+  if (cmd !== probe && cmd !== keys && cmd !== resolve) latencyHint();
   return cmd.run(parsed.values, parsed.positionals);
 }
 

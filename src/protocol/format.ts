@@ -70,6 +70,10 @@ export enum FrameType {
   Attached = 20,
   /** version 3, R->S: the destination's own digest of what it holds, asked for by DEVICE_STATE's FLAG_PROVE */
   Digest = 21,
+  /** capability `resolve`, S->R on a new connection: what became of a session whose commitment went unconfirmed */
+  Resolve = 22,
+  /** R->S: the answer; `not-activated` fences the session for good */
+  Resolved = 23,
 }
 
 export const MAX_FRAME_TYPE = Math.max(...Object.values(FrameType).filter((v): v is number => typeof v === 'number'));
@@ -103,3 +107,10 @@ export const CAP_COMMIT_ACTIVATE = 'commit-activate';
 export const CAP_POSTCOPY = 'postcopy';
 /** HELLO: the sender will switch to post-copy (mode postcopy or hybrid): the destination need not map the guest's memory ahead */
 export const CAP_POSTCOPY_PLANNED = 'postcopy-planned';
+/**
+ * HELLO/ACCEPT: a commitment whose confirmation was lost can be resolved. ACCEPT then carries a
+ * session token; a new connection may send RESOLVE naming it, and the destination answers
+ * RESOLVED with what it did: `activated`, or `not-activated`, after which it never activates
+ * that session (it is fenced).
+ */
+export const CAP_RESOLVE = 'resolve';

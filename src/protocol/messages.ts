@@ -223,6 +223,28 @@ export function decodeAttach(p: Buffer): Attach {
   return { session: m.session, role: m.role };
 }
 
+export interface Resolve {
+  session: string;
+}
+export type ResolveOutcome = 'activated' | 'not-activated';
+export interface Resolved {
+  outcome: ResolveOutcome;
+}
+
+export const encodeResolve = (r: Resolve, version: number): Buffer => control(FrameType.Resolve, r, version);
+export function decodeResolve(p: Buffer): Resolve {
+  const m = decodeMap(p, FrameType.Resolve);
+  if (!isString(m.session, 64) || !/^[0-9a-f]{32}$/.test(m.session)) throw bad('RESOLVE session must be 32 hex digits');
+  return { session: m.session };
+}
+
+export const encodeResolved = (r: Resolved, version: number): Buffer => control(FrameType.Resolved, r, version);
+export function decodeResolved(p: Buffer): Resolved {
+  const m = decodeMap(p, FrameType.Resolved);
+  if (m.outcome !== 'activated' && m.outcome !== 'not-activated') throw bad(`RESOLVED outcome must be activated or not-activated, got ${String(m.outcome)}`);
+  return { outcome: m.outcome };
+}
+
 export const encodeAttached = (a: Attached, version: number): Buffer => control(FrameType.Attached, a, version);
 export function decodeAttached(p: Buffer, pageCount: number): Attached {
   const m = decodeMap(p, FrameType.Attached);

@@ -1,16 +1,18 @@
 /**
  * The destination's listener: one migration at a time on a port; while it runs, further
- * connections may only join its post-copy session (ATTACH naming its token).
+ * connections may only join its post-copy session (ATTACH naming its token) or ask what became
+ * of a session (RESOLVE), which any connection may do at any time.
  */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
-import { decodeAttach, encodeError } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
+import { decodeAttach, decodeResolve, encodeError, encodeResolved } from '../protocol/messages.js';
+import type { WireChannel, WireFrame } from '../protocol/wire.js';
 import { assertSecureEnough, openChannel } from '../security/tls.js';
 import { trace } from '../trace.js';
-import { receiveOn } from './receiver.js';
+import { OutcomeTable } from './outcomes.js';
+import { openIncoming, serveMigration } from './receiver.js';
 import { SessionTable } from './session.js';
 import type { ReceiveOptions, ReceiveReport } from './types.js';
 
@@ -34,19 +36,40 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   const ready: Promise<ReceiveReport>[] = [];
   let busy = false;
   const sessions = new SessionTable();
-  server.on('connection', (socket) => {
-    if (busy) {
-      void routeAttach(socket, sessions, options);
-      return;
-    }
-    busy = true;
-    const p = receiveOn(socket, options, sessions).finally(() => {
-      busy = false;
-    });
+  const outcomes = new OutcomeTable();
+  const deliver = (p: Promise<ReceiveReport>): void => {
     p.catch(() => undefined); // handed to whoever calls next()
     const waiter = results.shift();
     if (waiter) p.then(waiter.resolve, waiter.reject);
     else ready.push(p);
+  };
+  server.on('connection', (socket) => {
+    if (busy) {
+      void routeJoin(socket, sessions, outcomes, options);
+      return;
+    }
+    busy = true;
+    void (async () => {
+      let opened: Awaited<ReturnType<typeof openIncoming>>;
+      let first: WireFrame;
+      try {
+        opened = await openIncoming(socket, options);
+        first = await opened.channel.next();
+      } catch (e) {
+        busy = false;
+        return deliver(Promise.reject(e));
+      }
+      if (first.type === FrameType.Resolve) {
+        // not a migration: the answer about an earlier one
+        busy = false;
+        return answerResolve(opened.channel, first, outcomes);
+      }
+      deliver(
+        serveMigration(opened, first, options, sessions, outcomes).finally(() => {
+          busy = false;
+        }),
+      );
+    })();
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot listen on ${host}:${port}: ${e.message}`, { phase: 'listen', cause: e })));
@@ -61,8 +84,8 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   };
 }
 
-/** A connection while a migration runs: its first frame must be ATTACH naming a live session. */
-async function routeAttach(socket: net.Socket, sessions: SessionTable, options: ReceiveOptions): Promise<void> {
+/** A connection while a migration runs: its first frame must be ATTACH naming a live session, or RESOLVE. */
+async function routeJoin(socket: net.Socket, sessions: SessionTable, outcomes: OutcomeTable, options: ReceiveOptions): Promise<void> {
   let ch: WireChannel;
   try {
     // a joining connection authenticates like the first one: nobody else may attach to a session
@@ -75,7 +98,8 @@ async function routeAttach(socket: net.Socket, sessions: SessionTable, options: 
   }
   try {
     const f = await ch.next(ATTACH_WAIT_MS);
-    if (f.type !== FrameType.Attach) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `a second connection must start with ATTACH, got ${FrameType[f.type] ?? f.type}`);
+    if (f.type === FrameType.Resolve) return await answerResolve(ch, f, outcomes);
+    if (f.type !== FrameType.Attach) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `a second connection must start with ATTACH or RESOLVE, got ${FrameType[f.type] ?? f.type}`);
     const a = decodeAttach(f.payload);
     const session = sessions.get(a.session);
     if (!session) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'ATTACH names no session running here', { phase: 'attach' });
@@ -83,5 +107,24 @@ async function routeAttach(socket: net.Socket, sessions: SessionTable, options: 
   } catch (e) {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'attach', cause: e });
     await ch.finish(ch.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'attach' }, PROTOCOL_VERSION));
+  }
+}
+
+/**
+ * RESOLVE: what became of a session. Not begun to activate: it is fenced now and the answer is
+ * not-activated; activating: the answer waits for the result. A session this listener does not
+ * know is refused (the source must not guess from that).
+ */
+async function answerResolve(ch: WireChannel, f: WireFrame, outcomes: OutcomeTable): Promise<void> {
+  try {
+    const r = decodeResolve(f.payload);
+    const outcome = outcomes.get(r.session);
+    if (!outcome) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'RESOLVE names no session this receiver knows', { phase: 'resolve' });
+    const state = await outcome.resolve();
+    trace('receiver', 'session resolved', { outcome: state });
+    await ch.finish(encodeResolved({ outcome: state === 'activated' ? 'activated' : 'not-activated' }, PROTOCOL_VERSION));
+  } catch (e) {
+    const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'resolve', cause: e });
+    await ch.finish(ch.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'resolve' }, PROTOCOL_VERSION));
   }
 }

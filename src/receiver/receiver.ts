@@ -5,12 +5,13 @@
  * Nothing is activated before a matching commitment digest and the sender's ACTIVATE; any
  * failure before that discards the region. Every frame is checked before it is used.
  */
+import { randomBytes } from 'node:crypto';
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, call, digestOf } from '../native.js';
 import type { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
-import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FLAG_PROVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FLAG_PROVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, encodeActivated, encodeCommitAck, encodeDigest, encodeError, encodeImageHashes, encodeRoundAck, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { PageSink, WireChannel, WireFrame } from '../protocol/wire.js';
@@ -20,6 +21,7 @@ import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
 import { loadImage } from './image.js';
 import { runPostcopy } from './postcopy.js';
+import { OutcomeTable, type SessionOutcome } from './outcomes.js';
 import { SessionTable, type PostcopySession } from './session.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } from './types.js';
 import { Stages } from '../stages.js';
@@ -43,14 +45,31 @@ export type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } fr
  * Serves one migration on an accepted connection. `sessions` is where a listener routes the
  * connections that join a post-copy session (without one, nobody can join: no post-copy).
  */
-export async function receiveOn(socket: net.Socket, options: ReceiveOptions, sessions = new SessionTable()): Promise<ReceiveReport> {
+export async function receiveOn(socket: net.Socket, options: ReceiveOptions, sessions = new SessionTable(), outcomes = new OutcomeTable()): Promise<ReceiveReport> {
+  const opened = await openIncoming(socket, options);
+  return serveMigration(opened, await opened.channel.next(), options, sessions, outcomes);
+}
+
+/** An accepted connection, authenticated (nothing is reserved for a source that cannot authenticate). */
+export interface OpenedIncoming {
+  channel: WireChannel;
+  security: SecurityReport;
+  /** the address the source reached */
+  local: string;
+}
+
+export async function openIncoming(socket: net.Socket, options: ReceiveOptions): Promise<OpenedIncoming> {
   const local = socket.localAddress ?? '';
-  // nothing is reserved for a source that cannot authenticate
-  const { channel: ch, security } = await openChannel(socket, options.credentials, 'server', options.authTimeoutMs ?? AUTH_TIMEOUT_MS);
-  ch.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
-  const incoming = new Incoming(ch, options, sessions, security, local);
+  const { channel, security } = await openChannel(socket, options.credentials, 'server', options.authTimeoutMs ?? AUTH_TIMEOUT_MS);
+  channel.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
+  return { channel, security, local };
+}
+
+/** Serves one migration whose first frame (`first`, which must be HELLO) has been read. */
+export async function serveMigration(opened: OpenedIncoming, first: WireFrame, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable): Promise<ReceiveReport> {
+  const incoming = new Incoming(opened.channel, options, sessions, outcomes, opened.security, opened.local);
   try {
-    const hello = await incoming.hello();
+    const hello = incoming.hello(first);
     const accepted = await incoming.reserve(hello);
     return await incoming.receive(accepted);
   } catch (e) {
@@ -76,6 +95,8 @@ class Incoming {
   readonly #ch: WireChannel;
   readonly #options: ReceiveOptions;
   readonly #sessions: SessionTable;
+  readonly #outcomes: OutcomeTable;
+  #outcome: SessionOutcome | undefined;
   readonly #progress: (e: ReceiveProgress) => void;
   readonly #stage = new Stages<ReceiverState>('hello', 'failed', NEXT);
   readonly #security: SecurityReport;
@@ -86,8 +107,9 @@ class Incoming {
   #session: PostcopySession | undefined;
   #faults: FaultService | undefined;
 
-  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, security: SecurityReport, local: string) {
+  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable, security: SecurityReport, local: string) {
     this.#ch = ch;
+    this.#outcomes = outcomes;
     this.#local = local;
     this.#security = security;
     this.#options = options;
@@ -96,8 +118,7 @@ class Incoming {
   }
 
   /** HELLO: version, geometry and limits checked before anything is reserved. */
-  async hello(): Promise<Hello> {
-    const hello = await this.#ch.next();
+  hello(hello: WireFrame): Hello {
     if (hello.type !== FrameType.Hello) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `the first frame must be HELLO, got ${FrameType[hello.type]}`);
     if (hello.version < MIN_PROTOCOL_VERSION || hello.version > PROTOCOL_VERSION) {
       throw new ProtocolError('ERR_LIVEMIG_VERSION', `protocol version ${hello.version} is not supported (this receiver speaks ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION})`);
@@ -144,7 +165,16 @@ class Incoming {
     const caps = [...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []), ...(postcopyCap ? [CAP_POSTCOPY] : [])];
     // post-copy: further connections join this session with ATTACH naming its token
     this.#session = postcopyCap ? this.#sessions.open(region.pageCount) : undefined;
-    await this.#ch.send(encodeAccept({ version, capabilities: caps, ...(this.#session ? { session: this.#session.token } : {}) }, version));
+    // resolve: a source that loses the link after COMMIT asks what happened (RESOLVE, token)
+    const resolve = version >= 3 && h.capabilities.includes(CAP_RESOLVE);
+    const token = this.#session?.token ?? (resolve ? randomBytes(16).toString('hex') : undefined);
+    if (resolve) {
+      caps.push(CAP_RESOLVE);
+      this.#outcome = this.#outcomes.open(token!);
+      // fenced while still receiving: end this migration now (its region is discarded)
+      this.#outcome.onFence = () => this.#ch.abort(new LivemigError('ERR_LIVEMIG_ABORTED', 'the source resolved this session as not activated: discarded, and it will never activate', { phase: this.#stage.current }));
+    }
+    await this.#ch.send(encodeAccept({ version, capabilities: caps, ...(token ? { session: token } : {}) }, version));
     if (imageHashes) await this.#ch.send(encodeImageHashes(hashes, version));
     // the hand-over's code paths run once now, not for the first time inside the pause
     warmUpRuntime();
@@ -260,11 +290,14 @@ class Incoming {
 
   async #activate(a: Accepted, got: Received): Promise<ReceiveReport> {
     if (this.#stage.current !== 'committed') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'ACTIVATE before a matching COMMIT');
+    // a session the source resolved as not activated (it lost the link) never activates
+    if (this.#outcome && !this.#outcome.beginActivation()) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'this session was resolved as not activated: it is fenced and will never activate', { phase: 'activate' });
     const ta = performance.now();
     trace('receiver', 'activating');
     await this.#options.activate(a.region, got.deviceState!);
     trace('receiver', 'guest activated');
     this.#stage.enter('activated');
+    this.#outcome?.settle('activated');
     const activateMs = performance.now() - ta;
     await this.#ch.send(encodeActivated({ activateMs }, this.#version)).catch(() => undefined); // the guest runs here either way
     trace('receiver', 'ACTIVATED sent');
@@ -279,6 +312,7 @@ class Incoming {
     if (!postcopy || !session) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
     if (this.#stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY while ${this.#stage.current}`);
     if (got.deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
+    if (this.#outcome && !this.#outcome.beginActivation()) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'this session was resolved as not activated: it is fenced and will never run here', { phase: 'activate' });
     return runPostcopy(
       {
         ch: this.#ch,
@@ -290,7 +324,10 @@ class Incoming {
         session,
         options: { ...this.#options, postcopy },
         progress: this.#progress,
-        onRunning: () => this.#stage.enter('postcopy'),
+        onRunning: () => {
+          this.#stage.enter('postcopy');
+          this.#outcome?.settle('activated');
+        },
         onFaults: (s) => (this.#faults = s),
       },
       { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, security: this.#security },
@@ -303,6 +340,7 @@ class Incoming {
    */
   async discard(e: unknown): Promise<LivemigError> {
     const failedIn = this.#stage.fail();
+    if (failedIn !== 'activated' && failedIn !== 'postcopy') this.#outcome?.settle('fenced');
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
     const tell = !this.#ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
     await this.#ch.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, this.#version) : undefined);

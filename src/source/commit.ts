@@ -6,12 +6,14 @@
  */
 import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
-import { CAP_COMMIT_ACTIVATE, FrameType } from '../protocol/format.js';
+import net from 'node:net';
+import { CAP_COMMIT_ACTIVATE, CAP_RESOLVE, FrameType } from '../protocol/format.js';
 import { decodeActivated, decodeCommitAck, decodeDigest, encodeActivate, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { trace } from '../trace.js';
 import { now, type SourceContext } from './context.js';
-import { peerError } from './peer.js';
+import { isReportedByPeer, markReportedByPeer, peerError } from './peer.js';
+import { resolveCommand, resolveOutcome, unknownOutcome } from './resolve.js';
 import type { StoppedGuest } from './stop-and-copy.js';
 
 export interface Activation {
@@ -49,7 +51,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     ctx.enter('activating');
     tSent = now();
     trace('source', 'last pages, device state and COMMIT sent', { pages: stopped.lastPages });
-    activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+    activated = await confirmActivation(ctx);
     tCommitted = now();
     reportCommitted(ctx, digest, stopped);
   } else {
@@ -66,11 +68,41 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     ctx.beginCommitment();
     ctx.enter('activating');
     await channel.send(encodeActivate(version));
-    activated = decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+    activated = await confirmActivation(ctx);
   }
   const tActive = now();
   trace('source', 'ACTIVATED received');
   return { digest, tSent, tCommitted, tActive, activateMs: activated.activateMs };
+}
+
+/**
+ * ACTIVATED, after the point of commitment. An ERROR instead means it did not activate (the
+ * rollback resumes the guest here). A lost link is resolved when the destination offers it:
+ * asked on a new connection, it says whether it activated; without an answer within
+ * resolveTimeoutMs the outcome is unknown and the guest stays paused here.
+ */
+async function confirmActivation(ctx: SourceContext): Promise<ReturnType<typeof decodeActivated>> {
+  const { channel, accept } = ctx.session;
+  try {
+    return decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+  } catch (e) {
+    if (e instanceof Error && isReportedByPeer(e)) throw e;
+    const to = ctx.settings.options.to;
+    if (!accept.capabilities.includes(CAP_RESOLVE) || !accept.session || to instanceof net.Socket) throw e;
+    const session = accept.session;
+    channel.close();
+    trace('source', 'commitment unconfirmed: resolving', { reason: (e as Error).message });
+    const { credentials } = ctx.settings.options;
+    const r = await resolveOutcome({ to, session, ...(credentials ? { credentials } : {}), handshakeTimeoutMs: ctx.settings.handshakeTimeoutMs }, ctx.settings.resolveTimeoutMs);
+    if (r.outcome === 'activated') return { activateMs: 0 }; // it runs there; how long activation took is lost with the link
+    if (r.outcome === 'not-activated') {
+      throw markReportedByPeer(new LivemigError('ERR_LIVEMIG_CONNECTION', `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced the session: the guest resumes here`, { phase: 'activate', cause: e }));
+    }
+    throw unknownOutcome(
+      `the commitment was sent but not confirmed (${(e as Error).message}), and the destination could not be asked within ${ctx.settings.resolveTimeoutMs} ms (${r.attempts} attempts; last: ${(r.last as Error | undefined)?.message ?? 'none'}): the source guest stays paused and is not released. Resolve it with: ${resolveCommand(to, session)}`,
+      e,
+    );
+  }
 }
 
 /**

@@ -9,7 +9,7 @@ import { LivemigError } from '../errors.js';
 import { addon, call, type NativeDedup } from '../native.js';
 import { PageEncoder } from '../encoding/encoder.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { isLoopback, openChannel } from '../security/tls.js';
@@ -46,6 +46,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const capabilities = [
     ...(wantEncodings ? [CAP_ENCODINGS] : []),
     CAP_COMMIT_ACTIVATE,
+    CAP_RESOLVE,
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];

@@ -24,6 +24,7 @@ export interface Settings {
   readonly recoverTimeoutMs: number;
   readonly progressTimeoutMs: number;
   readonly maxPauseMs: number;
+  readonly resolveTimeoutMs: number;
 }
 
 export const invalid = (m: string): LivemigError => new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', m, { phase: 'validate' });
@@ -46,7 +47,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
   const mode = options.mode ?? 'precopy';
   if (!MODES.includes(mode)) throw invalid(`mode must be one of ${MODES.join(', ')}, got ${String(mode)}`);
   if (options.recoverTimeoutMs !== undefined && !(options.recoverTimeoutMs > 0)) throw invalid('recoverTimeoutMs must be a positive number');
-  for (const k of ['progressTimeoutMs', 'maxPauseMs', 'handshakeTimeoutMs'] as const) {
+  for (const k of ['progressTimeoutMs', 'maxPauseMs', 'handshakeTimeoutMs', 'resolveTimeoutMs'] as const) {
     const v = options[k];
     if (v !== undefined && !(Number.isFinite(v) && v > 0)) throw invalid(`${k} must be a positive number of milliseconds, got ${String(v)}`);
   }
@@ -67,5 +68,6 @@ export function resolveOptions(options: MigrateOptions): Settings {
     recoverTimeoutMs: options.recoverTimeoutMs ?? 60_000,
     progressTimeoutMs: options.progressTimeoutMs ?? 30_000,
     maxPauseMs: options.maxPauseMs ?? 5_000,
+    resolveTimeoutMs: options.resolveTimeoutMs ?? 30_000,
   };
 }

@@ -12,6 +12,12 @@ export function isReportedByPeer(e: Error): boolean {
   return reportedByPeer.has(e);
 }
 
+/** `e` is the destination's own word (an ERROR, or its answer to RESOLVE): it did not activate. */
+export function markReportedByPeer<E extends Error>(e: E): E {
+  reportedByPeer.add(e);
+  return e;
+}
+
 /** The destination's ERROR frame as our error, received in `phase`. */
 export function peerError(f: Frame, phase: string): LivemigError {
   try {

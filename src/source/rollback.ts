@@ -36,6 +36,7 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
   // failed): the source is still the only guest, so it resumes below like any early failure.
   if (failedIn === 'activating' && !isReportedByPeer(err)) {
     channel?.close();
+    if (err.code === 'ERR_LIVEMIG_ACTIVATION_UNKNOWN') return err; // resolving was tried and says how to go on
     return new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`, {
       phase: 'activate',
       cause: err,

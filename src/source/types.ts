@@ -193,6 +193,12 @@ export interface MigrateOptions {
    */
   maxPauseMs?: number;
   /**
+   * after a lost link past the point of commitment, how long to keep asking the destination
+   * (on new connections) whether it activated; default 30 s. Without an answer the guest stays
+   * paused and the error says how to resolve it later (`livemig resolve`).
+   */
+  resolveTimeoutMs?: number;
+  /**
    * authenticate both sides before the first frame, on every connection (src/security/tls.ts):
    * certificates (TLS 1.3) or a pre-shared key; without, the connection is not authenticated
    */

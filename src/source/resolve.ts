@@ -1,0 +1,65 @@
+/**
+ * Resolving a lost commitment (capability `resolve`): the link died after the frame that lets
+ * the destination activate went out, so only the destination knows whether the guest runs
+ * there. The source reconnects (authenticated like the first connection) and asks with the
+ * session's token, again and again until `resolveTimeoutMs`: `activated` (release this copy)
+ * or `not-activated` (the destination fenced the session for good: resume here). Without an
+ * answer in time the outcome stays unknown and the guest stays paused.
+ */
+import net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
+import { decodeResolved, encodeResolve, type ResolveOutcome } from '../protocol/messages.js';
+import { openChannel, type Credentials } from '../security/tls.js';
+import { trace } from '../trace.js';
+import { connect, peerError } from './peer.js';
+
+const RETRY_MS = 200;
+const ANSWER_WAIT_MS = 5_000;
+
+export interface ResolveTarget {
+  to: { host: string; port: number };
+  session: string;
+  credentials?: Credentials;
+  handshakeTimeoutMs: number;
+}
+
+/** One question on a fresh connection; throws when there is no answer. */
+export async function askOutcome(t: ResolveTarget): Promise<ResolveOutcome> {
+  const { channel } = await openChannel(await connect(t.to), t.credentials, 'client', t.handshakeTimeoutMs);
+  try {
+    await channel.send(encodeResolve({ session: t.session }, PROTOCOL_VERSION));
+    return decodeResolved((await channel.expect(FrameType.Resolved, (f) => peerError(f, 'resolve'), ANSWER_WAIT_MS)).payload).outcome;
+  } finally {
+    channel.close();
+  }
+}
+
+/** Asks until an answer comes or `timeoutMs` passes (then undefined, with the last failure). */
+export async function resolveOutcome(t: ResolveTarget, timeoutMs: number): Promise<{ outcome?: ResolveOutcome; last?: unknown; attempts: number }> {
+  const deadline = performance.now() + timeoutMs;
+  let last: unknown;
+  let attempts = 0;
+  while (performance.now() < deadline) {
+    attempts++;
+    try {
+      const outcome = await askOutcome(t);
+      trace('source', 'commitment resolved', { outcome, attempts });
+      return { outcome, attempts };
+    } catch (e) {
+      last = e;
+      // a destination that does not know the session cannot say what happened: keep asking
+      // (it may be another process on a restarted port), and report it if nothing better comes
+    }
+    await new Promise((r) => setTimeout(r, RETRY_MS));
+  }
+  return { last, attempts };
+}
+
+/** How an operator resolves it later, by hand. */
+export function resolveCommand(to: { host: string; port: number } | net.Socket, session: string): string {
+  const where = to instanceof net.Socket ? 'HOST:PORT' : `${to.host.includes(':') ? `[${to.host}]` : to.host}:${to.port}`;
+  return `livemig resolve --to ${where} --session ${session} [the same credentials flags]`;
+}
+
+export const unknownOutcome = (message: string, cause: unknown): LivemigError => new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', message, { phase: 'activate', cause });
