@@ -140,3 +140,29 @@ test('cancel() in pre-copy ends the migration with the guest running here; after
     region.release();
   }
 });
+
+test('a destination that floods the source with frames nobody asked for is cut off (read-ahead is bounded)', async () => {
+  const server = net.createServer((s) => {
+    const parser = new FrameParser();
+    s.on('error', () => undefined);
+    s.on('data', (chunk: Buffer) =>
+      parser.push(chunk, (f) => {
+        if (f.type !== FrameType.Hello) return;
+        s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
+        const junk = encodeRoundAck({ round: 0, pages: 0 }, 3);
+        s.write(Buffer.concat(Array.from({ length: 5000 }, () => junk)));
+      }),
+    );
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const region = filled(16384, 'dl-flood');
+  try {
+    await assert.rejects(
+      migrate({ region, to: { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port }, encodings: off, bandwidthMiBps: 16, pause: async () => new Uint8Array(0), resume: async () => undefined }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && /nobody has read/.test(e.message),
+    );
+  } finally {
+    server.close();
+    region.release();
+  }
+});

@@ -124,3 +124,28 @@ test('a commitment digest that does not match is refused and nothing activates',
   assert.equal(r.error.code, 'ERR_LIVEMIG_DIGEST');
   assert.equal(r.activated, false);
 });
+
+test('a second DEVICE_STATE, and a COMMIT with activate under version 1 (no capabilities there), are protocol errors; nothing activates', async () => {
+  const twice = await session([() => hello(), () => M.encodeDeviceState(Buffer.from('state A'), 1), () => M.encodeDeviceState(Buffer.from('state B'), 1)]);
+  assert.equal(twice.error.code, 'ERR_LIVEMIG_PROTOCOL');
+  assert.match(twice.error.message, /a second DEVICE_STATE/);
+  assert.equal(twice.activated, false);
+  const v1 = await session([
+    () => hello({ capabilities: ['commit-activate'] }),
+    (got) => {
+      assert.deepEqual(M.decodeAccept(got.find((f) => f.type === FrameType.Accept)!.payload).capabilities, [], 'version 1 takes no capability');
+      return M.encodeDeviceState(Buffer.from('dev'), 1);
+    },
+    () => M.encodeCommit({ digest: 0n, pageCount: PAGES, activate: true }, 1),
+  ]);
+  assert.equal(v1.error.code, 'ERR_LIVEMIG_PROTOCOL');
+  assert.equal(v1.activated, false);
+});
+
+test('without maxRegionBytes the budget is MemAvailable minus a reserve (an eighth of MemTotal, at least 512 MiB)', async () => {
+  const { memoryBudget } = await import('../src/receiver/memory-budget.js');
+  const mib = (n: number): number => n * 2 ** 20;
+  assert.equal(memoryBudget(`MemTotal:       ${16 * 1024 * 1024} kB\nMemAvailable:   ${10 * 1024 * 1024} kB\n`)!.bytes, mib(10 * 1024 - 2 * 1024));
+  assert.equal(memoryBudget(`MemTotal:       ${1024 * 1024} kB\nMemAvailable:   ${256 * 1024} kB\n`)!.bytes, 0, 'a small host keeps its 512 MiB');
+  assert.equal(memoryBudget('nothing useful'), undefined);
+});

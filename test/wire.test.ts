@@ -99,6 +99,8 @@ test('the native parser refuses what the reference parser refuses, before touchi
     ['bad magic', Buffer.concat([Buffer.from([1, 2]), encodeHeader(FrameType.Abort, 0).subarray(2)]), 'ERR_LIVEMIG_PROTOCOL', /magic/],
     ['unknown type', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt8(99, 3); return h; })(), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 99/],
     ['oversized', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt32LE(0xffffffff, 8); return h; })(), 'ERR_LIVEMIG_FRAME_TOO_LARGE', /max/],
+    ['flags on PAGES', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 1); b.writeUInt16LE(0xffff, 4); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /flags 0xffff/],
+    ['a flag DEVICE_STATE does not define', encodeHeader(FrameType.DeviceState, 0, 3, 0x2), 'ERR_LIVEMIG_PROTOCOL', /flags 0x2/],
     ['index out of range', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 8/],
     ['count zero', (() => { const b = Buffer.alloc(12 + 8); encodeHeader(FrameType.Pages, 8, 1, 0, b); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/],
     ['wrong length', (() => { const b = Buffer.alloc(12 + 8 + 4 + 10); encodeHeader(FrameType.Pages, 22, 1, 0, b); b.writeUInt32LE(1, 16); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /must be/],

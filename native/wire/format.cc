@@ -21,6 +21,13 @@ bool CheckHeader(const uint8_t* h, uint32_t maxPayload, Header& out, SysError& e
   }
   if (out.type == 0 || out.type > kMaxFrameType) return err.fail("ERR_LIVEMIG_PROTOCOL", "unknown frame type " + std::to_string(out.type)), false;
   if (reserved != 0) return err.fail("ERR_LIVEMIG_PROTOCOL", "reserved header field is " + std::to_string(reserved) + ", not 0"), false;
+  // only DEVICE_STATE defines a flag (kFlagProve, version 3: checked against the version by the receiver)
+  const uint16_t allowed = out.type == kDeviceState ? kFlagProve : kFlagsNone;
+  if (out.flags & ~allowed) {
+    char hex[8];
+    snprintf(hex, sizeof hex, "%x", out.flags);
+    return err.fail("ERR_LIVEMIG_PROTOCOL", "frame of type " + std::to_string(out.type) + " with flags 0x" + hex + ", which the protocol does not define"), false;
+  }
   if (out.length > maxPayload) {
     return err.fail("ERR_LIVEMIG_FRAME_TOO_LARGE", "frame of type " + std::to_string(out.type) + " announces " + std::to_string(out.length) + " payload bytes (max " + std::to_string(maxPayload) + ")"), false;
   }

@@ -69,6 +69,7 @@ export class WireChannel {
   #closed = false;
   // read-ahead mode
   #queue: WireFrame[] = [];
+  #queuedBytes = 0;
   #waiters: { resolve: (f: WireFrame) => void; reject: (e: Error) => void }[] = [];
   #readAhead = false;
 
@@ -261,8 +262,17 @@ export class WireChannel {
           break; // recorded as the channel's failure by #readOne
         }
         const w = this.#waiters.shift();
-        if (w) w.resolve(f);
-        else this.#queue.push(f);
+        if (w) {
+          w.resolve(f);
+          continue;
+        }
+        this.#queue.push(f);
+        this.#queuedBytes += f.payload.length;
+        // a peer must not make us hold without bound what nobody asked for
+        if (this.#queue.length > READ_AHEAD_MAX_FRAMES || this.#queuedBytes > READ_AHEAD_MAX_BYTES) {
+          this.abort(new ProtocolError('ERR_LIVEMIG_PROTOCOL', `the peer sent ${this.#queue.length} frames (${this.#queuedBytes} bytes) that nobody has read: more than a migration ever needs queued`));
+          break;
+        }
       }
       for (const w of this.#waiters.splice(0)) w.reject(this.#readFailure ?? closedError());
     };
@@ -272,7 +282,10 @@ export class WireChannel {
   /** An ERROR frame the peer sent that nobody has read yet (read-ahead mode). */
   takeQueuedError(): Frame | undefined {
     const i = this.#queue.findIndex((f) => f.type === FrameType.Error);
-    return i < 0 ? undefined : this.#queue.splice(i, 1)[0];
+    if (i < 0) return undefined;
+    const [f] = this.#queue.splice(i, 1);
+    this.#queuedBytes -= f!.payload.length;
+    return f;
   }
 
   /** Sends our last frame(s), then closes without resetting what the peer has yet to read. */
@@ -344,7 +357,10 @@ export class WireChannel {
 
   #fromQueue(timeoutMs?: number): Promise<WireFrame> {
     const f = this.#queue.shift();
-    if (f) return Promise.resolve(f);
+    if (f) {
+      this.#queuedBytes -= f.payload.length;
+      return Promise.resolve(f);
+    }
     if (this.#readFailure) return Promise.reject(this.#readFailure);
     if (this.#closed) return Promise.reject(closedError());
     return new Promise((resolve, reject) => {
@@ -372,6 +388,9 @@ export class WireChannel {
   }
 }
 
+/** read-ahead holds at most this much that nobody asked for (a source needs a few ROUND_ACKs) */
+const READ_AHEAD_MAX_FRAMES = 1024;
+const READ_AHEAD_MAX_BYTES = 8 << 20;
 /** frames up to this size may be written from the calling thread (see send) */
 const SEND_NOW_MAX = 64 * 1024;
 /** pages a sendPages call may send from the calling thread (4 MiB: well under a millisecond) */

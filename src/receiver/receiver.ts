@@ -20,6 +20,7 @@ import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
 import { loadImage } from './image.js';
+import { memoryBudget } from './memory-budget.js';
 import { runPostcopy } from './postcopy.js';
 import { OutcomeTable, type SessionOutcome } from './outcomes.js';
 import { SessionTable, type PostcopySession } from './session.js';
@@ -135,6 +136,11 @@ class Incoming {
     if (this.#options.maxRegionBytes !== undefined && h.regionBytes > this.#options.maxRegionBytes) {
       throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `region of ${h.regionBytes} bytes exceeds this receiver's limit of ${this.#options.maxRegionBytes}`, { phase: 'reserve' });
     }
+    // without a limit given, what this host can hold now
+    const budget = this.#options.maxRegionBytes === undefined ? memoryBudget() : undefined;
+    if (budget && h.regionBytes > budget.bytes) {
+      throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `region of ${h.regionBytes} bytes exceeds what this host can hold now (${budget.bytes} bytes: ${budget.why}); set maxRegionBytes (--max-region) to override`, { phase: 'reserve' });
+    }
     return h;
   }
 
@@ -161,7 +167,8 @@ class Incoming {
     // the kept image (whose hashes the sender receives); a dup is checked against it.
     const encodings = version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
     const imageHashes = encodings && (await this.#startingImage(region, hashes));
-    const commitActivate = h.capabilities.includes(CAP_COMMIT_ACTIVATE);
+    // capabilities exist from version 2 on (PROTOCOL.md): none is taken under version 1
+    const commitActivate = version >= 2 && h.capabilities.includes(CAP_COMMIT_ACTIVATE);
     const caps = [...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []), ...(postcopyCap ? [CAP_POSTCOPY] : [])];
     // post-copy: further connections join this session with ATTACH naming its token
     this.#session = postcopyCap ? this.#sessions.open(region.pageCount) : undefined;
@@ -249,6 +256,8 @@ class Incoming {
 
   async #deviceState(f: WireFrame, a: Accepted, got: Received): Promise<void> {
     if (this.#stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE after COMMIT');
+    // once: the state the guest prepared with is the state it activates with
+    if (got.deviceState !== undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second DEVICE_STATE');
     const prove = (f.flags & FLAG_PROVE) !== 0;
     if (f.flags & ~FLAG_PROVE || (prove && this.#version < 3)) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `DEVICE_STATE with flags 0x${f.flags.toString(16)}, which version ${this.#version} does not define`);
     got.deviceState = Buffer.from(f.payload);
@@ -276,11 +285,11 @@ class Incoming {
     const c = decodeCommit(payload);
     if (got.deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT before DEVICE_STATE');
     if (c.pageCount !== a.region.pageCount) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `COMMIT for ${c.pageCount} pages, region has ${a.region.pageCount}`);
+    if (c.activate && !a.commitActivate) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT with activate, which was not negotiated');
     if (got.digestAt !== got.pages) got.digest = digestOf(a.hashes, 'commit');
     if (got.digest !== c.digest) {
       throw new LivemigError('ERR_LIVEMIG_DIGEST', `image digest ${got.digest.toString(16)} differs from the source's ${c.digest.toString(16)}`, { phase: 'commit' });
     }
-    if (c.activate && !a.commitActivate) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT with activate, which was not negotiated');
     if (got.prepared) await got.prepared; // a state the guest refuses fails here, before commitment
     if (!c.activate) await this.#ch.send(encodeCommitAck({ digest: got.digest }, this.#version));
     this.#stage.enter('committed');
