@@ -10,6 +10,14 @@ import { fileURLToPath } from 'node:url';
 import { opensslMissing } from './certs.js';
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
+const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
 const run = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, env: { ...process.env, LIVEMIG_SLICE_US: '0' } });
 
 test("each command's --help prints its own usage and flags, and exits 0", () => {
@@ -62,7 +70,7 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
     assert.equal(again.status, 2, 'an existing key file is never overwritten');
     writeFileSync(bad, `src:${'cd'.repeat(32)}\n`, { mode: 0o600 });
     const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
-    const attempt = async (senderKey: string): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync> }> => {
+    const attempt = async (senderKey: string): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync>; sent: { source_guest?: string; guest_pid?: number; alive?: boolean } }> => {
       const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', good], { stdio: ['ignore', 'pipe', 'inherit'], env });
       const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
       const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
@@ -71,7 +79,13 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
       receiver.kill();
       const guestPid = (rx as { guest_pid?: number }).guest_pid;
       if (guestPid) process.kill(guestPid, 'SIGTERM');
-      return { rx, tx };
+      // a failed send leaves its guest running: this test stops it
+      const sent = JSON.parse(String(tx.stdout).trim().split('\n').at(-1) ?? '{}') as { source_guest?: string; guest_pid?: number; alive?: boolean };
+      if (tx.status !== 0 && sent.guest_pid) {
+        sent.alive = alive(sent.guest_pid);
+        process.kill(sent.guest_pid, 'SIGTERM');
+      }
+      return { rx, tx, sent };
     };
     const ok = await attempt(good);
     assert.equal(ok.tx.status, 0, String(ok.tx.stderr));
@@ -82,7 +96,9 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
     const refused = await attempt(bad);
     assert.equal(refused.tx.status, 1, 'the sender fails');
     assert.match(String(refused.tx.stderr), /ERR_LIVEMIG_AUTH/);
-    assert.equal((refused.rx as { error: { code: string } }).error.code, 'ERR_LIVEMIG_AUTH', 'the receiver refused before reserving');
+    assert.equal((refused.rx as { refused: { code: string } }).refused.code, 'ERR_LIVEMIG_AUTH', 'the receiver refused before reserving, and goes on listening');
+    assert.equal(refused.sent.source_guest, 'running', 'the failed send reports its guest running, and leaves it so');
+    assert.equal(refused.sent.alive, true, 'the guest was still running after send exited');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -131,4 +147,35 @@ test('probe --json says whether the kernel has TLS offload, that livemig does no
   assert.ok(p.tracking.some((t) => t.backend === 'uffd-async'));
   assert.equal(p.kernel_tls.used, false);
   assert.match(p.kernel_tls.reason, p.kernel_tls.available ? /not used/ : /ENOENT|fails with|could not/);
+});
+
+test('receive goes on listening after connections refused before anything was reserved (a bare connect, junk), then serves a migration', async () => {
+  const { spawn } = await import('node:child_process');
+  const { createInterface } = await import('node:readline');
+  const net = await import('node:net');
+  const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
+  const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'], env });
+  const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
+  try {
+    const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
+    const poke = (bytes?: Buffer): Promise<void> =>
+      new Promise((resolve) => {
+        const s = net.connect(port, '127.0.0.1', () => (bytes ? s.end(bytes) : s.end()));
+        s.on('error', () => resolve());
+        s.on('close', () => resolve());
+      });
+    await poke(); // a port scan
+    const first = JSON.parse((await lines.next()).value as string) as { refused?: { code: string } };
+    assert.ok(first.refused, `a bare connect is refused and reported: ${JSON.stringify(first)}`);
+    await poke(Buffer.from('GET / HTTP/1.1\r\n\r\n')); // something else entirely
+    const second = JSON.parse((await lines.next()).value as string) as { refused?: { code: string; message: string } };
+    assert.equal(second.refused?.code, 'ERR_LIVEMIG_PROTOCOL', JSON.stringify(second));
+    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
+    assert.equal(tx.status, 0, tx.stderr);
+    const done = JSON.parse((await lines.next()).value as string) as { received?: { digest: string }; guest_pid?: number };
+    assert.ok(done.received, 'the migration after them was served');
+    if (done.guest_pid) process.kill(done.guest_pid, 'SIGTERM');
+  } finally {
+    receiver.kill();
+  }
 });

@@ -12,7 +12,7 @@ import type { WireChannel, WireFrame } from '../protocol/wire.js';
 import { assertSecureEnough, openChannel } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { OutcomeTable } from './outcomes.js';
-import { openIncoming, serveMigration } from './receiver.js';
+import { openIncoming, refusedBeforeReserving, serveMigration } from './receiver.js';
 import { SessionTable } from './session.js';
 import type { ReceiveOptions, ReceiveReport } from './types.js';
 
@@ -50,14 +50,16 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     }
     busy = true;
     void (async () => {
-      let opened: Awaited<ReturnType<typeof openIncoming>>;
+      let opened: Awaited<ReturnType<typeof openIncoming>> | undefined;
       let first: WireFrame;
       try {
         opened = await openIncoming(socket, options);
         first = await opened.channel.next();
       } catch (e) {
         busy = false;
-        return deliver(Promise.reject(e));
+        if (opened) opened.channel.close();
+        else socket.destroy();
+        return deliver(Promise.reject(refusedBeforeReserving(e)));
       }
       if (first.type === FrameType.Resolve) {
         // not a migration: the answer about an earlier one

@@ -42,6 +42,23 @@ const NEXT = {
 
 export type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } from './types.js';
 
+const refusedEarly = new WeakSet<object>();
+
+/**
+ * Whether a receive failed before anything was reserved for it (authentication, a first frame
+ * that is not a valid HELLO, a peer that went away): a listener that serves migrations one after
+ * another goes on listening after such a failure.
+ */
+export function isRefusedBeforeReserving(e: unknown): boolean {
+  return typeof e === 'object' && e !== null && refusedEarly.has(e);
+}
+
+/** Marks `e` as a failure before anything was reserved; returns it. */
+export function refusedBeforeReserving<E>(e: E): E {
+  if (typeof e === 'object' && e !== null) refusedEarly.add(e);
+  return e;
+}
+
 /**
  * Serves one migration on an accepted connection. `sessions` is where a listener routes the
  * connections that join a post-copy session (without one, nobody can join: no post-copy).
@@ -351,6 +368,7 @@ class Incoming {
     const failedIn = this.#stage.fail();
     if (failedIn !== 'activated' && failedIn !== 'postcopy') this.#outcome?.settle('fenced');
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
+    if (failedIn === 'hello') refusedBeforeReserving(err);
     const tell = !this.#ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
     await this.#ch.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, this.#version) : undefined);
     if (this.#faults && failedIn !== 'postcopy') this.#faults.stop();

@@ -145,6 +145,16 @@ export class SourceGuest {
     this.#closeControl();
     this.conn.region.release();
   }
+  /**
+   * Lets the guest go on without us (a failed migration leaves it to the operator): our end of
+   * its control socket closes, and this process may exit while it runs on.
+   */
+  detach(): void {
+    this.conn.socket.destroy();
+    this.#closeControl();
+    this.child.unref();
+  }
+
   kill(): void {
     this.child.kill('SIGKILL');
     this.conn.socket.destroy();

@@ -1,6 +1,7 @@
 /** livemig receive: serve one migration; the reference guest resumes here. */
 import type { LivemigError } from '../../errors.js';
 import { listen } from '../../receiver/listen.js';
+import { isRefusedBeforeReserving } from '../../receiver/receiver.js';
 import { IncomingGuest } from '../../workload/controller.js';
 import { str, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
@@ -14,7 +15,9 @@ export const receive: Command = {
     'Listens for one migration from `livemig send` (or the library), reserves the region,',
     'receives and verifies it, and resumes the reference guest here. Prints one JSON line when',
     'listening ({listening, port}) and one with the outcome ({received, guest_pid} or {error}).',
-    'Exits 0 when the guest runs here, 1 when the migration failed (nothing was activated).',
+    'A connection refused before anything was reserved (a scan, failed authentication, a bad',
+    'HELLO) prints {refused} and the receiver goes on listening.',
+    'Exits 0 when the guest runs here, 1 when a migration failed (nothing was activated).',
   ].join('\n'),
   flags: {
     listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'where to listen (port 0: any free port)' },
@@ -48,7 +51,19 @@ export const receive: Command = {
     process.stdout.write(JSON.stringify({ listening: `${rx.address}:${rx.port}`, port: rx.port }) + '\n');
     const cpu0 = process.cpuUsage();
     try {
-      const report = await rx.next();
+      // connections refused before anything was reserved (scans, failed authentication, a
+      // bad HELLO) are reported and the receiver goes on listening
+      let report: Awaited<ReturnType<typeof rx.next>>;
+      for (;;) {
+        try {
+          report = await rx.next();
+          break;
+        } catch (e) {
+          if (!isRefusedBeforeReserving(e)) throw e;
+          const err = e as LivemigError;
+          process.stdout.write(JSON.stringify({ refused: { code: err.code, phase: err.phase, message: err.message } }) + '\n');
+        }
+      }
       if (report.mode === 'postcopy') await incoming!.verify();
       // this process's CPU from listening to the report (the guest it started is its own process)
       const cpu = process.cpuUsage(cpu0);

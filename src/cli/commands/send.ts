@@ -1,5 +1,6 @@
 /** livemig send: start a reference guest here and migrate it live to a receiver. */
 import { assertSecureEnough } from '../../security/tls.js';
+import { LivemigError } from '../../errors.js';
 import { migrate } from '../../source/migrate.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
@@ -13,8 +14,11 @@ export const send: Command = {
   synopsis: '--to HOST:PORT [flags]',
   description: [
     'Starts a reference guest on this host and migrates it live to `livemig receive` at',
-    'HOST:PORT. Prints the migration report as JSON on stdout (progress on stderr). On any',
-    'failure before commitment the guest resumes here and the command exits 1.',
+    'HOST:PORT. Prints the migration report as JSON on stdout (progress on stderr). On a',
+    'failure it prints {error: {code, phase, message}, source_guest, guest_pid} and exits 1,',
+    'leaving the guest to run on: source_guest is running (resumed here: any failure before',
+    'the commitment), paused (the outcome could not be confirmed: see `livemig resolve`) or',
+    'released (it runs at the destination).',
   ].join('\n'),
   flags: {
     to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
@@ -32,14 +36,25 @@ export const send: Command = {
     // refused before a guest starts
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     const guest = await SourceGuest.spawn({ ...g, ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) });
+    // what became of the guest, for the failure report
+    let state = 'running' as 'running' | 'paused' | 'released';
     try {
       const report = await migrate({
         region: guest.region,
         ...(guest.target ? { target: guest.target } : {}),
         to,
-        pause: () => guest.pause(),
-        resume: () => guest.resume(),
-        release: () => guest.exit(),
+        pause: async () => {
+          state = 'paused'; // (a pause that fails half-way is resumed by the rollback)
+          return guest.pause();
+        },
+        resume: async () => {
+          await guest.resume();
+          state = 'running';
+        },
+        release: async () => {
+          await guest.exit();
+          state = 'released';
+        },
         throttle: (p) => guest.throttle(p),
         ...settings,
         ...(v['json'] === true ? {} : { onProgress: printProgress }),
@@ -47,8 +62,12 @@ export const send: Command = {
       process.stdout.write(JSON.stringify(report) + '\n');
       return 0;
     } catch (e) {
-      guest.kill();
-      throw e;
+      const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', (e as Error).message, { phase: 'migrate', cause: e });
+      const pid = guest.child.pid ?? 0;
+      if (state !== 'released') guest.detach(); // it runs on (or waits, paused) without us
+      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: state, guest_pid: pid }) + '\n');
+      process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'migrate'}): ${err.message}; the source guest is ${state} (pid ${pid})\n`);
+      return 1;
     }
   },
 };
