@@ -66,10 +66,10 @@ export interface NativeWire {
   write(buffers: Buffer[]): Promise<void>;
   /** bytes the kernel took at once; encrypted, -1: the frame was sealed whole and part of it waits for a write() */
   writeNow(buffers: Buffer[]): number;
-  readNow(o: { maxPayload: number; maxType: number }): NativeFrame | null;
+  readNow(o: { maxPayload: number; maxType: number; limits?: Uint32Array }): NativeFrame | null;
   sendPages(o: NativeSendPages): Promise<SendCounts>;
   sendEncoded(o: NativeSendEncoded): Promise<number>;
-  read(o: { maxPayload: number; maxType: number; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
+  read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
   finish(timeoutMs: number): Promise<void>;
   shutdown(): void;
   close(): void;

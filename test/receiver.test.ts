@@ -14,7 +14,7 @@ const PAGES = 16;
 const hello = (o: Partial<M.Hello> = {}): Buffer => M.encodeHello({ versions: [1, 1], regionBytes: PAGES * 4096, pageSize: 4096, auth: null, capabilities: [], ...o });
 
 /** Connects, sends `script` (frames, or functions of what came back), returns the frames received and the receiver's outcome. */
-async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { maxRegionBytes?: number } = {}): Promise<{ got: Frame[]; error: LivemigError; activated: boolean }> {
+async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { maxRegionBytes?: number; maxDeviceStateBytes?: number } = {}): Promise<{ got: Frame[]; error: LivemigError; activated: boolean }> {
   let activated = false;
   const rx = await listen('127.0.0.1', 0, { ...opts, activate: async () => void (activated = true), idleTimeoutMs: 5000 });
   const sock = net.connect(rx.port, '127.0.0.1');
@@ -148,4 +148,15 @@ test('without maxRegionBytes the budget is MemAvailable minus a reserve (an eigh
   assert.equal(memoryBudget(`MemTotal:       ${16 * 1024 * 1024} kB\nMemAvailable:   ${10 * 1024 * 1024} kB\n`)!.bytes, mib(10 * 1024 - 2 * 1024));
   assert.equal(memoryBudget(`MemTotal:       ${1024 * 1024} kB\nMemAvailable:   ${256 * 1024} kB\n`)!.bytes, 0, 'a small host keeps its 512 MiB');
   assert.equal(memoryBudget('nothing useful'), undefined);
+});
+
+test("a control frame's header alone cannot make the receiver hold its length: each type has its limit, the device state its own", async () => {
+  // a ROUND_END announcing 60 MiB, whose bytes never come
+  const big = await session([() => hello(), () => encodeHeader(FrameType.RoundEnd, 60 << 20, 1)]);
+  assert.equal(big.error.code, 'ERR_LIVEMIG_FRAME_TOO_LARGE');
+  assert.match(big.error.message, /announces 62914560 payload bytes \(max 65536 for its type\)/);
+  const state = await session([() => hello(), () => M.encodeDeviceState(Buffer.alloc(8192, 1), 1)], { maxDeviceStateBytes: 4096 });
+  assert.equal(state.error.code, 'ERR_LIVEMIG_FRAME_TOO_LARGE');
+  assert.match(state.error.message, /max 4096 for its type/);
+  assert.equal(state.activated, false);
 });

@@ -105,6 +105,17 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return d;
   }
 
+  // Each frame type's payload limit (limits[type]), maxPayload for a type without one.
+  static std::vector<uint32_t> LimitsOf(Napi::Object o, uint32_t maxType, uint32_t maxPayload) {
+    std::vector<uint32_t> limits(maxType + 1, maxPayload);
+    Napi::Value v = o.Get("limits");
+    if (v.IsTypedArray()) {
+      Napi::Uint32Array a = v.As<Napi::Uint32Array>();
+      for (size_t t = 0; t < a.ElementLength() && t <= maxType; t++) limits[t] = std::min(a[t], maxPayload);
+    }
+    return limits;
+  }
+
   std::shared_ptr<Link> Live(Napi::Env env) {
     if (!link_) throw Napi::Error::New(env, "the wire is closed");
     return link_;
@@ -268,8 +279,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
         {o, pages, enc, staging, lz4, lens, hashes});
   }
 
-  // read({maxPayload, maxType, sink?: {region, hashes, version, maxBatchPages}}) -> Promise<{
-  //   version, type, flags, payload: Buffer, pages, batches, bytes, lastRound }>
+  // read({maxPayload, maxType, limits?: Uint32Array (max payload per frame type), sink?: {region,
+  //   hashes, version, maxBatchPages}}) -> Promise<{version, type, flags, payload: Buffer, pages,
+  //   batches, bytes, lastRound }>
   // Without a sink, returns the next frame. With one, receives PAGES frames into the region
   // until another frame arrives, and returns that one with counts of what was applied.
   Napi::Value Read(const Napi::CallbackInfo& info) {
@@ -278,6 +290,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Napi::Object o = info[0].As<Napi::Object>();
     uint32_t maxPayload = o.Get("maxPayload").As<Napi::Number>().Uint32Value();
     uint32_t maxType = o.Get("maxType").As<Napi::Number>().Uint32Value();
+    std::vector<uint32_t> limits = LimitsOf(o, maxType, maxPayload);
     Sink sink;
     std::vector<Napi::Value> keep{o};
     Napi::Value sv = o.Get("sink");
@@ -297,7 +310,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     auto order = order_;
     return Task<ReadResult>::Start(
         env,
-        [fd, maxPayload, maxType, sink, order](ReadResult& r, SysError& err) {
+        [fd, maxPayload, maxType, limits, sink, order](ReadResult& r, SysError& err) {
           std::vector<uint32_t> idx;
           std::vector<iovec> iov;
           std::vector<uint8_t> body;
@@ -321,11 +334,20 @@ class Wire : public Napi::ObjectWrap<Wire> {
               if (!ReceiveEncoded(*fd, sink, version, length, r, idx, body, err)) break;
               continue;
             }
+            if (length > limits[type]) {
+              err.fail("ERR_LIVEMIG_FRAME_TOO_LARGE", "frame of type " + std::to_string(type) + " announces " + std::to_string(length) + " payload bytes (max " + std::to_string(limits[type]) + " for its type)");
+              break;
+            }
             r.version = version;
             r.type = type;
             r.flags = flags;
-            r.payload = new std::vector<uint8_t>(length);
-            if (!fd->RecvBytes(r.payload->data(), length, false, err)) break;
+            r.payload = new std::vector<uint8_t>();
+            // the buffer grows as bytes arrive: a header alone cannot make us hold its length
+            for (size_t got = 0; got < length && !err.failed();) {
+              size_t step = std::min<size_t>(length - got, std::max<size_t>(64 * 1024, got));
+              r.payload->resize(got + step);
+              if (fd->RecvBytes(r.payload->data() + got, step, false, err)) got += step;
+            }
             break;
           }
           if (err.failed() && r.payload) {
@@ -363,7 +385,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Napi::Object o = info[0].As<Napi::Object>();
     uint32_t maxPayload = std::min<uint32_t>(o.Get("maxPayload").As<Napi::Number>().Uint32Value(), 64 * 1024);
     uint32_t maxType = o.Get("maxType").As<Napi::Number>().Uint32Value();
-    if (fd->encrypted()) return ReadNowSealed(env, *fd, maxPayload, maxType);
+    std::vector<uint32_t> limits = LimitsOf(o, maxType, maxPayload);
+    if (fd->encrypted()) return ReadNowSealed(env, *fd, maxPayload, maxType, limits);
     uint8_t h[kHeaderBytes];
     ssize_t n = recv(fd->fd(), h, kHeaderBytes, MSG_PEEK | MSG_DONTWAIT);
     if (n != static_cast<ssize_t>(kHeaderBytes)) return env.Null();  // EAGAIN, EOF, an error, or a partial header
@@ -372,7 +395,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     if (!CheckHeader(h, maxPayload, hd, refused) || hd.type > maxType) return env.Null();
     const uint8_t version = hd.version, type = hd.type;
     const uint32_t length = hd.length;
-    if (type == kPages || type == kPagesEnc) return env.Null();
+    if (type == kPages || type == kPagesEnc || length > limits[type]) return env.Null();  // read() reports a frame over its limit
     int queued = 0;
     if (ioctl(fd->fd(), FIONREAD, &queued) != 0 || static_cast<uint64_t>(queued) < kHeaderBytes + static_cast<uint64_t>(length)) return env.Null();
     Napi::Buffer<uint8_t> payload = Napi::Buffer<uint8_t>::New(env, length);
@@ -404,7 +427,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
   // readNow on an encrypted stream: a record already in the socket buffer is opened into the
   // link's buffer, and a whole control frame there is taken from it.
-  static Napi::Value ReadNowSealed(Napi::Env env, Link& link, uint32_t maxPayload, uint32_t maxType) {
+  static Napi::Value ReadNowSealed(Napi::Env env, Link& link, uint32_t maxPayload, uint32_t maxType, const std::vector<uint32_t>& limits) {
     SysError err;
     RecordReceiver* rx = link.rx();
     if (!rx->FillNow(link.fd(), kHeaderBytes + maxPayload, err)) throw MakeSysError(env, err);
@@ -412,7 +435,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     const uint8_t* h = rx->bufferedData();
     Header hd;
     SysError refused;  // read() reports it
-    if (!CheckHeader(h, maxPayload, hd, refused) || hd.type > maxType || hd.type == kPages || hd.type == kPagesEnc) return env.Null();
+    if (!CheckHeader(h, maxPayload, hd, refused) || hd.type > maxType || hd.type == kPages || hd.type == kPagesEnc || hd.length > limits[hd.type]) return env.Null();
     if (rx->buffered() < kHeaderBytes + static_cast<size_t>(hd.length)) return env.Null();
     Napi::Buffer<uint8_t> payload = Napi::Buffer<uint8_t>::Copy(env, h + kHeaderBytes, hd.length);
     rx->Consume(kHeaderBytes + hd.length);

@@ -16,6 +16,7 @@ import type { WrittenProbe } from '../tracking/types.js';
 import { ProtocolError } from './errors.js';
 import type { Frame } from './frame.js';
 import { FrameType, MAX_BATCH_PAGES, MAX_FRAME_TYPE as MAX_TYPE, MAX_PAYLOAD } from './format.js';
+import { frameLimits } from './limits.js';
 
 export type { SendCounts } from '../native.js';
 
@@ -72,6 +73,8 @@ export class WireChannel {
   #queuedBytes = 0;
   #waiters: { resolve: (f: WireFrame) => void; reject: (e: Error) => void }[] = [];
   #readAhead = false;
+  /** each frame type's payload limit (protocol/limits.ts); set again once the region is known */
+  #limits = frameLimits();
 
   private constructor(wire: NativeWire) {
     this.#wire = wire;
@@ -139,6 +142,11 @@ export class WireChannel {
   /** True once nothing more can be sent: the connection failed or was closed. */
   get closed(): boolean {
     return this.#closed || this.#writeFailure !== undefined;
+  }
+
+  /** Each frame type's payload limit from now on (frameLimits(), once the region is known). */
+  setFrameLimits(limits: Uint32Array): void {
+    this.#limits = limits;
   }
 
   /**
@@ -214,7 +222,7 @@ export class WireChannel {
     if (!this.#readFailure && !this.#closed) {
       let ready: NativeFrame | null = null;
       try {
-        ready = this.#wire.readNow({ maxPayload: MAX_PAYLOAD, maxType: MAX_TYPE });
+        ready = this.#wire.readNow({ maxPayload: MAX_PAYLOAD, maxType: MAX_TYPE, limits: this.#limits });
       } catch {
         ready = null; // a broken connection: the read below reports it
       }
@@ -344,6 +352,7 @@ export class WireChannel {
       const f = await this.#wire.read({
         maxPayload: MAX_PAYLOAD,
         maxType: MAX_TYPE,
+        limits: this.#limits,
         ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, encodings: sink.encodings === true } } : {}),
       });
       return { ...f, type: f.type as FrameType };

@@ -20,6 +20,7 @@ import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
 import { loadImage } from './image.js';
+import { frameLimits } from '../protocol/limits.js';
 import { memoryBudget } from './memory-budget.js';
 import { runPostcopy } from './postcopy.js';
 import { OutcomeTable, type SessionOutcome } from './outcomes.js';
@@ -145,6 +146,8 @@ class Incoming {
     const v = negotiateVersion(h.versions);
     if (v === undefined) throw new ProtocolError('ERR_LIVEMIG_VERSION', `no common protocol version: peer speaks ${h.versions[0]}..${h.versions[1]}, we speak ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`);
     this.#version = v;
+    // from here each frame's payload is bounded by what this region can need
+    this.#ch.setFrameLimits(frameLimits({ pageCount: h.regionBytes / PAGE_SIZE, ...(this.#options.maxDeviceStateBytes !== undefined ? { maxDeviceStateBytes: this.#options.maxDeviceStateBytes } : {}) }));
     if (v < 3 && (this.#options.credentials !== undefined || !isLoopback(this.#local))) {
       throw new ProtocolError('ERR_LIVEMIG_VERSION', `protocol version ${v} does not let this side prove its image before the commit: refused off loopback and with credentials (version 3 needed)`);
     }
@@ -277,7 +280,7 @@ class Incoming {
     if (got.deviceState !== undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second DEVICE_STATE');
     const prove = (f.flags & FLAG_PROVE) !== 0;
     if (f.flags & ~FLAG_PROVE || (prove && this.#version < 3)) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `DEVICE_STATE with flags 0x${f.flags.toString(16)}, which version ${this.#version} does not define`);
-    got.deviceState = Buffer.from(f.payload);
+    got.deviceState = f.payload; // the native reader's own buffer, made for this frame: no copy
     trace('receiver', 'DEVICE_STATE received');
     if (this.#options.prepare && !got.prepared) {
       got.prepared = this.#options.prepare(a.region, got.deviceState);

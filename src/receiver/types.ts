@@ -20,6 +20,8 @@ export type ReceiveProgress =
 export interface ReceiveOptions {
   /** refuse regions larger than this (default: what the host's memory allows) */
   maxRegionBytes?: number;
+  /** refuse a device state larger than this (default 64 MiB, the protocol's maximum payload) */
+  maxDeviceStateBytes?: number;
   /**
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise

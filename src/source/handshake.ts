@@ -13,6 +13,7 @@ import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { isLoopback, openChannel } from '../security/tls.js';
+import { frameLimits } from '../protocol/limits.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
@@ -36,6 +37,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const channel = opened.channel;
   ctx.onAbort(undefined);
   ctx.channel = channel;
+  channel.setFrameLimits(frameLimits({ pageCount: region.pageCount }));
   if (ctx.abortReason) channel.abort(ctx.abortReason);
   // frames from the destination are read as they come, so an ERROR it sends while we are
   // busy sending pages explains the failure instead of a bare connection reset
