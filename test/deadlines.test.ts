@@ -9,7 +9,7 @@ import net from 'node:net';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { CAP_COMMIT_ACTIVATE, FrameType } from '../src/protocol/format.js';
-import { decodeRoundEnd, encodeAccept, encodeRoundAck } from '../src/protocol/messages.js';
+import { decodeRoundEnd, encodeAccept, encodeHello, encodeRoundAck } from '../src/protocol/messages.js';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { migrate } from '../src/source/migrate.js';
@@ -163,6 +163,42 @@ test('a destination that floods the source with frames nobody asked for is cut o
     );
   } finally {
     server.close();
+    region.release();
+  }
+});
+
+test('idle connections and a client sending a byte a second hold neither the slot nor a native read: a migration arriving after them completes; they are closed at the handshake deadline', async () => {
+  const rx = await listen('127.0.0.1', 0, { activate: async () => undefined, authTimeoutMs: 1500 });
+  const sockets: net.Socket[] = [];
+  const closedEarly: boolean[] = [];
+  const open = (): net.Socket => {
+    const s = net.connect(rx.port, '127.0.0.1');
+    const i = closedEarly.push(false) - 1;
+    s.on('error', () => undefined);
+    s.on('close', () => (closedEarly[i] = true));
+    s.resume();
+    sockets.push(s);
+    return s;
+  };
+  // more idle connections than the thread pool has threads, and a slow one
+  for (let i = 0; i < 12; i++) open();
+  const slow = open();
+  const hello = encodeHello({ versions: [1, 3], regionBytes: 4096, pageSize: 4096, auth: null, capabilities: [] });
+  let at = 0;
+  const drip = setInterval(() => at < hello.length && slow.write(hello.subarray(at, ++at)), 1000);
+  await new Promise((r) => setTimeout(r, 100));
+  const region = filled(1024, 'dl-crowd');
+  try {
+    const received = rx.next();
+    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, encodings: off, pause: async () => new Uint8Array(0), resume: async () => undefined });
+    assert.equal(report.verified, true, 'the migration completed past the idle and slow clients');
+    await received;
+    await new Promise((r) => setTimeout(r, 2000)); // past the handshake deadline
+    assert.ok(closedEarly.every((c) => c), `every idle or slow connection was closed at the deadline (${closedEarly.filter((c) => !c).length} still open)`);
+  } finally {
+    clearInterval(drip);
+    for (const s of sockets) s.destroy();
+    await rx.close();
     region.release();
   }
 });

@@ -93,6 +93,17 @@ export class WireChannel {
   }
 
   /**
+   * Takes over a connection from which exactly `consumed` bytes were read (its first frame,
+   * src/receiver/admit.ts) and nothing more is buffered.
+   */
+  static fromSocketAfter(socket: net.Socket, consumed: number): WireChannel {
+    if (socket.bytesRead !== consumed || socket.readableLength > 0) {
+      throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the connection was read past its first frame (${socket.bytesRead} bytes, ${consumed} expected)`, { phase: 'handshake' });
+    }
+    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection');
+  }
+
+  /**
    * Takes over a connection on which a TLS handshake ran (src/security/tls.ts): `tls` must have
    * stopped reading with nothing of the peer's left unread (the handshake's closing exchange
    * sees to that). Its descriptor is duplicated into a native Wire, and the TLS socket is

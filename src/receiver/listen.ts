@@ -1,23 +1,27 @@
 /**
- * The destination's listener: one migration at a time on a port; while it runs, further
- * connections may only join its post-copy session (ATTACH naming its token) or ask what became
- * of a session (RESOLVE), which any connection may do at any time.
+ * The destination's listener: one migration at a time on a port. Every connection is
+ * authenticated and its first frame read (src/receiver/admit.ts) before anything else: a HELLO
+ * takes the migration's slot (or is refused while one runs), an ATTACH joins a post-copy
+ * session, a RESOLVE asks what became of one. Connections that have not sent their first frame
+ * are capped, overall and per address.
  */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { ProtocolError } from '../protocol/errors.js';
 import { FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAttach, decodeResolve, encodeError, encodeResolved } from '../protocol/messages.js';
 import type { WireChannel, WireFrame } from '../protocol/wire.js';
-import { assertSecureEnough, openChannel } from '../security/tls.js';
+import { assertSecureEnough } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { OutcomeTable } from './outcomes.js';
-import { openIncoming, refusedBeforeReserving, serveMigration } from './receiver.js';
+import { admitIncoming, refusedBeforeReserving, serveMigration } from './receiver.js';
 import { SessionTable } from './session.js';
 import type { ReceiveOptions, ReceiveReport } from './types.js';
 
 /** How long a joining connection has to send its ATTACH. */
 const ATTACH_WAIT_MS = 5_000;
+/** connections that have not sent their first frame yet, overall and from one address */
+const MAX_PENDING = 64;
+const MAX_PENDING_PER_ADDRESS = 16;
 
 export interface Receiver {
   readonly port: number;
@@ -43,31 +47,50 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     if (waiter) p.then(waiter.resolve, waiter.reject);
     else ready.push(p);
   };
+  // connections that have not sent their first frame yet: capped overall and per address, so
+  // that idle or slow clients cannot crowd out the one that brings a migration
+  let pending = 0;
+  const pendingFrom = new Map<string, number>();
   server.on('connection', (socket) => {
-    if (busy) {
-      void routeJoin(socket, sessions, outcomes, options);
+    const from = socket.remoteAddress ?? '';
+    if (pending >= MAX_PENDING || (pendingFrom.get(from) ?? 0) >= MAX_PENDING_PER_ADDRESS) {
+      trace('receiver', 'connection refused: too many pending', { from, pending });
+      socket.destroy();
       return;
     }
-    busy = true;
+    pending++;
+    pendingFrom.set(from, (pendingFrom.get(from) ?? 0) + 1);
+    const settled = (): void => {
+      pending--;
+      const n = (pendingFrom.get(from) ?? 1) - 1;
+      if (n > 0) pendingFrom.set(from, n);
+      else pendingFrom.delete(from);
+    };
     void (async () => {
-      let opened: Awaited<ReturnType<typeof openIncoming>> | undefined;
-      let first: WireFrame;
+      let a: Awaited<ReturnType<typeof admitIncoming>>;
       try {
-        opened = await openIncoming(socket, options);
-        first = await opened.channel.next();
+        // joining connections (ATTACH) have less time than a migration's first connection
+        a = await admitIncoming(socket, options, busy ? (options.authTimeoutMs ?? ATTACH_WAIT_MS) : undefined);
       } catch (e) {
-        busy = false;
-        if (opened) opened.channel.close();
-        else socket.destroy();
-        return deliver(Promise.reject(refusedBeforeReserving(e)));
+        settled();
+        socket.destroy();
+        // while a migration runs, its next() is not for a stranger's failure: observers hear it
+        if (busy) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
+        else deliver(Promise.reject(refusedBeforeReserving(e)));
+        return;
       }
-      if (first.type === FrameType.Resolve) {
-        // not a migration: the answer about an earlier one
-        busy = false;
-        return answerResolve(opened.channel, first, outcomes);
+      settled();
+      const { first } = a;
+      if (first.type === FrameType.Resolve) return answerResolve(a.channel, first, outcomes);
+      if (first.type === FrameType.Attach) return joinSession(a.channel, first, sessions);
+      if (busy) {
+        // the slot is taken by a HELLO that arrived whole, not by whoever connected first
+        const e = new LivemigError('ERR_LIVEMIG_REFUSED', 'a migration is already running here', { phase: 'handshake' });
+        return void a.channel.finish(encodeError({ code: e.code, message: e.message, phase: 'handshake' }, PROTOCOL_VERSION));
       }
+      busy = true;
       deliver(
-        serveMigration(opened, first, options, sessions, outcomes).finally(() => {
+        serveMigration(a, first, options, sessions, outcomes).finally(() => {
           busy = false;
         }),
       );
@@ -86,22 +109,9 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   };
 }
 
-/** A connection while a migration runs: its first frame must be ATTACH naming a live session, or RESOLVE. */
-async function routeJoin(socket: net.Socket, sessions: SessionTable, outcomes: OutcomeTable, options: ReceiveOptions): Promise<void> {
-  let ch: WireChannel;
+/** ATTACH: the connection joins the post-copy session it names. */
+async function joinSession(ch: WireChannel, f: WireFrame, sessions: SessionTable): Promise<void> {
   try {
-    // a joining connection authenticates like the first one: nobody else may attach to a session
-    ch = (await openChannel(socket, options.credentials, 'server', options.authTimeoutMs ?? ATTACH_WAIT_MS)).channel;
-  } catch (e) {
-    // not authenticated, or no descriptor to take over: nothing to answer, but observers hear it
-    trace('receiver', 'joining connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
-    socket.destroy();
-    return;
-  }
-  try {
-    const f = await ch.next(ATTACH_WAIT_MS);
-    if (f.type === FrameType.Resolve) return await answerResolve(ch, f, outcomes);
-    if (f.type !== FrameType.Attach) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `a second connection must start with ATTACH or RESOLVE, got ${FrameType[f.type] ?? f.type}`);
     const a = decodeAttach(f.payload);
     const session = sessions.get(a.session);
     if (!session) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'ATTACH names no session running here', { phase: 'attach' });

@@ -15,10 +15,11 @@ import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP
 import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, encodeActivated, encodeCommitAck, encodeDigest, encodeError, encodeImageHashes, encodeRoundAck, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { PageSink, WireChannel, WireFrame } from '../protocol/wire.js';
-import { isLoopback, openChannel, type SecurityReport } from '../security/tls.js';
+import { isLoopback, type SecurityReport } from '../security/tls.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
+import { admit, type Admitted } from './admit.js';
 import { loadImage } from './image.js';
 import { frameLimits } from '../protocol/limits.js';
 import { memoryBudget } from './memory-budget.js';
@@ -65,27 +66,19 @@ export function refusedBeforeReserving<E>(e: E): E {
  * connections that join a post-copy session (without one, nobody can join: no post-copy).
  */
 export async function receiveOn(socket: net.Socket, options: ReceiveOptions, sessions = new SessionTable(), outcomes = new OutcomeTable()): Promise<ReceiveReport> {
-  const opened = await openIncoming(socket, options);
-  return serveMigration(opened, await opened.channel.next(), options, sessions, outcomes);
+  const opened = await admitIncoming(socket, options).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
+  return serveMigration(opened, opened.first, options, sessions, outcomes);
 }
 
-/** An accepted connection, authenticated (nothing is reserved for a source that cannot authenticate). */
-export interface OpenedIncoming {
-  channel: WireChannel;
-  security: SecurityReport;
-  /** the address the source reached */
-  local: string;
-}
-
-export async function openIncoming(socket: net.Socket, options: ReceiveOptions): Promise<OpenedIncoming> {
-  const local = socket.localAddress ?? '';
-  const { channel, security } = await openChannel(socket, options.credentials, 'server', options.authTimeoutMs ?? AUTH_TIMEOUT_MS);
-  channel.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
-  return { channel, security, local };
+/** An accepted connection, authenticated (nothing is reserved for a source that cannot authenticate), with its first frame. */
+export async function admitIncoming(socket: net.Socket, options: ReceiveOptions, timeoutMs = options.authTimeoutMs ?? AUTH_TIMEOUT_MS): Promise<Admitted> {
+  const a = await admit(socket, options.credentials, timeoutMs);
+  a.channel.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
+  return a;
 }
 
 /** Serves one migration whose first frame (`first`, which must be HELLO) has been read. */
-export async function serveMigration(opened: OpenedIncoming, first: WireFrame, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable): Promise<ReceiveReport> {
+export async function serveMigration(opened: Omit<Admitted, 'first'>, first: WireFrame, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable): Promise<ReceiveReport> {
   const incoming = new Incoming(opened.channel, options, sessions, outcomes, opened.security, opened.local);
   try {
     const hello = incoming.hello(first);

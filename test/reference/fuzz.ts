@@ -1,7 +1,7 @@
 /**
  * Seeded mutations of livemig frames, for the fuzz test (test/fuzz.test.ts) and bench/fuzz: a
- * case is a connection to a receiver that sends a valid HELLO (or a mutated one) and then one
- * frame of any type, valid to begin with and then mutated: bits flipped, bytes cut or added,
+ * case is a connection to a receiver that sends a valid HELLO (or a mutated one) and, once it
+ * is answered (as a source waits for ACCEPT), one frame of any type, valid to begin with and then mutated: bits flipped, bytes cut or added,
  * header fields (version, type, flags, length) replaced. Deterministic for a seed.
  */
 import { FrameType, MAX_FRAME_TYPE, PROTOCOL_VERSION } from '../../src/protocol/format.js';
@@ -127,8 +127,9 @@ function mutate(frame: Buffer, rng: Rng): { bytes: Buffer; mutation: Mutation } 
 }
 
 export interface FuzzCase {
-  /** what goes on the connection, in order; the client closes after it */
-  bytes: Buffer;
+  /** what the client sends first; then, once the receiver has answered it, `then`; then it closes */
+  first: Buffer;
+  then?: Buffer;
   type: FrameType;
   mutation: Mutation;
   /** the HELLO itself is the mutated frame */
@@ -138,6 +139,6 @@ export interface FuzzCase {
 export function fuzzCase(rng: Rng): FuzzCase {
   const type = (1 + rng.int(MAX_FRAME_TYPE)) as FrameType;
   const m = mutate(validFrame(type, rng), rng);
-  if (type === FrameType.Hello) return { bytes: m.bytes, type, mutation: m.mutation, helloMutated: true };
-  return { bytes: Buffer.concat([validHello(), m.bytes]), type, mutation: m.mutation, helloMutated: false };
+  if (type === FrameType.Hello) return { first: m.bytes, type, mutation: m.mutation, helloMutated: true };
+  return { first: validHello(), then: m.bytes, type, mutation: m.mutation, helloMutated: false };
 }

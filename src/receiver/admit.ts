@@ -1,0 +1,99 @@
+/**
+ * A new connection until its first frame: authenticated (with credentials), and its first
+ * frame read within a deadline. Without credentials the first frame is read here, in
+ * JavaScript, before the connection is handed to a native Wire: a client that connects and
+ * says nothing (a scan, a slow client) then holds no native read thread, and the slot of the
+ * migration is taken only by a HELLO that has arrived whole. The frames that open a
+ * connection (HELLO, ATTACH, RESOLVE) are small control frames, and their sender waits for an
+ * answer, so nothing may follow them yet: bytes after the first frame are refused.
+ */
+import type net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { ProtocolError } from '../protocol/errors.js';
+import { FrameType, HEADER_BYTES, MAGIC, MAX_FRAME_TYPE } from '../protocol/format.js';
+import { CONTROL_MAX } from '../protocol/limits.js';
+import { WireChannel, type WireFrame } from '../protocol/wire.js';
+import { openChannel, type Credentials, type SecurityReport } from '../security/tls.js';
+
+export interface Admitted {
+  channel: WireChannel;
+  security: SecurityReport;
+  /** the address the peer reached */
+  local: string;
+  first: WireFrame;
+}
+
+export async function admit(socket: net.Socket, creds: Credentials | undefined, timeoutMs: number): Promise<Admitted> {
+  const local = socket.localAddress ?? '';
+  if (creds) {
+    const { channel, security } = await openChannel(socket, creds, 'server', timeoutMs);
+    try {
+      return { channel, security, local, first: await channel.next(timeoutMs) };
+    } catch (e) {
+      channel.close();
+      throw e;
+    }
+  }
+  const { frame, consumed } = await readFirstFrame(socket, timeoutMs);
+  const channel = WireChannel.fromSocketAfter(socket, consumed);
+  return { channel, security: { auth: 'none', peer: null, cipher: null, encrypted: false }, local, first: frame };
+}
+
+/** Reads exactly one control frame from a socket nothing has read from yet. */
+function readFirstFrame(socket: net.Socket, timeoutMs: number): Promise<{ frame: WireFrame; consumed: number }> {
+  return new Promise((resolve, reject) => {
+    let got: Buffer = Buffer.alloc(0);
+    let need = HEADER_BYTES;
+    let header: { version: number; type: number; flags: number; length: number } | undefined;
+    const done = (e?: Error, r?: { frame: WireFrame; consumed: number }): void => {
+      clearTimeout(timer);
+      socket.off('data', onData);
+      socket.off('end', onEnd);
+      socket.off('error', onError);
+      if (e) {
+        socket.destroy();
+        reject(e);
+      } else resolve(r!);
+    };
+    const timer = setTimeout(() => done(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no first frame within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+    const onEnd = (): void => done(new LivemigError('ERR_LIVEMIG_CONNECTION', got.length ? 'the peer closed the connection in the middle of its first frame' : 'the peer closed the connection', { phase: 'handshake' }));
+    const onError = (e: Error): void => done(new LivemigError('ERR_LIVEMIG_CONNECTION', `the connection failed before its first frame: ${e.message}`, { phase: 'handshake', cause: e }));
+    const onData = (d: Buffer): void => {
+      got = got.length ? Buffer.concat([got, d]) : d;
+      if (!header && got.length >= HEADER_BYTES) {
+        try {
+          header = checkHeader(got);
+        } catch (e) {
+          return done(e as Error);
+        }
+        need = HEADER_BYTES + header.length;
+      }
+      if (got.length < need) return;
+      // nothing may follow the first frame before it is answered, and nothing more is read here
+      (socket as unknown as { _handle?: { readStop?: () => number } })._handle?.readStop?.();
+      socket.pause();
+      if (got.length > need) return done(new ProtocolError('ERR_LIVEMIG_PROTOCOL', `${got.length - need} bytes came after the first frame, before it was answered`));
+      const h = header!;
+      done(undefined, { frame: { version: h.version, type: h.type as FrameType, flags: h.flags, payload: Buffer.from(got.subarray(HEADER_BYTES)), pages: 0, batches: 0, bytes: 0, lastRound: -1 }, consumed: need });
+    };
+    socket.on('data', onData);
+    socket.once('end', onEnd);
+    socket.once('error', onError);
+    socket.resume();
+  });
+}
+
+/** The header rules of native/wire/format.cc for a first frame (a control frame: no flags, small). */
+function checkHeader(b: Buffer): { version: number; type: number; flags: number; length: number } {
+  const magic = b.readUInt16LE(0);
+  const version = b[2]!;
+  const type = b[3]!;
+  const flags = b.readUInt16LE(4);
+  const length = b.readUInt32LE(8);
+  if (magic !== MAGIC) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `bad frame magic 0x${magic.toString(16)} (expected 0x4d4c): not a livemig stream`);
+  if (type === 0 || type > MAX_FRAME_TYPE) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unknown frame type ${type}`);
+  if (b.readUInt16LE(6) !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'reserved header field is not 0');
+  if (flags !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `frame of type ${type} with flags 0x${flags.toString(16)}, which the protocol does not define`);
+  if (length > CONTROL_MAX) throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `a first frame of type ${type} announces ${length} payload bytes (max ${CONTROL_MAX})`);
+  return { version, type, flags, length };
+}
