@@ -14,6 +14,7 @@ import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { migrate } from '../src/source/migrate.js';
 import { MigrationControl } from '../src/source/types.js';
+import type { Frame } from '../src/protocol/frame.js';
 import { FrameParser } from './reference/frames.js';
 
 const off = { zero: false, dedup: false, compress: false };
@@ -24,28 +25,32 @@ function filled(pages: number, name: string): Region {
   return r;
 }
 
-test('a destination that stalls inside the pause: no commitment within maxPauseMs, the guest resumes here and COMMIT never leaves', async () => {
-  // acknowledges every round, then goes silent at DEVICE_STATE (a stopped process, a dead link)
-  const seen: FrameType[] = [];
+/** A destination of a few lines: `onFrame` sees each frame the source sends, with the socket to answer on. */
+async function fakeDestination(onFrame: (f: Frame, s: net.Socket) => void): Promise<{ port: number; close(): void }> {
   const server = net.createServer((s) => {
     const parser = new FrameParser();
     s.on('error', () => undefined);
-    s.on('data', (chunk: Buffer) =>
-      parser.push(chunk, (f) => {
-        seen.push(f.type);
-        if (f.type === FrameType.Hello) s.write(encodeAccept({ version: 3, capabilities: [CAP_COMMIT_ACTIVATE] }, 3));
-        else if (f.type === FrameType.RoundEnd) s.write(encodeRoundAck(decodeRoundEnd(f.payload), 3));
-      }),
-    );
+    s.on('data', (chunk: Buffer) => parser.push(chunk, (f) => onFrame(f, s)));
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return { port: (server.address() as net.AddressInfo).port, close: () => server.close() };
+}
+
+test('a destination that stalls inside the pause: no commitment within maxPauseMs, the guest resumes here and COMMIT never leaves', async () => {
+  // acknowledges every round, then goes silent at DEVICE_STATE (a stopped process, a dead link)
+  const seen: FrameType[] = [];
+  const server = await fakeDestination((f, s) => {
+    seen.push(f.type);
+    if (f.type === FrameType.Hello) s.write(encodeAccept({ version: 3, capabilities: [CAP_COMMIT_ACTIVATE] }, 3));
+    else if (f.type === FrameType.RoundEnd) s.write(encodeRoundAck(decodeRoundEnd(f.payload), 3));
+  });
   const region = filled(256, 'dl-pause');
   let paused = 0;
   let resumed = 0;
   let released = 0;
   try {
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port }, encodings: off, maxPauseMs: 300, pause: async () => (paused++, new Uint8Array(16)), resume: async () => void resumed++, release: async () => void released++ }),
+      migrate({ region, to: { host: '127.0.0.1', port: server.port }, encodings: off, maxPauseMs: 300, pause: async () => (paused++, new Uint8Array(16)), resume: async () => void resumed++, release: async () => void released++ }),
       (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_TIMEOUT' && /no commitment within 300 ms of pausing/.test(e.message) && e.phase === 'stop-and-copy',
     );
     assert.deepEqual([paused, resumed, released], [1, 1, 0], 'paused once, resumed on the source, not released');
@@ -59,23 +64,16 @@ test('a destination that stalls inside the pause: no commitment within maxPauseM
 
 test('a destination that stops reading in pre-copy: aborted after progressTimeoutMs with the guest never paused', async () => {
   // accepts, then never reads again: the source's sends block once the socket buffers are full
-  const server = net.createServer((s) => {
-    const parser = new FrameParser();
-    s.on('error', () => undefined);
-    s.on('data', (chunk: Buffer) =>
-      parser.push(chunk, (f) => {
-        if (f.type !== FrameType.Hello) return;
-        s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
-        s.pause();
-      }),
-    );
+  const server = await fakeDestination((f, s) => {
+    if (f.type !== FrameType.Hello) return;
+    s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
+    s.pause();
   });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const region = filled(16384, 'dl-progress'); // 64 MiB: far more than the socket buffers hold
   let paused = 0;
   try {
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port }, encodings: off, progressTimeoutMs: 400, pause: async () => (paused++, new Uint8Array(0)), resume: async () => undefined }),
+      migrate({ region, to: { host: '127.0.0.1', port: server.port }, encodings: off, progressTimeoutMs: 400, pause: async () => (paused++, new Uint8Array(0)), resume: async () => undefined }),
       (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_TIMEOUT' && /no progress from the destination/.test(e.message) && e.phase === 'precopy',
     );
     assert.equal(paused, 0, 'the guest was never paused');
@@ -142,23 +140,16 @@ test('cancel() in pre-copy ends the migration with the guest running here; after
 });
 
 test('a destination that floods the source with frames nobody asked for is cut off (read-ahead is bounded)', async () => {
-  const server = net.createServer((s) => {
-    const parser = new FrameParser();
-    s.on('error', () => undefined);
-    s.on('data', (chunk: Buffer) =>
-      parser.push(chunk, (f) => {
-        if (f.type !== FrameType.Hello) return;
-        s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
-        const junk = encodeRoundAck({ round: 0, pages: 0 }, 3);
-        s.write(Buffer.concat(Array.from({ length: 5000 }, () => junk)));
-      }),
-    );
+  const server = await fakeDestination((f, s) => {
+    if (f.type !== FrameType.Hello) return;
+    s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
+    const junk = encodeRoundAck({ round: 0, pages: 0 }, 3);
+    s.write(Buffer.concat(Array.from({ length: 5000 }, () => junk)));
   });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   const region = filled(16384, 'dl-flood');
   try {
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port }, encodings: off, bandwidthMiBps: 16, pause: async () => new Uint8Array(0), resume: async () => undefined }),
+      migrate({ region, to: { host: '127.0.0.1', port: server.port }, encodings: off, bandwidthMiBps: 16, pause: async () => new Uint8Array(0), resume: async () => undefined }),
       (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && /nobody has read/.test(e.message),
     );
   } finally {
