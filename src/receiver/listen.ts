@@ -22,6 +22,8 @@ const ATTACH_WAIT_MS = 5_000;
 /** connections that have not sent their first frame yet, overall and from one address */
 const MAX_PENDING = 64;
 const MAX_PENDING_PER_ADDRESS = 16;
+/** refusals kept for next() until someone asks; later ones are only traced */
+const MAX_QUEUED_REFUSALS = 64;
 
 export interface Receiver {
   readonly port: number;
@@ -75,7 +77,8 @@ export async function listen(host: string, port: number, options: ReceiveOptions
         settled();
         socket.destroy();
         // while a migration runs, its next() is not for a stranger's failure: observers hear it
-        if (busy) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
+        // (and refusals nobody has asked for yet are kept only up to a bound: a scan is endless)
+        if (busy || ready.length >= MAX_QUEUED_REFUSALS) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
         else deliver(Promise.reject(refusedBeforeReserving(e)));
         return;
       }
