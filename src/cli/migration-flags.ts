@@ -26,6 +26,7 @@ export const POLICY_FLAGS: Flags = {
   deadline: { type: 'string', value: 'SECONDS', help: 'finish, or give up with the guest still here, by then' },
   'max-pause': { type: 'string', default: '5000', value: 'MS', help: 'no commitment this long after the pause: abort, the guest resumes here' },
   'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'no progress from the destination this long: abort, the guest keeps running' },
+  'handshake-timeout': { type: 'string', default: '60', value: 'SECONDS', help: 'authentication, HELLO and the destination reserving the region, at most' },
   'resolve-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'link lost after the commitment: ask the destination what happened this long' },
   mode: { type: 'string', value: MODES.join('|'), help: 'post-copy: the guest moves at once, its pages follow (default precopy)' },
   'no-wws': { type: 'boolean', default: false, help: 'send pages rewritten every round each round (no writable working set)' },
@@ -57,6 +58,7 @@ export function policyFlags(v: FlagValues): PolicyFlags {
   if (typeof v['deadline'] === 'string') o.deadlineMs = parseNumber(v['deadline'], '--deadline (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['max-pause'] === 'string') o.maxPauseMs = parseNumber(v['max-pause'], '--max-pause (ms)', Number.MIN_VALUE);
   if (typeof v['progress-timeout'] === 'string') o.progressTimeoutMs = parseNumber(v['progress-timeout'], '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000;
+  if (typeof v['handshake-timeout'] === 'string') o.handshakeTimeoutMs = parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['resolve-timeout'] === 'string') o.resolveTimeoutMs = parseNumber(v['resolve-timeout'], '--resolve-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (v['no-wws']) o.wws = false;
   if (typeof v['rate-adapt'] === 'string') {

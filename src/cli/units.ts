@@ -14,7 +14,8 @@ export function parseSize(text: string, what: string): number {
 
 export function parseNumber(text: string, what: string, min = 0): number {
   const v = Number(text);
-  if (!Number.isFinite(v) || v < min) throw invalidArgument(`${what}: '${text}' must be a number >= ${min}`);
+  // min = Number.MIN_VALUE asks for a positive number: say so, not ">= 5e-324"
+  if (!Number.isFinite(v) || v < min || text.trim() === '') throw invalidArgument(`${what}: '${text}' must be ${min === Number.MIN_VALUE ? 'a positive number' : `a number >= ${min}`}`);
   return v;
 }
 

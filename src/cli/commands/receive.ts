@@ -5,7 +5,7 @@ import { isRefusedBeforeReserving } from '../../receiver/receiver.js';
 import { IncomingGuest } from '../../workload/controller.js';
 import { str, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
-import { parseHostPort, parseSize } from '../units.js';
+import { parseHostPort, parseNumber, parseSize } from '../units.js';
 
 export const receive: Command = {
   name: 'receive',
@@ -22,6 +22,7 @@ export const receive: Command = {
   flags: {
     listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'where to listen (port 0: any free port)' },
     'max-region': { type: 'string', value: 'SIZE', help: 'refuse larger regions (default: what the memory allows)' },
+    'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'a connection must authenticate and send its first frame within this' },
     'max-device-state': { type: 'string', value: 'SIZE', help: 'refuse a larger device state (default 64MiB)' },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
@@ -36,6 +37,7 @@ export const receive: Command = {
       ...(credentials ? { credentials } : {}),
       ...(v['insecure'] === true ? { insecure: true } : {}),
       ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
+      ...(typeof v['handshake-timeout'] === 'string' ? { authTimeoutMs: parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000 } : {}),
       ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
       ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
       onReserved: async (region, postcopy) => {
