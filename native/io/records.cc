@@ -53,45 +53,45 @@ bool RecordSender::Init(const DirectionKey& k, SysError& err) {
   return aead_.Init(k.key, k.salt, err);
 }
 
-template <typename Out>
-bool RecordSender::SealRecords(const iovec* iov, int n, size_t head, Out& out, SysError& err) {
+// Cuts iov[0..n) into records: the first `head` bytes as one (when head is nonzero and shorter
+// than the whole), the rest in records of up to kRecordMax; calls each(parts, len) per record.
+template <typename Each>
+bool ForEachRecord(const iovec* iov, int n, size_t head, std::vector<iovec>& parts, Each each) {
   IovCursor cur{iov, n};
   size_t left = TotalOf(iov, n);
-  bool first = true;
-  while (left > 0) {
+  for (bool first = true; left > 0; first = false) {
     size_t len = std::min(left, kRecordMax);
     if (first && head > 0 && head < len) len = head;
-    first = false;
-    cur.Take(len, sub_);
-    size_t at = out.size();
-    out.resize(at + kRecordHeadBytes + len + kAeadTagBytes);
-    uint8_t* rec = out.data() + at;
-    Put32(rec, static_cast<uint32_t>(len));
-    if (!aead_.Seal(rec, kRecordHeadBytes, sub_.data(), static_cast<int>(sub_.size()), len, rec + kRecordHeadBytes, err)) return false;
+    cur.Take(len, parts);
+    if (!each(parts, len)) return false;
     left -= len;
   }
   return true;
 }
 
+template <typename Out>
+bool RecordSender::SealOne(const std::vector<iovec>& parts, size_t len, Out& out, SysError& err) {
+  size_t at = out.size();
+  out.resize(at + kRecordHeadBytes + len + kAeadTagBytes);
+  uint8_t* rec = out.data() + at;
+  Put32(rec, static_cast<uint32_t>(len));
+  return aead_.Seal(rec, kRecordHeadBytes, parts.data(), static_cast<int>(parts.size()), len, rec + kRecordHeadBytes, err);
+}
+
+template <typename Out>
+bool RecordSender::SealRecords(const iovec* iov, int n, size_t head, Out& out, SysError& err) {
+  return ForEachRecord(iov, n, head, sub_, [&](const std::vector<iovec>& parts, size_t len) { return SealOne(parts, len, out, err); });
+}
+
 bool RecordSender::Send(int fd, const iovec* iov, int n, size_t head, SysError& err) {
   if (!Flush(fd, err)) return false;
-  IovCursor cur{iov, n};
-  size_t left = TotalOf(iov, n);
-  bool first = true;
-  std::vector<iovec> part;
   // one record at a time: sealed into a buffer that stays in cache, then sent from it
-  while (left > 0) {
-    size_t len = std::min(left, kRecordMax);
-    if (first && head > 0 && head < len) len = head;
-    first = false;
-    cur.Take(len, part);
+  return ForEachRecord(iov, n, head, sub_, [&](const std::vector<iovec>& parts, size_t len) {
     buf_.resize(0);
-    if (!SealRecords(part.data(), static_cast<int>(part.size()), 0, buf_, err)) return false;
+    if (!SealOne(parts, len, buf_, err)) return false;
     iovec v{buf_.data(), buf_.size()};
-    if (!SendAll(fd, &v, 1, err)) return false;
-    left -= len;
-  }
-  return true;
+    return SendAll(fd, &v, 1, err);
+  });
 }
 
 bool RecordSender::SendNow(int fd, const iovec* iov, int n, bool& waiting, SysError& err) {

@@ -77,7 +77,10 @@ class RecordSender {
   bool SealInto(const uint8_t* p, size_t len, std::vector<uint8_t>& out, SysError& err);
 
  private:
-  // Appends the records of iov[0..n) to out (a std::vector<uint8_t> or RawBytes).
+  // Appends one record of the `len` bytes of parts, or all the records of iov[0..n), to out
+  // (a std::vector<uint8_t> or RawBytes).
+  template <typename Out>
+  bool SealOne(const std::vector<iovec>& parts, size_t len, Out& out, SysError& err);
   template <typename Out>
   bool SealRecords(const iovec* iov, int n, size_t head, Out& out, SysError& err);
   Aead aead_;
