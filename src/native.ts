@@ -212,6 +212,8 @@ interface Addon {
   kernelTlsErrno(): number;
   /** the wire format's constants as the addon was built with them (test/format.test.ts) */
   wireFormat(): NativeWireFormat;
+  /** the wire's header rules for a header read outside a Wire; throws as read() would */
+  checkFrameHeader(header: Buffer, maxPayload: number): { version: number; type: number; flags: number; length: number };
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;

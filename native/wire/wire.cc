@@ -524,8 +524,27 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
 }  // namespace
 
+// checkFrameHeader(header: Buffer (12 bytes), maxPayload) -> {version, type, flags, length}:
+// the wire's header rules (wire/format.cc) for a header read outside a Wire (a connection's
+// first frame, src/receiver/admit.ts); throws what read() would.
+Napi::Value CheckFrameHeader(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Buffer<uint8_t> b = info[0].As<Napi::Buffer<uint8_t>>();
+  if (b.Length() < kHeaderBytes) throw Napi::RangeError::New(env, "a frame header is 12 bytes");
+  Header hd;
+  SysError err;
+  if (!CheckHeader(b.Data(), info[1].As<Napi::Number>().Uint32Value(), hd, err)) throw MakeSysError(env, err);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("version", hd.version);
+  o.Set("type", hd.type);
+  o.Set("flags", hd.flags);
+  o.Set("length", hd.length);
+  return o;
+}
+
 void InitWire(Napi::Env env, Napi::Object exports) {
   exports.Set("Wire", Wire::Init(env));
+  exports.Set("checkFrameHeader", Napi::Function::New(env, CheckFrameHeader));
 }
 
 std::shared_ptr<Link> LinkOfWire(Napi::Env env, Napi::Value wire) {

@@ -10,7 +10,8 @@
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { ProtocolError } from '../protocol/errors.js';
-import { FrameType, HEADER_BYTES, MAGIC, MAX_FRAME_TYPE } from '../protocol/format.js';
+import { addon, call } from '../native.js';
+import { HEADER_BYTES, type FrameType } from '../protocol/format.js';
 import { CONTROL_MAX } from '../protocol/limits.js';
 import { WireChannel, type WireFrame } from '../protocol/wire.js';
 import { openChannel, type Credentials, type SecurityReport } from '../security/tls.js';
@@ -83,17 +84,7 @@ function readFirstFrame(socket: net.Socket, timeoutMs: number): Promise<{ frame:
   });
 }
 
-/** The header rules of native/wire/format.cc for a first frame (a control frame: no flags, small). */
+/** The wire's header rules (native/wire/format.cc), for a first frame: a control frame, small. */
 function checkHeader(b: Buffer): { version: number; type: number; flags: number; length: number } {
-  const magic = b.readUInt16LE(0);
-  const version = b[2]!;
-  const type = b[3]!;
-  const flags = b.readUInt16LE(4);
-  const length = b.readUInt32LE(8);
-  if (magic !== MAGIC) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `bad frame magic 0x${magic.toString(16)} (expected 0x4d4c): not a livemig stream`);
-  if (type === 0 || type > MAX_FRAME_TYPE) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unknown frame type ${type}`);
-  if (b.readUInt16LE(6) !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'reserved header field is not 0');
-  if (flags !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `frame of type ${type} with flags 0x${flags.toString(16)}, which the protocol does not define`);
-  if (length > CONTROL_MAX) throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `a first frame of type ${type} announces ${length} payload bytes (max ${CONTROL_MAX})`);
-  return { version, type, flags, length };
+  return call('ERR_LIVEMIG_PROTOCOL', 'handshake', 'checking the first frame', () => addon.checkFrameHeader(b, CONTROL_MAX));
 }
