@@ -47,9 +47,33 @@ Napi::Value GateStart(const Napi::CallbackInfo& info) {
     // only where the threads can be given their place back on resume
     const bool idleWhenPaused = MayLeaveIdle();
     std::vector<uint8_t> body;
+    // A pause may come with a lease (u32 LE ms, the body of 'P'): while paused and not told
+    // that livemig commits ('C'), hearing nothing for that long, or livemig's end closing,
+    // means livemig stalled or died before its point of commitment; the destination cannot
+    // activate without the COMMIT that follows 'c', so the guest resumes itself here. After
+    // 'C' it never does: the guest may already run at the destination.
+    double leaseMs = 0;
+    bool committed = false;
+    bool selfResumed = false;  // 'C' after that is refused: livemig must not commit
+    auto resumeSelf = [&] {
+      if (idleWhenPaused) SetOtherThreadsIdle(false);
+      std::lock_guard<std::mutex> lock(g.mu);
+      g.paused = false;
+      selfResumed = true;
+    };
     for (;;) {
       uint8_t req;
-      if (ReadMessage(fd, &req, &body, -1) != 0) break;  // livemig closed its end (or broke the framing)
+      const bool leased = g.paused.load() && !committed && leaseMs > 0;
+      int err = ReadMessage(fd, &req, &body, leased ? MonotonicMs() + leaseMs : -1);
+      if (err == ETIMEDOUT && leased) {
+        resumeSelf();
+        continue;
+      }
+      if (err != 0) {
+        // livemig closed its end (or broke the framing)
+        if (g.paused.load() && !committed) resumeSelf();
+        break;
+      }
       bool ok;
       if (req == 'P') {
         uint64_t snap[3];
@@ -58,20 +82,36 @@ Napi::Value GateStart(const Napi::CallbackInfo& info) {
           g.paused = true;
           std::memcpy(snap, g.st, sizeof snap);
         }
+        leaseMs = 0;
+        if (body.size() == 4) leaseMs = body[0] | (body[1] << 8) | (body[2] << 16) | (static_cast<uint32_t>(body[3]) << 24);
+        committed = false;
+        selfResumed = false;
         ok = WriteMessage(fd, 'p', reinterpret_cast<uint8_t*>(snap), sizeof snap);
         // Paused, the rest of this process (its event loop, the runtime's compiler and garbage
         // collector threads) takes no CPU from the migration: sampled before this, a runtime
         // helper thread here ran 3.5 ms inside the hand-over and held back livemig's thread on
         // its CPU. After the answer, so that the pause is not longer for it.
         if (idleWhenPaused) SetOtherThreadsIdle(true);
+      } else if (req == 'C') {
+        if (selfResumed || !g.paused.load()) {
+          static const char why[] = "not paused: the guest resumed itself when its lease ran out";
+          ok = WriteMessage(fd, 'e', reinterpret_cast<const uint8_t*>(why), sizeof why - 1);
+        } else {
+          committed = true;
+          ok = WriteMessage(fd, 'c', nullptr, 0);
+        }
       } else if (req == 'R') {
-        if (idleWhenPaused) SetOtherThreadsIdle(false);
+        if (idleWhenPaused && g.paused.load()) SetOtherThreadsIdle(false);
         g.paused = false;
+        committed = false;
         ok = WriteMessage(fd, 'r', nullptr, 0);
       } else {
         ok = WriteMessage(fd, 'e', nullptr, 0);
       }
-      if (!ok) break;
+      if (!ok) {
+        if (g.paused.load() && !committed) resumeSelf();
+        break;
+      }
     }
     close(fd);
   }).detach();

@@ -89,7 +89,7 @@ export async function runPostcopy(o: {
   recoverTimeoutMs: number;
   peerError: (f: Frame, phase: string) => Error;
   /** right before POSTCOPY is written (the point of commitment begins: nothing may abort after it) */
-  onCommitting?(): void;
+  onCommitting?(): void | Promise<void>;
   onCommitted(): void;
   onRunning(activateMs: number): void;
   onProgress?(s: PushStats): void;
@@ -104,7 +104,7 @@ export async function runPostcopy(o: {
     const bitmap = bytesToBitmap(o.needed);
     // One write: the destination wakes once for the state and the switch. POSTCOPY is the point
     // of commitment and the write's last bytes: a write that failed did not deliver it whole.
-    o.onCommitting?.();
+    await o.onCommitting?.();
     await channel.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
     trace('source', 'device state and POSTCOPY sent');
     o.onCommitted();

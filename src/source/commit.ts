@@ -46,7 +46,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     digest = digestOf(ctx.hashes, 'commit');
     trace('source', 'digest computed');
     if (prove) await checkProof(channel, digest, pageCount);
-    ctx.beginCommitment();
+    await ctx.beginCommitment();
     await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
     ctx.enter('activating');
     tSent = now();
@@ -65,7 +65,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     tCommitted = now();
     reportCommitted(ctx, digest, stopped);
     // Point of commitment: once ACTIVATE is on its way, the source must never resume by itself.
-    ctx.beginCommitment();
+    await ctx.beginCommitment();
     ctx.enter('activating');
     await channel.send(encodeActivate(version));
     activated = await confirmActivation(ctx);

@@ -130,7 +130,17 @@ export class SourceContext {
   }
 
   /** Right before the frame that lets the destination activate: no abort from here on. */
-  beginCommitment(): void {
+  async beginCommitment(): Promise<void> {
+    if (this.abortReason) throw this.abortReason;
+    // the guest hears it first: from here on it must not resume by itself (a lease, HANDOVER.md)
+    const fence = this.settings.options.commit;
+    if (fence) {
+      try {
+        await fence();
+      } catch (e) {
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest did not take the commitment: ${(e as Error).message}`, { phase: this.stage, cause: e });
+      }
+    }
     if (this.abortReason) throw this.abortReason;
     this.#committing = true;
     this.deadlines.stop();
@@ -182,7 +192,7 @@ export class SourceContext {
   /** Pauses the guest for the switch; returns its device state. */
   async pauseGuest(): Promise<Uint8Array> {
     try {
-      const deviceState = await this.settings.options.pause();
+      const deviceState = await this.settings.options.pause({ maxPauseMs: this.settings.maxPauseMs });
       this.paused = true;
       return deviceState;
     } catch (e) {

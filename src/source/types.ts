@@ -121,8 +121,18 @@ export interface MigrateOptions {
   region: Region;
   /** where to send: host and port, or a connected socket */
   to: { host: string; port: number } | net.Socket;
-  /** pauses the guest and returns its device state (an opaque blob carried to the destination) */
-  pause(): Promise<Uint8Array>;
+  /**
+   * pauses the guest and returns its device state (an opaque blob carried to the destination).
+   * `maxPauseMs` is how long livemig may keep it paused before commitment: a guest may take a
+   * lease from it and resume by itself when livemig stays silent past it (HANDOVER.md)
+   */
+  pause(lease: { maxPauseMs: number }): Promise<Uint8Array>;
+  /**
+   * called with the guest paused, right before the point of commitment: from its return on the
+   * guest must not resume by itself (it may run at the destination). A rejection (the guest
+   * already resumed itself) aborts the migration before commitment.
+   */
+  commit?(): void | Promise<void>;
   /** resumes the guest on the source after a failure before commitment */
   resume(): Promise<void>;
   /** called once the destination has activated the guest: the source copy may go */

@@ -33,6 +33,8 @@ export interface GuestOptions {
 let seq = 0;
 /** a guest's control thread answers in microseconds; this long means it is gone or stuck */
 const CONTROL_TIMEOUT_MS = 2000;
+/** a paused guest's lease runs this much past livemig's max pause (whose abort resumes it first) */
+const LEASE_SLACK_MS = 1000;
 
 export class SourceGuest {
   readonly child: ChildProcess;
@@ -89,9 +91,14 @@ export class SourceGuest {
    * guest's control thread answers a byte with its run state {xorshift, writes, heartbeat seq}
    * while this thread waits (no event loop on either side of the pause).
    */
-  async pause(): Promise<Buffer> {
+  async pause(lease?: { maxPauseMs: number }): Promise<Buffer> {
     if (this.#fixed) {
-      const r = this.#control(0x50 /* P */, 0x70 /* p */, 'stop-and-copy');
+      // the guest resumes by itself if livemig stays silent this long before committing (a
+      // stalled or dead source engine must not leave it paused); livemig's own max-pause
+      // deadline comes first, so its resume is the one that normally happens
+      const body = lease ? Buffer.alloc(4) : undefined;
+      body?.writeUInt32LE(Math.min(0xffffffff, Math.ceil(lease!.maxPauseMs + LEASE_SLACK_MS)));
+      const r = this.#control(0x50 /* P */, 0x70 /* p */, 'stop-and-copy', body);
       if (r.length !== 24) throw new LivemigError('ERR_LIVEMIG_GUEST', `pause answered ${r.length} bytes of run state, not 24`, { phase: 'stop-and-copy' });
       const run = new BigUint64Array(r.buffer.slice(r.byteOffset, r.byteOffset + 24));
       // the throttle is a migration's, not the guest's: wherever it resumes, it runs at full rate
@@ -109,20 +116,27 @@ export class SourceGuest {
     const r = await this.request('resume');
     if (r.op !== 'resumed') throw new LivemigError('ERR_LIVEMIG_GUEST', `resume answered ${JSON.stringify(r)}`, { phase: 'resume' });
   }
+  /**
+   * Right before the point of commitment: the guest must no longer resume by itself. It
+   * refuses when its lease already ran out and it resumed (then there must be no commitment).
+   */
+  async commit(): Promise<void> {
+    if (this.#fixed) this.#control(0x43 /* C */, 0x63 /* c */, 'commit');
+  }
   #closeControl(): void {
     if (this.conn.controlFd < 0) return;
     closeFd(this.conn.controlFd, 'guest');
     this.conn.controlFd = -1;
   }
 
-  #control(request: number, answer: number, phase: string): Buffer {
+  #control(request: number, answer: number, phase: string, body?: Buffer): Buffer {
     let r: { tag: number; body: Buffer };
     try {
-      r = addon.controlRequest(this.conn.controlFd, request, CONTROL_TIMEOUT_MS);
+      r = addon.controlRequest(this.conn.controlFd, request, CONTROL_TIMEOUT_MS, body);
     } catch (e) {
       throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's control socket failed: ${(e as Error).message}`, { phase, cause: e });
     }
-    if (r.tag !== answer) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest answered '${String.fromCharCode(r.tag)}' to '${String.fromCharCode(request)}'`, { phase });
+    if (r.tag !== answer) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest answered '${String.fromCharCode(r.tag)}' to '${String.fromCharCode(request)}'${r.body.length ? `: ${r.body.toString('utf8', 0, 200)}` : ''}`, { phase });
     return r.body;
   }
 

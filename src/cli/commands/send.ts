@@ -43,10 +43,11 @@ export const send: Command = {
         region: guest.region,
         ...(guest.target ? { target: guest.target } : {}),
         to,
-        pause: async () => {
+        pause: async (lease) => {
           state = 'paused'; // (a pause that fails half-way is resumed by the rollback)
-          return guest.pause();
+          return guest.pause(lease);
         },
+        commit: () => guest.commit(),
         resume: async () => {
           await guest.resume();
           state = 'running';
