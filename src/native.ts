@@ -70,7 +70,8 @@ export interface NativeWire {
   sendPages(o: NativeSendPages): Promise<SendCounts>;
   sendEncoded(o: NativeSendEncoded): Promise<number>;
   read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
-  finish(timeoutMs: number): Promise<void>;
+  /** half-closes, then reads and drops until the peer closes (true: its orderly close came) or timeoutMs passes */
+  finish(timeoutMs: number): Promise<boolean>;
   shutdown(): void;
   close(): void;
   setTimeouts(recvMs: number, sendMs: number): void;
@@ -119,13 +120,14 @@ export interface PostcopyEvent {
   message?: string;
   code?: string;
   digest?: bigint;
-  /** source: the attachment (1, 2, ... per attach) the event is about */
+  /** disconnected: the attachment (1, 2, ... per attach) the event is about */
   generation?: number;
 }
 
 export interface NativePostcopyDest {
   start(): void;
-  attach(push: NativeWire, prio: NativeWire): void;
+  /** returns the attachment's number: its "disconnected" event carries it */
+  attach(push: NativeWire, prio: NativeWire): number;
   stats(): { faults: number; faultsLocal: number; pulled: number; pushed: number; duplicates: number; arrived: number; blockedMs: number; bytes: number; connected: boolean };
   latencies(): Float64Array;
   held(): Uint8Array;

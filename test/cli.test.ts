@@ -20,6 +20,14 @@ const alive = (pid: number): boolean => {
 };
 const run = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, env: { ...process.env, LIVEMIG_SLICE_US: '0' } });
 
+/** The receiver's next line that is an outcome ({received} or {error}), past its progress lines ({receiving}). */
+async function outcomeLine(lines: AsyncIterator<string>): Promise<Record<string, unknown>> {
+  for (;;) {
+    const m = JSON.parse((await lines.next()).value as string) as Record<string, unknown>;
+    if (!('receiving' in m)) return m;
+  }
+}
+
 test("each command's --help prints its own usage and flags, and exits 0", () => {
   for (const [cmd, flag] of [['demo', '--downtime-limit'], ['send', '--to'], ['receive', '--listen'], ['probe', '--json'], ['keys', '--out']] as const) {
     const r = run(cmd, '--help');
@@ -75,7 +83,7 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
       const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
       const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
       const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
-      const rx = JSON.parse((await lines.next()).value as string) as Record<string, unknown>;
+      const rx = await outcomeLine(lines);
       receiver.kill();
       const guestPid = (rx as { guest_pid?: number }).guest_pid;
       if (guestPid) process.kill(guestPid, 'SIGTERM');
@@ -123,7 +131,7 @@ test('keys ca writes a test CA whose certificates send and receive take (--tls-*
     const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
     const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
     const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--tls-cert', f('src.crt'), '--tls-key', f('src.key'), '--tls-ca', f('ca.crt'), '--peer-name', 'dst', '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
-    const rx = JSON.parse((await lines.next()).value as string) as { guest_pid?: number; received: { security: { auth: string; peer: string; encrypted: boolean } } };
+    const rx = (await outcomeLine(lines)) as { guest_pid?: number; received: { security: { auth: string; peer: string; encrypted: boolean } } };
     receiver.kill();
     if (rx.guest_pid) process.kill(rx.guest_pid, 'SIGTERM');
     assert.equal(tx.status, 0, tx.stderr);
@@ -172,7 +180,7 @@ test('receive goes on listening after connections refused before anything was re
     assert.equal(second.refused?.code, 'ERR_LIVEMIG_PROTOCOL', JSON.stringify(second));
     const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
     assert.equal(tx.status, 0, tx.stderr);
-    const done = JSON.parse((await lines.next()).value as string) as { received?: { digest: string }; guest_pid?: number };
+    const done = (await outcomeLine(lines)) as { received?: { digest: string }; guest_pid?: number };
     assert.ok(done.received, 'the migration after them was served');
     if (done.guest_pid) process.kill(done.guest_pid, 'SIGTERM');
   } finally {

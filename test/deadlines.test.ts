@@ -158,7 +158,7 @@ test('a destination that floods the source with frames nobody asked for is cut o
   }
 });
 
-test('idle connections and a client sending a byte a second hold neither the slot nor a native read: a migration arriving after them completes; they are closed at the handshake deadline', async () => {
+test('200 idle connections and a client sending a byte a second hold neither the slot nor a native read: a migration arriving after them, from their address, completes; they are closed at the handshake deadline', async () => {
   const rx = await listen('127.0.0.1', 0, { activate: async () => undefined, authTimeoutMs: 1500 });
   const sockets: net.Socket[] = [];
   const closedEarly: boolean[] = [];
@@ -171,8 +171,9 @@ test('idle connections and a client sending a byte a second hold neither the slo
     sockets.push(s);
     return s;
   };
-  // more idle connections than the thread pool has threads, and a slow one
-  for (let i = 0; i < 12; i++) open();
+  // 200 idle connections from the source's own address (more than the thread pool has
+  // threads, more than the pending caps: the oldest are let go as newer ones come), and a slow one
+  for (let i = 0; i < 200; i++) open();
   const slow = open();
   const hello = encodeHello({ versions: [1, 3], regionBytes: 4096, pageSize: 4096, auth: null, capabilities: [] });
   let at = 0;

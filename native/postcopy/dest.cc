@@ -115,9 +115,12 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     {
       std::lock_guard<std::mutex> g(mu_);
       newPush_ = push, newPrio_ = prio;
+      newGen_ = ++attachments_;
     }
     Wake();
-    return info.Env().Undefined();
+    // which attachment this is: a 'disconnected' event names the one that broke, so that the
+    // break of connections already replaced is not taken for one of these
+    return Napi::Number::New(info.Env(), newGen_);
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {
@@ -354,6 +357,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     if (newPush_) {
       push = std::move(newPush_), prio = std::move(newPrio_);
       newPush_.reset(), newPrio_.reset();
+      currentGen_ = newGen_;
       replaced = true;
       connected_ = true;
       pushR.Reset(), prioR.Reset();
@@ -405,7 +409,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       pushR.Reset(), prioR.Reset();
       if (completeSent) return;  // the source closes once it has everything it needed to hear
       completeQueued = false;
-      Emit(new Event{"disconnected", why.detail.empty() ? why.syscall + ": " + std::strerror(why.err) : why.detail, why.code});
+      Event* e = new Event{"disconnected", why.detail.empty() ? why.syscall + ": " + std::strerror(why.err) : why.detail, why.code};
+      e->generation = currentGen_;
+      Emit(e);
     };
     std::vector<uint8_t> frame;
     // queues the waiting requests and sends what the priority connection takes now; false if it broke
@@ -540,6 +546,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   std::mutex mu_;
   bool stop_ = false;
   std::shared_ptr<Link> newPush_, newPrio_;
+  uint32_t attachments_ = 0, newGen_ = 0;  // under mu_
+  uint32_t currentGen_ = 0;                // the thread's own
   std::vector<uint64_t> latencies_;
   std::atomic<uint64_t> faults_{0}, faultsLocal_{0}, pulled_{0}, pushed_{0}, duplicates_{0}, blockedNs_{0}, bytes_{0}, arrivedShared_{0};
   std::atomic<bool> connected_{false};

@@ -457,7 +457,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     double ms = info[0].As<Napi::Number>().DoubleValue();
     return Task<int>::Start(
         env,
-        [fd, ms](int&, SysError&) {
+        [fd, ms](int& peerClosed, SysError&) {
           SysError unsent;  // a record part that never left: the peer reports the frame it lacks
           if (fd->encrypted()) fd->tx()->Flush(fd->fd(), unsent);
           shutdown(fd->fd(), SHUT_WR);  // ENOTCONN if the peer already reset: nothing left to flush
@@ -475,10 +475,11 @@ class Wire : public Napi::ObjectWrap<Wire> {
             if (r <= 0) break;  // time is up (or poll failed): close anyway
             ssize_t n = recv(fd->fd(), sink, sizeof sink, MSG_DONTWAIT);
             if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (n == 0) peerClosed = 1;  // its orderly close: it read everything we sent before ours
             if (n <= 0) break;  // EOF: the peer closed; or reset: nothing more to protect
           }
         },
-        [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); });
+        [](Napi::Env e, int& peerClosed) -> Napi::Value { return Napi::Boolean::New(e, peerClosed == 1); });
   }
 
   // The descriptor, for a post-copy service that takes a dup of it (no read or write may be

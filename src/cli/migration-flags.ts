@@ -28,6 +28,7 @@ export const POLICY_FLAGS: Flags = {
   'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'no progress from the destination this long: abort, the guest keeps running' },
   'handshake-timeout': { type: 'string', default: '60', value: 'SECONDS', help: 'authentication, HELLO and the destination reserving the region, at most' },
   'resolve-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'link lost after the commitment: ask the destination what happened this long' },
+  'recover-timeout': { type: 'string', default: '60', value: 'SECONDS', help: 'post-copy: a broken link must be re-established within this' },
   mode: { type: 'string', value: MODES.join('|'), help: 'post-copy: the guest moves at once, its pages follow (default precopy)' },
   'no-wws': { type: 'boolean', default: false, help: 'send pages rewritten every round each round (no writable working set)' },
   'rate-adapt': { type: 'string', value: 'START:INC', help: "Clark's rate adaptation, MiB/s: first round at START, then the dirty rate + INC" },
@@ -60,6 +61,7 @@ export function policyFlags(v: FlagValues): PolicyFlags {
   if (typeof v['progress-timeout'] === 'string') o.progressTimeoutMs = parseNumber(v['progress-timeout'], '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['handshake-timeout'] === 'string') o.handshakeTimeoutMs = parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['resolve-timeout'] === 'string') o.resolveTimeoutMs = parseNumber(v['resolve-timeout'], '--resolve-timeout (seconds)', Number.MIN_VALUE) * 1000;
+  if (typeof v['recover-timeout'] === 'string') o.recoverTimeoutMs = parseNumber(v['recover-timeout'], '--recover-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (v['no-wws']) o.wws = false;
   if (typeof v['rate-adapt'] === 'string') {
     const [a, b] = v['rate-adapt'].split(':');

@@ -70,7 +70,7 @@ export interface ReceiverPlace {
 }
 
 /** The convergence settings a demo passes on to migrate() (see MigrateOptions). */
-export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes' | 'mode' | 'maxPauseMs' | 'progressTimeoutMs' | 'resolveTimeoutMs' | 'handshakeTimeoutMs'>;
+export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes' | 'mode' | 'maxPauseMs' | 'progressTimeoutMs' | 'resolveTimeoutMs' | 'handshakeTimeoutMs' | 'recoverTimeoutMs'>;
 
 export interface DemoOptions {
   guest: GuestSpec;
@@ -90,6 +90,8 @@ export interface DemoOptions {
   policy?: PolicyFlags;
   /** mutual TLS from a fresh test CA (src/security/test-ca.ts): authenticated, encrypted */
   secure?: boolean;
+  /** called once the receiver listens, before the guest starts (a benchmark crowds it here) */
+  onListening?(port: number): void | Promise<void>;
 }
 
 /** Runs receiver, guest and sender on loopback (or across a namespace link) and migrates the guest live. */
@@ -117,6 +119,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     const first = await lines.next();
     if (first.done) throw new LivemigError('ERR_LIVEMIG_CONNECTION', 'the receiver exited before listening', { phase: 'demo' });
     const { port } = JSON.parse(first.value) as { port: number };
+    await o.onListening?.(port);
     guest = await SourceGuest.spawn({ ...g, heartbeat: observer.address });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();
@@ -147,7 +150,13 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     });
     const cpu = process.cpuUsage(cpu0);
     if (early) report.downtime_ms = +(report.prep_ms + report.total_ms).toFixed(3); // paused from before the handshake to activation
-    const done = await lines.next();
+    // the outcome, past the progress line ({receiving}) and connections refused before it
+    const notOutcome = (line: string): boolean => {
+      const m = JSON.parse(line) as Record<string, unknown>;
+      return 'receiving' in m || 'refused' in m;
+    };
+    let done = await lines.next();
+    while (!done.done && notOutcome(done.value as string)) done = await lines.next();
     const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown; received?: { postcopy?: Record<string, number> }; cpu_s?: { user: number; system: number } };
     if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });
     destPid = rx.guest_pid;

@@ -38,6 +38,14 @@ export class FaultService {
   /** the thread has mapped every page into the guest and unregistered: nothing more to serve */
   readonly done: Promise<void>;
   #stopped = false;
+  #broken: string | undefined;
+  /** the attachment the current connections came with (the native service numbers them) */
+  #generation = 0;
+
+  /** why the current connections broke, if they did (heard before anyone listened, too) */
+  get broken(): string | undefined {
+    return this.#broken;
+  }
 
   /**
    * @param needed one byte per page: 1 if it must come from the source, 0 if the region already
@@ -47,6 +55,9 @@ export class FaultService {
   constructor(region: Region, uffd: number, guestAddress: bigint, needed: Uint8Array, hashes: BigUint64Array, version: number) {
     if (needed.length !== region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
     const onEvent = (e: PostcopyEvent): void => {
+      // the break of connections since replaced says nothing about the current ones
+      if (e.type === 'disconnected' && e.generation !== this.#generation) return;
+      if (e.type === 'disconnected') this.#broken = e.message ?? 'the link broke';
       for (const l of this.#listeners) l(e);
     };
     this.#native = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'starting the fault service', () => new addon.PostcopyDest(region.nativeHandle, uffd, guestAddress, needed, hashes, version, onEvent));
@@ -78,7 +89,8 @@ export class FaultService {
 
   /** Hands the service the two connections (push stream, priority requests); after a break, new ones. */
   attach(push: NativeWire, prio: NativeWire): void {
-    this.#native.attach(push, prio);
+    this.#broken = undefined;
+    this.#generation = this.#native.attach(push, prio);
   }
 
   /** One byte per page, 1 where the destination holds it now (asked for after a break). */

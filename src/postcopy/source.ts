@@ -7,6 +7,7 @@
  * If a connection breaks, pushing pauses until `reconnect` gives new ones; the destination
  * then says what it holds, and only the rest is sent.
  */
+import { trace } from '../trace.js';
 import { LivemigError, type ErrorCode } from '../errors.js';
 import { addon, call, type NativePostcopySource, type NativeWire, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
@@ -107,7 +108,12 @@ export class PageServer {
         if (event?.type === 'complete') return event.digest!;
         if (event?.type === 'error') throw new LivemigError((event.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_PROTOCOL', `post-copy page server: ${event.message ?? 'failed'}`, { phase: 'postcopy' });
         if (event?.type === 'disconnected') {
+          // a break heard while we reconnected may be of the connections just replaced
+          const stale = event.generation !== undefined && event.generation !== this.#generation;
+          const reason = event.message ?? '';
           event = undefined;
+          if (stale) continue;
+          trace('source', 'post-copy link broke', { reason });
           this.#native.detach();
           this.attach(await reconnect());
           this.#reconnects++;
@@ -129,7 +135,7 @@ export class PageServer {
         } catch (e) {
           // the push connection broke; the server thread sees it too (or already has)
           this.#native.detach();
-          event ??= { type: 'disconnected', message: (e as Error).message };
+          event ??= { type: 'disconnected', message: (e as Error).message, generation: this.#generation };
         }
         onProgress?.(this.stats());
       }

@@ -49,6 +49,7 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
       return { push: push.handle, prio: prio.handle, held: bitmapToBytes(held, region.pageCount), close: () => (p.handOff(), q.handOff()) };
     } catch (e) {
       last = e;
+      trace('source', 'post-copy reconnection failed', { reason: (e as Error).message });
       push?.close();
       prio?.close();
       // the destination answered that it has no such session: it is gone, retrying cannot help
@@ -92,6 +93,14 @@ export async function runPostcopy(o: {
   onCommitting?(): void | Promise<void>;
   onCommitted(): void;
   onRunning(activateMs: number): void;
+  /** how long POSTCOPY_RUNNING may take before the outcome is asked for (`resolve`) */
+  confirmTimeoutMs?: number;
+  /**
+   * the link was lost (or the destination went silent) after POSTCOPY: returns when the
+   * destination, asked on a new connection, says the guest runs there (post-copy then goes on
+   * over new connections); throws otherwise
+   */
+  resolve?(cause: unknown): Promise<void>;
   onProgress?(s: PushStats): void;
   /** the migration's pacer: the background push keeps to its cap */
   pacer?: PushPacer;
@@ -108,7 +117,14 @@ export async function runPostcopy(o: {
     await channel.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
     trace('source', 'device state and POSTCOPY sent');
     o.onCommitted();
-    const running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'))).payload);
+    let running: { activateMs: number };
+    try {
+      running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'), o.confirmTimeoutMs)).payload);
+    } catch (e) {
+      if (!o.resolve) throw e;
+      await o.resolve(e);
+      running = { activateMs: 0 }; // it runs there; its own activation time was lost with the link
+    }
     const tRunning = performance.now();
     o.onRunning(running.activateMs);
     const destDigest = await server.run(() => reconnect(o.link, region, o.recoverTimeoutMs, (f) => o.peerError(f, 'postcopy')), o.onProgress, o.pacer);

@@ -307,16 +307,21 @@ export class WireChannel {
     return f;
   }
 
-  /** Sends our last frame(s), then closes without resetting what the peer has yet to read. */
-  async finish(last?: Buffer, timeoutMs = 200): Promise<void> {
-    if (this.#closed) return;
+  /**
+   * Sends our last frame(s), then closes without resetting what the peer has yet to read.
+   * True when the peer's orderly close came within timeoutMs: it read all we sent before it.
+   */
+  async finish(last?: Buffer, timeoutMs = 200): Promise<boolean> {
+    if (this.#closed) return false;
+    let peerClosed = false;
     try {
       if (last && !this.#writeFailure) await Promise.race([this.send(last), new Promise((r) => setTimeout(r, timeoutMs))]);
-      await this.#wire.finish(timeoutMs);
+      peerClosed = await this.#wire.finish(timeoutMs);
     } catch {
       // the connection is already gone: nothing left to deliver
     }
     this.close();
+    return peerClosed;
   }
 
   /**

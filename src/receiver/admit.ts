@@ -7,6 +7,7 @@
  * connection (HELLO, ATTACH, RESOLVE) are small control frames, and their sender waits for an
  * answer, so nothing may follow them yet: bytes after the first frame are refused.
  */
+import { trace } from '../trace.js';
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { ProtocolError } from '../protocol/errors.js';
@@ -26,6 +27,7 @@ export interface Admitted {
 
 export async function admit(socket: net.Socket, creds: Credentials | undefined, timeoutMs: number): Promise<Admitted> {
   const local = socket.localAddress ?? '';
+  trace('receiver', 'connection accepted', { from: socket.remoteAddress ?? '' });
   if (creds) {
     const { channel, security } = await openChannel(socket, creds, 'server', timeoutMs);
     try {
@@ -51,6 +53,7 @@ function readFirstFrame(socket: net.Socket, timeoutMs: number): Promise<{ frame:
       socket.off('data', onData);
       socket.off('end', onEnd);
       socket.off('error', onError);
+      socket.off('close', onEnd);
       if (e) {
         socket.destroy();
         reject(e);
@@ -80,6 +83,7 @@ function readFirstFrame(socket: net.Socket, timeoutMs: number): Promise<{ frame:
     socket.on('data', onData);
     socket.once('end', onEnd);
     socket.once('error', onError);
+    socket.once('close', onEnd); // destroyed here (evicted from the pending ones)
     socket.resume();
   });
 }

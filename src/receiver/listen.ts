@@ -30,6 +30,13 @@ export interface Receiver {
   readonly address: string;
   /** the next migration's outcome */
   next(): Promise<ReceiveReport>;
+  /**
+   * From now on a HELLO is refused (this listener is done migrating); RESOLVE is still
+   * answered, so a source that lost the link after its commitment can learn the outcome.
+   */
+  refuseMigrations(): void;
+  /** Resolves true once a RESOLVE has been answered (from now on), false after `ms`. */
+  nextResolve(ms: number): Promise<boolean>;
   close(): Promise<void>;
 }
 
@@ -41,8 +48,10 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   const results: { resolve: (r: ReceiveReport) => void; reject: (e: unknown) => void }[] = [];
   const ready: Promise<ReceiveReport>[] = [];
   let busy = false;
+  let done = false;
   const sessions = new SessionTable();
   const outcomes = new OutcomeTable();
+  const resolveWaiters: ((answered: boolean) => void)[] = [];
   const deliver = (p: Promise<ReceiveReport>): void => {
     p.catch(() => undefined); // handed to whoever calls next()
     const waiter = results.shift();
@@ -50,24 +59,48 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     else ready.push(p);
   };
   // connections that have not sent their first frame yet: capped overall and per address, so
-  // that idle or slow clients cannot crowd out the one that brings a migration
+  // that idle or slow clients cannot make us hold without end. At a cap the newcomer is let in
+  // and a pending connection of that address (or of the address holding the most) goes, the
+  // oldest that has sent nothing first: a source that connects once and authenticates in
+  // milliseconds gets through a crowd of idle ones, even from their own address, where
+  // refusing newcomers would lock it out
+  const pendingFrom = new Map<string, net.Socket[]>();
+  const settleOf = new Map<net.Socket, () => void>();
+  const evicted = new WeakSet<net.Socket>();
   let pending = 0;
-  const pendingFrom = new Map<string, number>();
+  const evictFrom = (addr: string): void => {
+    // one that has sent nothing at all goes first: a source sends its first bytes at once
+    const list = pendingFrom.get(addr) ?? [];
+    const victim = list.find((s) => s.bytesRead === 0) ?? list[0];
+    if (!victim) return;
+    trace('receiver', 'pending connection evicted', { from: addr, pending });
+    evicted.add(victim); // load shed here, not a refusal for next(): observers hear it
+    settleOf.get(victim)?.();
+    victim.destroy(); // its admission fails
+  };
   server.on('connection', (socket) => {
     const from = socket.remoteAddress ?? '';
-    if (pending >= MAX_PENDING || (pendingFrom.get(from) ?? 0) >= MAX_PENDING_PER_ADDRESS) {
-      trace('receiver', 'connection refused: too many pending', { from, pending });
-      socket.destroy();
-      return;
+    if ((pendingFrom.get(from)?.length ?? 0) >= MAX_PENDING_PER_ADDRESS) evictFrom(from);
+    else if (pending >= MAX_PENDING) {
+      let heaviest = from;
+      for (const [addr, list] of pendingFrom) if (list.length > (pendingFrom.get(heaviest)?.length ?? 0)) heaviest = addr;
+      evictFrom(heaviest);
     }
     pending++;
-    pendingFrom.set(from, (pendingFrom.get(from) ?? 0) + 1);
+    const mine = pendingFrom.get(from) ?? [];
+    mine.push(socket);
+    pendingFrom.set(from, mine);
+    let isSettled = false;
     const settled = (): void => {
+      if (isSettled) return;
+      isSettled = true;
       pending--;
-      const n = (pendingFrom.get(from) ?? 1) - 1;
-      if (n > 0) pendingFrom.set(from, n);
-      else pendingFrom.delete(from);
+      settleOf.delete(socket);
+      const list = pendingFrom.get(from) ?? [];
+      list.splice(list.indexOf(socket) >>> 0, 1);
+      if (list.length === 0) pendingFrom.delete(from);
     };
+    settleOf.set(socket, settled);
     void (async () => {
       let a: Awaited<ReturnType<typeof admitIncoming>>;
       try {
@@ -78,17 +111,21 @@ export async function listen(host: string, port: number, options: ReceiveOptions
         socket.destroy();
         // while a migration runs, its next() is not for a stranger's failure: observers hear it
         // (and refusals nobody has asked for yet are kept only up to a bound: a scan is endless)
+        if (evicted.has(socket)) return;
         if (busy || ready.length >= MAX_QUEUED_REFUSALS) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
         else deliver(Promise.reject(refusedBeforeReserving(e)));
         return;
       }
       settled();
       const { first } = a;
-      if (first.type === FrameType.Resolve) return answerResolve(a.channel, first, outcomes);
+      if (first.type === FrameType.Resolve) {
+        if (await answerResolve(a.channel, first, outcomes)) for (const w of resolveWaiters.splice(0)) w(true);
+        return;
+      }
       if (first.type === FrameType.Attach) return joinSession(a.channel, first, sessions);
-      if (busy) {
+      if (busy || done) {
         // the slot is taken by a HELLO that arrived whole, not by whoever connected first
-        const e = new LivemigError('ERR_LIVEMIG_REFUSED', 'a migration is already running here', { phase: 'handshake' });
+        const e = new LivemigError('ERR_LIVEMIG_REFUSED', done ? 'this receiver takes no more migrations' : 'a migration is already running here', { phase: 'handshake' });
         return void a.channel.finish(encodeError({ code: e.code, message: e.message, phase: 'handshake' }, PROTOCOL_VERSION));
       }
       busy = true;
@@ -108,6 +145,16 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     port: addr.port,
     address: addr.address,
     next: () => ready.shift() ?? new Promise((resolve, reject) => results.push({ resolve, reject })),
+    refuseMigrations: () => void (done = true),
+    nextResolve: (ms) =>
+      new Promise((resolve) => {
+        const t = setTimeout(() => {
+          resolveWaiters.splice(resolveWaiters.indexOf(w) >>> 0, 1);
+          resolve(false);
+        }, ms);
+        const w = (answered: boolean): void => (clearTimeout(t), resolve(answered));
+        resolveWaiters.push(w);
+      }),
     close: () => new Promise((resolve) => server.close(() => resolve())),
   };
 }
@@ -130,7 +177,7 @@ async function joinSession(ch: WireChannel, f: WireFrame, sessions: SessionTable
  * not-activated; activating: the answer waits for the result. A session this listener does not
  * know is refused (the source must not guess from that).
  */
-async function answerResolve(ch: WireChannel, f: WireFrame, outcomes: OutcomeTable): Promise<void> {
+async function answerResolve(ch: WireChannel, f: WireFrame, outcomes: OutcomeTable): Promise<boolean> {
   try {
     const r = decodeResolve(f.payload);
     const outcome = outcomes.get(r.session);
@@ -138,8 +185,10 @@ async function answerResolve(ch: WireChannel, f: WireFrame, outcomes: OutcomeTab
     const state = await outcome.resolve();
     trace('receiver', 'session resolved', { outcome: state });
     await ch.finish(encodeResolved({ outcome: state === 'activated' ? 'activated' : 'not-activated' }, PROTOCOL_VERSION));
+    return true;
   } catch (e) {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'resolve', cause: e });
     await ch.finish(ch.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'resolve' }, PROTOCOL_VERSION));
+    return false;
   }
 }

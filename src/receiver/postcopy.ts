@@ -34,7 +34,7 @@ export interface PostcopyStart {
   onFaults(f: FaultService): void;
 }
 
-export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy'>): Promise<ReceiveReport> {
+export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
   const { ch, region, version, options, progress } = o;
   trace('receiver', 'POSTCOPY received');
   const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`));
@@ -54,7 +54,9 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
   trace('receiver', 'guest activated (post-copy)');
   o.onRunning();
   const activateMs = performance.now() - ta;
-  await ch.send(encodePostcopyRunning({ activateMs }, version));
+  // the guest runs here now, whatever happens to this frame: a link that broke under it is a
+  // break like any later one (the source asks, RESOLVE says activated, and it attaches again)
+  await ch.send(encodePostcopyRunning({ activateMs }, version)).catch((e: unknown) => trace('receiver', 'POSTCOPY_RUNNING not sent', { reason: (e as Error).message }));
   progress({ type: 'postcopy-running', activate_ms: activateMs, pages_needed: pagesNeeded });
   const tRun = performance.now();
   const reconnects = await servePostcopy(faults, o.session, region, version, options, progress);
@@ -71,6 +73,7 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
     activate_ms: activateMs,
     mode: 'postcopy',
     postcopy: { ...fs, pages_needed: pagesNeeded, total_ms: +(performance.now() - tRun).toFixed(1), reconnects },
+    confirmed: true, // post-copy ends with both digests: the source knows
   };
 }
 
@@ -81,7 +84,7 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
 async function servePostcopy(faults: FaultService, session: PostcopySession, region: Region, version: number, options: ReceiveOptions, progress: (e: ReceiveProgress) => void): Promise<number> {
   const recoverMs = options.recoverTimeoutMs ?? 60_000;
   let reconnects = 0;
-  let broken: string | undefined;
+  let broken: string | undefined = faults.broken;
   let wake: (() => void) | undefined;
   const off = faults.on((e) => {
     if (e.type !== 'disconnected') return;
@@ -98,18 +101,23 @@ async function servePostcopy(faults: FaultService, session: PostcopySession, reg
     for (;;) {
       if (done) return reconnects;
       if (broken === undefined) {
-        await Promise.race([faults.complete, new Promise<void>((r) => (wake = r))]);
+        // a source that attaches again has given its old connections up, even where they
+        // still look alive from here (a link that was dark, then came back)
+        await Promise.race([faults.complete, new Promise<void>((r) => (wake = r)), session.joined(['push', 'prio'])]);
+        if (!done && broken === undefined && session.has('push') && session.has('prio')) broken = 'the source attached again';
         continue;
       }
       const why = broken;
       progress({ type: 'postcopy-disconnected', message: why });
+      trace('receiver', 'post-copy link broke', { reason: why });
       const { push, prio } = await session.take(['push', 'prio'], recoverMs, () => {
         const held = faults.heldCount();
         return new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${recoverMs} ms (${why}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
       });
-      broken = undefined;
       await prio.send(encodeAttached({ held: bytesToBitmap(faults.held()) }, version));
       faults.attach(push.handle, prio.handle);
+      // breaks heard until now were of the connections just replaced (later ones name these)
+      broken = undefined;
       push.handOff();
       prio.handOff();
       reconnects++;

@@ -31,6 +31,8 @@ import { Stages } from '../stages.js';
 
 /** How long a source may take to authenticate (the destination holds nothing for it meanwhile). */
 const AUTH_TIMEOUT_MS = 10_000;
+/** how long the source has to close after ACTIVATED (it does at once; a slow one is asked to resolve) */
+const CONFIRM_WAIT_MS = 2_000;
 
 const NEXT = {
   hello: ['reserve', 'failed'],
@@ -53,6 +55,17 @@ const refusedEarly = new WeakSet<object>();
  */
 export function isRefusedBeforeReserving(e: unknown): boolean {
   return typeof e === 'object' && e !== null && refusedEarly.has(e);
+}
+
+const askable = new WeakSet<object>();
+
+/**
+ * Whether the source may not know how a failed receive ended: it failed after the device
+ * state arrived (so COMMIT may have been sent, and lost), and not because the source said so.
+ * Such a source asks on a new connection (RESOLVE): a listener should stay up to answer.
+ */
+export function mayBeAskedAbout(e: unknown): boolean {
+  return typeof e === 'object' && e !== null && askable.has(e);
 }
 
 /** Marks `e` as a failure before anything was reserved; returns it. */
@@ -118,6 +131,9 @@ class Incoming {
   #region: Region | undefined;
   #session: PostcopySession | undefined;
   #faults: FaultService | undefined;
+  /** from the device state on, COMMIT may be on its way: a failure may leave the source asking */
+  #deviceStateSeen = false;
+  #sourceSaidWhy = false;
 
   constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable, security: SecurityReport, local: string) {
     this.#ch = ch;
@@ -163,6 +179,7 @@ class Incoming {
     const version = this.#version;
     this.#stage.enter('reserve');
     const t0 = performance.now();
+    trace('receiver', 'reserving', { bytes: h.regionBytes });
     const region = Region.create(h.regionBytes, { name: 'livemig-incoming', reserve: true });
     this.#region = region;
     // Map every page now (faults are slow on VM hosts), while the integrator prepares its
@@ -230,6 +247,10 @@ class Incoming {
     for (;;) {
       const f = await ch.next(undefined, stage.current === 'receiving' ? sink : undefined);
       got.pages += f.pages;
+      if (f.lastRound > got.tracedRound) {
+        got.tracedRound = f.lastRound;
+        trace('receiver', 'round pages applied', { round: f.lastRound });
+      }
       if (f.version !== version) throw new ProtocolError('ERR_LIVEMIG_VERSION', `frame of version ${f.version} after negotiating ${version}`);
       switch (f.type) {
         case FrameType.Pages:
@@ -251,6 +272,7 @@ class Incoming {
         case FrameType.Postcopy:
           return await this.#postcopy(f.payload, a, got);
         case FrameType.Abort:
+          this.#sourceSaidWhy = true;
           throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: stage.current });
         default:
           throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unexpected ${FrameType[f.type]} frame while ${stage.current}`);
@@ -274,6 +296,7 @@ class Incoming {
     const prove = (f.flags & FLAG_PROVE) !== 0;
     if (f.flags & ~FLAG_PROVE || (prove && this.#version < 3)) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `DEVICE_STATE with flags 0x${f.flags.toString(16)}, which version ${this.#version} does not define`);
     got.deviceState = f.payload; // the native reader's own buffer, made for this frame: no copy
+    this.#deviceStateSeen = true;
     trace('receiver', 'DEVICE_STATE received');
     if (this.#options.prepare && !got.prepared) {
       got.prepared = this.#options.prepare(a.region, got.deviceState);
@@ -321,11 +344,16 @@ class Incoming {
     this.#stage.enter('activated');
     this.#outcome?.settle('activated');
     const activateMs = performance.now() - ta;
-    await this.#ch.send(encodeActivated({ activateMs }, this.#version)).catch(() => undefined); // the guest runs here either way
+    const sent = await this.#ch.send(encodeActivated({ activateMs }, this.#version)).then(
+      () => true,
+      () => false, // the guest runs here either way; the source will ask (RESOLVE)
+    );
     trace('receiver', 'ACTIVATED sent');
     this.#progress({ type: 'activated', activate_ms: activateMs });
-    await this.#ch.finish();
-    return { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security };
+    // the source closes once it has read ACTIVATED: without that close it may not know, and
+    // will ask on a new connection (a listener that stays up answers: activated)
+    const confirmed = (await this.#ch.finish(undefined, CONFIRM_WAIT_MS)) && sent;
+    return { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security, confirmed };
   }
 
   async #postcopy(payload: Buffer, a: Accepted, got: Received): Promise<ReceiveReport> {
@@ -365,6 +393,7 @@ class Incoming {
     if (failedIn !== 'activated' && failedIn !== 'postcopy') this.#outcome?.settle('fenced');
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
     if (failedIn === 'hello') refusedBeforeReserving(err);
+    if (this.#deviceStateSeen && !this.#sourceSaidWhy && failedIn !== 'postcopy') askable.add(err);
     const tell = !this.#ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
     await this.#ch.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, this.#version) : undefined);
     if (this.#faults && failedIn !== 'postcopy') this.#faults.stop();
@@ -389,4 +418,6 @@ class Received {
   digest = 0n;
   /** `pages` when `digest` was computed (-1: not yet) */
   digestAt = -1;
+  /** the last round whose pages were traced as applied */
+  tracedRound = -1;
 }

@@ -62,6 +62,11 @@ export class PostcopySession {
     return out;
   }
 
+  /** Resolves once every one of `roles` has a connection waiting (or the session closed). */
+  async joined(roles: readonly AttachRole[]): Promise<void> {
+    while (!this.#closed && !roles.every((r) => this.#slots[r])) await this.#wait(60_000);
+  }
+
   /** Resolves at the next join, or after `ms`. */
   #wait(ms: number): Promise<void> {
     return new Promise((resolve) => {

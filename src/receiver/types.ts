@@ -76,4 +76,10 @@ export interface ReceiveReport {
   /** how the source's connection was secured */
   security: SecurityReport;
   postcopy?: FaultStats & { pages_needed: number; total_ms: number; reconnects: number };
+  /**
+   * whether the source is known to have heard the outcome (it closed its connection after
+   * ACTIVATED, or post-copy completed). When false it may ask later (RESOLVE): keep the
+   * listener up for its resolve timeout (`livemig receive` lingers).
+   */
+  confirmed: boolean;
 }

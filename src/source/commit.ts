@@ -6,14 +6,13 @@
  */
 import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
-import net from 'node:net';
-import { CAP_COMMIT_ACTIVATE, CAP_RESOLVE, FrameType } from '../protocol/format.js';
+import { CAP_COMMIT_ACTIVATE, FrameType } from '../protocol/format.js';
 import { decodeActivated, decodeCommitAck, decodeDigest, encodeActivate, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { trace } from '../trace.js';
 import { now, type SourceContext } from './context.js';
-import { isReportedByPeer, markReportedByPeer, peerError } from './peer.js';
-import { resolveCommand, resolveOutcome, unknownOutcome } from './resolve.js';
+import { peerError } from './peer.js';
+import { resolveLostCommitment } from './resolve.js';
 import type { StoppedGuest } from './stop-and-copy.js';
 
 export interface Activation {
@@ -82,26 +81,14 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
  * resolveTimeoutMs the outcome is unknown and the guest stays paused here.
  */
 async function confirmActivation(ctx: SourceContext): Promise<ReturnType<typeof decodeActivated>> {
-  const { channel, accept } = ctx.session;
+  const { channel } = ctx.session;
   try {
-    return decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'))).payload);
+    // a destination silent this long after COMMIT is asked on a new connection (it may be
+    // stopped, or the link dark): the deadlines stopped at the commitment, this one did not
+    return decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'), ctx.settings.progressTimeoutMs)).payload);
   } catch (e) {
-    if (e instanceof Error && isReportedByPeer(e)) throw e;
-    const to = ctx.settings.options.to;
-    if (!accept.capabilities.includes(CAP_RESOLVE) || !accept.session || to instanceof net.Socket) throw e;
-    const session = accept.session;
-    channel.close();
-    trace('source', 'commitment unconfirmed: resolving', { reason: (e as Error).message });
-    const { credentials } = ctx.settings.options;
-    const r = await resolveOutcome({ to, session, ...(credentials ? { credentials } : {}), handshakeTimeoutMs: ctx.settings.handshakeTimeoutMs }, ctx.settings.resolveTimeoutMs);
-    if (r.outcome === 'activated') return { activateMs: 0 }; // it runs there; how long activation took is lost with the link
-    if (r.outcome === 'not-activated') {
-      throw markReportedByPeer(new LivemigError('ERR_LIVEMIG_CONNECTION', `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced the session: the guest resumes here`, { phase: 'activate', cause: e }));
-    }
-    throw unknownOutcome(
-      `the commitment was sent but not confirmed (${(e as Error).message}), and the destination could not be asked within ${ctx.settings.resolveTimeoutMs} ms (${r.attempts} attempts; last: ${(r.last as Error | undefined)?.message ?? 'none'}): the source guest stays paused and is not released. Resolve it with: ${resolveCommand(to, session)}`,
-      e,
-    );
+    await resolveLostCommitment(ctx, e, 'ACTIVATED');
+    return { activateMs: 0 }; // it runs there; how long activation took is lost with the link
   }
 }
 

@@ -4,6 +4,7 @@
  * the guest's pages, the encoder's buffers and threads, the tracker's choice) done while the
  * destination reserves the region.
  */
+import { trace } from '../trace.js';
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, call, type NativeDedup } from '../native.js';
@@ -30,6 +31,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const populated = region.populateAsync(false);
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
+  trace('source', 'connected');
   // a cancel during the secure handshake ends it here (the channel does not exist yet)
   ctx.onAbort(() => socket.destroy());
   const remote = socket.remoteAddress ?? '';
@@ -53,6 +55,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
   await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities }));
+  trace('source', 'HELLO sent');
   const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
     throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });

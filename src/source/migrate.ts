@@ -37,12 +37,13 @@ async function stopAndCopyAndActivate(ctx: SourceContext): Promise<Ending> {
   const stopped = await stopAndCopy(ctx);
   const a = await commitAndActivate(ctx, stopped);
   ctx.enter('done');
+  // closing first tells the destination we heard ACTIVATED (it need not wait for a RESOLVE)
+  await ctx.session.channel.finish();
   // tracking stops after the hand-over: the guest is paused, and undoing write protection
   // walks the whole range (kernel work that has no place in the pause)
   await ctx.session.tracker.stop();
   const downtimeMs = a.tActive - stopped.tPause;
   ctx.progress({ type: 'activated', downtime_ms: downtimeMs });
-  await ctx.session.channel.finish();
   return {
     mode: 'precopy',
     digest: a.digest,

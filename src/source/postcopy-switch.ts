@@ -4,6 +4,7 @@
  * are listed and the guest moves at once (src/postcopy/switch.ts); its pages follow, paced
  * like pre-copy's.
  */
+import { resolveLostCommitment } from './resolve.js';
 import { mergePages } from '../precopy/batches.js';
 import { PageServer } from '../postcopy/source.js';
 import { attachConnection, runPostcopy } from '../postcopy/switch.js';
@@ -55,6 +56,8 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     recoverTimeoutMs: settings.recoverTimeoutMs,
     peerError,
     onCommitting: () => ctx.beginCommitment(),
+    confirmTimeoutMs: settings.progressTimeoutMs,
+    resolve: (e) => resolveLostCommitment(ctx, e, 'POSTCOPY_RUNNING'),
     onCommitted: () => ctx.enter('activating'),
     onRunning: () => {
       ctx.enter('postcopy');

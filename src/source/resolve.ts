@@ -8,11 +8,12 @@
  */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_RESOLVE, FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeResolved, encodeResolve, type ResolveOutcome } from '../protocol/messages.js';
 import { openChannel, type Credentials } from '../security/tls.js';
 import { trace } from '../trace.js';
-import { connect, peerError } from './peer.js';
+import type { SourceContext } from './context.js';
+import { connect, isReportedByPeer, markReportedByPeer, peerError } from './peer.js';
 
 const RETRY_MS = 200;
 const ANSWER_WAIT_MS = 5_000;
@@ -63,3 +64,29 @@ export function resolveCommand(to: { host: string; port: number } | net.Socket, 
 }
 
 export const unknownOutcome = (message: string, cause: unknown): LivemigError => new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', message, { phase: 'activate', cause });
+
+/**
+ * After the point of commitment the link was lost before `awaited` (ACTIVATED, POSTCOPY_RUNNING)
+ * came: returns when the destination, asked, says the guest runs there; throws when it says it
+ * did not (marked as the peer's word: the rollback resumes the guest here), or when it cannot
+ * be asked within the resolve timeout (ERR_LIVEMIG_ACTIVATION_UNKNOWN: the guest stays paused).
+ */
+export async function resolveLostCommitment(ctx: SourceContext, e: unknown, awaited: string): Promise<void> {
+  if (e instanceof Error && isReportedByPeer(e)) throw e;
+  const { accept, channel } = ctx.session;
+  const to = ctx.settings.options.to;
+  if (!accept.capabilities.includes(CAP_RESOLVE) || !accept.session || to instanceof net.Socket) throw e;
+  const session = accept.session;
+  channel.close();
+  trace('source', 'commitment unconfirmed: resolving', { reason: (e as Error).message });
+  const { credentials } = ctx.settings.options;
+  const r = await resolveOutcome({ to, session, ...(credentials ? { credentials } : {}), handshakeTimeoutMs: ctx.settings.handshakeTimeoutMs }, ctx.settings.resolveTimeoutMs);
+  if (r.outcome === 'activated') return;
+  if (r.outcome === 'not-activated') {
+    throw markReportedByPeer(new LivemigError('ERR_LIVEMIG_CONNECTION', `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced the session: the guest resumes here`, { phase: 'activate', cause: e }));
+  }
+  throw unknownOutcome(
+    `the commitment was sent but ${awaited} did not come (${(e as Error).message}), and the destination could not be asked within ${ctx.settings.resolveTimeoutMs} ms (${r.attempts} attempts; last: ${(r.last as Error | undefined)?.message ?? 'none'}): the source guest stays paused and is not released. Resolve it with: ${resolveCommand(to, session)}`,
+    e,
+  );
+}

@@ -1,7 +1,7 @@
 /** livemig receive: serve one migration; the reference guest resumes here. */
 import type { LivemigError } from '../../errors.js';
-import { listen } from '../../receiver/listen.js';
-import { isRefusedBeforeReserving } from '../../receiver/receiver.js';
+import { listen, type Receiver } from '../../receiver/listen.js';
+import { isRefusedBeforeReserving, mayBeAskedAbout } from '../../receiver/receiver.js';
 import { IncomingGuest } from '../../workload/controller.js';
 import { str, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
@@ -14,7 +14,9 @@ export const receive: Command = {
   description: [
     'Listens for one migration from `livemig send` (or the library), reserves the region,',
     'receives and verifies it, and resumes the reference guest here. Prints one JSON line when',
-    'listening ({listening, port}) and one with the outcome ({received, guest_pid} or {error}).',
+    'listening ({listening, port}), one when a migration has reserved its region ({receiving}),',
+    'and one with the outcome ({received, guest_pid} or {error}). When the source may not have',
+    'heard the outcome, it keeps answering its RESOLVE for --linger seconds ({lingering}).',
     'A connection refused before anything was reserved (a scan, failed authentication, a bad',
     'HELLO) prints {refused} and the receiver goes on listening.',
     'Exits 0 when the guest runs here, 1 when a migration failed (nothing was activated).',
@@ -23,6 +25,9 @@ export const receive: Command = {
     listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'where to listen (port 0: any free port)' },
     'max-region': { type: 'string', value: 'SIZE', help: 'refuse larger regions (default: what the memory allows)' },
     'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'a connection must authenticate and send its first frame within this' },
+    'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'nothing from the source this long: the migration is discarded here' },
+    'recover-timeout': { type: 'string', default: '60', value: 'SECONDS', help: 'post-copy: how long to wait for the source to come back after a break' },
+    linger: { type: 'string', default: '60', value: 'SECONDS', help: "after an outcome the source may not have heard, answer its RESOLVE this long before exiting" },
     'max-device-state': { type: 'string', value: 'SIZE', help: 'refuse a larger device state (default 64MiB)' },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
@@ -30,6 +35,7 @@ export const receive: Command = {
   },
   async run(v: FlagValues): Promise<number> {
     const { host, port } = parseHostPort(str(v, 'listen'), '--listen');
+    const lingerMs = parseNumber(str(v, 'linger'), '--linger (seconds)') * 1000;
     const credentials = credentialsFrom(v, 'destination');
     let guestPid = 0;
     let incoming: IncomingGuest | undefined;
@@ -38,6 +44,8 @@ export const receive: Command = {
       ...(v['insecure'] === true ? { insecure: true } : {}),
       ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
       ...(typeof v['handshake-timeout'] === 'string' ? { authTimeoutMs: parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000 } : {}),
+      recoverTimeoutMs: parseNumber(str(v, 'recover-timeout'), '--recover-timeout (seconds)', Number.MIN_VALUE) * 1000,
+      idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
       ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
       ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
       onReserved: async (region, postcopy) => {
@@ -45,6 +53,10 @@ export const receive: Command = {
         await incoming.ready; // the guest maps its memory before pages flow, not during
       },
       postcopy: { register: () => incoming!.register() },
+      // a migration has begun: from here on it ends in an outcome line
+      onProgress: (e) => {
+        if (e.type === 'reserved') process.stdout.write(JSON.stringify({ receiving: { region_bytes: e.region_bytes, reserve_ms: +e.reserve_ms.toFixed(1) } }) + '\n');
+      },
       onDiscard: () => incoming?.kill(),
       prepare: (_region, deviceState) => incoming!.prepare(deviceState),
       activate: async (_region, deviceState) => {
@@ -73,13 +85,29 @@ export const receive: Command = {
       const cpu = process.cpuUsage(cpu0);
       const cpuS = { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) };
       process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid || incoming?.child.pid || 0, cpu_s: cpuS }) + '\n');
+      if (!report.confirmed) await linger(rx, lingerMs, 'the source did not confirm it heard ACTIVATED');
       return 0;
     } catch (e) {
       const err = e as LivemigError;
-      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message } }) + '\n');
+      // post-copy that cannot finish: the guest here runs on pages of which some exist nowhere
+      // any more (they were only at the source). It cannot go on; it is stopped, and said so.
+      const lost = err.phase === 'postcopy' && incoming !== undefined;
+      if (lost) incoming!.kill();
+      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, ...(lost ? { destination_guest: 'stopped: its missing pages were lost' } : {}) }) + '\n');
+      // after COMMIT the source may be asking what happened: the answer is 'not activated'
+      if (mayBeAskedAbout(err)) await linger(rx, lingerMs, 'the migration failed after the device state: the source may ask whether it activated');
       return 1;
     } finally {
       await rx.close();
     }
-},
+  },
 };
+
+/** Keeps answering RESOLVE (and nothing else) for a while, so that the source can learn the outcome. */
+async function linger(rx: Receiver, ms: number, why: string): Promise<void> {
+  if (ms <= 0) return;
+  rx.refuseMigrations();
+  process.stdout.write(JSON.stringify({ lingering: { seconds: ms / 1000, reason: why } }) + '\n');
+  const answered = await rx.nextResolve(ms);
+  process.stdout.write(JSON.stringify({ lingered: { resolved: answered } }) + '\n');
+}
