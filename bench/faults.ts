@@ -1,13 +1,15 @@
 /**
  * bench/faults: what hostile clients cost a migration (issue 18, point 7). The default demo
  * (1 GiB `mixed`, 64 MiB/s) undisturbed, and the same demo while its receiver is crowded:
- *   - 200 idle connections from the source's own address, kept at 200 (each one the receiver
- *     lets go, at a pending cap or at its handshake deadline, is opened again 20 ms later);
- *   - one client sending a HELLO one byte a second (opened again when it is closed).
+ *   - 200 idle connections, spread over 13 loopback addresses (127.0.0.2-14) as from many
+ *     hosts, opened before the guest starts; with --redial S each one the receiver lets go (at a
+ *     pending cap or at its handshake deadline) is opened again S seconds later (a churn of
+ *     up to 200/S connections a second);
+ *   - one client, from 127.0.0.15, sending a HELLO one byte a second, opened again when closed.
  * Runs alternate (undisturbed, crowded, ...) so that a drifting host drifts for both. Prints one
  * JSON line per run and a summary: downtime and total time, median and range, and the ratio
  * crowded / undisturbed. Target: both within 10% (ratio <= 1.10).
- *   node dist/bench/faults.js [--size 1GiB] [--runs 5] [--idle 200]
+ *   node dist/bench/faults.js [--size 1GiB] [--runs 5] [--idle 200] [--redial SECONDS]
  */
 import net from 'node:net';
 import { parseArgs } from 'node:util';
@@ -15,7 +17,8 @@ import { runDemo, type DemoReport } from '../src/demo/demo.js';
 import { encodeHello } from '../src/protocol/messages.js';
 import { emit, machine, median } from './common.js';
 
-const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, idle: { type: 'string', default: '200' } } });
+const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, idle: { type: 'string', default: '200' }, redial: { type: 'string' } } });
+const redialMs = values.redial !== undefined ? Number(values.redial) * 1000 : undefined;
 const size = Number(values.size);
 const runs = Number(values.runs);
 const idleCount = Number(values.idle);
@@ -33,11 +36,11 @@ class Crowd {
     readonly port: number,
     idle: number,
   ) {
-    for (let i = 0; i < idle; i++) this.#idle();
+    for (let i = 0; i < idle; i++) this.#idle(i);
     this.#slow();
   }
 
-  #track(s: net.Socket, reopen: () => void): void {
+  #track(s: net.Socket, reopenAfterMs: number | undefined, reopen: () => void): void {
     this.opened++;
     this.#sockets.add(s);
     s.on('error', () => undefined);
@@ -46,17 +49,18 @@ class Crowd {
       this.#sockets.delete(s);
       if (this.#stopped) return;
       this.closedByReceiver++;
-      const t = setTimeout(() => (this.#timers.delete(t), reopen()), 20);
+      if (reopenAfterMs === undefined) return;
+      const t = setTimeout(() => (this.#timers.delete(t), reopen()), reopenAfterMs);
       this.#timers.add(t);
     });
   }
 
-  #idle(): void {
-    this.#track(net.connect(this.port, '127.0.0.1'), () => this.#idle());
+  #idle(i: number): void {
+    this.#track(net.connect({ port: this.port, host: '127.0.0.1', localAddress: `127.0.0.${2 + (i % 13)}` }), redialMs, () => this.#idle(i));
   }
 
   #slow(): void {
-    const s = net.connect(this.port, '127.0.0.1');
+    const s = net.connect({ port: this.port, host: '127.0.0.1', localAddress: '127.0.0.15' });
     const hello = encodeHello({ versions: [1, 3], regionBytes: 4096, pageSize: 4096, auth: null, capabilities: [] });
     let at = 0;
     const drip = setInterval(() => {
@@ -67,7 +71,7 @@ class Crowd {
     }, 1000);
     this.#timers.add(drip);
     s.on('close', () => (clearInterval(drip), this.#timers.delete(drip)));
-    this.#track(s, () => this.#slow());
+    this.#track(s, 20, () => this.#slow());
   }
 
   get open(): number {
@@ -109,7 +113,7 @@ for (let i = 0; i < runs; i++) {
   }).finally(() => crowd?.stop());
   const s = sample(loud);
   crowded.push(s);
-  emit({ bench: 'faults', case: 'crowded', run: i, ...s, crowd: { idle: idleCount, opened: crowd!.opened, closed_by_receiver: crowd!.closedByReceiver, open_at_end: crowd!.open, slow_bytes: crowd!.slowBytes } });
+  emit({ bench: 'faults', case: 'crowded', run: i, ...s, crowd: { idle: idleCount, redial_s: redialMs !== undefined ? redialMs / 1000 : null, opened: crowd!.opened, closed_by_receiver: crowd!.closedByReceiver, open_at_end: crowd!.open, slow_bytes: crowd!.slowBytes } });
 }
 const ratio = (f: (s: Sample) => number): number => +(median(crowded.map(f)) / median(calm.map(f))).toFixed(3);
 emit({
@@ -118,6 +122,7 @@ emit({
   size,
   runs,
   idle: idleCount,
+  redial_s: redialMs !== undefined ? redialMs / 1000 : null,
   undisturbed: { downtime_ms: range(calm.map((s) => s.downtime_ms)), total_ms: range(calm.map((s) => s.total_ms)) },
   crowded: { downtime_ms: range(crowded.map((s) => s.downtime_ms)), total_ms: range(crowded.map((s) => s.total_ms)) },
   ratio: { downtime: ratio((s) => s.downtime_ms), total: ratio((s) => s.total_ms) },

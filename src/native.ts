@@ -105,6 +105,7 @@ export interface NativeRegion {
   view(offset: number, length: number): Buffer;
   release(): boolean;
   reserve(): void;
+  reserveAsync(): Promise<void>;
   populate(): void;
   populateAsync(forWrite?: boolean): Promise<void>;
 }

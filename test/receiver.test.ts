@@ -160,3 +160,38 @@ test("a control frame's header alone cannot make the receiver hold its length: e
   assert.match(state.error.message, /max 4096 for its type/);
   assert.equal(state.activated, false);
 });
+
+test('reserving a large region does not stop the listener: a RESOLVE that comes meanwhile is answered before the reservation ends', async () => {
+  const { default: dc } = await import('node:diagnostics_channel');
+  const rx = await listen('127.0.0.1', 0, { activate: async () => undefined, maxRegionBytes: 4 * 2 ** 30 });
+  const order: string[] = [];
+  const src = net.connect(rx.port, '127.0.0.1');
+  src.on('error', () => undefined);
+  const parser = new R.FrameParser();
+  src.on('data', (d: Buffer) => parser.push(d, (f) => order.push(f.type === FrameType.Accept ? 'ACCEPT' : `source got ${FrameType[f.type]}: ${f.payload.toString('latin1').slice(0, 200)}`)));
+  let asked: Promise<void> | undefined;
+  const onReceiver = (m: unknown): void => {
+    if ((m as { event?: string }).event === 'region allocated') order.push('allocated');
+    if ((m as { event?: string }).event !== 'reserving' || asked) return;
+    // while 2 GiB are being allocated: another connection asks about a session
+    asked = new Promise<void>((resolve) => {
+      const q = net.connect(rx.port, '127.0.0.1', () => q.write(M.encodeResolve({ session: 'ab'.repeat(16) }, 3)));
+      const p = new R.FrameParser();
+      q.on('error', () => undefined);
+      q.on('data', (d: Buffer) => p.push(d, (f) => (order.push(FrameType[f.type]), q.destroy(), resolve())));
+    });
+  };
+  dc.subscribe('livemig:receiver', onReceiver);
+  try {
+    const outcome = rx.next();
+    outcome.catch(() => undefined);
+    src.write(M.encodeHello({ versions: [3, 3], regionBytes: 2 * 2 ** 30, pageSize: 4096, auth: null, capabilities: [] }));
+    for (let i = 0; i < 600 && !order.includes('ACCEPT'); i++) await new Promise((r) => setTimeout(r, 50));
+    await asked;
+    assert.deepEqual(order, ['Error', 'allocated', 'ACCEPT'], 'the RESOLVE (an unknown session: ERROR) was answered while the region was being allocated');
+  } finally {
+    dc.unsubscribe('livemig:receiver', onReceiver);
+    src.destroy();
+    await rx.close();
+  }
+});

@@ -164,6 +164,7 @@ Napi::Function Region::Init(Napi::Env env) {
                                         InstanceMethod("reserve", &Region::Reserve),
                                         InstanceMethod("populate", &Region::Populate),
                                         InstanceMethod("populateAsync", &Region::PopulateAsync),
+                                        InstanceMethod("reserveAsync", &Region::ReserveAsync),
                                         InstanceAccessor("fd", &Region::GetFd, nullptr),
                                         InstanceAccessor("size", &Region::GetSize, nullptr),
                                         InstanceAccessor("id", &Region::GetId, nullptr),
@@ -227,6 +228,23 @@ Napi::Value Region::Reserve(const Napi::CallbackInfo& info) {
   if (!m) return env.Undefined();
   if (fallocate(m->fd, 0, 0, static_cast<off_t>(m->size)) != 0) throw MakeSysError(env, "fallocate", errno);
   return env.Undefined();
+}
+
+// reserveAsync(): the same on a pool thread. Allocating a large region is kernel work of
+// hundreds of milliseconds per GiB on a VM host, which must not stall a listener's event loop
+// (other connections, RESOLVE answers, deadlines).
+Napi::Value Region::ReserveAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = LiveMapping(env);
+  if (!m) return env.Undefined();
+  m->Ref();
+  return Task<int>::Start(
+      env,
+      [m](int&, SysError& err) {
+        if (fallocate(m->fd, 0, 0, static_cast<off_t>(m->size)) != 0) err.set("fallocate", errno);
+        m->Unref();
+      },
+      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info.This()});
 }
 
 // Maps every page into this process's page tables so later writes run at memory speed.

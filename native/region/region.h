@@ -40,6 +40,7 @@ class Region : public Napi::ObjectWrap<Region> {
   Napi::Value View(const Napi::CallbackInfo& info);
   Napi::Value Release(const Napi::CallbackInfo& info);
   Napi::Value Reserve(const Napi::CallbackInfo& info);
+  Napi::Value ReserveAsync(const Napi::CallbackInfo& info);
   Napi::Value Populate(const Napi::CallbackInfo& info);
   Napi::Value PopulateAsync(const Napi::CallbackInfo& info);
   Napi::Value GetFd(const Napi::CallbackInfo& info);

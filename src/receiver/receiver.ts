@@ -180,7 +180,9 @@ class Incoming {
     this.#stage.enter('reserve');
     const t0 = performance.now();
     trace('receiver', 'reserving', { bytes: h.regionBytes });
-    const region = Region.create(h.regionBytes, { name: 'livemig-incoming', reserve: true });
+    // allocated off the event loop: the listener goes on answering others meanwhile
+    const region = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' });
+    trace('receiver', 'region allocated');
     this.#region = region;
     // Map every page now (faults are slow on VM hosts), while the integrator prepares its
     // side of the same memory: both finish before the first page is accepted.

@@ -85,6 +85,23 @@ export class Region {
   }
 
   /**
+   * A region whose every page is allocated (as `create` with `reserve`), the allocation done off
+   * the calling thread: a receiver's event loop goes on serving while gigabytes are allocated.
+   */
+  static async createReserved(size: number, options: Omit<CreateRegionOptions, 'reserve' | 'populate'> = {}): Promise<Region> {
+    checkSize(size, 'size');
+    assertMemoryAvailable(size);
+    const region = Region.create(size, options);
+    try {
+      await callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', `reserving ${size} bytes`, () => region.#native.reserveAsync());
+    } catch (e) {
+      region.release();
+      throw e;
+    }
+    return region;
+  }
+
+  /**
    * Maps an existing memfd or shm descriptor of at least `size` bytes. The descriptor is
    * duplicated: the caller still owns (and may close) `fd`.
    */
