@@ -91,9 +91,13 @@ interface Sample {
   guest_gap_ms: number;
   verified: boolean;
   bad_pages: number;
+  /** what the chooser did (an lz4 round on loopback is slower: issue 21), to tell an outlier's cause */
+  rounds: number;
+  lz4_pages: number;
+  cpu_destination_s: number;
 }
 
-const sample = (r: DemoReport): Sample => ({ downtime_ms: r.downtime_ms, total_ms: r.total_ms, guest_gap_ms: r.guest_gap_ms, verified: r.verified, bad_pages: r.guest_verified.bad });
+const sample = (r: DemoReport): Sample => ({ downtime_ms: r.downtime_ms, total_ms: r.total_ms, guest_gap_ms: r.guest_gap_ms, verified: r.verified, bad_pages: r.guest_verified.bad, rounds: r.rounds, lz4_pages: r.lz4_pages, cpu_destination_s: r.cpu_s.destination });
 const range = (xs: number[]) => ({ median: +median(xs).toFixed(2), min: +Math.min(...xs).toFixed(2), max: +Math.max(...xs).toFixed(2) });
 const guest = { size, content: 'mixed' as const, rate: 64, pattern: 'uniform' as const, hotSize: 64 << 20 };
 

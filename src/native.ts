@@ -72,6 +72,8 @@ export interface NativeWire {
   read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
   /** half-closes, then reads and drops until the peer closes (true: its orderly close came) or timeoutMs passes */
   finish(timeoutMs: number): Promise<boolean>;
+  /** whether the peer already closed or reset the connection (nothing unread before its end) */
+  peerGone(): boolean;
   shutdown(): void;
   close(): void;
   setTimeouts(recvMs: number, sendMs: number): void;

@@ -61,7 +61,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
                        {InstanceMethod("write", &Wire::Write), InstanceMethod("sendPages", &Wire::SendPages),
                         InstanceMethod("read", &Wire::Read), InstanceMethod("shutdown", &Wire::Shutdown),
                         InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
-                        InstanceMethod("finish", &Wire::Finish), InstanceMethod("sendEncoded", &Wire::SendEncoded),
+                        InstanceMethod("finish", &Wire::Finish), InstanceMethod("peerGone", &Wire::PeerGone), InstanceMethod("sendEncoded", &Wire::SendEncoded),
                         InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget),
                         InstanceMethod("writeNow", &Wire::WriteNow), InstanceMethod("readNow", &Wire::ReadNow)});
   }
@@ -480,6 +480,17 @@ class Wire : public Napi::ObjectWrap<Wire> {
           }
         },
         [](Napi::Env e, int& peerClosed) -> Napi::Value { return Napi::Boolean::New(e, peerClosed == 1); });
+  }
+
+  // peerGone() -> whether the peer has already closed or reset the connection (an end of stream
+  // waits to be read, nothing before it), seen without reading: what it sends after this
+  // cannot have been heard
+  Napi::Value PeerGone(const Napi::CallbackInfo& info) {
+    auto fd = Live(info.Env());
+    if (fd->HasBuffered()) return Napi::Boolean::New(info.Env(), false);  // plaintext still to read
+    uint8_t b;
+    ssize_t n = recv(fd->fd(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return Napi::Boolean::New(info.Env(), n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR));
   }
 
   // The descriptor, for a post-copy service that takes a dup of it (no read or write may be

@@ -307,6 +307,12 @@ export class WireChannel {
     return f;
   }
 
+  /** Whether the peer has already closed (or reset) its end: what we send now it will not hear. */
+  peerGone(): boolean {
+    if (this.closed) return true;
+    return this.#wire.peerGone();
+  }
+
   /**
    * Sends our last frame(s), then closes without resetting what the peer has yet to read.
    * True when the peer's orderly close came within timeoutMs: it read all we sent before it.

@@ -346,6 +346,8 @@ class Incoming {
     this.#stage.enter('activated');
     this.#outcome?.settle('activated');
     const activateMs = performance.now() - ta;
+    // a source that gave up waiting (and closed) before this goes out cannot hear it
+    const gaveUp = this.#ch.peerGone();
     const sent = await this.#ch.send(encodeActivated({ activateMs }, this.#version)).then(
       () => true,
       () => false, // the guest runs here either way; the source will ask (RESOLVE)
@@ -354,7 +356,7 @@ class Incoming {
     this.#progress({ type: 'activated', activate_ms: activateMs });
     // the source closes once it has read ACTIVATED: without that close it may not know, and
     // will ask on a new connection (a listener that stays up answers: activated)
-    const confirmed = (await this.#ch.finish(undefined, CONFIRM_WAIT_MS)) && sent;
+    const confirmed = (await this.#ch.finish(undefined, CONFIRM_WAIT_MS)) && sent && !gaveUp;
     return { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security, confirmed };
   }
 
