@@ -115,6 +115,19 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
   let destPid = 0;
+  // stopped from outside (^C, a timeout): the guests and the receiver go with the demo
+  const onSignal = (sig: NodeJS.Signals): void => {
+    for (const pid of [destPid, guest?.child.pid ?? 0, receiver.pid ?? 0]) {
+      try {
+        if (pid) process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+    process.exit(sig === 'SIGINT' ? 130 : 143);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   try {
     const first = await lines.next();
     if (first.done) throw new LivemigError('ERR_LIVEMIG_CONNECTION', 'the receiver exited before listening', { phase: 'demo' });
@@ -198,6 +211,9 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     // Wait until the destination guest is gone too: tearing down a gigabyte it mapped would
     // otherwise run beside whatever comes next (a benchmark's next run).
     for (let i = 0; destPid && i < 500 && alive(destPid); i++) await new Promise((r) => setTimeout(r, 10));
+    if (destPid && alive(destPid)) process.kill(destPid, 'SIGKILL'); // a demo leaves no guest behind
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
   }
 }
 
