@@ -42,6 +42,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
     // commitment: a write that failed did not deliver it whole, so the guest may still resume
     // here; once the write is done, an ERROR back means it did not activate.
     await channel.send(deviceState);
+    ctx.announceCommitment();
     digest = digestOf(ctx.hashes, 'commit');
     trace('source', 'digest computed');
     if (prove) await checkProof(channel, digest, pageCount);

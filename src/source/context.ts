@@ -129,14 +129,26 @@ export class SourceContext {
     if (fn && this.abortReason) fn();
   }
 
+  #fence: Promise<void> | undefined;
+
   /** Right before the frame that lets the destination activate: no abort from here on. */
+  /**
+   * The guest is told the migration may commit (HANDOVER.md, the lease): from here on it must
+   * not resume by itself. Called as early as the commitment is in sight (the device state is
+   * out), so that its round trip runs beside the destination's; beginCommitment awaits it.
+   */
+  announceCommitment(): void {
+    if (this.#fence || !this.settings.options.commit) return;
+    this.#fence = Promise.resolve().then(() => this.settings.options.commit!());
+    this.#fence.catch(() => undefined); // awaited in beginCommitment
+  }
+
   async beginCommitment(): Promise<void> {
     if (this.abortReason) throw this.abortReason;
-    // the guest hears it first: from here on it must not resume by itself (a lease, HANDOVER.md)
-    const fence = this.settings.options.commit;
-    if (fence) {
+    this.announceCommitment();
+    if (this.#fence) {
       try {
-        await fence();
+        await this.#fence;
       } catch (e) {
         throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest did not take the commitment: ${(e as Error).message}`, { phase: this.stage, cause: e });
       }

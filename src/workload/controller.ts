@@ -120,8 +120,26 @@ export class SourceGuest {
    * Right before the point of commitment: the guest must no longer resume by itself. It
    * refuses when its lease already ran out and it resumed (then there must be no commitment).
    */
-  async commit(): Promise<void> {
-    if (this.#fixed) this.#control(0x43 /* C */, 0x63 /* c */, 'commit');
+  commit(): Promise<void> {
+    if (!this.#fixed) return Promise.resolve();
+    // 'C' goes now and its answer is read on the next turn of the loop: livemig asks for it as
+    // soon as the device state is out, so that the guest's round trip runs beside the
+    // destination's digest instead of after it, inside the pause
+    try {
+      addon.controlSend(this.conn.controlFd, 0x43 /* C */);
+    } catch (e) {
+      return Promise.reject(new LivemigError('ERR_LIVEMIG_GUEST', `the guest's control socket failed: ${(e as Error).message}`, { phase: 'commit', cause: e }));
+    }
+    return new Promise((resolve, reject) =>
+      setImmediate(() => {
+        try {
+          this.#answer(0x43, 0x63 /* c */, 'commit', () => addon.controlReceive(this.conn.controlFd, CONTROL_TIMEOUT_MS));
+          resolve();
+        } catch (e) {
+          reject(e);
+        }
+      }),
+    );
   }
   #closeControl(): void {
     if (this.conn.controlFd < 0) return;
@@ -130,9 +148,13 @@ export class SourceGuest {
   }
 
   #control(request: number, answer: number, phase: string, body?: Buffer): Buffer {
+    return this.#answer(request, answer, phase, () => addon.controlRequest(this.conn.controlFd, request, CONTROL_TIMEOUT_MS, body));
+  }
+
+  #answer(request: number, answer: number, phase: string, exchange: () => { tag: number; body: Buffer }): Buffer {
     let r: { tag: number; body: Buffer };
     try {
-      r = addon.controlRequest(this.conn.controlFd, request, CONTROL_TIMEOUT_MS, body);
+      r = exchange();
     } catch (e) {
       throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's control socket failed: ${(e as Error).message}`, { phase, cause: e });
     }
