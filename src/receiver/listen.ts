@@ -13,6 +13,7 @@ import type { WireChannel, WireFrame } from '../protocol/wire.js';
 import { assertSecureEnough } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { OutcomeTable } from './outcomes.js';
+import { PendingConnections } from './pending.js';
 import { admitIncoming, refusedBeforeReserving, serveMigration } from './receiver.js';
 import { SessionTable } from './session.js';
 import type { ReceiveOptions, ReceiveReport } from './types.js';
@@ -58,65 +59,25 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     if (waiter) p.then(waiter.resolve, waiter.reject);
     else ready.push(p);
   };
-  // connections that have not sent their first frame yet: capped overall and per address, so
-  // that idle or slow clients cannot make us hold without end. At a cap the newcomer is let in
-  // and a pending connection of that address (or of the address holding the most) goes, the
-  // oldest that has sent nothing first: a source that connects once and authenticates in
-  // milliseconds gets through a crowd of idle ones, even from their own address, where
-  // refusing newcomers would lock it out
-  const pendingFrom = new Map<string, net.Socket[]>();
-  const settleOf = new Map<net.Socket, () => void>();
-  const evicted = new WeakSet<net.Socket>();
-  let pending = 0;
-  const evictFrom = (addr: string): void => {
-    // one that has sent nothing at all goes first: a source sends its first bytes at once
-    const list = pendingFrom.get(addr) ?? [];
-    const victim = list.find((s) => s.bytesRead === 0) ?? list[0];
-    if (!victim) return;
-    trace('receiver', 'pending connection evicted', { from: addr, pending });
-    evicted.add(victim); // load shed here, not a refusal for next(): observers hear it
-    settleOf.get(victim)?.();
-    victim.destroy(); // its admission fails
-  };
+  const pending = new PendingConnections(MAX_PENDING, MAX_PENDING_PER_ADDRESS);
   server.on('connection', (socket) => {
-    const from = socket.remoteAddress ?? '';
-    if ((pendingFrom.get(from)?.length ?? 0) >= MAX_PENDING_PER_ADDRESS) evictFrom(from);
-    else if (pending >= MAX_PENDING) {
-      let heaviest = from;
-      for (const [addr, list] of pendingFrom) if (list.length > (pendingFrom.get(heaviest)?.length ?? 0)) heaviest = addr;
-      evictFrom(heaviest);
-    }
-    pending++;
-    const mine = pendingFrom.get(from) ?? [];
-    mine.push(socket);
-    pendingFrom.set(from, mine);
-    let isSettled = false;
-    const settled = (): void => {
-      if (isSettled) return;
-      isSettled = true;
-      pending--;
-      settleOf.delete(socket);
-      const list = pendingFrom.get(from) ?? [];
-      list.splice(list.indexOf(socket) >>> 0, 1);
-      if (list.length === 0) pendingFrom.delete(from);
-    };
-    settleOf.set(socket, settled);
+    pending.add(socket);
     void (async () => {
       let a: Awaited<ReturnType<typeof admitIncoming>>;
       try {
         // joining connections (ATTACH) have less time than a migration's first connection
         a = await admitIncoming(socket, options, busy ? (options.authTimeoutMs ?? ATTACH_WAIT_MS) : undefined);
       } catch (e) {
-        settled();
+        pending.settle(socket);
         socket.destroy();
         // while a migration runs, its next() is not for a stranger's failure: observers hear it
         // (and refusals nobody has asked for yet are kept only up to a bound: a scan is endless)
-        if (evicted.has(socket)) return;
+        if (pending.wasEvicted(socket)) return;
         if (busy || ready.length >= MAX_QUEUED_REFUSALS) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
         else deliver(Promise.reject(refusedBeforeReserving(e)));
         return;
       }
-      settled();
+      pending.settle(socket);
       const { first } = a;
       if (first.type === FrameType.Resolve) {
         if (await answerResolve(a.channel, first, outcomes)) for (const w of resolveWaiters.splice(0)) w(true);
@@ -149,7 +110,8 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     nextResolve: (ms) =>
       new Promise((resolve) => {
         const t = setTimeout(() => {
-          resolveWaiters.splice(resolveWaiters.indexOf(w) >>> 0, 1);
+          const i = resolveWaiters.indexOf(w);
+          if (i >= 0) resolveWaiters.splice(i, 1);
           resolve(false);
         }, ms);
         const w = (answered: boolean): void => (clearTimeout(t), resolve(answered));

@@ -131,7 +131,6 @@ export class SourceContext {
 
   #fence: Promise<void> | undefined;
 
-  /** Right before the frame that lets the destination activate: no abort from here on. */
   /**
    * The guest is told the migration may commit (HANDOVER.md, the lease): from here on it must
    * not resume by itself. Called as early as the commitment is in sight (the device state is
@@ -143,6 +142,7 @@ export class SourceContext {
     this.#fence.catch(() => undefined); // awaited in beginCommitment
   }
 
+  /** Right before the frame that lets the destination activate: no abort from here on. */
   async beginCommitment(): Promise<void> {
     if (this.abortReason) throw this.abortReason;
     this.announceCommitment();
