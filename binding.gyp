@@ -36,15 +36,30 @@
       ]
     },
     {
+      "target_name": "livemig_guest_lib",
+      "type": "static_library",
+      "sources": ["native/guest/livemig_guest.c"],
+      "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"]
+    },
+    {
       "target_name": "livemig_guest",
+      "dependencies": ["livemig_guest_lib"],
       "sources": [
         "native/refguest/addon.cc",
         "native/errors.cc",
         "native/refguest/content.cc",
         "native/refguest/gate.cc",
-        "native/process/control_msg.cc",
         "native/process/sched.cc"
       ]
+    },
+    {
+      "target_name": "c_guest",
+      "type": "executable",
+      "dependencies": ["livemig_guest_lib"],
+      "include_dirs": ["native/guest"],
+      "sources": ["native/guest/example/c_guest.c"],
+      "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"],
+      "libraries": ["-lpthread"]
     }
   ]
 }

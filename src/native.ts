@@ -165,9 +165,25 @@ export interface NativeWireFormat {
   pageEncodings: Record<string, number>;
 }
 
+/** one message of the guest contract: its tag, body and the descriptors that came with it (the receiver owns them) */
+export interface ControlMessage {
+  tag: number;
+  body: Buffer;
+  fds: number[];
+}
+
+/** where a region of the guest's page space is mapped in the guest */
+export interface GuestRange {
+  address: bigint;
+  firstPage: number;
+  pages: number;
+}
+
 interface Addon {
   regionCreate(size: number, name: string): NativeRegion;
   regionAdopt(fd: number, size: number): NativeRegion;
+  /** one mapping of every piece back to back (a guest's regions in one page space) */
+  regionAdoptPieces(pieces: { fd: number; offset: number; size: number }[]): NativeRegion;
   regionAttach(id: bigint): NativeRegion | null;
   pageSize(): number;
   uffdProbe(): bigint;
@@ -196,7 +212,7 @@ interface Addon {
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;
   pageHashVariants(data: Buffer): bigint[];
-  PostcopyDest: new (region: NativeRegion, uffd: number, guestAddress: bigint, needed: Uint8Array, hashes: BigUint64Array, version: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopyDest;
+  PostcopyDest: new (region: NativeRegion, uffd: number, guest: bigint | GuestRange[], needed: Uint8Array, hashes: BigUint64Array, version: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopyDest;
   PostcopySource: new (region: NativeRegion, needed: Uint8Array, version: number, round: number, hashes: BigUint64Array | undefined, onEvent: (e: PostcopyEvent) => void) => NativePostcopySource;
   uffdRegisterMinor(address: bigint, length: number): number;
   takeFd(pid: number, fd: number): number;
@@ -206,9 +222,11 @@ interface Addon {
   setShortSlices(ns: number): { threads: number; applied: boolean };
   setThreadSlice(ns: number): boolean;
   socketPair(): [number, number];
-  controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): { tag: number; body: Buffer };
-  controlSend(fd: number, tag: number, body?: Buffer): void;
-  controlReceive(fd: number, timeoutMs: number): { tag: number; body: Buffer };
+  /** the guest contract's messages (native/process/control_msg.h) */
+  controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): ControlMessage;
+  controlSend(fd: number, tag: number, body?: Buffer, fds?: number[]): void;
+  controlReceive(fd: number, timeoutMs: number): ControlMessage;
+  controlReceiveAsync(fd: number, timeoutMs: number): Promise<ControlMessage>;
   /** AES-256-GCM records (native/io/aead.h), sealed or opened in turn from counter 0 */
   aeadSeal(key: Buffer, salt: Buffer, records: Buffer[]): Buffer[];
   aeadOpen(key: Buffer, salt: Buffer, sealed: Buffer[]): Buffer[];

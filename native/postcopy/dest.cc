@@ -47,6 +47,11 @@ struct PageReader {
 };
 
 class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
+  struct GuestRange {
+    uint64_t address;  // of the region's mapping in the guest
+    uint32_t first, pages;
+  };
+
  public:
   static Napi::Function Init(Napi::Env env) {
     return DefineClass(env, "PostcopyDest",
@@ -55,7 +60,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
                         InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
   }
 
-  // new PostcopyDest(region, uffd, guestAddress: bigint, needed: Uint8Array (1: must come from the source),
+  // new PostcopyDest(region, uffd, guest: bigint address | [{address, firstPage, pages}], needed: Uint8Array (1: must come from the source),
   //                  hashes: BigUint64Array, version, onEvent)
   explicit PostcopyDest(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopyDest>(info) {
     Napi::Env env = info.Env();
@@ -64,7 +69,22 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     m_->Ref();
     pages_ = m_->size / kPage;
     uffd_ = info[1].As<Napi::Number>().Int32Value();
-    guestBase_ = ToU64(info[2]);
+    // where each region is mapped in the guest: one address (one region), or
+    // [{address, firstPage, pages}] covering every page in order
+    if (info[2].IsArray()) {
+      Napi::Array a = info[2].As<Napi::Array>();
+      uint64_t next = 0;
+      for (uint32_t i = 0; i < a.Length(); i++) {
+        Napi::Object o = a.Get(i).As<Napi::Object>();
+        GuestRange r{ToU64(o.Get("address")), o.Get("firstPage").As<Napi::Number>().Uint32Value(), o.Get("pages").As<Napi::Number>().Uint32Value()};
+        if (r.first != next || r.pages == 0 || r.address % kPage) throw Napi::RangeError::New(env, "guest ranges must cover the pages in order, page-aligned");
+        next += r.pages;
+        ranges_.push_back(r);
+      }
+      if (next != pages_) throw Napi::RangeError::New(env, "guest ranges must cover every page");
+    } else {
+      ranges_.push_back(GuestRange{ToU64(info[2]), 0, static_cast<uint32_t>(pages_)});
+    }
     Napi::Uint8Array st = info[3].As<Napi::Uint8Array>();
     Napi::BigUint64Array h = info[4].As<Napi::BigUint64Array>();
     if (st.ElementLength() != pages_ || h.ElementLength() != pages_) throw Napi::RangeError::New(env, "needed and hashes must have one entry per page");
@@ -180,7 +200,17 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
 
   // Maps pages [first, first+n) into the guest and wakes whoever waits on them.
   bool Continue(uint32_t first, uint32_t n, SysError& err) {
-    uint64_t start = guestBase_ + uint64_t{first} * kPage, end = start + uint64_t{n} * kPage;
+    while (n > 0) {  // a run split where one region's mapping ends
+      const GuestRange& r = RangeOf(first);
+      uint32_t here = std::min(n, r.first + r.pages - first);
+      if (!ContinueIn(r.address + uint64_t{first - r.first} * kPage, here, err)) return false;
+      first += here, n -= here;
+    }
+    return true;
+  }
+
+  bool ContinueIn(uint64_t start, uint32_t n, SysError& err) {
+    uint64_t end = start + uint64_t{n} * kPage;
     while (start < end) {
       uffdio_continue c{};
       c.range.start = start;
@@ -202,6 +232,21 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       }
     }
     return true;
+  }
+
+  const GuestRange& RangeOf(uint32_t page) const {
+    for (const GuestRange& r : ranges_) {
+      if (page < r.first + r.pages) return r;
+    }
+    return ranges_.back();  // callers pass pages < pages_, which the ranges cover
+  }
+
+  // The page a guest address is in, or false when it is in none of the regions.
+  bool PageAt(uint64_t a, uint32_t* p) const {
+    for (const GuestRange& r : ranges_) {
+      if (a >= r.address && a < r.address + uint64_t{r.pages} * kPage) return *p = r.first + static_cast<uint32_t>((a - r.address) / kPage), true;
+    }
+    return false;
   }
 
   // A whole page body is in the region (or scratch): record it and map it if someone waits.
@@ -322,8 +367,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       for (size_t k = 0; k < static_cast<size_t>(n) / sizeof(uffd_msg); k++) {
         if (msgs[k].event != UFFD_EVENT_PAGEFAULT) continue;  // no other event was asked for
         uint64_t a = msgs[k].arg.pagefault.address;
-        if (a < guestBase_ || a >= guestBase_ + pages_ * kPage) return err.fail("ERR_LIVEMIG_STATE", "a fault outside the registered region"), false;
-        uint32_t p = static_cast<uint32_t>((a - guestBase_) / kPage);
+        uint32_t p;
+        if (!PageAt(a, &p)) return err.fail("ERR_LIVEMIG_STATE", "a fault outside the registered regions"), false;
         faults_++;
         switch (state_[p]) {
           case kArrived:  // here but not yet mapped: map it now
@@ -338,7 +383,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
           case kRequested:  // another thread waits on the same page: one request is enough
             break;
           case kMapped: {  // mapped after this fault was raised; CONTINUE woke it, wake again to be sure
-            uffdio_range w{guestBase_ + uint64_t{p} * kPage, kPage};
+            const GuestRange& r = RangeOf(p);
+            uffdio_range w{r.address + uint64_t{p - r.first} * kPage, kPage};
             ioctl(uffd_, UFFDIO_WAKE, &w);
             break;
           }
@@ -518,8 +564,10 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     }
     if (!err.failed() && completeSent) {
       // no fault can need us any more; a page the guest drops later faults in from the memfd
-      uffdio_range all{guestBase_, pages_ * kPage};
-      if (ioctl(uffd_, UFFDIO_UNREGISTER, &all) != 0 && errno != ESRCH) err.set("ioctl(UFFDIO_UNREGISTER)", errno);
+      for (const GuestRange& r : ranges_) {
+        uffdio_range all{r.address, uint64_t{r.pages} * kPage};
+        if (ioctl(uffd_, UFFDIO_UNREGISTER, &all) != 0 && errno != ESRCH) err.set("ioctl(UFFDIO_UNREGISTER)", errno);
+      }
     }
     push.reset(), prio.reset();
     connected_ = false;
@@ -533,7 +581,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   uint64_t pages_ = 0;
   int uffd_ = -1;
   int wake_ = -1;
-  uint64_t guestBase_ = 0;
+  std::vector<GuestRange> ranges_;
   uint8_t version_ = 0;
   uint8_t* state_ = nullptr;
   Napi::Reference<Napi::Uint8Array> stateRef_;

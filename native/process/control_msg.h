@@ -1,5 +1,7 @@
-// The guest control socket's framing, both ends (docs/GUEST.md has the contract):
-//   tag u8 | length u16 LE | body[length]      (length <= kMaxControlBody)
+// The guest contract's framing, livemig's end (docs/GUEST.md; the guest's end is
+// native/guest/livemig_guest.c):
+//   tag u8 | length u32 LE | body[length]      (length <= kMaxControlBody)
+// Descriptors (memfds, a userfaultfd) ride on a message's first bytes (SCM_RIGHTS).
 #pragma once
 
 #include <napi.h>
@@ -10,18 +12,19 @@
 
 namespace livemig {
 
-constexpr uint32_t kMaxControlBody = 4096;
+// a device state's largest size (the frame limit on the wire)
+constexpr uint32_t kMaxControlBody = 64u * 1024 * 1024;
+// descriptors one message may carry: a memfd per region
+constexpr size_t kMaxControlFds = 32;
 
 double MonotonicMs();
-bool WriteAll(int fd, const uint8_t* p, size_t n);
-// One message; false when the connection is gone.
-bool WriteMessage(int fd, uint8_t tag, const uint8_t* body, uint16_t len);
-// Reads exactly n bytes before the deadline (ms on CLOCK_MONOTONIC; < 0: none). Returns 0, or
-// an errno: ETIMEDOUT, ECONNRESET for an end of stream, or the read's own.
-int ReadExact(int fd, uint8_t* p, size_t n, double deadline);
-// One message's header and body; 0 or an errno as ReadExact (EPROTO: longer than allowed).
-int ReadMessage(int fd, uint8_t* tag, std::vector<uint8_t>* body, double deadline);
-// {tag, body} for JavaScript
-Napi::Object MessageObject(Napi::Env env, uint8_t tag, const std::vector<uint8_t>& body);
+// One message (and descriptors); false when the connection is gone.
+bool WriteMessage(int fd, uint8_t tag, const uint8_t* body, size_t len, const int* fds = nullptr, size_t nfds = 0);
+// One message's header and body before the deadline (ms on CLOCK_MONOTONIC; < 0: none), and
+// the descriptors that came with it (closed when `fds` is null). 0, or an errno: ETIMEDOUT,
+// ECONNRESET for an end of stream, EPROTO for a body longer than allowed, or recvmsg's own.
+int ReadMessage(int fd, uint8_t* tag, std::vector<uint8_t>* body, double deadline, std::vector<int>* fds = nullptr);
+// {tag, body, fds} for JavaScript
+Napi::Object MessageObject(Napi::Env env, uint8_t tag, const std::vector<uint8_t>& body, const std::vector<int>& fds = {});
 
 }  // namespace livemig

@@ -1,18 +1,11 @@
-// Fast guest control, livemig's end: requests to a guest and its replies (the guest's end, for
-// the reference guest, is refguest/gate.cc). The guest answers on a thread that does nothing else. A pause answered by the guest's event loop waited behind its
-// timers and for a CPU (2-4 ms measured on a 2-CPU host); a blocked read wakes in microseconds.
-//
-// Wire (one host, one socket pair), the same both ways:
-//   tag u8 | length u16 LE | body[length]      (length <= kMaxBody)
-// Requests: 'P' pause -> 'p' + run state; 'R' resume -> 'r'; to an incoming guest: 'S' + state
-// (load it) -> 's', or 'e' + why; 'U' register for post-copy -> 'u' + u32 uffd + u64 address;
-// 'G' go -> 'g'. Anything else -> 'e'.
+// The guest contract, livemig's end: requests to a guest and its replies (docs/GUEST.md; the
+// guest's end is native/guest/livemig_guest.c). The guest answers on a thread that does
+// nothing else; livemig waits for the answers to the pause's requests on the calling thread,
+// since every hop through an event loop inside the pause costs a wake-up.
 #include <poll.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -22,8 +15,7 @@ namespace livemig {
 
 namespace {
 
-// socketPair() -> [a, b]: a connected stream pair, both close-on-exec (a child gets its end
-// through spawn's stdio, which duplicates it without the flag).
+// socketPair() -> [a, b]: a connected stream pair, both close-on-exec.
 Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int sv[2];
@@ -34,44 +26,74 @@ Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   return a;
 }
 
-void SendRequest(Napi::Env env, int fd, uint8_t tag, Napi::Value bodyValue) {
+void SendRequest(Napi::Env env, int fd, uint8_t tag, Napi::Value bodyValue, Napi::Value fdsValue) {
   const uint8_t* body = nullptr;
   size_t len = 0;
   if (bodyValue.IsBuffer()) {
     body = bodyValue.As<Napi::Buffer<uint8_t>>().Data();
     len = bodyValue.As<Napi::Buffer<uint8_t>>().Length();
   }
-  if (len > kMaxControlBody) throw Napi::RangeError::New(env, "request longer than 4096 bytes");
-  if (!WriteMessage(fd, tag, body, static_cast<uint16_t>(len))) throw MakeSysError(env, "send", errno ? errno : EPIPE, "control request");
+  std::vector<int> fds;
+  if (fdsValue.IsArray()) {
+    Napi::Array a = fdsValue.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); i++) fds.push_back(a.Get(i).As<Napi::Number>().Int32Value());
+  }
+  if (len > kMaxControlBody) throw Napi::RangeError::New(env, "message longer than 64 MiB");
+  if (fds.size() > kMaxControlFds) throw Napi::RangeError::New(env, "more than 32 descriptors");
+  if (!WriteMessage(fd, tag, body, len, fds.data(), fds.size())) throw MakeSysError(env, "sendmsg", errno ? errno : EPIPE, "guest control message");
 }
 
-Napi::Value ReceiveReply(Napi::Env env, int fd, double timeoutMs) {
-  uint8_t tag;
+struct Reply {
+  uint8_t tag = 0;
   std::vector<uint8_t> body;
-  int err = ReadMessage(fd, &tag, &body, MonotonicMs() + timeoutMs);
-  if (err) throw MakeSysError(env, "recv", err, "control reply");
-  return MessageObject(env, tag, body);
+  std::vector<int> fds;
+};
+
+void Receive(int fd, double timeoutMs, Reply& r, SysError& err) {
+  int e = ReadMessage(fd, &r.tag, &r.body, MonotonicMs() + timeoutMs, &r.fds);
+  if (e) {
+    for (int f : r.fds) close(f);
+    r.fds.clear();
+    err.set("recvmsg", e, e == EPROTO ? "guest control message longer than 64 MiB" : "guest control reply");
+  }
 }
 
-// controlSend(fd, tag, body?): one request, written at once (the peer reads its socket all the
-// time, so a request this small never waits for room).
+Napi::Value ReceiveNow(Napi::Env env, int fd, double timeoutMs) {
+  Reply r;
+  SysError err;
+  Receive(fd, timeoutMs, r, err);
+  if (err.failed()) throw MakeSysError(env, err);
+  return MessageObject(env, r.tag, r.body, r.fds);
+}
+
+// controlSend(fd, tag, body?, fds?): one message, written at once (the guest reads its socket
+// all the time, so a request never waits long for room).
 Napi::Value ControlSend(const Napi::CallbackInfo& info) {
-  SendRequest(info.Env(), info[0].As<Napi::Number>().Int32Value(), static_cast<uint8_t>(info[1].As<Napi::Number>().Uint32Value()), info[2]);
+  SendRequest(info.Env(), info[0].As<Napi::Number>().Int32Value(), static_cast<uint8_t>(info[1].As<Napi::Number>().Uint32Value()), info[2], info[3]);
   return info.Env().Undefined();
 }
 
-// controlReceive(fd, timeoutMs) -> {tag, body}: waits for one reply on the calling thread.
-// Blocking on purpose: it runs inside a pause, where every hop through an event loop costs a
-// wake-up; the timeout bounds it.
+// controlReceive(fd, timeoutMs) -> {tag, body, fds}: waits for one message on the calling
+// thread (inside a pause); the timeout bounds it.
 Napi::Value ControlReceive(const Napi::CallbackInfo& info) {
-  return ReceiveReply(info.Env(), info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().DoubleValue());
+  return ReceiveNow(info.Env(), info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().DoubleValue());
 }
 
-// controlRequest(fd, tag, timeoutMs, body?) -> {tag, body}: a request and its reply.
+// controlReceiveAsync(fd, timeoutMs) -> Promise<{tag, body, fds}>: the same on a pool thread,
+// for answers that take a while (a guest mapping its memory) outside a pause.
+Napi::Value ControlReceiveAsync(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  double timeoutMs = info[1].As<Napi::Number>().DoubleValue();
+  return Task<Reply>::Start(
+      info.Env(), [fd, timeoutMs](Reply& r, SysError& err) { Receive(fd, timeoutMs, r, err); },
+      [](Napi::Env env, Reply& r) -> Napi::Value { return MessageObject(env, r.tag, r.body, r.fds); });
+}
+
+// controlRequest(fd, tag, timeoutMs, body?) -> {tag, body, fds}: a request and its reply.
 Napi::Value ControlRequest(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
-  SendRequest(info.Env(), fd, static_cast<uint8_t>(info[1].As<Napi::Number>().Uint32Value()), info[3]);
-  return ReceiveReply(info.Env(), fd, info[2].As<Napi::Number>().DoubleValue());
+  SendRequest(info.Env(), fd, static_cast<uint8_t>(info[1].As<Napi::Number>().Uint32Value()), info[3], info.Env().Undefined());
+  return ReceiveNow(info.Env(), fd, info[2].As<Napi::Number>().DoubleValue());
 }
 
 }  // namespace
@@ -81,6 +103,7 @@ void InitGuestControl(Napi::Env env, Napi::Object exports) {
   exports.Set("controlRequest", Napi::Function::New(env, ControlRequest));
   exports.Set("controlSend", Napi::Function::New(env, ControlSend));
   exports.Set("controlReceive", Napi::Function::New(env, ControlReceive));
+  exports.Set("controlReceiveAsync", Napi::Function::New(env, ControlReceiveAsync));
 }
 
 }  // namespace livemig

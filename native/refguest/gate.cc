@@ -1,17 +1,18 @@
-// The reference guest's end of the control socket: a thread of its own answers pause and resume
-// at once (a pause answered by the guest's event loop waited behind its timers and for a CPU,
-// 2-4 ms measured on a 2-CPU host; a blocked read wakes in microseconds), and a gate the
-// guest's writes and heartbeats pass, which that thread closes. Built into the reference
-// guest's own addon (livemig_guest.node), not the library's.
-#include <sys/socket.h>
+// The reference guest's end of the guest contract, on top of the C library every guest may use
+// (native/guest/livemig_guest.h): the library's thread answers livemig at once (a pause answered
+// by the guest's event loop waited behind its timers and for a CPU, 2-4 ms measured on a 2-CPU
+// host), and the guest's writes and heartbeats pass a gate that the pause closes. Built into
+// the reference guest's own addon (livemig_guest.node), not the library's.
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdio>
 #include <cstring>
-#include <thread>
-#include <vector>
+#include <string>
 
 #include "common.h"
-#include "process/control_msg.h"
+#include "guest/livemig_guest.h"
 #include "refguest/gate.h"
 
 namespace livemig {
@@ -23,98 +24,90 @@ GuestGate& TheGuestGate() {
 
 namespace {
 
-Napi::Reference<Napi::BigUint64Array>& GateState() {
-  static Napi::Reference<Napi::BigUint64Array> ref;
-  return ref;
+// The state's fields a pause does not change, as JSON without its closing brace; the pause
+// appends the run state (xorshift, writes, heartbeat sequence) and closes it.
+std::string g_statePrefix;
+// only where the threads can be given their place back on resume
+bool g_idleWhenPaused = false;
+Napi::Reference<Napi::BigUint64Array> g_stRef;
+
+int OnPause(void*, uint8_t** state, size_t* len, char*, size_t) {
+  GuestGate& g = TheGuestGate();
+  uint64_t snap[3];
+  {
+    std::lock_guard<std::mutex> lock(g.mu);  // a write chunk in progress completes first
+    g.paused = true;
+    std::memcpy(snap, g.st, sizeof snap);
+  }
+  char run[96];
+  int n = snprintf(run, sizeof run, ",\"xs\":\"%llu\",\"writes\":\"%llu\",\"heartbeatSeq\":%llu,\"throttle\":0}", static_cast<unsigned long long>(snap[0]),
+                   static_cast<unsigned long long>(snap[1]), static_cast<unsigned long long>(snap[2]));
+  *len = g_statePrefix.size() + static_cast<size_t>(n);
+  *state = static_cast<uint8_t*>(malloc(*len));
+  std::memcpy(*state, g_statePrefix.data(), g_statePrefix.size());
+  std::memcpy(*state + g_statePrefix.size(), run, static_cast<size_t>(n));
+  return 0;
 }
 
-// gateStart(fd, st: BigUint64Array[3]): a thread answers pause and resume on fd for the life of
-// the process; the guest's writes and beats pass the gate (guestWrite, gateBeat).
-Napi::Value GateStart(const Napi::CallbackInfo& info) {
+// Paused, the rest of this process (its event loop, the runtime's compiler and garbage
+// collector threads) takes no CPU from the migration: sampled before this, a runtime helper
+// thread here ran 3.5 ms inside the hand-over and held back livemig's thread on its CPU.
+// After the answer, so that the pause is not longer for it.
+void OnPaused(void*) {
+  if (g_idleWhenPaused) SetOtherThreadsIdle(true);
+}
+
+void OnResume(void*) {
+  GuestGate& g = TheGuestGate();
+  if (g_idleWhenPaused) SetOtherThreadsIdle(false);
+  std::lock_guard<std::mutex> lock(g.mu);
+  g.paused = false;
+  g.throttlePercent = 0;
+}
+
+int OnThrottle(void*, unsigned percent) {
+  TheGuestGate().throttlePercent = percent;
+  return 0;
+}
+
+void OnReleased(void*) {
+  // it runs at the destination now; freeing a large region is kernel work charged to this
+  // process: keep it out of the way of whatever runs next
+  setpriority(PRIO_PROCESS, 0, 19);
+  _exit(0);
+}
+
+// This thread only waits for requests, and a pause waits for it: a short slice lets it run as
+// soon as one comes instead of behind a busy thread's slice (EEVDF, Linux >= 6.12).
+void OnThreadStart(void*) { SetThreadSlice(100000); }
+
+std::string Message(const char* what, const char* err) { return std::string(what) + ": " + err; }
+
+// serve(path, region: {address, size, fd, tracked}, st: BigUint64Array[3], statePrefix): the
+// library's thread serves livemig at path for the life of the process.
+Napi::Value Serve(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  Napi::BigUint64Array st = info[1].As<Napi::BigUint64Array>();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  Napi::Object r = info[1].As<Napi::Object>();
+  Napi::BigUint64Array st = info[2].As<Napi::BigUint64Array>();
   if (st.ElementLength() < 3) throw Napi::RangeError::New(env, "the run state needs 3 words");
   GuestGate& g = TheGuestGate();
-  if (g.st) throw Napi::Error::New(env, "the gate already runs");
-  GateState() = Napi::Persistent(st);  // the thread reads this memory: keep it alive
+  if (g.st) throw Napi::Error::New(env, "the guest already serves");
+  g_statePrefix = info[3].As<Napi::String>().Utf8Value();
+  g_stRef = Napi::Persistent(st);  // the library's thread reads this memory: keep it alive
   g.st = st.Data();
-  std::thread([fd, &g] {
-    // this thread only waits for requests, and a pause waits for it: a short slice lets it run
-    // as soon as one comes instead of behind a busy thread's slice (EEVDF, Linux >= 6.12; a
-    // kernel without custom slices keeps the default)
-    SetThreadSlice(100000);
-    // only where the threads can be given their place back on resume
-    const bool idleWhenPaused = MayLeaveIdle();
-    std::vector<uint8_t> body;
-    // A pause may come with a lease (u32 LE ms, the body of 'P'): while paused and not told
-    // that livemig commits ('C'), hearing nothing for that long, or livemig's end closing,
-    // means livemig stalled or died before its point of commitment; the destination cannot
-    // activate without the COMMIT that follows 'c', so the guest resumes itself here. After
-    // 'C' it never does: the guest may already run at the destination.
-    double leaseMs = 0;
-    bool committed = false;
-    bool selfResumed = false;  // 'C' after that is refused: livemig must not commit
-    auto resumeSelf = [&] {
-      if (idleWhenPaused) SetOtherThreadsIdle(false);
-      std::lock_guard<std::mutex> lock(g.mu);
-      g.paused = false;
-      selfResumed = true;
-    };
-    for (;;) {
-      uint8_t req;
-      const bool leased = g.paused.load() && !committed && leaseMs > 0;
-      int err = ReadMessage(fd, &req, &body, leased ? MonotonicMs() + leaseMs : -1);
-      if (err == ETIMEDOUT && leased) {
-        resumeSelf();
-        continue;
-      }
-      if (err != 0) {
-        // livemig closed its end (or broke the framing)
-        if (g.paused.load() && !committed) resumeSelf();
-        break;
-      }
-      bool ok;
-      if (req == 'P') {
-        uint64_t snap[3];
-        {
-          std::lock_guard<std::mutex> lock(g.mu);  // a write chunk in progress completes first
-          g.paused = true;
-          std::memcpy(snap, g.st, sizeof snap);
-        }
-        leaseMs = 0;
-        if (body.size() == 4) leaseMs = body[0] | (body[1] << 8) | (body[2] << 16) | (static_cast<uint32_t>(body[3]) << 24);
-        committed = false;
-        selfResumed = false;
-        ok = WriteMessage(fd, 'p', reinterpret_cast<uint8_t*>(snap), sizeof snap);
-        // Paused, the rest of this process (its event loop, the runtime's compiler and garbage
-        // collector threads) takes no CPU from the migration: sampled before this, a runtime
-        // helper thread here ran 3.5 ms inside the hand-over and held back livemig's thread on
-        // its CPU. After the answer, so that the pause is not longer for it.
-        if (idleWhenPaused) SetOtherThreadsIdle(true);
-      } else if (req == 'C') {
-        if (selfResumed || !g.paused.load()) {
-          static const char why[] = "not paused: the guest resumed itself when its lease ran out";
-          ok = WriteMessage(fd, 'e', reinterpret_cast<const uint8_t*>(why), sizeof why - 1);
-        } else {
-          committed = true;
-          ok = WriteMessage(fd, 'c', nullptr, 0);
-        }
-      } else if (req == 'R') {
-        if (idleWhenPaused && g.paused.load()) SetOtherThreadsIdle(false);
-        g.paused = false;
-        committed = false;
-        ok = WriteMessage(fd, 'r', nullptr, 0);
-      } else {
-        ok = WriteMessage(fd, 'e', nullptr, 0);
-      }
-      if (!ok) {
-        if (g.paused.load() && !committed) resumeSelf();
-        break;
-      }
-    }
-    close(fd);
-  }).detach();
+  g_idleWhenPaused = MayLeaveIdle();
+  lmg_region region{};
+  region.id = 0;
+  std::snprintf(region.name, sizeof region.name, "ram");
+  region.addr = reinterpret_cast<void*>(ToU64(r.Get("address")));
+  region.size = ToU64(r.Get("size"));
+  region.fd = r.Get("fd").As<Napi::Number>().Int32Value();
+  region.offset = 0;
+  region.tracked = r.Get("tracked").ToBoolean().Value() ? 1 : 0;
+  static const lmg_source_ops ops = {nullptr, OnPause, OnPaused, OnResume, OnThrottle, OnReleased, OnThreadStart};
+  char err[512];
+  if (!lmg_source_start(path.c_str(), "reference-guest", &region, 1, &ops, err, sizeof err)) throw Napi::Error::New(env, Message("serving livemig", err));
   return env.Undefined();
 }
 
@@ -122,11 +115,9 @@ Napi::Value GatePaused(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), TheGuestGate().paused.load());
 }
 
-Napi::Value GateSetPaused(const Napi::CallbackInfo& info) {
-  GuestGate& g = TheGuestGate();
-  std::lock_guard<std::mutex> lock(g.mu);
-  g.paused = info[0].ToBoolean().Value();
-  return info.Env().Undefined();
+// the throttle livemig asked for (percent of the rate withheld)
+Napi::Value GateThrottle(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), TheGuestGate().throttlePercent.load());
 }
 
 // gateBeat(st) -> the heartbeat's sequence number, or -1 when paused: a paused guest must not
@@ -139,44 +130,93 @@ Napi::Value GateBeat(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(st[2]++));
 }
 
-// waitCommand(fd) -> {tag, body}, or null at end of stream. Blocks the calling thread: an
-// incoming guest has nothing to run until it is told to go.
-Napi::Value WaitCommand(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  uint8_t req;
-  std::vector<uint8_t> body;
-  int err = ReadMessage(fd, &req, &body, -1);
-  if (err == ECONNRESET) return env.Null();
-  if (err) throw MakeSysError(env, "recv", err, "waiting for a command");
-  return MessageObject(env, req, body);
+// ---- incoming ----
+
+struct Incoming {
+  lmg_incoming* h = nullptr;
+  std::atomic<bool> allPresent{false};
+  Napi::Env env = nullptr;
+  Napi::Function loadState;
+};
+
+void OnAllPresent(void* ctx) { static_cast<Incoming*>(ctx)->allPresent = true; }
+
+// The state check is the guest's own JavaScript: called synchronously, on the thread that
+// called incomingWait (this one), which is blocked in it.
+int OnLoadState(void* ctx, const uint8_t* state, size_t len, char* why, size_t whylen) {
+  Incoming* in = static_cast<Incoming*>(ctx);
+  Napi::Value r = in->loadState.Call({Napi::Buffer<uint8_t>::Copy(in->env, state, len)});
+  if (in->env.IsExceptionPending()) {
+    Napi::Error e = in->env.GetAndClearPendingException();
+    std::snprintf(why, whylen, "%s", e.Message().c_str());
+    return -1;
+  }
+  if (r.IsString()) {
+    std::snprintf(why, whylen, "%s", r.As<Napi::String>().Utf8Value().c_str());
+    return -1;
+  }
+  return 0;
 }
 
-// replyCommand(fd, tag, body?)
-Napi::Value ReplyCommand(const Napi::CallbackInfo& info) {
+// incomingOpen(path, timeoutMs) -> {handle, regions: [{address, size, name}]}: waits for
+// livemig, receives the regions and maps them (blocking: there is nothing else to run yet).
+Napi::Value IncomingOpen(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  uint8_t tag = static_cast<uint8_t>(info[1].As<Napi::Number>().Uint32Value());
-  const uint8_t* body = nullptr;
-  size_t len = 0;
-  if (info.Length() > 2 && info[2].IsBuffer()) {
-    body = info[2].As<Napi::Buffer<uint8_t>>().Data();
-    len = info[2].As<Napi::Buffer<uint8_t>>().Length();
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  char err[512];
+  auto* in = new Incoming();
+  in->h = lmg_incoming_open(path.c_str(), "reference-guest", info[1].As<Napi::Number>().Int32Value(), err, sizeof err);
+  if (!in->h) {
+    delete in;
+    throw Napi::Error::New(env, Message("receiving the regions", err));
   }
-  if (len > kMaxControlBody) throw Napi::RangeError::New(env, "reply longer than 4096 bytes");
-  if (!WriteMessage(fd, tag, body, static_cast<uint16_t>(len))) throw MakeSysError(env, "send", errno ? errno : EPIPE, "control reply");
-  return env.Undefined();
+  const lmg_region* regions;
+  size_t n = lmg_incoming_regions(in->h, &regions);
+  Napi::Array list = Napi::Array::New(env, n);
+  for (size_t i = 0; i < n; i++) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("address", Napi::BigInt::New(env, static_cast<uint64_t>(reinterpret_cast<uintptr_t>(regions[i].addr))));
+    o.Set("size", static_cast<double>(regions[i].size));
+    o.Set("name", regions[i].name);
+    list.Set(static_cast<uint32_t>(i), o);
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("handle", Napi::External<Incoming>::New(env, in));  // lives as long as the process
+  out.Set("regions", list);
+  return out;
+}
+
+// incomingWait(handle, loadState: (state: Buffer) => string | undefined) -> true when told to
+// run, false when livemig went away first. loadState returns why it refuses a state, if it does.
+Napi::Value IncomingWait(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Incoming* in = info[0].As<Napi::External<Incoming>>().Data();
+  in->env = env;
+  in->loadState = info[1].As<Napi::Function>();
+  lmg_incoming_ops ops = {in, OnLoadState, OnAllPresent};
+  char err[512];
+  return Napi::Boolean::New(env, lmg_incoming_wait(in->h, &ops, err, sizeof err) == 0);
+}
+
+// incomingStatus(handle) -> {postcopy, allPresent}
+Napi::Value IncomingStatus(const Napi::CallbackInfo& info) {
+  Incoming* in = info[0].As<Napi::External<Incoming>>().Data();
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("postcopy", Napi::Boolean::New(info.Env(), lmg_incoming_postcopy(in->h) != 0));
+  o.Set("allPresent", Napi::Boolean::New(info.Env(), in->allPresent.load()));
+  return o;
 }
 
 }  // namespace
 
 void InitGate(Napi::Env env, Napi::Object exports) {
-  exports.Set("gateStart", Napi::Function::New(env, GateStart));
+  exports.Set("serve", Napi::Function::New(env, Serve));
   exports.Set("gatePaused", Napi::Function::New(env, GatePaused));
-  exports.Set("gateSetPaused", Napi::Function::New(env, GateSetPaused));
+  exports.Set("gateThrottle", Napi::Function::New(env, GateThrottle));
   exports.Set("gateBeat", Napi::Function::New(env, GateBeat));
-  exports.Set("waitCommand", Napi::Function::New(env, WaitCommand));
-  exports.Set("replyCommand", Napi::Function::New(env, ReplyCommand));
+  exports.Set("incomingOpen", Napi::Function::New(env, IncomingOpen));
+  exports.Set("incomingWait", Napi::Function::New(env, IncomingWait));
+  exports.Set("incomingStatus", Napi::Function::New(env, IncomingStatus));
 }
 
 }  // namespace livemig

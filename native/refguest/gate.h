@@ -1,4 +1,4 @@
-// The reference guest's run gate: its writes and heartbeats pass it, and a native control
+// The reference guest's run gate: its writes and heartbeats pass it, and the guest library's
 // thread closes it on a pause request without waiting for the guest's event loop.
 #pragma once
 
@@ -11,7 +11,8 @@ namespace livemig {
 struct GuestGate {
   std::mutex mu;                 // held while the guest writes a chunk or stamps a beat
   std::atomic<bool> paused{false};
-  uint64_t* st = nullptr;        // {xorshift state, writes, heartbeat seq}, while a gate thread runs
+  uint64_t* st = nullptr;        // {xorshift state, writes, heartbeat seq}, once the guest serves livemig
+  std::atomic<unsigned> throttlePercent{0};  // of the rate withheld, as livemig asked (auto-converge)
 };
 
 GuestGate& TheGuestGate();

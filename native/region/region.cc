@@ -102,6 +102,55 @@ Napi::Value Adopt(const Napi::CallbackInfo& info) {
   return Wrap(env, m);
 }
 
+// adoptPieces(pieces: [{fd, offset, size}]): one mapping of every piece back to back, each a
+// duplicate of the caller's descriptor mapped at its offset (a guest's regions in one page space).
+Napi::Value AdoptPieces(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array list = info[0].As<Napi::Array>();
+  struct Piece {
+    int fd;
+    uint64_t offset, size;
+  };
+  std::vector<Piece> pieces;
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    Napi::Object o = list.Get(i).As<Napi::Object>();
+    Piece p{o.Get("fd").As<Napi::Number>().Int32Value(), ToU64(o.Get("offset")), ToU64(o.Get("size"))};
+    struct stat st;
+    if (fstat(p.fd, &st) != 0) throw MakeSysError(env, "fstat", errno);
+    if (static_cast<uint64_t>(st.st_size) < p.offset + p.size) {
+      throw MakeSysError(env, "fstat", EINVAL, "piece " + std::to_string(i) + ": the file holds " + std::to_string(st.st_size) + " bytes, fewer than offset + size");
+    }
+    pieces.push_back(p);
+    total += p.size;
+  }
+  if (pieces.empty() || total == 0) throw MakeSysError(env, "mmap", EINVAL, "no pieces");
+  // the whole range first, so the pieces land side by side and nothing else in between
+  void* base = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) throw MakeSysError(env, "mmap", errno, "reserving the range");
+  auto* m = new Mapping();
+  m->addr = static_cast<uint8_t*>(base);
+  m->size = total;
+  uint64_t at = 0;
+  for (const Piece& p : pieces) {
+    int fd = fcntl(p.fd, F_DUPFD_CLOEXEC, 3);
+    void* a = fd < 0 ? MAP_FAILED : mmap(m->addr + at, p.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(p.offset));
+    if (a == MAP_FAILED) {
+      int e = errno;
+      if (fd >= 0) close(fd);
+      for (int f : m->pieceFds) close(f);
+      munmap(base, total);
+      delete m;
+      throw MakeSysError(env, fd < 0 ? "fcntl(F_DUPFD_CLOEXEC)" : "mmap", e);
+    }
+    m->pieceFds.push_back(fd);
+    at += p.size;
+  }
+  m->id = g_next_id.fetch_add(1);
+  Register(m);
+  return Wrap(env, m);
+}
+
 Napi::Value Attach(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t id = ToU64(info[0]);
@@ -132,6 +181,7 @@ void Mapping::Unref() {
   }
   if (!released.load()) {
     if (fd >= 0) close(fd);  // never released explicitly: the last reference is going now
+    for (int f : pieceFds) close(f);
   }
   munmap(addr, size);
   delete this;
@@ -151,6 +201,8 @@ bool Mapping::Release() {
     (void)r;  // on failure the shared mapping stays until munmap; still no crash
     if (fd >= 0) close(fd);
     fd = -1;
+    for (int f : pieceFds) close(f);
+    pieceFds.clear();
     Unref();
   }).detach();
   return true;
@@ -297,6 +349,7 @@ void InitRegionStatics(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeRegion", Region::Init(env));
   exports.Set("regionCreate", Napi::Function::New(env, Create));
   exports.Set("regionAdopt", Napi::Function::New(env, Adopt));
+  exports.Set("regionAdoptPieces", Napi::Function::New(env, AdoptPieces));
   exports.Set("regionAttach", Napi::Function::New(env, Attach));
   exports.Set("pageSize", Napi::Function::New(env, PageSize));
 }

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace livemig {
 
@@ -16,6 +17,8 @@ struct Mapping {
   uint8_t* addr = nullptr;
   size_t size = 0;
   int fd = -1;
+  // a mapping of several pieces (a guest's regions back to back): their descriptors, fd is -1
+  std::vector<int> pieceFds;
   uint64_t id = 0;
   std::atomic<int> refs{1};
   std::atomic<bool> released{false};

@@ -2,6 +2,7 @@
 import { LivemigError } from '../errors.js';
 import { preferShortSlices } from '../sched.js';
 import { demo } from './commands/demo.js';
+import { guest } from './commands/guest.js';
 import { keys } from './commands/keys.js';
 import { probe } from './commands/probe.js';
 import { resolve } from './commands/resolve.js';
@@ -9,7 +10,7 @@ import { receive } from './commands/receive.js';
 import { send } from './commands/send.js';
 import { USAGE_EXIT, commandHelp, isUsageError, parseFlags, type Command } from './flags.js';
 
-const COMMANDS: readonly Command[] = [demo, receive, send, probe, keys, resolve];
+const COMMANDS: readonly Command[] = [demo, receive, send, guest, probe, keys, resolve];
 
 function globalUsage(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;

@@ -17,7 +17,7 @@ import { migrate } from '../source/migrate.js';
 import type { MigrateOptions, MigrationReport, ProgressEvent } from '../source/types.js';
 import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workload/content.js';
 import { monotonicMs } from '../workload/clock.js';
-import { HeartbeatObserver, SourceGuest } from '../workload/controller.js';
+import { HeartbeatObserver, SourceGuest, cGuestArgs, cIncomingCommand } from '../workload/controller.js';
 
 const CLI_ENTRY = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 
@@ -92,6 +92,11 @@ export interface DemoOptions {
   secure?: boolean;
   /** called once the receiver listens, before the guest starts (a benchmark crowds it here) */
   onListening?(port: number): void | Promise<void>;
+  /**
+   * which guest moves: the reference guest (default; `guest` describes it) or the C example
+   * guest on both ends (native/guest/example; two regions, 192 and 64 MiB, writing at guest.rate)
+   */
+  guestKind?: 'reference' | 'c';
 }
 
 /** Runs receiver, guest and sender on loopback (or across a namespace link) and migrates the guest live. */
@@ -110,7 +115,9 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   // a receiver in a test namespace is off loopback: the demo runs it without credentials on purpose
   const insecure = isLoopback(receiverAt.host) || o.secure ? [] : ['--insecure'];
   const secure = o.secure ? secureDemo() : undefined;
-  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...insecure, ...(secure?.receiverArgs ?? []), ...receiverArgs];
+  const kind = o.guestKind ?? 'reference';
+  const guestExec = kind === 'c' ? ['--guest-exec', cIncomingCommand().join(' ')] : [];
+  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...insecure, ...(secure?.receiverArgs ?? []), ...guestExec, ...receiverArgs];
   const receiver = spawn(rxCommand[0]!, rxCommand.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
@@ -133,7 +140,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     if (first.done) throw new LivemigError('ERR_LIVEMIG_CONNECTION', 'the receiver exited before listening', { phase: 'demo' });
     const { port } = JSON.parse(first.value) as { port: number };
     await o.onListening?.(port);
-    guest = await SourceGuest.spawn({ ...g, heartbeat: observer.address });
+    guest = kind === 'c' ? await SourceGuest.start((socket) => cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address })) : await SourceGuest.spawn({ ...g, heartbeat: observer.address });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();
     let tMigrating: number | undefined;
@@ -145,8 +152,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     const early = naive ? await source.pause() : undefined;
     const cpu0 = process.cpuUsage();
     const report = await migrate({
-      region: source.region,
-      ...(source.target ? { target: source.target } : {}),
+      ...source.memory,
       to: { host: receiverAt.host, port },
       insecure: !isLoopback(receiverAt.host) && !secure,
       ...(secure ? { credentials: secure.credentials } : {}),

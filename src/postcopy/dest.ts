@@ -5,7 +5,7 @@
  * arrives when a fault waits for it.
  */
 import { LivemigError, type ErrorCode } from '../errors.js';
-import { addon, call, type NativePostcopyDest, type NativeWire, type PostcopyEvent } from '../native.js';
+import { addon, call, type GuestRange, type NativePostcopyDest, type NativeWire, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
 
 export interface FaultStats {
@@ -52,7 +52,7 @@ export class FaultService {
    *   holds its final content (sent in pre-copy and not dirtied since)
    * @param hashes per-page hashes; those of held pages are kept, the others are set on arrival
    */
-  constructor(region: Region, uffd: number, guestAddress: bigint, needed: Uint8Array, hashes: BigUint64Array, version: number) {
+  constructor(region: Region, uffd: number, guestAddress: bigint | GuestRange[], needed: Uint8Array, hashes: BigUint64Array, version: number) {
     if (needed.length !== region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
     const onEvent = (e: PostcopyEvent): void => {
       // the break of connections since replaced says nothing about the current ones

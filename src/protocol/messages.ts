@@ -5,6 +5,7 @@
  */
 import { pack, unpack } from 'msgpackr';
 import { addon, call } from '../native.js';
+import { GuestLayout, type RegionSpec } from '../guest/layout.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
 import { FLAG_PROVE, FLAGS_NONE, FrameType, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
@@ -17,6 +18,8 @@ export interface Hello {
   /** authentication: reserved for a later version (pre-shared key, TLS); must be null now */
   auth: null;
   capabilities: string[];
+  /** the guest's regions in its page space, in order (sizes sum to regionBytes); absent: one region */
+  regions?: RegionSpec[];
 }
 export interface Accept {
   version: number;
@@ -81,7 +84,14 @@ export function decodeHello(p: Buffer): Hello {
   if (!isCount(m.pageSize, 1 << 30) || m.pageSize === 0) throw bad('HELLO pageSize must be a positive integer');
   if (m.auth !== null) throw bad('HELLO auth must be null in protocol version 1 (authentication is not negotiated yet)');
   if (!Array.isArray(m.capabilities) || m.capabilities.length > 64 || !m.capabilities.every((c) => isString(c, 64))) throw bad('HELLO capabilities must be a list of short strings');
-  return { versions: [v[0], v[1]], regionBytes: m.regionBytes, pageSize: m.pageSize, auth: null, capabilities: m.capabilities as string[] };
+  const hello: Hello = { versions: [v[0], v[1]], regionBytes: m.regionBytes, pageSize: m.pageSize, auth: null, capabilities: m.capabilities as string[] };
+  if (m.regions !== undefined) {
+    if (!Array.isArray(m.regions)) throw bad('HELLO regions must be a list');
+    const layout = GuestLayout.checked(m.regions as RegionSpec[], 'HELLO regions', (why) => bad(why));
+    if (layout.bytes !== m.regionBytes) throw bad(`HELLO regions hold ${layout.bytes} bytes, regionBytes says ${m.regionBytes}`);
+    hello.regions = layout.toWire();
+  }
+  return hello;
 }
 
 /** The version both sides speak: the newest in both ranges, or undefined. */

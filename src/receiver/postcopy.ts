@@ -44,7 +44,7 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
   const ta = performance.now();
   const reg = await options.postcopy.register(region);
   trace('receiver', 'registered');
-  const faults = new FaultService(region, reg.uffd, reg.address, unpacked.bytes, o.hashes, version);
+  const faults = new FaultService(region, reg.uffd, 'ranges' in reg ? reg.ranges : reg.address, unpacked.bytes, o.hashes, version);
   o.onFaults(faults);
   faults.start();
   faults.attach(ch.handle, prio.handle);

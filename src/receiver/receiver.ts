@@ -16,6 +16,7 @@ import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, e
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { PageSink, WireChannel, WireFrame } from '../protocol/wire.js';
 import { isLoopback, type SecurityReport } from '../security/tls.js';
+import { GuestLayout } from '../guest/layout.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
@@ -129,6 +130,8 @@ class Incoming {
   readonly #local: string;
   #version = PROTOCOL_VERSION;
   #region: Region | undefined;
+  /** the guest's regions in the page space (HELLO's table, or one region) */
+  #layout: GuestLayout | undefined;
   #session: PostcopySession | undefined;
   #faults: FaultService | undefined;
   /** from the device state on, COMMIT may be on its way: a failure may leave the source asking */
@@ -143,6 +146,10 @@ class Incoming {
     this.#options = options;
     this.#sessions = sessions;
     this.#progress = options.onProgress ?? (() => undefined);
+  }
+
+  #regionsReport(): ReceiveReport['regions'] {
+    return (this.#layout?.regions ?? []).map((r) => ({ id: r.id, name: r.name, bytes: r.size }));
   }
 
   /** HELLO: version, geometry and limits checked before anything is reserved. */
@@ -170,6 +177,7 @@ class Incoming {
     if (budget && h.regionBytes > budget.bytes) {
       throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `region of ${h.regionBytes} bytes exceeds what this host can hold now (${budget.bytes} bytes: ${budget.why}); set maxRegionBytes (--max-region) to override`, { phase: 'reserve' });
     }
+    this.#layout = h.regions ? GuestLayout.of(h.regions) : GuestLayout.single(h.regionBytes);
     return h;
   }
 
@@ -190,7 +198,7 @@ class Incoming {
     populated.catch(() => undefined); // awaited below, after onReserved
     const postcopyCap = version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
     const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
-    await options.onReserved?.(region, !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible');
+    await options.onReserved?.(region, !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible', this.#layout!);
     await populated;
     const reserveMs = performance.now() - t0;
     this.#progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
@@ -357,7 +365,7 @@ class Incoming {
     // the source closes once it has read ACTIVATED: without that close it may not know, and
     // will ask on a new connection (a listener that stays up answers: activated)
     const confirmed = (await this.#ch.finish(undefined, CONFIRM_WAIT_MS)) && sent && !gaveUp;
-    return { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security, confirmed };
+    return { region_bytes: a.region.size, regions: this.#regionsReport(), reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security, confirmed };
   }
 
   async #postcopy(payload: Buffer, a: Accepted, got: Received): Promise<ReceiveReport> {
@@ -384,7 +392,7 @@ class Incoming {
         },
         onFaults: (s) => (this.#faults = s),
       },
-      { region_bytes: a.region.size, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, security: this.#security },
+      { region_bytes: a.region.size, regions: this.#regionsReport(), reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, security: this.#security },
     );
   }
 

@@ -1,5 +1,7 @@
 /** The destination's public types: options, progress events and the report. */
 import type { FaultStats } from '../postcopy/dest.js';
+import type { GuestLayout } from '../guest/layout.js';
+import type { GuestRange } from '../native.js';
 import type { Region } from '../region/region.js';
 import type { Credentials, SecurityReport } from '../security/tls.js';
 
@@ -26,7 +28,7 @@ export interface ReceiveOptions {
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise
    */
-  onReserved?(region: Region, postcopy: 'planned' | 'possible' | 'no'): void | Promise<void>;
+  onReserved?(region: Region, postcopy: 'planned' | 'possible' | 'no', layout: GuestLayout): void | Promise<void>;
   /** called when the migration fails before activation (undo what onReserved started) */
   onDiscard?(region: Region): void;
   /** hands the verified region and device state to the guest; the guest runs here from then on */
@@ -51,7 +53,7 @@ export interface ReceiveOptions {
    * userfaultfd (a descriptor in this process) and the mapping's address in the guest.
    * `activate` then resumes the guest with pages still missing; they arrive while it runs.
    */
-  postcopy?: { register(region: Region): Promise<{ uffd: number; address: bigint }> };
+  postcopy?: { register(region: Region): Promise<PostcopyRegistration> };
   /** post-copy: how long to wait for the source to come back after a break (default 60 s) */
   recoverTimeoutMs?: number;
   /**
@@ -65,8 +67,16 @@ export interface ReceiveOptions {
   insecure?: boolean;
 }
 
+/**
+ * The guest's registration for post-copy: livemig's copy of its userfaultfd (the receiver closes
+ * it when done) and where the guest maps the region: one address, or one per region.
+ */
+export type PostcopyRegistration = { uffd: number; address: bigint } | { uffd: number; ranges: GuestRange[] };
+
 export interface ReceiveReport {
   region_bytes: number;
+  /** the guest's regions (HELLO's table) */
+  regions: { id: number; name: string; bytes: number }[];
   reserve_ms: number;
   pages_received: number;
   rounds: number;

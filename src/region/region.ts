@@ -112,6 +112,24 @@ export class Region {
   }
 
   /**
+   * One region over several files (a guest's regions): each piece's bytes [offset, offset+size)
+   * of its descriptor, mapped back to back in this order. The descriptors are duplicated.
+   */
+  static adoptPieces(pieces: readonly { fd: number; offset: number; size: number }[]): Region {
+    if (!Array.isArray(pieces) || pieces.length === 0) throw invalidArgument('pieces must be a non-empty list');
+    let total = 0;
+    for (const [i, p] of pieces.entries()) {
+      if (!Number.isInteger(p.fd) || p.fd < 0) throw invalidArgument(`piece ${i}: fd must be a non-negative integer, got ${String(p.fd)}`);
+      if (!Number.isSafeInteger(p.offset) || p.offset < 0 || p.offset % PAGE_SIZE !== 0) throw invalidArgument(`piece ${i}: offset must be page-aligned, got ${String(p.offset)}`);
+      checkSize(p.size, `piece ${i}'s size`);
+      total += p.size;
+    }
+    checkSize(total, 'the pieces together');
+    if (pieces.length === 1 && pieces[0]!.offset === 0) return Region.adopt(pieces[0]!.fd, pieces[0]!.size);
+    return new Region(call('ERR_LIVEMIG_SYSCALL', 'region', `mapping ${pieces.length} pieces`, () => addon.regionAdoptPieces(pieces.map((p) => ({ ...p })))));
+  }
+
+  /**
    * The same mapping, from a worker thread of this process: pass `region.shareId` to the
    * worker and call `Region.attach(id)` there. Writes through it are tracked like the owner's.
    */

@@ -80,6 +80,8 @@ export class SourceContext {
   maxThrottle = 0;
   bytesSent = 0;
   pagesSent = 0;
+  /** pages sent of each region of the layout */
+  readonly regionPages: number[];
   tFirstPage = 0;
   /** the current (at the end, the last) pre-copy round; post-copy's pages carry the next one */
   round = 1;
@@ -92,6 +94,7 @@ export class SourceContext {
     this.settings = settings;
     const { options } = settings;
     this.hashes = new BigUint64Array(options.region.pageCount);
+    this.regionPages = settings.layout.regions.map(() => 0);
     this.pending = Uint32Array.from({ length: options.region.pageCount }, (_, i) => i);
     this.pacer = new Pacer({
       pageSize: options.region.pageSize,
@@ -197,6 +200,7 @@ export class SourceContext {
       : (await channel.sendPages({ region: this.settings.options.region, pages, round: r, version, batchPages: this.settings.batchPages, hashes: this.hashes })).bytes;
     this.bytesSent += n;
     this.pagesSent += pages.length;
+    this.settings.layout.breakdown(pages, this.regionPages);
     this.deadlines.noteProgress();
     return n;
   }

@@ -16,6 +16,7 @@ import type { WireChannel } from '../protocol/wire.js';
 import { isLoopback, openChannel } from '../security/tls.js';
 import { frameLimits } from '../protocol/limits.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
+import { HashTracker } from '../tracking/hash.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
 import { now, type SourceContext } from './context.js';
@@ -54,7 +55,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities }));
+  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire() }));
   trace('source', 'HELLO sent');
   const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
@@ -81,7 +82,10 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const prepMs = now() - ctx.tConnect;
   let tracker = options.tracker;
   let trackerReason = 'given by the caller';
-  if (!tracker) {
+  if (!tracker && options.untracked) {
+    tracker = new HashTracker(region);
+    trackerReason = 'hash: the guest registered no write tracking (userfaultfd WP_ASYNC), so every page is hashed each round';
+  } else if (!tracker) {
     const choice = chooseTracker(region, options.target ? { target: options.target } : {});
     tracker = choice.tracker;
     trackerReason = `${choice.backend}: ${choice.reason}`;

@@ -1,5 +1,6 @@
 /** The source's options, checked once with exact messages and resolved to their defaults. */
 import net from 'node:net';
+import { GuestLayout } from '../guest/layout.js';
 import { LivemigError } from '../errors.js';
 import { assertSecureEnough } from '../security/tls.js';
 import type { StallAction } from '../precopy/policy.js';
@@ -25,6 +26,7 @@ export interface Settings {
   readonly progressTimeoutMs: number;
   readonly maxPauseMs: number;
   readonly resolveTimeoutMs: number;
+  readonly layout: GuestLayout;
 }
 
 export const invalid = (m: string): LivemigError => new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', m, { phase: 'validate' });
@@ -51,6 +53,10 @@ export function resolveOptions(options: MigrateOptions): Settings {
     const v = options[k];
     if (v !== undefined && !(Number.isFinite(v) && v > 0)) throw invalid(`${k} must be a positive number of milliseconds, got ${String(v)}`);
   }
+  const layout = options.layout ?? GuestLayout.single(region.size);
+  if (!(layout instanceof GuestLayout)) throw invalid('layout must be a GuestLayout (GuestLayout.of(regions))');
+  if (options.untracked && (options.target || options.tracker)) throw invalid('untracked excludes target and tracker');
+  if (layout.bytes !== region.size) throw invalid(`layout covers ${layout.bytes} bytes, the region holds ${region.size}`);
   if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
   const ra = options.rateAdaptation;
   if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');
@@ -69,5 +75,6 @@ export function resolveOptions(options: MigrateOptions): Settings {
     progressTimeoutMs: options.progressTimeoutMs ?? 30_000,
     maxPauseMs: options.maxPauseMs ?? 5_000,
     resolveTimeoutMs: options.resolveTimeoutMs ?? 30_000,
+    layout,
   };
 }

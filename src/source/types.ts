@@ -1,5 +1,6 @@
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
+import type { GuestLayout } from '../guest/layout.js';
 import type { Region } from '../region/region.js';
 import type { DirtyTracker, RemoteTarget } from '../tracking/types.js';
 import type { StallAction } from '../precopy/policy.js';
@@ -117,8 +118,10 @@ export interface PostcopyStats {
 }
 
 export interface MigrateOptions {
-  /** the guest's memory, mapped in this process */
+  /** the guest's memory, mapped in this process (several regions: back to back, as `layout` says) */
   region: Region;
+  /** the guest's regions in `region`, in order (default: one region of the whole) */
+  layout?: GuestLayout;
   /** where to send: host and port, or a connected socket */
   to: { host: string; port: number } | net.Socket;
   /**
@@ -141,6 +144,11 @@ export interface MigrateOptions {
   tracker?: DirtyTracker;
   /** the guest writes from another process through its own mapping */
   target?: RemoteTarget;
+  /**
+   * the guest writes from another process that registered no write tracking: every page is
+   * hashed each round (the report's tracker is 'hash', and its tracker_reason says why)
+   */
+  untracked?: boolean;
   /** stop-and-copy once the remaining pages fit this pause at the measured bandwidth (default 50 ms) */
   downtimeLimitMs?: number;
   /** at most this many pre-copy rounds before stop-and-copy (default 30) */
@@ -227,6 +235,10 @@ export interface MigrationReport {
   downtime_ms: number;
   rounds: number;
   region_bytes: number;
+  /** each region of the guest, and the pages sent of it in pre-copy and stop-and-copy (post-copy's are in `postcopy`) */
+  regions: { id: number; name: string; bytes: number; pages_sent: number }[];
+  /** why this tracker: the probe's findings, or that the guest registered none */
+  tracker_reason: string;
   wire_bytes: number;
   pages_sent: number;
   tracker: string;

@@ -40,4 +40,9 @@ export interface RemoteTarget {
   pid: number;
   /** start address of that process's mapping of the region */
   address: bigint;
+  /**
+   * a region of several pieces (a guest's regions): where each is mapped in that process and
+   * which pages of the region it holds, in order; `address` is then the first one's
+   */
+  ranges?: { address: bigint; firstPage: number; pages: number }[];
 }

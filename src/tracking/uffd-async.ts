@@ -98,6 +98,17 @@ export class UffdAsyncTracker implements DirtyTracker {
     if (!this.#target && this.#region.released) {
       return Promise.reject(new LivemigError('ERR_LIVEMIG_TRACKING', 'uffd-async tracker: the region was released while tracking', { phase: 'tracking' }));
     }
+    const ranges = this.#target?.ranges;
+    if (ranges && ranges.length > 1) {
+      return this.#state.collecting(async () =>
+        joinRanges(
+          ranges,
+          await Promise.all(
+            ranges.map((r) => callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () => addon.pagemapScan(this.#pagemapFd, r.address, r.pages * this.#region.pageSize, this.#region.pageSize, true))),
+          ),
+        ),
+      );
+    }
     return this.#state.collecting(() =>
       callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () =>
         addon.pagemapScan(this.#pagemapFd, this.#address, this.#region.size, this.#region.pageSize, true),
@@ -125,6 +136,9 @@ export class UffdAsyncTracker implements DirtyTracker {
   }
 
   writtenProbe(): WrittenProbe | undefined {
+    // the data path's probe reads one range: a guest of several regions goes without it (its
+    // sender then treats every page it hashed in place as possibly written)
+    if (this.#target?.ranges && this.#target.ranges.length > 1) return undefined;
     return this.#state.tracking && this.#pagemapFd >= 0 ? { pagemapFd: this.#pagemapFd, address: this.#address } : undefined;
   }
 
@@ -135,6 +149,14 @@ export class UffdAsyncTracker implements DirtyTracker {
   }
 
   #scanSync(rearm = true): Uint32Array {
+    const ranges = this.#target?.ranges;
+    if (ranges && ranges.length > 1) {
+      const size = this.#region.pageSize;
+      return joinRanges(
+        ranges,
+        ranges.map((r) => call('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () => addon.pagemapScanSync(this.#pagemapFd, r.address, r.pages * size, size, rearm))),
+      );
+    }
     return call('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () =>
       addon.pagemapScanSync(this.#pagemapFd, this.#address, this.#region.size, this.#region.pageSize, rearm),
     );
@@ -146,4 +168,15 @@ export class UffdAsyncTracker implements DirtyTracker {
     this.#protection?.close();
     this.#protection = undefined;
   }
+}
+
+/** Each range's pages (its own numbering) in the region's numbering, one ascending list. */
+function joinRanges(ranges: readonly { firstPage: number }[], scans: Uint32Array[]): Uint32Array {
+  const out = new Uint32Array(scans.reduce((n, s) => n + s.length, 0));
+  let at = 0;
+  scans.forEach((s, i) => {
+    const base = ranges[i]!.firstPage;
+    for (let k = 0; k < s.length; k++) out[at++] = s[k]! + base;
+  });
+  return out;
 }

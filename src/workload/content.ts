@@ -5,7 +5,7 @@
 import { invalidArgument } from '../errors.js';
 import { callAsync } from '../native.js';
 import { guestAddon } from './guest-addon.js';
-import type { Region } from '../region/region.js';
+import type { GuestMemory } from './guest-addon.js';
 
 export const CONTENTS = ['random', 'zero', 'text', 'dup', 'mixed'] as const;
 export type ContentName = (typeof CONTENTS)[number];
@@ -19,8 +19,7 @@ export function contentCode(name: string): number {
 }
 
 /** Fills every page of `region` with `content` for `seed`. The pages must be 4096 bytes. */
-export function fillContent(region: Region, content: ContentName, seed: bigint): Promise<void> {
-  if (region.pageSize !== 4096) throw invalidArgument('the reference content is defined for 4096-byte pages');
+export function fillContent(region: GuestMemory, content: ContentName, seed: bigint): Promise<void> {
   return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'filling content', () => guestAddon.contentFill(region.address, region.size, contentCode(content), seed));
 }
 
@@ -35,7 +34,7 @@ export interface WriteModel {
 }
 
 /** Compares every page with what the model says it must hold; `bad` pages differ. */
-export function verifyContent(region: Region, model: WriteModel): Promise<{ bad: number; firstBad: number }> {
+export function verifyContent(region: GuestMemory, model: WriteModel): Promise<{ bad: number; firstBad: number }> {
   return callAsync('ERR_LIVEMIG_SYSCALL', 'workload', 'verifying content', () =>
     guestAddon.contentVerify(region.address, region.size, contentCode(model.content), model.seed, model.writes, model.span, model.sequential),
   );

@@ -15,12 +15,27 @@ export interface GuestAddon {
   guestWrite(address: bigint, size: number, st: BigUint64Array, n: number, span: number, sequential: boolean): number;
   contentVerify(address: bigint, size: number, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
   mix64(z: bigint): bigint;
-  gateStart(fd: number, st: BigUint64Array): void;
+  /**
+   * Serves livemig at `path` through the guest library (native/guest/livemig_guest.h) for the
+   * life of the process: the pause closes the gate writes and beats pass, and answers with
+   * `statePrefix` (the state's fixed fields as JSON, without its closing brace) and the run state.
+   */
+  serve(path: string, region: { address: bigint; size: number; fd: number; tracked: boolean }, st: BigUint64Array, statePrefix: string): void;
   gatePaused(): boolean;
-  gateSetPaused(paused: boolean): void;
+  /** the percent of the rate livemig asked to withhold (auto-converge) */
+  gateThrottle(): number;
   gateBeat(st: BigUint64Array): number;
-  waitCommand(fd: number): { tag: number; body: Buffer } | null;
-  replyCommand(fd: number, tag: number, body?: Buffer): void;
+  /** waits for livemig at `path` and maps the regions it hands over (blocking) */
+  incomingOpen(path: string, timeoutMs: number): { handle: unknown; regions: (GuestMemory & { name: string })[] };
+  /** serves livemig until it says run (true) or goes away (false); `loadState` returns why it refuses a state */
+  incomingWait(handle: unknown, loadState: (state: Buffer) => string | undefined): boolean;
+  incomingStatus(handle: unknown): { postcopy: boolean; allPresent: boolean };
+}
+
+/** A guest's memory as its native code needs it: where it is mapped here, and how large. */
+export interface GuestMemory {
+  address: bigint;
+  size: number;
 }
 
 export const guestAddon: GuestAddon = loadBuilt<GuestAddon>('livemig_guest', "the reference guest's addon");

@@ -1,27 +1,24 @@
 /**
  * The reference guest (entry: guest.ts, which switches on eager compilation first): a process
  * that owns a memfd region with docs/CONTENT.md's content and writes to it at a given rate, emitting
- * one heartbeat per millisecond (UDP, to an observer).
+ * one heartbeat per millisecond (UDP, to an observer). It follows the guest contract
+ * (docs/GUEST.md) through the C library every guest may use (native/guest/), which answers
+ * livemig on a thread of its own.
  *
  * Source mode (default): creates and fills its region, registers its own mapping for
- * write-protect tracking, hands the memfd to livemig over --socket together with a fast control
- * socket (pause/resume answered by a native thread, see docs/HANDOVER.md), then obeys JSON-line
- * commands on --socket: pause (answers with its state), resume, state, throttle, exit.
- * Incoming mode (--incoming, --go-fd): started warm on the destination; see waitForGo below.
- * Once told to go it verifies every page against its model (heartbeats go on meanwhile;
- * writes wait), reports the result, then continues writing where the source stopped.
+ * write-protect tracking (unless --no-track), and serves livemig at --socket.
+ * Incoming mode (--incoming): serves at --socket until livemig connects and hands it its
+ * region; see the incoming branch below. Once told to run it verifies every page against its
+ * model (heartbeats go on meanwhile; writes wait), reports the result, then continues writing
+ * where the source stopped.
  */
 import { trace } from '../trace.js';
 import { defaultSlices } from '../sched.js';
 import dgram from 'node:dgram';
 import { monotonicMs } from './clock.js';
-import os from 'node:os';
-import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
-import type net from 'node:net';
-import { addon, closeFd } from '../native.js';
-import { guestAddon } from './guest-addon.js';
-import { handOverRegion } from '../region/handover.js';
+import { addon } from '../native.js';
+import { guestAddon, type GuestMemory } from './guest-addon.js';
 import { Region } from '../region/region.js';
 import { protectOwnRegion } from '../tracking/uffd-async.js';
 import { fillContent, initialWriteState, verifyContent, type ContentName, type PatternName } from './content.js';
@@ -39,10 +36,11 @@ const { values } = parseArgs({
     heartbeat: { type: 'string' },
     incoming: { type: 'boolean', default: false },
     'no-track': { type: 'boolean', default: false },
-    postcopy: { type: 'string', default: 'possible' },
-    'go-fd': { type: 'string' },
+    /** print {guest: {socket, pid, bytes}} once serving (the `livemig guest` command) */
+    announce: { type: 'boolean', default: false },
   },
 });
+if (!values.socket) throw new Error('the reference guest needs --socket PATH');
 
 // A guest runs with the host's default scheduling, like a VM's vCPU threads: it must not
 // inherit the short slices of the livemig process that started it (src/sched.ts).
@@ -55,92 +53,51 @@ const udp = dgram.createSocket('udp4');
 await new Promise<void>((resolve) => udp.bind(0, () => resolve()));
 await new Promise<void>((resolve) => udp.send(Buffer.alloc(0), udp.address().port, '127.0.0.1', () => resolve()));
 
-let region: Region;
+/** the guest's memory: its address and size in this process (no Buffer over it: docs/HANDOVER.md) */
+let region: GuestMemory;
 let state: GuestState;
 /** post-copy: run at once (faulting pages in as it touches them), verify when livemig says all arrived */
 let postcopyGuest = false;
 /** run state {write-stream xorshift, writes, heartbeat seq}: native code reads it at a pause */
 const st = new BigUint64Array(3);
+let incoming: { handle: unknown } | undefined;
 
-/**
- * Incoming mode: started on the destination during pre-copy, with the region on fd 3 and its
- * go socket on fd 5, warm (Node and the addon loaded, the region mapped). After 'ready' on the
- * IPC channel it blocks on the go socket (native/refguest/gate.cc has the wire): 'S' hands it its
- * state, checked and loaded before the source commits; 'G' starts it within microseconds, with
- * no event loop in between. End of stream: livemig gave up, there is no guest to run here.
- * Post-copy: the guest registers its mapping for minor faults (livemig maps each page in as it
- * arrives) and tells livemig its userfaultfd's number, which livemig copies (pidfd_getfd).
- * `--postcopy planned`: registered at once, nothing mapped ahead; `possible` (the default): the
- * mapping is populated for a fast pre-copy activation, and on 'U' its page-table entries are
- * dropped first (the pages stay in the memfd), so every page faults until livemig maps it.
- */
-function registerForPostcopy(early: Region): number {
-  addon.dropPageTables(early.address, early.size);
-  const uffd = addon.uffdRegisterMinor(early.address, early.size);
-  postcopyGuest = true;
-  return uffd;
-}
-
-const TAG = { state: 0x53, stateOk: 0x73, register: 0x55, registered: 0x75, go: 0x47, going: 0x67, error: 0x65 } as const;
-
-function waitForGo(fd: number, early: Region): GuestState {
-  let loaded: GuestState | undefined;
-  for (;;) {
-    const m = guestAddon.waitCommand(fd);
-    if (m === null) process.exit(0);
-    switch (m.tag) {
-      case TAG.state:
-        try {
-          const s = parseGuestState(m.body);
-          if (s.size !== early.size) throw new Error(`state is for ${s.size} bytes, region has ${early.size}`);
-          loaded = s;
-          guestAddon.replyCommand(fd, TAG.stateOk);
-        } catch (e) {
-          guestAddon.replyCommand(fd, TAG.error, Buffer.from((e as Error).message.slice(0, 1000)));
-        }
-        break;
-      case TAG.register: {
-        const body = Buffer.alloc(12);
-        body.writeUInt32LE(registerForPostcopy(early), 0);
-        body.writeBigUInt64LE(early.address, 4);
-        guestAddon.replyCommand(fd, TAG.registered, body);
-        break;
-      }
-      case TAG.go:
-        if (!loaded) {
-          guestAddon.replyCommand(fd, TAG.error, Buffer.from('go before a state'));
-          break;
-        }
-        guestAddon.replyCommand(fd, TAG.going);
-        closeFd(fd, 'guest');
-        return loaded;
-      default:
-        guestAddon.replyCommand(fd, TAG.error, Buffer.from(`unknown request ${m.tag}`));
-    }
-  }
-}
-
-if (values.incoming && values['go-fd'] === undefined) throw new Error('--incoming needs --go-fd');
 if (values.incoming) {
-  const early = Region.adopt(3, Number(values.size));
-  let registered: { uffd: number; address: string } | undefined;
-  if (values.postcopy === 'planned') {
-    registered = { uffd: addon.uffdRegisterMinor(early.address, early.size), address: early.address.toString() };
-    postcopyGuest = true;
+  // Started on the destination during pre-copy: livemig connects, hands over the region (mapped
+  // and populated here, unless post-copy is planned) and later the state ('S', checked and
+  // loaded before the source commits), then says run ('G'), which starts the guest within
+  // microseconds: the main thread waits inside the library until then, with no event loop in
+  // between. livemig going away first: there is no guest to run here.
+  const opened = guestAddon.incomingOpen(values.socket, 120_000);
+  if (opened.regions.length !== 1) {
+    console.error(`the reference guest has one region; livemig handed over ${opened.regions.length}`);
+    process.exit(1);
   }
-  // map and populate now, during pre-copy, so the activated guest runs at memory speed at once
-  else await early.nativeHandle.populateAsync();
-  trace('guest', 'incoming: populated');
-  // the state check runs once now, not for the first time between 'S' and its answer
+  incoming = opened;
+  const early = opened.regions[0]!;
+  trace('guest', 'incoming: mapped');
+  // the state check runs once now, not for the first time inside the hand-over
   parseGuestState(Buffer.from(JSON.stringify({ version: 1, size: early.size, content: 'zero', seed: '1', pattern: 'uniform', span: 1, rate: 0, xs: '1', writes: '0', heartbeatSeq: 0, throttle: 0 } satisfies GuestState)));
-  process.send!({ op: 'ready', ...(registered ? { registered } : {}) });
   // while it only waits to be told to go, the main thread answers at once (a short slice, as
   // the control thread has); running, it is a vCPU with the default slice again
   addon.setThreadSlice(100_000);
-  state = waitForGo(Number(values['go-fd']), early);
+  let loaded: GuestState | undefined;
+  const run = guestAddon.incomingWait(opened.handle, (body) => {
+    try {
+      const s = parseGuestState(body);
+      if (s.size !== early.size) return `state is for ${s.size} bytes, region has ${early.size}`;
+      loaded = s;
+      return undefined;
+    } catch (e) {
+      return (e as Error).message.slice(0, 400);
+    }
+  });
   addon.setThreadSlice(0);
+  if (!run || !loaded) process.exit(0);
   trace('guest', 'incoming: running');
   region = early;
+  state = loaded;
+  postcopyGuest = guestAddon.incomingStatus(opened.handle).postcopy;
   st[0] = BigInt(state.xs);
   st[1] = BigInt(state.writes);
   st[2] = BigInt(state.heartbeatSeq);
@@ -210,7 +167,7 @@ function tick(): void {
   if (t - lastTick > 3 && lastTick > 0) trace('guest', 'late tick', { ms_since_last: +(t - lastTick).toFixed(1) });
   lastTick = t;
   if (writing && state.rate > 0) {
-    const perMs = (state.rate * 256 * (1 - state.throttle)) / 1000;
+    const perMs = (state.rate * 256 * (1 - guestAddon.gateThrottle() / 100)) / 1000;
     let due = Math.floor((t - scheduleStart) * perMs) - scheduled;
     if (due > perMs * 10) {
       // fell more than 10 ms behind: drop the backlog, never burst to catch up
@@ -238,107 +195,46 @@ function stop(): void {
   running = false;
   if (timer) clearTimeout(timer);
 }
-function exportState(): GuestState {
-  return { ...state, xs: st[0]!.toString(), writes: st[1]!.toString(), heartbeatSeq: Number(st[2]) };
-}
-
-let control: net.Socket | undefined;
 async function verifyNow(): Promise<void> {
   const model = { content: state.content, seed: BigInt(state.seed), writes: st[1]!, span: state.span, sequential: state.pattern === 'sequential' };
   const tv = performance.now();
   const result = await verifyContent(region, model);
   heartbeat({ verify: { bad: result.bad, firstBad: result.firstBad, writes: model.writes.toString(), ms: performance.now() - tv } });
 }
-if (values.incoming && postcopyGuest) {
-  // Post-copy: write at once; pages not here yet fault in over the network. livemig asks for
-  // the check once every page has arrived (writes pause meanwhile, heartbeats go on).
+if (incoming && postcopyGuest) {
+  // Post-copy: write at once; pages not here yet fault in over the network. The check runs
+  // once livemig says every page has arrived (writes pause meanwhile, heartbeats go on).
   start();
-  process.on('message', (m: { op?: string }) => {
-    if (m.op !== 'verify') return;
+  const handle = incoming.handle;
+  const poll = setInterval(() => {
+    if (!guestAddon.incomingStatus(handle).allPresent) return;
+    clearInterval(poll);
     writing = false;
     void verifyNow().then(() => {
       writing = true;
       scheduleStart = performance.now();
       scheduled = 0;
-      process.send?.({ op: 'verified' });
     });
-  });
-} else if (values.incoming) {
+  }, 5);
+} else if (incoming) {
   // Verify outside the pause: heartbeats continue while every page is checked; writes wait.
   writing = false;
   start();
-  const model = { content: state.content, seed: BigInt(state.seed), writes: st[1]!, span: state.span, sequential: state.pattern === 'sequential' };
-  const tv = performance.now();
-  const result = await verifyContent(region, model);
-  heartbeat({ verify: { bad: result.bad, firstBad: result.firstBad, writes: model.writes.toString(), ms: performance.now() - tv } });
+  await verifyNow();
   writing = true;
   scheduleStart = performance.now();
   scheduled = 0;
 } else {
-  const protection = values['no-track'] ? undefined : protectOwnRegion(region);
-  // pause and resume are answered by a native thread on a socket of their own (native/refguest/gate.cc)
-  const [mine, theirs] = addon.socketPair();
-  guestAddon.gateStart(mine, st);
-  control = handOverRegion(values.socket!, region, { tracking: protection ? 'uffd-async' : 'none', info: { content: state.content, size: state.size }, controlFd: theirs });
-  closeFd(theirs, 'guest');
+  const tracked = !values['no-track'];
+  if (tracked) protectOwnRegion(region as Region); // kept open for the life of the process
+  // the state's fields a pause does not change; the pause adds the run state (native/refguest/gate.cc)
+  const fixed = JSON.stringify({ version: state.version, size: state.size, content: state.content, seed: state.seed, pattern: state.pattern, span: state.span, rate: state.rate, ...(state.heartbeat ? { heartbeat: state.heartbeat } : {}) });
+  const r = region as Region;
+  guestAddon.serve(values.socket, { address: r.address, size: r.size, fd: r.fd, tracked }, st, fixed.slice(0, -1));
+  if (values.announce) process.stdout.write(JSON.stringify({ guest: { socket: values.socket, pid: process.pid, bytes: r.size } }) + '\n');
   start();
 }
 
-function reply(o: object): void {
-  control?.write(JSON.stringify(o) + '\n');
-}
-if (control) {
-  const lines = createInterface({ input: control });
-  lines.on('line', (line) => {
-    let m: { op?: string };
-    try {
-      m = JSON.parse(line) as { op?: string };
-    } catch {
-      return reply({ op: 'error', message: 'not JSON' });
-    }
-    switch (m.op) {
-      case 'pause':
-        trace('guest', 'pause received');
-        guestAddon.gateSetPaused(true);
-        // the throttle is a migration's, not the guest's: wherever it resumes, it runs at full rate
-        reply({ op: 'paused', state: { ...exportState(), throttle: 0 } });
-        break;
-      case 'resume':
-        guestAddon.gateSetPaused(false);
-        reply({ op: 'resumed' });
-        break;
-      case 'state':
-        reply({ op: 'state', state: exportState() });
-        break;
-      case 'throttle': {
-        // auto-converge: write at (100 - percent)% of the rate, like a throttled vCPU
-        const pct = Number((m as { percent?: unknown }).percent);
-        if (!(pct >= 0 && pct < 100)) {
-          reply({ op: 'error', message: `throttle percent must be within 0..99, got ${String((m as { percent?: unknown }).percent)}` });
-          break;
-        }
-        state.throttle = pct / 100;
-        scheduleStart = performance.now();
-        scheduled = 0;
-        reply({ op: 'throttled', percent: pct });
-        break;
-      }
-      case 'exit':
-        stop();
-        // freeing a large region is kernel work charged to this process: keep it out of the way
-        os.setPriority(19);
-        region.release();
-        control!.end(() => process.exit(0));
-        break;
-      default:
-        reply({ op: 'error', message: `unknown op ${String(m.op)}` });
-    }
-  });
-  control.on('close', () => {
-    // livemig went away: keep running as a guest would (it is still the primary here)
-  });
-  control.on('error', () => undefined); // a reset socket closes the control channel; the guest runs on
-}
 // SIGUSR2: check every page against the model now and say so in a heartbeat (writes wait, as
 // after a hand-over): how a test tells that the copy left running holds what it should
 process.on('SIGUSR2', () => {

@@ -1,6 +1,6 @@
 /** livemig demo: a reference guest migrated live on loopback, and the report. */
 import { runDemo, type DemoReport } from '../../demo/demo.js';
-import type { Command, FlagValues } from '../flags.js';
+import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags, printProgress } from '../migration-flags.js';
 
 export const demo: Command = {
@@ -16,12 +16,20 @@ export const demo: Command = {
     'With --secure both sides authenticate with certificates from a fresh test CA (mutual TLS',
     '1.3; needs the openssl command) and every byte after the handshake is encrypted.',
   ].join('\n'),
-  flags: { ...GUEST_FLAGS, ...POLICY_FLAGS, secure: { type: 'boolean', default: false, help: 'mutual TLS from a fresh test CA, and an encrypted stream' } },
+  flags: {
+    ...GUEST_FLAGS,
+    ...POLICY_FLAGS,
+    secure: { type: 'boolean', default: false, help: 'mutual TLS from a fresh test CA, and an encrypted stream' },
+    guest: { type: 'string', default: 'reference', value: 'reference|c', help: 'the guest to migrate: the reference guest, or the C example guest (two regions, 192 + 64 MiB; --size does not apply)' },
+  },
   async run(v: FlagValues): Promise<number> {
     const g = guestSpec(v);
+    const kind = str(v, 'guest');
+    if (kind !== 'reference' && kind !== 'c') throw usageError(`--guest must be reference or c, got '${kind}'`);
     const json = v['json'] === true;
     const secure = v['secure'] === true;
-    if (!json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`);
+    if (!json && kind === 'c') process.stderr.write(`livemig demo: the C example guest (regions of 192 and 64 MiB) writing ${g.rate} MiB/s, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`);
+    else if (!json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`);
     const r = await runDemo({
       guest: g,
       downtimeLimitMs: downtimeLimit(v),
@@ -29,6 +37,7 @@ export const demo: Command = {
       encodings: encodingFlags(v),
       policy: policyFlags(v),
       secure,
+      guestKind: kind,
       ...(json ? {} : { onProgress: printProgress }),
     });
     process.stdout.write(json ? JSON.stringify(r) + '\n' : describe(r));

@@ -2,18 +2,21 @@
 import type { LivemigError } from '../../errors.js';
 import { listen, type Receiver } from '../../receiver/listen.js';
 import { isRefusedBeforeReserving, mayBeAskedAbout } from '../../receiver/receiver.js';
-import { IncomingGuest } from '../../workload/controller.js';
-import { str, type Command, type FlagValues } from '../flags.js';
+import { IncomingGuest } from '../../guest/incoming-session.js';
+import { referenceIncomingCommand } from '../../workload/controller.js';
+import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
 
 export const receive: Command = {
   name: 'receive',
-  summary: 'serve one migration; the reference guest resumes here',
-  synopsis: '[--listen HOST:PORT] [flags]',
+  summary: 'serve one migration; the guest resumes here',
+  synopsis: "[--listen HOST:PORT] [--guest-exec 'COMMAND ... {socket}'] [flags]",
   description: [
     'Listens for one migration from `livemig send` (or the library), reserves the region,',
-    'receives and verifies it, and resumes the reference guest here. Prints one JSON line when',
+    'receives and verifies it, and resumes the guest here: the reference guest, or the command',
+    'given with --guest-exec, started with {socket} replaced by a socket path where it serves',
+    'livemig (docs/GUEST.md) and handed its regions before the pages flow. Prints one JSON line when',
     'listening ({listening, port}), one when a migration has reserved its region ({receiving}),',
     'and one with the outcome ({received, guest_pid} or {error}). When the source may not have',
     'heard the outcome, it keeps answering its RESOLVE for --linger seconds ({lingering}).',
@@ -30,6 +33,7 @@ export const receive: Command = {
     linger: { type: 'string', default: '60', value: 'SECONDS', help: "after an outcome the source may not have heard, answer its RESOLVE this long before exiting" },
     'max-device-state': { type: 'string', value: 'SIZE', help: 'refuse a larger device state (default 64MiB)' },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
+    'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start (run by /bin/sh; default: the reference guest)' },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
     ...DESTINATION_SECURITY_FLAGS,
   },
@@ -39,6 +43,7 @@ export const receive: Command = {
     const credentials = credentialsFrom(v, 'destination');
     let guestPid = 0;
     let incoming: IncomingGuest | undefined;
+    const command = typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand();
     const rx = await listen(host, port, {
       ...(credentials ? { credentials } : {}),
       ...(v['insecure'] === true ? { insecure: true } : {}),
@@ -48,9 +53,9 @@ export const receive: Command = {
       idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
       ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
       ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
-      onReserved: async (region, postcopy) => {
-        incoming = new IncomingGuest(region, postcopy === 'planned' ? 'planned' : 'possible');
-        await incoming.ready; // the guest maps its memory before pages flow, not during
+      // the guest maps its memory before pages flow, not during
+      onReserved: async (region, postcopy, layout) => {
+        incoming = await IncomingGuest.start({ command, layout, region, populate: postcopy !== 'planned', registerEarly: postcopy === 'planned' });
       },
       postcopy: { register: () => incoming!.register() },
       // a migration has begun: from here on it ends in an outcome line
@@ -61,7 +66,7 @@ export const receive: Command = {
       prepare: (_region, deviceState) => incoming!.prepare(deviceState),
       activate: async (_region, deviceState) => {
         await incoming!.activate(deviceState);
-        guestPid = incoming!.child.pid ?? 0;
+        guestPid = incoming!.pid;
       },
     });
     process.stdout.write(JSON.stringify({ listening: `${rx.address}:${rx.port}`, port: rx.port }) + '\n');
@@ -80,11 +85,11 @@ export const receive: Command = {
           process.stdout.write(JSON.stringify({ refused: { code: err.code, phase: err.phase, message: err.message } }) + '\n');
         }
       }
-      if (report.mode === 'postcopy') await incoming!.verify();
+      if (report.mode === 'postcopy') incoming!.allPresent();
       // this process's CPU from listening to the report (the guest it started is its own process)
       const cpu = process.cpuUsage(cpu0);
       const cpuS = { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) };
-      process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid || incoming?.child.pid || 0, cpu_s: cpuS }) + '\n');
+      process.stdout.write(JSON.stringify({ received: report, guest_pid: guestPid || incoming?.pid || 0, cpu_s: cpuS }) + '\n');
       if (!report.confirmed) await linger(rx, lingerMs, 'the source did not confirm it heard ACTIVATED');
       return 0;
     } catch (e) {
@@ -98,6 +103,7 @@ export const receive: Command = {
       if (mayBeAskedAbout(err)) await linger(rx, lingerMs, 'the migration failed after the device state: the source may ask whether it activated');
       return 1;
     } finally {
+      incoming?.close(); // a guest told to run runs on; one that was not exits
       await rx.close();
     }
   },
@@ -110,4 +116,11 @@ async function linger(rx: Receiver, ms: number, why: string): Promise<void> {
   process.stdout.write(JSON.stringify({ lingering: { seconds: ms / 1000, reason: why } }) + '\n');
   const answered = await rx.nextResolve(ms);
   process.stdout.write(JSON.stringify({ lingered: { resolved: answered } }) + '\n');
+}
+
+/** An operator's command line, run by the shell (which `exec`s it, so the guest's pid is its own). */
+function shellCommand(line: string): string[] {
+  if (line.trim().length === 0) throw usageError('--guest-exec needs a command');
+  if (!line.includes('{socket}')) throw usageError("--guest-exec: the command must name its socket with {socket}, e.g. 'my-vmm --incoming {socket}'");
+  return ['/bin/sh', '-c', `exec ${line}`];
 }

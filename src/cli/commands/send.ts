@@ -1,6 +1,7 @@
-/** livemig send: start a reference guest here and migrate it live to a receiver. */
+/** livemig send: migrate a guest live to a receiver (one already running, or a reference guest started here). */
 import { assertSecureEnough } from '../../security/tls.js';
 import { LivemigError } from '../../errors.js';
+import { SourceGuestSession } from '../../guest/source-session.js';
 import { migrate } from '../../source/migrate.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
@@ -8,21 +9,63 @@ import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, max
 import { SOURCE_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort } from '../units.js';
 
+/** What send needs of a guest, whether it started it or found it running. */
+interface Guest {
+  memory: SourceGuestSession['memory'];
+  pid: number;
+  pause(lease: { maxPauseMs: number }): Promise<Buffer>;
+  commit(): Promise<void>;
+  resume(): Promise<void>;
+  throttle(percent: number): Promise<void>;
+  release(): Promise<void>;
+  /** livemig lets go; the guest runs on (and resumes itself if it was paused before the commitment) */
+  detach(): void;
+}
+
+function running(session: SourceGuestSession): Guest {
+  return {
+    memory: session.memory,
+    pid: session.pid,
+    pause: async (lease) => session.pause(lease),
+    commit: () => session.commit(),
+    resume: async () => session.resume(),
+    throttle: async (p) => session.throttle(p),
+    release: async () => session.release(),
+    detach: () => session.close(),
+  };
+}
+
+function started(g: SourceGuest): Guest {
+  return {
+    memory: g.memory,
+    pid: g.child.pid ?? 0,
+    pause: (lease) => g.pause(lease),
+    commit: () => g.commit(),
+    resume: () => g.resume(),
+    throttle: (p) => g.throttle(p),
+    release: () => g.exit(),
+    detach: () => g.detach(),
+  };
+}
+
 export const send: Command = {
   name: 'send',
-  summary: 'start a reference guest here and migrate it to a receiver',
-  synopsis: '--to HOST:PORT [flags]',
+  summary: 'migrate a guest live to a receiver',
+  synopsis: '--to HOST:PORT [--guest PATH] [flags]',
   description: [
-    'Starts a reference guest on this host and migrates it live to `livemig receive` at',
-    'HOST:PORT. Prints the migration report as JSON on stdout (progress on stderr). On a',
-    'failure it prints {error: {code, phase, message}, source_guest, guest_pid} and exits 1,',
-    'leaving the guest to run on: source_guest is running (resumed here: any failure before',
-    'the commitment), paused (the outcome could not be confirmed: see `livemig resolve`) or',
-    'released (it runs at the destination).',
+    'Migrates a guest live to `livemig receive` at HOST:PORT: the guest serving at --guest PATH',
+    '(the reference guest of `livemig guest`, the C example guest, or any guest that follows',
+    'docs/GUEST.md), or without --guest a reference guest started here for the purpose.',
+    'Prints the migration report as JSON on stdout (progress on stderr). On a failure it prints',
+    '{error: {code, phase, message}, source_guest, guest_pid} and exits 1, leaving the guest',
+    'to run on: source_guest is running (resumed here: any failure before the commitment),',
+    'paused (the outcome could not be confirmed: see `livemig resolve`) or released (it runs',
+    'at the destination).',
   ].join('\n'),
   flags: {
     to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
-    heartbeat: { type: 'string', value: 'HOST:PORT', help: "where the guest sends its UDP heartbeats (default none)" },
+    guest: { type: 'string', value: 'PATH', help: 'migrate the guest serving at this unix socket (default: start a reference guest)' },
+    heartbeat: { type: 'string', value: 'HOST:PORT', help: "where a reference guest started here sends its UDP heartbeats (default none)" },
     ...GUEST_FLAGS,
     ...POLICY_FLAGS,
     ...SOURCE_SECURITY_FLAGS,
@@ -30,18 +73,19 @@ export const send: Command = {
   async run(v: FlagValues): Promise<number> {
     if (typeof v['to'] !== 'string') throw usageError("send needs --to HOST:PORT (see 'livemig send --help')");
     const to = parseHostPort(str(v, 'to'), '--to');
-    const g = guestSpec(v);
     const credentials = credentialsFrom(v, 'source');
     const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v), ...(credentials ? { credentials } : {}), ...(v['insecure'] === true ? { insecure: true } : {}) };
-    // refused before a guest starts
+    // refused before a guest starts, or is touched
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
-    const guest = await SourceGuest.spawn({ ...g, ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) });
+    const guest =
+      typeof v['guest'] === 'string'
+        ? running(await SourceGuestSession.connect(v['guest']))
+        : started(await SourceGuest.spawn({ ...guestSpec(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) }));
     // what became of the guest, for the failure report
     let state = 'running' as 'running' | 'paused' | 'released';
     try {
       const report = await migrate({
-        region: guest.region,
-        ...(guest.target ? { target: guest.target } : {}),
+        ...guest.memory,
         to,
         pause: async (lease) => {
           state = 'paused'; // (a pause that fails half-way is resumed by the rollback)
@@ -53,7 +97,7 @@ export const send: Command = {
           state = 'running';
         },
         release: async () => {
-          await guest.exit();
+          await guest.release();
           state = 'released';
         },
         throttle: (p) => guest.throttle(p),
@@ -64,10 +108,9 @@ export const send: Command = {
       return 0;
     } catch (e) {
       const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', (e as Error).message, { phase: 'migrate', cause: e });
-      const pid = guest.child.pid ?? 0;
       if (state !== 'released') guest.detach(); // it runs on (or waits, paused) without us
-      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: state, guest_pid: pid }) + '\n');
-      process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'migrate'}): ${err.message}; the source guest is ${state} (pid ${pid})\n`);
+      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: state, guest_pid: guest.pid }) + '\n');
+      process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'migrate'}): ${err.message}; the source guest is ${state} (pid ${guest.pid})\n`);
       return 1;
     }
   },

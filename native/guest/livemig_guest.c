@@ -1,0 +1,632 @@
+/* livemig_guest: the guest side of the guest contract (livemig_guest.h; docs/GUEST.md). */
+#define _GNU_SOURCE
+#include "livemig_guest.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+/* older kernel headers (Debian 12's) predate these (Linux 6.7); values from the uapi */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+
+#define PAGE 4096u
+#define HEAD 5 /* tag u8 | length u32 LE */
+
+static int fail(char *err, size_t errlen, int e, const char *fmt, ...) {
+  if (err && errlen) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+  }
+  errno = e;
+  return -1;
+}
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int valid_name(const char *s) {
+  size_t n = strnlen(s, LMG_NAME_MAX);
+  if (n == 0 || n >= LMG_NAME_MAX) return 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = s[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-')) return 0;
+  }
+  return 1;
+}
+
+/* ---- sockets and framing ------------------------------------------------------------ */
+
+static socklen_t unix_address(const char *path, struct sockaddr_un *a) {
+  memset(a, 0, sizeof *a);
+  a->sun_family = AF_UNIX;
+  size_t n = strlen(path);
+  if (n == 0 || n >= sizeof a->sun_path) return 0;
+  memcpy(a->sun_path, path, n);
+  if (path[0] == '@') a->sun_path[0] = '\0'; /* the abstract namespace */
+  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (path[0] == '@' ? 0 : 1));
+}
+
+static int listen_at(const char *path, char *err, size_t errlen) {
+  struct sockaddr_un a;
+  socklen_t alen = unix_address(path, &a);
+  if (!alen) return fail(err, errlen, EINVAL, "socket path must be 1..%zu characters", sizeof a.sun_path - 1);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail(err, errlen, errno, "socket: %s", strerror(errno));
+  if (path[0] != '@') {
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path); /* a stale socket of an earlier run */
+  }
+  if (bind(fd, (struct sockaddr *)&a, alen) != 0 || listen(fd, 4) != 0) {
+    int e = errno;
+    close(fd);
+    return fail(err, errlen, e, "listening on %s: %s", path, strerror(e));
+  }
+  return fd;
+}
+
+static int accept_within(int lfd, int timeout_ms) {
+  struct pollfd p = {lfd, POLLIN, 0};
+  int r;
+  do r = poll(&p, 1, timeout_ms);
+  while (r < 0 && errno == EINTR);
+  if (r == 0) return errno = ETIMEDOUT, -1;
+  if (r < 0) return -1;
+  return accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+}
+
+static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds) {
+  uint8_t head[HEAD] = {tag, (uint8_t)len, (uint8_t)(len >> 8), (uint8_t)(len >> 16), (uint8_t)(len >> 24)};
+  struct iovec iov[2] = {{head, HEAD}, {(void *)body, len}};
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_REGIONS)];
+    struct cmsghdr align;
+  } u;
+  struct msghdr m = {0};
+  m.msg_iov = iov;
+  m.msg_iovlen = len ? 2 : 1;
+  if (nfds) {
+    m.msg_control = u.buf;
+    m.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+  }
+  size_t total = HEAD + len;
+  while (total > 0) {
+    ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return -1;
+    total -= (size_t)w;
+    m.msg_control = NULL, m.msg_controllen = 0; /* the descriptors went with the first bytes */
+    while (m.msg_iovlen && (size_t)w >= m.msg_iov[0].iov_len) w -= (ssize_t)m.msg_iov[0].iov_len, m.msg_iov++, m.msg_iovlen--;
+    if (m.msg_iovlen) m.msg_iov[0].iov_base = (uint8_t *)m.msg_iov[0].iov_base + w, m.msg_iov[0].iov_len -= (size_t)w;
+  }
+  return 0;
+}
+
+static int reply(int fd, uint8_t tag, const char *why) { return send_msg(fd, tag, why, why ? strlen(why) : 0, NULL, 0); }
+
+/*
+ * Reads n bytes before the deadline (ms, CLOCK_MONOTONIC; < 0: none), keeping descriptors that
+ * come with them in fds (up to *nfds). 0, or an errno: ETIMEDOUT, ECONNRESET (end of stream).
+ */
+static int read_exact(int fd, uint8_t *p, size_t n, double deadline, int *fds, size_t *nfds, size_t maxfds) {
+  while (n > 0) {
+    if (deadline >= 0) {
+      double left = deadline - now_ms();
+      if (left <= 0) return ETIMEDOUT;
+      struct pollfd pf = {fd, POLLIN, 0};
+      int r = poll(&pf, 1, (int)left + 1);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) return errno;
+      if (r == 0) continue;
+    }
+    union {
+      char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_REGIONS)];
+      struct cmsghdr align;
+    } u;
+    struct iovec iov = {p, n};
+    struct msghdr m = {0};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = u.buf;
+    m.msg_controllen = sizeof u.buf;
+    ssize_t got = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return errno;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      int *in = (int *)CMSG_DATA(c);
+      for (size_t i = 0; i < k; i++) {
+        if (fds && *nfds < maxfds) fds[(*nfds)++] = in[i];
+        else close(in[i]); /* not expected here: never kept */
+      }
+    }
+    if (got == 0) return ECONNRESET;
+    p += got;
+    n -= (size_t)got;
+  }
+  return 0;
+}
+
+struct msg {
+  uint8_t tag;
+  uint8_t *body; /* malloc'd, NUL-terminated for convenience */
+  size_t len;
+  int fds[LMG_MAX_REGIONS];
+  size_t nfds;
+};
+
+static void msg_free(struct msg *m) {
+  free(m->body);
+  m->body = NULL;
+  for (size_t i = 0; i < m->nfds; i++) close(m->fds[i]);
+  m->nfds = 0;
+}
+
+static int read_msg(int fd, struct msg *m, double deadline) {
+  uint8_t head[HEAD];
+  m->body = NULL, m->len = 0, m->nfds = 0;
+  int e = read_exact(fd, head, HEAD, deadline, m->fds, &m->nfds, LMG_MAX_REGIONS);
+  if (e) return msg_free(m), e;
+  m->tag = head[0];
+  m->len = head[1] | (size_t)head[2] << 8 | (size_t)head[3] << 16 | (size_t)head[4] << 24;
+  if (m->len > LMG_MAX_BODY) return msg_free(m), EPROTO;
+  m->body = malloc(m->len + 1);
+  if (!m->body) return msg_free(m), ENOMEM;
+  m->body[m->len] = 0;
+  e = m->len ? read_exact(fd, m->body, m->len, deadline, m->fds, &m->nfds, LMG_MAX_REGIONS) : 0;
+  if (e) msg_free(m);
+  return e;
+}
+
+/* ---- userfaultfd -------------------------------------------------------------------- */
+
+static int open_uffd(void) {
+  int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0 && errno == EPERM) fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+  return fd;
+}
+
+static int uffd_with(uint64_t features, char *err, size_t errlen) {
+  int fd = open_uffd();
+  if (fd < 0) return fail(err, errlen, errno, "userfaultfd: %s", strerror(errno));
+  struct uffdio_api api = {.api = UFFD_API, .features = features};
+  if (ioctl(fd, UFFDIO_API, &api) != 0) {
+    int e = errno;
+    close(fd);
+    return fail(err, errlen, e, "UFFDIO_API (features 0x%llx): %s", (unsigned long long)features, strerror(e));
+  }
+  return fd;
+}
+
+int lmg_track(struct lmg_region *regions, size_t n, int *uffd, char *err, size_t errlen) {
+  /* UFFDIO_API with no feature asked reports what the kernel offers; a descriptor takes one API call */
+  int probe = open_uffd();
+  struct uffdio_api api = {.api = UFFD_API, .features = 0};
+  if (probe < 0 || ioctl(probe, UFFDIO_API, &api) != 0) {
+    int e = errno;
+    if (probe >= 0) close(probe);
+    return fail(err, errlen, e, "probing userfaultfd: %s", strerror(e));
+  }
+  close(probe);
+  if (!(api.features & UFFD_FEATURE_WP_ASYNC)) return fail(err, errlen, ENOTSUP, "userfaultfd lacks UFFD_FEATURE_WP_ASYNC (Linux >= 6.7 needed)");
+  uint64_t want = UFFD_FEATURE_WP_ASYNC | (api.features & (UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
+  int fd = uffd_with(want, err, errlen);
+  if (fd < 0) return -1;
+  for (size_t i = 0; i < n; i++) {
+    struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)regions[i].addr, regions[i].size}, .mode = UFFDIO_REGISTER_MODE_WP};
+    struct uffdio_writeprotect wp = {.range = reg.range, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) != 0 || ioctl(fd, UFFDIO_WRITEPROTECT, &wp) != 0) {
+      int e = errno;
+      close(fd);
+      return fail(err, errlen, e, "write-protecting region %s: %s", regions[i].name, strerror(e));
+    }
+  }
+  for (size_t i = 0; i < n; i++) regions[i].tracked = 1;
+  *uffd = fd;
+  return 0;
+}
+
+/* ---- source ------------------------------------------------------------------------- */
+
+struct lmg_source {
+  int lfd;
+  char name[LMG_NAME_MAX];
+  struct lmg_region regions[LMG_MAX_REGIONS];
+  size_t n;
+  struct lmg_source_ops ops;
+  /* the pause's state, kept across connections: after 'C' only livemig may end the pause */
+  int paused, committed, self_resumed;
+  double lease_ms;
+  pthread_t thread;
+};
+
+static char *source_hello(const struct lmg_source *s) {
+  size_t cap = 512 + s->n * 320, at = 0;
+  char *h = malloc(cap);
+  if (!h) return NULL;
+  at += (size_t)snprintf(h + at, cap - at, "{\"contract\":%d,\"role\":\"source\",\"pid\":%d,\"name\":\"%s\",\"regions\":[", LMG_CONTRACT, (int)getpid(), s->name);
+  for (size_t i = 0; i < s->n; i++) {
+    const struct lmg_region *r = &s->regions[i];
+    at += (size_t)snprintf(h + at, cap - at,
+                           "%s{\"id\":%u,\"name\":\"%s\",\"size\":%llu,\"pageSize\":%u,\"address\":\"%llu\",\"offset\":%llu,\"tracking\":\"%s\"}",
+                           i ? "," : "", r->id, r->name, (unsigned long long)r->size, PAGE, (unsigned long long)(uintptr_t)r->addr,
+                           (unsigned long long)r->offset, r->tracked ? "uffd-wp-async" : "none");
+  }
+  snprintf(h + at, cap - at, "]}");
+  return h;
+}
+
+static void self_resume(struct lmg_source *s) {
+  s->paused = 0;
+  s->self_resumed = 1;
+  s->ops.resume(s->ops.ctx);
+}
+
+/* One livemig connection, until it closes; 1 when the guest was released (stop serving). */
+static int serve_source(struct lmg_source *s, int fd) {
+  for (;;) {
+    const int leased = s->paused && !s->committed && s->lease_ms > 0;
+    struct msg m;
+    int e = read_msg(fd, &m, leased ? now_ms() + s->lease_ms : -1);
+    if (e == ETIMEDOUT && leased) {
+      /* livemig is stalled before its point of commitment: the destination cannot run the guest */
+      self_resume(s);
+      continue;
+    }
+    if (e) {
+      if (s->paused && !s->committed) self_resume(s); /* livemig went away before committing */
+      return 0;
+    }
+    int ok = 0;
+    char why[512] = "";
+    switch (m.tag) {
+      case 'P': {
+        uint8_t *state = NULL;
+        size_t len = 0;
+        if (s->ops.pause(s->ops.ctx, &state, &len, why, sizeof why) != 0) {
+          ok = reply(fd, 'e', why[0] ? why : "the guest refused to pause") == 0;
+          break;
+        }
+        s->paused = 1, s->committed = 0, s->self_resumed = 0;
+        s->lease_ms = m.len == 4 ? (double)(m.body[0] | m.body[1] << 8 | m.body[2] << 16 | (uint32_t)m.body[3] << 24) : 0;
+        ok = len <= LMG_MAX_BODY && send_msg(fd, 'p', state, len, NULL, 0) == 0;
+        free(state);
+        if (s->ops.paused) s->ops.paused(s->ops.ctx);
+        break;
+      }
+      case 'C':
+        if (!s->paused || s->self_resumed) {
+          ok = reply(fd, 'e', "not paused: the guest resumed itself when its lease ran out") == 0;
+        } else {
+          s->committed = 1;
+          ok = reply(fd, 'c', NULL) == 0;
+        }
+        break;
+      case 'R':
+        if (s->paused) s->ops.resume(s->ops.ctx);
+        s->paused = 0, s->committed = 0;
+        ok = reply(fd, 'r', NULL) == 0;
+        break;
+      case 'T':
+        if (m.len != 1 || m.body[0] > 99) ok = reply(fd, 'e', "throttle takes one byte, a percent in 0..99") == 0;
+        else if (!s->ops.throttle) ok = reply(fd, 'e', "this guest cannot be throttled") == 0;
+        else if (s->ops.throttle(s->ops.ctx, m.body[0]) != 0) ok = reply(fd, 'e', "the guest refused the throttle") == 0;
+        else ok = reply(fd, 't', NULL) == 0;
+        break;
+      case 'X':
+        if (!s->paused || !s->committed) {
+          ok = reply(fd, 'e', "release before a committed pause: the guest would be lost") == 0;
+          break;
+        }
+        reply(fd, 'x', NULL);
+        msg_free(&m);
+        s->ops.released(s->ops.ctx);
+        return 1;
+      default:
+        snprintf(why, sizeof why, "unknown request 0x%02x", m.tag);
+        ok = reply(fd, 'e', why) == 0;
+    }
+    msg_free(&m);
+    if (!ok) {
+      if (s->paused && !s->committed) self_resume(s);
+      return 0;
+    }
+  }
+}
+
+static void *source_thread(void *arg) {
+  struct lmg_source *s = arg;
+  if (s->ops.thread_start) s->ops.thread_start(s->ops.ctx);
+  char *hello = source_hello(s);
+  int fds[LMG_MAX_REGIONS];
+  for (size_t i = 0; i < s->n; i++) fds[i] = s->regions[i].fd;
+  for (;;) {
+    int fd = accept_within(s->lfd, -1);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      break;
+    }
+    int released = hello && send_msg(fd, 'H', hello, strlen(hello), fds, s->n) == 0 && serve_source(s, fd);
+    close(fd);
+    if (released) break;
+  }
+  free(hello);
+  return NULL;
+}
+
+struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
+                                    const struct lmg_source_ops *ops, char *err, size_t errlen) {
+  if (n == 0 || n > LMG_MAX_REGIONS) return fail(err, errlen, EINVAL, "a guest hands over 1..%d regions, not %zu", LMG_MAX_REGIONS, n), NULL;
+  if (!ops || !ops->pause || !ops->resume || !ops->released) return fail(err, errlen, EINVAL, "pause, resume and released are required"), NULL;
+  if (name && !valid_name(name)) return fail(err, errlen, EINVAL, "the guest's name must be 1..63 characters of [A-Za-z0-9._-]"), NULL;
+  for (size_t i = 0; i < n; i++) {
+    const struct lmg_region *r = &regions[i];
+    if (!valid_name(r->name)) return fail(err, errlen, EINVAL, "region %zu: a name is 1..63 characters of [A-Za-z0-9._-]", i), NULL;
+    if (!r->size || r->size % PAGE || r->offset % PAGE || (uintptr_t)r->addr % PAGE)
+      return fail(err, errlen, EINVAL, "region %s: address, size and offset must be page-aligned and the size positive", r->name), NULL;
+    for (size_t j = 0; j < i; j++) {
+      if (regions[j].id == r->id) return fail(err, errlen, EINVAL, "region id %u is used twice", r->id), NULL;
+    }
+  }
+  struct lmg_source *s = calloc(1, sizeof *s);
+  if (!s) return fail(err, errlen, ENOMEM, "out of memory"), NULL;
+  snprintf(s->name, sizeof s->name, "%s", name ? name : "guest");
+  memcpy(s->regions, regions, n * sizeof *regions);
+  s->n = n;
+  s->ops = *ops;
+  s->lfd = listen_at(path, err, errlen);
+  if (s->lfd < 0) return free(s), NULL;
+  if (pthread_create(&s->thread, NULL, source_thread, s) != 0) {
+    close(s->lfd);
+    free(s);
+    return fail(err, errlen, EAGAIN, "starting the control thread failed"), NULL;
+  }
+  pthread_detach(s->thread);
+  return s;
+}
+
+/* ---- destination -------------------------------------------------------------------- */
+
+struct lmg_incoming {
+  int fd;
+  struct lmg_region regions[LMG_MAX_REGIONS];
+  size_t n;
+  int uffd;
+  struct lmg_incoming_ops ops;
+  pthread_t thread;
+  int thread_started;
+};
+
+static uint64_t le(const uint8_t *p, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; i--) v = v << 8 | p[i];
+  return v;
+}
+
+static void unmap_all(struct lmg_incoming *h) {
+  for (size_t i = 0; i < h->n; i++) {
+    if (h->regions[i].addr) munmap(h->regions[i].addr, h->regions[i].size);
+    if (h->regions[i].fd >= 0) close(h->regions[i].fd);
+  }
+  h->n = 0;
+}
+
+/*
+ * 'M': u8 flags (bit 0: populate) | u32 count | count x (u32 id | u64 size | u64 offset |
+ * u8 name length | name), one memfd per region with it. Maps them; a reason on failure.
+ */
+static int take_regions(struct lmg_incoming *h, struct msg *m, char *why, size_t whylen) {
+  const uint8_t *p = m->body, *end = m->body + m->len;
+  if (m->len < 5) return snprintf(why, whylen, "regions message of %zu bytes", m->len), -1;
+  int populate = p[0] & 1;
+  uint32_t count = (uint32_t)le(p + 1, 4);
+  p += 5;
+  if (count == 0 || count > LMG_MAX_REGIONS || count != m->nfds)
+    return snprintf(why, whylen, "%u regions with %zu descriptors (1..%d, one each)", count, m->nfds, LMG_MAX_REGIONS), -1;
+  for (uint32_t i = 0; i < count; i++) {
+    struct lmg_region *r = &h->regions[i];
+    if (end - p < 21) return snprintf(why, whylen, "region %u: truncated", i), -1;
+    r->id = (uint32_t)le(p, 4), r->size = le(p + 4, 8), r->offset = le(p + 12, 8);
+    size_t nl = p[20];
+    p += 21;
+    if (nl == 0 || nl >= LMG_NAME_MAX || (size_t)(end - p) < nl) return snprintf(why, whylen, "region %u: bad name", i), -1;
+    memcpy(r->name, p, nl);
+    r->name[nl] = 0;
+    p += nl;
+    r->fd = m->fds[i];
+    m->fds[i] = -1;
+    r->addr = NULL;
+    h->n = i + 1;
+    struct stat st;
+    if (!r->size || r->size % PAGE || r->offset % PAGE) return snprintf(why, whylen, "region %s: unaligned", r->name), -1;
+    if (fstat(r->fd, &st) != 0 || (uint64_t)st.st_size < r->offset + r->size)
+      return snprintf(why, whylen, "region %s: its memfd is smaller than offset + size", r->name), -1;
+    void *a = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, (off_t)r->offset);
+    if (a == MAP_FAILED) return snprintf(why, whylen, "region %s: mmap: %s", r->name, strerror(errno)), -1;
+    r->addr = a;
+  }
+  m->nfds = 0;
+  if (populate) {
+    /* every page mapped now, while pre-copy runs, so the guest runs at memory speed at once */
+    for (size_t i = 0; i < h->n; i++) (void)madvise(h->regions[i].addr, h->regions[i].size, MADV_POPULATE_WRITE);
+  }
+  return 0;
+}
+
+struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int timeout_ms, char *err, size_t errlen) {
+  if (name && !valid_name(name)) return fail(err, errlen, EINVAL, "the guest's name must be 1..63 characters of [A-Za-z0-9._-]"), NULL;
+  int lfd = listen_at(path, err, errlen);
+  if (lfd < 0) return NULL;
+  int fd = accept_within(lfd, timeout_ms);
+  int e = errno;
+  close(lfd);
+  if (path[0] != '@') unlink(path);
+  if (fd < 0) return fail(err, errlen, e, "livemig did not connect to %s: %s", path, strerror(e)), NULL;
+  struct lmg_incoming *h = calloc(1, sizeof *h);
+  if (!h) return close(fd), fail(err, errlen, ENOMEM, "out of memory"), NULL;
+  h->fd = fd;
+  h->uffd = -1;
+  char hello[256];
+  snprintf(hello, sizeof hello, "{\"contract\":%d,\"role\":\"incoming\",\"pid\":%d,\"name\":\"%s\"}", LMG_CONTRACT, (int)getpid(), name ? name : "guest");
+  struct msg m;
+  if (send_msg(fd, 'H', hello, strlen(hello), NULL, 0) != 0 || (e = read_msg(fd, &m, -1)) != 0) {
+    lmg_incoming_close(h);
+    return fail(err, errlen, ECONNRESET, "livemig went away before handing over the regions"), NULL;
+  }
+  char why[256] = "";
+  if (m.tag != 'M') snprintf(why, sizeof why, "expected the regions ('M'), got 0x%02x", m.tag);
+  else if (take_regions(h, &m, why, sizeof why) == 0) why[0] = 0;
+  msg_free(&m);
+  if (why[0]) {
+    reply(fd, 'e', why);
+    lmg_incoming_close(h);
+    return fail(err, errlen, EPROTO, "%s", why), NULL;
+  }
+  if (reply(fd, 'm', NULL) != 0) {
+    lmg_incoming_close(h);
+    return fail(err, errlen, ECONNRESET, "livemig went away"), NULL;
+  }
+  return h;
+}
+
+size_t lmg_incoming_regions(const struct lmg_incoming *h, const struct lmg_region **regions) {
+  *regions = h->regions;
+  return h->n;
+}
+
+int lmg_incoming_postcopy(const struct lmg_incoming *h) { return h->uffd >= 0; }
+
+/* 'U': every region registered for minor faults on one userfaultfd, which goes to livemig. */
+static int register_postcopy(struct lmg_incoming *h) {
+  char why[256];
+  if (h->uffd < 0) {
+    int fd = uffd_with(UFFD_FEATURE_MINOR_SHMEM, why, sizeof why);
+    if (fd < 0) return reply(h->fd, 'e', why);
+    for (size_t i = 0; i < h->n; i++) {
+      struct lmg_region *r = &h->regions[i];
+      /* the pages stay in the memfd; only this mapping's entries go, so every touch faults */
+      struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)r->addr, r->size}, .mode = UFFDIO_REGISTER_MODE_MINOR};
+      if (madvise(r->addr, r->size, MADV_DONTNEED) != 0 || ioctl(fd, UFFDIO_REGISTER, &reg) != 0 || !(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
+        snprintf(why, sizeof why, "registering region %s for minor faults: %s", r->name, strerror(errno));
+        close(fd);
+        return reply(h->fd, 'e', why);
+      }
+    }
+    h->uffd = fd;
+  }
+  uint8_t body[4 + 8 * LMG_MAX_REGIONS];
+  for (int b = 0; b < 4; b++) body[b] = (uint8_t)(h->n >> (8 * b));
+  for (size_t i = 0; i < h->n; i++) {
+    uint64_t a = (uint64_t)(uintptr_t)h->regions[i].addr;
+    for (int b = 0; b < 8; b++) body[4 + 8 * i + b] = (uint8_t)(a >> (8 * b));
+  }
+  return send_msg(h->fd, 'u', body, 4 + 8 * h->n, &h->uffd, 1);
+}
+
+static void *after_go(void *arg) {
+  struct lmg_incoming *h = arg;
+  for (;;) {
+    struct msg m;
+    if (read_msg(h->fd, &m, -1) != 0) break; /* livemig is done: the guest runs on */
+    int ok;
+    if (m.tag == 'A') {
+      if (h->uffd >= 0) close(h->uffd); /* closing it unregisters every range */
+      h->uffd = -1;
+      if (h->ops.all_present) h->ops.all_present(h->ops.ctx);
+      ok = reply(h->fd, 'a', NULL) == 0;
+    } else {
+      ok = reply(h->fd, 'e', "the guest runs: only 'A' is expected") == 0;
+    }
+    msg_free(&m);
+    if (!ok) break;
+  }
+  return NULL;
+}
+
+int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops, char *err, size_t errlen) {
+  if (!ops || !ops->load_state) return fail(err, errlen, EINVAL, "load_state is required");
+  h->ops = *ops;
+  int loaded = 0;
+  for (;;) {
+    struct msg m;
+    int e = read_msg(h->fd, &m, -1);
+    if (e) return fail(err, errlen, e, "livemig went away before the guest was told to run");
+    char why[512] = "";
+    int ok = 1;
+    switch (m.tag) {
+      case 'S':
+        if (ops->load_state(ops->ctx, m.body, m.len, why, sizeof why) == 0) {
+          loaded = 1;
+          ok = reply(h->fd, 's', NULL) == 0;
+        } else {
+          ok = reply(h->fd, 'e', why[0] ? why : "the guest refused the state") == 0;
+        }
+        break;
+      case 'U':
+        ok = register_postcopy(h) == 0;
+        break;
+      case 'G':
+        if (!loaded) {
+          ok = reply(h->fd, 'e', "run before a state was loaded") == 0;
+          break;
+        }
+        msg_free(&m);
+        if (reply(h->fd, 'g', NULL) != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
+        if (pthread_create(&h->thread, NULL, after_go, h) == 0) h->thread_started = 1;
+        return 0;
+      default:
+        snprintf(why, sizeof why, "unknown request 0x%02x", m.tag);
+        ok = reply(h->fd, 'e', why) == 0;
+    }
+    msg_free(&m);
+    if (!ok) return fail(err, errlen, ECONNRESET, "livemig went away");
+  }
+}
+
+void lmg_incoming_close(struct lmg_incoming *h) {
+  if (!h) return;
+  shutdown(h->fd, SHUT_RDWR);
+  if (h->thread_started) pthread_join(h->thread, NULL);
+  close(h->fd);
+  if (h->uffd >= 0) close(h->uffd);
+  unmap_all(h);
+  free(h);
+}

@@ -1,0 +1,137 @@
+/*
+ * livemig_guest: the guest side of livemig's guest contract (docs/GUEST.md), version 2.
+ * C11 and libc only. Link it into a VMM (or any process whose memory should move) and:
+ *
+ *   source host                               destination host
+ *   -----------                               ----------------
+ *   mmap each region from a memfd             h = lmg_incoming_open(path, ...)
+ *   lmg_track(regions, n, ...)   (optional)     (livemig connects, hands over the regions,
+ *   s = lmg_source_start(path, regions, n,       they are mapped here: lmg_incoming_regions)
+ *                        &ops, ...)           lmg_incoming_wait(h, &ops, ...)
+ *   ... run; livemig connects to `path` and     (loads the device state; returns when
+ *   calls ops.pause / resume / released ...      livemig says run)
+ *                                             ... run
+ *
+ * The library answers livemig on a thread of its own, so a pause is answered within
+ * microseconds whatever the guest's own threads are doing. Every callback runs on that thread.
+ * Functions return 0 (or a handle) on success; on failure -1 (or NULL) with a message in `err`
+ * (which may be NULL) and errno set.
+ */
+#ifndef LIVEMIG_GUEST_H
+#define LIVEMIG_GUEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* the contract version this library speaks (the hello's "contract") */
+#define LMG_CONTRACT 2
+/* most regions one guest may hand over */
+#define LMG_MAX_REGIONS 32
+/* a region name: 1..63 characters of [A-Za-z0-9._-] */
+#define LMG_NAME_MAX 64
+/* the largest message body (a device state) */
+#define LMG_MAX_BODY (64u * 1024 * 1024)
+
+struct lmg_region {
+  uint32_t id;              /* unique within the guest */
+  char name[LMG_NAME_MAX];  /* e.g. "ram-low" */
+  void *addr;               /* this process's mapping (page-aligned) */
+  uint64_t size;            /* bytes, a multiple of the page size */
+  int fd;                   /* the memfd (or shm) the mapping is of, MAP_SHARED */
+  uint64_t offset;          /* where the region starts in fd (page-aligned) */
+  int tracked;              /* set by lmg_track: livemig can read exactly which pages were written */
+};
+
+/* ---- source side -------------------------------------------------------------------- */
+
+/*
+ * Registers every region's mapping with userfaultfd in write-protect async mode (Linux >= 6.7),
+ * so livemig reads which pages the guest wrote from /proc/PID/pagemap (exact tracking). Keep
+ * *uffd open while the guest may be migrated. Without it livemig falls back to hashing every
+ * page each round (slower; its report says tracking "hash").
+ */
+int lmg_track(struct lmg_region *regions, size_t n, int *uffd, char *err, size_t errlen);
+
+struct lmg_source_ops {
+  void *ctx;
+  /*
+   * Stop the guest (its vCPUs: no write to guest memory after this returns) and return its
+   * device state in *state (malloc'd; the library frees it) and *len (<= LMG_MAX_BODY).
+   * Return 0, or -1 with a reason in why[whylen] (the migration then fails and the guest
+   * keeps running). This is inside the downtime: do nothing else here.
+   */
+  int (*pause)(void *ctx, uint8_t **state, size_t *len, char *why, size_t whylen);
+  /* optional: called right after the pause was answered (still paused) */
+  void (*paused)(void *ctx);
+  /*
+   * Run again on this host: the migration failed, or livemig went silent (or away) while the
+   * guest was paused before it committed (the lease, docs/GUEST.md). Never after "released".
+   */
+  void (*resume)(void *ctx);
+  /* optional: write at (100 - percent)% of the usual rate, percent in 0..99 (auto-converge) */
+  int (*throttle)(void *ctx, unsigned percent);
+  /* the guest runs at the destination now: stop for good (typically exit the process) */
+  void (*released)(void *ctx);
+  /* optional: called first on the library's thread (set its scheduling, name it, ...) */
+  void (*thread_start)(void *ctx);
+};
+
+struct lmg_source;
+
+/*
+ * Listens at `path` (a filesystem path, or "@name" for the abstract namespace) and serves
+ * livemig there on a thread of its own: each connection gets the hello with every region and
+ * its memfd, then pause/commit/resume/throttle/exit requests. One livemig at a time; after a
+ * connection ends (a failed migration) the next one may connect. `regions` must stay valid.
+ * `name` (may be NULL) is shown in livemig's report.
+ */
+struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
+                                    const struct lmg_source_ops *ops, char *err, size_t errlen);
+
+/* ---- destination side --------------------------------------------------------------- */
+
+struct lmg_incoming;
+
+/*
+ * Listens at `path`, waits (up to timeout_ms; < 0: forever) for livemig to connect, sends the
+ * incoming hello and receives the regions (each a memfd and an offset), which it maps here
+ * (and populates, unless livemig advises against it: post-copy, or a same-host upgrade).
+ */
+struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int timeout_ms, char *err, size_t errlen);
+
+/* The regions as mapped here, in the source's order; valid until lmg_incoming_close. */
+size_t lmg_incoming_regions(const struct lmg_incoming *h, const struct lmg_region **regions);
+
+struct lmg_incoming_ops {
+  void *ctx;
+  /*
+   * Check and load the device state (do not run yet). Return 0, or -1 with a reason in
+   * why[whylen]: the migration then fails while the source can still resume its guest.
+   */
+  int (*load_state)(void *ctx, const uint8_t *state, size_t len, char *why, size_t whylen);
+  /* optional, post-copy: every page is in place now (faults no longer wait on the network) */
+  void (*all_present)(void *ctx);
+};
+
+/*
+ * Serves livemig on the calling thread until it says run: then returns 0 and the caller runs
+ * the guest (a thread of the library serves what follows). Returns -1 when livemig went away
+ * first: there is no guest to run here.
+ */
+int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops, char *err, size_t errlen);
+
+/* 1 when livemig registered the regions for post-copy: pages may still be arriving after run */
+int lmg_incoming_postcopy(const struct lmg_incoming *h);
+
+/* Unmaps the regions and closes the connection. */
+void lmg_incoming_close(struct lmg_incoming *h);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LIVEMIG_GUEST_H */

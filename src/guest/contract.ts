@@ -1,0 +1,148 @@
+/**
+ * The guest contract, livemig's side of its checks (docs/GUEST.md is the spec; the guest's side
+ * is native/guest/livemig_guest.c). A guest listens on a unix socket; livemig connects; the
+ * guest's first message is its hello. Everything in a hello is hostile until checked here.
+ */
+import { fstatSync } from 'node:fs';
+import { LivemigError } from '../errors.js';
+import { PAGE_SIZE } from '../protocol/format.js';
+import { GuestLayout, MAX_GUEST_REGIONS, REGION_NAME } from './layout.js';
+
+export const GUEST_CONTRACT = 2;
+
+/** Message tags (u8), livemig's requests and the guest's answers. */
+export const Tag = {
+  hello: 0x48, // H  guest -> livemig, first: JSON (+ a memfd per region from a source guest)
+  pause: 0x50, // P  [+ u32 lease ms] -> p + device state
+  paused: 0x70,
+  commit: 0x43, // C  -> c
+  committed: 0x63,
+  resume: 0x52, // R  -> r
+  resumed: 0x72,
+  throttle: 0x54, // T  + u8 percent -> t
+  throttled: 0x74,
+  release: 0x58, // X  -> x, and the guest stops for good
+  released: 0x78,
+  regions: 0x4d, // M  livemig -> incoming guest: the region table + a memfd per region -> m
+  mapped: 0x6d,
+  loadState: 0x53, // S  + device state -> s
+  stateLoaded: 0x73,
+  register: 0x55, // U  -> u + u32 count + count x u64 address (+ the userfaultfd)
+  registered: 0x75,
+  go: 0x47, // G  -> g
+  going: 0x67,
+  allPresent: 0x41, // A  -> a (post-copy: every page is in place)
+  allPresentAck: 0x61,
+  error: 0x65, // e  + utf8 reason, to any request
+} as const;
+
+export type Tracking = 'uffd-wp-async' | 'none';
+
+export interface GuestRegion {
+  id: number;
+  name: string;
+  size: number;
+  pageSize: number;
+  /** where the guest maps it (for tracking its writes) */
+  address: bigint;
+  /** where the region starts in its memfd */
+  offset: number;
+  tracking: Tracking;
+  /** livemig's copy of the region's memfd */
+  fd: number;
+}
+
+export interface SourceHello {
+  contract: typeof GUEST_CONTRACT;
+  role: 'source';
+  pid: number;
+  name: string;
+  regions: GuestRegion[];
+  layout: GuestLayout;
+}
+
+export interface IncomingHello {
+  contract: typeof GUEST_CONTRACT;
+  role: 'incoming';
+  pid: number;
+  name: string;
+}
+
+export function refused(why: string, phase = 'handover'): LivemigError {
+  return new LivemigError('ERR_LIVEMIG_HANDOVER', `guest hello refused: ${why}`, { phase });
+}
+
+function helloObject(data: Buffer): Record<string, unknown> {
+  if (data.length > 64 * 1024) throw refused(`a hello of ${data.length} bytes (at most 65536)`);
+  let h: unknown;
+  try {
+    h = JSON.parse(data.toString('utf8'));
+  } catch {
+    throw refused('the hello is not JSON');
+  }
+  if (typeof h !== 'object' || h === null || Array.isArray(h)) throw refused('the hello is not an object');
+  const o = h as Record<string, unknown>;
+  if (o.contract !== GUEST_CONTRACT) throw refused(`contract ${JSON.stringify(o.contract)} is not ${GUEST_CONTRACT} (this livemig speaks contract ${GUEST_CONTRACT})`);
+  if (!Number.isSafeInteger(o.pid) || (o.pid as number) <= 0) throw refused(`pid ${String(o.pid)} is not a positive integer`);
+  if (typeof o.name !== 'string' || !REGION_NAME.test(o.name)) throw refused('name must be 1..63 characters of [A-Za-z0-9._-]');
+  return o;
+}
+
+/** An incoming guest's hello (it has no regions yet: livemig hands them over). */
+export function parseIncomingHello(data: Buffer, fds: number): IncomingHello {
+  const o = helloObject(data);
+  if (o.role !== 'incoming') throw refused(`role ${JSON.stringify(o.role)}: a guest started for a migration's destination says "incoming"`);
+  if (fds !== 0) throw refused(`an incoming guest's hello carries no descriptor, this one carried ${fds}`);
+  return { contract: GUEST_CONTRACT, role: 'incoming', pid: o.pid as number, name: o.name as string };
+}
+
+/**
+ * A source guest's hello and the descriptors that came with it (one memfd per region, in
+ * order). Refuses overlapping or misaligned regions, a memfd smaller than its region, too many
+ * regions, a missing or extra descriptor. The caller closes `fds` either way.
+ */
+export function parseSourceHello(data: Buffer, fds: readonly number[]): SourceHello {
+  const o = helloObject(data);
+  if (o.role !== 'source') throw refused(`role ${JSON.stringify(o.role)}: a guest to migrate says "source"`);
+  const list = o.regions;
+  if (!Array.isArray(list) || list.length === 0) throw refused('regions must be a non-empty list');
+  if (list.length > MAX_GUEST_REGIONS) throw refused(`${list.length} regions, more than the limit of ${MAX_GUEST_REGIONS}`);
+  if (fds.length !== list.length) throw refused(`${list.length} regions need ${list.length} descriptors (a memfd each, in order), the hello carried ${fds.length}`);
+  const regions: GuestRegion[] = list.map((r: unknown, i) => checkRegion(r, i, fds[i]!));
+  const layout = GuestLayout.checked(regions, 'the hello', (why) => refused(why.replace(/^the hello: /, '')));
+  refuseOverlaps(regions, (r) => [r.address, BigInt(r.size)], 'in the guest');
+  // two regions over the same bytes of one file would be one memory seen twice
+  const files = regions.map((r) => {
+    const st = fstatSync(r.fd);
+    return { r, key: `${st.dev}:${st.ino}`, fileSize: st.size };
+  });
+  for (const f of files) {
+    if (f.fileSize < f.r.offset + f.r.size) throw refused(`region ${f.r.name}: its memfd holds ${f.fileSize} bytes, fewer than offset ${f.r.offset} + size ${f.r.size}`);
+  }
+  for (const key of new Set(files.map((f) => f.key))) {
+    refuseOverlaps(files.filter((f) => f.key === key).map((f) => f.r), (r) => [BigInt(r.offset), BigInt(r.size)], 'in their memfd');
+  }
+  return { contract: GUEST_CONTRACT, role: 'source', pid: o.pid as number, name: o.name as string, regions, layout };
+}
+
+function checkRegion(v: unknown, i: number, fd: number): GuestRegion {
+  if (typeof v !== 'object' || v === null) throw refused(`region ${i} is not an object`);
+  const r = v as Record<string, unknown>;
+  const name = typeof r.name === 'string' && REGION_NAME.test(r.name) ? r.name : `#${i}`;
+  if (r.pageSize !== PAGE_SIZE) throw refused(`region ${name}: page size ${String(r.pageSize)} is not this host's ${PAGE_SIZE}`);
+  if (typeof r.address !== 'string' || !/^[0-9]{1,20}$/.test(r.address)) throw refused(`region ${name}: address is not a decimal string`);
+  const address = BigInt(r.address);
+  if (address === 0n || address % BigInt(PAGE_SIZE) !== 0n || address >= 1n << 64n) throw refused(`region ${name}: address ${r.address} is not page-aligned`);
+  if (!Number.isSafeInteger(r.size) || (r.size as number) <= 0 || (r.size as number) % PAGE_SIZE !== 0) throw refused(`region ${name}: size ${String(r.size)} is not a positive multiple of ${PAGE_SIZE}`);
+  if (!Number.isSafeInteger(r.offset) || (r.offset as number) < 0 || (r.offset as number) % PAGE_SIZE !== 0) throw refused(`region ${name}: offset ${String(r.offset)} is not page-aligned`);
+  if (r.tracking !== 'uffd-wp-async' && r.tracking !== 'none') throw refused(`region ${name}: tracking ${JSON.stringify(r.tracking)} is unknown (uffd-wp-async or none)`);
+  return { id: r.id as number, name: r.name as string, size: r.size as number, pageSize: PAGE_SIZE, address, offset: r.offset as number, tracking: r.tracking, fd };
+}
+
+function refuseOverlaps<T extends { name: string }>(items: T[], span: (t: T) => [bigint, bigint], where: string): void {
+  const sorted = [...items].sort((a, b) => (span(a)[0] < span(b)[0] ? -1 : span(a)[0] > span(b)[0] ? 1 : 0));
+  for (let i = 1; i < sorted.length; i++) {
+    const [start, len] = span(sorted[i - 1]!);
+    if (start + len > span(sorted[i]!)[0]) throw refused(`regions ${sorted[i - 1]!.name} and ${sorted[i]!.name} overlap ${where}`);
+  }
+}

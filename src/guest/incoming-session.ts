@@ -1,0 +1,237 @@
+/**
+ * livemig's end of the destination guest (docs/GUEST.md): starts the guest's command with a
+ * socket path, connects when it listens, takes its hello, hands it the regions (the
+ * destination's memory, one memfd window per region) and, when the migration gets there, its
+ * device state, the post-copy registration and the word to run.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { LivemigError } from '../errors.js';
+import { addon, callAsync, closeFd, type ControlMessage, type GuestRange } from '../native.js';
+import { PAGE_SIZE } from '../protocol/format.js';
+import type { Region } from '../region/region.js';
+import { connectWhenListening } from './connect.js';
+import { Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
+import type { GuestLayout } from './layout.js';
+
+const CONTROL_TIMEOUT_MS = 2000;
+/** the placeholder a guest command names its socket with */
+export const SOCKET_PLACEHOLDER = '{socket}';
+
+export interface IncomingStart {
+  /** the guest's command line, one of whose words holds SOCKET_PLACEHOLDER */
+  command: readonly string[];
+  layout: GuestLayout;
+  /** the destination's memory: the regions are windows of its memfd, back to back */
+  region: Region;
+  /** map every page ahead (pre-copy); false when post-copy is planned or nothing is copied */
+  populate: boolean;
+  /** register for post-copy at once (post-copy planned): the switch then waits for nothing */
+  registerEarly?: boolean;
+  /** for the guest to start, say hello and map its memory (default 120 s) */
+  startTimeoutMs?: number;
+  /** where the guest's stdout goes (default: this process's) */
+  stdout?: 'inherit' | 'ignore';
+}
+
+/** `command` with its socket placeholder filled in; refuses one without the placeholder. */
+export function guestCommand(command: readonly string[], socketPath: string): string[] {
+  if (!command.some((w) => w.includes(SOCKET_PLACEHOLDER))) {
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the guest command must name its socket with ${SOCKET_PLACEHOLDER}: ${command.join(' ')}`, { phase: 'validate' });
+  }
+  return command.map((w) => w.split(SOCKET_PLACEHOLDER).join(socketPath));
+}
+
+/** The region table and flags of 'M' (docs/GUEST.md). */
+export function encodeRegions(layout: GuestLayout, populate: boolean): Buffer {
+  const parts: Buffer[] = [Buffer.of(populate ? 1 : 0), u32(layout.regions.length)];
+  for (const r of layout.regions) {
+    const head = Buffer.alloc(21);
+    head.writeUInt32LE(r.id, 0);
+    head.writeBigUInt64LE(BigInt(r.size), 4);
+    head.writeBigUInt64LE(BigInt(r.firstPage * PAGE_SIZE), 12);
+    head.writeUInt8(Buffer.byteLength(r.name), 20);
+    parts.push(head, Buffer.from(r.name));
+  }
+  return Buffer.concat(parts);
+}
+const u32 = (n: number): Buffer => {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(n);
+  return b;
+};
+
+export class IncomingGuest {
+  readonly child: ChildProcess;
+  readonly hello: IncomingHello;
+  readonly layout: GuestLayout;
+  #fd: number;
+  #dir: string;
+  #prepared: Promise<void> | undefined;
+  #stateSent = false;
+  #registered: { uffd: number; ranges: GuestRange[] } | undefined;
+  /** the userfaultfd went to the caller, who closes it */
+  #handedOver = false;
+
+  private constructor(child: ChildProcess, hello: IncomingHello, layout: GuestLayout, fd: number, dir: string) {
+    this.child = child;
+    this.hello = hello;
+    this.layout = layout;
+    this.#fd = fd;
+    this.#dir = dir;
+  }
+
+  /** Starts the guest and hands it its regions; resolves once it has mapped them. */
+  static async start(o: IncomingStart): Promise<IncomingGuest> {
+    // the socket in a directory only this user may enter: no other local process can reach
+    // the guest before livemig does, nor hand it memory of its own
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-guest-'));
+    const socketPath = path.join(dir, 'guest.sock');
+    let child: ChildProcess | undefined;
+    let fd = -1;
+    try {
+      const argv = guestCommand(o.command, socketPath);
+      child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', o.stdout ?? 'inherit', 'inherit'] });
+      const spawned = child;
+      const failed = new Promise<never>((_, reject) => {
+        spawned.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_GUEST', `the guest command failed to start: ${e.message}`, { phase: 'handover', cause: e })));
+      });
+      failed.catch(() => undefined);
+      const timeoutMs = o.startTimeoutMs ?? 120_000;
+      fd = await Promise.race([connectWhenListening(socketPath, timeoutMs, spawned), failed]);
+      const hi = await IncomingGuest.#receive(fd, timeoutMs, 'waiting for the incoming guest\'s hello');
+      if (hi.tag !== Tag.hello) throw refused(`the incoming guest's first message is 0x${hi.tag.toString(16)}, not its hello ('H')`);
+      const hello = parseIncomingHello(hi.body, hi.fds.length);
+      const guest = new IncomingGuest(spawned, hello, o.layout, fd, dir);
+      try {
+        addon.controlSend(fd, Tag.regions, encodeRegions(o.layout, o.populate), o.layout.regions.map(() => o.region.fd));
+      } catch (e) {
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `handing the regions to the incoming guest failed: ${(e as Error).message}`, { phase: 'reserve', cause: e });
+      }
+      // mapping (and populating) a gigabyte takes a while: waited for off this thread
+      guest.#expect(await IncomingGuest.#receive(fd, timeoutMs, 'waiting for the incoming guest to map its regions'), Tag.regions, Tag.mapped, 'reserve');
+      if (o.registerEarly) await guest.#register();
+      return guest;
+    } catch (e) {
+      if (fd >= 0) closeFd(fd, 'handover');
+      child?.kill('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  static async #receive(fd: number, timeoutMs: number, what: string): Promise<ControlMessage> {
+    return callAsync('ERR_LIVEMIG_GUEST', 'handover', what, () => addon.controlReceiveAsync(fd, timeoutMs));
+  }
+
+  get pid(): number {
+    return this.child.pid ?? 0;
+  }
+
+  /**
+   * Post-copy: every region registered for minor faults; livemig's copy of the guest's
+   * userfaultfd and where each region is mapped in the guest.
+   */
+  async register(): Promise<{ uffd: number; ranges: GuestRange[] }> {
+    const reg = await this.#register();
+    this.#handedOver = true;
+    return reg;
+  }
+
+  async #register(): Promise<{ uffd: number; ranges: GuestRange[] }> {
+    if (this.#registered) return this.#registered;
+    await this.#prepared; // its answer comes first on the socket
+    const r = this.#exchange(Tag.register, Tag.registered, 'postcopy');
+    const n = this.layout.regions.length;
+    try {
+      if (r.fds.length !== 1) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's registration carried ${r.fds.length} descriptors, not its userfaultfd`, { phase: 'postcopy' });
+      if (r.body.length !== 4 + 8 * n || r.body.readUInt32LE(0) !== n) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's registration names ${r.body.length >= 4 ? r.body.readUInt32LE(0) : '?'} addresses for ${n} regions`, { phase: 'postcopy' });
+    } catch (e) {
+      for (const f of r.fds) closeFd(f, 'postcopy');
+      throw e;
+    }
+    const ranges = this.layout.regions.map((reg, i) => ({ address: r.body.readBigUInt64LE(4 + 8 * i), firstPage: reg.firstPage, pages: reg.pages }));
+    this.#registered = { uffd: r.fds[0]!, ranges };
+    return this.#registered;
+  }
+
+  /**
+   * Hands the guest its state ahead of activation: it checks and loads it, then waits. Called
+   * when the device state arrives, before the source commits, so a state the guest refuses
+   * fails the migration while the source can still resume its guest. The state goes at once;
+   * the answer is read when the caller next waits, so the guest checks the state while the
+   * caller goes on (the receiver computes its digest meanwhile).
+   */
+  prepare(deviceState: Buffer): Promise<void> {
+    this.#prepared ??= Promise.resolve();
+    if (!this.#stateSent) {
+      this.#stateSent = true;
+      try {
+        this.#send(Tag.loadState, 'activate', deviceState);
+      } catch (e) {
+        this.#prepared = Promise.reject(e);
+        return this.#prepared;
+      }
+      this.#prepared = this.#prepared.then(() => void this.#expect(this.#read('activate'), Tag.loadState, Tag.stateLoaded, 'activate'));
+    }
+    return this.#prepared;
+  }
+
+  /** Starts the guest (prepares first if need be). */
+  async activate(deviceState: Buffer): Promise<void> {
+    await this.prepare(deviceState);
+    this.#exchange(Tag.go, Tag.going, 'activate');
+    this.child.unref(); // the guest runs on its own; this process may exit before it
+  }
+
+  /** Post-copy: every page is in place; the guest may drop its registration. */
+  allPresent(): void {
+    this.#exchange(Tag.allPresent, Tag.allPresentAck, 'postcopy');
+  }
+
+  /** livemig is done with the guest: it runs on (or, not told to run, exits). */
+  close(): void {
+    if (this.#fd >= 0) closeFd(this.#fd, 'guest');
+    this.#fd = -1;
+    if (this.#registered && !this.#handedOver) closeFd(this.#registered.uffd, 'guest');
+    this.#registered = undefined;
+    rmSync(this.#dir, { recursive: true, force: true });
+  }
+
+  kill(): void {
+    this.child.kill('SIGKILL');
+    this.close();
+  }
+
+  #send(tag: number, phase: string, body?: Buffer): void {
+    if (this.#fd < 0) throw new LivemigError('ERR_LIVEMIG_GUEST', 'the incoming guest is gone', { phase });
+    try {
+      addon.controlSend(this.#fd, tag, body);
+    } catch (e) {
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest's socket failed: ${(e as Error).message}`, { phase, cause: e });
+    }
+  }
+
+  #read(phase: string): ControlMessage {
+    if (this.#fd < 0) throw new LivemigError('ERR_LIVEMIG_GUEST', 'the incoming guest is gone', { phase });
+    try {
+      return addon.controlReceive(this.#fd, CONTROL_TIMEOUT_MS);
+    } catch (e) {
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest's socket failed: ${(e as Error).message}`, { phase, cause: e });
+    }
+  }
+
+  #expect(r: ControlMessage, request: number, answer: number, phase: string): ControlMessage {
+    if (r.tag === answer) return r;
+    for (const f of r.fds) closeFd(f, phase);
+    if (r.tag === Tag.error) throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest refused '${String.fromCharCode(request)}': ${r.body.toString('utf8', 0, 300)}`, { phase });
+    throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest answered '${String.fromCharCode(r.tag)}' to '${String.fromCharCode(request)}'`, { phase });
+  }
+
+  #exchange(request: number, answer: number, phase: string): ControlMessage {
+    this.#send(request, phase);
+    return this.#expect(this.#read(phase), request, answer, phase);
+  }
+}
