@@ -15,7 +15,8 @@ import { migrate } from '../src/source/migrate.js';
 import { listen } from '../src/receiver/listen.js';
 import type { Region } from '../src/region/region.js';
 import { verifyContent } from '../src/workload/content.js';
-import { HeartbeatObserver, IncomingGuest, SourceGuest } from '../src/workload/controller.js';
+import type { IncomingGuest } from '../src/guest/incoming-session.js';
+import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
 import type { GuestState } from '../src/workload/state.js';
 import { here } from './helpers.js';
 import path from 'node:path';
@@ -62,9 +63,8 @@ test('a live migration over an encrypted stream arrives bit-identical and the gu
   let pausedState: GuestState | undefined;
   const rx = await listen('127.0.0.1', 0, {
     credentials: psk,
-    onReserved: async (region) => {
-      incoming = new IncomingGuest(region);
-      await incoming.ready;
+    onReserved: async (region, plan, layout) => {
+      incoming = await startReferenceIncoming(region, layout, plan);
     },
     activate: async (region, deviceState) => {
       destDigest = await imageDigest(region);
@@ -191,9 +191,8 @@ test('a device state the destination guest refuses fails the migration before co
   let incoming: IncomingGuest | undefined;
   let activated = false;
   const rx = await listen('127.0.0.1', 0, {
-    onReserved: async (region) => {
-      incoming = new IncomingGuest(region);
-      await incoming.ready;
+    onReserved: async (region, plan, layout) => {
+      incoming = await startReferenceIncoming(region, layout, plan);
     },
     onDiscard: () => incoming?.kill(),
     prepare: (_region, deviceState) => incoming!.prepare(deviceState),

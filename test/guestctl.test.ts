@@ -1,6 +1,6 @@
 /**
- * The hand-over's fast paths: the guest's control thread and run gate (native/refguest/gate.cc),
- * the incoming guest's go socket, control frames written and read on the calling thread
+ * The hand-over's fast paths: the guest library's control thread and the reference guest's run
+ * gate (native/refguest/gate.cc), the incoming guest's socket, control frames written and read on the calling thread
  * (Wire.writeNow/readNow), and the scheduling hint (src/sched.ts).
  */
 import assert from 'node:assert/strict';
@@ -12,7 +12,9 @@ import { encodeFrame, encodeHeader } from '../src/protocol/frame.js';
 import { WireChannel } from '../src/protocol/wire.js';
 import { Region } from '../src/region/region.js';
 import { preferShortSlices, defaultSlices } from '../src/sched.js';
-import { IncomingGuest } from '../src/workload/controller.js';
+import { GuestLayout } from '../src/guest/layout.js';
+import { SourceGuestSession } from '../src/guest/source-session.js';
+import { startReferenceIncoming } from '../src/workload/controller.js';
 import { LivemigError } from '../src/errors.js';
 import { tcpPair } from './helpers.js';
 import { readdirSync, readFileSync } from 'node:fs';
@@ -33,23 +35,22 @@ function threadPolicies(): number[] {
 const SCHED_IDLE = 5;
 
 const P = 0x50;
-const R = 0x52;
 
-test('a pause through the control thread stops writes and beats, and answers the run state of that moment', async () => {
+test('the guest library pauses writes and beats, answers the state of that moment, and refuses what it must', async () => {
   // this file's process is the "guest": the gate is process-wide
   const region = Region.create(16 * 4096, { name: 'gate' });
   const st = new BigUint64Array([12345n, 0n, 7n]);
-  const [mine, theirs] = addon.socketPair();
-  guestAddon.gateStart(mine, st);
+  const path = `@livemig-test-gate-${process.pid}`;
+  guestAddon.serve(path, [{ address: region.address, size: region.size, fd: region.fd, tracked: false }], st, '{"version":1,"size":65536');
+  const session = await SourceGuestSession.connect(path);
   try {
+    assert.equal(session.hello.name, 'reference-guest');
+    assert.equal(session.tracking, 'none');
+    assert.equal(session.target, undefined, 'no tracking registered: livemig hashes');
     assert.equal(guestAddon.guestWrite(region.address, region.size, st, 100, 16, false), 100);
     assert.equal(guestAddon.gateBeat(st), 7);
-    const paused = addon.controlRequest(theirs, P, 2000);
-    assert.equal(String.fromCharCode(paused.tag), 'p');
-    const run = new BigUint64Array(paused.body.buffer.slice(paused.body.byteOffset, paused.body.byteOffset + 24));
-    assert.deepEqual([...run], [...st], 'the reply is the state the guest stopped in');
-    assert.equal(run[1], 100n);
-    assert.equal(run[2], 8n);
+    const state = JSON.parse(session.pause().toString()) as Record<string, unknown>;
+    assert.deepEqual(state, { version: 1, size: 65536, xs: st[0]!.toString(), writes: '100', heartbeatSeq: 8, throttle: 0 }, 'the reply is the state the guest stopped in');
     assert.equal(guestAddon.gatePaused(), true);
     if (process.getuid?.() === 0) {
       // paused, every other thread of the guest runs only on otherwise idle CPUs (set just
@@ -59,20 +60,46 @@ test('a pause through the control thread stops writes and beats, and answers the
       assert.equal(idle, threadPolicies().length - 1, 'all but the control thread are SCHED_IDLE while paused');
     }
     const before = Buffer.from(region.view());
+    const stBefore = [...st];
     assert.equal(guestAddon.guestWrite(region.address, region.size, st, 100, 16, false), 0, 'no write passes a closed gate');
     assert.equal(guestAddon.gateBeat(st), -1, 'a paused guest does not beat');
     assert.ok(before.equals(Buffer.from(region.view())));
-    assert.deepEqual([...st], [...run]);
-
-    assert.equal(String.fromCharCode(addon.controlRequest(theirs, R, 2000).tag), 'r');
+    assert.deepEqual([...st], stBefore);
+    session.resume();
     assert.equal(guestAddon.gatePaused(), false);
     assert.equal(threadPolicies().filter((p) => p === SCHED_IDLE).length, 0, 'resumed, no thread is left SCHED_IDLE');
     assert.equal(guestAddon.guestWrite(region.address, region.size, st, 10, 16, false), 10);
-    assert.equal(String.fromCharCode(addon.controlRequest(theirs, 0x21, 2000).tag), 'e', 'an unknown request is answered, not ignored');
-    assert.throws(() => addon.controlRequest(theirs, P, 2000, Buffer.alloc(5000)), /longer than 4096/);
+    session.throttle(30);
+    assert.equal(guestAddon.gateThrottle(), 30);
+    assert.throws(() => session.throttle(100), /0\.\.99/);
   } finally {
-    guestAddon.gateSetPaused(false);
-    addon.closeFd(theirs); // the control thread sees the end of the stream and stops
+    session.close();
+  }
+  // a second livemig after the first went away, speaking the wire itself
+  const fd = addon.unixConnect(path);
+  try {
+    const hello = addon.controlReceive(fd, 2000);
+    assert.equal(String.fromCharCode(hello.tag), 'H');
+    assert.equal(hello.fds.length, 1, 'a memfd for the one region');
+    for (const f of hello.fds) addon.closeFd(f);
+    const unknown = addon.controlRequest(fd, 0x21, 2000);
+    assert.equal(String.fromCharCode(unknown.tag), 'e', 'an unknown request is answered, not ignored');
+    assert.match(unknown.body.toString(), /unknown request 0x21/);
+    const release = addon.controlRequest(fd, 0x58 /* X */, 2000);
+    assert.equal(String.fromCharCode(release.tag), 'e', 'no release without a committed pause');
+    assert.match(release.body.toString(), /would be lost/);
+    assert.throws(() => addon.controlRequest(fd, 0x50, 2000, Buffer.alloc(65 * 1024 * 1024)), /longer than 64 MiB/);
+    // a pause with a lease of 50 ms and then silence: the guest resumes itself and refuses to commit
+    const lease = Buffer.alloc(4);
+    lease.writeUInt32LE(50);
+    assert.equal(String.fromCharCode(addon.controlRequest(fd, 0x50, 2000, lease).tag), 'p');
+    for (let i = 0; i < 100 && guestAddon.gatePaused(); i++) await new Promise((r) => setTimeout(r, 5));
+    assert.equal(guestAddon.gatePaused(), false, 'the lease ran out: resumed');
+    const commit = addon.controlRequest(fd, 0x43, 2000);
+    assert.equal(String.fromCharCode(commit.tag), 'e');
+    assert.match(commit.body.toString(), /resumed itself/);
+  } finally {
+    addon.closeFd(fd);
     region.release();
   }
 });
@@ -92,16 +119,16 @@ test('a control request nobody answers times out instead of blocking', () => {
 
 test('an incoming guest refuses a state it cannot load while the source can still resume, and starts on go after a good one', async () => {
   const region = Region.create(64 * 4096, { name: 'incoming', reserve: true });
-  const bad = new IncomingGuest(region);
+  const layout = GuestLayout.single(region.size);
+  const bad = await startReferenceIncoming(region, layout);
   try {
-    await bad.ready;
     await assert.rejects(bad.prepare(Buffer.from(JSON.stringify({ version: 9 }))), (e: LivemigError) => e.code === 'ERR_LIVEMIG_GUEST' && /refused 'S'.*version 9/.test(e.message));
   } finally {
     bad.kill();
   }
-  const good = new IncomingGuest(region);
+  const good = await startReferenceIncoming(region, layout);
   try {
-    await good.ready;
+    assert.equal(good.hello.role, 'incoming');
     const state = { version: 1, size: region.size, content: 'zero', seed: '1', pattern: 'uniform', span: 64, rate: 0, xs: '1', writes: '0', heartbeatSeq: 0, throttle: 0 };
     await good.prepare(Buffer.from(JSON.stringify(state)));
     await good.activate(Buffer.from(JSON.stringify(state)));

@@ -1,7 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -57,27 +56,20 @@ export class WorkerWriter {
   }
 }
 
-/** The child-process guest from fixtures/guest-child.ts, driven over its handover socket. */
+/** The child-process guest from fixtures/guest-child.ts (two regions), driven over its IPC channel. */
 export class ChildGuest {
-  constructor(
-    readonly child: ChildProcess,
-    readonly socket: net.Socket,
-  ) {
-    this.#lines = createInterface({ input: socket })[Symbol.asyncIterator]();
-  }
-  #lines: AsyncIterator<string>;
+  constructor(readonly child: ChildProcess) {}
 
   static spawn(socketPath: string, size: number, tracking: 'uffd-async' | 'none'): ChildProcess {
-    return spawn(process.execPath, [fixture('guest-child.js'), socketPath, String(size), tracking], { stdio: ['ignore', 'inherit', 'inherit'] });
+    return spawn(process.execPath, [fixture('guest-child.js'), socketPath, String(size), tracking], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   }
   async write(pages: Uint32Array, round: number): Promise<void> {
-    this.socket.write(JSON.stringify({ op: 'write', pages: Array.from(pages), round }) + '\n');
-    const next = await this.#lines.next();
-    assert.equal(next.done, false, 'guest closed its socket');
-    assert.equal((JSON.parse(next.value as string) as { op: string }).op, 'done');
+    const done = once(this.child, 'message');
+    this.child.send({ op: 'write', pages: Array.from(pages), round });
+    assert.equal(((await done)[0] as { op: string }).op, 'done');
   }
   async close(): Promise<void> {
-    this.socket.write(JSON.stringify({ op: 'exit' }) + '\n');
+    this.child.send({ op: 'exit' });
     if (this.child.exitCode === null) await once(this.child, 'exit');
   }
 }

@@ -19,7 +19,8 @@ import { makeCa, opensslMissing } from './certs.js';
 import type { ReceiveReport } from '../src/receiver/receiver.js';
 import { Region } from '../src/region/region.js';
 import { fillContent } from '../src/workload/content.js';
-import { HeartbeatObserver, IncomingGuest, SourceGuest } from '../src/workload/controller.js';
+import type { IncomingGuest } from '../src/guest/incoming-session.js';
+import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
 import { tcpPair } from './helpers.js';
 
 const MiB = 1 << 20;
@@ -145,9 +146,8 @@ async function setup(size: number, rate: number, recoverTimeoutMs = 20_000, cred
   let incoming: IncomingGuest | undefined;
   let closed = false;
   const rx = await listen('127.0.0.1', 0, {
-    onReserved: async (region, plan) => {
-      incoming = new IncomingGuest(region, plan === 'planned' ? 'planned' : 'possible');
-      await incoming.ready;
+    onReserved: async (region, plan, layout) => {
+      incoming = await startReferenceIncoming(region, layout, plan);
     },
     onDiscard: () => incoming?.kill(),
     postcopy: { register: () => incoming!.register() },
@@ -206,8 +206,8 @@ async function cuttableProxy(port: number, forGood: boolean, afterCutTo?: number
 
 /** After post-copy: the destination guest checks every page against its model. */
 async function verifyDestination(s: Awaited<ReturnType<typeof setup>>): Promise<{ bad: number }> {
-  const pid = s.incoming().child.pid;
-  await s.incoming().verify();
+  const pid = s.incoming().pid;
+  s.incoming().allPresent();
   const beat = await s.observer.waitFor((b) => b.pid === pid && b.verify !== undefined, 60_000);
   return beat.verify!;
 }
@@ -230,7 +230,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, g.region.pageCount, 'every page crossed once');
     assert.equal((await verifyDestination(s)).bad, 0);
     // the guest's heartbeat goes on at the destination
-    const pid = s.incoming().child.pid;
+    const pid = s.incoming().pid;
     const beats = s.observer.beats.filter((b) => b.pid === pid).length;
     await new Promise((r) => setTimeout(r, 50));
     assert.ok(s.observer.beats.filter((b) => b.pid === pid).length > beats, 'heartbeats continue on the destination');

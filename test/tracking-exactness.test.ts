@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { Region } from '../src/region/region.js';
-import { GuestListener, type GuestConnection } from '../src/region/handover.js';
+import { SourceGuestSession } from '../src/guest/source-session.js';
 import { chooseTracker, probe, type BackendName, type DirtyTracker, ExternalTracker } from '../src/tracking/index.js';
 import { ChildGuest, GiB, WorkerWriter, abstractSocket, assertSamePages } from './helpers.js';
 import { pagesForRound, writeRound } from './fixtures/writes.js';
@@ -19,27 +19,26 @@ for (const p of probes) if (!p.available) console.log(`# tracking backend ${p.ba
 let region: Region;
 let words: Uint32Array;
 let worker: WorkerWriter;
-let listener: GuestListener;
-let guestConn: GuestConnection;
+let guestConn: SourceGuestSession;
 let guest: ChildGuest;
 let roundBase = 0; // every round of the file writes a value no earlier round wrote
 
 before(async () => {
-  listener = GuestListener.listen(abstractSocket('exact'));
-  const child = ChildGuest.spawn(listener.path, SIZE, probes[0]!.available ? 'uffd-async' : 'none');
+  const path = abstractSocket('exact');
+  const child = ChildGuest.spawn(path, SIZE, probes[0]!.available ? 'uffd-async' : 'none');
   region = Region.create(SIZE, { name: 'exactness', reserve: true, populate: true });
   const v = region.view();
   words = new Uint32Array(v.buffer, v.byteOffset, region.size / 4);
   worker = await WorkerWriter.start(region.shareId);
-  guestConn = await listener.accept(120_000);
-  guest = new ChildGuest(child, guestConn.socket);
+  guestConn = await SourceGuestSession.connect(path, { timeoutMs: 120_000, child });
+  assert.equal(guestConn.layout.regions.length, 2, 'the guest hands over two regions');
+  guest = new ChildGuest(child);
 });
 
 after(async () => {
   await worker?.close();
   await guest?.close();
-  guestConn?.region.release();
-  listener?.close();
+  guestConn?.close();
   region?.release();
 });
 
@@ -68,10 +67,10 @@ for (const backend of ['uffd-async', 'soft-dirty', 'hash', 'external'] as Backen
   const skip = status.available ? false : `${backend} unavailable here: ${status.reason}`;
 
   describe(`${backend} exactness over ${ROUNDS} rounds on ${SIZE / GiB} GiB`, { skip }, () => {
-    const make = (target?: GuestConnection): DirtyTracker =>
+    const make = (target?: SourceGuestSession): DirtyTracker =>
       chooseTracker(target ? target.region : region, {
         backend,
-        ...(target && backend !== 'hash' && backend !== 'external' ? { target: { pid: target.pid, address: target.address } } : {}),
+        ...(target && backend !== 'hash' && backend !== 'external' && target.target ? { target: target.target } : {}),
       }).tracker;
 
     test('writes from the main thread', async () => {
@@ -91,7 +90,7 @@ for (const backend of ['uffd-async', 'soft-dirty', 'hash', 'external'] as Backen
     });
 
     test('writes from a separate process that handed over its memfd', async (ctx) => {
-      if (backend === 'uffd-async' && guestConn.hello.tracking !== 'uffd-async') return ctx.skip('guest could not register');
+      if (backend === 'uffd-async' && guestConn.tracking !== 'uffd-wp-async') return ctx.skip('guest could not register');
       const t = make(guestConn);
       await runRounds(t, (p, r) => guest.write(p, r), t instanceof ExternalTracker ? (p) => t.markDirty(p) : undefined);
     });

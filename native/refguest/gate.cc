@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "guest/livemig_guest.h"
@@ -83,12 +84,12 @@ void OnThreadStart(void*) { SetThreadSlice(100000); }
 
 std::string Message(const char* what, const char* err) { return std::string(what) + ": " + err; }
 
-// serve(path, region: {address, size, fd, tracked}, st: BigUint64Array[3], statePrefix): the
+// serve(path, regions: [{address, size, fd, tracked}], st: BigUint64Array[3], statePrefix): the
 // library's thread serves livemig at path for the life of the process.
 Napi::Value Serve(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
-  Napi::Object r = info[1].As<Napi::Object>();
+  Napi::Array list = info[1].As<Napi::Array>();
   Napi::BigUint64Array st = info[2].As<Napi::BigUint64Array>();
   if (st.ElementLength() < 3) throw Napi::RangeError::New(env, "the run state needs 3 words");
   GuestGate& g = TheGuestGate();
@@ -97,17 +98,21 @@ Napi::Value Serve(const Napi::CallbackInfo& info) {
   g_stRef = Napi::Persistent(st);  // the library's thread reads this memory: keep it alive
   g.st = st.Data();
   g_idleWhenPaused = MayLeaveIdle();
-  lmg_region region{};
-  region.id = 0;
-  std::snprintf(region.name, sizeof region.name, "ram");
-  region.addr = reinterpret_cast<void*>(ToU64(r.Get("address")));
-  region.size = ToU64(r.Get("size"));
-  region.fd = r.Get("fd").As<Napi::Number>().Int32Value();
-  region.offset = 0;
-  region.tracked = r.Get("tracked").ToBoolean().Value() ? 1 : 0;
+  std::vector<lmg_region> regions(list.Length());
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    Napi::Object r = list.Get(i).As<Napi::Object>();
+    lmg_region& region = regions[i];
+    region.id = i;
+    std::snprintf(region.name, sizeof region.name, list.Length() == 1 ? "ram" : "ram-%u", i);
+    region.addr = reinterpret_cast<void*>(ToU64(r.Get("address")));
+    region.size = ToU64(r.Get("size"));
+    region.fd = r.Get("fd").As<Napi::Number>().Int32Value();
+    region.offset = 0;
+    region.tracked = r.Get("tracked").ToBoolean().Value() ? 1 : 0;
+  }
   static const lmg_source_ops ops = {nullptr, OnPause, OnPaused, OnResume, OnThrottle, OnReleased, OnThreadStart};
   char err[512];
-  if (!lmg_source_start(path.c_str(), "reference-guest", &region, 1, &ops, err, sizeof err)) throw Napi::Error::New(env, Message("serving livemig", err));
+  if (!lmg_source_start(path.c_str(), "reference-guest", regions.data(), regions.size(), &ops, err, sizeof err)) throw Napi::Error::New(env, Message("serving livemig", err));
   return env.Undefined();
 }
 

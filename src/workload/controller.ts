@@ -12,7 +12,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
 import { SourceGuestSession } from '../guest/source-session.js';
-import { SOCKET_PLACEHOLDER } from '../guest/incoming-session.js';
+import { IncomingGuest, SOCKET_PLACEHOLDER } from '../guest/incoming-session.js';
+import type { GuestLayout } from '../guest/layout.js';
+import type { Region } from '../region/region.js';
+import { parseGuestState, type GuestState } from './state.js';
 import { monotonicMs } from './clock.js';
 
 const GUEST_ENTRY = path.join(path.dirname(fileURLToPath(import.meta.url)), 'guest.js');
@@ -44,6 +47,11 @@ export function referenceGuestArgs(socket: string, o: GuestOptions): string[] {
 /** The reference guest started for a migration's destination (`{socket}`: where it serves). */
 export function referenceIncomingCommand(): string[] {
   return [process.execPath, GUEST_ENTRY, '--incoming', '--socket', SOCKET_PLACEHOLDER];
+}
+
+/** A reference guest started for a migration's destination, handed `region` (as a receiver's onReserved does). */
+export function startReferenceIncoming(region: Region, layout: GuestLayout, postcopy: 'planned' | 'possible' | 'no' = 'possible'): Promise<IncomingGuest> {
+  return IncomingGuest.start({ command: referenceIncomingCommand(), layout, region, populate: postcopy !== 'planned', registerEarly: postcopy === 'planned' });
 }
 
 /** The C example guest (native/guest/example/c_guest.c), built by npm install. */
@@ -117,6 +125,12 @@ export class SourceGuest {
   }
   async throttle(percent: number): Promise<void> {
     this.session.throttle(percent);
+  }
+  /** The reference guest's state, read with a pause of an instant (the contract has no other query): for tests and diagnostics. */
+  async state(): Promise<GuestState> {
+    const s = parseGuestState(this.session.pause());
+    this.session.resume();
+    return s;
   }
   /** The guest runs elsewhere now: it stops; livemig's mapping goes. */
   async exit(): Promise<void> {

@@ -230,7 +230,7 @@ if (incoming && postcopyGuest) {
   // the state's fields a pause does not change; the pause adds the run state (native/refguest/gate.cc)
   const fixed = JSON.stringify({ version: state.version, size: state.size, content: state.content, seed: state.seed, pattern: state.pattern, span: state.span, rate: state.rate, ...(state.heartbeat ? { heartbeat: state.heartbeat } : {}) });
   const r = region as Region;
-  guestAddon.serve(values.socket, { address: r.address, size: r.size, fd: r.fd, tracked }, st, fixed.slice(0, -1));
+  guestAddon.serve(values.socket, [{ address: r.address, size: r.size, fd: r.fd, tracked }], st, fixed.slice(0, -1));
   if (values.announce) process.stdout.write(JSON.stringify({ guest: { socket: values.socket, pid: process.pid, bytes: r.size } }) + '\n');
   start();
 }
