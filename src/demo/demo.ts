@@ -97,6 +97,8 @@ export interface DemoOptions {
    * guest on both ends (native/guest/example; two regions, 192 and 64 MiB, writing at guest.rate)
    */
   guestKind?: 'reference' | 'c';
+  /** a same-host upgrade: the guest's memfds go to the destination guest; no page is copied */
+  local?: boolean;
 }
 
 /** Runs receiver, guest and sender on loopback (or across a namespace link) and migrates the guest live. */
@@ -153,6 +155,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     const cpu0 = process.cpuUsage();
     const report = await migrate({
       ...source.memory,
+      ...(o.local ? { local: { pieces: source.session.pieces } } : {}),
       to: { host: receiverAt.host, port },
       insecure: !isLoopback(receiverAt.host) && !secure,
       ...(secure ? { credentials: secure.credentials } : {}),

@@ -11,10 +11,9 @@ import path from 'node:path';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, closeFd, type ControlMessage, type GuestRange } from '../native.js';
 import { PAGE_SIZE } from '../protocol/format.js';
-import type { Region } from '../region/region.js';
 import { connectWhenListening } from './connect.js';
 import { Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
-import type { GuestLayout } from './layout.js';
+import { MAX_GUEST_REGIONS, type GuestLayout } from './layout.js';
 
 const CONTROL_TIMEOUT_MS = 2000;
 /** the placeholder a guest command names its socket with */
@@ -24,8 +23,8 @@ export interface IncomingStart {
   /** the guest's command line, one of whose words holds SOCKET_PLACEHOLDER */
   command: readonly string[];
   layout: GuestLayout;
-  /** the destination's memory: the regions are windows of its memfd, back to back */
-  region: Region;
+  /** each region's memory: a descriptor (livemig keeps its own) and where the region starts in it */
+  files: readonly { fd: number; offset: number }[];
   /** map every page ahead (pre-copy); false when post-copy is planned or nothing is copied */
   populate: boolean;
   /** register for post-copy at once (post-copy planned): the switch then waits for nothing */
@@ -44,19 +43,42 @@ export function guestCommand(command: readonly string[], socketPath: string): st
   return command.map((w) => w.split(SOCKET_PLACEHOLDER).join(socketPath));
 }
 
-/** The region table and flags of 'M' (docs/GUEST.md). */
-export function encodeRegions(layout: GuestLayout, populate: boolean): Buffer {
+/** The region table and flags of 'M' (docs/GUEST.md); each region's offset in its memfd. */
+export function encodeRegions(layout: GuestLayout, populate: boolean, offsets: readonly number[]): Buffer {
   const parts: Buffer[] = [Buffer.of(populate ? 1 : 0), u32(layout.regions.length)];
   for (const r of layout.regions) {
     const head = Buffer.alloc(21);
     head.writeUInt32LE(r.id, 0);
     head.writeBigUInt64LE(BigInt(r.size), 4);
-    head.writeBigUInt64LE(BigInt(r.firstPage * PAGE_SIZE), 12);
+    head.writeBigUInt64LE(BigInt(offsets[layout.regions.indexOf(r)]!), 12);
     head.writeUInt8(Buffer.byteLength(r.name), 20);
     parts.push(head, Buffer.from(r.name));
   }
   return Buffer.concat(parts);
 }
+/** 'M' read back (the receiver of a same-host upgrade reads the source's); every field checked. */
+export function decodeRegions(body: Buffer, what: string): { populate: boolean; regions: { id: number; name: string; size: number; offset: number }[] } {
+  const bad = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_PROTOCOL', `${what}: ${why}`, { phase: 'reserve' });
+  if (body.length < 5) throw bad(`a region table of ${body.length} bytes`);
+  const count = body.readUInt32LE(1);
+  if (count === 0 || count > MAX_GUEST_REGIONS) throw bad(`${count} regions (1..${MAX_GUEST_REGIONS})`);
+  const regions: { id: number; name: string; size: number; offset: number }[] = [];
+  let at = 5;
+  for (let i = 0; i < count; i++) {
+    if (body.length - at < 21) throw bad(`region ${i} is cut short`);
+    const size = Number(body.readBigUInt64LE(at + 4));
+    const offset = Number(body.readBigUInt64LE(at + 12));
+    const nameLength = body.readUInt8(at + 20);
+    if (body.length - at - 21 < nameLength) throw bad(`region ${i}'s name is cut short`);
+    const name = body.toString('utf8', at + 21, at + 21 + nameLength);
+    if (!Number.isSafeInteger(size) || !Number.isSafeInteger(offset) || offset % PAGE_SIZE !== 0) throw bad(`region ${i}: size or offset out of range`);
+    regions.push({ id: body.readUInt32LE(at), name, size, offset });
+    at += 21 + nameLength;
+  }
+  if (at !== body.length) throw bad(`${body.length - at} bytes after the table`);
+  return { populate: (body[0]! & 1) === 1, regions };
+}
+
 const u32 = (n: number): Buffer => {
   const b = Buffer.alloc(4);
   b.writeUInt32LE(n);
@@ -85,6 +107,7 @@ export class IncomingGuest {
 
   /** Starts the guest and hands it its regions; resolves once it has mapped them. */
   static async start(o: IncomingStart): Promise<IncomingGuest> {
+    if (o.files.length !== o.layout.regions.length) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `${o.files.length} files for ${o.layout.regions.length} regions`, { phase: 'validate' });
     // the socket in a directory only this user may enter: no other local process can reach
     // the guest before livemig does, nor hand it memory of its own
     const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-guest-'));
@@ -106,7 +129,7 @@ export class IncomingGuest {
       const hello = parseIncomingHello(hi.body, hi.fds.length);
       const guest = new IncomingGuest(spawned, hello, o.layout, fd, dir);
       try {
-        addon.controlSend(fd, Tag.regions, encodeRegions(o.layout, o.populate), o.layout.regions.map(() => o.region.fd));
+        addon.controlSend(fd, Tag.regions, encodeRegions(o.layout, o.populate, o.files.map((f) => f.offset)), o.files.map((f) => f.fd));
       } catch (e) {
         throw new LivemigError('ERR_LIVEMIG_GUEST', `handing the regions to the incoming guest failed: ${(e as Error).message}`, { phase: 'reserve', cause: e });
       }

@@ -51,9 +51,8 @@ export class SourceGuestSession {
     } catch (e) {
       // the guest sees its connection close, not paused: it runs on and waits for the next livemig
       closeFd(fd, 'handover');
+      for (const f of msg?.fds ?? []) closeFd(f, 'handover');
       throw e;
-    } finally {
-      for (const f of msg?.fds ?? []) closeFd(f, 'handover'); // the mapping holds its own duplicates
     }
   }
 
@@ -133,9 +132,17 @@ export class SourceGuestSession {
     }
   }
 
+  /** The guest's memory as its files, a memfd and span per region (a same-host upgrade hands them on). */
+  get pieces(): { fd: number; offset: number; size: number }[] {
+    return this.hello.regions.map((r) => ({ fd: r.fd, offset: r.offset, size: r.size }));
+  }
+
   /** Lets the guest go on without livemig (a failed migration): it resumes itself if it was paused before the commitment. */
   close(): void {
-    if (this.#fd >= 0) closeFd(this.#fd, 'guest');
+    if (this.#fd >= 0) {
+      closeFd(this.#fd, 'guest');
+      for (const r of this.hello.regions) closeFd(r.fd, 'guest'); // kept for a same-host upgrade
+    }
     this.#fd = -1;
     if (!this.region.released) this.region.release();
   }

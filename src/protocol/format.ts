@@ -114,3 +114,9 @@ export const CAP_POSTCOPY_PLANNED = 'postcopy-planned';
  * that session (it is fenced).
  */
 export const CAP_RESOLVE = 'resolve';
+/**
+ * HELLO/ACCEPT: a same-host upgrade. HELLO's `local` names a unix socket where the source
+ * offers the guest's memfds, a token and the host's boot id; the destination takes the memory
+ * from there before ACCEPT (no page is sent), and refuses from another host.
+ */
+export const CAP_LOCAL = 'local';

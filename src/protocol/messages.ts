@@ -6,6 +6,7 @@
 import { pack, unpack } from 'msgpackr';
 import { addon, call } from '../native.js';
 import { GuestLayout, type RegionSpec } from '../guest/layout.js';
+import type { LocalOffer } from '../guest/local.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
 import { FLAG_PROVE, FLAGS_NONE, FrameType, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
@@ -20,6 +21,8 @@ export interface Hello {
   capabilities: string[];
   /** the guest's regions in its page space, in order (sizes sum to regionBytes); absent: one region */
   regions?: RegionSpec[];
+  /** a same-host upgrade (CAP_LOCAL): where the memory is offered */
+  local?: LocalOffer;
 }
 export interface Accept {
   version: number;
@@ -90,6 +93,14 @@ export function decodeHello(p: Buffer): Hello {
     const layout = GuestLayout.checked(m.regions as RegionSpec[], 'HELLO regions', (why) => bad(why));
     if (layout.bytes !== m.regionBytes) throw bad(`HELLO regions hold ${layout.bytes} bytes, regionBytes says ${m.regionBytes}`);
     hello.regions = layout.toWire();
+  }
+  if (m.local !== undefined) {
+    const l = m.local as Record<string, unknown>;
+    if (typeof l !== 'object' || l === null) throw bad('HELLO local must be a map');
+    if (!isString(l.bootId, 64) || !/^[0-9a-f-]{1,64}$/.test(l.bootId)) throw bad('HELLO local bootId must be a boot id');
+    if (!isString(l.socket, 107) || !l.socket.startsWith('/')) throw bad('HELLO local socket must be an absolute path of at most 107 characters');
+    if (!isString(l.token, 32) || !/^[0-9a-f]{32}$/.test(l.token)) throw bad('HELLO local token must be 32 hex digits');
+    hello.local = { bootId: l.bootId, socket: l.socket, token: l.token };
   }
   return hello;
 }

@@ -8,15 +8,16 @@
 import { randomBytes } from 'node:crypto';
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon, call, digestOf } from '../native.js';
+import { addon, call, closeFd, digestOf } from '../native.js';
 import type { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
-import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FLAG_PROVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FLAG_PROVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, encodeActivated, encodeCommitAck, encodeDigest, encodeError, encodeImageHashes, encodeRoundAck, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { PageSink, WireChannel, WireFrame } from '../protocol/wire.js';
 import { isLoopback, type SecurityReport } from '../security/tls.js';
 import { GuestLayout } from '../guest/layout.js';
+import { takeMemory } from '../guest/local.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
@@ -114,6 +115,8 @@ interface Accepted {
   commitActivate: boolean;
   postcopyPlanned: boolean;
   reserveMs: number;
+  /** a same-host upgrade: the memory is the source's own */
+  local: boolean;
 }
 
 /** One incoming migration: its connection, its stage and what it holds so far. */
@@ -188,18 +191,33 @@ class Incoming {
     this.#stage.enter('reserve');
     const t0 = performance.now();
     trace('receiver', 'reserving', { bytes: h.regionBytes });
-    // allocated off the event loop: the listener goes on answering others meanwhile
-    const region = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' });
-    trace('receiver', 'region allocated');
-    this.#region = region;
-    // Map every page now (faults are slow on VM hosts), while the integrator prepares its
-    // side of the same memory: both finish before the first page is accepted.
-    const populated = region.populateAsync(true);
-    populated.catch(() => undefined); // awaited below, after onReserved
-    const postcopyCap = version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
+    const layout = this.#layout!;
+    const local = h.local !== undefined && h.capabilities.includes(CAP_LOCAL);
+    const postcopyCap = !local && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
     const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
-    await options.onReserved?.(region, !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible', this.#layout!);
-    await populated;
+    const plan = !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible';
+    if (local) {
+      // a same-host upgrade: the source's memory itself, by reference; nothing to allocate
+      const taken = await takeMemory(h.local!, layout, options.authTimeoutMs ?? AUTH_TIMEOUT_MS);
+      this.#region = taken.region;
+      try {
+        await options.onReserved?.(taken.region, plan, layout, { files: taken.pieces.map((p) => ({ fd: p.fd, offset: p.offset })), local: true });
+      } finally {
+        for (const p of taken.pieces) closeFd(p.fd, 'reserve'); // the region and the guest hold their own
+      }
+    } else {
+      // allocated off the event loop: the listener goes on answering others meanwhile
+      const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' });
+      trace('receiver', 'region allocated');
+      this.#region = created;
+      // Map every page now (faults are slow on VM hosts), while the integrator prepares its
+      // side of the same memory: both finish before the first page is accepted.
+      const populated = created.populateAsync(true);
+      populated.catch(() => undefined); // awaited below, after onReserved
+      await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
+      await populated;
+    }
+    const region = this.#region;
     const reserveMs = performance.now() - t0;
     this.#progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
     const hashes = new BigUint64Array(region.pageCount);
@@ -209,7 +227,7 @@ class Incoming {
     const imageHashes = encodings && (await this.#startingImage(region, hashes));
     // capabilities exist from version 2 on (PROTOCOL.md): none is taken under version 1
     const commitActivate = version >= 2 && h.capabilities.includes(CAP_COMMIT_ACTIVATE);
-    const caps = [...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []), ...(postcopyCap ? [CAP_POSTCOPY] : [])];
+    const caps = [...(local ? [CAP_LOCAL] : []), ...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []), ...(postcopyCap ? [CAP_POSTCOPY] : [])];
     // post-copy: further connections join this session with ATTACH naming its token
     this.#session = postcopyCap ? this.#sessions.open(region.pageCount) : undefined;
     // resolve: a source that loses the link after COMMIT asks what happened (RESOLVE, token)
@@ -226,7 +244,7 @@ class Incoming {
     // the hand-over's code paths run once now, not for the first time inside the pause
     warmUpRuntime();
     warmUpProtocol(version);
-    return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs };
+    return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local };
   }
 
   /** The kept image's pages and hashes, or all zero; true when the sender gets the image's hashes. */
@@ -365,7 +383,7 @@ class Incoming {
     // the source closes once it has read ACTIVATED: without that close it may not know, and
     // will ask on a new connection (a listener that stays up answers: activated)
     const confirmed = (await this.#ch.finish(undefined, CONFIRM_WAIT_MS)) && sent && !gaveUp;
-    return { region_bytes: a.region.size, regions: this.#regionsReport(), reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security, confirmed };
+    return { region_bytes: a.region.size, regions: this.#regionsReport(), local: a.local, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, digest: got.digest.toString(16).padStart(16, '0'), activate_ms: activateMs, mode: 'precopy', security: this.#security, confirmed };
   }
 
   async #postcopy(payload: Buffer, a: Accepted, got: Received): Promise<ReceiveReport> {
@@ -392,7 +410,7 @@ class Incoming {
         },
         onFaults: (s) => (this.#faults = s),
       },
-      { region_bytes: a.region.size, regions: this.#regionsReport(), reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, security: this.#security },
+      { region_bytes: a.region.size, regions: this.#regionsReport(), local: false, reserve_ms: a.reserveMs, pages_received: got.pages, rounds: got.rounds, security: this.#security },
     );
   }
 

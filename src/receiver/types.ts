@@ -28,7 +28,7 @@ export interface ReceiveOptions {
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise
    */
-  onReserved?(region: Region, postcopy: 'planned' | 'possible' | 'no', layout: GuestLayout): void | Promise<void>;
+  onReserved?(region: Region, postcopy: 'planned' | 'possible' | 'no', layout: GuestLayout, memory: ReservedMemory): void | Promise<void>;
   /** called when the migration fails before activation (undo what onReserved started) */
   onDiscard?(region: Region): void;
   /** hands the verified region and device state to the guest; the guest runs here from then on */
@@ -68,6 +68,17 @@ export interface ReceiveOptions {
 }
 
 /**
+ * Where each region of the guest's memory is, for the destination guest: a descriptor and the
+ * region's offset in it, one per region. Usually windows of the region's own memfd; in a
+ * same-host upgrade (`local`), the source guest's own memfds, shared, with nothing copied (the
+ * guest should then map without populating). The descriptors stay the receiver's.
+ */
+export interface ReservedMemory {
+  files: { fd: number; offset: number }[];
+  local: boolean;
+}
+
+/**
  * The guest's registration for post-copy: livemig's copy of its userfaultfd (the receiver closes
  * it when done) and where the guest maps the region: one address, or one per region.
  */
@@ -77,6 +88,8 @@ export interface ReceiveReport {
   region_bytes: number;
   /** the guest's regions (HELLO's table) */
   regions: { id: number; name: string; bytes: number }[];
+  /** a same-host upgrade: the memory came by reference, no page on the wire */
+  local: boolean;
   reserve_ms: number;
   pages_received: number;
   rounds: number;

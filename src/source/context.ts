@@ -95,7 +95,8 @@ export class SourceContext {
     const { options } = settings;
     this.hashes = new BigUint64Array(options.region.pageCount);
     this.regionPages = settings.layout.regions.map(() => 0);
-    this.pending = Uint32Array.from({ length: options.region.pageCount }, (_, i) => i);
+    // a same-host upgrade's destination maps the very memory: nothing is pending
+    this.pending = options.local ? new Uint32Array(0) : Uint32Array.from({ length: options.region.pageCount }, (_, i) => i);
     this.pacer = new Pacer({
       pageSize: options.region.pageSize,
       batchPages: settings.batchPages,

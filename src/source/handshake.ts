@@ -10,13 +10,15 @@ import { LivemigError } from '../errors.js';
 import { addon, call, type NativeDedup } from '../native.js';
 import { PageEncoder } from '../encoding/encoder.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { isLoopback, openChannel } from '../security/tls.js';
 import { frameLimits } from '../protocol/limits.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
+import { offerMemory } from '../guest/local.js';
 import { HashTracker } from '../tracking/hash.js';
+import { SharedMemoryTracker } from '../tracking/shared.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
 import { now, type SourceContext } from './context.js';
@@ -26,10 +28,24 @@ import { connect, peerError } from './peer.js';
 export async function handshake(ctx: SourceContext): Promise<void> {
   const { settings } = ctx;
   const { options } = settings;
+  // a same-host upgrade: the memory is offered by reference; HELLO names where
+  const local = options.local ? offerMemory(settings.layout, options.local.pieces, settings.handshakeTimeoutMs) : undefined;
+  try {
+    await exchange(ctx, local);
+  } catch (e) {
+    local?.close();
+    throw e;
+  }
+}
+
+async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory> | undefined): Promise<void> {
+  const { settings } = ctx;
+  const { options } = settings;
   const { region } = options;
   // Map the guest's pages into our own mapping while the destination reserves: reading
-  // through unmapped pages would fault once per page in the middle of the first round.
-  const populated = region.populateAsync(false);
+  // through unmapped pages would fault once per page in the middle of the first round (a
+  // same-host upgrade reads none)
+  const populated = local ? Promise.resolve() : region.populateAsync(false);
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
   trace('source', 'connected');
@@ -49,19 +65,24 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const enc = settings.encodings;
   const wantEncodings = enc.zero || enc.dedup || enc.compress;
   const capabilities = [
+    ...(local ? [CAP_LOCAL] : []),
     ...(wantEncodings ? [CAP_ENCODINGS] : []),
     CAP_COMMIT_ACTIVATE,
     CAP_RESOLVE,
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire() }));
+  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}) }));
   trace('source', 'HELLO sent');
   const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
     throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
   }
   const version = accept.version;
+  if (local) {
+    if (!accept.capabilities.includes(CAP_LOCAL)) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the destination does not take memory by reference (a same-host upgrade needs a livemig that offers `local`)', { phase: 'handshake' });
+    await local.served; // it took the memory before it accepted
+  }
   // before version 3 the destination does not prove it holds the image before the commit
   // (an impostor that echoes our digest could make us release the guest): only an
   // unauthenticated migration on loopback, the demo's, may still speak it
@@ -82,7 +103,10 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const prepMs = now() - ctx.tConnect;
   let tracker = options.tracker;
   let trackerReason = 'given by the caller';
-  if (!tracker && options.untracked) {
+  if (!tracker && local) {
+    tracker = new SharedMemoryTracker(region.pageCount);
+    trackerReason = 'shared: a same-host upgrade; the destination maps the very memory, nothing is sent';
+  } else if (!tracker && options.untracked) {
     tracker = new HashTracker(region);
     trackerReason = 'hash: the guest registered no write tracking (userfaultfd WP_ASYNC), so every page is hashed each round';
   } else if (!tracker) {

@@ -8,7 +8,7 @@
  * never resumed) and the error says so.
  */
 import { commitAndActivate } from './commit.js';
-import { SourceContext } from './context.js';
+import { SourceContext, now } from './context.js';
 import { handshake } from './handshake.js';
 import { resolveOptions } from './options.js';
 import { switchToPostcopy } from './postcopy-switch.js';
@@ -22,7 +22,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   const ctx = new SourceContext(resolveOptions(options));
   try {
     await handshake(ctx);
-    const outcome = await runRounds(ctx);
+    // a same-host upgrade has nothing to copy ahead: the guest pauses once, its state moves
+    const outcome = options.local ? await noRounds(ctx) : await runRounds(ctx);
     const end = outcome === 'postcopy' ? await switchToPostcopy(ctx) : await stopAndCopyAndActivate(ctx);
     ctx.unbindControl();
     await ctx.encoder?.close();
@@ -31,6 +32,15 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
   } catch (e) {
     throw await rollback(ctx, e);
   }
+}
+
+async function noRounds(ctx: SourceContext): Promise<'stop-and-copy'> {
+  await ctx.session.tracker.start();
+  ctx.enter('precopy');
+  ctx.deadlines.watchProgress();
+  ctx.tFirstPage = now();
+  ctx.stopReason = 'same-host upgrade: the destination maps the memory itself';
+  return 'stop-and-copy';
 }
 
 async function stopAndCopyAndActivate(ctx: SourceContext): Promise<Ending> {

@@ -55,6 +55,13 @@ export function resolveOptions(options: MigrateOptions): Settings {
   }
   const layout = options.layout ?? GuestLayout.single(region.size);
   if (!(layout instanceof GuestLayout)) throw invalid('layout must be a GuestLayout (GuestLayout.of(regions))');
+  if (options.local) {
+    if (mode !== 'precopy' || onStall === 'postcopy') throw invalid('a same-host upgrade (local) moves no page: post-copy does not apply');
+    if (!Array.isArray(options.local.pieces) || options.local.pieces.length !== layout.regions.length) throw invalid(`local needs a piece (fd, offset, size) per region: ${layout.regions.length}`);
+    options.local.pieces.forEach((p, i) => {
+      if (p.size !== layout.regions[i]!.size) throw invalid(`local piece ${i} is ${p.size} bytes, its region ${layout.regions[i]!.size}`);
+    });
+  }
   if (options.untracked && (options.target || options.tracker)) throw invalid('untracked excludes target and tracker');
   if (layout.bytes !== region.size) throw invalid(`layout covers ${layout.bytes} bytes, the region holds ${region.size}`);
   if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
@@ -69,7 +76,8 @@ export function resolveOptions(options: MigrateOptions): Settings {
     batchPages,
     mode,
     mayPostcopy: mode !== 'precopy' || onStall === 'postcopy' || options.control !== undefined,
-    encodings: { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true },
+    // a same-host upgrade sends no page: nothing to encode
+    encodings: options.local ? { zero: false, dedup: false, compress: false } : { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true },
     handshakeTimeoutMs: options.handshakeTimeoutMs ?? 60_000,
     recoverTimeoutMs: options.recoverTimeoutMs ?? 60_000,
     progressTimeoutMs: options.progressTimeoutMs ?? 30_000,

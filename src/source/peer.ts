@@ -22,7 +22,7 @@ export function markReportedByPeer<E extends Error>(e: E): E {
 export function peerError(f: Frame, phase: string): LivemigError {
   try {
     const e = decodeError(f.payload);
-    const code = e.code === 'ERR_LIVEMIG_NO_MEMORY' || e.code === 'ERR_LIVEMIG_VERSION' || e.code === 'ERR_LIVEMIG_DIGEST' ? e.code : 'ERR_LIVEMIG_REFUSED';
+    const code = e.code === 'ERR_LIVEMIG_NO_MEMORY' || e.code === 'ERR_LIVEMIG_VERSION' || e.code === 'ERR_LIVEMIG_DIGEST' || e.code === 'ERR_LIVEMIG_NOT_LOCAL' ? e.code : 'ERR_LIVEMIG_REFUSED';
     const err = new LivemigError(code, `destination: ${e.code}: ${e.message}`, { phase });
     reportedByPeer.add(err);
     return err;

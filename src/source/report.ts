@@ -39,6 +39,7 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     pages_sent: ctx.pagesSent + pcPages,
     tracker: tracker.backend,
     tracker_reason: ctx.session.trackerReason,
+    local: ctx.settings.options.local !== undefined,
     zero_pages: es?.zero_pages ?? 0,
     dup_pages: es?.dup_pages ?? 0,
     lz4_pages: es?.lz4_pages ?? 0,

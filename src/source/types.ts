@@ -1,6 +1,7 @@
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
 import type { GuestLayout } from '../guest/layout.js';
+import type { MemoryPiece } from '../guest/local.js';
 import type { Region } from '../region/region.js';
 import type { DirtyTracker, RemoteTarget } from '../tracking/types.js';
 import type { StallAction } from '../precopy/policy.js';
@@ -149,6 +150,12 @@ export interface MigrateOptions {
    * hashed each round (the report's tracker is 'hash', and its tracker_reason says why)
    */
   untracked?: boolean;
+  /**
+   * a same-host upgrade: the guest's memory as files (a memfd and its span per region of the
+   * layout), which go to the destination by reference; no page is sent, only the device state.
+   * The destination refuses unless it runs on this host.
+   */
+  local?: { pieces: MemoryPiece[] };
   /** stop-and-copy once the remaining pages fit this pause at the measured bandwidth (default 50 ms) */
   downtimeLimitMs?: number;
   /** at most this many pre-copy rounds before stop-and-copy (default 30) */
@@ -239,6 +246,8 @@ export interface MigrationReport {
   regions: { id: number; name: string; bytes: number; pages_sent: number }[];
   /** why this tracker: the probe's findings, or that the guest registered none */
   tracker_reason: string;
+  /** a same-host upgrade: the memory went by reference, no page on the wire */
+  local: boolean;
   wire_bytes: number;
   pages_sent: number;
   tracker: string;

@@ -1,4 +1,5 @@
-export type BackendName = 'uffd-async' | 'soft-dirty' | 'hash' | 'external';
+/** 'shared': a same-host upgrade, where the destination maps the very memory: nothing to track */
+export type BackendName = 'uffd-async' | 'soft-dirty' | 'hash' | 'external' | 'shared';
 
 /**
  * Tracks which pages of a region were written.

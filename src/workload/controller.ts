@@ -14,7 +14,7 @@ import { LivemigError } from '../errors.js';
 import { SourceGuestSession } from '../guest/source-session.js';
 import { IncomingGuest, SOCKET_PLACEHOLDER } from '../guest/incoming-session.js';
 import type { GuestLayout } from '../guest/layout.js';
-import type { Region } from '../region/region.js';
+import { PAGE_SIZE, type Region } from '../region/region.js';
 import { parseGuestState, type GuestState } from './state.js';
 import { monotonicMs } from './clock.js';
 
@@ -51,7 +51,8 @@ export function referenceIncomingCommand(): string[] {
 
 /** A reference guest started for a migration's destination, handed `region` (as a receiver's onReserved does). */
 export function startReferenceIncoming(region: Region, layout: GuestLayout, postcopy: 'planned' | 'possible' | 'no' = 'possible'): Promise<IncomingGuest> {
-  return IncomingGuest.start({ command: referenceIncomingCommand(), layout, region, populate: postcopy !== 'planned', registerEarly: postcopy === 'planned' });
+  const files = layout.regions.map((r) => ({ fd: region.fd, offset: r.firstPage * PAGE_SIZE }));
+  return IncomingGuest.start({ command: referenceIncomingCommand(), layout, files, populate: postcopy !== 'planned', registerEarly: postcopy === 'planned' });
 }
 
 /** The C example guest (native/guest/example/c_guest.c), built by npm install. */

@@ -20,6 +20,7 @@ export const demo: Command = {
     ...GUEST_FLAGS,
     ...POLICY_FLAGS,
     secure: { type: 'boolean', default: false, help: 'mutual TLS from a fresh test CA, and an encrypted stream' },
+    local: { type: 'boolean', default: false, help: "same-host upgrade: the guest's memory files go to the destination guest, nothing is copied" },
     guest: { type: 'string', default: 'reference', value: 'reference|c', help: 'the guest to migrate: the reference guest, or the C example guest (two regions, 192 + 64 MiB; --size does not apply)' },
   },
   async run(v: FlagValues): Promise<number> {
@@ -38,6 +39,7 @@ export const demo: Command = {
       policy: policyFlags(v),
       secure,
       guestKind: kind,
+      local: v['local'] === true,
       ...(json ? {} : { onProgress: printProgress }),
     });
     process.stdout.write(json ? JSON.stringify(r) + '\n' : describe(r));

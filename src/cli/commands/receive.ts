@@ -54,8 +54,9 @@ export const receive: Command = {
       ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
       ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
       // the guest maps its memory before pages flow, not during
-      onReserved: async (region, postcopy, layout) => {
-        incoming = await IncomingGuest.start({ command, layout, region, populate: postcopy !== 'planned', registerEarly: postcopy === 'planned' });
+      onReserved: async (_region, postcopy, layout, memory) => {
+        // a same-host upgrade's guest maps the memory as it goes: populating it would be the whole cost
+        incoming = await IncomingGuest.start({ command, layout, files: memory.files, populate: postcopy !== 'planned' && !memory.local, registerEarly: postcopy === 'planned' });
       },
       postcopy: { register: () => incoming!.register() },
       // a migration has begun: from here on it ends in an outcome line

@@ -12,6 +12,7 @@ import { parseHostPort } from '../units.js';
 /** What send needs of a guest, whether it started it or found it running. */
 interface Guest {
   memory: SourceGuestSession['memory'];
+  pieces: SourceGuestSession['pieces'];
   pid: number;
   pause(lease: { maxPauseMs: number }): Promise<Buffer>;
   commit(): Promise<void>;
@@ -25,6 +26,7 @@ interface Guest {
 function running(session: SourceGuestSession): Guest {
   return {
     memory: session.memory,
+    pieces: session.pieces,
     pid: session.pid,
     pause: async (lease) => session.pause(lease),
     commit: () => session.commit(),
@@ -38,6 +40,7 @@ function running(session: SourceGuestSession): Guest {
 function started(g: SourceGuest): Guest {
   return {
     memory: g.memory,
+    pieces: g.session.pieces,
     pid: g.child.pid ?? 0,
     pause: (lease) => g.pause(lease),
     commit: () => g.commit(),
@@ -60,12 +63,15 @@ export const send: Command = {
     '{error: {code, phase, message}, source_guest, guest_pid} and exits 1, leaving the guest',
     'to run on: source_guest is running (resumed here: any failure before the commitment),',
     'paused (the outcome could not be confirmed: see `livemig resolve`) or released (it runs',
-    'at the destination).',
+    'at the destination). With --local (a VMM restarting into a new version on this host) the',
+    "guest's memory files go to the destination guest as they are: it pauses once, only its",
+    'device state moves; a receiver on another host refuses (ERR_LIVEMIG_NOT_LOCAL).',
   ].join('\n'),
   flags: {
     to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
     guest: { type: 'string', value: 'PATH', help: 'migrate the guest serving at this unix socket (default: start a reference guest)' },
     heartbeat: { type: 'string', value: 'HOST:PORT', help: "where a reference guest started here sends its UDP heartbeats (default none)" },
+    local: { type: 'boolean', default: false, help: "same-host upgrade: the guest's memfds go to the destination guest, no page is copied (refused unless the receiver runs on this host)" },
     ...GUEST_FLAGS,
     ...POLICY_FLAGS,
     ...SOURCE_SECURITY_FLAGS,
@@ -86,6 +92,7 @@ export const send: Command = {
     try {
       const report = await migrate({
         ...guest.memory,
+        ...(v['local'] === true ? { local: { pieces: guest.pieces } } : {}),
         to,
         pause: async (lease) => {
           state = 'paused'; // (a pause that fails half-way is resumed by the rollback)
