@@ -83,10 +83,19 @@ export const send: Command = {
     const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v), ...(credentials ? { credentials } : {}), ...(v['insecure'] === true ? { insecure: true } : {}) };
     // refused before a guest starts, or is touched
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
-    const guest =
-      typeof v['guest'] === 'string'
-        ? running(await SourceGuestSession.connect(v['guest']))
-        : started(await SourceGuest.spawn({ ...guestSpec(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) }));
+    let guest: Guest;
+    try {
+      guest =
+        typeof v['guest'] === 'string'
+          ? running(await SourceGuestSession.connect(v['guest']))
+          : started(await SourceGuest.spawn({ ...guestSpec(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) }));
+    } catch (e) {
+      // nothing moved: a guest that was running runs on, untouched
+      const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_GUEST', (e as Error).message, { phase: 'handover', cause: e });
+      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: typeof v['guest'] === 'string' ? 'running' : 'none' }) + '\n');
+      process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'handover'}): ${err.message}\n`);
+      return 1;
+    }
     // what became of the guest, for the failure report
     let state = 'running' as 'running' | 'paused' | 'released';
     try {
