@@ -84,7 +84,7 @@ test('a live migration over an encrypted stream arrives bit-identical and the gu
         return s;
       },
       resume: () => guest.resume(),
-      release: () => guest.exit(),
+      commit: () => guest.commit(), release: () => guest.exit(),
       credentials: psk,
     });
     await rx.next();
@@ -218,7 +218,7 @@ test('a device state the destination guest refuses fails the migration before co
           resumed++;
           await guest.resume();
         },
-        release: () => guest.exit(),
+        commit: () => guest.commit(), release: () => guest.exit(),
       }),
       (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_REFUSED' && /ERR_LIVEMIG_GUEST: the incoming guest refused 'S'.*version 7/.test(e.message),
     );

@@ -221,7 +221,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
   test('postcopy: the guest runs at the destination at once, writing, and ends bit-identical', async () => {
     s = await setup(64 * MiB, 64);
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'postcopy' });
+    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'postcopy' });
     const rx = await s.result;
     assert.equal(report.mode, 'postcopy');
     assert.equal(rx.mode, 'postcopy');
@@ -241,7 +241,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     const { ca, certs } = makeCa(['src', 'dst']);
     s = await setup(64 * MiB, 64, 20_000, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'postcopy', credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' } });
+    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'postcopy', credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' } });
     const rx = await s.result;
     assert.deepEqual([report.security.auth, report.security.peer, rx.security.peer], ['tls-cert', 'dst', 'src']);
     assert.equal(rx.digest, report.digest, 'both sides hold the same image');
@@ -253,7 +253,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
   test('hybrid over an encrypted stream: one pre-copy pass, then only the pages dirtied since are fetched', async () => {
     s = await setup(64 * MiB, 256, 20_000, psk);
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), release: () => g.exit(), mode: 'hybrid', credentials: psk });
+    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'hybrid', credentials: psk });
     const rx = await s.result;
     assert.equal(report.mode, 'hybrid');
     assert.equal(report.security.encrypted, true);
@@ -276,7 +276,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port: s.port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      release: () => g.exit(),
+      commit: () => g.commit(), release: () => g.exit(),
       onStall: 'postcopy',
       bandwidthMiBps: 16, // the guest dirties 256 MiB/s: pre-copy cannot converge
       encodings: { zero: false, dedup: false, compress: false },
@@ -302,7 +302,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port: s.port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      release: () => g.exit(),
+      commit: () => g.commit(), release: () => g.exit(),
       control,
       onProgress: (e) => e.type === 'round' && e.round === 1 && control.startPostcopy(),
     });
@@ -329,7 +329,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      release: () => g.exit(),
+      commit: () => g.commit(), release: () => g.exit(),
       mode: 'postcopy',
       control,
       credentials: psk,
@@ -375,7 +375,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port: proxy.port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      release: () => g.exit(),
+      commit: () => g.commit(), release: () => g.exit(),
       mode: 'postcopy',
       recoverTimeoutMs: 1500,
       credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
@@ -410,7 +410,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      release: () => g.exit(),
+      commit: () => g.commit(), release: () => g.exit(),
       mode: 'postcopy',
       recoverTimeoutMs: 1500,
       onProgress: (e) => {

@@ -89,12 +89,24 @@ static int listen_at(const char *path, char *err, size_t errlen) {
     struct stat st;
     if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path); /* a stale socket of an earlier run */
   }
-  if (bind(fd, (struct sockaddr *)&a, alen) != 0 || listen(fd, 4) != 0) {
+  /* only this user may connect to a path socket (connecting needs write permission on it) */
+  mode_t was = umask(0177);
+  int bound = bind(fd, (struct sockaddr *)&a, alen);
+  umask(was);
+  if (bound != 0 || listen(fd, 4) != 0) {
     int e = errno;
     close(fd);
     return fail(err, errlen, e, "listening on %s: %s", path, strerror(e));
   }
   return fd;
+}
+
+/* Whoever connects may read the guest's memory: root and this process's own user only. */
+static int peer_allowed(int fd) {
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return 0;
+  return cred.uid == 0 || cred.uid == getuid();
 }
 
 static int accept_within(int lfd, int timeout_ms) {
@@ -104,7 +116,12 @@ static int accept_within(int lfd, int timeout_ms) {
   while (r < 0 && errno == EINTR);
   if (r == 0) return errno = ETIMEDOUT, -1;
   if (r < 0) return -1;
-  return accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+  int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+  if (fd >= 0 && !peer_allowed(fd)) {
+    close(fd);
+    return errno = EACCES, -1;
+  }
+  return fd;
 }
 
 static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds) {
@@ -381,7 +398,7 @@ static void *source_thread(void *arg) {
   for (;;) {
     int fd = accept_within(s->lfd, -1);
     if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno == EINTR || errno == ECONNABORTED || errno == EACCES) continue; /* EACCES: a stranger, turned away */
       break;
     }
     int released = hello && send_msg(fd, 'H', hello, strlen(hello), fds, s->n) == 0 && serve_source(s, fd);
@@ -495,7 +512,9 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
   if (name && !valid_name(name)) return fail(err, errlen, EINVAL, "the guest's name must be 1..63 characters of [A-Za-z0-9._-]"), NULL;
   int lfd = listen_at(path, err, errlen);
   if (lfd < 0) return NULL;
-  int fd = accept_within(lfd, timeout_ms);
+  int fd;
+  do fd = accept_within(lfd, timeout_ms);
+  while (fd < 0 && errno == EACCES); /* a stranger, turned away: wait for livemig */
   int e = errno;
   close(lfd);
   if (path[0] != '@') unlink(path);
