@@ -7,6 +7,7 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -629,6 +630,10 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
         }
         msg_free(&m);
         if (reply(h->fd, 'g', NULL) != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
+        /* livemig waits for 'g' to end the hand-over, woken on this CPU (a unix socket's wake-up
+         * pulls the waiter next to the writer): let it run before the guest's vCPUs take the CPU,
+         * or it waits for the next scheduler tick (1-4 ms measured) */
+        sched_yield();
         if (pthread_create(&h->thread, NULL, after_go, h) == 0) h->thread_started = 1;
         return 0;
       default:

@@ -11,6 +11,7 @@ import path from 'node:path';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, closeFd, type ControlMessage, type GuestRange } from '../native.js';
 import { PAGE_SIZE } from '../protocol/format.js';
+import { trace } from '../trace.js';
 import { connectWhenListening } from './connect.js';
 import { Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
 import { MAX_GUEST_REGIONS, type GuestLayout } from './layout.js';
@@ -197,7 +198,10 @@ export class IncomingGuest {
         this.#prepared = Promise.reject(e);
         return this.#prepared;
       }
-      this.#prepared = this.#prepared.then(() => void this.#expect(this.#read('activate'), Tag.loadState, Tag.stateLoaded, 'activate'));
+      this.#prepared = this.#prepared.then(() => {
+        this.#expect(this.#read('activate'), Tag.loadState, Tag.stateLoaded, 'activate');
+        trace('receiver', 'guest loaded its state');
+      });
     }
     return this.#prepared;
   }
@@ -205,7 +209,9 @@ export class IncomingGuest {
   /** Starts the guest (prepares first if need be). */
   async activate(deviceState: Buffer): Promise<void> {
     await this.prepare(deviceState);
-    this.#exchange(Tag.go, Tag.going, 'activate');
+    this.#send(Tag.go, 'activate');
+    trace('receiver', 'go sent');
+    this.#expect(this.#read('activate'), Tag.go, Tag.going, 'activate');
     this.child.unref(); // the guest runs on its own; this process may exit before it
   }
 

@@ -220,7 +220,8 @@ class Incoming {
     const region = this.#region;
     const reserveMs = performance.now() - t0;
     this.#progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
-    const hashes = new BigUint64Array(region.pageCount);
+    // a same-host upgrade receives no page: its digest is over nothing, as the source's is
+    const hashes = new BigUint64Array(local ? 0 : region.pageCount);
     // Encodings (version 2): `hashes` says what each page holds from the start, all zero or
     // the kept image (whose hashes the sender receives); a dup is checked against it.
     const encodings = version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
@@ -271,7 +272,8 @@ class Incoming {
     const stage = this.#stage;
     stage.enter('receiving');
     const got = new Received();
-    const sink: PageSink = { region, hashes, version, encodings: a.encodings };
+    // a same-host upgrade takes no page: a page frame is refused below, never applied
+    const sink: PageSink | undefined = a.local ? undefined : { region, hashes, version, encodings: a.encodings };
     for (;;) {
       const f = await ch.next(undefined, stage.current === 'receiving' ? sink : undefined);
       got.pages += f.pages;
@@ -283,7 +285,7 @@ class Incoming {
       switch (f.type) {
         case FrameType.Pages:
         case FrameType.PagesEnc:
-          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `${FrameType[f.type]} after COMMIT`);
+          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `${FrameType[f.type]} ${a.local ? 'in a same-host upgrade, which moves no page' : 'after COMMIT'}`);
         case FrameType.RoundEnd:
           await this.#roundEnd(f, got);
           break;

@@ -28,8 +28,10 @@ export interface Activation {
 export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGuest): Promise<Activation> {
   const { channel, version, accept } = ctx.session;
   const pageCount = ctx.settings.options.region.pageCount;
-  // version 3: the destination proves it holds the image before we commit (DIGEST)
-  const prove = version >= 3 && accept.capabilities.includes(CAP_COMMIT_ACTIVATE);
+  // version 3: the destination proves it holds the image before we commit (DIGEST). A same-host
+  // upgrade has no image to prove: the destination took the memory itself, from a socket only
+  // the token it got on this authenticated connection opens
+  const prove = version >= 3 && accept.capabilities.includes(CAP_COMMIT_ACTIVATE) && !ctx.settings.options.local;
   const deviceState = encodeDeviceState(stopped.deviceState, version, prove);
   let digest: bigint;
   let tSent: number;

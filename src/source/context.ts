@@ -93,7 +93,9 @@ export class SourceContext {
   constructor(settings: Settings) {
     this.settings = settings;
     const { options } = settings;
-    this.hashes = new BigUint64Array(options.region.pageCount);
+    // a same-host upgrade sends no page: its digest is over nothing (both sides agree on that,
+    // and neither reads a table of a gigabyte's pages inside the pause)
+    this.hashes = new BigUint64Array(options.local ? 0 : options.region.pageCount);
     this.regionPages = settings.layout.regions.map(() => 0);
     // a same-host upgrade's destination maps the very memory: nothing is pending
     this.pending = options.local ? new Uint32Array(0) : Uint32Array.from({ length: options.region.pageCount }, (_, i) => i);
