@@ -63,7 +63,8 @@ static size_t nregions = 2;
 static uint64_t pages_total;
 static struct device_state st;      /* the running guest's state; st.xs/writes/beat change */
 static pthread_mutex_t gate = PTHREAD_MUTEX_INITIALIZER;
-static int paused;                  /* under gate */
+static pthread_cond_t unpaused = PTHREAD_COND_INITIALIZER;
+static int paused;                  /* under gate; a paused vCPU sleeps on `unpaused`, off the CPUs */
 static atomic_int writing = 1;      /* 0 while a check runs */
 static atomic_int all_present;
 static int beat_fd = -1;
@@ -126,15 +127,17 @@ static void run(void) {
     struct timespec ms = {0, 1000000};
     nanosleep(&ms, NULL);
     pthread_mutex_lock(&gate);
-    if (!paused) {
+    if (paused) {
+      while (paused) pthread_cond_wait(&unpaused, &gate);
+      start = now_ms(), done = 0; /* resumed: no burst to catch up the paused time */
+    }
+    {
       double per_ms = (double)st.rate * 256 * (100 - st.throttle) / 100 / 1000, t = now_ms();
       if (!atomic_load(&writing)) start = t, done = 0;
       double due = (t - start) * per_ms - done;
       if (due > per_ms * 10) start = t, done = 0, due = per_ms; /* far behind: no burst */
       for (; atomic_load(&writing) && due >= 1; due--, done++) fill(xorshift(&st.xs) % pages_total, ++st.writes);
       beat(NULL);
-    } else {
-      start = now_ms(), done = 0;
     }
     pthread_mutex_unlock(&gate);
   }
@@ -156,6 +159,7 @@ static void on_resume(void *ctx) {
   (void)ctx;
   pthread_mutex_lock(&gate);
   paused = 0, st.throttle = 0;
+  pthread_cond_broadcast(&unpaused);
   pthread_mutex_unlock(&gate);
 }
 static int on_throttle(void *ctx, unsigned percent) {
