@@ -347,7 +347,11 @@ static int serve_source(struct lmg_source *s, int fd) {
         s->lease_ms = m.len == 4 ? (double)(m.body[0] | m.body[1] << 8 | m.body[2] << 16 | (uint32_t)m.body[3] << 24) : 0;
         ok = len <= LMG_MAX_BODY && send_msg(fd, 'p', state, len, NULL, 0) == 0;
         free(state);
-        if (s->ops.paused) s->ops.paused(s->ops.ctx);
+        if (s->ops.paused) {
+          /* livemig, woken by 'p' on this CPU, goes on with the hand-over before this does more */
+          sched_yield();
+          s->ops.paused(s->ops.ctx);
+        }
         break;
       }
       case 'C':
