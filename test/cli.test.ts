@@ -29,7 +29,7 @@ async function outcomeLine(lines: AsyncIterator<string>): Promise<Record<string,
 }
 
 test("each command's --help prints its own usage and flags, and exits 0", () => {
-  for (const [cmd, flag] of [['demo', '--downtime-limit'], ['send', '--to'], ['receive', '--listen'], ['probe', '--json'], ['keys', '--out']] as const) {
+  for (const [cmd, flag] of [['demo', '--downtime-limit'], ['send', '--to'], ['receive', '--listen'], ['guest', '--socket'], ['probe', '--json'], ['keys', '--out']] as const) {
     const r = run(cmd, '--help');
     assert.equal(r.status, 0, `${cmd} --help exits 0`);
     assert.match(r.stdout, new RegExp(`^usage: livemig ${cmd} `), `${cmd}: its own usage line`);
@@ -49,6 +49,9 @@ test('usage errors name the usage stage and exit 2, as an unknown command does',
     [['receive', 'stray'], /\(usage\): receive: .*stray/],
     [['receive', '--listen', '0.0.0.0:0'], /ERR_LIVEMIG_INSECURE \(validate\): listening on 0\.0\.0\.0 without credentials.*--insecure/],
     [['send', '--to', '10.11.12.13:7878', '--size', '16MiB'], /ERR_LIVEMIG_INSECURE \(validate\): migrating to 10\.11\.12\.13 without credentials/],
+    [['guest'], /\(usage\): guest needs --socket PATH/],
+    [['receive', '--guest-exec', 'my-vmm --incoming'], /\(usage\): --guest-exec: the command must name its socket with \{socket\}/],
+    [['demo', '--guest', 'rust'], /\(usage\): --guest must be reference or c/],
     [['bogus'], /unknown command 'bogus'/],
     [[], /usage: livemig <command>/],
   ];

@@ -196,9 +196,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       guest_gap_preparation_ms: +prepGap.toFixed(3),
       guest_verified: { bad: verify.verify!.bad, first_bad: verify.verify!.firstBad, writes: verify.verify!.writes, verify_ms: +verify.verify!.ms.toFixed(0) },
       ...(rx.received?.postcopy ? { destination_postcopy: rx.received.postcopy } : {}),
-      content: g.content,
+      // the C example guest has its own content (docs/GUEST.md), written uniformly
+      content: kind === 'c' ? 'c-example' : g.content,
       rate_mib_s: g.rate,
-      pattern: g.pattern,
+      pattern: kind === 'c' ? 'uniform' : g.pattern,
       cpu_s: { source: +((cpu.user + cpu.system) / 1e6).toFixed(3), destination: rx.cpu_s ? +(rx.cpu_s.user + rx.cpu_s.system).toFixed(3) : Number.NaN },
     };
   } finally {

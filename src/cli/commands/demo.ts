@@ -53,7 +53,9 @@ function describe(r: DemoReport): string {
   return (
     [
       `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ${r.guest_verified.writes} writes)`,
-      r.postcopy
+      r.local
+        ? `same-host upgrade: the guest's memory went by reference (${r.regions.length} region${r.regions.length > 1 ? 's' : ''}), no page copied; only the device state moved`
+        : r.postcopy
         ? `mode: ${r.mode}; ${r.rounds} pre-copy rounds, then post-copy of ${r.postcopy.pages_needed} pages (${r.postcopy.pages_pushed} pushed, ${r.postcopy.pages_served} on request; ${r.postcopy.reconnects} reconnections)`
         : `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
       ...(dp ? [`faults at the destination: ${dp.faults}, latency p50 ${dp.fault_latency_p50_us} us, p99 ${dp.fault_latency_p99_us} us; guest blocked ${dp.blocked_ms} ms in total`] : []),
