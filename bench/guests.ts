@@ -9,9 +9,11 @@
  *                  `livemig receive [--guest-exec]`, alternating. Target: the C guest's downtime
  *                  within 10% of the reference guest's.
  * Prints one JSON line per run and a summary (median and range, ratios).
+ * Each run is the command a user runs (`livemig demo --json …`, or the CLI pair), in processes
+ * of its own.
  *   node dist/bench/guests.js --what local|c [--runs 10] [--size 1GiB]
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -20,12 +22,11 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { cGuestArgs, cIncomingCommand } from '../src/workload/controller.js';
 import type { MigrationReport } from '../src/source/types.js';
-import { runDemo, type DemoReport } from '../src/demo/demo.js';
+import type { DemoReport } from '../src/demo/demo.js';
 import { emit, machine, median } from './common.js';
 
-const { values } = parseArgs({ options: { what: { type: 'string', default: 'local' }, runs: { type: 'string', default: '10' }, size: { type: 'string', default: String(1 << 30) } } });
+const { values } = parseArgs({ options: { what: { type: 'string', default: 'local' }, runs: { type: 'string', default: '10' }, size: { type: 'string', default: '1GiB' } } });
 const runs = Number(values.runs);
-const MiB = 1 << 20;
 
 interface Series {
   name: string;
@@ -37,8 +38,15 @@ interface Series {
 const series = (name: string): Series => ({ name, downtime: [], total: [], prep: [], gap: [] });
 const stat = (xs: number[]) => ({ median: +median(xs).toFixed(3), min: +Math.min(...xs).toFixed(3), max: +Math.max(...xs).toFixed(3) });
 
-async function one(s: Series, o: Parameters<typeof runDemo>[0]): Promise<DemoReport> {
-  const r = await runDemo(o);
+/** One `livemig demo --json ARGS`, as a user runs it (its own process, the CLI's scheduling hints). */
+function demoCli(args: string[]): DemoReport {
+  const r = spawnSync(process.execPath, [CLI, 'demo', '--json', ...args], { encoding: 'utf8', timeout: 600_000 });
+  if (r.status !== 0) throw new Error(`demo ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
+  return JSON.parse(r.stdout.trim().split('\n').pop()!) as DemoReport;
+}
+
+function one(s: Series, args: string[]): DemoReport {
+  const r = demoCli(args);
   if (!r.verified || r.guest_verified.bad !== 0) throw new Error(`${s.name}: not verified (${r.guest_verified.bad} bad pages)`);
   s.downtime.push(r.downtime_ms);
   s.total.push(r.total_ms);
@@ -95,14 +103,13 @@ async function cliRun(s: Series, kind: 'reference' | 'c'): Promise<MigrationRepo
 const summary = (list: Series[]) => Object.fromEntries(list.map((s) => [s.name, { downtime_ms: stat(s.downtime), total_ms: stat(s.total), prep_ms: stat(s.prep), end_to_end_ms: stat(s.prep.map((p, i) => p + s.total[i]!)), guest_gap_ms: stat(s.gap) }]));
 
 if (values.what === 'local') {
-  const size = Number(values.size);
-  const g = { size, content: 'mixed' as const, rate: 64, pattern: 'uniform' as const, hotSize: 64 * MiB };
+  const size = ['--size', values.size];
   const list = [series('reference-local'), series('reference-precopy'), series('c-local'), series('c-precopy')];
   for (let i = 0; i < runs; i++) {
-    await one(list[0]!, { guest: g, local: true });
-    await one(list[1]!, { guest: g });
-    await one(list[2]!, { guest: g, guestKind: 'c', local: true });
-    await one(list[3]!, { guest: g, guestKind: 'c' });
+    one(list[0]!, [...size, '--local']);
+    one(list[1]!, size);
+    one(list[2]!, ['--guest', 'c', '--local']);
+    one(list[3]!, ['--guest', 'c']);
   }
   const m = (s: Series, k: 'downtime' | 'total') => median(s[k]);
   emit({
