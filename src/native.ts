@@ -112,11 +112,6 @@ export interface NativeRegion {
   populateAsync(forWrite?: boolean): Promise<void>;
 }
 
-export interface Received {
-  data: Buffer;
-  fds: number[];
-}
-
 /** from a post-copy thread: complete (with the destination's digest), disconnected, error, stopped */
 export interface PostcopyEvent {
   type: 'complete' | 'disconnected' | 'error' | 'stopped';
@@ -200,8 +195,6 @@ interface Addon {
   unixListen(path: string): number;
   unixConnect(path: string): number;
   unixAccept(fd: number, timeoutMs: number): Promise<number>;
-  sendWithFds(fd: number, data: Buffer, fds: number[]): void;
-  recvWithFds(fd: number, timeoutMs: number): Promise<Received>;
   digestTable(hashes: BigUint64Array): bigint;
   hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
   Wire: new (fd: number, keys?: WireKeys) => NativeWire;
@@ -215,8 +208,6 @@ interface Addon {
   PostcopyDest: new (region: NativeRegion, uffd: number, guest: bigint | GuestRange[], needed: Uint8Array, hashes: BigUint64Array, version: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopyDest;
   PostcopySource: new (region: NativeRegion, needed: Uint8Array, version: number, round: number, hashes: BigUint64Array | undefined, onEvent: (e: PostcopyEvent) => void) => NativePostcopySource;
   uffdRegisterMinor(address: bigint, length: number): number;
-  takeFd(pid: number, fd: number): number;
-  dropPageTables(address: bigint, length: number): void;
   packBits(bytes: Uint8Array): Buffer;
   unpackBits(bits: Uint8Array, count: number, into?: Uint8Array): { bytes: Uint8Array; set: number };
   setShortSlices(ns: number): { threads: number; applied: boolean };

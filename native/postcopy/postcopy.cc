@@ -67,15 +67,6 @@ Napi::Value UffdRegisterMinor(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
-// dropPageTables(address, length): unmaps this process's page-table entries for a shared
-// mapping (the pages stay in the memfd), so that the next touch of each page faults.
-Napi::Value DropPageTables(const Napi::CallbackInfo& info) {
-  uint64_t address = ToU64(info[0]);
-  uint64_t length = ToU64(info[1]);
-  if (madvise(reinterpret_cast<void*>(address), length, MADV_DONTNEED) != 0) throw MakeSysError(info.Env(), "madvise(MADV_DONTNEED)", errno);
-  return info.Env().Undefined();
-}
-
 // packBits(bytes: Uint8Array) -> Buffer: one bit per entry (entry p: byte p>>3, bit p&7), set where nonzero.
 // Per-page loops in JavaScript run once per migration, in the interpreter, inside the pause: here instead.
 Napi::Value PackBits(const Napi::CallbackInfo& info) {
@@ -120,31 +111,14 @@ Napi::Value UnpackBits(const Napi::CallbackInfo& info) {
   return r;
 }
 
-// takeFd(pid, fd): a copy of another process's descriptor (pidfd_getfd; needs ptrace rights
-// over it, which a parent running as the same user or root has).
-Napi::Value TakeFd(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int pid = info[0].As<Napi::Number>().Int32Value();
-  int target = info[1].As<Napi::Number>().Int32Value();
-  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
-  if (pidfd < 0) throw MakeSysError(env, "pidfd_open", errno);
-  int fd = static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, target, 0));
-  int e = errno;
-  close(pidfd);
-  if (fd < 0) throw MakeSysError(env, "pidfd_getfd", e);
-  return Napi::Number::New(env, fd);
-}
-
 }  // namespace
 
 void InitPostcopy(Napi::Env env, Napi::Object exports) {
   exports.Set("PostcopyDest", postcopy::DestClass(env));
   exports.Set("PostcopySource", postcopy::SourceClass(env));
   exports.Set("uffdRegisterMinor", Napi::Function::New(env, UffdRegisterMinor));
-  exports.Set("takeFd", Napi::Function::New(env, TakeFd));
   exports.Set("packBits", Napi::Function::New(env, PackBits));
   exports.Set("unpackBits", Napi::Function::New(env, UnpackBits));
-  exports.Set("dropPageTables", Napi::Function::New(env, DropPageTables));
 }
 
 }  // namespace livemig
