@@ -47,11 +47,11 @@ export function guestCommand(command: readonly string[], socketPath: string): st
 /** The region table and flags of 'M' (docs/GUEST.md); each region's offset in its memfd. */
 export function encodeRegions(layout: GuestLayout, populate: boolean, offsets: readonly number[]): Buffer {
   const parts: Buffer[] = [Buffer.of(populate ? 1 : 0), u32(layout.regions.length)];
-  for (const r of layout.regions) {
+  for (const [i, r] of layout.regions.entries()) {
     const head = Buffer.alloc(21);
     head.writeUInt32LE(r.id, 0);
     head.writeBigUInt64LE(BigInt(r.size), 4);
-    head.writeBigUInt64LE(BigInt(offsets[layout.regions.indexOf(r)]!), 12);
+    head.writeBigUInt64LE(BigInt(offsets[i]!), 12);
     head.writeUInt8(Buffer.byteLength(r.name), 20);
     parts.push(head, Buffer.from(r.name));
   }

@@ -176,7 +176,8 @@ class Incoming {
       throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `region of ${h.regionBytes} bytes exceeds this receiver's limit of ${this.#options.maxRegionBytes}`, { phase: 'reserve' });
     }
     // without a limit given, what this host can hold now
-    const budget = this.#options.maxRegionBytes === undefined ? memoryBudget() : undefined;
+    // (a same-host upgrade allocates nothing: the memory is the source guest's own)
+    const budget = this.#options.maxRegionBytes === undefined && !h.local ? memoryBudget() : undefined;
     if (budget && h.regionBytes > budget.bytes) {
       throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `region of ${h.regionBytes} bytes exceeds what this host can hold now (${budget.bytes} bytes: ${budget.why}); set maxRegionBytes (--max-region) to override`, { phase: 'reserve' });
     }
