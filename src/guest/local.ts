@@ -122,6 +122,7 @@ export async function takeMemory(offer: LocalOffer, layout: GuestLayout, timeout
     throw new LivemigError('ERR_LIVEMIG_NOT_LOCAL', `a same-host upgrade (--local), but the source's socket ${offer.socket} cannot be reached from here (${(e as { errnoName?: string }).errnoName ?? (e as Error).message}): not the same filesystem`, { phase: 'reserve', cause: e });
   }
   let m: ControlMessage | undefined;
+  let handedOver = false;
   try {
     addon.controlSend(fd, TAG_TOKEN, Buffer.from(offer.token));
     m = await receive(fd, timeoutMs, "the source's memory");
@@ -134,11 +135,16 @@ export async function takeMemory(offer: LocalOffer, layout: GuestLayout, timeout
       const want = layout.regions[i]!;
       if (r.id !== want.id || r.size !== want.size) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the source's region ${i} is ${r.size} bytes (id ${r.id}); HELLO said ${want.size} (id ${want.id})`, { phase: 'reserve' });
     });
-    const pieces = table.regions.map((r, i) => ({ fd: m!.fds[i]!, offset: r.offset, size: r.size }));
-    const region = Region.adoptPieces(pieces);
-    addon.controlSend(fd, Tag.mapped);
-    // livemig's mapping keeps duplicates; these go to the guest, and are closed after
-    m = { ...m, fds: [] };
+    const fds = m.fds;
+    const pieces = table.regions.map((r, i) => ({ fd: fds[i]!, offset: r.offset, size: r.size }));
+    const region = Region.adoptPieces(pieces); // livemig's mapping keeps duplicates of its own
+    try {
+      addon.controlSend(fd, Tag.mapped);
+    } catch (e) {
+      region.release();
+      throw e;
+    }
+    handedOver = true; // the pieces' descriptors go to the caller (and on to the guest)
     return { region, pieces };
   } catch (e) {
     try {
@@ -148,7 +154,7 @@ export async function takeMemory(offer: LocalOffer, layout: GuestLayout, timeout
     }
     throw e;
   } finally {
-    for (const f of m?.fds ?? []) closeFd(f, 'reserve');
+    if (!handedOver) for (const f of m?.fds ?? []) closeFd(f, 'reserve');
     closeFd(fd, 'reserve');
   }
 }
