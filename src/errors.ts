@@ -29,6 +29,11 @@ export const ErrorCodes = {
   ERR_LIVEMIG_INSECURE: 'off loopback without credentials, and --insecure (insecure: true) was not given',
   ERR_LIVEMIG_AUTH: 'a peer, or a record of an encrypted stream, failed authentication',
   ERR_LIVEMIG_NOT_LOCAL: 'a same-host upgrade (--local) was asked of a destination on another host (or another filesystem); the source guest keeps running',
+  ERR_LIVEMIG_NOT_FOUND: 'the daemon knows no guest or migration by that name or id',
+  ERR_LIVEMIG_CONFLICT: 'the guest is already being migrated, or a guest of that name is already registered',
+  ERR_LIVEMIG_UNAUTHORIZED: "the daemon's API needs a bearer token (--token-file) and the request had none or another",
+  ERR_LIVEMIG_INTERNAL: 'a bug in livemig: the message says where; please report it',
+  ERR_LIVEMIG_SHUTTING_DOWN: 'the daemon is shutting down: it takes no new migration',
   ERR_LIVEMIG_ACTIVATION_UNKNOWN: 'committed, but activation on the destination was not confirmed: the source stays paused, not released',
 } as const;
 

@@ -195,6 +195,10 @@ interface Addon {
   unixListen(path: string): number;
   unixConnect(path: string): number;
   unixAccept(fd: number, timeoutMs: number): Promise<number>;
+  /** a descriptor of our own for a connection Node accepted */
+  unixDup(fd: number): number;
+  /** whether the peer of an idle connection has closed it (nothing is read) */
+  unixPeerClosed(fd: number): boolean;
   digestTable(hashes: BigUint64Array): bigint;
   hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
   Wire: new (fd: number, keys?: WireKeys) => NativeWire;

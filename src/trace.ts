@@ -7,6 +7,7 @@
  *   livemig:receiver  the destination's steps
  *   livemig:guest     the reference guest's steps
  *   livemig:chooser   the page encoder's per-round accounting ({ ms, event, round, ... })
+ *   livemig:daemon    the daemon's guests, migrations and API
  *
  * With LIVEMIG_TRACE naming a file, every process also appends `ms pid family: event` lines
  * stamped with CLOCK_MONOTONIC (the same clock in every process on the host), for lining up a
@@ -15,13 +16,14 @@
 import { openSync, writeSync } from 'node:fs';
 import diagnostics_channel from 'node:diagnostics_channel';
 
-export type TraceFamily = 'source' | 'receiver' | 'guest' | 'chooser';
+export type TraceFamily = 'source' | 'receiver' | 'guest' | 'chooser' | 'daemon';
 
 export const CHANNELS: { readonly [F in TraceFamily]: diagnostics_channel.Channel } = {
   source: diagnostics_channel.channel('livemig:source'),
   receiver: diagnostics_channel.channel('livemig:receiver'),
   guest: diagnostics_channel.channel('livemig:guest'),
   chooser: diagnostics_channel.channel('livemig:chooser'),
+  daemon: diagnostics_channel.channel('livemig:daemon'),
 };
 
 const file = process.env['LIVEMIG_TRACE'];

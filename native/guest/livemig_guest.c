@@ -286,6 +286,8 @@ int lmg_track(struct lmg_region *regions, size_t n, int *uffd, char *err, size_t
 
 struct lmg_source {
   int lfd;
+  /* registered with a daemon: the library dials this path instead of listening */
+  char dial[108];
   char name[LMG_NAME_MAX];
   struct lmg_region regions[LMG_MAX_REGIONS];
   size_t n;
@@ -394,14 +396,47 @@ static int serve_source(struct lmg_source *s, int fd) {
   }
 }
 
+/* how long a registered guest waits before dialling its daemon again (it is away, or refused us) */
+#define REDIAL_MS 500
+
+static void sleep_ms(int ms) {
+  struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+  while (nanosleep(&t, &t) != 0 && errno == EINTR) {
+  }
+}
+
+/*
+ * A registered guest dials its daemon, and keeps dialling until one answers: a daemon that
+ * restarts finds its guests again. Only root or this user may be the daemon, as only they may
+ * connect to a guest that listens.
+ */
+static int dial_daemon(const struct lmg_source *s) {
+  struct sockaddr_un a;
+  socklen_t alen = unix_address(s->dial, &a);
+  for (;;) {
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (connect(fd, (struct sockaddr *)&a, alen) == 0) {
+      if (peer_allowed(fd)) return fd;
+      close(fd);
+    } else {
+      int e = errno;
+      close(fd);
+      if (e != ENOENT && e != ECONNREFUSED && e != EAGAIN && e != EINTR) return errno = e, -1;
+    }
+    sleep_ms(REDIAL_MS);
+  }
+}
+
 static void *source_thread(void *arg) {
   struct lmg_source *s = arg;
   if (s->ops.thread_start) s->ops.thread_start(s->ops.ctx);
   char *hello = source_hello(s);
   int fds[LMG_MAX_REGIONS];
   for (size_t i = 0; i < s->n; i++) fds[i] = s->regions[i].fd;
-  for (;;) {
-    int fd = accept_within(s->lfd, -1);
+  for (int first = 1;; first = 0) {
+    if (s->dial[0] && !first) sleep_ms(REDIAL_MS); /* the daemon let us go (or went away): not in a tight loop */
+    int fd = s->dial[0] ? dial_daemon(s) : accept_within(s->lfd, -1);
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED || errno == EACCES) continue; /* EACCES: a stranger, turned away */
       break;
@@ -414,8 +449,8 @@ static void *source_thread(void *arg) {
   return NULL;
 }
 
-struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
-                                    const struct lmg_source_ops *ops, char *err, size_t errlen) {
+static struct lmg_source *source_start(const char *listen_path, const char *dial_path, const char *name, const struct lmg_region *regions,
+                                       size_t n, const struct lmg_source_ops *ops, char *err, size_t errlen) {
   if (n == 0 || n > LMG_MAX_REGIONS) return fail(err, errlen, EINVAL, "a guest hands over 1..%d regions, not %zu", LMG_MAX_REGIONS, n), NULL;
   if (!ops || !ops->pause || !ops->resume || !ops->released) return fail(err, errlen, EINVAL, "pause, resume and released are required"), NULL;
   if (name && !valid_name(name)) return fail(err, errlen, EINVAL, "the guest's name must be 1..63 characters of [A-Za-z0-9._-]"), NULL;
@@ -434,15 +469,32 @@ struct lmg_source *lmg_source_start(const char *path, const char *name, const st
   memcpy(s->regions, regions, n * sizeof *regions);
   s->n = n;
   s->ops = *ops;
-  s->lfd = listen_at(path, err, errlen);
-  if (s->lfd < 0) return free(s), NULL;
+  s->lfd = -1;
+  if (dial_path) {
+    struct sockaddr_un a;
+    if (!unix_address(dial_path, &a)) return free(s), fail(err, errlen, EINVAL, "socket path must be 1..%zu characters", sizeof a.sun_path - 1), NULL;
+    snprintf(s->dial, sizeof s->dial, "%s", dial_path);
+  } else {
+    s->lfd = listen_at(listen_path, err, errlen);
+    if (s->lfd < 0) return free(s), NULL;
+  }
   if (pthread_create(&s->thread, NULL, source_thread, s) != 0) {
-    close(s->lfd);
+    if (s->lfd >= 0) close(s->lfd);
     free(s);
     return fail(err, errlen, EAGAIN, "starting the control thread failed"), NULL;
   }
   pthread_detach(s->thread);
   return s;
+}
+
+struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
+                                    const struct lmg_source_ops *ops, char *err, size_t errlen) {
+  return source_start(path, NULL, name, regions, n, ops, err, errlen);
+}
+
+struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
+                                       const struct lmg_source_ops *ops, char *err, size_t errlen) {
+  return source_start(NULL, daemon_path, name, regions, n, ops, err, errlen);
 }
 
 /* ---- destination -------------------------------------------------------------------- */

@@ -92,6 +92,16 @@ struct lmg_source;
 struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
                                     const struct lmg_source_ops *ops, char *err, size_t errlen);
 
+/*
+ * The same service, for a guest that registers with a `livemig serve` daemon: the library
+ * dials the daemon's guest socket (`livemig serve --guests PATH`) instead of listening, and
+ * then speaks exactly as on a connection livemig made (the hello first). The daemon lists the
+ * guest by `name` (required, unique on that daemon) while the connection lasts; when it ends
+ * (the daemon restarted, or refused the name) the library dials again every half second.
+ */
+struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
+                                       const struct lmg_source_ops *ops, char *err, size_t errlen);
+
 /* ---- destination side --------------------------------------------------------------- */
 
 struct lmg_incoming;

@@ -1,5 +1,6 @@
 // Unix stream sockets: listen, connect, accept with a deadline. The guest contract's messages
 // on them (descriptors included) are process/control_msg.h's.
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -86,12 +87,31 @@ Napi::Value Accept(const Napi::CallbackInfo& info) {
       [](Napi::Env env, int& fd) -> Napi::Value { return Napi::Number::New(env, fd); });
 }
 
+// unixDup(fd) -> a descriptor of our own for a connection Node accepted (Node closes its own)
+Napi::Value Dup(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) throw MakeSysError(info.Env(), "fcntl(F_DUPFD_CLOEXEC)", errno);
+  return Napi::Number::New(info.Env(), copy);
+}
+
+// unixPeerClosed(fd) -> whether the peer of an idle connection has closed it, seen without
+// reading anything (a guest registered with a daemon says nothing until asked)
+Napi::Value PeerClosed(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  uint8_t b;
+  ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+  return Napi::Boolean::New(info.Env(), n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR));
+}
+
 }  // namespace
 
 void InitFdPass(Napi::Env env, Napi::Object exports) {
   exports.Set("unixListen", Napi::Function::New(env, Listen));
   exports.Set("unixConnect", Napi::Function::New(env, Connect));
   exports.Set("unixAccept", Napi::Function::New(env, Accept));
+  exports.Set("unixDup", Napi::Function::New(env, Dup));
+  exports.Set("unixPeerClosed", Napi::Function::New(env, PeerClosed));
 }
 
 }  // namespace livemig

@@ -84,8 +84,9 @@ void OnThreadStart(void*) { SetThreadSlice(100000); }
 
 std::string Message(const char* what, const char* err) { return std::string(what) + ": " + err; }
 
-// serve(path, regions: [{address, size, fd, tracked}], st: BigUint64Array[3], statePrefix): the
-// library's thread serves livemig at path for the life of the process.
+// serve(path, regions: [{address, size, fd, tracked}], st: BigUint64Array[3], statePrefix,
+// [{name, register}]): the library's thread serves livemig at path for the life of the process
+// (with register: dials the daemon at path, and is listed there by name).
 Napi::Value Serve(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
@@ -110,9 +111,18 @@ Napi::Value Serve(const Napi::CallbackInfo& info) {
     region.offset = 0;
     region.tracked = r.Get("tracked").ToBoolean().Value() ? 1 : 0;
   }
+  std::string name = "reference-guest";
+  bool dial = false;
+  if (info.Length() > 4 && info[4].IsObject()) {
+    Napi::Object o = info[4].As<Napi::Object>();
+    if (o.Get("name").IsString()) name = o.Get("name").As<Napi::String>().Utf8Value();
+    dial = o.Get("register").ToBoolean().Value();
+  }
   static const lmg_source_ops ops = {nullptr, OnPause, OnPaused, OnResume, OnThrottle, OnReleased, OnThreadStart};
   char err[512];
-  if (!lmg_source_start(path.c_str(), "reference-guest", regions.data(), regions.size(), &ops, err, sizeof err)) throw Napi::Error::New(env, Message("serving livemig", err));
+  lmg_source* s = dial ? lmg_source_register(path.c_str(), name.c_str(), regions.data(), regions.size(), &ops, err, sizeof err)
+                       : lmg_source_start(path.c_str(), name.c_str(), regions.data(), regions.size(), &ops, err, sizeof err);
+  if (!s) throw Napi::Error::New(env, Message(dial ? "registering with the daemon" : "serving livemig", err));
   return env.Undefined();
 }
 

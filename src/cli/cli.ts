@@ -8,9 +8,15 @@ import { probe } from './commands/probe.js';
 import { resolve } from './commands/resolve.js';
 import { receive } from './commands/receive.js';
 import { send } from './commands/send.js';
+import { serve } from './commands/serve.js';
+import { migrate } from './commands/migrate.js';
+import { cancel, set, status } from './commands/status.js';
+import { watch } from './commands/watch.js';
 import { USAGE_EXIT, commandHelp, isUsageError, parseFlags, type Command } from './flags.js';
 
-const COMMANDS: readonly Command[] = [demo, receive, send, guest, probe, keys, resolve];
+const COMMANDS: readonly Command[] = [demo, receive, send, guest, serve, migrate, status, watch, cancel, set, probe, keys, resolve];
+/** commands that only talk to a daemon: no hand-over runs in their process */
+const CLIENTS: readonly Command[] = [probe, keys, resolve, migrate, status, watch, cancel, set];
 
 function globalUsage(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
@@ -57,7 +63,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(commandHelp(cmd));
     return 0;
   }
-  if (cmd !== probe && cmd !== keys && cmd !== resolve) latencyHint();
+  if (!CLIENTS.includes(cmd)) latencyHint();
   return cmd.run(parsed.values, parsed.positionals);
 }
 

@@ -41,9 +41,17 @@ export class SourceGuestSession {
   static async connect(path: string, o: ConnectOptions = {}): Promise<SourceGuestSession> {
     const timeoutMs = o.timeoutMs ?? 10_000;
     const fd = await connectWhenListening(path, timeoutMs, o.child);
+    return SourceGuestSession.take(fd, timeoutMs, `the guest at ${path}`);
+  }
+
+  /**
+   * The session on a connection the guest made (it registered with a daemon): the same hello
+   * and requests. The descriptor becomes the session's, or is closed on a refusal.
+   */
+  static async take(fd: number, timeoutMs: number, who: string): Promise<SourceGuestSession> {
     let msg: ControlMessage | undefined;
     try {
-      msg = await callAsync('ERR_LIVEMIG_HANDOVER', 'handover', `waiting for the hello of the guest at ${path}`, () => addon.controlReceiveAsync(fd, timeoutMs));
+      msg = await callAsync('ERR_LIVEMIG_HANDOVER', 'handover', `waiting for the hello of ${who}`, () => addon.controlReceiveAsync(fd, timeoutMs));
       if (msg.tag !== Tag.hello) throw refused(`the guest's first message is 0x${msg.tag.toString(16)}, not its hello ('H')`);
       const hello = parseSourceHello(msg.body, msg.fds);
       const region = Region.adoptPieces(hello.regions.map((r) => ({ fd: r.fd, offset: r.offset, size: r.size })));
@@ -135,6 +143,11 @@ export class SourceGuestSession {
   /** The guest's memory as its files, a memfd and span per region (a same-host upgrade hands them on). */
   get pieces(): { fd: number; offset: number; size: number }[] {
     return this.hello.regions.map((r) => ({ fd: r.fd, offset: r.offset, size: r.size }));
+  }
+
+  /** Whether the guest has closed its end (it exited, or let go of a daemon): seen without reading. */
+  get gone(): boolean {
+    return this.#fd < 0 || addon.unixPeerClosed(this.#fd);
   }
 
   /** Lets the guest go on without livemig (a failed migration): it resumes itself if it was paused before the commitment. */

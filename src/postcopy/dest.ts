@@ -98,6 +98,11 @@ export class FaultService {
     return this.#native.held();
   }
 
+  /** Every fault's latency so far (fault read to page mapped), ns. */
+  latencies(): Float64Array {
+    return this.#native.latencies();
+  }
+
   /** How many pages the destination holds now. */
   heldCount(): number {
     return this.#native.stats().arrived;

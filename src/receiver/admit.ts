@@ -22,16 +22,19 @@ export interface Admitted {
   security: SecurityReport;
   /** the address the peer reached */
   local: string;
+  /** where the peer connected from (host:port) */
+  remote: string;
   first: WireFrame;
 }
 
 export async function admit(socket: net.Socket, creds: Credentials | undefined, timeoutMs: number): Promise<Admitted> {
   const local = socket.localAddress ?? '';
+  const remote = `${socket.remoteAddress ?? ''}:${socket.remotePort ?? 0}`;
   trace('receiver', 'connection accepted', { from: socket.remoteAddress ?? '' });
   if (creds) {
     const { channel, security } = await openChannel(socket, creds, 'server', timeoutMs);
     try {
-      return { channel, security, local, first: await channel.next(timeoutMs) };
+      return { channel, security, local, remote, first: await channel.next(timeoutMs) };
     } catch (e) {
       channel.close();
       throw e;
@@ -39,7 +42,7 @@ export async function admit(socket: net.Socket, creds: Credentials | undefined, 
   }
   const { frame, consumed } = await readFirstFrame(socket, timeoutMs);
   const channel = WireChannel.fromSocketAfter(socket, consumed);
-  return { channel, security: { auth: 'none', peer: null, cipher: null, encrypted: false }, local, first: frame };
+  return { channel, security: { auth: 'none', peer: null, cipher: null, encrypted: false }, local, remote, first: frame };
 }
 
 /** Reads exactly one control frame from a socket nothing has read from yet. */

@@ -1,5 +1,6 @@
 /**
- * The destination's listener: one migration at a time on a port. Every connection is
+ * The destination's listener: one migration at a time on a port, or several (a daemon's, each
+ * with callbacks of its own: ListenOptions). Every connection is
  * authenticated and its first frame read (src/receiver/admit.ts) before anything else: a HELLO
  * takes the migration's slot (or is refused while one runs), an ATTACH joins a post-copy
  * session, a RESOLVE asks what became of one. Connections that have not sent their first frame
@@ -41,14 +42,28 @@ export interface Receiver {
   close(): Promise<void>;
 }
 
-/** Listens and serves migrations one at a time. */
-export async function listen(host: string, port: number, options: ReceiveOptions): Promise<Receiver> {
+/** How a listener that serves several migrations at once hands each one out. */
+export interface ListenOptions {
+  /** migrations served at once (default 1); a HELLO beyond them is refused (ERR_LIVEMIG_REFUSED, "busy") */
+  maxConcurrent?: number;
+  /**
+   * Called for each HELLO that takes a slot: the callbacks for this migration alone (the
+   * listener's own options give the authentication settings), and where its outcome goes; with
+   * it, next() sees only the refusals.
+   */
+  perMigration?(): { options: ReceiveOptions; settled(outcome: Promise<ReceiveReport>): void };
+}
+
+/** Listens and serves migrations, one at a time unless `listenOptions` says otherwise. */
+export async function listen(host: string, port: number, options: ReceiveOptions, listenOptions: ListenOptions = {}): Promise<Receiver> {
+  const maxConcurrent = listenOptions.maxConcurrent ?? 1;
+  if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `maxConcurrent must be a positive integer, got ${maxConcurrent}`, { phase: 'listen' });
   assertSecureEnough(host, options.credentials, options.insecure, 'listening on');
   // pauseOnConnect: Node must not read from the connection before the native wire owns it
   const server = net.createServer({ noDelay: true, pauseOnConnect: true });
   const results: { resolve: (r: ReceiveReport) => void; reject: (e: unknown) => void }[] = [];
   const ready: Promise<ReceiveReport>[] = [];
-  let busy = false;
+  let running = 0;
   let done = false;
   const sessions = new SessionTable();
   const outcomes = new OutcomeTable();
@@ -66,14 +81,14 @@ export async function listen(host: string, port: number, options: ReceiveOptions
       let a: Awaited<ReturnType<typeof admitIncoming>>;
       try {
         // joining connections (ATTACH) have less time than a migration's first connection
-        a = await admitIncoming(socket, options, busy ? (options.authTimeoutMs ?? ATTACH_WAIT_MS) : undefined);
+        a = await admitIncoming(socket, options, running > 0 ? (options.authTimeoutMs ?? ATTACH_WAIT_MS) : undefined);
       } catch (e) {
         pending.settle(socket);
         socket.destroy();
         // while a migration runs, its next() is not for a stranger's failure: observers hear it
         // (and refusals nobody has asked for yet are kept only up to a bound: a scan is endless)
         if (pending.wasEvicted(socket)) return;
-        if (busy || ready.length >= MAX_QUEUED_REFUSALS) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
+        if (running > 0 || ready.length >= MAX_QUEUED_REFUSALS) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
         else deliver(Promise.reject(refusedBeforeReserving(e)));
         return;
       }
@@ -84,17 +99,19 @@ export async function listen(host: string, port: number, options: ReceiveOptions
         return;
       }
       if (first.type === FrameType.Attach) return joinSession(a.channel, first, sessions);
-      if (busy || done) {
+      if (running >= maxConcurrent || done) {
         // the slot is taken by a HELLO that arrived whole, not by whoever connected first
-        const e = new LivemigError('ERR_LIVEMIG_REFUSED', done ? 'this receiver takes no more migrations' : 'a migration is already running here', { phase: 'handshake' });
+        const why = done ? 'this receiver takes no more migrations' : maxConcurrent === 1 ? 'a migration is already running here' : `busy: ${running} migrations are running here, the most it takes at once`;
+        const e = new LivemigError('ERR_LIVEMIG_REFUSED', why, { phase: 'handshake' });
         return void a.channel.finish(encodeError({ code: e.code, message: e.message, phase: 'handshake' }, PROTOCOL_VERSION));
       }
-      busy = true;
-      deliver(
-        serveMigration(a, first, options, sessions, outcomes).finally(() => {
-          busy = false;
-        }),
-      );
+      running++;
+      const own = listenOptions.perMigration?.();
+      const outcome = serveMigration(a, first, own ? { ...options, ...own.options } : options, sessions, outcomes).finally(() => {
+        running--;
+      });
+      if (own) own.settled(outcome);
+      else deliver(outcome);
     })();
   });
   await new Promise<void>((resolve, reject) => {

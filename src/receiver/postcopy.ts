@@ -61,6 +61,7 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
   const tRun = performance.now();
   const reconnects = await servePostcopy(faults, o.session, region, version, options, progress);
   const fs = faults.stats();
+  options.onFaultLatencies?.(faults.latencies());
   // the thread stops by itself once every page is mapped into the guest
   await faults.done;
   faults.stop(); // joins the finished thread

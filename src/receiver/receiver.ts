@@ -94,7 +94,7 @@ export async function admitIncoming(socket: net.Socket, options: ReceiveOptions,
 
 /** Serves one migration whose first frame (`first`, which must be HELLO) has been read. */
 export async function serveMigration(opened: Omit<Admitted, 'first'>, first: WireFrame, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable): Promise<ReceiveReport> {
-  const incoming = new Incoming(opened.channel, options, sessions, outcomes, opened.security, opened.local);
+  const incoming = new Incoming(opened.channel, options, sessions, outcomes, opened.security, opened.local, opened.remote);
   try {
     const hello = incoming.hello(first);
     const accepted = await incoming.reserve(hello);
@@ -140,9 +140,15 @@ class Incoming {
   /** from the device state on, COMMIT may be on its way: a failure may leave the source asking */
   #deviceStateSeen = false;
   #sourceSaidWhy = false;
+  /** gives the bytes taken at HELLO back to the shared budget */
+  #releaseMemory: (() => void) | undefined;
 
-  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable, security: SecurityReport, local: string) {
+  /** where the source connected from, and its authenticated name when it has one */
+  readonly #peer: string;
+
+  constructor(ch: WireChannel, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable, security: SecurityReport, local: string, remote: string) {
     this.#ch = ch;
+    this.#peer = security.peer ?? remote;
     this.#outcomes = outcomes;
     this.#local = local;
     this.#security = security;
@@ -182,6 +188,9 @@ class Incoming {
       throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `region of ${h.regionBytes} bytes exceeds what this host can hold now (${budget.bytes} bytes: ${budget.why}); set maxRegionBytes (--max-region) to override`, { phase: 'reserve' });
     }
     this.#layout = h.regions ? GuestLayout.of(h.regions) : GuestLayout.single(h.regionBytes);
+    // the last check: a shared budget (a daemon's) takes the bytes, or refuses with none taken
+    this.#releaseMemory = this.#options.reserveMemory?.(h.regionBytes, h.local !== undefined);
+    this.#progress({ type: 'hello', region_bytes: h.regionBytes, regions: this.#regionsReport(), local: h.local !== undefined, peer: this.#peer });
     return h;
   }
 
@@ -441,6 +450,8 @@ class Incoming {
   }
 
   endSession(): void {
+    this.#releaseMemory?.();
+    this.#releaseMemory = undefined;
     if (this.#session) this.#sessions.end(this.#session);
   }
 }

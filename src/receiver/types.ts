@@ -8,6 +8,7 @@ import type { Credentials, SecurityReport } from '../security/tls.js';
 export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'postcopy' | 'failed';
 
 export type ReceiveProgress =
+  | { type: 'hello'; region_bytes: number; regions: { id: number; name: string; bytes: number }[]; local: boolean; peer: string }
   | { type: 'reserved'; region_bytes: number; reserve_ms: number }
   | { type: 'image'; path: string }
   | { type: 'image-ignored'; path: string; reason: string }
@@ -22,6 +23,13 @@ export type ReceiveProgress =
 export interface ReceiveOptions {
   /** refuse regions larger than this (default: what the host's memory allows) */
   maxRegionBytes?: number;
+  /**
+   * Called at HELLO, after its checks and before anything is reserved: take `bytes` from a budget
+   * shared by migrations running at once (a daemon's), or throw (ERR_LIVEMIG_NO_MEMORY) to refuse
+   * the migration with nothing reserved. The returned function gives the bytes back when the
+   * migration ends, whatever its outcome. A same-host upgrade (`local`) allocates nothing.
+   */
+  reserveMemory?(bytes: number, local: boolean): () => void;
   /** refuse a device state larger than this (default 64 MiB, the protocol's maximum payload) */
   maxDeviceStateBytes?: number;
   /**
@@ -40,6 +48,8 @@ export interface ReceiveOptions {
    */
   prepare?(region: Region, deviceState: Buffer): Promise<void>;
   onProgress?(event: ReceiveProgress): void;
+  /** post-copy: every fault's latency (fault read to page mapped), ns, once all pages are here */
+  onFaultLatencies?(nanoseconds: Float64Array): void;
   /**
    * an older image of the region this host kept (a file of exactly the region's size, e.g.
    * from a guest that left): its pages are loaded first and the sender sends only what differs

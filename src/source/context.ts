@@ -63,6 +63,9 @@ export class SourceContext {
   #session: Session | undefined;
   #unbindControl: (() => void) | undefined;
   #unbindCancel: (() => void) | undefined;
+  #unbindStatus: (() => void) | undefined;
+  /** pagesSent when `pending` was last set: what of it is still due is pending minus what went since */
+  pendingSince = 0;
   /** the frame that lets the destination activate is on its way: nothing may abort any more */
   #committing = false;
   /** why the migration was ended from outside (a cancel, a deadline); the rollback reports it */
@@ -111,6 +114,14 @@ export class SourceContext {
         throw new LivemigError('ERR_LIVEMIG_STATE', `cannot cancel in ${this.stage}: the migration has passed its point of commitment (the guest may already run at the destination)`, { phase: 'cancel' });
       }
     });
+    this.#unbindStatus = options.control?.bindStatus(() => ({
+      stage: this.stage,
+      bytes_sent: this.bytesSent,
+      pages_sent: this.pagesSent,
+      pages_remaining: Math.max(0, this.pending.length - (this.pagesSent - this.pendingSince)),
+      pages_total: options.region.pageCount,
+      bandwidth_mbps: this.pacer.achievedMbps(),
+    }));
     this.deadlines = new Deadlines({ progressTimeoutMs: settings.progressTimeoutMs, maxPauseMs: settings.maxPauseMs, abort: (e) => void this.abort(e), stage: () => this.stage });
   }
 
@@ -224,7 +235,8 @@ export class SourceContext {
   unbindControl(): void {
     this.#unbindControl?.();
     this.#unbindCancel?.();
-    this.#unbindControl = this.#unbindCancel = undefined;
+    this.#unbindStatus?.();
+    this.#unbindControl = this.#unbindCancel = this.#unbindStatus = undefined;
     this.deadlines.stop();
   }
 }

@@ -65,6 +65,8 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     const knownMbps = round > 1 && settings.onStall === 'throttle' ? ctx.pacer.achievedMbps() : undefined;
     const long = knownMbps !== undefined && (ctx.pending.length * region.pageSize) / 1e3 / knownMbps > ROUND_BUDGET_MS;
     trace('source', 'round begins', { round });
+    ctx.pendingSince = ctx.pagesSent;
+    if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
     const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);
     const sentPages = ctx.pending.length - unsent.length;
     await channel.send(encodeRoundEnd({ round, pages: sentPages }, version));
@@ -93,6 +95,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     ctx.perRound.push(stats);
     ctx.progress({ type: 'round', ...stats });
     ctx.pending = plan.send;
+    ctx.pendingSince = ctx.pagesSent;
     // Clark: the next round at this round's dirtying rate plus a margin
     if (ra) ctx.pacer.setRoundLimit((dirtyMbps * 1e6) / 2 ** 20 + ra.incrementMiBps);
     if (d.action === 'throttle') {
@@ -115,6 +118,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   ctx.pacer.setRoundLimit(undefined);
   const held = wws ? wws.heldPages() : new Uint32Array(0);
   if (held.length > 0) ctx.pending = mergePages(ctx.pending, held);
+  ctx.pendingSince = ctx.pagesSent;
   // Let the destination finish applying what is in flight before the pause, so that the
   // pause does not pay for its backlog.
   for (;;) {

@@ -12,9 +12,25 @@ export interface BandwidthTarget {
   setCap(mibps: number | undefined): void;
 }
 
+/** Where a running migration is, read at any moment (between its progress events too). */
+export interface MigrationStatus {
+  stage: string;
+  /** bytes put on the wire so far, and pages sent */
+  bytes_sent: number;
+  pages_sent: number;
+  /** pages still due in the current round or stop (what remains to send if it stopped now) */
+  pages_remaining: number;
+  /** the guest's whole page space, pages */
+  pages_total: number;
+  /** bandwidth achieved recently, MB/s (undefined before the first second of sending) */
+  bandwidth_mbps: number | undefined;
+}
+
 /** Changes a running migration's settings (pass one as `control`, keep a reference). */
 export class MigrationControl {
   #bandwidth: number | undefined;
+  #downtimeLimit: number | undefined;
+  #status: (() => MigrationStatus) | undefined;
   #target: BandwidthTarget | undefined;
   #postcopy = false;
   #cancel: (() => void) | undefined;
@@ -44,6 +60,28 @@ export class MigrationControl {
   /** @internal */
   get postcopyRequested(): boolean {
     return this.#postcopy;
+  }
+
+  /** A new downtime limit, ms: the convergence policy judges the next round's end by it. */
+  setDowntimeLimit(ms: number): void {
+    if (!(ms > 0) || !Number.isFinite(ms)) throw new RangeError(`the downtime limit must be a positive number of ms, got ${ms}`);
+    this.#downtimeLimit = ms;
+  }
+  /** @internal the downtime limit set while running (undefined: the one the migration started with) */
+  get downtimeLimitMs(): number | undefined {
+    return this.#downtimeLimit;
+  }
+
+  /** Where the running migration is now; undefined when none runs under this control. */
+  status(): MigrationStatus | undefined {
+    return this.#status?.();
+  }
+  /** @internal the running migration answers status(); returns the unbinding */
+  bindStatus(fn: () => MigrationStatus): () => void {
+    this.#status = fn;
+    return () => {
+      if (this.#status === fn) this.#status = undefined;
+    };
   }
 
   /** A new bandwidth cap in MiB/s, or undefined for none; takes effect at the next chunk. */

@@ -44,6 +44,14 @@ export function referenceGuestArgs(socket: string, o: GuestOptions): string[] {
   return [process.execPath, ...args];
 }
 
+/** A reference guest that registers with a `livemig serve` daemon's guest socket, listed there as `name`. */
+export function referenceGuestRegisterArgs(daemonGuests: string, name: string, o: GuestOptions): string[] {
+  const args = referenceGuestArgs(daemonGuests, o);
+  const at = args.indexOf('--socket');
+  args.splice(at, 2, '--register', daemonGuests, '--name', name);
+  return args;
+}
+
 /** The reference guest started for a migration's destination (`{socket}`: where it serves). */
 export function referenceIncomingCommand(): string[] {
   return [process.execPath, GUEST_ENTRY, '--incoming', '--socket', SOCKET_PLACEHOLDER];

@@ -20,7 +20,7 @@ export interface GuestAddon {
    * life of the process: the pause closes the gate writes and beats pass, and answers with
    * `statePrefix` (the state's fixed fields as JSON, without its closing brace) and the run state.
    */
-  serve(path: string, regions: { address: bigint; size: number; fd: number; tracked: boolean }[], st: BigUint64Array, statePrefix: string): void;
+  serve(path: string, regions: { address: bigint; size: number; fd: number; tracked: boolean }[], st: BigUint64Array, statePrefix: string, how?: { name: string; register: boolean }): void;
   gatePaused(): boolean;
   /** the percent of the rate livemig asked to withhold (auto-converge) */
   gateThrottle(): number;

@@ -27,6 +27,9 @@ import { parseGuestState, type GuestState } from './state.js';
 const { values } = parseArgs({
   options: {
     socket: { type: 'string' },
+    /** register with a `livemig serve` daemon at this path (instead of listening at --socket) */
+    register: { type: 'string' },
+    name: { type: 'string', default: 'reference-guest' },
     size: { type: 'string', default: String(1 << 30) },
     content: { type: 'string', default: 'mixed' },
     seed: { type: 'string', default: '1' },
@@ -40,7 +43,7 @@ const { values } = parseArgs({
     announce: { type: 'boolean', default: false },
   },
 });
-if (!values.socket) throw new Error('the reference guest needs --socket PATH');
+if (!values.socket && !values.register) throw new Error('the reference guest needs --socket PATH or --register PATH');
 
 // A guest runs with the host's default scheduling, like a VM's vCPU threads: it must not
 // inherit the short slices of the livemig process that started it (src/sched.ts).
@@ -68,7 +71,7 @@ if (values.incoming) {
   // loaded before the source commits), then says run ('G'), which starts the guest within
   // microseconds: the main thread waits inside the library until then, with no event loop in
   // between. livemig going away first: there is no guest to run here.
-  const opened = guestAddon.incomingOpen(values.socket, 120_000);
+  const opened = guestAddon.incomingOpen(values.socket!, 120_000);
   if (opened.regions.length !== 1) {
     console.error(`the reference guest has one region; livemig handed over ${opened.regions.length}`);
     process.exit(1);
@@ -230,8 +233,9 @@ if (incoming && postcopyGuest) {
   // the state's fields a pause does not change; the pause adds the run state (native/refguest/gate.cc)
   const fixed = JSON.stringify({ version: state.version, size: state.size, content: state.content, seed: state.seed, pattern: state.pattern, span: state.span, rate: state.rate, ...(state.heartbeat ? { heartbeat: state.heartbeat } : {}) });
   const r = region as Region;
-  guestAddon.serve(values.socket, [{ address: r.address, size: r.size, fd: r.fd, tracked }], st, fixed.slice(0, -1));
-  if (values.announce) process.stdout.write(JSON.stringify({ guest: { socket: values.socket, pid: process.pid, bytes: r.size } }) + '\n');
+  const at = values.register ?? values.socket!;
+  guestAddon.serve(at, [{ address: r.address, size: r.size, fd: r.fd, tracked }], st, fixed.slice(0, -1), { name: values.name, register: values.register !== undefined });
+  if (values.announce) process.stdout.write(JSON.stringify({ guest: { ...(values.register ? { registered: at, name: values.name } : { socket: at }), pid: process.pid, bytes: r.size } }) + '\n');
   start();
 }
 

@@ -5,6 +5,7 @@
  * of every page once it runs there.
  *
  *   c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]
+ *   c_guest --register DAEMON_PATH --name NAME [same flags]   (listed by a `livemig serve` daemon)
  *   c_guest --incoming PATH
  *
  * Content (docs/GUEST.md, "The C example guest"): word i of page g (pages numbered across
@@ -218,12 +219,13 @@ static void heartbeat_to(const char *hostport) {
 
 static int usage(void) {
   fprintf(stderr, "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]\n"
+                  "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
                   "       c_guest --incoming PATH\n");
   return 2;
 }
 
 int main(int argc, char **argv) {
-  const char *listen = NULL, *incoming = NULL, *sizes = "192M,64M", *hb = NULL;
+  const char *listen = NULL, *incoming = NULL, *sizes = "192M,64M", *hb = NULL, *daemon = NULL, *name = "c-guest";
   uint64_t rate = 64, seed = 1;
   int track = 1;
   for (int i = 1; i < argc; i++) {
@@ -232,13 +234,15 @@ int main(int argc, char **argv) {
     else if (!v) return usage();
     else if (!strcmp(a, "--listen")) listen = v, i++;
     else if (!strcmp(a, "--incoming")) incoming = v, i++;
+    else if (!strcmp(a, "--register")) daemon = v, i++;
+    else if (!strcmp(a, "--name")) name = v, i++;
     else if (!strcmp(a, "--sizes")) sizes = v, i++;
     else if (!strcmp(a, "--rate")) rate = strtoull(v, NULL, 10), i++;
     else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10), i++;
     else if (!strcmp(a, "--heartbeat")) hb = v, i++;
     else return usage();
   }
-  if (!listen == !incoming) return usage();
+  if ((listen != NULL) + (incoming != NULL) + (daemon != NULL) != 1) return usage();
   char err[512];
   if (incoming) {
     struct lmg_incoming *h = lmg_incoming_open(incoming, "c-guest", 120000, err, sizeof err);
@@ -279,8 +283,10 @@ int main(int argc, char **argv) {
   int uffd = -1;
   if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;
   struct lmg_source_ops ops = {.pause = on_pause, .resume = on_resume, .throttle = on_throttle, .released = on_released};
-  if (!lmg_source_start(listen, "c-guest", regions, 2, &ops, err, sizeof err)) return fprintf(stderr, "c_guest: %s\n", err), 1;
-  printf("{\"guest\":{\"socket\":\"%s\",\"pid\":%d,\"bytes\":%llu}}\n", listen, (int)getpid(), (unsigned long long)(s0 + s1));
+  struct lmg_source *served = daemon ? lmg_source_register(daemon, name, regions, 2, &ops, err, sizeof err)
+                                     : lmg_source_start(listen, name, regions, 2, &ops, err, sizeof err);
+  if (!served) return fprintf(stderr, "c_guest: %s\n", err), 1;
+  printf("{\"guest\":{\"socket\":\"%s\",\"pid\":%d,\"bytes\":%llu}}\n", daemon ? daemon : listen, (int)getpid(), (unsigned long long)(s0 + s1));
   fflush(stdout);
   run();
   return 0;

@@ -120,7 +120,7 @@ async function linger(rx: Receiver, ms: number, why: string): Promise<void> {
 }
 
 /** An operator's command line, run by the shell (which `exec`s it, so the guest's pid is its own). */
-function shellCommand(line: string): string[] {
+export function shellCommand(line: string): string[] {
   if (line.trim().length === 0) throw usageError('--guest-exec needs a command');
   if (!line.includes('{socket}')) throw usageError("--guest-exec: the command must name its socket with {socket}, e.g. 'my-vmm --incoming {socket}'");
   return ['/bin/sh', '-c', `exec ${line}`];

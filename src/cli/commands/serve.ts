@@ -1,0 +1,82 @@
+/** livemig serve: the daemon, driven over HTTP (src/daemon/). */
+import path from 'node:path';
+import { readFileSync } from 'node:fs';
+import { Daemon } from '../../daemon/daemon.js';
+import { referenceIncomingCommand } from '../../workload/controller.js';
+import { DEFAULT_API, defaultDaemonDir, parseApiAddress, readToken } from '../daemon-client.js';
+import { str, type Command, type FlagValues } from '../flags.js';
+import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
+import { parseHostPort, parseNumber, parseSize } from '../units.js';
+import { shellCommand } from './receive.js';
+
+function version(): string {
+  try {
+    return (JSON.parse(readFileSync(new URL('../../../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+  } catch {
+    return '0';
+  }
+}
+
+export const serve: Command = {
+  name: 'serve',
+  summary: 'run the daemon: guests register, migrations go both ways, an HTTP API drives it',
+  synopsis: '[--api unix:PATH|HOST:PORT] [--listen HOST:PORT] [--guests PATH] [flags]',
+  description: [
+    'Runs the livemig daemon of this host. Running guests register at --guests PATH',
+    '(`livemig guest --register PATH`, or lmg_source_register in a VMM) and are listed by name;',
+    'an orchestrator (or `livemig migrate/status/watch/cancel/set`) drives it over the HTTP API',
+    '(docs/API.md; the OpenAPI document at /v1/openapi.json): it migrates guests to other',
+    'daemons and takes migrations from them on --listen, several at once both ways. On TCP the',
+    'API needs --token-file (a bearer token on every route but /v1/health); the unix socket is',
+    'mode 0600. Prints {serving: {...}} once up. SIGTERM (or SIGINT): no new migrations; the',
+    'running ones finish within --shutdown-grace, or are cancelled before their commitment',
+    '(their guests resume here); then it exits 0.',
+  ].join('\n'),
+  flags: {
+    api: { type: 'string', value: 'unix:PATH|HOST:PORT', help: `where the HTTP API listens (default ${DEFAULT_API()})` },
+    'token-file': { type: 'string', value: 'FILE', help: "the API's bearer token, one line of 16 or more characters (required with a TCP --api)" },
+    listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'the migration port other daemons send to (port 0: any free port)' },
+    guests: { type: 'string', value: 'PATH', help: `the socket guests register at (default ${path.join(defaultDaemonDir(), 'guests.sock')})` },
+    'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start for each incoming migration (run by /bin/sh; default: the reference guest)' },
+    'memory-budget': { type: 'string', value: 'SIZE', help: 'bytes incoming migrations may reserve together (default: what MemAvailable allows, at each one)' },
+    bandwidth: { type: 'string', value: 'MiB/s', help: 'total bandwidth of outgoing migrations, shared fairly (default none)' },
+    'max-migrations': { type: 'string', default: '16', value: 'N', help: 'migrations at once in each direction (more outgoing ones queue; more incoming ones are refused)' },
+    'shutdown-grace': { type: 'string', default: '30', value: 'SECONDS', help: 'at SIGTERM, how long running migrations have to finish before the uncommitted ones are cancelled' },
+    'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'an incoming connection must authenticate and send its first frame within this' },
+    'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'an incoming migration silent this long is discarded here' },
+    ...DESTINATION_SECURITY_FLAGS,
+  },
+  async run(v: FlagValues): Promise<number> {
+    const api = parseApiAddress(typeof v['api'] === 'string' ? v['api'] : DEFAULT_API());
+    const listen = parseHostPort(str(v, 'listen'), '--listen');
+    const credentials = credentialsFrom(v, 'destination');
+    const max = parseNumber(str(v, 'max-migrations'), '--max-migrations', 1);
+    const daemon = await Daemon.start({
+      api,
+      ...(typeof v['token-file'] === 'string' ? { token: readToken(v['token-file']) } : {}),
+      listen,
+      guests: typeof v['guests'] === 'string' ? v['guests'] : path.join(defaultDaemonDir(), 'guests.sock'),
+      ...(credentials ? { credentials } : {}),
+      ...(v['insecure'] === true ? { insecure: true } : {}),
+      ...(typeof v['memory-budget'] === 'string' ? { memoryBudget: parseSize(v['memory-budget'], '--memory-budget') } : {}),
+      ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
+      maxMigrations: Math.floor(max),
+      guestCommand: typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand(),
+      shutdownGraceMs: parseNumber(str(v, 'shutdown-grace'), '--shutdown-grace (seconds)') * 1000,
+      authTimeoutMs: parseNumber(str(v, 'handshake-timeout'), '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000,
+      idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
+      version: version(),
+    });
+    process.stdout.write(JSON.stringify({ serving: { api: daemon.apiAddress, listen: `${listen.host}:${daemon.migrationPort}`, port: daemon.migrationPort, guests: daemon.registry.path, pid: process.pid } }) + '\n');
+    await new Promise<void>((resolve) => {
+      const stop = (sig: NodeJS.Signals): void => {
+        process.stdout.write(JSON.stringify({ stopping: { signal: sig, running: daemon.table.active().length } }) + '\n');
+        void daemon.shutdown().then(resolve);
+      };
+      process.once('SIGTERM', stop);
+      process.once('SIGINT', stop);
+    });
+    process.stdout.write(JSON.stringify({ stopped: { migrations: daemon.table.list().length } }) + '\n');
+    return 0;
+  },
+};

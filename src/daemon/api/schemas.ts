@@ -1,0 +1,84 @@
+/** JSON schemas of the API's bodies and answers (served in /v1/openapi.json). */
+
+const NAME = { type: 'string', pattern: '^[A-Za-z0-9._-]{1,63}$' } as const;
+
+export const errorBody = {
+  type: 'object',
+  properties: {
+    error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' }, phase: { type: 'string' } }, required: ['code', 'message'] },
+    id: { type: 'string' },
+  },
+  required: ['error'],
+} as const;
+
+export const migrationRequest = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['guest', 'to'],
+  properties: {
+    guest: NAME,
+    to: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['host', 'port'],
+      properties: {
+        host: { type: 'string', minLength: 1, maxLength: 253 },
+        port: { type: 'integer', minimum: 1, maximum: 65535 },
+        peer_name: { type: 'string', minLength: 1, maxLength: 253, description: 'the destination certificate name to expect (certificate credentials)' },
+      },
+    },
+    mode: { type: 'string', enum: ['precopy', 'postcopy', 'hybrid'] },
+    downtime_limit_ms: { type: 'number', exclusiveMinimum: 0, maximum: 60000 },
+    bandwidth_mib_s: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
+    deadline_s: { type: 'number', exclusiveMinimum: 0, maximum: 86400 },
+    on_stall: { type: 'string', enum: ['throttle', 'postcopy', 'force', 'abort'] },
+    encodings: { type: 'boolean' },
+  },
+} as const;
+
+export const migrationPatch = {
+  type: 'object',
+  additionalProperties: false,
+  minProperties: 1,
+  properties: {
+    bandwidth_mib_s: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
+    downtime_limit_ms: { type: 'number', exclusiveMinimum: 0, maximum: 60000 },
+  },
+} as const;
+
+export const idParams = {
+  type: 'object',
+  required: ['id'],
+  properties: { id: { type: 'string', pattern: '^[0-9a-f-]{36}$' } },
+} as const;
+
+export const nameParams = { type: 'object', required: ['name'], properties: { name: NAME } } as const;
+
+export const listQuery = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    state: { type: 'string', enum: ['queued', 'running', 'completed', 'failed', 'cancelled'] },
+    direction: { type: 'string', enum: ['outgoing', 'incoming'] },
+  },
+} as const;
+
+const progress = {
+  type: 'object',
+  properties: { percent: { type: 'number' }, eta_s: { type: 'number' }, remaining_bytes: { type: 'number' }, total_bytes: { type: 'number' }, transferred_bytes: { type: 'number' } },
+} as const;
+
+/** a migration as GET shows it; `report` and `rounds` are the engine's own (QMP-like names) */
+export const migrationView = {
+  type: 'object',
+  additionalProperties: true,
+  properties: {
+    id: { type: 'string' },
+    direction: { type: 'string', enum: ['outgoing', 'incoming'] },
+    guest: { type: 'string' },
+    peer: { type: 'string' },
+    state: { type: 'string', enum: ['queued', 'running', 'completed', 'failed', 'cancelled'] },
+    stage: { type: 'string' },
+    progress,
+  },
+} as const;

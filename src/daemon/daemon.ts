@@ -1,0 +1,282 @@
+/**
+ * `livemig serve`: the daemon on each host. It lists the guests that register with it, moves
+ * them to other daemons (outgoing), takes migrations from them (incoming), several at once in
+ * both directions, and is driven over HTTP (api/). Shutdown refuses new migrations, lets the
+ * running ones end (or cancels those before their commitment, their guests resumed here), and
+ * only then stops.
+ */
+import { chmodSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
+import path from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { LivemigError } from '../errors.js';
+import type { Credentials } from '../security/tls.js';
+import { assertSecureEnough } from '../security/tls.js';
+import { trace } from '../trace.js';
+import { buildApi } from './api/server.js';
+import type { DaemonApi } from './api/types.js';
+import { BandwidthShare } from './bandwidth.js';
+import { MemoryBudget } from './budget.js';
+import { EventBus } from './events.js';
+import { IncomingMigrations } from './incoming.js';
+import { DaemonMetrics } from './metrics.js';
+import { MigrationTable, type Migration } from './migration.js';
+import { OutgoingMigrations, type MigrationRequest } from './outgoing.js';
+import { GuestRegistry } from './registry.js';
+
+export type ApiAddress = { path: string } | { host: string; port: number };
+
+export interface DaemonConfig {
+  /** the HTTP API: a unix socket (mode 0600), or TCP (a token is then required) */
+  api: ApiAddress;
+  /** the API's bearer token (required on TCP; optional on the unix socket) */
+  token?: string;
+  /** the migration port */
+  listen: { host: string; port: number };
+  /** the socket guests register at */
+  guests: string;
+  /** one set of credentials for both directions (certificates: `allow` names the sources admitted) */
+  credentials?: Credentials;
+  insecure?: boolean;
+  /** bytes incoming migrations may reserve together (default: what the host can hold at each admission) */
+  memoryBudget?: number;
+  /** total bandwidth of outgoing migrations, MiB/s, shared fairly (default none) */
+  bandwidthMiBps?: number;
+  /** migrations at once, each direction (default 16); more outgoing ones queue, more incoming ones are refused */
+  maxMigrations?: number;
+  /** the destination guest's command, a word of which holds {socket} */
+  guestCommand: readonly string[];
+  /** at shutdown, how long running migrations have to finish before those not yet committed are cancelled (default 30 s) */
+  shutdownGraceMs?: number;
+  /** how long POST /v1/migrations waits for the handshake (default 60 s) */
+  handshakeWaitMs?: number;
+  /** migration timeouts at this destination */
+  authTimeoutMs?: number;
+  idleTimeoutMs?: number;
+  recoverTimeoutMs?: number;
+  version?: string;
+}
+
+export class Daemon implements DaemonApi {
+  readonly startedAt = new Date();
+  readonly bus = new EventBus();
+  readonly table = new MigrationTable(this.bus);
+  readonly metrics: DaemonMetrics;
+  readonly budget: MemoryBudget;
+  readonly share: BandwidthShare;
+  readonly handshakeWaitMs: number;
+  readonly config: DaemonConfig;
+  registry!: GuestRegistry;
+  outgoing!: OutgoingMigrations;
+  incoming!: IncomingMigrations;
+  api!: FastifyInstance;
+  #shuttingDown = false;
+  #closed: Promise<void> | undefined;
+  /** where the API listens, as a client names it (unix:PATH or HOST:PORT) */
+  apiAddress = '';
+
+  private constructor(config: DaemonConfig) {
+    this.config = config;
+    this.budget = new MemoryBudget(config.memoryBudget);
+    this.share = new BandwidthShare(config.bandwidthMiBps);
+    this.handshakeWaitMs = config.handshakeWaitMs ?? 60_000;
+    this.metrics = new DaemonMetrics({
+      active: (dir) => this.table.active(dir).length,
+      byState: () => {
+        const n = new Map<string, number>();
+        for (const m of this.table.list()) n.set(m.state, (n.get(m.state) ?? 0) + 1);
+        return n;
+      },
+      reserved: () => this.budget.reserved,
+      guests: () => this.registry?.size ?? 0,
+    });
+  }
+
+  static async start(config: DaemonConfig): Promise<Daemon> {
+    if ('host' in config.api && config.token === undefined) {
+      throw new LivemigError('ERR_LIVEMIG_INSECURE', `the API on TCP (${config.api.host}:${config.api.port}) needs a bearer token (--token-file): whoever reaches it could move, read or activate guests`, { phase: 'validate' });
+    }
+    if (config.token !== undefined && config.token.length < 16) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the API token must be at least 16 characters', { phase: 'validate' });
+    // the migration port's own rule: off loopback only with credentials (or --insecure)
+    assertSecureEnough(config.listen.host, config.credentials, config.insecure === true, 'listening on');
+    const d = new Daemon(config);
+    const max = config.maxMigrations ?? 16;
+    try {
+      d.registry = await GuestRegistry.open(config.guests);
+      d.outgoing = new OutgoingMigrations({
+        registry: d.registry,
+        table: d.table,
+        bus: d.bus,
+        share: d.share,
+        metrics: d.metrics,
+        maxConcurrent: max,
+        credentials: config.credentials ? (peer) => outgoingCredentials(config.credentials!, peer) : undefined,
+        insecure: config.insecure === true,
+      });
+      d.incoming = await IncomingMigrations.listen(config.listen.host, config.listen.port, {
+        table: d.table,
+        bus: d.bus,
+        budget: d.budget,
+        metrics: d.metrics,
+        maxConcurrent: max,
+        guestCommand: config.guestCommand,
+        credentials: config.credentials,
+        insecure: config.insecure === true,
+        ...(config.authTimeoutMs !== undefined ? { authTimeoutMs: config.authTimeoutMs } : {}),
+        ...(config.idleTimeoutMs !== undefined ? { idleTimeoutMs: config.idleTimeoutMs } : {}),
+        ...(config.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: config.recoverTimeoutMs } : {}),
+      });
+      d.api = await buildApi(d, { token: config.token, version: config.version ?? '0' });
+      await d.#listenApi();
+    } catch (e) {
+      await d.#closeParts();
+      throw e;
+    }
+    trace('daemon', 'serving', { api: d.apiAddress, port: d.incoming.receiver.port, guests: config.guests });
+    return d;
+  }
+
+  async #listenApi(): Promise<void> {
+    const a = this.config.api;
+    if ('path' in a) {
+      mkdirSync(path.dirname(a.path), { recursive: true, mode: 0o700 });
+      removeSocket(a.path);
+      await this.api.listen({ path: a.path });
+      chmodSync(a.path, 0o600); // only root and this user reach the API on the socket
+      this.apiAddress = `unix:${a.path}`;
+    } else {
+      await this.api.listen({ host: a.host, port: a.port });
+      const addr = this.api.server.address();
+      const port = typeof addr === 'object' && addr ? addr.port : a.port;
+      this.apiAddress = `${a.host}:${port}`;
+    }
+  }
+
+  get shuttingDown(): boolean {
+    return this.#shuttingDown;
+  }
+
+  /** the migration port as bound (port 0 resolved) */
+  get migrationPort(): number {
+    return this.incoming.receiver.port;
+  }
+
+  describe(): Record<string, unknown> {
+    return {
+      ok: !this.#shuttingDown,
+      state: this.#shuttingDown ? 'shutting-down' : 'serving',
+      version: this.config.version ?? '0',
+      uptime_s: +((Date.now() - this.startedAt.getTime()) / 1e3).toFixed(1),
+      migration_port: this.migrationPort,
+      guests: this.registry.size,
+      migrations: { outgoing: this.table.active('outgoing').length, incoming: this.table.active('incoming').length },
+      memory_budget: { limit_bytes: this.budget.limit ?? null, reserved_bytes: this.budget.reserved, peak_bytes: this.budget.peak },
+      bandwidth_mib_s: this.share.total ?? null,
+    };
+  }
+
+  startMigration(req: MigrationRequest): Migration {
+    if (this.#shuttingDown) throw new LivemigError('ERR_LIVEMIG_SHUTTING_DOWN', 'the daemon is shutting down: it takes no new migration', { phase: 'api' });
+    if (this.config.credentials?.kind === 'cert' && !req.to.peer_name) {
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', "to.peer_name is required: this daemon authenticates with certificates, and the destination's name must be checked", { phase: 'validate' });
+    }
+    assertSecureEnough(req.to.host, this.config.credentials, this.config.insecure === true, 'migrating to');
+    return this.outgoing.start(req);
+  }
+
+  #outgoing(id: string): Migration {
+    const m = this.table.get(id);
+    if (m.direction !== 'outgoing') throw new LivemigError('ERR_LIVEMIG_STATE', `migration ${id} is incoming: it is controlled from its source's daemon`, { phase: 'api' });
+    if (m.done) throw new LivemigError('ERR_LIVEMIG_STATE', `migration ${id} is ${m.state} already`, { phase: 'api' });
+    return m;
+  }
+
+  cancel(id: string): Migration {
+    const m = this.#outgoing(id);
+    if (m.state === 'queued') m.onCancelQueued?.();
+    else m.control!.cancel(); // ERR_LIVEMIG_STATE past the point of commitment
+    return m;
+  }
+
+  startPostcopy(id: string): Migration {
+    const m = this.#outgoing(id);
+    m.control!.startPostcopy();
+    return m;
+  }
+
+  update(id: string, change: { bandwidth_mib_s?: number; downtime_limit_ms?: number }): Migration {
+    const m = this.#outgoing(id);
+    if (change.downtime_limit_ms !== undefined) {
+      m.control!.setDowntimeLimit(change.downtime_limit_ms);
+      m.settings.downtime_limit_ms = change.downtime_limit_ms;
+    }
+    if (change.bandwidth_mib_s !== undefined) {
+      m.settings.bandwidth_mib_s = change.bandwidth_mib_s;
+      if (m.state === 'running') this.share.want(m.id, change.bandwidth_mib_s);
+    }
+    return m;
+  }
+
+  extra(m: Migration): Record<string, unknown> {
+    const pid = m.direction === 'incoming' ? this.incoming.guestPid(m.id) : undefined;
+    return pid ? { guest_pid: pid } : {};
+  }
+
+  /**
+   * Stops taking migrations, waits for the running ones (up to the grace period), cancels the
+   * outgoing ones not yet committed (their guests resume here) and waits for the rest, then
+   * closes. Incoming migrations past their commitment run to the end; the others end with the
+   * connection (their sources resume their guests).
+   */
+  shutdown(): Promise<void> {
+    this.#closed ??= this.#shutdown();
+    return this.#closed;
+  }
+
+  async #shutdown(): Promise<void> {
+    this.#shuttingDown = true;
+    this.incoming.receiver.refuseMigrations();
+    trace('daemon', 'shutting down', { running: this.table.active().length });
+    for (const m of this.outgoing.queued) m.onCancelQueued?.();
+    const grace = this.config.shutdownGraceMs ?? 30_000;
+    const until = Date.now() + grace;
+    while (this.table.active().length > 0 && Date.now() < until) await sleep(50);
+    for (const m of this.table.active('outgoing')) {
+      try {
+        m.control!.cancel();
+      } catch (e) {
+        // past its commitment: it must finish (its guest may already run at the destination)
+        trace('daemon', 'shutdown waits for a committed migration', { id: m.id, reason: (e as Error).message });
+      }
+    }
+    // what remains is committed, or ends with its connection once this process is gone
+    while (this.table.active().some((m) => m.direction === 'outgoing' || committedIncoming(m))) await sleep(50);
+    await this.#closeParts();
+  }
+
+  async #closeParts(): Promise<void> {
+    await this.api?.close().catch((e: unknown) => trace('daemon', 'closing the API failed', { reason: (e as Error).message }));
+    if ('path' in this.config.api && this.api) removeSocket(this.config.api.path);
+    await this.incoming?.close();
+    await this.registry?.close();
+  }
+}
+
+function committedIncoming(m: Migration): boolean {
+  return m.direction === 'incoming' && (m.stage === 'committed' || m.stage === 'postcopy');
+}
+
+function outgoingCredentials(c: Credentials, peerName: string | undefined): Credentials {
+  if (c.kind === 'psk') return c;
+  const { allow: _allow, ...own } = c;
+  return { ...own, ...(peerName !== undefined ? { peerName } : {}) };
+}
+
+function removeSocket(p: string): void {
+  try {
+    if (lstatSync(p).isSocket()) unlinkSync(p);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot remove the old socket ${p}: ${(e as Error).message}`, { phase: 'listen', cause: e });
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

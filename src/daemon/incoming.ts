@@ -1,0 +1,151 @@
+/**
+ * Incoming migrations: the daemon's migration port, several sources at once. Each HELLO gets a
+ * migration of its own (listed like an outgoing one), its own destination guest, and its bytes
+ * from the shared memory budget before anything is reserved.
+ */
+import { IncomingGuest } from '../guest/incoming-session.js';
+import { listen, type Receiver } from '../receiver/listen.js';
+import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from '../receiver/types.js';
+import type { Credentials } from '../security/tls.js';
+import { trace } from '../trace.js';
+import type { MemoryBudget } from './budget.js';
+import type { EventBus } from './events.js';
+import type { DaemonMetrics } from './metrics.js';
+import { Migration, type MigrationTable } from './migration.js';
+
+const PAGE = 4096;
+
+export interface IncomingDeps {
+  table: MigrationTable;
+  bus: EventBus;
+  budget: MemoryBudget;
+  metrics: DaemonMetrics;
+  maxConcurrent: number;
+  /** the destination guest's command, with {socket} */
+  guestCommand: readonly string[];
+  credentials: Credentials | undefined;
+  insecure: boolean;
+  authTimeoutMs?: number;
+  idleTimeoutMs?: number;
+  recoverTimeoutMs?: number;
+}
+
+export class IncomingMigrations {
+  readonly receiver: Receiver;
+  readonly #guestPids = new Map<string, number>();
+
+  private constructor(receiver: Receiver) {
+    this.receiver = receiver;
+  }
+
+  static async listen(host: string, port: number, d: IncomingDeps): Promise<IncomingMigrations> {
+    let self: IncomingMigrations | undefined;
+    const base: ReceiveOptions = {
+      ...(d.credentials ? { credentials: d.credentials } : {}),
+      ...(d.insecure ? { insecure: true } : {}),
+      ...(d.authTimeoutMs !== undefined ? { authTimeoutMs: d.authTimeoutMs } : {}),
+      ...(d.idleTimeoutMs !== undefined ? { idleTimeoutMs: d.idleTimeoutMs } : {}),
+      ...(d.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: d.recoverTimeoutMs } : {}),
+      activate: () => Promise.reject(new Error('internal: a migration without its own callbacks')),
+    };
+    const receiver = await listen(host, port, base, {
+      maxConcurrent: d.maxConcurrent,
+      perMigration: () => self!.#one(d),
+    });
+    self = new IncomingMigrations(receiver);
+    return self;
+  }
+
+  /** The destination guest's pid of a completed incoming migration. */
+  guestPid(id: string): number | undefined {
+    return this.#guestPids.get(id);
+  }
+
+  #one(d: IncomingDeps): { options: ReceiveOptions; settled(outcome: Promise<ReceiveReport>): void } {
+    let m: Migration | undefined;
+    let guest: IncomingGuest | undefined;
+    let received = 0;
+    const onProgress = (e: ReceiveProgress): void => {
+      if (e.type === 'hello') {
+        m = new Migration({
+          direction: 'incoming',
+          guest: e.regions.map((r) => r.name).join('+') || 'guest',
+          peer: e.peer,
+          totalBytes: e.region_bytes,
+          bus: d.bus,
+          settings: { mode: 'precopy', downtime_limit_ms: undefined, bandwidth_mib_s: undefined, deadline_s: undefined, on_stall: undefined, encodings: true },
+        });
+        d.table.add(m);
+        d.metrics.started(m);
+        m.setStage('reserve');
+        m.setState('running');
+        return;
+      }
+      if (!m) return;
+      switch (e.type) {
+        case 'reserved':
+          m.setStage('receiving');
+          m.passedHandshake();
+          break;
+        case 'round':
+          received += e.pages;
+          m.noteProgress((m.progress.view.total_bytes / PAGE - Math.min(received, m.progress.view.total_bytes / PAGE)) * PAGE, received * PAGE, undefined, true);
+          break;
+        case 'committed':
+          m.setStage('committed');
+          break;
+        case 'postcopy-running':
+          m.setStage('postcopy');
+          break;
+        case 'postcopy-progress':
+          m.noteProgress(m.progress.view.total_bytes - (received + e.pages_pulled + e.pages_pushed) * PAGE, (received + e.pages_pulled + e.pages_pushed) * PAGE, undefined);
+          break;
+        default:
+          break;
+      }
+    };
+    const options: ReceiveOptions = {
+      reserveMemory: (bytes, local) => d.budget.take(bytes, local),
+      onReserved: async (_region, postcopy, layout, memory) => {
+        guest = await IncomingGuest.start({ command: d.guestCommand, layout, files: memory.files, populate: postcopy !== 'planned' && !memory.local, registerEarly: postcopy === 'planned' });
+      },
+      postcopy: { register: () => guest!.register() },
+      onProgress,
+      onFaultLatencies: (ns) => d.metrics.faultLatencies(ns),
+      onDiscard: () => guest?.kill(),
+      prepare: (_region, state) => guest!.prepare(state),
+      activate: async (_region, state) => {
+        await guest!.activate(state);
+      },
+    };
+    return {
+      options,
+      settled: (outcome) => {
+        outcome.then(
+          (report) => {
+            if (report.mode === 'postcopy') guest?.allPresent();
+            if (guest) this.#guestPids.set(m!.id, guest.pid);
+            guest?.close(); // it runs on, on its own
+            m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport, report.pages_received * PAGE);
+            if (m) d.metrics.finished(m);
+          },
+          (e: unknown) => {
+            // post-copy that cannot finish: the guest's missing pages exist nowhere any more
+            if ((e as { phase?: string }).phase === 'postcopy') guest?.kill();
+            else guest?.close();
+            trace('daemon', 'incoming migration failed', { reason: (e as Error).message });
+            if (!m) d.metrics.refused((e as { code?: string }).code ?? 'ERR_LIVEMIG_ABORTED');
+            if (m && !m.done) {
+              m.fail(e);
+              d.metrics.finished(m);
+            }
+          },
+        );
+      },
+    };
+  }
+
+  async close(): Promise<void> {
+    await this.receiver.close();
+  }
+}

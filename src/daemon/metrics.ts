@@ -1,0 +1,91 @@
+/**
+ * The daemon's Prometheus metrics (prom-client, on a registry of its own). Counters move when a
+ * migration ends, from its final report, so that they match the reports exactly.
+ */
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { MigrationReport } from '../source/types.js';
+import type { ReceiveReport } from '../receiver/types.js';
+import type { Migration } from './migration.js';
+
+const ENCODINGS = ['zero', 'dup', 'lz4', 'raw', 'skipped'] as const;
+const PAGE = 4096;
+
+export class DaemonMetrics {
+  readonly registry = new Registry();
+  readonly #migrations: Counter<'direction' | 'state'>;
+  readonly #pages: Counter<'encoding'>;
+  readonly #payload: Counter<'encoding'>;
+  readonly #wire: Counter<'direction'>;
+  readonly #downtime: Histogram;
+  readonly #total: Histogram;
+  readonly #faults: Histogram;
+  readonly #api: Histogram<'route'>;
+  readonly #refused: Counter<'code'>;
+
+  constructor(o: { active: (direction: 'outgoing' | 'incoming') => number; byState: () => Map<string, number>; reserved: () => number; guests: () => number }) {
+    const registers = [this.registry];
+    this.#migrations = new Counter({ name: 'livemig_migrations_total', help: 'migrations that ended, by direction and final state', labelNames: ['direction', 'state'], registers });
+    new Gauge({
+      name: 'livemig_migrations',
+      help: 'migrations known to the daemon now, by state',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [state, n] of o.byState()) this.set({ state }, n);
+      },
+    });
+    new Gauge({
+      name: 'livemig_active_migrations',
+      help: 'migrations queued or running now, by direction',
+      labelNames: ['direction'],
+      registers,
+      collect() {
+        this.set({ direction: 'outgoing' }, o.active('outgoing'));
+        this.set({ direction: 'incoming' }, o.active('incoming'));
+      },
+    });
+    new Gauge({ name: 'livemig_memory_reserved_bytes', help: 'bytes reserved now by incoming migrations (the memory budget in use)', registers, collect() { this.set(o.reserved()); } });
+    new Gauge({ name: 'livemig_registered_guests', help: 'guests registered with this daemon now', registers, collect() { this.set(o.guests()); } });
+    this.#pages = new Counter({ name: 'livemig_pages_total', help: 'pages sent by completed outgoing migrations, by how they went (skipped: already at the destination)', labelNames: ['encoding'], registers });
+    this.#payload = new Counter({ name: 'livemig_page_payload_bytes_total', help: 'page payload bytes sent by completed outgoing migrations, by encoding (zero and dup pages carry none)', labelNames: ['encoding'], registers });
+    this.#wire = new Counter({ name: 'livemig_wire_bytes_total', help: 'bytes on the wire of completed migrations (outgoing: sent, frames included; incoming: pages received x page size)', labelNames: ['direction'], registers });
+    const ms = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1];
+    this.#downtime = new Histogram({ name: 'livemig_downtime_seconds', help: 'the pause the guest felt, of completed outgoing migrations', buckets: ms, registers });
+    this.#total = new Histogram({ name: 'livemig_total_time_seconds', help: 'from connecting to done, of completed outgoing migrations', buckets: [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers });
+    this.#faults = new Histogram({ name: 'livemig_postcopy_fault_latency_seconds', help: 'post-copy fault latency at this destination, fault read to page mapped', buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05], registers });
+    this.#api = new Histogram({ name: 'livemig_api_request_duration_seconds', help: 'API request handling time, by route', labelNames: ['route'], buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5], registers });
+    this.#refused = new Counter({ name: 'livemig_incoming_refused_total', help: 'incoming migrations refused before anything was reserved, by code', labelNames: ['code'], registers });
+  }
+
+  started(_m: Migration): void {}
+
+  finished(m: Migration): void {
+    this.#migrations.inc({ direction: m.direction, state: m.state });
+    if (m.state !== 'completed' || !m.report) return;
+    if (m.direction === 'outgoing') {
+      const r = m.report as MigrationReport;
+      for (const e of ENCODINGS) this.#pages.inc({ encoding: e }, r[`${e}_pages`]);
+      this.#payload.inc({ encoding: 'raw' }, r.raw_pages * PAGE);
+      this.#payload.inc({ encoding: 'lz4' }, Math.round(r.lz4_pages * PAGE * r.lz4_ratio));
+      this.#wire.inc({ direction: 'outgoing' }, r.wire_bytes);
+      this.#downtime.observe(r.downtime_ms / 1e3);
+      this.#total.observe(r.total_ms / 1e3);
+    } else {
+      const r = m.report as ReceiveReport;
+      this.#wire.inc({ direction: 'incoming' }, r.pages_received * PAGE);
+    }
+  }
+
+  faultLatencies(ns: Float64Array): void {
+    for (const v of ns) this.#faults.observe(v / 1e9);
+  }
+
+  refused(code: string): void {
+    this.#refused.inc({ code });
+  }
+
+  apiRequest(route: string, seconds: number): void {
+    this.#api.observe({ route }, seconds);
+  }
+}

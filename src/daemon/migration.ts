@@ -1,0 +1,184 @@
+/**
+ * One migration as the daemon shows it: outgoing (it moves a registered guest away) or incoming
+ * (a source's migration arriving here). Its state, stage, progress, rounds and outcome; every
+ * change is an event on the bus.
+ *   queued -> running -> completed | failed | cancelled   (queued -> cancelled, too)
+ */
+import { randomUUID } from 'node:crypto';
+import { LivemigError } from '../errors.js';
+import type { MigrationControl, MigrationReport, RoundStats } from '../source/types.js';
+import type { ReceiveReport } from '../receiver/types.js';
+import type { EventBus } from './events.js';
+import { Progress, type ProgressView } from './progress.js';
+
+export type MigrationState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled';
+export type Direction = 'outgoing' | 'incoming';
+
+/** progress events go out at most this often per migration */
+export const PROGRESS_INTERVAL_MS = 250;
+
+const FINAL: readonly MigrationState[] = ['completed', 'failed', 'cancelled'];
+
+export interface MigrationSettings {
+  mode: 'precopy' | 'postcopy' | 'hybrid';
+  downtime_limit_ms: number | undefined;
+  bandwidth_mib_s: number | undefined;
+  deadline_s: number | undefined;
+  on_stall: string | undefined;
+  encodings: boolean;
+}
+
+export class Migration {
+  readonly id = randomUUID();
+  readonly direction: Direction;
+  readonly guest: string;
+  /** the other daemon: where it goes (host:port), or who it came from */
+  readonly peer: string;
+  readonly createdAt = new Date();
+  startedAt: Date | undefined;
+  finishedAt: Date | undefined;
+  #state: MigrationState = 'queued';
+  stage = 'queued';
+  readonly rounds: RoundStats[] = [];
+  report: MigrationReport | ReceiveReport | undefined;
+  error: { code: string; phase: string | undefined; message: string } | undefined;
+  /** outgoing: what became of the guest here (running, paused, released) */
+  sourceGuest: 'running' | 'paused' | 'released' | undefined;
+  readonly progress: Progress;
+  readonly settings: MigrationSettings;
+  readonly control: MigrationControl | undefined;
+  readonly #bus: EventBus;
+  #lastProgress = 0;
+  /** ends a queued migration before it starts */
+  onCancelQueued: (() => void) | undefined;
+  /** resolved once the migration passed its handshake, or ended */
+  readonly admitted: Promise<void>;
+  #admit!: () => void;
+
+  constructor(o: { direction: Direction; guest: string; peer: string; totalBytes: number; settings: MigrationSettings; control?: MigrationControl; bus: EventBus }) {
+    this.direction = o.direction;
+    this.guest = o.guest;
+    this.peer = o.peer;
+    this.settings = o.settings;
+    this.control = o.control;
+    this.progress = new Progress(o.totalBytes);
+    this.#bus = o.bus;
+    this.admitted = new Promise((resolve) => (this.#admit = resolve));
+  }
+
+  get state(): MigrationState {
+    return this.#state;
+  }
+  get done(): boolean {
+    return FINAL.includes(this.#state);
+  }
+
+  setState(next: MigrationState): void {
+    if (this.done) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: migration ${this.id} is ${this.#state} already`, { phase: 'daemon' });
+    this.#state = next;
+    if (next === 'running') this.startedAt = new Date();
+    if (this.done) {
+      this.finishedAt = new Date();
+      this.#admit();
+    }
+    this.#bus.publish(this.id, 'state', { state: next, stage: this.stage, ...(this.error ? { error: this.error } : {}) });
+  }
+
+  /** The handshake is done: the destination took the migration. */
+  passedHandshake(): void {
+    this.#admit();
+  }
+
+  setStage(stage: string): void {
+    if (stage === this.stage) return;
+    this.stage = stage;
+    this.#bus.publish(this.id, 'stage', { stage });
+  }
+
+  addRound(r: RoundStats): void {
+    this.rounds.push(r);
+    this.#bus.publish(this.id, 'round', { ...r });
+  }
+
+  /** New progress; published unless one went out less than PROGRESS_INTERVAL_MS ago (`force`: always). */
+  noteProgress(remainingBytes: number, transferredBytes: number, mbps: number | undefined, force = false): void {
+    const v = this.progress.update(remainingBytes, transferredBytes, mbps);
+    this.#publishProgress(v, force);
+  }
+
+  #publishProgress(v: ProgressView, force: boolean): void {
+    const t = performance.now();
+    if (!force && t - this.#lastProgress < PROGRESS_INTERVAL_MS) return;
+    this.#lastProgress = t;
+    this.#bus.publish(this.id, 'progress', { ...v, stage: this.stage });
+  }
+
+  complete(report: MigrationReport | ReceiveReport, transferred: number): void {
+    this.report = report;
+    this.#publishProgress(this.progress.complete(transferred), true);
+    this.#bus.publish(this.id, 'report', { report });
+    this.setStage('done');
+    this.setState('completed');
+  }
+
+  fail(e: unknown): void {
+    const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', (e as Error).message, { phase: this.stage, cause: e });
+    this.error = { code: err.code, phase: err.phase, message: err.message };
+    this.setState(err.code === 'ERR_LIVEMIG_CANCELLED' ? 'cancelled' : 'failed');
+  }
+
+  view(detail = true): Record<string, unknown> {
+    return {
+      id: this.id,
+      direction: this.direction,
+      guest: this.guest,
+      peer: this.peer,
+      state: this.#state,
+      stage: this.stage,
+      created_at: this.createdAt.toISOString(),
+      ...(this.startedAt ? { started_at: this.startedAt.toISOString() } : {}),
+      ...(this.finishedAt ? { finished_at: this.finishedAt.toISOString() } : {}),
+      progress: this.progress.view,
+      settings: this.settings,
+      ...(this.sourceGuest ? { source_guest: this.sourceGuest } : {}),
+      ...(this.error ? { error: this.error } : {}),
+      ...(detail ? { rounds: this.rounds } : { rounds_done: this.rounds.length }),
+      ...(detail && this.report ? { report: this.report } : {}),
+    };
+  }
+}
+
+/** Migrations by id; finished ones are kept (the latest FINISHED_KEPT) for status queries. */
+const FINISHED_KEPT = 1000;
+
+export class MigrationTable {
+  readonly #all = new Map<string, Migration>();
+  readonly #bus: EventBus;
+
+  constructor(bus: EventBus) {
+    this.#bus = bus;
+  }
+
+  add(m: Migration): void {
+    this.#all.set(m.id, m);
+    const finished = [...this.#all.values()].filter((x) => x.done);
+    for (const old of finished.slice(0, Math.max(0, finished.length - FINISHED_KEPT))) {
+      this.#all.delete(old.id);
+      this.#bus.forget(old.id);
+    }
+  }
+
+  get(id: string): Migration {
+    const m = this.#all.get(id);
+    if (!m) throw new LivemigError('ERR_LIVEMIG_NOT_FOUND', `no migration ${JSON.stringify(id)} here`, { phase: 'validate' });
+    return m;
+  }
+
+  list(): Migration[] {
+    return [...this.#all.values()];
+  }
+
+  active(direction?: Direction): Migration[] {
+    return this.list().filter((m) => !m.done && (direction === undefined || m.direction === direction));
+  }
+}

@@ -1,0 +1,191 @@
+/**
+ * Outgoing migrations: a registered guest moved to another daemon. Each runs as its own
+ * migrate() with its own connections; at most `maxConcurrent` run at once and the others
+ * queue in order. Before the point of commitment any failure (and a cancel) resumes the guest
+ * here and it stays registered; after it the guest runs at the destination.
+ */
+import { LivemigError } from '../errors.js';
+import type { SourceGuestSession } from '../guest/source-session.js';
+import { migrate } from '../source/migrate.js';
+import { MigrationControl, type MigrateOptions, type ProgressEvent } from '../source/types.js';
+import type { Credentials } from '../security/tls.js';
+import type { StallAction } from '../precopy/policy.js';
+import { trace } from '../trace.js';
+import type { BandwidthShare } from './bandwidth.js';
+import type { EventBus } from './events.js';
+import type { DaemonMetrics } from './metrics.js';
+import { Migration, MigrationTable, PROGRESS_INTERVAL_MS } from './migration.js';
+import type { GuestRegistry } from './registry.js';
+
+export interface MigrationRequest {
+  guest: string;
+  to: { host: string; port: number; peer_name?: string };
+  mode?: 'precopy' | 'postcopy' | 'hybrid';
+  downtime_limit_ms?: number;
+  bandwidth_mib_s?: number;
+  deadline_s?: number;
+  on_stall?: StallAction;
+  encodings?: boolean;
+}
+
+export interface OutgoingDeps {
+  registry: GuestRegistry;
+  table: MigrationTable;
+  bus: EventBus;
+  share: BandwidthShare;
+  metrics: DaemonMetrics;
+  maxConcurrent: number;
+  /** the credentials migrations authenticate with (certificates: the peer's name is checked) */
+  credentials: ((peerName: string | undefined) => Credentials | undefined) | undefined;
+  insecure: boolean;
+}
+
+export class OutgoingMigrations {
+  readonly #d: OutgoingDeps;
+  readonly #queue: { m: Migration; start: () => void }[] = [];
+  #running = 0;
+
+  constructor(deps: OutgoingDeps) {
+    this.#d = deps;
+  }
+
+  /** Registers the migration (its guest is claimed now: two of one guest are refused) and starts or queues it. */
+  start(req: MigrationRequest): Migration {
+    const d = this.#d;
+    const info = d.registry.info(req.guest);
+    if (!info) throw new LivemigError('ERR_LIVEMIG_NOT_FOUND', `no guest named ${JSON.stringify(req.guest)} is registered here`, { phase: 'validate' });
+    const credentials = d.credentials?.(req.to.peer_name);
+    const control = new MigrationControl();
+    const m = new Migration({
+      direction: 'outgoing',
+      guest: req.guest,
+      peer: `${req.to.host}:${req.to.port}`,
+      totalBytes: info.bytes,
+      control,
+      bus: d.bus,
+      settings: { mode: req.mode ?? 'precopy', downtime_limit_ms: req.downtime_limit_ms, bandwidth_mib_s: req.bandwidth_mib_s, deadline_s: req.deadline_s, on_stall: req.on_stall, encodings: req.encodings !== false },
+    });
+    const session = d.registry.claim(req.guest, m.id);
+    m.sourceGuest = 'running';
+    d.table.add(m);
+    d.metrics.started(m);
+    const run = (): void => {
+      this.#running++;
+      void this.#run(m, session, req, credentials).finally(() => {
+        this.#running--;
+        this.#next();
+      });
+    };
+    if (this.#running < d.maxConcurrent) run();
+    else {
+      m.onCancelQueued = () => {
+        const i = this.#queue.findIndex((q) => q.m === m);
+        if (i >= 0) this.#queue.splice(i, 1);
+        d.registry.settle(m.guest, 'kept');
+        m.fail(new LivemigError('ERR_LIVEMIG_CANCELLED', 'migration cancelled while queued; the guest keeps running on the source', { phase: 'queued' }));
+        d.metrics.finished(m);
+      };
+      this.#queue.push({ m, start: run });
+      m.setState('queued');
+    }
+    return m;
+  }
+
+  #next(): void {
+    const q = this.#queue.shift();
+    if (q) {
+      q.m.onCancelQueued = undefined;
+      q.start();
+    }
+  }
+
+  /** Queued migrations that have not started. */
+  get queued(): Migration[] {
+    return this.#queue.map((q) => q.m);
+  }
+
+  async #run(m: Migration, session: SourceGuestSession, req: MigrationRequest, credentials: Credentials | undefined): Promise<void> {
+    const d = this.#d;
+    const control = m.control!;
+    if (req.downtime_limit_ms !== undefined) control.setDowntimeLimit(req.downtime_limit_ms);
+    d.share.join(m.id, control, req.bandwidth_mib_s);
+    m.setStage('connecting');
+    m.setState('running');
+    // between progress events (a first pass over gigabytes is one round), read where it is
+    const poll = setInterval(() => {
+      const s = control.status();
+      if (s) m.noteProgress(s.pages_remaining * 4096, s.bytes_sent, s.bandwidth_mbps);
+    }, PROGRESS_INTERVAL_MS);
+    const options: MigrateOptions = {
+      ...session.memory,
+      to: { host: req.to.host, port: req.to.port },
+      pause: async (lease) => {
+        m.sourceGuest = 'paused';
+        return session.pause(lease);
+      },
+      commit: () => session.commit(),
+      resume: async () => {
+        session.resume();
+        m.sourceGuest = 'running';
+      },
+      release: async () => {
+        session.release();
+        m.sourceGuest = 'released';
+      },
+      throttle: async (p) => session.throttle(p),
+      control,
+      mode: req.mode ?? 'precopy',
+      ...(req.downtime_limit_ms !== undefined ? { downtimeLimitMs: req.downtime_limit_ms } : {}),
+      ...(req.deadline_s !== undefined ? { deadlineMs: req.deadline_s * 1000 } : {}),
+      ...(req.on_stall !== undefined ? { onStall: req.on_stall } : {}),
+      ...(req.encodings === false ? { encodings: { zero: false, dedup: false, compress: false } } : {}),
+      ...(credentials ? { credentials } : {}),
+      ...(d.insecure ? { insecure: true } : {}),
+      onProgress: (e) => this.#onProgress(m, e),
+    };
+    try {
+      const report = await migrate(options);
+      m.complete(report, report.wire_bytes);
+      d.registry.settle(m.guest, 'released');
+    } catch (e) {
+      const code = (e as LivemigError).code;
+      // the outcome unknown (the link died after the commitment): the guest stays paused, and
+      // only `livemig resolve` may say where it runs; the daemon lets go of it
+      d.registry.settle(m.guest, m.sourceGuest === 'released' ? 'released' : code === 'ERR_LIVEMIG_ACTIVATION_UNKNOWN' ? 'detached' : 'kept');
+      m.fail(e);
+      trace('daemon', 'migration failed', { id: m.id, code, reason: (e as Error).message });
+    } finally {
+      clearInterval(poll);
+      d.share.leave(m.id);
+      d.metrics.finished(m);
+    }
+  }
+
+  #onProgress(m: Migration, e: ProgressEvent): void {
+    switch (e.type) {
+      case 'handshake':
+        m.setStage('precopy');
+        m.passedHandshake();
+        break;
+      case 'round':
+        m.addRound(e);
+        m.noteProgress(e.remaining, e.transferred, e.bandwidth_mbps, true);
+        if (e.decision === 'stop') m.setStage('stop-and-copy');
+        if (e.decision === 'postcopy') m.setStage('postcopy');
+        break;
+      case 'stop-and-copy':
+        m.setStage('stop-and-copy');
+        break;
+      case 'committed':
+        m.setStage('activating');
+        break;
+      case 'activated':
+        if (m.settings.mode === 'precopy' || m.stage !== 'postcopy') m.setStage('activated');
+        break;
+      case 'postcopy':
+        m.setStage('postcopy');
+        break;
+    }
+  }
+}
+
