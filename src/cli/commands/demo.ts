@@ -1,5 +1,7 @@
 /** livemig demo: a reference guest migrated live on loopback, and the report. */
 import { runDemo, type DemoReport } from '../../demo/demo.js';
+import { runDaemonDemo, type DaemonDemoReport } from '../../demo/daemon-demo.js';
+import { ProgressBar, type ShownProgress } from '../progress-bar.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags, printProgress } from '../migration-flags.js';
 
@@ -15,12 +17,16 @@ export const demo: Command = {
     'checks every page against its model of what it wrote. Exits 1 if anything did not verify.',
     'With --secure both sides authenticate with certificates from a fresh test CA (mutual TLS',
     '1.3; needs the openssl command) and every byte after the handshake is encrypted.',
+    'With --daemon the same migration goes through the service path: two `livemig serve`',
+    'daemons, the guest registered with one, the migration asked for over its HTTP API and',
+    'followed by its events (a progress bar on a terminal).',
   ].join('\n'),
   flags: {
     ...GUEST_FLAGS,
     ...POLICY_FLAGS,
     secure: { type: 'boolean', default: false, help: 'mutual TLS from a fresh test CA, and an encrypted stream' },
     local: { type: 'boolean', default: false, help: "same-host upgrade: the guest's memory files go to the destination guest, nothing is copied" },
+    daemon: { type: 'boolean', default: false, help: 'through two `livemig serve` daemons and their HTTP API' },
     guest: { type: 'string', default: 'reference', value: 'reference|c', help: 'the guest to migrate: the reference guest, or the C example guest (two regions, 192 + 64 MiB; --size does not apply)' },
   },
   async run(v: FlagValues): Promise<number> {
@@ -29,6 +35,20 @@ export const demo: Command = {
     if (kind !== 'reference' && kind !== 'c') throw usageError(`--guest must be reference or c, got '${kind}'`);
     const json = v['json'] === true;
     const secure = v['secure'] === true;
+    if (v['daemon'] === true) {
+      if (secure || v['local'] === true || kind !== 'reference') throw usageError('--daemon runs the reference guest, without --secure and --local');
+      if (!json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, through two daemons on loopback\n`);
+      const bar = json ? undefined : new ProgressBar();
+      const r = await runDaemonDemo({
+        guest: g,
+        downtimeLimitMs: downtimeLimit(v),
+        ...(policyFlags(v).mode ? { mode: policyFlags(v).mode! } : {}),
+        ...(bar ? { onEvent: (e) => (e.event === 'progress' ? bar.show(e.data as unknown as ShownProgress) : e.event === 'state' ? bar.line(`state ${String(e.data['state'])}`) : undefined) } : {}),
+      });
+      bar?.end();
+      process.stdout.write(json ? JSON.stringify(r) + '\n' : describeDaemon(r));
+      return r.verified ? 0 : 1;
+    }
     if (!json && kind === 'c') process.stderr.write(`livemig demo: the C example guest (regions of 192 and 64 MiB) writing ${g.rate} MiB/s, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`);
     else if (!json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`);
     const r = await runDemo({
@@ -46,6 +66,20 @@ export const demo: Command = {
     return r.verified ? 0 : 1;
   },
 };
+
+function describeDaemon(r: DaemonDemoReport): string {
+  return (
+    [
+      `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ${r.guest_verified.writes} writes)`,
+      `through: ${r.daemons}; migration ${r.migration.id} ${r.migration.state} (destination lists ${r.destination.id} ${r.destination.state})`,
+      `events seen: ${Object.entries(r.events).map(([k, n]) => `${n} ${k}`).join(', ')}`,
+      `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
+      `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
+      `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms; largest heartbeat gap: ${r.guest_gap_ms.toFixed(2)} ms`,
+      `bytes on the wire: ${(r.wire_bytes / 2 ** 20).toFixed(1)} MiB for a ${(r.region_bytes / 2 ** 20).toFixed(1)} MiB region`,
+    ].join('\n') + '\n'
+  );
+}
 
 function describe(r: DemoReport): string {
   const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)} MiB`;
