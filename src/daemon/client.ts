@@ -22,7 +22,7 @@ function describe(t: ApiTarget): string {
   return 'socketPath' in t ? `unix:${t.socketPath}` : `${t.host}:${t.port}`;
 }
 
-/** One JSON request; an error answer becomes a LivemigError with the daemon's code. */
+/** One JSON request; an error answer becomes a LivemigError with the daemon's code (and `httpStatus`, `body`). */
 export function request<T = Record<string, unknown>>(t: ApiTarget, method: string, route: string, body?: unknown): Promise<{ status: number; body: T }> {
   const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
   return new Promise((resolve, reject) => {
@@ -40,7 +40,7 @@ export function request<T = Record<string, unknown>>(t: ApiTarget, method: strin
         const status = res.statusCode ?? 0;
         if (status >= 400) {
           const e = (parsed as { error?: { code?: string; message?: string; phase?: string } }).error;
-          reject(new LivemigError((e?.code as ErrorCode) ?? 'ERR_LIVEMIG_INTERNAL', e?.message ?? `HTTP ${status}`, { phase: e?.phase ?? 'api' }));
+          reject(Object.assign(new LivemigError((e?.code as ErrorCode) ?? 'ERR_LIVEMIG_INTERNAL', e?.message ?? `HTTP ${status}`, { phase: e?.phase ?? 'api' }), { httpStatus: status, body: parsed }));
           return;
         }
         resolve({ status, body: parsed as T });

@@ -22,6 +22,7 @@ import { DaemonMetrics } from './metrics.js';
 import { MigrationTable, type Migration } from './migration.js';
 import { OutgoingMigrations, type MigrationRequest } from './outgoing.js';
 import { GuestRegistry } from './registry.js';
+import { migrationsCarried } from './threadpool.js';
 
 export type ApiAddress = { path: string } | { host: string; port: number };
 
@@ -74,8 +75,17 @@ export class Daemon implements DaemonApi {
   /** where the API listens, as a client names it (unix:PATH or HOST:PORT) */
   apiAddress = '';
 
+  /**
+   * Migrations at once, each direction: as asked, but no more than libuv's thread pool carries
+   * (each holds pool threads in its blocking reads; `livemig serve` sizes the pool for its
+   * --max-migrations, an embedding process sets UV_THREADPOOL_SIZE itself)
+   */
+  readonly maxMigrations: number;
+
   private constructor(config: DaemonConfig) {
     this.config = config;
+    this.maxMigrations = Math.min(config.maxMigrations ?? 16, migrationsCarried());
+    if (this.maxMigrations < (config.maxMigrations ?? 16)) trace('daemon', 'fewer migrations at once than asked: UV_THREADPOOL_SIZE is too small', { asked: config.maxMigrations ?? 16, allowed: this.maxMigrations });
     this.budget = new MemoryBudget(config.memoryBudget);
     this.share = new BandwidthShare(config.bandwidthMiBps);
     this.handshakeWaitMs = config.handshakeWaitMs ?? 60_000;
@@ -99,7 +109,7 @@ export class Daemon implements DaemonApi {
     // the migration port's own rule: off loopback only with credentials (or --insecure)
     assertSecureEnough(config.listen.host, config.credentials, config.insecure === true, 'listening on');
     const d = new Daemon(config);
-    const max = config.maxMigrations ?? 16;
+    const max = d.maxMigrations;
     try {
       d.registry = await GuestRegistry.open(config.guests);
       d.outgoing = new OutgoingMigrations({
@@ -171,6 +181,7 @@ export class Daemon implements DaemonApi {
       migrations: { outgoing: this.table.active('outgoing').length, incoming: this.table.active('incoming').length },
       memory_budget: { limit_bytes: this.budget.limit ?? null, reserved_bytes: this.budget.reserved, peak_bytes: this.budget.peak },
       bandwidth_mib_s: this.share.total ?? null,
+      max_migrations: this.maxMigrations,
     };
   }
 
@@ -222,10 +233,10 @@ export class Daemon implements DaemonApi {
   }
 
   /**
-   * Stops taking migrations, waits for the running ones (up to the grace period), cancels the
-   * outgoing ones not yet committed (their guests resume here) and waits for the rest, then
-   * closes. Incoming migrations past their commitment run to the end; the others end with the
-   * connection (their sources resume their guests).
+   * Stops taking migrations, waits for the running ones (up to the grace period), then cancels
+   * the outgoing ones not yet committed (their guests resume here) and aborts the incoming ones
+   * whose sources have not paused yet (their guests never stopped), waits for the rest (inside
+   * their pause, committed, in post-copy: they must finish), and closes.
    */
   shutdown(): Promise<void> {
     this.#closed ??= this.#shutdown();
@@ -248,8 +259,11 @@ export class Daemon implements DaemonApi {
         trace('daemon', 'shutdown waits for a committed migration', { id: m.id, reason: (e as Error).message });
       }
     }
-    // what remains is committed, or ends with its connection once this process is gone
-    while (this.table.active().some((m) => m.direction === 'outgoing' || committedIncoming(m))) await sleep(50);
+    // incoming ones whose sources have not paused: their sources resume nothing, and retry elsewhere
+    const aborted = this.incoming.receiver.abortUnpaused(new LivemigError('ERR_LIVEMIG_SHUTTING_DOWN', 'the destination daemon is shutting down; the guest keeps running at its source', { phase: 'receiving' }));
+    if (aborted > 0) trace('daemon', 'shutdown aborted incoming migrations', { aborted });
+    // what remains is inside its pause, committed or in post-copy: it must finish
+    while (this.table.active().length > 0) await sleep(50);
     await this.#closeParts();
   }
 
@@ -259,10 +273,6 @@ export class Daemon implements DaemonApi {
     await this.incoming?.close();
     await this.registry?.close();
   }
-}
-
-function committedIncoming(m: Migration): boolean {
-  return m.direction === 'incoming' && (m.stage === 'committed' || m.stage === 'postcopy');
 }
 
 function outgoingCredentials(c: Credentials, peerName: string | undefined): Credentials {

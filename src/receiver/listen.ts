@@ -37,6 +37,12 @@ export interface Receiver {
    * answered, so a source that lost the link after its commitment can learn the outcome.
    */
   refuseMigrations(): void;
+  /**
+   * Aborts the running migrations whose sources have not paused their guests yet (no device
+   * state has come); returns how many. The others (inside their pause, committed, in
+   * post-copy) run to their end.
+   */
+  abortUnpaused(reason: LivemigError): number;
   /** Resolves true once a RESOLVE has been answered (from now on), false after `ms`. */
   nextResolve(ms: number): Promise<boolean>;
   close(): Promise<void>;
@@ -66,6 +72,7 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   let running = 0;
   let done = false;
   const sessions = new SessionTable();
+  const abortable = new Set<(reason: LivemigError) => boolean>();
   const outcomes = new OutcomeTable();
   const resolveWaiters: ((answered: boolean) => void)[] = [];
   const deliver = (p: Promise<ReceiveReport>): void => {
@@ -107,7 +114,7 @@ export async function listen(host: string, port: number, options: ReceiveOptions
       }
       running++;
       const own = listenOptions.perMigration?.();
-      const outcome = serveMigration(a, first, own ? { ...options, ...own.options } : options, sessions, outcomes).finally(() => {
+      const outcome = serveMigration(a, first, own ? { ...options, ...own.options } : options, sessions, outcomes, abortable).finally(() => {
         running--;
       });
       if (own) own.settled(outcome);
@@ -124,6 +131,7 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     address: addr.address,
     next: () => ready.shift() ?? new Promise((resolve, reject) => results.push({ resolve, reject })),
     refuseMigrations: () => void (done = true),
+    abortUnpaused: (reason) => [...abortable].filter((abort) => abort(reason)).length,
     nextResolve: (ms) =>
       new Promise((resolve) => {
         const t = setTimeout(() => {

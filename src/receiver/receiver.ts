@@ -93,8 +93,10 @@ export async function admitIncoming(socket: net.Socket, options: ReceiveOptions,
 }
 
 /** Serves one migration whose first frame (`first`, which must be HELLO) has been read. */
-export async function serveMigration(opened: Omit<Admitted, 'first'>, first: WireFrame, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable): Promise<ReceiveReport> {
+export async function serveMigration(opened: Omit<Admitted, 'first'>, first: WireFrame, options: ReceiveOptions, sessions: SessionTable, outcomes: OutcomeTable, abortable?: Set<(reason: LivemigError) => boolean>): Promise<ReceiveReport> {
   const incoming = new Incoming(opened.channel, options, sessions, outcomes, opened.security, opened.local, opened.remote);
+  const abort = (reason: LivemigError): boolean => incoming.abortBeforeDeviceState(reason);
+  abortable?.add(abort);
   try {
     const hello = incoming.hello(first);
     const accepted = await incoming.reserve(hello);
@@ -102,6 +104,7 @@ export async function serveMigration(opened: Omit<Admitted, 'first'>, first: Wir
   } catch (e) {
     throw await incoming.discard(e);
   } finally {
+    abortable?.delete(abort);
     incoming.endSession();
   }
 }
@@ -447,6 +450,18 @@ class Incoming {
       this.#region.release(); // nothing was activated: the destination copy is discarded
     }
     return err;
+  }
+
+  /**
+   * Ends this migration from here (a daemon shutting down), but only before the device state
+   * came: the source has not paused its guest, let alone committed, and resumes nothing. Later
+   * the pause is short and a COMMIT may be on its way: that migration is left to finish.
+   */
+  abortBeforeDeviceState(reason: LivemigError): boolean {
+    const s = this.#stage.current;
+    if (this.#deviceStateSeen || (s !== 'hello' && s !== 'reserve' && s !== 'receiving')) return false;
+    this.#ch.abort(reason);
+    return true;
   }
 
   endSession(): void {

@@ -1,0 +1,40 @@
+/**
+ * libuv's thread pool for a daemon. livemig's native reads and sends run as pool tasks that
+ * block on their connection (native/common.h, Task), so each running migration holds pool
+ * threads while it waits for its peer: with more migrations than the pool has threads (4 by
+ * default) they all stall until their peers time out (measured: 5 at once, 4 failed after 30 s).
+ * libuv reads UV_THREADPOOL_SIZE once, when the process first uses the pool, which Node does
+ * while it loads the program: a daemon is therefore started with it set, and `livemig serve`
+ * without it runs itself again with it.
+ */
+import { spawn } from 'node:child_process';
+
+/** pool threads a migration may hold at once, each direction, and the pool's threads for the rest */
+export const POOL_PER_MIGRATION = 4;
+export const POOL_BASE = 8;
+
+export function poolFor(maxMigrations: number): number {
+  return Math.min(1024, POOL_BASE + 2 * POOL_PER_MIGRATION * maxMigrations);
+}
+
+/** How many migrations at once (each direction) the pool of this process carries. */
+export function migrationsCarried(): number {
+  const pool = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
+  return Math.max(1, Math.floor(((Number.isFinite(pool) ? pool : 4) - POOL_BASE) / (2 * POOL_PER_MIGRATION)));
+}
+
+/** The pool `livemig serve` with these arguments needs, when this process was started without one. */
+export function poolNeeded(argv: readonly string[]): number | undefined {
+  if (argv[0] !== 'serve' || process.env['UV_THREADPOOL_SIZE'] !== undefined || argv.includes('--help') || argv.includes('-h')) return undefined;
+  const i = argv.findIndex((a) => a === '--max-migrations' || a.startsWith('--max-migrations='));
+  const given = i < 0 ? 16 : Number(argv[i]!.includes('=') ? argv[i]!.split('=')[1] : argv[i + 1]);
+  // a bad value is the flag parser's to refuse (in the process run again)
+  return poolFor(Number.isInteger(given) && given > 0 ? given : 16);
+}
+
+/** Runs this command again with the pool sized; resolves with its exit code. Signals are passed on. */
+export function runWithPool(size: number): Promise<number> {
+  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: String(size) } });
+  for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void child.kill(sig));
+  return new Promise((resolve) => child.on('exit', (code, signal) => resolve(code ?? (signal ? 128 : 1))));
+}

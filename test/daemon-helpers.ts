@@ -1,0 +1,65 @@
+/** Daemons, registered guests and API calls for the daemon's tests. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { request, type ApiTarget } from '../src/daemon/client.js';
+import { referenceGuestRegisterArgs } from '../src/workload/controller.js';
+
+export interface RegisteredGuest {
+  name: string;
+  child: ChildProcess;
+  pid: number;
+}
+
+/** A reference guest that registers with the daemon at `guests` as `name`; resolves once the daemon lists it. */
+export async function registerGuest(api: ApiTarget, guests: string, name: string, o: { size: number; rate?: number; heartbeat?: string; seed?: bigint }): Promise<RegisteredGuest> {
+  const argv = referenceGuestRegisterArgs(guests, name, { size: o.size, content: 'mixed', rate: o.rate ?? 32, pattern: 'uniform', ...(o.heartbeat ? { heartbeat: o.heartbeat } : {}), ...(o.seed !== undefined ? { seed: o.seed } : {}) });
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
+  for (let i = 0; ; i++) {
+    const { body } = await request<{ guests: { name: string }[] }>(api, 'GET', '/v1/guests');
+    if (body.guests.some((g) => g.name === name)) break;
+    if (child.exitCode !== null) throw new Error(`guest ${name} exited (${child.exitCode}) before registering`);
+    if (i > 2400) throw new Error(`guest ${name} did not register within 120 s`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { name, child, pid: child.pid! };
+}
+
+/** Raw HTTP: status and parsed body, errors included (the tests look at refusals). */
+export async function call(api: ApiTarget, method: string, route: string, body?: unknown): Promise<{ status: number; body: Record<string, unknown> }> {
+  try {
+    return await request(api, method, route, body);
+  } catch (e) {
+    const err = e as { code?: string; message: string; httpStatus?: number; body?: Record<string, unknown> };
+    if (err.httpStatus === undefined) throw e;
+    return { status: err.httpStatus, body: err.body ?? {} };
+  }
+}
+
+/** Polls the migration until it ends; its final view. */
+export async function settled(api: ApiTarget, id: string, timeoutMs = 180_000): Promise<Record<string, unknown>> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const { body } = await request(api, 'GET', `/v1/migrations/${id}`);
+    if (['completed', 'failed', 'cancelled'].includes(String(body['state']))) return body;
+    if (Date.now() > until) throw new Error(`migration ${id} did not end within ${timeoutMs} ms: ${JSON.stringify(body).slice(0, 400)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function killAll(pids: number[]): void {
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone already
+    }
+  }
+}
