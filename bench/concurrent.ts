@@ -11,19 +11,30 @@
  *   node dist/bench/concurrent.js [--counts 1,5,10,15] [--size 256MiB] [--rate 64] [--link loopback|netns|both]
  */
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { request, type ApiTarget } from '../src/daemon/client.js';
 import { DaemonProcess } from '../src/daemon/process.js';
 import type { MigrationReport } from '../src/source/types.js';
-import { HeartbeatObserver, referenceGuestRegisterArgs } from '../src/workload/controller.js';
+import { HeartbeatObserver, referenceGuestArgs, referenceGuestRegisterArgs, referenceIncomingCommand } from '../src/workload/controller.js';
 import { parseSize } from '../src/cli/units.js';
 import { emit, machine, nowMs } from './common.js';
 import { createLink, type NetLink } from './netlink.js';
 
-const { values } = parseArgs({ options: { counts: { type: 'string', default: '1,5,10,15' }, size: { type: 'string', default: '256MiB' }, rate: { type: 'string', default: '64' }, link: { type: 'string', default: 'both' } } });
+const { values } = parseArgs({ options: { counts: { type: 'string', default: '1,5,10,15' }, size: { type: 'string', default: '256MiB' }, rate: { type: 'string', default: '64' }, link: { type: 'string', default: 'both' }, parallel: { type: 'string' }, background: { type: 'string', default: '0' }, pin: { type: 'boolean', default: false } } });
+/**
+ * --pin: the guests on the last CPU, both daemons on the others (taskset): the engine gets the
+ * same CPUs in every batch, as on a host whose guests have cores of their own
+ */
+const pin = values.pin === true;
+const ncpu = os.availableParallelism();
+const guestCpus = String(ncpu - 1);
+const daemonCpus = ncpu > 2 ? `0-${ncpu - 2}` : '0';
+const daemonArgs = values.parallel ? ['--parallel', values.parallel] : [];
+/** guests that run beside the batch and are not migrated: a baseline under the same load */
+const background = Number(values.background);
 const counts = values.counts.split(',').map(Number);
 const size = parseSize(values.size, '--size');
 const rate = Number(values.rate);
@@ -35,12 +46,18 @@ const pct = (xs: number[], q: number): number => {
 
 interface Row {
   link: string;
+  background_guests: number;
+  parallel: number | 'default';
+  pinned: boolean;
   migrations: number;
   completed: number;
   verified: number;
   batch_s: number;
   total_ms_p50: number;
   total_ms_p99: number;
+  /** handshake and reservation at the destination (its guest started, its memory mapped) */
+  prep_ms_p50: number;
+  prep_ms_p99: number;
   downtime_ms_p50: number;
   downtime_ms_p99: number;
   aggregate_mib_s: number;
@@ -48,23 +65,40 @@ interface Row {
   api_ms_p50: number;
   api_ms_p99: number;
   api_requests: number;
+  /** of the host's CPUs, how many were busy during the batch (guests, daemons, kernel) */
+  host_busy_cpus: number;
   errors: string[];
+}
+
+function cpuTimes(): { busy: number; total: number } {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.split(/\s+/).slice(1).map(Number);
+  const total = f.reduce((a, b) => a + b, 0);
+  return { busy: total - f[3]! - f[4]!, total };
 }
 
 async function batch(n: number, link: NetLink | undefined): Promise<Row> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-bench-concurrent-'));
   const observer = await HeartbeatObserver.start(link?.near);
-  const insecure = link ? ['--insecure'] : [];
-  const a = await DaemonProcess.start({ dir: path.join(dir, 'a'), ...(link ? { listen: `${link.near}:0` } : {}), args: insecure });
-  const b = await DaemonProcess.start({ dir: path.join(dir, 'b'), ...(link ? { listen: `${link.far}:0`, prefix: ['ip', 'netns', 'exec', link.ns] } : {}), args: insecure });
+  const insecure = [...(link ? ['--insecure'] : []), ...daemonArgs];
+  const taskset = pin ? ['taskset', '-c', daemonCpus] : [];
+  const destGuests = pin ? ['--guest-exec', ['taskset', '-c', guestCpus, ...referenceIncomingCommand()].join(' ')] : [];
+  const a = await DaemonProcess.start({ dir: path.join(dir, 'a'), ...(link ? { listen: `${link.near}:0` } : {}), args: insecure, prefix: taskset });
+  const b = await DaemonProcess.start({ dir: path.join(dir, 'b'), ...(link ? { listen: `${link.far}:0` } : {}), prefix: [...(link ? ['ip', 'netns', 'exec', link.ns] : []), ...taskset], args: [...insecure, ...destGuests] });
   const A: ApiTarget = { socketPath: a.socketPath };
   const B: ApiTarget = { socketPath: b.socketPath };
   const pids: number[] = [];
   try {
+    // guests that only run here (the same load as a batch's, without migrating them)
+    for (let i = 0; i < background; i++) {
+      const argv = referenceGuestArgs(path.join(dir, `bg${i}.sock`), { size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address, seed: BigInt(1000 + i) });
+      const [cmd, ...args] = pin ? ['taskset', '-c', guestCpus, ...argv] : argv;
+      pids.push(spawn(cmd!, args, { stdio: ['ignore', 'ignore', 'inherit'] }).pid!);
+    }
     const names = Array.from({ length: n }, (_, i) => `g${i}`);
     for (const [i, name] of names.entries()) {
       const argv = referenceGuestRegisterArgs(a.guests, name, { size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address, seed: BigInt(i + 1) });
-      const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
+      const [cmd, ...args] = pin ? ['taskset', '-c', guestCpus, ...argv] : argv;
+      const child = spawn(cmd!, args, { stdio: ['ignore', 'ignore', 'inherit'] });
       pids.push(child.pid!);
     }
     for (;;) {
@@ -84,6 +118,7 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
         await new Promise((r) => setTimeout(r, 20));
       }
     })();
+    const cpu0 = cpuTimes();
     const t0 = nowMs();
     const ids = await Promise.all(names.map(async (name) => (await request<{ id: string }>(A, 'POST', '/v1/migrations', { guest: name, to: { host: link?.far ?? '127.0.0.1', port: b.port } })).body.id));
     const done = new Map<string, { state: string; report?: MigrationReport; error?: { code: string; message: string } }>();
@@ -101,6 +136,7 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
     }
     polling = false;
     await poller;
+    const cpu1 = cpuTimes();
     const health = (await request<{ memory_budget: { peak_bytes: number } }>(B, 'GET', '/v1/health')).body;
     const incoming = (await request<{ migrations: { guest_pid?: number; state: string }[] }>(B, 'GET', '/v1/migrations?direction=incoming')).body.migrations;
     const destPids = incoming.map((m) => m.guest_pid ?? 0).filter((p) => p > 0);
@@ -110,12 +146,17 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
     const batchMs = tEnd - t0;
     return {
       link: link ? '1gbit-netns' : 'loopback',
+      background_guests: background,
+      parallel: values.parallel ? Number(values.parallel) : 'default',
+      pinned: pin,
       migrations: n,
       completed: reports.length,
       verified: checks.filter((c) => c?.verify?.bad === 0).length,
       batch_s: +(batchMs / 1e3).toFixed(2),
       total_ms_p50: +pct(reports.map((r) => r.total_ms), 0.5).toFixed(0),
       total_ms_p99: +pct(reports.map((r) => r.total_ms), 0.99).toFixed(0),
+      prep_ms_p50: +pct(reports.map((r) => r.prep_ms), 0.5).toFixed(0),
+      prep_ms_p99: +pct(reports.map((r) => r.prep_ms), 0.99).toFixed(0),
       downtime_ms_p50: +pct(reports.map((r) => r.downtime_ms), 0.5).toFixed(2),
       downtime_ms_p99: +pct(reports.map((r) => r.downtime_ms), 0.99).toFixed(2),
       aggregate_mib_s: +((reports.length * size) / 2 ** 20 / (batchMs / 1e3)).toFixed(1),
@@ -123,6 +164,7 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
       api_ms_p50: +pct(api, 0.5).toFixed(2),
       api_ms_p99: +pct(api, 0.99).toFixed(2),
       api_requests: api.length,
+      host_busy_cpus: +(((cpu1.busy - cpu0.busy) / (cpu1.total - cpu0.total)) * os.availableParallelism()).toFixed(2),
       errors: [...done.values()].flatMap((d) => (d.error ? [`${d.error.code}: ${d.error.message}`] : [])),
     };
   } finally {

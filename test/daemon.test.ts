@@ -202,7 +202,10 @@ describe('the API', { skip }, () => {
       assert.equal((await call(one.api, 'POST', `/v1/migrations/${hid}/cancel`)).status, 202);
       const hs = await handshake;
       assert.equal((hs.body['error'] as { code: string }).code, 'ERR_LIVEMIG_CANCELLED', JSON.stringify(hs.body));
+      // the destination notices once its guest has started (it waits for it), and gives all back
+      for (let i = 0; i < 200 && (slow.daemon.budget.reserved !== 0 || slow.daemon.table.active().length > 0); i++) await new Promise((r) => setTimeout(r, 50));
       assert.equal(slow.daemon.budget.reserved, 0, 'the destination gave its reservation back');
+      assert.deepEqual(slow.daemon.table.list().map((m) => m.state), ['failed'], 'and discarded the migration');
       // cancelling what has ended is refused
       assert.equal((await call(one.api, 'POST', `/v1/migrations/${hid}/cancel`)).status, 409);
       // both guests still run here, each page what it should be, and listed idle

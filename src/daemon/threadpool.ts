@@ -9,7 +9,7 @@
  */
 import { spawn } from 'node:child_process';
 
-/** pool threads a migration may hold at once, each direction, and the pool's threads for the rest */
+/** pool threads a migration may hold at once, and the pool's threads for the rest (sized as if --parallel were --max-migrations) */
 export const POOL_PER_MIGRATION = 4;
 export const POOL_BASE = 8;
 

@@ -1,7 +1,7 @@
 /** livemig serve: the daemon, driven over HTTP (src/daemon/). */
 import path from 'node:path';
 import { readFileSync } from 'node:fs';
-import { Daemon } from '../../daemon/daemon.js';
+import { Daemon, defaultParallel } from '../../daemon/daemon.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
 import { DEFAULT_API, defaultDaemonDir, parseApiAddress, readToken } from '../daemon-client.js';
 import { str, type Command, type FlagValues } from '../flags.js';
@@ -40,7 +40,8 @@ export const serve: Command = {
     'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start for each incoming migration (run by /bin/sh; default: the reference guest)' },
     'memory-budget': { type: 'string', value: 'SIZE', help: 'bytes incoming migrations may reserve together (default: what MemAvailable allows, at each one)' },
     bandwidth: { type: 'string', value: 'MiB/s', help: 'total bandwidth of outgoing migrations, shared fairly (default none)' },
-    'max-migrations': { type: 'string', default: '16', value: 'N', help: 'migrations at once in each direction (more outgoing ones queue; more incoming ones are refused)' },
+    'max-migrations': { type: 'string', default: '16', value: 'N', help: 'incoming migrations at once (more are refused as busy); also bounds --parallel' },
+    parallel: { type: 'string', value: 'N', help: `outgoing migrations that transfer at once; the others wait queued (default one per two CPUs: ${defaultParallel()} here)` },
     'shutdown-grace': { type: 'string', default: '30', value: 'SECONDS', help: 'at SIGTERM, how long running migrations have to finish before the uncommitted ones are cancelled' },
     'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'an incoming connection must authenticate and send its first frame within this' },
     'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'an incoming migration silent this long is discarded here' },
@@ -61,6 +62,7 @@ export const serve: Command = {
       ...(typeof v['memory-budget'] === 'string' ? { memoryBudget: parseSize(v['memory-budget'], '--memory-budget') } : {}),
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),
+      ...(typeof v['parallel'] === 'string' ? { parallel: Math.floor(parseNumber(v['parallel'], '--parallel', 1)) } : {}),
       guestCommand: typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand(),
       shutdownGraceMs: parseNumber(str(v, 'shutdown-grace'), '--shutdown-grace (seconds)') * 1000,
       authTimeoutMs: parseNumber(str(v, 'handshake-timeout'), '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000,
