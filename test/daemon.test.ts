@@ -30,10 +30,30 @@ function tmp(tag: string): string {
   dirs.push(d);
   return d;
 }
+/** The destination guests daemons (processes) started, for the final kill; a daemon already gone has none to tell. */
+async function collectGuests(apis: ApiTarget[]): Promise<void> {
+  for (const api of apis) {
+    try {
+      const { body } = await request<{ migrations: { guest_pid?: number }[] }>(api, 'GET', '/v1/migrations');
+      for (const m of body.migrations) if (m.guest_pid) pids.push(m.guest_pid);
+    } catch {
+      // stopped already (the SIGTERM test): its guests were collected before, or none completed
+    }
+  }
+}
+
 after(() => {
   killAll(pids);
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
+
+/** The destination guests a daemon started: the test kills them (a daemon leaves its guests running, by design). */
+function destinationGuests(d: Daemon): number[] {
+  return d.table.list().flatMap((m) => {
+    const pid = Number(d.extra(m)['guest_pid'] ?? 0);
+    return pid > 0 ? [pid] : [];
+  });
+}
 
 async function inProcess(tag: string, extra: Partial<DaemonConfig> = {}): Promise<{ daemon: Daemon; api: ApiTarget }> {
   const dir = tmp(tag);
@@ -51,6 +71,7 @@ describe('the API', { skip }, () => {
     b = await inProcess('b');
   });
   after(async () => {
+    pids.push(...destinationGuests(a.daemon), ...destinationGuests(b.daemon));
     await a.daemon.shutdown();
     await b.daemon.shutdown();
     observer.close();
@@ -222,6 +243,7 @@ describe('the API', { skip }, () => {
       const last = await call(one.api, 'POST', '/v1/migrations', { guest: 'c1', to: { host: '127.0.0.1', port: b.daemon.migrationPort } });
       assert.equal((await settled(one.api, String(last.body['id'])))['state'], 'completed');
     } finally {
+      pids.push(...destinationGuests(one.daemon), ...destinationGuests(slow.daemon));
       await one.daemon.shutdown();
       await slow.daemon.shutdown();
     }
@@ -283,9 +305,9 @@ describe('the API', { skip }, () => {
       assert.equal((await settled(a.api, String(ok.body['id'])))['state'], 'completed');
       assert.equal(small.daemon.budget.reserved, 0);
       assert.equal(small.daemon.budget.peak, 32 * MiB);
-      for (const m of small.daemon.table.list()) if (m.direction === 'incoming') pids.push(Number(small.daemon.extra(m)['guest_pid']));
       g.child.kill('SIGKILL');
     } finally {
+      pids.push(...destinationGuests(small.daemon));
       await small.daemon.shutdown();
     }
   });
@@ -335,6 +357,7 @@ test('15 migrations at once between two daemons, both ways, every guest verified
     for (const c of checks) assert.equal(c.verify!.bad, 0);
     assert.equal(new Set(incoming.map((m) => m.guest_pid)).size, 15, 'fifteen guests run at the destinations');
   } finally {
+    await collectGuests([A, B]);
     await a.stop();
     await b.stop();
     observer.close();
@@ -386,9 +409,53 @@ test('SIGTERM of either daemon during migrations loses no guest', { skip }, asyn
       await back.stop();
     }
   } finally {
+    await collectGuests([C, { socketPath: b.socketPath }, A]);
     await a.stop();
     await b.stop();
     await c.stop();
     observer.close();
+  }
+});
+
+test('the CLI drives a daemon: migrate --follow, status, set and cancel of what has ended, watch', { skip }, async () => {
+  const { spawnSync } = await import('node:child_process');
+  const { fileURLToPath } = await import('node:url');
+  const cli = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+  const a = await DaemonProcess.start({ dir: tmp('cli-a') });
+  const b = await DaemonProcess.start({ dir: tmp('cli-b') });
+  const A: ApiTarget = { socketPath: a.socketPath };
+  try {
+    const g = await registerGuest(A, a.guests, 'cli-guest', { size: 32 * MiB });
+    pids.push(g.pid);
+    const run = (...args: string[]) => spawnSync(process.execPath, [cli, ...args, '--api', a.api], { encoding: 'utf8', timeout: 120_000 });
+    const m = run('migrate', 'cli-guest', '--to', `127.0.0.1:${b.port}`, '--follow', '--json');
+    assert.equal(m.status, 0, m.stderr);
+    const lines = m.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const id = String(lines[0]!['id']);
+    assert.ok(lines.some((l) => l['event'] === 'round'), 'rounds were followed');
+    assert.deepEqual(lines.at(-1)!['state'], 'completed');
+    const one = run('status', id, '--json');
+    assert.equal(one.status, 0, one.stderr);
+    assert.equal((JSON.parse(one.stdout) as { state: string }).state, 'completed');
+    const all = run('status');
+    assert.match(all.stdout, new RegExp(`${id}\\s+outgoing\\s+cli-guest`));
+    const set = run('set', id, '--bandwidth', '10');
+    assert.equal(set.status, 1);
+    assert.match(set.stderr, /ERR_LIVEMIG_STATE.*completed already/);
+    const cancel = run('cancel', id);
+    assert.equal(cancel.status, 1);
+    const watch = run('watch', id, '--json');
+    assert.equal(watch.status, 0, 'a finished migration replays and ends');
+    assert.ok(watch.stdout.includes('"event":"report"'));
+    const nobody = run('migrate', 'nobody', '--to', `127.0.0.1:${b.port}`);
+    assert.equal(nobody.status, 1);
+    assert.match(nobody.stderr, /ERR_LIVEMIG_NOT_FOUND/);
+    const unreachable = spawnSync(process.execPath, [cli, 'status', '--api', `unix:${path.join(tmp('none'), 'api.sock')}`], { encoding: 'utf8' });
+    assert.equal(unreachable.status, 1);
+    assert.match(unreachable.stderr, /ERR_LIVEMIG_CONNECTION.*is `livemig serve` running/);
+  } finally {
+    await collectGuests([{ socketPath: b.socketPath }]);
+    await a.stop();
+    await b.stop();
   }
 });

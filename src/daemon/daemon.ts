@@ -5,7 +5,7 @@
  * running ones end (or cancels those before their commitment, their guests resumed here), and
  * only then stops.
  */
-import { chmodSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
+import { chmodSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
@@ -22,7 +22,7 @@ import { IncomingMigrations } from './incoming.js';
 import { DaemonMetrics } from './metrics.js';
 import { MigrationTable, type Migration } from './migration.js';
 import { OutgoingMigrations, type MigrationRequest } from './outgoing.js';
-import { GuestRegistry } from './registry.js';
+import { GuestRegistry, removeStaleSocket } from './registry.js';
 import { migrationsCarried } from './threadpool.js';
 
 export type ApiAddress = { path: string } | { host: string; port: number };
@@ -159,7 +159,7 @@ export class Daemon implements DaemonApi {
     const a = this.config.api;
     if ('path' in a) {
       mkdirSync(path.dirname(a.path), { recursive: true, mode: 0o700 });
-      removeSocket(a.path);
+      removeStaleSocket(a.path);
       await this.api.listen({ path: a.path });
       chmodSync(a.path, 0o600); // only root and this user reach the API on the socket
       this.apiAddress = `unix:${a.path}`;
@@ -280,7 +280,7 @@ export class Daemon implements DaemonApi {
 
   async #closeParts(): Promise<void> {
     await this.api?.close().catch((e: unknown) => trace('daemon', 'closing the API failed', { reason: (e as Error).message }));
-    if ('path' in this.config.api && this.api) removeSocket(this.config.api.path);
+    if ('path' in this.config.api && this.api) removeStaleSocket(this.config.api.path);
     await this.incoming?.close();
     await this.registry?.close();
   }
@@ -292,13 +292,6 @@ function outgoingCredentials(c: Credentials, peerName: string | undefined): Cred
   return { ...own, ...(peerName !== undefined ? { peerName } : {}) };
 }
 
-function removeSocket(p: string): void {
-  try {
-    if (lstatSync(p).isSocket()) unlinkSync(p);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot remove the old socket ${p}: ${(e as Error).message}`, { phase: 'listen', cause: e });
-  }
-}
 
 /** one outgoing transfer per two CPUs: a migration's sender and the guests it moves share them */
 export function defaultParallel(): number {

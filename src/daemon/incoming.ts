@@ -76,7 +76,6 @@ export class IncomingMigrations {
           settings: { mode: 'precopy', downtime_limit_ms: undefined, bandwidth_mib_s: undefined, deadline_s: undefined, on_stall: undefined, encodings: true },
         });
         d.table.add(m);
-        d.metrics.started(m);
         m.setStage('reserve');
         m.setState('running');
         return;

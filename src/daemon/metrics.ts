@@ -58,8 +58,6 @@ export class DaemonMetrics {
     this.#refused = new Counter({ name: 'livemig_incoming_refused_total', help: 'incoming migrations refused before anything was reserved, by code', labelNames: ['code'], registers });
   }
 
-  started(_m: Migration): void {}
-
   finished(m: Migration): void {
     this.#migrations.inc({ direction: m.direction, state: m.state });
     if (m.state !== 'completed' || !m.report) return;

@@ -68,7 +68,6 @@ export class OutgoingMigrations {
     const session = d.registry.claim(req.guest, m.id);
     m.sourceGuest = 'running';
     d.table.add(m);
-    d.metrics.started(m);
     const run = (): void => {
       this.#running++;
       void this.#run(m, session, req, credentials).finally(() => {

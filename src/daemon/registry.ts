@@ -179,7 +179,8 @@ export class GuestRegistry {
   }
 }
 
-function removeStaleSocket(p: string): void {
+/** Removes a socket an earlier run left at `p` (nothing else: a file there is an error later). */
+export function removeStaleSocket(p: string): void {
   try {
     if (lstatSync(p).isSocket()) unlinkSync(p);
   } catch (e) {

@@ -1,0 +1,121 @@
+/**
+ * The daemon's parts that decide alone: the fair bandwidth share, progress that never runs
+ * backwards, the memory budget, the event history; and cancel() inside stop-and-copy (the
+ * API's cancel is MigrationControl.cancel).
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { BandwidthShare } from '../src/daemon/bandwidth.js';
+import { MemoryBudget } from '../src/daemon/budget.js';
+import { EventBus } from '../src/daemon/events.js';
+import { Progress } from '../src/daemon/progress.js';
+import { LivemigError } from '../src/errors.js';
+import { listen } from '../src/receiver/listen.js';
+import { Region } from '../src/region/region.js';
+import { migrate } from '../src/source/migrate.js';
+import { MigrationControl } from '../src/source/types.js';
+
+test('the total bandwidth is shared max-min fairly, and follows joins, leaves and changes', () => {
+  const share = new BandwidthShare(300);
+  const caps = new Map<string, number | undefined>();
+  const control = (id: string): MigrationControl => {
+    const c = new MigrationControl();
+    const set = c.setBandwidth.bind(c);
+    c.setBandwidth = (m) => (caps.set(id, m), set(m));
+    return c;
+  };
+  share.join('a', control('a'), undefined);
+  assert.equal(caps.get('a'), 300);
+  share.join('b', control('b'), 50);
+  share.join('c', control('c'), undefined);
+  assert.deepEqual([caps.get('a'), caps.get('b'), caps.get('c')], [125, 50, 125], 'b asked for less: the rest is split');
+  share.want('b', 1000);
+  assert.deepEqual([caps.get('a'), caps.get('b'), caps.get('c')], [100, 100, 100]);
+  share.leave('a');
+  assert.deepEqual([caps.get('b'), caps.get('c')], [150, 150]);
+  const free = new BandwidthShare(undefined);
+  free.join('x', control('x'), 40);
+  free.join('y', control('y'), undefined);
+  assert.deepEqual([caps.get('x'), caps.get('y')], [40, undefined], 'without a total each keeps its own cap');
+});
+
+test('progress is what no longer remains, never runs backwards, and is 100 only at completion', () => {
+  const p = new Progress(1000);
+  assert.equal(p.update(600, 400, 1).percent, 40);
+  assert.equal(p.update(800, 500, 1).percent, 40, 'more dirty pages than before: it holds');
+  assert.equal(p.update(100, 900, 1).percent, 90);
+  assert.equal(p.update(0, 1000, 1).percent, 99.9, 'nothing left is not done: the stop is ahead');
+  const eta = p.update(0, 1000, 1).eta_s!;
+  assert.ok(eta > 0 && eta < 0.1, `the ETA of nothing left is the stop: ${eta}`);
+  assert.equal(p.update(500, 1000, 0.001).eta_s, 0.51, '500 bytes at 1000 B/s, plus the stop');
+  assert.equal(p.update(500, 1000, undefined).eta_s, undefined, 'no bandwidth measured yet: no ETA');
+  assert.equal(p.complete(1100).percent, 100);
+  assert.equal(p.view.transferred_bytes, 1100);
+});
+
+test('the memory budget refuses what does not fit, whole, and takes bytes back once', () => {
+  const b = new MemoryBudget(100);
+  const r1 = b.take(60, false);
+  assert.throws(() => b.take(50, false), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_NO_MEMORY' && /60 bytes are reserved/.test(e.message));
+  assert.equal(b.reserved, 60, 'a refusal takes nothing');
+  const local = b.take(1000, true);
+  assert.equal(b.reserved, 60, 'a same-host upgrade allocates nothing');
+  local();
+  r1();
+  r1();
+  assert.equal(b.reserved, 0, 'given back once');
+  assert.equal(b.peak, 60);
+  const host = new MemoryBudget(undefined, () => ({ bytes: 80, why: 'test host' }));
+  host.take(50, false);
+  assert.throws(() => host.take(40, false), (e: unknown) => e instanceof LivemigError && /test host/.test(e.message));
+  assert.throws(() => new MemoryBudget(-1), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT');
+});
+
+test('the event history replays a migration from its start, or after an id, without old progress', () => {
+  const bus = new EventBus();
+  const seen: number[] = [];
+  const off = bus.subscribe((e) => void seen.push(e.id));
+  bus.publish('m1', 'state', { state: 'running' });
+  bus.publish('m2', 'state', { state: 'running' });
+  bus.publish('m1', 'progress', { percent: 10 });
+  bus.publish('m1', 'round', { round: 1 });
+  off();
+  bus.publish('m1', 'state', { state: 'completed' });
+  assert.deepEqual(seen, [1, 2, 3, 4]);
+  assert.deepEqual(bus.history('m1').map((e) => e.type), ['state', 'round', 'state']);
+  assert.deepEqual(bus.history('m1', 4).map((e) => e.id), [5]);
+  assert.deepEqual(bus.history(undefined).map((e) => e.migration), ['m1', 'm2', 'm1', 'm1']);
+  bus.forget('m1');
+  assert.deepEqual(bus.history('m1'), []);
+});
+
+test('cancel() inside stop-and-copy (the guest being paused) ends the migration before its commitment; the guest resumes', async () => {
+  const region = Region.create(256 * 4096, { name: 'cancel-sc' });
+  let resumed = 0;
+  let discarded = 0;
+  const rx = await listen('127.0.0.1', 0, { onDiscard: () => void discarded++, activate: async () => undefined });
+  const control = new MigrationControl();
+  try {
+    const received = rx.next();
+    received.catch(() => undefined);
+    await assert.rejects(
+      migrate({
+        region,
+        to: { host: '127.0.0.1', port: rx.port },
+        control,
+        pause: async () => {
+          control.cancel(); // the orchestrator's cancel arrives while the guest is being paused
+          return new Uint8Array(8);
+        },
+        resume: async () => void resumed++,
+      }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CANCELLED' && e.phase === 'stop-and-copy',
+    );
+    assert.equal(resumed, 1, 'the guest resumed on the source');
+    await assert.rejects(received);
+    assert.equal(discarded, 1, 'the destination discarded its copy');
+  } finally {
+    await rx.close();
+    region.release();
+  }
+});
