@@ -9,6 +9,8 @@ import type { DaemonEvent } from '../events.js';
 import { idParams } from './schemas.js';
 import type { DaemonApi } from './types.js';
 
+const FINAL = new Set(['completed', 'failed', 'cancelled']);
+
 export function eventRoutes(app: FastifyInstance, d: DaemonApi): void {
   app.get<{ Params: { id: string } }>('/v1/migrations/:id/events', { sse: 'only', schema: { summary: "a migration's events (SSE): every state change, round, progress (at most every 250 ms) and the report", params: idParams } }, async (req, reply) => {
     const m = d.table.get(req.params.id); // 404 before the stream begins
@@ -19,7 +21,7 @@ export function eventRoutes(app: FastifyInstance, d: DaemonApi): void {
   });
 }
 
-/** Replays what is kept after Last-Event-ID, then forwards live events in order until `ended()` after a state event. */
+/** Replays what is kept after Last-Event-ID, then forwards live events in order until the final state when `ended()`. */
 async function stream(reply: FastifyReply, d: DaemonApi, migration: string | undefined, ended: () => boolean): Promise<void> {
   const sse = reply.sse;
   sse.keepAlive();
@@ -44,7 +46,8 @@ async function stream(reply: FastifyReply, d: DaemonApi, migration: string | und
       while (queue.length > 0 && !closed) {
         const e = queue.shift()!;
         await sse.send({ id: String(e.id), event: e.type, data: { migration: e.migration, ...e.data } });
-        if (e.type === 'state' && ended()) {
+        // the migration's last event is its final state (a replayed 'running' is not the end)
+        if (e.type === 'state' && FINAL.has(String(e.data['state'])) && ended()) {
           unsubscribe();
           sse.close();
           return;
