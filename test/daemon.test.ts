@@ -279,6 +279,24 @@ describe('the API', { skip }, () => {
     assert.equal((await call(a.api, 'PATCH', `/v1/migrations/${id}`, { bandwidth_mib_s: 10 })).status, 409);
   });
 
+  test('POST …/postcopy switches a running migration to post-copy; the guest completes there and checks every page', async () => {
+    const g = await registerGuest(a.api, a.daemon.registry.path, 'pc-guest', { size: 64 * MiB, heartbeat: observer.address });
+    pids.push(g.pid);
+    const c = await call(a.api, 'POST', '/v1/migrations', { guest: 'pc-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, bandwidth_mib_s: 16 });
+    const id = String(c.body['id']);
+    const p = await call(a.api, 'POST', `/v1/migrations/${id}/postcopy`);
+    assert.equal(p.status, 202);
+    const v = await settled(a.api, id);
+    assert.equal(v['state'], 'completed', JSON.stringify(v['error']));
+    const report = v['report'] as { stop_reason: string; postcopy?: { pages_needed: number } };
+    assert.match(report.stop_reason, /post-copy requested/);
+    assert.ok(report.postcopy, 'the report has its post-copy phase');
+    const there = ((await call(b.api, 'GET', '/v1/migrations?direction=incoming')).body['migrations'] as { guest_pid: number; state: string }[]).at(-1)!;
+    pids.push(there.guest_pid);
+    const verify = await observer.waitFor((x) => x.pid === there.guest_pid && x.verify !== undefined, 120_000);
+    assert.equal(verify.verify!.bad, 0);
+  });
+
   test('a migration beyond the memory budget is refused before any page moves: nothing reserved, the source guest runs on', async () => {
     const small = await inProcess('budget', { memoryBudget: 48 * MiB });
     try {
