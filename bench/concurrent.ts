@@ -20,10 +20,16 @@ import { DaemonProcess } from '../src/daemon/process.js';
 import type { MigrationReport } from '../src/source/types.js';
 import { HeartbeatObserver, referenceGuestArgs, referenceGuestRegisterArgs, referenceIncomingCommand } from '../src/workload/controller.js';
 import { parseSize } from '../src/cli/units.js';
+import { setProcessNice } from '../src/sched.js';
 import { emit, machine, nowMs } from './common.js';
 import { createLink, type NetLink } from './netlink.js';
 
-const { values } = parseArgs({ options: { counts: { type: 'string', default: '1,5,10,15' }, size: { type: 'string', default: '256MiB' }, rate: { type: 'string', default: '64' }, link: { type: 'string', default: 'both' }, parallel: { type: 'string' }, background: { type: 'string', default: '0' }, pin: { type: 'boolean', default: false } } });
+const { values } = parseArgs({ options: { counts: { type: 'string', default: '1,5,10,15' }, size: { type: 'string', default: '256MiB' }, rate: { type: 'string', default: '64' }, link: { type: 'string', default: 'both' }, parallel: { type: 'string' }, background: { type: 'string', default: '0' }, pin: { type: 'boolean', default: false }, 'guest-nice': { type: 'string' }, 'daemon-nice': { type: 'string' } } });
+/** --guest-nice N: the guests (both ends) at nice N, the daemons at 0: what the CPUs left to the daemons decides */
+const clientNice = process.getuid?.() === 0 ? -5 : 0;
+const guestNice = values['guest-nice'] ? ['nice', '-n', values['guest-nice']] : [];
+/** --daemon-nice N: both daemons at nice N (root may go below 0); their destination guests are set back to 0 */
+const daemonNice = values['daemon-nice'] ? ['nice', '-n', values['daemon-nice']] : [];
 /**
  * --pin: the guests on the last CPU, both daemons on the others (taskset): the engine gets the
  * same CPUs in every batch, as on a host whose guests have cores of their own
@@ -49,6 +55,9 @@ interface Row {
   background_guests: number;
   parallel: number | 'default';
   pinned: boolean;
+  guest_nice: number;
+  daemon_nice: number;
+  client_nice: number;
   migrations: number;
   completed: number;
   verified: number;
@@ -80,8 +89,10 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-bench-concurrent-'));
   const observer = await HeartbeatObserver.start(link?.near);
   const insecure = [...(link ? ['--insecure'] : []), ...daemonArgs];
-  const taskset = pin ? ['taskset', '-c', daemonCpus] : [];
-  const destGuests = pin ? ['--guest-exec', ['taskset', '-c', guestCpus, ...referenceIncomingCommand()].join(' ')] : [];
+  const taskset = [...(pin ? ['taskset', '-c', daemonCpus] : []), ...daemonNice];
+  // nice -n is relative: a guest started by a daemon at -5 goes back to 0 with +5
+  const destPrefix = [...(pin ? ['taskset', '-c', guestCpus] : []), ...(guestNice.length ? guestNice : daemonNice.length ? ['nice', '-n', String(-Number(values['daemon-nice']))] : [])];
+  const destGuests = destPrefix.length ? ['--guest-exec', [...destPrefix, ...referenceIncomingCommand()].join(' ')] : [];
   const a = await DaemonProcess.start({ dir: path.join(dir, 'a'), ...(link ? { listen: `${link.near}:0` } : {}), args: insecure, prefix: taskset });
   const b = await DaemonProcess.start({ dir: path.join(dir, 'b'), ...(link ? { listen: `${link.far}:0` } : {}), prefix: [...(link ? ['ip', 'netns', 'exec', link.ns] : []), ...taskset], args: [...insecure, ...destGuests] });
   const A: ApiTarget = { socketPath: a.socketPath };
@@ -91,13 +102,13 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
     // guests that only run here (the same load as a batch's, without migrating them)
     for (let i = 0; i < background; i++) {
       const argv = referenceGuestArgs(path.join(dir, `bg${i}.sock`), { size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address, seed: BigInt(1000 + i) });
-      const [cmd, ...args] = pin ? ['taskset', '-c', guestCpus, ...argv] : argv;
+      const [cmd, ...args] = [...(pin ? ['taskset', '-c', guestCpus] : []), ...guestNice, ...argv];
       pids.push(spawn(cmd!, args, { stdio: ['ignore', 'ignore', 'inherit'] }).pid!);
     }
     const names = Array.from({ length: n }, (_, i) => `g${i}`);
     for (const [i, name] of names.entries()) {
       const argv = referenceGuestRegisterArgs(a.guests, name, { size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address, seed: BigInt(i + 1) });
-      const [cmd, ...args] = pin ? ['taskset', '-c', guestCpus, ...argv] : argv;
+      const [cmd, ...args] = [...(pin ? ['taskset', '-c', guestCpus] : []), ...guestNice, ...argv];
       const child = spawn(cmd!, args, { stdio: ['ignore', 'ignore', 'inherit'] });
       pids.push(child.pid!);
     }
@@ -118,6 +129,9 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
         await new Promise((r) => setTimeout(r, 20));
       }
     })();
+    // the orchestrator is not one of the guests: the API client runs at the daemons' priority
+    // (as root -5) while it measures, and goes back before the next batch starts processes
+    if (clientNice !== 0) setProcessNice(clientNice);
     const cpu0 = cpuTimes();
     const t0 = nowMs();
     const ids = await Promise.all(names.map(async (name) => (await request<{ id: string }>(A, 'POST', '/v1/migrations', { guest: name, to: { host: link?.far ?? '127.0.0.1', port: b.port } })).body.id));
@@ -137,6 +151,7 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
     polling = false;
     await poller;
     const cpu1 = cpuTimes();
+    if (clientNice !== 0) setProcessNice(0);
     const health = (await request<{ memory_budget: { peak_bytes: number } }>(B, 'GET', '/v1/health')).body;
     const incoming = (await request<{ migrations: { guest_pid?: number; state: string }[] }>(B, 'GET', '/v1/migrations?direction=incoming')).body.migrations;
     const destPids = incoming.map((m) => m.guest_pid ?? 0).filter((p) => p > 0);
@@ -149,6 +164,9 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
       background_guests: background,
       parallel: values.parallel ? Number(values.parallel) : 'default',
       pinned: pin,
+      guest_nice: values['guest-nice'] ? Number(values['guest-nice']) : 0,
+      daemon_nice: values['daemon-nice'] ? Number(values['daemon-nice']) : process.getuid?.() === 0 ? -5 : 0,
+      client_nice: clientNice,
       migrations: n,
       completed: reports.length,
       verified: checks.filter((c) => c?.verify?.bad === 0).length,

@@ -5,6 +5,8 @@
  * hand-over is a chain of such hops inside the downtime. A shorter EEVDF slice (Linux >= 6.12)
  * lets the woken thread run at once. Threads and processes created later inherit the slice.
  */
+import { readdirSync } from 'node:fs';
+import os from 'node:os';
 import { LivemigError } from './errors.js';
 import { addon, call } from './native.js';
 
@@ -32,4 +34,25 @@ export function preferShortSlices(us: number = DEFAULT_SLICE_US): SliceResult {
  */
 export function defaultSlices(): SliceResult {
   return call('ERR_LIVEMIG_SYSCALL', 'setup', 'going back to default slices', () => addon.setShortSlices(0));
+}
+
+/**
+ * Sets the nice value of every thread of this process (Linux's nice is per thread: setting the
+ * process's alone changes only the calling thread, and libuv's pool threads, which carry the
+ * data path, already exist). Threads created later inherit it from their creator.
+ */
+export function setProcessNice(nice: number): number {
+  if (!Number.isInteger(nice) || nice < -20 || nice > 19) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a nice value is an integer in -20..19, got ${String(nice)}`, { phase: 'setup' });
+  let threads = 0;
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      os.setPriority(Number(tid), nice);
+      threads++;
+    } catch (e) {
+      // a thread that ended meanwhile is fine; a refusal (EACCES below 0 without the right) is not
+      if ((e as NodeJS.ErrnoException).code === 'ESRCH') continue;
+      throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot set nice ${nice}: ${(e as Error).message} (below 0 needs root or CAP_SYS_NICE)`, { phase: 'setup', cause: e });
+    }
+  }
+  return threads;
 }

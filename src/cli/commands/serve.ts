@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { Daemon, defaultParallel } from '../../daemon/daemon.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
 import { DEFAULT_API, defaultDaemonDir, parseApiAddress, readToken } from '../daemon-client.js';
-import { str, type Command, type FlagValues } from '../flags.js';
+import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
 import { shellCommand } from './receive.js';
@@ -15,6 +15,12 @@ function version(): string {
   } catch {
     return '0';
   }
+}
+
+function niceValue(text: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < -20 || n > 19) throw usageError(`--nice must be an integer in -20..19, got '${text}'`);
+  return n;
 }
 
 export const serve: Command = {
@@ -42,6 +48,7 @@ export const serve: Command = {
     bandwidth: { type: 'string', value: 'MiB/s', help: 'total bandwidth of outgoing migrations, shared fairly (default none)' },
     'max-migrations': { type: 'string', default: '16', value: 'N', help: 'incoming migrations at once (more are refused as busy); also bounds --parallel' },
     parallel: { type: 'string', value: 'N', help: `outgoing migrations that transfer at once; the others wait queued (default one per two CPUs: ${defaultParallel()} here)` },
+    nice: { type: 'string', value: 'N', help: "the daemon's own nice value (default -5 as root, else 0): guests' pauses wait on it; the destination guests it starts keep the nice it was started with" },
     'shutdown-grace': { type: 'string', default: '30', value: 'SECONDS', help: 'at SIGTERM, how long running migrations have to finish before the uncommitted ones are cancelled' },
     'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'an incoming connection must authenticate and send its first frame within this' },
     'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'an incoming migration silent this long is discarded here' },
@@ -64,6 +71,7 @@ export const serve: Command = {
       maxMigrations: Math.floor(max),
       ...(typeof v['parallel'] === 'string' ? { parallel: Math.floor(parseNumber(v['parallel'], '--parallel', 1)) } : {}),
       guestCommand: typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand(),
+      nice: typeof v['nice'] === 'string' ? niceValue(v['nice']) : process.getuid?.() === 0 ? -5 : 0,
       shutdownGraceMs: parseNumber(str(v, 'shutdown-grace'), '--shutdown-grace (seconds)') * 1000,
       authTimeoutMs: parseNumber(str(v, 'handshake-timeout'), '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000,
       idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
