@@ -435,6 +435,19 @@ test('SIGTERM of either daemon during migrations loses no guest', { skip }, asyn
   }
 });
 
+test('a signal to both processes of `livemig serve` (as a service manager signals the group) still shuts down in order', { skip }, async () => {
+  // started as a service manager would, without UV_THREADPOOL_SIZE: it sizes the pool itself
+  const { UV_THREADPOOL_SIZE: _pool, ...env } = process.env;
+  const d = await DaemonProcess.start({ dir: tmp('group'), env });
+  assert.notEqual(d.daemonPid, d.child.pid, 'a parent sized the pool and runs the daemon');
+  const exited = new Promise<number | null>((resolve) => d.child.once('exit', (code) => resolve(code)));
+  process.kill(d.daemonPid, 'SIGTERM');
+  d.child.kill('SIGTERM'); // which passes it on: the daemon hears it twice
+  assert.equal(await exited, 0);
+  await new Promise((r) => setTimeout(r, 100));
+  assert.ok(d.lines.some((l) => l.startsWith('{"stopped"')), `the daemon finished its shutdown: ${d.lines.join(' | ')}`);
+});
+
 test('the CLI drives a daemon: migrate --follow, status, set and cancel of what has ended, watch', { skip }, async () => {
   const { spawnSync } = await import('node:child_process');
   const { fileURLToPath } = await import('node:url');

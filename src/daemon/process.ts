@@ -21,6 +21,8 @@ export interface DaemonProcessOptions {
   args?: readonly string[];
   /** a command prefix (e.g. `ip netns exec NS`) */
   prefix?: readonly string[];
+  /** its environment (default this process's) */
+  env?: NodeJS.ProcessEnv;
 }
 
 export class DaemonProcess {
@@ -29,11 +31,14 @@ export class DaemonProcess {
   readonly socketPath: string;
   readonly guests: string;
   readonly port: number;
+  /** the daemon's own pid (`livemig serve` may run as a parent that sized the pool, and the daemon) */
+  readonly daemonPid: number;
   /** every line it printed after {serving} */
   readonly lines: string[] = [];
 
-  private constructor(child: ChildProcess, socketPath: string, guests: string, port: number) {
+  private constructor(child: ChildProcess, socketPath: string, guests: string, port: number, daemonPid: number) {
     this.child = child;
+    this.daemonPid = daemonPid;
     this.socketPath = socketPath;
     this.api = `unix:${socketPath}`;
     this.guests = guests;
@@ -45,7 +50,7 @@ export class DaemonProcess {
     const api = path.join(o.dir, 'api.sock');
     const guests = path.join(o.dir, 'guests.sock');
     const argv = [...(o.prefix ?? []), process.execPath, CLI_ENTRY, 'serve', '--api', `unix:${api}`, '--guests', guests, '--listen', o.listen ?? '127.0.0.1:0', ...(o.args ?? [])];
-    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'], ...(o.env ? { env: o.env } : {}) });
     const lines = createInterface({ input: child.stdout! });
     const it = lines[Symbol.asyncIterator]();
     const first = await it.next();
@@ -53,8 +58,8 @@ export class DaemonProcess {
       const [code] = (child.exitCode !== null ? [child.exitCode] : await once(child, 'exit')) as [number | null];
       throw new LivemigError('ERR_LIVEMIG_CONNECTION', `livemig serve exited (${String(code)}) before serving`, { phase: 'daemon' });
     }
-    const serving = (JSON.parse(first.value) as { serving: { port: number } }).serving;
-    const d = new DaemonProcess(child, api, guests, serving.port);
+    const serving = (JSON.parse(first.value) as { serving: { port: number; pid: number } }).serving;
+    const d = new DaemonProcess(child, api, guests, serving.port, serving.pid);
     lines.on('line', (l) => d.lines.push(l));
     return d;
   }

@@ -79,12 +79,17 @@ export const serve: Command = {
     });
     process.stdout.write(JSON.stringify({ serving: { api: daemon.apiAddress, listen: `${listen.host}:${daemon.migrationPort}`, port: daemon.migrationPort, guests: daemon.registry.path, pid: process.pid } }) + '\n');
     await new Promise<void>((resolve) => {
+      // a second signal must not cut the shutdown short: a service manager signals the whole
+      // group, and the parent that sized the pool passes its signal on as well
+      let stopping = false;
       const stop = (sig: NodeJS.Signals): void => {
+        if (stopping) return;
+        stopping = true;
         process.stdout.write(JSON.stringify({ stopping: { signal: sig, running: daemon.table.active().length } }) + '\n');
         void daemon.shutdown().then(resolve);
       };
-      process.once('SIGTERM', stop);
-      process.once('SIGINT', stop);
+      process.on('SIGTERM', stop);
+      process.on('SIGINT', stop);
     });
     process.stdout.write(JSON.stringify({ stopped: { migrations: daemon.table.list().length } }) + '\n');
     return 0;

@@ -45,7 +45,13 @@ async function stream(reply: FastifyReply, d: DaemonApi, migration: string | und
     for (;;) {
       while (queue.length > 0 && !closed) {
         const e = queue.shift()!;
-        await sse.send({ id: String(e.id), event: e.type, data: { migration: e.migration, ...e.data } });
+        try {
+          await sse.send({ id: String(e.id), event: e.type, data: { migration: e.migration, ...e.data } });
+        } catch (err) {
+          // the client went away mid-write: nothing to answer any more
+          if (!sse.isConnected) return;
+          throw err;
+        }
         // the migration's last event is its final state (a replayed 'running' is not the end)
         if (e.type === 'state' && FINAL.has(String(e.data['state'])) && ended()) {
           unsubscribe();
