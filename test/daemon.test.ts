@@ -202,6 +202,9 @@ describe('the API', { skip }, () => {
       assert.equal(first.status, 201);
       const queued = await call(one.api, 'POST', '/v1/migrations', { guest: 'c2', to: { host: '127.0.0.1', port: b.daemon.migrationPort } });
       assert.deepEqual([queued.status, queued.body['state']], [201, 'queued']);
+      // a queued migration's settings may change before it starts (it starts with them)
+      const pq = await call(one.api, 'PATCH', `/v1/migrations/${String(queued.body['id'])}`, { bandwidth_mib_s: 33 });
+      assert.deepEqual([pq.status, (pq.body['settings'] as { bandwidth_mib_s: number }).bandwidth_mib_s], [200, 33]);
       const cq = await call(one.api, 'POST', `/v1/migrations/${String(queued.body['id'])}/cancel`);
       assert.equal(cq.status, 202);
       assert.equal((await settled(one.api, String(queued.body['id'])))['state'], 'cancelled');

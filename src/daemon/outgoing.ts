@@ -6,6 +6,7 @@
  */
 import { LivemigError } from '../errors.js';
 import type { SourceGuestSession } from '../guest/source-session.js';
+import { PAGE_SIZE } from '../region/region.js';
 import { migrate } from '../source/migrate.js';
 import { MigrationControl, type MigrateOptions, type ProgressEvent } from '../source/types.js';
 import type { Credentials } from '../security/tls.js';
@@ -106,14 +107,15 @@ export class OutgoingMigrations {
   async #run(m: Migration, session: SourceGuestSession, req: MigrationRequest, credentials: Credentials | undefined): Promise<void> {
     const d = this.#d;
     const control = m.control!;
-    if (req.downtime_limit_ms !== undefined) control.setDowntimeLimit(req.downtime_limit_ms);
-    d.share.join(m.id, control, req.bandwidth_mib_s);
+    // the settings as they are now: a PATCH while it was queued changed them
+    if (m.settings.downtime_limit_ms !== undefined) control.setDowntimeLimit(m.settings.downtime_limit_ms);
+    d.share.join(m.id, control, m.settings.bandwidth_mib_s);
     m.setStage('connecting');
     m.setState('running');
     // between progress events (a first pass over gigabytes is one round), read where it is
     const poll = setInterval(() => {
       const s = control.status();
-      if (s) m.noteProgress(s.pages_remaining * 4096, s.bytes_sent, s.bandwidth_mbps);
+      if (s) m.noteProgress(s.pages_remaining * PAGE_SIZE, s.bytes_sent, s.bandwidth_mbps);
     }, PROGRESS_INTERVAL_MS);
     const options: MigrateOptions = {
       ...session.memory,
@@ -134,7 +136,7 @@ export class OutgoingMigrations {
       throttle: async (p) => session.throttle(p),
       control,
       mode: req.mode ?? 'precopy',
-      ...(req.downtime_limit_ms !== undefined ? { downtimeLimitMs: req.downtime_limit_ms } : {}),
+      ...(m.settings.downtime_limit_ms !== undefined ? { downtimeLimitMs: m.settings.downtime_limit_ms } : {}),
       ...(req.deadline_s !== undefined ? { deadlineMs: req.deadline_s * 1000 } : {}),
       ...(req.on_stall !== undefined ? { onStall: req.on_stall } : {}),
       ...(req.encodings === false ? { encodings: { zero: false, dedup: false, compress: false } } : {}),
