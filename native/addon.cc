@@ -39,6 +39,8 @@ Napi::Object WireFormat(Napi::Env env) {
   o.Set("pagesPrefixBytes", static_cast<double>(wire::kPagesPrefixBytes));
   o.Set("dupBodyBytes", wire::kDupBodyBytes);
   o.Set("maxLz4Group", wire::kMaxLz4Group);
+  o.Set("stripePages", wire::kStripePages);
+  o.Set("maxChannels", wire::kMaxChannels);
   o.Set("maxFrameType", static_cast<uint32_t>(wire::kMaxFrameType));
   Napi::Object types = Napi::Object::New(env);
   const std::pair<const char*, uint8_t> named[] = {

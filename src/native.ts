@@ -69,7 +69,7 @@ export interface NativeWire {
   readNow(o: { maxPayload: number; maxType: number; limits?: Uint32Array }): NativeFrame | null;
   sendPages(o: NativeSendPages): Promise<SendCounts>;
   sendEncoded(o: NativeSendEncoded): Promise<number>;
-  read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean } }): Promise<NativeFrame>;
+  read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean; channels?: number; channel?: number } }): Promise<NativeFrame>;
   /** half-closes, then reads and drops until the peer closes (true: its orderly close came) or timeoutMs passes */
   finish(timeoutMs: number): Promise<boolean>;
   /** whether the peer already closed or reset the connection (nothing unread before its end) */
@@ -83,7 +83,8 @@ export interface NativeWire {
 
 /** The sender's index of what the receiver holds (native/codec/encode.h). */
 export interface NativeDedup {
-  initImage(hashes: BigUint64Array): void;
+  /** with channels: only the pages of `channel`'s stripes */
+  initImage(hashes: BigUint64Array, channels?: number, channel?: number): void;
   size(): number;
 }
 
@@ -155,6 +156,8 @@ export interface NativeWireFormat {
   pagesPrefixBytes: number;
   dupBodyBytes: number;
   maxLz4Group: number;
+  stripePages: number;
+  maxChannels: number;
   maxFrameType: number;
   frameTypes: Record<string, number>;
   pageEncodings: Record<string, number>;

@@ -24,6 +24,8 @@ test('the addon and src/protocol/format.ts agree on every constant, frame type a
       pagesPrefixBytes: n.pagesPrefixBytes,
       dupBodyBytes: n.dupBodyBytes,
       maxLz4Group: n.maxLz4Group,
+      stripePages: n.stripePages,
+      maxChannels: n.maxChannels,
       maxFrameType: n.maxFrameType,
     },
     {
@@ -39,6 +41,8 @@ test('the addon and src/protocol/format.ts agree on every constant, frame type a
       pagesPrefixBytes: F.PAGES_PREFIX_BYTES,
       dupBodyBytes: F.DUP_BODY_BYTES,
       maxLz4Group: F.MAX_LZ4_GROUP,
+      stripePages: F.STRIPE_PAGES,
+      maxChannels: F.MAX_CHANNELS,
       maxFrameType: F.MAX_FRAME_TYPE,
     },
   );

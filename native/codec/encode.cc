@@ -92,12 +92,18 @@ Dedup::Dedup(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Dedup>(info) {
   state.Reset(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()));
 }
 
-// initImage(hashes: BigUint64Array): what the receiver holds before any page moves (a fresh
-// region: every page the zero page; a kept image: its page hashes). Same order on both sides.
+// initImage(hashes: BigUint64Array, channels?, channel?): what the receiver holds before any
+// page moves (a fresh region: every page the zero page; a kept image: its page hashes). Same
+// order on both sides. With channels, only the pages of this channel's stripes: it sends no
+// other page, and may name no other as a dup (its receiver refuses that).
 Napi::Value Dedup::InitImage(const Napi::CallbackInfo& info) {
   Napi::BigUint64Array h = info[0].As<Napi::BigUint64Array>();
   if (h.ElementLength() != state.holder.size()) throw Napi::RangeError::New(info.Env(), "image hashes must have one entry per page");
-  for (size_t i = 0; i < h.ElementLength(); i++) state.Set(static_cast<uint32_t>(i), h.Data()[i]);
+  uint32_t channels = info.Length() > 1 ? info[1].As<Napi::Number>().Uint32Value() : 1;
+  uint32_t channel = info.Length() > 2 ? info[2].As<Napi::Number>().Uint32Value() : 0;
+  if (channels < 1 || channels > wire::kMaxChannels || channel >= channels) throw Napi::RangeError::New(info.Env(), "channel outside its channels");
+  for (size_t i = 0; i < h.ElementLength(); i++)
+    if (channels == 1 || (i / wire::kStripePages) % channels == channel) state.Set(static_cast<uint32_t>(i), h.Data()[i]);
   return info.Env().Undefined();
 }
 

@@ -28,6 +28,8 @@ constexpr uint32_t kMaxBatchPages = 4096;
 constexpr size_t kPagesPrefixBytes = 8;  // u32 round, u32 count
 constexpr uint32_t kDupBodyBytes = 12;   // u64 content hash, u32 page holding it
 constexpr uint32_t kMaxLz4Group = 4;     // pages one LZ4 block may cover
+constexpr uint32_t kStripePages = 256;   // parallel channels: page p goes on channel (p / 256) % N
+constexpr uint32_t kMaxChannels = 16;
 
 enum FrameType : uint8_t {
   kHello = 1,

@@ -29,12 +29,23 @@ bool ReadPagesPrefix(Link& link, const Sink& s, const char* what, uint8_t versio
 
 }  // namespace
 
+bool CheckSinkIndices(const Sink& s, uint32_t* idx, uint32_t count, SysError& err) {
+  if (!DecodePageIndices(idx, count, s.pageCount, err)) return false;
+  if (s.channels == 1) return true;
+  for (uint32_t k = 0; k < count; k++) {
+    if (!s.Owns(idx[k])) {
+      return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page " + std::to_string(idx[k]) + " arrived on channel " + std::to_string(s.channel) + " of " + std::to_string(s.channels) + ", but its stripe goes on channel " + std::to_string((idx[k] / kStripePages) % s.channels)), false;
+    }
+  }
+  return true;
+}
+
 bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
   uint32_t round, count;
   if (!ReadPagesPrefix(link, s, "PAGES", version, length, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
   idx.resize(count);
   if (!link.RecvBytes(idx.data(), count * 4ULL, false, err)) return false;
-  if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
+  if (!CheckSinkIndices(s, idx.data(), count, err)) return false;
   iov.clear();
   PageIovecs(s.m->addr, idx.data(), count, iov);
   if (!link.Recv(iov.data(), static_cast<int>(iov.size()), false, err)) return false;
@@ -82,7 +93,7 @@ bool ReadEncodedHead(Link& link, const Sink& s, uint8_t version, uint32_t length
   std::vector<uint8_t>& enc = h.enc;
   enc.resize(count);
   if (!link.RecvBytes(idx.data(), count * 4ULL, false, err) || !link.RecvBytes(enc.data(), count, false, err)) return false;
-  if (!DecodePageIndices(idx.data(), count, s.pageCount, err)) return false;
+  if (!CheckSinkIndices(s, idx.data(), count, err)) return false;
   for (uint32_t k = 0; k < count; k++) {
     if (!IsWireEncoding(enc[k])) {
       err.fail("ERR_LIVEMIG_PROTOCOL", "unknown page encoding " + std::to_string(enc[k]));
@@ -183,6 +194,10 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
         uint32_t y = Le32(d + 8);
         char hex[24];
         snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(ref));
+        if (y < s.pageCount && !s.Owns(y)) {
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to page ") + std::to_string(y) + " on channel " + std::to_string(s.channel) + ": that page's stripe goes on another channel");
+          return false;
+        }
         if (y >= s.pageCount || s.hashes[y] != ref) {
           err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this receiver does not hold there");
           return false;

@@ -12,6 +12,7 @@
 #include "common.h"
 #include "io/link.h"
 #include "region/region.h"
+#include "wire/format.h"
 
 namespace livemig {
 namespace wire {
@@ -32,7 +33,15 @@ struct Sink {
   uint8_t version = 0;
   uint32_t maxBatchPages = 0;
   FrameOrder* order = nullptr;  // set when encodings were negotiated
+  // Parallel channels: this connection carries only the pages of its stripes (format.h
+  // kStripePages), and a dup may name only such a page, so that every page this reader
+  // touches is touched by no other reader. channels 1: every page.
+  uint32_t channels = 1, channel = 0;
+  bool Owns(uint32_t page) const { return channels == 1 || (page / kStripePages) % channels == channel; }
 };
+
+// Every index below the page count and, with channels, in this connection's stripes.
+bool CheckSinkIndices(const Sink& s, uint32_t* idx, uint32_t count, SysError& err);
 
 // One PAGES payload (after its header) into the region. All indices are checked before a
 // data byte is read, so a bad batch leaves the region as it was.

@@ -305,6 +305,12 @@ class Wire : public Napi::ObjectWrap<Wire> {
       sink.version = static_cast<uint8_t>(so.Get("version").As<Napi::Number>().Uint32Value());
       sink.maxBatchPages = so.Get("maxBatchPages").As<Napi::Number>().Uint32Value();
       if (so.Get("encodings").ToBoolean()) sink.order = order_.get();
+      Napi::Value channels = so.Get("channels");
+      if (channels.IsNumber()) {
+        sink.channels = channels.As<Napi::Number>().Uint32Value();
+        sink.channel = so.Get("channel").As<Napi::Number>().Uint32Value();
+        if (sink.channels < 1 || sink.channels > wire::kMaxChannels || sink.channel >= sink.channels) throw Napi::RangeError::New(env, "sink channel outside its channels");
+      }
       sink.m->Ref();
     }
     auto order = order_;

@@ -32,6 +32,7 @@ export const POLICY_FLAGS: Flags = {
   mode: { type: 'string', value: MODES.join('|'), help: 'post-copy: the guest moves at once, its pages follow (default precopy)' },
   'no-wws': { type: 'boolean', default: false, help: 'send pages rewritten every round each round (no writable working set)' },
   'rate-adapt': { type: 'string', value: 'START:INC', help: "Clark's rate adaptation, MiB/s: first round at START, then the dirty rate + INC" },
+  channels: { type: 'string', value: 'N', help: "pre-copy's pages over N connections, 1..16 (default one per core up to 4; the destination may grant fewer)" },
   'no-zero': { type: 'boolean', default: false, help: 'send zero pages as bytes' },
   'no-dedup': { type: 'boolean', default: false, help: 'send pages the destination holds as bytes' },
   'no-compress': { type: 'boolean', default: false, help: 'never compress pages (LZ4)' },
@@ -67,6 +68,7 @@ export function policyFlags(v: FlagValues): PolicyFlags {
     const [a, b] = v['rate-adapt'].split(':');
     o.rateAdaptation = { startMiBps: parseNumber(a ?? '', '--rate-adapt START', Number.MIN_VALUE), incrementMiBps: parseNumber(b ?? '50', '--rate-adapt INCREMENT') };
   }
+  if (typeof v['channels'] === 'string') o.channels = channelCount(v['channels'], '--channels');
   if (typeof v['max-bytes'] === 'string') o.maxBytes = parseSize(v['max-bytes'], '--max-bytes');
   const mode = v['mode'];
   if (typeof mode === 'string') {
@@ -74,6 +76,13 @@ export function policyFlags(v: FlagValues): PolicyFlags {
     o.mode = mode as PolicyFlags['mode'];
   }
   return o;
+}
+
+/** A number of channels, 1..16, from a flag. */
+export function channelCount(text: string, flag: string): number {
+  const n = parseNumber(text, flag, 1);
+  if (!Number.isInteger(n) || n > 16) throw usageError(`${flag} must be a whole number from 1 to 16, got '${text}'`);
+  return n;
 }
 
 export function encodingFlags(v: FlagValues): { zero: boolean; dedup: boolean; compress: boolean } {
@@ -95,6 +104,6 @@ export function printProgress(e: ProgressEvent): void {
   if (e.type === 'round') {
     process.stderr.write(`  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty, ${e.wws_pages} held, est. ${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}\n`);
   } else if (e.type === 'handshake') {
-    process.stderr.write(`  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}\n`);
+    process.stderr.write(`  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}; channels: ${e.channels} (${e.channels_reason})\n`);
   }
 }

@@ -25,11 +25,24 @@ export function migrationsCarried(): number {
 
 /** The pool `livemig serve` with these arguments needs, when this process was started without one. */
 export function poolNeeded(argv: readonly string[]): number | undefined {
-  if (argv[0] !== 'serve' || process.env['UV_THREADPOOL_SIZE'] !== undefined || argv.includes('--help') || argv.includes('-h')) return undefined;
+  if (process.env['UV_THREADPOOL_SIZE'] !== undefined || argv.includes('--help') || argv.includes('-h')) return undefined;
+  // a migration with more channels than the default pool carries (each holds a thread: src/source/channels.ts)
+  if (argv[0] === 'send' || argv[0] === 'demo') {
+    const c = flagValue(argv, '--channels');
+    const n = Number(c);
+    return c !== undefined && Number.isInteger(n) && n > 2 && n <= 16 ? n + 4 : undefined;
+  }
+  if (argv[0] !== 'serve') return undefined;
   const i = argv.findIndex((a) => a === '--max-migrations' || a.startsWith('--max-migrations='));
   const given = i < 0 ? 16 : Number(argv[i]!.includes('=') ? argv[i]!.split('=')[1] : argv[i + 1]);
   // a bad value is the flag parser's to refuse (in the process run again)
   return poolFor(Number.isInteger(given) && given > 0 ? given : 16);
+}
+
+function flagValue(argv: readonly string[], name: string): string | undefined {
+  const i = argv.findIndex((a) => a === name || a.startsWith(`${name}=`));
+  if (i < 0) return undefined;
+  return argv[i]!.includes('=') ? argv[i]!.split('=')[1] : argv[i + 1];
 }
 
 /** Runs this command again with the pool sized; resolves with its exit code. Signals are passed on. */

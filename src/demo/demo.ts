@@ -70,7 +70,7 @@ export interface ReceiverPlace {
 }
 
 /** The convergence settings a demo passes on to migrate() (see MigrateOptions). */
-export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes' | 'mode' | 'maxPauseMs' | 'progressTimeoutMs' | 'resolveTimeoutMs' | 'handshakeTimeoutMs' | 'recoverTimeoutMs'>;
+export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes' | 'mode' | 'maxPauseMs' | 'progressTimeoutMs' | 'resolveTimeoutMs' | 'handshakeTimeoutMs' | 'recoverTimeoutMs' | 'channels'>;
 
 export interface DemoOptions {
   guest: GuestSpec;

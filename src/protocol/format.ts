@@ -40,6 +40,13 @@ export const PAGES_PREFIX_BYTES = 8;
 export const DUP_BODY_BYTES = 12;
 /** Pages one LZ4 block may cover (an Lz4 page and up to three Lz4Cont pages after it). */
 export const MAX_LZ4_GROUP = 4;
+/**
+ * Parallel channels (CAP_CHANNELS): page p travels on channel floor(p / STRIPE_PAGES) mod N,
+ * always, so every copy of a page and every page a dup names go through one TCP stream.
+ */
+export const STRIPE_PAGES = 256;
+/** Channels one migration may use, the first connection included. */
+export const MAX_CHANNELS = 16;
 
 export enum FrameType {
   Hello = 1,
@@ -120,3 +127,10 @@ export const CAP_RESOLVE = 'resolve';
  * from there before ACCEPT (no page is sent), and refuses from another host.
  */
 export const CAP_LOCAL = 'local';
+/**
+ * HELLO/ACCEPT (version 3): parallel channels. HELLO's `channels` asks for N connections in
+ * all, ACCEPT's grants M (1..N) and a session token; the source opens M-1 more, each starting
+ * with ATTACH {session, role: "channel", channel: k}, and sends each page on its stripe's
+ * channel (STRIPE_PAGES). Each extra channel ends with ROUND_END {last: true}.
+ */
+export const CAP_CHANNELS = 'channels';

@@ -9,7 +9,7 @@ import { GuestLayout, type RegionSpec } from '../guest/layout.js';
 import type { LocalOffer } from '../guest/local.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
-import { FLAG_PROVE, FLAGS_NONE, FrameType, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
+import { FLAG_PROVE, FLAGS_NONE, FrameType, MAX_CHANNELS, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
 
 export interface Hello {
   /** versions the sender speaks, [oldest, newest] */
@@ -23,12 +23,16 @@ export interface Hello {
   regions?: RegionSpec[];
   /** a same-host upgrade (CAP_LOCAL): where the memory is offered */
   local?: LocalOffer;
+  /** with CAP_CHANNELS: the connections the sender would use, this one included (2..MAX_CHANNELS) */
+  channels?: number;
 }
 export interface Accept {
   version: number;
   capabilities: string[];
-  /** with CAP_POSTCOPY: the token an ATTACH must name */
+  /** with CAP_POSTCOPY or CAP_CHANNELS: the token an ATTACH must name */
   session?: string;
+  /** with CAP_CHANNELS: the connections granted, this one included (1..HELLO's channels) */
+  channels?: number;
 }
 export interface ErrorMessage {
   code: string;
@@ -38,6 +42,8 @@ export interface ErrorMessage {
 export interface RoundEnd {
   round: number;
   pages: number;
+  /** on an extra channel (CAP_CHANNELS): nothing follows on this connection */
+  last?: true;
 }
 export interface Commit {
   digest: bigint;
@@ -102,6 +108,10 @@ export function decodeHello(p: Buffer): Hello {
     if (!isString(l.token, 32) || !/^[0-9a-f]{32}$/.test(l.token)) throw bad('HELLO local token must be 32 hex digits');
     hello.local = { bootId: l.bootId, socket: l.socket, token: l.token };
   }
+  if (m.channels !== undefined) {
+    if (!isCount(m.channels, MAX_CHANNELS) || m.channels < 2) throw bad(`HELLO channels must be an integer from 2 to ${MAX_CHANNELS}`);
+    hello.channels = m.channels;
+  }
   return hello;
 }
 
@@ -117,7 +127,8 @@ export function decodeAccept(p: Buffer): Accept {
   if (!isCount(m.version, 255)) throw bad('ACCEPT version must be an integer');
   if (!Array.isArray(m.capabilities) || !m.capabilities.every((c) => isString(c, 64))) throw bad('ACCEPT capabilities must be a list of strings');
   if (m.session !== undefined && !(isString(m.session, 64) && /^[0-9a-f]{32}$/.test(m.session))) throw bad('ACCEPT session must be 32 hex digits');
-  return { version: m.version, capabilities: m.capabilities as string[], ...(m.session !== undefined ? { session: m.session } : {}) };
+  if (m.channels !== undefined && (!isCount(m.channels, MAX_CHANNELS) || m.channels < 1)) throw bad(`ACCEPT channels must be an integer from 1 to ${MAX_CHANNELS}`);
+  return { version: m.version, capabilities: m.capabilities as string[], ...(m.session !== undefined ? { session: m.session } : {}), ...(m.channels !== undefined ? { channels: m.channels } : {}) };
 }
 
 export const encodeError = (e: ErrorMessage, version: number): Buffer => control(FrameType.Error, e, version);
@@ -132,7 +143,8 @@ export const encodeRoundEnd = (r: RoundEnd, version: number): Buffer => control(
 export function decodeRoundEnd(p: Buffer): RoundEnd {
   const m = decodeMap(p, FrameType.RoundEnd);
   if (!isCount(m.round, 1 << 20) || !isCount(m.pages)) throw bad('ROUND_END round and pages must be counts');
-  return { round: m.round, pages: m.pages };
+  if (m.last !== undefined && m.last !== true) throw bad('ROUND_END last must be true when present');
+  return { round: m.round, pages: m.pages, ...(m.last === true ? { last: true as const } : {}) };
 }
 
 /** ROUND_ACK (R->S): every page of rounds up to `round` is applied. Same body as ROUND_END. */
@@ -207,10 +219,12 @@ export interface Postcopy {
 export interface PostcopyRunning {
   activateMs: number;
 }
-export type AttachRole = 'push' | 'prio';
+export type AttachRole = 'push' | 'prio' | 'channel';
 export interface Attach {
   session: string;
   role: AttachRole;
+  /** role channel: which one, 1..channels-1 (the migration's own connection is 0) */
+  channel?: number;
 }
 export interface Attached {
   /** 1 bit per page the destination holds (empty when it holds nothing yet that matters) */
@@ -240,8 +254,13 @@ export const encodeAttach = (a: Attach, version: number): Buffer => control(Fram
 export function decodeAttach(p: Buffer): Attach {
   const m = decodeMap(p, FrameType.Attach);
   if (!isString(m.session, 64) || !/^[0-9a-f]{32}$/.test(m.session)) throw bad('ATTACH session must be 32 hex digits');
-  if (m.role !== 'push' && m.role !== 'prio') throw bad(`ATTACH role must be push or prio, got ${String(m.role)}`);
-  return { session: m.session, role: m.role };
+  if (m.role !== 'push' && m.role !== 'prio' && m.role !== 'channel') throw bad(`ATTACH role must be push, prio or channel, got ${String(m.role)}`);
+  if (m.role !== 'channel') {
+    if (m.channel !== undefined) throw bad(`ATTACH ${m.role} names a channel`);
+    return { session: m.session, role: m.role };
+  }
+  if (!isCount(m.channel, MAX_CHANNELS - 1) || m.channel < 1) throw bad(`ATTACH channel must be an integer from 1 to ${MAX_CHANNELS - 1}`);
+  return { session: m.session, role: m.role, channel: m.channel };
 }
 
 export interface Resolve {

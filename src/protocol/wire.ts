@@ -55,6 +55,8 @@ export interface PageSink {
    * `hashes` (what this side holds in each page, from its initial image on)
    */
   encodings?: boolean;
+  /** parallel channels: this connection takes only the pages of `stripe.channel`'s stripes */
+  stripe?: { channels: number; channel: number };
 }
 
 export class WireChannel {
@@ -375,7 +377,7 @@ export class WireChannel {
         maxPayload: MAX_PAYLOAD,
         maxType: MAX_TYPE,
         limits: this.#limits,
-        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, encodings: sink.encodings === true } } : {}),
+        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, encodings: sink.encodings === true, ...(sink.stripe ? sink.stripe : {}) } } : {}),
       });
       return { ...f, type: f.type as FrameType };
     } catch (e) {

@@ -146,13 +146,14 @@ export async function listen(host: string, port: number, options: ReceiveOptions
   };
 }
 
-/** ATTACH: the connection joins the post-copy session it names. */
+/** ATTACH: the connection joins the session it names (post-copy, or an extra channel). */
 async function joinSession(ch: WireChannel, f: WireFrame, sessions: SessionTable): Promise<void> {
   try {
     const a = decodeAttach(f.payload);
     const session = sessions.get(a.session);
     if (!session) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'ATTACH names no session running here', { phase: 'attach' });
-    session.join(a.role, ch);
+    if (a.role === 'channel' && a.channel! >= session.channels) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `ATTACH channel ${a.channel}: this session was granted ${session.channels} channels (0..${session.channels - 1})`, { phase: 'attach' });
+    session.join(a.role === 'channel' ? `channel-${a.channel!}` : a.role, ch);
   } catch (e) {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'attach', cause: e });
     await ch.finish(ch.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'attach' }, PROTOCOL_VERSION));

@@ -11,7 +11,7 @@ import { LivemigError } from '../errors.js';
 import { addon, call, closeFd, digestOf } from '../native.js';
 import type { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
-import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FLAG_PROVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FLAG_PROVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAbort, decodeCommit, decodeHello, decodeRoundEnd, encodeAccept, encodeActivated, encodeCommitAck, encodeDigest, encodeError, encodeImageHashes, encodeRoundAck, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { PageSink, WireChannel, WireFrame } from '../protocol/wire.js';
@@ -28,6 +28,7 @@ import { memoryBudget } from './memory-budget.js';
 import { runPostcopy } from './postcopy.js';
 import { OutcomeTable, type SessionOutcome } from './outcomes.js';
 import { SessionTable, type PostcopySession } from './session.js';
+import { IncomingChannels, maxChannels } from './channels.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } from './types.js';
 import { Stages } from '../stages.js';
 
@@ -120,6 +121,10 @@ interface Accepted {
   reserveMs: number;
   /** a same-host upgrade: the memory is the source's own */
   local: boolean;
+  /** connections pre-copy's pages come on, this one included (CAP_CHANNELS) */
+  channels: number;
+  /** post-copy was negotiated */
+  postcopy: boolean;
 }
 
 /** One incoming migration: its connection, its stage and what it holds so far. */
@@ -139,6 +144,7 @@ class Incoming {
   /** the guest's regions in the page space (HELLO's table, or one region) */
   #layout: GuestLayout | undefined;
   #session: PostcopySession | undefined;
+  #channels: IncomingChannels | undefined;
   #faults: FaultService | undefined;
   /** from the device state on, COMMIT may be on its way: a failure may leave the source asking */
   #deviceStateSeen = false;
@@ -243,7 +249,11 @@ class Incoming {
     const commitActivate = version >= 2 && h.capabilities.includes(CAP_COMMIT_ACTIVATE);
     const caps = [...(local ? [CAP_LOCAL] : []), ...(encodings ? [CAP_ENCODINGS] : []), ...(imageHashes ? [CAP_IMAGE_HASHES] : []), ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []), ...(postcopyCap ? [CAP_POSTCOPY] : [])];
     // post-copy: further connections join this session with ATTACH naming its token
-    this.#session = postcopyCap ? this.#sessions.open(region.pageCount) : undefined;
+    // channels: further connections join this session too (ATTACH role channel)
+    const channelsCap = !local && version >= 3 && h.capabilities.includes(CAP_CHANNELS) && h.channels !== undefined;
+    const channels = channelsCap ? Math.min(h.channels!, maxChannels(options.maxChannels)) : 1;
+    if (channelsCap) caps.push(CAP_CHANNELS);
+    this.#session = postcopyCap || channels > 1 ? this.#sessions.open(region.pageCount, channels) : undefined;
     // resolve: a source that loses the link after COMMIT asks what happened (RESOLVE, token)
     const resolve = version >= 3 && h.capabilities.includes(CAP_RESOLVE);
     const token = this.#session?.token ?? (resolve ? randomBytes(16).toString('hex') : undefined);
@@ -259,9 +269,9 @@ class Incoming {
     // (0.6 ms measured with perf sched)
     warmUpRuntime();
     warmUpProtocol(version);
-    await this.#ch.send(encodeAccept({ version, capabilities: caps, ...(token ? { session: token } : {}) }, version));
+    await this.#ch.send(encodeAccept({ version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) }, version));
     if (imageHashes) await this.#ch.send(encodeImageHashes(hashes, version));
-    return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local };
+    return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap };
   }
 
   /** The kept image's pages and hashes, or all zero; true when the sender gets the image's hashes. */
@@ -289,7 +299,13 @@ class Incoming {
     stage.enter('receiving');
     const got = new Received();
     // a same-host upgrade takes no page: a page frame is refused below, never applied
-    const sink: PageSink | undefined = a.local ? undefined : { region, hashes, version, encodings: a.encodings };
+    const whole: PageSink | undefined = a.local ? undefined : { region, hashes, version, encodings: a.encodings };
+    if (whole && a.channels > 1) {
+      const joinMs = this.#options.authTimeoutMs ?? AUTH_TIMEOUT_MS;
+      const limits = frameLimits({ pageCount: region.pageCount });
+      this.#channels = new IncomingChannels(a.channels, this.#session, whole, { joinMs, prepare: (c) => c.setFrameLimits(limits) }, (e) => ch.abort(e));
+    }
+    const sink = whole && IncomingChannels.mainSink(whole, a.channels);
     for (;;) {
       const f = await ch.next(undefined, stage.current === 'receiving' ? sink : undefined);
       got.pages += f.pages;
@@ -331,6 +347,8 @@ class Incoming {
     got.rounds = Math.max(got.rounds, r.round);
     // frames are applied in order, so everything before this one is in the region now
     if (f.lastRound > r.round) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `ROUND_END for round ${r.round} after pages of round ${f.lastRound}`);
+    // with channels, the round is applied once every channel has passed its ROUND_END too
+    await this.#channels?.reached(r.round);
     await this.#ch.send(encodeRoundAck(r, this.#version));
     this.#progress({ type: 'round', round: r.round, pages: r.pages });
   }
@@ -339,6 +357,11 @@ class Incoming {
     if (this.#stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE after COMMIT');
     // once: the state the guest prepared with is the state it activates with
     if (got.deviceState !== undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second DEVICE_STATE');
+    // every channel's last pages are in before the digest (each ends right before this frame)
+    if (this.#channels) {
+      await this.#channels.ended();
+      got.pages += this.#channels.pages;
+    }
     const prove = (f.flags & FLAG_PROVE) !== 0;
     if (f.flags & ~FLAG_PROVE || (prove && this.#version < 3)) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `DEVICE_STATE with flags 0x${f.flags.toString(16)}, which version ${this.#version} does not define`);
     got.deviceState = f.payload; // the native reader's own buffer, made for this frame: no copy
@@ -407,7 +430,7 @@ class Incoming {
   async #postcopy(payload: Buffer, a: Accepted, got: Received): Promise<ReceiveReport> {
     const postcopy = this.#options.postcopy;
     const session = this.#session;
-    if (!postcopy || !session) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
+    if (!postcopy || !session || !a.postcopy) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
     if (this.#stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY while ${this.#stage.current}`);
     if (got.deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
     if (this.#outcome && !this.#outcome.beginActivation()) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'this session was resolved as not activated: it is fenced and will never run here', { phase: 'activate' });
@@ -467,6 +490,7 @@ class Incoming {
   endSession(): void {
     this.#releaseMemory?.();
     this.#releaseMemory = undefined;
+    this.#channels?.close();
     if (this.#session) this.#sessions.end(this.#session);
   }
 }

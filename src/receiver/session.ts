@@ -8,8 +8,10 @@
  */
 import { randomBytes } from 'node:crypto';
 import { LivemigError } from '../errors.js';
-import type { AttachRole } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
+
+/** A connection's place in a session: post-copy's push and priority connections, or an extra channel. */
+export type SessionSlot = 'push' | 'prio' | `channel-${number}`;
 
 export class PostcopySession {
   readonly token = randomBytes(16).toString('hex');
@@ -18,16 +20,20 @@ export class PostcopySession {
    * opens (at reservation) so that the switch, inside the pause, does not fault its memory in.
    */
   readonly neededTable: Uint8Array;
-  readonly #slots: Partial<Record<AttachRole, WireChannel>> = {};
+  readonly #slots: Partial<Record<SessionSlot, WireChannel>> = {};
   readonly #waiters = new Set<() => void>();
   #closed = false;
 
-  constructor(pageCount: number) {
+  /** connections granted for pre-copy (CAP_CHANNELS), the migration's own included */
+  readonly channels: number;
+
+  constructor(pageCount: number, channels = 1) {
     this.neededTable = new Uint8Array(pageCount).fill(1);
+    this.channels = channels;
   }
 
   /** A connection joined as `role` (the listener routed its ATTACH here). */
-  join(role: AttachRole, ch: WireChannel): void {
+  join(role: SessionSlot, ch: WireChannel): void {
     if (this.#closed) {
       ch.close();
       return;
@@ -38,7 +44,7 @@ export class PostcopySession {
   }
 
   /** Whether a connection waits in `role`'s slot. */
-  has(role: AttachRole): boolean {
+  has(role: SessionSlot): boolean {
     return this.#slots[role] !== undefined;
   }
 
@@ -46,7 +52,7 @@ export class PostcopySession {
    * Takes the connections of `roles` once all have joined; rejects with `onTimeout()`'s error
    * after `timeoutMs`. What is taken leaves the session.
    */
-  async take<R extends AttachRole>(roles: readonly R[], timeoutMs: number, onTimeout: () => LivemigError): Promise<Record<R, WireChannel>> {
+  async take<R extends SessionSlot>(roles: readonly R[], timeoutMs: number, onTimeout: () => LivemigError): Promise<Record<R, WireChannel>> {
     const deadline = performance.now() + timeoutMs;
     while (!roles.every((r) => this.#slots[r])) {
       if (this.#closed) throw new LivemigError('ERR_LIVEMIG_STATE', 'the post-copy session is closed', { phase: 'postcopy' });
@@ -63,7 +69,7 @@ export class PostcopySession {
   }
 
   /** Resolves once every one of `roles` has a connection waiting (or the session closed). */
-  async joined(roles: readonly AttachRole[]): Promise<void> {
+  async joined(roles: readonly SessionSlot[]): Promise<void> {
     while (!this.#closed && !roles.every((r) => this.#slots[r])) await this.#wait(60_000);
   }
 
@@ -83,7 +89,7 @@ export class PostcopySession {
   /** Ends the session: connections still waiting in it are closed. */
   close(): void {
     this.#closed = true;
-    for (const r of Object.keys(this.#slots) as AttachRole[]) this.#slots[r]!.close();
+    for (const r of Object.keys(this.#slots) as SessionSlot[]) this.#slots[r]!.close();
     for (const w of [...this.#waiters]) w();
   }
 }
@@ -92,8 +98,8 @@ export class PostcopySession {
 export class SessionTable {
   readonly #byToken = new Map<string, PostcopySession>();
 
-  open(pageCount: number): PostcopySession {
-    const s = new PostcopySession(pageCount);
+  open(pageCount: number, channels = 1): PostcopySession {
+    const s = new PostcopySession(pageCount, channels);
     this.#byToken.set(s.token, s);
     return s;
   }

@@ -30,6 +30,11 @@ export interface ReceiveOptions {
    * migration ends, whatever its outcome. A same-host upgrade (`local`) allocates nothing.
    */
   reserveMemory?(bytes: number, local: boolean): () => void;
+  /**
+   * the most parallel channels granted to a source that asks for them (CAP_CHANNELS), 1..16;
+   * default 16, never more than libuv's pool (UV_THREADPOOL_SIZE, 4 by default) less one
+   */
+  maxChannels?: number;
   /** refuse a device state larger than this (default 64 MiB, the protocol's maximum payload) */
   maxDeviceStateBytes?: number;
   /**

@@ -5,6 +5,7 @@
  */
 import { LivemigError } from '../errors.js';
 import type { PageEncoder } from '../encoding/encoder.js';
+import type { ChannelChoice, Lanes } from './channels.js';
 import { Pacer } from '../pacing/pacer.js';
 import { Stages } from '../stages.js';
 import { Deadlines } from './deadlines.js';
@@ -46,6 +47,9 @@ export interface Session {
   /** post-copy's way to open more connections, when the destination offers post-copy */
   link: PostcopyLink | undefined;
   encoder: PageEncoder | undefined;
+  /** the connections pre-copy's pages go on, the main one first (channels.ts) */
+  lanes: Lanes;
+  channels: ChannelChoice;
   /** when the handshake and reservation were done (ms), and how long they took */
   prepMs: number;
   security: SecurityReport;
@@ -76,6 +80,8 @@ export class SourceContext {
   channel: WireChannel | undefined;
   tracker: DirtyTracker | undefined;
   encoder: PageEncoder | undefined;
+  /** every lane, as soon as they exist (a rollback closes the extra ones) */
+  lanes: Lanes | undefined;
   /** the guest was paused (or a pause failed half-way): a rollback must resume it */
   paused = false;
   /** the guest was throttled: a rollback must release the throttle */
@@ -206,12 +212,9 @@ export class SourceContext {
     this.settings.options.onProgress?.(e);
   }
 
-  /** Sends pages of round `r` through the encoder, or plain when encodings are off; counts them. */
+  /** Sends pages of round `r`, each on its channel, through the encoders or plain when encodings are off; counts them. */
   async sendPages(r: number, pages: Uint32Array, final: boolean): Promise<number> {
-    const { channel, encoder, version } = this.session;
-    const n = encoder
-      ? await encoder.send(r, pages, final)
-      : (await channel.sendPages({ region: this.settings.options.region, pages, round: r, version, batchPages: this.settings.batchPages, hashes: this.hashes })).bytes;
+    const n = await this.session.lanes.send(r, pages, final);
     this.bytesSent += n;
     this.pagesSent += pages.length;
     this.settings.layout.breakdown(pages, this.regionPages);

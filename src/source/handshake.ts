@@ -10,7 +10,7 @@ import { LivemigError } from '../errors.js';
 import { addon, call, type NativeDedup } from '../native.js';
 import { PageEncoder } from '../encoding/encoder.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import { CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { isLoopback, openChannel } from '../security/tls.js';
@@ -24,6 +24,7 @@ import { warmUpRuntime } from '../warmup.js';
 import { now, type SourceContext } from './context.js';
 import { invalid } from './options.js';
 import { connect, peerError } from './peer.js';
+import { attachChannel, canConnect, chooseChannels, Lanes, type ChannelChoice } from './channels.js';
 
 export async function handshake(ctx: SourceContext): Promise<void> {
   const { settings } = ctx;
@@ -64,7 +65,14 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   ctx.enter('handshake');
   const enc = settings.encodings;
   const wantEncodings = enc.zero || enc.dedup || enc.compress;
+  // a same-host upgrade sends no page: one connection
+  const wanted = local
+    ? { count: 1, reason: 'a same-host upgrade sends no page' }
+    : settings.mode === 'postcopy'
+      ? { count: 1, reason: 'post-copy from the start has no pre-copy pass' }
+      : chooseChannels(options.channels, canConnect(options.to, options.connect));
   const capabilities = [
+    ...(wanted.count > 1 ? [CAP_CHANNELS] : []),
     ...(local ? [CAP_LOCAL] : []),
     ...(wantEncodings ? [CAP_ENCODINGS] : []),
     CAP_COMMIT_ACTIVATE,
@@ -72,7 +80,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}) }));
+  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
   trace('source', 'HELLO sent');
   const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
@@ -94,12 +102,23 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   warmUpProtocol(version);
   const link = postcopyLink(ctx, accept, version);
   if (settings.mode !== 'precopy' && !link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
-  const dedup = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await dedupIndex(ctx, channel, accept) : undefined;
-  // the encoder (first touch of its buffers included) is set up while the destination
-  // reserves: in the first round it would take the CPU from the guest and the round
-  const encoder = dedup ? new PageEncoder({ region, channel, hashes: ctx.hashes, dedup, encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.() }) : undefined;
+  const granted = grantedChannels(accept, wanted);
+  const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, channel, accept) : undefined;
+  const extras = granted.count > 1 ? await openExtraChannels(ctx, accept.session!, granted.count, version) : [];
+  // the encoders (first touch of their buffers included) are set up while the destination
+  // reserves: in the first round they would take the CPU from the guest and the round
+  const channels = [channel, ...extras];
+  const encoders = channels.map((ch, k) =>
+    image ? new PageEncoder({ region, channel: ch, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.() }) : undefined,
+  );
+  const encoder = encoders[0];
   ctx.encoder = encoder;
-  await Promise.all([populated, encoder?.prepare()]);
+  const lanes = new Lanes(
+    channels.map((ch, k) => ({ channel: ch, encoder: encoders[k], roundPages: 0 })),
+    async (ch, r, pages) => (await ch.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
+  );
+  ctx.lanes = lanes;
+  await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
   const prepMs = now() - ctx.tConnect;
   let tracker = options.tracker;
   let trackerReason = 'given by the caller';
@@ -115,32 +134,68 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     trackerReason = `${choice.backend}: ${choice.reason}`;
   }
   ctx.tracker = tracker;
-  ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, prepMs, security: opened.security };
-  ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason });
+  ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, lanes, channels: granted, prepMs, security: opened.security };
+  ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason, channels: granted.count, channels_reason: granted.reason });
 }
 
 function postcopyLink(ctx: SourceContext, accept: Accept, version: number): PostcopyLink | undefined {
   if (!accept.capabilities.includes(CAP_POSTCOPY) || !accept.session) return undefined;
+  return { session: accept.session, version, connect: anotherConnection(ctx, 'post-copy') };
+}
+
+/** Opens one more connection to the destination, authenticated as the first one was. */
+function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): () => Promise<WireChannel> {
   const { options } = ctx.settings;
   const to = options.to;
   const open =
     options.connect ??
     (() => {
-      if (to instanceof net.Socket) throw invalid('post-copy needs `connect` (a way to open more connections) when `to` is a socket');
+      if (to instanceof net.Socket) throw invalid(`${why} needs \`connect\` (a way to open more connections) when \`to\` is a socket`);
       return connect(to);
     });
-  // every further connection (the priority one, and each after a break) is authenticated too
-  const reconnect = async (): Promise<WireChannel> => (await openChannel(await open(), options.credentials, 'client', ctx.settings.handshakeTimeoutMs)).channel;
-  return { session: accept.session, version, connect: reconnect };
+  // every further connection (the priority one, each after a break, each channel) is authenticated too
+  return async (): Promise<WireChannel> => {
+    const ch = (await openChannel(await open(), options.credentials, 'client', ctx.settings.handshakeTimeoutMs)).channel;
+    if (why === 'channels') ch.setFrameLimits(frameLimits({ pageCount: options.region.pageCount }));
+    return ch;
+  };
 }
 
-/** Both sides start the dedup index from what the destination holds: a fresh (all-zero) region, or the image whose hashes it sends now. */
-async function dedupIndex(ctx: SourceContext, channel: WireChannel, accept: Accept): Promise<NativeDedup> {
+/** What the destination granted of the channels asked for. */
+function grantedChannels(accept: Accept, wanted: ChannelChoice): ChannelChoice {
+  if (wanted.count === 1) return wanted;
+  const n = accept.capabilities.includes(CAP_CHANNELS) ? (accept.channels ?? 1) : 1;
+  if (n > wanted.count) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the destination granted ${n} channels, ${wanted.count} were asked for`, { phase: 'handshake' });
+  if (n > 1 && !accept.session) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the destination granted channels without a session token to attach them with', { phase: 'handshake' });
+  if (n === wanted.count) return wanted;
+  return { count: n, reason: n === 1 && !accept.capabilities.includes(CAP_CHANNELS) ? 'the destination does not offer channels' : `the destination granted ${n} of ${wanted.count}` };
+}
+
+/** Channels 1.. of the session, each authenticated and named with ATTACH; all closed if one fails. */
+async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<WireChannel[]> {
+  const open = anotherConnection(ctx, 'channels');
+  const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version)));
+  const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
+  const channels = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
+  if (failed) {
+    for (const ch of channels) ch.close();
+    throw failed.reason instanceof LivemigError ? failed.reason : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, { phase: 'handshake', cause: failed.reason });
+  }
+  if (ctx.abortReason) for (const ch of channels) ch.abort(ctx.abortReason);
+  return channels;
+}
+
+/** What the destination holds before any page moves: a fresh (all-zero) region, or the image whose hashes it sends now. */
+async function destinationImage(ctx: SourceContext, channel: WireChannel, accept: Accept): Promise<BigUint64Array> {
   const { region } = ctx.settings.options;
-  const dedup = call('ERR_LIVEMIG_NO_MEMORY', 'handshake', 'creating the dedup index', () => new addon.Dedup(region.pageCount));
-  const image = accept.capabilities.includes(CAP_IMAGE_HASHES)
+  return accept.capabilities.includes(CAP_IMAGE_HASHES)
     ? decodeImageHashes((await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload, region.pageCount)
     : new BigUint64Array(region.pageCount).fill(call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash()));
-  call('ERR_LIVEMIG_INVALID_ARGUMENT', 'handshake', 'loading the destination image into the dedup index', () => dedup.initImage(image));
+}
+
+/** Channel k's dedup index, from the destination's image: only its own stripes (channels.ts). */
+function dedupIndex(pageCount: number, image: BigUint64Array, channels: number, k: number): NativeDedup {
+  const dedup = call('ERR_LIVEMIG_NO_MEMORY', 'handshake', 'creating the dedup index', () => new addon.Dedup(pageCount));
+  call('ERR_LIVEMIG_INVALID_ARGUMENT', 'handshake', 'loading the destination image into the dedup index', () => dedup.initImage(image, channels, k));
   return dedup;
 }

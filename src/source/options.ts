@@ -5,6 +5,7 @@ import { LivemigError } from '../errors.js';
 import { assertSecureEnough } from '../security/tls.js';
 import type { StallAction } from '../precopy/policy.js';
 import type { MigrateOptions } from './types.js';
+import { checkChannels } from './channels.js';
 
 const STALL_ACTIONS: readonly StallAction[] = ['throttle', 'postcopy', 'force', 'abort'];
 const MODES = ['precopy', 'postcopy', 'hybrid'] as const;
@@ -65,6 +66,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
   if (options.untracked && (options.target || options.tracker)) throw invalid('untracked excludes target and tracker');
   if (layout.bytes !== region.size) throw invalid(`layout covers ${layout.bytes} bytes, the region holds ${region.size}`);
   if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
+  checkChannels(options.channels);
   const ra = options.rateAdaptation;
   if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');
   return {

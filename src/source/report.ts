@@ -21,8 +21,8 @@ export function noStopAndCopy(activateMs: number): MigrationReport['stop_and_cop
 }
 
 export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
-  const { tracker, encoder, prepMs } = ctx.session;
-  const es = encoder?.stats;
+  const { tracker, encoder, prepMs, lanes } = ctx.session;
+  const es = lanes.stats();
   const pc = end.postcopy;
   const pcPages = pc ? pc.stats.pages_pushed + pc.stats.pages_served : 0;
   return {
@@ -39,6 +39,8 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     pages_sent: ctx.pagesSent + pcPages,
     tracker: tracker.backend,
     tracker_reason: ctx.session.trackerReason,
+    channels: ctx.session.channels.count,
+    channels_reason: ctx.session.channels.reason,
     local: ctx.settings.options.local !== undefined,
     zero_pages: es?.zero_pages ?? 0,
     dup_pages: es?.dup_pages ?? 0,

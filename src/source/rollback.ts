@@ -15,8 +15,9 @@ const PEER_ERROR_GRACE_MS = 50;
 /** Undoes what can be undone; returns the error to throw. */
 export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigError> {
   const failedIn = ctx.fail();
-  const { channel, tracker, encoder, settings } = ctx;
+  const { channel, tracker, lanes, settings } = ctx;
   ctx.unbindControl();
+  lanes?.closeExtras();
   // A destination that refused something sends ERROR and closes; our send may fail first.
   // Its ERROR, if it arrives within a moment, is the real cause.
   if (channel && e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION') {
@@ -44,7 +45,7 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
   }
   if (channel) await channel.finish(channel.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
   await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
-  await encoder?.close().catch(() => undefined);
+  await lanes?.closeEncoders().catch(() => undefined);
   if (ctx.throttled) {
     try {
       await settings.options.throttle!(0); // the guest runs at full speed here again

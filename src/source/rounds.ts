@@ -69,7 +69,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
     const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);
     const sentPages = ctx.pending.length - unsent.length;
-    await channel.send(encodeRoundEnd({ round, pages: sentPages }, version));
+    await Promise.all([channel.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.lanes.endRound(round, version)]);
     const duration = now() - t0;
     const dirty = await tracker.collect();
     wws?.record(dirty);

@@ -141,7 +141,7 @@ export interface RoundStats {
 }
 
 export type ProgressEvent =
-  | { type: 'handshake'; prep_ms: number; version: number; tracker: string; tracker_reason: string }
+  | { type: 'handshake'; prep_ms: number; version: number; tracker: string; tracker_reason: string; channels: number; channels_reason: string }
   | ({ type: 'round' } & RoundStats)
   | { type: 'stop-and-copy'; pages: number; bytes: number }
   | { type: 'committed'; digest: string }
@@ -238,8 +238,14 @@ export interface MigrateOptions {
    * follow; 'hybrid': one pre-copy pass, then post-copy for what changed since
    */
   mode?: 'precopy' | 'postcopy' | 'hybrid';
-  /** opens another connection to the destination (post-copy; default: connect to `to` again) */
+  /** opens another connection to the destination (channels, post-copy; default: connect to `to` again) */
   connect?(): Promise<net.Socket>;
+  /**
+   * connections pre-copy's pages spread over, the first included (1..16; default: one per core
+   * up to 4, within libuv's pool; the destination may grant fewer). Page p always goes on
+   * channel floor(p / 256) mod N (docs/PROTOCOL.md, "Parallel channels").
+   */
+  channels?: number;
   /** post-copy: how long to keep trying to reconnect after the link breaks (default 60 s) */
   recoverTimeoutMs?: number;
   /** handshake timeout (default 60 s: the destination may reserve gigabytes) */
@@ -284,6 +290,9 @@ export interface MigrationReport {
   regions: { id: number; name: string; bytes: number; pages_sent: number }[];
   /** why this tracker: the probe's findings, or that the guest registered none */
   tracker_reason: string;
+  /** connections pre-copy's pages went on, and why that many */
+  channels: number;
+  channels_reason: string;
   /** a same-host upgrade: the memory went by reference, no page on the wire */
   local: boolean;
   wire_bytes: number;

@@ -7,6 +7,7 @@ import { referenceIncomingCommand } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
+import { channelCount } from '../migration-flags.js';
 
 export const receive: Command = {
   name: 'receive',
@@ -27,6 +28,7 @@ export const receive: Command = {
   flags: {
     listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'where to listen (port 0: any free port)' },
     'max-region': { type: 'string', value: 'SIZE', help: 'refuse larger regions (default: what the memory allows)' },
+    'max-channels': { type: 'string', value: 'N', help: "grant a source at most N parallel channels, 1..16 (default: what libuv's pool reads at once, UV_THREADPOOL_SIZE less one)" },
     'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'a connection must authenticate and send its first frame within this' },
     'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'nothing from the source this long: the migration is discarded here' },
     'recover-timeout': { type: 'string', default: '60', value: 'SECONDS', help: 'post-copy: how long to wait for the source to come back after a break' },
@@ -48,6 +50,7 @@ export const receive: Command = {
       ...(credentials ? { credentials } : {}),
       ...(v['insecure'] === true ? { insecure: true } : {}),
       ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
+      ...(typeof v['max-channels'] === 'string' ? { maxChannels: channelCount(v['max-channels'], '--max-channels') } : {}),
       ...(typeof v['handshake-timeout'] === 'string' ? { authTimeoutMs: parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000 } : {}),
       recoverTimeoutMs: parseNumber(str(v, 'recover-timeout'), '--recover-timeout (seconds)', Number.MIN_VALUE) * 1000,
       idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,

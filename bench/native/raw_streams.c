@@ -1,0 +1,129 @@
+// The raw-TCP ceiling with several streams: BYTES split over N connections, one sending thread
+// and one receiving thread per connection, 1 MiB send()s from a buffer that stays in cache and
+// a receiver that discards into one. What no migration engine can beat on the same path.
+//   raw_streams recv ADDR PORT N BYTES      prints {"port":P} when listening, then serves once
+//   raw_streams send ADDR PORT N BYTES      prints {"streams":N,"bytes":B,"ms":T,"cpu_s":C}
+// The receiver answers one byte per stream once it has all of that stream's bytes, so the
+// sender's time runs from its first send to the last stream's answer.
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CHUNK (1u << 20)
+#define MAX_STREAMS 64
+
+struct job {
+  int fd;
+  uint64_t bytes;
+};
+
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static double cpu_s(void) {
+  struct rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+static void die(const char* what) {
+  perror(what);
+  exit(1);
+}
+
+static void* receive_one(void* arg) {
+  struct job* j = arg;
+  char* buf = malloc(CHUNK);
+  if (!buf) die("malloc");
+  for (uint64_t got = 0; got < j->bytes;) {
+    ssize_t n = recv(j->fd, buf, CHUNK, 0);
+    if (n <= 0) die("recv");
+    got += (uint64_t)n;
+  }
+  char one = 1;
+  if (send(j->fd, &one, 1, 0) != 1) die("send answer");
+  free(buf);
+  return NULL;
+}
+
+static void* send_one(void* arg) {
+  struct job* j = arg;
+  char* buf = malloc(CHUNK);
+  if (!buf) die("malloc");
+  memset(buf, 0x5a, CHUNK);
+  for (uint64_t sent = 0; sent < j->bytes;) {
+    size_t want = j->bytes - sent < CHUNK ? (size_t)(j->bytes - sent) : CHUNK;
+    ssize_t n = send(j->fd, buf, want, 0);
+    if (n <= 0) die("send");
+    sent += (uint64_t)n;
+  }
+  char one;
+  if (recv(j->fd, &one, 1, MSG_WAITALL) != 1) die("recv answer");
+  free(buf);
+  return NULL;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 6) {
+    fprintf(stderr, "usage: raw_streams recv|send ADDR PORT STREAMS BYTES\n");
+    return 2;
+  }
+  int streams = atoi(argv[4]);
+  uint64_t bytes = strtoull(argv[5], NULL, 10);
+  if (streams < 1 || streams > MAX_STREAMS || bytes == 0) {
+    fprintf(stderr, "raw_streams: STREAMS must be 1..%d and BYTES positive\n", MAX_STREAMS);
+    return 2;
+  }
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[3]))};
+  if (inet_pton(AF_INET, argv[2], &sa.sin_addr) != 1) {
+    fprintf(stderr, "raw_streams: ADDR must be an IPv4 address\n");
+    return 2;
+  }
+  int one = 1;
+  struct job jobs[MAX_STREAMS];
+  pthread_t threads[MAX_STREAMS];
+  for (int i = 0; i < streams; i++) jobs[i].bytes = bytes / streams + (i < (int)(bytes % streams) ? 1 : 0);
+  if (strcmp(argv[1], "recv") == 0) {
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(l, (struct sockaddr*)&sa, sizeof sa) < 0 || listen(l, MAX_STREAMS) < 0) die("listen");
+    socklen_t len = sizeof sa;
+    getsockname(l, (struct sockaddr*)&sa, &len);
+    printf("{\"port\":%d}\n", ntohs(sa.sin_port));
+    fflush(stdout);
+    for (int i = 0; i < streams; i++) {
+      jobs[i].fd = accept(l, NULL, NULL);
+      if (jobs[i].fd < 0) die("accept");
+      setsockopt(jobs[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    double c0 = cpu_s();
+    for (int i = 0; i < streams; i++) pthread_create(&threads[i], NULL, receive_one, &jobs[i]);
+    for (int i = 0; i < streams; i++) pthread_join(threads[i], NULL);
+    fprintf(stderr, "{\"receiver_cpu_s\":%.3f}\n", cpu_s() - c0);
+    return 0;
+  }
+  if (strcmp(argv[1], "send") != 0) die("role");
+  for (int i = 0; i < streams; i++) {
+    jobs[i].fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(jobs[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(jobs[i].fd, (struct sockaddr*)&sa, sizeof sa) < 0) die("connect");
+  }
+  double c0 = cpu_s(), t0 = now_ms();
+  for (int i = 0; i < streams; i++) pthread_create(&threads[i], NULL, send_one, &jobs[i]);
+  for (int i = 0; i < streams; i++) pthread_join(threads[i], NULL);
+  printf("{\"streams\":%d,\"bytes\":%llu,\"ms\":%.1f,\"cpu_s\":%.3f}\n", streams, (unsigned long long)bytes, now_ms() - t0, cpu_s() - c0);
+  return 0;
+}

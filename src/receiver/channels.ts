@@ -1,0 +1,123 @@
+/**
+ * The destination's extra channels (CAP_CHANNELS): each joins the migration's session with
+ * ATTACH and gets a reader of its own, which applies the pages of its stripes natively as they
+ * arrive (the sink refuses any other page, and any dup naming one). The ordering rule is in
+ * src/source/channels.ts: a page always comes on the same channel, so readers never touch the
+ * same page. What this keeps is how far each channel got: the main connection acknowledges a
+ * round only once every channel has passed that round's ROUND_END, and the digest is computed
+ * only once every channel has ended (ROUND_END {last}).
+ */
+import { LivemigError } from '../errors.js';
+import { FrameType, MAX_CHANNELS } from '../protocol/format.js';
+import { ProtocolError } from '../protocol/errors.js';
+import { decodeAbort, decodeRoundEnd } from '../protocol/messages.js';
+import type { PageSink, WireChannel } from '../protocol/wire.js';
+import type { PostcopySession } from './session.js';
+
+/** pool threads a receiver keeps besides its channels' reads */
+const POOL_RESERVE = 1;
+
+/**
+ * The most channels this receiver grants: `asked` (a receiver's option), never more than
+ * libuv's pool can read at once (each channel's read holds a pool thread while it waits).
+ */
+export function maxChannels(asked: number | undefined): number {
+  const pool = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
+  const room = Math.max(1, (Number.isFinite(pool) ? pool : 4) - POOL_RESERVE);
+  return Math.max(1, Math.min(asked ?? MAX_CHANNELS, room, MAX_CHANNELS));
+}
+
+export class IncomingChannels {
+  readonly count: number;
+  /** pages the extra channels applied */
+  pages = 0;
+  readonly #reached: number[];
+  readonly #ended: boolean[];
+  readonly #channels: WireChannel[] = [];
+  readonly #waiters = new Set<() => void>();
+  #failure: LivemigError | undefined;
+  #closed = false;
+
+  /**
+   * Starts a reader for each of channels 1..count-1 as it joins `session`. `onFailure` hears the
+   * first failure of any (the migration then ends: its main connection is aborted with it).
+   */
+  constructor(count: number, session: PostcopySession | undefined, sink: PageSink, join: { joinMs: number; prepare: (ch: WireChannel) => void }, onFailure: (e: LivemigError) => void) {
+    this.count = count;
+    this.#reached = new Array<number>(count).fill(0);
+    this.#ended = new Array<boolean>(count).fill(false);
+    this.#ended[0] = true; // the main connection is the migration's own
+    this.#reached[0] = Number.MAX_SAFE_INTEGER;
+    for (let k = 1; k < count; k++) {
+      this.#run(k, session!, { ...sink, stripe: { channels: count, channel: k } }, join).catch((e: unknown) => {
+        const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k}: ${(e as Error).message}`, { phase: 'receiving', cause: e });
+        if (this.#closed || this.#failure) return;
+        this.#failure = err;
+        this.#wake();
+        onFailure(err);
+      });
+    }
+  }
+
+  /** The main connection's sink, which takes the stripes of channel 0. */
+  static mainSink(sink: PageSink, count: number): PageSink {
+    return count > 1 ? { ...sink, stripe: { channels: count, channel: 0 } } : sink;
+  }
+
+  async #run(k: number, session: PostcopySession, sink: PageSink, join: { joinMs: number; prepare: (ch: WireChannel) => void }): Promise<void> {
+    const slot = `channel-${k}` as const;
+    const taken = await session.take([slot], join.joinMs, () => new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k} did not join within ${join.joinMs} ms`, { phase: 'receiving' }));
+    const ch = taken[slot]!;
+    if (this.#closed) {
+      ch.close();
+      return;
+    }
+    this.#channels.push(ch);
+    join.prepare(ch);
+    for (;;) {
+      const f = await ch.next(undefined, sink);
+      this.pages += f.pages;
+      if (f.type === FrameType.RoundEnd) {
+        const r = decodeRoundEnd(f.payload);
+        if (f.lastRound > r.round) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `channel ${k}: ROUND_END for round ${r.round} after pages of round ${f.lastRound}`);
+        if (r.round < this.#reached[k]!) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `channel ${k}: ROUND_END for round ${r.round} after round ${this.#reached[k]}`);
+        this.#reached[k] = r.round;
+        if (r.last) this.#ended[k] = true;
+        this.#wake();
+        if (r.last) return;
+        continue;
+      }
+      if (f.type === FrameType.Abort) throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: 'receiving' });
+      throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unexpected ${FrameType[f.type] ?? f.type} frame on channel ${k}`);
+    }
+  }
+
+  /** Resolves once every channel has passed round `round`'s ROUND_END. */
+  async reached(round: number): Promise<void> {
+    await this.#until(() => this.#reached.every((r) => r >= round));
+  }
+
+  /** Resolves once every channel has ended: all their pages are in the region. */
+  async ended(): Promise<void> {
+    await this.#until(() => this.#ended.every(Boolean));
+  }
+
+  async #until(done: () => boolean): Promise<void> {
+    while (!done()) {
+      if (this.#failure) throw this.#failure;
+      if (this.#closed) throw new LivemigError('ERR_LIVEMIG_STATE', 'the channels are closed', { phase: 'receiving' });
+      await new Promise<void>((resolve) => this.#waiters.add(resolve));
+    }
+  }
+
+  #wake(): void {
+    for (const w of [...this.#waiters]) w();
+    this.#waiters.clear();
+  }
+
+  close(): void {
+    this.#closed = true;
+    for (const ch of this.#channels) ch.close();
+    this.#wake();
+  }
+}

@@ -1,0 +1,156 @@
+/**
+ * Parallel channels: pre-copy's pages spread over several connections, each authenticated and
+ * encrypted like the first, each sent from a pool thread of its own and applied by a reader of
+ * its own at the destination (docs/PROTOCOL.md, "Parallel channels").
+ *
+ * The ordering rule: page p always travels on channel floor(p / STRIPE_PAGES) mod N. Every copy
+ * of a page therefore goes through one TCP stream, which delivers in order, so an older copy
+ * can never overwrite a newer one, whatever the other channels are doing; and each channel's
+ * dedup index knows only its own stripes, so a dup never names a page another channel may be
+ * writing. No per-page sequence numbers and no barrier between rounds are needed while pages
+ * flow. Order across channels matters only where the destination must have everything: a
+ * round's ROUND_ACK (its receiver acknowledges a round only once every channel has passed that
+ * round's ROUND_END) and the pause, where each extra channel ends with ROUND_END {last} and the
+ * destination computes its digest only after all of them.
+ */
+import os from 'node:os';
+import net from 'node:net';
+import { LivemigError } from '../errors.js';
+import { MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
+import { encodeAttach, encodeRoundEnd } from '../protocol/messages.js';
+import type { WireChannel } from '../protocol/wire.js';
+import type { PageEncoder } from '../encoding/encoder.js';
+import type { EncodingStats } from '../encoding/encoder.js';
+
+/** the most channels chosen without being asked: past 4 streams the raw ceiling here stops rising (bench/channels) */
+const DEFAULT_MAX = 4;
+/** pool threads a source holds besides its channels' sends: the main connection's read-ahead, and one for the rest */
+const POOL_RESERVE = 2;
+
+export interface ChannelChoice {
+  count: number;
+  reason: string;
+}
+
+/**
+ * How many channels to ask for: the caller's number, or one per core up to DEFAULT_MAX, never
+ * more than libuv's pool can run at once (each channel's send holds a pool thread while it
+ * waits for its socket).
+ */
+export function chooseChannels(asked: number | undefined, canConnect: boolean): ChannelChoice {
+  const pool = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
+  const poolRoom = Math.max(1, (Number.isFinite(pool) ? pool : 4) - POOL_RESERVE);
+  if (asked !== undefined) {
+    if (asked > 1 && !canConnect) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'channels above 1 need `connect` (a way to open more connections) when `to` is a socket', { phase: 'validate' });
+    if (asked > poolRoom) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `channels ${asked} need ${asked + POOL_RESERVE} threads in libuv's pool, which has ${pool}: start the process with UV_THREADPOOL_SIZE=${asked + POOL_RESERVE} or more`, { phase: 'validate' });
+    return { count: asked, reason: 'asked for' };
+  }
+  if (!canConnect) return { count: 1, reason: '`to` is a socket and no `connect` was given' };
+  const cores = os.availableParallelism();
+  const count = Math.max(1, Math.min(DEFAULT_MAX, cores, poolRoom));
+  const why = count === cores ? `one per core (${cores})` : count === poolRoom && poolRoom < Math.min(DEFAULT_MAX, cores) ? `what libuv's pool of ${pool} threads carries` : `${DEFAULT_MAX} at most`;
+  return { count, reason: `${why}; the destination may grant fewer` };
+}
+
+/** Checks a caller's `channels`; undefined when not given. */
+export function checkChannels(v: unknown): number | undefined {
+  if (v === undefined) return undefined;
+  if (!Number.isInteger(v) || (v as number) < 1 || (v as number) > MAX_CHANNELS) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `channels must be an integer from 1 to ${MAX_CHANNELS}, got ${String(v)}`, { phase: 'validate' });
+  return v as number;
+}
+
+/** Whether further connections can be opened to this destination. */
+export const canConnect = (to: unknown, connect: unknown): boolean => connect !== undefined || !(to instanceof net.Socket);
+
+/** Channel k's stripes of `pages` (ascending), for every k: the rule above. */
+export function splitByStripe(pages: Uint32Array, n: number): Uint32Array[] {
+  const counts = new Uint32Array(n);
+  for (let i = 0; i < pages.length; i++) counts[Math.floor(pages[i]! / STRIPE_PAGES) % n]!++;
+  const out = Array.from({ length: n }, (_, k) => new Uint32Array(counts[k]!));
+  counts.fill(0);
+  for (let i = 0; i < pages.length; i++) {
+    const p = pages[i]!;
+    const k = Math.floor(p / STRIPE_PAGES) % n;
+    out[k]![counts[k]!++] = p;
+  }
+  return out;
+}
+
+/** One connection of a migration and what sends its pages. */
+export interface Lane {
+  channel: WireChannel;
+  encoder: PageEncoder | undefined;
+  /** pages sent on it in the current round */
+  roundPages: number;
+}
+
+/** The lanes of a migration, the main connection first. */
+export class Lanes {
+  readonly lanes: Lane[];
+  readonly #plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
+  #ended = false;
+
+  constructor(lanes: Lane[], plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
+    this.lanes = lanes;
+    this.#plain = plain;
+  }
+
+  get count(): number {
+    return this.lanes.length;
+  }
+
+  /** Sends a round's pages, each on its stripe's channel, the channels at once; the bytes written. */
+  async send(r: number, pages: Uint32Array, final: boolean): Promise<number> {
+    const parts = this.count === 1 ? [pages] : splitByStripe(pages, this.count);
+    const sent = await Promise.all(
+      parts.map((part, k) => {
+        const lane = this.lanes[k]!;
+        lane.roundPages += part.length;
+        if (part.length === 0) return 0;
+        return lane.encoder ? lane.encoder.send(r, part, final) : this.#plain(lane.channel, r, part, final);
+      }),
+    );
+    return sent.reduce((a, b) => a + b, 0);
+  }
+
+  /**
+   * ROUND_END on every extra channel (the main one's goes with the round's statistics): its
+   * pages of that round all went before it. `last`: nothing more follows on them.
+   */
+  async endRound(round: number, version: number, last = false): Promise<void> {
+    if (this.#ended) return;
+    if (last) this.#ended = true;
+    await Promise.all(this.lanes.slice(1).map((l) => l.channel.send(encodeRoundEnd({ round, pages: l.roundPages, ...(last ? { last: true as const } : {}) }, version))));
+    for (const l of this.lanes) l.roundPages = 0;
+  }
+
+  /** Every lane's encoding counts, summed. */
+  stats(): EncodingStats | undefined {
+    const all = this.lanes.map((l) => l.encoder?.stats).filter((s): s is EncodingStats => s !== undefined);
+    if (all.length === 0) return undefined;
+    const sum: EncodingStats = { zero_pages: 0, dup_pages: 0, lz4_pages: 0, raw_pages: 0, skipped_pages: 0, lz4_in: 0, lz4_out: 0 };
+    for (const s of all) for (const k of Object.keys(sum) as (keyof EncodingStats)[]) sum[k] += s[k];
+    return sum;
+  }
+
+  async closeEncoders(): Promise<void> {
+    await Promise.all(this.lanes.map((l) => l.encoder?.close()));
+  }
+
+  /** Closes the extra channels (the main one is the migration's own to close). */
+  closeExtras(): void {
+    for (const l of this.lanes.slice(1)) l.channel.close();
+  }
+}
+
+/** Opens channel k (1..) of the session and names it with ATTACH; closed again on failure. */
+export async function attachChannel(open: () => Promise<WireChannel>, session: string, k: number, version: number): Promise<WireChannel> {
+  const ch = await open();
+  try {
+    await ch.send(encodeAttach({ session, role: 'channel', channel: k }, version));
+  } catch (e) {
+    ch.close();
+    throw e;
+  }
+  return ch;
+}
