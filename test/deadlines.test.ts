@@ -178,7 +178,9 @@ test('200 idle connections and a client sending a byte a second hold neither the
   const hello = encodeHello({ versions: [1, 3], regionBytes: 4096, pageSize: 4096, auth: null, capabilities: [] });
   let at = 0;
   const drip = setInterval(() => at < hello.length && slow.write(hello.subarray(at, ++at)), 1000);
-  await new Promise((r) => setTimeout(r, 100));
+  // until the listener has accepted them all (a connection of the migration's accepted among
+  // them would be one of the oldest pending, and let go)
+  await new Promise((r) => setTimeout(r, 600));
   const region = filled(1024, 'dl-crowd');
   try {
     const received = rx.next();

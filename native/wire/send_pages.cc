@@ -109,10 +109,13 @@ void EncodedFrame(const SendPagesJob& job, Batch& t, SendCounts& c) {
   uint8_t* indices = t.head.data() + kHeaderBytes + kPagesPrefixBytes;
   size_t j = 0;
   bool lastWasPage = false;
+  const uint64_t zh = ZeroPageHash(kPageSize);
   for (size_t k = 0; k < t.n; k++) {
     uint8_t e = t.enc[k];
     if (e == kSkip) {
-      c.skipped++;
+      // a zero page the receiver holds as zero (a fresh region's) counts with the zero pages
+      if (t.hashedEarly[k] && t.refs[k] == zh) c.zero++;
+      else c.skipped++;
       continue;
     }
     Put32(indices + 4 * j, t.b[k]);

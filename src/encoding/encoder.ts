@@ -1,9 +1,8 @@
 /**
- * The sender's page encoder. Three paths, chosen run by run by the chooser:
+ * The sender's page encoder. Two paths, chosen by the chooser (which only decides compression):
  * - in place (the usual one): native sendPages writes PAGES_ENC frames straight from the
  *   region, with zero pages and dups found in place and the rest sent raw (entering the dedup
- *   index when the tracker shows they went out as hashed);
- * - plain: PAGES frames straight from the region, when in-place encoding saves too little;
+ *   index when the tracker shows they went out as hashed); PAGES frames when every encoding is off;
  * - compressed: per batch, classify (native: copy, hash, zero/dup/skip against the sender's
  *   index, sample compressibility), compress the pages that look compressible (two worker
  *   threads, lz4-napi), then one PAGES_ENC frame. Classifying and compressing the next batch
@@ -15,7 +14,7 @@ import { PageEncoding } from '../protocol/format.js';
 import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest, type WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
-import { Chooser, type ChooserOptions } from './chooser.js';
+import { Chooser, type ChooserOptions, type LinkFigure } from './chooser.js';
 import { Compressor } from './compressor.js';
 
 const SKIP = 255;
@@ -27,8 +26,6 @@ const INCOMPRESSIBLE = 254;
  */
 const RUN_BATCHES = 16;
 const MAX_RUN_BATCHES = 256;
-const LEARNING_RUNS = 3;
-const LEARNING_RUN_BATCHES = 4;
 const COMPRESS_RUN = 8;
 /** pages compressed together as one LZ4 block (protocol maximum: 4) */
 const LZ4_GROUP = 4;
@@ -40,7 +37,7 @@ export interface EncodingStats {
   dup_pages: number;
   lz4_pages: number;
   raw_pages: number;
-  /** pages the receiver already held in place (a kept image, or zero pages of a fresh region) */
+  /** pages the receiver already held in place (a kept image); zero pages it held as zero count as zero_pages */
   skipped_pages: number;
   /** bytes of pages that went out compressed, before and after */
   lz4_in: number;
@@ -59,6 +56,8 @@ export interface PageEncoderOptions {
   batchPages: number;
   /** where the data path may ask which pages were written since re-armed (the tracker's) */
   probe?: () => WrittenProbe | undefined;
+  /** the link as all channels measured it so far (the chooser judges compression from it) */
+  link?: () => LinkFigure | undefined;
 }
 
 interface BufferSet {
@@ -80,17 +79,14 @@ export class PageEncoder {
   readonly #sets: BufferSet[];
   #compressor: Compressor | undefined;
   #sampling: Promise<void> | undefined;
-  #runs = 0;
   #runBatches = RUN_BATCHES;
-  readonly #runLengths = new Map<'in-place' | 'plain' | 'compressed', number>();
-  #lastPath: 'in-place' | 'plain' | 'compressed' | undefined;
   #inPlaceMs = 0;
   #overheadMs = 0;
   #indexMs = 0;
-  #plainMs = 0;
   #sendWallMs = 0;
   #inPlacePages = 0;
   readonly #sampleSet: BufferSet;
+  readonly #zeroHash = call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash());
 
   readonly #probe: () => WrittenProbe | undefined;
 
@@ -104,7 +100,7 @@ export class PageEncoder {
     this.#version = version;
     this.#batchPages = batchPages;
     this.#flags = (options.zero ? SEND_ZERO : 0) | (options.dedup ? SEND_DEDUP : 0);
-    this.chooser = new Chooser(options);
+    this.chooser = new Chooser(options, o.link);
     const bytes = batchPages * region.pageSize;
     this.#sets = [0, 1].map(() => ({ staging: new SharedArrayBuffer(bytes), output: new SharedArrayBuffer(bytes), lengths: new SharedArrayBuffer(batchPages * 4) }));
     const sampleBytes = SAMPLE_PAGES * region.pageSize;
@@ -121,35 +117,24 @@ export class PageEncoder {
   async send(round: number, pages: Uint32Array, final = false): Promise<number> {
     if (final && !this.chooser.compressing()) {
       const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, now: true });
-      this.stats.zero_pages += c.zero;
-      this.stats.dup_pages += c.dup;
-      this.stats.skipped_pages += c.skipped;
-      this.stats.raw_pages += c.raw;
+      this.#countSent(c);
       return c.bytes;
     }
     const tSend = performance.now();
     let bytes = 0;
     for (let at = 0; at < pages.length; ) {
-      const compress = this.chooser.compressing() && !this.chooser.linkProbeDue();
-      const inPlace = !compress && (this.#flags === 0 || this.chooser.nextRunInPlace());
-      const path = compress ? 'compressed' : inPlace ? 'in-place' : 'plain';
-      // Each path keeps its own run length: it doubles while the path repeats, and a one-run
-      // probe of the other path does not cut it back. (On a link slow enough for compression to
-      // matter, runs stay short: samples and the switch to compressing happen at run starts.)
-      const outOfReach = this.chooser.compressionOutOfReach();
-      const remembered = this.#runLengths.get(path) ?? RUN_BATCHES;
-      this.#runBatches = !outOfReach ? RUN_BATCHES : path === this.#lastPath ? Math.min(remembered * 2, MAX_RUN_BATCHES) : remembered;
-      this.#runLengths.set(path, this.#runBatches);
-      this.#lastPath = path;
-      // the first runs are short: the chooser learns the link and the content sooner
-      const runBatches = this.#runs++ < LEARNING_RUNS ? LEARNING_RUN_BATCHES : this.#runBatches;
-      const toEnd = path === 'plain' && this.chooser.settledPlain();
-      const part = pages.subarray(at, toEnd ? pages.length : Math.min(pages.length, at + (compress ? COMPRESS_RUN : runBatches) * this.#batchPages));
+      const compress = this.chooser.compressing();
+      // runs grow while they stay in place on a link compression cannot help (each call's
+      // return costs a wake-up of the event loop); on a slower link they stay short, so that
+      // samples and the switch to compressing happen at run starts
+      if (!compress && this.chooser.compressionOutOfReach()) this.#runBatches = Math.min(this.#runBatches * 2, MAX_RUN_BATCHES);
+      else this.#runBatches = RUN_BATCHES;
+      const part = pages.subarray(at, Math.min(pages.length, at + (compress ? COMPRESS_RUN : this.#runBatches) * this.#batchPages));
       at += part.length;
       if (compress) bytes += await this.#sendCompressed(round, part);
       else {
         if (this.chooser.wantSample()) this.#sample(part);
-        bytes += inPlace ? await this.#sendInPlace(round, part) : await this.#sendPlain(round, part);
+        bytes += await this.#sendInPlace(round, part);
       }
       this.chooser.advance(Math.ceil(part.length / this.#batchPages));
     }
@@ -158,7 +143,6 @@ export class PageEncoder {
       trace('chooser', 'round sent', {
         round,
         wall_ms: +this.#sendWallMs.toFixed(1),
-        plain_ms: +this.#plainMs.toFixed(1),
         in_place_pages: this.#inPlacePages,
         in_place_ms: +this.#inPlaceMs.toFixed(1),
         overhead_ms: +this.#overheadMs.toFixed(1),
@@ -175,34 +159,29 @@ export class PageEncoder {
     return { region: this.#region, pages, round, version: this.#version, batchPages: this.#batchPages, hashes: this.#hashes };
   }
 
+  /**
+   * PAGES_ENC frames straight from the region, zero pages and dups found in place (with every
+   * encoding off: PAGES frames).
+   */
   async #sendInPlace(round: number, pages: Uint32Array): Promise<number> {
     const t0 = performance.now();
-    const probe = this.#probe();
+    const probe = this.#flags & SEND_DEDUP ? this.#probe() : undefined;
     const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, ...(probe ? { probe } : {}) });
     const ms = performance.now() - t0;
-    this.chooser.sent(c.bytes, ms);
-    if (this.#flags !== 0) this.chooser.inPlace(pages.length, c.zero + c.dup + c.skipped, ms);
+    if (this.#flags !== 0) this.chooser.encoded(pages.length, c.zero + c.dup + c.skipped);
     this.#inPlaceMs += ms;
     this.#overheadMs += c.overheadMs;
     this.#indexMs += c.indexMs;
     this.#inPlacePages += pages.length;
+    this.#countSent(c);
+    return c.bytes;
+  }
+
+  #countSent(c: { zero: number; dup: number; skipped: number; raw: number }): void {
     this.stats.zero_pages += c.zero;
     this.stats.dup_pages += c.dup;
     this.stats.skipped_pages += c.skipped;
     this.stats.raw_pages += c.raw;
-    return c.bytes;
-  }
-
-  /** Plain PAGES frames straight from the region, when in-place encoding does not pay. */
-  async #sendPlain(round: number, pages: Uint32Array): Promise<number> {
-    const t0 = performance.now();
-    const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup });
-    const ms = performance.now() - t0;
-    this.chooser.sent(c.bytes, ms);
-    this.chooser.plain(pages.length, ms);
-    this.#plainMs += ms;
-    this.stats.raw_pages += c.raw;
-    return c.bytes;
   }
 
   /**
@@ -284,7 +263,7 @@ export class PageEncoder {
         }
         this.chooser.sampled(nonzero, candidates.length);
         this.chooser.encoded(batch.length, batch.length - nonzero);
-        this.#count(enc, lengths);
+        this.#count(enc, lengths, batch);
         await inflight;
         // (no link figure from these: a frame this small may just fill the socket buffer)
         inflight = this.#channel.sendEncoded({ pages: batch, encodings: enc, staging, lz4: Buffer.from(set.output), lengths, hashes: this.#hashes, round, version: this.#version }).then((b) => {
@@ -298,11 +277,13 @@ export class PageEncoder {
     return bytes;
   }
 
-  #count(enc: Uint8Array, lengths: Int32Array): void {
+  #count(enc: Uint8Array, lengths: Int32Array, pages: Uint32Array): void {
     const ps = this.#region.pageSize;
     for (let k = 0; k < enc.length; k++) {
       const e = enc[k];
-      if (e === SKIP) this.stats.skipped_pages++;
+      // a zero page the receiver holds as zero (a fresh region's) counts with the zero pages
+      if (e === SKIP && this.#hashes[pages[k]!] === this.#zeroHash) this.stats.zero_pages++;
+      else if (e === SKIP) this.stats.skipped_pages++;
       else if (e === PageEncoding.Zero) this.stats.zero_pages++;
       else if (e === PageEncoding.Dup) this.stats.dup_pages++;
       else if (e === PageEncoding.Lz4) {

@@ -53,6 +53,8 @@ export class IncomingChannels {
         const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k}: ${(e as Error).message}`, { phase: 'receiving', cause: e });
         if (this.#closed || this.#failure) return;
         this.#failure = err;
+        // the source's sends on the others end at once, not when the migration is torn down
+        for (const ch of this.#channels) ch.close();
         this.#wake();
         onFailure(err);
       });

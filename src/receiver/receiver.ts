@@ -145,6 +145,8 @@ class Incoming {
   #layout: GuestLayout | undefined;
   #session: PostcopySession | undefined;
   #channels: IncomingChannels | undefined;
+  /** the source was sent an ERROR already (an extra channel's failure) */
+  #toldSource = false;
   #faults: FaultService | undefined;
   /** from the device state on, COMMIT may be on its way: a failure may leave the source asking */
   #deviceStateSeen = false;
@@ -303,10 +305,12 @@ class Incoming {
     if (whole && a.channels > 1) {
       const joinMs = this.#options.authTimeoutMs ?? AUTH_TIMEOUT_MS;
       const limits = frameLimits({ pageCount: region.pageCount });
-      this.#channels = new IncomingChannels(a.channels, this.#session, whole, { joinMs, prepare: (c) => c.setFrameLimits(limits) }, (e) => ch.abort(e));
+      this.#channels = new IncomingChannels(a.channels, this.#session, whole, { joinMs, prepare: (c) => c.setFrameLimits(limits) }, (e) => this.#channelFailed(e));
     }
-    const sink = whole && IncomingChannels.mainSink(whole, a.channels);
+    const striped = whole && IncomingChannels.mainSink(whole, a.channels);
     for (;;) {
+      // after the extra channels ended, every page comes on this connection
+      const sink = got.channelsEnded ? whole : striped;
       const f = await ch.next(undefined, stage.current === 'receiving' ? sink : undefined);
       got.pages += f.pages;
       if (f.lastRound > got.tracedRound) {
@@ -342,6 +346,28 @@ class Incoming {
     }
   }
 
+  /** ROUND_END {last} on the main connection: once every extra channel has ended, all pages come here. */
+  async #channelsEnded(got: Received): Promise<void> {
+    if (!this.#channels || got.channelsEnded) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', this.#channels ? 'a second ROUND_END last' : 'ROUND_END last without extra channels');
+    await this.#channels.ended();
+    got.pages += this.#channels.pages;
+    got.channelsEnded = true;
+  }
+
+  /**
+   * An extra channel failed: the source hears why on the main connection (the one it reads),
+   * then the main read ends with the same error and the migration is discarded.
+   */
+  #channelFailed(e: LivemigError): void {
+    if (this.#toldSource) return;
+    this.#toldSource = true;
+    const phase = e.phase ?? this.#stage.current;
+    void this.#ch
+      .send(encodeError({ code: e.code, message: e.message, phase }, this.#version))
+      .catch(() => undefined) // the main connection is gone too: the source hears that instead
+      .finally(() => this.#ch.abort(e));
+  }
+
   async #roundEnd(f: WireFrame, got: Received): Promise<void> {
     const r = decodeRoundEnd(f.payload);
     got.rounds = Math.max(got.rounds, r.round);
@@ -349,6 +375,7 @@ class Incoming {
     if (f.lastRound > r.round) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `ROUND_END for round ${r.round} after pages of round ${f.lastRound}`);
     // with channels, the round is applied once every channel has passed its ROUND_END too
     await this.#channels?.reached(r.round);
+    if (r.last) await this.#channelsEnded(got);
     await this.#ch.send(encodeRoundAck(r, this.#version));
     this.#progress({ type: 'round', round: r.round, pages: r.pages });
   }
@@ -357,11 +384,7 @@ class Incoming {
     if (this.#stage.current !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE after COMMIT');
     // once: the state the guest prepared with is the state it activates with
     if (got.deviceState !== undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second DEVICE_STATE');
-    // every channel's last pages are in before the digest (each ends right before this frame)
-    if (this.#channels) {
-      await this.#channels.ended();
-      got.pages += this.#channels.pages;
-    }
+    if (this.#channels && !got.channelsEnded) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'DEVICE_STATE before the extra channels ended (ROUND_END last on this connection)');
     const prove = (f.flags & FLAG_PROVE) !== 0;
     if (f.flags & ~FLAG_PROVE || (prove && this.#version < 3)) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `DEVICE_STATE with flags 0x${f.flags.toString(16)}, which version ${this.#version} does not define`);
     got.deviceState = f.payload; // the native reader's own buffer, made for this frame: no copy
@@ -465,7 +488,7 @@ class Incoming {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
     if (failedIn === 'hello') refusedBeforeReserving(err);
     if (this.#deviceStateSeen && !this.#sourceSaidWhy && failedIn !== 'postcopy') askable.add(err);
-    const tell = !this.#ch.closed && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
+    const tell = !this.#ch.closed && !this.#toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
     await this.#ch.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, this.#version) : undefined);
     if (this.#faults && failedIn !== 'postcopy') this.#faults.stop();
     if (this.#region && failedIn !== 'activated' && failedIn !== 'postcopy') {
@@ -506,4 +529,6 @@ class Received {
   digestAt = -1;
   /** the last round whose pages were traced as applied */
   tracedRound = -1;
+  /** the extra channels (if any) ended: every page comes on the main connection now */
+  channelsEnded = false;
 }

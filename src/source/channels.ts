@@ -10,8 +10,10 @@
  * writing. No per-page sequence numbers and no barrier between rounds are needed while pages
  * flow. Order across channels matters only where the destination must have everything: a
  * round's ROUND_ACK (its receiver acknowledges a round only once every channel has passed that
- * round's ROUND_END) and the pause, where each extra channel ends with ROUND_END {last} and the
- * destination computes its digest only after all of them.
+ * round's ROUND_END) and the end of pre-copy: each extra channel ends with ROUND_END {last},
+ * then the main connection's ROUND_END {last} is acknowledged only once all of them ended, and
+ * from then on (the pause's last pages) every page goes on the main connection. Nothing of the
+ * channels is left to wait for inside the pause.
  */
 import os from 'node:os';
 import net from 'node:net';
@@ -21,6 +23,7 @@ import { encodeAttach, encodeRoundEnd } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import type { PageEncoder } from '../encoding/encoder.js';
 import type { EncodingStats } from '../encoding/encoder.js';
+import type { LinkFigure } from '../encoding/chooser.js';
 
 /** the most channels chosen without being asked: past 4 streams the raw ceiling here stops rising (bench/channels) */
 const DEFAULT_MAX = 4;
@@ -89,6 +92,8 @@ export class Lanes {
   readonly lanes: Lane[];
   readonly #plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
   #ended = false;
+  #bytes = 0;
+  #ms = 0;
 
   constructor(lanes: Lane[], plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
     this.lanes = lanes;
@@ -101,7 +106,9 @@ export class Lanes {
 
   /** Sends a round's pages, each on its stripe's channel, the channels at once; the bytes written. */
   async send(r: number, pages: Uint32Array, final: boolean): Promise<number> {
-    const parts = this.count === 1 ? [pages] : splitByStripe(pages, this.count);
+    // once the extra channels ended (before the pause), every page goes on the main connection
+    const parts = this.count === 1 || this.#ended ? [pages] : splitByStripe(pages, this.count);
+    const t0 = performance.now();
     const sent = await Promise.all(
       parts.map((part, k) => {
         const lane = this.lanes[k]!;
@@ -110,7 +117,15 @@ export class Lanes {
         return lane.encoder ? lane.encoder.send(r, part, final) : this.#plain(lane.channel, r, part, final);
       }),
     );
-    return sent.reduce((a, b) => a + b, 0);
+    const bytes = sent.reduce((a, b) => a + b, 0);
+    this.#bytes += bytes;
+    this.#ms += performance.now() - t0;
+    return bytes;
+  }
+
+  /** The link so far: what every channel took, over the wall time of the sends (pacing's sleeps left out). */
+  link(): LinkFigure {
+    return { bytes: this.#bytes, ms: this.#ms, channels: this.count };
   }
 
   /**

@@ -9,6 +9,7 @@ import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, call, type NativeDedup } from '../native.js';
 import { PageEncoder } from '../encoding/encoder.js';
+import type { LinkFigure } from '../encoding/chooser.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
@@ -108,8 +109,9 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   // the encoders (first touch of their buffers included) are set up while the destination
   // reserves: in the first round they would take the CPU from the guest and the round
   const channels = [channel, ...extras];
+  const linkFigure = (): LinkFigure | undefined => ctx.lanes?.link();
   const encoders = channels.map((ch, k) =>
-    image ? new PageEncoder({ region, channel: ch, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.() }) : undefined,
+    image ? new PageEncoder({ region, channel: ch, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure }) : undefined,
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;

@@ -20,11 +20,6 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   const { channel, version, tracker } = ctx.session;
   const link = ctx.session.link!; // the handshake refused post-copy modes without one, and the rounds a switch
   const prio = await attachConnection(link, 'prio');
-  // pre-copy's extra channels are done (their rounds are acknowledged): post-copy's pages go on its own connections
-  await ctx.session.lanes.endRound(ctx.round, version, true).catch((e: unknown) => {
-    prio.close();
-    throw e;
-  });
   const allPages = new Uint8Array(region.pageCount).fill(1);
   const server = new PageServer(region, allPages, version, ctx.round + 1, settings.batchPages);
   ctx.enter('stop-and-copy');

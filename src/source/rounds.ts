@@ -119,12 +119,20 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   const held = wws ? wws.heldPages() : new Uint32Array(0);
   if (held.length > 0) ctx.pending = mergePages(ctx.pending, held);
   ctx.pendingSince = ctx.pagesSent;
+  // The extra channels end here, before the pause: the pause's pages (and post-copy's) go on
+  // the main connection, which ROUND_END {last} tells so; the destination acknowledges it once
+  // every channel has ended, so from then on it takes any page there (docs/PROTOCOL.md).
+  const { lanes } = ctx.session;
+  if (lanes.count > 1) {
+    await lanes.endRound(ctx.round, version, true);
+    await channel.send(encodeRoundEnd({ round: ctx.round, pages: 0, last: true }, version));
+  }
   // Let the destination finish applying what is in flight before the pause, so that the
   // pause does not pay for its backlog.
   for (;;) {
     const ack = decodeRoundAck((await channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
     ctx.deadlines.noteProgress();
-    if (ack.round >= ctx.round) break;
+    if (ack.round >= ctx.round && (lanes.count === 1 || ack.last === true)) break;
   }
   return outcome;
 }

@@ -33,8 +33,6 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   trace('source', 'final collect done');
   const lastPages = mergePages(ctx.pending, final);
   const lastBytes = (await sendRound(ctx, ctx.round + 1, lastPages, true)).bytes;
-  // each extra channel ends: the destination computes its digest once all have
-  await ctx.session.lanes.endRound(ctx.round + 1, ctx.session.version, true);
   trace('source', 'last pages sent');
   return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };
 }
