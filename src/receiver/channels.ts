@@ -10,7 +10,7 @@
 import { LivemigError } from '../errors.js';
 import { FrameType, MAX_CHANNELS } from '../protocol/format.js';
 import { ProtocolError } from '../protocol/errors.js';
-import { decodeAbort, decodeRoundEnd } from '../protocol/messages.js';
+import { decodeAbort, decodeRoundEnd, encodeAttached } from '../protocol/messages.js';
 import type { PageSink, WireChannel } from '../protocol/wire.js';
 import type { PostcopySession } from './session.js';
 
@@ -25,6 +25,13 @@ export function maxChannels(asked: number | undefined): number {
   const pool = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
   const room = Math.max(1, (Number.isFinite(pool) ? pool : 4) - POOL_RESERVE);
   return Math.max(1, Math.min(asked ?? MAX_CHANNELS, room, MAX_CHANNELS));
+}
+
+/** How a channel joins: the time it has, what is set on it, the version its answer speaks. */
+export interface Join {
+  joinMs: number;
+  prepare: (ch: WireChannel) => void;
+  version: number;
 }
 
 export class IncomingChannels {
@@ -42,7 +49,7 @@ export class IncomingChannels {
    * Starts a reader for each of channels 1..count-1 as it joins `session`. `onFailure` hears the
    * first failure of any (the migration then ends: its main connection is aborted with it).
    */
-  constructor(count: number, session: PostcopySession | undefined, sink: PageSink, join: { joinMs: number; prepare: (ch: WireChannel) => void }, onFailure: (e: LivemigError) => void) {
+  constructor(count: number, session: PostcopySession | undefined, sink: PageSink, join: Join, onFailure: (e: LivemigError) => void) {
     this.count = count;
     this.#reached = new Array<number>(count).fill(0);
     this.#ended = new Array<boolean>(count).fill(false);
@@ -66,7 +73,7 @@ export class IncomingChannels {
     return count > 1 ? { ...sink, stripe: { channels: count, channel: 0 } } : sink;
   }
 
-  async #run(k: number, session: PostcopySession, sink: PageSink, join: { joinMs: number; prepare: (ch: WireChannel) => void }): Promise<void> {
+  async #run(k: number, session: PostcopySession, sink: PageSink, join: Join): Promise<void> {
     const slot = `channel-${k}` as const;
     const taken = await session.take([slot], join.joinMs, () => new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k} did not join within ${join.joinMs} ms`, { phase: 'receiving' }));
     const ch = taken[slot]!;
@@ -76,6 +83,8 @@ export class IncomingChannels {
     }
     this.#channels.push(ch);
     join.prepare(ch);
+    // the answer lets the source send: nothing may follow a first frame before it is answered
+    await ch.send(encodeAttached({ held: Buffer.alloc(0) }, join.version));
     for (;;) {
       const f = await ch.next(undefined, sink);
       this.pages += f.pages;

@@ -305,7 +305,7 @@ class Incoming {
     if (whole && a.channels > 1) {
       const joinMs = this.#options.authTimeoutMs ?? AUTH_TIMEOUT_MS;
       const limits = frameLimits({ pageCount: region.pageCount });
-      this.#channels = new IncomingChannels(a.channels, this.#session, whole, { joinMs, prepare: (c) => c.setFrameLimits(limits) }, (e) => this.#channelFailed(e));
+      this.#channels = new IncomingChannels(a.channels, this.#session, whole, { joinMs, prepare: (c) => c.setFrameLimits(limits), version }, (e) => this.#channelFailed(e));
     }
     const striped = whole && IncomingChannels.mainSink(whole, a.channels);
     for (;;) {

@@ -18,7 +18,8 @@
 import os from 'node:os';
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
+import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
+import { peerError } from './peer.js';
 import { encodeAttach, encodeRoundEnd } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import type { PageEncoder } from '../encoding/encoder.js';
@@ -158,11 +159,16 @@ export class Lanes {
   }
 }
 
-/** Opens channel k (1..) of the session and names it with ATTACH; closed again on failure. */
-export async function attachChannel(open: () => Promise<WireChannel>, session: string, k: number, version: number): Promise<WireChannel> {
+/**
+ * Opens channel k (1..) of the session, names it with ATTACH and waits for ATTACHED (a
+ * receiver refuses a connection that sends more before its first frame is answered); closed
+ * again on failure.
+ */
+export async function attachChannel(open: () => Promise<WireChannel>, session: string, k: number, version: number, timeoutMs: number): Promise<WireChannel> {
   const ch = await open();
   try {
     await ch.send(encodeAttach({ session, role: 'channel', channel: k }, version));
+    await ch.expect(FrameType.Attached, (f) => peerError(f, 'handshake'), timeoutMs);
   } catch (e) {
     ch.close();
     throw e;

@@ -176,7 +176,7 @@ function grantedChannels(accept: Accept, wanted: ChannelChoice): ChannelChoice {
 /** Channels 1.. of the session, each authenticated and named with ATTACH; all closed if one fails. */
 async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<WireChannel[]> {
   const open = anotherConnection(ctx, 'channels');
-  const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version)));
+  const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version, ctx.settings.handshakeTimeoutMs)));
   const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
   const channels = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
   if (failed) {
