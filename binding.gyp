@@ -60,6 +60,13 @@
       "sources": ["native/guest/example/c_guest.c"],
       "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"],
       "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "raw_streams",
+      "type": "executable",
+      "sources": ["bench/native/raw_streams.c"],
+      "cflags_c": ["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+      "libraries": ["-lpthread"]
     }
   ]
 }

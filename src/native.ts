@@ -139,7 +139,7 @@ export interface NativePostcopySource {
   recent(): Uint32Array;
   reset(pages: Uint8Array, meaning: 'held' | 'needed'): void;
   unsent(): Uint32Array;
-  stats(): { requests: number; served: number; pushed: number; servedBytes: number };
+  stats(): { requests: number; served: number; pushed: number; servedBytes: number; resent: number };
   detach(): void;
 }
 

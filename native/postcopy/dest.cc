@@ -328,6 +328,10 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       size_t bytes = 0;
       for (uint32_t k = r.at; k < r.count && n < 64 && bytes < budget; k++, n++) {
         size_t skip = k == r.at ? r.off : 0;
+        // the same page may come on both connections (a request answered while its pushed copy
+        // was still in flight): once one copy landed the page is the guest's, and the rest of
+        // the other, even half received, goes to scratch
+        if (r.toRegion[k] && state_[r.idx[k]] >= kArrived) r.toRegion[k] = 0;
         uint8_t* base = r.toRegion[k] ? m_->addr + uint64_t{r.idx[k]} * kPage : scratch_;
         iov[n] = {base + skip, kPage - skip};
         bytes += kPage - skip;

@@ -188,6 +188,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     o.Set("served", static_cast<double>(served_.load()));
     o.Set("pushed", static_cast<double>(pushedPages_.load()));
     o.Set("servedBytes", static_cast<double>(servedBytes_.load()));
+    o.Set("resent", static_cast<double>(resent_.load()));
     return o;
   }
 
@@ -217,7 +218,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     SysError err;
     uint8_t h[kHeader];
     std::vector<uint8_t> body, head;
-    std::vector<uint32_t> mine;
+    std::vector<uint32_t> mine, claimed;
     std::vector<iovec> iov;
     for (;;) {
       if (!link.RecvBytes(h, kHeader, true, err)) break;
@@ -253,6 +254,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
         break;
       }
       mine.clear();
+      claimed.clear();
       {
         std::lock_guard<std::mutex> g(mu_);
         for (uint32_t k = 0; k < n; k++) {
@@ -264,8 +266,14 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
           requests_++;
           if (recent_.size() < 65536) recent_.push_back(p);
           uint8_t expect = kUnsent;
-          // already pushed (or being pushed): the stream brings it; otherwise it goes now
-          if (claim_[p].compare_exchange_strong(expect, kServed)) mine.push_back(p);
+          // Unsent: it goes now, and the push skips it. Already pushed (or being pushed): it goes
+          // again here all the same, since the push's copy may sit behind megabytes of the push
+          // stream (milliseconds at 1 GB/s) while a guest thread waits on it; the destination
+          // keeps whichever copy lands first (both are the paused source's same bytes).
+          if (claim_[p].compare_exchange_strong(expect, kServed)) claimed.push_back(p);
+          else if (expect != kServed) resent_++;
+          else continue;  // asked again after a reconnect: the first answer is on its way or there
+          mine.push_back(p);
         }
       }
       if (err.failed()) break;
@@ -274,11 +282,12 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
       mine.erase(std::unique(mine.begin(), mine.end()), mine.end());
       uint32_t m = static_cast<uint32_t>(mine.size());
       if (!SendPagesFrame(link, m_->addr, mine, head, iov, err)) {
-        for (uint32_t p : mine) claim_[p].store(kUnsent);
+        for (uint32_t p : claimed) claim_[p].store(kUnsent);
         break;
       }
+      // only what this thread claimed: a page the push claimed is hashed by the push
       if (hashes_)
-        for (uint32_t p : mine) hashes_[p] = PageHash(m_->addr + uint64_t{p} * kPage, kPage);
+        for (uint32_t p : claimed) hashes_[p] = PageHash(m_->addr + uint64_t{p} * kPage, kPage);
       served_ += m;
       servedBytes_ += head.size() + size_t{m} * kPage;
     }
@@ -297,7 +306,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
   std::thread server_;
   std::mutex mu_;
   std::vector<uint32_t> recent_;
-  std::atomic<uint64_t> requests_{0}, served_{0}, pushedPages_{0}, servedBytes_{0};
+  std::atomic<uint64_t> requests_{0}, served_{0}, pushedPages_{0}, servedBytes_{0}, resent_{0};
   uint32_t generation_ = 0;
   uint64_t* hashes_ = nullptr;  // a page is hashed by whichever thread sent it (one per page)
   Napi::Reference<Napi::BigUint64Array> hashesRef_;

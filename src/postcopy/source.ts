@@ -19,7 +19,10 @@ const PUSH_CALL_PAGES = 1024;
 
 export interface PushStats {
   pages_pushed: number;
+  /** pages sent on request, pages_resent included */
   pages_served: number;
+  /** requested pages that had been pushed already and went again on the priority connection */
+  pages_resent: number;
   requests: number;
   bytes: number;
   reconnects: number;
@@ -165,7 +168,7 @@ export class PageServer {
 
   stats(): PushStats {
     const s = this.#native.stats();
-    return { pages_pushed: s.pushed, pages_served: s.served, requests: s.requests, bytes: this.#bytes + s.servedBytes, reconnects: this.#reconnects };
+    return { pages_pushed: s.pushed, pages_served: s.served, pages_resent: s.resent, requests: s.requests, bytes: this.#bytes + s.servedBytes, reconnects: this.#reconnects };
   }
 
   close(): void {

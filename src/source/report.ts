@@ -24,7 +24,8 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
   const { tracker, encoder, prepMs, lanes } = ctx.session;
   const es = lanes.stats();
   const pc = end.postcopy;
-  const pcPages = pc ? pc.stats.pages_pushed + pc.stats.pages_served : 0;
+  // each page once: a resent page went by push and by request
+  const pcPages = pc ? pc.stats.pages_pushed + pc.stats.pages_served - pc.stats.pages_resent : 0;
   return {
     verified: true,
     mode: end.mode,

@@ -150,7 +150,10 @@ export type ProgressEvent =
 
 export interface PostcopyStats {
   pages_pushed: number;
+  /** pages sent on request, pages_resent included */
   pages_served: number;
+  /** requested pages that had been pushed already and went again on the priority connection (their push copy was still on its way) */
+  pages_resent: number;
   requests: number;
   bytes: number;
   reconnects: number;
