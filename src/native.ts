@@ -218,6 +218,8 @@ interface Addon {
   packBits(bytes: Uint8Array): Buffer;
   unpackBits(bits: Uint8Array, count: number, into?: Uint8Array): { bytes: Uint8Array; set: number };
   setShortSlices(ns: number): { threads: number; applied: boolean };
+  /** from now on the kernel ignores SIGTERM, SIGINT and SIGHUP (a daemon that has begun its shutdown) */
+  ignoreStopSignals(): void;
   setThreadSlice(ns: number): boolean;
   socketPair(): [number, number];
   /** the guest contract's messages (native/process/control_msg.h) */

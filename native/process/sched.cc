@@ -4,6 +4,7 @@
 // that slice to end (~1.5 ms on a 2-CPU host, measured as 2 ms wake-up delays at hand-over).
 #include <dirent.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -156,9 +157,24 @@ Napi::Value SetShortSlices(const Napi::CallbackInfo& info) {
   return ResultObject(env, threads, applied);
 }
 
+// ignoreStopSignals(): SIGTERM, SIGINT and SIGHUP are ignored by the kernel from now on. A
+// daemon that has begun its shutdown calls it: a second signal (a service manager signals the
+// whole group, and the parent that sized the pool passes its own on) may otherwise land while
+// Node tears the process down, its handlers gone, and end it by the signal's default action.
+Napi::Value IgnoreStopSignals(const Napi::CallbackInfo& info) {
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) {
+    struct sigaction a {};
+    a.sa_handler = SIG_IGN;
+    sigemptyset(&a.sa_mask);
+    if (sigaction(sig, &a, nullptr) != 0) throw MakeSysError(info.Env(), "sigaction", errno);
+  }
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 void InitSched(Napi::Env env, Napi::Object exports) {
+  exports.Set("ignoreStopSignals", Napi::Function::New(env, IgnoreStopSignals));
   exports.Set("setShortSlices", Napi::Function::New(env, SetShortSlices));
   exports.Set("setThreadSlice", Napi::Function::New(env, SetThreadSliceJs));
 }

@@ -3,6 +3,7 @@
  * migration of its own (listed like an outgoing one), its own destination guest, and its bytes
  * from the shared memory budget before anything is reserved.
  */
+import { channelsFor } from './threadpool.js';
 import { IncomingGuest } from '../guest/incoming-session.js';
 import { listen, type Receiver } from '../receiver/listen.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from '../receiver/types.js';
@@ -33,6 +34,8 @@ export interface IncomingDeps {
 export class IncomingMigrations {
   readonly receiver: Receiver;
   readonly #guestPids = new Map<string, number>();
+  /** migrations coming in now (each gets its share of the cores as channels) */
+  #active = 0;
 
   private constructor(receiver: Receiver) {
     this.receiver = receiver;
@@ -103,7 +106,10 @@ export class IncomingMigrations {
           break;
       }
     };
+    // the cores are shared by the migrations coming in at once: this one gets its share of readers
+    this.#active++;
     const options: ReceiveOptions = {
+      maxChannels: channelsFor(this.#active),
       reserveMemory: (bytes, local) => d.budget.take(bytes, local),
       onReserved: async (_region, postcopy, layout, memory) => {
         guest = await IncomingGuest.start({ command: d.guestCommand, layout, files: memory.files, populate: postcopy !== 'planned' && !memory.local, registerEarly: postcopy === 'planned' });
@@ -120,6 +126,7 @@ export class IncomingMigrations {
     return {
       options,
       settled: (outcome) => {
+        void outcome.finally(() => this.#active--).catch(() => undefined);
         outcome.then(
           (report) => {
             if (report.mode === 'postcopy') guest?.allPresent();

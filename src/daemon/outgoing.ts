@@ -4,6 +4,7 @@
  * queue in order. Before the point of commitment any failure (and a cancel) resumes the guest
  * here and it stays registered; after it the guest runs at the destination.
  */
+import { channelsFor } from './threadpool.js';
 import { LivemigError } from '../errors.js';
 import type { SourceGuestSession } from '../guest/source-session.js';
 import { PAGE_SIZE } from '../region/region.js';
@@ -135,6 +136,8 @@ export class OutgoingMigrations {
       },
       throttle: async (p) => session.throttle(p),
       control,
+      // the cores are shared by the migrations that may run at once: channels for this one's share
+      channels: channelsFor(d.maxConcurrent),
       mode: req.mode ?? 'precopy',
       ...(m.settings.downtime_limit_ms !== undefined ? { downtimeLimitMs: m.settings.downtime_limit_ms } : {}),
       ...(req.deadline_s !== undefined ? { deadlineMs: req.deadline_s * 1000 } : {}),

@@ -8,10 +8,19 @@
  * without it runs itself again with it.
  */
 import { spawn } from 'node:child_process';
+import os from 'node:os';
 
 /** pool threads a migration may hold at once, and the pool's threads for the rest (sized as if --parallel were --max-migrations) */
 export const POOL_PER_MIGRATION = 4;
 export const POOL_BASE = 8;
+
+/**
+ * Channels for one of `concurrent` migrations running at once: its share of the cores (1 to
+ * 4), within the pool threads a migration may hold (its channels' sends or reads, and one more).
+ */
+export function channelsFor(concurrent: number): number {
+  return Math.max(1, Math.min(4, Math.floor(os.availableParallelism() / Math.max(1, concurrent)), POOL_PER_MIGRATION - 1));
+}
 
 export function poolFor(maxMigrations: number): number {
   return Math.min(1024, POOL_BASE + 2 * POOL_PER_MIGRATION * maxMigrations);

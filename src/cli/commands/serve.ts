@@ -8,6 +8,7 @@ import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
 import { shellCommand } from './receive.js';
+import { addon, call } from '../../native.js';
 
 function version(): string {
   try {
@@ -85,6 +86,9 @@ export const serve: Command = {
       const stop = (sig: NodeJS.Signals): void => {
         if (stopping) return;
         stopping = true;
+        // from here on the kernel ignores them: one that lands while Node tears the process
+        // down (its handlers gone) would otherwise end it by the default action
+        call('ERR_LIVEMIG_SYSCALL', 'serve', 'ignoring further stop signals', () => addon.ignoreStopSignals());
         process.stdout.write(JSON.stringify({ stopping: { signal: sig, running: daemon.table.active().length } }) + '\n');
         void daemon.shutdown().then(resolve);
       };
