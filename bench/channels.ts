@@ -2,7 +2,8 @@
  * bench/channels: parallel channels and the stability of the encoding choice, 1 GiB guests, on
  * loopback and through the 1 Gbit/s namespace link, against baselines measured in the same run:
  * - the raw-TCP ceiling with 1, 2 and 4 streams (build/Release/raw_streams: a sending and a
- *   receiving thread per stream, 1 MiB sends from cache, a receiver that discards);
+ *   receiving thread per stream, 1 MiB sends from cache, a receiver that discards), and the same
+ *   from and into 1 GiB of populated memory (raw_tcp_region: what placing the pages costs);
  * - livemig with 1, 2 and 4 channels on an idle `random` guest: first pass, total, downtime, CPU
  *   seconds of each side (the destination's includes populating its region), and the first
  *   pass per CPU-second of both sides;
@@ -21,13 +22,6 @@ import { parseArgs } from 'node:util';
 import { guestSpecOf, runDemo, type DemoReport, type ReceiverPlace } from '../src/demo/demo.js';
 import { emit, machine, median } from './common.js';
 import { createLink, type NetLink } from './netlink.js';
-
-if (process.env['UV_THREADPOOL_SIZE'] === undefined) {
-  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: '16' } });
-  child.on('exit', (code) => process.exit(code ?? 1));
-} else {
-  await main();
-}
 
 async function main(): Promise<void> {
   const { values } = parseArgs({ options: { link: { type: 'string', default: 'both' }, runs: { type: 'string', default: '3' }, repeat: { type: 'string', default: '10' }, size: { type: 'string', default: String(1 << 30) }, cases: { type: 'string', default: 'raw,channels,mixed,default' } } });
@@ -59,15 +53,16 @@ interface Sitting {
 const RAW = path.join(path.dirname(fileURLToPath(import.meta.url)), '../../build/Release/raw_streams');
 
 /** One raw-TCP transfer of `bytes` over `streams` connections; the receiver across the link when there is one. */
-async function rawStreams(streams: number, bytes: number, link: NetLink | undefined): Promise<{ ms: number; sender_cpu_s: number; receiver_cpu_s: number }> {
+async function rawStreams(streams: number, bytes: number, link: NetLink | undefined, region = false): Promise<{ ms: number; sender_cpu_s: number; receiver_cpu_s: number }> {
   const host = link ? link.far : '127.0.0.1';
-  const rx = spawn(link ? 'ip' : RAW, [...(link ? ['netns', 'exec', link.ns, RAW] : []), 'recv', host, '0', String(streams), String(bytes)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const mode = region ? ['region'] : [];
+  const rx = spawn(link ? 'ip' : RAW, [...(link ? ['netns', 'exec', link.ns, RAW] : []), 'recv', host, '0', String(streams), String(bytes), ...mode], { stdio: ['ignore', 'pipe', 'pipe'] });
   const lines = createInterface({ input: rx.stdout! })[Symbol.asyncIterator]();
   const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
   let rxErr = '';
   rx.stderr!.on('data', (d: Buffer) => (rxErr += d.toString()));
   const rxDone = new Promise<void>((resolve) => rx.on('exit', () => resolve()));
-  const out = execFileSync(RAW, ['send', host, String(port), String(streams), String(bytes)]).toString();
+  const out = execFileSync(RAW, ['send', host, String(port), String(streams), String(bytes), ...mode]).toString();
   await rxDone;
   const sent = JSON.parse(out) as { ms: number; cpu_s: number };
   const received = JSON.parse(rxErr.trim().split('\n').pop()!) as { receiver_cpu_s: number };
@@ -96,12 +91,13 @@ async function sitting(linkName: string, link: NetLink | undefined, s: Sitting):
   const g = (content: string, rate: number) => guestSpecOf({ size: s.size, content, rate, pattern: 'uniform', hotSize: 64 << 20 });
   let bestRaw = Number.POSITIVE_INFINITY;
   if (s.cases.has('raw')) {
-    for (const streams of [1, 2, 4]) {
+    // the ceiling (a buffer that stays in cache), then the same from and into populated memory
+    for (const [streams, region] of [[1, false], [2, false], [4, false], [1, true], [2, true], [4, true]] as const) {
       const got: Awaited<ReturnType<typeof rawStreams>>[] = [];
-      for (let i = 0; i < s.runs; i++) got.push(await rawStreams(streams, s.size, link));
+      for (let i = 0; i < s.runs; i++) got.push(await rawStreams(streams, s.size, link, region));
       const ms = median(got.map((x) => x.ms));
-      if (streams > 1) bestRaw = Math.min(bestRaw, ms);
-      emit({ bench: 'channels', link: linkName, case: 'raw_tcp', streams, ms: +ms.toFixed(1), range_ms: [Math.min(...got.map((x) => x.ms)), Math.max(...got.map((x) => x.ms))], mb_s: Math.round(s.size / 1e3 / ms), sender_cpu_s: median(got.map((x) => x.sender_cpu_s)), receiver_cpu_s: median(got.map((x) => x.receiver_cpu_s)), runs: s.runs });
+      if (streams > 1 && !region) bestRaw = Math.min(bestRaw, ms);
+      emit({ bench: 'channels', link: linkName, case: region ? 'raw_tcp_region' : 'raw_tcp', streams, ms: +ms.toFixed(1), range_ms: [Math.min(...got.map((x) => x.ms)), Math.max(...got.map((x) => x.ms))], mb_s: Math.round(s.size / 1e3 / ms), sender_cpu_s: median(got.map((x) => x.sender_cpu_s)), receiver_cpu_s: median(got.map((x) => x.receiver_cpu_s)), runs: s.runs });
     }
   }
   if (s.cases.has('channels')) {
@@ -174,4 +170,11 @@ async function sitting(linkName: string, link: NetLink | undefined, s: Sitting):
       runs: s.repeat,
     });
   }
+}
+
+if (process.env['UV_THREADPOOL_SIZE'] === undefined) {
+  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: '16' } });
+  child.on('exit', (code) => process.exit(code ?? 1));
+} else {
+  await main();
 }

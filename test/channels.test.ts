@@ -53,7 +53,7 @@ test('the stripes: every page on exactly one channel, (page / STRIPE_PAGES) mod 
 });
 
 /** A reference guest migrated live into a reference incoming guest; returns what both sides say. */
-async function liveMigration(o: { channels: number; rate: number; pattern: 'uniform' | 'hot'; hotSize?: number; size?: number }) {
+async function liveMigration(o: { channels: number; rate: number; pattern: 'uniform' | 'hot'; hotSize?: number; size?: number; mbps?: number }) {
   const guest = await SourceGuest.spawn({ size: o.size ?? 128 * MiB, content: 'mixed', rate: o.rate, pattern: o.pattern, ...(o.hotSize ? { hotSize: o.hotSize } : {}), heartbeat: observer.address });
   let incoming: IncomingGuest | undefined;
   let sourceDigest = 0n;
@@ -69,12 +69,13 @@ async function liveMigration(o: { channels: number; rate: number; pattern: 'unif
       await incoming!.activate(ds);
     },
   });
+  const slow = o.mbps !== undefined ? await throttlingProxy(rx.port, o.mbps) : undefined;
   try {
     const received = rx.next();
     const report = await migrate({
       region: guest.region,
       ...(guest.target ? { target: guest.target } : {}),
-      to: { host: '127.0.0.1', port: rx.port },
+      to: { host: '127.0.0.1', port: slow?.port ?? rx.port },
       channels: o.channels,
       downtimeLimitMs: 5,
       pause: async () => {
@@ -92,10 +93,41 @@ async function liveMigration(o: { channels: number; rate: number; pattern: 'unif
     const verify = await observer.waitFor((b) => b.pid === pid && b.verify !== undefined, 60_000);
     return { report, rxReport, sourceDigest, destDigest, paused: paused!, verify: verify.verify! };
   } finally {
+    slow?.close();
     incoming?.kill();
     if (guest.child.exitCode === null) guest.kill();
     await rx.close();
   }
+}
+
+/** A proxy whose connections together carry at most `mbps` MB/s from the source: a slow link. */
+async function throttlingProxy(port: number, mbps: number): Promise<{ port: number; close(): void }> {
+  const live = new Set<net.Socket>();
+  let next = performance.now();
+  const server = net.createServer((c) => {
+    const up = net.connect(port, '127.0.0.1');
+    for (const x of [c, up]) {
+      live.add(x);
+      x.on('close', () => live.delete(x));
+      x.on('error', () => undefined);
+    }
+    c.on('data', (d: Buffer) => {
+      up.write(d);
+      // the link is busy with these bytes until `next`: hold the source back until then
+      next = Math.max(next, performance.now()) + d.length / 1e3 / mbps;
+      const wait = next - performance.now();
+      if (wait > 1) {
+        c.pause();
+        setTimeout(() => c.resume(), wait);
+      }
+    });
+    up.on('data', (d: Buffer) => c.write(d));
+    c.on('close', () => up.destroy());
+    up.on('close', () => c.destroy());
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return { port: (server.address() as net.AddressInfo).port, close: () => (server.close(), live.forEach((x) => x.destroy())) };
 }
 
 test('4 channels with the guest rewriting a small hot set hard: pages rewritten while their older copies are in flight end bit-identical, and the guest checks every page', async () => {
@@ -107,6 +139,15 @@ test('4 channels with the guest rewriting a small hot set hard: pages rewritten 
   assert.ok(BigInt(r.paused.writes) > 0n, 'the guest was writing');
   assert.equal(r.destDigest, r.sourceDigest, 'the destination image equals the source image at the pause');
   assert.equal(r.rxReport.digest, r.report.digest);
+  assert.deepEqual({ bad: r.verify.bad, writes: r.verify.writes }, { bad: 0, writes: r.paused.writes });
+});
+
+test('on a link one connection fills, the extra channels end after the first 64 MiB and the later rounds go on the main connection, bit-identical', async () => {
+  const r = await liveMigration({ channels: 2, rate: 64, pattern: 'uniform', size: 160 * MiB, mbps: 200 });
+  assert.equal(r.report.channels, 2);
+  assert.match(r.report.channels_reason, /the extra ones ended early: the link measured \d+ MB\/s over the first 64 MiB/);
+  assert.ok(r.report.rounds >= 2, `rounds after the channels ended (${r.report.rounds})`);
+  assert.equal(r.destDigest, r.sourceDigest);
   assert.deepEqual({ bad: r.verify.bad, writes: r.verify.writes }, { bad: 0, writes: r.paused.writes });
 });
 
@@ -385,7 +426,7 @@ test('hybrid over 2 channels: the pass goes on both, post-copy on its own connec
     activate: async (_r, ds) => incoming!.activate(ds),
     recoverTimeoutMs: 20_000,
   });
-  const guest = await SourceGuest.spawn({ size: 128 * MiB, content: 'mixed', rate: 64, pattern: 'uniform', heartbeat: observer.address });
+  const guest = await SourceGuest.spawn({ size: 128 * MiB, content: 'mixed', rate: 128, pattern: 'uniform', heartbeat: observer.address });
   const live = new Set<net.Socket>();
   let connections = 0;
   const proxy = net.createServer((c) => {
@@ -411,13 +452,14 @@ test('hybrid over 2 channels: the pass goes on both, post-copy on its own connec
       channels: 2,
       mode: 'hybrid',
       control: new MigrationControl(),
-      bandwidthMiBps: 400,
+      // slow enough that post-copy still pushes when its first progress event comes
+      bandwidthMiBps: 100,
       pause: () => guest.pause(),
       resume: () => guest.resume(),
       commit: () => guest.commit(),
       release: () => guest.exit(),
       onProgress: (e) => {
-        if (e.type === 'postcopy' && !cut && e.pages_pushed > 100) {
+        if (e.type === 'postcopy' && !cut && e.pages_pushed > 10) {
           cut = true;
           for (const x of live) x.destroy(); // every connection at once; new ones get through
         }

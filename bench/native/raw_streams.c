@@ -1,8 +1,11 @@
 // The raw-TCP ceiling with several streams: BYTES split over N connections, one sending thread
 // and one receiving thread per connection, 1 MiB send()s from a buffer that stays in cache and
 // a receiver that discards into one. What no migration engine can beat on the same path.
-//   raw_streams recv ADDR PORT N BYTES      prints {"port":P} when listening, then serves once
-//   raw_streams send ADDR PORT N BYTES      prints {"streams":N,"bytes":B,"ms":T,"cpu_s":C}
+//   raw_streams recv ADDR PORT N BYTES [region]   prints {"port":P} when listening, then serves once
+//   raw_streams send ADDR PORT N BYTES [region]   prints {"streams":N,"bytes":B,"ms":T,"cpu_s":C}
+// With `region` both ends do what a migration must: the sender sends from BYTES of populated
+// memory, each stream its slice, and the receiver receives into BYTES of populated memory, each
+// stream into its slice (no buffer that stays in cache on either side).
 // The receiver answers one byte per stream once it has all of that stream's bytes, so the
 // sender's time runs from its first send to the last stream's answer.
 #define _GNU_SOURCE
@@ -15,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,6 +29,7 @@
 struct job {
   int fd;
   uint64_t bytes;
+  char* region;  // this stream's slice of the region, or NULL: a buffer that stays in cache
 };
 
 static double now_ms(void) {
@@ -49,7 +54,8 @@ static void* receive_one(void* arg) {
   char* buf = malloc(CHUNK);
   if (!buf) die("malloc");
   for (uint64_t got = 0; got < j->bytes;) {
-    ssize_t n = recv(j->fd, buf, CHUNK, 0);
+    size_t want = j->bytes - got < CHUNK ? (size_t)(j->bytes - got) : CHUNK;
+    ssize_t n = recv(j->fd, j->region ? j->region + got : buf, j->region ? want : CHUNK, 0);
     if (n <= 0) die("recv");
     got += (uint64_t)n;
   }
@@ -66,7 +72,7 @@ static void* send_one(void* arg) {
   memset(buf, 0x5a, CHUNK);
   for (uint64_t sent = 0; sent < j->bytes;) {
     size_t want = j->bytes - sent < CHUNK ? (size_t)(j->bytes - sent) : CHUNK;
-    ssize_t n = send(j->fd, buf, want, 0);
+    ssize_t n = send(j->fd, j->region ? j->region + sent : buf, want, 0);
     if (n <= 0) die("send");
     sent += (uint64_t)n;
   }
@@ -77,8 +83,8 @@ static void* send_one(void* arg) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 6) {
-    fprintf(stderr, "usage: raw_streams recv|send ADDR PORT STREAMS BYTES\n");
+  if (argc != 6 && !(argc == 7 && strcmp(argv[6], "region") == 0)) {
+    fprintf(stderr, "usage: raw_streams recv|send ADDR PORT STREAMS BYTES [region]\n");
     return 2;
   }
   int streams = atoi(argv[4]);
@@ -95,7 +101,17 @@ int main(int argc, char** argv) {
   int one = 1;
   struct job jobs[MAX_STREAMS];
   pthread_t threads[MAX_STREAMS];
-  for (int i = 0; i < streams; i++) jobs[i].bytes = bytes / streams + (i < (int)(bytes % streams) ? 1 : 0);
+  char* region = NULL;
+  if (argc == 7) {
+    region = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (region == MAP_FAILED) die("mmap");
+    memset(region, 0x5a, bytes);  // every page really backed (and not the shared zero page)
+  }
+  for (uint64_t i = 0, at = 0; i < (uint64_t)streams; i++) {
+    jobs[i].bytes = bytes / streams + (i < bytes % streams ? 1 : 0);
+    jobs[i].region = region ? region + at : NULL;
+    at += jobs[i].bytes;
+  }
   if (strcmp(argv[1], "recv") == 0) {
     int l = socket(AF_INET, SOCK_STREAM, 0);
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

@@ -103,9 +103,9 @@ export class IncomingChannels {
     }
   }
 
-  /** Resolves once every channel has passed round `round`'s ROUND_END. */
+  /** Resolves once every channel has passed round `round`'s ROUND_END, or ended. */
   async reached(round: number): Promise<void> {
-    await this.#until(() => this.#reached.every((r) => r >= round));
+    await this.#until(() => this.#reached.every((r, k) => r >= round || this.#ended[k]));
   }
 
   /** Resolves once every channel has ended: all their pages are in the region. */

@@ -352,6 +352,7 @@ class Incoming {
     await this.#channels.ended();
     got.pages += this.#channels.pages;
     got.channelsEnded = true;
+    trace('receiver', 'channels ended');
   }
 
   /**

@@ -18,9 +18,10 @@
 import os from 'node:os';
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
+import { trace } from '../trace.js';
 import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
 import { peerError } from './peer.js';
-import { encodeAttach, encodeRoundEnd } from '../protocol/messages.js';
+import { encodeAttach, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import type { PageEncoder } from '../encoding/encoder.js';
 import type { EncodingStats } from '../encoding/encoder.js';
@@ -93,6 +94,7 @@ export class Lanes {
   readonly lanes: Lane[];
   readonly #plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
   #ended = false;
+  #acked = false;
   #bytes = 0;
   #ms = 0;
 
@@ -107,7 +109,7 @@ export class Lanes {
 
   /** Sends a round's pages, each on its stripe's channel, the channels at once; the bytes written. */
   async send(r: number, pages: Uint32Array, final: boolean): Promise<number> {
-    // once the extra channels ended (before the pause), every page goes on the main connection
+    // once the extra channels ended, every page goes on the main connection
     const parts = this.count === 1 || this.#ended ? [pages] : splitByStripe(pages, this.count);
     const t0 = performance.now();
     const sent = await Promise.all(
@@ -139,6 +141,37 @@ export class Lanes {
     await Promise.all(this.lanes.slice(1).map((l) => l.channel.send(encodeRoundEnd({ round, pages: l.roundPages, ...(last ? { last: true as const } : {}) }, version))));
     for (const l of this.lanes) l.roundPages = 0;
   }
+
+  /** Whether every page goes on the main connection now (the extra channels ended, or there are none). */
+  get narrowed(): boolean {
+    return this.count === 1 || this.#acked;
+  }
+
+  /**
+   * Ends the extra channels during round `round`: each gets ROUND_END {last}, then the main
+   * connection ROUND_END {round, pages: 0, last}, whose ROUND_ACK {last} the destination sends
+   * once every channel has ended; from then on every page goes on the main connection. Earlier
+   * rounds' acknowledgements read on the way are noted, not lost.
+   */
+  async narrow(round: number, version: number, readAck: () => Promise<RoundEnd>, why?: string): Promise<void> {
+    if (this.count === 1 || this.#ended) return;
+    trace('source', 'channels end', { round, why: why ?? 'the end of pre-copy' });
+    await this.endRound(round, version, true);
+    await this.lanes[0]!.channel.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
+    for (;;) {
+      const ack = await readAck();
+      this.ackedRound = Math.max(this.ackedRound, ack.round);
+      if (ack.last) break;
+    }
+    this.#acked = true;
+    this.narrowedWhy = why;
+    trace('source', 'channels ended', { round });
+  }
+
+  /** the highest round the destination acknowledged as read on the way (narrow()) */
+  ackedRound = 0;
+  /** why the extra channels ended before the end of pre-copy, if they did */
+  narrowedWhy: string | undefined;
 
   /** Every lane's encoding counts, summed. */
   stats(): EncodingStats | undefined {

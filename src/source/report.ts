@@ -41,7 +41,7 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     tracker: tracker.backend,
     tracker_reason: ctx.session.trackerReason,
     channels: ctx.session.channels.count,
-    channels_reason: ctx.session.channels.reason,
+    channels_reason: ctx.session.channels.reason + (lanes.narrowedWhy ? `; the extra ones ended early: ${lanes.narrowedWhy}` : ''),
     local: ctx.settings.options.local !== undefined,
     zero_pages: es?.zero_pages ?? 0,
     dup_pages: es?.dup_pages ?? 0,

@@ -9,7 +9,8 @@ import { firstOutOfOrder, mergePages } from '../precopy/batches.js';
 import { ConvergencePolicy, type Decision } from '../precopy/policy.js';
 import { WritableWorkingSet } from '../precopy/wws.js';
 import { FrameType } from '../protocol/format.js';
-import { decodeRoundAck, encodeRoundEnd } from '../protocol/messages.js';
+import { decodeRoundAck, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
+import { FAST_LINK_MBPS, LINK_WINDOW } from '../encoding/chooser.js';
 import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import type { RoundStats } from './types.js';
@@ -123,18 +124,29 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // the main connection, which ROUND_END {last} tells so; the destination acknowledges it once
   // every channel has ended, so from then on it takes any page there (docs/PROTOCOL.md).
   const { lanes } = ctx.session;
-  if (lanes.count > 1) {
-    await lanes.endRound(ctx.round, version, true);
-    await channel.send(encodeRoundEnd({ round: ctx.round, pages: 0, last: true }, version));
-  }
+  await lanes.narrow(ctx.round, version, () => readRoundAck(ctx));
   // Let the destination finish applying what is in flight before the pause, so that the
   // pause does not pay for its backlog.
-  for (;;) {
-    const ack = decodeRoundAck((await channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
-    ctx.deadlines.noteProgress();
-    if (ack.round >= ctx.round && (lanes.count === 1 || ack.last === true)) break;
-  }
+  while (lanes.ackedRound < ctx.round) lanes.ackedRound = Math.max(lanes.ackedRound, (await readRoundAck(ctx)).round);
   return outcome;
+}
+
+function linkMBps(ctx: SourceContext): number {
+  const l = ctx.session.lanes.link();
+  return l.ms > 0 ? l.bytes / 1e3 / l.ms : Number.POSITIVE_INFINITY;
+}
+
+/** The extra channels are still up, and the link, measured, is below what needs more than one. */
+function slowLink(ctx: SourceContext): boolean {
+  const { lanes } = ctx.session;
+  return !lanes.narrowed && lanes.link().bytes >= LINK_WINDOW && linkMBps(ctx) <= FAST_LINK_MBPS;
+}
+
+/** The next ROUND_ACK from the destination (progress: it applied a round). */
+async function readRoundAck(ctx: SourceContext): Promise<RoundEnd> {
+  const ack = decodeRoundAck((await ctx.session.channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
+  ctx.deadlines.noteProgress();
+  return ack;
 }
 
 /**
@@ -156,6 +168,9 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
     const mayCross = !final && ctx.bytesSent + (pages.length - at) * region.pageSize > settings.maxBytes;
     const chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
     const part = pages.subarray(at, at + chunk);
+    // on a link one stream fills, extra channels only cost CPU (and each its own compressor):
+    // once the link is measured, they end and the main connection carries the rest
+    if (!final && slowLink(ctx)) await ctx.session.lanes.narrow(r, ctx.session.version, () => readRoundAck(ctx), `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`);
     const t0 = now();
     tRoundStart ??= t0;
     const b = await ctx.sendPages(r, part, final);
