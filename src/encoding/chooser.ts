@@ -28,7 +28,7 @@ export const LINK_WINDOW = 64 << 20;
 /** a link faster than this (MB/s) is out of the compressor's reach: three times what two lz4 threads do here */
 export const FAST_LINK_MBPS = 600;
 /** compress only if that moves region bytes this much faster than not compressing */
-const SPEED_MARGIN = 1.2;
+const SPEED_MARGIN = 1.1;
 /** and recent compressible pages came out at most this fraction of their size */
 const MAX_RATIO = 0.9;
 /** and at least this share of nonzero pages looked compressible */

@@ -58,6 +58,8 @@ export interface PageEncoderOptions {
   probe?: () => WrittenProbe | undefined;
   /** the link as all channels measured it so far (the chooser judges compression from it) */
   link?: () => LinkFigure | undefined;
+  /** each run's bytes as they went: the link figure grows during a long call, not after it */
+  onSent?: (bytes: number) => void;
 }
 
 interface BufferSet {
@@ -89,10 +91,12 @@ export class PageEncoder {
   readonly #zeroHash = call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash());
 
   readonly #probe: () => WrittenProbe | undefined;
+  readonly #onSent: (bytes: number) => void;
 
   constructor(o: PageEncoderOptions) {
     const { region, channel, hashes, dedup, encodings: options, version, batchPages } = o;
     this.#probe = o.probe ?? (() => undefined);
+    this.#onSent = o.onSent ?? (() => undefined);
     this.#region = region;
     this.#channel = channel;
     this.#hashes = hashes;
@@ -131,10 +135,16 @@ export class PageEncoder {
       else this.#runBatches = RUN_BATCHES;
       const part = pages.subarray(at, Math.min(pages.length, at + (compress ? COMPRESS_RUN : this.#runBatches) * this.#batchPages));
       at += part.length;
-      if (compress) bytes += await this.#sendCompressed(round, part);
+      if (compress) {
+        const b = await this.#sendCompressed(round, part);
+        bytes += b;
+        this.#onSent(b);
+      }
       else {
         if (this.chooser.wantSample()) this.#sample(part);
-        bytes += await this.#sendInPlace(round, part);
+        const b = await this.#sendInPlace(round, part);
+        bytes += b;
+        this.#onSent(b);
       }
       this.chooser.advance(Math.ceil(part.length / this.#batchPages));
     }

@@ -95,8 +95,11 @@ export class Lanes {
   readonly #plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
   #ended = false;
   #acked = false;
+  /** bytes of completed sends, and those plus what the runs of the current one reported */
+  #bytesBefore = 0;
   #bytes = 0;
   #ms = 0;
+  #since: number | undefined;
 
   constructor(lanes: Lane[], plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
     this.lanes = lanes;
@@ -112,6 +115,7 @@ export class Lanes {
     // once the extra channels ended, every page goes on the main connection
     const parts = this.count === 1 || this.#ended ? [pages] : splitByStripe(pages, this.count);
     const t0 = performance.now();
+    this.#since = t0;
     const sent = await Promise.all(
       parts.map((part, k) => {
         const lane = this.lanes[k]!;
@@ -121,14 +125,21 @@ export class Lanes {
       }),
     );
     const bytes = sent.reduce((a, b) => a + b, 0);
-    this.#bytes += bytes;
+    this.#bytes = this.#bytesBefore += bytes;
     this.#ms += performance.now() - t0;
+    this.#since = undefined;
     return bytes;
+  }
+
+  /** An encoder's run went (during a send): the figure grows as the bytes go, not only after the call. */
+  noteSent(bytes: number): void {
+    this.#bytes += bytes;
   }
 
   /** The link so far: what every channel took, over the wall time of the sends (pacing's sleeps left out). */
   link(): LinkFigure {
-    return { bytes: this.#bytes, ms: this.#ms, channels: this.count };
+    const running = this.#since !== undefined ? performance.now() - this.#since : 0;
+    return { bytes: this.#bytes, ms: this.#ms + running, channels: this.count };
   }
 
   /**
@@ -160,8 +171,9 @@ export class Lanes {
     await this.lanes[0]!.channel.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
     for (;;) {
       const ack = await readAck();
-      this.ackedRound = Math.max(this.ackedRound, ack.round);
       if (ack.last) break;
+      // (the answer to {last} is not the round's own acknowledgement, which follows its ROUND_END)
+      this.ackedRound = Math.max(this.ackedRound, ack.round);
     }
     this.#acked = true;
     this.narrowedWhy = why;

@@ -111,7 +111,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const channels = [channel, ...extras];
   const linkFigure = (): LinkFigure | undefined => ctx.lanes?.link();
   const encoders = channels.map((ch, k) =>
-    image ? new PageEncoder({ region, channel: ch, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure }) : undefined,
+    image ? new PageEncoder({ region, channel: ch, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure, onSent: (b) => ctx.lanes?.noteSent(b) }) : undefined,
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;

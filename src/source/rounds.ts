@@ -166,7 +166,10 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
   while (at < pages.length) {
     // chunks where the round may have to stop early: at a deadline, or at the byte bound
     const mayCross = !final && ctx.bytesSent + (pages.length - at) * region.pageSize > settings.maxBytes;
-    const chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
+    let chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
+    // channels not yet judged against the link: a chunk ends where it is, so that they can end
+    const { lanes } = ctx.session;
+    if (!lanes.narrowed && lanes.link().bytes < LINK_WINDOW) chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - lanes.link().bytes) / region.pageSize)));
     const part = pages.subarray(at, at + chunk);
     // on a link one stream fills, extra channels only cost CPU (and each its own compressor):
     // once the link is measured, they end and the main connection carries the rest
