@@ -23,6 +23,7 @@ import type { IncomingGuest } from '../src/guest/incoming-session.js';
 import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
 import type { GuestState } from '../src/workload/state.js';
 import * as R from './reference/frames.js';
+import { imageDigest, minorFaultsReason } from './helpers.js';
 
 const MiB = 1 << 20;
 let observer: HeartbeatObserver;
@@ -31,11 +32,6 @@ before(async () => {
 });
 after(() => observer.close());
 
-async function imageDigest(region: Region): Promise<bigint> {
-  const table = new BigUint64Array(region.pageCount);
-  await addon.hashAll(region.nativeHandle, table);
-  return addon.digestTable(table);
-}
 
 test('the stripes: every page on exactly one channel, (page / STRIPE_PAGES) mod N, in ascending order', () => {
   const pages = Uint32Array.from({ length: 5000 }, (_, i) => i * 3);
@@ -401,17 +397,6 @@ test('DEVICE_STATE before the channels ended is a protocol error, nothing activa
   }
 });
 
-function minorFaultsReason(): string | undefined {
-  const probe = Region.create(MiB, { name: 'livemig-probe' });
-  try {
-    addon.closeFd(addon.uffdRegisterMinor(probe.address, probe.size));
-    return undefined;
-  } catch (e) {
-    return `userfaultfd minor faults on shared memory are not available: ${(e as Error).message}`;
-  } finally {
-    probe.release();
-  }
-}
 const noPostcopy = minorFaultsReason();
 if (noPostcopy) console.log(`# skipping the post-copy channel test: ${noPostcopy}`);
 

@@ -10,15 +10,13 @@ import net from 'node:net';
 import { createInterface } from 'node:readline';
 import { after, before, test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
-import { addon } from '../src/native.js';
 import { migrate } from '../src/source/migrate.js';
 import { listen } from '../src/receiver/listen.js';
-import type { Region } from '../src/region/region.js';
 import { verifyContent } from '../src/workload/content.js';
 import type { IncomingGuest } from '../src/guest/incoming-session.js';
 import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
 import type { GuestState } from '../src/workload/state.js';
-import { here } from './helpers.js';
+import { here, imageDigest } from './helpers.js';
 import path from 'node:path';
 
 const SIZE = Number(process.env.LIVEMIG_TEST_E2E_BYTES ?? 256 * 1024 * 1024);
@@ -30,11 +28,6 @@ before(async () => {
 });
 after(() => observer.close());
 
-async function imageDigest(region: Region): Promise<bigint> {
-  const table = new BigUint64Array(region.pageCount);
-  await addon.hashAll(region.nativeHandle, table);
-  return addon.digestTable(table);
-}
 
 async function writesOf(guest: SourceGuest): Promise<bigint> {
   return BigInt((await guest.state()).writes);

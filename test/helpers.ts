@@ -5,6 +5,8 @@ import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import net from 'node:net';
+import { addon } from '../src/native.js';
+import { Region } from '../src/region/region.js';
 
 export const GiB = 1 << 30;
 export const here = path.dirname(fileURLToPath(import.meta.url));
@@ -84,4 +86,24 @@ export async function tcpPair(): Promise<{ client: net.Socket; peer: net.Socket;
   await once(client, 'connect');
   const [peer] = (await accepted) as [net.Socket];
   return { client, peer, server };
+}
+
+/** The digest of a region's pages as they are now (what the commitment digest would be over them). */
+export async function imageDigest(region: Region): Promise<bigint> {
+  const table = new BigUint64Array(region.pageCount);
+  await addon.hashAll(region.nativeHandle, table);
+  return addon.digestTable(table);
+}
+
+/** Why post-copy cannot run here (userfaultfd minor faults on shared memory), or undefined. */
+export function minorFaultsReason(): string | undefined {
+  const probe = Region.create(1 << 20, { name: 'livemig-probe' });
+  try {
+    addon.closeFd(addon.uffdRegisterMinor(probe.address, probe.size));
+    return undefined;
+  } catch (e) {
+    return `userfaultfd minor faults on shared memory are not available: ${(e as Error).message}`;
+  } finally {
+    probe.release();
+  }
 }

@@ -21,22 +21,11 @@ import { Region } from '../src/region/region.js';
 import { fillContent } from '../src/workload/content.js';
 import type { IncomingGuest } from '../src/guest/incoming-session.js';
 import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
-import { tcpPair, WorkerWriter } from './helpers.js';
+import { minorFaultsReason, tcpPair, WorkerWriter } from './helpers.js';
 import { FrameType } from '../src/protocol/format.js';
 
 const MiB = 1 << 20;
 
-function minorFaultsReason(): string | undefined {
-  const probe = Region.create(MiB, { name: 'livemig-probe' });
-  try {
-    addon.closeFd(addon.uffdRegisterMinor(probe.address, probe.size));
-    return undefined;
-  } catch (e) {
-    return `userfaultfd minor faults on shared memory are not available: ${(e as Error).message}`;
-  } finally {
-    probe.release();
-  }
-}
 const skip = minorFaultsReason();
 if (skip) console.log(`# skipping post-copy tests: ${skip}`);
 
