@@ -220,6 +220,8 @@ interface Addon {
   setShortSlices(ns: number): { threads: number; applied: boolean };
   /** from now on the kernel ignores SIGTERM, SIGINT and SIGHUP (a daemon that has begun its shutdown) */
   ignoreStopSignals(): void;
+  /** ends the process at once with `code`, without Node's teardown (a daemon whose shutdown is complete) */
+  exitNow(code: number): never;
   setThreadSlice(ns: number): boolean;
   socketPair(): [number, number];
   /** the guest contract's messages (native/process/control_msg.h) */

@@ -171,10 +171,19 @@ Napi::Value IgnoreStopSignals(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// exitNow(code): ends the process at once, without Node's teardown. A daemon whose shutdown is
+// complete calls it: the teardown closes libuv's signal handles, which sets their signals back to
+// the default action, and a stop signal landing then (the parent's, or a service manager's sent
+// to every process of the unit) ended it by that action instead of its exit code.
+Napi::Value ExitNow(const Napi::CallbackInfo& info) {
+  _exit(info[0].As<Napi::Number>().Int32Value());
+}
+
 }  // namespace
 
 void InitSched(Napi::Env env, Napi::Object exports) {
   exports.Set("ignoreStopSignals", Napi::Function::New(env, IgnoreStopSignals));
+  exports.Set("exitNow", Napi::Function::New(env, ExitNow));
   exports.Set("setShortSlices", Napi::Function::New(env, SetShortSlices));
   exports.Set("setThreadSlice", Napi::Function::New(env, SetThreadSliceJs));
 }

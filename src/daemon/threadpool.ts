@@ -58,5 +58,10 @@ function flagValue(argv: readonly string[], name: string): string | undefined {
 export function runWithPool(size: number): Promise<number> {
   const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: String(size) } });
   for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void child.kill(sig));
-  return new Promise((resolve) => child.on('exit', (code, signal) => resolve(code ?? (signal ? 128 : 1))));
+  return new Promise((resolve) =>
+    child.on('exit', (code, signal) => {
+      if (signal) process.stderr.write(`livemig: the process run with the pool ended by ${signal}\n`);
+      resolve(code ?? (signal ? 128 : 1));
+    }),
+  );
 }

@@ -60,6 +60,22 @@ export const serve: Command = {
     const listen = parseHostPort(str(v, 'listen'), '--listen');
     const credentials = credentialsFrom(v, 'destination');
     const max = parseNumber(str(v, 'max-migrations'), '--max-migrations', 1);
+    // The stop signals are taken before anything starts: one that came before the handlers
+    // (a supervisor that signals as soon as it reads {serving}) ended the process by the
+    // default action. A second signal must not cut the shutdown short either: a service manager
+    // signals every process of the unit, and the parent that sized the pool passes its own on.
+    let signalled: (sig: NodeJS.Signals) => void = () => undefined;
+    const stopSignal = new Promise<NodeJS.Signals>((resolve) => (signalled = resolve));
+    let stopping = false;
+    const stop = (sig: NodeJS.Signals): void => {
+      if (stopping) return;
+      stopping = true;
+      // from here on the kernel ignores them
+      call('ERR_LIVEMIG_SYSCALL', 'serve', 'ignoring further stop signals', () => addon.ignoreStopSignals());
+      signalled(sig);
+    };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
     const daemon = await Daemon.start({
       api,
       ...(typeof v['token-file'] === 'string' ? { token: readToken(v['token-file']) } : {}),
@@ -79,23 +95,14 @@ export const serve: Command = {
       version: version(),
     });
     process.stdout.write(JSON.stringify({ serving: { api: daemon.apiAddress, listen: `${listen.host}:${daemon.migrationPort}`, port: daemon.migrationPort, guests: daemon.registry.path, pid: process.pid } }) + '\n');
-    await new Promise<void>((resolve) => {
-      // a second signal must not cut the shutdown short: a service manager signals the whole
-      // group, and the parent that sized the pool passes its signal on as well
-      let stopping = false;
-      const stop = (sig: NodeJS.Signals): void => {
-        if (stopping) return;
-        stopping = true;
-        // from here on the kernel ignores them: one that lands while Node tears the process
-        // down (its handlers gone) would otherwise end it by the default action
-        call('ERR_LIVEMIG_SYSCALL', 'serve', 'ignoring further stop signals', () => addon.ignoreStopSignals());
-        process.stdout.write(JSON.stringify({ stopping: { signal: sig, running: daemon.table.active().length } }) + '\n');
-        void daemon.shutdown().then(resolve);
-      };
-      process.on('SIGTERM', stop);
-      process.on('SIGINT', stop);
-    });
-    process.stdout.write(JSON.stringify({ stopped: { migrations: daemon.table.list().length } }) + '\n');
-    return 0;
+    const sig = await stopSignal;
+    process.stdout.write(JSON.stringify({ stopping: { signal: sig, running: daemon.table.active().length } }) + '\n');
+    await daemon.shutdown();
+    const line = JSON.stringify({ stopped: { migrations: daemon.table.list().length } }) + '\n';
+    await new Promise<void>((resolve) => process.stdout.write(line, () => resolve()));
+    // Node's teardown would set the stop signals back to their default action: a second one
+    // landing then (the parent's, or a service manager's sent to every process) would end the
+    // daemon by it. Nothing is left to tear down: the shutdown closed everything.
+    return addon.exitNow(0);
   },
 };
