@@ -328,6 +328,22 @@ function pagesFrame(indices: number[], round = 1): Buffer {
   return b;
 }
 
+test('bad channel counts are refused with exact messages before anything listens or connects', async () => {
+  await assert.rejects(listen('127.0.0.1', 0, { activate: async () => undefined, maxChannels: 0 }), /maxChannels must be an integer from 1 to 16, got 0/);
+  await assert.rejects(listen('127.0.0.1', 0, { activate: async () => undefined, maxChannels: Number.NaN }), /maxChannels must be an integer from 1 to 16, got NaN/);
+  const region = Region.create(16 * 4096, { name: 'ch-bad' });
+  try {
+    for (const channels of [0, 17, 1.5]) {
+      await assert.rejects(
+        migrate({ region, to: { host: '127.0.0.1', port: 9 }, channels, pause: async () => new Uint8Array(0), resume: async () => undefined }),
+        (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && /channels must be an integer from 1 to 16/.test(e.message),
+      );
+    }
+  } finally {
+    region.release();
+  }
+});
+
 test('the receiver grants at most what was asked, and a channel beyond the grant is refused', async () => {
   const s = await rawSession(2, []);
   try {

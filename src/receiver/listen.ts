@@ -8,7 +8,7 @@
  */
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
+import { FrameType, MAX_CHANNELS, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAttach, decodeResolve, encodeError, encodeResolved } from '../protocol/messages.js';
 import type { WireChannel, WireFrame } from '../protocol/wire.js';
 import { assertSecureEnough } from '../security/tls.js';
@@ -64,6 +64,8 @@ export interface ListenOptions {
 export async function listen(host: string, port: number, options: ReceiveOptions, listenOptions: ListenOptions = {}): Promise<Receiver> {
   const maxConcurrent = listenOptions.maxConcurrent ?? 1;
   if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `maxConcurrent must be a positive integer, got ${maxConcurrent}`, { phase: 'listen' });
+  const mc = options.maxChannels;
+  if (mc !== undefined && (!Number.isInteger(mc) || mc < 1 || mc > MAX_CHANNELS)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `maxChannels must be an integer from 1 to ${MAX_CHANNELS}, got ${String(mc)}`, { phase: 'listen' });
   assertSecureEnough(host, options.credentials, options.insecure, 'listening on');
   // pauseOnConnect: Node must not read from the connection before the native wire owns it
   const server = net.createServer({ noDelay: true, pauseOnConnect: true });
