@@ -329,3 +329,13 @@ export function digestOf(hashes: BigUint64Array, phase: string): bigint {
 export function closeFd(fd: number, phase: string): void {
   call('ERR_LIVEMIG_SYSCALL', phase, `closing descriptor ${fd}`, () => addon.closeFd(fd));
 }
+
+/**
+ * The threads of libuv's pool in this process (UV_THREADPOOL_SIZE, read by libuv once at
+ * start; 4 unless set). Native reads and sends are pool tasks that block on their connection,
+ * so this bounds how many run at once.
+ */
+export function threadPoolSize(): number {
+  const n = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
+  return Number.isInteger(n) && n > 0 ? n : 4;
+}

@@ -28,6 +28,8 @@ export function poolFor(maxMigrations: number): number {
 
 /** How many migrations at once (each direction) the pool of this process carries. */
 export function migrationsCarried(): number {
+  // (read here, not through native.ts's threadPoolSize: the command's entry imports this file
+  // before anything else, and must not load the addon to decide whether to run itself again)
   const pool = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
   return Math.max(1, Math.floor(((Number.isFinite(pool) ? pool : 4) - POOL_BASE) / (2 * POOL_PER_MIGRATION)));
 }

@@ -8,6 +8,7 @@
  * only once every channel has ended (ROUND_END {last}).
  */
 import { LivemigError } from '../errors.js';
+import { threadPoolSize } from '../native.js';
 import { FrameType, MAX_CHANNELS } from '../protocol/format.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { decodeAbort, decodeRoundEnd, encodeAttached } from '../protocol/messages.js';
@@ -22,8 +23,7 @@ const POOL_RESERVE = 1;
  * libuv's pool can read at once (each channel's read holds a pool thread while it waits).
  */
 export function maxChannels(asked: number | undefined): number {
-  const pool = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
-  const room = Math.max(1, (Number.isFinite(pool) ? pool : 4) - POOL_RESERVE);
+  const room = Math.max(1, threadPoolSize() - POOL_RESERVE);
   return Math.max(1, Math.min(asked ?? MAX_CHANNELS, room, MAX_CHANNELS));
 }
 

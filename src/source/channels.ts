@@ -18,6 +18,7 @@
 import os from 'node:os';
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
+import { threadPoolSize } from '../native.js';
 import { trace } from '../trace.js';
 import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
 import { peerError } from './peer.js';
@@ -43,8 +44,8 @@ export interface ChannelChoice {
  * waits for its socket).
  */
 export function chooseChannels(asked: number | undefined, canConnect: boolean): ChannelChoice {
-  const pool = Number(process.env['UV_THREADPOOL_SIZE'] ?? 4);
-  const poolRoom = Math.max(1, (Number.isFinite(pool) ? pool : 4) - POOL_RESERVE);
+  const pool = threadPoolSize();
+  const poolRoom = Math.max(1, pool - POOL_RESERVE);
   if (asked !== undefined) {
     if (asked > 1 && !canConnect) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'channels above 1 need `connect` (a way to open more connections) when `to` is a socket', { phase: 'validate' });
     if (asked > poolRoom) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `channels ${asked} need ${asked + POOL_RESERVE} threads in libuv's pool, which has ${pool}: start the process with UV_THREADPOOL_SIZE=${asked + POOL_RESERVE} or more`, { phase: 'validate' });
