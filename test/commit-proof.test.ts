@@ -9,10 +9,10 @@ import net from 'node:net';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { CAP_COMMIT_ACTIVATE, FrameType } from '../src/protocol/format.js';
-import { decodeError, encodeAccept, encodeActivated, encodeDigest, encodeHello, encodeRoundAck, decodeRoundEnd } from '../src/protocol/messages.js';
+import { decodeError, encodeAccept, encodeActivated, encodeCommitAck, encodeDigest, encodeHello, encodeRoundAck, decodeCommit, decodeRoundEnd } from '../src/protocol/messages.js';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
-import { secureConnect } from '../src/security/tls.js';
+import { secureAccept, secureConnect, type Credentials } from '../src/security/tls.js';
 import { migrate } from '../src/source/migrate.js';
 import { makeCa, opensslMissing } from './certs.js';
 import { FrameParser } from './reference/frames.js';
@@ -77,3 +77,79 @@ test('with credentials, a source that speaks only version 2 is refused before an
     await rx.close();
   }
 });
+
+/**
+ * A destination that holds the key (or, on loopback, needs none) but negotiates the proof away:
+ * ACCEPT without commit-activate (or of version 2), then it echoes COMMIT_ACK and ACTIVATED to
+ * whatever comes. The source must refuse it before pausing anything.
+ */
+async function downgrader(accept: { version: number; capabilities: string[] }, creds?: Credentials): Promise<{ port: number; close(): void; commits: number }> {
+  const state = { commits: 0 };
+  const server = net.createServer({ pauseOnConnect: true }, (raw) => {
+    raw.on('error', () => undefined);
+    void (async () => {
+      const ch = creds ? (await secureAccept(raw, creds)).channel : (await import('../src/protocol/wire.js')).WireChannel.fromSocket(raw);
+      try {
+        for (;;) {
+          const f = await ch.next(10_000);
+          const v = accept.version;
+          if (f.type === FrameType.Hello) await ch.send(encodeAccept(accept, v));
+          else if (f.type === FrameType.RoundEnd) await ch.send(encodeRoundAck(decodeRoundEnd(f.payload), v));
+          else if (f.type === FrameType.Commit) {
+            state.commits++;
+            await ch.send(encodeCommitAck({ digest: decodeCommit(f.payload).digest }, v));
+            await ch.send(encodeActivated({ activateMs: 0.1 }, v));
+          } else if (f.type === FrameType.Activate) await ch.send(encodeActivated({ activateMs: 0.1 }, v));
+        }
+      } catch {
+        ch.close(); // the source went away
+      }
+    })().catch(() => raw.destroy());
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    close: () => server.close(),
+    get commits() {
+      return state.commits;
+    },
+  };
+}
+
+const downgrades = [
+  { name: 'version 3 without commit-activate', accept: { version: 3, capabilities: [] }, code: 'ERR_LIVEMIG_PROTOCOL', why: /drops commit-activate/ },
+  { name: 'version 3 with every other capability', accept: { version: 3, capabilities: ['encodings', 'resolve'] }, code: 'ERR_LIVEMIG_PROTOCOL', why: /drops commit-activate/ },
+  { name: 'version 2 with commit-activate', accept: { version: 2, capabilities: [CAP_COMMIT_ACTIVATE] }, code: 'ERR_LIVEMIG_VERSION', why: /proves it holds the image/ },
+  { name: 'version 1', accept: { version: 1, capabilities: [] }, code: 'ERR_LIVEMIG_VERSION', why: /proves it holds the image/ },
+];
+for (const keyed of [false, true]) {
+  for (const d of downgrades) {
+    test(`a ${keyed ? 'keyed' : 'loopback'} destination that negotiates the proof away (${d.name}) cannot make the source release`, { skip: keyed ? opensslMissing : false }, async () => {
+      const pair = keyed ? makeCa(['src', 'dst']) : undefined;
+      const fake = await downgrader(d.accept, pair ? { kind: 'cert', ...pair.certs['dst']!, ca: pair.ca, allow: ['src'] } : undefined);
+      const region = Region.create(64 * 4096, { name: 'proof-downgrade' });
+      let paused = 0;
+      let released = 0;
+      try {
+        await assert.rejects(
+          migrate({
+            region,
+            to: { host: '127.0.0.1', port: fake.port },
+            ...(pair ? { credentials: { kind: 'cert' as const, ...pair.certs['src']!, ca: pair.ca, peerName: 'dst' } } : {}),
+            encodings: { zero: false, dedup: false, compress: false },
+            pause: async () => (paused++, new Uint8Array(4)),
+            resume: async () => undefined,
+            release: async () => void released++,
+          }),
+          (e: unknown) => e instanceof LivemigError && e.code === d.code && d.why.test(e.message) && e.phase === 'handshake',
+        );
+        assert.equal(released, 0, 'the source copy was not released');
+        assert.equal(paused, 0, 'the guest was never paused: it runs on the source');
+        assert.equal(fake.commits, 0, 'no COMMIT went to it');
+      } finally {
+        fake.close();
+        region.release();
+      }
+    });
+  }
+}

@@ -17,6 +17,13 @@ export const HEADER_BYTES = 12;
 /** Current protocol version, and the oldest one still accepted from a peer. */
 export const PROTOCOL_VERSION = 3;
 export const MIN_PROTOCOL_VERSION = 1;
+/**
+ * The oldest version a source speaks: the first in which the destination proves it holds the
+ * image (DIGEST) before the source commits. A destination cannot negotiate the proof away: a
+ * source refuses an ACCEPT of an older version, or one without `commit-activate` (docs/PROTOCOL.md,
+ * "The commit proof"). A receiver still takes older sources on loopback without credentials.
+ */
+export const MIN_SOURCE_VERSION = 3;
 /** Largest payload accepted: a 64 MiB device state, or a page batch (well under). */
 export const MAX_PAYLOAD = 64 * 1024 * 1024;
 /** Header flags: none but DEVICE_STATE's; every other frame carries 0. */

@@ -1,13 +1,12 @@
 /**
- * Stage 4, commitment and activation. With `commit-activate` (the usual case) COMMIT carries
- * the request to activate: one round trip. Without it (a version-1 destination), COMMIT_ACK
- * then ACTIVATE. Either way the point of commitment is the moment the frame that lets the
- * destination activate has been written whole.
+ * Stage 4, commitment and activation: DEVICE_STATE, the destination's proof (DIGEST, its own
+ * digest of what it holds, compared with ours), then COMMIT carrying the request to activate:
+ * one round trip. The point of commitment is the moment COMMIT has been written whole.
  */
 import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
-import { CAP_COMMIT_ACTIVATE, FrameType } from '../protocol/format.js';
-import { decodeActivated, decodeCommitAck, decodeDigest, encodeActivate, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
+import { FrameType } from '../protocol/format.js';
+import { decodeActivated, decodeDigest, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { trace } from '../trace.js';
 import { now, type SourceContext } from './context.js';
@@ -26,52 +25,30 @@ export interface Activation {
 }
 
 export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGuest): Promise<Activation> {
-  const { channel, version, accept } = ctx.session;
+  const { channel, version } = ctx.session;
   const pageCount = ctx.settings.options.region.pageCount;
-  // version 3: the destination proves it holds the image before we commit (DIGEST). A same-host
-  // upgrade has no image to prove: the destination took the memory itself, from a socket only
-  // the token it got on this authenticated connection opens
-  const prove = version >= 3 && accept.capabilities.includes(CAP_COMMIT_ACTIVATE) && !ctx.settings.options.local;
-  const deviceState = encodeDeviceState(stopped.deviceState, version, prove);
-  let digest: bigint;
-  let tSent: number;
-  let tCommitted: number;
-  let activated: ReturnType<typeof decodeActivated>;
-  if (accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
-    // The device state goes before our digest is known: the destination hands it to its guest
-    // and computes its own digest while we compute ours (each reads a table of 8 bytes per
-    // page: ~0.4 ms for 1 GiB here), instead of one after the other. COMMIT is the point of
-    // commitment: a write that failed did not deliver it whole, so the guest may still resume
-    // here; once the write is done, an ERROR back means it did not activate.
-    await channel.send(deviceState);
-    ctx.announceCommitment();
-    digest = digestOf(ctx.hashes, 'commit');
-    trace('source', 'digest computed');
-    if (prove) await checkProof(channel, digest, pageCount);
-    await ctx.beginCommitment();
-    await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
-    ctx.enter('activating');
-    tSent = now();
-    trace('source', 'last pages, device state and COMMIT sent', { pages: stopped.lastPages });
-    activated = await confirmActivation(ctx);
-    tCommitted = now();
-    reportCommitted(ctx, digest, stopped);
-  } else {
-    digest = digestOf(ctx.hashes, 'commit');
-    await channel.send(deviceState);
-    tSent = now();
-    ctx.enter('commit');
-    await channel.send(encodeCommit({ digest, pageCount }, version));
-    const ack = decodeCommitAck((await channel.expect(FrameType.CommitAck, (f) => peerError(f, 'commit'))).payload);
-    if (ack.digest !== digest) throw new LivemigError('ERR_LIVEMIG_DIGEST', `destination acknowledged digest ${ack.digest.toString(16)}, ours is ${digest.toString(16)}`, { phase: 'commit' });
-    tCommitted = now();
-    reportCommitted(ctx, digest, stopped);
-    // Point of commitment: once ACTIVATE is on its way, the source must never resume by itself.
-    await ctx.beginCommitment();
-    ctx.enter('activating');
-    await channel.send(encodeActivate(version));
-    activated = await confirmActivation(ctx);
-  }
+  // The destination proves it holds the image before we commit (DIGEST): the handshake refused
+  // any destination that could not. A same-host upgrade has no image to prove: the destination
+  // took the memory itself, from a socket only the token it got on this connection opens.
+  const prove = !ctx.settings.options.local;
+  // The device state goes before our digest is known: the destination hands it to its guest
+  // and computes its own digest while we compute ours (each reads a table of 8 bytes per
+  // page: ~0.4 ms for 1 GiB here), instead of one after the other. COMMIT is the point of
+  // commitment: a write that failed did not deliver it whole, so the guest may still resume
+  // here; once the write is done, an ERROR back means it did not activate.
+  await channel.send(encodeDeviceState(stopped.deviceState, version, prove));
+  ctx.announceCommitment();
+  const digest = digestOf(ctx.hashes, 'commit');
+  trace('source', 'digest computed');
+  if (prove) await checkProof(channel, digest, pageCount);
+  await ctx.beginCommitment();
+  await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
+  ctx.enter('activating');
+  const tSent = now();
+  trace('source', 'last pages, device state and COMMIT sent', { pages: stopped.lastPages });
+  const activated = await confirmActivation(ctx);
+  const tCommitted = now();
+  reportCommitted(ctx, digest, stopped);
   const tActive = now();
   trace('source', 'ACTIVATED received');
   return { digest, tSent, tCommitted, tActive, activateMs: activated.activateMs };

@@ -11,10 +11,10 @@ import { addon, call, type NativeDedup } from '../native.js';
 import { PageEncoder } from '../encoding/encoder.js';
 import type { LinkFigure } from '../encoding/chooser.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_SOURCE_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
-import { isLoopback, openChannel } from '../security/tls.js';
+import { openChannel } from '../security/tls.js';
 import { frameLimits } from '../protocol/limits.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import { offerMemory } from '../guest/local.js';
@@ -53,7 +53,6 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   trace('source', 'connected');
   // a cancel during the secure handshake ends it here (the channel does not exist yet)
   ctx.onAbort(() => socket.destroy());
-  const remote = socket.remoteAddress ?? '';
   const opened = await openChannel(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
   const channel = opened.channel;
   ctx.onAbort(undefined);
@@ -81,22 +80,14 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await channel.send(encodeHello({ versions: [MIN_PROTOCOL_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
+  await channel.send(encodeHello({ versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
   trace('source', 'HELLO sent');
   const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
-  if (accept.version < MIN_PROTOCOL_VERSION || accept.version > PROTOCOL_VERSION) {
-    throw new LivemigError('ERR_LIVEMIG_VERSION', `destination chose protocol version ${accept.version}, outside ${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`, { phase: 'handshake' });
-  }
+  checkProofOffered(accept, local !== undefined);
   const version = accept.version;
   if (local) {
     if (!accept.capabilities.includes(CAP_LOCAL)) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the destination does not take memory by reference (a same-host upgrade needs a livemig that offers `local`)', { phase: 'handshake' });
     await local.served; // it took the memory before it accepted
-  }
-  // before version 3 the destination does not prove it holds the image before the commit
-  // (an impostor that echoes our digest could make us release the guest): only an
-  // unauthenticated migration on loopback, the demo's, may still speak it
-  if (version < 3 && (options.credentials !== undefined || !isLoopback(remote))) {
-    throw new LivemigError('ERR_LIVEMIG_VERSION', `the destination speaks protocol version ${version}, whose commit it does not prove: refused off loopback and with credentials (version 3 needed)`, { phase: 'handshake' });
   }
   // the hand-over's code paths run once now, not for the first time inside the pause
   warmUpRuntime();
@@ -138,6 +129,22 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   ctx.tracker = tracker;
   ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, lanes, channels: granted, prepMs, security: opened.security };
   ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason, channels: granted.count, channels_reason: granted.reason });
+}
+
+/**
+ * The destination must be able to prove it holds the image before we commit (version 3's
+ * DIGEST, negotiated with `commit-activate`): an ACCEPT that drops either would let whoever
+ * answers make us release a guest it does not hold, so it ends the migration here, with the
+ * guest never paused. A same-host upgrade proves itself otherwise: the destination took the
+ * memory from a socket that only this authenticated connection's token opens.
+ */
+function checkProofOffered(accept: Accept, local: boolean): void {
+  if (accept.version < MIN_SOURCE_VERSION || accept.version > PROTOCOL_VERSION) {
+    throw new LivemigError('ERR_LIVEMIG_VERSION', `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`, { phase: 'handshake' });
+  }
+  if (!local && !accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
+    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', "the destination's ACCEPT drops commit-activate, without which it does not prove it holds the image before the commit: refused, the guest stays here", { phase: 'handshake' });
+  }
 }
 
 function postcopyLink(ctx: SourceContext, accept: Accept, version: number): PostcopyLink | undefined {
