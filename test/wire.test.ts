@@ -41,7 +41,7 @@ test('sendPages writes PAGES frames that the reference parser reads back as the 
   const frames: Frame[] = [];
   const parser = new R.FrameParser();
   peer.on('data', (c: Buffer) => parser.push(c, (f) => frames.push(f)));
-  const pages = Uint32Array.from([0, 1, 2, 7, 9, 10, 63, 40, 41]); // runs, singles, out of order
+  const pages = Uint32Array.from([0, 1, 2, 7, 9, 10, 40, 41, 63]); // runs and singles, strictly increasing (a frame's rule)
   const { bytes } = await wire.sendPages({ region, pages, round: 5, version: 1, batchPages: 4, hashes });
   await wire.send(encodeFrame(FrameType.RoundEnd, Buffer.alloc(0)));
   while (!frames.some((f) => f.type === FrameType.RoundEnd)) await new Promise((r) => setTimeout(r, 5));
@@ -102,6 +102,8 @@ test('the native parser refuses what the reference parser refuses, before touchi
     ['flags on PAGES', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 1); b.writeUInt16LE(0xffff, 4); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /flags 0xffff/],
     ['a flag DEVICE_STATE does not define', encodeHeader(FrameType.DeviceState, 0, 3, 0x2), 'ERR_LIVEMIG_PROTOCOL', /flags 0x2/],
     ['index out of range', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 8/],
+    ['a page twice in one frame', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([5, 5]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 5 follows 5: .*strictly increasing/],
+    ['indices that go back', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([7, 3]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 3 follows 7/],
     ['count zero', (() => { const b = Buffer.alloc(12 + 8); encodeHeader(FrameType.Pages, 8, 1, 0, b); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/],
     ['wrong length', (() => { const b = Buffer.alloc(12 + 8 + 4 + 10); encodeHeader(FrameType.Pages, 22, 1, 0, b); b.writeUInt32LE(1, 16); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /must be/],
     ['other version', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 2); return b; })(), 'ERR_LIVEMIG_VERSION', /version 2/],

@@ -128,6 +128,7 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
               if (claim_[idx[at]].compare_exchange_strong(expect, kPushing)) mine.push_back(idx[at]);
             }
             if (mine.empty()) continue;
+            std::sort(mine.begin(), mine.end());  // a frame's indices are strictly increasing (wire/format.h)
             uint32_t n = static_cast<uint32_t>(mine.size());
             if (!SendPagesFrame(*link, m->addr, mine, head, iov, err)) {
               // not known to have arrived: the destination's list after reconnecting decides

@@ -57,6 +57,11 @@ bool DecodePageIndices(uint32_t* idx, uint32_t count, uint64_t pageCount, SysErr
     if (idx[k] >= pageCount) {
       return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " is outside the region's " + std::to_string(pageCount) + " pages"), false;
     }
+    // strictly increasing: a page appears once in a frame, and what a frame covers is a set of
+    // ascending runs, never one that goes back or overlaps
+    if (k > 0 && idx[k] <= idx[k - 1]) {
+      return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " follows " + std::to_string(idx[k - 1]) + ": a frame's indices must be strictly increasing"), false;
+    }
   }
   return true;
 }

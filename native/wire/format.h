@@ -97,7 +97,7 @@ bool CheckPagesPrefix(const char* what, const uint8_t* prefix, uint32_t maxBatch
 bool CheckPlainPagesLength(const char* what, uint32_t length, uint32_t count, SysError& err);
 
 // Page indices as read off the wire (little-endian u32), decoded in place and each checked
-// against the region's page count before any page body is read.
+// against the region's page count, and to be strictly increasing, before any page body is read.
 bool DecodePageIndices(uint32_t* idx, uint32_t count, uint64_t pageCount, SysError& err);
 
 }  // namespace wire

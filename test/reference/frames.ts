@@ -111,7 +111,7 @@ export interface PagesBatch {
   data: Buffer;
 }
 
-/** Checks the batch's shape; page indices are checked against the region by the caller (native, all or nothing). */
+/** Checks the batch's shape and that its indices strictly increase; they are checked against the region by the caller (native, all or nothing). */
 export function decodePages(p: Buffer, pageSize: number): PagesBatch {
   if (p.length < PAGES_PREFIX_BYTES) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `PAGES payload of ${p.length} bytes is shorter than its prefix`);
   const round = p.readUInt32LE(0);
@@ -121,6 +121,9 @@ export function decodePages(p: Buffer, pageSize: number): PagesBatch {
   if (p.length !== want) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `PAGES of ${count} pages must be ${want} bytes, got ${p.length}`);
   const idxOff = p.byteOffset + PAGES_PREFIX_BYTES;
   const indices = idxOff % 4 === 0 ? new Uint32Array(p.buffer, idxOff, count) : new Uint32Array(p.subarray(PAGES_PREFIX_BYTES, PAGES_PREFIX_BYTES + count * 4).buffer.slice(idxOff, idxOff + count * 4));
+  for (let k = 1; k < count; k++) {
+    if (indices[k]! <= indices[k - 1]!) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `page index ${indices[k]} follows ${indices[k - 1]}: a frame's indices must be strictly increasing`);
+  }
   const data = p.subarray(PAGES_PREFIX_BYTES + count * 4);
   return { round, indices, data };
 }
