@@ -60,6 +60,8 @@ export interface NativeSendEncoded {
 export interface WireKeys {
   send: { key: Buffer; salt: Buffer };
   receive: { key: Buffer; salt: Buffer };
+  /** the peer's records already opened before the Wire (its first frame's, src/receiver/admit.ts) */
+  received?: number;
 }
 
 export interface NativeWire {
@@ -67,6 +69,8 @@ export interface NativeWire {
   /** bytes the kernel took at once; encrypted, -1: the frame was sealed whole and part of it waits for a write() */
   writeNow(buffers: Buffer[]): number;
   readNow(o: { maxPayload: number; maxType: number; limits?: Uint32Array }): NativeFrame | null;
+  /** bytes of the peer's that arrived and were not read yet */
+  unread(): number;
   sendPages(o: NativeSendPages): Promise<SendCounts>;
   sendEncoded(o: NativeSendEncoded): Promise<number>;
   read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean; channels?: number; channel?: number } }): Promise<NativeFrame>;
@@ -239,6 +243,8 @@ interface Addon {
   wireFormat(): NativeWireFormat;
   /** the wire's header rules for a header read outside a Wire; throws as read() would */
   checkFrameHeader(header: Buffer, maxPayload: number): { version: number; type: number; flags: number; length: number };
+  /** the whole records at the front of `bytes` (one direction of a stream, the first numbered `first`), opened */
+  openStreamRecords(keys: { key: Buffer; salt: Buffer }, first: number, bytes: Buffer): { plain: Buffer; records: number; consumed: number };
   UFFD_FEATURE_WP_ASYNC: bigint;
   UFFD_FEATURE_WP_UNPOPULATED: bigint;
   UFFD_FEATURE_WP_HUGETLBFS_SHMEM: bigint;

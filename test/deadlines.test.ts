@@ -66,7 +66,7 @@ test('a destination that stops reading in pre-copy: aborted after progressTimeou
   // accepts, then never reads again: the source's sends block once the socket buffers are full
   const server = await fakeDestination((f, s) => {
     if (f.type !== FrameType.Hello) return;
-    s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
+    s.write(encodeAccept({ version: 3, capabilities: [CAP_COMMIT_ACTIVATE] }, 3));
     s.pause();
   });
   const region = filled(16384, 'dl-progress'); // 64 MiB: far more than the socket buffers hold
@@ -142,7 +142,7 @@ test('cancel() in pre-copy ends the migration with the guest running here; after
 test('a destination that floods the source with frames nobody asked for is cut off (read-ahead is bounded)', async () => {
   const server = await fakeDestination((f, s) => {
     if (f.type !== FrameType.Hello) return;
-    s.write(encodeAccept({ version: 3, capabilities: [] }, 3));
+    s.write(encodeAccept({ version: 3, capabilities: [CAP_COMMIT_ACTIVATE] }, 3));
     const junk = encodeRoundAck({ round: 0, pages: 0 }, 3);
     s.write(Buffer.concat(Array.from({ length: 5000 }, () => junk)));
   });

@@ -1,6 +1,7 @@
 // A migration connection's descriptor and record layer (see link.h).
 #include "io/link.h"
 
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -8,12 +9,19 @@
 
 namespace livemig {
 
-bool Link::Encrypt(const DirectionKey& send, const DirectionKey& receive, SysError& err) {
+bool Link::Encrypt(const DirectionKey& send, const DirectionKey& receive, uint64_t received, SysError& err) {
   auto tx = std::make_unique<RecordSender>();
   auto rx = std::make_unique<RecordReceiver>();
   if (!tx->Init(send, err) || !rx->Init(receive, err)) return false;
+  rx->StartAt(received);
   tx_ = std::move(tx), rx_ = std::move(rx);
   return true;
+}
+
+long Link::Unread() const {
+  int queued = 0;
+  if (ioctl(fd_, FIONREAD, &queued) != 0) return -1;
+  return static_cast<long>(queued) + static_cast<long>(rx_ ? rx_->buffered() : 0);
 }
 
 bool Link::Send(iovec* iov, int n, size_t head, SysError& err) {

@@ -28,7 +28,11 @@ class Link {
 
   int fd() const { return fd_; }
   // From now on every byte either way is in records under these keys. Before any frame.
-  bool Encrypt(const DirectionKey& send, const DirectionKey& receive, SysError& err);
+  // `received`: the peer's records already opened before this link (its first frame's).
+  bool Encrypt(const DirectionKey& send, const DirectionKey& receive, uint64_t received, SysError& err);
+  // Bytes of the peer's that have arrived and are not read yet (buffered plaintext, or still in
+  // the socket); -1 with errno when the socket cannot say.
+  long Unread() const;
   bool encrypted() const { return tx_ != nullptr; }
   RecordSender* tx() { return tx_.get(); }
   RecordReceiver* rx() { return rx_.get(); }

@@ -266,4 +266,26 @@ bool RecordReceiver::FillNow(int fd, size_t maxLen, SysError& err) {
   return true;
 }
 
+bool OpenStreamRecords(const DirectionKey& k, uint64_t first, const uint8_t* p, size_t len, std::vector<uint8_t>& plain, size_t& consumed,
+                       uint64_t& records, SysError& err) {
+  Aead aead;
+  if (!aead.Init(k.key, k.salt, err)) return false;
+  aead.StartAt(first);
+  consumed = 0, records = 0;
+  while (len - consumed >= kRecordHeadBytes) {
+    const uint8_t* h = p + consumed;
+    const uint32_t n = Le32(h);
+    if (n == 0 || n > kRecordMax) {
+      return err.fail("ERR_LIVEMIG_PROTOCOL", "an encrypted record of " + std::to_string(n) + " bytes (must be 1.." + std::to_string(kRecordMax) + ")"), false;
+    }
+    if (len - consumed < kRecordOverhead + n) break;
+    const size_t at = plain.size();
+    plain.insert(plain.end(), h + kRecordHeadBytes, h + kRecordHeadBytes + n);
+    iovec v{plain.data() + at, n};
+    if (!aead.OpenInPlace(h, kRecordHeadBytes, &v, 1, h + kRecordHeadBytes + n, err)) return false;
+    consumed += kRecordOverhead + n, records++;
+  }
+  return true;
+}
+
 }  // namespace livemig

@@ -96,6 +96,8 @@ class RecordSender {
 class RecordReceiver {
  public:
   bool Init(const DirectionKey& k, SysError& err);
+  // The peer's records before number `n` were opened elsewhere (OpenStreamRecords).
+  void StartAt(uint64_t n) { aead_.StartAt(n); }
   // Blocking: fills iov[0..n) with plaintext.
   bool RecvAll(int fd, iovec* iov, int n, bool atFrameStart, SysError& err);
   // Non-blocking: plaintext into iov[0..n), as much as has arrived; returns the bytes given,
@@ -120,5 +122,12 @@ class RecordReceiver {
   std::vector<iovec> sub_, into_;
   SysError failure_;
 };
+
+// Opens the whole records at the front of [p, p + len) of one direction's stream, the first of
+// them numbered `first`, appending their plaintext to `plain`; `consumed` and `records` say how
+// far it got (a record not all there yet is left). False with err for a bad length (the
+// stream's framing is lost) or a record that fails authentication.
+bool OpenStreamRecords(const DirectionKey& k, uint64_t first, const uint8_t* p, size_t len, std::vector<uint8_t>& plain, size_t& consumed,
+                       uint64_t& records, SysError& err);
 
 }  // namespace livemig

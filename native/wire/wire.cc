@@ -63,7 +63,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
                         InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
                         InstanceMethod("finish", &Wire::Finish), InstanceMethod("peerGone", &Wire::PeerGone), InstanceMethod("sendEncoded", &Wire::SendEncoded),
                         InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget),
-                        InstanceMethod("writeNow", &Wire::WriteNow), InstanceMethod("readNow", &Wire::ReadNow)});
+                        InstanceMethod("writeNow", &Wire::WriteNow), InstanceMethod("readNow", &Wire::ReadNow),
+                        InstanceMethod("unread", &Wire::Unread)});
   }
 
   // new Wire(fd, keys?: {send: {key, salt}, receive: {key, salt}}): takes a duplicate of a
@@ -78,8 +79,11 @@ class Wire : public Napi::ObjectWrap<Wire> {
     if (info[1].IsObject()) {
       Napi::Object k = info[1].As<Napi::Object>();
       DirectionKey send = KeyOf(env, k.Get("send")), receive = KeyOf(env, k.Get("receive"));
+      Napi::Value r = k.Get("received");
+      const int64_t received = r.IsNumber() ? r.As<Napi::Number>().Int64Value() : 0;
+      if (received < 0) throw Napi::RangeError::New(env, "keys.received must be a count of records");
       SysError err;
-      if (!link_->Encrypt(send, receive, err)) throw MakeSysError(env, err);
+      if (!link_->Encrypt(send, receive, static_cast<uint64_t>(received), err)) throw MakeSysError(env, err);
     }
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) throw MakeSysError(env, "fcntl(F_SETFL)", errno);
@@ -197,6 +201,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
     job.count = pages.ElementLength();
     for (size_t k = 0; k < job.count; k++) {
       if (job.idx[k] >= job.pageCount) throw Napi::RangeError::New(env, "page index outside the region");
+      // every frame's indices strictly increase (wire/format.h): so must the list they are cut from
+      if (k > 0 && job.idx[k] <= job.idx[k - 1]) throw Napi::RangeError::New(env, "page indices must be strictly increasing");
     }
     job.hashes = hashes.Data();
     Napi::Value dedupValue = o.Get("dedup");
@@ -255,6 +261,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     const uint32_t* idx = pages.Data();
     for (size_t k = 0; k < n; k++) {
       if (idx[k] >= hashes.ElementLength()) throw Napi::RangeError::New(env, "page index outside the hash table");
+      if (k > 0 && idx[k] <= idx[k - 1]) throw Napi::RangeError::New(env, "page indices must be strictly increasing");
       if (enc.Data()[k] == kLz4) {
         size_t g = 1;
         while (k + g < n && enc.Data()[k + g] == kLz4Cont) g++;
@@ -448,6 +455,14 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return ControlFrame(env, hd.version, hd.type, hd.flags, payload);
   }
 
+  // unread() -> bytes of the peer's that arrived and were not read yet: a connection whose
+  // first frame must be answered before anything follows it is refused when this is not 0.
+  Napi::Value Unread(const Napi::CallbackInfo& info) {
+    long n = Live(info.Env())->Unread();
+    if (n < 0) throw MakeSysError(info.Env(), "ioctl(FIONREAD)", errno);
+    return Napi::Number::New(info.Env(), static_cast<double>(n));
+  }
+
   // Wakes every thread blocked on this connection (they fail) and tells the peer we are gone.
   Napi::Value Shutdown(const Napi::CallbackInfo& info) {
     if (link_) shutdown(link_->fd(), SHUT_RDWR);  // ENOTCONN when the peer already left: nothing to undo
@@ -545,6 +560,35 @@ class Wire : public Napi::ObjectWrap<Wire> {
 // checkFrameHeader(header: Buffer (12 bytes), maxPayload) -> {version, type, flags, length}:
 // the wire's header rules (wire/format.cc) for a header read outside a Wire (a connection's
 // first frame, src/receiver/admit.ts); throws what read() would.
+// openStreamRecords({key, salt}, first, bytes) -> {plain, records, consumed}: the whole records
+// at the front of `bytes` (one direction's stream, the first numbered `first`) opened; what is
+// not a whole record yet is left. For the first frame of an accepted connection, read before its
+// Wire exists (src/receiver/admit.ts). Throws ERR_LIVEMIG_AUTH or ERR_LIVEMIG_PROTOCOL.
+Napi::Value OpenStreamRecordsJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object k = info[0].As<Napi::Object>();
+  Napi::Value kb = k.Get("key"), sb = k.Get("salt");
+  if (!kb.IsBuffer() || !sb.IsBuffer() || kb.As<Napi::Buffer<uint8_t>>().Length() != kAeadKeyBytes || sb.As<Napi::Buffer<uint8_t>>().Length() != kAeadSaltBytes) {
+    throw Napi::RangeError::New(env, "a direction's key must be 32 bytes and its salt 4");
+  }
+  DirectionKey d;
+  std::memcpy(d.key, kb.As<Napi::Buffer<uint8_t>>().Data(), kAeadKeyBytes);
+  std::memcpy(d.salt, sb.As<Napi::Buffer<uint8_t>>().Data(), kAeadSaltBytes);
+  const int64_t first = info[1].As<Napi::Number>().Int64Value();
+  if (first < 0) throw Napi::RangeError::New(env, "first must be a record number");
+  Napi::Buffer<uint8_t> bytes = info[2].As<Napi::Buffer<uint8_t>>();
+  std::vector<uint8_t> plain;
+  size_t consumed = 0;
+  uint64_t records = 0;
+  SysError err;
+  if (!OpenStreamRecords(d, static_cast<uint64_t>(first), bytes.Data(), bytes.Length(), plain, consumed, records, err)) throw MakeSysError(env, err);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("plain", Napi::Buffer<uint8_t>::Copy(env, plain.data(), plain.size()));
+  out.Set("records", static_cast<double>(records));
+  out.Set("consumed", static_cast<double>(consumed));
+  return out;
+}
+
 Napi::Value CheckFrameHeader(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Buffer<uint8_t> b = info[0].As<Napi::Buffer<uint8_t>>();
@@ -563,6 +607,7 @@ Napi::Value CheckFrameHeader(const Napi::CallbackInfo& info) {
 void InitWire(Napi::Env env, Napi::Object exports) {
   exports.Set("Wire", Wire::Init(env));
   exports.Set("checkFrameHeader", Napi::Function::New(env, CheckFrameHeader));
+  exports.Set("openStreamRecords", Napi::Function::New(env, OpenStreamRecordsJs));
 }
 
 std::shared_ptr<Link> LinkOfWire(Napi::Env env, Napi::Value wire) {

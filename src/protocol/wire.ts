@@ -96,13 +96,14 @@ export class WireChannel {
 
   /**
    * Takes over a connection from which exactly `consumed` bytes were read (its first frame,
-   * src/receiver/admit.ts) and nothing more is buffered.
+   * src/receiver/admit.ts) and nothing more is buffered. Encrypted, `keys.received` says how
+   * many of the peer's records those bytes were.
    */
-  static fromSocketAfter(socket: net.Socket, consumed: number): WireChannel {
+  static fromSocketAfter(socket: net.Socket, consumed: number, keys?: WireKeys): WireChannel {
     if (socket.bytesRead !== consumed || socket.readableLength > 0) {
       throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the connection was read past its first frame (${socket.bytesRead} bytes, ${consumed} expected)`, { phase: 'handshake' });
     }
-    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection');
+    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection', keys);
   }
 
   /**
@@ -168,6 +169,22 @@ export class WireChannel {
    */
   setIdleTimeout(ms: number): void {
     this.#wire.setTimeouts(ms, ms);
+  }
+
+  /**
+   * The answer to a connection's first frame (ACCEPT, ATTACHED, RESOLVED): its sender waits for
+   * it, so nothing may have come after that frame; anything that did is refused here, on every
+   * path (plain or encrypted), instead of being read as the next frame.
+   */
+  answerFirst(frame: Buffer): Promise<void> {
+    let unread: number;
+    try {
+      unread = this.#wire.unread();
+    } catch (e) {
+      return Promise.reject(fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'handshake', 'checking what followed the first frame'));
+    }
+    if (unread > 0) return Promise.reject(new ProtocolError('ERR_LIVEMIG_PROTOCOL', `${unread} bytes came after the first frame, before it was answered`));
+    return this.send(frame);
   }
 
   /** Queues whole frames (a buffer each, or parts of one); resolves once the kernel has them. */

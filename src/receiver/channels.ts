@@ -84,7 +84,7 @@ export class IncomingChannels {
     this.#channels.push(ch);
     join.prepare(ch);
     // the answer lets the source send: nothing may follow a first frame before it is answered
-    await ch.send(encodeAttached({ held: Buffer.alloc(0) }, join.version));
+    await ch.answerFirst(encodeAttached({ held: Buffer.alloc(0) }, join.version));
     for (;;) {
       const f = await ch.next(undefined, sink);
       this.pages += f.pages;

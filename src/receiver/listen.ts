@@ -21,9 +21,11 @@ import type { ReceiveOptions, ReceiveReport } from './types.js';
 
 /** How long a joining connection has to send its ATTACH. */
 const ATTACH_WAIT_MS = 5_000;
-/** connections that have not sent their first frame yet, overall and from one address */
-const MAX_PENDING = 64;
-const MAX_PENDING_PER_ADDRESS = 16;
+/**
+ * Connections that have not sent their first frame yet (src/receiver/pending.ts): unproven ones
+ * overall and from one address, proven ones, and how long a new one has before a cap may let it go.
+ */
+const PENDING_LIMITS = { max: 64, maxPerAddress: 16, maxProven: 64, graceMs: 250 } as const;
 /** refusals kept for next() until someone asks; later ones are only traced */
 const MAX_QUEUED_REFUSALS = 64;
 
@@ -83,25 +85,25 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     if (waiter) p.then(waiter.resolve, waiter.reject);
     else ready.push(p);
   };
-  const pending = new PendingConnections(MAX_PENDING, MAX_PENDING_PER_ADDRESS);
+  const pending = new PendingConnections(PENDING_LIMITS);
   server.on('connection', (socket) => {
-    pending.add(socket);
+    const ticket = pending.add(socket);
     void (async () => {
       let a: Awaited<ReturnType<typeof admitIncoming>>;
       try {
         // joining connections (ATTACH) have less time than a migration's first connection
-        a = await admitIncoming(socket, options, running > 0 ? (options.authTimeoutMs ?? ATTACH_WAIT_MS) : undefined);
+        a = await admitIncoming(socket, options, running > 0 ? (options.authTimeoutMs ?? ATTACH_WAIT_MS) : undefined, ticket);
       } catch (e) {
-        pending.settle(socket);
+        ticket.settle();
         socket.destroy();
         // while a migration runs, its next() is not for a stranger's failure: observers hear it
         // (and refusals nobody has asked for yet are kept only up to a bound: a scan is endless)
-        if (pending.wasEvicted(socket)) return;
+        if (ticket.evicted) return;
         if (running > 0 || ready.length >= MAX_QUEUED_REFUSALS) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
         else deliver(Promise.reject(refusedBeforeReserving(e)));
         return;
       }
-      pending.settle(socket);
+      ticket.settle();
       const { first } = a;
       if (first.type === FrameType.Resolve) {
         if (await answerResolve(a.channel, first, outcomes)) for (const w of resolveWaiters.splice(0)) w(true);
@@ -144,7 +146,11 @@ export async function listen(host: string, port: number, options: ReceiveOptions
         const w = (answered: boolean): void => (clearTimeout(t), resolve(answered));
         resolveWaiters.push(w);
       }),
-    close: () => new Promise((resolve) => server.close(() => resolve())),
+    close: () =>
+      new Promise((resolve) => {
+        pending.close();
+        server.close(() => resolve());
+      }),
   };
 }
 
@@ -174,7 +180,8 @@ async function answerResolve(ch: WireChannel, f: WireFrame, outcomes: OutcomeTab
     if (!outcome) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'RESOLVE names no session this receiver knows', { phase: 'resolve' });
     const state = await outcome.resolve();
     trace('receiver', 'session resolved', { outcome: state });
-    await ch.finish(encodeResolved({ outcome: state === 'activated' ? 'activated' : 'not-activated' }, PROTOCOL_VERSION));
+    await ch.answerFirst(encodeResolved({ outcome: state === 'activated' ? 'activated' : 'not-activated' }, PROTOCOL_VERSION));
+    await ch.finish();
     return true;
   } catch (e) {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'resolve', cause: e });

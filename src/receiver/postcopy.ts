@@ -115,7 +115,7 @@ async function servePostcopy(faults: FaultService, session: PostcopySession, reg
         const held = faults.heldCount();
         return new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${recoverMs} ms (${why}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
       });
-      await prio.send(encodeAttached({ held: bytesToBitmap(faults.held()) }, version));
+      await prio.answerFirst(encodeAttached({ held: bytesToBitmap(faults.held()) }, version));
       faults.attach(push.handle, prio.handle);
       // breaks heard until now were of the connections just replaced (later ones name these)
       broken = undefined;

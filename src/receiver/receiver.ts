@@ -22,6 +22,7 @@ import { PAGE_SIZE, Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { warmUpRuntime } from '../warmup.js';
 import { admit, type Admitted } from './admit.js';
+import type { PendingTicket } from './pending.js';
 import { loadImage } from './image.js';
 import { frameLimits } from '../protocol/limits.js';
 import { memoryBudget } from './memory-budget.js';
@@ -87,8 +88,8 @@ export async function receiveOn(socket: net.Socket, options: ReceiveOptions, ses
 }
 
 /** An accepted connection, authenticated (nothing is reserved for a source that cannot authenticate), with its first frame. */
-export async function admitIncoming(socket: net.Socket, options: ReceiveOptions, timeoutMs = options.authTimeoutMs ?? AUTH_TIMEOUT_MS): Promise<Admitted> {
-  const a = await admit(socket, options.credentials, timeoutMs);
+export async function admitIncoming(socket: net.Socket, options: ReceiveOptions, timeoutMs = options.authTimeoutMs ?? AUTH_TIMEOUT_MS, ticket?: PendingTicket): Promise<Admitted> {
+  const a = await admit(socket, options.credentials, timeoutMs, ticket);
   a.channel.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
   return a;
 }
@@ -219,7 +220,9 @@ class Incoming {
     const plan = !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible';
     if (local) {
       // a same-host upgrade: the source's memory itself, by reference; nothing to allocate
-      const taken = await takeMemory(h.local!, layout, options.authTimeoutMs ?? AUTH_TIMEOUT_MS);
+      // a bad offer (another host's boot id, no socket, not a socket) has reserved nothing: the
+      // listener refuses this connection and listens on
+      const taken = await takeMemory(h.local!, layout, options.authTimeoutMs ?? AUTH_TIMEOUT_MS).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
       this.#region = taken.region;
       try {
         await options.onReserved?.(taken.region, plan, layout, { files: taken.pieces.map((p) => ({ fd: p.fd, offset: p.offset })), local: true });
@@ -228,7 +231,7 @@ class Incoming {
       }
     } else {
       // allocated off the event loop: the listener goes on answering others meanwhile
-      const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' });
+      const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' }).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
       trace('receiver', 'region allocated');
       this.#region = created;
       // Map every page now (faults are slow on VM hosts), while the integrator prepares its
@@ -271,7 +274,7 @@ class Incoming {
     // (0.6 ms measured with perf sched)
     warmUpRuntime();
     warmUpProtocol(version);
-    await this.#ch.send(encodeAccept({ version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) }, version));
+    await this.#ch.answerFirst(encodeAccept({ version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) }, version));
     if (imageHashes) await this.#ch.send(encodeImageHashes(hashes, version));
     return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap };
   }

@@ -49,6 +49,8 @@ export interface Secured {
 }
 
 const PSK_CIPHER = 'ECDHE-PSK-CHACHA20-POLY1305';
+/** How long a source waits for any answer to its TLS hello before it says the peer does not speak TLS. */
+const SILENT_PEER_MS = 5_000;
 const EXPORTER_LABEL = 'EXPORTER-livemig-stream-v1';
 const CLIENT_DONE = Buffer.from('LMOK');
 const SERVER_DONE = Buffer.from('LMGO');
@@ -115,8 +117,14 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
   try {
     await new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
-      s.once('secureConnect', () => (clearTimeout(timer), resolve()));
-      s.once('error', (e) => (clearTimeout(timer), reject(refused(`the destination could not be authenticated: ${e.message}`, e))));
+      // TLS derives keys (and reports them) once the peer answered our hello: a peer silent
+      // that long does not speak TLS, and is not worth the whole handshake timeout
+      const silentMs = Math.min(timeoutMs, SILENT_PEER_MS);
+      const silent = setTimeout(() => reject(refused(`the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without credentials, or another service?)`)), silentMs);
+      s.once('keylog', () => clearTimeout(silent));
+      const settle = (): void => (clearTimeout(timer), clearTimeout(silent));
+      s.once('secureConnect', () => (settle(), resolve()));
+      s.once('error', (e) => (settle(), reject(refused(`the destination could not be authenticated: ${e.message}`, e))));
     });
     if (creds.kind === 'cert' && !s.authorized) throw refused(`the destination's certificate is not trusted: ${String(s.authorizationError)}`);
     const peer = creds.kind === 'cert' ? String(s.getPeerCertificate().subject?.CN ?? '') : creds.identity;
@@ -132,8 +140,25 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
   }
 }
 
+/** A connection the destination authenticated, not handed over yet: its TLS layer has stopped reading. */
+export interface Authenticated extends Omit<Secured, 'channel'> {
+  raw: net.Socket;
+  tls: tls.TLSSocket;
+}
+
 /** The destination's side: authenticates the source (certificate name in `allow`, or PSK) and itself. */
 export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutMs = 10_000): Promise<Secured> {
+  const a = await authenticateAccepted(raw, creds, timeoutMs);
+  return { send: a.send, receive: a.receive, auth: a.auth, peer: a.peer, cipher: a.cipher, channel: WireChannel.fromSecured(a.raw, a.tls, a) };
+}
+
+/**
+ * secureAccept without the hand-over (src/receiver/admit.ts reads the first frame itself).
+ * `onAnswered` is called once the peer's opening was good enough to cost us a key exchange
+ * (TLS derived keys from it): admission ranks such a connection above one that sent nothing
+ * or junk (src/receiver/pending.ts).
+ */
+export async function authenticateAccepted(raw: net.Socket, creds: Credentials, timeoutMs = 10_000, onAnswered?: () => void): Promise<Authenticated> {
   let pskIdentity = '';
   const options: tls.TlsOptions =
     creds.kind === 'cert'
@@ -151,6 +176,7 @@ export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutM
   // A tls.Server that never listens: it wraps the connection we accepted and works out whether
   // the client's certificate chains to the CA (authorized, authorizationError).
   const server = tls.createServer(options);
+  if (onAnswered) server.once('keylog', () => onAnswered());
   let s: tls.TLSSocket | undefined;
   try {
     s = await new Promise<tls.TLSSocket>((resolve, reject) => {
@@ -172,7 +198,7 @@ export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutM
     const cipher = s.getCipher().name;
     await awaitMarker(s, CLIENT_DONE, timeoutMs, () => stopReading(s!));
     await write(s, SERVER_DONE);
-    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s, k) };
+    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, raw, tls: s };
   } catch (e) {
     s?.destroy();
     raw.destroy();
