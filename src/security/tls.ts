@@ -116,11 +116,11 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
   const s = tls.connect(options);
   try {
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+      const timer = setTimeout(() => (clearTimeout(silent), reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' }))), timeoutMs);
       // TLS derives keys (and reports them) once the peer answered our hello: a peer silent
       // that long does not speak TLS, and is not worth the whole handshake timeout
       const silentMs = Math.min(timeoutMs, SILENT_PEER_MS);
-      const silent = setTimeout(() => reject(refused(`the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without credentials, or another service?)`)), silentMs);
+      const silent = setTimeout(() => (clearTimeout(timer), reject(refused(`the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without credentials, or another service?)`))), silentMs);
       s.once('keylog', () => clearTimeout(silent));
       const settle = (): void => (clearTimeout(timer), clearTimeout(silent));
       s.once('secureConnect', () => (settle(), resolve()));
