@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -39,7 +40,6 @@
 #endif
 
 #define PAGE 4096u
-#define HEAD 5 /* tag u8 | length u32 LE */
 
 static int fail(char *err, size_t errlen, int e, const char *fmt, ...) {
   if (err && errlen) {
@@ -125,11 +125,34 @@ static int accept_within(int lfd, int timeout_ms) {
   return fd;
 }
 
-static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds) {
-  uint8_t head[HEAD] = {tag, (uint8_t)len, (uint8_t)(len >> 8), (uint8_t)(len >> 16), (uint8_t)(len >> 24)};
-  struct iovec iov[2] = {{head, HEAD}, {(void *)body, len}};
+/*
+ * Waits until fd is ready for `events`: 0, or ETIMEDOUT past the deadline (ms on
+ * CLOCK_MONOTONIC; < 0: none), ECANCELED once wake_fd (if >= 0) is readable, or poll's errno.
+ */
+static int wait_ready(int fd, short events, double deadline, int wake_fd) {
+  for (;;) {
+    int wait_ms = -1;
+    if (deadline >= 0) {
+      double left = deadline - now_ms();
+      if (left <= 0) return ETIMEDOUT;
+      wait_ms = left >= INT_MAX - 1 ? INT_MAX : (int)left + 1;
+    }
+    struct pollfd p[2] = {{fd, events, 0}, {wake_fd, POLLIN, 0}};
+    int r = poll(p, wake_fd >= 0 ? 2 : 1, wait_ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return errno;
+    if (wake_fd >= 0 && p[1].revents) return ECANCELED;
+    if (r > 0) return 0; /* POLLHUP and POLLERR too: the next call on fd says what happened */
+  }
+}
+
+int lmg_message_write(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds) {
+  if (len > LMG_MAX_BODY || nfds > LMG_MAX_FDS) return errno = EMSGSIZE, -1;
+  if ((len && !body) || (nfds && !fds)) return errno = EINVAL, -1;
+  uint8_t head[LMG_FRAME_HEAD] = {tag, (uint8_t)len, (uint8_t)(len >> 8), (uint8_t)(len >> 16), (uint8_t)(len >> 24)};
+  struct iovec iov[2] = {{head, LMG_FRAME_HEAD}, {(void *)body, len}};
   union {
-    char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_REGIONS)];
+    char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_FDS)];
     struct cmsghdr align;
   } u;
   struct msghdr m = {0};
@@ -144,12 +167,17 @@ static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int
     c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
     memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
   }
-  size_t total = HEAD + len;
-  while (total > 0) {
+  size_t left = LMG_FRAME_HEAD + len;
+  while (left > 0) {
     ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL);
     if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) { /* a non-blocking socket (Node's): wait until it drains */
+      int e = wait_ready(fd, POLLOUT, -1, -1);
+      if (e) return errno = e, -1;
+      continue;
+    }
     if (w <= 0) return -1;
-    total -= (size_t)w;
+    left -= (size_t)w;
     m.msg_control = NULL, m.msg_controllen = 0; /* the descriptors went with the first bytes */
     while (m.msg_iovlen && (size_t)w >= m.msg_iov[0].iov_len) w -= (ssize_t)m.msg_iov[0].iov_len, m.msg_iov++, m.msg_iovlen--;
     if (m.msg_iovlen) m.msg_iov[0].iov_base = (uint8_t *)m.msg_iov[0].iov_base + w, m.msg_iov[0].iov_len -= (size_t)w;
@@ -157,45 +185,45 @@ static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int
   return 0;
 }
 
-static int reply(int fd, uint8_t tag, const char *why) { return send_msg(fd, tag, why, why ? strlen(why) : 0, NULL, 0); }
+static int reply(int fd, uint8_t tag, const char *why) { return lmg_message_write(fd, tag, why, why ? strlen(why) : 0, NULL, 0); }
 
-/*
- * Reads n bytes before the deadline (ms, CLOCK_MONOTONIC; < 0: none), keeping descriptors that
- * come with them in fds (up to *nfds). 0, or an errno: ETIMEDOUT, ECONNRESET (end of stream).
- */
-static int read_exact(int fd, uint8_t *p, size_t n, double deadline, int *fds, size_t *nfds, size_t maxfds) {
-  while (n > 0) {
-    if (deadline >= 0) {
-      double left = deadline - now_ms();
-      if (left <= 0) return ETIMEDOUT;
-      struct pollfd pf = {fd, POLLIN, 0};
-      int r = poll(&pf, 1, (int)left + 1);
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) return errno;
-      if (r == 0) continue;
+/* Descriptors that came with a read go to the message, up to its room; the rest are closed. */
+static void keep_fds(struct msghdr *h, struct lmg_message *m) {
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; i++) {
+      int in;
+      memcpy(&in, CMSG_DATA(c) + i * sizeof(int), sizeof in);
+      if (m->nfds < LMG_MAX_FDS) m->fds[m->nfds++] = in;
+      else close(in);
     }
+  }
+}
+
+/* n bytes into p; 0 or an errno (ECONNRESET: the stream ended). */
+static int read_exact(int fd, uint8_t *p, size_t n, double deadline, int wake_fd, struct lmg_message *m) {
+  while (n > 0) {
+    if (deadline >= 0 && now_ms() >= deadline) return ETIMEDOUT; /* also while bytes keep coming */
     union {
-      char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_REGIONS)];
+      char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_FDS)];
       struct cmsghdr align;
     } u;
     struct iovec iov = {p, n};
-    struct msghdr m = {0};
-    m.msg_iov = &iov;
-    m.msg_iovlen = 1;
-    m.msg_control = u.buf;
-    m.msg_controllen = sizeof u.buf;
-    ssize_t got = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
+    struct msghdr h = {0};
+    h.msg_iov = &iov;
+    h.msg_iovlen = 1;
+    h.msg_control = u.buf;
+    h.msg_controllen = sizeof u.buf;
+    ssize_t got = recvmsg(fd, &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (got < 0 && errno == EINTR) continue;
-    if (got < 0) return errno;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      int *in = (int *)CMSG_DATA(c);
-      for (size_t i = 0; i < k; i++) {
-        if (fds && *nfds < maxfds) fds[(*nfds)++] = in[i];
-        else close(in[i]); /* not expected here: never kept */
-      }
+    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      int e = wait_ready(fd, POLLIN, deadline, wake_fd);
+      if (e) return e;
+      continue;
     }
+    if (got < 0) return errno;
+    keep_fds(&h, m);
     if (got == 0) return ECONNRESET;
     p += got;
     n -= (size_t)got;
@@ -203,35 +231,36 @@ static int read_exact(int fd, uint8_t *p, size_t n, double deadline, int *fds, s
   return 0;
 }
 
-struct msg {
-  uint8_t tag;
-  uint8_t *body; /* malloc'd, NUL-terminated for convenience */
-  size_t len;
-  int fds[LMG_MAX_REGIONS];
-  size_t nfds;
-};
-
-static void msg_free(struct msg *m) {
+void lmg_message_free(struct lmg_message *m) {
+  if (!m) return;
   free(m->body);
   m->body = NULL;
   for (size_t i = 0; i < m->nfds; i++) close(m->fds[i]);
   m->nfds = 0;
 }
 
-static int read_msg(int fd, struct msg *m, double deadline) {
-  uint8_t head[HEAD];
-  m->body = NULL, m->len = 0, m->nfds = 0;
-  int e = read_exact(fd, head, HEAD, deadline, m->fds, &m->nfds, LMG_MAX_REGIONS);
-  if (e) return msg_free(m), e;
-  m->tag = head[0];
-  m->len = head[1] | (size_t)head[2] << 8 | (size_t)head[3] << 16 | (size_t)head[4] << 24;
-  if (m->len > LMG_MAX_BODY) return msg_free(m), EPROTO;
-  m->body = malloc(m->len + 1);
-  if (!m->body) return msg_free(m), ENOMEM;
-  m->body[m->len] = 0;
-  e = m->len ? read_exact(fd, m->body, m->len, deadline, m->fds, &m->nfds, LMG_MAX_REGIONS) : 0;
-  if (e) msg_free(m);
-  return e;
+int lmg_message_read(int fd, struct lmg_message *m, int timeout_ms, int wake_fd) {
+  double deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+  uint8_t head[LMG_FRAME_HEAD];
+  m->tag = 0, m->body = NULL, m->len = 0, m->nfds = 0;
+  int e = read_exact(fd, head, LMG_FRAME_HEAD, deadline, wake_fd, m);
+  if (!e) {
+    m->tag = head[0];
+    m->len = head[1] | (size_t)head[2] << 8 | (size_t)head[3] << 16 | (size_t)head[4] << 24;
+    if (m->len > LMG_MAX_BODY) e = EPROTO;
+    else if (!(m->body = malloc(m->len + 1))) e = ENOMEM;
+    else {
+      m->body[m->len] = 0;
+      e = read_exact(fd, m->body, m->len, deadline, wake_fd, m);
+    }
+  }
+  if (e) {
+    size_t announced = m->len; /* what a too-long message claimed, for the caller's reason */
+    lmg_message_free(m);
+    m->len = announced;
+    return errno = e, -1;
+  }
+  return 0;
 }
 
 /* ---- userfaultfd -------------------------------------------------------------------- */
@@ -294,7 +323,7 @@ struct lmg_source {
   struct lmg_source_ops ops;
   /* the pause's state, kept across connections: after 'C' only livemig may end the pause */
   int paused, committed, self_resumed;
-  double lease_ms;
+  uint32_t lease_ms;
   pthread_t thread;
 };
 
@@ -324,8 +353,9 @@ static void self_resume(struct lmg_source *s) {
 static int serve_source(struct lmg_source *s, int fd) {
   for (;;) {
     const int leased = s->paused && !s->committed && s->lease_ms > 0;
-    struct msg m;
-    int e = read_msg(fd, &m, leased ? now_ms() + s->lease_ms : -1);
+    struct lmg_message m;
+    int timeout_ms = !leased ? -1 : s->lease_ms > INT_MAX ? INT_MAX : (int)s->lease_ms;
+    int e = lmg_message_read(fd, &m, timeout_ms, -1) == 0 ? 0 : errno;
     if (e == ETIMEDOUT && leased) {
       /* livemig is stalled before its point of commitment: the destination cannot run the guest */
       self_resume(s);
@@ -338,16 +368,16 @@ static int serve_source(struct lmg_source *s, int fd) {
     int ok = 0;
     char why[512] = "";
     switch (m.tag) {
-      case 'P': {
+      case LMG_TAG_PAUSE: {
         uint8_t *state = NULL;
         size_t len = 0;
         if (s->ops.pause(s->ops.ctx, &state, &len, why, sizeof why) != 0) {
-          ok = reply(fd, 'e', why[0] ? why : "the guest refused to pause") == 0;
+          ok = reply(fd, LMG_TAG_ERROR, why[0] ? why : "the guest refused to pause") == 0;
           break;
         }
         s->paused = 1, s->committed = 0, s->self_resumed = 0;
-        s->lease_ms = m.len == 4 ? (double)(m.body[0] | m.body[1] << 8 | m.body[2] << 16 | (uint32_t)m.body[3] << 24) : 0;
-        ok = len <= LMG_MAX_BODY && send_msg(fd, 'p', state, len, NULL, 0) == 0;
+        s->lease_ms = m.len == 4 ? (uint32_t)m.body[0] | (uint32_t)m.body[1] << 8 | (uint32_t)m.body[2] << 16 | (uint32_t)m.body[3] << 24 : 0;
+        ok = len <= LMG_MAX_BODY && lmg_message_write(fd, LMG_TAG_PAUSED, state, len, NULL, 0) == 0;
         free(state);
         if (s->ops.paused) {
           /* livemig, woken by 'p' on this CPU, goes on with the hand-over before this does more */
@@ -356,39 +386,39 @@ static int serve_source(struct lmg_source *s, int fd) {
         }
         break;
       }
-      case 'C':
+      case LMG_TAG_COMMIT:
         if (!s->paused || s->self_resumed) {
-          ok = reply(fd, 'e', "not paused: the guest resumed itself when its lease ran out") == 0;
+          ok = reply(fd, LMG_TAG_ERROR, "not paused: the guest resumed itself when its lease ran out") == 0;
         } else {
           s->committed = 1;
-          ok = reply(fd, 'c', NULL) == 0;
+          ok = reply(fd, LMG_TAG_COMMITTED, NULL) == 0;
         }
         break;
-      case 'R':
+      case LMG_TAG_RESUME:
         if (s->paused) s->ops.resume(s->ops.ctx);
         s->paused = 0, s->committed = 0;
-        ok = reply(fd, 'r', NULL) == 0;
+        ok = reply(fd, LMG_TAG_RESUMED, NULL) == 0;
         break;
-      case 'T':
-        if (m.len != 1 || m.body[0] > 99) ok = reply(fd, 'e', "throttle takes one byte, a percent in 0..99") == 0;
-        else if (!s->ops.throttle) ok = reply(fd, 'e', "this guest cannot be throttled") == 0;
-        else if (s->ops.throttle(s->ops.ctx, m.body[0]) != 0) ok = reply(fd, 'e', "the guest refused the throttle") == 0;
-        else ok = reply(fd, 't', NULL) == 0;
+      case LMG_TAG_THROTTLE:
+        if (m.len != 1 || m.body[0] > 99) ok = reply(fd, LMG_TAG_ERROR, "throttle takes one byte, a percent in 0..99") == 0;
+        else if (!s->ops.throttle) ok = reply(fd, LMG_TAG_ERROR, "this guest cannot be throttled") == 0;
+        else if (s->ops.throttle(s->ops.ctx, m.body[0]) != 0) ok = reply(fd, LMG_TAG_ERROR, "the guest refused the throttle") == 0;
+        else ok = reply(fd, LMG_TAG_THROTTLED, NULL) == 0;
         break;
-      case 'X':
+      case LMG_TAG_RELEASE:
         if (!s->paused || !s->committed) {
-          ok = reply(fd, 'e', "release before a committed pause: the guest would be lost") == 0;
+          ok = reply(fd, LMG_TAG_ERROR, "release before a committed pause: the guest would be lost") == 0;
           break;
         }
-        reply(fd, 'x', NULL);
-        msg_free(&m);
+        reply(fd, LMG_TAG_RELEASED, NULL);
+        lmg_message_free(&m);
         s->ops.released(s->ops.ctx);
         return 1;
       default:
         snprintf(why, sizeof why, "unknown request 0x%02x", m.tag);
-        ok = reply(fd, 'e', why) == 0;
+        ok = reply(fd, LMG_TAG_ERROR, why) == 0;
     }
-    msg_free(&m);
+    lmg_message_free(&m);
     if (!ok) {
       if (s->paused && !s->committed) self_resume(s);
       return 0;
@@ -441,7 +471,7 @@ static void *source_thread(void *arg) {
       if (errno == EINTR || errno == ECONNABORTED || errno == EACCES) continue; /* EACCES: a stranger, turned away */
       break;
     }
-    int released = hello && send_msg(fd, 'H', hello, strlen(hello), fds, s->n) == 0 && serve_source(s, fd);
+    int released = hello && lmg_message_write(fd, LMG_TAG_HELLO, hello, strlen(hello), fds, s->n) == 0 && serve_source(s, fd);
     close(fd);
     if (released) break;
   }
@@ -527,7 +557,7 @@ static void unmap_all(struct lmg_incoming *h) {
  * 'M': u8 flags (bit 0: populate) | u32 count | count x (u32 id | u64 size | u64 offset |
  * u8 name length | name), one memfd per region with it. Maps them; a reason on failure.
  */
-static int take_regions(struct lmg_incoming *h, struct msg *m, char *why, size_t whylen) {
+static int take_regions(struct lmg_incoming *h, struct lmg_message *m, char *why, size_t whylen) {
   const uint8_t *p = m->body, *end = m->body + m->len;
   if (m->len < 5) return snprintf(why, whylen, "regions message of %zu bytes", m->len), -1;
   int populate = p[0] & 1;
@@ -582,21 +612,21 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
   h->uffd = -1;
   char hello[256];
   snprintf(hello, sizeof hello, "{\"contract\":%d,\"role\":\"incoming\",\"pid\":%d,\"name\":\"%s\"}", LMG_CONTRACT, (int)getpid(), name ? name : "guest");
-  struct msg m;
-  if (send_msg(fd, 'H', hello, strlen(hello), NULL, 0) != 0 || (e = read_msg(fd, &m, -1)) != 0) {
+  struct lmg_message m;
+  if (lmg_message_write(fd, LMG_TAG_HELLO, hello, strlen(hello), NULL, 0) != 0 || lmg_message_read(fd, &m, -1, -1) != 0) {
     lmg_incoming_close(h);
     return fail(err, errlen, ECONNRESET, "livemig went away before handing over the regions"), NULL;
   }
   char why[256] = "";
-  if (m.tag != 'M') snprintf(why, sizeof why, "expected the regions ('M'), got 0x%02x", m.tag);
+  if (m.tag != LMG_TAG_REGIONS) snprintf(why, sizeof why, "expected the regions ('M'), got 0x%02x", m.tag);
   else if (take_regions(h, &m, why, sizeof why) == 0) why[0] = 0;
-  msg_free(&m);
+  lmg_message_free(&m);
   if (why[0]) {
-    reply(fd, 'e', why);
+    reply(fd, LMG_TAG_ERROR, why);
     lmg_incoming_close(h);
     return fail(err, errlen, EPROTO, "%s", why), NULL;
   }
-  if (reply(fd, 'm', NULL) != 0) {
+  if (reply(fd, LMG_TAG_MAPPED, NULL) != 0) {
     lmg_incoming_close(h);
     return fail(err, errlen, ECONNRESET, "livemig went away"), NULL;
   }
@@ -615,7 +645,7 @@ static int register_postcopy(struct lmg_incoming *h) {
   char why[256];
   if (h->uffd < 0) {
     int fd = uffd_with(UFFD_FEATURE_MINOR_SHMEM, why, sizeof why);
-    if (fd < 0) return reply(h->fd, 'e', why);
+    if (fd < 0) return reply(h->fd, LMG_TAG_ERROR, why);
     for (size_t i = 0; i < h->n; i++) {
       struct lmg_region *r = &h->regions[i];
       /* the pages stay in the memfd; only this mapping's entries go, so every touch faults */
@@ -623,7 +653,7 @@ static int register_postcopy(struct lmg_incoming *h) {
       if (madvise(r->addr, r->size, MADV_DONTNEED) != 0 || ioctl(fd, UFFDIO_REGISTER, &reg) != 0 || !(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
         snprintf(why, sizeof why, "registering region %s for minor faults: %s", r->name, strerror(errno));
         close(fd);
-        return reply(h->fd, 'e', why);
+        return reply(h->fd, LMG_TAG_ERROR, why);
       }
     }
     h->uffd = fd;
@@ -634,24 +664,24 @@ static int register_postcopy(struct lmg_incoming *h) {
     uint64_t a = (uint64_t)(uintptr_t)h->regions[i].addr;
     for (int b = 0; b < 8; b++) body[4 + 8 * i + b] = (uint8_t)(a >> (8 * b));
   }
-  return send_msg(h->fd, 'u', body, 4 + 8 * h->n, &h->uffd, 1);
+  return lmg_message_write(h->fd, LMG_TAG_REGISTERED, body, 4 + 8 * h->n, &h->uffd, 1);
 }
 
 static void *after_go(void *arg) {
   struct lmg_incoming *h = arg;
   for (;;) {
-    struct msg m;
-    if (read_msg(h->fd, &m, -1) != 0) break; /* livemig is done: the guest runs on */
+    struct lmg_message m;
+    if (lmg_message_read(h->fd, &m, -1, -1) != 0) break; /* livemig is done: the guest runs on */
     int ok;
-    if (m.tag == 'A') {
+    if (m.tag == LMG_TAG_ALL_PRESENT) {
       if (h->uffd >= 0) close(h->uffd); /* closing it unregisters every range */
       h->uffd = -1;
       if (h->ops.all_present) h->ops.all_present(h->ops.ctx);
-      ok = reply(h->fd, 'a', NULL) == 0;
+      ok = reply(h->fd, LMG_TAG_ALL_PRESENT_ACK, NULL) == 0;
     } else {
-      ok = reply(h->fd, 'e', "the guest runs: only 'A' is expected") == 0;
+      ok = reply(h->fd, LMG_TAG_ERROR, "the guest runs: only 'A' is expected") == 0;
     }
-    msg_free(&m);
+    lmg_message_free(&m);
     if (!ok) break;
   }
   return NULL;
@@ -662,30 +692,29 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
   h->ops = *ops;
   int loaded = 0;
   for (;;) {
-    struct msg m;
-    int e = read_msg(h->fd, &m, -1);
-    if (e) return fail(err, errlen, e, "livemig went away before the guest was told to run");
+    struct lmg_message m;
+    if (lmg_message_read(h->fd, &m, -1, -1) != 0) return fail(err, errlen, errno, "livemig went away before the guest was told to run");
     char why[512] = "";
     int ok = 1;
     switch (m.tag) {
-      case 'S':
+      case LMG_TAG_LOAD_STATE:
         if (ops->load_state(ops->ctx, m.body, m.len, why, sizeof why) == 0) {
           loaded = 1;
-          ok = reply(h->fd, 's', NULL) == 0;
+          ok = reply(h->fd, LMG_TAG_STATE_LOADED, NULL) == 0;
         } else {
-          ok = reply(h->fd, 'e', why[0] ? why : "the guest refused the state") == 0;
+          ok = reply(h->fd, LMG_TAG_ERROR, why[0] ? why : "the guest refused the state") == 0;
         }
         break;
-      case 'U':
+      case LMG_TAG_REGISTER:
         ok = register_postcopy(h) == 0;
         break;
-      case 'G':
+      case LMG_TAG_GO:
         if (!loaded) {
-          ok = reply(h->fd, 'e', "run before a state was loaded") == 0;
+          ok = reply(h->fd, LMG_TAG_ERROR, "run before a state was loaded") == 0;
           break;
         }
-        msg_free(&m);
-        if (reply(h->fd, 'g', NULL) != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
+        lmg_message_free(&m);
+        if (reply(h->fd, LMG_TAG_GOING, NULL) != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
         /* livemig waits for 'g' to end the hand-over, woken on this CPU (a unix socket's wake-up
          * pulls the waiter next to the writer): let it run before the guest's vCPUs take the CPU,
          * or it waits for the next scheduler tick (1-4 ms measured) */
@@ -694,9 +723,9 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
         return 0;
       default:
         snprintf(why, sizeof why, "unknown request 0x%02x", m.tag);
-        ok = reply(h->fd, 'e', why) == 0;
+        ok = reply(h->fd, LMG_TAG_ERROR, why) == 0;
     }
-    msg_free(&m);
+    lmg_message_free(&m);
     if (!ok) return fail(err, errlen, ECONNRESET, "livemig went away");
   }
 }

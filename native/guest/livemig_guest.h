@@ -29,12 +29,88 @@ extern "C" {
 
 /* the contract version this library speaks (the hello's "contract") */
 #define LMG_CONTRACT 2
+
+/*
+ * The contract's one definition: livemig's addon builds from this header too and exports what
+ * follows to src/guest/contract.ts, whose copy test/guest-contract.test.ts holds equal.
+ */
+
 /* most regions one guest may hand over */
 #define LMG_MAX_REGIONS 32
-/* a region name: 1..63 characters of [A-Za-z0-9._-] */
+/* most descriptors one message carries: a memfd per region */
+#define LMG_MAX_FDS LMG_MAX_REGIONS
+/* a name (a guest's, a region's) fits this with its NUL: 1..63 characters of [A-Za-z0-9._-] */
 #define LMG_NAME_MAX 64
 /* the largest message body (a device state) */
 #define LMG_MAX_BODY (64u * 1024 * 1024)
+/* the largest hello livemig takes (a JSON object) */
+#define LMG_MAX_HELLO (64u * 1024)
+
+/*
+ * Every message, both ways: tag u8 | body length u32 LE | body. Descriptors ride on the
+ * message's first bytes (SCM_RIGHTS). An answer is the request's tag in lower case, or
+ * LMG_TAG_ERROR with a UTF-8 reason.
+ */
+#define LMG_FRAME_HEAD 5
+
+/* X(NAME, tag): every tag of the contract, requests in upper case, their answers in lower */
+#define LMG_TAGS(X)                                                                               \
+  X(HELLO, 'H')           /* guest -> livemig, first: JSON (+ a memfd per region, source) */     \
+  X(PAUSE, 'P')           /* [+ u32 LE lease ms] */                                              \
+  X(PAUSED, 'p')          /* + the device state */                                               \
+  X(COMMIT, 'C')          /* livemig commits next: no resuming by itself from now on */          \
+  X(COMMITTED, 'c')                                                                               \
+  X(RESUME, 'R')                                                                                  \
+  X(RESUMED, 'r')                                                                                 \
+  X(THROTTLE, 'T')        /* + u8 percent, 0..99 */                                              \
+  X(THROTTLED, 't')                                                                               \
+  X(RELEASE, 'X')         /* the guest runs at the destination: stop for good */                 \
+  X(RELEASED, 'x')                                                                                \
+  X(REGIONS, 'M')         /* livemig -> incoming guest: the region table + a memfd each */       \
+  X(MAPPED, 'm')                                                                                  \
+  X(LOAD_STATE, 'S')      /* + the device state */                                               \
+  X(STATE_LOADED, 's')                                                                            \
+  X(REGISTER, 'U')        /* post-copy: register for minor faults */                             \
+  X(REGISTERED, 'u')      /* + u32 count + count x u64 address, and the userfaultfd */           \
+  X(GO, 'G')                                                                                      \
+  X(GOING, 'g')                                                                                   \
+  X(ALL_PRESENT, 'A')     /* post-copy: every page is in place */                                \
+  X(ALL_PRESENT_ACK, 'a')                                                                         \
+  X(ERROR, 'e')           /* + a UTF-8 reason, the answer to a request refused */
+
+#define LMG_TAG_ENUMERATOR_(name, tag) LMG_TAG_##name = tag,
+enum lmg_tag { LMG_TAGS(LMG_TAG_ENUMERATOR_) };
+#undef LMG_TAG_ENUMERATOR_
+
+/* ---- the framing ------------------------------------------------------------------- */
+/*
+ * The library serves livemig with these, and livemig's addon reads and writes its own end
+ * with them: one implementation of the framing. A guest that speaks the contract itself may
+ * use them too. Blocking and non-blocking sockets alike. One reader and one writer at a time
+ * on a connection; the two may be different threads.
+ */
+
+struct lmg_message {
+  uint8_t tag;
+  uint8_t *body;         /* malloc'd: len bytes, then a NUL (not part of the body) */
+  size_t len;
+  int fds[LMG_MAX_FDS];  /* descriptors that came with the message (more are closed on arrival) */
+  size_t nfds;
+};
+
+/* One message; 0, or -1 with errno (EMSGSIZE: over LMG_MAX_BODY or LMG_MAX_FDS; EPIPE: the peer is gone). */
+int lmg_message_write(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds);
+
+/*
+ * One message, within timeout_ms (< 0: no limit), into *m (the caller frees it with
+ * lmg_message_free). 0, or -1 with errno: ETIMEDOUT, ECONNRESET (the peer closed), ECANCELED
+ * (wake_fd, unless -1, became readable), EPROTO (a body over LMG_MAX_BODY: m->len says what
+ * it claimed), ENOMEM, or recvmsg's. On failure *m holds nothing to free.
+ */
+int lmg_message_read(int fd, struct lmg_message *m, int timeout_ms, int wake_fd);
+
+/* Frees the body and closes the descriptors the caller did not take (set their count to 0 to keep them). */
+void lmg_message_free(struct lmg_message *m);
 
 struct lmg_region {
   uint32_t id;              /* unique within the guest */
