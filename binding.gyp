@@ -9,6 +9,7 @@
   "targets": [
     {
       "target_name": "livemig",
+      "dependencies": ["livemig_guest_lib"],
       "sources": [
         "native/addon.cc",
         "native/errors.cc",
@@ -31,7 +32,6 @@
         "native/postcopy/source.cc",
         "native/process/fdpass.cc",
         "native/process/sched.cc",
-        "native/process/control_msg.cc",
         "native/process/guest_control.cc"
       ]
     },

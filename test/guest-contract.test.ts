@@ -12,12 +12,26 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { GuestLayout } from '../src/guest/layout.js';
-import { parseSourceHello } from '../src/guest/contract.js';
+import { GuestLayout, MAX_GUEST_REGIONS, REGION_NAME } from '../src/guest/layout.js';
+import { GUEST_CONTRACT, MAX_HELLO_BYTES, MAX_MESSAGE_BODY, Tag, parseSourceHello } from '../src/guest/contract.js';
+import { addon } from '../src/native.js';
 import { SourceGuestSession } from '../src/guest/source-session.js';
 import { LivemigError } from '../src/errors.js';
 import { Region } from '../src/region/region.js';
 import { fixture } from './helpers.js';
+
+test('the addon (native/guest/livemig_guest.h) and src/guest/contract.ts agree on the version, every limit and every tag', () => {
+  const n = addon.guestContract();
+  assert.deepEqual(
+    { contract: n.contract, maxRegions: n.maxRegions, maxBody: n.maxBody, maxHello: n.maxHello },
+    { contract: GUEST_CONTRACT, maxRegions: MAX_GUEST_REGIONS, maxBody: MAX_MESSAGE_BODY, maxHello: MAX_HELLO_BYTES },
+  );
+  assert.ok(REGION_NAME.test('n'.repeat(n.nameMaxLength)), `a name of ${n.nameMaxLength} characters is taken`);
+  assert.ok(!REGION_NAME.test('n'.repeat(n.nameMaxLength + 1)), `a name of ${n.nameMaxLength + 1} characters is refused`);
+  const upperSnake = (key: string): string => key.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase();
+  assert.deepEqual(n.tags, Object.fromEntries(Object.entries(Tag).map(([k, v]) => [upperSnake(k), v])), 'LMG_TAG_* and Tag');
+  assert.equal(new Set(Object.values(n.tags)).size, Object.keys(n.tags).length, 'no two tags share a byte');
+});
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
 

@@ -2,6 +2,8 @@
  * The guest contract, livemig's side of its checks (docs/GUEST.md is the spec; the guest's side
  * is native/guest/livemig_guest.c). A guest listens on a unix socket; livemig connects; the
  * guest's first message is its hello. Everything in a hello is hostile until checked here.
+ * The version, limits and tags are defined once, in native/guest/livemig_guest.h: this is
+ * livemig's copy, held equal to the addon's by test/guest-contract.test.ts.
  */
 import { fstatSync } from 'node:fs';
 import { LivemigError } from '../errors.js';
@@ -9,8 +11,12 @@ import { PAGE_SIZE } from '../protocol/format.js';
 import { GuestLayout, MAX_GUEST_REGIONS, REGION_NAME } from './layout.js';
 
 export const GUEST_CONTRACT = 2;
+/** a message's largest body, both ways (a device state): LMG_MAX_BODY */
+export const MAX_MESSAGE_BODY = 64 * 1024 * 1024;
+/** a hello's largest size: LMG_MAX_HELLO */
+export const MAX_HELLO_BYTES = 64 * 1024;
 
-/** Message tags (u8), livemig's requests and the guest's answers. */
+/** Message tags (u8), livemig's requests and the guest's answers: LMG_TAG_* with the key in UPPER_SNAKE. */
 export const Tag = {
   hello: 0x48, // H  guest -> livemig, first: JSON (+ a memfd per region from a source guest)
   pause: 0x50, // P  [+ u32 lease ms] -> p + device state
@@ -73,7 +79,7 @@ export function refused(why: string, phase = 'handover'): LivemigError {
 }
 
 function helloObject(data: Buffer): Record<string, unknown> {
-  if (data.length > 64 * 1024) throw refused(`a hello of ${data.length} bytes (at most 65536)`);
+  if (data.length > MAX_HELLO_BYTES) throw refused(`a hello of ${data.length} bytes (at most ${MAX_HELLO_BYTES})`);
   let h: unknown;
   try {
     h = JSON.parse(data.toString('utf8'));
