@@ -166,6 +166,7 @@ export interface NativeWireFormat {
 /** the guest contract as native/guest/livemig_guest.h defines it (test/guest-contract.test.ts) */
 export interface NativeGuestContract {
   contract: number;
+  oldestContract: number;
   maxRegions: number;
   nameMaxLength: number;
   maxBody: number;

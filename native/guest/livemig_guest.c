@@ -263,6 +263,23 @@ int lmg_message_read(int fd, struct lmg_message *m, int timeout_ms, int wake_fd)
   return 0;
 }
 
+/* 'V' + u32 LE: the contract version livemig speaks from now on; only before any other request. */
+static int answer_contract(int fd, const struct lmg_message *m, int still_open) {
+  char why[160];
+  uint32_t v = m->len == 4 ? (uint32_t)m->body[0] | (uint32_t)m->body[1] << 8 | (uint32_t)m->body[2] << 16 | (uint32_t)m->body[3] << 24 : 0;
+  if (!still_open) snprintf(why, sizeof why, "the contract is agreed first, before any other request");
+  else if (m->len != 4) snprintf(why, sizeof why, "a contract version is a u32, not %zu bytes", m->len);
+  else if (v < LMG_CONTRACT_OLDEST || v > LMG_CONTRACT)
+    snprintf(why, sizeof why, "contract %u is outside this library's %d..%d", v, LMG_CONTRACT_OLDEST, LMG_CONTRACT);
+  else return reply(fd, LMG_TAG_CONTRACT_AGREED, NULL);
+  return reply(fd, LMG_TAG_ERROR, why);
+}
+
+int lmg_version(int *oldest) {
+  if (oldest) *oldest = LMG_CONTRACT_OLDEST;
+  return LMG_CONTRACT;
+}
+
 /* ---- userfaultfd -------------------------------------------------------------------- */
 
 static int open_uffd(void) {
@@ -331,7 +348,9 @@ static char *source_hello(const struct lmg_source *s) {
   size_t cap = 512 + s->n * 320, at = 0;
   char *h = malloc(cap);
   if (!h) return NULL;
-  at += (size_t)snprintf(h + at, cap - at, "{\"contract\":%d,\"role\":\"source\",\"pid\":%d,\"name\":\"%s\",\"regions\":[", LMG_CONTRACT, (int)getpid(), s->name);
+  /* it starts at the oldest contract, which a livemig that knows no negotiation takes; livemig may raise it with 'V' */
+  at += (size_t)snprintf(h + at, cap - at, "{\"contract\":%d,\"contractMax\":%d,\"role\":\"source\",\"pid\":%d,\"name\":\"%s\",\"regions\":[",
+                         LMG_CONTRACT_OLDEST, LMG_CONTRACT, (int)getpid(), s->name);
   for (size_t i = 0; i < s->n; i++) {
     const struct lmg_region *r = &s->regions[i];
     at += (size_t)snprintf(h + at, cap - at,
@@ -351,7 +370,7 @@ static void self_resume(struct lmg_source *s) {
 
 /* One livemig connection, until it closes; 1 when the guest was released (stop serving). */
 static int serve_source(struct lmg_source *s, int fd) {
-  for (;;) {
+  for (int contract_open = 1;;) {
     const int leased = s->paused && !s->committed && s->lease_ms > 0;
     struct lmg_message m;
     int timeout_ms = !leased ? -1 : s->lease_ms > INT_MAX ? INT_MAX : (int)s->lease_ms;
@@ -368,6 +387,9 @@ static int serve_source(struct lmg_source *s, int fd) {
     int ok = 0;
     char why[512] = "";
     switch (m.tag) {
+      case LMG_TAG_CONTRACT:
+        ok = answer_contract(fd, &m, contract_open) == 0;
+        break;
       case LMG_TAG_PAUSE: {
         uint8_t *state = NULL;
         size_t len = 0;
@@ -418,6 +440,7 @@ static int serve_source(struct lmg_source *s, int fd) {
         snprintf(why, sizeof why, "unknown request 0x%02x", m.tag);
         ok = reply(fd, LMG_TAG_ERROR, why) == 0;
     }
+    if (m.tag != LMG_TAG_CONTRACT) contract_open = 0;
     lmg_message_free(&m);
     if (!ok) {
       if (s->paused && !s->committed) self_resume(s);
@@ -611,9 +634,16 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
   h->fd = fd;
   h->uffd = -1;
   char hello[256];
-  snprintf(hello, sizeof hello, "{\"contract\":%d,\"role\":\"incoming\",\"pid\":%d,\"name\":\"%s\"}", LMG_CONTRACT, (int)getpid(), name ? name : "guest");
+  snprintf(hello, sizeof hello, "{\"contract\":%d,\"contractMax\":%d,\"role\":\"incoming\",\"pid\":%d,\"name\":\"%s\"}", LMG_CONTRACT_OLDEST, LMG_CONTRACT,
+           (int)getpid(), name ? name : "guest");
   struct lmg_message m;
-  if (lmg_message_write(fd, LMG_TAG_HELLO, hello, strlen(hello), NULL, 0) != 0 || lmg_message_read(fd, &m, -1, -1) != 0) {
+  int gone = lmg_message_write(fd, LMG_TAG_HELLO, hello, strlen(hello), NULL, 0) != 0 || lmg_message_read(fd, &m, -1, -1) != 0;
+  while (!gone && m.tag == LMG_TAG_CONTRACT) {
+    gone = answer_contract(fd, &m, 1) != 0;
+    lmg_message_free(&m);
+    gone = gone || lmg_message_read(fd, &m, -1, -1) != 0;
+  }
+  if (gone) {
     lmg_incoming_close(h);
     return fail(err, errlen, ECONNRESET, "livemig went away before handing over the regions"), NULL;
   }
@@ -707,6 +737,9 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
         break;
       case LMG_TAG_REGISTER:
         ok = register_postcopy(h) == 0;
+        break;
+      case LMG_TAG_CONTRACT:
+        ok = answer_contract(h->fd, &m, 0) == 0;
         break;
       case LMG_TAG_GO:
         if (!loaded) {

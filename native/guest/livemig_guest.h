@@ -1,5 +1,5 @@
 /*
- * livemig_guest: the guest side of livemig's guest contract (docs/GUEST.md), version 2.
+ * livemig_guest: the guest side of livemig's guest contract (docs/GUEST.md), versions 2 and 3.
  * C11 and libc only. Link it into a VMM (or any process whose memory should move) and:
  *
  *   source host                               destination host
@@ -16,6 +16,11 @@
  * microseconds whatever the guest's own threads are doing. Every callback runs on that thread.
  * Functions return 0 (or a handle) on success; on failure -1 (or NULL) with a message in `err`
  * (which may be NULL) and errno set.
+ *
+ * Versions. A hello starts at LMG_CONTRACT_OLDEST and offers up to LMG_CONTRACT; livemig,
+ * which takes its own version and the one before, raises it with LMG_TAG_CONTRACT when both
+ * know a newer one. So a VMM built against contract N keeps working with livemig N+1, and
+ * livemig N with a VMM built against N+1.
  */
 #ifndef LIVEMIG_GUEST_H
 #define LIVEMIG_GUEST_H
@@ -27,8 +32,10 @@
 extern "C" {
 #endif
 
-/* the contract version this library speaks (the hello's "contract") */
-#define LMG_CONTRACT 2
+/* the newest contract version this library speaks */
+#define LMG_CONTRACT 3
+/* the oldest: a hello starts at it (the hello's "contract"; "contractMax" is LMG_CONTRACT) */
+#define LMG_CONTRACT_OLDEST 2
 
 /*
  * The contract's one definition: livemig's addon builds from this header too and exports what
@@ -55,6 +62,8 @@ extern "C" {
 
 /* X(NAME, tag): every tag of the contract, requests in upper case, their answers in lower */
 #define LMG_TAGS(X)                                                                               \
+  X(CONTRACT, 'V')        /* contract 3: + u32 LE version, spoken from now on; before any other */ \
+  X(CONTRACT_AGREED, 'v')                                                                         \
   X(HELLO, 'H')           /* guest -> livemig, first: JSON (+ a memfd per region, source) */     \
   X(PAUSE, 'P')           /* [+ u32 LE lease ms] */                                              \
   X(PAUSED, 'p')          /* + the device state */                                               \
@@ -111,6 +120,13 @@ int lmg_message_read(int fd, struct lmg_message *m, int timeout_ms, int wake_fd)
 
 /* Frees the body and closes the descriptors the caller did not take (set their count to 0 to keep them). */
 void lmg_message_free(struct lmg_message *m);
+
+/*
+ * The contract version this library was built with (LMG_CONTRACT), and in *oldest (may be NULL)
+ * the oldest it still speaks: a VMM linked against a shared copy may check what it got.
+ * Any thread, any time.
+ */
+int lmg_version(int *oldest);
 
 struct lmg_region {
   uint32_t id;              /* unique within the guest */

@@ -17,6 +17,8 @@ namespace livemig {
 
 namespace {
 
+const std::string kLongerThanAllowed = "longer than " + std::to_string(LMG_MAX_BODY >> 20) + " MiB";
+
 // socketPair() -> [a, b]: a connected stream pair, both close-on-exec.
 Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -40,7 +42,7 @@ void SendRequest(Napi::Env env, int fd, uint8_t tag, Napi::Value bodyValue, Napi
     Napi::Array a = fdsValue.As<Napi::Array>();
     for (uint32_t i = 0; i < a.Length(); i++) fds.push_back(a.Get(i).As<Napi::Number>().Int32Value());
   }
-  if (len > LMG_MAX_BODY) throw Napi::RangeError::New(env, "message of " + std::to_string(len) + " bytes, longer than " + std::to_string(LMG_MAX_BODY >> 20) + " MiB");
+  if (len > LMG_MAX_BODY) throw Napi::RangeError::New(env, "message of " + std::to_string(len) + " bytes, " + kLongerThanAllowed);
   if (fds.size() > LMG_MAX_FDS) throw Napi::RangeError::New(env, std::to_string(fds.size()) + " descriptors, more than " + std::to_string(LMG_MAX_FDS));
   if (lmg_message_write(fd, tag, body, len, fds.data(), fds.size()) != 0) throw MakeSysError(env, "sendmsg", errno ? errno : EPIPE, "guest control message");
 }
@@ -58,7 +60,7 @@ void Receive(int fd, double timeoutMs, Reply& r, SysError& err) {
   int timeout = timeoutMs >= 0x7fffffff ? 0x7fffffff : timeoutMs < 0 ? -1 : static_cast<int>(timeoutMs);
   if (lmg_message_read(fd, &r.m, timeout, -1) == 0) return;
   int e = errno;
-  if (e == EPROTO) err.set("recvmsg", e, "guest control message of " + std::to_string(r.m.len) + " bytes, longer than " + std::to_string(LMG_MAX_BODY >> 20) + " MiB");
+  if (e == EPROTO) err.set("recvmsg", e, "guest control message of " + std::to_string(r.m.len) + " bytes, " + kLongerThanAllowed);
   else err.set("recvmsg", e, "guest control reply");
 }
 
@@ -118,6 +120,7 @@ Napi::Value GuestContract(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
   o.Set("contract", LMG_CONTRACT);
+  o.Set("oldestContract", LMG_CONTRACT_OLDEST);
   o.Set("maxRegions", LMG_MAX_REGIONS);
   o.Set("nameMaxLength", LMG_NAME_MAX - 1);
   o.Set("maxBody", static_cast<double>(LMG_MAX_BODY));
