@@ -62,6 +62,15 @@
       "libraries": ["-lpthread"]
     },
     {
+      "target_name": "lmg_lifecycle",
+      "type": "executable",
+      "dependencies": ["livemig_guest_lib"],
+      "include_dirs": ["native/guest"],
+      "sources": ["native/guest/test/lmg_lifecycle.c"],
+      "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"],
+      "libraries": ["-lpthread"]
+    },
+    {
       "target_name": "raw_streams",
       "type": "executable",
       "sources": ["bench/native/raw_streams.c"],
