@@ -9,6 +9,7 @@
   "targets": [
     {
       "target_name": "livemig",
+      "dependencies": ["livemig_guest_lib"],
       "sources": [
         "native/addon.cc",
         "native/errors.cc",
@@ -31,7 +32,6 @@
         "native/postcopy/source.cc",
         "native/process/fdpass.cc",
         "native/process/sched.cc",
-        "native/process/control_msg.cc",
         "native/process/guest_control.cc"
       ]
     },
@@ -58,6 +58,15 @@
       "dependencies": ["livemig_guest_lib"],
       "include_dirs": ["native/guest"],
       "sources": ["native/guest/example/c_guest.c"],
+      "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"],
+      "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "lmg_lifecycle",
+      "type": "executable",
+      "dependencies": ["livemig_guest_lib"],
+      "include_dirs": ["native/guest"],
+      "sources": ["native/guest/test/lmg_lifecycle.c"],
       "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"],
       "libraries": ["-lpthread"]
     },

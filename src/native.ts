@@ -167,6 +167,18 @@ export interface NativeWireFormat {
   pageEncodings: Record<string, number>;
 }
 
+/** the guest contract as native/guest/livemig_guest.h defines it (test/guest-contract.test.ts) */
+export interface NativeGuestContract {
+  contract: number;
+  oldestContract: number;
+  maxRegions: number;
+  nameMaxLength: number;
+  maxBody: number;
+  maxHello: number;
+  /** LMG_TAG_* without the prefix: {HELLO: 0x48, …} */
+  tags: Record<string, number>;
+}
+
 /** one message of the guest contract: its tag, body and the descriptors that came with it (the receiver owns them) */
 export interface ControlMessage {
   tag: number;
@@ -228,11 +240,13 @@ interface Addon {
   exitNow(code: number): never;
   setThreadSlice(ns: number): boolean;
   socketPair(): [number, number];
-  /** the guest contract's messages (native/process/control_msg.h) */
+  /** the guest contract's messages, framed by the guest library's own code (native/guest/livemig_guest.h) */
   controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): ControlMessage;
   controlSend(fd: number, tag: number, body?: Buffer, fds?: number[]): void;
   controlReceive(fd: number, timeoutMs: number): ControlMessage;
   controlReceiveAsync(fd: number, timeoutMs: number): Promise<ControlMessage>;
+  /** the guest contract's version, limits and tags as the addon was built with them */
+  guestContract(): NativeGuestContract;
   /** AES-256-GCM records (native/io/aead.h), sealed or opened in turn from counter 0 */
   aeadSeal(key: Buffer, salt: Buffer, records: Buffer[]): Buffer[];
   aeadOpen(key: Buffer, salt: Buffer, sealed: Buffer[]): Buffer[];

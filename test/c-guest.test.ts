@@ -2,7 +2,9 @@
  * Real guests through the contract: the C example guest (two regions, native/guest/example)
  * migrates bit-identical in every mode while it writes, a guest without tracking is hashed and
  * the report says so, a guest already running is migrated from the CLI, and a same-host
- * upgrade moves no page at all. Each destination guest checks every page itself.
+ * upgrade moves no page at all. Each destination guest checks every page itself. The C
+ * library's lifecycle (native/guest/test/lmg_lifecycle.c): stopped and started again on one
+ * path, re-registered with a daemon under another name, its contract and ops versions.
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -12,7 +14,11 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { GuestRegistry } from '../src/daemon/registry.js';
 import { runDemo } from '../src/demo/demo.js';
+import { GUEST_CONTRACT, GUEST_CONTRACT_OLDEST, Tag } from '../src/guest/contract.js';
+import { SourceGuestSession } from '../src/guest/source-session.js';
+import { addon } from '../src/native.js';
 import { probe } from '../src/tracking/probe.js';
 import { HeartbeatObserver, cGuestArgs, cGuestPath, cIncomingCommand } from '../src/workload/controller.js';
 
@@ -122,3 +128,184 @@ for (const kind of ['reference', 'c'] as const) {
     assert.equal(r.guest_verified.bad, 0);
   });
 }
+
+const LIFECYCLE = fileURLToPath(new URL('../../build/Release/lmg_lifecycle', import.meta.url));
+const STOPPED = { running: 0, committed: 1, released: 2 } as const; // LMG_STOPPED*
+
+/** The C library driven a call at a time: each call's answer, and the callbacks it made meanwhile, in order. */
+class LibraryDriver {
+  readonly child: ChildProcess;
+  readonly events: Record<string, unknown>[] = [];
+  readonly dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-lifecycle-'));
+  readonly #lines: AsyncIterator<string>;
+
+  constructor() {
+    this.child = spawn(LIFECYCLE, [], { stdio: ['pipe', 'pipe', 'inherit'] });
+    this.#lines = createInterface({ input: this.child.stdout! })[Symbol.asyncIterator]();
+  }
+
+  get eventNames(): unknown[] {
+    return this.events.map((e) => e.event);
+  }
+
+  async call(command: string): Promise<Record<string, unknown>> {
+    this.child.stdin!.write(`${command}\n`);
+    for (;;) {
+      const { value, done } = await this.#lines.next();
+      if (done) throw new Error(`the driver ended (${String(this.child.exitCode ?? this.child.signalCode)}) before answering ${command}`);
+      const line = JSON.parse(value as string) as Record<string, unknown>;
+      if (line.event === undefined) return line;
+      this.events.push(line);
+    }
+  }
+
+  close(): void {
+    this.child.kill('SIGKILL');
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** Waits for what a test needs, however loaded the machine; the bound only ends a test that would hang. */
+async function until(what: string, ready: () => boolean): Promise<void> {
+  for (let waited = 0; !ready(); waited += 20) {
+    if (waited > 60_000) throw new Error(`${what}: not within 60 s`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+const u32 = (n: number): Buffer => {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(n);
+  return b;
+};
+
+test('the C library stops and serves again on the same path; a pause livemig did not commit ends with the stop, a committed one does not', async () => {
+  const d = new LibraryDriver();
+  const socket = path.join(d.dir, 'guest.sock');
+  try {
+    assert.deepEqual(await d.call('version'), { version: GUEST_CONTRACT, oldest: GUEST_CONTRACT_OLDEST, header: GUEST_CONTRACT });
+    assert.deepEqual(await d.call(`start ${socket} vm-a`), { started: true });
+    const first = await SourceGuestSession.connect(socket);
+    assert.equal(first.hello.name, 'vm-a');
+    const versions = [first.hello.helloContract, first.hello.contract];
+    assert.deepEqual(versions, [GUEST_CONTRACT_OLDEST, GUEST_CONTRACT], 'the hello offered the newest, and livemig raised the session to it');
+    assert.equal(first.pause().toString(), 'state-1');
+    assert.deepEqual(await d.call('stop'), { stopped: STOPPED.running });
+    assert.deepEqual(d.eventNames, ['pause', 'resume'], 'the pause ended before stop returned');
+    assert.equal(existsSync(socket), false, 'the socket file it made is gone');
+    assert.equal(first.gone, true, 'livemig sees the connection closed');
+    first.close();
+
+    assert.deepEqual(await d.call(`start ${socket} vm-a`), { started: true }, 'the same path is served again');
+    const second = await SourceGuestSession.connect(socket);
+    assert.equal(second.pause().toString(), 'state-2');
+    await second.commit();
+    assert.deepEqual(await d.call('stop'), { stopped: STOPPED.committed }, 'paused after the commitment: only livemig may end it');
+    assert.deepEqual(d.eventNames, ['pause', 'resume', 'pause'], 'no resume after the commitment');
+    assert.equal(existsSync(socket), false);
+    second.close();
+  } finally {
+    d.close();
+  }
+});
+
+test('the C library refuses a stop from its own callback (it would wait for itself) and serves on', async () => {
+  const d = new LibraryDriver();
+  const socket = path.join(d.dir, 'guest.sock');
+  try {
+    await d.call(`start ${socket} vm-a`);
+    await d.call('stop-in-pause');
+    const s = await SourceGuestSession.connect(socket);
+    try {
+      assert.equal(s.pause().toString(), 'state-1', 'the pause is answered as usual');
+      s.resume();
+    } finally {
+      s.close();
+    }
+    assert.deepEqual(await d.call('stop'), { stopped: STOPPED.running }, 'the handle was still there to stop');
+    assert.deepEqual(d.events[0], { event: 'stop-in-callback', result: -1, errno: os.constants.errno.EDEADLK });
+    assert.deepEqual(d.eventNames.slice(1), ['pause', 'resume']);
+  } finally {
+    d.close();
+  }
+});
+
+test("the C library's ops struct can grow: too small a size, or a field it does not know set, is refused", async () => {
+  const d = new LibraryDriver();
+  const socket = path.join(d.dir, 'guest.sock');
+  try {
+    const tooSmall = await d.call(`start ${socket} vm-a 0`);
+    assert.match(String(tooSmall.error), /lmg_source_ops\.size is 0: set it to sizeof\(struct lmg_source_ops\)/);
+    assert.equal(tooSmall.errno, os.constants.errno.EINVAL);
+    const unknownField = await d.call(`start ${socket} vm-a 100 1`);
+    assert.match(String(unknownField.error), /lmg_source_ops sets fields past the \d+ bytes this library \(contract 3\) knows/);
+    assert.equal(unknownField.errno, os.constants.errno.E2BIG);
+    assert.equal(existsSync(socket), false, 'a refused start leaves nothing behind');
+    assert.deepEqual(await d.call(`start ${socket} vm-a 100 0`), { started: true }, "a newer caller's struct, its new fields unset, is taken");
+    assert.deepEqual(await d.call('stop'), { stopped: STOPPED.running });
+  } finally {
+    d.close();
+  }
+});
+
+test('the C library agrees on a contract in its window, before any other request, and answers every refusal', async () => {
+  const d = new LibraryDriver();
+  const socket = path.join(d.dir, 'guest.sock');
+  await d.call(`start ${socket} vm-a`);
+  const fd = addon.unixConnect(socket);
+  try {
+    const hello = addon.controlReceive(fd, 10_000);
+    for (const f of hello.fds) addon.closeFd(f);
+    assert.equal(hello.tag, Tag.hello);
+    const offered = JSON.parse(hello.body.toString()) as { contract: number; contractMax: number };
+    assert.deepEqual([offered.contract, offered.contractMax], [GUEST_CONTRACT_OLDEST, GUEST_CONTRACT]);
+    const ask = (tag: number, body?: Buffer) => addon.controlRequest(fd, tag, 10_000, body);
+    const refusedWith = (r: { tag: number; body: Buffer }, re: RegExp) => {
+      assert.equal(r.tag, Tag.error, `answered 0x${r.tag.toString(16)}`);
+      assert.match(r.body.toString(), re);
+    };
+    refusedWith(ask(Tag.contract, u32(GUEST_CONTRACT + 1)), /contract 4 is outside this library's 2\.\.3/);
+    refusedWith(ask(Tag.contract, u32(GUEST_CONTRACT_OLDEST - 1)), /contract 1 is outside/);
+    refusedWith(ask(Tag.contract, Buffer.of(3)), /a contract version is a u32, not 1 bytes/);
+    assert.equal(ask(Tag.contract, u32(GUEST_CONTRACT_OLDEST)).tag, Tag.contractAgreed, 'the version before is spoken');
+    assert.equal(ask(Tag.contract, u32(GUEST_CONTRACT)).tag, Tag.contractAgreed);
+    refusedWith(ask(Tag.pause, Buffer.alloc(3)), /a pause carries nothing or a u32 lease, not 3 bytes/);
+    assert.equal(ask(Tag.pause).tag, Tag.paused);
+    refusedWith(ask(Tag.contract, u32(GUEST_CONTRACT)), /agreed first, before any other request/);
+    assert.equal(ask(Tag.commit).tag, Tag.committed);
+    refusedWith(ask(Tag.pause), /paused after livemig's commitment/);
+    assert.equal(ask(Tag.release).tag, Tag.released);
+    assert.deepEqual(await d.call('stop'), { stopped: STOPPED.released });
+    assert.deepEqual(d.eventNames, ['pause', 'released']);
+  } finally {
+    addon.closeFd(fd);
+    d.close();
+  }
+});
+
+test('a VMM stops its registration with a daemon and registers again under another name', async () => {
+  const d = new LibraryDriver();
+  const registry = await GuestRegistry.open(path.join(d.dir, 'guests.sock'));
+  const names = (): string[] => registry.list().map((g) => g.name);
+  try {
+    assert.deepEqual(await d.call(`register ${registry.path} vm-a`), { started: true });
+    await until('vm-a registered', () => names().includes('vm-a'));
+    assert.equal(registry.info('vm-a')!.pid, d.child.pid);
+    assert.deepEqual(await d.call('stop'), { stopped: STOPPED.running });
+    await until('vm-a gone from the daemon once its registration stopped', () => names().length === 0);
+    assert.deepEqual(await d.call(`register ${registry.path} vm-b`), { started: true });
+    await until('vm-b registered', () => names().length > 0);
+    assert.deepEqual(names(), ['vm-b']);
+    // the daemon migrates it on that connection: the library answers there
+    const s = registry.claim('vm-b', 'test');
+    assert.equal(s.hello.contract, GUEST_CONTRACT);
+    assert.equal(s.pause().toString(), 'state-1');
+    s.resume();
+    registry.settle('vm-b', 'kept');
+    assert.deepEqual(await d.call('stop'), { stopped: STOPPED.running });
+    assert.deepEqual(d.eventNames, ['pause', 'resume']);
+  } finally {
+    await registry.close();
+    d.close();
+  }
+});

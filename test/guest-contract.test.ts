@@ -12,12 +12,26 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { GuestLayout } from '../src/guest/layout.js';
-import { parseSourceHello } from '../src/guest/contract.js';
+import { GuestLayout, MAX_GUEST_REGIONS, REGION_NAME } from '../src/guest/layout.js';
+import { GUEST_CONTRACT, GUEST_CONTRACT_OLDEST, MAX_HELLO_BYTES, MAX_MESSAGE_BODY, Tag, parseSourceHello } from '../src/guest/contract.js';
+import { addon } from '../src/native.js';
 import { SourceGuestSession } from '../src/guest/source-session.js';
 import { LivemigError } from '../src/errors.js';
 import { Region } from '../src/region/region.js';
 import { fixture } from './helpers.js';
+
+test('the addon (native/guest/livemig_guest.h) and src/guest/contract.ts agree on the version, every limit and every tag', () => {
+  const n = addon.guestContract();
+  assert.deepEqual(
+    { contract: n.contract, oldestContract: n.oldestContract, maxRegions: n.maxRegions, maxBody: n.maxBody, maxHello: n.maxHello },
+    { contract: GUEST_CONTRACT, oldestContract: GUEST_CONTRACT_OLDEST, maxRegions: MAX_GUEST_REGIONS, maxBody: MAX_MESSAGE_BODY, maxHello: MAX_HELLO_BYTES },
+  );
+  assert.ok(REGION_NAME.test('n'.repeat(n.nameMaxLength)), `a name of ${n.nameMaxLength} characters is taken`);
+  assert.ok(!REGION_NAME.test('n'.repeat(n.nameMaxLength + 1)), `a name of ${n.nameMaxLength + 1} characters is refused`);
+  const upperSnake = (key: string): string => key.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase();
+  assert.deepEqual(n.tags, Object.fromEntries(Object.entries(Tag).map(([k, v]) => [upperSnake(k), v])), 'LMG_TAG_* and Tag');
+  assert.equal(new Set(Object.values(n.tags)).size, Object.keys(n.tags).length, 'no two tags share a byte');
+});
 
 const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
 
@@ -43,7 +57,7 @@ const refusals: [string, RegExp][] = [
   ['short-memfd', /region r0: its memfd holds 2097152 bytes, fewer than offset 0 \+ size 4194304/],
   ['too-many', /33 regions, more than the limit of 32/],
   ['missing-fd', /2 regions need 2 descriptors \(a memfd each, in order\), the hello carried 1/],
-  ['version', /contract 3 is not 2/],
+  ['version', /the guest speaks contract 1, this livemig 2\.\.3/],
 ];
 
 for (const [kind, message] of refusals) {
@@ -83,6 +97,7 @@ test('a well-formed hello of two regions is taken: both regions mapped back to b
         ],
       );
       assert.equal(s.region.size, 3 << 20);
+      assert.deepEqual([s.hello.contract, s.hello.helloContract], [2, 2], 'a guest of the version before is taken, and spoken to in it');
       assert.equal(s.tracking, 'none');
       assert.deepEqual(s.memory.untracked, true, 'a guest without tracking is hashed');
     } finally {
@@ -113,6 +128,23 @@ test('the hello parser refuses what the fixture cannot send', () => {
     assert.throws(() => parse({ regions: [base.regions[0], { ...base.regions[0], address: '8192000' }] }, [r.fd, r.fd]), /region id 0 appears twice/);
     assert.throws(() => parse({ regions: [base.regions[0], { ...base.regions[0], id: 1, address: '8192000' }] }, [r.fd, r.fd]), /overlap in their memfd/);
     assert.throws(() => parseSourceHello(Buffer.from('{"contract":2'), []), /not JSON/);
+    // the session speaks the newest version in both ranges; one the two do not share is refused
+    const agreed = (o: object) => {
+      const h = parse(o);
+      return [h.contract, h.helloContract];
+    };
+    assert.deepEqual(agreed({ contract: 2 }), [2, 2]);
+    assert.deepEqual(agreed({ contract: 2, contractMax: 3 }), [3, 2]);
+    assert.deepEqual(agreed({ contract: 2, contractMax: 9 }), [3, 2], 'a guest newer than livemig is spoken to in livemig\'s newest');
+    assert.deepEqual(agreed({ contract: 3 }), [3, 3]);
+    const disagreements: [object, RegExp][] = [
+      [{ contract: 1 }, /speaks contract 1, this livemig 2\.\.3/],
+      [{ contract: 4, contractMax: 5 }, /speaks contract 4\.\.5, this livemig 2\.\.3/],
+      [{ contract: '2' }, /not a range of versions/],
+      [{ contract: 3, contractMax: 2 }, /not a range of versions/],
+    ];
+    const handover = (re: RegExp) => (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_HANDOVER' && re.test(e.message);
+    for (const [o, re] of disagreements) assert.throws(() => parse(o), handover(re), re.source);
   } finally {
     r.release();
   }

@@ -16,6 +16,7 @@ import { GuestLayout } from '../src/guest/layout.js';
 import { SourceGuestSession } from '../src/guest/source-session.js';
 import { startReferenceIncoming } from '../src/workload/controller.js';
 import { LivemigError } from '../src/errors.js';
+import { Tag } from '../src/guest/contract.js';
 import { tcpPair } from './helpers.js';
 import { readdirSync, readFileSync } from 'node:fs';
 
@@ -33,8 +34,6 @@ function threadPolicies(): number[] {
   return out;
 }
 const SCHED_IDLE = 5;
-
-const P = 0x50;
 
 test('the guest library pauses writes and beats, answers the state of that moment, and refuses what it must', async () => {
   // this file's process is the "guest": the gate is process-wide
@@ -79,24 +78,24 @@ test('the guest library pauses writes and beats, answers the state of that momen
   const fd = addon.unixConnect(path);
   try {
     const hello = addon.controlReceive(fd, 2000);
-    assert.equal(String.fromCharCode(hello.tag), 'H');
+    assert.equal(hello.tag, Tag.hello);
     assert.equal(hello.fds.length, 1, 'a memfd for the one region');
     for (const f of hello.fds) addon.closeFd(f);
     const unknown = addon.controlRequest(fd, 0x21, 2000);
-    assert.equal(String.fromCharCode(unknown.tag), 'e', 'an unknown request is answered, not ignored');
+    assert.equal(unknown.tag, Tag.error, 'an unknown request is answered, not ignored');
     assert.match(unknown.body.toString(), /unknown request 0x21/);
-    const release = addon.controlRequest(fd, 0x58 /* X */, 2000);
-    assert.equal(String.fromCharCode(release.tag), 'e', 'no release without a committed pause');
+    const release = addon.controlRequest(fd, Tag.release, 2000);
+    assert.equal(release.tag, Tag.error, 'no release without a committed pause');
     assert.match(release.body.toString(), /would be lost/);
-    assert.throws(() => addon.controlRequest(fd, 0x50, 2000, Buffer.alloc(65 * 1024 * 1024)), /longer than 64 MiB/);
+    assert.throws(() => addon.controlRequest(fd, Tag.pause, 2000, Buffer.alloc(65 * 1024 * 1024)), /longer than 64 MiB/);
     // a pause with a lease of 50 ms and then silence: the guest resumes itself and refuses to commit
     const lease = Buffer.alloc(4);
     lease.writeUInt32LE(50);
-    assert.equal(String.fromCharCode(addon.controlRequest(fd, 0x50, 2000, lease).tag), 'p');
+    assert.equal(addon.controlRequest(fd, Tag.pause, 2000, lease).tag, Tag.paused);
     for (let i = 0; i < 100 && guestAddon.gatePaused(); i++) await new Promise((r) => setTimeout(r, 5));
     assert.equal(guestAddon.gatePaused(), false, 'the lease ran out: resumed');
-    const commit = addon.controlRequest(fd, 0x43, 2000);
-    assert.equal(String.fromCharCode(commit.tag), 'e');
+    const commit = addon.controlRequest(fd, Tag.commit, 2000);
+    assert.equal(commit.tag, Tag.error);
     assert.match(commit.body.toString(), /resumed itself/);
   } finally {
     addon.closeFd(fd);
@@ -108,7 +107,7 @@ test('a control request nobody answers times out instead of blocking', () => {
   const [a, b] = addon.socketPair();
   try {
     assert.throws(
-      () => addon.controlRequest(a, P, 50),
+      () => addon.controlRequest(a, Tag.pause, 50),
       (e: Error & { errnoName?: string }) => e.errnoName === 'ETIMEDOUT',
     );
   } finally {

@@ -4,11 +4,13 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,7 +41,6 @@
 #endif
 
 #define PAGE 4096u
-#define HEAD 5 /* tag u8 | length u32 LE */
 
 static int fail(char *err, size_t errlen, int e, const char *fmt, ...) {
   if (err && errlen) {
@@ -58,6 +59,12 @@ static double now_ms(void) {
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
+static uint64_t le(const uint8_t *p, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; i--) v = v << 8 | p[i];
+  return v;
+}
+
 static int valid_name(const char *s) {
   size_t n = strnlen(s, LMG_NAME_MAX);
   if (n == 0 || n >= LMG_NAME_MAX) return 0;
@@ -68,68 +75,36 @@ static int valid_name(const char *s) {
   return 1;
 }
 
-/* ---- sockets and framing ------------------------------------------------------------ */
+/* ---- the framing ------------------------------------------------------------------- */
 
-static socklen_t unix_address(const char *path, struct sockaddr_un *a) {
-  memset(a, 0, sizeof *a);
-  a->sun_family = AF_UNIX;
-  size_t n = strlen(path);
-  if (n == 0 || n >= sizeof a->sun_path) return 0;
-  memcpy(a->sun_path, path, n);
-  if (path[0] == '@') a->sun_path[0] = '\0'; /* the abstract namespace */
-  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (path[0] == '@' ? 0 : 1));
-}
-
-static int listen_at(const char *path, char *err, size_t errlen) {
-  struct sockaddr_un a;
-  socklen_t alen = unix_address(path, &a);
-  if (!alen) return fail(err, errlen, EINVAL, "socket path must be 1..%zu characters", sizeof a.sun_path - 1);
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return fail(err, errlen, errno, "socket: %s", strerror(errno));
-  if (path[0] != '@') {
-    struct stat st;
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path); /* a stale socket of an earlier run */
+/*
+ * Waits until fd is ready for `events`: 0, or ETIMEDOUT past the deadline (ms on
+ * CLOCK_MONOTONIC; < 0: none), ECANCELED once wake_fd (if >= 0) is readable, or poll's errno.
+ */
+static int wait_ready(int fd, short events, double deadline, int wake_fd) {
+  for (;;) {
+    int wait_ms = -1;
+    if (deadline >= 0) {
+      double left = deadline - now_ms();
+      if (left <= 0) return ETIMEDOUT;
+      wait_ms = left >= INT_MAX - 1 ? INT_MAX : (int)left + 1;
+    }
+    struct pollfd p[2] = {{fd, events, 0}, {wake_fd, POLLIN, 0}};
+    int r = poll(p, wake_fd >= 0 ? 2 : 1, wait_ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return errno;
+    if (wake_fd >= 0 && p[1].revents) return ECANCELED;
+    if (r > 0) return 0; /* POLLHUP and POLLERR too: the next call on fd says what happened */
   }
-  /* only this user may connect to a path socket (connecting needs write permission on it) */
-  mode_t was = umask(0177);
-  int bound = bind(fd, (struct sockaddr *)&a, alen);
-  umask(was);
-  if (bound != 0 || listen(fd, 4) != 0) {
-    int e = errno;
-    close(fd);
-    return fail(err, errlen, e, "listening on %s: %s", path, strerror(e));
-  }
-  return fd;
 }
 
-/* Whoever connects may read the guest's memory: root and this process's own user only. */
-static int peer_allowed(int fd) {
-  struct ucred cred;
-  socklen_t len = sizeof cred;
-  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return 0;
-  return cred.uid == 0 || cred.uid == getuid();
-}
-
-static int accept_within(int lfd, int timeout_ms) {
-  struct pollfd p = {lfd, POLLIN, 0};
-  int r;
-  do r = poll(&p, 1, timeout_ms);
-  while (r < 0 && errno == EINTR);
-  if (r == 0) return errno = ETIMEDOUT, -1;
-  if (r < 0) return -1;
-  int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-  if (fd >= 0 && !peer_allowed(fd)) {
-    close(fd);
-    return errno = EACCES, -1;
-  }
-  return fd;
-}
-
-static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds) {
-  uint8_t head[HEAD] = {tag, (uint8_t)len, (uint8_t)(len >> 8), (uint8_t)(len >> 16), (uint8_t)(len >> 24)};
-  struct iovec iov[2] = {{head, HEAD}, {(void *)body, len}};
+int lmg_message_write(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds) {
+  if (len > LMG_MAX_BODY || nfds > LMG_MAX_FDS) return errno = EMSGSIZE, -1;
+  if ((len && !body) || (nfds && !fds)) return errno = EINVAL, -1;
+  uint8_t head[LMG_FRAME_HEAD] = {tag, (uint8_t)len, (uint8_t)(len >> 8), (uint8_t)(len >> 16), (uint8_t)(len >> 24)};
+  struct iovec iov[2] = {{head, LMG_FRAME_HEAD}, {(void *)body, len}};
   union {
-    char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_REGIONS)];
+    char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_FDS)];
     struct cmsghdr align;
   } u;
   struct msghdr m = {0};
@@ -144,12 +119,17 @@ static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int
     c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
     memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
   }
-  size_t total = HEAD + len;
-  while (total > 0) {
+  size_t left = LMG_FRAME_HEAD + len;
+  while (left > 0) {
     ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL);
     if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) { /* a non-blocking socket (Node's): wait until it drains */
+      int e = wait_ready(fd, POLLOUT, -1, -1);
+      if (e) return errno = e, -1;
+      continue;
+    }
     if (w <= 0) return -1;
-    total -= (size_t)w;
+    left -= (size_t)w;
     m.msg_control = NULL, m.msg_controllen = 0; /* the descriptors went with the first bytes */
     while (m.msg_iovlen && (size_t)w >= m.msg_iov[0].iov_len) w -= (ssize_t)m.msg_iov[0].iov_len, m.msg_iov++, m.msg_iovlen--;
     if (m.msg_iovlen) m.msg_iov[0].iov_base = (uint8_t *)m.msg_iov[0].iov_base + w, m.msg_iov[0].iov_len -= (size_t)w;
@@ -157,45 +137,45 @@ static int send_msg(int fd, uint8_t tag, const void *body, size_t len, const int
   return 0;
 }
 
-static int reply(int fd, uint8_t tag, const char *why) { return send_msg(fd, tag, why, why ? strlen(why) : 0, NULL, 0); }
+static int reply(int fd, uint8_t tag, const char *why) { return lmg_message_write(fd, tag, why, why ? strlen(why) : 0, NULL, 0); }
 
-/*
- * Reads n bytes before the deadline (ms, CLOCK_MONOTONIC; < 0: none), keeping descriptors that
- * come with them in fds (up to *nfds). 0, or an errno: ETIMEDOUT, ECONNRESET (end of stream).
- */
-static int read_exact(int fd, uint8_t *p, size_t n, double deadline, int *fds, size_t *nfds, size_t maxfds) {
-  while (n > 0) {
-    if (deadline >= 0) {
-      double left = deadline - now_ms();
-      if (left <= 0) return ETIMEDOUT;
-      struct pollfd pf = {fd, POLLIN, 0};
-      int r = poll(&pf, 1, (int)left + 1);
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) return errno;
-      if (r == 0) continue;
+/* Descriptors that came with a read go to the message, up to its room; the rest are closed. */
+static void keep_fds(struct msghdr *h, struct lmg_message *m) {
+  for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; i++) {
+      int in;
+      memcpy(&in, CMSG_DATA(c) + i * sizeof(int), sizeof in);
+      if (m->nfds < LMG_MAX_FDS) m->fds[m->nfds++] = in;
+      else close(in);
     }
+  }
+}
+
+/* n bytes into p; 0 or an errno (ECONNRESET: the stream ended). */
+static int read_exact(int fd, uint8_t *p, size_t n, double deadline, int wake_fd, struct lmg_message *m) {
+  while (n > 0) {
+    if (deadline >= 0 && now_ms() >= deadline) return ETIMEDOUT; /* also while bytes keep coming */
     union {
-      char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_REGIONS)];
+      char buf[CMSG_SPACE(sizeof(int) * LMG_MAX_FDS)];
       struct cmsghdr align;
     } u;
     struct iovec iov = {p, n};
-    struct msghdr m = {0};
-    m.msg_iov = &iov;
-    m.msg_iovlen = 1;
-    m.msg_control = u.buf;
-    m.msg_controllen = sizeof u.buf;
-    ssize_t got = recvmsg(fd, &m, MSG_CMSG_CLOEXEC);
+    struct msghdr h = {0};
+    h.msg_iov = &iov;
+    h.msg_iovlen = 1;
+    h.msg_control = u.buf;
+    h.msg_controllen = sizeof u.buf;
+    ssize_t got = recvmsg(fd, &h, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (got < 0 && errno == EINTR) continue;
-    if (got < 0) return errno;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      int *in = (int *)CMSG_DATA(c);
-      for (size_t i = 0; i < k; i++) {
-        if (fds && *nfds < maxfds) fds[(*nfds)++] = in[i];
-        else close(in[i]); /* not expected here: never kept */
-      }
+    if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      int e = wait_ready(fd, POLLIN, deadline, wake_fd);
+      if (e) return e;
+      continue;
     }
+    if (got < 0) return errno;
+    keep_fds(&h, m);
     if (got == 0) return ECONNRESET;
     p += got;
     n -= (size_t)got;
@@ -203,35 +183,170 @@ static int read_exact(int fd, uint8_t *p, size_t n, double deadline, int *fds, s
   return 0;
 }
 
-struct msg {
-  uint8_t tag;
-  uint8_t *body; /* malloc'd, NUL-terminated for convenience */
-  size_t len;
-  int fds[LMG_MAX_REGIONS];
-  size_t nfds;
-};
-
-static void msg_free(struct msg *m) {
+void lmg_message_free(struct lmg_message *m) {
+  if (!m) return;
   free(m->body);
   m->body = NULL;
   for (size_t i = 0; i < m->nfds; i++) close(m->fds[i]);
   m->nfds = 0;
 }
 
-static int read_msg(int fd, struct msg *m, double deadline) {
-  uint8_t head[HEAD];
-  m->body = NULL, m->len = 0, m->nfds = 0;
-  int e = read_exact(fd, head, HEAD, deadline, m->fds, &m->nfds, LMG_MAX_REGIONS);
-  if (e) return msg_free(m), e;
-  m->tag = head[0];
-  m->len = head[1] | (size_t)head[2] << 8 | (size_t)head[3] << 16 | (size_t)head[4] << 24;
-  if (m->len > LMG_MAX_BODY) return msg_free(m), EPROTO;
-  m->body = malloc(m->len + 1);
-  if (!m->body) return msg_free(m), ENOMEM;
-  m->body[m->len] = 0;
-  e = m->len ? read_exact(fd, m->body, m->len, deadline, m->fds, &m->nfds, LMG_MAX_REGIONS) : 0;
-  if (e) msg_free(m);
-  return e;
+int lmg_message_read(int fd, struct lmg_message *m, int timeout_ms, int wake_fd) {
+  double deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+  uint8_t head[LMG_FRAME_HEAD];
+  m->tag = 0, m->body = NULL, m->len = 0, m->nfds = 0;
+  int e = read_exact(fd, head, LMG_FRAME_HEAD, deadline, wake_fd, m);
+  if (!e) {
+    m->tag = head[0];
+    m->len = head[1] | (size_t)head[2] << 8 | (size_t)head[3] << 16 | (size_t)head[4] << 24;
+    if (m->len > LMG_MAX_BODY) e = EPROTO;
+    else if (!(m->body = malloc(m->len + 1))) e = ENOMEM;
+    else {
+      m->body[m->len] = 0;
+      e = read_exact(fd, m->body, m->len, deadline, wake_fd, m);
+    }
+  }
+  if (e) {
+    size_t announced = m->len; /* what a too-long message claimed, for the caller's reason */
+    lmg_message_free(m);
+    m->len = announced;
+    return errno = e, -1;
+  }
+  return 0;
+}
+
+/* ---- sockets ------------------------------------------------------------------------ */
+
+#define SUN_PATH_MAX sizeof(((struct sockaddr_un *)0)->sun_path)
+
+static socklen_t unix_address(const char *path, struct sockaddr_un *a) {
+  memset(a, 0, sizeof *a);
+  a->sun_family = AF_UNIX;
+  size_t n = strlen(path);
+  if (n == 0 || n >= sizeof a->sun_path) return 0;
+  memcpy(a->sun_path, path, n);
+  if (path[0] == '@') a->sun_path[0] = '\0'; /* the abstract namespace */
+  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (path[0] == '@' ? 0 : 1));
+}
+
+/* The socket file a listener made: removed when it stops only while it is still that one (a later start may own the path). */
+struct bound_path {
+  char path[SUN_PATH_MAX];
+  dev_t dev;
+  ino_t ino;
+};
+
+static void unlink_bound(const struct bound_path *b) {
+  struct stat st;
+  if (b->path[0] && lstat(b->path, &st) == 0 && st.st_dev == b->dev && st.st_ino == b->ino) unlink(b->path);
+}
+
+static int listen_at(const char *path, struct bound_path *bound, char *err, size_t errlen) {
+  struct sockaddr_un a;
+  socklen_t alen = unix_address(path, &a);
+  if (!alen) return fail(err, errlen, EINVAL, "socket path must be 1..%zu characters", sizeof a.sun_path - 1);
+  /* non-blocking: a connection that goes away between poll and accept4 must not hold the thread */
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return fail(err, errlen, errno, "socket: %s", strerror(errno));
+  if (path[0] != '@') {
+    struct stat stale;
+    if (lstat(path, &stale) == 0 && S_ISSOCK(stale.st_mode)) unlink(path); /* a stale socket of an earlier run */
+  }
+  memset(bound, 0, sizeof *bound);
+  struct stat st;
+  int ok = bind(fd, (struct sockaddr *)&a, alen) == 0;
+  if (ok && path[0] != '@') {
+    ok = lstat(path, &st) == 0;
+    if (ok) {
+      snprintf(bound->path, sizeof bound->path, "%s", path);
+      bound->dev = st.st_dev;
+      bound->ino = st.st_ino;
+    }
+    /* only this user may connect to a path socket (connecting needs write permission on it); chmod, not umask, which is
+     * the whole process's while other threads of the VMM run; whoever connects before it is turned away by peer_allowed */
+    ok = ok && chmod(path, 0600) == 0;
+  }
+  if (!ok || listen(fd, 4) != 0) {
+    int e = errno;
+    close(fd);
+    unlink_bound(bound);
+    return fail(err, errlen, e, "listening on %s: %s", path, strerror(e));
+  }
+  return fd;
+}
+
+/* Whoever connects may read the guest's memory: root and this process's own user only. */
+static int peer_allowed(int fd) {
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return 0;
+  return cred.uid == 0 || cred.uid == getuid();
+}
+
+/*
+ * The next connection from root or this user (strangers are turned away) within timeout_ms
+ * (< 0: no limit); or -1 with errno ETIMEDOUT, ECANCELED (wake_fd, unless -1, became
+ * readable), or accept4's for a failure that persists (out of descriptors).
+ */
+static int accept_peer(int lfd, int timeout_ms, int wake_fd) {
+  double deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+  for (;;) {
+    int e = wait_ready(lfd, POLLIN, deadline, wake_fd);
+    if (e) return errno = e, -1;
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd >= 0 && peer_allowed(fd)) return fd;
+    if (fd >= 0) close(fd);
+    else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED) return -1;
+  }
+}
+
+/* Every refusal is answered: livemig reports the reason instead of a closed socket. */
+static int refuse(int fd, const char *fmt, ...) {
+  char why[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(why, sizeof why, fmt, ap);
+  va_end(ap);
+  return reply(fd, LMG_TAG_ERROR, why);
+}
+
+/* A message that could not be read is answered too; the stream is lost after it, and the caller drops the connection. */
+static void refuse_unreadable(int fd, int e, size_t announced) {
+  if (e == EPROTO) refuse(fd, "a message of %zu bytes, more than the contract's %u", announced, LMG_MAX_BODY);
+  else if (e == ENOMEM) refuse(fd, "no memory for a message of %zu bytes", announced);
+}
+
+/* 'V' + u32 LE: the contract version livemig speaks from now on; only before any other request. */
+static int answer_contract(int fd, const struct lmg_message *m, int still_open) {
+  uint32_t v = m->len == 4 ? (uint32_t)le(m->body, 4) : 0;
+  if (!still_open) return refuse(fd, "the contract is agreed first, before any other request");
+  if (m->len != 4) return refuse(fd, "a contract version is a u32, not %zu bytes", m->len);
+  if (v < LMG_CONTRACT_OLDEST || v > LMG_CONTRACT)
+    return refuse(fd, "contract %u is outside this library's %d..%d", v, LMG_CONTRACT_OLDEST, LMG_CONTRACT);
+  return reply(fd, LMG_TAG_CONTRACT_AGREED, NULL);
+}
+
+/*
+ * The caller's ops struct, as large as it was built (its first field says): one shorter than
+ * the first sized layout is refused, and in a longer one every byte past what this library
+ * knows must be zero (a callback it would never call must not be set).
+ */
+static int take_ops(void *ours, size_t ours_size, size_t first_size, const void *theirs, const char *what, char *err, size_t errlen) {
+  size_t size;
+  memcpy(&size, theirs, sizeof size);
+  if (size < first_size) return fail(err, errlen, EINVAL, "%s.size is %zu: set it to sizeof(struct %s)", what, size, what);
+  for (size_t i = ours_size; i < size; i++) {
+    if (((const uint8_t *)theirs)[i])
+      return fail(err, errlen, E2BIG, "%s sets fields past the %zu bytes this library (contract %d) knows", what, ours_size, LMG_CONTRACT);
+  }
+  memset(ours, 0, ours_size);
+  memcpy(ours, theirs, size < ours_size ? size : ours_size);
+  return 0;
+}
+
+int lmg_version(int *oldest) {
+  if (oldest) *oldest = LMG_CONTRACT_OLDEST;
+  return LMG_CONTRACT;
 }
 
 /* ---- userfaultfd -------------------------------------------------------------------- */
@@ -284,25 +399,43 @@ int lmg_track(struct lmg_region *regions, size_t n, int *uffd, char *err, size_t
 
 /* ---- source ------------------------------------------------------------------------- */
 
+/* how long the serving thread waits before dialling its daemon again, or accepting again after running out of descriptors */
+#define RETRY_MS 500
+
+/* the ops as first published with a size (contract 3): every caller has at least these */
+#define SOURCE_OPS_FIRST_SIZE (offsetof(struct lmg_source_ops, thread_start) + sizeof(void (*)(void *)))
+
 struct lmg_source {
-  int lfd;
-  /* registered with a daemon: the library dials this path instead of listening */
-  char dial[108];
+  /* fixed before the serving thread starts */
   char name[LMG_NAME_MAX];
   struct lmg_region regions[LMG_MAX_REGIONS];
   size_t n;
   struct lmg_source_ops ops;
-  /* the pause's state, kept across connections: after 'C' only livemig may end the pause */
-  int paused, committed, self_resumed;
-  double lease_ms;
+  char *hello;
+  size_t hello_len;
+  int lfd; /* -1 when registered with a daemon */
+  struct bound_path bound;
+  char dial[SUN_PATH_MAX]; /* registered: the daemon's guest socket */
+  int wake[2];             /* lmg_source_stop writes wake[1]; every wait of the serving thread also polls wake[0] */
   pthread_t thread;
+  /* the connection served now (-1: none), which stop shuts down: a reply livemig never reads must not hold the thread */
+  pthread_mutex_t lock;
+  int conn;
+  /* the serving thread's alone until stop has joined it; a pause outlives a connection (after 'C' only livemig may end it) */
+  int paused, committed, self_resumed, released;
+  uint32_t lease_ms;
 };
 
-static char *source_hello(const struct lmg_source *s) {
+/* what serving one connection came to */
+enum served { SERVED_GONE, SERVED_RELEASED, SERVED_STOPPED };
+
+/* Starts at the oldest contract, which a livemig that knows no negotiation takes; livemig may raise it with 'V'. */
+static char *source_hello(const struct lmg_source *s, size_t *len) {
   size_t cap = 512 + s->n * 320, at = 0;
   char *h = malloc(cap);
   if (!h) return NULL;
-  at += (size_t)snprintf(h + at, cap - at, "{\"contract\":%d,\"role\":\"source\",\"pid\":%d,\"name\":\"%s\",\"regions\":[", LMG_CONTRACT, (int)getpid(), s->name);
+  at += (size_t)snprintf(h + at, cap - at, "{\"contract\":%d,\"contractMax\":%d,\"role\":\"source\",\"pid\":%d,\"name\":\"%s\",\"regions\":[",
+                         LMG_CONTRACT_OLDEST, LMG_CONTRACT, (int)getpid(), s->name);
   for (size_t i = 0; i < s->n; i++) {
     const struct lmg_region *r = &s->regions[i];
     at += (size_t)snprintf(h + at, cap - at,
@@ -311,8 +444,12 @@ static char *source_hello(const struct lmg_source *s) {
                            (unsigned long long)r->offset, r->tracked ? "uffd-wp-async" : "none");
   }
   snprintf(h + at, cap - at, "]}");
+  *len = strlen(h);
   return h;
 }
+
+/* 1 once lmg_source_stop was called, waiting up to ms for it */
+static int stop_within(const struct lmg_source *s, int ms) { return wait_ready(s->wake[0], POLLIN, now_ms() + ms, -1) == 0; }
 
 static void self_resume(struct lmg_source *s) {
   s->paused = 0;
@@ -320,200 +457,260 @@ static void self_resume(struct lmg_source *s) {
   s->ops.resume(s->ops.ctx);
 }
 
-/* One livemig connection, until it closes; 1 when the guest was released (stop serving). */
-static int serve_source(struct lmg_source *s, int fd) {
-  for (;;) {
+/* 'P' [+ u32 LE lease ms] -> 'p' + the device state. */
+static int answer_pause(struct lmg_source *s, int fd, const struct lmg_message *m) {
+  if (m->len != 0 && m->len != 4) return refuse(fd, "a pause carries nothing or a u32 lease, not %zu bytes", m->len);
+  if (s->paused && s->committed) return refuse(fd, "paused after livemig's commitment: only a resume or a release ends it");
+  char why[512] = "";
+  uint8_t *state = NULL;
+  size_t len = 0;
+  if (s->ops.pause(s->ops.ctx, &state, &len, why, sizeof why) != 0) {
+    free(state);
+    return refuse(fd, "%s", why[0] ? why : "the guest refused to pause");
+  }
+  if (len > LMG_MAX_BODY || (len && !state)) {
+    /* a pause that cannot be answered must not leave the guest stopped */
+    free(state);
+    s->ops.resume(s->ops.ctx);
+    if (len > LMG_MAX_BODY) return refuse(fd, "the guest's device state is %zu bytes, more than the contract's %u", len, LMG_MAX_BODY);
+    return refuse(fd, "the guest said its device state is %zu bytes but returned none", len);
+  }
+  s->paused = 1, s->committed = 0, s->self_resumed = 0;
+  s->lease_ms = m->len == 4 ? (uint32_t)le(m->body, 4) : 0;
+  int sent = lmg_message_write(fd, LMG_TAG_PAUSED, state, len, NULL, 0);
+  free(state);
+  if (sent == 0 && s->ops.paused) {
+    /* livemig, woken by 'p' on this CPU, goes on with the hand-over before this does more */
+    sched_yield();
+    s->ops.paused(s->ops.ctx);
+  }
+  return sent;
+}
+
+/* One livemig connection, from the hello until it ends, the guest is released, or stop. */
+static enum served serve_connection(struct lmg_source *s, int fd) {
+  int fds[LMG_MAX_REGIONS];
+  for (size_t i = 0; i < s->n; i++) fds[i] = s->regions[i].fd;
+  if (lmg_message_write(fd, LMG_TAG_HELLO, s->hello, s->hello_len, fds, s->n) != 0) return SERVED_GONE;
+  for (int contract_open = 1;;) {
     const int leased = s->paused && !s->committed && s->lease_ms > 0;
-    struct msg m;
-    int e = read_msg(fd, &m, leased ? now_ms() + s->lease_ms : -1);
-    if (e == ETIMEDOUT && leased) {
-      /* livemig is stalled before its point of commitment: the destination cannot run the guest */
-      self_resume(s);
-      continue;
-    }
-    if (e) {
-      if (s->paused && !s->committed) self_resume(s); /* livemig went away before committing */
-      return 0;
-    }
-    int ok = 0;
-    char why[512] = "";
-    switch (m.tag) {
-      case 'P': {
-        uint8_t *state = NULL;
-        size_t len = 0;
-        if (s->ops.pause(s->ops.ctx, &state, &len, why, sizeof why) != 0) {
-          ok = reply(fd, 'e', why[0] ? why : "the guest refused to pause") == 0;
-          break;
-        }
-        s->paused = 1, s->committed = 0, s->self_resumed = 0;
-        s->lease_ms = m.len == 4 ? (double)(m.body[0] | m.body[1] << 8 | m.body[2] << 16 | (uint32_t)m.body[3] << 24) : 0;
-        ok = len <= LMG_MAX_BODY && send_msg(fd, 'p', state, len, NULL, 0) == 0;
-        free(state);
-        if (s->ops.paused) {
-          /* livemig, woken by 'p' on this CPU, goes on with the hand-over before this does more */
-          sched_yield();
-          s->ops.paused(s->ops.ctx);
-        }
-        break;
+    int timeout_ms = !leased ? -1 : s->lease_ms > INT_MAX ? INT_MAX : (int)s->lease_ms;
+    struct lmg_message m;
+    if (lmg_message_read(fd, &m, timeout_ms, s->wake[0]) != 0) {
+      int e = errno;
+      if (e == ETIMEDOUT && leased) {
+        /* livemig is stalled before its point of commitment: the destination cannot run the guest */
+        self_resume(s);
+        continue;
       }
-      case 'C':
-        if (!s->paused || s->self_resumed) {
-          ok = reply(fd, 'e', "not paused: the guest resumed itself when its lease ran out") == 0;
+      refuse_unreadable(fd, e, m.len);
+      if (s->paused && !s->committed) self_resume(s); /* livemig went away (or the guest stops serving) before committing */
+      return e == ECANCELED ? SERVED_STOPPED : SERVED_GONE;
+    }
+    int answered;
+    switch (m.tag) {
+      case LMG_TAG_CONTRACT:
+        answered = answer_contract(fd, &m, contract_open);
+        break;
+      case LMG_TAG_PAUSE:
+        answered = answer_pause(s, fd, &m);
+        break;
+      case LMG_TAG_COMMIT:
+        if (!s->paused) {
+          answered = refuse(fd, s->self_resumed ? "not paused: the guest resumed itself when its lease ran out" : "not paused: a commit follows a pause");
         } else {
           s->committed = 1;
-          ok = reply(fd, 'c', NULL) == 0;
+          answered = reply(fd, LMG_TAG_COMMITTED, NULL);
         }
         break;
-      case 'R':
+      case LMG_TAG_RESUME:
         if (s->paused) s->ops.resume(s->ops.ctx);
-        s->paused = 0, s->committed = 0;
-        ok = reply(fd, 'r', NULL) == 0;
+        s->paused = 0, s->committed = 0, s->self_resumed = 0;
+        answered = reply(fd, LMG_TAG_RESUMED, NULL);
         break;
-      case 'T':
-        if (m.len != 1 || m.body[0] > 99) ok = reply(fd, 'e', "throttle takes one byte, a percent in 0..99") == 0;
-        else if (!s->ops.throttle) ok = reply(fd, 'e', "this guest cannot be throttled") == 0;
-        else if (s->ops.throttle(s->ops.ctx, m.body[0]) != 0) ok = reply(fd, 'e', "the guest refused the throttle") == 0;
-        else ok = reply(fd, 't', NULL) == 0;
+      case LMG_TAG_THROTTLE:
+        if (m.len != 1 || m.body[0] > 99) answered = refuse(fd, "throttle takes one byte, a percent in 0..99");
+        else if (!s->ops.throttle) answered = refuse(fd, "this guest cannot be throttled");
+        else if (s->ops.throttle(s->ops.ctx, m.body[0]) != 0) answered = refuse(fd, "the guest refused the throttle");
+        else answered = reply(fd, LMG_TAG_THROTTLED, NULL);
         break;
-      case 'X':
+      case LMG_TAG_RELEASE:
         if (!s->paused || !s->committed) {
-          ok = reply(fd, 'e', "release before a committed pause: the guest would be lost") == 0;
+          answered = refuse(fd, "release before a committed pause: the guest would be lost");
           break;
         }
-        reply(fd, 'x', NULL);
-        msg_free(&m);
+        (void)reply(fd, LMG_TAG_RELEASED, NULL); /* committed: the guest runs at the destination whether or not livemig hears this */
+        lmg_message_free(&m);
+        s->released = 1;
         s->ops.released(s->ops.ctx);
-        return 1;
+        return SERVED_RELEASED;
       default:
-        snprintf(why, sizeof why, "unknown request 0x%02x", m.tag);
-        ok = reply(fd, 'e', why) == 0;
+        answered = refuse(fd, "unknown request 0x%02x", m.tag);
     }
-    msg_free(&m);
-    if (!ok) {
+    if (m.tag != LMG_TAG_CONTRACT) contract_open = 0;
+    lmg_message_free(&m);
+    if (answered != 0) {
       if (s->paused && !s->committed) self_resume(s);
-      return 0;
+      return SERVED_GONE;
     }
   }
 }
 
-/* how long a registered guest waits before dialling its daemon again (it is away, or refused us) */
-#define REDIAL_MS 500
-
-static void sleep_ms(int ms) {
-  struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
-  while (nanosleep(&t, &t) != 0 && errno == EINTR) {
+/* The next livemig to connect, or -1 once stop was called. */
+static int accept_livemig(struct lmg_source *s) {
+  for (;;) {
+    int fd = accept_peer(s->lfd, -1, s->wake[0]);
+    if (fd >= 0 || errno == ECANCELED) return fd;
+    /* out of descriptors or memory for now: the guest serves again once there are some */
+    if (stop_within(s, RETRY_MS)) return -1;
   }
 }
 
 /*
- * A registered guest dials its daemon, and keeps dialling until one answers: a daemon that
+ * A connection to the daemon once one answers, or -1 once stop was called: a daemon that
  * restarts finds its guests again. Only root or this user may be the daemon, as only they may
  * connect to a guest that listens.
  */
-static int dial_daemon(const struct lmg_source *s) {
+static int dial_daemon(struct lmg_source *s) {
   struct sockaddr_un a;
   socklen_t alen = unix_address(s->dial, &a);
   for (;;) {
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    if (connect(fd, (struct sockaddr *)&a, alen) == 0) {
-      if (peer_allowed(fd)) return fd;
-      close(fd);
-    } else {
-      int e = errno;
-      close(fd);
-      if (e != ENOENT && e != ECONNREFUSED && e != EAGAIN && e != EINTR) return errno = e, -1;
-    }
-    sleep_ms(REDIAL_MS);
+    /* non-blocking: a daemon whose backlog is full answers EAGAIN instead of holding up a stop */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, alen) == 0 && peer_allowed(fd)) return fd;
+    if (fd >= 0) close(fd);
+    if (stop_within(s, RETRY_MS)) return -1;
   }
 }
 
+/* Serves one livemig after another until the guest is released or stop is called. */
 static void *source_thread(void *arg) {
   struct lmg_source *s = arg;
   if (s->ops.thread_start) s->ops.thread_start(s->ops.ctx);
-  char *hello = source_hello(s);
-  int fds[LMG_MAX_REGIONS];
-  for (size_t i = 0; i < s->n; i++) fds[i] = s->regions[i].fd;
   for (int first = 1;; first = 0) {
-    if (s->dial[0] && !first) sleep_ms(REDIAL_MS); /* the daemon let us go (or went away): not in a tight loop */
-    int fd = s->dial[0] ? dial_daemon(s) : accept_within(s->lfd, -1);
-    if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED || errno == EACCES) continue; /* EACCES: a stranger, turned away */
-      break;
-    }
-    int released = hello && send_msg(fd, 'H', hello, strlen(hello), fds, s->n) == 0 && serve_source(s, fd);
+    /* the daemon let the guest go (or went away): dial again, but not in a tight loop */
+    if (s->dial[0] && !first && stop_within(s, RETRY_MS)) break;
+    int fd = s->dial[0] ? dial_daemon(s) : accept_livemig(s);
+    if (fd < 0) break;
+    pthread_mutex_lock(&s->lock);
+    s->conn = fd;
+    pthread_mutex_unlock(&s->lock);
+    enum served how = serve_connection(s, fd);
+    pthread_mutex_lock(&s->lock);
+    s->conn = -1;
+    pthread_mutex_unlock(&s->lock);
     close(fd);
-    if (released) break;
+    if (how != SERVED_GONE) break;
   }
-  free(hello);
   return NULL;
+}
+
+static void source_free(struct lmg_source *s) {
+  if (s->lfd >= 0) close(s->lfd);
+  unlink_bound(&s->bound);
+  for (int i = 0; i < 2; i++) {
+    if (s->wake[i] >= 0) close(s->wake[i]);
+  }
+  pthread_mutex_destroy(&s->lock);
+  free(s->hello);
+  free(s);
 }
 
 static struct lmg_source *source_start(const char *listen_path, const char *dial_path, const char *name, const struct lmg_region *regions,
                                        size_t n, const struct lmg_source_ops *ops, char *err, size_t errlen) {
   if (n == 0 || n > LMG_MAX_REGIONS) return fail(err, errlen, EINVAL, "a guest hands over 1..%d regions, not %zu", LMG_MAX_REGIONS, n), NULL;
-  if (!ops || !ops->pause || !ops->resume || !ops->released) return fail(err, errlen, EINVAL, "pause, resume and released are required"), NULL;
+  if (!regions || !ops) return fail(err, errlen, EINVAL, "regions and ops are required"), NULL;
+  struct lmg_source_ops taken;
+  if (take_ops(&taken, sizeof taken, SOURCE_OPS_FIRST_SIZE, ops, "lmg_source_ops", err, errlen) != 0) return NULL;
+  if (!taken.pause || !taken.resume || !taken.released) return fail(err, errlen, EINVAL, "pause, resume and released are required"), NULL;
   if (name && !valid_name(name)) return fail(err, errlen, EINVAL, "the guest's name must be 1..63 characters of [A-Za-z0-9._-]"), NULL;
   for (size_t i = 0; i < n; i++) {
     const struct lmg_region *r = &regions[i];
     if (!valid_name(r->name)) return fail(err, errlen, EINVAL, "region %zu: a name is 1..63 characters of [A-Za-z0-9._-]", i), NULL;
     if (!r->size || r->size % PAGE || r->offset % PAGE || (uintptr_t)r->addr % PAGE)
       return fail(err, errlen, EINVAL, "region %s: address, size and offset must be page-aligned and the size positive", r->name), NULL;
+    if (r->fd < 0) return fail(err, errlen, EBADF, "region %s: no file descriptor", r->name), NULL;
     for (size_t j = 0; j < i; j++) {
       if (regions[j].id == r->id) return fail(err, errlen, EINVAL, "region id %u is used twice", r->id), NULL;
     }
   }
+  struct sockaddr_un a;
+  if (dial_path && !unix_address(dial_path, &a)) return fail(err, errlen, EINVAL, "socket path must be 1..%zu characters", sizeof a.sun_path - 1), NULL;
   struct lmg_source *s = calloc(1, sizeof *s);
   if (!s) return fail(err, errlen, ENOMEM, "out of memory"), NULL;
+  s->lfd = -1, s->conn = -1, s->wake[0] = -1, s->wake[1] = -1;
+  pthread_mutex_init(&s->lock, NULL);
   snprintf(s->name, sizeof s->name, "%s", name ? name : "guest");
   memcpy(s->regions, regions, n * sizeof *regions);
   s->n = n;
-  s->ops = *ops;
-  s->lfd = -1;
-  if (dial_path) {
-    struct sockaddr_un a;
-    if (!unix_address(dial_path, &a)) return free(s), fail(err, errlen, EINVAL, "socket path must be 1..%zu characters", sizeof a.sun_path - 1), NULL;
-    snprintf(s->dial, sizeof s->dial, "%s", dial_path);
-  } else {
-    s->lfd = listen_at(listen_path, err, errlen);
-    if (s->lfd < 0) return free(s), NULL;
+  s->ops = taken;
+  /* built now, so that no connection is ever answered without it */
+  s->hello = source_hello(s, &s->hello_len);
+  if (!s->hello) return source_free(s), fail(err, errlen, ENOMEM, "out of memory"), NULL;
+  if (pipe2(s->wake, O_CLOEXEC | O_NONBLOCK) != 0) {
+    int e = errno;
+    return source_free(s), fail(err, errlen, e, "pipe2: %s", strerror(e)), NULL;
   }
-  if (pthread_create(&s->thread, NULL, source_thread, s) != 0) {
-    if (s->lfd >= 0) close(s->lfd);
-    free(s);
-    return fail(err, errlen, EAGAIN, "starting the control thread failed"), NULL;
-  }
-  pthread_detach(s->thread);
+  if (dial_path) snprintf(s->dial, sizeof s->dial, "%s", dial_path);
+  else if ((s->lfd = listen_at(listen_path, &s->bound, err, errlen)) < 0) return source_free(s), NULL;
+  int e = pthread_create(&s->thread, NULL, source_thread, s);
+  if (e != 0) return source_free(s), fail(err, errlen, e, "starting the library's thread: %s", strerror(e)), NULL;
   return s;
 }
 
 struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
                                     const struct lmg_source_ops *ops, char *err, size_t errlen) {
+  if (!path) return fail(err, errlen, EINVAL, "a socket path is required"), NULL;
   return source_start(path, NULL, name, regions, n, ops, err, errlen);
 }
 
 struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
                                        const struct lmg_source_ops *ops, char *err, size_t errlen) {
+  if (!daemon_path || !name) return fail(err, errlen, EINVAL, "the daemon's path and the guest's name are required"), NULL;
   return source_start(NULL, daemon_path, name, regions, n, ops, err, errlen);
 }
 
+int lmg_source_stop(struct lmg_source *s) {
+  if (!s) return errno = EINVAL, -1;
+  /* a callback runs on the serving thread, which this joins */
+  if (pthread_equal(pthread_self(), s->thread)) return errno = EDEADLK, -1;
+  ssize_t w;
+  do w = write(s->wake[1], "", 1);
+  while (w < 0 && errno == EINTR);
+  pthread_mutex_lock(&s->lock);
+  if (s->conn >= 0) shutdown(s->conn, SHUT_RDWR);
+  pthread_mutex_unlock(&s->lock);
+  pthread_join(s->thread, NULL);
+  int how = s->released ? LMG_STOPPED_RELEASED : s->paused && s->committed ? LMG_STOPPED_COMMITTED : LMG_STOPPED;
+  source_free(s);
+  return how;
+}
+
 /* ---- destination -------------------------------------------------------------------- */
+
+/* the ops as first published with a size (contract 3): every caller has at least these */
+#define INCOMING_OPS_FIRST_SIZE (offsetof(struct lmg_incoming_ops, all_present) + sizeof(void (*)(void *)))
+
+/* where the guest is: the thread that serves livemig after run waits for RUNNING (or CLOSING) */
+enum incoming_phase { BEFORE_RUN, RUNNING, CLOSING };
 
 struct lmg_incoming {
   int fd;
   struct lmg_region regions[LMG_MAX_REGIONS];
   size_t n;
-  int uffd;
   struct lmg_incoming_ops ops;
+  int waited;
+  /* post-copy's userfaultfd: opened by lmg_incoming_wait's thread before run, closed by the after-run thread on 'A' */
+  int uffd;
+  /* lmg_incoming_postcopy's answer, which any thread may ask while the after-run thread changes it */
+  atomic_int pages_arriving;
+  /* started (waiting) before the regions are answered, so that a failure to start it is answered before anything depends on it */
   pthread_t thread;
   int thread_started;
+  pthread_mutex_t lock;
+  pthread_cond_t changed;
+  enum incoming_phase phase; /* under lock */
 };
-
-static uint64_t le(const uint8_t *p, int bytes) {
-  uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; i--) v = v << 8 | p[i];
-  return v;
-}
 
 static void unmap_all(struct lmg_incoming *h) {
   for (size_t i = 0; i < h->n; i++) {
@@ -527,7 +724,7 @@ static void unmap_all(struct lmg_incoming *h) {
  * 'M': u8 flags (bit 0: populate) | u32 count | count x (u32 id | u64 size | u64 offset |
  * u8 name length | name), one memfd per region with it. Maps them; a reason on failure.
  */
-static int take_regions(struct lmg_incoming *h, struct msg *m, char *why, size_t whylen) {
+static int take_regions(struct lmg_incoming *h, struct lmg_message *m, char *why, size_t whylen) {
   const uint8_t *p = m->body, *end = m->body + m->len;
   if (m->len < 5) return snprintf(why, whylen, "regions message of %zu bytes", m->len), -1;
   int populate = p[0] & 1;
@@ -545,18 +742,22 @@ static int take_regions(struct lmg_incoming *h, struct msg *m, char *why, size_t
     memcpy(r->name, p, nl);
     r->name[nl] = 0;
     p += nl;
+    if (!valid_name(r->name)) return snprintf(why, whylen, "region %u: a name is 1..63 characters of [A-Za-z0-9._-]", i), -1;
     r->fd = m->fds[i];
     m->fds[i] = -1;
     r->addr = NULL;
     h->n = i + 1;
     struct stat st;
     if (!r->size || r->size % PAGE || r->offset % PAGE) return snprintf(why, whylen, "region %s: unaligned", r->name), -1;
+    if (r->offset > UINT64_MAX - r->size || r->size > SIZE_MAX || r->offset > (uint64_t)INT64_MAX)
+      return snprintf(why, whylen, "region %s: offset + size out of range", r->name), -1;
     if (fstat(r->fd, &st) != 0 || (uint64_t)st.st_size < r->offset + r->size)
       return snprintf(why, whylen, "region %s: its memfd is smaller than offset + size", r->name), -1;
     void *a = mmap(NULL, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, (off_t)r->offset);
     if (a == MAP_FAILED) return snprintf(why, whylen, "region %s: mmap: %s", r->name, strerror(errno)), -1;
     r->addr = a;
   }
+  if (p != end) return snprintf(why, whylen, "%zu bytes after the region table", (size_t)(end - p)), -1;
   m->nfds = 0;
   if (populate) {
     /* every page mapped now, while pre-copy runs, so the guest runs at memory speed at once */
@@ -565,38 +766,127 @@ static int take_regions(struct lmg_incoming *h, struct msg *m, char *why, size_t
   return 0;
 }
 
+/* 'U': every region registered for minor faults on one userfaultfd, which goes to livemig. */
+static int register_postcopy(struct lmg_incoming *h) {
+  char why[256];
+  if (h->uffd < 0) {
+    int fd = uffd_with(UFFD_FEATURE_MINOR_SHMEM, why, sizeof why);
+    if (fd < 0) return reply(h->fd, LMG_TAG_ERROR, why);
+    for (size_t i = 0; i < h->n; i++) {
+      struct lmg_region *r = &h->regions[i];
+      /* the pages stay in the memfd; only this mapping's entries go, so every touch faults */
+      struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)r->addr, r->size}, .mode = UFFDIO_REGISTER_MODE_MINOR};
+      if (madvise(r->addr, r->size, MADV_DONTNEED) != 0 || ioctl(fd, UFFDIO_REGISTER, &reg) != 0 || !(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
+        snprintf(why, sizeof why, "registering region %s for minor faults: %s", r->name, strerror(errno));
+        close(fd);
+        return reply(h->fd, LMG_TAG_ERROR, why);
+      }
+    }
+    h->uffd = fd;
+    atomic_store(&h->pages_arriving, 1);
+  }
+  uint8_t body[4 + 8 * LMG_MAX_REGIONS];
+  for (int b = 0; b < 4; b++) body[b] = (uint8_t)(h->n >> (8 * b));
+  for (size_t i = 0; i < h->n; i++) {
+    uint64_t a = (uint64_t)(uintptr_t)h->regions[i].addr;
+    for (int b = 0; b < 8; b++) body[4 + 8 * i + b] = (uint8_t)(a >> (8 * b));
+  }
+  return lmg_message_write(h->fd, LMG_TAG_REGISTERED, body, 4 + 8 * h->n, &h->uffd, 1);
+}
+
+static void set_phase(struct lmg_incoming *h, enum incoming_phase phase) {
+  pthread_mutex_lock(&h->lock);
+  if (h->phase == BEFORE_RUN) h->phase = phase;
+  pthread_cond_broadcast(&h->changed);
+  pthread_mutex_unlock(&h->lock);
+}
+
+/* Serves livemig once the guest runs (post-copy's end), until livemig is done. */
+static void *after_run(void *arg) {
+  struct lmg_incoming *h = arg;
+  pthread_mutex_lock(&h->lock);
+  while (h->phase == BEFORE_RUN) pthread_cond_wait(&h->changed, &h->lock);
+  int running = h->phase == RUNNING;
+  pthread_mutex_unlock(&h->lock);
+  if (!running) return NULL;
+  for (;;) {
+    struct lmg_message m;
+    if (lmg_message_read(h->fd, &m, -1, -1) != 0) {
+      refuse_unreadable(h->fd, errno, m.len);
+      break; /* livemig is done: the guest runs on */
+    }
+    int answered;
+    if (m.tag == LMG_TAG_ALL_PRESENT) {
+      if (h->uffd >= 0) close(h->uffd); /* closing it unregisters every range */
+      h->uffd = -1;
+      atomic_store(&h->pages_arriving, 0);
+      if (h->ops.all_present) h->ops.all_present(h->ops.ctx);
+      answered = reply(h->fd, LMG_TAG_ALL_PRESENT_ACK, NULL);
+    } else {
+      answered = refuse(h->fd, "the guest runs: only 'A' is expected, not 0x%02x", m.tag);
+    }
+    lmg_message_free(&m);
+    if (answered != 0) break;
+  }
+  return NULL;
+}
+
 struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int timeout_ms, char *err, size_t errlen) {
+  if (!path) return fail(err, errlen, EINVAL, "a socket path is required"), NULL;
   if (name && !valid_name(name)) return fail(err, errlen, EINVAL, "the guest's name must be 1..63 characters of [A-Za-z0-9._-]"), NULL;
-  int lfd = listen_at(path, err, errlen);
+  struct bound_path bound;
+  int lfd = listen_at(path, &bound, err, errlen);
   if (lfd < 0) return NULL;
-  int fd;
-  do fd = accept_within(lfd, timeout_ms);
-  while (fd < 0 && errno == EACCES); /* a stranger, turned away: wait for livemig */
+  int fd = accept_peer(lfd, timeout_ms, -1);
   int e = errno;
   close(lfd);
-  if (path[0] != '@') unlink(path);
+  unlink_bound(&bound); /* one livemig only */
   if (fd < 0) return fail(err, errlen, e, "livemig did not connect to %s: %s", path, strerror(e)), NULL;
   struct lmg_incoming *h = calloc(1, sizeof *h);
   if (!h) return close(fd), fail(err, errlen, ENOMEM, "out of memory"), NULL;
   h->fd = fd;
   h->uffd = -1;
+  atomic_init(&h->pages_arriving, 0);
+  pthread_mutex_init(&h->lock, NULL);
+  pthread_cond_init(&h->changed, NULL);
+  h->phase = BEFORE_RUN;
   char hello[256];
-  snprintf(hello, sizeof hello, "{\"contract\":%d,\"role\":\"incoming\",\"pid\":%d,\"name\":\"%s\"}", LMG_CONTRACT, (int)getpid(), name ? name : "guest");
-  struct msg m;
-  if (send_msg(fd, 'H', hello, strlen(hello), NULL, 0) != 0 || (e = read_msg(fd, &m, -1)) != 0) {
+  snprintf(hello, sizeof hello, "{\"contract\":%d,\"contractMax\":%d,\"role\":\"incoming\",\"pid\":%d,\"name\":\"%s\"}", LMG_CONTRACT_OLDEST, LMG_CONTRACT,
+           (int)getpid(), name ? name : "guest");
+  if (lmg_message_write(fd, LMG_TAG_HELLO, hello, strlen(hello), NULL, 0) != 0) {
     lmg_incoming_close(h);
     return fail(err, errlen, ECONNRESET, "livemig went away before handing over the regions"), NULL;
   }
   char why[256] = "";
-  if (m.tag != 'M') snprintf(why, sizeof why, "expected the regions ('M'), got 0x%02x", m.tag);
-  else if (take_regions(h, &m, why, sizeof why) == 0) why[0] = 0;
-  msg_free(&m);
+  for (;;) {
+    struct lmg_message m;
+    if (lmg_message_read(fd, &m, -1, -1) != 0) {
+      refuse_unreadable(fd, errno, m.len);
+      lmg_incoming_close(h);
+      return fail(err, errlen, ECONNRESET, "livemig went away before handing over the regions"), NULL;
+    }
+    int answered = 0, regions = m.tag == LMG_TAG_REGIONS;
+    if (m.tag == LMG_TAG_CONTRACT) answered = answer_contract(fd, &m, 1);
+    else if (!regions) snprintf(why, sizeof why, "expected the regions ('M'), got 0x%02x", m.tag);
+    else if (take_regions(h, &m, why, sizeof why) == 0) why[0] = 0;
+    lmg_message_free(&m);
+    if (answered != 0) {
+      lmg_incoming_close(h);
+      return fail(err, errlen, ECONNRESET, "livemig went away before handing over the regions"), NULL;
+    }
+    if (regions || why[0]) break;
+  }
+  if (!why[0]) {
+    int started = pthread_create(&h->thread, NULL, after_run, h);
+    if (started == 0) h->thread_started = 1;
+    else snprintf(why, sizeof why, "starting the library's thread: %s", strerror(started));
+  }
   if (why[0]) {
-    reply(fd, 'e', why);
+    reply(fd, LMG_TAG_ERROR, why);
     lmg_incoming_close(h);
     return fail(err, errlen, EPROTO, "%s", why), NULL;
   }
-  if (reply(fd, 'm', NULL) != 0) {
+  if (reply(fd, LMG_TAG_MAPPED, NULL) != 0) {
     lmg_incoming_close(h);
     return fail(err, errlen, ECONNRESET, "livemig went away"), NULL;
   }
@@ -608,105 +898,73 @@ size_t lmg_incoming_regions(const struct lmg_incoming *h, const struct lmg_regio
   return h->n;
 }
 
-int lmg_incoming_postcopy(const struct lmg_incoming *h) { return h->uffd >= 0; }
-
-/* 'U': every region registered for minor faults on one userfaultfd, which goes to livemig. */
-static int register_postcopy(struct lmg_incoming *h) {
-  char why[256];
-  if (h->uffd < 0) {
-    int fd = uffd_with(UFFD_FEATURE_MINOR_SHMEM, why, sizeof why);
-    if (fd < 0) return reply(h->fd, 'e', why);
-    for (size_t i = 0; i < h->n; i++) {
-      struct lmg_region *r = &h->regions[i];
-      /* the pages stay in the memfd; only this mapping's entries go, so every touch faults */
-      struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)r->addr, r->size}, .mode = UFFDIO_REGISTER_MODE_MINOR};
-      if (madvise(r->addr, r->size, MADV_DONTNEED) != 0 || ioctl(fd, UFFDIO_REGISTER, &reg) != 0 || !(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
-        snprintf(why, sizeof why, "registering region %s for minor faults: %s", r->name, strerror(errno));
-        close(fd);
-        return reply(h->fd, 'e', why);
-      }
-    }
-    h->uffd = fd;
-  }
-  uint8_t body[4 + 8 * LMG_MAX_REGIONS];
-  for (int b = 0; b < 4; b++) body[b] = (uint8_t)(h->n >> (8 * b));
-  for (size_t i = 0; i < h->n; i++) {
-    uint64_t a = (uint64_t)(uintptr_t)h->regions[i].addr;
-    for (int b = 0; b < 8; b++) body[4 + 8 * i + b] = (uint8_t)(a >> (8 * b));
-  }
-  return send_msg(h->fd, 'u', body, 4 + 8 * h->n, &h->uffd, 1);
-}
-
-static void *after_go(void *arg) {
-  struct lmg_incoming *h = arg;
-  for (;;) {
-    struct msg m;
-    if (read_msg(h->fd, &m, -1) != 0) break; /* livemig is done: the guest runs on */
-    int ok;
-    if (m.tag == 'A') {
-      if (h->uffd >= 0) close(h->uffd); /* closing it unregisters every range */
-      h->uffd = -1;
-      if (h->ops.all_present) h->ops.all_present(h->ops.ctx);
-      ok = reply(h->fd, 'a', NULL) == 0;
-    } else {
-      ok = reply(h->fd, 'e', "the guest runs: only 'A' is expected") == 0;
-    }
-    msg_free(&m);
-    if (!ok) break;
-  }
-  return NULL;
-}
+int lmg_incoming_postcopy(const struct lmg_incoming *h) { return atomic_load(&h->pages_arriving); }
 
 int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops, char *err, size_t errlen) {
-  if (!ops || !ops->load_state) return fail(err, errlen, EINVAL, "load_state is required");
-  h->ops = *ops;
+  if (!h || !ops) return fail(err, errlen, EINVAL, "the handle and ops are required");
+  if (h->waited) return fail(err, errlen, EINVAL, "lmg_incoming_wait serves a handle once");
+  struct lmg_incoming_ops taken;
+  if (take_ops(&taken, sizeof taken, INCOMING_OPS_FIRST_SIZE, ops, "lmg_incoming_ops", err, errlen) != 0) return -1;
+  if (!taken.load_state) return fail(err, errlen, EINVAL, "load_state is required");
+  h->waited = 1;
+  h->ops = taken;
   int loaded = 0;
   for (;;) {
-    struct msg m;
-    int e = read_msg(h->fd, &m, -1);
-    if (e) return fail(err, errlen, e, "livemig went away before the guest was told to run");
+    struct lmg_message m;
+    if (lmg_message_read(h->fd, &m, -1, -1) != 0) {
+      int e = errno;
+      refuse_unreadable(h->fd, e, m.len);
+      return fail(err, errlen, e, "livemig went away before the guest was told to run");
+    }
     char why[512] = "";
-    int ok = 1;
+    int answered;
     switch (m.tag) {
-      case 'S':
-        if (ops->load_state(ops->ctx, m.body, m.len, why, sizeof why) == 0) {
+      case LMG_TAG_LOAD_STATE:
+        if (h->ops.load_state(h->ops.ctx, m.body, m.len, why, sizeof why) == 0) {
           loaded = 1;
-          ok = reply(h->fd, 's', NULL) == 0;
+          answered = reply(h->fd, LMG_TAG_STATE_LOADED, NULL);
         } else {
-          ok = reply(h->fd, 'e', why[0] ? why : "the guest refused the state") == 0;
+          answered = refuse(h->fd, "%s", why[0] ? why : "the guest refused the state");
         }
         break;
-      case 'U':
-        ok = register_postcopy(h) == 0;
+      case LMG_TAG_REGISTER:
+        answered = register_postcopy(h);
         break;
-      case 'G':
+      case LMG_TAG_GO:
         if (!loaded) {
-          ok = reply(h->fd, 'e', "run before a state was loaded") == 0;
+          answered = refuse(h->fd, "run before a state was loaded");
           break;
         }
-        msg_free(&m);
-        if (reply(h->fd, 'g', NULL) != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
+        lmg_message_free(&m);
+        set_phase(h, RUNNING); /* the after-run thread reads the socket from now on */
+        if (reply(h->fd, LMG_TAG_GOING, NULL) != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
         /* livemig waits for 'g' to end the hand-over, woken on this CPU (a unix socket's wake-up
          * pulls the waiter next to the writer): let it run before the guest's vCPUs take the CPU,
          * or it waits for the next scheduler tick (1-4 ms measured) */
         sched_yield();
-        if (pthread_create(&h->thread, NULL, after_go, h) == 0) h->thread_started = 1;
         return 0;
+      case LMG_TAG_CONTRACT:
+        answered = answer_contract(h->fd, &m, 0);
+        break;
       default:
-        snprintf(why, sizeof why, "unknown request 0x%02x", m.tag);
-        ok = reply(h->fd, 'e', why) == 0;
+        answered = refuse(h->fd, "unknown request 0x%02x", m.tag);
     }
-    msg_free(&m);
-    if (!ok) return fail(err, errlen, ECONNRESET, "livemig went away");
+    lmg_message_free(&m);
+    if (answered != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
   }
 }
 
 void lmg_incoming_close(struct lmg_incoming *h) {
   if (!h) return;
-  shutdown(h->fd, SHUT_RDWR);
-  if (h->thread_started) pthread_join(h->thread, NULL);
+  shutdown(h->fd, SHUT_RDWR); /* ends the after-run thread's read */
+  if (h->thread_started) {
+    set_phase(h, CLOSING);
+    pthread_join(h->thread, NULL);
+  }
   close(h->fd);
   if (h->uffd >= 0) close(h->uffd);
   unmap_all(h);
+  pthread_cond_destroy(&h->changed);
+  pthread_mutex_destroy(&h->lock);
   free(h);
 }

@@ -1,5 +1,5 @@
 /*
- * livemig_guest: the guest side of livemig's guest contract (docs/GUEST.md), version 2.
+ * livemig_guest: the guest side of livemig's guest contract (docs/GUEST.md), versions 2 and 3.
  * C11 and libc only. Link it into a VMM (or any process whose memory should move) and:
  *
  *   source host                               destination host
@@ -27,14 +27,101 @@
 extern "C" {
 #endif
 
-/* the contract version this library speaks (the hello's "contract") */
-#define LMG_CONTRACT 2
+/* the newest contract version this library speaks */
+#define LMG_CONTRACT 3
+/* the oldest: a hello starts at it (the hello's "contract"; "contractMax" is LMG_CONTRACT) */
+#define LMG_CONTRACT_OLDEST 2
+
+/*
+ * The contract's one definition: livemig's addon builds from this header too and exports what
+ * follows to src/guest/contract.ts, whose copy test/guest-contract.test.ts holds equal.
+ */
+
 /* most regions one guest may hand over */
 #define LMG_MAX_REGIONS 32
-/* a region name: 1..63 characters of [A-Za-z0-9._-] */
+/* most descriptors one message carries: a memfd per region */
+#define LMG_MAX_FDS LMG_MAX_REGIONS
+/* a name (a guest's, a region's) fits this with its NUL: 1..63 characters of [A-Za-z0-9._-] */
 #define LMG_NAME_MAX 64
 /* the largest message body (a device state) */
 #define LMG_MAX_BODY (64u * 1024 * 1024)
+/* the largest hello livemig takes (a JSON object) */
+#define LMG_MAX_HELLO (64u * 1024)
+
+/*
+ * Every message, both ways: tag u8 | body length u32 LE | body. Descriptors ride on the
+ * message's first bytes (SCM_RIGHTS). An answer is the request's tag in lower case, or
+ * LMG_TAG_ERROR with a UTF-8 reason.
+ */
+#define LMG_FRAME_HEAD 5
+
+/* X(NAME, tag): every tag of the contract, requests in upper case, their answers in lower */
+#define LMG_TAGS(X)                                                                               \
+  X(CONTRACT, 'V')        /* contract 3: + u32 LE version, spoken from now on; before any other */ \
+  X(CONTRACT_AGREED, 'v')                                                                         \
+  X(HELLO, 'H')           /* guest -> livemig, first: JSON (+ a memfd per region, source) */     \
+  X(PAUSE, 'P')           /* [+ u32 LE lease ms] */                                              \
+  X(PAUSED, 'p')          /* + the device state */                                               \
+  X(COMMIT, 'C')          /* livemig commits next: no resuming by itself from now on */          \
+  X(COMMITTED, 'c')                                                                               \
+  X(RESUME, 'R')                                                                                  \
+  X(RESUMED, 'r')                                                                                 \
+  X(THROTTLE, 'T')        /* + u8 percent, 0..99 */                                              \
+  X(THROTTLED, 't')                                                                               \
+  X(RELEASE, 'X')         /* the guest runs at the destination: stop for good */                 \
+  X(RELEASED, 'x')                                                                                \
+  X(REGIONS, 'M')         /* livemig -> incoming guest: the region table + a memfd each */       \
+  X(MAPPED, 'm')                                                                                  \
+  X(LOAD_STATE, 'S')      /* + the device state */                                               \
+  X(STATE_LOADED, 's')                                                                            \
+  X(REGISTER, 'U')        /* post-copy: register for minor faults */                             \
+  X(REGISTERED, 'u')      /* + u32 count + count x u64 address, and the userfaultfd */           \
+  X(GO, 'G')                                                                                      \
+  X(GOING, 'g')                                                                                   \
+  X(ALL_PRESENT, 'A')     /* post-copy: every page is in place */                                \
+  X(ALL_PRESENT_ACK, 'a')                                                                         \
+  X(ERROR, 'e')           /* + a UTF-8 reason, the answer to a request refused */
+
+#define LMG_TAG_ENUMERATOR_(name, tag) LMG_TAG_##name = tag,
+enum lmg_tag { LMG_TAGS(LMG_TAG_ENUMERATOR_) };
+#undef LMG_TAG_ENUMERATOR_
+
+/* ---- the framing ------------------------------------------------------------------- */
+/*
+ * The library serves livemig with these, and livemig's addon reads and writes its own end
+ * with them: one implementation of the framing. A guest that speaks the contract itself may
+ * use them too. Blocking and non-blocking sockets alike. One reader and one writer at a time
+ * on a connection; the two may be different threads.
+ */
+
+struct lmg_message {
+  uint8_t tag;
+  uint8_t *body;         /* malloc'd: len bytes, then a NUL (not part of the body) */
+  size_t len;
+  int fds[LMG_MAX_FDS];  /* descriptors that came with the message (more are closed on arrival) */
+  size_t nfds;
+};
+
+/* One message; 0, or -1 with errno (EMSGSIZE: over LMG_MAX_BODY or LMG_MAX_FDS; EPIPE: the peer is gone). */
+int lmg_message_write(int fd, uint8_t tag, const void *body, size_t len, const int *fds, size_t nfds);
+
+/*
+ * One message, within timeout_ms (< 0: no limit), into *m (the caller frees it with
+ * lmg_message_free). 0, or -1 with errno: ETIMEDOUT, ECONNRESET (the peer closed), ECANCELED
+ * (wake_fd, unless -1, became readable), EPROTO (a body over LMG_MAX_BODY: m->len says what
+ * it claimed), ENOMEM, or recvmsg's. On failure *m holds nothing to free.
+ */
+int lmg_message_read(int fd, struct lmg_message *m, int timeout_ms, int wake_fd);
+
+/* Frees the body and closes the descriptors the caller did not take (set their count to 0 to keep them). */
+void lmg_message_free(struct lmg_message *m);
+
+/*
+ * The contract version this library was built with (LMG_CONTRACT), and in *oldest (may be NULL)
+ * the oldest it still speaks: a VMM linked against a shared copy may check what it got.
+ * Any thread, any time.
+ */
+int lmg_version(int *oldest);
 
 struct lmg_region {
   uint32_t id;              /* unique within the guest */
@@ -51,25 +138,29 @@ struct lmg_region {
 /*
  * Registers every region's mapping with userfaultfd in write-protect async mode (Linux >= 6.7),
  * so livemig reads which pages the guest wrote from /proc/PID/pagemap (exact tracking). Keep
- * *uffd open while the guest may be migrated. Without it livemig falls back to hashing every
- * page each round (slower; its report says tracking "hash").
+ * *uffd open while the guest may be migrated (closing it ends the tracking). Without it livemig
+ * falls back to hashing every page each round (slower; its report says tracking "hash").
+ * Any thread; before lmg_source_start with these regions (the hello says which are tracked).
  */
 int lmg_track(struct lmg_region *regions, size_t n, int *uffd, char *err, size_t errlen);
 
 struct lmg_source_ops {
+  size_t size; /* sizeof(struct lmg_source_ops): lets the struct grow (see Versions above) */
   void *ctx;
   /*
    * Stop the guest (its vCPUs: no write to guest memory after this returns) and return its
    * device state in *state (malloc'd; the library frees it) and *len (<= LMG_MAX_BODY).
    * Return 0, or -1 with a reason in why[whylen] (the migration then fails and the guest
-   * keeps running). This is inside the downtime: do nothing else here.
+   * keeps running). This is inside the downtime: do nothing else here. A state over
+   * LMG_MAX_BODY fails the migration too: the library calls resume at once.
    */
   int (*pause)(void *ctx, uint8_t **state, size_t *len, char *why, size_t whylen);
   /* optional: called right after the pause was answered (still paused) */
   void (*paused)(void *ctx);
   /*
    * Run again on this host: the migration failed, or livemig went silent (or away) while the
-   * guest was paused before it committed (the lease, docs/GUEST.md). Never after "released".
+   * guest was paused before it committed (the lease, docs/GUEST.md), or lmg_source_stop was
+   * called then. Never after "released", nor once livemig committed.
    */
   void (*resume)(void *ctx);
   /* optional: write at (100 - percent)% of the usual rate, percent in 0..99 (auto-converge) */
@@ -86,8 +177,10 @@ struct lmg_source;
  * Listens at `path` (a filesystem path, or "@name" for the abstract namespace) and serves
  * livemig there on a thread of its own: each connection gets the hello with every region and
  * its memfd, then pause/commit/resume/throttle/exit requests. One livemig at a time; after a
- * connection ends (a failed migration) the next one may connect. `regions` must stay valid.
- * `name` (may be NULL) is shown in livemig's report.
+ * connection ends (a failed migration) the next one may connect. `regions` are copied (their
+ * mappings and descriptors must stay valid until lmg_source_stop); so is `ops`. `name` (may be
+ * NULL) is shown in livemig's report. Any thread; several handles may serve at once, each at
+ * a path of its own.
  */
 struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
                                     const struct lmg_source_ops *ops, char *err, size_t errlen);
@@ -98,9 +191,26 @@ struct lmg_source *lmg_source_start(const char *path, const char *name, const st
  * then speaks exactly as on a connection livemig made (the hello first). The daemon lists the
  * guest by `name` (required, unique on that daemon) while the connection lasts; when it ends
  * (the daemon restarted, or refused the name) the library dials again every half second.
+ * To register under another name, stop this handle and register again. Any thread.
  */
 struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
                                        const struct lmg_source_ops *ops, char *err, size_t errlen);
+
+/* what lmg_source_stop left the guest as */
+#define LMG_STOPPED 0           /* running here: never paused, or its pause ended (resume was called) */
+#define LMG_STOPPED_COMMITTED 1 /* paused after livemig committed: it may run at the destination; only livemig resolve can say */
+#define LMG_STOPPED_RELEASED 2  /* released was called: it runs at the destination */
+
+/*
+ * Stops serving and frees the handle: the serving thread ends (a callback in progress
+ * completes first), the connection to livemig or the daemon closes, the listening socket
+ * closes and the path it made is removed (unless another socket took it since). A pause that
+ * livemig has not committed ends: resume is called, on the library's thread, before this
+ * returns. The same path (or daemon) may then be served again at once.
+ * Returns LMG_STOPPED*, or -1 with errno EDEADLK when called from a callback (the library's
+ * own thread, which this waits for) and nothing is done. Any other thread, once per handle.
+ */
+int lmg_source_stop(struct lmg_source *s);
 
 /* ---- destination side --------------------------------------------------------------- */
 
@@ -109,35 +219,42 @@ struct lmg_incoming;
 /*
  * Listens at `path`, waits (up to timeout_ms; < 0: forever) for livemig to connect, sends the
  * incoming hello and receives the regions (each a memfd and an offset), which it maps here
- * (and populates, unless livemig advises against it: post-copy, or a same-host upgrade).
+ * (and populates, unless livemig advises against it: post-copy, or a same-host upgrade). It
+ * also starts the thread that serves livemig once the guest runs. Any thread.
  */
 struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int timeout_ms, char *err, size_t errlen);
 
-/* The regions as mapped here, in the source's order; valid until lmg_incoming_close. */
+/* The regions as mapped here, in the source's order; valid until lmg_incoming_close. Any thread. */
 size_t lmg_incoming_regions(const struct lmg_incoming *h, const struct lmg_region **regions);
 
 struct lmg_incoming_ops {
+  size_t size; /* sizeof(struct lmg_incoming_ops): lets the struct grow (see Versions above) */
   void *ctx;
   /*
    * Check and load the device state (do not run yet). Return 0, or -1 with a reason in
    * why[whylen]: the migration then fails while the source can still resume its guest.
+   * Called on the thread in lmg_incoming_wait.
    */
   int (*load_state)(void *ctx, const uint8_t *state, size_t len, char *why, size_t whylen);
-  /* optional, post-copy: every page is in place now (faults no longer wait on the network) */
+  /* optional, post-copy: every page is in place now (faults no longer wait on the network). Called on the library's thread. */
   void (*all_present)(void *ctx);
 };
 
 /*
  * Serves livemig on the calling thread until it says run: then returns 0 and the caller runs
- * the guest (a thread of the library serves what follows). Returns -1 when livemig went away
- * first: there is no guest to run here.
+ * the guest (the library's thread serves what follows). Returns -1 when livemig went away
+ * first: there is no guest to run here. Once per handle, on one thread.
  */
 int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops, char *err, size_t errlen);
 
-/* 1 when livemig registered the regions for post-copy: pages may still be arriving after run */
+/* 1 while pages may still arrive after run (livemig registered the regions for post-copy). Any thread, any time. */
 int lmg_incoming_postcopy(const struct lmg_incoming *h);
 
-/* Unmaps the regions and closes the connection. */
+/*
+ * Stops serving livemig, unmaps the regions and frees the handle (the guest's memory goes
+ * with it: call it when the guest is done). Waits for the library's thread, so never from
+ * all_present; nor while lmg_incoming_wait runs on another thread. Any other thread.
+ */
 void lmg_incoming_close(struct lmg_incoming *h);
 
 #ifdef __cplusplus

@@ -1,5 +1,5 @@
 // Unix stream sockets: listen, connect, accept with a deadline. The guest contract's messages
-// on them (descriptors included) are process/control_msg.h's.
+// on them (descriptors included) are the guest library's framing (guest/livemig_guest.h).
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>

@@ -1,19 +1,23 @@
-// The guest contract, livemig's end: requests to a guest and its replies (docs/GUEST.md; the
-// guest's end is native/guest/livemig_guest.c). The guest answers on a thread that does
-// nothing else; livemig waits for the answers to the pause's requests on the calling thread,
-// since every hop through an event loop inside the pause costs a wake-up.
+// The guest contract, livemig's end: requests to a guest and its replies (docs/GUEST.md). The
+// framing is the guest library's own (native/guest/livemig_guest.h), linked in, so that both
+// ends read and write one implementation. The guest answers on a thread that does nothing else;
+// livemig waits for the answers to the pause's requests on the calling thread, since every hop
+// through an event loop inside the pause costs a wake-up.
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <string>
 #include <vector>
 
 #include "common.h"
-#include "process/control_msg.h"
+#include "guest/livemig_guest.h"
 
 namespace livemig {
 
 namespace {
+
+const std::string kLongerThanAllowed = "longer than " + std::to_string(LMG_MAX_BODY >> 20) + " MiB";
 
 // socketPair() -> [a, b]: a connected stream pair, both close-on-exec.
 Napi::Value SocketPair(const Napi::CallbackInfo& info) {
@@ -38,24 +42,38 @@ void SendRequest(Napi::Env env, int fd, uint8_t tag, Napi::Value bodyValue, Napi
     Napi::Array a = fdsValue.As<Napi::Array>();
     for (uint32_t i = 0; i < a.Length(); i++) fds.push_back(a.Get(i).As<Napi::Number>().Int32Value());
   }
-  if (len > kMaxControlBody) throw Napi::RangeError::New(env, "message longer than 64 MiB");
-  if (fds.size() > kMaxControlFds) throw Napi::RangeError::New(env, "more than 32 descriptors");
-  if (!WriteMessage(fd, tag, body, len, fds.data(), fds.size())) throw MakeSysError(env, "sendmsg", errno ? errno : EPIPE, "guest control message");
+  if (len > LMG_MAX_BODY) throw Napi::RangeError::New(env, "message of " + std::to_string(len) + " bytes, " + kLongerThanAllowed);
+  if (fds.size() > LMG_MAX_FDS) throw Napi::RangeError::New(env, std::to_string(fds.size()) + " descriptors, more than " + std::to_string(LMG_MAX_FDS));
+  if (lmg_message_write(fd, tag, body, len, fds.data(), fds.size()) != 0) throw MakeSysError(env, "sendmsg", errno ? errno : EPIPE, "guest control message");
 }
 
+// A message read, owned: its descriptors are closed unless handed on to JavaScript.
 struct Reply {
-  uint8_t tag = 0;
-  std::vector<uint8_t> body;
-  std::vector<int> fds;
+  lmg_message m{};
+  Reply() = default;
+  Reply(const Reply&) = delete;
+  Reply& operator=(const Reply&) = delete;
+  ~Reply() { lmg_message_free(&m); }
 };
 
 void Receive(int fd, double timeoutMs, Reply& r, SysError& err) {
-  int e = ReadMessage(fd, &r.tag, &r.body, MonotonicMs() + timeoutMs, &r.fds);
-  if (e) {
-    for (int f : r.fds) close(f);
-    r.fds.clear();
-    err.set("recvmsg", e, e == EPROTO ? "guest control message longer than 64 MiB" : "guest control reply");
-  }
+  int timeout = timeoutMs >= 0x7fffffff ? 0x7fffffff : timeoutMs < 0 ? -1 : static_cast<int>(timeoutMs);
+  if (lmg_message_read(fd, &r.m, timeout, -1) == 0) return;
+  int e = errno;
+  if (e == EPROTO) err.set("recvmsg", e, "guest control message of " + std::to_string(r.m.len) + " bytes, " + kLongerThanAllowed);
+  else err.set("recvmsg", e, "guest control reply");
+}
+
+// {tag, body, fds} for JavaScript, which owns the descriptors from now on
+Napi::Value MessageObject(Napi::Env env, Reply& r) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("tag", Napi::Number::New(env, r.m.tag));
+  o.Set("body", Napi::Buffer<uint8_t>::Copy(env, r.m.body, r.m.len));
+  Napi::Array a = Napi::Array::New(env, r.m.nfds);
+  for (size_t i = 0; i < r.m.nfds; i++) a.Set(static_cast<uint32_t>(i), Napi::Number::New(env, r.m.fds[i]));
+  o.Set("fds", a);
+  r.m.nfds = 0;
+  return o;
 }
 
 Napi::Value ReceiveNow(Napi::Env env, int fd, double timeoutMs) {
@@ -63,7 +81,7 @@ Napi::Value ReceiveNow(Napi::Env env, int fd, double timeoutMs) {
   SysError err;
   Receive(fd, timeoutMs, r, err);
   if (err.failed()) throw MakeSysError(env, err);
-  return MessageObject(env, r.tag, r.body, r.fds);
+  return MessageObject(env, r);
 }
 
 // controlSend(fd, tag, body?, fds?): one message, written at once (the guest reads its socket
@@ -86,7 +104,7 @@ Napi::Value ControlReceiveAsync(const Napi::CallbackInfo& info) {
   double timeoutMs = info[1].As<Napi::Number>().DoubleValue();
   return Task<Reply>::Start(
       info.Env(), [fd, timeoutMs](Reply& r, SysError& err) { Receive(fd, timeoutMs, r, err); },
-      [](Napi::Env env, Reply& r) -> Napi::Value { return MessageObject(env, r.tag, r.body, r.fds); });
+      [](Napi::Env env, Reply& r) -> Napi::Value { return MessageObject(env, r); });
 }
 
 // controlRequest(fd, tag, timeoutMs, body?) -> {tag, body, fds}: a request and its reply.
@@ -94,6 +112,25 @@ Napi::Value ControlRequest(const Napi::CallbackInfo& info) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   SendRequest(info.Env(), fd, static_cast<uint8_t>(info[1].As<Napi::Number>().Uint32Value()), info[3], info.Env().Undefined());
   return ReceiveNow(info.Env(), fd, info[2].As<Napi::Number>().DoubleValue());
+}
+
+// guestContract() -> the contract's version, limits and tags as livemig_guest.h defines them, for
+// the test that holds src/guest/contract.ts equal to them
+Napi::Value GuestContract(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("contract", LMG_CONTRACT);
+  o.Set("oldestContract", LMG_CONTRACT_OLDEST);
+  o.Set("maxRegions", LMG_MAX_REGIONS);
+  o.Set("nameMaxLength", LMG_NAME_MAX - 1);
+  o.Set("maxBody", static_cast<double>(LMG_MAX_BODY));
+  o.Set("maxHello", static_cast<double>(LMG_MAX_HELLO));
+  Napi::Object tags = Napi::Object::New(env);
+#define LIVEMIG_EXPORT_TAG(name, tag) tags.Set(#name, static_cast<int>(tag));
+  LMG_TAGS(LIVEMIG_EXPORT_TAG)
+#undef LIVEMIG_EXPORT_TAG
+  o.Set("tags", tags);
+  return o;
 }
 
 }  // namespace
@@ -104,6 +141,7 @@ void InitGuestControl(Napi::Env env, Napi::Object exports) {
   exports.Set("controlSend", Napi::Function::New(env, ControlSend));
   exports.Set("controlReceive", Napi::Function::New(env, ControlReceive));
   exports.Set("controlReceiveAsync", Napi::Function::New(env, ControlReceiveAsync));
+  exports.Set("guestContract", Napi::Function::New(env, GuestContract));
 }
 
 }  // namespace livemig

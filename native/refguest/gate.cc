@@ -118,7 +118,7 @@ Napi::Value Serve(const Napi::CallbackInfo& info) {
     if (o.Get("name").IsString()) name = o.Get("name").As<Napi::String>().Utf8Value();
     dial = o.Get("register").ToBoolean().Value();
   }
-  static const lmg_source_ops ops = {nullptr, OnPause, OnPaused, OnResume, OnThrottle, OnReleased, OnThreadStart};
+  static const lmg_source_ops ops = {sizeof(lmg_source_ops), nullptr, OnPause, OnPaused, OnResume, OnThrottle, OnReleased, OnThreadStart};
   char err[512];
   lmg_source* s = dial ? lmg_source_register(path.c_str(), name.c_str(), regions.data(), regions.size(), &ops, err, sizeof err)
                        : lmg_source_start(path.c_str(), name.c_str(), regions.data(), regions.size(), &ops, err, sizeof err);
@@ -208,7 +208,7 @@ Napi::Value IncomingWait(const Napi::CallbackInfo& info) {
   Incoming* in = info[0].As<Napi::External<Incoming>>().Data();
   in->env = env;
   in->loadState = info[1].As<Napi::Function>();
-  lmg_incoming_ops ops = {in, OnLoadState, OnAllPresent};
+  lmg_incoming_ops ops = {sizeof(lmg_incoming_ops), in, OnLoadState, OnAllPresent};
   char err[512];
   return Napi::Boolean::New(env, lmg_incoming_wait(in->h, &ops, err, sizeof err) == 0);
 }

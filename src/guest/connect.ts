@@ -1,6 +1,7 @@
-/** Connecting to a guest's socket, which may not be listening yet (a guest just started). */
+/** Connecting to a guest's socket, which may not be listening yet (a guest just started), and agreeing on the contract. */
 import { LivemigError } from '../errors.js';
-import { addon } from '../native.js';
+import { addon, callAsync, closeFd } from '../native.js';
+import { Tag, refused, type AgreedContract } from './contract.js';
 
 const RETRY_MS = 5;
 
@@ -28,4 +29,26 @@ export async function connectWhenListening(path: string, timeoutMs: number, chil
       await new Promise((r) => setTimeout(r, RETRY_MS));
     }
   }
+}
+
+/**
+ * Tells the guest which contract version the session speaks when it is newer than the one its
+ * hello spoke (the guest offered it); a guest that will not speak it is refused. Nothing is
+ * sent to a guest that offered nothing newer: a guest of the version before knows no 'V'.
+ */
+export async function agreeContract(fd: number, hello: AgreedContract, timeoutMs: number): Promise<void> {
+  if (hello.contract === hello.helloContract) return;
+  const version = Buffer.alloc(4);
+  version.writeUInt32LE(hello.contract);
+  try {
+    addon.controlSend(fd, Tag.contract, version);
+  } catch (e) {
+    throw new LivemigError('ERR_LIVEMIG_HANDOVER', `telling the guest the contract version failed: ${(e as Error).message}`, { phase: 'handover', cause: e });
+  }
+  const what = 'waiting for the guest to agree on the contract';
+  const r = await callAsync('ERR_LIVEMIG_HANDOVER', 'handover', what, () => addon.controlReceiveAsync(fd, timeoutMs));
+  for (const f of r.fds) closeFd(f, 'handover');
+  if (r.tag === Tag.contractAgreed) return;
+  const why = r.tag === Tag.error ? r.body.toString('utf8', 0, 300) : `it answered 0x${r.tag.toString(16)}`;
+  throw refused(`the guest would not speak contract ${hello.contract}: ${why}`);
 }

@@ -2,16 +2,27 @@
  * The guest contract, livemig's side of its checks (docs/GUEST.md is the spec; the guest's side
  * is native/guest/livemig_guest.c). A guest listens on a unix socket; livemig connects; the
  * guest's first message is its hello. Everything in a hello is hostile until checked here.
+ * The version, limits and tags are defined once, in native/guest/livemig_guest.h: this is
+ * livemig's copy, held equal to the addon's by test/guest-contract.test.ts.
  */
 import { fstatSync } from 'node:fs';
 import { LivemigError } from '../errors.js';
 import { PAGE_SIZE } from '../protocol/format.js';
 import { GuestLayout, MAX_GUEST_REGIONS, REGION_NAME } from './layout.js';
 
-export const GUEST_CONTRACT = 2;
+/** the newest contract version livemig speaks: LMG_CONTRACT */
+export const GUEST_CONTRACT = 3;
+/** the oldest it still speaks, so that a guest built against the version before keeps working: LMG_CONTRACT_OLDEST */
+export const GUEST_CONTRACT_OLDEST = 2;
+/** a message's largest body, both ways (a device state): LMG_MAX_BODY */
+export const MAX_MESSAGE_BODY = 64 * 1024 * 1024;
+/** a hello's largest size: LMG_MAX_HELLO */
+export const MAX_HELLO_BYTES = 64 * 1024;
 
-/** Message tags (u8), livemig's requests and the guest's answers. */
+/** Message tags (u8), livemig's requests and the guest's answers: LMG_TAG_* with the key in UPPER_SNAKE. */
 export const Tag = {
+  contract: 0x56, // V  + u32 LE version -> v (contract 3): the version spoken from now on, before any other request
+  contractAgreed: 0x76,
   hello: 0x48, // H  guest -> livemig, first: JSON (+ a memfd per region from a source guest)
   pause: 0x50, // P  [+ u32 lease ms] -> p + device state
   paused: 0x70,
@@ -52,8 +63,15 @@ export interface GuestRegion {
   fd: number;
 }
 
-export interface SourceHello {
-  contract: typeof GUEST_CONTRACT;
+/** The contract version a session speaks, and the one the guest's hello spoke. */
+export interface AgreedContract {
+  /** the newest version both speak (GUEST_CONTRACT_OLDEST..GUEST_CONTRACT) */
+  contract: number;
+  /** the version the hello speaks; when `contract` is newer, livemig tells the guest first ('V') */
+  helloContract: number;
+}
+
+export interface SourceHello extends AgreedContract {
   role: 'source';
   pid: number;
   name: string;
@@ -61,8 +79,7 @@ export interface SourceHello {
   layout: GuestLayout;
 }
 
-export interface IncomingHello {
-  contract: typeof GUEST_CONTRACT;
+export interface IncomingHello extends AgreedContract {
   role: 'incoming';
   pid: number;
   name: string;
@@ -72,8 +89,26 @@ export function refused(why: string, phase = 'handover'): LivemigError {
   return new LivemigError('ERR_LIVEMIG_HANDOVER', `guest hello refused: ${why}`, { phase });
 }
 
-function helloObject(data: Buffer): Record<string, unknown> {
-  if (data.length > 64 * 1024) throw refused(`a hello of ${data.length} bytes (at most 65536)`);
+/**
+ * A hello speaks `contract` and may offer up to `contractMax`; livemig speaks
+ * GUEST_CONTRACT_OLDEST..GUEST_CONTRACT. The session speaks the newest version in both ranges.
+ */
+function agreeOn(o: Record<string, unknown>): AgreedContract {
+  const from = o.contract;
+  const upTo = o.contractMax ?? o.contract;
+  if (!Number.isSafeInteger(from) || !Number.isSafeInteger(upTo) || (upTo as number) < (from as number)) {
+    throw refused(`contract ${JSON.stringify(o.contract)} up to ${JSON.stringify(o.contractMax)} is not a range of versions`);
+  }
+  const contract = Math.min(upTo as number, GUEST_CONTRACT);
+  if (contract < Math.max(from as number, GUEST_CONTRACT_OLDEST)) {
+    const offered = from === upTo ? `${String(from)}` : `${String(from)}..${String(upTo)}`;
+    throw refused(`the guest speaks contract ${offered}, this livemig ${GUEST_CONTRACT_OLDEST}..${GUEST_CONTRACT}`);
+  }
+  return { contract, helloContract: from as number };
+}
+
+function helloObject(data: Buffer): Record<string, unknown> & AgreedContract {
+  if (data.length > MAX_HELLO_BYTES) throw refused(`a hello of ${data.length} bytes (at most ${MAX_HELLO_BYTES})`);
   let h: unknown;
   try {
     h = JSON.parse(data.toString('utf8'));
@@ -82,10 +117,10 @@ function helloObject(data: Buffer): Record<string, unknown> {
   }
   if (typeof h !== 'object' || h === null || Array.isArray(h)) throw refused('the hello is not an object');
   const o = h as Record<string, unknown>;
-  if (o.contract !== GUEST_CONTRACT) throw refused(`contract ${JSON.stringify(o.contract)} is not ${GUEST_CONTRACT} (this livemig speaks contract ${GUEST_CONTRACT})`);
+  const agreed = agreeOn(o);
   if (!Number.isSafeInteger(o.pid) || (o.pid as number) <= 0) throw refused(`pid ${String(o.pid)} is not a positive integer`);
   if (typeof o.name !== 'string' || !REGION_NAME.test(o.name)) throw refused('name must be 1..63 characters of [A-Za-z0-9._-]');
-  return o;
+  return { ...o, ...agreed };
 }
 
 /** An incoming guest's hello (it has no regions yet: livemig hands them over). */
@@ -93,7 +128,7 @@ export function parseIncomingHello(data: Buffer, fds: number): IncomingHello {
   const o = helloObject(data);
   if (o.role !== 'incoming') throw refused(`role ${JSON.stringify(o.role)}: a guest started for a migration's destination says "incoming"`);
   if (fds !== 0) throw refused(`an incoming guest's hello carries no descriptor, this one carried ${fds}`);
-  return { contract: GUEST_CONTRACT, role: 'incoming', pid: o.pid as number, name: o.name as string };
+  return { contract: o.contract, helloContract: o.helloContract, role: 'incoming', pid: o.pid as number, name: o.name as string };
 }
 
 /**
@@ -122,7 +157,7 @@ export function parseSourceHello(data: Buffer, fds: readonly number[]): SourceHe
   for (const key of new Set(files.map((f) => f.key))) {
     refuseOverlaps(files.filter((f) => f.key === key).map((f) => f.r), (r) => [BigInt(r.offset), BigInt(r.size)], 'in their memfd');
   }
-  return { contract: GUEST_CONTRACT, role: 'source', pid: o.pid as number, name: o.name as string, regions, layout };
+  return { contract: o.contract, helloContract: o.helloContract, role: 'source', pid: o.pid as number, name: o.name as string, regions, layout };
 }
 
 function checkRegion(v: unknown, i: number, fd: number): GuestRegion {

@@ -12,7 +12,7 @@ import { LivemigError } from '../errors.js';
 import { addon, callAsync, closeFd, type ControlMessage, type GuestRange } from '../native.js';
 import { PAGE_SIZE } from '../protocol/format.js';
 import { trace } from '../trace.js';
-import { connectWhenListening } from './connect.js';
+import { agreeContract, connectWhenListening } from './connect.js';
 import { Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
 import { MAX_GUEST_REGIONS, type GuestLayout } from './layout.js';
 
@@ -128,6 +128,7 @@ export class IncomingGuest {
       const hi = await IncomingGuest.#receive(fd, timeoutMs, 'waiting for the incoming guest\'s hello');
       if (hi.tag !== Tag.hello) throw refused(`the incoming guest's first message is 0x${hi.tag.toString(16)}, not its hello ('H')`);
       const hello = parseIncomingHello(hi.body, hi.fds.length);
+      await agreeContract(fd, hello, timeoutMs);
       const guest = new IncomingGuest(spawned, hello, o.layout, fd, dir);
       try {
         addon.controlSend(fd, Tag.regions, encodeRegions(o.layout, o.populate, o.files.map((f) => f.offset)), o.files.map((f) => f.fd));

@@ -10,7 +10,7 @@ import { Region } from '../region/region.js';
 import type { MigrateOptions } from '../source/types.js';
 import type { RemoteTarget } from '../tracking/types.js';
 import { Tag, parseSourceHello, refused, type SourceHello } from './contract.js';
-import { connectWhenListening } from './connect.js';
+import { agreeContract, connectWhenListening } from './connect.js';
 import type { GuestLayout } from './layout.js';
 
 /** a guest's control thread answers in microseconds; this long means it is gone or stuck */
@@ -54,6 +54,7 @@ export class SourceGuestSession {
       msg = await callAsync('ERR_LIVEMIG_HANDOVER', 'handover', `waiting for the hello of ${who}`, () => addon.controlReceiveAsync(fd, timeoutMs));
       if (msg.tag !== Tag.hello) throw refused(`the guest's first message is 0x${msg.tag.toString(16)}, not its hello ('H')`);
       const hello = parseSourceHello(msg.body, msg.fds);
+      await agreeContract(fd, hello, timeoutMs);
       const region = Region.adoptPieces(hello.regions.map((r) => ({ fd: r.fd, offset: r.offset, size: r.size })));
       return new SourceGuestSession(hello, region, fd);
     } catch (e) {

@@ -5,12 +5,16 @@
  * page frames keep the protocol maximum (their own rules bound them, native/wire/format.cc).
  * The native reader also grows a payload's buffer as its bytes arrive.
  */
+import { MAX_MESSAGE_BODY } from '../guest/contract.js';
 import { FrameType, MAX_FRAME_TYPE, MAX_PAYLOAD } from './format.js';
 
 /** a msgpack control message: a few fields, an error's message */
 export const CONTROL_MAX = 64 * 1024;
-/** the device state's default limit (an integrator's blob; its own option may lower it) */
-export const DEVICE_STATE_MAX = MAX_PAYLOAD;
+/**
+ * the device state's default limit (an integrator's blob; its own option may lower it): one
+ * frame, and one message to the destination's guest
+ */
+export const DEVICE_STATE_MAX = Math.min(MAX_PAYLOAD, MAX_MESSAGE_BODY);
 
 export function frameLimits(o: { pageCount?: number; maxDeviceStateBytes?: number } = {}): Uint32Array {
   const l = new Uint32Array(MAX_FRAME_TYPE + 1).fill(CONTROL_MAX);

@@ -251,7 +251,7 @@ int main(int argc, char **argv) {
     if (lmg_incoming_regions(h, &got) != 2) return fprintf(stderr, "c_guest: expected 2 regions\n"), 1;
     memcpy(regions, got, sizeof regions);
     pages_total = (regions[0].size + regions[1].size) / PAGE;
-    struct lmg_incoming_ops ops = {.load_state = on_load_state, .all_present = on_all_present};
+    struct lmg_incoming_ops ops = {.size = sizeof ops, .load_state = on_load_state, .all_present = on_all_present};
     if (lmg_incoming_wait(h, &ops, err, sizeof err) != 0) return 0; /* livemig gave up: no guest to run here */
     st.heartbeat[sizeof st.heartbeat - 1] = 0;
     if (st.heartbeat[0]) heartbeat_to(st.heartbeat); /* the source's address for them came with the state */
@@ -282,7 +282,7 @@ int main(int argc, char **argv) {
   if (hb) heartbeat_to(hb), snprintf(st.heartbeat, sizeof st.heartbeat, "%s", hb);
   int uffd = -1;
   if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;
-  struct lmg_source_ops ops = {.pause = on_pause, .resume = on_resume, .throttle = on_throttle, .released = on_released};
+  struct lmg_source_ops ops = {.size = sizeof ops, .pause = on_pause, .resume = on_resume, .throttle = on_throttle, .released = on_released};
   struct lmg_source *served = daemon ? lmg_source_register(daemon, name, regions, 2, &ops, err, sizeof err)
                                      : lmg_source_start(listen, name, regions, 2, &ops, err, sizeof err);
   if (!served) return fprintf(stderr, "c_guest: %s\n", err), 1;
