@@ -32,6 +32,7 @@ import { SessionTable, type PostcopySession } from './session.js';
 import { IncomingChannels, maxChannels } from './channels.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } from './types.js';
 import { Stages } from '../stages.js';
+import { markMayBeAskedAbout, refusedBeforeReserving } from './failures.js';
 
 /** How long a source may take to authenticate (the destination holds nothing for it meanwhile). */
 const AUTH_TIMEOUT_MS = 10_000;
@@ -50,33 +51,7 @@ const NEXT = {
 
 export type { ReceiveOptions, ReceiveProgress, ReceiveReport, ReceiverState } from './types.js';
 
-const refusedEarly = new WeakSet<object>();
-
-/**
- * Whether a receive failed before anything was reserved for it (authentication, a first frame
- * that is not a valid HELLO, a peer that went away): a listener that serves migrations one after
- * another goes on listening after such a failure.
- */
-export function isRefusedBeforeReserving(e: unknown): boolean {
-  return typeof e === 'object' && e !== null && refusedEarly.has(e);
-}
-
-const askable = new WeakSet<object>();
-
-/**
- * Whether the source may not know how a failed receive ended: it failed after the device
- * state arrived (so COMMIT may have been sent, and lost), and not because the source said so.
- * Such a source asks on a new connection (RESOLVE): a listener should stay up to answer.
- */
-export function mayBeAskedAbout(e: unknown): boolean {
-  return typeof e === 'object' && e !== null && askable.has(e);
-}
-
-/** Marks `e` as a failure before anything was reserved; returns it. */
-export function refusedBeforeReserving<E>(e: E): E {
-  if (typeof e === 'object' && e !== null) refusedEarly.add(e);
-  return e;
-}
+export { isRefusedBeforeReserving, mayBeAskedAbout, refusedBeforeReserving } from './failures.js';
 
 /**
  * Serves one migration on an accepted connection. `sessions` is where a listener routes the
@@ -491,7 +466,7 @@ class Incoming {
     if (failedIn !== 'activated' && failedIn !== 'postcopy') this.#outcome?.settle('fenced');
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
     if (failedIn === 'hello') refusedBeforeReserving(err);
-    if (this.#deviceStateSeen && !this.#sourceSaidWhy && failedIn !== 'postcopy') askable.add(err);
+    if (this.#deviceStateSeen && !this.#sourceSaidWhy && failedIn !== 'postcopy') markMayBeAskedAbout(err);
     const tell = !this.#ch.closed && !this.#toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
     await this.#ch.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, this.#version) : undefined);
     if (this.#faults && failedIn !== 'postcopy') this.#faults.stop();
