@@ -1,7 +1,7 @@
 /**
- * The destination's post-copy: at POSTCOPY the guest is registered for minor faults and
- * resumed here at once (the point of commitment); its missing pages arrive on the push stream
- * and, for faults, on the priority connection. After a break, both connections join the
+ * Stage 3', the destination's post-copy: at POSTCOPY the guest is registered for minor faults
+ * and resumed here at once (the point of commitment); its missing pages arrive on the push
+ * stream and, for faults, on the priority connection. After a break, both connections join the
  * session again and the source is told what this side holds.
  */
 import { LivemigError } from '../errors.js';
@@ -12,13 +12,14 @@ import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } 
 import type { WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
 import { trace } from '../trace.js';
+import type { Accepted, Received, ReceiverContext } from './context.js';
 import type { PostcopySession } from './session.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from './types.js';
 
 /** How long the priority connection (on its own stream, racing POSTCOPY) may take to join. */
 const PRIO_ATTACH_WAIT_MS = 5_000;
 
-export interface PostcopyStart {
+interface PostcopyStart {
   ch: WireChannel;
   payload: Buffer;
   region: Region;
@@ -34,7 +35,46 @@ export interface PostcopyStart {
   onFaults(f: FaultService): void;
 }
 
-export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
+/** POSTCOPY: checked against what was negotiated and what arrived, then the switch. */
+export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a: Accepted, got: Received): Promise<ReceiveReport> {
+  const postcopy = ctx.options.postcopy;
+  const session = ctx.session;
+  if (!postcopy || !session || !a.postcopy) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
+  if (ctx.stage !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY while ${ctx.stage}`);
+  if (got.deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
+  if (ctx.outcome && !ctx.outcome.beginActivation()) {
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', 'this session was resolved as not activated: it is fenced and will never run here', { phase: 'activate' });
+  }
+  return runPostcopy(
+    {
+      ch: ctx.channel,
+      payload,
+      region: a.region,
+      hashes: a.hashes,
+      deviceState: got.deviceState,
+      version: ctx.version,
+      session,
+      options: { ...ctx.options, postcopy },
+      progress: (e) => ctx.progress(e),
+      onRunning: () => {
+        ctx.enter('postcopy');
+        ctx.outcome?.settle('activated');
+      },
+      onFaults: (s) => (ctx.faults = s),
+    },
+    {
+      region_bytes: a.region.size,
+      regions: ctx.regionsReport(),
+      local: false,
+      reserve_ms: a.reserveMs,
+      pages_received: got.pages,
+      rounds: got.rounds,
+      security: ctx.security,
+    },
+  );
+}
+
+async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
   const { ch, region, version, options, progress } = o;
   trace('receiver', 'POSTCOPY received');
   const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`));
