@@ -77,8 +77,11 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
 async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
   const { ch, region, version, options, progress } = o;
   trace('receiver', 'POSTCOPY received');
-  const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`));
-  const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () => addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable));
+  const late = `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`;
+  const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', late));
+  const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () =>
+    addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable),
+  );
   const pagesNeeded = unpacked.set;
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();
@@ -96,10 +99,11 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   const activateMs = performance.now() - ta;
   // the guest runs here now, whatever happens to this frame: a link that broke under it is a
   // break like any later one (the source asks, RESOLVE says activated, and it attaches again)
-  await ch.send(encodePostcopyRunning({ activateMs }, version)).catch((e: unknown) => trace('receiver', 'POSTCOPY_RUNNING not sent', { reason: (e as Error).message }));
+  const notSent = (e: unknown): void => trace('receiver', 'POSTCOPY_RUNNING not sent', { reason: (e as Error).message });
+  await ch.send(encodePostcopyRunning({ activateMs }, version)).catch(notSent);
   progress({ type: 'postcopy-running', activate_ms: activateMs, pages_needed: pagesNeeded });
   const tRun = performance.now();
-  const reconnects = await servePostcopy(faults, o.session, region, version, options, progress);
+  const reconnects = await servePostcopy(o, faults);
   const fs = faults.stats();
   options.onFaultLatencies?.(faults.latencies());
   // the thread stops by itself once every page is mapped into the guest
@@ -122,7 +126,8 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
  * Waits for post-copy to complete; after a break, for the source to attach again (both
  * connections), then tells it what this side holds. Resolves with the number of reconnections.
  */
-async function servePostcopy(faults: FaultService, session: PostcopySession, region: Region, version: number, options: ReceiveOptions, progress: (e: ReceiveProgress) => void): Promise<number> {
+async function servePostcopy(o: PostcopyStart, faults: FaultService): Promise<number> {
+  const { session, region, version, options, progress } = o;
   const recoverMs = options.recoverTimeoutMs ?? 60_000;
   let reconnects = 0;
   let broken: string | undefined = faults.broken;
@@ -153,7 +158,8 @@ async function servePostcopy(faults: FaultService, session: PostcopySession, reg
       trace('receiver', 'post-copy link broke', { reason: why });
       const { push, prio } = await session.take(['push', 'prio'], recoverMs, () => {
         const held = faults.heldCount();
-        return new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${recoverMs} ms (${why}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
+        const lost = `${region.pageCount - held} pages exist only there, so the guest here cannot finish`;
+        return new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${recoverMs} ms (${why}); ${lost}`, { phase: 'postcopy' });
       });
       await prio.answerFirst(encodeAttached({ held: bytesToBitmap(faults.held()) }, version));
       faults.attach(push.handle, prio.handle);
