@@ -118,7 +118,8 @@ export async function listen(host: string, port: number, options: ReceiveOptions
       }
       running++;
       const own = listenOptions.perMigration?.();
-      const outcome = serveMigration(a, first, own ? { ...options, ...own.options } : options, sessions, outcomes, abortable).finally(() => {
+      const migrationOptions = own ? { ...options, ...own.options } : options;
+      const outcome = serveMigration({ admitted: a, options: migrationOptions, sessions, outcomes, abortable }).finally(() => {
         running--;
       });
       if (own) own.settled(outcome);

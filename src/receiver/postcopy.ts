@@ -1,7 +1,7 @@
 /**
- * The destination's post-copy: at POSTCOPY the guest is registered for minor faults and
- * resumed here at once (the point of commitment); its missing pages arrive on the push stream
- * and, for faults, on the priority connection. After a break, both connections join the
+ * Stage 3', the destination's post-copy: at POSTCOPY the guest is registered for minor faults
+ * and resumed here at once (the point of commitment); its missing pages arrive on the push
+ * stream and, for faults, on the priority connection. After a break, both connections join the
  * session again and the source is told what this side holds.
  */
 import { LivemigError } from '../errors.js';
@@ -12,13 +12,14 @@ import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } 
 import type { WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
 import { trace } from '../trace.js';
+import type { Accepted, Received, ReceiverContext } from './context.js';
 import type { PostcopySession } from './session.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from './types.js';
 
 /** How long the priority connection (on its own stream, racing POSTCOPY) may take to join. */
 const PRIO_ATTACH_WAIT_MS = 5_000;
 
-export interface PostcopyStart {
+interface PostcopyStart {
   ch: WireChannel;
   payload: Buffer;
   region: Region;
@@ -34,11 +35,53 @@ export interface PostcopyStart {
   onFaults(f: FaultService): void;
 }
 
-export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
+/** POSTCOPY: checked against what was negotiated and what arrived, then the switch. */
+export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a: Accepted, got: Received): Promise<ReceiveReport> {
+  const postcopy = ctx.options.postcopy;
+  const session = ctx.session;
+  if (!postcopy || !session || !a.postcopy) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY, which was not negotiated');
+  if (ctx.stage !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY while ${ctx.stage}`);
+  if (got.deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'POSTCOPY before DEVICE_STATE');
+  if (ctx.outcome && !ctx.outcome.beginActivation()) {
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', 'this session was resolved as not activated: it is fenced and will never run here', { phase: 'activate' });
+  }
+  return runPostcopy(
+    {
+      ch: ctx.channel,
+      payload,
+      region: a.region,
+      hashes: a.hashes,
+      deviceState: got.deviceState,
+      version: ctx.version,
+      session,
+      options: { ...ctx.options, postcopy },
+      progress: (e) => ctx.progress(e),
+      onRunning: () => {
+        ctx.enter('postcopy');
+        ctx.outcome?.settle('activated');
+      },
+      onFaults: (s) => (ctx.faults = s),
+    },
+    {
+      region_bytes: a.region.size,
+      regions: ctx.regionsReport(),
+      local: false,
+      reserve_ms: a.reserveMs,
+      pages_received: got.pages,
+      rounds: got.rounds,
+      security: ctx.security,
+    },
+  );
+}
+
+async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
   const { ch, region, version, options, progress } = o;
   trace('receiver', 'POSTCOPY received');
-  const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`));
-  const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () => addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable));
+  const late = `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`;
+  const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', late));
+  const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () =>
+    addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable),
+  );
   const pagesNeeded = unpacked.set;
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();
@@ -56,10 +99,11 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
   const activateMs = performance.now() - ta;
   // the guest runs here now, whatever happens to this frame: a link that broke under it is a
   // break like any later one (the source asks, RESOLVE says activated, and it attaches again)
-  await ch.send(encodePostcopyRunning({ activateMs }, version)).catch((e: unknown) => trace('receiver', 'POSTCOPY_RUNNING not sent', { reason: (e as Error).message }));
+  const notSent = (e: unknown): void => trace('receiver', 'POSTCOPY_RUNNING not sent', { reason: (e as Error).message });
+  await ch.send(encodePostcopyRunning({ activateMs }, version)).catch(notSent);
   progress({ type: 'postcopy-running', activate_ms: activateMs, pages_needed: pagesNeeded });
   const tRun = performance.now();
-  const reconnects = await servePostcopy(faults, o.session, region, version, options, progress);
+  const reconnects = await servePostcopy(o, faults);
   const fs = faults.stats();
   options.onFaultLatencies?.(faults.latencies());
   // the thread stops by itself once every page is mapped into the guest
@@ -82,7 +126,8 @@ export async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'm
  * Waits for post-copy to complete; after a break, for the source to attach again (both
  * connections), then tells it what this side holds. Resolves with the number of reconnections.
  */
-async function servePostcopy(faults: FaultService, session: PostcopySession, region: Region, version: number, options: ReceiveOptions, progress: (e: ReceiveProgress) => void): Promise<number> {
+async function servePostcopy(o: PostcopyStart, faults: FaultService): Promise<number> {
+  const { session, region, version, options, progress } = o;
   const recoverMs = options.recoverTimeoutMs ?? 60_000;
   let reconnects = 0;
   let broken: string | undefined = faults.broken;
@@ -113,7 +158,8 @@ async function servePostcopy(faults: FaultService, session: PostcopySession, reg
       trace('receiver', 'post-copy link broke', { reason: why });
       const { push, prio } = await session.take(['push', 'prio'], recoverMs, () => {
         const held = faults.heldCount();
-        return new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${recoverMs} ms (${why}); ${region.pageCount - held} pages exist only there, so the guest here cannot finish`, { phase: 'postcopy' });
+        const lost = `${region.pageCount - held} pages exist only there, so the guest here cannot finish`;
+        return new LivemigError('ERR_LIVEMIG_SOURCE_LOST', `the source did not come back within ${recoverMs} ms (${why}); ${lost}`, { phase: 'postcopy' });
       });
       await prio.answerFirst(encodeAttached({ held: bytesToBitmap(faults.held()) }, version));
       faults.attach(push.handle, prio.handle);

@@ -1,0 +1,76 @@
+/**
+ * Stage 4, commitment and activation: COMMIT's digest must match ours and the guest must take
+ * its state before this side commits; the guest is activated at ACTIVATE (or at a COMMIT that
+ * asks for it), and only if the source has not resolved the session as not activated. The
+ * report of a pre-copy migration is made here.
+ */
+import { LivemigError } from '../errors.js';
+import { digestOf } from '../native.js';
+import { ProtocolError } from '../protocol/errors.js';
+import { decodeCommit, encodeActivated, encodeCommitAck } from '../protocol/messages.js';
+import { trace } from '../trace.js';
+import type { Accepted, Received, ReceiverContext } from './context.js';
+import type { ReceiveReport } from './types.js';
+
+/** how long the source has to close after ACTIVATED (it does at once; a slow one is asked to resolve) */
+const CONFIRM_WAIT_MS = 2_000;
+
+/** COMMIT: the digests must match and the guest must take its state; returns whether to activate now. */
+export async function commit(ctx: ReceiverContext, payload: Buffer, a: Accepted, got: Received): Promise<boolean> {
+  if (ctx.stage !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second COMMIT');
+  trace('receiver', 'COMMIT received');
+  const c = decodeCommit(payload);
+  if (got.deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT before DEVICE_STATE');
+  if (c.pageCount !== a.region.pageCount) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `COMMIT for ${c.pageCount} pages, region has ${a.region.pageCount}`);
+  if (c.activate && !a.commitActivate) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT with activate, which was not negotiated');
+  if (got.digestAt !== got.pages) got.digest = digestOf(a.hashes, 'commit');
+  if (got.digest !== c.digest) {
+    const why = `image digest ${got.digest.toString(16)} differs from the source's ${c.digest.toString(16)}`;
+    throw new LivemigError('ERR_LIVEMIG_DIGEST', why, { phase: 'commit' });
+  }
+  if (got.prepared) await got.prepared; // a state the guest refuses fails here, before commitment
+  if (!c.activate) await ctx.channel.send(encodeCommitAck({ digest: got.digest }, ctx.version));
+  ctx.enter('committed');
+  ctx.progress({ type: 'committed', digest: got.digest.toString(16) });
+  return c.activate === true;
+}
+
+export async function activate(ctx: ReceiverContext, a: Accepted, got: Received): Promise<ReceiveReport> {
+  const { channel } = ctx;
+  if (ctx.stage !== 'committed') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'ACTIVATE before a matching COMMIT');
+  // a session the source resolved as not activated (it lost the link) never activates
+  if (ctx.outcome && !ctx.outcome.beginActivation()) {
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', 'this session was resolved as not activated: it is fenced and will never activate', { phase: 'activate' });
+  }
+  const ta = performance.now();
+  trace('receiver', 'activating');
+  await ctx.options.activate(a.region, got.deviceState!);
+  trace('receiver', 'guest activated');
+  ctx.enter('activated');
+  ctx.outcome?.settle('activated');
+  const activateMs = performance.now() - ta;
+  // a source that gave up waiting (and closed) before this goes out cannot hear it
+  const gaveUp = channel.peerGone();
+  const sent = await channel.send(encodeActivated({ activateMs }, ctx.version)).then(
+    () => true,
+    () => false, // the guest runs here either way; the source will ask (RESOLVE)
+  );
+  trace('receiver', 'ACTIVATED sent');
+  ctx.progress({ type: 'activated', activate_ms: activateMs });
+  // the source closes once it has read ACTIVATED: without that close it may not know, and
+  // will ask on a new connection (a listener that stays up answers: activated)
+  const confirmed = (await channel.finish(undefined, CONFIRM_WAIT_MS)) && sent && !gaveUp;
+  return {
+    region_bytes: a.region.size,
+    regions: ctx.regionsReport(),
+    local: a.local,
+    reserve_ms: a.reserveMs,
+    pages_received: got.pages,
+    rounds: got.rounds,
+    digest: got.digest.toString(16).padStart(16, '0'),
+    activate_ms: activateMs,
+    mode: 'precopy',
+    security: ctx.security,
+    confirmed,
+  };
+}

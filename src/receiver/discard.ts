@@ -1,0 +1,31 @@
+/**
+ * Stage 5, discard: what a failure leaves behind. The source hears why (unless it said so
+ * itself), and before activation the region is discarded. In post-copy the guest runs here on
+ * whatever pages it has: it stays.
+ */
+import { LivemigError } from '../errors.js';
+import { encodeError } from '../protocol/messages.js';
+import type { ReceiverContext } from './context.js';
+import { markMayBeAskedAbout, refusedBeforeReserving } from './failures.js';
+
+/** Undoes what can be undone; returns the error to throw. */
+export async function discard(ctx: ReceiverContext, e: unknown): Promise<LivemigError> {
+  const { channel } = ctx;
+  const failedIn = ctx.fail();
+  const guestRunsHere = failedIn === 'activated' || failedIn === 'postcopy';
+  if (!guestRunsHere) ctx.outcome?.settle('fenced');
+  const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, {
+    phase: failedIn,
+    cause: e,
+  });
+  if (failedIn === 'hello') refusedBeforeReserving(err);
+  if (ctx.deviceStateSeen && !ctx.sourceSaidWhy && failedIn !== 'postcopy') markMayBeAskedAbout(err);
+  const tell = !channel.closed && !ctx.toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
+  await channel.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, ctx.version) : undefined);
+  if (ctx.faults && failedIn !== 'postcopy') ctx.faults.stop();
+  if (ctx.region && !guestRunsHere) {
+    ctx.options.onDiscard?.(ctx.region);
+    ctx.region.release(); // nothing was activated: the destination copy is discarded
+  }
+  return err;
+}

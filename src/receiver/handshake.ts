@@ -1,0 +1,187 @@
+/**
+ * Stage 1, handshake and reservation: HELLO's version, geometry and limits checked before
+ * anything is reserved; then the region (or, in a same-host upgrade, the source's own memory)
+ * reserved and mapped while the integrator prepares its guest, and ACCEPT with what this side
+ * offers.
+ */
+import { randomBytes } from 'node:crypto';
+import { LivemigError } from '../errors.js';
+import { takeMemory } from '../guest/local.js';
+import { GuestLayout } from '../guest/layout.js';
+import { addon, call, closeFd } from '../native.js';
+import { ProtocolError } from '../protocol/errors.js';
+import {
+  CAP_CHANNELS,
+  CAP_COMMIT_ACTIVATE,
+  CAP_ENCODINGS,
+  CAP_IMAGE_HASHES,
+  CAP_LOCAL,
+  CAP_POSTCOPY,
+  CAP_POSTCOPY_PLANNED,
+  CAP_RESOLVE,
+  FrameType,
+  MIN_PROTOCOL_VERSION,
+  PROTOCOL_VERSION,
+} from '../protocol/format.js';
+import { frameLimits } from '../protocol/limits.js';
+import { decodeHello, encodeAccept, encodeImageHashes, negotiateVersion, type Hello } from '../protocol/messages.js';
+import { warmUpProtocol } from '../protocol/warmup.js';
+import type { WireFrame } from '../protocol/wire.js';
+import { PAGE_SIZE, Region } from '../region/region.js';
+import { isLoopback } from '../security/tls.js';
+import { trace } from '../trace.js';
+import { warmUpRuntime } from '../warmup.js';
+import { maxChannels } from './channels.js';
+import { AUTH_TIMEOUT_MS, type Accepted, type ReceiverContext } from './context.js';
+import { refusedBeforeReserving } from './failures.js';
+import { loadImage } from './image.js';
+import { memoryBudget } from './memory-budget.js';
+
+/** Whether, and how, the source may switch to post-copy: what onReserved is told. */
+type PostcopyPlan = 'planned' | 'possible' | 'no';
+
+/** HELLO: version, geometry and limits checked before anything is reserved. */
+export function checkHello(ctx: ReceiverContext, hello: WireFrame): Hello {
+  const { options } = ctx;
+  if (hello.type !== FrameType.Hello) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `the first frame must be HELLO, got ${FrameType[hello.type]}`);
+  if (hello.version < MIN_PROTOCOL_VERSION || hello.version > PROTOCOL_VERSION) {
+    const ours = `${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`;
+    throw new ProtocolError('ERR_LIVEMIG_VERSION', `protocol version ${hello.version} is not supported (this receiver speaks ${ours})`);
+  }
+  const h = decodeHello(hello.payload);
+  const v = negotiateVersion(h.versions);
+  if (v === undefined) {
+    const ours = `${MIN_PROTOCOL_VERSION}..${PROTOCOL_VERSION}`;
+    throw new ProtocolError('ERR_LIVEMIG_VERSION', `no common protocol version: peer speaks ${h.versions[0]}..${h.versions[1]}, we speak ${ours}`);
+  }
+  ctx.version = v;
+  // from here each frame's payload is bounded by what this region can need
+  const deviceStateLimit = options.maxDeviceStateBytes !== undefined ? { maxDeviceStateBytes: options.maxDeviceStateBytes } : {};
+  ctx.channel.setFrameLimits(frameLimits({ pageCount: h.regionBytes / PAGE_SIZE, ...deviceStateLimit }));
+  if (v < 3 && (options.credentials !== undefined || !isLoopback(ctx.localAddress))) {
+    const why = `protocol version ${v} does not let this side prove its image before the commit`;
+    throw new ProtocolError('ERR_LIVEMIG_VERSION', `${why}: refused off loopback and with credentials (version 3 needed)`);
+  }
+  if (h.pageSize !== PAGE_SIZE) {
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', `page size ${h.pageSize} differs from this host's ${PAGE_SIZE}`, { phase: 'handshake' });
+  }
+  if (h.regionBytes % PAGE_SIZE !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `region of ${h.regionBytes} bytes is not a whole number of pages`);
+  if (options.maxRegionBytes !== undefined && h.regionBytes > options.maxRegionBytes) {
+    const why = `region of ${h.regionBytes} bytes exceeds this receiver's limit of ${options.maxRegionBytes}`;
+    throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', why, { phase: 'reserve' });
+  }
+  // without a limit given, what this host can hold now
+  // (a same-host upgrade allocates nothing: the memory is the source guest's own)
+  const budget = options.maxRegionBytes === undefined && !h.local ? memoryBudget() : undefined;
+  if (budget && h.regionBytes > budget.bytes) {
+    const why = `region of ${h.regionBytes} bytes exceeds what this host can hold now (${budget.bytes} bytes: ${budget.why})`;
+    throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `${why}; set maxRegionBytes (--max-region) to override`, { phase: 'reserve' });
+  }
+  ctx.layout = h.regions ? GuestLayout.of(h.regions) : GuestLayout.single(h.regionBytes);
+  // the last check: a shared budget (a daemon's) takes the bytes, or refuses with none taken
+  ctx.releaseMemory = options.reserveMemory?.(h.regionBytes, h.local !== undefined);
+  ctx.progress({ type: 'hello', region_bytes: h.regionBytes, regions: ctx.regionsReport(), local: h.local !== undefined, peer: ctx.peer });
+  return h;
+}
+
+/** Reserves the region (and its image), then ACCEPT with what this side offers. */
+export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted> {
+  const { options, version } = ctx;
+  ctx.enter('reserve');
+  const t0 = performance.now();
+  trace('receiver', 'reserving', { bytes: h.regionBytes });
+  const local = h.local !== undefined && h.capabilities.includes(CAP_LOCAL);
+  const postcopyCap = !local && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
+  const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
+  const plan: PostcopyPlan = !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible';
+  const region = local ? await takeSourceMemory(ctx, h, plan) : await allocateRegion(ctx, h, plan);
+  const reserveMs = performance.now() - t0;
+  ctx.progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
+  // a same-host upgrade receives no page: its digest is over nothing, as the source's is
+  const hashes = new BigUint64Array(local ? 0 : region.pageCount);
+  // Encodings (version 2): `hashes` says what each page holds from the start, all zero or
+  // the kept image (whose hashes the sender receives); a dup is checked against it.
+  const encodings = version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
+  const imageHashes = encodings && (await startingImage(ctx, region, hashes));
+  // capabilities exist from version 2 on (PROTOCOL.md): none is taken under version 1
+  const commitActivate = version >= 2 && h.capabilities.includes(CAP_COMMIT_ACTIVATE);
+  const caps = [
+    ...(local ? [CAP_LOCAL] : []),
+    ...(encodings ? [CAP_ENCODINGS] : []),
+    ...(imageHashes ? [CAP_IMAGE_HASHES] : []),
+    ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []),
+    ...(postcopyCap ? [CAP_POSTCOPY] : []),
+  ];
+  // post-copy: further connections join this session with ATTACH naming its token
+  // channels: further connections join this session too (ATTACH role channel)
+  const channelsCap = !local && version >= 3 && h.capabilities.includes(CAP_CHANNELS) && h.channels !== undefined;
+  const channels = channelsCap ? Math.min(h.channels!, maxChannels(options.maxChannels)) : 1;
+  if (channelsCap) caps.push(CAP_CHANNELS);
+  ctx.session = postcopyCap || channels > 1 ? ctx.sessions.open(region.pageCount, channels) : undefined;
+  // resolve: a source that loses the link after COMMIT asks what happened (RESOLVE, token)
+  const resolve = version >= 3 && h.capabilities.includes(CAP_RESOLVE);
+  const token = ctx.session?.token ?? (resolve ? randomBytes(16).toString('hex') : undefined);
+  if (resolve) {
+    caps.push(CAP_RESOLVE);
+    ctx.outcome = ctx.outcomes.open(token!);
+    // fenced while still receiving: end this migration now (its region is discarded)
+    const why = 'the source resolved this session as not activated: discarded, and it will never activate';
+    ctx.outcome.onFence = () => ctx.channel.abort(new LivemigError('ERR_LIVEMIG_ABORTED', why, { phase: ctx.stage }));
+  }
+  // the hand-over's code paths run once now, not for the first time inside the pause, and
+  // before ACCEPT: a source with nothing to copy first (a same-host upgrade) pauses its guest
+  // right after it, and this side's warm-up then held the CPU its wake-up was queued on
+  // (0.6 ms measured with perf sched)
+  warmUpRuntime();
+  warmUpProtocol(version);
+  const accept = { version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) };
+  await ctx.channel.answerFirst(encodeAccept(accept, version));
+  if (imageHashes) await ctx.channel.send(encodeImageHashes(hashes, version));
+  return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap };
+}
+
+/**
+ * A same-host upgrade: the source's memory itself, by reference; nothing to allocate. A bad
+ * offer (another host's boot id, no socket, not a socket) has reserved nothing: the listener
+ * refuses this connection and listens on.
+ */
+async function takeSourceMemory(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan): Promise<Region> {
+  const { options } = ctx;
+  const layout = ctx.layout!;
+  const taken = await takeMemory(h.local!, layout, options.authTimeoutMs ?? AUTH_TIMEOUT_MS).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
+  ctx.region = taken.region;
+  try {
+    await options.onReserved?.(taken.region, plan, layout, { files: taken.pieces.map((p) => ({ fd: p.fd, offset: p.offset })), local: true });
+  } finally {
+    for (const p of taken.pieces) closeFd(p.fd, 'reserve'); // the region and the guest hold their own
+  }
+  return taken.region;
+}
+
+/** A region of our own, allocated off the event loop: the listener goes on answering others meanwhile. */
+async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan): Promise<Region> {
+  const { options } = ctx;
+  const layout = ctx.layout!;
+  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' }).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
+  trace('receiver', 'region allocated');
+  ctx.region = created;
+  // Map every page now (faults are slow on VM hosts), while the integrator prepares its
+  // side of the same memory: both finish before the first page is accepted.
+  const populated = created.populateAsync(true);
+  populated.catch(() => undefined); // awaited below, after onReserved
+  await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
+  await populated;
+  return created;
+}
+
+/** The kept image's pages and hashes, or all zero; true when the sender gets the image's hashes. */
+async function startingImage(ctx: ReceiverContext, region: Region, hashes: BigUint64Array): Promise<boolean> {
+  const path = ctx.options.reuseImage;
+  if (path && (await loadImage(region, path, hashes))) {
+    ctx.progress({ type: 'image', path });
+    return true;
+  }
+  if (path) ctx.progress({ type: 'image-ignored', path, reason: `its size is not the region's ${region.size} bytes` });
+  hashes.fill(call('ERR_LIVEMIG_SYSCALL', 'reserve', 'the zero page hash', () => addon.zeroPageHash()));
+  return false;
+}
