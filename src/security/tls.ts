@@ -159,32 +159,22 @@ export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutM
  * or junk (src/receiver/pending.ts).
  */
 export async function authenticateAccepted(raw: net.Socket, creds: Credentials, timeoutMs = 10_000, onAnswered?: () => void): Promise<Authenticated> {
-  let pskIdentity = '';
-  const options: tls.TlsOptions =
-    creds.kind === 'cert'
-      ? // the chain is checked below, so that a refusal says why (rejectUnauthorized only hangs up)
-        { cert: creds.cert, key: creds.key, ca: creds.ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.3' }
-      : {
-          ciphers: PSK_CIPHER,
-          minVersion: 'TLSv1.2',
-          maxVersion: 'TLSv1.2',
-          pskCallback: (_s: tls.TLSSocket, identity: string) => {
-            pskIdentity = identity;
-            return identity === creds.identity ? creds.key : null;
-          },
-        };
-  // A tls.Server that never listens: it wraps the connection we accepted and works out whether
-  // the client's certificate chains to the CA (authorized, authorizationError).
-  const server = tls.createServer(options);
-  if (onAnswered) server.once('keylog', () => onAnswered());
+  const acceptor = acceptorFor(creds);
   let s: tls.TLSSocket | undefined;
   try {
     s = await new Promise<tls.TLSSocket>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
-      server.once('secureConnection', (t: tls.TLSSocket) => (clearTimeout(timer), resolve(t)));
-      server.once('tlsClientError', (e) => (clearTimeout(timer), reject(refused(`the source could not be authenticated: ${e.message}`, e))));
-      raw.once('close', () => (clearTimeout(timer), reject(refused('the source closed the connection during the secure handshake'))));
-      server.emit('connection', raw);
+      const timer = setTimeout(() => done(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+      const onClose = (): void => done(refused('the source closed the connection during the secure handshake'));
+      const done = (e: Error | undefined, t?: tls.TLSSocket): void => {
+        clearTimeout(timer);
+        raw.off('close', onClose);
+        acceptor.waiting.delete(raw);
+        if (e) reject(e);
+        else resolve(t!);
+      };
+      acceptor.waiting.set(raw, { done, answered: onAnswered });
+      raw.once('close', onClose);
+      acceptor.server.emit('connection', raw);
     });
     let peer: string;
     if (creds.kind === 'cert') {
@@ -192,7 +182,7 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
       if (!s.authorized) throw refused(`the source could not be authenticated: its certificate is not trusted (${String(s.authorizationError ?? 'none presented')})`);
       if (creds.allow && !creds.allow.includes(peer)) throw refused(`the source's certificate names '${peer}', which --allow does not admit`);
     } else {
-      peer = pskIdentity;
+      peer = acceptor.pskIdentity.get(s) ?? '';
     }
     const k = keys(s, false);
     const cipher = s.getCipher().name;
@@ -204,6 +194,55 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
     raw.destroy();
     throw e;
   }
+}
+
+/**
+ * One tls.Server per set of credentials, which never listens: it wraps each connection we
+ * accepted and works out whether the client's certificate chains to the CA (authorized,
+ * authorizationError). Made once, not per connection: its secure context (the parsed
+ * certificate, key and CA) cost about 1 ms a connection, which a crowd of connections that
+ * never finish a handshake turned into the receiver's main work.
+ */
+interface Acceptor {
+  server: tls.Server;
+  /** connections mid-handshake, by the socket we accepted (the TLS socket's _parent) */
+  waiting: Map<net.Socket, { done(e: Error | undefined, t?: tls.TLSSocket): void; answered: (() => void) | undefined }>;
+  pskIdentity: WeakMap<tls.TLSSocket, string>;
+}
+
+const acceptors = new WeakMap<Credentials, Acceptor>();
+
+function acceptorFor(creds: Credentials): Acceptor {
+  const known = acceptors.get(creds);
+  if (known) return known;
+  const pskIdentity = new WeakMap<tls.TLSSocket, string>();
+  const options: tls.TlsOptions =
+    creds.kind === 'cert'
+      ? // the chain is checked by the caller, so that a refusal says why (rejectUnauthorized only hangs up)
+        { cert: creds.cert, key: creds.key, ca: creds.ca, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.3' }
+      : {
+          ciphers: PSK_CIPHER,
+          minVersion: 'TLSv1.2',
+          maxVersion: 'TLSv1.2',
+          pskCallback: (t: tls.TLSSocket, identity: string) => {
+            pskIdentity.set(t, identity);
+            return identity === creds.identity ? creds.key : null;
+          },
+        };
+  const server = tls.createServer(options);
+  const waiting: Acceptor['waiting'] = new Map();
+  const of = (t: tls.TLSSocket | undefined) => waiting.get((t as unknown as { _parent?: net.Socket } | undefined)?._parent as net.Socket);
+  server.on('secureConnection', (t: tls.TLSSocket) => of(t)?.done(undefined, t));
+  server.on('tlsClientError', (e: Error, t: tls.TLSSocket) => of(t)?.done(refused(`the source could not be authenticated: ${e.message}`, e)));
+  // TLS derived keys from the client's hello: admission ranks the connection up (receiver/pending.ts)
+  server.on('keylog', (_line: Buffer, t: tls.TLSSocket) => {
+    const w = of(t);
+    w?.answered?.();
+    if (w) w.answered = undefined;
+  });
+  const made = { server, waiting, pskIdentity };
+  acceptors.set(creds, made);
+  return made;
 }
 
 /** What a report says of a connection's security. */
