@@ -54,6 +54,20 @@ using wire::SendCounts;
 using wire::SendPagesJob;
 using wire::Sink;
 
+// A direction's {key, salt} from JavaScript (the TLS exporter's, src/security/tls.ts).
+DirectionKey KeyOf(Napi::Env env, Napi::Value v) {
+  if (!v.IsObject()) throw Napi::TypeError::New(env, "keys must be {send: {key, salt}, receive: {key, salt}}");
+  Napi::Object o = v.As<Napi::Object>();
+  Napi::Value key = o.Get("key"), salt = o.Get("salt");
+  if (!key.IsBuffer() || !salt.IsBuffer() || key.As<Napi::Buffer<uint8_t>>().Length() != kAeadKeyBytes || salt.As<Napi::Buffer<uint8_t>>().Length() != kAeadSaltBytes) {
+    throw Napi::RangeError::New(env, "a direction's key must be 32 bytes and its salt 4");
+  }
+  DirectionKey d;
+  std::memcpy(d.key, key.As<Napi::Buffer<uint8_t>>().Data(), kAeadKeyBytes);
+  std::memcpy(d.salt, salt.As<Napi::Buffer<uint8_t>>().Data(), kAeadSaltBytes);
+  return d;
+}
+
 class Wire : public Napi::ObjectWrap<Wire> {
  public:
   static Napi::Function Init(Napi::Env env) {
@@ -96,19 +110,6 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
  private:
-  static DirectionKey KeyOf(Napi::Env env, Napi::Value v) {
-    if (!v.IsObject()) throw Napi::TypeError::New(env, "keys must be {send: {key, salt}, receive: {key, salt}}");
-    Napi::Object o = v.As<Napi::Object>();
-    Napi::Value key = o.Get("key"), salt = o.Get("salt");
-    if (!key.IsBuffer() || !salt.IsBuffer() || key.As<Napi::Buffer<uint8_t>>().Length() != kAeadKeyBytes || salt.As<Napi::Buffer<uint8_t>>().Length() != kAeadSaltBytes) {
-      throw Napi::RangeError::New(env, "a direction's key must be 32 bytes and its salt 4");
-    }
-    DirectionKey d;
-    std::memcpy(d.key, key.As<Napi::Buffer<uint8_t>>().Data(), kAeadKeyBytes);
-    std::memcpy(d.salt, salt.As<Napi::Buffer<uint8_t>>().Data(), kAeadSaltBytes);
-    return d;
-  }
-
   // Each frame type's payload limit (limits[type]), maxPayload for a type without one.
   static std::vector<uint32_t> LimitsOf(Napi::Object o, uint32_t maxType, uint32_t maxPayload) {
     std::vector<uint32_t> limits(maxType + 1, maxPayload);
@@ -557,23 +558,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
 }  // namespace
 
-// checkFrameHeader(header: Buffer (12 bytes), maxPayload) -> {version, type, flags, length}:
-// the wire's header rules (wire/format.cc) for a header read outside a Wire (a connection's
-// first frame, src/receiver/admit.ts); throws what read() would.
 // openStreamRecords({key, salt}, first, bytes) -> {plain, records, consumed}: the whole records
 // at the front of `bytes` (one direction's stream, the first numbered `first`) opened; what is
 // not a whole record yet is left. For the first frame of an accepted connection, read before its
 // Wire exists (src/receiver/admit.ts). Throws ERR_LIVEMIG_AUTH or ERR_LIVEMIG_PROTOCOL.
 Napi::Value OpenStreamRecordsJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Napi::Object k = info[0].As<Napi::Object>();
-  Napi::Value kb = k.Get("key"), sb = k.Get("salt");
-  if (!kb.IsBuffer() || !sb.IsBuffer() || kb.As<Napi::Buffer<uint8_t>>().Length() != kAeadKeyBytes || sb.As<Napi::Buffer<uint8_t>>().Length() != kAeadSaltBytes) {
-    throw Napi::RangeError::New(env, "a direction's key must be 32 bytes and its salt 4");
-  }
-  DirectionKey d;
-  std::memcpy(d.key, kb.As<Napi::Buffer<uint8_t>>().Data(), kAeadKeyBytes);
-  std::memcpy(d.salt, sb.As<Napi::Buffer<uint8_t>>().Data(), kAeadSaltBytes);
+  const DirectionKey d = KeyOf(env, info[0]);
   const int64_t first = info[1].As<Napi::Number>().Int64Value();
   if (first < 0) throw Napi::RangeError::New(env, "first must be a record number");
   Napi::Buffer<uint8_t> bytes = info[2].As<Napi::Buffer<uint8_t>>();
@@ -589,6 +580,9 @@ Napi::Value OpenStreamRecordsJs(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// checkFrameHeader(header: Buffer (12 bytes), maxPayload) -> {version, type, flags, length}:
+// the wire's header rules (wire/format.cc) for a header read outside a Wire (a connection's
+// first frame, src/receiver/admit.ts); throws what read() would.
 Napi::Value CheckFrameHeader(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Buffer<uint8_t> b = info[0].As<Napi::Buffer<uint8_t>>();
