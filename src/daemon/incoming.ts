@@ -3,6 +3,7 @@
  * migration of its own (listed like an outgoing one), its own destination guest, and its bytes
  * from the shared memory budget before anything is reserved.
  */
+import { PAGE_SIZE } from '../protocol/format.js';
 import { channelsFor } from './threadpool.js';
 import { IncomingGuest } from '../guest/incoming-session.js';
 import { listen, type Receiver } from '../receiver/listen.js';
@@ -14,7 +15,6 @@ import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
 import { Migration, type MigrationTable } from './migration.js';
 
-const PAGE = 4096;
 
 export interface IncomingDeps {
   table: MigrationTable;
@@ -91,7 +91,8 @@ export class IncomingMigrations {
           break;
         case 'round':
           received += e.pages;
-          m.noteProgress((m.progress.view.total_bytes / PAGE - Math.min(received, m.progress.view.total_bytes / PAGE)) * PAGE, received * PAGE, undefined, true);
+          const totalPages = m.progress.view.total_bytes / PAGE_SIZE;
+          m.noteProgress({ remainingBytes: (totalPages - Math.min(received, totalPages)) * PAGE_SIZE, transferredBytes: received * PAGE_SIZE, now: true });
           break;
         case 'committed':
           m.setStage('committed');
@@ -100,7 +101,8 @@ export class IncomingMigrations {
           m.setStage('postcopy');
           break;
         case 'postcopy-progress':
-          m.noteProgress(m.progress.view.total_bytes - (received + e.pages_pulled + e.pages_pushed) * PAGE, (received + e.pages_pulled + e.pages_pushed) * PAGE, undefined);
+          const arrived = (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE;
+          m.noteProgress({ remainingBytes: m.progress.view.total_bytes - arrived, transferredBytes: arrived });
           break;
         default:
           break;
@@ -132,7 +134,7 @@ export class IncomingMigrations {
             if (report.mode === 'postcopy') guest?.allPresent();
             if (guest) this.#guestPids.set(m!.id, guest.pid);
             guest?.close(); // it runs on, on its own
-            m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport, report.pages_received * PAGE);
+            m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport, report.pages_received * PAGE_SIZE);
             if (m) d.metrics.finished(m);
           },
           (e: unknown) => {

@@ -2,13 +2,13 @@
  * The daemon's Prometheus metrics (prom-client, on a registry of its own). Counters move when a
  * migration ends, from its final report, so that they match the reports exactly.
  */
+import { PAGE_SIZE } from '../protocol/format.js';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { MigrationReport } from '../source/types.js';
 import type { ReceiveReport } from '../receiver/types.js';
 import type { Migration } from './migration.js';
 
 const ENCODINGS = ['zero', 'dup', 'lz4', 'raw', 'skipped'] as const;
-const PAGE = 4096;
 
 export class DaemonMetrics {
   readonly registry = new Registry();
@@ -64,14 +64,14 @@ export class DaemonMetrics {
     if (m.direction === 'outgoing') {
       const r = m.report as MigrationReport;
       for (const e of ENCODINGS) this.#pages.inc({ encoding: e }, r[`${e}_pages`]);
-      this.#payload.inc({ encoding: 'raw' }, r.raw_pages * PAGE);
-      this.#payload.inc({ encoding: 'lz4' }, Math.round(r.lz4_pages * PAGE * r.lz4_ratio));
+      this.#payload.inc({ encoding: 'raw' }, r.raw_pages * PAGE_SIZE);
+      this.#payload.inc({ encoding: 'lz4' }, Math.round(r.lz4_pages * PAGE_SIZE * r.lz4_ratio));
       this.#wire.inc({ direction: 'outgoing' }, r.wire_bytes);
       this.#downtime.observe(r.downtime_ms / 1e3);
       this.#total.observe(r.total_ms / 1e3);
     } else {
       const r = m.report as ReceiveReport;
-      this.#wire.inc({ direction: 'incoming' }, r.pages_received * PAGE);
+      this.#wire.inc({ direction: 'incoming' }, r.pages_received * PAGE_SIZE);
     }
   }
 

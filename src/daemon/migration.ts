@@ -100,10 +100,13 @@ export class Migration {
     this.#bus.publish(this.id, 'round', { ...r });
   }
 
-  /** New progress; published unless one went out less than PROGRESS_INTERVAL_MS ago (`force`: always). */
-  noteProgress(remainingBytes: number, transferredBytes: number, mbps: number | undefined, force = false): void {
-    const v = this.progress.update(remainingBytes, transferredBytes, mbps);
-    this.#publishProgress(v, force);
+  /**
+   * New progress; published unless one went out less than PROGRESS_INTERVAL_MS ago (`now`:
+   * always, for a step the watcher must not miss, as a round's end).
+   */
+  noteProgress(p: { remainingBytes: number; transferredBytes: number; mbps?: number | undefined; now?: boolean }): void {
+    const v = this.progress.update(p.remainingBytes, p.transferredBytes, p.mbps);
+    this.#publishProgress(v, p.now ?? false);
   }
 
   #publishProgress(v: ProgressView, force: boolean): void {

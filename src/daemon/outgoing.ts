@@ -116,7 +116,7 @@ export class OutgoingMigrations {
     // between progress events (a first pass over gigabytes is one round), read where it is
     const poll = setInterval(() => {
       const s = control.status();
-      if (s) m.noteProgress(s.pages_remaining * PAGE_SIZE, s.bytes_sent, s.bandwidth_mbps);
+      if (s) m.noteProgress({ remainingBytes: s.pages_remaining * PAGE_SIZE, transferredBytes: s.bytes_sent, mbps: s.bandwidth_mbps });
     }, PROGRESS_INTERVAL_MS);
     const options: MigrateOptions = {
       ...session.memory,
@@ -173,7 +173,7 @@ export class OutgoingMigrations {
         break;
       case 'round':
         m.addRound(e);
-        m.noteProgress(e.remaining, e.transferred, e.bandwidth_mbps, true);
+        m.noteProgress({ remainingBytes: e.remaining, transferredBytes: e.transferred, mbps: e.bandwidth_mbps, now: true });
         if (e.decision === 'stop') m.setStage('stop-and-copy');
         if (e.decision === 'postcopy') m.setStage('postcopy');
         break;

@@ -7,9 +7,8 @@
  * would lower it: the percentage shown is the highest reached, and only completion makes it
  * 100. The ETA is what remains at the bandwidth achieved lately, plus the stop.
  */
+import { FIXED_STOP_COST_MS } from '../precopy/policy.js';
 
-/** what each estimate adds for the pause and the activation, ms (as the convergence policy's fixed cost) */
-const STOP_COST_MS = 8;
 
 export interface ProgressView {
   percent: number;
@@ -35,7 +34,7 @@ export class Progress {
     const computed = total > 0 ? 100 * (1 - remaining / total) : 0;
     // 100 is completion's alone: a migration with nothing left still has its stop ahead
     this.#percent = Math.max(this.#percent, Math.min(99.9, computed));
-    const eta = mbps !== undefined && mbps > 0 ? remaining / (mbps * 1e6) + STOP_COST_MS / 1e3 : undefined;
+    const eta = mbps !== undefined && mbps > 0 ? remaining / (mbps * 1e6) + FIXED_STOP_COST_MS / 1e3 : undefined;
     this.#view = { percent: round1(this.#percent), eta_s: eta === undefined ? undefined : +eta.toFixed(2), remaining_bytes: remaining, total_bytes: total, transferred_bytes: Math.max(this.#view.transferred_bytes, transferredBytes) };
     return this.#view;
   }

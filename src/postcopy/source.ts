@@ -7,6 +7,7 @@
  * If a connection breaks, pushing pauses until `reconnect` gives new ones; the destination
  * then says what it holds, and only the rest is sent.
  */
+import type { PostcopyStats } from '../source/types.js';
 import { trace } from '../trace.js';
 import { LivemigError, type ErrorCode } from '../errors.js';
 import { addon, call, type NativePostcopySource, type NativeWire, type PostcopyEvent } from '../native.js';
@@ -17,16 +18,6 @@ const PREPAGE_PAGES = 64;
 /** pages per push call (the push stream is read a chunk at a time between faults) */
 const PUSH_CALL_PAGES = 1024;
 
-export interface PushStats {
-  pages_pushed: number;
-  /** pages sent on request, pages_resent included */
-  pages_served: number;
-  /** requested pages that had been pushed already and went again on the priority connection */
-  pages_resent: number;
-  requests: number;
-  bytes: number;
-  reconnects: number;
-}
 
 /** The part of the migration's pacer (src/pacing/pacer.ts) the push uses. */
 export interface PushPacer {
@@ -95,7 +86,7 @@ export class PageServer {
    * has them all. `reconnect` is called after a break, until it succeeds or throws. With a
    * pacer, each push call is sized and paced by it (pages served on request count too).
    */
-  async run(reconnect: () => Promise<Connections>, onProgress?: (s: PushStats) => void, pacer?: PushPacer): Promise<bigint> {
+  async run(reconnect: () => Promise<Connections>, onProgress?: (s: PostcopyStats) => void, pacer?: PushPacer): Promise<bigint> {
     let event: PostcopyEvent | undefined;
     let wake: (() => void) | undefined;
     const off = this.on((e) => {
@@ -166,7 +157,7 @@ export class PageServer {
     return Uint32Array.from({ length: this.#cursor - from }, (_, k) => from + k);
   }
 
-  stats(): PushStats {
+  stats(): PostcopyStats {
     const s = this.#native.stats();
     return { pages_pushed: s.pushed, pages_served: s.served, pages_resent: s.resent, requests: s.requests, bytes: this.#bytes + s.servedBytes, reconnects: this.#reconnects };
   }

@@ -12,7 +12,8 @@ import type { Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
 import { WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
-import type { PageServer, Connections, PushPacer, PushStats } from './source.js';
+import type { PageServer, Connections, PushPacer } from './source.js';
+import type { PostcopyStats } from '../source/types.js';
 
 export interface PostcopyLink {
   /** opens a new connection to the destination, authenticated as the first one was */
@@ -67,7 +68,7 @@ export interface PostcopyResult {
   verify_ms: number;
   activate_ms: number;
   pages_needed: number;
-  stats: PushStats;
+  stats: PostcopyStats;
   digest: bigint;
 }
 
@@ -101,7 +102,7 @@ export async function runPostcopy(o: {
    * over new connections); throws otherwise
    */
   resolve?(cause: unknown): Promise<void>;
-  onProgress?(s: PushStats): void;
+  onProgress?(s: PostcopyStats): void;
   /** the migration's pacer: the background push keeps to its cap */
   pacer?: PushPacer;
 }): Promise<PostcopyResult> {

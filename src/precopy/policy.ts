@@ -21,6 +21,14 @@
  * - Deadline: stop and copy when the next round could not finish in time but stopping now
  *   can; give up (source intact) when not even that fits.
  */
+/**
+ * Cost of the pause besides moving pages, ms: the integrator's pause (~2 ms for the reference
+ * guest), the final collect (~0.5), the commit round trip with both digests (~2-4) and the
+ * activation round trip (~2-5), as measured by bench/e2e on a 2-vCPU host. The convergence
+ * policy and the daemon's ETA both add it.
+ */
+export const FIXED_STOP_COST_MS = 8;
+
 export type StallAction = 'throttle' | 'postcopy' | 'force' | 'abort';
 
 export const STALL_ROUNDS = 2;

@@ -1,5 +1,5 @@
 /** The one report builder: what every ending of a migration says, from the context's counters. */
-import type { PushStats } from '../postcopy/source.js';
+import type { PostcopyStats } from './types.js';
 import type { SourceContext } from './context.js';
 import type { MigrationReport } from './types.js';
 
@@ -10,7 +10,7 @@ export interface Ending {
   downtimeMs: number;
   stopAndCopy: MigrationReport['stop_and_copy'];
   /** the post-copy phase, when the migration ended with one */
-  postcopy?: { stats: PushStats; pagesNeeded: number; postcopyMs: number; verifyMs: number };
+  postcopy?: { stats: PostcopyStats; pagesNeeded: number; postcopyMs: number; verifyMs: number };
 }
 
 const NO_STOP_AND_COPY = { pages: 0, bytes: 0, pause_ms: 0, final_collect_ms: 0, send_ms: 0, commit_ms: 0 } as const;

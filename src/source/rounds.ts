@@ -3,6 +3,7 @@
  * policy decide (go on, stop, throttle, switch to post-copy, give up). Ends with the destination
  * caught up on everything sent, so that the pause does not pay for its backlog.
  */
+import { FIXED_STOP_COST_MS } from '../precopy/policy.js';
 import { trace } from '../trace.js';
 import { LivemigError } from '../errors.js';
 import { firstOutOfOrder, mergePages } from '../precopy/batches.js';
@@ -15,12 +16,6 @@ import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import type { RoundStats } from './types.js';
 
-/**
- * Cost of the pause besides moving pages, ms: the integrator's pause (~2 ms for the reference
- * guest), the final collect (~0.5), the commit round trip with both digests (~2-4) and the
- * activation round trip (~2-5), as measured by bench/e2e on a 2-vCPU host.
- */
-const FIXED_STOP_COST_MS = 8;
 
 /**
  * Longest a round after the first runs, with the throttle stall policy, before the rest of its
