@@ -16,8 +16,8 @@ import { createInterface } from 'node:readline';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../src/errors.js';
-import { CAP_COMMIT_ACTIVATE, CAP_LOCAL, FrameType } from '../src/protocol/format.js';
-import { decodeError, encodeAttach, encodeHello, encodeRoundEnd } from '../src/protocol/messages.js';
+import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_LOCAL, FrameType, STRIPE_PAGES } from '../src/protocol/format.js';
+import { decodeAccept, decodeError, encodeAttach, encodeHello, encodeRoundEnd } from '../src/protocol/messages.js';
 import type { WireChannel } from '../src/protocol/wire.js';
 import { listen, type Receiver } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
@@ -65,14 +65,14 @@ const afterFirst = (e: unknown): boolean => e instanceof LivemigError && e.code 
 for (const [name, parts] of [
   ['HELLO and ROUND_END in one record', [hello(), encodeRoundEnd({ round: 1, pages: 0 }, 3)]],
   ['HELLO and 1 MiB in one write', [hello(), randomBytes(1 << 20)]],
-  ['ATTACH and a PAGES frame in one record', [encodeAttach({ session: 'ab'.repeat(16), role: 'channel', channel: 1 }, 3), (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, 4096)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 3); return b; })()]],
 ] as const) {
   test(`encrypted: ${name} is refused before anything is reserved`, async () => {
     const { rx, reserved, outcome } = await keyedListener();
     try {
       const ch = await keyedConnection(rx.port);
       await ch.send([...parts]).catch(() => undefined); // the receiver may hang up mid-write
-      assert.ok(afterFirst(await outcome), `refused as bytes after the first frame: ${String(await outcome)}`);
+      const refusal = await Promise.race([outcome, new Promise((r) => setTimeout(() => r(new Error('no outcome within 20 s')), 20_000))]);
+      assert.ok(afterFirst(refusal), `refused as bytes after the first frame: ${String(refusal)}`);
       assert.equal(reserved(), 0, 'nothing was reserved');
       await assert.rejects(ch.next(5000), 'the connection was closed, never answered');
       ch.close();
@@ -81,6 +81,30 @@ for (const [name, parts] of [
     }
   });
 }
+
+test('encrypted: an ATTACH to a real session with a PAGES frame in the same record is refused, and the page is not taken', async () => {
+  let region: Region | undefined;
+  const rx = await listen('127.0.0.1', 0, { credentials: SERVER, maxChannels: 2, onReserved: (r) => void (region = r), activate: async () => undefined });
+  const outcome = rx.next().catch((e: unknown) => e);
+  try {
+    const main = await keyedConnection(rx.port);
+    await main.send(hello({ regionBytes: 2 * STRIPE_PAGES * 4096, capabilities: [CAP_COMMIT_ACTIVATE, CAP_CHANNELS], channels: 2 }));
+    const accept = decodeAccept((await main.next(10_000)).payload);
+    assert.equal(accept.channels, 2, 'two channels granted: a session to attach to');
+    const page = Buffer.alloc(R.pagesFrameBytes(1, 4096), 0xab);
+    R.writePagesPrefix(page, 1, Uint32Array.from([STRIPE_PAGES]), 3); // a page of channel 1's stripe
+    const extra = await keyedConnection(rx.port);
+    await extra.send([encodeAttach({ session: accept.session!, role: 'channel', channel: 1 }, 3), page]).catch(() => undefined);
+    await assert.rejects(extra.next(10_000), 'refused: never ATTACHED');
+    extra.close();
+    assert.ok(region, 'the region was reserved for the main connection');
+    assert.ok(Buffer.from(region.page(STRIPE_PAGES)).equals(Buffer.alloc(4096)), 'the page that came with the ATTACH was not taken');
+    main.close();
+    await outcome;
+  } finally {
+    await rx.close();
+  }
+});
 
 test('plain: HELLO and 1 MiB in one write is refused the same way, by the same rule', async () => {
   let reserved = 0;
@@ -157,7 +181,9 @@ function sendChild(port: number, psk: string): Promise<{ status: number | null; 
   let stderr = '';
   tx.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
   tx.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  return new Promise((resolve) => tx.once('close', (status) => resolve({ status, stdout, stderr })));
+  // on exit, not close: a guest that a failed send leaves running keeps the pipe open; the
+  // output is whole by then or the test fails on it (a short pause lets the pipe drain)
+  return new Promise((resolve) => tx.once('exit', (status) => setTimeout(() => resolve({ status, stdout, stderr }), 200)));
 }
 
 function stopGuest(line: Record<string, unknown> | undefined): void {
@@ -242,7 +268,7 @@ test('a source whose peer never answers its TLS hello says the peer does not spe
   try {
     const port = (server.address() as net.AddressInfo).port;
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port }, credentials: CLIENT, handshakeTimeoutMs: 600_000, pause: async () => (paused++, new Uint8Array(4)), resume: async () => undefined }),
+      migrate({ region, to: { host: '127.0.0.1', port }, credentials: CLIENT, handshakeTimeoutMs: 30_000, pause: async () => (paused++, new Uint8Array(4)), resume: async () => undefined }),
       (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_AUTH' && /does not speak TLS/.test(e.message),
     );
     assert.equal(paused, 0, 'the guest was never paused');
