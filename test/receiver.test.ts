@@ -29,13 +29,18 @@ async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { ma
     },
     (e: unknown) => e as LivemigError,
   );
-  for (const step of steps) {
+  let settled = false;
+  void outcome.then(() => (settled = true));
+  for (const [k, step] of steps.entries()) {
     const out = step(got);
     if (out === 'close') {
       sock.end();
       break;
     }
     sock.write(out);
+    // the first frame is answered before anything may follow it (a receiver refuses bytes that
+    // come before its answer): wait for the answer, not for a fixed time a loaded host may miss
+    for (const t = performance.now(); k === 0 && got.length === 0 && !settled && performance.now() - t < 10_000; ) await new Promise((r) => setTimeout(r, 5));
     await new Promise((r) => setTimeout(r, 30));
   }
   const error = await outcome;
