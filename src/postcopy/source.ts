@@ -8,6 +8,7 @@
  * then says what it holds, and only the rest is sent.
  */
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { LivemigError, type ErrorCode } from '../errors.js';
 import { addon, call, type NativePostcopySource, type NativeWire, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
@@ -116,7 +117,7 @@ export class PageServer {
           const reason = event.message ?? '';
           event = undefined;
           if (stale) continue;
-          trace('source', 'post-copy link broke', { reason });
+          trace('source', SourceEvent.postcopyLinkBroke, { reason });
           this.#native.detach();
           this.attach(await reconnect());
           this.#reconnects++;
