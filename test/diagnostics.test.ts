@@ -8,10 +8,12 @@ import { test } from 'node:test';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { migrate } from '../src/source/migrate.js';
+import { CHANNEL_NAMES } from '../src/trace.js';
+import { ReceiverEvent, SourceEvent } from '../src/trace-events.js';
 
 test('a migration publishes its hand-over steps on livemig:source and livemig:receiver, and the encoder its rounds on livemig:chooser', async () => {
   const seen: { channel: string; event: string; ms: number; data: Record<string, unknown> }[] = [];
-  const subs = ['livemig:source', 'livemig:receiver', 'livemig:chooser'].map((name) => {
+  const subs = [CHANNEL_NAMES.source, CHANNEL_NAMES.receiver, CHANNEL_NAMES.chooser].map((name) => {
     const fn = (m: unknown): void => {
       const { event, ms, ...data } = m as { event: string; ms: number };
       seen.push({ channel: name, event, ms, data });
@@ -31,14 +33,15 @@ test('a migration publishes its hand-over steps on livemig:source and livemig:re
     await rx.close();
     region.release();
   }
-  const source = seen.filter((s) => s.channel === 'livemig:source').map((s) => s.event);
-  const order = ['pause requested', 'guest paused', 'final collect done', 'last pages sent', 'ACTIVATED received'];
+  const source = seen.filter((s) => s.channel === CHANNEL_NAMES.source).map((s) => s.event);
+  const order = [SourceEvent.pauseRequested, SourceEvent.guestPaused, SourceEvent.finalCollectDone, SourceEvent.lastPagesSent, SourceEvent.activatedReceived];
   const at = order.map((e) => source.indexOf(e));
   assert.ok(at.every((i) => i >= 0), `every step published: ${source.join(', ')}`);
   assert.deepEqual([...at].sort((a, b) => a - b), at, 'in order');
-  const commit = seen.find((s) => s.event === 'last pages, device state and COMMIT sent');
+  const commit = seen.find((s) => s.event === SourceEvent.commitSent);
   assert.equal(typeof commit?.data['pages'], 'number', 'a step carries its figures as fields');
-  assert.ok(seen.some((s) => s.channel === 'livemig:receiver' && s.event === 'guest activated'), 'the receiver publishes its own steps');
-  const rounds = seen.filter((s) => s.channel === 'livemig:chooser');
-  assert.ok(rounds.length > 0 && rounds.every((r) => typeof r.data['round'] === 'number' && typeof r.data['raw_pages'] === 'number'), 'the encoder publishes per-round accounting');
+  assert.ok(seen.some((s) => s.channel === CHANNEL_NAMES.receiver && s.event === ReceiverEvent.guestActivated), 'the receiver publishes its own steps');
+  const rounds = seen.filter((s) => s.channel === CHANNEL_NAMES.chooser);
+  const accounted = rounds.every((r) => typeof r.data['round'] === 'number' && typeof r.data['raw_pages'] === 'number');
+  assert.ok(rounds.length > 0 && accounted, 'the encoder publishes per-round accounting');
 });
