@@ -2,6 +2,7 @@
  * Observability without a logger: named diagnostics_channel channels, one per event family,
  * each message a structured object (as undici publishes its own). Subscribers in the process
  * (a daemon, a test, a benchmark) get them through `diagnostics_channel.subscribe(name, fn)`.
+ * Every event and its payload is in the catalogue, src/trace-events.ts.
  *
  *   livemig:source    the source's steps ({ ms, event, ... })
  *   livemig:receiver  the destination's steps
@@ -15,15 +16,25 @@
  */
 import { openSync, writeSync } from 'node:fs';
 import diagnostics_channel from 'node:diagnostics_channel';
+import type { TraceEvent, TraceFamily, TracePayload } from './trace-events.js';
 
-export type TraceFamily = 'source' | 'receiver' | 'guest' | 'chooser' | 'daemon';
+export type { TraceFamily } from './trace-events.js';
+
+/** The diagnostics_channel name of each family, for `diagnostics_channel.subscribe`. */
+export const CHANNEL_NAMES = {
+  source: 'livemig:source',
+  receiver: 'livemig:receiver',
+  guest: 'livemig:guest',
+  chooser: 'livemig:chooser',
+  daemon: 'livemig:daemon',
+} as const satisfies { readonly [F in TraceFamily]: string };
 
 export const CHANNELS: { readonly [F in TraceFamily]: diagnostics_channel.Channel } = {
-  source: diagnostics_channel.channel('livemig:source'),
-  receiver: diagnostics_channel.channel('livemig:receiver'),
-  guest: diagnostics_channel.channel('livemig:guest'),
-  chooser: diagnostics_channel.channel('livemig:chooser'),
-  daemon: diagnostics_channel.channel('livemig:daemon'),
+  source: diagnostics_channel.channel(CHANNEL_NAMES.source),
+  receiver: diagnostics_channel.channel(CHANNEL_NAMES.receiver),
+  guest: diagnostics_channel.channel(CHANNEL_NAMES.guest),
+  chooser: diagnostics_channel.channel(CHANNEL_NAMES.chooser),
+  daemon: diagnostics_channel.channel(CHANNEL_NAMES.daemon),
 };
 
 const file = process.env['LIVEMIG_TRACE'];
@@ -35,8 +46,15 @@ export function tracing(family: TraceFamily): boolean {
   return file !== undefined || CHANNELS[family].hasSubscribers;
 }
 
-/** One step of `family`; `data` is carried to subscribers (the trace file gets the event name). */
-export function trace(family: TraceFamily, event: string, data?: Record<string, unknown>): void {
+// an event without a payload takes no argument, so that forgetting one is an error
+type PayloadArgs<P> = [P] extends [undefined] ? [] : [data: P];
+
+/**
+ * One step of `family`: `event` from its catalogue (src/trace-events.ts), `data` of the payload
+ * the catalogue gives it, carried to subscribers and appended to the trace file.
+ */
+export function trace<F extends TraceFamily, E extends TraceEvent<F>>(family: F, event: E, ...payload: PayloadArgs<TracePayload<F, E>>): void {
+  const data = payload[0] as Record<string, unknown> | undefined;
   const channel = CHANNELS[family];
   if (!file && !channel.hasSubscribers) return;
   const ms = Number(process.hrtime.bigint() / 1000n) / 1000;

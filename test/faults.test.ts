@@ -21,6 +21,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { STEP, type Side, type Stage } from './fixtures/fault-steps.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const MAIN = path.join(here, '..', 'src', 'cli', 'main.js');
@@ -35,23 +36,10 @@ const RESOLVE_S = 8;
 const BEAT_PORT = 47001;
 const PARALLEL = 4;
 
-type Stage = 'handshake' | 'reservation' | 'first round' | 'later round' | 'pause' | 'after COMMIT' | 'post-copy';
 type Fault = 'kill' | 'stop' | 'drop' | 'reset';
-type Side = 'source' | 'destination';
 const STAGES: Stage[] = ['handshake', 'reservation', 'first round', 'later round', 'pause', 'after COMMIT', 'post-copy'];
 const FAULTS: Fault[] = ['kill', 'stop', 'drop', 'reset'];
 const SIDES: Side[] = ['source', 'destination'];
-
-/** The step each stage's fault hits, as each side's diagnostics channel names it. */
-const STEP: Record<Stage, Record<Side, { family: 'source' | 'receiver'; event: string; round?: number }>> = {
-  handshake: { source: { family: 'source', event: 'connected' }, destination: { family: 'receiver', event: 'connection accepted' } },
-  reservation: { source: { family: 'source', event: 'HELLO sent' }, destination: { family: 'receiver', event: 'reserving' } },
-  'first round': { source: { family: 'source', event: 'round begins', round: 1 }, destination: { family: 'receiver', event: 'round pages applied', round: 1 } },
-  'later round': { source: { family: 'source', event: 'round begins', round: 2 }, destination: { family: 'receiver', event: 'round pages applied', round: 2 } },
-  pause: { source: { family: 'source', event: 'last pages sent' }, destination: { family: 'receiver', event: 'DEVICE_STATE received' } },
-  'after COMMIT': { source: { family: 'source', event: 'last pages, device state and COMMIT sent' }, destination: { family: 'receiver', event: 'guest activated' } },
-  'post-copy': { source: { family: 'source', event: 'POSTCOPY_RUNNING received' }, destination: { family: 'receiver', event: 'guest activated (post-copy)' } },
-};
 
 const run = (...a: string[]): string => execFileSync(a[0]!, a.slice(1), { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

@@ -9,6 +9,8 @@ import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js'
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import { listen } from '../src/receiver/listen.js';
+import { CHANNEL_NAMES } from '../src/trace.js';
+import { ReceiverEvent } from '../src/trace-events.js';
 
 const PAGES = 16;
 const hello = (o: Partial<M.Hello> = {}): Buffer => M.encodeHello({ versions: [1, 1], regionBytes: PAGES * 4096, pageSize: 4096, auth: null, capabilities: [], ...o });
@@ -176,8 +178,8 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
   src.on('data', (d: Buffer) => parser.push(d, (f) => order.push(f.type === FrameType.Accept ? 'ACCEPT' : `source got ${FrameType[f.type]}: ${f.payload.toString('latin1').slice(0, 200)}`)));
   let asked: Promise<void> | undefined;
   const onReceiver = (m: unknown): void => {
-    if ((m as { event?: string }).event === 'region allocated') order.push('allocated');
-    if ((m as { event?: string }).event !== 'reserving' || asked) return;
+    if ((m as { event?: string }).event === ReceiverEvent.regionAllocated) order.push('allocated');
+    if ((m as { event?: string }).event !== ReceiverEvent.reserving || asked) return;
     // while 2 GiB are being allocated: another connection asks about a session
     asked = new Promise<void>((resolve) => {
       const q = net.connect(rx.port, '127.0.0.1', () => q.write(M.encodeResolve({ session: 'ab'.repeat(16) }, 3)));
@@ -186,7 +188,7 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
       q.on('data', (d: Buffer) => p.push(d, (f) => (order.push(FrameType[f.type]), q.destroy(), resolve())));
     });
   };
-  dc.subscribe('livemig:receiver', onReceiver);
+  dc.subscribe(CHANNEL_NAMES.receiver, onReceiver);
   try {
     const outcome = rx.next();
     outcome.catch(() => undefined);
@@ -195,7 +197,7 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
     await asked;
     assert.deepEqual(order, ['Error', 'allocated', 'ACCEPT'], 'the RESOLVE (an unknown session: ERROR) was answered while the region was being allocated');
   } finally {
-    dc.unsubscribe('livemig:receiver', onReceiver);
+    dc.unsubscribe(CHANNEL_NAMES.receiver, onReceiver);
     src.destroy();
     await rx.close();
   }

@@ -14,6 +14,7 @@ import type { Credentials } from '../security/tls.js';
 import { assertSecureEnough } from '../security/tls.js';
 import { setProcessNice } from '../sched.js';
 import { trace } from '../trace.js';
+import { DaemonEvent } from '../trace-events.js';
 import { buildApi } from './api/server.js';
 import type { DaemonApi } from './api/types.js';
 import { BandwidthShare } from './bandwidth.js';
@@ -103,7 +104,9 @@ export class Daemon implements DaemonApi {
     this.config = config;
     this.maxMigrations = Math.min(config.maxMigrations ?? 16, migrationsCarried());
     this.parallel = Math.min(config.parallel ?? defaultParallel(), this.maxMigrations);
-    if (this.maxMigrations < (config.maxMigrations ?? 16)) trace('daemon', 'fewer migrations at once than asked: UV_THREADPOOL_SIZE is too small', { asked: config.maxMigrations ?? 16, allowed: this.maxMigrations });
+    if (this.maxMigrations < (config.maxMigrations ?? 16)) {
+      trace('daemon', DaemonEvent.fewerMigrations, { asked: config.maxMigrations ?? 16, allowed: this.maxMigrations });
+    }
     this.budget = new MemoryBudget(config.memoryBudget);
     this.share = new BandwidthShare(config.bandwidthMiBps);
     this.handshakeWaitMs = config.handshakeWaitMs ?? 60_000;
@@ -163,7 +166,7 @@ export class Daemon implements DaemonApi {
       await d.#closeParts();
       throw e;
     }
-    trace('daemon', 'serving', { api: d.apiAddress, port: d.incoming.receiver.port, guests: config.guests });
+    trace('daemon', DaemonEvent.serving, { api: d.apiAddress, port: d.incoming.receiver.port, guests: config.guests });
     return d;
   }
 
@@ -269,7 +272,7 @@ export class Daemon implements DaemonApi {
   async #shutdown(): Promise<void> {
     this.#shuttingDown = true;
     this.incoming.receiver.refuseMigrations();
-    trace('daemon', 'shutting down', { running: this.table.active().length });
+    trace('daemon', DaemonEvent.shuttingDown, { running: this.table.active().length });
     for (const m of this.outgoing.queued) m.onCancelQueued?.();
     const grace = this.config.shutdownGraceMs ?? 30_000;
     const until = Date.now() + grace;
@@ -279,19 +282,19 @@ export class Daemon implements DaemonApi {
         m.control!.cancel();
       } catch (e) {
         // past its commitment: it must finish (its guest may already run at the destination)
-        trace('daemon', 'shutdown waits for a committed migration', { id: m.id, reason: (e as Error).message });
+        trace('daemon', DaemonEvent.shutdownWaits, { id: m.id, reason: (e as Error).message });
       }
     }
     // incoming ones whose sources have not paused: their sources resume nothing, and retry elsewhere
     const aborted = this.incoming.receiver.abortUnpaused(new LivemigError('ERR_LIVEMIG_SHUTTING_DOWN', 'the destination daemon is shutting down; the guest keeps running at its source', { phase: 'receiving' }));
-    if (aborted > 0) trace('daemon', 'shutdown aborted incoming migrations', { aborted });
+    if (aborted > 0) trace('daemon', DaemonEvent.shutdownAborted, { aborted });
     // what remains is inside its pause, committed or in post-copy: it must finish
     while (this.table.active().length > 0) await sleep(50);
     await this.#closeParts();
   }
 
   async #closeParts(): Promise<void> {
-    await this.api?.close().catch((e: unknown) => trace('daemon', 'closing the API failed', { reason: (e as Error).message }));
+    await this.api?.close().catch((e: unknown) => trace('daemon', DaemonEvent.apiCloseFailed, { reason: (e as Error).message }));
     if ('path' in this.config.api && this.api) removeStaleSocket(this.config.api.path);
     await this.incoming?.close();
     await this.registry?.close();

@@ -10,6 +10,7 @@ import { listen, type Receiver } from '../receiver/listen.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from '../receiver/types.js';
 import type { Credentials } from '../security/tls.js';
 import { trace } from '../trace.js';
+import { DaemonEvent } from '../trace-events.js';
 import type { MemoryBudget } from './budget.js';
 import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
@@ -141,7 +142,7 @@ export class IncomingMigrations {
             // post-copy that cannot finish: the guest's missing pages exist nowhere any more
             if ((e as { phase?: string }).phase === 'postcopy') guest?.kill();
             else guest?.close();
-            trace('daemon', 'incoming migration failed', { reason: (e as Error).message });
+            trace('daemon', DaemonEvent.incomingFailed, { reason: (e as Error).message });
             if (!m) d.metrics.refused((e as { code?: string }).code ?? 'ERR_LIVEMIG_ABORTED');
             if (m && !m.done) {
               m.fail(e);

@@ -13,6 +13,7 @@ import { MigrationControl, type MigrateOptions, type ProgressEvent } from '../so
 import type { Credentials } from '../security/tls.js';
 import type { StallAction } from '../precopy/policy.js';
 import { trace } from '../trace.js';
+import { DaemonEvent } from '../trace-events.js';
 import type { BandwidthShare } from './bandwidth.js';
 import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
@@ -157,7 +158,7 @@ export class OutgoingMigrations {
       // only `livemig resolve` may say where it runs; the daemon lets go of it
       d.registry.settle(m.guest, m.sourceGuest === 'released' ? 'released' : code === 'ERR_LIVEMIG_ACTIVATION_UNKNOWN' ? 'detached' : 'kept');
       m.fail(e);
-      trace('daemon', 'migration failed', { id: m.id, code, reason: (e as Error).message });
+      trace('daemon', DaemonEvent.migrationFailed, { id: m.id, code, reason: (e as Error).message });
     } finally {
       clearInterval(poll);
       d.share.leave(m.id);

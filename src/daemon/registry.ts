@@ -13,6 +13,7 @@ import { LivemigError } from '../errors.js';
 import { SourceGuestSession } from '../guest/source-session.js';
 import { addon } from '../native.js';
 import { trace } from '../trace.js';
+import { DaemonEvent } from '../trace-events.js';
 
 /** how long a guest that connected has to send its hello */
 const HELLO_TIMEOUT_MS = 10_000;
@@ -75,7 +76,7 @@ export class GuestRegistry {
     try {
       fd = addon.unixDup(nodeFd);
     } catch (e) {
-      trace('daemon', 'guest connection refused', { reason: (e as Error).message });
+      trace('daemon', DaemonEvent.guestConnectionRefused, { reason: (e as Error).message });
     }
     conn.destroy(); // the session holds its own descriptor
     if (fd < 0) return;
@@ -83,26 +84,26 @@ export class GuestRegistry {
     try {
       session = await SourceGuestSession.take(fd, HELLO_TIMEOUT_MS, 'a guest registering');
     } catch (e) {
-      trace('daemon', 'guest refused', { code: (e as LivemigError).code, reason: (e as Error).message });
+      trace('daemon', DaemonEvent.guestRefused, { code: (e as LivemigError).code, reason: (e as Error).message });
       return;
     }
     const name = session.hello.name;
     const known = this.#guests.get(name);
     if (known && !known.session.gone) {
       // the guest dials again later: a name is one guest's until it goes
-      trace('daemon', 'guest refused', { name, reason: `a guest named ${name} is already registered (pid ${known.session.pid})` });
+      trace('daemon', DaemonEvent.guestRefused, { name, reason: `a guest named ${name} is already registered (pid ${known.session.pid})` });
       session.close();
       return;
     }
     if (known) this.#remove(name);
     this.#guests.set(name, { session, state: 'idle', registeredAt: new Date(), migration: undefined });
-    trace('daemon', 'guest registered', { name, pid: session.pid, bytes: session.region.size });
+    trace('daemon', DaemonEvent.guestRegistered, { name, pid: session.pid, bytes: session.region.size });
   }
 
   #dropGone(): void {
     for (const [name, e] of this.#guests) {
       if (e.state === 'idle' && e.session.gone) {
-        trace('daemon', 'guest left', { name });
+        trace('daemon', DaemonEvent.guestLeft, { name });
         this.#remove(name);
       }
     }

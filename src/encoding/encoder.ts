@@ -10,6 +10,7 @@
  */
 import { addon, call, callAsync, type NativeDedup } from '../native.js';
 import { trace, tracing } from '../trace.js';
+import { ChooserEvent } from '../trace-events.js';
 import { PageEncoding } from '../protocol/format.js';
 import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest, type WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
@@ -150,7 +151,7 @@ export class PageEncoder {
     }
     this.#sendWallMs += performance.now() - tSend;
     if (tracing('chooser')) {
-      trace('chooser', 'round sent', {
+      trace('chooser', ChooserEvent.roundSent, {
         round,
         wall_ms: +this.#sendWallMs.toFixed(1),
         in_place_pages: this.#inPlacePages,

@@ -12,6 +12,7 @@ import { LivemigError } from '../errors.js';
 import { addon, callAsync, closeFd, type ControlMessage, type GuestRange } from '../native.js';
 import { PAGE_SIZE } from '../protocol/format.js';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import { agreeContract, connectWhenListening } from './connect.js';
 import { Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
 import { MAX_GUEST_REGIONS, type GuestLayout } from './layout.js';
@@ -201,7 +202,7 @@ export class IncomingGuest {
       }
       this.#prepared = this.#prepared.then(() => {
         this.#expect(this.#read('activate'), Tag.loadState, Tag.stateLoaded, 'activate');
-        trace('receiver', 'guest loaded its state');
+        trace('receiver', ReceiverEvent.guestLoadedState);
       });
     }
     return this.#prepared;
@@ -211,7 +212,7 @@ export class IncomingGuest {
   async activate(deviceState: Buffer): Promise<void> {
     await this.prepare(deviceState);
     this.#send(Tag.go, 'activate');
-    trace('receiver', 'go sent');
+    trace('receiver', ReceiverEvent.goSent);
     this.#expect(this.#read('activate'), Tag.go, Tag.going, 'activate');
     this.child.unref(); // the guest runs on its own; this process may exit before it
   }

@@ -9,6 +9,7 @@
  */
 import type { PostcopyStats } from '../source/types.js';
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { LivemigError, type ErrorCode } from '../errors.js';
 import { addon, call, type NativePostcopySource, type NativeWire, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
@@ -107,7 +108,7 @@ export class PageServer {
           const reason = event.message ?? '';
           event = undefined;
           if (stale) continue;
-          trace('source', 'post-copy link broke', { reason });
+          trace('source', SourceEvent.postcopyLinkBroke, { reason });
           this.#native.detach();
           this.attach(await reconnect());
           this.#reconnects++;

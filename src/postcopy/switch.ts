@@ -5,6 +5,7 @@
  * connection, pushed in the background on the main one.
  */
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, digestOf } from '../native.js';
 import { FrameType } from '../protocol/format.js';
@@ -50,7 +51,7 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
       return { push: push.handle, prio: prio.handle, held: bitmapToBytes(held, region.pageCount), close: () => (p.handOff(), q.handOff()) };
     } catch (e) {
       last = e;
-      trace('source', 'post-copy reconnection failed', { reason: (e as Error).message });
+      trace('source', SourceEvent.postcopyReconnectFailed, { reason: (e as Error).message });
       push?.close();
       prio?.close();
       // the destination answered that it has no such session: it is gone, retrying cannot help
@@ -116,7 +117,7 @@ export async function runPostcopy(o: {
     // of commitment and the write's last bytes: a write that failed did not deliver it whole.
     await o.onCommitting?.();
     await channel.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
-    trace('source', 'device state and POSTCOPY sent');
+    trace('source', SourceEvent.postcopySent);
     o.onCommitted();
     let running: { activateMs: number };
     try {

@@ -12,6 +12,7 @@
  */
 import net from 'node:net';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import { LivemigError } from '../errors.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { addon, call, closeFd, type WireKeys } from '../native.js';
@@ -41,7 +42,7 @@ interface FirstFrame {
 export async function admit(socket: net.Socket, creds: Credentials | undefined, timeoutMs: number, ticket?: PendingTicket): Promise<Admitted> {
   const local = socket.localAddress ?? '';
   const remote = `${socket.remoteAddress ?? ''}:${socket.remotePort ?? 0}`;
-  trace('receiver', 'connection accepted', { from: socket.remoteAddress ?? '' });
+  trace('receiver', ReceiverEvent.connectionAccepted, { from: socket.remoteAddress ?? '' });
   if (!creds) {
     const { frame, consumed } = await readFirstFrame(socket, timeoutMs);
     return { channel: WireChannel.fromSocketAfter(socket, consumed), security: { auth: 'none', peer: null, cipher: null, encrypted: false }, local, remote, first: frame };

@@ -9,6 +9,7 @@ import { digestOf } from '../native.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { decodeCommit, encodeActivated, encodeCommitAck } from '../protocol/messages.js';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import type { Accepted, Received, ReceiverContext } from './context.js';
 import type { ReceiveReport } from './types.js';
 
@@ -18,7 +19,7 @@ const CONFIRM_WAIT_MS = 2_000;
 /** COMMIT: the digests must match and the guest must take its state; returns whether to activate now. */
 export async function commit(ctx: ReceiverContext, payload: Buffer, a: Accepted, got: Received): Promise<boolean> {
   if (ctx.stage !== 'receiving') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'a second COMMIT');
-  trace('receiver', 'COMMIT received');
+  trace('receiver', ReceiverEvent.commitReceived);
   const c = decodeCommit(payload);
   if (got.deviceState === undefined) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'COMMIT before DEVICE_STATE');
   if (c.pageCount !== a.region.pageCount) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `COMMIT for ${c.pageCount} pages, region has ${a.region.pageCount}`);
@@ -43,9 +44,9 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
     throw new LivemigError('ERR_LIVEMIG_REFUSED', 'this session was resolved as not activated: it is fenced and will never activate', { phase: 'activate' });
   }
   const ta = performance.now();
-  trace('receiver', 'activating');
+  trace('receiver', ReceiverEvent.activating);
   await ctx.options.activate(a.region, got.deviceState!);
-  trace('receiver', 'guest activated');
+  trace('receiver', ReceiverEvent.guestActivated);
   ctx.enter('activated');
   ctx.outcome?.settle('activated');
   const activateMs = performance.now() - ta;
@@ -55,7 +56,7 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
     () => true,
     () => false, // the guest runs here either way; the source will ask (RESOLVE)
   );
-  trace('receiver', 'ACTIVATED sent');
+  trace('receiver', ReceiverEvent.activatedSent);
   ctx.progress({ type: 'activated', activate_ms: activateMs });
   // the source closes once it has read ACTIVATED: without that close it may not know, and
   // will ask on a new connection (a listener that stays up answers: activated)

@@ -10,6 +10,7 @@ import { FLAG_PROVE } from '../protocol/format.js';
 import { encodeDigest } from '../protocol/messages.js';
 import type { WireFrame } from '../protocol/wire.js';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import type { Accepted, Received, ReceiverContext } from './context.js';
 
 export async function takeDeviceState(ctx: ReceiverContext, f: WireFrame, a: Accepted, got: Received): Promise<void> {
@@ -26,7 +27,7 @@ export async function takeDeviceState(ctx: ReceiverContext, f: WireFrame, a: Acc
   }
   got.deviceState = f.payload; // the native reader's own buffer, made for this frame: no copy
   ctx.deviceStateSeen = true;
-  trace('receiver', 'DEVICE_STATE received');
+  trace('receiver', ReceiverEvent.deviceStateReceived);
   if (ctx.options.prepare && !got.prepared) {
     got.prepared = ctx.options.prepare(a.region, got.deviceState);
     got.prepared.catch(() => undefined); // awaited at COMMIT or POSTCOPY
@@ -37,7 +38,7 @@ export async function takeDeviceState(ctx: ReceiverContext, f: WireFrame, a: Acc
     got.digestAt = got.pages;
     got.digest = digestOf(a.hashes, 'commit');
   }
-  trace('receiver', 'guest preparing, digest computed');
+  trace('receiver', ReceiverEvent.guestPreparing);
   // version 3: the proof that this side holds the image, computed here, before the source
   // says what its digest is (an impostor could only echo it)
   if (prove) await ctx.channel.send(encodeDigest({ digest: got.digest, pageCount: a.region.pageCount }, version));

@@ -30,6 +30,7 @@ import type { WireFrame } from '../protocol/wire.js';
 import { PAGE_SIZE, Region } from '../region/region.js';
 import { isLoopback } from '../security/tls.js';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import { warmUpRuntime } from '../warmup.js';
 import { maxChannels } from './channels.js';
 import { AUTH_TIMEOUT_MS, type Accepted, type ReceiverContext } from './context.js';
@@ -89,7 +90,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const { options, version } = ctx;
   ctx.enter('reserve');
   const t0 = performance.now();
-  trace('receiver', 'reserving', { bytes: h.regionBytes });
+  trace('receiver', ReceiverEvent.reserving, { bytes: h.regionBytes });
   const local = h.local !== undefined && h.capabilities.includes(CAP_LOCAL);
   const postcopyCap = !local && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
   const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
@@ -163,7 +164,7 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   const { options } = ctx;
   const layout = ctx.layout!;
   const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' }).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
-  trace('receiver', 'region allocated');
+  trace('receiver', ReceiverEvent.regionAllocated);
   ctx.region = created;
   // Map every page now (faults are slow on VM hosts), while the integrator prepares its
   // side of the same memory: both finish before the first page is accepted.

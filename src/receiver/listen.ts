@@ -13,6 +13,7 @@ import { decodeAttach, decodeResolve, encodeError, encodeResolved } from '../pro
 import type { WireChannel, WireFrame } from '../protocol/wire.js';
 import { assertSecureEnough } from '../security/tls.js';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import { OutcomeTable } from './outcomes.js';
 import { PendingConnections } from './pending.js';
 import { admitIncoming, refusedBeforeReserving, serveMigration } from './receiver.js';
@@ -99,8 +100,9 @@ export async function listen(host: string, port: number, options: ReceiveOptions
         // while a migration runs, its next() is not for a stranger's failure: observers hear it
         // (and refusals nobody has asked for yet are kept only up to a bound: a scan is endless)
         if (ticket.evicted) return;
-        if (running > 0 || ready.length >= MAX_QUEUED_REFUSALS) trace('receiver', 'connection refused', { code: (e as LivemigError).code, reason: (e as Error).message });
-        else deliver(Promise.reject(refusedBeforeReserving(e)));
+        if (running > 0 || ready.length >= MAX_QUEUED_REFUSALS) {
+          trace('receiver', ReceiverEvent.connectionRefused, { code: (e as LivemigError).code, reason: (e as Error).message });
+        } else deliver(Promise.reject(refusedBeforeReserving(e)));
         return;
       }
       ticket.settle();
@@ -180,7 +182,7 @@ async function answerResolve(ch: WireChannel, f: WireFrame, outcomes: OutcomeTab
     const outcome = outcomes.get(r.session);
     if (!outcome) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'RESOLVE names no session this receiver knows', { phase: 'resolve' });
     const state = await outcome.resolve();
-    trace('receiver', 'session resolved', { outcome: state });
+    trace('receiver', ReceiverEvent.sessionResolved, { outcome: state });
     await ch.answerFirst(encodeResolved({ outcome: state === 'activated' ? 'activated' : 'not-activated' }, PROTOCOL_VERSION));
     await ch.finish();
     return true;

@@ -16,6 +16,7 @@
  */
 import type net from 'node:net';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 
 export type PendingRank = 'opening' | 'answered' | 'proven';
 
@@ -150,7 +151,7 @@ export class PendingConnections {
   }
 
   #evict(victim: Entry, kind: 'unproven' | 'proven'): void {
-    trace('receiver', 'pending connection evicted', { from: victim.from, rank: victim.rank, pending: this.count });
+    trace('receiver', ReceiverEvent.pendingEvicted, { from: victim.from, rank: victim.rank, pending: this.count });
     (victim as { evicted: boolean }).evicted = true;
     victim.settle();
     if (kind === 'proven') this.#remove(this.#proven, victim);

@@ -12,6 +12,7 @@ import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } 
 import type { WireChannel } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import type { Accepted, Received, ReceiverContext } from './context.js';
 import type { PostcopySession } from './session.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from './types.js';
@@ -76,7 +77,7 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
 
 async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
   const { ch, region, version, options, progress } = o;
-  trace('receiver', 'POSTCOPY received');
+  trace('receiver', ReceiverEvent.postcopyReceived);
   const late = `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`;
   const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', late));
   const unpacked = call('ERR_LIVEMIG_PROTOCOL', 'postcopy', 'unpacking the POSTCOPY bitmap', () =>
@@ -86,20 +87,20 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();
   const reg = await options.postcopy.register(region);
-  trace('receiver', 'registered');
+  trace('receiver', ReceiverEvent.registered);
   const faults = new FaultService(region, reg.uffd, 'ranges' in reg ? reg.ranges : reg.address, unpacked.bytes, o.hashes, version);
   o.onFaults(faults);
   faults.start();
   faults.attach(ch.handle, prio.handle);
   prio.handOff();
-  trace('receiver', 'fault service started');
+  trace('receiver', ReceiverEvent.faultServiceStarted);
   await options.activate(region, o.deviceState);
-  trace('receiver', 'guest activated (post-copy)');
+  trace('receiver', ReceiverEvent.guestActivatedPostcopy);
   o.onRunning();
   const activateMs = performance.now() - ta;
   // the guest runs here now, whatever happens to this frame: a link that broke under it is a
   // break like any later one (the source asks, RESOLVE says activated, and it attaches again)
-  const notSent = (e: unknown): void => trace('receiver', 'POSTCOPY_RUNNING not sent', { reason: (e as Error).message });
+  const notSent = (e: unknown): void => trace('receiver', ReceiverEvent.postcopyRunningNotSent, { reason: (e as Error).message });
   await ch.send(encodePostcopyRunning({ activateMs }, version)).catch(notSent);
   progress({ type: 'postcopy-running', activate_ms: activateMs, pages_needed: pagesNeeded });
   const tRun = performance.now();
@@ -155,7 +156,7 @@ async function servePostcopy(o: PostcopyStart, faults: FaultService): Promise<nu
       }
       const why = broken;
       progress({ type: 'postcopy-disconnected', message: why });
-      trace('receiver', 'post-copy link broke', { reason: why });
+      trace('receiver', ReceiverEvent.postcopyLinkBroke, { reason: why });
       const { push, prio } = await session.take(['push', 'prio'], recoverMs, () => {
         const held = faults.heldCount();
         const lost = `${region.pageCount - held} pages exist only there, so the guest here cannot finish`;

@@ -12,6 +12,7 @@ import { frameLimits } from '../protocol/limits.js';
 import { decodeAbort, decodeRoundEnd, encodeError, encodeRoundAck } from '../protocol/messages.js';
 import type { PageSink, WireFrame } from '../protocol/wire.js';
 import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import { IncomingChannels, type Join } from './channels.js';
 import { activate, commit } from './commit.js';
 import { AUTH_TIMEOUT_MS, Received, type Accepted, type ReceiverContext } from './context.js';
@@ -41,7 +42,7 @@ export async function receiveUntilRunning(ctx: ReceiverContext, a: Accepted): Pr
     got.pages += f.pages;
     if (f.lastRound > got.tracedRound) {
       got.tracedRound = f.lastRound;
-      trace('receiver', 'round pages applied', { round: f.lastRound });
+      trace('receiver', ReceiverEvent.roundPagesApplied, { round: f.lastRound });
     }
     if (f.version !== version) throw new ProtocolError('ERR_LIVEMIG_VERSION', `frame of version ${f.version} after negotiating ${version}`);
     switch (f.type) {
@@ -92,7 +93,7 @@ async function channelsEnded(ctx: ReceiverContext, got: Received): Promise<void>
   await ctx.channels.ended();
   got.pages += ctx.channels.pages;
   got.channelsEnded = true;
-  trace('receiver', 'channels ended');
+  trace('receiver', ReceiverEvent.channelsEnded);
 }
 
 /**

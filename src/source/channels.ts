@@ -20,6 +20,7 @@ import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { threadPoolSize } from '../native.js';
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
 import { peerError } from './peer.js';
 import { encodeAttach, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
@@ -167,7 +168,7 @@ export class Lanes {
    */
   async narrow(round: number, version: number, readAck: () => Promise<RoundEnd>, why?: string): Promise<void> {
     if (this.count === 1 || this.#ended) return;
-    trace('source', 'channels end', { round, why: why ?? 'the end of pre-copy' });
+    trace('source', SourceEvent.channelsEnd, { round, why: why ?? 'the end of pre-copy' });
     await this.endRound(round, version, true);
     await this.lanes[0]!.channel.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
     for (;;) {
@@ -178,7 +179,7 @@ export class Lanes {
     }
     this.#acked = true;
     this.narrowedWhy = why;
-    trace('source', 'channels ended', { round });
+    trace('source', SourceEvent.channelsEnded, { round });
   }
 
   /** the highest round the destination acknowledged as read on the way (narrow()) */

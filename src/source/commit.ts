@@ -9,6 +9,7 @@ import { FrameType } from '../protocol/format.js';
 import { decodeActivated, decodeDigest, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import { resolveLostCommitment } from './resolve.js';
@@ -39,18 +40,18 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
   await channel.send(encodeDeviceState(stopped.deviceState, version, prove));
   ctx.announceCommitment();
   const digest = digestOf(ctx.hashes, 'commit');
-  trace('source', 'digest computed');
+  trace('source', SourceEvent.digestComputed);
   if (prove) await checkProof(channel, digest, pageCount);
   await ctx.beginCommitment();
   await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
   ctx.enter('activating');
   const tSent = now();
-  trace('source', 'last pages, device state and COMMIT sent', { pages: stopped.lastPages });
+  trace('source', SourceEvent.commitSent, { pages: stopped.lastPages });
   const activated = await confirmActivation(ctx);
   const tCommitted = now();
   reportCommitted(ctx, digest, stopped);
   const tActive = now();
-  trace('source', 'ACTIVATED received');
+  trace('source', SourceEvent.activatedReceived);
   return { digest, tSent, tCommitted, tActive, activateMs: activated.activateMs };
 }
 
@@ -78,7 +79,7 @@ async function confirmActivation(ctx: SourceContext): Promise<ReturnType<typeof 
  */
 async function checkProof(channel: WireChannel, digest: bigint, pageCount: number): Promise<void> {
   const theirs = decodeDigest((await channel.expect(FrameType.Digest, (f) => peerError(f, 'commit'))).payload);
-  trace('source', 'destination digest received');
+  trace('source', SourceEvent.destinationDigestReceived);
   if (theirs.pageCount !== pageCount || theirs.digest !== digest) {
     throw new LivemigError('ERR_LIVEMIG_DIGEST', `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ${pageCount}: it does not hold this image`, { phase: 'commit' });
   }

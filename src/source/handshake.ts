@@ -5,6 +5,7 @@
  * destination reserves the region.
  */
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { addon, call, type NativeDedup } from '../native.js';
@@ -50,7 +51,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const populated = local ? Promise.resolve() : region.populateAsync(false);
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
-  trace('source', 'connected');
+  trace('source', SourceEvent.connected);
   // a cancel during the secure handshake ends it here (the channel does not exist yet)
   ctx.onAbort(() => socket.destroy());
   const opened = await openChannel(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
@@ -81,7 +82,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
   await channel.send(encodeHello({ versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
-  trace('source', 'HELLO sent');
+  trace('source', SourceEvent.helloSent);
   const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   checkProofOffered(accept, local !== undefined);
   const version = accept.version;

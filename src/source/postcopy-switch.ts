@@ -10,6 +10,7 @@ import { PageServer } from '../postcopy/source.js';
 import { attachConnection, runPostcopy } from '../postcopy/switch.js';
 import { encodeDeviceState } from '../protocol/messages.js';
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import { noStopAndCopy, type Ending } from './report.js';
@@ -25,7 +26,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   ctx.enter('stop-and-copy');
   const tPause = now();
   ctx.deadlines.armPause();
-  trace('source', 'pause requested (post-copy)');
+  trace('source', SourceEvent.pauseRequestedPostcopy);
   const deviceState = await ctx.pauseGuest().catch((e: unknown) => {
     prio.close();
     throw e;
@@ -40,7 +41,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     pagesNeeded = stale.length;
     server.setNeeded(needed);
   }
-  trace('source', 'guest paused (post-copy)');
+  trace('source', SourceEvent.guestPausedPostcopy);
   let downtime = 0;
   const tPc = now();
   const pc = await runPostcopy({
@@ -62,7 +63,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     onRunning: () => {
       ctx.enter('postcopy');
       downtime = now() - tPause;
-      trace('source', 'POSTCOPY_RUNNING received');
+      trace('source', SourceEvent.postcopyRunningReceived);
       ctx.progress({ type: 'activated', downtime_ms: downtime });
       // tracking is over (the source is paused for good); stopping it is not the guest's pause
       if (settings.mode !== 'postcopy') void tracker.stop().catch(() => undefined);

@@ -12,6 +12,7 @@ import { CAP_RESOLVE, FrameType, PROTOCOL_VERSION } from '../protocol/format.js'
 import { decodeResolved, encodeResolve, type ResolveOutcome } from '../protocol/messages.js';
 import { openChannel, type Credentials } from '../security/tls.js';
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import type { SourceContext } from './context.js';
 import { connect, isReportedByPeer, markReportedByPeer, peerError } from './peer.js';
 
@@ -45,7 +46,7 @@ export async function resolveOutcome(t: ResolveTarget, timeoutMs: number): Promi
     attempts++;
     try {
       const outcome = await askOutcome(t);
-      trace('source', 'commitment resolved', { outcome, attempts });
+      trace('source', SourceEvent.commitmentResolved, { outcome, attempts });
       return { outcome, attempts };
     } catch (e) {
       last = e;
@@ -78,7 +79,7 @@ export async function resolveLostCommitment(ctx: SourceContext, e: unknown, awai
   if (!accept.capabilities.includes(CAP_RESOLVE) || !accept.session || to instanceof net.Socket) throw e;
   const session = accept.session;
   channel.close();
-  trace('source', 'commitment unconfirmed: resolving', { reason: (e as Error).message });
+  trace('source', SourceEvent.commitmentUnconfirmed, { reason: (e as Error).message });
   const { credentials } = ctx.settings.options;
   const r = await resolveOutcome({ to, session, ...(credentials ? { credentials } : {}), handshakeTimeoutMs: ctx.settings.handshakeTimeoutMs }, ctx.settings.resolveTimeoutMs);
   if (r.outcome === 'activated') return;

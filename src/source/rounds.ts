@@ -5,6 +5,7 @@
  */
 import { FIXED_STOP_COST_MS } from '../precopy/policy.js';
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { LivemigError } from '../errors.js';
 import { firstOutOfOrder, mergePages } from '../precopy/batches.js';
 import { ConvergencePolicy, type Decision } from '../precopy/policy.js';
@@ -60,7 +61,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     // not show (a guest that would converge over whole rounds would be forced, moved or given up)
     const knownMbps = round > 1 && settings.onStall === 'throttle' ? ctx.pacer.achievedMbps() : undefined;
     const long = knownMbps !== undefined && (ctx.pending.length * region.pageSize) / 1e3 / knownMbps > ROUND_BUDGET_MS;
-    trace('source', 'round begins', { round });
+    trace('source', SourceEvent.roundBegins, { round });
     ctx.pendingSince = ctx.pagesSent;
     if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
     const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);

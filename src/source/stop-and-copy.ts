@@ -5,6 +5,7 @@
  */
 import { mergePages } from '../precopy/batches.js';
 import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
 import { now, type SourceContext } from './context.js';
 import { sendRound } from './rounds.js';
 
@@ -23,16 +24,16 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   ctx.enter('stop-and-copy');
   const tPause = now();
   ctx.deadlines.armPause();
-  trace('source', 'pause requested');
+  trace('source', SourceEvent.pauseRequested);
   const deviceState = await ctx.pauseGuest();
   const tPaused = now();
-  trace('source', 'guest paused');
+  trace('source', SourceEvent.guestPaused);
   const collected = tracker.collectFinal();
   const final = collected instanceof Uint32Array ? collected : await collected;
   const tCollected = now();
-  trace('source', 'final collect done');
+  trace('source', SourceEvent.finalCollectDone);
   const lastPages = mergePages(ctx.pending, final);
   const lastBytes = (await sendRound(ctx, ctx.round + 1, lastPages, true)).bytes;
-  trace('source', 'last pages sent');
+  trace('source', SourceEvent.lastPagesSent);
   return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };
 }

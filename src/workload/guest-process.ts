@@ -13,6 +13,7 @@
  * where the source stopped.
  */
 import { trace } from '../trace.js';
+import { GuestEvent } from '../trace-events.js';
 import { defaultSlices } from '../sched.js';
 import dgram from 'node:dgram';
 import { monotonicMs } from './clock.js';
@@ -78,7 +79,7 @@ if (values.incoming) {
   }
   incoming = opened;
   const early = opened.regions[0]!;
-  trace('guest', 'incoming: mapped');
+  trace('guest', GuestEvent.incomingMapped);
   // the state check runs once now, not for the first time inside the hand-over
   parseGuestState(Buffer.from(JSON.stringify({ version: 1, size: early.size, content: 'zero', seed: '1', pattern: 'uniform', span: 1, rate: 0, xs: '1', writes: '0', heartbeatSeq: 0, throttle: 0 } satisfies GuestState)));
   // while it only waits to be told to go, the main thread answers at once (a short slice, as
@@ -97,7 +98,7 @@ if (values.incoming) {
   });
   addon.setThreadSlice(0);
   if (!run || !loaded) process.exit(0);
-  trace('guest', 'incoming: running');
+  trace('guest', GuestEvent.incomingRunning);
   region = early;
   state = loaded;
   postcopyGuest = guestAddon.incomingStatus(opened.handle).postcopy;
@@ -149,7 +150,7 @@ function heartbeat(extra?: { verify?: object }): void {
     extra = { verify: lastVerify! };
   }
   const msg = Buffer.from(JSON.stringify({ seq, writes: st[1]!.toString(), pid: process.pid, t: monotonicMs(), ...extra }));
-  if (!sentBeat) trace('guest', 'first beat', { seq });
+  if (!sentBeat) trace('guest', GuestEvent.firstBeat, { seq });
   sentBeat = true;
   udp.send(msg, hbPort, hbHost);
 }
@@ -178,7 +179,7 @@ function tick(): void {
     scheduleStart = t; // resumed: no burst to catch up the paused time
     scheduled = 0;
   }
-  if (t - lastTick > 3 && lastTick > 0) trace('guest', 'late tick', { ms_since_last: +(t - lastTick).toFixed(1) });
+  if (t - lastTick > 3 && lastTick > 0) trace('guest', GuestEvent.lateTick, { ms_since_last: +(t - lastTick).toFixed(1) });
   lastTick = t;
   if (writing && state.rate > 0) {
     const perMs = (state.rate * 256 * (1 - guestAddon.gateThrottle() / 100)) / 1000;
