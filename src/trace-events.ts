@@ -10,6 +10,7 @@
  * This file imports no module that traces (the catalogue is a leaf: no import cycles), so the
  * payloads spell their fields rather than borrowing the emitters' types.
  */
+import type { EncodingStats } from './encoding/stats.js';
 import type { ErrorCode } from './errors.js';
 
 /** livemig:source, the source's steps. */
@@ -140,8 +141,8 @@ export const ChooserEvent = {
 export type ChooserEvent = (typeof ChooserEvent)[keyof typeof ChooserEvent];
 
 export interface ChooserPayloads {
-  /** times are the encoder's totals so far, ms; the page and byte counts are EncodingStats' */
-  [ChooserEvent.roundSent]: {
+  /** times are the encoder's totals so far, ms */
+  [ChooserEvent.roundSent]: EncodingStats & {
     round: number;
     wall_ms: number;
     in_place_pages: number;
@@ -150,13 +151,6 @@ export interface ChooserPayloads {
     index_ms: number;
     /** the chooser's state in words */
     chooser: string;
-    zero_pages: number;
-    dup_pages: number;
-    lz4_pages: number;
-    raw_pages: number;
-    skipped_pages: number;
-    lz4_in: number;
-    lz4_out: number;
   };
 }
 

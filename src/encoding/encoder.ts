@@ -17,6 +17,9 @@ import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { Chooser, type ChooserOptions, type LinkFigure } from './chooser.js';
 import { Compressor } from './compressor.js';
+import type { EncodingStats } from './stats.js';
+
+export type { EncodingStats } from './stats.js';
 
 const SKIP = 255;
 const INCOMPRESSIBLE = 254;
@@ -33,17 +36,6 @@ const LZ4_GROUP = 4;
 /** pages compressed off to the side per sample while not compressing */
 const SAMPLE_PAGES = 32;
 
-export interface EncodingStats {
-  zero_pages: number;
-  dup_pages: number;
-  lz4_pages: number;
-  raw_pages: number;
-  /** pages the receiver already held in place (a kept image); zero pages it held as zero count as zero_pages */
-  skipped_pages: number;
-  /** bytes of pages that went out compressed, before and after */
-  lz4_in: number;
-  lz4_out: number;
-}
 
 export interface PageEncoderOptions {
   region: Region;
