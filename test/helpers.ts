@@ -128,15 +128,15 @@ const REPORT_BEATS = 3000;
  * again once the guest writes on and its report's beats have gone by. Only a guest silent for
  * `silentMs` (gone or stopped: a running one beats every millisecond) ends the wait in failure.
  */
-export async function guestCheck(o: {
+export async function guestCheck<B extends GuestBeat>(o: {
   pid: number;
   /** every beat received so far, oldest first (a list that grows; other guests' beats are skipped) */
-  beats: () => readonly GuestBeat[];
+  beats: () => readonly B[];
   /** ask for a new check first: a report sent before does not count */
   ask?: boolean;
   silentMs?: number;
   maxAsks?: number;
-}): Promise<{ bad: number }> {
+}): Promise<NonNullable<B['verify']>> {
   const silentMs = o.silentMs ?? 60_000;
   const maxAsks = o.maxAsks ?? 5;
   const earlier = new Set<string>();
