@@ -191,6 +191,8 @@ interface Outcome {
   receive?: { error?: { code: string; phase: string; message: string }; received?: unknown };
   verifyBad?: number;
   longestSourceGapMs: number;
+  /** where that gap was: seconds into the cell, and how many beats the guest numbered across it (1: none sent) */
+  gapAt?: { s: number; seqs: number; beats: number };
   /** the receiver refused the connection before reserving and went on listening */
   stillListening?: boolean;
   /** guests left alive but silent once both sides had ended (paused), and guests that beat in the cell and exited */
@@ -340,8 +342,13 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
   }
   // the longest the source guest went without a beat while it was the one to run (its own stamps)
   let gap = 0;
-  const sb = h.beats.source.map((b) => b.at).sort((a, b) => a - b);
-  for (let i = 1; i < sb.length; i++) gap = Math.max(gap, sb[i]! - sb[i - 1]!);
+  let gapAt: Outcome['gapAt'];
+  const sb = [...h.beats.source].sort((a, b) => a.at - b.at);
+  for (let i = 1; i < sb.length; i++) {
+    if (sb[i]!.at - sb[i - 1]!.at <= gap) continue;
+    gap = sb[i]!.at - sb[i - 1]!.at;
+    gapAt = { s: Math.round((sb[i - 1]!.at - sb[0]!.at) / 100) / 10, seqs: sb[i]!.seq - sb[i - 1]!.seq, beats: sb.length };
+  }
   return {
     stage,
     fault,
@@ -352,6 +359,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
     ...(received ? { receive: received } : {}),
     ...(verifyBad !== undefined ? { verifyBad } : {}),
     longestSourceGapMs: Math.round(gap),
+    ...(gapAt ? { gapAt } : {}),
     ...(silent.length ? { silent } : {}),
     ...(exitedGuests.length ? { exited: exitedGuests } : {}),
   };
@@ -381,7 +389,7 @@ function check(o: Outcome): void {
   // the destination, asked, said it did not activate (then the source resumed: still one guest)
   if (committed && o.runs === 'source') assert.match(JSON.stringify(o.send?.error ?? {}), /did not activate/, `${cell}: the source runs after COMMIT only when the destination said it did not activate`);
   assert.equal(o.verifyBad, 0, `${cell}: the running guest's memory checks out against the model`);
-  if (o.runs === 'source') assert.ok(o.longestSourceGapMs < MAX_PAUSE_MS + LEASE_SLACK_MS + RESOLVE_S * 1000, `${cell}: the source guest was paused ${o.longestSourceGapMs} ms`);
+  if (o.runs === 'source') assert.ok(o.longestSourceGapMs < MAX_PAUSE_MS + LEASE_SLACK_MS + RESOLVE_S * 1000, `${cell}: the source guest was paused ${o.longestSourceGapMs} ms (${JSON.stringify(o.gapAt)})`);
   for (const [who, r] of [['send', o.send], ['receive', o.receive]] as const) {
     if (r?.error) assert.ok(KNOWN_STAGES.has(r.error.phase), `${cell}: ${who}'s error names its stage: ${JSON.stringify(r.error)}`);
     if (r?.error) assert.match(r.error.code, /^ERR_LIVEMIG_/, `${cell}: ${who}'s error has a code`);
