@@ -45,6 +45,24 @@ export async function settled(api: ApiTarget, id: string, timeoutMs = 180_000): 
   }
 }
 
+/**
+ * Polls migrations until every one has ended; their final views. However long a loaded host
+ * takes, they are waited for while they move: only `stallMs` without any of them changing
+ * (state, stage, progress) fails the wait.
+ */
+export async function allSettled(list: { api: ApiTarget; id: string }[], stallMs = 120_000): Promise<Record<string, unknown>[]> {
+  let seen = '';
+  let changed = performance.now();
+  for (;;) {
+    const views = await Promise.all(list.map(async (m) => (await request<Record<string, unknown>>(m.api, 'GET', `/v1/migrations/${m.id}`)).body));
+    if (views.every((v) => ['completed', 'failed', 'cancelled'].includes(String(v['state'])))) return views;
+    const now = JSON.stringify(views.map((v) => [v['state'], v['stage'], v['progress']]));
+    if (now !== seen) [seen, changed] = [now, performance.now()];
+    if (performance.now() - changed > stallMs) throw new Error(`no migration moved for ${stallMs} ms: ${now.slice(0, 400)}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);

@@ -15,7 +15,8 @@ import { DaemonProcess } from '../src/daemon/process.js';
 import { LivemigError } from '../src/errors.js';
 import { probe } from '../src/tracking/probe.js';
 import { HeartbeatObserver, referenceIncomingCommand } from '../src/workload/controller.js';
-import { alive, call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { alive, allSettled, call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { guestCheck, until } from './helpers.js';
 import { monotonicMs } from '../src/workload/clock.js';
 
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
@@ -136,7 +137,10 @@ describe('the API', { skip }, () => {
       all.push(e);
       return e.event === 'state' && ['completed', 'failed'].includes(String(e.data['state']));
     });
-    await new Promise((r) => setTimeout(r, 100)); // the stream is open before the migration
+    // the stream is open before the migration: a probe event (progress: kept nowhere) is
+    // published until the stream has carried one, however long a loaded host takes to open it
+    const probe = setInterval(() => a.daemon.bus.publish('stream-probe', 'progress', {}), 20);
+    await until('the event stream opens', () => all.some((e) => e.data['migration'] === 'stream-probe')).finally(() => clearInterval(probe));
     const created = await call(a.api, 'POST', '/v1/migrations', { guest: 'sse-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, downtime_limit_ms: 50 });
     assert.equal(created.status, 201, JSON.stringify(created.body));
     const id = String(created.body['id']);
@@ -165,8 +169,8 @@ describe('the API', { skip }, () => {
     const there = incoming.at(-1)!;
     assert.equal(there.state, 'completed');
     pids.push(there.guest_pid);
-    const verify = await observer.waitFor((x) => x.pid === there.guest_pid && x.verify !== undefined, 120_000);
-    assert.equal(verify.verify!.bad, 0, 'the destination guest checked every page');
+    const verify = await guestCheck({ pid: there.guest_pid, beats: () => observer.beats });
+    assert.equal(verify.bad, 0, 'the destination guest checked every page');
     assert.equal((await call(a.api, 'GET', '/v1/guests')).body['guests'] instanceof Array && ((await call(a.api, 'GET', '/v1/guests')).body['guests'] as unknown[]).length, 0, 'released: no longer listed here');
     // metrics: Prometheus text whose counters are the report's
     const text = await new Promise<string>((resolve, reject) => {
@@ -190,8 +194,9 @@ describe('the API', { skip }, () => {
   });
 
   test('cancel while queued, in the handshake and in pre-copy: the guest runs on here, and migrates afterwards', async () => {
-    // a destination whose guest takes a second to start: the handshake waits for it
-    const slow = await inProcess('slow', { guestCommand: ['/bin/sh', '-c', `sleep 1; exec ${referenceIncomingCommand().map((w) => `'${w}'`).join(' ')}`] });
+    // a destination whose guest takes 2 s to start: the handshake waits for it (the cancel below
+    // comes as soon as the handshake is seen: the 2 s are its margin on a loaded host)
+    const slow = await inProcess('slow', { guestCommand: ['/bin/sh', '-c', `sleep 2; exec ${referenceIncomingCommand().map((w) => `'${w}'`).join(' ')}`] });
     const one = await inProcess('one', { maxMigrations: 1 });
     try {
       const g = await registerGuest(one.api, one.daemon.registry.path, 'c1', { size: 64 * MiB, heartbeat: observer.address });
@@ -208,8 +213,9 @@ describe('the API', { skip }, () => {
       const cq = await call(one.api, 'POST', `/v1/migrations/${String(queued.body['id'])}/cancel`);
       assert.equal(cq.status, 202);
       assert.equal((await settled(one.api, String(queued.body['id'])))['state'], 'cancelled');
-      await new Promise((r) => setTimeout(r, 300));
-      assert.equal((await call(one.api, 'GET', `/v1/migrations/${String(first.body['id'])}`)).body['stage'], 'precopy');
+      // (the reservation and the handshake took seconds on a loaded host: the stage is waited for)
+      const stage = async (id: unknown): Promise<unknown> => (await call(one.api, 'GET', `/v1/migrations/${String(id)}`)).body['stage'];
+      await until('the first migration is in pre-copy', async () => (await stage(first.body['id'])) === 'precopy');
       assert.equal((await call(one.api, 'POST', `/v1/migrations/${String(first.body['id'])}/cancel`)).status, 202);
       const v1 = await settled(one.api, String(first.body['id']));
       assert.deepEqual([v1['state'], (v1['error'] as { code: string }).code, v1['source_guest']], ['cancelled', 'ERR_LIVEMIG_CANCELLED', 'running']);
@@ -217,11 +223,8 @@ describe('the API', { skip }, () => {
       // the handshake, so the cancel comes from beside it)
       const handshake = call(one.api, 'POST', '/v1/migrations', { guest: 'c1', to: { host: '127.0.0.1', port: slow.daemon.migrationPort } });
       let hid: string | undefined;
-      for (let i = 0; i < 200 && !hid; i++) {
-        await new Promise((r) => setTimeout(r, 20));
-        hid = one.daemon.table.active('outgoing')[0]?.id;
-      }
-      await new Promise((r) => setTimeout(r, 300));
+      const outgoing = (): string | undefined => (hid = one.daemon.table.active('outgoing')[0]?.id);
+      await until('the migration is in the handshake', () => outgoing() !== undefined && one.daemon.table.get(hid!).stage === 'connecting');
       assert.equal(one.daemon.table.get(hid!).stage, 'connecting', 'still in the handshake');
       assert.equal((await call(one.api, 'POST', `/v1/migrations/${hid}/cancel`)).status, 202);
       const hs = await handshake;
@@ -235,10 +238,7 @@ describe('the API', { skip }, () => {
       // both guests still run here, each page what it should be, and listed idle
       for (const x of [g, q]) {
         assert.ok(alive(x.pid));
-        const t = monotonicMs();
-        process.kill(x.pid, 'SIGUSR2');
-        const v = await observer.waitFor((beat) => beat.pid === x.pid && beat.verify !== undefined && beat.at > t, 60_000);
-        assert.equal(v.verify!.bad, 0);
+        assert.equal((await guestCheck({ pid: x.pid, beats: () => observer.beats, ask: true })).bad, 0);
       }
       const guests = (await call(one.api, 'GET', '/v1/guests')).body['guests'] as { name: string; state: string }[];
       assert.deepEqual(guests.map((x) => [x.name, x.state]), [['c1', 'idle'], ['c2', 'idle']]);
@@ -255,7 +255,9 @@ describe('the API', { skip }, () => {
   test('PATCH of the bandwidth changes the measured rate; a migration past its end cannot be changed', async () => {
     const g = await registerGuest(a.api, a.daemon.registry.path, 'patch-guest', { size: 128 * MiB, rate: 0 });
     pids.push(g.pid);
-    const c = await call(a.api, 'POST', '/v1/migrations', { guest: 'patch-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, bandwidth_mib_s: 16, encodings: false });
+    // capped at 4 MiB/s first: the rate after PATCH must be 3 times that, which a 2-CPU host at a
+    // load of 60 still gave (20 MiB/s); 3 times 16 MiB/s it did not
+    const c = await call(a.api, 'POST', '/v1/migrations', { guest: 'patch-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, bandwidth_mib_s: 4, encodings: false });
     const id = String(c.body['id']);
     const sent = async (): Promise<number> => Number(((await call(a.api, 'GET', `/v1/migrations/${id}`)).body['progress'] as { transferred_bytes: number }).transferred_bytes);
     await new Promise((r) => setTimeout(r, 600));
@@ -275,8 +277,8 @@ describe('the API', { skip }, () => {
     const fastRate = view['state'] === 'running' ? (await sent()) - s1 : 128 * MiB - s1;
     const before = slowRate / slowMs;
     const afterRate = fastRate / fastMs;
-    // 16 MiB/s: about 16 KiB per ms; uncapped on loopback it is hundreds
-    assert.ok(before < 24 * 1024, `capped at 16 MiB/s: ${(before / 1024).toFixed(1)} KiB/ms`);
+    // 4 MiB/s: about 4 KiB per ms (a busy host only lowers it); uncapped on loopback it is hundreds
+    assert.ok(before < 6 * 1024, `capped at 4 MiB/s: ${(before / 1024).toFixed(1)} KiB/ms`);
     assert.ok(afterRate > 3 * before, `after PATCH it ran faster: ${(afterRate / 1024).toFixed(1)} against ${(before / 1024).toFixed(1)} KiB/ms`);
     assert.equal((await settled(a.api, id))['state'], 'completed');
     assert.equal((await call(a.api, 'PATCH', `/v1/migrations/${id}`, { bandwidth_mib_s: 10 })).status, 409);
@@ -296,8 +298,8 @@ describe('the API', { skip }, () => {
     assert.ok(report.postcopy, 'the report has its post-copy phase');
     const there = ((await call(b.api, 'GET', '/v1/migrations?direction=incoming')).body['migrations'] as { guest_pid: number; state: string }[]).at(-1)!;
     pids.push(there.guest_pid);
-    const verify = await observer.waitFor((x) => x.pid === there.guest_pid && x.verify !== undefined, 120_000);
-    assert.equal(verify.verify!.bad, 0);
+    const verify = await guestCheck({ pid: there.guest_pid, beats: () => observer.beats });
+    assert.equal(verify.bad, 0);
   });
 
   test('a migration beyond the memory budget is refused before any page moves: nothing reserved, the source guest runs on', async () => {
@@ -315,7 +317,7 @@ describe('the API', { skip }, () => {
       const view = (await call(a.api, 'GET', `/v1/migrations/${String(r.body['id'])}`)).body;
       assert.deepEqual([view['state'], view['source_guest']], ['failed', 'running']);
       const t = monotonicMs();
-      const beat = await observer.waitFor((x) => x.pid === g.pid && x.at > t, 10_000);
+      const beat = await observer.waitFor((x) => x.pid === g.pid && x.at > t, 60_000);
       assert.ok(beat.writes !== undefined, 'the source guest still beats');
       const guests = (await call(a.api, 'GET', '/v1/guests')).body['guests'] as { name: string; state: string }[];
       assert.deepEqual(guests.find((x) => x.name === 'big-guest')?.state, 'idle');
@@ -369,13 +371,17 @@ test('15 migrations at once between two daemons, both ways, every guest verified
     const guests = await Promise.all(plan.map((p, i) => registerGuest(p.from, p.guests, p.name, { size: 128 * MiB, rate: 16, heartbeat: observer.address, seed: BigInt(i + 1) })));
     pids.push(...guests.map((g) => g.pid));
     const created = await Promise.all(plan.map((p) => request<{ id: string }>(p.from, 'POST', '/v1/migrations', { guest: p.name, to: { host: '127.0.0.1', port: p.to } })));
-    const views = await Promise.all(created.map((c, i) => settled(plan[i]!.from, c.body.id, 300_000)));
+    // 15 at once on a 2-CPU host take minutes under load: waited for while they move
+    const views = await allSettled(created.map((c, i) => ({ api: plan[i]!.from, id: c.body.id })));
     for (const v of views) assert.equal(v['state'], 'completed', JSON.stringify(v['error']));
     const incoming = [...((await request<{ migrations: { guest_pid: number; state: string }[] }>(B, 'GET', '/v1/migrations?direction=incoming')).body.migrations), ...((await request<{ migrations: { guest_pid: number; state: string }[] }>(A, 'GET', '/v1/migrations?direction=incoming')).body.migrations)];
     assert.equal(incoming.length, 15);
     pids.push(...incoming.map((m) => m.guest_pid));
-    const checks = await Promise.all(incoming.map((m) => observer.waitFor((x) => x.pid === m.guest_pid && x.verify !== undefined, 180_000)));
-    for (const c of checks) assert.equal(c.verify!.bad, 0);
+    // each guest checks every page once it runs. 15 checks of 128 MiB at once took 40-95 s each
+    // on a 2-CPU host at a load of 35 (0.1 s idle): waited for by each guest's beats (it checks
+    // while its writes hold still), not for a fixed time (test/helpers.ts)
+    const checks = await Promise.all(incoming.map((m) => guestCheck({ pid: m.guest_pid, beats: () => observer.beats })));
+    for (const c of checks) assert.equal(c.bad, 0);
     assert.equal(new Set(incoming.map((m) => m.guest_pid)).size, 15, 'fifteen guests run at the destinations');
   } finally {
     await collectGuests([A, B]);
@@ -408,10 +414,7 @@ test('SIGTERM of either daemon during migrations loses no guest', { skip }, asyn
     assert.ok(a.lines.some((l) => l.includes('stopping')), 'the source daemon said it was stopping');
     for (const g of [g1, g2]) {
       assert.ok(alive(g.pid), `guest ${g.name} runs`);
-      const t = monotonicMs();
-      process.kill(g.pid, 'SIGUSR2');
-      const v = await observer.waitFor((x) => x.pid === g.pid && x.verify !== undefined && x.at > t, 60_000);
-      assert.equal(v.verify!.bad, 0, `guest ${g.name} holds what it wrote`);
+      assert.equal((await guestCheck({ pid: g.pid, beats: () => observer.beats, ask: true })).bad, 0, `guest ${g.name} holds what it wrote`);
     }
     // t2 is still listed by its daemon, and t1 registers again with a daemon that comes back
     const guests = (await request<{ guests: { name: string; state: string }[] }>(C, 'GET', '/v1/guests')).body.guests;

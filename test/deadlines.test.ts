@@ -5,6 +5,7 @@
  * migration before its point of commitment and is refused after it.
  */
 import assert from 'node:assert/strict';
+import diagnostics_channel from 'node:diagnostics_channel';
 import net from 'node:net';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
@@ -16,6 +17,7 @@ import { migrate } from '../src/source/migrate.js';
 import { MigrationControl } from '../src/source/types.js';
 import type { Frame } from '../src/protocol/frame.js';
 import { FrameParser } from './reference/frames.js';
+import { until } from './helpers.js';
 
 const off = { zero: false, dedup: false, compress: false };
 
@@ -171,6 +173,10 @@ test('200 idle connections and a client sending a byte a second hold neither the
     sockets.push(s);
     return s;
   };
+  // the listener's own events count the connections it has accepted
+  let accepted = 0;
+  const onReceiver = (m: unknown): void => void ((m as { event?: string }).event === 'connection accepted' && accepted++);
+  diagnostics_channel.subscribe('livemig:receiver', onReceiver);
   // 200 idle connections from the source's own address (more than the thread pool has
   // threads, more than the pending caps: the oldest are let go as newer ones come), and a slow one
   for (let i = 0; i < 200; i++) open();
@@ -179,15 +185,16 @@ test('200 idle connections and a client sending a byte a second hold neither the
   let at = 0;
   const drip = setInterval(() => at < hello.length && slow.write(hello.subarray(at, ++at)), 1000);
   // until the listener has accepted them all (a connection of the migration's accepted among
-  // them would be one of the oldest pending, and let go)
-  await new Promise((r) => setTimeout(r, 600));
+  // them would be one of the oldest pending, and let go): by its events, not a fixed 600 ms
+  await until('the listener accepts the 201 connections', () => accepted >= 201).finally(() => diagnostics_channel.unsubscribe('livemig:receiver', onReceiver));
   const region = filled(1024, 'dl-crowd');
   try {
     const received = rx.next();
     const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, encodings: off, pause: async () => new Uint8Array(0), resume: async () => undefined });
     assert.equal(report.verified, true, 'the migration completed past the idle and slow clients');
     await received;
-    await new Promise((r) => setTimeout(r, 2000)); // past the handshake deadline
+    // each closes at the handshake deadline (1.5 s): waited for, however late a loaded host's timers are
+    await until('the idle and slow connections close', () => closedEarly.every((c) => c)).catch(() => undefined);
     assert.ok(closedEarly.every((c) => c), `every idle or slow connection was closed at the deadline (${closedEarly.filter((c) => !c).length} still open)`);
   } finally {
     clearInterval(drip);

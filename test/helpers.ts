@@ -107,3 +107,89 @@ export function minorFaultsReason(): string | undefined {
     probe.release();
   }
 }
+
+/** A reference guest's heartbeat, as far as a check of its pages goes (src/workload/guest-process.ts). */
+export interface GuestBeat {
+  pid: number;
+  seq: number;
+  /** its write counter: it holds still while the guest checks its pages (writes wait) */
+  writes: string;
+  verify?: { bad: number };
+}
+
+/** a check's report rides on this many of the guest's next beats (VERIFY_REPEATS in the guest) */
+const REPORT_BEATS = 3000;
+
+/**
+ * The check of every page a reference guest reports on its heartbeats (once it runs at a
+ * destination, or when asked with SIGUSR2), waited for by its beats, not by the clock: however
+ * long a loaded host takes, a guest that beats while its writes hold still is checking. A
+ * report the test never got (datagrams drop when a busy observer falls behind) is asked for
+ * again once the guest writes on and its report's beats have gone by. Only a guest silent for
+ * `silentMs` (gone or stopped: a running one beats every millisecond) ends the wait in failure.
+ */
+export async function guestCheck<B extends GuestBeat>(o: {
+  pid: number;
+  /** every beat received so far, oldest first (a list that grows; other guests' beats are skipped) */
+  beats: () => readonly B[];
+  /** ask for a new check first: a report sent before does not count */
+  ask?: boolean;
+  silentMs?: number;
+  maxAsks?: number;
+}): Promise<NonNullable<B['verify']>> {
+  const silentMs = o.silentMs ?? 60_000;
+  const maxAsks = o.maxAsks ?? 5;
+  const earlier = new Set<string>();
+  let scanned = 0;
+  let asks = 0;
+  // since the start or the last ask: the first and the last beat, the writes while a check was
+  // seen running, the seq of the first beat after it
+  let first: GuestBeat | undefined;
+  let last: GuestBeat | undefined;
+  let held: bigint | undefined;
+  let doneAt: number | undefined;
+  let heard = performance.now();
+  const ask = (): void => {
+    for (const b of o.beats().slice(scanned)) if (b.pid === o.pid && b.verify) earlier.add(JSON.stringify(b.verify));
+    scanned = o.beats().length;
+    first = last = held = doneAt = undefined;
+    asks++;
+    process.kill(o.pid, 'SIGUSR2');
+  };
+  if (o.ask) ask();
+  for (;;) {
+    const list = o.beats();
+    for (; scanned < list.length; scanned++) {
+      const b = list[scanned]!;
+      if (b.pid !== o.pid) continue;
+      heard = performance.now();
+      if (b.verify && !earlier.has(JSON.stringify(b.verify))) return b.verify;
+      const writes = BigInt(b.writes);
+      first ??= b;
+      if (held === undefined && last && writes === BigInt(last.writes) && b.seq > last.seq) held = writes;
+      else if (held !== undefined && doneAt === undefined && writes > held) doneAt = b.seq;
+      last = b;
+      // no report, and the beats it rode on have gone by: after a check seen to end, or (one too
+      // short to show among the beats that arrived) while the guest wrote on all along
+      const gone =
+        doneAt !== undefined ? b.seq > doneAt + REPORT_BEATS : held === undefined && b.seq > first.seq + REPORT_BEATS && writes > BigInt(first.writes);
+      if (gone) {
+        if (asks >= maxAsks) throw new Error(`guest ${o.pid}: ${asks} checks asked for, and no report of one arrived`);
+        ask();
+        break;
+      }
+    }
+    if (performance.now() - heard > silentMs) throw new Error(`guest ${o.pid}: no beat for ${silentMs} ms while waiting for its check (gone or stopped)`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/**
+ * Waits for what a test needs, however loaded the machine: `ready` reads state that events
+ * change, and is asked every 20 ms; the bound only ends a test that would otherwise hang.
+ */
+export async function until(what: string, ready: () => boolean | Promise<boolean>, boundMs = 60_000): Promise<void> {
+  for (const by = performance.now() + boundMs; !(await ready()); await new Promise((r) => setTimeout(r, 20))) {
+    if (performance.now() > by) throw new Error(`${what}: not within ${boundMs} ms`);
+  }
+}

@@ -216,6 +216,19 @@ async function verifyNow(): Promise<void> {
   const result = await verifyContent(region, model);
   heartbeat({ verify: { bad: result.bad, firstBad: result.firstBad, writes: model.writes.toString(), ms: performance.now() - tv } });
 }
+// SIGUSR2: check every page against the model now and say so in a heartbeat (writes wait, as
+// after a hand-over): how a test tells that the copy left running holds what it should. Taken
+// before the guest runs: a destination guest checks every page first, and a signal meanwhile
+// must not meet the default action (which ends the process)
+process.on('SIGUSR2', () => {
+  if (!writing) return; // a check is running
+  writing = false;
+  void verifyNow().finally(() => {
+    writing = true;
+    scheduleStart = performance.now();
+    scheduled = 0;
+  });
+});
 if (incoming && postcopyGuest) {
   // Post-copy: write at once; pages not here yet fault in over the network. The check runs
   // once livemig says every page has arrived (writes pause meanwhile, heartbeats go on).
@@ -251,17 +264,6 @@ if (incoming && postcopyGuest) {
   start();
 }
 
-// SIGUSR2: check every page against the model now and say so in a heartbeat (writes wait, as
-// after a hand-over): how a test tells that the copy left running holds what it should
-process.on('SIGUSR2', () => {
-  if (!writing) return; // a check is running
-  writing = false;
-  void verifyNow().finally(() => {
-    writing = true;
-    scheduleStart = performance.now();
-    scheduled = 0;
-  });
-});
 process.on('SIGTERM', () => {
   stop();
   process.exit(0);
