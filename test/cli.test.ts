@@ -18,7 +18,9 @@ const alive = (pid: number): boolean => {
     return false;
   }
 };
-const run = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, env: { ...process.env, LIVEMIG_SLICE_US: '0' } });
+/** a bound for a CLI call that must end by itself: generous, so that a loaded host changes how long it takes, not the verdict */
+const CALL_BOUND_MS = 300_000;
+const run = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: CALL_BOUND_MS, env: { ...process.env, LIVEMIG_SLICE_US: '0' } });
 
 /** The receiver's next line that is an outcome ({received} or {error}), past its progress lines ({receiving}). */
 async function outcomeLine(lines: AsyncIterator<string>): Promise<Record<string, unknown>> {
@@ -96,7 +98,7 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
       const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', good], { stdio: ['ignore', 'pipe', 'inherit'], env });
       const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
       const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
-      const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
+      const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: CALL_BOUND_MS, env });
       const rx = await outcomeLine(lines);
       receiver.kill();
       const guestPid = (rx as { guest_pid?: number }).guest_pid;
@@ -144,7 +146,7 @@ test('keys ca writes a test CA whose certificates send and receive take (--tls-*
     const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--tls-cert', f('dst.crt'), '--tls-key', f('dst.key'), '--tls-ca', f('ca.crt'), '--allow', 'src'], { stdio: ['ignore', 'pipe', 'inherit'], env });
     const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
     const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
-    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--tls-cert', f('src.crt'), '--tls-key', f('src.key'), '--tls-ca', f('ca.crt'), '--peer-name', 'dst', '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
+    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--tls-cert', f('src.crt'), '--tls-key', f('src.key'), '--tls-ca', f('ca.crt'), '--peer-name', 'dst', '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: CALL_BOUND_MS, env });
     const rx = (await outcomeLine(lines)) as { guest_pid?: number; received: { security: { auth: string; peer: string; encrypted: boolean } } };
     receiver.kill();
     if (rx.guest_pid) process.kill(rx.guest_pid, 'SIGTERM');
@@ -192,7 +194,7 @@ test('receive goes on listening after connections refused before anything was re
     await poke(Buffer.from('GET / HTTP/1.1\r\n\r\n')); // something else entirely
     const second = JSON.parse((await lines.next()).value as string) as { refused?: { code: string; message: string } };
     assert.equal(second.refused?.code, 'ERR_LIVEMIG_PROTOCOL', JSON.stringify(second));
-    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
+    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: CALL_BOUND_MS, env });
     assert.equal(tx.status, 0, tx.stderr);
     const done = (await outcomeLine(lines)) as { received?: { digest: string }; guest_pid?: number };
     assert.ok(done.received, 'the migration after them was served');

@@ -56,7 +56,7 @@ const STEP_BOUND_MS = 300_000;
 /** after both livemig processes ended: how long a guest left alive may stay silent before it counts as paused */
 const SETTLE_BOUND_MS = 30_000;
 const BEAT_PORT = 47001;
-const PARALLEL = 4;
+const PARALLEL = 8;
 
 type Fault = 'kill' | 'stop' | 'drop' | 'reset';
 const STAGES: Stage[] = ['handshake', 'reservation', 'first round', 'later round', 'pause', 'after COMMIT', 'post-copy'];
@@ -244,6 +244,8 @@ async function until(cond: () => boolean, ms: number, every = 20): Promise<boole
 
 async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: Side, port: number): Promise<Outcome> {
   h.reset();
+  // beats stamped before this (a guest the reset killed, its last datagrams still in the relay) are not this cell's
+  const cellStart = monotonicMs();
   const cell = `${stage} × ${fault} × ${side}`;
   const psk = path.join(dir, 'psk');
   const mark = path.join(dir, `mark-${h.index}`);
@@ -328,14 +330,18 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
     const now = await guestCheck({ pid, beats, ask: true });
     verifyBad = Math.max(now.bad, own?.bad ?? 0);
   }
-  // the longest the source guest went without a beat while it was the one to run (its own stamps)
+  // the longest the source guest went without a beat while it was the one to run (its own stamps,
+  // guest by guest: another guest's beats neither fill nor open a gap)
   let gap = 0;
   let gapAt: Outcome['gapAt'];
-  const sb = [...h.beats.source].sort((a, b) => a.at - b.at);
-  for (let i = 1; i < sb.length; i++) {
-    if (sb[i]!.at - sb[i - 1]!.at <= gap) continue;
-    gap = sb[i]!.at - sb[i - 1]!.at;
-    gapAt = { s: Math.round((sb[i - 1]!.at - sb[0]!.at) / 100) / 10, seqs: sb[i]!.seq - sb[i - 1]!.seq, beats: sb.length };
+  const ours = h.beats.source.filter((b) => b.at >= cellStart);
+  for (const pid of new Set(ours.map((b) => b.pid))) {
+    const sb = ours.filter((b) => b.pid === pid).sort((a, b) => a.at - b.at);
+    for (let i = 1; i < sb.length; i++) {
+      if (sb[i]!.at - sb[i - 1]!.at <= gap) continue;
+      gap = sb[i]!.at - sb[i - 1]!.at;
+      gapAt = { s: Math.round((sb[i - 1]!.at - cellStart) / 100) / 10, seqs: sb[i]!.seq - sb[i - 1]!.seq, beats: sb.length };
+    }
   }
   return {
     stage,
