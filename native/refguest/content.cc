@@ -53,6 +53,8 @@ inline uint64_t Xs(uint64_t* state) {
   return x * 0x2545F4914F6CDD1DULL;
 }
 
+// ten words a line, as a table
+// clang-format off
 const char* const kWords[300] = {
     "software", "read", "orange", "experience", "girl", "turn", "version", "relation", "recognize", "animal",
     "other", "with", "network", "live", "whatever", "reference", "your", "training", "tree", "earth",
@@ -85,6 +87,7 @@ const char* const kWords[300] = {
     "good", "paper", "later", "support", "railway", "right", "they", "head", "school", "such",
     "engine", "word", "found", "summer", "session", "large", "down", "primary", "answer", "watch",
 };
+// clang-format on
 
 enum Content { kRandom = 0, kZero = 1, kText = 2, kDup = 3, kMixed = 4 };
 
