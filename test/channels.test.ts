@@ -147,19 +147,23 @@ async function throttlingProxy(port: number, mbps: number): Promise<{ port: numb
   return { port: (server.address() as net.AddressInfo).port, close: () => (server.close(), live.forEach((x) => x.destroy())) };
 }
 
-test('4 channels with the guest rewriting a small hot set hard: pages rewritten while their older copies are in flight end bit-identical, and the guest checks every page', async () => {
-  // 2 MiB hot set = 2 stripes, 256 MiB/s: every round resends the same pages, each time on its
-  // stripe's channel, while the copies of the round before may still be in the sockets
-  const r = await liveMigration({ channels: 4, rate: 256, pattern: 'hot', hotSize: 2 * MiB });
-  assert.equal(r.report.channels, 4, r.report.channels_reason);
-  assert.ok(r.report.rounds >= 3, `several rounds resent the hot set (${r.report.rounds})`);
-  assert.ok(BigInt(r.paused.writes) > 0n, 'the guest was writing');
-  assert.equal(r.destDigest, r.sourceDigest, 'the destination image equals the source image at the pause');
-  assert.equal(r.rxReport.digest, r.report.digest);
-  assert.deepEqual({ bad: r.verify.bad, writes: r.verify.writes }, { bad: 0, writes: r.paused.writes });
-});
+test(
+  '4 channels with the guest rewriting a small hot set hard: pages rewritten while their older copies are in flight end bit-identical, and the ' +
+    'guest checks every page',
+  async () => {
+    // 2 MiB hot set = 2 stripes, 256 MiB/s: every round resends the same pages, each time on its
+    // stripe's channel, while the copies of the round before may still be in the sockets
+    const r = await liveMigration({ channels: 4, rate: 256, pattern: 'hot', hotSize: 2 * MiB });
+    assert.equal(r.report.channels, 4, r.report.channels_reason);
+    assert.ok(r.report.rounds >= 3, `several rounds resent the hot set (${r.report.rounds})`);
+    assert.ok(BigInt(r.paused.writes) > 0n, 'the guest was writing');
+    assert.equal(r.destDigest, r.sourceDigest, 'the destination image equals the source image at the pause');
+    assert.equal(r.rxReport.digest, r.report.digest);
+    assert.deepEqual({ bad: r.verify.bad, writes: r.verify.writes }, { bad: 0, writes: r.paused.writes });
+  },
+);
 
-test('on a link one connection fills, the extra channels end after the first 64 MiB and the later rounds go on the main connection, bit-identical', async () => {
+test('on a link one connection fills, the extra channels end after the first 64 MiB, the later rounds go on the main connection, bit-identical', async () => {
   const r = await liveMigration({ channels: 2, rate: 64, pattern: 'uniform', size: 160 * MiB, mbps: 200 });
   assert.equal(r.report.channels, 2);
   assert.match(r.report.channels_reason, /the extra ones ended early: the link measured \d+ MB\/s over the first 64 MiB/);
@@ -253,7 +257,7 @@ async function breakingProxy(port: number, which: number, after: number): Promis
   return { port: (server.address() as net.AddressInfo).port, broke: () => broke, close: () => (server.close(), live.forEach((x) => x.destroy())) };
 }
 
-test('one channel breaking mid-round fails the migration before commitment: nothing activates, the guest is never paused, and it migrates afterwards', async () => {
+test('one channel breaking mid-round fails the migration before commitment: nothing activates, the guest is never paused, it migrates afterwards', async () => {
   const region = Region.create(8192 * 4096, { name: 'ch-break' });
   for (let p = 0; p < region.pageCount; p++)
     region

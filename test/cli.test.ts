@@ -82,70 +82,82 @@ test('usage errors name the usage stage and exit 2, as an unknown command does',
   }
 });
 
-test('keys psk writes a key file that send and receive take with --psk-file: the migration runs authenticated; a wrong key fails both with ERR_LIVEMIG_AUTH before any page', async () => {
-  const { mkdtempSync, writeFileSync, rmSync, statSync, readFileSync } = await import('node:fs');
-  const os = await import('node:os');
-  const { spawn } = await import('node:child_process');
-  const { createInterface } = await import('node:readline');
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-psk-'));
-  try {
-    const good = path.join(dir, 'good.psk');
-    const bad = path.join(dir, 'bad.psk');
-    // the good key from `livemig keys psk`: a new random key, owner-only, never overwritten
-    const made = run('keys', 'psk', '--out', good, '--identity', 'src');
-    assert.equal(made.status, 0, made.stderr);
-    assert.equal(statSync(good).mode & 0o777, 0o600, 'the key file is readable by its owner only');
-    assert.match(readFileSync(good, 'utf8'), /^src:[0-9a-f]{64}\n$/);
-    const again = run('keys', 'psk', '--out', good);
-    assert.equal(again.status, 2, 'an existing key file is never overwritten');
-    writeFileSync(bad, `src:${'cd'.repeat(32)}\n`, { mode: 0o600 });
-    const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
-    const attempt = async (
-      senderKey: string,
-    ): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync>; sent: { source_guest?: string; guest_pid?: number; alive?: boolean } }> => {
-      const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', good], { stdio: ['ignore', 'pipe', 'inherit'], env });
-      const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
-      const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
-      const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'], {
-        encoding: 'utf8',
-        timeout: 60_000,
-        env,
-      });
-      const rx = await outcomeLine(lines);
-      receiver.kill();
-      const guestPid = (rx as { guest_pid?: number }).guest_pid;
-      if (guestPid) process.kill(guestPid, 'SIGTERM');
-      // a failed send leaves its guest running: this test stops it
-      const sent = JSON.parse(String(tx.stdout).trim().split('\n').at(-1) ?? '{}') as { source_guest?: string; guest_pid?: number; alive?: boolean };
-      if (tx.status !== 0 && sent.guest_pid) {
-        sent.alive = alive(sent.guest_pid);
-        process.kill(sent.guest_pid, 'SIGTERM');
-      }
-      return { rx, tx, sent };
-    };
-    const ok = await attempt(good);
-    assert.equal(ok.tx.status, 0, String(ok.tx.stderr));
-    const report = JSON.parse(String(ok.tx.stdout).trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string } };
-    assert.equal(report.verified, true);
-    assert.deepEqual([report.security.auth, report.security.peer], ['tls-psk', 'src']);
-    assert.equal((ok.rx as { received: { security: { auth: string } } }).received.security.auth, 'tls-psk');
-    const refused = await attempt(bad);
-    assert.equal(refused.tx.status, 1, 'the sender fails');
-    assert.match(String(refused.tx.stderr), /ERR_LIVEMIG_AUTH/);
-    assert.equal(
-      (refused.rx as { refused: { code: string } }).refused.code,
-      'ERR_LIVEMIG_AUTH',
-      'the receiver refused before reserving, and goes on listening',
-    );
-    assert.equal(refused.sent.source_guest, 'running', 'the failed send reports its guest running, and leaves it so');
-    assert.equal(refused.sent.alive, true, 'the guest was still running after send exited');
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
+test(
+  'keys psk writes a key file that send and receive take with --psk-file: the migration runs authenticated; a wrong key fails both with ' +
+    'ERR_LIVEMIG_AUTH before any page',
+  async () => {
+    const { mkdtempSync, writeFileSync, rmSync, statSync, readFileSync } = await import('node:fs');
+    const os = await import('node:os');
+    const { spawn } = await import('node:child_process');
+    const { createInterface } = await import('node:readline');
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-psk-'));
+    try {
+      const good = path.join(dir, 'good.psk');
+      const bad = path.join(dir, 'bad.psk');
+      // the good key from `livemig keys psk`: a new random key, owner-only, never overwritten
+      const made = run('keys', 'psk', '--out', good, '--identity', 'src');
+      assert.equal(made.status, 0, made.stderr);
+      assert.equal(statSync(good).mode & 0o777, 0o600, 'the key file is readable by its owner only');
+      assert.match(readFileSync(good, 'utf8'), /^src:[0-9a-f]{64}\n$/);
+      const again = run('keys', 'psk', '--out', good);
+      assert.equal(again.status, 2, 'an existing key file is never overwritten');
+      writeFileSync(bad, `src:${'cd'.repeat(32)}\n`, { mode: 0o600 });
+      const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
+      const attempt = async (
+        senderKey: string,
+      ): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync>; sent: { source_guest?: string; guest_pid?: number; alive?: boolean } }> => {
+        const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', good], {
+          stdio: ['ignore', 'pipe', 'inherit'],
+          env,
+        });
+        const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
+        const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
+        const tx = spawnSync(
+          process.execPath,
+          [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'],
+          {
+            encoding: 'utf8',
+            timeout: 60_000,
+            env,
+          },
+        );
+        const rx = await outcomeLine(lines);
+        receiver.kill();
+        const guestPid = (rx as { guest_pid?: number }).guest_pid;
+        if (guestPid) process.kill(guestPid, 'SIGTERM');
+        // a failed send leaves its guest running: this test stops it
+        const sent = JSON.parse(String(tx.stdout).trim().split('\n').at(-1) ?? '{}') as { source_guest?: string; guest_pid?: number; alive?: boolean };
+        if (tx.status !== 0 && sent.guest_pid) {
+          sent.alive = alive(sent.guest_pid);
+          process.kill(sent.guest_pid, 'SIGTERM');
+        }
+        return { rx, tx, sent };
+      };
+      const ok = await attempt(good);
+      assert.equal(ok.tx.status, 0, String(ok.tx.stderr));
+      const report = JSON.parse(String(ok.tx.stdout).trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string } };
+      assert.equal(report.verified, true);
+      assert.deepEqual([report.security.auth, report.security.peer], ['tls-psk', 'src']);
+      assert.equal((ok.rx as { received: { security: { auth: string } } }).received.security.auth, 'tls-psk');
+      const refused = await attempt(bad);
+      assert.equal(refused.tx.status, 1, 'the sender fails');
+      assert.match(String(refused.tx.stderr), /ERR_LIVEMIG_AUTH/);
+      assert.equal(
+        (refused.rx as { refused: { code: string } }).refused.code,
+        'ERR_LIVEMIG_AUTH',
+        'the receiver refused before reserving, and goes on listening',
+      );
+      assert.equal(refused.sent.source_guest, 'running', 'the failed send reports its guest running, and leaves it so');
+      assert.equal(refused.sent.alive, true, 'the guest was still running after send exited');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+);
 
 test(
-  'keys ca writes a test CA whose certificates send and receive take (--tls-*): the migration is authenticated both ways and encrypted; demo --secure reports the same',
+  'keys ca writes a test CA whose certificates send and receive take (--tls-*): the migration is authenticated both ways and encrypted; demo ' +
+    '--secure reports the same',
   { skip: opensslMissing },
   async () => {
     const { mkdtempSync, rmSync, statSync, readdirSync } = await import('node:fs');

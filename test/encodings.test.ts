@@ -274,7 +274,8 @@ test('frame rules: a page listed twice, a dup of a page written later in the fra
 });
 
 test(
-  'in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, and the copy is exact',
+  'in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, ' +
+    'and the copy is exact',
   { skip: uffd.available ? false : uffd.reason },
   async () => {
     const pages = 64;

@@ -27,7 +27,8 @@ test(`${CASES} mutated frames against one receiver: each ends in an ERR_LIVEMIG_
     const fd1 = fds();
     const rss1 = process.memoryUsage().rss;
     process.stdout.write(
-      `# fuzz: ${c.cases} cases, outcomes ${JSON.stringify(c.outcomes)}; fds ${fd0} -> ${fd1}; rss ${(rss0 / 2 ** 20).toFixed(0)} -> ${(rss1 / 2 ** 20).toFixed(0)} MiB\n`,
+      `# fuzz: ${c.cases} cases, outcomes ${JSON.stringify(c.outcomes)}; fds ${fd0} -> ${fd1}; rss ${(rss0 / 2 ** 20).toFixed(0)} -> ` +
+        `${(rss1 / 2 ** 20).toFixed(0)} MiB\n`,
     );
     assert.deepEqual(c.strange, [], 'every case ends in a LivemigError');
     assert.equal(c.cases, CASES);

@@ -90,63 +90,67 @@ describe('post-copy fault service (in process)', { skip }, () => {
     }
   });
 
-  test("a page that comes on both connections: the first copy to land is the guest's, the rest of the other (half received then) goes to scratch, and the guest's write after the mapping survives", async () => {
-    const size = 4 * MiB;
-    const dst = Region.create(size, { name: 'livemig-pc-twice', reserve: true });
-    dst.populate();
-    const guestView = Region.adopt(dst.fd, size);
-    const uffd = addon.uffdRegisterMinor(guestView.address, size);
-    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
-    const [pushTx, pushRx, s1] = await channelPair();
-    const [prioTx, prioRx, s2] = await channelPair();
-    const writer = await WorkerWriter.start(guestView.shareId);
-    const page = 5;
-    const frameOf = (fill: number): Buffer => {
-      const f = Buffer.alloc(12 + 8 + 4 + 4096, fill);
-      f.writeUInt16LE(0x4d4c, 0);
-      f.writeUInt8(2, 2);
-      f.writeUInt8(4, 3);
-      f.writeUInt16LE(0, 4);
-      f.writeUInt16LE(0, 6);
-      f.writeUInt32LE(8 + 4 + 4096, 8);
-      f.writeUInt32LE(1, 12);
-      f.writeUInt32LE(1, 16);
-      f.writeUInt32LE(page, 20);
-      return f;
-    };
-    try {
-      faults.start();
-      faults.attach(pushRx.handle, prioRx.handle);
-      // the push copy (0x11) is half way through the push stream
-      const pushed = frameOf(0x11);
-      await pushTx.send(pushed.subarray(0, 24 + 2000));
-      await new Promise((r) => setTimeout(r, 50));
-      // a guest thread touches the page: its fault asks on the priority connection, which answers (0x22)
-      const wrote = writer.write(Uint32Array.of(page), 1000);
-      const req = await prioTx.next(5_000);
-      assert.equal(req.type, FrameType.PageRequest);
-      assert.equal(req.payload.readUInt32LE(4), page);
-      await prioTx.send(frameOf(0x22));
-      await wrote; // the page was mapped, and the guest wrote word 1000 of it
-      // the rest of the push copy arrives after the page became the guest's
-      await pushTx.send(pushed.subarray(24 + 2000));
-      await until('the second copy arrives', () => faults.stats().duplicates >= 1);
-      assert.equal(faults.stats().duplicates, 1, 'the second copy was dropped');
-      const words = new Uint32Array(guestView.page(page).buffer, guestView.page(page).byteOffset, 1024);
-      assert.equal(words[1000], 1001, "the guest's write survives");
-      assert.equal(words[0], 0x22222222, 'the page holds the copy that landed first, not the pushed one');
-      assert.equal(words[999], 0x22222222, 'not even the part of the pushed copy that arrived before');
-    } finally {
-      await writer.close();
-      faults.stop();
-      for (const c of [pushTx, pushRx, prioTx, prioRx]) c.close();
-      s1.close();
-      s2.close();
-      addon.closeFd(uffd);
-      guestView.release();
-      dst.release();
-    }
-  });
+  test(
+    "a page that comes on both connections: the first copy to land is the guest's, the rest of the other (half received then) goes to scratch, " +
+      "and the guest's write after the mapping survives",
+    async () => {
+      const size = 4 * MiB;
+      const dst = Region.create(size, { name: 'livemig-pc-twice', reserve: true });
+      dst.populate();
+      const guestView = Region.adopt(dst.fd, size);
+      const uffd = addon.uffdRegisterMinor(guestView.address, size);
+      const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
+      const [pushTx, pushRx, s1] = await channelPair();
+      const [prioTx, prioRx, s2] = await channelPair();
+      const writer = await WorkerWriter.start(guestView.shareId);
+      const page = 5;
+      const frameOf = (fill: number): Buffer => {
+        const f = Buffer.alloc(12 + 8 + 4 + 4096, fill);
+        f.writeUInt16LE(0x4d4c, 0);
+        f.writeUInt8(2, 2);
+        f.writeUInt8(4, 3);
+        f.writeUInt16LE(0, 4);
+        f.writeUInt16LE(0, 6);
+        f.writeUInt32LE(8 + 4 + 4096, 8);
+        f.writeUInt32LE(1, 12);
+        f.writeUInt32LE(1, 16);
+        f.writeUInt32LE(page, 20);
+        return f;
+      };
+      try {
+        faults.start();
+        faults.attach(pushRx.handle, prioRx.handle);
+        // the push copy (0x11) is half way through the push stream
+        const pushed = frameOf(0x11);
+        await pushTx.send(pushed.subarray(0, 24 + 2000));
+        await new Promise((r) => setTimeout(r, 50));
+        // a guest thread touches the page: its fault asks on the priority connection, which answers (0x22)
+        const wrote = writer.write(Uint32Array.of(page), 1000);
+        const req = await prioTx.next(5_000);
+        assert.equal(req.type, FrameType.PageRequest);
+        assert.equal(req.payload.readUInt32LE(4), page);
+        await prioTx.send(frameOf(0x22));
+        await wrote; // the page was mapped, and the guest wrote word 1000 of it
+        // the rest of the push copy arrives after the page became the guest's
+        await pushTx.send(pushed.subarray(24 + 2000));
+        await until('the second copy arrives', () => faults.stats().duplicates >= 1);
+        assert.equal(faults.stats().duplicates, 1, 'the second copy was dropped');
+        const words = new Uint32Array(guestView.page(page).buffer, guestView.page(page).byteOffset, 1024);
+        assert.equal(words[1000], 1001, "the guest's write survives");
+        assert.equal(words[0], 0x22222222, 'the page holds the copy that landed first, not the pushed one');
+        assert.equal(words[999], 0x22222222, 'not even the part of the pushed copy that arrived before');
+      } finally {
+        await writer.close();
+        faults.stop();
+        for (const c of [pushTx, pushRx, prioTx, prioRx]) c.close();
+        s1.close();
+        s2.close();
+        addon.closeFd(uffd);
+        guestView.release();
+        dst.release();
+      }
+    },
+  );
 
   test('a push frame with a page outside the region is refused before anything is written', async () => {
     const size = 4 * MiB;

@@ -142,7 +142,8 @@ export async function takeMemory(offer: LocalOffer, layout: GuestLayout, timeout
   } catch (e) {
     throw new LivemigError(
       'ERR_LIVEMIG_NOT_LOCAL',
-      `a same-host upgrade (--local), but the source's socket ${offer.socket} cannot be reached from here (${(e as { errnoName?: string }).errnoName ?? (e as Error).message}): not the same filesystem`,
+      `a same-host upgrade (--local), but the source's socket ${offer.socket} cannot be reached from here ` +
+        `(${(e as { errnoName?: string }).errnoName ?? (e as Error).message}): not the same filesystem`,
       { phase: 'reserve', cause: e },
     );
   }

@@ -61,7 +61,8 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
   }
   throw new LivemigError(
     'ERR_LIVEMIG_CONNECTION',
-    `post-copy: the destination did not come back within ${timeoutMs} ms (${(last as Error | undefined)?.message ?? 'no attempt'}); the guest runs there and waits for pages that are only here: this source keeps them, paused`,
+    `post-copy: the destination did not come back within ${timeoutMs} ms (${(last as Error | undefined)?.message ?? 'no attempt'}); the guest runs ` +
+      `there and waits for pages that are only here: this source keeps them, paused`,
     { phase: 'postcopy', cause: last },
   );
 }
@@ -142,7 +143,8 @@ export async function runPostcopy(o: {
     if (digest !== destDigest) {
       throw new LivemigError(
         'ERR_LIVEMIG_DIGEST',
-        `post-copy finished but the destination's image digest ${destDigest.toString(16)} differs from the source's ${digest.toString(16)}; the source keeps its copy, paused`,
+        `post-copy finished but the destination's image digest ${destDigest.toString(16)} differs from the source's ${digest.toString(16)}; the ` +
+          `source keeps its copy, paused`,
         { phase: 'postcopy' },
       );
     }

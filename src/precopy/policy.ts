@@ -124,7 +124,9 @@ export class ConvergencePolicy {
         return {
           action: 'continue',
           estimateMs: est,
-          reason: `${remaining} pages left fit the ${o.downtimeLimitMs} ms limit (estimate ${fmt(est)} ms), but one more round of about ${fmt(sendMs)} ms should leave about ${Math.round(nextRemaining)}`,
+          reason:
+            `${remaining} pages left fit the ${o.downtimeLimitMs} ms limit (estimate ${fmt(est)} ms), but one more round of about ` +
+            `${fmt(sendMs)} ms should leave about ${Math.round(nextRemaining)}`,
         };
       }
       return {
@@ -168,7 +170,9 @@ export class ConvergencePolicy {
         action: 'throttle',
         level: this.throttle,
         estimateMs: est,
-        reason: `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ${100 - this.throttle}% of its writes`,
+        reason:
+          `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ` +
+          `${100 - this.throttle}% of its writes`,
       };
     }
     if (o.onStall === 'throttle' && this.throttle === 0 && this.#slowRounds >= STALL_ROUNDS && this.#stallRounds < STALL_ROUNDS) {
@@ -178,11 +182,16 @@ export class ConvergencePolicy {
         action: 'throttle',
         level: this.throttle,
         estimateMs: est,
-        reason: `converging too slowly: the guest dirtied ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent, more than ${SLOW_SHARE * 100}% for ${STALL_ROUNDS} rounds (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms); throttling the guest to ${100 - this.throttle}% of its writes`,
+        reason:
+          `converging too slowly: the guest dirtied ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent, more than ` +
+          `${SLOW_SHARE * 100}% for ${STALL_ROUNDS} rounds (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms); throttling the guest to ` +
+          `${100 - this.throttle}% of its writes`,
       };
     }
     if (this.#stallRounds >= STALL_ROUNDS) {
-      const why = `not converging: ${remaining} pages left after ${this.#stallRounds} rounds that did not shrink them by a tenth (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms)`;
+      const why =
+        `not converging: ${remaining} pages left after ${this.#stallRounds} rounds that did not shrink them by a tenth (estimate ` +
+        `${fmt(est)} ms > ${o.downtimeLimitMs} ms)`;
       this.#stallRounds = 0;
       switch (o.onStall) {
         case 'throttle':

@@ -147,7 +147,8 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
           clearTimeout(timer),
           reject(
             refused(
-              `the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without credentials, or another service?)`,
+              `the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without ` +
+                `credentials, or another service?)`,
             ),
           )
         ),
@@ -321,7 +322,9 @@ export function assertSecureEnough(host: string, creds: Credentials | undefined,
   if (creds || insecure || isLoopback(host)) return;
   throw new LivemigError(
     'ERR_LIVEMIG_INSECURE',
-    `${what} ${host} without credentials: anyone who reaches it could ${what.startsWith('listening') ? 'send or activate a guest' : 'receive the guest'}. Give --tls-cert/--tls-key/--tls-ca (with --allow or --peer-name) or --psk-file, or pass --insecure on purpose`,
+    `${what} ${host} without credentials: anyone who reaches it could ` +
+      `${what.startsWith('listening') ? 'send or activate a guest' : 'receive the guest'}. Give --tls-cert/--tls-key/--tls-ca (with --allow or ` +
+      `--peer-name) or --psk-file, or pass --insecure on purpose`,
     { phase: 'validate' },
   );
 }

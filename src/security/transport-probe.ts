@@ -12,7 +12,8 @@ export interface KernelTlsProbe {
 }
 
 const WHY_NOT_USED =
-  "livemig seals its own AES-256-GCM records in the native data path (keys from the TLS exporter), from the region into the socket and from the socket into the region; kernel TLS would need TLS's own record keys, which Node's TLS does not hand over";
+  'livemig seals its own AES-256-GCM records in the native data path (keys from the TLS exporter), from the region into the socket and from the ' +
+  "socket into the region; kernel TLS would need TLS's own record keys, which Node's TLS does not hand over";
 
 export function probeKernelTls(): KernelTlsProbe {
   const e = addon.kernelTlsErrno();

@@ -55,7 +55,8 @@ export function chooseChannels(asked: number | undefined, canConnect: boolean): 
     if (asked > poolRoom)
       throw new LivemigError(
         'ERR_LIVEMIG_INVALID_ARGUMENT',
-        `channels ${asked} need ${asked + POOL_RESERVE} threads in libuv's pool, which has ${pool}: start the process with UV_THREADPOOL_SIZE=${asked + POOL_RESERVE} or more`,
+        `channels ${asked} need ${asked + POOL_RESERVE} threads in libuv's pool, which has ${pool}: start the process with ` +
+          `UV_THREADPOOL_SIZE=${asked + POOL_RESERVE} or more`,
         { phase: 'validate' },
       );
     return { count: asked, reason: 'asked for' };

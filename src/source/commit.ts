@@ -83,7 +83,8 @@ async function checkProof(channel: WireChannel, digest: bigint, pageCount: numbe
   if (theirs.pageCount !== pageCount || theirs.digest !== digest) {
     throw new LivemigError(
       'ERR_LIVEMIG_DIGEST',
-      `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ${pageCount}: it does not hold this image`,
+      `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ` +
+        `${pageCount}: it does not hold this image`,
       { phase: 'commit' },
     );
   }

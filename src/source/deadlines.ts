@@ -36,7 +36,8 @@ export class Deadlines {
       this.#abort(
         new LivemigError(
           'ERR_LIVEMIG_TIMEOUT',
-          `no progress from the destination for ${Math.round(idle)} ms (progress timeout ${this.#progressTimeoutMs} ms): aborted; the guest keeps running on the source`,
+          `no progress from the destination for ${Math.round(idle)} ms (progress timeout ${this.#progressTimeoutMs} ms): aborted; the guest keeps ` +
+            `running on the source`,
           { phase: this.#stage() },
         ),
       );

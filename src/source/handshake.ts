@@ -193,7 +193,8 @@ function checkProofOffered(accept: Accept, local: boolean): void {
   if (accept.version < MIN_SOURCE_VERSION || accept.version > PROTOCOL_VERSION) {
     throw new LivemigError(
       'ERR_LIVEMIG_VERSION',
-      `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`,
+      `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ` +
+        `${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`,
       { phase: 'handshake' },
     );
   }

@@ -91,13 +91,16 @@ export async function resolveLostCommitment(ctx: SourceContext, e: unknown, awai
     throw markReportedByPeer(
       new LivemigError(
         'ERR_LIVEMIG_CONNECTION',
-        `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced the session: the guest resumes here`,
+        `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced ` +
+          `the session: the guest resumes here`,
         { phase: 'activate', cause: e },
       ),
     );
   }
   throw unknownOutcome(
-    `the commitment was sent but ${awaited} did not come (${(e as Error).message}), and the destination could not be asked within ${ctx.settings.resolveTimeoutMs} ms (${r.attempts} attempts; last: ${(r.last as Error | undefined)?.message ?? 'none'}): the source guest stays paused and is not released. Resolve it with: ${resolveCommand(to, session)}`,
+    `the commitment was sent but ${awaited} did not come (${(e as Error).message}), and the destination could not be asked within ` +
+      `${ctx.settings.resolveTimeoutMs} ms (${r.attempts} attempts; last: ${(r.last as Error | undefined)?.message ?? 'none'}): the source guest ` +
+      `stays paused and is not released. Resolve it with: ${resolveCommand(to, session)}`,
     e,
   );
 }

@@ -72,7 +72,8 @@ export const demo: Command = {
       );
     else if (!json)
       process.stderr.write(
-        `livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`,
+        `livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, ` +
+          `loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`,
       );
     const r = await runDemo({
       guest: g,
@@ -93,7 +94,8 @@ export const demo: Command = {
 function describeDaemon(r: DaemonDemoReport): string {
   return (
     [
-      `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ${r.guest_verified.writes} writes)`,
+      `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ` +
+        `${r.guest_verified.writes} writes)`,
       `through: ${r.daemons}; migration ${r.migration.id} ${r.migration.state} (destination lists ${r.destination.id} ${r.destination.state})`,
       `events seen: ${Object.entries(r.events)
         .map(([k, n]) => `${n} ${k}`)
@@ -109,17 +111,25 @@ function describeDaemon(r: DaemonDemoReport): string {
 function describe(r: DemoReport): string {
   const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)} MiB`;
   const dp = r.destination_postcopy;
+  const auth = r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`;
+  const encodings = r.encodings
+    ? `${r.zero_pages} zero, ${r.dup_pages} dup, ${r.lz4_pages} lz4 (ratio ${r.lz4_ratio}), ${r.raw_pages} raw, ${r.skipped_pages} already there`
+    : 'off';
   return (
     [
-      `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ${r.guest_verified.writes} writes)`,
+      `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ` +
+        `${r.guest_verified.writes} writes)`,
       r.local
-        ? `same-host upgrade: the guest's memory went by reference (${r.regions.length} region${r.regions.length > 1 ? 's' : ''}), no page copied; only the device state moved`
+        ? `same-host upgrade: the guest's memory went by reference (${r.regions.length} region${r.regions.length > 1 ? 's' : ''}), no page copied; ` +
+          `only the device state moved`
         : r.postcopy
-          ? `mode: ${r.mode}; ${r.rounds} pre-copy rounds, then post-copy of ${r.postcopy.pages_needed} pages (${r.postcopy.pages_pushed} pushed, ${r.postcopy.pages_served} on request; ${r.postcopy.reconnects} reconnections)`
+          ? `mode: ${r.mode}; ${r.rounds} pre-copy rounds, then post-copy of ${r.postcopy.pages_needed} pages (${r.postcopy.pages_pushed} pushed, ` +
+            `${r.postcopy.pages_served} on request; ${r.postcopy.reconnects} reconnections)`
           : `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
       ...(dp
         ? [
-            `faults at the destination: ${dp.faults}, latency p50 ${dp.fault_latency_p50_us} us, p99 ${dp.fault_latency_p99_us} us; guest blocked ${dp.blocked_ms} ms in total`,
+            `faults at the destination: ${dp.faults}, latency p50 ${dp.fault_latency_p50_us} us, p99 ${dp.fault_latency_p99_us} us; guest blocked ` +
+              `${dp.blocked_ms} ms in total`,
           ]
         : []),
       `preparation (handshake + reservation): ${r.prep_ms.toFixed(0)} ms`,
@@ -127,10 +137,11 @@ function describe(r: DemoReport): string {
         ? `total time (first page to the destination holding every page): ${r.total_ms.toFixed(0)} ms`
         : `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
       `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms`,
-      `downtime as the guest saw it (largest heartbeat gap from the first page on): ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
+      `downtime as the guest saw it (largest heartbeat gap from the first page on): ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ` +
+        `${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
       `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,
-      `security: ${r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`}; pages ${r.security.encrypted ? 'encrypted (AES-256-GCM records keyed from the TLS session)' : 'not encrypted'}`,
-      `encodings: ${r.encodings ? `${r.zero_pages} zero, ${r.dup_pages} dup, ${r.lz4_pages} lz4 (ratio ${r.lz4_ratio}), ${r.raw_pages} raw, ${r.skipped_pages} already there` : 'off'}`,
+      `security: ${auth}; pages ${r.security.encrypted ? 'encrypted (AES-256-GCM records keyed from the TLS session)' : 'not encrypted'}`,
+      `encodings: ${encodings}`,
     ].join('\n') + '\n'
   );
 }

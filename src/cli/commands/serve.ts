@@ -60,7 +60,9 @@ export const serve: Command = {
     nice: {
       type: 'string',
       value: 'N',
-      help: "the daemon's own nice value (default -5 as root, else 0): guests' pauses wait on it; the destination guests it starts keep the nice it was started with",
+      help:
+        "the daemon's own nice value (default -5 as root, else 0): guests' pauses wait on it; the destination guests it starts keep the nice " +
+        'it was started with',
     },
     'shutdown-grace': {
       type: 'string',

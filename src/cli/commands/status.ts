@@ -16,7 +16,10 @@ interface View {
 
 function line(m: View): string {
   const eta = m.progress.eta_s !== undefined && m.state === 'running' ? ` ETA ${m.progress.eta_s.toFixed(1)} s` : '';
-  return `${m.id}  ${m.direction.padEnd(8)} ${m.guest.padEnd(16)} ${m.peer.padEnd(21)} ${m.state.padEnd(9)} ${m.stage.padEnd(13)} ${m.progress.percent.toFixed(1).padStart(5)}%${eta}${m.error ? `  ${m.error.code}: ${m.error.message}` : ''}`;
+  return (
+    `${m.id}  ${m.direction.padEnd(8)} ${m.guest.padEnd(16)} ${m.peer.padEnd(21)} ${m.state.padEnd(9)} ${m.stage.padEnd(13)} ` +
+    `${m.progress.percent.toFixed(1).padStart(5)}%${eta}${m.error ? `  ${m.error.code}: ${m.error.message}` : ''}`
+  );
 }
 
 export const status: Command = {
@@ -51,7 +54,8 @@ export const cancel: Command = {
   summary: 'cancel an outgoing migration before its point of commitment',
   synopsis: 'ID [--api ...] [--json]',
   description:
-    'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it has passed its point of commitment.',
+    'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it ' +
+    'has passed its point of commitment.',
   positionals: true,
   flags: { ...CLIENT_FLAGS },
   async run(v: FlagValues, args: string[]): Promise<number> {

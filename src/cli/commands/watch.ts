@@ -21,7 +21,8 @@ export async function followMigration(t: ApiTarget, id: string, json: boolean): 
       case 'round':
         if (!json)
           bar.line(
-            `round ${String(e.data['round'])}: ${String(e.data['pages'])} pages, ${Number(e.data['mbps']).toFixed(0)} MB/s, ${String(e.data['dirty_pages'])} dirty; ${String(e.data['decision'])}`,
+            `round ${String(e.data['round'])}: ${String(e.data['pages'])} pages, ${Number(e.data['mbps']).toFixed(0)} MB/s, ` +
+              `${String(e.data['dirty_pages'])} dirty; ${String(e.data['decision'])}`,
           );
         break;
       case 'report':

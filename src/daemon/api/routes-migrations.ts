@@ -20,7 +20,9 @@ export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
       schema: {
         summary: 'migrate a registered guest to another daemon',
         description:
-          'Answers once the destination has taken the migration (its handshake: the region is reserved there), or at once when it is queued. A migration refused before any page moved answers with its error (409 ERR_LIVEMIG_NO_MEMORY when it does not fit the destination) and the migration id; the guest keeps running here.',
+          'Answers once the destination has taken the migration (its handshake: the region is reserved there), or at once when it is queued. A ' +
+          'migration refused before any page moved answers with its error (409 ERR_LIVEMIG_NO_MEMORY when it does not fit the destination) and ' +
+          'the migration id; the guest keeps running here.',
         body: migrationRequest,
         response: { 201: created, 400: errorBody, 404: errorBody, 409: errorBody, 502: errorBody, 503: errorBody, 504: errorBody },
       },
