@@ -19,6 +19,11 @@ export default defineConfig(
     rules: {
       // prettier wraps code at 160 but leaves comments, strings and template literals as they are
       '@stylistic/max-len': ['error', { code: LINE, tabWidth: 2, ignoreUrls: false }],
+      // a name dropped on purpose starts with _; so does a property left out of a ...rest copy
+      '@typescript-eslint/no-unused-vars': [
+        'error',
+        { argsIgnorePattern: '^_', varsIgnorePattern: '^_', caughtErrorsIgnorePattern: '^_', ignoreRestSiblings: true },
+      ],
       // node:test's test() and describe() return promises that the runner itself awaits
       '@typescript-eslint/no-floating-promises': [
         'error',
