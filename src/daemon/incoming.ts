@@ -42,7 +42,6 @@ export class IncomingMigrations {
   }
 
   static async listen(host: string, port: number, d: IncomingDeps): Promise<IncomingMigrations> {
-    let self: IncomingMigrations | undefined;
     const base: ReceiveOptions = {
       ...(d.credentials ? { credentials: d.credentials } : {}),
       ...(d.insecure ? { insecure: true } : {}),
@@ -53,9 +52,9 @@ export class IncomingMigrations {
     };
     const receiver = await listen(host, port, base, {
       maxConcurrent: d.maxConcurrent,
-      perMigration: () => self!.#one(d),
+      perMigration: () => self.#one(d),
     });
-    self = new IncomingMigrations(receiver);
+    const self = new IncomingMigrations(receiver);
     return self;
   }
 
@@ -89,21 +88,23 @@ export class IncomingMigrations {
           m.setStage('receiving');
           m.passedHandshake();
           break;
-        case 'round':
+        case 'round': {
           received += e.pages;
           const totalPages = m.progress.view.total_bytes / PAGE_SIZE;
           m.noteProgress({ remainingBytes: (totalPages - Math.min(received, totalPages)) * PAGE_SIZE, transferredBytes: received * PAGE_SIZE, now: true });
           break;
+        }
         case 'committed':
           m.setStage('committed');
           break;
         case 'postcopy-running':
           m.setStage('postcopy');
           break;
-        case 'postcopy-progress':
+        case 'postcopy-progress': {
           const arrived = (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE;
           m.noteProgress({ remainingBytes: m.progress.view.total_bytes - arrived, transferredBytes: arrived });
           break;
+        }
         default:
           break;
       }

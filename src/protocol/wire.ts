@@ -295,7 +295,7 @@ export class WireChannel {
     if (this.#reading) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read is already in progress on this connection', { phase: 'transport' });
     // A control frame that has already arrived is taken on this thread (no read is running)
     if (!this.#readFailure && !this.#closed) {
-      let ready: NativeFrame | null = null;
+      let ready: NativeFrame | null;
       try {
         ready = this.#wire.readNow({ maxPayload: MAX_PAYLOAD, maxType: MAX_TYPE, limits: this.#limits });
       } catch {
