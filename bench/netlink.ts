@@ -44,7 +44,7 @@ export function createLink(rate = '1gbit'): NetLink {
     }
   } catch (e) {
     remove();
-    throw new Error(`cannot create the ${rate} namespace link (needs root, veth and htb): ${(e as Error).message}`);
+    throw new Error(`cannot create the ${rate} namespace link (needs root, veth and htb): ${(e as Error).message}`, { cause: e });
   }
   process.once('exit', remove);
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => (remove(), process.exit(130)));

@@ -61,17 +61,17 @@ if (values.child) {
   const region = Region.create(size, { name: 'bench-source' });
   await fillContent(region, values.content as ContentName, 1n);
   const child = fork(process.argv[1]!, ['--child', ...(values.secure ? ['--secure'] : [])], { stdio: 'inherit' });
-  const messages: any[] = [];
+  const messages: unknown[] = [];
   let wake: () => void = () => undefined;
   child.on('message', (m) => {
     messages.push(m);
     wake();
   });
-  const nextMsg = async (): Promise<any> => {
+  const nextMsg = async <T>(): Promise<T> => {
     while (messages.length === 0) await new Promise<void>((r) => (wake = r));
-    return messages.shift();
+    return messages.shift() as T;
   };
-  const { port } = await nextMsg();
+  const { port } = await nextMsg<{ port: number }>();
   const passes: number[] = [];
   for (let i = 0; i < Number(values.runs); i++) {
     const before = process.resourceUsage();
@@ -85,7 +85,7 @@ if (values.child) {
       ...(credentials ? { credentials } : {}),
     });
     const after = process.resourceUsage();
-    const rx = await nextMsg();
+    const rx = await nextMsg<{ cpu_s: number; user_s: number; receiving_cpu_s: number }>();
     const pass = rep.per_round[0]!.duration_ms;
     passes.push(pass);
     emit({

@@ -289,8 +289,10 @@ test(
     let expectDup = -1; // the first copy of `shared` goes raw
     for (let i = 0; i < pages; i++) {
       if (i % 4 === 0) expectZero++;
-      else if (i % 4 === 1) (src.page(i).set(shared), expectDup++);
-      else src.page(i).set(randomBytes(PS));
+      else if (i % 4 === 1) {
+        src.page(i).set(shared);
+        expectDup++;
+      } else src.page(i).set(randomBytes(PS));
     }
     const zeroHashes = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
     const txDedup = new addon.Dedup(pages);
@@ -302,7 +304,7 @@ test(
     let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
     let c = await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup, flags: 3 });
     await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
-    let f = (await got) as { type: F.FrameType; pages: number; bytes: number };
+    const f = (await got) as { type: F.FrameType; pages: number; bytes: number };
     assert.equal(f.type, F.FrameType.RoundEnd);
     assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: expectZero, skipped: 0, dup: 0, raw: pages - expectZero });
     assert.equal(f.bytes, c.bytes);
@@ -328,7 +330,7 @@ test(
       probe: tracker.writtenProbe(),
     });
     await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
-    f = (await got) as { type: F.FrameType; pages: number; bytes: number };
+    await got;
     await tracker.stop();
     // a raw page becomes a source once its frame went: copies in that first frame of 16 go raw too
     const dups = expectDup - 3;
