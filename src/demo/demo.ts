@@ -117,6 +117,7 @@ export interface DemoOptions {
 }
 
 /** Runs receiver, guest and sender on loopback (or across a namespace link) and migrates the guest live. */
+// eslint-disable-next-line max-lines-per-function -- 133 lines of one story: start guest and receiver, migrate, check, tear down (issue 30)
 export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const g = o.guest;
   const naive = o.naive ?? false;

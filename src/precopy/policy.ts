@@ -96,6 +96,7 @@ export class ConvergencePolicy {
     return (pages * perPage) / 1e3 / Math.max(f.mbps, 1) + this.options.fixedCostMs;
   }
 
+  // eslint-disable-next-line max-lines-per-function -- 121 lines: the policy's rules in the order they apply (issue 30)
   decide(f: RoundFacts): Decision {
     const o = this.options;
     // bytes per page from rounds of dirty pages only: the first round's (zero pages left out,

@@ -53,6 +53,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   }
 }
 
+// eslint-disable-next-line max-lines-per-function -- 118 lines: connect, HELLO/ACCEPT and its checks, channels, encoders, in protocol order (issue 30)
 async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory> | undefined): Promise<void> {
   const { settings } = ctx;
   const { options } = settings;

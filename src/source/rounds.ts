@@ -40,14 +40,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   ctx.deadlines.watchProgress();
   ctx.tFirstPage = now();
   if (settings.mode === 'postcopy') return 'postcopy';
-  const policy = new ConvergencePolicy({
-    downtimeLimitMs: settings.downtimeLimitMs,
-    maxRounds: settings.maxRounds,
-    maxBytes: settings.maxBytes,
-    onStall: settings.onStall,
-    fixedCostMs: FIXED_STOP_COST_MS,
-    ...(options.deadlineMs !== undefined ? { deadlineMs: options.deadlineMs } : {}),
-  });
+  const policy = convergencePolicy(ctx);
   const wws = options.wws === false ? undefined : new WritableWorkingSet(region.pageCount);
   const ra = options.rateAdaptation;
   let outcome: PrecopyOutcome | undefined;
@@ -143,6 +136,18 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // pause does not pay for its backlog.
   while (lanes.ackedRound < ctx.round) lanes.ackedRound = Math.max(lanes.ackedRound, (await readRoundAck(ctx)).round);
   return outcome;
+}
+
+/** The convergence policy for this migration's settings. */
+function convergencePolicy({ settings }: SourceContext): ConvergencePolicy {
+  return new ConvergencePolicy({
+    downtimeLimitMs: settings.downtimeLimitMs,
+    maxRounds: settings.maxRounds,
+    maxBytes: settings.maxBytes,
+    onStall: settings.onStall,
+    fixedCostMs: FIXED_STOP_COST_MS,
+    ...(settings.options.deadlineMs !== undefined ? { deadlineMs: settings.options.deadlineMs } : {}),
+  });
 }
 
 function linkMBps(ctx: SourceContext): number {
