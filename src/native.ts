@@ -73,7 +73,12 @@ export interface NativeWire {
   unread(): number;
   sendPages(o: NativeSendPages): Promise<SendCounts>;
   sendEncoded(o: NativeSendEncoded): Promise<number>;
-  read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean; channels?: number; channel?: number } }): Promise<NativeFrame>;
+  read(o: {
+    maxPayload: number;
+    maxType: number;
+    limits?: Uint32Array;
+    sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean; channels?: number; channel?: number };
+  }): Promise<NativeFrame>;
   /** half-closes, then reads and drops until the peer closes (true: its orderly close came) or timeoutMs passes */
   finish(timeoutMs: number): Promise<boolean>;
   /** whether the peer already closed or reset the connection (nothing unread before its end) */
@@ -131,7 +136,17 @@ export interface NativePostcopyDest {
   start(): void;
   /** returns the attachment's number: its "disconnected" event carries it */
   attach(push: NativeWire, prio: NativeWire): number;
-  stats(): { faults: number; faultsLocal: number; pulled: number; pushed: number; duplicates: number; arrived: number; blockedMs: number; bytes: number; connected: boolean };
+  stats(): {
+    faults: number;
+    faultsLocal: number;
+    pulled: number;
+    pushed: number;
+    duplicates: number;
+    arrived: number;
+    blockedMs: number;
+    bytes: number;
+    connected: boolean;
+  };
   latencies(): Float64Array;
   held(): Uint8Array;
   stop(): void;
@@ -223,13 +238,36 @@ interface Addon {
   Wire: new (fd: number, keys?: WireKeys) => NativeWire;
   pageHash(data: Buffer): bigint;
   Dedup: new (pageCount: number) => NativeDedup;
-  classifyPages(region: NativeRegion, pages: Uint32Array, staging: Buffer, hashes: BigUint64Array, dedup: NativeDedup, flags: number, sources: Int32Array): Promise<Uint8Array>;
+  classifyPages(
+    region: NativeRegion,
+    pages: Uint32Array,
+    staging: Buffer,
+    hashes: BigUint64Array,
+    dedup: NativeDedup,
+    flags: number,
+    sources: Int32Array,
+  ): Promise<Uint8Array>;
   samplePages(region: NativeRegion, pages: Uint32Array, staging: Buffer): Uint8Array;
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;
   pageHashVariants(data: Buffer): bigint[];
-  PostcopyDest: new (region: NativeRegion, uffd: number, guest: bigint | GuestRange[], needed: Uint8Array, hashes: BigUint64Array, version: number, onEvent: (e: PostcopyEvent) => void) => NativePostcopyDest;
-  PostcopySource: new (region: NativeRegion, needed: Uint8Array, version: number, round: number, hashes: BigUint64Array | undefined, onEvent: (e: PostcopyEvent) => void) => NativePostcopySource;
+  PostcopyDest: new (
+    region: NativeRegion,
+    uffd: number,
+    guest: bigint | GuestRange[],
+    needed: Uint8Array,
+    hashes: BigUint64Array,
+    version: number,
+    onEvent: (e: PostcopyEvent) => void,
+  ) => NativePostcopyDest;
+  PostcopySource: new (
+    region: NativeRegion,
+    needed: Uint8Array,
+    version: number,
+    round: number,
+    hashes: BigUint64Array | undefined,
+    onEvent: (e: PostcopyEvent) => void,
+  ) => NativePostcopySource;
   uffdRegisterMinor(address: bigint, length: number): number;
   packBits(bytes: Uint8Array): Buffer;
   unpackBits(bits: Uint8Array, count: number, into?: Uint8Array): { bytes: Uint8Array; set: number };
@@ -279,7 +317,8 @@ export function loadBuilt<T>(name: string, what: string): T {
       return require(c) as T;
     } catch (e) {
       // built, but this host is not one it can run on (its page size): say so, not "not built"
-      if ((e as { code?: string }).code !== 'MODULE_NOT_FOUND') throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${what} cannot load: ${(e as Error).message}`, { phase: 'load', cause: e });
+      if ((e as { code?: string }).code !== 'MODULE_NOT_FOUND')
+        throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${what} cannot load: ${(e as Error).message}`, { phase: 'load', cause: e });
       lastError = e;
     }
   }

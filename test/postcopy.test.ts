@@ -90,63 +90,67 @@ describe('post-copy fault service (in process)', { skip }, () => {
     }
   });
 
-  test('a page that comes on both connections: the first copy to land is the guest\'s, the rest of the other (half received then) goes to scratch, and the guest\'s write after the mapping survives', async () => {
-    const size = 4 * MiB;
-    const dst = Region.create(size, { name: 'livemig-pc-twice', reserve: true });
-    dst.populate();
-    const guestView = Region.adopt(dst.fd, size);
-    const uffd = addon.uffdRegisterMinor(guestView.address, size);
-    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
-    const [pushTx, pushRx, s1] = await channelPair();
-    const [prioTx, prioRx, s2] = await channelPair();
-    const writer = await WorkerWriter.start(guestView.shareId);
-    const page = 5;
-    const frameOf = (fill: number): Buffer => {
-      const f = Buffer.alloc(12 + 8 + 4 + 4096, fill);
-      f.writeUInt16LE(0x4d4c, 0);
-      f.writeUInt8(2, 2);
-      f.writeUInt8(4, 3);
-      f.writeUInt16LE(0, 4);
-      f.writeUInt16LE(0, 6);
-      f.writeUInt32LE(8 + 4 + 4096, 8);
-      f.writeUInt32LE(1, 12);
-      f.writeUInt32LE(1, 16);
-      f.writeUInt32LE(page, 20);
-      return f;
-    };
-    try {
-      faults.start();
-      faults.attach(pushRx.handle, prioRx.handle);
-      // the push copy (0x11) is half way through the push stream
-      const pushed = frameOf(0x11);
-      await pushTx.send(pushed.subarray(0, 24 + 2000));
-      await new Promise((r) => setTimeout(r, 50));
-      // a guest thread touches the page: its fault asks on the priority connection, which answers (0x22)
-      const wrote = writer.write(Uint32Array.of(page), 1000);
-      const req = await prioTx.next(5_000);
-      assert.equal(req.type, FrameType.PageRequest);
-      assert.equal(req.payload.readUInt32LE(4), page);
-      await prioTx.send(frameOf(0x22));
-      await wrote; // the page was mapped, and the guest wrote word 1000 of it
-      // the rest of the push copy arrives after the page became the guest's
-      await pushTx.send(pushed.subarray(24 + 2000));
-      await until('the second copy arrives', () => faults.stats().duplicates >= 1);
-      assert.equal(faults.stats().duplicates, 1, 'the second copy was dropped');
-      const words = new Uint32Array(guestView.page(page).buffer, guestView.page(page).byteOffset, 1024);
-      assert.equal(words[1000], 1001, "the guest's write survives");
-      assert.equal(words[0], 0x22222222, 'the page holds the copy that landed first, not the pushed one');
-      assert.equal(words[999], 0x22222222, 'not even the part of the pushed copy that arrived before');
-    } finally {
-      await writer.close();
-      faults.stop();
-      for (const c of [pushTx, pushRx, prioTx, prioRx]) c.close();
-      s1.close();
-      s2.close();
-      addon.closeFd(uffd);
-      guestView.release();
-      dst.release();
-    }
-  });
+  test(
+    "a page that comes on both connections: the first copy to land is the guest's, the rest of the other (half received then) goes to scratch, " +
+      "and the guest's write after the mapping survives",
+    async () => {
+      const size = 4 * MiB;
+      const dst = Region.create(size, { name: 'livemig-pc-twice', reserve: true });
+      dst.populate();
+      const guestView = Region.adopt(dst.fd, size);
+      const uffd = addon.uffdRegisterMinor(guestView.address, size);
+      const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
+      const [pushTx, pushRx, s1] = await channelPair();
+      const [prioTx, prioRx, s2] = await channelPair();
+      const writer = await WorkerWriter.start(guestView.shareId);
+      const page = 5;
+      const frameOf = (fill: number): Buffer => {
+        const f = Buffer.alloc(12 + 8 + 4 + 4096, fill);
+        f.writeUInt16LE(0x4d4c, 0);
+        f.writeUInt8(2, 2);
+        f.writeUInt8(4, 3);
+        f.writeUInt16LE(0, 4);
+        f.writeUInt16LE(0, 6);
+        f.writeUInt32LE(8 + 4 + 4096, 8);
+        f.writeUInt32LE(1, 12);
+        f.writeUInt32LE(1, 16);
+        f.writeUInt32LE(page, 20);
+        return f;
+      };
+      try {
+        faults.start();
+        faults.attach(pushRx.handle, prioRx.handle);
+        // the push copy (0x11) is half way through the push stream
+        const pushed = frameOf(0x11);
+        await pushTx.send(pushed.subarray(0, 24 + 2000));
+        await new Promise((r) => setTimeout(r, 50));
+        // a guest thread touches the page: its fault asks on the priority connection, which answers (0x22)
+        const wrote = writer.write(Uint32Array.of(page), 1000);
+        const req = await prioTx.next(5_000);
+        assert.equal(req.type, FrameType.PageRequest);
+        assert.equal(req.payload.readUInt32LE(4), page);
+        await prioTx.send(frameOf(0x22));
+        await wrote; // the page was mapped, and the guest wrote word 1000 of it
+        // the rest of the push copy arrives after the page became the guest's
+        await pushTx.send(pushed.subarray(24 + 2000));
+        await until('the second copy arrives', () => faults.stats().duplicates >= 1);
+        assert.equal(faults.stats().duplicates, 1, 'the second copy was dropped');
+        const words = new Uint32Array(guestView.page(page).buffer, guestView.page(page).byteOffset, 1024);
+        assert.equal(words[1000], 1001, "the guest's write survives");
+        assert.equal(words[0], 0x22222222, 'the page holds the copy that landed first, not the pushed one');
+        assert.equal(words[999], 0x22222222, 'not even the part of the pushed copy that arrived before');
+      } finally {
+        await writer.close();
+        faults.stop();
+        for (const c of [pushTx, pushRx, prioTx, prioRx]) c.close();
+        s1.close();
+        s2.close();
+        addon.closeFd(uffd);
+        guestView.release();
+        dst.release();
+      }
+    },
+  );
 
   test('a push frame with a page outside the region is refused before anything is written', async () => {
     const size = 4 * MiB;
@@ -183,7 +187,12 @@ describe('post-copy fault service (in process)', { skip }, () => {
 });
 
 /** A receiver with a reference guest behind it, and a way to cut its connections. */
-async function setup(size: number, rate: number, recoverTimeoutMs = 20_000, credentials?: Credentials): Promise<{
+async function setup(
+  size: number,
+  rate: number,
+  recoverTimeoutMs = 20_000,
+  credentials?: Credentials,
+): Promise<{
   guest: SourceGuest;
   observer: HeartbeatObserver;
   result: Promise<ReceiveReport>;
@@ -269,7 +278,16 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
   test('postcopy: the guest runs at the destination at once, writing, and ends bit-identical', async () => {
     s = await setup(64 * MiB, 64);
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'postcopy' });
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: s.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
+      mode: 'postcopy',
+    });
     const rx = await s.result;
     assert.equal(report.mode, 'postcopy');
     assert.equal(rx.mode, 'postcopy');
@@ -284,23 +302,47 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
-  test('postcopy over authenticated connections: the priority connection joins with its own handshake, and the image is the same', { skip: opensslMissing }, async () => {
-    const { ca, certs } = makeCa(['src', 'dst']);
-    s = await setup(64 * MiB, 64, 20_000, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
-    const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'postcopy', credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' } });
-    const rx = await s.result;
-    assert.deepEqual([report.security.auth, report.security.peer, rx.security.peer], ['tls-cert', 'dst', 'src']);
-    assert.equal(rx.digest, report.digest, 'both sides hold the same image');
-    assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, g.region.pageCount, 'every page crossed once');
-    assert.equal((await verifyDestination(s)).bad, 0);
-    await s.close();
-  });
+  test(
+    'postcopy over authenticated connections: the priority connection joins with its own handshake, and the image is the same',
+    { skip: opensslMissing },
+    async () => {
+      const { ca, certs } = makeCa(['src', 'dst']);
+      s = await setup(64 * MiB, 64, 20_000, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+      const g = s.guest;
+      const report = await migrate({
+        region: g.region,
+        ...(g.target ? { target: g.target } : {}),
+        to: { host: '127.0.0.1', port: s.port },
+        pause: () => g.pause(),
+        resume: () => g.resume(),
+        commit: () => g.commit(),
+        release: () => g.exit(),
+        mode: 'postcopy',
+        credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
+      });
+      const rx = await s.result;
+      assert.deepEqual([report.security.auth, report.security.peer, rx.security.peer], ['tls-cert', 'dst', 'src']);
+      assert.equal(rx.digest, report.digest, 'both sides hold the same image');
+      assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, g.region.pageCount, 'every page crossed once');
+      assert.equal((await verifyDestination(s)).bad, 0);
+      await s.close();
+    },
+  );
 
   test('hybrid over an encrypted stream: one pre-copy pass, then only the pages dirtied since are fetched', async () => {
     s = await setup(64 * MiB, 256, 20_000, psk);
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'hybrid', credentials: psk });
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: s.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
+      mode: 'hybrid',
+      credentials: psk,
+    });
     const rx = await s.result;
     assert.equal(report.mode, 'hybrid');
     assert.equal(report.security.encrypted, true);
@@ -323,7 +365,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port: s.port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       onStall: 'postcopy',
       bandwidthMiBps: 16, // the guest dirties 256 MiB/s: pre-copy cannot converge
       encodings: { zero: false, dedup: false, compress: false },
@@ -349,7 +392,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port: s.port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       control,
       onProgress: (e) => e.type === 'round' && e.round === 1 && control.startPostcopy(),
     });
@@ -376,7 +420,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       mode: 'postcopy',
       control,
       credentials: psk,
@@ -398,51 +443,56 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
-  test('a post-copy reconnect that reaches an impostor is refused, nothing is pushed to it, and the source keeps its copy', { skip: opensslMissing }, async () => {
-    const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
-    s = await setup(256 * MiB, 64, 1500, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
-    const g = s.guest;
-    // an impostor with a certificate from the same CA, for another name: it records what it gets
-    let impostorBytes = 0;
-    let impostorConnections = 0;
-    const impostor = tls.createServer({ cert: certs['mallory']!.cert, key: certs['mallory']!.key, ca, requestCert: true, rejectUnauthorized: false }, (t) => {
-      impostorConnections++;
-      t.on('data', (d: Buffer) => void (impostorBytes += d.length));
-      t.on('error', () => undefined);
-    });
-    let impostorDials = 0;
-    impostor.on('connection', () => void impostorDials++);
-    impostor.on('tlsClientError', () => undefined); // the source hangs up on it
-    await new Promise<void>((r) => impostor.listen(0, '127.0.0.1', r));
-    const proxy = await cuttableProxy(s.port, false, (impostor.address() as net.AddressInfo).port);
-    let cut = false;
-    const run = migrate({
-      region: g.region,
-      ...(g.target ? { target: g.target } : {}),
-      to: { host: '127.0.0.1', port: proxy.port },
-      pause: () => g.pause(),
-      resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
-      mode: 'postcopy',
-      recoverTimeoutMs: 1500,
-      credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
-      onProgress: (e) => {
-        if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
-          cut = true;
-          proxy.cut();
-        }
-      },
-    });
-    await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && e.phase === 'postcopy');
-    await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST');
-    assert.ok(cut, 'the link was cut in the middle of post-copy');
-    assert.ok(impostorDials >= 1, `the source's reconnects reached the impostor (${impostorDials})`);
-    assert.deepEqual([impostorConnections, impostorBytes], [0, 0], 'no handshake with the impostor completed: no ATTACH, no page reached it');
-    assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
-    proxy.close();
-    impostor.close();
-    await s.close();
-  });
+  test(
+    'a post-copy reconnect that reaches an impostor is refused, nothing is pushed to it, and the source keeps its copy',
+    { skip: opensslMissing },
+    async () => {
+      const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
+      s = await setup(256 * MiB, 64, 1500, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+      const g = s.guest;
+      // an impostor with a certificate from the same CA, for another name: it records what it gets
+      let impostorBytes = 0;
+      let impostorConnections = 0;
+      const impostor = tls.createServer({ cert: certs['mallory']!.cert, key: certs['mallory']!.key, ca, requestCert: true, rejectUnauthorized: false }, (t) => {
+        impostorConnections++;
+        t.on('data', (d: Buffer) => void (impostorBytes += d.length));
+        t.on('error', () => undefined);
+      });
+      let impostorDials = 0;
+      impostor.on('connection', () => void impostorDials++);
+      impostor.on('tlsClientError', () => undefined); // the source hangs up on it
+      await new Promise<void>((r) => impostor.listen(0, '127.0.0.1', r));
+      const proxy = await cuttableProxy(s.port, false, (impostor.address() as net.AddressInfo).port);
+      let cut = false;
+      const run = migrate({
+        region: g.region,
+        ...(g.target ? { target: g.target } : {}),
+        to: { host: '127.0.0.1', port: proxy.port },
+        pause: () => g.pause(),
+        resume: () => g.resume(),
+        commit: () => g.commit(),
+        release: () => g.exit(),
+        mode: 'postcopy',
+        recoverTimeoutMs: 1500,
+        credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
+        onProgress: (e) => {
+          if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
+            cut = true;
+            proxy.cut();
+          }
+        },
+      });
+      await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && e.phase === 'postcopy');
+      await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST');
+      assert.ok(cut, 'the link was cut in the middle of post-copy');
+      assert.ok(impostorDials >= 1, `the source's reconnects reached the impostor (${impostorDials})`);
+      assert.deepEqual([impostorConnections, impostorBytes], [0, 0], 'no handshake with the impostor completed: no ATTACH, no page reached it');
+      assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
+      proxy.close();
+      impostor.close();
+      await s.close();
+    },
+  );
 
   test('a source gone for good: both sides say so clearly; the destination keeps what it has', async () => {
     s = await setup(256 * MiB, 64, 1500);
@@ -457,7 +507,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       mode: 'postcopy',
       recoverTimeoutMs: 1500,
       onProgress: (e) => {
@@ -467,7 +518,10 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
         }
       },
     });
-    await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && /did not come back/.test(e.message) && e.phase === 'postcopy');
+    await assert.rejects(
+      run,
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && /did not come back/.test(e.message) && e.phase === 'postcopy',
+    );
     await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST' && /cannot finish/.test(e.message));
     assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
     proxy.close();

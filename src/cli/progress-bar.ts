@@ -25,7 +25,9 @@ export class ProgressBar {
 
   show(p: ShownProgress): void {
     const pct = Math.max(0, Math.min(100, p.percent));
-    const text = `${pct.toFixed(1).padStart(5)}% ${mib(p.transferred_bytes)}/${mib(p.total_bytes)} MiB sent${p.eta_s !== undefined ? `, ETA ${p.eta_s.toFixed(1)} s` : ''}${p.stage ? ` (${p.stage})` : ''}`;
+    const text =
+      `${pct.toFixed(1).padStart(5)}% ${mib(p.transferred_bytes)}/${mib(p.total_bytes)} MiB ` +
+      `sent${p.eta_s !== undefined ? `, ETA ${p.eta_s.toFixed(1)} s` : ''}${p.stage ? ` (${p.stage})` : ''}`;
     if (this.#tty) {
       const full = Math.round((pct / 100) * WIDTH);
       this.#out.write(`\r[${'#'.repeat(full)}${'.'.repeat(WIDTH - full)}] ${text}\x1b[K`);

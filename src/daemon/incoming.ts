@@ -16,7 +16,6 @@ import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
 import { Migration, type MigrationTable } from './migration.js';
 
-
 export interface IncomingDeps {
   table: MigrationTable;
   bus: EventBus;
@@ -43,7 +42,6 @@ export class IncomingMigrations {
   }
 
   static async listen(host: string, port: number, d: IncomingDeps): Promise<IncomingMigrations> {
-    let self: IncomingMigrations | undefined;
     const base: ReceiveOptions = {
       ...(d.credentials ? { credentials: d.credentials } : {}),
       ...(d.insecure ? { insecure: true } : {}),
@@ -54,9 +52,9 @@ export class IncomingMigrations {
     };
     const receiver = await listen(host, port, base, {
       maxConcurrent: d.maxConcurrent,
-      perMigration: () => self!.#one(d),
+      perMigration: () => self.#one(d),
     });
-    self = new IncomingMigrations(receiver);
+    const self = new IncomingMigrations(receiver);
     return self;
   }
 
@@ -90,21 +88,23 @@ export class IncomingMigrations {
           m.setStage('receiving');
           m.passedHandshake();
           break;
-        case 'round':
+        case 'round': {
           received += e.pages;
           const totalPages = m.progress.view.total_bytes / PAGE_SIZE;
           m.noteProgress({ remainingBytes: (totalPages - Math.min(received, totalPages)) * PAGE_SIZE, transferredBytes: received * PAGE_SIZE, now: true });
           break;
+        }
         case 'committed':
           m.setStage('committed');
           break;
         case 'postcopy-running':
           m.setStage('postcopy');
           break;
-        case 'postcopy-progress':
+        case 'postcopy-progress': {
           const arrived = (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE;
           m.noteProgress({ remainingBytes: m.progress.view.total_bytes - arrived, transferredBytes: arrived });
           break;
+        }
         default:
           break;
       }
@@ -115,7 +115,13 @@ export class IncomingMigrations {
       maxChannels: channelsFor(this.#active),
       reserveMemory: (bytes, local) => d.budget.take(bytes, local),
       onReserved: async (_region, postcopy, layout, memory) => {
-        guest = await IncomingGuest.start({ command: d.guestCommand, layout, files: memory.files, populate: postcopy !== 'planned' && !memory.local, registerEarly: postcopy === 'planned' });
+        guest = await IncomingGuest.start({
+          command: d.guestCommand,
+          layout,
+          files: memory.files,
+          populate: postcopy !== 'planned' && !memory.local,
+          registerEarly: postcopy === 'planned',
+        });
       },
       postcopy: { register: () => guest!.register() },
       onProgress,

@@ -139,6 +139,10 @@ export class Chooser {
 
   describe(): string {
     const f = (x: number | undefined, d = 0): string => (x === undefined ? '-' : x.toFixed(d));
-    return `saves ${f(this.savedShare, 2)} of pages in place; link ${f(this.linkMBps())} MB/s a channel${this.#fast ? ' (fast: no compression)' : ''}, lz4 ${f(this.compressMBps)} MB/s ratio ${f(this.ratio, 2)} candidates ${f(this.candidates, 2)} -> ${this.compressing() ? 'compress' : 'in place'}`;
+    return (
+      `saves ${f(this.savedShare, 2)} of pages in place; link ${f(this.linkMBps())} MB/s a ` +
+      `channel${this.#fast ? ' (fast: no compression)' : ''}, lz4 ${f(this.compressMBps)} MB/s ratio ${f(this.ratio, 2)} candidates ` +
+      `${f(this.candidates, 2)} -> ${this.compressing() ? 'compress' : 'in place'}`
+    );
   }
 }

@@ -67,7 +67,13 @@ export class Compressor {
    * Compresses groups of staging slots (pairs: first slot, slot count) into output; for a
    * group starting at k, lengths[k] = compressed bytes, or 0 for "keep raw". One job at a time.
    */
-  async compress(staging: SharedArrayBuffer, output: SharedArrayBuffer, lengths: SharedArrayBuffer, groups: Uint32Array, pageSize: number): Promise<CompressResult> {
+  async compress(
+    staging: SharedArrayBuffer,
+    output: SharedArrayBuffer,
+    lengths: SharedArrayBuffer,
+    groups: Uint32Array,
+    pageSize: number,
+  ): Promise<CompressResult> {
     const n = this.#workers.length;
     const parts = this.#workers
       .map((_, w) => {

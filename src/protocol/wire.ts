@@ -10,7 +10,16 @@
  */
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
-import { addon, fromNative, type NativeFrame, type NativeSendEncoded, type NativeSendPages, type NativeWire, type SendCounts, type WireKeys } from '../native.js';
+import {
+  addon,
+  fromNative,
+  type NativeFrame,
+  type NativeSendEncoded,
+  type NativeSendPages,
+  type NativeWire,
+  type SendCounts,
+  type WireKeys,
+} from '../native.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { ProtocolError } from './errors.js';
@@ -32,7 +41,12 @@ export const SEND_DEDUP = 2;
  * enter the dedup index; with `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go
  * from the calling thread.
  */
-export type SendPagesRequest = Omit<NativeSendPages, 'region' | 'flags' | 'now' | 'probe'> & { region: Region; flags?: number; probe?: WrittenProbe; now?: boolean };
+export type SendPagesRequest = Omit<NativeSendPages, 'region' | 'flags' | 'now' | 'probe'> & {
+  region: Region;
+  flags?: number;
+  probe?: WrittenProbe;
+  now?: boolean;
+};
 
 /** A frame, with what a sink applied before it arrived. */
 export interface WireFrame extends Frame {
@@ -89,9 +103,18 @@ export class WireChannel {
    */
   static fromSocket(socket: net.Socket): WireChannel {
     if (socket.bytesRead > 0 || socket.readableLength > 0) {
-      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the connection was already read from: hand it over before any data is read (servers: pauseOnConnect)', { phase: 'connect' });
+      throw new LivemigError(
+        'ERR_LIVEMIG_INVALID_ARGUMENT',
+        'the connection was already read from: hand it over before any data is read (servers: pauseOnConnect)',
+        { phase: 'connect' },
+      );
     }
-    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection');
+    return WireChannel.#takeOver(
+      socket,
+      [socket],
+      'the connection has no file descriptor: a migration needs a connected TCP or Unix socket',
+      'taking over the connection',
+    );
   }
 
   /**
@@ -101,9 +124,17 @@ export class WireChannel {
    */
   static fromSocketAfter(socket: net.Socket, consumed: number, keys?: WireKeys): WireChannel {
     if (socket.bytesRead !== consumed || socket.readableLength > 0) {
-      throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the connection was read past its first frame (${socket.bytesRead} bytes, ${consumed} expected)`, { phase: 'handshake' });
+      throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the connection was read past its first frame (${socket.bytesRead} bytes, ${consumed} expected)`, {
+        phase: 'handshake',
+      });
     }
-    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection', keys);
+    return WireChannel.#takeOver(
+      socket,
+      [socket],
+      'the connection has no file descriptor: a migration needs a connected TCP or Unix socket',
+      'taking over the connection',
+      keys,
+    );
   }
 
   /**
@@ -114,7 +145,8 @@ export class WireChannel {
    * path (which is to carry its own records, keyed from the TLS session).
    */
   static fromSecured(raw: net.Socket, tls: net.Socket, keys: WireKeys): WireChannel {
-    if (tls.readableLength > 0) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
+    if (tls.readableLength > 0)
+      throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
     return WireChannel.#takeOver(raw, [tls, raw], 'the secured connection has no file descriptor', 'taking over the secured connection', keys);
   }
 
@@ -219,11 +251,24 @@ export class WireChannel {
    */
   sendPages(req: SendPagesRequest): Promise<SendCounts> {
     const { region, pages, round, version, batchPages, hashes, dedup, flags = 0, probe } = req;
-    if (batchPages < 1 || batchPages > MAX_BATCH_PAGES) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
+    if (batchPages < 1 || batchPages > MAX_BATCH_PAGES)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
     if (flags !== 0 && dedup === undefined) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'encoded frames need the dedup index', { phase: 'precopy' });
-    if (hashes.length < region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the hash table has ${hashes.length} entries for ${region.pageCount} pages`, { phase: 'precopy' });
+    if (hashes.length < region.pageCount)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the hash table has ${hashes.length} entries for ${region.pageCount} pages`, { phase: 'precopy' });
     const now = req.now === true && pages.length <= SEND_NOW_PAGES && this.#writesPending === 0 && !this.#writeFailure && !this.#closed;
-    const call = { region: region.nativeHandle, pages, round, version, batchPages, hashes, flags, now, ...(dedup ? { dedup } : {}), ...(probe ? { probe } : {}) };
+    const call = {
+      region: region.nativeHandle,
+      pages,
+      round,
+      version,
+      batchPages,
+      hashes,
+      flags,
+      now,
+      ...(dedup ? { dedup } : {}),
+      ...(probe ? { probe } : {}),
+    };
     if (now) {
       return this.#wire.sendPages(call).catch((e: unknown) => {
         this.#writeFailure ??= fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'transport', 'sending pages');
@@ -250,7 +295,7 @@ export class WireChannel {
     if (this.#reading) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read is already in progress on this connection', { phase: 'transport' });
     // A control frame that has already arrived is taken on this thread (no read is running)
     if (!this.#readFailure && !this.#closed) {
-      let ready: NativeFrame | null = null;
+      let ready: NativeFrame | null;
       try {
         ready = this.#wire.readNow({ maxPayload: MAX_PAYLOAD, maxType: MAX_TYPE, limits: this.#limits });
       } catch {
@@ -308,7 +353,12 @@ export class WireChannel {
         this.#queuedBytes += f.payload.length;
         // a peer must not make us hold without bound what nobody asked for
         if (this.#queue.length > READ_AHEAD_MAX_FRAMES || this.#queuedBytes > READ_AHEAD_MAX_BYTES) {
-          this.abort(new ProtocolError('ERR_LIVEMIG_PROTOCOL', `the peer sent ${this.#queue.length} frames (${this.#queuedBytes} bytes) that nobody has read: more than a migration ever needs queued`));
+          this.abort(
+            new ProtocolError(
+              'ERR_LIVEMIG_PROTOCOL',
+              `the peer sent ${this.#queue.length} frames (${this.#queuedBytes} bytes) that nobody has read: more than a migration ever needs queued`,
+            ),
+          );
           break;
         }
       }
@@ -394,7 +444,18 @@ export class WireChannel {
         maxPayload: MAX_PAYLOAD,
         maxType: MAX_TYPE,
         limits: this.#limits,
-        ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, encodings: sink.encodings === true, ...(sink.stripe ? sink.stripe : {}) } } : {}),
+        ...(sink
+          ? {
+              sink: {
+                region: sink.region.nativeHandle,
+                hashes: sink.hashes,
+                version: sink.version,
+                maxBatchPages: MAX_BATCH_PAGES,
+                encodings: sink.encodings === true,
+                ...(sink.stripe ? sink.stripe : {}),
+              },
+            }
+          : {}),
       });
       return { ...f, type: f.type as FrameType };
     } catch (e) {

@@ -73,7 +73,6 @@ export class PendingConnections {
 
   /** Takes `socket` in; over a cap, another pending connection (or, later, this one) may go. */
   add(socket: net.Socket): PendingTicket {
-    const owner = this;
     let settled = false;
     const entry: Entry = {
       from: socket.remoteAddress ?? '',
@@ -84,20 +83,20 @@ export class PendingConnections {
       answered() {
         if (entry.rank === 'opening') entry.rank = 'answered';
       },
-      proven(release) {
+      proven: (release) => {
         if (settled || entry.rank === 'proven') return;
-        owner.#remove(owner.#unproven, entry);
+        this.#remove(this.#unproven, entry);
         entry.rank = 'proven';
         entry.at = performance.now();
         entry.release = release;
-        owner.#proven.push(entry);
+        this.#proven.push(entry);
         // proven ones crowd out only each other: the oldest silent one goes
-        if (owner.#proven.length > owner.#limits.maxProven) owner.#evict(owner.#proven[0]!, 'proven');
+        if (this.#proven.length > this.#limits.maxProven) this.#evict(this.#proven[0]!, 'proven');
       },
-      settle() {
+      settle: () => {
         if (settled) return;
         settled = true;
-        owner.#remove(entry.rank === 'proven' ? owner.#proven : owner.#unproven, entry);
+        this.#remove(entry.rank === 'proven' ? this.#proven : this.#unproven, entry);
       },
     };
     this.#unproven.push(entry);

@@ -81,7 +81,12 @@ async function checkProof(channel: WireChannel, digest: bigint, pageCount: numbe
   const theirs = decodeDigest((await channel.expect(FrameType.Digest, (f) => peerError(f, 'commit'))).payload);
   trace('source', SourceEvent.destinationDigestReceived);
   if (theirs.pageCount !== pageCount || theirs.digest !== digest) {
-    throw new LivemigError('ERR_LIVEMIG_DIGEST', `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ${pageCount}: it does not hold this image`, { phase: 'commit' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_DIGEST',
+      `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ` +
+        `${pageCount}: it does not hold this image`,
+      { phase: 'commit' },
+    );
   }
 }
 

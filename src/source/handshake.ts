@@ -12,7 +12,19 @@ import { addon, call, type NativeDedup } from '../native.js';
 import { PageEncoder } from '../encoding/encoder.js';
 import type { LinkFigure } from '../encoding/chooser.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_SOURCE_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import {
+  CAP_CHANNELS,
+  CAP_COMMIT_ACTIVATE,
+  CAP_ENCODINGS,
+  CAP_IMAGE_HASHES,
+  CAP_LOCAL,
+  CAP_POSTCOPY,
+  CAP_POSTCOPY_PLANNED,
+  CAP_RESOLVE,
+  FrameType,
+  MIN_SOURCE_VERSION,
+  PROTOCOL_VERSION,
+} from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { WireChannel } from '../protocol/wire.js';
 import { openChannel } from '../security/tls.js';
@@ -41,6 +53,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   }
 }
 
+// eslint-disable-next-line max-lines-per-function -- 118 lines: connect, HELLO/ACCEPT and its checks, channels, encoders, in protocol order (issue 30)
 async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory> | undefined): Promise<void> {
   const { settings } = ctx;
   const { options } = settings;
@@ -81,20 +94,37 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await channel.send(encodeHello({ versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
+  await channel.send(
+    encodeHello({
+      versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION],
+      regionBytes: region.size,
+      pageSize: region.pageSize,
+      auth: null,
+      capabilities,
+      regions: settings.layout.toWire(),
+      ...(local ? { local: local.offer } : {}),
+      ...(wanted.count > 1 ? { channels: wanted.count } : {}),
+    }),
+  );
   trace('source', SourceEvent.helloSent);
   const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   checkProofOffered(accept, local !== undefined);
   const version = accept.version;
   if (local) {
-    if (!accept.capabilities.includes(CAP_LOCAL)) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the destination does not take memory by reference (a same-host upgrade needs a livemig that offers `local`)', { phase: 'handshake' });
+    if (!accept.capabilities.includes(CAP_LOCAL))
+      throw new LivemigError(
+        'ERR_LIVEMIG_UNSUPPORTED',
+        'the destination does not take memory by reference (a same-host upgrade needs a livemig that offers `local`)',
+        { phase: 'handshake' },
+      );
     await local.served; // it took the memory before it accepted
   }
   // the hand-over's code paths run once now, not for the first time inside the pause
   warmUpRuntime();
   warmUpProtocol(version);
   const link = postcopyLink(ctx, accept, version);
-  if (settings.mode !== 'precopy' && !link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
+  if (settings.mode !== 'precopy' && !link)
+    throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
   const granted = grantedChannels(accept, wanted);
   const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, channel, accept) : undefined;
   const extras = granted.count > 1 ? await openExtraChannels(ctx, accept.session!, granted.count, version) : [];
@@ -103,7 +133,20 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const channels = [channel, ...extras];
   const linkFigure = (): LinkFigure | undefined => ctx.lanes?.link();
   const encoders = channels.map((ch, k) =>
-    image ? new PageEncoder({ region, channel: ch, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure, onSent: (b) => ctx.lanes?.noteSent(b) }) : undefined,
+    image
+      ? new PageEncoder({
+          region,
+          channel: ch,
+          hashes: ctx.hashes,
+          dedup: dedupIndex(region.pageCount, image, channels.length, k),
+          encodings: enc,
+          version,
+          batchPages: settings.batchPages,
+          probe: () => ctx.tracker?.writtenProbe?.(),
+          link: linkFigure,
+          onSent: (b) => ctx.lanes?.noteSent(b),
+        })
+      : undefined,
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;
@@ -129,7 +172,15 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   }
   ctx.tracker = tracker;
   ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, lanes, channels: granted, prepMs, security: opened.security };
-  ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason, channels: granted.count, channels_reason: granted.reason });
+  ctx.progress({
+    type: 'handshake',
+    prep_ms: prepMs,
+    version,
+    tracker: tracker.backend,
+    tracker_reason: trackerReason,
+    channels: granted.count,
+    channels_reason: granted.reason,
+  });
 }
 
 /**
@@ -141,10 +192,19 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
  */
 function checkProofOffered(accept: Accept, local: boolean): void {
   if (accept.version < MIN_SOURCE_VERSION || accept.version > PROTOCOL_VERSION) {
-    throw new LivemigError('ERR_LIVEMIG_VERSION', `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`, { phase: 'handshake' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_VERSION',
+      `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ` +
+        `${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`,
+      { phase: 'handshake' },
+    );
   }
   if (!local && !accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
-    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', "the destination's ACCEPT drops commit-activate, without which it does not prove it holds the image before the commit: refused, the guest stays here", { phase: 'handshake' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_PROTOCOL',
+      "the destination's ACCEPT drops commit-activate, without which it does not prove it holds the image before the commit: refused, the guest stays here",
+      { phase: 'handshake' },
+    );
   }
 }
 
@@ -175,21 +235,34 @@ function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): (
 function grantedChannels(accept: Accept, wanted: ChannelChoice): ChannelChoice {
   if (wanted.count === 1) return wanted;
   const n = accept.capabilities.includes(CAP_CHANNELS) ? (accept.channels ?? 1) : 1;
-  if (n > wanted.count) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the destination granted ${n} channels, ${wanted.count} were asked for`, { phase: 'handshake' });
-  if (n > 1 && !accept.session) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the destination granted channels without a session token to attach them with', { phase: 'handshake' });
+  if (n > wanted.count)
+    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the destination granted ${n} channels, ${wanted.count} were asked for`, { phase: 'handshake' });
+  if (n > 1 && !accept.session)
+    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the destination granted channels without a session token to attach them with', { phase: 'handshake' });
   if (n === wanted.count) return wanted;
-  return { count: n, reason: n === 1 && !accept.capabilities.includes(CAP_CHANNELS) ? 'the destination does not offer channels' : `the destination granted ${n} of ${wanted.count}` };
+  return {
+    count: n,
+    reason:
+      n === 1 && !accept.capabilities.includes(CAP_CHANNELS) ? 'the destination does not offer channels' : `the destination granted ${n} of ${wanted.count}`,
+  };
 }
 
 /** Channels 1.. of the session, each authenticated and named with ATTACH; all closed if one fails. */
 async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<WireChannel[]> {
   const open = anotherConnection(ctx, 'channels');
-  const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version, ctx.settings.handshakeTimeoutMs)));
+  const opened = await Promise.allSettled(
+    Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version, ctx.settings.handshakeTimeoutMs)),
+  );
   const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
   const channels = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
   if (failed) {
     for (const ch of channels) ch.close();
-    throw failed.reason instanceof LivemigError ? failed.reason : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, { phase: 'handshake', cause: failed.reason });
+    throw failed.reason instanceof LivemigError
+      ? failed.reason
+      : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, {
+          phase: 'handshake',
+          cause: failed.reason,
+        });
   }
   if (ctx.abortReason) for (const ch of channels) ch.abort(ctx.abortReason);
   return channels;
@@ -199,7 +272,10 @@ async function openExtraChannels(ctx: SourceContext, session: string, count: num
 async function destinationImage(ctx: SourceContext, channel: WireChannel, accept: Accept): Promise<BigUint64Array> {
   const { region } = ctx.settings.options;
   return accept.capabilities.includes(CAP_IMAGE_HASHES)
-    ? decodeImageHashes((await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload, region.pageCount)
+    ? decodeImageHashes(
+        (await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload,
+        region.pageCount,
+      )
     : new BigUint64Array(region.pageCount).fill(call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash()));
 }
 

@@ -17,7 +17,6 @@ import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import type { RoundStats } from './types.js';
 
-
 /**
  * Longest a round after the first runs, with the throttle stall policy, before the rest of its
  * pages wait for the next: through 1 Gbit/s a pass over 1 GiB takes ~9 s, and a policy that
@@ -41,14 +40,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   ctx.deadlines.watchProgress();
   ctx.tFirstPage = now();
   if (settings.mode === 'postcopy') return 'postcopy';
-  const policy = new ConvergencePolicy({
-    downtimeLimitMs: settings.downtimeLimitMs,
-    maxRounds: settings.maxRounds,
-    maxBytes: settings.maxBytes,
-    onStall: settings.onStall,
-    fixedCostMs: FIXED_STOP_COST_MS,
-    ...(options.deadlineMs !== undefined ? { deadlineMs: options.deadlineMs } : {}),
-  });
+  const policy = convergencePolicy(ctx);
   const wws = options.wws === false ? undefined : new WritableWorkingSet(region.pageCount);
   const ra = options.rateAdaptation;
   let outcome: PrecopyOutcome | undefined;
@@ -88,7 +80,20 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       pageSize: region.pageSize,
     });
     const dirtyMbps = (dirty.length * region.pageSize) / 1e3 / Math.max(duration, 0.001);
-    const stats = roundStats(ctx, { round, sentPages, bytes, duration, roundMbps, bandwidth, carried: unsent.length, dirtied: dirty.length, dirtyMbps, plan, decision: d, throttle: policy.throttle });
+    const stats = roundStats(ctx, {
+      round,
+      sentPages,
+      bytes,
+      duration,
+      roundMbps,
+      bandwidth,
+      carried: unsent.length,
+      dirtied: dirty.length,
+      dirtyMbps,
+      plan,
+      decision: d,
+      throttle: policy.throttle,
+    });
     ctx.perRound.push(stats);
     ctx.progress({ type: 'round', ...stats });
     ctx.pending = plan.send;
@@ -100,8 +105,14 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       await options.throttle!(d.level);
       ctx.maxThrottle = Math.max(ctx.maxThrottle, d.level);
     } else if (d.action === 'postcopy' || settings.mode === 'hybrid' || options.control?.postcopyRequested) {
-      if (!link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: the destination does not offer post-copy; the guest stays here`, { phase: 'precopy' });
-      ctx.stopReason = d.action === 'postcopy' ? `${d.reason}: switching to post-copy` : settings.mode === 'hybrid' ? 'hybrid: switching to post-copy after the first pass' : 'post-copy requested';
+      if (!link)
+        throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: the destination does not offer post-copy; the guest stays here`, { phase: 'precopy' });
+      ctx.stopReason =
+        d.action === 'postcopy'
+          ? `${d.reason}: switching to post-copy`
+          : settings.mode === 'hybrid'
+            ? 'hybrid: switching to post-copy after the first pass'
+            : 'post-copy requested';
       outcome = 'postcopy';
     } else if (d.action === 'abort') {
       throw new LivemigError(d.code, d.reason, { phase: 'precopy' });
@@ -127,6 +138,18 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   return outcome;
 }
 
+/** The convergence policy for this migration's settings. */
+function convergencePolicy({ settings }: SourceContext): ConvergencePolicy {
+  return new ConvergencePolicy({
+    downtimeLimitMs: settings.downtimeLimitMs,
+    maxRounds: settings.maxRounds,
+    maxBytes: settings.maxBytes,
+    onStall: settings.onStall,
+    fixedCostMs: FIXED_STOP_COST_MS,
+    ...(settings.options.deadlineMs !== undefined ? { deadlineMs: settings.options.deadlineMs } : {}),
+  });
+}
+
 function linkMBps(ctx: SourceContext): number {
   const l = ctx.session.lanes.link();
   return l.ms > 0 ? l.bytes / 1e3 / l.ms : Number.POSITIVE_INFINITY;
@@ -149,12 +172,21 @@ async function readRoundAck(ctx: SourceContext): Promise<RoundEnd> {
  * Sends a round's pages in chunks, paced; stops early at the byte bound, at the end of the
  * round's time budget, or when the deadline nears. Returns the bytes sent and the pages left.
  */
-export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Array, final: boolean, budgetMs?: number): Promise<{ bytes: number; unsent: Uint32Array }> {
+export async function sendRound(
+  ctx: SourceContext,
+  r: number,
+  pages: Uint32Array,
+  final: boolean,
+  budgetMs?: number,
+): Promise<{ bytes: number; unsent: Uint32Array }> {
   const { settings, pacer } = ctx;
   const { region } = settings.options;
   // a page listed twice would be refused by the destination; say which list broke the rule
   const bad = firstOutOfOrder(pages);
-  if (bad >= 0) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the page list of round ${r} is not ascending at ${bad} (${pages[bad - 1]}, ${pages[bad]})`, { phase: final ? 'stop-and-copy' : 'precopy' });
+  if (bad >= 0)
+    throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the page list of round ${r} is not ascending at ${bad} (${pages[bad - 1]}, ${pages[bad]})`, {
+      phase: final ? 'stop-and-copy' : 'precopy',
+    });
   const deadlineAt = ctx.deadlineAt;
   let bytes = 0;
   let at = 0;
@@ -165,11 +197,18 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
     let chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
     // channels not yet judged against the link: a chunk ends where it is, so that they can end
     const { lanes } = ctx.session;
-    if (!lanes.narrowed && lanes.link().bytes < LINK_WINDOW) chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - lanes.link().bytes) / region.pageSize)));
+    if (!lanes.narrowed && lanes.link().bytes < LINK_WINDOW)
+      chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - lanes.link().bytes) / region.pageSize)));
     const part = pages.subarray(at, at + chunk);
     // on a link one stream fills, extra channels only cost CPU (and each its own compressor):
     // once the link is measured, they end and the main connection carries the rest
-    if (!final && slowLink(ctx)) await ctx.session.lanes.narrow(r, ctx.session.version, () => readRoundAck(ctx), `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`);
+    if (!final && slowLink(ctx))
+      await ctx.session.lanes.narrow(
+        r,
+        ctx.session.version,
+        () => readRoundAck(ctx),
+        `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`,
+      );
     const t0 = now();
     tRoundStart ??= t0;
     const b = await ctx.sendPages(r, part, final);
@@ -196,7 +235,20 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
 /** One round as the report and the progress events give it (names after QEMU's query-migrate). */
 function roundStats(
   ctx: SourceContext,
-  r: { round: number; sentPages: number; bytes: number; duration: number; roundMbps: number; bandwidth: number; carried: number; dirtied: number; dirtyMbps: number; plan: { send: Uint32Array; held: number }; decision: Decision; throttle: number },
+  r: {
+    round: number;
+    sentPages: number;
+    bytes: number;
+    duration: number;
+    roundMbps: number;
+    bandwidth: number;
+    carried: number;
+    dirtied: number;
+    dirtyMbps: number;
+    plan: { send: Uint32Array; held: number };
+    decision: Decision;
+    throttle: number;
+  },
 ): RoundStats {
   const pageSize = ctx.settings.options.region.pageSize;
   const perPage = r.sentPages > 0 ? r.bytes / r.sentPages : pageSize;

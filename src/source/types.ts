@@ -301,7 +301,10 @@ export interface MigrationReport {
   wire_bytes: number;
   pages_sent: number;
   tracker: string;
-  /** pages by how they went: zero (no payload, or left out where the destination holds zero), dup (a reference), lz4, raw; skipped = the destination held that content there already (a kept image) */
+  /**
+   * pages by how they went: zero (no payload, or left out where the destination holds zero), dup (a reference), lz4, raw;
+   * skipped = the destination held that content there already (a kept image)
+   */
   zero_pages: number;
   dup_pages: number;
   lz4_pages: number;

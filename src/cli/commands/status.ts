@@ -16,7 +16,10 @@ interface View {
 
 function line(m: View): string {
   const eta = m.progress.eta_s !== undefined && m.state === 'running' ? ` ETA ${m.progress.eta_s.toFixed(1)} s` : '';
-  return `${m.id}  ${m.direction.padEnd(8)} ${m.guest.padEnd(16)} ${m.peer.padEnd(21)} ${m.state.padEnd(9)} ${m.stage.padEnd(13)} ${m.progress.percent.toFixed(1).padStart(5)}%${eta}${m.error ? `  ${m.error.code}: ${m.error.message}` : ''}`;
+  return (
+    `${m.id}  ${m.direction.padEnd(8)} ${m.guest.padEnd(16)} ${m.peer.padEnd(21)} ${m.state.padEnd(9)} ${m.stage.padEnd(13)} ` +
+    `${m.progress.percent.toFixed(1).padStart(5)}%${eta}${m.error ? `  ${m.error.code}: ${m.error.message}` : ''}`
+  );
 }
 
 export const status: Command = {
@@ -50,7 +53,9 @@ export const cancel: Command = {
   name: 'cancel',
   summary: 'cancel an outgoing migration before its point of commitment',
   synopsis: 'ID [--api ...] [--json]',
-  description: 'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it has passed its point of commitment.',
+  description:
+    'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it ' +
+    'has passed its point of commitment.',
   positionals: true,
   flags: { ...CLIENT_FLAGS },
   async run(v: FlagValues, args: string[]): Promise<number> {
@@ -65,7 +70,8 @@ export const set: Command = {
   name: 'set',
   summary: "change a running migration's bandwidth cap or downtime limit",
   synopsis: 'ID [--bandwidth MiB/s] [--downtime-limit MS] [--api ...] [--json]',
-  description: 'Changes the running outgoing migration ID: its bandwidth cap (from the next chunk) and the downtime limit pre-copy aims under (from the next round).',
+  description:
+    'Changes the running outgoing migration ID: its bandwidth cap (from the next chunk) and the downtime limit pre-copy aims under (from the next round).',
   positionals: true,
   flags: {
     bandwidth: { type: 'string', value: 'MiB/s', help: 'the new bandwidth cap' },
