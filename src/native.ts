@@ -26,7 +26,7 @@ export interface SendCounts {
   indexMs: number;
 }
 
-/** One sendPages call across the boundary (see WireChannel.sendPages for the fields). */
+/** One sendPages call across the boundary (see FramedConnection.sendPages for the fields). */
 export interface NativeSendPages {
   region: NativeRegion;
   pages: Uint32Array;

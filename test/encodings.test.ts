@@ -9,7 +9,7 @@ import { compressSync } from 'lz4-napi';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
-import { WireChannel } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/wire.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import * as F from '../src/protocol/format.js';
@@ -25,7 +25,7 @@ const V = 2;
 async function receiverWith(stream: Buffer, pages = 16): Promise<{ region: Region; hashes: BigUint64Array; result: Promise<unknown>; close: () => void }> {
   const { client, peer, server } = await tcpPair();
   peer.resume();
-  const wire = WireChannel.fromSocket(client);
+  const wire = FramedConnection.fromSocket(client);
   const region = Region.create(pages * PS, { name: 'enc-test' });
   const hashes = new BigUint64Array(pages).fill(addon.zeroPageHash());
   peer.write(stream);
@@ -216,8 +216,8 @@ test('frame rules: a page listed twice, a dup of a page written later in the fra
 test('in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, and the copy is exact', { skip: uffd.available ? false : uffd.reason }, async () => {
   const pages = 64;
   const { client, peer, server } = await tcpPair();
-  const tx = WireChannel.fromSocket(client);
-  const rx = WireChannel.fromSocket(peer);
+  const tx = FramedConnection.fromSocket(client);
+  const rx = FramedConnection.fromSocket(peer);
   const src = Region.create(pages * PS, { name: 'enc-src' });
   const dst = Region.create(pages * PS, { name: 'enc-dst' });
   const shared = randomBytes(PS);

@@ -12,7 +12,7 @@ import { PageServer } from '../src/postcopy/source.js';
 import { migrate } from '../src/source/migrate.js';
 import { MigrationControl } from '../src/source/types.js';
 import { LivemigError } from '../src/errors.js';
-import { WireChannel } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/wire.js';
 import { listen } from '../src/receiver/listen.js';
 import type { Credentials } from '../src/security/tls.js';
 import { makeCa, opensslMissing } from './certs.js';
@@ -29,9 +29,9 @@ const MiB = 1 << 20;
 const skip = minorFaultsReason();
 if (skip) console.log(`# skipping post-copy tests: ${skip}`);
 
-async function channelPair(): Promise<[WireChannel, WireChannel, net.Server]> {
+async function connectionPair(): Promise<[FramedConnection, FramedConnection, net.Server]> {
   const { client, peer, server } = await tcpPair();
-  return [WireChannel.fromSocket(client), WireChannel.fromSocket(peer), server];
+  return [FramedConnection.fromSocket(client), FramedConnection.fromSocket(peer), server];
 }
 
 describe('post-copy fault service (in process)', { skip }, () => {
@@ -47,8 +47,8 @@ describe('post-copy fault service (in process)', { skip }, () => {
     const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), hashes, 2);
     const sentHashes = new BigUint64Array(src.pageCount);
     const server = new PageServer(src, new Uint8Array(src.pageCount).fill(1), 2, 1, 256, sentHashes);
-    const [pushTx, pushRx, s1] = await channelPair();
-    const [prioTx, prioRx, s2] = await channelPair();
+    const [pushTx, pushRx, s1] = await connectionPair();
+    const [prioTx, prioRx, s2] = await connectionPair();
     try {
       faults.start();
       faults.attach(pushRx.handle, prioRx.handle);
@@ -97,8 +97,8 @@ describe('post-copy fault service (in process)', { skip }, () => {
     const guestView = Region.adopt(dst.fd, size);
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
     const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
-    const [pushTx, pushRx, s1] = await channelPair();
-    const [prioTx, prioRx, s2] = await channelPair();
+    const [pushTx, pushRx, s1] = await connectionPair();
+    const [prioTx, prioRx, s2] = await connectionPair();
     const writer = await WorkerWriter.start(guestView.shareId);
     const page = 5;
     const frameOf = (fill: number): Buffer => {
@@ -155,8 +155,8 @@ describe('post-copy fault service (in process)', { skip }, () => {
     const guestView = Region.adopt(dst.fd, size);
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
     const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
-    const [pushTx, pushRx, s1] = await channelPair();
-    const [prioTx, prioRx, s2] = await channelPair();
+    const [pushTx, pushRx, s1] = await connectionPair();
+    const [prioTx, prioRx, s2] = await connectionPair();
     try {
       faults.start();
       faults.attach(pushRx.handle, prioRx.handle);

@@ -14,7 +14,7 @@ import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { FrameType } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
-import { WireChannel } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/wire.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import { Region } from '../src/region/region.js';
@@ -22,11 +22,11 @@ import { tcpPair } from './helpers.js';
 
 const PS = 4096;
 
-/** A connected loopback pair: `a` taken over by a WireChannel, `b` a plain socket. */
-async function pair(): Promise<{ wire: WireChannel; peer: net.Socket; server: net.Server }> {
+/** A connected loopback pair: `a` taken over by a FramedConnection, `b` a plain socket. */
+async function pair(): Promise<{ wire: FramedConnection; peer: net.Socket; server: net.Server }> {
   const { client, peer, server } = await tcpPair();
   peer.resume();
-  return { wire: WireChannel.fromSocket(client), peer, server };
+  return { wire: FramedConnection.fromSocket(client), peer, server };
 }
 
 function fillRandom(region: Region): void {
@@ -130,7 +130,7 @@ test('a connection something already read from is refused', async () => {
   await once(server, 'listening');
   const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
   await once(client, 'data');
-  assert.throws(() => WireChannel.fromSocket(client), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && /already read/.test(e.message));
+  assert.throws(() => FramedConnection.fromSocket(client), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && /already read/.test(e.message));
   client.destroy();
   server.close();
 });

@@ -12,7 +12,7 @@ import { addon, call, callAsync, type NativeDedup } from '../native.js';
 import { trace, tracing } from '../trace.js';
 import { ChooserEvent } from '../trace-events.js';
 import { PageEncoding } from '../protocol/format.js';
-import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest, type WireChannel } from '../protocol/wire.js';
+import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest, type FramedConnection } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { Chooser, type ChooserOptions, type LinkFigure } from './chooser.js';
@@ -39,7 +39,7 @@ const SAMPLE_PAGES = 32;
 
 export interface PageEncoderOptions {
   region: Region;
-  channel: WireChannel;
+  conn: FramedConnection;
   /** per-page hashes of what was sent */
   hashes: BigUint64Array;
   /** the index of what the receiver holds, shared with the native sender */
@@ -65,7 +65,7 @@ export class PageEncoder {
   readonly chooser: Chooser;
   readonly stats: EncodingStats = { zero_pages: 0, dup_pages: 0, lz4_pages: 0, raw_pages: 0, skipped_pages: 0, lz4_in: 0, lz4_out: 0 };
   readonly #region: Region;
-  readonly #channel: WireChannel;
+  readonly #conn: FramedConnection;
   readonly #hashes: BigUint64Array;
   readonly #dedup: NativeDedup;
   readonly #version: number;
@@ -87,11 +87,11 @@ export class PageEncoder {
   readonly #onSent: (bytes: number) => void;
 
   constructor(o: PageEncoderOptions) {
-    const { region, channel, hashes, dedup, encodings: options, version, batchPages } = o;
+    const { region, conn, hashes, dedup, encodings: options, version, batchPages } = o;
     this.#probe = o.probe ?? (() => undefined);
     this.#onSent = o.onSent ?? (() => undefined);
     this.#region = region;
-    this.#channel = channel;
+    this.#conn = conn;
     this.#hashes = hashes;
     this.#dedup = dedup;
     this.#version = version;
@@ -113,7 +113,7 @@ export class PageEncoder {
    */
   async send(round: number, pages: Uint32Array, final = false): Promise<number> {
     if (final && !this.chooser.compressing()) {
-      const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, now: true });
+      const c = await this.#conn.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, now: true });
       this.#countSent(c);
       return c.bytes;
     }
@@ -169,7 +169,7 @@ export class PageEncoder {
   async #sendInPlace(round: number, pages: Uint32Array): Promise<number> {
     const t0 = performance.now();
     const probe = this.#flags & SEND_DEDUP ? this.#probe() : undefined;
-    const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, ...(probe ? { probe } : {}) });
+    const c = await this.#conn.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, ...(probe ? { probe } : {}) });
     const ms = performance.now() - t0;
     if (this.#flags !== 0) this.chooser.encoded(pages.length, c.zero + c.dup + c.skipped);
     this.#inPlaceMs += ms;
@@ -269,7 +269,7 @@ export class PageEncoder {
         this.#count(enc, lengths, batch);
         await inflight;
         // (no link figure from these: a frame this small may just fill the socket buffer)
-        inflight = this.#channel.sendEncoded({ pages: batch, encodings: enc, staging, lz4: Buffer.from(set.output), lengths, hashes: this.#hashes, round, version: this.#version }).then((b) => {
+        inflight = this.#conn.sendEncoded({ pages: batch, encodings: enc, staging, lz4: Buffer.from(set.output), lengths, hashes: this.#hashes, round, version: this.#version }).then((b) => {
           bytes += b;
         });
         inflight.catch(() => undefined); // awaited on the next batch or below

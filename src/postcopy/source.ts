@@ -29,7 +29,7 @@ export interface PushPacer {
 }
 
 export interface Connections {
-  /** the push stream's and the priority requests' connections, taken over from their channels */
+  /** the push stream's and the priority requests' connections, taken over from their FramedConnections */
   push: NativeWire;
   prio: NativeWire;
   /** what the destination holds (one byte per page), or undefined at the first attach */

@@ -1,8 +1,10 @@
 /**
- * The migration connection once it carries frames: a native Wire (native/wire/wire.cc) owns the
- * socket's descriptor, so page batches move between the region and the kernel with no
- * JavaScript per page and no user-space copy. This class serialises writes (frames never
- * interleave), allows one read at a time, and turns native failures into LivemigErrors.
+ * A FramedConnection: one connection once it carries frames (the migration's main connection,
+ * each parallel channel's, post-copy's push and priority ones). A native Wire
+ * (native/wire/wire.cc) owns the socket's descriptor, so page batches move between the region
+ * and the kernel with no JavaScript per page and no user-space copy. This class serialises
+ * writes (frames never interleave), allows one read at a time, and turns native failures into
+ * LivemigErrors.
  *
  * Reads are on demand (`next`), or continuous (`readAhead`, for a sender that must notice an
  * ERROR from the destination while it is busy sending). With a page sink, a read applies
@@ -59,7 +61,7 @@ export interface PageSink {
   stripe?: { channels: number; channel: number };
 }
 
-export class WireChannel {
+export class FramedConnection {
   readonly #wire: NativeWire;
   #writes: Promise<unknown> = Promise.resolve();
   /** writes queued or running: a frame goes at once only when nothing is ahead of it */
@@ -87,11 +89,11 @@ export class WireChannel {
    * into a native Wire and the net.Socket is destroyed. Accepting servers should use
    * `pauseOnConnect` so that Node never reads from the connection first.
    */
-  static fromSocket(socket: net.Socket): WireChannel {
+  static fromSocket(socket: net.Socket): FramedConnection {
     if (socket.bytesRead > 0 || socket.readableLength > 0) {
       throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the connection was already read from: hand it over before any data is read (servers: pauseOnConnect)', { phase: 'connect' });
     }
-    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection');
+    return FramedConnection.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection');
   }
 
   /**
@@ -99,11 +101,11 @@ export class WireChannel {
    * src/receiver/admit.ts) and nothing more is buffered. Encrypted, `keys.received` says how
    * many of the peer's records those bytes were.
    */
-  static fromSocketAfter(socket: net.Socket, consumed: number, keys?: WireKeys): WireChannel {
+  static fromSocketAfter(socket: net.Socket, consumed: number, keys?: WireKeys): FramedConnection {
     if (socket.bytesRead !== consumed || socket.readableLength > 0) {
       throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the connection was read past its first frame (${socket.bytesRead} bytes, ${consumed} expected)`, { phase: 'handshake' });
     }
-    return WireChannel.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection', keys);
+    return FramedConnection.#takeOver(socket, [socket], 'the connection has no file descriptor: a migration needs a connected TCP or Unix socket', 'taking over the connection', keys);
   }
 
   /**
@@ -113,16 +115,16 @@ export class WireChannel {
    * destroyed without a close_notify, so the stream goes on in the clear for the native data
    * path (which is to carry its own records, keyed from the TLS session).
    */
-  static fromSecured(raw: net.Socket, tls: net.Socket, keys: WireKeys): WireChannel {
+  static fromSecured(raw: net.Socket, tls: net.Socket, keys: WireKeys): FramedConnection {
     if (tls.readableLength > 0) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
-    return WireChannel.#takeOver(raw, [tls, raw], 'the secured connection has no file descriptor', 'taking over the secured connection', keys);
+    return FramedConnection.#takeOver(raw, [tls, raw], 'the secured connection has no file descriptor', 'taking over the secured connection', keys);
   }
 
   /**
    * Duplicates `socket`'s descriptor into a native Wire (whose records are sealed with `keys`,
    * if given), then destroys `done` (Node's side of it).
    */
-  static #takeOver(socket: net.Socket, done: net.Socket[], noFd: string, what: string, keys?: WireKeys): WireChannel {
+  static #takeOver(socket: net.Socket, done: net.Socket[], noFd: string, what: string, keys?: WireKeys): FramedConnection {
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (typeof fd !== 'number' || fd < 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', noFd, { phase: 'connect' });
     let wire: NativeWire;
@@ -132,13 +134,13 @@ export class WireChannel {
       throw fromNative(e, 'ERR_LIVEMIG_CONNECTION', 'connect', what);
     }
     for (const s of done) s.destroy();
-    return new WireChannel(wire);
+    return new FramedConnection(wire);
   }
 
   /**
    * The native connection, for a post-copy service to take over (its descriptor, and its
    * records' keys and counters when encrypted); no read or write may be left running on this
-   * channel from then on.
+   * connection from then on.
    */
   get handle(): NativeWire {
     return this.#wire;
@@ -146,7 +148,7 @@ export class WireChannel {
 
   /**
    * Lets go of the connection without shutting it down, after a post-copy service took it
-   * over; the channel is closed for this side from then on.
+   * over; the connection is closed for this side from then on.
    */
   handOff(): void {
     this.#closed = true;
@@ -244,7 +246,7 @@ export class WireChannel {
    */
   async next(timeoutMs?: number, sink?: PageSink): Promise<WireFrame> {
     if (this.#readAhead) {
-      if (sink) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read-ahead channel cannot take a page sink', { phase: 'transport' });
+      if (sink) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read-ahead connection cannot take a page sink', { phase: 'transport' });
       return this.#fromQueue(timeoutMs);
     }
     if (this.#reading) throw new LivemigError('ERR_LIVEMIG_STATE', 'a read is already in progress on this connection', { phase: 'transport' });
@@ -297,7 +299,7 @@ export class WireChannel {
         try {
           f = await this.#readOne();
         } catch {
-          break; // recorded as the channel's failure by #readOne
+          break; // recorded as the connection's failure by #readOne
         }
         const w = this.#waiters.shift();
         if (w) {

@@ -12,7 +12,7 @@ import { threadPoolSize } from '../native.js';
 import { FrameType, MAX_CHANNELS } from '../protocol/format.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { decodeAbort, decodeRoundEnd, encodeAttached } from '../protocol/messages.js';
-import type { PageSink, WireChannel } from '../protocol/wire.js';
+import type { PageSink, FramedConnection } from '../protocol/wire.js';
 import type { PostcopySession } from './session.js';
 
 /** pool threads a receiver keeps besides its channels' reads */
@@ -30,7 +30,7 @@ export function maxChannels(asked: number | undefined): number {
 /** How a channel joins: the time it has, what is set on it, the version its answer speaks. */
 export interface Join {
   joinMs: number;
-  prepare: (ch: WireChannel) => void;
+  prepare: (conn: FramedConnection) => void;
   version: number;
 }
 
@@ -40,7 +40,7 @@ export class IncomingChannels {
   pages = 0;
   readonly #reached: number[];
   readonly #ended: boolean[];
-  readonly #channels: WireChannel[] = [];
+  readonly #conns: FramedConnection[] = [];
   readonly #waiters = new Set<() => void>();
   #failure: LivemigError | undefined;
   #closed = false;
@@ -61,7 +61,7 @@ export class IncomingChannels {
         if (this.#closed || this.#failure) return;
         this.#failure = err;
         // the source's sends on the others end at once, not when the migration is torn down
-        for (const ch of this.#channels) ch.close();
+        for (const conn of this.#conns) conn.close();
         this.#wake();
         onFailure(err);
       });
@@ -76,17 +76,17 @@ export class IncomingChannels {
   async #run(k: number, session: PostcopySession, sink: PageSink, join: Join): Promise<void> {
     const slot = `channel-${k}` as const;
     const taken = await session.take([slot], join.joinMs, () => new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k} did not join within ${join.joinMs} ms`, { phase: 'receiving' }));
-    const ch = taken[slot]!;
+    const conn = taken[slot]!;
     if (this.#closed) {
-      ch.close();
+      conn.close();
       return;
     }
-    this.#channels.push(ch);
-    join.prepare(ch);
+    this.#conns.push(conn);
+    join.prepare(conn);
     // the answer lets the source send: nothing may follow a first frame before it is answered
-    await ch.answerFirst(encodeAttached({ held: Buffer.alloc(0) }, join.version));
+    await conn.answerFirst(encodeAttached({ held: Buffer.alloc(0) }, join.version));
     for (;;) {
-      const f = await ch.next(undefined, sink);
+      const f = await conn.next(undefined, sink);
       this.pages += f.pages;
       if (f.type === FrameType.RoundEnd) {
         const r = decodeRoundEnd(f.payload);
@@ -128,7 +128,7 @@ export class IncomingChannels {
 
   close(): void {
     this.#closed = true;
-    for (const ch of this.#channels) ch.close();
+    for (const conn of this.#conns) conn.close();
     this.#wake();
   }
 }

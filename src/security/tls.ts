@@ -16,7 +16,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { LivemigError } from '../errors.js';
-import { WireChannel } from '../protocol/wire.js';
+import { FramedConnection } from '../protocol/wire.js';
 
 export type Credentials =
   | {
@@ -38,7 +38,7 @@ export interface DirectionKeys {
 }
 
 export interface Secured {
-  channel: WireChannel;
+  conn: FramedConnection;
   /** what this side seals with, and what it opens with (the peer's send keys) */
   send: DirectionKeys;
   receive: DirectionKeys;
@@ -133,7 +133,7 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
     const done = awaitMarker(s, SERVER_DONE, timeoutMs, () => stopReading(s));
     await write(s, CLIENT_DONE);
     await done;
-    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s, k) };
+    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, conn: FramedConnection.fromSecured(raw, s, k) };
   } catch (e) {
     s.destroy();
     throw e;
@@ -141,7 +141,7 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
 }
 
 /** A connection the destination authenticated, not handed over yet: its TLS layer has stopped reading. */
-export interface Authenticated extends Omit<Secured, 'channel'> {
+export interface Authenticated extends Omit<Secured, 'conn'> {
   raw: net.Socket;
   tls: tls.TLSSocket;
 }
@@ -149,7 +149,7 @@ export interface Authenticated extends Omit<Secured, 'channel'> {
 /** The destination's side: authenticates the source (certificate name in `allow`, or PSK) and itself. */
 export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutMs = 10_000): Promise<Secured> {
   const a = await authenticateAccepted(raw, creds, timeoutMs);
-  return { send: a.send, receive: a.receive, auth: a.auth, peer: a.peer, cipher: a.cipher, channel: WireChannel.fromSecured(a.raw, a.tls, a) };
+  return { send: a.send, receive: a.receive, auth: a.auth, peer: a.peer, cipher: a.cipher, conn: FramedConnection.fromSecured(a.raw, a.tls, a) };
 }
 
 /**
@@ -258,13 +258,13 @@ export interface SecurityReport {
 const INSECURE: SecurityReport = { auth: 'none', peer: null, cipher: null, encrypted: false };
 
 /**
- * A fresh connection as a livemig channel: authenticated first when there are credentials
+ * A fresh connection as a livemig FramedConnection: authenticated first when there are credentials
  * (`client`: we opened it; `server`: we accepted it), taken over as it is otherwise.
  */
-export async function openChannel(socket: net.Socket, creds: Credentials | undefined, side: 'client' | 'server', timeoutMs: number): Promise<{ channel: WireChannel; security: SecurityReport }> {
-  if (!creds) return { channel: WireChannel.fromSocket(socket), security: INSECURE };
+export async function openConnection(socket: net.Socket, creds: Credentials | undefined, side: 'client' | 'server', timeoutMs: number): Promise<{ conn: FramedConnection; security: SecurityReport }> {
+  if (!creds) return { conn: FramedConnection.fromSocket(socket), security: INSECURE };
   const s = side === 'client' ? await secureConnect(socket, creds, timeoutMs) : await secureAccept(socket, creds, timeoutMs);
-  return { channel: s.channel, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: true } };
+  return { conn: s.conn, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: true } };
 }
 
 /** Loopback addresses: the one place a migration may run without credentials unasked. */

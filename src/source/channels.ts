@@ -24,7 +24,7 @@ import { SourceEvent } from '../trace-events.js';
 import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
 import { peerError } from './peer.js';
 import { encodeAttach, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/wire.js';
 import type { PageEncoder } from '../encoding/encoder.js';
 import type { EncodingStats } from '../encoding/encoder.js';
 import type { LinkFigure } from '../encoding/chooser.js';
@@ -85,7 +85,7 @@ export function splitByStripe(pages: Uint32Array, n: number): Uint32Array[] {
 
 /** One connection of a migration and what sends its pages. */
 export interface Lane {
-  channel: WireChannel;
+  conn: FramedConnection;
   encoder: PageEncoder | undefined;
   /** pages sent on it in the current round */
   roundPages: number;
@@ -94,7 +94,7 @@ export interface Lane {
 /** The lanes of a migration, the main connection first. */
 export class Lanes {
   readonly lanes: Lane[];
-  readonly #plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
+  readonly #plain: (conn: FramedConnection, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
   #ended = false;
   #acked = false;
   /** bytes of completed sends, and those plus what the runs of the current one reported */
@@ -103,7 +103,7 @@ export class Lanes {
   #ms = 0;
   #since: number | undefined;
 
-  constructor(lanes: Lane[], plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
+  constructor(lanes: Lane[], plain: (conn: FramedConnection, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
     this.lanes = lanes;
     this.#plain = plain;
   }
@@ -123,7 +123,7 @@ export class Lanes {
         const lane = this.lanes[k]!;
         lane.roundPages += part.length;
         if (part.length === 0) return 0;
-        return lane.encoder ? lane.encoder.send(r, part, final) : this.#plain(lane.channel, r, part, final);
+        return lane.encoder ? lane.encoder.send(r, part, final) : this.#plain(lane.conn, r, part, final);
       }),
     );
     const bytes = sent.reduce((a, b) => a + b, 0);
@@ -151,7 +151,7 @@ export class Lanes {
   async endRound(round: number, version: number, last = false): Promise<void> {
     if (this.#ended) return;
     if (last) this.#ended = true;
-    await Promise.all(this.lanes.slice(1).map((l) => l.channel.send(encodeRoundEnd({ round, pages: l.roundPages, ...(last ? { last: true as const } : {}) }, version))));
+    await Promise.all(this.lanes.slice(1).map((l) => l.conn.send(encodeRoundEnd({ round, pages: l.roundPages, ...(last ? { last: true as const } : {}) }, version))));
     for (const l of this.lanes) l.roundPages = 0;
   }
 
@@ -170,7 +170,7 @@ export class Lanes {
     if (this.count === 1 || this.#ended) return;
     trace('source', SourceEvent.channelsEnd, { round, why: why ?? 'the end of pre-copy' });
     await this.endRound(round, version, true);
-    await this.lanes[0]!.channel.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
+    await this.lanes[0]!.conn.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
     for (;;) {
       const ack = await readAck();
       if (ack.last) break;
@@ -202,7 +202,7 @@ export class Lanes {
 
   /** Closes the extra channels (the main one is the migration's own to close). */
   closeExtras(): void {
-    for (const l of this.lanes.slice(1)) l.channel.close();
+    for (const l of this.lanes.slice(1)) l.conn.close();
   }
 }
 
@@ -211,14 +211,14 @@ export class Lanes {
  * receiver refuses a connection that sends more before its first frame is answered); closed
  * again on failure.
  */
-export async function attachChannel(open: () => Promise<WireChannel>, session: string, k: number, version: number, timeoutMs: number): Promise<WireChannel> {
-  const ch = await open();
+export async function attachChannel(open: () => Promise<FramedConnection>, session: string, k: number, version: number, timeoutMs: number): Promise<FramedConnection> {
+  const conn = await open();
   try {
-    await ch.send(encodeAttach({ session, role: 'channel', channel: k }, version));
-    await ch.expect(FrameType.Attached, (f) => peerError(f, 'handshake'), timeoutMs);
+    await conn.send(encodeAttach({ session, role: 'channel', channel: k }, version));
+    await conn.expect(FrameType.Attached, (f) => peerError(f, 'handshake'), timeoutMs);
   } catch (e) {
-    ch.close();
+    conn.close();
     throw e;
   }
-  return ch;
+  return conn;
 }

@@ -11,7 +11,7 @@ import { Stages } from '../stages.js';
 import { Deadlines } from './deadlines.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import type { Accept } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/wire.js';
 import type { SecurityReport } from '../security/tls.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import type { Settings } from './options.js';
@@ -39,7 +39,7 @@ export const now = (): number => performance.now();
 
 /** What the handshake established; fixed for the rest of the migration. */
 export interface Session {
-  channel: WireChannel;
+  conn: FramedConnection;
   version: number;
   accept: Accept;
   tracker: DirtyTracker;
@@ -77,7 +77,7 @@ export class SourceContext {
   /** called once by abort() while the connection is still being opened */
   #onAbort: (() => void) | undefined;
   /** the connection, as soon as it exists (the handshake may fail before the session does) */
-  channel: WireChannel | undefined;
+  conn: FramedConnection | undefined;
   tracker: DirtyTracker | undefined;
   encoder: PageEncoder | undefined;
   /** every lane, as soon as they exist (a rollback closes the extra ones) */
@@ -141,7 +141,7 @@ export class SourceContext {
     if (this.#committing || s === 'activating' || s === 'postcopy' || s === 'done' || s === 'failed') return false;
     this.abortReason ??= reason;
     this.deadlines.stop();
-    this.channel?.abort(reason);
+    this.conn?.abort(reason);
     this.#onAbort?.();
     return true;
   }

@@ -14,8 +14,8 @@ import type { LinkFigure } from '../encoding/chooser.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_SOURCE_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
-import { openChannel } from '../security/tls.js';
+import type { FramedConnection } from '../protocol/wire.js';
+import { openConnection } from '../security/tls.js';
 import { frameLimits } from '../protocol/limits.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import { offerMemory } from '../guest/local.js';
@@ -54,15 +54,15 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   trace('source', SourceEvent.connected);
   // a cancel during the secure handshake ends it here (the channel does not exist yet)
   ctx.onAbort(() => socket.destroy());
-  const opened = await openChannel(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
-  const channel = opened.channel;
+  const opened = await openConnection(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
+  const conn = opened.conn;
   ctx.onAbort(undefined);
-  ctx.channel = channel;
-  channel.setFrameLimits(frameLimits({ pageCount: region.pageCount }));
-  if (ctx.abortReason) channel.abort(ctx.abortReason);
+  ctx.conn = conn;
+  conn.setFrameLimits(frameLimits({ pageCount: region.pageCount }));
+  if (ctx.abortReason) conn.abort(ctx.abortReason);
   // frames from the destination are read as they come, so an ERROR it sends while we are
   // busy sending pages explains the failure instead of a bare connection reset
-  channel.readAhead();
+  conn.readAhead();
   ctx.enter('handshake');
   const enc = settings.encodings;
   const wantEncodings = enc.zero || enc.dedup || enc.compress;
@@ -81,9 +81,9 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await channel.send(encodeHello({ versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
+  await conn.send(encodeHello({ versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
   trace('source', SourceEvent.helloSent);
-  const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
+  const accept = decodeAccept((await conn.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   checkProofOffered(accept, local !== undefined);
   const version = accept.version;
   if (local) {
@@ -96,20 +96,20 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const link = postcopyLink(ctx, accept, version);
   if (settings.mode !== 'precopy' && !link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
   const granted = grantedChannels(accept, wanted);
-  const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, channel, accept) : undefined;
+  const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, conn, accept) : undefined;
   const extras = granted.count > 1 ? await openExtraChannels(ctx, accept.session!, granted.count, version) : [];
   // the encoders (first touch of their buffers included) are set up while the destination
   // reserves: in the first round they would take the CPU from the guest and the round
-  const channels = [channel, ...extras];
+  const channels = [conn, ...extras];
   const linkFigure = (): LinkFigure | undefined => ctx.lanes?.link();
-  const encoders = channels.map((ch, k) =>
-    image ? new PageEncoder({ region, channel: ch, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure, onSent: (b) => ctx.lanes?.noteSent(b) }) : undefined,
+  const encoders = channels.map((conn, k) =>
+    image ? new PageEncoder({ region, conn, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure, onSent: (b) => ctx.lanes?.noteSent(b) }) : undefined,
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;
   const lanes = new Lanes(
-    channels.map((ch, k) => ({ channel: ch, encoder: encoders[k], roundPages: 0 })),
-    async (ch, r, pages) => (await ch.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
+    channels.map((conn, k) => ({ conn, encoder: encoders[k], roundPages: 0 })),
+    async (conn, r, pages) => (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
   );
   ctx.lanes = lanes;
   await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
@@ -128,7 +128,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     trackerReason = `${choice.backend}: ${choice.reason}`;
   }
   ctx.tracker = tracker;
-  ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, lanes, channels: granted, prepMs, security: opened.security };
+  ctx.session = { conn, version, accept, tracker, trackerReason, link, encoder, lanes, channels: granted, prepMs, security: opened.security };
   ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason, channels: granted.count, channels_reason: granted.reason });
 }
 
@@ -154,7 +154,7 @@ function postcopyLink(ctx: SourceContext, accept: Accept, version: number): Post
 }
 
 /** Opens one more connection to the destination, authenticated as the first one was. */
-function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): () => Promise<WireChannel> {
+function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): () => Promise<FramedConnection> {
   const { options } = ctx.settings;
   const to = options.to;
   const open =
@@ -164,10 +164,10 @@ function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): (
       return connect(to);
     });
   // every further connection (the priority one, each after a break, each channel) is authenticated too
-  return async (): Promise<WireChannel> => {
-    const ch = (await openChannel(await open(), options.credentials, 'client', ctx.settings.handshakeTimeoutMs)).channel;
-    if (why === 'channels') ch.setFrameLimits(frameLimits({ pageCount: options.region.pageCount }));
-    return ch;
+  return async (): Promise<FramedConnection> => {
+    const conn = (await openConnection(await open(), options.credentials, 'client', ctx.settings.handshakeTimeoutMs)).conn;
+    if (why === 'channels') conn.setFrameLimits(frameLimits({ pageCount: options.region.pageCount }));
+    return conn;
   };
 }
 
@@ -182,24 +182,24 @@ function grantedChannels(accept: Accept, wanted: ChannelChoice): ChannelChoice {
 }
 
 /** Channels 1.. of the session, each authenticated and named with ATTACH; all closed if one fails. */
-async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<WireChannel[]> {
+async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<FramedConnection[]> {
   const open = anotherConnection(ctx, 'channels');
   const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version, ctx.settings.handshakeTimeoutMs)));
   const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
   const channels = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
   if (failed) {
-    for (const ch of channels) ch.close();
+    for (const conn of channels) conn.close();
     throw failed.reason instanceof LivemigError ? failed.reason : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, { phase: 'handshake', cause: failed.reason });
   }
-  if (ctx.abortReason) for (const ch of channels) ch.abort(ctx.abortReason);
+  if (ctx.abortReason) for (const conn of channels) conn.abort(ctx.abortReason);
   return channels;
 }
 
 /** What the destination holds before any page moves: a fresh (all-zero) region, or the image whose hashes it sends now. */
-async function destinationImage(ctx: SourceContext, channel: WireChannel, accept: Accept): Promise<BigUint64Array> {
+async function destinationImage(ctx: SourceContext, conn: FramedConnection, accept: Accept): Promise<BigUint64Array> {
   const { region } = ctx.settings.options;
   return accept.capabilities.includes(CAP_IMAGE_HASHES)
-    ? decodeImageHashes((await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload, region.pageCount)
+    ? decodeImageHashes((await conn.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload, region.pageCount)
     : new BigUint64Array(region.pageCount).fill(call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash()));
 }
 

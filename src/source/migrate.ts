@@ -49,7 +49,7 @@ async function stopAndCopyAndActivate(ctx: SourceContext): Promise<Ending> {
   const a = await commitAndActivate(ctx, stopped);
   ctx.enter('done');
   // closing first tells the destination we heard ACTIVATED (it need not wait for a RESOLVE)
-  await ctx.session.channel.finish();
+  await ctx.session.conn.finish();
   // tracking stops after the hand-over: the guest is paused, and undoing write protection
   // walks the whole range (kernel work that has no place in the pause)
   await ctx.session.tracker.stop();

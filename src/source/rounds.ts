@@ -33,7 +33,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   const { settings } = ctx;
   const { options } = settings;
   const { region } = options;
-  const { channel, version, tracker, link } = ctx.session;
+  const { conn, version, tracker, link } = ctx.session;
   // Arm tracking before the first page is read: a write after this is caught by a later round.
   // (post-copy from the start has no rounds: nothing to track)
   if (settings.mode !== 'postcopy') await tracker.start();
@@ -66,7 +66,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
     const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);
     const sentPages = ctx.pending.length - unsent.length;
-    await Promise.all([channel.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.lanes.endRound(round, version)]);
+    await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.lanes.endRound(round, version)]);
     const duration = now() - t0;
     const dirty = await tracker.collect();
     wws?.record(dirty);
@@ -140,7 +140,7 @@ function slowLink(ctx: SourceContext): boolean {
 
 /** The next ROUND_ACK from the destination (progress: it applied a round). */
 async function readRoundAck(ctx: SourceContext): Promise<RoundEnd> {
-  const ack = decodeRoundAck((await ctx.session.channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
+  const ack = decodeRoundAck((await ctx.session.conn.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
   ctx.deadlines.noteProgress();
   return ack;
 }
