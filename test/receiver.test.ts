@@ -9,7 +9,7 @@ import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js'
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import { listen } from '../src/receiver/listen.js';
-import { CHANNEL_NAMES } from '../src/trace.js';
+import { DIAGNOSTICS_CHANNEL_NAMES } from '../src/trace.js';
 import { ReceiverEvent } from '../src/trace-events.js';
 
 const PAGES = 16;
@@ -188,7 +188,7 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
       q.on('data', (d: Buffer) => p.push(d, (f) => (order.push(FrameType[f.type]), q.destroy(), resolve())));
     });
   };
-  dc.subscribe(CHANNEL_NAMES.receiver, onReceiver);
+  dc.subscribe(DIAGNOSTICS_CHANNEL_NAMES.receiver, onReceiver);
   try {
     const outcome = rx.next();
     outcome.catch(() => undefined);
@@ -197,7 +197,7 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
     await asked;
     assert.deepEqual(order, ['Error', 'allocated', 'ACCEPT'], 'the RESOLVE (an unknown session: ERROR) was answered while the region was being allocated');
   } finally {
-    dc.unsubscribe(CHANNEL_NAMES.receiver, onReceiver);
+    dc.unsubscribe(DIAGNOSTICS_CHANNEL_NAMES.receiver, onReceiver);
     src.destroy();
     await rx.close();
   }

@@ -83,17 +83,17 @@ export function splitByStripe(pages: Uint32Array, n: number): Uint32Array[] {
   return out;
 }
 
-/** One connection of a migration and what sends its pages. */
-export interface Lane {
+/** One channel of a migration: its connection and what sends its pages. */
+export interface OutgoingChannel {
   conn: FramedConnection;
   encoder: PageEncoder | undefined;
   /** pages sent on it in the current round */
   roundPages: number;
 }
 
-/** The lanes of a migration, the main connection first. */
-export class Lanes {
-  readonly lanes: Lane[];
+/** The channels of a migration, the main connection (channel 0) first. */
+export class OutgoingChannels {
+  readonly all: OutgoingChannel[];
   readonly #plain: (conn: FramedConnection, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
   #ended = false;
   #acked = false;
@@ -103,13 +103,13 @@ export class Lanes {
   #ms = 0;
   #since: number | undefined;
 
-  constructor(lanes: Lane[], plain: (conn: FramedConnection, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
-    this.lanes = lanes;
+  constructor(channels: OutgoingChannel[], plain: (conn: FramedConnection, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
+    this.all = channels;
     this.#plain = plain;
   }
 
   get count(): number {
-    return this.lanes.length;
+    return this.all.length;
   }
 
   /** Sends a round's pages, each on its stripe's channel, the channels at once; the bytes written. */
@@ -120,10 +120,10 @@ export class Lanes {
     this.#since = t0;
     const sent = await Promise.all(
       parts.map((part, k) => {
-        const lane = this.lanes[k]!;
-        lane.roundPages += part.length;
+        const channel = this.all[k]!;
+        channel.roundPages += part.length;
         if (part.length === 0) return 0;
-        return lane.encoder ? lane.encoder.send(r, part, final) : this.#plain(lane.conn, r, part, final);
+        return channel.encoder ? channel.encoder.send(r, part, final) : this.#plain(channel.conn, r, part, final);
       }),
     );
     const bytes = sent.reduce((a, b) => a + b, 0);
@@ -151,8 +151,8 @@ export class Lanes {
   async endRound(round: number, version: number, last = false): Promise<void> {
     if (this.#ended) return;
     if (last) this.#ended = true;
-    await Promise.all(this.lanes.slice(1).map((l) => l.conn.send(encodeRoundEnd({ round, pages: l.roundPages, ...(last ? { last: true as const } : {}) }, version))));
-    for (const l of this.lanes) l.roundPages = 0;
+    await Promise.all(this.all.slice(1).map((c) => c.conn.send(encodeRoundEnd({ round, pages: c.roundPages, ...(last ? { last: true as const } : {}) }, version))));
+    for (const c of this.all) c.roundPages = 0;
   }
 
   /** Whether every page goes on the main connection now (the extra channels ended, or there are none). */
@@ -170,7 +170,7 @@ export class Lanes {
     if (this.count === 1 || this.#ended) return;
     trace('source', SourceEvent.channelsEnd, { round, why: why ?? 'the end of pre-copy' });
     await this.endRound(round, version, true);
-    await this.lanes[0]!.conn.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
+    await this.all[0]!.conn.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
     for (;;) {
       const ack = await readAck();
       if (ack.last) break;
@@ -187,9 +187,9 @@ export class Lanes {
   /** why the extra channels ended before the end of pre-copy, if they did */
   narrowedWhy: string | undefined;
 
-  /** Every lane's encoding counts, summed. */
+  /** Every channel's encoding counts, summed. */
   stats(): EncodingStats | undefined {
-    const all = this.lanes.map((l) => l.encoder?.stats).filter((s): s is EncodingStats => s !== undefined);
+    const all = this.all.map((c) => c.encoder?.stats).filter((s): s is EncodingStats => s !== undefined);
     if (all.length === 0) return undefined;
     const sum: EncodingStats = { zero_pages: 0, dup_pages: 0, lz4_pages: 0, raw_pages: 0, skipped_pages: 0, lz4_in: 0, lz4_out: 0 };
     for (const s of all) for (const k of Object.keys(sum) as (keyof EncodingStats)[]) sum[k] += s[k];
@@ -197,12 +197,12 @@ export class Lanes {
   }
 
   async closeEncoders(): Promise<void> {
-    await Promise.all(this.lanes.map((l) => l.encoder?.close()));
+    await Promise.all(this.all.map((c) => c.encoder?.close()));
   }
 
   /** Closes the extra channels (the main one is the migration's own to close). */
   closeExtras(): void {
-    for (const l of this.lanes.slice(1)) l.conn.close();
+    for (const c of this.all.slice(1)) c.conn.close();
   }
 }
 

@@ -5,7 +5,7 @@
  */
 import { LivemigError } from '../errors.js';
 import type { PageEncoder } from '../encoding/encoder.js';
-import type { ChannelChoice, Lanes } from './channels.js';
+import type { ChannelChoice, OutgoingChannels } from './channels.js';
 import { Pacer } from '../pacing/pacer.js';
 import { Stages } from '../stages.js';
 import { Deadlines } from './deadlines.js';
@@ -48,8 +48,8 @@ export interface Session {
   link: PostcopyLink | undefined;
   encoder: PageEncoder | undefined;
   /** the connections pre-copy's pages go on, the main one first (channels.ts) */
-  lanes: Lanes;
-  channels: ChannelChoice;
+  channels: OutgoingChannels;
+  channelChoice: ChannelChoice;
   /** when the handshake and reservation were done (ms), and how long they took */
   prepMs: number;
   security: SecurityReport;
@@ -80,8 +80,8 @@ export class SourceContext {
   conn: FramedConnection | undefined;
   tracker: DirtyTracker | undefined;
   encoder: PageEncoder | undefined;
-  /** every lane, as soon as they exist (a rollback closes the extra ones) */
-  lanes: Lanes | undefined;
+  /** every channel, as soon as they exist (a rollback closes the extra ones) */
+  channels: OutgoingChannels | undefined;
   /** the guest was paused (or a pause failed half-way): a rollback must resume it */
   paused = false;
   /** the guest was throttled: a rollback must release the throttle */
@@ -214,7 +214,7 @@ export class SourceContext {
 
   /** Sends pages of round `r`, each on its channel, through the encoders or plain when encodings are off; counts them. */
   async sendPages(r: number, pages: Uint32Array, final: boolean): Promise<number> {
-    const n = await this.session.lanes.send(r, pages, final);
+    const n = await this.session.channels.send(r, pages, final);
     this.bytesSent += n;
     this.pagesSent += pages.length;
     this.settings.layout.breakdown(pages, this.regionPages);

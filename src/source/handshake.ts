@@ -26,7 +26,7 @@ import { warmUpRuntime } from '../warmup.js';
 import { now, type SourceContext } from './context.js';
 import { invalid } from './options.js';
 import { connect, peerError } from './peer.js';
-import { attachChannel, canConnect, chooseChannels, Lanes, type ChannelChoice } from './channels.js';
+import { attachChannel, canConnect, chooseChannels, OutgoingChannels, type ChannelChoice } from './channels.js';
 
 export async function handshake(ctx: SourceContext): Promise<void> {
   const { settings } = ctx;
@@ -100,18 +100,18 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const extras = granted.count > 1 ? await openExtraChannels(ctx, accept.session!, granted.count, version) : [];
   // the encoders (first touch of their buffers included) are set up while the destination
   // reserves: in the first round they would take the CPU from the guest and the round
-  const channels = [conn, ...extras];
-  const linkFigure = (): LinkFigure | undefined => ctx.lanes?.link();
-  const encoders = channels.map((conn, k) =>
-    image ? new PageEncoder({ region, conn, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, channels.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure, onSent: (b) => ctx.lanes?.noteSent(b) }) : undefined,
+  const conns = [conn, ...extras];
+  const linkFigure = (): LinkFigure | undefined => ctx.channels?.link();
+  const encoders = conns.map((conn, k) =>
+    image ? new PageEncoder({ region, conn, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, conns.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure, onSent: (b) => ctx.channels?.noteSent(b) }) : undefined,
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;
-  const lanes = new Lanes(
-    channels.map((conn, k) => ({ conn, encoder: encoders[k], roundPages: 0 })),
+  const channels = new OutgoingChannels(
+    conns.map((conn, k) => ({ conn, encoder: encoders[k], roundPages: 0 })),
     async (conn, r, pages) => (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
   );
-  ctx.lanes = lanes;
+  ctx.channels = channels;
   await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
   const prepMs = now() - ctx.tConnect;
   let tracker = options.tracker;
@@ -128,7 +128,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     trackerReason = `${choice.backend}: ${choice.reason}`;
   }
   ctx.tracker = tracker;
-  ctx.session = { conn, version, accept, tracker, trackerReason, link, encoder, lanes, channels: granted, prepMs, security: opened.security };
+  ctx.session = { conn, version, accept, tracker, trackerReason, link, encoder, channels, channelChoice: granted, prepMs, security: opened.security };
   ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason, channels: granted.count, channels_reason: granted.reason });
 }
 
@@ -186,13 +186,13 @@ async function openExtraChannels(ctx: SourceContext, session: string, count: num
   const open = anotherConnection(ctx, 'channels');
   const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version, ctx.settings.handshakeTimeoutMs)));
   const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
-  const channels = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
+  const conns = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
   if (failed) {
-    for (const conn of channels) conn.close();
+    for (const conn of conns) conn.close();
     throw failed.reason instanceof LivemigError ? failed.reason : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, { phase: 'handshake', cause: failed.reason });
   }
-  if (ctx.abortReason) for (const conn of channels) conn.abort(ctx.abortReason);
-  return channels;
+  if (ctx.abortReason) for (const conn of conns) conn.abort(ctx.abortReason);
+  return conns;
 }
 
 /** What the destination holds before any page moves: a fresh (all-zero) region, or the image whose hashes it sends now. */

@@ -26,8 +26,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const outcome = options.local ? await noRounds(ctx) : await runRounds(ctx);
     const end = outcome === 'postcopy' ? await switchToPostcopy(ctx) : await stopAndCopyAndActivate(ctx);
     ctx.unbindControl();
-    ctx.lanes?.closeExtras();
-    await ctx.lanes?.closeEncoders();
+    ctx.channels?.closeExtras();
+    await ctx.channels?.closeEncoders();
     if (options.release) await options.release();
     return buildReport(ctx, end);
   } catch (e) {

@@ -15,9 +15,9 @@ const PEER_ERROR_GRACE_MS = 50;
 /** Undoes what can be undone; returns the error to throw. */
 export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigError> {
   const failedIn = ctx.fail();
-  const { conn, tracker, lanes, settings } = ctx;
+  const { conn, tracker, channels, settings } = ctx;
   ctx.unbindControl();
-  lanes?.closeExtras();
+  channels?.closeExtras();
   // A destination that refused something sends ERROR and closes; our send may fail first.
   // Its ERROR, if it arrives within a moment, is the real cause.
   if (conn && e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION') {
@@ -45,7 +45,7 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
   }
   if (conn) await conn.finish(conn.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
   await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
-  await lanes?.closeEncoders().catch(() => undefined);
+  await channels?.closeEncoders().catch(() => undefined);
   if (ctx.throttled) {
     try {
       await settings.options.throttle!(0); // the guest runs at full speed here again

@@ -66,7 +66,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
     const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);
     const sentPages = ctx.pending.length - unsent.length;
-    await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.lanes.endRound(round, version)]);
+    await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.channels.endRound(round, version)]);
     const duration = now() - t0;
     const dirty = await tracker.collect();
     wws?.record(dirty);
@@ -119,23 +119,23 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // The extra channels end here, before the pause: the pause's pages (and post-copy's) go on
   // the main connection, which ROUND_END {last} tells so; the destination acknowledges it once
   // every channel has ended, so from then on it takes any page there (docs/PROTOCOL.md).
-  const { lanes } = ctx.session;
-  await lanes.narrow(ctx.round, version, () => readRoundAck(ctx));
+  const { channels } = ctx.session;
+  await channels.narrow(ctx.round, version, () => readRoundAck(ctx));
   // Let the destination finish applying what is in flight before the pause, so that the
   // pause does not pay for its backlog.
-  while (lanes.ackedRound < ctx.round) lanes.ackedRound = Math.max(lanes.ackedRound, (await readRoundAck(ctx)).round);
+  while (channels.ackedRound < ctx.round) channels.ackedRound = Math.max(channels.ackedRound, (await readRoundAck(ctx)).round);
   return outcome;
 }
 
 function linkMBps(ctx: SourceContext): number {
-  const l = ctx.session.lanes.link();
+  const l = ctx.session.channels.link();
   return l.ms > 0 ? l.bytes / 1e3 / l.ms : Number.POSITIVE_INFINITY;
 }
 
 /** The extra channels are still up, and the link, measured, is below what needs more than one. */
 function slowLink(ctx: SourceContext): boolean {
-  const { lanes } = ctx.session;
-  return !lanes.narrowed && lanes.link().bytes >= LINK_WINDOW && linkMBps(ctx) <= FAST_LINK_MBPS;
+  const { channels } = ctx.session;
+  return !channels.narrowed && channels.link().bytes >= LINK_WINDOW && linkMBps(ctx) <= FAST_LINK_MBPS;
 }
 
 /** The next ROUND_ACK from the destination (progress: it applied a round). */
@@ -164,12 +164,12 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
     const mayCross = !final && ctx.bytesSent + (pages.length - at) * region.pageSize > settings.maxBytes;
     let chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
     // channels not yet judged against the link: a chunk ends where it is, so that they can end
-    const { lanes } = ctx.session;
-    if (!lanes.narrowed && lanes.link().bytes < LINK_WINDOW) chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - lanes.link().bytes) / region.pageSize)));
+    const { channels } = ctx.session;
+    if (!channels.narrowed && channels.link().bytes < LINK_WINDOW) chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - channels.link().bytes) / region.pageSize)));
     const part = pages.subarray(at, at + chunk);
     // on a link one stream fills, extra channels only cost CPU (and each its own compressor):
     // once the link is measured, they end and the main connection carries the rest
-    if (!final && slowLink(ctx)) await ctx.session.lanes.narrow(r, ctx.session.version, () => readRoundAck(ctx), `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`);
+    if (!final && slowLink(ctx)) await ctx.session.channels.narrow(r, ctx.session.version, () => readRoundAck(ctx), `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`);
     const t0 = now();
     tRoundStart ??= t0;
     const b = await ctx.sendPages(r, part, final);
