@@ -37,6 +37,24 @@ export interface Connections {
   close(): void;
 }
 
+/** What a page server starts with. */
+export interface PageServerOptions {
+  region: Region;
+  /** one byte per page: 1 if the destination must get it */
+  needed: Uint8Array;
+  /** the negotiated protocol version */
+  version: number;
+  /** the round its pages carry */
+  round: number;
+  batchPages: number;
+  /**
+   * if given, each page sent is hashed into it right after it went (the sending thread does
+   * it: it slows the push by about a tenth, measured, so the sender hashes the paused region
+   * once the destination has everything instead)
+   */
+  hashes?: BigUint64Array;
+}
+
 export class PageServer {
   readonly #native: NativePostcopySource;
   readonly #region: Region;
@@ -49,19 +67,14 @@ export class PageServer {
   #servedPaced = 0;
   readonly #batchPages: number;
 
-  /**
-   * @param needed one byte per page: 1 if the destination must get it
-   * @param hashes if given, each page sent is hashed into it right after it went (the sending
-   *   thread does it: it slows the push by about a tenth, measured, so the sender hashes
-   *   the paused region once the destination has everything instead)
-   */
-  constructor(region: Region, needed: Uint8Array, version: number, round: number, batchPages: number, hashes?: BigUint64Array) {
+  constructor(o: PageServerOptions) {
+    const { region, needed, version, round, hashes } = o;
     this.#region = region;
-    this.#batchPages = batchPages;
+    this.#batchPages = o.batchPages;
     const onEvent = (e: PostcopyEvent): void => {
       for (const l of this.#listeners) l(e);
     };
-    this.#native = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'creating the page server', () => new addon.PostcopySource(region.nativeHandle, needed, version, round, hashes, onEvent));
+    this.#native = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'creating the page server', () => new addon.PostcopySource({ region: region.nativeHandle, needed, version, round, ...(hashes ? { hashes } : {}), onEvent }));
   }
 
   on(l: (e: PostcopyEvent) => void): () => void {
