@@ -61,6 +61,15 @@ interface BufferSet {
   lengths: SharedArrayBuffer;
 }
 
+/** Pages of one round to send. */
+export interface RoundPages {
+  round: number;
+  /** ascending */
+  pages: Uint32Array;
+  /** the stop-and-copy's pages, inside the pause */
+  final?: boolean;
+}
+
 export class PageEncoder {
   readonly chooser: Chooser;
   readonly stats: EncodingStats = { zero_pages: 0, dup_pages: 0, lz4_pages: 0, raw_pages: 0, skipped_pages: 0, lz4_in: 0, lz4_out: 0 };
@@ -111,7 +120,8 @@ export class PageEncoder {
    * probes or timings: nothing follows them) and no written-probe (a page sent now never serves
    * as a dup source later).
    */
-  async send(round: number, pages: Uint32Array, final = false): Promise<number> {
+  async send(o: RoundPages): Promise<number> {
+    const { round, pages, final = false } = o;
     if (final && !this.chooser.compressing()) {
       const c = await this.#conn.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, now: true });
       this.#countSent(c);

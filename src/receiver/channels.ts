@@ -34,6 +34,19 @@ export interface Join {
   version: number;
 }
 
+/** What IncomingChannels starts with. */
+export interface IncomingChannelsOptions {
+  /** channels granted, the main connection (channel 0) included */
+  count: number;
+  /** the migration's session, which channels 1..count-1 join */
+  session: PostcopySession | undefined;
+  /** where their pages go (each channel's reader takes only its own stripes) */
+  sink: PageSink;
+  join: Join;
+  /** hears the first failure of any channel (the migration then ends: its main connection is aborted with it) */
+  onFailure: (e: LivemigError) => void;
+}
+
 export class IncomingChannels {
   readonly count: number;
   /** pages the extra channels applied */
@@ -45,11 +58,9 @@ export class IncomingChannels {
   #failure: LivemigError | undefined;
   #closed = false;
 
-  /**
-   * Starts a reader for each of channels 1..count-1 as it joins `session`. `onFailure` hears the
-   * first failure of any (the migration then ends: its main connection is aborted with it).
-   */
-  constructor(count: number, session: PostcopySession | undefined, sink: PageSink, join: Join, onFailure: (e: LivemigError) => void) {
+  /** Starts a reader for each of channels 1..count-1 as it joins the session. */
+  constructor(o: IncomingChannelsOptions) {
+    const { count, session, sink, join, onFailure } = o;
     this.count = count;
     this.#reached = new Array<number>(count).fill(0);
     this.#ended = new Array<boolean>(count).fill(false);

@@ -32,7 +32,7 @@ export async function receiveUntilRunning(ctx: ReceiverContext, a: Accepted): Pr
     const joinMs = ctx.options.authTimeoutMs ?? AUTH_TIMEOUT_MS;
     const limits = frameLimits({ pageCount: region.pageCount });
     const join: Join = { joinMs, prepare: (c) => c.setFrameLimits(limits), version };
-    ctx.channels = new IncomingChannels(a.channels, ctx.session, whole, join, (e) => channelFailed(ctx, e));
+    ctx.channels = new IncomingChannels({ count: a.channels, session: ctx.session, sink: whole, join, onFailure: (e) => channelFailed(ctx, e) });
   }
   const striped = whole && IncomingChannels.mainSink(whole, a.channels);
   for (;;) {

@@ -25,7 +25,7 @@ import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
 import { peerError } from './peer.js';
 import { encodeAttach, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
 import type { FramedConnection } from '../protocol/wire.js';
-import type { PageEncoder } from '../encoding/encoder.js';
+import type { PageEncoder, RoundPages } from '../encoding/encoder.js';
 import type { EncodingStats } from '../encoding/encoder.js';
 import type { LinkFigure } from '../encoding/chooser.js';
 
@@ -91,10 +91,21 @@ export interface OutgoingChannel {
   roundPages: number;
 }
 
+/** Sends pages on a channel without an encoder (plain PAGES frames); the bytes written. */
+export type SendPlain = (conn: FramedConnection, r: number, pages: Uint32Array) => Promise<number>;
+
+/** What OutgoingChannels starts with. */
+export interface OutgoingChannelsOptions {
+  /** every channel, the main connection (channel 0) first */
+  channels: OutgoingChannel[];
+  /** how a channel without an encoder sends its pages */
+  sendPlain: SendPlain;
+}
+
 /** The channels of a migration, the main connection (channel 0) first. */
 export class OutgoingChannels {
   readonly all: OutgoingChannel[];
-  readonly #plain: (conn: FramedConnection, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
+  readonly #plain: SendPlain;
   #ended = false;
   #acked = false;
   /** bytes of completed sends, and those plus what the runs of the current one reported */
@@ -103,9 +114,9 @@ export class OutgoingChannels {
   #ms = 0;
   #since: number | undefined;
 
-  constructor(channels: OutgoingChannel[], plain: (conn: FramedConnection, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
-    this.all = channels;
-    this.#plain = plain;
+  constructor(o: OutgoingChannelsOptions) {
+    this.all = o.channels;
+    this.#plain = o.sendPlain;
   }
 
   get count(): number {
@@ -113,7 +124,8 @@ export class OutgoingChannels {
   }
 
   /** Sends a round's pages, each on its stripe's channel, the channels at once; the bytes written. */
-  async send(r: number, pages: Uint32Array, final: boolean): Promise<number> {
+  async send(o: RoundPages): Promise<number> {
+    const { round: r, pages, final = false } = o;
     // once the extra channels ended, every page goes on the main connection
     const parts = this.count === 1 || this.#ended ? [pages] : splitByStripe(pages, this.count);
     const t0 = performance.now();
@@ -123,7 +135,7 @@ export class OutgoingChannels {
         const channel = this.all[k]!;
         channel.roundPages += part.length;
         if (part.length === 0) return 0;
-        return channel.encoder ? channel.encoder.send(r, part, final) : this.#plain(channel.conn, r, part, final);
+        return channel.encoder ? channel.encoder.send({ round: r, pages: part, final }) : this.#plain(channel.conn, r, part);
       }),
     );
     const bytes = sent.reduce((a, b) => a + b, 0);
@@ -206,16 +218,29 @@ export class OutgoingChannels {
   }
 }
 
+/** Which channel attachChannel opens, and how. */
+export interface AttachChannel {
+  /** opens a further connection to the destination (authenticated like the first) */
+  open: () => Promise<FramedConnection>;
+  /** the session token the destination's ACCEPT gave */
+  session: string;
+  /** the channel's index, 1.. (the main connection is 0) */
+  channel: number;
+  version: number;
+  /** how long ATTACHED may take */
+  timeoutMs: number;
+}
+
 /**
- * Opens channel k (1..) of the session, names it with ATTACH and waits for ATTACHED (a
- * receiver refuses a connection that sends more before its first frame is answered); closed
- * again on failure.
+ * Opens a channel of the session, names it with ATTACH and waits for ATTACHED (a receiver
+ * refuses a connection that sends more before its first frame is answered); closed again on
+ * failure.
  */
-export async function attachChannel(open: () => Promise<FramedConnection>, session: string, k: number, version: number, timeoutMs: number): Promise<FramedConnection> {
-  const conn = await open();
+export async function attachChannel(o: AttachChannel): Promise<FramedConnection> {
+  const conn = await o.open();
   try {
-    await conn.send(encodeAttach({ session, role: 'channel', channel: k }, version));
-    await conn.expect(FrameType.Attached, (f) => peerError(f, 'handshake'), timeoutMs);
+    await conn.send(encodeAttach({ session: o.session, role: 'channel', channel: o.channel }, o.version));
+    await conn.expect(FrameType.Attached, (f) => peerError(f, 'handshake'), o.timeoutMs);
   } catch (e) {
     conn.close();
     throw e;

@@ -4,7 +4,7 @@
  * function over this object (see migrate.ts for the order).
  */
 import { LivemigError } from '../errors.js';
-import type { PageEncoder } from '../encoding/encoder.js';
+import type { PageEncoder, RoundPages } from '../encoding/encoder.js';
 import type { ChannelChoice, OutgoingChannels } from './channels.js';
 import { Pacer } from '../pacing/pacer.js';
 import { Stages } from '../stages.js';
@@ -212,9 +212,10 @@ export class SourceContext {
     this.settings.options.onProgress?.(e);
   }
 
-  /** Sends pages of round `r`, each on its channel, through the encoders or plain when encodings are off; counts them. */
-  async sendPages(r: number, pages: Uint32Array, final: boolean): Promise<number> {
-    const n = await this.session.channels.send(r, pages, final);
+  /** Sends pages of a round, each on its channel, through the encoders or plain when encodings are off; counts them. */
+  async sendPages(o: RoundPages): Promise<number> {
+    const { pages } = o;
+    const n = await this.session.channels.send(o);
     this.bytesSent += n;
     this.pagesSent += pages.length;
     this.settings.layout.breakdown(pages, this.regionPages);

@@ -107,10 +107,10 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;
-  const channels = new OutgoingChannels(
-    conns.map((conn, k) => ({ conn, encoder: encoders[k], roundPages: 0 })),
-    async (conn, r, pages) => (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
-  );
+  const channels = new OutgoingChannels({
+    channels: conns.map((conn, k) => ({ conn, encoder: encoders[k], roundPages: 0 })),
+    sendPlain: async (conn, r, pages) => (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
+  });
   ctx.channels = channels;
   await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
   const prepMs = now() - ctx.tConnect;
@@ -184,7 +184,7 @@ function grantedChannels(accept: Accept, wanted: ChannelChoice): ChannelChoice {
 /** Channels 1.. of the session, each authenticated and named with ATTACH; all closed if one fails. */
 async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<FramedConnection[]> {
   const open = anotherConnection(ctx, 'channels');
-  const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version, ctx.settings.handshakeTimeoutMs)));
+  const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel({ open, session, channel: i + 1, version, timeoutMs: ctx.settings.handshakeTimeoutMs })));
   const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
   const conns = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
   if (failed) {

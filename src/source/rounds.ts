@@ -13,6 +13,7 @@ import { WritableWorkingSet } from '../precopy/wws.js';
 import { FrameType } from '../protocol/format.js';
 import { decodeRoundAck, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
 import { FAST_LINK_MBPS, LINK_WINDOW } from '../encoding/chooser.js';
+import type { RoundPages } from '../encoding/encoder.js';
 import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import type { RoundStats } from './types.js';
@@ -64,7 +65,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     trace('source', SourceEvent.roundBegins, { round });
     ctx.pendingSince = ctx.pagesSent;
     if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
-    const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);
+    const { bytes, unsent } = await sendRound(ctx, { round, pages: ctx.pending, ...(long ? { budgetMs: ROUND_BUDGET_MS } : {}) });
     const sentPages = ctx.pending.length - unsent.length;
     await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.channels.endRound(round, version)]);
     const duration = now() - t0;
@@ -149,7 +150,8 @@ async function readRoundAck(ctx: SourceContext): Promise<RoundEnd> {
  * Sends a round's pages in chunks, paced; stops early at the byte bound, at the end of the
  * round's time budget, or when the deadline nears. Returns the bytes sent and the pages left.
  */
-export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Array, final: boolean, budgetMs?: number): Promise<{ bytes: number; unsent: Uint32Array }> {
+export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?: number }): Promise<{ bytes: number; unsent: Uint32Array }> {
+  const { round: r, pages, final = false, budgetMs } = o;
   const { settings, pacer } = ctx;
   const { region } = settings.options;
   // a page listed twice would be refused by the destination; say which list broke the rule
@@ -172,7 +174,7 @@ export async function sendRound(ctx: SourceContext, r: number, pages: Uint32Arra
     if (!final && slowLink(ctx)) await ctx.session.channels.narrow(r, ctx.session.version, () => readRoundAck(ctx), `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`);
     const t0 = now();
     tRoundStart ??= t0;
-    const b = await ctx.sendPages(r, part, final);
+    const b = await ctx.sendPages({ round: r, pages: part, final });
     pacer.record(b, part.length, t0, now());
     bytes += b;
     at += part.length;
