@@ -159,7 +159,7 @@ test('without maxRegionBytes the budget is MemAvailable minus a reserve (an eigh
 
 test("a control frame's header alone cannot make the receiver hold its length: each type has its limit, the device state its own", async () => {
   // a ROUND_END announcing 60 MiB, whose bytes never come
-  const big = await session([() => hello(), () => encodeHeader(FrameType.RoundEnd, 60 << 20, 1)]);
+  const big = await session([() => hello(), () => encodeHeader(FrameType.RoundEnd, 60 << 20, { version: 1 })]);
   assert.equal(big.error.code, 'ERR_LIVEMIG_FRAME_TOO_LARGE');
   assert.match(big.error.message, /announces 62914560 payload bytes \(max 65536 for its type\)/);
   const state = await session([() => hello(), () => M.encodeDeviceState(Buffer.alloc(8192, 1), 1)], { maxDeviceStateBytes: 4096 });

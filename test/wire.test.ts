@@ -100,12 +100,12 @@ test('the native parser refuses what the reference parser refuses, before touchi
     ['unknown type', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt8(99, 3); return h; })(), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 99/],
     ['oversized', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt32LE(0xffffffff, 8); return h; })(), 'ERR_LIVEMIG_FRAME_TOO_LARGE', /max/],
     ['flags on PAGES', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 1); b.writeUInt16LE(0xffff, 4); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /flags 0xffff/],
-    ['a flag DEVICE_STATE does not define', encodeHeader(FrameType.DeviceState, 0, 3, 0x2), 'ERR_LIVEMIG_PROTOCOL', /flags 0x2/],
+    ['a flag DEVICE_STATE does not define', encodeHeader(FrameType.DeviceState, 0, { version: 3, flags: 0x2 }), 'ERR_LIVEMIG_PROTOCOL', /flags 0x2/],
     ['index out of range', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 8/],
     ['a page twice in one frame', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([5, 5]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 5 follows 5: .*strictly increasing/],
     ['indices that go back', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([7, 3]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 3 follows 7/],
-    ['count zero', (() => { const b = Buffer.alloc(12 + 8); encodeHeader(FrameType.Pages, 8, 1, 0, b); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/],
-    ['wrong length', (() => { const b = Buffer.alloc(12 + 8 + 4 + 10); encodeHeader(FrameType.Pages, 22, 1, 0, b); b.writeUInt32LE(1, 16); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /must be/],
+    ['count zero', (() => { const b = Buffer.alloc(12 + 8); encodeHeader(FrameType.Pages, 8, { version: 1, into: b }); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/],
+    ['wrong length', (() => { const b = Buffer.alloc(12 + 8 + 4 + 10); encodeHeader(FrameType.Pages, 22, { version: 1, into: b }); b.writeUInt32LE(1, 16); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /must be/],
     ['other version', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 2); return b; })(), 'ERR_LIVEMIG_VERSION', /version 2/],
   ];
   for (const [name, bytes, code, re] of cases) {

@@ -221,7 +221,7 @@ export class PageEncoder {
     this.#compressor ??= new Compressor();
     // (sampled pages are not neighbours: one page a group, a slightly pessimistic ratio)
     this.#sampling = this.#compressor
-      .compress(this.#sampleSet.staging, this.#sampleSet.output, this.#sampleSet.lengths, Uint32Array.from(slots.flatMap((k) => [k, 1])), this.#region.pageSize)
+      .compress({ ...this.#sampleSet, groups: Uint32Array.from(slots.flatMap((k) => [k, 1])), pageSize: this.#region.pageSize })
       .then((r) => {
         this.chooser.compressed(r.input, r.output, r.ms);
         this.chooser.sampled(nonzero, slots.length);
@@ -265,7 +265,7 @@ export class PageEncoder {
             groups.push(candidates[i]!, g);
             i += g;
           }
-          const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(groups), ps);
+          const r = await this.#compressor.compress({ ...set, groups: Uint32Array.from(groups), pageSize: ps });
           this.chooser.compressed(r.input, r.output, r.ms);
           for (let i = 0; i < groups.length; i += 2) {
             const k = groups[i]!;

@@ -99,7 +99,7 @@ async function handOver(fd: number, token: string, layout: GuestLayout, pieces: 
   if (k.tag !== TAG_TOKEN || got.length !== 32 || !timingSafeEqual(got, Buffer.from(token))) {
     throw new LivemigError('ERR_LIVEMIG_AUTH', 'a process on this host asked for the guest memory without the migration token', { phase: 'handshake' });
   }
-  addon.controlSend(fd, Tag.regions, encodeRegions(layout, false, pieces.map((p) => p.offset)), pieces.map((p) => p.fd));
+  addon.controlSend(fd, Tag.regions, encodeRegions({ layout, populate: false, offsets: pieces.map((p) => p.offset) }), pieces.map((p) => p.fd));
   const m = await receive(fd, TOKEN_TIMEOUT_MS, 'the destination mapping the memory');
   for (const f of m.fds) closeFd(f, 'handshake');
   if (m.tag !== Tag.mapped) throw new LivemigError('ERR_LIVEMIG_REFUSED', `the destination could not take the memory: ${m.body.toString('utf8', 0, 300)}`, { phase: 'handshake' });

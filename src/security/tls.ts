@@ -62,11 +62,11 @@ function refused(message: string, cause?: unknown): LivemigError {
   return new LivemigError('ERR_LIVEMIG_AUTH', message, { phase: 'handshake', ...(cause === undefined ? {} : { cause }) });
 }
 
-function keys(s: tls.TLSSocket, isClient: boolean): { send: DirectionKeys; receive: DirectionKeys } {
+function keys(s: tls.TLSSocket, side: 'client' | 'server'): { send: DirectionKeys; receive: DirectionKeys } {
   const m = s.exportKeyingMaterial(2 * (KEY_BYTES + SALT_BYTES), EXPORTER_LABEL, Buffer.alloc(0));
   const c2s = { key: m.subarray(0, KEY_BYTES), salt: m.subarray(KEY_BYTES, KEY_BYTES + SALT_BYTES) };
   const s2c = { key: m.subarray(KEY_BYTES + SALT_BYTES, 2 * KEY_BYTES + SALT_BYTES), salt: m.subarray(2 * KEY_BYTES + SALT_BYTES) };
-  return isClient ? { send: c2s, receive: s2c } : { send: s2c, receive: c2s };
+  return side === 'client' ? { send: c2s, receive: s2c } : { send: s2c, receive: c2s };
 }
 
 /** Stops the TLS layer reading from the descriptor at once (Node's pause() only stops the stream). */
@@ -128,7 +128,7 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
     });
     if (creds.kind === 'cert' && !s.authorized) throw refused(`the destination's certificate is not trusted: ${String(s.authorizationError)}`);
     const peer = creds.kind === 'cert' ? String(s.getPeerCertificate().subject?.CN ?? '') : creds.identity;
-    const k = keys(s, true);
+    const k = keys(s, 'client');
     const cipher = s.getCipher().name;
     const done = awaitMarker(s, SERVER_DONE, timeoutMs, () => stopReading(s));
     await write(s, CLIENT_DONE);
@@ -184,7 +184,7 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
     } else {
       peer = acceptor.pskIdentity.get(s) ?? '';
     }
-    const k = keys(s, false);
+    const k = keys(s, 'server');
     const cipher = s.getCipher().name;
     await awaitMarker(s, CLIENT_DONE, timeoutMs, () => stopReading(s!));
     await write(s, SERVER_DONE);

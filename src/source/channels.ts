@@ -44,7 +44,8 @@ export interface ChannelChoice {
  * more than libuv's pool can run at once (each channel's send holds a pool thread while it
  * waits for its socket).
  */
-export function chooseChannels(asked: number | undefined, canConnect: boolean): ChannelChoice {
+export function chooseChannels(o: { asked: number | undefined; canConnect: boolean }): ChannelChoice {
+  const { asked, canConnect } = o;
   const pool = threadPoolSize();
   const poolRoom = Math.max(1, pool - POOL_RESERVE);
   if (asked !== undefined) {
@@ -160,7 +161,8 @@ export class OutgoingChannels {
    * ROUND_END on every extra channel (the main one's goes with the round's statistics): its
    * pages of that round all went before it. `last`: nothing more follows on them.
    */
-  async endRound(round: number, version: number, last = false): Promise<void> {
+  async endRound(round: number, version: number, o: { last?: boolean } = {}): Promise<void> {
+    const last = o.last === true;
     if (this.#ended) return;
     if (last) this.#ended = true;
     await Promise.all(this.all.slice(1).map((c) => c.conn.send(encodeRoundEnd({ round, pages: c.roundPages, ...(last ? { last: true as const } : {}) }, version))));
@@ -181,7 +183,7 @@ export class OutgoingChannels {
   async narrow(round: number, version: number, readAck: () => Promise<RoundEnd>, why?: string): Promise<void> {
     if (this.count === 1 || this.#ended) return;
     trace('source', SourceEvent.channelsEnd, { round, why: why ?? 'the end of pre-copy' });
-    await this.endRound(round, version, true);
+    await this.endRound(round, version, { last: true });
     await this.all[0]!.conn.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
     for (;;) {
       const ack = await readAck();

@@ -37,7 +37,7 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
   // page: ~0.4 ms for 1 GiB here), instead of one after the other. COMMIT is the point of
   // commitment: a write that failed did not deliver it whole, so the guest may still resume
   // here; once the write is done, an ERROR back means it did not activate.
-  await conn.send(encodeDeviceState(stopped.deviceState, version, prove));
+  await conn.send(encodeDeviceState(stopped.deviceState, version, { prove }));
   ctx.announceCommitment();
   const digest = digestOf(ctx.hashes, 'commit');
   trace('source', SourceEvent.digestComputed);

@@ -71,7 +71,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ? { count: 1, reason: 'a same-host upgrade sends no page' }
     : settings.mode === 'postcopy'
       ? { count: 1, reason: 'post-copy from the start has no pre-copy pass' }
-      : chooseChannels(options.channels, canConnect(options.to, options.connect));
+      : chooseChannels({ asked: options.channels, canConnect: canConnect(options.to, options.connect) });
   const capabilities = [
     ...(wanted.count > 1 ? [CAP_CHANNELS] : []),
     ...(local ? [CAP_LOCAL] : []),
@@ -84,7 +84,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   await conn.send(encodeHello({ versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
   trace('source', SourceEvent.helloSent);
   const accept = decodeAccept((await conn.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
-  checkProofOffered(accept, local !== undefined);
+  checkProofOffered(accept, { local: local !== undefined });
   const version = accept.version;
   if (local) {
     if (!accept.capabilities.includes(CAP_LOCAL)) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the destination does not take memory by reference (a same-host upgrade needs a livemig that offers `local`)', { phase: 'handshake' });
@@ -139,11 +139,11 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
  * guest never paused. A same-host upgrade proves itself otherwise: the destination took the
  * memory from a socket that only this authenticated connection's token opens.
  */
-function checkProofOffered(accept: Accept, local: boolean): void {
+function checkProofOffered(accept: Accept, o: { local: boolean }): void {
   if (accept.version < MIN_SOURCE_VERSION || accept.version > PROTOCOL_VERSION) {
     throw new LivemigError('ERR_LIVEMIG_VERSION', `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`, { phase: 'handshake' });
   }
-  if (!local && !accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
+  if (!o.local && !accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
     throw new LivemigError('ERR_LIVEMIG_PROTOCOL', "the destination's ACCEPT drops commit-activate, without which it does not prove it holds the image before the commit: refused, the guest stays here", { phase: 'handshake' });
   }
 }

@@ -164,7 +164,7 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
   while (at < pages.length) {
     // chunks where the round may have to stop early: at a deadline, or at the byte bound
     const mayCross = !final && ctx.bytesSent + (pages.length - at) * region.pageSize > settings.maxBytes;
-    let chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
+    let chunk = pacer.chunkPages(pages.length, { mayStopEarly: deadlineAt !== undefined || mayCross || budgetMs !== undefined });
     // channels not yet judged against the link: a chunk ends where it is, so that they can end
     const { channels } = ctx.session;
     if (!channels.narrowed && channels.link().bytes < LINK_WINDOW) chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - channels.link().bytes) / region.pageSize)));

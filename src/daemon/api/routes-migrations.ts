@@ -12,7 +12,7 @@ import type { DaemonApi } from './types.js';
 const created = { type: 'object', properties: { id: { type: 'string' }, state: { type: 'string' }, stage: { type: 'string' } } } as const;
 
 export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
-  const view = (m: Migration, detail = true): Record<string, unknown> => ({ ...m.view(detail), ...d.extra(m) });
+  const view = (m: Migration, o?: { detail: boolean }): Record<string, unknown> => ({ ...m.view(o), ...d.extra(m) });
 
   app.post<{ Body: MigrationRequest }>(
     '/v1/migrations',
@@ -47,7 +47,7 @@ export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
       migrations: d.table
         .list()
         .filter((m) => (req.query.state === undefined || m.state === req.query.state) && (req.query.direction === undefined || m.direction === req.query.direction))
-        .map((m) => view(m, false)),
+        .map((m) => view(m, { detail: false })),
     }),
   );
 
