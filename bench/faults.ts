@@ -44,7 +44,7 @@ import { parseArgs } from 'node:util';
 import { parseNumber, parseSize } from '../src/cli/units.js';
 import { runDemo, type DemoReport } from '../src/demo/demo.js';
 import { encodeHello } from '../src/protocol/messages.js';
-import type { FramedConnection } from '../src/protocol/wire.js';
+import type { FramedConnection } from '../src/protocol/connection.js';
 import type { MigrationReport } from '../src/source/types.js';
 import { secureConnect, type Credentials } from '../src/security/tls.js';
 import { emit, machine, median } from './common.js';

@@ -18,7 +18,7 @@ import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../src/errors.js';
 import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_LOCAL, FrameType, STRIPE_PAGES } from '../src/protocol/format.js';
 import { decodeAccept, decodeError, encodeAttach, encodeHello, encodeRoundEnd } from '../src/protocol/messages.js';
-import type { FramedConnection } from '../src/protocol/wire.js';
+import type { FramedConnection } from '../src/protocol/connection.js';
 import { listen, type Receiver } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { secureConnect, type Credentials } from '../src/security/tls.js';

@@ -88,7 +88,7 @@ async function downgrader(accept: { version: number; capabilities: string[] }, c
   const server = net.createServer({ pauseOnConnect: true }, (raw) => {
     raw.on('error', () => undefined);
     void (async () => {
-      const conn = creds ? (await secureAccept(raw, creds)).conn : (await import('../src/protocol/wire.js')).FramedConnection.fromSocket(raw);
+      const conn = creds ? (await secureAccept(raw, creds)).conn : (await import('../src/protocol/connection.js')).FramedConnection.fromSocket(raw);
       try {
         for (;;) {
           const f = await conn.next(10_000);

@@ -9,7 +9,7 @@ import { compressSync } from 'lz4-napi';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
-import { FramedConnection } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import * as F from '../src/protocol/format.js';

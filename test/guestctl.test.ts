@@ -9,7 +9,7 @@ import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { FrameType } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader } from '../src/protocol/frame.js';
-import { FramedConnection } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import { Region } from '../src/region/region.js';
 import { preferShortSlices, defaultSlices } from '../src/sched.js';
 import { GuestLayout } from '../src/guest/layout.js';

@@ -12,7 +12,7 @@ import { PageServer } from '../src/postcopy/source.js';
 import { migrate } from '../src/source/migrate.js';
 import { MigrationControl } from '../src/source/types.js';
 import { LivemigError } from '../src/errors.js';
-import { FramedConnection } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import { listen } from '../src/receiver/listen.js';
 import type { Credentials } from '../src/security/tls.js';
 import { makeCa, opensslMissing } from './certs.js';

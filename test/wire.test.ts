@@ -14,7 +14,7 @@ import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { FrameType } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
-import { FramedConnection } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import { Region } from '../src/region/region.js';

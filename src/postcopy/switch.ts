@@ -11,7 +11,7 @@ import { addon, callAsync, digestOf } from '../native.js';
 import { FrameType } from '../protocol/format.js';
 import type { Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
-import { FramedConnection } from '../protocol/wire.js';
+import { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
 import type { PageServer, Connections, PushPacer } from './source.js';
 import type { PostcopyStats } from '../source/types.js';

@@ -18,7 +18,8 @@ import { ProtocolError } from '../protocol/errors.js';
 import { addon, call, closeFd, type WireKeys } from '../native.js';
 import { HEADER_BYTES, type FrameType } from '../protocol/format.js';
 import { CONTROL_MAX } from '../protocol/limits.js';
-import { FramedConnection, type WireFrame } from '../protocol/wire.js';
+import { FramedConnection } from '../protocol/connection.js';
+import type { WireFrame } from '../protocol/wire.js';
 import { authenticateAccepted, type Authenticated, type Credentials, type SecurityReport } from '../security/tls.js';
 import type { PendingTicket } from './pending.js';
 

@@ -12,7 +12,8 @@ import { threadPoolSize } from '../native.js';
 import { FrameType, MAX_CHANNELS } from '../protocol/format.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { decodeAbort, decodeRoundEnd, encodeAttached } from '../protocol/messages.js';
-import type { PageSink, FramedConnection } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
+import type { PageSink } from '../protocol/wire.js';
 import type { PostcopySession } from './session.js';
 
 /** pool threads a receiver keeps besides its channels' reads */

@@ -7,7 +7,7 @@ import type { LivemigError } from '../errors.js';
 import type { GuestLayout } from '../guest/layout.js';
 import type { FaultService } from '../postcopy/dest.js';
 import { PROTOCOL_VERSION } from '../protocol/format.js';
-import type { FramedConnection } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
 import type { SecurityReport } from '../security/tls.js';
 import { Stages } from '../stages.js';

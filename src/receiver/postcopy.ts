@@ -9,7 +9,7 @@ import { addon, call, closeFd } from '../native.js';
 import { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } from '../protocol/messages.js';
-import type { FramedConnection } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';

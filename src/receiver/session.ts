@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { LivemigError } from '../errors.js';
-import type { FramedConnection } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 
 /** A connection's place in a session: post-copy's push and priority connections, or an extra channel. */
 export type SessionSlot = 'push' | 'prio' | `channel-${number}`;

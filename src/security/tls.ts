@@ -16,7 +16,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { LivemigError } from '../errors.js';
-import { FramedConnection } from '../protocol/wire.js';
+import { FramedConnection } from '../protocol/connection.js';
 
 export type Credentials =
   | {

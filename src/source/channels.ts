@@ -24,7 +24,7 @@ import { SourceEvent } from '../trace-events.js';
 import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
 import { peerError } from './peer.js';
 import { encodeAttach, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
-import type { FramedConnection } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import type { PageEncoder, RoundPages } from '../encoding/encoder.js';
 import type { EncodingStats } from '../encoding/encoder.js';
 import type { LinkFigure } from '../encoding/chooser.js';

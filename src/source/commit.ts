@@ -7,7 +7,7 @@ import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
 import { FrameType } from '../protocol/format.js';
 import { decodeActivated, decodeDigest, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
-import type { FramedConnection } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
 import { now, type SourceContext } from './context.js';

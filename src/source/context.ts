@@ -11,7 +11,7 @@ import { Stages } from '../stages.js';
 import { Deadlines } from './deadlines.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import type { Accept } from '../protocol/messages.js';
-import type { FramedConnection } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import type { SecurityReport } from '../security/tls.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import type { Settings } from './options.js';
