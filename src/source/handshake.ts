@@ -52,7 +52,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
   trace('source', SourceEvent.connected);
-  // a cancel during the secure handshake ends it here (the channel does not exist yet)
+  // a cancel during the secure handshake ends it here (the FramedConnection does not exist yet)
   ctx.onAbort(() => socket.destroy());
   const opened = await openConnection(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
   const conn = opened.conn;
