@@ -14,5 +14,14 @@ for (const rec of values.records!.split(',').map(Number)) {
   const runs = Array.from({ length: Number(values.runs) }, () => addon.aeadThroughput(GIB, rec));
   const seal = median(runs.map((r) => r.sealMs));
   const open = median(runs.map((r) => r.openMs));
-  process.stdout.write(JSON.stringify({ bench: 'aead', record_bytes: rec, seal_ms_per_gib: +seal.toFixed(1), open_ms_per_gib: +open.toFixed(1), seal_gb_s: +(GIB / 1e6 / seal).toFixed(2), open_gb_s: +(GIB / 1e6 / open).toFixed(2) }) + '\n');
+  process.stdout.write(
+    JSON.stringify({
+      bench: 'aead',
+      record_bytes: rec,
+      seal_ms_per_gib: +seal.toFixed(1),
+      open_ms_per_gib: +open.toFixed(1),
+      seal_gb_s: +(GIB / 1e6 / seal).toFixed(2),
+      open_gb_s: +(GIB / 1e6 / open).toFixed(2),
+    }) + '\n',
+  );
 }

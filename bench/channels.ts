@@ -24,12 +24,22 @@ import { emit, machine, median } from './common.js';
 import { createLink, type NetLink } from './netlink.js';
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { link: { type: 'string', default: 'both' }, runs: { type: 'string', default: '3' }, repeat: { type: 'string', default: '10' }, size: { type: 'string', default: String(1 << 30) }, cases: { type: 'string', default: 'raw,channels,mixed,default' } } });
+  const { values } = parseArgs({
+    options: {
+      link: { type: 'string', default: 'both' },
+      runs: { type: 'string', default: '3' },
+      repeat: { type: 'string', default: '10' },
+      size: { type: 'string', default: String(1 << 30) },
+      cases: { type: 'string', default: 'raw,channels,mixed,default' },
+    },
+  });
   const runs = Number(values.runs);
   const repeat = Number(values.repeat);
   const size = Number(values.size);
   const cases = new Set(values.cases!.split(','));
-  const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: path.dirname(fileURLToPath(import.meta.url)) }).toString().trim();
+  const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: path.dirname(fileURLToPath(import.meta.url)) })
+    .toString()
+    .trim();
   emit({ bench: 'channels', case: 'machine', ...machine(), commit, region_bytes: size });
   if (values.link !== 'netns') await sitting('loopback', undefined, { runs, repeat, size, cases });
   if (values.link !== 'loopback') {
@@ -53,10 +63,17 @@ interface Sitting {
 const RAW = path.join(path.dirname(fileURLToPath(import.meta.url)), '../../build/Release/raw_streams');
 
 /** One raw-TCP transfer of `bytes` over `streams` connections; the receiver across the link when there is one. */
-async function rawStreams(streams: number, bytes: number, link: NetLink | undefined, region = false): Promise<{ ms: number; sender_cpu_s: number; receiver_cpu_s: number }> {
+async function rawStreams(
+  streams: number,
+  bytes: number,
+  link: NetLink | undefined,
+  region = false,
+): Promise<{ ms: number; sender_cpu_s: number; receiver_cpu_s: number }> {
   const host = link ? link.far : '127.0.0.1';
   const mode = region ? ['region'] : [];
-  const rx = spawn(link ? 'ip' : RAW, [...(link ? ['netns', 'exec', link.ns, RAW] : []), 'recv', host, '0', String(streams), String(bytes), ...mode], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const rx = spawn(link ? 'ip' : RAW, [...(link ? ['netns', 'exec', link.ns, RAW] : []), 'recv', host, '0', String(streams), String(bytes), ...mode], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   const lines = createInterface({ input: rx.stdout! })[Symbol.asyncIterator]();
   const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
   let rxErr = '';
@@ -92,12 +109,30 @@ async function sitting(linkName: string, link: NetLink | undefined, s: Sitting):
   let bestRaw = Number.POSITIVE_INFINITY;
   if (s.cases.has('raw')) {
     // the ceiling (a buffer that stays in cache), then the same from and into populated memory
-    for (const [streams, region] of [[1, false], [2, false], [4, false], [1, true], [2, true], [4, true]] as const) {
+    for (const [streams, region] of [
+      [1, false],
+      [2, false],
+      [4, false],
+      [1, true],
+      [2, true],
+      [4, true],
+    ] as const) {
       const got: Awaited<ReturnType<typeof rawStreams>>[] = [];
       for (let i = 0; i < s.runs; i++) got.push(await rawStreams(streams, s.size, link, region));
       const ms = median(got.map((x) => x.ms));
       if (streams > 1 && !region) bestRaw = Math.min(bestRaw, ms);
-      emit({ bench: 'channels', link: linkName, case: region ? 'raw_tcp_region' : 'raw_tcp', streams, ms: +ms.toFixed(1), range_ms: [Math.min(...got.map((x) => x.ms)), Math.max(...got.map((x) => x.ms))], mb_s: Math.round(s.size / 1e3 / ms), sender_cpu_s: median(got.map((x) => x.sender_cpu_s)), receiver_cpu_s: median(got.map((x) => x.receiver_cpu_s)), runs: s.runs });
+      emit({
+        bench: 'channels',
+        link: linkName,
+        case: region ? 'raw_tcp_region' : 'raw_tcp',
+        streams,
+        ms: +ms.toFixed(1),
+        range_ms: [Math.min(...got.map((x) => x.ms)), Math.max(...got.map((x) => x.ms))],
+        mb_s: Math.round(s.size / 1e3 / ms),
+        sender_cpu_s: median(got.map((x) => x.sender_cpu_s)),
+        receiver_cpu_s: median(got.map((x) => x.receiver_cpu_s)),
+        runs: s.runs,
+      });
     }
   }
   if (s.cases.has('channels')) {
@@ -141,7 +176,14 @@ async function sitting(linkName: string, link: NetLink | undefined, s: Sitting):
       shares.push(r.wire_bytes / r.region_bytes);
       emit({ bench: 'channels', link: linkName, case: 'mixed_idle_run', run: i, ...pick(r) });
     }
-    emit({ bench: 'channels', link: linkName, case: 'mixed_idle', wire_over_region_max: +Math.max(...shares).toFixed(4), wire_over_region_min: +Math.min(...shares).toFixed(4), runs: s.repeat });
+    emit({
+      bench: 'channels',
+      link: linkName,
+      case: 'mixed_idle',
+      wire_over_region_max: +Math.max(...shares).toFixed(4),
+      wire_over_region_min: +Math.min(...shares).toFixed(4),
+      runs: s.repeat,
+    });
   }
   if (s.cases.has('default')) {
     const on: DemoReport[] = [];
@@ -173,7 +215,10 @@ async function sitting(linkName: string, link: NetLink | undefined, s: Sitting):
 }
 
 if (process.env['UV_THREADPOOL_SIZE'] === undefined) {
-  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: '16' } });
+  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], {
+    stdio: 'inherit',
+    env: { ...process.env, UV_THREADPOOL_SIZE: '16' },
+  });
   child.on('exit', (code) => process.exit(code ?? 1));
 } else {
   await main();

@@ -18,7 +18,14 @@ const CONFIGS: Record<string, string[]> = {
   postcopy: ['--mode', 'postcopy', '--rate', '256'],
 };
 
-const { values } = parseArgs({ options: { a: { type: 'string' }, b: { type: 'string' }, runs: { type: 'string', default: '5' }, configs: { type: 'string', default: Object.keys(CONFIGS).join(',') } } });
+const { values } = parseArgs({
+  options: {
+    a: { type: 'string' },
+    b: { type: 'string' },
+    runs: { type: 'string', default: '5' },
+    configs: { type: 'string', default: Object.keys(CONFIGS).join(',') },
+  },
+});
 if (!values.a || !values.b) {
   process.stderr.write('usage: node dist/bench/compare.js --a DIR --b DIR [--runs N] [--configs default,hot,random,postcopy]\n');
   process.exit(2);
@@ -42,7 +49,14 @@ function demo(dir: string, args: string[]): Sample {
   const r = spawnSync(process.execPath, [path.join(dir, 'dist/src/cli/main.js'), 'demo', '--json', ...args], { encoding: 'utf8', timeout: 600_000 });
   if (r.status !== 0) throw new Error(`${dir}: demo ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
   const rep = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Omit<Sample, 'stop_pages'> & { stop_and_copy: { pages: number } };
-  return { downtime_ms: rep.downtime_ms, guest_gap_ms: rep.guest_gap_ms, total_ms: rep.total_ms, verified: rep.verified, stop_pages: rep.stop_and_copy.pages, rounds: rep.rounds };
+  return {
+    downtime_ms: rep.downtime_ms,
+    guest_gap_ms: rep.guest_gap_ms,
+    total_ms: rep.total_ms,
+    verified: rep.verified,
+    stop_pages: rep.stop_and_copy.pages,
+    rounds: rep.rounds,
+  };
 }
 
 const median = (xs: number[]): number => {
@@ -71,5 +85,14 @@ for (const name of names) {
   const sa = stat('a');
   const sb = stat('b');
   const ratio = (k: 'downtime_ms' | 'guest_gap_ms' | 'total_ms') => +(sb[k].median / sa[k].median).toFixed(3);
-  process.stdout.write(JSON.stringify({ config: name, args: CONFIGS[name], runs, a: { dir: builds.a, ...sa }, b: { dir: builds.b, ...sb }, b_over_a: { downtime: ratio('downtime_ms'), guest_gap: ratio('guest_gap_ms'), total: ratio('total_ms') } }) + '\n');
+  process.stdout.write(
+    JSON.stringify({
+      config: name,
+      args: CONFIGS[name],
+      runs,
+      a: { dir: builds.a, ...sa },
+      b: { dir: builds.b, ...sb },
+      b_over_a: { downtime: ratio('downtime_ms'), guest_gap: ratio('guest_gap_ms'), total: ratio('total_ms') },
+    }) + '\n',
+  );
 }

@@ -24,7 +24,19 @@ import { setProcessNice } from '../src/sched.js';
 import { emit, machine, nowMs } from './common.js';
 import { createLink, type NetLink } from './netlink.js';
 
-const { values } = parseArgs({ options: { counts: { type: 'string', default: '1,5,10,15' }, size: { type: 'string', default: '256MiB' }, rate: { type: 'string', default: '64' }, link: { type: 'string', default: 'both' }, parallel: { type: 'string' }, background: { type: 'string', default: '0' }, pin: { type: 'boolean', default: false }, 'guest-nice': { type: 'string' }, 'daemon-nice': { type: 'string' } } });
+const { values } = parseArgs({
+  options: {
+    counts: { type: 'string', default: '1,5,10,15' },
+    size: { type: 'string', default: '256MiB' },
+    rate: { type: 'string', default: '64' },
+    link: { type: 'string', default: 'both' },
+    parallel: { type: 'string' },
+    background: { type: 'string', default: '0' },
+    pin: { type: 'boolean', default: false },
+    'guest-nice': { type: 'string' },
+    'daemon-nice': { type: 'string' },
+  },
+});
 /** --guest-nice N: the guests (both ends) at nice N, the daemons at 0: what the CPUs left to the daemons decides */
 const clientNice = process.getuid?.() === 0 ? -5 : 0;
 const guestNice = values['guest-nice'] ? ['nice', '-n', values['guest-nice']] : [];
@@ -91,23 +103,45 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
   const insecure = [...(link ? ['--insecure'] : []), ...daemonArgs];
   const taskset = [...(pin ? ['taskset', '-c', daemonCpus] : []), ...daemonNice];
   // nice -n is relative: a guest started by a daemon at -5 goes back to 0 with +5
-  const destPrefix = [...(pin ? ['taskset', '-c', guestCpus] : []), ...(guestNice.length ? guestNice : daemonNice.length ? ['nice', '-n', String(-Number(values['daemon-nice']))] : [])];
+  const destPrefix = [
+    ...(pin ? ['taskset', '-c', guestCpus] : []),
+    ...(guestNice.length ? guestNice : daemonNice.length ? ['nice', '-n', String(-Number(values['daemon-nice']))] : []),
+  ];
   const destGuests = destPrefix.length ? ['--guest-exec', [...destPrefix, ...referenceIncomingCommand()].join(' ')] : [];
   const a = await DaemonProcess.start({ dir: path.join(dir, 'a'), ...(link ? { listen: `${link.near}:0` } : {}), args: insecure, prefix: taskset });
-  const b = await DaemonProcess.start({ dir: path.join(dir, 'b'), ...(link ? { listen: `${link.far}:0` } : {}), prefix: [...(link ? ['ip', 'netns', 'exec', link.ns] : []), ...taskset], args: [...insecure, ...destGuests] });
+  const b = await DaemonProcess.start({
+    dir: path.join(dir, 'b'),
+    ...(link ? { listen: `${link.far}:0` } : {}),
+    prefix: [...(link ? ['ip', 'netns', 'exec', link.ns] : []), ...taskset],
+    args: [...insecure, ...destGuests],
+  });
   const A: ApiTarget = { socketPath: a.socketPath };
   const B: ApiTarget = { socketPath: b.socketPath };
   const pids: number[] = [];
   try {
     // guests that only run here (the same load as a batch's, without migrating them)
     for (let i = 0; i < background; i++) {
-      const argv = referenceGuestArgs(path.join(dir, `bg${i}.sock`), { size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address, seed: BigInt(1000 + i) });
+      const argv = referenceGuestArgs(path.join(dir, `bg${i}.sock`), {
+        size,
+        content: 'mixed',
+        rate,
+        pattern: 'uniform',
+        heartbeat: observer.address,
+        seed: BigInt(1000 + i),
+      });
       const [cmd, ...args] = [...(pin ? ['taskset', '-c', guestCpus] : []), ...guestNice, ...argv];
       pids.push(spawn(cmd!, args, { stdio: ['ignore', 'ignore', 'inherit'] }).pid!);
     }
     const names = Array.from({ length: n }, (_, i) => `g${i}`);
     for (const [i, name] of names.entries()) {
-      const argv = referenceGuestRegisterArgs(a.guests, name, { size, content: 'mixed', rate, pattern: 'uniform', heartbeat: observer.address, seed: BigInt(i + 1) });
+      const argv = referenceGuestRegisterArgs(a.guests, name, {
+        size,
+        content: 'mixed',
+        rate,
+        pattern: 'uniform',
+        heartbeat: observer.address,
+        seed: BigInt(i + 1),
+      });
       const [cmd, ...args] = [...(pin ? ['taskset', '-c', guestCpus] : []), ...guestNice, ...argv];
       const child = spawn(cmd!, args, { stdio: ['ignore', 'ignore', 'inherit'] });
       pids.push(child.pid!);
@@ -134,13 +168,22 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
     if (clientNice !== 0) setProcessNice(clientNice);
     const cpu0 = cpuTimes();
     const t0 = nowMs();
-    const ids = await Promise.all(names.map(async (name) => (await request<{ id: string }>(A, 'POST', '/v1/migrations', { guest: name, to: { host: link?.far ?? '127.0.0.1', port: b.port } })).body.id));
+    const ids = await Promise.all(
+      names.map(
+        async (name) =>
+          (await request<{ id: string }>(A, 'POST', '/v1/migrations', { guest: name, to: { host: link?.far ?? '127.0.0.1', port: b.port } })).body.id,
+      ),
+    );
     const done = new Map<string, { state: string; report?: MigrationReport; error?: { code: string; message: string } }>();
     let tEnd = t0;
     while (done.size < n) {
       for (const id of ids) {
         if (done.has(id)) continue;
-        const { body } = await request<{ state: string; report?: MigrationReport; error?: { code: string; message: string } }>(A, 'GET', `/v1/migrations/${id}`);
+        const { body } = await request<{ state: string; report?: MigrationReport; error?: { code: string; message: string } }>(
+          A,
+          'GET',
+          `/v1/migrations/${id}`,
+        );
         if (['completed', 'failed', 'cancelled'].includes(body.state)) {
           done.set(id, body);
           tEnd = nowMs();
@@ -171,12 +214,30 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
       completed: reports.length,
       verified: checks.filter((c) => c?.verify?.bad === 0).length,
       batch_s: +(batchMs / 1e3).toFixed(2),
-      total_ms_p50: +pct(reports.map((r) => r.total_ms), 0.5).toFixed(0),
-      total_ms_p99: +pct(reports.map((r) => r.total_ms), 0.99).toFixed(0),
-      prep_ms_p50: +pct(reports.map((r) => r.prep_ms), 0.5).toFixed(0),
-      prep_ms_p99: +pct(reports.map((r) => r.prep_ms), 0.99).toFixed(0),
-      downtime_ms_p50: +pct(reports.map((r) => r.downtime_ms), 0.5).toFixed(2),
-      downtime_ms_p99: +pct(reports.map((r) => r.downtime_ms), 0.99).toFixed(2),
+      total_ms_p50: +pct(
+        reports.map((r) => r.total_ms),
+        0.5,
+      ).toFixed(0),
+      total_ms_p99: +pct(
+        reports.map((r) => r.total_ms),
+        0.99,
+      ).toFixed(0),
+      prep_ms_p50: +pct(
+        reports.map((r) => r.prep_ms),
+        0.5,
+      ).toFixed(0),
+      prep_ms_p99: +pct(
+        reports.map((r) => r.prep_ms),
+        0.99,
+      ).toFixed(0),
+      downtime_ms_p50: +pct(
+        reports.map((r) => r.downtime_ms),
+        0.5,
+      ).toFixed(2),
+      downtime_ms_p99: +pct(
+        reports.map((r) => r.downtime_ms),
+        0.99,
+      ).toFixed(2),
       aggregate_mib_s: +((reports.length * size) / 2 ** 20 / (batchMs / 1e3)).toFixed(1),
       peak_reserved_mib: +(health.memory_budget.peak_bytes / 2 ** 20).toFixed(0),
       api_ms_p50: +pct(api, 0.5).toFixed(2),
@@ -208,7 +269,14 @@ if (values.link !== 'netns') {
     const row = await batch(n, undefined);
     rows.push(row);
     const single = rows.find((r) => r.link === 'loopback' && r.migrations === 1);
-    emit({ bench: 'concurrent', ...row, ...(single ? { throughput_vs_single: +(row.aggregate_mib_s / single.aggregate_mib_s).toFixed(2) } : {}), size_mib: size / 2 ** 20, rate_mib_s: rate, machine: m });
+    emit({
+      bench: 'concurrent',
+      ...row,
+      ...(single ? { throughput_vs_single: +(row.aggregate_mib_s / single.aggregate_mib_s).toFixed(2) } : {}),
+      size_mib: size / 2 ** 20,
+      rate_mib_s: rate,
+      machine: m,
+    });
   }
 }
 if (values.link !== 'loopback') {
@@ -218,7 +286,14 @@ if (values.link !== 'loopback') {
       const row = await batch(n, link);
       rows.push(row);
       const single = rows.find((r) => r.link === '1gbit-netns' && r.migrations === 1);
-      emit({ bench: 'concurrent', ...row, ...(single ? { throughput_vs_single: +(row.aggregate_mib_s / single.aggregate_mib_s).toFixed(2) } : {}), size_mib: size / 2 ** 20, rate_mib_s: rate, machine: m });
+      emit({
+        bench: 'concurrent',
+        ...row,
+        ...(single ? { throughput_vs_single: +(row.aggregate_mib_s / single.aggregate_mib_s).toFixed(2) } : {}),
+        size_mib: size / 2 ** 20,
+        rate_mib_s: rate,
+        machine: m,
+      });
     }
   } finally {
     link.remove();

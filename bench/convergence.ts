@@ -40,7 +40,14 @@ for (const linkName of values.links!.split(',')) {
         for (const wws of [true, false]) {
           const rs: DemoReport[] = [];
           for (let i = 0; i < runs; i++) {
-            rs.push(await runDemo({ guest: guestSpecOf({ size, content: 'mixed', rate, pattern, hotSize: 64 << 20 }), downtimeLimitMs: limit, receiverAt: at, policy: { wws, onStall: 'throttle' } }));
+            rs.push(
+              await runDemo({
+                guest: guestSpecOf({ size, content: 'mixed', rate, pattern, hotSize: 64 << 20 }),
+                downtimeLimitMs: limit,
+                receiverAt: at,
+                policy: { wws, onStall: 'throttle' },
+              }),
+            );
           }
           const total = median(rs.map((r) => r.total_ms));
           if (rate === 0 && wws) idleMs = total;

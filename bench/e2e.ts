@@ -38,13 +38,33 @@ const runs = Number(values.runs);
 
   const naive: DemoReport[] = [];
   for (let i = 0; i < 3; i++) naive.push(await runDemo({ guest: g('mixed', 64), downtimeLimitMs: 20, maxRounds: 1, naive: true }));
-  emit({ bench: 'e2e', case: 'naive_stop_and_copy_mixed_64', downtime_ms: median(naive.map((r) => r.downtime_ms)), guest_gap_ms: median(naive.map((r) => r.guest_gap_ms)), total_ms: median(naive.map((r) => r.total_ms)), verified: naive.every((r) => r.verified), runs: 3 });
+  emit({
+    bench: 'e2e',
+    case: 'naive_stop_and_copy_mixed_64',
+    downtime_ms: median(naive.map((r) => r.downtime_ms)),
+    guest_gap_ms: median(naive.map((r) => r.guest_gap_ms)),
+    total_ms: median(naive.map((r) => r.total_ms)),
+    verified: naive.every((r) => r.verified),
+    runs: 3,
+  });
 
   const live: DemoReport[] = [];
   for (let i = 0; i < runs; i++) {
     const r = await runDemo({ guest: g('mixed', 64), downtimeLimitMs: 20 });
     live.push(r);
-    emit({ bench: 'e2e', case: 'livemig_mixed_64_run', run: i, downtime_ms: r.downtime_ms, guest_gap_ms: r.guest_gap_ms, guest_gap_preparation_ms: r.guest_gap_preparation_ms, total_ms: r.total_ms, rounds: r.rounds, wire_bytes: r.wire_bytes, stop_and_copy: r.stop_and_copy, verified: r.verified });
+    emit({
+      bench: 'e2e',
+      case: 'livemig_mixed_64_run',
+      run: i,
+      downtime_ms: r.downtime_ms,
+      guest_gap_ms: r.guest_gap_ms,
+      guest_gap_preparation_ms: r.guest_gap_preparation_ms,
+      total_ms: r.total_ms,
+      rounds: r.rounds,
+      wire_bytes: r.wire_bytes,
+      stop_and_copy: r.stop_and_copy,
+      verified: r.verified,
+    });
   }
   const dt = median(live.map((r) => r.downtime_ms));
   emit({
@@ -61,4 +81,3 @@ const runs = Number(values.runs);
     runs,
   });
 }
-

@@ -628,7 +628,10 @@ for (const name of cases) {
   const calm: Run[] = [];
   const crowded: Run[] = [];
   for (let i = 0; i < runs; i++) {
-    for (const [migration, into] of [['undisturbed', calm], ['crowded', crowded]] as const) {
+    for (const [migration, into] of [
+      ['undisturbed', calm],
+      ['crowded', crowded],
+    ] as const) {
       const r = await RUNNERS[name](migration === 'crowded');
       into.push(r);
       const { sample, ...rest } = r;

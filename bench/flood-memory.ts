@@ -19,7 +19,11 @@ if (!gc) throw new Error('run with node --expose-gc');
 
 const reading = (): { anon_mib: number; heap_used_mib: number; fds: number } => {
   const anon = /RssAnon:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'))?.[1];
-  return { anon_mib: +(Number(anon) / 1024).toFixed(1), heap_used_mib: +(process.memoryUsage().heapUsed / 2 ** 20).toFixed(1), fds: readdirSync('/proc/self/fd').length };
+  return {
+    anon_mib: +(Number(anon) / 1024).toFixed(1),
+    heap_used_mib: +(process.memoryUsage().heapUsed / 2 ** 20).toFixed(1),
+    fds: readdirSync('/proc/self/fd').length,
+  };
 };
 
 async function flood(port: number, ms: number): Promise<number> {

@@ -11,7 +11,9 @@ import { FUZZ_PAGES, Rng } from '../test/reference/fuzz.js';
 import { runFuzz, type FuzzCounts } from '../test/reference/fuzz-run.js';
 import { emit, machine } from './common.js';
 
-const { values } = parseArgs({ options: { cases: { type: 'string', default: '1000000' }, chunk: { type: 'string', default: '50000' }, seed: { type: 'string', default: '1' } } });
+const { values } = parseArgs({
+  options: { cases: { type: 'string', default: '1000000' }, chunk: { type: 'string', default: '50000' }, seed: { type: 'string', default: '1' } },
+});
 const total = Number(values.cases);
 const chunk = Number(values.chunk);
 const rng = new Rng(BigInt(values.seed!));
@@ -27,7 +29,25 @@ for (let done = 0; done < total; done += chunk) {
   for (const [t, row] of Object.entries(c.byType)) for (const [k, n] of Object.entries(row)) (all.byType[t] ??= {})[k] = (all.byType[t]![k] ?? 0) + n;
   all.strange.push(...c.strange.slice(0, 20 - all.strange.length));
   const m = process.memoryUsage();
-  emit({ bench: 'fuzz', case: 'chunk', cases: all.cases, seconds: +((performance.now() - t0) / 1e3).toFixed(1), fds: readdirSync('/proc/self/fd').length, rss_mib: +(m.rss / 2 ** 20).toFixed(1), heap_used_mib: +(m.heapUsed / 2 ** 20).toFixed(1), external_mib: +(m.external / 2 ** 20).toFixed(1) });
+  emit({
+    bench: 'fuzz',
+    case: 'chunk',
+    cases: all.cases,
+    seconds: +((performance.now() - t0) / 1e3).toFixed(1),
+    fds: readdirSync('/proc/self/fd').length,
+    rss_mib: +(m.rss / 2 ** 20).toFixed(1),
+    heap_used_mib: +(m.heapUsed / 2 ** 20).toFixed(1),
+    external_mib: +(m.external / 2 ** 20).toFixed(1),
+  });
 }
-emit({ bench: 'fuzz', case: 'summary', cases: all.cases, activated, outcomes: all.outcomes, by_type: all.byType, strange: all.strange, seconds: +((performance.now() - t0) / 1e3).toFixed(1) });
+emit({
+  bench: 'fuzz',
+  case: 'summary',
+  cases: all.cases,
+  activated,
+  outcomes: all.outcomes,
+  by_type: all.byType,
+  strange: all.strange,
+  seconds: +((performance.now() - t0) / 1e3).toFixed(1),
+});
 await rx.close();

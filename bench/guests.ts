@@ -25,7 +25,9 @@ import type { MigrationReport } from '../src/source/types.js';
 import type { DemoReport } from '../src/demo/demo.js';
 import { emit, machine, median } from './common.js';
 
-const { values } = parseArgs({ options: { what: { type: 'string', default: 'local' }, runs: { type: 'string', default: '10' }, size: { type: 'string', default: '1GiB' } } });
+const { values } = parseArgs({
+  options: { what: { type: 'string', default: 'local' }, runs: { type: 'string', default: '10' }, size: { type: 'string', default: '1GiB' } },
+});
 const runs = Number(values.runs);
 
 interface Series {
@@ -52,7 +54,20 @@ function one(s: Series, args: string[]): DemoReport {
   s.total.push(r.total_ms);
   s.prep.push(r.prep_ms);
   s.gap.push(r.guest_gap_ms);
-  emit({ bench: 'guests', what: values.what, series: s.name, run: s.downtime.length, downtime_ms: r.downtime_ms, total_ms: r.total_ms, prep_ms: r.prep_ms, end_to_end_ms: +(r.prep_ms + r.total_ms).toFixed(1), guest_gap_ms: r.guest_gap_ms, pages_sent: r.pages_sent, wire_bytes: r.wire_bytes, tracker: r.tracker });
+  emit({
+    bench: 'guests',
+    what: values.what,
+    series: s.name,
+    run: s.downtime.length,
+    downtime_ms: r.downtime_ms,
+    total_ms: r.total_ms,
+    prep_ms: r.prep_ms,
+    end_to_end_ms: +(r.prep_ms + r.total_ms).toFixed(1),
+    guest_gap_ms: r.guest_gap_ms,
+    pages_sent: r.pages_sent,
+    wire_bytes: r.wire_bytes,
+    tracker: r.tracker,
+  });
   return r;
 }
 
@@ -64,7 +79,9 @@ async function cliRun(s: Series, kind: 'reference' | 'c'): Promise<MigrationRepo
   const socket = path.join(dir, 'guest.sock');
   const argv = kind === 'c' ? cGuestArgs(socket, { rate: 64 }) : [process.execPath, CLI, 'guest', '--socket', socket, '--size', '256MiB', '--rate', '64'];
   const guest = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
-  const rx = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', ...(kind === 'c' ? ['--guest-exec', cIncomingCommand().join(' ')] : [])], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const rx = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', ...(kind === 'c' ? ['--guest-exec', cIncomingCommand().join(' ')] : [])], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   const rxLines = createInterface({ input: rx.stdout! })[Symbol.asyncIterator]();
   let destPid = 0;
   try {
@@ -75,7 +92,11 @@ async function cliRun(s: Series, kind: 'reference' | 'c'): Promise<MigrationRepo
     const line = (await createInterface({ input: send.stdout! })[Symbol.asyncIterator]().next()).value as string;
     const r = JSON.parse(line) as MigrationReport & { error?: unknown };
     if (r.error || !r.verified) throw new Error(`${s.name}: ${line}`);
-    for (let out = JSON.parse((await rxLines.next()).value as string) as { guest_pid?: number }; ; out = JSON.parse((await rxLines.next()).value as string) as { guest_pid?: number }) {
+    for (
+      let out = JSON.parse((await rxLines.next()).value as string) as { guest_pid?: number };
+      ;
+      out = JSON.parse((await rxLines.next()).value as string) as { guest_pid?: number }
+    ) {
       if (out.guest_pid) {
         destPid = out.guest_pid;
         break;
@@ -84,7 +105,18 @@ async function cliRun(s: Series, kind: 'reference' | 'c'): Promise<MigrationRepo
     s.downtime.push(r.downtime_ms);
     s.total.push(r.total_ms);
     s.prep.push(r.prep_ms);
-    emit({ bench: 'guests', what: 'c', series: s.name, run: s.downtime.length, downtime_ms: r.downtime_ms, total_ms: r.total_ms, prep_ms: r.prep_ms, rounds: r.rounds, pages_sent: r.pages_sent, tracker: r.tracker });
+    emit({
+      bench: 'guests',
+      what: 'c',
+      series: s.name,
+      run: s.downtime.length,
+      downtime_ms: r.downtime_ms,
+      total_ms: r.total_ms,
+      prep_ms: r.prep_ms,
+      rounds: r.rounds,
+      pages_sent: r.pages_sent,
+      tracker: r.tracker,
+    });
     return r;
   } finally {
     for (const p of [guest, rx]) if (p.exitCode === null) p.kill('SIGKILL');
@@ -100,7 +132,19 @@ async function cliRun(s: Series, kind: 'reference' | 'c'): Promise<MigrationRepo
   }
 }
 
-const summary = (list: Series[]) => Object.fromEntries(list.map((s) => [s.name, { downtime_ms: stat(s.downtime), total_ms: stat(s.total), prep_ms: stat(s.prep), end_to_end_ms: stat(s.prep.map((p, i) => p + s.total[i]!)), guest_gap_ms: stat(s.gap) }]));
+const summary = (list: Series[]) =>
+  Object.fromEntries(
+    list.map((s) => [
+      s.name,
+      {
+        downtime_ms: stat(s.downtime),
+        total_ms: stat(s.total),
+        prep_ms: stat(s.prep),
+        end_to_end_ms: stat(s.prep.map((p, i) => p + s.total[i]!)),
+        guest_gap_ms: stat(s.gap),
+      },
+    ]),
+  );
 
 if (values.what === 'local') {
   const size = ['--size', values.size];
@@ -117,7 +161,10 @@ if (values.what === 'local') {
     what: 'local',
     summary: summary(list),
     ratio_local_over_precopy: {
-      reference: { downtime: +(m(list[0]!, 'downtime') / m(list[1]!, 'downtime')).toFixed(3), total: +(m(list[0]!, 'total') / m(list[1]!, 'total')).toFixed(4) },
+      reference: {
+        downtime: +(m(list[0]!, 'downtime') / m(list[1]!, 'downtime')).toFixed(3),
+        total: +(m(list[0]!, 'total') / m(list[1]!, 'total')).toFixed(4),
+      },
       c: { downtime: +(m(list[2]!, 'downtime') / m(list[3]!, 'downtime')).toFixed(3), total: +(m(list[2]!, 'total') / m(list[3]!, 'total')).toFixed(4) },
     },
     targets: { downtime_ms: 2, total_ms: 10 },
@@ -130,8 +177,16 @@ if (values.what === 'local') {
     await cliRun(ref, 'reference');
     await cliRun(c, 'c');
   }
-  const cliSummary = (list: Series[]) => Object.fromEntries(list.map((x) => [x.name, { downtime_ms: stat(x.downtime), total_ms: stat(x.total), prep_ms: stat(x.prep) }]));
-  emit({ bench: 'guests', what: 'c', summary: cliSummary([ref, c]), ratio_c_over_reference: { downtime: +(median(c.downtime) / median(ref.downtime)).toFixed(3) }, target: 'downtime ratio <= 1.10', machine: machine() });
+  const cliSummary = (list: Series[]) =>
+    Object.fromEntries(list.map((x) => [x.name, { downtime_ms: stat(x.downtime), total_ms: stat(x.total), prep_ms: stat(x.prep) }]));
+  emit({
+    bench: 'guests',
+    what: 'c',
+    summary: cliSummary([ref, c]),
+    ratio_c_over_reference: { downtime: +(median(c.downtime) / median(ref.downtime)).toFixed(3) },
+    target: 'downtime ratio <= 1.10',
+    machine: machine(),
+  });
 } else {
   throw new Error(`--what must be local or c, got ${values.what}`);
 }

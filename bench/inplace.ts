@@ -18,7 +18,9 @@ import { UffdAsyncTracker } from '../src/tracking/index.js';
 import { fillContent, type ContentName } from '../src/workload/content.js';
 import { emit, machine, median } from './common.js';
 
-const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, content: { type: 'string', default: 'mixed' } } });
+const { values } = parseArgs({
+  options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, content: { type: 'string', default: 'mixed' } },
+});
 const size = Number(values.size);
 const V = 2;
 emit({ bench: 'inplace', case: 'machine', ...machine(), region_bytes: size, content: values.content });
@@ -40,7 +42,9 @@ const all = Uint32Array.from({ length: pages }, (_, i) => i);
 const zeroImage = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
 const bareHashes = new BigUint64Array(pages);
 /** the same PAGES frames, in one native call per `n` pages (as the encoder's runs do) */
-async function sendInCalls(n: number): Promise<{ bytes: number; zero: number; dup: number; skipped: number; raw: number; overheadMs: number; indexMs: number }> {
+async function sendInCalls(
+  n: number,
+): Promise<{ bytes: number; zero: number; dup: number; skipped: number; raw: number; overheadMs: number; indexMs: number }> {
   const total = { bytes: 0, zero: 0, dup: 0, skipped: 0, raw: 0, overheadMs: 0, indexMs: 0 };
   for (let at = 0; at < pages; at += n) {
     const c = await tx.sendPages({ region: src, pages: all.subarray(at, at + n), round: 1, version: V, batchPages: 256, hashes: bareHashes });
@@ -63,22 +67,53 @@ for (let i = 0; i < Number(values.runs); i++) {
       mode === 'bare'
         ? await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 256, hashes: new BigUint64Array(pages) })
         : mode === 'bare16'
-        ? await sendInCalls(16 * 256)
-        : mode === 'plain'
-        ? await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 256, hashes: new BigUint64Array(pages), dedup: txDedup })
-        : await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 256, hashes: new BigUint64Array(pages), dedup: txDedup, flags: SEND_ZERO | SEND_DEDUP, probe: tracker.writtenProbe() });
+          ? await sendInCalls(16 * 256)
+          : mode === 'plain'
+            ? await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 256, hashes: new BigUint64Array(pages), dedup: txDedup })
+            : await tx.sendPages({
+                region: src,
+                pages: all,
+                round: 1,
+                version: V,
+                batchPages: 256,
+                hashes: new BigUint64Array(pages),
+                dedup: txDedup,
+                flags: SEND_ZERO | SEND_DEDUP,
+                probe: tracker.writtenProbe(),
+              });
     await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
     const f = await got;
     const ms = performance.now() - t0;
     await tracker.stop();
     if (f.type !== FrameType.RoundEnd) throw new Error('unexpected frame');
     times[mode]!.push(ms);
-    emit({ bench: 'inplace', case: 'run', mode, run: i, ms: +ms.toFixed(1), bytes: c.bytes, zero: c.zero, dup: c.dup, skipped: c.skipped, raw: c.raw, overhead_ms: +c.overheadMs.toFixed(1) });
+    emit({
+      bench: 'inplace',
+      case: 'run',
+      mode,
+      run: i,
+      ms: +ms.toFixed(1),
+      bytes: c.bytes,
+      zero: c.zero,
+      dup: c.dup,
+      skipped: c.skipped,
+      raw: c.raw,
+      overhead_ms: +c.overheadMs.toFixed(1),
+    });
   }
 }
 const p = median(times.plain!);
 const q = median(times.inplace!);
-emit({ bench: 'inplace', case: 'summary', bare_ms: median(times.bare!), bare16_ms: median(times.bare16!), plain_ms: p, inplace_ms: q, inplace_over_plain: +(q / p).toFixed(3), runs: times.plain!.length });
+emit({
+  bench: 'inplace',
+  case: 'summary',
+  bare_ms: median(times.bare!),
+  bare16_ms: median(times.bare16!),
+  plain_ms: p,
+  inplace_ms: q,
+  inplace_over_plain: +(q / p).toFixed(3),
+  runs: times.plain!.length,
+});
 tx.close();
 rx.close();
 server.close();

@@ -35,7 +35,10 @@ export function createLink(rate = '1gbit'): NetLink {
     run('ip', '-n', ns, 'addr', 'add', `${far}/30`, 'dev', b);
     run('ip', '-n', ns, 'link', 'set', b, 'up');
     run('ip', '-n', ns, 'link', 'set', 'lo', 'up');
-    for (const [pre, dev] of [[[], a], [['-n', ns], b]] as const) {
+    for (const [pre, dev] of [
+      [[], a],
+      [['-n', ns], b],
+    ] as const) {
       run('tc', ...pre, 'qdisc', 'add', 'dev', dev, 'root', 'handle', '1:', 'htb', 'default', '1');
       run('tc', ...pre, 'class', 'add', 'dev', dev, 'parent', '1:', 'classid', '1:1', 'htb', 'rate', rate, 'ceil', rate);
     }

@@ -36,11 +36,36 @@ for (const rate of values.rates!.split(',').map(Number)) {
       (post[mode] ??= []).push(r);
       // a user runs one migration: each run's tail, with the guest's largest heartbeat gap beside it
       const dp = r.destination_postcopy ?? {};
-      emit({ bench: 'postcopy', case: `${mode}_run`, write_mib_s: rate, run: i, fault_latency_p50_us: dp['fault_latency_p50_us'], fault_latency_p99_us: dp['fault_latency_p99_us'], faults: dp['faults'], guest_gap_ms: r.guest_gap_ms, downtime_ms: r.downtime_ms, total_ms: r.total_ms, pages_resent: r.postcopy?.pages_resent, verified: r.verified && r.guest_verified.bad === 0 });
+      emit({
+        bench: 'postcopy',
+        case: `${mode}_run`,
+        write_mib_s: rate,
+        run: i,
+        fault_latency_p50_us: dp['fault_latency_p50_us'],
+        fault_latency_p99_us: dp['fault_latency_p99_us'],
+        faults: dp['faults'],
+        guest_gap_ms: r.guest_gap_ms,
+        downtime_ms: r.downtime_ms,
+        total_ms: r.total_ms,
+        pages_resent: r.postcopy?.pages_resent,
+        verified: r.verified && r.guest_verified.bad === 0,
+      });
     }
   }
   const firstPass = median(pre.map((r) => r.per_round[0]?.duration_ms ?? r.total_ms));
-  emit({ bench: 'postcopy', case: 'precopy', write_mib_s: rate, total_ms: median(pre.map((r) => r.total_ms)), first_pass_ms: firstPass, downtime_ms: median(pre.map((r) => r.downtime_ms)), guest_gap_ms: median(pre.map((r) => r.guest_gap_ms)), guest_gap_preparation_ms: median(pre.map((r) => r.guest_gap_preparation_ms)), bytes_over_region: +(median(pre.map((r) => r.wire_bytes)) / size).toFixed(3), verified: pre.every((r) => r.verified), runs });
+  emit({
+    bench: 'postcopy',
+    case: 'precopy',
+    write_mib_s: rate,
+    total_ms: median(pre.map((r) => r.total_ms)),
+    first_pass_ms: firstPass,
+    downtime_ms: median(pre.map((r) => r.downtime_ms)),
+    guest_gap_ms: median(pre.map((r) => r.guest_gap_ms)),
+    guest_gap_preparation_ms: median(pre.map((r) => r.guest_gap_preparation_ms)),
+    bytes_over_region: +(median(pre.map((r) => r.wire_bytes)) / size).toFixed(3),
+    verified: pre.every((r) => r.verified),
+    runs,
+  });
   for (const [mode, rs] of Object.entries(post)) {
     const d = (k: string): number => median(rs.map((r) => Number(r.destination_postcopy?.[k] ?? NaN)));
     const total = median(rs.map((r) => r.total_ms));

@@ -53,9 +53,23 @@ for (const linkName of values.links!.split(',')) {
         const results: Record<string, DemoReport[]> = { on: [], off: [] };
         for (let i = 0; i < runs; i++) {
           // alternate the order, so neither setting always runs after the other
-          const order = i % 2 === 0 ? ([['off', OFF], ['on', ON]] as const) : ([['on', ON], ['off', OFF]] as const);
+          const order =
+            i % 2 === 0
+              ? ([
+                  ['off', OFF],
+                  ['on', ON],
+                ] as const)
+              : ([
+                  ['on', ON],
+                  ['off', OFF],
+                ] as const);
           for (const [name, enc] of order) {
-            const r = await runDemo({ guest: guestSpecOf({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 }), downtimeLimitMs: 20, encodings: enc, receiverAt: at });
+            const r = await runDemo({
+              guest: guestSpecOf({ size, content, rate, pattern: 'uniform', hotSize: 64 << 20 }),
+              downtimeLimitMs: 20,
+              encodings: enc,
+              receiverAt: at,
+            });
             results[name]!.push(r);
             if (process.env.BENCH_VERBOSE) console.error(name, r.prep_ms, r.total_ms);
           }
@@ -86,7 +100,17 @@ for (const linkName of values.links!.split(',')) {
         }
         const on = median(results.on!.map((r) => r.total_ms));
         const off = median(results.off!.map((r) => r.total_ms));
-        emit({ bench: 'reduction', case: 'on_vs_off', link: linkName, content, write_mib_s: rate, on_ms: on, off_ms: off, on_over_off: +(on / off).toFixed(3), speedup: +(off / on).toFixed(2) });
+        emit({
+          bench: 'reduction',
+          case: 'on_vs_off',
+          link: linkName,
+          content,
+          write_mib_s: rate,
+          on_ms: on,
+          off_ms: off,
+          on_over_off: +(on / off).toFixed(3),
+          speedup: +(off / on).toFixed(2),
+        });
       }
     }
   } finally {
@@ -109,7 +133,16 @@ for (const linkName of values.links!.split(',')) {
   try {
     const rep = await migrate({ region: src, to: { host: '127.0.0.1', port: rx.port }, pause: async () => new Uint8Array(0), resume: async () => undefined });
     await rx.next();
-    emit({ bench: 'reduction', case: 'migrate_back_10pct', changed_pages: changed, wire_bytes: rep.wire_bytes, wire_over_region: +(rep.wire_bytes / size).toFixed(4), skipped_pages: rep.skipped_pages, total_ms: rep.total_ms, verified: rep.verified });
+    emit({
+      bench: 'reduction',
+      case: 'migrate_back_10pct',
+      changed_pages: changed,
+      wire_bytes: rep.wire_bytes,
+      wire_over_region: +(rep.wire_bytes / size).toFixed(4),
+      skipped_pages: rep.skipped_pages,
+      total_ms: rep.total_ms,
+      verified: rep.verified,
+    });
   } finally {
     await rx.close();
     src.release();

@@ -20,7 +20,14 @@ import { createLink } from './netlink.js';
 import { rawTcpCeiling } from './raw-tcp.js';
 import { nodeTlsStream } from './tls-stream.js';
 
-const { values } = parseArgs({ options: { size: { type: 'string', default: String(1 << 30) }, runs: { type: 'string', default: '5' }, link: { type: 'boolean', default: false }, cases: { type: 'string', default: 'idle_random,default' } } });
+const { values } = parseArgs({
+  options: {
+    size: { type: 'string', default: String(1 << 30) },
+    runs: { type: 'string', default: '5' },
+    link: { type: 'boolean', default: false },
+    cases: { type: 'string', default: 'idle_random,default' },
+  },
+});
 const size = Number(values.size);
 const runs = Number(values.runs);
 const cases = values.cases!.split(',');
@@ -75,7 +82,18 @@ emit({ bench: 'secure', case: 'machine', ...machine(), region_bytes: size });
       node.push(t.ms);
       cipher = t.cipher;
     }
-    emit({ bench: 'secure', case: 'baseline_streams', bytes: size, raw_tcp_ms: range(raw), node_tls_ms: range(node), node_tls_cipher: cipher, raw_mb_s: +(size / 1e3 / median(raw)).toFixed(0), node_tls_mb_s: +(size / 1e3 / median(node)).toFixed(0), node_tls_over_raw_throughput: +(median(raw) / median(node)).toFixed(3), runs: 3 });
+    emit({
+      bench: 'secure',
+      case: 'baseline_streams',
+      bytes: size,
+      raw_tcp_ms: range(raw),
+      node_tls_ms: range(node),
+      node_tls_cipher: cipher,
+      raw_mb_s: +(size / 1e3 / median(raw)).toFixed(0),
+      node_tls_mb_s: +(size / 1e3 / median(node)).toFixed(0),
+      node_tls_over_raw_throughput: +(median(raw) / median(node)).toFixed(3),
+      runs: 3,
+    });
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -84,7 +102,13 @@ emit({ bench: 'secure', case: 'machine', ...machine(), region_bytes: size });
 for (const name of cases) {
   const link = name === 'default_1gbit' ? createLink('1gbit') : undefined;
   const at: ReceiverPlace | undefined = link ? { prefix: ['ip', 'netns', 'exec', link.ns], host: link.far, observer: link.near } : undefined;
-  const guest = guestSpecOf({ size, content: name === 'idle_random' ? 'random' : 'mixed', rate: name === 'idle_random' ? 0 : 64, pattern: 'uniform', hotSize: 64 << 20 });
+  const guest = guestSpecOf({
+    size,
+    content: name === 'idle_random' ? 'random' : 'mixed',
+    rate: name === 'idle_random' ? 0 : 64,
+    pattern: 'uniform',
+    hotSize: 64 << 20,
+  });
   const got: Record<'plain' | 'encrypted', Sample[]> = { plain: [], encrypted: [] };
   try {
     for (let i = 0; i < runs; i++) {
@@ -102,13 +126,27 @@ for (const name of cases) {
   const ratio = (k: keyof Sample) => +(median(got.encrypted.map((s) => s[k] as number)) / median(got.plain.map((s) => s[k] as number))).toFixed(3);
   const summary: Record<string, unknown> = {};
   for (const mode of ['plain', 'encrypted'] as const) {
-    summary[mode] = { first_pass_ms: of(mode, 'first_pass_ms'), first_pass_mb_s: of(mode, 'first_pass_mb_s'), total_ms: of(mode, 'total_ms'), downtime_ms: of(mode, 'downtime_ms'), stop_pages: of(mode, 'stop_pages'), cpu_source_s: of(mode, 'cpu_source_s'), cpu_destination_s: of(mode, 'cpu_destination_s') };
+    summary[mode] = {
+      first_pass_ms: of(mode, 'first_pass_ms'),
+      first_pass_mb_s: of(mode, 'first_pass_mb_s'),
+      total_ms: of(mode, 'total_ms'),
+      downtime_ms: of(mode, 'downtime_ms'),
+      stop_pages: of(mode, 'stop_pages'),
+      cpu_source_s: of(mode, 'cpu_source_s'),
+      cpu_destination_s: of(mode, 'cpu_destination_s'),
+    };
   }
   emit({
     bench: 'secure',
     case: name,
     ...summary,
-    encrypted_over_plain: { first_pass_throughput: ratio('first_pass_mb_s'), total: ratio('total_ms'), downtime: ratio('downtime_ms'), cpu_source: ratio('cpu_source_s'), cpu_destination: ratio('cpu_destination_s') },
+    encrypted_over_plain: {
+      first_pass_throughput: ratio('first_pass_mb_s'),
+      total: ratio('total_ms'),
+      downtime: ratio('downtime_ms'),
+      cpu_source: ratio('cpu_source_s'),
+      cpu_destination: ratio('cpu_destination_s'),
+    },
     verified: [...got.plain, ...got.encrypted].every((s) => s.verified),
     runs,
   });

@@ -17,14 +17,17 @@ if (process.argv[1] === SELF) {
   // child: argv size, certificate directory; accept one connection, answer one byte at `size`
   const size = Number(process.argv[2]);
   const dir = process.argv[3]!;
-  const server = tls.createServer({ cert: readFileSync(path.join(dir, 'dst.crt')), key: readFileSync(path.join(dir, 'dst.key')), minVersion: 'TLSv1.3', ciphers: 'TLS_AES_256_GCM_SHA384' }, (s) => {
-    s.setNoDelay(true);
-    let n = 0;
-    s.on('data', (c: Buffer) => {
-      n += c.length;
-      if (n >= size) s.end(Buffer.of(1));
-    });
-  });
+  const server = tls.createServer(
+    { cert: readFileSync(path.join(dir, 'dst.crt')), key: readFileSync(path.join(dir, 'dst.key')), minVersion: 'TLSv1.3', ciphers: 'TLS_AES_256_GCM_SHA384' },
+    (s) => {
+      s.setNoDelay(true);
+      let n = 0;
+      s.on('data', (c: Buffer) => {
+        n += c.length;
+        if (n >= size) s.end(Buffer.of(1));
+      });
+    },
+  );
   server.listen(0, '127.0.0.1', () => process.stdout.write(`${(server.address() as { port: number }).port}\n`));
 }
 

@@ -105,7 +105,15 @@ function firstWriteCost(collectSync: () => unknown, label: string): void {
   }
   const a = (median(armed) * 1e3) / n;
   const u = (median(unarmed) * 1e3) / n;
-  emit({ bench: 'tracking', case: 'first_write', backend: label, pages: n, us_per_first_write: +a.toFixed(3), us_per_write_unprotected: +u.toFixed(3), extra_us: +(a - u).toFixed(3) });
+  emit({
+    bench: 'tracking',
+    case: 'first_write',
+    backend: label,
+    pages: n,
+    us_per_first_write: +a.toFixed(3),
+    us_per_write_unprotected: +u.toFixed(3),
+    extra_us: +(a - u).toFixed(3),
+  });
 }
 
 function rss(): number {
@@ -121,7 +129,14 @@ if (status['uffd-async']!.available) {
   await t.start();
   emit({ bench: 'tracking', case: 'start', backend: 'uffd-async', start_ms: +(nowMs() - t0).toFixed(2) });
   await t.collect();
-  emit({ bench: 'tracking', case: 'memory', backend: 'uffd-async', rss_delta_bytes: rss() - before, structure_bytes: 32768 * 24, note: 'no per-page state in user space; one 768 KiB scan vector per thread' });
+  emit({
+    bench: 'tracking',
+    case: 'memory',
+    backend: 'uffd-async',
+    rss_delta_bytes: rss() - before,
+    structure_bytes: 32768 * 24,
+    note: 'no per-page state in user space; one 768 KiB scan vector per thread',
+  });
   await collectCase(t, 'uffd-async');
   await collectCase(t, 'uffd-async-sync', () => t.collectSync());
   firstWriteCost(() => t.collectSync(), 'uffd-async');

@@ -43,14 +43,29 @@ Napi::Object WireFormat(Napi::Env env) {
   o.Set("maxChannels", wire::kMaxChannels);
   o.Set("maxFrameType", static_cast<uint32_t>(wire::kMaxFrameType));
   Napi::Object types = Napi::Object::New(env);
-  const std::pair<const char*, uint8_t> named[] = {
-      {"Hello", wire::kHello}, {"Accept", wire::kAccept}, {"Error", wire::kError}, {"Pages", wire::kPages},
-      {"RoundEnd", wire::kRoundEnd}, {"DeviceState", wire::kDeviceState}, {"Commit", wire::kCommit},
-      {"CommitAck", wire::kCommitAck}, {"Activate", wire::kActivate}, {"Activated", wire::kActivated},
-      {"Abort", wire::kAbort}, {"RoundAck", wire::kRoundAck}, {"PagesEnc", wire::kPagesEnc},
-      {"ImageHashes", wire::kImageHashes}, {"Postcopy", wire::kPostcopy}, {"PostcopyRunning", wire::kPostcopyRunning},
-      {"Attach", wire::kAttach}, {"PageRequest", wire::kPageRequest}, {"PostcopyComplete", wire::kPostcopyComplete},
-      {"Attached", wire::kAttached}, {"Digest", wire::kDigest}, {"Resolve", wire::kResolve}, {"Resolved", wire::kResolved}};
+  const std::pair<const char*, uint8_t> named[] = {{"Hello", wire::kHello},
+                                                   {"Accept", wire::kAccept},
+                                                   {"Error", wire::kError},
+                                                   {"Pages", wire::kPages},
+                                                   {"RoundEnd", wire::kRoundEnd},
+                                                   {"DeviceState", wire::kDeviceState},
+                                                   {"Commit", wire::kCommit},
+                                                   {"CommitAck", wire::kCommitAck},
+                                                   {"Activate", wire::kActivate},
+                                                   {"Activated", wire::kActivated},
+                                                   {"Abort", wire::kAbort},
+                                                   {"RoundAck", wire::kRoundAck},
+                                                   {"PagesEnc", wire::kPagesEnc},
+                                                   {"ImageHashes", wire::kImageHashes},
+                                                   {"Postcopy", wire::kPostcopy},
+                                                   {"PostcopyRunning", wire::kPostcopyRunning},
+                                                   {"Attach", wire::kAttach},
+                                                   {"PageRequest", wire::kPageRequest},
+                                                   {"PostcopyComplete", wire::kPostcopyComplete},
+                                                   {"Attached", wire::kAttached},
+                                                   {"Digest", wire::kDigest},
+                                                   {"Resolve", wire::kResolve},
+                                                   {"Resolved", wire::kResolved}};
   for (const auto& [name, value] : named) types.Set(name, static_cast<uint32_t>(value));
   o.Set("frameTypes", types);
   Napi::Object enc = Napi::Object::New(env);

@@ -112,8 +112,7 @@ class Task : public Napi::AsyncWorker {
 
  private:
   Task(Napi::Env env, Work work, Done done)
-      : Napi::AsyncWorker(env, "livemig"), deferred_(Napi::Promise::Deferred::New(env)),
-        work_(std::move(work)), done_(std::move(done)) {}
+      : Napi::AsyncWorker(env, "livemig"), deferred_(Napi::Promise::Deferred::New(env)), work_(std::move(work)), done_(std::move(done)) {}
   Napi::Promise::Deferred deferred_;
   Work work_;
   Done done_;

@@ -64,8 +64,8 @@ Napi::Uint32Array PagesToJs(Napi::Env env, std::vector<uint32_t>&& pages) {
   size_t n = pages.size();
   if (n == 0) return Napi::Uint32Array::New(env, 0);
   auto* owned = new std::vector<uint32_t>(std::move(pages));
-  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, owned->data(), n * sizeof(uint32_t),
-                                                [](Napi::Env, void*, std::vector<uint32_t>* v) { delete v; }, owned);
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(
+      env, owned->data(), n * sizeof(uint32_t), [](Napi::Env, void*, std::vector<uint32_t>* v) { delete v; }, owned);
   return Napi::Uint32Array::New(env, n, ab, 0);
 }
 

@@ -67,9 +67,7 @@ class Options {
   // "<who>: options.<name>", for messages of the caller's own checks.
   std::string Prefix(const char* name) const { return who_ + ": options." + name; }
 
-  Napi::TypeError Bad(const char* name, const std::string& expected) const {
-    return Napi::TypeError::New(env_, Prefix(name) + " must be " + expected);
-  }
+  Napi::TypeError Bad(const char* name, const std::string& expected) const { return Napi::TypeError::New(env_, Prefix(name) + " must be " + expected); }
 
  private:
   template <typename T>

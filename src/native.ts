@@ -73,7 +73,12 @@ export interface NativeWire {
   unread(): number;
   sendPages(o: NativeSendPages): Promise<SendCounts>;
   sendEncoded(o: NativeSendEncoded): Promise<number>;
-  read(o: { maxPayload: number; maxType: number; limits?: Uint32Array; sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean; channels?: number; channel?: number } }): Promise<NativeFrame>;
+  read(o: {
+    maxPayload: number;
+    maxType: number;
+    limits?: Uint32Array;
+    sink?: { region: NativeRegion; hashes: BigUint64Array; version: number; maxBatchPages: number; encodings?: boolean; channels?: number; channel?: number };
+  }): Promise<NativeFrame>;
   /** half-closes, then reads and drops until the peer closes (true: its orderly close came) or timeoutMs passes */
   finish(timeoutMs: number): Promise<boolean>;
   /** whether the peer already closed or reset the connection (nothing unread before its end) */
@@ -161,7 +166,17 @@ export interface NativePostcopyDest {
   start(): void;
   /** returns the attachment's number: its "disconnected" event carries it */
   attach(push: NativeWire, prio: NativeWire): number;
-  stats(): { faults: number; faultsLocal: number; pulled: number; pushed: number; duplicates: number; arrived: number; blockedMs: number; bytes: number; connected: boolean };
+  stats(): {
+    faults: number;
+    faultsLocal: number;
+    pulled: number;
+    pushed: number;
+    duplicates: number;
+    arrived: number;
+    blockedMs: number;
+    bytes: number;
+    connected: boolean;
+  };
   latencies(): Float64Array;
   held(): Uint8Array;
   stop(): void;
@@ -253,7 +268,15 @@ interface Addon {
   Wire: new (fd: number, keys?: WireKeys) => NativeWire;
   pageHash(data: Buffer): bigint;
   Dedup: new (pageCount: number) => NativeDedup;
-  classifyPages(region: NativeRegion, pages: Uint32Array, staging: Buffer, hashes: BigUint64Array, dedup: NativeDedup, flags: number, sources: Int32Array): Promise<Uint8Array>;
+  classifyPages(
+    region: NativeRegion,
+    pages: Uint32Array,
+    staging: Buffer,
+    hashes: BigUint64Array,
+    dedup: NativeDedup,
+    flags: number,
+    sources: Int32Array,
+  ): Promise<Uint8Array>;
   samplePages(region: NativeRegion, pages: Uint32Array, staging: Buffer): Uint8Array;
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;
@@ -309,7 +332,8 @@ export function loadBuilt<T>(name: string, what: string): T {
       return require(c) as T;
     } catch (e) {
       // built, but this host is not one it can run on (its page size): say so, not "not built"
-      if ((e as { code?: string }).code !== 'MODULE_NOT_FOUND') throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${what} cannot load: ${(e as Error).message}`, { phase: 'load', cause: e });
+      if ((e as { code?: string }).code !== 'MODULE_NOT_FOUND')
+        throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${what} cannot load: ${(e as Error).message}`, { phase: 'load', cause: e });
       lastError = e;
     }
   }

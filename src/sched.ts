@@ -42,7 +42,8 @@ export function defaultSlices(): SliceResult {
  * data path, already exist). Threads created later inherit it from their creator.
  */
 export function setProcessNice(nice: number): number {
-  if (!Number.isInteger(nice) || nice < -20 || nice > 19) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a nice value is an integer in -20..19, got ${String(nice)}`, { phase: 'setup' });
+  if (!Number.isInteger(nice) || nice < -20 || nice > 19)
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a nice value is an integer in -20..19, got ${String(nice)}`, { phase: 'setup' });
   let threads = 0;
   for (const tid of readdirSync('/proc/self/task')) {
     try {
@@ -51,7 +52,10 @@ export function setProcessNice(nice: number): number {
     } catch (e) {
       // a thread that ended meanwhile is fine; a refusal (EACCES below 0 without the right) is not
       if ((e as NodeJS.ErrnoException).code === 'ESRCH') continue;
-      throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot set nice ${nice}: ${(e as Error).message} (below 0 needs root or CAP_SYS_NICE)`, { phase: 'setup', cause: e });
+      throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot set nice ${nice}: ${(e as Error).message} (below 0 needs root or CAP_SYS_NICE)`, {
+        phase: 'setup',
+        cause: e,
+      });
     }
   }
   return threads;

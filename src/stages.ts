@@ -21,7 +21,8 @@ export class Stages<S extends string> {
   }
 
   enter(next: S): void {
-    if (!this.#next[this.#current].includes(next)) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: cannot go from ${this.#current} to ${next}`, { phase: this.#current });
+    if (!this.#next[this.#current].includes(next))
+      throw new LivemigError('ERR_LIVEMIG_STATE', `internal: cannot go from ${this.#current} to ${next}`, { phase: this.#current });
     this.#current = next;
   }
 

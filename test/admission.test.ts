@@ -30,7 +30,8 @@ const CLI = path.join(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/
 const key = randomBytes(32);
 const SERVER: Credentials = { kind: 'psk', identity: 'src', key };
 const CLIENT: Credentials = { kind: 'psk', identity: 'src', key };
-const hello = (o: Partial<Parameters<typeof encodeHello>[0]> = {}): Buffer => encodeHello({ versions: [3, 3], regionBytes: 64 * 4096, pageSize: 4096, auth: null, capabilities: [CAP_COMMIT_ACTIVATE], ...o });
+const hello = (o: Partial<Parameters<typeof encodeHello>[0]> = {}): Buffer =>
+  encodeHello({ versions: [3, 3], regionBytes: 64 * 4096, pageSize: 4096, auth: null, capabilities: [CAP_COMMIT_ACTIVATE], ...o });
 
 async function keyedConnection(port: number): Promise<FramedConnection> {
   const raw = net.connect(port, '127.0.0.1');
@@ -60,7 +61,8 @@ async function nextMigration(rx: Receiver): Promise<Awaited<ReturnType<Receiver[
   }
 }
 
-const afterFirst = (e: unknown): boolean => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && /came after the first frame/.test(e.message) && isRefusedBeforeReserving(e);
+const afterFirst = (e: unknown): boolean =>
+  e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && /came after the first frame/.test(e.message) && isRefusedBeforeReserving(e);
 
 for (const [name, parts] of [
   ['HELLO and ROUND_END in one record', [hello(), encodeRoundEnd({ round: 1, pages: 0 }, 3)]],
@@ -125,7 +127,7 @@ test('plain: HELLO and 1 MiB in one write is refused the same way, by the same r
   }
 });
 
-test('64 loops of one-byte connections from the source\'s own address do not stop a real keyed migration', async () => {
+test("64 loops of one-byte connections from the source's own address do not stop a real keyed migration", async () => {
   const rx = await listen('127.0.0.1', 0, { credentials: SERVER, activate: async () => undefined });
   let stop = false;
   let crowdConnections = 0;
@@ -151,7 +153,13 @@ test('64 loops of one-byte connections from the source\'s own address do not sto
     // let the crowd fill every slot of the address first
     while (crowdConnections < 256) await new Promise((r) => setTimeout(r, 10));
     const outcome = nextMigration(rx);
-    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, credentials: CLIENT, pause: async () => new Uint8Array(4), resume: async () => undefined });
+    const report = await migrate({
+      region,
+      to: { host: '127.0.0.1', port: rx.port },
+      credentials: CLIENT,
+      pause: async () => new Uint8Array(4),
+      resume: async () => undefined,
+    });
     assert.equal(report.verified, true);
     assert.equal((await outcome).digest, report.digest);
     assert.ok(crowdClosedByReceiver > 0, 'the crowd was over the cap: some of it was let go');
@@ -168,7 +176,10 @@ test('64 loops of one-byte connections from the source\'s own address do not sto
 async function receiveChild(dir: string, extra: string[] = [], env: NodeJS.ProcessEnv = {}) {
   const psk = path.join(dir, 'k.psk');
   writeFileSync(psk, `src:${key.toString('hex')}\n`, { mode: 0o600 });
-  const child = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', psk, ...extra], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env } });
+  const child = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', psk, ...extra], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, ...env },
+  });
   const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
   const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
   const next = async (): Promise<Record<string, unknown>> => JSON.parse((await lines.next()).value as string) as Record<string, unknown>;
@@ -176,7 +187,9 @@ async function receiveChild(dir: string, extra: string[] = [], env: NodeJS.Proce
 }
 
 function sendChild(port: number, psk: string): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  const tx = spawn(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', psk, '--size', '32MiB', '--rate', '0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const tx = spawn(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', psk, '--size', '32MiB', '--rate', '0', '--json'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stdout = '';
   let stderr = '';
   tx.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -268,7 +281,14 @@ test('a source whose peer never answers its TLS hello says the peer does not spe
   try {
     const port = (server.address() as net.AddressInfo).port;
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port }, credentials: CLIENT, handshakeTimeoutMs: 30_000, pause: async () => (paused++, new Uint8Array(4)), resume: async () => undefined }),
+      migrate({
+        region,
+        to: { host: '127.0.0.1', port },
+        credentials: CLIENT,
+        handshakeTimeoutMs: 30_000,
+        pause: async () => (paused++, new Uint8Array(4)),
+        resume: async () => undefined,
+      }),
       (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_AUTH' && /does not speak TLS/.test(e.message),
     );
     assert.equal(paused, 0, 'the guest was never paused');

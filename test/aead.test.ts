@@ -22,7 +22,8 @@ function nodeSeal(key: Buffer, salt: Buffer, seq: number, plain: Buffer): Buffer
   return Buffer.concat([body, c.getAuthTag()]);
 }
 
-const open = (key: Buffer, salt: Buffer, sealed: Buffer[]): Buffer[] => call('ERR_LIVEMIG_AUTH', 'transport', 'opening records', () => addon.aeadOpen(key, salt, sealed));
+const open = (key: Buffer, salt: Buffer, sealed: Buffer[]): Buffer[] =>
+  call('ERR_LIVEMIG_AUTH', 'transport', 'opening records', () => addon.aeadOpen(key, salt, sealed));
 const refused = (e: unknown): boolean => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_AUTH' && /failed authentication/.test(e.message);
 
 test("sealed records are Node's AES-256-GCM with the nonce salt || big-endian record counter, and open again", () => {

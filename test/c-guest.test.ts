@@ -64,8 +64,12 @@ async function sendRunning(startGuest: (socket: string, heartbeat: string) => st
     const ready = JSON.parse((await createInterface({ input: g.stdout! })[Symbol.asyncIterator]().next()).value as string) as { guest: { pid: number } };
     const { port } = JSON.parse((await rxLines.next()).value as string) as { port: number };
     await observer.waitFor((b) => b.pid === ready.guest.pid, 10_000); // it runs before anything moves
-    const send = spawn(process.execPath, [CLI, 'send', '--guest', socket, '--to', `127.0.0.1:${port}`, '--json', ...sendArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
-    const report = JSON.parse((await createInterface({ input: send.stdout! })[Symbol.asyncIterator]().next()).value as string) as Record<string, unknown> & { regions: { pages_sent: number }[] };
+    const send = spawn(process.execPath, [CLI, 'send', '--guest', socket, '--to', `127.0.0.1:${port}`, '--json', ...sendArgs], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    const report = JSON.parse((await createInterface({ input: send.stdout! })[Symbol.asyncIterator]().next()).value as string) as Record<string, unknown> & {
+      regions: { pages_sent: number }[];
+    };
     let line = JSON.parse((await rxLines.next()).value as string) as { guest_pid?: number; receiving?: unknown };
     while (line.receiving) line = JSON.parse((await rxLines.next()).value as string) as typeof line;
     destPid = line.guest_pid ?? 0;

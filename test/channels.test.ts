@@ -32,13 +32,16 @@ before(async () => {
 });
 after(() => observer.close());
 
-
 test('the stripes: every page on exactly one channel, (page / STRIPE_PAGES) mod N, in ascending order', () => {
   const pages = Uint32Array.from({ length: 5000 }, (_, i) => i * 3);
   for (const n of [1, 2, 3, 4]) {
     const parts = splitByStripe(pages, n);
     assert.equal(parts.length, n);
-    assert.equal(parts.reduce((a, p) => a + p.length, 0), pages.length, `${n} channels: every page once`);
+    assert.equal(
+      parts.reduce((a, p) => a + p.length, 0),
+      pages.length,
+      `${n} channels: every page once`,
+    );
     parts.forEach((part, k) => {
       for (let i = 0; i < part.length; i++) {
         assert.equal(Math.floor(part[i]! / STRIPE_PAGES) % n, k, `page ${part[i]} on channel ${k} of ${n}`);
@@ -49,8 +52,23 @@ test('the stripes: every page on exactly one channel, (page / STRIPE_PAGES) mod 
 });
 
 /** A reference guest migrated live into a reference incoming guest; returns what both sides say. */
-async function liveMigration(o: { channels: number; rate: number; pattern: 'uniform' | 'hot'; hotSize?: number; size?: number; mbps?: number; compress?: false }) {
-  const guest = await SourceGuest.spawn({ size: o.size ?? 128 * MiB, content: 'mixed', rate: o.rate, pattern: o.pattern, ...(o.hotSize ? { hotSize: o.hotSize } : {}), heartbeat: observer.address });
+async function liveMigration(o: {
+  channels: number;
+  rate: number;
+  pattern: 'uniform' | 'hot';
+  hotSize?: number;
+  size?: number;
+  mbps?: number;
+  compress?: false;
+}) {
+  const guest = await SourceGuest.spawn({
+    size: o.size ?? 128 * MiB,
+    content: 'mixed',
+    rate: o.rate,
+    pattern: o.pattern,
+    ...(o.hotSize ? { hotSize: o.hotSize } : {}),
+    heartbeat: observer.address,
+  });
   let incoming: IncomingGuest | undefined;
   let sourceDigest = 0n;
   let destDigest = -1n;
@@ -163,7 +181,11 @@ test('2 channels with the guest writing everywhere end bit-identical, and send w
   // an idle guest: the same pages go either way, zero pages counted and never sent
   assert.equal(idle.report.zero_pages, one.report.zero_pages, 'the same zero pages found on 3 channels as on 1');
   assert.ok(one.report.zero_pages > one.report.region_bytes / 4096 / 5, `a mixed guest has its quarter of zero pages (${one.report.zero_pages})`);
-  assert.equal(one.report.raw_pages + one.report.dup_pages + one.report.zero_pages + one.report.lz4_pages, one.report.region_bytes / 4096, 'every page counted once');
+  assert.equal(
+    one.report.raw_pages + one.report.dup_pages + one.report.zero_pages + one.report.lz4_pages,
+    one.report.region_bytes / 4096,
+    'every page counted once',
+  );
   // each channel knows only its own stripes: the first copies of each of the 256 dup-pool pages
   // (docs/CONTENT.md) go raw on every channel (a page is indexed from its second sighting on)
   const extra = idle.report.raw_pages - one.report.raw_pages;
@@ -180,7 +202,14 @@ test('zero pages of a fresh destination are counted as zero_pages and never sent
   try {
     for (const channels of [1, 2]) {
       const received = rx.next();
-      const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, channels, encodings: { zero: true, dedup: false, compress: false }, pause: async () => new Uint8Array(0), resume: async () => undefined });
+      const report = await migrate({
+        region,
+        to: { host: '127.0.0.1', port: rx.port },
+        channels,
+        encodings: { zero: true, dedup: false, compress: false },
+        pause: async () => new Uint8Array(0),
+        resume: async () => undefined,
+      });
       await received;
       assert.equal(report.zero_pages, zero, `${channels} channels: every zero page counted`);
       assert.ok(report.wire_bytes < (region.pageCount - zero) * 4096 * 1.01, `${channels} channels: no zero page went as bytes (${report.wire_bytes} bytes)`);
@@ -226,7 +255,11 @@ async function breakingProxy(port: number, which: number, after: number): Promis
 
 test('one channel breaking mid-round fails the migration before commitment: nothing activates, the guest is never paused, and it migrates afterwards', async () => {
   const region = Region.create(8192 * 4096, { name: 'ch-break' });
-  for (let p = 0; p < region.pageCount; p++) region.page(p).fill((p * 7) % 253).writeUInt32LE(p, 0); // no two alike
+  for (let p = 0; p < region.pageCount; p++)
+    region
+      .page(p)
+      .fill((p * 7) % 253)
+      .writeUInt32LE(p, 0); // no two alike
   const before = await imageDigest(region);
   let activated = 0;
   let paused = 0;
@@ -238,7 +271,14 @@ test('one channel breaking mid-round fails the migration before commitment: noth
       const received = rx.next();
       received.catch(() => undefined);
       await assert.rejects(
-        migrate({ region, to: { host: '127.0.0.1', port: px.port }, channels: 3, bandwidthMiBps: 200, pause: async () => (paused++, new Uint8Array(0)), resume: async () => undefined }),
+        migrate({
+          region,
+          to: { host: '127.0.0.1', port: px.port },
+          channels: 3,
+          bandwidthMiBps: 200,
+          pause: async () => (paused++, new Uint8Array(0)),
+          resume: async () => undefined,
+        }),
         (e: unknown) => e instanceof LivemigError && /ERR_LIVEMIG_(CONNECTION|REFUSED)/.test(e.code),
       );
       assert.ok(px.broke(), 'the channel was broken mid-round');
@@ -253,7 +293,13 @@ test('one channel breaking mid-round fails the migration before commitment: noth
     assert.equal(paused, 0, 'the guest was never paused');
     assert.equal(await imageDigest(region), before, 'the source memory is untouched');
     const received = rx.next();
-    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, channels: 3, pause: async () => new Uint8Array(0), resume: async () => undefined });
+    const report = await migrate({
+      region,
+      to: { host: '127.0.0.1', port: rx.port },
+      channels: 3,
+      pause: async () => new Uint8Array(0),
+      resume: async () => undefined,
+    });
     assert.equal((await received).digest, report.digest, 'the same source migrates afterwards');
     assert.equal(report.channels, 3);
   } finally {
@@ -263,7 +309,10 @@ test('one channel breaking mid-round fails the migration before commitment: noth
 });
 
 /** A raw source speaking to a receiver: HELLO on the main connection, then frames on any connection. */
-async function rawSession(channels: number, caps: string[]): Promise<{ port: number; main: RawConn; accept: M.Accept; attach(k: number): Promise<RawConn>; outcome: Promise<LivemigError>; close(): Promise<void> }> {
+async function rawSession(
+  channels: number,
+  caps: string[],
+): Promise<{ port: number; main: RawConn; accept: M.Accept; attach(k: number): Promise<RawConn>; outcome: Promise<LivemigError>; close(): Promise<void> }> {
   const rx = await listen('127.0.0.1', 0, { activate: async () => undefined, idleTimeoutMs: 5000 });
   const outcome = rx.next().then(
     () => {
@@ -272,7 +321,16 @@ async function rawSession(channels: number, caps: string[]): Promise<{ port: num
     (e: unknown) => e as LivemigError,
   );
   const main = await RawConn.open(rx.port);
-  main.write(M.encodeHello({ versions: [3, 3], regionBytes: 2048 * 4096, pageSize: 4096, auth: null, capabilities: [CAP_CHANNELS, CAP_COMMIT_ACTIVATE, ...caps], channels }));
+  main.write(
+    M.encodeHello({
+      versions: [3, 3],
+      regionBytes: 2048 * 4096,
+      pageSize: 4096,
+      auth: null,
+      capabilities: [CAP_CHANNELS, CAP_COMMIT_ACTIVATE, ...caps],
+      channels,
+    }),
+  );
   const accept = M.decodeAccept((await main.frame(FrameType.Accept)).payload);
   const opened: RawConn[] = [main];
   return {
@@ -335,7 +393,10 @@ function pagesFrame(indices: number[], round = 1): Buffer {
 
 test('bad channel counts are refused with exact messages before anything listens or connects', async () => {
   await assert.rejects(listen('127.0.0.1', 0, { activate: async () => undefined, maxChannels: 0 }), /maxChannels must be an integer from 1 to 16, got 0/);
-  await assert.rejects(listen('127.0.0.1', 0, { activate: async () => undefined, maxChannels: Number.NaN }), /maxChannels must be an integer from 1 to 16, got NaN/);
+  await assert.rejects(
+    listen('127.0.0.1', 0, { activate: async () => undefined, maxChannels: Number.NaN }),
+    /maxChannels must be an integer from 1 to 16, got NaN/,
+  );
   const region = Region.create(16 * 4096, { name: 'ch-bad' });
   try {
     for (const channels of [0, 17, 1.5]) {
@@ -363,7 +424,7 @@ test('the receiver grants at most what was asked, and a channel beyond the grant
   }
 });
 
-test('a page on a channel that is not its stripe\'s is refused with ERR_LIVEMIG_PAGE_INDEX, and the source hears it on the main connection', async () => {
+test("a page on a channel that is not its stripe's is refused with ERR_LIVEMIG_PAGE_INDEX, and the source hears it on the main connection", async () => {
   const s = await rawSession(2, []);
   try {
     const c = await s.attach(1);
@@ -380,7 +441,7 @@ test('a page on a channel that is not its stripe\'s is refused with ERR_LIVEMIG_
   }
 });
 
-test('the main connection takes only its own stripes until the channels ended, and a dup may not name another channel\'s page', async () => {
+test("the main connection takes only its own stripes until the channels ended, and a dup may not name another channel's page", async () => {
   const s = await rawSession(2, []);
   try {
     s.main.write(pagesFrame([STRIPE_PAGES + 1])); // channel 1's stripe, on the main connection
@@ -421,70 +482,74 @@ test('DEVICE_STATE before the channels ended is a protocol error, nothing activa
 const noPostcopy = minorFaultsReason();
 if (noPostcopy) console.log(`# skipping the post-copy channel test: ${noPostcopy}`);
 
-test('hybrid over 2 channels: the pass goes on both, post-copy on its own connections, and a link cut in post-copy recovers', { skip: noPostcopy }, async () => {
-  let incoming: IncomingGuest | undefined;
-  const rx = await listen('127.0.0.1', 0, {
-    onReserved: async (region, plan, layout) => {
-      incoming = await startReferenceIncoming(region, layout, plan);
-    },
-    onDiscard: () => incoming?.kill(),
-    postcopy: { register: () => incoming!.register() },
-    activate: async (_r, ds) => incoming!.activate(ds),
-    recoverTimeoutMs: 20_000,
-  });
-  const guest = await SourceGuest.spawn({ size: 128 * MiB, content: 'mixed', rate: 128, pattern: 'uniform', heartbeat: observer.address });
-  const live = new Set<net.Socket>();
-  let connections = 0;
-  const proxy = net.createServer((c) => {
-    connections++;
-    const up = net.connect(rx.port, '127.0.0.1');
-    for (const x of [c, up]) {
-      live.add(x);
-      x.on('close', () => live.delete(x));
-      x.on('error', () => undefined);
-    }
-    c.pipe(up);
-    up.pipe(c);
-  });
-  proxy.listen(0, '127.0.0.1');
-  await once(proxy, 'listening');
-  try {
-    const received = rx.next();
-    let cut = false;
-    const report = await migrate({
-      region: guest.region,
-      ...(guest.target ? { target: guest.target } : {}),
-      to: { host: '127.0.0.1', port: (proxy.address() as net.AddressInfo).port },
-      channels: 2,
-      mode: 'hybrid',
-      control: new MigrationControl(),
-      // slow enough that post-copy still pushes when its first progress event comes
-      bandwidthMiBps: 100,
-      pause: () => guest.pause(),
-      resume: () => guest.resume(),
-      commit: () => guest.commit(),
-      release: () => guest.exit(),
-      onProgress: (e) => {
-        if (e.type === 'postcopy' && !cut && e.pages_pushed > 10) {
-          cut = true;
-          for (const x of live) x.destroy(); // every connection at once; new ones get through
-        }
+test(
+  'hybrid over 2 channels: the pass goes on both, post-copy on its own connections, and a link cut in post-copy recovers',
+  { skip: noPostcopy },
+  async () => {
+    let incoming: IncomingGuest | undefined;
+    const rx = await listen('127.0.0.1', 0, {
+      onReserved: async (region, plan, layout) => {
+        incoming = await startReferenceIncoming(region, layout, plan);
       },
+      onDiscard: () => incoming?.kill(),
+      postcopy: { register: () => incoming!.register() },
+      activate: async (_r, ds) => incoming!.activate(ds),
+      recoverTimeoutMs: 20_000,
     });
-    const rxReport = await received;
-    assert.equal(report.channels, 2);
-    assert.equal(report.mode, 'hybrid');
-    assert.ok(cut, 'the link was cut during post-copy');
-    assert.ok(report.postcopy!.reconnects >= 1, 'the source reconnected');
-    assert.equal(rxReport.digest, report.digest, 'the same image on both sides');
-    assert.ok(connections >= 5, `main, channel 1, priority, then the reconnection's two (${connections})`);
-    incoming!.allPresent();
-    const pid = incoming!.pid;
-    assert.equal((await guestCheck({ pid, beats: () => observer.beats })).bad, 0);
-  } finally {
-    proxy.close();
-    incoming?.kill();
-    if (guest.child.exitCode === null) guest.kill();
-    await rx.close();
-  }
-});
+    const guest = await SourceGuest.spawn({ size: 128 * MiB, content: 'mixed', rate: 128, pattern: 'uniform', heartbeat: observer.address });
+    const live = new Set<net.Socket>();
+    let connections = 0;
+    const proxy = net.createServer((c) => {
+      connections++;
+      const up = net.connect(rx.port, '127.0.0.1');
+      for (const x of [c, up]) {
+        live.add(x);
+        x.on('close', () => live.delete(x));
+        x.on('error', () => undefined);
+      }
+      c.pipe(up);
+      up.pipe(c);
+    });
+    proxy.listen(0, '127.0.0.1');
+    await once(proxy, 'listening');
+    try {
+      const received = rx.next();
+      let cut = false;
+      const report = await migrate({
+        region: guest.region,
+        ...(guest.target ? { target: guest.target } : {}),
+        to: { host: '127.0.0.1', port: (proxy.address() as net.AddressInfo).port },
+        channels: 2,
+        mode: 'hybrid',
+        control: new MigrationControl(),
+        // slow enough that post-copy still pushes when its first progress event comes
+        bandwidthMiBps: 100,
+        pause: () => guest.pause(),
+        resume: () => guest.resume(),
+        commit: () => guest.commit(),
+        release: () => guest.exit(),
+        onProgress: (e) => {
+          if (e.type === 'postcopy' && !cut && e.pages_pushed > 10) {
+            cut = true;
+            for (const x of live) x.destroy(); // every connection at once; new ones get through
+          }
+        },
+      });
+      const rxReport = await received;
+      assert.equal(report.channels, 2);
+      assert.equal(report.mode, 'hybrid');
+      assert.ok(cut, 'the link was cut during post-copy');
+      assert.ok(report.postcopy!.reconnects >= 1, 'the source reconnected');
+      assert.equal(rxReport.digest, report.digest, 'the same image on both sides');
+      assert.ok(connections >= 5, `main, channel 1, priority, then the reconnection's two (${connections})`);
+      incoming!.allPresent();
+      const pid = incoming!.pid;
+      assert.equal((await guestCheck({ pid, beats: () => observer.beats })).bad, 0);
+    } finally {
+      proxy.close();
+      incoming?.kill();
+      if (guest.child.exitCode === null) guest.kill();
+      await rx.close();
+    }
+  },
+);

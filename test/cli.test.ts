@@ -18,7 +18,8 @@ const alive = (pid: number): boolean => {
     return false;
   }
 };
-const run = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, env: { ...process.env, LIVEMIG_SLICE_US: '0' } });
+const run = (...args: string[]) =>
+  spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, env: { ...process.env, LIVEMIG_SLICE_US: '0' } });
 
 /** The receiver's next line that is an outcome ({received} or {error}), past its progress lines ({receiving}). */
 async function outcomeLine(lines: AsyncIterator<string>): Promise<Record<string, unknown>> {
@@ -29,7 +30,14 @@ async function outcomeLine(lines: AsyncIterator<string>): Promise<Record<string,
 }
 
 test("each command's --help prints its own usage and flags, and exits 0", () => {
-  for (const [cmd, flag] of [['demo', '--downtime-limit'], ['send', '--to'], ['receive', '--listen'], ['guest', '--socket'], ['probe', '--json'], ['keys', '--out']] as const) {
+  for (const [cmd, flag] of [
+    ['demo', '--downtime-limit'],
+    ['send', '--to'],
+    ['receive', '--listen'],
+    ['guest', '--socket'],
+    ['probe', '--json'],
+    ['keys', '--out'],
+  ] as const) {
     const r = run(cmd, '--help');
     assert.equal(r.status, 0, `${cmd} --help exits 0`);
     assert.match(r.stdout, new RegExp(`^usage: livemig ${cmd} `), `${cmd}: its own usage line`);
@@ -92,11 +100,17 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
     assert.equal(again.status, 2, 'an existing key file is never overwritten');
     writeFileSync(bad, `src:${'cd'.repeat(32)}\n`, { mode: 0o600 });
     const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
-    const attempt = async (senderKey: string): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync>; sent: { source_guest?: string; guest_pid?: number; alive?: boolean } }> => {
+    const attempt = async (
+      senderKey: string,
+    ): Promise<{ rx: Record<string, unknown>; tx: ReturnType<typeof spawnSync>; sent: { source_guest?: string; guest_pid?: number; alive?: boolean } }> => {
       const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--psk-file', good], { stdio: ['ignore', 'pipe', 'inherit'], env });
       const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
       const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
-      const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
+      const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--psk-file', senderKey, '--size', '16MiB', '--rate', '0', '--json'], {
+        encoding: 'utf8',
+        timeout: 60_000,
+        env,
+      });
       const rx = await outcomeLine(lines);
       receiver.kill();
       const guestPid = (rx as { guest_pid?: number }).guest_pid;
@@ -118,7 +132,11 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
     const refused = await attempt(bad);
     assert.equal(refused.tx.status, 1, 'the sender fails');
     assert.match(String(refused.tx.stderr), /ERR_LIVEMIG_AUTH/);
-    assert.equal((refused.rx as { refused: { code: string } }).refused.code, 'ERR_LIVEMIG_AUTH', 'the receiver refused before reserving, and goes on listening');
+    assert.equal(
+      (refused.rx as { refused: { code: string } }).refused.code,
+      'ERR_LIVEMIG_AUTH',
+      'the receiver refused before reserving, and goes on listening',
+    );
     assert.equal(refused.sent.source_guest, 'running', 'the failed send reports its guest running, and leaves it so');
     assert.equal(refused.sent.alive, true, 'the guest was still running after send exited');
   } finally {
@@ -126,41 +144,75 @@ test('keys psk writes a key file that send and receive take with --psk-file: the
   }
 });
 
-test('keys ca writes a test CA whose certificates send and receive take (--tls-*): the migration is authenticated both ways and encrypted; demo --secure reports the same', { skip: opensslMissing }, async () => {
-  const { mkdtempSync, rmSync, statSync, readdirSync } = await import('node:fs');
-  const os = await import('node:os');
-  const { spawn } = await import('node:child_process');
-  const { createInterface } = await import('node:readline');
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-ca-cli-'));
-  try {
-    const made = run('keys', 'ca', '--out', dir, '--names', 'src,dst', '--days', '1');
-    assert.equal(made.status, 0, made.stderr);
-    assert.deepEqual(readdirSync(dir).sort(), ['ca.crt', 'ca.key', 'dst.crt', 'dst.key', 'src.crt', 'src.key']);
-    for (const k of ['ca.key', 'src.key', 'dst.key']) assert.equal(statSync(path.join(dir, k)).mode & 0o777, 0o600, `${k} is readable by its owner only`);
-    assert.equal(run('keys', 'ca', '--out', dir, '--names', 'other').status, 2, 'nothing is overwritten (ca.crt exists)');
-    assert.match(run('keys', 'ca', '--out', dir, '--names', 'a/CN=b').stderr, /must be 1\.\.63 letters/, 'a name that is not a host name is refused before openssl sees it');
-    const f = (n: string): string => path.join(dir, n);
-    const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
-    const receiver = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--tls-cert', f('dst.crt'), '--tls-key', f('dst.key'), '--tls-ca', f('ca.crt'), '--allow', 'src'], { stdio: ['ignore', 'pipe', 'inherit'], env });
-    const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
-    const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
-    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--tls-cert', f('src.crt'), '--tls-key', f('src.key'), '--tls-ca', f('ca.crt'), '--peer-name', 'dst', '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
-    const rx = (await outcomeLine(lines)) as { guest_pid?: number; received: { security: { auth: string; peer: string; encrypted: boolean } } };
-    receiver.kill();
-    if (rx.guest_pid) process.kill(rx.guest_pid, 'SIGTERM');
-    assert.equal(tx.status, 0, tx.stderr);
-    const report = JSON.parse(tx.stdout.trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string; encrypted: boolean } };
-    assert.equal(report.verified, true);
-    assert.deepEqual(report.security, { ...report.security, auth: 'tls-cert', peer: 'dst', encrypted: true });
-    assert.deepEqual([rx.received.security.auth, rx.received.security.peer, rx.received.security.encrypted], ['tls-cert', 'src', true]);
-    const demo = run('demo', '--secure', '--size', '32MiB', '--json');
-    assert.equal(demo.status, 0, demo.stderr);
-    const d = JSON.parse(demo.stdout.trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string; encrypted: boolean } };
-    assert.deepEqual([d.verified, d.security.auth, d.security.peer, d.security.encrypted], [true, 'tls-cert', 'dst', true]);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
+test(
+  'keys ca writes a test CA whose certificates send and receive take (--tls-*): the migration is authenticated both ways and encrypted; demo --secure reports the same',
+  { skip: opensslMissing },
+  async () => {
+    const { mkdtempSync, rmSync, statSync, readdirSync } = await import('node:fs');
+    const os = await import('node:os');
+    const { spawn } = await import('node:child_process');
+    const { createInterface } = await import('node:readline');
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-ca-cli-'));
+    try {
+      const made = run('keys', 'ca', '--out', dir, '--names', 'src,dst', '--days', '1');
+      assert.equal(made.status, 0, made.stderr);
+      assert.deepEqual(readdirSync(dir).sort(), ['ca.crt', 'ca.key', 'dst.crt', 'dst.key', 'src.crt', 'src.key']);
+      for (const k of ['ca.key', 'src.key', 'dst.key']) assert.equal(statSync(path.join(dir, k)).mode & 0o777, 0o600, `${k} is readable by its owner only`);
+      assert.equal(run('keys', 'ca', '--out', dir, '--names', 'other').status, 2, 'nothing is overwritten (ca.crt exists)');
+      assert.match(
+        run('keys', 'ca', '--out', dir, '--names', 'a/CN=b').stderr,
+        /must be 1\.\.63 letters/,
+        'a name that is not a host name is refused before openssl sees it',
+      );
+      const f = (n: string): string => path.join(dir, n);
+      const env = { ...process.env, LIVEMIG_SLICE_US: '0' };
+      const receiver = spawn(
+        process.execPath,
+        [CLI, 'receive', '--listen', '127.0.0.1:0', '--tls-cert', f('dst.crt'), '--tls-key', f('dst.key'), '--tls-ca', f('ca.crt'), '--allow', 'src'],
+        { stdio: ['ignore', 'pipe', 'inherit'], env },
+      );
+      const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
+      const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
+      const tx = spawnSync(
+        process.execPath,
+        [
+          CLI,
+          'send',
+          '--to',
+          `127.0.0.1:${port}`,
+          '--tls-cert',
+          f('src.crt'),
+          '--tls-key',
+          f('src.key'),
+          '--tls-ca',
+          f('ca.crt'),
+          '--peer-name',
+          'dst',
+          '--size',
+          '16MiB',
+          '--rate',
+          '0',
+          '--json',
+        ],
+        { encoding: 'utf8', timeout: 60_000, env },
+      );
+      const rx = (await outcomeLine(lines)) as { guest_pid?: number; received: { security: { auth: string; peer: string; encrypted: boolean } } };
+      receiver.kill();
+      if (rx.guest_pid) process.kill(rx.guest_pid, 'SIGTERM');
+      assert.equal(tx.status, 0, tx.stderr);
+      const report = JSON.parse(tx.stdout.trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string; encrypted: boolean } };
+      assert.equal(report.verified, true);
+      assert.deepEqual(report.security, { ...report.security, auth: 'tls-cert', peer: 'dst', encrypted: true });
+      assert.deepEqual([rx.received.security.auth, rx.received.security.peer, rx.received.security.encrypted], ['tls-cert', 'src', true]);
+      const demo = run('demo', '--secure', '--size', '32MiB', '--json');
+      assert.equal(demo.status, 0, demo.stderr);
+      const d = JSON.parse(demo.stdout.trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string; encrypted: boolean } };
+      assert.deepEqual([d.verified, d.security.auth, d.security.peer, d.security.encrypted], [true, 'tls-cert', 'dst', true]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+);
 
 test('probe --json says whether the kernel has TLS offload, that livemig does not use it, and why', () => {
   const r = run('probe', '--json');
@@ -192,7 +244,11 @@ test('receive goes on listening after connections refused before anything was re
     await poke(Buffer.from('GET / HTTP/1.1\r\n\r\n')); // something else entirely
     const second = JSON.parse((await lines.next()).value as string) as { refused?: { code: string; message: string } };
     assert.equal(second.refused?.code, 'ERR_LIVEMIG_PROTOCOL', JSON.stringify(second));
-    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--rate', '0', '--json'], { encoding: 'utf8', timeout: 60_000, env });
+    const tx = spawnSync(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--rate', '0', '--json'], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env,
+    });
     assert.equal(tx.status, 0, tx.stderr);
     const done = (await outcomeLine(lines)) as { received?: { digest: string }; guest_pid?: number };
     assert.ok(done.received, 'the migration after them was served');

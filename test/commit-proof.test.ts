@@ -9,7 +9,17 @@ import net from 'node:net';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { CAP_COMMIT_ACTIVATE, FrameType } from '../src/protocol/format.js';
-import { decodeError, encodeAccept, encodeActivated, encodeCommitAck, encodeDigest, encodeHello, encodeRoundAck, decodeCommit, decodeRoundEnd } from '../src/protocol/messages.js';
+import {
+  decodeError,
+  encodeAccept,
+  encodeActivated,
+  encodeCommitAck,
+  encodeDigest,
+  encodeHello,
+  encodeRoundAck,
+  decodeCommit,
+  decodeRoundEnd,
+} from '../src/protocol/messages.js';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { secureAccept, secureConnect, type Credentials } from '../src/security/tls.js';
@@ -44,8 +54,19 @@ for (const trick of ['activate-at-once', 'wrong-digest'] as const) {
     let released = 0;
     try {
       await assert.rejects(
-        migrate({ region, to: { host: '127.0.0.1', port: fake.port }, encodings: { zero: false, dedup: false, compress: false }, pause: async () => new Uint8Array(4), resume: async () => void resumed++, release: async () => void released++ }),
-        (e: unknown) => e instanceof LivemigError && (trick === 'wrong-digest' ? e.code === 'ERR_LIVEMIG_DIGEST' && /does not hold this image/.test(e.message) : e.code === 'ERR_LIVEMIG_PROTOCOL' && /expected Digest, got Activated/.test(e.message)),
+        migrate({
+          region,
+          to: { host: '127.0.0.1', port: fake.port },
+          encodings: { zero: false, dedup: false, compress: false },
+          pause: async () => new Uint8Array(4),
+          resume: async () => void resumed++,
+          release: async () => void released++,
+        }),
+        (e: unknown) =>
+          e instanceof LivemigError &&
+          (trick === 'wrong-digest'
+            ? e.code === 'ERR_LIVEMIG_DIGEST' && /does not hold this image/.test(e.message)
+            : e.code === 'ERR_LIVEMIG_PROTOCOL' && /expected Digest, got Activated/.test(e.message)),
       );
       assert.equal(resumed, 1, 'the guest resumed on the source');
       assert.equal(released, 0, 'the source copy was not released');
@@ -59,7 +80,11 @@ for (const trick of ['activate-at-once', 'wrong-digest'] as const) {
 test('with credentials, a source that speaks only version 2 is refused before anything is reserved', { skip: opensslMissing }, async () => {
   const { ca, certs } = makeCa(['src', 'dst']);
   let reserved = 0;
-  const rx = await listen('127.0.0.1', 0, { credentials: { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] }, onReserved: () => void reserved++, activate: async () => undefined });
+  const rx = await listen('127.0.0.1', 0, {
+    credentials: { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] },
+    onReserved: () => void reserved++,
+    activate: async () => undefined,
+  });
   const outcome = rx.next();
   outcome.catch(() => undefined);
   try {
@@ -118,38 +143,52 @@ async function downgrader(accept: { version: number; capabilities: string[] }, c
 
 const downgrades = [
   { name: 'version 3 without commit-activate', accept: { version: 3, capabilities: [] }, code: 'ERR_LIVEMIG_PROTOCOL', why: /drops commit-activate/ },
-  { name: 'version 3 with every other capability', accept: { version: 3, capabilities: ['encodings', 'resolve'] }, code: 'ERR_LIVEMIG_PROTOCOL', why: /drops commit-activate/ },
-  { name: 'version 2 with commit-activate', accept: { version: 2, capabilities: [CAP_COMMIT_ACTIVATE] }, code: 'ERR_LIVEMIG_VERSION', why: /proves it holds the image/ },
+  {
+    name: 'version 3 with every other capability',
+    accept: { version: 3, capabilities: ['encodings', 'resolve'] },
+    code: 'ERR_LIVEMIG_PROTOCOL',
+    why: /drops commit-activate/,
+  },
+  {
+    name: 'version 2 with commit-activate',
+    accept: { version: 2, capabilities: [CAP_COMMIT_ACTIVATE] },
+    code: 'ERR_LIVEMIG_VERSION',
+    why: /proves it holds the image/,
+  },
   { name: 'version 1', accept: { version: 1, capabilities: [] }, code: 'ERR_LIVEMIG_VERSION', why: /proves it holds the image/ },
 ];
 for (const keyed of [false, true]) {
   for (const d of downgrades) {
-    test(`a ${keyed ? 'keyed' : 'loopback'} destination that negotiates the proof away (${d.name}) cannot make the source release`, { skip: keyed ? opensslMissing : false }, async () => {
-      const pair = keyed ? makeCa(['src', 'dst']) : undefined;
-      const fake = await downgrader(d.accept, pair ? { kind: 'cert', ...pair.certs['dst']!, ca: pair.ca, allow: ['src'] } : undefined);
-      const region = Region.create(64 * 4096, { name: 'proof-downgrade' });
-      let paused = 0;
-      let released = 0;
-      try {
-        await assert.rejects(
-          migrate({
-            region,
-            to: { host: '127.0.0.1', port: fake.port },
-            ...(pair ? { credentials: { kind: 'cert' as const, ...pair.certs['src']!, ca: pair.ca, peerName: 'dst' } } : {}),
-            encodings: { zero: false, dedup: false, compress: false },
-            pause: async () => (paused++, new Uint8Array(4)),
-            resume: async () => undefined,
-            release: async () => void released++,
-          }),
-          (e: unknown) => e instanceof LivemigError && e.code === d.code && d.why.test(e.message) && e.phase === 'handshake',
-        );
-        assert.equal(released, 0, 'the source copy was not released');
-        assert.equal(paused, 0, 'the guest was never paused: it runs on the source');
-        assert.equal(fake.commits, 0, 'no COMMIT went to it');
-      } finally {
-        fake.close();
-        region.release();
-      }
-    });
+    test(
+      `a ${keyed ? 'keyed' : 'loopback'} destination that negotiates the proof away (${d.name}) cannot make the source release`,
+      { skip: keyed ? opensslMissing : false },
+      async () => {
+        const pair = keyed ? makeCa(['src', 'dst']) : undefined;
+        const fake = await downgrader(d.accept, pair ? { kind: 'cert', ...pair.certs['dst']!, ca: pair.ca, allow: ['src'] } : undefined);
+        const region = Region.create(64 * 4096, { name: 'proof-downgrade' });
+        let paused = 0;
+        let released = 0;
+        try {
+          await assert.rejects(
+            migrate({
+              region,
+              to: { host: '127.0.0.1', port: fake.port },
+              ...(pair ? { credentials: { kind: 'cert' as const, ...pair.certs['src']!, ca: pair.ca, peerName: 'dst' } } : {}),
+              encodings: { zero: false, dedup: false, compress: false },
+              pause: async () => (paused++, new Uint8Array(4)),
+              resume: async () => undefined,
+              release: async () => void released++,
+            }),
+            (e: unknown) => e instanceof LivemigError && e.code === d.code && d.why.test(e.message) && e.phase === 'handshake',
+          );
+          assert.equal(released, 0, 'the source copy was not released');
+          assert.equal(paused, 0, 'the guest was never paused: it runs on the source');
+          assert.equal(fake.commits, 0, 'no COMMIT went to it');
+        } finally {
+          fake.close();
+          region.release();
+        }
+      },
+    );
   }
 }

@@ -17,7 +17,8 @@ for (const [content, sha] of checks) {
     try {
       await fillContent(r, content, 1n);
       assert.equal(createHash('sha256').update(r.view()).digest('hex'), sha);
-      if (content === 'text') assert.ok(r.view(0, 80).toString('latin1').startsWith('spell restaurant server plant change, require, food turn which. food four'));
+      if (content === 'text')
+        assert.ok(r.view(0, 80).toString('latin1').startsWith('spell restaurant server plant change, require, food turn which. food four'));
     } finally {
       r.release();
     }

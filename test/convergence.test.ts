@@ -62,7 +62,20 @@ test('token bucket: the cap holds within 10% over every one-second window (simul
 });
 
 function facts(over: Partial<RoundFacts>): RoundFacts {
-  return { round: 1, pagesSent: 1000, bytesSent: 1000 * 4096, durationMs: 100, dirtyPages: 900, dirtiedPages: 900, heldPages: 0, elapsedMs: 1000, totalBytes: 1 << 20, mbps: 40, pageSize: 4096, ...over };
+  return {
+    round: 1,
+    pagesSent: 1000,
+    bytesSent: 1000 * 4096,
+    durationMs: 100,
+    dirtyPages: 900,
+    dirtiedPages: 900,
+    heldPages: 0,
+    elapsedMs: 1000,
+    totalBytes: 1 << 20,
+    mbps: 40,
+    pageSize: 4096,
+    ...over,
+  };
 }
 
 test('policy: stop when the estimate fits; bounds force a stop; a stall triggers the chosen action', () => {
@@ -156,7 +169,18 @@ test('a hot set is held back by the WWS and sent once more, at stop-and-copy; wi
     const rounds: Extract<ProgressEvent, { type: 'round' }>[] = [];
     try {
       // a downtime limit the hot set never fits, so only the WWS or a bound can end pre-copy
-      const report = await migrate({ region: src, to: { host: '127.0.0.1', port: rx.port }, pause: async () => new Uint8Array(0), resume: async () => undefined, tracker: new HotTracker(pages, hot), downtimeLimitMs: 0.001, maxRounds: 6, onStall: 'force', wws, onProgress: (e) => e.type === 'round' && rounds.push(e) });
+      const report = await migrate({
+        region: src,
+        to: { host: '127.0.0.1', port: rx.port },
+        pause: async () => new Uint8Array(0),
+        resume: async () => undefined,
+        tracker: new HotTracker(pages, hot),
+        downtimeLimitMs: 0.001,
+        maxRounds: 6,
+        onStall: 'force',
+        wws,
+        onProgress: (e) => e.type === 'round' && rounds.push(e),
+      });
       await rx.next();
       return { rounds, report };
     } finally {
@@ -167,7 +191,11 @@ test('a hot set is held back by the WWS and sent once more, at stop-and-copy; wi
     const on = await run(true);
     assert.equal(on.report.verified, true);
     assert.ok(on.rounds.length >= 3);
-    assert.deepEqual(on.rounds.slice(0, 2).map((r) => r.pages), [pages, hot.length], 'round 1 sends everything, round 2 the pages dirtied in round 1');
+    assert.deepEqual(
+      on.rounds.slice(0, 2).map((r) => r.pages),
+      [pages, hot.length],
+      'round 1 sends everything, round 2 the pages dirtied in round 1',
+    );
     for (const r of on.rounds.slice(2)) {
       assert.equal(r.pages, 0, `round ${r.round} sends no hot page`);
       assert.equal(r.wws_pages, hot.length);
@@ -182,7 +210,9 @@ test('a hot set is held back by the WWS and sent once more, at stop-and-copy; wi
 });
 
 /** A reference guest writing faster than a capped link can carry. */
-async function stalledMigration(onStall: StallAction): Promise<{ result: PromiseSettledResult<Awaited<ReturnType<typeof migrate>>>; guest: SourceGuest; writesAfter: () => Promise<bigint> }> {
+async function stalledMigration(
+  onStall: StallAction,
+): Promise<{ result: PromiseSettledResult<Awaited<ReturnType<typeof migrate>>>; guest: SourceGuest; writesAfter: () => Promise<bigint> }> {
   const guest = await SourceGuest.spawn({ size: 8 << 20, content: 'mixed', rate: 256, pattern: 'uniform', hotSize: 64 << 20 });
   let destRegion: Region | undefined;
   const rx = await listen('127.0.0.1', 0, { activate: async (region) => void (destRegion = region) });
@@ -210,20 +240,24 @@ async function stalledMigration(onStall: StallAction): Promise<{ result: Promise
 }
 
 for (const action of ['abort', 'postcopy'] as const) {
-  test(`stall policy ${action}: gives up before commitment and the guest keeps running on the source`, { skip: uffd.available ? false : uffd.reason }, async () => {
-    const { result, guest, writesAfter } = await stalledMigration(action);
-    try {
-      assert.equal(result.status, 'rejected');
-      const e = (result as PromiseRejectedResult).reason as LivemigError;
-      assert.equal(e.code, action === 'abort' ? 'ERR_LIVEMIG_STALLED' : 'ERR_LIVEMIG_UNSUPPORTED', e.message);
-      assert.match(e.message, /not converging/);
-      // (waited for: a loaded host may not run the guest within a fixed 50 ms)
-      const w1 = await writesAfter();
-      await until('the source guest writes on', async () => (await writesAfter()) > w1);
-    } finally {
-      guest.kill();
-    }
-  });
+  test(
+    `stall policy ${action}: gives up before commitment and the guest keeps running on the source`,
+    { skip: uffd.available ? false : uffd.reason },
+    async () => {
+      const { result, guest, writesAfter } = await stalledMigration(action);
+      try {
+        assert.equal(result.status, 'rejected');
+        const e = (result as PromiseRejectedResult).reason as LivemigError;
+        assert.equal(e.code, action === 'abort' ? 'ERR_LIVEMIG_STALLED' : 'ERR_LIVEMIG_UNSUPPORTED', e.message);
+        assert.match(e.message, /not converging/);
+        // (waited for: a loaded host may not run the guest within a fixed 50 ms)
+        const w1 = await writesAfter();
+        await until('the source guest writes on', async () => (await writesAfter()) > w1);
+      } finally {
+        guest.kill();
+      }
+    },
+  );
 }
 
 for (const action of ['force', 'throttle'] as const) {
@@ -246,19 +280,31 @@ for (const action of ['force', 'throttle'] as const) {
   });
 }
 
-test('the deadline: a migration that cannot finish in time ends cleanly before commitment, and the guest runs on', { skip: uffd.available ? false : uffd.reason }, async () => {
-  const guest = await SourceGuest.spawn({ size: 16 << 20, content: 'random', rate: 8, pattern: 'uniform', hotSize: 64 << 20 });
-  const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
-  try {
-    const run = migrate({ region: guest.region, ...(guest.target ? { target: guest.target } : {}), to: { host: '127.0.0.1', port: rx.port }, pause: () => guest.pause(), resume: () => guest.resume(), bandwidthMiBps: 2, deadlineMs: 1500 });
-    await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_DEADLINE' && /deadline/.test(e.message));
-    const w1 = BigInt((await guest.state()).writes);
-    await until('the source guest writes on', async () => BigInt((await guest.state()).writes) > w1);
-  } finally {
-    await rx.close();
-    guest.kill();
-  }
-});
+test(
+  'the deadline: a migration that cannot finish in time ends cleanly before commitment, and the guest runs on',
+  { skip: uffd.available ? false : uffd.reason },
+  async () => {
+    const guest = await SourceGuest.spawn({ size: 16 << 20, content: 'random', rate: 8, pattern: 'uniform', hotSize: 64 << 20 });
+    const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
+    try {
+      const run = migrate({
+        region: guest.region,
+        ...(guest.target ? { target: guest.target } : {}),
+        to: { host: '127.0.0.1', port: rx.port },
+        pause: () => guest.pause(),
+        resume: () => guest.resume(),
+        bandwidthMiBps: 2,
+        deadlineMs: 1500,
+      });
+      await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_DEADLINE' && /deadline/.test(e.message));
+      const w1 = BigInt((await guest.state()).writes);
+      await until('the source guest writes on', async () => BigInt((await guest.state()).writes) > w1);
+    } finally {
+      await rx.close();
+      guest.kill();
+    }
+  },
+);
 
 test('the byte bound holds within a round: pre-copy stops at it, the rest goes at the stop', { skip: uffd.available ? false : uffd.reason }, async () => {
   const size = 16 << 20;
@@ -266,7 +312,19 @@ test('the byte bound holds within a round: pre-copy stops at it, the rest goes a
   const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
   try {
     const maxBytes = 1.5 * size;
-    const report = await migrate({ region: guest.region, ...(guest.target ? { target: guest.target } : {}), to: { host: '127.0.0.1', port: rx.port }, pause: () => guest.pause(), resume: () => guest.resume(), release: async () => guest.kill(), bandwidthMiBps: 32, maxBytes, onStall: 'force', wws: false, encodings: { zero: false, dedup: false, compress: false } });
+    const report = await migrate({
+      region: guest.region,
+      ...(guest.target ? { target: guest.target } : {}),
+      to: { host: '127.0.0.1', port: rx.port },
+      pause: () => guest.pause(),
+      resume: () => guest.resume(),
+      release: async () => guest.kill(),
+      bandwidthMiBps: 32,
+      maxBytes,
+      onStall: 'force',
+      wws: false,
+      encodings: { zero: false, dedup: false, compress: false },
+    });
     const precopy = report.per_round.reduce((a, r) => a + r.bytes, 0);
     // one pacing chunk (20 ms at the cap) may cross the bound before the check sees it
     assert.ok(precopy <= maxBytes + 32 * 2 ** 20 * 0.02 + (1 << 20), `pre-copy sent ${precopy} bytes against a bound of ${maxBytes}`);
@@ -278,34 +336,50 @@ test('the byte bound holds within a round: pre-copy stops at it, the rest goes a
   }
 });
 
-test('with the throttle policy a round after the first that would take over a second is cut, and its rest goes in the next round; with force it is not', { skip: uffd.available ? false : uffd.reason }, async () => {
-  // 8 MiB at 4 MiB/s: the first pass takes 2 s and the guest dirties most pages meanwhile, so
-  // the second round is as long again
-  for (const onStall of ['throttle', 'force'] as const) {
-    const guest = await SourceGuest.spawn({ size: 8 << 20, content: 'random', rate: 8, pattern: 'uniform', hotSize: 64 << 20 });
-    const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
-    try {
-      const report = await migrate({ region: guest.region, ...(guest.target ? { target: guest.target } : {}), to: { host: '127.0.0.1', port: rx.port }, pause: () => guest.pause(), resume: () => guest.resume(), release: async () => guest.kill(), throttle: (p) => guest.throttle(p), bandwidthMiBps: 4, onStall, wws: false, encodings: { zero: false, dedup: false, compress: false } });
-      await rx.next();
-      assert.equal(report.verified, true);
-      assert.equal(report.per_round[0]!.carried_pages, 0, 'the first pass is never cut');
-      const shape = JSON.stringify(report.per_round.map((r) => [r.pages, r.carried_pages, r.duration_ms]));
-      const cut = report.per_round.find((r) => r.carried_pages > 0);
-      if (onStall === 'force') {
-        // (a whole round shows how far it shrank what is left; the byte bound is far away here)
-        assert.equal(cut, undefined, `a round was cut under force: ${shape}`);
-        continue;
+test(
+  'with the throttle policy a round after the first that would take over a second is cut, and its rest goes in the next round; with force it is not',
+  { skip: uffd.available ? false : uffd.reason },
+  async () => {
+    // 8 MiB at 4 MiB/s: the first pass takes 2 s and the guest dirties most pages meanwhile, so
+    // the second round is as long again
+    for (const onStall of ['throttle', 'force'] as const) {
+      const guest = await SourceGuest.spawn({ size: 8 << 20, content: 'random', rate: 8, pattern: 'uniform', hotSize: 64 << 20 });
+      const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
+      try {
+        const report = await migrate({
+          region: guest.region,
+          ...(guest.target ? { target: guest.target } : {}),
+          to: { host: '127.0.0.1', port: rx.port },
+          pause: () => guest.pause(),
+          resume: () => guest.resume(),
+          release: async () => guest.kill(),
+          throttle: (p) => guest.throttle(p),
+          bandwidthMiBps: 4,
+          onStall,
+          wws: false,
+          encodings: { zero: false, dedup: false, compress: false },
+        });
+        await rx.next();
+        assert.equal(report.verified, true);
+        assert.equal(report.per_round[0]!.carried_pages, 0, 'the first pass is never cut');
+        const shape = JSON.stringify(report.per_round.map((r) => [r.pages, r.carried_pages, r.duration_ms]));
+        const cut = report.per_round.find((r) => r.carried_pages > 0);
+        if (onStall === 'force') {
+          // (a whole round shows how far it shrank what is left; the byte bound is far away here)
+          assert.equal(cut, undefined, `a round was cut under force: ${shape}`);
+          continue;
+        }
+        assert.ok(cut, `no round was cut: ${shape}`);
+        const next = report.per_round[cut.round]; // per_round[i] is round i + 1
+        // what it left is due again: sent in the next round, or held for the stop
+        if (next) assert.ok(next.pages + next.carried_pages >= cut.carried_pages, 'the carried pages join the next round');
+      } finally {
+        await rx.close();
+        guest.kill();
       }
-      assert.ok(cut, `no round was cut: ${shape}`);
-      const next = report.per_round[cut.round]; // per_round[i] is round i + 1
-      // what it left is due again: sent in the next round, or held for the stop
-      if (next) assert.ok(next.pages + next.carried_pages >= cut.carried_pages, 'the carried pages join the next round');
-    } finally {
-      await rx.close();
-      guest.kill();
     }
-  }
-});
+  },
+);
 
 test('the bandwidth cap can be changed while the migration runs', { skip: uffd.available ? false : uffd.reason }, async () => {
   const { MigrationControl } = await import('../src/source/types.js');

@@ -10,8 +10,20 @@ export interface RegisteredGuest {
 }
 
 /** A reference guest that registers with the daemon at `guests` as `name`; resolves once the daemon lists it. */
-export async function registerGuest(api: ApiTarget, guests: string, name: string, o: { size: number; rate?: number; heartbeat?: string; seed?: bigint }): Promise<RegisteredGuest> {
-  const argv = referenceGuestRegisterArgs(guests, name, { size: o.size, content: 'mixed', rate: o.rate ?? 32, pattern: 'uniform', ...(o.heartbeat ? { heartbeat: o.heartbeat } : {}), ...(o.seed !== undefined ? { seed: o.seed } : {}) });
+export async function registerGuest(
+  api: ApiTarget,
+  guests: string,
+  name: string,
+  o: { size: number; rate?: number; heartbeat?: string; seed?: bigint },
+): Promise<RegisteredGuest> {
+  const argv = referenceGuestRegisterArgs(guests, name, {
+    size: o.size,
+    content: 'mixed',
+    rate: o.rate ?? 32,
+    pattern: 'uniform',
+    ...(o.heartbeat ? { heartbeat: o.heartbeat } : {}),
+    ...(o.seed !== undefined ? { seed: o.seed } : {}),
+  });
   const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
   for (let i = 0; ; i++) {
     const { body } = await request<{ guests: { name: string }[] }>(api, 'GET', '/v1/guests');

@@ -56,7 +56,10 @@ test('progress is what no longer remains, never runs backwards, and is 100 only 
 test('the memory budget refuses what does not fit, whole, and takes bytes back once', () => {
   const b = new MemoryBudget(100);
   const r1 = b.take(60, { local: false });
-  assert.throws(() => b.take(50, { local: false }), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_NO_MEMORY' && /60 bytes are reserved/.test(e.message));
+  assert.throws(
+    () => b.take(50, { local: false }),
+    (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_NO_MEMORY' && /60 bytes are reserved/.test(e.message),
+  );
   assert.equal(b.reserved, 60, 'a refusal takes nothing');
   const local = b.take(1000, { local: true });
   assert.equal(b.reserved, 60, 'a same-host upgrade allocates nothing');
@@ -67,8 +70,14 @@ test('the memory budget refuses what does not fit, whole, and takes bytes back o
   assert.equal(b.peak, 60);
   const host = new MemoryBudget(undefined, () => ({ bytes: 80, why: 'test host' }));
   host.take(50, { local: false });
-  assert.throws(() => host.take(40, { local: false }), (e: unknown) => e instanceof LivemigError && /test host/.test(e.message));
-  assert.throws(() => new MemoryBudget(-1), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT');
+  assert.throws(
+    () => host.take(40, { local: false }),
+    (e: unknown) => e instanceof LivemigError && /test host/.test(e.message),
+  );
+  assert.throws(
+    () => new MemoryBudget(-1),
+    (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT',
+  );
 });
 
 test('the event history replays a migration from its start, or after an id, without old progress', () => {
@@ -82,9 +91,18 @@ test('the event history replays a migration from its start, or after an id, with
   off();
   bus.publish('m1', 'state', { state: 'completed' });
   assert.deepEqual(seen, [1, 2, 3, 4]);
-  assert.deepEqual(bus.history('m1').map((e) => e.type), ['state', 'round', 'state']);
-  assert.deepEqual(bus.history('m1', 4).map((e) => e.id), [5]);
-  assert.deepEqual(bus.history(undefined).map((e) => e.migration), ['m1', 'm2', 'm1', 'm1']);
+  assert.deepEqual(
+    bus.history('m1').map((e) => e.type),
+    ['state', 'round', 'state'],
+  );
+  assert.deepEqual(
+    bus.history('m1', 4).map((e) => e.id),
+    [5],
+  );
+  assert.deepEqual(
+    bus.history(undefined).map((e) => e.migration),
+    ['m1', 'm2', 'm1', 'm1'],
+  );
   bus.forget('m1');
   assert.deepEqual(bus.history('m1'), []);
 });

@@ -58,7 +58,13 @@ function destinationGuests(d: Daemon): number[] {
 
 async function inProcess(tag: string, extra: Partial<DaemonConfig> = {}): Promise<{ daemon: Daemon; api: ApiTarget }> {
   const dir = tmp(tag);
-  const daemon = await Daemon.start({ api: { path: path.join(dir, 'api.sock') }, listen: { host: '127.0.0.1', port: 0 }, guests: path.join(dir, 'guests.sock'), guestCommand: referenceIncomingCommand(), ...extra });
+  const daemon = await Daemon.start({
+    api: { path: path.join(dir, 'api.sock') },
+    listen: { host: '127.0.0.1', port: 0 },
+    guests: path.join(dir, 'guests.sock'),
+    guestCommand: referenceIncomingCommand(),
+    ...extra,
+  });
   return { daemon, api: { socketPath: path.join(dir, 'api.sock') } };
 }
 
@@ -86,12 +92,24 @@ describe('the API', { skip }, () => {
     const g = await registerGuest(a.api, a.daemon.registry.path, 'api-guest', { size: 16 * MiB });
     pids.push(g.pid);
     const list = await call(a.api, 'GET', '/v1/guests');
-    const listed = (list.body['guests'] as { name: string; pid: number; state: string; bytes: number; regions: unknown[] }[]).find((x) => x.name === 'api-guest')!;
+    const listed = (list.body['guests'] as { name: string; pid: number; state: string; bytes: number; regions: unknown[] }[]).find(
+      (x) => x.name === 'api-guest',
+    )!;
     assert.deepEqual([listed.pid, listed.state, listed.bytes, listed.regions.length], [g.pid, 'idle', 16 * MiB, 1]);
     assert.equal((await call(a.api, 'GET', '/v1/guests/api-guest')).body['pid'], g.pid);
     const doc = await call(a.api, 'GET', '/v1/openapi.json');
     assert.equal(doc.status, 200);
-    for (const route of ['/v1/health', '/v1/guests', '/v1/migrations', '/v1/migrations/{id}', '/v1/migrations/{id}/cancel', '/v1/migrations/{id}/postcopy', '/v1/migrations/{id}/events', '/v1/events', '/metrics']) {
+    for (const route of [
+      '/v1/health',
+      '/v1/guests',
+      '/v1/migrations',
+      '/v1/migrations/{id}',
+      '/v1/migrations/{id}/cancel',
+      '/v1/migrations/{id}/postcopy',
+      '/v1/migrations/{id}/events',
+      '/v1/events',
+      '/metrics',
+    ]) {
       assert.ok((doc.body['paths'] as Record<string, unknown>)[route], `OpenAPI documents ${route}`);
     }
     const missing = [
@@ -123,7 +141,11 @@ describe('the API', { skip }, () => {
     ];
     for (const [method, route, body] of bad) {
       const r = await call(a.api, method, route, body);
-      assert.deepEqual([r.status, (r.body['error'] as { code: string }).code], [400, 'ERR_LIVEMIG_INVALID_ARGUMENT'], `${method} ${route} ${JSON.stringify(body)}: ${JSON.stringify(r.body)}`);
+      assert.deepEqual(
+        [r.status, (r.body['error'] as { code: string }).code],
+        [400, 'ERR_LIVEMIG_INVALID_ARGUMENT'],
+        `${method} ${route} ${JSON.stringify(body)}: ${JSON.stringify(r.body)}`,
+      );
     }
     assert.equal((await call(a.api, 'GET', '/v1/migrations')).body['migrations'] instanceof Array, true);
     assert.equal(a.daemon.table.list().length, 0, 'no migration was created');
@@ -141,7 +163,11 @@ describe('the API', { skip }, () => {
     // published until the stream has carried one, however long a loaded host takes to open it
     const probe = setInterval(() => a.daemon.bus.publish('stream-probe', 'progress', {}), 20);
     await until('the event stream opens', () => all.some((e) => e.data['migration'] === 'stream-probe')).finally(() => clearInterval(probe));
-    const created = await call(a.api, 'POST', '/v1/migrations', { guest: 'sse-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, downtime_limit_ms: 50 });
+    const created = await call(a.api, 'POST', '/v1/migrations', {
+      guest: 'sse-guest',
+      to: { host: '127.0.0.1', port: b.daemon.migrationPort },
+      downtime_limit_ms: 50,
+    });
     assert.equal(created.status, 201, JSON.stringify(created.body));
     const id = String(created.body['id']);
     const again = await call(a.api, 'POST', '/v1/migrations', { guest: 'sse-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort } });
@@ -151,16 +177,37 @@ describe('the API', { skip }, () => {
     await everything;
     const view = await settled(a.api, id);
     assert.equal(view['state'], 'completed', JSON.stringify(view['error']));
-    const report = view['report'] as { per_round: { round: number }[]; raw_pages: number; zero_pages: number; dup_pages: number; lz4_pages: number; skipped_pages: number; wire_bytes: number; downtime_ms: number };
+    const report = view['report'] as {
+      per_round: { round: number }[];
+      raw_pages: number;
+      zero_pages: number;
+      dup_pages: number;
+      lz4_pages: number;
+      skipped_pages: number;
+      wire_bytes: number;
+      downtime_ms: number;
+    };
     // the migration's own stream replays from its start, and ends with its state
     const rounds = own.filter((e) => e.event === 'round').map((e) => e.data['round']);
-    assert.deepEqual(rounds, report.per_round.map((r) => r.round), 'every round, in order');
-    assert.deepEqual(all.filter((e) => e.event === 'round' && e.data['migration'] === id).map((e) => e.data['round']), rounds, '/v1/events saw the same rounds');
+    assert.deepEqual(
+      rounds,
+      report.per_round.map((r) => r.round),
+      'every round, in order',
+    );
+    assert.deepEqual(
+      all.filter((e) => e.event === 'round' && e.data['migration'] === id).map((e) => e.data['round']),
+      rounds,
+      '/v1/events saw the same rounds',
+    );
     const rep = own.find((e) => e.event === 'report');
     assert.deepEqual((rep!.data['report'] as { digest: string }).digest, (report as unknown as { digest: string }).digest);
     assert.equal(own.at(-1)!.event, 'state');
     const ids = own.map((e) => Number(e.id));
-    assert.deepEqual(ids, [...ids].sort((x, y) => x - y), 'event ids rise');
+    assert.deepEqual(
+      ids,
+      [...ids].sort((x, y) => x - y),
+      'event ids rise',
+    );
     const percents = own.filter((e) => e.event === 'progress').map((e) => Number(e.data['percent']));
     assert.ok(percents.length >= 1 && percents.at(-1) === 100, `progress ends at 100: ${percents.join(',')}`);
     for (let i = 1; i < percents.length; i++) assert.ok(percents[i]! >= percents[i - 1]!, `progress never runs backwards: ${percents.join(',')}`);
@@ -171,32 +218,51 @@ describe('the API', { skip }, () => {
     pids.push(there.guest_pid);
     const verify = await guestCheck({ pid: there.guest_pid, beats: () => observer.beats });
     assert.equal(verify.bad, 0, 'the destination guest checked every page');
-    assert.equal((await call(a.api, 'GET', '/v1/guests')).body['guests'] instanceof Array && ((await call(a.api, 'GET', '/v1/guests')).body['guests'] as unknown[]).length, 0, 'released: no longer listed here');
+    assert.equal(
+      (await call(a.api, 'GET', '/v1/guests')).body['guests'] instanceof Array && ((await call(a.api, 'GET', '/v1/guests')).body['guests'] as unknown[]).length,
+      0,
+      'released: no longer listed here',
+    );
     // metrics: Prometheus text whose counters are the report's
     const text = await new Promise<string>((resolve, reject) => {
-      void import('node:http').then((http) => http.get({ socketPath: (a.api as { socketPath: string }).socketPath, path: '/metrics' }, (res) => {
-        let s = '';
-        res.setEncoding('utf8');
-        res.on('data', (c: string) => (s += c));
-        res.on('end', () => resolve(s));
-      }).on('error', reject));
+      void import('node:http').then((http) =>
+        http
+          .get({ socketPath: (a.api as { socketPath: string }).socketPath, path: '/metrics' }, (res) => {
+            let s = '';
+            res.setEncoding('utf8');
+            res.on('data', (c: string) => (s += c));
+            res.on('end', () => resolve(s));
+          })
+          .on('error', reject),
+      );
     });
     const families = parsePrometheusTextFormat(text);
     const family = (n: string) => families.find((f) => f.name === n)!;
-    const sample = (n: string, labels: Record<string, string>): number => Number(family(n).metrics.find((m) => Object.entries(labels).every(([k, v]) => m.labels?.[k] === v))?.value ?? NaN);
-    for (const enc of ['zero', 'dup', 'lz4', 'raw', 'skipped'] as const) assert.equal(sample('livemig_pages_total', { encoding: enc }), report[`${enc}_pages`], `pages ${enc}`);
+    const sample = (n: string, labels: Record<string, string>): number =>
+      Number(family(n).metrics.find((m) => Object.entries(labels).every(([k, v]) => m.labels?.[k] === v))?.value ?? NaN);
+    for (const enc of ['zero', 'dup', 'lz4', 'raw', 'skipped'] as const)
+      assert.equal(sample('livemig_pages_total', { encoding: enc }), report[`${enc}_pages`], `pages ${enc}`);
     assert.equal(sample('livemig_wire_bytes_total', { direction: 'outgoing' }), report.wire_bytes);
     assert.equal(sample('livemig_migrations_total', { direction: 'outgoing', state: 'completed' }), 1);
     assert.equal(family('livemig_downtime_seconds').type, 'HISTOGRAM');
     assert.equal(Number(family('livemig_downtime_seconds').metrics[0]!.count), 1);
     assert.ok(Math.abs(Number(family('livemig_downtime_seconds').metrics[0]!.sum) - report.downtime_ms / 1e3) < 1e-9);
-    for (const n of ['livemig_active_migrations', 'livemig_memory_reserved_bytes', 'livemig_total_time_seconds', 'livemig_postcopy_fault_latency_seconds']) assert.ok(family(n), `${n} is exposed`);
+    for (const n of ['livemig_active_migrations', 'livemig_memory_reserved_bytes', 'livemig_total_time_seconds', 'livemig_postcopy_fault_latency_seconds'])
+      assert.ok(family(n), `${n} is exposed`);
   });
 
   test('cancel while queued, in the handshake and in pre-copy: the guest runs on here, and migrates afterwards', async () => {
     // a destination whose guest takes 2 s to start: the handshake waits for it (the cancel below
     // comes as soon as the handshake is seen: the 2 s are its margin on a loaded host)
-    const slow = await inProcess('slow', { guestCommand: ['/bin/sh', '-c', `sleep 2; exec ${referenceIncomingCommand().map((w) => `'${w}'`).join(' ')}`] });
+    const slow = await inProcess('slow', {
+      guestCommand: [
+        '/bin/sh',
+        '-c',
+        `sleep 2; exec ${referenceIncomingCommand()
+          .map((w) => `'${w}'`)
+          .join(' ')}`,
+      ],
+    });
     const one = await inProcess('one', { maxMigrations: 1 });
     try {
       const g = await registerGuest(one.api, one.daemon.registry.path, 'c1', { size: 64 * MiB, heartbeat: observer.address });
@@ -232,7 +298,11 @@ describe('the API', { skip }, () => {
       // the destination notices once its guest has started (it waits for it), and gives all back
       for (let i = 0; i < 200 && (slow.daemon.budget.reserved !== 0 || slow.daemon.table.active().length > 0); i++) await new Promise((r) => setTimeout(r, 50));
       assert.equal(slow.daemon.budget.reserved, 0, 'the destination gave its reservation back');
-      assert.deepEqual(slow.daemon.table.list().map((m) => m.state), ['failed'], 'and discarded the migration');
+      assert.deepEqual(
+        slow.daemon.table.list().map((m) => m.state),
+        ['failed'],
+        'and discarded the migration',
+      );
       // cancelling what has ended is refused
       assert.equal((await call(one.api, 'POST', `/v1/migrations/${hid}/cancel`)).status, 409);
       // both guests still run here, each page what it should be, and listed idle
@@ -241,7 +311,13 @@ describe('the API', { skip }, () => {
         assert.equal((await guestCheck({ pid: x.pid, beats: () => observer.beats, ask: true })).bad, 0);
       }
       const guests = (await call(one.api, 'GET', '/v1/guests')).body['guests'] as { name: string; state: string }[];
-      assert.deepEqual(guests.map((x) => [x.name, x.state]), [['c1', 'idle'], ['c2', 'idle']]);
+      assert.deepEqual(
+        guests.map((x) => [x.name, x.state]),
+        [
+          ['c1', 'idle'],
+          ['c2', 'idle'],
+        ],
+      );
       // and the same connection migrates it afterwards
       const last = await call(one.api, 'POST', '/v1/migrations', { guest: 'c1', to: { host: '127.0.0.1', port: b.daemon.migrationPort } });
       assert.equal((await settled(one.api, String(last.body['id'])))['state'], 'completed');
@@ -257,9 +333,15 @@ describe('the API', { skip }, () => {
     pids.push(g.pid);
     // capped at 4 MiB/s first: the rate after PATCH must be 3 times that, which a 2-CPU host at a
     // load of 60 still gave (20 MiB/s); 3 times 16 MiB/s it did not
-    const c = await call(a.api, 'POST', '/v1/migrations', { guest: 'patch-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, bandwidth_mib_s: 4, encodings: false });
+    const c = await call(a.api, 'POST', '/v1/migrations', {
+      guest: 'patch-guest',
+      to: { host: '127.0.0.1', port: b.daemon.migrationPort },
+      bandwidth_mib_s: 4,
+      encodings: false,
+    });
     const id = String(c.body['id']);
-    const sent = async (): Promise<number> => Number(((await call(a.api, 'GET', `/v1/migrations/${id}`)).body['progress'] as { transferred_bytes: number }).transferred_bytes);
+    const sent = async (): Promise<number> =>
+      Number(((await call(a.api, 'GET', `/v1/migrations/${id}`)).body['progress'] as { transferred_bytes: number }).transferred_bytes);
     await new Promise((r) => setTimeout(r, 600));
     const s0 = await sent();
     const t0 = performance.now();
@@ -268,7 +350,10 @@ describe('the API', { skip }, () => {
     const slowMs = performance.now() - t0;
     const p = await call(a.api, 'PATCH', `/v1/migrations/${id}`, { bandwidth_mib_s: 400, downtime_limit_ms: 80 });
     assert.equal(p.status, 200);
-    assert.deepEqual([(p.body['settings'] as { bandwidth_mib_s: number }).bandwidth_mib_s, (p.body['settings'] as { downtime_limit_ms: number }).downtime_limit_ms], [400, 80]);
+    assert.deepEqual(
+      [(p.body['settings'] as { bandwidth_mib_s: number }).bandwidth_mib_s, (p.body['settings'] as { downtime_limit_ms: number }).downtime_limit_ms],
+      [400, 80],
+    );
     const s1 = await sent();
     const t1 = performance.now();
     await new Promise((r) => setTimeout(r, 500));
@@ -339,10 +424,21 @@ describe('the API', { skip }, () => {
 test('on TCP the API needs a bearer token: refused without one, /v1/health open, the wrong token refused', { skip }, async () => {
   const dir = tmp('tcp');
   await assert.rejects(
-    Daemon.start({ api: { host: '127.0.0.1', port: 0 }, listen: { host: '127.0.0.1', port: 0 }, guests: path.join(dir, 'g.sock'), guestCommand: referenceIncomingCommand() }),
+    Daemon.start({
+      api: { host: '127.0.0.1', port: 0 },
+      listen: { host: '127.0.0.1', port: 0 },
+      guests: path.join(dir, 'g.sock'),
+      guestCommand: referenceIncomingCommand(),
+    }),
     (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE',
   );
-  const d = await Daemon.start({ api: { host: '127.0.0.1', port: 0 }, token: TOKEN, listen: { host: '127.0.0.1', port: 0 }, guests: path.join(dir, 'g2.sock'), guestCommand: referenceIncomingCommand() });
+  const d = await Daemon.start({
+    api: { host: '127.0.0.1', port: 0 },
+    token: TOKEN,
+    listen: { host: '127.0.0.1', port: 0 },
+    guests: path.join(dir, 'g2.sock'),
+    guestCommand: referenceIncomingCommand(),
+  });
   try {
     const port = Number(d.apiAddress.split(':').at(-1));
     const open = { host: '127.0.0.1', port };
@@ -367,14 +463,26 @@ test('15 migrations at once between two daemons, both ways, every guest verified
   const A: ApiTarget = { socketPath: a.socketPath };
   const B: ApiTarget = { socketPath: b.socketPath };
   try {
-    const plan = Array.from({ length: 15 }, (_, i) => ({ name: `m${i}`, from: i < 12 ? A : B, guests: i < 12 ? a.guests : b.guests, to: i < 12 ? b.port : a.port }));
-    const guests = await Promise.all(plan.map((p, i) => registerGuest(p.from, p.guests, p.name, { size: 128 * MiB, rate: 16, heartbeat: observer.address, seed: BigInt(i + 1) })));
+    const plan = Array.from({ length: 15 }, (_, i) => ({
+      name: `m${i}`,
+      from: i < 12 ? A : B,
+      guests: i < 12 ? a.guests : b.guests,
+      to: i < 12 ? b.port : a.port,
+    }));
+    const guests = await Promise.all(
+      plan.map((p, i) => registerGuest(p.from, p.guests, p.name, { size: 128 * MiB, rate: 16, heartbeat: observer.address, seed: BigInt(i + 1) })),
+    );
     pids.push(...guests.map((g) => g.pid));
-    const created = await Promise.all(plan.map((p) => request<{ id: string }>(p.from, 'POST', '/v1/migrations', { guest: p.name, to: { host: '127.0.0.1', port: p.to } })));
+    const created = await Promise.all(
+      plan.map((p) => request<{ id: string }>(p.from, 'POST', '/v1/migrations', { guest: p.name, to: { host: '127.0.0.1', port: p.to } })),
+    );
     // 15 at once on a 2-CPU host take minutes under load: waited for while they move
     const views = await allSettled(created.map((c, i) => ({ api: plan[i]!.from, id: c.body.id })));
     for (const v of views) assert.equal(v['state'], 'completed', JSON.stringify(v['error']));
-    const incoming = [...((await request<{ migrations: { guest_pid: number; state: string }[] }>(B, 'GET', '/v1/migrations?direction=incoming')).body.migrations), ...((await request<{ migrations: { guest_pid: number; state: string }[] }>(A, 'GET', '/v1/migrations?direction=incoming')).body.migrations)];
+    const incoming = [
+      ...(await request<{ migrations: { guest_pid: number; state: string }[] }>(B, 'GET', '/v1/migrations?direction=incoming')).body.migrations,
+      ...(await request<{ migrations: { guest_pid: number; state: string }[] }>(A, 'GET', '/v1/migrations?direction=incoming')).body.migrations,
+    ];
     assert.equal(incoming.length, 15);
     pids.push(...incoming.map((m) => m.guest_pid));
     // each guest checks every page once it runs. 15 checks of 128 MiB at once took 40-95 s each
@@ -411,7 +519,10 @@ test('SIGTERM of either daemon during migrations loses no guest', { skip }, asyn
     assert.deepEqual([codeA, codeB], [0, 0], 'both exit cleanly');
     const v2 = await settled(C, m2.body.id);
     assert.deepEqual([v2['state'], v2['source_guest']], ['failed', 'running'], JSON.stringify(v2));
-    assert.ok(a.lines.some((l) => l.includes('stopping')), 'the source daemon said it was stopping');
+    assert.ok(
+      a.lines.some((l) => l.includes('stopping')),
+      'the source daemon said it was stopping',
+    );
     for (const g of [g1, g2]) {
       assert.ok(alive(g.pid), `guest ${g.name} runs`);
       assert.equal((await guestCheck({ pid: g.pid, beats: () => observer.beats, ask: true })).bad, 0, `guest ${g.name} holds what it wrote`);
@@ -453,7 +564,10 @@ test('a signal to both processes of `livemig serve` (as a service manager signal
   d.child.kill('SIGTERM'); // which passes it on: the daemon hears it twice
   assert.equal(await exited, 0);
   await new Promise((r) => setTimeout(r, 100));
-  assert.ok(d.lines.some((l) => l.startsWith('{"stopped"')), `the daemon finished its shutdown: ${d.lines.join(' | ')}`);
+  assert.ok(
+    d.lines.some((l) => l.startsWith('{"stopped"')),
+    `the daemon finished its shutdown: ${d.lines.join(' | ')}`,
+  );
 });
 
 test('the CLI drives a daemon: migrate --follow, status, set and cancel of what has ended, watch', { skip }, async () => {
@@ -469,9 +583,15 @@ test('the CLI drives a daemon: migrate --follow, status, set and cancel of what 
     const run = (...args: string[]) => spawnSync(process.execPath, [cli, ...args, '--api', a.api], { encoding: 'utf8', timeout: 120_000 });
     const m = run('migrate', 'cli-guest', '--to', `127.0.0.1:${b.port}`, '--follow', '--json');
     assert.equal(m.status, 0, m.stderr);
-    const lines = m.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const lines = m.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
     const id = String(lines[0]!['id']);
-    assert.ok(lines.some((l) => l['event'] === 'round'), 'rounds were followed');
+    assert.ok(
+      lines.some((l) => l['event'] === 'round'),
+      'rounds were followed',
+    );
     assert.deepEqual(lines.at(-1)!['state'], 'completed');
     const one = run('status', id, '--json');
     assert.equal(one.status, 0, one.stderr);

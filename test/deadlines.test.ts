@@ -52,8 +52,20 @@ test('a destination that stalls inside the pause: no commitment within maxPauseM
   let released = 0;
   try {
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port: server.port }, encodings: off, maxPauseMs: 300, pause: async () => (paused++, new Uint8Array(16)), resume: async () => void resumed++, release: async () => void released++ }),
-      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_TIMEOUT' && /no commitment within 300 ms of pausing/.test(e.message) && e.phase === 'stop-and-copy',
+      migrate({
+        region,
+        to: { host: '127.0.0.1', port: server.port },
+        encodings: off,
+        maxPauseMs: 300,
+        pause: async () => (paused++, new Uint8Array(16)),
+        resume: async () => void resumed++,
+        release: async () => void released++,
+      }),
+      (e: unknown) =>
+        e instanceof LivemigError &&
+        e.code === 'ERR_LIVEMIG_TIMEOUT' &&
+        /no commitment within 300 ms of pausing/.test(e.message) &&
+        e.phase === 'stop-and-copy',
     );
     assert.deepEqual([paused, resumed, released], [1, 1, 0], 'paused once, resumed on the source, not released');
     assert.ok(seen.includes(FrameType.DeviceState), 'the pause was reached');
@@ -75,8 +87,16 @@ test('a destination that stops reading in pre-copy: aborted after progressTimeou
   let paused = 0;
   try {
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port: server.port }, encodings: off, progressTimeoutMs: 400, pause: async () => (paused++, new Uint8Array(0)), resume: async () => undefined }),
-      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_TIMEOUT' && /no progress from the destination/.test(e.message) && e.phase === 'precopy',
+      migrate({
+        region,
+        to: { host: '127.0.0.1', port: server.port },
+        encodings: off,
+        progressTimeoutMs: 400,
+        pause: async () => (paused++, new Uint8Array(0)),
+        resume: async () => undefined,
+      }),
+      (e: unknown) =>
+        e instanceof LivemigError && e.code === 'ERR_LIVEMIG_TIMEOUT' && /no progress from the destination/.test(e.message) && e.phase === 'precopy',
     );
     assert.equal(paused, 0, 'the guest was never paused');
   } finally {
@@ -113,7 +133,10 @@ test('cancel() in pre-copy ends the migration with the guest running here; after
     assert.equal(paused, resumed, 'the guest is running on the source');
     await assert.rejects(received);
     assert.equal(discarded, 1, 'the destination discarded its copy');
-    assert.throws(() => control.cancel(), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_STATE' && /no migration is running/.test(e.message));
+    assert.throws(
+      () => control.cancel(),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_STATE' && /no migration is running/.test(e.message),
+    );
   } finally {
     await rx.close();
   }
@@ -131,10 +154,20 @@ test('cancel() in pre-copy ends the migration with the guest running here; after
   });
   try {
     const received = rx2.next();
-    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx2.port }, encodings: off, control: control2, pause: async () => new Uint8Array(0), resume: async () => undefined });
+    const report = await migrate({
+      region,
+      to: { host: '127.0.0.1', port: rx2.port },
+      encodings: off,
+      control: control2,
+      pause: async () => new Uint8Array(0),
+      resume: async () => undefined,
+    });
     await received;
     assert.equal(report.verified, true, 'the migration completed');
-    assert.ok(refusal instanceof LivemigError && refusal.code === 'ERR_LIVEMIG_STATE' && /passed its point of commitment/.test(refusal.message), `cancel after commitment is refused: ${String(refusal)}`);
+    assert.ok(
+      refusal instanceof LivemigError && refusal.code === 'ERR_LIVEMIG_STATE' && /passed its point of commitment/.test(refusal.message),
+      `cancel after commitment is refused: ${String(refusal)}`,
+    );
   } finally {
     await rx2.close();
     region.release();
@@ -151,7 +184,14 @@ test('a destination that floods the source with frames nobody asked for is cut o
   const region = filled(16384, 'dl-flood');
   try {
     await assert.rejects(
-      migrate({ region, to: { host: '127.0.0.1', port: server.port }, encodings: off, bandwidthMiBps: 16, pause: async () => new Uint8Array(0), resume: async () => undefined }),
+      migrate({
+        region,
+        to: { host: '127.0.0.1', port: server.port },
+        encodings: off,
+        bandwidthMiBps: 16,
+        pause: async () => new Uint8Array(0),
+        resume: async () => undefined,
+      }),
       (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_PROTOCOL' && /nobody has read/.test(e.message),
     );
   } finally {
@@ -190,12 +230,21 @@ test('200 idle connections and a client sending a byte a second hold neither the
   const region = filled(1024, 'dl-crowd');
   try {
     const received = rx.next();
-    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, encodings: off, pause: async () => new Uint8Array(0), resume: async () => undefined });
+    const report = await migrate({
+      region,
+      to: { host: '127.0.0.1', port: rx.port },
+      encodings: off,
+      pause: async () => new Uint8Array(0),
+      resume: async () => undefined,
+    });
     assert.equal(report.verified, true, 'the migration completed past the idle and slow clients');
     await received;
     // each closes at the handshake deadline (1.5 s): waited for, however late a loaded host's timers are
     await until('the idle and slow connections close', () => closedEarly.every((c) => c)).catch(() => undefined);
-    assert.ok(closedEarly.every((c) => c), `every idle or slow connection was closed at the deadline (${closedEarly.filter((c) => !c).length} still open)`);
+    assert.ok(
+      closedEarly.every((c) => c),
+      `every idle or slow connection was closed at the deadline (${closedEarly.filter((c) => !c).length} still open)`,
+    );
   } finally {
     clearInterval(drip);
     for (const s of sockets) s.destroy();

@@ -71,11 +71,21 @@ test('a migration publishes its hand-over steps on livemig:source and livemig:re
   const source = seen.filter((s) => s.family === 'source').map((s) => s.event);
   const order = [SourceEvent.pauseRequested, SourceEvent.guestPaused, SourceEvent.finalCollectDone, SourceEvent.lastPagesSent, SourceEvent.activatedReceived];
   const at = order.map((e) => source.indexOf(e));
-  assert.ok(at.every((i) => i >= 0), `every step published: ${source.join(', ')}`);
-  assert.deepEqual([...at].sort((a, b) => a - b), at, 'in order');
+  assert.ok(
+    at.every((i) => i >= 0),
+    `every step published: ${source.join(', ')}`,
+  );
+  assert.deepEqual(
+    [...at].sort((a, b) => a - b),
+    at,
+    'in order',
+  );
   const commit = seen.find((s) => s.event === SourceEvent.commitSent);
   assert.equal(typeof commit?.data['pages'], 'number', 'a step carries its figures as fields');
-  assert.ok(seen.some((s) => s.family === 'receiver' && s.event === ReceiverEvent.guestActivated), 'the receiver publishes its own steps');
+  assert.ok(
+    seen.some((s) => s.family === 'receiver' && s.event === ReceiverEvent.guestActivated),
+    'the receiver publishes its own steps',
+  );
   const rounds = seen.filter((s) => s.family === 'chooser');
   const accounted = rounds.every((r) => typeof r.data['round'] === 'number' && typeof r.data['raw_pages'] === 'number');
   assert.ok(rounds.length > 0 && accounted, 'the encoder publishes per-round accounting');

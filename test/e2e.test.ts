@@ -28,7 +28,6 @@ before(async () => {
 });
 after(() => observer.close());
 
-
 async function writesOf(guest: SourceGuest): Promise<bigint> {
   return BigInt((await guest.state()).writes);
 }
@@ -76,7 +75,8 @@ test('a live migration over an encrypted stream arrives bit-identical and the gu
         return s;
       },
       resume: () => guest.resume(),
-      commit: () => guest.commit(), release: () => guest.exit(),
+      commit: () => guest.commit(),
+      release: () => guest.exit(),
       credentials: psk,
     });
     await rx.next();
@@ -211,9 +211,11 @@ test('a device state the destination guest refuses fails the migration before co
           resumed++;
           await guest.resume();
         },
-        commit: () => guest.commit(), release: () => guest.exit(),
+        commit: () => guest.commit(),
+        release: () => guest.exit(),
       }),
-      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_REFUSED' && /ERR_LIVEMIG_GUEST: the incoming guest refused 'S'.*version 7/.test(e.message),
+      (e: unknown) =>
+        e instanceof LivemigError && e.code === 'ERR_LIVEMIG_REFUSED' && /ERR_LIVEMIG_GUEST: the incoming guest refused 'S'.*version 7/.test(e.message),
     );
     assert.equal(resumed, 1, 'the source guest was resumed once');
     assert.equal(activated, false, 'nothing was activated at the destination');

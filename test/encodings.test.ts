@@ -79,8 +79,16 @@ test('a forged dup reference, a corrupt lz4 page and a wrong decompressed size a
   const wrongSize = Buffer.from(good);
   wrongSize.writeUInt32LE(PS / 2, 0);
   const cases: [string, R.EncodedPage, RegExp][] = [
-    ['forged dup', { index: 0, encoding: F.PageEncoding.Dup, body: dupBody(0x1234n, 1) }, /dup reference to content 0000000000001234 in page 1, which this receiver does not hold there/],
-    ['dup from outside the region', { index: 0, encoding: F.PageEncoding.Dup, body: dupBody(addon.zeroPageHash(), 1 << 30) }, /in page 1073741824, which this receiver does not hold/],
+    [
+      'forged dup',
+      { index: 0, encoding: F.PageEncoding.Dup, body: dupBody(0x1234n, 1) },
+      /dup reference to content 0000000000001234 in page 1, which this receiver does not hold there/,
+    ],
+    [
+      'dup from outside the region',
+      { index: 0, encoding: F.PageEncoding.Dup, body: dupBody(addon.zeroPageHash(), 1 << 30) },
+      /in page 1073741824, which this receiver does not hold/,
+    ],
     ['corrupt lz4', { index: 0, encoding: F.PageEncoding.Lz4, body: corrupt }, /corrupt lz4 page 0/],
     ['wrong size', { index: 0, encoding: F.PageEncoding.Lz4, body: wrongSize }, /decompresses to 2048 bytes/],
     ['truncated lz4', { index: 0, encoding: F.PageEncoding.Lz4, body: good.subarray(0, good.length - 5) }, /corrupt lz4/],
@@ -88,7 +96,11 @@ test('a forged dup reference, a corrupt lz4 page and a wrong decompressed size a
   for (const [name, page, re] of cases) {
     // a ROUND_END follows, so a page that slipped through ends the read instead of hanging it
     const r = await receiverWith(Buffer.concat([R.encodePagesEnc(1, [page], V), M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
-    await assert.rejects(r.result, (e: unknown) => e instanceof LivemigError && (e.code === 'ERR_LIVEMIG_PROTOCOL' || e.code === 'ERR_LIVEMIG_PAGE_INDEX') && re.test(e.message), name);
+    await assert.rejects(
+      r.result,
+      (e: unknown) => e instanceof LivemigError && (e.code === 'ERR_LIVEMIG_PROTOCOL' || e.code === 'ERR_LIVEMIG_PAGE_INDEX') && re.test(e.message),
+      name,
+    );
     r.close();
     r.region.release();
   }
@@ -121,7 +133,12 @@ test('an lz4 block may cover a page and up to three continuation pages after it;
   assert.equal(f.type, F.FrameType.RoundEnd);
   assert.ok(r.region.page(3).equals(t) && r.region.page(7).equals(u) && r.region.page(9).equals(w), 'the block lands on its three pages');
   assert.ok(r.region.page(12).equals(u), 'a later dup may name a page of the block');
-  for (const [p, c] of [[3, t], [7, u], [9, w]] as const) assert.equal(r.hashes[p], addon.pageHash(c));
+  for (const [p, c] of [
+    [3, t],
+    [7, u],
+    [9, w],
+  ] as const)
+    assert.equal(r.hashes[p], addon.pageHash(c));
   r.close();
   r.region.release();
   const cont: R.EncodedPage = { index: 2, encoding: F.PageEncoding.Lz4Cont, body: Buffer.alloc(0) };
@@ -132,7 +149,10 @@ test('an lz4 block may cover a page and up to three continuation pages after it;
     ['one page with a continuation', [{ index: 1, encoding: F.PageEncoding.Lz4, body: compressSync(t) }, cont], /decompresses to 4096 bytes, not 2 page/],
     [
       'five pages in a block',
-      [{ index: 1, encoding: F.PageEncoding.Lz4, body: compressSync(Buffer.concat([t, t, t, t, t])) }, ...[2, 3, 4, 5].map((i) => ({ index: i, encoding: F.PageEncoding.Lz4Cont, body: Buffer.alloc(0) }))],
+      [
+        { index: 1, encoding: F.PageEncoding.Lz4, body: compressSync(Buffer.concat([t, t, t, t, t])) },
+        ...[2, 3, 4, 5].map((i) => ({ index: i, encoding: F.PageEncoding.Lz4Cont, body: Buffer.alloc(0) })),
+      ],
       /continuation page 5 without an lz4 block of at most 4 pages/,
     ],
   ];
@@ -181,7 +201,14 @@ test('a dup is checked against what the receiver holds in the named page; conten
   r.region.release();
   const overwritten = Buffer.concat([
     R.encodePagesEnc(1, [{ index: 5, encoding: F.PageEncoding.Raw, body: a }], V),
-    R.encodePagesEnc(1, [{ index: 5, encoding: F.PageEncoding.Raw, body: b }, { index: 9, encoding: F.PageEncoding.Dup, body: dupBody(a, 5) }], V),
+    R.encodePagesEnc(
+      1,
+      [
+        { index: 5, encoding: F.PageEncoding.Raw, body: b },
+        { index: 9, encoding: F.PageEncoding.Dup, body: dupBody(a, 5) },
+      ],
+      V,
+    ),
   ]);
   const r2 = await receiverWith(Buffer.concat([overwritten, M.encodeRoundEnd({ round: 1, pages: 3 }, V)]));
   await assert.rejects(r2.result, /dup reference to content [0-9a-f]+ in page 5, which this receiver does not hold there/);
@@ -193,80 +220,127 @@ test('frame rules: a page listed twice, a dup of a page written later in the fra
   const a = randomBytes(PS);
   const h = dupBody(addon.zeroPageHash(), 5);
   const cases: [string, Buffer, RegExp][] = [
-    ['twice', R.encodePagesEnc(1, [{ index: 2, encoding: F.PageEncoding.Raw, body: a }, { index: 2, encoding: F.PageEncoding.Zero, body: Buffer.alloc(0) }], V), /page index 2 follows 2: .*strictly increasing/],
+    [
+      'twice',
+      R.encodePagesEnc(
+        1,
+        [
+          { index: 2, encoding: F.PageEncoding.Raw, body: a },
+          { index: 2, encoding: F.PageEncoding.Zero, body: Buffer.alloc(0) },
+        ],
+        V,
+      ),
+      /page index 2 follows 2: .*strictly increasing/,
+    ],
     // page 5 holds `a` until the raw page later in this frame replaces it
     [
       'dup of a later page',
       Buffer.concat([
         R.encodePagesEnc(1, [{ index: 5, encoding: F.PageEncoding.Raw, body: a }], V),
-        R.encodePagesEnc(1, [{ index: 3, encoding: F.PageEncoding.Dup, body: dupBody(a, 5) }, { index: 5, encoding: F.PageEncoding.Raw, body: randomBytes(PS) }], V),
+        R.encodePagesEnc(
+          1,
+          [
+            { index: 3, encoding: F.PageEncoding.Dup, body: dupBody(a, 5) },
+            { index: 5, encoding: F.PageEncoding.Raw, body: randomBytes(PS) },
+          ],
+          V,
+        ),
       ]),
       /in page 5, which this frame writes later/,
     ],
-    ['short body', R.encodePagesEnc(1, [{ index: 1, encoding: F.PageEncoding.Raw, body: a.subarray(0, PS - 8) }, { index: 2, encoding: F.PageEncoding.Dup, body: h }], V), /bodies of 2 pages must be 4108 bytes/],
+    [
+      'short body',
+      R.encodePagesEnc(
+        1,
+        [
+          { index: 1, encoding: F.PageEncoding.Raw, body: a.subarray(0, PS - 8) },
+          { index: 2, encoding: F.PageEncoding.Dup, body: h },
+        ],
+        V,
+      ),
+      /bodies of 2 pages must be 4108 bytes/,
+    ],
   ];
   for (const [name, frame, re] of cases) {
     const r = await receiverWith(Buffer.concat([frame, M.encodeRoundEnd({ round: 1, pages: 1 }, V)]));
-    await assert.rejects(r.result, (e: unknown) => e instanceof LivemigError && (e.code === 'ERR_LIVEMIG_PROTOCOL' || e.code === 'ERR_LIVEMIG_PAGE_INDEX') && re.test(e.message), name);
+    await assert.rejects(
+      r.result,
+      (e: unknown) => e instanceof LivemigError && (e.code === 'ERR_LIVEMIG_PROTOCOL' || e.code === 'ERR_LIVEMIG_PAGE_INDEX') && re.test(e.message),
+      name,
+    );
     r.close();
     r.region.release();
   }
 });
 
-test('in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, and the copy is exact', { skip: uffd.available ? false : uffd.reason }, async () => {
-  const pages = 64;
-  const { client, peer, server } = await tcpPair();
-  const tx = FramedConnection.fromSocket(client);
-  const rx = FramedConnection.fromSocket(peer);
-  const src = Region.create(pages * PS, { name: 'enc-src' });
-  const dst = Region.create(pages * PS, { name: 'enc-dst' });
-  const shared = randomBytes(PS);
-  let expectZero = 0;
-  let expectDup = -1; // the first copy of `shared` goes raw
-  for (let i = 0; i < pages; i++) {
-    if (i % 4 === 0) expectZero++;
-    else if (i % 4 === 1) (src.page(i).set(shared), expectDup++);
-    else src.page(i).set(randomBytes(PS));
-  }
-  const zeroHashes = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
-  const txDedup = new addon.Dedup(pages);
-  txDedup.initImage(zeroHashes());
-  const rxHashes = zeroHashes();
-  const txHashes = new BigUint64Array(pages);
-  const all = Uint32Array.from({ length: pages }, (_, i) => i);
-  // without a way to know the raw pages went out unchanged, none becomes a dup source
-  let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
-  let c = await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup, flags: 3 });
-  await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
-  let f = (await got) as { type: F.FrameType; pages: number; bytes: number };
-  assert.equal(f.type, F.FrameType.RoundEnd);
-  assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: expectZero, skipped: 0, dup: 0, raw: pages - expectZero });
-  assert.equal(f.bytes, c.bytes);
-  assert.ok(dst.view().equals(src.view()), 'destination equals source');
-  // again into a fresh receiver, with writes tracked: the first copy of `shared` serves the rest
-  dst.view().fill(0);
-  const txDedup2 = new addon.Dedup(pages);
-  txDedup2.initImage(zeroHashes());
-  const rxHashes2 = zeroHashes();
-  const tracker = new UffdAsyncTracker(src);
-  await tracker.start();
-  src.page(2).set(randomBytes(PS)); // written after arming: sent, but never a dup source
-  got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, encodings: true });
-  c = await tx.sendPages({ region: src, pages: all, round: 2, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup2, flags: 3, probe: tracker.writtenProbe() });
-  await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
-  f = (await got) as { type: F.FrameType; pages: number; bytes: number };
-  await tracker.stop();
-  // a raw page becomes a source once its frame went: copies in that first frame of 16 go raw too
-  const dups = expectDup - 3;
-  assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: expectZero, skipped: 0, dup: dups, raw: pages - expectZero - dups });
-  assert.ok(dst.view().equals(src.view()), 'destination equals source');
-  assert.deepEqual([...rxHashes2], [...txHashes], 'both sides hold the same page hashes');
-  tx.close();
-  rx.close();
-  server.close();
-  src.release();
-  dst.release();
-});
+test(
+  'in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, and the copy is exact',
+  { skip: uffd.available ? false : uffd.reason },
+  async () => {
+    const pages = 64;
+    const { client, peer, server } = await tcpPair();
+    const tx = FramedConnection.fromSocket(client);
+    const rx = FramedConnection.fromSocket(peer);
+    const src = Region.create(pages * PS, { name: 'enc-src' });
+    const dst = Region.create(pages * PS, { name: 'enc-dst' });
+    const shared = randomBytes(PS);
+    let expectZero = 0;
+    let expectDup = -1; // the first copy of `shared` goes raw
+    for (let i = 0; i < pages; i++) {
+      if (i % 4 === 0) expectZero++;
+      else if (i % 4 === 1) (src.page(i).set(shared), expectDup++);
+      else src.page(i).set(randomBytes(PS));
+    }
+    const zeroHashes = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
+    const txDedup = new addon.Dedup(pages);
+    txDedup.initImage(zeroHashes());
+    const rxHashes = zeroHashes();
+    const txHashes = new BigUint64Array(pages);
+    const all = Uint32Array.from({ length: pages }, (_, i) => i);
+    // without a way to know the raw pages went out unchanged, none becomes a dup source
+    let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
+    let c = await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup, flags: 3 });
+    await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
+    let f = (await got) as { type: F.FrameType; pages: number; bytes: number };
+    assert.equal(f.type, F.FrameType.RoundEnd);
+    assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: expectZero, skipped: 0, dup: 0, raw: pages - expectZero });
+    assert.equal(f.bytes, c.bytes);
+    assert.ok(dst.view().equals(src.view()), 'destination equals source');
+    // again into a fresh receiver, with writes tracked: the first copy of `shared` serves the rest
+    dst.view().fill(0);
+    const txDedup2 = new addon.Dedup(pages);
+    txDedup2.initImage(zeroHashes());
+    const rxHashes2 = zeroHashes();
+    const tracker = new UffdAsyncTracker(src);
+    await tracker.start();
+    src.page(2).set(randomBytes(PS)); // written after arming: sent, but never a dup source
+    got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, encodings: true });
+    c = await tx.sendPages({
+      region: src,
+      pages: all,
+      round: 2,
+      version: V,
+      batchPages: 16,
+      hashes: txHashes,
+      dedup: txDedup2,
+      flags: 3,
+      probe: tracker.writtenProbe(),
+    });
+    await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
+    f = (await got) as { type: F.FrameType; pages: number; bytes: number };
+    await tracker.stop();
+    // a raw page becomes a source once its frame went: copies in that first frame of 16 go raw too
+    const dups = expectDup - 3;
+    assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: expectZero, skipped: 0, dup: dups, raw: pages - expectZero - dups });
+    assert.ok(dst.view().equals(src.view()), 'destination equals source');
+    assert.deepEqual([...rxHashes2], [...txHashes], 'both sides hold the same page hashes');
+    tx.close();
+    rx.close();
+    server.close();
+    src.release();
+    dst.release();
+  },
+);
 
 test('migrating back to a kept image sends only the pages that changed, and the copy is exact', async () => {
   const { migrate } = await import('../src/source/migrate.js');
@@ -284,7 +358,12 @@ test('migrating back to a kept image sends only the pages that changed, and the 
   let received: Buffer | undefined;
   const rx = await listen('127.0.0.1', 0, { reuseImage: image, activate: async (region) => void (received = Buffer.from(region.view())) });
   try {
-    const report = await migrate({ region: src, to: { host: '127.0.0.1', port: rx.port }, pause: async () => new Uint8Array(0), resume: async () => undefined });
+    const report = await migrate({
+      region: src,
+      to: { host: '127.0.0.1', port: rx.port },
+      pause: async () => new Uint8Array(0),
+      resume: async () => undefined,
+    });
     await rx.next();
     assert.equal(report.verified, true);
     assert.ok(received!.equals(src.view()), 'destination equals source');

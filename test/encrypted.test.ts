@@ -129,7 +129,11 @@ test('one bit flipped in an encrypted record ends the migration with ERR_LIVEMIG
   assert.ok(clean.report, String(clean.error));
   const total = clean.upstream.length;
   // among the pages; in the device state near the end; in the very last record (COMMIT)
-  for (const [flipAt, inPause] of [[Math.floor(total / 2), false], [total - 3000, true], [total - 10, true]] as const) {
+  for (const [flipAt, inPause] of [
+    [Math.floor(total / 2), false],
+    [total - 3000, true],
+    [total - 10, true],
+  ] as const) {
     const r = await migrateThrough(psk, flipAt);
     assert.ok(r.error, `a flip at ${flipAt} of ${total} fails the migration`);
     assert.ok(r.error.code === 'ERR_LIVEMIG_AUTH' || /failed authentication/.test(r.error.message), `flip at ${flipAt}: ${r.error.code} ${r.error.message}`);

@@ -104,7 +104,10 @@ class Hosts {
     run('ip', 'link', 'add', this.srcDev, 'netns', this.src, 'type', 'veth', 'peer', 'name', this.dstDev, 'netns', this.dst);
     run('ip', '-n', this.src, 'addr', 'add', `10.79.${index}.1/30`, 'dev', this.srcDev);
     run('ip', '-n', this.dst, 'addr', 'add', `${this.dstAddr}/30`, 'dev', this.dstDev);
-    for (const [ns, dev] of [[this.src, this.srcDev], [this.dst, this.dstDev]] as const) {
+    for (const [ns, dev] of [
+      [this.src, this.srcDev],
+      [this.dst, this.dstDev],
+    ] as const) {
       run('ip', '-n', ns, 'link', 'set', dev, 'up');
       run('ip', '-n', ns, 'link', 'set', 'lo', 'up');
     }
@@ -254,8 +257,23 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
   const deadlines = ['--handshake-timeout', String(DEADLINE_S), '--progress-timeout', String(DEADLINE_S), '--recover-timeout', String(RESOLVE_S)];
   const receive = spawn(
     'ip',
-    ['netns', 'exec', h.dst, process.execPath, '--import', HOOK, MAIN, 'receive', '--listen', `${h.dstAddr}:${port}`, '--psk-file', psk, ...deadlines,
-      '--linger', String(RESOLVE_S)],
+    [
+      'netns',
+      'exec',
+      h.dst,
+      process.execPath,
+      '--import',
+      HOOK,
+      MAIN,
+      'receive',
+      '--listen',
+      `${h.dstAddr}:${port}`,
+      '--psk-file',
+      psk,
+      ...deadlines,
+      '--linger',
+      String(RESOLVE_S),
+    ],
     { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'destination' ? hookEnv : process.env },
   );
   const rx = lines(receive);
@@ -263,10 +281,35 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
   const send = spawn(
     'ip',
     [
-      'netns', 'exec', h.src, process.execPath, '--import', HOOK, MAIN, 'send', '--to', `${h.dstAddr}:${port}`, '--psk-file', psk,
-      '--size', '64MiB', '--rate', '16', '--max-rounds', '3', '--downtime-limit', '0.5',
-      ...deadlines, '--max-pause', String(MAX_PAUSE_MS), '--resolve-timeout', String(RESOLVE_S),
-      '--heartbeat', `127.0.0.1:${BEAT_PORT}`, '--json', ...postcopy,
+      'netns',
+      'exec',
+      h.src,
+      process.execPath,
+      '--import',
+      HOOK,
+      MAIN,
+      'send',
+      '--to',
+      `${h.dstAddr}:${port}`,
+      '--psk-file',
+      psk,
+      '--size',
+      '64MiB',
+      '--rate',
+      '16',
+      '--max-rounds',
+      '3',
+      '--downtime-limit',
+      '0.5',
+      ...deadlines,
+      '--max-pause',
+      String(MAX_PAUSE_MS),
+      '--resolve-timeout',
+      String(RESOLVE_S),
+      '--heartbeat',
+      `127.0.0.1:${BEAT_PORT}`,
+      '--json',
+      ...postcopy,
     ],
     { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'source' ? hookEnv : process.env },
   );
@@ -353,7 +396,23 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
   };
 }
 
-const KNOWN_STAGES = new Set(['connect', 'handshake', 'reserve', 'receiving', 'precopy', 'stop-and-copy', 'commit', 'committed', 'activate', 'activating', 'postcopy', 'hello', 'transport', 'attach', 'resolve']);
+const KNOWN_STAGES = new Set([
+  'connect',
+  'handshake',
+  'reserve',
+  'receiving',
+  'precopy',
+  'stop-and-copy',
+  'commit',
+  'committed',
+  'activate',
+  'activating',
+  'postcopy',
+  'hello',
+  'transport',
+  'attach',
+  'resolve',
+]);
 
 function check(o: Outcome): void {
   const cell = `${o.stage} × ${o.fault} × ${o.side}`;
@@ -375,10 +434,22 @@ function check(o: Outcome): void {
   if (!committed) assert.equal(o.runs, 'source', `${cell}: before the commitment the guest runs on the source`);
   // after COMMIT the destination is the primary, unless COMMIT itself was lost in the fault and
   // the destination, asked, said it did not activate (then the source resumed: still one guest)
-  if (committed && o.runs === 'source') assert.match(JSON.stringify(o.send?.error ?? {}), /did not activate/, `${cell}: the source runs after COMMIT only when the destination said it did not activate`);
+  if (committed && o.runs === 'source')
+    assert.match(
+      JSON.stringify(o.send?.error ?? {}),
+      /did not activate/,
+      `${cell}: the source runs after COMMIT only when the destination said it did not activate`,
+    );
   assert.equal(o.verifyBad, 0, `${cell}: the running guest's memory checks out against the model`);
-  if (o.runs === 'source') assert.ok(o.longestSourceGapMs < MAX_PAUSE_MS + LEASE_SLACK_MS + RESOLVE_S * 1000, `${cell}: the source guest was paused ${o.longestSourceGapMs} ms (${JSON.stringify(o.gapAt)})`);
-  for (const [who, r] of [['send', o.send], ['receive', o.receive]] as const) {
+  if (o.runs === 'source')
+    assert.ok(
+      o.longestSourceGapMs < MAX_PAUSE_MS + LEASE_SLACK_MS + RESOLVE_S * 1000,
+      `${cell}: the source guest was paused ${o.longestSourceGapMs} ms (${JSON.stringify(o.gapAt)})`,
+    );
+  for (const [who, r] of [
+    ['send', o.send],
+    ['receive', o.receive],
+  ] as const) {
     if (r?.error) assert.ok(KNOWN_STAGES.has(r.error.phase), `${cell}: ${who}'s error names its stage: ${JSON.stringify(r.error)}`);
     if (r?.error) assert.match(r.error.code, /^ERR_LIVEMIG_/, `${cell}: ${who}'s error has a code`);
   }
@@ -407,7 +478,9 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
     for (const h of hosts) await h.startRelays();
     // LIVEMIG_FAULT_CELLS=stage:fault:side,... runs only those (to look into one by hand)
     const only = process.env['LIVEMIG_FAULT_CELLS']?.split(',');
-    const cells = STAGES.flatMap((stage) => FAULTS.flatMap((fault) => SIDES.map((side) => ({ stage, fault, side })))).filter((c) => !only || only.includes(`${c.stage}:${c.fault}:${c.side}`));
+    const cells = STAGES.flatMap((stage) => FAULTS.flatMap((fault) => SIDES.map((side) => ({ stage, fault, side })))).filter(
+      (c) => !only || only.includes(`${c.stage}:${c.fault}:${c.side}`),
+    );
     const outcomes: Outcome[] = [];
     let next = 0;
     let port = 7900;
@@ -416,7 +489,14 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
         while (next < cells.length) {
           const c = cells[next++]!;
           const p = port++;
-          outcomes.push(await runCell(h, dir, c.stage, c.fault, c.side, p).catch((e: unknown) => ({ ...c, runs: 'none' as const, longestSourceGapMs: 0, broken: (e as Error).message })));
+          outcomes.push(
+            await runCell(h, dir, c.stage, c.fault, c.side, p).catch((e: unknown) => ({
+              ...c,
+              runs: 'none' as const,
+              longestSourceGapMs: 0,
+              broken: (e as Error).message,
+            })),
+          );
         }
       }),
     );
@@ -439,10 +519,20 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
         const why = o.side === 'source' ? o.receive?.error?.code : o.send?.error?.code;
         return `${o.fault}@${o.side === 'source' ? 'src' : 'dst'}: ${runs} ${verdict}${why ? ` (${why.replace('ERR_LIVEMIG_', '')})` : ''}`;
       };
-      if (row.length) process.stdout.write(`# ${stage.padEnd(13)} ${FAULTS.flatMap((f) => SIDES.map((s) => row.find((o) => o.fault === f && o.side === s))).filter((o) => o !== undefined).map(cell).join(' | ')}\n`);
+      if (row.length)
+        process.stdout.write(
+          `# ${stage.padEnd(13)} ${FAULTS.flatMap((f) => SIDES.map((s) => row.find((o) => o.fault === f && o.side === s)))
+            .filter((o) => o !== undefined)
+            .map(cell)
+            .join(' | ')}\n`,
+        );
     }
     const passed = Object.entries(counts).reduce((n, [k, c]) => n + (k.endsWith('/ok') ? c : 0), 0);
-    process.stdout.write(`# ${passed} of ${outcomes.length} cells pass: ${Object.entries(counts).map(([k, n]) => `${k} ${n}`).join(', ')}\n`);
+    process.stdout.write(
+      `# ${passed} of ${outcomes.length} cells pass: ${Object.entries(counts)
+        .map(([k, n]) => `${k} ${n}`)
+        .join(', ')}\n`,
+    );
     if (only) for (const o of outcomes) process.stdout.write(`# ${JSON.stringify(o)}\n`);
     assert.deepEqual(failures, [], failures.join('\n'));
   } finally {

@@ -26,7 +26,9 @@ test(`${CASES} mutated frames against one receiver: each ends in an ERR_LIVEMIG_
     const c = await runFuzz(rx, rx.port, new Rng(0x5eedn), CASES);
     const fd1 = fds();
     const rss1 = process.memoryUsage().rss;
-    process.stdout.write(`# fuzz: ${c.cases} cases, outcomes ${JSON.stringify(c.outcomes)}; fds ${fd0} -> ${fd1}; rss ${(rss0 / 2 ** 20).toFixed(0)} -> ${(rss1 / 2 ** 20).toFixed(0)} MiB\n`);
+    process.stdout.write(
+      `# fuzz: ${c.cases} cases, outcomes ${JSON.stringify(c.outcomes)}; fds ${fd0} -> ${fd1}; rss ${(rss0 / 2 ** 20).toFixed(0)} -> ${(rss1 / 2 ** 20).toFixed(0)} MiB\n`,
+    );
     assert.deepEqual(c.strange, [], 'every case ends in a LivemigError');
     assert.equal(c.cases, CASES);
     assert.ok((c.outcomes[ANSWERED] ?? 0) < CASES / 20, 'only a few first frames mutate into a question the listener answers');

@@ -111,7 +111,13 @@ test('a well-formed hello of two regions is taken: both regions mapped back to b
 test('the hello parser refuses what the fixture cannot send', () => {
   const r = Region.create(4 * 4096);
   try {
-    const base = { contract: 2, role: 'source', pid: 42, name: 'g', regions: [{ id: 0, name: 'ram', size: 4 * 4096, pageSize: 4096, address: '4096000', offset: 0, tracking: 'none' }] };
+    const base = {
+      contract: 2,
+      role: 'source',
+      pid: 42,
+      name: 'g',
+      regions: [{ id: 0, name: 'ram', size: 4 * 4096, pageSize: 4096, address: '4096000', offset: 0, tracking: 'none' }],
+    };
     const parse = (o: object, fds = [r.fd]) => parseSourceHello(Buffer.from(JSON.stringify({ ...base, ...o })), fds);
     assert.equal(parse({}).layout.pageCount, 4);
     const cases: [object, RegExp][] = [
@@ -124,7 +130,12 @@ test('the hello parser refuses what the fixture cannot send', () => {
       [{ regions: [{ ...base.regions[0], offset: 100 }] }, /offset 100 is not page-aligned/],
       [{ regions: [{ ...base.regions[0], name: 'ram/0' }] }, /name must be 1\.\.63/],
     ];
-    for (const [o, re] of cases) assert.throws(() => parse(o), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_HANDOVER' && re.test(e.message), re.source);
+    for (const [o, re] of cases)
+      assert.throws(
+        () => parse(o),
+        (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_HANDOVER' && re.test(e.message),
+        re.source,
+      );
     assert.throws(() => parse({ regions: [base.regions[0], { ...base.regions[0], address: '8192000' }] }, [r.fd, r.fd]), /region id 0 appears twice/);
     assert.throws(() => parse({ regions: [base.regions[0], { ...base.regions[0], id: 1, address: '8192000' }] }, [r.fd, r.fd]), /overlap in their memfd/);
     assert.throws(() => parseSourceHello(Buffer.from('{"contract":2'), []), /not JSON/);
@@ -135,7 +146,7 @@ test('the hello parser refuses what the fixture cannot send', () => {
     };
     assert.deepEqual(agreed({ contract: 2 }), [2, 2]);
     assert.deepEqual(agreed({ contract: 2, contractMax: 3 }), [3, 2]);
-    assert.deepEqual(agreed({ contract: 2, contractMax: 9 }), [3, 2], 'a guest newer than livemig is spoken to in livemig\'s newest');
+    assert.deepEqual(agreed({ contract: 2, contractMax: 9 }), [3, 2], "a guest newer than livemig is spoken to in livemig's newest");
     assert.deepEqual(agreed({ contract: 3 }), [3, 3]);
     const disagreements: [object, RegExp][] = [
       [{ contract: 1 }, /speaks contract 1, this livemig 2\.\.3/],
@@ -156,7 +167,10 @@ test('a layout splits pages by region and checks its table', () => {
     { id: 7, name: 'high', size: 2 * 4096 },
   ]);
   assert.equal(l.pageCount, 5);
-  assert.deepEqual([0, 2, 3, 4].map((p) => l.regionOf(p)), [0, 0, 1, 1]);
+  assert.deepEqual(
+    [0, 2, 3, 4].map((p) => l.regionOf(p)),
+    [0, 0, 1, 1],
+  );
   assert.deepEqual(l.breakdown(Uint32Array.of(0, 2, 3)), [2, 1]);
   assert.deepEqual(l.breakdown(Uint32Array.of(4), [1, 1]), [1, 2]);
   assert.throws(() => GuestLayout.of([]), /1\.\.32 regions/);
@@ -180,7 +194,9 @@ test('--local to a receiver on another host is refused before the pause, and the
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   try {
     const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
-    const send = spawn(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--local', '--json'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const send = spawn(process.execPath, [CLI, 'send', '--to', `127.0.0.1:${port}`, '--size', '16MiB', '--local', '--json'], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
     const out = createInterface({ input: send.stdout! })[Symbol.asyncIterator]();
     const line = JSON.parse((await out.next()).value as string) as { error: { code: string; message: string }; source_guest: string; guest_pid: number };
     const [code] = (await once(send, 'exit')) as [number];

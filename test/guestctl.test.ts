@@ -49,12 +49,17 @@ test('the guest library pauses writes and beats, answers the state of that momen
     assert.equal(guestAddon.guestWrite(region.address, region.size, st, 100, 16, false), 100);
     assert.equal(guestAddon.gateBeat(st), 7);
     const state = JSON.parse(session.pause().toString()) as Record<string, unknown>;
-    assert.deepEqual(state, { version: 1, size: 65536, xs: st[0]!.toString(), writes: '100', heartbeatSeq: 8, throttle: 0 }, 'the reply is the state the guest stopped in');
+    assert.deepEqual(
+      state,
+      { version: 1, size: 65536, xs: st[0]!.toString(), writes: '100', heartbeatSeq: 8, throttle: 0 },
+      'the reply is the state the guest stopped in',
+    );
     assert.equal(guestAddon.gatePaused(), true);
     if (process.getuid?.() === 0) {
       // paused, every other thread of the guest runs only on otherwise idle CPUs (set just
       // after the answer: wait for it)
-      for (let i = 0; i < 200 && threadPolicies().filter((p) => p === SCHED_IDLE).length < threadPolicies().length - 1; i++) await new Promise((r) => setTimeout(r, 5));
+      for (let i = 0; i < 200 && threadPolicies().filter((p) => p === SCHED_IDLE).length < threadPolicies().length - 1; i++)
+        await new Promise((r) => setTimeout(r, 5));
       const idle = threadPolicies().filter((p) => p === SCHED_IDLE).length;
       assert.equal(idle, threadPolicies().length - 1, 'all but the control thread are SCHED_IDLE while paused');
     }
@@ -121,14 +126,29 @@ test('an incoming guest refuses a state it cannot load while the source can stil
   const layout = GuestLayout.single(region.size);
   const bad = await startReferenceIncoming(region, layout);
   try {
-    await assert.rejects(bad.prepare(Buffer.from(JSON.stringify({ version: 9 }))), (e: LivemigError) => e.code === 'ERR_LIVEMIG_GUEST' && /refused 'S'.*version 9/.test(e.message));
+    await assert.rejects(
+      bad.prepare(Buffer.from(JSON.stringify({ version: 9 }))),
+      (e: LivemigError) => e.code === 'ERR_LIVEMIG_GUEST' && /refused 'S'.*version 9/.test(e.message),
+    );
   } finally {
     bad.kill();
   }
   const good = await startReferenceIncoming(region, layout);
   try {
     assert.equal(good.hello.role, 'incoming');
-    const state = { version: 1, size: region.size, content: 'zero', seed: '1', pattern: 'uniform', span: 64, rate: 0, xs: '1', writes: '0', heartbeatSeq: 0, throttle: 0 };
+    const state = {
+      version: 1,
+      size: region.size,
+      content: 'zero',
+      seed: '1',
+      pattern: 'uniform',
+      span: 64,
+      rate: 0,
+      xs: '1',
+      writes: '0',
+      heartbeatSeq: 0,
+      throttle: 0,
+    };
     await good.prepare(Buffer.from(JSON.stringify(state)));
     await good.activate(Buffer.from(JSON.stringify(state)));
     assert.equal(good.child.exitCode, null, 'the guest runs');

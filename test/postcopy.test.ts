@@ -42,18 +42,42 @@ test('the native post-copy services take one options object and name the field t
     const dest = { region: region.nativeHandle, uffd: 0, guest: 0n, needed: new Uint8Array(4), hashes: new BigUint64Array(4), version: 3, onEvent };
     assert.throws(() => new Dest(region.nativeHandle, 0), { name: 'TypeError', message: 'PostcopyDest: expects one options object' });
     assert.throws(() => new Dest({ ...dest, region: {} }), { name: 'TypeError', message: 'PostcopyDest: options.region must be a NativeRegion' });
-    assert.throws(() => new Dest({ ...dest, uffd: -1 }), { name: 'RangeError', message: 'PostcopyDest: options.uffd must be an integer from 0 to 2147483647, got -1' });
-    assert.throws(() => new Dest({ ...dest, guest: 'here' }), { name: 'TypeError', message: /^PostcopyDest: options\.guest must be a bigint address or an array of/ });
-    assert.throws(() => new Dest({ ...dest, guest: [{ address: 4096n, firstPage: 0, pages: 3 }] }), { name: 'RangeError', message: 'PostcopyDest: options.guest: the ranges must cover every page' });
+    assert.throws(() => new Dest({ ...dest, uffd: -1 }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.uffd must be an integer from 0 to 2147483647, got -1',
+    });
+    assert.throws(() => new Dest({ ...dest, guest: 'here' }), {
+      name: 'TypeError',
+      message: /^PostcopyDest: options\.guest must be a bigint address or an array of/,
+    });
+    assert.throws(() => new Dest({ ...dest, guest: [{ address: 4096n, firstPage: 0, pages: 3 }] }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.guest: the ranges must cover every page',
+    });
     assert.throws(() => new Dest({ ...dest, needed: new Uint16Array(4) }), { name: 'TypeError', message: 'PostcopyDest: options.needed must be a Uint8Array' });
-    assert.throws(() => new Dest({ ...dest, hashes: new BigUint64Array(3) }), { name: 'RangeError', message: 'PostcopyDest: options.hashes must have one entry per page (4), got 3' });
-    assert.throws(() => new Dest({ ...dest, version: 256 }), { name: 'RangeError', message: 'PostcopyDest: options.version must be an integer from 1 to 255, got 256' });
+    assert.throws(() => new Dest({ ...dest, hashes: new BigUint64Array(3) }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.hashes must have one entry per page (4), got 3',
+    });
+    assert.throws(() => new Dest({ ...dest, version: 256 }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.version must be an integer from 1 to 255, got 256',
+    });
     assert.throws(() => new Dest({ ...dest, onEvent: undefined }), { name: 'TypeError', message: 'PostcopyDest: options.onEvent is required' });
     const Source = addon.PostcopySource as unknown as new (...a: unknown[]) => unknown;
     const source = { region: region.nativeHandle, needed: new Uint8Array(4), version: 3, round: 1, onEvent };
-    assert.throws(() => new Source({ ...source, round: 1.5 }), { name: 'RangeError', message: 'PostcopySource: options.round must be an integer from 0 to 4294967295, got 1.5' });
-    assert.throws(() => new Source({ ...source, hashes: new Uint8Array(4) }), { name: 'TypeError', message: 'PostcopySource: options.hashes must be a BigUint64Array' });
-    assert.throws(() => new Source({ ...source, needed: new Uint8Array(5) }), { name: 'RangeError', message: 'PostcopySource: options.needed must have one entry per page (4), got 5' });
+    assert.throws(() => new Source({ ...source, round: 1.5 }), {
+      name: 'RangeError',
+      message: 'PostcopySource: options.round must be an integer from 0 to 4294967295, got 1.5',
+    });
+    assert.throws(() => new Source({ ...source, hashes: new Uint8Array(4) }), {
+      name: 'TypeError',
+      message: 'PostcopySource: options.hashes must be a BigUint64Array',
+    });
+    assert.throws(() => new Source({ ...source, needed: new Uint8Array(5) }), {
+      name: 'RangeError',
+      message: 'PostcopySource: options.needed must have one entry per page (4), got 5',
+    });
     assert.throws(() => new Source({ ...source, onEvent: 'later' }), { name: 'TypeError', message: 'PostcopySource: options.onEvent must be a function' });
   } finally {
     region.release();
@@ -116,13 +140,20 @@ describe('post-copy fault service (in process)', { skip }, () => {
     }
   });
 
-  test('a page that comes on both connections: the first copy to land is the guest\'s, the rest of the other (half received then) goes to scratch, and the guest\'s write after the mapping survives', async () => {
+  test("a page that comes on both connections: the first copy to land is the guest's, the rest of the other (half received then) goes to scratch, and the guest's write after the mapping survives", async () => {
     const size = 4 * MiB;
     const dst = Region.create(size, { name: 'livemig-pc-twice', reserve: true });
     dst.populate();
     const guestView = Region.adopt(dst.fd, size);
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
-    const faults = new FaultService({ region: dst, uffd, guest: guestView.address, needed: new Uint8Array(dst.pageCount).fill(1), hashes: new BigUint64Array(dst.pageCount), version: 2 });
+    const faults = new FaultService({
+      region: dst,
+      uffd,
+      guest: guestView.address,
+      needed: new Uint8Array(dst.pageCount).fill(1),
+      hashes: new BigUint64Array(dst.pageCount),
+      version: 2,
+    });
     const [pushTx, pushRx, s1] = await connectionPair();
     const [prioTx, prioRx, s2] = await connectionPair();
     const writer = await WorkerWriter.start(guestView.shareId);
@@ -180,7 +211,14 @@ describe('post-copy fault service (in process)', { skip }, () => {
     dst.populate();
     const guestView = Region.adopt(dst.fd, size);
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
-    const faults = new FaultService({ region: dst, uffd, guest: guestView.address, needed: new Uint8Array(dst.pageCount).fill(1), hashes: new BigUint64Array(dst.pageCount), version: 2 });
+    const faults = new FaultService({
+      region: dst,
+      uffd,
+      guest: guestView.address,
+      needed: new Uint8Array(dst.pageCount).fill(1),
+      hashes: new BigUint64Array(dst.pageCount),
+      version: 2,
+    });
     const [pushTx, pushRx, s1] = await connectionPair();
     const [prioTx, prioRx, s2] = await connectionPair();
     try {
@@ -209,7 +247,12 @@ describe('post-copy fault service (in process)', { skip }, () => {
 });
 
 /** A receiver with a reference guest behind it, and a way to cut its connections. */
-async function setup(size: number, rate: number, recoverTimeoutMs = 20_000, credentials?: Credentials): Promise<{
+async function setup(
+  size: number,
+  rate: number,
+  recoverTimeoutMs = 20_000,
+  credentials?: Credentials,
+): Promise<{
   guest: SourceGuest;
   observer: HeartbeatObserver;
   result: Promise<ReceiveReport>;
@@ -295,7 +338,16 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
   test('postcopy: the guest runs at the destination at once, writing, and ends bit-identical', async () => {
     s = await setup(64 * MiB, 64);
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'postcopy' });
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: s.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
+      mode: 'postcopy',
+    });
     const rx = await s.result;
     assert.equal(report.mode, 'postcopy');
     assert.equal(rx.mode, 'postcopy');
@@ -310,23 +362,47 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
-  test('postcopy over authenticated connections: the priority connection joins with its own handshake, and the image is the same', { skip: opensslMissing }, async () => {
-    const { ca, certs } = makeCa(['src', 'dst']);
-    s = await setup(64 * MiB, 64, 20_000, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
-    const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'postcopy', credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' } });
-    const rx = await s.result;
-    assert.deepEqual([report.security.auth, report.security.peer, rx.security.peer], ['tls-cert', 'dst', 'src']);
-    assert.equal(rx.digest, report.digest, 'both sides hold the same image');
-    assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, g.region.pageCount, 'every page crossed once');
-    assert.equal((await verifyDestination(s)).bad, 0);
-    await s.close();
-  });
+  test(
+    'postcopy over authenticated connections: the priority connection joins with its own handshake, and the image is the same',
+    { skip: opensslMissing },
+    async () => {
+      const { ca, certs } = makeCa(['src', 'dst']);
+      s = await setup(64 * MiB, 64, 20_000, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+      const g = s.guest;
+      const report = await migrate({
+        region: g.region,
+        ...(g.target ? { target: g.target } : {}),
+        to: { host: '127.0.0.1', port: s.port },
+        pause: () => g.pause(),
+        resume: () => g.resume(),
+        commit: () => g.commit(),
+        release: () => g.exit(),
+        mode: 'postcopy',
+        credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
+      });
+      const rx = await s.result;
+      assert.deepEqual([report.security.auth, report.security.peer, rx.security.peer], ['tls-cert', 'dst', 'src']);
+      assert.equal(rx.digest, report.digest, 'both sides hold the same image');
+      assert.equal(rx.postcopy!.pages_pulled + rx.postcopy!.pages_pushed, g.region.pageCount, 'every page crossed once');
+      assert.equal((await verifyDestination(s)).bad, 0);
+      await s.close();
+    },
+  );
 
   test('hybrid over an encrypted stream: one pre-copy pass, then only the pages dirtied since are fetched', async () => {
     s = await setup(64 * MiB, 256, 20_000, psk);
     const g = s.guest;
-    const report = await migrate({ region: g.region, ...(g.target ? { target: g.target } : {}), to: { host: '127.0.0.1', port: s.port }, pause: () => g.pause(), resume: () => g.resume(), commit: () => g.commit(), release: () => g.exit(), mode: 'hybrid', credentials: psk });
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: s.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
+      mode: 'hybrid',
+      credentials: psk,
+    });
     const rx = await s.result;
     assert.equal(report.mode, 'hybrid');
     assert.equal(report.security.encrypted, true);
@@ -349,7 +425,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port: s.port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       onStall: 'postcopy',
       bandwidthMiBps: 16, // the guest dirties 256 MiB/s: pre-copy cannot converge
       encodings: { zero: false, dedup: false, compress: false },
@@ -375,7 +452,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port: s.port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       control,
       onProgress: (e) => e.type === 'round' && e.round === 1 && control.startPostcopy(),
     });
@@ -402,7 +480,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       mode: 'postcopy',
       control,
       credentials: psk,
@@ -424,51 +503,56 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
-  test('a post-copy reconnect that reaches an impostor is refused, nothing is pushed to it, and the source keeps its copy', { skip: opensslMissing }, async () => {
-    const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
-    s = await setup(256 * MiB, 64, 1500, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
-    const g = s.guest;
-    // an impostor with a certificate from the same CA, for another name: it records what it gets
-    let impostorBytes = 0;
-    let impostorConnections = 0;
-    const impostor = tls.createServer({ cert: certs['mallory']!.cert, key: certs['mallory']!.key, ca, requestCert: true, rejectUnauthorized: false }, (t) => {
-      impostorConnections++;
-      t.on('data', (d: Buffer) => void (impostorBytes += d.length));
-      t.on('error', () => undefined);
-    });
-    let impostorDials = 0;
-    impostor.on('connection', () => void impostorDials++);
-    impostor.on('tlsClientError', () => undefined); // the source hangs up on it
-    await new Promise<void>((r) => impostor.listen(0, '127.0.0.1', r));
-    const proxy = await cuttableProxy(s.port, false, (impostor.address() as net.AddressInfo).port);
-    let cut = false;
-    const run = migrate({
-      region: g.region,
-      ...(g.target ? { target: g.target } : {}),
-      to: { host: '127.0.0.1', port: proxy.port },
-      pause: () => g.pause(),
-      resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
-      mode: 'postcopy',
-      recoverTimeoutMs: 1500,
-      credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
-      onProgress: (e) => {
-        if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
-          cut = true;
-          proxy.cut();
-        }
-      },
-    });
-    await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && e.phase === 'postcopy');
-    await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST');
-    assert.ok(cut, 'the link was cut in the middle of post-copy');
-    assert.ok(impostorDials >= 1, `the source's reconnects reached the impostor (${impostorDials})`);
-    assert.deepEqual([impostorConnections, impostorBytes], [0, 0], 'no handshake with the impostor completed: no ATTACH, no page reached it');
-    assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
-    proxy.close();
-    impostor.close();
-    await s.close();
-  });
+  test(
+    'a post-copy reconnect that reaches an impostor is refused, nothing is pushed to it, and the source keeps its copy',
+    { skip: opensslMissing },
+    async () => {
+      const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
+      s = await setup(256 * MiB, 64, 1500, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+      const g = s.guest;
+      // an impostor with a certificate from the same CA, for another name: it records what it gets
+      let impostorBytes = 0;
+      let impostorConnections = 0;
+      const impostor = tls.createServer({ cert: certs['mallory']!.cert, key: certs['mallory']!.key, ca, requestCert: true, rejectUnauthorized: false }, (t) => {
+        impostorConnections++;
+        t.on('data', (d: Buffer) => void (impostorBytes += d.length));
+        t.on('error', () => undefined);
+      });
+      let impostorDials = 0;
+      impostor.on('connection', () => void impostorDials++);
+      impostor.on('tlsClientError', () => undefined); // the source hangs up on it
+      await new Promise<void>((r) => impostor.listen(0, '127.0.0.1', r));
+      const proxy = await cuttableProxy(s.port, false, (impostor.address() as net.AddressInfo).port);
+      let cut = false;
+      const run = migrate({
+        region: g.region,
+        ...(g.target ? { target: g.target } : {}),
+        to: { host: '127.0.0.1', port: proxy.port },
+        pause: () => g.pause(),
+        resume: () => g.resume(),
+        commit: () => g.commit(),
+        release: () => g.exit(),
+        mode: 'postcopy',
+        recoverTimeoutMs: 1500,
+        credentials: { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
+        onProgress: (e) => {
+          if (e.type === 'postcopy' && !cut && e.pages_pushed > g.region.pageCount / 4) {
+            cut = true;
+            proxy.cut();
+          }
+        },
+      });
+      await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && e.phase === 'postcopy');
+      await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST');
+      assert.ok(cut, 'the link was cut in the middle of post-copy');
+      assert.ok(impostorDials >= 1, `the source's reconnects reached the impostor (${impostorDials})`);
+      assert.deepEqual([impostorConnections, impostorBytes], [0, 0], 'no handshake with the impostor completed: no ATTACH, no page reached it');
+      assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
+      proxy.close();
+      impostor.close();
+      await s.close();
+    },
+  );
 
   test('a source gone for good: both sides say so clearly; the destination keeps what it has', async () => {
     s = await setup(256 * MiB, 64, 1500);
@@ -483,7 +567,8 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       to: { host: '127.0.0.1', port },
       pause: () => g.pause(),
       resume: () => g.resume(),
-      commit: () => g.commit(), release: () => g.exit(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
       mode: 'postcopy',
       recoverTimeoutMs: 1500,
       onProgress: (e) => {
@@ -493,7 +578,10 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
         }
       },
     });
-    await assert.rejects(run, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && /did not come back/.test(e.message) && e.phase === 'postcopy');
+    await assert.rejects(
+      run,
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION' && /did not come back/.test(e.message) && e.phase === 'postcopy',
+    );
     await assert.rejects(s.result, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_SOURCE_LOST' && /cannot finish/.test(e.message));
     assert.equal(g.child.exitCode, null, 'the source copy is kept (paused), not released');
     proxy.close();

@@ -37,11 +37,22 @@ test('header roundtrip, and every bad header is refused before its payload is al
 });
 
 test('the parser yields the same frames however the stream is split, and holds back a truncated one', () => {
-  const frames = [encodeFrame(F.FrameType.Abort, Buffer.from('x')), encodeFrame(F.FrameType.DeviceState, Buffer.alloc(5000, 7)), encodeFrame(F.FrameType.Activate, Buffer.alloc(0))];
+  const frames = [
+    encodeFrame(F.FrameType.Abort, Buffer.from('x')),
+    encodeFrame(F.FrameType.DeviceState, Buffer.alloc(5000, 7)),
+    encodeFrame(F.FrameType.Activate, Buffer.alloc(0)),
+  ];
   const all = Buffer.concat(frames);
   for (const step of [1, 3, 12, 13, 4096, all.length]) {
     const got = parseAll(all, step);
-    assert.deepEqual(got.map((f) => [f.type, f.payload.length]), [[F.FrameType.Abort, 1], [F.FrameType.DeviceState, 5000], [F.FrameType.Activate, 0]]);
+    assert.deepEqual(
+      got.map((f) => [f.type, f.payload.length]),
+      [
+        [F.FrameType.Abort, 1],
+        [F.FrameType.DeviceState, 5000],
+        [F.FrameType.Activate, 0],
+      ],
+    );
   }
   const p = new R.FrameParser();
   const out: Frame[] = [];
@@ -56,7 +67,11 @@ test('every control message roundtrips', () => {
   const hello: M.Hello = { versions: [1, 1], regionBytes: 1 << 30, pageSize: 4096, auth: null, capabilities: ['x'] };
   assert.deepEqual(M.decodeHello(one(M.encodeHello(hello))), hello);
   assert.deepEqual(M.decodeAccept(one(M.encodeAccept({ version: 1, capabilities: [] }, V))), { version: 1, capabilities: [] });
-  assert.deepEqual(M.decodeError(one(M.encodeError({ code: 'ERR_LIVEMIG_DIGEST', message: 'm', phase: 'commit' }, V))), { code: 'ERR_LIVEMIG_DIGEST', message: 'm', phase: 'commit' });
+  assert.deepEqual(M.decodeError(one(M.encodeError({ code: 'ERR_LIVEMIG_DIGEST', message: 'm', phase: 'commit' }, V))), {
+    code: 'ERR_LIVEMIG_DIGEST',
+    message: 'm',
+    phase: 'commit',
+  });
   assert.deepEqual(M.decodeRoundEnd(one(M.encodeRoundEnd({ round: 3, pages: 9 }, V))), { round: 3, pages: 9 });
   assert.deepEqual(M.decodeRoundAck(one(M.encodeRoundAck({ round: 3, pages: 9 }, V))), { round: 3, pages: 9 });
   assert.deepEqual(M.decodeCommit(one(M.encodeCommit({ digest: 0xffffffffffffffffn, pageCount: 5 }, V))), { digest: 0xffffffffffffffffn, pageCount: 5 });

@@ -13,10 +13,14 @@ import { DIAGNOSTICS_CHANNEL_NAMES } from '../src/trace.js';
 import { ReceiverEvent } from '../src/trace-events.js';
 
 const PAGES = 16;
-const hello = (o: Partial<M.Hello> = {}): Buffer => M.encodeHello({ versions: [1, 1], regionBytes: PAGES * 4096, pageSize: 4096, auth: null, capabilities: [], ...o });
+const hello = (o: Partial<M.Hello> = {}): Buffer =>
+  M.encodeHello({ versions: [1, 1], regionBytes: PAGES * 4096, pageSize: 4096, auth: null, capabilities: [], ...o });
 
 /** Connects, sends `script` (frames, or functions of what came back), returns the frames received and the receiver's outcome. */
-async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { maxRegionBytes?: number; maxDeviceStateBytes?: number } = {}): Promise<{ got: Frame[]; error: LivemigError; activated: boolean }> {
+async function session(
+  steps: ((got: Frame[]) => Buffer | 'close')[],
+  opts: { maxRegionBytes?: number; maxDeviceStateBytes?: number } = {},
+): Promise<{ got: Frame[]; error: LivemigError; activated: boolean }> {
   let activated = false;
   const rx = await listen('127.0.0.1', 0, { ...opts, activate: async () => void (activated = true), idleTimeoutMs: 5000 });
   const sock = net.connect(rx.port, '127.0.0.1');
@@ -42,7 +46,7 @@ async function session(steps: ((got: Frame[]) => Buffer | 'close')[], opts: { ma
     sock.write(out);
     // the first frame is answered before anything may follow it (a receiver refuses bytes that
     // come before its answer): wait for the answer, not for a fixed time a loaded host may miss
-    for (const t = performance.now(); k === 0 && got.length === 0 && !settled && performance.now() - t < 10_000; ) await new Promise((r) => setTimeout(r, 5));
+    for (const t = performance.now(); k === 0 && got.length === 0 && !settled && performance.now() - t < 10_000;) await new Promise((r) => setTimeout(r, 5));
     await new Promise((r) => setTimeout(r, 30));
   }
   const error = await outcome;
@@ -175,7 +179,11 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
   const src = net.connect(rx.port, '127.0.0.1');
   src.on('error', () => undefined);
   const parser = new R.FrameParser();
-  src.on('data', (d: Buffer) => parser.push(d, (f) => order.push(f.type === FrameType.Accept ? 'ACCEPT' : `source got ${FrameType[f.type]}: ${f.payload.toString('latin1').slice(0, 200)}`)));
+  src.on('data', (d: Buffer) =>
+    parser.push(d, (f) =>
+      order.push(f.type === FrameType.Accept ? 'ACCEPT' : `source got ${FrameType[f.type]}: ${f.payload.toString('latin1').slice(0, 200)}`),
+    ),
+  );
   let asked: Promise<void> | undefined;
   const onReceiver = (m: unknown): void => {
     if ((m as { event?: string }).event === ReceiverEvent.regionAllocated) order.push('allocated');

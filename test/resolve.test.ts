@@ -90,7 +90,17 @@ async function run(cut: Cut, refuseAfter = false) {
     (r) => r,
     (e: unknown) => e as LivemigError,
   );
-  return { report, error, activated, resumed, released, cuts: px.cuts(), rxOutcome, rxPort: rx.port, close: async () => (px.close(), await rx.close(), region.release()) };
+  return {
+    report,
+    error,
+    activated,
+    resumed,
+    released,
+    cuts: px.cuts(),
+    rxOutcome,
+    rxPort: rx.port,
+    close: async () => (px.close(), await rx.close(), region.release()),
+  };
 }
 
 test('the link lost after COMMIT reached the destination: asked again, it says activated, and the source copy is released', async () => {
@@ -129,7 +139,11 @@ test('no answer within resolveTimeoutMs: ERR_LIVEMIG_ACTIVATION_UNKNOWN with the
     assert.deepEqual([r.resumed, r.released], [0, 0], 'the guest stays paused, not released');
     // the operator asks the destination itself (the proxy refuses): it activated
     assert.equal(await askOutcome({ to: { host: '127.0.0.1', port: r.rxPort }, session: m[1]!, handshakeTimeoutMs: 5_000 }), 'activated');
-    await assert.rejects(askOutcome({ to: { host: '127.0.0.1', port: r.rxPort }, session: 'f'.repeat(32), handshakeTimeoutMs: 5_000 }), (e: unknown) => e instanceof LivemigError && /no session this receiver knows/.test(e.message), 'an unknown session is refused, not guessed');
+    await assert.rejects(
+      askOutcome({ to: { host: '127.0.0.1', port: r.rxPort }, session: 'f'.repeat(32), handshakeTimeoutMs: 5_000 }),
+      (e: unknown) => e instanceof LivemigError && /no session this receiver knows/.test(e.message),
+      'an unknown session is refused, not guessed',
+    );
   } finally {
     await r.close();
   }

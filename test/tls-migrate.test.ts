@@ -31,7 +31,13 @@ async function migrateWith(client: Credentials | undefined, server: Credentials)
   const received = rx.next();
   received.catch(() => undefined);
   try {
-    const report = await migrate({ region, to: { host: '127.0.0.1', port: rx.port }, ...(client ? { credentials: client } : {}), pause: async () => (paused++, new Uint8Array(8)), resume: async () => undefined });
+    const report = await migrate({
+      region,
+      to: { host: '127.0.0.1', port: rx.port },
+      ...(client ? { credentials: client } : {}),
+      pause: async () => (paused++, new Uint8Array(8)),
+      resume: async () => undefined,
+    });
     return { report, received: await received, reserved, paused };
   } catch (e) {
     return { error: e as LivemigError, received: await received.catch((e2: unknown) => e2 as LivemigError), reserved, paused };
@@ -68,30 +74,34 @@ test('a pre-copy migration with a pre-shared key; without credentials the report
   }
 });
 
-test('a source the destination cannot authenticate is refused before anything is reserved, and its guest was never paused', { skip: opensslMissing }, async () => {
-  const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
-  const r = await migrateWith({ kind: 'cert', ...certs['mallory']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
-  assert.ok(r.error, 'the migration fails');
-  assert.equal(r.error.code, 'ERR_LIVEMIG_AUTH', r.error.message);
-  assert.equal((r.received as LivemigError).code, 'ERR_LIVEMIG_AUTH');
-  assert.match((r.received as LivemigError).message, /names 'mallory', which --allow does not admit/);
-  assert.equal(r.reserved, 0, 'nothing was reserved');
-  assert.equal(r.paused, 0, 'the guest was never paused');
-  const psk = await migrateWith({ kind: 'psk', identity: 'src', key: Buffer.alloc(32, 1) }, { kind: 'psk', identity: 'src', key: Buffer.alloc(32, 2) });
-  assert.equal(psk.error?.code, 'ERR_LIVEMIG_AUTH', 'a wrong pre-shared key is refused');
-  assert.equal(psk.reserved, 0);
-  // a certificate from another CA
-  const other = makeCa(['src']);
-  const foreign = await migrateWith({ kind: 'cert', ...other.certs['src']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
-  assert.ok(foreign.error, 'a certificate from an unknown CA fails the migration');
-  assert.match((foreign.received as LivemigError).message, /not trusted/);
-  assert.deepEqual([foreign.reserved, foreign.paused], [0, 0], 'unknown CA: nothing reserved, never paused');
-  // no credentials at all: the destination reads HELLO as a broken TLS handshake
-  const none = await migrateWith(undefined, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
-  assert.ok(none.error, 'a source without credentials fails');
-  assert.equal((none.received as LivemigError).code, 'ERR_LIVEMIG_AUTH');
-  assert.deepEqual([none.reserved, none.paused], [0, 0], 'no credentials: nothing reserved, never paused');
-});
+test(
+  'a source the destination cannot authenticate is refused before anything is reserved, and its guest was never paused',
+  { skip: opensslMissing },
+  async () => {
+    const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
+    const r = await migrateWith({ kind: 'cert', ...certs['mallory']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+    assert.ok(r.error, 'the migration fails');
+    assert.equal(r.error.code, 'ERR_LIVEMIG_AUTH', r.error.message);
+    assert.equal((r.received as LivemigError).code, 'ERR_LIVEMIG_AUTH');
+    assert.match((r.received as LivemigError).message, /names 'mallory', which --allow does not admit/);
+    assert.equal(r.reserved, 0, 'nothing was reserved');
+    assert.equal(r.paused, 0, 'the guest was never paused');
+    const psk = await migrateWith({ kind: 'psk', identity: 'src', key: Buffer.alloc(32, 1) }, { kind: 'psk', identity: 'src', key: Buffer.alloc(32, 2) });
+    assert.equal(psk.error?.code, 'ERR_LIVEMIG_AUTH', 'a wrong pre-shared key is refused');
+    assert.equal(psk.reserved, 0);
+    // a certificate from another CA
+    const other = makeCa(['src']);
+    const foreign = await migrateWith({ kind: 'cert', ...other.certs['src']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+    assert.ok(foreign.error, 'a certificate from an unknown CA fails the migration');
+    assert.match((foreign.received as LivemigError).message, /not trusted/);
+    assert.deepEqual([foreign.reserved, foreign.paused], [0, 0], 'unknown CA: nothing reserved, never paused');
+    // no credentials at all: the destination reads HELLO as a broken TLS handshake
+    const none = await migrateWith(undefined, { kind: 'cert', ...certs['dst']!, ca, allow: ['src'] });
+    assert.ok(none.error, 'a source without credentials fails');
+    assert.equal((none.received as LivemigError).code, 'ERR_LIVEMIG_AUTH');
+    assert.deepEqual([none.reserved, none.paused], [0, 0], 'no credentials: nothing reserved, never paused');
+  },
+);
 
 test('a destination that is not the one the source expects is refused before any page leaves', { skip: opensslMissing }, async () => {
   const { ca, certs } = makeCa(['src', 'dst', 'mallory']);
@@ -103,7 +113,10 @@ test('a destination that is not the one the source expects is refused before any
 });
 
 test('secure by default: off loopback without credentials, listen() and migrate() refuse unless insecure is asked for', async () => {
-  await assert.rejects(listen('0.0.0.0', 0, { activate: async () => undefined }), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE' && /--insecure/.test(e.message));
+  await assert.rejects(
+    listen('0.0.0.0', 0, { activate: async () => undefined }),
+    (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE' && /--insecure/.test(e.message),
+  );
   const rx = await listen('0.0.0.0', 0, { activate: async () => undefined, insecure: true });
   await rx.close();
   const region = Region.create(16 * 4096, { name: 'insecure-src' });

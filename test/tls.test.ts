@@ -28,7 +28,8 @@ async function pair(client: Credentials, server: Credentials): Promise<[PromiseS
   return out;
 }
 
-const isAuth = (r: PromiseSettledResult<Secured>): boolean => r.status === 'rejected' && r.reason instanceof LivemigError && (r.reason.code === 'ERR_LIVEMIG_AUTH' || r.reason.code === 'ERR_LIVEMIG_CONNECTION');
+const isAuth = (r: PromiseSettledResult<Secured>): boolean =>
+  r.status === 'rejected' && r.reason instanceof LivemigError && (r.reason.code === 'ERR_LIVEMIG_AUTH' || r.reason.code === 'ERR_LIVEMIG_CONNECTION');
 
 async function exchange(a: Secured, b: Secured): Promise<void> {
   await a.conn.send(encodeFrame(FrameType.Abort, Buffer.from('from the source, in the clear after TLS')));
@@ -62,9 +63,27 @@ test('certificates: an unknown CA, a name not admitted, and another destination 
   const server = { kind: 'cert' as const, ...certs['dst']!, ca, allow: ['src'] };
   // which side refuses, and why
   const cases: [string, Credentials, Credentials, 'source' | 'destination', RegExp][] = [
-    ['a source certificate from another CA', { kind: 'cert', ...other.certs['src']!, ca, peerName: 'dst' }, server, 'destination', /source could not be authenticated/],
-    ['a source name --allow does not admit', { kind: 'cert', ...certs['mallory']!, ca, peerName: 'dst' }, server, 'destination', /names 'mallory', which --allow does not admit/],
-    ['a destination that is not the one expected', { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' }, { kind: 'cert', ...certs['mallory']!, ca, allow: ['src'] }, 'source', /destination could not be authenticated.*(dst|altnames)/i],
+    [
+      'a source certificate from another CA',
+      { kind: 'cert', ...other.certs['src']!, ca, peerName: 'dst' },
+      server,
+      'destination',
+      /source could not be authenticated/,
+    ],
+    [
+      'a source name --allow does not admit',
+      { kind: 'cert', ...certs['mallory']!, ca, peerName: 'dst' },
+      server,
+      'destination',
+      /names 'mallory', which --allow does not admit/,
+    ],
+    [
+      'a destination that is not the one expected',
+      { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' },
+      { kind: 'cert', ...certs['mallory']!, ca, allow: ['src'] },
+      'source',
+      /destination could not be authenticated.*(dst|altnames)/i,
+    ],
   ];
   for (const [what, c, s, side, why] of cases) {
     const [cr, sr] = await pair(c, s);

@@ -129,7 +129,10 @@ async function concurrentWriterCheck(tracker: DirtyTracker, collects: number): P
   sets.push(await tracker.collect());
   await tracker.stop();
   assert.ok(writes > 1000, `the writer made only ${writes} writes`);
-  assert.ok(sets.slice(0, -1).some((s) => s.length > 0), 'no collect overlapped a write');
+  assert.ok(
+    sets.slice(0, -1).some((s) => s.length > 0),
+    'no collect overlapped a write',
+  );
 
   const seenIn = new Map<number, number[]>();
   sets.forEach((s, j) => {

@@ -18,7 +18,10 @@ async function rejectsWith(p: Promise<unknown>, code: string, message: RegExp): 
 
 test('probe reports every backend with a reason', () => {
   const p = probe();
-  assert.deepEqual(p.map((x) => x.backend), ['uffd-async', 'soft-dirty', 'hash', 'external']);
+  assert.deepEqual(
+    p.map((x) => x.backend),
+    ['uffd-async', 'soft-dirty', 'hash', 'external'],
+  );
   for (const x of p) assert.ok(x.reason.length > 10, `${x.backend} has a reason`);
   const sd = p.find((x) => x.backend === 'soft-dirty')!;
   if (!sd.available) assert.match(sd.reason, /CONFIG_MEM_SOFT_DIRTY|failed with/);
@@ -31,7 +34,10 @@ test('automatic choice takes the best working backend and says why', () => {
     assert.equal(c.backend, uffd.available ? 'uffd-async' : softDirty.available ? 'soft-dirty' : 'hash');
     assert.ok(c.reason.length > 0);
     if (!softDirty.available) {
-      assert.throws(() => chooseTracker(r, { backend: 'soft-dirty' }), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_UNSUPPORTED' && /soft-dirty is not available here/.test(e.message));
+      assert.throws(
+        () => chooseTracker(r, { backend: 'soft-dirty' }),
+        (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_UNSUPPORTED' && /soft-dirty is not available here/.test(e.message),
+      );
     }
     assert.equal(chooseTracker(r, { backend: 'external' }).backend, 'external');
   } finally {
@@ -57,23 +63,27 @@ test('trackers enforce their lifecycle', async () => {
   }
 });
 
-test('uffd-async: pages written before start() are not reported; stop() waits for a collect in flight', { skip: uffd.available ? false : uffd.reason }, async () => {
-  const r = Region.create(4096 * 256);
-  try {
-    r.view().fill(1);
-    const t = new UffdAsyncTracker(r);
-    await t.start();
-    assert.equal((await t.collect()).length, 0);
-    r.page(255)[0] = 2;
-    r.page(0)[0] = 2;
-    assert.deepEqual(Array.from(t.collectSync()), [0, 255]);
-    const pending = t.collect();
-    await t.stop();
-    assert.equal((await pending).length, 0);
-  } finally {
-    r.release();
-  }
-});
+test(
+  'uffd-async: pages written before start() are not reported; stop() waits for a collect in flight',
+  { skip: uffd.available ? false : uffd.reason },
+  async () => {
+    const r = Region.create(4096 * 256);
+    try {
+      r.view().fill(1);
+      const t = new UffdAsyncTracker(r);
+      await t.start();
+      assert.equal((await t.collect()).length, 0);
+      r.page(255)[0] = 2;
+      r.page(0)[0] = 2;
+      assert.deepEqual(Array.from(t.collectSync()), [0, 255]);
+      const pending = t.collect();
+      await t.stop();
+      assert.equal((await pending).length, 0);
+    } finally {
+      r.release();
+    }
+  },
+);
 
 test('uffd-async: a last collect without re-arming leaves its pages reported again, never lost', { skip: uffd.available ? false : uffd.reason }, async () => {
   const r = Region.create(4096 * 64);

@@ -46,8 +46,15 @@ test('sendPages writes PAGES frames that the reference parser reads back as the 
   await wire.send(encodeFrame(FrameType.RoundEnd, Buffer.alloc(0)));
   while (!frames.some((f) => f.type === FrameType.RoundEnd)) await new Promise((r) => setTimeout(r, 5));
   const batches = frames.filter((f) => f.type === FrameType.Pages).map((f) => R.decodePages(f.payload, PS));
-  assert.deepEqual(batches.map((b) => b.indices.length), [4, 4, 1], 'batches of at most 4 pages');
-  assert.equal(bytes, batches.reduce((n, b) => n + 12 + 8 + b.indices.length * (4 + PS), 0));
+  assert.deepEqual(
+    batches.map((b) => b.indices.length),
+    [4, 4, 1],
+    'batches of at most 4 pages',
+  );
+  assert.equal(
+    bytes,
+    batches.reduce((n, b) => n + 12 + 8 + b.indices.length * (4 + PS), 0),
+  );
   const seen = batches.flatMap((b) => [...b.indices]);
   assert.deepEqual(seen, [...pages]);
   for (const b of batches) {
@@ -97,16 +104,99 @@ test('a read with a page sink applies reference-encoded PAGES frames and returns
 test('the native parser refuses what the reference parser refuses, before touching the region', async () => {
   const cases: [string, Buffer, string, RegExp][] = [
     ['bad magic', Buffer.concat([Buffer.from([1, 2]), encodeHeader(FrameType.Abort, 0).subarray(2)]), 'ERR_LIVEMIG_PROTOCOL', /magic/],
-    ['unknown type', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt8(99, 3); return h; })(), 'ERR_LIVEMIG_PROTOCOL', /unknown frame type 99/],
-    ['oversized', (() => { const h = encodeHeader(FrameType.Abort, 0); h.writeUInt32LE(0xffffffff, 8); return h; })(), 'ERR_LIVEMIG_FRAME_TOO_LARGE', /max/],
-    ['flags on PAGES', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 1); b.writeUInt16LE(0xffff, 4); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /flags 0xffff/],
+    [
+      'unknown type',
+      (() => {
+        const h = encodeHeader(FrameType.Abort, 0);
+        h.writeUInt8(99, 3);
+        return h;
+      })(),
+      'ERR_LIVEMIG_PROTOCOL',
+      /unknown frame type 99/,
+    ],
+    [
+      'oversized',
+      (() => {
+        const h = encodeHeader(FrameType.Abort, 0);
+        h.writeUInt32LE(0xffffffff, 8);
+        return h;
+      })(),
+      'ERR_LIVEMIG_FRAME_TOO_LARGE',
+      /max/,
+    ],
+    [
+      'flags on PAGES',
+      (() => {
+        const b = Buffer.alloc(R.pagesFrameBytes(1, PS));
+        R.writePagesPrefix(b, 1, Uint32Array.from([0]), 1);
+        b.writeUInt16LE(0xffff, 4);
+        return b;
+      })(),
+      'ERR_LIVEMIG_PROTOCOL',
+      /flags 0xffff/,
+    ],
     ['a flag DEVICE_STATE does not define', encodeHeader(FrameType.DeviceState, 0, { version: 3, flags: 0x2 }), 'ERR_LIVEMIG_PROTOCOL', /flags 0x2/],
-    ['index out of range', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 8/],
-    ['a page twice in one frame', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([5, 5]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 5 follows 5: .*strictly increasing/],
-    ['indices that go back', (() => { const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee); R.writePagesPrefix(b, 1, Uint32Array.from([7, 3]), 1); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /page index 3 follows 7/],
-    ['count zero', (() => { const b = Buffer.alloc(12 + 8); encodeHeader(FrameType.Pages, 8, { version: 1, into: b }); return b; })(), 'ERR_LIVEMIG_PAGE_INDEX', /count 0/],
-    ['wrong length', (() => { const b = Buffer.alloc(12 + 8 + 4 + 10); encodeHeader(FrameType.Pages, 22, { version: 1, into: b }); b.writeUInt32LE(1, 16); return b; })(), 'ERR_LIVEMIG_PROTOCOL', /must be/],
-    ['other version', (() => { const b = Buffer.alloc(R.pagesFrameBytes(1, PS)); R.writePagesPrefix(b, 1, Uint32Array.from([0]), 2); return b; })(), 'ERR_LIVEMIG_VERSION', /version 2/],
+    [
+      'index out of range',
+      (() => {
+        const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee);
+        R.writePagesPrefix(b, 1, Uint32Array.from([1, 8]), 1);
+        return b;
+      })(),
+      'ERR_LIVEMIG_PAGE_INDEX',
+      /page index 8/,
+    ],
+    [
+      'a page twice in one frame',
+      (() => {
+        const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee);
+        R.writePagesPrefix(b, 1, Uint32Array.from([5, 5]), 1);
+        return b;
+      })(),
+      'ERR_LIVEMIG_PAGE_INDEX',
+      /page index 5 follows 5: .*strictly increasing/,
+    ],
+    [
+      'indices that go back',
+      (() => {
+        const b = Buffer.alloc(R.pagesFrameBytes(2, PS), 0xee);
+        R.writePagesPrefix(b, 1, Uint32Array.from([7, 3]), 1);
+        return b;
+      })(),
+      'ERR_LIVEMIG_PAGE_INDEX',
+      /page index 3 follows 7/,
+    ],
+    [
+      'count zero',
+      (() => {
+        const b = Buffer.alloc(12 + 8);
+        encodeHeader(FrameType.Pages, 8, { version: 1, into: b });
+        return b;
+      })(),
+      'ERR_LIVEMIG_PAGE_INDEX',
+      /count 0/,
+    ],
+    [
+      'wrong length',
+      (() => {
+        const b = Buffer.alloc(12 + 8 + 4 + 10);
+        encodeHeader(FrameType.Pages, 22, { version: 1, into: b });
+        b.writeUInt32LE(1, 16);
+        return b;
+      })(),
+      'ERR_LIVEMIG_PROTOCOL',
+      /must be/,
+    ],
+    [
+      'other version',
+      (() => {
+        const b = Buffer.alloc(R.pagesFrameBytes(1, PS));
+        R.writePagesPrefix(b, 1, Uint32Array.from([0]), 2);
+        return b;
+      })(),
+      'ERR_LIVEMIG_VERSION',
+      /version 2/,
+    ],
   ];
   for (const [name, bytes, code, re] of cases) {
     const { wire, peer, server } = await pair();
@@ -114,7 +204,11 @@ test('the native parser refuses what the reference parser refuses, before touchi
     const hashes = new BigUint64Array(region.pageCount);
     peer.write(bytes);
     // a deadline: a parser that takes the frame fails the case on the timeout instead of hanging
-    await assert.rejects(wire.next(10_000, { region, hashes, version: 1 }), (e: unknown) => e instanceof LivemigError && e.code === code && re.test(e.message), name);
+    await assert.rejects(
+      wire.next(10_000, { region, hashes, version: 1 }),
+      (e: unknown) => e instanceof LivemigError && e.code === code && re.test(e.message),
+      name,
+    );
     assert.ok(Buffer.from(region.view(0, region.size)).equals(Buffer.alloc(region.size)), `${name}: the region is untouched`);
     assert.equal(wire.closed, false, `${name}: an ERROR frame can still be sent`);
     wire.close();
@@ -130,7 +224,10 @@ test('a connection something already read from is refused', async () => {
   await once(server, 'listening');
   const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
   await once(client, 'data');
-  assert.throws(() => FramedConnection.fromSocket(client), (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && /already read/.test(e.message));
+  assert.throws(
+    () => FramedConnection.fromSocket(client),
+    (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && /already read/.test(e.message),
+  );
   client.destroy();
   server.close();
 });
@@ -172,7 +269,15 @@ test('the page hash tells sparse pages apart: a word in another block, words tha
     return b;
   };
   // the pair that collided under the first definition (found in a zero-content guest's image)
-  assert.notEqual(addon.pageHash(page([[96, 16788n], [464, 10347n]])), addon.pageHash(page([[432, 27135n]])));
+  assert.notEqual(
+    addon.pageHash(
+      page([
+        [96, 16788n],
+        [464, 10347n],
+      ]),
+    ),
+    addon.pageHash(page([[432, 27135n]])),
+  );
   // the same word in each of the 32 blocks, same lane: 32 different hashes
   const moved = new Set(Array.from({ length: 32 }, (_, blk) => addon.pageHash(page([[blk * 16, 5n]]))));
   assert.equal(moved.size, 32);

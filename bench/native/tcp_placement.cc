@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
   double ms = Now() - t0, txCpu = Cpu() - c0, rxCpu = 0;
   if (read(report[0], &rxCpu, sizeof rxCpu) != sizeof rxCpu) return 1;
   wait(nullptr);
-  printf("{\"bench\":\"tcp_placement\",\"mode\":\"%s\",\"ms\":%.1f,\"mb_s\":%.0f,\"sender_cpu_s\":%.3f,\"receiver_cpu_s\":%.3f,\"check\":%u}\n", mode, ms, kSize / 1e3 / ms, txCpu, rxCpu,
-         static_cast<unsigned>(sum & 1));
+  printf("{\"bench\":\"tcp_placement\",\"mode\":\"%s\",\"ms\":%.1f,\"mb_s\":%.0f,\"sender_cpu_s\":%.3f,\"receiver_cpu_s\":%.3f,\"check\":%u}\n", mode, ms,
+         kSize / 1e3 / ms, txCpu, rxCpu, static_cast<unsigned>(sum & 1));
   return 0;
 }

@@ -66,6 +66,7 @@ int main(int argc, char** argv) {
   }
   wait(NULL);
   qsort(rtt, n, sizeof(double), by_value);
-  printf("{\"bench\":\"wakeup_pingpong\",\"mode\":\"%s\",\"gap_us\":%d,\"count\":%d,\"rtt_p50_us\":%.1f,\"rtt_p90_us\":%.1f,\"rtt_p99_us\":%.1f}\n", mode, gap, n, rtt[n / 2], rtt[n * 9 / 10], rtt[n * 99 / 100]);
+  printf("{\"bench\":\"wakeup_pingpong\",\"mode\":\"%s\",\"gap_us\":%d,\"count\":%d,\"rtt_p50_us\":%.1f,\"rtt_p90_us\":%.1f,\"rtt_p99_us\":%.1f}\n", mode, gap,
+         n, rtt[n / 2], rtt[n * 9 / 10], rtt[n * 99 / 100]);
   return 0;
 }

@@ -2,8 +2,8 @@
 
 #include <cstring>
 
-#include "common.h"
 #include "codec/pagehash.h"
+#include "common.h"
 #include "region/region.h"
 
 namespace livemig {
@@ -88,9 +88,7 @@ Napi::Function Dedup::Init(Napi::Env env) {
 }
 
 // new Dedup(pageCount): every page unknown.
-Dedup::Dedup(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Dedup>(info) {
-  state.Reset(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()));
-}
+Dedup::Dedup(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Dedup>(info) { state.Reset(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value())); }
 
 // initImage(hashes: BigUint64Array, channels?, channel?): what the receiver holds before any
 // page moves (a fresh region: every page the zero page; a kept image: its page hashes). Same

@@ -144,11 +144,11 @@ inline uint64_t PageFingerprint(const uint8_t* p) {
 struct DedupState {
   static constexpr uint32_t kNone = HeadTable::kNone;
   static constexpr size_t kFpBits = size_t{1} << 23;  // 1 MiB
-  std::vector<uint64_t> holder;  // content hash of each page, if known
+  std::vector<uint64_t> holder;                       // content hash of each page, if known
   std::vector<uint8_t> known;
   std::vector<uint32_t> next, prev;
-  HeadTable head;  // content hash -> first page holding it
-  std::vector<uint64_t> fpBits;  // sender only
+  HeadTable head;                  // content hash -> first page holding it
+  std::vector<uint64_t> fpBits;    // sender only
   std::vector<uint64_t> seenBits;  // sender only: fingerprints of raw pages sent
   FrameOrder order;
 

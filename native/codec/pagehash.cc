@@ -36,35 +36,35 @@ inline uint64_t Avalanche(uint64_t h) {
 }
 
 // One body, compiled once per instruction set; the arithmetic is the same in each.
-#define LIVEMIG_PAGE_HASH_BODY                                                              \
-  V8 key0, key1, acc0, acc1;                                                                \
-  std::memcpy(&key0, K0, 64);                                                               \
-  std::memcpy(&key1, K1, 64);                                                               \
-  acc0 = key1;                                                                              \
-  acc1 = key0;                                                                              \
-  V8 step0, step1;                                                                          \
-  std::memcpy(&step0, S0, 64);                                                              \
-  std::memcpy(&step1, S1, 64);                                                              \
-  for (size_t i = 0; i < len; i += 128) {                                                   \
-    V8 d0, d1;                                                                              \
-    std::memcpy(&d0, p + i, 64);                                                            \
-    std::memcpy(&d1, p + i + 64, 64);                                                       \
-    V8 x0 = d0 ^ key0, x1 = d1 ^ key1;                                                      \
-    x0 ^= x0 << 32;                                                                         \
-    x1 ^= x1 << 32;                                                                         \
-    acc0 += (x0 & 0xFFFFFFFFULL) * (x0 >> 32) + ((d0 << 32) | (d0 >> 32));                   \
-    acc1 += (x1 & 0xFFFFFFFFULL) * (x1 >> 32) + ((d1 << 32) | (d1 >> 32));                   \
-    key0 += step0;                                                                          \
-    key1 += step1;                                                                          \
-  }                                                                                         \
-  uint64_t a[8], b[8];                                                                      \
-  std::memcpy(a, &acc0, 64);                                                                \
-  std::memcpy(b, &acc1, 64);                                                                \
-  uint64_t h = static_cast<uint64_t>(len) * 0x9E3779B185EBCA87ULL;                          \
-  for (int l = 0; l < 8; l += 2) {                                                          \
-    h += Fold(a[l] ^ K1[l], a[l + 1] ^ K1[l + 1]);                                          \
-    h += Fold(b[l] ^ K0[l], b[l + 1] ^ K0[l + 1]);                                          \
-  }                                                                                         \
+#define LIVEMIG_PAGE_HASH_BODY                                             \
+  V8 key0, key1, acc0, acc1;                                               \
+  std::memcpy(&key0, K0, 64);                                              \
+  std::memcpy(&key1, K1, 64);                                              \
+  acc0 = key1;                                                             \
+  acc1 = key0;                                                             \
+  V8 step0, step1;                                                         \
+  std::memcpy(&step0, S0, 64);                                             \
+  std::memcpy(&step1, S1, 64);                                             \
+  for (size_t i = 0; i < len; i += 128) {                                  \
+    V8 d0, d1;                                                             \
+    std::memcpy(&d0, p + i, 64);                                           \
+    std::memcpy(&d1, p + i + 64, 64);                                      \
+    V8 x0 = d0 ^ key0, x1 = d1 ^ key1;                                     \
+    x0 ^= x0 << 32;                                                        \
+    x1 ^= x1 << 32;                                                        \
+    acc0 += (x0 & 0xFFFFFFFFULL) * (x0 >> 32) + ((d0 << 32) | (d0 >> 32)); \
+    acc1 += (x1 & 0xFFFFFFFFULL) * (x1 >> 32) + ((d1 << 32) | (d1 >> 32)); \
+    key0 += step0;                                                         \
+    key1 += step1;                                                         \
+  }                                                                        \
+  uint64_t a[8], b[8];                                                     \
+  std::memcpy(a, &acc0, 64);                                               \
+  std::memcpy(b, &acc1, 64);                                               \
+  uint64_t h = static_cast<uint64_t>(len) * 0x9E3779B185EBCA87ULL;         \
+  for (int l = 0; l < 8; l += 2) {                                         \
+    h += Fold(a[l] ^ K1[l], a[l + 1] ^ K1[l + 1]);                         \
+    h += Fold(b[l] ^ K0[l], b[l + 1] ^ K0[l + 1]);                         \
+  }                                                                        \
   return Avalanche(h);
 
 __attribute__((target("avx512f"))) uint64_t HashAvx512(const uint8_t* p, size_t len) { LIVEMIG_PAGE_HASH_BODY }

@@ -321,8 +321,7 @@ static int answer_contract(int fd, const struct lmg_message *m, int still_open) 
   uint32_t v = m->len == 4 ? (uint32_t)le(m->body, 4) : 0;
   if (!still_open) return refuse(fd, "the contract is agreed first, before any other request");
   if (m->len != 4) return refuse(fd, "a contract version is a u32, not %zu bytes", m->len);
-  if (v < LMG_CONTRACT_OLDEST || v > LMG_CONTRACT)
-    return refuse(fd, "contract %u is outside this library's %d..%d", v, LMG_CONTRACT_OLDEST, LMG_CONTRACT);
+  if (v < LMG_CONTRACT_OLDEST || v > LMG_CONTRACT) return refuse(fd, "contract %u is outside this library's %d..%d", v, LMG_CONTRACT_OLDEST, LMG_CONTRACT);
   return reply(fd, LMG_TAG_CONTRACT_AGREED, NULL);
 }
 
@@ -439,9 +438,9 @@ static char *source_hello(const struct lmg_source *s, size_t *len) {
   for (size_t i = 0; i < s->n; i++) {
     const struct lmg_region *r = &s->regions[i];
     at += (size_t)snprintf(h + at, cap - at,
-                           "%s{\"id\":%u,\"name\":\"%s\",\"size\":%llu,\"pageSize\":%u,\"address\":\"%llu\",\"offset\":%llu,\"tracking\":\"%s\"}",
-                           i ? "," : "", r->id, r->name, (unsigned long long)r->size, PAGE, (unsigned long long)(uintptr_t)r->addr,
-                           (unsigned long long)r->offset, r->tracked ? "uffd-wp-async" : "none");
+                           "%s{\"id\":%u,\"name\":\"%s\",\"size\":%llu,\"pageSize\":%u,\"address\":\"%llu\",\"offset\":%llu,\"tracking\":\"%s\"}", i ? "," : "",
+                           r->id, r->name, (unsigned long long)r->size, PAGE, (unsigned long long)(uintptr_t)r->addr, (unsigned long long)r->offset,
+                           r->tracked ? "uffd-wp-async" : "none");
   }
   snprintf(h + at, cap - at, "]}");
   *len = strlen(h);
@@ -509,12 +508,8 @@ static enum served serve_connection(struct lmg_source *s, int fd) {
     }
     int answered;
     switch (m.tag) {
-      case LMG_TAG_CONTRACT:
-        answered = answer_contract(fd, &m, contract_open);
-        break;
-      case LMG_TAG_PAUSE:
-        answered = answer_pause(s, fd, &m);
-        break;
+      case LMG_TAG_CONTRACT: answered = answer_contract(fd, &m, contract_open); break;
+      case LMG_TAG_PAUSE: answered = answer_pause(s, fd, &m); break;
       case LMG_TAG_COMMIT:
         if (!s->paused) {
           answered = refuse(fd, s->self_resumed ? "not paused: the guest resumed itself when its lease ran out" : "not paused: a commit follows a pause");
@@ -544,8 +539,7 @@ static enum served serve_connection(struct lmg_source *s, int fd) {
         s->released = 1;
         s->ops.released(s->ops.ctx);
         return SERVED_RELEASED;
-      default:
-        answered = refuse(fd, "unknown request 0x%02x", m.tag);
+      default: answered = refuse(fd, "unknown request 0x%02x", m.tag);
     }
     if (m.tag != LMG_TAG_CONTRACT) contract_open = 0;
     lmg_message_free(&m);
@@ -616,8 +610,8 @@ static void source_free(struct lmg_source *s) {
   free(s);
 }
 
-static struct lmg_source *source_start(const char *listen_path, const char *dial_path, const char *name, const struct lmg_region *regions,
-                                       size_t n, const struct lmg_source_ops *ops, char *err, size_t errlen) {
+static struct lmg_source *source_start(const char *listen_path, const char *dial_path, const char *name, const struct lmg_region *regions, size_t n,
+                                       const struct lmg_source_ops *ops, char *err, size_t errlen) {
   if (n == 0 || n > LMG_MAX_REGIONS) return fail(err, errlen, EINVAL, "a guest hands over 1..%d regions, not %zu", LMG_MAX_REGIONS, n), NULL;
   if (!regions || !ops) return fail(err, errlen, EINVAL, "regions and ops are required"), NULL;
   struct lmg_source_ops taken;
@@ -658,14 +652,14 @@ static struct lmg_source *source_start(const char *listen_path, const char *dial
   return s;
 }
 
-struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
-                                    const struct lmg_source_ops *ops, char *err, size_t errlen) {
+struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_source_ops *ops, char *err,
+                                    size_t errlen) {
   if (!path) return fail(err, errlen, EINVAL, "a socket path is required"), NULL;
   return source_start(path, NULL, name, regions, n, ops, err, errlen);
 }
 
-struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
-                                       const struct lmg_source_ops *ops, char *err, size_t errlen) {
+struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_source_ops *ops,
+                                       char *err, size_t errlen) {
   if (!daemon_path || !name) return fail(err, errlen, EINVAL, "the daemon's path and the guest's name are required"), NULL;
   return source_start(NULL, daemon_path, name, regions, n, ops, err, errlen);
 }
@@ -927,9 +921,7 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
           answered = refuse(h->fd, "%s", why[0] ? why : "the guest refused the state");
         }
         break;
-      case LMG_TAG_REGISTER:
-        answered = register_postcopy(h);
-        break;
+      case LMG_TAG_REGISTER: answered = register_postcopy(h); break;
       case LMG_TAG_GO:
         if (!loaded) {
           answered = refuse(h->fd, "run before a state was loaded");
@@ -943,11 +935,8 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
          * or it waits for the next scheduler tick (1-4 ms measured) */
         sched_yield();
         return 0;
-      case LMG_TAG_CONTRACT:
-        answered = answer_contract(h->fd, &m, 0);
-        break;
-      default:
-        answered = refuse(h->fd, "unknown request 0x%02x", m.tag);
+      case LMG_TAG_CONTRACT: answered = answer_contract(h->fd, &m, 0); break;
+      default: answered = refuse(h->fd, "unknown request 0x%02x", m.tag);
     }
     lmg_message_free(&m);
     if (answered != 0) return fail(err, errlen, ECONNRESET, "livemig went away");

@@ -56,31 +56,31 @@ extern "C" {
 #define LMG_FRAME_HEAD 5
 
 /* X(NAME, tag): every tag of the contract, requests in upper case, their answers in lower */
-#define LMG_TAGS(X)                                                                               \
-  X(CONTRACT, 'V')        /* contract 3: + u32 LE version, spoken from now on; before any other */ \
-  X(CONTRACT_AGREED, 'v')                                                                         \
-  X(HELLO, 'H')           /* guest -> livemig, first: JSON (+ a memfd per region, source) */     \
-  X(PAUSE, 'P')           /* [+ u32 LE lease ms] */                                              \
-  X(PAUSED, 'p')          /* + the device state */                                               \
-  X(COMMIT, 'C')          /* livemig commits next: no resuming by itself from now on */          \
-  X(COMMITTED, 'c')                                                                               \
-  X(RESUME, 'R')                                                                                  \
-  X(RESUMED, 'r')                                                                                 \
-  X(THROTTLE, 'T')        /* + u8 percent, 0..99 */                                              \
-  X(THROTTLED, 't')                                                                               \
-  X(RELEASE, 'X')         /* the guest runs at the destination: stop for good */                 \
-  X(RELEASED, 'x')                                                                                \
-  X(REGIONS, 'M')         /* livemig -> incoming guest: the region table + a memfd each */       \
-  X(MAPPED, 'm')                                                                                  \
-  X(LOAD_STATE, 'S')      /* + the device state */                                               \
-  X(STATE_LOADED, 's')                                                                            \
-  X(REGISTER, 'U')        /* post-copy: register for minor faults */                             \
-  X(REGISTERED, 'u')      /* + u32 count + count x u64 address, and the userfaultfd */           \
-  X(GO, 'G')                                                                                      \
-  X(GOING, 'g')                                                                                   \
-  X(ALL_PRESENT, 'A')     /* post-copy: every page is in place */                                \
-  X(ALL_PRESENT_ACK, 'a')                                                                         \
-  X(ERROR, 'e')           /* + a UTF-8 reason, the answer to a request refused */
+#define LMG_TAGS(X)                                                                         \
+  X(CONTRACT, 'V') /* contract 3: + u32 LE version, spoken from now on; before any other */ \
+  X(CONTRACT_AGREED, 'v')                                                                   \
+  X(HELLO, 'H')  /* guest -> livemig, first: JSON (+ a memfd per region, source) */         \
+  X(PAUSE, 'P')  /* [+ u32 LE lease ms] */                                                  \
+  X(PAUSED, 'p') /* + the device state */                                                   \
+  X(COMMIT, 'C') /* livemig commits next: no resuming by itself from now on */              \
+  X(COMMITTED, 'c')                                                                         \
+  X(RESUME, 'R')                                                                            \
+  X(RESUMED, 'r')                                                                           \
+  X(THROTTLE, 'T') /* + u8 percent, 0..99 */                                                \
+  X(THROTTLED, 't')                                                                         \
+  X(RELEASE, 'X') /* the guest runs at the destination: stop for good */                    \
+  X(RELEASED, 'x')                                                                          \
+  X(REGIONS, 'M') /* livemig -> incoming guest: the region table + a memfd each */          \
+  X(MAPPED, 'm')                                                                            \
+  X(LOAD_STATE, 'S') /* + the device state */                                               \
+  X(STATE_LOADED, 's')                                                                      \
+  X(REGISTER, 'U')   /* post-copy: register for minor faults */                             \
+  X(REGISTERED, 'u') /* + u32 count + count x u64 address, and the userfaultfd */           \
+  X(GO, 'G')                                                                                \
+  X(GOING, 'g')                                                                             \
+  X(ALL_PRESENT, 'A') /* post-copy: every page is in place */                               \
+  X(ALL_PRESENT_ACK, 'a')                                                                   \
+  X(ERROR, 'e') /* + a UTF-8 reason, the answer to a request refused */
 
 #define LMG_TAG_ENUMERATOR_(name, tag) LMG_TAG_##name = tag,
 enum lmg_tag { LMG_TAGS(LMG_TAG_ENUMERATOR_) };
@@ -96,9 +96,9 @@ enum lmg_tag { LMG_TAGS(LMG_TAG_ENUMERATOR_) };
 
 struct lmg_message {
   uint8_t tag;
-  uint8_t *body;         /* malloc'd: len bytes, then a NUL (not part of the body) */
+  uint8_t *body; /* malloc'd: len bytes, then a NUL (not part of the body) */
   size_t len;
-  int fds[LMG_MAX_FDS];  /* descriptors that came with the message (more are closed on arrival) */
+  int fds[LMG_MAX_FDS]; /* descriptors that came with the message (more are closed on arrival) */
   size_t nfds;
 };
 
@@ -124,13 +124,13 @@ void lmg_message_free(struct lmg_message *m);
 int lmg_version(int *oldest);
 
 struct lmg_region {
-  uint32_t id;              /* unique within the guest */
-  char name[LMG_NAME_MAX];  /* e.g. "ram-low" */
-  void *addr;               /* this process's mapping (page-aligned) */
-  uint64_t size;            /* bytes, a multiple of the page size */
-  int fd;                   /* the memfd (or shm) the mapping is of, MAP_SHARED */
-  uint64_t offset;          /* where the region starts in fd (page-aligned) */
-  int tracked;              /* set by lmg_track: livemig can read exactly which pages were written */
+  uint32_t id;             /* unique within the guest */
+  char name[LMG_NAME_MAX]; /* e.g. "ram-low" */
+  void *addr;              /* this process's mapping (page-aligned) */
+  uint64_t size;           /* bytes, a multiple of the page size */
+  int fd;                  /* the memfd (or shm) the mapping is of, MAP_SHARED */
+  uint64_t offset;         /* where the region starts in fd (page-aligned) */
+  int tracked;             /* set by lmg_track: livemig can read exactly which pages were written */
 };
 
 /* ---- source side -------------------------------------------------------------------- */
@@ -182,8 +182,8 @@ struct lmg_source;
  * NULL) is shown in livemig's report. Any thread; several handles may serve at once, each at
  * a path of its own.
  */
-struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n,
-                                    const struct lmg_source_ops *ops, char *err, size_t errlen);
+struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_source_ops *ops, char *err,
+                                    size_t errlen);
 
 /*
  * The same service, for a guest that registers with a `livemig serve` daemon: the library
@@ -193,8 +193,8 @@ struct lmg_source *lmg_source_start(const char *path, const char *name, const st
  * (the daemon restarted, or refused the name) the library dials again every half second.
  * To register under another name, stop this handle and register again. Any thread.
  */
-struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
-                                       const struct lmg_source_ops *ops, char *err, size_t errlen);
+struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_source_ops *ops,
+                                       char *err, size_t errlen);
 
 /* what lmg_source_stop left the guest as */
 #define LMG_STOPPED 0           /* running here: never paused, or its pause ended (resume was called) */

@@ -18,7 +18,8 @@ bool Aead::Init(const uint8_t* key, const uint8_t* salt, SysError& err) {
   ctx_ = EVP_CIPHER_CTX_new();
   if (!ctx_) return err.fail("ERR_LIVEMIG_NO_MEMORY", "cannot allocate a cipher context"), false;
   // the key is set once; each record sets only its nonce
-  if (EVP_CipherInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, key, nullptr, -1) != 1) return err.fail("ERR_LIVEMIG_UNSUPPORTED", "AES-256-GCM is not available"), false;
+  if (EVP_CipherInit_ex(ctx_, EVP_aes_256_gcm(), nullptr, key, nullptr, -1) != 1)
+    return err.fail("ERR_LIVEMIG_UNSUPPORTED", "AES-256-GCM is not available"), false;
   std::memcpy(salt_, salt, kAeadSaltBytes);
   return true;
 }
@@ -36,14 +37,17 @@ bool Aead::Seal(const uint8_t* aad, size_t aadLen, const iovec* iov, int n, size
   if (!Nonce(iv, err)) return false;
   int len = 0;
   if (EVP_EncryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptInit_ex failed"), false;
-  if (aadLen && EVP_EncryptUpdate(ctx_, nullptr, &len, aad, static_cast<int>(aadLen)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptUpdate (aad) failed"), false;
+  if (aadLen && EVP_EncryptUpdate(ctx_, nullptr, &len, aad, static_cast<int>(aadLen)) != 1)
+    return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptUpdate (aad) failed"), false;
   size_t at = 0;
   for (int k = 0; k < n; k++) {
-    if (EVP_EncryptUpdate(ctx_, out + at, &len, static_cast<const uint8_t*>(iov[k].iov_base), static_cast<int>(iov[k].iov_len)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptUpdate failed"), false;
+    if (EVP_EncryptUpdate(ctx_, out + at, &len, static_cast<const uint8_t*>(iov[k].iov_base), static_cast<int>(iov[k].iov_len)) != 1)
+      return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptUpdate failed"), false;
     at += static_cast<size_t>(len);
   }
   if (at != total || EVP_EncryptFinal_ex(ctx_, out + at, &len) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_EncryptFinal_ex failed"), false;
-  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kAeadTagBytes, out + total) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "reading the GCM tag failed"), false;
+  if (EVP_CIPHER_CTX_ctrl(ctx_, EVP_CTRL_GCM_GET_TAG, kAeadTagBytes, out + total) != 1)
+    return err.fail("ERR_LIVEMIG_SYSCALL", "reading the GCM tag failed"), false;
   return true;
 }
 
@@ -52,7 +56,8 @@ bool Aead::OpenInPlace(const uint8_t* aad, size_t aadLen, const iovec* iov, int 
   if (!Nonce(iv, err)) return false;
   int got = 0;
   if (EVP_DecryptInit_ex(ctx_, nullptr, nullptr, nullptr, iv) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptInit_ex failed"), false;
-  if (aadLen && EVP_DecryptUpdate(ctx_, nullptr, &got, aad, static_cast<int>(aadLen)) != 1) return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptUpdate (aad) failed"), false;
+  if (aadLen && EVP_DecryptUpdate(ctx_, nullptr, &got, aad, static_cast<int>(aadLen)) != 1)
+    return err.fail("ERR_LIVEMIG_SYSCALL", "EVP_DecryptUpdate (aad) failed"), false;
   for (int k = 0; k < n; k++) {
     uint8_t* p = static_cast<uint8_t*>(iov[k].iov_base);
     // GCM is a stream mode: in place, every byte comes out as it goes in (got == iov_len)

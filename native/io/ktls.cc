@@ -24,7 +24,8 @@ Napi::Value KernelTlsErrno(const Napi::CallbackInfo& info) {
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof addr;
-  if (l >= 0 && bind(l, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && listen(l, 1) == 0 && getsockname(l, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+  if (l >= 0 && bind(l, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && listen(l, 1) == 0 &&
+      getsockname(l, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
     c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c >= 0 && connect(c, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 && (a = accept4(l, nullptr, nullptr, SOCK_CLOEXEC)) >= 0) {
       result = setsockopt(c, IPPROTO_TCP, TCP_ULP, "tls", sizeof "tls") == 0 ? 0 : errno;

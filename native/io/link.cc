@@ -24,9 +24,7 @@ long Link::Unread() const {
   return static_cast<long>(queued) + static_cast<long>(rx_ ? rx_->buffered() : 0);
 }
 
-bool Link::Send(iovec* iov, int n, size_t head, SysError& err) {
-  return tx_ ? tx_->Send(fd_, iov, n, head, err) : SendAll(fd_, iov, n, err);
-}
+bool Link::Send(iovec* iov, int n, size_t head, SysError& err) { return tx_ ? tx_->Send(fd_, iov, n, head, err) : SendAll(fd_, iov, n, err); }
 
 bool Link::Recv(iovec* iov, int n, bool atFrameStart, SysError& err) {
   return rx_ ? rx_->RecvAll(fd_, iov, n, atFrameStart, err) : RecvAll(fd_, iov, n, atFrameStart, err);

@@ -266,8 +266,8 @@ bool RecordReceiver::FillNow(int fd, size_t maxLen, SysError& err) {
   return true;
 }
 
-bool OpenStreamRecords(const DirectionKey& k, uint64_t first, const uint8_t* p, size_t len, std::vector<uint8_t>& plain, size_t& consumed,
-                       uint64_t& records, SysError& err) {
+bool OpenStreamRecords(const DirectionKey& k, uint64_t first, const uint8_t* p, size_t len, std::vector<uint8_t>& plain, size_t& consumed, uint64_t& records,
+                       SysError& err) {
   Aead aead;
   if (!aead.Init(k.key, k.salt, err)) return false;
   aead.StartAt(first);

@@ -46,9 +46,7 @@ class RawBytes {
     }
     size_ = n;
   }
-  void swap(RawBytes& o) {
-    std::swap(p_, o.p_), std::swap(size_, o.size_), std::swap(cap_, o.cap_);
-  }
+  void swap(RawBytes& o) { std::swap(p_, o.p_), std::swap(size_, o.size_), std::swap(cap_, o.cap_); }
 
  private:
   std::unique_ptr<uint8_t[]> p_;
@@ -127,7 +125,7 @@ class RecordReceiver {
 // them numbered `first`, appending their plaintext to `plain`; `consumed` and `records` say how
 // far it got (a record not all there yet is left). False with err for a bad length (the
 // stream's framing is lost) or a record that fails authentication.
-bool OpenStreamRecords(const DirectionKey& k, uint64_t first, const uint8_t* p, size_t len, std::vector<uint8_t>& plain, size_t& consumed,
-                       uint64_t& records, SysError& err);
+bool OpenStreamRecords(const DirectionKey& k, uint64_t first, const uint8_t* p, size_t len, std::vector<uint8_t>& plain, size_t& consumed, uint64_t& records,
+                       SysError& err);
 
 }  // namespace livemig

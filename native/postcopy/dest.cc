@@ -1,13 +1,13 @@
 // Post-copy, destination: the fault service (see postcopy.cc for the design). One native thread
 // owns the guest's userfaultfd and both post-copy connections, so the per-page state needs no
 // locks: missing -> requested (a fault waits) -> mapped, or missing -> arrived -> mapped.
+#include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
-#include <linux/userfaultfd.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -55,10 +55,10 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
 
  public:
   static Napi::Function Init(Napi::Env env) {
-    return DefineClass(env, "PostcopyDest",
-                       {InstanceMethod("start", &PostcopyDest::Start), InstanceMethod("attach", &PostcopyDest::Attach),
-                        InstanceMethod("stats", &PostcopyDest::Stats), InstanceMethod("latencies", &PostcopyDest::Latencies),
-                        InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
+    return DefineClass(
+        env, "PostcopyDest",
+        {InstanceMethod("start", &PostcopyDest::Start), InstanceMethod("attach", &PostcopyDest::Attach), InstanceMethod("stats", &PostcopyDest::Stats),
+         InstanceMethod("latencies", &PostcopyDest::Latencies), InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
   }
 
   // new PostcopyDest({region, uffd, guest: bigint address | [{address, firstPage, pages}],
@@ -93,7 +93,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
           throw o.Bad("guest", "a bigint address or an array of {address: bigint, firstPage: number, pages: number}");
         }
         GuestRange r{ToU64(address), first.As<Napi::Number>().Uint32Value(), count.As<Napi::Number>().Uint32Value()};
-        if (r.first != next || r.pages == 0 || r.address % kPage) throw Napi::RangeError::New(env, o.Prefix("guest") + ": the ranges must cover the pages in order, page-aligned");
+        if (r.first != next || r.pages == 0 || r.address % kPage)
+          throw Napi::RangeError::New(env, o.Prefix("guest") + ": the ranges must cover the pages in order, page-aligned");
         next += r.pages;
         ranges_.push_back(r);
       }
@@ -103,8 +104,12 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     } else {
       throw o.Bad("guest", "a bigint address or an array of {address, firstPage, pages}");
     }
-    if (st.ElementLength() != pages_) throw Napi::RangeError::New(env, o.Prefix("needed") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(st.ElementLength()));
-    if (h.ElementLength() != pages_) throw Napi::RangeError::New(env, o.Prefix("hashes") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(h.ElementLength()));
+    if (st.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("needed") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(st.ElementLength()));
+    if (h.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("hashes") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(h.ElementLength()));
     m_->Ref();  // only now: a constructor that throws is not destroyed, and would keep it
     // the caller's array becomes the state table (no copy: this runs inside the guest's pause,
     // where first touches of fresh memory cost ~15 us per 4 KiB page on this host)
@@ -245,7 +250,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         start += kPage;
       } else if (e == EAGAIN) {
         start += done;  // the guest's mappings are changing (mremap, fork): retry the rest
-      } else {  // ESRCH: the guest process is gone; ENOENT/EINVAL: not our mapping any more
+      } else {          // ESRCH: the guest process is gone; ENOENT/EINVAL: not our mapping any more
         return err.set("ioctl(UFFDIO_CONTINUE)", e), false;
       }
     }
@@ -321,7 +326,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         } else if (r.phase == 1) {
           uint32_t round;
           const uint32_t length = Le32(r.head + 8);
-          if (!wire::CheckPagesPrefix("post-copy PAGES", r.head + kHeader, kMaxBatch, &round, &r.count, err) || !wire::CheckPlainPagesLength("post-copy PAGES", length, r.count, err)) return -1;
+          if (!wire::CheckPagesPrefix("post-copy PAGES", r.head + kHeader, kMaxBatch, &round, &r.count, err) ||
+              !wire::CheckPlainPagesLength("post-copy PAGES", length, r.count, err))
+            return -1;
           r.idx.resize(r.count);
           r.phase = 2;
         } else {
@@ -417,9 +424,11 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
 
   // The wake-up event: stop (false), or connections attached after a break, which replace the
   // old ones (`replaced`); requests in flight on the old connection are asked again.
-  bool TakeWake(std::shared_ptr<Link>& push, std::shared_ptr<Link>& prio, PageReader& pushR, PageReader& prioR, std::vector<uint32_t>& toRequest, bool& replaced) {
+  bool TakeWake(std::shared_ptr<Link>& push, std::shared_ptr<Link>& prio, PageReader& pushR, PageReader& prioR, std::vector<uint32_t>& toRequest,
+                bool& replaced) {
     uint64_t v;
-    if (read(wake_, &v, 8) < 0) { /* EAGAIN: another wake already consumed it */ }
+    if (read(wake_, &v, 8) < 0) { /* EAGAIN: another wake already consumed it */
+    }
     std::lock_guard<std::mutex> g(mu_);
     if (stop_) return false;
     if (newPush_) {

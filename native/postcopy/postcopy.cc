@@ -15,10 +15,10 @@
 // Source. The guest is paused; its pages are read straight from the region. A server thread
 // answers page requests on the priority connection; push() sends pages in the background on the
 // other one. A per-page claim (atomic) makes each page go once, by whichever takes it first.
+#include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
-#include <linux/userfaultfd.h>
 #include <unistd.h>
 
 #include "postcopy/postcopy.h"

@@ -21,10 +21,10 @@ namespace postcopy {
 constexpr size_t kPage = wire::kPageSize;
 constexpr size_t kHeader = wire::kHeaderBytes;
 constexpr uint8_t kPages = wire::kPages;
-constexpr uint8_t kRequest = wire::kPageRequest;    // D->S: u32 count, u32 pages
+constexpr uint8_t kRequest = wire::kPageRequest;        // D->S: u32 count, u32 pages
 constexpr uint8_t kComplete = wire::kPostcopyComplete;  // D->S: u64 digest of the page hashes, u32 page count
 constexpr uint32_t kMaxBatch = wire::kMaxBatchPages;
-constexpr size_t kPushChunk = 128 * 1024;  // bytes read from the push stream between fault checks
+constexpr size_t kPushChunk = 128 * 1024;        // bytes read from the push stream between fault checks
 constexpr size_t kPushChunkWaiting = 16 * 1024;  // ... while a fault waits on a requested page
 
 enum : uint8_t { kMissing = 0, kRequested = 1, kArrived = 2, kMapped = 3 };
@@ -66,7 +66,6 @@ inline void CallEvent(Napi::Env env, Napi::Function fn, Event* e) {
   delete e;
   fn.Call({o});
 }
-
 
 // Where a service thread's events go: a thread-safe function that may be closed under it. When
 // the object is destroyed (a finalizer, or the environment's cleanup at exit, which may be

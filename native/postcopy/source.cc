@@ -1,12 +1,12 @@
 // Post-copy, source: the page server (requests on the priority connection) and the background
 // push, sharing a per-page claim so that each page goes once (see postcopy.cc).
+#include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
-#include <linux/userfaultfd.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -16,13 +16,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include <pthread.h>
+#include <sched.h>
 #include "codec/pagehash.h"
 #include "options.h"
 #include "postcopy/postcopy.h"
 #include "region/region.h"
 #include "wire/wire.h"
-#include <pthread.h>
-#include <sched.h>
 
 namespace livemig {
 namespace postcopy {
@@ -34,11 +34,11 @@ namespace {
 class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
  public:
   static Napi::Function Init(Napi::Env env) {
-    return DefineClass(env, "PostcopySource",
-                       {InstanceMethod("attach", &PostcopySource::Attach), InstanceMethod("push", &PostcopySource::Push),
-                        InstanceMethod("recent", &PostcopySource::Recent), InstanceMethod("reset", &PostcopySource::Reset),
-                        InstanceMethod("unsent", &PostcopySource::Unsent), InstanceMethod("stats", &PostcopySource::Stats),
-                        InstanceMethod("detach", &PostcopySource::Detach)});
+    return DefineClass(
+        env, "PostcopySource",
+        {InstanceMethod("attach", &PostcopySource::Attach), InstanceMethod("push", &PostcopySource::Push), InstanceMethod("recent", &PostcopySource::Recent),
+         InstanceMethod("reset", &PostcopySource::Reset), InstanceMethod("unsent", &PostcopySource::Unsent), InstanceMethod("stats", &PostcopySource::Stats),
+         InstanceMethod("detach", &PostcopySource::Detach)});
   }
 
   // new PostcopySource({region, needed: Uint8Array (1: the destination needs the page), version,
@@ -56,8 +56,12 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
     m_ = Region::Unwrap(region)->LiveMapping(env);
     if (!m_) return;
     pages_ = m_->size / kPage;
-    if (need.ElementLength() != pages_) throw Napi::RangeError::New(env, o.Prefix("needed") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(need.ElementLength()));
-    if (!h.IsEmpty() && h.ElementLength() != pages_) throw Napi::RangeError::New(env, o.Prefix("hashes") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(h.ElementLength()));
+    if (need.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("needed") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(need.ElementLength()));
+    if (!h.IsEmpty() && h.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("hashes") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(h.ElementLength()));
     m_->Ref();  // only now: a constructor that throws is not destroyed, and would keep it
     claim_.reset(new std::atomic<uint8_t>[pages_]);
     for (uint64_t p = 0; p < pages_; p++) claim_[p].store(need[p] ? kUnsent : kPushed, std::memory_order_relaxed);
@@ -251,7 +255,8 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
         return;
       }
       if (type != kRequest || length < 4 || length > 4 + 4 * kMaxBatch || length % 4 != 0) {
-        err.fail("ERR_LIVEMIG_PROTOCOL", "unexpected frame type " + std::to_string(type) + " (" + std::to_string(length) + " bytes) on the page-request connection");
+        err.fail("ERR_LIVEMIG_PROTOCOL",
+                 "unexpected frame type " + std::to_string(type) + " (" + std::to_string(length) + " bytes) on the page-request connection");
         break;
       }
       body.resize(length);

@@ -106,9 +106,7 @@ uint32_t SetOtherThreadsIdle(bool idle) {
 
 namespace {
 
-Napi::Value SetThreadSliceJs(const Napi::CallbackInfo& info) {
-  return Napi::Boolean::New(info.Env(), SetThreadSlice(ToU64(info[0])));
-}
+Napi::Value SetThreadSliceJs(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), SetThreadSlice(ToU64(info[0]))); }
 
 Napi::Object ResultObject(Napi::Env env, uint32_t threads, bool applied) {
   Napi::Object o = Napi::Object::New(env);
@@ -175,9 +173,7 @@ Napi::Value IgnoreStopSignals(const Napi::CallbackInfo& info) {
 // complete calls it: the teardown closes libuv's signal handles, which sets their signals back to
 // the default action, and a stop signal landing then (the parent's, or a service manager's sent
 // to every process of the unit) ended it by that action instead of its exit code.
-Napi::Value ExitNow(const Napi::CallbackInfo& info) {
-  _exit(info[0].As<Napi::Number>().Int32Value());
-}
+Napi::Value ExitNow(const Napi::CallbackInfo& info) { _exit(info[0].As<Napi::Number>().Int32Value()); }
 
 }  // namespace
 

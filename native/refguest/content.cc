@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
+#include <algorithm>
 #include "common.h"
 #include "refguest/gate.h"
 #include "wire/format.h"
-#include <algorithm>
 
 namespace livemig {
 
@@ -33,7 +33,8 @@ struct Memory {
 Memory MemoryOf(const Napi::Value& address, const Napi::Value& size) {
   uint64_t a = ToU64(address);
   uint64_t n = ToU64(size);
-  if (a == 0 || a % kPage != 0 || n == 0 || n % kPage != 0) throw Napi::RangeError::New(address.Env(), "the guest memory must be a page-aligned mapping of whole pages");
+  if (a == 0 || a % kPage != 0 || n == 0 || n % kPage != 0)
+    throw Napi::RangeError::New(address.Env(), "the guest memory must be a page-aligned mapping of whole pages");
   return {reinterpret_cast<uint8_t*>(a), n};
 }
 
@@ -54,45 +55,41 @@ inline uint64_t Xs(uint64_t* state) {
 }
 
 const char* const kWords[300] = {
-    "software", "read", "orange", "experience", "girl", "turn", "version", "relation", "recognize", "animal",
-    "other", "with", "network", "live", "whatever", "reference", "your", "training", "tree", "earth",
-    "outside", "between", "story", "change", "license", "teacher", "location", "particular", "recommend", "which",
-    "spell", "food", "require", "yesterday", "previous", "when", "period", "night", "want", "material",
-    "world", "national", "whether", "have", "mile", "important", "violence", "follow", "western", "mother",
-    "just", "solution", "television", "move", "specific", "university", "interest", "show", "family", "hard",
-    "problem", "evening", "time", "until", "structure", "almost", "before", "close", "sometimes", "were",
-    "last", "really", "again", "there", "respond", "below", "within", "server", "often", "also",
-    "morning", "enough", "management", "land", "page", "city", "strength", "state", "their", "value",
-    "produce", "technology", "might", "along", "those", "market", "memory", "feet", "simple", "sentence",
-    "device", "vehicle", "standard", "printer", "migration", "letter", "four", "kind", "remember", "worker",
-    "children", "public", "because", "reason", "will", "question", "negative", "help", "history", "protect",
-    "mean", "provide", "pressure", "volume", "president", "condition", "thought", "instance", "year", "pleasure",
-    "something", "permission", "side", "this", "register", "pattern", "similar", "probably", "payment", "update",
-    "record", "control", "increase", "restaurant", "come", "find", "wonder", "checkpoint", "possible", "different",
-    "these", "manager", "natural", "part", "popular", "second", "need", "necessary", "operation", "system",
-    "message", "visitor", "buffer", "life", "counter", "platform", "notice", "little", "official", "screen",
-    "window", "information", "present", "journey", "well", "whole", "address", "common", "response", "face",
-    "leave", "study", "much", "book", "what", "position", "mission", "being", "garden", "most",
-    "package", "home", "thing", "science", "open", "government", "community", "priority", "near", "performance",
-    "keep", "give", "original", "must", "physical", "source", "universe", "research", "took", "strategy",
-    "together", "same", "stream", "reduce", "difference", "start", "began", "product", "reality", "father",
-    "island", "from", "plant", "professor", "security", "industry", "opinion", "great", "tonight", "does",
-    "idea", "harbor", "first", "them", "came", "treatment", "learn", "service", "quarter", "tomorrow",
-    "volunteer", "certain", "still", "temperature", "next", "another", "destination", "revenue", "both", "been",
-    "secretary", "single", "release", "request", "about", "each", "stop", "work", "purchase", "that",
-    "several", "like", "political", "back", "around", "channel", "picture", "people", "went", "passenger",
-    "majority", "pointer", "place", "young", "list", "minute", "minister", "personal", "into", "station",
-    "good", "paper", "later", "support", "railway", "right", "they", "head", "school", "such",
-    "engine", "word", "found", "summer", "session", "large", "down", "primary", "answer", "watch",
+    "software",   "read",        "orange",    "experience", "girl",        "turn",       "version",     "relation", "recognize",  "animal",    "other",
+    "with",       "network",     "live",      "whatever",   "reference",   "your",       "training",    "tree",     "earth",      "outside",   "between",
+    "story",      "change",      "license",   "teacher",    "location",    "particular", "recommend",   "which",    "spell",      "food",      "require",
+    "yesterday",  "previous",    "when",      "period",     "night",       "want",       "material",    "world",    "national",   "whether",   "have",
+    "mile",       "important",   "violence",  "follow",     "western",     "mother",     "just",        "solution", "television", "move",      "specific",
+    "university", "interest",    "show",      "family",     "hard",        "problem",    "evening",     "time",     "until",      "structure", "almost",
+    "before",     "close",       "sometimes", "were",       "last",        "really",     "again",       "there",    "respond",    "below",     "within",
+    "server",     "often",       "also",      "morning",    "enough",      "management", "land",        "page",     "city",       "strength",  "state",
+    "their",      "value",       "produce",   "technology", "might",       "along",      "those",       "market",   "memory",     "feet",      "simple",
+    "sentence",   "device",      "vehicle",   "standard",   "printer",     "migration",  "letter",      "four",     "kind",       "remember",  "worker",
+    "children",   "public",      "because",   "reason",     "will",        "question",   "negative",    "help",     "history",    "protect",   "mean",
+    "provide",    "pressure",    "volume",    "president",  "condition",   "thought",    "instance",    "year",     "pleasure",   "something", "permission",
+    "side",       "this",        "register",  "pattern",    "similar",     "probably",   "payment",     "update",   "record",     "control",   "increase",
+    "restaurant", "come",        "find",      "wonder",     "checkpoint",  "possible",   "different",   "these",    "manager",    "natural",   "part",
+    "popular",    "second",      "need",      "necessary",  "operation",   "system",     "message",     "visitor",  "buffer",     "life",      "counter",
+    "platform",   "notice",      "little",    "official",   "screen",      "window",     "information", "present",  "journey",    "well",      "whole",
+    "address",    "common",      "response",  "face",       "leave",       "study",      "much",        "book",     "what",       "position",  "mission",
+    "being",      "garden",      "most",      "package",    "home",        "thing",      "science",     "open",     "government", "community", "priority",
+    "near",       "performance", "keep",      "give",       "original",    "must",       "physical",    "source",   "universe",   "research",  "took",
+    "strategy",   "together",    "same",      "stream",     "reduce",      "difference", "start",       "began",    "product",    "reality",   "father",
+    "island",     "from",        "plant",     "professor",  "security",    "industry",   "opinion",     "great",    "tonight",    "does",      "idea",
+    "harbor",     "first",       "them",      "came",       "treatment",   "learn",      "service",     "quarter",  "tomorrow",   "volunteer", "certain",
+    "still",      "temperature", "next",      "another",    "destination", "revenue",    "both",        "been",     "secretary",  "single",    "release",
+    "request",    "about",       "each",      "stop",       "work",        "purchase",   "that",        "several",  "like",       "political", "back",
+    "around",     "channel",     "picture",   "people",     "went",        "passenger",  "majority",    "pointer",  "place",      "young",     "list",
+    "minute",     "minister",    "personal",  "into",       "station",     "good",       "paper",       "later",    "support",    "railway",   "right",
+    "they",       "head",        "school",    "such",       "engine",      "word",       "found",       "summer",   "session",    "large",     "down",
+    "primary",    "answer",      "watch",
 };
 
 enum Content { kRandom = 0, kZero = 1, kText = 2, kDup = 3, kMixed = 4 };
 
 struct Keys {
   uint64_t cls, page, pool, dup;
-  explicit Keys(uint64_t s)
-      : cls(Mix64(s ^ 0x636c617373ULL)), page(Mix64(s ^ 0x70616765ULL)), pool(Mix64(s ^ 0x706f6f6cULL)),
-        dup(Mix64(s ^ 0x647570ULL)) {}
+  explicit Keys(uint64_t s) : cls(Mix64(s ^ 0x636c617373ULL)), page(Mix64(s ^ 0x70616765ULL)), pool(Mix64(s ^ 0x706f6f6cULL)), dup(Mix64(s ^ 0x647570ULL)) {}
 };
 
 void RandomWords(uint64_t state, uint8_t* out) {
@@ -131,8 +128,8 @@ void PageContent(int content, const Keys& k, uint64_t i, uint8_t* out) {
 
 // The guest's write stream. `st` = {xorshift state, write counter}.
 struct WriteSpec {
-  uint64_t span;     // pages the writes fall in
-  bool sequential;   // page = (counter-1) mod span instead of from the stream
+  uint64_t span;    // pages the writes fall in
+  bool sequential;  // page = (counter-1) mod span instead of from the stream
 };
 
 inline void NextWrite(uint64_t* st, const WriteSpec& w, uint64_t* page, uint64_t* slot, uint64_t* counter) {
@@ -148,12 +145,12 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
   int content = info[2].As<Napi::Number>().Int32Value();
   uint64_t seed = ToU64(info[3]);
   uint64_t pages = m.size / kPage;
-    return Task<int>::Start(
+  return Task<int>::Start(
       env,
       [m, content, seed, pages](int&, SysError&) {
         Keys k(seed);
         for (uint64_t i = 0; i < pages; i++) PageContent(content, k, i, m.addr + i * kPage);
-              },
+      },
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0]});
 }
 
@@ -198,7 +195,7 @@ Napi::Value Verify(const Napi::CallbackInfo& info) {
   WriteSpec w{ToU64(info[5]), info[6].ToBoolean().Value()};
   uint64_t pages = m.size / kPage;
   if (w.span == 0 || w.span > pages) throw Napi::RangeError::New(env, "span outside the region");
-    return Task<VerifyResult>::Start(
+  return Task<VerifyResult>::Start(
       env,
       [m, content, seed, writes, w, pages](VerifyResult& out, SysError&) {
         // A check in the background must not take the CPU from the guest's own work (its
@@ -235,7 +232,7 @@ Napi::Value Verify(const Napi::CallbackInfo& info) {
           }
         }
         setpriority(PRIO_PROCESS, tid, before);
-              },
+      },
       [](Napi::Env e, VerifyResult& r) -> Napi::Value {
         Napi::Object o = Napi::Object::New(e);
         o.Set("bad", Napi::Number::New(e, static_cast<double>(r.bad)));

@@ -126,14 +126,10 @@ Napi::Value Serve(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-Napi::Value GatePaused(const Napi::CallbackInfo& info) {
-  return Napi::Boolean::New(info.Env(), TheGuestGate().paused.load());
-}
+Napi::Value GatePaused(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), TheGuestGate().paused.load()); }
 
 // the throttle livemig asked for (percent of the rate withheld)
-Napi::Value GateThrottle(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), TheGuestGate().throttlePercent.load());
-}
+Napi::Value GateThrottle(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), TheGuestGate().throttlePercent.load()); }
 
 // gateBeat(st) -> the heartbeat's sequence number, or -1 when paused: a paused guest must not
 // beat, or an observer would see it alive after its state was taken.

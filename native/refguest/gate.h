@@ -9,9 +9,9 @@
 namespace livemig {
 
 struct GuestGate {
-  std::mutex mu;                 // held while the guest writes a chunk or stamps a beat
+  std::mutex mu;  // held while the guest writes a chunk or stamps a beat
   std::atomic<bool> paused{false};
-  uint64_t* st = nullptr;        // {xorshift state, writes, heartbeat seq}, once the guest serves livemig
+  uint64_t* st = nullptr;                    // {xorshift state, writes, heartbeat seq}, once the guest serves livemig
   std::atomic<unsigned> throttlePercent{0};  // of the rate withheld, as livemig asked (auto-converge)
 };
 

@@ -4,8 +4,8 @@
 #include <thread>
 #include <vector>
 
-#include "common.h"
 #include "codec/pagehash.h"
+#include "common.h"
 #include "region/region.h"
 #include "wire/format.h"
 
@@ -134,8 +134,7 @@ Napi::Value HashCompare(const Napi::CallbackInfo& info) {
         changed.insert(changed.end(), upper.begin(), upper.end());
         m->Unref();
       },
-      [](Napi::Env e, std::vector<uint32_t>& changed) -> Napi::Value { return PagesToJs(e, std::move(changed)); },
-      {info[0], info[4]});
+      [](Napi::Env e, std::vector<uint32_t>& changed) -> Napi::Value { return PagesToJs(e, std::move(changed)); }, {info[0], info[4]});
 }
 
 // The commitment digest: XXH64 over the per-page hash table (8 bytes per page).

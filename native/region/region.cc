@@ -87,9 +87,7 @@ Napi::Value Adopt(const Napi::CallbackInfo& info) {
   struct stat st;
   if (fstat(callerFd, &st) != 0) throw MakeSysError(env, "fstat", errno);
   if (static_cast<uint64_t>(st.st_size) < size) {
-    throw MakeSysError(env, "fstat", EINVAL,
-                       "file holds " + std::to_string(st.st_size) + " bytes, fewer than the region's " +
-                           std::to_string(size));
+    throw MakeSysError(env, "fstat", EINVAL, "file holds " + std::to_string(st.st_size) + " bytes, fewer than the region's " + std::to_string(size));
   }
   int fd = fcntl(callerFd, F_DUPFD_CLOEXEC, 3);
   if (fd < 0) throw MakeSysError(env, "fcntl(F_DUPFD_CLOEXEC)", errno);
@@ -119,7 +117,8 @@ Napi::Value AdoptPieces(const Napi::CallbackInfo& info) {
     struct stat st;
     if (fstat(p.fd, &st) != 0) throw MakeSysError(env, "fstat", errno);
     if (static_cast<uint64_t>(st.st_size) < p.offset + p.size) {
-      throw MakeSysError(env, "fstat", EINVAL, "piece " + std::to_string(i) + ": the file holds " + std::to_string(st.st_size) + " bytes, fewer than offset + size");
+      throw MakeSysError(env, "fstat", EINVAL,
+                         "piece " + std::to_string(i) + ": the file holds " + std::to_string(st.st_size) + " bytes, fewer than offset + size");
     }
     pieces.push_back(p);
     total += p.size;
@@ -167,9 +166,7 @@ Napi::Value Attach(const Napi::CallbackInfo& info) {
   return Wrap(env, m);
 }
 
-Napi::Value PageSize(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), static_cast<double>(sysconf(_SC_PAGESIZE)));
-}
+Napi::Value PageSize(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(sysconf(_SC_PAGESIZE))); }
 
 }  // namespace
 
@@ -236,8 +233,7 @@ bool Region::IsInstance(Napi::Env env, const Napi::Value& v) {
 
 Region::Region(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Region>(info) {
   if (info.Length() != 1 || !info[0].IsExternal()) {
-    Napi::TypeError::New(info.Env(), "NativeRegion is created by regionCreate/regionAdopt/regionAttach")
-        .ThrowAsJavaScriptException();
+    Napi::TypeError::New(info.Env(), "NativeRegion is created by regionCreate/regionAdopt/regionAttach").ThrowAsJavaScriptException();
     return;
   }
   mapping_ = info[0].As<Napi::External<Mapping>>().Data();
@@ -268,8 +264,8 @@ Napi::Value Region::View(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   m->Ref();
-  return Napi::Buffer<uint8_t>::New(env, m->addr + offset, static_cast<size_t>(length),
-                                    [](Napi::Env, uint8_t*, Mapping* mm) { mm->Unref(); }, m);
+  return Napi::Buffer<uint8_t>::New(
+      env, m->addr + offset, static_cast<size_t>(length), [](Napi::Env, uint8_t*, Mapping* mm) { mm->Unref(); }, m);
 }
 
 Napi::Value Region::Release(const Napi::CallbackInfo& info) {
@@ -334,21 +330,13 @@ Napi::Value Region::PopulateAsync(const Napi::CallbackInfo& info) {
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info.This()});
 }
 
-Napi::Value Region::GetFd(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), mapping_ ? mapping_->fd : -1);
-}
-Napi::Value Region::GetSize(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), mapping_ ? static_cast<double>(mapping_->size) : 0);
-}
-Napi::Value Region::GetId(const Napi::CallbackInfo& info) {
-  return Napi::BigInt::New(info.Env(), mapping_ ? mapping_->id : 0);
-}
+Napi::Value Region::GetFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), mapping_ ? mapping_->fd : -1); }
+Napi::Value Region::GetSize(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), mapping_ ? static_cast<double>(mapping_->size) : 0); }
+Napi::Value Region::GetId(const Napi::CallbackInfo& info) { return Napi::BigInt::New(info.Env(), mapping_ ? mapping_->id : 0); }
 Napi::Value Region::GetAddress(const Napi::CallbackInfo& info) {
   return Napi::BigInt::New(info.Env(), mapping_ ? reinterpret_cast<uint64_t>(mapping_->addr) : 0);
 }
-Napi::Value Region::GetReleased(const Napi::CallbackInfo& info) {
-  return Napi::Boolean::New(info.Env(), !mapping_ || mapping_->released.load());
-}
+Napi::Value Region::GetReleased(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !mapping_ || mapping_->released.load()); }
 
 void InitRegionStatics(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeRegion", Region::Init(env));

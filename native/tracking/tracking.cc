@@ -115,11 +115,12 @@ Napi::Value UffdWriteProtect(const Napi::CallbackInfo& info) {
   if (ioctl(fd, UFFDIO_API, &api) != 0) {
     int e = errno;
     close(fd);
-    throw MakeSysError(env, "ioctl(UFFDIO_API)", e, "features requested 0x" + [&] {
-      char b[32];
-      snprintf(b, sizeof b, "%llx", static_cast<unsigned long long>(features));
-      return std::string(b);
-    }());
+    throw MakeSysError(
+        env, "ioctl(UFFDIO_API)", e, "features requested 0x" + [&] {
+          char b[32];
+          snprintf(b, sizeof b, "%llx", static_cast<unsigned long long>(features));
+          return std::string(b);
+        }());
   }
   struct uffdio_register reg = {};
   reg.range.start = address;
@@ -147,8 +148,7 @@ Napi::Value UffdWriteProtect(const Napi::CallbackInfo& info) {
 // Pages written in [start, end) since they were last protected, as page indices relative to
 // `start`; with `rearm`, the kernel write-protects exactly those pages again in the same walk,
 // so a write that lands after the walk passed a page is caught by the next scan.
-void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize, bool rearm,
-                 std::vector<uint32_t>* out, SysError* err) {
+void ScanWritten(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize, bool rearm, std::vector<uint32_t>* out, SysError* err) {
   // Enough for the common case in one call; the loop continues from walk_end otherwise.
   static thread_local std::vector<page_region> vec(32768);
   struct pm_scan_arg arg = {};
@@ -242,10 +242,7 @@ Napi::Value PagemapScanSync(const Napi::CallbackInfo& info) {
 Napi::Value PagemapScan(const Napi::CallbackInfo& info) {
   ScanArgs a = ReadScanArgs(info);
   return Task<std::vector<uint32_t>>::Start(
-      info.Env(),
-      [a](std::vector<uint32_t>& pages, SysError& err) {
-        ScanWritten(a.fd, a.start, a.end, a.pageSize, a.rearm, &pages, &err);
-      },
+      info.Env(), [a](std::vector<uint32_t>& pages, SysError& err) { ScanWritten(a.fd, a.start, a.end, a.pageSize, a.rearm, &pages, &err); },
       [](Napi::Env env, std::vector<uint32_t>& pages) -> Napi::Value { return PagesToJs(env, std::move(pages)); });
 }
 
@@ -262,8 +259,7 @@ Napi::Value SoftDirtyClear(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-void ScanSoftDirty(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize, std::vector<uint32_t>* out,
-                   SysError* err) {
+void ScanSoftDirty(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSize, std::vector<uint32_t>* out, SysError* err) {
   constexpr size_t kChunk = 65536;
   std::vector<uint64_t> entries(kChunk);
   uint64_t pages = (end - start) / pageSize;
@@ -290,8 +286,7 @@ void ScanSoftDirty(int pagemapFd, uint64_t start, uint64_t end, uint64_t pageSiz
 Napi::Value SoftDirtyScan(const Napi::CallbackInfo& info) {
   ScanArgs a = ReadScanArgs(info);
   return Task<std::vector<uint32_t>>::Start(
-      info.Env(),
-      [a](std::vector<uint32_t>& pages, SysError& err) { ScanSoftDirty(a.fd, a.start, a.end, a.pageSize, &pages, &err); },
+      info.Env(), [a](std::vector<uint32_t>& pages, SysError& err) { ScanSoftDirty(a.fd, a.start, a.end, a.pageSize, &pages, &err); },
       [](Napi::Env env, std::vector<uint32_t>& pages) -> Napi::Value { return PagesToJs(env, std::move(pages)); });
 }
 
@@ -347,8 +342,7 @@ void InitTracking(Napi::Env env, Napi::Object exports) {
   exports.Set("closeFd", Napi::Function::New(env, CloseFd));
   exports.Set("UFFD_FEATURE_WP_ASYNC", Napi::BigInt::New(env, static_cast<uint64_t>(UFFD_FEATURE_WP_ASYNC)));
   exports.Set("UFFD_FEATURE_WP_UNPOPULATED", Napi::BigInt::New(env, static_cast<uint64_t>(UFFD_FEATURE_WP_UNPOPULATED)));
-  exports.Set("UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
-              Napi::BigInt::New(env, static_cast<uint64_t>(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)));
+  exports.Set("UFFD_FEATURE_WP_HUGETLBFS_SHMEM", Napi::BigInt::New(env, static_cast<uint64_t>(UFFD_FEATURE_WP_HUGETLBFS_SHMEM)));
 }
 
 }  // namespace livemig

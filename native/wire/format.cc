@@ -26,10 +26,13 @@ bool CheckHeader(const uint8_t* h, uint32_t maxPayload, Header& out, SysError& e
   if (out.flags & ~allowed) {
     char hex[8];
     snprintf(hex, sizeof hex, "%x", out.flags);
-    return err.fail("ERR_LIVEMIG_PROTOCOL", "frame of type " + std::to_string(out.type) + " with flags 0x" + hex + ", which the protocol does not define"), false;
+    return err.fail("ERR_LIVEMIG_PROTOCOL", "frame of type " + std::to_string(out.type) + " with flags 0x" + hex + ", which the protocol does not define"),
+           false;
   }
   if (out.length > maxPayload) {
-    return err.fail("ERR_LIVEMIG_FRAME_TOO_LARGE", "frame of type " + std::to_string(out.type) + " announces " + std::to_string(out.length) + " payload bytes (max " + std::to_string(maxPayload) + ")"), false;
+    return err.fail("ERR_LIVEMIG_FRAME_TOO_LARGE", "frame of type " + std::to_string(out.type) + " announces " + std::to_string(out.length) +
+                                                       " payload bytes (max " + std::to_string(maxPayload) + ")"),
+           false;
   }
   return true;
 }
@@ -46,7 +49,9 @@ bool CheckPagesPrefix(const char* what, const uint8_t* prefix, uint32_t maxBatch
 bool CheckPlainPagesLength(const char* what, uint32_t length, uint32_t count, SysError& err) {
   uint64_t want = kPagesPrefixBytes + static_cast<uint64_t>(count) * (4 + kPageSize);
   if (length != want) {
-    return err.fail("ERR_LIVEMIG_PROTOCOL", std::string(what) + " of " + std::to_string(count) + " pages must be " + std::to_string(want) + " bytes, got " + std::to_string(length)), false;
+    return err.fail("ERR_LIVEMIG_PROTOCOL",
+                    std::string(what) + " of " + std::to_string(count) + " pages must be " + std::to_string(want) + " bytes, got " + std::to_string(length)),
+           false;
   }
   return true;
 }
@@ -55,12 +60,15 @@ bool DecodePageIndices(uint32_t* idx, uint32_t count, uint64_t pageCount, SysErr
   for (uint32_t k = 0; k < count; k++) {
     idx[k] = Le32(reinterpret_cast<uint8_t*>(&idx[k]));
     if (idx[k] >= pageCount) {
-      return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " is outside the region's " + std::to_string(pageCount) + " pages"), false;
+      return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " is outside the region's " + std::to_string(pageCount) + " pages"),
+             false;
     }
     // strictly increasing: a page appears once in a frame, and what a frame covers is a set of
     // ascending runs, never one that goes back or overlaps
     if (k > 0 && idx[k] <= idx[k - 1]) {
-      return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page index " + std::to_string(idx[k]) + " follows " + std::to_string(idx[k - 1]) + ": a frame's indices must be strictly increasing"), false;
+      return err.fail("ERR_LIVEMIG_PAGE_INDEX",
+                      "page index " + std::to_string(idx[k]) + " follows " + std::to_string(idx[k - 1]) + ": a frame's indices must be strictly increasing"),
+             false;
     }
   }
   return true;

@@ -52,7 +52,7 @@ enum FrameType : uint8_t {
   kPageRequest = 18,       // D->S on the priority connection: u32 count, count x u32 page
   kPostcopyComplete = 19,  // D->S: u64 digest of the page hashes, u32 page count
   kAttached = 20,
-  kDigest = 21,  // version 3, R->S: the destination's own digest, asked for by kFlagProve
+  kDigest = 21,    // version 3, R->S: the destination's own digest, asked for by kFlagProve
   kResolve = 22,   // capability resolve, S->R on a new connection
   kResolved = 23,  // R->S: activated or not-activated (then fenced)
   kMaxFrameType = kResolved,

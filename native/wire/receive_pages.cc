@@ -34,13 +34,17 @@ bool CheckSinkIndices(const Sink& s, uint32_t* idx, uint32_t count, SysError& er
   if (s.channels == 1) return true;
   for (uint32_t k = 0; k < count; k++) {
     if (!s.Owns(idx[k])) {
-      return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page " + std::to_string(idx[k]) + " arrived on channel " + std::to_string(s.channel) + " of " + std::to_string(s.channels) + ", but its stripe goes on channel " + std::to_string((idx[k] / kStripePages) % s.channels)), false;
+      return err.fail("ERR_LIVEMIG_PAGE_INDEX", "page " + std::to_string(idx[k]) + " arrived on channel " + std::to_string(s.channel) + " of " +
+                                                    std::to_string(s.channels) + ", but its stripe goes on channel " +
+                                                    std::to_string((idx[k] / kStripePages) % s.channels)),
+             false;
     }
   }
   return true;
 }
 
-bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err) {
+bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov,
+                  SysError& err) {
   uint32_t round, count;
   if (!ReadPagesPrefix(link, s, "PAGES", version, length, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
   idx.resize(count);
@@ -70,7 +74,7 @@ namespace {
 // What a PAGES_ENC frame's head says: its pages' indices (in `idx`) and encodings.
 struct EncodedHead {
   uint32_t round = 0, count = 0;
-  uint64_t head = 0;       // bytes of prefix, indices and encodings
+  uint64_t head = 0;  // bytes of prefix, indices and encodings
   std::vector<uint8_t> enc;
   bool anyLz4 = false;
   uint64_t fixedBody = 0;  // body size when there is no lz4 page
@@ -104,7 +108,8 @@ bool ReadEncodedHead(Link& link, const Sink& s, uint8_t version, uint32_t length
       uint32_t g = 1;
       while (g <= k && enc[k - g] == kLz4Cont) g++;
       if (g > k || enc[k - g] != kLz4 || g >= kMaxLz4Group) {
-        err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 continuation page " + std::to_string(idx[k]) + " without an lz4 block of at most " + std::to_string(kMaxLz4Group) + " pages before it");
+        err.fail("ERR_LIVEMIG_PROTOCOL",
+                 "lz4 continuation page " + std::to_string(idx[k]) + " without an lz4 block of at most " + std::to_string(kMaxLz4Group) + " pages before it");
         return false;
       }
     }
@@ -121,13 +126,15 @@ bool ReadEncodedHead(Link& link, const Sink& s, uint8_t version, uint32_t length
 // The bodies: without lz4 pages their layout is known from the encodings, so their size is
 // checked and raw bodies land straight in the region's pages (dup bodies in `body` at
 // kDupBody * k); with lz4 pages the body is read whole, to be decoded.
-bool ReceiveBodies(Link& link, const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+bool ReceiveBodies(Link& link, const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body,
+                   SysError& err) {
   const uint32_t count = h.count;
   const std::vector<uint8_t>& enc = h.enc;
   std::vector<iovec> iov;
   if (!h.anyLz4) {
     if (h.fixedBody != length - h.head) {
-      err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(h.fixedBody) + " bytes, got " + std::to_string(length - h.head));
+      err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(h.fixedBody) + " bytes, got " +
+                                           std::to_string(length - h.head));
       return false;
     }
     body.resize(count * uint64_t{kDupBody});  // dup bodies, at kDupBody*k
@@ -150,7 +157,8 @@ bool ReceiveBodies(Link& link, const Sink& s, uint32_t length, const EncodedHead
 }
 
 // Applies the pages in order, updating the hashes as the sender did; a malformed page fails.
-bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body, ReadResult& r, SysError& err) {
+bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body, ReadResult& r,
+                  SysError& err) {
   const uint32_t count = h.count;
   const std::vector<uint8_t>& enc = h.enc;
   const bool direct = !h.anyLz4;
@@ -195,15 +203,18 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
         char hex[24];
         snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(ref));
         if (y < s.pageCount && !s.Owns(y)) {
-          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to page ") + std::to_string(y) + " on channel " + std::to_string(s.channel) + ": that page's stripe goes on another channel");
+          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to page ") + std::to_string(y) + " on channel " + std::to_string(s.channel) +
+                                               ": that page's stripe goes on another channel");
           return false;
         }
         if (y >= s.pageCount || s.hashes[y] != ref) {
-          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this receiver does not hold there");
+          err.fail("ERR_LIVEMIG_PROTOCOL",
+                   std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this receiver does not hold there");
           return false;
         }
         if (s.order->WrittenAfter(y, k)) {
-          err.fail("ERR_LIVEMIG_PROTOCOL", std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this frame writes later");
+          err.fail("ERR_LIVEMIG_PROTOCOL",
+                   std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this frame writes later");
           return false;
         }
         if (y != x) std::memcpy(dst, s.m->addr + static_cast<uint64_t>(y) * kPageSize, kPageSize);
@@ -221,12 +232,15 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
         uint32_t n = Le32(body.data() + pos);
         pos += 4;
         if (n < 4 || n > want || !need(n)) {
-          if (!err.failed()) err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 block of " + std::to_string(n) + " bytes for " + std::to_string(g) + " page(s) (must be 4.." + std::to_string(want) + ")");
+          if (!err.failed())
+            err.fail("ERR_LIVEMIG_PROTOCOL",
+                     "lz4 block of " + std::to_string(n) + " bytes for " + std::to_string(g) + " page(s) (must be 4.." + std::to_string(want) + ")");
           return false;
         }
         uint32_t original = Le32(body.data() + pos);
         if (original != want) {
-          err.fail("ERR_LIVEMIG_PROTOCOL", "lz4 block decompresses to " + std::to_string(original) + " bytes, not " + std::to_string(g) + " page(s) of " + std::to_string(kPageSize));
+          err.fail("ERR_LIVEMIG_PROTOCOL",
+                   "lz4 block decompresses to " + std::to_string(original) + " bytes, not " + std::to_string(g) + " page(s) of " + std::to_string(kPageSize));
           return false;
         }
         // one page decodes in place; a group into scratch, then to each of its pages
@@ -265,9 +279,11 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
 
 }  // namespace
 
-bool ReceiveEncoded(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err) {
+bool ReceiveEncoded(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body,
+                    SysError& err) {
   EncodedHead h;
-  return ReadEncodedHead(link, s, version, length, h, idx, err) && ReceiveBodies(link, s, length, h, idx, body, err) && ApplyEncoded(s, length, h, idx, body, r, err);
+  return ReadEncodedHead(link, s, version, length, h, idx, err) && ReceiveBodies(link, s, length, h, idx, body, err) &&
+         ApplyEncoded(s, length, h, idx, body, r, err);
 }
 
 }  // namespace wire

@@ -45,9 +45,11 @@ bool CheckSinkIndices(const Sink& s, uint32_t* idx, uint32_t count, SysError& er
 
 // One PAGES payload (after its header) into the region. All indices are checked before a
 // data byte is read, so a bad batch leaves the region as it was.
-bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov, SysError& err);
+bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov,
+                  SysError& err);
 // One PAGES_ENC payload (after its header); see receive_pages.cc.
-bool ReceiveEncoded(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body, SysError& err);
+bool ReceiveEncoded(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body,
+                    SysError& err);
 
 }  // namespace wire
 }  // namespace livemig

@@ -153,7 +153,8 @@ void IndexSent(const SendPagesJob& job, Batch& t, SendCounts& c, long long& over
   for (size_t k = 1; k < t.n; k++) lo = std::min(lo, t.b[k]), hi = std::max(hi, t.b[k]);
   t.written.clear();
   SysError scanErr;
-  ScanWritten(job.probe.fd, job.probe.address + uint64_t{lo} * kPageSize, job.probe.address + (uint64_t{hi} + 1) * kPageSize, kPageSize, false, &t.written, &scanErr);
+  ScanWritten(job.probe.fd, job.probe.address + uint64_t{lo} * kPageSize, job.probe.address + (uint64_t{hi} + 1) * kPageSize, kPageSize, false, &t.written,
+              &scanErr);
   if (!scanErr.failed()) {
     t.dirtyMark.assign(hi - lo + 1, 0);
     for (uint32_t w : t.written) t.dirtyMark[w] = 1;
@@ -249,8 +250,7 @@ void SendEncodedBatch(Link& link, const EncodedBatch& b, double& bytes, SysError
         iov.push_back({const_cast<uint8_t*>(b.lz4 + k * kPageSize), static_cast<size_t>(b.lengths[k])});
         payload += 4 + b.lengths[k];
         break;
-      default:
-        break;  // kZero: no body
+      default: break;  // kZero: no body
     }
   }
   PutPagesHead(head.data(), b.version, kPagesEnc, payload, b.round, static_cast<uint32_t>(c));

@@ -57,7 +57,7 @@ void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err);
 
 struct EncodedBatch {
   const uint32_t* idx = nullptr;
-  const uint8_t* enc = nullptr;    // per page: PageEncoding, kIncompressible (goes raw) or kSkip
+  const uint8_t* enc = nullptr;      // per page: PageEncoding, kIncompressible (goes raw) or kSkip
   const uint8_t* staging = nullptr;  // raw bodies at k * page size
   const uint8_t* lz4 = nullptr;      // lz4 bodies at k * page size, lengths[k] bytes
   const int32_t* lengths = nullptr;  // lz4: the block's bytes; dup: the page holding the content

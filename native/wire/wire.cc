@@ -31,11 +31,11 @@
 #include "common.h"
 #include "io/link.h"
 #include "io/socket.h"
-#include "wire/wire.h"
 #include "region/region.h"
 #include "wire/format.h"
 #include "wire/receive_pages.h"
 #include "wire/send_pages.h"
+#include "wire/wire.h"
 
 namespace livemig {
 
@@ -46,9 +46,9 @@ using wire::EncodedBatch;
 using wire::Header;
 using wire::kHeaderBytes;
 using wire::kMaxBatchPages;
-using wire::kPageSize;
 using wire::kPages;
 using wire::kPagesEnc;
+using wire::kPageSize;
 using wire::ReadResult;
 using wire::SendCounts;
 using wire::SendPagesJob;
@@ -59,7 +59,8 @@ DirectionKey KeyOf(Napi::Env env, Napi::Value v) {
   if (!v.IsObject()) throw Napi::TypeError::New(env, "keys must be {send: {key, salt}, receive: {key, salt}}");
   Napi::Object o = v.As<Napi::Object>();
   Napi::Value key = o.Get("key"), salt = o.Get("salt");
-  if (!key.IsBuffer() || !salt.IsBuffer() || key.As<Napi::Buffer<uint8_t>>().Length() != kAeadKeyBytes || salt.As<Napi::Buffer<uint8_t>>().Length() != kAeadSaltBytes) {
+  if (!key.IsBuffer() || !salt.IsBuffer() || key.As<Napi::Buffer<uint8_t>>().Length() != kAeadKeyBytes ||
+      salt.As<Napi::Buffer<uint8_t>>().Length() != kAeadSaltBytes) {
     throw Napi::RangeError::New(env, "a direction's key must be 32 bytes and its salt 4");
   }
   DirectionKey d;
@@ -72,13 +73,11 @@ class Wire : public Napi::ObjectWrap<Wire> {
  public:
   static Napi::Function Init(Napi::Env env) {
     return DefineClass(env, "Wire",
-                       {InstanceMethod("write", &Wire::Write), InstanceMethod("sendPages", &Wire::SendPages),
-                        InstanceMethod("read", &Wire::Read), InstanceMethod("shutdown", &Wire::Shutdown),
-                        InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
+                       {InstanceMethod("write", &Wire::Write), InstanceMethod("sendPages", &Wire::SendPages), InstanceMethod("read", &Wire::Read),
+                        InstanceMethod("shutdown", &Wire::Shutdown), InstanceMethod("close", &Wire::Close), InstanceMethod("setTimeouts", &Wire::SetTimeouts),
                         InstanceMethod("finish", &Wire::Finish), InstanceMethod("peerGone", &Wire::PeerGone), InstanceMethod("sendEncoded", &Wire::SendEncoded),
-                        InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget),
-                        InstanceMethod("writeNow", &Wire::WriteNow), InstanceMethod("readNow", &Wire::ReadNow),
-                        InstanceMethod("unread", &Wire::Unread)});
+                        InstanceMethod("fd", &Wire::GetFd), InstanceMethod("forget", &Wire::Forget), InstanceMethod("writeNow", &Wire::WriteNow),
+                        InstanceMethod("readNow", &Wire::ReadNow), InstanceMethod("unread", &Wire::Unread)});
   }
 
   // new Wire(fd, keys?: {send: {key, salt}, receive: {key, salt}}): takes a duplicate of a
@@ -138,8 +137,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (b.Length() > 0) iov.push_back({b.Data(), b.Length()});
     }
     return Task<int>::Start(
-        env,
-        [fd, iov](int&, SysError& err) mutable { fd->Send(iov.data(), static_cast<int>(iov.size()), 0, err); },
+        env, [fd, iov](int&, SysError& err) mutable { fd->Send(iov.data(), static_cast<int>(iov.size()), 0, err); },
         [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, keep);
   }
 
@@ -172,9 +170,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
     for (;;) {
       ssize_t n = sendmsg(fd->fd(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n >= 0) return Napi::Number::New(env, static_cast<double>(n));
-      if (errno == EINTR) continue;                             // interrupted before any byte: again
+      if (errno == EINTR) continue;                                                   // interrupted before any byte: again
       if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(env, 0);  // full: queue it
-      throw MakeSysError(env, "sendmsg", errno);                // EPIPE, ECONNRESET: the connection is gone
+      throw MakeSysError(env, "sendmsg", errno);                                      // EPIPE, ECONNRESET: the connection is gone
     }
   }
 
@@ -258,7 +256,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
     uint32_t round = o.Get("round").As<Napi::Number>().Uint32Value();
     uint8_t version = static_cast<uint8_t>(o.Get("version").As<Napi::Number>().Uint32Value());
     size_t n = pages.ElementLength();
-    if (enc.ElementLength() != n || staging.Length() < n * kPageSize || lz4.Length() < n * kPageSize || lens.ElementLength() < n) throw Napi::RangeError::New(env, "sendEncoded buffers do not match the batch");
+    if (enc.ElementLength() != n || staging.Length() < n * kPageSize || lz4.Length() < n * kPageSize || lens.ElementLength() < n)
+      throw Napi::RangeError::New(env, "sendEncoded buffers do not match the batch");
     const uint32_t* idx = pages.Data();
     for (size_t k = 0; k < n; k++) {
       if (idx[k] >= hashes.ElementLength()) throw Napi::RangeError::New(env, "page index outside the hash table");
@@ -266,10 +265,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (enc.Data()[k] == kLz4) {
         size_t g = 1;
         while (k + g < n && enc.Data()[k + g] == kLz4Cont) g++;
-        if (g > kMaxLz4Group || lens.Data()[k] < 4 || static_cast<size_t>(lens.Data()[k]) > g * kPageSize) throw Napi::RangeError::New(env, "lz4 length out of range");
+        if (g > kMaxLz4Group || lens.Data()[k] < 4 || static_cast<size_t>(lens.Data()[k]) > g * kPageSize)
+          throw Napi::RangeError::New(env, "lz4 length out of range");
       }
-      if (enc.Data()[k] == kLz4Cont && (k == 0 || (enc.Data()[k - 1] != kLz4 && enc.Data()[k - 1] != kLz4Cont))) throw Napi::RangeError::New(env, "lz4 continuation without its block");
-      if (enc.Data()[k] == kDup && (lens.Data()[k] < 0 || static_cast<size_t>(lens.Data()[k]) >= hashes.ElementLength())) throw Napi::RangeError::New(env, "dup source page out of range");
+      if (enc.Data()[k] == kLz4Cont && (k == 0 || (enc.Data()[k - 1] != kLz4 && enc.Data()[k - 1] != kLz4Cont)))
+        throw Napi::RangeError::New(env, "lz4 continuation without its block");
+      if (enc.Data()[k] == kDup && (lens.Data()[k] < 0 || static_cast<size_t>(lens.Data()[k]) >= hashes.ElementLength()))
+        throw Napi::RangeError::New(env, "dup source page out of range");
     }
     EncodedBatch batch;
     batch.idx = idx;
@@ -283,8 +285,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     batch.version = version;
     return Task<double>::Start(
         env, [fd, batch](double& bytes, SysError& err) { SendEncodedBatch(*fd, batch, bytes, err); },
-        [](Napi::Env env2, double& bytes) -> Napi::Value { return Napi::Number::New(env2, bytes); },
-        {o, pages, enc, staging, lz4, lens, hashes});
+        [](Napi::Env env2, double& bytes) -> Napi::Value { return Napi::Number::New(env2, bytes); }, {o, pages, enc, staging, lz4, lens, hashes});
   }
 
   // read({maxPayload, maxType, limits?: Uint32Array (max payload per frame type), sink?: {region,
@@ -317,7 +318,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (channels.IsNumber()) {
         sink.channels = channels.As<Napi::Number>().Uint32Value();
         sink.channel = so.Get("channel").As<Napi::Number>().Uint32Value();
-        if (sink.channels < 1 || sink.channels > wire::kMaxChannels || sink.channel >= sink.channels) throw Napi::RangeError::New(env, "sink channel outside its channels");
+        if (sink.channels < 1 || sink.channels > wire::kMaxChannels || sink.channel >= sink.channels)
+          throw Napi::RangeError::New(env, "sink channel outside its channels");
       }
       sink.m->Ref();
     }
@@ -349,7 +351,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
               continue;
             }
             if (length > limits[type]) {
-              err.fail("ERR_LIVEMIG_FRAME_TOO_LARGE", "frame of type " + std::to_string(type) + " announces " + std::to_string(length) + " payload bytes (max " + std::to_string(limits[type]) + " for its type)");
+              err.fail("ERR_LIVEMIG_FRAME_TOO_LARGE", "frame of type " + std::to_string(type) + " announces " + std::to_string(length) +
+                                                          " payload bytes (max " + std::to_string(limits[type]) + " for its type)");
               break;
             }
             r.version = version;
@@ -378,7 +381,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
           std::vector<uint8_t>* p = r.payload;
           r.payload = nullptr;
           out.Set("payload", p->empty() ? (delete p, Napi::Buffer<uint8_t>::New(e, 0))
-                                        : Napi::Buffer<uint8_t>::New(e, p->data(), p->size(), [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, p));
+                                        : Napi::Buffer<uint8_t>::New(
+                                              e, p->data(), p->size(), [](Napi::Env, uint8_t*, std::vector<uint8_t>* v) { delete v; }, p));
           out.Set("pages", r.pages);
           out.Set("batches", r.batches);
           out.Set("bytes", r.bytes);
@@ -449,7 +453,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
     const uint8_t* h = rx->bufferedData();
     Header hd;
     SysError refused;  // read() reports it
-    if (!CheckHeader(h, maxPayload, hd, refused) || hd.type > maxType || hd.type == kPages || hd.type == kPagesEnc || hd.length > limits[hd.type]) return env.Null();
+    if (!CheckHeader(h, maxPayload, hd, refused) || hd.type > maxType || hd.type == kPages || hd.type == kPagesEnc || hd.length > limits[hd.type])
+      return env.Null();
     if (rx->buffered() < kHeaderBytes + static_cast<size_t>(hd.length)) return env.Null();
     Napi::Buffer<uint8_t> payload = Napi::Buffer<uint8_t>::Copy(env, h + kHeaderBytes, hd.length);
     rx->Consume(kHeaderBytes + hd.length);
@@ -498,7 +503,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
             ssize_t n = recv(fd->fd(), sink, sizeof sink, MSG_DONTWAIT);
             if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
             if (n == 0) peerClosed = 1;  // its orderly close: it read everything we sent before ours
-            if (n <= 0) break;  // EOF: the peer closed; or reset: nothing more to protect
+            if (n <= 0) break;           // EOF: the peer closed; or reset: nothing more to protect
           }
         },
         [](Napi::Env e, int& peerClosed) -> Napi::Value { return Napi::Boolean::New(e, peerClosed == 1); });
@@ -523,7 +528,6 @@ class Wire : public Napi::ObjectWrap<Wire> {
   std::shared_ptr<Link> link() const { return link_; }
 
  private:
-
   // Drops our reference without shutting the connection down: a post-copy service holds its
   // own dup of the descriptor and goes on using the connection.
   Napi::Value Forget(const Napi::CallbackInfo& info) {

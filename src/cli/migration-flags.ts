@@ -46,7 +46,13 @@ export function guestSpec(v: FlagValues): GuestSpec {
   if (!(PATTERNS as readonly string[]).includes(pattern)) throw usageError(`--pattern must be one of ${PATTERNS.join(', ')}, got '${pattern}'`);
   const size = parseSize(str(v, 'size'), '--size');
   if (size % PAGE_SIZE !== 0) throw usageError(`--size must be a multiple of 4 KiB, got ${size} bytes`);
-  return { size, content: content as ContentName, pattern: pattern as PatternName, rate: parseNumber(str(v, 'rate'), '--rate'), hotSize: parseSize(str(v, 'hot-size'), '--hot-size') };
+  return {
+    size,
+    content: content as ContentName,
+    pattern: pattern as PatternName,
+    rate: parseNumber(str(v, 'rate'), '--rate'),
+    hotSize: parseSize(str(v, 'hot-size'), '--hot-size'),
+  };
 }
 
 export function policyFlags(v: FlagValues): PolicyFlags {
@@ -59,14 +65,19 @@ export function policyFlags(v: FlagValues): PolicyFlags {
   if (typeof v['bandwidth'] === 'string') o.bandwidthMiBps = parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE);
   if (typeof v['deadline'] === 'string') o.deadlineMs = parseNumber(v['deadline'], '--deadline (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['max-pause'] === 'string') o.maxPauseMs = parseNumber(v['max-pause'], '--max-pause (ms)', Number.MIN_VALUE);
-  if (typeof v['progress-timeout'] === 'string') o.progressTimeoutMs = parseNumber(v['progress-timeout'], '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000;
-  if (typeof v['handshake-timeout'] === 'string') o.handshakeTimeoutMs = parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000;
+  if (typeof v['progress-timeout'] === 'string')
+    o.progressTimeoutMs = parseNumber(v['progress-timeout'], '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000;
+  if (typeof v['handshake-timeout'] === 'string')
+    o.handshakeTimeoutMs = parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['resolve-timeout'] === 'string') o.resolveTimeoutMs = parseNumber(v['resolve-timeout'], '--resolve-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['recover-timeout'] === 'string') o.recoverTimeoutMs = parseNumber(v['recover-timeout'], '--recover-timeout (seconds)', Number.MIN_VALUE) * 1000;
   if (v['no-wws']) o.wws = false;
   if (typeof v['rate-adapt'] === 'string') {
     const [a, b] = v['rate-adapt'].split(':');
-    o.rateAdaptation = { startMiBps: parseNumber(a ?? '', '--rate-adapt START', Number.MIN_VALUE), incrementMiBps: parseNumber(b ?? '50', '--rate-adapt INCREMENT') };
+    o.rateAdaptation = {
+      startMiBps: parseNumber(a ?? '', '--rate-adapt START', Number.MIN_VALUE),
+      incrementMiBps: parseNumber(b ?? '50', '--rate-adapt INCREMENT'),
+    };
   }
   if (typeof v['channels'] === 'string') o.channels = channelCount(v['channels'], '--channels');
   if (typeof v['max-bytes'] === 'string') o.maxBytes = parseSize(v['max-bytes'], '--max-bytes');
@@ -102,7 +113,9 @@ export function maxRounds(v: FlagValues): number {
 /** A round and the handshake as one line each on stderr. */
 export function printProgress(e: ProgressEvent): void {
   if (e.type === 'round') {
-    process.stderr.write(`  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty, ${e.wws_pages} held, est. ${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}\n`);
+    process.stderr.write(
+      `  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty, ${e.wws_pages} held, est. ${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}\n`,
+    );
   } else if (e.type === 'handshake') {
     process.stderr.write(`  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}; channels: ${e.channels} (${e.channels_reason})\n`);
   }

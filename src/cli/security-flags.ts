@@ -39,13 +39,17 @@ export function credentialsFrom(v: FlagValues, side: 'source' | 'destination'): 
     return { kind: 'psk', identity: m[1]!, key: Buffer.from(m[2]!, 'hex') };
   }
   if (cert === undefined && key === undefined && ca === undefined) {
-    if (str('allow') !== undefined || str('peer-name') !== undefined) throw usageError(`--${str('allow') !== undefined ? 'allow' : 'peer-name'} needs --tls-cert, --tls-key and --tls-ca`);
+    if (str('allow') !== undefined || str('peer-name') !== undefined)
+      throw usageError(`--${str('allow') !== undefined ? 'allow' : 'peer-name'} needs --tls-cert, --tls-key and --tls-ca`);
     return undefined;
   }
   if (!cert || !key || !ca) throw usageError('certificates need all three of --tls-cert, --tls-key and --tls-ca');
   const base = { kind: 'cert' as const, cert: read(cert, '--tls-cert'), key: read(key, '--tls-key'), ca: read(ca, '--tls-ca') };
   if (side === 'destination') {
-    const allow = str('allow')?.split(',').map((n) => n.trim()).filter((n) => n.length > 0);
+    const allow = str('allow')
+      ?.split(',')
+      .map((n) => n.trim())
+      .filter((n) => n.length > 0);
     if (!allow || allow.length === 0) throw usageError('--tls-cert on the destination needs --allow NAME[,NAME...]: the source names it admits');
     return { ...base, allow };
   }

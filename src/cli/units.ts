@@ -1,6 +1,20 @@
 import { usageError as invalidArgument } from './flags.js';
 
-const UNITS: Record<string, number> = { '': 1, b: 1, k: 1024, kb: 1000, kib: 1024, m: 1 << 20, mb: 1e6, mib: 1 << 20, g: 1 << 30, gb: 1e9, gib: 1 << 30, t: 2 ** 40, tib: 2 ** 40 };
+const UNITS: Record<string, number> = {
+  '': 1,
+  b: 1,
+  k: 1024,
+  kb: 1000,
+  kib: 1024,
+  m: 1 << 20,
+  mb: 1e6,
+  mib: 1 << 20,
+  g: 1 << 30,
+  gb: 1e9,
+  gib: 1 << 30,
+  t: 2 ** 40,
+  tib: 2 ** 40,
+};
 
 /** "64MiB", "1GiB", "4096", "1.5G" -> bytes. */
 export function parseSize(text: string, what: string): number {
@@ -15,7 +29,8 @@ export function parseSize(text: string, what: string): number {
 export function parseNumber(text: string, what: string, min = 0): number {
   const v = Number(text);
   // min = Number.MIN_VALUE asks for a positive number: say so, not ">= 5e-324"
-  if (!Number.isFinite(v) || v < min || text.trim() === '') throw invalidArgument(`${what}: '${text}' must be ${min === Number.MIN_VALUE ? 'a positive number' : `a number >= ${min}`}`);
+  if (!Number.isFinite(v) || v < min || text.trim() === '')
+    throw invalidArgument(`${what}: '${text}' must be ${min === Number.MIN_VALUE ? 'a positive number' : `a number >= ${min}`}`);
   return v;
 }
 

@@ -16,7 +16,8 @@ export class MemoryBudget {
   readonly #host: () => { bytes: number; why: string } | undefined;
 
   constructor(limit: number | undefined, host: () => { bytes: number; why: string } | undefined = memoryBudget) {
-    if (limit !== undefined && !(Number.isSafeInteger(limit) && limit >= 0)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a memory budget is a whole number of bytes, got ${limit}`, { phase: 'validate' });
+    if (limit !== undefined && !(Number.isSafeInteger(limit) && limit >= 0))
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a memory budget is a whole number of bytes, got ${limit}`, { phase: 'validate' });
     this.limit = limit;
     this.#host = host;
   }
@@ -38,8 +39,13 @@ export class MemoryBudget {
     const host = this.limit === undefined ? this.#host() : undefined;
     const limit = this.limit ?? host?.bytes;
     if (limit !== undefined && this.#reserved + bytes > limit) {
-      const what = this.limit !== undefined ? `the memory budget of ${limit} bytes (--memory-budget)` : `what this host can hold now (${limit} bytes: ${host!.why})`;
-      throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `a region of ${bytes} bytes does not fit ${what}: ${this.#reserved} bytes are reserved by migrations arriving now`, { phase: 'reserve' });
+      const what =
+        this.limit !== undefined ? `the memory budget of ${limit} bytes (--memory-budget)` : `what this host can hold now (${limit} bytes: ${host!.why})`;
+      throw new LivemigError(
+        'ERR_LIVEMIG_NO_MEMORY',
+        `a region of ${bytes} bytes does not fit ${what}: ${this.#reserved} bytes are reserved by migrations arriving now`,
+        { phase: 'reserve' },
+      );
     }
     this.#reserved += bytes;
     this.#peak = Math.max(this.#peak, this.#reserved);

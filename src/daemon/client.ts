@@ -40,13 +40,25 @@ export function request<T = Record<string, unknown>>(t: ApiTarget, method: strin
         const status = res.statusCode ?? 0;
         if (status >= 400) {
           const e = (parsed as { error?: { code?: string; message?: string; phase?: string } }).error;
-          reject(Object.assign(new LivemigError((e?.code as ErrorCode) ?? 'ERR_LIVEMIG_INTERNAL', e?.message ?? `HTTP ${status}`, { phase: e?.phase ?? 'api' }), { httpStatus: status, body: parsed }));
+          reject(
+            Object.assign(new LivemigError((e?.code as ErrorCode) ?? 'ERR_LIVEMIG_INTERNAL', e?.message ?? `HTTP ${status}`, { phase: e?.phase ?? 'api' }), {
+              httpStatus: status,
+              body: parsed,
+            }),
+          );
           return;
         }
         resolve({ status, body: parsed as T });
       });
     });
-    req.on('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot reach the daemon at ${describe(t)}: ${e.message} (is \`livemig serve\` running? see --api)`, { phase: 'api', cause: e })));
+    req.on('error', (e) =>
+      reject(
+        new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot reach the daemon at ${describe(t)}: ${e.message} (is \`livemig serve\` running? see --api)`, {
+          phase: 'api',
+          cause: e,
+        }),
+      ),
+    );
     req.end(data);
   });
 }
@@ -94,7 +106,9 @@ export function followEvents(t: ApiTarget, route: string, onEvent: (e: StreamEve
       res.on('end', () => resolve());
       res.on('error', (e) => reject(e));
     });
-    req.on('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot reach the daemon at ${describe(t)}: ${e.message}`, { phase: 'api', cause: e })));
+    req.on('error', (e) =>
+      reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot reach the daemon at ${describe(t)}: ${e.message}`, { phase: 'api', cause: e })),
+    );
     req.end();
   });
 }

@@ -124,9 +124,14 @@ export class Daemon implements DaemonApi {
 
   static async start(config: DaemonConfig): Promise<Daemon> {
     if ('host' in config.api && config.token === undefined) {
-      throw new LivemigError('ERR_LIVEMIG_INSECURE', `the API on TCP (${config.api.host}:${config.api.port}) needs a bearer token (--token-file): whoever reaches it could move, read or activate guests`, { phase: 'validate' });
+      throw new LivemigError(
+        'ERR_LIVEMIG_INSECURE',
+        `the API on TCP (${config.api.host}:${config.api.port}) needs a bearer token (--token-file): whoever reaches it could move, read or activate guests`,
+        { phase: 'validate' },
+      );
     }
-    if (config.token !== undefined && config.token.length < 16) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the API token must be at least 16 characters', { phase: 'validate' });
+    if (config.token !== undefined && config.token.length < 16)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the API token must be at least 16 characters', { phase: 'validate' });
     // the migration port's own rule: off loopback only with credentials (or --insecure)
     assertSecureEnough(config.listen.host, config.credentials, config.insecure === true, 'listening on');
     const d = new Daemon(config);
@@ -134,7 +139,8 @@ export class Daemon implements DaemonApi {
     const niceBefore = os.getPriority(0);
     if (config.nice !== undefined && config.nice !== niceBefore) setProcessNice(config.nice);
     // `nice -n` is relative: the destination guests go back to the nice this process had
-    const guestCommand = config.nice !== undefined && config.nice !== niceBefore ? ['nice', '-n', String(niceBefore - config.nice), ...config.guestCommand] : config.guestCommand;
+    const guestCommand =
+      config.nice !== undefined && config.nice !== niceBefore ? ['nice', '-n', String(niceBefore - config.nice), ...config.guestCommand] : config.guestCommand;
     try {
       d.registry = await GuestRegistry.open(config.guests);
       d.outgoing = new OutgoingMigrations({
@@ -214,7 +220,11 @@ export class Daemon implements DaemonApi {
   startMigration(req: MigrationRequest): Migration {
     if (this.#shuttingDown) throw new LivemigError('ERR_LIVEMIG_SHUTTING_DOWN', 'the daemon is shutting down: it takes no new migration', { phase: 'api' });
     if (this.config.credentials?.kind === 'cert' && !req.to.peer_name) {
-      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', "to.peer_name is required: this daemon authenticates with certificates, and the destination's name must be checked", { phase: 'validate' });
+      throw new LivemigError(
+        'ERR_LIVEMIG_INVALID_ARGUMENT',
+        "to.peer_name is required: this daemon authenticates with certificates, and the destination's name must be checked",
+        { phase: 'validate' },
+      );
     }
     assertSecureEnough(req.to.host, this.config.credentials, this.config.insecure === true, 'migrating to');
     return this.outgoing.start(req);
@@ -222,7 +232,8 @@ export class Daemon implements DaemonApi {
 
   #outgoing(id: string): Migration {
     const m = this.table.get(id);
-    if (m.direction !== 'outgoing') throw new LivemigError('ERR_LIVEMIG_STATE', `migration ${id} is incoming: it is controlled from its source's daemon`, { phase: 'api' });
+    if (m.direction !== 'outgoing')
+      throw new LivemigError('ERR_LIVEMIG_STATE', `migration ${id} is incoming: it is controlled from its source's daemon`, { phase: 'api' });
     if (m.done) throw new LivemigError('ERR_LIVEMIG_STATE', `migration ${id} is ${m.state} already`, { phase: 'api' });
     return m;
   }
@@ -286,7 +297,9 @@ export class Daemon implements DaemonApi {
       }
     }
     // incoming ones whose sources have not paused: their sources resume nothing, and retry elsewhere
-    const aborted = this.incoming.receiver.abortUnpaused(new LivemigError('ERR_LIVEMIG_SHUTTING_DOWN', 'the destination daemon is shutting down; the guest keeps running at its source', { phase: 'receiving' }));
+    const aborted = this.incoming.receiver.abortUnpaused(
+      new LivemigError('ERR_LIVEMIG_SHUTTING_DOWN', 'the destination daemon is shutting down; the guest keeps running at its source', { phase: 'receiving' }),
+    );
     if (aborted > 0) trace('daemon', DaemonEvent.shutdownAborted, { aborted });
     // what remains is inside its pause, committed or in post-copy: it must finish
     while (this.table.active().length > 0) await sleep(50);
@@ -306,7 +319,6 @@ function outgoingCredentials(c: Credentials, peerName: string | undefined): Cred
   const { allow: _allow, ...own } = c;
   return { ...own, ...(peerName !== undefined ? { peerName } : {}) };
 }
-
 
 /** one outgoing transfer per two CPUs: a migration's sender and the guests it moves share them */
 export function defaultParallel(): number {

@@ -16,7 +16,6 @@ import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
 import { Migration, type MigrationTable } from './migration.js';
 
-
 export interface IncomingDeps {
   table: MigrationTable;
   bus: EventBus;
@@ -115,7 +114,13 @@ export class IncomingMigrations {
       maxChannels: channelsFor(this.#active),
       reserveMemory: (bytes, local) => d.budget.take(bytes, { local }),
       onReserved: async (_region, postcopy, layout, memory) => {
-        guest = await IncomingGuest.start({ command: d.guestCommand, layout, files: memory.files, populate: postcopy !== 'planned' && !memory.local, registerEarly: postcopy === 'planned' });
+        guest = await IncomingGuest.start({
+          command: d.guestCommand,
+          layout,
+          files: memory.files,
+          populate: postcopy !== 'planned' && !memory.local,
+          registerEarly: postcopy === 'planned',
+        });
       },
       postcopy: { register: () => guest!.register() },
       onProgress,

@@ -24,7 +24,12 @@ export class DaemonMetrics {
 
   constructor(o: { active: (direction: 'outgoing' | 'incoming') => number; byState: () => Map<string, number>; reserved: () => number; guests: () => number }) {
     const registers = [this.registry];
-    this.#migrations = new Counter({ name: 'livemig_migrations_total', help: 'migrations that ended, by direction and final state', labelNames: ['direction', 'state'], registers });
+    this.#migrations = new Counter({
+      name: 'livemig_migrations_total',
+      help: 'migrations that ended, by direction and final state',
+      labelNames: ['direction', 'state'],
+      registers,
+    });
     new Gauge({
       name: 'livemig_migrations',
       help: 'migrations known to the daemon now, by state',
@@ -45,17 +50,72 @@ export class DaemonMetrics {
         this.set({ direction: 'incoming' }, o.active('incoming'));
       },
     });
-    new Gauge({ name: 'livemig_memory_reserved_bytes', help: 'bytes reserved now by incoming migrations (the memory budget in use)', registers, collect() { this.set(o.reserved()); } });
-    new Gauge({ name: 'livemig_registered_guests', help: 'guests registered with this daemon now', registers, collect() { this.set(o.guests()); } });
-    this.#pages = new Counter({ name: 'livemig_pages_total', help: 'pages sent by completed outgoing migrations, by how they went (skipped: already at the destination)', labelNames: ['encoding'], registers });
-    this.#payload = new Counter({ name: 'livemig_page_payload_bytes_total', help: 'page payload bytes sent by completed outgoing migrations, by encoding (zero and dup pages carry none)', labelNames: ['encoding'], registers });
-    this.#wire = new Counter({ name: 'livemig_wire_bytes_total', help: 'bytes on the wire of completed migrations (outgoing: sent, frames included; incoming: pages received x page size)', labelNames: ['direction'], registers });
+    new Gauge({
+      name: 'livemig_memory_reserved_bytes',
+      help: 'bytes reserved now by incoming migrations (the memory budget in use)',
+      registers,
+      collect() {
+        this.set(o.reserved());
+      },
+    });
+    new Gauge({
+      name: 'livemig_registered_guests',
+      help: 'guests registered with this daemon now',
+      registers,
+      collect() {
+        this.set(o.guests());
+      },
+    });
+    this.#pages = new Counter({
+      name: 'livemig_pages_total',
+      help: 'pages sent by completed outgoing migrations, by how they went (skipped: already at the destination)',
+      labelNames: ['encoding'],
+      registers,
+    });
+    this.#payload = new Counter({
+      name: 'livemig_page_payload_bytes_total',
+      help: 'page payload bytes sent by completed outgoing migrations, by encoding (zero and dup pages carry none)',
+      labelNames: ['encoding'],
+      registers,
+    });
+    this.#wire = new Counter({
+      name: 'livemig_wire_bytes_total',
+      help: 'bytes on the wire of completed migrations (outgoing: sent, frames included; incoming: pages received x page size)',
+      labelNames: ['direction'],
+      registers,
+    });
     const ms = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1];
-    this.#downtime = new Histogram({ name: 'livemig_downtime_seconds', help: 'the pause the guest felt, of completed outgoing migrations', buckets: ms, registers });
-    this.#total = new Histogram({ name: 'livemig_total_time_seconds', help: 'from connecting to done, of completed outgoing migrations', buckets: [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300], registers });
-    this.#faults = new Histogram({ name: 'livemig_postcopy_fault_latency_seconds', help: 'post-copy fault latency at this destination, fault read to page mapped', buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05], registers });
-    this.#api = new Histogram({ name: 'livemig_api_request_duration_seconds', help: 'API request handling time, by route', labelNames: ['route'], buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5], registers });
-    this.#refused = new Counter({ name: 'livemig_incoming_refused_total', help: 'incoming migrations refused before anything was reserved, by code', labelNames: ['code'], registers });
+    this.#downtime = new Histogram({
+      name: 'livemig_downtime_seconds',
+      help: 'the pause the guest felt, of completed outgoing migrations',
+      buckets: ms,
+      registers,
+    });
+    this.#total = new Histogram({
+      name: 'livemig_total_time_seconds',
+      help: 'from connecting to done, of completed outgoing migrations',
+      buckets: [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300],
+      registers,
+    });
+    this.#faults = new Histogram({
+      name: 'livemig_postcopy_fault_latency_seconds',
+      help: 'post-copy fault latency at this destination, fault read to page mapped',
+      buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05],
+      registers,
+    });
+    this.#api = new Histogram({
+      name: 'livemig_api_request_duration_seconds',
+      help: 'API request handling time, by route',
+      labelNames: ['route'],
+      buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5],
+      registers,
+    });
+    this.#refused = new Counter({
+      name: 'livemig_incoming_refused_total',
+      help: 'incoming migrations refused before anything was reserved, by code',
+      labelNames: ['code'],
+      registers,
+    });
   }
 
   finished(m: Migration): void {

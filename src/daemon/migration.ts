@@ -55,7 +55,15 @@ export class Migration {
   readonly admitted: Promise<void>;
   #admit!: () => void;
 
-  constructor(o: { direction: Direction; guest: string; peer: string; totalBytes: number; settings: MigrationSettings; control?: MigrationControl; bus: EventBus }) {
+  constructor(o: {
+    direction: Direction;
+    guest: string;
+    peer: string;
+    totalBytes: number;
+    settings: MigrationSettings;
+    control?: MigrationControl;
+    bus: EventBus;
+  }) {
     this.direction = o.direction;
     this.guest = o.guest;
     this.peer = o.peer;

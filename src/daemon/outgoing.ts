@@ -66,7 +66,14 @@ export class OutgoingMigrations {
       totalBytes: info.bytes,
       control,
       bus: d.bus,
-      settings: { mode: req.mode ?? 'precopy', downtime_limit_ms: req.downtime_limit_ms, bandwidth_mib_s: req.bandwidth_mib_s, deadline_s: req.deadline_s, on_stall: req.on_stall, encodings: req.encodings !== false },
+      settings: {
+        mode: req.mode ?? 'precopy',
+        downtime_limit_ms: req.downtime_limit_ms,
+        bandwidth_mib_s: req.bandwidth_mib_s,
+        deadline_s: req.deadline_s,
+        on_stall: req.on_stall,
+        encodings: req.encodings !== false,
+      },
     });
     const session = d.registry.claim(req.guest, m.id);
     m.sourceGuest = 'running';
@@ -193,4 +200,3 @@ export class OutgoingMigrations {
     }
   }
 }
-

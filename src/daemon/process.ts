@@ -49,7 +49,19 @@ export class DaemonProcess {
     mkdirSync(o.dir, { recursive: true, mode: 0o700 });
     const api = path.join(o.dir, 'api.sock');
     const guests = path.join(o.dir, 'guests.sock');
-    const argv = [...(o.prefix ?? []), process.execPath, CLI_ENTRY, 'serve', '--api', `unix:${api}`, '--guests', guests, '--listen', o.listen ?? '127.0.0.1:0', ...(o.args ?? [])];
+    const argv = [
+      ...(o.prefix ?? []),
+      process.execPath,
+      CLI_ENTRY,
+      'serve',
+      '--api',
+      `unix:${api}`,
+      '--guests',
+      guests,
+      '--listen',
+      o.listen ?? '127.0.0.1:0',
+      ...(o.args ?? []),
+    ];
     const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'], ...(o.env ? { env: o.env } : {}) });
     const lines = createInterface({ input: child.stdout! });
     const it = lines[Symbol.asyncIterator]();

@@ -9,7 +9,6 @@
  */
 import { FIXED_STOP_COST_MS } from '../precopy/policy.js';
 
-
 export interface ProgressView {
   percent: number;
   /** seconds to completion if the guest wrote nothing more (undefined: not known yet) */
@@ -35,7 +34,13 @@ export class Progress {
     // 100 is completion's alone: a migration with nothing left still has its stop ahead
     this.#percent = Math.max(this.#percent, Math.min(99.9, computed));
     const eta = mbps !== undefined && mbps > 0 ? remaining / (mbps * 1e6) + FIXED_STOP_COST_MS / 1e3 : undefined;
-    this.#view = { percent: round1(this.#percent), eta_s: eta === undefined ? undefined : +eta.toFixed(2), remaining_bytes: remaining, total_bytes: total, transferred_bytes: Math.max(this.#view.transferred_bytes, transferredBytes) };
+    this.#view = {
+      percent: round1(this.#percent),
+      eta_s: eta === undefined ? undefined : +eta.toFixed(2),
+      remaining_bytes: remaining,
+      total_bytes: total,
+      transferred_bytes: Math.max(this.#view.transferred_bytes, transferredBytes),
+    };
     return this.#view;
   }
 

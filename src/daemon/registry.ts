@@ -55,7 +55,10 @@ export class GuestRegistry {
   }
 
   static async open(socketPath: string): Promise<GuestRegistry> {
-    if (socketPath.length === 0 || socketPath.length > 107) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a guest socket path is 1..107 characters, got ${JSON.stringify(socketPath)}`, { phase: 'validate' });
+    if (socketPath.length === 0 || socketPath.length > 107)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a guest socket path is 1..107 characters, got ${JSON.stringify(socketPath)}`, {
+        phase: 'validate',
+      });
     mkdirSync(path.dirname(socketPath), { recursive: true, mode: 0o700 });
     removeStaleSocket(socketPath);
     // pauseOnConnect: the connection's bytes are the native control messages', not Node's
@@ -63,7 +66,9 @@ export class GuestRegistry {
     const registry = new GuestRegistry(socketPath, server);
     server.on('connection', (conn) => void registry.#admit(conn));
     await new Promise<void>((resolve, reject) => {
-      server.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot listen for guests on ${socketPath}: ${e.message}`, { phase: 'listen', cause: e })));
+      server.once('error', (e) =>
+        reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot listen for guests on ${socketPath}: ${e.message}`, { phase: 'listen', cause: e })),
+      );
       server.listen(socketPath, () => resolve());
     });
     chmodSync(socketPath, 0o600);
@@ -185,7 +190,7 @@ export function removeStaleSocket(p: string): void {
   try {
     if (lstatSync(p).isSocket()) unlinkSync(p);
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot remove the old socket ${p}: ${(e as Error).message}`, { phase: 'listen', cause: e });
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT')
+      throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot remove the old socket ${p}: ${(e as Error).message}`, { phase: 'listen', cause: e });
   }
 }
-

@@ -58,7 +58,10 @@ function flagValue(argv: readonly string[], name: string): string | undefined {
 
 /** Runs this command again with the pool sized; resolves with its exit code. Signals are passed on. */
 export function runWithPool(size: number): Promise<number> {
-  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: String(size) } });
+  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], {
+    stdio: 'inherit',
+    env: { ...process.env, UV_THREADPOOL_SIZE: String(size) },
+  });
   for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void child.kill(sig));
   return new Promise((resolve) =>
     child.on('exit', (code, signal) => {

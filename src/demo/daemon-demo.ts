@@ -25,7 +25,12 @@ export interface DaemonDemoReport extends MigrationReport {
   daemons: 'two livemig serve processes, unix-socket APIs, loopback migration port';
 }
 
-export async function runDaemonDemo(o: { guest: GuestOptions; downtimeLimitMs: number; mode?: 'precopy' | 'postcopy' | 'hybrid'; onEvent?: (e: StreamEvent) => void }): Promise<DaemonDemoReport> {
+export async function runDaemonDemo(o: {
+  guest: GuestOptions;
+  downtimeLimitMs: number;
+  mode?: 'precopy' | 'postcopy' | 'hybrid';
+  onEvent?: (e: StreamEvent) => void;
+}): Promise<DaemonDemoReport> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-demo-daemons-'));
   const observer = await HeartbeatObserver.start();
   const daemons: DaemonProcess[] = [];
@@ -45,7 +50,12 @@ export async function runDaemonDemo(o: { guest: GuestOptions; downtimeLimitMs: n
     await waitForGuest(s, 'demo-guest', child);
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const t0 = monotonicMs();
-    const { body: created } = await request<{ id: string }>(s, 'POST', '/v1/migrations', { guest: 'demo-guest', to: { host: '127.0.0.1', port: dst.port }, mode: o.mode ?? 'precopy', downtime_limit_ms: o.downtimeLimitMs });
+    const { body: created } = await request<{ id: string }>(s, 'POST', '/v1/migrations', {
+      guest: 'demo-guest',
+      to: { host: '127.0.0.1', port: dst.port },
+      mode: o.mode ?? 'precopy',
+      downtime_limit_ms: o.downtimeLimitMs,
+    });
     const counts: Record<string, number> = {};
     let report: MigrationReport | undefined;
     let state = '';
@@ -58,11 +68,22 @@ export async function runDaemonDemo(o: { guest: GuestOptions; downtimeLimitMs: n
     });
     if (state !== 'completed' || !report) {
       const { body } = await request<{ error?: { code: string; message: string } }>(s, 'GET', `/v1/migrations/${created.id}`);
-      throw new LivemigError((body.error?.code as 'ERR_LIVEMIG_ABORTED') ?? 'ERR_LIVEMIG_ABORTED', `the migration ${state}: ${body.error?.message ?? 'no report'}`, { phase: 'demo' });
+      throw new LivemigError(
+        (body.error?.code as 'ERR_LIVEMIG_ABORTED') ?? 'ERR_LIVEMIG_ABORTED',
+        `the migration ${state}: ${body.error?.message ?? 'no report'}`,
+        { phase: 'demo' },
+      );
     }
-    const { body: incoming } = await request<{ migrations: { id: string; state: string; guest_pid?: number }[] }>(d, 'GET', '/v1/migrations?direction=incoming');
+    const { body: incoming } = await request<{ migrations: { id: string; state: string; guest_pid?: number }[] }>(
+      d,
+      'GET',
+      '/v1/migrations?direction=incoming',
+    );
     const there = incoming.migrations.find((m) => m.state === 'completed');
-    if (!there?.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the destination daemon lists no completed incoming migration: ${JSON.stringify(incoming)}`, { phase: 'demo' });
+    if (!there?.guest_pid)
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the destination daemon lists no completed incoming migration: ${JSON.stringify(incoming)}`, {
+        phase: 'demo',
+      });
     destPid = there.guest_pid;
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
     const gap = observer.maxGap(t0, monotonicMs());

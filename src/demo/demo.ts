@@ -70,7 +70,22 @@ export interface ReceiverPlace {
 }
 
 /** The convergence settings a demo passes on to migrate() (see MigrateOptions). */
-export type PolicyFlags = Pick<MigrateOptions, 'onStall' | 'bandwidthMiBps' | 'deadlineMs' | 'wws' | 'rateAdaptation' | 'maxBytes' | 'mode' | 'maxPauseMs' | 'progressTimeoutMs' | 'resolveTimeoutMs' | 'handshakeTimeoutMs' | 'recoverTimeoutMs' | 'channels'>;
+export type PolicyFlags = Pick<
+  MigrateOptions,
+  | 'onStall'
+  | 'bandwidthMiBps'
+  | 'deadlineMs'
+  | 'wws'
+  | 'rateAdaptation'
+  | 'maxBytes'
+  | 'mode'
+  | 'maxPauseMs'
+  | 'progressTimeoutMs'
+  | 'resolveTimeoutMs'
+  | 'handshakeTimeoutMs'
+  | 'recoverTimeoutMs'
+  | 'channels'
+>;
 
 export interface DemoOptions {
   guest: GuestSpec;
@@ -119,7 +134,18 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const secure = o.secure ? secureDemo() : undefined;
   const kind = o.guestKind ?? 'reference';
   const guestExec = kind === 'c' ? ['--guest-exec', cIncomingCommand().join(' ')] : [];
-  const rxCommand = [...receiverAt.prefix, process.execPath, CLI_ENTRY, 'receive', '--listen', `${receiverAt.host}:0`, ...insecure, ...(secure?.receiverArgs ?? []), ...guestExec, ...receiverArgs];
+  const rxCommand = [
+    ...receiverAt.prefix,
+    process.execPath,
+    CLI_ENTRY,
+    'receive',
+    '--listen',
+    `${receiverAt.host}:0`,
+    ...insecure,
+    ...(secure?.receiverArgs ?? []),
+    ...guestExec,
+    ...receiverArgs,
+  ];
   const receiver = spawn(rxCommand[0]!, rxCommand.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
@@ -142,7 +168,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     if (first.done) throw new LivemigError('ERR_LIVEMIG_CONNECTION', 'the receiver exited before listening', { phase: 'demo' });
     const { port } = JSON.parse(first.value) as { port: number };
     await o.onListening?.(port);
-    guest = kind === 'c' ? await SourceGuest.start((socket) => cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address })) : await SourceGuest.spawn({ ...g, heartbeat: observer.address });
+    guest =
+      kind === 'c'
+        ? await SourceGuest.start((socket) => cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address }))
+        : await SourceGuest.spawn({ ...g, heartbeat: observer.address });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();
     let tMigrating: number | undefined;
@@ -179,7 +208,12 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     };
     let done = await lines.next();
     while (!done.done && notOutcome(done.value as string)) done = await lines.next();
-    const rx = JSON.parse(done.value as string) as { guest_pid?: number; error?: unknown; received?: { postcopy?: Record<string, number> }; cpu_s?: { user: number; system: number } };
+    const rx = JSON.parse(done.value as string) as {
+      guest_pid?: number;
+      error?: unknown;
+      received?: { postcopy?: Record<string, number> };
+      cpu_s?: { user: number; system: number };
+    };
     if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });
     destPid = rx.guest_pid;
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
@@ -256,4 +290,3 @@ function alive(pid: number): boolean {
     return false; // ESRCH: gone
   }
 }
-

@@ -37,7 +37,6 @@ const LZ4_GROUP = 4;
 /** pages compressed off to the side per sample while not compressing */
 const SAMPLE_PAGES = 32;
 
-
 export interface PageEncoderOptions {
   region: Region;
   conn: FramedConnection;
@@ -109,9 +108,17 @@ export class PageEncoder {
     this.#flags = (options.zero ? SEND_ZERO : 0) | (options.dedup ? SEND_DEDUP : 0);
     this.chooser = new Chooser(options, o.link);
     const bytes = batchPages * region.pageSize;
-    this.#sets = [0, 1].map(() => ({ staging: new SharedArrayBuffer(bytes), output: new SharedArrayBuffer(bytes), lengths: new SharedArrayBuffer(batchPages * 4) }));
+    this.#sets = [0, 1].map(() => ({
+      staging: new SharedArrayBuffer(bytes),
+      output: new SharedArrayBuffer(bytes),
+      lengths: new SharedArrayBuffer(batchPages * 4),
+    }));
     const sampleBytes = SAMPLE_PAGES * region.pageSize;
-    this.#sampleSet = { staging: new SharedArrayBuffer(sampleBytes), output: new SharedArrayBuffer(sampleBytes), lengths: new SharedArrayBuffer(SAMPLE_PAGES * 4) };
+    this.#sampleSet = {
+      staging: new SharedArrayBuffer(sampleBytes),
+      output: new SharedArrayBuffer(sampleBytes),
+      lengths: new SharedArrayBuffer(SAMPLE_PAGES * 4),
+    };
   }
 
   /**
@@ -130,7 +137,7 @@ export class PageEncoder {
     }
     const tSend = performance.now();
     let bytes = 0;
-    for (let at = 0; at < pages.length; ) {
+    for (let at = 0; at < pages.length;) {
       const compress = this.chooser.compressing();
       // runs grow while they stay in place on a link compression cannot help (each call's
       // return costs a wake-up of the event loop); on a slower link they stay short, so that
@@ -143,8 +150,7 @@ export class PageEncoder {
         const b = await this.#sendCompressed(round, part);
         bytes += b;
         this.#onSent(b);
-      }
-      else {
+      } else {
         if (this.chooser.wantSample()) this.#sample(part);
         const b = await this.#sendInPlace(round, part);
         bytes += b;
@@ -208,7 +214,9 @@ export class PageEncoder {
     const n = Math.min(SAMPLE_PAGES, pages.length);
     const step = Math.max(1, Math.floor(pages.length / n));
     const picked = Uint32Array.from({ length: n }, (_, k) => pages[k * step]!);
-    const kind = call('ERR_LIVEMIG_SYSCALL', 'precopy', 'sampling pages', () => addon.samplePages(this.#region.nativeHandle, picked, Buffer.from(this.#sampleSet.staging)));
+    const kind = call('ERR_LIVEMIG_SYSCALL', 'precopy', 'sampling pages', () =>
+      addon.samplePages(this.#region.nativeHandle, picked, Buffer.from(this.#sampleSet.staging)),
+    );
     const slots: number[] = [];
     let nonzero = 0;
     for (let k = 0; k < n; k++) {
@@ -260,7 +268,7 @@ export class PageEncoder {
           this.#compressor ??= new Compressor();
           // runs of neighbouring candidates (in frame order) compress as one block, up to LZ4_GROUP
           const groups: number[] = [];
-          for (let i = 0; i < candidates.length; ) {
+          for (let i = 0; i < candidates.length;) {
             let g = 1;
             while (g < LZ4_GROUP && i + g < candidates.length && candidates[i + g] === candidates[i]! + g) g++;
             groups.push(candidates[i]!, g);
@@ -280,9 +288,11 @@ export class PageEncoder {
         this.#count(enc, lengths, batch);
         await inflight;
         // (no link figure from these: a frame this small may just fill the socket buffer)
-        inflight = this.#conn.sendEncoded({ pages: batch, encodings: enc, staging, lz4: Buffer.from(set.output), lengths, hashes: this.#hashes, round, version: this.#version }).then((b) => {
-          bytes += b;
-        });
+        inflight = this.#conn
+          .sendEncoded({ pages: batch, encodings: enc, staging, lz4: Buffer.from(set.output), lengths, hashes: this.#hashes, round, version: this.#version })
+          .then((b) => {
+            bytes += b;
+          });
         inflight.catch(() => undefined); // awaited on the next batch or below
       }
     } finally {

@@ -21,7 +21,9 @@ export async function connectWhenListening(path: string, timeoutMs: number, chil
         throw new LivemigError('ERR_LIVEMIG_HANDOVER', `connecting to the guest at ${path}: ${(e as Error).message}`, { phase: 'handover', cause: e });
       }
       if (child && (child.exitCode !== null || child.signalCode !== null)) {
-        throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest exited (${String(child.exitCode ?? child.signalCode)}) before it listened at ${path}`, { phase: 'handover' });
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest exited (${String(child.exitCode ?? child.signalCode)}) before it listened at ${path}`, {
+          phase: 'handover',
+        });
       }
       if (Date.now() >= until) {
         throw new LivemigError('ERR_LIVEMIG_TIMEOUT', `no guest listened at ${path} within ${timeoutMs} ms (${errno})`, { phase: 'handover', cause: e });

@@ -142,7 +142,8 @@ export function parseSourceHello(data: Buffer, fds: readonly number[]): SourceHe
   const list = o.regions;
   if (!Array.isArray(list) || list.length === 0) throw refused('regions must be a non-empty list');
   if (list.length > MAX_GUEST_REGIONS) throw refused(`${list.length} regions, more than the limit of ${MAX_GUEST_REGIONS}`);
-  if (fds.length !== list.length) throw refused(`${list.length} regions need ${list.length} descriptors (a memfd each, in order), the hello carried ${fds.length}`);
+  if (fds.length !== list.length)
+    throw refused(`${list.length} regions need ${list.length} descriptors (a memfd each, in order), the hello carried ${fds.length}`);
   const regions: GuestRegion[] = list.map((r: unknown, i) => checkRegion(r, i, fds[i]!));
   const layout = GuestLayout.checked(regions, 'the hello', (why) => refused(why.replace(/^the hello: /, '')));
   refuseOverlaps(regions, (r) => [r.address, BigInt(r.size)], 'in the guest');
@@ -152,10 +153,15 @@ export function parseSourceHello(data: Buffer, fds: readonly number[]): SourceHe
     return { r, key: `${st.dev}:${st.ino}`, fileSize: st.size };
   });
   for (const f of files) {
-    if (f.fileSize < f.r.offset + f.r.size) throw refused(`region ${f.r.name}: its memfd holds ${f.fileSize} bytes, fewer than offset ${f.r.offset} + size ${f.r.size}`);
+    if (f.fileSize < f.r.offset + f.r.size)
+      throw refused(`region ${f.r.name}: its memfd holds ${f.fileSize} bytes, fewer than offset ${f.r.offset} + size ${f.r.size}`);
   }
   for (const key of new Set(files.map((f) => f.key))) {
-    refuseOverlaps(files.filter((f) => f.key === key).map((f) => f.r), (r) => [BigInt(r.offset), BigInt(r.size)], 'in their memfd');
+    refuseOverlaps(
+      files.filter((f) => f.key === key).map((f) => f.r),
+      (r) => [BigInt(r.offset), BigInt(r.size)],
+      'in their memfd',
+    );
   }
   return { contract: o.contract, helloContract: o.helloContract, role: 'source', pid: o.pid as number, name: o.name as string, regions, layout };
 }
@@ -168,10 +174,22 @@ function checkRegion(v: unknown, i: number, fd: number): GuestRegion {
   if (typeof r.address !== 'string' || !/^[0-9]{1,20}$/.test(r.address)) throw refused(`region ${name}: address is not a decimal string`);
   const address = BigInt(r.address);
   if (address === 0n || address % BigInt(PAGE_SIZE) !== 0n || address >= 1n << 64n) throw refused(`region ${name}: address ${r.address} is not page-aligned`);
-  if (!Number.isSafeInteger(r.size) || (r.size as number) <= 0 || (r.size as number) % PAGE_SIZE !== 0) throw refused(`region ${name}: size ${String(r.size)} is not a positive multiple of ${PAGE_SIZE}`);
-  if (!Number.isSafeInteger(r.offset) || (r.offset as number) < 0 || (r.offset as number) % PAGE_SIZE !== 0) throw refused(`region ${name}: offset ${String(r.offset)} is not page-aligned`);
-  if (r.tracking !== 'uffd-wp-async' && r.tracking !== 'none') throw refused(`region ${name}: tracking ${JSON.stringify(r.tracking)} is unknown (uffd-wp-async or none)`);
-  return { id: r.id as number, name: r.name as string, size: r.size as number, pageSize: PAGE_SIZE, address, offset: r.offset as number, tracking: r.tracking, fd };
+  if (!Number.isSafeInteger(r.size) || (r.size as number) <= 0 || (r.size as number) % PAGE_SIZE !== 0)
+    throw refused(`region ${name}: size ${String(r.size)} is not a positive multiple of ${PAGE_SIZE}`);
+  if (!Number.isSafeInteger(r.offset) || (r.offset as number) < 0 || (r.offset as number) % PAGE_SIZE !== 0)
+    throw refused(`region ${name}: offset ${String(r.offset)} is not page-aligned`);
+  if (r.tracking !== 'uffd-wp-async' && r.tracking !== 'none')
+    throw refused(`region ${name}: tracking ${JSON.stringify(r.tracking)} is unknown (uffd-wp-async or none)`);
+  return {
+    id: r.id as number,
+    name: r.name as string,
+    size: r.size as number,
+    pageSize: PAGE_SIZE,
+    address,
+    offset: r.offset as number,
+    tracking: r.tracking,
+    fd,
+  };
 }
 
 function refuseOverlaps<T extends { name: string }>(items: T[], span: (t: T) => [bigint, bigint], where: string): void {

@@ -40,7 +40,9 @@ export interface IncomingStart {
 /** `command` with its socket placeholder filled in; refuses one without the placeholder. */
 export function guestCommand(command: readonly string[], socketPath: string): string[] {
   if (!command.some((w) => w.includes(SOCKET_PLACEHOLDER))) {
-    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the guest command must name its socket with ${SOCKET_PLACEHOLDER}: ${command.join(' ')}`, { phase: 'validate' });
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the guest command must name its socket with ${SOCKET_PLACEHOLDER}: ${command.join(' ')}`, {
+      phase: 'validate',
+    });
   }
   return command.map((w) => w.split(SOCKET_PLACEHOLDER).join(socketPath));
 }
@@ -110,7 +112,8 @@ export class IncomingGuest {
 
   /** Starts the guest and hands it its regions; resolves once it has mapped them. */
   static async start(o: IncomingStart): Promise<IncomingGuest> {
-    if (o.files.length !== o.layout.regions.length) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `${o.files.length} files for ${o.layout.regions.length} regions`, { phase: 'validate' });
+    if (o.files.length !== o.layout.regions.length)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `${o.files.length} files for ${o.layout.regions.length} regions`, { phase: 'validate' });
     // the socket in a directory only this user may enter: no other local process can reach
     // the guest before livemig does, nor hand it memory of its own
     const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-guest-'));
@@ -122,20 +125,30 @@ export class IncomingGuest {
       child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', o.stdout ?? 'inherit', 'inherit'] });
       const spawned = child;
       const failed = new Promise<never>((_, reject) => {
-        spawned.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_GUEST', `the guest command failed to start: ${e.message}`, { phase: 'handover', cause: e })));
+        spawned.once('error', (e) =>
+          reject(new LivemigError('ERR_LIVEMIG_GUEST', `the guest command failed to start: ${e.message}`, { phase: 'handover', cause: e })),
+        );
       });
       failed.catch(() => undefined);
       const timeoutMs = o.startTimeoutMs ?? 120_000;
       fd = await Promise.race([connectWhenListening(socketPath, timeoutMs, spawned), failed]);
-      const hi = await IncomingGuest.#receive(fd, timeoutMs, 'waiting for the incoming guest\'s hello');
+      const hi = await IncomingGuest.#receive(fd, timeoutMs, "waiting for the incoming guest's hello");
       if (hi.tag !== Tag.hello) throw refused(`the incoming guest's first message is 0x${hi.tag.toString(16)}, not its hello ('H')`);
       const hello = parseIncomingHello(hi.body, hi.fds.length);
       await agreeContract(fd, hello, timeoutMs);
       const guest = new IncomingGuest({ child: spawned, hello, layout: o.layout, fd, dir });
       try {
-        addon.controlSend(fd, Tag.regions, encodeRegions({ layout: o.layout, populate: o.populate, offsets: o.files.map((f) => f.offset) }), o.files.map((f) => f.fd));
+        addon.controlSend(
+          fd,
+          Tag.regions,
+          encodeRegions({ layout: o.layout, populate: o.populate, offsets: o.files.map((f) => f.offset) }),
+          o.files.map((f) => f.fd),
+        );
       } catch (e) {
-        throw new LivemigError('ERR_LIVEMIG_GUEST', `handing the regions to the incoming guest failed: ${(e as Error).message}`, { phase: 'reserve', cause: e });
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `handing the regions to the incoming guest failed: ${(e as Error).message}`, {
+          phase: 'reserve',
+          cause: e,
+        });
       }
       // mapping (and populating) a gigabyte takes a while: waited for off this thread
       guest.#expect(await IncomingGuest.#receive(fd, timeoutMs, 'waiting for the incoming guest to map its regions'), Tag.regions, Tag.mapped, 'reserve');
@@ -173,8 +186,14 @@ export class IncomingGuest {
     const r = this.#exchange(Tag.register, Tag.registered, 'postcopy');
     const n = this.layout.regions.length;
     try {
-      if (r.fds.length !== 1) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's registration carried ${r.fds.length} descriptors, not its userfaultfd`, { phase: 'postcopy' });
-      if (r.body.length !== 4 + 8 * n || r.body.readUInt32LE(0) !== n) throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's registration names ${r.body.length >= 4 ? r.body.readUInt32LE(0) : '?'} addresses for ${n} regions`, { phase: 'postcopy' });
+      if (r.fds.length !== 1)
+        throw new LivemigError('ERR_LIVEMIG_GUEST', `the guest's registration carried ${r.fds.length} descriptors, not its userfaultfd`, { phase: 'postcopy' });
+      if (r.body.length !== 4 + 8 * n || r.body.readUInt32LE(0) !== n)
+        throw new LivemigError(
+          'ERR_LIVEMIG_GUEST',
+          `the guest's registration names ${r.body.length >= 4 ? r.body.readUInt32LE(0) : '?'} addresses for ${n} regions`,
+          { phase: 'postcopy' },
+        );
     } catch (e) {
       for (const f of r.fds) closeFd(f, 'postcopy');
       throw e;
@@ -258,7 +277,10 @@ export class IncomingGuest {
   #expect(r: ControlMessage, request: number, answer: number, phase: string): ControlMessage {
     if (r.tag === answer) return r;
     for (const f of r.fds) closeFd(f, phase);
-    if (r.tag === Tag.error) throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest refused '${String.fromCharCode(request)}': ${r.body.toString('utf8', 0, 300)}`, { phase });
+    if (r.tag === Tag.error)
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest refused '${String.fromCharCode(request)}': ${r.body.toString('utf8', 0, 300)}`, {
+        phase,
+      });
     throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest answered '${String.fromCharCode(r.tag)}' to '${String.fromCharCode(request)}'`, { phase });
   }
 

@@ -102,7 +102,8 @@ function checkRegions(specs: readonly RegionSpec[], what: string, fail: (why: st
     if (ids.has(r.id)) throw fail(`${what}: region id ${r.id} appears twice`);
     ids.add(r.id);
     if (typeof r.name !== 'string' || !REGION_NAME.test(r.name)) throw fail(`${what}: region ${i}'s name must be 1..63 characters of [A-Za-z0-9._-]`);
-    if (!Number.isSafeInteger(r.size) || r.size <= 0 || r.size % PAGE_SIZE !== 0) throw fail(`${what}: region ${r.name}'s size ${String(r.size)} is not a positive multiple of ${PAGE_SIZE}`);
+    if (!Number.isSafeInteger(r.size) || r.size <= 0 || r.size % PAGE_SIZE !== 0)
+      throw fail(`${what}: region ${r.name}'s size ${String(r.size)} is not a positive multiple of ${PAGE_SIZE}`);
     const pages = r.size / PAGE_SIZE;
     if (first + pages > 2 ** 32) throw fail(`${what}: the regions hold more than 2^32 pages (page numbers travel as u32)`);
     out.push({ id: r.id, name: r.name, size: r.size, firstPage: first, pages });

@@ -48,7 +48,11 @@ const TOKEN_TIMEOUT_MS = 10_000;
  * Source: offers `pieces` (one per region of `layout`) to whoever presents the token; `served`
  * settles once the destination has them (or after `timeoutMs`). close() withdraws the offer.
  */
-export function offerMemory(layout: GuestLayout, pieces: readonly MemoryPiece[], timeoutMs: number): { offer: LocalOffer; served: Promise<void>; close(): void } {
+export function offerMemory(
+  layout: GuestLayout,
+  pieces: readonly MemoryPiece[],
+  timeoutMs: number,
+): { offer: LocalOffer; served: Promise<void>; close(): void } {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-local-'));
   const socket = path.join(dir, 'memory.sock');
   const token = randomBytes(16).toString('hex');
@@ -62,7 +66,10 @@ export function offerMemory(layout: GuestLayout, pieces: readonly MemoryPiece[],
     rmSync(dir, { recursive: true, force: true });
   };
   const served = new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `the destination did not take the memory within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+    const timer = setTimeout(
+      () => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `the destination did not take the memory within ${timeoutMs} ms`, { phase: 'handshake' })),
+      timeoutMs,
+    );
     server.once('close', () => reject(new LivemigError('ERR_LIVEMIG_ABORTED', 'the memory offer was withdrawn', { phase: 'handshake' })));
     server.on('connection', (conn) => {
       // the descriptor is read and written natively; the socket itself stays paused
@@ -99,10 +106,16 @@ async function handOver(fd: number, token: string, layout: GuestLayout, pieces: 
   if (k.tag !== TAG_TOKEN || got.length !== 32 || !timingSafeEqual(got, Buffer.from(token))) {
     throw new LivemigError('ERR_LIVEMIG_AUTH', 'a process on this host asked for the guest memory without the migration token', { phase: 'handshake' });
   }
-  addon.controlSend(fd, Tag.regions, encodeRegions({ layout, populate: false, offsets: pieces.map((p) => p.offset) }), pieces.map((p) => p.fd));
+  addon.controlSend(
+    fd,
+    Tag.regions,
+    encodeRegions({ layout, populate: false, offsets: pieces.map((p) => p.offset) }),
+    pieces.map((p) => p.fd),
+  );
   const m = await receive(fd, TOKEN_TIMEOUT_MS, 'the destination mapping the memory');
   for (const f of m.fds) closeFd(f, 'handshake');
-  if (m.tag !== Tag.mapped) throw new LivemigError('ERR_LIVEMIG_REFUSED', `the destination could not take the memory: ${m.body.toString('utf8', 0, 300)}`, { phase: 'handshake' });
+  if (m.tag !== Tag.mapped)
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', `the destination could not take the memory: ${m.body.toString('utf8', 0, 300)}`, { phase: 'handshake' });
 }
 
 /**
@@ -113,13 +126,21 @@ async function handOver(fd: number, token: string, layout: GuestLayout, pieces: 
 export async function takeMemory(offer: LocalOffer, layout: GuestLayout, timeoutMs: number): Promise<{ region: Region; pieces: MemoryPiece[] }> {
   const here = bootId();
   if (offer.bootId !== here) {
-    throw new LivemigError('ERR_LIVEMIG_NOT_LOCAL', `a same-host upgrade (--local) from another host: the source's boot id is ${offer.bootId}, this host's ${here}; migrate without --local`, { phase: 'reserve' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_NOT_LOCAL',
+      `a same-host upgrade (--local) from another host: the source's boot id is ${offer.bootId}, this host's ${here}; migrate without --local`,
+      { phase: 'reserve' },
+    );
   }
   let fd: number;
   try {
     fd = addon.unixConnect(offer.socket);
   } catch (e) {
-    throw new LivemigError('ERR_LIVEMIG_NOT_LOCAL', `a same-host upgrade (--local), but the source's socket ${offer.socket} cannot be reached from here (${(e as { errnoName?: string }).errnoName ?? (e as Error).message}): not the same filesystem`, { phase: 'reserve', cause: e });
+    throw new LivemigError(
+      'ERR_LIVEMIG_NOT_LOCAL',
+      `a same-host upgrade (--local), but the source's socket ${offer.socket} cannot be reached from here (${(e as { errnoName?: string }).errnoName ?? (e as Error).message}): not the same filesystem`,
+      { phase: 'reserve', cause: e },
+    );
   }
   let m: ControlMessage | undefined;
   let handedOver = false;
@@ -129,11 +150,18 @@ export async function takeMemory(offer: LocalOffer, layout: GuestLayout, timeout
     const table = m.tag === Tag.regions ? decodeRegions(m.body, "the source's region table") : undefined;
     if (!table) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the source answered 0x${m.tag.toString(16)} instead of its memory`, { phase: 'reserve' });
     if (table.regions.length !== layout.regions.length || m.fds.length !== layout.regions.length) {
-      throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the source's memory is ${table.regions.length} regions with ${m.fds.length} descriptors; HELLO said ${layout.regions.length}`, { phase: 'reserve' });
+      throw new LivemigError(
+        'ERR_LIVEMIG_PROTOCOL',
+        `the source's memory is ${table.regions.length} regions with ${m.fds.length} descriptors; HELLO said ${layout.regions.length}`,
+        { phase: 'reserve' },
+      );
     }
     table.regions.forEach((r, i) => {
       const want = layout.regions[i]!;
-      if (r.id !== want.id || r.size !== want.size) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the source's region ${i} is ${r.size} bytes (id ${r.id}); HELLO said ${want.size} (id ${want.id})`, { phase: 'reserve' });
+      if (r.id !== want.id || r.size !== want.size)
+        throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the source's region ${i} is ${r.size} bytes (id ${r.id}); HELLO said ${want.size} (id ${want.id})`, {
+          phase: 'reserve',
+        });
     });
     const fds = m.fds;
     const pieces = table.regions.map((r, i) => ({ fd: fds[i]!, offset: r.offset, size: r.size }));

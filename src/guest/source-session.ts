@@ -78,7 +78,11 @@ export class SourceGuestSession {
   /** where the guest writes its regions, for exact tracking (undefined: it registered none, or not all) */
   get target(): RemoteTarget | undefined {
     if (this.tracking !== 'uffd-wp-async') return undefined;
-    const ranges = this.hello.regions.map((r, i) => ({ address: r.address, firstPage: this.layout.regions[i]!.firstPage, pages: this.layout.regions[i]!.pages }));
+    const ranges = this.hello.regions.map((r, i) => ({
+      address: r.address,
+      firstPage: this.layout.regions[i]!.firstPage,
+      pages: this.layout.regions[i]!.pages,
+    }));
     return { pid: this.pid, address: ranges[0]!.address, ...(ranges.length > 1 ? { ranges } : {}) };
   }
 
@@ -128,7 +132,8 @@ export class SourceGuestSession {
 
   /** Slows the guest's writes to (100 - percent)% of its rate (auto-converge); 0 releases. */
   throttle(percent: number): void {
-    if (!Number.isInteger(percent) || percent < 0 || percent > 99) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `throttle percent must be an integer in 0..99, got ${percent}`, { phase: 'precopy' });
+    if (!Number.isInteger(percent) || percent < 0 || percent > 99)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `throttle percent must be an integer in 0..99, got ${percent}`, { phase: 'precopy' });
     this.#request(Tag.throttle, Tag.throttled, 'precopy', Buffer.of(percent));
   }
 

@@ -67,25 +67,41 @@ export class FaultService {
 
   constructor(o: FaultServiceOptions) {
     const { region, needed } = o;
-    if (needed.length !== region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
+    if (needed.length !== region.pageCount)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
     const onEvent = (e: PostcopyEvent): void => {
       // the break of connections since replaced says nothing about the current ones
       if (e.type === 'disconnected' && e.generation !== this.#generation) return;
       if (e.type === 'disconnected') this.#broken = e.message ?? 'the link broke';
       for (const l of this.#listeners) l(e);
     };
-    this.#native = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'starting the fault service', () => new addon.PostcopyDest({ region: region.nativeHandle, uffd: o.uffd, guest: o.guest, needed, hashes: o.hashes, version: o.version, onEvent }));
+    this.#native = call(
+      'ERR_LIVEMIG_SYSCALL',
+      'postcopy',
+      'starting the fault service',
+      () => new addon.PostcopyDest({ region: region.nativeHandle, uffd: o.uffd, guest: o.guest, needed, hashes: o.hashes, version: o.version, onEvent }),
+    );
     this.complete = new Promise((resolve, reject) => {
       this.on((e) => {
         if (e.type === 'complete') resolve(e.digest!);
-        else if (e.type === 'error') reject(new LivemigError((e.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_SYSCALL', `post-copy fault service: ${e.message ?? 'failed'}`, { phase: 'postcopy' }));
+        else if (e.type === 'error')
+          reject(
+            new LivemigError((e.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_SYSCALL', `post-copy fault service: ${e.message ?? 'failed'}`, {
+              phase: 'postcopy',
+            }),
+          );
       });
     });
     this.complete.catch(() => undefined); // observed by whoever awaits it
     this.done = new Promise((resolve, reject) => {
       this.on((e) => {
         if (e.type === 'stopped') resolve();
-        else if (e.type === 'error') reject(new LivemigError((e.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_SYSCALL', `post-copy fault service: ${e.message ?? 'failed'}`, { phase: 'postcopy' }));
+        else if (e.type === 'error')
+          reject(
+            new LivemigError((e.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_SYSCALL', `post-copy fault service: ${e.message ?? 'failed'}`, {
+              phase: 'postcopy',
+            }),
+          );
       });
     });
     this.done.catch(() => undefined);

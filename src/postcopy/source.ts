@@ -19,7 +19,6 @@ const PREPAGE_PAGES = 64;
 /** pages per push call (the push stream is read a chunk at a time between faults) */
 const PUSH_CALL_PAGES = 1024;
 
-
 /** The part of the migration's pacer (src/pacing/pacer.ts) the push uses. */
 export interface PushPacer {
   /** pages for the next push call */
@@ -74,7 +73,12 @@ export class PageServer {
     const onEvent = (e: PostcopyEvent): void => {
       for (const l of this.#listeners) l(e);
     };
-    this.#native = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'creating the page server', () => new addon.PostcopySource({ region: region.nativeHandle, needed, version, round, ...(hashes ? { hashes } : {}), onEvent }));
+    this.#native = call(
+      'ERR_LIVEMIG_SYSCALL',
+      'postcopy',
+      'creating the page server',
+      () => new addon.PostcopySource({ region: region.nativeHandle, needed, version, round, ...(hashes ? { hashes } : {}), onEvent }),
+    );
   }
 
   on(l: (e: PostcopyEvent) => void): () => void {
@@ -114,7 +118,10 @@ export class PageServer {
     try {
       for (;;) {
         if (event?.type === 'complete') return event.digest!;
-        if (event?.type === 'error') throw new LivemigError((event.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_PROTOCOL', `post-copy page server: ${event.message ?? 'failed'}`, { phase: 'postcopy' });
+        if (event?.type === 'error')
+          throw new LivemigError((event.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_PROTOCOL', `post-copy page server: ${event.message ?? 'failed'}`, {
+            phase: 'postcopy',
+          });
         if (event?.type === 'disconnected') {
           // a break heard while we reconnected may be of the connections just replaced
           const stale = event.generation !== undefined && event.generation !== this.#generation;
@@ -173,7 +180,14 @@ export class PageServer {
 
   stats(): PostcopyStats {
     const s = this.#native.stats();
-    return { pages_pushed: s.pushed, pages_served: s.served, pages_resent: s.resent, requests: s.requests, bytes: this.#bytes + s.servedBytes, reconnects: this.#reconnects };
+    return {
+      pages_pushed: s.pushed,
+      pages_served: s.served,
+      pages_resent: s.resent,
+      requests: s.requests,
+      bytes: this.#bytes + s.servedBytes,
+      reconnects: this.#reconnects,
+    };
   }
 
   close(): void {

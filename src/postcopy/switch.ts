@@ -59,7 +59,11 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
       await new Promise((r) => setTimeout(r, 200));
     }
   }
-  throw new LivemigError('ERR_LIVEMIG_CONNECTION', `post-copy: the destination did not come back within ${timeoutMs} ms (${(last as Error | undefined)?.message ?? 'no attempt'}); the guest runs there and waits for pages that are only here: this source keeps them, paused`, { phase: 'postcopy', cause: last });
+  throw new LivemigError(
+    'ERR_LIVEMIG_CONNECTION',
+    `post-copy: the destination did not come back within ${timeoutMs} ms (${(last as Error | undefined)?.message ?? 'no attempt'}); the guest runs there and waits for pages that are only here: this source keeps them, paused`,
+    { phase: 'postcopy', cause: last },
+  );
 }
 
 export interface PostcopyResult {
@@ -136,9 +140,21 @@ export async function runPostcopy(o: {
     await callAsync('ERR_LIVEMIG_SYSCALL', 'postcopy', 'hashing the paused region', () => addon.hashAll(region.nativeHandle, o.hashes));
     const digest = digestOf(o.hashes, 'postcopy');
     if (digest !== destDigest) {
-      throw new LivemigError('ERR_LIVEMIG_DIGEST', `post-copy finished but the destination's image digest ${destDigest.toString(16)} differs from the source's ${digest.toString(16)}; the source keeps its copy, paused`, { phase: 'postcopy' });
+      throw new LivemigError(
+        'ERR_LIVEMIG_DIGEST',
+        `post-copy finished but the destination's image digest ${destDigest.toString(16)} differs from the source's ${digest.toString(16)}; the source keeps its copy, paused`,
+        { phase: 'postcopy' },
+      );
     }
-    return { downtime_end: tRunning, complete_at: tComplete, verify_ms: performance.now() - tComplete, activate_ms: running.activateMs, pages_needed: o.pagesNeeded, stats: server.stats(), digest };
+    return {
+      downtime_end: tRunning,
+      complete_at: tComplete,
+      verify_ms: performance.now() - tComplete,
+      activate_ms: running.activateMs,
+      pages_needed: o.pagesNeeded,
+      stats: server.stats(),
+      digest,
+    };
   } finally {
     server.close();
     conn.handOff();

@@ -121,16 +121,36 @@ export class ConvergencePolicy {
       const nextRemaining = f.heldPages + (f.dirtiedPages / Math.max(f.durationMs, 0.001)) * sendMs;
       const shrinking = prev === undefined || remaining <= prev * WORTH_A_ROUND; // the last round did
       if (shrinking && remaining > MIN_WORTH_A_ROUND && nextRemaining < remaining * WORTH_A_ROUND && f.round < o.maxRounds && f.totalBytes < o.maxBytes) {
-        return { action: 'continue', estimateMs: est, reason: `${remaining} pages left fit the ${o.downtimeLimitMs} ms limit (estimate ${fmt(est)} ms), but one more round of about ${fmt(sendMs)} ms should leave about ${Math.round(nextRemaining)}` };
+        return {
+          action: 'continue',
+          estimateMs: est,
+          reason: `${remaining} pages left fit the ${o.downtimeLimitMs} ms limit (estimate ${fmt(est)} ms), but one more round of about ${fmt(sendMs)} ms should leave about ${Math.round(nextRemaining)}`,
+        };
       }
-      return { action: 'stop', forced: false, estimateMs: est, reason: `${remaining} pages left fit the ${o.downtimeLimitMs} ms downtime limit at ${f.mbps.toFixed(0)} MB/s (estimate ${fmt(est)} ms)` };
+      return {
+        action: 'stop',
+        forced: false,
+        estimateMs: est,
+        reason: `${remaining} pages left fit the ${o.downtimeLimitMs} ms downtime limit at ${f.mbps.toFixed(0)} MB/s (estimate ${fmt(est)} ms)`,
+      };
     }
     if (o.deadlineMs !== undefined) {
       const left = o.deadlineMs - f.elapsedMs;
       // another round takes about as long as the last one; then the stop itself
       if (f.durationMs + est > left) {
-        if (est <= left) return { action: 'stop', forced: true, estimateMs: est, reason: `deadline: ${fmt(left)} ms left, not enough for another round; stopping now (estimate ${fmt(est)} ms)` };
-        return { action: 'abort', code: 'ERR_LIVEMIG_DEADLINE', estimateMs: est, reason: `deadline: ${fmt(left)} ms left, stopping now would take about ${fmt(est)} ms` };
+        if (est <= left)
+          return {
+            action: 'stop',
+            forced: true,
+            estimateMs: est,
+            reason: `deadline: ${fmt(left)} ms left, not enough for another round; stopping now (estimate ${fmt(est)} ms)`,
+          };
+        return {
+          action: 'abort',
+          code: 'ERR_LIVEMIG_DEADLINE',
+          estimateMs: est,
+          reason: `deadline: ${fmt(left)} ms left, stopping now would take about ${fmt(est)} ms`,
+        };
       }
     }
     // Once throttling, step up every round while the guest still dirties more than half of
@@ -144,12 +164,22 @@ export class ConvergencePolicy {
       const aim = Math.ceil(100 * (1 - SLOW_SHARE * (f.mbps / unthrottled)));
       this.throttle = Math.min(THROTTLE_MAX, Math.max(this.throttle + THROTTLE_STEP, aim));
       this.#stallRounds = 0;
-      return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ${100 - this.throttle}% of its writes` };
+      return {
+        action: 'throttle',
+        level: this.throttle,
+        estimateMs: est,
+        reason: `still not converging: the guest dirties ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent; throttling it to ${100 - this.throttle}% of its writes`,
+      };
     }
     if (o.onStall === 'throttle' && this.throttle === 0 && this.#slowRounds >= STALL_ROUNDS && this.#stallRounds < STALL_ROUNDS) {
       this.throttle = THROTTLE_FIRST;
       this.#slowRounds = 0;
-      return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `converging too slowly: the guest dirtied ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent, more than ${SLOW_SHARE * 100}% for ${STALL_ROUNDS} rounds (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms); throttling the guest to ${100 - this.throttle}% of its writes` };
+      return {
+        action: 'throttle',
+        level: this.throttle,
+        estimateMs: est,
+        reason: `converging too slowly: the guest dirtied ${dirtyMbps.toFixed(0)} MB/s against ${f.mbps.toFixed(0)} MB/s sent, more than ${SLOW_SHARE * 100}% for ${STALL_ROUNDS} rounds (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms); throttling the guest to ${100 - this.throttle}% of its writes`,
+      };
     }
     if (this.#stallRounds >= STALL_ROUNDS) {
       const why = `not converging: ${remaining} pages left after ${this.#stallRounds} rounds that did not shrink them by a tenth (estimate ${fmt(est)} ms > ${o.downtimeLimitMs} ms)`;
@@ -159,7 +189,12 @@ export class ConvergencePolicy {
           if (this.throttle < THROTTLE_MAX) {
             this.throttle = this.throttle === 0 ? THROTTLE_FIRST : Math.min(THROTTLE_MAX, this.throttle + THROTTLE_STEP);
             this.#stallRounds = STALL_ROUNDS - 1; // one more round to see the effect, then step again
-            return { action: 'throttle', level: this.throttle, estimateMs: est, reason: `${why}; throttling the guest to ${100 - this.throttle}% of its writes` };
+            return {
+              action: 'throttle',
+              level: this.throttle,
+              estimateMs: est,
+              reason: `${why}; throttling the guest to ${100 - this.throttle}% of its writes`,
+            };
           }
           return { action: 'stop', forced: true, estimateMs: est, reason: `${why}; throttle at its maximum ${THROTTLE_MAX}%: stopping` };
         case 'force':
@@ -170,8 +205,20 @@ export class ConvergencePolicy {
           return { action: 'abort', code: 'ERR_LIVEMIG_STALLED', estimateMs: est, reason: `${why}; stall policy abort: giving up, the guest stays here` };
       }
     }
-    if (f.round >= o.maxRounds) return { action: 'stop', forced: true, estimateMs: est, reason: `round limit ${o.maxRounds} reached; stopping with ${remaining} pages left (estimate ${fmt(est)} ms)` };
-    if (f.totalBytes >= o.maxBytes) return { action: 'stop', forced: true, estimateMs: est, reason: `byte limit ${o.maxBytes} reached (${f.totalBytes} sent); stopping with ${remaining} pages left (estimate ${fmt(est)} ms)` };
+    if (f.round >= o.maxRounds)
+      return {
+        action: 'stop',
+        forced: true,
+        estimateMs: est,
+        reason: `round limit ${o.maxRounds} reached; stopping with ${remaining} pages left (estimate ${fmt(est)} ms)`,
+      };
+    if (f.totalBytes >= o.maxBytes)
+      return {
+        action: 'stop',
+        forced: true,
+        estimateMs: est,
+        reason: `byte limit ${o.maxBytes} reached (${f.totalBytes} sent); stopping with ${remaining} pages left (estimate ${fmt(est)} ms)`,
+      };
     return { action: 'continue', estimateMs: est, reason: `${remaining} pages left need about ${fmt(est)} ms, over the ${o.downtimeLimitMs} ms limit` };
   }
 }

@@ -1,10 +1,6 @@
 import { LivemigError } from '../errors.js';
 
-export type ProtocolCode =
-  | 'ERR_LIVEMIG_PROTOCOL'
-  | 'ERR_LIVEMIG_FRAME_TOO_LARGE'
-  | 'ERR_LIVEMIG_VERSION'
-  | 'ERR_LIVEMIG_PAGE_INDEX';
+export type ProtocolCode = 'ERR_LIVEMIG_PROTOCOL' | 'ERR_LIVEMIG_FRAME_TOO_LARGE' | 'ERR_LIVEMIG_VERSION' | 'ERR_LIVEMIG_PAGE_INDEX';
 
 /** A peer sent something the protocol does not allow. The connection is closed after it. */
 export class ProtocolError extends LivemigError {

@@ -23,7 +23,8 @@ export interface HeaderOptions {
 /** The one header writer on this side. */
 export function encodeHeader(type: FrameType, payloadLength: number, o: HeaderOptions = {}): Buffer {
   const { version = PROTOCOL_VERSION, flags = FLAGS_NONE, into } = o;
-  if (payloadLength > MAX_PAYLOAD) throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `refusing to send a ${payloadLength}-byte frame (max ${MAX_PAYLOAD})`);
+  if (payloadLength > MAX_PAYLOAD)
+    throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `refusing to send a ${payloadLength}-byte frame (max ${MAX_PAYLOAD})`);
   const h = into ?? Buffer.allocUnsafe(HEADER_BYTES);
   h.writeUInt16LE(MAGIC, 0);
   h.writeUInt8(version, 2);

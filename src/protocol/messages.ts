@@ -92,7 +92,8 @@ export function decodeHello(p: Buffer): Hello {
   if (!isCount(m.regionBytes) || m.regionBytes === 0) throw bad('HELLO regionBytes must be a positive integer');
   if (!isCount(m.pageSize, 1 << 30) || m.pageSize === 0) throw bad('HELLO pageSize must be a positive integer');
   if (m.auth !== null) throw bad('HELLO auth must be null in protocol version 1 (authentication is not negotiated yet)');
-  if (!Array.isArray(m.capabilities) || m.capabilities.length > 64 || !m.capabilities.every((c) => isString(c, 64))) throw bad('HELLO capabilities must be a list of short strings');
+  if (!Array.isArray(m.capabilities) || m.capabilities.length > 64 || !m.capabilities.every((c) => isString(c, 64)))
+    throw bad('HELLO capabilities must be a list of short strings');
   const hello: Hello = { versions: [v[0], v[1]], regionBytes: m.regionBytes, pageSize: m.pageSize, auth: null, capabilities: m.capabilities as string[] };
   if (m.regions !== undefined) {
     if (!Array.isArray(m.regions)) throw bad('HELLO regions must be a list');
@@ -127,8 +128,14 @@ export function decodeAccept(p: Buffer): Accept {
   if (!isCount(m.version, 255)) throw bad('ACCEPT version must be an integer');
   if (!Array.isArray(m.capabilities) || !m.capabilities.every((c) => isString(c, 64))) throw bad('ACCEPT capabilities must be a list of strings');
   if (m.session !== undefined && !(isString(m.session, 64) && /^[0-9a-f]{32}$/.test(m.session))) throw bad('ACCEPT session must be 32 hex digits');
-  if (m.channels !== undefined && (!isCount(m.channels, MAX_CHANNELS) || m.channels < 1)) throw bad(`ACCEPT channels must be an integer from 1 to ${MAX_CHANNELS}`);
-  return { version: m.version, capabilities: m.capabilities as string[], ...(m.session !== undefined ? { session: m.session } : {}), ...(m.channels !== undefined ? { channels: m.channels } : {}) };
+  if (m.channels !== undefined && (!isCount(m.channels, MAX_CHANNELS) || m.channels < 1))
+    throw bad(`ACCEPT channels must be an integer from 1 to ${MAX_CHANNELS}`);
+  return {
+    version: m.version,
+    capabilities: m.capabilities as string[],
+    ...(m.session !== undefined ? { session: m.session } : {}),
+    ...(m.channels !== undefined ? { channels: m.channels } : {}),
+  };
 }
 
 export const encodeError = (e: ErrorMessage, version: number): Buffer => control(FrameType.Error, e, version);
@@ -239,7 +246,7 @@ export function decodePostcopy(p: Buffer, pageCount: number): Postcopy {
   if (!Buffer.isBuffer(m.needed) && !(m.needed instanceof Uint8Array)) throw bad('POSTCOPY needed must be a bitmap');
   const needed = Buffer.from(m.needed as Uint8Array);
   if (needed.length !== bitmapBytes(pageCount)) throw bad(`POSTCOPY bitmap of ${needed.length} bytes for ${pageCount} pages`);
-  if (pageCount % 8 !== 0 && needed[needed.length - 1]! >> pageCount % 8 !== 0) throw bad('POSTCOPY bitmap names pages past the region');
+  if (pageCount % 8 !== 0 && needed[needed.length - 1]! >> (pageCount % 8) !== 0) throw bad('POSTCOPY bitmap names pages past the region');
   return { needed };
 }
 

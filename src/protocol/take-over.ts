@@ -15,7 +15,11 @@ const NO_FD = 'the connection has no file descriptor: a migration needs a connec
  */
 export function takeOverSocket(socket: net.Socket): NativeWire {
   if (socket.bytesRead > 0 || socket.readableLength > 0) {
-    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the connection was already read from: hand it over before any data is read (servers: pauseOnConnect)', { phase: 'connect' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_INVALID_ARGUMENT',
+      'the connection was already read from: hand it over before any data is read (servers: pauseOnConnect)',
+      { phase: 'connect' },
+    );
   }
   return takeOver({ socket, done: [socket], noFd: NO_FD, what: 'taking over the connection' });
 }
@@ -27,7 +31,9 @@ export function takeOverSocket(socket: net.Socket): NativeWire {
  */
 export function takeOverAfterFirstFrame(socket: net.Socket, consumed: number, keys?: WireKeys): NativeWire {
   if (socket.bytesRead !== consumed || socket.readableLength > 0) {
-    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the connection was read past its first frame (${socket.bytesRead} bytes, ${consumed} expected)`, { phase: 'handshake' });
+    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the connection was read past its first frame (${socket.bytesRead} bytes, ${consumed} expected)`, {
+      phase: 'handshake',
+    });
   }
   return takeOver({ socket, done: [socket], noFd: NO_FD, what: 'taking over the connection', ...(keys ? { keys } : {}) });
 }
@@ -39,7 +45,8 @@ export function takeOverAfterFirstFrame(socket: net.Socket, consumed: number, ke
  * for the native data path (which is to carry its own records, keyed from the TLS session).
  */
 export function takeOverSecured(raw: net.Socket, tls: net.Socket, keys: WireKeys): NativeWire {
-  if (tls.readableLength > 0) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
+  if (tls.readableLength > 0)
+    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over', { phase: 'handshake' });
   return takeOver({ socket: raw, done: [tls, raw], noFd: 'the secured connection has no file descriptor', what: 'taking over the secured connection', keys });
 }
 

@@ -24,7 +24,12 @@ export const SEND_DEDUP = 2;
  * enter the dedup index; with `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go
  * from the calling thread.
  */
-export type SendPagesRequest = Omit<NativeSendPages, 'region' | 'flags' | 'now' | 'probe'> & { region: Region; flags?: number; probe?: WrittenProbe; now?: boolean };
+export type SendPagesRequest = Omit<NativeSendPages, 'region' | 'flags' | 'now' | 'probe'> & {
+  region: Region;
+  flags?: number;
+  probe?: WrittenProbe;
+  now?: boolean;
+};
 
 /** A frame, with what a sink applied before it arrived. */
 export interface WireFrame extends Frame {
@@ -51,7 +56,6 @@ export interface PageSink {
   stripe?: { channels: number; channel: number };
 }
 
-
 /** frames up to this size may be written from the calling thread (FramedConnection.send) */
 export const SEND_NOW_MAX = 64 * 1024;
 /** pages a sendPages call may send from the calling thread (4 MiB: well under a millisecond) */
@@ -60,9 +64,11 @@ export const SEND_NOW_PAGES = 1024;
 /** A sendPages request, checked, as the native Wire takes it; `now`: sent from the calling thread. */
 export function nativeSendPages(req: SendPagesRequest, now: boolean): NativeSendPages {
   const { region, pages, round, version, batchPages, hashes, dedup, flags = 0, probe } = req;
-  if (batchPages < 1 || batchPages > MAX_BATCH_PAGES) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
+  if (batchPages < 1 || batchPages > MAX_BATCH_PAGES)
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
   if (flags !== 0 && dedup === undefined) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'encoded frames need the dedup index', { phase: 'precopy' });
-  if (hashes.length < region.pageCount) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the hash table has ${hashes.length} entries for ${region.pageCount} pages`, { phase: 'precopy' });
+  if (hashes.length < region.pageCount)
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the hash table has ${hashes.length} entries for ${region.pageCount} pages`, { phase: 'precopy' });
   return { region: region.nativeHandle, pages, round, version, batchPages, hashes, flags, now, ...(dedup ? { dedup } : {}), ...(probe ? { probe } : {}) };
 }
 
@@ -72,7 +78,18 @@ export function nativeRead(limits: Uint32Array, sink?: PageSink): Parameters<Nat
     maxPayload: MAX_PAYLOAD,
     maxType: MAX_FRAME_TYPE,
     limits,
-    ...(sink ? { sink: { region: sink.region.nativeHandle, hashes: sink.hashes, version: sink.version, maxBatchPages: MAX_BATCH_PAGES, encodings: sink.encodings === true, ...(sink.stripe ? sink.stripe : {}) } } : {}),
+    ...(sink
+      ? {
+          sink: {
+            region: sink.region.nativeHandle,
+            hashes: sink.hashes,
+            version: sink.version,
+            maxBatchPages: MAX_BATCH_PAGES,
+            encodings: sink.encodings === true,
+            ...(sink.stripe ? sink.stripe : {}),
+          },
+        }
+      : {}),
   };
 }
 

@@ -46,7 +46,13 @@ export async function admit(socket: net.Socket, creds: Credentials | undefined, 
   trace('receiver', ReceiverEvent.connectionAccepted, { from: socket.remoteAddress ?? '' });
   if (!creds) {
     const { frame, consumed } = await readFirstFrame(socket, timeoutMs);
-    return { conn: FramedConnection.fromSocketAfter(socket, consumed), security: { auth: 'none', peer: null, cipher: null, encrypted: false }, local, remote, first: frame };
+    return {
+      conn: FramedConnection.fromSocketAfter(socket, consumed),
+      security: { auth: 'none', peer: null, cipher: null, encrypted: false },
+      local,
+      remote,
+      first: frame,
+    };
   }
   const a = await authenticateAccepted(socket, creds, timeoutMs, () => ticket?.answered());
   const reader = readerAfterHandshake(a);
@@ -64,7 +70,8 @@ export async function admit(socket: net.Socket, creds: Credentials | undefined, 
  */
 function readerAfterHandshake(a: Authenticated): net.Socket {
   const fd = (a.raw as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the secured connection has no file descriptor', { phase: 'handshake' });
+  if (typeof fd !== 'number' || fd < 0)
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the secured connection has no file descriptor', { phase: 'handshake' });
   if (a.tls.readableLength > 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'the peer sent data before the secured stream was handed over');
   const copy = call('ERR_LIVEMIG_SYSCALL', 'handshake', 'duplicating the connection', () => addon.unixDup(fd));
   a.tls.destroy();
@@ -101,8 +108,16 @@ function readFirstFrame(socket: net.Socket, timeoutMs: number, records?: { key: 
       } else resolve(r!);
     };
     const timer = setTimeout(() => done(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no first frame within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
-    const onEnd = (): void => done(new LivemigError('ERR_LIVEMIG_CONNECTION', raw.length ? 'the peer closed the connection in the middle of its first frame' : 'the peer closed the connection', { phase: 'handshake' }));
-    const onError = (e: Error): void => done(new LivemigError('ERR_LIVEMIG_CONNECTION', `the connection failed before its first frame: ${e.message}`, { phase: 'handshake', cause: e }));
+    const onEnd = (): void =>
+      done(
+        new LivemigError(
+          'ERR_LIVEMIG_CONNECTION',
+          raw.length ? 'the peer closed the connection in the middle of its first frame' : 'the peer closed the connection',
+          { phase: 'handshake' },
+        ),
+      );
+    const onError = (e: Error): void =>
+      done(new LivemigError('ERR_LIVEMIG_CONNECTION', `the connection failed before its first frame: ${e.message}`, { phase: 'handshake', cause: e }));
     const onData = (d: Buffer): void => {
       raw = raw.length ? Buffer.concat([raw, d]) : d;
       try {
@@ -129,7 +144,16 @@ function readFirstFrame(socket: net.Socket, timeoutMs: number, records?: { key: 
       const after = plain.length - need + (raw.length - opened);
       if (after > 0) return done(new ProtocolError('ERR_LIVEMIG_PROTOCOL', `${after} bytes came after the first frame, before it was answered`));
       const h = header!;
-      const frame: WireFrame = { version: h.version, type: h.type as FrameType, flags: h.flags, payload: Buffer.from(plain.subarray(HEADER_BYTES)), pages: 0, batches: 0, bytes: 0, lastRound: -1 };
+      const frame: WireFrame = {
+        version: h.version,
+        type: h.type as FrameType,
+        flags: h.flags,
+        payload: Buffer.from(plain.subarray(HEADER_BYTES)),
+        pages: 0,
+        batches: 0,
+        bytes: 0,
+        lastRound: -1,
+      };
       done(undefined, { frame, consumed: raw.length, records: recordCount });
     };
     socket.on('data', onData);

@@ -69,7 +69,8 @@ export class IncomingChannels {
     this.#reached[0] = Number.MAX_SAFE_INTEGER;
     for (let k = 1; k < count; k++) {
       this.#run(k, session!, { ...sink, stripe: { channels: count, channel: k } }, join).catch((e: unknown) => {
-        const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k}: ${(e as Error).message}`, { phase: 'receiving', cause: e });
+        const err =
+          e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k}: ${(e as Error).message}`, { phase: 'receiving', cause: e });
         if (this.#closed || this.#failure) return;
         this.#failure = err;
         // the source's sends on the others end at once, not when the migration is torn down
@@ -87,7 +88,11 @@ export class IncomingChannels {
 
   async #run(k: number, session: PostcopySession, sink: PageSink, join: Join): Promise<void> {
     const slot = `channel-${k}` as const;
-    const taken = await session.take([slot], join.joinMs, () => new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k} did not join within ${join.joinMs} ms`, { phase: 'receiving' }));
+    const taken = await session.take(
+      [slot],
+      join.joinMs,
+      () => new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k} did not join within ${join.joinMs} ms`, { phase: 'receiving' }),
+    );
     const conn = taken[slot]!;
     if (this.#closed) {
       conn.close();
@@ -102,15 +107,18 @@ export class IncomingChannels {
       this.pages += f.pages;
       if (f.type === FrameType.RoundEnd) {
         const r = decodeRoundEnd(f.payload);
-        if (f.lastRound > r.round) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `channel ${k}: ROUND_END for round ${r.round} after pages of round ${f.lastRound}`);
-        if (r.round < this.#reached[k]!) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `channel ${k}: ROUND_END for round ${r.round} after round ${this.#reached[k]}`);
+        if (f.lastRound > r.round)
+          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `channel ${k}: ROUND_END for round ${r.round} after pages of round ${f.lastRound}`);
+        if (r.round < this.#reached[k]!)
+          throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `channel ${k}: ROUND_END for round ${r.round} after round ${this.#reached[k]}`);
         this.#reached[k] = r.round;
         if (r.last) this.#ended[k] = true;
         this.#wake();
         if (r.last) return;
         continue;
       }
-      if (f.type === FrameType.Abort) throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: 'receiving' });
+      if (f.type === FrameType.Abort)
+        throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: 'receiving' });
       throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unexpected ${FrameType[f.type] ?? f.type} frame on channel ${k}`);
     }
   }

@@ -14,10 +14,13 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
   const failedIn = ctx.fail();
   const guestRunsHere = failedIn === 'activated' || failedIn === 'postcopy';
   if (!guestRunsHere) ctx.outcome?.settle('fenced');
-  const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, {
-    phase: failedIn,
-    cause: e,
-  });
+  const err =
+    e instanceof LivemigError
+      ? e
+      : new LivemigError('ERR_LIVEMIG_ABORTED', `receive failed while ${failedIn}: ${(e as Error).message}`, {
+          phase: failedIn,
+          cause: e,
+        });
   if (failedIn === 'hello') refusedBeforeReserving(err);
   if (ctx.deviceStateSeen && !ctx.sourceSaidWhy && failedIn !== 'postcopy') markMayBeAskedAbout(err);
   const tell = !conn.closed && !ctx.toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';

@@ -16,7 +16,7 @@ export async function loadImage(region: Region, path: string, hashes: BigUint64A
     const st = await fh.stat();
     if (st.size !== region.size) return false;
     const view = region.view(0, region.size);
-    for (let off = 0; off < region.size; ) {
+    for (let off = 0; off < region.size;) {
       const { bytesRead } = await fh.read(view, off, Math.min(64 << 20, region.size - off), off);
       if (bytesRead === 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the reuse image ${path} ended early`, { phase: 'reserve' });
       off += bytesRead;

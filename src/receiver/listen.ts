@@ -67,9 +67,11 @@ export interface ListenOptions {
 /** Listens and serves migrations, one at a time unless `listenOptions` says otherwise. */
 export async function listen(host: string, port: number, options: ReceiveOptions, listenOptions: ListenOptions = {}): Promise<Receiver> {
   const maxConcurrent = listenOptions.maxConcurrent ?? 1;
-  if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `maxConcurrent must be a positive integer, got ${maxConcurrent}`, { phase: 'listen' });
+  if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1)
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `maxConcurrent must be a positive integer, got ${maxConcurrent}`, { phase: 'listen' });
   const mc = options.maxChannels;
-  if (mc !== undefined && (!Number.isInteger(mc) || mc < 1 || mc > MAX_CHANNELS)) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `maxChannels must be an integer from 1 to ${MAX_CHANNELS}, got ${String(mc)}`, { phase: 'listen' });
+  if (mc !== undefined && (!Number.isInteger(mc) || mc < 1 || mc > MAX_CHANNELS))
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `maxChannels must be an integer from 1 to ${MAX_CHANNELS}, got ${String(mc)}`, { phase: 'listen' });
   assertSecureEnough(host, options.credentials, options.insecure, 'listening on');
   // pauseOnConnect: Node must not read from the connection before the native wire owns it
   const server = net.createServer({ noDelay: true, pauseOnConnect: true });
@@ -115,7 +117,11 @@ export async function listen(host: string, port: number, options: ReceiveOptions
       if (first.type === FrameType.Attach) return joinSession(a.conn, first, sessions);
       if (running >= maxConcurrent || done) {
         // the slot is taken by a HELLO that arrived whole, not by whoever connected first
-        const why = done ? 'this receiver takes no more migrations' : maxConcurrent === 1 ? 'a migration is already running here' : `busy: ${running} migrations are running here, the most it takes at once`;
+        const why = done
+          ? 'this receiver takes no more migrations'
+          : maxConcurrent === 1
+            ? 'a migration is already running here'
+            : `busy: ${running} migrations are running here, the most it takes at once`;
         const e = new LivemigError('ERR_LIVEMIG_REFUSED', why, { phase: 'handshake' });
         return void a.conn.finish(encodeError({ code: e.code, message: e.message, phase: 'handshake' }, PROTOCOL_VERSION));
       }
@@ -130,7 +136,9 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     })();
   });
   await new Promise<void>((resolve, reject) => {
-    server.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot listen on ${host}:${port}: ${e.message}`, { phase: 'listen', cause: e })));
+    server.once('error', (e) =>
+      reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot listen on ${host}:${port}: ${e.message}`, { phase: 'listen', cause: e })),
+    );
     server.listen(port, host, () => resolve());
   });
   const addr = server.address() as net.AddressInfo;
@@ -164,7 +172,12 @@ async function joinSession(conn: FramedConnection, f: WireFrame, sessions: Sessi
     const a = decodeAttach(f.payload);
     const session = sessions.get(a.session);
     if (!session) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'ATTACH names no session running here', { phase: 'attach' });
-    if (a.role === 'channel' && a.channel! >= session.channels) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `ATTACH channel ${a.channel}: this session was granted ${session.channels} channels (0..${session.channels - 1})`, { phase: 'attach' });
+    if (a.role === 'channel' && a.channel! >= session.channels)
+      throw new LivemigError(
+        'ERR_LIVEMIG_PROTOCOL',
+        `ATTACH channel ${a.channel}: this session was granted ${session.channels} channels (0..${session.channels - 1})`,
+        { phase: 'attach' },
+      );
     session.join(a.role === 'channel' ? `channel-${a.channel!}` : a.role, conn);
   } catch (e) {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'attach', cause: e });

@@ -88,7 +88,14 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   const ta = performance.now();
   const reg = await options.postcopy.register(region);
   trace('receiver', ReceiverEvent.registered);
-  const faults = new FaultService({ region, uffd: reg.uffd, guest: 'ranges' in reg ? reg.ranges : reg.address, needed: unpacked.bytes, hashes: o.hashes, version });
+  const faults = new FaultService({
+    region,
+    uffd: reg.uffd,
+    guest: 'ranges' in reg ? reg.ranges : reg.address,
+    needed: unpacked.bytes,
+    hashes: o.hashes,
+    version,
+  });
   o.onFaults(faults);
   faults.start();
   faults.attach(conn.handle, prio.handle);

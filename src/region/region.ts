@@ -120,7 +120,8 @@ export class Region {
     let total = 0;
     for (const [i, p] of pieces.entries()) {
       if (!Number.isInteger(p.fd) || p.fd < 0) throw invalidArgument(`piece ${i}: fd must be a non-negative integer, got ${String(p.fd)}`);
-      if (!Number.isSafeInteger(p.offset) || p.offset < 0 || p.offset % PAGE_SIZE !== 0) throw invalidArgument(`piece ${i}: offset must be page-aligned, got ${String(p.offset)}`);
+      if (!Number.isSafeInteger(p.offset) || p.offset < 0 || p.offset % PAGE_SIZE !== 0)
+        throw invalidArgument(`piece ${i}: offset must be page-aligned, got ${String(p.offset)}`);
       checkSize(p.size, `piece ${i}'s size`);
       total += p.size;
     }

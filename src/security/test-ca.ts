@@ -58,7 +58,23 @@ export function makeTestCa(names: readonly string[], days = 30): TestCa {
     for (const n of names) {
       openssl('req', ...ec, '-keyout', `${n}.key`, '-out', `${n}.csr`, '-subj', `/CN=${n}`);
       writeFileSync(path.join(dir, `${n}.ext`), `subjectAltName=DNS:${n}\n`);
-      openssl('x509', '-req', '-in', `${n}.csr`, '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', `${n}.crt`, '-days', String(days), '-extfile', `${n}.ext`);
+      openssl(
+        'x509',
+        '-req',
+        '-in',
+        `${n}.csr`,
+        '-CA',
+        'ca.crt',
+        '-CAkey',
+        'ca.key',
+        '-CAcreateserial',
+        '-out',
+        `${n}.crt`,
+        '-days',
+        String(days),
+        '-extfile',
+        `${n}.ext`,
+      );
       certs[n] = { cert: readFileSync(path.join(dir, `${n}.crt`)), key: readFileSync(path.join(dir, `${n}.key`)) };
     }
     return { ca: readFileSync(path.join(dir, 'ca.crt')), caKey: readFileSync(path.join(dir, 'ca.key')), certs };

@@ -78,7 +78,10 @@ function stopReading(s: tls.TLSSocket): void {
 function awaitMarker(s: tls.TLSSocket, marker: Buffer, timeoutMs: number, onArrived: () => void): Promise<void> {
   return new Promise((resolve, reject) => {
     let got = Buffer.alloc(0);
-    const timer = setTimeout(() => fail(new LivemigError('ERR_LIVEMIG_TIMEOUT', `the peer did not finish the secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+    const timer = setTimeout(
+      () => fail(new LivemigError('ERR_LIVEMIG_TIMEOUT', `the peer did not finish the secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })),
+      timeoutMs,
+    );
     const onError = (e: Error): void => fail(refused(`the secure handshake failed: ${e.message}`, e));
     const onClose = (): void => fail(refused('the peer closed the connection during the secure handshake'));
     const settle = (): void => {
@@ -94,7 +97,8 @@ function awaitMarker(s: tls.TLSSocket, marker: Buffer, timeoutMs: number, onArri
     const onData = (d: Buffer): void => {
       got = Buffer.concat([got, d]);
       if (got.length < marker.length) return;
-      if (got.length > marker.length || !got.equals(marker)) return fail(new LivemigError('ERR_LIVEMIG_PROTOCOL', 'unexpected data in the secure handshake', { phase: 'handshake' }));
+      if (got.length > marker.length || !got.equals(marker))
+        return fail(new LivemigError('ERR_LIVEMIG_PROTOCOL', 'unexpected data in the secure handshake', { phase: 'handshake' }));
       onArrived(); // in the same tick as the marker: nothing after it is read by TLS
       settle();
       resolve();
@@ -105,22 +109,50 @@ function awaitMarker(s: tls.TLSSocket, marker: Buffer, timeoutMs: number, onArri
   });
 }
 
-const write = (s: tls.TLSSocket, b: Buffer): Promise<void> => new Promise((resolve, reject) => s.write(b, (e) => (e ? reject(refused(`the secure handshake failed: ${e.message}`, e)) : resolve())));
+const write = (s: tls.TLSSocket, b: Buffer): Promise<void> =>
+  new Promise((resolve, reject) => s.write(b, (e) => (e ? reject(refused(`the secure handshake failed: ${e.message}`, e)) : resolve())));
 
 /** The source's side: authenticates the destination and itself, then hands the connection over. */
 export async function secureConnect(raw: net.Socket, creds: Credentials, timeoutMs = 10_000): Promise<Secured> {
   const options: tls.ConnectionOptions =
     creds.kind === 'cert'
-      ? { socket: raw, cert: creds.cert, key: creds.key, ca: creds.ca, minVersion: 'TLSv1.3', ...(creds.peerName ? { servername: creds.peerName } : { checkServerIdentity: () => undefined }) }
-      : { socket: raw, ciphers: PSK_CIPHER, minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2', checkServerIdentity: () => undefined, pskCallback: () => ({ psk: creds.key, identity: creds.identity }) };
+      ? {
+          socket: raw,
+          cert: creds.cert,
+          key: creds.key,
+          ca: creds.ca,
+          minVersion: 'TLSv1.3',
+          ...(creds.peerName ? { servername: creds.peerName } : { checkServerIdentity: () => undefined }),
+        }
+      : {
+          socket: raw,
+          ciphers: PSK_CIPHER,
+          minVersion: 'TLSv1.2',
+          maxVersion: 'TLSv1.2',
+          checkServerIdentity: () => undefined,
+          pskCallback: () => ({ psk: creds.key, identity: creds.identity }),
+        };
   const s = tls.connect(options);
   try {
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => (clearTimeout(silent), reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' }))), timeoutMs);
+      const timer = setTimeout(
+        () => (clearTimeout(silent), reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' }))),
+        timeoutMs,
+      );
       // TLS derives keys (and reports them) once the peer answered our hello: a peer silent
       // that long does not speak TLS, and is not worth the whole handshake timeout
       const silentMs = Math.min(timeoutMs, SILENT_PEER_MS);
-      const silent = setTimeout(() => (clearTimeout(timer), reject(refused(`the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without credentials, or another service?)`))), silentMs);
+      const silent = setTimeout(
+        () => (
+          clearTimeout(timer),
+          reject(
+            refused(
+              `the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without credentials, or another service?)`,
+            ),
+          )
+        ),
+        silentMs,
+      );
       s.once('keylog', () => clearTimeout(silent));
       const settle = (): void => (clearTimeout(timer), clearTimeout(silent));
       s.once('secureConnect', () => (settle(), resolve()));
@@ -163,7 +195,10 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
   let s: tls.TLSSocket | undefined;
   try {
     s = await new Promise<tls.TLSSocket>((resolve, reject) => {
-      const timer = setTimeout(() => done(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })), timeoutMs);
+      const timer = setTimeout(
+        () => done(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })),
+        timeoutMs,
+      );
       const onClose = (): void => done(refused('the source closed the connection during the secure handshake'));
       const done = (e: Error | undefined, t?: tls.TLSSocket): void => {
         clearTimeout(timer);
@@ -179,7 +214,8 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
     let peer: string;
     if (creds.kind === 'cert') {
       peer = String(s.getPeerCertificate().subject?.CN ?? '');
-      if (!s.authorized) throw refused(`the source could not be authenticated: its certificate is not trusted (${String(s.authorizationError ?? 'none presented')})`);
+      if (!s.authorized)
+        throw refused(`the source could not be authenticated: its certificate is not trusted (${String(s.authorizationError ?? 'none presented')})`);
       if (creds.allow && !creds.allow.includes(peer)) throw refused(`the source's certificate names '${peer}', which --allow does not admit`);
     } else {
       peer = acceptor.pskIdentity.get(s) ?? '';
@@ -261,7 +297,12 @@ const INSECURE: SecurityReport = { auth: 'none', peer: null, cipher: null, encry
  * A fresh connection as a livemig FramedConnection: authenticated first when there are credentials
  * (`client`: we opened it; `server`: we accepted it), taken over as it is otherwise.
  */
-export async function openConnection(socket: net.Socket, creds: Credentials | undefined, side: 'client' | 'server', timeoutMs: number): Promise<{ conn: FramedConnection; security: SecurityReport }> {
+export async function openConnection(
+  socket: net.Socket,
+  creds: Credentials | undefined,
+  side: 'client' | 'server',
+  timeoutMs: number,
+): Promise<{ conn: FramedConnection; security: SecurityReport }> {
   if (!creds) return { conn: FramedConnection.fromSocket(socket), security: INSECURE };
   const s = side === 'client' ? await secureConnect(socket, creds, timeoutMs) : await secureAccept(socket, creds, timeoutMs);
   return { conn: s.conn, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: true } };

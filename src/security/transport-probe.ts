@@ -18,6 +18,9 @@ export function probeKernelTls(): KernelTlsProbe {
   const e = addon.kernelTlsErrno();
   if (e === 0) return { available: true, used: false, reason: `the kernel has TLS offload (TCP_ULP "tls"), not used: ${WHY_NOT_USED}` };
   const name = Object.entries(os.constants.errno).find(([, v]) => v === e)?.[0] ?? (e < 0 ? 'the probe could not open loopback sockets' : `errno ${e}`);
-  const cause = e === os.constants.errno.ENOENT ? 'not built into this kernel (CONFIG_TLS is off): setsockopt(TCP_ULP, "tls") gives ENOENT' : `setsockopt(TCP_ULP, "tls") fails with ${name}`;
+  const cause =
+    e === os.constants.errno.ENOENT
+      ? 'not built into this kernel (CONFIG_TLS is off): setsockopt(TCP_ULP, "tls") gives ENOENT'
+      : `setsockopt(TCP_ULP, "tls") fails with ${name}`;
   return { available: false, used: false, reason: `${cause}; not needed: ${WHY_NOT_USED}` };
 }

@@ -49,21 +49,35 @@ export function chooseChannels(o: { asked: number | undefined; canConnect: boole
   const pool = threadPoolSize();
   const poolRoom = Math.max(1, pool - POOL_RESERVE);
   if (asked !== undefined) {
-    if (asked > 1 && !canConnect) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'channels above 1 need `connect` (a way to open more connections) when `to` is a socket', { phase: 'validate' });
-    if (asked > poolRoom) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `channels ${asked} need ${asked + POOL_RESERVE} threads in libuv's pool, which has ${pool}: start the process with UV_THREADPOOL_SIZE=${asked + POOL_RESERVE} or more`, { phase: 'validate' });
+    if (asked > 1 && !canConnect)
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'channels above 1 need `connect` (a way to open more connections) when `to` is a socket', {
+        phase: 'validate',
+      });
+    if (asked > poolRoom)
+      throw new LivemigError(
+        'ERR_LIVEMIG_INVALID_ARGUMENT',
+        `channels ${asked} need ${asked + POOL_RESERVE} threads in libuv's pool, which has ${pool}: start the process with UV_THREADPOOL_SIZE=${asked + POOL_RESERVE} or more`,
+        { phase: 'validate' },
+      );
     return { count: asked, reason: 'asked for' };
   }
   if (!canConnect) return { count: 1, reason: '`to` is a socket and no `connect` was given' };
   const cores = os.availableParallelism();
   const count = Math.max(1, Math.min(DEFAULT_MAX, cores, poolRoom));
-  const why = count === cores ? `one per core (${cores})` : count === poolRoom && poolRoom < Math.min(DEFAULT_MAX, cores) ? `what libuv's pool of ${pool} threads carries` : `${DEFAULT_MAX} at most`;
+  const why =
+    count === cores
+      ? `one per core (${cores})`
+      : count === poolRoom && poolRoom < Math.min(DEFAULT_MAX, cores)
+        ? `what libuv's pool of ${pool} threads carries`
+        : `${DEFAULT_MAX} at most`;
   return { count, reason: `${why}; the destination may grant fewer` };
 }
 
 /** Checks a caller's `channels`; undefined when not given. */
 export function checkChannels(v: unknown): number | undefined {
   if (v === undefined) return undefined;
-  if (!Number.isInteger(v) || (v as number) < 1 || (v as number) > MAX_CHANNELS) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `channels must be an integer from 1 to ${MAX_CHANNELS}, got ${String(v)}`, { phase: 'validate' });
+  if (!Number.isInteger(v) || (v as number) < 1 || (v as number) > MAX_CHANNELS)
+    throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `channels must be an integer from 1 to ${MAX_CHANNELS}, got ${String(v)}`, { phase: 'validate' });
   return v as number;
 }
 
@@ -165,7 +179,9 @@ export class OutgoingChannels {
     const last = o.last === true;
     if (this.#ended) return;
     if (last) this.#ended = true;
-    await Promise.all(this.all.slice(1).map((c) => c.conn.send(encodeRoundEnd({ round, pages: c.roundPages, ...(last ? { last: true as const } : {}) }, version))));
+    await Promise.all(
+      this.all.slice(1).map((c) => c.conn.send(encodeRoundEnd({ round, pages: c.roundPages, ...(last ? { last: true as const } : {}) }, version))),
+    );
     for (const c of this.all) c.roundPages = 0;
   }
 

@@ -81,7 +81,11 @@ async function checkProof(conn: FramedConnection, digest: bigint, pageCount: num
   const theirs = decodeDigest((await conn.expect(FrameType.Digest, (f) => peerError(f, 'commit'))).payload);
   trace('source', SourceEvent.destinationDigestReceived);
   if (theirs.pageCount !== pageCount || theirs.digest !== digest) {
-    throw new LivemigError('ERR_LIVEMIG_DIGEST', `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ${pageCount}: it does not hold this image`, { phase: 'commit' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_DIGEST',
+      `the destination's digest ${theirs.digest.toString(16)} over ${theirs.pageCount} pages differs from ours, ${digest.toString(16)} over ${pageCount}: it does not hold this image`,
+      { phase: 'commit' },
+    );
   }
 }
 

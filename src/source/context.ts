@@ -116,8 +116,16 @@ export class SourceContext {
     });
     this.#unbindControl = options.control?.bind(this.pacer);
     this.#unbindCancel = options.control?.bindCancel(() => {
-      if (!this.abort(new LivemigError('ERR_LIVEMIG_CANCELLED', `migration cancelled in ${this.stage}; the guest keeps running on the source`, { phase: this.stage }))) {
-        throw new LivemigError('ERR_LIVEMIG_STATE', `cannot cancel in ${this.stage}: the migration has passed its point of commitment (the guest may already run at the destination)`, { phase: 'cancel' });
+      if (
+        !this.abort(
+          new LivemigError('ERR_LIVEMIG_CANCELLED', `migration cancelled in ${this.stage}; the guest keeps running on the source`, { phase: this.stage }),
+        )
+      ) {
+        throw new LivemigError(
+          'ERR_LIVEMIG_STATE',
+          `cannot cancel in ${this.stage}: the migration has passed its point of commitment (the guest may already run at the destination)`,
+          { phase: 'cancel' },
+        );
       }
     });
     this.#unbindStatus = options.control?.bindStatus(() => ({
@@ -128,7 +136,12 @@ export class SourceContext {
       pages_total: options.region.pageCount,
       bandwidth_mbps: this.pacer.achievedMbps(),
     }));
-    this.deadlines = new Deadlines({ progressTimeoutMs: settings.progressTimeoutMs, maxPauseMs: settings.maxPauseMs, abort: (e) => void this.abort(e), stage: () => this.stage });
+    this.deadlines = new Deadlines({
+      progressTimeoutMs: settings.progressTimeoutMs,
+      maxPauseMs: settings.maxPauseMs,
+      abort: (e) => void this.abort(e),
+      stage: () => this.stage,
+    });
   }
 
   /**

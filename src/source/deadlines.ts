@@ -33,7 +33,13 @@ export class Deadlines {
       const idle = performance.now() - this.#lastProgress;
       if (idle < this.#progressTimeoutMs) return;
       this.stop();
-      this.#abort(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no progress from the destination for ${Math.round(idle)} ms (progress timeout ${this.#progressTimeoutMs} ms): aborted; the guest keeps running on the source`, { phase: this.#stage() }));
+      this.#abort(
+        new LivemigError(
+          'ERR_LIVEMIG_TIMEOUT',
+          `no progress from the destination for ${Math.round(idle)} ms (progress timeout ${this.#progressTimeoutMs} ms): aborted; the guest keeps running on the source`,
+          { phase: this.#stage() },
+        ),
+      );
     }, every);
     this.#watch.unref();
   }
@@ -48,7 +54,13 @@ export class Deadlines {
     if (this.#pause) return;
     this.#pause = setTimeout(() => {
       this.stop();
-      this.#abort(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no commitment within ${this.#maxPauseMs} ms of pausing the guest (max pause): aborted; the guest resumes on the source`, { phase: this.#stage() }));
+      this.#abort(
+        new LivemigError(
+          'ERR_LIVEMIG_TIMEOUT',
+          `no commitment within ${this.#maxPauseMs} ms of pausing the guest (max pause): aborted; the guest resumes on the source`,
+          { phase: this.#stage() },
+        ),
+      );
     }, this.#maxPauseMs);
     this.#pause.unref();
   }

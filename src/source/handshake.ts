@@ -12,7 +12,19 @@ import { addon, call, type NativeDedup } from '../native.js';
 import { PageEncoder } from '../encoding/encoder.js';
 import type { LinkFigure } from '../encoding/chooser.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_ENCODINGS, CAP_IMAGE_HASHES, CAP_LOCAL, CAP_POSTCOPY, CAP_POSTCOPY_PLANNED, CAP_RESOLVE, FrameType, MIN_SOURCE_VERSION, PROTOCOL_VERSION } from '../protocol/format.js';
+import {
+  CAP_CHANNELS,
+  CAP_COMMIT_ACTIVATE,
+  CAP_ENCODINGS,
+  CAP_IMAGE_HASHES,
+  CAP_LOCAL,
+  CAP_POSTCOPY,
+  CAP_POSTCOPY_PLANNED,
+  CAP_RESOLVE,
+  FrameType,
+  MIN_SOURCE_VERSION,
+  PROTOCOL_VERSION,
+} from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import { openConnection } from '../security/tls.js';
@@ -81,20 +93,37 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await conn.send(encodeHello({ versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION], regionBytes: region.size, pageSize: region.pageSize, auth: null, capabilities, regions: settings.layout.toWire(), ...(local ? { local: local.offer } : {}), ...(wanted.count > 1 ? { channels: wanted.count } : {}) }));
+  await conn.send(
+    encodeHello({
+      versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION],
+      regionBytes: region.size,
+      pageSize: region.pageSize,
+      auth: null,
+      capabilities,
+      regions: settings.layout.toWire(),
+      ...(local ? { local: local.offer } : {}),
+      ...(wanted.count > 1 ? { channels: wanted.count } : {}),
+    }),
+  );
   trace('source', SourceEvent.helloSent);
   const accept = decodeAccept((await conn.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   checkProofOffered(accept, { local: local !== undefined });
   const version = accept.version;
   if (local) {
-    if (!accept.capabilities.includes(CAP_LOCAL)) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the destination does not take memory by reference (a same-host upgrade needs a livemig that offers `local`)', { phase: 'handshake' });
+    if (!accept.capabilities.includes(CAP_LOCAL))
+      throw new LivemigError(
+        'ERR_LIVEMIG_UNSUPPORTED',
+        'the destination does not take memory by reference (a same-host upgrade needs a livemig that offers `local`)',
+        { phase: 'handshake' },
+      );
     await local.served; // it took the memory before it accepted
   }
   // the hand-over's code paths run once now, not for the first time inside the pause
   warmUpRuntime();
   warmUpProtocol(version);
   const link = postcopyLink(ctx, accept, version);
-  if (settings.mode !== 'precopy' && !link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
+  if (settings.mode !== 'precopy' && !link)
+    throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
   const granted = grantedChannels(accept, wanted);
   const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, conn, accept) : undefined;
   const extras = granted.count > 1 ? await openExtraChannels(ctx, accept.session!, granted.count, version) : [];
@@ -103,13 +132,27 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const conns = [conn, ...extras];
   const linkFigure = (): LinkFigure | undefined => ctx.channels?.link();
   const encoders = conns.map((conn, k) =>
-    image ? new PageEncoder({ region, conn, hashes: ctx.hashes, dedup: dedupIndex(region.pageCount, image, conns.length, k), encodings: enc, version, batchPages: settings.batchPages, probe: () => ctx.tracker?.writtenProbe?.(), link: linkFigure, onSent: (b) => ctx.channels?.noteSent(b) }) : undefined,
+    image
+      ? new PageEncoder({
+          region,
+          conn,
+          hashes: ctx.hashes,
+          dedup: dedupIndex(region.pageCount, image, conns.length, k),
+          encodings: enc,
+          version,
+          batchPages: settings.batchPages,
+          probe: () => ctx.tracker?.writtenProbe?.(),
+          link: linkFigure,
+          onSent: (b) => ctx.channels?.noteSent(b),
+        })
+      : undefined,
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;
   const channels = new OutgoingChannels({
     channels: conns.map((conn, k) => ({ conn, encoder: encoders[k], roundPages: 0 })),
-    sendPlain: async (conn, r, pages) => (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
+    sendPlain: async (conn, r, pages) =>
+      (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
   });
   ctx.channels = channels;
   await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
@@ -129,7 +172,15 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   }
   ctx.tracker = tracker;
   ctx.session = { conn, version, accept, tracker, trackerReason, link, encoder, channels, channelChoice: granted, prepMs, security: opened.security };
-  ctx.progress({ type: 'handshake', prep_ms: prepMs, version, tracker: tracker.backend, tracker_reason: trackerReason, channels: granted.count, channels_reason: granted.reason });
+  ctx.progress({
+    type: 'handshake',
+    prep_ms: prepMs,
+    version,
+    tracker: tracker.backend,
+    tracker_reason: trackerReason,
+    channels: granted.count,
+    channels_reason: granted.reason,
+  });
 }
 
 /**
@@ -141,10 +192,18 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
  */
 function checkProofOffered(accept: Accept, o: { local: boolean }): void {
   if (accept.version < MIN_SOURCE_VERSION || accept.version > PROTOCOL_VERSION) {
-    throw new LivemigError('ERR_LIVEMIG_VERSION', `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`, { phase: 'handshake' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_VERSION',
+      `the destination chose protocol version ${accept.version}; this source speaks ${MIN_SOURCE_VERSION}..${PROTOCOL_VERSION} (from version ${MIN_SOURCE_VERSION} on the destination proves it holds the image before the commit): upgrade the destination's livemig`,
+      { phase: 'handshake' },
+    );
   }
   if (!o.local && !accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
-    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', "the destination's ACCEPT drops commit-activate, without which it does not prove it holds the image before the commit: refused, the guest stays here", { phase: 'handshake' });
+    throw new LivemigError(
+      'ERR_LIVEMIG_PROTOCOL',
+      "the destination's ACCEPT drops commit-activate, without which it does not prove it holds the image before the commit: refused, the guest stays here",
+      { phase: 'handshake' },
+    );
   }
 }
 
@@ -175,21 +234,34 @@ function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): (
 function grantedChannels(accept: Accept, wanted: ChannelChoice): ChannelChoice {
   if (wanted.count === 1) return wanted;
   const n = accept.capabilities.includes(CAP_CHANNELS) ? (accept.channels ?? 1) : 1;
-  if (n > wanted.count) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the destination granted ${n} channels, ${wanted.count} were asked for`, { phase: 'handshake' });
-  if (n > 1 && !accept.session) throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the destination granted channels without a session token to attach them with', { phase: 'handshake' });
+  if (n > wanted.count)
+    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', `the destination granted ${n} channels, ${wanted.count} were asked for`, { phase: 'handshake' });
+  if (n > 1 && !accept.session)
+    throw new LivemigError('ERR_LIVEMIG_PROTOCOL', 'the destination granted channels without a session token to attach them with', { phase: 'handshake' });
   if (n === wanted.count) return wanted;
-  return { count: n, reason: n === 1 && !accept.capabilities.includes(CAP_CHANNELS) ? 'the destination does not offer channels' : `the destination granted ${n} of ${wanted.count}` };
+  return {
+    count: n,
+    reason:
+      n === 1 && !accept.capabilities.includes(CAP_CHANNELS) ? 'the destination does not offer channels' : `the destination granted ${n} of ${wanted.count}`,
+  };
 }
 
 /** Channels 1.. of the session, each authenticated and named with ATTACH; all closed if one fails. */
 async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<FramedConnection[]> {
   const open = anotherConnection(ctx, 'channels');
-  const opened = await Promise.allSettled(Array.from({ length: count - 1 }, (_, i) => attachChannel({ open, session, channel: i + 1, version, timeoutMs: ctx.settings.handshakeTimeoutMs })));
+  const opened = await Promise.allSettled(
+    Array.from({ length: count - 1 }, (_, i) => attachChannel({ open, session, channel: i + 1, version, timeoutMs: ctx.settings.handshakeTimeoutMs })),
+  );
   const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
   const conns = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
   if (failed) {
     for (const conn of conns) conn.close();
-    throw failed.reason instanceof LivemigError ? failed.reason : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, { phase: 'handshake', cause: failed.reason });
+    throw failed.reason instanceof LivemigError
+      ? failed.reason
+      : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, {
+          phase: 'handshake',
+          cause: failed.reason,
+        });
   }
   if (ctx.abortReason) for (const conn of conns) conn.abort(ctx.abortReason);
   return conns;

@@ -58,7 +58,8 @@ export function resolveOptions(options: MigrateOptions): Settings {
   if (!(layout instanceof GuestLayout)) throw invalid('layout must be a GuestLayout (GuestLayout.of(regions))');
   if (options.local) {
     if (mode !== 'precopy' || onStall === 'postcopy') throw invalid('a same-host upgrade (local) moves no page: post-copy does not apply');
-    if (!Array.isArray(options.local.pieces) || options.local.pieces.length !== layout.regions.length) throw invalid(`local needs a piece (fd, offset, size) per region: ${layout.regions.length}`);
+    if (!Array.isArray(options.local.pieces) || options.local.pieces.length !== layout.regions.length)
+      throw invalid(`local needs a piece (fd, offset, size) per region: ${layout.regions.length}`);
     options.local.pieces.forEach((p, i) => {
       if (p.size !== layout.regions[i]!.size) throw invalid(`local piece ${i} is ${p.size} bytes, its region ${layout.regions[i]!.size}`);
     });
@@ -79,7 +80,9 @@ export function resolveOptions(options: MigrateOptions): Settings {
     mode,
     mayPostcopy: mode !== 'precopy' || onStall === 'postcopy' || options.control !== undefined,
     // a same-host upgrade sends no page: nothing to encode
-    encodings: options.local ? { zero: false, dedup: false, compress: false } : { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true },
+    encodings: options.local
+      ? { zero: false, dedup: false, compress: false }
+      : { zero: options.encodings?.zero ?? true, dedup: options.encodings?.dedup ?? true, compress: options.encodings?.compress ?? true },
     handshakeTimeoutMs: options.handshakeTimeoutMs ?? 60_000,
     recoverTimeoutMs: options.recoverTimeoutMs ?? 60_000,
     progressTimeoutMs: options.progressTimeoutMs ?? 30_000,

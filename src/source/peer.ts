@@ -22,7 +22,10 @@ export function markReportedByPeer<E extends Error>(e: E): E {
 export function peerError(f: Frame, phase: string): LivemigError {
   try {
     const e = decodeError(f.payload);
-    const code = e.code === 'ERR_LIVEMIG_NO_MEMORY' || e.code === 'ERR_LIVEMIG_VERSION' || e.code === 'ERR_LIVEMIG_DIGEST' || e.code === 'ERR_LIVEMIG_NOT_LOCAL' ? e.code : 'ERR_LIVEMIG_REFUSED';
+    const code =
+      e.code === 'ERR_LIVEMIG_NO_MEMORY' || e.code === 'ERR_LIVEMIG_VERSION' || e.code === 'ERR_LIVEMIG_DIGEST' || e.code === 'ERR_LIVEMIG_NOT_LOCAL'
+        ? e.code
+        : 'ERR_LIVEMIG_REFUSED';
     const err = new LivemigError(code, `destination: ${e.code}: ${e.message}`, { phase });
     reportedByPeer.add(err);
     return err;
@@ -36,6 +39,8 @@ export async function connect(to: MigrateOptions['to']): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const s = net.connect({ host: to.host, port: to.port });
     s.once('connect', () => resolve(s));
-    s.once('error', (e) => reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot connect to ${to.host}:${to.port}: ${e.message}`, { phase: 'connect', cause: e })));
+    s.once('error', (e) =>
+      reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot connect to ${to.host}:${to.port}: ${e.message}`, { phase: 'connect', cause: e })),
+    );
   });
 }

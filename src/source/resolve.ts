@@ -64,7 +64,8 @@ export function resolveCommand(to: { host: string; port: number } | net.Socket, 
   return `livemig resolve --to ${where} --session ${session} [the same credentials flags]`;
 }
 
-export const unknownOutcome = (message: string, cause: unknown): LivemigError => new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', message, { phase: 'activate', cause });
+export const unknownOutcome = (message: string, cause: unknown): LivemigError =>
+  new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', message, { phase: 'activate', cause });
 
 /**
  * After the point of commitment the link was lost before `awaited` (ACTIVATED, POSTCOPY_RUNNING)
@@ -81,10 +82,19 @@ export async function resolveLostCommitment(ctx: SourceContext, e: unknown, awai
   conn.close();
   trace('source', SourceEvent.commitmentUnconfirmed, { reason: (e as Error).message });
   const { credentials } = ctx.settings.options;
-  const r = await resolveOutcome({ to, session, ...(credentials ? { credentials } : {}), handshakeTimeoutMs: ctx.settings.handshakeTimeoutMs }, ctx.settings.resolveTimeoutMs);
+  const r = await resolveOutcome(
+    { to, session, ...(credentials ? { credentials } : {}), handshakeTimeoutMs: ctx.settings.handshakeTimeoutMs },
+    ctx.settings.resolveTimeoutMs,
+  );
   if (r.outcome === 'activated') return;
   if (r.outcome === 'not-activated') {
-    throw markReportedByPeer(new LivemigError('ERR_LIVEMIG_CONNECTION', `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced the session: the guest resumes here`, { phase: 'activate', cause: e }));
+    throw markReportedByPeer(
+      new LivemigError(
+        'ERR_LIVEMIG_CONNECTION',
+        `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced the session: the guest resumes here`,
+        { phase: 'activate', cause: e },
+      ),
+    );
   }
   throw unknownOutcome(
     `the commitment was sent but ${awaited} did not come (${(e as Error).message}), and the destination could not be asked within ${ctx.settings.resolveTimeoutMs} ms (${r.attempts} attempts; last: ${(r.last as Error | undefined)?.message ?? 'none'}): the source guest stays paused and is not released. Resolve it with: ${resolveCommand(to, session)}`,

@@ -27,7 +27,10 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
   }
   // a cancel or a deadline ended it: that is the cause, not the connection it shut down
   if (ctx.abortReason) e = ctx.abortReason;
-  const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
+  const err =
+    e instanceof LivemigError
+      ? e
+      : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
   if (failedIn === 'postcopy' || failedIn === 'done') {
     // the guest runs at the destination: it must never resume here; this copy stays, paused
     conn?.close();
@@ -38,10 +41,14 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
   if (failedIn === 'activating' && !isReportedByPeer(err)) {
     conn?.close();
     if (err.code === 'ERR_LIVEMIG_ACTIVATION_UNKNOWN') return err; // resolving was tried and says how to go on
-    return new LivemigError('ERR_LIVEMIG_ACTIVATION_UNKNOWN', `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`, {
-      phase: 'activate',
-      cause: err,
-    });
+    return new LivemigError(
+      'ERR_LIVEMIG_ACTIVATION_UNKNOWN',
+      `ACTIVATE was sent but not confirmed (${err.message}); the source guest stays paused and is not released: check the destination before resuming it`,
+      {
+        phase: 'activate',
+        cause: err,
+      },
+    );
   }
   if (conn) await conn.finish(conn.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
   await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
@@ -50,14 +57,21 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
     try {
       await settings.options.throttle!(0); // the guest runs at full speed here again
     } catch (te) {
-      return new LivemigError('ERR_LIVEMIG_GUEST', `migration failed (${err.message}) and releasing the guest's throttle failed: ${(te as Error).message}`, { phase: failedIn, cause: te });
+      return new LivemigError('ERR_LIVEMIG_GUEST', `migration failed (${err.message}) and releasing the guest's throttle failed: ${(te as Error).message}`, {
+        phase: failedIn,
+        cause: te,
+      });
     }
   }
   if (ctx.paused) {
     try {
       await settings.options.resume();
     } catch (re) {
-      return new LivemigError('ERR_LIVEMIG_GUEST', `migration failed (${err.message}) and resuming the guest on the source failed too: ${(re as Error).message}`, { phase: failedIn, cause: re });
+      return new LivemigError(
+        'ERR_LIVEMIG_GUEST',
+        `migration failed (${err.message}) and resuming the guest on the source failed too: ${(re as Error).message}`,
+        { phase: failedIn, cause: re },
+      );
     }
   }
   return err;

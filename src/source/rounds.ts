@@ -18,7 +18,6 @@ import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import type { RoundStats } from './types.js';
 
-
 /**
  * Longest a round after the first runs, with the throttle stall policy, before the rest of its
  * pages wait for the next: through 1 Gbit/s a pass over 1 GiB takes ~9 s, and a policy that
@@ -89,7 +88,20 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       pageSize: region.pageSize,
     });
     const dirtyMbps = (dirty.length * region.pageSize) / 1e3 / Math.max(duration, 0.001);
-    const stats = roundStats(ctx, { round, sentPages, bytes, duration, roundMbps, bandwidth, carried: unsent.length, dirtied: dirty.length, dirtyMbps, plan, decision: d, throttle: policy.throttle });
+    const stats = roundStats(ctx, {
+      round,
+      sentPages,
+      bytes,
+      duration,
+      roundMbps,
+      bandwidth,
+      carried: unsent.length,
+      dirtied: dirty.length,
+      dirtyMbps,
+      plan,
+      decision: d,
+      throttle: policy.throttle,
+    });
     ctx.perRound.push(stats);
     ctx.progress({ type: 'round', ...stats });
     ctx.pending = plan.send;
@@ -101,8 +113,14 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       await options.throttle!(d.level);
       ctx.maxThrottle = Math.max(ctx.maxThrottle, d.level);
     } else if (d.action === 'postcopy' || settings.mode === 'hybrid' || options.control?.postcopyRequested) {
-      if (!link) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: the destination does not offer post-copy; the guest stays here`, { phase: 'precopy' });
-      ctx.stopReason = d.action === 'postcopy' ? `${d.reason}: switching to post-copy` : settings.mode === 'hybrid' ? 'hybrid: switching to post-copy after the first pass' : 'post-copy requested';
+      if (!link)
+        throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${d.reason}: the destination does not offer post-copy; the guest stays here`, { phase: 'precopy' });
+      ctx.stopReason =
+        d.action === 'postcopy'
+          ? `${d.reason}: switching to post-copy`
+          : settings.mode === 'hybrid'
+            ? 'hybrid: switching to post-copy after the first pass'
+            : 'post-copy requested';
       outcome = 'postcopy';
     } else if (d.action === 'abort') {
       throw new LivemigError(d.code, d.reason, { phase: 'precopy' });
@@ -156,7 +174,10 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
   const { region } = settings.options;
   // a page listed twice would be refused by the destination; say which list broke the rule
   const bad = firstOutOfOrder(pages);
-  if (bad >= 0) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the page list of round ${r} is not ascending at ${bad} (${pages[bad - 1]}, ${pages[bad]})`, { phase: final ? 'stop-and-copy' : 'precopy' });
+  if (bad >= 0)
+    throw new LivemigError('ERR_LIVEMIG_STATE', `internal: the page list of round ${r} is not ascending at ${bad} (${pages[bad - 1]}, ${pages[bad]})`, {
+      phase: final ? 'stop-and-copy' : 'precopy',
+    });
   const deadlineAt = ctx.deadlineAt;
   let bytes = 0;
   let at = 0;
@@ -167,11 +188,18 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
     let chunk = pacer.chunkPages(pages.length, { mayStopEarly: deadlineAt !== undefined || mayCross || budgetMs !== undefined });
     // channels not yet judged against the link: a chunk ends where it is, so that they can end
     const { channels } = ctx.session;
-    if (!channels.narrowed && channels.link().bytes < LINK_WINDOW) chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - channels.link().bytes) / region.pageSize)));
+    if (!channels.narrowed && channels.link().bytes < LINK_WINDOW)
+      chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - channels.link().bytes) / region.pageSize)));
     const part = pages.subarray(at, at + chunk);
     // on a link one stream fills, extra channels only cost CPU (and each its own compressor):
     // once the link is measured, they end and the main connection carries the rest
-    if (!final && slowLink(ctx)) await ctx.session.channels.narrow(r, ctx.session.version, () => readRoundAck(ctx), `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`);
+    if (!final && slowLink(ctx))
+      await ctx.session.channels.narrow(
+        r,
+        ctx.session.version,
+        () => readRoundAck(ctx),
+        `the link measured ${Math.round(linkMBps(ctx))} MB/s over the first ${LINK_WINDOW >> 20} MiB, which one connection carries`,
+      );
     const t0 = now();
     tRoundStart ??= t0;
     const b = await ctx.sendPages({ round: r, pages: part, final });
@@ -198,7 +226,20 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
 /** One round as the report and the progress events give it (names after QEMU's query-migrate). */
 function roundStats(
   ctx: SourceContext,
-  r: { round: number; sentPages: number; bytes: number; duration: number; roundMbps: number; bandwidth: number; carried: number; dirtied: number; dirtyMbps: number; plan: { send: Uint32Array; held: number }; decision: Decision; throttle: number },
+  r: {
+    round: number;
+    sentPages: number;
+    bytes: number;
+    duration: number;
+    roundMbps: number;
+    bandwidth: number;
+    carried: number;
+    dirtied: number;
+    dirtyMbps: number;
+    plan: { send: Uint32Array; held: number };
+    decision: Decision;
+    throttle: number;
+  },
 ): RoundStats {
   const pageSize = ctx.settings.options.region.pageSize;
   const perPage = r.sentPages > 0 ? r.bytes / r.sentPages : pageSize;

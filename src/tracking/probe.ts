@@ -117,7 +117,9 @@ export function chooseTracker(region: Region, options: ChooseOptions = {}): Trac
       case 'external':
         return new ExternalTracker(region);
       case 'shared':
-        throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', "tracking 'shared' is a same-host upgrade's (migrate with local), not a backend to choose", { phase: 'tracking' });
+        throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', "tracking 'shared' is a same-host upgrade's (migrate with local), not a backend to choose", {
+          phase: 'tracking',
+        });
     }
   };
   if (options.backend) {

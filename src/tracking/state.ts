@@ -38,10 +38,11 @@ export class TrackerState {
   /** Waits for a collect() in flight (its outcome belongs to its own caller). */
   async quiesce(): Promise<void> {
     const p = this.#inFlight;
-    if (p) await p.then(
-      () => undefined,
-      () => undefined, // the collect's caller receives this error; stop() only waits for it
-    );
+    if (p)
+      await p.then(
+        () => undefined,
+        () => undefined, // the collect's caller receives this error; stop() only waits for it
+      );
   }
 
   #error(message: string): LivemigError {

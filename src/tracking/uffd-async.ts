@@ -75,9 +75,7 @@ export class UffdAsyncTracker implements DirtyTracker {
     try {
       if (this.#target) {
         this.#address = this.#target.address;
-        this.#pagemapFd = call('ERR_LIVEMIG_TRACKING', 'tracking', `opening /proc/${this.#target.pid}/pagemap`, () =>
-          addon.pagemapOpen(this.#target!.pid),
-        );
+        this.#pagemapFd = call('ERR_LIVEMIG_TRACKING', 'tracking', `opening /proc/${this.#target.pid}/pagemap`, () => addon.pagemapOpen(this.#target!.pid));
       } else {
         this.#address = this.#region.address;
         this.#protection = protectOwnRegion(this.#region);
@@ -104,7 +102,11 @@ export class UffdAsyncTracker implements DirtyTracker {
         joinRanges(
           ranges,
           await Promise.all(
-            ranges.map((r) => callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () => addon.pagemapScan(this.#pagemapFd, r.address, r.pages * this.#region.pageSize, this.#region.pageSize, true))),
+            ranges.map((r) =>
+              callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () =>
+                addon.pagemapScan(this.#pagemapFd, r.address, r.pages * this.#region.pageSize, this.#region.pageSize, true),
+              ),
+            ),
           ),
         ),
       );
@@ -155,7 +157,11 @@ export class UffdAsyncTracker implements DirtyTracker {
       const size = this.#region.pageSize;
       return joinRanges(
         ranges,
-        ranges.map((r) => call('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () => addon.pagemapScanSync(this.#pagemapFd, r.address, r.pages * size, size, rearm))),
+        ranges.map((r) =>
+          call('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () =>
+            addon.pagemapScanSync(this.#pagemapFd, r.address, r.pages * size, size, rearm),
+          ),
+        ),
       );
     }
     return call('ERR_LIVEMIG_TRACKING', 'tracking', 'collecting dirty pages', () =>

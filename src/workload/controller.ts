@@ -37,7 +37,21 @@ export interface GuestOptions {
 
 /** The reference guest's command line, serving at `socket` (source mode). */
 export function referenceGuestArgs(socket: string, o: GuestOptions): string[] {
-  const args = [GUEST_ENTRY, '--socket', socket, '--size', String(o.size), '--content', o.content, '--seed', String(o.seed ?? 1n), '--rate', String(o.rate), '--pattern', o.pattern];
+  const args = [
+    GUEST_ENTRY,
+    '--socket',
+    socket,
+    '--size',
+    String(o.size),
+    '--content',
+    o.content,
+    '--seed',
+    String(o.seed ?? 1n),
+    '--rate',
+    String(o.rate),
+    '--pattern',
+    o.pattern,
+  ];
   if (o.hotSize !== undefined) args.push('--hot-size', String(o.hotSize));
   if (o.heartbeat) args.push('--heartbeat', o.heartbeat);
   if (o.noTrack) args.push('--no-track');
@@ -210,7 +224,10 @@ export class HeartbeatObserver {
     const found = this.beats.find(pred);
     if (found) return Promise.resolve(found);
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no matching heartbeat within ${timeoutMs} ms`, { phase: 'observe' })), timeoutMs);
+      const t = setTimeout(
+        () => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no matching heartbeat within ${timeoutMs} ms`, { phase: 'observe' })),
+        timeoutMs,
+      );
       this.#waiters.push({ pred, resolve: (b) => (clearTimeout(t), resolve(b)) });
     });
   }

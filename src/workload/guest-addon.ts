@@ -13,14 +13,28 @@ export interface GuestAddon {
    */
   contentFill(address: bigint, size: number, content: number, seed: bigint): Promise<void>;
   guestWrite(address: bigint, size: number, st: BigUint64Array, n: number, span: number, sequential: boolean): number;
-  contentVerify(address: bigint, size: number, content: number, seed: bigint, writes: bigint, span: number, sequential: boolean): Promise<{ bad: number; firstBad: number }>;
+  contentVerify(
+    address: bigint,
+    size: number,
+    content: number,
+    seed: bigint,
+    writes: bigint,
+    span: number,
+    sequential: boolean,
+  ): Promise<{ bad: number; firstBad: number }>;
   mix64(z: bigint): bigint;
   /**
    * Serves livemig at `path` through the guest library (native/guest/livemig_guest.h) for the
    * life of the process: the pause closes the gate writes and beats pass, and answers with
    * `statePrefix` (the state's fixed fields as JSON, without its closing brace) and the run state.
    */
-  serve(path: string, regions: { address: bigint; size: number; fd: number; tracked: boolean }[], st: BigUint64Array, statePrefix: string, how?: { name: string; register: boolean }): void;
+  serve(
+    path: string,
+    regions: { address: bigint; size: number; fd: number; tracked: boolean }[],
+    st: BigUint64Array,
+    statePrefix: string,
+    how?: { name: string; register: boolean },
+  ): void;
   gatePaused(): boolean;
   /** the percent of the rate livemig asked to withhold (auto-converge) */
   gateThrottle(): number;

@@ -81,7 +81,23 @@ if (values.incoming) {
   const early = opened.regions[0]!;
   trace('guest', GuestEvent.incomingMapped);
   // the state check runs once now, not for the first time inside the hand-over
-  parseGuestState(Buffer.from(JSON.stringify({ version: 1, size: early.size, content: 'zero', seed: '1', pattern: 'uniform', span: 1, rate: 0, xs: '1', writes: '0', heartbeatSeq: 0, throttle: 0 } satisfies GuestState)));
+  parseGuestState(
+    Buffer.from(
+      JSON.stringify({
+        version: 1,
+        size: early.size,
+        content: 'zero',
+        seed: '1',
+        pattern: 'uniform',
+        span: 1,
+        rate: 0,
+        xs: '1',
+        writes: '0',
+        heartbeatSeq: 0,
+        throttle: 0,
+      } satisfies GuestState),
+    ),
+  );
   // while it only waits to be told to go, the main thread answers at once (a short slice, as
   // the control thread has); running, it is a vCPU with the default slice again
   addon.setThreadSlice(100_000);
@@ -256,11 +272,26 @@ if (incoming && postcopyGuest) {
   const tracked = !values['no-track'];
   if (tracked) protectOwnRegion(region as Region); // kept open for the life of the process
   // the state's fields a pause does not change; the pause adds the run state (native/refguest/gate.cc)
-  const fixed = JSON.stringify({ version: state.version, size: state.size, content: state.content, seed: state.seed, pattern: state.pattern, span: state.span, rate: state.rate, ...(state.heartbeat ? { heartbeat: state.heartbeat } : {}) });
+  const fixed = JSON.stringify({
+    version: state.version,
+    size: state.size,
+    content: state.content,
+    seed: state.seed,
+    pattern: state.pattern,
+    span: state.span,
+    rate: state.rate,
+    ...(state.heartbeat ? { heartbeat: state.heartbeat } : {}),
+  });
   const r = region as Region;
   const at = values.register ?? values.socket!;
-  guestAddon.serve(at, [{ address: r.address, size: r.size, fd: r.fd, tracked }], st, fixed.slice(0, -1), { name: values.name, register: values.register !== undefined });
-  if (values.announce) process.stdout.write(JSON.stringify({ guest: { ...(values.register ? { registered: at, name: values.name } : { socket: at }), pid: process.pid, bytes: r.size } }) + '\n');
+  guestAddon.serve(at, [{ address: r.address, size: r.size, fd: r.fd, tracked }], st, fixed.slice(0, -1), {
+    name: values.name,
+    register: values.register !== undefined,
+  });
+  if (values.announce)
+    process.stdout.write(
+      JSON.stringify({ guest: { ...(values.register ? { registered: at, name: values.name } : { socket: at }), pid: process.pid, bytes: r.size } }) + '\n',
+    );
   start();
 }
 

@@ -20,7 +20,8 @@ interface Header {
 /** Checks a header read from the peer; throws ProtocolError for anything not allowed. */
 export function decodeHeader(b: Buffer, offset = 0): Header {
   const magic = b.readUInt16LE(offset);
-  if (magic !== MAGIC) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `bad frame magic 0x${magic.toString(16)} (expected 0x${MAGIC.toString(16)}): not a livemig stream`);
+  if (magic !== MAGIC)
+    throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `bad frame magic 0x${magic.toString(16)} (expected 0x${MAGIC.toString(16)}): not a livemig stream`);
   const version = b.readUInt8(offset + 2);
   const type = b.readUInt8(offset + 3);
   const flags = b.readUInt16LE(offset + 4);
@@ -28,7 +29,8 @@ export function decodeHeader(b: Buffer, offset = 0): Header {
   const length = b.readUInt32LE(offset + 8);
   if (!KNOWN_TYPES.has(type)) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unknown frame type ${type}`);
   if (reserved !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `reserved header field is ${reserved}, not 0`);
-  if (length > MAX_PAYLOAD) throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `frame of type ${FrameType[type]} announces ${length} payload bytes (max ${MAX_PAYLOAD})`);
+  if (length > MAX_PAYLOAD)
+    throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `frame of type ${FrameType[type]} announces ${length} payload bytes (max ${MAX_PAYLOAD})`);
   return { version, type: type as FrameType, flags, length };
 }
 
@@ -120,9 +122,13 @@ export function decodePages(p: Buffer, pageSize: number): PagesBatch {
   const want = PAGES_PREFIX_BYTES + count * 4 + count * pageSize;
   if (p.length !== want) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `PAGES of ${count} pages must be ${want} bytes, got ${p.length}`);
   const idxOff = p.byteOffset + PAGES_PREFIX_BYTES;
-  const indices = idxOff % 4 === 0 ? new Uint32Array(p.buffer, idxOff, count) : new Uint32Array(p.subarray(PAGES_PREFIX_BYTES, PAGES_PREFIX_BYTES + count * 4).buffer.slice(idxOff, idxOff + count * 4));
+  const indices =
+    idxOff % 4 === 0
+      ? new Uint32Array(p.buffer, idxOff, count)
+      : new Uint32Array(p.subarray(PAGES_PREFIX_BYTES, PAGES_PREFIX_BYTES + count * 4).buffer.slice(idxOff, idxOff + count * 4));
   for (let k = 1; k < count; k++) {
-    if (indices[k]! <= indices[k - 1]!) throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `page index ${indices[k]} follows ${indices[k - 1]}: a frame's indices must be strictly increasing`);
+    if (indices[k]! <= indices[k - 1]!)
+      throw new ProtocolError('ERR_LIVEMIG_PAGE_INDEX', `page index ${indices[k]} follows ${indices[k - 1]}: a frame's indices must be strictly increasing`);
   }
   const data = p.subarray(PAGES_PREFIX_BYTES + count * 4);
   return { round, indices, data };
@@ -158,4 +164,3 @@ export function encodePagesEnc(round: number, pages: EncodedPage[], version: num
   });
   return encodeFrame(FrameType.PagesEnc, Buffer.concat([head, ...bodies]), version);
 }
-

@@ -32,7 +32,13 @@ export const FUZZ_PAGES = 16;
 const V = PROTOCOL_VERSION;
 
 export function validHello(): Buffer {
-  return M.encodeHello({ versions: [1, V], regionBytes: FUZZ_PAGES * 4096, pageSize: 4096, auth: null, capabilities: ['encodings', 'commit-activate', 'resolve'] });
+  return M.encodeHello({
+    versions: [1, V],
+    regionBytes: FUZZ_PAGES * 4096,
+    pageSize: 4096,
+    auth: null,
+    capabilities: ['encodings', 'commit-activate', 'resolve'],
+  });
 }
 
 /** A valid frame of `type` for a receiver of FUZZ_PAGES pages. */
@@ -114,10 +120,12 @@ function mutate(frame: Buffer, rng: Rng): { bytes: Buffer; mutation: Mutation } 
       return { bytes: Buffer.concat([b, Buffer.alloc(1 + rng.int(64), rng.int(256))]), mutation };
     case 'header': {
       const field = rng.int(4);
-      if (field === 0) b[2] = rng.int(256); // version
+      if (field === 0)
+        b[2] = rng.int(256); // version
       // type, a few past the last (not RESOLVE on a HELLO: that connection would be a question, not a migration)
       else if (field === 1) b[3] = ((t) => (t === FrameType.Resolve && frame[3] === FrameType.Hello ? 99 : t))(rng.int(MAX_FRAME_TYPE + 3));
-      else if (field === 2) b.writeUInt16LE(rng.int(65536), 4); // flags
+      else if (field === 2)
+        b.writeUInt16LE(rng.int(65536), 4); // flags
       else b.writeUInt32LE(rng.int(2) ? rng.int(1 << 27) : rng.int(b.length + 16), 8); // length
       return { bytes: b, mutation };
     }

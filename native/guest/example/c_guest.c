@@ -64,11 +64,11 @@ struct device_state {
 static struct lmg_region regions[2];
 static size_t nregions = 2;
 static uint64_t pages_total;
-static struct device_state st;      /* the running guest's state; st.xs/writes/beat change */
+static struct device_state st; /* the running guest's state; st.xs/writes/beat change */
 static pthread_mutex_t gate = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t unpaused = PTHREAD_COND_INITIALIZER;
-static int paused;                  /* under gate; a paused vCPU sleeps on `unpaused`, off the CPUs */
-static atomic_int writing = 1;      /* 0 while a check runs */
+static int paused;             /* under gate; a paused vCPU sleeps on `unpaused`, off the CPUs */
+static atomic_int writing = 1; /* 0 while a check runs */
 static atomic_int all_present;
 static int beat_fd = -1;
 static struct sockaddr_in beat_to;
@@ -90,8 +90,8 @@ static void fill(uint64_t g, uint64_t k) {
 static void beat(const char *extra) {
   if (beat_fd < 0) return;
   char msg[256];
-  int n = snprintf(msg, sizeof msg, "{\"seq\":%llu,\"writes\":\"%llu\",\"pid\":%d,\"t\":%.3f%s}", (unsigned long long)st.beat++,
-                   (unsigned long long)st.writes, (int)getpid(), now_ms(), extra ? extra : "");
+  int n = snprintf(msg, sizeof msg, "{\"seq\":%llu,\"writes\":\"%llu\",\"pid\":%d,\"t\":%.3f%s}", (unsigned long long)st.beat++, (unsigned long long)st.writes,
+                   (int)getpid(), now_ms(), extra ? extra : "");
   sendto(beat_fd, msg, (size_t)n, 0, (struct sockaddr *)&beat_to, sizeof beat_to);
 }
 
@@ -218,9 +218,10 @@ static void heartbeat_to(const char *hostport) {
 }
 
 static int usage(void) {
-  fprintf(stderr, "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]\n"
-                  "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
-                  "       c_guest --incoming PATH\n");
+  fprintf(stderr,
+          "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]\n"
+          "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
+          "       c_guest --incoming PATH\n");
   return 2;
 }
 
@@ -283,8 +284,8 @@ int main(int argc, char **argv) {
   int uffd = -1;
   if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;
   struct lmg_source_ops ops = {.size = sizeof ops, .pause = on_pause, .resume = on_resume, .throttle = on_throttle, .released = on_released};
-  struct lmg_source *served = daemon ? lmg_source_register(daemon, name, regions, 2, &ops, err, sizeof err)
-                                     : lmg_source_start(listen, name, regions, 2, &ops, err, sizeof err);
+  struct lmg_source *served =
+      daemon ? lmg_source_register(daemon, name, regions, 2, &ops, err, sizeof err) : lmg_source_start(listen, name, regions, 2, &ops, err, sizeof err);
   if (!served) return fprintf(stderr, "c_guest: %s\n", err), 1;
   printf("{\"guest\":{\"socket\":\"%s\",\"pid\":%d,\"bytes\":%llu}}\n", daemon ? daemon : listen, (int)getpid(), (unsigned long long)(s0 + s1));
   fflush(stdout);

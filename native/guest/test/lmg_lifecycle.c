@@ -92,8 +92,7 @@ static void start(const char *path, const char *name, int dial, const char *ops_
   }
   char err[512];
   const struct lmg_source_ops *as_built = (const struct lmg_source_ops *)caller;
-  serving = dial ? lmg_source_register(path, name, &region, 1, as_built, err, sizeof err)
-                 : lmg_source_start(path, name, &region, 1, as_built, err, sizeof err);
+  serving = dial ? lmg_source_register(path, name, &region, 1, as_built, err, sizeof err) : lmg_source_start(path, name, &region, 1, as_built, err, sizeof err);
   if (serving) say("{\"started\":true}");
   else say_error(err);
 }

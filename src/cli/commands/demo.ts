@@ -27,7 +27,12 @@ export const demo: Command = {
     secure: { type: 'boolean', default: false, help: 'mutual TLS from a fresh test CA, and an encrypted stream' },
     local: { type: 'boolean', default: false, help: "same-host upgrade: the guest's memory files go to the destination guest, nothing is copied" },
     daemon: { type: 'boolean', default: false, help: 'through two `livemig serve` daemons and their HTTP API' },
-    guest: { type: 'string', default: 'reference', value: 'reference|c', help: 'the guest to migrate: the reference guest, or the C example guest (two regions, 192 + 64 MiB; --size does not apply)' },
+    guest: {
+      type: 'string',
+      default: 'reference',
+      value: 'reference|c',
+      help: 'the guest to migrate: the reference guest, or the C example guest (two regions, 192 + 64 MiB; --size does not apply)',
+    },
   },
   async run(v: FlagValues): Promise<number> {
     const g = guestSpec(v);
@@ -37,20 +42,38 @@ export const demo: Command = {
     const secure = v['secure'] === true;
     if (v['daemon'] === true) {
       if (secure || v['local'] === true || kind !== 'reference') throw usageError('--daemon runs the reference guest, without --secure and --local');
-      if (!json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, through two daemons on loopback\n`);
+      if (!json)
+        process.stderr.write(
+          `livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, through two daemons on loopback\n`,
+        );
       const bar = json ? undefined : new ProgressBar();
       const r = await runDaemonDemo({
         guest: g,
         downtimeLimitMs: downtimeLimit(v),
         ...(policyFlags(v).mode ? { mode: policyFlags(v).mode! } : {}),
-        ...(bar ? { onEvent: (e) => (e.event === 'progress' ? bar.show(e.data as unknown as ShownProgress) : e.event === 'state' ? bar.line(`state ${String(e.data['state'])}`) : undefined) } : {}),
+        ...(bar
+          ? {
+              onEvent: (e) =>
+                e.event === 'progress'
+                  ? bar.show(e.data as unknown as ShownProgress)
+                  : e.event === 'state'
+                    ? bar.line(`state ${String(e.data['state'])}`)
+                    : undefined,
+            }
+          : {}),
       });
       bar?.end();
       process.stdout.write(json ? JSON.stringify(r) + '\n' : describeDaemon(r));
       return r.verified ? 0 : 1;
     }
-    if (!json && kind === 'c') process.stderr.write(`livemig demo: the C example guest (regions of 192 and 64 MiB) writing ${g.rate} MiB/s, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`);
-    else if (!json) process.stderr.write(`livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`);
+    if (!json && kind === 'c')
+      process.stderr.write(
+        `livemig demo: the C example guest (regions of 192 and 64 MiB) writing ${g.rate} MiB/s, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`,
+      );
+    else if (!json)
+      process.stderr.write(
+        `livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, loopback${secure ? ', mutual TLS from a fresh test CA' : ''}\n`,
+      );
     const r = await runDemo({
       guest: g,
       downtimeLimitMs: downtimeLimit(v),
@@ -72,7 +95,9 @@ function describeDaemon(r: DaemonDemoReport): string {
     [
       `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ${r.guest_verified.writes} writes)`,
       `through: ${r.daemons}; migration ${r.migration.id} ${r.migration.state} (destination lists ${r.destination.id} ${r.destination.state})`,
-      `events seen: ${Object.entries(r.events).map(([k, n]) => `${n} ${k}`).join(', ')}`,
+      `events seen: ${Object.entries(r.events)
+        .map(([k, n]) => `${n} ${k}`)
+        .join(', ')}`,
       `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
       `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
       `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms; largest heartbeat gap: ${r.guest_gap_ms.toFixed(2)} ms`,
@@ -90,11 +115,17 @@ function describe(r: DemoReport): string {
       r.local
         ? `same-host upgrade: the guest's memory went by reference (${r.regions.length} region${r.regions.length > 1 ? 's' : ''}), no page copied; only the device state moved`
         : r.postcopy
-        ? `mode: ${r.mode}; ${r.rounds} pre-copy rounds, then post-copy of ${r.postcopy.pages_needed} pages (${r.postcopy.pages_pushed} pushed, ${r.postcopy.pages_served} on request; ${r.postcopy.reconnects} reconnections)`
-        : `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
-      ...(dp ? [`faults at the destination: ${dp.faults}, latency p50 ${dp.fault_latency_p50_us} us, p99 ${dp.fault_latency_p99_us} us; guest blocked ${dp.blocked_ms} ms in total`] : []),
+          ? `mode: ${r.mode}; ${r.rounds} pre-copy rounds, then post-copy of ${r.postcopy.pages_needed} pages (${r.postcopy.pages_pushed} pushed, ${r.postcopy.pages_served} on request; ${r.postcopy.reconnects} reconnections)`
+          : `rounds: ${r.rounds}, then stop-and-copy of ${r.stop_and_copy.pages} pages`,
+      ...(dp
+        ? [
+            `faults at the destination: ${dp.faults}, latency p50 ${dp.fault_latency_p50_us} us, p99 ${dp.fault_latency_p99_us} us; guest blocked ${dp.blocked_ms} ms in total`,
+          ]
+        : []),
       `preparation (handshake + reservation): ${r.prep_ms.toFixed(0)} ms`,
-      r.postcopy ? `total time (first page to the destination holding every page): ${r.total_ms.toFixed(0)} ms` : `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
+      r.postcopy
+        ? `total time (first page to the destination holding every page): ${r.total_ms.toFixed(0)} ms`
+        : `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
       `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms`,
       `downtime as the guest saw it (largest heartbeat gap from the first page on): ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
       `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,

@@ -21,7 +21,7 @@ export const guest: Command = {
   ].join('\n'),
   flags: {
     socket: { type: 'string', value: 'PATH', help: 'the unix socket to serve livemig at ("@name": abstract, reachable by any local process)' },
-    register: { type: 'string', value: 'PATH', help: "register with the daemon whose guest socket this is, instead of serving at --socket" },
+    register: { type: 'string', value: 'PATH', help: 'register with the daemon whose guest socket this is, instead of serving at --socket' },
     name: { type: 'string', default: 'reference-guest', value: 'NAME', help: 'the name the daemon lists this guest by (1..63 of [A-Za-z0-9._-])' },
     heartbeat: { type: 'string', value: 'HOST:PORT', help: 'send a UDP heartbeat every millisecond there (default none)' },
     seed: { type: 'string', default: '1', value: 'N', help: 'the content and write stream seed' },
@@ -31,7 +31,8 @@ export const guest: Command = {
   async run(v: FlagValues): Promise<number> {
     const socket = typeof v['socket'] === 'string' && v['socket'].length > 0 ? v['socket'] : undefined;
     const register = typeof v['register'] === 'string' && v['register'].length > 0 ? v['register'] : undefined;
-    if ((socket === undefined) === (register === undefined)) throw usageError("guest needs one of --socket PATH and --register PATH (see 'livemig guest --help')");
+    if ((socket === undefined) === (register === undefined))
+      throw usageError("guest needs one of --socket PATH and --register PATH (see 'livemig guest --help')");
     const name = str(v, 'name');
     if (!/^[A-Za-z0-9._-]{1,63}$/.test(name)) throw usageError(`--name must be 1..63 characters of [A-Za-z0-9._-], got '${name}'`);
     const seed = str(v, 'seed');

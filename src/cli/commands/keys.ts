@@ -14,11 +14,11 @@ export const keys: Command = {
     'copy it to both hosts over a channel you trust. It never overwrites a file.',
     '',
     'keys ca writes a TEST CA into DIR (which must exist): ca.crt and ca.key, and for each name',
-    'NAME.crt and NAME.key (EC P-256; the name is the certificate\'s CN and DNS name; keys mode',
+    "NAME.crt and NAME.key (EC P-256; the name is the certificate's CN and DNS name; keys mode",
     '0600), made with the openssl command. Then, with --names src,dst:',
     '  livemig receive --tls-cert dst.crt --tls-key dst.key --tls-ca ca.crt --allow src ...',
     '  livemig send --tls-cert src.crt --tls-key src.key --tls-ca ca.crt --peer-name dst ...',
-    'This is for trying certificates out. In production your CA issues the hosts\' certificates',
+    "This is for trying certificates out. In production your CA issues the hosts' certificates",
     'and keeps its key elsewhere; never ship ca.key to a host. It never overwrites a file.',
   ].join('\n'),
   flags: {
@@ -29,7 +29,8 @@ export const keys: Command = {
   },
   positionals: true,
   async run(v: FlagValues, rest: string[]): Promise<number> {
-    if (rest.length !== 1 || (rest[0] !== 'psk' && rest[0] !== 'ca')) throw usageError("keys needs what to make: 'livemig keys psk --out FILE' or 'livemig keys ca --out DIR --names src,dst' (see 'livemig keys --help')");
+    if (rest.length !== 1 || (rest[0] !== 'psk' && rest[0] !== 'ca'))
+      throw usageError("keys needs what to make: 'livemig keys psk --out FILE' or 'livemig keys ca --out DIR --names src,dst' (see 'livemig keys --help')");
     if (typeof v['out'] !== 'string') throw usageError(`keys ${rest[0]} needs --out ${rest[0] === 'psk' ? 'FILE' : 'DIR'} (see 'livemig keys --help')`);
     return rest[0] === 'psk' ? psk(v, v['out']) : ca(v, v['out']);
   },
@@ -49,7 +50,7 @@ function psk(v: FlagValues, out: string): number {
 }
 
 function ca(v: FlagValues, dir: string): number {
-  if (typeof v['names'] !== 'string') throw usageError("keys ca needs --names NAME[,NAME...]: a certificate per host, e.g. --names src,dst");
+  if (typeof v['names'] !== 'string') throw usageError('keys ca needs --names NAME[,NAME...]: a certificate per host, e.g. --names src,dst');
   const names = v['names'].split(',').map((n) => n.trim());
   const days = Number(str(v, 'days'));
   const written = writeTestCa(dir, makeTestCa(names, days));

@@ -11,7 +11,7 @@ export const migrate: Command = {
   description: [
     'Asks the daemon (`livemig serve`) to migrate its registered guest GUEST to the daemon whose',
     'migration port is HOST:PORT. Prints the migration id once the destination has taken it',
-    "(its handshake), or the error if it refused before any page moved (the guest runs on here).",
+    '(its handshake), or the error if it refused before any page moved (the guest runs on here).',
     'With --follow it then follows the migration as `livemig watch` does and exits 0 only when',
     'it completed.',
   ].join('\n'),
@@ -35,7 +35,8 @@ export const migrate: Command = {
     const mode = String(v['mode']);
     if (!['precopy', 'postcopy', 'hybrid'].includes(mode)) throw usageError(`--mode must be precopy, postcopy or hybrid, got '${mode}'`);
     const onStall = v['on-stall'];
-    if (onStall !== undefined && !['throttle', 'postcopy', 'force', 'abort'].includes(String(onStall))) throw usageError(`--on-stall must be throttle, postcopy, force or abort, got '${String(onStall)}'`);
+    if (onStall !== undefined && !['throttle', 'postcopy', 'force', 'abort'].includes(String(onStall)))
+      throw usageError(`--on-stall must be throttle, postcopy, force or abort, got '${String(onStall)}'`);
     const num = (flag: string): number | undefined => (typeof v[flag] === 'string' ? parseNumber(v[flag] as string, `--${flag}`, Number.MIN_VALUE) : undefined);
     const body = {
       guest: args[0],

@@ -28,11 +28,20 @@ export const receive: Command = {
   flags: {
     listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'where to listen (port 0: any free port)' },
     'max-region': { type: 'string', value: 'SIZE', help: 'refuse larger regions (default: what the memory allows)' },
-    'max-channels': { type: 'string', value: 'N', help: "grant a source at most N parallel channels, 1..16 (default: what libuv's pool reads at once, UV_THREADPOOL_SIZE less one)" },
+    'max-channels': {
+      type: 'string',
+      value: 'N',
+      help: "grant a source at most N parallel channels, 1..16 (default: what libuv's pool reads at once, UV_THREADPOOL_SIZE less one)",
+    },
     'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'a connection must authenticate and send its first frame within this' },
     'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'nothing from the source this long: the migration is discarded here' },
     'recover-timeout': { type: 'string', default: '60', value: 'SECONDS', help: 'post-copy: how long to wait for the source to come back after a break' },
-    linger: { type: 'string', default: '60', value: 'SECONDS', help: "after an outcome the source may not have heard, answer its RESOLVE this long before exiting" },
+    linger: {
+      type: 'string',
+      default: '60',
+      value: 'SECONDS',
+      help: 'after an outcome the source may not have heard, answer its RESOLVE this long before exiting',
+    },
     'max-device-state': { type: 'string', value: 'SIZE', help: 'refuse a larger device state (default 64MiB)' },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
     'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start (run by /bin/sh; default: the reference guest)' },
@@ -51,7 +60,9 @@ export const receive: Command = {
       ...(v['insecure'] === true ? { insecure: true } : {}),
       ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
       ...(typeof v['max-channels'] === 'string' ? { maxChannels: channelCount(v['max-channels'], '--max-channels') } : {}),
-      ...(typeof v['handshake-timeout'] === 'string' ? { authTimeoutMs: parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000 } : {}),
+      ...(typeof v['handshake-timeout'] === 'string'
+        ? { authTimeoutMs: parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000 }
+        : {}),
       recoverTimeoutMs: parseNumber(str(v, 'recover-timeout'), '--recover-timeout (seconds)', Number.MIN_VALUE) * 1000,
       idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
       ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
@@ -59,12 +70,19 @@ export const receive: Command = {
       // the guest maps its memory before pages flow, not during
       onReserved: async (_region, postcopy, layout, memory) => {
         // a same-host upgrade's guest maps the memory as it goes: populating it would be the whole cost
-        incoming = await IncomingGuest.start({ command, layout, files: memory.files, populate: postcopy !== 'planned' && !memory.local, registerEarly: postcopy === 'planned' });
+        incoming = await IncomingGuest.start({
+          command,
+          layout,
+          files: memory.files,
+          populate: postcopy !== 'planned' && !memory.local,
+          registerEarly: postcopy === 'planned',
+        });
       },
       postcopy: { register: () => incoming!.register() },
       // a migration has begun: from here on it ends in an outcome line
       onProgress: (e) => {
-        if (e.type === 'reserved') process.stdout.write(JSON.stringify({ receiving: { region_bytes: e.region_bytes, reserve_ms: +e.reserve_ms.toFixed(1) } }) + '\n');
+        if (e.type === 'reserved')
+          process.stdout.write(JSON.stringify({ receiving: { region_bytes: e.region_bytes, reserve_ms: +e.reserve_ms.toFixed(1) } }) + '\n');
       },
       onDiscard: () => incoming?.kill(),
       prepare: (_region, deviceState) => incoming!.prepare(deviceState),
@@ -102,7 +120,12 @@ export const receive: Command = {
       // any more (they were only at the source). It cannot go on; it is stopped, and said so.
       const lost = err.phase === 'postcopy' && incoming !== undefined;
       if (lost) incoming!.kill();
-      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, ...(lost ? { destination_guest: 'stopped: its missing pages were lost' } : {}) }) + '\n');
+      process.stdout.write(
+        JSON.stringify({
+          error: { code: err.code, phase: err.phase, message: err.message },
+          ...(lost ? { destination_guest: 'stopped: its missing pages were lost' } : {}),
+        }) + '\n',
+      );
       // after COMMIT the source may be asking what happened: the answer is 'not activated'
       if (mayBeAskedAbout(err)) await linger(rx, lingerMs, 'the migration failed after the device state: the source may ask whether it activated');
       return 1;

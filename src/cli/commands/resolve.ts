@@ -27,7 +27,8 @@ export const resolve: Command = {
     ...SOURCE_SECURITY_FLAGS,
   },
   async run(v: FlagValues): Promise<number> {
-    if (typeof v['to'] !== 'string' || typeof v['session'] !== 'string') throw usageError("resolve needs --to HOST:PORT and --session TOKEN (see 'livemig resolve --help')");
+    if (typeof v['to'] !== 'string' || typeof v['session'] !== 'string')
+      throw usageError("resolve needs --to HOST:PORT and --session TOKEN (see 'livemig resolve --help')");
     const to = parseHostPort(str(v, 'to'), '--to');
     const session = str(v, 'session');
     if (!/^[0-9a-f]{32}$/.test(session)) throw usageError(`--session must be 32 hex digits, got '${session}'`);

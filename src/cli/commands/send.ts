@@ -70,8 +70,12 @@ export const send: Command = {
   flags: {
     to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
     guest: { type: 'string', value: 'PATH', help: 'migrate the guest serving at this unix socket (default: start a reference guest)' },
-    heartbeat: { type: 'string', value: 'HOST:PORT', help: "where a reference guest started here sends its UDP heartbeats (default none)" },
-    local: { type: 'boolean', default: false, help: "same-host upgrade: the guest's memfds go to the destination guest, no page is copied (refused unless the receiver runs on this host)" },
+    heartbeat: { type: 'string', value: 'HOST:PORT', help: 'where a reference guest started here sends its UDP heartbeats (default none)' },
+    local: {
+      type: 'boolean',
+      default: false,
+      help: "same-host upgrade: the guest's memfds go to the destination guest, no page is copied (refused unless the receiver runs on this host)",
+    },
     ...GUEST_FLAGS,
     ...POLICY_FLAGS,
     ...SOURCE_SECURITY_FLAGS,
@@ -80,7 +84,14 @@ export const send: Command = {
     if (typeof v['to'] !== 'string') throw usageError("send needs --to HOST:PORT (see 'livemig send --help')");
     const to = parseHostPort(str(v, 'to'), '--to');
     const credentials = credentialsFrom(v, 'source');
-    const settings = { downtimeLimitMs: downtimeLimit(v), maxRounds: maxRounds(v), encodings: encodingFlags(v), ...policyFlags(v), ...(credentials ? { credentials } : {}), ...(v['insecure'] === true ? { insecure: true } : {}) };
+    const settings = {
+      downtimeLimitMs: downtimeLimit(v),
+      maxRounds: maxRounds(v),
+      encodings: encodingFlags(v),
+      ...policyFlags(v),
+      ...(credentials ? { credentials } : {}),
+      ...(v['insecure'] === true ? { insecure: true } : {}),
+    };
     // refused before a guest starts, or is touched
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     let guest: Guest;
@@ -92,7 +103,12 @@ export const send: Command = {
     } catch (e) {
       // nothing moved: a guest that was running runs on, untouched
       const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_GUEST', (e as Error).message, { phase: 'handover', cause: e });
-      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: typeof v['guest'] === 'string' ? 'running' : 'none' }) + '\n');
+      process.stdout.write(
+        JSON.stringify({
+          error: { code: err.code, phase: err.phase, message: err.message },
+          source_guest: typeof v['guest'] === 'string' ? 'running' : 'none',
+        }) + '\n',
+      );
       process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'handover'}): ${err.message}\n`);
       return 1;
     }
@@ -125,7 +141,9 @@ export const send: Command = {
     } catch (e) {
       const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', (e as Error).message, { phase: 'migrate', cause: e });
       if (state !== 'released') guest.detach(); // it runs on (or waits, paused) without us
-      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: state, guest_pid: guest.pid }) + '\n');
+      process.stdout.write(
+        JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: state, guest_pid: guest.pid }) + '\n',
+      );
       process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'migrate'}): ${err.message}; the source guest is ${state} (pid ${guest.pid})\n`);
       return 1;
     }

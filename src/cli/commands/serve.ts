@@ -44,14 +44,36 @@ export const serve: Command = {
     'token-file': { type: 'string', value: 'FILE', help: "the API's bearer token, one line of 16 or more characters (required with a TCP --api)" },
     listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'the migration port other daemons send to (port 0: any free port)' },
     guests: { type: 'string', value: 'PATH', help: `the socket guests register at (default ${path.join(defaultDaemonDir(), 'guests.sock')})` },
-    'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start for each incoming migration (run by /bin/sh; default: the reference guest)' },
+    'guest-exec': {
+      type: 'string',
+      value: "'COMMAND ... {socket}'",
+      help: 'the destination guest to start for each incoming migration (run by /bin/sh; default: the reference guest)',
+    },
     'memory-budget': { type: 'string', value: 'SIZE', help: 'bytes incoming migrations may reserve together (default: what MemAvailable allows, at each one)' },
     bandwidth: { type: 'string', value: 'MiB/s', help: 'total bandwidth of outgoing migrations, shared fairly (default none)' },
     'max-migrations': { type: 'string', default: '16', value: 'N', help: 'incoming migrations at once (more are refused as busy); also bounds --parallel' },
-    parallel: { type: 'string', value: 'N', help: `outgoing migrations that transfer at once; the others wait queued (default one per two CPUs: ${defaultParallel()} here)` },
-    nice: { type: 'string', value: 'N', help: "the daemon's own nice value (default -5 as root, else 0): guests' pauses wait on it; the destination guests it starts keep the nice it was started with" },
-    'shutdown-grace': { type: 'string', default: '30', value: 'SECONDS', help: 'at SIGTERM, how long running migrations have to finish before the uncommitted ones are cancelled' },
-    'handshake-timeout': { type: 'string', default: '10', value: 'SECONDS', help: 'an incoming connection must authenticate and send its first frame within this' },
+    parallel: {
+      type: 'string',
+      value: 'N',
+      help: `outgoing migrations that transfer at once; the others wait queued (default one per two CPUs: ${defaultParallel()} here)`,
+    },
+    nice: {
+      type: 'string',
+      value: 'N',
+      help: "the daemon's own nice value (default -5 as root, else 0): guests' pauses wait on it; the destination guests it starts keep the nice it was started with",
+    },
+    'shutdown-grace': {
+      type: 'string',
+      default: '30',
+      value: 'SECONDS',
+      help: 'at SIGTERM, how long running migrations have to finish before the uncommitted ones are cancelled',
+    },
+    'handshake-timeout': {
+      type: 'string',
+      default: '10',
+      value: 'SECONDS',
+      help: 'an incoming connection must authenticate and send its first frame within this',
+    },
     'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'an incoming migration silent this long is discarded here' },
     ...DESTINATION_SECURITY_FLAGS,
   },
@@ -94,7 +116,17 @@ export const serve: Command = {
       idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
       version: version(),
     });
-    process.stdout.write(JSON.stringify({ serving: { api: daemon.apiAddress, listen: `${listen.host}:${daemon.migrationPort}`, port: daemon.migrationPort, guests: daemon.registry.path, pid: process.pid } }) + '\n');
+    process.stdout.write(
+      JSON.stringify({
+        serving: {
+          api: daemon.apiAddress,
+          listen: `${listen.host}:${daemon.migrationPort}`,
+          port: daemon.migrationPort,
+          guests: daemon.registry.path,
+          pid: process.pid,
+        },
+      }) + '\n',
+    );
     const sig = await stopSignal;
     process.stdout.write(JSON.stringify({ stopping: { signal: sig, running: daemon.table.active().length } }) + '\n');
     await daemon.shutdown();

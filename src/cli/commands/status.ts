@@ -50,7 +50,8 @@ export const cancel: Command = {
   name: 'cancel',
   summary: 'cancel an outgoing migration before its point of commitment',
   synopsis: 'ID [--api ...] [--json]',
-  description: 'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it has passed its point of commitment.',
+  description:
+    'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it has passed its point of commitment.',
   positionals: true,
   flags: { ...CLIENT_FLAGS },
   async run(v: FlagValues, args: string[]): Promise<number> {
@@ -65,7 +66,8 @@ export const set: Command = {
   name: 'set',
   summary: "change a running migration's bandwidth cap or downtime limit",
   synopsis: 'ID [--bandwidth MiB/s] [--downtime-limit MS] [--api ...] [--json]',
-  description: 'Changes the running outgoing migration ID: its bandwidth cap (from the next chunk) and the downtime limit pre-copy aims under (from the next round).',
+  description:
+    'Changes the running outgoing migration ID: its bandwidth cap (from the next chunk) and the downtime limit pre-copy aims under (from the next round).',
   positionals: true,
   flags: {
     bandwidth: { type: 'string', value: 'MiB/s', help: 'the new bandwidth cap' },

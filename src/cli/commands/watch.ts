@@ -20,7 +20,10 @@ export async function followMigration(t: ApiTarget, id: string, o: { json: boole
         if (!json) bar.show(e.data as unknown as ShownProgress);
         break;
       case 'round':
-        if (!json) bar.line(`round ${String(e.data['round'])}: ${String(e.data['pages'])} pages, ${Number(e.data['mbps']).toFixed(0)} MB/s, ${String(e.data['dirty_pages'])} dirty; ${String(e.data['decision'])}`);
+        if (!json)
+          bar.line(
+            `round ${String(e.data['round'])}: ${String(e.data['pages'])} pages, ${Number(e.data['mbps']).toFixed(0)} MB/s, ${String(e.data['dirty_pages'])} dirty; ${String(e.data['decision'])}`,
+          );
         break;
       case 'report':
         report = e.data['report'];
@@ -28,7 +31,8 @@ export async function followMigration(t: ApiTarget, id: string, o: { json: boole
       case 'state': {
         const state = String(e.data['state']);
         if (!json) bar.line(`state ${state}${e.data['error'] ? `: ${(e.data['error'] as { message: string }).message}` : ''}`);
-        if (state === 'completed' || state === 'failed' || state === 'cancelled') final = { state, ...(e.data['error'] ? { error: e.data['error'] as { code: string; message: string } } : {}) };
+        if (state === 'completed' || state === 'failed' || state === 'cancelled')
+          final = { state, ...(e.data['error'] ? { error: e.data['error'] as { code: string; message: string } } : {}) };
         break;
       }
       default:
@@ -62,4 +66,3 @@ export const watch: Command = {
     return followMigration(targetFrom(v), args[0]!, { json: v['json'] === true });
   },
 };
-

@@ -12,10 +12,17 @@ import type { DaemonApi } from './types.js';
 const FINAL = new Set(['completed', 'failed', 'cancelled']);
 
 export function eventRoutes(app: FastifyInstance, d: DaemonApi): void {
-  app.get<{ Params: { id: string } }>('/v1/migrations/:id/events', { sse: 'only', schema: { summary: "a migration's events (SSE): every state change, round, progress (at most every 250 ms) and the report", params: idParams } }, async (req, reply) => {
-    const m = d.table.get(req.params.id); // 404 before the stream begins
-    await stream(reply, d, m.id, () => m.done);
-  });
+  app.get<{ Params: { id: string } }>(
+    '/v1/migrations/:id/events',
+    {
+      sse: 'only',
+      schema: { summary: "a migration's events (SSE): every state change, round, progress (at most every 250 ms) and the report", params: idParams },
+    },
+    async (req, reply) => {
+      const m = d.table.get(req.params.id); // 404 before the stream begins
+      await stream(reply, d, m.id, () => m.done);
+    },
+  );
   app.get('/v1/events', { sse: 'only', schema: { summary: 'every migration’s events (SSE)' } }, async (_req, reply) => {
     await stream(reply, d, undefined, () => false);
   });

@@ -42,36 +42,69 @@ export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
 
   app.get<{ Querystring: { state?: string; direction?: string } }>(
     '/v1/migrations',
-    { schema: { summary: 'migrations here, both directions (newest last)', querystring: listQuery, response: { 200: { type: 'object', properties: { migrations: { type: 'array', items: migrationView } } } } } },
+    {
+      schema: {
+        summary: 'migrations here, both directions (newest last)',
+        querystring: listQuery,
+        response: { 200: { type: 'object', properties: { migrations: { type: 'array', items: migrationView } } } },
+      },
+    },
     async (req) => ({
       migrations: d.table
         .list()
-        .filter((m) => (req.query.state === undefined || m.state === req.query.state) && (req.query.direction === undefined || m.direction === req.query.direction))
+        .filter(
+          (m) => (req.query.state === undefined || m.state === req.query.state) && (req.query.direction === undefined || m.direction === req.query.direction),
+        )
         .map((m) => view(m, { detail: false })),
     }),
   );
 
   app.get<{ Params: { id: string } }>(
     '/v1/migrations/:id',
-    { schema: { summary: 'one migration: state, stage, progress, rounds and, when done, its report', params: idParams, response: { 200: migrationView, 404: errorBody } } },
+    {
+      schema: {
+        summary: 'one migration: state, stage, progress, rounds and, when done, its report',
+        params: idParams,
+        response: { 200: migrationView, 404: errorBody },
+      },
+    },
     async (req) => view(d.table.get(req.params.id)),
   );
 
   app.patch<{ Params: { id: string }; Body: { bandwidth_mib_s?: number; downtime_limit_ms?: number } }>(
     '/v1/migrations/:id',
-    { schema: { summary: 'change a running outgoing migration: its bandwidth cap, its downtime limit', params: idParams, body: migrationPatch, response: { 200: migrationView, 404: errorBody, 409: errorBody } } },
+    {
+      schema: {
+        summary: 'change a running outgoing migration: its bandwidth cap, its downtime limit',
+        params: idParams,
+        body: migrationPatch,
+        response: { 200: migrationView, 404: errorBody, 409: errorBody },
+      },
+    },
     async (req) => view(d.update(req.params.id, req.body)),
   );
 
   app.post<{ Params: { id: string } }>(
     '/v1/migrations/:id/cancel',
-    { schema: { summary: 'cancel an outgoing migration before its point of commitment (the guest keeps running here)', params: idParams, response: { 202: migrationView, 404: errorBody, 409: errorBody } } },
+    {
+      schema: {
+        summary: 'cancel an outgoing migration before its point of commitment (the guest keeps running here)',
+        params: idParams,
+        response: { 202: migrationView, 404: errorBody, 409: errorBody },
+      },
+    },
     async (req, reply) => reply.code(202).send(view(d.cancel(req.params.id))),
   );
 
   app.post<{ Params: { id: string } }>(
     '/v1/migrations/:id/postcopy',
-    { schema: { summary: 'switch a running outgoing migration to post-copy at the end of its round', params: idParams, response: { 202: migrationView, 404: errorBody, 409: errorBody } } },
+    {
+      schema: {
+        summary: 'switch a running outgoing migration to post-copy at the end of its round',
+        params: idParams,
+        response: { 202: migrationView, 404: errorBody, 409: errorBody },
+      },
+    },
     async (req, reply) => reply.code(202).send(view(d.startPostcopy(req.params.id))),
   );
 }

@@ -65,7 +65,13 @@ export const listQuery = {
 
 const progress = {
   type: 'object',
-  properties: { percent: { type: 'number' }, eta_s: { type: 'number' }, remaining_bytes: { type: 'number' }, total_bytes: { type: 'number' }, transferred_bytes: { type: 'number' } },
+  properties: {
+    percent: { type: 'number' },
+    eta_s: { type: 'number' },
+    remaining_bytes: { type: 'number' },
+    total_bytes: { type: 'number' },
+    transferred_bytes: { type: 'number' },
+  },
 } as const;
 
 /** a migration as GET shows it; `report` and `rounds` are the engine's own (QMP-like names) */

@@ -30,7 +30,11 @@ export async function buildApi(d: DaemonApi, o: { token: string | undefined; ver
   });
   await app.register(swagger, {
     openapi: {
-      info: { title: 'livemig daemon API', version: o.version, description: 'Live memory migration: registered guests, migrations, their events and metrics (docs/API.md).' },
+      info: {
+        title: 'livemig daemon API',
+        version: o.version,
+        description: 'Live memory migration: registered guests, migrations, their events and metrics (docs/API.md).',
+      },
       components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
       security: o.token ? [{ bearer: [] }] : [],
     },
@@ -45,7 +49,11 @@ export async function buildApi(d: DaemonApi, o: { token: string | undefined; ver
     const given = typeof h === 'string' && h.startsWith('Bearer ') ? digest(h.slice(7)) : undefined;
     if (!given || !timingSafeEqual(given, expected)) {
       reply.header('www-authenticate', 'Bearer realm="livemig"');
-      throw new LivemigError('ERR_LIVEMIG_UNAUTHORIZED', h ? 'the bearer token is not the one this daemon was given' : 'this API needs "Authorization: Bearer <token>" (the daemon\'s --token-file)', { phase: 'api' });
+      throw new LivemigError(
+        'ERR_LIVEMIG_UNAUTHORIZED',
+        h ? 'the bearer token is not the one this daemon was given' : 'this API needs "Authorization: Bearer <token>" (the daemon\'s --token-file)',
+        { phase: 'api' },
+      );
     }
   });
   app.addHook('onResponse', async (req) => {
@@ -67,7 +75,9 @@ export async function buildApi(d: DaemonApi, o: { token: string | undefined; ver
     }
     return reply.code(500).send({ error: { code: 'ERR_LIVEMIG_INTERNAL', message: err.message, phase: 'api' } });
   });
-  app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: { code: 'ERR_LIVEMIG_NOT_FOUND', message: `no route ${req.method} ${req.url}`, phase: 'api' } }));
+  app.setNotFoundHandler((req, reply) =>
+    reply.code(404).send({ error: { code: 'ERR_LIVEMIG_NOT_FOUND', message: `no route ${req.method} ${req.url}`, phase: 'api' } }),
+  );
 
   guestRoutes(app, d);
   migrationRoutes(app, d);
