@@ -44,7 +44,7 @@ import { parseArgs } from 'node:util';
 import { parseNumber, parseSize } from '../src/cli/units.js';
 import { runDemo, type DemoReport } from '../src/demo/demo.js';
 import { encodeHello } from '../src/protocol/messages.js';
-import type { WireChannel } from '../src/protocol/wire.js';
+import type { FramedConnection } from '../src/protocol/connection.js';
 import type { MigrationReport } from '../src/source/types.js';
 import { secureConnect, type Credentials } from '../src/security/tls.js';
 import { emit, machine, median } from './common.js';
@@ -315,7 +315,7 @@ class SameAddressCrowd implements Disturbance {
 
 /** Connections that complete the TLS handshake with the receiver's key and then say nothing. */
 class SilentPeers implements Disturbance {
-  readonly #channels = new Set<WireChannel>();
+  readonly #conns = new Set<FramedConnection>();
   readonly #connecting = new Set<net.Socket>();
   readonly #timers = new Set<NodeJS.Timeout>();
   #stopped = false;
@@ -340,10 +340,10 @@ class SilentPeers implements Disturbance {
     this.#opened++;
     const raw = net.connect({ port: this.#port, host: '127.0.0.1' });
     this.#connecting.add(raw);
-    let channel: WireChannel;
+    let conn: FramedConnection;
     try {
       await new Promise<void>((resolve, reject) => (raw.once('connect', resolve), raw.once('error', reject)));
-      channel = (await secureConnect(raw, this.credentials)).channel;
+      conn = (await secureConnect(raw, this.credentials)).conn;
     } catch {
       raw.destroy();
       this.#connecting.delete(raw);
@@ -354,17 +354,17 @@ class SilentPeers implements Disturbance {
       return;
     }
     this.#connecting.delete(raw);
-    if (this.#stopped) return channel.close();
+    if (this.#stopped) return conn.close();
     this.#proven++;
-    this.#channels.add(channel);
+    this.#conns.add(conn);
     // secureConnect hands the descriptor to a native Wire: a read would hold one of this
     // process's pool threads per peer; peerGone() peeks without waiting
     const poll = setInterval(() => {
-      if (!channel.peerGone()) return;
+      if (!conn.peerGone()) return;
       clearInterval(poll);
       this.#timers.delete(poll);
-      this.#channels.delete(channel);
-      channel.close();
+      this.#conns.delete(conn);
+      conn.close();
       if (this.#stopped) return;
       this.#closedByReceiver++;
       void this.#open();
@@ -374,9 +374,9 @@ class SilentPeers implements Disturbance {
 
   async stop(): Promise<Record<string, number>> {
     this.#stopped = true;
-    const openAtEnd = this.#channels.size;
+    const openAtEnd = this.#conns.size;
     for (const t of this.#timers) clearTimeout(t);
-    for (const c of this.#channels) c.close();
+    for (const c of this.#conns) c.close();
     for (const s of this.#connecting) s.destroy();
     const closedByReceiver = this.#closedByReceiver;
     const failed = this.#failed;

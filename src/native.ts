@@ -26,7 +26,7 @@ export interface SendCounts {
   indexMs: number;
 }
 
-/** One sendPages call across the boundary (see WireChannel.sendPages for the fields). */
+/** One sendPages call across the boundary (see FramedConnection.sendPages for the fields). */
 export interface NativeSendPages {
   region: NativeRegion;
   pages: Uint32Array;
@@ -130,6 +130,36 @@ export interface PostcopyEvent {
   digest?: bigint;
   /** disconnected: the attachment (1, 2, ... per attach) the event is about */
   generation?: number;
+}
+
+/** What the destination's fault service starts with (native/postcopy/dest.cc checks each field). */
+export interface NativePostcopyDestOptions {
+  region: NativeRegion;
+  /** the guest's userfaultfd, its mapping registered for minor faults */
+  uffd: number;
+  /** where the region is mapped in the guest: one address, or ranges covering every page in order */
+  guest: bigint | GuestRange[];
+  /** one byte per page, 1: it must come from the source; becomes the service's state table */
+  needed: Uint8Array;
+  /** per-page hashes: those of held pages are kept, the others set on arrival */
+  hashes: BigUint64Array;
+  /** the negotiated protocol version */
+  version: number;
+  onEvent: (e: PostcopyEvent) => void;
+}
+
+/** What the source's page server starts with (native/postcopy/source.cc checks each field). */
+export interface NativePostcopySourceOptions {
+  region: NativeRegion;
+  /** one byte per page, 1: the destination needs it */
+  needed: Uint8Array;
+  /** the negotiated protocol version */
+  version: number;
+  /** the round its PAGES frames carry */
+  round: number;
+  /** if given, each page sent is hashed into it */
+  hashes?: BigUint64Array;
+  onEvent: (e: PostcopyEvent) => void;
 }
 
 export interface NativePostcopyDest {
@@ -251,23 +281,8 @@ interface Addon {
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;
   pageHashVariants(data: Buffer): bigint[];
-  PostcopyDest: new (
-    region: NativeRegion,
-    uffd: number,
-    guest: bigint | GuestRange[],
-    needed: Uint8Array,
-    hashes: BigUint64Array,
-    version: number,
-    onEvent: (e: PostcopyEvent) => void,
-  ) => NativePostcopyDest;
-  PostcopySource: new (
-    region: NativeRegion,
-    needed: Uint8Array,
-    version: number,
-    round: number,
-    hashes: BigUint64Array | undefined,
-    onEvent: (e: PostcopyEvent) => void,
-  ) => NativePostcopySource;
+  PostcopyDest: new (o: NativePostcopyDestOptions) => NativePostcopyDest;
+  PostcopySource: new (o: NativePostcopySourceOptions) => NativePostcopySource;
   uffdRegisterMinor(address: bigint, length: number): number;
   packBits(bytes: Uint8Array): Buffer;
   unpackBits(bits: Uint8Array, count: number, into?: Uint8Array): { bytes: Uint8Array; set: number };

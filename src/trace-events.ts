@@ -187,7 +187,7 @@ export interface DaemonPayloads {
   [DaemonEvent.apiCloseFailed]: { reason: string };
 }
 
-/** Each family's events, as the trace file and the channels name them. */
+/** Each family's events, as the trace file and the diagnostics channels name them. */
 export const TRACE_EVENTS = {
   source: SourceEvent,
   receiver: ReceiverEvent,
@@ -208,7 +208,7 @@ export type TraceFamily = keyof TracePayloads;
 export type TraceEvent<F extends TraceFamily> = keyof TracePayloads[F] & string;
 export type TracePayload<F extends TraceFamily, E extends TraceEvent<F>> = TracePayloads[F][E];
 
-/** What a subscriber to family F's channel receives, narrowed by `event`. */
+/** What a subscriber to family F's diagnostics channel receives, narrowed by `event`. */
 export type TraceMessage<F extends TraceFamily> = {
   [E in TraceEvent<F>]: { ms: number; event: E } & (TracePayloads[F][E] extends undefined ? unknown : TracePayloads[F][E]);
 }[TraceEvent<F>];

@@ -21,7 +21,7 @@ import type { TraceEvent, TraceFamily, TracePayload } from './trace-events.js';
 export type { TraceFamily } from './trace-events.js';
 
 /** The diagnostics_channel name of each family, for `diagnostics_channel.subscribe`. */
-export const CHANNEL_NAMES = {
+export const DIAGNOSTICS_CHANNEL_NAMES = {
   source: 'livemig:source',
   receiver: 'livemig:receiver',
   guest: 'livemig:guest',
@@ -29,12 +29,12 @@ export const CHANNEL_NAMES = {
   daemon: 'livemig:daemon',
 } as const satisfies { readonly [F in TraceFamily]: string };
 
-export const CHANNELS: { readonly [F in TraceFamily]: diagnostics_channel.Channel } = {
-  source: diagnostics_channel.channel(CHANNEL_NAMES.source),
-  receiver: diagnostics_channel.channel(CHANNEL_NAMES.receiver),
-  guest: diagnostics_channel.channel(CHANNEL_NAMES.guest),
-  chooser: diagnostics_channel.channel(CHANNEL_NAMES.chooser),
-  daemon: diagnostics_channel.channel(CHANNEL_NAMES.daemon),
+export const DIAGNOSTICS_CHANNELS: { readonly [F in TraceFamily]: diagnostics_channel.Channel } = {
+  source: diagnostics_channel.channel(DIAGNOSTICS_CHANNEL_NAMES.source),
+  receiver: diagnostics_channel.channel(DIAGNOSTICS_CHANNEL_NAMES.receiver),
+  guest: diagnostics_channel.channel(DIAGNOSTICS_CHANNEL_NAMES.guest),
+  chooser: diagnostics_channel.channel(DIAGNOSTICS_CHANNEL_NAMES.chooser),
+  daemon: diagnostics_channel.channel(DIAGNOSTICS_CHANNEL_NAMES.daemon),
 };
 
 const file = process.env['LIVEMIG_TRACE'];
@@ -43,7 +43,7 @@ let fd: number | undefined;
 
 /** Whether anyone listens to `family` (to skip building a costly payload). */
 export function tracing(family: TraceFamily): boolean {
-  return file !== undefined || CHANNELS[family].hasSubscribers;
+  return file !== undefined || DIAGNOSTICS_CHANNELS[family].hasSubscribers;
 }
 
 // an event without a payload takes no argument, so that forgetting one is an error
@@ -55,7 +55,7 @@ type PayloadArgs<P> = [P] extends [undefined] ? [] : [data: P];
  */
 export function trace<F extends TraceFamily, E extends TraceEvent<F>>(family: F, event: E, ...payload: PayloadArgs<TracePayload<F, E>>): void {
   const data = payload[0] as Record<string, unknown> | undefined;
-  const channel = CHANNELS[family];
+  const channel = DIAGNOSTICS_CHANNELS[family];
   if (!file && !channel.hasSubscribers) return;
   const ms = Number(process.hrtime.bigint() / 1000n) / 1000;
   if (channel.hasSubscribers) channel.publish({ ms, event, ...data });

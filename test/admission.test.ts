@@ -18,7 +18,7 @@ import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../src/errors.js';
 import { CAP_CHANNELS, CAP_COMMIT_ACTIVATE, CAP_LOCAL, FrameType, STRIPE_PAGES } from '../src/protocol/format.js';
 import { decodeAccept, decodeError, encodeAttach, encodeHello, encodeRoundEnd } from '../src/protocol/messages.js';
-import type { WireChannel } from '../src/protocol/wire.js';
+import type { FramedConnection } from '../src/protocol/connection.js';
 import { listen, type Receiver } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { secureConnect, type Credentials } from '../src/security/tls.js';
@@ -33,10 +33,10 @@ const CLIENT: Credentials = { kind: 'psk', identity: 'src', key };
 const hello = (o: Partial<Parameters<typeof encodeHello>[0]> = {}): Buffer =>
   encodeHello({ versions: [3, 3], regionBytes: 64 * 4096, pageSize: 4096, auth: null, capabilities: [CAP_COMMIT_ACTIVATE], ...o });
 
-async function keyedConnection(port: number): Promise<WireChannel> {
+async function keyedConnection(port: number): Promise<FramedConnection> {
   const raw = net.connect(port, '127.0.0.1');
   await new Promise<void>((r, j) => raw.once('connect', r).once('error', j));
-  return (await secureConnect(raw, CLIENT, 5000)).channel;
+  return (await secureConnect(raw, CLIENT, 5000)).conn;
 }
 
 /** A listener with a PSK that counts reservations; its first outcome, refused or not. */
@@ -71,13 +71,13 @@ for (const [name, parts] of [
   test(`encrypted: ${name} is refused before anything is reserved`, async () => {
     const { rx, reserved, outcome } = await keyedListener();
     try {
-      const ch = await keyedConnection(rx.port);
-      await ch.send([...parts]).catch(() => undefined); // the receiver may hang up mid-write
+      const conn = await keyedConnection(rx.port);
+      await conn.send([...parts]).catch(() => undefined); // the receiver may hang up mid-write
       const refusal = await Promise.race([outcome, new Promise((r) => setTimeout(() => r(new Error('no outcome within 20 s')), 20_000))]);
       assert.ok(afterFirst(refusal), `refused as bytes after the first frame: ${String(refusal)}`);
       assert.equal(reserved(), 0, 'nothing was reserved');
-      await assert.rejects(ch.next(5000), 'the connection was closed, never answered');
-      ch.close();
+      await assert.rejects(conn.next(5000), 'the connection was closed, never answered');
+      conn.close();
     } finally {
       await rx.close();
     }
@@ -213,7 +213,7 @@ function stopGuest(line: Record<string, unknown> | undefined): void {
 test('eight silent authenticated connections hold no native thread: a receiver with a pool of 4 serves a migration while all of them still wait', async () => {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-silent-'));
   const rx = await receiveChild(dir, ['--handshake-timeout', '120'], { UV_THREADPOOL_SIZE: '4' });
-  const silent: WireChannel[] = [];
+  const silent: FramedConnection[] = [];
   let received: Record<string, unknown> | undefined;
   try {
     for (let i = 0; i < 8; i++) silent.push(await keyedConnection(rx.port));
@@ -250,12 +250,12 @@ test('a bad same-host offer (foreign boot id, missing socket, a file that is not
       { bootId: (await import('node:fs')).readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim(), socket: '/etc/passwd' },
     ];
     for (const offer of offers) {
-      const ch = await keyedConnection(rx.port);
-      await ch.send(hello({ capabilities: [CAP_LOCAL, CAP_COMMIT_ACTIVATE], local: { ...offer, token: 'cd'.repeat(16) } }));
-      const f = await ch.next(10_000);
+      const conn = await keyedConnection(rx.port);
+      await conn.send(hello({ capabilities: [CAP_LOCAL, CAP_COMMIT_ACTIVATE], local: { ...offer, token: 'cd'.repeat(16) } }));
+      const f = await conn.next(10_000);
       assert.equal(f.type, FrameType.Error, `${offer.socket}: answered with an ERROR`);
       assert.match(decodeError(f.payload).code, /ERR_LIVEMIG_(NOT_LOCAL|CONNECTION|SYSCALL|REFUSED)/);
-      ch.close();
+      conn.close();
       const line = await rx.next();
       assert.ok(line['refused'], `receive printed a refusal and listens on: ${JSON.stringify(line)}`);
     }

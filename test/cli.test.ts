@@ -158,8 +158,8 @@ test(
 );
 
 test(
-  'keys ca writes a test CA whose certificates send and receive take (--tls-*): the migration is authenticated both ways and encrypted; demo ' +
-    '--secure reports the same',
+  'keys ca writes a test CA whose certificates send and receive take (--tls-*): the migration is authenticated both ways and encrypted; demo --secure ' +
+    'reports the same',
   { skip: opensslMissing },
   async () => {
     const { mkdtempSync, rmSync, statSync, readdirSync } = await import('node:fs');

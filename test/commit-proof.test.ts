@@ -91,13 +91,13 @@ test('with credentials, a source that speaks only version 2 is refused before an
     const raw = net.connect(rx.port, '127.0.0.1');
     await new Promise<void>((r) => raw.once('connect', r));
     const s = await secureConnect(raw, { kind: 'cert', ...certs['src']!, ca, peerName: 'dst' });
-    await s.channel.send(encodeHello({ versions: [1, 2], regionBytes: 64 * 4096, pageSize: 4096, auth: null, capabilities: [CAP_COMMIT_ACTIVATE] }));
-    const f = await s.channel.next(5000);
+    await s.conn.send(encodeHello({ versions: [1, 2], regionBytes: 64 * 4096, pageSize: 4096, auth: null, capabilities: [CAP_COMMIT_ACTIVATE] }));
+    const f = await s.conn.next(5000);
     assert.equal(f.type, FrameType.Error);
     assert.equal(decodeError(f.payload).code, 'ERR_LIVEMIG_VERSION');
     await assert.rejects(outcome, (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_VERSION' && /version 3 needed/.test(e.message));
     assert.equal(reserved, 0);
-    s.channel.close();
+    s.conn.close();
   } finally {
     await rx.close();
   }
@@ -113,21 +113,21 @@ async function downgrader(accept: { version: number; capabilities: string[] }, c
   const server = net.createServer({ pauseOnConnect: true }, (raw) => {
     raw.on('error', () => undefined);
     void (async () => {
-      const ch = creds ? (await secureAccept(raw, creds)).channel : (await import('../src/protocol/wire.js')).WireChannel.fromSocket(raw);
+      const conn = creds ? (await secureAccept(raw, creds)).conn : (await import('../src/protocol/connection.js')).FramedConnection.fromSocket(raw);
       try {
         for (;;) {
-          const f = await ch.next(10_000);
+          const f = await conn.next(10_000);
           const v = accept.version;
-          if (f.type === FrameType.Hello) await ch.send(encodeAccept(accept, v));
-          else if (f.type === FrameType.RoundEnd) await ch.send(encodeRoundAck(decodeRoundEnd(f.payload), v));
+          if (f.type === FrameType.Hello) await conn.send(encodeAccept(accept, v));
+          else if (f.type === FrameType.RoundEnd) await conn.send(encodeRoundAck(decodeRoundEnd(f.payload), v));
           else if (f.type === FrameType.Commit) {
             state.commits++;
-            await ch.send(encodeCommitAck({ digest: decodeCommit(f.payload).digest }, v));
-            await ch.send(encodeActivated({ activateMs: 0.1 }, v));
-          } else if (f.type === FrameType.Activate) await ch.send(encodeActivated({ activateMs: 0.1 }, v));
+            await conn.send(encodeCommitAck({ digest: decodeCommit(f.payload).digest }, v));
+            await conn.send(encodeActivated({ activateMs: 0.1 }, v));
+          } else if (f.type === FrameType.Activate) await conn.send(encodeActivated({ activateMs: 0.1 }, v));
         }
       } catch {
-        ch.close(); // the source went away
+        conn.close(); // the source went away
       }
     })().catch(() => raw.destroy());
   });

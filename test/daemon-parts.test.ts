@@ -55,13 +55,13 @@ test('progress is what no longer remains, never runs backwards, and is 100 only 
 
 test('the memory budget refuses what does not fit, whole, and takes bytes back once', () => {
   const b = new MemoryBudget(100);
-  const r1 = b.take(60, false);
+  const r1 = b.take(60, { local: false });
   assert.throws(
-    () => b.take(50, false),
+    () => b.take(50, { local: false }),
     (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_NO_MEMORY' && /60 bytes are reserved/.test(e.message),
   );
   assert.equal(b.reserved, 60, 'a refusal takes nothing');
-  const local = b.take(1000, true);
+  const local = b.take(1000, { local: true });
   assert.equal(b.reserved, 60, 'a same-host upgrade allocates nothing');
   local();
   r1();
@@ -69,9 +69,9 @@ test('the memory budget refuses what does not fit, whole, and takes bytes back o
   assert.equal(b.reserved, 0, 'given back once');
   assert.equal(b.peak, 60);
   const host = new MemoryBudget(undefined, () => ({ bytes: 80, why: 'test host' }));
-  host.take(50, false);
+  host.take(50, { local: false });
   assert.throws(
-    () => host.take(40, false),
+    () => host.take(40, { local: false }),
     (e: unknown) => e instanceof LivemigError && /test host/.test(e.message),
   );
   assert.throws(

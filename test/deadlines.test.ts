@@ -201,8 +201,8 @@ test('a destination that floods the source with frames nobody asked for is cut o
 });
 
 test(
-  '200 idle connections and a client sending a byte a second hold neither the slot nor a native read: a migration arriving after them, from ' +
-    'their address, completes; they are closed at the handshake deadline',
+  '200 idle connections and a client sending a byte a second hold neither the slot nor a native read: a migration arriving after them, from their ' +
+    'address, completes; they are closed at the handshake deadline',
   async () => {
     const rx = await listen('127.0.0.1', 0, { activate: async () => undefined, authTimeoutMs: 1500 });
     const sockets: net.Socket[] = [];

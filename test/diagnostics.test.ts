@@ -11,7 +11,7 @@ import type { IncomingGuest } from '../src/guest/incoming-session.js';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { migrate } from '../src/source/migrate.js';
-import { CHANNEL_NAMES, trace, type TraceFamily } from '../src/trace.js';
+import { DIAGNOSTICS_CHANNEL_NAMES, trace, type TraceFamily } from '../src/trace.js';
 import { ReceiverEvent, SourceEvent } from '../src/trace-events.js';
 import { SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
 import { isStep, STEP, type FaultStep, type Stage } from './fixtures/fault-steps.js';
@@ -36,8 +36,8 @@ function record(families: TraceFamily[], also?: (family: TraceFamily, message: M
       seen.push({ family, event, ms, data, message });
       also?.(family, message as Message);
     };
-    diagnostics_channel.subscribe(CHANNEL_NAMES[family], fn);
-    return () => diagnostics_channel.unsubscribe(CHANNEL_NAMES[family], fn);
+    diagnostics_channel.subscribe(DIAGNOSTICS_CHANNEL_NAMES[family], fn);
+    return () => diagnostics_channel.unsubscribe(DIAGNOSTICS_CHANNEL_NAMES[family], fn);
   });
   return { seen, off: () => subs.forEach((off) => off()) };
 }

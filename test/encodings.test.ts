@@ -9,7 +9,7 @@ import { compressSync } from 'lz4-napi';
 import { LivemigError } from '../src/errors.js';
 import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
-import { WireChannel } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import * as F from '../src/protocol/format.js';
@@ -25,7 +25,7 @@ const V = 2;
 async function receiverWith(stream: Buffer, pages = 16): Promise<{ region: Region; hashes: BigUint64Array; result: Promise<unknown>; close: () => void }> {
   const { client, peer, server } = await tcpPair();
   peer.resume();
-  const wire = WireChannel.fromSocket(client);
+  const wire = FramedConnection.fromSocket(client);
   const region = Region.create(pages * PS, { name: 'enc-test' });
   const hashes = new BigUint64Array(pages).fill(addon.zeroPageHash());
   peer.write(stream);
@@ -280,8 +280,8 @@ test(
   async () => {
     const pages = 64;
     const { client, peer, server } = await tcpPair();
-    const tx = WireChannel.fromSocket(client);
-    const rx = WireChannel.fromSocket(peer);
+    const tx = FramedConnection.fromSocket(client);
+    const rx = FramedConnection.fromSocket(peer);
     const src = Region.create(pages * PS, { name: 'enc-src' });
     const dst = Region.create(pages * PS, { name: 'enc-dst' });
     const shared = randomBytes(PS);

@@ -9,7 +9,7 @@ import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { FrameType } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader } from '../src/protocol/frame.js';
-import { WireChannel } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import { Region } from '../src/region/region.js';
 import { preferShortSlices, defaultSlices } from '../src/sched.js';
 import { GuestLayout } from '../src/guest/layout.js';
@@ -160,8 +160,8 @@ test('an incoming guest refuses a state it cannot load while the source can stil
 
 test('readNow takes a control frame only once it is whole, never pages; send goes at once and keeps order', async () => {
   const { client, peer, server } = await tcpPair();
-  const a = WireChannel.fromSocket(client);
-  const b = WireChannel.fromSocket(peer);
+  const a = FramedConnection.fromSocket(client);
+  const b = FramedConnection.fromSocket(peer);
   try {
     const frame = encodeFrame(FrameType.Commit, Buffer.alloc(20, 7));
     // half a frame: nothing yet, and the half stays for a read that waits

@@ -12,7 +12,7 @@ import { PageServer } from '../src/postcopy/source.js';
 import { migrate } from '../src/source/migrate.js';
 import { MigrationControl } from '../src/source/types.js';
 import { LivemigError } from '../src/errors.js';
-import { WireChannel } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import { listen } from '../src/receiver/listen.js';
 import type { Credentials } from '../src/security/tls.js';
 import { makeCa, opensslMissing } from './certs.js';
@@ -29,10 +29,60 @@ const MiB = 1 << 20;
 const skip = minorFaultsReason();
 if (skip) console.log(`# skipping post-copy tests: ${skip}`);
 
-async function channelPair(): Promise<[WireChannel, WireChannel, net.Server]> {
+async function connectionPair(): Promise<[FramedConnection, FramedConnection, net.Server]> {
   const { client, peer, server } = await tcpPair();
-  return [WireChannel.fromSocket(client), WireChannel.fromSocket(peer), server];
+  return [FramedConnection.fromSocket(client), FramedConnection.fromSocket(peer), server];
 }
+
+test('the native post-copy services take one options object and name the field that is wrong', () => {
+  const region = Region.create(4 * 4096, { name: 'livemig-pc-options' });
+  try {
+    const onEvent = (): void => undefined;
+    const Dest = addon.PostcopyDest as unknown as new (...a: unknown[]) => unknown;
+    const dest = { region: region.nativeHandle, uffd: 0, guest: 0n, needed: new Uint8Array(4), hashes: new BigUint64Array(4), version: 3, onEvent };
+    assert.throws(() => new Dest(region.nativeHandle, 0), { name: 'TypeError', message: 'PostcopyDest: expects one options object' });
+    assert.throws(() => new Dest({ ...dest, region: {} }), { name: 'TypeError', message: 'PostcopyDest: options.region must be a NativeRegion' });
+    assert.throws(() => new Dest({ ...dest, uffd: -1 }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.uffd must be an integer from 0 to 2147483647, got -1',
+    });
+    assert.throws(() => new Dest({ ...dest, guest: 'here' }), {
+      name: 'TypeError',
+      message: /^PostcopyDest: options\.guest must be a bigint address or an array of/,
+    });
+    assert.throws(() => new Dest({ ...dest, guest: [{ address: 4096n, firstPage: 0, pages: 3 }] }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.guest: the ranges must cover every page',
+    });
+    assert.throws(() => new Dest({ ...dest, needed: new Uint16Array(4) }), { name: 'TypeError', message: 'PostcopyDest: options.needed must be a Uint8Array' });
+    assert.throws(() => new Dest({ ...dest, hashes: new BigUint64Array(3) }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.hashes must have one entry per page (4), got 3',
+    });
+    assert.throws(() => new Dest({ ...dest, version: 256 }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.version must be an integer from 1 to 255, got 256',
+    });
+    assert.throws(() => new Dest({ ...dest, onEvent: undefined }), { name: 'TypeError', message: 'PostcopyDest: options.onEvent is required' });
+    const Source = addon.PostcopySource as unknown as new (...a: unknown[]) => unknown;
+    const source = { region: region.nativeHandle, needed: new Uint8Array(4), version: 3, round: 1, onEvent };
+    assert.throws(() => new Source({ ...source, round: 1.5 }), {
+      name: 'RangeError',
+      message: 'PostcopySource: options.round must be an integer from 0 to 4294967295, got 1.5',
+    });
+    assert.throws(() => new Source({ ...source, hashes: new Uint8Array(4) }), {
+      name: 'TypeError',
+      message: 'PostcopySource: options.hashes must be a BigUint64Array',
+    });
+    assert.throws(() => new Source({ ...source, needed: new Uint8Array(5) }), {
+      name: 'RangeError',
+      message: 'PostcopySource: options.needed must have one entry per page (4), got 5',
+    });
+    assert.throws(() => new Source({ ...source, onEvent: 'later' }), { name: 'TypeError', message: 'PostcopySource: options.onEvent must be a function' });
+  } finally {
+    region.release();
+  }
+});
 
 describe('post-copy fault service (in process)', { skip }, () => {
   test('faults from several threads on the same pages: every page is installed once, with the source content', async () => {
@@ -44,11 +94,11 @@ describe('post-copy fault service (in process)', { skip }, () => {
     const guestView = Region.adopt(dst.fd, size); // the "guest's" mapping, never touched before registration
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
     const hashes = new BigUint64Array(dst.pageCount);
-    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), hashes, 2);
+    const faults = new FaultService({ region: dst, uffd, guest: guestView.address, needed: new Uint8Array(dst.pageCount).fill(1), hashes, version: 2 });
     const sentHashes = new BigUint64Array(src.pageCount);
-    const server = new PageServer(src, new Uint8Array(src.pageCount).fill(1), 2, 1, 256, sentHashes);
-    const [pushTx, pushRx, s1] = await channelPair();
-    const [prioTx, prioRx, s2] = await channelPair();
+    const server = new PageServer({ region: src, needed: new Uint8Array(src.pageCount).fill(1), version: 2, round: 1, batchPages: 256, hashes: sentHashes });
+    const [pushTx, pushRx, s1] = await connectionPair();
+    const [prioTx, prioRx, s2] = await connectionPair();
     try {
       faults.start();
       faults.attach(pushRx.handle, prioRx.handle);
@@ -91,17 +141,24 @@ describe('post-copy fault service (in process)', { skip }, () => {
   });
 
   test(
-    "a page that comes on both connections: the first copy to land is the guest's, the rest of the other (half received then) goes to scratch, " +
-      "and the guest's write after the mapping survives",
+    "a page that comes on both connections: the first copy to land is the guest's, the rest of the other (half received then) goes to scratch, and " +
+      "the guest's write after the mapping survives",
     async () => {
       const size = 4 * MiB;
       const dst = Region.create(size, { name: 'livemig-pc-twice', reserve: true });
       dst.populate();
       const guestView = Region.adopt(dst.fd, size);
       const uffd = addon.uffdRegisterMinor(guestView.address, size);
-      const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
-      const [pushTx, pushRx, s1] = await channelPair();
-      const [prioTx, prioRx, s2] = await channelPair();
+      const faults = new FaultService({
+        region: dst,
+        uffd,
+        guest: guestView.address,
+        needed: new Uint8Array(dst.pageCount).fill(1),
+        hashes: new BigUint64Array(dst.pageCount),
+        version: 2,
+      });
+      const [pushTx, pushRx, s1] = await connectionPair();
+      const [prioTx, prioRx, s2] = await connectionPair();
       const writer = await WorkerWriter.start(guestView.shareId);
       const page = 5;
       const frameOf = (fill: number): Buffer => {
@@ -158,9 +215,16 @@ describe('post-copy fault service (in process)', { skip }, () => {
     dst.populate();
     const guestView = Region.adopt(dst.fd, size);
     const uffd = addon.uffdRegisterMinor(guestView.address, size);
-    const faults = new FaultService(dst, uffd, guestView.address, new Uint8Array(dst.pageCount).fill(1), new BigUint64Array(dst.pageCount), 2);
-    const [pushTx, pushRx, s1] = await channelPair();
-    const [prioTx, prioRx, s2] = await channelPair();
+    const faults = new FaultService({
+      region: dst,
+      uffd,
+      guest: guestView.address,
+      needed: new Uint8Array(dst.pageCount).fill(1),
+      hashes: new BigUint64Array(dst.pageCount),
+      version: 2,
+    });
+    const [pushTx, pushRx, s1] = await connectionPair();
+    const [prioTx, prioRx, s2] = await connectionPair();
     try {
       faults.start();
       faults.attach(pushRx.handle, prioRx.handle);

@@ -20,7 +20,7 @@ function parseAll(bytes: Buffer, step: number): Frame[] {
 }
 
 test('header roundtrip, and every bad header is refused before its payload is allocated', () => {
-  const h = encodeHeader(F.FrameType.Commit, 77, V, 3);
+  const h = encodeHeader(F.FrameType.Commit, 77, { version: V, flags: 3 });
   assert.deepEqual(R.decodeHeader(h), { version: V, type: F.FrameType.Commit, flags: 3, length: 77 });
   const mutate = (off: number, write: (b: Buffer) => void): Buffer => {
     const b = Buffer.from(h);

@@ -9,7 +9,7 @@ import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js'
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import { listen } from '../src/receiver/listen.js';
-import { CHANNEL_NAMES } from '../src/trace.js';
+import { DIAGNOSTICS_CHANNEL_NAMES } from '../src/trace.js';
 import { ReceiverEvent } from '../src/trace-events.js';
 
 const PAGES = 16;
@@ -163,7 +163,7 @@ test('without maxRegionBytes the budget is MemAvailable minus a reserve (an eigh
 
 test("a control frame's header alone cannot make the receiver hold its length: each type has its limit, the device state its own", async () => {
   // a ROUND_END announcing 60 MiB, whose bytes never come
-  const big = await session([() => hello(), () => encodeHeader(FrameType.RoundEnd, 60 << 20, 1)]);
+  const big = await session([() => hello(), () => encodeHeader(FrameType.RoundEnd, 60 << 20, { version: 1 })]);
   assert.equal(big.error.code, 'ERR_LIVEMIG_FRAME_TOO_LARGE');
   assert.match(big.error.message, /announces 62914560 payload bytes \(max 65536 for its type\)/);
   const state = await session([() => hello(), () => M.encodeDeviceState(Buffer.alloc(8192, 1), 1)], { maxDeviceStateBytes: 4096 });
@@ -196,7 +196,7 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
       q.on('data', (d: Buffer) => p.push(d, (f) => (order.push(FrameType[f.type]), q.destroy(), resolve())));
     });
   };
-  dc.subscribe(CHANNEL_NAMES.receiver, onReceiver);
+  dc.subscribe(DIAGNOSTICS_CHANNEL_NAMES.receiver, onReceiver);
   try {
     const outcome = rx.next();
     outcome.catch(() => undefined);
@@ -205,7 +205,7 @@ test('reserving a large region does not stop the listener: a RESOLVE that comes 
     await asked;
     assert.deepEqual(order, ['Error', 'allocated', 'ACCEPT'], 'the RESOLVE (an unknown session: ERROR) was answered while the region was being allocated');
   } finally {
-    dc.unsubscribe(CHANNEL_NAMES.receiver, onReceiver);
+    dc.unsubscribe(DIAGNOSTICS_CHANNEL_NAMES.receiver, onReceiver);
     src.destroy();
     await rx.close();
   }

@@ -32,12 +32,12 @@ const isAuth = (r: PromiseSettledResult<Secured>): boolean =>
   r.status === 'rejected' && r.reason instanceof LivemigError && (r.reason.code === 'ERR_LIVEMIG_AUTH' || r.reason.code === 'ERR_LIVEMIG_CONNECTION');
 
 async function exchange(a: Secured, b: Secured): Promise<void> {
-  await a.channel.send(encodeFrame(FrameType.Abort, Buffer.from('from the source, in the clear after TLS')));
-  const f = await b.channel.next(5000);
+  await a.conn.send(encodeFrame(FrameType.Abort, Buffer.from('from the source, in the clear after TLS')));
+  const f = await b.conn.next(5000);
   assert.equal(f.type, FrameType.Abort);
   assert.equal(f.payload.toString(), 'from the source, in the clear after TLS');
-  await b.channel.send(encodeFrame(FrameType.Error, Buffer.from('and back')));
-  assert.equal((await a.channel.next(5000)).payload.toString(), 'and back');
+  await b.conn.send(encodeFrame(FrameType.Error, Buffer.from('and back')));
+  assert.equal((await a.conn.next(5000)).payload.toString(), 'and back');
 }
 
 test('certificates: both sides authenticated, the same keys per direction, and a stream that carries frames intact both ways', { skip: why }, async () => {
@@ -53,8 +53,8 @@ test('certificates: both sides authenticated, the same keys per direction, and a
   assert.ok(server.send.key.equals(client.receive.key) && server.send.salt.equals(client.receive.salt), 'destination -> source keys agree');
   assert.ok(!client.send.key.equals(client.receive.key), 'each direction has its own key');
   await exchange(client, server);
-  client.channel.close();
-  server.channel.close();
+  client.conn.close();
+  server.conn.close();
 });
 
 test('certificates: an unknown CA, a name not admitted, and another destination than expected are refused', { skip: why }, async () => {
@@ -104,8 +104,8 @@ test('a pre-shared key: ECDHE-PSK over TLS 1.2 with the same keys on both sides;
   assert.deepEqual([client.auth, client.cipher, server.peer], ['tls-psk', 'ECDHE-PSK-CHACHA20-POLY1305', 'src']);
   assert.ok(client.send.key.equals(server.receive.key) && server.send.key.equals(client.receive.key));
   await exchange(client, server);
-  client.channel.close();
-  server.channel.close();
+  client.conn.close();
+  server.conn.close();
   for (const [what, creds] of [
     ['another key', { kind: 'psk' as const, identity: 'src', key: Buffer.alloc(32, 8) }],
     ['another identity', { kind: 'psk' as const, identity: 'mallory', key }],

@@ -14,7 +14,7 @@ import { addon } from '../src/native.js';
 import { guestAddon } from '../src/workload/guest-addon.js';
 import { FrameType } from '../src/protocol/format.js';
 import { encodeFrame, encodeHeader, type Frame } from '../src/protocol/frame.js';
-import { WireChannel } from '../src/protocol/wire.js';
+import { FramedConnection } from '../src/protocol/connection.js';
 import * as M from '../src/protocol/messages.js';
 import * as R from './reference/frames.js';
 import { Region } from '../src/region/region.js';
@@ -22,11 +22,11 @@ import { tcpPair } from './helpers.js';
 
 const PS = 4096;
 
-/** A connected loopback pair: `a` taken over by a WireChannel, `b` a plain socket. */
-async function pair(): Promise<{ wire: WireChannel; peer: net.Socket; server: net.Server }> {
+/** A connected loopback pair: `a` taken over by a FramedConnection, `b` a plain socket. */
+async function pair(): Promise<{ wire: FramedConnection; peer: net.Socket; server: net.Server }> {
   const { client, peer, server } = await tcpPair();
   peer.resume();
-  return { wire: WireChannel.fromSocket(client), peer, server };
+  return { wire: FramedConnection.fromSocket(client), peer, server };
 }
 
 function fillRandom(region: Region): void {
@@ -135,7 +135,7 @@ test('the native parser refuses what the reference parser refuses, before touchi
       'ERR_LIVEMIG_PROTOCOL',
       /flags 0xffff/,
     ],
-    ['a flag DEVICE_STATE does not define', encodeHeader(FrameType.DeviceState, 0, 3, 0x2), 'ERR_LIVEMIG_PROTOCOL', /flags 0x2/],
+    ['a flag DEVICE_STATE does not define', encodeHeader(FrameType.DeviceState, 0, { version: 3, flags: 0x2 }), 'ERR_LIVEMIG_PROTOCOL', /flags 0x2/],
     [
       'index out of range',
       (() => {
@@ -170,7 +170,7 @@ test('the native parser refuses what the reference parser refuses, before touchi
       'count zero',
       (() => {
         const b = Buffer.alloc(12 + 8);
-        encodeHeader(FrameType.Pages, 8, 1, 0, b);
+        encodeHeader(FrameType.Pages, 8, { version: 1, into: b });
         return b;
       })(),
       'ERR_LIVEMIG_PAGE_INDEX',
@@ -180,7 +180,7 @@ test('the native parser refuses what the reference parser refuses, before touchi
       'wrong length',
       (() => {
         const b = Buffer.alloc(12 + 8 + 4 + 10);
-        encodeHeader(FrameType.Pages, 22, 1, 0, b);
+        encodeHeader(FrameType.Pages, 22, { version: 1, into: b });
         b.writeUInt32LE(1, 16);
         return b;
       })(),
@@ -225,7 +225,7 @@ test('a connection something already read from is refused', async () => {
   const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
   await once(client, 'data');
   assert.throws(
-    () => WireChannel.fromSocket(client),
+    () => FramedConnection.fromSocket(client),
     (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INVALID_ARGUMENT' && /already read/.test(e.message),
   );
   client.destroy();

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "codec/pagehash.h"
+#include "options.h"
 #include "postcopy/postcopy.h"
 #include "region/region.h"
 #include "wire/wire.h"
@@ -60,34 +61,56 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
          InstanceMethod("latencies", &PostcopyDest::Latencies), InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
   }
 
-  // new PostcopyDest(region, uffd, guest: bigint address | [{address, firstPage, pages}], needed: Uint8Array (1: must come from the source),
-  //                  hashes: BigUint64Array, version, onEvent)
+  // new PostcopyDest({region, uffd, guest: bigint address | [{address, firstPage, pages}],
+  //                   needed: Uint8Array (1: must come from the source), hashes: BigUint64Array,
+  //                   version, onEvent})
   explicit PostcopyDest(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopyDest>(info) {
     Napi::Env env = info.Env();
-    m_ = Region::Unwrap(info[0])->LiveMapping(env);
+    Options o(info, "PostcopyDest");
+    Napi::Value region = o.Required("region");
+    if (!Region::IsInstance(env, region)) throw o.Bad("region", "a NativeRegion");
+    int32_t uffd = static_cast<int32_t>(o.Integer("uffd", 0, INT32_MAX));
+    Napi::Value guest = o.Required("guest");
+    Napi::Uint8Array st = o.TypedArray<Napi::Uint8Array>("needed", napi_uint8_array, "Uint8Array");
+    Napi::BigUint64Array h = o.TypedArray<Napi::BigUint64Array>("hashes", napi_biguint64_array, "BigUint64Array");
+    uint8_t version = static_cast<uint8_t>(o.Integer("version", 1, 255));
+    Napi::Function onEvent = o.Function("onEvent");
+    m_ = Region::Unwrap(region)->LiveMapping(env);
     if (!m_) return;
-    m_->Ref();
     pages_ = m_->size / kPage;
-    uffd_ = info[1].As<Napi::Number>().Int32Value();
+    uffd_ = uffd;
     // where each region is mapped in the guest: one address (one region), or
     // [{address, firstPage, pages}] covering every page in order
-    if (info[2].IsArray()) {
-      Napi::Array a = info[2].As<Napi::Array>();
+    if (guest.IsArray()) {
+      Napi::Array a = guest.As<Napi::Array>();
       uint64_t next = 0;
       for (uint32_t i = 0; i < a.Length(); i++) {
-        Napi::Object o = a.Get(i).As<Napi::Object>();
-        GuestRange r{ToU64(o.Get("address")), o.Get("firstPage").As<Napi::Number>().Uint32Value(), o.Get("pages").As<Napi::Number>().Uint32Value()};
-        if (r.first != next || r.pages == 0 || r.address % kPage) throw Napi::RangeError::New(env, "guest ranges must cover the pages in order, page-aligned");
+        Napi::Value e = a.Get(i);
+        Napi::Value address = e.IsObject() ? e.As<Napi::Object>().Get("address") : env.Undefined();
+        Napi::Value first = e.IsObject() ? e.As<Napi::Object>().Get("firstPage") : env.Undefined();
+        Napi::Value count = e.IsObject() ? e.As<Napi::Object>().Get("pages") : env.Undefined();
+        if (!(address.IsBigInt() || address.IsNumber()) || !first.IsNumber() || !count.IsNumber()) {
+          throw o.Bad("guest", "a bigint address or an array of {address: bigint, firstPage: number, pages: number}");
+        }
+        GuestRange r{ToU64(address), first.As<Napi::Number>().Uint32Value(), count.As<Napi::Number>().Uint32Value()};
+        if (r.first != next || r.pages == 0 || r.address % kPage)
+          throw Napi::RangeError::New(env, o.Prefix("guest") + ": the ranges must cover the pages in order, page-aligned");
         next += r.pages;
         ranges_.push_back(r);
       }
-      if (next != pages_) throw Napi::RangeError::New(env, "guest ranges must cover every page");
+      if (next != pages_) throw Napi::RangeError::New(env, o.Prefix("guest") + ": the ranges must cover every page");
+    } else if (guest.IsBigInt() || guest.IsNumber()) {
+      ranges_.push_back(GuestRange{ToU64(guest), 0, static_cast<uint32_t>(pages_)});
     } else {
-      ranges_.push_back(GuestRange{ToU64(info[2]), 0, static_cast<uint32_t>(pages_)});
+      throw o.Bad("guest", "a bigint address or an array of {address, firstPage, pages}");
     }
-    Napi::Uint8Array st = info[3].As<Napi::Uint8Array>();
-    Napi::BigUint64Array h = info[4].As<Napi::BigUint64Array>();
-    if (st.ElementLength() != pages_ || h.ElementLength() != pages_) throw Napi::RangeError::New(env, "needed and hashes must have one entry per page");
+    if (st.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("needed") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(st.ElementLength()));
+    if (h.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("hashes") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(h.ElementLength()));
+    m_->Ref();  // only now: a constructor that throws is not destroyed, and would keep it
     // the caller's array becomes the state table (no copy: this runs inside the guest's pause,
     // where first touches of fresh memory cost ~15 us per 4 KiB page on this host)
     stateRef_ = Napi::Persistent(st);
@@ -104,8 +127,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     arrived_ = arrived;
     hashesRef_ = Napi::Persistent(h);
     hashes_ = h.Data();
-    version_ = static_cast<uint8_t>(info[5].As<Napi::Number>().Uint32Value());
-    events_.Init(env, info[6].As<Napi::Function>(), "livemig-postcopy-dest");
+    version_ = version;
+    events_.Init(env, onEvent, "livemig-postcopy-dest");
     wake_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_ < 0) throw MakeSysError(env, "eventfd", errno);
   }

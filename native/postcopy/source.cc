@@ -19,6 +19,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include "codec/pagehash.h"
+#include "options.h"
 #include "postcopy/postcopy.h"
 #include "region/region.h"
 #include "wire/wire.h"
@@ -40,27 +41,37 @@ class PostcopySource : public Napi::ObjectWrap<PostcopySource> {
          InstanceMethod("detach", &PostcopySource::Detach)});
   }
 
-  // new PostcopySource(region, needed: Uint8Array (1: the destination needs the page), version, round,
-  //                    hashes?: BigUint64Array (each page sent is hashed into it), onEvent)
+  // new PostcopySource({region, needed: Uint8Array (1: the destination needs the page), version,
+  //                     round, hashes?: BigUint64Array (each page sent is hashed into it), onEvent})
   explicit PostcopySource(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopySource>(info) {
     Napi::Env env = info.Env();
-    m_ = Region::Unwrap(info[0])->LiveMapping(env);
+    Options o(info, "PostcopySource");
+    Napi::Value region = o.Required("region");
+    if (!Region::IsInstance(env, region)) throw o.Bad("region", "a NativeRegion");
+    Napi::Uint8Array need = o.TypedArray<Napi::Uint8Array>("needed", napi_uint8_array, "Uint8Array");
+    uint8_t version = static_cast<uint8_t>(o.Integer("version", 1, 255));
+    uint32_t round = static_cast<uint32_t>(o.Integer("round", 0, UINT32_MAX));
+    Napi::BigUint64Array h = o.OptionalTypedArray<Napi::BigUint64Array>("hashes", napi_biguint64_array, "BigUint64Array");
+    Napi::Function onEvent = o.Function("onEvent");
+    m_ = Region::Unwrap(region)->LiveMapping(env);
     if (!m_) return;
-    m_->Ref();
     pages_ = m_->size / kPage;
-    Napi::Uint8Array need = info[1].As<Napi::Uint8Array>();
-    if (need.ElementLength() != pages_) throw Napi::RangeError::New(env, "needed must have one entry per page");
+    if (need.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("needed") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(need.ElementLength()));
+    if (!h.IsEmpty() && h.ElementLength() != pages_)
+      throw Napi::RangeError::New(
+          env, o.Prefix("hashes") + " must have one entry per page (" + std::to_string(pages_) + "), got " + std::to_string(h.ElementLength()));
+    m_->Ref();  // only now: a constructor that throws is not destroyed, and would keep it
     claim_.reset(new std::atomic<uint8_t>[pages_]);
     for (uint64_t p = 0; p < pages_; p++) claim_[p].store(need[p] ? kUnsent : kPushed, std::memory_order_relaxed);
-    version_ = static_cast<uint8_t>(info[2].As<Napi::Number>().Uint32Value());
-    round_ = info[3].As<Napi::Number>().Uint32Value();
-    if (info[4].IsTypedArray()) {
-      Napi::BigUint64Array h = info[4].As<Napi::BigUint64Array>();
-      if (h.ElementLength() != pages_) throw Napi::RangeError::New(env, "hashes must have one entry per page");
+    version_ = version;
+    round_ = round;
+    if (!h.IsEmpty()) {
       hashesRef_ = Napi::Persistent(h);
       hashes_ = h.Data();
     }
-    events_.Init(env, info[5].As<Napi::Function>(), "livemig-postcopy-source");
+    events_.Init(env, onEvent, "livemig-postcopy-source");
   }
 
   ~PostcopySource() override {

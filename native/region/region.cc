@@ -226,6 +226,11 @@ Napi::Function Region::Init(Napi::Env env) {
   return ctor;
 }
 
+bool Region::IsInstance(Napi::Env env, const Napi::Value& v) {
+  auto* data = env.GetInstanceData<RegionData>();
+  return data != nullptr && v.IsObject() && v.As<Napi::Object>().InstanceOf(data->ctor.Value());
+}
+
 Region::Region(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Region>(info) {
   if (info.Length() != 1 || !info[0].IsExternal()) {
     Napi::TypeError::New(info.Env(), "NativeRegion is created by regionCreate/regionAdopt/regionAttach").ThrowAsJavaScriptException();

@@ -38,6 +38,8 @@ class Region : public Napi::ObjectWrap<Region> {
   // The live mapping, or nullptr (with a JS exception pending) when released.
   Mapping* LiveMapping(Napi::Env env);
   static Region* Unwrap(const Napi::Value& v) { return Napi::ObjectWrap<Region>::Unwrap(v.As<Napi::Object>()); }
+  // Whether `v` is a NativeRegion (before Unwrap, where a caller's mistake must not crash).
+  static bool IsInstance(Napi::Env env, const Napi::Value& v);
 
  private:
   Napi::Value View(const Napi::CallbackInfo& info);

@@ -34,8 +34,8 @@ export class MemoryBudget {
    * running admissions hold: it counts the ones already populated twice (they also left
    * MemAvailable), which errs on refusing, never on overcommitting.
    */
-  take(bytes: number, local: boolean): () => void {
-    if (local) return () => undefined; // a same-host upgrade maps the source guest's own memory
+  take(bytes: number, o: { local: boolean }): () => void {
+    if (o.local) return () => undefined; // a same-host upgrade maps the source guest's own memory
     const host = this.limit === undefined ? this.#host() : undefined;
     const limit = this.limit ?? host?.bytes;
     if (limit !== undefined && this.#reserved + bytes > limit) {

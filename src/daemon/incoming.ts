@@ -113,7 +113,7 @@ export class IncomingMigrations {
     this.#active++;
     const options: ReceiveOptions = {
       maxChannels: channelsFor(this.#active),
-      reserveMemory: (bytes, local) => d.budget.take(bytes, local),
+      reserveMemory: (bytes, local) => d.budget.take(bytes, { local }),
       onReserved: async (_region, postcopy, layout, memory) => {
         guest = await IncomingGuest.start({
           command: d.guestCommand,

@@ -114,19 +114,19 @@ export class Migration {
    */
   noteProgress(p: { remainingBytes: number; transferredBytes: number; mbps?: number | undefined; now?: boolean }): void {
     const v = this.progress.update(p.remainingBytes, p.transferredBytes, p.mbps);
-    this.#publishProgress(v, p.now ?? false);
+    this.#publishProgress(v, { force: p.now ?? false });
   }
 
-  #publishProgress(v: ProgressView, force: boolean): void {
+  #publishProgress(v: ProgressView, o: { force: boolean }): void {
     const t = performance.now();
-    if (!force && t - this.#lastProgress < PROGRESS_INTERVAL_MS) return;
+    if (!o.force && t - this.#lastProgress < PROGRESS_INTERVAL_MS) return;
     this.#lastProgress = t;
     this.#bus.publish(this.id, 'progress', { ...v, stage: this.stage });
   }
 
   complete(report: MigrationReport | ReceiveReport, transferred: number): void {
     this.report = report;
-    this.#publishProgress(this.progress.complete(transferred), true);
+    this.#publishProgress(this.progress.complete(transferred), { force: true });
     this.#bus.publish(this.id, 'report', { report });
     this.setStage('done');
     this.setState('completed');
@@ -138,7 +138,8 @@ export class Migration {
     this.setState(err.code === 'ERR_LIVEMIG_CANCELLED' ? 'cancelled' : 'failed');
   }
 
-  view(detail = true): Record<string, unknown> {
+  view(o: { detail?: boolean } = {}): Record<string, unknown> {
+    const { detail = true } = o;
     return {
       id: this.id,
       direction: this.direction,

@@ -36,13 +36,13 @@ export class DaemonProcess {
   /** every line it printed after {serving} */
   readonly lines: string[] = [];
 
-  private constructor(child: ChildProcess, socketPath: string, guests: string, port: number, daemonPid: number) {
-    this.child = child;
-    this.daemonPid = daemonPid;
-    this.socketPath = socketPath;
-    this.api = `unix:${socketPath}`;
-    this.guests = guests;
-    this.port = port;
+  private constructor(o: { child: ChildProcess; socketPath: string; guests: string; port: number; daemonPid: number }) {
+    this.child = o.child;
+    this.daemonPid = o.daemonPid;
+    this.socketPath = o.socketPath;
+    this.api = `unix:${o.socketPath}`;
+    this.guests = o.guests;
+    this.port = o.port;
   }
 
   static async start(o: DaemonProcessOptions): Promise<DaemonProcess> {
@@ -71,7 +71,7 @@ export class DaemonProcess {
       throw new LivemigError('ERR_LIVEMIG_CONNECTION', `livemig serve exited (${String(code)}) before serving`, { phase: 'daemon' });
     }
     const serving = (JSON.parse(first.value) as { serving: { port: number; pid: number } }).serving;
-    const d = new DaemonProcess(child, api, guests, serving.port, serving.pid);
+    const d = new DaemonProcess({ child, socketPath: api, guests, port: serving.port, daemonPid: serving.pid });
     lines.on('line', (l) => d.lines.push(l));
     return d;
   }

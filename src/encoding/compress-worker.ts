@@ -7,17 +7,9 @@
  */
 import { parentPort } from 'node:worker_threads';
 import { compressSync } from 'lz4-napi';
+import type { CompressJob } from './compressor.js';
 
-interface Job {
-  staging: SharedArrayBuffer;
-  output: SharedArrayBuffer;
-  lengths: SharedArrayBuffer;
-  /** pairs: first slot, number of slots */
-  groups: Uint32Array;
-  pageSize: number;
-}
-
-parentPort!.on('message', (job: Job) => {
+parentPort!.on('message', (job: CompressJob) => {
   const t0 = performance.now();
   const lengths = new Int32Array(job.lengths);
   let input = 0;

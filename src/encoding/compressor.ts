@@ -10,6 +10,19 @@ import { Worker } from 'node:worker_threads';
 
 const WORKER = fileURLToPath(new URL('./compress-worker.js', import.meta.url));
 
+/**
+ * One job: groups of staging slots (pairs: first slot, slot count) compressed into output; for
+ * a group starting at k, lengths[k] = compressed bytes, or 0 for "keep raw".
+ */
+export interface CompressJob {
+  staging: SharedArrayBuffer;
+  output: SharedArrayBuffer;
+  lengths: SharedArrayBuffer;
+  /** pairs: first slot, number of slots */
+  groups: Uint32Array;
+  pageSize: number;
+}
+
 export interface CompressResult {
   /** compressing time of the job: the longest of its workers' (they run side by side) */
   ms: number;
@@ -43,11 +56,11 @@ class CompressWorker {
     this.#worker.unref();
   }
 
-  run(staging: SharedArrayBuffer, output: SharedArrayBuffer, lengths: SharedArrayBuffer, groups: Uint32Array, pageSize: number): Promise<CompressResult> {
+  run(job: CompressJob): Promise<CompressResult> {
     if (this.#pending) return Promise.reject(new Error('one job per worker at a time'));
     return new Promise((resolve, reject) => {
       this.#pending = { resolve, reject };
-      this.#worker.postMessage({ staging, output, lengths, groups, pageSize });
+      this.#worker.postMessage(job);
     });
   }
 
@@ -63,17 +76,9 @@ export class Compressor {
     this.#workers = Array.from({ length: Math.max(1, threads) }, () => new CompressWorker());
   }
 
-  /**
-   * Compresses groups of staging slots (pairs: first slot, slot count) into output; for a
-   * group starting at k, lengths[k] = compressed bytes, or 0 for "keep raw". One job at a time.
-   */
-  async compress(
-    staging: SharedArrayBuffer,
-    output: SharedArrayBuffer,
-    lengths: SharedArrayBuffer,
-    groups: Uint32Array,
-    pageSize: number,
-  ): Promise<CompressResult> {
+  /** Runs a job (see CompressJob), its groups shared out among the workers. One job at a time. */
+  async compress(job: CompressJob): Promise<CompressResult> {
+    const { groups } = job;
     const n = this.#workers.length;
     const parts = this.#workers
       .map((_, w) => {
@@ -82,7 +87,7 @@ export class Compressor {
         return Uint32Array.from(mine);
       })
       .filter((p) => p.length > 0);
-    const results = await Promise.all(parts.map((p, w) => this.#workers[w]!.run(staging, output, lengths, p, pageSize)));
+    const results = await Promise.all(parts.map((p, w) => this.#workers[w]!.run({ ...job, groups: p })));
     // the workers' own time: a message's trip and a worker's start-up say nothing about lz4
     return { ms: Math.max(...results.map((r) => r.ms)), input: results.reduce((a, r) => a + r.input, 0), output: results.reduce((a, r) => a + r.output, 0) };
   }

@@ -12,7 +12,8 @@ import { addon, call, callAsync, type NativeDedup } from '../native.js';
 import { trace, tracing } from '../trace.js';
 import { ChooserEvent } from '../trace-events.js';
 import { PageEncoding } from '../protocol/format.js';
-import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest, type WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
+import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
 import type { WrittenProbe } from '../tracking/types.js';
 import { Chooser, type ChooserOptions, type LinkFigure } from './chooser.js';
@@ -38,7 +39,7 @@ const SAMPLE_PAGES = 32;
 
 export interface PageEncoderOptions {
   region: Region;
-  channel: WireChannel;
+  conn: FramedConnection;
   /** per-page hashes of what was sent */
   hashes: BigUint64Array;
   /** the index of what the receiver holds, shared with the native sender */
@@ -60,11 +61,20 @@ interface BufferSet {
   lengths: SharedArrayBuffer;
 }
 
+/** Pages of one round to send. */
+export interface RoundPages {
+  round: number;
+  /** ascending */
+  pages: Uint32Array;
+  /** the stop-and-copy's pages, inside the pause */
+  final?: boolean;
+}
+
 export class PageEncoder {
   readonly chooser: Chooser;
   readonly stats: EncodingStats = { zero_pages: 0, dup_pages: 0, lz4_pages: 0, raw_pages: 0, skipped_pages: 0, lz4_in: 0, lz4_out: 0 };
   readonly #region: Region;
-  readonly #channel: WireChannel;
+  readonly #conn: FramedConnection;
   readonly #hashes: BigUint64Array;
   readonly #dedup: NativeDedup;
   readonly #version: number;
@@ -86,11 +96,11 @@ export class PageEncoder {
   readonly #onSent: (bytes: number) => void;
 
   constructor(o: PageEncoderOptions) {
-    const { region, channel, hashes, dedup, encodings: options, version, batchPages } = o;
+    const { region, conn, hashes, dedup, encodings: options, version, batchPages } = o;
     this.#probe = o.probe ?? (() => undefined);
     this.#onSent = o.onSent ?? (() => undefined);
     this.#region = region;
-    this.#channel = channel;
+    this.#conn = conn;
     this.#hashes = hashes;
     this.#dedup = dedup;
     this.#version = version;
@@ -118,9 +128,10 @@ export class PageEncoder {
    * probes or timings: nothing follows them) and no written-probe (a page sent now never serves
    * as a dup source later).
    */
-  async send(round: number, pages: Uint32Array, final = false): Promise<number> {
+  async send(o: RoundPages): Promise<number> {
+    const { round, pages, final = false } = o;
     if (final && !this.chooser.compressing()) {
-      const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, now: true });
+      const c = await this.#conn.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, now: true });
       this.#countSent(c);
       return c.bytes;
     }
@@ -175,7 +186,7 @@ export class PageEncoder {
   async #sendInPlace(round: number, pages: Uint32Array): Promise<number> {
     const t0 = performance.now();
     const probe = this.#flags & SEND_DEDUP ? this.#probe() : undefined;
-    const c = await this.#channel.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, ...(probe ? { probe } : {}) });
+    const c = await this.#conn.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, ...(probe ? { probe } : {}) });
     const ms = performance.now() - t0;
     if (this.#flags !== 0) this.chooser.encoded(pages.length, c.zero + c.dup + c.skipped);
     this.#inPlaceMs += ms;
@@ -219,7 +230,7 @@ export class PageEncoder {
     this.#compressor ??= new Compressor();
     // (sampled pages are not neighbours: one page a group, a slightly pessimistic ratio)
     this.#sampling = this.#compressor
-      .compress(this.#sampleSet.staging, this.#sampleSet.output, this.#sampleSet.lengths, Uint32Array.from(slots.flatMap((k) => [k, 1])), this.#region.pageSize)
+      .compress({ ...this.#sampleSet, groups: Uint32Array.from(slots.flatMap((k) => [k, 1])), pageSize: this.#region.pageSize })
       .then((r) => {
         this.chooser.compressed(r.input, r.output, r.ms);
         this.chooser.sampled(nonzero, slots.length);
@@ -263,7 +274,7 @@ export class PageEncoder {
             groups.push(candidates[i]!, g);
             i += g;
           }
-          const r = await this.#compressor.compress(set.staging, set.output, set.lengths, Uint32Array.from(groups), ps);
+          const r = await this.#compressor.compress({ ...set, groups: Uint32Array.from(groups), pageSize: ps });
           this.chooser.compressed(r.input, r.output, r.ms);
           for (let i = 0; i < groups.length; i += 2) {
             const k = groups[i]!;
@@ -277,7 +288,7 @@ export class PageEncoder {
         this.#count(enc, lengths, batch);
         await inflight;
         // (no link figure from these: a frame this small may just fill the socket buffer)
-        inflight = this.#channel
+        inflight = this.#conn
           .sendEncoded({ pages: batch, encodings: enc, staging, lz4: Buffer.from(set.output), lengths, hashes: this.#hashes, round, version: this.#version })
           .then((b) => {
             bytes += b;

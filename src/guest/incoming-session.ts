@@ -48,7 +48,8 @@ export function guestCommand(command: readonly string[], socketPath: string): st
 }
 
 /** The region table and flags of 'M' (docs/GUEST.md); each region's offset in its memfd. */
-export function encodeRegions(layout: GuestLayout, populate: boolean, offsets: readonly number[]): Buffer {
+export function encodeRegions(o: { layout: GuestLayout; populate: boolean; offsets: readonly number[] }): Buffer {
+  const { layout, populate, offsets } = o;
   const parts: Buffer[] = [Buffer.of(populate ? 1 : 0), u32(layout.regions.length)];
   for (const [i, r] of layout.regions.entries()) {
     const head = Buffer.alloc(21);
@@ -101,12 +102,12 @@ export class IncomingGuest {
   /** the userfaultfd went to the caller, who closes it */
   #handedOver = false;
 
-  private constructor(child: ChildProcess, hello: IncomingHello, layout: GuestLayout, fd: number, dir: string) {
-    this.child = child;
-    this.hello = hello;
-    this.layout = layout;
-    this.#fd = fd;
-    this.#dir = dir;
+  private constructor(o: { child: ChildProcess; hello: IncomingHello; layout: GuestLayout; fd: number; dir: string }) {
+    this.child = o.child;
+    this.hello = o.hello;
+    this.layout = o.layout;
+    this.#fd = o.fd;
+    this.#dir = o.dir;
   }
 
   /** Starts the guest and hands it its regions; resolves once it has mapped them. */
@@ -135,16 +136,12 @@ export class IncomingGuest {
       if (hi.tag !== Tag.hello) throw refused(`the incoming guest's first message is 0x${hi.tag.toString(16)}, not its hello ('H')`);
       const hello = parseIncomingHello(hi.body, hi.fds.length);
       await agreeContract(fd, hello, timeoutMs);
-      const guest = new IncomingGuest(spawned, hello, o.layout, fd, dir);
+      const guest = new IncomingGuest({ child: spawned, hello, layout: o.layout, fd, dir });
       try {
         addon.controlSend(
           fd,
           Tag.regions,
-          encodeRegions(
-            o.layout,
-            o.populate,
-            o.files.map((f) => f.offset),
-          ),
+          encodeRegions({ layout: o.layout, populate: o.populate, offsets: o.files.map((f) => f.offset) }),
           o.files.map((f) => f.fd),
         );
       } catch (e) {

@@ -109,11 +109,7 @@ async function handOver(fd: number, token: string, layout: GuestLayout, pieces: 
   addon.controlSend(
     fd,
     Tag.regions,
-    encodeRegions(
-      layout,
-      false,
-      pieces.map((p) => p.offset),
-    ),
+    encodeRegions({ layout, populate: false, offsets: pieces.map((p) => p.offset) }),
     pieces.map((p) => p.fd),
   );
   const m = await receive(fd, TOKEN_TIMEOUT_MS, 'the destination mapping the memory');

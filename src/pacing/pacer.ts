@@ -75,10 +75,10 @@ export class Pacer {
    * Pages for the next pre-copy call: about 20 ms of sending when paced; otherwise `whole`, or
    * 16 frames when the round may have to stop early (a deadline, the byte bound, a time budget).
    */
-  chunkPages(whole: number, mayStopEarly: boolean): number {
+  chunkPages(whole: number, o: { mayStopEarly: boolean }): number {
     const rate = this.#bucket?.bytesPerSecond;
     if (rate !== undefined) return Math.max(this.#batchPages, Math.floor((rate * PACE_SLICE_S) / this.#pageSize));
-    return mayStopEarly ? 16 * this.#batchPages : whole;
+    return o.mayStopEarly ? 16 * this.#batchPages : whole;
   }
 
   /** Pages for the next post-copy push call: small when paced, so that the pacing is smooth. */

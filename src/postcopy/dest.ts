@@ -30,6 +30,24 @@ export function percentile(sorted: Float64Array, q: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
 }
 
+/** What a fault service starts with. */
+export interface FaultServiceOptions {
+  region: Region;
+  /** the guest's userfaultfd, its mapping of the region registered for minor faults */
+  uffd: number;
+  /** where the region is mapped in the guest: one address, or ranges covering every page in order */
+  guest: bigint | GuestRange[];
+  /**
+   * one byte per page: 1 if it must come from the source, 0 if the region already holds its
+   * final content (sent in pre-copy and not dirtied since)
+   */
+  needed: Uint8Array;
+  /** per-page hashes; those of held pages are kept, the others are set on arrival */
+  hashes: BigUint64Array;
+  /** the negotiated protocol version */
+  version: number;
+}
+
 export class FaultService {
   readonly #native: NativePostcopyDest;
   readonly #listeners = new Set<(e: PostcopyEvent) => void>();
@@ -47,12 +65,8 @@ export class FaultService {
     return this.#broken;
   }
 
-  /**
-   * @param needed one byte per page: 1 if it must come from the source, 0 if the region already
-   *   holds its final content (sent in pre-copy and not dirtied since)
-   * @param hashes per-page hashes; those of held pages are kept, the others are set on arrival
-   */
-  constructor(region: Region, uffd: number, guestAddress: bigint | GuestRange[], needed: Uint8Array, hashes: BigUint64Array, version: number) {
+  constructor(o: FaultServiceOptions) {
+    const { region, needed } = o;
     if (needed.length !== region.pageCount)
       throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
     const onEvent = (e: PostcopyEvent): void => {
@@ -65,7 +79,7 @@ export class FaultService {
       'ERR_LIVEMIG_SYSCALL',
       'postcopy',
       'starting the fault service',
-      () => new addon.PostcopyDest(region.nativeHandle, uffd, guestAddress, needed, hashes, version, onEvent),
+      () => new addon.PostcopyDest({ region: region.nativeHandle, uffd: o.uffd, guest: o.guest, needed, hashes: o.hashes, version: o.version, onEvent }),
     );
     this.complete = new Promise((resolve, reject) => {
       this.on((e) => {

@@ -28,12 +28,30 @@ export interface PushPacer {
 }
 
 export interface Connections {
-  /** the push stream's and the priority requests' connections, taken over from their channels */
+  /** the push stream's and the priority requests' connections, taken over from their FramedConnections */
   push: NativeWire;
   prio: NativeWire;
   /** what the destination holds (one byte per page), or undefined at the first attach */
   held?: Uint8Array;
   close(): void;
+}
+
+/** What a page server starts with. */
+export interface PageServerOptions {
+  region: Region;
+  /** one byte per page: 1 if the destination must get it */
+  needed: Uint8Array;
+  /** the negotiated protocol version */
+  version: number;
+  /** the round its pages carry */
+  round: number;
+  batchPages: number;
+  /**
+   * if given, each page sent is hashed into it right after it went (the sending thread does
+   * it: it slows the push by about a tenth, measured, so the sender hashes the paused region
+   * once the destination has everything instead)
+   */
+  hashes?: BigUint64Array;
 }
 
 export class PageServer {
@@ -48,15 +66,10 @@ export class PageServer {
   #servedPaced = 0;
   readonly #batchPages: number;
 
-  /**
-   * @param needed one byte per page: 1 if the destination must get it
-   * @param hashes if given, each page sent is hashed into it right after it went (the sending
-   *   thread does it: it slows the push by about a tenth, measured, so the sender hashes
-   *   the paused region once the destination has everything instead)
-   */
-  constructor(region: Region, needed: Uint8Array, version: number, round: number, batchPages: number, hashes?: BigUint64Array) {
+  constructor(o: PageServerOptions) {
+    const { region, needed, version, round, hashes } = o;
     this.#region = region;
-    this.#batchPages = batchPages;
+    this.#batchPages = o.batchPages;
     const onEvent = (e: PostcopyEvent): void => {
       for (const l of this.#listeners) l(e);
     };
@@ -64,7 +77,7 @@ export class PageServer {
       'ERR_LIVEMIG_SYSCALL',
       'postcopy',
       'creating the page server',
-      () => new addon.PostcopySource(region.nativeHandle, needed, version, round, hashes, onEvent),
+      () => new addon.PostcopySource({ region: region.nativeHandle, needed, version, round, ...(hashes ? { hashes } : {}), onEvent }),
     );
   }
 

@@ -11,28 +11,28 @@ import { addon, callAsync, digestOf } from '../native.js';
 import { FrameType } from '../protocol/format.js';
 import type { Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
-import { WireChannel } from '../protocol/wire.js';
+import { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
 import type { PageServer, Connections, PushPacer } from './source.js';
 import type { PostcopyStats } from '../source/types.js';
 
 export interface PostcopyLink {
   /** opens a new connection to the destination, authenticated as the first one was */
-  connect(): Promise<WireChannel>;
+  connect(): Promise<FramedConnection>;
   session: string;
   version: number;
 }
 
 /** A connection joining the session as `role`. */
-export async function attachConnection(link: PostcopyLink, role: AttachRole): Promise<WireChannel> {
-  const ch = await link.connect();
+export async function attachConnection(link: PostcopyLink, role: AttachRole): Promise<FramedConnection> {
+  const conn = await link.connect();
   try {
-    await ch.send(encodeAttach({ session: link.session, role }, link.version));
+    await conn.send(encodeAttach({ session: link.session, role }, link.version));
   } catch (e) {
-    ch.close();
+    conn.close();
     throw e;
   }
-  return ch;
+  return conn;
 }
 
 /** After a break: both connections again, and what the destination holds. Retries until `timeoutMs`. */
@@ -40,8 +40,8 @@ export async function reconnect(link: PostcopyLink, region: Region, timeoutMs: n
   const deadline = performance.now() + timeoutMs;
   let last: unknown;
   while (performance.now() < deadline) {
-    let push: WireChannel | undefined;
-    let prio: WireChannel | undefined;
+    let push: FramedConnection | undefined;
+    let prio: FramedConnection | undefined;
     try {
       push = await attachConnection(link, 'push');
       prio = await attachConnection(link, 'prio');
@@ -85,10 +85,10 @@ export interface PostcopyResult {
 export async function runPostcopy(o: {
   /** created before the pause (its tables are allocated there), not attached yet */
   server: PageServer;
-  channel: WireChannel;
+  conn: FramedConnection;
   /** the DEVICE_STATE frame: it goes in the same write as POSTCOPY */
   deviceState: Buffer;
-  prio: WireChannel;
+  prio: FramedConnection;
   link: PostcopyLink;
   region: Region;
   needed: Uint8Array;
@@ -112,21 +112,21 @@ export async function runPostcopy(o: {
   /** the migration's pacer: the background push keeps to its cap */
   pacer?: PushPacer;
 }): Promise<PostcopyResult> {
-  const { channel, region } = o;
+  const { conn, region } = o;
   const server = o.server;
   try {
     // the server answers requests from the first fault on: attach before the switch
-    server.attach({ push: channel.handle, prio: o.prio.handle, close: () => o.prio.handOff() });
+    server.attach({ push: conn.handle, prio: o.prio.handle, close: () => o.prio.handOff() });
     const bitmap = bytesToBitmap(o.needed);
     // One write: the destination wakes once for the state and the switch. POSTCOPY is the point
     // of commitment and the write's last bytes: a write that failed did not deliver it whole.
     await o.onCommitting?.();
-    await channel.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
+    await conn.send([o.deviceState, encodePostcopy({ needed: bitmap }, o.link.version)]);
     trace('source', SourceEvent.postcopySent);
     o.onCommitted();
     let running: { activateMs: number };
     try {
-      running = decodePostcopyRunning((await channel.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'), o.confirmTimeoutMs)).payload);
+      running = decodePostcopyRunning((await conn.expect(FrameType.PostcopyRunning, (f) => o.peerError(f, 'activate'), o.confirmTimeoutMs)).payload);
     } catch (e) {
       if (!o.resolve) throw e;
       await o.resolve(e);
@@ -159,6 +159,6 @@ export async function runPostcopy(o: {
     };
   } finally {
     server.close();
-    channel.handOff();
+    conn.handOff();
   }
 }

@@ -8,3 +8,8 @@ export class ProtocolError extends LivemigError {
     super(code, message, { phase: 'protocol' });
   }
 }
+
+/** What an operation on a closed connection fails with. */
+export function connectionClosed(): LivemigError {
+  return new LivemigError('ERR_LIVEMIG_CONNECTION', 'the connection is closed', { phase: 'transport' });
+}

@@ -12,8 +12,17 @@ export interface Frame {
   payload: Buffer;
 }
 
+/** How encodeHeader writes: the version and flags (PROTOCOL_VERSION, none), and into what (a new buffer). */
+export interface HeaderOptions {
+  version?: number;
+  flags?: number;
+  /** written at its start */
+  into?: Buffer;
+}
+
 /** The one header writer on this side. */
-export function encodeHeader(type: FrameType, payloadLength: number, version = PROTOCOL_VERSION, flags = FLAGS_NONE, into?: Buffer): Buffer {
+export function encodeHeader(type: FrameType, payloadLength: number, o: HeaderOptions = {}): Buffer {
+  const { version = PROTOCOL_VERSION, flags = FLAGS_NONE, into } = o;
   if (payloadLength > MAX_PAYLOAD)
     throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `refusing to send a ${payloadLength}-byte frame (max ${MAX_PAYLOAD})`);
   const h = into ?? Buffer.allocUnsafe(HEADER_BYTES);
@@ -28,7 +37,7 @@ export function encodeHeader(type: FrameType, payloadLength: number, version = P
 
 export function encodeFrame(type: FrameType, payload: Buffer, version = PROTOCOL_VERSION, flags = FLAGS_NONE): Buffer {
   const out = Buffer.allocUnsafe(HEADER_BYTES + payload.length);
-  encodeHeader(type, payload.length, version, flags, out);
+  encodeHeader(type, payload.length, { version, flags, into: out });
   payload.copy(out, HEADER_BYTES);
   return out;
 }

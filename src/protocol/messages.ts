@@ -191,9 +191,9 @@ export function decodeAbort(p: Buffer): Abort {
 }
 
 /** `prove` (version 3): the source commits next, so the destination answers with DIGEST. */
-export function encodeDeviceState(state: Uint8Array, version: number, prove = false): Buffer {
+export function encodeDeviceState(state: Uint8Array, version: number, o: { prove?: boolean } = {}): Buffer {
   if (state.length > MAX_PAYLOAD) throw new ProtocolError('ERR_LIVEMIG_FRAME_TOO_LARGE', `device state of ${state.length} bytes exceeds ${MAX_PAYLOAD}`);
-  return encodeFrame(FrameType.DeviceState, Buffer.from(state.buffer, state.byteOffset, state.byteLength), version, prove ? FLAG_PROVE : FLAGS_NONE);
+  return encodeFrame(FrameType.DeviceState, Buffer.from(state.buffer, state.byteOffset, state.byteLength), version, o.prove === true ? FLAG_PROVE : FLAGS_NONE);
 }
 
 /** DIGEST (version 3, R->S): the destination's digest of what it holds, computed on its own. */

@@ -7,7 +7,7 @@
  * handshake are records (native/io/records.h); they are opened here as they come (the Wire then
  * starts after them). The frames that open a connection (HELLO, ATTACH, RESOLVE) are small
  * control frames whose sender waits for an answer, so nothing may follow them yet: bytes after
- * the first frame are refused, here when they came with it, and by WireChannel.answerFirst when
+ * the first frame are refused, here when they came with it, and by FramedConnection.answerFirst when
  * they came later. One rule, for both paths.
  */
 import net from 'node:net';
@@ -18,12 +18,13 @@ import { ProtocolError } from '../protocol/errors.js';
 import { addon, call, closeFd, type WireKeys } from '../native.js';
 import { HEADER_BYTES, type FrameType } from '../protocol/format.js';
 import { CONTROL_MAX } from '../protocol/limits.js';
-import { WireChannel, type WireFrame } from '../protocol/wire.js';
+import { FramedConnection } from '../protocol/connection.js';
+import type { WireFrame } from '../protocol/wire.js';
 import { authenticateAccepted, type Authenticated, type Credentials, type SecurityReport } from '../security/tls.js';
 import type { PendingTicket } from './pending.js';
 
 export interface Admitted {
-  channel: WireChannel;
+  conn: FramedConnection;
   security: SecurityReport;
   /** the address the peer reached */
   local: string;
@@ -46,7 +47,7 @@ export async function admit(socket: net.Socket, creds: Credentials | undefined, 
   if (!creds) {
     const { frame, consumed } = await readFirstFrame(socket, timeoutMs);
     return {
-      channel: WireChannel.fromSocketAfter(socket, consumed),
+      conn: FramedConnection.fromSocketAfter(socket, consumed),
       security: { auth: 'none', peer: null, cipher: null, encrypted: false },
       local,
       remote,
@@ -59,7 +60,7 @@ export async function admit(socket: net.Socket, creds: Credentials | undefined, 
   const security: SecurityReport = { auth: a.auth, peer: a.peer, cipher: a.cipher, encrypted: true };
   const { frame, consumed, records } = await readFirstFrame(reader, timeoutMs, a.receive);
   const keys: WireKeys = { send: a.send, receive: a.receive, received: records };
-  return { channel: WireChannel.fromSocketAfter(reader, consumed, keys), security, local, remote, first: frame };
+  return { conn: FramedConnection.fromSocketAfter(reader, consumed, keys), security, local, remote, first: frame };
 }
 
 /**

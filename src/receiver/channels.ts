@@ -12,7 +12,8 @@ import { threadPoolSize } from '../native.js';
 import { FrameType, MAX_CHANNELS } from '../protocol/format.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { decodeAbort, decodeRoundEnd, encodeAttached } from '../protocol/messages.js';
-import type { PageSink, WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
+import type { PageSink } from '../protocol/wire.js';
 import type { PostcopySession } from './session.js';
 
 /** pool threads a receiver keeps besides its channels' reads */
@@ -30,8 +31,21 @@ export function maxChannels(asked: number | undefined): number {
 /** How a channel joins: the time it has, what is set on it, the version its answer speaks. */
 export interface Join {
   joinMs: number;
-  prepare: (ch: WireChannel) => void;
+  prepare: (conn: FramedConnection) => void;
   version: number;
+}
+
+/** What IncomingChannels starts with. */
+export interface IncomingChannelsOptions {
+  /** channels granted, the main connection (channel 0) included */
+  count: number;
+  /** the migration's session, which channels 1..count-1 join */
+  session: PostcopySession | undefined;
+  /** where their pages go (each channel's reader takes only its own stripes) */
+  sink: PageSink;
+  join: Join;
+  /** hears the first failure of any channel (the migration then ends: its main connection is aborted with it) */
+  onFailure: (e: LivemigError) => void;
 }
 
 export class IncomingChannels {
@@ -40,16 +54,14 @@ export class IncomingChannels {
   pages = 0;
   readonly #reached: number[];
   readonly #ended: boolean[];
-  readonly #channels: WireChannel[] = [];
+  readonly #conns: FramedConnection[] = [];
   readonly #waiters = new Set<() => void>();
   #failure: LivemigError | undefined;
   #closed = false;
 
-  /**
-   * Starts a reader for each of channels 1..count-1 as it joins `session`. `onFailure` hears the
-   * first failure of any (the migration then ends: its main connection is aborted with it).
-   */
-  constructor(count: number, session: PostcopySession | undefined, sink: PageSink, join: Join, onFailure: (e: LivemigError) => void) {
+  /** Starts a reader for each of channels 1..count-1 as it joins the session. */
+  constructor(o: IncomingChannelsOptions) {
+    const { count, session, sink, join, onFailure } = o;
     this.count = count;
     this.#reached = new Array<number>(count).fill(0);
     this.#ended = new Array<boolean>(count).fill(false);
@@ -62,7 +74,7 @@ export class IncomingChannels {
         if (this.#closed || this.#failure) return;
         this.#failure = err;
         // the source's sends on the others end at once, not when the migration is torn down
-        for (const ch of this.#channels) ch.close();
+        for (const conn of this.#conns) conn.close();
         this.#wake();
         onFailure(err);
       });
@@ -81,17 +93,17 @@ export class IncomingChannels {
       join.joinMs,
       () => new LivemigError('ERR_LIVEMIG_CONNECTION', `channel ${k} did not join within ${join.joinMs} ms`, { phase: 'receiving' }),
     );
-    const ch = taken[slot]!;
+    const conn = taken[slot]!;
     if (this.#closed) {
-      ch.close();
+      conn.close();
       return;
     }
-    this.#channels.push(ch);
-    join.prepare(ch);
+    this.#conns.push(conn);
+    join.prepare(conn);
     // the answer lets the source send: nothing may follow a first frame before it is answered
-    await ch.answerFirst(encodeAttached({ held: Buffer.alloc(0) }, join.version));
+    await conn.answerFirst(encodeAttached({ held: Buffer.alloc(0) }, join.version));
     for (;;) {
-      const f = await ch.next(undefined, sink);
+      const f = await conn.next(undefined, sink);
       this.pages += f.pages;
       if (f.type === FrameType.RoundEnd) {
         const r = decodeRoundEnd(f.payload);
@@ -136,7 +148,7 @@ export class IncomingChannels {
 
   close(): void {
     this.#closed = true;
-    for (const ch of this.#channels) ch.close();
+    for (const conn of this.#conns) conn.close();
     this.#wake();
   }
 }

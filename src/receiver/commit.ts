@@ -30,14 +30,14 @@ export async function commit(ctx: ReceiverContext, payload: Buffer, a: Accepted,
     throw new LivemigError('ERR_LIVEMIG_DIGEST', why, { phase: 'commit' });
   }
   if (got.prepared) await got.prepared; // a state the guest refuses fails here, before commitment
-  if (!c.activate) await ctx.channel.send(encodeCommitAck({ digest: got.digest }, ctx.version));
+  if (!c.activate) await ctx.conn.send(encodeCommitAck({ digest: got.digest }, ctx.version));
   ctx.enter('committed');
   ctx.progress({ type: 'committed', digest: got.digest.toString(16) });
   return c.activate === true;
 }
 
 export async function activate(ctx: ReceiverContext, a: Accepted, got: Received): Promise<ReceiveReport> {
-  const { channel } = ctx;
+  const { conn } = ctx;
   if (ctx.stage !== 'committed') throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', 'ACTIVATE before a matching COMMIT');
   // a session the source resolved as not activated (it lost the link) never activates
   if (ctx.outcome && !ctx.outcome.beginActivation()) {
@@ -51,8 +51,8 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
   ctx.outcome?.settle('activated');
   const activateMs = performance.now() - ta;
   // a source that gave up waiting (and closed) before this goes out cannot hear it
-  const gaveUp = channel.peerGone();
-  const sent = await channel.send(encodeActivated({ activateMs }, ctx.version)).then(
+  const gaveUp = conn.peerGone();
+  const sent = await conn.send(encodeActivated({ activateMs }, ctx.version)).then(
     () => true,
     () => false, // the guest runs here either way; the source will ask (RESOLVE)
   );
@@ -60,7 +60,7 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
   ctx.progress({ type: 'activated', activate_ms: activateMs });
   // the source closes once it has read ACTIVATED: without that close it may not know, and
   // will ask on a new connection (a listener that stays up answers: activated)
-  const confirmed = (await channel.finish(undefined, CONFIRM_WAIT_MS)) && sent && !gaveUp;
+  const confirmed = (await conn.finish(undefined, CONFIRM_WAIT_MS)) && sent && !gaveUp;
   return {
     region_bytes: a.region.size,
     regions: ctx.regionsReport(),

@@ -7,7 +7,7 @@ import type { LivemigError } from '../errors.js';
 import type { GuestLayout } from '../guest/layout.js';
 import type { FaultService } from '../postcopy/dest.js';
 import { PROTOCOL_VERSION } from '../protocol/format.js';
-import type { WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
 import type { SecurityReport } from '../security/tls.js';
 import { Stages } from '../stages.js';
@@ -76,7 +76,7 @@ export class Received {
 }
 
 export class ReceiverContext {
-  readonly channel: WireChannel;
+  readonly conn: FramedConnection;
   readonly options: ReceiveOptions;
   readonly sessions: SessionTable;
   readonly outcomes: OutcomeTable;
@@ -110,7 +110,7 @@ export class ReceiverContext {
   releaseMemory: (() => void) | undefined;
 
   constructor(m: MigrationToServe) {
-    this.channel = m.admitted.channel;
+    this.conn = m.admitted.conn;
     this.peer = m.admitted.security.peer ?? m.admitted.remote;
     this.outcomes = m.outcomes;
     this.localAddress = m.admitted.local;
@@ -150,7 +150,7 @@ export class ReceiverContext {
   abortBeforeDeviceState(reason: LivemigError): boolean {
     const s = this.stage;
     if (this.deviceStateSeen || (s !== 'hello' && s !== 'reserve' && s !== 'receiving')) return false;
-    this.channel.abort(reason);
+    this.conn.abort(reason);
     return true;
   }
 

@@ -41,5 +41,5 @@ export async function takeDeviceState(ctx: ReceiverContext, f: WireFrame, a: Acc
   trace('receiver', ReceiverEvent.guestPreparing);
   // version 3: the proof that this side holds the image, computed here, before the source
   // says what its digest is (an impostor could only echo it)
-  if (prove) await ctx.channel.send(encodeDigest({ digest: got.digest, pageCount: a.region.pageCount }, version));
+  if (prove) await ctx.conn.send(encodeDigest({ digest: got.digest, pageCount: a.region.pageCount }, version));
 }

@@ -10,7 +10,7 @@ import { markMayBeAskedAbout, refusedBeforeReserving } from './failures.js';
 
 /** Undoes what can be undone; returns the error to throw. */
 export async function discard(ctx: ReceiverContext, e: unknown): Promise<LivemigError> {
-  const { channel } = ctx;
+  const { conn } = ctx;
   const failedIn = ctx.fail();
   const guestRunsHere = failedIn === 'activated' || failedIn === 'postcopy';
   if (!guestRunsHere) ctx.outcome?.settle('fenced');
@@ -23,8 +23,8 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
         });
   if (failedIn === 'hello') refusedBeforeReserving(err);
   if (ctx.deviceStateSeen && !ctx.sourceSaidWhy && failedIn !== 'postcopy') markMayBeAskedAbout(err);
-  const tell = !channel.closed && !ctx.toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
-  await channel.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, ctx.version) : undefined);
+  const tell = !conn.closed && !ctx.toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
+  await conn.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, ctx.version) : undefined);
   if (ctx.faults && failedIn !== 'postcopy') ctx.faults.stop();
   if (ctx.region && !guestRunsHere) {
     ctx.options.onDiscard?.(ctx.region);

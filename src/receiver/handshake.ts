@@ -58,7 +58,7 @@ export function checkHello(ctx: ReceiverContext, hello: WireFrame): Hello {
   ctx.version = v;
   // from here each frame's payload is bounded by what this region can need
   const deviceStateLimit = options.maxDeviceStateBytes !== undefined ? { maxDeviceStateBytes: options.maxDeviceStateBytes } : {};
-  ctx.channel.setFrameLimits(frameLimits({ pageCount: h.regionBytes / PAGE_SIZE, ...deviceStateLimit }));
+  ctx.conn.setFrameLimits(frameLimits({ pageCount: h.regionBytes / PAGE_SIZE, ...deviceStateLimit }));
   if (v < 3 && (options.credentials !== undefined || !isLoopback(ctx.localAddress))) {
     const why = `protocol version ${v} does not let this side prove its image before the commit`;
     throw new ProtocolError('ERR_LIVEMIG_VERSION', `${why}: refused off loopback and with credentials (version 3 needed)`);
@@ -127,7 +127,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
     ctx.outcome = ctx.outcomes.open(token!);
     // fenced while still receiving: end this migration now (its region is discarded)
     const why = 'the source resolved this session as not activated: discarded, and it will never activate';
-    ctx.outcome.onFence = () => ctx.channel.abort(new LivemigError('ERR_LIVEMIG_ABORTED', why, { phase: ctx.stage }));
+    ctx.outcome.onFence = () => ctx.conn.abort(new LivemigError('ERR_LIVEMIG_ABORTED', why, { phase: ctx.stage }));
   }
   // the hand-over's code paths run once now, not for the first time inside the pause, and
   // before ACCEPT: a source with nothing to copy first (a same-host upgrade) pauses its guest
@@ -136,8 +136,8 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   warmUpRuntime();
   warmUpProtocol(version);
   const accept = { version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) };
-  await ctx.channel.answerFirst(encodeAccept(accept, version));
-  if (imageHashes) await ctx.channel.send(encodeImageHashes(hashes, version));
+  await ctx.conn.answerFirst(encodeAccept(accept, version));
+  if (imageHashes) await ctx.conn.send(encodeImageHashes(hashes, version));
   return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap };
 }
 

@@ -10,7 +10,8 @@ import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { FrameType, MAX_CHANNELS, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeAttach, decodeResolve, encodeError, encodeResolved } from '../protocol/messages.js';
-import type { WireChannel, WireFrame } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
+import type { WireFrame } from '../protocol/wire.js';
 import { assertSecureEnough } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
@@ -110,10 +111,10 @@ export async function listen(host: string, port: number, options: ReceiveOptions
       ticket.settle();
       const { first } = a;
       if (first.type === FrameType.Resolve) {
-        if (await answerResolve(a.channel, first, outcomes)) for (const w of resolveWaiters.splice(0)) w(true);
+        if (await answerResolve(a.conn, first, outcomes)) for (const w of resolveWaiters.splice(0)) w(true);
         return;
       }
-      if (first.type === FrameType.Attach) return joinSession(a.channel, first, sessions);
+      if (first.type === FrameType.Attach) return joinSession(a.conn, first, sessions);
       if (running >= maxConcurrent || done) {
         // the slot is taken by a HELLO that arrived whole, not by whoever connected first
         const why = done
@@ -122,7 +123,7 @@ export async function listen(host: string, port: number, options: ReceiveOptions
             ? 'a migration is already running here'
             : `busy: ${running} migrations are running here, the most it takes at once`;
         const e = new LivemigError('ERR_LIVEMIG_REFUSED', why, { phase: 'handshake' });
-        return void a.channel.finish(encodeError({ code: e.code, message: e.message, phase: 'handshake' }, PROTOCOL_VERSION));
+        return void a.conn.finish(encodeError({ code: e.code, message: e.message, phase: 'handshake' }, PROTOCOL_VERSION));
       }
       running++;
       const own = listenOptions.perMigration?.();
@@ -166,7 +167,7 @@ export async function listen(host: string, port: number, options: ReceiveOptions
 }
 
 /** ATTACH: the connection joins the session it names (post-copy, or an extra channel). */
-async function joinSession(ch: WireChannel, f: WireFrame, sessions: SessionTable): Promise<void> {
+async function joinSession(conn: FramedConnection, f: WireFrame, sessions: SessionTable): Promise<void> {
   try {
     const a = decodeAttach(f.payload);
     const session = sessions.get(a.session);
@@ -177,10 +178,10 @@ async function joinSession(ch: WireChannel, f: WireFrame, sessions: SessionTable
         `ATTACH channel ${a.channel}: this session was granted ${session.channels} channels (0..${session.channels - 1})`,
         { phase: 'attach' },
       );
-    session.join(a.role === 'channel' ? `channel-${a.channel!}` : a.role, ch);
+    session.join(a.role === 'channel' ? `channel-${a.channel!}` : a.role, conn);
   } catch (e) {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'attach', cause: e });
-    await ch.finish(ch.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'attach' }, PROTOCOL_VERSION));
+    await conn.finish(conn.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'attach' }, PROTOCOL_VERSION));
   }
 }
 
@@ -189,19 +190,19 @@ async function joinSession(ch: WireChannel, f: WireFrame, sessions: SessionTable
  * not-activated; activating: the answer waits for the result. A session this listener does not
  * know is refused (the source must not guess from that).
  */
-async function answerResolve(ch: WireChannel, f: WireFrame, outcomes: OutcomeTable): Promise<boolean> {
+async function answerResolve(conn: FramedConnection, f: WireFrame, outcomes: OutcomeTable): Promise<boolean> {
   try {
     const r = decodeResolve(f.payload);
     const outcome = outcomes.get(r.session);
     if (!outcome) throw new LivemigError('ERR_LIVEMIG_REFUSED', 'RESOLVE names no session this receiver knows', { phase: 'resolve' });
     const state = await outcome.resolve();
     trace('receiver', ReceiverEvent.sessionResolved, { outcome: state });
-    await ch.answerFirst(encodeResolved({ outcome: state === 'activated' ? 'activated' : 'not-activated' }, PROTOCOL_VERSION));
-    await ch.finish();
+    await conn.answerFirst(encodeResolved({ outcome: state === 'activated' ? 'activated' : 'not-activated' }, PROTOCOL_VERSION));
+    await conn.finish();
     return true;
   } catch (e) {
     const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_PROTOCOL', (e as Error).message, { phase: 'resolve', cause: e });
-    await ch.finish(ch.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'resolve' }, PROTOCOL_VERSION));
+    await conn.finish(conn.closed ? undefined : encodeError({ code: err.code, message: err.message, phase: 'resolve' }, PROTOCOL_VERSION));
     return false;
   }
 }

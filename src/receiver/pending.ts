@@ -100,7 +100,7 @@ export class PendingConnections {
       },
     };
     this.#unproven.push(entry);
-    this.#enforce(true);
+    this.#enforce({ hardOnly: true });
     return entry;
   }
 
@@ -116,7 +116,8 @@ export class PendingConnections {
   }
 
   /** Brings every count under its cap with whoever may go now; the rest waits for a sweep. */
-  #enforce(hardOnly: boolean): void {
+  #enforce(o: { hardOnly: boolean }): void {
+    const { hardOnly } = o;
     const { max, maxPerAddress, graceMs } = this.#limits;
     const now = performance.now();
     for (;;) {
@@ -144,7 +145,7 @@ export class PendingConnections {
     if (this.#sweep) return;
     this.#sweep = setTimeout(() => {
       this.#sweep = undefined;
-      this.#enforce(false);
+      this.#enforce({ hardOnly: false });
     }, this.#limits.graceMs);
     this.#sweep.unref();
   }

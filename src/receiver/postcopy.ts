@@ -9,7 +9,7 @@ import { addon, call, closeFd } from '../native.js';
 import { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
@@ -21,7 +21,7 @@ import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from './types.js'
 const PRIO_ATTACH_WAIT_MS = 5_000;
 
 interface PostcopyStart {
-  ch: WireChannel;
+  conn: FramedConnection;
   payload: Buffer;
   region: Region;
   hashes: BigUint64Array;
@@ -48,7 +48,7 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
   }
   return runPostcopy(
     {
-      ch: ctx.channel,
+      conn: ctx.conn,
       payload,
       region: a.region,
       hashes: a.hashes,
@@ -76,7 +76,7 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
 }
 
 async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
-  const { ch, region, version, options, progress } = o;
+  const { conn, region, version, options, progress } = o;
   trace('receiver', ReceiverEvent.postcopyReceived);
   const late = `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`;
   const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', late));
@@ -88,10 +88,17 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   const ta = performance.now();
   const reg = await options.postcopy.register(region);
   trace('receiver', ReceiverEvent.registered);
-  const faults = new FaultService(region, reg.uffd, 'ranges' in reg ? reg.ranges : reg.address, unpacked.bytes, o.hashes, version);
+  const faults = new FaultService({
+    region,
+    uffd: reg.uffd,
+    guest: 'ranges' in reg ? reg.ranges : reg.address,
+    needed: unpacked.bytes,
+    hashes: o.hashes,
+    version,
+  });
   o.onFaults(faults);
   faults.start();
-  faults.attach(ch.handle, prio.handle);
+  faults.attach(conn.handle, prio.handle);
   prio.handOff();
   trace('receiver', ReceiverEvent.faultServiceStarted);
   await options.activate(region, o.deviceState);
@@ -101,7 +108,7 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   // the guest runs here now, whatever happens to this frame: a link that broke under it is a
   // break like any later one (the source asks, RESOLVE says activated, and it attaches again)
   const notSent = (e: unknown): void => trace('receiver', ReceiverEvent.postcopyRunningNotSent, { reason: (e as Error).message });
-  await ch.send(encodePostcopyRunning({ activateMs }, version)).catch(notSent);
+  await conn.send(encodePostcopyRunning({ activateMs }, version)).catch(notSent);
   progress({ type: 'postcopy-running', activate_ms: activateMs, pages_needed: pagesNeeded });
   const tRun = performance.now();
   const reconnects = await servePostcopy(o, faults);
@@ -111,7 +118,7 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   await faults.done;
   faults.stop(); // joins the finished thread
   closeFd(reg.uffd, 'postcopy'); // our copy of the guest's userfaultfd (the guest keeps its own)
-  ch.handOff();
+  conn.handOff();
   return {
     ...base,
     pages_received: base.pages_received + fs.pages_pulled + fs.pages_pushed,

@@ -45,7 +45,7 @@ export async function admitIncoming(
   ticket?: PendingTicket,
 ): Promise<Admitted> {
   const a = await admit(socket, options.credentials, timeoutMs, ticket);
-  a.channel.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
+  a.conn.setIdleTimeout(options.idleTimeoutMs ?? 60_000); // a peer silent this long is gone
   return a;
 }
 

@@ -23,7 +23,7 @@ import type { ReceiveReport } from './types.js';
 /** Applies frames until the guest runs here (activation or post-copy), or the migration fails. */
 export async function receiveUntilRunning(ctx: ReceiverContext, a: Accepted): Promise<ReceiveReport> {
   const { region, hashes } = a;
-  const { channel, version } = ctx;
+  const { conn, version } = ctx;
   ctx.enter('receiving');
   const got = new Received();
   // a same-host upgrade takes no page: a page frame is refused below, never applied
@@ -32,13 +32,13 @@ export async function receiveUntilRunning(ctx: ReceiverContext, a: Accepted): Pr
     const joinMs = ctx.options.authTimeoutMs ?? AUTH_TIMEOUT_MS;
     const limits = frameLimits({ pageCount: region.pageCount });
     const join: Join = { joinMs, prepare: (c) => c.setFrameLimits(limits), version };
-    ctx.channels = new IncomingChannels(a.channels, ctx.session, whole, join, (e) => channelFailed(ctx, e));
+    ctx.channels = new IncomingChannels({ count: a.channels, session: ctx.session, sink: whole, join, onFailure: (e) => channelFailed(ctx, e) });
   }
   const striped = whole && IncomingChannels.mainSink(whole, a.channels);
   for (;;) {
     // after the extra channels ended, every page comes on this connection
     const sink = got.channelsEnded ? whole : striped;
-    const f = await channel.next(undefined, ctx.stage === 'receiving' ? sink : undefined);
+    const f = await conn.next(undefined, ctx.stage === 'receiving' ? sink : undefined);
     got.pages += f.pages;
     if (f.lastRound > got.tracedRound) {
       got.tracedRound = f.lastRound;
@@ -81,7 +81,7 @@ async function roundEnd(ctx: ReceiverContext, f: WireFrame, got: Received): Prom
   // with channels, the round is applied once every channel has passed its ROUND_END too
   await ctx.channels?.reached(r.round);
   if (r.last) await channelsEnded(ctx, got);
-  await ctx.channel.send(encodeRoundAck(r, ctx.version));
+  await ctx.conn.send(encodeRoundAck(r, ctx.version));
   ctx.progress({ type: 'round', round: r.round, pages: r.pages });
 }
 
@@ -104,8 +104,8 @@ function channelFailed(ctx: ReceiverContext, e: LivemigError): void {
   if (ctx.toldSource) return;
   ctx.toldSource = true;
   const phase = e.phase ?? ctx.stage;
-  void ctx.channel
+  void ctx.conn
     .send(encodeError({ code: e.code, message: e.message, phase }, ctx.version))
     .catch(() => undefined) // the main connection is gone too: the source hears that instead
-    .finally(() => ctx.channel.abort(e));
+    .finally(() => ctx.conn.abort(e));
 }

@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { LivemigError } from '../errors.js';
-import type { WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 
 /** A connection's place in a session: post-copy's push and priority connections, or an extra channel. */
 export type SessionSlot = 'push' | 'prio' | `channel-${number}`;
@@ -20,7 +20,7 @@ export class PostcopySession {
    * opens (at reservation) so that the switch, inside the pause, does not fault its memory in.
    */
   readonly neededTable: Uint8Array;
-  readonly #slots: Partial<Record<SessionSlot, WireChannel>> = {};
+  readonly #slots: Partial<Record<SessionSlot, FramedConnection>> = {};
   readonly #waiters = new Set<() => void>();
   #closed = false;
 
@@ -33,13 +33,13 @@ export class PostcopySession {
   }
 
   /** A connection joined as `role` (the listener routed its ATTACH here). */
-  join(role: SessionSlot, ch: WireChannel): void {
+  join(role: SessionSlot, conn: FramedConnection): void {
     if (this.#closed) {
-      ch.close();
+      conn.close();
       return;
     }
     this.#slots[role]?.close(); // a newer connection for the same role replaces an older one
-    this.#slots[role] = ch;
+    this.#slots[role] = conn;
     for (const w of [...this.#waiters]) w();
   }
 
@@ -52,7 +52,7 @@ export class PostcopySession {
    * Takes the connections of `roles` once all have joined; rejects with `onTimeout()`'s error
    * after `timeoutMs`. What is taken leaves the session.
    */
-  async take<R extends SessionSlot>(roles: readonly R[], timeoutMs: number, onTimeout: () => LivemigError): Promise<Record<R, WireChannel>> {
+  async take<R extends SessionSlot>(roles: readonly R[], timeoutMs: number, onTimeout: () => LivemigError): Promise<Record<R, FramedConnection>> {
     const deadline = performance.now() + timeoutMs;
     while (!roles.every((r) => this.#slots[r])) {
       if (this.#closed) throw new LivemigError('ERR_LIVEMIG_STATE', 'the post-copy session is closed', { phase: 'postcopy' });
@@ -60,7 +60,7 @@ export class PostcopySession {
       if (left <= 0) throw onTimeout();
       await this.#wait(left);
     }
-    const out = {} as Record<R, WireChannel>;
+    const out = {} as Record<R, FramedConnection>;
     for (const r of roles) {
       out[r] = this.#slots[r]!;
       delete this.#slots[r];

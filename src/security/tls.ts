@@ -16,7 +16,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { LivemigError } from '../errors.js';
-import { WireChannel } from '../protocol/wire.js';
+import { FramedConnection } from '../protocol/connection.js';
 
 export type Credentials =
   | {
@@ -38,7 +38,7 @@ export interface DirectionKeys {
 }
 
 export interface Secured {
-  channel: WireChannel;
+  conn: FramedConnection;
   /** what this side seals with, and what it opens with (the peer's send keys) */
   send: DirectionKeys;
   receive: DirectionKeys;
@@ -62,11 +62,11 @@ function refused(message: string, cause?: unknown): LivemigError {
   return new LivemigError('ERR_LIVEMIG_AUTH', message, { phase: 'handshake', ...(cause === undefined ? {} : { cause }) });
 }
 
-function keys(s: tls.TLSSocket, isClient: boolean): { send: DirectionKeys; receive: DirectionKeys } {
+function keys(s: tls.TLSSocket, side: 'client' | 'server'): { send: DirectionKeys; receive: DirectionKeys } {
   const m = s.exportKeyingMaterial(2 * (KEY_BYTES + SALT_BYTES), EXPORTER_LABEL, Buffer.alloc(0));
   const c2s = { key: m.subarray(0, KEY_BYTES), salt: m.subarray(KEY_BYTES, KEY_BYTES + SALT_BYTES) };
   const s2c = { key: m.subarray(KEY_BYTES + SALT_BYTES, 2 * KEY_BYTES + SALT_BYTES), salt: m.subarray(2 * KEY_BYTES + SALT_BYTES) };
-  return isClient ? { send: c2s, receive: s2c } : { send: s2c, receive: c2s };
+  return side === 'client' ? { send: c2s, receive: s2c } : { send: s2c, receive: c2s };
 }
 
 /** Stops the TLS layer reading from the descriptor at once (Node's pause() only stops the stream). */
@@ -147,8 +147,8 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
           clearTimeout(timer),
           reject(
             refused(
-              `the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without ` +
-                `credentials, or another service?)`,
+              `the destination sent nothing back to our TLS hello within ${silentMs} ms: the peer does not speak TLS (a receiver without credentials, ` +
+                `or another service?)`,
             ),
           )
         ),
@@ -161,12 +161,12 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
     });
     if (creds.kind === 'cert' && !s.authorized) throw refused(`the destination's certificate is not trusted: ${String(s.authorizationError)}`);
     const peer = creds.kind === 'cert' ? String(s.getPeerCertificate().subject?.CN ?? '') : creds.identity;
-    const k = keys(s, true);
+    const k = keys(s, 'client');
     const cipher = s.getCipher().name;
     const done = awaitMarker(s, SERVER_DONE, timeoutMs, () => stopReading(s));
     await write(s, CLIENT_DONE);
     await done;
-    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, channel: WireChannel.fromSecured(raw, s, k) };
+    return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, conn: FramedConnection.fromSecured(raw, s, k) };
   } catch (e) {
     s.destroy();
     throw e;
@@ -174,7 +174,7 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
 }
 
 /** A connection the destination authenticated, not handed over yet: its TLS layer has stopped reading. */
-export interface Authenticated extends Omit<Secured, 'channel'> {
+export interface Authenticated extends Omit<Secured, 'conn'> {
   raw: net.Socket;
   tls: tls.TLSSocket;
 }
@@ -182,7 +182,7 @@ export interface Authenticated extends Omit<Secured, 'channel'> {
 /** The destination's side: authenticates the source (certificate name in `allow`, or PSK) and itself. */
 export async function secureAccept(raw: net.Socket, creds: Credentials, timeoutMs = 10_000): Promise<Secured> {
   const a = await authenticateAccepted(raw, creds, timeoutMs);
-  return { send: a.send, receive: a.receive, auth: a.auth, peer: a.peer, cipher: a.cipher, channel: WireChannel.fromSecured(a.raw, a.tls, a) };
+  return { send: a.send, receive: a.receive, auth: a.auth, peer: a.peer, cipher: a.cipher, conn: FramedConnection.fromSecured(a.raw, a.tls, a) };
 }
 
 /**
@@ -221,7 +221,7 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
     } else {
       peer = acceptor.pskIdentity.get(s) ?? '';
     }
-    const k = keys(s, false);
+    const k = keys(s, 'server');
     const cipher = s.getCipher().name;
     await awaitMarker(s, CLIENT_DONE, timeoutMs, () => stopReading(s!));
     await write(s, SERVER_DONE);
@@ -295,18 +295,18 @@ export interface SecurityReport {
 const INSECURE: SecurityReport = { auth: 'none', peer: null, cipher: null, encrypted: false };
 
 /**
- * A fresh connection as a livemig channel: authenticated first when there are credentials
+ * A fresh connection as a livemig FramedConnection: authenticated first when there are credentials
  * (`client`: we opened it; `server`: we accepted it), taken over as it is otherwise.
  */
-export async function openChannel(
+export async function openConnection(
   socket: net.Socket,
   creds: Credentials | undefined,
   side: 'client' | 'server',
   timeoutMs: number,
-): Promise<{ channel: WireChannel; security: SecurityReport }> {
-  if (!creds) return { channel: WireChannel.fromSocket(socket), security: INSECURE };
+): Promise<{ conn: FramedConnection; security: SecurityReport }> {
+  if (!creds) return { conn: FramedConnection.fromSocket(socket), security: INSECURE };
   const s = side === 'client' ? await secureConnect(socket, creds, timeoutMs) : await secureAccept(socket, creds, timeoutMs);
-  return { channel: s.channel, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: true } };
+  return { conn: s.conn, security: { auth: s.auth, peer: s.peer, cipher: s.cipher, encrypted: true } };
 }
 
 /** Loopback addresses: the one place a migration may run without credentials unasked. */

@@ -24,8 +24,8 @@ import { SourceEvent } from '../trace-events.js';
 import { FrameType, MAX_CHANNELS, STRIPE_PAGES } from '../protocol/format.js';
 import { peerError } from './peer.js';
 import { encodeAttach, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
-import type { PageEncoder } from '../encoding/encoder.js';
+import type { FramedConnection } from '../protocol/connection.js';
+import type { PageEncoder, RoundPages } from '../encoding/encoder.js';
 import type { EncodingStats } from '../encoding/encoder.js';
 import type { LinkFigure } from '../encoding/chooser.js';
 
@@ -44,7 +44,8 @@ export interface ChannelChoice {
  * more than libuv's pool can run at once (each channel's send holds a pool thread while it
  * waits for its socket).
  */
-export function chooseChannels(asked: number | undefined, canConnect: boolean): ChannelChoice {
+export function chooseChannels(o: { asked: number | undefined; canConnect: boolean }): ChannelChoice {
+  const { asked, canConnect } = o;
   const pool = threadPoolSize();
   const poolRoom = Math.max(1, pool - POOL_RESERVE);
   if (asked !== undefined) {
@@ -98,18 +99,29 @@ export function splitByStripe(pages: Uint32Array, n: number): Uint32Array[] {
   return out;
 }
 
-/** One connection of a migration and what sends its pages. */
-export interface Lane {
-  channel: WireChannel;
+/** One channel of a migration: its connection and what sends its pages. */
+export interface OutgoingChannel {
+  conn: FramedConnection;
   encoder: PageEncoder | undefined;
   /** pages sent on it in the current round */
   roundPages: number;
 }
 
-/** The lanes of a migration, the main connection first. */
-export class Lanes {
-  readonly lanes: Lane[];
-  readonly #plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>;
+/** Sends pages on a channel without an encoder (plain PAGES frames); the bytes written. */
+export type SendPlain = (conn: FramedConnection, r: number, pages: Uint32Array) => Promise<number>;
+
+/** What OutgoingChannels starts with. */
+export interface OutgoingChannelsOptions {
+  /** every channel, the main connection (channel 0) first */
+  channels: OutgoingChannel[];
+  /** how a channel without an encoder sends its pages */
+  sendPlain: SendPlain;
+}
+
+/** The channels of a migration, the main connection (channel 0) first. */
+export class OutgoingChannels {
+  readonly all: OutgoingChannel[];
+  readonly #plain: SendPlain;
   #ended = false;
   #acked = false;
   /** bytes of completed sends, and those plus what the runs of the current one reported */
@@ -118,27 +130,28 @@ export class Lanes {
   #ms = 0;
   #since: number | undefined;
 
-  constructor(lanes: Lane[], plain: (channel: WireChannel, r: number, pages: Uint32Array, final: boolean) => Promise<number>) {
-    this.lanes = lanes;
-    this.#plain = plain;
+  constructor(o: OutgoingChannelsOptions) {
+    this.all = o.channels;
+    this.#plain = o.sendPlain;
   }
 
   get count(): number {
-    return this.lanes.length;
+    return this.all.length;
   }
 
   /** Sends a round's pages, each on its stripe's channel, the channels at once; the bytes written. */
-  async send(r: number, pages: Uint32Array, final: boolean): Promise<number> {
+  async send(o: RoundPages): Promise<number> {
+    const { round: r, pages, final = false } = o;
     // once the extra channels ended, every page goes on the main connection
     const parts = this.count === 1 || this.#ended ? [pages] : splitByStripe(pages, this.count);
     const t0 = performance.now();
     this.#since = t0;
     const sent = await Promise.all(
       parts.map((part, k) => {
-        const lane = this.lanes[k]!;
-        lane.roundPages += part.length;
+        const channel = this.all[k]!;
+        channel.roundPages += part.length;
         if (part.length === 0) return 0;
-        return lane.encoder ? lane.encoder.send(r, part, final) : this.#plain(lane.channel, r, part, final);
+        return channel.encoder ? channel.encoder.send({ round: r, pages: part, final }) : this.#plain(channel.conn, r, part);
       }),
     );
     const bytes = sent.reduce((a, b) => a + b, 0);
@@ -163,13 +176,14 @@ export class Lanes {
    * ROUND_END on every extra channel (the main one's goes with the round's statistics): its
    * pages of that round all went before it. `last`: nothing more follows on them.
    */
-  async endRound(round: number, version: number, last = false): Promise<void> {
+  async endRound(round: number, version: number, o: { last?: boolean } = {}): Promise<void> {
+    const last = o.last === true;
     if (this.#ended) return;
     if (last) this.#ended = true;
     await Promise.all(
-      this.lanes.slice(1).map((l) => l.channel.send(encodeRoundEnd({ round, pages: l.roundPages, ...(last ? { last: true as const } : {}) }, version))),
+      this.all.slice(1).map((c) => c.conn.send(encodeRoundEnd({ round, pages: c.roundPages, ...(last ? { last: true as const } : {}) }, version))),
     );
-    for (const l of this.lanes) l.roundPages = 0;
+    for (const c of this.all) c.roundPages = 0;
   }
 
   /** Whether every page goes on the main connection now (the extra channels ended, or there are none). */
@@ -186,8 +200,8 @@ export class Lanes {
   async narrow(round: number, version: number, readAck: () => Promise<RoundEnd>, why?: string): Promise<void> {
     if (this.count === 1 || this.#ended) return;
     trace('source', SourceEvent.channelsEnd, { round, why: why ?? 'the end of pre-copy' });
-    await this.endRound(round, version, true);
-    await this.lanes[0]!.channel.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
+    await this.endRound(round, version, { last: true });
+    await this.all[0]!.conn.send(encodeRoundEnd({ round, pages: 0, last: true }, version));
     for (;;) {
       const ack = await readAck();
       if (ack.last) break;
@@ -204,9 +218,9 @@ export class Lanes {
   /** why the extra channels ended before the end of pre-copy, if they did */
   narrowedWhy: string | undefined;
 
-  /** Every lane's encoding counts, summed. */
+  /** Every channel's encoding counts, summed. */
   stats(): EncodingStats | undefined {
-    const all = this.lanes.map((l) => l.encoder?.stats).filter((s): s is EncodingStats => s !== undefined);
+    const all = this.all.map((c) => c.encoder?.stats).filter((s): s is EncodingStats => s !== undefined);
     if (all.length === 0) return undefined;
     const sum: EncodingStats = { zero_pages: 0, dup_pages: 0, lz4_pages: 0, raw_pages: 0, skipped_pages: 0, lz4_in: 0, lz4_out: 0 };
     for (const s of all) for (const k of Object.keys(sum) as (keyof EncodingStats)[]) sum[k] += s[k];
@@ -214,28 +228,41 @@ export class Lanes {
   }
 
   async closeEncoders(): Promise<void> {
-    await Promise.all(this.lanes.map((l) => l.encoder?.close()));
+    await Promise.all(this.all.map((c) => c.encoder?.close()));
   }
 
   /** Closes the extra channels (the main one is the migration's own to close). */
   closeExtras(): void {
-    for (const l of this.lanes.slice(1)) l.channel.close();
+    for (const c of this.all.slice(1)) c.conn.close();
   }
 }
 
+/** Which channel attachChannel opens, and how. */
+export interface AttachChannel {
+  /** opens a further connection to the destination (authenticated like the first) */
+  open: () => Promise<FramedConnection>;
+  /** the session token the destination's ACCEPT gave */
+  session: string;
+  /** the channel's index, 1.. (the main connection is 0) */
+  channel: number;
+  version: number;
+  /** how long ATTACHED may take */
+  timeoutMs: number;
+}
+
 /**
- * Opens channel k (1..) of the session, names it with ATTACH and waits for ATTACHED (a
- * receiver refuses a connection that sends more before its first frame is answered); closed
- * again on failure.
+ * Opens a channel of the session, names it with ATTACH and waits for ATTACHED (a receiver
+ * refuses a connection that sends more before its first frame is answered); closed again on
+ * failure.
  */
-export async function attachChannel(open: () => Promise<WireChannel>, session: string, k: number, version: number, timeoutMs: number): Promise<WireChannel> {
-  const ch = await open();
+export async function attachChannel(o: AttachChannel): Promise<FramedConnection> {
+  const conn = await o.open();
   try {
-    await ch.send(encodeAttach({ session, role: 'channel', channel: k }, version));
-    await ch.expect(FrameType.Attached, (f) => peerError(f, 'handshake'), timeoutMs);
+    await conn.send(encodeAttach({ session: o.session, role: 'channel', channel: o.channel }, o.version));
+    await conn.expect(FrameType.Attached, (f) => peerError(f, 'handshake'), o.timeoutMs);
   } catch (e) {
-    ch.close();
+    conn.close();
     throw e;
   }
-  return ch;
+  return conn;
 }

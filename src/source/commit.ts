@@ -7,7 +7,7 @@ import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
 import { FrameType } from '../protocol/format.js';
 import { decodeActivated, decodeDigest, encodeCommit, encodeDeviceState } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
 import { now, type SourceContext } from './context.js';
@@ -26,7 +26,7 @@ export interface Activation {
 }
 
 export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGuest): Promise<Activation> {
-  const { channel, version } = ctx.session;
+  const { conn, version } = ctx.session;
   const pageCount = ctx.settings.options.region.pageCount;
   // The destination proves it holds the image before we commit (DIGEST): the handshake refused
   // any destination that could not. A same-host upgrade has no image to prove: the destination
@@ -37,13 +37,13 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
   // page: ~0.4 ms for 1 GiB here), instead of one after the other. COMMIT is the point of
   // commitment: a write that failed did not deliver it whole, so the guest may still resume
   // here; once the write is done, an ERROR back means it did not activate.
-  await channel.send(encodeDeviceState(stopped.deviceState, version, prove));
+  await conn.send(encodeDeviceState(stopped.deviceState, version, { prove }));
   ctx.announceCommitment();
   const digest = digestOf(ctx.hashes, 'commit');
   trace('source', SourceEvent.digestComputed);
-  if (prove) await checkProof(channel, digest, pageCount);
+  if (prove) await checkProof(conn, digest, pageCount);
   await ctx.beginCommitment();
-  await channel.send(encodeCommit({ digest, pageCount, activate: true }, version));
+  await conn.send(encodeCommit({ digest, pageCount, activate: true }, version));
   ctx.enter('activating');
   const tSent = now();
   trace('source', SourceEvent.commitSent, { pages: stopped.lastPages });
@@ -62,11 +62,11 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
  * resolveTimeoutMs the outcome is unknown and the guest stays paused here.
  */
 async function confirmActivation(ctx: SourceContext): Promise<ReturnType<typeof decodeActivated>> {
-  const { channel } = ctx.session;
+  const { conn } = ctx.session;
   try {
     // a destination silent this long after COMMIT is asked on a new connection (it may be
     // stopped, or the link dark): the deadlines stopped at the commitment, this one did not
-    return decodeActivated((await channel.expect(FrameType.Activated, (f) => peerError(f, 'activate'), ctx.settings.progressTimeoutMs)).payload);
+    return decodeActivated((await conn.expect(FrameType.Activated, (f) => peerError(f, 'activate'), ctx.settings.progressTimeoutMs)).payload);
   } catch (e) {
     await resolveLostCommitment(ctx, e, 'ACTIVATED');
     return { activateMs: 0 }; // it runs there; how long activation took is lost with the link
@@ -77,8 +77,8 @@ async function confirmActivation(ctx: SourceContext): Promise<ReturnType<typeof 
  * The destination's own digest against ours, before anything commits: a mismatch (or a peer
  * that skips the proof) ends the migration with the guest resumed here.
  */
-async function checkProof(channel: WireChannel, digest: bigint, pageCount: number): Promise<void> {
-  const theirs = decodeDigest((await channel.expect(FrameType.Digest, (f) => peerError(f, 'commit'))).payload);
+async function checkProof(conn: FramedConnection, digest: bigint, pageCount: number): Promise<void> {
+  const theirs = decodeDigest((await conn.expect(FrameType.Digest, (f) => peerError(f, 'commit'))).payload);
   trace('source', SourceEvent.destinationDigestReceived);
   if (theirs.pageCount !== pageCount || theirs.digest !== digest) {
     throw new LivemigError(

@@ -4,14 +4,14 @@
  * function over this object (see migrate.ts for the order).
  */
 import { LivemigError } from '../errors.js';
-import type { PageEncoder } from '../encoding/encoder.js';
-import type { ChannelChoice, Lanes } from './channels.js';
+import type { PageEncoder, RoundPages } from '../encoding/encoder.js';
+import type { ChannelChoice, OutgoingChannels } from './channels.js';
 import { Pacer } from '../pacing/pacer.js';
 import { Stages } from '../stages.js';
 import { Deadlines } from './deadlines.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import type { Accept } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
+import type { FramedConnection } from '../protocol/connection.js';
 import type { SecurityReport } from '../security/tls.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import type { Settings } from './options.js';
@@ -39,7 +39,7 @@ export const now = (): number => performance.now();
 
 /** What the handshake established; fixed for the rest of the migration. */
 export interface Session {
-  channel: WireChannel;
+  conn: FramedConnection;
   version: number;
   accept: Accept;
   tracker: DirtyTracker;
@@ -48,8 +48,8 @@ export interface Session {
   link: PostcopyLink | undefined;
   encoder: PageEncoder | undefined;
   /** the connections pre-copy's pages go on, the main one first (channels.ts) */
-  lanes: Lanes;
-  channels: ChannelChoice;
+  channels: OutgoingChannels;
+  channelChoice: ChannelChoice;
   /** when the handshake and reservation were done (ms), and how long they took */
   prepMs: number;
   security: SecurityReport;
@@ -77,11 +77,11 @@ export class SourceContext {
   /** called once by abort() while the connection is still being opened */
   #onAbort: (() => void) | undefined;
   /** the connection, as soon as it exists (the handshake may fail before the session does) */
-  channel: WireChannel | undefined;
+  conn: FramedConnection | undefined;
   tracker: DirtyTracker | undefined;
   encoder: PageEncoder | undefined;
-  /** every lane, as soon as they exist (a rollback closes the extra ones) */
-  lanes: Lanes | undefined;
+  /** every channel, as soon as they exist (a rollback closes the extra ones) */
+  channels: OutgoingChannels | undefined;
   /** the guest was paused (or a pause failed half-way): a rollback must resume it */
   paused = false;
   /** the guest was throttled: a rollback must release the throttle */
@@ -154,7 +154,7 @@ export class SourceContext {
     if (this.#committing || s === 'activating' || s === 'postcopy' || s === 'done' || s === 'failed') return false;
     this.abortReason ??= reason;
     this.deadlines.stop();
-    this.channel?.abort(reason);
+    this.conn?.abort(reason);
     this.#onAbort?.();
     return true;
   }
@@ -225,9 +225,10 @@ export class SourceContext {
     this.settings.options.onProgress?.(e);
   }
 
-  /** Sends pages of round `r`, each on its channel, through the encoders or plain when encodings are off; counts them. */
-  async sendPages(r: number, pages: Uint32Array, final: boolean): Promise<number> {
-    const n = await this.session.lanes.send(r, pages, final);
+  /** Sends pages of a round, each on its channel, through the encoders or plain when encodings are off; counts them. */
+  async sendPages(o: RoundPages): Promise<number> {
+    const { pages } = o;
+    const n = await this.session.channels.send(o);
     this.bytesSent += n;
     this.pagesSent += pages.length;
     this.settings.layout.breakdown(pages, this.regionPages);

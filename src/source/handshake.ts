@@ -26,8 +26,8 @@ import {
   PROTOCOL_VERSION,
 } from '../protocol/format.js';
 import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
-import type { WireChannel } from '../protocol/wire.js';
-import { openChannel } from '../security/tls.js';
+import type { FramedConnection } from '../protocol/connection.js';
+import { openConnection } from '../security/tls.js';
 import { frameLimits } from '../protocol/limits.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import { offerMemory } from '../guest/local.js';
@@ -38,7 +38,7 @@ import { warmUpRuntime } from '../warmup.js';
 import { now, type SourceContext } from './context.js';
 import { invalid } from './options.js';
 import { connect, peerError } from './peer.js';
-import { attachChannel, canConnect, chooseChannels, Lanes, type ChannelChoice } from './channels.js';
+import { attachChannel, canConnect, chooseChannels, OutgoingChannels, type ChannelChoice } from './channels.js';
 
 export async function handshake(ctx: SourceContext): Promise<void> {
   const { settings } = ctx;
@@ -53,7 +53,7 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   }
 }
 
-// eslint-disable-next-line max-lines-per-function -- 118 lines: connect, HELLO/ACCEPT and its checks, channels, encoders, in protocol order (issue 30)
+// eslint-disable-next-line max-lines-per-function -- 119 lines: connect, HELLO/ACCEPT and its checks, channels, encoders, in protocol order
 async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory> | undefined): Promise<void> {
   const { settings } = ctx;
   const { options } = settings;
@@ -65,17 +65,17 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
   trace('source', SourceEvent.connected);
-  // a cancel during the secure handshake ends it here (the channel does not exist yet)
+  // a cancel during the secure handshake ends it here (the FramedConnection does not exist yet)
   ctx.onAbort(() => socket.destroy());
-  const opened = await openChannel(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
-  const channel = opened.channel;
+  const opened = await openConnection(socket, options.credentials, 'client', settings.handshakeTimeoutMs);
+  const conn = opened.conn;
   ctx.onAbort(undefined);
-  ctx.channel = channel;
-  channel.setFrameLimits(frameLimits({ pageCount: region.pageCount }));
-  if (ctx.abortReason) channel.abort(ctx.abortReason);
+  ctx.conn = conn;
+  conn.setFrameLimits(frameLimits({ pageCount: region.pageCount }));
+  if (ctx.abortReason) conn.abort(ctx.abortReason);
   // frames from the destination are read as they come, so an ERROR it sends while we are
   // busy sending pages explains the failure instead of a bare connection reset
-  channel.readAhead();
+  conn.readAhead();
   ctx.enter('handshake');
   const enc = settings.encodings;
   const wantEncodings = enc.zero || enc.dedup || enc.compress;
@@ -84,7 +84,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ? { count: 1, reason: 'a same-host upgrade sends no page' }
     : settings.mode === 'postcopy'
       ? { count: 1, reason: 'post-copy from the start has no pre-copy pass' }
-      : chooseChannels(options.channels, canConnect(options.to, options.connect));
+      : chooseChannels({ asked: options.channels, canConnect: canConnect(options.to, options.connect) });
   const capabilities = [
     ...(wanted.count > 1 ? [CAP_CHANNELS] : []),
     ...(local ? [CAP_LOCAL] : []),
@@ -94,7 +94,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
-  await channel.send(
+  await conn.send(
     encodeHello({
       versions: [MIN_SOURCE_VERSION, PROTOCOL_VERSION],
       regionBytes: region.size,
@@ -107,8 +107,8 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     }),
   );
   trace('source', SourceEvent.helloSent);
-  const accept = decodeAccept((await channel.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
-  checkProofOffered(accept, local !== undefined);
+  const accept = decodeAccept((await conn.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
+  checkProofOffered(accept, { local: local !== undefined });
   const version = accept.version;
   if (local) {
     if (!accept.capabilities.includes(CAP_LOCAL))
@@ -126,35 +126,36 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   if (settings.mode !== 'precopy' && !link)
     throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
   const granted = grantedChannels(accept, wanted);
-  const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, channel, accept) : undefined;
+  const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, conn, accept) : undefined;
   const extras = granted.count > 1 ? await openExtraChannels(ctx, accept.session!, granted.count, version) : [];
   // the encoders (first touch of their buffers included) are set up while the destination
   // reserves: in the first round they would take the CPU from the guest and the round
-  const channels = [channel, ...extras];
-  const linkFigure = (): LinkFigure | undefined => ctx.lanes?.link();
-  const encoders = channels.map((ch, k) =>
+  const conns = [conn, ...extras];
+  const linkFigure = (): LinkFigure | undefined => ctx.channels?.link();
+  const encoders = conns.map((conn, k) =>
     image
       ? new PageEncoder({
           region,
-          channel: ch,
+          conn,
           hashes: ctx.hashes,
-          dedup: dedupIndex(region.pageCount, image, channels.length, k),
+          dedup: dedupIndex(region.pageCount, image, conns.length, k),
           encodings: enc,
           version,
           batchPages: settings.batchPages,
           probe: () => ctx.tracker?.writtenProbe?.(),
           link: linkFigure,
-          onSent: (b) => ctx.lanes?.noteSent(b),
+          onSent: (b) => ctx.channels?.noteSent(b),
         })
       : undefined,
   );
   const encoder = encoders[0];
   ctx.encoder = encoder;
-  const lanes = new Lanes(
-    channels.map((ch, k) => ({ channel: ch, encoder: encoders[k], roundPages: 0 })),
-    async (ch, r, pages) => (await ch.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
-  );
-  ctx.lanes = lanes;
+  const channels = new OutgoingChannels({
+    channels: conns.map((conn, k) => ({ conn, encoder: encoders[k], roundPages: 0 })),
+    sendPlain: async (conn, r, pages) =>
+      (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
+  });
+  ctx.channels = channels;
   await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
   const prepMs = now() - ctx.tConnect;
   let tracker = options.tracker;
@@ -171,7 +172,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     trackerReason = `${choice.backend}: ${choice.reason}`;
   }
   ctx.tracker = tracker;
-  ctx.session = { channel, version, accept, tracker, trackerReason, link, encoder, lanes, channels: granted, prepMs, security: opened.security };
+  ctx.session = { conn, version, accept, tracker, trackerReason, link, encoder, channels, channelChoice: granted, prepMs, security: opened.security };
   ctx.progress({
     type: 'handshake',
     prep_ms: prepMs,
@@ -190,7 +191,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
  * guest never paused. A same-host upgrade proves itself otherwise: the destination took the
  * memory from a socket that only this authenticated connection's token opens.
  */
-function checkProofOffered(accept: Accept, local: boolean): void {
+function checkProofOffered(accept: Accept, o: { local: boolean }): void {
   if (accept.version < MIN_SOURCE_VERSION || accept.version > PROTOCOL_VERSION) {
     throw new LivemigError(
       'ERR_LIVEMIG_VERSION',
@@ -199,7 +200,7 @@ function checkProofOffered(accept: Accept, local: boolean): void {
       { phase: 'handshake' },
     );
   }
-  if (!local && !accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
+  if (!o.local && !accept.capabilities.includes(CAP_COMMIT_ACTIVATE)) {
     throw new LivemigError(
       'ERR_LIVEMIG_PROTOCOL',
       "the destination's ACCEPT drops commit-activate, without which it does not prove it holds the image before the commit: refused, the guest stays here",
@@ -214,7 +215,7 @@ function postcopyLink(ctx: SourceContext, accept: Accept, version: number): Post
 }
 
 /** Opens one more connection to the destination, authenticated as the first one was. */
-function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): () => Promise<WireChannel> {
+function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): () => Promise<FramedConnection> {
   const { options } = ctx.settings;
   const to = options.to;
   const open =
@@ -224,10 +225,10 @@ function anotherConnection(ctx: SourceContext, why: 'post-copy' | 'channels'): (
       return connect(to);
     });
   // every further connection (the priority one, each after a break, each channel) is authenticated too
-  return async (): Promise<WireChannel> => {
-    const ch = (await openChannel(await open(), options.credentials, 'client', ctx.settings.handshakeTimeoutMs)).channel;
-    if (why === 'channels') ch.setFrameLimits(frameLimits({ pageCount: options.region.pageCount }));
-    return ch;
+  return async (): Promise<FramedConnection> => {
+    const conn = (await openConnection(await open(), options.credentials, 'client', ctx.settings.handshakeTimeoutMs)).conn;
+    if (why === 'channels') conn.setFrameLimits(frameLimits({ pageCount: options.region.pageCount }));
+    return conn;
   };
 }
 
@@ -248,15 +249,15 @@ function grantedChannels(accept: Accept, wanted: ChannelChoice): ChannelChoice {
 }
 
 /** Channels 1.. of the session, each authenticated and named with ATTACH; all closed if one fails. */
-async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<WireChannel[]> {
+async function openExtraChannels(ctx: SourceContext, session: string, count: number, version: number): Promise<FramedConnection[]> {
   const open = anotherConnection(ctx, 'channels');
   const opened = await Promise.allSettled(
-    Array.from({ length: count - 1 }, (_, i) => attachChannel(open, session, i + 1, version, ctx.settings.handshakeTimeoutMs)),
+    Array.from({ length: count - 1 }, (_, i) => attachChannel({ open, session, channel: i + 1, version, timeoutMs: ctx.settings.handshakeTimeoutMs })),
   );
   const failed = opened.find((o): o is PromiseRejectedResult => o.status === 'rejected');
-  const channels = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
+  const conns = opened.flatMap((o) => (o.status === 'fulfilled' ? [o.value] : []));
   if (failed) {
-    for (const ch of channels) ch.close();
+    for (const conn of conns) conn.close();
     throw failed.reason instanceof LivemigError
       ? failed.reason
       : new LivemigError('ERR_LIVEMIG_CONNECTION', `opening a channel failed: ${(failed.reason as Error).message}`, {
@@ -264,18 +265,15 @@ async function openExtraChannels(ctx: SourceContext, session: string, count: num
           cause: failed.reason,
         });
   }
-  if (ctx.abortReason) for (const ch of channels) ch.abort(ctx.abortReason);
-  return channels;
+  if (ctx.abortReason) for (const conn of conns) conn.abort(ctx.abortReason);
+  return conns;
 }
 
 /** What the destination holds before any page moves: a fresh (all-zero) region, or the image whose hashes it sends now. */
-async function destinationImage(ctx: SourceContext, channel: WireChannel, accept: Accept): Promise<BigUint64Array> {
+async function destinationImage(ctx: SourceContext, conn: FramedConnection, accept: Accept): Promise<BigUint64Array> {
   const { region } = ctx.settings.options;
   return accept.capabilities.includes(CAP_IMAGE_HASHES)
-    ? decodeImageHashes(
-        (await channel.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload,
-        region.pageCount,
-      )
+    ? decodeImageHashes((await conn.expect(FrameType.ImageHashes, (f) => peerError(f, 'handshake'), ctx.settings.handshakeTimeoutMs)).payload, region.pageCount)
     : new BigUint64Array(region.pageCount).fill(call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash()));
 }
 

@@ -26,8 +26,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrationReport>
     const outcome = options.local ? await noRounds(ctx) : await runRounds(ctx);
     const end = outcome === 'postcopy' ? await switchToPostcopy(ctx) : await stopAndCopyAndActivate(ctx);
     ctx.unbindControl();
-    ctx.lanes?.closeExtras();
-    await ctx.lanes?.closeEncoders();
+    ctx.channels?.closeExtras();
+    await ctx.channels?.closeEncoders();
     if (options.release) await options.release();
     return buildReport(ctx, end);
   } catch (e) {
@@ -49,7 +49,7 @@ async function stopAndCopyAndActivate(ctx: SourceContext): Promise<Ending> {
   const a = await commitAndActivate(ctx, stopped);
   ctx.enter('done');
   // closing first tells the destination we heard ACTIVATED (it need not wait for a RESOLVE)
-  await ctx.session.channel.finish();
+  await ctx.session.conn.finish();
   // tracking stops after the hand-over: the guest is paused, and undoing write protection
   // walks the whole range (kernel work that has no place in the pause)
   await ctx.session.tracker.stop();

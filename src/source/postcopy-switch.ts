@@ -18,11 +18,11 @@ import { noStopAndCopy, type Ending } from './report.js';
 export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   const { settings } = ctx;
   const { region } = settings.options;
-  const { channel, version, tracker } = ctx.session;
+  const { conn, version, tracker } = ctx.session;
   const link = ctx.session.link!; // the handshake refused post-copy modes without one, and the rounds a switch
   const prio = await attachConnection(link, 'prio');
   const allPages = new Uint8Array(region.pageCount).fill(1);
-  const server = new PageServer(region, allPages, version, ctx.round + 1, settings.batchPages);
+  const server = new PageServer({ region, needed: allPages, version, round: ctx.round + 1, batchPages: settings.batchPages });
   ctx.enter('stop-and-copy');
   const tPause = now();
   ctx.deadlines.armPause();
@@ -46,7 +46,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   const tPc = now();
   const pc = await runPostcopy({
     server,
-    channel,
+    conn,
     deviceState: encodeDeviceState(deviceState, version),
     prio,
     link,

@@ -21,8 +21,8 @@ export function noStopAndCopy(activateMs: number): MigrationReport['stop_and_cop
 }
 
 export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
-  const { tracker, encoder, prepMs, lanes } = ctx.session;
-  const es = lanes.stats();
+  const { tracker, encoder, prepMs, channels } = ctx.session;
+  const es = channels.stats();
   const pc = end.postcopy;
   // each page once: a resent page went by push and by request
   const pcPages = pc ? pc.stats.pages_pushed + pc.stats.pages_served - pc.stats.pages_resent : 0;
@@ -40,8 +40,8 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     pages_sent: ctx.pagesSent + pcPages,
     tracker: tracker.backend,
     tracker_reason: ctx.session.trackerReason,
-    channels: ctx.session.channels.count,
-    channels_reason: ctx.session.channels.reason + (lanes.narrowedWhy ? `; the extra ones ended early: ${lanes.narrowedWhy}` : ''),
+    channels: ctx.session.channelChoice.count,
+    channels_reason: ctx.session.channelChoice.reason + (channels.narrowedWhy ? `; the extra ones ended early: ${channels.narrowedWhy}` : ''),
     local: ctx.settings.options.local !== undefined,
     zero_pages: es?.zero_pages ?? 0,
     dup_pages: es?.dup_pages ?? 0,

@@ -10,7 +10,7 @@ import net from 'node:net';
 import { LivemigError } from '../errors.js';
 import { CAP_RESOLVE, FrameType, PROTOCOL_VERSION } from '../protocol/format.js';
 import { decodeResolved, encodeResolve, type ResolveOutcome } from '../protocol/messages.js';
-import { openChannel, type Credentials } from '../security/tls.js';
+import { openConnection, type Credentials } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
 import type { SourceContext } from './context.js';
@@ -28,12 +28,12 @@ export interface ResolveTarget {
 
 /** One question on a fresh connection; throws when there is no answer. */
 export async function askOutcome(t: ResolveTarget): Promise<ResolveOutcome> {
-  const { channel } = await openChannel(await connect(t.to), t.credentials, 'client', t.handshakeTimeoutMs);
+  const { conn } = await openConnection(await connect(t.to), t.credentials, 'client', t.handshakeTimeoutMs);
   try {
-    await channel.send(encodeResolve({ session: t.session }, PROTOCOL_VERSION));
-    return decodeResolved((await channel.expect(FrameType.Resolved, (f) => peerError(f, 'resolve'), ANSWER_WAIT_MS)).payload).outcome;
+    await conn.send(encodeResolve({ session: t.session }, PROTOCOL_VERSION));
+    return decodeResolved((await conn.expect(FrameType.Resolved, (f) => peerError(f, 'resolve'), ANSWER_WAIT_MS)).payload).outcome;
   } finally {
-    channel.close();
+    conn.close();
   }
 }
 
@@ -75,11 +75,11 @@ export const unknownOutcome = (message: string, cause: unknown): LivemigError =>
  */
 export async function resolveLostCommitment(ctx: SourceContext, e: unknown, awaited: string): Promise<void> {
   if (e instanceof Error && isReportedByPeer(e)) throw e;
-  const { accept, channel } = ctx.session;
+  const { accept, conn } = ctx.session;
   const to = ctx.settings.options.to;
   if (!accept.capabilities.includes(CAP_RESOLVE) || !accept.session || to instanceof net.Socket) throw e;
   const session = accept.session;
-  channel.close();
+  conn.close();
   trace('source', SourceEvent.commitmentUnconfirmed, { reason: (e as Error).message });
   const { credentials } = ctx.settings.options;
   const r = await resolveOutcome(
@@ -91,8 +91,8 @@ export async function resolveLostCommitment(ctx: SourceContext, e: unknown, awai
     throw markReportedByPeer(
       new LivemigError(
         'ERR_LIVEMIG_CONNECTION',
-        `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced ` +
-          `the session: the guest resumes here`,
+        `the link was lost after the commitment (${(e as Error).message}); asked again, the destination says it did not activate and has fenced the ` +
+          `session: the guest resumes here`,
         { phase: 'activate', cause: e },
       ),
     );

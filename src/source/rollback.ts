@@ -15,14 +15,14 @@ const PEER_ERROR_GRACE_MS = 50;
 /** Undoes what can be undone; returns the error to throw. */
 export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigError> {
   const failedIn = ctx.fail();
-  const { channel, tracker, lanes, settings } = ctx;
+  const { conn, tracker, channels, settings } = ctx;
   ctx.unbindControl();
-  lanes?.closeExtras();
+  channels?.closeExtras();
   // A destination that refused something sends ERROR and closes; our send may fail first.
   // Its ERROR, if it arrives within a moment, is the real cause.
-  if (channel && e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION') {
+  if (conn && e instanceof LivemigError && e.code === 'ERR_LIVEMIG_CONNECTION') {
     await new Promise((r) => setTimeout(r, PEER_ERROR_GRACE_MS));
-    const f = channel.takeQueuedError();
+    const f = conn.takeQueuedError();
     if (f) e = peerError(f, failedIn);
   }
   // a cancel or a deadline ended it: that is the cause, not the connection it shut down
@@ -33,13 +33,13 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
       : new LivemigError('ERR_LIVEMIG_ABORTED', `migration failed in ${failedIn}: ${(e as Error).message}`, { phase: failedIn, cause: e });
   if (failedIn === 'postcopy' || failedIn === 'done') {
     // the guest runs at the destination: it must never resume here; this copy stays, paused
-    channel?.close();
+    conn?.close();
     return err;
   }
   // The destination answering ACTIVATE with an ERROR has discarded its copy (its activation
   // failed): the source is still the only guest, so it resumes below like any early failure.
   if (failedIn === 'activating' && !isReportedByPeer(err)) {
-    channel?.close();
+    conn?.close();
     if (err.code === 'ERR_LIVEMIG_ACTIVATION_UNKNOWN') return err; // resolving was tried and says how to go on
     return new LivemigError(
       'ERR_LIVEMIG_ACTIVATION_UNKNOWN',
@@ -50,9 +50,9 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
       },
     );
   }
-  if (channel) await channel.finish(channel.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
+  if (conn) await conn.finish(conn.closed ? undefined : encodeAbort({ reason: err.message }, PROTOCOL_VERSION));
   await tracker?.stop().catch(() => undefined); // a stop failure must not hide the cause
-  await lanes?.closeEncoders().catch(() => undefined);
+  await channels?.closeEncoders().catch(() => undefined);
   if (ctx.throttled) {
     try {
       await settings.options.throttle!(0); // the guest runs at full speed here again

@@ -13,6 +13,7 @@ import { WritableWorkingSet } from '../precopy/wws.js';
 import { FrameType } from '../protocol/format.js';
 import { decodeRoundAck, encodeRoundEnd, type RoundEnd } from '../protocol/messages.js';
 import { FAST_LINK_MBPS, LINK_WINDOW } from '../encoding/chooser.js';
+import type { RoundPages } from '../encoding/encoder.js';
 import { now, type SourceContext } from './context.js';
 import { peerError } from './peer.js';
 import type { RoundStats } from './types.js';
@@ -32,7 +33,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   const { settings } = ctx;
   const { options } = settings;
   const { region } = options;
-  const { channel, version, tracker, link } = ctx.session;
+  const { conn, version, tracker, link } = ctx.session;
   // Arm tracking before the first page is read: a write after this is caught by a later round.
   // (post-copy from the start has no rounds: nothing to track)
   if (settings.mode !== 'postcopy') await tracker.start();
@@ -56,9 +57,9 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     trace('source', SourceEvent.roundBegins, { round });
     ctx.pendingSince = ctx.pagesSent;
     if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
-    const { bytes, unsent } = await sendRound(ctx, round, ctx.pending, false, long ? ROUND_BUDGET_MS : undefined);
+    const { bytes, unsent } = await sendRound(ctx, { round, pages: ctx.pending, ...(long ? { budgetMs: ROUND_BUDGET_MS } : {}) });
     const sentPages = ctx.pending.length - unsent.length;
-    await Promise.all([channel.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.lanes.endRound(round, version)]);
+    await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.channels.endRound(round, version)]);
     const duration = now() - t0;
     const dirty = await tracker.collect();
     wws?.record(dirty);
@@ -130,11 +131,11 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // The extra channels end here, before the pause: the pause's pages (and post-copy's) go on
   // the main connection, which ROUND_END {last} tells so; the destination acknowledges it once
   // every channel has ended, so from then on it takes any page there (docs/PROTOCOL.md).
-  const { lanes } = ctx.session;
-  await lanes.narrow(ctx.round, version, () => readRoundAck(ctx));
+  const { channels } = ctx.session;
+  await channels.narrow(ctx.round, version, () => readRoundAck(ctx));
   // Let the destination finish applying what is in flight before the pause, so that the
   // pause does not pay for its backlog.
-  while (lanes.ackedRound < ctx.round) lanes.ackedRound = Math.max(lanes.ackedRound, (await readRoundAck(ctx)).round);
+  while (channels.ackedRound < ctx.round) channels.ackedRound = Math.max(channels.ackedRound, (await readRoundAck(ctx)).round);
   return outcome;
 }
 
@@ -151,19 +152,19 @@ function convergencePolicy({ settings }: SourceContext): ConvergencePolicy {
 }
 
 function linkMBps(ctx: SourceContext): number {
-  const l = ctx.session.lanes.link();
+  const l = ctx.session.channels.link();
   return l.ms > 0 ? l.bytes / 1e3 / l.ms : Number.POSITIVE_INFINITY;
 }
 
 /** The extra channels are still up, and the link, measured, is below what needs more than one. */
 function slowLink(ctx: SourceContext): boolean {
-  const { lanes } = ctx.session;
-  return !lanes.narrowed && lanes.link().bytes >= LINK_WINDOW && linkMBps(ctx) <= FAST_LINK_MBPS;
+  const { channels } = ctx.session;
+  return !channels.narrowed && channels.link().bytes >= LINK_WINDOW && linkMBps(ctx) <= FAST_LINK_MBPS;
 }
 
 /** The next ROUND_ACK from the destination (progress: it applied a round). */
 async function readRoundAck(ctx: SourceContext): Promise<RoundEnd> {
-  const ack = decodeRoundAck((await ctx.session.channel.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
+  const ack = decodeRoundAck((await ctx.session.conn.expect(FrameType.RoundAck, (f) => peerError(f, 'precopy'))).payload);
   ctx.deadlines.noteProgress();
   return ack;
 }
@@ -172,13 +173,8 @@ async function readRoundAck(ctx: SourceContext): Promise<RoundEnd> {
  * Sends a round's pages in chunks, paced; stops early at the byte bound, at the end of the
  * round's time budget, or when the deadline nears. Returns the bytes sent and the pages left.
  */
-export async function sendRound(
-  ctx: SourceContext,
-  r: number,
-  pages: Uint32Array,
-  final: boolean,
-  budgetMs?: number,
-): Promise<{ bytes: number; unsent: Uint32Array }> {
+export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?: number }): Promise<{ bytes: number; unsent: Uint32Array }> {
+  const { round: r, pages, final = false, budgetMs } = o;
   const { settings, pacer } = ctx;
   const { region } = settings.options;
   // a page listed twice would be refused by the destination; say which list broke the rule
@@ -194,16 +190,16 @@ export async function sendRound(
   while (at < pages.length) {
     // chunks where the round may have to stop early: at a deadline, or at the byte bound
     const mayCross = !final && ctx.bytesSent + (pages.length - at) * region.pageSize > settings.maxBytes;
-    let chunk = pacer.chunkPages(pages.length, deadlineAt !== undefined || mayCross || budgetMs !== undefined);
+    let chunk = pacer.chunkPages(pages.length, { mayStopEarly: deadlineAt !== undefined || mayCross || budgetMs !== undefined });
     // channels not yet judged against the link: a chunk ends where it is, so that they can end
-    const { lanes } = ctx.session;
-    if (!lanes.narrowed && lanes.link().bytes < LINK_WINDOW)
-      chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - lanes.link().bytes) / region.pageSize)));
+    const { channels } = ctx.session;
+    if (!channels.narrowed && channels.link().bytes < LINK_WINDOW)
+      chunk = Math.min(chunk, Math.max(1, Math.ceil((LINK_WINDOW - channels.link().bytes) / region.pageSize)));
     const part = pages.subarray(at, at + chunk);
     // on a link one stream fills, extra channels only cost CPU (and each its own compressor):
     // once the link is measured, they end and the main connection carries the rest
     if (!final && slowLink(ctx))
-      await ctx.session.lanes.narrow(
+      await ctx.session.channels.narrow(
         r,
         ctx.session.version,
         () => readRoundAck(ctx),
@@ -211,7 +207,7 @@ export async function sendRound(
       );
     const t0 = now();
     tRoundStart ??= t0;
-    const b = await ctx.sendPages(r, part, final);
+    const b = await ctx.sendPages({ round: r, pages: part, final });
     pacer.record(b, part.length, t0, now());
     bytes += b;
     at += part.length;

@@ -82,7 +82,7 @@ export class UffdAsyncTracker implements DirtyTracker {
         this.#pagemapFd = call('ERR_LIVEMIG_TRACKING', 'tracking', 'opening /proc/self/pagemap', () => addon.pagemapOpen(0));
       }
       // Protect everything now: what was written before start() is not reported.
-      this.#scanSync();
+      this.#scanSync({ rearm: true });
     } catch (e) {
       this.#closeAll();
       throw e;
@@ -126,7 +126,7 @@ export class UffdAsyncTracker implements DirtyTracker {
    */
   collectSync(options: { rearm?: boolean } = {}): Uint32Array {
     if (!this.#state.tracking) throw new LivemigError('ERR_LIVEMIG_STATE', 'uffd-async tracker: collectSync() while not tracking', { phase: 'tracking' });
-    return this.#scanSync(options.rearm ?? true);
+    return this.#scanSync({ rearm: options.rearm ?? true });
   }
 
   /**
@@ -150,7 +150,8 @@ export class UffdAsyncTracker implements DirtyTracker {
     this.#closeAll();
   }
 
-  #scanSync(rearm = true): Uint32Array {
+  #scanSync(o: { rearm: boolean }): Uint32Array {
+    const { rearm } = o;
     const ranges = this.#target?.ranges;
     if (ranges && ranges.length > 1) {
       const size = this.#region.pageSize;

@@ -100,7 +100,7 @@ export function pagesDataOffset(count: number): number {
 }
 export function writePagesPrefix(out: Buffer, round: number, pages: Uint32Array, version: number): void {
   const count = pages.length;
-  encodeHeader(FrameType.Pages, out.length - HEADER_BYTES, version, 0, out);
+  encodeHeader(FrameType.Pages, out.length - HEADER_BYTES, { version, into: out });
   out.writeUInt32LE(round, HEADER_BYTES);
   out.writeUInt32LE(count, HEADER_BYTES + 4);
   const idx = HEADER_BYTES + PAGES_PREFIX_BYTES;

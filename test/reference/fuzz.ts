@@ -67,7 +67,7 @@ function validFrame(type: FrameType, rng: Rng): Buffer {
     case FrameType.RoundAck:
       return M.encodeRoundAck({ round: 1, pages: 1 }, V);
     case FrameType.DeviceState:
-      return M.encodeDeviceState(Buffer.alloc(rng.int(64), 7), V, rng.int(2) === 1);
+      return M.encodeDeviceState(Buffer.alloc(rng.int(64), 7), V, { prove: rng.int(2) === 1 });
     case FrameType.Commit:
       return M.encodeCommit({ digest: BigInt(rng.int(2 ** 31)), pageCount: FUZZ_PAGES, ...(rng.int(2) ? { activate: true } : {}) }, V);
     case FrameType.CommitAck:

@@ -111,10 +111,6 @@ function describeDaemon(r: DaemonDemoReport): string {
 function describe(r: DemoReport): string {
   const mib = (b: number): string => `${(b / 2 ** 20).toFixed(1)} MiB`;
   const dp = r.destination_postcopy;
-  const auth = r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`;
-  const encodings = r.encodings
-    ? `${r.zero_pages} zero, ${r.dup_pages} dup, ${r.lz4_pages} lz4 (ratio ${r.lz4_ratio}), ${r.raw_pages} raw, ${r.skipped_pages} already there`
-    : 'off';
   return (
     [
       `verified: ${r.verified ? 'yes' : 'NO'} (digest ${r.digest}; guest checked every page: ${r.guest_verified.bad} wrong after ` +
@@ -140,8 +136,13 @@ function describe(r: DemoReport): string {
       `downtime as the guest saw it (largest heartbeat gap from the first page on): ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ` +
         `${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
       `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,
-      `security: ${auth}; pages ${r.security.encrypted ? 'encrypted (AES-256-GCM records keyed from the TLS session)' : 'not encrypted'}`,
-      `encodings: ${encodings}`,
+      `security: ${r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`}; ` +
+        `pages ${r.security.encrypted ? 'encrypted (AES-256-GCM records keyed from the TLS session)' : 'not encrypted'}`,
+      `encodings: ${
+        r.encodings
+          ? `${r.zero_pages} zero, ${r.dup_pages} dup, ${r.lz4_pages} lz4 (ratio ${r.lz4_ratio}), ${r.raw_pages} raw, ${r.skipped_pages} already there`
+          : 'off'
+      }`,
     ].join('\n') + '\n'
   );
 }

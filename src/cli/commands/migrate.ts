@@ -52,6 +52,6 @@ export const migrate: Command = {
     const { body: created } = await request<{ id: string; state: string }>(t, 'POST', '/v1/migrations', body);
     process.stdout.write((v['json'] === true ? JSON.stringify(created) : `migration ${created.id} ${created.state}`) + '\n');
     if (v['follow'] !== true) return 0;
-    return followMigration(t, created.id, v['json'] === true);
+    return followMigration(t, created.id, { json: v['json'] === true });
   },
 };

@@ -61,8 +61,8 @@ export const serve: Command = {
       type: 'string',
       value: 'N',
       help:
-        "the daemon's own nice value (default -5 as root, else 0): guests' pauses wait on it; the destination guests it starts keep the nice " +
-        'it was started with',
+        "the daemon's own nice value (default -5 as root, else 0): guests' pauses wait on it; the destination guests it starts keep the nice it " +
+        'was started with',
     },
     'shutdown-grace': {
       type: 'string',

@@ -54,8 +54,8 @@ export const cancel: Command = {
   summary: 'cancel an outgoing migration before its point of commitment',
   synopsis: 'ID [--api ...] [--json]',
   description:
-    'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it ' +
-    'has passed its point of commitment.',
+    'Cancels the outgoing migration ID: the destination discards its copy and the guest keeps running here. Refused (ERR_LIVEMIG_STATE) once it has ' +
+    'passed its point of commitment.',
   positionals: true,
   flags: { ...CLIENT_FLAGS },
   async run(v: FlagValues, args: string[]): Promise<number> {

@@ -8,7 +8,8 @@ import { ProgressBar, type ShownProgress } from '../progress-bar.js';
  * Follows migration `id` until it ends: JSON lines (every event) or the bar and one line per
  * state change and round. Returns the exit status: 0 completed, 1 otherwise.
  */
-export async function followMigration(t: ApiTarget, id: string, json: boolean): Promise<number> {
+export async function followMigration(t: ApiTarget, id: string, o: { json: boolean }): Promise<number> {
+  const { json } = o;
   const bar = new ProgressBar();
   let final: { state: string; error?: { code: string; message: string; phase?: string } } | undefined;
   let report: unknown;
@@ -63,6 +64,6 @@ export const watch: Command = {
   flags: { ...CLIENT_FLAGS },
   async run(v: FlagValues, args: string[]): Promise<number> {
     if (args.length !== 1) throw usageError("watch needs one migration ID (see 'livemig watch --help')");
-    return followMigration(targetFrom(v), args[0]!, v['json'] === true);
+    return followMigration(targetFrom(v), args[0]!, { json: v['json'] === true });
   },
 };

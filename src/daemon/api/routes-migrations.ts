@@ -12,7 +12,7 @@ import type { DaemonApi } from './types.js';
 const created = { type: 'object', properties: { id: { type: 'string' }, state: { type: 'string' }, stage: { type: 'string' } } } as const;
 
 export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
-  const view = (m: Migration, detail = true): Record<string, unknown> => ({ ...m.view(detail), ...d.extra(m) });
+  const view = (m: Migration, o?: { detail: boolean }): Record<string, unknown> => ({ ...m.view(o), ...d.extra(m) });
 
   app.post<{ Body: MigrationRequest }>(
     '/v1/migrations',
@@ -21,8 +21,8 @@ export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
         summary: 'migrate a registered guest to another daemon',
         description:
           'Answers once the destination has taken the migration (its handshake: the region is reserved there), or at once when it is queued. A ' +
-          'migration refused before any page moved answers with its error (409 ERR_LIVEMIG_NO_MEMORY when it does not fit the destination) and ' +
-          'the migration id; the guest keeps running here.',
+          'migration refused before any page moved answers with its error (409 ERR_LIVEMIG_NO_MEMORY when it does not fit the destination) and the ' +
+          'migration id; the guest keeps running here.',
         body: migrationRequest,
         response: { 201: created, 400: errorBody, 404: errorBody, 409: errorBody, 502: errorBody, 503: errorBody, 504: errorBody },
       },
@@ -57,7 +57,7 @@ export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
         .filter(
           (m) => (req.query.state === undefined || m.state === req.query.state) && (req.query.direction === undefined || m.direction === req.query.direction),
         )
-        .map((m) => view(m, false)),
+        .map((m) => view(m, { detail: false })),
     }),
   );
 
