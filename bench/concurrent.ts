@@ -202,6 +202,11 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
     const checks = await Promise.all(destPids.map((pid) => observer.waitFor((x) => x.pid === pid && x.verify !== undefined, 300_000).catch(() => undefined)));
     const reports = [...done.values()].flatMap((d) => (d.report ? [d.report] : []));
     const batchMs = tEnd - t0;
+    const quantile = (key: 'total_ms' | 'prep_ms' | 'downtime_ms', q: number, digits: number): number =>
+      +pct(
+        reports.map((r) => r[key]),
+        q,
+      ).toFixed(digits);
     return {
       link: link ? '1gbit-netns' : 'loopback',
       background_guests: background,
@@ -214,30 +219,12 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
       completed: reports.length,
       verified: checks.filter((c) => c?.verify?.bad === 0).length,
       batch_s: +(batchMs / 1e3).toFixed(2),
-      total_ms_p50: +pct(
-        reports.map((r) => r.total_ms),
-        0.5,
-      ).toFixed(0),
-      total_ms_p99: +pct(
-        reports.map((r) => r.total_ms),
-        0.99,
-      ).toFixed(0),
-      prep_ms_p50: +pct(
-        reports.map((r) => r.prep_ms),
-        0.5,
-      ).toFixed(0),
-      prep_ms_p99: +pct(
-        reports.map((r) => r.prep_ms),
-        0.99,
-      ).toFixed(0),
-      downtime_ms_p50: +pct(
-        reports.map((r) => r.downtime_ms),
-        0.5,
-      ).toFixed(2),
-      downtime_ms_p99: +pct(
-        reports.map((r) => r.downtime_ms),
-        0.99,
-      ).toFixed(2),
+      total_ms_p50: quantile('total_ms', 0.5, 0),
+      total_ms_p99: quantile('total_ms', 0.99, 0),
+      prep_ms_p50: quantile('prep_ms', 0.5, 0),
+      prep_ms_p99: quantile('prep_ms', 0.99, 0),
+      downtime_ms_p50: quantile('downtime_ms', 0.5, 2),
+      downtime_ms_p99: quantile('downtime_ms', 0.99, 2),
       aggregate_mib_s: +((reports.length * size) / 2 ** 20 / (batchMs / 1e3)).toFixed(1),
       peak_reserved_mib: +(health.memory_budget.peak_bytes / 2 ** 20).toFixed(0),
       api_ms_p50: +pct(api, 0.5).toFixed(2),
