@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import parsePrometheusTextFormat from 'parse-prometheus-text-format';
 import { Daemon, type DaemonConfig } from '../src/daemon/daemon.js';
 import { followEvents, request, type ApiTarget, type StreamEvent } from '../src/daemon/client.js';
@@ -43,6 +43,10 @@ async function collectGuests(apis: ApiTarget[]): Promise<void> {
   }
 }
 
+// A test's guests (those it started, and those its daemons started) end with the test, not
+// with the file: each runs a 1 kHz heartbeat, and fifteen left beating through the later tests
+// made the host of the whole suite several times busier
+afterEach(() => killAll(pids.splice(0)));
 after(() => {
   killAll(pids);
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
