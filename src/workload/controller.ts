@@ -6,7 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import dgram from 'node:dgram';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -113,7 +113,13 @@ export class SourceGuest {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-guest-'));
     const socket = path.join(dir, 'guest.sock');
     const [cmd, ...args] = argv(socket);
-    const child = spawn(cmd!, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+    // The guest writes its diagnostics to guest.log beside its socket, not to our stderr: a
+    // guest outlives a livemig that failed (it keeps running here), and holding the caller's
+    // stderr open kept `out=$(livemig send …)` waiting for the guest to end. A file, not a pipe
+    // we forward: a guest writing to a pipe whose reader is gone would die of SIGPIPE.
+    const log = openSync(path.join(dir, 'guest.log'), 'a', 0o600);
+    const child = spawn(cmd!, args, { stdio: ['ignore', 'ignore', log] });
+    closeSync(log);
     try {
       const session = await SourceGuestSession.connect(socket, { timeoutMs: startTimeoutMs, child });
       return new SourceGuest(child, session, dir);
