@@ -100,6 +100,22 @@ export class Pacer {
     return this.#meter.mbps() ?? this.#lightMeter.mbps();
   }
 
+  /**
+   * What the pacer lets through, MB/s, or undefined when nothing caps it. An estimate of how long
+   * the rest takes must not assume more: a burst the bucket let through is no measure of the cap.
+   */
+  limitMbps(): number | undefined {
+    const limits = [this.#capMiBps, this.#roundLimitMiBps].filter((x): x is number => x !== undefined);
+    return limits.length ? (Math.min(...limits) * MIB) / 1e6 : undefined;
+  }
+
+  /** The bandwidth to estimate with: what was achieved, never above the cap. */
+  estimateMbps(): number | undefined {
+    const achieved = this.achievedMbps();
+    const limit = this.limitMbps();
+    return achieved === undefined ? limit : Math.min(achieved, limit ?? Number.POSITIVE_INFINITY);
+  }
+
   /** Takes `bytes` from the bucket; returns the ms to wait before the next send (0: at once). */
   take(bytes: number): number {
     return this.#bucket?.take(bytes, this.#clock()) ?? 0;

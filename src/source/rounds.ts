@@ -66,7 +66,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     const due = unsent.length > 0 ? mergePages(dirty, unsent) : dirty;
     const plan = wws ? wws.plan(due) : { send: due, held: 0 };
     const roundMbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
-    const bandwidth = ctx.pacer.achievedMbps() ?? roundMbps;
+    const bandwidth = ctx.pacer.estimateMbps() ?? roundMbps;
     const d = policy.decide({
       round,
       pagesSent: sentPages,
@@ -221,7 +221,7 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
     if (budgetMs !== undefined && at < pages.length && now() - tRoundStart >= budgetMs) break;
     // leave the rest to the stop-and-copy (or to giving up) rather than run out of time
     if (deadlineAt !== undefined && !final && at < pages.length) {
-      const mbps = pacer.achievedMbps() ?? 1;
+      const mbps = pacer.estimateMbps() ?? 1;
       if (now() + ((pages.length - at) * region.pageSize) / 1e3 / mbps > deadlineAt - 2 * settings.downtimeLimitMs) break;
     }
   }
