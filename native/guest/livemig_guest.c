@@ -928,12 +928,13 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
           break;
         }
         lmg_message_free(&m);
-        set_phase(h, RUNNING); /* the after-run thread reads the socket from now on */
         if (reply(h->fd, LMG_TAG_GOING, NULL) != 0) return fail(err, errlen, ECONNRESET, "livemig went away");
         /* livemig waits for 'g' to end the hand-over, woken on this CPU (a unix socket's wake-up
          * pulls the waiter next to the writer): let it run before the guest's vCPUs take the CPU,
-         * or it waits for the next scheduler tick (1-4 ms measured) */
+         * or it waits for the next scheduler tick (1-4 ms measured). The after-run thread is woken
+         * only then: its wake-up inside the hand-over took a CPU livemig was waiting for. */
         sched_yield();
+        set_phase(h, RUNNING); /* the after-run thread reads the socket from now on */
         return 0;
       case LMG_TAG_CONTRACT: answered = answer_contract(h->fd, &m, 0); break;
       default: answered = refuse(h->fd, "unknown request 0x%02x", m.tag);

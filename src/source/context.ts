@@ -174,7 +174,12 @@ export class SourceContext {
    */
   announceCommitment(): void {
     if (this.#fence || !this.settings.options.commit) return;
-    this.#fence = Promise.resolve().then(() => this.settings.options.commit!());
+    // called now, not on a later turn: the request must leave before the work it runs beside
+    try {
+      this.#fence = Promise.resolve(this.settings.options.commit());
+    } catch (e) {
+      this.#fence = Promise.reject(e);
+    }
     this.#fence.catch(() => undefined); // awaited in beginCommitment
   }
 

@@ -31,6 +31,8 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     prio.close();
     throw e;
   });
+  // the guest's commitment round trip runs beside the last collection and the encoding below
+  ctx.announceCommitment();
   let needed = allPages;
   let pagesNeeded = region.pageCount;
   if (settings.mode !== 'postcopy') {
