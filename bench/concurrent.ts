@@ -251,37 +251,27 @@ async function batch(n: number, link: NetLink | undefined): Promise<Row> {
 
 const m = machine();
 const rows: Row[] = [];
+/** Runs a batch and prints its row, with its throughput over a single migration's on the same link. */
+async function batchRow(n: number, link: NetLink | undefined): Promise<void> {
+  const row = await batch(n, link);
+  rows.push(row);
+  const single = rows.find((r) => r.link === row.link && r.migrations === 1);
+  emit({
+    bench: 'concurrent',
+    ...row,
+    ...(single ? { throughput_vs_single: +(row.aggregate_mib_s / single.aggregate_mib_s).toFixed(2) } : {}),
+    size_mib: size / 2 ** 20,
+    rate_mib_s: rate,
+    machine: m,
+  });
+}
 if (values.link !== 'netns') {
-  for (const n of counts) {
-    const row = await batch(n, undefined);
-    rows.push(row);
-    const single = rows.find((r) => r.link === 'loopback' && r.migrations === 1);
-    emit({
-      bench: 'concurrent',
-      ...row,
-      ...(single ? { throughput_vs_single: +(row.aggregate_mib_s / single.aggregate_mib_s).toFixed(2) } : {}),
-      size_mib: size / 2 ** 20,
-      rate_mib_s: rate,
-      machine: m,
-    });
-  }
+  for (const n of counts) await batchRow(n, undefined);
 }
 if (values.link !== 'loopback') {
   const link = createLink();
   try {
-    for (const n of [1, Math.max(...counts)]) {
-      const row = await batch(n, link);
-      rows.push(row);
-      const single = rows.find((r) => r.link === '1gbit-netns' && r.migrations === 1);
-      emit({
-        bench: 'concurrent',
-        ...row,
-        ...(single ? { throughput_vs_single: +(row.aggregate_mib_s / single.aggregate_mib_s).toFixed(2) } : {}),
-        size_mib: size / 2 ** 20,
-        rate_mib_s: rate,
-        machine: m,
-      });
-    }
+    for (const n of [1, Math.max(...counts)]) await batchRow(n, link);
   } finally {
     link.remove();
   }
