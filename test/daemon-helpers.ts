@@ -14,7 +14,7 @@ export async function registerGuest(
   api: ApiTarget,
   guests: string,
   name: string,
-  o: { size: number; rate?: number; heartbeat?: string; seed?: bigint },
+  o: { size: number; rate?: number; heartbeat?: string; seed?: bigint; beatMs?: number },
 ): Promise<RegisteredGuest> {
   const argv = referenceGuestRegisterArgs(guests, name, {
     size: o.size,
@@ -23,6 +23,8 @@ export async function registerGuest(
     pattern: 'uniform',
     ...(o.heartbeat ? { heartbeat: o.heartbeat } : {}),
     ...(o.seed !== undefined ? { seed: o.seed } : {}),
+    // no daemon test measures a guest's gaps: 15-30 guests ticking every millisecond took a CPU
+    beatMs: o.beatMs ?? 10,
   });
   const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
   for (let i = 0; ; i++) {

@@ -14,8 +14,13 @@ export interface GuestState {
   writes: string; // writes made so far, decimal
   heartbeatSeq: number;
   heartbeat?: string; // host:port heartbeats go to
+  /** ms between the guest's ticks and beats (absent: 1); coarser for guests whose gaps nobody measures */
+  beatMs?: number;
   throttle: number; // 0..1 fraction of the rate withheld (auto-converge, later)
 }
+
+/** a guest beating less often than this would look gone to whoever waits for its beats */
+export const MAX_BEAT_MS = 100;
 
 const isDecimal = (s: unknown): s is string => typeof s === 'string' && /^[0-9]{1,20}$/.test(s) && BigInt(s) < 1n << 64n;
 
@@ -40,6 +45,7 @@ export function parseGuestState(data: Buffer): GuestState {
   if (!isDecimal(o.seed) || !isDecimal(o.xs) || !isDecimal(o.writes)) bad('seed/xs/writes');
   if (!Number.isSafeInteger(o.heartbeatSeq) || (o.heartbeatSeq as number) < 0) bad('heartbeatSeq');
   if (o.heartbeat !== undefined && (typeof o.heartbeat !== 'string' || !/^[^:]+:\d+$/.test(o.heartbeat))) bad('heartbeat');
+  if (o.beatMs !== undefined && !(Number.isInteger(o.beatMs) && (o.beatMs as number) >= 1 && (o.beatMs as number) <= MAX_BEAT_MS)) bad('beatMs');
   if (typeof o.throttle !== 'number' || !((o.throttle as number) >= 0 && (o.throttle as number) <= 1)) bad('throttle');
   return o as unknown as GuestState;
 }
