@@ -59,14 +59,17 @@ export function offerMemory(
   // Node's own listener: withdrawing the offer (a failed handshake) ends the wait at once
   const server = net.createServer({ pauseOnConnect: true });
   let closed = false;
+  let timer: NodeJS.Timeout | undefined;
   const close = (): void => {
     if (closed) return;
     closed = true;
+    // a withdrawn offer's timer must not hold the process: a refused `send --local` waited for it, 60 s
+    clearTimeout(timer);
     server.close();
     rmSync(dir, { recursive: true, force: true });
   };
   const served = new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(
+    timer = setTimeout(
       () => reject(new LivemigError('ERR_LIVEMIG_TIMEOUT', `the destination did not take the memory within ${timeoutMs} ms`, { phase: 'handshake' })),
       timeoutMs,
     );
