@@ -469,6 +469,34 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     await s.close();
   });
 
+  test('control.startPostcopy() acts after the batch in flight, not at the end of the pass', async () => {
+    s = await setup(64 * MiB, 16);
+    const g = s.guest;
+    const control = new MigrationControl();
+    const report = await migrate({
+      region: g.region,
+      ...(g.target ? { target: g.target } : {}),
+      to: { host: '127.0.0.1', port: s.port },
+      pause: () => g.pause(),
+      resume: () => g.resume(),
+      commit: () => g.commit(),
+      release: () => g.exit(),
+      control,
+      bandwidthMiBps: 8, // the first pass would take 8 s
+      encodings: { zero: false, dedup: false, compress: false },
+      onProgress: (e) => e.type === 'handshake' && control.startPostcopy(),
+    });
+    const rx = await s.result;
+    assert.equal(report.stop_reason, 'post-copy requested');
+    assert.equal(report.rounds, 1);
+    const pages = (64 * MiB) / 4096;
+    assert.ok(report.per_round[0]!.pages < pages / 2, `the first pass was cut after a batch: ${report.per_round[0]!.pages} of ${pages} pages sent`);
+    assert.equal(rx.mode, 'postcopy');
+    assert.equal(rx.digest, report.digest);
+    assert.equal((await verifyDestination(s)).bad, 0);
+    await s.close();
+  });
+
   test('a link cut in the middle of encrypted post-copy and restored completes with nothing lost (new connections, new keys)', async () => {
     s = await setup(256 * MiB, 64, 20_000, psk);
     const g = s.guest;

@@ -219,6 +219,9 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
     // a long round ends early (the rest joins the next one), so that the policy sees the
     // guest's dirtying rate and can act every second, not once per slow pass
     if (budgetMs !== undefined && at < pages.length && now() - tRoundStart >= budgetMs) break;
+    // a switch to post-copy asked for (QEMU's migrate-start-postcopy) acts after this batch, not
+    // at the end of a pass that can take minutes: the rest is among the pages post-copy moves
+    if (!final && at < pages.length && settings.options.control?.postcopyRequested) break;
     // leave the rest to the stop-and-copy (or to giving up) rather than run out of time
     if (deadlineAt !== undefined && !final && at < pages.length) {
       const mbps = pacer.estimateMbps() ?? 1;

@@ -53,7 +53,7 @@ export class MigrationControl {
     };
   }
 
-  /** Switch to post-copy at the end of the current round (the destination must offer it). */
+  /** Switch to post-copy after the batch of pages being sent (the destination must offer it). */
   startPostcopy(): void {
     this.#postcopy = true;
   }
@@ -286,7 +286,15 @@ export interface MigrationReport {
   digest: string;
   prep_ms: number;
   total_ms: number;
+  /** from the guest's pause to its activation at the destination, as the source measured it */
   downtime_ms: number;
+  /** the downtime limit in force when pre-copy stopped (a PATCH while running included) */
+  downtime_limit_ms: number;
+  /** whether downtime_ms kept to it; when not, downtime_limit_missed says where the time went */
+  downtime_limit_met: boolean;
+  downtime_limit_missed?: string;
+  /** the policy's estimate for the pause when it stopped (pre-copy only) */
+  expected_downtime_ms?: number;
   rounds: number;
   region_bytes: number;
   /** each region of the guest, and the pages sent of it in pre-copy and stop-and-copy (post-copy's are in `postcopy`) */
