@@ -220,8 +220,18 @@ test(
       assert.deepEqual([rx.received.security.auth, rx.received.security.peer, rx.received.security.encrypted], ['tls-cert', 'src', true]);
       const demo = run('demo', '--secure', '--size', '32MiB', '--json');
       assert.equal(demo.status, 0, demo.stderr);
-      const d = JSON.parse(demo.stdout.trim().split('\n').at(-1)!) as { verified: boolean; security: { auth: string; peer: string; encrypted: boolean } };
+      const d = JSON.parse(demo.stdout.trim().split('\n').at(-1)!) as {
+        verified: boolean;
+        security: { auth: string; peer: string; encrypted: boolean };
+        downtime_ms: number;
+        downtime_limit_ms: number;
+        downtime_limit_met: boolean;
+        guest_downtime_ms: number;
+      };
       assert.deepEqual([d.verified, d.security.auth, d.security.peer, d.security.encrypted], [true, 'tls-cert', 'dst', true]);
+      // both downtimes: the source's measure, with its verdict, and the guest's own gap across the pause
+      assert.equal(d.downtime_limit_met, d.downtime_ms <= d.downtime_limit_ms);
+      assert.ok(d.guest_downtime_ms > 0, `the guest felt ${d.guest_downtime_ms} ms`);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -410,3 +410,39 @@ test('the bandwidth cap can be changed while the migration runs', { skip: uffd.a
     guest.kill();
   }
 });
+
+test('every report says whether the pause kept to the downtime limit, and a missed one says why', { skip: uffd.available ? false : uffd.reason }, async () => {
+  const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
+  const run = async (downtimeLimitMs: number) => {
+    const guest = await SourceGuest.spawn({ size: 8 << 20, content: 'mixed', rate: 64, pattern: 'uniform' });
+    try {
+      return await migrate({
+        region: guest.region,
+        ...(guest.target ? { target: guest.target } : {}),
+        to: { host: '127.0.0.1', port: rx.port },
+        pause: () => guest.pause(),
+        resume: () => guest.resume(),
+        downtimeLimitMs,
+        maxRounds: 2,
+        onStall: 'force',
+      });
+    } finally {
+      guest.kill();
+    }
+  };
+  try {
+    // no pause is shorter than a microsecond: the limit is missed, whatever the host's speed
+    const missed = await run(0.001);
+    assert.equal(missed.downtime_limit_ms, 0.001);
+    assert.equal(missed.downtime_limit_met, false);
+    assert.ok(missed.downtime_ms > 0.001);
+    assert.match(missed.downtime_limit_missed ?? '', /against a limit of 0\.001 ms/);
+    assert.equal(typeof missed.expected_downtime_ms, 'number');
+    // a minute's limit: the first round ends with everything fitting it
+    const met = await run(60_000);
+    assert.equal(met.downtime_limit_met, true, `a ${met.downtime_ms} ms pause against 60 s`);
+    assert.equal(met.downtime_limit_missed, undefined);
+  } finally {
+    await rx.close();
+  }
+});

@@ -17,6 +17,7 @@ export class DaemonMetrics {
   readonly #payload: Counter<'encoding'>;
   readonly #wire: Counter<'direction'>;
   readonly #downtime: Histogram;
+  readonly #limitMissed: Counter;
   readonly #total: Histogram;
   readonly #faults: Histogram;
   readonly #api: Histogram<'route'>;
@@ -87,7 +88,7 @@ export class DaemonMetrics {
     const ms = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1];
     this.#downtime = new Histogram({
       name: 'livemig_downtime_seconds',
-      help: 'the pause the guest felt, of completed outgoing migrations',
+      help: "from the guest's pause to its activation at the destination, as the source measured it, of completed outgoing migrations",
       buckets: ms,
       registers,
     });
@@ -110,6 +111,11 @@ export class DaemonMetrics {
       buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5],
       registers,
     });
+    this.#limitMissed = new Counter({
+      name: 'livemig_downtime_limit_missed_total',
+      help: 'completed outgoing migrations whose pause was longer than their downtime limit (the report says why)',
+      registers,
+    });
     this.#refused = new Counter({
       name: 'livemig_incoming_refused_total',
       help: 'incoming migrations refused before anything was reserved, by code',
@@ -128,6 +134,7 @@ export class DaemonMetrics {
       this.#payload.inc({ encoding: 'lz4' }, Math.round(r.lz4_pages * PAGE_SIZE * r.lz4_ratio));
       this.#wire.inc({ direction: 'outgoing' }, r.wire_bytes);
       this.#downtime.observe(r.downtime_ms / 1e3);
+      if (!r.downtime_limit_met) this.#limitMissed.inc();
       this.#total.observe(r.total_ms / 1e3);
     } else {
       const r = m.report as ReceiveReport;

@@ -30,6 +30,8 @@ export interface DemoReport extends MigrationReport {
    * the host level (bench/RESULTS.md); across two hosts it cannot reach the guest.
    */
   guest_gap_preparation_ms: number;
+  /** the downtime as the guest felt it: the heartbeat gap across the pause, its last beat here to its first there */
+  guest_downtime_ms?: number;
   guest_verified: { bad: number; first_bad: number; writes: string; verify_ms: number };
   /** the destination's post-copy figures: faults, latency percentiles, pages pulled and pushed */
   destination_postcopy?: Record<string, number>;
@@ -176,8 +178,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();
     let tMigrating: number | undefined;
+    let tPaused: number | undefined;
     const progress = (e: ProgressEvent): void => {
       if (e.type === 'handshake') tMigrating = monotonicMs();
+      if (e.type === 'activated') tPaused = monotonicMs() - e.downtime_ms;
       onProgress?.(e);
     };
     const source = guest;
@@ -224,11 +228,14 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     const migrating = naive || tMigrating === undefined ? tStart : tMigrating;
     const gap = observer.maxGap(migrating, tEnd);
     const prepGap = migrating > tStart ? observer.maxGap(tStart, migrating) : 0;
+    // the beats either side of the pause, the source's last and the destination's first
+    const felt = !naive && tPaused !== undefined ? observer.gapAcross(tPaused) : undefined;
     return {
       ...report,
       verified: report.verified && verify.verify!.bad === 0,
       guest_gap_ms: +gap.toFixed(3),
       guest_gap_preparation_ms: +prepGap.toFixed(3),
+      ...(felt !== undefined ? { guest_downtime_ms: +felt.toFixed(3) } : {}),
       guest_verified: { bad: verify.verify!.bad, first_bad: verify.verify!.firstBad, writes: verify.verify!.writes, verify_ms: +verify.verify!.ms.toFixed(0) },
       ...(rx.received?.postcopy ? { destination_postcopy: rx.received.postcopy } : {}),
       // the C example guest has its own content (docs/GUEST.md), written uniformly

@@ -20,6 +20,31 @@ export function noStopAndCopy(activateMs: number): MigrationReport['stop_and_cop
   return { ...NO_STOP_AND_COPY, activate_ms: +activateMs.toFixed(3) };
 }
 
+/** Whether the pause kept to the downtime limit in force at the stop, and if not, why. */
+function downtimeVerdict(
+  ctx: SourceContext,
+  end: Ending,
+): Pick<MigrationReport, 'downtime_limit_ms' | 'downtime_limit_met' | 'expected_downtime_ms' | 'downtime_limit_missed'> {
+  const limit = ctx.settings.options.control?.downtimeLimitMs ?? ctx.settings.downtimeLimitMs;
+  const expected = end.postcopy ? undefined : ctx.perRound.at(-1)?.expected_downtime_ms;
+  const verdict = {
+    downtime_limit_ms: limit,
+    downtime_limit_met: end.downtimeMs <= limit,
+    ...(expected !== undefined ? { expected_downtime_ms: expected } : {}),
+  };
+  if (verdict.downtime_limit_met) return verdict;
+  const took = `the pause took ${end.downtimeMs.toFixed(1)} ms against a limit of ${limit} ms`;
+  const sc = end.stopAndCopy;
+  let why: string;
+  if (end.postcopy) why = `${took}: the switch to post-copy (the guest's pause, its state and the destination's activation: ${sc.activate_ms} ms of it)`;
+  else if (ctx.forcedStop) why = `${took}: the stop was forced (${ctx.stopReason}) with ${sc.pages} pages left, expected to take ${expected ?? '?'} ms`;
+  else
+    why =
+      `${took}, expected ${expected ?? '?'} ms for ${sc.pages} pages: pausing the guest ${sc.pause_ms} ms, the last collection ${sc.final_collect_ms} ms, ` +
+      `sending ${sc.send_ms} ms, commitment ${sc.commit_ms} ms, activation ${sc.activate_ms} ms (a loaded host stretches each)`;
+  return { ...verdict, downtime_limit_missed: why };
+}
+
 export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
   const { tracker, encoder, prepMs, channels } = ctx.session;
   const es = channels.stats();
@@ -33,6 +58,7 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     prep_ms: +prepMs.toFixed(1),
     total_ms: +end.totalMs.toFixed(1),
     downtime_ms: +end.downtimeMs.toFixed(3),
+    ...downtimeVerdict(ctx, end),
     rounds: ctx.settings.mode === 'postcopy' ? 0 : ctx.round,
     region_bytes: ctx.settings.options.region.size,
     regions: ctx.settings.layout.regions.map((r, i) => ({ id: r.id, name: r.name, bytes: r.size, pages_sent: ctx.regionPages[i] ?? 0 })),

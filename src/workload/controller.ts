@@ -260,6 +260,17 @@ export class HeartbeatObserver {
     return gap;
   }
 
+  /** The gap between the last beat at or before `t` and the first one after it (any guest's): what a pause at `t` felt like. */
+  gapAcross(t: number): number | undefined {
+    let before: number | undefined;
+    let after: number | undefined;
+    for (const b of this.beats) {
+      if (b.at <= t) before = before === undefined ? b.at : Math.max(before, b.at);
+      else after = after === undefined ? b.at : Math.min(after, b.at);
+    }
+    return before !== undefined && after !== undefined ? after - before : undefined;
+  }
+
   close(): void {
     this.#socket.close();
   }

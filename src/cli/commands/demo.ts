@@ -132,9 +132,12 @@ function describe(r: DemoReport): string {
       r.postcopy
         ? `total time (first page to the destination holding every page): ${r.total_ms.toFixed(0)} ms`
         : `total time (first page to activation): ${r.total_ms.toFixed(0)} ms`,
-      `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms`,
-      `downtime as the guest saw it (largest heartbeat gap from the first page on): ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ` +
-        `${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
+      `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms; ` +
+        (r.downtime_limit_met ? `within the ${r.downtime_limit_ms} ms limit` : `OVER the ${r.downtime_limit_ms} ms limit: ${r.downtime_limit_missed}`),
+      ...(r.guest_downtime_ms !== undefined
+        ? [`downtime as the guest felt it (its beats either side of the pause): ${r.guest_downtime_ms.toFixed(2)} ms`]
+        : []),
+      `largest heartbeat gap from the first page on: ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
       `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,
       `security: ${r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`}; ` +
         `pages ${r.security.encrypted ? 'encrypted (AES-256-GCM records keyed from the TLS session)' : 'not encrypted'}`,
