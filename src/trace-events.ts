@@ -12,6 +12,7 @@
  */
 import type { EncodingStats } from './encoding/stats.js';
 import type { ErrorCode } from './errors.js';
+import type { Refusal } from './refusals.js';
 
 /** livemig:source, the source's steps. */
 export const SourceEvent = {
@@ -94,7 +95,8 @@ export type ReceiverEvent = (typeof ReceiverEvent)[keyof typeof ReceiverEvent];
 
 export interface ReceiverPayloads {
   [ReceiverEvent.connectionAccepted]: { from: string };
-  [ReceiverEvent.connectionRefused]: { code: ErrorCode; reason: string };
+  /** a source refused: where from, why (one of REFUSAL_REASONS), the code and our words (src/refusals.ts) */
+  [ReceiverEvent.connectionRefused]: Refusal;
   [ReceiverEvent.pendingEvicted]: { from: string; rank: 'opening' | 'answered' | 'proven'; pending: number };
   [ReceiverEvent.reserving]: { bytes: number };
   [ReceiverEvent.regionAllocated]: undefined;

@@ -144,11 +144,11 @@ test(
       const refused = await attempt(bad);
       assert.equal(refused.tx.status, 1, 'the sender fails');
       assert.match(String(refused.tx.stderr), /ERR_LIVEMIG_AUTH/);
-      assert.equal(
-        (refused.rx as { refused: { code: string } }).refused.code,
-        'ERR_LIVEMIG_AUTH',
-        'the receiver refused before reserving, and goes on listening',
-      );
+      assert.match(String(refused.tx.stderr), /the pre-shared keys differ/, "the sender is told what differs, not OpenSSL's alert");
+      const line = (refused.rx as { refused: { code: string; reason: string; from: string } }).refused;
+      assert.equal(line.code, 'ERR_LIVEMIG_AUTH', 'the receiver refused before reserving, and goes on listening');
+      assert.equal(line.reason, 'psk-mismatch', 'the receiver logs why');
+      assert.match(line.from, /^127\.0\.0\.1:\d+$/, 'and where the source connected from');
       assert.equal(refused.sent.source_guest, 'running', 'the failed send reports its guest running, and leaves it so');
       assert.equal(refused.sent.alive, true, 'the guest was still running after send exited');
     } finally {

@@ -1,13 +1,14 @@
 /**
  * The daemon's parts that decide alone: the fair bandwidth share, progress that never runs
- * backwards, the memory budget, the event history; and cancel() inside stop-and-copy (the
- * API's cancel is MigrationControl.cancel).
+ * backwards, the memory budget, the event history, the bound on refused records; and cancel()
+ * inside stop-and-copy (the API's cancel is MigrationControl.cancel).
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { BandwidthShare } from '../src/daemon/bandwidth.js';
 import { MemoryBudget } from '../src/daemon/budget.js';
 import { EventBus } from '../src/daemon/events.js';
+import { Migration, MigrationTable, REFUSED_KEPT } from '../src/daemon/migration.js';
 import { Progress } from '../src/daemon/progress.js';
 import { LivemigError } from '../src/errors.js';
 import { listen } from '../src/receiver/listen.js';
@@ -136,4 +137,47 @@ test('cancel() inside stop-and-copy (the guest being paused) ends the migration 
     await rx.close();
     region.release();
   }
+});
+
+test('refused sources are kept apart and bounded: a crowd of refusals keeps only the latest, and pushes no finished migration out', () => {
+  const bus = new EventBus();
+  const table = new MigrationTable(bus);
+  const settings = {
+    mode: 'precopy',
+    downtime_limit_ms: undefined,
+    bandwidth_mib_s: undefined,
+    deadline_s: undefined,
+    on_stall: undefined,
+    encodings: true,
+  } as const;
+  const migration = (): Migration => new Migration({ direction: 'incoming', guest: '', peer: '127.0.0.1:1', totalBytes: 0, bus, settings });
+  const failed = migration();
+  table.add(failed);
+  failed.fail(new LivemigError('ERR_LIVEMIG_CONNECTION', 'the source went away', { phase: 'receiving' }));
+  const refused: Migration[] = [];
+  for (let i = 0; i < REFUSED_KEPT + 50; i++) {
+    const m = migration();
+    table.add(m);
+    m.refuse({
+      from: `10.0.0.${i % 250}:${1000 + i}`,
+      reason: 'psk-mismatch',
+      code: 'ERR_LIVEMIG_AUTH',
+      phase: 'handshake',
+      message: 'the pre-shared keys differ',
+    });
+    refused.push(m);
+  }
+  table.add(migration()); // the last refusal is pruned at the next add
+  const kept = table.list().filter((m) => m.state === 'refused');
+  assert.equal(kept.length, REFUSED_KEPT);
+  assert.deepEqual(
+    kept.map((m) => m.id),
+    refused.slice(-REFUSED_KEPT).map((m) => m.id),
+    'the latest are kept',
+  );
+  assert.equal(table.get(failed.id).state, 'failed', 'the finished migration is still there');
+  assert.deepEqual(bus.history(refused[0]!.id), [], 'a forgotten refusal keeps no event history');
+  const view = kept.at(-1)!.view();
+  assert.deepEqual(view['refusal'], { reason: 'psk-mismatch', from: refused.at(-1)!.refusal!.from });
+  assert.deepEqual(view['error'], { code: 'ERR_LIVEMIG_AUTH', phase: 'handshake', message: 'the pre-shared keys differ' });
 });

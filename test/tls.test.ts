@@ -2,7 +2,8 @@
  * Mutual authentication before the first frame (src/security/tls.ts): both sides end with the
  * same keys for each direction and a bare stream that carries livemig frames intact; an
  * unknown CA, a certificate name not admitted, a destination other than the expected one and
- * a wrong pre-shared key are refused with ERR_LIVEMIG_AUTH before any frame. Test certificates
+ * a wrong pre-shared key are refused with ERR_LIVEMIG_AUTH before any frame, and the source is
+ * told in words what differs (issue 31: not OpenSSL's alert, not a bare hang-up). Test certificates
  * come from the openssl command (skipped, with the reason, where it is missing).
  */
 import assert from 'node:assert/strict';
@@ -11,6 +12,7 @@ import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
 import { encodeFrame } from '../src/protocol/frame.js';
 import { FrameType } from '../src/protocol/format.js';
+import { refusalOf } from '../src/refusals.js';
 import { secureAccept, secureConnect, type Credentials, type Secured } from '../src/security/tls.js';
 import { makeCa as makeTestCa, opensslMissing as why } from './certs.js';
 
@@ -61,14 +63,16 @@ test('certificates: an unknown CA, a name not admitted, and another destination 
   const { ca, certs } = makeCa('b', ['src', 'dst', 'mallory']);
   const other = makeCa('c', ['src']);
   const server = { kind: 'cert' as const, ...certs['dst']!, ca, allow: ['src'] };
-  // which side refuses, and why
-  const cases: [string, Credentials, Credentials, 'source' | 'destination', RegExp][] = [
+  // which side refuses, and why; what the source is told; the destination's reason (src/refusals.ts)
+  const cases: [string, Credentials, Credentials, 'source' | 'destination', RegExp, RegExp, string][] = [
     [
       'a source certificate from another CA',
       { kind: 'cert', ...other.certs['src']!, ca, peerName: 'dst' },
       server,
       'destination',
       /source could not be authenticated/,
+      /the destination refused this source: the source's certificate is not signed by a CA the destination trusts/,
+      'certificate-untrusted',
     ],
     [
       'a source name --allow does not admit',
@@ -76,6 +80,8 @@ test('certificates: an unknown CA, a name not admitted, and another destination 
       server,
       'destination',
       /names 'mallory', which --allow does not admit/,
+      /the destination refused this source: the source's certificate name 'mallory' is not in --allow/,
+      'peer-not-allowed',
     ],
     [
       'a destination that is not the one expected',
@@ -83,14 +89,19 @@ test('certificates: an unknown CA, a name not admitted, and another destination 
       { kind: 'cert', ...certs['mallory']!, ca, allow: ['src'] },
       'source',
       /destination could not be authenticated.*(dst|altnames)/i,
+      /destination could not be authenticated/,
+      'closed', // the source hung up on our certificate: from here, a source that gave up
     ],
   ];
-  for (const [what, c, s, side, why] of cases) {
+  for (const [what, c, s, side, why, told, reason] of cases) {
     const [cr, sr] = await pair(c, s);
     const r = side === 'source' ? cr : sr;
     assert.ok(isAuth(r), `${what}: the ${side} refuses (${r.status === 'rejected' ? (r.reason as Error).message : 'secured'})`);
     assert.match((r as PromiseRejectedResult).reason.message, why, what);
     assert.ok(cr.status === 'rejected' && sr.status === 'rejected', `${what}: neither side ends secured`);
+    const [atSource, atDestination] = [(cr as PromiseRejectedResult).reason as Error, (sr as PromiseRejectedResult).reason as Error];
+    assert.match(atSource.message, told, `${what}: what the source is told`);
+    assert.equal(refusalOf(atDestination, '127.0.0.1:1').reason, reason, `${what}: the destination's reason (${String(atDestination)})`);
   }
 });
 
@@ -106,12 +117,21 @@ test('a pre-shared key: ECDHE-PSK over TLS 1.2 with the same keys on both sides;
   await exchange(client, server);
   client.conn.close();
   server.conn.close();
-  for (const [what, creds] of [
-    ['another key', { kind: 'psk' as const, identity: 'src', key: Buffer.alloc(32, 8) }],
-    ['another identity', { kind: 'psk' as const, identity: 'mallory', key }],
+  for (const [what, creds, told] of [
+    ['another key', { kind: 'psk' as const, identity: 'src', key: Buffer.alloc(32, 8) }, /^the pre-shared keys differ: .*'src'/],
+    [
+      'another identity',
+      { kind: 'psk' as const, identity: 'mallory', key },
+      /^the pre-shared keys differ: the destination has no key for the identity 'mallory'/,
+    ],
   ] as const) {
     const [cr, sr] = await pair(creds, { kind: 'psk', identity: 'src', key });
     assert.ok(cr.status === 'rejected' && sr.status === 'rejected', `${what}: neither side ends secured`);
-    assert.ok(isAuth(cr) || isAuth(sr), `${what}: refused`);
+    assert.ok(isAuth(cr) && isAuth(sr), `${what}: refused`);
+    // OpenSSL's words ("sslv3 alert bad record mac", "alert number 20") become what differs
+    const [atSource, atDestination] = [(cr as PromiseRejectedResult).reason as Error, (sr as PromiseRejectedResult).reason as Error];
+    assert.match(atSource.message, told, `${what}: what the source is told`);
+    assert.match(atDestination.message, /^the pre-shared keys differ/, `${what}: the destination's words`);
+    assert.equal(refusalOf(atDestination, '127.0.0.1:1').reason, 'psk-mismatch', `${what}: the destination's reason`);
   }
 });

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { LivemigError } from '../errors.js';
+import type { Refusal } from '../refusals.js';
 import type { Credentials } from '../security/tls.js';
 import { assertSecureEnough } from '../security/tls.js';
 import { setProcessNice } from '../sched.js';
@@ -72,6 +73,8 @@ export interface DaemonConfig {
   idleTimeoutMs?: number;
   recoverTimeoutMs?: number;
   version?: string;
+  /** every source refused on the migration port, once recorded (`livemig serve` prints it) */
+  onRefused?(r: Refusal): void;
 }
 
 export class Daemon implements DaemonApi {
@@ -165,6 +168,7 @@ export class Daemon implements DaemonApi {
         ...(config.authTimeoutMs !== undefined ? { authTimeoutMs: config.authTimeoutMs } : {}),
         ...(config.idleTimeoutMs !== undefined ? { idleTimeoutMs: config.idleTimeoutMs } : {}),
         ...(config.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: config.recoverTimeoutMs } : {}),
+        ...(config.onRefused ? { onRefused: config.onRefused } : {}),
       });
       d.api = await buildApi(d, { token: config.token, version: config.version ?? '0' });
       await d.#listenApi();

@@ -7,6 +7,8 @@ import { PAGE_SIZE } from '../protocol/format.js';
 import { channelsFor } from './threadpool.js';
 import { IncomingGuest } from '../guest/incoming-session.js';
 import { listen, type Receiver } from '../receiver/listen.js';
+import { isRefusedBeforeReserving } from '../receiver/failures.js';
+import type { Refusal } from '../refusals.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from '../receiver/types.js';
 import type { Credentials } from '../security/tls.js';
 import { trace } from '../trace.js';
@@ -14,7 +16,17 @@ import { DaemonEvent } from '../trace-events.js';
 import type { MemoryBudget } from './budget.js';
 import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
-import { Migration, type MigrationTable } from './migration.js';
+import { Migration, type MigrationSettings, type MigrationTable } from './migration.js';
+
+/** what an incoming migration shows as its settings: the source chose them */
+const INCOMING_SETTINGS: MigrationSettings = {
+  mode: 'precopy',
+  downtime_limit_ms: undefined,
+  bandwidth_mib_s: undefined,
+  deadline_s: undefined,
+  on_stall: undefined,
+  encodings: true,
+};
 
 export interface IncomingDeps {
   table: MigrationTable;
@@ -29,6 +41,8 @@ export interface IncomingDeps {
   authTimeoutMs?: number;
   idleTimeoutMs?: number;
   recoverTimeoutMs?: number;
+  /** every source refused here, once recorded and counted (`livemig serve` prints a line) */
+  onRefused?(r: Refusal): void;
 }
 
 export class IncomingMigrations {
@@ -53,6 +67,7 @@ export class IncomingMigrations {
     const receiver = await listen(host, port, base, {
       maxConcurrent: d.maxConcurrent,
       perMigration: () => self.#one(d),
+      onRefused: (r) => self.#refused(d, r, undefined),
     });
     const self = new IncomingMigrations(receiver);
     return self;
@@ -63,7 +78,22 @@ export class IncomingMigrations {
     return this.#guestPids.get(id);
   }
 
-  #one(d: IncomingDeps): { options: ReceiveOptions; settled(outcome: Promise<ReceiveReport>): void } {
+  /**
+   * A source refused here: recorded as an incoming migration in state `refused` (the one its
+   * HELLO began, if it had got that far), counted by reason, and told to the operator.
+   */
+  #refused(d: IncomingDeps, r: Refusal, begun: Migration | undefined): void {
+    let m = begun;
+    if (!m || m.done) {
+      m = new Migration({ direction: 'incoming', guest: '', peer: r.from, totalBytes: 0, bus: d.bus, settings: INCOMING_SETTINGS });
+      d.table.add(m);
+    }
+    m.refuse(r);
+    d.metrics.refused(r.reason);
+    d.onRefused?.(r);
+  }
+
+  #one(d: IncomingDeps): { options: ReceiveOptions; settled(outcome: Promise<ReceiveReport>): void; refused(r: Refusal): void } {
     let m: Migration | undefined;
     let guest: IncomingGuest | undefined;
     let received = 0;
@@ -75,7 +105,7 @@ export class IncomingMigrations {
           peer: e.peer,
           totalBytes: e.region_bytes,
           bus: d.bus,
-          settings: { mode: 'precopy', downtime_limit_ms: undefined, bandwidth_mib_s: undefined, deadline_s: undefined, on_stall: undefined, encodings: true },
+          settings: INCOMING_SETTINGS,
         });
         d.table.add(m);
         m.setStage('reserve');
@@ -134,6 +164,7 @@ export class IncomingMigrations {
     };
     return {
       options,
+      refused: (r) => this.#refused(d, r, m),
       settled: (outcome) => {
         void outcome.finally(() => this.#active--).catch(() => undefined);
         outcome.then(
@@ -148,8 +179,9 @@ export class IncomingMigrations {
             // post-copy that cannot finish: the guest's missing pages exist nowhere any more
             if ((e as { phase?: string }).phase === 'postcopy') guest?.kill();
             else guest?.close();
+            // a refusal was recorded and counted as such (#refused) before this
+            if (isRefusedBeforeReserving(e)) return;
             trace('daemon', DaemonEvent.incomingFailed, { reason: (e as Error).message });
-            if (!m) d.metrics.refused((e as { code?: string }).code ?? 'ERR_LIVEMIG_ABORTED');
             if (m && !m.done) {
               m.fail(e);
               d.metrics.finished(m);

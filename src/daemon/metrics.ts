@@ -6,6 +6,7 @@ import { PAGE_SIZE } from '../protocol/format.js';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { MigrationReport } from '../source/types.js';
 import type { ReceiveReport } from '../receiver/types.js';
+import { REFUSAL_REASONS, type RefusalReason } from '../refusals.js';
 import type { Migration } from './migration.js';
 
 const ENCODINGS = ['zero', 'dup', 'lz4', 'raw', 'skipped'] as const;
@@ -21,7 +22,7 @@ export class DaemonMetrics {
   readonly #total: Histogram;
   readonly #faults: Histogram;
   readonly #api: Histogram<'route'>;
-  readonly #refused: Counter<'code'>;
+  readonly #refused: Counter<'reason'>;
 
   constructor(o: { active: (direction: 'outgoing' | 'incoming') => number; byState: () => Map<string, number>; reserved: () => number; guests: () => number }) {
     const registers = [this.registry];
@@ -118,10 +119,12 @@ export class DaemonMetrics {
     });
     this.#refused = new Counter({
       name: 'livemig_incoming_refused_total',
-      help: 'incoming migrations refused before anything was reserved, by code',
-      labelNames: ['code'],
+      help: 'sources refused at this destination, by reason (src/refusals.ts: peer-not-allowed, psk-mismatch, busy, memory, ...)',
+      labelNames: ['reason'],
       registers,
     });
+    // every reason from the start, at 0: a rate over a series that appears only at its first refusal misses that one
+    for (const reason of REFUSAL_REASONS) this.#refused.inc({ reason }, 0);
   }
 
   finished(m: Migration): void {
@@ -146,8 +149,8 @@ export class DaemonMetrics {
     for (const v of ns) this.#faults.observe(v / 1e9);
   }
 
-  refused(code: string): void {
-    this.#refused.inc({ code });
+  refused(reason: RefusalReason): void {
+    this.#refused.inc({ reason });
   }
 
   apiRequest(route: string, seconds: number): void {

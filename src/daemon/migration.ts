@@ -3,21 +3,25 @@
  * (a source's migration arriving here). Its state, stage, progress, rounds and outcome; every
  * change is an event on the bus.
  *   queued -> running -> completed | failed | cancelled   (queued -> cancelled, too)
+ * An incoming source the destination refused (authentication, busy, memory, ...) is kept as a
+ * migration in state `refused`, with why: queued -> refused (running -> refused when it was
+ * refused after its HELLO was taken, while reserving).
  */
 import { randomUUID } from 'node:crypto';
 import { LivemigError } from '../errors.js';
 import type { MigrationControl, MigrationReport, RoundStats } from '../source/types.js';
 import type { ReceiveReport } from '../receiver/types.js';
+import type { Refusal, RefusalReason } from '../refusals.js';
 import type { EventBus } from './events.js';
 import { Progress, type ProgressView } from './progress.js';
 
-export type MigrationState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled';
+export type MigrationState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled' | 'refused';
 export type Direction = 'outgoing' | 'incoming';
 
 /** progress events go out at most this often per migration */
 export const PROGRESS_INTERVAL_MS = 250;
 
-const FINAL: readonly MigrationState[] = ['completed', 'failed', 'cancelled'];
+const FINAL: readonly MigrationState[] = ['completed', 'failed', 'cancelled', 'refused'];
 
 export interface MigrationSettings {
   mode: 'precopy' | 'postcopy' | 'hybrid';
@@ -42,6 +46,8 @@ export class Migration {
   readonly rounds: RoundStats[] = [];
   report: MigrationReport | ReceiveReport | undefined;
   error: { code: string; phase: string | undefined; message: string } | undefined;
+  /** an incoming source refused here: why (one of REFUSAL_REASONS), where from, and its name when its certificate chains to our CA */
+  refusal: { reason: RefusalReason; from: string; peer_name?: string } | undefined;
   /** outgoing: what became of the guest here (running, paused, released) */
   sourceGuest: 'running' | 'paused' | 'released' | undefined;
   readonly progress: Progress;
@@ -138,6 +144,14 @@ export class Migration {
     this.setState(err.code === 'ERR_LIVEMIG_CANCELLED' ? 'cancelled' : 'failed');
   }
 
+  /** An incoming source refused here: the migration ends as `refused`, with why. */
+  refuse(r: Refusal): void {
+    this.error = { code: r.code, phase: r.phase, message: r.message };
+    this.refusal = { reason: r.reason, from: r.from, ...(r.peer !== undefined ? { peer_name: r.peer } : {}) };
+    this.stage = r.phase; // one event, not two: the state event carries the stage (a crowd's refusals are many)
+    this.setState('refused');
+  }
+
   view(o: { detail?: boolean } = {}): Record<string, unknown> {
     const { detail = true } = o;
     return {
@@ -154,14 +168,20 @@ export class Migration {
       settings: this.settings,
       ...(this.sourceGuest ? { source_guest: this.sourceGuest } : {}),
       ...(this.error ? { error: this.error } : {}),
+      ...(this.refusal ? { refusal: this.refusal } : {}),
       ...(detail ? { rounds: this.rounds } : { rounds_done: this.rounds.length }),
       ...(detail && this.report ? { report: this.report } : {}),
     };
   }
 }
 
-/** Migrations by id; finished ones are kept (the latest FINISHED_KEPT) for status queries. */
+/**
+ * Migrations by id; finished ones are kept (the latest FINISHED_KEPT) for status queries, and
+ * refused ones apart (the latest REFUSED_KEPT): a crowd of refused connections neither grows
+ * the table nor pushes the migrations that ran out of it.
+ */
 const FINISHED_KEPT = 1000;
+export const REFUSED_KEPT = 100;
 
 export class MigrationTable {
   readonly #all = new Map<string, Migration>();
@@ -173,8 +193,20 @@ export class MigrationTable {
 
   add(m: Migration): void {
     this.#all.set(m.id, m);
-    const finished = [...this.#all.values()].filter((x) => x.done);
-    for (const old of finished.slice(0, Math.max(0, finished.length - FINISHED_KEPT))) {
+    const all = [...this.#all.values()];
+    this.#keepLatest(
+      all.filter((x) => x.state === 'refused'),
+      REFUSED_KEPT,
+    );
+    this.#keepLatest(
+      all.filter((x) => x.done && x.state !== 'refused'),
+      FINISHED_KEPT,
+    );
+  }
+
+  /** Forgets the oldest of `ended` (in the order they were added) beyond the latest `kept`. */
+  #keepLatest(ended: Migration[], kept: number): void {
+    for (const old of ended.slice(0, Math.max(0, ended.length - kept))) {
       this.#all.delete(old.id);
       this.#bus.forget(old.id);
     }

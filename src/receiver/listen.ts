@@ -12,12 +12,13 @@ import { FrameType, MAX_CHANNELS, PROTOCOL_VERSION } from '../protocol/format.js
 import { decodeAttach, decodeResolve, encodeError, encodeResolved } from '../protocol/messages.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import type { WireFrame } from '../protocol/wire.js';
+import { refusalOf, markRefusal, type Refusal } from '../refusals.js';
 import { assertSecureEnough } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
 import { OutcomeTable } from './outcomes.js';
 import { PendingConnections } from './pending.js';
-import { admitIncoming, refusedBeforeReserving, serveMigration } from './receiver.js';
+import { admitIncoming, isRefusedBeforeReserving, refusedBeforeReserving, serveMigration } from './receiver.js';
 import { SessionTable } from './session.js';
 import type { ReceiveOptions, ReceiveReport } from './types.js';
 
@@ -59,9 +60,17 @@ export interface ListenOptions {
   /**
    * Called for each HELLO that takes a slot: the callbacks for this migration alone (the
    * listener's own options give the authentication settings), and where its outcome goes; with
-   * it, next() sees only the refusals.
+   * it, next() sees only the refusals (and none with onRefused).
    */
-  perMigration?(): { options: ReceiveOptions; settled(outcome: Promise<ReceiveReport>): void };
+  perMigration?(): { options: ReceiveOptions; settled(outcome: Promise<ReceiveReport>): void; refused?(r: Refusal): void };
+  /**
+   * Every refusal here (authentication, a bad first frame, busy, and HELLOs refused before
+   * anything was reserved; not connections let go as a crowd's: src/receiver/pending.ts), as it
+   * happens. With it, next() is not handed the refusals of connections (a migration refused at
+   * its HELLO still settles its own outcome); a HELLO's refusal goes to its perMigration()'s
+   * `refused` when it has one.
+   */
+  onRefused?(r: Refusal): void;
 }
 
 /** Listens and serves migrations, one at a time unless `listenOptions` says otherwise. */
@@ -90,8 +99,14 @@ export async function listen(host: string, port: number, options: ReceiveOptions
     else ready.push(p);
   };
   const pending = new PendingConnections(PENDING_LIMITS);
+  const report = (r: Refusal, to = listenOptions.onRefused): void => {
+    trace('receiver', ReceiverEvent.connectionRefused, { ...r });
+    to?.(r);
+  };
   server.on('connection', (socket) => {
     const ticket = pending.add(socket);
+    // read now: a destroyed socket no longer knows its peer
+    const from = `${socket.remoteAddress ?? ''}:${socket.remotePort ?? 0}`;
     void (async () => {
       let a: Awaited<ReturnType<typeof admitIncoming>>;
       try {
@@ -100,12 +115,12 @@ export async function listen(host: string, port: number, options: ReceiveOptions
       } catch (e) {
         ticket.settle();
         socket.destroy();
-        // while a migration runs, its next() is not for a stranger's failure: observers hear it
-        // (and refusals nobody has asked for yet are kept only up to a bound: a scan is endless)
+        // every refusal is reported; next() is handed it only when nobody else hears refusals and
+        // no migration runs (its next() is not for a stranger's failure), and only up to a bound
+        // of refusals nobody has asked for yet (a scan is endless)
         if (ticket.evicted) return;
-        if (running > 0 || ready.length >= MAX_QUEUED_REFUSALS) {
-          trace('receiver', ReceiverEvent.connectionRefused, { code: (e as LivemigError).code, reason: (e as Error).message });
-        } else deliver(Promise.reject(refusedBeforeReserving(e)));
+        report(refusalOf(e, from));
+        if (!listenOptions.onRefused && running === 0 && ready.length < MAX_QUEUED_REFUSALS) deliver(Promise.reject(refusedBeforeReserving(e)));
         return;
       }
       ticket.settle();
@@ -115,22 +130,24 @@ export async function listen(host: string, port: number, options: ReceiveOptions
         return;
       }
       if (first.type === FrameType.Attach) return joinSession(a.conn, first, sessions);
-      if (running >= maxConcurrent || done) {
-        // the slot is taken by a HELLO that arrived whole, not by whoever connected first
-        const why = done
-          ? 'this receiver takes no more migrations'
-          : maxConcurrent === 1
-            ? 'a migration is already running here'
-            : `busy: ${running} migrations are running here, the most it takes at once`;
-        const e = new LivemigError('ERR_LIVEMIG_REFUSED', why, { phase: 'handshake' });
-        return void a.conn.finish(encodeError({ code: e.code, message: e.message, phase: 'handshake' }, PROTOCOL_VERSION));
+      // the slot is taken by a HELLO that arrived whole, not by whoever connected first
+      const full = noSlot(running, maxConcurrent, done);
+      if (full) {
+        report({ ...refusalOf(full, a.remote), ...peerOf(a.security.peer) });
+        return void a.conn.finish(encodeError({ code: full.code, message: full.message, phase: 'handshake' }, PROTOCOL_VERSION));
       }
       running++;
       const own = listenOptions.perMigration?.();
       const migrationOptions = own ? { ...options, ...own.options } : options;
-      const outcome = serveMigration({ admitted: a, options: migrationOptions, sessions, outcomes, abortable }).finally(() => {
-        running--;
-      });
+      const outcome = serveMigration({ admitted: a, options: migrationOptions, sessions, outcomes, abortable })
+        .catch((e: unknown) => {
+          // before its owner hears the outcome: a refused HELLO is reported first
+          if (isRefusedBeforeReserving(e)) report({ ...refusalOf(e, a.remote), ...peerOf(a.security.peer) }, own?.refused ?? listenOptions.onRefused);
+          throw e;
+        })
+        .finally(() => {
+          running--;
+        });
       if (own) own.settled(outcome);
       else deliver(outcome);
     })();
@@ -165,6 +182,20 @@ export async function listen(host: string, port: number, options: ReceiveOptions
       }),
   };
 }
+
+/** A HELLO that finds no slot free: why (busy, or this receiver takes no more), marked as that refusal. */
+function noSlot(running: number, maxConcurrent: number, done: boolean): LivemigError | undefined {
+  if (running < maxConcurrent && !done) return undefined;
+  const why = done
+    ? 'this receiver takes no more migrations'
+    : maxConcurrent === 1
+      ? 'a migration is already running here'
+      : `busy: ${running} migrations are running here, the most it takes at once`;
+  return markRefusal(new LivemigError('ERR_LIVEMIG_REFUSED', why, { phase: 'handshake' }), done ? 'closing' : 'busy');
+}
+
+/** An authenticated source's name, for its refusal. */
+const peerOf = (peer: string | null): { peer?: string } => (peer ? { peer } : {});
 
 /** ATTACH: the connection joins the session it names (post-copy, or an extra channel). */
 async function joinSession(conn: FramedConnection, f: WireFrame, sessions: SessionTable): Promise<void> {

@@ -17,6 +17,8 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { LivemigError } from '../errors.js';
 import { FramedConnection } from '../protocol/connection.js';
+import { CERT_REFUSAL, markRefusal, refusedCertificateWords, type RefusalReason } from '../refusals.js';
+import { pskRefusalAtDestination, pskRefusalAtSource } from './psk-refusals.js';
 
 export type Credentials =
   | {
@@ -54,12 +56,15 @@ const SILENT_PEER_MS = 5_000;
 const EXPORTER_LABEL = 'EXPORTER-livemig-stream-v1';
 const CLIENT_DONE = Buffer.from('LMOK');
 const SERVER_DONE = Buffer.from('LMGO');
+/** instead of SERVER_DONE: the server refuses the client's certificate; one byte follows (CERT_REFUSAL) */
+const SERVER_REFUSES = Buffer.from('LMNO');
 /** client to server key and salt, then server to client */
 const KEY_BYTES = 32;
 const SALT_BYTES = 4;
 
-function refused(message: string, cause?: unknown): LivemigError {
-  return new LivemigError('ERR_LIVEMIG_AUTH', message, { phase: 'handshake', ...(cause === undefined ? {} : { cause }) });
+function refused(message: string, cause?: unknown, reason?: RefusalReason, peer?: string): LivemigError {
+  const e = new LivemigError('ERR_LIVEMIG_AUTH', message, { phase: 'handshake', ...(cause === undefined ? {} : { cause }) });
+  return reason === undefined ? e : markRefusal(e, reason, peer);
 }
 
 function keys(s: tls.TLSSocket, side: 'client' | 'server'): { send: DirectionKeys; receive: DirectionKeys } {
@@ -74,8 +79,12 @@ function stopReading(s: tls.TLSSocket): void {
   (s as unknown as { _handle?: { readStop?: () => number } })._handle?.readStop?.();
 }
 
-/** Resolves with `marker` once it has arrived (the peer's last TLS record); anything else is refused. */
-function awaitMarker(s: tls.TLSSocket, marker: Buffer, timeoutMs: number, onArrived: () => void): Promise<void> {
+/**
+ * Resolves with `marker` once it has arrived (the peer's last TLS record); anything else is refused.
+ * With `onRefusal` (the client), the server's SERVER_REFUSES and its category byte fail it with
+ * onRefusal's error instead.
+ */
+function awaitMarker(s: tls.TLSSocket, marker: Buffer, timeoutMs: number, onArrived: () => void, onRefusal?: (category: number) => Error): Promise<void> {
   return new Promise((resolve, reject) => {
     let got = Buffer.alloc(0);
     const timer = setTimeout(
@@ -96,6 +105,11 @@ function awaitMarker(s: tls.TLSSocket, marker: Buffer, timeoutMs: number, onArri
     };
     const onData = (d: Buffer): void => {
       got = Buffer.concat([got, d]);
+      const head = Math.min(got.length, SERVER_REFUSES.length);
+      if (onRefusal && got.subarray(0, head).equals(SERVER_REFUSES.subarray(0, head))) {
+        if (got.length <= SERVER_REFUSES.length) return; // its category byte is still to come
+        return fail(onRefusal(got[SERVER_REFUSES.length]!));
+      }
       if (got.length < marker.length) return;
       if (got.length > marker.length || !got.equals(marker))
         return fail(new LivemigError('ERR_LIVEMIG_PROTOCOL', 'unexpected data in the secure handshake', { phase: 'handshake' }));
@@ -157,19 +171,40 @@ export async function secureConnect(raw: net.Socket, creds: Credentials, timeout
       s.once('keylog', () => clearTimeout(silent));
       const settle = (): void => (clearTimeout(timer), clearTimeout(silent));
       s.once('secureConnect', () => (settle(), resolve()));
-      s.once('error', (e) => (settle(), reject(refused(`the destination could not be authenticated: ${e.message}`, e))));
+      s.once('error', (e) => (settle(), reject(pskRefusalAtSource(creds, e) ?? refused(`the destination could not be authenticated: ${e.message}`, e))));
     });
     if (creds.kind === 'cert' && !s.authorized) throw refused(`the destination's certificate is not trusted: ${String(s.authorizationError)}`);
     const peer = creds.kind === 'cert' ? String(s.getPeerCertificate().subject?.CN ?? '') : creds.identity;
     const k = keys(s, 'client');
     const cipher = s.getCipher().name;
-    const done = awaitMarker(s, SERVER_DONE, timeoutMs, () => stopReading(s));
+    const ownName = (): string => String((s.getCertificate() as tls.PeerCertificate | null)?.subject?.CN ?? '');
+    const done = awaitMarker(
+      s,
+      SERVER_DONE,
+      timeoutMs,
+      () => stopReading(s),
+      (category) => refused(refusedCertificateWords(category, ownName())),
+    );
     await write(s, CLIENT_DONE);
     await done;
     return { ...k, auth: creds.kind === 'cert' ? 'tls-cert' : 'tls-psk', peer, cipher, conn: FramedConnection.fromSecured(raw, s, k) };
   } catch (e) {
     s.destroy();
     throw e;
+  }
+}
+
+/**
+ * Tells a source whose certificate we refuse why, in one byte (the category; its words are the
+ * source's), once it has sent CLIENT_DONE: its connection then holds nothing unread here, and
+ * our close cannot reset away the answer. Best effort: a source that sends nothing hears nothing.
+ */
+async function tellRefusal(s: tls.TLSSocket, category: number, timeoutMs: number): Promise<void> {
+  try {
+    await awaitMarker(s, CLIENT_DONE, timeoutMs, () => undefined);
+    await write(s, Buffer.concat([SERVER_REFUSES, Buffer.of(category)]));
+  } catch {
+    // the refusal stands whether or not the source heard why
   }
 }
 
@@ -200,7 +235,7 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
         () => done(new LivemigError('ERR_LIVEMIG_TIMEOUT', `no secure handshake within ${timeoutMs} ms`, { phase: 'handshake' })),
         timeoutMs,
       );
-      const onClose = (): void => done(refused('the source closed the connection during the secure handshake'));
+      const onClose = (): void => done(refused('the source closed the connection during the secure handshake', undefined, 'closed'));
       const done = (e: Error | undefined, t?: tls.TLSSocket): void => {
         clearTimeout(timer);
         raw.off('close', onClose);
@@ -215,9 +250,15 @@ export async function authenticateAccepted(raw: net.Socket, creds: Credentials, 
     let peer: string;
     if (creds.kind === 'cert') {
       peer = String(s.getPeerCertificate().subject?.CN ?? '');
-      if (!s.authorized)
-        throw refused(`the source could not be authenticated: its certificate is not trusted (${String(s.authorizationError ?? 'none presented')})`);
-      if (creds.allow && !creds.allow.includes(peer)) throw refused(`the source's certificate names '${peer}', which --allow does not admit`);
+      if (!s.authorized) {
+        const why = `the source could not be authenticated: its certificate is not trusted (${String(s.authorizationError ?? 'none presented')})`;
+        await tellRefusal(s, CERT_REFUSAL.untrusted, timeoutMs);
+        throw refused(why, undefined, 'certificate-untrusted');
+      }
+      if (creds.allow && !creds.allow.includes(peer)) {
+        await tellRefusal(s, CERT_REFUSAL.notAllowed, timeoutMs);
+        throw refused(`the source's certificate names '${peer}', which --allow does not admit`, undefined, 'peer-not-allowed', peer);
+      }
     } else {
       peer = acceptor.pskIdentity.get(s) ?? '';
     }
@@ -270,7 +311,10 @@ function acceptorFor(creds: Credentials): Acceptor {
   const waiting: Acceptor['waiting'] = new Map();
   const of = (t: tls.TLSSocket | undefined) => waiting.get((t as unknown as { _parent?: net.Socket } | undefined)?._parent as net.Socket);
   server.on('secureConnection', (t: tls.TLSSocket) => of(t)?.done(undefined, t));
-  server.on('tlsClientError', (e: Error, t: tls.TLSSocket) => of(t)?.done(refused(`the source could not be authenticated: ${e.message}`, e)));
+  server.on('tlsClientError', (e: Error, t: tls.TLSSocket) => {
+    const psk = pskRefusalAtDestination(creds, e, pskIdentity.get(t));
+    of(t)?.done(psk ? refused(psk, e, 'psk-mismatch') : refused(`the source could not be authenticated: ${e.message}`, e));
+  });
   // TLS derived keys from the client's hello: admission ranks the connection up (receiver/pending.ts)
   server.on('keylog', (_line: Buffer, t: tls.TLSSocket) => {
     const w = of(t);

@@ -2,6 +2,7 @@
 import type { LivemigError } from '../../errors.js';
 import { listen, type Receiver } from '../../receiver/listen.js';
 import { isRefusedBeforeReserving, mayBeAskedAbout } from '../../receiver/receiver.js';
+import type { Refusal } from '../../refusals.js';
 import { IncomingGuest } from '../../guest/incoming-session.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
@@ -21,8 +22,9 @@ export const receive: Command = {
     'listening ({listening, port}), one when a migration has reserved its region ({receiving}),',
     'and one with the outcome ({received, guest_pid} or {error}). When the source may not have',
     'heard the outcome, it keeps answering its RESOLVE for --linger seconds ({lingering}).',
-    'A connection refused before anything was reserved (a scan, failed authentication, a bad',
-    'HELLO) prints {refused} and the receiver goes on listening.',
+    'Every source refused here (a scan, failed authentication, a certificate name not in --allow,',
+    'pre-shared keys that differ, a bad HELLO, busy) prints one {refused: {from, reason, code, phase,',
+    'message}} line; refused before anything was reserved, the receiver goes on listening.',
     'Exits 0 when the guest runs here, 1 when a migration failed (nothing was activated).',
   ].join('\n'),
   flags: {
@@ -55,47 +57,52 @@ export const receive: Command = {
     let guestPid = 0;
     let incoming: IncomingGuest | undefined;
     const command = typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand();
-    const rx = await listen(host, port, {
-      ...(credentials ? { credentials } : {}),
-      ...(v['insecure'] === true ? { insecure: true } : {}),
-      ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
-      ...(typeof v['max-channels'] === 'string' ? { maxChannels: channelCount(v['max-channels'], '--max-channels') } : {}),
-      ...(typeof v['handshake-timeout'] === 'string'
-        ? { authTimeoutMs: parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000 }
-        : {}),
-      recoverTimeoutMs: parseNumber(str(v, 'recover-timeout'), '--recover-timeout (seconds)', Number.MIN_VALUE) * 1000,
-      idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
-      ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
-      ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
-      // the guest maps its memory before pages flow, not during
-      onReserved: async (_region, postcopy, layout, memory) => {
-        // a same-host upgrade's guest maps the memory as it goes: populating it would be the whole cost
-        incoming = await IncomingGuest.start({
-          command,
-          layout,
-          files: memory.files,
-          populate: postcopy !== 'planned' && !memory.local,
-          registerEarly: postcopy === 'planned',
-        });
+    const rx = await listen(
+      host,
+      port,
+      {
+        ...(credentials ? { credentials } : {}),
+        ...(v['insecure'] === true ? { insecure: true } : {}),
+        ...(typeof v['max-region'] === 'string' ? { maxRegionBytes: parseSize(v['max-region'], '--max-region') } : {}),
+        ...(typeof v['max-channels'] === 'string' ? { maxChannels: channelCount(v['max-channels'], '--max-channels') } : {}),
+        ...(typeof v['handshake-timeout'] === 'string'
+          ? { authTimeoutMs: parseNumber(v['handshake-timeout'], '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000 }
+          : {}),
+        recoverTimeoutMs: parseNumber(str(v, 'recover-timeout'), '--recover-timeout (seconds)', Number.MIN_VALUE) * 1000,
+        idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
+        ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
+        ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
+        // the guest maps its memory before pages flow, not during
+        onReserved: async (_region, postcopy, layout, memory) => {
+          // a same-host upgrade's guest maps the memory as it goes: populating it would be the whole cost
+          incoming = await IncomingGuest.start({
+            command,
+            layout,
+            files: memory.files,
+            populate: postcopy !== 'planned' && !memory.local,
+            registerEarly: postcopy === 'planned',
+          });
+        },
+        postcopy: { register: () => incoming!.register() },
+        // a migration has begun: from here on it ends in an outcome line
+        onProgress: (e) => {
+          if (e.type === 'reserved')
+            process.stdout.write(JSON.stringify({ receiving: { region_bytes: e.region_bytes, reserve_ms: +e.reserve_ms.toFixed(1) } }) + '\n');
+        },
+        onDiscard: () => incoming?.kill(),
+        prepare: (_region, deviceState) => incoming!.prepare(deviceState),
+        activate: async (_region, deviceState) => {
+          await incoming!.activate(deviceState);
+          guestPid = incoming!.pid;
+        },
       },
-      postcopy: { register: () => incoming!.register() },
-      // a migration has begun: from here on it ends in an outcome line
-      onProgress: (e) => {
-        if (e.type === 'reserved')
-          process.stdout.write(JSON.stringify({ receiving: { region_bytes: e.region_bytes, reserve_ms: +e.reserve_ms.toFixed(1) } }) + '\n');
-      },
-      onDiscard: () => incoming?.kill(),
-      prepare: (_region, deviceState) => incoming!.prepare(deviceState),
-      activate: async (_region, deviceState) => {
-        await incoming!.activate(deviceState);
-        guestPid = incoming!.pid;
-      },
-    });
+      { onRefused: printRefusal },
+    );
     process.stdout.write(JSON.stringify({ listening: `${rx.address}:${rx.port}`, port: rx.port }) + '\n');
     const cpu0 = process.cpuUsage();
     try {
-      // connections refused before anything was reserved (scans, failed authentication, a
-      // bad HELLO) are reported and the receiver goes on listening
+      // a HELLO refused before anything was reserved (its {refused} line is out already):
+      // the receiver goes on listening
       let report: Awaited<ReturnType<typeof rx.next>>;
       for (;;) {
         try {
@@ -103,8 +110,6 @@ export const receive: Command = {
           break;
         } catch (e) {
           if (!isRefusedBeforeReserving(e)) throw e;
-          const err = e as LivemigError;
-          process.stdout.write(JSON.stringify({ refused: { code: err.code, phase: err.phase, message: err.message } }) + '\n');
         }
       }
       if (report.mode === 'postcopy') incoming!.allPresent();
@@ -135,6 +140,11 @@ export const receive: Command = {
     }
   },
 };
+
+/** One line for each source refused here: where from, why, and the code. */
+export function printRefusal(r: Refusal): void {
+  process.stdout.write(JSON.stringify({ refused: r }) + '\n');
+}
 
 /** Keeps answering RESOLVE (and nothing else) for a while, so that the source can learn the outcome. */
 async function linger(rx: Receiver, ms: number, why: string): Promise<void> {

@@ -7,7 +7,7 @@ import { DEFAULT_API, defaultDaemonDir, parseApiAddress, readToken } from '../da
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
-import { shellCommand } from './receive.js';
+import { printRefusal, shellCommand } from './receive.js';
 import { addon, call } from '../../native.js';
 
 function version(): string {
@@ -35,9 +35,11 @@ export const serve: Command = {
     '(docs/API.md; the OpenAPI document at /v1/openapi.json): it migrates guests to other',
     'daemons and takes migrations from them on --listen, several at once both ways. On TCP the',
     'API needs --token-file (a bearer token on every route but /v1/health); the unix socket is',
-    'mode 0600. Prints {serving: {...}} once up. SIGTERM (or SIGINT): no new migrations; the',
-    'running ones finish within --shutdown-grace, or are cancelled before their commitment',
-    '(their guests resume here); then it exits 0.',
+    'mode 0600. Prints {serving: {...}} once up, and a {refused: {from, reason, code, phase,',
+    'message}} line for each source refused on --listen (kept as an incoming migration in state',
+    'refused). SIGTERM (or SIGINT): no new migrations; the running ones finish within',
+    '--shutdown-grace, or are cancelled before their commitment (their guests resume here); then',
+    'it exits 0.',
   ].join('\n'),
   flags: {
     api: { type: 'string', value: 'unix:PATH|HOST:PORT', help: `where the HTTP API listens (default ${DEFAULT_API()})` },
@@ -117,6 +119,7 @@ export const serve: Command = {
       authTimeoutMs: parseNumber(str(v, 'handshake-timeout'), '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000,
       idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
       version: version(),
+      onRefused: printRefusal,
     });
     process.stdout.write(
       JSON.stringify({

@@ -12,13 +12,14 @@ interface View {
   stage: string;
   progress: { percent: number; eta_s?: number };
   error?: { code: string; message: string };
+  refusal?: { reason: string };
 }
 
 function line(m: View): string {
   const eta = m.progress.eta_s !== undefined && m.state === 'running' ? ` ETA ${m.progress.eta_s.toFixed(1)} s` : '';
   return (
     `${m.id}  ${m.direction.padEnd(8)} ${m.guest.padEnd(16)} ${m.peer.padEnd(21)} ${m.state.padEnd(9)} ${m.stage.padEnd(13)} ` +
-    `${m.progress.percent.toFixed(1).padStart(5)}%${eta}${m.error ? `  ${m.error.code}: ${m.error.message}` : ''}`
+    `${m.progress.percent.toFixed(1).padStart(5)}%${eta}${m.refusal ? `  [${m.refusal.reason}]` : ''}${m.error ? `  ${m.error.code}: ${m.error.message}` : ''}`
   );
 }
 

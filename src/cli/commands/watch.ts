@@ -32,7 +32,7 @@ export async function followMigration(t: ApiTarget, id: string, o: { json: boole
       case 'state': {
         const state = String(e.data['state']);
         if (!json) bar.line(`state ${state}${e.data['error'] ? `: ${(e.data['error'] as { message: string }).message}` : ''}`);
-        if (state === 'completed' || state === 'failed' || state === 'cancelled')
+        if (state === 'completed' || state === 'failed' || state === 'cancelled' || state === 'refused')
           final = { state, ...(e.data['error'] ? { error: e.data['error'] as { code: string; message: string } } : {}) };
         break;
       }

@@ -9,7 +9,7 @@ import type { DaemonEvent } from '../events.js';
 import { idParams } from './schemas.js';
 import type { DaemonApi } from './types.js';
 
-const FINAL = new Set(['completed', 'failed', 'cancelled']);
+const FINAL = new Set(['completed', 'failed', 'cancelled', 'refused']);
 
 export function eventRoutes(app: FastifyInstance, d: DaemonApi): void {
   app.get<{ Params: { id: string } }>(

@@ -58,7 +58,7 @@ export const listQuery = {
   type: 'object',
   additionalProperties: false,
   properties: {
-    state: { type: 'string', enum: ['queued', 'running', 'completed', 'failed', 'cancelled'] },
+    state: { type: 'string', enum: ['queued', 'running', 'completed', 'failed', 'cancelled', 'refused'] },
     direction: { type: 'string', enum: ['outgoing', 'incoming'] },
   },
 } as const;
@@ -83,8 +83,13 @@ export const migrationView = {
     direction: { type: 'string', enum: ['outgoing', 'incoming'] },
     guest: { type: 'string' },
     peer: { type: 'string' },
-    state: { type: 'string', enum: ['queued', 'running', 'completed', 'failed', 'cancelled'] },
+    state: { type: 'string', enum: ['queued', 'running', 'completed', 'failed', 'cancelled', 'refused'] },
     stage: { type: 'string' },
     progress,
+    refusal: {
+      type: 'object',
+      description: 'an incoming source refused here: why (src/refusals.ts), where from, and its certificate name when it chains to our CA',
+      properties: { reason: { type: 'string' }, from: { type: 'string' }, peer_name: { type: 'string' } },
+    },
   },
 } as const;
