@@ -11,6 +11,54 @@ import type { Migration } from './migration.js';
 
 const ENCODINGS = ['zero', 'dup', 'lz4', 'raw', 'skipped'] as const;
 
+/** What the gauges read when scraped: the daemon's state now. */
+interface LiveSources {
+  active: (direction: 'outgoing' | 'incoming') => number;
+  byState: () => Map<string, number>;
+  reserved: () => number;
+  guests: () => number;
+}
+
+/** The gauges, read from the daemon when /metrics is scraped (the counters move when a migration ends). */
+function liveGauges(o: LiveSources, registers: Registry[]): void {
+  new Gauge({
+    name: 'livemig_migrations',
+    help: 'migrations known to the daemon now, by state',
+    labelNames: ['state'],
+    registers,
+    collect() {
+      this.reset();
+      for (const [state, n] of o.byState()) this.set({ state }, n);
+    },
+  });
+  new Gauge({
+    name: 'livemig_active_migrations',
+    help: 'migrations queued or running now, by direction',
+    labelNames: ['direction'],
+    registers,
+    collect() {
+      this.set({ direction: 'outgoing' }, o.active('outgoing'));
+      this.set({ direction: 'incoming' }, o.active('incoming'));
+    },
+  });
+  new Gauge({
+    name: 'livemig_memory_reserved_bytes',
+    help: 'bytes reserved now by incoming migrations (the memory budget in use)',
+    registers,
+    collect() {
+      this.set(o.reserved());
+    },
+  });
+  new Gauge({
+    name: 'livemig_registered_guests',
+    help: 'guests registered with this daemon now',
+    registers,
+    collect() {
+      this.set(o.guests());
+    },
+  });
+}
+
 export class DaemonMetrics {
   readonly registry = new Registry();
   readonly #migrations: Counter<'direction' | 'state'>;
@@ -24,7 +72,7 @@ export class DaemonMetrics {
   readonly #api: Histogram<'route'>;
   readonly #refused: Counter<'reason'>;
 
-  constructor(o: { active: (direction: 'outgoing' | 'incoming') => number; byState: () => Map<string, number>; reserved: () => number; guests: () => number }) {
+  constructor(o: LiveSources) {
     const registers = [this.registry];
     this.#migrations = new Counter({
       name: 'livemig_migrations_total',
@@ -32,42 +80,7 @@ export class DaemonMetrics {
       labelNames: ['direction', 'state'],
       registers,
     });
-    new Gauge({
-      name: 'livemig_migrations',
-      help: 'migrations known to the daemon now, by state',
-      labelNames: ['state'],
-      registers,
-      collect() {
-        this.reset();
-        for (const [state, n] of o.byState()) this.set({ state }, n);
-      },
-    });
-    new Gauge({
-      name: 'livemig_active_migrations',
-      help: 'migrations queued or running now, by direction',
-      labelNames: ['direction'],
-      registers,
-      collect() {
-        this.set({ direction: 'outgoing' }, o.active('outgoing'));
-        this.set({ direction: 'incoming' }, o.active('incoming'));
-      },
-    });
-    new Gauge({
-      name: 'livemig_memory_reserved_bytes',
-      help: 'bytes reserved now by incoming migrations (the memory budget in use)',
-      registers,
-      collect() {
-        this.set(o.reserved());
-      },
-    });
-    new Gauge({
-      name: 'livemig_registered_guests',
-      help: 'guests registered with this daemon now',
-      registers,
-      collect() {
-        this.set(o.guests());
-      },
-    });
+    liveGauges(o, registers);
     this.#pages = new Counter({
       name: 'livemig_pages_total',
       help: 'pages sent by completed outgoing migrations, by how they went (skipped: already at the destination)',

@@ -8,7 +8,9 @@
  */
 import { LivemigError } from '../errors.js';
 import { markRefusal } from '../refusals.js';
-import type { Credentials } from './tls.js';
+
+/** What of a side's credentials the words need: whether they are a PSK, and its identity (tls.ts's Credentials fit). */
+type KeyedBy = { kind: 'cert' } | { kind: 'psk'; identity: string };
 
 /** OpenSSL's codes (as Node names them) for a Finished that did not open under our key. */
 const KEY_DIFFERS = new Set([
@@ -23,7 +25,7 @@ const IDENTITY_UNKNOWN = new Set(['ERR_SSL_TLSV1_ALERT_UNKNOWN_PSK_IDENTITY', 'E
 const codeOf = (e: Error): string => String((e as { code?: unknown }).code ?? '');
 
 /** The source's error for a TLS failure that says our pre-shared keys differ; undefined otherwise. */
-export function pskRefusalAtSource(creds: Credentials, e: Error): LivemigError | undefined {
+export function pskRefusalAtSource(creds: KeyedBy, e: Error): LivemigError | undefined {
   if (creds.kind !== 'psk') return undefined;
   const code = codeOf(e);
   const why = IDENTITY_UNKNOWN.has(code)
@@ -41,7 +43,7 @@ export function pskRefusalAtSource(creds: Credentials, e: Error): LivemigError |
  * ours; undefined otherwise. `identity` is what the source named: unauthenticated, so it is shown
  * quoted and cut short.
  */
-export function pskRefusalAtDestination(creds: Credentials, e: Error, identity: string | undefined): string | undefined {
+export function pskRefusalAtDestination(creds: KeyedBy, e: Error, identity: string | undefined): string | undefined {
   if (creds.kind !== 'psk') return undefined;
   const named = identity === undefined ? 'no identity' : `the identity ${JSON.stringify(identity.slice(0, 64))}`;
   if (identity !== undefined && identity !== creds.identity) return `the pre-shared keys differ: the source named ${named}, which has no key here`;
