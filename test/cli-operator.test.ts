@@ -105,6 +105,9 @@ test('help --help, help -h and help help print the global usage and exit 0', () 
     assert.match(r.stdout, /\n {2}guests +/, 'the global usage lists the new commands');
     assert.match(r.stdout, /\n {2}postcopy +/);
   }
+  const keys = run(['keys', '--help']);
+  assert.match(keys.stdout, /^usage: livemig keys .*\| token --out FILE \|/);
+  assert.match(keys.stdout, /\n {2}--out FILE\|DIR +psk, token: the file to write; ca: the directory to write into, made \(0700\) when missing/);
   for (const cmd of ['guests', 'postcopy']) {
     const r = run([cmd, '--help']);
     assert.equal(r.status, 0);

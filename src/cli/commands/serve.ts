@@ -32,14 +32,15 @@ export const serve: Command = {
   description: [
     'Runs the livemig daemon of this host. Running guests register at --guests PATH',
     '(`livemig guest --register PATH`, or lmg_source_register in a VMM) and are listed by name;',
-    'an orchestrator (or `livemig migrate/status/watch/cancel/set`) drives it over the HTTP API',
-    '(docs/API.md; the OpenAPI document at /v1/openapi.json): it migrates guests to other',
-    'daemons and takes migrations from them on --listen, several at once both ways. On TCP the',
-    'API needs --token-file (a bearer token on every route but /v1/health); the unix socket is',
-    'mode 0600. --api and --token-file default to $LIVEMIG_API and $LIVEMIG_TOKEN_FILE, as the',
-    "clients' do. Prints {serving: {...}} once up. SIGTERM (or SIGINT), or its stdout closed:",
-    'no new migrations; the running ones finish within --shutdown-grace, or are cancelled before',
-    'their commitment (their guests resume here); then it exits 0.',
+    'an orchestrator (or `livemig guests/migrate/status/watch/cancel/postcopy/set`) drives it',
+    'over the HTTP API (docs/API.md; the OpenAPI document at /v1/openapi.json): it migrates',
+    'guests to other daemons and takes migrations from them on --listen, several at once both',
+    'ways. On TCP the API needs --token-file (a bearer token on every route but /v1/health);',
+    'the unix socket is mode 0600. --api and --token-file default to $LIVEMIG_API and',
+    "$LIVEMIG_TOKEN_FILE, as the clients' do. Prints {serving: {...}} once up. SIGTERM (or",
+    'SIGINT), or its stdout closed: no new migrations; the running ones finish within',
+    '--shutdown-grace, or are cancelled before their commitment (their guests resume here);',
+    'then it exits 0.',
   ].join('\n'),
   flags: {
     api: {
