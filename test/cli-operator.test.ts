@@ -266,12 +266,16 @@ test('--api https://HOST:PORT speaks TLS (a proxy in front of the daemon), its c
   }
 });
 
-test('a closed stdout ends a command quietly, exit 0, no stack trace', async () => {
-  for (const args of [['help'], ['keys', '--help'], ['probe'], ['probe', '--json']]) {
+test('a closed stdout ends a command quietly, exit 0, no stack trace; serve shuts down in order, guest stops its guest', async () => {
+  const dir = tmp('closed');
+  const serve = ['serve', '--api', `unix:${path.join(dir, 'api.sock')}`, '--guests', path.join(dir, 'guests.sock'), '--listen', '127.0.0.1:0'];
+  const guest = ['guest', '--socket', path.join(dir, 'guest.sock'), '--size', '16MiB', '--rate', '0'];
+  for (const args of [['help'], ['keys', '--help'], ['probe'], ['probe', '--json'], serve, guest]) {
     const r = await withClosedStdout(args);
     assert.deepEqual([r.status, r.signal], [0, null], `livemig ${args.join(' ')}: ${r.stderr}`);
     assert.equal(r.stderr, '', `livemig ${args.join(' ')} says nothing on stderr`);
   }
+  assert.equal(existsSync(path.join(dir, 'api.sock')), false, 'serve shut down in order: it removed its API socket (an abrupt exit leaves it)');
 });
 
 test('keys token writes a token serve and the clients take; --api and --token-file from LIVEMIG_API and LIVEMIG_TOKEN_FILE, the flags winning', async () => {
