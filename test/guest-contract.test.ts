@@ -40,6 +40,8 @@ async function hostileGuest(kind: string): Promise<{ child: ChildProcess; socket
   const socket = path.join(dir, 'guest.sock');
   const child = spawn(process.execPath, [fixture('hostile-guest.js'), socket, kind], { stdio: ['ignore', 'pipe', 'inherit'] });
   const served = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  const first = await served.next();
+  if (first.done) throw new Error(`the hostile guest (${kind}) exited before it listened`);
   return {
     child,
     socket,

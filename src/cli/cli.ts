@@ -3,6 +3,7 @@ import { LivemigError } from '../errors.js';
 import { preferShortSlices } from '../sched.js';
 import { demo } from './commands/demo.js';
 import { guest } from './commands/guest.js';
+import { guests } from './commands/guests.js';
 import { keys } from './commands/keys.js';
 import { probe } from './commands/probe.js';
 import { resolve } from './commands/resolve.js';
@@ -10,13 +11,16 @@ import { receive } from './commands/receive.js';
 import { send } from './commands/send.js';
 import { serve } from './commands/serve.js';
 import { migrate } from './commands/migrate.js';
-import { cancel, set, status } from './commands/status.js';
+import { cancel, postcopy, set, status } from './commands/status.js';
 import { watch } from './commands/watch.js';
-import { USAGE_EXIT, commandHelp, isUsageError, parseFlags, type Command } from './flags.js';
+import { USAGE_EXIT, commandHelp, commandUsage, isUsageError, parseFlags, type Command } from './flags.js';
+import { guardOutput } from './output.js';
 
-const COMMANDS: readonly Command[] = [demo, receive, send, guest, serve, migrate, status, watch, cancel, set, probe, keys, resolve];
+const COMMANDS: readonly Command[] = [demo, receive, send, guest, serve, guests, migrate, status, watch, cancel, postcopy, set, probe, keys, resolve];
 /** commands that only talk to a daemon: no hand-over runs in their process */
-const CLIENTS: readonly Command[] = [probe, keys, resolve, migrate, status, watch, cancel, set];
+const CLIENTS: readonly Command[] = [probe, keys, resolve, guests, migrate, status, watch, cancel, postcopy, set];
+/** `livemig help X` for these words is the global usage */
+const HELP_WORDS = ['help', '--help', '-h'];
 
 function globalUsage(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
@@ -44,9 +48,10 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(globalUsage());
     return USAGE_EXIT;
   }
-  if (name === 'help' || name === '--help' || name === '-h') {
-    const about = rest[0] === undefined ? undefined : COMMANDS.find((c) => c.name === rest[0]);
-    if (rest[0] !== undefined && !about) {
+  if (HELP_WORDS.includes(name)) {
+    const word = rest[0] === undefined || HELP_WORDS.includes(rest[0]) ? undefined : rest[0];
+    const about = word === undefined ? undefined : COMMANDS.find((c) => c.name === word);
+    if (word !== undefined && !about) {
       process.stderr.write(`livemig: unknown command '${rest[0]}'\n${globalUsage()}`);
       return USAGE_EXIT;
     }
@@ -58,15 +63,23 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`livemig: unknown command '${name}'\n${globalUsage()}`);
     return USAGE_EXIT;
   }
-  const parsed = parseFlags(cmd, rest);
-  if (parsed === 'help') {
-    process.stdout.write(commandHelp(cmd));
-    return 0;
+  try {
+    const parsed = parseFlags(cmd, rest);
+    if (parsed === 'help') {
+      process.stdout.write(commandHelp(cmd));
+      return 0;
+    }
+    if (!CLIENTS.includes(cmd)) latencyHint();
+    return await cmd.run(parsed.values, parsed.positionals);
+  } catch (e) {
+    // a mistake in the command line: the error on its own line, then how the command is used
+    if (!(e instanceof LivemigError) || e.phase !== 'usage') throw e;
+    process.stderr.write(`livemig: ${e.code} (usage): ${e.message}\n${commandUsage(cmd, e.message)}`);
+    return USAGE_EXIT;
   }
-  if (!CLIENTS.includes(cmd)) latencyHint();
-  return cmd.run(parsed.values, parsed.positionals);
 }
 
+guardOutput();
 main(process.argv.slice(2)).then(
   (code) => {
     process.exitCode = code;

@@ -1,10 +1,12 @@
-/** The CLI's flags for reaching a daemon (--api, --token-file) and its default sockets. */
+/**
+ * The CLI's flags for reaching a daemon (--api, --token-file, or LIVEMIG_API and
+ * LIVEMIG_TOKEN_FILE in the environment: the flags win) and its default sockets.
+ */
 import os from 'node:os';
 import path from 'node:path';
-import { readFileSync } from 'node:fs';
 import type { ApiTarget } from '../daemon/client.js';
 import { usageError, type FlagValues, type Flags } from './flags.js';
-import { parseHostPort } from './units.js';
+import { readSecretFile } from './secret-file.js';
 
 /** Where a daemon's sockets are by default: /run/livemig as root, a private directory otherwise. */
 export function defaultDaemonDir(): string {
@@ -13,36 +15,81 @@ export function defaultDaemonDir(): string {
 
 export const DEFAULT_API = (): string => `unix:${path.join(defaultDaemonDir(), 'api.sock')}`;
 
+export const API_ENV = 'LIVEMIG_API';
+export const TOKEN_FILE_ENV = 'LIVEMIG_TOKEN_FILE';
+
+/** the forms --api takes, for its help and its errors */
+export const API_FORMS = 'unix:PATH|/PATH|HOST:PORT|http://HOST:PORT|https://HOST:PORT';
+
 export const CLIENT_FLAGS: Flags = {
-  api: { type: 'string', value: 'unix:PATH|HOST:PORT', help: `the daemon's API (default ${DEFAULT_API()})` },
-  'token-file': { type: 'string', value: 'FILE', help: "the API's bearer token (required when the API is on TCP)" },
+  api: {
+    type: 'string',
+    value: API_FORMS,
+    help: `the daemon's API: a unix socket, or TCP (https: through a TLS proxy) (default $${API_ENV}, else ${DEFAULT_API()})`,
+  },
+  'token-file': {
+    type: 'string',
+    value: 'FILE',
+    help: `the API's bearer token, a file only its owner can read (required when the API is on TCP; default $${TOKEN_FILE_ENV})`,
+  },
   json: { type: 'boolean', default: false, help: 'print JSON (one object per line) instead of text' },
 };
 
-export function parseApiAddress(text: string, flag = '--api'): { path: string } | { host: string; port: number } {
-  if (text.startsWith('unix:')) {
-    const p = text.slice(5);
-    if (p.length === 0 || p.length > 107) throw usageError(`${flag}: a unix socket path is 1..107 characters, got '${p}'`);
-    return { path: p };
-  }
-  return parseHostPort(text, flag);
+export type ApiAddress = { path: string } | { host: string; port: number; tls: boolean };
+
+/** A unix socket path fits sun_path: 1..107 bytes. */
+function socketPath(p: string, from: string): { path: string } {
+  if (p.length === 0 || Buffer.byteLength(p) > 107) throw usageError(`${from}: a unix socket path is 1..107 characters, got '${p}'`);
+  return { path: p };
 }
 
-export function readToken(file: string): string {
-  let t: string;
-  try {
-    t = readFileSync(file, 'utf8').trim();
-  } catch (e) {
-    throw usageError(`--token-file: cannot read ${file}: ${(e as Error).message}`);
-  }
-  if (t.length < 16 || /\s/.test(t)) throw usageError(`--token-file: ${file} must hold one token of at least 16 characters without spaces`);
+const HOST = /^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])$/;
+
+function tcp(host: string, portText: string, tls: boolean, text: string, from: string): ApiAddress {
+  const port = Number(portText);
+  if (!HOST.test(host) || !/^[0-9]{1,5}$/.test(portText) || port > 65535)
+    throw usageError(`${from}: '${text}' is not a daemon address: give ${API_FORMS.split('|').join(', ')}`);
+  // node's HTTP client takes an IPv6 address without its brackets
+  return { host: host.startsWith('[') ? host.slice(1, -1) : host, port, tls };
+}
+
+/**
+ * Where the daemon's API is: `unix:PATH` or a path (`/…`, `./…`), `HOST:PORT`, or a URL
+ * `http://HOST:PORT` or `https://HOST:PORT` (no path, no credentials). Anything else is refused
+ * with the value named; `from` says where it came from (the flag, or the environment).
+ */
+export function parseApiAddress(text: string, from = '--api'): ApiAddress {
+  if (text.startsWith('unix:')) return socketPath(text.slice(5), from);
+  if (text.startsWith('/') || text.startsWith('./') || text.startsWith('../')) return socketPath(text, from);
+  const url = /^(https?):\/\/([^/?#@]+?):([^/?#@:\]]*)\/?$/i.exec(text);
+  if (url) return tcp(url[2]!, url[3]!, url[1]!.toLowerCase() === 'https', text, from);
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(text) || text.includes('/'))
+    throw usageError(`${from}: '${text}' is not a daemon address: give ${API_FORMS.split('|').join(', ')} (a URL has no path and names its port)`);
+  const i = text.lastIndexOf(':');
+  if (i <= 0) throw usageError(`${from}: '${text}' is not a daemon address: give ${API_FORMS.split('|').join(', ')}`);
+  return tcp(text.slice(0, i), text.slice(i + 1), false, text, from);
+}
+
+export function readToken(file: string, from = '--token-file'): string {
+  const t = readSecretFile(file, from).toString('utf8').trim();
+  if (t.length < 16 || /\s/.test(t)) throw usageError(`${from}: ${file} must hold one token of at least 16 characters without spaces`);
   return t;
 }
 
+/** A flag's value, else the environment's (an empty variable counts as unset); and where it came from. */
+export function flagOrEnv(v: FlagValues, flag: string, env: string): { value: string; from: string } | undefined {
+  const given = v[flag];
+  if (typeof given === 'string') return { value: given, from: `--${flag}` };
+  const e = process.env[env];
+  return e !== undefined && e.length > 0 ? { value: e, from: env } : undefined;
+}
+
 export function targetFrom(v: FlagValues): ApiTarget {
-  const a = parseApiAddress(typeof v['api'] === 'string' ? v['api'] : DEFAULT_API());
-  const token = typeof v['token-file'] === 'string' ? readToken(v['token-file']) : undefined;
-  const base = 'path' in a ? { socketPath: a.path } : { host: a.host, port: a.port };
+  const api = flagOrEnv(v, 'api', API_ENV) ?? { value: DEFAULT_API(), from: '--api' };
+  const a = parseApiAddress(api.value, api.from);
+  const tokenFile = flagOrEnv(v, 'token-file', TOKEN_FILE_ENV);
+  const token = tokenFile ? readToken(tokenFile.value, tokenFile.from) : undefined;
+  const base: ApiTarget = 'path' in a ? { socketPath: a.path } : { host: a.host, port: a.port, ...(a.tls ? { tls: true } : {}) };
   return token ? { ...base, token } : base;
 }
 

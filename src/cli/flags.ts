@@ -54,10 +54,16 @@ export function parseFlags(cmd: Command, argv: string[]): { values: FlagValues; 
   try {
     parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: cmd.positionals === true });
   } catch (e) {
-    throw usageError(`${cmd.name}: ${(e as Error).message.split('\n')[0]} (see 'livemig ${cmd.name} --help')`);
+    throw usageError(`${cmd.name}: ${(e as Error).message.split('\n')[0]}`);
   }
   if (parsed.values['help']) return 'help';
   return { values: parsed.values as FlagValues, positionals: parsed.positionals };
+}
+
+/** What follows a usage error: the command's usage line, and where its flags are (unless the error said so). */
+export function commandUsage(cmd: Command, error: string): string {
+  const pointer = error.includes(`livemig ${cmd.name} --help`) ? '' : `(every flag: livemig ${cmd.name} --help)\n`;
+  return `usage: livemig ${cmd.name} ${cmd.synopsis}\n${pointer}`;
 }
 
 export function commandHelp(cmd: Command): string {

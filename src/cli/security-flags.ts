@@ -2,13 +2,18 @@
 import { readFileSync } from 'node:fs';
 import type { Credentials } from '../security/tls.js';
 import { usageError, type FlagValues, type Flags } from './flags.js';
+import { readSecretFile } from './secret-file.js';
 
 export const SOURCE_SECURITY_FLAGS: Flags = {
   'tls-cert': { type: 'string', value: 'FILE', help: "this host's certificate (PEM): authenticate with certificates, TLS 1.3" },
   'tls-key': { type: 'string', value: 'FILE', help: 'its private key (PEM)' },
   'tls-ca': { type: 'string', value: 'FILE', help: "the CA the peer's certificate must chain to (PEM)" },
   'peer-name': { type: 'string', value: 'NAME', help: "the name the destination's certificate must carry" },
-  'psk-file': { type: 'string', value: 'FILE', help: 'authenticate with a pre-shared key instead: a file holding IDENTITY:HEXKEY (32 bytes or more)' },
+  'psk-file': {
+    type: 'string',
+    value: 'FILE',
+    help: 'authenticate with a pre-shared key instead: a file only its owner can read (0600) holding IDENTITY:HEXKEY (32 bytes or more)',
+  },
   insecure: { type: 'boolean', default: false, help: 'off loopback without credentials, on purpose (refused otherwise)' },
 };
 
@@ -34,7 +39,7 @@ export function credentialsFrom(v: FlagValues, side: 'source' | 'destination'): 
   const psk = str('psk-file');
   if (psk !== undefined) {
     if (cert || key || ca) throw usageError('--psk-file and --tls-cert/--tls-key/--tls-ca are two ways to authenticate: give one');
-    const m = /^([^:\s]{1,128}):([0-9a-fA-F]{64,})\s*$/.exec(read(psk, '--psk-file').toString('utf8'));
+    const m = /^([^:\s]{1,128}):([0-9a-fA-F]{64,})\s*$/.exec(readSecretFile(psk, '--psk-file').toString('utf8'));
     if (!m) throw usageError(`--psk-file: ${psk} must hold IDENTITY:HEXKEY, a key of at least 32 bytes in hex`);
     return { kind: 'psk', identity: m[1]!, key: Buffer.from(m[2]!, 'hex') };
   }

@@ -1,13 +1,20 @@
 /**
  * A client of the daemon's API (docs/API.md): JSON requests over its unix socket or TCP with
  * Node's HTTP client and a bearer token, and its Server-Sent Events read with
- * eventsource-parser. The CLI, the demo, the tests and the benchmarks use it.
+ * eventsource-parser. The CLI, the demo, the tests and the benchmarks use it. `tls` is for an
+ * API behind a TLS proxy (the daemon itself serves plain HTTP): the proxy's certificate is
+ * checked against the system's CAs (and NODE_EXTRA_CA_CERTS).
  */
 import http from 'node:http';
+import https from 'node:https';
 import { createParser } from 'eventsource-parser';
 import { LivemigError, type ErrorCode } from '../errors.js';
 
-export type ApiTarget = { socketPath: string; token?: string } | { host: string; port: number; token?: string };
+export type ApiTarget = { socketPath: string; token?: string } | { host: string; port: number; tls?: boolean; token?: string };
+
+function send(t: ApiTarget, o: http.RequestOptions, onResponse: (res: http.IncomingMessage) => void): http.ClientRequest {
+  return 'tls' in t && t.tls === true ? https.request(o, onResponse) : http.request(o, onResponse);
+}
 
 function options(t: ApiTarget, method: string, route: string, headers: Record<string, string>): http.RequestOptions {
   return {
@@ -19,14 +26,16 @@ function options(t: ApiTarget, method: string, route: string, headers: Record<st
 }
 
 function describe(t: ApiTarget): string {
-  return 'socketPath' in t ? `unix:${t.socketPath}` : `${t.host}:${t.port}`;
+  if ('socketPath' in t) return `unix:${t.socketPath}`;
+  const host = t.host.includes(':') ? `[${t.host}]` : t.host;
+  return `${t.tls === true ? 'https' : 'http'}://${host}:${t.port}`;
 }
 
 /** One JSON request; an error answer becomes a LivemigError with the daemon's code (and `httpStatus`, `body`). */
 export function request<T = Record<string, unknown>>(t: ApiTarget, method: string, route: string, body?: unknown): Promise<{ status: number; body: T }> {
   const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
   return new Promise((resolve, reject) => {
-    const req = http.request(options(t, method, route, data ? { 'content-type': 'application/json', 'content-length': String(data.length) } : {}), (res) => {
+    const req = send(t, options(t, method, route, data ? { 'content-type': 'application/json', 'content-length': String(data.length) } : {}), (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => {
@@ -53,10 +62,14 @@ export function request<T = Record<string, unknown>>(t: ApiTarget, method: strin
     });
     req.on('error', (e) =>
       reject(
-        new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot reach the daemon at ${describe(t)}: ${e.message} (is \`livemig serve\` running? see --api)`, {
-          phase: 'api',
-          cause: e,
-        }),
+        new LivemigError(
+          'ERR_LIVEMIG_CONNECTION',
+          `cannot reach the daemon at ${describe(t)}: ${e.message} (is \`livemig serve\` running? see --api, LIVEMIG_API)`,
+          {
+            phase: 'api',
+            cause: e,
+          },
+        ),
       ),
     );
     req.end(data);
@@ -72,7 +85,7 @@ export interface StreamEvent {
 /** Follows an SSE route until the daemon ends the stream (or `stop` returns true). */
 export function followEvents(t: ApiTarget, route: string, onEvent: (e: StreamEvent) => boolean | void): Promise<void> {
   return new Promise((resolve, reject) => {
-    const req = http.request(options(t, 'GET', route, { accept: 'text/event-stream' }), (res) => {
+    const req = send(t, options(t, 'GET', route, { accept: 'text/event-stream' }), (res) => {
       if ((res.statusCode ?? 0) >= 400) {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));

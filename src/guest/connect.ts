@@ -1,15 +1,42 @@
 /** Connecting to a guest's socket, which may not be listening yet (a guest just started), and agreeing on the contract. */
+import { statSync } from 'node:fs';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, closeFd } from '../native.js';
 import { Tag, refused, type AgreedContract } from './contract.js';
 
 const RETRY_MS = 5;
 
-/** A connected descriptor, once the guest at `path` accepts; ERR_LIVEMIG_TIMEOUT after `timeoutMs`. */
-export async function connectWhenListening(path: string, timeoutMs: number, child?: { exitCode: number | null; signalCode: string | null }): Promise<number> {
+function checkSocketPath(path: string): void {
   if (typeof path !== 'string' || path.length === 0 || path.length > 107) {
     throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `a guest socket path is 1..107 characters, got ${JSON.stringify(path)}`, { phase: 'handover' });
   }
+}
+
+/**
+ * A connected descriptor to a guest that is running already (`livemig send --guest PATH`): there
+ * is nothing to wait for, so a path where nothing listens fails at once (ERR_LIVEMIG_GUEST),
+ * saying whether the socket does not exist, is not a socket, or was left by a guest that is gone.
+ */
+export function connectRunningGuest(path: string): number {
+  checkSocketPath(path);
+  try {
+    return addon.unixConnect(path);
+  } catch (e) {
+    const errno = (e as { errnoName?: string }).errnoName;
+    const fail = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_GUEST', `no guest at ${path}: ${why}`, { phase: 'handover', cause: e });
+    if (errno === 'ENOENT') throw fail('the socket does not exist (is the guest running? `livemig guest --socket PATH` serves one)');
+    if (errno === 'ECONNREFUSED') {
+      // an abstract name (@…) is no file to look at
+      const isSocket = path.startsWith('@') || statSync(path, { throwIfNoEntry: false })?.isSocket() === true;
+      throw fail(isSocket ? 'nothing listens there (ECONNREFUSED): the guest that made the socket has gone' : 'it is not a socket');
+    }
+    throw new LivemigError('ERR_LIVEMIG_HANDOVER', `connecting to the guest at ${path}: ${(e as Error).message}`, { phase: 'handover', cause: e });
+  }
+}
+
+/** A connected descriptor, once the guest at `path` accepts; ERR_LIVEMIG_TIMEOUT after `timeoutMs`. */
+export async function connectWhenListening(path: string, timeoutMs: number, child?: { exitCode: number | null; signalCode: string | null }): Promise<number> {
+  checkSocketPath(path);
   const until = Date.now() + timeoutMs;
   for (;;) {
     try {

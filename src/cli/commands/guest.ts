@@ -3,6 +3,7 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { referenceGuestArgs, referenceGuestRegisterArgs } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
+import { whenStdoutCloses } from '../output.js';
 import { GUEST_FLAGS, guestSpec } from '../migration-flags.js';
 
 export const guest: Command = {
@@ -44,8 +45,11 @@ export const guest: Command = {
       noTrack: v['no-track'] === true,
     };
     const argv = register ? referenceGuestRegisterArgs(register, name, spec) : referenceGuestArgs(socket!, spec);
-    const child = spawn(argv[0]!, [...argv.slice(1), '--announce'], { stdio: 'inherit' });
+    // its announce goes through this process's stdout: a reader gone stops the guest in order, as SIGTERM does
+    const child = spawn(argv[0]!, [...argv.slice(1), '--announce'], { stdio: ['inherit', 'pipe', 'inherit'] });
+    child.stdout.on('data', (b: Buffer) => process.stdout.write(b));
     const forward = (sig: NodeJS.Signals): void => void child.kill(sig);
+    whenStdoutCloses(() => forward('SIGTERM'));
     process.on('SIGINT', forward);
     process.on('SIGTERM', forward);
     const [code, signal] = (await once(child, 'exit')) as [number | null, NodeJS.Signals | null];

@@ -1,6 +1,7 @@
 /** livemig send: migrate a guest live to a receiver (one already running, or a reference guest started here). */
 import { assertSecureEnough } from '../../security/tls.js';
 import { LivemigError } from '../../errors.js';
+import { connectRunningGuest } from '../../guest/connect.js';
 import { SourceGuestSession } from '../../guest/source-session.js';
 import { migrate } from '../../source/migrate.js';
 import { SourceGuest } from '../../workload/controller.js';
@@ -8,6 +9,9 @@ import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags, printProgress } from '../migration-flags.js';
 import { SOURCE_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort } from '../units.js';
+
+/** how long a running guest has to say hello once connected */
+const HELLO_TIMEOUT_MS = 10_000;
 
 /** What send needs of a guest, whether it started it or found it running. */
 interface Guest {
@@ -61,15 +65,20 @@ export const send: Command = {
     'docs/GUEST.md), or without --guest a reference guest started here for the purpose.',
     'Prints the migration report as JSON on stdout (progress on stderr). On a failure it prints',
     '{error: {code, phase, message}, source_guest, guest_pid} and exits 1, leaving the guest',
-    'to run on: source_guest is running (resumed here: any failure before the commitment),',
-    'paused (the outcome could not be confirmed: see `livemig resolve`) or released (it runs',
-    'at the destination). With --local (a VMM restarting into a new version on this host) the',
-    "guest's memory files go to the destination guest as they are: it pauses once, only its",
-    'device state moves; a receiver on another host refuses (ERR_LIVEMIG_NOT_LOCAL).',
+    'to run on: source_guest is none (no guest answered at --guest PATH, or none started),',
+    'running (resumed here: any failure before the commitment), paused (the outcome could not',
+    'be confirmed: see `livemig resolve`) or released (it runs at the destination). With',
+    "--local (a VMM restarting into a new version on this host) the guest's memory files go to",
+    'the destination guest as they are: it pauses once, only its device state moves; a receiver',
+    'on another host refuses (ERR_LIVEMIG_NOT_LOCAL).',
   ].join('\n'),
   flags: {
     to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
-    guest: { type: 'string', value: 'PATH', help: 'migrate the guest serving at this unix socket (default: start a reference guest)' },
+    guest: {
+      type: 'string',
+      value: 'PATH',
+      help: 'migrate the guest serving at this unix socket, running already: nothing there fails at once (default: start a reference guest)',
+    },
     heartbeat: { type: 'string', value: 'HOST:PORT', help: 'where a reference guest started here sends its UDP heartbeats (default none)' },
     local: {
       type: 'boolean',
@@ -94,21 +103,23 @@ export const send: Command = {
     };
     // refused before a guest starts, or is touched
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
+    const socket = typeof v['guest'] === 'string' ? v['guest'] : undefined;
+    const spec = socket === undefined ? { ...guestSpec(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) } : undefined;
     let guest: Guest;
+    // which guest a failure leaves: none until one answers (or was started here)
+    let before: 'none' | 'running' = 'none';
     try {
-      guest =
-        typeof v['guest'] === 'string'
-          ? running(await SourceGuestSession.connect(v['guest']))
-          : started(await SourceGuest.spawn({ ...guestSpec(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) }));
+      if (socket !== undefined) {
+        const fd = connectRunningGuest(socket);
+        before = 'running';
+        guest = running(await SourceGuestSession.take(fd, HELLO_TIMEOUT_MS, `the guest at ${socket}`));
+      } else {
+        guest = started(await SourceGuest.spawn(spec!));
+      }
     } catch (e) {
       // nothing moved: a guest that was running runs on, untouched
       const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_GUEST', (e as Error).message, { phase: 'handover', cause: e });
-      process.stdout.write(
-        JSON.stringify({
-          error: { code: err.code, phase: err.phase, message: err.message },
-          source_guest: typeof v['guest'] === 'string' ? 'running' : 'none',
-        }) + '\n',
-      );
+      process.stdout.write(JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: before }) + '\n');
       process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'handover'}): ${err.message}\n`);
       return 1;
     }

@@ -3,12 +3,13 @@ import path from 'node:path';
 import { readFileSync } from 'node:fs';
 import { Daemon, defaultParallel } from '../../daemon/daemon.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
-import { DEFAULT_API, defaultDaemonDir, parseApiAddress, readToken } from '../daemon-client.js';
+import { API_ENV, DEFAULT_API, TOKEN_FILE_ENV, defaultDaemonDir, flagOrEnv, parseApiAddress, readToken } from '../daemon-client.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
 import { printRefusal, shellCommand } from './receive.js';
 import { addon, call } from '../../native.js';
+import { whenStdoutCloses } from '../output.js';
 
 function version(): string {
   try {
@@ -27,23 +28,34 @@ function niceValue(text: string): number {
 export const serve: Command = {
   name: 'serve',
   summary: 'run the daemon: guests register, migrations go both ways, an HTTP API drives it',
-  synopsis: '[--api unix:PATH|HOST:PORT] [--listen HOST:PORT] [--guests PATH] [flags]',
+  synopsis: '[--api unix:PATH|HOST:PORT|http://HOST:PORT] [--listen HOST:PORT] [--guests PATH] [flags]',
   description: [
     'Runs the livemig daemon of this host. Running guests register at --guests PATH',
     '(`livemig guest --register PATH`, or lmg_source_register in a VMM) and are listed by name;',
-    'an orchestrator (or `livemig migrate/status/watch/cancel/set`) drives it over the HTTP API',
-    '(docs/API.md; the OpenAPI document at /v1/openapi.json): it migrates guests to other',
-    'daemons and takes migrations from them on --listen, several at once both ways. On TCP the',
-    'API needs --token-file (a bearer token on every route but /v1/health); the unix socket is',
-    'mode 0600. Prints {serving: {...}} once up, and a {refused: {from, reason, code, phase,',
-    'message}} line for each source refused on --listen (kept as an incoming migration in state',
-    'refused). SIGTERM (or SIGINT): no new migrations; the running ones finish within',
-    '--shutdown-grace, or are cancelled before their commitment (their guests resume here); then',
-    'it exits 0.',
+    'an orchestrator (or `livemig guests/migrate/status/watch/cancel/postcopy/set`) drives it',
+    'over the HTTP API (docs/API.md; the OpenAPI document at /v1/openapi.json): it migrates',
+    'guests to other daemons and takes migrations from them on --listen, several at once both',
+    'ways. On TCP the API needs --token-file (a bearer token on every route but /v1/health);',
+    'the unix socket is mode 0600. --api and --token-file default to $LIVEMIG_API and',
+    "$LIVEMIG_TOKEN_FILE, as the clients' do. Prints {serving: {...}} once up, and a {refused:",
+    '{from, reason, code, phase, message}} line for each source refused on --listen (kept as an',
+    'incoming migration in state refused). SIGTERM (or SIGINT), or its stdout closed: no new',
+    'migrations; the running ones finish within --shutdown-grace, or are cancelled before their',
+    'commitment (their guests resume here); then it exits 0.',
   ].join('\n'),
   flags: {
-    api: { type: 'string', value: 'unix:PATH|HOST:PORT', help: `where the HTTP API listens (default ${DEFAULT_API()})` },
-    'token-file': { type: 'string', value: 'FILE', help: "the API's bearer token, one line of 16 or more characters (required with a TCP --api)" },
+    api: {
+      type: 'string',
+      value: 'unix:PATH|/PATH|HOST:PORT|http://HOST:PORT',
+      help: `where the HTTP API listens (plain HTTP; default $${API_ENV}, else ${DEFAULT_API()})`,
+    },
+    'token-file': {
+      type: 'string',
+      value: 'FILE',
+      help:
+        "the API's bearer token, one line of 16 or more characters in a file only its owner can read (`livemig keys token` writes one; " +
+        `required with a TCP --api; default $${TOKEN_FILE_ENV})`,
+    },
     listen: { type: 'string', default: '127.0.0.1:7878', value: 'HOST:PORT', help: 'the migration port other daemons send to (port 0: any free port)' },
     guests: { type: 'string', value: 'PATH', help: `the socket guests register at (default ${path.join(defaultDaemonDir(), 'guests.sock')})` },
     'guest-exec': {
@@ -82,7 +94,12 @@ export const serve: Command = {
     ...DESTINATION_SECURITY_FLAGS,
   },
   async run(v: FlagValues): Promise<number> {
-    const api = parseApiAddress(typeof v['api'] === 'string' ? v['api'] : DEFAULT_API());
+    const apiFlag = flagOrEnv(v, 'api', API_ENV) ?? { value: DEFAULT_API(), from: '--api' };
+    const parsedApi = parseApiAddress(apiFlag.value, apiFlag.from);
+    if ('tls' in parsedApi && parsedApi.tls)
+      throw usageError(`${apiFlag.from}: the daemon serves its API over plain HTTP: give http://HOST:PORT or HOST:PORT (a TLS proxy in front takes https)`);
+    const api = 'path' in parsedApi ? { path: parsedApi.path } : { host: parsedApi.host, port: parsedApi.port };
+    const tokenFile = flagOrEnv(v, 'token-file', TOKEN_FILE_ENV);
     const listen = parseHostPort(str(v, 'listen'), '--listen');
     const credentials = credentialsFrom(v, 'destination');
     const max = parseNumber(str(v, 'max-migrations'), '--max-migrations', 1);
@@ -102,9 +119,11 @@ export const serve: Command = {
     };
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
+    // whoever read its lines has gone: it shuts down in order, as for SIGTERM (not by SIGPIPE)
+    whenStdoutCloses(() => stop('SIGPIPE'));
     const daemon = await Daemon.start({
       api,
-      ...(typeof v['token-file'] === 'string' ? { token: readToken(v['token-file']) } : {}),
+      ...(tokenFile ? { token: readToken(tokenFile.value, tokenFile.from) } : {}),
       listen,
       guests: typeof v['guests'] === 'string' ? v['guests'] : path.join(defaultDaemonDir(), 'guests.sock'),
       ...(credentials ? { credentials } : {}),

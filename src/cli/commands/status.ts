@@ -1,4 +1,4 @@
-/** livemig status, cancel, set: a daemon's migrations, read and changed. */
+/** livemig status, cancel, postcopy, set: a daemon's migrations, read and changed. */
 import { CLIENT_FLAGS, request, targetFrom } from '../daemon-client.js';
 import { usageError, type Command, type FlagValues } from '../flags.js';
 import { parseNumber } from '../units.js';
@@ -63,6 +63,27 @@ export const cancel: Command = {
     if (args.length !== 1) throw usageError("cancel needs one migration ID (see 'livemig cancel --help')");
     const { body } = await request<View>(targetFrom(v), 'POST', `/v1/migrations/${encodeURIComponent(args[0]!)}/cancel`);
     process.stdout.write((v['json'] === true ? JSON.stringify(body) : `migration ${body.id}: cancel asked (${body.state}, ${body.stage})`) + '\n');
+    return 0;
+  },
+};
+
+export const postcopy: Command = {
+  name: 'postcopy',
+  summary: 'switch a running outgoing migration to post-copy',
+  synopsis: 'ID [--api ...] [--json]',
+  description: [
+    'Switches the running outgoing migration ID to post-copy at the end of its round: the guest',
+    'then runs at the destination at once and its remaining pages follow (on demand, and pushed).',
+    'For a pre-copy that does not converge, instead of waiting for --on-stall. The destination',
+    'must offer post-copy; refused (ERR_LIVEMIG_STATE) once the migration has ended. Prints the',
+    'migration as it stands; `livemig watch ID` follows it to its end.',
+  ].join('\n'),
+  positionals: true,
+  flags: { ...CLIENT_FLAGS },
+  async run(v: FlagValues, args: string[]): Promise<number> {
+    if (args.length !== 1) throw usageError('postcopy needs one migration ID');
+    const { body } = await request<View>(targetFrom(v), 'POST', `/v1/migrations/${encodeURIComponent(args[0]!)}/postcopy`);
+    process.stdout.write((v['json'] === true ? JSON.stringify(body) : `migration ${body.id}: post-copy asked (${body.state}, ${body.stage})`) + '\n');
     return 0;
   },
 };

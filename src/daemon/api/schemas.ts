@@ -5,7 +5,16 @@ const NAME = { type: 'string', pattern: '^[A-Za-z0-9._-]{1,63}$' } as const;
 export const errorBody = {
   type: 'object',
   properties: {
-    error: { type: 'object', properties: { code: { type: 'string' }, message: { type: 'string' }, phase: { type: 'string' } }, required: ['code', 'message'] },
+    error: {
+      type: 'object',
+      properties: {
+        code: { type: 'string' },
+        message: { type: 'string' },
+        phase: { type: 'string' },
+        field: { type: 'string', description: 'a schema error: the field at fault, e.g. to.port' },
+      },
+      required: ['code', 'message'],
+    },
     id: { type: 'string' },
   },
   required: ['error'],

@@ -15,6 +15,7 @@ import { guestRoutes } from './routes-guests.js';
 import { metricsRoutes } from './routes-metrics.js';
 import { migrationRoutes } from './routes-migrations.js';
 import type { DaemonApi } from './types.js';
+import { describeValidation } from './validation.js';
 
 /** SSE keep-alive comments, so that proxies and clients see a quiet stream is alive */
 const SSE_HEARTBEAT_MS = 15_000;
@@ -28,6 +29,8 @@ export async function buildApi(d: DaemonApi, o: { token: string | undefined; ver
     // a field the schema does not name is an error, not silently dropped; no type coercion
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
   });
+  // every body is JSON: one of another type is refused (415), not parsed as a string to fail the schema
+  app.removeContentTypeParser('text/plain');
   await app.register(swagger, {
     openapi: {
       info: {
@@ -61,9 +64,18 @@ export async function buildApi(d: DaemonApi, o: { token: string | undefined; ver
     if (t0 !== undefined) d.metrics.apiRequest(req.routeOptions.url ?? 'unknown', (performance.now() - t0) / 1e3);
   });
 
-  app.setErrorHandler((err: FastifyError | LivemigError, _req, reply) => {
+  // @fastify/sse answers 406 itself, in its own shape, to a client that refuses text/event-stream
+  app.addHook('onSend', async (_req, reply, payload) => {
+    if (reply.statusCode !== 406) return payload;
+    reply.type('application/json');
+    const message = "this route answers only Server-Sent Events: ask with 'Accept: text/event-stream'";
+    return JSON.stringify({ error: { code: 'ERR_LIVEMIG_INVALID_ARGUMENT', message, phase: 'validate' } });
+  });
+
+  app.setErrorHandler((err: FastifyError | LivemigError, req, reply) => {
     if ((err as FastifyError).validation) {
-      return reply.code(400).send({ error: { code: 'ERR_LIVEMIG_INVALID_ARGUMENT', message: err.message, phase: 'validate' } });
+      const { message, field } = describeValidation(err as FastifyError, req);
+      return reply.code(400).send({ error: { code: 'ERR_LIVEMIG_INVALID_ARGUMENT', message, phase: 'validate', ...(field ? { field } : {}) } });
     }
     if (err instanceof LivemigError) {
       return reply.code(statusOf(err.code)).send({ error: { code: err.code, message: err.message, phase: err.phase ?? 'api' } });
@@ -71,7 +83,9 @@ export async function buildApi(d: DaemonApi, o: { token: string | undefined; ver
     const status = (err as FastifyError).statusCode;
     // fastify's own 4xx (a body that is not JSON, too large, a wrong content type)
     if (status !== undefined && status >= 400 && status < 500) {
-      return reply.code(status).send({ error: { code: 'ERR_LIVEMIG_INVALID_ARGUMENT', message: err.message, phase: 'validate' } });
+      return reply
+        .code(status)
+        .send({ error: { code: 'ERR_LIVEMIG_INVALID_ARGUMENT', message: ownMessage(err as FastifyError, req.headers), phase: 'validate' } });
     }
     return reply.code(500).send({ error: { code: 'ERR_LIVEMIG_INTERNAL', message: err.message, phase: 'api' } });
   });
@@ -86,6 +100,16 @@ export async function buildApi(d: DaemonApi, o: { token: string | undefined; ver
   app.get('/v1/openapi.json', { schema: { hide: true } }, async () => app.swagger());
   await app.ready();
   return app;
+}
+
+/** fastify's own refusals, said with what to send instead */
+function ownMessage(err: FastifyError, headers: Record<string, string | string[] | undefined>): string {
+  if (err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return `the body is larger than ${BODY_LIMIT / 1024} KiB: the API's bodies are small JSON objects`;
+  if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
+    const type = String(headers['content-type'] ?? '').slice(0, 64);
+    return `the body must be JSON with 'Content-Type: application/json', got '${type}'`;
+  }
+  return err.message;
 }
 
 function digest(s: string): Buffer {
