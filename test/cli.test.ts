@@ -53,6 +53,8 @@ test('usage errors name the usage stage and exit 2, as an unknown command does',
   const cases: [string[], RegExp][] = [
     [['demo', '--size', '4097'], /ERR_LIVEMIG_INVALID_ARGUMENT \(usage\): --size must be a multiple of 4 KiB/],
     [['demo', '--content', 'foo'], /ERR_LIVEMIG_INVALID_ARGUMENT \(usage\): --content must be one of/],
+    [['guest', '--socket', '/tmp/livemig-never.sock', '--beat-ms', '0'], /\(usage\): --beat-ms: '0' must be a number >= 1/],
+    [['send', '--to', '127.0.0.1:1', '--beat-ms', '2.5'], /\(usage\): --beat-ms must be a whole number of ms from 1 to 100/],
     [['send'], /ERR_LIVEMIG_INVALID_ARGUMENT \(usage\): send needs --to HOST:PORT/],
     [['send', '--to', 'nowhere'], /\(usage\): --to: expected HOST:PORT/],
     [['demo', '--bogus'], /\(usage\): demo: Unknown option '--bogus'/],

@@ -1,5 +1,6 @@
 /** Flags shared by the commands that migrate a reference guest (demo, send), and their parsing. */
 import type { GuestSpec, PolicyFlags } from '../demo/demo.js';
+import { MAX_BEAT_MS } from '../workload/state.js';
 import { PAGE_SIZE } from '../protocol/format.js';
 import type { ProgressEvent } from '../source/types.js';
 import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workload/content.js';
@@ -53,6 +54,23 @@ export function guestSpec(v: FlagValues): GuestSpec {
     rate: parseNumber(str(v, 'rate'), '--rate'),
     hotSize: parseSize(str(v, 'hot-size'), '--hot-size'),
   };
+}
+
+/** --beat-ms: how often a reference guest started here ticks and beats (1..MAX_BEAT_MS ms). */
+export const BEAT_FLAG: Flags = {
+  'beat-ms': {
+    type: 'string',
+    default: '1',
+    value: 'MS',
+    help: `ms between its ticks and heartbeats, 1..${MAX_BEAT_MS} (more spares the CPU where nobody measures its gaps in ms)`,
+  },
+};
+
+export function beatMs(v: FlagValues): { beatMs?: number } {
+  const ms = parseNumber(str(v, 'beat-ms'), '--beat-ms', 1);
+  if (!Number.isInteger(ms) || ms > MAX_BEAT_MS)
+    throw usageError(`--beat-ms must be a whole number of ms from 1 to ${MAX_BEAT_MS}, got '${str(v, 'beat-ms')}'`);
+  return ms === 1 ? {} : { beatMs: ms };
 }
 
 export function policyFlags(v: FlagValues): PolicyFlags {

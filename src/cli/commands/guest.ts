@@ -4,7 +4,7 @@ import { once } from 'node:events';
 import { referenceGuestArgs, referenceGuestRegisterArgs } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { whenStdoutCloses } from '../output.js';
-import { GUEST_FLAGS, guestSpec } from '../migration-flags.js';
+import { BEAT_FLAG, GUEST_FLAGS, beatMs, guestSpec } from '../migration-flags.js';
 
 export const guest: Command = {
   name: 'guest',
@@ -24,10 +24,11 @@ export const guest: Command = {
     socket: { type: 'string', value: 'PATH', help: 'the unix socket to serve livemig at ("@name": abstract, reachable by any local process)' },
     register: { type: 'string', value: 'PATH', help: 'register with the daemon whose guest socket this is, instead of serving at --socket' },
     name: { type: 'string', default: 'reference-guest', value: 'NAME', help: 'the name the daemon lists this guest by (1..63 of [A-Za-z0-9._-])' },
-    heartbeat: { type: 'string', value: 'HOST:PORT', help: 'send a UDP heartbeat every millisecond there (default none)' },
+    heartbeat: { type: 'string', value: 'HOST:PORT', help: 'send a UDP heartbeat there every --beat-ms (default none)' },
     seed: { type: 'string', default: '1', value: 'N', help: 'the content and write stream seed' },
     'no-track': { type: 'boolean', default: false, help: 'register no write tracking (livemig then hashes every page)' },
     ...GUEST_FLAGS,
+    ...BEAT_FLAG,
   },
   async run(v: FlagValues): Promise<number> {
     const socket = typeof v['socket'] === 'string' && v['socket'].length > 0 ? v['socket'] : undefined;
@@ -40,6 +41,7 @@ export const guest: Command = {
     if (!/^[0-9]{1,19}$/.test(seed)) throw usageError(`--seed must be a decimal integer, got '${seed}'`);
     const spec = {
       ...guestSpec(v),
+      ...beatMs(v),
       seed: BigInt(seed),
       ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}),
       noTrack: v['no-track'] === true,

@@ -6,7 +6,18 @@ import { SourceGuestSession } from '../../guest/source-session.js';
 import { migrate } from '../../source/migrate.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
-import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags, printProgress } from '../migration-flags.js';
+import {
+  BEAT_FLAG,
+  GUEST_FLAGS,
+  POLICY_FLAGS,
+  beatMs,
+  downtimeLimit,
+  encodingFlags,
+  guestSpec,
+  maxRounds,
+  policyFlags,
+  printProgress,
+} from '../migration-flags.js';
 import { SOURCE_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort } from '../units.js';
 
@@ -86,6 +97,7 @@ export const send: Command = {
       help: "same-host upgrade: the guest's memfds go to the destination guest, no page is copied (refused unless the receiver runs on this host)",
     },
     ...GUEST_FLAGS,
+    ...BEAT_FLAG,
     ...POLICY_FLAGS,
     ...SOURCE_SECURITY_FLAGS,
   },
@@ -104,7 +116,8 @@ export const send: Command = {
     // refused before a guest starts, or is touched
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     const socket = typeof v['guest'] === 'string' ? v['guest'] : undefined;
-    const spec = socket === undefined ? { ...guestSpec(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) } : undefined;
+    const spec =
+      socket === undefined ? { ...guestSpec(v), ...beatMs(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) } : undefined;
     let guest: Guest;
     // which guest a failure leaves: none until one answers (or was started here)
     let before: 'none' | 'running' = 'none';
