@@ -126,6 +126,7 @@ export const GuestEvent = {
   incomingRunning: 'incoming: running',
   firstBeat: 'first beat',
   lateTick: 'late tick',
+  registeredAgain: 'registered again',
 } as const;
 export type GuestEvent = (typeof GuestEvent)[keyof typeof GuestEvent];
 
@@ -134,6 +135,7 @@ export interface GuestPayloads {
   [GuestEvent.incomingRunning]: undefined;
   [GuestEvent.firstBeat]: { seq: number };
   [GuestEvent.lateTick]: { ms_since_last: number };
+  [GuestEvent.registeredAgain]: { name: string };
 }
 
 /** livemig:chooser, the page encoder's accounting. */

@@ -66,6 +66,7 @@ test('every control message roundtrips', () => {
   const one = (buf: Buffer): Buffer => parseAll(buf, buf.length)[0]!.payload;
   const hello: M.Hello = { versions: [1, 1], regionBytes: 1 << 30, pageSize: 4096, auth: null, capabilities: ['x'] };
   assert.deepEqual(M.decodeHello(one(M.encodeHello(hello))), hello);
+  assert.deepEqual(M.decodeHello(one(M.encodeHello({ ...hello, guest: 'vm-01.a_b' }))), { ...hello, guest: 'vm-01.a_b' });
   assert.deepEqual(M.decodeAccept(one(M.encodeAccept({ version: 1, capabilities: [] }, V))), { version: 1, capabilities: [] });
   assert.deepEqual(M.decodeError(one(M.encodeError({ code: 'ERR_LIVEMIG_DIGEST', message: 'm', phase: 'commit' }, V))), {
     code: 'ERR_LIVEMIG_DIGEST',
@@ -92,6 +93,7 @@ test('control decoders reject wrong values', () => {
   throwsCode(() => M.decodeHello(bad({ regionBytes: -1 })), 'ERR_LIVEMIG_PROTOCOL', /regionBytes/);
   throwsCode(() => M.decodeHello(bad({ regionBytes: 1.5 })), 'ERR_LIVEMIG_PROTOCOL', /regionBytes/);
   throwsCode(() => M.decodeHello(bad({ auth: { psk: 'x' } })), 'ERR_LIVEMIG_PROTOCOL', /auth must be null/);
+  for (const guest of ['', 'a/b', '../x', 'x'.repeat(64), 7]) throwsCode(() => M.decodeHello(bad({ guest })), 'ERR_LIVEMIG_PROTOCOL', /HELLO guest/);
   throwsCode(() => M.decodeError(pack({ code: 'EVIL', message: '', phase: '' }) as Buffer), 'ERR_LIVEMIG_PROTOCOL', /ERR_LIVEMIG_/);
   throwsCode(() => M.decodeCommit(pack({ digest: -1n, pageCount: 1 }) as Buffer), 'ERR_LIVEMIG_PROTOCOL', /u64 digest/);
   throwsCode(() => M.decodeCommit(pack({ digest: 5, pageCount: 1 }) as Buffer), 'ERR_LIVEMIG_PROTOCOL', /u64 digest/);

@@ -84,7 +84,7 @@ void OnThreadStart(void*) { SetThreadSlice(100000); }
 
 std::string Message(const char* what, const char* err) { return std::string(what) + ": " + err; }
 
-// serve(path, regions: [{address, size, fd, tracked}], st: BigUint64Array[3], statePrefix,
+// serve(path, regions: [{address, size, fd, offset?, tracked}], st: BigUint64Array[3], statePrefix,
 // [{name, register}]): the library's thread serves livemig at path for the life of the process
 // (with register: dials the daemon at path, and is listed there by name).
 Napi::Value Serve(const Napi::CallbackInfo& info) {
@@ -108,7 +108,7 @@ Napi::Value Serve(const Napi::CallbackInfo& info) {
     region.addr = reinterpret_cast<void*>(ToU64(r.Get("address")));
     region.size = ToU64(r.Get("size"));
     region.fd = r.Get("fd").As<Napi::Number>().Int32Value();
-    region.offset = 0;
+    region.offset = r.Has("offset") ? ToU64(r.Get("offset")) : 0;
     region.tracked = r.Get("tracked").ToBoolean().Value() ? 1 : 0;
   }
   std::string name = "reference-guest";
@@ -169,7 +169,7 @@ int OnLoadState(void* ctx, const uint8_t* state, size_t len, char* why, size_t w
   return 0;
 }
 
-// incomingOpen(path, timeoutMs) -> {handle, regions: [{address, size, name}]}: waits for
+// incomingOpen(path, timeoutMs) -> {handle, regions: [{address, size, name, fd, offset}]}: waits for
 // livemig, receives the regions and maps them (blocking: there is nothing else to run yet).
 Napi::Value IncomingOpen(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -189,6 +189,9 @@ Napi::Value IncomingOpen(const Napi::CallbackInfo& info) {
     o.Set("address", Napi::BigInt::New(env, static_cast<uint64_t>(reinterpret_cast<uintptr_t>(regions[i].addr))));
     o.Set("size", static_cast<double>(regions[i].size));
     o.Set("name", regions[i].name);
+    // the memfd the library keeps open, and where the region starts in it: to serve livemig again later
+    o.Set("fd", regions[i].fd);
+    o.Set("offset", static_cast<double>(regions[i].offset));
     list.Set(static_cast<uint32_t>(i), o);
   }
   Napi::Object out = Napi::Object::New(env);

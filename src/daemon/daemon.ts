@@ -55,8 +55,10 @@ export interface DaemonConfig {
    * than two or four at once (the guests and both sides share the same cores)
    */
   parallel?: number;
-  /** the destination guest's command, a word of which holds {socket} */
+  /** the destination guest's command, a word of which holds {socket} (and {register} and {name}: where and as what it registers once it runs) */
   guestCommand: readonly string[];
+  /** where migrated-in guests' output goes, one file each (default: guest-logs beside the guest socket) */
+  guestLogDir?: string;
   /**
    * the daemon's own nice value, set at start (default 0). The guests' pauses wait on the
    * daemon and its rounds race their writes: on 2 vCPUs with 15 guests, -5 brought the
@@ -75,6 +77,17 @@ export interface DaemonConfig {
   version?: string;
   /** every source refused on the migration port, once recorded (`livemig serve` prints it) */
   onRefused?(r: Refusal): void;
+}
+
+/** The directory migrated-in guests' logs go to, made (mode 0700) if need be. */
+function guestLogDir(config: DaemonConfig): string {
+  const dir = config.guestLogDir ?? path.join(path.dirname(config.guests), 'guest-logs');
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+  } catch (e) {
+    throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot make the guest log directory ${dir}: ${(e as Error).message}`, { phase: 'listen', cause: e });
+  }
+  return dir;
 }
 
 export class Daemon implements DaemonApi {
@@ -163,6 +176,8 @@ export class Daemon implements DaemonApi {
         metrics: d.metrics,
         maxConcurrent: max,
         guestCommand,
+        guests: { socket: d.registry.path, listed: (name) => d.registry.listed(name) },
+        guestLogDir: guestLogDir(config),
         credentials: config.credentials,
         insecure: config.insecure === true,
         ...(config.authTimeoutMs !== undefined ? { authTimeoutMs: config.authTimeoutMs } : {}),

@@ -3,6 +3,8 @@
  * migration of its own (listed like an outgoing one), its own destination guest, and its bytes
  * from the shared memory budget before anything is reserved.
  */
+import path from 'node:path';
+import { LivemigError } from '../errors.js';
 import { PAGE_SIZE } from '../protocol/format.js';
 import { channelsFor } from './threadpool.js';
 import { IncomingGuest } from '../guest/incoming-session.js';
@@ -34,8 +36,12 @@ export interface IncomingDeps {
   budget: MemoryBudget;
   metrics: DaemonMetrics;
   maxConcurrent: number;
-  /** the destination guest's command, with {socket} */
+  /** the destination guest's command, with {socket} (and {register} and {name}, to serve again here once it runs) */
   guestCommand: readonly string[];
+  /** the daemon's guest socket, where a migrated-in guest registers, and whether a name is listed there now */
+  guests: { socket: string; listed(name: string): boolean };
+  /** where each migrated-in guest's output goes: DIR/NAME-MIGRATION.log (guests outlive the daemon, and its pipes) */
+  guestLogDir: string;
   credentials: Credentials | undefined;
   insecure: boolean;
   authTimeoutMs?: number;
@@ -48,6 +54,8 @@ export interface IncomingDeps {
 export class IncomingMigrations {
   readonly receiver: Receiver;
   readonly #guestPids = new Map<string, number>();
+  /** names of guests coming in, or arrived and not yet registered: their pid once they run */
+  readonly #arriving = new Map<string, number | undefined>();
   /** migrations coming in now (each gets its share of the cores as channels) */
   #active = 0;
 
@@ -96,20 +104,12 @@ export class IncomingMigrations {
   #one(d: IncomingDeps): { options: ReceiveOptions; settled(outcome: Promise<ReceiveReport>): void; refused(r: Refusal): void } {
     let m: Migration | undefined;
     let guest: IncomingGuest | undefined;
+    /** the name the source gave its guest, held here from HELLO on */
+    let arriving: string | undefined;
     let received = 0;
     const onProgress = (e: ReceiveProgress): void => {
       if (e.type === 'hello') {
-        m = new Migration({
-          direction: 'incoming',
-          guest: e.regions.map((r) => r.name).join('+') || 'guest',
-          peer: e.peer,
-          totalBytes: e.region_bytes,
-          bus: d.bus,
-          settings: INCOMING_SETTINGS,
-        });
-        d.table.add(m);
-        m.setStage('reserve');
-        m.setState('running');
+        m = recordArrival(d, e);
         return;
       }
       if (!m) return;
@@ -143,14 +143,22 @@ export class IncomingMigrations {
     this.#active++;
     const options: ReceiveOptions = {
       maxChannels: channelsFor(this.#active),
-      reserveMemory: (bytes, local) => d.budget.take(bytes, { local }),
+      reserveMemory: (bytes, local, name) => {
+        this.#claimName(d, name);
+        arriving = name;
+        return d.budget.take(bytes, { local });
+      },
       onReserved: async (_region, postcopy, layout, memory) => {
+        // a guest the source named serves again here under that name (one it did not: under the migration's id)
+        const name = arriving ?? `incoming-${m!.id.slice(0, 8)}`;
         guest = await IncomingGuest.start({
           command: d.guestCommand,
           layout,
           files: memory.files,
           populate: postcopy !== 'planned' && !memory.local,
           registerEarly: postcopy === 'planned',
+          registerAt: { socket: d.guests.socket, name },
+          outlive: { unit: m!.id, log: path.join(d.guestLogDir, `${name}-${m!.id}.log`) },
         });
       },
       postcopy: { register: () => guest!.register() },
@@ -171,11 +179,14 @@ export class IncomingMigrations {
           (report) => {
             if (report.mode === 'postcopy') guest?.allPresent();
             if (guest) this.#guestPids.set(m!.id, guest.pid);
+            // held until it registers (or exits): a second guest of its name is refused meanwhile
+            if (arriving !== undefined) this.#arriving.set(arriving, guest?.pid);
             guest?.close(); // it runs on, on its own
             m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport, report.pages_received * PAGE_SIZE);
             if (m) d.metrics.finished(m);
           },
           (e: unknown) => {
+            if (arriving !== undefined) this.#arriving.delete(arriving);
             // post-copy that cannot finish: the guest's missing pages exist nowhere any more
             if ((e as { phase?: string }).phase === 'postcopy') guest?.kill();
             else guest?.close();
@@ -192,7 +203,52 @@ export class IncomingMigrations {
     };
   }
 
+  /**
+   * Refuses a guest whose name is taken here: listed, coming in, or arrived and not registered
+   * yet (its process alive). Names are how operators and the registry tell guests apart.
+   */
+  #claimName(d: IncomingDeps, name: string | undefined): void {
+    if (name === undefined) return;
+    const taken = (why: string): LivemigError =>
+      new LivemigError('ERR_LIVEMIG_CONFLICT', `a guest named ${name} is ${why} here: one name, one guest`, { phase: 'reserve' });
+    if (this.#arriving.has(name)) {
+      const pid = this.#arriving.get(name);
+      // no pid: still coming in; a pid: arrived, and registers once it has checked its pages
+      if (pid === undefined) throw taken('coming in');
+      if (alive(pid) && !d.guests.listed(name)) throw taken('running (not registered yet)');
+      this.#arriving.delete(name);
+    }
+    if (d.guests.listed(name)) throw taken('registered');
+    this.#arriving.set(name, undefined);
+  }
+
   async close(): Promise<void> {
     await this.receiver.close();
+  }
+}
+
+/** The incoming migration a HELLO begins, listed under the guest's name (or its regions' names, from a source that gave none). */
+function recordArrival(d: IncomingDeps, e: Extract<ReceiveProgress, { type: 'hello' }>): Migration {
+  const m = new Migration({
+    direction: 'incoming',
+    guest: e.guest ?? (e.regions.map((r) => r.name).join('+') || 'guest'),
+    peer: e.peer,
+    totalBytes: e.region_bytes,
+    bus: d.bus,
+    settings: INCOMING_SETTINGS,
+  });
+  d.table.add(m);
+  m.setStage('reserve');
+  m.setState('running');
+  return m;
+}
+
+/** Whether process `pid` exists (one of another user's counts). */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

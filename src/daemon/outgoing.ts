@@ -147,6 +147,7 @@ export class OutgoingMigrations {
       // the cores are shared by the migrations that may run at once: channels for this one's share
       channels: channelsFor(d.maxConcurrent),
       mode: req.mode ?? 'precopy',
+      guestName: m.guest,
       ...(m.settings.downtime_limit_ms !== undefined ? { downtimeLimitMs: m.settings.downtime_limit_ms } : {}),
       ...(req.deadline_s !== undefined ? { deadlineMs: req.deadline_s * 1000 } : {}),
       ...(req.on_stall !== undefined ? { onStall: req.on_stall } : {}),

@@ -23,6 +23,8 @@ export interface DaemonProcessOptions {
   prefix?: readonly string[];
   /** its environment (default this process's) */
   env?: NodeJS.ProcessEnv;
+  /** a process group of its own, as a service manager starts a daemon (killGroup then signals all of it) */
+  ownGroup?: boolean;
 }
 
 export class DaemonProcess {
@@ -62,7 +64,7 @@ export class DaemonProcess {
       o.listen ?? '127.0.0.1:0',
       ...(o.args ?? []),
     ];
-    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'], ...(o.env ? { env: o.env } : {}) });
+    const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit'], detached: o.ownGroup === true, ...(o.env ? { env: o.env } : {}) });
     const lines = createInterface({ input: child.stdout! });
     const it = lines[Symbol.asyncIterator]();
     const first = await it.next();
@@ -74,6 +76,14 @@ export class DaemonProcess {
     const d = new DaemonProcess({ child, socketPath: api, guests, port: serving.port, daemonPid: serving.pid });
     lines.on('line', (l) => d.lines.push(l));
     return d;
+  }
+
+  /** `signal` to its whole process group (ownGroup), as `timeout` or a service manager's kill does; resolves once it exited. */
+  async killGroup(signal: NodeJS.Signals): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const exited = once(this.child, 'exit');
+    process.kill(-this.child.pid!, signal);
+    await exited;
   }
 
   /** SIGTERM, then the exit code (the daemon finishes or cancels what runs first). */

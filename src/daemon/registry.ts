@@ -121,6 +121,12 @@ export class GuestRegistry {
     e.session.close();
   }
 
+  /** Whether a guest of this name is listed (and has not gone). */
+  listed(name: string): boolean {
+    const e = this.#guests.get(name);
+    return e !== undefined && (e.state !== 'idle' || !e.session.gone);
+  }
+
   list(): GuestInfo[] {
     this.#dropGone();
     return [...this.#guests.keys()].sort().map((n) => this.info(n)!);

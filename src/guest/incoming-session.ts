@@ -5,7 +5,7 @@
  * device state, the post-copy registration and the word to run.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { LivemigError } from '../errors.js';
@@ -16,10 +16,14 @@ import { ReceiverEvent } from '../trace-events.js';
 import { agreeContract, connectWhenListening } from './connect.js';
 import { Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
 import { MAX_GUEST_REGIONS, type GuestLayout } from './layout.js';
+import { placeGuest, type GuestPlacement } from './placement.js';
 
 const CONTROL_TIMEOUT_MS = 2000;
 /** the placeholder a guest command names its socket with */
 export const SOCKET_PLACEHOLDER = '{socket}';
+/** a daemon's guest command: the socket the guest registers at once it runs, and the name it registers under */
+export const REGISTER_PLACEHOLDER = '{register}';
+export const NAME_PLACEHOLDER = '{name}';
 
 export interface IncomingStart {
   /** the guest's command line, one of whose words holds SOCKET_PLACEHOLDER */
@@ -35,16 +39,40 @@ export interface IncomingStart {
   startTimeoutMs?: number;
   /** where the guest's stdout goes (default: this process's) */
   stdout?: 'inherit' | 'ignore';
+  /** what fills REGISTER_PLACEHOLDER and NAME_PLACEHOLDER (a daemon's: the guest serves again there once it runs) */
+  registerAt?: { socket: string; name: string };
+  /**
+   * the guest outlives this process (a daemon's): it runs in a session (and, under systemd, a
+   * scope named after `unit`) of its own, its output appended to `log`, never to this process's pipes
+   */
+  outlive?: { unit: string; log: string };
 }
 
-/** `command` with its socket placeholder filled in; refuses one without the placeholder. */
-export function guestCommand(command: readonly string[], socketPath: string): string[] {
+/**
+ * `command` with its placeholders filled in; refuses one without SOCKET_PLACEHOLDER, and one
+ * naming REGISTER_PLACEHOLDER or NAME_PLACEHOLDER where nothing fills them (outside a daemon).
+ */
+export function guestCommand(command: readonly string[], socketPath: string, registerAt?: { socket: string; name: string }): string[] {
   if (!command.some((w) => w.includes(SOCKET_PLACEHOLDER))) {
     throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the guest command must name its socket with ${SOCKET_PLACEHOLDER}: ${command.join(' ')}`, {
       phase: 'validate',
     });
   }
-  return command.map((w) => w.split(SOCKET_PLACEHOLDER).join(socketPath));
+  const fill: [string, string | undefined][] = [
+    [SOCKET_PLACEHOLDER, socketPath],
+    [REGISTER_PLACEHOLDER, registerAt?.socket],
+    [NAME_PLACEHOLDER, registerAt?.name],
+  ];
+  return command.map((w) =>
+    fill.reduce((word, [placeholder, value]) => {
+      if (!word.includes(placeholder)) return word;
+      if (value === undefined)
+        throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `only a daemon (livemig serve) fills ${placeholder} in a guest command: ${command.join(' ')}`, {
+          phase: 'validate',
+        });
+      return word.split(placeholder).join(value);
+    }, w),
+  );
 }
 
 /** The region table and flags of 'M' (docs/GUEST.md); each region's offset in its memfd. */
@@ -84,6 +112,24 @@ export function decodeRegions(body: Buffer, what: string): { populate: boolean; 
   return { populate: (body[0]! & 1) === 1, regions };
 }
 
+/** Starts the guest: a child of this process, or (outlive) one in a session of its own, its output in a log file. */
+function spawnGuest(argv: string[], o: IncomingStart): { child: ChildProcess; placement: GuestPlacement | 'child' } {
+  if (!o.outlive) return { child: spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', o.stdout ?? 'inherit', 'inherit'] }), placement: 'child' };
+  const placed = placeGuest(argv, o.outlive.unit);
+  let log: number;
+  try {
+    log = openSync(o.outlive.log, 'a', 0o600);
+  } catch (e) {
+    throw new LivemigError('ERR_LIVEMIG_GUEST', `cannot open the guest's log ${o.outlive.log}: ${(e as Error).message}`, { phase: 'reserve', cause: e });
+  }
+  try {
+    // detached: setsid(2), so that a signal to the daemon's process group does not reach it
+    return { child: spawn(placed.argv[0]!, placed.argv.slice(1), { stdio: ['ignore', log, log], detached: true }), placement: placed.placement };
+  } finally {
+    closeSync(log);
+  }
+}
+
 const u32 = (n: number): Buffer => {
   const b = Buffer.alloc(4);
   b.writeUInt32LE(n);
@@ -94,6 +140,8 @@ export class IncomingGuest {
   readonly child: ChildProcess;
   readonly hello: IncomingHello;
   readonly layout: GuestLayout;
+  /** where it runs: in this process's session, or one (and a scope) of its own */
+  placement: GuestPlacement | 'child' = 'child';
   #fd: number;
   #dir: string;
   #prepared: Promise<void> | undefined;
@@ -121,8 +169,8 @@ export class IncomingGuest {
     let child: ChildProcess | undefined;
     let fd = -1;
     try {
-      const argv = guestCommand(o.command, socketPath);
-      child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', o.stdout ?? 'inherit', 'inherit'] });
+      const started = spawnGuest(guestCommand(o.command, socketPath, o.registerAt), o);
+      child = started.child;
       const spawned = child;
       const failed = new Promise<never>((_, reject) => {
         spawned.once('error', (e) =>
@@ -137,6 +185,7 @@ export class IncomingGuest {
       const hello = parseIncomingHello(hi.body, hi.fds.length);
       await agreeContract(fd, hello, timeoutMs);
       const guest = new IncomingGuest({ child: spawned, hello, layout: o.layout, fd, dir });
+      guest.placement = started.placement;
       try {
         addon.controlSend(
           fd,

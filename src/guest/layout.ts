@@ -10,6 +10,8 @@ import { PAGE_SIZE } from '../protocol/format.js';
 export const MAX_GUEST_REGIONS = 32;
 /** a region's name: what a VMM calls it ("ram-low", "ram-high", "vram") */
 export const REGION_NAME = /^[A-Za-z0-9._-]{1,63}$/;
+/** a guest's name (what a daemon lists it by): the same rule */
+export const GUEST_NAME = REGION_NAME;
 
 export interface RegionSpec {
   /** unique within the guest, u32 */

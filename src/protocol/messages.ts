@@ -5,7 +5,7 @@
  */
 import { pack, unpack } from 'msgpackr';
 import { addon, call } from '../native.js';
-import { GuestLayout, type RegionSpec } from '../guest/layout.js';
+import { GUEST_NAME, GuestLayout, type RegionSpec } from '../guest/layout.js';
 import type { LocalOffer } from '../guest/local.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
@@ -25,6 +25,8 @@ export interface Hello {
   local?: LocalOffer;
   /** with CAP_CHANNELS: the connections the sender would use, this one included (2..MAX_CHANNELS) */
   channels?: number;
+  /** the name the guest is known by at the source (a daemon lists it by this name at the destination too) */
+  guest?: string;
 }
 export interface Accept {
   version: number;
@@ -112,6 +114,10 @@ export function decodeHello(p: Buffer): Hello {
   if (m.channels !== undefined) {
     if (!isCount(m.channels, MAX_CHANNELS) || m.channels < 2) throw bad(`HELLO channels must be an integer from 2 to ${MAX_CHANNELS}`);
     hello.channels = m.channels;
+  }
+  if (m.guest !== undefined) {
+    if (!isString(m.guest, 63) || !GUEST_NAME.test(m.guest)) throw bad('HELLO guest must be 1..63 characters of [A-Za-z0-9._-]');
+    hello.guest = m.guest;
   }
   return hello;
 }

@@ -80,8 +80,15 @@ export function checkHello(ctx: ReceiverContext, hello: WireFrame): Hello {
   }
   ctx.layout = h.regions ? GuestLayout.of(h.regions) : GuestLayout.single(h.regionBytes);
   // the last check: a shared budget (a daemon's) takes the bytes, or refuses with none taken
-  ctx.releaseMemory = options.reserveMemory?.(h.regionBytes, h.local !== undefined);
-  ctx.progress({ type: 'hello', region_bytes: h.regionBytes, regions: ctx.regionsReport(), local: h.local !== undefined, peer: ctx.peer });
+  ctx.releaseMemory = options.reserveMemory?.(h.regionBytes, h.local !== undefined, h.guest);
+  ctx.progress({
+    type: 'hello',
+    region_bytes: h.regionBytes,
+    regions: ctx.regionsReport(),
+    local: h.local !== undefined,
+    peer: ctx.peer,
+    ...(h.guest !== undefined ? { guest: h.guest } : {}),
+  });
   return h;
 }
 

@@ -8,7 +8,7 @@ import type { Credentials, SecurityReport } from '../security/tls.js';
 export type ReceiverState = 'hello' | 'reserve' | 'receiving' | 'committed' | 'activated' | 'postcopy' | 'failed';
 
 export type ReceiveProgress =
-  | { type: 'hello'; region_bytes: number; regions: { id: number; name: string; bytes: number }[]; local: boolean; peer: string }
+  | { type: 'hello'; region_bytes: number; regions: { id: number; name: string; bytes: number }[]; local: boolean; peer: string; guest?: string }
   | { type: 'reserved'; region_bytes: number; reserve_ms: number }
   | { type: 'image'; path: string }
   | { type: 'image-ignored'; path: string; reason: string }
@@ -28,8 +28,10 @@ export interface ReceiveOptions {
    * shared by migrations running at once (a daemon's), or throw (ERR_LIVEMIG_NO_MEMORY) to refuse
    * the migration with nothing reserved. The returned function gives the bytes back when the
    * migration ends, whatever its outcome. A same-host upgrade (`local`) allocates nothing.
+   * `guest`: the name the source knows the guest by (HELLO `guest`), for a daemon to refuse one
+   * it already lists.
    */
-  reserveMemory?(bytes: number, local: boolean): () => void;
+  reserveMemory?(bytes: number, local: boolean, guest: string | undefined): () => void;
   /**
    * the most parallel channels granted to a source that asks for them (CAP_CHANNELS), 1..16;
    * default 16, never more than libuv's pool (UV_THREADPOOL_SIZE, 4 by default) less one

@@ -104,6 +104,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
       regions: settings.layout.toWire(),
       ...(local ? { local: local.offer } : {}),
       ...(wanted.count > 1 ? { channels: wanted.count } : {}),
+      ...(options.guestName !== undefined ? { guest: options.guestName } : {}),
     }),
   );
   trace('source', SourceEvent.helloSent);

@@ -1,6 +1,6 @@
 /** The source's options, checked once with exact messages and resolved to their defaults. */
 import net from 'node:net';
-import { GuestLayout } from '../guest/layout.js';
+import { GUEST_NAME, GuestLayout } from '../guest/layout.js';
 import { LivemigError } from '../errors.js';
 import { assertSecureEnough } from '../security/tls.js';
 import type { StallAction } from '../precopy/policy.js';
@@ -68,6 +68,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
   if (layout.bytes !== region.size) throw invalid(`layout covers ${layout.bytes} bytes, the region holds ${region.size}`);
   if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
   checkChannels(options.channels);
+  if (options.guestName !== undefined && !GUEST_NAME.test(options.guestName)) throw invalid('guestName must be 1..63 characters of [A-Za-z0-9._-]');
   const ra = options.rateAdaptation;
   if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');
   return {

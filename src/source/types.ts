@@ -164,6 +164,8 @@ export interface MigrateOptions {
   region: Region;
   /** the guest's regions in `region`, in order (default: one region of the whole) */
   layout?: GuestLayout;
+  /** the name the guest is known by (1..63 of [A-Za-z0-9._-]): a daemon at the destination lists it by this name */
+  guestName?: string;
   /** where to send: host and port, or a connected socket */
   to: { host: string; port: number } | net.Socket;
   /**

@@ -28,7 +28,7 @@ export interface WriteProtection {
  * every page. A guest process calls this on its own region before handing it to livemig,
  * which then collects with PAGEMAP_SCAN on /proc/PID/pagemap.
  */
-export function protectOwnRegion(region: Region): WriteProtection {
+export function protectOwnRegion(region: Pick<Region, 'address' | 'size'>): WriteProtection {
   const features = call('ERR_LIVEMIG_UNSUPPORTED', 'tracking', 'probing userfaultfd', () => addon.uffdProbe());
   if (!(features & addon.UFFD_FEATURE_WP_ASYNC)) {
     throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'userfaultfd on this kernel lacks UFFD_FEATURE_WP_ASYNC (Linux >= 6.7 needed)', {

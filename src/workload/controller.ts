@@ -12,7 +12,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
 import { SourceGuestSession } from '../guest/source-session.js';
-import { IncomingGuest, SOCKET_PLACEHOLDER } from '../guest/incoming-session.js';
+import { IncomingGuest, NAME_PLACEHOLDER, REGISTER_PLACEHOLDER, SOCKET_PLACEHOLDER } from '../guest/incoming-session.js';
 import type { GuestLayout } from '../guest/layout.js';
 import { PAGE_SIZE, type Region } from '../region/region.js';
 import { parseGuestState, type GuestState } from './state.js';
@@ -69,9 +69,13 @@ export function referenceGuestRegisterArgs(daemonGuests: string, name: string, o
   return args;
 }
 
-/** The reference guest started for a migration's destination (`{socket}`: where it serves). */
-export function referenceIncomingCommand(): string[] {
-  return [process.execPath, GUEST_ENTRY, '--incoming', '--socket', SOCKET_PLACEHOLDER];
+/**
+ * The reference guest started for a migration's destination (`{socket}`: where it serves);
+ * a daemon's (`register`) registers with it once it runs, to be migrated again.
+ */
+export function referenceIncomingCommand(o: { register?: boolean } = {}): string[] {
+  const again = o.register ? ['--register', REGISTER_PLACEHOLDER, '--name', NAME_PLACEHOLDER] : [];
+  return [process.execPath, GUEST_ENTRY, '--incoming', '--socket', SOCKET_PLACEHOLDER, ...again];
 }
 
 /** A reference guest started for a migration's destination, handed `region` (as a receiver's onReserved does). */
@@ -88,8 +92,8 @@ export function cGuestArgs(socket: string, o: { sizes?: string; rate: number; se
   if (o.noTrack) args.push('--no-track');
   return args;
 }
-export function cIncomingCommand(): string[] {
-  return [C_GUEST, '--incoming', SOCKET_PLACEHOLDER];
+export function cIncomingCommand(o: { register?: boolean } = {}): string[] {
+  return [C_GUEST, '--incoming', SOCKET_PLACEHOLDER, ...(o.register ? ['--register', REGISTER_PLACEHOLDER, '--name', NAME_PLACEHOLDER] : [])];
 }
 
 /**

@@ -30,7 +30,7 @@ export interface GuestAddon {
    */
   serve(
     path: string,
-    regions: { address: bigint; size: number; fd: number; tracked: boolean }[],
+    regions: { address: bigint; size: number; fd: number; offset?: number; tracked: boolean }[],
     st: BigUint64Array,
     statePrefix: string,
     how?: { name: string; register: boolean },
@@ -40,7 +40,8 @@ export interface GuestAddon {
   gateThrottle(): number;
   gateBeat(st: BigUint64Array): number;
   /** waits for livemig at `path` and maps the regions it hands over (blocking) */
-  incomingOpen(path: string, timeoutMs: number): { handle: unknown; regions: (GuestMemory & { name: string })[] };
+  /** the regions as mapped here, each with the memfd the library keeps open and where the region starts in it */
+  incomingOpen(path: string, timeoutMs: number): { handle: unknown; regions: (GuestMemory & { name: string; fd: number; offset: number })[] };
   /** serves livemig until it says run (true) or goes away (false); `loadState` returns why it refuses a state */
   incomingWait(handle: unknown, loadState: (state: Buffer) => string | undefined): boolean;
   incomingStatus(handle: unknown): { postcopy: boolean; allPresent: boolean };

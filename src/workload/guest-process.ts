@@ -10,7 +10,8 @@
  * Incoming mode (--incoming): serves at --socket until livemig connects and hands it its
  * region; see the incoming branch below. Once told to run it verifies every page against its
  * model (heartbeats go on meanwhile; writes wait), reports the result, then continues writing
- * where the source stopped.
+ * where the source stopped. With --register (a daemon's destination guest) it then registers
+ * with that daemon as --name, tracked as at its source: it can be migrated onward, or back.
  */
 import { trace } from '../trace.js';
 import { GuestEvent } from '../trace-events.js';
@@ -28,7 +29,7 @@ import { parseGuestState, type GuestState } from './state.js';
 const { values } = parseArgs({
   options: {
     socket: { type: 'string' },
-    /** register with a `livemig serve` daemon at this path (instead of listening at --socket) */
+    /** register with a `livemig serve` daemon at this path (instead of listening at --socket; incoming: once it runs) */
     register: { type: 'string' },
     name: { type: 'string', default: 'reference-guest' },
     size: { type: 'string', default: String(1 << 30) },
@@ -67,6 +68,8 @@ let postcopyGuest = false;
 /** run state {write-stream xorshift, writes, heartbeat seq}: native code reads it at a pause */
 const st = new BigUint64Array(3);
 let incoming: { handle: unknown } | undefined;
+/** where the memory is in its memfd (the library's descriptor): what a hello to livemig hands over */
+let memoryFile: { fd: number; offset: number } | undefined;
 
 if (values.incoming) {
   // Started on the destination during pre-copy: livemig connects, hands over the region (mapped
@@ -118,6 +121,7 @@ if (values.incoming) {
   if (!run || !loaded) process.exit(0);
   trace('guest', GuestEvent.incomingRunning);
   region = early;
+  memoryFile = { fd: early.fd, offset: early.offset };
   state = loaded;
   postcopyGuest = guestAddon.incomingStatus(opened.handle).postcopy;
   st[0] = BigInt(state.xs);
@@ -128,7 +132,9 @@ if (values.incoming) {
   const pattern = values.pattern as PatternName;
   const pages = size / 4096;
   const span = pattern === 'hot' ? Math.max(1, Math.min(pages, Math.floor(Number(values['hot-size']) / 4096))) : pages;
-  region = Region.create(size, { name: 'livemig-guest', reserve: true });
+  const created = Region.create(size, { name: 'livemig-guest', reserve: true });
+  region = created;
+  memoryFile = { fd: created.fd, offset: 0 };
   await fillContent(region, values.content as ContentName, BigInt(values.seed));
   const init = initialWriteState(BigInt(values.seed));
   st.set(init);
@@ -265,6 +271,7 @@ if (incoming && postcopyGuest) {
       writing = true;
       scheduleStart = performance.now();
       scheduled = 0;
+      serveAgain();
     });
   }, 5);
 } else if (incoming) {
@@ -275,9 +282,28 @@ if (incoming && postcopyGuest) {
   writing = true;
   scheduleStart = performance.now();
   scheduled = 0;
+  serveAgain();
 } else {
+  serve(values.register ?? values.socket!, values.register !== undefined);
+  start();
+}
+
+/** A guest that arrived (a daemon's, with --register) registers with that daemon, to be migrated again; its writes tracked as before. */
+function serveAgain(): void {
+  if (values.register === undefined) return;
+  try {
+    serve(values.register, true);
+    trace('guest', GuestEvent.registeredAgain, { name: values.name });
+  } catch (e) {
+    // it runs on here, unlisted: said in its log, where the daemon keeps its output
+    console.error(`the guest runs, but could not register with the daemon at ${values.register}: ${(e as Error).message}`);
+  }
+}
+
+/** Serves livemig through the library, at `at` or (register) registered with the daemon there, for the life of the process. */
+function serve(at: string, register: boolean): void {
   const tracked = !values['no-track'];
-  if (tracked) protectOwnRegion(region as Region); // kept open for the life of the process
+  if (tracked) protectOwnRegion(region); // kept open for the life of the process
   // the state's fields a pause does not change; the pause adds the run state (native/refguest/gate.cc)
   const fixed = JSON.stringify({
     version: state.version,
@@ -290,17 +316,11 @@ if (incoming && postcopyGuest) {
     ...(state.heartbeat ? { heartbeat: state.heartbeat } : {}),
     ...(state.beatMs ? { beatMs: state.beatMs } : {}),
   });
-  const r = region as Region;
-  const at = values.register ?? values.socket!;
-  guestAddon.serve(at, [{ address: r.address, size: r.size, fd: r.fd, tracked }], st, fixed.slice(0, -1), {
-    name: values.name,
-    register: values.register !== undefined,
-  });
+  guestAddon.serve(at, [{ address: region.address, size: region.size, ...memoryFile!, tracked }], st, fixed.slice(0, -1), { name: values.name, register });
   if (values.announce)
     process.stdout.write(
-      JSON.stringify({ guest: { ...(values.register ? { registered: at, name: values.name } : { socket: at }), pid: process.pid, bytes: r.size } }) + '\n',
+      JSON.stringify({ guest: { ...(register ? { registered: at, name: values.name } : { socket: at }), pid: process.pid, bytes: region.size } }) + '\n',
     );
-  start();
 }
 
 process.on('SIGTERM', () => {

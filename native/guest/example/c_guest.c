@@ -6,7 +6,7 @@
  *
  *   c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]
  *   c_guest --register DAEMON_PATH --name NAME [same flags]   (listed by a `livemig serve` daemon)
- *   c_guest --incoming PATH
+ *   c_guest --incoming PATH [--register DAEMON_PATH --name NAME]   (registers there once it runs: it can move again)
  *
  * Content (docs/GUEST.md, "The C example guest"): word i of page g (pages numbered across
  * the regions in order) holds base + i * GOLDEN, where base = mix(seed ^ g) until the page is
@@ -221,7 +221,7 @@ static int usage(void) {
   fprintf(stderr,
           "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]\n"
           "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
-          "       c_guest --incoming PATH\n");
+          "       c_guest --incoming PATH [--register DAEMON_PATH --name NAME]\n");
   return 2;
 }
 
@@ -243,8 +243,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--heartbeat")) hb = v, i++;
     else return usage();
   }
-  if ((listen != NULL) + (incoming != NULL) + (daemon != NULL) != 1) return usage();
+  if ((listen != NULL) + (incoming != NULL) + (daemon != NULL && !incoming) != 1) return usage();
   char err[512];
+  struct lmg_source_ops source_ops = {.size = sizeof source_ops, .pause = on_pause, .resume = on_resume, .throttle = on_throttle, .released = on_released};
   if (incoming) {
     struct lmg_incoming *h = lmg_incoming_open(incoming, "c-guest", 120000, err, sizeof err);
     if (!h) return fprintf(stderr, "c_guest: %s\n", err), 1;
@@ -262,6 +263,12 @@ int main(int argc, char **argv) {
     pthread_create(&vcpu, NULL, (void *(*)(void *))run, NULL);
     while (postcopy && !atomic_load(&all_present)) usleep(1000); /* post-copy: check once every page is here */
     check();
+    if (daemon) {
+      /* serve again, from the memory livemig handed over (post-copy's registration is gone once every page is here) */
+      int uffd = -1;
+      if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) fprintf(stderr, "c_guest: running unregistered: %s\n", err);
+      else if (!lmg_source_register(daemon, name, regions, 2, &source_ops, err, sizeof err)) fprintf(stderr, "c_guest: running unregistered: %s\n", err);
+    }
     pthread_join(vcpu, NULL);
     return 0;
   }
@@ -283,9 +290,8 @@ int main(int argc, char **argv) {
   if (hb) heartbeat_to(hb), snprintf(st.heartbeat, sizeof st.heartbeat, "%s", hb);
   int uffd = -1;
   if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;
-  struct lmg_source_ops ops = {.size = sizeof ops, .pause = on_pause, .resume = on_resume, .throttle = on_throttle, .released = on_released};
-  struct lmg_source *served =
-      daemon ? lmg_source_register(daemon, name, regions, 2, &ops, err, sizeof err) : lmg_source_start(listen, name, regions, 2, &ops, err, sizeof err);
+  struct lmg_source *served = daemon ? lmg_source_register(daemon, name, regions, 2, &source_ops, err, sizeof err)
+                                     : lmg_source_start(listen, name, regions, 2, &source_ops, err, sizeof err);
   if (!served) return fprintf(stderr, "c_guest: %s\n", err), 1;
   printf("{\"guest\":{\"socket\":\"%s\",\"pid\":%d,\"bytes\":%llu}}\n", daemon ? daemon : listen, (int)getpid(), (unsigned long long)(s0 + s1));
   fflush(stdout);

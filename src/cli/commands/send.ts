@@ -29,6 +29,8 @@ interface Guest {
   memory: SourceGuestSession['memory'];
   pieces: SourceGuestSession['pieces'];
   pid: number;
+  /** the name its hello gave (a daemon at the destination lists it by this name) */
+  name: string;
   pause(lease: { maxPauseMs: number }): Promise<Buffer>;
   commit(): Promise<void>;
   resume(): Promise<void>;
@@ -43,6 +45,7 @@ function running(session: SourceGuestSession): Guest {
     memory: session.memory,
     pieces: session.pieces,
     pid: session.pid,
+    name: session.hello.name,
     pause: async (lease) => session.pause(lease),
     commit: () => session.commit(),
     resume: async () => session.resume(),
@@ -57,6 +60,7 @@ function started(g: SourceGuest): Guest {
     memory: g.memory,
     pieces: g.session.pieces,
     pid: g.child.pid ?? 0,
+    name: g.session.hello.name,
     pause: (lease) => g.pause(lease),
     commit: () => g.commit(),
     resume: () => g.resume(),
@@ -141,6 +145,7 @@ export const send: Command = {
     try {
       const report = await migrate({
         ...guest.memory,
+        guestName: guest.name,
         ...(v['local'] === true ? { local: { pieces: guest.pieces } } : {}),
         to,
         pause: async (lease) => {

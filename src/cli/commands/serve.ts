@@ -61,7 +61,9 @@ export const serve: Command = {
     'guest-exec': {
       type: 'string',
       value: "'COMMAND ... {socket}'",
-      help: 'the destination guest to start for each incoming migration (run by /bin/sh; default: the reference guest)',
+      help:
+        'the destination guest to start for each incoming migration (run by /bin/sh; default: the reference guest); ' +
+        '{register} and {name}: the guest socket and the name it registers under once it runs, to be migrated again',
     },
     'memory-budget': { type: 'string', value: 'SIZE', help: 'bytes incoming migrations may reserve together (default: what MemAvailable allows, at each one)' },
     bandwidth: { type: 'string', value: 'MiB/s', help: 'total bandwidth of outgoing migrations, shared fairly (default none)' },
@@ -132,7 +134,7 @@ export const serve: Command = {
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),
       ...(typeof v['parallel'] === 'string' ? { parallel: Math.floor(parseNumber(v['parallel'], '--parallel', 1)) } : {}),
-      guestCommand: typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand(),
+      guestCommand: typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand({ register: true }),
       nice: typeof v['nice'] === 'string' ? niceValue(v['nice']) : process.getuid?.() === 0 ? -5 : 0,
       shutdownGraceMs: parseNumber(str(v, 'shutdown-grace'), '--shutdown-grace (seconds)') * 1000,
       authTimeoutMs: parseNumber(str(v, 'handshake-timeout'), '--handshake-timeout (seconds)', Number.MIN_VALUE) * 1000,
