@@ -1,10 +1,13 @@
 /**
  * The daemon's parts that decide alone: the fair bandwidth share, progress that never runs
  * backwards, the memory budget, the event history, the bound on refused records; and cancel()
- * inside stop-and-copy (the API's cancel is MigrationControl.cancel).
+ * inside stop-and-copy (the API's cancel is MigrationControl.cancel); the client's GET sent
+ * again when the daemon had closed the kept-alive connection it went out on.
  */
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { test } from 'node:test';
+import { request } from '../src/daemon/client.js';
 import { BandwidthShare } from '../src/daemon/bandwidth.js';
 import { MemoryBudget } from '../src/daemon/budget.js';
 import { EventBus } from '../src/daemon/events.js';
@@ -180,4 +183,29 @@ test('refused sources are kept apart and bounded: a crowd of refusals keeps only
   const view = kept.at(-1)!.view();
   assert.deepEqual(view['refusal'], { reason: 'psk-mismatch', from: refused.at(-1)!.refusal!.from });
   assert.deepEqual(view['error'], { code: 'ERR_LIVEMIG_AUTH', phase: 'handshake', message: 'the pre-shared keys differ' });
+});
+
+test('a GET on a kept-alive connection the server closed meanwhile goes out again on a new one; a POST does not', async () => {
+  // each connection answers its first request (keeping it alive) and resets at its second:
+  // the race of a server closing an idle connection as the client reuses it, made certain
+  const connections: net.Socket[] = [];
+  const server = net.createServer((c) => {
+    connections.push(c);
+    let requests = 0;
+    c.on('data', () => {
+      if (++requests > 1) return void c.resetAndDestroy();
+      c.write('HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: keep-alive\r\n\r\n{"ok":true}');
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const t = { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port };
+  try {
+    assert.deepEqual((await request(t, 'GET', '/v1/health')).body, { ok: true });
+    assert.deepEqual((await request(t, 'GET', '/v1/health')).body, { ok: true }, 'sent again on a new connection');
+    assert.equal(connections.length, 2);
+    await assert.rejects(request(t, 'POST', '/v1/migrations', {}), { code: 'ERR_LIVEMIG_CONNECTION' }, 'a POST may have been acted on: not sent twice');
+  } finally {
+    for (const c of connections) c.destroy();
+    server.close();
+  }
 });

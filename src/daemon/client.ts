@@ -31,8 +31,22 @@ function describe(t: ApiTarget): string {
   return `${t.tls === true ? 'https' : 'http'}://${host}:${t.port}`;
 }
 
-/** One JSON request; an error answer becomes a LivemigError with the daemon's code (and `httpStatus`, `body`). */
-export function request<T = Record<string, unknown>>(t: ApiTarget, method: string, route: string, body?: unknown): Promise<{ status: number; body: T }> {
+/**
+ * One JSON request; an error answer becomes a LivemigError with the daemon's code (and
+ * `httpStatus`, `body`). A GET sent on a kept-alive connection the daemon closed meanwhile is
+ * sent once more on a new one (Node's documented race of `request.reusedSocket`): a client
+ * polling through minutes of migrations met it as a bare EPIPE.
+ */
+export async function request<T = Record<string, unknown>>(t: ApiTarget, method: string, route: string, body?: unknown): Promise<{ status: number; body: T }> {
+  try {
+    return await requestOnce<T>(t, method, route, body);
+  } catch (e) {
+    if (method !== 'GET' || !(e as { staleSocket?: boolean }).staleSocket) throw e;
+    return requestOnce<T>(t, method, route, body);
+  }
+}
+
+function requestOnce<T>(t: ApiTarget, method: string, route: string, body?: unknown): Promise<{ status: number; body: T }> {
   const data = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
   return new Promise((resolve, reject) => {
     const req = send(t, options(t, method, route, data ? { 'content-type': 'application/json', 'content-length': String(data.length) } : {}), (res) => {
@@ -60,18 +74,15 @@ export function request<T = Record<string, unknown>>(t: ApiTarget, method: strin
         resolve({ status, body: parsed as T });
       });
     });
-    req.on('error', (e) =>
-      reject(
-        new LivemigError(
-          'ERR_LIVEMIG_CONNECTION',
-          `cannot reach the daemon at ${describe(t)}: ${e.message} (is \`livemig serve\` running? see --api, LIVEMIG_API)`,
-          {
-            phase: 'api',
-            cause: e,
-          },
-        ),
-      ),
-    );
+    req.on('error', (e) => {
+      const code = (e as NodeJS.ErrnoException).code;
+      const err = new LivemigError(
+        'ERR_LIVEMIG_CONNECTION',
+        `cannot reach the daemon at ${describe(t)}: ${e.message} (is \`livemig serve\` running? see --api, LIVEMIG_API)`,
+        { phase: 'api', cause: e },
+      );
+      reject(Object.assign(err, { staleSocket: req.reusedSocket && (code === 'ECONNRESET' || code === 'EPIPE') }));
+    });
     req.end(data);
   });
 }
