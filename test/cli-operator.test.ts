@@ -365,7 +365,13 @@ describe('the API says which field is wrong, and answers every refusal in its do
       ['POST', '/v1/migrations', { to }, 'guest', /body: field 'guest' is required/],
       ['POST', '/v1/migrations', { guest: 'g', to, mode: 'teleport' }, 'mode', /body: 'mode' must be one of precopy, postcopy, hybrid, got "teleport"/],
       ['POST', '/v1/migrations', { guest: 'g', to: { ...to, port: '7878' } }, 'to.port', /body: 'to\.port' must be integer, got "7878"/],
-      ['PATCH', '/v1/migrations/00000000-0000-0000-0000-000000000000', {}, '', /body: needs at least one of bandwidth_mib_s, downtime_limit_ms/],
+      [
+        'PATCH',
+        '/v1/migrations/00000000-0000-0000-0000-000000000000',
+        {},
+        '',
+        /body: needs at least one of bandwidth_mib_s, postcopy_bandwidth_mib_s, downtime_limit_ms/,
+      ],
       [
         'GET',
         '/v1/migrations?state=sleeping',
@@ -457,8 +463,8 @@ test(
         assert.equal(r.stderr, '');
       }
 
-      // 1 MiB/s: its first round cannot end before post-copy is asked; then the cap is lifted
-      const m = cli('migrate', 'op-guest', '--to', `127.0.0.1:${b.port}`, '--bandwidth', '1', '--json');
+      // 1 MiB/s, and its post-copy push too: neither ends before post-copy is asked twice; then the caps are lifted
+      const m = cli('migrate', 'op-guest', '--to', `127.0.0.1:${b.port}`, '--bandwidth', '1', '--postcopy-bandwidth', '1', '--json');
       assert.equal(m.status, 0, m.stderr);
       const id = String(lastJson(m.stdout)['id']);
       const asked = cli('postcopy', id, '--json');
@@ -467,12 +473,12 @@ test(
       const textual = cli('postcopy', id);
       assert.equal(textual.status, 0, 'asking twice changes nothing');
       assert.match(textual.stdout, new RegExp(`^migration ${id}: post-copy asked \\(running, `));
-      assert.equal(cli('set', id, '--bandwidth', '100000').status, 0);
+      assert.equal(cli('set', id, '--bandwidth', '100000', '--postcopy-bandwidth', '100000').status, 0);
       const view = await settled(A, id);
       assert.equal(view['state'], 'completed', JSON.stringify(view['error']));
-      const report = view['report'] as { stop_reason: string; postcopy?: unknown };
+      const report = view['report'] as { stop_reason: string; postcopy?: { max_bandwidth_mib_s: number } };
       assert.match(report.stop_reason, /post-copy requested/);
-      assert.ok(report.postcopy, 'the report has its post-copy phase');
+      assert.equal(report.postcopy?.max_bandwidth_mib_s, 100000, "the report has its post-copy phase, at the push's own cap as set last");
       const late = cli('postcopy', id);
       assert.equal(late.status, 1);
       assert.match(late.stderr, /ERR_LIVEMIG_STATE.*completed already/);

@@ -149,6 +149,7 @@ test('refused sources are kept apart and bounded: a crowd of refusals keeps only
     mode: 'precopy',
     downtime_limit_ms: undefined,
     bandwidth_mib_s: undefined,
+    postcopy_bandwidth_mib_s: undefined,
     deadline_s: undefined,
     on_stall: undefined,
     encodings: true,

@@ -255,7 +255,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
   rmSync(mark, { force: true });
   const step = STEP[stage][side];
   const hookEnv = { ...process.env, LIVEMIG_FAULT: JSON.stringify({ ...step, fault, dev: h.dev(side), port, mark }) };
-  const postcopy = stage === 'post-copy' ? ['--mode', 'postcopy', '--bandwidth', '32'] : [];
+  const postcopy = stage === 'post-copy' ? ['--mode', 'postcopy', '--postcopy-bandwidth', '32'] : [];
   const deadlines = ['--handshake-timeout', String(DEADLINE_S), '--progress-timeout', String(DEADLINE_S), '--recover-timeout', String(RESOLVE_S)];
   const receive = spawn(
     'ip',

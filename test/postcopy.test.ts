@@ -433,10 +433,13 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       release: () => g.exit(),
       onStall: 'postcopy',
       bandwidthMiBps: 16, // the guest dirties 256 MiB/s: pre-copy cannot converge
+      postcopyBandwidthMiBps: 64,
       encodings: { zero: false, dedup: false, compress: false },
     });
     const rx = await s.result;
     assert.equal(report.mode, 'hybrid');
+    assert.equal(report.per_round[0]!.max_bandwidth_mib_s, 16);
+    assert.equal(report.postcopy!.max_bandwidth_mib_s, 64, "the push went at post-copy's own cap");
     assert.match(report.stop_reason, /switching to post-copy/);
     assert.ok(report.rounds >= 2, `pre-copy ran rounds first (${report.rounds})`);
     assert.equal(rx.mode, 'postcopy');
@@ -459,10 +462,16 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
       commit: () => g.commit(),
       release: () => g.exit(),
       control,
-      onProgress: (e) => e.type === 'round' && e.round === 1 && control.startPostcopy(),
+      onProgress: (e) => {
+        if (e.type === 'round' && e.round === 1) control.startPostcopy();
+        // a cap set while post-copy runs is the push's; pre-copy's no longer applies
+        if (e.type === 'activated') control.setPostcopyBandwidth(128);
+        if (e.type === 'activated') control.setBandwidth(4);
+      },
     });
     const rx = await s.result;
     assert.equal(report.stop_reason, 'post-copy requested');
+    assert.equal(report.postcopy!.max_bandwidth_mib_s, 128);
     assert.equal(rx.mode, 'postcopy');
     assert.equal(rx.digest, report.digest);
     assert.equal((await verifyDestination(s)).bad, 0);
@@ -491,6 +500,7 @@ describe('post-copy migrations of the reference guest', { skip }, () => {
     assert.equal(report.rounds, 1);
     const pages = (64 * MiB) / 4096;
     assert.ok(report.per_round[0]!.pages < pages / 2, `the first pass was cut after a batch: ${report.per_round[0]!.pages} of ${pages} pages sent`);
+    assert.equal(report.postcopy!.max_bandwidth_mib_s, 0, "post-copy's push is uncapped unless asked: pre-copy's 8 MiB/s ended at the switch");
     assert.equal(rx.mode, 'postcopy');
     assert.equal(rx.digest, report.digest);
     assert.equal((await verifyDestination(s)).bad, 0);

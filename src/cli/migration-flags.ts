@@ -23,7 +23,12 @@ export const POLICY_FLAGS: Flags = {
   'max-rounds': { type: 'string', default: '30', value: 'N', help: 'at most this many pre-copy rounds' },
   'max-bytes': { type: 'string', value: 'SIZE', help: 'at most this much sent in pre-copy (default 3x the region)' },
   'on-stall': { type: 'string', value: STALL.join('|'), help: 'when pre-copy does not converge (default throttle)' },
-  bandwidth: { type: 'string', value: 'MiB/s', help: 'cap the rate, smoothly (default none)' },
+  bandwidth: { type: 'string', value: 'MiB/s', help: 'cap the rate of pre-copy, smoothly (default none)' },
+  'postcopy-bandwidth': {
+    type: 'string',
+    value: 'MiB/s',
+    help: "cap post-copy's push of the pages left (default none: the guest waits on each one not there)",
+  },
   deadline: { type: 'string', value: 'SECONDS', help: 'finish, or give up with the guest still here, by then' },
   'max-pause': { type: 'string', default: '5000', value: 'MS', help: 'no commitment this long after the pause: abort, the guest resumes here' },
   'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'no progress from the destination this long: abort, the guest keeps running' },
@@ -81,6 +86,8 @@ export function policyFlags(v: FlagValues): PolicyFlags {
     o.onStall = stall as PolicyFlags['onStall'];
   }
   if (typeof v['bandwidth'] === 'string') o.bandwidthMiBps = parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE);
+  if (typeof v['postcopy-bandwidth'] === 'string')
+    o.postcopyBandwidthMiBps = parseNumber(v['postcopy-bandwidth'], '--postcopy-bandwidth (MiB/s)', Number.MIN_VALUE);
   if (typeof v['deadline'] === 'string') o.deadlineMs = parseNumber(v['deadline'], '--deadline (seconds)', Number.MIN_VALUE) * 1000;
   if (typeof v['max-pause'] === 'string') o.maxPauseMs = parseNumber(v['max-pause'], '--max-pause (ms)', Number.MIN_VALUE);
   if (typeof v['progress-timeout'] === 'string')

@@ -270,7 +270,7 @@ export class Daemon implements DaemonApi {
     return m;
   }
 
-  update(id: string, change: { bandwidth_mib_s?: number; downtime_limit_ms?: number }): Migration {
+  update(id: string, change: { bandwidth_mib_s?: number; postcopy_bandwidth_mib_s?: number; downtime_limit_ms?: number }): Migration {
     const m = this.#outgoing(id);
     if (change.downtime_limit_ms !== undefined) {
       m.control!.setDowntimeLimit(change.downtime_limit_ms);
@@ -279,6 +279,10 @@ export class Daemon implements DaemonApi {
     if (change.bandwidth_mib_s !== undefined) {
       m.settings.bandwidth_mib_s = change.bandwidth_mib_s;
       if (m.state === 'running') this.share.want(m.id, change.bandwidth_mib_s);
+    }
+    if (change.postcopy_bandwidth_mib_s !== undefined) {
+      m.settings.postcopy_bandwidth_mib_s = change.postcopy_bandwidth_mib_s;
+      m.control!.setPostcopyBandwidth(change.postcopy_bandwidth_mib_s);
     }
     return m;
   }

@@ -25,6 +25,7 @@ const INCOMING_SETTINGS: MigrationSettings = {
   mode: 'precopy',
   downtime_limit_ms: undefined,
   bandwidth_mib_s: undefined,
+  postcopy_bandwidth_mib_s: undefined,
   deadline_s: undefined,
   on_stall: undefined,
   encodings: true,

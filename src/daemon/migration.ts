@@ -27,6 +27,8 @@ export interface MigrationSettings {
   mode: 'precopy' | 'postcopy' | 'hybrid';
   downtime_limit_ms: number | undefined;
   bandwidth_mib_s: number | undefined;
+  /** post-copy's push, its own cap (none by default) */
+  postcopy_bandwidth_mib_s: number | undefined;
   deadline_s: number | undefined;
   on_stall: string | undefined;
   encodings: boolean;

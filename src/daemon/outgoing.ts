@@ -26,6 +26,7 @@ export interface MigrationRequest {
   mode?: 'precopy' | 'postcopy' | 'hybrid';
   downtime_limit_ms?: number;
   bandwidth_mib_s?: number;
+  postcopy_bandwidth_mib_s?: number;
   deadline_s?: number;
   on_stall?: StallAction;
   encodings?: boolean;
@@ -70,6 +71,7 @@ export class OutgoingMigrations {
         mode: req.mode ?? 'precopy',
         downtime_limit_ms: req.downtime_limit_ms,
         bandwidth_mib_s: req.bandwidth_mib_s,
+        postcopy_bandwidth_mib_s: req.postcopy_bandwidth_mib_s,
         deadline_s: req.deadline_s,
         on_stall: req.on_stall,
         encodings: req.encodings !== false,
@@ -118,6 +120,7 @@ export class OutgoingMigrations {
     const control = m.control!;
     // the settings as they are now: a PATCH while it was queued changed them
     if (m.settings.downtime_limit_ms !== undefined) control.setDowntimeLimit(m.settings.downtime_limit_ms);
+    control.setPostcopyBandwidth(m.settings.postcopy_bandwidth_mib_s);
     d.share.join(m.id, control, m.settings.bandwidth_mib_s);
     m.setStage('connecting');
     m.setState('running');

@@ -76,6 +76,7 @@ export type PolicyFlags = Pick<
   MigrateOptions,
   | 'onStall'
   | 'bandwidthMiBps'
+  | 'postcopyBandwidthMiBps'
   | 'deadlineMs'
   | 'wws'
   | 'rateAdaptation'

@@ -46,6 +46,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
   if (!STALL_ACTIONS.includes(onStall)) throw invalid(`onStall must be one of ${STALL_ACTIONS.join(', ')}, got ${String(onStall)}`);
   if (onStall === 'throttle' && !options.throttle) throw invalid("onStall 'throttle' needs a throttle(percent) callback to slow the guest");
   if (options.bandwidthMiBps !== undefined && !(options.bandwidthMiBps > 0)) throw invalid('bandwidthMiBps must be a positive number');
+  if (options.postcopyBandwidthMiBps !== undefined && !(options.postcopyBandwidthMiBps > 0)) throw invalid('postcopyBandwidthMiBps must be a positive number');
   if (options.deadlineMs !== undefined && !(options.deadlineMs > 0)) throw invalid('deadlineMs must be a positive number');
   const mode = options.mode ?? 'precopy';
   if (!MODES.includes(mode)) throw invalid(`mode must be one of ${MODES.join(', ')}, got ${String(mode)}`);

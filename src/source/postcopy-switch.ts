@@ -1,8 +1,8 @@
 /**
  * Stage 3', the switch to post-copy: the priority connection joins and the page server's
  * tables are made before the pause; with the guest paused, the pages the destination lacks
- * are listed and the guest moves at once (src/postcopy/switch.ts); its pages follow, paced
- * like pre-copy's.
+ * are listed and the guest moves at once (src/postcopy/switch.ts); its pages follow, at the
+ * push's own cap (none by default).
  */
 import { resolveLostCommitment } from './resolve.js';
 import { mergePages } from '../precopy/batches.js';
@@ -44,6 +44,10 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     server.setNeeded(needed);
   }
   trace('source', SourceEvent.guestPausedPostcopy);
+  // the push has a cap of its own (none by default): pre-copy's cap and rate adaptation end here
+  const { control, postcopyBandwidthMiBps } = settings.options;
+  ctx.pacer.setRoundLimit(undefined);
+  ctx.pacer.setCap(control ? control.enterPostcopy(postcopyBandwidthMiBps) : postcopyBandwidthMiBps);
   let downtime = 0;
   const tPc = now();
   const pc = await runPostcopy({
@@ -71,7 +75,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
       if (settings.mode !== 'postcopy') void tracker.stop().catch(() => undefined);
     },
     onProgress: (st) => ctx.progress({ type: 'postcopy', ...st }),
-    // the background push keeps to the bandwidth cap (requests for faulting pages do not wait)
+    // the background push keeps to its cap (requests for faulting pages do not wait)
     pacer: ctx.pacer,
   });
   ctx.enter('done');
@@ -82,6 +86,6 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     totalMs: pc.complete_at - ctx.tFirstPage,
     downtimeMs: downtime,
     stopAndCopy: noStopAndCopy(pc.activate_ms),
-    postcopy: { stats: pc.stats, pagesNeeded, postcopyMs: pc.complete_at - tPc, verifyMs: pc.verify_ms },
+    postcopy: { stats: pc.stats, pagesNeeded, postcopyMs: pc.complete_at - tPc, verifyMs: pc.verify_ms, capMiBps: ctx.pacer.limitMiBps },
   };
 }

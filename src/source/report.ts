@@ -10,7 +10,7 @@ export interface Ending {
   downtimeMs: number;
   stopAndCopy: MigrationReport['stop_and_copy'];
   /** the post-copy phase, when the migration ended with one */
-  postcopy?: { stats: PostcopyStats; pagesNeeded: number; postcopyMs: number; verifyMs: number };
+  postcopy?: { stats: PostcopyStats; pagesNeeded: number; postcopyMs: number; verifyMs: number; capMiBps: number };
 }
 
 const NO_STOP_AND_COPY = { pages: 0, bytes: 0, pause_ms: 0, final_collect_ms: 0, send_ms: 0, commit_ms: 0 } as const;
@@ -82,6 +82,16 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     max_throttle_percentage: ctx.maxThrottle,
     stop_and_copy: end.stopAndCopy,
     security: ctx.session.security,
-    ...(pc ? { postcopy: { ...pc.stats, pages_needed: pc.pagesNeeded, postcopy_ms: +pc.postcopyMs.toFixed(1), verify_ms: +pc.verifyMs.toFixed(1) } } : {}),
+    ...(pc
+      ? {
+          postcopy: {
+            ...pc.stats,
+            pages_needed: pc.pagesNeeded,
+            postcopy_ms: +pc.postcopyMs.toFixed(1),
+            verify_ms: +pc.verifyMs.toFixed(1),
+            max_bandwidth_mib_s: pc.capMiBps,
+          },
+        }
+      : {}),
   };
 }

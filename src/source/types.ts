@@ -33,6 +33,9 @@ export class MigrationControl {
   #status: (() => MigrationStatus) | undefined;
   #target: BandwidthTarget | undefined;
   #postcopy = false;
+  #postcopyBandwidth: number | undefined;
+  /** the push runs: the pacer follows the post-copy cap, no longer the pre-copy one */
+  #pushing = false;
   #cancel: (() => void) | undefined;
 
   /**
@@ -84,11 +87,30 @@ export class MigrationControl {
     };
   }
 
-  /** A new bandwidth cap in MiB/s, or undefined for none; takes effect at the next chunk. */
+  /** A new bandwidth cap for pre-copy in MiB/s, or undefined for none; takes effect at the next chunk. */
   setBandwidth(mibps: number | undefined): void {
     if (mibps !== undefined && !(mibps > 0)) throw new RangeError(`bandwidth must be a positive number of MiB/s, got ${mibps}`);
     this.#bandwidth = mibps;
-    this.#target?.setCap(mibps);
+    if (!this.#pushing) this.#target?.setCap(mibps);
+  }
+  /**
+   * The post-copy push's own cap in MiB/s, or undefined for none (the default: the guest runs
+   * at the destination and waits on every page not there yet; QEMU's max-postcopy-bandwidth).
+   * Set before or during post-copy; takes effect at the next push call.
+   */
+  setPostcopyBandwidth(mibps: number | undefined): void {
+    if (mibps !== undefined && !(mibps > 0)) throw new RangeError(`post-copy bandwidth must be a positive number of MiB/s, got ${mibps}`);
+    this.#postcopyBandwidth = mibps;
+    if (this.#pushing) this.#target?.setCap(mibps);
+  }
+  get postcopyBandwidth(): number | undefined {
+    return this.#postcopyBandwidth;
+  }
+  /** @internal post-copy's push begins: the cap it goes at (set here, else `fallback`), which later setPostcopyBandwidth calls change */
+  enterPostcopy(fallback: number | undefined): number | undefined {
+    this.#pushing = true;
+    this.#postcopyBandwidth ??= fallback;
+    return this.#postcopyBandwidth;
   }
   get bandwidth(): number | undefined {
     return this.#bandwidth;
@@ -219,8 +241,10 @@ export interface MigrateOptions {
   throttle?(percent: number): Promise<void>;
   /** writable-working-set detection: hold back pages rewritten round after round (default on) */
   wws?: boolean;
-  /** bandwidth cap, MiB/s (default none); change it while running with control.setBandwidth */
+  /** bandwidth cap of pre-copy, MiB/s (default none); change it while running with control.setBandwidth */
   bandwidthMiBps?: number;
+  /** the post-copy push's own cap, MiB/s (default none: as fast as the link goes); control.setPostcopyBandwidth changes it */
+  postcopyBandwidthMiBps?: number;
   /**
    * Clark's dynamic rate adaptation: the first round at startMiBps, each next one at the last
    * round's dirtying rate plus incrementMiBps, up to the cap; stop-and-copy at the cap
@@ -334,5 +358,6 @@ export interface MigrationReport {
   /** how the connections were secured */
   security: SecurityReport;
   /** post-copy phase: pages pushed and served on request, from the switch to completion */
-  postcopy?: PostcopyStats & { pages_needed: number; postcopy_ms: number; verify_ms: number };
+  /** max_bandwidth_mib_s: the push's cap when it ended, 0 for none (as a round's) */
+  postcopy?: PostcopyStats & { pages_needed: number; postcopy_ms: number; verify_ms: number; max_bandwidth_mib_s: number };
 }

@@ -91,12 +91,13 @@ export const postcopy: Command = {
 export const set: Command = {
   name: 'set',
   summary: "change a running migration's bandwidth cap or downtime limit",
-  synopsis: 'ID [--bandwidth MiB/s] [--downtime-limit MS] [--api ...] [--json]',
+  synopsis: 'ID [--bandwidth MiB/s] [--postcopy-bandwidth MiB/s] [--downtime-limit MS] [--api ...] [--json]',
   description:
     'Changes the running outgoing migration ID: its bandwidth cap (from the next chunk) and the downtime limit pre-copy aims under (from the next round).',
   positionals: true,
   flags: {
-    bandwidth: { type: 'string', value: 'MiB/s', help: 'the new bandwidth cap' },
+    bandwidth: { type: 'string', value: 'MiB/s', help: 'the new bandwidth cap of pre-copy' },
+    'postcopy-bandwidth': { type: 'string', value: 'MiB/s', help: "the new cap of post-copy's push" },
     'downtime-limit': { type: 'string', value: 'MS', help: 'the new downtime limit' },
     ...CLIENT_FLAGS,
   },
@@ -104,9 +105,12 @@ export const set: Command = {
     if (args.length !== 1) throw usageError("set needs one migration ID (see 'livemig set --help')");
     const change = {
       ...(typeof v['bandwidth'] === 'string' ? { bandwidth_mib_s: parseNumber(v['bandwidth'], '--bandwidth', Number.MIN_VALUE) } : {}),
+      ...(typeof v['postcopy-bandwidth'] === 'string'
+        ? { postcopy_bandwidth_mib_s: parseNumber(v['postcopy-bandwidth'], '--postcopy-bandwidth', Number.MIN_VALUE) }
+        : {}),
       ...(typeof v['downtime-limit'] === 'string' ? { downtime_limit_ms: parseNumber(v['downtime-limit'], '--downtime-limit', Number.MIN_VALUE) } : {}),
     };
-    if (Object.keys(change).length === 0) throw usageError('set needs --bandwidth or --downtime-limit');
+    if (Object.keys(change).length === 0) throw usageError('set needs --bandwidth, --postcopy-bandwidth or --downtime-limit');
     const { body } = await request<View & { settings: unknown }>(targetFrom(v), 'PATCH', `/v1/migrations/${encodeURIComponent(args[0]!)}`, change);
     process.stdout.write((v['json'] === true ? JSON.stringify(body) : `migration ${body.id}: ${JSON.stringify(body.settings)}`) + '\n');
     return 0;

@@ -73,7 +73,7 @@ export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
     async (req) => view(d.table.get(req.params.id)),
   );
 
-  app.patch<{ Params: { id: string }; Body: { bandwidth_mib_s?: number; downtime_limit_ms?: number } }>(
+  app.patch<{ Params: { id: string }; Body: { bandwidth_mib_s?: number; postcopy_bandwidth_mib_s?: number; downtime_limit_ms?: number } }>(
     '/v1/migrations/:id',
     {
       schema: {

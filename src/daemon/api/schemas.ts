@@ -39,6 +39,7 @@ export const migrationRequest = {
     mode: { type: 'string', enum: ['precopy', 'postcopy', 'hybrid'] },
     downtime_limit_ms: { type: 'number', exclusiveMinimum: 0, maximum: 60000 },
     bandwidth_mib_s: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
+    postcopy_bandwidth_mib_s: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
     deadline_s: { type: 'number', exclusiveMinimum: 0, maximum: 86400 },
     on_stall: { type: 'string', enum: ['throttle', 'postcopy', 'force', 'abort'] },
     encodings: { type: 'boolean' },
@@ -51,6 +52,7 @@ export const migrationPatch = {
   minProperties: 1,
   properties: {
     bandwidth_mib_s: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
+    postcopy_bandwidth_mib_s: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
     downtime_limit_ms: { type: 'number', exclusiveMinimum: 0, maximum: 60000 },
   },
 } as const;

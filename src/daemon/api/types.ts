@@ -19,7 +19,7 @@ export interface DaemonApi {
   readonly handshakeWaitMs: number;
   cancel(id: string): Migration;
   startPostcopy(id: string): Migration;
-  update(id: string, change: { bandwidth_mib_s?: number; downtime_limit_ms?: number }): Migration;
+  update(id: string, change: { bandwidth_mib_s?: number; postcopy_bandwidth_mib_s?: number; downtime_limit_ms?: number }): Migration;
   /** extra fields of a migration's view (the destination guest's pid) */
   extra(m: Migration): Record<string, unknown>;
 }
