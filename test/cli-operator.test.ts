@@ -8,14 +8,13 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, closeSync, constants, existsSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, constants, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { after, afterEach, before, describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { Daemon } from '../src/daemon/daemon.js';
 import { HTTP_STATUS } from '../src/daemon/api/errors.js';
@@ -24,7 +23,7 @@ import { DaemonProcess } from '../src/daemon/process.js';
 import { probe } from '../src/tracking/probe.js';
 import { referenceIncomingCommand } from '../src/workload/controller.js';
 import { opensslMissing, makeCa } from './certs.js';
-import { call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { call, registerGuest, scratch, settled } from './daemon-helpers.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CLI = path.join(here, '../src/cli/main.js');
@@ -35,18 +34,7 @@ const MiB = 1 << 20;
 /** a bound for a CLI call that must end by itself: generous, so that a loaded host changes how long it takes, not the verdict */
 const CALL_BOUND_MS = 300_000;
 
-const dirs: string[] = [];
-const pids: number[] = [];
-function tmp(tag: string): string {
-  const d = mkdtempSync(path.join(os.tmpdir(), `livemig-op-${tag}-`));
-  dirs.push(d);
-  return d;
-}
-afterEach(() => killAll(pids.splice(0)));
-after(() => {
-  killAll(pids);
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
+const { tmp, pids } = scratch('livemig-op');
 
 /** this process's environment without the variables under test: each test sets its own */
 function env(extra: Record<string, string> = {}): NodeJS.ProcessEnv {

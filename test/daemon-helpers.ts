@@ -1,5 +1,9 @@
 /** Daemons, registered guests and API calls for the daemon's tests. */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, afterEach } from 'node:test';
 import { request, type ApiTarget } from '../src/daemon/client.js';
 import { referenceGuestRegisterArgs } from '../src/workload/controller.js';
 
@@ -94,4 +98,27 @@ export function killAll(pids: number[]): void {
       // gone already
     }
   }
+}
+
+/**
+ * A test file's scratch: directories under the temp dir (removed when the file ends) and the
+ * pids of guests its tests start or see started (killed after each test: a guest left beating
+ * through later tests makes the whole suite's host busier).
+ */
+export function scratch(prefix: string): { tmp(tag: string): string; pids: number[] } {
+  const dirs: string[] = [];
+  const pids: number[] = [];
+  afterEach(() => killAll(pids.splice(0)));
+  after(() => {
+    killAll(pids);
+    for (const d of dirs) rmSync(d, { recursive: true, force: true });
+  });
+  return {
+    pids,
+    tmp(tag: string): string {
+      const d = mkdtempSync(path.join(os.tmpdir(), `${prefix}-${tag}-`));
+      dirs.push(d);
+      return d;
+    },
+  };
 }

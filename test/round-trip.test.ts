@@ -7,16 +7,15 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
-import os from 'node:os';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
-import { after, afterEach, test } from 'node:test';
+import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { request, type ApiTarget } from '../src/daemon/client.js';
 import { DaemonProcess } from '../src/daemon/process.js';
 import { probe } from '../src/tracking/probe.js';
 import { HeartbeatObserver, cGuestPath, cIncomingCommand } from '../src/workload/controller.js';
-import { alive, call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { alive, call, registerGuest, scratch, settled } from './daemon-helpers.js';
 import { guestCheck, until } from './helpers.js';
 
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
@@ -24,18 +23,7 @@ const skip = uffd.available ? false : uffd.reason;
 const MiB = 1 << 20;
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
-const dirs: string[] = [];
-const pids: number[] = [];
-function tmp(tag: string): string {
-  const d = mkdtempSync(path.join(os.tmpdir(), `livemig-trip-${tag}-`));
-  dirs.push(d);
-  return d;
-}
-afterEach(() => killAll(pids.splice(0)));
-after(() => {
-  killAll(pids);
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
+const { tmp, pids } = scratch('livemig-trip');
 
 interface GuestView {
   name: string;
