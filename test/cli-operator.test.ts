@@ -11,7 +11,7 @@ import { once } from 'node:events';
 import { chmodSync, closeSync, constants, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import net, { type AddressInfo } from 'node:net';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { after, before, describe, test } from 'node:test';
@@ -24,6 +24,7 @@ import { probe } from '../src/tracking/probe.js';
 import { referenceIncomingCommand } from '../src/workload/controller.js';
 import { opensslMissing, makeCa } from './certs.js';
 import { call, registerGuest, scratch, settled } from './daemon-helpers.js';
+import { until } from './helpers.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CLI = path.join(here, '../src/cli/main.js');
@@ -264,6 +265,38 @@ test('a closed stdout ends a command quietly, exit 0, no stack trace; serve shut
     assert.equal(r.stderr, '', `livemig ${args.join(' ')} says nothing on stderr`);
   }
   assert.equal(existsSync(path.join(dir, 'api.sock')), false, 'serve shut down in order: it removed its API socket (an abrupt exit leaves it)');
+});
+
+test('serve under systemd (JOURNAL_STREAM set) outlives its stdout: a journald restart costs lines, not the daemon', async () => {
+  const dir = tmp('journal');
+  const api = path.join(dir, 'api.sock');
+  const fifo = path.join(dir, 'out');
+  assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
+  const reader = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
+  const writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
+  const args = ['serve', '--api', `unix:${api}`, '--guests', path.join(dir, 'guests.sock'), '--listen', '127.0.0.1:0'];
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', writer, 'pipe'], env: env({ JOURNAL_STREAM: '8:12345' }) });
+  closeSync(writer);
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (x: string) => (stderr += x));
+  try {
+    await until('serve listens', () => existsSync(api), CALL_BOUND_MS);
+    closeSync(reader); // the journal goes away
+    const port = Number((await request({ socketPath: api }, 'GET', '/v1/health')).body['migration_port']);
+    // a refusal prints a line: written after the close, it fails again, and the daemon goes on
+    const scan = net.connect(port, '127.0.0.1', () => scan.end(Buffer.from('not a livemig hello')));
+    await once(scan, 'close');
+    await until('the refusal is recorded', async () =>
+      (await request<{ migrations: { state: string }[] }>({ socketPath: api }, 'GET', '/v1/migrations')).body.migrations.some((m) => m.state === 'refused'),
+    );
+    assert.equal((await request({ socketPath: api }, 'GET', '/v1/health')).body['ok'], true, 'it still serves');
+    assert.equal(child.exitCode, null);
+  } finally {
+    child.kill('SIGTERM');
+  }
+  const [status] = (await once(child, 'close')) as [number | null];
+  assert.equal(status, 0);
+  assert.equal(stderr, '', 'nothing on stderr either');
 });
 
 test('keys token writes a token serve and the clients take; --api and --token-file from LIVEMIG_API and LIVEMIG_TOKEN_FILE, the flags winning', async () => {

@@ -16,8 +16,12 @@ let guarded = false;
 export function guardOutput(): void {
   if (guarded) return;
   guarded = true;
+  let closed = false;
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    // a line written after the close (by a command that goes on) fails again: it is lost, as the first
+    if (closed && (e.code === 'EPIPE' || e.code === 'ERR_STREAM_DESTROYED')) return;
     if (e.code !== 'EPIPE') throw e;
+    closed = true;
     if (onClosed) onClosed();
     else process.exit(process.exitCode ?? 0);
   });

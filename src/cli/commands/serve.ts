@@ -121,8 +121,10 @@ export const serve: Command = {
     };
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
-    // whoever read its lines has gone: it shuts down in order, as for SIGTERM (not by SIGPIPE)
-    whenStdoutCloses(() => stop('SIGPIPE'));
+    // whoever read its lines has gone: it shuts down in order, as for SIGTERM (not by SIGPIPE).
+    // Not where systemd connected stdout to the journal (JOURNAL_STREAM): a journald restart
+    // closes that stream, which must cost the host some lines, not its daemon
+    whenStdoutCloses(process.env['JOURNAL_STREAM'] ? () => undefined : () => stop('SIGPIPE'));
     const daemon = await Daemon.start({
       api,
       ...(tokenFile ? { token: readToken(tokenFile.value, tokenFile.from) } : {}),
