@@ -43,6 +43,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     pagesNeeded = stale.length;
     server.setNeeded(needed);
   }
+  ctx.live.postcopy({ stats: () => server.stats(), pagesNeeded });
   trace('source', SourceEvent.guestPausedPostcopy);
   let downtime = 0;
   const tPc = now();
