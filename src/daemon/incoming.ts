@@ -121,7 +121,12 @@ export class IncomingMigrations {
         case 'round': {
           received += e.pages;
           const totalPages = m.progress.view.total_bytes / PAGE_SIZE;
-          m.noteProgress({ remainingBytes: (totalPages - Math.min(received, totalPages)) * PAGE_SIZE, transferredBytes: received * PAGE_SIZE, now: true });
+          const bytes = received * PAGE_SIZE;
+          // a destination knows what arrived, not what the source will still find dirty
+          m.noteProgress(
+            { at: performance.now(), stage: 'receiving', movedBytes: bytes, remainingBytes: (totalPages - Math.min(received, totalPages)) * PAGE_SIZE, wireBytes: bytes },
+            { now: true },
+          );
           break;
         }
         case 'committed':
@@ -132,7 +137,7 @@ export class IncomingMigrations {
           break;
         case 'postcopy-progress': {
           const arrived = (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE;
-          m.noteProgress({ remainingBytes: m.progress.view.total_bytes - arrived, transferredBytes: arrived });
+          m.noteProgress({ at: performance.now(), stage: 'postcopy', movedBytes: arrived, remainingBytes: m.progress.view.total_bytes - arrived, wireBytes: arrived });
           break;
         }
         default:
@@ -172,7 +177,7 @@ export class IncomingMigrations {
             if (report.mode === 'postcopy') guest?.allPresent();
             if (guest) this.#guestPids.set(m!.id, guest.pid);
             guest?.close(); // it runs on, on its own
-            m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport, report.pages_received * PAGE_SIZE);
+            m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport);
             if (m) d.metrics.finished(m);
           },
           (e: unknown) => {
