@@ -127,7 +127,16 @@ describe('the progress line', () => {
 
   test('says region bytes left of the whole, and wire bytes apart', () => {
     const t = progressText(shown(62.3, 190));
-    for (const part of ['62.3%', '190 of 512 MiB left', '322 MiB sent (200 MiB on the wire)', '40.0 MB/s', 'dirty 3.2 MB/s', 'downtime ~12 ms', 'ETA 4.2 s', '(precopy)'])
+    for (const part of [
+      '62.3%',
+      '190 of 512 MiB left',
+      '322 MiB sent (200 MiB on the wire)',
+      '40.0 MB/s',
+      'dirty 3.2 MB/s',
+      'downtime ~12 ms',
+      'ETA 4.2 s',
+      '(precopy)',
+    ])
       assert.ok(t.includes(part), `${JSON.stringify(t)} has ${part}`);
     const pc = progressText({ percent: 99, postcopy: { pages_left: 12, pages_pushed: 900, pages_served: 30, faults: 25 } });
     assert.ok(pc.includes('12 pages left, 900 pushed, 25 faults served'), pc);
@@ -274,7 +283,10 @@ describe('progress through the daemon', { skip }, () => {
     for (const s of pre) {
       if (s.percent !== since.percent) since = s;
       else if (s.transferred_bytes > since.transferred_bytes)
-        assert.ok(s.elapsed_ms - since.elapsed_ms <= 1000, `unchanged at ${s.percent}% from ${since.elapsed_ms} to ${s.elapsed_ms} ms while bytes moved: ${summary}`);
+        assert.ok(
+          s.elapsed_ms - since.elapsed_ms <= 1000,
+          `unchanged at ${s.percent}% from ${since.elapsed_ms} to ${s.elapsed_ms} ms while bytes moved: ${summary}`,
+        );
     }
     const firstRound = events.find((e) => e.migration === id && e.type === 'round')!;
     assert.ok(firstRound, 'a round ended');

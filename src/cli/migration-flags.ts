@@ -137,7 +137,8 @@ export function progressLine(e: ProgressEvent): string | undefined {
       `${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}`
     );
   }
-  if (e.type === 'handshake') return `  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}; channels: ${e.channels} (${e.channels_reason})`;
+  if (e.type === 'handshake')
+    return `  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}; channels: ${e.channels} (${e.channels_reason})`;
   return undefined;
 }
 

@@ -29,7 +29,8 @@ export function progressText(p: ShownProgress): string {
   const pct = Math.max(0, Math.min(100, p.percent));
   const parts = [`${pct.toFixed(1).padStart(5)}%`];
   if (p.remaining_bytes !== undefined && p.total_bytes !== undefined) parts.push(`${mib(p.remaining_bytes)} of ${mib(p.total_bytes)} MiB left`);
-  if (p.transferred_bytes !== undefined) parts.push(`${mib(p.transferred_bytes)} MiB sent${p.wire_bytes !== undefined ? ` (${mib(p.wire_bytes)} MiB on the wire)` : ''}`);
+  if (p.transferred_bytes !== undefined)
+    parts.push(`${mib(p.transferred_bytes)} MiB sent${p.wire_bytes !== undefined ? ` (${mib(p.wire_bytes)} MiB on the wire)` : ''}`);
   if (p.throughput_bytes_per_s !== undefined) parts.push(`${mbs(p.throughput_bytes_per_s)} MB/s`);
   if (p.dirty_bytes_per_s !== undefined) parts.push(`dirty ${mbs(p.dirty_bytes_per_s)} MB/s`);
   if (p.expected_downtime_ms !== undefined) parts.push(`downtime ~${p.expected_downtime_ms.toFixed(0)} ms`);

@@ -17,6 +17,7 @@ import type { MemoryBudget } from './budget.js';
 import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
 import { Migration, type MigrationSettings, type MigrationTable } from './migration.js';
+import type { ProgressSample } from './progress.js';
 
 /** what an incoming migration shows as its settings: the source chose them */
 const INCOMING_SETTINGS: MigrationSettings = {
@@ -118,28 +119,19 @@ export class IncomingMigrations {
           m.setStage('receiving');
           m.passedHandshake();
           break;
-        case 'round': {
+        case 'round':
           received += e.pages;
-          const totalPages = m.progress.view.total_bytes / PAGE_SIZE;
-          const bytes = received * PAGE_SIZE;
-          // a destination knows what arrived, not what the source will still find dirty
-          m.noteProgress(
-            { at: performance.now(), stage: 'receiving', movedBytes: bytes, remainingBytes: (totalPages - Math.min(received, totalPages)) * PAGE_SIZE, wireBytes: bytes },
-            { now: true },
-          );
+          m.noteProgress(arrivedSample('receiving', received * PAGE_SIZE, m.progress.view.total_bytes), { now: true });
           break;
-        }
         case 'committed':
           m.setStage('committed');
           break;
         case 'postcopy-running':
           m.setStage('postcopy');
           break;
-        case 'postcopy-progress': {
-          const arrived = (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE;
-          m.noteProgress({ at: performance.now(), stage: 'postcopy', movedBytes: arrived, remainingBytes: m.progress.view.total_bytes - arrived, wireBytes: arrived });
+        case 'postcopy-progress':
+          m.noteProgress(arrivedSample('postcopy', (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE, m.progress.view.total_bytes));
           break;
-        }
         default:
           break;
       }
@@ -200,4 +192,9 @@ export class IncomingMigrations {
   async close(): Promise<void> {
     await this.receiver.close();
   }
+}
+
+/** An incoming migration's progress as a destination knows it: what arrived, not what the source will still find dirty. */
+function arrivedSample(stage: string, bytes: number, totalBytes: number): ProgressSample {
+  return { at: performance.now(), stage, movedBytes: bytes, remainingBytes: Math.max(0, totalBytes - bytes), wireBytes: bytes };
 }

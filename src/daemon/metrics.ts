@@ -51,7 +51,11 @@ const MIGRATION_GAUGES: { name: string; help: string; value: (v: ProgressView) =
     help: 'the pause a migration in pre-copy expects if it stopped now',
     value: (v) => (v.expected_downtime_ms === undefined ? undefined : v.expected_downtime_ms / 1e3),
   },
-  { name: 'livemig_migration_postcopy_pages_left', help: 'pages a migration in post-copy has not yet at the destination', value: (v) => v.postcopy?.pages_left },
+  {
+    name: 'livemig_migration_postcopy_pages_left',
+    help: 'pages a migration in post-copy has not yet at the destination',
+    value: (v) => v.postcopy?.pages_left,
+  },
 ];
 
 /** The per-migration gauges: set from the running migrations at each scrape, so an ended one has no series. */

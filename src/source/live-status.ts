@@ -101,7 +101,15 @@ export class LiveStatus {
     const p = src.pending();
     const remaining = Math.max(0, p.listed - p.sentSince - flight.pages) + this.held;
     if (common.stage !== 'precopy')
-      return { ...common, bytes_sent: bytesSent, pages_sent: pagesSent, pages_remaining: remaining, dirty_pages: 0, dirty_pages_rate: undefined, expected_downtime_ms: undefined };
+      return {
+        ...common,
+        bytes_sent: bytesSent,
+        pages_sent: pagesSent,
+        pages_remaining: remaining,
+        dirty_pages: 0,
+        dirty_pages_rate: undefined,
+        expected_downtime_ms: undefined,
+      };
     this.#peek(t);
     const { dirty, rate } = this.#dirtying(t);
     const mbps = src.pacer.estimateMbps();

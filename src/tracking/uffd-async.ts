@@ -144,7 +144,9 @@ export class UffdAsyncTracker implements DirtyTracker {
     return this.#state.peeking(async () => {
       const scans = await Promise.all(
         ranges.map((r) =>
-          callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'counting written pages', () => addon.pagemapScan(this.#pagemapFd, r.address, r.pages * size, size, false)),
+          callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'counting written pages', () =>
+            addon.pagemapScan(this.#pagemapFd, r.address, r.pages * size, size, false),
+          ),
         ),
       );
       return scans.reduce((n, s) => n + s.length, 0);

@@ -7,17 +7,7 @@ import { migrate } from '../../source/migrate.js';
 import { MigrationControl } from '../../source/types.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
-import {
-  BEAT_FLAG,
-  GUEST_FLAGS,
-  POLICY_FLAGS,
-  beatMs,
-  downtimeLimit,
-  encodingFlags,
-  guestSpec,
-  maxRounds,
-  policyFlags,
-} from '../migration-flags.js';
+import { BEAT_FLAG, GUEST_FLAGS, POLICY_FLAGS, beatMs, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags } from '../migration-flags.js';
 import { LocalProgress } from '../local-progress.js';
 import { SOURCE_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort } from '../units.js';
