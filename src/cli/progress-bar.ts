@@ -24,18 +24,22 @@ export interface ShownProgress {
   stage?: string;
 }
 
-/** One sample as text: percent, region bytes left of the whole, what went (and on the wire), the rates, the ETA. */
+/**
+ * One sample as text, the most telling first (a terminal's line is cut at its width): percent,
+ * region bytes left of the whole, post-copy's pages, the ETA, the rates and expected pause, then
+ * what went (and on the wire) and the stage.
+ */
 export function progressText(p: ShownProgress): string {
   const pct = Math.max(0, Math.min(100, p.percent));
   const parts = [`${pct.toFixed(1).padStart(5)}%`];
   if (p.remaining_bytes !== undefined && p.total_bytes !== undefined) parts.push(`${mib(p.remaining_bytes)} of ${mib(p.total_bytes)} MiB left`);
-  if (p.transferred_bytes !== undefined)
-    parts.push(`${mib(p.transferred_bytes)} MiB sent${p.wire_bytes !== undefined ? ` (${mib(p.wire_bytes)} MiB on the wire)` : ''}`);
+  if (p.postcopy) parts.push(`${p.postcopy.pages_left} pages left, ${p.postcopy.pages_pushed} pushed, ${p.postcopy.faults} faults served`);
+  if (p.eta_s !== undefined) parts.push(`ETA ${p.eta_s.toFixed(1)} s`);
   if (p.throughput_bytes_per_s !== undefined) parts.push(`${mbs(p.throughput_bytes_per_s)} MB/s`);
   if (p.dirty_bytes_per_s !== undefined) parts.push(`dirty ${mbs(p.dirty_bytes_per_s)} MB/s`);
   if (p.expected_downtime_ms !== undefined) parts.push(`downtime ~${p.expected_downtime_ms.toFixed(0)} ms`);
-  if (p.postcopy) parts.push(`${p.postcopy.pages_left} pages left, ${p.postcopy.pages_pushed} pushed, ${p.postcopy.faults} faults served`);
-  if (p.eta_s !== undefined) parts.push(`ETA ${p.eta_s.toFixed(1)} s`);
+  if (p.transferred_bytes !== undefined)
+    parts.push(`${mib(p.transferred_bytes)} MiB sent${p.wire_bytes !== undefined ? ` (${mib(p.wire_bytes)} MiB on the wire)` : ''}`);
   return parts.join(', ') + (p.stage ? ` (${p.stage})` : '');
 }
 
