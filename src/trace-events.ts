@@ -37,6 +37,7 @@ export const SourceEvent = {
   postcopyRunningReceived: 'POSTCOPY_RUNNING received',
   postcopyLinkBroke: 'post-copy link broke',
   postcopyReconnectFailed: 'post-copy reconnection failed',
+  dirtyCountFailed: 'dirty count failed',
 } as const;
 export type SourceEvent = (typeof SourceEvent)[keyof typeof SourceEvent];
 
@@ -64,6 +65,8 @@ export interface SourcePayloads {
   [SourceEvent.postcopyRunningReceived]: undefined;
   [SourceEvent.postcopyLinkBroke]: { reason: string };
   [SourceEvent.postcopyReconnectFailed]: { reason: string };
+  /** counting the round's written pages for progress failed: the dirty rate falls back to the last round's */
+  [SourceEvent.dirtyCountFailed]: { code: string; reason: string };
 }
 
 /** livemig:receiver, the destination's steps (the incoming guest's included). */

@@ -1,8 +1,8 @@
 /**
- * The daemon's parts that decide alone: the fair bandwidth share, progress that never runs
- * backwards, the memory budget, the event history, the bound on refused records; and cancel()
- * inside stop-and-copy (the API's cancel is MigrationControl.cancel); the client's GET sent
- * again when the daemon had closed the kept-alive connection it went out on.
+ * The daemon's parts that decide alone: the fair bandwidth share, the memory budget, the event
+ * history, the bound on refused records; and cancel() inside stop-and-copy (the API's cancel is
+ * MigrationControl.cancel); the client's GET sent again when the daemon had closed the
+ * kept-alive connection it went out on. Progress has its own file, progress.test.ts.
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
@@ -12,7 +12,6 @@ import { BandwidthShare } from '../src/daemon/bandwidth.js';
 import { MemoryBudget } from '../src/daemon/budget.js';
 import { EventBus } from '../src/daemon/events.js';
 import { Migration, MigrationTable, REFUSED_KEPT } from '../src/daemon/migration.js';
-import { Progress } from '../src/daemon/progress.js';
 import { LivemigError } from '../src/errors.js';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
@@ -41,20 +40,6 @@ test('the total bandwidth is shared max-min fairly, and follows joins, leaves an
   free.join('x', control('x'), 40);
   free.join('y', control('y'), undefined);
   assert.deepEqual([caps.get('x'), caps.get('y')], [40, undefined], 'without a total each keeps its own cap');
-});
-
-test('progress is what no longer remains, never runs backwards, and is 100 only at completion', () => {
-  const p = new Progress(1000);
-  assert.equal(p.update(600, 400, 1).percent, 40);
-  assert.equal(p.update(800, 500, 1).percent, 40, 'more dirty pages than before: it holds');
-  assert.equal(p.update(100, 900, 1).percent, 90);
-  assert.equal(p.update(0, 1000, 1).percent, 99.9, 'nothing left is not done: the stop is ahead');
-  const eta = p.update(0, 1000, 1).eta_s!;
-  assert.ok(eta > 0 && eta < 0.1, `the ETA of nothing left is the stop: ${eta}`);
-  assert.equal(p.update(500, 1000, 0.001).eta_s, 0.51, '500 bytes at 1000 B/s, plus the stop');
-  assert.equal(p.update(500, 1000, undefined).eta_s, undefined, 'no bandwidth measured yet: no ETA');
-  assert.equal(p.complete(1100).percent, 100);
-  assert.equal(p.view.transferred_bytes, 1100);
 });
 
 test('the memory budget refuses what does not fit, whole, and takes bytes back once', () => {

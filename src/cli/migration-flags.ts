@@ -135,15 +135,22 @@ export function maxRounds(v: FlagValues): number {
   return n;
 }
 
+/** A round and the handshake as one line each (undefined for the other events). */
+export function progressLine(e: ProgressEvent): string | undefined {
+  if (e.type === 'round') {
+    return (
+      `  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ` +
+      `${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty, ${e.wws_pages} held, est. ` +
+      `${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}`
+    );
+  }
+  if (e.type === 'handshake')
+    return `  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}; channels: ${e.channels} (${e.channels_reason})`;
+  return undefined;
+}
+
 /** A round and the handshake as one line each on stderr. */
 export function printProgress(e: ProgressEvent): void {
-  if (e.type === 'round') {
-    process.stderr.write(
-      `  round ${String(e.round).padStart(2)}: ${String(e.pages).padStart(7)} pages ${(e.bytes / 2 ** 20).toFixed(1).padStart(8)} MiB in ` +
-        `${e.duration_ms.toFixed(1).padStart(7)} ms (${e.mbps.toFixed(0)} MB/s); ${e.dirty_pages} dirty, ${e.wws_pages} held, est. ` +
-        `${e.expected_downtime_ms.toFixed(1)} ms${e.cpu_throttle_percentage ? `, throttle ${e.cpu_throttle_percentage}%` : ''} -> ${e.decision}\n`,
-    );
-  } else if (e.type === 'handshake') {
-    process.stderr.write(`  handshake + reservation: ${e.prep_ms.toFixed(0)} ms; tracking: ${e.tracker}; channels: ${e.channels} (${e.channels_reason})\n`);
-  }
+  const line = progressLine(e);
+  if (line !== undefined) process.stderr.write(line + '\n');
 }

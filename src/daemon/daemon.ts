@@ -135,6 +135,7 @@ export class Daemon implements DaemonApi {
       },
       reserved: () => this.budget.reserved,
       guests: () => this.registry?.size ?? 0,
+      running: () => this.table.active().filter((m) => m.state === 'running'),
     });
   }
 

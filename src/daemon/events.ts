@@ -1,5 +1,5 @@
 /**
- * The daemon's event stream: every state change, every round, progress (at most every 250 ms
+ * The daemon's event stream: every state change, every round, progress (about every 250 ms
  * per migration) and the final report, each with a daemon-wide sequence number (the SSE event
  * id). Each migration keeps its own history, so that a client that subscribes after a
  * migration began still sees all of it (and one that reconnects with Last-Event-ID, the rest);

@@ -19,6 +19,7 @@ import type { MemoryBudget } from './budget.js';
 import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
 import { Migration, type MigrationSettings, type MigrationTable } from './migration.js';
+import type { ProgressSample } from './progress.js';
 
 /** what an incoming migration shows as its settings: the source chose them */
 const INCOMING_SETTINGS: MigrationSettings = {
@@ -119,23 +120,19 @@ export class IncomingMigrations {
           m.setStage('receiving');
           m.passedHandshake();
           break;
-        case 'round': {
+        case 'round':
           received += e.pages;
-          const totalPages = m.progress.view.total_bytes / PAGE_SIZE;
-          m.noteProgress({ remainingBytes: (totalPages - Math.min(received, totalPages)) * PAGE_SIZE, transferredBytes: received * PAGE_SIZE, now: true });
+          m.noteProgress(arrivedSample('receiving', received * PAGE_SIZE, m.progress.view.total_bytes), { now: true });
           break;
-        }
         case 'committed':
           m.setStage('committed');
           break;
         case 'postcopy-running':
           m.setStage('postcopy');
           break;
-        case 'postcopy-progress': {
-          const arrived = (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE;
-          m.noteProgress({ remainingBytes: m.progress.view.total_bytes - arrived, transferredBytes: arrived });
+        case 'postcopy-progress':
+          m.noteProgress(arrivedSample('postcopy', (received + e.pages_pulled + e.pages_pushed) * PAGE_SIZE, m.progress.view.total_bytes));
           break;
-        }
         default:
           break;
       }
@@ -183,7 +180,7 @@ export class IncomingMigrations {
             // held until it registers (or exits): a second guest of its name is refused meanwhile
             if (arriving !== undefined) this.#arriving.set(arriving, guest?.pid);
             guest?.close(); // it runs on, on its own
-            m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport, report.pages_received * PAGE_SIZE);
+            m?.complete({ ...report, guest_pid: guest?.pid ?? 0 } as ReceiveReport);
             if (m) d.metrics.finished(m);
           },
           (e: unknown) => {
@@ -252,4 +249,9 @@ function alive(pid: number): boolean {
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+/** An incoming migration's progress as a destination knows it: what arrived, not what the source will still find dirty. */
+function arrivedSample(stage: string, bytes: number, totalBytes: number): ProgressSample {
+  return { at: performance.now(), stage, movedBytes: bytes, remainingBytes: Math.max(0, totalBytes - bytes), wireBytes: bytes };
 }

@@ -1,6 +1,8 @@
 /**
  * The daemon's Prometheus metrics (prom-client, on a registry of its own). Counters move when a
- * migration ends, from its final report, so that they match the reports exactly.
+ * migration ends, from its final report, so that they match the reports exactly; the
+ * per-migration gauges read each running migration's latest progress when scraped, and a
+ * migration's series go when it ends (their labels are bounded by the migrations running).
  */
 import { PAGE_SIZE } from '../protocol/format.js';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
@@ -8,6 +10,7 @@ import type { MigrationReport } from '../source/types.js';
 import type { ReceiveReport } from '../receiver/types.js';
 import { REFUSAL_REASONS, type RefusalReason } from '../refusals.js';
 import type { Migration } from './migration.js';
+import type { ProgressView } from './progress.js';
 
 const ENCODINGS = ['zero', 'dup', 'lz4', 'raw', 'skipped'] as const;
 
@@ -17,6 +20,61 @@ interface LiveSources {
   byState: () => Map<string, number>;
   reserved: () => number;
   guests: () => number;
+  /** the migrations running now (queued ones have no progress yet) */
+  running: () => Migration[];
+}
+
+type MigrationLabel = 'migration' | 'guest' | 'direction';
+
+/** One gauge per progress figure, a series per running migration (none for a figure it does not know). */
+const MIGRATION_GAUGES: { name: string; help: string; value: (v: ProgressView) => number | undefined }[] = [
+  { name: 'livemig_migration_progress_percent', help: 'progress of a running migration, percent (never backwards)', value: (v) => v.percent },
+  {
+    name: 'livemig_migration_remaining_bytes',
+    help: 'region bytes a running migration has still to send now (pre-copy: this round and the held pages; post-copy: pages not yet at the destination)',
+    value: (v) => v.remaining_bytes,
+  },
+  { name: 'livemig_migration_transferred_bytes', help: 'region bytes a running migration sent so far, resends included', value: (v) => v.transferred_bytes },
+  { name: 'livemig_migration_wire_bytes', help: 'bytes a running migration put on the wire so far, frames included', value: (v) => v.wire_bytes },
+  {
+    name: 'livemig_migration_throughput_bytes_per_second',
+    help: 'region bytes per second a running migration moves, over the last second',
+    value: (v) => v.throughput_bytes_per_s,
+  },
+  {
+    name: 'livemig_migration_dirty_rate_bytes_per_second',
+    help: 'region bytes per second the guest of a migration in pre-copy writes',
+    value: (v) => v.dirty_bytes_per_s,
+  },
+  {
+    name: 'livemig_migration_expected_downtime_seconds',
+    help: 'the pause a migration in pre-copy expects if it stopped now',
+    value: (v) => (v.expected_downtime_ms === undefined ? undefined : v.expected_downtime_ms / 1e3),
+  },
+  {
+    name: 'livemig_migration_postcopy_pages_left',
+    help: 'pages a migration in post-copy has not yet at the destination',
+    value: (v) => v.postcopy?.pages_left,
+  },
+];
+
+/** The per-migration gauges: set from the running migrations at each scrape, so an ended one has no series. */
+function migrationGauges(running: () => Migration[], registers: Registry[]): void {
+  for (const g of MIGRATION_GAUGES) {
+    new Gauge<MigrationLabel>({
+      name: g.name,
+      help: g.help,
+      labelNames: ['migration', 'guest', 'direction'],
+      registers,
+      collect() {
+        this.reset();
+        for (const m of running()) {
+          const v = g.value(m.progress.view);
+          if (v !== undefined) this.set({ migration: m.id, guest: m.guest, direction: m.direction }, v);
+        }
+      },
+    });
+  }
 }
 
 /** The gauges, read from the daemon when /metrics is scraped (the counters move when a migration ends). */
@@ -81,6 +139,7 @@ export class DaemonMetrics {
       registers,
     });
     liveGauges(o, registers);
+    migrationGauges(o.running, registers);
     this.#pages = new Counter({
       name: 'livemig_pages_total',
       help: 'pages sent by completed outgoing migrations, by how they went (skipped: already at the destination)',

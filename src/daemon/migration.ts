@@ -13,13 +13,18 @@ import type { MigrationControl, MigrationReport, RoundStats } from '../source/ty
 import type { ReceiveReport } from '../receiver/types.js';
 import type { Refusal, RefusalReason } from '../refusals.js';
 import type { EventBus } from './events.js';
-import { Progress, type ProgressView } from './progress.js';
+import { Progress, type ProgressSample, type ProgressView } from './progress.js';
 
 export type MigrationState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled' | 'refused';
 export type Direction = 'outgoing' | 'incoming';
 
-/** progress events go out at most this often per migration */
+/** progress is sampled this often per migration */
 export const PROGRESS_INTERVAL_MS = 250;
+/**
+ * ... and published unless one went out less than this ago: a little under the interval, so a
+ * sample that comes a moment early is not dropped (that would leave 500 ms without one)
+ */
+const PROGRESS_GAP_MS = 0.8 * PROGRESS_INTERVAL_MS;
 
 const FINAL: readonly MigrationState[] = ['completed', 'failed', 'cancelled', 'refused'];
 
@@ -117,24 +122,24 @@ export class Migration {
   }
 
   /**
-   * New progress; published unless one went out less than PROGRESS_INTERVAL_MS ago (`now`:
+   * New progress; published unless one went out less than PROGRESS_GAP_MS ago (`now`:
    * always, for a step the watcher must not miss, as a round's end).
    */
-  noteProgress(p: { remainingBytes: number; transferredBytes: number; mbps?: number | undefined; now?: boolean }): void {
-    const v = this.progress.update(p.remainingBytes, p.transferredBytes, p.mbps);
-    this.#publishProgress(v, { force: p.now ?? false });
+  noteProgress(sample: ProgressSample, o: { now?: boolean } = {}): void {
+    const v = this.progress.update(sample);
+    this.#publishProgress(v, { force: o.now ?? false });
   }
 
   #publishProgress(v: ProgressView, o: { force: boolean }): void {
     const t = performance.now();
-    if (!o.force && t - this.#lastProgress < PROGRESS_INTERVAL_MS) return;
+    if (!o.force && t - this.#lastProgress < PROGRESS_GAP_MS) return;
     this.#lastProgress = t;
     this.#bus.publish(this.id, 'progress', { ...v, stage: this.stage });
   }
 
-  complete(report: MigrationReport | ReceiveReport, transferred: number): void {
+  complete(report: MigrationReport | ReceiveReport): void {
     this.report = report;
-    this.#publishProgress(this.progress.complete(transferred), { force: true });
+    this.#publishProgress(this.progress.complete(), { force: true });
     this.#bus.publish(this.id, 'report', { report });
     this.setStage('done');
     this.setState('completed');

@@ -7,7 +7,6 @@
 import { channelsFor } from './threadpool.js';
 import { LivemigError } from '../errors.js';
 import type { SourceGuestSession } from '../guest/source-session.js';
-import { PAGE_SIZE } from '../region/region.js';
 import { migrate } from '../source/migrate.js';
 import { MigrationControl, type MigrateOptions, type ProgressEvent } from '../source/types.js';
 import type { Credentials } from '../security/tls.js';
@@ -17,6 +16,7 @@ import { DaemonEvent } from '../trace-events.js';
 import type { BandwidthShare } from './bandwidth.js';
 import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
+import { sampleFromStatus } from './progress.js';
 import { Migration, MigrationTable, PROGRESS_INTERVAL_MS } from './migration.js';
 import type { GuestRegistry } from './registry.js';
 
@@ -125,10 +125,7 @@ export class OutgoingMigrations {
     m.setStage('connecting');
     m.setState('running');
     // between progress events (a first pass over gigabytes is one round), read where it is
-    const poll = setInterval(() => {
-      const s = control.status();
-      if (s) m.noteProgress({ remainingBytes: s.pages_remaining * PAGE_SIZE, transferredBytes: s.bytes_sent, mbps: s.bandwidth_mbps });
-    }, PROGRESS_INTERVAL_MS);
+    const poll = setInterval(() => this.#sample(m), PROGRESS_INTERVAL_MS);
     const options: MigrateOptions = {
       ...session.memory,
       to: { host: req.to.host, port: req.to.port },
@@ -161,7 +158,7 @@ export class OutgoingMigrations {
     };
     try {
       const report = await migrate(options);
-      m.complete(report, report.wire_bytes);
+      m.complete(report);
       d.registry.settle(m.guest, 'released');
     } catch (e) {
       const code = (e as LivemigError).code;
@@ -185,7 +182,8 @@ export class OutgoingMigrations {
         break;
       case 'round':
         m.addRound(e);
-        m.noteProgress({ remainingBytes: e.remaining, transferredBytes: e.transferred, mbps: e.bandwidth_mbps, now: true });
+        // the policy's own estimate of the pause, from the round that just ended
+        this.#sample(m, { now: true, expectedDowntimeMs: e.expected_downtime_ms });
         if (e.decision === 'stop') m.setStage('stop-and-copy');
         if (e.decision === 'postcopy') m.setStage('postcopy');
         break;
@@ -198,9 +196,22 @@ export class OutgoingMigrations {
       case 'activated':
         if (m.settings.mode === 'precopy' || m.stage !== 'postcopy') m.setStage('activated');
         break;
-      case 'postcopy':
+      case 'postcopy': {
         m.setStage('postcopy');
+        // the last pages out is a step the watcher must see (the poll may come after the end)
+        const left = m.control?.status()?.postcopy?.pages_left;
+        this.#sample(m, { now: left === 0 });
         break;
+      }
     }
+  }
+
+  /** Progress from where the migration is now (its control's status), when it runs. */
+  #sample(m: Migration, o: { now?: boolean; expectedDowntimeMs?: number } = {}): void {
+    const s = m.control?.status();
+    if (!s) return;
+    const sample = sampleFromStatus(s, performance.now());
+    if (o.expectedDowntimeMs !== undefined) sample.expectedDowntimeMs = o.expectedDowntimeMs;
+    m.noteProgress(sample, { now: o.now ?? false });
   }
 }

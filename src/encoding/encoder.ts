@@ -51,8 +51,8 @@ export interface PageEncoderOptions {
   probe?: () => WrittenProbe | undefined;
   /** the link as all channels measured it so far (the chooser judges compression from it) */
   link?: () => LinkFigure | undefined;
-  /** each run's bytes as they went: the link figure grows during a long call, not after it */
-  onSent?: (bytes: number) => void;
+  /** each run's bytes and pages as they went: the link figure and progress grow during a long call, not after it */
+  onSent?: (bytes: number, pages: number) => void;
 }
 
 interface BufferSet {
@@ -93,7 +93,7 @@ export class PageEncoder {
   readonly #zeroHash = call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash());
 
   readonly #probe: () => WrittenProbe | undefined;
-  readonly #onSent: (bytes: number) => void;
+  readonly #onSent: (bytes: number, pages: number) => void;
 
   constructor(o: PageEncoderOptions) {
     const { region, conn, hashes, dedup, encodings: options, version, batchPages } = o;
@@ -149,12 +149,12 @@ export class PageEncoder {
       if (compress) {
         const b = await this.#sendCompressed(round, part);
         bytes += b;
-        this.#onSent(b);
+        this.#onSent(b, part.length);
       } else {
         if (this.chooser.wantSample()) this.#sample(part);
         const b = await this.#sendInPlace(round, part);
         bytes += b;
-        this.#onSent(b);
+        this.#onSent(b, part.length);
       }
       this.chooser.advance(Math.ceil(part.length / this.#batchPages));
     }

@@ -117,7 +117,12 @@ export class PageServer {
     const waitEvent = (): Promise<void> => new Promise((r) => (wake = r));
     try {
       for (;;) {
-        if (event?.type === 'complete') return event.digest!;
+        if (event?.type === 'complete') {
+          // the destination holds every page: the last figures (a page served on request may
+          // have gone after the last push call reported)
+          onProgress?.(this.stats());
+          return event.digest!;
+        }
         if (event?.type === 'error')
           throw new LivemigError((event.code as ErrorCode | undefined) ?? 'ERR_LIVEMIG_PROTOCOL', `post-copy page server: ${event.message ?? 'failed'}`, {
             phase: 'postcopy',

@@ -99,6 +99,12 @@ export function splitByStripe(pages: Uint32Array, n: number): Uint32Array[] {
   return out;
 }
 
+/**
+ * pages per call of the plain path (no encoder) outside the pause: progress sees a call's
+ * pages when it returns, so a pass is not one call of gigabytes (64 MiB of 4 KiB pages)
+ */
+const PLAIN_RUN_PAGES = 16384;
+
 /** One channel of a migration: its connection and what sends its pages. */
 export interface OutgoingChannel {
   conn: FramedConnection;
@@ -129,6 +135,8 @@ export class OutgoingChannels {
   #bytes = 0;
   #ms = 0;
   #since: number | undefined;
+  /** pages the runs of the current send reported so far */
+  #pagesInSend = 0;
 
   constructor(o: OutgoingChannelsOptions) {
     this.all = o.channels;
@@ -146,24 +154,44 @@ export class OutgoingChannels {
     const parts = this.count === 1 || this.#ended ? [pages] : splitByStripe(pages, this.count);
     const t0 = performance.now();
     this.#since = t0;
+    this.#pagesInSend = 0;
     const sent = await Promise.all(
       parts.map((part, k) => {
         const channel = this.all[k]!;
         channel.roundPages += part.length;
         if (part.length === 0) return 0;
-        return channel.encoder ? channel.encoder.send({ round: r, pages: part, final }) : this.#plain(channel.conn, r, part);
+        if (channel.encoder) return channel.encoder.send({ round: r, pages: part, final });
+        return final ? this.#plain(channel.conn, r, part) : this.#plainRuns(channel.conn, r, part);
       }),
     );
     const bytes = sent.reduce((a, b) => a + b, 0);
     this.#bytes = this.#bytesBefore += bytes;
+    this.#pagesInSend = 0;
     this.#ms += performance.now() - t0;
     this.#since = undefined;
     return bytes;
   }
 
-  /** An encoder's run went (during a send): the figure grows as the bytes go, not only after the call. */
-  noteSent(bytes: number): void {
+  async #plainRuns(conn: FramedConnection, r: number, pages: Uint32Array): Promise<number> {
+    let bytes = 0;
+    for (let at = 0; at < pages.length; at += PLAIN_RUN_PAGES) {
+      const part = pages.subarray(at, at + PLAIN_RUN_PAGES);
+      const b = await this.#plain(conn, r, part);
+      bytes += b;
+      this.noteSent(b, part.length);
+    }
+    return bytes;
+  }
+
+  /** A run went (during a send): the link figure and progress grow as the bytes go, not only after the call. */
+  noteSent(bytes: number, pages: number): void {
     this.#bytes += bytes;
+    this.#pagesInSend += pages;
+  }
+
+  /** What the send under way put on the wire so far: its bytes and pages (zero between sends). */
+  inFlight(): { bytes: number; pages: number } {
+    return { bytes: this.#bytes - this.#bytesBefore, pages: this.#pagesInSend };
   }
 
   /** The link so far: what every channel took, over the wall time of the sends (pacing's sleeps left out). */

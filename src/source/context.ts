@@ -9,6 +9,7 @@ import type { ChannelChoice, OutgoingChannels } from './channels.js';
 import { Pacer } from '../pacing/pacer.js';
 import { Stages } from '../stages.js';
 import { Deadlines } from './deadlines.js';
+import { LiveStatus } from './live-status.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
 import type { Accept } from '../protocol/messages.js';
 import type { FramedConnection } from '../protocol/connection.js';
@@ -98,6 +99,8 @@ export class SourceContext {
   pending: Uint32Array;
   stopReason = '';
   forcedStop = false;
+  /** what MigrationControl.status() answers (progress between events) */
+  readonly live: LiveStatus;
 
   constructor(settings: Settings) {
     this.settings = settings;
@@ -128,14 +131,18 @@ export class SourceContext {
         );
       }
     });
-    this.#unbindStatus = options.control?.bindStatus(() => ({
-      stage: this.stage,
-      bytes_sent: this.bytesSent,
-      pages_sent: this.pagesSent,
-      pages_remaining: Math.max(0, this.pending.length - (this.pagesSent - this.pendingSince)),
-      pages_total: options.region.pageCount,
-      bandwidth_mbps: this.pacer.achievedMbps(),
-    }));
+    this.live = new LiveStatus({
+      stage: () => this.stage,
+      round: () => this.round,
+      pageSize: options.region.pageSize,
+      pageCount: options.region.pageCount,
+      sent: () => ({ bytes: this.bytesSent, pages: this.pagesSent }),
+      inFlight: () => this.channels?.inFlight() ?? { bytes: 0, pages: 0 },
+      pending: () => ({ listed: this.pending.length, sentSince: this.pagesSent - this.pendingSince }),
+      pacer: this.pacer,
+      peekWritten: () => this.tracker?.peekWritten?.() ?? Promise.resolve(undefined),
+    });
+    this.#unbindStatus = options.control?.bindStatus(() => this.live.status());
     this.deadlines = new Deadlines({
       progressTimeoutMs: settings.progressTimeoutMs,
       maxPauseMs: settings.maxPauseMs,

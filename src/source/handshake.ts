@@ -145,7 +145,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
           batchPages: settings.batchPages,
           probe: () => ctx.tracker?.writtenProbe?.(),
           link: linkFigure,
-          onSent: (b) => ctx.channels?.noteSent(b),
+          onSent: (b, pages) => ctx.channels?.noteSent(b, pages),
         })
       : undefined,
   );

@@ -43,6 +43,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     pagesNeeded = stale.length;
     server.setNeeded(needed);
   }
+  ctx.live.postcopy({ stats: () => server.stats(), pagesNeeded });
   trace('source', SourceEvent.guestPausedPostcopy);
   // the push has a cap of its own (none by default): pre-copy's cap and rate adaptation end here
   const { control, postcopyBandwidthMiBps } = settings.options;

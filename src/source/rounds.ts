@@ -37,6 +37,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // Arm tracking before the first page is read: a write after this is caught by a later round.
   // (post-copy from the start has no rounds: nothing to track)
   if (settings.mode !== 'postcopy') await tracker.start();
+  ctx.live.rearmed();
   ctx.enter('precopy');
   ctx.deadlines.watchProgress();
   ctx.tFirstPage = now();
@@ -62,6 +63,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.channels.endRound(round, version)]);
     const duration = now() - t0;
     const dirty = await tracker.collect();
+    ctx.live.rearmed(dirty.length);
     wws?.record(dirty);
     const due = unsent.length > 0 ? mergePages(dirty, unsent) : dirty;
     const plan = wws ? wws.plan(due) : { send: due, held: 0 };
@@ -96,9 +98,11 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       throttle: policy.throttle,
     });
     ctx.perRound.push(stats);
-    ctx.progress({ type: 'round', ...stats });
+    // the next round's pages are listed before the event: a status read on it sees them due
     ctx.pending = plan.send;
     ctx.pendingSince = ctx.pagesSent;
+    ctx.live.held = plan.held;
+    ctx.progress({ type: 'round', ...stats });
     // Clark: the next round at this round's dirtying rate plus a margin
     if (ra) ctx.pacer.setRoundLimit((dirtyMbps * 1e6) / 2 ** 20 + ra.incrementMiBps);
     if (d.action === 'throttle') {
@@ -128,6 +132,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   const held = wws ? wws.heldPages() : new Uint32Array(0);
   if (held.length > 0) ctx.pending = mergePages(ctx.pending, held);
   ctx.pendingSince = ctx.pagesSent;
+  ctx.live.held = 0;
   // The extra channels end here, before the pause: the pause's pages (and post-copy's) go on
   // the main connection, which ROUND_END {last} tells so; the destination acknowledges it once
   // every channel has ended, so from then on it takes any page there (docs/PROTOCOL.md).
@@ -265,6 +270,7 @@ function roundStats(
     wws_pages: r.plan.held,
     transferred: ctx.bytesSent,
     remaining: Math.round((r.plan.send.length + r.plan.held) * perPage),
+    remaining_pages: r.plan.send.length + r.plan.held,
     expected_downtime_ms: +r.decision.estimateMs.toFixed(3),
     cpu_throttle_percentage: r.throttle,
     max_bandwidth_mib_s: ctx.pacer.limitMiBps,

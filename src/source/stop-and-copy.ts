@@ -33,6 +33,8 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const tCollected = now();
   trace('source', SourceEvent.finalCollectDone);
   const lastPages = mergePages(ctx.pending, final);
+  ctx.pending = lastPages;
+  ctx.pendingSince = ctx.pagesSent;
   const lastBytes = (await sendRound(ctx, { round: ctx.round + 1, pages: lastPages, final: true })).bytes;
   trace('source', SourceEvent.lastPagesSent);
   return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };

@@ -15,15 +15,34 @@ export interface BandwidthTarget {
 /** Where a running migration is, read at any moment (between its progress events too). */
 export interface MigrationStatus {
   stage: string;
-  /** bytes put on the wire so far, and pages sent */
+  /** the current pre-copy round (in stop-and-copy and post-copy: the last one) */
+  round: number;
+  /** bytes put on the wire so far (frames included, after encoding), and pages sent (resends included), counted as they go */
   bytes_sent: number;
   pages_sent: number;
-  /** pages still due in the current round or stop (what remains to send if it stopped now) */
+  /**
+   * pages still due: in pre-copy those of the current round not yet sent and those held back
+   * for the stop; in stop-and-copy the stop's; in post-copy those not yet at the destination
+   */
   pages_remaining: number;
-  /** the guest's whole page space, pages */
+  /** the guest's whole page space, pages, and the page size */
   pages_total: number;
+  page_size: number;
   /** bandwidth achieved recently, MB/s (undefined before the first second of sending) */
   bandwidth_mbps: number | undefined;
+  /**
+   * pre-copy: pages the guest wrote since the tracker last re-armed (the current round's dirty
+   * set so far, which its end will ask to send again): counted where the tracker can tell
+   * without re-arming (peekWritten), otherwise estimated from the last round's rate; undefined
+   * when neither is known (the first round, on a tracker that cannot count). 0 outside pre-copy.
+   */
+  dirty_pages: number | undefined;
+  /** how fast the guest writes pages now, pages per second (as dirty_pages; undefined outside pre-copy) */
+  dirty_pages_rate: number | undefined;
+  /** the pause if pre-copy stopped now: what is due and what was written, at the bandwidth achieved (pre-copy only) */
+  expected_downtime_ms: number | undefined;
+  /** post-copy, once the guest runs at the destination: its pages on their way */
+  postcopy?: { pages_needed: number; pages_left: number; pages_pushed: number; pages_served: number; faults: number };
 }
 
 /** Changes a running migration's settings (pass one as `control`, keep a reference). */
@@ -152,6 +171,8 @@ export interface RoundStats {
   /** bytes sent so far, and bytes still to send if we stopped now (at the recent bytes per page) */
   transferred: number;
   remaining: number;
+  /** pages still to send if we stopped now (the dirty ones and those held back): `remaining` in pages, not wire bytes */
+  remaining_pages: number;
   /** estimated downtime if we stopped now */
   expected_downtime_ms: number;
   /** how much the guest's writes are throttled now, percent (auto-converge) */

@@ -49,6 +49,16 @@ export class SoftDirtyTracker implements DirtyTracker {
     });
   }
 
+  /** Reading the bits without clearing them: the pages the next collect() would report so far. */
+  peekWritten(): Promise<number | undefined> {
+    return this.#state.peeking(async () => {
+      const pages = await callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'reading soft-dirty bits', () =>
+        addon.softDirtyScan(this.#pagemapFd, this.#address, this.#region.size, this.#region.pageSize, false),
+      );
+      return pages.length;
+    });
+  }
+
   collectFinal(): Promise<Uint32Array> {
     return this.collect();
   }

@@ -4,6 +4,7 @@ import { LivemigError } from '../errors.js';
 export class TrackerState {
   #state: 'idle' | 'tracking' | 'stopped' = 'idle';
   #inFlight: Promise<unknown> | undefined;
+  readonly #peeks = new Set<Promise<unknown>>();
   constructor(private readonly backend: string) {}
 
   get tracking(): boolean {
@@ -35,14 +36,25 @@ export class TrackerState {
     }
   }
 
-  /** Waits for a collect() in flight (its outcome belongs to its own caller). */
+  /**
+   * A read that re-arms nothing (peekWritten): it may run beside a collect; stop() waits for it
+   * before closing what it reads. Undefined when not tracking.
+   */
+  async peeking<T>(fn: () => Promise<T>): Promise<T | undefined> {
+    if (this.#state !== 'tracking') return undefined;
+    const p = fn();
+    this.#peeks.add(p);
+    try {
+      return await p;
+    } finally {
+      this.#peeks.delete(p);
+    }
+  }
+
+  /** Waits for a collect() and any peek in flight (their outcomes belong to their own callers). */
   async quiesce(): Promise<void> {
-    const p = this.#inFlight;
-    if (p)
-      await p.then(
-        () => undefined,
-        () => undefined, // the collect's caller receives this error; stop() only waits for it
-      );
+    // the callers receive these errors; stop() only waits for them
+    await Promise.allSettled([this.#inFlight, ...this.#peeks]);
   }
 
   #error(message: string): LivemigError {

@@ -27,6 +27,13 @@ export interface DirtyTracker {
    * that a page it hashed in place went out unchanged.
    */
   writtenProbe?(): WrittenProbe | undefined;
+  /**
+   * How many pages were written since the last collect() (or start()), without re-arming
+   * anything: what the next collect() would report so far. Backends that can tell cheaply (a
+   * page-table walk) have it; it lets progress show the guest's dirtying rate during a round.
+   * Undefined once tracking stopped.
+   */
+  peekWritten?(): Promise<number | undefined>;
 }
 
 export interface WrittenProbe {

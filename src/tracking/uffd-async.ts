@@ -137,6 +137,22 @@ export class UffdAsyncTracker implements DirtyTracker {
     return this.collectSync({ rearm: false });
   }
 
+  peekWritten(): Promise<number | undefined> {
+    if (!this.#target && this.#region.released) return Promise.resolve(undefined);
+    const size = this.#region.pageSize;
+    const ranges = this.#target?.ranges && this.#target.ranges.length > 1 ? this.#target.ranges : [{ address: this.#address, pages: this.#region.pageCount }];
+    return this.#state.peeking(async () => {
+      const scans = await Promise.all(
+        ranges.map((r) =>
+          callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'counting written pages', () =>
+            addon.pagemapScan(this.#pagemapFd, r.address, r.pages * size, size, false),
+          ),
+        ),
+      );
+      return scans.reduce((n, s) => n + s.length, 0);
+    });
+  }
+
   writtenProbe(): WrittenProbe | undefined {
     // the data path's probe reads one range: a guest of several regions goes without it (its
     // sender then treats every page it hashed in place as possibly written)

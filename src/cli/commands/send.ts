@@ -4,20 +4,11 @@ import { LivemigError } from '../../errors.js';
 import { connectRunningGuest } from '../../guest/connect.js';
 import { SourceGuestSession } from '../../guest/source-session.js';
 import { migrate } from '../../source/migrate.js';
+import { MigrationControl } from '../../source/types.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
-import {
-  BEAT_FLAG,
-  GUEST_FLAGS,
-  POLICY_FLAGS,
-  beatMs,
-  downtimeLimit,
-  encodingFlags,
-  guestSpec,
-  maxRounds,
-  policyFlags,
-  printProgress,
-} from '../migration-flags.js';
+import { BEAT_FLAG, GUEST_FLAGS, POLICY_FLAGS, beatMs, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags } from '../migration-flags.js';
+import { LocalProgress } from '../local-progress.js';
 import { SOURCE_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort } from '../units.js';
 
@@ -78,7 +69,10 @@ export const send: Command = {
     'Migrates a guest live to `livemig receive` at HOST:PORT: the guest serving at --guest PATH',
     '(the reference guest of `livemig guest`, the C example guest, or any guest that follows',
     'docs/GUEST.md), or without --guest a reference guest started here for the purpose.',
-    'Prints the migration report as JSON on stdout (progress on stderr). On a failure it prints',
+    'Prints the migration report as JSON on stdout, and progress on stderr: the handshake and',
+    'each round as a line, and every 250 ms the percentage, region bytes left of the whole, bytes',
+    'sent (and on the wire), throughput, dirty rate, expected pause and ETA; on a terminal one',
+    'line redrawn in place, otherwise a line per sample (none with --json). On a failure it prints',
     '{error: {code, phase, message}, source_guest, guest_pid} and exits 1, leaving the guest',
     'to run on: source_guest is none (no guest answered at --guest PATH, or none started),',
     'running (resumed here: any failure before the commitment), paused (the outcome could not',
@@ -142,6 +136,8 @@ export const send: Command = {
     }
     // what became of the guest, for the failure report
     let state = 'running' as 'running' | 'paused' | 'released';
+    const control = new MigrationControl();
+    const live = v['json'] === true ? undefined : new LocalProgress({ control, totalBytes: guest.memory.region.size });
     try {
       const report = await migrate({
         ...guest.memory,
@@ -163,11 +159,14 @@ export const send: Command = {
         },
         throttle: (p) => guest.throttle(p),
         ...settings,
-        ...(v['json'] === true ? {} : { onProgress: printProgress }),
+        control,
+        ...(live ? { onProgress: live.onProgress } : {}),
       });
+      live?.end({ completed: true });
       process.stdout.write(JSON.stringify(report) + '\n');
       return 0;
     } catch (e) {
+      live?.end({ completed: false });
       const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', (e as Error).message, { phase: 'migrate', cause: e });
       if (state !== 'released') guest.detach(); // it runs on (or waits, paused) without us
       process.stdout.write(

@@ -16,7 +16,7 @@ export function eventRoutes(app: FastifyInstance, d: DaemonApi): void {
     '/v1/migrations/:id/events',
     {
       sse: 'only',
-      schema: { summary: "a migration's events (SSE): every state change, round, progress (at most every 250 ms) and the report", params: idParams },
+      schema: { summary: "a migration's events (SSE): every state change, round, progress (about every 250 ms) and the report", params: idParams },
     },
     async (req, reply) => {
       const m = d.table.get(req.params.id); // 404 before the stream begins

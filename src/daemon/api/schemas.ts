@@ -74,14 +74,32 @@ export const listQuery = {
   },
 } as const;
 
+/** the progress event's fields (src/daemon/progress.ts ProgressView; docs/API.md, "Progress"); sizes are region bytes unless named wire */
 const progress = {
   type: 'object',
   properties: {
-    percent: { type: 'number' },
+    percent: { type: 'number', description: '0..100, never backwards; 100 only at completion' },
     eta_s: { type: 'number' },
+    elapsed_ms: { type: 'number', description: 'ms since the daemon took the migration (monotonic): the sample time' },
     remaining_bytes: { type: 'number' },
     total_bytes: { type: 'number' },
-    transferred_bytes: { type: 'number' },
+    transferred_bytes: { type: 'number', description: 'region bytes sent so far, resends included' },
+    wire_bytes: { type: 'number' },
+    throughput_bytes_per_s: { type: 'number' },
+    wire_bytes_per_s: { type: 'number' },
+    dirty_bytes: { type: 'number' },
+    dirty_bytes_per_s: { type: 'number' },
+    expected_downtime_ms: { type: 'number' },
+    postcopy: {
+      type: 'object',
+      properties: {
+        pages_needed: { type: 'number' },
+        pages_left: { type: 'number' },
+        pages_pushed: { type: 'number' },
+        pages_served: { type: 'number' },
+        faults: { type: 'number' },
+      },
+    },
   },
 } as const;
 
