@@ -289,6 +289,13 @@ describe('the API', { skip }, () => {
       assert.equal((await call(one.api, 'POST', `/v1/migrations/${String(first.body['id'])}/cancel`)).status, 202);
       const v1 = await settled(one.api, String(first.body['id']));
       assert.deepEqual([v1['state'], (v1['error'] as { code: string }).code, v1['source_guest']], ['cancelled', 'ERR_LIVEMIG_CANCELLED', 'running']);
+      // the destination was told: it records a cancel, not a lost connection
+      const thereFirst = b.daemon.table.list().filter((m) => m.direction === 'incoming' && m.state !== 'completed');
+      await until('the destination ended it', () => thereFirst.every((m) => m.done));
+      assert.deepEqual(
+        thereFirst.map((m) => [m.state, m.error?.code, /^cancelled by the source: /.test(m.error?.message ?? '')]),
+        [['cancelled', 'ERR_LIVEMIG_CANCELLED', true]],
+      );
       // the handshake: cancelled while the slow destination starts its guest (POST waits for
       // the handshake, so the cancel comes from beside it)
       const handshake = call(one.api, 'POST', '/v1/migrations', { guest: 'c1', to: { host: '127.0.0.1', port: slow.daemon.migrationPort } });
