@@ -18,6 +18,7 @@ import { HeartbeatObserver, referenceIncomingCommand } from '../src/workload/con
 import { alive, allSettled, call, killAll, registerGuest, settled } from './daemon-helpers.js';
 import { guestCheck, until } from './helpers.js';
 import { monotonicMs } from '../src/workload/clock.js';
+import { makeCa, opensslMissing } from './certs.js';
 
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
 const skip = uffd.available ? false : uffd.reason;
@@ -437,40 +438,48 @@ describe('the API', { skip }, () => {
   });
 });
 
-test('on TCP the API needs a bearer token: refused without one, /v1/health open, the wrong token refused', { skip }, async () => {
-  const dir = tmp('tcp');
-  await assert.rejects(
-    Daemon.start({
+test(
+  'on TCP (HTTPS) the API needs a bearer token: refused without one, /v1/health open, the wrong token refused',
+  { skip: skip || opensslMissing },
+  async () => {
+    const dir = tmp('tcp');
+    const certs = makeCa(['localhost']);
+    const credentials = { kind: 'cert' as const, cert: certs.certs['localhost']!.cert, key: certs.certs['localhost']!.key, ca: certs.ca, allow: ['localhost'] };
+    await assert.rejects(
+      Daemon.start({
+        api: { host: '127.0.0.1', port: 0 },
+        credentials,
+        listen: { host: '127.0.0.1', port: 0 },
+        guests: path.join(dir, 'g.sock'),
+        guestCommand: referenceIncomingCommand(),
+      }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE',
+    );
+    const d = await Daemon.start({
       api: { host: '127.0.0.1', port: 0 },
+      token: TOKEN,
+      credentials,
       listen: { host: '127.0.0.1', port: 0 },
-      guests: path.join(dir, 'g.sock'),
+      guests: path.join(dir, 'g2.sock'),
       guestCommand: referenceIncomingCommand(),
-    }),
-    (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE',
-  );
-  const d = await Daemon.start({
-    api: { host: '127.0.0.1', port: 0 },
-    token: TOKEN,
-    listen: { host: '127.0.0.1', port: 0 },
-    guests: path.join(dir, 'g2.sock'),
-    guestCommand: referenceIncomingCommand(),
-  });
-  try {
-    const port = Number(d.apiAddress.split(':').at(-1));
-    const open = { host: '127.0.0.1', port };
-    assert.equal((await call(open, 'GET', '/v1/health')).status, 200);
-    for (const route of ['/v1/guests', '/v1/migrations', '/metrics', '/v1/openapi.json']) {
-      const r = await call(open, 'GET', route);
-      assert.deepEqual([r.status, (r.body['error'] as { code: string }).code], [401, 'ERR_LIVEMIG_UNAUTHORIZED'], route);
+    });
+    try {
+      const port = Number(d.apiAddress.split(':').at(-1));
+      const open: ApiTarget = { host: '127.0.0.1', port, tls: { ca: certs.ca, name: 'localhost' } };
+      assert.equal((await call(open, 'GET', '/v1/health')).status, 200);
+      for (const route of ['/v1/guests', '/v1/migrations', '/metrics', '/v1/openapi.json']) {
+        const r = await call(open, 'GET', route);
+        assert.deepEqual([r.status, (r.body['error'] as { code: string }).code], [401, 'ERR_LIVEMIG_UNAUTHORIZED'], route);
+      }
+      const post = await call(open, 'POST', '/v1/migrations', { guest: 'g', to: { host: '127.0.0.1', port: 1 } });
+      assert.equal(post.status, 401, 'refused before its body is looked at');
+      assert.equal((await call({ ...open, token: 'not-the-token-at-all' }, 'GET', '/v1/guests')).status, 401);
+      assert.equal((await call({ ...open, token: TOKEN }, 'GET', '/v1/guests')).status, 200);
+    } finally {
+      await d.shutdown();
     }
-    const post = await call(open, 'POST', '/v1/migrations', { guest: 'g', to: { host: '127.0.0.1', port: 1 } });
-    assert.equal(post.status, 401, 'refused before its body is looked at');
-    assert.equal((await call({ ...open, token: 'not-the-token-at-all' }, 'GET', '/v1/guests')).status, 401);
-    assert.equal((await call({ ...open, token: TOKEN }, 'GET', '/v1/guests')).status, 200);
-  } finally {
-    await d.shutdown();
-  }
-});
+  },
+);
 
 test('15 migrations at once between two daemons, both ways, every guest verified by itself', { skip }, async () => {
   const observer = await HeartbeatObserver.start();
