@@ -410,7 +410,9 @@ describe('the API', { skip }, () => {
       assert.ok(typeof r.body['id'] === 'string');
       const h = (await call(small.api, 'GET', '/v1/health')).body['memory_budget'] as { reserved_bytes: number; peak_bytes: number };
       assert.deepEqual([h.reserved_bytes, h.peak_bytes], [0, 0], 'nothing was ever reserved there');
-      // nothing began there: the source's refusal is all it keeps, with why
+      // nothing began there: the source's refusal is all it keeps, with why (recorded once its
+      // ERROR went and the source closed: the 409 here may come first, so it is waited for)
+      await until('the destination recorded its refusal', () => small.daemon.table.list().some((m) => m.done));
       const there = small.daemon.table.list();
       assert.deepEqual(
         there.map((m) => [m.direction, m.state, m.refusal?.reason, m.error?.code]),
