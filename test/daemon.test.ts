@@ -18,6 +18,7 @@ import { HeartbeatObserver, referenceIncomingCommand } from '../src/workload/con
 import { alive, allSettled, call, killAll, registerGuest, settled } from './daemon-helpers.js';
 import { guestCheck, until } from './helpers.js';
 import { monotonicMs } from '../src/workload/clock.js';
+import { makeCa, opensslMissing } from './certs.js';
 
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
 const skip = uffd.available ? false : uffd.reason;
@@ -289,6 +290,13 @@ describe('the API', { skip }, () => {
       assert.equal((await call(one.api, 'POST', `/v1/migrations/${String(first.body['id'])}/cancel`)).status, 202);
       const v1 = await settled(one.api, String(first.body['id']));
       assert.deepEqual([v1['state'], (v1['error'] as { code: string }).code, v1['source_guest']], ['cancelled', 'ERR_LIVEMIG_CANCELLED', 'running']);
+      // the destination was told: it records a cancel, not a lost connection
+      const thereFirst = b.daemon.table.list().filter((m) => m.direction === 'incoming' && m.state !== 'completed');
+      await until('the destination ended it', () => thereFirst.every((m) => m.done));
+      assert.deepEqual(
+        thereFirst.map((m) => [m.state, m.error?.code, /^cancelled by the source: /.test(m.error?.message ?? '')]),
+        [['cancelled', 'ERR_LIVEMIG_CANCELLED', true]],
+      );
       // the handshake: cancelled while the slow destination starts its guest (POST waits for
       // the handshake, so the cancel comes from beside it)
       const handshake = call(one.api, 'POST', '/v1/migrations', { guest: 'c1', to: { host: '127.0.0.1', port: slow.daemon.migrationPort } });
@@ -402,7 +410,9 @@ describe('the API', { skip }, () => {
       assert.ok(typeof r.body['id'] === 'string');
       const h = (await call(small.api, 'GET', '/v1/health')).body['memory_budget'] as { reserved_bytes: number; peak_bytes: number };
       assert.deepEqual([h.reserved_bytes, h.peak_bytes], [0, 0], 'nothing was ever reserved there');
-      // nothing began there: the source's refusal is all it keeps, with why
+      // nothing began there: the source's refusal is all it keeps, with why (recorded once its
+      // ERROR went and the source closed: the 409 here may come first, so it is waited for)
+      await until('the destination recorded its refusal', () => small.daemon.table.list().some((m) => m.done));
       const there = small.daemon.table.list();
       assert.deepEqual(
         there.map((m) => [m.direction, m.state, m.refusal?.reason, m.error?.code]),
@@ -430,40 +440,48 @@ describe('the API', { skip }, () => {
   });
 });
 
-test('on TCP the API needs a bearer token: refused without one, /v1/health open, the wrong token refused', { skip }, async () => {
-  const dir = tmp('tcp');
-  await assert.rejects(
-    Daemon.start({
+test(
+  'on TCP (HTTPS) the API needs a bearer token: refused without one, /v1/health open, the wrong token refused',
+  { skip: skip || opensslMissing },
+  async () => {
+    const dir = tmp('tcp');
+    const certs = makeCa(['localhost']);
+    const credentials = { kind: 'cert' as const, cert: certs.certs['localhost']!.cert, key: certs.certs['localhost']!.key, ca: certs.ca, allow: ['localhost'] };
+    await assert.rejects(
+      Daemon.start({
+        api: { host: '127.0.0.1', port: 0 },
+        credentials,
+        listen: { host: '127.0.0.1', port: 0 },
+        guests: path.join(dir, 'g.sock'),
+        guestCommand: referenceIncomingCommand(),
+      }),
+      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE',
+    );
+    const d = await Daemon.start({
       api: { host: '127.0.0.1', port: 0 },
+      token: TOKEN,
+      credentials,
       listen: { host: '127.0.0.1', port: 0 },
-      guests: path.join(dir, 'g.sock'),
+      guests: path.join(dir, 'g2.sock'),
       guestCommand: referenceIncomingCommand(),
-    }),
-    (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_INSECURE',
-  );
-  const d = await Daemon.start({
-    api: { host: '127.0.0.1', port: 0 },
-    token: TOKEN,
-    listen: { host: '127.0.0.1', port: 0 },
-    guests: path.join(dir, 'g2.sock'),
-    guestCommand: referenceIncomingCommand(),
-  });
-  try {
-    const port = Number(d.apiAddress.split(':').at(-1));
-    const open = { host: '127.0.0.1', port };
-    assert.equal((await call(open, 'GET', '/v1/health')).status, 200);
-    for (const route of ['/v1/guests', '/v1/migrations', '/metrics', '/v1/openapi.json']) {
-      const r = await call(open, 'GET', route);
-      assert.deepEqual([r.status, (r.body['error'] as { code: string }).code], [401, 'ERR_LIVEMIG_UNAUTHORIZED'], route);
+    });
+    try {
+      const port = Number(d.apiAddress.split(':').at(-1));
+      const open: ApiTarget = { host: '127.0.0.1', port, tls: { ca: certs.ca, name: 'localhost' } };
+      assert.equal((await call(open, 'GET', '/v1/health')).status, 200);
+      for (const route of ['/v1/guests', '/v1/migrations', '/metrics', '/v1/openapi.json']) {
+        const r = await call(open, 'GET', route);
+        assert.deepEqual([r.status, (r.body['error'] as { code: string }).code], [401, 'ERR_LIVEMIG_UNAUTHORIZED'], route);
+      }
+      const post = await call(open, 'POST', '/v1/migrations', { guest: 'g', to: { host: '127.0.0.1', port: 1 } });
+      assert.equal(post.status, 401, 'refused before its body is looked at');
+      assert.equal((await call({ ...open, token: 'not-the-token-at-all' }, 'GET', '/v1/guests')).status, 401);
+      assert.equal((await call({ ...open, token: TOKEN }, 'GET', '/v1/guests')).status, 200);
+    } finally {
+      await d.shutdown();
     }
-    const post = await call(open, 'POST', '/v1/migrations', { guest: 'g', to: { host: '127.0.0.1', port: 1 } });
-    assert.equal(post.status, 401, 'refused before its body is looked at');
-    assert.equal((await call({ ...open, token: 'not-the-token-at-all' }, 'GET', '/v1/guests')).status, 401);
-    assert.equal((await call({ ...open, token: TOKEN }, 'GET', '/v1/guests')).status, 200);
-  } finally {
-    await d.shutdown();
-  }
-});
+  },
+);
 
 test('15 migrations at once between two daemons, both ways, every guest verified by itself', { skip }, async () => {
   const observer = await HeartbeatObserver.start();

@@ -1,19 +1,33 @@
 /**
  * A client of the daemon's API (docs/API.md): JSON requests over its unix socket or TCP with
  * Node's HTTP client and a bearer token, and its Server-Sent Events read with
- * eventsource-parser. The CLI, the demo, the tests and the benchmarks use it. `tls` is for an
- * API behind a TLS proxy (the daemon itself serves plain HTTP): the proxy's certificate is
- * checked against the system's CAs (and NODE_EXTRA_CA_CERTS).
+ * eventsource-parser. The CLI, the demo, the tests and the benchmarks use it. On TCP the daemon
+ * speaks HTTPS (`tls`): its certificate is checked against `tls.ca` when given, else the
+ * system's CAs (and NODE_EXTRA_CA_CERTS; a TLS proxy in front of the daemon too), for the name
+ * `tls.name` or else the host; a client certificate goes when the daemon asks for one.
  */
 import http from 'node:http';
 import https from 'node:https';
 import { createParser } from 'eventsource-parser';
 import { LivemigError, type ErrorCode } from '../errors.js';
 
-export type ApiTarget = { socketPath: string; token?: string } | { host: string; port: number; tls?: boolean; token?: string };
+/** HTTPS to the daemon: the CA its certificate must chain to, the name it must carry, our own certificate. */
+export interface ApiClientTls {
+  /** PEM; absent: the system's CAs */
+  ca?: Buffer;
+  /** the name the daemon's certificate must carry (absent: the host dialled) */
+  name?: string;
+  /** PEM: this client's certificate and key, for a daemon that requires one (--api-mtls) */
+  cert?: Buffer;
+  key?: Buffer;
+}
+
+export type ApiTarget = { socketPath: string; token?: string } | { host: string; port: number; tls?: ApiClientTls; token?: string };
 
 function send(t: ApiTarget, o: http.RequestOptions, onResponse: (res: http.IncomingMessage) => void): http.ClientRequest {
-  return 'tls' in t && t.tls === true ? https.request(o, onResponse) : http.request(o, onResponse);
+  if (!('tls' in t) || t.tls === undefined) return http.request(o, onResponse);
+  const { ca, name, cert, key } = t.tls;
+  return https.request({ ...o, ...(ca ? { ca } : {}), ...(name ? { servername: name } : {}), ...(cert && key ? { cert, key } : {}) }, onResponse);
 }
 
 function options(t: ApiTarget, method: string, route: string, headers: Record<string, string>): http.RequestOptions {
@@ -28,7 +42,20 @@ function options(t: ApiTarget, method: string, route: string, headers: Record<st
 function describe(t: ApiTarget): string {
   if ('socketPath' in t) return `unix:${t.socketPath}`;
   const host = t.host.includes(':') ? `[${t.host}]` : t.host;
-  return `${t.tls === true ? 'https' : 'http'}://${host}:${t.port}`;
+  return `${t.tls ? 'https' : 'http'}://${host}:${t.port}`;
+}
+
+/** A TLS failure says what to check; any other, `hint`. */
+function unreachable(t: ApiTarget, e: NodeJS.ErrnoException, hint: string): LivemigError {
+  const tlsFailure = 'tls' in t && t.tls !== undefined && /CERT|TLS|SSL|EPROTO|ECONNRESET|alert/i.test(`${e.code ?? ''} ${e.message}`);
+  const why = tlsFailure
+    ? " (the daemon's certificate must chain to --api-ca or LIVEMIG_API_CA and carry the name dialled or --api-name; a daemon started with " +
+      '--api-mtls wants --api-cert/--api-key; one started with --insecure-api speaks http://)'
+    : hint;
+  // OpenSSL's own message is its error queue, file and line included, over two lines: its reason says it
+  const reason = (e as { reason?: unknown }).reason;
+  const what = (typeof reason === 'string' && reason.length > 0 ? reason : e.message).replace(/\s+/g, ' ').trim();
+  return new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot reach the daemon at ${describe(t)}: ${what}${why}`, { phase: 'api', cause: e });
 }
 
 /**
@@ -74,14 +101,9 @@ function requestOnce<T>(t: ApiTarget, method: string, route: string, body?: unkn
         resolve({ status, body: parsed as T });
       });
     });
-    req.on('error', (e) => {
-      const code = (e as NodeJS.ErrnoException).code;
-      const err = new LivemigError(
-        'ERR_LIVEMIG_CONNECTION',
-        `cannot reach the daemon at ${describe(t)}: ${e.message} (is \`livemig serve\` running? see --api, LIVEMIG_API)`,
-        { phase: 'api', cause: e },
-      );
-      reject(Object.assign(err, { staleSocket: req.reusedSocket && (code === 'ECONNRESET' || code === 'EPIPE') }));
+    req.on('error', (e: NodeJS.ErrnoException) => {
+      const err = unreachable(t, e, ' (is `livemig serve` running? see --api, LIVEMIG_API)');
+      reject(Object.assign(err, { staleSocket: req.reusedSocket && (e.code === 'ECONNRESET' || e.code === 'EPIPE') }));
     });
     req.end(data);
   });
@@ -130,9 +152,7 @@ export function followEvents(t: ApiTarget, route: string, onEvent: (e: StreamEve
       res.on('end', () => resolve());
       res.on('error', (e) => reject(e));
     });
-    req.on('error', (e) =>
-      reject(new LivemigError('ERR_LIVEMIG_CONNECTION', `cannot reach the daemon at ${describe(t)}: ${e.message}`, { phase: 'api', cause: e })),
-    );
+    req.on('error', (e) => reject(unreachable(t, e, '')));
     req.end();
   });
 }

@@ -16,7 +16,8 @@ import { assertSecureEnough } from '../security/tls.js';
 import { setProcessNice } from '../sched.js';
 import { trace } from '../trace.js';
 import { DaemonEvent } from '../trace-events.js';
-import { buildApi } from './api/server.js';
+import { buildApi, type ApiTls } from './api/server.js';
+import { apiTls, describeApi, type ApiAddress } from './api/transport.js';
 import type { DaemonApi } from './api/types.js';
 import { BandwidthShare } from './bandwidth.js';
 import { MemoryBudget } from './budget.js';
@@ -28,13 +29,20 @@ import { OutgoingMigrations, type MigrationRequest } from './outgoing.js';
 import { GuestRegistry, removeStaleSocket } from './registry.js';
 import { migrationsCarried } from './threadpool.js';
 
-export type ApiAddress = { path: string } | { host: string; port: number };
+export type { ApiAddress } from './api/transport.js';
 
 export interface DaemonConfig {
-  /** the HTTP API: a unix socket (mode 0600), or TCP (a token is then required) */
+  /**
+   * the HTTP API: a unix socket (mode 0600, plain HTTP), or TCP: HTTPS with the certificate of
+   * `credentials`, and a token required (api/transport.ts)
+   */
   api: ApiAddress;
   /** the API's bearer token (required on TCP; optional on the unix socket) */
   token?: string;
+  /** the API on TCP in plain HTTP, on purpose: refused off loopback */
+  insecureApi?: boolean;
+  /** the API on TCP requires a client certificate signed by the CA of `credentials` (mutual TLS) */
+  apiClientCerts?: boolean;
   /** the migration port */
   listen: { host: string; port: number };
   /** the socket guests register at */
@@ -105,7 +113,7 @@ export class Daemon implements DaemonApi {
   api!: FastifyInstance;
   #shuttingDown = false;
   #closed: Promise<void> | undefined;
-  /** where the API listens, as a client names it (unix:PATH or HOST:PORT) */
+  /** where the API listens, as a client names it (unix:PATH, https://HOST:PORT, or http://HOST:PORT with insecureApi) */
   apiAddress = '';
 
   /**
@@ -149,6 +157,11 @@ export class Daemon implements DaemonApi {
     }
     if (config.token !== undefined && config.token.length < 16)
       throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the API token must be at least 16 characters', { phase: 'validate' });
+    const tls = apiTls(config.api, {
+      credentials: config.credentials,
+      insecureApi: config.insecureApi === true,
+      requireClientCert: config.apiClientCerts === true,
+    });
     // the migration port's own rule: off loopback only with credentials (or --insecure)
     assertSecureEnough(config.listen.host, config.credentials, config.insecure === true, 'listening on');
     const d = new Daemon(config);
@@ -186,8 +199,8 @@ export class Daemon implements DaemonApi {
         ...(config.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: config.recoverTimeoutMs } : {}),
         ...(config.onRefused ? { onRefused: config.onRefused } : {}),
       });
-      d.api = await buildApi(d, { token: config.token, version: config.version ?? '0' });
-      await d.#listenApi();
+      d.api = await buildApi(d, { token: config.token, version: config.version ?? '0', tls });
+      await d.#listenApi(tls);
     } catch (e) {
       await d.#closeParts();
       throw e;
@@ -196,19 +209,18 @@ export class Daemon implements DaemonApi {
     return d;
   }
 
-  async #listenApi(): Promise<void> {
+  async #listenApi(tls: ApiTls | undefined): Promise<void> {
     const a = this.config.api;
     if ('path' in a) {
       mkdirSync(path.dirname(a.path), { recursive: true, mode: 0o700 });
       removeStaleSocket(a.path);
       await this.api.listen({ path: a.path });
       chmodSync(a.path, 0o600); // only root and this user reach the API on the socket
-      this.apiAddress = `unix:${a.path}`;
+      this.apiAddress = describeApi(a, tls, 0);
     } else {
       await this.api.listen({ host: a.host, port: a.port });
       const addr = this.api.server.address();
-      const port = typeof addr === 'object' && addr ? addr.port : a.port;
-      this.apiAddress = `${a.host}:${port}`;
+      this.apiAddress = describeApi(a, tls, typeof addr === 'object' && addr ? addr.port : a.port);
     }
   }
 

@@ -28,6 +28,30 @@ const PROGRESS_GAP_MS = 0.8 * PROGRESS_INTERVAL_MS;
 
 const FINAL: readonly MigrationState[] = ['completed', 'failed', 'cancelled', 'refused'];
 
+/**
+ * The stages in the order a migration passes them, both directions in one list (outgoing:
+ * connecting, precopy, stop-and-copy, activating, activated or postcopy, done; incoming:
+ * reserve, receiving, committed, postcopy, done). A migration's stage only moves forward in
+ * it: the engine's events may come later than the step they report (the stop-and-copy's page
+ * count is told after the commitment, post-copy's activation once post-copy runs), and an
+ * operator reading the stream must never see it go back. A post-copy migration's guest is
+ * activated as post-copy begins: `postcopy` comes after `activated`, which it then skips.
+ */
+export const STAGES = [
+  'queued',
+  'connecting',
+  'reserve',
+  'precopy',
+  'receiving',
+  'stop-and-copy',
+  'committed',
+  'activating',
+  'activated',
+  'postcopy',
+  'done',
+] as const;
+export type Stage = (typeof STAGES)[number];
+
 export interface MigrationSettings {
   mode: 'precopy' | 'postcopy' | 'hybrid';
   downtime_limit_ms: number | undefined;
@@ -110,8 +134,9 @@ export class Migration {
     this.#admit();
   }
 
-  setStage(stage: string): void {
-    if (stage === this.stage) return;
+  /** Moves to `stage`, unless the migration has reached it or a later one already (STAGES). */
+  setStage(stage: Stage): void {
+    if (STAGES.indexOf(stage) <= STAGES.indexOf(this.stage as Stage)) return;
     this.stage = stage;
     this.#bus.publish(this.id, 'stage', { stage });
   }

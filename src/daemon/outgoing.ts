@@ -188,13 +188,15 @@ export class OutgoingMigrations {
         if (e.decision === 'postcopy') m.setStage('postcopy');
         break;
       case 'stop-and-copy':
+        // told after the commitment (its page count): a stage only moves forward (STAGES)
         m.setStage('stop-and-copy');
         break;
       case 'committed':
         m.setStage('activating');
         break;
       case 'activated':
-        if (m.settings.mode === 'precopy' || m.stage !== 'postcopy') m.setStage('activated');
+        // in post-copy the guest is activated as post-copy begins: the stage stays postcopy
+        m.setStage('activated');
         break;
       case 'postcopy': {
         m.setStage('postcopy');

@@ -32,6 +32,8 @@ export class FramedConnection {
   // writer's failure).
   #readFailure: LivemigError | undefined;
   #closed = false;
+  /** abortTelling's last frame on its way, and until when the peer has to read it (Date.now ms) */
+  #telling: { sent: Promise<void>; until: number } | undefined;
   /** in read-ahead mode, the frames read before anyone asked */
   #ahead: ReadAheadQueue | undefined;
   /** each frame type's payload limit (protocol/limits.ts); set again once the region is known */
@@ -224,6 +226,11 @@ export class FramedConnection {
     if (this.#closed) return false;
     let peerClosed = false;
     try {
+      if (this.#telling) {
+        // abortTelling's frame goes first, and the peer gets the time it was given to read up to it
+        await this.#telling.sent;
+        timeoutMs = Math.max(timeoutMs, this.#telling.until - Date.now());
+      }
       if (last && !this.#writer.failure) await Promise.race([this.send(last), new Promise((r) => setTimeout(r, timeoutMs))]);
       peerClosed = await this.#wire.finish(timeoutMs);
     } catch {
@@ -241,6 +248,34 @@ export class FramedConnection {
     this.#failBoth(e);
     if (!this.#closed) this.#wire.shutdown();
     this.#ahead?.fail(e);
+  }
+
+  /**
+   * abort(e), but the peer hears `last` first (an ABORT that says why): whatever runs or waits
+   * here fails with `e` as abort() makes it, except a write already running, which finishes,
+   * and `last`, which follows it. The connection is shut down once the peer closed its end
+   * (it read `last`), or after `graceMs` (a peer that reads nothing more); finish() waits for
+   * `last` to have gone. Without a connection left to write on, this is abort(e).
+   */
+  abortTelling(e: LivemigError, last: Buffer, graceMs: number): void {
+    if (this.#closed || this.#writer.failure) {
+      this.abort(e);
+      return;
+    }
+    this.#readFailure ??= e;
+    this.#ahead?.fail(e); // whoever waits for a frame hears it now; the loop reading ahead ends with the connection
+    const sent = this.#writer.sendLast(last, e);
+    const until = Date.now() + graceMs;
+    this.#telling = { sent: sent.catch(() => undefined), until };
+    const shutDown = (): void => {
+      if (!this.#closed) this.#wire.shutdown();
+    };
+    const timer = setTimeout(shutDown, graceMs);
+    timer.unref();
+    sent.then(
+      () => undefined,
+      () => (clearTimeout(timer), shutDown()), // it could not go: nothing is worth waiting for
+    );
   }
 
   close(): void {

@@ -61,6 +61,8 @@ export interface Activated {
 }
 export interface Abort {
   reason: string;
+  /** the source's operator cancelled it (absent: a failure); a receiver that knows no such field ignores it */
+  cancelled?: boolean;
 }
 
 function bad(what: string): ProtocolError {
@@ -193,7 +195,8 @@ export const encodeAbort = (a: Abort, version: number): Buffer => control(FrameT
 export function decodeAbort(p: Buffer): Abort {
   const m = decodeMap(p, FrameType.Abort);
   if (!isString(m.reason)) throw bad('ABORT reason must be a string');
-  return { reason: m.reason };
+  if (m.cancelled !== undefined && typeof m.cancelled !== 'boolean') throw bad('ABORT cancelled must be a boolean');
+  return { reason: m.reason, ...(m.cancelled === true ? { cancelled: true } : {}) };
 }
 
 /** `prove` (version 3): the source commits next, so the destination answers with DIGEST. */

@@ -55,6 +55,18 @@ export class FrameWriter {
     return this.#write('sending a frame', () => this.#wire.write(parts));
   }
 
+  /**
+   * Queues `frame` as the last one, and ends writing with `e` for everything else: a write
+   * running now finishes (a frame is never cut), those queued behind it are dropped (each fails
+   * with `e`), and `frame` goes next. Rejects when writing had ended already, or fails.
+   */
+  sendLast(frame: Buffer, e: LivemigError): Promise<void> {
+    if (this.#failure || this.#closed()) return Promise.reject(this.#failure ?? connectionClosed());
+    const last = this.#write('sending its last frame', () => this.#wire.write([frame]), e);
+    this.#failure = e;
+    return last;
+  }
+
   /** See FramedConnection.sendPages. */
   sendPages(req: SendPagesRequest): Promise<SendCounts> {
     const now = req.now === true && req.pages.length <= SEND_NOW_PAGES && this.#idle();
@@ -78,11 +90,12 @@ export class FrameWriter {
     return this.#writesPending === 0 && !this.#failure && !this.#closed();
   }
 
-  async #write(what: string, op: () => Promise<unknown>): Promise<never> {
+  /** `endedBy`: the write sendLast queued, which goes although writing was ended (with that reason) after it was queued */
+  async #write(what: string, op: () => Promise<unknown>, endedBy?: LivemigError): Promise<never> {
     this.#writesPending++;
     const run = this.#writes.then(async () => {
       try {
-        if (this.#failure) throw this.#failure;
+        if (this.#failure && this.#failure !== endedBy) throw this.#failure;
         if (this.#closed()) throw connectionClosed();
         try {
           return await op();

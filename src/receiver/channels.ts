@@ -11,7 +11,8 @@ import { LivemigError } from '../errors.js';
 import { threadPoolSize } from '../native.js';
 import { FrameType, MAX_CHANNELS } from '../protocol/format.js';
 import { ProtocolError } from '../protocol/errors.js';
-import { decodeAbort, decodeRoundEnd, encodeAttached } from '../protocol/messages.js';
+import { decodeRoundEnd, encodeAttached } from '../protocol/messages.js';
+import { sourceAborted } from './failures.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import type { PageSink } from '../protocol/wire.js';
 import type { PostcopySession } from './session.js';
@@ -117,8 +118,7 @@ export class IncomingChannels {
         if (r.last) return;
         continue;
       }
-      if (f.type === FrameType.Abort)
-        throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: 'receiving' });
+      if (f.type === FrameType.Abort) throw sourceAborted(f.payload, 'receiving');
       throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unexpected ${FrameType[f.type] ?? f.type} frame on channel ${k}`);
     }
   }

@@ -23,7 +23,8 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
         });
   if (failedIn === 'hello') refusedBeforeReserving(err);
   if (ctx.deviceStateSeen && !ctx.sourceSaidWhy && failedIn !== 'postcopy') markMayBeAskedAbout(err);
-  const tell = !conn.closed && !ctx.toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && failedIn !== 'postcopy';
+  // (an ABORT, or a cancel, is the source's own word: it needs no ERROR back)
+  const tell = !conn.closed && !ctx.toldSource && err.code !== 'ERR_LIVEMIG_ABORTED' && err.code !== 'ERR_LIVEMIG_CANCELLED' && failedIn !== 'postcopy';
   await conn.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, ctx.version) : undefined);
   if (ctx.faults && failedIn !== 'postcopy') ctx.faults.stop();
   if (ctx.region && !guestRunsHere) {

@@ -3,6 +3,8 @@
  * the error itself (it is rethrown through callers that know nothing of them), read by the
  * listener and by `livemig receive`.
  */
+import { LivemigError } from '../errors.js';
+import { decodeAbort } from '../protocol/messages.js';
 
 const refusedEarly = new WeakSet<object>();
 
@@ -35,4 +37,16 @@ export function mayBeAskedAbout(e: unknown): boolean {
 /** Marks `e` as a failure the source may ask about (see mayBeAskedAbout). */
 export function markMayBeAskedAbout(e: object): void {
   askable.add(e);
+}
+
+/**
+ * The error an ABORT from the source ends the receive with: ERR_LIVEMIG_CANCELLED when its
+ * operator cancelled the migration (the destination records a cancel, not a failure), else
+ * ERR_LIVEMIG_ABORTED with the source's reason.
+ */
+export function sourceAborted(payload: Buffer, phase: string): LivemigError {
+  const a = decodeAbort(payload);
+  return a.cancelled
+    ? new LivemigError('ERR_LIVEMIG_CANCELLED', `cancelled by the source: ${a.reason}`, { phase })
+    : new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${a.reason}`, { phase });
 }

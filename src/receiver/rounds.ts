@@ -9,7 +9,8 @@ import { LivemigError } from '../errors.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { FrameType } from '../protocol/format.js';
 import { frameLimits } from '../protocol/limits.js';
-import { decodeAbort, decodeRoundEnd, encodeError, encodeRoundAck } from '../protocol/messages.js';
+import { decodeRoundEnd, encodeError, encodeRoundAck } from '../protocol/messages.js';
+import { sourceAborted } from './failures.js';
 import type { PageSink, WireFrame } from '../protocol/wire.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
@@ -66,7 +67,7 @@ export async function receiveUntilRunning(ctx: ReceiverContext, a: Accepted): Pr
         return await switchToPostcopy(ctx, f.payload, a, got);
       case FrameType.Abort:
         ctx.sourceSaidWhy = true;
-        throw new LivemigError('ERR_LIVEMIG_ABORTED', `the source aborted: ${decodeAbort(f.payload).reason}`, { phase: ctx.stage });
+        throw sourceAborted(f.payload, ctx.stage);
       default:
         throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `unexpected ${FrameType[f.type]} frame while ${ctx.stage}`);
     }

@@ -11,7 +11,7 @@ import { Stages } from '../stages.js';
 import { Deadlines } from './deadlines.js';
 import { LiveStatus } from './live-status.js';
 import type { PostcopyLink } from '../postcopy/switch.js';
-import type { Accept } from '../protocol/messages.js';
+import { encodeAbort, type Accept } from '../protocol/messages.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import type { SecurityReport } from '../security/tls.js';
 import type { DirtyTracker } from '../tracking/types.js';
@@ -37,6 +37,12 @@ const NEXT = {
 } as const satisfies { readonly [S in SourceStage]: readonly SourceStage[] };
 
 export const now = (): number => performance.now();
+
+/**
+ * How long a cancelled migration's destination has to read up to the ABORT that says so (the
+ * pages already in flight before it) and close: past it the connections are shut down anyway.
+ */
+export const CANCEL_TOLD_MS = 5_000;
 
 /** What the handshake established; fixed for the rest of the migration. */
 export interface Session {
@@ -75,6 +81,8 @@ export class SourceContext {
   #committing = false;
   /** why the migration was ended from outside (a cancel, a deadline); the rollback reports it */
   abortReason: LivemigError | undefined;
+  /** a cancel was said to the destination (#tellCancel): the rollback lets it arrive before closing */
+  cancelTold = false;
   /** called once by abort() while the connection is still being opened */
   #onAbort: (() => void) | undefined;
   /** the connection, as soon as it exists (the handshake may fail before the session does) */
@@ -161,9 +169,24 @@ export class SourceContext {
     if (this.#committing || s === 'activating' || s === 'postcopy' || s === 'done' || s === 'failed') return false;
     this.abortReason ??= reason;
     this.deadlines.stop();
-    this.conn?.abort(reason);
+    if (reason.code === 'ERR_LIVEMIG_CANCELLED' && this.#session) this.#tellCancel(reason, this.#session);
+    else this.conn?.abort(reason);
     this.#onAbort?.();
     return true;
+  }
+
+  /**
+   * A cancel is said to the destination, on every connection (whichever it reads first tells
+   * it): an ABORT {cancelled} after the frame each is sending, so that it records a cancel and
+   * not a lost connection. Only once the handshake is done: before, the destination reads no
+   * frame it does not expect (a frame after HELLO, before ACCEPT, is refused), and the cut
+   * connection is what it hears. A deadline is not said: its peer is the one that stopped
+   * answering.
+   */
+  #tellCancel(reason: LivemigError, session: Session): void {
+    const abort = encodeAbort({ reason: reason.message, cancelled: true }, session.version);
+    for (const c of session.channels.all) c.conn.abortTelling(reason, abort, CANCEL_TOLD_MS);
+    this.cancelTold = true;
   }
 
   /** While the connection is being opened, what abort() must undo (destroy the socket). */

@@ -17,6 +17,9 @@ export async function rollback(ctx: SourceContext, e: unknown): Promise<LivemigE
   const failedIn = ctx.fail();
   const { conn, tracker, channels, settings } = ctx;
   ctx.unbindControl();
+  // a cancel told on every connection: each stays open until the destination read its ABORT
+  // and closed (or the time it had is up), not closed under it before it knew why
+  if (ctx.cancelTold) await Promise.all((channels ? channels.all.map((c) => c.conn) : conn ? [conn] : []).map((c) => c.finish()));
   channels?.closeExtras();
   // A destination that refused something sends ERROR and closes; our send may fail first.
   // Its ERROR, if it arrives within a moment, is the real cause.

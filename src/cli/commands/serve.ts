@@ -1,7 +1,8 @@
 /** livemig serve: the daemon, driven over HTTP (src/daemon/). */
 import path from 'node:path';
 import { readFileSync } from 'node:fs';
-import { Daemon, defaultParallel } from '../../daemon/daemon.js';
+import { Daemon, defaultParallel, type ApiAddress } from '../../daemon/daemon.js';
+import { LivemigError } from '../../errors.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
 import { API_ENV, DEFAULT_API, TOKEN_FILE_ENV, defaultDaemonDir, flagOrEnv, parseApiAddress, readToken } from '../daemon-client.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
@@ -25,18 +26,44 @@ function niceValue(text: string): number {
   return n;
 }
 
+/**
+ * Where the API listens, and whether in plain HTTP. TCP is HTTPS (HOST:PORT, https://); plain
+ * HTTP (http://, or HOST:PORT with --insecure-api) only with --insecure-api, which the daemon
+ * refuses off loopback.
+ */
+function apiAddress(text: string, from: string, insecureApi: boolean): { api: ApiAddress; insecureApi: boolean } {
+  const a = parseApiAddress(text, from);
+  if ('path' in a) {
+    if (insecureApi) throw usageError(`--insecure-api is for an API on TCP: ${text} is a unix socket, plain HTTP already (mode 0600)`);
+    return { api: { path: a.path }, insecureApi: false };
+  }
+  const plainAsked = /^http:\/\//i.test(text);
+  if (plainAsked && !insecureApi)
+    throw new LivemigError(
+      'ERR_LIVEMIG_INSECURE',
+      `${from}: ${text} is plain HTTP on TCP: the API is served over HTTPS (HOST:PORT or https://HOST:PORT, with --tls-cert/--tls-key/--tls-ca); ` +
+        'plain HTTP needs --insecure-api, on a loopback address only',
+      { phase: 'validate' },
+    );
+  if (insecureApi && /^https:\/\//i.test(text)) throw usageError(`${from}: ${text} asks for HTTPS and --insecure-api for plain HTTP: give one`);
+  return { api: { host: a.host, port: a.port }, insecureApi };
+}
+
 export const serve: Command = {
   name: 'serve',
   summary: 'run the daemon: guests register, migrations go both ways, an HTTP API drives it',
-  synopsis: '[--api unix:PATH|HOST:PORT|http://HOST:PORT] [--listen HOST:PORT] [--guests PATH] [flags]',
+  synopsis: '[--api unix:PATH|HOST:PORT|https://HOST:PORT] [--token-file FILE] [--listen HOST:PORT] [--guests PATH] [flags]',
   description: [
     'Runs the livemig daemon of this host. Running guests register at --guests PATH',
     '(`livemig guest --register PATH`, or lmg_source_register in a VMM) and are listed by name;',
     'an orchestrator (or `livemig guests/migrate/status/watch/cancel/postcopy/set`) drives it',
     'over the HTTP API (docs/API.md; the OpenAPI document at /v1/openapi.json): it migrates',
     'guests to other daemons and takes migrations from them on --listen, several at once both',
-    'ways. On TCP the API needs --token-file (a bearer token on every route but /v1/health);',
-    'the unix socket is mode 0600. --api and --token-file default to $LIVEMIG_API and',
+    'ways. On TCP the API is HTTPS with the daemon certificate (--tls-cert/--tls-key, the one',
+    'its migration port presents; --api-mtls: clients need a certificate --tls-ca signed) and',
+    'needs --token-file (a bearer token on every route but /v1/health); plain HTTP on TCP is',
+    'refused but with --insecure-api on a loopback address. The unix socket is plain HTTP, mode',
+    '0600. --api and --token-file default to $LIVEMIG_API and',
     "$LIVEMIG_TOKEN_FILE, as the clients' do. Prints {serving: {...}} once up, and a {refused:",
     '{from, reason, code, phase, message}} line for each source refused on --listen (kept as an',
     'incoming migration in state refused). SIGTERM (or SIGINT), or its stdout closed: no new',
@@ -46,8 +73,20 @@ export const serve: Command = {
   flags: {
     api: {
       type: 'string',
-      value: 'unix:PATH|/PATH|HOST:PORT|http://HOST:PORT',
-      help: `where the HTTP API listens (plain HTTP; default $${API_ENV}, else ${DEFAULT_API()})`,
+      value: 'unix:PATH|/PATH|HOST:PORT|https://HOST:PORT|http://HOST:PORT',
+      help:
+        `where the API listens: a unix socket (plain HTTP), or TCP in HTTPS (HOST:PORT, https://; http:// only with --insecure-api) ` +
+        `(default $${API_ENV}, else ${DEFAULT_API()})`,
+    },
+    'insecure-api': {
+      type: 'boolean',
+      default: false,
+      help: 'serve the API on TCP in plain HTTP, on purpose (a local TLS proxy, a test): refused off a loopback address',
+    },
+    'api-mtls': {
+      type: 'boolean',
+      default: false,
+      help: 'the API on TCP requires a client certificate signed by --tls-ca (mutual TLS), besides the token',
     },
     'token-file': {
       type: 'string',
@@ -94,13 +133,14 @@ export const serve: Command = {
     },
     'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'an incoming migration silent this long is discarded here' },
     ...DESTINATION_SECURITY_FLAGS,
+    'tls-cert': {
+      ...DESTINATION_SECURITY_FLAGS['tls-cert']!,
+      help: "this host's certificate (PEM): migrations authenticate with it (TLS 1.3), and the API on TCP serves HTTPS with it",
+    },
   },
   async run(v: FlagValues): Promise<number> {
     const apiFlag = flagOrEnv(v, 'api', API_ENV) ?? { value: DEFAULT_API(), from: '--api' };
-    const parsedApi = parseApiAddress(apiFlag.value, apiFlag.from);
-    if ('tls' in parsedApi && parsedApi.tls)
-      throw usageError(`${apiFlag.from}: the daemon serves its API over plain HTTP: give http://HOST:PORT or HOST:PORT (a TLS proxy in front takes https)`);
-    const api = 'path' in parsedApi ? { path: parsedApi.path } : { host: parsedApi.host, port: parsedApi.port };
+    const { api, insecureApi } = apiAddress(apiFlag.value, apiFlag.from, v['insecure-api'] === true);
     const tokenFile = flagOrEnv(v, 'token-file', TOKEN_FILE_ENV);
     const listen = parseHostPort(str(v, 'listen'), '--listen');
     const credentials = credentialsFrom(v, 'destination');
@@ -132,6 +172,8 @@ export const serve: Command = {
       guests: typeof v['guests'] === 'string' ? v['guests'] : path.join(defaultDaemonDir(), 'guests.sock'),
       ...(credentials ? { credentials } : {}),
       ...(v['insecure'] === true ? { insecure: true } : {}),
+      ...(insecureApi ? { insecureApi } : {}),
+      ...(v['api-mtls'] === true ? { apiClientCerts: true } : {}),
       ...(typeof v['memory-budget'] === 'string' ? { memoryBudget: parseSize(v['memory-budget'], '--memory-budget') } : {}),
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),

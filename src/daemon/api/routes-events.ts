@@ -32,6 +32,10 @@ export function eventRoutes(app: FastifyInstance, d: DaemonApi): void {
 async function stream(reply: FastifyReply, d: DaemonApi, migration: string | undefined, ended: () => boolean): Promise<void> {
   const sse = reply.sse;
   sse.keepAlive();
+  // the status and headers now, and a first comment that flushes them: @fastify/sse would hold
+  // them until the first event, and a client with a header timeout drops an idle daemon's stream
+  sse.sendHeaders();
+  reply.raw.write(': stream open\n\n');
   const last = Number(sse.lastEventId ?? 0);
   const after = Number.isSafeInteger(last) && last > 0 ? last : 0;
   // history and subscription in the same turn: nothing published falls between them

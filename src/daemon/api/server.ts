@@ -2,9 +2,11 @@
  * The daemon's HTTP API (fastify): JSON schemas on every route (a request that fails one gets
  * 400 ERR_LIVEMIG_INVALID_ARGUMENT), one error handler mapping LivemigError codes to statuses
  * (errors.ts), a bearer token on every route but /v1/health when one is configured (required
- * on TCP), the OpenAPI document at /v1/openapi.json. One concern per file: routes-*.ts.
+ * on TCP, where it is served over HTTPS: ApiTls), the OpenAPI document at /v1/openapi.json. One
+ * concern per file: routes-*.ts.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
+import type { ServerOptions as HttpsOptions } from 'node:https';
 import Fastify, { type FastifyError, type FastifyInstance } from 'fastify';
 import swagger from '@fastify/swagger';
 import { fastifySSE as sse } from '@fastify/sse';
@@ -22,13 +24,27 @@ const SSE_HEARTBEAT_MS = 15_000;
 /** request bodies are small JSON objects */
 const BODY_LIMIT = 64 * 1024;
 
-export async function buildApi(d: DaemonApi, o: { token: string | undefined; version: string }): Promise<FastifyInstance> {
-  const app = Fastify({
+/**
+ * The API on TCP over HTTPS (fastify's own `https`): the daemon's certificate and key, and with
+ * `requireClientCert` a client certificate that chains to `ca` is required of every connection
+ * (the TLS handshake refuses one without), the bearer token still asked on top.
+ */
+export interface ApiTls {
+  cert: Buffer;
+  key: Buffer;
+  ca: Buffer;
+  requireClientCert: boolean;
+}
+
+export async function buildApi(d: DaemonApi, o: { token: string | undefined; version: string; tls?: ApiTls | undefined }): Promise<FastifyInstance> {
+  const common = {
     logger: false,
     bodyLimit: BODY_LIMIT,
     // a field the schema does not name is an error, not silently dropped; no type coercion
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
-  });
+  };
+  // (an HTTPS fastify is typed over https.Server; the routes and hooks are the same)
+  const app = (o.tls ? Fastify({ ...common, https: httpsOptions(o.tls) }) : Fastify(common)) as unknown as FastifyInstance;
   // every body is JSON: one of another type is refused (415), not parsed as a string to fail the schema
   app.removeContentTypeParser('text/plain');
   await app.register(swagger, {
@@ -110,6 +126,15 @@ function ownMessage(err: FastifyError, headers: Record<string, string | string[]
     return `the body must be JSON with 'Content-Type: application/json', got '${type}'`;
   }
   return err.message;
+}
+
+function httpsOptions(t: ApiTls): HttpsOptions {
+  return {
+    cert: t.cert,
+    key: t.key,
+    minVersion: 'TLSv1.2',
+    ...(t.requireClientCert ? { ca: t.ca, requestCert: true, rejectUnauthorized: true } : {}),
+  };
 }
 
 function digest(s: string): Buffer {
