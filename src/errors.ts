@@ -36,6 +36,9 @@ export const ErrorCodes = {
   ERR_LIVEMIG_INTERNAL: 'a bug in livemig: the message says where; please report it',
   ERR_LIVEMIG_SHUTTING_DOWN: 'the daemon is shutting down: it takes no new migration',
   ERR_LIVEMIG_ACTIVATION_UNKNOWN: 'committed, but activation on the destination was not confirmed: the source stays paused, not released',
+  ERR_LIVEMIG_HISTORY: "the daemon's migration history (its --state-dir file) could not be created, opened, read or written",
+  ERR_LIVEMIG_DAEMON_STOPPED:
+    'the daemon stopped while the migration ran (a crash, or a kill): its next start found it unfinished in the history, and its outcome is not known there',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

@@ -175,6 +175,7 @@ export const DaemonEvent = {
   shutdownWaits: 'shutdown waits for a committed migration',
   shutdownAborted: 'shutdown aborted incoming migrations',
   apiCloseFailed: 'closing the API failed',
+  historyFailed: 'the migration history failed',
 } as const;
 export type DaemonEvent = (typeof DaemonEvent)[keyof typeof DaemonEvent];
 
@@ -192,6 +193,7 @@ export interface DaemonPayloads {
   [DaemonEvent.shutdownWaits]: { id: string; reason: string };
   [DaemonEvent.shutdownAborted]: { aborted: number };
   [DaemonEvent.apiCloseFailed]: { reason: string };
+  [DaemonEvent.historyFailed]: { code: ErrorCode; reason: string };
 }
 
 /** Each family's events, as the trace file and the diagnostics channels name them. */

@@ -201,4 +201,6 @@ test('the systemd unit we ship: KillMode=mixed, a runtime directory kept across 
   const help = spawnSync(process.execPath, [CLI, 'serve', '--help'], { encoding: 'utf8' }).stdout;
   for (const flag of exec.filter((w) => w.startsWith('--'))) assert.ok(help.includes(`  ${flag} `), `serve takes ${flag}`);
   assert.ok(exec.includes('/run/livemig/guests.sock'), 'guests register inside the runtime directory');
+  assert.equal(setting('StateDirectory'), 'livemig');
+  assert.equal(exec[exec.indexOf('--state-dir') + 1], '/var/lib/livemig', 'the history outlives a reboot: in the state directory');
 });

@@ -22,6 +22,7 @@ import type { DaemonApi } from './api/types.js';
 import { BandwidthShare } from './bandwidth.js';
 import { MemoryBudget } from './budget.js';
 import { EventBus } from './events.js';
+import { MigrationHistory, type HistoryConfig } from './history.js';
 import { IncomingMigrations } from './incoming.js';
 import { DaemonMetrics } from './metrics.js';
 import { MigrationTable, type Migration } from './migration.js';
@@ -85,6 +86,12 @@ export interface DaemonConfig {
   version?: string;
   /** every source refused on the migration port, once recorded (`livemig serve` prints it) */
   onRefused?(r: Refusal): void;
+  /**
+   * the migration history on disk (src/daemon/history.ts): what earlier runs kept is listed
+   * again, and every migration is written as it goes; without it, the daemon's migrations
+   * live as long as the daemon (its bounds still apply)
+   */
+  history?: HistoryConfig;
 }
 
 /** The directory migrated-in guests' logs go to, made (mode 0700) if need be. */
@@ -100,8 +107,9 @@ function guestLogDir(config: DaemonConfig): string {
 
 export class Daemon implements DaemonApi {
   readonly startedAt = new Date();
-  readonly bus = new EventBus();
-  readonly table = new MigrationTable(this.bus);
+  readonly bus: EventBus;
+  readonly table: MigrationTable;
+  history: MigrationHistory | undefined;
   readonly metrics: DaemonMetrics;
   readonly budget: MemoryBudget;
   readonly share: BandwidthShare;
@@ -126,6 +134,8 @@ export class Daemon implements DaemonApi {
 
   private constructor(config: DaemonConfig) {
     this.config = config;
+    this.bus = new EventBus({ perMigration: config.history?.keepEvents });
+    this.table = new MigrationTable(this.bus, { finishedKept: config.history?.keepMigrations, onForget: (id) => this.history?.forget(id) });
     this.maxMigrations = Math.min(config.maxMigrations ?? 16, migrationsCarried());
     this.parallel = Math.min(config.parallel ?? defaultParallel(), this.maxMigrations);
     if (this.maxMigrations < (config.maxMigrations ?? 16)) {
@@ -172,6 +182,10 @@ export class Daemon implements DaemonApi {
     const guestCommand =
       config.nice !== undefined && config.nice !== niceBefore ? ['nice', '-n', String(niceBefore - config.nice), ...config.guestCommand] : config.guestCommand;
     try {
+      if (config.history) {
+        d.history = MigrationHistory.open(config.history);
+        d.history.attach(d.table, d.bus);
+      }
       d.registry = await GuestRegistry.open(config.guests);
       d.outgoing = new OutgoingMigrations({
         registry: d.registry,
@@ -246,6 +260,7 @@ export class Daemon implements DaemonApi {
       bandwidth_mib_s: this.share.total ?? null,
       max_migrations: this.maxMigrations,
       parallel: this.parallel,
+      history: this.history?.describe() ?? null,
     };
   }
 
@@ -347,6 +362,8 @@ export class Daemon implements DaemonApi {
     if ('path' in this.config.api && this.api) removeStaleSocket(this.config.api.path);
     await this.incoming?.close();
     await this.registry?.close();
+    // last: the migrations' final events are written by now
+    this.history?.close();
   }
 }
 

@@ -26,7 +26,8 @@ export const PROGRESS_INTERVAL_MS = 250;
  */
 const PROGRESS_GAP_MS = 0.8 * PROGRESS_INTERVAL_MS;
 
-const FINAL: readonly MigrationState[] = ['completed', 'failed', 'cancelled', 'refused'];
+export const MIGRATION_STATES: readonly MigrationState[] = ['queued', 'running', 'completed', 'failed', 'cancelled', 'refused'];
+export const FINAL: readonly MigrationState[] = ['completed', 'failed', 'cancelled', 'refused'];
 
 /**
  * The stages in the order a migration passes them, both directions in one list (outgoing:
@@ -63,13 +64,38 @@ export interface MigrationSettings {
   encodings: boolean;
 }
 
+/** A migration as the history (history.ts) keeps it: its view without rounds, and what it kept apart. */
+export interface StoredMigration {
+  view: {
+    id: string;
+    direction: Direction;
+    guest: string;
+    peer: string;
+    state: MigrationState;
+    stage: string;
+    created_at: string;
+    started_at?: string;
+    finished_at?: string;
+    progress: ProgressView;
+    settings: MigrationSettings;
+    source_guest?: 'running' | 'paused' | 'released';
+    error?: { code: string; phase: string | undefined; message: string };
+    refusal?: { reason: RefusalReason; from: string; peer_name?: string };
+  };
+  report: MigrationReport | ReceiveReport | undefined;
+  /** its rounds, from the round events kept */
+  rounds: RoundStats[];
+  /** when the history last wrote of it */
+  updatedAt: Date;
+}
+
 export class Migration {
-  readonly id = randomUUID();
+  readonly id: string;
   readonly direction: Direction;
   readonly guest: string;
   /** the other daemon: where it goes (host:port), or who it came from */
   readonly peer: string;
-  readonly createdAt = new Date();
+  readonly createdAt: Date;
   startedAt: Date | undefined;
   finishedAt: Date | undefined;
   #state: MigrationState = 'queued';
@@ -100,7 +126,12 @@ export class Migration {
     settings: MigrationSettings;
     control?: MigrationControl;
     bus: EventBus;
+    /** a migration of an earlier run, restored: its id and birth */
+    id?: string;
+    createdAt?: Date;
   }) {
+    this.id = o.id ?? randomUUID();
+    this.createdAt = o.createdAt ?? new Date();
     this.direction = o.direction;
     this.guest = o.guest;
     this.peer = o.peer;
@@ -111,6 +142,49 @@ export class Migration {
     this.admitted = new Promise((resolve) => (this.#admit = resolve));
   }
 
+  /**
+   * A migration of an earlier run of the daemon, as its history kept it (ended: nothing controls
+   * it any more). One the daemon stopped during is restored as it was, to be ended by
+   * endInterrupted().
+   */
+  static restore(s: StoredMigration, bus: EventBus): Migration {
+    const v = s.view;
+    const m = new Migration({
+      id: v.id,
+      createdAt: new Date(v.created_at),
+      direction: v.direction,
+      guest: v.guest,
+      peer: v.peer,
+      totalBytes: v.progress.total_bytes,
+      settings: v.settings,
+      bus,
+    });
+    m.#state = v.state;
+    m.stage = v.stage;
+    if (v.started_at !== undefined) m.startedAt = new Date(v.started_at);
+    if (v.finished_at !== undefined) m.finishedAt = new Date(v.finished_at);
+    m.progress.restore(v.progress);
+    m.sourceGuest = v.source_guest;
+    m.error = v.error;
+    m.refusal = v.refusal;
+    m.rounds.push(...s.rounds);
+    m.report = s.report;
+    m.#admit();
+    return m;
+  }
+
+  /** Restored unfinished: the daemon stopped during it. It ends failed, as of when the history last heard of it (`lastSeen`). */
+  endInterrupted(lastSeen: Date): void {
+    const err = new LivemigError(
+      'ERR_LIVEMIG_DAEMON_STOPPED',
+      `the daemon stopped during it (at stage ${this.stage}): its next start found it unfinished, and its outcome is not known here; ` +
+        `ask ${this.direction === 'outgoing' ? 'the destination' : 'the source'}'s daemon (${this.peer}), and see where the guest runs`,
+      { phase: this.stage },
+    );
+    this.error = { code: err.code, phase: err.phase, message: err.message };
+    this.setState('failed', lastSeen);
+  }
+
   get state(): MigrationState {
     return this.#state;
   }
@@ -118,12 +192,12 @@ export class Migration {
     return FINAL.includes(this.#state);
   }
 
-  setState(next: MigrationState): void {
+  setState(next: MigrationState, at = new Date()): void {
     if (this.done) throw new LivemigError('ERR_LIVEMIG_STATE', `internal: migration ${this.id} is ${this.#state} already`, { phase: 'daemon' });
     this.#state = next;
-    if (next === 'running') this.startedAt = new Date();
+    if (next === 'running') this.startedAt = at;
     if (this.done) {
-      this.finishedAt = new Date();
+      this.finishedAt = at;
       this.#admit();
     }
     this.#bus.publish(this.id, 'state', { state: next, stage: this.stage, ...(this.error ? { error: this.error } : {}) });
@@ -208,23 +282,37 @@ export class Migration {
 }
 
 /**
- * Migrations by id; finished ones are kept (the latest FINISHED_KEPT) for status queries, and
- * refused ones apart (the latest REFUSED_KEPT): a crowd of refused connections neither grows
- * the table nor pushes the migrations that ran out of it.
+ * Migrations by id; finished ones are kept (the latest `finishedKept`, FINISHED_KEPT unless the
+ * daemon was told otherwise) for status queries, and refused ones apart (the latest
+ * REFUSED_KEPT): a crowd of refused connections neither grows the table nor pushes the
+ * migrations that ran out of it. What it forgets, the history (history.ts) forgets too.
  */
-const FINISHED_KEPT = 1000;
+export const FINISHED_KEPT = 1000;
 export const REFUSED_KEPT = 100;
 
 export class MigrationTable {
   readonly #all = new Map<string, Migration>();
   readonly #bus: EventBus;
+  readonly #finishedKept: number;
+  readonly #onForget: ((id: string) => void) | undefined;
 
-  constructor(bus: EventBus) {
+  constructor(bus: EventBus, o: { finishedKept?: number | undefined; onForget?: (id: string) => void } = {}) {
     this.#bus = bus;
+    this.#finishedKept = o.finishedKept ?? FINISHED_KEPT;
+    this.#onForget = o.onForget;
+    // one that ends may take the table past its bounds: the oldest go once every subscriber
+    // (the history's writer among them) has had the event
+    bus.subscribe((e) => {
+      if (e.type === 'state' && FINAL.includes(e.data['state'] as MigrationState)) queueMicrotask(() => this.#prune());
+    });
   }
 
   add(m: Migration): void {
     this.#all.set(m.id, m);
+    this.#prune();
+  }
+
+  #prune(): void {
     const all = [...this.#all.values()];
     this.#keepLatest(
       all.filter((x) => x.state === 'refused'),
@@ -232,7 +320,7 @@ export class MigrationTable {
     );
     this.#keepLatest(
       all.filter((x) => x.done && x.state !== 'refused'),
-      FINISHED_KEPT,
+      this.#finishedKept,
     );
   }
 
@@ -241,7 +329,13 @@ export class MigrationTable {
     for (const old of ended.slice(0, Math.max(0, ended.length - kept))) {
       this.#all.delete(old.id);
       this.#bus.forget(old.id);
+      this.#onForget?.(old.id);
     }
+  }
+
+  /** The migration `id`, if this daemon knows it. */
+  find(id: string): Migration | undefined {
+    return this.#all.get(id);
   }
 
   get(id: string): Migration {

@@ -13,7 +13,7 @@ import { LivemigError } from '../errors.js';
 const CLI_ENTRY = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 
 export interface DaemonProcessOptions {
-  /** a directory of its own for the sockets */
+  /** a directory of its own for the sockets, and its history (history.db: start another on the same directory, and it lists this one's migrations) */
   dir: string;
   /** the migration port's address (default 127.0.0.1, any free port) */
   listen?: string;

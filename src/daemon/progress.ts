@@ -189,6 +189,12 @@ export class Progress {
     return this.#view;
   }
 
+  /** Where a migration of an earlier run of the daemon was, as its history kept it. */
+  restore(v: ProgressView): void {
+    this.#percent = v.percent;
+    this.#view = { ...v };
+  }
+
   get view(): ProgressView {
     return this.#view;
   }

@@ -2,6 +2,9 @@
 import path from 'node:path';
 import { readFileSync } from 'node:fs';
 import { Daemon, defaultParallel, type ApiAddress } from '../../daemon/daemon.js';
+import { MIGRATION_HISTORY } from '../../daemon/events.js';
+import { HISTORY_FILE } from '../../daemon/history-store.js';
+import { FINISHED_KEPT, REFUSED_KEPT } from '../../daemon/migration.js';
 import { LivemigError } from '../../errors.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
 import { API_ENV, DEFAULT_API, TOKEN_FILE_ENV, defaultDaemonDir, flagOrEnv, parseApiAddress, readToken } from '../daemon-client.js';
@@ -18,6 +21,13 @@ function version(): string {
   } catch {
     return '0';
   }
+}
+
+/** A history bound: a whole number from 1 to 100000 (all that is kept is loaded at start). */
+function historyBound(text: string, flag: string): number {
+  const n = Number(text);
+  if (!/^[0-9]+$/.test(text) || n < 1 || n > 100_000) throw usageError(`${flag} must be an integer in 1..100000, got '${text}'`);
+  return n;
 }
 
 function niceValue(text: string): number {
@@ -64,7 +74,10 @@ export const serve: Command = {
     'needs --token-file (a bearer token on every route but /v1/health); plain HTTP on TCP is',
     'refused but with --insecure-api on a loopback address. The unix socket is plain HTTP, mode',
     '0600. --api and --token-file default to $LIVEMIG_API and',
-    "$LIVEMIG_TOKEN_FILE, as the clients' do. Prints {serving: {...}} once up, and a {refused:",
+    "$LIVEMIG_TOKEN_FILE, as the clients' do. Its migrations, their reports and events are kept",
+    'in --state-dir/history.db (SQLite), written as they happen: a daemon started again on the',
+    'same directory lists those of its earlier runs (one it stopped during as failed,',
+    'ERR_LIVEMIG_DAEMON_STOPPED). Prints {serving: {...}} once up, and a {refused:',
     '{from, reason, code, phase, message}} line for each source refused on --listen (kept as an',
     'incoming migration in state refused). SIGTERM (or SIGINT), or its stdout closed: no new',
     'migrations; the running ones finish within --shutdown-grace, or are cancelled before their',
@@ -132,6 +145,25 @@ export const serve: Command = {
       help: 'an incoming connection must authenticate and send its first frame within this',
     },
     'progress-timeout': { type: 'string', default: '30', value: 'SECONDS', help: 'an incoming migration silent this long is discarded here' },
+    'state-dir': {
+      type: 'string',
+      value: 'DIR',
+      help:
+        'where the migration history is kept (DIR/history.db, locked while the daemon runs: one daemon per directory; default the directory of ' +
+        `--guests, ${defaultDaemonDir()} unless given, which a reboot empties: give e.g. /var/lib/livemig to keep the history across one)`,
+    },
+    'history-migrations': {
+      type: 'string',
+      default: String(FINISHED_KEPT),
+      value: 'N',
+      help: `ended migrations the history keeps, the newest (refused sources apart: the newest ${REFUSED_KEPT}); all are loaded at start`,
+    },
+    'history-events': {
+      type: 'string',
+      default: String(MIGRATION_HISTORY),
+      value: 'N',
+      help: 'events the history keeps of each migration, the newest (state, stage, round, report: progress is not kept)',
+    },
     ...DESTINATION_SECURITY_FLAGS,
     'tls-cert': {
       ...DESTINATION_SECURITY_FLAGS['tls-cert']!,
@@ -145,6 +177,14 @@ export const serve: Command = {
     const listen = parseHostPort(str(v, 'listen'), '--listen');
     const credentials = credentialsFrom(v, 'destination');
     const max = parseNumber(str(v, 'max-migrations'), '--max-migrations', 1);
+    const guests = typeof v['guests'] === 'string' ? v['guests'] : path.join(defaultDaemonDir(), 'guests.sock');
+    const stateDir = typeof v['state-dir'] === 'string' ? v['state-dir'] : path.dirname(path.resolve(guests));
+    const history = {
+      file: path.join(path.resolve(stateDir), HISTORY_FILE),
+      keepMigrations: historyBound(str(v, 'history-migrations'), '--history-migrations'),
+      keepEvents: historyBound(str(v, 'history-events'), '--history-events'),
+      onFailure: (e: LivemigError) => process.stderr.write(`livemig: ${e.code} (${e.phase ?? 'history'}): ${e.message}\n`),
+    };
     // The stop signals are taken before anything starts: one that came before the handlers
     // (a supervisor that signals as soon as it reads {serving}) ended the process by the
     // default action. A second signal must not cut the shutdown short either: a service manager
@@ -169,7 +209,8 @@ export const serve: Command = {
       api,
       ...(tokenFile ? { token: readToken(tokenFile.value, tokenFile.from) } : {}),
       listen,
-      guests: typeof v['guests'] === 'string' ? v['guests'] : path.join(defaultDaemonDir(), 'guests.sock'),
+      guests,
+      history,
       ...(credentials ? { credentials } : {}),
       ...(v['insecure'] === true ? { insecure: true } : {}),
       ...(insecureApi ? { insecureApi } : {}),
@@ -193,6 +234,7 @@ export const serve: Command = {
           listen: `${listen.host}:${daemon.migrationPort}`,
           port: daemon.migrationPort,
           guests: daemon.registry.path,
+          history: { file: history.file, ...daemon.history!.restored },
           pid: process.pid,
         },
       }) + '\n',

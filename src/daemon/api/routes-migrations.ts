@@ -42,23 +42,31 @@ export function migrationRoutes(app: FastifyInstance, d: DaemonApi): void {
     },
   );
 
-  app.get<{ Querystring: { state?: string; direction?: string } }>(
+  app.get<{ Querystring: { state?: string; direction?: string; since?: string } }>(
     '/v1/migrations',
     {
       schema: {
-        summary: 'migrations here, both directions (newest last)',
+        summary: "migrations here, both directions (oldest first), those of the daemon's earlier runs its history kept included",
         querystring: listQuery,
         response: { 200: { type: 'object', properties: { migrations: { type: 'array', items: migrationView } } } },
       },
     },
-    async (req) => ({
-      migrations: d.table
-        .list()
-        .filter(
-          (m) => (req.query.state === undefined || m.state === req.query.state) && (req.query.direction === undefined || m.direction === req.query.direction),
-        )
-        .map((m) => view(m, { detail: false })),
-    }),
+    async (req) => {
+      const { state, direction, since } = req.query;
+      // the schema took only an RFC 3339 time, which Date.parse reads whole
+      const from = since === undefined ? undefined : Date.parse(since);
+      return {
+        migrations: d.table
+          .list()
+          .filter(
+            (m) =>
+              (state === undefined || m.state === state) &&
+              (direction === undefined || m.direction === direction) &&
+              (from === undefined || m.createdAt.getTime() >= from),
+          )
+          .map((m) => view(m, { detail: false })),
+      };
+    },
   );
 
   app.get<{ Params: { id: string } }>(

@@ -71,6 +71,13 @@ export const listQuery = {
   properties: {
     state: { type: 'string', enum: ['queued', 'running', 'completed', 'failed', 'cancelled', 'refused'] },
     direction: { type: 'string', enum: ['outgoing', 'incoming'] },
+    since: {
+      type: 'string',
+      // the format checks the calendar (no 2026-02-30); the pattern keeps to what Date.parse reads whole
+      format: 'date-time',
+      pattern: '^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-2][0-9]:[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-][0-2][0-9]:[0-5][0-9])$',
+      description: 'an RFC 3339 time with its offset (2026-12-06T10:00:00Z, 2026-12-06T11:00:00.5+01:00): only migrations created then or later',
+    },
   },
 } as const;
 

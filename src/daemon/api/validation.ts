@@ -80,6 +80,11 @@ export function describeValidation(err: FastifyError, req: FastifyRequest): { me
       const allowed = (first.params['allowedValues'] as unknown[] | undefined)?.map(String) ?? [];
       return { field: at, message: `${part}: '${at}' must be one of ${allowed.join(', ')}${got}` };
     }
+    case 'format':
+    case 'pattern':
+      // a value of a given form: the schema's description says which, better than a pattern would
+      if (typeof schema?.['description'] === 'string') return { field: at, message: `${part}: '${at}' must be ${schema['description']}${got}` };
+    // falls through
     default:
       return { ...(at ? { field: at } : {}), message: `${part}: ${at ? `'${at}' ` : ''}${first.message ?? 'is not valid'}${got}` };
   }
