@@ -254,7 +254,12 @@ describe('progress through the daemon', { skip }, () => {
     });
     assert.equal(c.status, 201, JSON.stringify(c.body));
     const id = String(c.body['id']);
-    await until('a sample past a tenth', () => progressOf(id).some((p) => p.stage === 'precopy' && p.percent > 10), 120_000);
+    // the rates need two looks at the guest's writes: waited for, then the gauges are read
+    await until(
+      'a sample past a tenth, with its rates',
+      () => progressOf(id).some((p) => p.stage === 'precopy' && p.percent > 10 && p.dirty_bytes_per_s !== undefined && p.expected_downtime_ms !== undefined),
+      120_000,
+    );
     const running = gaugesOf(await metrics(a.api), id);
     for (const name of [
       'livemig_migration_progress_percent',
@@ -307,7 +312,7 @@ describe('progress through the daemon', { skip }, () => {
       guest: 'postcopied',
       to: { host: '127.0.0.1', port: b.daemon.migrationPort },
       mode: 'postcopy',
-      bandwidth_mib_s: 6,
+      postcopy_bandwidth_mib_s: 6, // post-copy's push has its own cap (none by default)
       encodings: false,
     });
     assert.equal(c.status, 201, JSON.stringify(c.body));
