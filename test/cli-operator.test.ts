@@ -412,7 +412,7 @@ describe('the API says which field is wrong, and answers every refusal in its do
         'state',
         /querystring: 'state' must be one of queued, running, completed, failed, cancelled, refused, got "sleeping"/,
       ],
-      ['GET', '/v1/migrations?colour=red', undefined, 'colour', /querystring: unknown field 'colour' \(allowed in the querystring: state, direction\)/],
+      ['GET', '/v1/migrations?colour=red', undefined, 'colour', /querystring: unknown field 'colour' \(allowed in the querystring: state, direction, since\)/],
       ['GET', '/v1/migrations/not-an-id', undefined, 'id', /params: 'id' must match pattern .*, got "not-an-id"/],
     ];
     for (const [method, route, body, field, message] of cases) {
