@@ -15,7 +15,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -188,6 +188,8 @@ interface Outcome {
   stillListening?: boolean;
   /** guests left alive but silent once both sides had ended (paused), and guests that beat in the cell and exited */
   silent?: number[];
+  /** what each silent guest was doing (/proc) and when it last beat: how a cell that failed on one is explained */
+  silentState?: string[];
   exited?: number[];
   /** the fault's step was never reached: the cell proves nothing, and says why */
   notFired?: string;
@@ -400,9 +402,34 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
     ...(verifyBad !== undefined ? { verifyBad } : {}),
     longestSourceGapMs: Math.round(gap),
     ...(gapAt ? { gapAt } : {}),
-    ...(silent.length ? { silent } : {}),
+    ...(silent.length ? { silent, silentState: silent.map((pid) => describeSilent(pid, [...h.beats.source, ...h.beats.destination], t0)) } : {}),
     ...(exitedGuests.length ? { exited: exitedGuests } : {}),
   };
+}
+
+/**
+ * A silent guest as /proc shows it: the process's state, each thread's state and scheduling
+ * policy (0 normal, 5 idle), and its last beat relative to the settle's start (a guest seen
+ * running that went quiet, or one never heard from in this cell).
+ */
+function describeSilent(pid: number, beats: readonly { pid: number; at: number; seq: number }[], t0: number): string {
+  // /proc/PID/stat: "pid (comm) state ..."; the policy is field 41, the 39th after the state
+  const fields = (stat: string): string[] => stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const threads = ((): string => {
+    try {
+      return readdirSync(`/proc/${pid}/task`)
+        .map((tid) => {
+          const f = fields(readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8'));
+          return `${f[0]}${f[38]}`;
+        })
+        .join(' ');
+    } catch (e) {
+      return `unreadable: ${(e as Error).message}`;
+    }
+  })();
+  const last = beats.filter((b) => b.pid === pid).at(-1);
+  const heard = last ? `last beat seq ${last.seq} ${Math.round(t0 - last.at)} ms before the settle began` : 'no beat in this cell';
+  return `${pid}: threads ${threads}; ${heard}`;
 }
 
 const KNOWN_STAGES = new Set([
@@ -437,7 +464,7 @@ function check(o: Outcome): void {
     assert.ok(['postcopy', 'activate'].includes(survivor.error.phase), `${cell}: the loss names its stage: ${JSON.stringify(survivor.error)}`);
     return;
   }
-  const guests = `silent ${o.silent ?? []}, exited ${o.exited ?? []}`;
+  const guests = `silent ${o.silent ?? []} (${(o.silentState ?? []).join('; ')}), exited ${o.exited ?? []}`;
   const ends = `send ${JSON.stringify(o.send)}, receive ${JSON.stringify(o.receive)}`;
   assert.ok(o.runs === 'source' || o.runs === 'destination', `${cell}: exactly one guest runs afterwards, got ${o.runs} (${ends}, ${guests})`);
   if (!committed) assert.equal(o.runs, 'source', `${cell}: before the commitment the guest runs on the source`);
