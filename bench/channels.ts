@@ -15,12 +15,12 @@
  * more pool threads than libuv's default of 4 (src/source/channels.ts).
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { guestSpecOf, runDemo, type DemoReport, type ReceiverPlace } from '../src/demo/demo.js';
 import { emit, machine, median } from './common.js';
+import { rawStreams } from './raw.js';
 import { createLink, type NetLink } from './netlink.js';
 
 async function main(): Promise<void> {
@@ -58,32 +58,6 @@ interface Sitting {
   repeat: number;
   size: number;
   cases: Set<string>;
-}
-
-const RAW = path.join(path.dirname(fileURLToPath(import.meta.url)), '../../build/Release/raw_streams');
-
-/** One raw-TCP transfer of `bytes` over `streams` connections; the receiver across the link when there is one. */
-async function rawStreams(
-  streams: number,
-  bytes: number,
-  link: NetLink | undefined,
-  region = false,
-): Promise<{ ms: number; sender_cpu_s: number; receiver_cpu_s: number }> {
-  const host = link ? link.far : '127.0.0.1';
-  const mode = region ? ['region'] : [];
-  const rx = spawn(link ? 'ip' : RAW, [...(link ? ['netns', 'exec', link.ns, RAW] : []), 'recv', host, '0', String(streams), String(bytes), ...mode], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const lines = createInterface({ input: rx.stdout! })[Symbol.asyncIterator]();
-  const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
-  let rxErr = '';
-  rx.stderr!.on('data', (d: Buffer) => (rxErr += d.toString()));
-  const rxDone = new Promise<void>((resolve) => rx.on('exit', () => resolve()));
-  const out = execFileSync(RAW, ['send', host, String(port), String(streams), String(bytes), ...mode]).toString();
-  await rxDone;
-  const sent = JSON.parse(out) as { ms: number; cpu_s: number };
-  const received = JSON.parse(rxErr.trim().split('\n').pop()!) as { receiver_cpu_s: number };
-  return { ms: sent.ms, sender_cpu_s: sent.cpu_s, receiver_cpu_s: received.receiver_cpu_s };
 }
 
 const pick = (r: DemoReport): Record<string, unknown> => ({

@@ -268,7 +268,8 @@ interface Addon {
   /** whether the peer of an idle connection has closed it (nothing is read) */
   unixPeerClosed(fd: number): boolean;
   digestTable(hashes: BigUint64Array): bigint;
-  hashAll(region: NativeRegion, hashes: BigUint64Array): Promise<void>;
+  /** data: a byte per page, 0 for a hole (not read; the zero page hash) */
+  hashAll(region: NativeRegion, hashes: BigUint64Array, data?: Uint8Array): Promise<void>;
   Wire: new (fd: number, keys?: WireKeys) => NativeWire;
   pageHash(data: Buffer): bigint;
   Dedup: new (pageCount: number) => NativeDedup;

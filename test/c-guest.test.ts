@@ -49,6 +49,20 @@ for (const mode of ['precopy', 'postcopy', 'hybrid'] as const) {
   });
 }
 
+for (const mode of ['precopy', 'hybrid'] as const) {
+  const title = `the C guest with --sparse (${mode}): its holes are neither read nor sent, and every page checks out`;
+  test(title, { skip: uffd.available ? false : uffd.reason }, async () => {
+    const r = await runDemo({ guest: { ...guest, content: 'sparse', rate: 4 }, guestKind: 'c', policy: mode === 'precopy' ? {} : { mode } });
+    assert.equal(r.guest_verified.bad, 0, `first bad page ${r.guest_verified.first_bad}`);
+    const pages = r.region_bytes / 4096;
+    assert.ok(r.hole_pages > pages / 2, `${r.hole_pages} of ${pages} pages are holes`);
+    // the source's memory grew only by the pages the guest wrote (whole pages, one per write)
+    const grew = (r.source_memory.held_at_release_bytes - r.source_memory.held_before_bytes) / 4096;
+    assert.ok(grew <= Number(r.guest_verified.writes), `the source allocated ${grew} pages; the guest wrote ${r.guest_verified.writes} times`);
+    assert.ok(r.source_memory.held_before_bytes < r.region_bytes / 4, `the sparse guest holds ${r.source_memory.held_before_bytes} bytes`);
+  });
+}
+
 /** A receiver (CLI) and a guest already running, migrated with `livemig send --guest`. */
 async function sendRunning(startGuest: (socket: string, heartbeat: string) => string[], receiverArgs: string[], sendArgs: string[] = []) {
   const observer = await HeartbeatObserver.start();

@@ -143,7 +143,9 @@ Napi::Value Digest(const Napi::CallbackInfo& info) {
   return Napi::BigInt::New(info.Env(), Xxh64(reinterpret_cast<const uint8_t*>(hashes.Data()), hashes.ByteLength(), 0));
 }
 
-// hashAll(region, hashes) -> Promise<void>: every page's PageHash (two threads).
+// hashAll(region, hashes, data?: Uint8Array) -> Promise<void>: every page's PageHash (two
+// threads). With `data` (a byte per page), a page marked 0 is a hole of the backing file: it
+// holds zeros by definition and is not read (a read would allocate it), its hash the zero page's.
 Napi::Value HashAll(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Region* region = Region::Unwrap(info[0]);
@@ -152,17 +154,26 @@ Napi::Value HashAll(const Napi::CallbackInfo& info) {
   Napi::BigUint64Array hashes = info[1].As<Napi::BigUint64Array>();
   uint64_t count = m->size / wire::kPageSize;
   if (hashes.ElementLength() < count) throw Napi::RangeError::New(env, "hash table smaller than the region");
+  const uint8_t* data = nullptr;
+  if (info.Length() > 2 && !info[2].IsUndefined()) {
+    if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array ||
+        info[2].As<Napi::Uint8Array>().ElementLength() != count)
+      throw Napi::RangeError::New(env, "data must be a Uint8Array of one entry per page");
+    data = info[2].As<Napi::Uint8Array>().Data();
+  }
   uint64_t* table = hashes.Data();
+  static const uint8_t kZero[wire::kPageSize] = {};
+  const uint64_t zero = PageHash(kZero, wire::kPageSize);
   m->Ref();
   return Task<int>::Start(
       env,
-      [m, table, count](int&, SysError&) {
+      [m, table, count, data, zero](int&, SysError&) {
         Parallel(count, [&](uint64_t from, uint64_t to) {
-          for (uint64_t i = from; i < to; i++) table[i] = PageHash(m->addr + i * wire::kPageSize, wire::kPageSize);
+          for (uint64_t i = from; i < to; i++) table[i] = data && !data[i] ? zero : PageHash(m->addr + i * wire::kPageSize, wire::kPageSize);
         });
         m->Unref();
       },
-      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0], info[1]});
+      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0], info[1], info.Length() > 2 ? info[2] : env.Undefined()});
 }
 
 Napi::Value PageHashJs(const Napi::CallbackInfo& info) {

@@ -178,7 +178,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     await o.onListening?.(port);
     guest =
       kind === 'c'
-        ? await SourceGuest.start((socket) => cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address }))
+        ? await SourceGuest.start((socket) => cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address, sparse: g.content === 'sparse' }))
         : await SourceGuest.spawn({ ...g, heartbeat: observer.address });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();

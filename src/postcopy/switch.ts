@@ -8,6 +8,7 @@ import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, digestOf } from '../native.js';
+import { extentMap } from '../pages/extents.js';
 import { FrameType } from '../protocol/format.js';
 import type { Frame } from '../protocol/frame.js';
 import { bitmapToBytes, bytesToBitmap, decodeAttached, decodePostcopyRunning, encodeAttach, encodePostcopy, type AttachRole } from '../protocol/messages.js';
@@ -138,7 +139,9 @@ export async function runPostcopy(o: {
     const tComplete = performance.now();
     // the source's image (paused, unchanged) is the one the destination must now hold: compare
     // digests; the guest no longer needs this side for pages, so this is outside its time
-    await callAsync('ERR_LIVEMIG_SYSCALL', 'postcopy', 'hashing the paused region', () => addon.hashAll(region.nativeHandle, o.hashes));
+    // (a hole is not read: it holds zeros, and a read would allocate it on this host)
+    const data = extentMap(await region.dataExtents(), region.pageCount);
+    await callAsync('ERR_LIVEMIG_SYSCALL', 'postcopy', 'hashing the paused region', () => addon.hashAll(region.nativeHandle, o.hashes, data));
     const digest = digestOf(o.hashes, 'postcopy');
     if (digest !== destDigest) {
       throw new LivemigError(

@@ -86,10 +86,14 @@ export function startReferenceIncoming(region: Region, layout: GuestLayout, post
 
 /** The C example guest (native/guest/example/c_guest.c), built by npm install. */
 export const cGuestPath = C_GUEST;
-export function cGuestArgs(socket: string, o: { sizes?: string; rate: number; seed?: bigint; heartbeat?: string; noTrack?: boolean }): string[] {
+export function cGuestArgs(
+  socket: string,
+  o: { sizes?: string; rate: number; seed?: bigint; heartbeat?: string; noTrack?: boolean; sparse?: boolean },
+): string[] {
   const args = [C_GUEST, '--listen', socket, '--sizes', o.sizes ?? '192M,64M', '--rate', String(o.rate), '--seed', String(o.seed ?? 1n)];
   if (o.heartbeat) args.push('--heartbeat', o.heartbeat);
   if (o.noTrack) args.push('--no-track');
+  if (o.sparse) args.push('--sparse');
   return args;
 }
 export function cIncomingCommand(o: { register?: boolean } = {}): string[] {

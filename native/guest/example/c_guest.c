@@ -4,7 +4,7 @@
  * written at a given rate, a UDP heartbeat every millisecond, and on the destination a check
  * of every page once it runs there.
  *
- *   c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]
+ *   c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track] [--sparse]
  *   c_guest --register DAEMON_PATH --name NAME [same flags]   (listed by a `livemig serve` daemon)
  *   c_guest --incoming PATH [--register DAEMON_PATH --name NAME]   (registers there once it runs: it can move again)
  *
@@ -12,7 +12,9 @@
  * the regions in order) holds base + i * GOLDEN, where base = mix(seed ^ g) until the page is
  * first written, and mix(seed ^ g ^ (k << 32) ^ WRITE) after write number k (k >= 1) hit it last.
  * Write k hits page xorshift_k % pages. The device state carries the write stream, so the
- * destination can tell what every page must hold.
+ * destination can tell what every page must hold. With --sparse, as most of a real VM's RAM,
+ * only one 64 KiB chunk in 16 (mix(seed ^ (g / 16) ^ SPARSE) % 16 == 0) is filled at the start;
+ * the other pages stay holes of the memfd, all zero, until a write hits them.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -35,6 +37,7 @@
 #define WORDS (PAGE / 8)
 #define GOLDEN 0x9E3779B97F4A7C15ull
 #define WRITE_SALT 0x5DEECE66Dull
+#define SPARSE_SALT 0x5350415253ull
 #define STATE_MAGIC 0x43474d4cu /* "LMGC" */
 
 static uint64_t mix(uint64_t z) {
@@ -58,6 +61,7 @@ static double now_ms(void) {
 struct device_state {
   uint32_t magic, version, regions, throttle;
   uint64_t sizes[2], seed, rate, xs, writes, beat;
+  uint64_t sparse;    /* 1: most pages never written (below) */
   char heartbeat[48]; /* HOST:PORT the beats go to, or empty */
 };
 
@@ -82,6 +86,8 @@ static uint8_t *page_at(uint64_t g) {
   return NULL;
 }
 static uint64_t base_of(uint64_t g, uint64_t k) { return k ? mix(st.seed ^ g ^ (k << 32) ^ WRITE_SALT) : mix(st.seed ^ g); }
+/* --sparse: a page never written since the start holds zeros (a hole of its memfd) */
+static int untouched(uint64_t g) { return st.sparse && mix(st.seed ^ (g / 16) ^ SPARSE_SALT) % 16 != 0; }
 static void fill(uint64_t g, uint64_t k) {
   uint64_t *w = (uint64_t *)page_at(g), b = base_of(g, k);
   for (unsigned i = 0; i < WORDS; i++) w[i] = b + i * GOLDEN;
@@ -110,8 +116,9 @@ static void check(void) {
   long long first = -1;
   for (uint64_t g = 0; g < pages_total; g++) {
     const uint64_t *w = (const uint64_t *)page_at(g), b = base_of(g, last[g]);
+    const int zero = !last[g] && untouched(g);
     for (unsigned i = 0; i < WORDS; i++) {
-      if (w[i] != b + i * GOLDEN) {
+      if (w[i] != (zero ? 0 : b + i * GOLDEN)) {
         if (first < 0) first = (long long)g;
         bad++;
         break;
@@ -219,7 +226,7 @@ static void heartbeat_to(const char *hostport) {
 
 static int usage(void) {
   fprintf(stderr,
-          "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track]\n"
+          "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track] [--sparse]\n"
           "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
           "       c_guest --incoming PATH [--register DAEMON_PATH --name NAME]\n");
   return 2;
@@ -228,10 +235,11 @@ static int usage(void) {
 int main(int argc, char **argv) {
   const char *listen = NULL, *incoming = NULL, *sizes = "192M,64M", *hb = NULL, *daemon = NULL, *name = "c-guest";
   uint64_t rate = 64, seed = 1;
-  int track = 1;
+  int track = 1, sparse = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(a, "--no-track")) track = 0;
+    else if (!strcmp(a, "--sparse")) sparse = 1;
     else if (!v) return usage();
     else if (!strcmp(a, "--listen")) listen = v, i++;
     else if (!strcmp(a, "--incoming")) incoming = v, i++;
@@ -286,7 +294,9 @@ int main(int argc, char **argv) {
   }
   pages_total = (s0 + s1) / PAGE;
   st = (struct device_state){.magic = STATE_MAGIC, .version = 1, .regions = 2, .sizes = {s0, s1}, .seed = seed, .rate = rate, .xs = mix(seed) | 1};
-  for (uint64_t g = 0; g < pages_total; g++) fill(g, 0);
+  st.sparse = (uint64_t)sparse;
+  for (uint64_t g = 0; g < pages_total; g++)
+    if (!untouched(g)) fill(g, 0);
   if (hb) heartbeat_to(hb), snprintf(st.heartbeat, sizeof st.heartbeat, "%s", hb);
   int uffd = -1;
   if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;

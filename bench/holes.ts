@@ -1,0 +1,126 @@
+/**
+ * bench/holes: what livemig touches of a guest's memory (issue 32), against baselines measured
+ * in the same run, so that a slow host can be told from a slow engine:
+ * - first_touch: this host's cost of a first touch of fresh 4 KiB pages (MADV_POPULATE_WRITE of
+ *   256 MiB of a new memfd) and of mapping populated pages again through a new mapping
+ *   (MADV_POPULATE_READ of the same memfd), per MiB and per GiB;
+ * - raw_tcp_region: the raw-TCP ceiling from and into 1 GiB of populated memory, 1 and 2 streams;
+ * - livemig on idle guests, interleaved run by run: `zero` 1 GiB (every page populated, all
+ *   zero: nothing to send), `random` 1 GiB (every page goes), and `sparse` at 16x the size
+ *   (1/16 of it written: the same amount of data in a region 16x larger, the rest holes);
+ *   each with first pass, total, downtime, hole pages, and the source's held memory growth.
+ *   node dist/bench/holes.js [--runs 3] [--size 1GiB] [--sparse-factor 16] [--cases first_touch,raw,demo]
+ */
+import { execFileSync } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { guestSpecOf, runDemo, type DemoReport } from '../src/demo/demo.js';
+import { Region } from '../src/region/region.js';
+import { emit, machine, median, nowMs } from './common.js';
+import { rawStreams } from './raw.js';
+
+const MiB = 1 << 20;
+
+async function firstTouch(): Promise<Record<string, number>> {
+  const bytes = 256 * MiB;
+  const region = Region.create(bytes, { name: 'bench-first-touch' });
+  try {
+    let t = nowMs();
+    await region.populateAsync(true);
+    const touchMs = nowMs() - t;
+    const again = Region.adopt(region.fd, bytes);
+    try {
+      t = nowMs();
+      await again.populateAsync(false, await again.dataExtents());
+      const mapMs = nowMs() - t;
+      return { first_touch_ms_per_mib: +(touchMs / 256).toFixed(3), map_populated_ms_per_gib: +(mapMs * 4).toFixed(1) };
+    } finally {
+      again.release();
+    }
+  } finally {
+    region.release();
+  }
+}
+
+const pick = (r: DemoReport): Record<string, number | boolean> => ({
+  first_pass_ms: r.per_round[0]?.duration_ms ?? Number.NaN,
+  total_ms: r.total_ms,
+  downtime_ms: r.downtime_ms,
+  prep_ms: r.prep_ms,
+  hole_pages: r.hole_pages,
+  pages_sent: r.pages_sent,
+  wire_mib: +(r.wire_bytes / MiB).toFixed(1),
+  source_held_before_mib: +(r.source_memory.held_before_bytes / MiB).toFixed(1),
+  source_growth_mib: +((r.source_memory.held_at_release_bytes - r.source_memory.held_before_bytes) / MiB).toFixed(1),
+  verified: r.verified && r.guest_verified.bad === 0,
+});
+
+function summary(name: string, runs: Record<string, number | boolean>[]): Record<string, unknown> {
+  const out: Record<string, unknown> = { bench: 'holes', case: name, runs: runs.length };
+  for (const k of ['first_pass_ms', 'total_ms', 'downtime_ms', 'prep_ms', 'source_growth_mib']) {
+    const xs = runs.map((r) => r[k] as number);
+    out[k] = +median(xs).toFixed(1);
+    out[`${k}_range`] = [Math.min(...xs), Math.max(...xs)];
+  }
+  for (const k of ['hole_pages', 'pages_sent', 'wire_mib', 'source_held_before_mib']) out[k] = median(runs.map((r) => r[k] as number));
+  out['verified'] = runs.every((r) => r['verified']);
+  return out;
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      runs: { type: 'string', default: '3' },
+      size: { type: 'string', default: String(1 << 30) },
+      'sparse-factor': { type: 'string', default: '16' },
+      cases: { type: 'string', default: 'first_touch,raw,demo' },
+    },
+  });
+  const runs = Number(values.runs);
+  const size = Number(values.size);
+  const factor = Number(values['sparse-factor']);
+  const cases = new Set(values.cases!.split(','));
+  const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: path.dirname(fileURLToPath(import.meta.url)) })
+    .toString()
+    .trim();
+  emit({ bench: 'holes', case: 'machine', ...machine(), commit, region_bytes: size });
+  if (cases.has('first_touch')) emit({ bench: 'holes', case: 'first_touch', ...(await firstTouch()) });
+  const raw: Record<number, number> = {};
+  if (cases.has('raw')) {
+    for (const streams of [1, 2]) {
+      const got: number[] = [];
+      for (let i = 0; i < runs; i++) got.push((await rawStreams(streams, size, undefined, true)).ms);
+      raw[streams] = median(got);
+      emit({ bench: 'holes', case: 'raw_tcp_region', streams, ms: +raw[streams]!.toFixed(1), range_ms: [Math.min(...got), Math.max(...got)] });
+    }
+  }
+  if (!cases.has('demo')) return;
+  const g = (content: string, bytes: number) => guestSpecOf({ size: bytes, content, rate: 0, pattern: 'uniform', hotSize: 64 << 20 });
+  const kinds = [
+    { name: 'zero', guest: g('zero', size) },
+    { name: 'random', guest: g('random', size) },
+    { name: `sparse_x${factor}`, guest: g('sparse', size * factor) },
+  ];
+  const got: Record<string, Record<string, number | boolean>[]> = {};
+  for (let i = 0; i < runs; i++) {
+    for (const k of kinds) {
+      const r = await runDemo({ guest: k.guest });
+      (got[k.name] ??= []).push(pick(r));
+      emit({ bench: 'holes', case: `${k.name}_run`, run: i + 1, region_bytes: k.guest.size, ...pick(r) });
+    }
+  }
+  const s = Object.fromEntries(kinds.map((k) => [k.name, summary(k.name, got[k.name]!)]));
+  for (const k of kinds) emit(s[k.name]!);
+  const random = s['random'] as Record<string, number>;
+  const sparse = s[`sparse_x${factor}`] as Record<string, number>;
+  emit({
+    bench: 'holes',
+    case: 'ratios',
+    random_first_pass_over_raw_region_1_stream: raw[1] ? +(raw[1] / random['first_pass_ms']!).toFixed(2) : null,
+    random_first_pass_over_raw_region_2_streams: raw[2] ? +(raw[2] / random['first_pass_ms']!).toFixed(2) : null,
+    sparse_total_over_random_total: +(sparse['total_ms']! / random['total_ms']!).toFixed(2),
+  });
+}
+
+await main();
