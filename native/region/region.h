@@ -20,6 +20,9 @@ struct Mapping {
   // a mapping of several pieces (a guest's regions back to back): their descriptors, fd is -1
   std::vector<int> pieceFds;
   uint64_t id = 0;
+  // shmem advised for transparent huge pages: reserving allocates through the mapping
+  // (MADV_POPULATE_WRITE), since fallocate without a mapping would allocate 4 KiB pages
+  bool thp = false;
   std::atomic<int> refs{1};
   std::atomic<bool> released{false};
 

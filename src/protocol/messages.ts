@@ -27,6 +27,13 @@ export interface Hello {
   channels?: number;
   /** the name the guest is known by at the source (a daemon lists it by this name at the destination too) */
   guest?: string;
+  /** huge pages under the guest's memory at the source, for the destination to reserve the same (absent: 4 KiB shmem) */
+  backing?: HelloBacking;
+}
+export interface HelloBacking {
+  kind: 'hugetlb' | 'shmem-thp';
+  /** the huge page size, a power of two from 8 KiB to 1 GiB; hugetlb: every region's size is a multiple of it */
+  pageSize: number;
 }
 export interface Accept {
   version: number;
@@ -121,7 +128,20 @@ export function decodeHello(p: Buffer): Hello {
     if (!isString(m.guest, 63) || !GUEST_NAME.test(m.guest)) throw bad('HELLO guest must be 1..63 characters of [A-Za-z0-9._-]');
     hello.guest = m.guest;
   }
+  if (m.backing !== undefined) hello.backing = checkBacking(m.backing, hello);
   return hello;
+}
+
+function checkBacking(b: unknown, hello: Hello): HelloBacking {
+  if (typeof b !== 'object' || b === null) throw bad('HELLO backing must be a map');
+  const { kind, pageSize } = b as Record<string, unknown>;
+  if (kind !== 'hugetlb' && kind !== 'shmem-thp') throw bad("HELLO backing kind must be 'hugetlb' or 'shmem-thp'");
+  if (!isCount(pageSize, 1 << 30) || pageSize < 8192 || (pageSize & (pageSize - 1)) !== 0)
+    throw bad('HELLO backing pageSize must be a power of two from 8 KiB to 1 GiB');
+  // the destination's regions are windows of one hugetlbfs file: each must start and end on a huge page
+  const sizes = hello.regions ? hello.regions.map((r) => r.size) : [hello.regionBytes];
+  if (kind === 'hugetlb' && sizes.some((size) => size % pageSize !== 0)) throw bad(`HELLO backing hugetlb: every region's size must be a multiple of ${pageSize}`);
+  return { kind, pageSize };
 }
 
 /** The version both sides speak: the newest in both ranges, or undefined. */

@@ -27,7 +27,8 @@ import { frameLimits } from '../protocol/limits.js';
 import { decodeHello, encodeAccept, encodeImageHashes, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { WireFrame } from '../protocol/wire.js';
-import { PAGE_SIZE, Region } from '../region/region.js';
+import { PAGE_SIZE, Region, type CreateRegionOptions } from '../region/region.js';
+import { shmemThpAllowed } from '../region/huge-pages.js';
 import { isLoopback } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
@@ -170,7 +171,9 @@ async function takeSourceMemory(ctx: ReceiverContext, h: Hello, plan: PostcopyPl
 async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan): Promise<Region> {
   const { options } = ctx;
   const layout = ctx.layout!;
-  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming' }).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
+  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming', ...backingFor(h) }).catch((e: unknown) =>
+    Promise.reject(refusedBeforeReserving(e)),
+  );
   trace('receiver', ReceiverEvent.regionAllocated);
   ctx.region = created;
   // Map every page now (faults are slow on VM hosts), while the integrator prepares its
@@ -180,6 +183,18 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
   await populated;
   return created;
+}
+
+/**
+ * The source's huge pages, here too (HELLO `backing`): hugetlbfs pages from this host's pool, or
+ * refused when the pool cannot hold them (the guest was put on hugetlbfs on purpose); shmem THP
+ * where this host's policy allows it, else 4 KiB pages, as the kernel here would give the guest.
+ */
+function backingFor(h: Hello): Pick<CreateRegionOptions, 'hugePages' | 'hugePageSize'> {
+  const b = h.backing;
+  if (b?.kind === 'hugetlb') return { hugePages: 'hugetlb', hugePageSize: b.pageSize };
+  if (b?.kind === 'shmem-thp' && shmemThpAllowed()) return { hugePages: 'thp' };
+  return {};
 }
 
 /** The kept image's pages and hashes, or all zero; true when the sender gets the image's hashes. */
