@@ -179,7 +179,9 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     await o.onListening?.(port);
     guest =
       kind === 'c'
-        ? await SourceGuest.start((socket) => cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address, ...(g.hugePages ? { hugePages: g.hugePages } : {}) }))
+        ? await SourceGuest.start((socket) =>
+            cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address, ...(g.hugePages ? { hugePages: g.hugePages } : {}) }),
+          )
         : await SourceGuest.spawn({ ...g, heartbeat: observer.address });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();

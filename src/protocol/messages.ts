@@ -140,7 +140,8 @@ function checkBacking(b: unknown, hello: Hello): HelloBacking {
     throw bad('HELLO backing pageSize must be a power of two from 8 KiB to 1 GiB');
   // the destination's regions are windows of one hugetlbfs file: each must start and end on a huge page
   const sizes = hello.regions ? hello.regions.map((r) => r.size) : [hello.regionBytes];
-  if (kind === 'hugetlb' && sizes.some((size) => size % pageSize !== 0)) throw bad(`HELLO backing hugetlb: every region's size must be a multiple of ${pageSize}`);
+  if (kind === 'hugetlb' && sizes.some((size) => size % pageSize !== 0))
+    throw bad(`HELLO backing hugetlb: every region's size must be a multiple of ${pageSize}`);
   return { kind, pageSize };
 }
 

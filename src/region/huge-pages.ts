@@ -59,7 +59,7 @@ export function assertShmemThpAllowed(): void {
     policy === undefined
       ? 'shmem transparent huge pages: this kernel has no /sys/kernel/mm/transparent_hugepage/shmem_enabled'
       : `shmem transparent huge pages: /sys/kernel/mm/transparent_hugepage/shmem_enabled is '${policy}' on this host ` +
-        "(MADV_HUGEPAGE takes effect with 'advise', 'always' or 'within_size')",
+          "(MADV_HUGEPAGE takes effect with 'advise', 'always' or 'within_size')",
     { phase: 'reserve' },
   );
 }

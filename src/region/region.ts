@@ -7,7 +7,15 @@ import { readFileSync } from 'node:fs';
 import { LivemigError, invalidArgument } from '../errors.js';
 import { addon, call, callAsync, type NativeRegion } from '../native.js';
 import { PAGE_SIZE as WIRE_PAGE_SIZE } from '../protocol/format.js';
-import { HUGE_PAGE_SIZE, SHMEM_BACKING, assertHugePagesAvailable, assertShmemThpAllowed, checkHugePages, type HugePages, type RegionBacking } from './huge-pages.js';
+import {
+  HUGE_PAGE_SIZE,
+  SHMEM_BACKING,
+  assertHugePagesAvailable,
+  assertShmemThpAllowed,
+  checkHugePages,
+  type HugePages,
+  type RegionBacking,
+} from './huge-pages.js';
 
 /** The page size of every region: the wire's (the addon refuses to load on other hosts). */
 export const PAGE_SIZE: number = WIRE_PAGE_SIZE;
@@ -120,7 +128,9 @@ export class Region {
     const backing: RegionBacking =
       huge === 'hugetlb' ? { kind: 'hugetlb', pageSize: hugePageSize } : huge === 'thp' ? { kind: 'shmem-thp', pageSize: HUGE_PAGE_SIZE } : SHMEM_BACKING;
     const region = new Region(
-      call('ERR_LIVEMIG_NO_MEMORY', 'region', `creating a ${size}-byte ${backing.kind} region`, () => addon.regionCreate(size, name, hugePageSize, huge === 'thp')),
+      call('ERR_LIVEMIG_NO_MEMORY', 'region', `creating a ${size}-byte ${backing.kind} region`, () =>
+        addon.regionCreate(size, name, hugePageSize, huge === 'thp'),
+      ),
       backing,
     );
     try {

@@ -303,8 +303,12 @@ function refusePostcopyOnHugetlb(settings: SourceContext['settings'], backing: R
   if (backing.kind !== 'hugetlb') return false;
   const asked = settings.mode !== 'precopy' ? `mode ${settings.mode}` : settings.onStall === 'postcopy' ? 'on-stall postcopy' : undefined;
   if (asked)
-    throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `${asked}: the guest's memory is on hugetlbfs, which post-copy cannot fill 4 KiB at a time; use pre-copy`, {
-      phase: 'handshake',
-    });
+    throw new LivemigError(
+      'ERR_LIVEMIG_UNSUPPORTED',
+      `${asked}: the guest's memory is on hugetlbfs, which post-copy cannot fill 4 KiB at a time; use pre-copy`,
+      {
+        phase: 'handshake',
+      },
+    );
   return true;
 }

@@ -110,7 +110,11 @@ export function chooseTracker(region: Region, options: ChooseOptions = {}): Trac
     // clear_refs skips hugetlbfs mappings and their pagemap entries carry no soft-dirty bit:
     // every write there would go unseen
     if (b === 'soft-dirty' && s.available && region.backing.kind === 'hugetlb')
-      return { ...s, available: false, reason: 'no soft-dirty bit tells a write on hugetlbfs: clear_refs skips those mappings and their pagemap shows only the mapping-wide flag' };
+      return {
+        ...s,
+        available: false,
+        reason: 'no soft-dirty bit tells a write on hugetlbfs: clear_refs skips those mappings and their pagemap shows only the mapping-wide flag',
+      };
     return s;
   };
   const make = (b: BackendName): DirtyTracker => {
