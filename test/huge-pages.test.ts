@@ -14,7 +14,7 @@ import { allowShmemThp, meminfo, reserveHugePages, type HostSetting } from '../b
 import { runDemo, type DemoReport, type GuestSpec } from '../src/demo/demo.js';
 import { LivemigError } from '../src/errors.js';
 import { decodeHello } from '../src/protocol/messages.js';
-import { HUGE_PAGE_SIZE, freeHugePages } from '../src/region/huge-pages.js';
+import { HUGE_PAGE_SIZE, freeHugePages, probeHugePages } from '../src/region/huge-pages.js';
 import { Region } from '../src/region/region.js';
 import { HashTracker } from '../src/tracking/hash.js';
 import { chooseTracker, probe } from '../src/tracking/probe.js';
@@ -76,6 +76,7 @@ test('a hugetlbfs region: a write is collected as its whole huge page by uffd-wp
   const size = 8 * MiB;
   await withHost(t, reserveHugePages(size), async () => {
     const free = freeHugePages(HUGE_PAGE_SIZE)!;
+    assert.equal(probeHugePages().find((h) => h.kind === 'hugetlb')!.available, true, '`livemig probe` sees the free pages');
     const region = Region.create(size, { hugePages: 'hugetlb', reserve: true });
     try {
       assert.deepEqual(region.backing, { kind: 'hugetlb', pageSize: HUGE_PAGE_SIZE });

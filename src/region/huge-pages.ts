@@ -115,3 +115,30 @@ export function mappingIsThpEligible(pid: number, address: bigint): boolean {
   const entry = smaps.slice(at, next < 0 ? undefined : next);
   return /\nTHPeligible:\s+1\b/.test(entry);
 }
+
+export interface HugePagesProbe {
+  kind: 'hugetlb' | 'thp';
+  available: boolean;
+  reason: string;
+}
+
+/** Whether this host can give a region huge pages now, of each kind, and why (not). */
+export function probeHugePages(): HugePagesProbe[] {
+  const free = freeHugePages(HUGE_PAGE_SIZE);
+  const policy = shmemThpPolicy();
+  return [
+    {
+      kind: 'hugetlb',
+      available: (free ?? 0) > 0,
+      reason:
+        free === undefined
+          ? 'no hugetlbfs pool of 2 MiB pages on this kernel'
+          : `${free} free 2 MiB pages in the hugetlbfs pool (${(free * HUGE_PAGE_SIZE) / 2 ** 20} MiB; vm.nr_hugepages sets its size)`,
+    },
+    {
+      kind: 'thp',
+      available: shmemThpAllowed(policy),
+      reason: policy === undefined ? 'no transparent huge pages on this kernel' : `shmem_enabled is '${policy}'`,
+    },
+  ];
+}
