@@ -117,9 +117,13 @@ export interface NativeRegion {
   view(offset: number, length: number): Buffer;
   release(): boolean;
   reserve(): void;
-  reserveAsync(): Promise<void>;
+  /** extents: [firstPage, endPage, ...] to allocate only those pages */
+  reserveAsync(extents?: Float64Array): Promise<void>;
   populate(): void;
-  populateAsync(forWrite?: boolean): Promise<void>;
+  /** extents: [firstPage, endPage, ...] to populate only those pages */
+  populateAsync(forWrite?: boolean, extents?: Float64Array): Promise<void>;
+  /** the pages whose backing files hold data, as [firstPage, endPage, ...] (lseek SEEK_DATA/SEEK_HOLE) */
+  dataExtentsAsync(): Promise<Float64Array>;
 }
 
 /** from a post-copy thread: complete (with the destination's digest), disconnected, error, stopped */

@@ -19,6 +19,7 @@ export const SourceEvent = {
   connected: 'connected',
   helloSent: 'HELLO sent',
   roundBegins: 'round begins',
+  holesSkipped: 'holes skipped',
   channelsEnd: 'channels end',
   channelsEnded: 'channels ended',
   pauseRequested: 'pause requested',
@@ -45,6 +46,8 @@ export interface SourcePayloads {
   [SourceEvent.connected]: undefined;
   [SourceEvent.helloSent]: undefined;
   [SourceEvent.roundBegins]: { round: number };
+  /** pages the guest's memory holds no data for: counted as zero, never read nor sent */
+  [SourceEvent.holesSkipped]: { pages: number };
   /** the parallel channels are asked to end (`why`: the end of pre-copy, or a failure) */
   [SourceEvent.channelsEnd]: { round: number; why: string };
   [SourceEvent.channelsEnded]: { round: number };

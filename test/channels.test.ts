@@ -199,8 +199,9 @@ test('2 channels with the guest writing everywhere end bit-identical, and send w
 
 test('zero pages of a fresh destination are counted as zero_pages and never sent, on every path', async () => {
   const region = Region.create(4096 * 4096, { name: 'ch-zero' });
-  // every other stripe holds data; the rest is zero
-  for (let p = 0; p < region.pageCount; p++) if (Math.floor(p / STRIPE_PAGES) % 2 === 0) region.page(p).fill((p % 251) + 1);
+  // every other stripe holds data; the rest is zero, written as zeros (a hole, never written,
+  // is not read at all: test/holes.test.ts)
+  for (let p = 0; p < region.pageCount; p++) region.page(p).fill(Math.floor(p / STRIPE_PAGES) % 2 === 0 ? (p % 251) + 1 : 0);
   const zero = region.pageCount / 2;
   const rx = await listen('127.0.0.1', 0, { activate: async () => undefined });
   try {
@@ -216,6 +217,7 @@ test('zero pages of a fresh destination are counted as zero_pages and never sent
       });
       await received;
       assert.equal(report.zero_pages, zero, `${channels} channels: every zero page counted`);
+      assert.equal(report.hole_pages, 0, `${channels} channels: every page was written, none is a hole`);
       assert.ok(report.wire_bytes < (region.pageCount - zero) * 4096 * 1.01, `${channels} channels: no zero page went as bytes (${report.wire_bytes} bytes)`);
     }
   } finally {

@@ -714,6 +714,19 @@ static void unmap_all(struct lmg_incoming *h) {
   h->n = 0;
 }
 
+/* Maps the pages of r's file that hold data (SEEK_DATA/SEEK_HOLE), and only those. */
+static void populate_data(const struct lmg_region *r) {
+  off_t end = (off_t)(r->offset + r->size);
+  for (off_t at = (off_t)r->offset; at < end;) {
+    off_t data = lseek(r->fd, at, SEEK_DATA);
+    if (data < 0 || data >= end) return; /* ENXIO: nothing more; another error: leave the rest to faults */
+    off_t hole = lseek(r->fd, data, SEEK_HOLE);
+    if (hole < 0 || hole > end) hole = end;
+    (void)madvise((uint8_t *)r->addr + (data - (off_t)r->offset), (size_t)(hole - data), MADV_POPULATE_WRITE);
+    at = hole;
+  }
+}
+
 /*
  * 'M': u8 flags (bit 0: populate) | u32 count | count x (u32 id | u64 size | u64 offset |
  * u8 name length | name), one memfd per region with it. Maps them; a reason on failure.
@@ -754,8 +767,9 @@ static int take_regions(struct lmg_incoming *h, struct lmg_message *m, char *why
   if (p != end) return snprintf(why, whylen, "%zu bytes after the region table", (size_t)(end - p)), -1;
   m->nfds = 0;
   if (populate) {
-    /* every page mapped now, while pre-copy runs, so the guest runs at memory speed at once */
-    for (size_t i = 0; i < h->n; i++) (void)madvise(h->regions[i].addr, h->regions[i].size, MADV_POPULATE_WRITE);
+    /* every page livemig allocated mapped now, while pre-copy runs, so the guest runs at memory
+       speed at once; a hole stays one (populating it would allocate what the guest never wrote) */
+    for (size_t i = 0; i < h->n; i++) populate_data(&h->regions[i]);
   }
   return 0;
 }

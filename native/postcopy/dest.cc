@@ -62,7 +62,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   }
 
   // new PostcopyDest({region, uffd, guest: bigint address | [{address, firstPage, pages}],
-  //                   needed: Uint8Array (1: must come from the source), hashes: BigUint64Array,
+  //                   needed: Uint8Array (1: must come from the source, 2: a hole, nothing to map), hashes: BigUint64Array,
   //                   version, onEvent})
   explicit PostcopyDest(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopyDest>(info) {
     Napi::Env env = info.Env();
@@ -119,10 +119,13 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     // being vectorised and cost ~0.8 ms of the pause for 1 GiB
     uint8_t* st8 = state_;
     uint64_t arrived = 0;
+    // 0: held from pre-copy (mapped into the guest a run at a time); 1: must come from the
+    // source; 2: a hole neither side holds data for, which the guest reads as zero with no
+    // fault of ours (nothing to map: a CONTINUE there would find no page)
     for (uint64_t p = 0; p < pages_; p++) {
-      uint8_t v = st8[p] ? kMissing : kArrived;
+      uint8_t v = st8[p] == 1 ? kMissing : st8[p] == 2 ? kMapped : kArrived;
       st8[p] = v;
-      arrived += v == kArrived;
+      arrived += v != kMissing;
     }
     arrived_ = arrived;
     hashesRef_ = Napi::Persistent(h);

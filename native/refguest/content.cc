@@ -88,7 +88,12 @@ const char* const kWords[300] = {
 };
 // clang-format on
 
-enum Content { kRandom = 0, kZero = 1, kText = 2, kDup = 3, kMixed = 4 };
+enum Content { kRandom = 0, kZero = 1, kText = 2, kDup = 3, kMixed = 4, kSparse = 5 };
+
+// sparse: one 64 KiB chunk in 16 holds random pages, the rest is never written (holes, as most
+// of a real VM's RAM is)
+constexpr uint64_t kSparseChunkPages = 16;
+constexpr uint64_t kSparseOneIn = 16;
 
 struct Keys {
   uint64_t cls, page, pool, dup;
@@ -115,8 +120,11 @@ void TextPage(uint64_t state, uint8_t* out) {
   }
 }
 
+inline bool SparseData(const Keys& k, uint64_t i) { return Mix64(k.cls ^ (i / kSparseChunkPages)) % kSparseOneIn == 0; }
+
 void PageContent(int content, const Keys& k, uint64_t i, uint8_t* out) {
   int c = content;
+  if (c == kSparse) c = SparseData(k, i) ? kRandom : kZero;
   if (c == kMixed) {
     uint64_t cls = Mix64(k.cls ^ i) % 100;
     c = cls < 35 ? kRandom : cls < 60 ? kZero : cls < 85 ? kText : kDup;
@@ -152,7 +160,10 @@ Napi::Value Fill(const Napi::CallbackInfo& info) {
       env,
       [m, content, seed, pages](int&, SysError&) {
         Keys k(seed);
-        for (uint64_t i = 0; i < pages; i++) PageContent(content, k, i, m.addr + i * kPage);
+        for (uint64_t i = 0; i < pages; i++) {
+          if (content == kSparse && !SparseData(k, i)) continue;  // a hole stays a hole
+          PageContent(content, k, i, m.addr + i * kPage);
+        }
       },
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[0]});
 }

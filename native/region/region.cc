@@ -63,18 +63,21 @@ bool AdviseHuge(Mapping* m, SysError* err) {
   return true;
 }
 
-// Every page of the file allocated: fallocate, or for THP through the advised mapping (which
-// also maps them), since fallocate has no mapping to take the huge page advice from.
-bool AllocateAll(Mapping* m, SysError* err) {
+// Bytes [offset, offset+length) of the file allocated: fallocate, or for THP through the
+// advised mapping (which also maps them), since fallocate has no mapping to take the huge page
+// advice from. (hugetlbfs rounds a fallocate out to whole huge pages.)
+bool AllocateRange(Mapping* m, uint64_t offset, uint64_t length, SysError* err) {
   if (m->thp) {
-    if (madvise(m->addr, m->size, MADV_POPULATE_WRITE) == 0) return true;
+    if (madvise(m->addr + offset, length, MADV_POPULATE_WRITE) == 0) return true;
     err->set("madvise(MADV_POPULATE_WRITE)", errno);
     return false;
   }
-  if (fallocate(m->fd, 0, 0, static_cast<off_t>(m->size)) == 0) return true;
+  if (fallocate(m->fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return true;
   err->set("fallocate", errno);
   return false;
 }
+
+bool AllocateAll(Mapping* m, SysError* err) { return AllocateRange(m, 0, m->size, err); }
 
 Mapping* MapFd(int fd, size_t size, SysError* err) {
   void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -183,6 +186,8 @@ Napi::Value AdoptPieces(const Napi::CallbackInfo& info) {
       throw MakeSysError(env, fd < 0 ? "fcntl(F_DUPFD_CLOEXEC)" : "mmap", e);
     }
     m->pieceFds.push_back(fd);
+    m->pieceOffsets.push_back(p.offset);
+    m->pieceSizes.push_back(p.size);
     at += p.size;
   }
   m->id = g_next_id.fetch_add(1);
@@ -216,6 +221,51 @@ Napi::Value Attach(const Napi::CallbackInfo& info) {
   }
   if (!m) return env.Null();
   return Wrap(env, m);
+}
+
+constexpr uint64_t kPage = 4096;
+
+// Appends the data runs of bytes [offset, offset + size) of fd, as page pairs from `at` in the
+// mapping's page space, merging a run that continues the previous one.
+void ScanDataExtents(int fd, uint64_t offset, uint64_t size, uint64_t at, std::vector<uint64_t>* out, SysError* err) {
+  const uint64_t end = offset + size;
+  uint64_t pos = offset;
+  while (pos < end) {
+    off_t data = lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+    if (data < 0) {
+      if (errno != ENXIO) err->set("lseek(SEEK_DATA)", errno);
+      return;  // ENXIO: no data past pos
+    }
+    if (static_cast<uint64_t>(data) >= end) return;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) return err->set("lseek(SEEK_HOLE)", errno);
+    uint64_t first = (at + (static_cast<uint64_t>(data) - offset)) / kPage;
+    uint64_t stop = (at + (std::min(static_cast<uint64_t>(hole), end) - offset) + kPage - 1) / kPage;
+    if (!out->empty() && out->back() >= first) {
+      out->back() = std::max(out->back(), stop);
+    } else {
+      out->push_back(first);
+      out->push_back(stop);
+    }
+    pos = static_cast<uint64_t>(hole);
+  }
+}
+
+// Page pairs [first, end) from JS, each inside the region and in order.
+bool ExtentsFrom(const Napi::Value& v, uint64_t pages, std::vector<std::pair<uint64_t, uint64_t>>* out) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) return false;
+  Napi::Float64Array a = v.As<Napi::Float64Array>();
+  if (a.ElementLength() % 2 != 0) return false;
+  uint64_t last = 0;
+  for (size_t i = 0; i < a.ElementLength(); i += 2) {
+    double f = a[i], e = a[i + 1];
+    if (!(f >= static_cast<double>(last)) || !(e > f) || !(e <= static_cast<double>(pages)) || f != static_cast<double>(static_cast<uint64_t>(f)) ||
+        e != static_cast<double>(static_cast<uint64_t>(e)))
+      return false;
+    out->emplace_back(static_cast<uint64_t>(f), static_cast<uint64_t>(e));
+    last = static_cast<uint64_t>(e);
+  }
+  return true;
 }
 
 Napi::Value PageSize(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(sysconf(_SC_PAGESIZE))); }
@@ -252,6 +302,8 @@ bool Mapping::Release() {
     fd = -1;
     for (int f : pieceFds) close(f);
     pieceFds.clear();
+    pieceOffsets.clear();
+    pieceSizes.clear();
     Unref();
   }).detach();
   return true;
@@ -265,6 +317,7 @@ Napi::Function Region::Init(Napi::Env env) {
                                         InstanceMethod("reserve", &Region::Reserve),
                                         InstanceMethod("populate", &Region::Populate),
                                         InstanceMethod("populateAsync", &Region::PopulateAsync),
+                                        InstanceMethod("dataExtentsAsync", &Region::DataExtentsAsync),
                                         InstanceMethod("reserveAsync", &Region::ReserveAsync),
                                         InstanceAccessor("fd", &Region::GetFd, nullptr),
                                         InstanceAccessor("size", &Region::GetSize, nullptr),
@@ -336,18 +389,29 @@ Napi::Value Region::Reserve(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// reserveAsync(): the same on a pool thread. Allocating a large region is kernel work of
+// reserveAsync(extents?): the same on a pool thread. Allocating a large region is kernel work of
 // hundreds of milliseconds per GiB on a VM host, which must not stall a listener's event loop
-// (other connections, RESOLVE answers, deadlines).
+// (other connections, RESOLVE answers, deadlines). With extents ([firstPage, endPage, ...]),
+// only those pages: the rest of a fresh region reads as zero without being allocated.
 Napi::Value Region::ReserveAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = LiveMapping(env);
   if (!m) return env.Undefined();
+  if (m->fd < 0) throw Napi::Error::New(env, "a mapping of several pieces is not reserved here");
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  if (info.Length() > 0 && !info[0].IsUndefined()) {
+    if (!ExtentsFrom(info[0], m->size / kPage, &ranges))
+      throw Napi::RangeError::New(env, "extents: a Float64Array of [first, end) page pairs inside the region");
+  } else {
+    ranges.emplace_back(0, m->size / kPage);
+  }
   m->Ref();
   return Task<int>::Start(
       env,
-      [m](int&, SysError& err) {
-        AllocateAll(m, &err);
+      [m, ranges](int&, SysError& err) {
+        for (const auto& [first, end] : ranges) {
+          if (!AllocateRange(m, first * kPage, (end - first) * kPage, &err)) break;
+        }
         m->Unref();
       },
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info.This()});
@@ -364,6 +428,9 @@ Napi::Value Region::Populate(const Napi::CallbackInfo& info) {
 
 // The same, on the thread pool: reserving 1 GiB takes seconds on a VM host and must not
 // stall the event loop (the handshake goes on meanwhile).
+// populateAsync(forWrite, extents?: Float64Array [firstPage, endPage, ...]): only those pages
+// when given: a read of a hole in a shared memfd allocates it, and a guest's untouched memory
+// must not grow on this host because livemig looked at it.
 Napi::Value Region::PopulateAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = LiveMapping(env);
@@ -371,16 +438,56 @@ Napi::Value Region::PopulateAsync(const Napi::CallbackInfo& info) {
   // read: map the pages the file already holds (a sender reading a guest's memory);
   // write: also allocate missing ones (a receiver preparing to be written)
   bool forWrite = info.Length() == 0 || info[0].ToBoolean().Value();
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  if (info.Length() > 1 && !info[1].IsUndefined()) {
+    if (!ExtentsFrom(info[1], m->size / kPage, &ranges))
+      throw Napi::RangeError::New(env, "extents: a Float64Array of [first, end) page pairs inside the region");
+  } else {
+    ranges.emplace_back(0, m->size / kPage);
+  }
   m->Ref();
   return Task<int>::Start(
       env,
-      [m, forWrite](int&, SysError& err) {
-        if (madvise(m->addr, m->size, forWrite ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
-          err.set(forWrite ? "madvise(MADV_POPULATE_WRITE)" : "madvise(MADV_POPULATE_READ)", errno);
+      [m, forWrite, ranges](int&, SysError& err) {
+        for (const auto& [first, end] : ranges) {
+          if (madvise(m->addr + first * kPage, (end - first) * kPage, forWrite ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
+            err.set(forWrite ? "madvise(MADV_POPULATE_WRITE)" : "madvise(MADV_POPULATE_READ)", errno);
+            break;
+          }
         }
         m->Unref();
       },
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info.This()});
+}
+
+// dataExtentsAsync() -> Float64Array [firstPage, endPage, ...]: the pages whose backing file
+// holds data, in order, adjacent runs merged. Asked of the file (lseek SEEK_DATA/SEEK_HOLE),
+// not of the memory: nothing is mapped, read or allocated, so a hole stays a hole.
+Napi::Value Region::DataExtentsAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Mapping* m = LiveMapping(env);
+  if (!m) return env.Undefined();
+  m->Ref();
+  return Task<std::vector<uint64_t>>::Start(
+      env,
+      [m](std::vector<uint64_t>& out, SysError& err) {
+        if (m->pieceFds.empty()) {
+          ScanDataExtents(m->fd, 0, m->size, 0, &out, &err);
+        } else {
+          uint64_t at = 0;
+          for (size_t i = 0; i < m->pieceFds.size() && !err.failed(); i++) {
+            ScanDataExtents(m->pieceFds[i], m->pieceOffsets[i], m->pieceSizes[i], at, &out, &err);
+            at += m->pieceSizes[i];
+          }
+        }
+        m->Unref();
+      },
+      [](Napi::Env e, std::vector<uint64_t>& out) -> Napi::Value {
+        Napi::Float64Array a = Napi::Float64Array::New(e, out.size());
+        for (size_t i = 0; i < out.size(); i++) a[i] = static_cast<double>(out[i]);
+        return a;
+      },
+      {info.This()});
 }
 
 Napi::Value Region::GetFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), mapping_ ? mapping_->fd : -1); }

@@ -19,6 +19,8 @@ struct Mapping {
   int fd = -1;
   // a mapping of several pieces (a guest's regions back to back): their descriptors, fd is -1
   std::vector<int> pieceFds;
+  // where each piece's bytes start in its file, and how many the mapping holds
+  std::vector<uint64_t> pieceOffsets, pieceSizes;
   uint64_t id = 0;
   // shmem advised for transparent huge pages: reserving allocates through the mapping
   // (MADV_POPULATE_WRITE), since fallocate without a mapping would allocate 4 KiB pages
@@ -51,6 +53,7 @@ class Region : public Napi::ObjectWrap<Region> {
   Napi::Value ReserveAsync(const Napi::CallbackInfo& info);
   Napi::Value Populate(const Napi::CallbackInfo& info);
   Napi::Value PopulateAsync(const Napi::CallbackInfo& info);
+  Napi::Value DataExtentsAsync(const Napi::CallbackInfo& info);
   Napi::Value GetFd(const Napi::CallbackInfo& info);
   Napi::Value GetSize(const Napi::CallbackInfo& info);
   Napi::Value GetId(const Napi::CallbackInfo& info);

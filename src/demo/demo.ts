@@ -18,6 +18,8 @@ import { migrate } from '../source/migrate.js';
 import type { MigrateOptions, MigrationReport, ProgressEvent } from '../source/types.js';
 import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workload/content.js';
 import { monotonicMs } from '../workload/clock.js';
+import { extentPages } from '../pages/extents.js';
+import { PAGE_SIZE } from '../region/region.js';
 import { HeartbeatObserver, SourceGuest, cGuestArgs, cIncomingCommand } from '../workload/controller.js';
 
 const CLI_ENTRY = fileURLToPath(new URL('../cli/main.js', import.meta.url));
@@ -44,6 +46,8 @@ export interface DemoReport extends MigrationReport {
    * the report, the receiver's from listening to its report (the guests are processes of their own)
    */
   cpu_s: { source: number; destination: number };
+  /** the guest's memory the source host held (its memfd's data, SEEK_DATA) before the migration and when it released the guest */
+  source_memory: { held_before_bytes: number; held_at_release_bytes: number };
 }
 
 /** The reference guest a demo migrates (see docs/CONTENT.md). */
@@ -194,6 +198,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     };
     const source = guest;
     const early = naive ? await source.pause() : undefined;
+    // what the source host holds of the guest's memory, before and as it is released: reading
+    // a hole would allocate it, so this grows only by what the guest itself wrote meanwhile
+    const heldBefore = o.local ? 0 : extentPages(await source.region.dataExtents());
+    let heldAtRelease = heldBefore;
     const cpu0 = process.cpuUsage();
     const report = await migrate({
       ...source.memory,
@@ -204,7 +212,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       pause: early ? async () => early : (lease) => source.pause(lease),
       commit: () => source.commit(),
       resume: () => source.resume(),
-      release: () => source.exit(),
+      release: async () => {
+        if (!o.local) heldAtRelease = extentPages(await source.region.dataExtents());
+        await source.exit();
+      },
       downtimeLimitMs: naive ? Number.MAX_SAFE_INTEGER : downtimeLimitMs,
       maxRounds: naive ? 1 : maxRounds,
       encodings: naive ? { zero: false, dedup: false, compress: false } : encodings,
@@ -251,6 +262,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       rate_mib_s: g.rate,
       pattern: kind === 'c' ? 'uniform' : g.pattern,
       cpu_s: { source: +((cpu.user + cpu.system) / 1e6).toFixed(3), destination: rx.cpu_s ? +(rx.cpu_s.user + rx.cpu_s.system).toFixed(3) : Number.NaN },
+      source_memory: { held_before_bytes: heldBefore * PAGE_SIZE, held_at_release_bytes: heldAtRelease * PAGE_SIZE },
     };
   } finally {
     if (destPid) {

@@ -141,3 +141,13 @@ export const CAP_LOCAL = 'local';
  * channel (STRIPE_PAGES). Each extra channel ends with ROUND_END {last: true}.
  */
 export const CAP_CHANNELS = 'channels';
+/**
+ * HELLO/ACCEPT: the receiver's region starts as holes that read as zero (no image), and each
+ * of its page hashes starts as the zero page's; the sender then sends no page its guest's
+ * memory holds none for (a hole of its memfd, SEEK_DATA), and counts those pages as zero.
+ * HELLO's optional `resident` says where the guest's data was when it was sent, so that a
+ * receiver allocates only those pages ahead (a hint: a page outside it may still come).
+ */
+export const CAP_HOLES = 'holes';
+/** at most this many [first, end) runs in HELLO's `resident` (8 bytes each); more are merged across their smallest gaps */
+export const MAX_RESIDENT_RUNS = 4096;

@@ -9,7 +9,17 @@ import { GUEST_NAME, GuestLayout, type RegionSpec } from '../guest/layout.js';
 import type { LocalOffer } from '../guest/local.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
-import { FLAG_PROVE, FLAGS_NONE, FrameType, MAX_CHANNELS, MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './format.js';
+import {
+  FLAG_PROVE,
+  FLAGS_NONE,
+  FrameType,
+  MAX_CHANNELS,
+  MAX_PAYLOAD,
+  MAX_RESIDENT_RUNS,
+  MIN_PROTOCOL_VERSION,
+  PAGE_SIZE,
+  PROTOCOL_VERSION,
+} from './format.js';
 
 export interface Hello {
   /** versions the sender speaks, [oldest, newest] */
@@ -27,6 +37,8 @@ export interface Hello {
   channels?: number;
   /** the name the guest is known by at the source (a daemon lists it by this name at the destination too) */
   guest?: string;
+  /** with CAP_HOLES: where the guest's memory held data when HELLO was sent (a reservation hint), as page extents */
+  resident?: Float64Array;
   /** huge pages under the guest's memory at the source, for the destination to reserve the same (absent: 4 KiB shmem) */
   backing?: HelloBacking;
 }
@@ -95,7 +107,31 @@ function control(type: FrameType, body: object, version: number): Buffer {
   return encodeFrame(type, pack(body) as Buffer, version);
 }
 
-export const encodeHello = (h: Hello): Buffer => control(FrameType.Hello, h, PROTOCOL_VERSION);
+export const encodeHello = (h: Hello): Buffer => control(FrameType.Hello, h.resident ? { ...h, resident: encodeRuns(h.resident) } : h, PROTOCOL_VERSION);
+
+/** page extents as u32 little-endian [first, end) pairs */
+function encodeRuns(e: Float64Array): Buffer {
+  const b = Buffer.alloc(e.length * 4);
+  for (let i = 0; i < e.length; i++) b.writeUInt32LE(e[i]!, i * 4);
+  return b;
+}
+
+function decodeRuns(v: unknown, pageCount: number): Float64Array {
+  if (!Buffer.isBuffer(v) && !(v instanceof Uint8Array)) throw bad('HELLO resident must be binary');
+  if (v.length % 8 !== 0 || v.length / 8 > MAX_RESIDENT_RUNS) throw bad(`HELLO resident must be at most ${MAX_RESIDENT_RUNS} pairs of u32`);
+  const b = Buffer.from(v.buffer, v.byteOffset, v.length);
+  const e = new Float64Array(v.length / 4);
+  let last = 0;
+  for (let i = 0; i < e.length; i += 2) {
+    const first = b.readUInt32LE(i * 4);
+    const end = b.readUInt32LE(i * 4 + 4);
+    if (first < last || end <= first || end > pageCount) throw bad(`HELLO resident run ${i / 2} [${first}, ${end}) is out of order or outside the region`);
+    e[i] = first;
+    e[i + 1] = end;
+    last = end;
+  }
+  return e;
+}
 export function decodeHello(p: Buffer): Hello {
   const m = decodeMap(p, FrameType.Hello);
   const v = m.versions;
@@ -127,6 +163,10 @@ export function decodeHello(p: Buffer): Hello {
   if (m.guest !== undefined) {
     if (!isString(m.guest, 63) || !GUEST_NAME.test(m.guest)) throw bad('HELLO guest must be 1..63 characters of [A-Za-z0-9._-]');
     hello.guest = m.guest;
+  }
+  if (m.resident !== undefined) {
+    if (m.regionBytes % PAGE_SIZE !== 0) throw bad('HELLO resident needs a region of whole pages');
+    hello.resident = decodeRuns(m.resident, m.regionBytes / PAGE_SIZE);
   }
   if (m.backing !== undefined) hello.backing = checkBacking(m.backing, hello);
   return hello;

@@ -58,6 +58,8 @@ export interface Accepted {
   channels: number;
   /** post-copy was negotiated */
   postcopy: boolean;
+  /** only the pages the source's hint named were allocated ahead (CAP_HOLES): a switch to post-copy allocates the rest it needs */
+  partial: boolean;
 }
 
 /** What arrived so far. */

@@ -19,6 +19,7 @@ import {
   CAP_POSTCOPY,
   CAP_POSTCOPY_PLANNED,
   CAP_RESOLVE,
+  CAP_HOLES,
   FrameType,
   MIN_PROTOCOL_VERSION,
   PROTOCOL_VERSION,
@@ -33,6 +34,7 @@ import { isLoopback } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
 import { warmUpRuntime } from '../warmup.js';
+import { type PageExtents } from '../pages/extents.js';
 import { maxChannels } from './channels.js';
 import { AUTH_TIMEOUT_MS, type Accepted, type ReceiverContext } from './context.js';
 import { refusedBeforeReserving } from './failures.js';
@@ -103,7 +105,11 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const postcopyCap = !local && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
   const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
   const plan: PostcopyPlan = !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible';
-  const region = local ? await takeSourceMemory(ctx, h, plan) : await allocateRegion(ctx, h, plan);
+  // holes: the region starts as zeros the source need not send (no kept image to differ from);
+  // with the source's hint, only the pages that held data are allocated ahead
+  const holes = !local && h.capabilities.includes(CAP_HOLES) && options.reuseImage === undefined;
+  const resident = holes ? h.resident : undefined;
+  const region = local ? await takeSourceMemory(ctx, h, plan) : await allocateRegion(ctx, h, plan, resident);
   const reserveMs = performance.now() - t0;
   ctx.progress({ type: 'reserved', region_bytes: region.size, reserve_ms: reserveMs });
   // a same-host upgrade receives no page: its digest is over nothing, as the source's is
@@ -112,6 +118,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   // the kept image (whose hashes the sender receives); a dup is checked against it.
   const encodings = version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
   const imageHashes = encodings && (await startingImage(ctx, region, hashes));
+  if (holes && !encodings) hashes.fill(call('ERR_LIVEMIG_SYSCALL', 'reserve', 'the zero page hash', () => addon.zeroPageHash()));
   // capabilities exist from version 2 on (PROTOCOL.md): none is taken under version 1
   const commitActivate = version >= 2 && h.capabilities.includes(CAP_COMMIT_ACTIVATE);
   const caps = [
@@ -120,6 +127,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
     ...(imageHashes ? [CAP_IMAGE_HASHES] : []),
     ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []),
     ...(postcopyCap ? [CAP_POSTCOPY] : []),
+    ...(holes ? [CAP_HOLES] : []),
   ];
   // post-copy: further connections join this session with ATTACH naming its token
   // channels: further connections join this session too (ATTACH role channel)
@@ -146,7 +154,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const accept = { version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) };
   await ctx.conn.answerFirst(encodeAccept(accept, version));
   if (imageHashes) await ctx.conn.send(encodeImageHashes(hashes, version));
-  return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap };
+  return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap, partial: resident !== undefined };
 }
 
 /**
@@ -168,17 +176,17 @@ async function takeSourceMemory(ctx: ReceiverContext, h: Hello, plan: PostcopyPl
 }
 
 /** A region of our own, allocated off the event loop: the listener goes on answering others meanwhile. */
-async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan): Promise<Region> {
+async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan, resident: PageExtents | undefined): Promise<Region> {
   const { options } = ctx;
   const layout = ctx.layout!;
-  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming', ...backingFor(h) }).catch((e: unknown) =>
-    Promise.reject(refusedBeforeReserving(e)),
+  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming', ...backingFor(h), ...(resident ? { extents: resident } : {}) }).catch(
+    (e: unknown) => Promise.reject(refusedBeforeReserving(e)),
   );
   trace('receiver', ReceiverEvent.regionAllocated);
   ctx.region = created;
   // Map every page now (faults are slow on VM hosts), while the integrator prepares its
   // side of the same memory: both finish before the first page is accepted.
-  const populated = created.populateAsync(true);
+  const populated = created.populateAsync(true, resident);
   populated.catch(() => undefined); // awaited below, after onReserved
   await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
   await populated;

@@ -34,6 +34,36 @@ interface PostcopyStart {
   onRunning(): void;
   /** the fault service, as soon as it exists (a failure must stop it) */
   onFaults(f: FaultService): void;
+  /** only some pages were allocated ahead (Accepted.partial) */
+  partial: boolean;
+}
+
+/**
+ * After a partial reservation: a page the source will still send must be in this side's file
+ * before the guest runs (the guest's first touch of a hole would get a zero page that no
+ * minor fault stops), and a page it will not send that the file holds nothing for is a hole
+ * both sides read as zero: marked 2, nothing to map. Walks the holes only.
+ */
+async function settleHoles(region: Region, needed: Uint8Array): Promise<void> {
+  const data = await region.dataExtents();
+  const allocate: number[] = [];
+  const hole = (from: number, to: number): void => {
+    for (let p = from; p < to; p++) {
+      if (needed[p] !== 1) {
+        needed[p] = 2;
+        continue;
+      }
+      if (allocate.length && allocate.at(-1) === p) allocate[allocate.length - 1] = p + 1;
+      else allocate.push(p, p + 1);
+    }
+  };
+  let at = 0;
+  for (let i = 0; i < data.length; i += 2) {
+    hole(at, data[i]!);
+    at = data[i + 1]!;
+  }
+  hole(at, region.pageCount);
+  if (allocate.length) await region.allocate(Float64Array.from(allocate));
 }
 
 /** POSTCOPY: checked against what was negotiated and what arrived, then the switch. */
@@ -62,6 +92,7 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
         ctx.outcome?.settle('activated');
       },
       onFaults: (s) => (ctx.faults = s),
+      partial: a.partial,
     },
     {
       region_bytes: a.region.size,
@@ -84,6 +115,7 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
     addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable),
   );
   const pagesNeeded = unpacked.set;
+  if (o.partial) await settleHoles(region, unpacked.bytes);
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();
   const reg = await options.postcopy.register(region);

@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { LivemigError, invalidArgument } from '../errors.js';
 import { addon, call, callAsync, type NativeRegion } from '../native.js';
 import { PAGE_SIZE as WIRE_PAGE_SIZE } from '../protocol/format.js';
+import { checkExtents, extentPages, type PageExtents } from '../pages/extents.js';
 import {
   HUGE_PAGE_SIZE,
   SHMEM_BACKING,
@@ -147,12 +148,17 @@ export class Region {
    * A region whose every page is allocated (as `create` with `reserve`), the allocation done off
    * the calling thread: a receiver's event loop goes on serving while gigabytes are allocated.
    */
-  static async createReserved(size: number, options: Omit<CreateRegionOptions, 'reserve' | 'populate'> = {}): Promise<Region> {
+  static async createReserved(size: number, options: Omit<CreateRegionOptions, 'reserve' | 'populate'> & { extents?: PageExtents } = {}): Promise<Region> {
     checkSize(size, 'size');
+    // the whole size is checked even when only some pages are allocated now: the guest may
+    // write every page once it runs here (hugetlbfs: Region.create checks the pool instead)
     if ((options.hugePages ?? 'none') !== 'hugetlb') assertMemoryAvailable(size);
-    const region = Region.create(size, options);
+    const { extents, ...createOptions } = options;
+    if (extents) checkExtents(extents, size / PAGE_SIZE);
+    const region = Region.create(size, createOptions);
     try {
-      await callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', `reserving ${size} bytes`, () => region.#native.reserveAsync());
+      const bytes = extents ? extentPages(extents) * PAGE_SIZE : size;
+      await callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', `reserving ${bytes} bytes`, () => region.#native.reserveAsync(extents));
     } catch (e) {
       region.release();
       throw e;
@@ -260,6 +266,13 @@ export class Region {
     call('ERR_LIVEMIG_NO_MEMORY', 'reserve', `reserving ${this.size} bytes`, () => this.#native.reserve());
   }
 
+  /** Allocates the pages of `extents` in the backing file now, off the calling thread (a hole there would read as zero). */
+  async allocate(extents: PageExtents): Promise<void> {
+    this.#assertLive('allocate');
+    checkExtents(extents, this.pageCount);
+    return callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', `allocating ${extentPages(extents) * PAGE_SIZE} bytes`, () => this.#native.reserveAsync(extents));
+  }
+
   /** Faults every page into this process's page tables. */
   populate(): void {
     this.#assertLive('populate');
@@ -267,12 +280,24 @@ export class Region {
   }
 
   /**
-   * The same off the main thread. `forWrite: false` maps only what the file already holds
-   * (a sender about to read every page); true also allocates (a receiver about to write).
+   * The same off the main thread: `forWrite` false for a sender about to read, true for a
+   * receiver about to write. Either allocates a page the file does not hold yet (a read fault
+   * on a shared memfd's hole allocates it too): pass `extents` (from dataExtents()) to populate
+   * only those pages.
    */
-  populateAsync(forWrite = true): Promise<void> {
+  populateAsync(forWrite = true, extents?: PageExtents): Promise<void> {
     this.#assertLive('populateAsync');
-    return callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', `populating ${this.size} bytes`, () => this.#native.populateAsync(forWrite));
+    const what = `populating ${extents ? extentPages(extents) * PAGE_SIZE : this.size} bytes`;
+    return callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', what, () => this.#native.populateAsync(forWrite, extents));
+  }
+
+  /**
+   * Where the backing files hold data, as page extents: asked of the files (SEEK_DATA), so no
+   * page is read, mapped or allocated. The rest is holes, which read as zero.
+   */
+  dataExtents(): Promise<PageExtents> {
+    this.#assertLive('dataExtents');
+    return callAsync('ERR_LIVEMIG_SYSCALL', 'region', 'finding where the region holds data', () => this.#native.dataExtentsAsync());
   }
 
   /** Unmaps and closes. Idempotent. Later calls on this region throw ERR_LIVEMIG_RELEASED. */

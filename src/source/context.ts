@@ -105,6 +105,8 @@ export class SourceContext {
   round = 1;
   /** pages still due, ascending */
   pending: Uint32Array;
+  /** pages the guest's memory held no data for when the first pass (or post-copy) began: never read nor sent (holes.ts) */
+  holePages = 0;
   stopReason = '';
   forcedStop = false;
   /** what MigrationControl.status() answers (progress between events) */

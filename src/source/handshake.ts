@@ -21,7 +21,9 @@ import {
   CAP_POSTCOPY,
   CAP_POSTCOPY_PLANNED,
   CAP_RESOLVE,
+  CAP_HOLES,
   FrameType,
+  MAX_RESIDENT_RUNS,
   MIN_SOURCE_VERSION,
   PROTOCOL_VERSION,
 } from '../protocol/format.js';
@@ -36,6 +38,7 @@ import { HashTracker } from '../tracking/hash.js';
 import { SharedMemoryTracker } from '../tracking/shared.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
+import { coarsen } from '../pages/extents.js';
 import { now, type SourceContext } from './context.js';
 import { invalid } from './options.js';
 import { connect, peerError } from './peer.js';
@@ -63,7 +66,10 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   // Map the guest's pages into our own mapping while the destination reserves: reading
   // through unmapped pages would fault once per page in the middle of the first round (a
   // same-host upgrade reads none)
-  const populated = local ? Promise.resolve() : region.populateAsync(false);
+  // mapping (and reading) a hole of the guest's memfd would allocate it: only where the
+  // files hold data (a real VM's RAM is mostly holes)
+  const resident = local ? undefined : region.dataExtents();
+  const populated = resident ? resident.then((e) => region.populateAsync(false, e)) : Promise.resolve();
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
   trace('source', SourceEvent.connected);
@@ -93,6 +99,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(wantEncodings ? [CAP_ENCODINGS] : []),
     CAP_COMMIT_ACTIVATE,
     CAP_RESOLVE,
+    ...(local ? [] : [CAP_HOLES]),
     ...(postcopyOffered ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
@@ -108,6 +115,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
       ...(wanted.count > 1 ? { channels: wanted.count } : {}),
       ...(options.guestName !== undefined ? { guest: options.guestName } : {}),
       ...helloBacking(region.backing),
+      ...(resident ? { resident: coarsen(await resident, MAX_RESIDENT_RUNS) } : {}),
     }),
   );
   trace('source', SourceEvent.helloSent);

@@ -12,6 +12,7 @@ import { encodeDeviceState } from '../protocol/messages.js';
 import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
 import { now, type SourceContext } from './context.js';
+import { neededWithoutHoles } from './holes.js';
 import { peerError } from './peer.js';
 import { noStopAndCopy, type Ending } from './report.js';
 
@@ -33,7 +34,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   });
   // the guest's commitment round trip runs beside the last collection and the encoding below
   ctx.announceCommitment();
-  let needed = allPages;
+  let needed: Uint8Array = allPages;
   let pagesNeeded = region.pageCount;
   if (settings.mode !== 'postcopy') {
     const collected = tracker.collectFinal();
@@ -42,6 +43,12 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     for (const p of stale) needed[p] = 1;
     pagesNeeded = stale.length;
     server.setNeeded(needed);
+  } else {
+    const withoutHoles = await neededWithoutHoles(ctx);
+    if (withoutHoles) {
+      ({ needed, pages: pagesNeeded } = withoutHoles);
+      server.setNeeded(needed);
+    }
   }
   ctx.live.postcopy({ stats: () => server.stats(), pagesNeeded });
   trace('source', SourceEvent.guestPausedPostcopy);

@@ -87,6 +87,7 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     lz4_pages: es?.lz4_pages ?? 0,
     raw_pages: (es ? es.raw_pages : ctx.pagesSent) + pcPages,
     skipped_pages: es?.skipped_pages ?? 0,
+    hole_pages: ctx.holePages,
     lz4_ratio: es && es.lz4_in > 0 ? +(es.lz4_out / es.lz4_in).toFixed(3) : 1,
     encodings: encoder !== undefined,
     per_round: ctx.perRound,

@@ -15,6 +15,7 @@ import { decodeRoundAck, encodeRoundEnd, type RoundEnd } from '../protocol/messa
 import { FAST_LINK_MBPS, LINK_WINDOW } from '../encoding/chooser.js';
 import type { RoundPages } from '../encoding/encoder.js';
 import { now, type SourceContext } from './context.js';
+import { skipHoles } from './holes.js';
 import { peerError } from './peer.js';
 import type { RoundStats } from './types.js';
 
@@ -36,7 +37,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   const { conn, version, tracker, link } = ctx.session;
   // Arm tracking before the first page is read: a write after this is caught by a later round.
   // (post-copy from the start has no rounds: nothing to track)
-  if (settings.mode !== 'postcopy') await tracker.start();
+  if (settings.mode !== 'postcopy') await tracker.start().then(() => skipHoles(ctx));
   ctx.live.rearmed();
   ctx.enter('precopy');
   ctx.deadlines.watchProgress();

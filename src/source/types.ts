@@ -372,6 +372,8 @@ export interface MigrationReport {
   lz4_pages: number;
   raw_pages: number;
   skipped_pages: number;
+  /** pages the guest's memory held no data for (holes of its memfds): zero by definition, never read here nor sent */
+  hole_pages: number;
   /** compressed / original bytes of the pages sent as lz4 (1 when none) */
   lz4_ratio: number;
   /** whether PAGES_ENC was negotiated with the destination */

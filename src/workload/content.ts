@@ -7,7 +7,7 @@ import { callAsync } from '../native.js';
 import { guestAddon } from './guest-addon.js';
 import type { GuestMemory } from './guest-addon.js';
 
-export const CONTENTS = ['random', 'zero', 'text', 'dup', 'mixed'] as const;
+export const CONTENTS = ['random', 'zero', 'text', 'dup', 'mixed', 'sparse'] as const;
 export type ContentName = (typeof CONTENTS)[number];
 export const PATTERNS = ['uniform', 'hot', 'sequential'] as const;
 export type PatternName = (typeof PATTERNS)[number];

@@ -135,7 +135,12 @@ if (values.incoming) {
   const pattern = values.pattern as PatternName;
   const pages = size / 4096;
   const span = pattern === 'hot' ? Math.max(1, Math.min(pages, Math.floor(Number(values['hot-size']) / 4096))) : pages;
-  const created = Region.create(size, { name: 'livemig-guest', reserve: true, hugePages: checkHugePages(values['huge-pages'], '--huge-pages') });
+  // every page allocated up front, but for `sparse`, whose untouched pages stay holes
+  const created = Region.create(size, {
+    name: 'livemig-guest',
+    reserve: values.content !== 'sparse',
+    hugePages: checkHugePages(values['huge-pages'], '--huge-pages'),
+  });
   region = created;
   memoryFile = { fd: created.fd, offset: 0 };
   await fillContent(region, values.content as ContentName, BigInt(values.seed));

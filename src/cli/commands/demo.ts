@@ -138,7 +138,8 @@ function describe(r: DemoReport): string {
         ? [`downtime as the guest felt it (its beats either side of the pause): ${r.guest_downtime_ms.toFixed(2)} ms`]
         : []),
       `largest heartbeat gap from the first page on: ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
-      `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent)`,
+      `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent` +
+        `${r.hole_pages ? `, ${r.hole_pages} never written by the guest and not read` : ''})`,
       `security: ${r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`}; ` +
         `pages ${r.security.encrypted ? 'encrypted (AES-256-GCM records keyed from the TLS session)' : 'not encrypted'}`,
       `encodings: ${

@@ -1,0 +1,68 @@
+/**
+ * Page extents: runs of pages as a flat Float64Array [first, end, first, end, ...], in order,
+ * end exclusive. What a region's backing files say holds data (SEEK_DATA), what a destination
+ * allocates before pages arrive, and what HELLO carries as a reservation hint.
+ */
+import { LivemigError } from '../errors.js';
+
+export type PageExtents = Float64Array;
+
+/** Throws unless `e` is ordered, non-overlapping, non-empty runs inside `pageCount` pages. */
+export function checkExtents(e: PageExtents, pageCount: number, phase = 'reserve'): void {
+  const bad = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `page extents: ${why}`, { phase });
+  if (!(e instanceof Float64Array) || e.length % 2 !== 0) throw bad('a Float64Array of [first, end) pairs');
+  let last = 0;
+  for (let i = 0; i < e.length; i += 2) {
+    const first = e[i]!;
+    const end = e[i + 1]!;
+    if (!Number.isInteger(first) || !Number.isInteger(end)) throw bad(`pair ${i / 2} is not two integers`);
+    if (first < last || end <= first || end > pageCount) throw bad(`pair ${i / 2} [${first}, ${end}) is out of order or outside ${pageCount} pages`);
+    last = end;
+  }
+}
+
+/** How many pages the extents cover. */
+export function extentPages(e: PageExtents): number {
+  let n = 0;
+  for (let i = 0; i < e.length; i += 2) n += e[i + 1]! - e[i]!;
+  return n;
+}
+
+/** Every page the extents cover, in order. */
+export function pagesIn(e: PageExtents): Uint32Array {
+  const out = new Uint32Array(extentPages(e));
+  let k = 0;
+  for (let i = 0; i < e.length; i += 2) for (let p = e[i]!; p < e[i + 1]!; p++) out[k++] = p;
+  return out;
+}
+
+/** One byte per page: 1 where the extents cover it. */
+export function extentMap(e: PageExtents, pageCount: number): Uint8Array {
+  const map = new Uint8Array(pageCount);
+  for (let i = 0; i < e.length; i += 2) map.fill(1, e[i]!, e[i + 1]!);
+  return map;
+}
+
+/** The whole region as one extent. */
+export function allPages(pageCount: number): PageExtents {
+  return Float64Array.of(0, pageCount);
+}
+
+/**
+ * At most `maxRuns` runs covering at least what `e` covers: runs are joined across their
+ * smallest gaps (a reservation hint may take a few pages too many, never too few).
+ */
+export function coarsen(e: PageExtents, maxRuns: number): PageExtents {
+  const runs = e.length / 2;
+  if (runs <= maxRuns) return e;
+  const gaps = new Float64Array(runs - 1);
+  for (let i = 0; i < runs - 1; i++) gaps[i] = e[2 * i + 2]! - e[2 * i + 1]!;
+  // joining every gap up to the (runs - maxRuns)th smallest leaves at most maxRuns runs
+  const limit = Float64Array.from(gaps).sort()[runs - maxRuns - 1]!;
+  const out: number[] = [e[0]!, e[1]!];
+  for (let i = 1; i < runs; i++) {
+    if (gaps[i - 1]! <= limit) out[out.length - 1] = e[2 * i + 1]!;
+    else out.push(e[2 * i]!, e[2 * i + 1]!);
+  }
+  return Float64Array.from(out);
+}

@@ -1,0 +1,47 @@
+/**
+ * Pages the guest's memory holds no data for (holes of its memfds, SEEK_DATA) read as zero,
+ * and a destination that offered `holes` starts as zeros: such a page is never read here (a
+ * read of a hole would allocate it on this host) nor sent. Asked of the files after tracking
+ * is armed, so a hole the guest writes later is dirty like any page and goes in a later round.
+ */
+import { addon, call } from '../native.js';
+import { extentMap, extentPages, pagesIn } from '../pages/extents.js';
+import { CAP_HOLES } from '../protocol/format.js';
+import { trace } from '../trace.js';
+import { SourceEvent } from '../trace-events.js';
+import type { SourceContext } from './context.js';
+
+function holesAgreed(ctx: SourceContext): boolean {
+  return !ctx.settings.options.local && ctx.session.accept.capabilities.includes(CAP_HOLES);
+}
+
+/** Every page's hash starts as the zero page's, as the destination's do: a hole's stays so. */
+function startFromZero(ctx: SourceContext): void {
+  ctx.hashes.fill(call('ERR_LIVEMIG_SYSCALL', 'precopy', 'the zero page hash', () => addon.zeroPageHash()));
+}
+
+/** Before the first pass (tracking armed): only the pages that hold data are due. */
+export async function skipHoles(ctx: SourceContext): Promise<void> {
+  if (!holesAgreed(ctx)) return;
+  const { region } = ctx.settings.options;
+  const data = await region.dataExtents();
+  startFromZero(ctx);
+  ctx.pending = pagesIn(data);
+  ctx.holePages = region.pageCount - ctx.pending.length;
+  trace('source', SourceEvent.holesSkipped, { pages: ctx.holePages });
+}
+
+/**
+ * Post-copy from the start, with the guest paused (so the answer is exact): one byte per page,
+ * 1 where the destination needs the page from here; undefined when every page is needed.
+ */
+export async function neededWithoutHoles(ctx: SourceContext): Promise<{ needed: Uint8Array; pages: number } | undefined> {
+  if (!holesAgreed(ctx)) return undefined;
+  const { region } = ctx.settings.options;
+  const data = await region.dataExtents();
+  startFromZero(ctx);
+  const pages = extentPages(data);
+  ctx.holePages = region.pageCount - pages;
+  trace('source', SourceEvent.holesSkipped, { pages: ctx.holePages });
+  return { needed: extentMap(data, region.pageCount), pages };
+}
