@@ -243,7 +243,10 @@ export interface GuestRange {
 }
 
 interface Addon {
-  regionCreate(size: number, name: string): NativeRegion;
+  /** hugePageSize > 0: a hugetlbfs memfd of that page size; thp: the mapping advised MADV_HUGEPAGE */
+  regionCreate(size: number, name: string, hugePageSize?: number, thp?: boolean): NativeRegion;
+  /** whether the file is on hugetlbfs, and its block size (the huge page size there) */
+  fileBacking(fd: number): { hugetlb: boolean; blockSize: number };
   regionAdopt(fd: number, size: number): NativeRegion;
   /** one mapping of every piece back to back (a guest's regions in one page space) */
   regionAdoptPieces(pieces: { fd: number; offset: number; size: number }[]): NativeRegion;

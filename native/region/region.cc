@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <mutex>
@@ -18,6 +19,9 @@
 #endif
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
+#endif
+#ifndef HUGETLBFS_MAGIC
+#define HUGETLBFS_MAGIC 0x958458f6
 #endif
 
 namespace livemig {
@@ -44,6 +48,37 @@ Napi::Object Wrap(Napi::Env env, Mapping* m) {
   return data->ctor.New({Napi::External<Mapping>::New(env, m)});
 }
 
+// MFD_HUGETLB with the page size encoded as the kernel wants it (log2 << MFD_HUGE_SHIFT); 0: none
+unsigned HugetlbFlags(uint64_t hugePageSize) {
+  if (hugePageSize == 0) return 0;
+  return MFD_HUGETLB | (static_cast<unsigned>(__builtin_ctzll(hugePageSize)) << 26);
+}
+
+bool AdviseHuge(Mapping* m, SysError* err) {
+  if (madvise(m->addr, m->size, MADV_HUGEPAGE) != 0) {
+    err->set("madvise(MADV_HUGEPAGE)", errno);
+    return false;
+  }
+  m->thp = true;
+  return true;
+}
+
+// Bytes [offset, offset+length) of the file allocated: fallocate, or for THP through the
+// advised mapping (which also maps them), since fallocate has no mapping to take the huge page
+// advice from. (hugetlbfs rounds a fallocate out to whole huge pages.)
+bool AllocateRange(Mapping* m, uint64_t offset, uint64_t length, SysError* err) {
+  if (m->thp) {
+    if (madvise(m->addr + offset, length, MADV_POPULATE_WRITE) == 0) return true;
+    err->set("madvise(MADV_POPULATE_WRITE)", errno);
+    return false;
+  }
+  if (fallocate(m->fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return true;
+  err->set("fallocate", errno);
+  return false;
+}
+
+bool AllocateAll(Mapping* m, SysError* err) { return AllocateRange(m, 0, m->size, err); }
+
 Mapping* MapFd(int fd, size_t size, SysError* err) {
   void* addr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (addr == MAP_FAILED) {
@@ -59,12 +94,16 @@ Mapping* MapFd(int fd, size_t size, SysError* err) {
   return m;
 }
 
+// regionCreate(size, name, hugePageSize?, thp?): hugePageSize > 0 makes a hugetlbfs memfd of
+// that page size (a power of two the kernel offers); thp advises the mapping for huge pages.
 Napi::Value Create(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t size = static_cast<size_t>(ToU64(info[0]));
   std::string name = info[1].As<Napi::String>().Utf8Value();
-  int fd = static_cast<int>(syscall(SYS_memfd_create, name.c_str(), MFD_CLOEXEC));
-  if (fd < 0) throw MakeSysError(env, "memfd_create", errno);
+  uint64_t hugePageSize = info.Length() > 2 && info[2].IsNumber() ? ToU64(info[2]) : 0;
+  bool thp = info.Length() > 3 && info[3].ToBoolean().Value();
+  int fd = static_cast<int>(syscall(SYS_memfd_create, name.c_str(), MFD_CLOEXEC | HugetlbFlags(hugePageSize)));
+  if (fd < 0) throw MakeSysError(env, hugePageSize ? "memfd_create(MFD_HUGETLB)" : "memfd_create", errno);
   if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
     int e = errno;
     close(fd);
@@ -74,6 +113,10 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
   Mapping* m = MapFd(fd, size, &err);
   if (!m) {
     close(fd);
+    throw MakeSysError(env, err);
+  }
+  if (thp && !AdviseHuge(m, &err)) {
+    m->Unref();  // the only reference: unmaps and closes
     throw MakeSysError(env, err);
   }
   return Wrap(env, m);
@@ -150,6 +193,18 @@ Napi::Value AdoptPieces(const Napi::CallbackInfo& info) {
   m->id = g_next_id.fetch_add(1);
   Register(m);
   return Wrap(env, m);
+}
+
+// fileBacking(fd): {hugetlb, blockSize}: whether the file is on hugetlbfs, and its page size
+// there (fstatfs's f_bsize is the huge page size on hugetlbfs)
+Napi::Value FileBacking(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  struct statfs sf;
+  if (fstatfs(info[0].As<Napi::Number>().Int32Value(), &sf) != 0) throw MakeSysError(env, "fstatfs", errno);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("hugetlb", Napi::Boolean::New(env, static_cast<uint64_t>(sf.f_type) == HUGETLBFS_MAGIC));
+  o.Set("blockSize", Napi::Number::New(env, static_cast<double>(sf.f_bsize)));
+  return o;
 }
 
 Napi::Value Attach(const Napi::CallbackInfo& info) {
@@ -329,7 +384,8 @@ Napi::Value Region::Reserve(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = LiveMapping(env);
   if (!m) return env.Undefined();
-  if (fallocate(m->fd, 0, 0, static_cast<off_t>(m->size)) != 0) throw MakeSysError(env, "fallocate", errno);
+  SysError err;
+  if (!AllocateAll(m, &err)) throw MakeSysError(env, err);
   return env.Undefined();
 }
 
@@ -354,10 +410,7 @@ Napi::Value Region::ReserveAsync(const Napi::CallbackInfo& info) {
       env,
       [m, ranges](int&, SysError& err) {
         for (const auto& [first, end] : ranges) {
-          if (fallocate(m->fd, 0, static_cast<off_t>(first * kPage), static_cast<off_t>((end - first) * kPage)) != 0) {
-            err.set("fallocate", errno);
-            break;
-          }
+          if (!AllocateRange(m, first * kPage, (end - first) * kPage, &err)) break;
         }
         m->Unref();
       },
@@ -451,6 +504,7 @@ void InitRegionStatics(Napi::Env env, Napi::Object exports) {
   exports.Set("regionAdopt", Napi::Function::New(env, Adopt));
   exports.Set("regionAdoptPieces", Napi::Function::New(env, AdoptPieces));
   exports.Set("regionAttach", Napi::Function::New(env, Attach));
+  exports.Set("fileBacking", Napi::Function::New(env, FileBacking));
   exports.Set("pageSize", Napi::Function::New(env, PageSize));
 }
 

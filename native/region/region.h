@@ -22,6 +22,9 @@ struct Mapping {
   // where each piece's bytes start in its file, and how many the mapping holds
   std::vector<uint64_t> pieceOffsets, pieceSizes;
   uint64_t id = 0;
+  // shmem advised for transparent huge pages: reserving allocates through the mapping
+  // (MADV_POPULATE_WRITE), since fallocate without a mapping would allocate 4 KiB pages
+  bool thp = false;
   std::atomic<int> refs{1};
   std::atomic<bool> released{false};
 

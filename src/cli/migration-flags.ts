@@ -1,4 +1,5 @@
 /** Flags shared by the commands that migrate a reference guest (demo, send), and their parsing. */
+import { HUGE_PAGE_MODES, HUGE_PAGE_SIZE, type HugePages } from '../region/huge-pages.js';
 import type { GuestSpec, PolicyFlags } from '../demo/demo.js';
 import { MAX_BEAT_MS } from '../workload/state.js';
 import { PAGE_SIZE } from '../protocol/format.js';
@@ -16,6 +17,14 @@ export const GUEST_FLAGS: Flags = {
   rate: { type: 'string', default: '64', value: 'MiB/s', help: 'how fast it writes while migrating' },
   pattern: { type: 'string', default: 'uniform', value: PATTERNS.join('|'), help: 'where it writes' },
   'hot-size': { type: 'string', default: '64MiB', value: 'SIZE', help: 'the hot set of --pattern hot' },
+  'huge-pages': {
+    type: 'string',
+    default: 'none',
+    value: HUGE_PAGE_MODES.join('|'),
+    help:
+      "its memory's pages: none (4 KiB shmem), thp (shmem transparent huge pages; needs shmem_enabled advise, always or within_size), " +
+      'hugetlb (2 MiB hugetlbfs pages from vm.nr_hugepages; --size a multiple of 2 MiB)',
+  },
 };
 
 export const POLICY_FLAGS: Flags = {
@@ -58,7 +67,15 @@ export function guestSpec(v: FlagValues): GuestSpec {
     pattern: pattern as PatternName,
     rate: parseNumber(str(v, 'rate'), '--rate'),
     hotSize: parseSize(str(v, 'hot-size'), '--hot-size'),
+    ...hugePagesFlag(v, size),
   };
+}
+
+function hugePagesFlag(v: FlagValues, size: number): { hugePages?: HugePages } {
+  const mode = str(v, 'huge-pages');
+  if (!(HUGE_PAGE_MODES as readonly string[]).includes(mode)) throw usageError(`--huge-pages must be one of ${HUGE_PAGE_MODES.join(', ')}, got '${mode}'`);
+  if (mode === 'hugetlb' && size % HUGE_PAGE_SIZE !== 0) throw usageError(`--huge-pages hugetlb: --size must be a multiple of 2 MiB, got ${size} bytes`);
+  return mode === 'none' ? {} : { hugePages: mode as HugePages };
 }
 
 /** --beat-ms: how often a reference guest started here ticks and beats (1..MAX_BEAT_MS ms). */

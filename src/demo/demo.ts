@@ -3,6 +3,7 @@
  * on loopback or across a namespace link; the guest migrates live and checks every page at
  * the destination. Used by `livemig demo` and by the benchmarks.
  */
+import type { HugePages } from '../region/huge-pages.js';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
@@ -58,10 +59,14 @@ export interface GuestSpec {
   pattern: PatternName;
   /** the hot pattern's hot set, bytes */
   hotSize: number;
+  /** the backing of its memory (default none: 4 KiB shmem) */
+  hugePages?: HugePages;
+  /** the guest registers no write tracking: livemig hashes every page each round */
+  noTrack?: boolean;
 }
 
 /** A GuestSpec from names given as strings (a benchmark's flags), checked. */
-export function guestSpecOf(g: { size: number; content: string; rate: number; pattern: string; hotSize: number }): GuestSpec {
+export function guestSpecOf(g: { size: number; content: string; rate: number; pattern: string; hotSize: number; hugePages?: HugePages }): GuestSpec {
   if (!(CONTENTS as readonly string[]).includes(g.content)) throw invalidArgument(`content must be one of ${CONTENTS.join(', ')}, got '${g.content}'`);
   if (!(PATTERNS as readonly string[]).includes(g.pattern)) throw invalidArgument(`pattern must be one of ${PATTERNS.join(', ')}, got '${g.pattern}'`);
   return { ...g, content: g.content as ContentName, pattern: g.pattern as PatternName };
@@ -178,7 +183,14 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     await o.onListening?.(port);
     guest =
       kind === 'c'
-        ? await SourceGuest.start((socket) => cGuestArgs(socket, { rate: g.rate, heartbeat: observer.address, sparse: g.content === 'sparse' }))
+        ? await SourceGuest.start((socket) =>
+            cGuestArgs(socket, {
+              rate: g.rate,
+              heartbeat: observer.address,
+              sparse: g.content === 'sparse',
+              ...(g.hugePages ? { hugePages: g.hugePages } : {}),
+            }),
+          )
         : await SourceGuest.spawn({ ...g, heartbeat: observer.address });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();

@@ -7,6 +7,7 @@
 import { LivemigError } from '../errors.js';
 import { addon, callAsync, closeFd, type ControlMessage } from '../native.js';
 import { Region } from '../region/region.js';
+import { mappingIsThpEligible } from '../region/huge-pages.js';
 import type { MigrateOptions } from '../source/types.js';
 import type { RemoteTarget } from '../tracking/types.js';
 import { Tag, parseSourceHello, refused, type SourceHello } from './contract.js';
@@ -56,6 +57,8 @@ export class SourceGuestSession {
       const hello = parseSourceHello(msg.body, msg.fds);
       await agreeContract(fd, hello, timeoutMs);
       const region = Region.adoptPieces(hello.regions.map((r) => ({ fd: r.fd, offset: r.offset, size: r.size })));
+      // THP lives in the guest's mappings, not in its memfds: its smaps says whether they may hold huge pages
+      if (hello.regions.every((r) => mappingIsThpEligible(hello.pid, r.address))) region.noteTransparentHugePages();
       return new SourceGuestSession(hello, region, fd);
     } catch (e) {
       // the guest sees its connection close, not paused: it runs on and waits for the next livemig

@@ -39,6 +39,13 @@ export interface Hello {
   guest?: string;
   /** with CAP_HOLES: where the guest's memory held data when HELLO was sent (a reservation hint), as page extents */
   resident?: Float64Array;
+  /** huge pages under the guest's memory at the source, for the destination to reserve the same (absent: 4 KiB shmem) */
+  backing?: HelloBacking;
+}
+export interface HelloBacking {
+  kind: 'hugetlb' | 'shmem-thp';
+  /** the huge page size, a power of two from 8 KiB to 1 GiB; hugetlb: every region's size is a multiple of it */
+  pageSize: number;
 }
 export interface Accept {
   version: number;
@@ -161,7 +168,21 @@ export function decodeHello(p: Buffer): Hello {
     if (m.regionBytes % PAGE_SIZE !== 0) throw bad('HELLO resident needs a region of whole pages');
     hello.resident = decodeRuns(m.resident, m.regionBytes / PAGE_SIZE);
   }
+  if (m.backing !== undefined) hello.backing = checkBacking(m.backing, hello);
   return hello;
+}
+
+function checkBacking(b: unknown, hello: Hello): HelloBacking {
+  if (typeof b !== 'object' || b === null) throw bad('HELLO backing must be a map');
+  const { kind, pageSize } = b as Record<string, unknown>;
+  if (kind !== 'hugetlb' && kind !== 'shmem-thp') throw bad("HELLO backing kind must be 'hugetlb' or 'shmem-thp'");
+  if (!isCount(pageSize, 1 << 30) || pageSize < 8192 || (pageSize & (pageSize - 1)) !== 0)
+    throw bad('HELLO backing pageSize must be a power of two from 8 KiB to 1 GiB');
+  // the destination's regions are windows of one hugetlbfs file: each must start and end on a huge page
+  const sizes = hello.regions ? hello.regions.map((r) => r.size) : [hello.regionBytes];
+  if (kind === 'hugetlb' && sizes.some((size) => size % pageSize !== 0))
+    throw bad(`HELLO backing hugetlb: every region's size must be a multiple of ${pageSize}`);
+  return { kind, pageSize };
 }
 
 /** The version both sides speak: the newest in both ranges, or undefined. */

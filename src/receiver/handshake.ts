@@ -28,7 +28,8 @@ import { frameLimits } from '../protocol/limits.js';
 import { decodeHello, encodeAccept, encodeImageHashes, negotiateVersion, type Hello } from '../protocol/messages.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import type { WireFrame } from '../protocol/wire.js';
-import { PAGE_SIZE, Region } from '../region/region.js';
+import { PAGE_SIZE, Region, type CreateRegionOptions } from '../region/region.js';
+import { shmemThpAllowed } from '../region/huge-pages.js';
 import { isLoopback } from '../security/tls.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
@@ -178,8 +179,8 @@ async function takeSourceMemory(ctx: ReceiverContext, h: Hello, plan: PostcopyPl
 async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan, resident: PageExtents | undefined): Promise<Region> {
   const { options } = ctx;
   const layout = ctx.layout!;
-  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming', ...(resident ? { extents: resident } : {}) }).catch((e: unknown) =>
-    Promise.reject(refusedBeforeReserving(e)),
+  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming', ...backingFor(h), ...(resident ? { extents: resident } : {}) }).catch(
+    (e: unknown) => Promise.reject(refusedBeforeReserving(e)),
   );
   trace('receiver', ReceiverEvent.regionAllocated);
   ctx.region = created;
@@ -190,6 +191,18 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
   await populated;
   return created;
+}
+
+/**
+ * The source's huge pages, here too (HELLO `backing`): hugetlbfs pages from this host's pool, or
+ * refused when the pool cannot hold them (the guest was put on hugetlbfs on purpose); shmem THP
+ * where this host's policy allows it, else 4 KiB pages, as the kernel here would give the guest.
+ */
+function backingFor(h: Hello): Pick<CreateRegionOptions, 'hugePages' | 'hugePageSize'> {
+  const b = h.backing;
+  if (b?.kind === 'hugetlb') return { hugePages: 'hugetlb', hugePageSize: b.pageSize };
+  if (b?.kind === 'shmem-thp' && shmemThpAllowed()) return { hugePages: 'thp' };
+  return {};
 }
 
 /** The kept image's pages and hashes, or all zero; true when the sender gets the image's hashes. */

@@ -8,6 +8,15 @@ import { LivemigError, invalidArgument } from '../errors.js';
 import { addon, call, callAsync, type NativeRegion } from '../native.js';
 import { PAGE_SIZE as WIRE_PAGE_SIZE } from '../protocol/format.js';
 import { checkExtents, extentPages, type PageExtents } from '../pages/extents.js';
+import {
+  HUGE_PAGE_SIZE,
+  SHMEM_BACKING,
+  assertHugePagesAvailable,
+  assertShmemThpAllowed,
+  checkHugePages,
+  type HugePages,
+  type RegionBacking,
+} from './huge-pages.js';
 
 /** The page size of every region: the wire's (the addon refuses to load on other hosts). */
 export const PAGE_SIZE: number = WIRE_PAGE_SIZE;
@@ -22,6 +31,10 @@ export interface CreateRegionOptions {
   reserve?: boolean;
   /** Map every page now (MADV_POPULATE_WRITE) so first writes run at memory speed. */
   populate?: boolean;
+  /** The backing's pages (default 'none': 4 KiB shmem); see src/region/huge-pages.ts. */
+  hugePages?: HugePages;
+  /** hugetlb: the huge page size (default 2 MiB; a size the host has a pool of) */
+  hugePageSize?: number;
 }
 
 function checkSize(size: unknown, what: string): number {
@@ -54,16 +67,51 @@ function assertMemoryAvailable(size: number): void {
   }
 }
 
+/** The backing of the files a region maps: what each one's filesystem says (hugetlbfs or not). */
+function backingOfFiles(pieces: readonly { fd: number; offset: number; size: number }[]): RegionBacking {
+  const kinds = pieces.map((p, i): RegionBacking => {
+    const b = call('ERR_LIVEMIG_SYSCALL', 'region', `inspecting fd ${p.fd}`, () => addon.fileBacking(p.fd));
+    if (!b.hugetlb) return SHMEM_BACKING;
+    // a huge page is mapped, protected and reported whole: a piece that splits one cannot be tracked
+    if (p.offset % b.blockSize !== 0 || p.size % b.blockSize !== 0) {
+      throw invalidArgument(`piece ${i} is on hugetlbfs (${b.blockSize}-byte pages): its offset ${p.offset} and size ${p.size} must be multiples of that`);
+    }
+    return { kind: 'hugetlb', pageSize: b.blockSize };
+  });
+  const first = kinds[0] ?? SHMEM_BACKING;
+  return kinds.every((k) => k.kind === first.kind && k.pageSize === first.pageSize) ? first : { kind: 'mixed', pageSize: PAGE_SIZE };
+}
+
 export class Region {
   readonly size: number;
+  /** the wire's page: every page index counts these (the backing's pages may be larger: `backing`) */
   readonly pageSize: number = PAGE_SIZE;
   readonly pageCount: number;
   readonly #native: NativeRegion;
+  #backing: RegionBacking;
 
-  private constructor(native: NativeRegion) {
+  private constructor(native: NativeRegion, backing: RegionBacking = SHMEM_BACKING) {
     this.#native = native;
     this.size = native.size;
     this.pageCount = native.size / PAGE_SIZE;
+    this.#backing = backing;
+  }
+
+  /** What the memory is made of, and its page size (4 KiB unless huge). */
+  get backing(): RegionBacking {
+    return this.#backing;
+  }
+  /** Whether the backing's pages are larger than the wire's. */
+  get huge(): boolean {
+    return this.#backing.pageSize > PAGE_SIZE;
+  }
+
+  /**
+   * Records that the shmem under this region is mapped for transparent huge pages by the process
+   * that writes it (a guest's mapping, which its memfd says nothing about).
+   */
+  noteTransparentHugePages(): void {
+    if (this.#backing.kind === 'shmem') this.#backing = { kind: 'shmem-thp', pageSize: HUGE_PAGE_SIZE };
   }
 
   /** A new memfd-backed region of `size` bytes (page-aligned), zero-filled. */
@@ -73,8 +121,19 @@ export class Region {
     if (typeof name !== 'string' || name.length === 0 || name.length > 240) {
       throw invalidArgument('name must be a non-empty string of at most 240 characters');
     }
-    if (options.reserve) assertMemoryAvailable(size);
-    const region = new Region(call('ERR_LIVEMIG_NO_MEMORY', 'region', `creating a ${size}-byte region`, () => addon.regionCreate(size, name)));
+    const huge = checkHugePages(options.hugePages ?? 'none');
+    const hugePageSize = huge === 'hugetlb' ? (options.hugePageSize ?? HUGE_PAGE_SIZE) : 0;
+    if (huge === 'hugetlb') assertHugePagesAvailable(size, hugePageSize);
+    else if (options.reserve) assertMemoryAvailable(size);
+    if (huge === 'thp') assertShmemThpAllowed();
+    const backing: RegionBacking =
+      huge === 'hugetlb' ? { kind: 'hugetlb', pageSize: hugePageSize } : huge === 'thp' ? { kind: 'shmem-thp', pageSize: HUGE_PAGE_SIZE } : SHMEM_BACKING;
+    const region = new Region(
+      call('ERR_LIVEMIG_NO_MEMORY', 'region', `creating a ${size}-byte ${backing.kind} region`, () =>
+        addon.regionCreate(size, name, hugePageSize, huge === 'thp'),
+      ),
+      backing,
+    );
     try {
       if (options.reserve) region.reserve();
       if (options.populate) region.populate();
@@ -92,8 +151,8 @@ export class Region {
   static async createReserved(size: number, options: Omit<CreateRegionOptions, 'reserve' | 'populate'> & { extents?: PageExtents } = {}): Promise<Region> {
     checkSize(size, 'size');
     // the whole size is checked even when only some pages are allocated now: the guest may
-    // write every page once it runs here
-    assertMemoryAvailable(size);
+    // write every page once it runs here (hugetlbfs: Region.create checks the pool instead)
+    if ((options.hugePages ?? 'none') !== 'hugetlb') assertMemoryAvailable(size);
     const { extents, ...createOptions } = options;
     if (extents) checkExtents(extents, size / PAGE_SIZE);
     const region = Region.create(size, createOptions);
@@ -114,7 +173,10 @@ export class Region {
   static adopt(fd: number, size: number): Region {
     if (!Number.isInteger(fd) || fd < 0) throw invalidArgument(`fd must be a non-negative integer, got ${String(fd)}`);
     checkSize(size, 'size');
-    return new Region(call('ERR_LIVEMIG_SYSCALL', 'region', `adopting fd ${fd}`, () => addon.regionAdopt(fd, size)));
+    return new Region(
+      call('ERR_LIVEMIG_SYSCALL', 'region', `adopting fd ${fd}`, () => addon.regionAdopt(fd, size)),
+      backingOfFiles([{ fd, offset: 0, size }]),
+    );
   }
 
   /**
@@ -133,7 +195,10 @@ export class Region {
     }
     checkSize(total, 'the pieces together');
     if (pieces.length === 1 && pieces[0]!.offset === 0) return Region.adopt(pieces[0]!.fd, pieces[0]!.size);
-    return new Region(call('ERR_LIVEMIG_SYSCALL', 'region', `mapping ${pieces.length} pieces`, () => addon.regionAdoptPieces(pieces.map((p) => ({ ...p })))));
+    return new Region(
+      call('ERR_LIVEMIG_SYSCALL', 'region', `mapping ${pieces.length} pieces`, () => addon.regionAdoptPieces(pieces.map((p) => ({ ...p })))),
+      backingOfFiles(pieces),
+    );
   }
 
   /**

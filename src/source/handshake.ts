@@ -27,7 +27,8 @@ import {
   MIN_SOURCE_VERSION,
   PROTOCOL_VERSION,
 } from '../protocol/format.js';
-import { decodeAccept, decodeImageHashes, encodeHello, type Accept } from '../protocol/messages.js';
+import { decodeAccept, decodeImageHashes, encodeHello, type Accept, type HelloBacking } from '../protocol/messages.js';
+import type { RegionBacking } from '../region/huge-pages.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import { openConnection } from '../security/tls.js';
 import { frameLimits } from '../protocol/limits.js';
@@ -61,6 +62,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const { settings } = ctx;
   const { options } = settings;
   const { region } = options;
+  const postcopyOffered = settings.mayPostcopy && !refusePostcopyOnHugetlb(settings, region.backing);
   // Map the guest's pages into our own mapping while the destination reserves: reading
   // through unmapped pages would fault once per page in the middle of the first round (a
   // same-host upgrade reads none)
@@ -98,7 +100,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     CAP_COMMIT_ACTIVATE,
     CAP_RESOLVE,
     ...(local ? [] : [CAP_HOLES]),
-    ...(settings.mayPostcopy ? [CAP_POSTCOPY] : []),
+    ...(postcopyOffered ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
   ];
   await conn.send(
@@ -112,6 +114,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
       ...(local ? { local: local.offer } : {}),
       ...(wanted.count > 1 ? { channels: wanted.count } : {}),
       ...(options.guestName !== undefined ? { guest: options.guestName } : {}),
+      ...helloBacking(region.backing),
       ...(resident ? { resident: coarsen(await resident, MAX_RESIDENT_RUNS) } : {}),
     }),
   );
@@ -291,4 +294,29 @@ function dedupIndex(pageCount: number, image: BigUint64Array, channels: number, 
   const dedup = call('ERR_LIVEMIG_NO_MEMORY', 'handshake', 'creating the dedup index', () => new addon.Dedup(pageCount));
   call('ERR_LIVEMIG_INVALID_ARGUMENT', 'handshake', 'loading the destination image into the dedup index', () => dedup.initImage(image, channels, k));
   return dedup;
+}
+
+/** What HELLO says of the guest's huge pages, so that the destination reserves the same kind (docs/PROTOCOL.md). */
+function helloBacking(b: RegionBacking): { backing?: HelloBacking } {
+  return b.kind === 'hugetlb' || b.kind === 'shmem-thp' ? { backing: { kind: b.kind, pageSize: b.pageSize } } : {};
+}
+
+/**
+ * Post-copy resolves a fault one 4 KiB page at a time (UFFDIO_CONTINUE on a shmem minor fault):
+ * hugetlbfs takes whole huge pages only, so a hugetlb guest migrates by pre-copy. Asked for
+ * explicitly, that is refused before anything moves; otherwise post-copy is just not offered
+ * (true: the caller must not offer it).
+ */
+function refusePostcopyOnHugetlb(settings: SourceContext['settings'], backing: RegionBacking): boolean {
+  if (backing.kind !== 'hugetlb') return false;
+  const asked = settings.mode !== 'precopy' ? `mode ${settings.mode}` : settings.onStall === 'postcopy' ? 'on-stall postcopy' : undefined;
+  if (asked)
+    throw new LivemigError(
+      'ERR_LIVEMIG_UNSUPPORTED',
+      `${asked}: the guest's memory is on hugetlbfs, which post-copy cannot fill 4 KiB at a time; use pre-copy`,
+      {
+        phase: 'handshake',
+      },
+    );
+  return true;
 }

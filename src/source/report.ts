@@ -1,5 +1,7 @@
 /** The one report builder: what every ending of a migration says, from the context's counters. */
 import type { PostcopyStats } from './types.js';
+import { PAGE_SIZE } from '../protocol/format.js';
+import type { RegionBacking } from '../region/huge-pages.js';
 import type { SourceContext } from './context.js';
 import type { MigrationReport } from './types.js';
 
@@ -45,6 +47,16 @@ function downtimeVerdict(
   return { ...verdict, downtime_limit_missed: why };
 }
 
+/**
+ * The backing and what a write costs in resent bytes: uffd-wp on hugetlbfs protects and reports
+ * whole huge pages; on shmem THP it splits the mapping and tracks 4 KiB pages; hashing compares
+ * 4 KiB pages anywhere.
+ */
+function backingReport(b: RegionBacking, tracker: string): MigrationReport['backing'] {
+  const wholeHugePages = b.kind === 'hugetlb' && tracker === 'uffd-async';
+  return { kind: b.kind, page_size: b.pageSize, tracking_page_size: wholeHugePages ? b.pageSize : PAGE_SIZE };
+}
+
 export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
   const { tracker, encoder, prepMs, channels } = ctx.session;
   const es = channels.stats();
@@ -64,6 +76,7 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     regions: ctx.settings.layout.regions.map((r, i) => ({ id: r.id, name: r.name, bytes: r.size, pages_sent: ctx.regionPages[i] ?? 0 })),
     wire_bytes: ctx.bytesSent + (pc?.stats.bytes ?? 0),
     pages_sent: ctx.pagesSent + pcPages,
+    backing: backingReport(ctx.settings.options.region.backing, tracker.backend),
     tracker: tracker.backend,
     tracker_reason: ctx.session.trackerReason,
     channels: ctx.session.channelChoice.count,

@@ -346,6 +346,13 @@ export interface MigrationReport {
   region_bytes: number;
   /** each region of the guest, and the pages sent of it in pre-copy and stop-and-copy (post-copy's are in `postcopy`) */
   regions: { id: number; name: string; bytes: number; pages_sent: number }[];
+  /**
+   * what the guest's memory is made of at the source and the page size moved with it: `shmem`
+   * (4 KiB), `shmem-thp` (transparent huge pages), `hugetlb` (hugetlbfs pages), `mixed`
+   * (regions that differ). The wire carries 4 KiB pages either way; `tracking_page_size` is
+   * what one write makes dirty (hugetlbfs under uffd-async: the whole huge page).
+   */
+  backing: { kind: string; page_size: number; tracking_page_size: number };
   /** why this tracker: the probe's findings, or that the guest registered none */
   tracker_reason: string;
   /** connections pre-copy's pages went on, and why that many */

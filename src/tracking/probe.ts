@@ -105,7 +105,18 @@ export interface TrackerChoice {
 /** Automatic choice: uffd-async, then soft-dirty, then hash. `external` only when asked for. */
 export function chooseTracker(region: Region, options: ChooseOptions = {}): TrackerChoice {
   const probes = probe();
-  const status = (b: BackendName): BackendProbe => probes.find((p) => p.backend === b)!;
+  const status = (b: BackendName): BackendProbe => {
+    const s = probes.find((p) => p.backend === b)!;
+    // clear_refs skips hugetlbfs mappings and their pagemap entries carry no soft-dirty bit:
+    // every write there would go unseen
+    if (b === 'soft-dirty' && s.available && region.backing.kind === 'hugetlb')
+      return {
+        ...s,
+        available: false,
+        reason: 'no soft-dirty bit tells a write on hugetlbfs: clear_refs skips those mappings and their pagemap shows only the mapping-wide flag',
+      };
+    return s;
+  };
   const make = (b: BackendName): DirtyTracker => {
     switch (b) {
       case 'uffd-async':

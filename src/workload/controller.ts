@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
+import type { HugePages } from '../region/huge-pages.js';
 import { SourceGuestSession } from '../guest/source-session.js';
 import { IncomingGuest, NAME_PLACEHOLDER, REGISTER_PLACEHOLDER, SOCKET_PLACEHOLDER } from '../guest/incoming-session.js';
 import type { GuestLayout } from '../guest/layout.js';
@@ -33,6 +34,8 @@ export interface GuestOptions {
   beatMs?: number;
   /** no write tracking: livemig falls back to hashing */
   noTrack?: boolean;
+  /** the backing of its memory (default none: 4 KiB shmem) */
+  hugePages?: HugePages;
   /** ms to wait for the guest to fill its region and say hello */
   startTimeoutMs?: number;
 }
@@ -58,6 +61,7 @@ export function referenceGuestArgs(socket: string, o: GuestOptions): string[] {
   if (o.heartbeat) args.push('--heartbeat', o.heartbeat);
   if (o.beatMs !== undefined) args.push('--beat-ms', String(o.beatMs));
   if (o.noTrack) args.push('--no-track');
+  if (o.hugePages && o.hugePages !== 'none') args.push('--huge-pages', o.hugePages);
   return [process.execPath, ...args];
 }
 
@@ -88,12 +92,13 @@ export function startReferenceIncoming(region: Region, layout: GuestLayout, post
 export const cGuestPath = C_GUEST;
 export function cGuestArgs(
   socket: string,
-  o: { sizes?: string; rate: number; seed?: bigint; heartbeat?: string; noTrack?: boolean; sparse?: boolean },
+  o: { sizes?: string; rate: number; seed?: bigint; heartbeat?: string; noTrack?: boolean; sparse?: boolean; hugePages?: HugePages },
 ): string[] {
   const args = [C_GUEST, '--listen', socket, '--sizes', o.sizes ?? '192M,64M', '--rate', String(o.rate), '--seed', String(o.seed ?? 1n)];
   if (o.heartbeat) args.push('--heartbeat', o.heartbeat);
   if (o.noTrack) args.push('--no-track');
   if (o.sparse) args.push('--sparse');
+  if (o.hugePages && o.hugePages !== 'none') args.push('--huge-pages', o.hugePages);
   return args;
 }
 export function cIncomingCommand(o: { register?: boolean } = {}): string[] {

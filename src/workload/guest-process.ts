@@ -22,6 +22,7 @@ import { parseArgs } from 'node:util';
 import { addon } from '../native.js';
 import { guestAddon, type GuestMemory } from './guest-addon.js';
 import { Region } from '../region/region.js';
+import { checkHugePages } from '../region/huge-pages.js';
 import { protectOwnRegion } from '../tracking/uffd-async.js';
 import { fillContent, initialWriteState, verifyContent, type ContentName, type PatternName } from './content.js';
 import { parseGuestState, type GuestState } from './state.js';
@@ -43,6 +44,8 @@ const { values } = parseArgs({
     'beat-ms': { type: 'string', default: '1' },
     incoming: { type: 'boolean', default: false },
     'no-track': { type: 'boolean', default: false },
+    /** its memory's backing: none (4 KiB shmem), thp (shmem advised MADV_HUGEPAGE), hugetlb (2 MiB hugetlbfs pages) */
+    'huge-pages': { type: 'string', default: 'none' },
     /** print {guest: {socket, pid, bytes}} once serving (the `livemig guest` command) */
     announce: { type: 'boolean', default: false },
   },
@@ -133,7 +136,11 @@ if (values.incoming) {
   const pages = size / 4096;
   const span = pattern === 'hot' ? Math.max(1, Math.min(pages, Math.floor(Number(values['hot-size']) / 4096))) : pages;
   // every page allocated up front, but for `sparse`, whose untouched pages stay holes
-  const created = Region.create(size, { name: 'livemig-guest', reserve: values.content !== 'sparse' });
+  const created = Region.create(size, {
+    name: 'livemig-guest',
+    reserve: values.content !== 'sparse',
+    hugePages: checkHugePages(values['huge-pages'], '--huge-pages'),
+  });
   region = created;
   memoryFile = { fd: created.fd, offset: 0 };
   await fillContent(region, values.content as ContentName, BigInt(values.seed));

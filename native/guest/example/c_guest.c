@@ -5,6 +5,7 @@
  * of every page once it runs there.
  *
  *   c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track] [--sparse]
+ *           [--huge-pages none|thp|hugetlb]
  *   c_guest --register DAEMON_PATH --name NAME [same flags]   (listed by a `livemig serve` daemon)
  *   c_guest --incoming PATH [--register DAEMON_PATH --name NAME]   (registers there once it runs: it can move again)
  *
@@ -34,6 +35,10 @@
 #include "livemig_guest.h"
 
 #define PAGE 4096u
+#define HUGE_PAGE (2u << 20)
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21u << 26) /* log2(2 MiB) << MFD_HUGE_SHIFT */
+#endif
 #define WORDS (PAGE / 8)
 #define GOLDEN 0x9E3779B97F4A7C15ull
 #define WRITE_SALT 0x5DEECE66Dull
@@ -227,6 +232,9 @@ static void heartbeat_to(const char *hostport) {
 static int usage(void) {
   fprintf(stderr,
           "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track] [--sparse]\n"
+          "               [--huge-pages none|thp|hugetlb]\n"
+          "         --huge-pages: the regions' pages: 4 KiB shmem (none, the default), shmem advised for transparent huge\n"
+          "         pages (thp; the host's shmem_enabled decides), or 2 MiB hugetlbfs pages (hugetlb; sizes multiples of 2M)\n"
           "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
           "       c_guest --incoming PATH [--register DAEMON_PATH --name NAME]\n");
   return 2;
@@ -236,6 +244,7 @@ int main(int argc, char **argv) {
   const char *listen = NULL, *incoming = NULL, *sizes = "192M,64M", *hb = NULL, *daemon = NULL, *name = "c-guest";
   uint64_t rate = 64, seed = 1;
   int track = 1, sparse = 0;
+  const char *huge = "none";
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(a, "--no-track")) track = 0;
@@ -249,6 +258,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--rate")) rate = strtoull(v, NULL, 10), i++;
     else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10), i++;
     else if (!strcmp(a, "--heartbeat")) hb = v, i++;
+    else if (!strcmp(a, "--huge-pages")) huge = v, i++;
     else return usage();
   }
   if ((listen != NULL) + (incoming != NULL) + (daemon != NULL && !incoming) != 1) return usage();
@@ -282,13 +292,19 @@ int main(int argc, char **argv) {
   }
   uint64_t s0 = size_arg(sizes), s1 = strchr(sizes, ',') ? size_arg(strchr(sizes, ',') + 1) : 0;
   if (!s0 || !s1 || s0 % PAGE || s1 % PAGE) return fprintf(stderr, "c_guest: --sizes must be two page multiples, e.g. 192M,64M\n"), 2;
+  int hugetlb = !strcmp(huge, "hugetlb"), thp = !strcmp(huge, "thp");
+  if (!hugetlb && !thp && strcmp(huge, "none")) return usage();
+  if (hugetlb && (s0 % HUGE_PAGE || s1 % HUGE_PAGE)) return fprintf(stderr, "c_guest: --huge-pages hugetlb: --sizes must be multiples of 2M\n"), 2;
   const char *names[2] = {"ram-low", "ram-high"};
   for (int r = 0; r < 2; r++) {
     uint64_t size = r ? s1 : s0;
-    int fd = memfd_create(names[r], MFD_CLOEXEC);
+    /* hugetlbfs: 2 MiB pages from the host's pool (vm.nr_hugepages); mmap fails when it is short */
+    int fd = memfd_create(names[r], MFD_CLOEXEC | (hugetlb ? MFD_HUGETLB | MFD_HUGE_2MB : 0));
     if (fd < 0 || ftruncate(fd, (off_t)size) != 0) return perror("memfd"), 1;
     void *a = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (a == MAP_FAILED) return perror("mmap"), 1;
+    if (a == MAP_FAILED) return perror(hugetlb ? "mmap (hugetlbfs: are enough huge pages reserved?)" : "mmap"), 1;
+    /* shmem THP: the kernel gives huge pages to advised mappings where shmem_enabled says advise (or always) */
+    if (thp && madvise(a, size, MADV_HUGEPAGE) != 0) return perror("madvise(MADV_HUGEPAGE)"), 1;
     regions[r] = (struct lmg_region){.id = (uint32_t)r, .addr = a, .size = size, .fd = fd, .offset = 0};
     snprintf(regions[r].name, sizeof regions[r].name, "%s", names[r]);
   }

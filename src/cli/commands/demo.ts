@@ -140,6 +140,8 @@ function describe(r: DemoReport): string {
       `largest heartbeat gap from the first page on: ${r.guest_gap_ms.toFixed(2)} ms (during preparation: ${r.guest_gap_preparation_ms.toFixed(2)} ms)`,
       `bytes on the wire: ${mib(r.wire_bytes)} for a ${mib(r.region_bytes)} region (${r.pages_sent} pages sent` +
         `${r.hole_pages ? `, ${r.hole_pages} never written by the guest and not read` : ''})`,
+      `memory: ${r.backing.kind}, ${r.backing.page_size / 1024} KiB pages, a write tracked per ${r.backing.tracking_page_size / 1024} KiB ` +
+        '(4 KiB pages on the wire)',
       `security: ${r.security.auth === 'none' ? 'none (loopback, unauthenticated)' : `${r.security.auth}, peer ${r.security.peer}, ${r.security.cipher}`}; ` +
         `pages ${r.security.encrypted ? 'encrypted (AES-256-GCM records keyed from the TLS session)' : 'not encrypted'}`,
       `encodings: ${
