@@ -256,7 +256,10 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
   const mark = path.join(dir, `mark-${h.index}`);
   rmSync(mark, { force: true });
   const step = STEP[stage][side];
-  const hookEnv = { ...process.env, LIVEMIG_FAULT: JSON.stringify({ ...step, fault, dev: h.dev(side), port, mark }) };
+  // the guests' directories (socket, log) go under the matrix's own directory, removed at its
+  // end: a guest this matrix kills cannot remove its own, and 56 cells left ~50 in /tmp a run
+  const plainEnv = { ...process.env, TMPDIR: dir };
+  const hookEnv = { ...plainEnv, LIVEMIG_FAULT: JSON.stringify({ ...step, fault, dev: h.dev(side), port, mark }) };
   const postcopy = stage === 'post-copy' ? ['--mode', 'postcopy', '--postcopy-bandwidth', '32'] : [];
   const deadlines = ['--handshake-timeout', String(DEADLINE_S), '--progress-timeout', String(DEADLINE_S), '--recover-timeout', String(RESOLVE_S)];
   const receive = spawn(
@@ -278,7 +281,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
       '--linger',
       String(RESOLVE_S),
     ],
-    { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'destination' ? hookEnv : process.env },
+    { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'destination' ? hookEnv : plainEnv },
   );
   const rx = lines(receive);
   await rx.first((m) => 'listening' in m, STEP_BOUND_MS);
@@ -318,7 +321,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
       '--json',
       ...postcopy,
     ],
-    { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'source' ? hookEnv : process.env },
+    { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'source' ? hookEnv : plainEnv },
   );
   const tx = lines(send);
   const faulted = side === 'source' ? send : receive;
