@@ -123,7 +123,7 @@ export interface NativeRegion {
   /** extents: [firstPage, endPage, ...] to populate only those pages */
   populateAsync(forWrite?: boolean, extents?: Float64Array): Promise<void>;
   /** the pages whose backing files hold data, as [firstPage, endPage, ...] (lseek SEEK_DATA/SEEK_HOLE) */
-  dataExtentsAsync(): Promise<Float64Array>;
+  dataExtentsAsync(within?: Float64Array, now?: boolean): Promise<Float64Array>;
 }
 
 /** from a post-copy thread: complete (with the destination's digest), disconnected, error, stopped */

@@ -460,34 +460,45 @@ Napi::Value Region::PopulateAsync(const Napi::CallbackInfo& info) {
       [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info.This()});
 }
 
-// dataExtentsAsync() -> Float64Array [firstPage, endPage, ...]: the pages whose backing file
-// holds data, in order, adjacent runs merged. Asked of the file (lseek SEEK_DATA/SEEK_HOLE),
-// not of the memory: nothing is mapped, read or allocated, so a hole stays a hole.
+// dataExtentsAsync(within?: Float64Array, now?: boolean) -> Float64Array [firstPage, endPage,
+// ...]: the pages whose backing file holds data (only inside `within`'s page runs, when given),
+// in order, adjacent runs merged. Asked of the file (lseek SEEK_DATA/SEEK_HOLE), not of the
+// memory: nothing is mapped, read or allocated, so a hole stays a hole. `now`: on this thread
+// (inside a guest's pause, a few runs cost less than a pool thread's wake-up).
 Napi::Value Region::DataExtentsAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = LiveMapping(env);
   if (!m) return env.Undefined();
+  std::vector<std::pair<uint64_t, uint64_t>> within;
+  if (info.Length() > 0 && !info[0].IsUndefined()) {
+    if (!ExtentsFrom(info[0], m->size / kPage, &within))
+      throw Napi::RangeError::New(env, "within: a Float64Array of [first, end) page pairs inside the region");
+  } else {
+    within.emplace_back(0, m->size / kPage);
+  }
+  bool now = info.Length() > 1 && info[1].ToBoolean().Value();
   m->Ref();
-  return Task<std::vector<uint64_t>>::Start(
-      env,
-      [m](std::vector<uint64_t>& out, SysError& err) {
-        if (m->pieceFds.empty()) {
-          ScanDataExtents(m->fd, 0, m->size, 0, &out, &err);
-        } else {
-          uint64_t at = 0;
-          for (size_t i = 0; i < m->pieceFds.size() && !err.failed(); i++) {
-            ScanDataExtents(m->pieceFds[i], m->pieceOffsets[i], m->pieceSizes[i], at, &out, &err);
-            at += m->pieceSizes[i];
-          }
-        }
-        m->Unref();
-      },
-      [](Napi::Env e, std::vector<uint64_t>& out) -> Napi::Value {
-        Napi::Float64Array a = Napi::Float64Array::New(e, out.size());
-        for (size_t i = 0; i < out.size(); i++) a[i] = static_cast<double>(out[i]);
-        return a;
-      },
-      {info.This()});
+  auto work = [m, within](std::vector<uint64_t>& out, SysError& err) {
+    for (const auto& [first, end] : within) {
+      const uint64_t lo = first * kPage, hi = end * kPage;
+      if (m->pieceFds.empty()) {
+        ScanDataExtents(m->fd, lo, hi - lo, lo, &out, &err);
+        continue;
+      }
+      uint64_t at = 0;  // where piece i starts in the mapping
+      for (size_t i = 0; i < m->pieceFds.size() && !err.failed(); at += m->pieceSizes[i], i++) {
+        uint64_t from = std::max(lo, at), to = std::min(hi, at + m->pieceSizes[i]);
+        if (from < to) ScanDataExtents(m->pieceFds[i], m->pieceOffsets[i] + (from - at), to - from, from, &out, &err);
+      }
+    }
+    m->Unref();
+  };
+  auto done = [](Napi::Env e, std::vector<uint64_t>& out) -> Napi::Value {
+    Napi::Float64Array a = Napi::Float64Array::New(e, out.size());
+    for (size_t i = 0; i < out.size(); i++) a[i] = static_cast<double>(out[i]);
+    return a;
+  };
+  return now ? Task<std::vector<uint64_t>>::RunNow(env, work, done) : Task<std::vector<uint64_t>>::Start(env, work, done, {info.This()});
 }
 
 Napi::Value Region::GetFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), mapping_ ? mapping_->fd : -1); }

@@ -66,3 +66,28 @@ export function coarsen(e: PageExtents, maxRuns: number): PageExtents {
   }
   return Float64Array.from(out);
 }
+
+/** The runs of `pageCount` pages that `e` does not cover. */
+export function complement(e: PageExtents, pageCount: number): PageExtents {
+  const out: number[] = [];
+  let at = 0;
+  for (let i = 0; i < e.length; i += 2) {
+    if (e[i]! > at) out.push(at, e[i]!);
+    at = e[i + 1]!;
+  }
+  if (at < pageCount) out.push(at, pageCount);
+  return Float64Array.from(out);
+}
+
+/** Every page either covers, as ordered runs (adjacent ones joined). */
+export function union(a: PageExtents, b: PageExtents): PageExtents {
+  const runs: [number, number][] = [];
+  for (const e of [a, b]) for (let i = 0; i < e.length; i += 2) runs.push([e[i]!, e[i + 1]!]);
+  runs.sort((x, y) => x[0] - y[0]);
+  const out: number[] = [];
+  for (const [f, t] of runs) {
+    if (out.length && f <= out[out.length - 1]!) out[out.length - 1] = Math.max(out[out.length - 1]!, t);
+    else out.push(f, t);
+  }
+  return Float64Array.from(out);
+}

@@ -3,6 +3,7 @@
  * has been reserved and negotiated, and the one place where the migration's stage changes. Each
  * stage is a function over this object (see receiver.ts for the order).
  */
+import type { PageExtents } from '../pages/extents.js';
 import type { LivemigError } from '../errors.js';
 import type { GuestLayout } from '../guest/layout.js';
 import type { FaultService } from '../postcopy/dest.js';
@@ -58,8 +59,8 @@ export interface Accepted {
   channels: number;
   /** post-copy was negotiated */
   postcopy: boolean;
-  /** only the pages the source's hint named were allocated ahead (CAP_HOLES): a switch to post-copy allocates the rest it needs */
-  partial: boolean;
+  /** only these pages, the source's hint, were allocated ahead (CAP_HOLES): a switch to post-copy allocates the rest it needs */
+  resident: PageExtents | undefined;
 }
 
 /** What arrived so far. */

@@ -154,7 +154,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const accept = { version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) };
   await ctx.conn.answerFirst(encodeAccept(accept, version));
   if (imageHashes) await ctx.conn.send(encodeImageHashes(hashes, version));
-  return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap, partial: resident !== undefined };
+  return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap, resident };
 }
 
 /**

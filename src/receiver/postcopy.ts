@@ -11,6 +11,7 @@ import { ProtocolError } from '../protocol/errors.js';
 import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } from '../protocol/messages.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
+import { complement, union, type PageExtents } from '../pages/extents.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
 import type { Accepted, Received, ReceiverContext } from './context.js';
@@ -34,21 +35,25 @@ interface PostcopyStart {
   onRunning(): void;
   /** the fault service, as soon as it exists (a failure must stop it) */
   onFaults(f: FaultService): void;
-  /** only some pages were allocated ahead (Accepted.partial) */
-  partial: boolean;
+  /** only these pages were allocated ahead (Accepted.resident) */
+  resident: PageExtents | undefined;
 }
 
 /**
  * After a partial reservation: a page the source will still send must be in this side's file
  * before the guest runs (the guest's first touch of a hole would get a zero page that no
  * minor fault stops), and a page it will not send that the file holds nothing for is a hole
- * both sides read as zero: marked 2, nothing to map. Walks the holes only.
+ * both sides read as zero: marked 2, nothing to map. What was reserved ahead (`resident`) holds
+ * data; only the rest is asked of the file (pages that arrived there in pre-copy), so that a
+ * fully reserved region costs nothing inside the pause. Walks the holes only.
  */
-async function settleHoles(region: Region, needed: Uint8Array): Promise<void> {
-  const data = await region.dataExtents();
+async function settleHoles(region: Region, needed: Uint8Array, resident: PageExtents): Promise<void> {
+  const gaps = complement(resident, region.pageCount);
+  if (gaps.length === 0) return;
+  const holes = complement(union(resident, await region.dataExtents({ within: gaps, now: true })), region.pageCount);
   const allocate: number[] = [];
-  const hole = (from: number, to: number): void => {
-    for (let p = from; p < to; p++) {
+  for (let i = 0; i < holes.length; i += 2) {
+    for (let p = holes[i]!; p < holes[i + 1]!; p++) {
       if (needed[p] !== 1) {
         needed[p] = 2;
         continue;
@@ -56,13 +61,7 @@ async function settleHoles(region: Region, needed: Uint8Array): Promise<void> {
       if (allocate.length && allocate.at(-1) === p) allocate[allocate.length - 1] = p + 1;
       else allocate.push(p, p + 1);
     }
-  };
-  let at = 0;
-  for (let i = 0; i < data.length; i += 2) {
-    hole(at, data[i]!);
-    at = data[i + 1]!;
   }
-  hole(at, region.pageCount);
   if (allocate.length) await region.allocate(Float64Array.from(allocate));
 }
 
@@ -92,7 +91,7 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
         ctx.outcome?.settle('activated');
       },
       onFaults: (s) => (ctx.faults = s),
-      partial: a.partial,
+      resident: a.resident,
     },
     {
       region_bytes: a.region.size,
@@ -115,7 +114,7 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
     addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable),
   );
   const pagesNeeded = unpacked.set;
-  if (o.partial) await settleHoles(region, unpacked.bytes);
+  if (o.resident) await settleHoles(region, unpacked.bytes, o.resident);
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();
   const reg = await options.postcopy.register(region);

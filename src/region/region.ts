@@ -293,11 +293,13 @@ export class Region {
 
   /**
    * Where the backing files hold data, as page extents: asked of the files (SEEK_DATA), so no
-   * page is read, mapped or allocated. The rest is holes, which read as zero.
+   * page is read, mapped or allocated. The rest is holes, which read as zero. `within`: only
+   * inside those runs (a few holes re-checked costs far less than the whole region); `now`: on
+   * the calling thread (inside a guest's pause).
    */
-  dataExtents(): Promise<PageExtents> {
+  dataExtents(o: { within?: PageExtents; now?: boolean } = {}): Promise<PageExtents> {
     this.#assertLive('dataExtents');
-    return callAsync('ERR_LIVEMIG_SYSCALL', 'region', 'finding where the region holds data', () => this.#native.dataExtentsAsync());
+    return callAsync('ERR_LIVEMIG_SYSCALL', 'region', 'finding where the region holds data', () => this.#native.dataExtentsAsync(o.within, o.now));
   }
 
   /** Unmaps and closes. Idempotent. Later calls on this region throw ERR_LIVEMIG_RELEASED. */

@@ -12,7 +12,7 @@ import { encodeDeviceState } from '../protocol/messages.js';
 import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
 import { now, type SourceContext } from './context.js';
-import { neededWithoutHoles } from './holes.js';
+import { dataBeforePause, neededWithoutHoles } from './holes.js';
 import { peerError } from './peer.js';
 import { noStopAndCopy, type Ending } from './report.js';
 
@@ -24,6 +24,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   const prio = await attachConnection(link, 'prio');
   const allPages = new Uint8Array(region.pageCount).fill(1);
   const server = new PageServer({ region, needed: allPages, version, round: ctx.round + 1, batchPages: settings.batchPages });
+  const dataBefore = settings.mode === 'postcopy' ? await dataBeforePause(ctx) : undefined;
   ctx.enter('stop-and-copy');
   const tPause = now();
   ctx.deadlines.armPause();
@@ -44,7 +45,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     pagesNeeded = stale.length;
     server.setNeeded(needed);
   } else {
-    const withoutHoles = await neededWithoutHoles(ctx);
+    const withoutHoles = await neededWithoutHoles(ctx, dataBefore);
     if (withoutHoles) {
       ({ needed, pages: pagesNeeded } = withoutHoles);
       server.setNeeded(needed);
