@@ -268,6 +268,17 @@ bool ExtentsFrom(const Napi::Value& v, uint64_t pages, std::vector<std::pair<uin
   return true;
 }
 
+// The page runs argument i names (checked), or the whole region when it is absent.
+std::vector<std::pair<uint64_t, uint64_t>> RunsArg(const Napi::CallbackInfo& info, size_t i, uint64_t pages, const char* name) {
+  std::vector<std::pair<uint64_t, uint64_t>> runs;
+  if (info.Length() <= i || info[i].IsUndefined()) {
+    runs.emplace_back(0, pages);
+  } else if (!ExtentsFrom(info[i], pages, &runs)) {
+    throw Napi::RangeError::New(info.Env(), std::string(name) + ": a Float64Array of [first, end) page pairs inside the region");
+  }
+  return runs;
+}
+
 Napi::Value PageSize(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(sysconf(_SC_PAGESIZE))); }
 
 }  // namespace
@@ -398,13 +409,7 @@ Napi::Value Region::ReserveAsync(const Napi::CallbackInfo& info) {
   Mapping* m = LiveMapping(env);
   if (!m) return env.Undefined();
   if (m->fd < 0) throw Napi::Error::New(env, "a mapping of several pieces is not reserved here");
-  std::vector<std::pair<uint64_t, uint64_t>> ranges;
-  if (info.Length() > 0 && !info[0].IsUndefined()) {
-    if (!ExtentsFrom(info[0], m->size / kPage, &ranges))
-      throw Napi::RangeError::New(env, "extents: a Float64Array of [first, end) page pairs inside the region");
-  } else {
-    ranges.emplace_back(0, m->size / kPage);
-  }
+  std::vector<std::pair<uint64_t, uint64_t>> ranges = RunsArg(info, 0, m->size / kPage, "extents");
   m->Ref();
   return Task<int>::Start(
       env,
@@ -438,13 +443,7 @@ Napi::Value Region::PopulateAsync(const Napi::CallbackInfo& info) {
   // read: map the pages the file already holds (a sender reading a guest's memory);
   // write: also allocate missing ones (a receiver preparing to be written)
   bool forWrite = info.Length() == 0 || info[0].ToBoolean().Value();
-  std::vector<std::pair<uint64_t, uint64_t>> ranges;
-  if (info.Length() > 1 && !info[1].IsUndefined()) {
-    if (!ExtentsFrom(info[1], m->size / kPage, &ranges))
-      throw Napi::RangeError::New(env, "extents: a Float64Array of [first, end) page pairs inside the region");
-  } else {
-    ranges.emplace_back(0, m->size / kPage);
-  }
+  std::vector<std::pair<uint64_t, uint64_t>> ranges = RunsArg(info, 1, m->size / kPage, "extents");
   m->Ref();
   return Task<int>::Start(
       env,
@@ -469,13 +468,7 @@ Napi::Value Region::DataExtentsAsync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = LiveMapping(env);
   if (!m) return env.Undefined();
-  std::vector<std::pair<uint64_t, uint64_t>> within;
-  if (info.Length() > 0 && !info[0].IsUndefined()) {
-    if (!ExtentsFrom(info[0], m->size / kPage, &within))
-      throw Napi::RangeError::New(env, "within: a Float64Array of [first, end) page pairs inside the region");
-  } else {
-    within.emplace_back(0, m->size / kPage);
-  }
+  std::vector<std::pair<uint64_t, uint64_t>> within = RunsArg(info, 0, m->size / kPage, "within");
   bool now = info.Length() > 1 && info[1].ToBoolean().Value();
   m->Ref();
   auto work = [m, within](std::vector<uint64_t>& out, SysError& err) {
