@@ -179,6 +179,8 @@ export const DaemonEvent = {
   shutdownAborted: 'shutdown aborted incoming migrations',
   apiCloseFailed: 'closing the API failed',
   historyFailed: 'the migration history failed',
+  imageKept: 'image kept',
+  imageNotKept: 'image not kept',
 } as const;
 export type DaemonEvent = (typeof DaemonEvent)[keyof typeof DaemonEvent];
 
@@ -191,6 +193,9 @@ export interface DaemonPayloads {
   [DaemonEvent.guestRegistered]: { name: string; pid: number; bytes: number };
   [DaemonEvent.guestLeft]: { name: string };
   [DaemonEvent.migrationFailed]: { id: string; code: ErrorCode; reason: string };
+  /** a released guest's memory, kept for its return (images.ts) */
+  [DaemonEvent.imageKept]: { guest: string; bytes: number; held_bytes: number };
+  [DaemonEvent.imageNotKept]: { guest: string; reason: string };
   [DaemonEvent.incomingFailed]: { reason: string };
   [DaemonEvent.shuttingDown]: { running: number };
   [DaemonEvent.shutdownWaits]: { id: string; reason: string };

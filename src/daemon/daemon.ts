@@ -22,6 +22,7 @@ import type { DaemonApi } from './api/types.js';
 import { BandwidthShare } from './bandwidth.js';
 import { MemoryBudget } from './budget.js';
 import { EventBus } from './events.js';
+import { KeptImages } from './images.js';
 import { MigrationHistory, type HistoryConfig } from './history.js';
 import { IncomingMigrations } from './incoming.js';
 import { DaemonMetrics } from './metrics.js';
@@ -83,6 +84,8 @@ export interface DaemonConfig {
   authTimeoutMs?: number;
   idleTimeoutMs?: number;
   recoverTimeoutMs?: number;
+  /** bytes of released guests' memory kept for their return (0 or absent: none kept; images.ts) */
+  keepImagesBytes?: number;
   version?: string;
   /** every source refused on the migration port, once recorded (`livemig serve` prints it) */
   onRefused?(r: Refusal): void;
@@ -110,6 +113,8 @@ export class Daemon implements DaemonApi {
   readonly bus: EventBus;
   readonly table: MigrationTable;
   history: MigrationHistory | undefined;
+  /** released guests' memory kept for their return (--keep-images) */
+  images: KeptImages | undefined;
   readonly metrics: DaemonMetrics;
   readonly budget: MemoryBudget;
   readonly share: BandwidthShare;
@@ -187,7 +192,9 @@ export class Daemon implements DaemonApi {
         d.history.attach(d.table, d.bus);
       }
       d.registry = await GuestRegistry.open(config.guests);
+      const images = config.keepImagesBytes ? (d.images = new KeptImages(config.keepImagesBytes)) : undefined;
       d.outgoing = new OutgoingMigrations({
+        ...(images ? { images } : {}),
         registry: d.registry,
         table: d.table,
         bus: d.bus,
@@ -212,6 +219,7 @@ export class Daemon implements DaemonApi {
         ...(config.idleTimeoutMs !== undefined ? { idleTimeoutMs: config.idleTimeoutMs } : {}),
         ...(config.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: config.recoverTimeoutMs } : {}),
         ...(config.onRefused ? { onRefused: config.onRefused } : {}),
+        ...(images ? { images } : {}),
       });
       d.api = await buildApi(d, { token: config.token, version: config.version ?? '0', tls });
       await d.#listenApi(tls);
@@ -364,6 +372,7 @@ export class Daemon implements DaemonApi {
     await this.registry?.close();
     // last: the migrations' final events are written by now
     this.history?.close();
+    this.images?.close();
   }
 }
 

@@ -14,6 +14,7 @@ import type { Refusal } from '../refusals.js';
 import type { ReceiveOptions, ReceiveProgress, ReceiveReport } from '../receiver/types.js';
 import type { Credentials } from '../security/tls.js';
 import { trace } from '../trace.js';
+import type { KeptImages } from './images.js';
 import { DaemonEvent } from '../trace-events.js';
 import type { MemoryBudget } from './budget.js';
 import type { EventBus } from './events.js';
@@ -49,6 +50,8 @@ export interface IncomingDeps {
   authTimeoutMs?: number;
   idleTimeoutMs?: number;
   recoverTimeoutMs?: number;
+  /** images of guests this daemon sent away: one coming back starts from its own (none: from zeros) */
+  images?: KeptImages;
   /** every source refused here, once recorded and counted (`livemig serve` prints a line) */
   onRefused?(r: Refusal): void;
 }
@@ -139,8 +142,11 @@ export class IncomingMigrations {
     };
     // the cores are shared by the migrations coming in at once: this one gets its share of readers
     this.#active++;
+    /** the image this daemon kept of the guest when it left, loaded before any page comes (images.ts) */
+    let image: ReturnType<KeptImages['take']>;
     const options: ReceiveOptions = {
       maxChannels: channelsFor(this.#active),
+      imageFor: (name, bytes) => (image = d.images?.take(name, bytes))?.path,
       reserveMemory: (bytes, local, name) => {
         this.#claimName(d, name);
         arriving = name;
@@ -172,7 +178,12 @@ export class IncomingMigrations {
       options,
       refused: (r) => this.#refused(d, r, m),
       settled: (outcome) => {
-        void outcome.finally(() => this.#active--).catch(() => undefined);
+        void outcome
+          .finally(() => {
+            this.#active--;
+            image?.release();
+          })
+          .catch(() => undefined);
         outcome.then(
           (report) => {
             if (report.mode === 'postcopy') guest?.allPresent();

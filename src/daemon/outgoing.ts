@@ -12,6 +12,7 @@ import { MigrationControl, type MigrateOptions, type ProgressEvent } from '../so
 import type { Credentials } from '../security/tls.js';
 import type { StallAction } from '../precopy/policy.js';
 import { trace } from '../trace.js';
+import type { KeptImages } from './images.js';
 import { DaemonEvent } from '../trace-events.js';
 import type { BandwidthShare } from './bandwidth.js';
 import type { EventBus } from './events.js';
@@ -42,6 +43,8 @@ export interface OutgoingDeps {
   /** the credentials migrations authenticate with (certificates: the peer's name is checked) */
   credentials: ((peerName: string | undefined) => Credentials | undefined) | undefined;
   insecure: boolean;
+  /** where a released guest's memory is kept for its return (none: not kept) */
+  images?: KeptImages;
 }
 
 export class OutgoingMigrations {
@@ -139,6 +142,9 @@ export class OutgoingMigrations {
         m.sourceGuest = 'running';
       },
       release: async () => {
+        // its memory, kept for its return, before the release lets the guest free it
+        if (d.images?.keep(m.guest, session.pieces, session.memory.region.size))
+          trace('daemon', DaemonEvent.imageKept, { guest: m.guest, bytes: session.memory.region.size, held_bytes: d.images.bytes });
         session.release();
         m.sourceGuest = 'released';
       },

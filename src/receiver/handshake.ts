@@ -107,7 +107,8 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const plan: PostcopyPlan = !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible';
   // holes: the region starts as zeros the source need not send (no kept image to differ from);
   // with the source's hint, only the pages that held data are allocated ahead
-  const holes = !local && h.capabilities.includes(CAP_HOLES) && options.reuseImage === undefined;
+  const image = local ? undefined : (options.imageFor?.(h.guest, h.regionBytes) ?? options.reuseImage);
+  const holes = !local && h.capabilities.includes(CAP_HOLES) && image === undefined;
   const resident = holes ? h.resident : undefined;
   const region = local ? await takeSourceMemory(ctx, h, plan) : await allocateRegion(ctx, h, plan, resident);
   const reserveMs = performance.now() - t0;
@@ -117,7 +118,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   // Encodings (version 2): `hashes` says what each page holds from the start, all zero or
   // the kept image (whose hashes the sender receives); a dup is checked against it.
   const encodings = version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
-  const imageHashes = encodings && (await startingImage(ctx, region, hashes));
+  const imageHashes = encodings && (await startingImage(ctx, region, hashes, image));
   if (holes && !encodings) hashes.fill(call('ERR_LIVEMIG_SYSCALL', 'reserve', 'the zero page hash', () => addon.zeroPageHash()));
   // capabilities exist from version 2 on (PROTOCOL.md): none is taken under version 1
   const commitActivate = version >= 2 && h.capabilities.includes(CAP_COMMIT_ACTIVATE);
@@ -206,8 +207,7 @@ function backingFor(h: Hello): Pick<CreateRegionOptions, 'hugePages' | 'hugePage
 }
 
 /** The kept image's pages and hashes, or all zero; true when the sender gets the image's hashes. */
-async function startingImage(ctx: ReceiverContext, region: Region, hashes: BigUint64Array): Promise<boolean> {
-  const path = ctx.options.reuseImage;
+async function startingImage(ctx: ReceiverContext, region: Region, hashes: BigUint64Array, path: string | undefined): Promise<boolean> {
   if (path && (await loadImage(region, path, hashes))) {
     ctx.progress({ type: 'image', path });
     return true;

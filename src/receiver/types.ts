@@ -62,6 +62,11 @@ export interface ReceiveOptions {
    * from a guest that left): its pages are loaded first and the sender sends only what differs
    */
   reuseImage?: string;
+  /**
+   * per migration, asked once its HELLO named the guest: the path of an image this host kept of
+   * that guest (a daemon keeps what a guest it sent away left here), used as `reuseImage`
+   */
+  imageFor?(guest: string | undefined, bytes: number): string | undefined;
   /** time allowed between frames before giving up (default 60 s) */
   idleTimeoutMs?: number;
   /**

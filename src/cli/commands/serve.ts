@@ -152,6 +152,13 @@ export const serve: Command = {
         'where the migration history is kept (DIR/history.db, locked while the daemon runs: one daemon per directory; default the directory of ' +
         `--guests, ${defaultDaemonDir()} unless given, which a reboot empties: give e.g. /var/lib/livemig to keep the history across one)`,
     },
+    'keep-images': {
+      type: 'string',
+      value: 'SIZE',
+      help:
+        'memory of guests this daemon sent away kept for their return, up to SIZE in all (e.g. 8GiB; the oldest goes first): ' +
+        'one coming back then moves only the pages that changed while it was gone (default: none kept)',
+    },
     'history-migrations': {
       type: 'string',
       default: String(FINISHED_KEPT),
@@ -216,6 +223,7 @@ export const serve: Command = {
       ...(insecureApi ? { insecureApi } : {}),
       ...(v['api-mtls'] === true ? { apiClientCerts: true } : {}),
       ...(typeof v['memory-budget'] === 'string' ? { memoryBudget: parseSize(v['memory-budget'], '--memory-budget') } : {}),
+      ...(typeof v['keep-images'] === 'string' ? { keepImagesBytes: parseSize(v['keep-images'], '--keep-images') } : {}),
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),
       ...(typeof v['parallel'] === 'string' ? { parallel: Math.floor(parseNumber(v['parallel'], '--parallel', 1)) } : {}),
