@@ -4,7 +4,9 @@
  * to `advise`, each put back as it was afterwards. Writing them needs root; where that fails
  * the caller gets the reason to skip with.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { HUGE_PAGE_SIZE, freeHugePages, shmemThpPolicy } from '../src/region/huge-pages.js';
 
 const NR_HUGEPAGES = '/proc/sys/vm/nr_hugepages';
@@ -61,4 +63,44 @@ export function allowShmemThp(): HostSetting {
     return { skip: `shmem_enabled is '${policy}' and cannot be set to advise (root needed): ${(e as Error).message}`, restore: () => undefined };
   }
   return { restore: () => writeFileSync(SHMEM_ENABLED, policy) };
+}
+
+/** where the host's lock lives: one directory, made atomically by whoever holds it */
+const LOCK = path.join(os.tmpdir(), 'livemig-huge-host.lock');
+
+/**
+ * Waits until this process holds the host's huge page lock (a directory made atomically, its
+ * owner's pid inside; one left by a process that died is taken over), and returns its release.
+ */
+export async function lockHost(): Promise<() => void> {
+  for (;;) {
+    try {
+      mkdirSync(LOCK);
+      writeFileSync(path.join(LOCK, 'pid'), String(process.pid));
+      return () => rmSync(LOCK, { recursive: true, force: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+    const owner = lockOwner();
+    if (owner > 0 && !alive(owner)) rmSync(LOCK, { recursive: true, force: true });
+    else await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** the lock's owner, or 0 while it is being made or removed (look again) */
+function lockOwner(): number {
+  try {
+    return Number(readFileSync(path.join(LOCK, 'pid'), 'utf8'));
+  } catch {
+    return 0;
+  }
 }

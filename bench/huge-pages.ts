@@ -10,7 +10,7 @@ import { parseArgs } from 'node:util';
 import { guestSpecOf, runDemo, type DemoReport } from '../src/demo/demo.js';
 import { HUGE_PAGE_MODES, type HugePages } from '../src/region/huge-pages.js';
 import { emit, machine, median } from './common.js';
-import { allowShmemThp, reserveHugePages, type HostSetting } from './huge-host.js';
+import { allowShmemThp, lockHost, reserveHugePages, type HostSetting } from './huge-host.js';
 
 const { values } = parseArgs({
   options: {
@@ -40,6 +40,8 @@ function hostFor(backing: HugePages): HostSetting {
 
 emit({ bench: 'huge-pages', case: 'machine', ...machine(), region_bytes: size, content: values.content });
 for (const backing of backings) {
+  // the host's pool and policy: held for this backing's runs, so that a test beside it does not restore them under it
+  const unlock = await lockHost();
   const host = hostFor(backing);
   try {
     if (host.skip) {
@@ -72,5 +74,6 @@ for (const backing of backings) {
     }
   } finally {
     host.restore();
+    unlock();
   }
 }

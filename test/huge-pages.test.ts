@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { pack } from 'msgpackr';
-import { allowShmemThp, meminfo, reserveHugePages, type HostSetting } from '../bench/huge-host.js';
+import { allowShmemThp, lockHost, meminfo, reserveHugePages, type HostSetting } from '../bench/huge-host.js';
 import { runDemo, type DemoReport, type GuestSpec } from '../src/demo/demo.js';
 import { LivemigError } from '../src/errors.js';
 import { decodeHello } from '../src/protocol/messages.js';
@@ -27,17 +27,28 @@ const PAGES_PER_HUGE = HUGE_PAGE_SIZE / 4096;
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
 const guest = (o: Partial<GuestSpec>): GuestSpec => ({ size: 64 * MiB, content: 'mixed', rate: 64, pattern: 'uniform', hotSize: 64 * MiB, ...o });
 
-/** Runs `fn` with the host setting in place and puts it back after; skips (printing why) where it cannot be set. */
-async function withHost(t: { skip(why: string): void; diagnostic(m: string): void }, host: HostSetting, fn: () => Promise<void>): Promise<void> {
-  if (host.skip) {
-    t.diagnostic(`skipped: ${host.skip}`);
-    t.skip(host.skip);
-    return;
-  }
+/**
+ * Runs `fn` with the host setting in place and puts it back after; skips (printing why) where it
+ * cannot be set. The pool and the policy are the host's, not this process's: another copy of the
+ * suite (or a benchmark) beside this one would set and restore them under it, so each test holds
+ * the host's lock from setting them to putting them back.
+ */
+async function withHost(t: { skip(why: string): void; diagnostic(m: string): void }, setting: () => HostSetting, fn: () => Promise<void>): Promise<void> {
+  const unlock = await lockHost();
   try {
-    await fn();
+    const host = setting();
+    if (host.skip) {
+      t.diagnostic(`skipped: ${host.skip}`);
+      t.skip(host.skip);
+      return;
+    }
+    try {
+      await fn();
+    } finally {
+      host.restore();
+    }
   } finally {
-    host.restore();
+    unlock();
   }
 }
 
@@ -74,49 +85,53 @@ function assertMigratedWhileWriting(r: DemoReport): void {
 
 test('a hugetlbfs region: a write is collected as its whole huge page by uffd-wp, as itself by hashing', async (t) => {
   const size = 8 * MiB;
-  await withHost(t, reserveHugePages(size), async () => {
-    const free = freeHugePages(HUGE_PAGE_SIZE)!;
-    assert.equal(probeHugePages().find((h) => h.kind === 'hugetlb')!.available, true, '`livemig probe` sees the free pages');
-    const region = Region.create(size, { hugePages: 'hugetlb', reserve: true });
-    try {
-      assert.deepEqual(region.backing, { kind: 'hugetlb', pageSize: HUGE_PAGE_SIZE });
-      assert.equal(region.pageSize, 4096, 'the wire keeps 4 KiB pages');
-      assert.equal(freeHugePages(HUGE_PAGE_SIZE), free - size / HUGE_PAGE_SIZE, 'the region took its pages from the pool');
-      region.view().fill(1);
-      const trackers: [string, () => DirtyTracker, number[]][] = [
-        [
-          'uffd-async',
-          () => new UffdAsyncTracker(region),
-          [...Array(PAGES_PER_HUGE).keys()].flatMap((i) => [PAGES_PER_HUGE + i, 3 * PAGES_PER_HUGE + i]).sort((a, b) => a - b),
-        ],
-        ['hash', () => new HashTracker(region), [PAGES_PER_HUGE + 5, 4 * PAGES_PER_HUGE - 1]],
-      ];
-      for (const [name, make, want] of trackers) {
-        if (name === 'uffd-async' && !uffd.available) {
-          t.diagnostic(`uffd-async skipped: ${uffd.reason}`);
-          continue;
+  await withHost(
+    t,
+    () => reserveHugePages(size),
+    async () => {
+      const free = freeHugePages(HUGE_PAGE_SIZE)!;
+      assert.equal(probeHugePages().find((h) => h.kind === 'hugetlb')!.available, true, '`livemig probe` sees the free pages');
+      const region = Region.create(size, { hugePages: 'hugetlb', reserve: true });
+      try {
+        assert.deepEqual(region.backing, { kind: 'hugetlb', pageSize: HUGE_PAGE_SIZE });
+        assert.equal(region.pageSize, 4096, 'the wire keeps 4 KiB pages');
+        assert.equal(freeHugePages(HUGE_PAGE_SIZE), free - size / HUGE_PAGE_SIZE, 'the region took its pages from the pool');
+        region.view().fill(1);
+        const trackers: [string, () => DirtyTracker, number[]][] = [
+          [
+            'uffd-async',
+            () => new UffdAsyncTracker(region),
+            [...Array(PAGES_PER_HUGE).keys()].flatMap((i) => [PAGES_PER_HUGE + i, 3 * PAGES_PER_HUGE + i]).sort((a, b) => a - b),
+          ],
+          ['hash', () => new HashTracker(region), [PAGES_PER_HUGE + 5, 4 * PAGES_PER_HUGE - 1]],
+        ];
+        for (const [name, make, want] of trackers) {
+          if (name === 'uffd-async' && !uffd.available) {
+            t.diagnostic(`uffd-async skipped: ${uffd.reason}`);
+            continue;
+          }
+          const tracker = make();
+          await tracker.start();
+          try {
+            flip(region, PAGES_PER_HUGE + 5, 100); // inside huge page 1
+            flip(region, 4 * PAGES_PER_HUGE - 1, 4095); // the last 4 KiB page of huge page 3
+            assertSamePages(await tracker.collect(), want, `${name} after two writes`);
+            assertSamePages(await tracker.collect(), [], `${name} with nothing written since`);
+          } finally {
+            await tracker.stop();
+          }
         }
-        const tracker = make();
-        await tracker.start();
-        try {
-          flip(region, PAGES_PER_HUGE + 5, 100); // inside huge page 1
-          flip(region, 4 * PAGES_PER_HUGE - 1, 4095); // the last 4 KiB page of huge page 3
-          assertSamePages(await tracker.collect(), want, `${name} after two writes`);
-          assertSamePages(await tracker.collect(), [], `${name} with nothing written since`);
-        } finally {
-          await tracker.stop();
-        }
+        // soft-dirty would see no write on hugetlbfs: never chosen, and refused when asked for
+        assert.throws(
+          () => chooseTracker(region, { backend: 'soft-dirty' }),
+          (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_UNSUPPORTED',
+        );
+        assert.notEqual(chooseTracker(region).backend, 'soft-dirty');
+      } finally {
+        region.release();
       }
-      // soft-dirty would see no write on hugetlbfs: never chosen, and refused when asked for
-      assert.throws(
-        () => chooseTracker(region, { backend: 'soft-dirty' }),
-        (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_UNSUPPORTED',
-      );
-      assert.notEqual(chooseTracker(region).backend, 'soft-dirty');
-    } finally {
-      region.release();
-    }
-  });
+    },
+  );
 });
 
 test('a hugetlbfs region larger than the free pool is refused before the kernel is asked', () => {
@@ -161,46 +176,62 @@ for (const backend of ['uffd-async', 'hash'] as const) {
   test(`a hugetlbfs guest migrates bit-identical onto hugetlbfs, tracked by ${backend}, while it writes`, { skip }, async (t) => {
     const g = guest({ hugePages: 'hugetlb', noTrack: backend === 'hash' });
     // the source guest and the destination's reservation each hold the region
-    await withHost(t, reserveHugePages(2 * g.size), async () => {
-      const { result: r, min, before } = await watchMeminfo('HugePages_Free', () => runDemo({ guest: g }));
-      assertMigratedWhileWriting(r);
-      assert.equal(r.tracker, backend);
-      assert.deepEqual(r.backing, { kind: 'hugetlb', page_size: HUGE_PAGE_SIZE, tracking_page_size: backend === 'uffd-async' ? HUGE_PAGE_SIZE : 4096 });
-      const pages = g.size / HUGE_PAGE_SIZE;
-      assert.ok(before - min >= 2 * pages, `both sides held hugetlbfs pages: HugePages_Free went from ${before} down to ${min}, ${2 * pages} expected`);
-    });
+    await withHost(
+      t,
+      () => reserveHugePages(2 * g.size),
+      async () => {
+        const { result: r, min, before } = await watchMeminfo('HugePages_Free', () => runDemo({ guest: g }));
+        assertMigratedWhileWriting(r);
+        assert.equal(r.tracker, backend);
+        assert.deepEqual(r.backing, { kind: 'hugetlb', page_size: HUGE_PAGE_SIZE, tracking_page_size: backend === 'uffd-async' ? HUGE_PAGE_SIZE : 4096 });
+        const pages = g.size / HUGE_PAGE_SIZE;
+        assert.ok(before - min >= 2 * pages, `both sides held hugetlbfs pages: HugePages_Free went from ${before} down to ${min}, ${2 * pages} expected`);
+      },
+    );
   });
 }
 
 test("the C guest's two hugetlbfs regions migrate bit-identical while it writes", { skip: uffd.available ? false : uffd.reason }, async (t) => {
   const bytes = (192 + 64) * MiB; // its regions
-  await withHost(t, reserveHugePages(2 * bytes), async () => {
-    const { result: r, min, before } = await watchMeminfo('HugePages_Free', () => runDemo({ guest: guest({ hugePages: 'hugetlb' }), guestKind: 'c' }));
-    assertMigratedWhileWriting(r);
-    assert.equal(r.tracker, 'uffd-async');
-    assert.equal(r.backing.kind, 'hugetlb');
-    assert.ok(before - min >= (2 * bytes) / HUGE_PAGE_SIZE, `both sides held hugetlbfs pages: HugePages_Free ${before} -> ${min}`);
-  });
+  await withHost(
+    t,
+    () => reserveHugePages(2 * bytes),
+    async () => {
+      const { result: r, min, before } = await watchMeminfo('HugePages_Free', () => runDemo({ guest: guest({ hugePages: 'hugetlb' }), guestKind: 'c' }));
+      assertMigratedWhileWriting(r);
+      assert.equal(r.tracker, 'uffd-async');
+      assert.equal(r.backing.kind, 'hugetlb');
+      assert.ok(before - min >= (2 * bytes) / HUGE_PAGE_SIZE, `both sides held hugetlbfs pages: HugePages_Free ${before} -> ${min}`);
+    },
+  );
 });
 
 test('a hugetlbfs guest is not offered to post-copy, which fills 4 KiB at a time', async (t) => {
   const g = guest({ hugePages: 'hugetlb', size: 8 * MiB });
-  await withHost(t, reserveHugePages(2 * g.size), async () => {
-    await assert.rejects(
-      runDemo({ guest: g, policy: { mode: 'postcopy' } }),
-      (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_UNSUPPORTED' && /hugetlbfs/.test(e.message),
-    );
-  });
+  await withHost(
+    t,
+    () => reserveHugePages(2 * g.size),
+    async () => {
+      await assert.rejects(
+        runDemo({ guest: g, policy: { mode: 'postcopy' } }),
+        (e: unknown) => e instanceof LivemigError && e.code === 'ERR_LIVEMIG_UNSUPPORTED' && /hugetlbfs/.test(e.message),
+      );
+    },
+  );
 });
 
 test('a shmem THP guest migrates bit-identical onto THP while it writes', { skip: uffd.available ? false : uffd.reason }, async (t) => {
   const g = guest({ hugePages: 'thp' });
-  await withHost(t, allowShmemThp(), async () => {
-    const { result: r, max, before } = await watchMeminfo('ShmemHugePages', () => runDemo({ guest: g }));
-    assertMigratedWhileWriting(r);
-    // uffd-wp splits a THP's mapping to protect it: the pages stay huge, tracking is per 4 KiB
-    assert.deepEqual(r.backing, { kind: 'shmem-thp', page_size: HUGE_PAGE_SIZE, tracking_page_size: 4096 });
-    const kib = (2 * g.size) / 1024;
-    assert.ok(max - before >= kib, `both sides held shmem huge pages: ShmemHugePages went from ${before} kB up to ${max} kB, ${kib} kB more expected`);
-  });
+  await withHost(
+    t,
+    () => allowShmemThp(),
+    async () => {
+      const { result: r, max, before } = await watchMeminfo('ShmemHugePages', () => runDemo({ guest: g }));
+      assertMigratedWhileWriting(r);
+      // uffd-wp splits a THP's mapping to protect it: the pages stay huge, tracking is per 4 KiB
+      assert.deepEqual(r.backing, { kind: 'shmem-thp', page_size: HUGE_PAGE_SIZE, tracking_page_size: 4096 });
+      const kib = (2 * g.size) / 1024;
+      assert.ok(max - before >= kib, `both sides held shmem huge pages: ShmemHugePages went from ${before} kB up to ${max} kB, ${kib} kB more expected`);
+    },
+  );
 });
