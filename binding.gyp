@@ -20,6 +20,7 @@
         "native/io/ktls.cc",
         "native/region/region.cc",
         "native/region/pages.cc",
+        "native/region/file_io.cc",
         "native/tracking/tracking.cc",
         "native/codec/pagehash.cc",
         "native/codec/encode.cc",

@@ -1,8 +1,9 @@
 /**
  * The raw-TCP ceiling a benchmark compares livemig with, measured in the same run:
  * build/Release/raw_streams, a sending and a receiving thread per stream, 1 MiB sends; with
- * `region`, from and into populated memory (each stream its slice), else from a buffer that
- * stays in cache to a receiver that discards.
+ * `region` true or 'mapped', from and into populated memory (each stream its slice); 'files', the
+ * same memory as a memfd read and written through the file (livemig's own data path); else from
+ * a buffer that stays in cache to a receiver that discards.
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
@@ -17,10 +18,10 @@ export async function rawStreams(
   streams: number,
   bytes: number,
   link: NetLink | undefined,
-  region = false,
+  region: boolean | 'mapped' | 'files' = false,
 ): Promise<{ ms: number; sender_cpu_s: number; receiver_cpu_s: number }> {
   const host = link ? link.far : '127.0.0.1';
-  const mode = region ? ['region'] : [];
+  const mode = region === 'files' ? ['files'] : region ? ['region'] : [];
   const rx = spawn(link ? 'ip' : RAW, [...(link ? ['netns', 'exec', link.ns, RAW] : []), 'recv', host, '0', String(streams), String(bytes), ...mode], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });

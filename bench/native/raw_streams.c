@@ -1,11 +1,14 @@
 // The raw-TCP ceiling with several streams: BYTES split over N connections, one sending thread
 // and one receiving thread per connection, 1 MiB send()s from a buffer that stays in cache and
 // a receiver that discards into one. What no migration engine can beat on the same path.
-//   raw_streams recv ADDR PORT N BYTES [region]   prints {"port":P} when listening, then serves once
-//   raw_streams send ADDR PORT N BYTES [region]   prints {"streams":N,"bytes":B,"ms":T,"cpu_s":C}
+//   raw_streams recv ADDR PORT N BYTES [region|files]   prints {"port":P} when listening, then serves once
+//   raw_streams send ADDR PORT N BYTES [region|files]   prints {"streams":N,"bytes":B,"ms":T,"cpu_s":C}
 // With `region` both ends do what a migration must: the sender sends from BYTES of populated
 // memory, each stream its slice, and the receiver receives into BYTES of populated memory, each
-// stream into its slice (no buffer that stays in cache on either side).
+// stream into its slice (no buffer that stays in cache on either side). With `files` the same
+// memory is a memfd reached through the file, as livemig's data path does (native/region/
+// file_io.h): the sender preads each 1 MiB from a populated memfd into a buffer that stays in
+// cache and sends it; the receiver receives into such a buffer and pwrites it into a fresh memfd.
 // The receiver answers one byte per stream once it has all of that stream's bytes, so the
 // sender's time runs from its first send to the last stream's answer.
 #define _GNU_SOURCE
@@ -30,6 +33,8 @@ struct job {
   int fd;
   uint64_t bytes;
   char* region;  // this stream's slice of the region, or NULL: a buffer that stays in cache
+  int file;      // files: the memfd, this stream's slice from `at`; else -1
+  uint64_t at;
 };
 
 static double now_ms(void) {
@@ -55,8 +60,9 @@ static void* receive_one(void* arg) {
   if (!buf) die("malloc");
   for (uint64_t got = 0; got < j->bytes;) {
     size_t want = j->bytes - got < CHUNK ? (size_t)(j->bytes - got) : CHUNK;
-    ssize_t n = recv(j->fd, j->region ? j->region + got : buf, j->region ? want : CHUNK, 0);
+    ssize_t n = recv(j->fd, j->region ? j->region + got : buf, j->region || j->file >= 0 ? want : CHUNK, 0);
     if (n <= 0) die("recv");
+    if (j->file >= 0 && pwrite(j->file, buf, (size_t)n, (off_t)(j->at + got)) != n) die("pwrite");
     got += (uint64_t)n;
   }
   char one = 1;
@@ -72,6 +78,7 @@ static void* send_one(void* arg) {
   memset(buf, 0x5a, CHUNK);
   for (uint64_t sent = 0; sent < j->bytes;) {
     size_t want = j->bytes - sent < CHUNK ? (size_t)(j->bytes - sent) : CHUNK;
+    if (j->file >= 0 && pread(j->file, buf, want, (off_t)(j->at + sent)) != (ssize_t)want) die("pread");
     ssize_t n = send(j->fd, j->region ? j->region + sent : buf, want, 0);
     if (n <= 0) die("send");
     sent += (uint64_t)n;
@@ -83,8 +90,8 @@ static void* send_one(void* arg) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 6 && !(argc == 7 && strcmp(argv[6], "region") == 0)) {
-    fprintf(stderr, "usage: raw_streams recv|send ADDR PORT STREAMS BYTES [region]\n");
+  if (argc != 6 && !(argc == 7 && (strcmp(argv[6], "region") == 0 || strcmp(argv[6], "files") == 0))) {
+    fprintf(stderr, "usage: raw_streams recv|send ADDR PORT STREAMS BYTES [region|files]\n");
     return 2;
   }
   int streams = atoi(argv[4]);
@@ -102,7 +109,19 @@ int main(int argc, char** argv) {
   struct job jobs[MAX_STREAMS];
   pthread_t threads[MAX_STREAMS];
   char* region = NULL;
-  if (argc == 7) {
+  int file = -1;
+  if (argc == 7 && strcmp(argv[6], "files") == 0) {
+    file = memfd_create("raw-streams", MFD_CLOEXEC);
+    if (file < 0 || ftruncate(file, (off_t)bytes) != 0) die("memfd");
+    if (strcmp(argv[1], "send") == 0) {  // populated, through the file
+      char* fill = malloc(CHUNK);
+      if (!fill) die("malloc");
+      memset(fill, 0x5a, CHUNK);
+      for (uint64_t at = 0; at < bytes; at += CHUNK)
+        if (pwrite(file, fill, bytes - at < CHUNK ? bytes - at : CHUNK, (off_t)at) < 0) die("pwrite");
+      free(fill);
+    }
+  } else if (argc == 7) {
     region = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (region == MAP_FAILED) die("mmap");
     memset(region, 0x5a, bytes);  // every page really backed (and not the shared zero page)
@@ -110,6 +129,8 @@ int main(int argc, char** argv) {
   for (uint64_t i = 0, at = 0; i < (uint64_t)streams; i++) {
     jobs[i].bytes = bytes / streams + (i < bytes % streams ? 1 : 0);
     jobs[i].region = region ? region + at : NULL;
+    jobs[i].file = file;
+    jobs[i].at = at;
     at += jobs[i].bytes;
   }
   if (strcmp(argv[1], "recv") == 0) {

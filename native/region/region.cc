@@ -39,6 +39,9 @@ struct RegionData {
 };
 
 void Register(Mapping* m) {
+  struct statfs sf;
+  int probe = m->fd >= 0 ? m->fd : m->pieceFds.empty() ? -1 : m->pieceFds[0];
+  m->hugetlb = probe >= 0 && fstatfs(probe, &sf) == 0 && static_cast<uint64_t>(sf.f_type) == HUGETLBFS_MAGIC;
   std::lock_guard<std::mutex> lock(g_registry_mutex);
   g_registry[m->id] = m;
 }
@@ -309,6 +312,7 @@ bool Mapping::Release() {
   std::thread([this] {
     void* r = mmap(addr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
     (void)r;  // on failure the shared mapping stays until munmap; still no crash
+    std::unique_lock<std::shared_mutex> lock(files);
     if (fd >= 0) close(fd);
     fd = -1;
     for (int f : pieceFds) close(f);

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <shared_mutex>
 #include <vector>
 
 namespace livemig {
@@ -25,6 +26,12 @@ struct Mapping {
   // shmem advised for transparent huge pages: reserving allocates through the mapping
   // (MADV_POPULATE_WRITE), since fallocate without a mapping would allocate 4 KiB pages
   bool thp = false;
+  // on hugetlbfs: its files take no write(2), so pages are written through the mapping
+  bool hugetlb = false;
+  // Held shared by whoever reads or writes the pages through the files (region/file_io.h), and
+  // exclusively by the release while it closes them, so that no read lands in a closed (or
+  // reused) descriptor.
+  std::shared_mutex files;
   std::atomic<int> refs{1};
   std::atomic<bool> released{false};
 

@@ -7,6 +7,7 @@
 
 #include "codec/pagehash.h"
 #include "io/socket.h"
+#include "region/file_io.h"
 #include "wire/format.h"
 
 namespace livemig {
@@ -44,17 +45,31 @@ bool CheckSinkIndices(const Sink& s, uint32_t* idx, uint32_t count, SysError& er
 }
 
 bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov,
-                  SysError& err) {
+                  std::vector<uint8_t>& staging, SysError& err) {
   uint32_t round, count;
   if (!ReadPagesPrefix(link, s, "PAGES", version, length, &round, &count, err) || !CheckPlainPagesLength("PAGES", length, count, err)) return false;
   idx.resize(count);
   if (!link.RecvBytes(idx.data(), count * 4ULL, false, err)) return false;
   if (!CheckSinkIndices(s, idx.data(), count, err)) return false;
   iov.clear();
-  PageIovecs(s.m->addr, idx.data(), count, iov);
-  if (!link.Recv(iov.data(), static_cast<int>(iov.size()), false, err)) return false;
-  for (uint32_t k = 0; k < count; k++) {
-    s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
+  if (WritesByFile(*s.m)) {
+    // into a buffer, then the file: no fault per page of a fresh mapping (region/file_io.h)
+    staging.resize(uint64_t{count} * kPageSize);
+    iov.push_back({staging.data(), staging.size()});
+    if (count > 0 && !link.Recv(iov.data(), 1, false, err)) return false;
+    PageWriter out(*s.m);
+    for (uint32_t k = 0; k < count; k++) {
+      const uint8_t* page = staging.data() + uint64_t{k} * kPageSize;
+      s.hashes[idx[k]] = PageHash(page, kPageSize);
+      if (!out.Put(idx[k], page, err)) return false;
+    }
+    if (!out.Flush(err)) return false;
+  } else {
+    PageIovecs(s.m->addr, idx.data(), count, iov);
+    if (!link.Recv(iov.data(), static_cast<int>(iov.size()), false, err)) return false;
+    for (uint32_t k = 0; k < count; k++) {
+      s.hashes[idx[k]] = PageHash(s.m->addr + static_cast<uint64_t>(idx[k]) * kPageSize, kPageSize);
+    }
   }
   r.pages += count;
   r.batches += 1;
@@ -64,11 +79,12 @@ bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, R
 }
 
 // Receives one PAGES_ENC payload: prefix, indices, encodings, then the bodies. Every index and
-// encoding is checked before a body byte is read. Without lz4 pages the body layout is known
-// from the encodings, so its size is checked too and raw bodies land straight in the region's
-// pages (dup hashes in a side buffer); with lz4 pages the body is read whole and decoded. Then
-// pages are applied in order with the dedup index updated as the sender updated it. A
-// malformed page fails the migration (the region is discarded then).
+// encoding is checked before a body byte is read. Where the region is written through its
+// file, or with lz4 pages, the body is read whole, then decoded and written; otherwise its
+// layout is known from the encodings, so its size is checked too and raw bodies land straight
+// in the region's pages (dup hashes in a side buffer). Pages are applied in order with the
+// dedup index updated as the sender updated it. A malformed page fails the migration (the
+// region is discarded then).
 namespace {
 
 // What a PAGES_ENC frame's head says: its pages' indices (in `idx`) and encodings.
@@ -124,19 +140,19 @@ bool ReadEncodedHead(Link& link, const Sink& s, uint8_t version, uint32_t length
 }
 
 // The bodies: without lz4 pages their layout is known from the encodings, so their size is
-// checked and raw bodies land straight in the region's pages (dup bodies in `body` at
-// kDupBody * k); with lz4 pages the body is read whole, to be decoded.
+// checked first; written through the mapping, raw bodies then land straight in the region's
+// pages (dup bodies in `body` at kDupBody * k); otherwise the body is read whole, to be applied.
 bool ReceiveBodies(Link& link, const Sink& s, uint32_t length, const EncodedHead& h, const std::vector<uint32_t>& idx, std::vector<uint8_t>& body,
                    SysError& err) {
   const uint32_t count = h.count;
   const std::vector<uint8_t>& enc = h.enc;
   std::vector<iovec> iov;
-  if (!h.anyLz4) {
-    if (h.fixedBody != length - h.head) {
-      err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(h.fixedBody) + " bytes, got " +
-                                           std::to_string(length - h.head));
-      return false;
-    }
+  if (!h.anyLz4 && h.fixedBody != length - h.head) {
+    err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC bodies of " + std::to_string(count) + " pages must be " + std::to_string(h.fixedBody) + " bytes, got " +
+                                         std::to_string(length - h.head));
+    return false;
+  }
+  if (!h.anyLz4 && !WritesByFile(*s.m)) {
     body.resize(count * uint64_t{kDupBody});  // dup bodies, at kDupBody*k
     for (uint32_t k = 0; k < count; k++) {
       if (enc[k] == kDup) {
@@ -161,10 +177,12 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
                   SysError& err) {
   const uint32_t count = h.count;
   const std::vector<uint8_t>& enc = h.enc;
-  const bool direct = !h.anyLz4;
+  const bool direct = !h.anyLz4 && !WritesByFile(*s.m);
   const uint64_t zh = ZeroPageHash(kPageSize);
+  static const uint8_t kZeroPage[kPageSize] = {};
   size_t pos = 0;
-  std::vector<uint8_t> lz4Scratch;
+  std::vector<uint8_t> lz4Scratch, dupScratch(kPageSize);
+  PageWriter out(*s.m);
   auto need = [&](size_t n) {
     if (body.size() - pos >= n) return true;
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body ends in the middle of a page");
@@ -177,14 +195,15 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
     switch (enc[k]) {
       case kRaw:
         if (!direct) {
-          if (!need(kPageSize)) return false;
-          std::memcpy(dst, body.data() + pos, kPageSize);
+          if (!need(kPageSize) || !out.Put(x, body.data() + pos, err)) return false;
+          h = PageHash(body.data() + pos, kPageSize);
           pos += kPageSize;
+        } else {
+          h = PageHash(dst, kPageSize);
         }
-        h = PageHash(dst, kPageSize);
         break;
       case kZero:
-        std::memset(dst, 0, kPageSize);
+        if (!out.Put(x, kZeroPage, err)) return false;
         h = zh;
         break;
       case kDup: {
@@ -217,7 +236,8 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
                    std::string("dup reference to content ") + hex + " in page " + std::to_string(y) + ", which this frame writes later");
           return false;
         }
-        if (y != x) std::memcpy(dst, s.m->addr + static_cast<uint64_t>(y) * kPageSize, kPageSize);
+        // its own buffer, written before the next dup reuses it
+        if (y != x && !(out.Get(y, dupScratch.data(), err) && out.Put(x, dupScratch.data(), err) && out.Flush(err))) return false;
         h = ref;
         break;
       }
@@ -243,29 +263,27 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
                    "lz4 block decompresses to " + std::to_string(original) + " bytes, not " + std::to_string(g) + " page(s) of " + std::to_string(kPageSize));
           return false;
         }
-        // one page decodes in place; a group into scratch, then to each of its pages
-        uint8_t* out = dst;
-        if (g > 1) {
-          lz4Scratch.resize(want);
-          out = lz4Scratch.data();
-        }
-        if (!Lz4DecodeBlock(body.data() + pos + 4, n - 4, out, want)) {
+        // decoded into scratch, then to each of its pages; written before the next block
+        lz4Scratch.resize(want);
+        uint8_t* decoded = lz4Scratch.data();
+        if (!Lz4DecodeBlock(body.data() + pos + 4, n - 4, decoded, want)) {
           err.fail("ERR_LIVEMIG_PROTOCOL", "corrupt lz4 page " + std::to_string(x));
           return false;
         }
         pos += n;
-        for (uint32_t j = 1; j < g; j++) {
-          uint8_t* pj = s.m->addr + static_cast<uint64_t>(idx[k + j]) * kPageSize;
-          std::memcpy(pj, out + uint64_t{j} * kPageSize, kPageSize);
+        for (uint32_t j = 0; j < g; j++) {
+          const uint8_t* pj = decoded + uint64_t{j} * kPageSize;
+          if (!out.Put(idx[k + j], pj, err)) return false;
           s.hashes[idx[k + j]] = PageHash(pj, kPageSize);
         }
-        if (g > 1) std::memcpy(dst, out, kPageSize);
-        h = PageHash(dst, kPageSize);
+        if (!out.Flush(err)) return false;
+        h = s.hashes[x];
         k += g - 1;  // the continuations are applied
       }
     }
     s.hashes[x] = h;
   }
+  if (!out.Flush(err)) return false;
   if (!direct && pos != body.size()) {
     err.fail("ERR_LIVEMIG_PROTOCOL", "PAGES_ENC body has " + std::to_string(body.size() - pos) + " bytes after its last page");
     return false;

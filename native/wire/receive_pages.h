@@ -1,6 +1,7 @@
-// Receiving pages into the region: PAGES and PAGES_ENC payloads read straight from the socket
-// into their pages, every index and encoding checked before a body byte is read, each page
-// hashed as it lands. Used by the migration stream's reader (wire.cc) with a page sink.
+// Receiving pages into the region: PAGES and PAGES_ENC payloads read from the socket into a
+// buffer and written to the region's file (or, where the file takes no writes, straight into
+// its pages), every index and encoding checked before a body byte is read, each page hashed
+// as it lands. Used by the migration stream's reader (wire.cc) with a page sink.
 #pragma once
 
 #include <sys/uio.h>
@@ -46,7 +47,7 @@ bool CheckSinkIndices(const Sink& s, uint32_t* idx, uint32_t count, SysError& er
 // One PAGES payload (after its header) into the region. All indices are checked before a
 // data byte is read, so a bad batch leaves the region as it was.
 bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<iovec>& iov,
-                  SysError& err);
+                  std::vector<uint8_t>& staging, SysError& err);
 // One PAGES_ENC payload (after its header); see receive_pages.cc.
 bool ReceiveEncoded(Link& link, const Sink& s, uint8_t version, uint32_t length, ReadResult& r, std::vector<uint32_t>& idx, std::vector<uint8_t>& body,
                     SysError& err);

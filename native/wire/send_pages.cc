@@ -1,7 +1,8 @@
-// Sending pages (see send_pages.h). A batch goes through three steps: classify it (encoded
-// frames only), frame it (header, indices, encodings, iovecs over the region's pages), send it;
-// then the pages are hashed after the send, while still in cache, and raw pages that provably
-// went out as hashed enter the dedup index.
+// Sending pages (see send_pages.h). A batch goes through four steps: copy its pages from the
+// region's files (region/file_io.h), classify them (encoded frames only), frame them (header,
+// indices, encodings, iovecs over the copy), send; then the pages are hashed after the send,
+// while still in cache, and raw pages whose guest page was not written meanwhile enter the
+// dedup index.
 #include "wire/send_pages.h"
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <ctime>
 
 #include "codec/pagehash.h"
+#include "region/file_io.h"
 #include "tracking/tracking.h"
 #include "wire/format.h"
 
@@ -23,12 +25,14 @@ long long NowNs() {
   return t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-inline uint8_t* PageAt(Mapping* m, uint32_t page) { return m->addr + static_cast<uint64_t>(page) * kPageSize; }
-
 // What one batch needs, kept across batches so that nothing is allocated per frame.
 struct Batch {
   const uint32_t* b = nullptr;
   size_t n = 0;
+  // the batch's pages, copied from the region's files (region/file_io.h): every check, hash
+  // and send below reads this copy, never the guest's memory
+  std::vector<uint8_t> pages;
+  uint8_t* Page(size_t k) { return pages.data() + k * kPageSize; }
   uint8_t type = kPages;
   uint64_t payload = 0;
   size_t kept = 0;  // pages in the frame (skipped ones are left out)
@@ -47,7 +51,7 @@ void PlainFrame(const SendPagesJob& job, Batch& t, SendCounts& c) {
   t.head.resize(kHeaderBytes + kPagesPrefixBytes + t.n * 4);
   for (size_t k = 0; k < t.n; k++) Put32(t.head.data() + kHeaderBytes + kPagesPrefixBytes + 4 * k, t.b[k]);
   t.iov.push_back({t.head.data(), t.head.size()});
-  PageIovecs(job.m->addr, t.b, t.n, t.iov);
+  t.iov.push_back({t.pages.data(), t.n * kPageSize});
   c.raw += static_cast<double>(t.n);
 }
 
@@ -69,9 +73,7 @@ size_t Classify(const SendPagesJob& job, Batch& t) {
   size_t raws = 0;
   for (size_t k = 0; k < n; k++) {
     uint32_t x = t.b[k];
-    const uint8_t* live = PageAt(job.m, x);
-    // the zero check's first load misses the cache; start the next pages' loads now
-    if (k + 8 < n) __builtin_prefetch(PageAt(job.m, t.b[k + 8]));
+    const uint8_t* live = t.Page(k);
     bool zero = zeroOn && IsZeroPage(live, kPageSize);
     bool early = zero || (dedupOn && ((dedup->known[x] && dedup->holder[x] != zh) || dedup->MayHold(live)));
     uint64_t h = zero ? zh : early ? PageHash(live, kPageSize) : 0;
@@ -122,7 +124,7 @@ void EncodedFrame(const SendPagesJob& job, Batch& t, SendCounts& c) {
     indices[4 * kept + j] = e;
     j++;
     if (e == kRaw) {
-      uint8_t* p = PageAt(job.m, t.b[k]);
+      uint8_t* p = t.Page(k);
       if (lastWasPage && static_cast<uint8_t*>(t.iov.back().iov_base) + t.iov.back().iov_len == p) t.iov.back().iov_len += kPageSize;
       else t.iov.push_back({p, kPageSize});
       lastWasPage = true;
@@ -162,7 +164,7 @@ void IndexSent(const SendPagesJob& job, Batch& t, SendCounts& c, long long& over
       if (k + 8 < t.n && t.wantIndex[k + 8]) job.dedup->head.Prefetch(t.refs[k + 8]);
       if (!t.wantIndex[k] || t.dirtyMark[t.b[k] - lo]) continue;
       job.dedup->Set(t.b[k], t.refs[k]);
-      job.dedup->NoteFingerprint(t.b[k], PageAt(job.m, t.b[k]));
+      job.dedup->NoteFingerprint(t.b[k], t.Page(k));
     }
   }
   overhead += NowNs() - tIndex;
@@ -174,13 +176,13 @@ void IndexSent(const SendPagesJob& job, Batch& t, SendCounts& c, long long& over
 void AfterSend(const SendPagesJob& job, Batch& t, SendCounts& c, long long& overhead) {
   if (!job.flags) {
     for (size_t k = 0; k < t.n; k++) {
-      job.hashes[t.b[k]] = PageHash(PageAt(job.m, t.b[k]), kPageSize);
+      job.hashes[t.b[k]] = PageHash(t.Page(k), kPageSize);
       if (job.dedup) job.dedup->Invalidate(t.b[k]);
     }
     return;
   }
   for (size_t k = 0; k < t.n; k++)
-    if (t.enc[k] == kRaw && !t.hashedEarly[k]) t.refs[k] = job.hashes[t.b[k]] = PageHash(PageAt(job.m, t.b[k]), kPageSize);
+    if (t.enc[k] == kRaw && !t.hashedEarly[k]) t.refs[k] = job.hashes[t.b[k]] = PageHash(t.Page(k), kPageSize);
   IndexSent(job, t, c, overhead);
 }
 
@@ -194,8 +196,10 @@ void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err) {
   for (size_t start = 0; start < job.count && !err.failed(); start += job.batchPages) {
     t.n = std::min<size_t>(job.batchPages, job.count - start);
     t.b = job.idx + start;
-    long long t0 = NowNs();
     t.iov.clear();
+    t.pages.resize(t.n * kPageSize);
+    if (!ReadPages(*job.m, t.b, t.n, t.pages.data(), err)) break;
+    long long t0 = NowNs();
     if (!job.flags) {
       PlainFrame(job, t, c);
     } else if (Classify(job, t) == t.n) {

@@ -1,4 +1,4 @@
-// Sending pages: PAGES frames straight from the region, or PAGES_ENC frames with zero and dup
+// Sending pages: PAGES frames of a copy of the region's pages, or PAGES_ENC frames with zero and dup
 // pages found in place (send_pages.cc), and one PAGES_ENC frame of a batch classified and
 // compressed beforehand (SendEncodedBatch). No JavaScript; these run on pool threads or, for
 // a few pages inside the pause, on the calling thread.
@@ -45,14 +45,15 @@ struct SendPagesJob {
   WrittenProbe probe;
 };
 
-// Sends job.idx in frames of up to batchPages and stores each page's hash. Without flags:
-// PAGES frames, each page hashed in place right after it went. With flags: PAGES_ENC frames
-// where an all-zero page is `zero`, a page whose content the receiver holds elsewhere is `dup`,
-// one the receiver already holds there is left out, and the rest go raw from the region (a
-// batch with nothing saved goes as PAGES). With a probe, raw pages the tracker shows unwritten
-// since before their hash become dup sources. A page the guest changes meanwhile may go out
-// torn, or as a dup of its old content; the tracker reports it dirty (write protection was
-// re-armed before this read), so a later round resends and rehashes it.
+// Sends job.idx in frames of up to batchPages and stores each page's hash. Each batch is first
+// copied out of the region's files (region/file_io.h); everything below reads that copy.
+// Without flags: PAGES frames, each page hashed right after it went. With flags: PAGES_ENC
+// frames where an all-zero page is `zero`, a page whose content the receiver holds elsewhere
+// is `dup`, one the receiver already holds there is left out, and the rest go raw (a batch
+// with nothing saved goes as PAGES). With a probe, raw pages the tracker shows unwritten since
+// before the copy become dup sources. A page the guest changes while it is copied may go out
+// torn; the tracker reports it dirty (write protection was re-armed before this read), so a
+// later round resends and rehashes it.
 void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err);
 
 struct EncodedBatch {

@@ -1,12 +1,12 @@
 // The migration stream's data path. After the handshake a TCP connection's descriptor is
 // handed to a Wire (a dup of it, switched to blocking mode) and every byte moves here, on
 // thread-pool threads with no JavaScript inside:
-//   - sendPages: PAGES frames written with sendmsg straight from the region (an iovec per run
-//     of contiguous pages; the kernel's copy is the only one), each page hashed right after
-//     it went, while it is still in cache;
+//   - sendPages: PAGES frames written with sendmsg from a copy of each batch read out of the
+//     region's files (region/file_io.h), each page hashed right after it went, while it is
+//     still in cache;
 //   - read: frames parsed as a state machine that waits for exactly the bytes it needs
 //     (header, then prefix, then indices, then data); with a page sink, PAGES frames are
-//     checked and received straight into the region and hashed, and the first other frame
+//     checked, received, hashed and written to the region's file, and the first other frame
 //     is returned to JavaScript with its payload;
 //   - write: control frames, gathered.
 // One read and one write may run at once (TCP allows it); TypeScript serialises the rest.
@@ -343,7 +343,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
             const uint16_t flags = hd.flags;
             const uint32_t length = hd.length;
             if (type == kPages && sink.m) {
-              if (!ReceivePages(*fd, sink, version, length, r, idx, iov, err)) break;
+              if (!ReceivePages(*fd, sink, version, length, r, idx, iov, body, err)) break;
               continue;
             }
             if (type == kPagesEnc && sink.m) {

@@ -101,3 +101,24 @@ export class Compressor {
     await Promise.all(this.#workers.map((w) => w.terminate()));
   }
 }
+
+/**
+ * Compressors started ahead of need: a worker's start-up (an isolate, the lz4 module) takes
+ * hundreds of milliseconds on a busy host, better spent while the destination reserves than
+ * after it. Each is taken once; close() ends those never taken.
+ */
+export class CompressorPool {
+  #spare: Compressor[] = [];
+
+  start(count: number): void {
+    for (let i = 0; i < count; i++) this.#spare.push(new Compressor());
+  }
+
+  take(): Compressor | undefined {
+    return this.#spare.shift();
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.#spare.splice(0).map((c) => c.close()));
+  }
+}

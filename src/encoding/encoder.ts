@@ -53,6 +53,8 @@ export interface PageEncoderOptions {
   link?: () => LinkFigure | undefined;
   /** each run's bytes and pages as they went: the link figure and progress grow during a long call, not after it */
   onSent?: (bytes: number, pages: number) => void;
+  /** a compressor already started (CompressorPool), now this encoder's to close */
+  compressor?: Compressor;
 }
 
 interface BufferSet {
@@ -99,6 +101,7 @@ export class PageEncoder {
     const { region, conn, hashes, dedup, encodings: options, version, batchPages } = o;
     this.#probe = o.probe ?? (() => undefined);
     this.#onSent = o.onSent ?? (() => undefined);
+    this.#compressor = o.compressor;
     this.#region = region;
     this.#conn = conn;
     this.#hashes = hashes;

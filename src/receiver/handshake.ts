@@ -185,9 +185,10 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   );
   trace('receiver', ReceiverEvent.regionAllocated);
   ctx.region = created;
-  // Map every page now (faults are slow on VM hosts), while the integrator prepares its
-  // side of the same memory: both finish before the first page is accepted.
-  const populated = created.populateAsync(true, resident);
+  // Pages of 4 KiB shmem are written through the file (native/region/file_io.h). Huge pages
+  // are written through the mapping: map them now (faults are slow on VM hosts), while the
+  // integrator prepares its side of the same memory; both finish before the first page.
+  const populated = created.writesThroughFile ? Promise.resolve() : created.populateAsync(true, resident);
   populated.catch(() => undefined); // awaited below, after onReserved
   await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
   await populated;

@@ -101,6 +101,13 @@ export class Region {
   get backing(): RegionBacking {
     return this.#backing;
   }
+  /**
+   * Whether pages are written through the files rather than the mapping (native/region/file_io.h):
+   * 4 KiB shmem; hugetlbfs takes no write(2), and one would give THP shmem 4 KiB pages.
+   */
+  get writesThroughFile(): boolean {
+    return this.#backing.kind === 'shmem';
+  }
   /** Whether the backing's pages are larger than the wire's. */
   get huge(): boolean {
     return this.#backing.pageSize > PAGE_SIZE;

@@ -39,6 +39,7 @@ import { SharedMemoryTracker } from '../tracking/shared.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
 import { coarsen } from '../pages/extents.js';
+import { CompressorPool, type Compressor } from '../encoding/compressor.js';
 import { now, type SourceContext } from './context.js';
 import { invalid } from './options.js';
 import { connect, peerError } from './peer.js';
@@ -49,27 +50,30 @@ export async function handshake(ctx: SourceContext): Promise<void> {
   const { options } = settings;
   // a same-host upgrade: the memory is offered by reference; HELLO names where
   const local = options.local ? offerMemory(settings.layout, options.local.pieces, settings.handshakeTimeoutMs) : undefined;
+  const compressors = new CompressorPool();
   try {
-    await exchange(ctx, local);
+    await exchange(ctx, local, compressors);
   } catch (e) {
     local?.close();
     throw e;
+  } finally {
+    await compressors.close(); // those no channel took
   }
 }
 
 // eslint-disable-next-line max-lines-per-function -- 119 lines: connect, HELLO/ACCEPT and its checks, channels, encoders, in protocol order
-async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory> | undefined): Promise<void> {
+async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory> | undefined, compressors: CompressorPool): Promise<void> {
   const { settings } = ctx;
   const { options } = settings;
   const { region } = options;
   const postcopyOffered = settings.mayPostcopy && !refusePostcopyOnHugetlb(settings, region.backing);
-  // Map the guest's pages into our own mapping while the destination reserves: reading
-  // through unmapped pages would fault once per page in the middle of the first round (a
-  // same-host upgrade reads none)
-  // mapping (and reading) a hole of the guest's memfd would allocate it: only where the
-  // files hold data (a real VM's RAM is mostly holes)
+  // Pre-copy reads the guest's pages through its files (native/region/file_io.h), not our
+  // mapping. Post-copy serves them from the mapping: map them while the destination reserves,
+  // or each would fault once in the middle of the push (a same-host upgrade reads none). Only
+  // where the files hold data: mapping (and reading) a hole of the guest's memfd allocates it.
   const resident = local ? undefined : region.dataExtents();
-  const populated = resident ? resident.then((e) => region.populateAsync(false, e)) : Promise.resolve();
+  const viaMapping = postcopyOffered || settings.mode !== 'precopy';
+  const populated = resident && viaMapping ? resident.then((e) => region.populateAsync(false, e)) : Promise.resolve();
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
   trace('source', SourceEvent.connected);
@@ -93,6 +97,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     : settings.mode === 'postcopy'
       ? { count: 1, reason: 'post-copy from the start has no pre-copy pass' }
       : chooseChannels({ asked: options.channels, canConnect: canConnect(options.to, options.connect) });
+  if (wantEncodings && enc.compress && !local) compressors.start(wanted.count);
   const capabilities = [
     ...(wanted.count > 1 ? [CAP_CHANNELS] : []),
     ...(local ? [CAP_LOCAL] : []),
@@ -157,6 +162,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
           probe: () => ctx.tracker?.writtenProbe?.(),
           link: linkFigure,
           onSent: (b, pages) => ctx.channels?.noteSent(b, pages),
+          ...withCompressor(compressors.take()),
         })
       : undefined,
   );
@@ -320,3 +326,5 @@ function refusePostcopyOnHugetlb(settings: SourceContext['settings'], backing: R
     );
   return true;
 }
+
+const withCompressor = (c: Compressor | undefined): { compressor?: Compressor } => (c ? { compressor: c } : {});
