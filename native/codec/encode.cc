@@ -4,6 +4,7 @@
 
 #include "codec/pagehash.h"
 #include "common.h"
+#include "region/file_io.h"
 #include "region/region.h"
 
 namespace livemig {
@@ -111,13 +112,12 @@ namespace {
 
 // classifyPages(region, pages, staging: Buffer, hashes, dedup, flags, sources: Int32Array)
 //   -> Promise<Uint8Array>; sources[k] = the page a dup's content is taken from
-// flags: 1 zero, 2 dedup, 4 mark raw pages that look incompressible. For each page, in order: an all-zero page (checked in place) is
-// the zero page; any other is copied to staging[k*pageSize] and hashed there (the copy is
-// what goes on the wire, so hash and bytes agree). Then: a page whose content the receiver
-// already holds in that very page is skipped; a zero page is `zero`; content held elsewhere
-// is `dup`; the rest `raw` (the caller may compress it) or `incompressible` (send raw, do not
-// try). The dedup index is updated as the
-// receiver will update it.
+// flags: 1 zero, 2 dedup, 4 mark raw pages that look incompressible. The pages are copied to
+// staging[k*pageSize] from the region's files and everything reads the copy (it is what goes
+// on the wire, so hash and bytes agree). For each page, in order: a page whose content the
+// receiver already holds in that very page is skipped; an all-zero page is `zero`; content
+// held elsewhere is `dup`; the rest `raw` (the caller may compress it) or `incompressible`
+// (send raw, do not try). The dedup index is updated as the receiver will update it.
 Napi::Value Classify(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Mapping* m = Region::Unwrap(info[0])->LiveMapping(env);
@@ -143,31 +143,28 @@ Napi::Value Classify(const Napi::CallbackInfo& info) {
   m->Ref();
   return Task<std::vector<uint8_t>>::Start(
       env,
-      [m, idx, n, stage, table, st, flags, sources](std::vector<uint8_t>& enc, SysError&) {
+      [m, idx, n, stage, table, st, flags, sources](std::vector<uint8_t>& enc, SysError& err) {
         const bool zeroOn = flags & 1, dedupOn = flags & 2, sample = flags & 4;
         const uint64_t zh = ZeroPageHash(kPageSize);
+        // the batch copied out of the region's files (region/file_io.h); a write after the
+        // copy makes the page dirty: a later round resends it
+        if (!ReadPages(*m, idx, n, stage, err)) {
+          m->Unref();
+          return;
+        }
         enc.resize(n);
         st->order.Begin(idx, n, st->holder.size());
         for (size_t k = 0; k < n; k++) {
           uint32_t x = idx[k];
-          const uint8_t* live = m->addr + static_cast<uint64_t>(x) * kPageSize;
-          uint64_t h;
-          bool zero = IsZeroPage(live, kPageSize);
-          if (zero) {
-            h = zh;  // a write after this check makes the page dirty: a later round resends it
-          } else {
-            std::memcpy(stage + k * kPageSize, live, kPageSize);
-            h = PageHash(stage + k * kPageSize, kPageSize);
-          }
+          const uint8_t* page = stage + k * kPageSize;
+          bool zero = IsZeroPage(page, kPageSize);
+          uint64_t h = zero ? zh : PageHash(page, kPageSize);
           table[x] = h;
           uint32_t source = 0;
           enc[k] = st->Choose(x, k, h, zero, zeroOn, dedupOn, true, &source);
           if (enc[k] == kDup) sources[k] = static_cast<int32_t>(source);
-          if ((enc[k] == kRaw || enc[k] == kDup) && !(zero && zeroOn)) st->NoteFingerprint(x, zero ? live : stage + k * kPageSize);
-          if (enc[k] == kRaw) {
-            if (zero) std::memset(stage + k * kPageSize, 0, kPageSize);
-            else if (sample && !LooksCompressible(stage + k * kPageSize, kPageSize)) enc[k] = kIncompressible;
-          }
+          if ((enc[k] == kRaw || enc[k] == kDup) && !(zero && zeroOn)) st->NoteFingerprint(x, page);
+          if (enc[k] == kRaw && !zero && sample && !LooksCompressible(page, kPageSize)) enc[k] = kIncompressible;
         }
         m->Unref();
       },
@@ -189,7 +186,7 @@ Napi::Value Lz4DecodePageJs(const Napi::CallbackInfo& info) {
 }
 
 // samplePages(region, pages, staging: Buffer) -> Uint8Array: copies each page to
-// staging[k*pageSize] and says what it looks like: 0 all zero, 1 incompressible, 2 worth
+// staging[k*pageSize] (from the region's files) and says what it looks like: 0 all zero, 1 incompressible, 2 worth
 // compressing. Synchronous: the caller samples a few dozen pages to keep the chooser's
 // compression figures current while batches go out uncompressed.
 Napi::Value SamplePages(const Napi::CallbackInfo& info) {
@@ -201,13 +198,14 @@ Napi::Value SamplePages(const Napi::CallbackInfo& info) {
   size_t n = pages.ElementLength();
   uint64_t pageCount = m->size / kPageSize;
   if (staging.Length() < n * kPageSize) throw Napi::RangeError::New(env, "staging buffer too small");
+  for (size_t k = 0; k < n; k++)
+    if (pages.Data()[k] >= pageCount) throw Napi::RangeError::New(env, "page index outside the region");
+  SysError err;
+  if (!ReadPages(*m, pages.Data(), n, staging.Data(), err)) throw MakeSysError(env, err);
   Napi::Uint8Array kind = Napi::Uint8Array::New(env, n);
   for (size_t k = 0; k < n; k++) {
-    uint32_t x = pages.Data()[k];
-    if (x >= pageCount) throw Napi::RangeError::New(env, "page index outside the region");
-    uint8_t* dst = staging.Data() + k * kPageSize;
-    std::memcpy(dst, m->addr + static_cast<uint64_t>(x) * kPageSize, kPageSize);
-    kind[k] = IsZeroPage(dst, kPageSize) ? 0 : LooksCompressible(dst, kPageSize) ? 2 : 1;
+    const uint8_t* page = staging.Data() + k * kPageSize;
+    kind[k] = IsZeroPage(page, kPageSize) ? 0 : LooksCompressible(page, kPageSize) ? 2 : 1;
   }
   return kind;
 }
