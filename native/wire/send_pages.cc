@@ -33,6 +33,7 @@ struct Batch {
   // and send below reads this copy, never the guest's memory
   std::vector<uint8_t> pages;
   uint8_t* Page(size_t k) { return pages.data() + k * kPageSize; }
+  long long copyNs = 0;  // of this batch's copy: plain frames pay it too, so it is no encoding overhead
   uint8_t type = kPages;
   uint64_t payload = 0;
   size_t kept = 0;  // pages in the frame (skipped ones are left out)
@@ -58,7 +59,11 @@ void PlainFrame(const SendPagesJob& job, Batch& t, SendCounts& c) {
 // Chooses each page's encoding in place. Hashes before sending only where it can pay: the page
 // may still be what the receiver holds there, or its fingerprint matches indexed content;
 // otherwise it is hashed after the send, while still in cache. Returns how many pages went raw.
-size_t Classify(const SendPagesJob& job, Batch& t) {
+// Pages copied (region/file_io.h) a slice at a time, each just before it is classified: the
+// check then reads what the copy left in the core's cache, not a batch that spilled out of it.
+constexpr size_t kSlicePages = 32;
+
+size_t Classify(const SendPagesJob& job, Batch& t, SysError& err) {
   DedupState* dedup = job.dedup;
   const bool zeroOn = job.flags & kSendZero, dedupOn = job.flags & kSendDedup;
   const uint64_t zh = ZeroPageHash(kPageSize);
@@ -72,6 +77,11 @@ size_t Classify(const SendPagesJob& job, Batch& t) {
   t.kept = 0;
   size_t raws = 0;
   for (size_t k = 0; k < n; k++) {
+    if (k % kSlicePages == 0) {
+      long long c0 = NowNs();
+      if (!ReadPages(*job.m, t.b + k, std::min(kSlicePages, n - k), t.Page(k), err)) return 0;
+      t.copyNs += NowNs() - c0;
+    }
     uint32_t x = t.b[k];
     const uint8_t* live = t.Page(k);
     bool zero = zeroOn && IsZeroPage(live, kPageSize);
@@ -198,11 +208,14 @@ void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err) {
     t.b = job.idx + start;
     t.iov.clear();
     t.pages.resize(t.n * kPageSize);
-    if (!ReadPages(*job.m, t.b, t.n, t.pages.data(), err)) break;
+    t.copyNs = 0;
     long long t0 = NowNs();
     if (!job.flags) {
+      if (!ReadPages(*job.m, t.b, t.n, t.pages.data(), err)) break;
       PlainFrame(job, t, c);
-    } else if (Classify(job, t) == t.n) {
+    } else if (size_t raws = Classify(job, t, err); err.failed()) {
+      break;
+    } else if (raws == t.n) {
       // nothing saved in this batch: a plain PAGES frame says the same and its receiver has
       // less to do (no encodings to parse, one header per frame)
       PlainFrame(job, t, c);
@@ -210,7 +223,7 @@ void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err) {
       EncodedFrame(job, t, c);
     }
     if (t.kept == 0) continue;
-    if (job.flags) overhead += NowNs() - t0;
+    if (job.flags) overhead += NowNs() - t0 - t.copyNs;
     PutPagesHead(t.head.data(), job.version, t.type, t.payload, job.round, static_cast<uint32_t>(t.kept));
     if (!job.link->Send(t.iov.data(), static_cast<int>(t.iov.size()), t.head.size(), err)) break;
     c.bytes += static_cast<double>(kHeaderBytes + t.payload);

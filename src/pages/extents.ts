@@ -55,13 +55,16 @@ export function allPages(pageCount: number): PageExtents {
 export function coarsen(e: PageExtents, maxRuns: number): PageExtents {
   const runs = e.length / 2;
   if (runs <= maxRuns) return e;
-  const gaps = new Float64Array(runs - 1);
-  for (let i = 0; i < runs - 1; i++) gaps[i] = e[2 * i + 2]! - e[2 * i + 1]!;
-  // joining every gap up to the (runs - maxRuns)th smallest leaves at most maxRuns runs
-  const limit = Float64Array.from(gaps).sort()[runs - maxRuns - 1]!;
+  const gap = (i: number): number => e[2 * i + 2]! - e[2 * i + 1]!;
+  // exactly the (runs - maxRuns) smallest gaps are joined (ties by position): joining every gap
+  // as small as the last one would join them all when the gaps are equal, and the hint would
+  // then reserve the whole region
+  const order = Array.from({ length: runs - 1 }, (_, i) => i).sort((a, b) => gap(a) - gap(b) || a - b);
+  const joined = new Uint8Array(runs - 1);
+  for (const i of order.slice(0, runs - maxRuns)) joined[i] = 1;
   const out: number[] = [e[0]!, e[1]!];
   for (let i = 1; i < runs; i++) {
-    if (gaps[i - 1]! <= limit) out[out.length - 1] = e[2 * i + 1]!;
+    if (joined[i - 1]) out[out.length - 1] = e[2 * i + 1]!;
     else out.push(e[2 * i]!, e[2 * i + 1]!);
   }
   return Float64Array.from(out);
