@@ -38,10 +38,12 @@ struct RegionData {
   Napi::FunctionReference ctor;
 };
 
+bool OnHugetlbfs(const struct statfs& sf) { return static_cast<uint64_t>(sf.f_type) == HUGETLBFS_MAGIC; }
+
 void Register(Mapping* m) {
   struct statfs sf;
   int probe = m->fd >= 0 ? m->fd : m->pieceFds.empty() ? -1 : m->pieceFds[0];
-  m->hugetlb = probe >= 0 && fstatfs(probe, &sf) == 0 && static_cast<uint64_t>(sf.f_type) == HUGETLBFS_MAGIC;
+  m->hugetlb = probe >= 0 && fstatfs(probe, &sf) == 0 && OnHugetlbfs(sf);
   std::lock_guard<std::mutex> lock(g_registry_mutex);
   g_registry[m->id] = m;
 }
@@ -205,7 +207,7 @@ Napi::Value FileBacking(const Napi::CallbackInfo& info) {
   struct statfs sf;
   if (fstatfs(info[0].As<Napi::Number>().Int32Value(), &sf) != 0) throw MakeSysError(env, "fstatfs", errno);
   Napi::Object o = Napi::Object::New(env);
-  o.Set("hugetlb", Napi::Boolean::New(env, static_cast<uint64_t>(sf.f_type) == HUGETLBFS_MAGIC));
+  o.Set("hugetlb", Napi::Boolean::New(env, OnHugetlbfs(sf)));
   o.Set("blockSize", Napi::Number::New(env, static_cast<double>(sf.f_bsize)));
   return o;
 }

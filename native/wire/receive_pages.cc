@@ -263,9 +263,11 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
                    "lz4 block decompresses to " + std::to_string(original) + " bytes, not " + std::to_string(g) + " page(s) of " + std::to_string(kPageSize));
           return false;
         }
-        // decoded into scratch, then to each of its pages; written before the next block
+        // decoded into scratch, then to each of its pages, written before the next block; one
+        // page written through the mapping decodes in place
+        const bool inPlace = g == 1 && !out.ByFile();
         lz4Scratch.resize(want);
-        uint8_t* decoded = lz4Scratch.data();
+        uint8_t* decoded = inPlace ? dst : lz4Scratch.data();
         if (!Lz4DecodeBlock(body.data() + pos + 4, n - 4, decoded, want)) {
           err.fail("ERR_LIVEMIG_PROTOCOL", "corrupt lz4 page " + std::to_string(x));
           return false;
@@ -273,7 +275,7 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
         pos += n;
         for (uint32_t j = 0; j < g; j++) {
           const uint8_t* pj = decoded + uint64_t{j} * kPageSize;
-          if (!out.Put(idx[k + j], pj, err)) return false;
+          if (!inPlace && !out.Put(idx[k + j], pj, err)) return false;
           s.hashes[idx[k + j]] = PageHash(pj, kPageSize);
         }
         if (!out.Flush(err)) return false;
