@@ -79,7 +79,6 @@ for (let i = 0; i < Number(values.runs); i++) {
                 hashes: new BigUint64Array(pages),
                 dedup: txDedup,
                 flags: SEND_ZERO | SEND_DEDUP,
-                probe: tracker.writtenProbe(),
               });
     await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
     const f = await got;

@@ -7,12 +7,6 @@ import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { LivemigError, type ErrorCode } from './errors.js';
 
-/** Where the data path may ask which pages were written since re-armed (src/tracking/types.ts WrittenProbe). */
-export interface NativeWrittenProbe {
-  pagemapFd: number;
-  address: bigint;
-}
-
 /** What a sendPages call wrote: bytes, and pages per encoding (all `raw` for PAGES frames). */
 export interface SendCounts {
   bytes: number;
@@ -36,7 +30,6 @@ export interface NativeSendPages {
   hashes: BigUint64Array;
   dedup?: NativeDedup;
   flags: number;
-  probe?: NativeWrittenProbe;
   now: boolean;
 }
 

@@ -15,9 +15,6 @@ import * as R from './reference/frames.js';
 import * as F from '../src/protocol/format.js';
 import { Region } from '../src/region/region.js';
 import { tcpPair } from './helpers.js';
-import { UffdAsyncTracker, probe } from '../src/tracking/index.js';
-
-const uffd = probe().find((p) => p.backend === 'uffd-async')!;
 
 const PS = 4096;
 const V = 2;
@@ -273,77 +270,55 @@ test('frame rules: a page listed twice, a dup of a page written later in the fra
   }
 });
 
-test(
-  'in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once the tracker shows their source went out as hashed, ' +
-    'and the copy is exact',
-  { skip: uffd.available ? false : uffd.reason },
-  async () => {
-    const pages = 64;
-    const { client, peer, server } = await tcpPair();
-    const tx = FramedConnection.fromSocket(client);
-    const rx = FramedConnection.fromSocket(peer);
-    const src = Region.create(pages * PS, { name: 'enc-src' });
-    const dst = Region.create(pages * PS, { name: 'enc-dst' });
-    const shared = randomBytes(PS);
-    let expectZero = 0;
-    let expectDup = -1; // the first copy of `shared` goes raw
-    for (let i = 0; i < pages; i++) {
-      if (i % 4 === 0) expectZero++;
-      else if (i % 4 === 1) {
-        src.page(i).set(shared);
-        expectDup++;
-      } else src.page(i).set(randomBytes(PS));
-    }
-    const zeroHashes = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
+test('in-place encoded sends: zero pages of a fresh receiver are left out, repeats go as dups once their source went, and the copy is exact', async () => {
+  const pages = 64;
+  const { client, peer, server } = await tcpPair();
+  const tx = FramedConnection.fromSocket(client);
+  const rx = FramedConnection.fromSocket(peer);
+  const src = Region.create(pages * PS, { name: 'enc-src' });
+  const dst = Region.create(pages * PS, { name: 'enc-dst' });
+  const shared = randomBytes(PS);
+  let expectZero = 0;
+  let expectDup = -1; // the first copy of `shared` goes raw
+  for (let i = 0; i < pages; i++) {
+    if (i % 4 === 0) expectZero++;
+    else if (i % 4 === 1) {
+      src.page(i).set(shared);
+      expectDup++;
+    } else src.page(i).set(randomBytes(PS));
+  }
+  const zeroHashes = (): BigUint64Array => new BigUint64Array(pages).fill(addon.zeroPageHash());
+  const all = Uint32Array.from({ length: pages }, (_, i) => i);
+  const txHashes = new BigUint64Array(pages);
+  // each time into a fresh receiver: the second after a page changed, as a guest's write would
+  for (const round of [1, 2]) {
+    if (round === 2) src.page(2).set(randomBytes(PS));
+    dst.view().fill(0);
     const txDedup = new addon.Dedup(pages);
     txDedup.initImage(zeroHashes());
     const rxHashes = zeroHashes();
-    const txHashes = new BigUint64Array(pages);
-    const all = Uint32Array.from({ length: pages }, (_, i) => i);
-    // without a way to know the raw pages went out unchanged, none becomes a dup source
-    let got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
-    let c = await tx.sendPages({ region: src, pages: all, round: 1, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup, flags: 3 });
-    await tx.send(M.encodeRoundEnd({ round: 1, pages }, V));
+    const got = rx.next(undefined, { region: dst, hashes: rxHashes, version: V, encodings: true });
+    const c = await tx.sendPages({ region: src, pages: all, round, version: V, batchPages: 16, hashes: txHashes, dedup: txDedup, flags: 3 });
+    await tx.send(M.encodeRoundEnd({ round, pages }, V));
     const f = (await got) as { type: F.FrameType; pages: number; bytes: number };
     assert.equal(f.type, F.FrameType.RoundEnd);
-    assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: expectZero, skipped: 0, dup: 0, raw: pages - expectZero });
     assert.equal(f.bytes, c.bytes);
-    assert.ok(dst.view().equals(src.view()), 'destination equals source');
-    // again into a fresh receiver, with writes tracked: the first copy of `shared` serves the rest
-    dst.view().fill(0);
-    const txDedup2 = new addon.Dedup(pages);
-    txDedup2.initImage(zeroHashes());
-    const rxHashes2 = zeroHashes();
-    const tracker = new UffdAsyncTracker(src);
-    await tracker.start();
-    src.page(2).set(randomBytes(PS)); // written after arming: sent, but never a dup source
-    got = rx.next(undefined, { region: dst, hashes: rxHashes2, version: V, encodings: true });
-    c = await tx.sendPages({
-      region: src,
-      pages: all,
-      round: 2,
-      version: V,
-      batchPages: 16,
-      hashes: txHashes,
-      dedup: txDedup2,
-      flags: 3,
-      probe: tracker.writtenProbe(),
-    });
-    await tx.send(M.encodeRoundEnd({ round: 2, pages }, V));
-    await got;
-    await tracker.stop();
     // a raw page becomes a source once its frame went: copies in that first frame of 16 go raw too
     const dups = expectDup - 3;
-    assert.deepEqual({ zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw }, { zero: expectZero, skipped: 0, dup: dups, raw: pages - expectZero - dups });
-    assert.ok(dst.view().equals(src.view()), 'destination equals source');
-    assert.deepEqual([...rxHashes2], [...txHashes], 'both sides hold the same page hashes');
-    tx.close();
-    rx.close();
-    server.close();
-    src.release();
-    dst.release();
-  },
-);
+    assert.deepEqual(
+      { zero: c.zero, skipped: c.skipped, dup: c.dup, raw: c.raw },
+      { zero: expectZero, skipped: 0, dup: dups, raw: pages - expectZero - dups },
+      `round ${round}`,
+    );
+    assert.ok(dst.view().equals(src.view()), `round ${round}: destination equals source`);
+    assert.deepEqual([...rxHashes], [...txHashes], `round ${round}: both sides hold the same page hashes`);
+  }
+  tx.close();
+  rx.close();
+  server.close();
+  src.release();
+  dst.release();
+});
 
 test('migrating back to a kept image sends only the pages that changed, and the copy is exact', async () => {
   const { migrate } = await import('../src/source/migrate.js');

@@ -41,6 +41,15 @@ struct Sink {
   bool Owns(uint32_t page) const { return channels == 1 || (page / kStripePages) % channels == channel; }
 };
 
+// A connection's receiving buffers (indices, iovecs, bodies), kept for the connection's life so
+// that a round's first frame, inside the pause too, lands in memory already touched (see
+// SendScratch in send_pages.h). Reads on a connection are one at a time (src/protocol/connection.ts).
+struct ReceiveScratch {
+  std::vector<uint32_t> idx;
+  std::vector<iovec> iov;
+  std::vector<uint8_t> body;
+};
+
 // Every index below the page count and, with channels, in this connection's stripes.
 bool CheckSinkIndices(const Sink& s, uint32_t* idx, uint32_t count, SysError& err);
 

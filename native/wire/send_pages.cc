@@ -1,17 +1,16 @@
 // Sending pages (see send_pages.h). A batch goes through four steps: copy its pages from the
 // region's files (region/file_io.h), classify them (encoded frames only), frame them (header,
 // indices, encodings, iovecs over the copy), send; then the pages are hashed after the send,
-// while still in cache, and raw pages whose guest page was not written meanwhile enter the
-// dedup index.
+// while still in cache, and raw pages that may serve as dup sources enter the dedup index.
 #include "wire/send_pages.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <ctime>
 
 #include "codec/pagehash.h"
 #include "region/file_io.h"
-#include "tracking/tracking.h"
 #include "wire/format.h"
 
 namespace livemig {
@@ -39,9 +38,8 @@ struct Batch {
   size_t kept = 0;  // pages in the frame (skipped ones are left out)
   std::vector<uint8_t> head;
   std::vector<iovec> iov;
-  std::vector<uint8_t> enc, dupBodies, hashedEarly, wantIndex, dirtyMark;
+  std::vector<uint8_t> enc, dupBodies, hashedEarly, wantIndex;
   std::vector<uint64_t> refs;
-  std::vector<uint32_t> written;
 };
 
 // A PAGES frame of the whole batch: indices in the head, bodies straight from the region.
@@ -153,29 +151,17 @@ void EncodedFrame(const SendPagesJob& job, Batch& t, SendCounts& c) {
   }
 }
 
-// A raw page not written since its protection was re-armed (before this send and both hashes)
-// went out as exactly the hashed bytes: the receiver now holds it under that hash, so it may
-// serve as a dup source from now on. If the scan fails, the pages just stay out of the index.
+// A raw page went out as exactly the bytes it was hashed from (the batch's copy): the receiver
+// now holds it under that hash, so it may serve as a dup source from now on, whatever the guest
+// wrote to it since (the tracker reports that write, and the resend updates the index).
 void IndexSent(const SendPagesJob& job, Batch& t, SendCounts& c, long long& overhead) {
-  bool anyIndex = false;
-  for (size_t k = 0; k < t.n && !anyIndex; k++) anyIndex = t.wantIndex[k];
-  if (!(job.flags & kSendDedup) || job.probe.fd < 0 || !anyIndex) return;
+  if (!(job.flags & kSendDedup)) return;
   long long tIndex = NowNs();
-  uint32_t lo = t.b[0], hi = t.b[0];
-  for (size_t k = 1; k < t.n; k++) lo = std::min(lo, t.b[k]), hi = std::max(hi, t.b[k]);
-  t.written.clear();
-  SysError scanErr;
-  ScanWritten(job.probe.fd, job.probe.address + uint64_t{lo} * kPageSize, job.probe.address + (uint64_t{hi} + 1) * kPageSize, kPageSize, false, &t.written,
-              &scanErr);
-  if (!scanErr.failed()) {
-    t.dirtyMark.assign(hi - lo + 1, 0);
-    for (uint32_t w : t.written) t.dirtyMark[w] = 1;
-    for (size_t k = 0; k < t.n; k++) {
-      if (k + 8 < t.n && t.wantIndex[k + 8]) job.dedup->head.Prefetch(t.refs[k + 8]);
-      if (!t.wantIndex[k] || t.dirtyMark[t.b[k] - lo]) continue;
-      job.dedup->Set(t.b[k], t.refs[k]);
-      job.dedup->NoteFingerprint(t.b[k], t.Page(k));
-    }
+  for (size_t k = 0; k < t.n; k++) {
+    if (k + 8 < t.n && t.wantIndex[k + 8]) job.dedup->head.Prefetch(t.refs[k + 8]);
+    if (!t.wantIndex[k]) continue;
+    job.dedup->Set(t.b[k], t.refs[k]);
+    job.dedup->NoteFingerprint(t.b[k], t.Page(k));
   }
   overhead += NowNs() - tIndex;
   c.indexMs += static_cast<double>(NowNs() - tIndex) / 1e6;
@@ -198,8 +184,36 @@ void AfterSend(const SendPagesJob& job, Batch& t, SendCounts& c, long long& over
 
 }  // namespace
 
+struct SendScratch {
+  std::atomic<bool> taken{false};
+  Batch batch;
+};
+
+std::shared_ptr<SendScratch> NewSendScratch() { return std::make_shared<SendScratch>(); }
+
+namespace {
+
+// The connection's buffers for one call, or buffers of the call's own when another call holds them.
+class ScratchLease {
+ public:
+  explicit ScratchLease(SendScratch* s) : s_(s && !s->taken.exchange(true, std::memory_order_acquire) ? s : nullptr) {}
+  ~ScratchLease() {
+    if (s_) s_->taken.store(false, std::memory_order_release);
+  }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  Batch& batch() { return s_ ? s_->batch : own_; }
+
+ private:
+  SendScratch* s_;
+  Batch own_;
+};
+
+}  // namespace
+
 void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err) {
-  Batch t;
+  ScratchLease lease(job.scratch.get());
+  Batch& t = lease.batch();
   // time spent on encoding work (classifying before the send, indexing after it), so the
   // chooser can weigh it against the bytes it saved
   long long overhead = 0;

@@ -177,7 +177,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
   // sendPages({region, pages: Uint32Array, round, version, batchPages, hashes, dedup?, flags,
-  //            probe?: {pagemapFd, address}, now}) -> Promise<{bytes, zero, dup, skipped, raw,
+  //            now}) -> Promise<{bytes, zero, dup, skipped, raw,
   //            overheadMs, indexMs}>: see wire/send_pages.h. `now`: on the calling thread (a
   // few pages inside the pause; see Task::RunNow).
   Napi::Value SendPages(const Napi::CallbackInfo& info) {
@@ -185,6 +185,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Napi::Object o = info[0].As<Napi::Object>();
     SendPagesJob job;
     job.link = Live(env);
+    job.scratch = sendScratch_;
     Napi::Value regionValue = o.Get("region");
     job.m = Region::Unwrap(regionValue.As<Napi::Object>())->LiveMapping(env);
     if (!job.m) return env.Undefined();
@@ -210,12 +211,6 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Napi::Value flags = o.Get("flags");
     job.flags = flags.IsNumber() ? flags.As<Napi::Number>().Uint32Value() : 0;
     if (job.flags && !job.dedup) throw Napi::TypeError::New(env, "encoded frames need the dedup index");
-    Napi::Value probe = o.Get("probe");
-    if (probe.IsObject()) {
-      Napi::Object po = probe.As<Napi::Object>();
-      job.probe.fd = po.Get("pagemapFd").As<Napi::Number>().Int32Value();
-      job.probe.address = ToU64(po.Get("address"));
-    }
     const bool now = o.Get("now").ToBoolean().Value();
     job.m->Ref();
     auto work = [job](SendCounts& c, SysError& err) {
@@ -324,12 +319,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
       sink.m->Ref();
     }
     auto order = order_;
+    auto scratch = receiveScratch_;
     return Task<ReadResult>::Start(
         env,
-        [fd, maxPayload, maxType, limits, sink, order](ReadResult& r, SysError& err) {
-          std::vector<uint32_t> idx;
-          std::vector<iovec> iov;
-          std::vector<uint8_t> body;
+        [fd, maxPayload, maxType, limits, sink, order, scratch](ReadResult& r, SysError& err) {
+          std::vector<uint32_t>& idx = scratch->idx;
+          std::vector<iovec>& iov = scratch->iov;
+          std::vector<uint8_t>& body = scratch->body;
           for (;;) {
             uint8_t h[kHeaderBytes];
             if (!fd->RecvBytes(h, kHeaderBytes, true, err)) break;
@@ -558,6 +554,10 @@ class Wire : public Napi::ObjectWrap<Wire> {
   std::shared_ptr<Link> link_;
   // frame rules of incoming PAGES_ENC frames; used by one read at a time
   std::shared_ptr<FrameOrder> order_ = std::make_shared<FrameOrder>();
+  // buffers kept for the connection's life (wire/send_pages.h, wire/receive_pages.h); the
+  // receiving ones are used by one read at a time, as order_ is
+  std::shared_ptr<wire::SendScratch> sendScratch_ = wire::NewSendScratch();
+  std::shared_ptr<wire::ReceiveScratch> receiveScratch_ = std::make_shared<wire::ReceiveScratch>();
 };
 
 }  // namespace

@@ -15,7 +15,6 @@ import { PageEncoding } from '../protocol/format.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import { SEND_DEDUP, SEND_ZERO, type SendPagesRequest } from '../protocol/wire.js';
 import type { Region } from '../region/region.js';
-import type { WrittenProbe } from '../tracking/types.js';
 import { Chooser, type ChooserOptions, type LinkFigure } from './chooser.js';
 import { Compressor } from './compressor.js';
 import type { EncodingStats } from './stats.js';
@@ -47,8 +46,6 @@ export interface PageEncoderOptions {
   encodings: ChooserOptions;
   version: number;
   batchPages: number;
-  /** where the data path may ask which pages were written since re-armed (the tracker's) */
-  probe?: () => WrittenProbe | undefined;
   /** the link as all channels measured it so far (the chooser judges compression from it) */
   link?: () => LinkFigure | undefined;
   /** each run's bytes and pages as they went: the link figure and progress grow during a long call, not after it */
@@ -94,12 +91,10 @@ export class PageEncoder {
   readonly #sampleSet: BufferSet;
   readonly #zeroHash = call('ERR_LIVEMIG_SYSCALL', 'handshake', 'the zero page hash', () => addon.zeroPageHash());
 
-  readonly #probe: () => WrittenProbe | undefined;
   readonly #onSent: (bytes: number, pages: number) => void;
 
   constructor(o: PageEncoderOptions) {
     const { region, conn, hashes, dedup, encodings: options, version, batchPages } = o;
-    this.#probe = o.probe ?? (() => undefined);
     this.#onSent = o.onSent ?? (() => undefined);
     this.#compressor = o.compressor;
     this.#region = region;
@@ -127,9 +122,8 @@ export class PageEncoder {
   /**
    * Sends `pages` for `round`; resolves to the bytes written.
    * `final`: the stop-and-copy's pages, inside the pause. Unless the link is slow enough that
-   * they are being compressed, they go in one in-place call with no learning (no samples,
-   * probes or timings: nothing follows them) and no written-probe (a page sent now never serves
-   * as a dup source later).
+   * they are being compressed, they go in one in-place call with no learning (no samples or
+   * timings: nothing follows them).
    */
   async send(o: RoundPages): Promise<number> {
     const { round, pages, final = false } = o;
@@ -188,8 +182,7 @@ export class PageEncoder {
    */
   async #sendInPlace(round: number, pages: Uint32Array): Promise<number> {
     const t0 = performance.now();
-    const probe = this.#flags & SEND_DEDUP ? this.#probe() : undefined;
-    const c = await this.#conn.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags, ...(probe ? { probe } : {}) });
+    const c = await this.#conn.sendPages({ ...this.#call(round, pages), dedup: this.#dedup, flags: this.#flags });
     const ms = performance.now() - t0;
     if (this.#flags !== 0) this.chooser.encoded(pages.length, c.zero + c.dup + c.skipped);
     this.#inPlaceMs += ms;

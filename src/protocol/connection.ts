@@ -124,8 +124,8 @@ export class FramedConnection {
 
   /**
    * Sends pages straight from the region: PAGES frames, or with `flags` (SEND_ZERO, SEND_DEDUP;
-   * needs `dedup`) PAGES_ENC frames with zero/dup/raw pages chosen in place. With `probe`, raw
-   * pages that provably went out as hashed enter the dedup index (see native/wire/send_pages.cc).
+   * needs `dedup`) PAGES_ENC frames with zero/dup/raw pages chosen in place; raw pages that may
+   * serve as dup sources enter the dedup index as they went (see native/wire/send_pages.cc).
    * With `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go from the calling thread
    * (the last pages, inside the pause).
    */

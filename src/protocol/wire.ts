@@ -6,7 +6,6 @@
 import { LivemigError } from '../errors.js';
 import type { NativeSendPages, NativeWire } from '../native.js';
 import type { Region } from '../region/region.js';
-import type { WrittenProbe } from '../tracking/types.js';
 import type { Frame } from './frame.js';
 import { MAX_BATCH_PAGES, MAX_FRAME_TYPE, MAX_PAYLOAD } from './format.js';
 
@@ -20,14 +19,12 @@ export const SEND_DEDUP = 2;
  * One sendPages call: the region, the pages (ascending within a round) and the round, the
  * negotiated version, pages per frame, and the table each page's hash is stored in as it goes
  * (the commitment digest is over it). PAGES_ENC needs `dedup` (the index of what the receiver
- * holds) and `flags`; with `probe`, raw pages the tracker shows unwritten since their hash
- * enter the dedup index; with `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go
- * from the calling thread.
+ * holds) and `flags`; with `now`, up to SEND_NOW_PAGES pages with nothing queued ahead go from
+ * the calling thread.
  */
-export type SendPagesRequest = Omit<NativeSendPages, 'region' | 'flags' | 'now' | 'probe'> & {
+export type SendPagesRequest = Omit<NativeSendPages, 'region' | 'flags' | 'now'> & {
   region: Region;
   flags?: number;
-  probe?: WrittenProbe;
   now?: boolean;
 };
 
@@ -63,13 +60,13 @@ export const SEND_NOW_PAGES = 1024;
 
 /** A sendPages request, checked, as the native Wire takes it; `now`: sent from the calling thread. */
 export function nativeSendPages(req: SendPagesRequest, now: boolean): NativeSendPages {
-  const { region, pages, round, version, batchPages, hashes, dedup, flags = 0, probe } = req;
+  const { region, pages, round, version, batchPages, hashes, dedup, flags = 0 } = req;
   if (batchPages < 1 || batchPages > MAX_BATCH_PAGES)
     throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `batchPages must be within 1..${MAX_BATCH_PAGES}`, { phase: 'precopy' });
   if (flags !== 0 && dedup === undefined) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'encoded frames need the dedup index', { phase: 'precopy' });
   if (hashes.length < region.pageCount)
     throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the hash table has ${hashes.length} entries for ${region.pageCount} pages`, { phase: 'precopy' });
-  return { region: region.nativeHandle, pages, round, version, batchPages, hashes, flags, now, ...(dedup ? { dedup } : {}), ...(probe ? { probe } : {}) };
+  return { region: region.nativeHandle, pages, round, version, batchPages, hashes, flags, now, ...(dedup ? { dedup } : {}) };
 }
 
 /** A native read's limits (each frame type's payload limit, protocol/limits.ts) and page sink. */

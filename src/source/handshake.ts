@@ -159,7 +159,6 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
           encodings: enc,
           version,
           batchPages: settings.batchPages,
-          probe: () => ctx.tracker?.writtenProbe?.(),
           link: linkFigure,
           onSent: (b, pages) => ctx.channels?.noteSent(b, pages),
           ...withCompressor(compressors.take()),

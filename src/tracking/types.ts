@@ -22,24 +22,12 @@ export interface DirtyTracker {
   collectFinal(): Uint32Array | Promise<Uint32Array>;
   stop(): Promise<void>;
   /**
-   * While tracking with write protection: where the data path may ask, without re-arming,
-   * which pages were written since their protection was last re-armed. Lets the sender know
-   * that a page it hashed in place went out unchanged.
-   */
-  writtenProbe?(): WrittenProbe | undefined;
-  /**
    * How many pages were written since the last collect() (or start()), without re-arming
    * anything: what the next collect() would report so far. Backends that can tell cheaply (a
    * page-table walk) have it; it lets progress show the guest's dirtying rate during a round.
    * Undefined once tracking stopped.
    */
   peekWritten?(): Promise<number | undefined>;
-}
-
-export interface WrittenProbe {
-  pagemapFd: number;
-  /** address of the tracked mapping in the process whose pagemap that is */
-  address: bigint;
 }
 
 /** Where the memory being tracked is written: this process, or another one (a guest). */

@@ -7,7 +7,7 @@ import { LivemigError } from '../errors.js';
 import { addon, call, callAsync, closeFd } from '../native.js';
 import type { Region } from '../region/region.js';
 import { TrackerState } from './state.js';
-import type { DirtyTracker, RemoteTarget, WrittenProbe } from './types.js';
+import type { DirtyTracker, RemoteTarget } from './types.js';
 
 /** The features we ask for: WP_ASYNC is required; the other two widen where it works. */
 export function wantedUffdFeatures(available: bigint): bigint {
@@ -151,13 +151,6 @@ export class UffdAsyncTracker implements DirtyTracker {
       );
       return scans.reduce((n, s) => n + s.length, 0);
     });
-  }
-
-  writtenProbe(): WrittenProbe | undefined {
-    // the data path's probe reads one range: a guest of several regions goes without it (its
-    // sender then treats every page it hashed in place as possibly written)
-    if (this.#target?.ranges && this.#target.ranges.length > 1) return undefined;
-    return this.#state.tracking && this.#pagemapFd >= 0 ? { pagemapFd: this.#pagemapFd, address: this.#address } : undefined;
   }
 
   async stop(): Promise<void> {
