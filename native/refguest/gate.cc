@@ -35,11 +35,13 @@ Napi::Reference<Napi::BigUint64Array> g_stRef;
 int OnPause(void*, uint8_t** state, size_t* len, char*, size_t) {
   GuestGate& g = TheGuestGate();
   uint64_t snap[3];
+  g.pausing = true;
   {
     std::lock_guard<std::mutex> lock(g.mu);  // a write chunk in progress completes first
     g.paused = true;
     std::memcpy(snap, g.st, sizeof snap);
   }
+  g.pausing = false;
   char run[96];
   int n = snprintf(run, sizeof run, ",\"xs\":\"%llu\",\"writes\":\"%llu\",\"heartbeatSeq\":%llu,\"throttle\":0}", static_cast<unsigned long long>(snap[0]),
                    static_cast<unsigned long long>(snap[1]), static_cast<unsigned long long>(snap[2]));

@@ -11,6 +11,9 @@ namespace livemig {
 struct GuestGate {
   std::mutex mu;  // held while the guest writes a chunk or stamps a beat
   std::atomic<bool> paused{false};
+  // a pause waits for `mu`: set first, so that the writer, which takes `mu` again after each
+  // chunk, stops instead of winning the lock back (std::mutex is not fair)
+  std::atomic<bool> pausing{false};
   uint64_t* st = nullptr;                    // {xorshift state, writes, heartbeat seq}, once the guest serves livemig
   std::atomic<unsigned> throttlePercent{0};  // of the rate withheld, as livemig asked (auto-converge)
 };

@@ -201,6 +201,7 @@ let scheduled = 0;
 let lastBeat = 0;
 let lastTick = 0;
 let wasPaused = false;
+let lastThrottle = 0;
 function tick(): void {
   if (!running) return;
   const t = performance.now();
@@ -219,7 +220,16 @@ function tick(): void {
   if (t - lastTick > beatMs + 2 && lastTick > 0) trace('guest', GuestEvent.lateTick, { ms_since_last: +(t - lastTick).toFixed(1) });
   lastTick = t;
   if (writing && state.rate > 0) {
-    const perMs = (state.rate * 256 * (1 - guestAddon.gateThrottle() / 100)) / 1000;
+    const throttle = guestAddon.gateThrottle();
+    if (throttle !== lastThrottle) {
+      // the schedule starts again at the new rate: measured from the old start, a lower rate
+      // left the guest seconds "ahead" of it, and a throttle of 20% stopped its writes for
+      // a quarter of the time it had run (19 pages where a 30 ms round should see ~390)
+      lastThrottle = throttle;
+      scheduleStart = t;
+      scheduled = 0;
+    }
+    const perMs = (state.rate * 256 * (1 - throttle / 100)) / 1000;
     let due = Math.floor((t - scheduleStart) * perMs) - scheduled;
     if (due > perMs * Math.max(10, 2 * beatMs)) {
       // fell more than 10 ms behind: drop the backlog, never burst to catch up
