@@ -78,6 +78,21 @@ function facts(over: Partial<RoundFacts>): RoundFacts {
   };
 }
 
+test('policy: the estimate takes the time a page of the recent rounds took, and the pages dirtied while they were collected', () => {
+  const base = { downtimeLimitMs: 50, maxRounds: 30, maxBytes: 1 << 30, fixedCostMs: 8, onStall: 'force' as const };
+  // a fast link (1000 MB/s: ~4 us a page) but rounds that took 0.1 ms a page (scattered pages)
+  const slow = { round: 2, pagesSent: 1000, durationMs: 100, mbps: 1000, dirtyPages: 400, dirtiedPages: 400 };
+  const byRounds = new ConvergencePolicy(base).decide(facts(slow));
+  assert.ok(byRounds.estimateMs >= 400 * 0.1 + 8, `400 pages at 0.1 ms each: estimate ${byRounds.estimateMs} ms`);
+  // the collect took 50 ms, in which the guest wrote at 4 pages/ms: 200 more pages at the pause
+  const collected = new ConvergencePolicy(base).decide(facts({ ...slow, collectMs: 50 }));
+  assert.ok(Math.abs(collected.estimateMs - (600 * 0.1 + 8)) < 0.01, `estimate ${collected.estimateMs} ms`);
+  assert.notEqual(collected.action, 'stop', 'with those pages the pause would not fit the limit');
+  // the bandwidth still rules when it is the slower: the same round on a 10 MB/s link
+  const linkBound = new ConvergencePolicy(base).decide(facts({ ...slow, mbps: 10 }));
+  assert.ok(linkBound.estimateMs > (400 * 4096) / 1e4, `estimate ${linkBound.estimateMs} ms`);
+});
+
 test('policy: stop when the estimate fits; bounds force a stop; a stall triggers the chosen action', () => {
   const base = { downtimeLimitMs: 50, maxRounds: 30, maxBytes: 1 << 30, fixedCostMs: 8 };
   assert.equal(new ConvergencePolicy({ ...base, onStall: 'force' }).decide(facts({ dirtyPages: 10 })).action, 'stop');

@@ -63,9 +63,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     const sentPages = ctx.pending.length - unsent.length;
     await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.channels.endRound(round, version)]);
     const duration = now() - t0;
-    const dirty = await tracker.collect();
-    ctx.live.rearmed(dirty.length);
-    wws?.record(dirty);
+    const { dirty, collectMs } = await collectRound(ctx, wws);
     const due = unsent.length > 0 ? mergePages(dirty, unsent) : dirty;
     const plan = wws ? wws.plan(due) : { send: due, held: 0 };
     const roundMbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
@@ -75,6 +73,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       pagesSent: sentPages,
       bytesSent: bytes,
       durationMs: duration,
+      collectMs,
       dirtyPages: plan.send.length,
       dirtiedPages: dirty.length,
       heldPages: plan.held,
@@ -143,6 +142,16 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // pause does not pay for its backlog.
   while (channels.ackedRound < ctx.round) channels.ackedRound = Math.max(channels.ackedRound, (await readRoundAck(ctx)).round);
   return outcome;
+}
+
+/** What the guest dirtied during the round, protection re-armed; and how long that took (the guest writes on meanwhile). */
+async function collectRound(ctx: SourceContext, wws: WritableWorkingSet | undefined): Promise<{ dirty: Uint32Array; collectMs: number }> {
+  const t0 = now();
+  const dirty = await ctx.session.tracker.collect();
+  const collectMs = now() - t0;
+  ctx.live.rearmed(dirty.length);
+  wws?.record(dirty);
+  return { dirty, collectMs };
 }
 
 /** The convergence policy for this migration's settings. */
