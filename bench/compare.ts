@@ -43,12 +43,18 @@ interface Sample {
   /** what the pause had to carry: how much the downtime depends on the run, not the build */
   stop_pages: number;
   rounds: number;
+  /** where the pause went (the source's report): pause, final collect, send, commit, activate */
+  stop_phases?: Record<string, number>;
+}
+
+function phases(stop: Record<string, number>): Record<string, number> {
+  return Object.fromEntries(Object.entries(stop).filter(([k]) => k.endsWith('_ms')));
 }
 
 function demo(dir: string, args: string[]): Sample {
   const r = spawnSync(process.execPath, [path.join(dir, 'dist/src/cli/main.js'), 'demo', '--json', ...args], { encoding: 'utf8', timeout: 600_000 });
   if (r.status !== 0) throw new Error(`${dir}: demo ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
-  const rep = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Omit<Sample, 'stop_pages'> & { stop_and_copy: { pages: number } };
+  const rep = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Omit<Sample, 'stop_pages'> & { stop_and_copy: { pages: number } & Record<string, number> };
   return {
     downtime_ms: rep.downtime_ms,
     guest_gap_ms: rep.guest_gap_ms,
@@ -56,6 +62,7 @@ function demo(dir: string, args: string[]): Sample {
     verified: rep.verified,
     stop_pages: rep.stop_and_copy.pages,
     rounds: rep.rounds,
+    stop_phases: phases(rep.stop_and_copy),
   };
 }
 
