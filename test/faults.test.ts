@@ -432,7 +432,26 @@ function describeSilent(pid: number, beats: readonly { pid: number; at: number; 
   })();
   const last = beats.filter((b) => b.pid === pid).at(-1);
   const heard = last ? `last beat seq ${last.seq} ${Math.round(t0 - last.at)} ms before the settle began` : 'no beat in this cell';
-  return `${pid}: threads ${threads}; ${heard}`;
+  return `${pid}: threads ${threads}; ${heard}; main thread waits in ${mainThreadWait(pid)}`;
+}
+
+/**
+ * Where the main thread sleeps: its kernel stack's innermost frames (root only), else its wait
+ * channel. An idle event loop waits in epoll; a write to a protected page not yet resolved, in
+ * userfaultfd; a guest paused by livemig idles in epoll too, between its 5 ms checks.
+ */
+function mainThreadWait(pid: number): string {
+  try {
+    const stack = readFileSync(`/proc/${pid}/stack`, 'utf8').trim().split('\n').slice(0, 6);
+    if (stack.length > 0 && stack[0] !== '') return stack.map((l) => l.replace(/^\[<[0-9a-f]+>\] /, '').replace(/\+0x.*$/, '')).join(' < ');
+  } catch {
+    // not root, or no stack tracing in this kernel: the wait channel says less, but something
+  }
+  try {
+    return readFileSync(`/proc/${pid}/wchan`, 'utf8') || 'nothing (running)';
+  } catch (e) {
+    return `unreadable: ${(e as Error).message}`;
+  }
 }
 
 const KNOWN_STAGES = new Set([
