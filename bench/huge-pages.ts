@@ -70,6 +70,15 @@ for (const backing of backings) {
         resent_bytes_median: m(resentBytes),
         wire_bytes_median: m((r) => r.wire_bytes),
         guest_writes: reports.map((r) => Number(r.guest_verified.writes)),
+        // each run's times and how its pre-copy ended: the medians alone hide a pause the throttle could not shorten
+        per_run: reports.map((r) => ({
+          first_pass_ms: r.per_round[0]?.duration_ms ?? 0,
+          total_ms: r.total_ms,
+          downtime_ms: r.downtime_ms,
+          stop_pages: r.stop_and_copy.pages,
+          forced_stop: r.forced_stop,
+          max_throttle_percentage: r.max_throttle_percentage,
+        })),
       });
     }
   } finally {
