@@ -88,6 +88,9 @@ test('policy: the estimate takes the time a page of the recent rounds took, and 
   const collected = new ConvergencePolicy(base).decide(facts({ ...slow, collectMs: 50 }));
   assert.ok(Math.abs(collected.estimateMs - (600 * 0.1 + 8)) < 0.01, `estimate ${collected.estimateMs} ms`);
   assert.notEqual(collected.action, 'stop', 'with those pages the pause would not fit the limit');
+  // a round paced below the cap spent most of its time waiting: only its sends' own time counts
+  const paced = new ConvergencePolicy(base).decide(facts({ ...slow, sendingMs: 10 }));
+  assert.ok(Math.abs(paced.estimateMs - (400 * 0.01 + 8)) < 0.01, `estimate ${paced.estimateMs} ms`);
   // the bandwidth still rules when it is the slower: the same round on a 10 MB/s link
   const linkBound = new ConvergencePolicy(base).decide(facts({ ...slow, mbps: 10 }));
   assert.ok(linkBound.estimateMs > (400 * 4096) / 1e4, `estimate ${linkBound.estimateMs} ms`);

@@ -64,6 +64,8 @@ export interface RoundFacts {
   pagesSent: number;
   bytesSent: number;
   durationMs: number;
+  /** of durationMs, in the sends themselves (not waiting for the pacer), ms */
+  sendingMs?: number;
   /** after the round, collecting what the guest dirtied, ms (the guest keeps writing meanwhile) */
   collectMs?: number;
   /** pages due for the next round, and held back as hot (not counted in dirtyPages) */
@@ -114,7 +116,8 @@ export class ConvergencePolicy {
     if (f.round >= 2 && f.pagesSent >= 64) {
       const perPage = f.bytesSent / f.pagesSent;
       this.#bytesPerPage = this.#bytesPerPage === undefined ? perPage : 0.5 * this.#bytesPerPage + 0.5 * perPage;
-      const msPerPage = f.durationMs / f.pagesSent;
+      // the sends' own time: a round paced below the cap (rate adaptation) says nothing of the pause, which goes at the cap
+      const msPerPage = (f.sendingMs ?? f.durationMs) / f.pagesSent;
       this.#msPerPage = this.#msPerPage === undefined ? msPerPage : 0.5 * this.#msPerPage + 0.5 * msPerPage;
     }
     // pages written while this round was collected, after their part of the scan: due at the pause besides those counted

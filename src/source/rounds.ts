@@ -59,7 +59,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     trace('source', SourceEvent.roundBegins, { round });
     ctx.pendingSince = ctx.pagesSent;
     if (options.control?.downtimeLimitMs !== undefined) policy.options.downtimeLimitMs = options.control.downtimeLimitMs;
-    const { bytes, unsent } = await sendRound(ctx, { round, pages: ctx.pending, ...(long ? { budgetMs: ROUND_BUDGET_MS } : {}) });
+    const { bytes, unsent, busyMs } = await sendRound(ctx, { round, pages: ctx.pending, ...(long ? { budgetMs: ROUND_BUDGET_MS } : {}) });
     const sentPages = ctx.pending.length - unsent.length;
     await Promise.all([conn.send(encodeRoundEnd({ round, pages: sentPages }, version)), ctx.session.channels.endRound(round, version)]);
     const duration = now() - t0;
@@ -73,6 +73,7 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       pagesSent: sentPages,
       bytesSent: bytes,
       durationMs: duration,
+      sendingMs: busyMs,
       collectMs,
       dirtyPages: plan.send.length,
       dirtiedPages: dirty.length,
@@ -203,7 +204,7 @@ async function readRoundAck(ctx: SourceContext): Promise<RoundEnd> {
  * Sends a round's pages in chunks, paced; stops early at the byte bound, at the end of the
  * round's time budget, or when the deadline nears. Returns the bytes sent and the pages left.
  */
-export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?: number }): Promise<{ bytes: number; unsent: Uint32Array }> {
+export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?: number }): Promise<{ bytes: number; unsent: Uint32Array; busyMs: number }> {
   const { round: r, pages, final = false, budgetMs } = o;
   const { settings, pacer } = ctx;
   const { region } = settings.options;
@@ -216,6 +217,7 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
   const deadlineAt = ctx.deadlineAt;
   let bytes = 0;
   let at = 0;
+  let busyMs = 0; // in the sends themselves, not the pacer's waits
   let tRoundStart: number | undefined;
   while (at < pages.length) {
     // chunks where the round may have to stop early: at a deadline, or at the byte bound
@@ -241,6 +243,7 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
     tRoundStart ??= t0;
     const b = await ctx.sendPages({ round: r, pages: part, final });
     pacer.record(b, part.length, t0, now());
+    busyMs += now() - t0;
     bytes += b;
     at += part.length;
     // no await when nothing waits: the last pages go inside the pause
@@ -260,7 +263,7 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
       if (now() + ((pages.length - at) * region.pageSize) / 1e3 / mbps > deadlineAt - 2 * settings.downtimeLimitMs) break;
     }
   }
-  return { bytes, unsent: pages.subarray(at) };
+  return { bytes, unsent: pages.subarray(at), busyMs };
 }
 
 /** One round as the report and the progress events give it (names after QEMU's query-migrate). */
