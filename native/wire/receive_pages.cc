@@ -54,8 +54,10 @@ bool ReceivePages(Link& link, const Sink& s, uint8_t version, uint32_t length, R
   iov.clear();
   if (WritesByFile(*s.m)) {
     // into a buffer, then the file: no fault per page of a fresh mapping (region/file_io.h)
-    staging.resize(uint64_t{count} * kPageSize);
-    iov.push_back({staging.data(), staging.size()});
+    // grown, never shrunk: kept for the connection's life, a resize back up would zero it again
+    const uint64_t bytes = uint64_t{count} * kPageSize;
+    if (staging.size() < bytes) staging.resize(bytes);
+    iov.push_back({staging.data(), bytes});
     if (count > 0 && !link.Recv(iov.data(), 1, false, err)) return false;
     PageWriter out(*s.m);
     for (uint32_t k = 0; k < count; k++) {

@@ -221,7 +221,9 @@ void SendPages(const SendPagesJob& job, SendCounts& c, SysError& err) {
     t.n = std::min<size_t>(job.batchPages, job.count - start);
     t.b = job.idx + start;
     t.iov.clear();
-    t.pages.resize(t.n * kPageSize);
+    // grown, never shrunk: the buffers live as long as the connection, and a resize back up
+    // would zero what the next copy overwrites anyway
+    if (t.pages.size() < t.n * kPageSize) t.pages.resize(t.n * kPageSize);
     t.copyNs = 0;
     long long t0 = NowNs();
     if (!job.flags) {
