@@ -21,6 +21,7 @@
         "native/region/region.cc",
         "native/region/pages.cc",
         "native/region/file_io.cc",
+        "native/region/read_path.cc",
         "native/tracking/tracking.cc",
         "native/codec/pagehash.cc",
         "native/codec/encode.cc",

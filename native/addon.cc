@@ -12,6 +12,7 @@ namespace livemig {
 
 void InitTracking(Napi::Env env, Napi::Object exports);
 void InitPages(Napi::Env env, Napi::Object exports);
+void InitReadPath(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
 void InitEncode(Napi::Env env, Napi::Object exports);
@@ -91,6 +92,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitRegionStatics(env, exports);
   InitTracking(env, exports);
   InitPages(env, exports);
+  InitReadPath(env, exports);
   InitFdPass(env, exports);
   InitWire(env, exports);
   InitEncode(env, exports);

@@ -279,6 +279,12 @@ interface Addon {
     sources: Int32Array,
   ): Promise<Uint8Array>;
   samplePages(region: NativeRegion, pages: Uint32Array, staging: Buffer): Uint8Array;
+  /** runs of `run` pages read alternately through the mapping and through the files: each run's ns */
+  compareReadPathsAsync(region: NativeRegion, pages: Uint32Array, run: number): Promise<Float64Array>;
+  /** the source's reads of the region's pages go through its populated mapping (native/region/read_path.h) */
+  regionReadInPlace(region: NativeRegion, on: boolean): void;
+  /** a receiver's pages land in the region's mapping, populated for write (not its files) */
+  regionWriteInPlace(region: NativeRegion, on: boolean): void;
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
   zeroPageHash(): bigint;
   pageHashVariants(data: Buffer): bigint[];

@@ -65,7 +65,10 @@ test("HELLO's resident hint: at most MAX_RESIDENT_RUNS runs covering every data 
 });
 
 /** A receiver with a reference guest behind it; the destination's allocation measured before its guest runs. */
-async function setup(rate: number): Promise<{
+async function setup(
+  rate: number,
+  prealloc = false,
+): Promise<{
   guest: SourceGuest;
   observer: HeartbeatObserver;
   result: Promise<ReceiveReport>;
@@ -77,6 +80,7 @@ async function setup(rate: number): Promise<{
   let incoming: IncomingGuest | undefined;
   let destinationData = -1;
   const rx = await listen('127.0.0.1', 0, {
+    ...(prealloc ? { prealloc: true } : {}),
     onReserved: async (region, plan, layout) => {
       incoming = await startReferenceIncoming(region, layout, plan);
     },
@@ -116,8 +120,8 @@ async function setup(rate: number): Promise<{
  * Migrates the sparse guest in `mode`; checks that the source allocated no page but those the
  * guest wrote meanwhile, and returns what each side said.
  */
-async function migrateSparse(mode: NonNullable<MigrateOptions['mode']>, rate: number) {
-  const s = await setup(rate);
+async function migrateSparse(mode: NonNullable<MigrateOptions['mode']>, rate: number, o: { readPath?: MigrateOptions['readPath']; prealloc?: boolean } = {}) {
+  const s = await setup(rate, o.prealloc);
   const g = s.guest;
   try {
     const before = extentPages(await g.region.dataExtents());
@@ -143,6 +147,7 @@ async function migrateSparse(mode: NonNullable<MigrateOptions['mode']>, rate: nu
         await g.exit();
       },
       mode,
+      ...(o.readPath ? { readPath: o.readPath } : {}),
     });
     const rx = await s.result;
     assert.equal(rx.digest, report.digest, 'both sides hold the same image');
@@ -164,11 +169,19 @@ async function migrateSparse(mode: NonNullable<MigrateOptions['mode']>, rate: nu
 }
 
 describe('a sparse guest', () => {
-  test('pre-copy: holes are neither read nor sent nor allocated, a hole written meanwhile arrives', async () => {
-    const { report, written } = await migrateSparse('precopy', 4);
-    assert.ok(written > 0, 'the guest wrote during the migration');
-    assert.ok(report.pages_sent < PAGES / 4, `${report.pages_sent} pages sent of ${PAGES}`);
-  });
+  // each read path of the source, and the destination written through its files and, preallocated, through its mapping
+  for (const [readPath, prealloc] of [
+    ['files', false],
+    ['mapping', true],
+  ] as const) {
+    const how = `pre-copy read through the ${readPath}${prealloc ? ', the destination preallocated' : ''}`;
+    test(`${how}: holes are neither read nor sent nor allocated, a hole written meanwhile arrives`, async () => {
+      const { report, written } = await migrateSparse('precopy', 4, { readPath, prealloc });
+      assert.equal(report.read_path, readPath);
+      assert.ok(written > 0, 'the guest wrote during the migration');
+      assert.ok(report.pages_sent < PAGES / 4, `${report.pages_sent} pages sent of ${PAGES}`);
+    });
+  }
 
   const noMinor = minorFaultsReason();
   test('post-copy from the start: only the pages that hold data are needed', { skip: noMinor }, async () => {

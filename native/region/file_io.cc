@@ -1,6 +1,8 @@
 // Page reads and writes through the region's files (see file_io.h).
 #include "region/file_io.h"
 
+#include "region/read_path.h"
+
 #include <limits.h>
 #include <unistd.h>
 
@@ -62,7 +64,9 @@ bool WriteFully(int fd, iovec* iov, int n, uint64_t offset, SysError& err) {
   return true;
 }
 
-bool ReadLocked(const Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, SysError& err) {
+}  // namespace
+
+bool ReadFilesLocked(const Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, SysError& err) {
   for (size_t k = 0; k < n;) {
     Place p;
     if (!Locate(m, idx[k], &p, err)) return false;
@@ -74,11 +78,11 @@ bool ReadLocked(const Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, S
   return true;
 }
 
-}  // namespace
-
-bool ReadPages(Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, SysError& err) {
+bool ReadPages(Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, SysError& err, uint8_t* zeroOut) {
   std::shared_lock<std::shared_mutex> lock(m.files);
-  return ReadLocked(m, idx, n, out, err);
+  if (m.readsInPlace.load(std::memory_order_relaxed)) return ReadInPlaceLocked(m, idx, n, out, zeroOut, err);
+  if (zeroOut) std::memset(zeroOut, 0, n);
+  return ReadFilesLocked(m, idx, n, out, err);
 }
 
 PageWriter::PageWriter(Mapping& m) : m_(m), lock_(m.files), byFile_(WritesByFile(m)) {}
@@ -108,7 +112,7 @@ bool PageWriter::Get(uint32_t page, uint8_t* dst, SysError& err) {
     std::memcpy(dst, m_.addr + uint64_t{page} * kPage, kPage);
     return true;
   }
-  return Flush(err) && ReadLocked(m_, &page, 1, dst, err);
+  return Flush(err) && ReadFilesLocked(m_, &page, 1, dst, err);
 }
 
 bool PageWriter::Flush(SysError& err) {

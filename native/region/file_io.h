@@ -20,14 +20,20 @@
 namespace livemig {
 
 // Copies pages idx[0..n) of the region into out (n pages, in that order), runs of
-// consecutive pages in one call. Fails if the region was released.
-bool ReadPages(Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, SysError& err);
+// consecutive pages in one call. Fails if the region was released. Through the mapping instead
+// where the region reads in place (region/read_path.h); then, with zeroOut, a page found all-zero
+// there is not copied and zeroOut[k] is 1 (every zeroOut[k] is 0 through the files).
+bool ReadPages(Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, SysError& err, uint8_t* zeroOut = nullptr);
+
+// The same through the files only; the caller holds m.files shared.
+bool ReadFilesLocked(const Mapping& m, const uint32_t* idx, size_t n, uint8_t* out, SysError& err);
 
 // Writes pages of a region: through its files, consecutive pages in one pwritev, where the
 // file takes writes that keep its pages as they are (shmem in 4 KiB pages); through the
 // mapping otherwise (hugetlbfs takes no write(2); a write(2) to a THP file would allocate
-// 4 KiB pages). A page's bytes must stay valid until Flush. Holds the files for its lifetime.
-inline bool WritesByFile(const Mapping& m) { return !m.thp && !m.hugetlb; }
+// 4 KiB pages), or where the receiver populated the mapping to be written (region/read_path.h).
+// A page's bytes must stay valid until Flush. Holds the files for its lifetime.
+inline bool WritesByFile(const Mapping& m) { return !m.thp && !m.hugetlb && !m.writesInPlace.load(std::memory_order_relaxed); }
 
 class PageWriter {
  public:

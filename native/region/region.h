@@ -28,6 +28,10 @@ struct Mapping {
   bool thp = false;
   // on hugetlbfs: its files take no write(2), so pages are written through the mapping
   bool hugetlb = false;
+  // the source reads pages through this mapping, populated, not its files (region/read_path.h)
+  std::atomic<bool> readsInPlace{false};
+  // the receiver writes pages into this mapping, populated for write beforehand, not its files
+  std::atomic<bool> writesInPlace{false};
   // Held shared by whoever reads or writes the pages through the files (region/file_io.h), and
   // exclusively by the release while it closes them, so that no read lands in a closed (or
   // reused) descriptor.

@@ -39,6 +39,8 @@ struct Batch {
   std::vector<uint8_t> head;
   std::vector<iovec> iov;
   std::vector<uint8_t> enc, dupBodies, hashedEarly, wantIndex;
+  // pages the read found all-zero where they lie (region/read_path.h): not copied
+  std::vector<uint8_t> zeroInPlace;
   std::vector<uint64_t> refs;
 };
 
@@ -71,18 +73,19 @@ size_t Classify(const SendPagesJob& job, Batch& t, SysError& err) {
   t.dupBodies.resize(n * kDupBody);
   t.hashedEarly.resize(n);
   t.wantIndex.resize(n);
+  t.zeroInPlace.resize(n);
   dedup->order.Begin(t.b, n, job.pageCount);
   t.kept = 0;
   size_t raws = 0;
   for (size_t k = 0; k < n; k++) {
     if (k % kSlicePages == 0) {
       long long c0 = NowNs();
-      if (!ReadPages(*job.m, t.b + k, std::min(kSlicePages, n - k), t.Page(k), err)) return 0;
+      if (!ReadPages(*job.m, t.b + k, std::min(kSlicePages, n - k), t.Page(k), err, zeroOn ? &t.zeroInPlace[k] : nullptr)) return 0;
       t.copyNs += NowNs() - c0;
     }
     uint32_t x = t.b[k];
     const uint8_t* live = t.Page(k);
-    bool zero = zeroOn && IsZeroPage(live, kPageSize);
+    bool zero = zeroOn && (t.zeroInPlace[k] || IsZeroPage(live, kPageSize));
     bool early = zero || (dedupOn && ((dedup->known[x] && dedup->holder[x] != zh) || dedup->MayHold(live)));
     uint64_t h = zero ? zh : early ? PageHash(live, kPageSize) : 0;
     t.hashedEarly[k] = early;

@@ -48,6 +48,14 @@ export const POLICY_FLAGS: Flags = {
   'no-wws': { type: 'boolean', default: false, help: 'send pages rewritten every round each round (no writable working set)' },
   'rate-adapt': { type: 'string', value: 'START:INC', help: "Clark's rate adaptation, MiB/s: first round at START, then the dirty rate + INC" },
   channels: { type: 'string', value: 'N', help: "pre-copy's pages over N connections, 1..16 (default one per core up to 4; the destination may grant fewer)" },
+  'read-path': {
+    type: 'string',
+    default: 'auto',
+    value: 'auto|mapping|files',
+    help:
+      "how the guest's pages are read: through this process's mapping of them or through their files; " +
+      "auto times both on the guest's pages and takes the faster",
+  },
   'no-zero': { type: 'boolean', default: false, help: 'send zero pages as bytes' },
   'no-dedup': { type: 'boolean', default: false, help: 'send pages the destination holds as bytes' },
   'no-compress': { type: 'boolean', default: false, help: 'never compress pages (LZ4)' },
@@ -122,6 +130,11 @@ export function policyFlags(v: FlagValues): PolicyFlags {
     };
   }
   if (typeof v['channels'] === 'string') o.channels = channelCount(v['channels'], '--channels');
+  const readPath = v['read-path'];
+  if (typeof readPath === 'string' && readPath !== 'auto') {
+    if (readPath !== 'mapping' && readPath !== 'files') throw usageError(`--read-path must be auto, mapping or files, got '${readPath}'`);
+    o.readPath = readPath;
+  }
   if (typeof v['max-bytes'] === 'string') o.maxBytes = parseSize(v['max-bytes'], '--max-bytes');
   const mode = v['mode'];
   if (typeof mode === 'string') {

@@ -84,6 +84,8 @@ export interface DaemonConfig {
   authTimeoutMs?: number;
   idleTimeoutMs?: number;
   recoverTimeoutMs?: number;
+  /** touch the memory of each guest coming in before its first page (ReceiveOptions.prealloc) */
+  prealloc?: boolean;
   /** bytes of released guests' memory kept for their return (0 or absent: none kept; images.ts) */
   keepImagesBytes?: number;
   version?: string;
@@ -219,6 +221,7 @@ export class Daemon implements DaemonApi {
         ...(config.idleTimeoutMs !== undefined ? { idleTimeoutMs: config.idleTimeoutMs } : {}),
         ...(config.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: config.recoverTimeoutMs } : {}),
         ...(config.onRefused ? { onRefused: config.onRefused } : {}),
+        ...(config.prealloc ? { prealloc: true } : {}),
         ...(images ? { images } : {}),
       });
       d.api = await buildApi(d, { token: config.token, version: config.version ?? '0', tls });

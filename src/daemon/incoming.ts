@@ -50,6 +50,8 @@ export interface IncomingDeps {
   authTimeoutMs?: number;
   idleTimeoutMs?: number;
   recoverTimeoutMs?: number;
+  /** touch the memory of each guest coming in before its first page (ReceiveOptions.prealloc) */
+  prealloc?: boolean;
   /** images of guests this daemon sent away: one coming back starts from its own (none: from zeros) */
   images?: KeptImages;
   /** every source refused here, once recorded and counted (`livemig serve` prints a line) */
@@ -75,6 +77,7 @@ export class IncomingMigrations {
       ...(d.authTimeoutMs !== undefined ? { authTimeoutMs: d.authTimeoutMs } : {}),
       ...(d.idleTimeoutMs !== undefined ? { idleTimeoutMs: d.idleTimeoutMs } : {}),
       ...(d.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: d.recoverTimeoutMs } : {}),
+      ...(d.prealloc ? { prealloc: true } : {}),
       activate: () => Promise.reject(new Error('internal: a migration without its own callbacks')),
     };
     const receiver = await listen(host, port, base, {

@@ -97,6 +97,7 @@ export type PolicyFlags = Pick<
   | 'handshakeTimeoutMs'
   | 'recoverTimeoutMs'
   | 'channels'
+  | 'readPath'
 >;
 
 export interface DemoOptions {

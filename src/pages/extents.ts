@@ -94,3 +94,32 @@ export function union(a: PageExtents, b: PageExtents): PageExtents {
   }
   return Float64Array.from(out);
 }
+
+/**
+ * The extents cut into at most `parts` pieces of about as many pages each, in order; each piece
+ * a multiple of `align` pages (but the last), so that extents aligned to huge pages stay so.
+ */
+export function splitExtents(e: PageExtents, parts: number, align = 512): PageExtents[] {
+  const total = extentPages(e);
+  const per = Math.max(align, Math.ceil(total / Math.max(1, parts) / align) * align);
+  const out: PageExtents[] = [];
+  let piece: number[] = [];
+  let room = per;
+  for (let i = 0; i < e.length; i += 2) {
+    let first = e[i]!;
+    const end = e[i + 1]!;
+    while (first < end) {
+      const take = Math.min(room, end - first);
+      piece.push(first, first + take);
+      first += take;
+      room -= take;
+      if (room === 0) {
+        out.push(Float64Array.from(piece));
+        piece = [];
+        room = per;
+      }
+    }
+  }
+  if (piece.length) out.push(Float64Array.from(piece));
+  return out;
+}

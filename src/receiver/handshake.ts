@@ -185,12 +185,13 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   );
   trace('receiver', ReceiverEvent.regionAllocated);
   ctx.region = created;
-  // Pre-copy writes pages of 4 KiB shmem through the file (native/region/file_io.h). Huge pages,
-  // and post-copy planned from the start, write through the mapping: map it now (faults are
-  // slow on VM hosts), while the integrator prepares its side of the same memory; both finish
-  // before the first page.
-  const viaMapping = !created.writesThroughFile || plan === 'planned';
-  const populated = viaMapping ? created.populateAsync(true, resident) : Promise.resolve();
+  // Pre-copy writes pages of 4 KiB shmem through the file (native/region/file_io.h), unless
+  // preallocated. Huge pages, and post-copy planned from the start, write through the mapping:
+  // map it now (faults are slow on VM hosts), while the integrator prepares its side of the same
+  // memory; both finish before the first page.
+  const prealloc = options.prealloc === true && created.writesThroughFile;
+  const viaMapping = prealloc || !created.writesThroughFile || plan === 'planned';
+  const populated = viaMapping ? created.populateAsync(true, resident).then(() => prealloc && created.writeInPlace()) : Promise.resolve();
   populated.catch(() => undefined); // awaited below, after onReserved
   await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
   await populated;

@@ -40,6 +40,15 @@ export interface ReceiveOptions {
   /** refuse a device state larger than this (default 64 MiB, the protocol's maximum payload) */
   maxDeviceStateBytes?: number;
   /**
+   * Touch every page the source said holds data before accepting (MADV_POPULATE_WRITE, one
+   * pool thread per core), and write pages straight into the mapping from then on, as QEMU's
+   * destination prealloc. Where the host is slow to hand over memory (a first touch can cost ms
+   * per MiB on a host that is itself a VM) the first pass then runs at memory speed and the
+   * preparation takes that time instead, while the guest still runs at the source. Default off:
+   * without it the first touch happens in the page writes, overlapped with the transfer.
+   */
+  prealloc?: boolean;
+  /**
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise
    */

@@ -3,6 +3,7 @@
  * pacer, the counters and the one place where the migration's stage changes. Each stage is a
  * function over this object (see migrate.ts for the order).
  */
+import type { ReadPath } from '../region/read-path.js';
 import { LivemigError } from '../errors.js';
 import type { PageEncoder, RoundPages } from '../encoding/encoder.js';
 import type { ChannelChoice, OutgoingChannels } from './channels.js';
@@ -51,6 +52,8 @@ export interface Session {
   accept: Accept;
   tracker: DirtyTracker;
   trackerReason: string;
+  /** how pre-copy reads the guest's pages (region/read-path.ts) */
+  readPath: ReadPath;
   /** post-copy's way to open more connections, when the destination offers post-copy */
   link: PostcopyLink | undefined;
   encoder: PageEncoder | undefined;

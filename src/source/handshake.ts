@@ -43,6 +43,7 @@ import { CompressorPool, type Compressor } from '../encoding/compressor.js';
 import { now, type SourceContext } from './context.js';
 import { invalid } from './options.js';
 import { connect, peerError } from './peer.js';
+import { chooseReadPath, type ReadPath } from '../region/read-path.js';
 import { attachChannel, canConnect, chooseChannels, OutgoingChannels, type ChannelChoice } from './channels.js';
 
 export async function handshake(ctx: SourceContext): Promise<void> {
@@ -67,13 +68,14 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const { options } = settings;
   const { region } = options;
   const postcopyOffered = settings.mayPostcopy && !refusePostcopyOnHugetlb(settings, region.backing);
-  // Pre-copy reads the guest's pages through its files (native/region/file_io.h), not our
-  // mapping. Post-copy serves them from the mapping: map them while the destination reserves,
-  // or each would fault once in the middle of the push (a same-host upgrade reads none). Only
-  // where the files hold data: mapping (and reading) a hole of the guest's memfd allocates it.
+  // The guest's pages are mapped while the destination reserves (a same-host upgrade reads
+  // none): post-copy serves them from the mapping, and pre-copy reads them through it where
+  // that is cheaper than through the files on this host (region/read-path.ts). Only where the
+  // files hold data: mapping (and reading) a hole of the guest's memfd allocates it.
   const resident = local ? undefined : region.dataExtents();
-  const viaMapping = postcopyOffered || settings.mode !== 'precopy';
-  const populated = resident && viaMapping ? resident.then((e) => region.populateAsync(false, e)) : Promise.resolve();
+  const populated: Promise<ReadPath> = resident
+    ? resident.then(async (e) => (await region.populateAsync(false, e), chooseReadPath(region, e, options.readPath)))
+    : Promise.resolve({ path: 'files', reason: 'a same-host upgrade reads no page' });
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
   trace('source', SourceEvent.connected);
@@ -173,7 +175,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
       (await conn.sendPages({ region, pages, round: r, version, batchPages: settings.batchPages, hashes: ctx.hashes })).bytes,
   });
   ctx.channels = channels;
-  await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
+  const [readPath] = await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
   const prepMs = now() - ctx.tConnect;
   let tracker = options.tracker;
   let trackerReason = 'given by the caller';
@@ -189,7 +191,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     trackerReason = `${choice.backend}: ${choice.reason}`;
   }
   ctx.tracker = tracker;
-  ctx.session = { conn, version, accept, tracker, trackerReason, link, encoder, channels, channelChoice: granted, prepMs, security: opened.security };
+  ctx.session = { conn, version, accept, tracker, trackerReason, readPath, link, encoder, channels, channelChoice: granted, prepMs, security: opened.security };
   ctx.progress({
     type: 'handshake',
     prep_ms: prepMs,

@@ -69,6 +69,8 @@ export function resolveOptions(options: MigrateOptions): Settings {
   if (layout.bytes !== region.size) throw invalid(`layout covers ${layout.bytes} bytes, the region holds ${region.size}`);
   if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
   checkChannels(options.channels);
+  if (options.readPath !== undefined && !['auto', 'mapping', 'files'].includes(options.readPath))
+    throw invalid(`readPath must be auto, mapping or files, got ${String(options.readPath)}`);
   if (options.guestName !== undefined && !GUEST_NAME.test(options.guestName)) throw invalid('guestName must be 1..63 characters of [A-Za-z0-9._-]');
   const ra = options.rateAdaptation;
   if (ra && !(ra.startMiBps > 0 && ra.incrementMiBps >= 0)) throw invalid('rateAdaptation needs startMiBps > 0 and incrementMiBps >= 0');

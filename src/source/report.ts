@@ -79,6 +79,8 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     backing: backingReport(ctx.settings.options.region.backing, tracker.backend),
     tracker: tracker.backend,
     tracker_reason: ctx.session.trackerReason,
+    read_path: ctx.session.readPath.path,
+    read_path_reason: ctx.session.readPath.reason,
     channels: ctx.session.channelChoice.count,
     channels_reason: ctx.session.channelChoice.reason + (channels.narrowedWhy ? `; the extra ones ended early: ${channels.narrowedWhy}` : ''),
     local: ctx.settings.options.local !== undefined,

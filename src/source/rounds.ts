@@ -174,6 +174,8 @@ function convergencePolicy({ settings }: SourceContext): ConvergencePolicy {
  * channels ended in some runs and not others. A link one stream fills is as slow in the second.
  */
 const JUDGED_AFTER = 2 * LINK_WINDOW;
+/** a chunk before the link is judged holds at most this many times the pages the window's bytes make */
+const MAX_CHUNK_SHRINK = 64;
 const firstWindow = new WeakMap<object, LinkFigure>();
 
 function linkMBps(ctx: SourceContext): number {
@@ -223,11 +225,15 @@ export async function sendRound(ctx: SourceContext, o: RoundPages & { budgetMs?:
     // chunks where the round may have to stop early: at a deadline, or at the byte bound
     const mayCross = !final && ctx.bytesSent + (pages.length - at) * region.pageSize > settings.maxBytes;
     let chunk = pacer.chunkPages(pages.length, { mayStopEarly: deadlineAt !== undefined || mayCross || budgetMs !== undefined });
-    // channels not yet judged against the link: a chunk ends where it is, so that they can end
+    // channels not yet judged against the link: a chunk ends where it is, so that they can end.
+    // Its pages are counted at the bytes a page of this round took so far (a zero page takes
+    // none): chunks of pages that do not go on the wire do not wait for a window they never fill
     const { channels } = ctx.session;
     const judgedAt = channels.link().bytes < LINK_WINDOW ? LINK_WINDOW : JUDGED_AFTER;
-    if (!channels.narrowed && channels.link().bytes < judgedAt)
-      chunk = Math.min(chunk, Math.max(1, Math.ceil((judgedAt - channels.link().bytes) / region.pageSize)));
+    if (!channels.narrowed && channels.link().bytes < judgedAt) {
+      const perPage = at > 0 ? Math.max(bytes / at, region.pageSize / MAX_CHUNK_SHRINK) : region.pageSize;
+      chunk = Math.min(chunk, Math.max(1, Math.ceil((judgedAt - channels.link().bytes) / perPage)));
+    }
     const part = pages.subarray(at, at + chunk);
     // on a link one stream fills, extra channels only cost CPU (and each its own compressor):
     // once the link is measured, they end and the main connection carries the rest

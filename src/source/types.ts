@@ -296,6 +296,13 @@ export interface MigrateOptions {
    * channel floor(p / 256) mod N (docs/PROTOCOL.md, "Parallel channels").
    */
   channels?: number;
+  /**
+   * how pre-copy reads the guest's pages: through the source's own mapping of them, populated
+   * while the destination reserves, or through the guest's files (pread). Default 'auto': both
+   * are timed on the guest's pages and the faster wins (the report's read_path says which and
+   * why); which is faster depends on the host (src/region/read-path.ts)
+   */
+  readPath?: 'auto' | 'mapping' | 'files';
   /** post-copy: how long to keep trying to reconnect after the link breaks (default 60 s) */
   recoverTimeoutMs?: number;
   /** handshake timeout (default 60 s: the destination may reserve gigabytes) */
@@ -355,6 +362,10 @@ export interface MigrationReport {
   backing: { kind: string; page_size: number; tracking_page_size: number };
   /** why this tracker: the probe's findings, or that the guest registered none */
   tracker_reason: string;
+  /** how pre-copy read the guest's pages: through the source's populated mapping or the guest's files, the faster on this host */
+  read_path: 'mapping' | 'files';
+  /** what each path cost a page when both were timed, or why they were not */
+  read_path_reason: string;
   /** connections pre-copy's pages went on, and why that many */
   channels: number;
   channels_reason: string;

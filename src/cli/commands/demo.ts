@@ -27,6 +27,7 @@ export const demo: Command = {
     secure: { type: 'boolean', default: false, help: 'mutual TLS from a fresh test CA, and an encrypted stream' },
     local: { type: 'boolean', default: false, help: "same-host upgrade: the guest's memory files go to the destination guest, nothing is copied" },
     daemon: { type: 'boolean', default: false, help: 'through two `livemig serve` daemons and their HTTP API' },
+    prealloc: { type: 'boolean', default: false, help: "the receiver touches the guest's memory before its first page (`livemig receive --prealloc`)" },
     guest: {
       type: 'string',
       default: 'reference',
@@ -41,7 +42,8 @@ export const demo: Command = {
     const json = v['json'] === true;
     const secure = v['secure'] === true;
     if (v['daemon'] === true) {
-      if (secure || v['local'] === true || kind !== 'reference') throw usageError('--daemon runs the reference guest, without --secure and --local');
+      if (secure || v['local'] === true || v['prealloc'] === true || kind !== 'reference')
+        throw usageError('--daemon runs the reference guest, without --secure, --local and --prealloc');
       if (!json)
         process.stderr.write(
           `livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, through two daemons on loopback\n`,
@@ -84,6 +86,7 @@ export const demo: Command = {
       secure,
       guestKind: kind,
       local: v['local'] === true,
+      ...(v['prealloc'] === true ? { receiverArgs: ['--prealloc'] } : {}),
       ...(json ? {} : { onProgress: printProgress }),
     });
     process.stdout.write(json ? JSON.stringify(r) + '\n' : describe(r));

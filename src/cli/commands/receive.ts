@@ -45,6 +45,13 @@ export const receive: Command = {
       help: 'after an outcome the source may not have heard, answer its RESOLVE this long before exiting',
     },
     'max-device-state': { type: 'string', value: 'SIZE', help: 'refuse a larger device state (default 64MiB)' },
+    prealloc: {
+      type: 'boolean',
+      default: false,
+      help:
+        "touch the memory of a guest coming in before its first page, as QEMU's destination prealloc: the first pass then runs at memory " +
+        'speed where this host is slow to hand over memory, and the preparation takes that time instead (default: memory is touched as pages arrive)',
+    },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
     'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start (run by /bin/sh; default: the reference guest)' },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
@@ -72,6 +79,7 @@ export const receive: Command = {
         idleTimeoutMs: parseNumber(str(v, 'progress-timeout'), '--progress-timeout (seconds)', Number.MIN_VALUE) * 1000,
         ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
         ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
+        ...(v['prealloc'] === true ? { prealloc: true } : {}),
         // the guest maps its memory before pages flow, not during
         onReserved: async (_region, postcopy, layout, memory) => {
           // a same-host upgrade's guest maps the memory as it goes: populating it would be the whole cost

@@ -152,6 +152,13 @@ export const serve: Command = {
         'where the migration history is kept (DIR/history.db, locked while the daemon runs: one daemon per directory; default the directory of ' +
         `--guests, ${defaultDaemonDir()} unless given, which a reboot empties: give e.g. /var/lib/livemig to keep the history across one)`,
     },
+    prealloc: {
+      type: 'boolean',
+      default: false,
+      help:
+        "touch the memory of a guest coming in before its first page, as QEMU's destination prealloc: the first pass then runs at memory " +
+        'speed where this host is slow to hand over memory, and the preparation takes that time instead (default: memory is touched as pages arrive)',
+    },
     'keep-images': {
       type: 'string',
       value: 'SIZE',
@@ -223,6 +230,7 @@ export const serve: Command = {
       ...(insecureApi ? { insecureApi } : {}),
       ...(v['api-mtls'] === true ? { apiClientCerts: true } : {}),
       ...(typeof v['memory-budget'] === 'string' ? { memoryBudget: parseSize(v['memory-budget'], '--memory-budget') } : {}),
+      ...(v['prealloc'] === true ? { prealloc: true } : {}),
       ...(typeof v['keep-images'] === 'string' ? { keepImagesBytes: parseSize(v['keep-images'], '--keep-images') } : {}),
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),
