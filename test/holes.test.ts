@@ -5,6 +5,7 @@
  * destination; a hole the guest writes during the migration arrives.
  */
 import assert from 'node:assert/strict';
+import { pack } from 'msgpackr';
 import { describe, test } from 'node:test';
 import { listen } from '../src/receiver/listen.js';
 import type { ReceiveReport } from '../src/receiver/types.js';
@@ -62,6 +63,37 @@ test("HELLO's resident hint: at most MAX_RESIDENT_RUNS runs covering every data 
   assert.deepEqual([...round.resident!], [0, 2, 10, 4096]);
   for (const bad of [Float64Array.of(5, 3), Float64Array.of(0, 4097), Float64Array.of(4, 8, 2, 3)])
     assert.throws(() => decodeHello(encodeHello({ ...hello, resident: bad }).subarray(12)), /HELLO resident/);
+});
+
+test("HELLO's resident hint in more runs than it holds goes as a chunk map, exact at 64 KiB up to 16 GiB, checked like any hostile value", () => {
+  const pageCount = (16 * 1024 * MiB) / 4096;
+  // ~15000 runs of 64 KiB at uneven gaps, as the sparse guest's data lies
+  const data: number[] = [];
+  let seed = 7;
+  for (let p = 0; p + 16 <= pageCount;) {
+    data.push(p, p + 16);
+    seed = (seed * 1103515245 + 12345) % 2 ** 31;
+    p += 16 * (2 + (seed % 30));
+  }
+  const resident = Float64Array.from(data);
+  const hello = { versions: [3, 3] as [number, number], regionBytes: pageCount * 4096, pageSize: 4096, auth: null, capabilities: [CAP_HOLES] };
+  const frame = encodeHello({ ...hello, resident });
+  assert.ok(frame.length < 40 * 1024, `HELLO of ${frame.length} bytes`);
+  const got = decodeHello(frame.subarray(12)).resident!;
+  assert.deepEqual([...got], [...resident], 'the map is exact: every run here is whole 64 KiB chunks');
+  assert.ok(extentPages(coarsen(resident, MAX_RESIDENT_RUNS)) > 4 * extentPages(got), 'joined runs would have covered far more');
+  const base = { versions: [3, 3], regionBytes: 1 << 24, pageSize: 4096, auth: null, capabilities: [CAP_HOLES] };
+  const map = (chunk: number, bits: number[]): Buffer => Buffer.concat([Buffer.from(Uint32Array.of(chunk).buffer), Buffer.from(bits)]);
+  // 4096 pages in chunks of 16: 256 chunks, 32 bytes
+  assert.deepEqual([...decodeHello(pack({ ...base, residentMap: map(16, [0b101, ...Array(31).fill(0)]) }) as Buffer).resident!], [0, 16, 32, 48]);
+  for (const [bad, why] of [
+    [{ residentMap: map(3, Array(32).fill(0)) }, /power of two/],
+    [{ residentMap: map(16, Array(31).fill(0)) }, /one bit per chunk/],
+    [{ residentMap: map(1024, [0b10000]) }, /beyond the region/],
+    [{ residentMap: 'no' }, /binary/],
+    [{ residentMap: map(16, Array(32).fill(0)), resident: Buffer.alloc(8) }, /one at most/],
+  ] as const)
+    assert.throws(() => decodeHello(pack({ ...base, ...bad }) as Buffer), why);
 });
 
 /** A receiver with a reference guest behind it; the destination's allocation measured before its guest runs. */

@@ -123,3 +123,32 @@ export function splitExtents(e: PageExtents, parts: number, align = 512): PageEx
   if (piece.length) out.push(Float64Array.from(piece));
   return out;
 }
+
+/**
+ * The extents as one bit per chunk of `chunkPages` pages (set: the chunk holds a page they
+ * cover), at the finest power-of-two chunk whose bitmap fits `maxBytes`, at least `minChunk`.
+ */
+export function toChunkMap(e: PageExtents, pageCount: number, maxBytes: number, minChunk = 1): { chunkPages: number; bits: Buffer } {
+  let chunkPages = minChunk;
+  while (Math.ceil(Math.ceil(pageCount / chunkPages) / 8) > maxBytes) chunkPages *= 2;
+  const bits = Buffer.alloc(Math.ceil(Math.ceil(pageCount / chunkPages) / 8));
+  for (let i = 0; i < e.length; i += 2) {
+    const last = Math.floor((e[i + 1]! - 1) / chunkPages);
+    for (let c = Math.floor(e[i]! / chunkPages); c <= last; c++) bits[c >> 3]! |= 1 << (c & 7);
+  }
+  return { chunkPages, bits };
+}
+
+/** The pages a chunk map covers, as extents (the last chunk cut at the region's end). */
+export function fromChunkMap(chunkPages: number, bits: Uint8Array, pageCount: number): PageExtents {
+  const out: number[] = [];
+  const chunks = Math.ceil(pageCount / chunkPages);
+  for (let c = 0; c < chunks; c++) {
+    if (!(bits[c >> 3]! & (1 << (c & 7)))) continue;
+    const first = c * chunkPages;
+    const end = Math.min(first + chunkPages, pageCount);
+    if (out.length && out[out.length - 1] === first) out[out.length - 1] = end;
+    else out.push(first, end);
+  }
+  return Float64Array.from(out);
+}

@@ -151,3 +151,11 @@ export const CAP_CHANNELS = 'channels';
 export const CAP_HOLES = 'holes';
 /** at most this many [first, end) runs in HELLO's `resident` (8 bytes each); more are merged across their smallest gaps */
 export const MAX_RESIDENT_RUNS = 4096;
+/**
+ * at most this many bytes of bitmap in HELLO's `residentMap` (a u32 chunk size in pages, then a
+ * bit per chunk): data in more runs than `resident` holds (a 16 GiB guest with 1 GiB written
+ * in 64 KiB pieces has ~15000) is told at 64 KiB chunks up to 16 GiB, coarser above
+ */
+export const MAX_RESIDENT_MAP_BYTES = 32 * 1024;
+/** a residentMap chunk is a power of two of at most this many pages */
+export const MAX_RESIDENT_CHUNK_PAGES = 1 << 20;

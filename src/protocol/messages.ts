@@ -9,12 +9,15 @@ import { GUEST_NAME, GuestLayout, type RegionSpec } from '../guest/layout.js';
 import type { LocalOffer } from '../guest/local.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
+import { coarsen, extentPages, fromChunkMap, toChunkMap } from '../pages/extents.js';
 import {
   FLAG_PROVE,
   FLAGS_NONE,
   FrameType,
   MAX_CHANNELS,
   MAX_PAYLOAD,
+  MAX_RESIDENT_CHUNK_PAGES,
+  MAX_RESIDENT_MAP_BYTES,
   MAX_RESIDENT_RUNS,
   MIN_PROTOCOL_VERSION,
   PAGE_SIZE,
@@ -37,7 +40,11 @@ export interface Hello {
   channels?: number;
   /** the name the guest is known by at the source (a daemon lists it by this name at the destination too) */
   guest?: string;
-  /** with CAP_HOLES: where the guest's memory held data when HELLO was sent (a reservation hint), as page extents */
+  /**
+   * with CAP_HOLES: where the guest's memory held data when HELLO was sent (a reservation hint),
+   * as page extents; on the wire as runs (`resident`) or a bitmap of chunks (`residentMap`),
+   * whichever covers less beyond the data
+   */
   resident?: Float64Array;
   /** huge pages under the guest's memory at the source, for the destination to reserve the same (absent: 4 KiB shmem) */
   backing?: HelloBacking;
@@ -107,7 +114,40 @@ function control(type: FrameType, body: object, version: number): Buffer {
   return encodeFrame(type, pack(body) as Buffer, version);
 }
 
-export const encodeHello = (h: Hello): Buffer => control(FrameType.Hello, h.resident ? { ...h, resident: encodeRuns(h.resident) } : h, PROTOCOL_VERSION);
+export const encodeHello = (h: Hello): Buffer => control(FrameType.Hello, helloOnWire(h), PROTOCOL_VERSION);
+
+/**
+ * `resident` goes as the form that covers fewer pages beyond the data: its runs (joined across
+ * their smallest gaps down to MAX_RESIDENT_RUNS) or a bitmap of chunks (`residentMap`).
+ */
+function helloOnWire(h: Hello): object {
+  const { resident, ...rest } = h;
+  if (!resident) return h;
+  const runs = coarsen(resident, MAX_RESIDENT_RUNS);
+  if (runs.length === resident.length) return { ...rest, resident: encodeRuns(runs) };
+  const pageCount = Math.floor(h.regionBytes / PAGE_SIZE);
+  const map = toChunkMap(resident, pageCount, MAX_RESIDENT_MAP_BYTES);
+  if (extentPages(fromChunkMap(map.chunkPages, map.bits, pageCount)) >= extentPages(runs)) return { ...rest, resident: encodeRuns(runs) };
+  const wire = Buffer.alloc(4 + map.bits.length);
+  wire.writeUInt32LE(map.chunkPages, 0);
+  map.bits.copy(wire, 4);
+  return { ...rest, residentMap: wire };
+}
+
+function decodeChunkMap(v: unknown, pageCount: number): Float64Array {
+  if (!Buffer.isBuffer(v) && !(v instanceof Uint8Array)) throw bad('HELLO residentMap must be binary');
+  const b = Buffer.from(v.buffer, v.byteOffset, v.length);
+  if (b.length < 5) throw bad('HELLO residentMap must hold a chunk size and a bitmap');
+  const chunkPages = b.readUInt32LE(0);
+  if (chunkPages === 0 || chunkPages > MAX_RESIDENT_CHUNK_PAGES || (chunkPages & (chunkPages - 1)) !== 0)
+    throw bad(`HELLO residentMap chunk must be a power of two of at most ${MAX_RESIDENT_CHUNK_PAGES} pages`);
+  const chunks = Math.ceil(pageCount / chunkPages);
+  const bits = b.subarray(4);
+  if (bits.length !== Math.ceil(chunks / 8) || bits.length > MAX_RESIDENT_MAP_BYTES)
+    throw bad(`HELLO residentMap must be one bit per chunk of the region (${Math.ceil(chunks / 8)} bytes), at most ${MAX_RESIDENT_MAP_BYTES}`);
+  if (chunks % 8 !== 0 && bits[bits.length - 1]! >> (chunks % 8) !== 0) throw bad('HELLO residentMap marks chunks beyond the region');
+  return fromChunkMap(chunkPages, bits, pageCount);
+}
 
 /** page extents as u32 little-endian [first, end) pairs */
 function encodeRuns(e: Float64Array): Buffer {
@@ -164,9 +204,10 @@ export function decodeHello(p: Buffer): Hello {
     if (!isString(m.guest, 63) || !GUEST_NAME.test(m.guest)) throw bad('HELLO guest must be 1..63 characters of [A-Za-z0-9._-]');
     hello.guest = m.guest;
   }
-  if (m.resident !== undefined) {
+  if (m.resident !== undefined || m.residentMap !== undefined) {
     if (m.regionBytes % PAGE_SIZE !== 0) throw bad('HELLO resident needs a region of whole pages');
-    hello.resident = decodeRuns(m.resident, m.regionBytes / PAGE_SIZE);
+    if (m.resident !== undefined && m.residentMap !== undefined) throw bad('HELLO has resident and residentMap: one at most');
+    hello.resident = m.resident !== undefined ? decodeRuns(m.resident, m.regionBytes / PAGE_SIZE) : decodeChunkMap(m.residentMap, m.regionBytes / PAGE_SIZE);
   }
   if (m.backing !== undefined) hello.backing = checkBacking(m.backing, hello);
   return hello;

@@ -23,7 +23,6 @@ import {
   CAP_RESOLVE,
   CAP_HOLES,
   FrameType,
-  MAX_RESIDENT_RUNS,
   MIN_SOURCE_VERSION,
   PROTOCOL_VERSION,
 } from '../protocol/format.js';
@@ -38,7 +37,6 @@ import { HashTracker } from '../tracking/hash.js';
 import { SharedMemoryTracker } from '../tracking/shared.js';
 import { chooseTracker } from '../tracking/probe.js';
 import { warmUpRuntime } from '../warmup.js';
-import { coarsen } from '../pages/extents.js';
 import { CompressorPool, type Compressor } from '../encoding/compressor.js';
 import { now, type SourceContext } from './context.js';
 import { invalid } from './options.js';
@@ -122,7 +120,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
       ...(wanted.count > 1 ? { channels: wanted.count } : {}),
       ...(options.guestName !== undefined ? { guest: options.guestName } : {}),
       ...helloBacking(region.backing),
-      ...(resident ? { resident: coarsen(await resident, MAX_RESIDENT_RUNS) } : {}),
+      ...(resident ? { resident: await resident } : {}),
     }),
   );
   trace('source', SourceEvent.helloSent);
