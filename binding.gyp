@@ -73,6 +73,13 @@
       "libraries": ["-lpthread"]
     },
     {
+      "target_name": "read_floor",
+      "type": "executable",
+      "sources": ["bench/native/read_floor.c"],
+      "cflags_c": ["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+      "libraries": ["-lpthread"]
+    },
+    {
       "target_name": "raw_streams",
       "type": "executable",
       "sources": ["bench/native/raw_streams.c"],

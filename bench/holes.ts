@@ -4,14 +4,18 @@
  * - first_touch: this host's cost of a first touch of fresh 4 KiB pages (MADV_POPULATE_WRITE of
  *   256 MiB of a new memfd) and of mapping populated pages again through a new mapping
  *   (MADV_POPULATE_READ of the same memfd), per MiB and per GiB;
- * - first_touch also: reading 1 GiB of populated memfd pages with pread, the least a reader pays;
+ * - first_touch also: reading 1 GiB of populated memfd pages with pread (Node), and
+ *   read_floor: the least a reader pays to check 1 GiB of populated pages, through the files and
+ *   where they lie in a populated mapping, on 1 and 2 threads (build/Release/read_floor, C);
  * - raw_tcp_region: the raw-TCP ceiling from and into 1 GiB of populated memory, 1 and 2 streams,
  *   through mappings and through the memfds' files (as livemig's data path);
  * - livemig on idle guests, interleaved run by run: `zero` 1 GiB (every page populated, all
  *   zero: nothing to send), `random` 1 GiB (every page goes), and `sparse` at 16x the size
  *   (1/16 of it written: the same amount of data in a region 16x larger, the rest holes);
- *   each with first pass, total, downtime, hole pages, and the source's held memory growth.
- *   node dist/bench/holes.js [--runs 3] [--size 1GiB] [--sparse-factor 16] [--cases first_touch,raw,demo]
+ *   each with first pass, total, downtime, hole pages, and the source's held memory growth;
+ *   `random` and `sparse` also with the receiver's --prealloc (its memory touched before the
+ *   first page, as the raw ceiling's is), run beside the plain ones.
+ *   node dist/bench/holes.js [--runs 3] [--size 1GiB] [--sparse-factor 16] [--cases first_touch,raw,demo] [--prealloc both|on|off]
  */
 import { execFileSync } from 'node:child_process';
 import { readSync } from 'node:fs';
@@ -56,7 +60,32 @@ async function firstTouch(): Promise<Record<string, number>> {
   }
 }
 
-const pick = (r: DemoReport): Record<string, number | boolean> => ({
+const READ_FLOOR = path.join(path.dirname(fileURLToPath(import.meta.url)), '../../build/Release/read_floor');
+
+/** build/Release/read_floor's passes over `mib` MiB: the median ms per way and thread count. */
+function readFloor(mib: number): Record<string, unknown>[] {
+  const lines = execFileSync(READ_FLOOR, [String(mib)]).toString().trim().split('\n');
+  const passes = lines.map((l) => JSON.parse(l) as { via: string; threads: number; ms: number; populate_ms: number });
+  const out: Record<string, unknown>[] = [];
+  for (const via of ['files', 'mapping'])
+    for (const threads of [1, 2]) {
+      const these = passes.filter((p) => p.via === via && p.threads === threads);
+      const ms = these.map((p) => p.ms);
+      out.push({
+        bench: 'holes',
+        case: 'read_floor',
+        via,
+        threads,
+        mib,
+        ms: median(ms),
+        range_ms: [Math.min(...ms), Math.max(...ms)],
+        ...(via === 'mapping' ? { populate_ms: median(these.map((p) => p.populate_ms)) } : {}),
+      });
+    }
+  return out;
+}
+
+const pick = (r: DemoReport): Record<string, number | boolean | string> => ({
   first_pass_ms: r.per_round[0]?.duration_ms ?? Number.NaN,
   total_ms: r.total_ms,
   downtime_ms: r.downtime_ms,
@@ -67,9 +96,10 @@ const pick = (r: DemoReport): Record<string, number | boolean> => ({
   source_held_before_mib: +(r.source_memory.held_before_bytes / MiB).toFixed(1),
   source_growth_mib: +((r.source_memory.held_at_release_bytes - r.source_memory.held_before_bytes) / MiB).toFixed(1),
   verified: r.verified && r.guest_verified.bad === 0,
+  read_path: r.read_path,
 });
 
-function summary(name: string, runs: Record<string, number | boolean>[]): Record<string, unknown> {
+function summary(name: string, runs: Record<string, number | boolean | string>[]): Record<string, unknown> {
   const out: Record<string, unknown> = { bench: 'holes', case: name, runs: runs.length };
   for (const k of ['first_pass_ms', 'total_ms', 'downtime_ms', 'prep_ms', 'source_growth_mib']) {
     const xs = runs.map((r) => r[k] as number);
@@ -88,6 +118,7 @@ async function main(): Promise<void> {
       size: { type: 'string', default: String(1 << 30) },
       'sparse-factor': { type: 'string', default: '16' },
       cases: { type: 'string', default: 'first_touch,raw,demo' },
+      prealloc: { type: 'string', default: 'both' },
     },
   });
   const runs = Number(values.runs);
@@ -98,7 +129,10 @@ async function main(): Promise<void> {
     .toString()
     .trim();
   emit({ bench: 'holes', case: 'machine', ...machine(), commit, region_bytes: size });
-  if (cases.has('first_touch')) emit({ bench: 'holes', case: 'first_touch', ...(await firstTouch()) });
+  if (cases.has('first_touch')) {
+    emit({ bench: 'holes', case: 'first_touch', ...(await firstTouch()) });
+    for (const line of readFloor(size >> 20)) emit(line);
+  }
   // the raw-TCP ceilings: from and into populated memory through mappings (as a migration
   // engine that maps guest memory moves it), and through the memfds' files (livemig's path)
   const raw: Record<string, number> = {};
@@ -114,30 +148,36 @@ async function main(): Promise<void> {
   }
   if (!cases.has('demo')) return;
   const g = (content: string, bytes: number) => guestSpecOf({ size: bytes, content, rate: 0, pattern: 'uniform', hotSize: 64 << 20 });
+  const prealloc = values.prealloc === 'on' ? [true] : values.prealloc === 'off' ? [false] : [false, true];
   const kinds = [
-    { name: 'zero', guest: g('zero', size) },
-    { name: 'random', guest: g('random', size) },
-    { name: `sparse_x${factor}`, guest: g('sparse', size * factor) },
+    { name: 'zero', guest: g('zero', size), prealloc: false },
+    ...prealloc.flatMap((p) => [
+      { name: `random${p ? '_prealloc' : ''}`, guest: g('random', size), prealloc: p },
+      { name: `sparse_x${factor}${p ? '_prealloc' : ''}`, guest: g('sparse', size * factor), prealloc: p },
+    ]),
   ];
-  const got: Record<string, Record<string, number | boolean>[]> = {};
+  const got: Record<string, Record<string, number | boolean | string>[]> = {};
   for (let i = 0; i < runs; i++) {
     for (const k of kinds) {
-      const r = await runDemo({ guest: k.guest });
+      const r = await runDemo({ guest: k.guest, ...(k.prealloc ? { receiverArgs: ['--prealloc'] } : {}) });
       (got[k.name] ??= []).push(pick(r));
       emit({ bench: 'holes', case: `${k.name}_run`, run: i + 1, region_bytes: k.guest.size, ...pick(r) });
     }
   }
   const s = Object.fromEntries(kinds.map((k) => [k.name, summary(k.name, got[k.name]!)]));
   for (const k of kinds) emit(s[k.name]!);
-  const random = s['random'] as Record<string, number>;
-  const sparse = s[`sparse_x${factor}`] as Record<string, number>;
-  emit({
-    bench: 'holes',
-    case: 'ratios',
-    // ceiling time / livemig's time: 1.0 is the ceiling's speed, above it faster
-    ...Object.fromEntries(Object.entries(raw).map(([k, ms]) => [`random_first_pass_speed_over_raw_${k}`, +(ms / random['first_pass_ms']!).toFixed(2)])),
-    sparse_total_over_random_total: +(sparse['total_ms']! / random['total_ms']!).toFixed(2),
-  });
+  for (const p of prealloc) {
+    const tag = p ? '_prealloc' : '';
+    const random = s[`random${tag}`] as Record<string, number>;
+    const sparse = s[`sparse_x${factor}${tag}`] as Record<string, number>;
+    emit({
+      bench: 'holes',
+      case: `ratios${tag}`,
+      // ceiling time / livemig's time: 1.0 is the ceiling's speed, above it faster
+      ...Object.fromEntries(Object.entries(raw).map(([k, ms]) => [`random_first_pass_speed_over_raw_${k}`, +(ms / random['first_pass_ms']!).toFixed(2)])),
+      sparse_total_over_random_total: +(sparse['total_ms']! / random['total_ms']!).toFixed(2),
+    });
+  }
 }
 
 await main();
