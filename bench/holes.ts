@@ -97,6 +97,10 @@ const pick = (r: DemoReport): Record<string, number | boolean | string> => ({
   source_growth_mib: +((r.source_memory.held_at_release_bytes - r.source_memory.held_before_bytes) / MiB).toFixed(1),
   verified: r.verified && r.guest_verified.bad === 0,
   read_path: r.read_path,
+  // where the pause went (an idle guest's is a few ms; one that is not says why here)
+  stop_send_ms: r.stop_and_copy.send_ms,
+  stop_final_collect_ms: r.stop_and_copy.final_collect_ms,
+  stop_commit_ms: r.stop_and_copy.commit_ms,
 });
 
 function summary(name: string, runs: Record<string, number | boolean | string>[]): Record<string, unknown> {
