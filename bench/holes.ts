@@ -64,7 +64,10 @@ const READ_FLOOR = path.join(path.dirname(fileURLToPath(import.meta.url)), '../.
 
 /** build/Release/read_floor's passes over `mib` MiB: the median ms per way and thread count. */
 function readFloor(mib: number): Record<string, unknown>[] {
-  const lines = execFileSync(READ_FLOOR, [String(mib)]).toString().trim().split('\n');
+  const lines = execFileSync(READ_FLOOR, [String(mib)])
+    .toString()
+    .trim()
+    .split('\n');
   const passes = lines.map((l) => JSON.parse(l) as { via: string; threads: number; ms: number; populate_ms: number });
   const out: Record<string, unknown>[] = [];
   for (const via of ['files', 'mapping'])
