@@ -22,6 +22,7 @@
         "native/region/pages.cc",
         "native/region/file_io.cc",
         "native/region/read_path.cc",
+        "native/disk/disk_io.cc",
         "native/tracking/tracking.cc",
         "native/codec/pagehash.cc",
         "native/codec/encode.cc",

@@ -13,6 +13,7 @@ namespace livemig {
 void InitTracking(Napi::Env env, Napi::Object exports);
 void InitPages(Napi::Env env, Napi::Object exports);
 void InitReadPath(Napi::Env env, Napi::Object exports);
+void InitDisk(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
 void InitEncode(Napi::Env env, Napi::Object exports);
@@ -93,6 +94,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitTracking(env, exports);
   InitPages(env, exports);
   InitReadPath(env, exports);
+  InitDisk(env, exports);
   InitFdPass(env, exports);
   InitWire(env, exports);
   InitEncode(env, exports);

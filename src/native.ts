@@ -283,6 +283,12 @@ interface Addon {
   compareReadPathsAsync(region: NativeRegion, pages: Uint32Array, run: number): Promise<Float64Array>;
   /** the source's reads of the region's pages go through its populated mapping (native/region/read_path.h) */
   regionReadInPlace(region: NativeRegion, on: boolean): void;
+  /** dst becomes a clone of src sharing its extents (FICLONE: XFS, btrfs); src's dirty pages are written back first */
+  fileCloneAsync(src: number, dst: number): Promise<void>;
+  /** every extent of the file after a write-back: [logical, physical, length, flags, ...] in bytes (FIEMAP) */
+  fileExtentsAsync(fd: number): Promise<Float64Array>;
+  /** the page hash of each block of the file as pread reads it now (past its end: zeros) */
+  hashFileBlocksAsync(fd: number, blockSize: number, firstBlock: number, count: number): Promise<BigUint64Array>;
   /** a receiver's pages land in the region's mapping, populated for write (not its files) */
   regionWriteInPlace(region: NativeRegion, on: boolean): void;
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;
