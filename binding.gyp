@@ -23,6 +23,7 @@
         "native/region/file_io.cc",
         "native/region/read_path.cc",
         "native/disk/disk_io.cc",
+        "native/disk/precontent.cc",
         "native/tracking/tracking.cc",
         "native/codec/pagehash.cc",
         "native/codec/encode.cc",

@@ -14,6 +14,7 @@ void InitTracking(Napi::Env env, Napi::Object exports);
 void InitPages(Napi::Env env, Napi::Object exports);
 void InitReadPath(Napi::Env env, Napi::Object exports);
 void InitDisk(Napi::Env env, Napi::Object exports);
+void InitPrecontent(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
 void InitEncode(Napi::Env env, Napi::Object exports);
@@ -95,6 +96,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPages(env, exports);
   InitReadPath(env, exports);
   InitDisk(env, exports);
+  InitPrecontent(env, exports);
   InitFdPass(env, exports);
   InitWire(env, exports);
   InitEncode(env, exports);

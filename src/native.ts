@@ -83,6 +83,15 @@ export interface NativeWire {
   forget(): void;
 }
 
+/** An access to a watched file, waiting (native/disk/precontent.cc): offset and count in bytes, -1 if the kernel gave no range. */
+export interface PrecontentEvent {
+  fd: number;
+  pid: number;
+  mask: number;
+  offset: number;
+  count: number;
+}
+
 /** The sender's index of what the receiver holds (native/codec/encode.h). */
 export interface NativeDedup {
   /** with channels: only the pages of `channel`'s stripes */
@@ -289,6 +298,16 @@ interface Addon {
   fileExtentsAsync(fd: number): Promise<Float64Array>;
   /** the page hash of each block of the file as pread reads it now (past its end: zeros) */
   hashFileBlocksAsync(fd: number, blockSize: number, firstBlock: number, count: number): Promise<BigUint64Array>;
+  /** reads and writes of the file wait for an answer from the returned fanotify descriptor (FAN_PRE_ACCESS) */
+  precontentWatch(path: string): number;
+  /** the access events that came within the timeout, each to be answered */
+  precontentNextAsync(fan: number, timeoutMs: number): Promise<PrecontentEvent[]>;
+  /** writes data at offset through the event's descriptor (the listener does not wait on itself) */
+  precontentFillAsync(eventFd: number, offset: number, data: Buffer): Promise<void>;
+  /** the waiting access goes on (allow) or fails with EIO; closes the event's descriptor */
+  precontentRespond(fan: number, eventFd: number, allow: boolean): void;
+  /** the mark goes; an access still waiting is allowed */
+  precontentUnwatch(fan: number): void;
   /** a receiver's pages land in the region's mapping, populated for write (not its files) */
   regionWriteInPlace(region: NativeRegion, on: boolean): void;
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;

@@ -1,0 +1,181 @@
+// fanotify pre-content events (Linux >= 6.14): a read or write of a marked file blocks, and the
+// kernel tells the listener the exact range, until the listener answers. The mechanism of disk
+// post-copy (issue 33, item 6): a block not yet at the destination is fetched and written before
+// the guest's read of it goes on. Policy (which blocks are there, what to fetch) is in
+// src/disk/precontent.ts. Content is written through the event's descriptor, which the kernel
+// opened without notification, so the listener's own writes do not wait on itself.
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/fanotify.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+// not in every libc's headers yet (include/uapi/linux/fanotify.h, 6.14)
+#ifndef FAN_PRE_ACCESS
+#define FAN_PRE_ACCESS 0x00100000
+#endif
+#ifndef FAN_EVENT_INFO_TYPE_RANGE
+#define FAN_EVENT_INFO_TYPE_RANGE 6
+#endif
+
+namespace livemig {
+
+namespace {
+
+struct RangeInfo {
+  uint8_t infoType;
+  uint8_t pad;
+  uint16_t len;
+  uint32_t pad2;
+  uint64_t offset;
+  uint64_t count;
+};
+
+struct PrecontentEvent {
+  int fd = -1;
+  int pid = 0;
+  uint64_t mask = 0;
+  double offset = -1, count = -1;
+};
+
+int IntArg(const Napi::CallbackInfo& info, size_t i, const char* what) {
+  if (info.Length() <= i || !info[i].IsNumber()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a number");
+  return info[i].As<Napi::Number>().Int32Value();
+}
+
+// precontentWatch(path) -> fanotify descriptor: reads and writes of the file at `path` wait for
+// an answer from here from now on
+Napi::Value PrecontentWatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "precontentWatch(path)");
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int fan = fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE | O_CLOEXEC);
+  if (fan < 0) throw MakeSysError(env, "fanotify_init(FAN_CLASS_PRE_CONTENT)", errno);
+  if (fanotify_mark(fan, FAN_MARK_ADD, FAN_PRE_ACCESS, AT_FDCWD, path.c_str()) != 0) {
+    int e = errno;
+    close(fan);
+    throw MakeSysError(env, "fanotify_mark(FAN_PRE_ACCESS)", e);
+  }
+  return Napi::Number::New(env, fan);
+}
+
+// precontentNextAsync(fan, timeoutMs) -> [{fd, pid, mask, offset, count}]: the events that came
+// within the timeout (none: an empty list). Each must be answered (precontentRespond).
+Napi::Value PrecontentNextAsync(const Napi::CallbackInfo& info) {
+  int fan = IntArg(info, 0, "fan"), timeoutMs = IntArg(info, 1, "timeoutMs");
+  return Task<std::vector<PrecontentEvent>>::Start(
+      info.Env(),
+      [fan, timeoutMs](std::vector<PrecontentEvent>& out, SysError& err) {
+        pollfd p{fan, POLLIN, 0};
+        int r = poll(&p, 1, timeoutMs);
+        if (r < 0 && errno != EINTR) return err.set("poll(fanotify)", errno);
+        if (r <= 0) return;
+        alignas(fanotify_event_metadata) uint8_t buf[8192];
+        ssize_t n = read(fan, buf, sizeof buf);
+        if (n < 0) {
+          if (errno != EAGAIN && errno != EINTR) err.set("read(fanotify)", errno);
+          return;
+        }
+        for (auto* m = reinterpret_cast<fanotify_event_metadata*>(buf); FAN_EVENT_OK(m, n); m = FAN_EVENT_NEXT(m, n)) {
+          if (m->vers != FANOTIFY_METADATA_VERSION) return err.set("read(fanotify)", EPROTO, "fanotify metadata version " + std::to_string(m->vers));
+          PrecontentEvent e;
+          e.fd = m->fd;
+          e.pid = m->pid;
+          e.mask = m->mask;
+          for (size_t at = m->metadata_len; at + sizeof(fanotify_event_info_header) <= m->event_len;) {
+            auto* h = reinterpret_cast<const fanotify_event_info_header*>(reinterpret_cast<uint8_t*>(m) + at);
+            if (h->len == 0 || at + h->len > m->event_len) break;
+            if (h->info_type == FAN_EVENT_INFO_TYPE_RANGE && h->len >= sizeof(RangeInfo)) {
+              RangeInfo ri;
+              std::memcpy(&ri, h, sizeof ri);
+              e.offset = static_cast<double>(ri.offset);
+              e.count = static_cast<double>(ri.count);
+            }
+            at += h->len;
+          }
+          out.push_back(e);
+        }
+      },
+      [](Napi::Env e, std::vector<PrecontentEvent>& v) -> Napi::Value {
+        Napi::Array a = Napi::Array::New(e, v.size());
+        for (size_t i = 0; i < v.size(); i++) {
+          Napi::Object o = Napi::Object::New(e);
+          o.Set("fd", v[i].fd);
+          o.Set("pid", v[i].pid);
+          o.Set("mask", static_cast<double>(v[i].mask));
+          o.Set("offset", v[i].offset);
+          o.Set("count", v[i].count);
+          a[i] = o;
+        }
+        return a;
+      });
+}
+
+// precontentFillAsync(eventFd, offset, data): writes data at offset through the event's
+// descriptor (no notification: the listener does not wait on itself)
+Napi::Value PrecontentFillAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = IntArg(info, 0, "eventFd");
+  if (info.Length() < 3 || !info[1].IsNumber() || !info[2].IsBuffer()) throw Napi::TypeError::New(env, "precontentFillAsync(eventFd, offset, data: Buffer)");
+  int64_t offset = info[1].As<Napi::Number>().Int64Value();
+  if (offset < 0) throw Napi::RangeError::New(env, "offset must be non-negative");
+  Napi::Buffer<uint8_t> data = info[2].As<Napi::Buffer<uint8_t>>();
+  const uint8_t* p = data.Data();
+  size_t len = data.Length();
+  return Task<int>::Start(
+      env,
+      [fd, offset, p, len](int&, SysError& err) {
+        for (size_t done = 0; done < len;) {
+          ssize_t w = pwrite(fd, p + done, len - done, static_cast<off_t>(offset + static_cast<int64_t>(done)));
+          if (w < 0 && errno == EINTR) continue;
+          if (w <= 0) return err.set("pwrite(fanotify event fd)", w < 0 ? errno : EIO);
+          done += static_cast<size_t>(w);
+        }
+      },
+      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[2]});
+}
+
+// precontentRespond(fan, eventFd, allow): the access waiting on the event goes on (allow) or
+// fails with EIO; the event's descriptor is closed
+Napi::Value PrecontentRespond(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fan = IntArg(info, 0, "fan"), fd = IntArg(info, 1, "eventFd");
+  bool allow = info.Length() > 2 && info[2].ToBoolean().Value();
+  // a refusal fails the access with EIO, as a disk error would (FAN_DENY_ERRNO, 6.14); a kernel
+  // that takes no errno there makes it EPERM
+  constexpr uint32_t kDenyEio = FAN_DENY | (static_cast<uint32_t>(EIO) << 24);
+  fanotify_response r{fd, allow ? static_cast<uint32_t>(FAN_ALLOW) : kDenyEio};
+  ssize_t w = write(fan, &r, sizeof r);
+  if (w < 0 && errno == EINVAL && !allow) {
+    r.response = FAN_DENY;
+    w = write(fan, &r, sizeof r);
+  }
+  int e = errno;
+  if (fd >= 0) close(fd);
+  if (w != static_cast<ssize_t>(sizeof r)) throw MakeSysError(env, "write(fanotify response)", w < 0 ? e : EIO);
+  return env.Undefined();
+}
+
+// precontentUnwatch(fan): the mark goes with the descriptor; an access still waiting is allowed
+Napi::Value PrecontentUnwatch(const Napi::CallbackInfo& info) {
+  close(IntArg(info, 0, "fan"));
+  return info.Env().Undefined();
+}
+
+}  // namespace
+
+void InitPrecontent(Napi::Env env, Napi::Object exports) {
+  exports.Set("precontentWatch", Napi::Function::New(env, PrecontentWatch));
+  exports.Set("precontentNextAsync", Napi::Function::New(env, PrecontentNextAsync));
+  exports.Set("precontentFillAsync", Napi::Function::New(env, PrecontentFillAsync));
+  exports.Set("precontentRespond", Napi::Function::New(env, PrecontentRespond));
+  exports.Set("precontentUnwatch", Napi::Function::New(env, PrecontentUnwatch));
+}
+
+}  // namespace livemig
