@@ -13,6 +13,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { Worker } from 'node:worker_threads';
+import { probeDisk } from '../src/disk/probe.js';
 import { changedBlocks, chooseBlockTracker, HashBlockTracker, ReflinkBlockTracker, type BlockTracker, type DiskImage } from '../src/disk/tracking.js';
 
 const BLOCK = 4096;
@@ -141,6 +142,16 @@ describe('reflink', () => {
         try {
           t = await chooseBlockTracker(disk);
           assert.equal(t.backend, 'reflink', t.reason);
+          const features = await probeDisk(mnt);
+          assert.deepEqual(
+            features.map((f) => [f.feature, f.available]),
+            [
+              ['reflink', true],
+              ['extents', true],
+              ['precontent', features[2]!.available],
+            ],
+            'livemig probe says what the chooser found',
+          );
           assert.ok(t instanceof ReflinkBlockTracker);
           await noWriteLost(t, disk);
         } finally {
@@ -197,6 +208,15 @@ test('changed blocks from two clones’ extents: moved, appeared, gone, unwritte
   // an extent boundary inside a block makes the whole block dirty; the same extents, nothing
   assert.deepEqual([...changedBlocks(e(0, 100, 6000, 0), e(0, 100, 5000, 0), BLOCK, size)], [1, 2]);
   assert.deepEqual([...changedBlocks(before, before, BLOCK, size)], []);
+});
+
+test('livemig probe on a directory it cannot write says so for every disk feature', async () => {
+  const features = await probeDisk('/proc/livemig-no-such-dir');
+  assert.equal(features.length, 3);
+  for (const f of features) {
+    assert.equal(f.available, false);
+    assert.match(f.reason, /cannot make a scratch file in \/proc\/livemig-no-such-dir/);
+  }
 });
 
 test('a disk is checked before anything is tracked', () => {
