@@ -149,6 +149,12 @@ export const CAP_CHANNELS = 'channels';
  * receiver allocates only those pages ahead (a hint: a page outside it may still come).
  */
 export const CAP_HOLES = 'holes';
+/**
+ * HELLO/ACCEPT: the guest's disks move with its memory. HELLO's `disks` names them and their
+ * sizes; they follow the memory in the page space (regionBytes counts them, `regions` does not)
+ * and go as pages. A receiver that does not answer it is not sent the migration.
+ */
+export const CAP_DISKS = 'disks';
 /** at most this many [first, end) runs in HELLO's `resident` (8 bytes each); more are merged across their smallest gaps */
 export const MAX_RESIDENT_RUNS = 4096;
 /**

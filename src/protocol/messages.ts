@@ -10,6 +10,7 @@ import type { LocalOffer } from '../guest/local.js';
 import { ProtocolError } from './errors.js';
 import { encodeFrame } from './frame.js';
 import { coarsen, extentPages, fromChunkMap, toChunkMap } from '../pages/extents.js';
+import { checkDisks, diskBytes, type DiskSpec } from '../disk/spec.js';
 import {
   FLAG_PROVE,
   FLAGS_NONE,
@@ -48,6 +49,8 @@ export interface Hello {
   resident?: Float64Array;
   /** huge pages under the guest's memory at the source, for the destination to reserve the same (absent: 4 KiB shmem) */
   backing?: HelloBacking;
+  /** with CAP_DISKS: the guest's disks, after its memory in the page space (regionBytes counts them) */
+  disks?: DiskSpec[];
 }
 export interface HelloBacking {
   kind: 'hugetlb' | 'shmem-thp';
@@ -182,10 +185,14 @@ export function decodeHello(p: Buffer): Hello {
   if (!Array.isArray(m.capabilities) || m.capabilities.length > 64 || !m.capabilities.every((c) => isString(c, 64)))
     throw bad('HELLO capabilities must be a list of short strings');
   const hello: Hello = { versions: [v[0], v[1]], regionBytes: m.regionBytes, pageSize: m.pageSize, auth: null, capabilities: m.capabilities as string[] };
+  // disks follow the memory in the page space: the regions hold regionBytes less the disks
+  if (m.disks !== undefined) hello.disks = checkDisks(m.disks, 'HELLO disk', (why) => bad(why));
+  const memoryBytes = m.regionBytes - diskBytes(hello.disks);
+  if (memoryBytes <= 0) throw bad(`HELLO regionBytes ${m.regionBytes} leaves no memory beside the disks`);
   if (m.regions !== undefined) {
     if (!Array.isArray(m.regions)) throw bad('HELLO regions must be a list');
     const layout = GuestLayout.checked(m.regions as RegionSpec[], 'HELLO regions', (why) => bad(why));
-    if (layout.bytes !== m.regionBytes) throw bad(`HELLO regions hold ${layout.bytes} bytes, regionBytes says ${m.regionBytes}`);
+    if (layout.bytes !== memoryBytes) throw bad(`HELLO regions hold ${layout.bytes} bytes, regionBytes says ${memoryBytes} besides the disks`);
     hello.regions = layout.toWire();
   }
   if (m.local !== undefined) {

@@ -6,6 +6,7 @@
  */
 import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
+import { closeDisks, syncDisks } from '../disk/incoming.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { decodeCommit, encodeActivated, encodeCommitAck } from '../protocol/messages.js';
 import { trace } from '../trace.js';
@@ -30,6 +31,8 @@ export async function commit(ctx: ReceiverContext, payload: Buffer, a: Accepted,
     throw new LivemigError('ERR_LIVEMIG_DIGEST', why, { phase: 'commit' });
   }
   if (got.prepared) await got.prepared; // a state the guest refuses fails here, before commitment
+  // the disks' blocks on stable storage before this side proves it holds them
+  if (a.disks) await syncDisks(a.disks);
   if (!c.activate) await ctx.conn.send(encodeCommitAck({ digest: got.digest }, ctx.version));
   ctx.enter('committed');
   ctx.progress({ type: 'committed', digest: got.digest.toString(16) });
@@ -45,7 +48,13 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
   }
   const ta = performance.now();
   trace('receiver', ReceiverEvent.activating);
-  await ctx.options.activate(a.region, got.deviceState!);
+  await ctx.options.activate(a.memory ?? a.region, got.deviceState!);
+  if (a.disks) {
+    // the guest runs on the images now: this side lets go of them and of their mapping
+    closeDisks(a.disks);
+    ctx.disks = undefined;
+    a.region.release();
+  }
   trace('receiver', ReceiverEvent.guestActivated);
   ctx.enter('activated');
   ctx.outcome?.settle('activated');

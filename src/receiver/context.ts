@@ -10,6 +10,7 @@ import type { FaultService } from '../postcopy/dest.js';
 import { PROTOCOL_VERSION } from '../protocol/format.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
+import type { IncomingDisk } from '../disk/incoming.js';
 import type { SecurityReport } from '../security/tls.js';
 import { Stages } from '../stages.js';
 import type { Admitted } from './admit.js';
@@ -46,7 +47,11 @@ export interface MigrationToServe {
 
 /** What the handshake settled; fixed for the rest of the migration. */
 export interface Accepted {
+  /** the page space pages are received into: the guest's memory, then its disks */
   region: Region;
+  /** with disks: the guest's memory alone, which prepare and activate get */
+  memory?: Region;
+  disks?: IncomingDisk[];
   /** per-page hashes of what this side holds (the commitment digest is over them) */
   hashes: BigUint64Array;
   encodings: boolean;
@@ -93,6 +98,9 @@ export class ReceiverContext {
   /** the negotiated version (until HELLO is read, ours: an early ERROR is written in it) */
   version = PROTOCOL_VERSION;
   region: Region | undefined;
+  /** with disks: the guest's memory (region is memory and disks) and the images, undone by a discard */
+  memory: Region | undefined;
+  disks: IncomingDisk[] | undefined;
   /** the guest's regions in the page space (HELLO's table, or one region) */
   layout: GuestLayout | undefined;
   /** the session further connections join (post-copy, extra channels), when there is one */

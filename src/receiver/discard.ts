@@ -3,6 +3,7 @@
  * itself), and before activation the region is discarded. In post-copy the guest runs here on
  * whatever pages it has: it stays.
  */
+import { removeDiskImages } from '../disk/incoming.js';
 import { LivemigError } from '../errors.js';
 import { encodeError } from '../protocol/messages.js';
 import type { ReceiverContext } from './context.js';
@@ -28,8 +29,11 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
   await conn.finish(tell ? encodeError({ code: err.code, message: err.message, phase: err.phase ?? failedIn }, ctx.version) : undefined);
   if (ctx.faults && failedIn !== 'postcopy') ctx.faults.stop();
   if (ctx.region && !guestRunsHere) {
-    ctx.options.onDiscard?.(ctx.region);
+    ctx.options.onDiscard?.(ctx.memory ?? ctx.region);
     ctx.region.release(); // nothing was activated: the destination copy is discarded
+    ctx.memory?.release();
   }
+  // and the disk images made for it: none of them ran here
+  if (ctx.disks && !guestRunsHere) removeDiskImages(ctx.disks);
   return err;
 }

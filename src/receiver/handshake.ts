@@ -4,6 +4,8 @@
  * reserved and mapped while the integrator prepares its guest, and ACCEPT with what this side
  * offers.
  */
+import { createDiskImages } from '../disk/incoming.js';
+import { diskBytes, type DiskSpec } from '../disk/spec.js';
 import { randomBytes } from 'node:crypto';
 import { LivemigError } from '../errors.js';
 import { takeMemory } from '../guest/local.js';
@@ -19,6 +21,7 @@ import {
   CAP_POSTCOPY,
   CAP_POSTCOPY_PLANNED,
   CAP_RESOLVE,
+  CAP_DISKS,
   CAP_HOLES,
   FrameType,
   MIN_PROTOCOL_VERSION,
@@ -70,20 +73,34 @@ export function checkHello(ctx: ReceiverContext, hello: WireFrame): Hello {
     throw new LivemigError('ERR_LIVEMIG_REFUSED', `page size ${h.pageSize} differs from this host's ${PAGE_SIZE}`, { phase: 'handshake' });
   }
   if (h.regionBytes % PAGE_SIZE !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `region of ${h.regionBytes} bytes is not a whole number of pages`);
-  if (options.maxRegionBytes !== undefined && h.regionBytes > options.maxRegionBytes) {
-    const why = `region of ${h.regionBytes} bytes exceeds this receiver's limit of ${options.maxRegionBytes}`;
+  // disks come only to a receiver told where to put them, and by pre-copy: refused before anything is reserved
+  if (h.disks && !options.disks)
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', `the guest has ${h.disks.length} disk(s) and this receiver takes none (ReceiveOptions.disks)`, {
+      phase: 'handshake',
+    });
+  if (h.disks && (h.local !== undefined || h.capabilities.includes(CAP_POSTCOPY_PLANNED) || !h.capabilities.includes(CAP_HOLES)))
+    throw new LivemigError(
+      'ERR_LIVEMIG_REFUSED',
+      'disks move by pre-copy into fresh images: not with a same-host upgrade, post-copy planned, or without holes',
+      {
+        phase: 'handshake',
+      },
+    );
+  const memoryBytes = h.regionBytes - diskBytes(h.disks);
+  if (options.maxRegionBytes !== undefined && memoryBytes > options.maxRegionBytes) {
+    const why = `region of ${memoryBytes} bytes exceeds this receiver's limit of ${options.maxRegionBytes}`;
     throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', why, { phase: 'reserve' });
   }
   // without a limit given, what this host can hold now
   // (a same-host upgrade allocates nothing: the memory is the source guest's own)
   const budget = options.maxRegionBytes === undefined && !h.local ? memoryBudget() : undefined;
-  if (budget && h.regionBytes > budget.bytes) {
-    const why = `region of ${h.regionBytes} bytes exceeds what this host can hold now (${budget.bytes} bytes: ${budget.why})`;
+  if (budget && memoryBytes > budget.bytes) {
+    const why = `region of ${memoryBytes} bytes exceeds what this host can hold now (${budget.bytes} bytes: ${budget.why})`;
     throw new LivemigError('ERR_LIVEMIG_NO_MEMORY', `${why}; set maxRegionBytes (--max-region) to override`, { phase: 'reserve' });
   }
-  ctx.layout = h.regions ? GuestLayout.of(h.regions) : GuestLayout.single(h.regionBytes);
+  ctx.layout = h.regions ? GuestLayout.of(h.regions) : GuestLayout.single(memoryBytes);
   // the last check: a shared budget (a daemon's) takes the bytes, or refuses with none taken
-  ctx.releaseMemory = options.reserveMemory?.(h.regionBytes, h.local !== undefined, h.guest);
+  ctx.releaseMemory = options.reserveMemory?.(memoryBytes, h.local !== undefined, h.guest);
   ctx.progress({
     type: 'hello',
     region_bytes: h.regionBytes,
@@ -102,12 +119,12 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const t0 = performance.now();
   trace('receiver', ReceiverEvent.reserving, { bytes: h.regionBytes });
   const local = h.local !== undefined && h.capabilities.includes(CAP_LOCAL);
-  const postcopyCap = !local && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
+  const postcopyCap = !local && !h.disks && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
   const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
   const plan: PostcopyPlan = !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible';
   // holes: the region starts as zeros the source need not send (no kept image to differ from);
   // with the source's hint, only the pages that held data are allocated ahead
-  const image = local ? undefined : (options.imageFor?.(h.guest, h.regionBytes) ?? options.reuseImage);
+  const image = local || h.disks ? undefined : (options.imageFor?.(h.guest, h.regionBytes) ?? options.reuseImage);
   const holes = !local && h.capabilities.includes(CAP_HOLES) && image === undefined;
   const resident = holes ? h.resident : undefined;
   const region = local ? await takeSourceMemory(ctx, h, plan) : await allocateRegion(ctx, h, plan, resident);
@@ -129,6 +146,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
     ...(commitActivate ? [CAP_COMMIT_ACTIVATE] : []),
     ...(postcopyCap ? [CAP_POSTCOPY] : []),
     ...(holes ? [CAP_HOLES] : []),
+    ...(h.disks ? [CAP_DISKS] : []),
   ];
   // post-copy: further connections join this session with ATTACH naming its token
   // channels: further connections join this session too (ATTACH role channel)
@@ -155,7 +173,8 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const accept = { version, capabilities: caps, ...(token ? { session: token } : {}), ...(channelsCap ? { channels } : {}) };
   await ctx.conn.answerFirst(encodeAccept(accept, version));
   if (imageHashes) await ctx.conn.send(encodeImageHashes(hashes, version));
-  return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap, resident };
+  const disks = ctx.memory && ctx.disks ? { memory: ctx.memory, disks: ctx.disks } : {};
+  return { region, hashes, encodings, commitActivate, postcopyPlanned, reserveMs, local, channels, postcopy: postcopyCap, resident, ...disks };
 }
 
 /**
@@ -180,9 +199,13 @@ async function takeSourceMemory(ctx: ReceiverContext, h: Hello, plan: PostcopyPl
 async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan, resident: PageExtents | undefined): Promise<Region> {
   const { options } = ctx;
   const layout = ctx.layout!;
-  const created = await Region.createReserved(h.regionBytes, { name: 'livemig-incoming', ...backingFor(h), ...(resident ? { extents: resident } : {}) }).catch(
-    (e: unknown) => Promise.reject(refusedBeforeReserving(e)),
-  );
+  const memoryBytes = h.regionBytes - diskBytes(h.disks);
+  const memoryHint = resident && h.disks ? clip(resident, memoryBytes / PAGE_SIZE) : resident;
+  const created = await Region.createReserved(memoryBytes, {
+    name: 'livemig-incoming',
+    ...backingFor(h),
+    ...(memoryHint ? { extents: memoryHint } : {}),
+  }).catch((e: unknown) => Promise.reject(refusedBeforeReserving(e)));
   trace('receiver', ReceiverEvent.regionAllocated);
   ctx.region = created;
   // Pre-copy writes pages of 4 KiB shmem through the file (native/region/file_io.h), unless
@@ -191,11 +214,33 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   // memory; both finish before the first page.
   const prealloc = options.prealloc === true && created.writesThroughFile;
   const viaMapping = prealloc || !created.writesThroughFile || plan === 'planned';
-  const populated = viaMapping ? created.populateAsync(true, resident).then(() => prealloc && created.writeInPlace()) : Promise.resolve();
+  const populated = viaMapping ? created.populateAsync(true, memoryHint).then(() => prealloc && created.writeInPlace()) : Promise.resolve();
   populated.catch(() => undefined); // awaited below, after onReserved
-  await options.onReserved?.(created, plan, layout, { files: layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE })), local: false });
+  const pages = h.disks ? withDisks(ctx, created, h.disks) : created;
+  const files = layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE }));
+  const disks = ctx.disks?.map((d) => ({ name: d.name, path: d.path, size: d.size }));
+  await options.onReserved?.(created, plan, layout, { files, local: false, ...(disks ? { disks } : {}) });
   await populated;
-  return created;
+  return pages;
+}
+
+/**
+ * The page space of a guest with disks: its memory, then each disk's image, created now where
+ * the operator said. The guest's callbacks get its memory alone.
+ */
+function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[]): Region {
+  ctx.memory = memory;
+  ctx.disks = createDiskImages(ctx.options.disks!.dir, disks);
+  const pages = Region.adoptPieces([{ fd: memory.fd, offset: 0, size: memory.size }, ...ctx.disks.map((d) => ({ fd: d.fd, offset: 0, size: d.size }))]);
+  ctx.region = pages;
+  return pages;
+}
+
+/** The extents within the first `pages` pages. */
+function clip(e: PageExtents, pages: number): PageExtents {
+  const out: number[] = [];
+  for (let i = 0; i < e.length && e[i]! < pages; i += 2) out.push(e[i]!, Math.min(e[i + 1]!, pages));
+  return Float64Array.from(out);
 }
 
 /**

@@ -49,6 +49,12 @@ export interface ReceiveOptions {
    */
   prealloc?: boolean;
   /**
+   * Take the guest's disks (issue 33): each disk the source names is created as DIR/NAME.img,
+   * sparse, never over an existing file, and removed if the migration fails before activation.
+   * Without it, a migration with disks is refused before anything is reserved. Pre-copy only.
+   */
+  disks?: { dir: string };
+  /**
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise
    */
@@ -107,6 +113,8 @@ export interface ReceiveOptions {
 export interface ReservedMemory {
   files: { fd: number; offset: number }[];
   local: boolean;
+  /** the guest's disk images here, created empty; their blocks arrive with the memory's pages */
+  disks?: { name: string; path: string; size: number }[];
 }
 
 /**

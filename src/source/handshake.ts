@@ -21,6 +21,7 @@ import {
   CAP_POSTCOPY,
   CAP_POSTCOPY_PLANNED,
   CAP_RESOLVE,
+  CAP_DISKS,
   CAP_HOLES,
   FrameType,
   MIN_SOURCE_VERSION,
@@ -71,9 +72,12 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   // that is cheaper than through the files on this host (region/read-path.ts). Only where the
   // files hold data: mapping (and reading) a hole of the guest's memfd allocates it.
   const resident = local ? undefined : region.dataExtents();
-  const populated: Promise<ReadPath> = resident
-    ? resident.then(async (e) => (await region.populateAsync(false, e), chooseReadPath(region, e, options.readPath)))
-    : Promise.resolve({ path: 'files', reason: 'a same-host upgrade reads no page' });
+  // through the files, pre-copy needs no mapping (nor disks' data read into memory ahead)
+  const mapped = options.readPath !== 'files' || postcopyOffered || settings.mode !== 'precopy';
+  const populated: Promise<ReadPath> =
+    resident && mapped
+      ? resident.then(async (e) => (await region.populateAsync(false, e), chooseReadPath(region, e, options.readPath)))
+      : Promise.resolve(local ? { path: 'files', reason: 'a same-host upgrade reads no page' } : { path: 'files', reason: 'asked for' });
   populated.catch(() => undefined); // awaited below
   const socket = await connect(options.to);
   trace('source', SourceEvent.connected);
@@ -107,6 +111,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     ...(local ? [] : [CAP_HOLES]),
     ...(postcopyOffered ? [CAP_POSTCOPY] : []),
     ...(settings.mode !== 'precopy' ? [CAP_POSTCOPY_PLANNED] : []),
+    ...(options.disks?.length ? [CAP_DISKS] : []),
   ];
   await conn.send(
     encodeHello({
@@ -121,11 +126,14 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
       ...(options.guestName !== undefined ? { guest: options.guestName } : {}),
       ...helloBacking(region.backing),
       ...(resident ? { resident: await resident } : {}),
+      ...(options.disks?.length ? { disks: options.disks.map((d) => ({ name: d.name, size: d.size })) } : {}),
     }),
   );
   trace('source', SourceEvent.helloSent);
   const accept = decodeAccept((await conn.expect(FrameType.Accept, (f) => peerError(f, 'handshake'), settings.handshakeTimeoutMs)).payload);
   checkProofOffered(accept, { local: local !== undefined });
+  if (options.disks?.length && !accept.capabilities.includes(CAP_DISKS))
+    throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', 'the destination does not take disks (a livemig that offers `disks`)', { phase: 'handshake' });
   const version = accept.version;
   if (local) {
     if (!accept.capabilities.includes(CAP_LOCAL))
@@ -176,7 +184,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   const [readPath] = await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
   const prepMs = now() - ctx.tConnect;
   let tracker = options.tracker;
-  let trackerReason = 'given by the caller';
+  let trackerReason = (options.tracker as { reason?: string } | undefined)?.reason || 'given by the caller';
   if (!tracker && local) {
     tracker = new SharedMemoryTracker(region.pageCount);
     trackerReason = 'shared: a same-host upgrade; the destination maps the very memory, nothing is sent';

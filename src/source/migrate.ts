@@ -7,6 +7,7 @@
  * before it is confirmed, the outcome is unknown: the source stays paused (never released,
  * never resumed) and the error says so.
  */
+import { withDisks } from '../disk/source.js';
 import { commitAndActivate } from './commit.js';
 import { SourceContext, now } from './context.js';
 import { handshake } from './handshake.js';
@@ -18,7 +19,17 @@ import { runRounds } from './rounds.js';
 import { stopAndCopy } from './stop-and-copy.js';
 import type { MigrateOptions, MigrationReport } from './types.js';
 
-export async function migrate(options: MigrateOptions): Promise<MigrationReport> {
+export async function migrate(given: MigrateOptions): Promise<MigrationReport> {
+  // a guest's disks join its memory in one page space (src/disk/source.ts)
+  const disks = given.disks?.length ? await withDisks(given) : undefined;
+  try {
+    return await migrateSpace(disks?.options ?? given);
+  } finally {
+    disks?.close();
+  }
+}
+
+async function migrateSpace(options: MigrateOptions): Promise<MigrationReport> {
   const ctx = new SourceContext(resolveOptions(options));
   try {
     await handshake(ctx);

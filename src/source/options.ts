@@ -1,4 +1,5 @@
 /** The source's options, checked once with exact messages and resolved to their defaults. */
+import { diskBytes } from '../disk/spec.js';
 import net from 'node:net';
 import { GUEST_NAME, GuestLayout } from '../guest/layout.js';
 import { LivemigError } from '../errors.js';
@@ -55,7 +56,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
     const v = options[k];
     if (v !== undefined && !(Number.isFinite(v) && v > 0)) throw invalid(`${k} must be a positive number of milliseconds, got ${String(v)}`);
   }
-  const layout = options.layout ?? GuestLayout.single(region.size);
+  const layout = options.layout ?? GuestLayout.single(region.size - diskBytes(options.disks));
   if (!(layout instanceof GuestLayout)) throw invalid('layout must be a GuestLayout (GuestLayout.of(regions))');
   if (options.local) {
     if (mode !== 'precopy' || onStall === 'postcopy') throw invalid('a same-host upgrade (local) moves no page: post-copy does not apply');
@@ -66,7 +67,7 @@ export function resolveOptions(options: MigrateOptions): Settings {
     });
   }
   if (options.untracked && (options.target || options.tracker)) throw invalid('untracked excludes target and tracker');
-  if (layout.bytes !== region.size) throw invalid(`layout covers ${layout.bytes} bytes, the region holds ${region.size}`);
+  if (layout.bytes + diskBytes(options.disks) !== region.size) throw invalid(`layout covers ${layout.bytes} bytes, the region holds ${region.size}`);
   if (!(options.to instanceof net.Socket)) assertSecureEnough(options.to.host, options.credentials, options.insecure, 'migrating to');
   checkChannels(options.channels);
   if (options.readPath !== undefined && !['auto', 'mapping', 'files'].includes(options.readPath))

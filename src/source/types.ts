@@ -1,3 +1,4 @@
+import type { SourceDisk } from '../disk/spec.js';
 import type net from 'node:net';
 import { LivemigError } from '../errors.js';
 import type { GuestLayout } from '../guest/layout.js';
@@ -303,6 +304,12 @@ export interface MigrateOptions {
    * why); which is faster depends on the host (src/region/read-path.ts)
    */
   readPath?: 'auto' | 'mapping' | 'files';
+  /**
+   * the guest's disks (issue 33): each image moves with the memory, its blocks as pages after it;
+   * which blocks were written is found by cloning the image (XFS, btrfs) or hashing it. The
+   * destination must take disks (ReceiveOptions.disks). Pre-copy only, for now.
+   */
+  disks?: SourceDisk[];
   /** post-copy: how long to keep trying to reconnect after the link breaks (default 60 s) */
   recoverTimeoutMs?: number;
   /** handshake timeout (default 60 s: the destination may reserve gigabytes) */

@@ -1,0 +1,116 @@
+/**
+ * A guest's disks at the source (MigrateOptions.disks, issue 33): they join its memory in one
+ * page space, memory first, then each image whole, so that every block goes through the data
+ * path pages take (holes skipped, zero blocks and references found, compression, channels,
+ * encryption, pacing) and the commitment digest covers it. What was written is told by the
+ * memory's tracker for its pages and a block tracker per disk (src/disk/tracking.ts) for theirs.
+ */
+import { fstatSync } from 'node:fs';
+import { LivemigError } from '../errors.js';
+import { Region } from '../region/region.js';
+import { chooseTracker, HashTracker } from '../tracking/index.js';
+import type { DirtyTracker } from '../tracking/types.js';
+import type { MigrateOptions } from '../source/types.js';
+import { checkDisks, DISK_BLOCK } from './spec.js';
+import { chooseBlockTracker, type BlockRuns, type BlockTracker } from './tracking.js';
+
+const invalid = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', why, { phase: 'validate' });
+
+/** The options a migration with disks runs on: the page space of memory and disks, and its tracker. */
+export async function withDisks(options: MigrateOptions): Promise<{ options: MigrateOptions; trackerReason: string; close(): void }> {
+  const disks = options.disks!;
+  const specs = checkDisks(disks, 'disk', invalid);
+  const memory = options.region;
+  if ((options.mode ?? 'precopy') !== 'precopy' || options.onStall === 'postcopy' || options.local)
+    throw invalid('disks move by pre-copy for now: not with post-copy or a same-host upgrade');
+  if (memory.backing.kind !== 'shmem' || memory.fd < 0) throw invalid("disks go with a guest whose memory is one file of 4 KiB pages (the region's fd)");
+  disks.forEach((d, i) => {
+    if (!Number.isInteger(d.fd) || d.fd < 0) throw invalid(`disk ${i} (${specs[i]!.name}): fd must be an open descriptor`);
+    const st = fstatSync(d.fd);
+    if (!st.isFile() && !st.isBlockDevice()) throw invalid(`disk ${i} (${specs[i]!.name}): its descriptor is neither a file nor a block device`);
+    if (st.isFile() && st.size !== d.size) throw invalid(`disk ${i} (${specs[i]!.name}): the image holds ${st.size} bytes, its size says ${d.size}`);
+  });
+  const pages = Region.adoptPieces([{ fd: memory.fd, offset: 0, size: memory.size }, ...disks.map((d) => ({ fd: d.fd, offset: 0, size: d.size }))]);
+  try {
+    const memoryTracker =
+      options.tracker ?? (options.untracked ? new HashTracker(memory) : chooseTracker(memory, options.target ? { target: options.target } : {}).tracker);
+    const blockTrackers = await Promise.all(disks.map((d) => chooseBlockTracker({ fd: d.fd, path: d.path, size: d.size, blockSize: DISK_BLOCK })));
+    const tracker = new DisksAndMemory(
+      memoryTracker,
+      blockTrackers,
+      memory.pageCount,
+      disks.map((d) => d.size),
+    );
+    const trackerReason = `${memoryTracker.backend} for the memory; ` + blockTrackers.map((t, i) => `disk ${specs[i]!.name}: ${t.reason}`).join('; ');
+    tracker.reason = trackerReason;
+    return {
+      options: { ...options, region: pages, tracker, readPath: 'files' },
+      trackerReason,
+      close: () => {
+        for (const t of blockTrackers) t.close();
+        pages.release();
+      },
+    };
+  } catch (e) {
+    pages.release();
+    throw e;
+  }
+}
+
+/** The memory's tracker for its pages, each disk's block tracker for the pages after them. */
+class DisksAndMemory implements DirtyTracker {
+  readonly pageCount: number;
+  /** why these trackers, for the report (set by withDisks) */
+  reason = '';
+  readonly #memory: DirtyTracker;
+  readonly #disks: BlockTracker[];
+  readonly #firstPage: number[];
+
+  constructor(memory: DirtyTracker, disks: BlockTracker[], memoryPages: number, diskSizes: number[]) {
+    this.#memory = memory;
+    this.#disks = disks;
+    let at = memoryPages;
+    this.#firstPage = diskSizes.map((size) => {
+      const first = at;
+      at += size / DISK_BLOCK;
+      return first;
+    });
+    this.pageCount = at;
+  }
+
+  get backend(): DirtyTracker['backend'] {
+    return this.#memory.backend;
+  }
+
+  async start(): Promise<void> {
+    await Promise.all([this.#memory.start(), ...this.#disks.map((d) => d.arm())]);
+  }
+
+  async collect(): Promise<Uint32Array> {
+    const [memory, ...disks] = await Promise.all([this.#memory.collect(), ...this.#disks.map((d) => d.collect())]);
+    return this.#join(memory!, disks as BlockRuns[]);
+  }
+
+  async collectFinal(): Promise<Uint32Array> {
+    // the guest is paused and its VMM drained and flushed its I/O: the disks' last writes are in
+    const [memory, ...disks] = await Promise.all([this.#memory.collectFinal(), ...this.#disks.map((d) => d.collect())]);
+    return this.#join(memory as Uint32Array, disks as BlockRuns[]);
+  }
+
+  async stop(): Promise<void> {
+    await this.#memory.stop();
+  }
+
+  #join(memory: Uint32Array, disks: BlockRuns[]): Uint32Array {
+    let n = memory.length;
+    for (const runs of disks) for (let i = 0; i < runs.length; i += 2) n += runs[i + 1]! - runs[i]!;
+    const out = new Uint32Array(n);
+    out.set(memory);
+    let k = memory.length;
+    disks.forEach((runs, d) => {
+      const base = this.#firstPage[d]!;
+      for (let i = 0; i < runs.length; i += 2) for (let b = runs[i]!; b < runs[i + 1]!; b++) out[k++] = base + b;
+    });
+    return out;
+  }
+}
