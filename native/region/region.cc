@@ -181,7 +181,10 @@ Napi::Value AdoptPieces(const Napi::CallbackInfo& info) {
   uint64_t at = 0;
   for (const Piece& p : pieces) {
     int fd = fcntl(p.fd, F_DUPFD_CLOEXEC, 3);
-    void* a = fd < 0 ? MAP_FAILED : mmap(m->addr + at, p.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(p.offset));
+    // a piece opened for reading only (a source's disk image) is mapped for reading only
+    const int access = fd < 0 ? -1 : fcntl(fd, F_GETFL) & O_ACCMODE;
+    const int prot = access == O_RDONLY ? PROT_READ : PROT_READ | PROT_WRITE;
+    void* a = fd < 0 ? MAP_FAILED : mmap(m->addr + at, p.size, prot, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(p.offset));
     if (a == MAP_FAILED) {
       int e = errno;
       if (fd >= 0) close(fd);

@@ -42,8 +42,27 @@ export function createDiskImages(dir: string, disks: readonly DiskSpec[]): Incom
   }
 }
 
+/**
+ * What a round wrote goes to stable storage behind the transfer (one sync at a time), so that
+ * the sync inside the pause has only the last round's blocks left to write.
+ */
+const behind = new WeakMap<readonly IncomingDisk[], Promise<void>>();
+
+export function syncDisksBehind(disks: readonly IncomingDisk[]): Promise<void> {
+  const running = behind.get(disks);
+  if (running) return running; // the next round's end starts another
+  const p = syncDisks(disks).finally(() => behind.delete(disks));
+  behind.set(disks, p);
+  return p;
+}
+
 /** Every image's writes on stable storage (fdatasync), before this side proves the commit. */
-export async function syncDisks(disks: readonly IncomingDisk[]): Promise<void> {
+export async function syncDisksFinal(disks: readonly IncomingDisk[]): Promise<void> {
+  await behind.get(disks)?.catch(() => undefined);
+  await syncDisks(disks);
+}
+
+async function syncDisks(disks: readonly IncomingDisk[]): Promise<void> {
   await Promise.all(
     disks.map((d) =>
       sync(d.fd).catch((e: unknown) => {

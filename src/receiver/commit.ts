@@ -6,7 +6,7 @@
  */
 import { LivemigError } from '../errors.js';
 import { digestOf } from '../native.js';
-import { closeDisks, syncDisks } from '../disk/incoming.js';
+import { closeDisks, syncDisksFinal } from '../disk/incoming.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { decodeCommit, encodeActivated, encodeCommitAck } from '../protocol/messages.js';
 import { trace } from '../trace.js';
@@ -32,7 +32,7 @@ export async function commit(ctx: ReceiverContext, payload: Buffer, a: Accepted,
   }
   if (got.prepared) await got.prepared; // a state the guest refuses fails here, before commitment
   // the disks' blocks on stable storage before this side proves it holds them
-  if (a.disks) await syncDisks(a.disks);
+  if (a.disks) await syncDisksFinal(a.disks);
   if (!c.activate) await ctx.conn.send(encodeCommitAck({ digest: got.digest }, ctx.version));
   ctx.enter('committed');
   ctx.progress({ type: 'committed', digest: got.digest.toString(16) });

@@ -101,6 +101,8 @@ export class ReceiverContext {
   /** with disks: the guest's memory (region is memory and disks) and the images, undone by a discard */
   memory: Region | undefined;
   disks: IncomingDisk[] | undefined;
+  /** with disks: the ROUND_ACKs waiting on their round's blocks to be durable, in order */
+  diskAcks: Promise<void> | undefined;
   /** the guest's regions in the page space (HELLO's table, or one region) */
   layout: GuestLayout | undefined;
   /** the session further connections join (post-copy, extra channels), when there is one */

@@ -5,6 +5,7 @@
  * each round and hands the later frames to their stages (device state, commit, activation,
  * post-copy).
  */
+import { syncDisksBehind } from '../disk/incoming.js';
 import { LivemigError } from '../errors.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { FrameType } from '../protocol/format.js';
@@ -82,7 +83,17 @@ async function roundEnd(ctx: ReceiverContext, f: WireFrame, got: Received): Prom
   // with channels, the round is applied once every channel has passed its ROUND_END too
   await ctx.channels?.reached(r.round);
   if (r.last) await channelsEnded(ctx, got);
-  await ctx.conn.send(encodeRoundAck(r, ctx.version));
+  if (ctx.disks) {
+    // the round's disk blocks go to stable storage while the next round comes, and its
+    // ROUND_ACK once they are there: the source pauses only after its last round's ack, so the
+    // sync inside the pause has the pause's own blocks left, not the whole image
+    const disks = ctx.disks;
+    const ack = (ctx.diskAcks ?? Promise.resolve()).then(() => syncDisksBehind(disks)).then(() => ctx.conn.send(encodeRoundAck(r, ctx.version)));
+    ack.catch(() => undefined); // a sync that fails fails the commit's final sync too, which says why
+    ctx.diskAcks = ack;
+  } else {
+    await ctx.conn.send(encodeRoundAck(r, ctx.version));
+  }
   ctx.progress({ type: 'round', round: r.round, pages: r.pages });
 }
 
