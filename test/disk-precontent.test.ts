@@ -64,23 +64,34 @@ function setup(): { dir: string; file: string; source: Buffer; present: Uint8Arr
   return { dir, file, source, present };
 }
 
+/** The image watched, its fetches from `source` counted in `fetched` (and failing while `fail(block)` says so). */
+function watch(
+  s: ReturnType<typeof setup>,
+  o: { delayMs?: number; fail?: (block: number) => boolean; onError?: (e: unknown) => void } = {},
+): Promise<{ img: PrecontentImage; fetched: number[] }> {
+  const fetched: number[] = [];
+  return PrecontentImage.start({
+    path: s.file,
+    size: BLOCKS * BS,
+    blockSize: BS,
+    present: s.present,
+    fetch: async (first, count) => {
+      for (let b = first; b < first + count; b++) if (o.fail?.(b)) throw new Error('the link broke');
+      for (let b = first; b < first + count; b++) fetched.push(b);
+      if (o.delayMs) await new Promise((r) => setTimeout(r, o.delayMs)); // the link
+      return s.source.subarray(first * BS, (first + count) * BS);
+    },
+    ...(o.onError ? { onError: o.onError } : {}),
+  }).then((img) => ({ img, fetched }));
+}
+
 const skip = unsupported();
 if (skip) console.log(`# disk pre-content tests skipped: ${skip}`);
 
 test('a read of blocks not yet here waits for them and returns the source content; each block is fetched once', { skip }, async () => {
-  const { dir, file, source, present } = setup();
-  const fetchedBlocks: number[] = [];
-  const img = await PrecontentImage.start({
-    path: file,
-    size: BLOCKS * BS,
-    blockSize: BS,
-    present,
-    fetch: async (first, count) => {
-      for (let b = first; b < first + count; b++) fetchedBlocks.push(b);
-      await new Promise((r) => setTimeout(r, 2)); // the link
-      return source.subarray(first * BS, (first + count) * BS);
-    },
-  });
+  const s = setup();
+  const { dir, file, source } = s;
+  const { img, fetched: fetchedBlocks } = await watch(s, { delayMs: 2 });
   try {
     // a read across here and missing blocks, an unaligned one, then the whole image twice
     const got = await inWorker<{ a: Buffer; b: Buffer; all: Buffer; again: Buffer }>(
@@ -111,18 +122,9 @@ test('a read of blocks not yet here waits for them and returns the source conten
 });
 
 test('a guest write to a block that arrived is never overwritten by a push; a pushed block is not fetched again', { skip }, async () => {
-  const { dir, file, source, present } = setup();
-  const fetchedBlocks: number[] = [];
-  const img = await PrecontentImage.start({
-    path: file,
-    size: BLOCKS * BS,
-    blockSize: BS,
-    present,
-    fetch: async (first, count) => {
-      for (let b = first; b < first + count; b++) fetchedBlocks.push(b);
-      return source.subarray(first * BS, (first + count) * BS);
-    },
-  });
+  const s = setup();
+  const { dir, file, source } = s;
+  const { img, fetched: fetchedBlocks } = await watch(s);
   try {
     const mine = Buffer.alloc(BS, 0x77);
     // the guest reads block 20 (fetched), then writes all of it
@@ -151,20 +153,11 @@ test('a guest write to a block that arrived is never overwritten by a push; a pu
 });
 
 test('a fetch that fails fails the access with EIO, and the next access tries again', { skip }, async () => {
-  const { dir, file, source, present } = setup();
+  const s = setup();
+  const { dir, file, source } = s;
   let fail = true;
   const errors: unknown[] = [];
-  const img = await PrecontentImage.start({
-    path: file,
-    size: BLOCKS * BS,
-    blockSize: BS,
-    present,
-    fetch: async (first, count) => {
-      if (fail && first <= 50 && 50 < first + count) throw new Error('the link broke');
-      return source.subarray(first * BS, (first + count) * BS);
-    },
-    onError: (e) => errors.push(e),
-  });
+  const { img } = await watch(s, { fail: (b) => fail && b === 50, onError: (e) => errors.push(e) });
   try {
     const first = await inWorker<string>(
       file,
