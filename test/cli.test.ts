@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -59,6 +60,9 @@ test('usage errors name the usage stage and exit 2, as an unknown command does',
     [['send', '--to', 'nowhere'], /\(usage\): --to: expected HOST:PORT/],
     [['demo', '--bogus'], /\(usage\): demo: Unknown option '--bogus'/],
     [['receive', 'stray'], /\(usage\): receive: .*stray/],
+    [['receive', '--disk-dir', '/proc/livemig-no-such-dir'], /\(usage\): --disk-dir \/proc\/livemig-no-such-dir: ENOENT/],
+    [['receive', '--disk-dir', '/proc/self/status'], /\(usage\): --disk-dir \/proc\/self\/status is not a directory/],
+    [['send', '--to', '127.0.0.1:1', '--read-path', 'psychic'], /\(usage\): --read-path must be auto, mapping or files/],
     [['receive', '--listen', '0.0.0.0:0'], /ERR_LIVEMIG_INSECURE \(validate\): listening on 0\.0\.0\.0 without credentials.*--insecure/],
     [['send', '--to', '10.11.12.13:7878', '--size', '16MiB'], /ERR_LIVEMIG_INSECURE \(validate\): migrating to 10\.11\.12\.13 without credentials/],
     [['guest'], /\(usage\): guest needs one of --socket PATH and --register PATH/],
@@ -247,6 +251,13 @@ test('probe --json says whether the kernel has TLS offload, that livemig does no
   assert.ok(p.tracking.some((t) => t.backend === 'uffd-async'));
   assert.equal(p.kernel_tls.used, false);
   assert.match(p.kernel_tls.reason, p.kernel_tls.available ? /not used/ : /ENOENT|fails with|could not/);
+  // and the disk features where images would live: each tried, each with its reason
+  const d = (JSON.parse(run('probe', '--json', '--disk-dir', tmpdir()).stdout) as { disk: { feature: string; available: boolean; reason: string }[] }).disk;
+  assert.deepEqual(
+    d.map((f) => f.feature),
+    ['reflink', 'extents', 'precontent'],
+  );
+  for (const f of d) assert.ok(f.reason.length > 10, `${f.feature}: ${f.reason}`);
 });
 
 test('receive goes on listening after connections refused before anything was reserved (a bare connect, junk), then serves a migration', async () => {

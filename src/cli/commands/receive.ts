@@ -1,4 +1,5 @@
 /** livemig receive: serve one migration; the reference guest resumes here. */
+import { statSync } from 'node:fs';
 import type { LivemigError } from '../../errors.js';
 import { listen, type Receiver } from '../../receiver/listen.js';
 import { isRefusedBeforeReserving, mayBeAskedAbout } from '../../receiver/receiver.js';
@@ -52,6 +53,13 @@ export const receive: Command = {
         "touch the memory of a guest coming in before its first page, as QEMU's destination prealloc: the first pass then runs at memory " +
         'speed where this host is slow to hand over memory, and the preparation takes that time instead (default: memory is touched as pages arrive)',
     },
+    'disk-dir': {
+      type: 'string',
+      value: 'DIR',
+      help:
+        "take the guest's disks: each disk a source names is created here as DIR/NAME.img, sparse, never over an existing file, " +
+        'removed if the migration fails before activation (default: migrations with disks are refused)',
+    },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
     'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start (run by /bin/sh; default: the reference guest)' },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
@@ -80,6 +88,7 @@ export const receive: Command = {
         ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
         ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
         ...(v['prealloc'] === true ? { prealloc: true } : {}),
+        ...(typeof v['disk-dir'] === 'string' ? { disks: { dir: diskDir(v['disk-dir']) } } : {}),
         // the guest maps its memory before pages flow, not during
         onReserved: async (_region, postcopy, layout, memory) => {
           // a same-host upgrade's guest maps the memory as it goes: populating it would be the whole cost
@@ -168,4 +177,16 @@ export function shellCommand(line: string): string[] {
   if (line.trim().length === 0) throw usageError('--guest-exec needs a command');
   if (!line.includes('{socket}')) throw usageError("--guest-exec: the command must name its socket with {socket}, e.g. 'my-vmm --incoming {socket}'");
   return ['/bin/sh', '-c', `exec ${line}`];
+}
+
+/** --disk-dir: a directory that exists, checked before listening. */
+function diskDir(dir: string): string {
+  let st;
+  try {
+    st = statSync(dir);
+  } catch (e) {
+    throw usageError(`--disk-dir ${dir}: ${(e as Error).message}`);
+  }
+  if (!st.isDirectory()) throw usageError(`--disk-dir ${dir} is not a directory`);
+  return dir;
 }
