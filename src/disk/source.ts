@@ -93,7 +93,7 @@ class DisksAndMemory implements DirtyTracker {
 
   async collectFinal(): Promise<Uint32Array> {
     // the guest is paused and its VMM drained and flushed its I/O: the disks' last writes are in
-    const [memory, ...disks] = await Promise.all([this.#memory.collectFinal(), ...this.#disks.map((d) => d.collect())]);
+    const [memory, ...disks] = await Promise.all([this.#memory.collectFinal(), ...this.#disks.map((d) => d.collectFinal())]);
     return this.#join(memory as Uint32Array, disks as BlockRuns[]);
   }
 
