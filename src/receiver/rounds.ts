@@ -89,7 +89,12 @@ async function roundEnd(ctx: ReceiverContext, f: WireFrame, got: Received): Prom
     // sync inside the pause has the pause's own blocks left, not the whole image
     const disks = ctx.disks;
     const ack = (ctx.diskAcks ?? Promise.resolve()).then(() => syncDisksBehind(disks)).then(() => ctx.conn.send(encodeRoundAck(r, ctx.version)));
-    ack.catch(() => undefined); // a sync that fails fails the commit's final sync too, which says why
+    // a sync that fails ends the migration here with its cause, not with an ack that never comes
+    ack.catch((e: unknown) =>
+      ctx.conn.abort(
+        e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_SYSCALL', `round ${r.round}: ${(e as Error).message}`, { phase: 'precopy', cause: e }),
+      ),
+    );
     ctx.diskAcks = ack;
   } else {
     await ctx.conn.send(encodeRoundAck(r, ctx.version));
