@@ -24,6 +24,7 @@
         "native/region/read_path.cc",
         "native/disk/disk_io.cc",
         "native/disk/precontent.cc",
+        "native/disk/written_bitmap.cc",
         "native/tracking/tracking.cc",
         "native/codec/pagehash.cc",
         "native/codec/encode.cc",
@@ -53,15 +54,19 @@
         "native/errors.cc",
         "native/refguest/content.cc",
         "native/refguest/gate.cc",
+        "native/refguest/disk.cc",
+        "native/guest/example/example_disk.c",
         "native/process/sched.cc"
-      ]
+      ],
+      "include_dirs": ["native/guest"],
+      "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"]
     },
     {
       "target_name": "c_guest",
       "type": "executable",
       "dependencies": ["livemig_guest_lib"],
       "include_dirs": ["native/guest"],
-      "sources": ["native/guest/example/c_guest.c"],
+      "sources": ["native/guest/example/c_guest.c", "native/guest/example/example_disk.c"],
       "cflags_c": ["-std=c11", "-O2", "-Wall", "-Wextra"],
       "libraries": ["-lpthread"]
     },

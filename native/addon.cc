@@ -15,6 +15,7 @@ void InitPages(Napi::Env env, Napi::Object exports);
 void InitReadPath(Napi::Env env, Napi::Object exports);
 void InitDisk(Napi::Env env, Napi::Object exports);
 void InitPrecontent(Napi::Env env, Napi::Object exports);
+void InitWrittenBitmap(Napi::Env env, Napi::Object exports);
 void InitFdPass(Napi::Env env, Napi::Object exports);
 void InitWire(Napi::Env env, Napi::Object exports);
 void InitEncode(Napi::Env env, Napi::Object exports);
@@ -97,6 +98,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitReadPath(env, exports);
   InitDisk(env, exports);
   InitPrecontent(env, exports);
+  InitWrittenBitmap(env, exports);
   InitFdPass(env, exports);
   InitWire(env, exports);
   InitEncode(env, exports);

@@ -84,6 +84,9 @@ export interface NativeWire {
 }
 
 /** An access to a watched file, waiting (native/disk/precontent.cc): offset and count in bytes, -1 if the kernel gave no range. */
+/** a mapped written-block bitmap (native/disk/written_bitmap.cc) */
+export type WrittenBitmapHandle = { readonly __writtenBitmap: unique symbol };
+
 export interface PrecontentEvent {
   fd: number;
   pid: number;
@@ -298,6 +301,13 @@ interface Addon {
   fileExtentsAsync(fd: number): Promise<Float64Array>;
   /** the page hash of each block of the file as pread reads it now (past its end: zeros) */
   hashFileBlocksAsync(fd: number, blockSize: number, firstBlock: number, count: number): Promise<BigUint64Array>;
+  /** the files the region maps, in order (its own duplicates, valid until it is released) */
+  regionPieces(region: NativeRegion): { fd: number; offset: number; size: number }[];
+  /** a guest's written-block bitmap (contract 4), mapped: the memfd must be sealed against shrinking */
+  writtenBitmapOpen(fd: number, blocks: number): WrittenBitmapHandle;
+  /** the blocks marked since the last take, as [first, end) runs, their bits cleared atomically */
+  writtenBitmapTake(handle: WrittenBitmapHandle): Float64Array;
+  writtenBitmapClose(handle: WrittenBitmapHandle): void;
   /** reads and writes of the file wait for an answer from the returned fanotify descriptor (FAN_PRE_ACCESS) */
   precontentWatch(path: string): number;
   /** the access events that came within the timeout, each to be answered */

@@ -58,8 +58,16 @@ const refusals: [string, RegExp][] = [
   ['misaligned', /region r0: address \d+ is not page-aligned/],
   ['short-memfd', /region r0: its memfd holds 2097152 bytes, fewer than offset 0 \+ size 4194304/],
   ['too-many', /33 regions, more than the limit of 32/],
-  ['missing-fd', /2 regions need 2 descriptors \(a memfd each, in order\), the hello carried 1/],
-  ['version', /the guest speaks contract 1, this livemig 2\.\.3/],
+  ['missing-fd', /2 regions and 0 disks \(0 reported\) need 2 descriptors \(a memfd per region, .*\), the hello carried 1/],
+  ['version', new RegExp(`the guest speaks contract 1, this livemig ${GUEST_CONTRACT_OLDEST}\\.\\.${GUEST_CONTRACT}`)],
+  // a hostile disk table: refused before anything is reserved, the guest still running
+  ['disk-old-contract', /disks come with contract 4, the session speaks 2/],
+  ['disk-overlap', /disk a and disk b are the same file/],
+  ['disk-is-memory', /region r1 and disk a are the same file/],
+  ['disk-oversized', /disk 0 \(a\): size must be a positive multiple of 4096 bytes, at most/],
+  ['disk-wrong-kind', /disk a: its descriptor is neither a file nor a block device/],
+  ['disk-size-mismatch', /disk a: the image holds 1048576 bytes, its size says 2097152/],
+  ['disk-no-bitmap', /2 regions and 1 disks \(1 reported\) need 4 descriptors/],
 ];
 
 for (const [kind, message] of refusals) {
@@ -148,11 +156,15 @@ test('the hello parser refuses what the fixture cannot send', () => {
     };
     assert.deepEqual(agreed({ contract: 2 }), [2, 2]);
     assert.deepEqual(agreed({ contract: 2, contractMax: 3 }), [3, 2]);
-    assert.deepEqual(agreed({ contract: 2, contractMax: 9 }), [3, 2], "a guest newer than livemig is spoken to in livemig's newest");
+    assert.deepEqual(agreed({ contract: 2, contractMax: 9 }), [GUEST_CONTRACT, 2], "a guest newer than livemig is spoken to in livemig's newest");
     assert.deepEqual(agreed({ contract: 3 }), [3, 3]);
+    const window = `${GUEST_CONTRACT_OLDEST}\\.\\.${GUEST_CONTRACT}`;
     const disagreements: [object, RegExp][] = [
-      [{ contract: 1 }, /speaks contract 1, this livemig 2\.\.3/],
-      [{ contract: 4, contractMax: 5 }, /speaks contract 4\.\.5, this livemig 2\.\.3/],
+      [{ contract: 1 }, new RegExp(`speaks contract 1, this livemig ${window}`)],
+      [
+        { contract: GUEST_CONTRACT + 1, contractMax: GUEST_CONTRACT + 2 },
+        new RegExp(`speaks contract ${GUEST_CONTRACT + 1}\\.\\.${GUEST_CONTRACT + 2}, this livemig ${window}`),
+      ],
       [{ contract: '2' }, /not a range of versions/],
       [{ contract: 3, contractMax: 2 }, /not a range of versions/],
     ];

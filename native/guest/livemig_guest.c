@@ -317,11 +317,12 @@ static void refuse_unreadable(int fd, int e, size_t announced) {
 }
 
 /* 'V' + u32 LE: the contract version livemig speaks from now on; only before any other request. */
-static int answer_contract(int fd, const struct lmg_message *m, int still_open) {
+static int answer_contract(int fd, const struct lmg_message *m, int still_open, int oldest, int *agreed) {
   uint32_t v = m->len == 4 ? (uint32_t)le(m->body, 4) : 0;
   if (!still_open) return refuse(fd, "the contract is agreed first, before any other request");
   if (m->len != 4) return refuse(fd, "a contract version is a u32, not %zu bytes", m->len);
-  if (v < LMG_CONTRACT_OLDEST || v > LMG_CONTRACT) return refuse(fd, "contract %u is outside this library's %d..%d", v, LMG_CONTRACT_OLDEST, LMG_CONTRACT);
+  if (v < (uint32_t)oldest || v > LMG_CONTRACT) return refuse(fd, "contract %u is outside this hello's %d..%d", v, oldest, LMG_CONTRACT);
+  if (agreed) *agreed = (int)v;
   return reply(fd, LMG_TAG_CONTRACT_AGREED, NULL);
 }
 
@@ -409,6 +410,8 @@ struct lmg_source {
   char name[LMG_NAME_MAX];
   struct lmg_region regions[LMG_MAX_REGIONS];
   size_t n;
+  struct lmg_disk disks[LMG_MAX_DISKS];
+  size_t nd;
   struct lmg_source_ops ops;
   char *hello;
   size_t hello_len;
@@ -430,11 +433,12 @@ enum served { SERVED_GONE, SERVED_RELEASED, SERVED_STOPPED };
 
 /* Starts at the oldest contract, which a livemig that knows no negotiation takes; livemig may raise it with 'V'. */
 static char *source_hello(const struct lmg_source *s, size_t *len) {
-  size_t cap = 512 + s->n * 320, at = 0;
+  size_t cap = 512 + s->n * 320 + s->nd * 200, at = 0;
   char *h = malloc(cap);
   if (!h) return NULL;
+  /* disks exist from contract 4 on: an older livemig refuses such a hello, naming the versions */
   at += (size_t)snprintf(h + at, cap - at, "{\"contract\":%d,\"contractMax\":%d,\"role\":\"source\",\"pid\":%d,\"name\":\"%s\",\"regions\":[",
-                         LMG_CONTRACT_OLDEST, LMG_CONTRACT, (int)getpid(), s->name);
+                         s->nd ? LMG_CONTRACT_DISKS : LMG_CONTRACT_OLDEST, LMG_CONTRACT, (int)getpid(), s->name);
   for (size_t i = 0; i < s->n; i++) {
     const struct lmg_region *r = &s->regions[i];
     at += (size_t)snprintf(h + at, cap - at,
@@ -442,7 +446,17 @@ static char *source_hello(const struct lmg_source *s, size_t *len) {
                            r->id, r->name, (unsigned long long)r->size, PAGE, (unsigned long long)(uintptr_t)r->addr, (unsigned long long)r->offset,
                            r->tracked ? "uffd-wp-async" : "none");
   }
-  snprintf(h + at, cap - at, "]}");
+  at += (size_t)snprintf(h + at, cap - at, "]");
+  if (s->nd) {
+    at += (size_t)snprintf(h + at, cap - at, ",\"disks\":[");
+    for (size_t i = 0; i < s->nd; i++) {
+      const struct lmg_disk *d = &s->disks[i];
+      at += (size_t)snprintf(h + at, cap - at, "%s{\"name\":\"%s\",\"size\":%llu,\"blockSize\":%u,\"tracking\":\"%s\"}", i ? "," : "", d->name,
+                             (unsigned long long)d->size, LMG_DISK_BLOCK, d->written ? "reported" : "none");
+    }
+    at += (size_t)snprintf(h + at, cap - at, "]");
+  }
+  snprintf(h + at, cap - at, "}");
   *len = strlen(h);
   return h;
 }
@@ -488,9 +502,15 @@ static int answer_pause(struct lmg_source *s, int fd, const struct lmg_message *
 
 /* One livemig connection, from the hello until it ends, the guest is released, or stop. */
 static enum served serve_connection(struct lmg_source *s, int fd) {
-  int fds[LMG_MAX_REGIONS];
-  for (size_t i = 0; i < s->n; i++) fds[i] = s->regions[i].fd;
-  if (lmg_message_write(fd, LMG_TAG_HELLO, s->hello, s->hello_len, fds, s->n) != 0) return SERVED_GONE;
+  /* a memfd per region, an image per disk, then a bitmap per tracked disk */
+  int fds[LMG_MAX_FDS];
+  size_t nfds = 0;
+  for (size_t i = 0; i < s->n; i++) fds[nfds++] = s->regions[i].fd;
+  for (size_t i = 0; i < s->nd; i++) fds[nfds++] = s->disks[i].fd;
+  for (size_t i = 0; i < s->nd; i++) {
+    if (s->disks[i].written) fds[nfds++] = s->disks[i].written_fd;
+  }
+  if (lmg_message_write(fd, LMG_TAG_HELLO, s->hello, s->hello_len, fds, nfds) != 0) return SERVED_GONE;
   for (int contract_open = 1;;) {
     const int leased = s->paused && !s->committed && s->lease_ms > 0;
     int timeout_ms = !leased ? -1 : s->lease_ms > INT_MAX ? INT_MAX : (int)s->lease_ms;
@@ -508,7 +528,7 @@ static enum served serve_connection(struct lmg_source *s, int fd) {
     }
     int answered;
     switch (m.tag) {
-      case LMG_TAG_CONTRACT: answered = answer_contract(fd, &m, contract_open); break;
+      case LMG_TAG_CONTRACT: answered = answer_contract(fd, &m, contract_open, s->nd ? LMG_CONTRACT_DISKS : LMG_CONTRACT_OLDEST, NULL); break;
       case LMG_TAG_PAUSE: answered = answer_pause(s, fd, &m); break;
       case LMG_TAG_COMMIT:
         if (!s->paused) {
@@ -611,8 +631,19 @@ static void source_free(struct lmg_source *s) {
 }
 
 static struct lmg_source *source_start(const char *listen_path, const char *dial_path, const char *name, const struct lmg_region *regions, size_t n,
-                                       const struct lmg_source_ops *ops, char *err, size_t errlen) {
+                                       const struct lmg_disk *disks, size_t nd, const struct lmg_source_ops *ops, char *err, size_t errlen) {
   if (n == 0 || n > LMG_MAX_REGIONS) return fail(err, errlen, EINVAL, "a guest hands over 1..%d regions, not %zu", LMG_MAX_REGIONS, n), NULL;
+  if (nd > LMG_MAX_DISKS || (nd && !disks)) return fail(err, errlen, EINVAL, "a guest hands over 0..%d disks, not %zu", LMG_MAX_DISKS, nd), NULL;
+  for (size_t i = 0; i < nd; i++) {
+    const struct lmg_disk *d = &disks[i];
+    if (!valid_name(d->name)) return fail(err, errlen, EINVAL, "disk %zu: a name is 1..63 characters of [A-Za-z0-9._-]", i), NULL;
+    if (!d->size || d->size % LMG_DISK_BLOCK)
+      return fail(err, errlen, EINVAL, "disk %s: the size must be a positive multiple of %u", d->name, LMG_DISK_BLOCK), NULL;
+    if (d->fd < 0) return fail(err, errlen, EBADF, "disk %s: no file descriptor", d->name), NULL;
+    for (size_t j = 0; j < i; j++) {
+      if (!strcmp(disks[j].name, d->name)) return fail(err, errlen, EINVAL, "the disk name %s is used twice", d->name), NULL;
+    }
+  }
   if (!regions || !ops) return fail(err, errlen, EINVAL, "regions and ops are required"), NULL;
   struct lmg_source_ops taken;
   if (take_ops(&taken, sizeof taken, SOURCE_OPS_FIRST_SIZE, ops, "lmg_source_ops", err, errlen) != 0) return NULL;
@@ -637,6 +668,8 @@ static struct lmg_source *source_start(const char *listen_path, const char *dial
   snprintf(s->name, sizeof s->name, "%s", name ? name : "guest");
   memcpy(s->regions, regions, n * sizeof *regions);
   s->n = n;
+  if (nd) memcpy(s->disks, disks, nd * sizeof *disks);
+  s->nd = nd;
   s->ops = taken;
   /* built now, so that no connection is ever answered without it */
   s->hello = source_hello(s, &s->hello_len);
@@ -654,14 +687,74 @@ static struct lmg_source *source_start(const char *listen_path, const char *dial
 
 struct lmg_source *lmg_source_start(const char *path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_source_ops *ops, char *err,
                                     size_t errlen) {
+  return lmg_source_start_disks(path, name, regions, n, NULL, 0, ops, err, errlen);
+}
+
+struct lmg_source *lmg_source_start_disks(const char *path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_disk *disks,
+                                          size_t ndisks, const struct lmg_source_ops *ops, char *err, size_t errlen) {
   if (!path) return fail(err, errlen, EINVAL, "a socket path is required"), NULL;
-  return source_start(path, NULL, name, regions, n, ops, err, errlen);
+  return source_start(path, NULL, name, regions, n, disks, ndisks, ops, err, errlen);
 }
 
 struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_source_ops *ops,
                                        char *err, size_t errlen) {
+  return lmg_source_register_disks(daemon_path, name, regions, n, NULL, 0, ops, err, errlen);
+}
+
+struct lmg_source *lmg_source_register_disks(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
+                                             const struct lmg_disk *disks, size_t ndisks, const struct lmg_source_ops *ops, char *err, size_t errlen) {
   if (!daemon_path || !name) return fail(err, errlen, EINVAL, "the daemon's path and the guest's name are required"), NULL;
-  return source_start(NULL, daemon_path, name, regions, n, ops, err, errlen);
+  return source_start(NULL, daemon_path, name, regions, n, disks, ndisks, ops, err, errlen);
+}
+
+/* ---- disks -------------------------------------------------------------------------- */
+
+static size_t bitmap_bytes(uint64_t size) {
+  uint64_t blocks = (size + LMG_DISK_BLOCK - 1) / LMG_DISK_BLOCK;
+  return (size_t)((blocks + 63) / 64 * 8);
+}
+
+int lmg_disk_track(struct lmg_disk *d, char *err, size_t errlen) {
+  if (!d || !d->size || d->size % LMG_DISK_BLOCK) return fail(err, errlen, EINVAL, "a disk's size must be a positive multiple of %u", LMG_DISK_BLOCK);
+  if (d->written) return 0;
+  size_t bytes = bitmap_bytes(d->size);
+  int fd = memfd_create("livemig-written-blocks", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return fail(err, errlen, errno, "memfd_create: %s", strerror(errno));
+  /* sealed at its size: livemig maps it too, and takes no bitmap a truncation could fault under it */
+  if (ftruncate(fd, (off_t)bytes) != 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    int e = errno;
+    close(fd);
+    return fail(err, errlen, e, "sizing the written-block bitmap: %s", strerror(e));
+  }
+  void *a = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (a == MAP_FAILED) {
+    int e = errno;
+    close(fd);
+    return fail(err, errlen, e, "mapping the written-block bitmap: %s", strerror(e));
+  }
+  d->written = a;
+  d->written_fd = fd;
+  return 0;
+}
+
+void lmg_disk_written(const struct lmg_disk *d, uint64_t offset, uint64_t length) {
+  if (!d->written || !length || offset >= d->size) return;
+  uint64_t first = offset / LMG_DISK_BLOCK, last = (offset + length - 1 < d->size ? offset + length - 1 : d->size - 1) / LMG_DISK_BLOCK;
+  for (uint64_t b = first; b <= last;) {
+    uint64_t word = b / 64, bit = b % 64, upto = last - b + 1 < 64 - bit ? last - b + 1 : 64 - bit;
+    uint64_t mask = (upto == 64 ? ~0ULL : ((1ULL << upto) - 1)) << bit;
+    /* livemig takes the word with an atomic exchange: a bit set here is in this round or the next */
+    __atomic_fetch_or(&d->written[word], mask, __ATOMIC_RELEASE);
+    b += upto;
+  }
+}
+
+void lmg_disk_untrack(struct lmg_disk *d) {
+  if (!d || !d->written) return;
+  munmap(d->written, bitmap_bytes(d->size));
+  close(d->written_fd);
+  d->written = NULL;
+  d->written_fd = -1;
 }
 
 int lmg_source_stop(struct lmg_source *s) {
@@ -690,8 +783,11 @@ enum incoming_phase { BEFORE_RUN, RUNNING, CLOSING };
 
 struct lmg_incoming {
   int fd;
+  int contract; /* the version livemig agreed to speak ('V'); the hello's oldest until then */
   struct lmg_region regions[LMG_MAX_REGIONS];
   size_t n;
+  struct lmg_disk disks[LMG_MAX_DISKS];
+  size_t nd;
   struct lmg_incoming_ops ops;
   int waited;
   /* post-copy's userfaultfd: opened by lmg_incoming_wait's thread before run, closed by the after-run thread on 'A' */
@@ -712,6 +808,11 @@ static void unmap_all(struct lmg_incoming *h) {
     if (h->regions[i].fd >= 0) close(h->regions[i].fd);
   }
   h->n = 0;
+  for (size_t i = 0; i < h->nd; i++) {
+    lmg_disk_untrack(&h->disks[i]);
+    if (h->disks[i].fd >= 0) close(h->disks[i].fd);
+  }
+  h->nd = 0;
 }
 
 /* Maps the pages of r's file that hold data (SEEK_DATA/SEEK_HOLE), and only those. */
@@ -728,8 +829,45 @@ static void populate_data(const struct lmg_region *r) {
 }
 
 /*
+ * Contract 4's disks after the regions in 'M': u32 count | count x (u64 size | u8 name length |
+ * name), an image each after the regions' memfds. Takes them; a reason on failure.
+ */
+static int take_disks(struct lmg_incoming *h, struct lmg_message *m, const uint8_t **at, size_t first_fd, char *why, size_t whylen) {
+  const uint8_t *p = *at, *end = m->body + m->len;
+  if (end - p < 4) return snprintf(why, whylen, "the disk table is missing"), -1;
+  uint32_t count = (uint32_t)le(p, 4);
+  p += 4;
+  if (count > LMG_MAX_DISKS || first_fd + count != m->nfds)
+    return snprintf(why, whylen, "%u disks with %zu descriptors after the regions' (0..%d, one each)", count, m->nfds - first_fd, LMG_MAX_DISKS), -1;
+  for (uint32_t i = 0; i < count; i++) {
+    struct lmg_disk *d = &h->disks[i];
+    if (end - p < 9) return snprintf(why, whylen, "disk %u: truncated", i), -1;
+    d->size = le(p, 8);
+    size_t nl = p[8];
+    p += 9;
+    if (nl == 0 || nl >= LMG_NAME_MAX || (size_t)(end - p) < nl) return snprintf(why, whylen, "disk %u: bad name", i), -1;
+    memcpy(d->name, p, nl);
+    d->name[nl] = 0;
+    p += nl;
+    d->fd = m->fds[first_fd + i];
+    m->fds[first_fd + i] = -1;
+    d->written = NULL;
+    d->written_fd = -1;
+    h->nd = i + 1;
+    struct stat st;
+    if (!valid_name(d->name)) return snprintf(why, whylen, "disk %u: a name is 1..63 characters of [A-Za-z0-9._-]", i), -1;
+    if (!d->size || d->size % LMG_DISK_BLOCK) return snprintf(why, whylen, "disk %s: size %llu is not whole blocks", d->name, (unsigned long long)d->size), -1;
+    if (fstat(d->fd, &st) != 0 || (S_ISREG(st.st_mode) && (uint64_t)st.st_size != d->size) || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)))
+      return snprintf(why, whylen, "disk %s: its descriptor is not an image of %llu bytes", d->name, (unsigned long long)d->size), -1;
+  }
+  *at = p;
+  return 0;
+}
+
+/*
  * 'M': u8 flags (bit 0: populate) | u32 count | count x (u32 id | u64 size | u64 offset |
- * u8 name length | name), one memfd per region with it. Maps them; a reason on failure.
+ * u8 name length | name), one memfd per region with it; from contract 4 the disk table
+ * follows (take_disks). Maps them; a reason on failure.
  */
 static int take_regions(struct lmg_incoming *h, struct lmg_message *m, char *why, size_t whylen) {
   const uint8_t *p = m->body, *end = m->body + m->len;
@@ -737,7 +875,8 @@ static int take_regions(struct lmg_incoming *h, struct lmg_message *m, char *why
   int populate = p[0] & 1;
   uint32_t count = (uint32_t)le(p + 1, 4);
   p += 5;
-  if (count == 0 || count > LMG_MAX_REGIONS || count != m->nfds)
+  int with_disks = h->contract >= LMG_CONTRACT_DISKS;
+  if (count == 0 || count > LMG_MAX_REGIONS || count > m->nfds || (!with_disks && count != m->nfds))
     return snprintf(why, whylen, "%u regions with %zu descriptors (1..%d, one each)", count, m->nfds, LMG_MAX_REGIONS), -1;
   for (uint32_t i = 0; i < count; i++) {
     struct lmg_region *r = &h->regions[i];
@@ -764,6 +903,7 @@ static int take_regions(struct lmg_incoming *h, struct lmg_message *m, char *why
     if (a == MAP_FAILED) return snprintf(why, whylen, "region %s: mmap: %s", r->name, strerror(errno)), -1;
     r->addr = a;
   }
+  if (with_disks && take_disks(h, m, &p, count, why, whylen) != 0) return -1;
   if (p != end) return snprintf(why, whylen, "%zu bytes after the region table", (size_t)(end - p)), -1;
   m->nfds = 0;
   if (populate) {
@@ -853,6 +993,7 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
   struct lmg_incoming *h = calloc(1, sizeof *h);
   if (!h) return close(fd), fail(err, errlen, ENOMEM, "out of memory"), NULL;
   h->fd = fd;
+  h->contract = LMG_CONTRACT_OLDEST;
   h->uffd = -1;
   atomic_init(&h->pages_arriving, 0);
   pthread_mutex_init(&h->lock, NULL);
@@ -874,7 +1015,7 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
       return fail(err, errlen, ECONNRESET, "livemig went away before handing over the regions"), NULL;
     }
     int answered = 0, regions = m.tag == LMG_TAG_REGIONS;
-    if (m.tag == LMG_TAG_CONTRACT) answered = answer_contract(fd, &m, 1);
+    if (m.tag == LMG_TAG_CONTRACT) answered = answer_contract(fd, &m, 1, LMG_CONTRACT_OLDEST, &h->contract);
     else if (!regions) snprintf(why, sizeof why, "expected the regions ('M'), got 0x%02x", m.tag);
     else if (take_regions(h, &m, why, sizeof why) == 0) why[0] = 0;
     lmg_message_free(&m);
@@ -904,6 +1045,11 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
 size_t lmg_incoming_regions(const struct lmg_incoming *h, const struct lmg_region **regions) {
   *regions = h->regions;
   return h->n;
+}
+
+size_t lmg_incoming_disks(const struct lmg_incoming *h, const struct lmg_disk **disks) {
+  *disks = h->disks;
+  return h->nd;
 }
 
 int lmg_incoming_postcopy(const struct lmg_incoming *h) { return atomic_load(&h->pages_arriving); }
@@ -950,7 +1096,7 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
         sched_yield();
         set_phase(h, RUNNING); /* the after-run thread reads the socket from now on */
         return 0;
-      case LMG_TAG_CONTRACT: answered = answer_contract(h->fd, &m, 0); break;
+      case LMG_TAG_CONTRACT: answered = answer_contract(h->fd, &m, 0, LMG_CONTRACT_OLDEST, NULL); break;
       default: answered = refuse(h->fd, "unknown request 0x%02x", m.tag);
     }
     lmg_message_free(&m);

@@ -1,5 +1,5 @@
 /*
- * livemig_guest: the guest side of livemig's guest contract (docs/GUEST.md), versions 2 and 3.
+ * livemig_guest: the guest side of livemig's guest contract (docs/GUEST.md), versions 2 to 4.
  * C11 and libc only. Link it into a VMM (or any process whose memory should move) and:
  *
  *   source host                               destination host
@@ -28,7 +28,7 @@ extern "C" {
 #endif
 
 /* the newest contract version this library speaks */
-#define LMG_CONTRACT 3
+#define LMG_CONTRACT 4
 /* the oldest: a hello starts at it (the hello's "contract"; "contractMax" is LMG_CONTRACT) */
 #define LMG_CONTRACT_OLDEST 2
 
@@ -39,8 +39,14 @@ extern "C" {
 
 /* most regions one guest may hand over */
 #define LMG_MAX_REGIONS 32
-/* most descriptors one message carries: a memfd per region */
-#define LMG_MAX_FDS LMG_MAX_REGIONS
+/* most disks one guest may hand over (contract 4) */
+#define LMG_MAX_DISKS 16
+/* a disk's blocks: what livemig tracks, moves and checks (contract 4) */
+#define LMG_DISK_BLOCK 4096u
+/* the oldest contract that carries disks: a hello with disks starts at it */
+#define LMG_CONTRACT_DISKS 4
+/* most descriptors one message carries: a memfd per region, an image and a written-block bitmap per disk */
+#define LMG_MAX_FDS (LMG_MAX_REGIONS + 2 * LMG_MAX_DISKS)
 /* a name (a guest's, a region's) fits this with its NUL: 1..63 characters of [A-Za-z0-9._-] */
 #define LMG_NAME_MAX 64
 /* the largest message body (a device state) */
@@ -56,30 +62,30 @@ extern "C" {
 #define LMG_FRAME_HEAD 5
 
 /* X(NAME, tag): every tag of the contract, requests in upper case, their answers in lower */
-#define LMG_TAGS(X)                                                                         \
-  X(CONTRACT, 'V') /* contract 3: + u32 LE version, spoken from now on; before any other */ \
-  X(CONTRACT_AGREED, 'v')                                                                   \
-  X(HELLO, 'H')  /* guest -> livemig, first: JSON (+ a memfd per region, source) */         \
-  X(PAUSE, 'P')  /* [+ u32 LE lease ms] */                                                  \
-  X(PAUSED, 'p') /* + the device state */                                                   \
-  X(COMMIT, 'C') /* livemig commits next: no resuming by itself from now on */              \
-  X(COMMITTED, 'c')                                                                         \
-  X(RESUME, 'R')                                                                            \
-  X(RESUMED, 'r')                                                                           \
-  X(THROTTLE, 'T') /* + u8 percent, 0..99 */                                                \
-  X(THROTTLED, 't')                                                                         \
-  X(RELEASE, 'X') /* the guest runs at the destination: stop for good */                    \
-  X(RELEASED, 'x')                                                                          \
-  X(REGIONS, 'M') /* livemig -> incoming guest: the region table + a memfd each */          \
-  X(MAPPED, 'm')                                                                            \
-  X(LOAD_STATE, 'S') /* + the device state */                                               \
-  X(STATE_LOADED, 's')                                                                      \
-  X(REGISTER, 'U')   /* post-copy: register for minor faults */                             \
-  X(REGISTERED, 'u') /* + u32 count + count x u64 address, and the userfaultfd */           \
-  X(GO, 'G')                                                                                \
-  X(GOING, 'g')                                                                             \
-  X(ALL_PRESENT, 'A') /* post-copy: every page is in place */                               \
-  X(ALL_PRESENT_ACK, 'a')                                                                   \
+#define LMG_TAGS(X)                                                                                \
+  X(CONTRACT, 'V') /* contract 3: + u32 LE version, spoken from now on; before any other */        \
+  X(CONTRACT_AGREED, 'v')                                                                          \
+  X(HELLO, 'H')  /* guest -> livemig, first: JSON (+ a memfd per region, source) */                \
+  X(PAUSE, 'P')  /* [+ u32 LE lease ms] */                                                         \
+  X(PAUSED, 'p') /* + the device state */                                                          \
+  X(COMMIT, 'C') /* livemig commits next: no resuming by itself from now on */                     \
+  X(COMMITTED, 'c')                                                                                \
+  X(RESUME, 'R')                                                                                   \
+  X(RESUMED, 'r')                                                                                  \
+  X(THROTTLE, 'T') /* + u8 percent, 0..99 */                                                       \
+  X(THROTTLED, 't')                                                                                \
+  X(RELEASE, 'X') /* the guest runs at the destination: stop for good */                           \
+  X(RELEASED, 'x')                                                                                 \
+  X(REGIONS, 'M') /* livemig -> incoming guest: the region (and disk) table + a descriptor each */ \
+  X(MAPPED, 'm')                                                                                   \
+  X(LOAD_STATE, 'S') /* + the device state */                                                      \
+  X(STATE_LOADED, 's')                                                                             \
+  X(REGISTER, 'U')   /* post-copy: register for minor faults */                                    \
+  X(REGISTERED, 'u') /* + u32 count + count x u64 address, and the userfaultfd */                  \
+  X(GO, 'G')                                                                                       \
+  X(GOING, 'g')                                                                                    \
+  X(ALL_PRESENT, 'A') /* post-copy: every page is in place */                                      \
+  X(ALL_PRESENT_ACK, 'a')                                                                          \
   X(ERROR, 'e') /* + a UTF-8 reason, the answer to a request refused */
 
 #define LMG_TAG_ENUMERATOR_(name, tag) LMG_TAG_##name = tag,
@@ -132,6 +138,37 @@ struct lmg_region {
   uint64_t offset;         /* where the region starts in fd (page-aligned) */
   int tracked;             /* set by lmg_track: livemig can read exactly which pages were written */
 };
+
+/*
+ * A disk of the guest (contract 4): an image file or a block device livemig moves with the
+ * memory, block by block. On the source the VMM opens it (readable is enough for livemig); on
+ * the destination livemig creates the image and hands it over, open read-write.
+ */
+struct lmg_disk {
+  char name[LMG_NAME_MAX]; /* unique among the guest's disks, e.g. "root"; the destination's image is NAME.img */
+  uint64_t size;           /* bytes, a multiple of LMG_DISK_BLOCK */
+  int fd;                  /* the image or block device */
+  /*
+   * Set by lmg_disk_track: a bit per block, shared with livemig (a memfd), which reads and
+   * clears it atomically each round. NULL: livemig learns what was written itself (by cloning
+   * the image on XFS or btrfs, or by hashing every block each round).
+   */
+  uint64_t *written;
+  int written_fd;
+};
+
+/*
+ * The VMM reports which blocks it writes (the "reported" tracking): lmg_disk_track makes the
+ * bitmap; then after each write to the disk completes (the data is in the image: pwrite
+ * returned, or the AIO completed), lmg_disk_written(d, offset, length) marks its blocks. A few
+ * atomic ORs, no system call. Marking before the write completes would let livemig read the
+ * block before the write and never again: mark after. Any thread, any number at once.
+ * Before lmg_source_start_disks with this disk (the hello says how each is tracked).
+ */
+int lmg_disk_track(struct lmg_disk *d, char *err, size_t errlen);
+void lmg_disk_written(const struct lmg_disk *d, uint64_t offset, uint64_t length);
+/* Drops the bitmap (after lmg_source_stop): livemig no longer reads it. */
+void lmg_disk_untrack(struct lmg_disk *d);
 
 /* ---- source side -------------------------------------------------------------------- */
 
@@ -196,6 +233,20 @@ struct lmg_source *lmg_source_start(const char *path, const char *name, const st
 struct lmg_source *lmg_source_register(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_source_ops *ops,
                                        char *err, size_t errlen);
 
+/*
+ * lmg_source_start and lmg_source_register for a guest with disks (contract 4): the hello
+ * names each disk after the regions and carries its image (and its bitmap, when tracked).
+ * A pause (ops.pause) then also means no guest write reaches a disk after it returns: the
+ * VMM's in-flight I/O completed (and, when tracked, marked) and its own caches written to the
+ * image. `disks` are copied; their descriptors and bitmaps must stay valid until
+ * lmg_source_stop. ndisks 0 is lmg_source_start / lmg_source_register. A livemig older than
+ * contract 4 refuses the hello with the version in its reason.
+ */
+struct lmg_source *lmg_source_start_disks(const char *path, const char *name, const struct lmg_region *regions, size_t n, const struct lmg_disk *disks,
+                                          size_t ndisks, const struct lmg_source_ops *ops, char *err, size_t errlen);
+struct lmg_source *lmg_source_register_disks(const char *daemon_path, const char *name, const struct lmg_region *regions, size_t n,
+                                             const struct lmg_disk *disks, size_t ndisks, const struct lmg_source_ops *ops, char *err, size_t errlen);
+
 /* what lmg_source_stop left the guest as */
 #define LMG_STOPPED 0           /* running here: never paused, or its pause ended (resume was called) */
 #define LMG_STOPPED_COMMITTED 1 /* paused after livemig committed: it may run at the destination; only livemig resolve can say */
@@ -226,6 +277,14 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
 
 /* The regions as mapped here, in the source's order; valid until lmg_incoming_close. Any thread. */
 size_t lmg_incoming_regions(const struct lmg_incoming *h, const struct lmg_region **regions);
+
+/*
+ * The disks livemig created here for the guest (contract 4), in the source's order, each an
+ * image open read-write (written is NULL: lmg_disk_track it to be migrated onward). The blocks
+ * are all there, and durable, when lmg_incoming_wait returns 0. The descriptors are the
+ * library's until lmg_incoming_close. Any thread.
+ */
+size_t lmg_incoming_disks(const struct lmg_incoming *h, const struct lmg_disk **disks);
 
 struct lmg_incoming_ops {
   size_t size; /* sizeof(struct lmg_incoming_ops): lets the struct grow (see Versions above) */

@@ -122,6 +122,9 @@ Napi::Value GuestContract(const Napi::CallbackInfo& info) {
   o.Set("contract", LMG_CONTRACT);
   o.Set("oldestContract", LMG_CONTRACT_OLDEST);
   o.Set("maxRegions", LMG_MAX_REGIONS);
+  o.Set("maxDisks", LMG_MAX_DISKS);
+  o.Set("disksContract", LMG_CONTRACT_DISKS);
+  o.Set("diskBlock", LMG_DISK_BLOCK);
   o.Set("nameMaxLength", LMG_NAME_MAX - 1);
   o.Set("maxBody", static_cast<double>(LMG_MAX_BODY));
   o.Set("maxHello", static_cast<double>(LMG_MAX_HELLO));

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.h"
+#include "guest/example/example_disk.h"
 #include "guest/livemig_guest.h"
 #include "refguest/gate.h"
 
@@ -34,17 +35,23 @@ Napi::Reference<Napi::BigUint64Array> g_stRef;
 
 int OnPause(void*, uint8_t** state, size_t* len, char*, size_t) {
   GuestGate& g = TheGuestGate();
-  uint64_t snap[3];
+  example_disk* disk = TheGuestDisk();
+  uint64_t snap[3], diskSnap[2] = {0, 0};
   g.pausing = true;
   {
-    std::lock_guard<std::mutex> lock(g.mu);  // a write chunk in progress completes first
+    std::lock_guard<std::mutex> lock(g.mu);  // a write chunk (or a disk write) in progress completes first
     g.paused = true;
     std::memcpy(snap, g.st, sizeof snap);
+    if (disk) diskSnap[0] = disk->xs, diskSnap[1] = disk->writes;
   }
   g.pausing = false;
-  char run[96];
-  int n = snprintf(run, sizeof run, ",\"xs\":\"%llu\",\"writes\":\"%llu\",\"heartbeatSeq\":%llu,\"throttle\":0}", static_cast<unsigned long long>(snap[0]),
-                   static_cast<unsigned long long>(snap[1]), static_cast<unsigned long long>(snap[2]));
+  char diskRun[96] = "";
+  if (disk)
+    snprintf(diskRun, sizeof diskRun, ",\"diskXs\":\"%llu\",\"diskWrites\":\"%llu\"", static_cast<unsigned long long>(diskSnap[0]),
+             static_cast<unsigned long long>(diskSnap[1]));
+  char run[192];
+  int n = snprintf(run, sizeof run, ",\"xs\":\"%llu\",\"writes\":\"%llu\",\"heartbeatSeq\":%llu,\"throttle\":0%s}", static_cast<unsigned long long>(snap[0]),
+                   static_cast<unsigned long long>(snap[1]), static_cast<unsigned long long>(snap[2]), diskRun);
   *len = g_statePrefix.size() + static_cast<size_t>(n);
   *state = static_cast<uint8_t*>(malloc(*len));
   std::memcpy(*state, g_statePrefix.data(), g_statePrefix.size());
@@ -122,8 +129,11 @@ Napi::Value Serve(const Napi::CallbackInfo& info) {
   }
   static const lmg_source_ops ops = {sizeof(lmg_source_ops), nullptr, OnPause, OnPaused, OnResume, OnThrottle, OnReleased, OnThreadStart};
   char err[512];
-  lmg_source* s = dial ? lmg_source_register(path.c_str(), name.c_str(), regions.data(), regions.size(), &ops, err, sizeof err)
-                       : lmg_source_start(path.c_str(), name.c_str(), regions.data(), regions.size(), &ops, err, sizeof err);
+  example_disk* disk = TheGuestDisk();
+  const lmg_disk* disks = disk ? &disk->d : nullptr;
+  const size_t nd = disk ? 1 : 0;
+  lmg_source* s = dial ? lmg_source_register_disks(path.c_str(), name.c_str(), regions.data(), regions.size(), disks, nd, &ops, err, sizeof err)
+                       : lmg_source_start_disks(path.c_str(), name.c_str(), regions.data(), regions.size(), disks, nd, &ops, err, sizeof err);
   if (!s) throw Napi::Error::New(env, Message(dial ? "registering with the daemon" : "serving livemig", err));
   return env.Undefined();
 }
@@ -196,9 +206,20 @@ Napi::Value IncomingOpen(const Napi::CallbackInfo& info) {
     o.Set("offset", static_cast<double>(regions[i].offset));
     list.Set(static_cast<uint32_t>(i), o);
   }
+  const lmg_disk* disks;
+  size_t nd = lmg_incoming_disks(in->h, &disks);
+  Napi::Array diskList = Napi::Array::New(env, nd);
+  for (size_t i = 0; i < nd; i++) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("name", disks[i].name);
+    o.Set("size", static_cast<double>(disks[i].size));
+    o.Set("fd", disks[i].fd);  // the library's, open until the handle closes (never: it lives as long as the process)
+    diskList.Set(static_cast<uint32_t>(i), o);
+  }
   Napi::Object out = Napi::Object::New(env);
   out.Set("handle", Napi::External<Incoming>::New(env, in));  // lives as long as the process
   out.Set("regions", list);
+  out.Set("disks", diskList);
   return out;
 }
 

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <mutex>
 
+struct example_disk;
+
 namespace livemig {
 
 struct GuestGate {
@@ -19,6 +21,9 @@ struct GuestGate {
 };
 
 GuestGate& TheGuestGate();
+
+// native/refguest/disk.cc: the guest's disk, or nullptr when it has none
+struct example_disk* TheGuestDisk();
 
 // native/process/sched.cc: a slice of `ns` (0: the default) for the calling thread; false if refused
 bool SetThreadSlice(uint64_t ns);

@@ -203,6 +203,26 @@ Napi::Value AdoptPieces(const Napi::CallbackInfo& info) {
   return Wrap(env, m);
 }
 
+// regionPieces(region) -> [{fd, offset, size}]: the files the mapping is of, in order (one when it
+// is a single file); the descriptors are the region's, valid until it is released
+Napi::Value RegionPieces(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !Region::IsInstance(env, info[0])) throw Napi::TypeError::New(env, "regionPieces(region)");
+  Mapping* m = Region::Unwrap(info[0])->LiveMapping(env);
+  Napi::Array out = Napi::Array::New(env);
+  if (!m) return out;
+  auto piece = [&](int fd, uint64_t offset, uint64_t size) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("fd", fd);
+    o.Set("offset", static_cast<double>(offset));
+    o.Set("size", static_cast<double>(size));
+    out.Set(out.Length(), o);
+  };
+  if (m->pieceFds.empty()) piece(m->fd, 0, m->size);
+  for (size_t i = 0; i < m->pieceFds.size(); i++) piece(m->pieceFds[i], m->pieceOffsets[i], m->pieceSizes[i]);
+  return out;
+}
+
 // fileBacking(fd): {hugetlb, blockSize}: whether the file is on hugetlbfs, and its page size
 // there (fstatfs's f_bsize is the huge page size on hugetlbfs)
 Napi::Value FileBacking(const Napi::CallbackInfo& info) {
@@ -516,6 +536,7 @@ void InitRegionStatics(Napi::Env env, Napi::Object exports) {
   exports.Set("regionCreate", Napi::Function::New(env, Create));
   exports.Set("regionAdopt", Napi::Function::New(env, Adopt));
   exports.Set("regionAdoptPieces", Napi::Function::New(env, AdoptPieces));
+  exports.Set("regionPieces", Napi::Function::New(env, RegionPieces));
   exports.Set("regionAttach", Napi::Function::New(env, Attach));
   exports.Set("fileBacking", Napi::Function::New(env, FileBacking));
   exports.Set("pageSize", Napi::Function::New(env, PageSize));

@@ -27,6 +27,29 @@ export const GUEST_FLAGS: Flags = {
   },
 };
 
+/** The example guests' disk (native/guest/example/example_disk.h). */
+export const DISK_FLAGS: Flags = {
+  disk: {
+    type: 'string',
+    value: 'SIZE',
+    help: 'give the guest a disk of SIZE (sparse: an eighth data, a thirty-second zeros), checked block by block after it moved',
+  },
+  'disk-rate': { type: 'string', default: '4', value: 'MB/s', help: 'how fast the guest writes random 4 KiB blocks to its disk' },
+  'disk-untracked': {
+    type: 'boolean',
+    default: false,
+    help: 'the guest reports no disk writes: livemig finds them itself (reflink on XFS/btrfs, else hashing)',
+  },
+};
+
+/** --disk and its company: bytes, MB/s, and whether the guest reports its writes; undefined without --disk. */
+export function diskSpec(v: FlagValues): { size: number; rate: number; noTrack: boolean } | undefined {
+  if (typeof v['disk'] !== 'string') return undefined;
+  const size = parseSize(v['disk'], '--disk');
+  if (size <= 0 || size % PAGE_SIZE !== 0) throw usageError(`--disk must be a positive multiple of 4 KiB, got ${size} bytes`);
+  return { size, rate: parseNumber(str(v, 'disk-rate'), '--disk-rate (MB/s)'), noTrack: v['disk-untracked'] === true };
+}
+
 export const POLICY_FLAGS: Flags = {
   'downtime-limit': { type: 'string', default: '50', value: 'MS', help: 'stop and copy once the rest fits this pause' },
   'max-rounds': { type: 'string', default: '30', value: 'N', help: 'at most this many pre-copy rounds' },

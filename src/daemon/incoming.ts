@@ -162,6 +162,7 @@ export class IncomingMigrations {
           command: d.guestCommand,
           layout,
           files: memory.files,
+          ...(memory.disks ? { disks: memory.disks } : {}),
           populate: postcopy !== 'planned' && !memory.local,
           registerEarly: postcopy === 'planned',
           registerAt: { socket: d.guests.socket, name },

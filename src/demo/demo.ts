@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError, invalidArgument } from '../errors.js';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { makeTestCa, writeTestCa } from '../security/test-ca.js';
@@ -35,7 +35,14 @@ export interface DemoReport extends MigrationReport {
   guest_gap_preparation_ms: number;
   /** the downtime as the guest felt it: the heartbeat gap across the pause, its last beat here to its first there */
   guest_downtime_ms?: number;
-  guest_verified: { bad: number; first_bad: number; writes: string; verify_ms: number };
+  guest_verified: {
+    bad: number;
+    first_bad: number;
+    writes: string;
+    verify_ms: number;
+    /** the guest's disk, every block checked against its model */
+    disk?: { bad: number; first_bad: number; writes: string; blocks: number };
+  };
   /** the destination's post-copy figures: faults, latency percentiles, pages pulled and pushed */
   destination_postcopy?: Record<string, number>;
   content: string;
@@ -63,6 +70,8 @@ export interface GuestSpec {
   hugePages?: HugePages;
   /** the guest registers no write tracking: livemig hashes every page each round */
   noTrack?: boolean;
+  /** a disk: bytes, MB/s of random 4 KiB writes, and whether the guest reports them (default) */
+  disk?: { size: number; rate: number; noTrack?: boolean };
 }
 
 /** A GuestSpec from names given as strings (a benchmark's flags), checked. */
@@ -147,6 +156,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const insecure = isLoopback(receiverAt.host) || o.secure ? [] : ['--insecure'];
   const secure = o.secure ? secureDemo() : undefined;
   const kind = o.guestKind ?? 'reference';
+  // a disk's images: the source's, and the directory the receiver creates the destination's in
+  const diskDir = g.disk ? mkdtempSync(path.join(os.tmpdir(), 'livemig-demo-disk-')) : undefined;
+  const disk = g.disk && diskDir ? { ...g.disk, path: path.join(diskDir, 'source.img') } : undefined;
+  if (diskDir) mkdirSync(path.join(diskDir, 'destination'));
   const guestExec = kind === 'c' ? ['--guest-exec', cIncomingCommand().join(' ')] : [];
   const rxCommand = [
     ...receiverAt.prefix,
@@ -158,6 +171,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     ...insecure,
     ...(secure?.receiverArgs ?? []),
     ...guestExec,
+    ...(diskDir ? ['--disk-dir', path.join(diskDir, 'destination')] : []),
     ...receiverArgs,
   ];
   const receiver = spawn(rxCommand[0]!, rxCommand.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -190,9 +204,10 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
               heartbeat: observer.address,
               sparse: g.content === 'sparse',
               ...(g.hugePages ? { hugePages: g.hugePages } : {}),
+              ...(disk ? { diskImage: disk } : {}),
             }),
           )
-        : await SourceGuest.spawn({ ...g, heartbeat: observer.address });
+        : await SourceGuest.spawn({ ...withoutDisk(g), heartbeat: observer.address, ...(disk ? { diskImage: disk } : {}) });
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
     const tStart = monotonicMs();
     let tMigrating: number | undefined;
@@ -255,13 +270,21 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     const prepGap = migrating > tStart ? observer.maxGap(tStart, migrating) : 0;
     // the beats either side of the pause, the source's last and the destination's first
     const felt = !naive && tPaused !== undefined ? observer.gapAcross(tPaused) : undefined;
+    const diskCheck = verify.verify!.disk;
+    if (disk && !diskCheck) throw new LivemigError('ERR_LIVEMIG_GUEST', 'the destination guest did not check its disk', { phase: 'demo' });
     return {
       ...report,
-      verified: report.verified && verify.verify!.bad === 0,
+      verified: report.verified && verify.verify!.bad === 0 && (diskCheck?.bad ?? 0) === 0,
       guest_gap_ms: +gap.toFixed(3),
       guest_gap_preparation_ms: +prepGap.toFixed(3),
       ...(felt !== undefined ? { guest_downtime_ms: +felt.toFixed(3) } : {}),
-      guest_verified: { bad: verify.verify!.bad, first_bad: verify.verify!.firstBad, writes: verify.verify!.writes, verify_ms: +verify.verify!.ms.toFixed(0) },
+      guest_verified: {
+        bad: verify.verify!.bad,
+        first_bad: verify.verify!.firstBad,
+        writes: verify.verify!.writes,
+        verify_ms: +verify.verify!.ms.toFixed(0),
+        ...(diskCheck ? { disk: { bad: diskCheck.bad, first_bad: diskCheck.firstBad, writes: diskCheck.writes, blocks: diskCheck.blocks } } : {}),
+      },
       ...(rx.received?.postcopy ? { destination_postcopy: rx.received.postcopy } : {}),
       // the C example guest has its own content (docs/GUEST.md), written uniformly
       content: kind === 'c' ? 'c-example' : g.content,
@@ -286,6 +309,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     }
     observer.close();
     secure?.remove();
+    if (diskDir) rmSync(diskDir, { recursive: true, force: true });
     // Wait until the destination guest is gone too: tearing down a gigabyte it mapped would
     // otherwise run beside whatever comes next (a benchmark's next run).
     for (let i = 0; destPid && i < 500 && alive(destPid); i++) await new Promise((r) => setTimeout(r, 10));
@@ -314,6 +338,11 @@ function secureDemo(): { receiverArgs: string[]; credentials: Credentials; remov
     credentials: { kind: 'cert', ...ca.certs['src']!, ca: ca.ca, peerName: 'dst' },
     remove: () => rmSync(dir, { recursive: true, force: true }),
   };
+}
+
+function withoutDisk(g: GuestSpec): Omit<GuestSpec, 'disk'> {
+  const { disk: _disk, ...rest } = g;
+  return rest;
 }
 
 function alive(pid: number): boolean {

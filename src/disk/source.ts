@@ -23,18 +23,24 @@ export async function withDisks(options: MigrateOptions): Promise<{ options: Mig
   const memory = options.region;
   if ((options.mode ?? 'precopy') !== 'precopy' || options.onStall === 'postcopy' || options.local)
     throw invalid('disks move by pre-copy for now: not with post-copy or a same-host upgrade');
-  if (memory.backing.kind !== 'shmem' || memory.fd < 0) throw invalid("disks go with a guest whose memory is one file of 4 KiB pages (the region's fd)");
+  const memoryPieces = memory.pieces();
+  if (memory.backing.kind !== 'shmem' || memoryPieces.some((p) => p.fd < 0))
+    throw invalid("disks go with a guest whose memory is files of 4 KiB pages (a memfd per region, or the region's own)");
   disks.forEach((d, i) => {
     if (!Number.isInteger(d.fd) || d.fd < 0) throw invalid(`disk ${i} (${specs[i]!.name}): fd must be an open descriptor`);
     const st = fstatSync(d.fd);
     if (!st.isFile() && !st.isBlockDevice()) throw invalid(`disk ${i} (${specs[i]!.name}): its descriptor is neither a file nor a block device`);
     if (st.isFile() && st.size !== d.size) throw invalid(`disk ${i} (${specs[i]!.name}): the image holds ${st.size} bytes, its size says ${d.size}`);
   });
-  const pages = Region.adoptPieces([{ fd: memory.fd, offset: 0, size: memory.size }, ...disks.map((d) => ({ fd: d.fd, offset: 0, size: d.size }))]);
+  const pages = Region.adoptPieces([...memoryPieces, ...disks.map((d) => ({ fd: d.fd, offset: 0, size: d.size }))]);
   try {
     const memoryTracker =
       options.tracker ?? (options.untracked ? new HashTracker(memory) : chooseTracker(memory, options.target ? { target: options.target } : {}).tracker);
-    const blockTrackers = await Promise.all(disks.map((d) => chooseBlockTracker({ fd: d.fd, path: d.path, size: d.size, blockSize: DISK_BLOCK })));
+    const blockTrackers = await Promise.all(
+      disks.map((d) =>
+        chooseBlockTracker({ fd: d.fd, path: d.path, size: d.size, blockSize: DISK_BLOCK, ...(d.written !== undefined ? { written: d.written } : {}) }),
+      ),
+    );
     const tracker = new DisksAndMemory(
       memoryTracker,
       blockTrackers,

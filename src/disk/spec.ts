@@ -19,6 +19,8 @@ export interface SourceDisk extends DiskSpec {
   fd: number;
   /** where it is: a reflink tracker clones it in its directory */
   path: string;
+  /** the VMM's written-block bitmap (contract 4, reported tracking): a sealed memfd, a bit per 4 KiB block */
+  written?: number;
 }
 
 export const MAX_DISKS = 16;

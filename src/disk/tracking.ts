@@ -8,18 +8,20 @@
  *   a frozen copy to read the written blocks from: no block is read half-written.
  * - hash: every block is hashed at each collect and compared with the hashes before; it reads
  *   the whole image each round, for any file or device.
+ * - reported: the VMM marks each block it wrote in a bitmap it shares (lmg_disk_written,
+ *   docs/GUEST.md); a collect takes the bitmap's words with an atomic exchange.
  * Block lists are runs, [firstBlock, endBlock, ...] ascending: a disk of 100 GiB has 26M blocks.
  */
 import { closeSync, constants, openSync } from 'node:fs';
 import path from 'node:path';
 import { LivemigError } from '../errors.js';
-import { addon, callAsync } from '../native.js';
+import { addon, callAsync, type WrittenBitmapHandle } from '../native.js';
 
 /** Runs of blocks, [first, end) pairs in ascending order. */
 export type BlockRuns = Float64Array;
 
 export interface BlockTracker {
-  readonly backend: 'reflink' | 'hash';
+  readonly backend: 'reported' | 'reflink' | 'hash';
   /** why this backend, for the report */
   readonly reason: string;
   /** everything written before this is the baseline */
@@ -45,6 +47,8 @@ export interface DiskImage {
   size: number;
   /** the tracking granularity: a power of two from 4096 to 1 MiB */
   blockSize: number;
+  /** the VMM's written-block bitmap (a sealed memfd, a bit per block): the reported backend */
+  written?: number;
 }
 
 const O_TMPFILE = 0o20000000 | constants.O_DIRECTORY;
@@ -221,12 +225,55 @@ export function changedBlocks(before: Float64Array, after: Float64Array, blockSi
   return Float64Array.from(out);
 }
 
+/** The VMM's own account of its writes: exact when it marks each block after the write completed. */
+export class ReportedBlockTracker implements BlockTracker {
+  readonly backend = 'reported';
+  readonly reason = 'reported: the VMM marks the blocks it writes in a bitmap shared with livemig';
+  readonly #disk: DiskImage;
+  #bitmap: WrittenBitmapHandle | undefined;
+
+  constructor(disk: DiskImage & { written: number }) {
+    checkImage(disk);
+    if (disk.blockSize !== 4096) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'a reported bitmap counts 4 KiB blocks', { phase: 'disk' });
+    this.#disk = disk;
+    try {
+      this.#bitmap = addon.writtenBitmapOpen(disk.written, blocksOf(disk));
+    } catch (e) {
+      throw new LivemigError('ERR_LIVEMIG_HANDOVER', `the written-block bitmap of ${disk.path}: ${(e as Error).message}`, { phase: 'handover', cause: e });
+    }
+  }
+
+  #take(): BlockRuns {
+    if (!this.#bitmap) throw new LivemigError('ERR_LIVEMIG_INTERNAL', 'the written-block bitmap is closed', { phase: 'disk' });
+    return addon.writtenBitmapTake(this.#bitmap);
+  }
+
+  arm(): Promise<void> {
+    this.#take(); // what was written before is sent by the first pass
+    return Promise.resolve();
+  }
+  collect(): Promise<BlockRuns> {
+    return Promise.resolve(this.#take());
+  }
+  collectFinal(): Promise<BlockRuns> {
+    return Promise.resolve(this.#take());
+  }
+  readFd(): number {
+    return this.#disk.fd;
+  }
+  close(): void {
+    if (this.#bitmap) addon.writtenBitmapClose(this.#bitmap);
+    this.#bitmap = undefined;
+  }
+}
+
 /**
- * reflink where the image's filesystem clones (XFS, btrfs: a probe clone is made and dropped),
- * else hash; the reason says which and why, as the memory tracker's does.
+ * reported when the VMM shares its bitmap; else reflink where the image's filesystem clones
+ * (XFS, btrfs: a probe clone is made and dropped), else hash; the reason says which and why, as the memory tracker's does.
  */
 export async function chooseBlockTracker(disk: DiskImage): Promise<BlockTracker> {
   checkImage(disk);
+  if (disk.written !== undefined) return new ReportedBlockTracker({ ...disk, written: disk.written });
   let fd: number | undefined;
   try {
     fd = openTmpfile(path.dirname(disk.path));

@@ -5,15 +5,20 @@
  * The version, limits and tags are defined once, in native/guest/livemig_guest.h: this is
  * livemig's copy, held equal to the addon's by test/guest-contract.test.ts.
  */
-import { fstatSync } from 'node:fs';
+import { fstatSync, readlinkSync } from 'node:fs';
 import { LivemigError } from '../errors.js';
 import { PAGE_SIZE } from '../protocol/format.js';
+import { checkDisks, DISK_BLOCK, MAX_DISKS } from '../disk/spec.js';
 import { GuestLayout, MAX_GUEST_REGIONS, REGION_NAME } from './layout.js';
 
 /** the newest contract version livemig speaks: LMG_CONTRACT */
-export const GUEST_CONTRACT = 3;
+export const GUEST_CONTRACT = 4;
 /** the oldest it still speaks, so that a guest built against the version before keeps working: LMG_CONTRACT_OLDEST */
 export const GUEST_CONTRACT_OLDEST = 2;
+/** the oldest version with disks (a hello with disks starts at it): LMG_CONTRACT_DISKS */
+export const GUEST_CONTRACT_DISKS = 4;
+/** most disks a guest hands over: LMG_MAX_DISKS */
+export const MAX_GUEST_DISKS = MAX_DISKS;
 /** a message's largest body, both ways (a device state): LMG_MAX_BODY */
 export const MAX_MESSAGE_BODY = 64 * 1024 * 1024;
 /** a hello's largest size: LMG_MAX_HELLO */
@@ -71,12 +76,28 @@ export interface AgreedContract {
   helloContract: number;
 }
 
+/** A disk a source guest handed over (contract 4). */
+export interface GuestDisk {
+  name: string;
+  size: number;
+  /** livemig's copy of the image's descriptor */
+  fd: number;
+  /** where the image is (read through /proc/self/fd): a reflink tracker clones beside it */
+  path: string;
+  /** 'reported': the VMM marks its writes in `written`, a bitmap it shares */
+  tracking: 'reported' | 'none';
+  /** livemig's copy of the bitmap's memfd, when reported */
+  written?: number;
+}
+
 export interface SourceHello extends AgreedContract {
   role: 'source';
   pid: number;
   name: string;
   regions: GuestRegion[];
   layout: GuestLayout;
+  /** contract 4: the guest's disks, in order (empty: none) */
+  disks: GuestDisk[];
 }
 
 export interface IncomingHello extends AgreedContract {
@@ -142,8 +163,17 @@ export function parseSourceHello(data: Buffer, fds: readonly number[]): SourceHe
   const list = o.regions;
   if (!Array.isArray(list) || list.length === 0) throw refused('regions must be a non-empty list');
   if (list.length > MAX_GUEST_REGIONS) throw refused(`${list.length} regions, more than the limit of ${MAX_GUEST_REGIONS}`);
-  if (fds.length !== list.length)
-    throw refused(`${list.length} regions need ${list.length} descriptors (a memfd each, in order), the hello carried ${fds.length}`);
+  const diskList = o.disks === undefined ? [] : o.disks;
+  if (diskList !== undefined && !Array.isArray(diskList)) throw refused('disks must be a list');
+  if ((diskList as unknown[]).length && o.contract < GUEST_CONTRACT_DISKS)
+    throw refused(`disks come with contract ${GUEST_CONTRACT_DISKS}, the session speaks ${o.contract}`);
+  const reported = (diskList as unknown[]).filter((d) => (d as Record<string, unknown> | null)?.tracking === 'reported').length;
+  const wanted = list.length + (diskList as unknown[]).length + reported;
+  if (fds.length !== wanted)
+    throw refused(
+      `${list.length} regions and ${(diskList as unknown[]).length} disks (${reported} reported) need ${wanted} descriptors ` +
+        `(a memfd per region, an image per disk, a bitmap per reported disk, in order), the hello carried ${fds.length}`,
+    );
   const regions: GuestRegion[] = list.map((r: unknown, i) => checkRegion(r, i, fds[i]!));
   const layout = GuestLayout.checked(regions, 'the hello', (why) => refused(why.replace(/^the hello: /, '')));
   refuseOverlaps(regions, (r) => [r.address, BigInt(r.size)], 'in the guest');
@@ -163,7 +193,38 @@ export function parseSourceHello(data: Buffer, fds: readonly number[]): SourceHe
       'in their memfd',
     );
   }
-  return { contract: o.contract, helloContract: o.helloContract, role: 'source', pid: o.pid as number, name: o.name as string, regions, layout };
+  const disks = checkGuestDisks(diskList as unknown[], fds.slice(list.length));
+  // an image that is also a region's file, or another disk's, would be one store moved twice
+  const stores = new Map<string, string>();
+  for (const [what, fd] of [...files.map((f) => [`region ${f.r.name}`, f.r.fd] as const), ...disks.map((d) => [`disk ${d.name}`, d.fd] as const)]) {
+    const st = fstatSync(fd);
+    const key = `${st.dev}:${st.ino}:${st.rdev}`;
+    const other = stores.get(key);
+    if (other && (what.startsWith('disk') || other.startsWith('disk'))) throw refused(`${other} and ${what} are the same file`);
+    stores.set(key, what);
+  }
+  return { contract: o.contract, helloContract: o.helloContract, role: 'source', pid: o.pid as number, name: o.name as string, regions, layout, disks };
+}
+
+/** The hello's disks and their descriptors (an image each, then a bitmap per reported disk). */
+function checkGuestDisks(list: unknown[], fds: readonly number[]): GuestDisk[] {
+  if (list.length === 0) return [];
+  if (list.length > MAX_GUEST_DISKS) throw refused(`${list.length} disks, more than the limit of ${MAX_GUEST_DISKS}`);
+  const specs = checkDisks(list, 'disk', (why) => refused(why));
+  let bitmap = list.length;
+  return specs.map((spec, i) => {
+    const o = list[i] as Record<string, unknown>;
+    if (o.blockSize !== DISK_BLOCK) throw refused(`disk ${spec.name}: block size ${String(o.blockSize)} (livemig moves ${DISK_BLOCK}-byte blocks)`);
+    if (o.tracking !== 'reported' && o.tracking !== 'none')
+      throw refused(`disk ${spec.name}: tracking ${JSON.stringify(o.tracking)} is unknown (reported or none)`);
+    const fd = fds[i]!;
+    const st = fstatSync(fd);
+    if (!st.isFile() && !st.isBlockDevice()) throw refused(`disk ${spec.name}: its descriptor is neither a file nor a block device`);
+    if (st.isFile() && st.size !== spec.size) throw refused(`disk ${spec.name}: the image holds ${st.size} bytes, its size says ${spec.size}`);
+    const written = o.tracking === 'reported' ? fds[bitmap++]! : undefined;
+    if (written !== undefined && !fstatSync(written).isFile()) throw refused(`disk ${spec.name}: its bitmap is not a memfd`);
+    return { ...spec, fd, path: readlinkSync(`/proc/self/fd/${fd}`), tracking: o.tracking, ...(written !== undefined ? { written } : {}) };
+  });
 }
 
 function checkRegion(v: unknown, i: number, fd: number): GuestRegion {

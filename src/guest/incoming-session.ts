@@ -14,7 +14,7 @@ import { PAGE_SIZE } from '../protocol/format.js';
 import { trace } from '../trace.js';
 import { ReceiverEvent } from '../trace-events.js';
 import { agreeContract, connectWhenListening } from './connect.js';
-import { Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
+import { GUEST_CONTRACT_DISKS, Tag, parseIncomingHello, refused, type IncomingHello } from './contract.js';
 import { MAX_GUEST_REGIONS, type GuestLayout } from './layout.js';
 import { placeGuest, type GuestPlacement } from './placement.js';
 
@@ -31,6 +31,8 @@ export interface IncomingStart {
   layout: GuestLayout;
   /** each region's memory: a descriptor (livemig keeps its own) and where the region starts in it */
   files: readonly { fd: number; offset: number }[];
+  /** the guest's disk images here (contract 4), handed over after the regions in 'M' */
+  disks?: readonly { name: string; size: number; fd: number }[];
   /** map every page ahead (pre-copy); false when post-copy is planned or nothing is copied */
   populate: boolean;
   /** register for post-copy at once (post-copy planned): the switch then waits for nothing */
@@ -75,8 +77,16 @@ export function guestCommand(command: readonly string[], socketPath: string, reg
   );
 }
 
-/** The region table and flags of 'M' (docs/GUEST.md); each region's offset in its memfd. */
-export function encodeRegions(o: { layout: GuestLayout; populate: boolean; offsets: readonly number[] }): Buffer {
+/**
+ * The region table and flags of 'M' (docs/GUEST.md); each region's offset in its memfd. From
+ * contract 4 the disk table follows: u32 count | count x (u64 size | u8 name length | name).
+ */
+export function encodeRegions(o: {
+  layout: GuestLayout;
+  populate: boolean;
+  offsets: readonly number[];
+  disks?: readonly { name: string; size: number }[];
+}): Buffer {
   const { layout, populate, offsets } = o;
   const parts: Buffer[] = [Buffer.of(populate ? 1 : 0), u32(layout.regions.length)];
   for (const [i, r] of layout.regions.entries()) {
@@ -86,6 +96,15 @@ export function encodeRegions(o: { layout: GuestLayout; populate: boolean; offse
     head.writeBigUInt64LE(BigInt(offsets[i]!), 12);
     head.writeUInt8(Buffer.byteLength(r.name), 20);
     parts.push(head, Buffer.from(r.name));
+  }
+  if (o.disks) {
+    parts.push(u32(o.disks.length));
+    for (const d of o.disks) {
+      const head = Buffer.alloc(9);
+      head.writeBigUInt64LE(BigInt(d.size), 0);
+      head.writeUInt8(Buffer.byteLength(d.name), 8);
+      parts.push(head, Buffer.from(d.name));
+    }
   }
   return Buffer.concat(parts);
 }
@@ -186,12 +205,24 @@ export class IncomingGuest {
       await agreeContract(fd, hello, timeoutMs);
       const guest = new IncomingGuest({ child: spawned, hello, layout: o.layout, fd, dir });
       guest.placement = started.placement;
+      const disks = o.disks?.length ? o.disks : undefined;
+      if (disks && hello.contract < GUEST_CONTRACT_DISKS)
+        throw new LivemigError(
+          'ERR_LIVEMIG_GUEST',
+          `the guest has ${disks.length} disk(s) and the incoming guest speaks contract ${hello.contract}: disks need ${GUEST_CONTRACT_DISKS}`,
+          { phase: 'reserve' },
+        );
       try {
         addon.controlSend(
           fd,
           Tag.regions,
-          encodeRegions({ layout: o.layout, populate: o.populate, offsets: o.files.map((f) => f.offset) }),
-          o.files.map((f) => f.fd),
+          encodeRegions({
+            layout: o.layout,
+            populate: o.populate,
+            offsets: o.files.map((f) => f.offset),
+            ...(hello.contract >= GUEST_CONTRACT_DISKS ? { disks: disks ?? [] } : {}),
+          }),
+          [...o.files.map((f) => f.fd), ...(disks ?? []).map((d) => d.fd)],
         );
       } catch (e) {
         throw new LivemigError('ERR_LIVEMIG_GUEST', `handing the regions to the incoming guest failed: ${(e as Error).message}`, {

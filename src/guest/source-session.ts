@@ -8,6 +8,7 @@ import { LivemigError } from '../errors.js';
 import { addon, callAsync, closeFd, type ControlMessage } from '../native.js';
 import { Region } from '../region/region.js';
 import { mappingIsThpEligible } from '../region/huge-pages.js';
+import type { SourceDisk } from '../disk/spec.js';
 import type { MigrateOptions } from '../source/types.js';
 import type { RemoteTarget } from '../tracking/types.js';
 import { Tag, parseSourceHello, refused, type SourceHello } from './contract.js';
@@ -89,10 +90,15 @@ export class SourceGuestSession {
     return { pid: this.pid, address: ranges[0]!.address, ...(ranges.length > 1 ? { ranges } : {}) };
   }
 
-  /** What migrate() needs to know of the guest's memory: the mapping, its regions, how to track it. */
-  get memory(): Pick<MigrateOptions, 'region' | 'layout' | 'target' | 'untracked'> {
+  /** What migrate() needs to know of the guest's memory (the mapping, its regions, how to track it) and of its disks. */
+  get memory(): Pick<MigrateOptions, 'region' | 'layout' | 'target' | 'untracked' | 'disks'> {
     const target = this.target;
-    return { region: this.region, layout: this.layout, ...(target ? { target } : { untracked: true }) };
+    return { region: this.region, layout: this.layout, ...(target ? { target } : { untracked: true }), ...(this.disks.length ? { disks: this.disks } : {}) };
+  }
+
+  /** The guest's disks (contract 4), as migrate() takes them. */
+  get disks(): SourceDisk[] {
+    return this.hello.disks.map((d) => ({ name: d.name, size: d.size, fd: d.fd, path: d.path, ...(d.written !== undefined ? { written: d.written } : {}) }));
   }
 
   /** Pauses the guest; its answer is the device state to carry. `lease`: the guest resumes itself if livemig stays silent this long past it. */
@@ -164,6 +170,10 @@ export class SourceGuestSession {
     if (this.#fd >= 0) {
       closeFd(this.#fd, 'guest');
       for (const r of this.hello.regions) closeFd(r.fd, 'guest'); // kept for a same-host upgrade
+      for (const d of this.hello.disks) {
+        closeFd(d.fd, 'guest');
+        if (d.written !== undefined) closeFd(d.written, 'guest');
+      }
     }
     this.#fd = -1;
     if (!this.region.released) this.region.release();

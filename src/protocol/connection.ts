@@ -207,6 +207,16 @@ export class FramedConnection {
     void loop();
   }
 
+  /** A frame of `type` that has arrived and nobody has read yet (read-ahead mode), taken; else undefined. */
+  takeQueued(type: FrameType): WireFrame | undefined {
+    return this.#ahead?.take(type);
+  }
+
+  /** Resolves when a frame arrives (read-ahead mode) or after `timeoutMs`; reads nothing. */
+  frameArrival(timeoutMs: number): Promise<void> {
+    return this.#ahead ? this.#ahead.arrival(timeoutMs) : new Promise((r) => setTimeout(r, timeoutMs));
+  }
+
   /** An ERROR frame the peer sent that nobody has read yet (read-ahead mode). */
   takeQueuedError(): Frame | undefined {
     return this.#ahead?.takeError();

@@ -20,6 +20,8 @@ export class ReadAheadQueue {
   #queue: WireFrame[] = [];
   #queuedBytes = 0;
   #waiters: Waiter[] = [];
+  /** told when a frame is queued (nobody was waiting for it) */
+  #arrivals: (() => void)[] = [];
 
   /**
    * A frame that arrived: to the reader waiting longest, or queued. Returns why the queue is
@@ -33,6 +35,7 @@ export class ReadAheadQueue {
     }
     this.#queue.push(f);
     this.#queuedBytes += f.payload.length;
+    for (const tell of this.#arrivals.splice(0)) tell();
     if (this.#queue.length > READ_AHEAD_MAX_FRAMES || this.#queuedBytes > READ_AHEAD_MAX_BYTES) {
       return `the peer sent ${this.#queue.length} frames (${this.#queuedBytes} bytes) that nobody has read: more than a migration ever needs queued`;
     }
@@ -62,6 +65,31 @@ export class ReadAheadQueue {
           reject(o.onTimeout());
         }, o.timeoutMs).unref();
       }
+    });
+  }
+
+  /** The oldest queued frame of `type`, taken out of the queue; undefined when none has arrived. */
+  take(type: FrameType): WireFrame | undefined {
+    const i = this.#queue.findIndex((f) => f.type === type);
+    if (i < 0) return undefined;
+    const [f] = this.#queue.splice(i, 1);
+    this.#queuedBytes -= f!.payload.length;
+    return f;
+  }
+
+  /** Resolves when the next frame is queued, or after `timeoutMs`: a wait that takes nothing. */
+  arrival(timeoutMs: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        const i = this.#arrivals.indexOf(done);
+        if (i >= 0) this.#arrivals.splice(i, 1);
+        resolve();
+      }, timeoutMs);
+      const done = (): void => {
+        clearTimeout(timer);
+        resolve();
+      };
+      this.#arrivals.push(done);
     });
   }
 

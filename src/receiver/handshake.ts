@@ -218,7 +218,7 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   populated.catch(() => undefined); // awaited below, after onReserved
   const pages = h.disks ? withDisks(ctx, created, h.disks) : created;
   const files = layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE }));
-  const disks = ctx.disks?.map((d) => ({ name: d.name, path: d.path, size: d.size }));
+  const disks = ctx.disks?.map((d) => ({ name: d.name, path: d.path, size: d.size, fd: d.fd }));
   await options.onReserved?.(created, plan, layout, { files, local: false, ...(disks ? { disks } : {}) });
   await populated;
   return pages;

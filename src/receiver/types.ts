@@ -113,8 +113,11 @@ export interface ReceiveOptions {
 export interface ReservedMemory {
   files: { fd: number; offset: number }[];
   local: boolean;
-  /** the guest's disk images here, created empty; their blocks arrive with the memory's pages */
-  disks?: { name: string; path: string; size: number }[];
+  /**
+   * the guest's disk images here, created empty; their blocks arrive with the memory's pages.
+   * `fd` is the receiver's, open read-write: an incoming guest is handed a duplicate (the receiver closes its own)
+   */
+  disks?: { name: string; path: string; size: number; fd: number }[];
 }
 
 /**

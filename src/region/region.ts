@@ -234,6 +234,12 @@ export class Region {
   get released(): boolean {
     return this.#native.released;
   }
+  /** The files this region maps, in order: one, or a guest's regions' (its own descriptors, valid until release). */
+  pieces(): { fd: number; offset: number; size: number }[] {
+    this.#assertLive('pieces');
+    return addon.regionPieces(this.#native);
+  }
+
   get fd(): number {
     this.#assertLive('fd');
     return this.#native.fd;

@@ -47,6 +47,8 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   const wws = options.wws === false ? undefined : new WritableWorkingSet(region.pageCount);
   const ra = options.rateAdaptation;
   let outcome: PrecopyOutcome | undefined;
+  // rounds run only while the destination's disks catch up count toward no round limit
+  let diskWaitRounds = 0;
   for (let round = 1; outcome === undefined; round++) {
     ctx.round = round;
     const t0 = now();
@@ -68,8 +70,8 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
     const plan = wws ? wws.plan(due) : { send: due, held: 0 };
     const roundMbps = bytes / 1e3 / Math.max(duration, 0.001); // bytes/ms / 1e3 = MB/s
     const bandwidth = ctx.pacer.estimateMbps() ?? roundMbps;
-    const d = policy.decide({
-      round,
+    let d = policy.decide({
+      round: round - diskWaitRounds,
       pagesSent: sentPages,
       bytesSent: bytes,
       durationMs: duration,
@@ -83,6 +85,10 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       mbps: bandwidth,
       pageSize: region.pageSize,
     });
+    if (d.action === 'stop' && !d.forced && options.disks?.length) {
+      d = await waitForDurableDisks(ctx, d);
+      if (d.action === 'continue') diskWaitRounds++;
+    }
     const dirtyMbps = (dirty.length * region.pageSize) / 1e3 / Math.max(duration, 0.001);
     const stats = roundStats(ctx, {
       round,
@@ -128,6 +134,12 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       outcome = 'stop-and-copy';
     }
   }
+  await endPrecopy(ctx, wws);
+  return outcome;
+}
+
+/** The held pages join the last ones, the extra channels end, and the destination catches up, before the pause. */
+async function endPrecopy(ctx: SourceContext, wws: WritableWorkingSet | undefined): Promise<void> {
   // stop-and-copy goes at the cap, not at the last round's adapted rate
   ctx.pacer.setRoundLimit(undefined);
   const held = wws ? wws.heldPages() : new Uint32Array(0);
@@ -137,12 +149,11 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
   // The extra channels end here, before the pause: the pause's pages (and post-copy's) go on
   // the main connection, which ROUND_END {last} tells so; the destination acknowledges it once
   // every channel has ended, so from then on it takes any page there (docs/PROTOCOL.md).
-  const { channels } = ctx.session;
+  const { channels, version } = ctx.session;
   await channels.narrow(ctx.round, version, () => readRoundAck(ctx));
   // Let the destination finish applying what is in flight before the pause, so that the
   // pause does not pay for its backlog.
   while (channels.ackedRound < ctx.round) channels.ackedRound = Math.max(channels.ackedRound, (await readRoundAck(ctx)).round);
-  return outcome;
 }
 
 /** What the guest dirtied during the round, protection re-armed; and how long that took (the guest writes on meanwhile). */
@@ -193,6 +204,39 @@ function slowLink(ctx: SourceContext): boolean {
   const l = channels.link();
   if (l.bytes >= LINK_WINDOW && !firstWindow.has(channels)) firstWindow.set(channels, l);
   return l.bytes >= JUDGED_AFTER && linkMBps(ctx) <= FAST_LINK_MBPS;
+}
+
+/** how long a round waits for the destination's disks before the next round goes */
+const DISK_WAIT_MS = 20;
+
+/**
+ * With disks, the destination acknowledges a round once its blocks are on stable storage
+ * (fdatasync behind the transfer). The pause's flush must have only the last round's blocks
+ * left: while an earlier round is not yet acknowledged, pre-copy goes on (after a short wait
+ * for an acknowledgement) instead of pausing the guest and waiting for the write-back inside
+ * the pause, or idly before it while the guest dirties more.
+ */
+async function waitForDurableDisks(ctx: SourceContext, d: Decision & { action: 'stop' }): Promise<Decision> {
+  const { conn, channels } = ctx.session;
+  const noteAcks = (): void => {
+    const queuedError = conn.takeQueuedError();
+    if (queuedError) throw peerError(queuedError, 'precopy');
+    for (let f = conn.takeQueued(FrameType.RoundAck); f; f = conn.takeQueued(FrameType.RoundAck)) {
+      const ack = decodeRoundAck(f.payload);
+      if (!ack.last) channels.ackedRound = Math.max(channels.ackedRound, ack.round);
+    }
+  };
+  noteAcks();
+  if (channels.ackedRound >= ctx.round - 1) return d;
+  await conn.frameArrival(DISK_WAIT_MS);
+  noteAcks();
+  if (channels.ackedRound >= ctx.round - 1) return d;
+  const behind = ctx.round - 1 - channels.ackedRound;
+  return {
+    action: 'continue',
+    estimateMs: d.estimateMs,
+    reason: `${d.reason}; but the destination's disks have ${behind} round${behind > 1 ? 's' : ''} not yet durable: one more round while they are written`,
+  };
 }
 
 /** The next ROUND_ACK from the destination (progress: it applied a round). */

@@ -38,6 +38,22 @@ export interface GuestOptions {
   hugePages?: HugePages;
   /** ms to wait for the guest to fill its region and say hello */
   startTimeoutMs?: number;
+  /** a disk (native/guest/example/example_disk.h): its image created at `path` */
+  diskImage?: GuestDiskOptions;
+}
+
+/** The example guests' disk: an image at `path` of `size` bytes, written at `rate` MB/s of random 4 KiB blocks. */
+export interface GuestDiskOptions {
+  path: string;
+  size: number;
+  rate: number;
+  /** the guest reports no writes: livemig finds them itself (reflink, or hashing) */
+  noTrack?: boolean;
+}
+
+function diskArgs(d: GuestDiskOptions | undefined): string[] {
+  if (!d) return [];
+  return ['--disk', d.path, '--disk-size', String(d.size), '--disk-rate', String(d.rate), ...(d.noTrack ? ['--no-disk-track'] : [])];
 }
 
 /** The reference guest's command line, serving at `socket` (source mode). */
@@ -62,6 +78,7 @@ export function referenceGuestArgs(socket: string, o: GuestOptions): string[] {
   if (o.beatMs !== undefined) args.push('--beat-ms', String(o.beatMs));
   if (o.noTrack) args.push('--no-track');
   if (o.hugePages && o.hugePages !== 'none') args.push('--huge-pages', o.hugePages);
+  args.push(...diskArgs(o.diskImage));
   return [process.execPath, ...args];
 }
 
@@ -92,13 +109,23 @@ export function startReferenceIncoming(region: Region, layout: GuestLayout, post
 export const cGuestPath = C_GUEST;
 export function cGuestArgs(
   socket: string,
-  o: { sizes?: string; rate: number; seed?: bigint; heartbeat?: string; noTrack?: boolean; sparse?: boolean; hugePages?: HugePages },
+  o: {
+    sizes?: string;
+    rate: number;
+    seed?: bigint;
+    heartbeat?: string;
+    noTrack?: boolean;
+    sparse?: boolean;
+    hugePages?: HugePages;
+    diskImage?: GuestDiskOptions;
+  },
 ): string[] {
   const args = [C_GUEST, '--listen', socket, '--sizes', o.sizes ?? '192M,64M', '--rate', String(o.rate), '--seed', String(o.seed ?? 1n)];
   if (o.heartbeat) args.push('--heartbeat', o.heartbeat);
   if (o.noTrack) args.push('--no-track');
   if (o.sparse) args.push('--sparse');
   if (o.hugePages && o.hugePages !== 'none') args.push('--huge-pages', o.hugePages);
+  args.push(...diskArgs(o.diskImage));
   return args;
 }
 export function cIncomingCommand(o: { register?: boolean } = {}): string[] {
@@ -212,7 +239,7 @@ export interface Beat {
   pid: number;
   /** when the guest sent it (its own clock stamp), monotonicMs() */
   at: number;
-  verify?: { bad: number; firstBad: number; writes: string; ms: number };
+  verify?: { bad: number; firstBad: number; writes: string; ms: number; disk?: { bad: number; firstBad: number; writes: string; blocks: number } };
 }
 
 /** Receives heartbeats (UDP) and measures the largest gap between consecutive ones. */

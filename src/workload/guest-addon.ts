@@ -41,10 +41,24 @@ export interface GuestAddon {
   gateBeat(st: BigUint64Array): number;
   /** waits for livemig at `path` and maps the regions it hands over (blocking) */
   /** the regions as mapped here, each with the memfd the library keeps open and where the region starts in it */
-  incomingOpen(path: string, timeoutMs: number): { handle: unknown; regions: (GuestMemory & { name: string; fd: number; offset: number })[] };
+  incomingOpen(
+    path: string,
+    timeoutMs: number,
+  ): { handle: unknown; regions: (GuestMemory & { name: string; fd: number; offset: number })[]; disks: { name: string; size: number; fd: number }[] };
   /** serves livemig until it says run (true) or goes away (false); `loadState` returns why it refuses a state */
   incomingWait(handle: unknown, loadState: (state: Buffer) => string | undefined): boolean;
   incomingStatus(handle: unknown): { postcopy: boolean; allPresent: boolean };
+  /** the guest's disk (native/guest/example/example_disk.h): created at path, its writes reported to livemig when `track` */
+  diskCreate(path: string, size: number, seed: bigint, track: boolean): void;
+  /** a disk livemig handed over, its write stream where the source's stopped */
+  diskAdopt(fd: number, size: number, name: string, seed: bigint, xs: bigint, writes: bigint): void;
+  /** its written-block bitmap, to be migrated again */
+  diskTrack(): void;
+  /** n block writes through the gate; how many were made (none while paused) */
+  diskWrite(n: number): number;
+  diskState(): { xs: bigint; writes: bigint };
+  /** every block against the model (on a pool thread, at the lowest priority) */
+  diskCheck(): Promise<{ bad: number; firstBad: number; blocks: number }>;
 }
 
 /** A guest's memory as its native code needs it: where it is mapped here, and how large. */

@@ -10,7 +10,9 @@
  * Incoming mode (--incoming): serves at --socket until livemig connects and hands it its
  * region; see the incoming branch below. Once told to run it verifies every page against its
  * model (heartbeats go on meanwhile; writes wait), reports the result, then continues writing
- * where the source stopped. With --register (a daemon's destination guest) it then registers
+ * where the source stopped. With --disk the guest has a disk as well (native/guest/example/
+ * example_disk.h), written with random 4 KiB blocks at --disk-rate MB/s and checked block by
+ * block at the destination with the memory. With --register (a daemon's destination guest) it then registers
  * with that daemon as --name, tracked as at its source: it can be migrated onward, or back.
  */
 import { trace } from '../trace.js';
@@ -46,6 +48,12 @@ const { values } = parseArgs({
     'no-track': { type: 'boolean', default: false },
     /** its memory's backing: none (4 KiB shmem), thp (shmem advised MADV_HUGEPAGE), hugetlb (2 MiB hugetlbfs pages) */
     'huge-pages': { type: 'string', default: 'none' },
+    /** a disk image created here (bytes: --disk-size), written at --disk-rate MB/s of random 4 KiB blocks */
+    disk: { type: 'string' },
+    'disk-size': { type: 'string' },
+    'disk-rate': { type: 'string', default: '0' },
+    /** the disk's writes are not reported to livemig: it finds them itself (reflink or hash) */
+    'no-disk-track': { type: 'boolean', default: false },
     /** print {guest: {socket, pid, bytes}} once serving (the `livemig guest` command) */
     announce: { type: 'boolean', default: false },
   },
@@ -81,10 +89,11 @@ if (values.incoming) {
   // microseconds: the main thread waits inside the library until then, with no event loop in
   // between. livemig going away first: there is no guest to run here.
   const opened = guestAddon.incomingOpen(values.socket!, 120_000);
-  if (opened.regions.length !== 1) {
-    console.error(`the reference guest has one region; livemig handed over ${opened.regions.length}`);
+  if (opened.regions.length !== 1 || opened.disks.length > 1) {
+    console.error(`the reference guest has one region and at most one disk; livemig handed over ${opened.regions.length} and ${opened.disks.length}`);
     process.exit(1);
   }
+  const handedDisk = opened.disks[0];
   incoming = opened;
   const early = opened.regions[0]!;
   trace('guest', GuestEvent.incomingMapped);
@@ -114,6 +123,7 @@ if (values.incoming) {
     try {
       const s = parseGuestState(body);
       if (s.size !== early.size) return `state is for ${s.size} bytes, region has ${early.size}`;
+      if (s.disk?.size !== handedDisk?.size) return `state is for a disk of ${s.disk?.size ?? 0} bytes, livemig handed over ${handedDisk?.size ?? 0}`;
       loaded = s;
       return undefined;
     } catch (e) {
@@ -130,6 +140,8 @@ if (values.incoming) {
   st[0] = BigInt(state.xs);
   st[1] = BigInt(state.writes);
   st[2] = BigInt(state.heartbeatSeq);
+  if (state.disk && handedDisk)
+    guestAddon.diskAdopt(handedDisk.fd, handedDisk.size, handedDisk.name, BigInt(state.seed), BigInt(state.diskXs!), BigInt(state.diskWrites!));
 } else {
   const size = Number(values.size);
   const pattern = values.pattern as PatternName;
@@ -161,6 +173,14 @@ if (values.incoming) {
     ...(Number(values['beat-ms']) !== 1 ? { beatMs: Number(values['beat-ms']) } : {}),
     throttle: 0,
   };
+  if (values.disk !== undefined || values['disk-size'] !== undefined) {
+    if (values.disk === undefined || values['disk-size'] === undefined) throw new Error('--disk PATH and --disk-size BYTES go together');
+    const diskSize = Number(values['disk-size']);
+    guestAddon.diskCreate(values.disk, diskSize, BigInt(values.seed), !values['no-disk-track']);
+    state.disk = { size: diskSize, rate: Number(values['disk-rate']) };
+    state.diskXs = guestAddon.diskState().xs.toString();
+    state.diskWrites = '0';
+  }
   // the destination takes the state as it comes: it must pass the destination's own check
   parseGuestState(Buffer.from(JSON.stringify(state)));
 }
@@ -202,6 +222,8 @@ let lastBeat = 0;
 let lastTick = 0;
 let wasPaused = false;
 let lastThrottle = 0;
+/** disk writes made since scheduleStart */
+let diskScheduled = 0;
 function tick(): void {
   if (!running) return;
   const t = performance.now();
@@ -216,6 +238,7 @@ function tick(): void {
     wasPaused = false;
     scheduleStart = t; // resumed: no burst to catch up the paused time
     scheduled = 0;
+    diskScheduled = 0;
   }
   if (t - lastTick > beatMs + 2 && lastTick > 0) trace('guest', GuestEvent.lateTick, { ms_since_last: +(t - lastTick).toFixed(1) });
   lastTick = t;
@@ -228,6 +251,7 @@ function tick(): void {
       lastThrottle = throttle;
       scheduleStart = t;
       scheduled = 0;
+      diskScheduled = 0;
     }
     const perMs = (state.rate * 256 * (1 - throttle / 100)) / 1000;
     let due = Math.floor((t - scheduleStart) * perMs) - scheduled;
@@ -241,6 +265,15 @@ function tick(): void {
       scheduled += due;
     }
   }
+  if (writing && state.disk && state.disk.rate > 0) {
+    const perMs = ((state.disk.rate * 1e6) / 4096 / 1000) * (1 - guestAddon.gateThrottle() / 100);
+    let due = Math.floor((t - scheduleStart) * perMs) - diskScheduled;
+    if (due > perMs * Math.max(10, 2 * beatMs)) {
+      diskScheduled += due - Math.ceil(perMs);
+      due = Math.ceil(perMs);
+    }
+    if (due > 0) diskScheduled += guestAddon.diskWrite(due);
+  }
   if (t - lastBeat >= beatMs) {
     lastBeat = t;
     heartbeat();
@@ -251,6 +284,7 @@ function start(): void {
   running = true;
   scheduleStart = performance.now();
   scheduled = 0;
+  diskScheduled = 0;
   tick();
 }
 function stop(): void {
@@ -261,7 +295,10 @@ async function verifyNow(): Promise<void> {
   const model = { content: state.content, seed: BigInt(state.seed), writes: st[1]!, span: state.span, sequential: state.pattern === 'sequential' };
   const tv = performance.now();
   const result = await verifyContent(region, model);
-  heartbeat({ verify: { bad: result.bad, firstBad: result.firstBad, writes: model.writes.toString(), ms: performance.now() - tv } });
+  const disk = state.disk ? { ...(await guestAddon.diskCheck()), writes: guestAddon.diskState().writes.toString() } : undefined;
+  heartbeat({
+    verify: { bad: result.bad, firstBad: result.firstBad, writes: model.writes.toString(), ms: performance.now() - tv, ...(disk ? { disk } : {}) },
+  });
 }
 // SIGUSR2: check every page against the model now and say so in a heartbeat (writes wait, as
 // after a hand-over): how a test tells that the copy left running holds what it should. Taken
@@ -274,6 +311,7 @@ process.on('SIGUSR2', () => {
     writing = true;
     scheduleStart = performance.now();
     scheduled = 0;
+    diskScheduled = 0;
   });
 });
 if (incoming && postcopyGuest) {
@@ -289,6 +327,7 @@ if (incoming && postcopyGuest) {
       writing = true;
       scheduleStart = performance.now();
       scheduled = 0;
+      diskScheduled = 0;
       serveAgain();
     });
   }, 5);
@@ -300,6 +339,7 @@ if (incoming && postcopyGuest) {
   writing = true;
   scheduleStart = performance.now();
   scheduled = 0;
+  diskScheduled = 0;
   serveAgain();
 } else {
   serve(values.register ?? values.socket!, values.register !== undefined);
@@ -322,6 +362,7 @@ function serveAgain(): void {
 function serve(at: string, register: boolean): void {
   const tracked = !values['no-track'];
   if (tracked) protectOwnRegion(region); // kept open for the life of the process
+  if (incoming && state.disk && !values['no-disk-track']) guestAddon.diskTrack(); // a disk that arrived is reported as at its source
   // the state's fields a pause does not change; the pause adds the run state (native/refguest/gate.cc)
   const fixed = JSON.stringify({
     version: state.version,
@@ -333,6 +374,7 @@ function serve(at: string, register: boolean): void {
     rate: state.rate,
     ...(state.heartbeat ? { heartbeat: state.heartbeat } : {}),
     ...(state.beatMs ? { beatMs: state.beatMs } : {}),
+    ...(state.disk ? { disk: state.disk } : {}),
   });
   guestAddon.serve(at, [{ address: region.address, size: region.size, ...memoryFile!, tracked }], st, fixed.slice(0, -1), { name: values.name, register });
   if (values.announce)

@@ -17,6 +17,10 @@ export interface GuestState {
   /** ms between the guest's ticks and beats (absent: 1); coarser for guests whose gaps nobody measures */
   beatMs?: number;
   throttle: number; // 0..1 fraction of the rate withheld (auto-converge, later)
+  /** the guest's disk (native/guest/example/example_disk.h): bytes, and MB/s of 4 KiB writes */
+  disk?: { size: number; rate: number };
+  diskXs?: string; // the disk's write stream, decimal
+  diskWrites?: string;
 }
 
 /** a guest beating less often than this would look gone to whoever waits for its beats */
@@ -47,5 +51,11 @@ export function parseGuestState(data: Buffer): GuestState {
   if (o.heartbeat !== undefined && (typeof o.heartbeat !== 'string' || !/^[^:]+:\d+$/.test(o.heartbeat))) bad('heartbeat');
   if (o.beatMs !== undefined && !(Number.isInteger(o.beatMs) && (o.beatMs as number) >= 1 && (o.beatMs as number) <= MAX_BEAT_MS)) bad('beatMs');
   if (typeof o.throttle !== 'number' || !((o.throttle as number) >= 0 && (o.throttle as number) <= 1)) bad('throttle');
+  if (o.disk !== undefined) {
+    const d = o.disk as Record<string, unknown>;
+    if (typeof d !== 'object' || d === null || !Number.isSafeInteger(d.size) || (d.size as number) <= 0 || (d.size as number) % 4096 !== 0) bad('disk size');
+    if (typeof d.rate !== 'number' || !(d.rate >= 0)) bad('disk rate');
+    if (!isDecimal(o.diskXs) || !isDecimal(o.diskWrites)) bad('diskXs/diskWrites');
+  }
   return o as unknown as GuestState;
 }

@@ -5,7 +5,7 @@
  * of every page once it runs there.
  *
  *   c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track] [--sparse]
- *           [--huge-pages none|thp|hugetlb]
+ *           [--huge-pages none|thp|hugetlb] [--disk PATH --disk-size SIZE [--disk-rate MB_S] [--no-disk-track]]
  *   c_guest --register DAEMON_PATH --name NAME [same flags]   (listed by a `livemig serve` daemon)
  *   c_guest --incoming PATH [--register DAEMON_PATH --name NAME]   (registers there once it runs: it can move again)
  *
@@ -16,6 +16,11 @@
  * destination can tell what every page must hold. With --sparse, as most of a real VM's RAM,
  * only one 64 KiB chunk in 16 (mix(seed ^ (g / 16) ^ SPARSE) % 16 == 0) is filled at the start;
  * the other pages stay holes of the memfd, all zero, until a write hits them.
+ *
+ * With --disk, the guest has a disk too (example_disk.h: its layout, writes and check): an
+ * image created at PATH, written with random 4 KiB blocks at --disk-rate MB/s, each write
+ * reported to livemig after it completed (unless --no-disk-track: livemig then finds the writes
+ * itself). The destination's image is handed over by livemig and checked block by block.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -32,6 +37,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "example_disk.h"
 #include "livemig_guest.h"
 
 #define PAGE 4096u
@@ -44,6 +50,7 @@
 #define WRITE_SALT 0x5DEECE66Dull
 #define SPARSE_SALT 0x5350415253ull
 #define STATE_MAGIC 0x43474d4cu /* "LMGC" */
+#define BLOCK_BYTES 4096.0
 
 static uint64_t mix(uint64_t z) {
   z += GOLDEN;
@@ -66,8 +73,9 @@ static double now_ms(void) {
 struct device_state {
   uint32_t magic, version, regions, throttle;
   uint64_t sizes[2], seed, rate, xs, writes, beat;
-  uint64_t sparse;    /* 1: most pages never written (below) */
-  char heartbeat[48]; /* HOST:PORT the beats go to, or empty */
+  uint64_t sparse;                                     /* 1: most pages never written (below) */
+  char heartbeat[48];                                  /* HOST:PORT the beats go to, or empty */
+  uint64_t disk_size, disk_rate, disk_xs, disk_writes; /* the disk (0: none): bytes, bytes a second, its write stream */
 };
 
 static struct lmg_region regions[2];
@@ -80,6 +88,7 @@ static int paused;             /* under gate; a paused vCPU sleeps on `unpaused`
 static atomic_int writing = 1; /* 0 while a check runs */
 static atomic_int all_present;
 static int beat_fd = -1;
+static struct example_disk disk; /* in use when st.disk_size */
 static struct sockaddr_in beat_to;
 
 static uint8_t *page_at(uint64_t g) {
@@ -131,9 +140,16 @@ static void check(void) {
     }
   }
   free(last);
-  char extra[160];
-  snprintf(extra, sizeof extra, ",\"verify\":{\"bad\":%llu,\"firstBad\":%lld,\"writes\":\"%llu\",\"ms\":%.1f}", (unsigned long long)bad, first,
-           (unsigned long long)st.writes, now_ms() - t0);
+  char extra[320], disk_part[160] = "";
+  if (st.disk_size) {
+    struct example_disk_check c;
+    disk.writes = st.disk_writes;
+    if (example_disk_check(&disk, &c) != 0) c.bad = UINT64_MAX, c.first_bad = -2;
+    snprintf(disk_part, sizeof disk_part, ",\"disk\":{\"bad\":%llu,\"firstBad\":%lld,\"writes\":\"%llu\",\"blocks\":%llu}", (unsigned long long)c.bad,
+             (long long)c.first_bad, (unsigned long long)st.disk_writes, (unsigned long long)c.read);
+  }
+  snprintf(extra, sizeof extra, ",\"verify\":{\"bad\":%llu,\"firstBad\":%lld,\"writes\":\"%llu\",\"ms\":%.1f%s}", (unsigned long long)bad, first,
+           (unsigned long long)st.writes, now_ms() - t0, disk_part);
   pthread_mutex_lock(&gate);
   beat(extra);
   pthread_mutex_unlock(&gate);
@@ -143,21 +159,27 @@ static void check(void) {
 
 /* The vCPU: rate MiB/s of whole-page writes in 1 ms ticks, and a beat each tick. */
 static void run(void) {
-  double start = now_ms(), done = 0;
+  double start = now_ms(), done = 0, disk_done = 0;
   for (;;) {
     struct timespec ms = {0, 1000000};
     nanosleep(&ms, NULL);
     pthread_mutex_lock(&gate);
     if (paused) {
       while (paused) pthread_cond_wait(&unpaused, &gate);
-      start = now_ms(), done = 0; /* resumed: no burst to catch up the paused time */
+      start = now_ms(), done = 0, disk_done = 0; /* resumed: no burst to catch up the paused time */
     }
     {
       double per_ms = (double)st.rate * 256 * (100 - st.throttle) / 100 / 1000, t = now_ms();
-      if (!atomic_load(&writing)) start = t, done = 0;
+      if (!atomic_load(&writing)) start = t, done = 0, disk_done = 0;
       double due = (t - start) * per_ms - done;
-      if (due > per_ms * 10) start = t, done = 0, due = per_ms; /* far behind: no burst */
+      double disk_per_ms = (double)st.disk_rate / BLOCK_BYTES * (100 - st.throttle) / 100 / 1000, disk_due = (t - start) * disk_per_ms - disk_done;
+      if (due > per_ms * 10 || disk_due > disk_per_ms * 10) start = t, done = 0, disk_done = 0, due = per_ms, disk_due = disk_per_ms; /* far behind: no burst */
       for (; atomic_load(&writing) && due >= 1; due--, done++) fill(xorshift(&st.xs) % pages_total, ++st.writes);
+      /* a disk write is acknowledged when pwrite returns: the pause below waits for it, so it is in the image livemig reads */
+      for (; st.disk_size && atomic_load(&writing) && disk_due >= 1; disk_due--, disk_done++) {
+        if (example_disk_write(&disk) != 0) perror("c_guest: disk write");
+        st.disk_writes = disk.writes, st.disk_xs = disk.xs;
+      }
       beat(NULL);
     }
     pthread_mutex_unlock(&gate);
@@ -199,7 +221,10 @@ static int on_load_state(void *ctx, const uint8_t *state, size_t len, char *why,
   struct device_state s;
   if (len != sizeof s) return snprintf(why, whylen, "device state of %zu bytes, not %zu", len, sizeof s), -1;
   memcpy(&s, state, sizeof s);
-  if (s.magic != STATE_MAGIC || s.version != 1) return snprintf(why, whylen, "not a C example guest's state"), -1;
+  if (s.magic != STATE_MAGIC || s.version != 2) return snprintf(why, whylen, "not a C example guest's state (version 2)"), -1;
+  if (s.disk_size != disk.d.size)
+    return snprintf(why, whylen, "state for a disk of %llu bytes, livemig handed over %llu", (unsigned long long)s.disk_size, (unsigned long long)disk.d.size),
+           -1;
   if (s.regions != nregions || s.sizes[0] != regions[0].size || s.sizes[1] != regions[1].size)
     return snprintf(why, whylen, "state for regions of %llu and %llu bytes", (unsigned long long)s.sizes[0], (unsigned long long)s.sizes[1]), -1;
   st = s;
@@ -235,6 +260,9 @@ static int usage(void) {
           "               [--huge-pages none|thp|hugetlb]\n"
           "         --huge-pages: the regions' pages: 4 KiB shmem (none, the default), shmem advised for transparent huge\n"
           "         pages (thp; the host's shmem_enabled decides), or 2 MiB hugetlbfs pages (hugetlb; sizes multiples of 2M)\n"
+          "       [--disk PATH --disk-size SIZE [--disk-rate MB_S] [--no-disk-track]]\n"
+          "         --disk: a disk image created at PATH (SIZE bytes, K/M/G), written with random 4 KiB blocks at --disk-rate\n"
+          "         MB/s (default 0), each reported to livemig unless --no-disk-track\n"
           "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
           "       c_guest --incoming PATH [--register DAEMON_PATH --name NAME]\n");
   return 2;
@@ -243,12 +271,14 @@ static int usage(void) {
 int main(int argc, char **argv) {
   const char *listen = NULL, *incoming = NULL, *sizes = "192M,64M", *hb = NULL, *daemon = NULL, *name = "c-guest";
   uint64_t rate = 64, seed = 1;
-  int track = 1, sparse = 0;
-  const char *huge = "none";
+  int track = 1, sparse = 0, disk_track = 1;
+  const char *huge = "none", *disk_path = NULL;
+  uint64_t disk_size = 0, disk_rate = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(a, "--no-track")) track = 0;
     else if (!strcmp(a, "--sparse")) sparse = 1;
+    else if (!strcmp(a, "--no-disk-track")) disk_track = 0;
     else if (!v) return usage();
     else if (!strcmp(a, "--listen")) listen = v, i++;
     else if (!strcmp(a, "--incoming")) incoming = v, i++;
@@ -259,6 +289,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--seed")) seed = strtoull(v, NULL, 10), i++;
     else if (!strcmp(a, "--heartbeat")) hb = v, i++;
     else if (!strcmp(a, "--huge-pages")) huge = v, i++;
+    else if (!strcmp(a, "--disk")) disk_path = v, i++;
+    else if (!strcmp(a, "--disk-size")) disk_size = size_arg(v), i++;
+    else if (!strcmp(a, "--disk-rate")) disk_rate = (uint64_t)(strtod(v, NULL) * 1e6), i++;
     else return usage();
   }
   if ((listen != NULL) + (incoming != NULL) + (daemon != NULL && !incoming) != 1) return usage();
@@ -271,8 +304,13 @@ int main(int argc, char **argv) {
     if (lmg_incoming_regions(h, &got) != 2) return fprintf(stderr, "c_guest: expected 2 regions\n"), 1;
     memcpy(regions, got, sizeof regions);
     pages_total = (regions[0].size + regions[1].size) / PAGE;
+    const struct lmg_disk *disks;
+    size_t nd = lmg_incoming_disks(h, &disks);
+    if (nd > 1) return fprintf(stderr, "c_guest: expected at most 1 disk, got %zu\n", nd), 1;
+    if (nd) disk.d = disks[0]; /* the library's descriptor, open until lmg_incoming_close */
     struct lmg_incoming_ops ops = {.size = sizeof ops, .load_state = on_load_state, .all_present = on_all_present};
     if (lmg_incoming_wait(h, &ops, err, sizeof err) != 0) return 0; /* livemig gave up: no guest to run here */
+    disk.seed = st.seed, disk.xs = st.disk_xs, disk.writes = st.disk_writes;
     st.heartbeat[sizeof st.heartbeat - 1] = 0;
     if (st.heartbeat[0]) heartbeat_to(st.heartbeat); /* the source's address for them came with the state */
     int postcopy = lmg_incoming_postcopy(h);
@@ -285,7 +323,9 @@ int main(int argc, char **argv) {
       /* serve again, from the memory livemig handed over (post-copy's registration is gone once every page is here) */
       int uffd = -1;
       if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) fprintf(stderr, "c_guest: running unregistered: %s\n", err);
-      else if (!lmg_source_register(daemon, name, regions, 2, &source_ops, err, sizeof err)) fprintf(stderr, "c_guest: running unregistered: %s\n", err);
+      else if (st.disk_size && disk_track && lmg_disk_track(&disk.d, err, sizeof err) != 0) fprintf(stderr, "c_guest: running unregistered: %s\n", err);
+      else if (!lmg_source_register_disks(daemon, name, regions, 2, &disk.d, st.disk_size ? 1 : 0, &source_ops, err, sizeof err))
+        fprintf(stderr, "c_guest: running unregistered: %s\n", err);
     }
     pthread_join(vcpu, NULL);
     return 0;
@@ -309,15 +349,22 @@ int main(int argc, char **argv) {
     snprintf(regions[r].name, sizeof regions[r].name, "%s", names[r]);
   }
   pages_total = (s0 + s1) / PAGE;
-  st = (struct device_state){.magic = STATE_MAGIC, .version = 1, .regions = 2, .sizes = {s0, s1}, .seed = seed, .rate = rate, .xs = mix(seed) | 1};
+  st = (struct device_state){.magic = STATE_MAGIC, .version = 2, .regions = 2, .sizes = {s0, s1}, .seed = seed, .rate = rate, .xs = mix(seed) | 1};
   st.sparse = (uint64_t)sparse;
+  if (disk_path || disk_size) {
+    if (!disk_path || !disk_size) return fprintf(stderr, "c_guest: --disk PATH and --disk-size SIZE go together\n"), 2;
+    if (example_disk_create(&disk, disk_path, "disk0", disk_size, seed, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;
+    if (disk_track && lmg_disk_track(&disk.d, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;
+    st.disk_size = disk_size, st.disk_rate = disk_rate, st.disk_xs = disk.xs;
+  }
   for (uint64_t g = 0; g < pages_total; g++)
     if (!untouched(g)) fill(g, 0);
   if (hb) heartbeat_to(hb), snprintf(st.heartbeat, sizeof st.heartbeat, "%s", hb);
   int uffd = -1;
   if (track && lmg_track(regions, 2, &uffd, err, sizeof err) != 0) return fprintf(stderr, "c_guest: %s\n", err), 1;
-  struct lmg_source *served = daemon ? lmg_source_register(daemon, name, regions, 2, &source_ops, err, sizeof err)
-                                     : lmg_source_start(listen, name, regions, 2, &source_ops, err, sizeof err);
+  size_t nd = st.disk_size ? 1 : 0;
+  struct lmg_source *served = daemon ? lmg_source_register_disks(daemon, name, regions, 2, &disk.d, nd, &source_ops, err, sizeof err)
+                                     : lmg_source_start_disks(listen, name, regions, 2, &disk.d, nd, &source_ops, err, sizeof err);
   if (!served) return fprintf(stderr, "c_guest: %s\n", err), 1;
   printf("{\"guest\":{\"socket\":\"%s\",\"pid\":%d,\"bytes\":%llu}}\n", daemon ? daemon : listen, (int)getpid(), (unsigned long long)(s0 + s1));
   fflush(stdout);

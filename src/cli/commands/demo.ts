@@ -3,7 +3,18 @@ import { runDemo, type DemoReport } from '../../demo/demo.js';
 import { runDaemonDemo, type DaemonDemoReport } from '../../demo/daemon-demo.js';
 import { ProgressBar, type ShownProgress } from '../progress-bar.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
-import { GUEST_FLAGS, POLICY_FLAGS, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags, printProgress } from '../migration-flags.js';
+import {
+  DISK_FLAGS,
+  GUEST_FLAGS,
+  POLICY_FLAGS,
+  diskSpec,
+  downtimeLimit,
+  encodingFlags,
+  guestSpec,
+  maxRounds,
+  policyFlags,
+  printProgress,
+} from '../migration-flags.js';
 
 export const demo: Command = {
   name: 'demo',
@@ -20,9 +31,13 @@ export const demo: Command = {
     'With --daemon the same migration goes through the service path: two `livemig serve`',
     'daemons, the guest registered with one, the migration asked for over its HTTP API and',
     'followed by its events (a progress bar on a terminal).',
+    'With --disk SIZE the guest has a disk image too (in a temporary directory), written at',
+    '--disk-rate while it moves; livemig moves it with the memory, and the destination guest',
+    'checks every block of it.',
   ].join('\n'),
   flags: {
     ...GUEST_FLAGS,
+    ...DISK_FLAGS,
     ...POLICY_FLAGS,
     secure: { type: 'boolean', default: false, help: 'mutual TLS from a fresh test CA, and an encrypted stream' },
     local: { type: 'boolean', default: false, help: "same-host upgrade: the guest's memory files go to the destination guest, nothing is copied" },
@@ -36,21 +51,22 @@ export const demo: Command = {
     },
   },
   async run(v: FlagValues): Promise<number> {
-    const g = guestSpec(v);
+    const disk = diskSpec(v);
+    const g = { ...guestSpec(v), ...(disk ? { disk } : {}) };
     const kind = str(v, 'guest');
     if (kind !== 'reference' && kind !== 'c') throw usageError(`--guest must be reference or c, got '${kind}'`);
     const json = v['json'] === true;
     const secure = v['secure'] === true;
     if (v['daemon'] === true) {
-      if (secure || v['local'] === true || v['prealloc'] === true || kind !== 'reference')
-        throw usageError('--daemon runs the reference guest, without --secure, --local and --prealloc');
+      if (secure || v['local'] === true || v['prealloc'] === true || kind !== 'reference' || disk)
+        throw usageError('--daemon runs the reference guest, without --secure, --local, --prealloc and --disk');
       if (!json)
         process.stderr.write(
           `livemig demo: ${(g.size / 2 ** 20).toFixed(0)} MiB ${g.content} guest writing ${g.rate} MiB/s ${g.pattern}, through two daemons on loopback\n`,
         );
       const bar = json ? undefined : new ProgressBar();
       const r = await runDaemonDemo({
-        guest: g,
+        guest: guestSpec(v),
         downtimeLimitMs: downtimeLimit(v),
         ...(policyFlags(v).mode ? { mode: policyFlags(v).mode! } : {}),
         ...(bar

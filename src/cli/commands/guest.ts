@@ -4,7 +4,7 @@ import { once } from 'node:events';
 import { referenceGuestArgs, referenceGuestRegisterArgs } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { whenStdoutCloses } from '../output.js';
-import { BEAT_FLAG, GUEST_FLAGS, beatMs, guestSpec } from '../migration-flags.js';
+import { BEAT_FLAG, DISK_FLAGS, GUEST_FLAGS, beatMs, diskSpec, guestSpec } from '../migration-flags.js';
 
 export const guest: Command = {
   name: 'guest',
@@ -28,6 +28,8 @@ export const guest: Command = {
     seed: { type: 'string', default: '1', value: 'N', help: 'the content and write stream seed' },
     'no-track': { type: 'boolean', default: false, help: 'register no write tracking (livemig then hashes every page)' },
     ...GUEST_FLAGS,
+    ...DISK_FLAGS,
+    'disk-image': { type: 'string', value: 'PATH', help: 'with --disk: where its image is created (replacing a file there)' },
     ...BEAT_FLAG,
   },
   async run(v: FlagValues): Promise<number> {
@@ -39,8 +41,12 @@ export const guest: Command = {
     if (!/^[A-Za-z0-9._-]{1,63}$/.test(name)) throw usageError(`--name must be 1..63 characters of [A-Za-z0-9._-], got '${name}'`);
     const seed = str(v, 'seed');
     if (!/^[0-9]{1,19}$/.test(seed)) throw usageError(`--seed must be a decimal integer, got '${seed}'`);
+    const disk = diskSpec(v);
+    const image = typeof v['disk-image'] === 'string' ? v['disk-image'] : undefined;
+    if ((disk === undefined) !== (image === undefined)) throw usageError('--disk SIZE and --disk-image PATH go together');
     const spec = {
       ...guestSpec(v),
+      ...(disk && image ? { diskImage: { ...disk, path: image } } : {}),
       ...beatMs(v),
       seed: BigInt(seed),
       ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}),

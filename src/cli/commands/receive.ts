@@ -96,6 +96,7 @@ export const receive: Command = {
             command,
             layout,
             files: memory.files,
+            ...(memory.disks ? { disks: memory.disks } : {}),
             populate: postcopy !== 'planned' && !memory.local,
             registerEarly: postcopy === 'planned',
           });
