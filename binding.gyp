@@ -34,6 +34,7 @@
         "native/wire/wire.cc",
         "native/postcopy/postcopy.cc",
         "native/postcopy/dest.cc",
+        "native/postcopy/disk_waits.cc",
         "native/postcopy/source.cc",
         "native/process/fdpass.cc",
         "native/process/sched.cc",

@@ -155,6 +155,17 @@ export interface NativePostcopyDestOptions {
   /** the negotiated protocol version */
   version: number;
   onEvent: (e: PostcopyEvent) => void;
+  /** disk post-copy: the fanotify descriptor every image is marked on, and where each disk lies (after the memory) */
+  fanotify?: number;
+  disks?: PostcopyDiskRange[];
+}
+
+/** A disk in the page space, and which file it is (dev, ino): its accesses wait for its missing blocks. */
+export interface PostcopyDiskRange {
+  firstPage: number;
+  pages: number;
+  dev: number;
+  ino: number;
 }
 
 /** What the source's page server starts with (native/postcopy/source.cc checks each field). */
@@ -183,10 +194,15 @@ export interface NativePostcopyDest {
     duplicates: number;
     arrived: number;
     blockedMs: number;
+    /** guest accesses to its disks, and those that waited for blocks to come */
+    diskAccesses: number;
+    diskAccessesWaited: number;
     bytes: number;
     connected: boolean;
   };
   latencies(): Float64Array;
+  /** how long each guest access to a disk waited for blocks that had to come, ns */
+  diskLatencies(): Float64Array;
   held(): Uint8Array;
   stop(): void;
 }
@@ -309,7 +325,7 @@ interface Addon {
   writtenBitmapTake(handle: WrittenBitmapHandle): Float64Array;
   writtenBitmapClose(handle: WrittenBitmapHandle): void;
   /** reads and writes of the file wait for an answer from the returned fanotify descriptor (FAN_PRE_ACCESS) */
-  precontentWatch(path: string): number;
+  precontentWatch(path: string, fan?: number): number;
   /** the access events that came within the timeout, each to be answered */
   precontentNextAsync(fan: number, timeoutMs: number): Promise<PrecontentEvent[]>;
   /** writes data at offset through the event's descriptor (the listener does not wait on itself) */

@@ -49,17 +49,19 @@ int IntArg(const Napi::CallbackInfo& info, size_t i, const char* what) {
   return info[i].As<Napi::Number>().Int32Value();
 }
 
-// precontentWatch(path) -> fanotify descriptor: reads and writes of the file at `path` wait for
-// an answer from here from now on
+// precontentWatch(path, fan?) -> fanotify descriptor: reads and writes of the file at `path` wait
+// for an answer from here from now on (with fan: one more file on that descriptor)
 Napi::Value PrecontentWatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "precontentWatch(path)");
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "precontentWatch(path, fan?)");
   std::string path = info[0].As<Napi::String>().Utf8Value();
-  int fan = fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE | O_CLOEXEC);
+  const bool added = info.Length() > 1 && info[1].IsNumber();
+  int fan =
+      added ? info[1].As<Napi::Number>().Int32Value() : fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, O_RDWR | O_LARGEFILE | O_CLOEXEC);
   if (fan < 0) throw MakeSysError(env, "fanotify_init(FAN_CLASS_PRE_CONTENT)", errno);
   if (fanotify_mark(fan, FAN_MARK_ADD, FAN_PRE_ACCESS, AT_FDCWD, path.c_str()) != 0) {
     int e = errno;
-    close(fan);
+    if (!added) close(fan);
     throw MakeSysError(env, "fanotify_mark(FAN_PRE_ACCESS)", e);
   }
   return Napi::Number::New(env, fan);

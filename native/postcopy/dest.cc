@@ -19,6 +19,7 @@
 
 #include "codec/pagehash.h"
 #include "options.h"
+#include "postcopy/disk_waits.h"
 #include "postcopy/postcopy.h"
 #include "region/region.h"
 #include "wire/wire.h"
@@ -58,12 +59,15 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     return DefineClass(
         env, "PostcopyDest",
         {InstanceMethod("start", &PostcopyDest::Start), InstanceMethod("attach", &PostcopyDest::Attach), InstanceMethod("stats", &PostcopyDest::Stats),
-         InstanceMethod("latencies", &PostcopyDest::Latencies), InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
+         InstanceMethod("latencies", &PostcopyDest::Latencies), InstanceMethod("diskLatencies", &PostcopyDest::DiskLatencies),
+         InstanceMethod("held", &PostcopyDest::Held), InstanceMethod("stop", &PostcopyDest::Stop)});
   }
 
   // new PostcopyDest({region, uffd, guest: bigint address | [{address, firstPage, pages}],
   //                   needed: Uint8Array (1: must come from the source, 2: a hole, nothing to map), hashes: BigUint64Array,
-  //                   version, onEvent})
+  //                   version, onEvent, fanotify?, disks?: [{firstPage, pages, dev, ino}]})
+  // With disks, the guest ranges cover the memory's pages and the disks the rest, in order; the
+  // fanotify descriptor has every disk image marked for pre-content events (disk_waits.h).
   explicit PostcopyDest(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopyDest>(info) {
     Napi::Env env = info.Env();
     Options o(info, "PostcopyDest");
@@ -79,6 +83,28 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     if (!m_) return;
     pages_ = m_->size / kPage;
     uffd_ = uffd;
+    uint64_t guestPages = pages_;
+    if (info[0].As<Napi::Object>().Has("disks")) {
+      Napi::Array a = o.Required("disks").As<Napi::Array>();
+      int32_t fan = static_cast<int32_t>(o.Integer("fanotify", 0, INT32_MAX));
+      std::vector<DiskRange> disks;
+      for (uint32_t i = 0; i < a.Length(); i++) {
+        Napi::Object d = a.Get(i).As<Napi::Object>();
+        disks.push_back({d.Get("firstPage").As<Napi::Number>().Uint32Value(), d.Get("pages").As<Napi::Number>().Uint32Value(),
+                         static_cast<uint64_t>(d.Get("dev").As<Napi::Number>().Int64Value()),
+                         static_cast<uint64_t>(d.Get("ino").As<Napi::Number>().Int64Value())});
+      }
+      if (disks.empty()) throw o.Bad("disks", "a non-empty list");
+      uint64_t at = disks.front().first;
+      guestPages = at;
+      for (const DiskRange& d : disks) {
+        if (d.first != at || d.pages == 0) throw Napi::RangeError::New(env, o.Prefix("disks") + ": the disks must follow the memory in order");
+        at += d.pages;
+      }
+      if (at != pages_) throw Napi::RangeError::New(env, o.Prefix("disks") + ": the disks must end the page space");
+      disks_.Init(fan, std::move(disks));
+    }
+    guestPages_ = static_cast<uint32_t>(guestPages);
     // where each region is mapped in the guest: one address (one region), or
     // [{address, firstPage, pages}] covering every page in order
     if (guest.IsArray()) {
@@ -98,9 +124,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         next += r.pages;
         ranges_.push_back(r);
       }
-      if (next != pages_) throw Napi::RangeError::New(env, o.Prefix("guest") + ": the ranges must cover every page");
+      if (next != guestPages) throw Napi::RangeError::New(env, o.Prefix("guest") + ": the ranges must cover every page of the memory");
     } else if (guest.IsBigInt() || guest.IsNumber()) {
-      ranges_.push_back(GuestRange{ToU64(guest), 0, static_cast<uint32_t>(pages_)});
+      ranges_.push_back(GuestRange{ToU64(guest), 0, static_cast<uint32_t>(guestPages)});
     } else {
       throw o.Bad("guest", "a bigint address or an array of {address, firstPage, pages}");
     }
@@ -180,6 +206,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     o.Set("blockedMs", static_cast<double>(blockedNs_.load()) / 1e6);
     o.Set("bytes", static_cast<double>(bytes_.load()));
     o.Set("connected", connected_.load());
+    o.Set("diskAccesses", static_cast<double>(disks_.accesses()));
+    o.Set("diskAccessesWaited", static_cast<double>(disks_.accessesWaited()));
     return o;
   }
 
@@ -188,6 +216,14 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     std::lock_guard<std::mutex> g(mu_);
     Napi::Float64Array a = Napi::Float64Array::New(info.Env(), latencies_.size());
     for (size_t k = 0; k < latencies_.size(); k++) a[k] = static_cast<double>(latencies_[k]);
+    return a;
+  }
+
+  // how long each guest access to a disk waited for blocks that had to come (ns, in the order answered)
+  Napi::Value DiskLatencies(const Napi::CallbackInfo& info) {
+    std::vector<uint64_t> l = disks_.Latencies();
+    Napi::Float64Array a = Napi::Float64Array::New(info.Env(), l.size());
+    for (size_t k = 0; k < l.size(); k++) a[k] = static_cast<double>(l[k]);
     return a;
   }
 
@@ -224,8 +260,11 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
 
   void Emit(Event* e) { events_.Emit(e); }
 
-  // Maps pages [first, first+n) into the guest and wakes whoever waits on them.
+  // Maps pages [first, first+n) into the guest and wakes whoever waits on them. A disk's pages are
+  // in its image once they landed: nothing to map (an access waiting on them goes on by disks_).
   bool Continue(uint32_t first, uint32_t n, SysError& err) {
+    if (first >= guestPages_) return true;
+    n = std::min(n, guestPages_ - first);
     while (n > 0) {  // a run split where one region's mapping ends
       const GuestRange& r = RangeOf(first);
       uint32_t here = std::min(n, r.first + r.pages - first);
@@ -285,10 +324,10 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     (viaRequest ? pulled_ : pushed_)++;
     arrived_++;
     arrivedShared_.store(arrived_, std::memory_order_relaxed);
-    if (state_[p] == kRequested) {
-      auto at = faultAt_.find(p);
-      uint64_t lat = at != faultAt_.end() ? NowNs() - at->second : 0;
-      if (at != faultAt_.end()) faultAt_.erase(at);
+    auto at = state_[p] == kRequested ? faultAt_.find(p) : faultAt_.end();
+    if (at != faultAt_.end()) {  // a fault waited on it (a disk access's wait is disks_'s)
+      uint64_t lat = NowNs() - at->second;
+      faultAt_.erase(at);
       blockedNs_ += lat;
       std::lock_guard<std::mutex> g(mu_);
       latencies_.push_back(lat);
@@ -533,11 +572,13 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       return true;
     };
     for (;;) {
-      pollfd fds[4];
+      pollfd fds[5];
       int nf = 0;
       fds[nf++] = {wake_, POLLIN, 0};
       fds[nf++] = {uffd_, POLLIN, 0};
-      std::shared_ptr<Link> polled[4];  // the connection behind each entry from the third on
+      // the disks' accesses: a descriptor that never polls ready when there are none
+      fds[nf++] = {disks_.active() ? disks_.fd() : -1, POLLIN, 0};
+      std::shared_ptr<Link> polled[5];  // the connection behind each entry from the fourth on
       if (prio) polled[nf] = prio, fds[nf++] = {prio->fd(), static_cast<short>(POLLIN | (outAt < out.size() ? POLLOUT : 0)), 0};
       if (push) polled[nf] = push, fds[nf++] = {push->fd(), POLLIN, 0};
       // plaintext already opened into a link's buffer is not announced by poll: do not wait then
@@ -556,12 +597,13 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         if (!completeSent) completeQueued = false;
       }
       if (fds[1].revents && (!ReadFaults(toMap, toRequest, err) || !MapRuns(toMap, err))) break;
+      if (fds[2].revents && (!disks_.Read(state_, toRequest, err) || !disks_.AnswerReady(state_, err))) break;
       // a fault's request goes out before any bulk reading
       if (!flushOut()) {
         if (err.failed()) break;
         continue;
       }
-      for (int k = 2; k < nf; k++) {
+      for (int k = 3; k < nf; k++) {
         Link* link = polled[k].get();
         if (link != prio.get() && link != push.get()) continue;  // replaced above
         if (!fds[k].revents && !link->HasBuffered()) continue;
@@ -569,7 +611,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         SysError e;
         // requests first: drain the priority connection; the push stream a chunk at a time
         // while a fault waits, look at the priority connection again after every few pages
-        size_t budget = isPrio ? SIZE_MAX : faultAt_.empty() ? kPushChunk : kPushChunkWaiting;
+        size_t budget = isPrio ? SIZE_MAX : faultAt_.empty() && !disks_.waiting() ? kPushChunk : kPushChunkWaiting;
         int r = ReadPages(*link, isPrio ? prioR : pushR, isPrio, budget, toMap, e);
         if (r < 0) {
           if (e.syscall == "ioctl(UFFDIO_CONTINUE)") {
@@ -585,6 +627,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         }
       }
       if (err.failed()) break;
+      if (disks_.waiting() && !disks_.AnswerReady(state_, err)) break;
       // requests, and COMPLETE once everything is here, go after this round's reads
       if (prio && arrived_ == pages_ && !completeQueued) {
         if (!QueueComplete(*prio, out, err)) break;
@@ -603,6 +646,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         if (ioctl(uffd_, UFFDIO_UNREGISTER, &all) != 0 && errno != ESRCH) err.set("ioctl(UFFDIO_UNREGISTER)", errno);
       }
     }
+    disks_.AnswerRest(state_);  // every block here: they go on; else they fail (EIO), never read stale
     push.reset(), prio.reset();
     connected_ = false;
     if (err.failed()) Emit(new Event{"error", err.detail.empty() ? err.syscall + ": " + std::strerror(err.err) : err.detail, err.code});
@@ -616,6 +660,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   int uffd_ = -1;
   int wake_ = -1;
   std::vector<GuestRange> ranges_;
+  uint32_t guestPages_ = 0;  // the memory's pages, which the guest ranges cover; the disks' follow
+  DiskWaits disks_;
   uint8_t version_ = 0;
   uint8_t* state_ = nullptr;
   Napi::Reference<Napi::Uint8Array> stateRef_;

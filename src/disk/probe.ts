@@ -60,3 +60,22 @@ export async function probeDisk(dir: string): Promise<DiskFeature[]> {
     rmSync(scratch, { recursive: true, force: true });
   }
 }
+
+/**
+ * Why disks cannot follow their guest by post-copy into `dir` (undefined: they can): a scratch
+ * file there is marked for fanotify pre-content events, and the kernel's refusal is the reason.
+ */
+export function precontentRefusal(dir: string): string | undefined {
+  let scratch: string | undefined;
+  try {
+    scratch = mkdtempSync(path.join(dir, '.livemig-probe-'));
+    const file = path.join(scratch, 'image');
+    closeSync(openSync(file, 'w'));
+    addon.precontentUnwatch(addon.precontentWatch(file));
+    return undefined;
+  } catch (e) {
+    return `no fanotify pre-content events in ${dir} (${(e as Error).message}; Linux >= 6.14 and CAP_SYS_ADMIN needed)`;
+  } finally {
+    if (scratch) rmSync(scratch, { recursive: true, force: true });
+  }
+}

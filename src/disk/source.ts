@@ -21,8 +21,7 @@ export async function withDisks(options: MigrateOptions): Promise<{ options: Mig
   const disks = options.disks!;
   const specs = checkDisks(disks, 'disk', invalid);
   const memory = options.region;
-  if ((options.mode ?? 'precopy') !== 'precopy' || options.onStall === 'postcopy' || options.local)
-    throw invalid('disks move by pre-copy for now: not with post-copy or a same-host upgrade');
+  if (options.local) throw invalid('disks move into fresh images: not with a same-host upgrade');
   const memoryPieces = memory.pieces();
   if (memory.backing.kind !== 'shmem' || memoryPieces.some((p) => p.fd < 0))
     throw invalid("disks go with a guest whose memory is files of 4 KiB pages (a memfd per region, or the region's own)");

@@ -5,7 +5,7 @@
  * arrives when a fault waits for it.
  */
 import { LivemigError, type ErrorCode } from '../errors.js';
-import { addon, call, type GuestRange, type NativePostcopyDest, type NativeWire, type PostcopyEvent } from '../native.js';
+import { addon, call, type GuestRange, type NativePostcopyDest, type NativeWire, type PostcopyDiskRange, type PostcopyEvent } from '../native.js';
 import type { Region } from '../region/region.js';
 
 export interface FaultStats {
@@ -23,6 +23,11 @@ export interface FaultStats {
   fault_latency_p50_us: number;
   fault_latency_p99_us: number;
   bytes: number;
+  /** disk post-copy: the guest's accesses to its disks, those that waited for blocks, and how long (µs) */
+  disk_accesses?: number;
+  disk_accesses_waited?: number;
+  disk_wait_p50_us?: number;
+  disk_wait_p99_us?: number;
 }
 
 export function percentile(sorted: Float64Array, q: number): number {
@@ -46,6 +51,8 @@ export interface FaultServiceOptions {
   hashes: BigUint64Array;
   /** the negotiated protocol version */
   version: number;
+  /** disk post-copy: the images' fanotify descriptor, and where each disk lies after the memory */
+  disks?: { fanotify: number; ranges: PostcopyDiskRange[] };
 }
 
 export class FaultService {
@@ -56,6 +63,7 @@ export class FaultService {
   /** the thread has mapped every page into the guest and unregistered: nothing more to serve */
   readonly done: Promise<void>;
   #stopped = false;
+  readonly #disks: boolean;
   #broken: string | undefined;
   /** the attachment the current connections came with (the native service numbers them) */
   #generation = 0;
@@ -67,6 +75,7 @@ export class FaultService {
 
   constructor(o: FaultServiceOptions) {
     const { region, needed } = o;
+    this.#disks = o.disks !== undefined;
     if (needed.length !== region.pageCount)
       throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `needed has ${needed.length} entries for ${region.pageCount} pages`, { phase: 'postcopy' });
     const onEvent = (e: PostcopyEvent): void => {
@@ -79,7 +88,17 @@ export class FaultService {
       'ERR_LIVEMIG_SYSCALL',
       'postcopy',
       'starting the fault service',
-      () => new addon.PostcopyDest({ region: region.nativeHandle, uffd: o.uffd, guest: o.guest, needed, hashes: o.hashes, version: o.version, onEvent }),
+      () =>
+        new addon.PostcopyDest({
+          region: region.nativeHandle,
+          uffd: o.uffd,
+          guest: o.guest,
+          needed,
+          hashes: o.hashes,
+          version: o.version,
+          onEvent,
+          ...(o.disks ? { fanotify: o.disks.fanotify, disks: o.disks.ranges } : {}),
+        }),
     );
     this.complete = new Promise((resolve, reject) => {
       this.on((e) => {
@@ -151,7 +170,23 @@ export class FaultService {
       fault_latency_p50_us: +(percentile(lat, 0.5) / 1e3).toFixed(1),
       fault_latency_p99_us: +(percentile(lat, 0.99) / 1e3).toFixed(1),
       bytes: s.bytes,
+      ...(this.#disks ? this.#diskStats(s) : {}),
     };
+  }
+
+  #diskStats(s: { diskAccesses: number; diskAccessesWaited: number }): Partial<FaultStats> {
+    const waits = this.#native.diskLatencies().sort();
+    return {
+      disk_accesses: s.diskAccesses,
+      disk_accesses_waited: s.diskAccessesWaited,
+      disk_wait_p50_us: +(percentile(waits, 0.5) / 1e3).toFixed(1),
+      disk_wait_p99_us: +(percentile(waits, 0.99) / 1e3).toFixed(1),
+    };
+  }
+
+  /** How long each guest access to a disk waited for its blocks, ns. */
+  diskLatencies(): Float64Array {
+    return this.#native.diskLatencies();
   }
 
   get connected(): boolean {

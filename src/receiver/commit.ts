@@ -48,6 +48,8 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
   }
   const ta = performance.now();
   trace('receiver', ReceiverEvent.activating);
+  // by pre-copy every block is here: the guest's accesses must not wait on anyone
+  ctx.diskWatch?.close();
   await ctx.options.activate(a.memory ?? a.region, got.deviceState!);
   if (a.disks) {
     // the guest runs on the images now: this side lets go of them and of their mapping

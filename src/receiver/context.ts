@@ -11,6 +11,7 @@ import { PROTOCOL_VERSION } from '../protocol/format.js';
 import type { FramedConnection } from '../protocol/connection.js';
 import type { Region } from '../region/region.js';
 import type { IncomingDisk } from '../disk/incoming.js';
+import type { WatchedImages } from '../disk/watch.js';
 import type { SecurityReport } from '../security/tls.js';
 import { Stages } from '../stages.js';
 import type { Admitted } from './admit.js';
@@ -101,6 +102,10 @@ export class ReceiverContext {
   /** with disks: the guest's memory (region is memory and disks) and the images, undone by a discard */
   memory: Region | undefined;
   disks: IncomingDisk[] | undefined;
+  /** with disks: why they cannot follow the guest by post-copy here (undefined: they can) */
+  diskPostcopyRefusal: string | undefined;
+  /** with disks, where post-copy may follow: the images' watch (closed when the guest runs by pre-copy, or the migration fails) */
+  diskWatch: WatchedImages | undefined;
   /** with disks: the ROUND_ACKs waiting on their round's blocks to be durable, in order */
   diskAcks: Promise<void> | undefined;
   /** the guest's regions in the page space (HELLO's table, or one region) */

@@ -34,6 +34,7 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
     ctx.memory?.release();
   }
   // and the disk images made for it: none of them ran here
+  ctx.diskWatch?.close();
   if (ctx.disks && !guestRunsHere) removeDiskImages(ctx.disks);
   return err;
 }

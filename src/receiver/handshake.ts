@@ -5,6 +5,8 @@
  * offers.
  */
 import { createDiskImages } from '../disk/incoming.js';
+import { precontentRefusal } from '../disk/probe.js';
+import { watchImages } from '../disk/watch.js';
 import { diskBytes, type DiskSpec } from '../disk/spec.js';
 import { randomBytes } from 'node:crypto';
 import { LivemigError } from '../errors.js';
@@ -78,14 +80,12 @@ export function checkHello(ctx: ReceiverContext, hello: WireFrame): Hello {
     throw new LivemigError('ERR_LIVEMIG_REFUSED', `the guest has ${h.disks.length} disk(s) and this receiver takes none (ReceiveOptions.disks)`, {
       phase: 'handshake',
     });
-  if (h.disks && (h.local !== undefined || h.capabilities.includes(CAP_POSTCOPY_PLANNED) || !h.capabilities.includes(CAP_HOLES)))
-    throw new LivemigError(
-      'ERR_LIVEMIG_REFUSED',
-      'disks move by pre-copy into fresh images: not with a same-host upgrade, post-copy planned, or without holes',
-      {
-        phase: 'handshake',
-      },
-    );
+  if (h.disks && (h.local !== undefined || !h.capabilities.includes(CAP_HOLES)))
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', 'disks move into fresh images: not with a same-host upgrade, nor without holes', { phase: 'handshake' });
+  // disk post-copy needs the images watched (fanotify pre-content events): refused with the kernel's reason where it cannot be
+  ctx.diskPostcopyRefusal = h.disks && options.disks && options.postcopy ? precontentRefusal(options.disks.dir) : undefined;
+  if (h.disks && h.capabilities.includes(CAP_POSTCOPY_PLANNED) && ctx.diskPostcopyRefusal)
+    throw new LivemigError('ERR_LIVEMIG_REFUSED', `post-copy with disks: ${ctx.diskPostcopyRefusal}`, { phase: 'handshake' });
   const memoryBytes = h.regionBytes - diskBytes(h.disks);
   if (options.maxRegionBytes !== undefined && memoryBytes > options.maxRegionBytes) {
     const why = `region of ${memoryBytes} bytes exceeds this receiver's limit of ${options.maxRegionBytes}`;
@@ -119,7 +119,8 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   const t0 = performance.now();
   trace('receiver', ReceiverEvent.reserving, { bytes: h.regionBytes });
   const local = h.local !== undefined && h.capabilities.includes(CAP_LOCAL);
-  const postcopyCap = !local && !h.disks && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
+  const postcopyCap =
+    !local && !(h.disks && ctx.diskPostcopyRefusal) && version >= 2 && options.postcopy !== undefined && h.capabilities.includes(CAP_POSTCOPY);
   const postcopyPlanned = postcopyCap && h.capabilities.includes(CAP_POSTCOPY_PLANNED);
   const plan: PostcopyPlan = !postcopyCap ? 'no' : postcopyPlanned ? 'planned' : 'possible';
   // holes: the region starts as zeros the source need not send (no kept image to differ from);
@@ -216,7 +217,7 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   const viaMapping = prealloc || !created.writesThroughFile || plan === 'planned';
   const populated = viaMapping ? created.populateAsync(true, memoryHint).then(() => prealloc && created.writeInPlace()) : Promise.resolve();
   populated.catch(() => undefined); // awaited below, after onReserved
-  const pages = h.disks ? withDisks(ctx, created, h.disks) : created;
+  const pages = h.disks ? await withDisks(ctx, created, h.disks, plan !== 'no') : created;
   const files = layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE }));
   const disks = ctx.disks?.map((d) => ({ name: d.name, path: d.path, size: d.size, fd: d.fd }));
   await options.onReserved?.(created, plan, layout, { files, local: false, ...(disks ? { disks } : {}) });
@@ -226,12 +227,18 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
 
 /**
  * The page space of a guest with disks: its memory, then each disk's image, created now where
- * the operator said. The guest's callbacks get its memory alone.
+ * the operator said. The guest's callbacks get its memory alone. Where post-copy may follow,
+ * the images are watched from now on (src/disk/watch.ts) and pages land in them quietly.
  */
-function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[]): Region {
+async function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[], postcopy: boolean): Promise<Region> {
   ctx.memory = memory;
   ctx.disks = createDiskImages(ctx.options.disks!.dir, disks);
-  const pages = Region.adoptPieces([{ fd: memory.fd, offset: 0, size: memory.size }, ...ctx.disks.map((d) => ({ fd: d.fd, offset: 0, size: d.size }))]);
+  if (postcopy) ctx.diskWatch = await watchImages(ctx.disks);
+  const quiet = ctx.diskWatch?.quiet;
+  const pages = Region.adoptPieces([
+    { fd: memory.fd, offset: 0, size: memory.size },
+    ...ctx.disks.map((d, i) => ({ fd: quiet?.[i] ?? d.fd, offset: 0, size: d.size })),
+  ]);
   ctx.region = pages;
   return pages;
 }

@@ -6,6 +6,8 @@
  */
 import { LivemigError } from '../errors.js';
 import { addon, call, closeFd } from '../native.js';
+import { closeDisks, syncDisksFinal, type IncomingDisk } from '../disk/incoming.js';
+import type { WatchedImages } from '../disk/watch.js';
 import { FaultService } from '../postcopy/dest.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { bytesToBitmap, decodePostcopy, encodeAttached, encodePostcopyRunning } from '../protocol/messages.js';
@@ -37,6 +39,13 @@ interface PostcopyStart {
   onFaults(f: FaultService): void;
   /** only these pages were allocated ahead (Accepted.resident) */
   resident: PageExtents | undefined;
+  /** with disks: the guest's memory alone (`region` is memory and disks), and the images */
+  memory?: Region;
+  disks?: IncomingDisk[];
+  /** with disks: the images are the guest's once every block is here */
+  onDisksDone?(): void;
+  /** with disks: the images' watch, made when they were created */
+  diskWatch?: WatchedImages;
 }
 
 /**
@@ -47,10 +56,11 @@ interface PostcopyStart {
  * data; only the rest is asked of the file (pages that arrived there in pre-copy), so that a
  * fully reserved region costs nothing inside the pause. Walks the holes only.
  */
-async function settleHoles(region: Region, needed: Uint8Array, resident: PageExtents): Promise<void> {
-  const gaps = complement(resident, region.pageCount);
+async function settleHoles(region: Region, needed: Uint8Array, resident: PageExtents, memoryPages: number): Promise<void> {
+  // a disk's holes need nothing: an access to a block not here waits for it (src/disk/watch.ts)
+  const gaps = clipExtents(complement(resident, region.pageCount), memoryPages);
   if (gaps.length === 0) return;
-  const holes = complement(union(resident, await region.dataExtents({ within: gaps, now: true })), region.pageCount);
+  const holes = clipExtents(complement(union(resident, await region.dataExtents({ within: gaps, now: true })), region.pageCount), memoryPages);
   const allocate: number[] = [];
   for (let i = 0; i < holes.length; i += 2) {
     for (let p = holes[i]!; p < holes[i + 1]!; p++) {
@@ -63,6 +73,13 @@ async function settleHoles(region: Region, needed: Uint8Array, resident: PageExt
     }
   }
   if (allocate.length) await region.allocate(Float64Array.from(allocate));
+}
+
+/** The extents' pages below `limit`. */
+function clipExtents(e: PageExtents, limit: number): PageExtents {
+  const out: number[] = [];
+  for (let i = 0; i < e.length; i += 2) if (e[i]! < limit) out.push(e[i]!, Math.min(e[i + 1]!, limit));
+  return Float64Array.from(out);
 }
 
 /** POSTCOPY: checked against what was negotiated and what arrived, then the switch. */
@@ -92,6 +109,9 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
       },
       onFaults: (s) => (ctx.faults = s),
       resident: a.resident,
+      ...(a.memory && a.disks && ctx.diskWatch
+        ? { memory: a.memory, disks: a.disks, diskWatch: ctx.diskWatch, onDisksDone: () => (ctx.disks = undefined) }
+        : {}),
     },
     {
       region_bytes: a.region.size,
@@ -106,7 +126,7 @@ export async function switchToPostcopy(ctx: ReceiverContext, payload: Buffer, a:
 }
 
 async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>): Promise<ReceiveReport> {
-  const { conn, region, version, options, progress } = o;
+  const { region } = o;
   trace('receiver', ReceiverEvent.postcopyReceived);
   const late = `POSTCOPY, but no priority connection attached within ${PRIO_ATTACH_WAIT_MS} ms`;
   const { prio } = await o.session.take(['prio'], PRIO_ATTACH_WAIT_MS, () => new ProtocolError('ERR_LIVEMIG_PROTOCOL', late));
@@ -114,25 +134,41 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
     addon.unpackBits(decodePostcopy(o.payload, region.pageCount).needed, region.pageCount, o.session.neededTable),
   );
   const pagesNeeded = unpacked.set;
-  if (o.resident) await settleHoles(region, unpacked.bytes, o.resident);
+  if (o.resident) await settleHoles(region, unpacked.bytes, o.resident, o.memory?.pageCount ?? region.pageCount);
   // From here the guest runs here: the source never resumes it (point of commitment).
   const ta = performance.now();
-  const reg = await options.postcopy.register(region);
+  const watched = o.diskWatch;
+  try {
+    return await runWatched(o, base, { ta, pagesNeeded, needed: unpacked.bytes, watched, prio });
+  } finally {
+    watched?.close();
+  }
+}
+
+async function runWatched(
+  o: PostcopyStart,
+  base: Omit<ReceiveReport, 'mode' | 'digest' | 'activate_ms' | 'postcopy' | 'confirmed'>,
+  s: { ta: number; pagesNeeded: number; needed: Uint8Array; watched: WatchedImages | undefined; prio: FramedConnection },
+): Promise<ReceiveReport> {
+  const { conn, region, version, options, progress } = o;
+  const { ta, pagesNeeded, watched, prio } = s;
+  const reg = await options.postcopy.register(o.memory ?? region);
   trace('receiver', ReceiverEvent.registered);
   const faults = new FaultService({
     region,
     uffd: reg.uffd,
     guest: 'ranges' in reg ? reg.ranges : reg.address,
-    needed: unpacked.bytes,
+    needed: s.needed,
     hashes: o.hashes,
     version,
+    ...(watched && o.memory ? { disks: { fanotify: watched.fanotify, ranges: watched.ranges(o.memory.pageCount) } } : {}),
   });
   o.onFaults(faults);
   faults.start();
   faults.attach(conn.handle, prio.handle);
   prio.handOff();
   trace('receiver', ReceiverEvent.faultServiceStarted);
-  await options.activate(region, o.deviceState);
+  await options.activate(o.memory ?? region, o.deviceState);
   trace('receiver', ReceiverEvent.guestActivatedPostcopy);
   o.onRunning();
   const activateMs = performance.now() - ta;
@@ -149,6 +185,12 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   await faults.done;
   faults.stop(); // joins the finished thread
   closeFd(reg.uffd, 'postcopy'); // our copy of the guest's userfaultfd (the guest keeps its own)
+  if (o.disks) {
+    // every block is in the images: on stable storage before this side reports, then the guest's alone
+    await syncDisksFinal(o.disks);
+    closeDisks(o.disks);
+    o.onDisksDone?.();
+  }
   conn.handOff();
   return {
     ...base,

@@ -103,6 +103,10 @@ export class SourceContext {
   pagesSent = 0;
   /** pages sent of each region of the layout */
   readonly regionPages: number[];
+  /** with disks: where each disk's blocks start in the page space (after the memory), and the end */
+  readonly #diskStarts: number[];
+  /** with disks: blocks sent of each disk */
+  readonly diskBlocks: number[];
   tFirstPage = 0;
   /** the current (at the end, the last) pre-copy round; post-copy's pages carry the next one */
   round = 1;
@@ -122,6 +126,10 @@ export class SourceContext {
     // and neither reads a table of a gigabyte's pages inside the pause)
     this.hashes = new BigUint64Array(options.local ? 0 : options.region.pageCount);
     this.regionPages = settings.layout.regions.map(() => 0);
+    const disks = options.disks ?? [];
+    this.#diskStarts = [settings.layout.pageCount];
+    for (const d of disks) this.#diskStarts.push(this.#diskStarts.at(-1)! + d.size / options.region.pageSize);
+    this.diskBlocks = disks.map(() => 0);
     // a same-host upgrade's destination maps the very memory: nothing is pending
     this.pending = options.local ? new Uint32Array(0) : Uint32Array.from({ length: options.region.pageCount }, (_, i) => i);
     this.pacer = new Pacer({
@@ -272,6 +280,7 @@ export class SourceContext {
     this.bytesSent += n;
     this.pagesSent += pages.length;
     this.settings.layout.breakdown(pages, this.regionPages);
+    if (this.diskBlocks.length) countBetween(pages, this.#diskStarts, this.diskBlocks);
     this.deadlines.noteProgress();
     return n;
   }
@@ -296,4 +305,19 @@ export class SourceContext {
     this.#unbindControl = this.#unbindCancel = this.#unbindStatus = undefined;
     this.deadlines.stop();
   }
+}
+
+/** Adds to into[i] how many of the ascending `pages` lie in [bounds[i], bounds[i + 1]). */
+function countBetween(pages: Uint32Array, bounds: readonly number[], into: number[]): void {
+  const firstAtOrAfter = (x: number): number => {
+    let lo = 0;
+    let hi = pages.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (pages[mid]! < x) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
+  for (let i = 0; i + 1 < bounds.length; i++) into[i]! += firstAtOrAfter(bounds[i + 1]!) - firstAtOrAfter(bounds[i]!);
 }

@@ -74,6 +74,16 @@ export function buildReport(ctx: SourceContext, end: Ending): MigrationReport {
     rounds: ctx.settings.mode === 'postcopy' ? 0 : ctx.round,
     region_bytes: ctx.settings.options.region.size,
     regions: ctx.settings.layout.regions.map((r, i) => ({ id: r.id, name: r.name, bytes: r.size, pages_sent: ctx.regionPages[i] ?? 0 })),
+    ...(ctx.settings.options.disks?.length
+      ? {
+          disks: ctx.settings.options.disks.map((d, i) => ({
+            name: d.name,
+            bytes: d.size,
+            blocks_sent: ctx.diskBlocks[i] ?? 0,
+            block_mbps: end.totalMs > 0 ? +(((ctx.diskBlocks[i] ?? 0) * 4096) / 1e3 / end.totalMs).toFixed(1) : 0,
+          })),
+        }
+      : {}),
     wire_bytes: ctx.bytesSent + (pc?.stats.bytes ?? 0),
     pages_sent: ctx.pagesSent + pcPages,
     backing: backingReport(ctx.settings.options.region.backing, tracker.backend),

@@ -360,6 +360,8 @@ export interface MigrationReport {
   region_bytes: number;
   /** each region of the guest, and the pages sent of it in pre-copy and stop-and-copy (post-copy's are in `postcopy`) */
   regions: { id: number; name: string; bytes: number; pages_sent: number }[];
+  /** the guest's disks: each one's size, the 4 KiB blocks sent (a block sent twice counts twice), and their MB/s over total_ms */
+  disks?: { name: string; bytes: number; blocks_sent: number; block_mbps: number }[];
   /**
    * what the guest's memory is made of at the source and the page size moved with it: `shmem`
    * (4 KiB), `shmem-thp` (transparent huge pages), `hugetlb` (hugetlbfs pages), `mixed`
