@@ -100,9 +100,21 @@ export function referenceIncomingCommand(o: { register?: boolean } = {}): string
 }
 
 /** A reference guest started for a migration's destination, handed `region` (as a receiver's onReserved does). */
-export function startReferenceIncoming(region: Region, layout: GuestLayout, postcopy: 'planned' | 'possible' | 'no' = 'possible'): Promise<IncomingGuest> {
+export function startReferenceIncoming(
+  region: Region,
+  layout: GuestLayout,
+  postcopy: 'planned' | 'possible' | 'no' = 'possible',
+  disks?: readonly { name: string; size: number; fd: number }[],
+): Promise<IncomingGuest> {
   const files = layout.regions.map((r) => ({ fd: region.fd, offset: r.firstPage * PAGE_SIZE }));
-  return IncomingGuest.start({ command: referenceIncomingCommand(), layout, files, populate: postcopy !== 'planned', registerEarly: postcopy === 'planned' });
+  return IncomingGuest.start({
+    command: referenceIncomingCommand(),
+    layout,
+    files,
+    populate: postcopy !== 'planned',
+    registerEarly: postcopy === 'planned',
+    ...(disks ? { disks } : {}),
+  });
 }
 
 /** The C example guest (native/guest/example/c_guest.c), built by npm install. */
