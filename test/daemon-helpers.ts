@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, afterEach } from 'node:test';
 import { request, type ApiTarget } from '../src/daemon/client.js';
-import { referenceGuestRegisterArgs } from '../src/workload/controller.js';
+import { referenceGuestRegisterArgs, type GuestDiskOptions } from '../src/workload/controller.js';
 
 export interface RegisteredGuest {
   name: string;
@@ -18,7 +18,7 @@ export async function registerGuest(
   api: ApiTarget,
   guests: string,
   name: string,
-  o: { size: number; rate?: number; heartbeat?: string; seed?: bigint; beatMs?: number },
+  o: { size: number; rate?: number; heartbeat?: string; seed?: bigint; beatMs?: number; diskImage?: GuestDiskOptions },
 ): Promise<RegisteredGuest> {
   const argv = referenceGuestRegisterArgs(guests, name, {
     size: o.size,
@@ -29,6 +29,7 @@ export async function registerGuest(
     ...(o.seed !== undefined ? { seed: o.seed } : {}),
     // no daemon test measures a guest's gaps: 15-30 guests ticking every millisecond took a CPU
     beatMs: o.beatMs ?? 10,
+    ...(o.diskImage ? { diskImage: o.diskImage } : {}),
   });
   const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
   for (let i = 0; ; i++) {

@@ -4,7 +4,7 @@
  * at once both ways, the memory budget, cancel, PATCH, and SIGTERM losing no guest.
  */
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
@@ -650,3 +650,53 @@ test('the CLI drives a daemon: migrate --follow, status, set and cancel of what 
     await b.stop();
   }
 });
+
+test(
+  "a guest's disk moves through two daemons: its own directory of images there, every block checked, the report and /metrics count it",
+  { skip },
+  async () => {
+    const observer = await HeartbeatObserver.start();
+    const disks = tmp('disks');
+    const a = await inProcess('da');
+    const b = await inProcess('db', { diskDir: disks });
+    try {
+      const image = path.join(tmp('disk-src'), 'disk.img');
+      const g = await registerGuest(a.api, a.daemon.registry.path, 'disk-guest', {
+        size: 32 * MiB,
+        heartbeat: observer.address,
+        diskImage: { path: image, size: 32 * MiB, rate: 4 },
+      });
+      pids.push(g.pid);
+      const c = await call(a.api, 'POST', '/v1/migrations', { guest: 'disk-guest', to: { host: '127.0.0.1', port: b.daemon.migrationPort } });
+      const v = await settled(a.api, String(c.body['id']));
+      assert.equal(v['state'], 'completed', JSON.stringify(v['error']));
+      const report = v['report'] as { disks?: { name: string; bytes: number; blocks_sent: number }[] };
+      assert.equal(report.disks?.[0]?.name, 'disk0');
+      assert.ok(report.disks![0]!.blocks_sent > 0, 'the disk went');
+      assert.ok(existsSync(path.join(disks, 'disk-guest', 'disk0.img')), 'the image is in the guest’s own directory');
+      const there = ((await call(b.api, 'GET', '/v1/migrations?direction=incoming')).body['migrations'] as { guest_pid: number }[]).at(-1)!;
+      pids.push(there.guest_pid);
+      const verify = (await guestCheck({ pid: there.guest_pid, beats: () => observer.beats })) as { bad: number; disk?: { bad: number } };
+      assert.equal(verify.bad, 0);
+      assert.equal(verify.disk?.bad, 0, 'every block of the disk checks out');
+      const text = await new Promise<string>((resolve, reject) => {
+        void import('node:http').then((http) =>
+          http
+            .get({ socketPath: (a.api as { socketPath: string }).socketPath, path: '/metrics' }, (res) => {
+              let t = '';
+              res.setEncoding('utf8');
+              res.on('data', (d: string) => (t += d));
+              res.on('end', () => resolve(t));
+            })
+            .on('error', reject),
+        );
+      });
+      assert.match(text, new RegExp(`livemig_disk_blocks_sent_total ${report.disks![0]!.blocks_sent}\\b`), 'the metric is the report’s');
+    } finally {
+      pids.push(...destinationGuests(a.daemon), ...destinationGuests(b.daemon));
+      await a.daemon.shutdown();
+      await b.daemon.shutdown();
+      observer.close();
+    }
+  },
+);

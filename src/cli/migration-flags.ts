@@ -1,3 +1,4 @@
+import { statSync } from 'node:fs';
 /** Flags shared by the commands that migrate a reference guest (demo, send), and their parsing. */
 import { HUGE_PAGE_MODES, HUGE_PAGE_SIZE, type HugePages } from '../region/huge-pages.js';
 import type { GuestSpec, PolicyFlags } from '../demo/demo.js';
@@ -206,4 +207,16 @@ export function progressLine(e: ProgressEvent): string | undefined {
 export function printProgress(e: ProgressEvent): void {
   const line = progressLine(e);
   if (line !== undefined) process.stderr.write(line + '\n');
+}
+
+/** --disk-dir: a directory that exists, checked before listening. */
+export function diskDir(dir: string): string {
+  let st;
+  try {
+    st = statSync(dir);
+  } catch (e) {
+    throw usageError(`--disk-dir ${dir}: ${(e as Error).message}`);
+  }
+  if (!st.isDirectory()) throw usageError(`--disk-dir ${dir} is not a directory`);
+  return dir;
 }

@@ -86,6 +86,8 @@ export interface DaemonConfig {
   recoverTimeoutMs?: number;
   /** touch the memory of each guest coming in before its first page (ReceiveOptions.prealloc) */
   prealloc?: boolean;
+  /** where guests' disks coming in are created, a directory per guest (ReceiveOptions.disks) */
+  diskDir?: string;
   /** bytes of released guests' memory kept for their return (0 or absent: none kept; images.ts) */
   keepImagesBytes?: number;
   version?: string;
@@ -222,6 +224,7 @@ export class Daemon implements DaemonApi {
         ...(config.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: config.recoverTimeoutMs } : {}),
         ...(config.onRefused ? { onRefused: config.onRefused } : {}),
         ...(config.prealloc ? { prealloc: true } : {}),
+        ...(config.diskDir ? { diskDir: config.diskDir } : {}),
         ...(images ? { images } : {}),
       });
       d.api = await buildApi(d, { token: config.token, version: config.version ?? '0', tls });

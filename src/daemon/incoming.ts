@@ -52,6 +52,8 @@ export interface IncomingDeps {
   recoverTimeoutMs?: number;
   /** touch the memory of each guest coming in before its first page (ReceiveOptions.prealloc) */
   prealloc?: boolean;
+  /** where guests' disks coming in are created, a directory per guest */
+  diskDir?: string;
   /** images of guests this daemon sent away: one coming back starts from its own (none: from zeros) */
   images?: KeptImages;
   /** every source refused here, once recorded and counted (`livemig serve` prints a line) */
@@ -78,6 +80,7 @@ export class IncomingMigrations {
       ...(d.idleTimeoutMs !== undefined ? { idleTimeoutMs: d.idleTimeoutMs } : {}),
       ...(d.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: d.recoverTimeoutMs } : {}),
       ...(d.prealloc ? { prealloc: true } : {}),
+      ...(d.diskDir ? { disks: { dir: d.diskDir, perGuest: true } } : {}),
       activate: () => Promise.reject(new Error('internal: a migration without its own callbacks')),
     };
     const receiver = await listen(host, port, base, {

@@ -9,6 +9,8 @@ import { precontentRefusal } from '../disk/probe.js';
 import { watchImages } from '../disk/watch.js';
 import { diskBytes, type DiskSpec } from '../disk/spec.js';
 import { randomBytes } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
 import { LivemigError } from '../errors.js';
 import { takeMemory } from '../guest/local.js';
 import { GuestLayout } from '../guest/layout.js';
@@ -217,7 +219,7 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   const viaMapping = prealloc || !created.writesThroughFile || plan === 'planned';
   const populated = viaMapping ? created.populateAsync(true, memoryHint).then(() => prealloc && created.writeInPlace()) : Promise.resolve();
   populated.catch(() => undefined); // awaited below, after onReserved
-  const pages = h.disks ? await withDisks(ctx, created, h.disks, plan !== 'no') : created;
+  const pages = h.disks ? await withDisks(ctx, created, h.disks, { postcopy: plan !== 'no', guest: h.guest }) : created;
   const files = layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE }));
   const disks = ctx.disks?.map((d) => ({ name: d.name, path: d.path, size: d.size, fd: d.fd }));
   await options.onReserved?.(created, plan, layout, { files, local: false, ...(disks ? { disks } : {}) });
@@ -230,10 +232,11 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
  * the operator said. The guest's callbacks get its memory alone. Where post-copy may follow,
  * the images are watched from now on (src/disk/watch.ts) and pages land in them quietly.
  */
-async function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[], postcopy: boolean): Promise<Region> {
+async function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[], o: { postcopy: boolean; guest: string | undefined }): Promise<Region> {
   ctx.memory = memory;
-  ctx.disks = createDiskImages(ctx.options.disks!.dir, disks);
-  if (postcopy) ctx.diskWatch = await watchImages(ctx.disks);
+  const { dir, perGuest } = ctx.options.disks!;
+  ctx.disks = createDiskImages(perGuest ? guestDiskDir(dir, o.guest) : dir, disks);
+  if (o.postcopy) ctx.diskWatch = await watchImages(ctx.disks);
   const quiet = ctx.diskWatch?.quiet;
   const pages = Region.adoptPieces([
     { fd: memory.fd, offset: 0, size: memory.size },
@@ -241,6 +244,19 @@ async function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[]
   ]);
   ctx.region = pages;
   return pages;
+}
+
+/** A guest's own directory of images under `dir` (made, private, when it is not there): the source's name for it, or 'unnamed'. */
+function guestDiskDir(dir: string, guest: string | undefined): string {
+  // a name of dots would climb out of dir: the guest gets no directory of its own then
+  const own = path.join(dir, guest === undefined || /^\.+$/.test(guest) ? 'unnamed' : guest);
+  try {
+    mkdirSync(own, { mode: 0o700 });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST')
+      throw new LivemigError('ERR_LIVEMIG_REFUSED', `cannot make ${own} for the guest's disks: ${(e as Error).message}`, { phase: 'reserve', cause: e });
+  }
+  return own;
 }
 
 /** The extents within the first `pages` pages. */

@@ -49,11 +49,12 @@ export interface ReceiveOptions {
    */
   prealloc?: boolean;
   /**
-   * Take the guest's disks (issue 33): each disk the source names is created as DIR/NAME.img,
-   * sparse, never over an existing file, and removed if the migration fails before activation.
-   * Without it, a migration with disks is refused before anything is reserved. Pre-copy only.
+   * Take the guest's disks (issue 33): each disk the source names is created as DIR/NAME.img
+   * (perGuest: DIR/GUEST/NAME.img, the directory made as needed, for a daemon taking many
+   * guests), sparse, never over an existing file, and removed if the migration fails before
+   * activation. Without it, a migration with disks is refused before anything is reserved.
    */
-  disks?: { dir: string };
+  disks?: { dir: string; perGuest?: boolean };
   /**
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise

@@ -1,5 +1,4 @@
 /** livemig receive: serve one migration; the reference guest resumes here. */
-import { statSync } from 'node:fs';
 import type { LivemigError } from '../../errors.js';
 import { listen, type Receiver } from '../../receiver/listen.js';
 import { isRefusedBeforeReserving, mayBeAskedAbout } from '../../receiver/receiver.js';
@@ -9,7 +8,7 @@ import { referenceIncomingCommand } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
-import { channelCount } from '../migration-flags.js';
+import { channelCount, diskDir } from '../migration-flags.js';
 
 export const receive: Command = {
   name: 'receive',
@@ -180,14 +179,3 @@ export function shellCommand(line: string): string[] {
   return ['/bin/sh', '-c', `exec ${line}`];
 }
 
-/** --disk-dir: a directory that exists, checked before listening. */
-function diskDir(dir: string): string {
-  let st;
-  try {
-    st = statSync(dir);
-  } catch (e) {
-    throw usageError(`--disk-dir ${dir}: ${(e as Error).message}`);
-  }
-  if (!st.isDirectory()) throw usageError(`--disk-dir ${dir} is not a directory`);
-  return dir;
-}

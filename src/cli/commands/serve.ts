@@ -7,6 +7,7 @@ import { HISTORY_FILE } from '../../daemon/history-store.js';
 import { FINISHED_KEPT, REFUSED_KEPT } from '../../daemon/migration.js';
 import { LivemigError } from '../../errors.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
+import { diskDir } from '../migration-flags.js';
 import { API_ENV, DEFAULT_API, TOKEN_FILE_ENV, defaultDaemonDir, flagOrEnv, parseApiAddress, readToken } from '../daemon-client.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
@@ -152,6 +153,13 @@ export const serve: Command = {
         'where the migration history is kept (DIR/history.db, locked while the daemon runs: one daemon per directory; default the directory of ' +
         `--guests, ${defaultDaemonDir()} unless given, which a reboot empties: give e.g. /var/lib/livemig to keep the history across one)`,
     },
+    'disk-dir': {
+      type: 'string',
+      value: 'DIR',
+      help:
+        "take guests' disks: each guest's images are created in DIR/GUEST/ as NAME.img, sparse, never over an existing file, removed if its " +
+        'migration fails before activation (default: migrations with disks are refused)',
+    },
     prealloc: {
       type: 'boolean',
       default: false,
@@ -231,6 +239,7 @@ export const serve: Command = {
       ...(v['api-mtls'] === true ? { apiClientCerts: true } : {}),
       ...(typeof v['memory-budget'] === 'string' ? { memoryBudget: parseSize(v['memory-budget'], '--memory-budget') } : {}),
       ...(v['prealloc'] === true ? { prealloc: true } : {}),
+      ...(typeof v['disk-dir'] === 'string' ? { diskDir: diskDir(v['disk-dir']) } : {}),
       ...(typeof v['keep-images'] === 'string' ? { keepImagesBytes: parseSize(v['keep-images'], '--keep-images') } : {}),
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),
