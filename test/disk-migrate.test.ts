@@ -7,12 +7,26 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { closeSync, fdatasyncSync, fstatSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fdatasyncSync,
+  fstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { Worker } from 'node:worker_threads';
 import net from 'node:net';
+import { takeKeptImages } from '../src/disk/kept.js';
 import { precontentRefusal } from '../src/disk/probe.js';
 import type { IncomingGuest } from '../src/guest/incoming-session.js';
 import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
@@ -355,3 +369,80 @@ async function cuttableProxy(port: number): Promise<{ port: number; cut(): void;
     close: () => server.close(),
   };
 }
+
+/**
+ * A retry resends only what differs (issue 33, item 7): a migration that fails before the guest
+ * runs at the destination leaves its images there (--keep-disks), and the next migration of the
+ * same guest takes them back and learns their blocks' hashes: blocks already there go as
+ * nothing, blocks written since and holes punched since go again. A kept image of another guest,
+ * or one past its time, is not taken.
+ */
+test('a retry after a failed migration sends only the blocks that changed since', async () => {
+  const src = mkdtempSync(path.join(tmpdir(), 'livemig-retry-src-'));
+  const dst = mkdtempSync(path.join(tmpdir(), 'livemig-retry-dst-'));
+  const memory = Region.create(MiB, { name: 'disk-retry' });
+  const disk = makeDisk(src);
+  const rx = await listen('127.0.0.1', 0, { disks: { dir: dst, keepMs: 60_000 }, activate: async () => undefined });
+  const base = {
+    region: memory,
+    to: { host: '127.0.0.1', port: rx.port },
+    disks: [{ name: 'root', fd: disk.fd, path: disk.file, size: DISK }],
+    guestName: 'retried',
+    resume: async () => undefined,
+  };
+  try {
+    // the first try moves every block, then fails at its pause: the destination keeps its image
+    const failed = rx.next();
+    failed.catch(() => undefined);
+    await assert.rejects(
+      migrate({
+        ...base,
+        pause: async () => {
+          throw new Error('the guest could not pause');
+        },
+      }),
+    );
+    await assert.rejects(failed);
+    assert.ok(existsSync(path.join(dst, 'root.img.partial')), 'the image is kept');
+    // the guest writes three blocks meanwhile (one of them over what was a hole)
+    for (const at of [0, 3 * MiB, 10 * MiB]) writeSync(disk.fd, Buffer.alloc(4096, 0x5a), 0, 4096, at);
+    fdatasyncSync(disk.fd);
+    const done = rx.next();
+    const report = await migrate({ ...base, pause: async () => new Uint8Array(0) });
+    await done;
+    assert.ok(readFileSync(path.join(dst, 'root.img')).equals(readFileSync(disk.file)), 'the destination disk is the source disk');
+    const data = 5 * MiB;
+    assert.ok(report.wire_bytes < 3 * 4096 + DISK / 100, `the retry sent ${report.wire_bytes} bytes: only what changed (the data is ${data})`);
+    assert.ok(report.skipped_pages >= data / 4096 - 3, `the blocks already there were skipped (${report.skipped_pages})`);
+    assert.ok(!existsSync(path.join(dst, 'root.img.partial')), 'the kept image was taken back');
+  } finally {
+    await rx.close();
+    closeSync(disk.fd);
+    memory.release();
+    rmSync(src, { recursive: true, force: true });
+    rmSync(dst, { recursive: true, force: true });
+  }
+});
+
+test('a kept image of another guest, or past its time, is not taken back', () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'livemig-kept-'));
+  try {
+    const made = (guest: string, expires: number): void => {
+      writeFileSync(path.join(dir, 'root.img.partial'), Buffer.alloc(4096, 1));
+      writeFileSync(path.join(dir, 'root.img.partial.json'), JSON.stringify({ guest, size: 4096, expires }));
+    };
+    made('someone-else', Date.now() + 60_000);
+    assert.deepEqual(takeKeptImages(dir, 'me', [{ name: 'root', size: 4096 }]), [undefined], 'another guest’s');
+    assert.ok(existsSync(path.join(dir, 'root.img.partial')), 'it stays for its own guest');
+    assert.deepEqual(takeKeptImages(dir, 'someone-else', [{ name: 'root', size: 8192 }]), [undefined], 'a different size');
+    made('me', Date.now() - 1);
+    assert.deepEqual(takeKeptImages(dir, 'me', [{ name: 'root', size: 4096 }]), [undefined], 'expired');
+    assert.ok(!existsSync(path.join(dir, 'root.img.partial')), 'an expired image is removed');
+    made('me', Date.now() + 60_000);
+    const [taken] = takeKeptImages(dir, 'me', [{ name: 'root', size: 4096 }]);
+    assert.ok(taken && existsSync(path.join(dir, 'root.img')), 'its own, in time: taken back');
+    closeSync(taken.fd);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -220,3 +220,8 @@ export function diskDir(dir: string): string {
   if (!st.isDirectory()) throw usageError(`--disk-dir ${dir} is not a directory`);
   return dir;
 }
+
+/** --keep-disks SECONDS: how long a failed migration's disk images are kept for the guest's next try. */
+export function keepDisks(v: FlagValues): { keepMs?: number } {
+  return typeof v['keep-disks'] === 'string' ? { keepMs: parseNumber(v['keep-disks'], '--keep-disks (seconds)') * 1000 } : {};
+}

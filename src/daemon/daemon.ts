@@ -88,6 +88,8 @@ export interface DaemonConfig {
   prealloc?: boolean;
   /** where guests' disks coming in are created, a directory per guest (ReceiveOptions.disks) */
   diskDir?: string;
+  /** a failed migration's disk images are kept this long for the guest's next try */
+  keepDisksMs?: number;
   /** bytes of released guests' memory kept for their return (0 or absent: none kept; images.ts) */
   keepImagesBytes?: number;
   version?: string;
@@ -225,6 +227,7 @@ export class Daemon implements DaemonApi {
         ...(config.onRefused ? { onRefused: config.onRefused } : {}),
         ...(config.prealloc ? { prealloc: true } : {}),
         ...(config.diskDir ? { diskDir: config.diskDir } : {}),
+        ...(config.keepDisksMs ? { keepDisksMs: config.keepDisksMs } : {}),
         ...(images ? { images } : {}),
       });
       d.api = await buildApi(d, { token: config.token, version: config.version ?? '0', tls });

@@ -54,6 +54,8 @@ export interface IncomingDeps {
   prealloc?: boolean;
   /** where guests' disks coming in are created, a directory per guest */
   diskDir?: string;
+  /** a failed migration's disk images are kept this long for the guest's next try */
+  keepDisksMs?: number;
   /** images of guests this daemon sent away: one coming back starts from its own (none: from zeros) */
   images?: KeptImages;
   /** every source refused here, once recorded and counted (`livemig serve` prints a line) */
@@ -80,7 +82,7 @@ export class IncomingMigrations {
       ...(d.idleTimeoutMs !== undefined ? { idleTimeoutMs: d.idleTimeoutMs } : {}),
       ...(d.recoverTimeoutMs !== undefined ? { recoverTimeoutMs: d.recoverTimeoutMs } : {}),
       ...(d.prealloc ? { prealloc: true } : {}),
-      ...(d.diskDir ? { disks: { dir: d.diskDir, perGuest: true } } : {}),
+      ...(d.diskDir ? { disks: { dir: d.diskDir, perGuest: true, ...(d.keepDisksMs ? { keepMs: d.keepDisksMs } : {}) } } : {}),
       activate: () => Promise.reject(new Error('internal: a migration without its own callbacks')),
     };
     const receiver = await listen(host, port, base, {

@@ -17,11 +17,19 @@ export interface IncomingDisk extends DiskSpec {
 
 const sync = promisify(fdatasync);
 
-/** Creates each image (O_EXCL: an existing file is refused, not overwritten), sparse at its size. */
-export function createDiskImages(dir: string, disks: readonly DiskSpec[]): IncomingDisk[] {
+/**
+ * Creates each image (O_EXCL: an existing file is refused, not overwritten), sparse at its size;
+ * where `taken` has an image already (a kept one, src/disk/kept.ts), that one.
+ */
+export function createDiskImages(dir: string, disks: readonly DiskSpec[], taken: readonly (IncomingDisk | undefined)[] = []): IncomingDisk[] {
   const made: IncomingDisk[] = [];
   try {
-    for (const d of disks) {
+    for (const [i, d] of disks.entries()) {
+      const kept = taken[i];
+      if (kept) {
+        made.push(kept);
+        continue;
+      }
       const file = path.join(dir, `${d.name}.img`);
       let fd: number;
       try {

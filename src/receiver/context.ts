@@ -104,6 +104,9 @@ export class ReceiverContext {
   disks: IncomingDisk[] | undefined;
   /** with disks: why they cannot follow the guest by post-copy here (undefined: they can) */
   diskPostcopyRefusal: string | undefined;
+  /** with disks: the guest's name at the source (its kept images are noted under it), and which disks were kept images taken back */
+  diskGuest: string | undefined;
+  keptDisks: number[] | undefined;
   /** with disks, where post-copy may follow: the images' watch (closed when the guest runs by pre-copy, or the migration fails) */
   diskWatch: WatchedImages | undefined;
   /** with disks: the ROUND_ACKs waiting on their round's blocks to be durable, in order */

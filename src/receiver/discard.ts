@@ -4,6 +4,7 @@
  * whatever pages it has: it stays.
  */
 import { removeDiskImages } from '../disk/incoming.js';
+import { keepDiskImages } from '../disk/kept.js';
 import { LivemigError } from '../errors.js';
 import { encodeError } from '../protocol/messages.js';
 import type { ReceiverContext } from './context.js';
@@ -35,6 +36,11 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
   }
   // and the disk images made for it: none of them ran here
   ctx.diskWatch?.close();
-  if (ctx.disks && !guestRunsHere) removeDiskImages(ctx.disks);
+  if (ctx.disks && !guestRunsHere) {
+    const keepMs = ctx.options.disks?.keepMs ?? 0;
+    // kept for the guest's next try here, which then sends only what differs (src/disk/kept.ts)
+    if (keepMs > 0 && ctx.diskGuest !== undefined) keepDiskImages(ctx.disks, ctx.diskGuest, keepMs);
+    else removeDiskImages(ctx.disks);
+  }
   return err;
 }

@@ -6,6 +6,7 @@
  */
 import { createDiskImages } from '../disk/incoming.js';
 import { precontentRefusal } from '../disk/probe.js';
+import { hashKeptImage, takeKeptImages } from '../disk/kept.js';
 import { watchImages } from '../disk/watch.js';
 import { diskBytes, type DiskSpec } from '../disk/spec.js';
 import { randomBytes } from 'node:crypto';
@@ -138,7 +139,7 @@ export async function reserve(ctx: ReceiverContext, h: Hello): Promise<Accepted>
   // Encodings (version 2): `hashes` says what each page holds from the start, all zero or
   // the kept image (whose hashes the sender receives); a dup is checked against it.
   const encodings = version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
-  const imageHashes = encodings && (await startingImage(ctx, region, hashes, image));
+  const imageHashes = encodings && ((await startingImage(ctx, region, hashes, image)) || (await keptDiskHashes(ctx, region, hashes)));
   if (holes && !encodings) hashes.fill(call('ERR_LIVEMIG_SYSCALL', 'reserve', 'the zero page hash', () => addon.zeroPageHash()));
   // capabilities exist from version 2 on (PROTOCOL.md): none is taken under version 1
   const commitActivate = version >= 2 && h.capabilities.includes(CAP_COMMIT_ACTIVATE);
@@ -219,7 +220,9 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   const viaMapping = prealloc || !created.writesThroughFile || plan === 'planned';
   const populated = viaMapping ? created.populateAsync(true, memoryHint).then(() => prealloc && created.writeInPlace()) : Promise.resolve();
   populated.catch(() => undefined); // awaited below, after onReserved
-  const pages = h.disks ? await withDisks(ctx, created, h.disks, { postcopy: plan !== 'no', guest: h.guest }) : created;
+  // a kept image is taken back only where the source learns its hashes (encodings): else it would skip blocks the image holds stale
+  const reuse = ctx.version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
+  const pages = h.disks ? await withDisks(ctx, created, h.disks, { postcopy: plan !== 'no', guest: h.guest, reuse }) : created;
   const files = layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE }));
   const disks = ctx.disks?.map((d) => ({ name: d.name, path: d.path, size: d.size, fd: d.fd }));
   await options.onReserved?.(created, plan, layout, { files, local: false, ...(disks ? { disks } : {}) });
@@ -232,10 +235,19 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
  * the operator said. The guest's callbacks get its memory alone. Where post-copy may follow,
  * the images are watched from now on (src/disk/watch.ts) and pages land in them quietly.
  */
-async function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[], o: { postcopy: boolean; guest: string | undefined }): Promise<Region> {
+async function withDisks(
+  ctx: ReceiverContext,
+  memory: Region,
+  disks: DiskSpec[],
+  o: { postcopy: boolean; guest: string | undefined; reuse: boolean },
+): Promise<Region> {
   ctx.memory = memory;
+  ctx.diskGuest = o.guest;
   const { dir, perGuest } = ctx.options.disks!;
-  ctx.disks = createDiskImages(perGuest ? guestDiskDir(dir, o.guest) : dir, disks);
+  const where = perGuest ? guestDiskDir(dir, o.guest) : dir;
+  const taken = o.reuse ? takeKeptImages(where, o.guest, disks) : [];
+  ctx.keptDisks = taken.flatMap((t, i) => (t ? [i] : []));
+  ctx.disks = createDiskImages(where, disks, taken);
   if (o.postcopy) ctx.diskWatch = await watchImages(ctx.disks);
   const quiet = ctx.diskWatch?.quiet;
   const pages = Region.adoptPieces([
@@ -244,6 +256,28 @@ async function withDisks(ctx: ReceiverContext, memory: Region, disks: DiskSpec[]
   ]);
   ctx.region = pages;
   return pages;
+}
+
+/**
+ * The hashes of the kept images taken back (withDisks) into `hashes`, which then says what this
+ * side holds from the start: true when there was one, and the source is to learn them.
+ */
+async function keptDiskHashes(ctx: ReceiverContext, region: Region, hashes: BigUint64Array): Promise<boolean> {
+  if (!ctx.disks || !ctx.keptDisks?.length) return false;
+  let first = ctx.memory!.pageCount;
+  const firsts = ctx.disks.map((d) => {
+    const f = first;
+    first += d.size / PAGE_SIZE;
+    return f;
+  });
+  for (const i of ctx.keptDisks) {
+    const d = ctx.disks[i]!;
+    const start = firsts[i]!;
+    const data = await region.dataExtents({ within: Float64Array.of(start, start + d.size / PAGE_SIZE) });
+    await hashKeptImage(d.fd, data, hashes, start);
+    ctx.progress({ type: 'image', path: d.path });
+  }
+  return true;
 }
 
 /** A guest's own directory of images under `dir` (made, private, when it is not there): the source's name for it, or 'unnamed'. */

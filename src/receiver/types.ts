@@ -54,7 +54,12 @@ export interface ReceiveOptions {
    * guests), sparse, never over an existing file, and removed if the migration fails before
    * activation. Without it, a migration with disks is refused before anything is reserved.
    */
-  disks?: { dir: string; perGuest?: boolean };
+  disks?: {
+    dir: string;
+    perGuest?: boolean;
+    /** a migration that fails before the guest runs here keeps its images this long, for the guest's next try (src/disk/kept.ts) */
+    keepMs?: number;
+  };
   /**
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise

@@ -112,6 +112,8 @@ export class SourceContext {
   round = 1;
   /** pages still due, ascending */
   pending: Uint32Array;
+  /** what the destination said it holds from the start (IMAGE_HASHES: a kept image), if it did */
+  destinationHashes: BigUint64Array | undefined;
   /** pages the guest's memory held no data for when the first pass (or post-copy) began: never read nor sent (holes.ts) */
   holePages = 0;
   stopReason = '';

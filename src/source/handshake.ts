@@ -152,6 +152,8 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
     throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `mode ${settings.mode}: the destination does not offer post-copy`, { phase: 'handshake' });
   const granted = grantedChannels(accept, wanted);
   const image = wantEncodings && version >= 2 && accept.capabilities.includes(CAP_ENCODINGS) ? await destinationImage(ctx, conn, accept) : undefined;
+  // what the destination holds from the start, when it said (a kept image): a hole here is not all it needs there
+  if (image && accept.capabilities.includes(CAP_IMAGE_HASHES)) ctx.destinationHashes = image;
   const extras = granted.count > 1 ? await openExtraChannels(ctx, accept.session!, granted.count, version) : [];
   // the encoders (first touch of their buffers included) are set up while the destination
   // reserves: in the first round they would take the CPU from the guest and the round

@@ -6,6 +6,7 @@
  */
 import { addon, call } from '../native.js';
 import { complement, extentMap, extentPages, pagesIn, union, type PageExtents } from '../pages/extents.js';
+import { mergePages } from '../precopy/batches.js';
 import { CAP_HOLES } from '../protocol/format.js';
 import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
@@ -27,6 +28,15 @@ export async function skipHoles(ctx: SourceContext): Promise<void> {
   const data = await region.dataExtents();
   startFromZero(ctx);
   ctx.pending = pagesIn(data);
+  // a hole here over a page the destination holds something else in (a kept image) is sent: as zeros
+  const there = ctx.destinationHashes;
+  if (there) {
+    const zero = ctx.hashes[0]!;
+    const stale: number[] = [];
+    const holes = complement(data, region.pageCount);
+    for (let i = 0; i < holes.length; i += 2) for (let p = holes[i]!; p < holes[i + 1]!; p++) if (there[p] !== zero) stale.push(p);
+    if (stale.length) ctx.pending = mergePages(ctx.pending, Uint32Array.from(stale));
+  }
   ctx.holePages = region.pageCount - ctx.pending.length;
   trace('source', SourceEvent.holesSkipped, { pages: ctx.holePages });
 }

@@ -8,7 +8,7 @@ import { referenceIncomingCommand } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
-import { channelCount, diskDir } from '../migration-flags.js';
+import { channelCount, diskDir, keepDisks } from '../migration-flags.js';
 
 export const receive: Command = {
   name: 'receive',
@@ -59,6 +59,13 @@ export const receive: Command = {
         "take the guest's disks: each disk a source names is created here as DIR/NAME.img, sparse, never over an existing file, " +
         'removed if the migration fails before activation (default: migrations with disks are refused)',
     },
+    'keep-disks': {
+      type: 'string',
+      value: 'SECONDS',
+      help:
+        "with --disk-dir: a migration that fails before the guest runs here keeps its images that long (as NAME.img.partial), and the guest's " +
+        'next migration here sends only the blocks that differ (default 0: removed at once)',
+    },
     'reuse-image': { type: 'string', value: 'PATH', help: 'an image of the region this host kept: only what differs is sent' },
     'guest-exec': { type: 'string', value: "'COMMAND ... {socket}'", help: 'the destination guest to start (run by /bin/sh; default: the reference guest)' },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
@@ -87,7 +94,7 @@ export const receive: Command = {
         ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
         ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
         ...(v['prealloc'] === true ? { prealloc: true } : {}),
-        ...(typeof v['disk-dir'] === 'string' ? { disks: { dir: diskDir(v['disk-dir']) } } : {}),
+        ...(typeof v['disk-dir'] === 'string' ? { disks: { dir: diskDir(v['disk-dir']), ...keepDisks(v) } } : {}),
         // the guest maps its memory before pages flow, not during
         onReserved: async (_region, postcopy, layout, memory) => {
           // a same-host upgrade's guest maps the memory as it goes: populating it would be the whole cost
@@ -178,4 +185,3 @@ export function shellCommand(line: string): string[] {
   if (!line.includes('{socket}')) throw usageError("--guest-exec: the command must name its socket with {socket}, e.g. 'my-vmm --incoming {socket}'");
   return ['/bin/sh', '-c', `exec ${line}`];
 }
-

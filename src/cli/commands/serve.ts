@@ -7,7 +7,7 @@ import { HISTORY_FILE } from '../../daemon/history-store.js';
 import { FINISHED_KEPT, REFUSED_KEPT } from '../../daemon/migration.js';
 import { LivemigError } from '../../errors.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
-import { diskDir } from '../migration-flags.js';
+import { diskDir, keepDisks } from '../migration-flags.js';
 import { API_ENV, DEFAULT_API, TOKEN_FILE_ENV, defaultDaemonDir, flagOrEnv, parseApiAddress, readToken } from '../daemon-client.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
@@ -160,6 +160,13 @@ export const serve: Command = {
         "take guests' disks: each guest's images are created in DIR/GUEST/ as NAME.img, sparse, never over an existing file, removed if its " +
         'migration fails before activation (default: migrations with disks are refused)',
     },
+    'keep-disks': {
+      type: 'string',
+      value: 'SECONDS',
+      help:
+        "with --disk-dir: a migration that fails before its guest runs here keeps its images that long, and the guest's next migration here " +
+        'sends only the blocks that differ (default 0: removed at once)',
+    },
     prealloc: {
       type: 'boolean',
       default: false,
@@ -239,7 +246,7 @@ export const serve: Command = {
       ...(v['api-mtls'] === true ? { apiClientCerts: true } : {}),
       ...(typeof v['memory-budget'] === 'string' ? { memoryBudget: parseSize(v['memory-budget'], '--memory-budget') } : {}),
       ...(v['prealloc'] === true ? { prealloc: true } : {}),
-      ...(typeof v['disk-dir'] === 'string' ? { diskDir: diskDir(v['disk-dir']) } : {}),
+      ...(typeof v['disk-dir'] === 'string' ? { diskDir: diskDir(v['disk-dir']), keepDisksMs: keepDisks(v).keepMs ?? 0 } : {}),
       ...(typeof v['keep-images'] === 'string' ? { keepImagesBytes: parseSize(v['keep-images'], '--keep-images') } : {}),
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),
