@@ -382,6 +382,8 @@ test('a retry after a failed migration sends only the blocks that changed since'
   const dst = mkdtempSync(path.join(tmpdir(), 'livemig-retry-dst-'));
   const memory = Region.create(MiB, { name: 'disk-retry' });
   const disk = makeDisk(src);
+  // a MiB of blocks written as zeros: allocated here, a hole there
+  writeSync(disk.fd, Buffer.alloc(MiB), 0, MiB, 24 * MiB);
   const rx = await listen('127.0.0.1', 0, { disks: { dir: dst, keepMs: 60_000 }, activate: async () => undefined });
   const base = {
     region: memory,
@@ -415,6 +417,15 @@ test('a retry after a failed migration sends only the blocks that changed since'
     assert.ok(report.wire_bytes < 3 * 4096 + DISK / 100, `the retry sent ${report.wire_bytes} bytes: only what changed (the data is ${data})`);
     assert.ok(report.skipped_pages >= data / 4096 - 3, `the blocks already there were skipped (${report.skipped_pages})`);
     assert.ok(!existsSync(path.join(dst, 'root.img.partial')), 'the kept image was taken back');
+    const there = openSync(path.join(dst, 'root.img'), 'r+');
+    const image = Region.adopt(there, DISK);
+    try {
+      const zeros = await image.dataExtents({ within: Float64Array.of((24 * MiB) / 4096, (25 * MiB) / 4096) });
+      assert.equal(zeros.length, 0, 'blocks written as zeros are a hole at the destination');
+    } finally {
+      image.release();
+      closeSync(there);
+    }
   } finally {
     await rx.close();
     closeSync(disk.fd);

@@ -3,7 +3,10 @@
 
 #include "region/read_path.h"
 
+#include <fcntl.h>
 #include <limits.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -107,15 +110,56 @@ bool PageWriter::Put(uint32_t page, const uint8_t* src, SysError& err) {
   return true;
 }
 
+bool PageWriter::Zero(uint32_t page, SysError& err) {
+  static const uint8_t kZeroPage[kPage] = {};
+  if (!byFile_) return Put(page, kZeroPage, err);
+  if (zeroCount_ > 0 && page == zeroFirst_ + zeroCount_ && zeroCount_ < zeroLimit_) {
+    zeroCount_++;
+    return true;
+  }
+  Place p;
+  if (!Locate(m_, page, &p, err)) return false;
+  if (p.fd != punchFd_) {
+    struct statfs sf;
+    punchFd_ = p.fd;
+    punchable_ = fstatfs(p.fd, &sf) == 0 && sf.f_type != TMPFS_MAGIC && sf.f_type != HUGETLBFS_MAGIC;
+  }
+  if (!punchable_) return Put(page, kZeroPage, err);
+  if (!Flush(err)) return false;
+  zeroFirst_ = page;
+  zeroCount_ = 1;
+  zeroLimit_ = p.pagesLeft;
+  return true;
+}
+
+bool PageWriter::FlushZeros(SysError& err) {
+  if (zeroCount_ == 0) return true;
+  Place p;
+  bool ok = Locate(m_, zeroFirst_, &p, err);
+  const off_t len = static_cast<off_t>(uint64_t{zeroCount_} * kPage);
+  zeroCount_ = 0;
+  if (!ok) return false;
+  // a file that punches no hole (EOPNOTSUPP) gets its zeros written
+  if (fallocate(p.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(p.offset), len) == 0) return true;
+  if (errno != EOPNOTSUPP) return err.set("fallocate(FALLOC_FL_PUNCH_HOLE)", errno), false;
+  static const uint8_t kZeroPage[kPage] = {};
+  for (off_t at = 0; at < len; at += static_cast<off_t>(kPage)) {
+    iovec v{const_cast<uint8_t*>(kZeroPage), kPage};
+    if (!WriteFully(p.fd, &v, 1, p.offset + static_cast<uint64_t>(at), err)) return false;
+  }
+  return true;
+}
+
 bool PageWriter::Get(uint32_t page, uint8_t* dst, SysError& err) {
   if (!byFile_) {
     std::memcpy(dst, m_.addr + uint64_t{page} * kPage, kPage);
     return true;
   }
-  return Flush(err) && ReadFilesLocked(m_, &page, 1, dst, err);
+  return Flush(err) && FlushZeros(err) && ReadFilesLocked(m_, &page, 1, dst, err);
 }
 
 bool PageWriter::Flush(SysError& err) {
+  if (!FlushZeros(err)) return false;
   if (count_ == 0) return true;
   Place p;
   bool ok = Locate(m_, first_, &p, err) && WriteFully(p.fd, iov_.data(), static_cast<int>(iov_.size()), p.offset, err);

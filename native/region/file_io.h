@@ -39,6 +39,9 @@ class PageWriter {
  public:
   explicit PageWriter(Mapping& m);
   bool Put(uint32_t page, const uint8_t* src, SysError& err);
+  // An all-zero page: in a disk image, a hole punched (the block takes no space, as a discarded
+  // or zeroed block at the source); in memory, zeros written.
+  bool Zero(uint32_t page, SysError& err);
   // Reads a page as written so far (pending writes go first).
   bool Get(uint32_t page, uint8_t* dst, SysError& err);
   bool Flush(SysError& err);
@@ -51,6 +54,12 @@ class PageWriter {
   uint32_t first_ = 0, count_ = 0;
   uint64_t runLimit_ = 0;  // pages the run may reach (the end of its file's piece)
   std::vector<iovec> iov_;
+  // a run of zero pages to punch [zeroFirst_, zeroFirst_ + zeroCount_), within one file
+  uint32_t zeroFirst_ = 0, zeroCount_ = 0;
+  uint64_t zeroLimit_ = 0;
+  int punchFd_ = -1;        // the last file asked about, and whether its holes are punched
+  bool punchable_ = false;  // (a disk image: not shmem or hugetlbfs, whose pages are the guest's memory)
+  bool FlushZeros(SysError& err);
 };
 
 }  // namespace livemig

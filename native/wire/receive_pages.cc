@@ -181,7 +181,6 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
   const std::vector<uint8_t>& enc = h.enc;
   const bool direct = !h.anyLz4 && !WritesByFile(*s.m);
   const uint64_t zh = ZeroPageHash(kPageSize);
-  static const uint8_t kZeroPage[kPageSize] = {};
   size_t pos = 0;
   std::vector<uint8_t> lz4Scratch, dupScratch(kPageSize);
   PageWriter out(*s.m);
@@ -205,7 +204,7 @@ bool ApplyEncoded(const Sink& s, uint32_t length, const EncodedHead& h, const st
         }
         break;
       case kZero:
-        if (!out.Put(x, kZeroPage, err)) return false;
+        if (!out.Zero(x, err)) return false;
         h = zh;
         break;
       case kDup: {
