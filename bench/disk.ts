@@ -4,7 +4,8 @@
  * tracked by clones) holding 1 GiB of data in 64 KiB..4 MiB extents and 256 MiB of blocks
  * written as zeros, beside a 64 MiB idle memory; loopback, the receiver in this process writing
  * its image on the same filesystem. Each run: bytes on the wire against the data, total time and
- * pause against the raw-TCP ceiling of moving 1 GiB from file to file (`raw_streams files`).
+ * pause against the raw-TCP ceiling of moving the image's data extents into a file on the same
+ * filesystem and making it durable (`raw_streams image:PATH`), measured before each run.
  *   node dist/bench/disk.js [--runs 3] [--disk 8GiB] [--data 1GiB] [--zeros 256MiB]
  * Needs root (a loop mount) and mkfs.xfs.
  */
@@ -108,10 +109,23 @@ async function main(): Promise<void> {
     const ceiling: number[] = [];
     const got: Record<string, number | boolean | string>[] = [];
     for (let i = 0; i < runs; i++) {
-      ceiling.push((await rawStreams(1, data, undefined, 'files')).ms);
-      const r = await once(mnt, size);
+      const ceilingImage = path.join(mnt, 'raw-dest.img');
+      const raw = async (): Promise<number> => {
+        const ms = (await rawStreams(1, size, undefined, { image: { from: path.join(mnt, 'src', 'disk.img'), to: ceilingImage } })).ms;
+        rmSync(ceilingImage, { force: true });
+        return ms;
+      };
+      // in turn first: the first to write a gigabyte of fresh page cache pays the host's first touches
+      let r: Record<string, number | boolean | string>;
+      if (i % 2 === 0) {
+        ceiling.push(await raw());
+        r = await once(mnt, size);
+      } else {
+        r = await once(mnt, size);
+        ceiling.push(await raw());
+      }
       got.push(r);
-      emit({ bench: 'disk', case: 'run', run: i + 1, raw_files_1_stream_ms: ceiling[i], ...r });
+      emit({ bench: 'disk', case: 'run', run: i + 1, first: i % 2 === 0 ? 'raw' : 'livemig', raw_image_ms: ceiling[i], ...r });
     }
     const totals = got.map((r) => r['total_ms'] as number);
     const wire = got.map((r) => r['wire_mib'] as number);

@@ -136,6 +136,8 @@ export interface DemoOptions {
   guestKind?: 'reference' | 'c';
   /** a same-host upgrade: the guest's memfds go to the destination guest; no page is copied */
   local?: boolean;
+  /** with a disk: the directory its images go in (SOURCE.img, and destination/ for the receiver's; default a temporary one, removed after) */
+  diskDir?: string;
 }
 
 /** Runs receiver, guest and sender on loopback (or across a namespace link) and migrates the guest live. */
@@ -157,7 +159,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const secure = o.secure ? secureDemo() : undefined;
   const kind = o.guestKind ?? 'reference';
   // a disk's images: the source's, and the directory the receiver creates the destination's in
-  const diskDir = g.disk ? mkdtempSync(path.join(os.tmpdir(), 'livemig-demo-disk-')) : undefined;
+  const diskDir = g.disk ? (o.diskDir ?? mkdtempSync(path.join(os.tmpdir(), 'livemig-demo-disk-'))) : undefined;
   const disk = g.disk && diskDir ? { ...g.disk, path: path.join(diskDir, 'source.img') } : undefined;
   if (diskDir) mkdirSync(path.join(diskDir, 'destination'));
   const guestExec = kind === 'c' ? ['--guest-exec', cIncomingCommand().join(' ')] : [];
@@ -309,7 +311,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     }
     observer.close();
     secure?.remove();
-    if (diskDir) rmSync(diskDir, { recursive: true, force: true });
+    if (diskDir && !o.diskDir) rmSync(diskDir, { recursive: true, force: true });
     // Wait until the destination guest is gone too: tearing down a gigabyte it mapped would
     // otherwise run beside whatever comes next (a benchmark's next run).
     for (let i = 0; destPid && i < 500 && alive(destPid); i++) await new Promise((r) => setTimeout(r, 10));
