@@ -6,10 +6,16 @@
  * its image on the same filesystem. Each run: bytes on the wire against the data, total time and
  * pause against the raw-TCP ceiling of moving the image's data extents into a file on the same
  * filesystem and making it durable (`raw_streams image:PATH`), measured before each run.
- *   node dist/bench/disk.js [--runs 3] [--disk 8GiB] [--data 1GiB] [--zeros 256MiB]
- * Needs root (a loop mount) and mkfs.xfs.
+ * Then `retry`: a migration cancelled once half the data went, and the same guest migrated again
+ * to the same receiver (which kept the images, --keep-disks): the bytes sent again for blocks the
+ * destination already held. Then `compression`, through a 1 Gbit/s namespace link to a receiver
+ * process there (bench/disk-receiver.ts), the image's data half text-like: bytes and time with LZ4 on and off.
+ *   node dist/bench/disk.js [--runs 3] [--disk 8GiB] [--data 1GiB] [--zeros 256MiB] [--cases idle,retry,compression]
+ * Needs root (a loop mount, a namespace link) and mkfs.xfs.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import { randomFillSync } from 'node:crypto';
 import { closeSync, fdatasyncSync, mkdtempSync, openSync, rmSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -18,13 +24,29 @@ import { parseArgs } from 'node:util';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
 import { migrate } from '../src/source/migrate.js';
+import { MigrationControl } from '../src/source/types.js';
+import { createLink, type NetLink } from './netlink.js';
 import { emit, machine, median } from './common.js';
 import { rawStreams } from './raw.js';
 
 const MiB = 1 << 20;
+const RECEIVER = fileURLToPath(new URL('./disk-receiver.js', import.meta.url));
 
-/** Data in extents of 64 KiB to 4 MiB spread over the image, then zeros written in 1 MiB pieces between them. */
-function makeImage(file: string, size: number, data: number, zeros: number): void {
+/** Text-like bytes (words from a small vocabulary, as logs and source files are): LZ4 takes them to about a third. */
+function fillText(buf: Buffer, len: number, rand: () => number): void {
+  const words = ['migration', 'block', 'the', 'guest', 'page', 'round', 'of', 'and', 'disk', 'memory', 'pause', 'link', 'copy', 'a', 'to'];
+  for (let at = 0; at < len;) {
+    // the generator's high bits: its low ones repeat within a few dozen draws (whole pages would repeat, and go as references)
+    const w = words[(rand() >>> 12) % words.length]!;
+    at += buf.write(w + ((rand() >>> 12) % 7 === 0 ? '\n' : ' '), at, Math.min(len - at, w.length + 1), 'latin1');
+  }
+}
+
+/**
+ * Data in extents of 64 KiB to 4 MiB spread over the image, then zeros written in 1 MiB pieces
+ * between them. `text`: the share of extents that hold text-like bytes (the rest random).
+ */
+function makeImage(file: string, size: number, data: number, zeros: number, text = 0): void {
   const fd = openSync(file, 'w+');
   const chunk = Buffer.alloc(4 * MiB);
   let seed = 42;
@@ -34,7 +56,8 @@ function makeImage(file: string, size: number, data: number, zeros: number): voi
   for (let at = 0; written < data && at < size; at += stride) {
     const len = Math.min(data - written, (1 + ((rand() >>> 16) % 64)) * 64 * 1024);
     // each extent its own content: the same bytes twice would go as references
-    randomFillSync(chunk, 0, len);
+    if ((rand() % 100) / 100 < text) fillText(chunk, len, rand);
+    else randomFillSync(chunk, 0, len);
     writeSync(fd, chunk, 0, len, at);
     written += len;
   }
@@ -82,6 +105,128 @@ async function once(dir: string, size: number): Promise<Record<string, number | 
   }
 }
 
+/**
+ * A migration cancelled once half the data went, then the same guest migrated again: the
+ * receiver kept the images (keepMs), the retry sends what the destination does not hold yet.
+ */
+async function retry(dir: string, size: number, data: number): Promise<Record<string, number | boolean | string>> {
+  const file = path.join(dir, 'src', 'disk.img');
+  const dest = path.join(dir, 'dst-retry');
+  rmSync(dest, { recursive: true, force: true });
+  execFileSync('mkdir', ['-p', dest]);
+  const memory = Region.create(64 * MiB, { name: 'bench-disk-retry' });
+  const fd = openSync(file, 'r');
+  const rx = await listen('127.0.0.1', 0, { disks: { dir: dest, keepMs: 600_000 }, activate: async () => undefined });
+  const base = {
+    region: memory,
+    to: { host: '127.0.0.1', port: rx.port },
+    disks: [{ name: 'root', fd, path: file, size }],
+    guestName: 'bench-retry',
+    pause: async () => new Uint8Array(0),
+    resume: async () => undefined,
+  };
+  try {
+    const control = new MigrationControl();
+    const cut = setInterval(() => {
+      const s = control.status();
+      if (s && s.bytes_sent >= data / 2) {
+        clearInterval(cut);
+        control.cancel();
+      }
+    }, 5);
+    const failed = rx.next();
+    failed.catch(() => undefined);
+    const first = await migrate({ ...base, control }).then(
+      () => 'completed',
+      (e: { code?: string }) => e.code ?? 'failed',
+    );
+    clearInterval(cut);
+    await failed.catch(() => undefined);
+    const keptFile = path.join(dest, 'root.img.partial');
+    const held = statSync(keptFile).blocks * 512;
+    const done = rx.next();
+    const r = await migrate(base);
+    await done;
+    // blocks not yet there must go; what went beyond them was sent again
+    const resent = Math.max(0, r.wire_bytes - Math.max(0, data - held));
+    return {
+      first_try: first,
+      held_mib: +(held / MiB).toFixed(1),
+      retry_wire_mib: +(r.wire_bytes / MiB).toFixed(1),
+      retry_skipped_pages: r.skipped_pages,
+      resent_mib: +(resent / MiB).toFixed(1),
+      resent_over_image: +(resent / size).toFixed(4),
+      retry_total_ms: r.total_ms,
+      verified: r.verified,
+    };
+  } finally {
+    await rx.close();
+    closeSync(fd);
+    memory.release();
+  }
+}
+
+/** Through the link, to a receiver in the namespace (bench/disk-receiver.ts): the image moved with LZ4 on or off. */
+async function overLink(dir: string, size: number, link: NetLink, compress: boolean): Promise<Record<string, number | boolean | string>> {
+  const file = path.join(dir, 'src-text', 'disk.img');
+  const dest = path.join(dir, `dst-link-${compress ? 'lz4' : 'plain'}`);
+  rmSync(dest, { recursive: true, force: true });
+  execFileSync('mkdir', ['-p', dest]);
+  const rx = spawn('ip', ['netns', 'exec', link.ns, process.execPath, RECEIVER, link.far, dest], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const lines = createInterface({ input: rx.stdout! })[Symbol.asyncIterator]();
+  const memory = Region.create(64 * MiB, { name: 'bench-disk-link' });
+  const fd = openSync(file, 'r');
+  try {
+    const { port } = JSON.parse((await lines.next()).value as string) as { port: number };
+    const r = await migrate({
+      region: memory,
+      to: { host: link.far, port },
+      insecure: true,
+      disks: [{ name: 'root', fd, path: file, size }],
+      encodings: { zero: true, dedup: true, compress },
+      pause: async () => new Uint8Array(0),
+      resume: async () => undefined,
+    });
+    return {
+      compress,
+      verified: r.verified,
+      total_ms: r.total_ms,
+      wire_mib: +(r.wire_bytes / MiB).toFixed(1),
+      zero_pages: r.zero_pages,
+      dup_pages: r.dup_pages,
+      raw_pages: r.raw_pages,
+      lz4_pages: r.lz4_pages,
+      lz4_ratio: r.lz4_ratio,
+    };
+  } finally {
+    rx.kill();
+    closeSync(fd);
+    memory.release();
+  }
+}
+
+/** The idle runs' medians and ranges, against the ceilings measured beside them. */
+function emitIdleSummary(got: Record<string, number | boolean | string>[], ceiling: number[], runs: number, data: number): void {
+  const totals = got.map((r) => r['total_ms'] as number);
+  const wire = got.map((r) => r['wire_mib'] as number);
+  emit({
+    bench: 'disk',
+    case: 'summary',
+    runs,
+    total_ms: median(totals),
+    total_range: [Math.min(...totals), Math.max(...totals)],
+    raw_ms: median(ceiling),
+    raw_range: [Math.min(...ceiling), Math.max(...ceiling)],
+    // the ceiling's time over ours: 1.0 is the ceiling's speed
+    speed_over_raw: +(median(ceiling) / median(totals)).toFixed(2),
+    speed_over_raw_each: got.map((r, i) => +(ceiling[i]! / (r['total_ms'] as number)).toFixed(2)),
+    wire_over_data: +(median(wire) / (data / MiB)).toFixed(3),
+    verified: got.every((r) => r['verified']),
+  });
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
@@ -89,8 +234,10 @@ async function main(): Promise<void> {
       disk: { type: 'string', default: String(8 * 1024) },
       data: { type: 'string', default: '1024' },
       zeros: { type: 'string', default: '256' },
+      cases: { type: 'string', default: 'idle,retry,compression' },
     },
   });
+  const cases = values.cases.split(',');
   const runs = Number(values.runs);
   const size = Number(values.disk) * MiB;
   const data = Number(values.data) * MiB;
@@ -108,7 +255,7 @@ async function main(): Promise<void> {
     makeImage(path.join(mnt, 'src', 'disk.img'), size, data, zeros);
     const ceiling: number[] = [];
     const got: Record<string, number | boolean | string>[] = [];
-    for (let i = 0; i < runs; i++) {
+    for (let i = 0; i < (cases.includes('idle') ? runs : 0); i++) {
       const ceilingImage = path.join(mnt, 'raw-dest.img');
       const raw = async (): Promise<number> => {
         const ms = (await rawStreams(1, size, undefined, { image: { from: path.join(mnt, 'src', 'disk.img'), to: ceilingImage } })).ms;
@@ -127,22 +274,20 @@ async function main(): Promise<void> {
       got.push(r);
       emit({ bench: 'disk', case: 'run', run: i + 1, first: i % 2 === 0 ? 'raw' : 'livemig', raw_image_ms: ceiling[i], ...r });
     }
-    const totals = got.map((r) => r['total_ms'] as number);
-    const wire = got.map((r) => r['wire_mib'] as number);
-    emit({
-      bench: 'disk',
-      case: 'summary',
-      runs,
-      total_ms: median(totals),
-      total_range: [Math.min(...totals), Math.max(...totals)],
-      raw_ms: median(ceiling),
-      raw_range: [Math.min(...ceiling), Math.max(...ceiling)],
-      // the ceiling's time over ours: 1.0 is the ceiling's speed
-      speed_over_raw: +(median(ceiling) / median(totals)).toFixed(2),
-      speed_over_raw_each: got.map((r, i) => +(ceiling[i]! / (r['total_ms'] as number)).toFixed(2)),
-      wire_over_data: +(median(wire) / (data / MiB)).toFixed(3),
-      verified: got.every((r) => r['verified']),
-    });
+    if (got.length) emitIdleSummary(got, ceiling, runs, data);
+    for (let i = 0; i < (cases.includes('retry') ? runs : 0); i++) emit({ bench: 'disk', case: 'retry', run: i + 1, ...(await retry(mnt, size, data)) });
+    if (cases.includes('compression')) {
+      execFileSync('mkdir', ['-p', path.join(mnt, 'src-text')]);
+      makeImage(path.join(mnt, 'src-text', 'disk.img'), size, data, zeros, 0.5);
+      const link = createLink('1gbit');
+      try {
+        for (let i = 0; i < runs; i++)
+          for (const compress of i % 2 === 0 ? [true, false] : [false, true])
+            emit({ bench: 'disk', case: 'compression', link: '1gbit', run: i + 1, ...(await overLink(mnt, size, link, compress)) });
+      } finally {
+        link.remove();
+      }
+    }
   } finally {
     execFileSync('umount', [mnt]);
     rmSync(root, { recursive: true, force: true });
