@@ -9,13 +9,16 @@
  * every page); the running guest was never paused longer than the max pause, its lease and the
  * resolve timeout allow; every failure names its stage. The matrix is printed with its counts.
  *
+ * Cells with a disk (the guest writes a 32 MiB disk image throughout; the receiver creates its
+ * own): the same verdicts, and the running guest's disk checks out block by block too.
+ *
  * Post-copy × SIGKILL is the one row where no guest can run afterwards: the pages not yet moved
  * live only in the process that died (as in every post-copy engine). There the survivor must
  * say so, with its stage, and must not run a copy of its own.
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -62,6 +65,14 @@ type Fault = 'kill' | 'stop' | 'drop' | 'reset';
 const STAGES: Stage[] = ['handshake', 'reservation', 'first round', 'later round', 'pause', 'after COMMIT', 'post-copy'];
 const FAULTS: Fault[] = ['kill', 'stop', 'drop', 'reset'];
 const SIDES: Side[] = ['source', 'destination'];
+/** the cells run again with a disk: a reset at each of these stages, and a SIGKILL at the pause, on each side */
+const DISK_CELLS: { stage: Stage; fault: Fault }[] = [
+  { stage: 'first round', fault: 'reset' },
+  { stage: 'pause', fault: 'reset' },
+  { stage: 'after COMMIT', fault: 'reset' },
+  { stage: 'post-copy', fault: 'reset' },
+  { stage: 'pause', fault: 'kill' },
+];
 
 const run = (...a: string[]): string => execFileSync(a[0]!, a.slice(1), { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -176,6 +187,8 @@ interface Outcome {
   stage: Stage;
   fault: Fault;
   side: Side;
+  /** the guest had a disk */
+  disk: boolean;
   /** where a guest runs afterwards */
   runs: Side | 'none' | 'both';
   send?: { error?: { code: string; phase: string; message: string }; source_guest?: string };
@@ -247,11 +260,16 @@ async function until(cond: () => boolean, ms: number, every = 20): Promise<boole
   return true;
 }
 
-async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: Side, port: number): Promise<Outcome> {
+async function runCell(h: Hosts, dir: string, c: { stage: Stage; fault: Fault; side: Side; disk: boolean }, port: number): Promise<Outcome> {
+  const { stage, fault, side, disk } = c;
   h.reset();
   // beats stamped before this (a guest the reset killed, its last datagrams still in the relay) are not this cell's
   const cellStart = monotonicMs();
-  const cell = `${stage} × ${fault} × ${side}`;
+  const cell = `${stage} × ${fault} × ${side}${disk ? ' (disk)' : ''}`;
+  const diskDir = path.join(dir, `disks-${port}`);
+  if (disk) mkdirSync(path.join(diskDir, 'destination'), { recursive: true });
+  const receiveDisk = disk ? ['--disk-dir', path.join(diskDir, 'destination')] : [];
+  const sendDisk = disk ? ['--disk', '32MiB', '--disk-rate', '4', '--disk-image', path.join(diskDir, 'source.img')] : [];
   const psk = path.join(dir, 'psk');
   const mark = path.join(dir, `mark-${h.index}`);
   rmSync(mark, { force: true });
@@ -280,6 +298,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
       ...deadlines,
       '--linger',
       String(RESOLVE_S),
+      ...receiveDisk,
     ],
     { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'destination' ? hookEnv : plainEnv },
   );
@@ -320,6 +339,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
       '10',
       '--json',
       ...postcopy,
+      ...sendDisk,
     ],
     { stdio: ['ignore', 'pipe', 'pipe'], env: side === 'source' ? hookEnv : plainEnv },
   );
@@ -334,7 +354,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
     receive.kill('SIGKILL');
     const said = `send: ${JSON.stringify(tx.all)} ${tx.stderr()}, receive: ${JSON.stringify(rx.all)} ${rx.stderr()}`;
     const notFired = `${cell}: not fired: the step '${step.event}' was never reached (${why}; ${said})`;
-    return { stage, fault, side, runs: 'none', longestSourceGapMs: 0, notFired };
+    return { stage, fault, side, disk, runs: 'none', longestSourceGapMs: 0, notFired };
   }
   if (fault === 'stop' || fault === 'drop') {
     await sleep(FAULT_MS);
@@ -380,6 +400,9 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
     const own = runs === 'destination' ? await guestCheck({ pid, beats }) : undefined;
     const now = await guestCheck({ pid, beats, ask: true });
     verifyBad = Math.max(now.bad, own?.bad ?? 0);
+    // with a disk, its every block too (a check that did not cover it counts as a bad one)
+    const diskBad = (v: { bad: number } | undefined): number => (v === undefined ? 0 : ((v as { disk?: { bad: number } }).disk?.bad ?? 1));
+    if (disk) verifyBad = Math.max(verifyBad, diskBad(now), diskBad(own));
   }
   // the longest the source guest went without a beat while it was the one to run (its own stamps,
   // guest by guest: another guest's beats neither fill nor open a gap)
@@ -398,6 +421,7 @@ async function runCell(h: Hosts, dir: string, stage: Stage, fault: Fault, side: 
     stage,
     fault,
     side,
+    disk,
     runs,
     stillListening,
     ...(sent ? { send: sent } : {}),
@@ -473,7 +497,7 @@ const KNOWN_STAGES = new Set([
 ]);
 
 function check(o: Outcome): void {
-  const cell = `${o.stage} × ${o.fault} × ${o.side}`;
+  const cell = `${o.stage} × ${o.fault} × ${o.side}${o.disk ? ' (disk)' : ''}`;
   if (o.notFired) assert.fail(o.notFired);
   if (o.broken) assert.fail(o.broken);
   const lost = o.stage === 'post-copy' && o.fault === 'kill';
@@ -534,11 +558,12 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
   const hosts = Array.from({ length: PARALLEL }, (_, i) => new Hosts(i));
   try {
     for (const h of hosts) await h.startRelays();
-    // LIVEMIG_FAULT_CELLS=stage:fault:side,... runs only those (to look into one by hand)
+    // LIVEMIG_FAULT_CELLS=stage:fault:side[:disk],... runs only those (to look into one by hand)
     const only = process.env['LIVEMIG_FAULT_CELLS']?.split(',');
-    const cells = STAGES.flatMap((stage) => FAULTS.flatMap((fault) => SIDES.map((side) => ({ stage, fault, side })))).filter(
-      (c) => !only || only.includes(`${c.stage}:${c.fault}:${c.side}`),
-    );
+    const cells = [
+      ...STAGES.flatMap((stage) => FAULTS.flatMap((fault) => SIDES.map((side) => ({ stage, fault, side, disk: false })))),
+      ...DISK_CELLS.flatMap((d) => SIDES.map((side) => ({ ...d, side, disk: true }))),
+    ].filter((c) => !only || only.includes(`${c.stage}:${c.fault}:${c.side}${c.disk ? ':disk' : ''}`));
     const outcomes: Outcome[] = [];
     let next = 0;
     let port = 7900;
@@ -548,7 +573,7 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
           const c = cells[next++]!;
           const p = port++;
           outcomes.push(
-            await runCell(h, dir, c.stage, c.fault, c.side, p).catch((e: unknown) => ({
+            await runCell(h, dir, c, p).catch((e: unknown) => ({
               ...c,
               runs: 'none' as const,
               longestSourceGapMs: 0,
@@ -561,8 +586,8 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
     // the matrix, then the checks (so that one failing cell does not hide the others)
     const failures: string[] = [];
     const counts: Record<string, number> = {};
-    for (const stage of STAGES) {
-      const row = outcomes.filter((o) => o.stage === stage);
+    for (const [stage, disk] of [...STAGES.map((s) => [s, false] as const), ...STAGES.map((s) => [s, true] as const)]) {
+      const row = outcomes.filter((o) => o.stage === stage && o.disk === disk);
       const cell = (o: Outcome): string => {
         let verdict = 'ok';
         try {
@@ -579,7 +604,7 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
       };
       if (row.length)
         process.stdout.write(
-          `# ${stage.padEnd(13)} ${FAULTS.flatMap((f) => SIDES.map((s) => row.find((o) => o.fault === f && o.side === s)))
+          `# ${(disk ? `${stage} +disk` : stage).padEnd(19)} ${FAULTS.flatMap((f) => SIDES.map((s) => row.find((o) => o.fault === f && o.side === s)))
             .filter((o) => o !== undefined)
             .map(cell)
             .join(' | ')}\n`,

@@ -85,7 +85,8 @@ export async function runRounds(ctx: SourceContext): Promise<PrecopyOutcome> {
       mbps: bandwidth,
       pageSize: region.pageSize,
     });
-    if (d.action === 'stop' && !d.forced && options.disks?.length) {
+    // (a stop the round limit forced too: the write-back is better waited for with the guest running than inside its pause)
+    if (d.action === 'stop' && options.disks?.length) {
       d = await waitForDurableDisks(ctx, d);
       if (d.action === 'continue') diskWaitRounds++;
     }

@@ -7,7 +7,19 @@ import { migrate } from '../../source/migrate.js';
 import { MigrationControl } from '../../source/types.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
-import { BEAT_FLAG, GUEST_FLAGS, POLICY_FLAGS, beatMs, downtimeLimit, encodingFlags, guestSpec, maxRounds, policyFlags } from '../migration-flags.js';
+import {
+  BEAT_FLAG,
+  DISK_FLAGS,
+  GUEST_FLAGS,
+  POLICY_FLAGS,
+  beatMs,
+  diskSpec,
+  downtimeLimit,
+  encodingFlags,
+  guestSpec,
+  maxRounds,
+  policyFlags,
+} from '../migration-flags.js';
 import { LocalProgress } from '../local-progress.js';
 import { SOURCE_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort } from '../units.js';
@@ -95,6 +107,8 @@ export const send: Command = {
       help: "same-host upgrade: the guest's memfds go to the destination guest, no page is copied (refused unless the receiver runs on this host)",
     },
     ...GUEST_FLAGS,
+    ...DISK_FLAGS,
+    'disk-image': { type: 'string', value: 'PATH', help: "without --guest, with --disk: where the started guest's disk image is created" },
     ...BEAT_FLAG,
     ...POLICY_FLAGS,
     ...SOURCE_SECURITY_FLAGS,
@@ -114,8 +128,19 @@ export const send: Command = {
     // refused before a guest starts, or is touched
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     const socket = typeof v['guest'] === 'string' ? v['guest'] : undefined;
+    const disk = diskSpec(v);
+    const image = typeof v['disk-image'] === 'string' ? v['disk-image'] : undefined;
+    if ((disk === undefined) !== (image === undefined)) throw usageError('--disk SIZE and --disk-image PATH go together');
+    if (disk && socket !== undefined) throw usageError("--disk gives a guest started here a disk: a guest at --guest brings its own (its hello's)");
     const spec =
-      socket === undefined ? { ...guestSpec(v), ...beatMs(v), ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}) } : undefined;
+      socket === undefined
+        ? {
+            ...guestSpec(v),
+            ...beatMs(v),
+            ...(typeof v['heartbeat'] === 'string' ? { heartbeat: v['heartbeat'] } : {}),
+            ...(disk && image ? { diskImage: { ...disk, path: image } } : {}),
+          }
+        : undefined;
     let guest: Guest;
     // which guest a failure leaves: none until one answers (or was started here)
     let before: 'none' | 'running' = 'none';
