@@ -6,11 +6,13 @@
  *   pause of each against the memory-only pause of the same sitting (every block checked);
  * - postcopy: the guest runs at the destination by post-copy (its push capped so that blocks
  *   stay missing) while this process reads random 64 KiB of its image there: how long a read of
- *   missing blocks waits, from the reader's side and as the fault service counted it;
+ *   missing blocks waits, from the reader's side and as the fault service counted it; the images
+ *   on XFS made on a loop file, and on the host's own filesystem (`--fs xfs,host`);
  * - throttle: the disk written faster than a 1 Gbit/s link carries: the pause against the
  *   downtime limit and the total against --deadline.
  *   node dist/bench/disk-guest.js [--runs 3] [--cases pause,postcopy,throttle] [--link loopback,1gbit]
  */
+import { execFileSync } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -119,48 +121,74 @@ function reader(file: string, source: string, size: number): { stop(): Promise<{
   };
 }
 
-async function postcopyCase(runs: number, at: ReceiverPlace, link: string): Promise<void> {
-  for (let i = 0; i < runs; i++) {
-    const dir = mkdtempSync(path.join(tmpdir(), 'livemig-bench-dpc-'));
-    let r: ReturnType<typeof reader> | undefined;
-    try {
-      const report = await runDemo({
-        // the guest leaves its disk alone: the waits counted are this reader's
-        guest: { ...GUEST, rate: 4, disk: { size: DISK, rate: 0 } },
-        receiverAt: at,
-        diskDir: dir,
-        policy: { mode: 'postcopy', postcopyBandwidthMiBps: 64 },
-        onProgress: (e) => {
-          if (e.type === 'postcopy' && !r) r = reader(path.join(dir, 'destination', 'disk0.img'), path.join(dir, 'source.img'), DISK);
-        },
-      });
-      const { all, first } = (await r?.stop()) ?? { all: [], first: [] };
-      const sorted = Float64Array.from(all).sort();
-      const cold = Float64Array.from(first).sort();
-      const dp = report.destination_postcopy ?? {};
-      emit({
-        bench: 'disk-guest',
-        case: 'postcopy-read-64k',
-        link,
-        run: i + 1,
-        verified: report.verified,
-        disk_bad: report.guest_verified.disk?.bad,
-        reads: all.length,
-        read_p50_ms: +percentile(sorted, 0.5).toFixed(3),
-        read_p99_ms: +percentile(sorted, 0.99).toFixed(3),
-        first_reads: first.length,
-        first_read_p50_ms: +percentile(cold, 0.5).toFixed(3),
-        first_read_p99_ms: +percentile(cold, 0.99).toFixed(3),
-        first_read_max_ms: +(cold.at(-1) ?? 0).toFixed(3),
-        accesses_waited: dp['disk_accesses_waited'],
-        service_wait_p50_us: dp['disk_wait_p50_us'],
-        service_wait_p99_us: dp['disk_wait_p99_us'],
-        postcopy_total_ms: report.total_ms,
-      });
-    } finally {
-      await r?.stop();
-      rmSync(dir, { recursive: true, force: true });
-    }
+/** A filesystem for the images: XFS made on a loop file (root, mkfs.xfs), or the host's own (tmpdir). */
+function imagesOn(fs: string): { dir: string; remove(): void } {
+  const root = mkdtempSync(path.join(tmpdir(), 'livemig-bench-fs-'));
+  if (fs === 'host') return { dir: root, remove: () => rmSync(root, { recursive: true, force: true }) };
+  const mnt = path.join(root, 'mnt');
+  execFileSync('truncate', ['-s', '8G', path.join(root, 'fs.img')]);
+  execFileSync('mkfs.xfs', ['-q', path.join(root, 'fs.img')]);
+  execFileSync('mkdir', [mnt]);
+  execFileSync('mount', ['-o', 'loop', path.join(root, 'fs.img'), mnt]);
+  return {
+    dir: mnt,
+    remove: () => {
+      execFileSync('umount', [mnt]);
+      rmSync(root, { recursive: true, force: true });
+    },
+  };
+}
+
+async function postcopyCase(runs: number, at: ReceiverPlace, link: string, fs: string): Promise<void> {
+  const on = imagesOn(fs);
+  try {
+    for (let i = 0; i < runs; i++) await postcopyRun(i, at, link, fs, on.dir);
+  } finally {
+    on.remove();
+  }
+}
+
+async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: string, under: string): Promise<void> {
+  const dir = mkdtempSync(path.join(under, 'livemig-bench-dpc-'));
+  let r: ReturnType<typeof reader> | undefined;
+  try {
+    const report = await runDemo({
+      // the guest leaves its disk alone: the waits counted are this reader's
+      guest: { ...GUEST, rate: 4, disk: { size: DISK, rate: 0 } },
+      receiverAt: at,
+      diskDir: dir,
+      policy: { mode: 'postcopy', postcopyBandwidthMiBps: 64 },
+      onProgress: (e) => {
+        if (e.type === 'postcopy' && !r) r = reader(path.join(dir, 'destination', 'disk0.img'), path.join(dir, 'source.img'), DISK);
+      },
+    });
+    const { all, first } = (await r?.stop()) ?? { all: [], first: [] };
+    const sorted = Float64Array.from(all).sort();
+    const cold = Float64Array.from(first).sort();
+    const dp = report.destination_postcopy ?? {};
+    emit({
+      bench: 'disk-guest',
+      case: 'postcopy-read-64k',
+      link,
+      fs,
+      run: i + 1,
+      verified: report.verified,
+      disk_bad: report.guest_verified.disk?.bad,
+      reads: all.length,
+      read_p50_ms: +percentile(sorted, 0.5).toFixed(3),
+      read_p99_ms: +percentile(sorted, 0.99).toFixed(3),
+      first_reads: first.length,
+      first_read_p50_ms: +percentile(cold, 0.5).toFixed(3),
+      first_read_p99_ms: +percentile(cold, 0.99).toFixed(3),
+      first_read_max_ms: +(cold.at(-1) ?? 0).toFixed(3),
+      accesses_waited: dp['disk_accesses_waited'],
+      service_wait_p50_us: dp['disk_wait_p50_us'],
+      service_wait_p99_us: dp['disk_wait_p99_us'],
+      postcopy_total_ms: report.total_ms,
+    });
+  } finally {
+    await r?.stop();
+    rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -194,6 +222,7 @@ async function main(): Promise<void> {
     options: {
       runs: { type: 'string', default: '3' },
       cases: { type: 'string', default: 'pause,postcopy,throttle' },
+      fs: { type: 'string', default: 'xfs,host' },
       link: { type: 'string', default: 'loopback,1gbit' },
     },
   });
@@ -209,7 +238,7 @@ async function main(): Promise<void> {
     }
     try {
       if (cases.includes('pause')) await pauseCase(runs, at, linkName);
-      if (cases.includes('postcopy')) await postcopyCase(runs, at, linkName);
+      if (cases.includes('postcopy')) for (const fs of values.fs.split(',')) await postcopyCase(runs, at, linkName, fs);
       if (cases.includes('throttle') && link) await throttleCase(runs, at, linkName);
     } finally {
       link?.remove();
