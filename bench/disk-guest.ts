@@ -22,7 +22,7 @@ import { runDemo, type DemoReport, type GuestSpec, type ReceiverPlace } from '..
 import { percentile } from '../src/postcopy/dest.js';
 import { Region } from '../src/region/region.js';
 import { emit, machine, median } from './common.js';
-import { createLink, type NetLink } from './netlink.js';
+import { receiverPlace } from './netlink.js';
 
 const MiB = 1 << 20;
 const GUEST: GuestSpec = { size: 256 * MiB, content: 'mixed', rate: 16, pattern: 'uniform', hotSize: 64 * MiB };
@@ -230,12 +230,7 @@ async function main(): Promise<void> {
   const cases = values.cases.split(',');
   emit({ bench: 'disk-guest', case: 'machine', ...machine(), guest_bytes: GUEST.size, disk_bytes: DISK });
   for (const linkName of values.link.split(',')) {
-    let link: NetLink | undefined;
-    let at: ReceiverPlace = { prefix: [], host: '127.0.0.1' };
-    if (linkName !== 'loopback') {
-      link = createLink(linkName);
-      at = { prefix: ['ip', 'netns', 'exec', link.ns], host: link.far, observer: link.near };
-    }
+    const { link, at } = receiverPlace(linkName);
     try {
       if (cases.includes('pause')) await pauseCase(runs, at, linkName);
       if (cases.includes('postcopy')) for (const fs of values.fs.split(',')) await postcopyCase(runs, at, linkName, fs);

@@ -3,6 +3,7 @@
  * both ends. Created for a benchmark and removed after it (also on failure).
  */
 import { execFileSync } from 'node:child_process';
+import type { ReceiverPlace } from '../src/demo/demo.js';
 
 export interface NetLink {
   ns: string;
@@ -49,4 +50,14 @@ export function createLink(rate = '1gbit'): NetLink {
   process.once('exit', remove);
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => (remove(), process.exit(130)));
   return { ns, near, far, remove };
+}
+
+/**
+ * Where a demo's receiver runs for a link named on a benchmark's command line: `loopback` (this
+ * namespace), or across a namespace link of that rate (e.g. `1gbit`), removed by the caller.
+ */
+export function receiverPlace(linkName: string): { link: NetLink | undefined; at: ReceiverPlace } {
+  if (linkName === 'loopback') return { link: undefined, at: { prefix: [], host: '127.0.0.1' } };
+  const link = createLink(linkName);
+  return { link, at: { prefix: ['ip', 'netns', 'exec', link.ns], host: link.far, observer: link.near } };
 }

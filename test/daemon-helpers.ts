@@ -123,3 +123,18 @@ export function scratch(prefix: string): { tmp(tag: string): string; pids: numbe
     },
   };
 }
+
+/** The daemon's /metrics, as Prometheus text, through its API socket. */
+export async function metricsText(api: ApiTarget): Promise<string> {
+  const http = await import('node:http');
+  return new Promise<string>((resolve, reject) => {
+    http
+      .get({ socketPath: (api as { socketPath: string }).socketPath, path: '/metrics' }, (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (d: string) => (text += d));
+        res.on('end', () => resolve(text));
+      })
+      .on('error', reject);
+  });
+}

@@ -15,7 +15,7 @@ import { DaemonProcess } from '../src/daemon/process.js';
 import { LivemigError } from '../src/errors.js';
 import { probe } from '../src/tracking/probe.js';
 import { HeartbeatObserver, referenceIncomingCommand } from '../src/workload/controller.js';
-import { alive, allSettled, call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { alive, allSettled, call, killAll, metricsText, registerGuest, settled } from './daemon-helpers.js';
 import { guestCheck, until } from './helpers.js';
 import { monotonicMs } from '../src/workload/clock.js';
 import { makeCa, opensslMissing } from './certs.js';
@@ -229,18 +229,7 @@ describe('the API', { skip }, () => {
       'released: no longer listed here',
     );
     // metrics: Prometheus text whose counters are the report's
-    const text = await new Promise<string>((resolve, reject) => {
-      void import('node:http').then((http) =>
-        http
-          .get({ socketPath: (a.api as { socketPath: string }).socketPath, path: '/metrics' }, (res) => {
-            let s = '';
-            res.setEncoding('utf8');
-            res.on('data', (c: string) => (s += c));
-            res.on('end', () => resolve(s));
-          })
-          .on('error', reject),
-      );
-    });
+    const text = await metricsText(a.api);
     const families = parsePrometheusTextFormat(text);
     const family = (n: string) => families.find((f) => f.name === n)!;
     const sample = (n: string, labels: Record<string, string>): number =>
@@ -679,18 +668,7 @@ test(
       const verify = (await guestCheck({ pid: there.guest_pid, beats: () => observer.beats })) as { bad: number; disk?: { bad: number } };
       assert.equal(verify.bad, 0);
       assert.equal(verify.disk?.bad, 0, 'every block of the disk checks out');
-      const text = await new Promise<string>((resolve, reject) => {
-        void import('node:http').then((http) =>
-          http
-            .get({ socketPath: (a.api as { socketPath: string }).socketPath, path: '/metrics' }, (res) => {
-              let t = '';
-              res.setEncoding('utf8');
-              res.on('data', (d: string) => (t += d));
-              res.on('end', () => resolve(t));
-            })
-            .on('error', reject),
-        );
-      });
+      const text = await metricsText(a.api);
       assert.match(text, new RegExp(`livemig_disk_blocks_sent_total ${report.disks![0]!.blocks_sent}\\b`), 'the metric is the report’s');
     } finally {
       pids.push(...destinationGuests(a.daemon), ...destinationGuests(b.daemon));

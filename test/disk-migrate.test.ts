@@ -25,12 +25,11 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { Worker } from 'node:worker_threads';
-import net from 'node:net';
 import { takeKeptImages } from '../src/disk/kept.js';
 import { precontentRefusal } from '../src/disk/probe.js';
 import type { IncomingGuest } from '../src/guest/incoming-session.js';
 import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
-import { guestCheck } from './helpers.js';
+import { cuttableProxy, guestCheck } from './helpers.js';
 import { runDemo } from '../src/demo/demo.js';
 import { listen } from '../src/receiver/listen.js';
 import { Region } from '../src/region/region.js';
@@ -345,30 +344,6 @@ describe('disk post-copy', { skip: precontent ?? false }, () => {
     }
   });
 });
-
-/** A TCP proxy to `port` that drops every connection at once on cut(); new ones get through. */
-async function cuttableProxy(port: number): Promise<{ port: number; cut(): void; close(): void }> {
-  const live = new Set<net.Socket>();
-  const server = net.createServer((c) => {
-    const up = net.connect(port, '127.0.0.1');
-    for (const x of [c, up]) {
-      live.add(x);
-      x.on('close', () => live.delete(x));
-      x.on('error', () => undefined);
-    }
-    c.pipe(up);
-    up.pipe(c);
-  });
-  server.listen(0, '127.0.0.1');
-  await new Promise((r) => server.once('listening', r));
-  return {
-    port: (server.address() as net.AddressInfo).port,
-    cut: () => {
-      for (const x of live) x.destroy();
-    },
-    close: () => server.close(),
-  };
-}
 
 /**
  * A retry resends only what differs (issue 33, item 7): a migration that fails before the guest

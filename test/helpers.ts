@@ -193,3 +193,31 @@ export async function until(what: string, ready: () => boolean | Promise<boolean
     if (performance.now() > by) throw new Error(`${what}: not within ${boundMs} ms`);
   }
 }
+
+/** A TCP proxy to `port` that can drop every connection at once (and, `forGood`, refuse new ones; or send them to `afterCutTo`). */
+export async function cuttableProxy(port: number, forGood = false, afterCutTo?: number): Promise<{ port: number; cut(): void; close(): void }> {
+  const live = new Set<net.Socket>();
+  let down = false;
+  const server = net.createServer((c) => {
+    if (down && forGood) return void c.destroy();
+    // after the cut, `afterCutTo` (an impostor) answers in the destination's place
+    const up = net.connect(down && afterCutTo !== undefined ? afterCutTo : port, '127.0.0.1');
+    for (const x of [c, up]) {
+      live.add(x);
+      x.on('close', () => live.delete(x));
+      x.on('error', () => undefined);
+    }
+    c.pipe(up);
+    up.pipe(c);
+  });
+  server.listen(0, '127.0.0.1');
+  await new Promise((r) => server.once('listening', r));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    cut: () => {
+      down = true;
+      for (const x of live) x.destroy();
+    },
+    close: () => server.close(),
+  };
+}

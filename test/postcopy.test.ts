@@ -21,7 +21,7 @@ import { Region } from '../src/region/region.js';
 import { fillContent } from '../src/workload/content.js';
 import type { IncomingGuest } from '../src/guest/incoming-session.js';
 import { HeartbeatObserver, SourceGuest, startReferenceIncoming } from '../src/workload/controller.js';
-import { guestCheck, minorFaultsReason, tcpPair, until, WorkerWriter } from './helpers.js';
+import { cuttableProxy, guestCheck, minorFaultsReason, tcpPair, until, WorkerWriter } from './helpers.js';
 import { FrameType } from '../src/protocol/format.js';
 
 const MiB = 1 << 20;
@@ -294,34 +294,6 @@ async function setup(
       observer.close();
       await rx.close();
     },
-  };
-}
-
-/** A TCP proxy to `port` that can drop every connection at once (and, `forGood`, refuse new ones; or send them to `afterCutTo`). */
-async function cuttableProxy(port: number, forGood: boolean, afterCutTo?: number): Promise<{ port: number; cut(): void; close(): void }> {
-  const live = new Set<net.Socket>();
-  let down = false;
-  const server = net.createServer((c) => {
-    if (down && forGood) return void c.destroy();
-    // after the cut, `afterCutTo` (an impostor) answers in the destination's place
-    const up = net.connect(down && afterCutTo !== undefined ? afterCutTo : port, '127.0.0.1');
-    for (const x of [c, up]) {
-      live.add(x);
-      x.on('close', () => live.delete(x));
-      x.on('error', () => undefined);
-    }
-    c.pipe(up);
-    up.pipe(c);
-  });
-  server.listen(0, '127.0.0.1');
-  await new Promise((r) => server.once('listening', r));
-  return {
-    port: (server.address() as net.AddressInfo).port,
-    cut: () => {
-      down = true;
-      for (const x of live) x.destroy();
-    },
-    close: () => server.close(),
   };
 }
 

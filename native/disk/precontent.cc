@@ -15,27 +15,11 @@
 #include <vector>
 
 #include "common.h"
-
-// not in every libc's headers yet (include/uapi/linux/fanotify.h, 6.14)
-#ifndef FAN_PRE_ACCESS
-#define FAN_PRE_ACCESS 0x00100000
-#endif
-#ifndef FAN_EVENT_INFO_TYPE_RANGE
-#define FAN_EVENT_INFO_TYPE_RANGE 6
-#endif
+#include "disk/fanotify.h"
 
 namespace livemig {
 
 namespace {
-
-struct RangeInfo {
-  uint8_t infoType;
-  uint8_t pad;
-  uint16_t len;
-  uint32_t pad2;
-  uint64_t offset;
-  uint64_t count;
-};
 
 struct PrecontentEvent {
   int fd = -1;
@@ -93,8 +77,8 @@ Napi::Value PrecontentNextAsync(const Napi::CallbackInfo& info) {
           for (size_t at = m->metadata_len; at + sizeof(fanotify_event_info_header) <= m->event_len;) {
             auto* h = reinterpret_cast<const fanotify_event_info_header*>(reinterpret_cast<uint8_t*>(m) + at);
             if (h->len == 0 || at + h->len > m->event_len) break;
-            if (h->info_type == FAN_EVENT_INFO_TYPE_RANGE && h->len >= sizeof(RangeInfo)) {
-              RangeInfo ri;
+            if (h->info_type == FAN_EVENT_INFO_TYPE_RANGE && h->len >= sizeof(FanRangeInfo)) {
+              FanRangeInfo ri;
               std::memcpy(&ri, h, sizeof ri);
               e.offset = static_cast<double>(ri.offset);
               e.count = static_cast<double>(ri.count);
@@ -149,18 +133,7 @@ Napi::Value PrecontentRespond(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fan = IntArg(info, 0, "fan"), fd = IntArg(info, 1, "eventFd");
   bool allow = info.Length() > 2 && info[2].ToBoolean().Value();
-  // a refusal fails the access with EIO, as a disk error would (FAN_DENY_ERRNO, 6.14); a kernel
-  // that takes no errno there makes it EPERM
-  constexpr uint32_t kDenyEio = FAN_DENY | (static_cast<uint32_t>(EIO) << 24);
-  fanotify_response r{fd, allow ? static_cast<uint32_t>(FAN_ALLOW) : kDenyEio};
-  ssize_t w = write(fan, &r, sizeof r);
-  if (w < 0 && errno == EINVAL && !allow) {
-    r.response = FAN_DENY;
-    w = write(fan, &r, sizeof r);
-  }
-  int e = errno;
-  if (fd >= 0) close(fd);
-  if (w != static_cast<ssize_t>(sizeof r)) throw MakeSysError(env, "write(fanotify response)", w < 0 ? e : EIO);
+  if (int e = FanRespond(fan, fd, allow)) throw MakeSysError(env, "write(fanotify response)", e);
   return env.Undefined();
 }
 

@@ -8,44 +8,16 @@
 #include <cerrno>
 #include <cstring>
 
+#include "disk/fanotify.h"
 #include "postcopy/postcopy.h"
-
-#ifndef FAN_EVENT_INFO_TYPE_RANGE
-#define FAN_EVENT_INFO_TYPE_RANGE 6
-#endif
 
 namespace livemig {
 namespace postcopy {
 
-namespace {
-
-struct RangeInfo {
-  uint8_t infoType;
-  uint8_t pad;
-  uint16_t len;
-  uint32_t pad2;
-  uint64_t offset;
-  uint64_t count;
-};
-
-}  // namespace
-
 bool DiskWaits::Respond(int fd, bool allow, SysError* err) {
-  // a refusal fails the access with EIO, as a disk error would (FAN_DENY_ERRNO, 6.14)
-  constexpr uint32_t kDenyEio = FAN_DENY | (static_cast<uint32_t>(EIO) << 24);
-  fanotify_response r{fd, allow ? static_cast<uint32_t>(FAN_ALLOW) : kDenyEio};
-  ssize_t w = write(fan_, &r, sizeof r);
-  if (w < 0 && errno == EINVAL && !allow) {
-    r.response = FAN_DENY;
-    w = write(fan_, &r, sizeof r);
-  }
-  int e = errno;
-  close(fd);
-  if (w != static_cast<ssize_t>(sizeof r)) {
-    if (err) err->set("write(fanotify response)", w < 0 ? e : EIO);
-    return false;
-  }
-  return true;
+  int e = FanRespond(fan_, fd, allow);
+  if (e && err) err->set("write(fanotify response)", e);
+  return e == 0;
 }
 
 bool DiskWaits::Here(const uint8_t* state, const Pending& p) const {
@@ -70,8 +42,8 @@ bool DiskWaits::Read(uint8_t* state, std::vector<uint32_t>& toRequest, SysError&
       for (size_t at = m->metadata_len; at + sizeof(fanotify_event_info_header) <= m->event_len;) {
         auto* h = reinterpret_cast<const fanotify_event_info_header*>(reinterpret_cast<uint8_t*>(m) + at);
         if (h->len == 0 || at + h->len > m->event_len) break;
-        if (h->info_type == FAN_EVENT_INFO_TYPE_RANGE && h->len >= sizeof(RangeInfo)) {
-          RangeInfo ri;
+        if (h->info_type == FAN_EVENT_INFO_TYPE_RANGE && h->len >= sizeof(FanRangeInfo)) {
+          FanRangeInfo ri;
           std::memcpy(&ri, h, sizeof ri);
           offset = ri.offset, count = ri.count;
         }
