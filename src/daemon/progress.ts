@@ -16,7 +16,7 @@
  * reserve)). Only completion makes it 100.
  */
 import { FIXED_STOP_COST_MS } from '../precopy/policy.js';
-import type { MigrationStatus } from '../source/types.js';
+import type { DiskProgress, MigrationStatus } from '../source/types.js';
 
 /** the highest percentage before completion: nothing left is not done, the stop is ahead */
 const CEILING = 99.9;
@@ -54,6 +54,7 @@ export interface ProgressSample {
   dirtyBytesPerS?: number | undefined;
   expectedDowntimeMs?: number | undefined;
   postcopy?: PostcopyProgress | undefined;
+  disks?: DiskProgress[] | undefined;
 }
 
 /** The progress event's fields (docs/API.md, "Progress"). */
@@ -77,6 +78,8 @@ export interface ProgressView {
   dirty_bytes_per_s: number | undefined;
   expected_downtime_ms: number | undefined;
   postcopy?: PostcopyProgress;
+  /** the guest's disks: each one's size and the 4 KiB blocks sent so far (resends included) */
+  disks?: DiskProgress[];
 }
 
 /** A sample from what MigrationControl.status() answered. */
@@ -93,6 +96,7 @@ export function sampleFromStatus(s: MigrationStatus, at: number): ProgressSample
     dirtyBytesPerS: s.dirty_pages_rate === undefined ? undefined : s.dirty_pages_rate * ps,
     expectedDowntimeMs: s.expected_downtime_ms,
     ...(s.postcopy ? { postcopy: s.postcopy } : {}),
+    ...(s.disks ? { disks: s.disks } : {}),
   };
 }
 
@@ -155,6 +159,7 @@ export class Progress {
       dirty_bytes_per_s: precopy ? round0(s.dirtyBytesPerS) : undefined,
       expected_downtime_ms: precopy ? s.expectedDowntimeMs : undefined,
       ...(s.postcopy ? { postcopy: s.postcopy } : {}),
+      ...(s.disks ? { disks: s.disks } : {}),
     };
     return this.#view;
   }

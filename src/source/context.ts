@@ -164,6 +164,7 @@ export class SourceContext {
       pending: () => ({ listed: this.pending.length, sentSince: this.pagesSent - this.pendingSince }),
       pacer: this.pacer,
       peekWritten: () => this.tracker?.peekWritten?.() ?? Promise.resolve(undefined),
+      ...(options.disks?.length ? { disks: () => options.disks!.map((d, i) => ({ name: d.name, bytes: d.size, blocks_sent: this.diskBlocks[i] ?? 0 })) } : {}),
     });
     this.#unbindStatus = options.control?.bindStatus(() => this.live.status());
     this.deadlines = new Deadlines({

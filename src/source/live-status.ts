@@ -11,7 +11,7 @@ import { FIXED_STOP_COST_MS } from '../precopy/policy.js';
 import { trace } from '../trace.js';
 import { SourceEvent } from '../trace-events.js';
 import type { Pacer } from '../pacing/pacer.js';
-import type { MigrationStatus, PostcopyStats } from './types.js';
+import type { DiskProgress, MigrationStatus, PostcopyStats } from './types.js';
 
 /** a count of written pages is taken at most this often: each one is a walk of the page tables */
 const PEEK_INTERVAL_MS = 200;
@@ -33,6 +33,8 @@ export interface LiveSource {
   pacer: Pick<Pacer, 'achievedMbps' | 'estimateMbps'>;
   /** the tracker's count of pages written since it re-armed, when it has one */
   peekWritten: (() => Promise<number | undefined>) | undefined;
+  /** with disks: each one's blocks sent so far */
+  disks?: () => DiskProgress[];
 }
 
 export class LiveStatus {
@@ -78,6 +80,7 @@ export class LiveStatus {
       pages_total: src.pageCount,
       page_size: src.pageSize,
       bandwidth_mbps: src.pacer.achievedMbps(),
+      ...(src.disks ? { disks: src.disks() } : {}),
     };
     const pc = this.#postcopy;
     if (pc) {

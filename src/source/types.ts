@@ -14,8 +14,17 @@ export interface BandwidthTarget {
 }
 
 /** Where a running migration is, read at any moment (between its progress events too). */
+/** A disk's share of a running migration: its 4 KiB blocks sent so far (resends included). */
+export interface DiskProgress {
+  name: string;
+  bytes: number;
+  blocks_sent: number;
+}
+
 export interface MigrationStatus {
   stage: string;
+  /** the guest's disks, each with its blocks sent so far (pre-copy; absent without disks) */
+  disks?: DiskProgress[];
   /** the current pre-copy round (in stop-and-copy and post-copy: the last one) */
   round: number;
   /** bytes put on the wire so far (frames included, after encoding), and pages sent (resends included), counted as they go */

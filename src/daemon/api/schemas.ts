@@ -107,6 +107,11 @@ const progress = {
         faults: { type: 'number' },
       },
     },
+    disks: {
+      type: 'array',
+      description: "the guest's disks: each one's size and the 4 KiB blocks sent so far, resends included",
+      items: { type: 'object', properties: { name: { type: 'string' }, bytes: { type: 'number' }, blocks_sent: { type: 'number' } } },
+    },
   },
 } as const;
 
