@@ -52,7 +52,25 @@ test('the native post-copy services take one options object and name the field t
     });
     assert.throws(() => new Dest({ ...dest, guest: [{ address: 4096n, firstPage: 0, pages: 3 }] }), {
       name: 'RangeError',
-      message: 'PostcopyDest: options.guest: the ranges must cover every page',
+      message: 'PostcopyDest: options.guest: the ranges must cover every page of the memory',
+    });
+    // disks follow the memory and end the page space, each a run of pages after the one before
+    const disk = (firstPage: number, pages: number) => ({ firstPage, pages, dev: 1, ino: 2 });
+    assert.throws(() => new Dest({ ...dest, fanotify: 0, disks: [disk(3, 2)] }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.disks: the disks must end the page space',
+    });
+    assert.throws(() => new Dest({ ...dest, fanotify: 0, disks: [disk(2, 1), disk(2, 1)] }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.disks: the disks must follow the memory in order',
+    });
+    assert.throws(() => new Dest({ ...dest, fanotify: 0, disks: [] }), {
+      name: 'TypeError',
+      message: /^PostcopyDest: options\.disks must be a non-empty list/,
+    });
+    assert.throws(() => new Dest({ ...dest, guest: [{ address: 4096n, firstPage: 0, pages: 4 }], fanotify: 0, disks: [disk(2, 2)] }), {
+      name: 'RangeError',
+      message: 'PostcopyDest: options.guest: the ranges must cover every page of the memory',
     });
     assert.throws(() => new Dest({ ...dest, needed: new Uint16Array(4) }), { name: 'TypeError', message: 'PostcopyDest: options.needed must be a Uint8Array' });
     assert.throws(() => new Dest({ ...dest, hashes: new BigUint64Array(3) }), {
