@@ -33,12 +33,20 @@ const MiB = 1 << 20;
 const RECEIVER = fileURLToPath(new URL('./disk-receiver.js', import.meta.url));
 
 /** Text-like bytes (words from a small vocabulary, as logs and source files are): LZ4 takes them to about a third. */
-function fillText(buf: Buffer, len: number, rand: () => number): void {
+function fillText(buf: Buffer, len: number, seed: number): void {
   const words = ['migration', 'block', 'the', 'guest', 'page', 'round', 'of', 'and', 'disk', 'memory', 'pause', 'link', 'copy', 'a', 'to'];
+  // xorshift32 in 32-bit integers: the LCG of makeImage, in doubles, loses its low bits past 2^53
+  // and falls into a short cycle, whose pages repeat and go as references instead of compressed
+  let x = seed | 1;
+  const next = (): number => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return x >>> 0;
+  };
   for (let at = 0; at < len;) {
-    // the generator's high bits: its low ones repeat within a few dozen draws (whole pages would repeat, and go as references)
-    const w = words[(rand() >>> 12) % words.length]!;
-    at += buf.write(w + ((rand() >>> 12) % 7 === 0 ? '\n' : ' '), at, Math.min(len - at, w.length + 1), 'latin1');
+    const w = words[next() % words.length]!;
+    at += buf.write(w + (next() % 7 === 0 ? '\n' : ' '), at, Math.min(len - at, w.length + 1), 'latin1');
   }
 }
 
@@ -56,7 +64,7 @@ function makeImage(file: string, size: number, data: number, zeros: number, text
   for (let at = 0; written < data && at < size; at += stride) {
     const len = Math.min(data - written, (1 + ((rand() >>> 16) % 64)) * 64 * 1024);
     // each extent its own content: the same bytes twice would go as references
-    if ((rand() % 100) / 100 < text) fillText(chunk, len, rand);
+    if ((rand() % 100) / 100 < text) fillText(chunk, len, rand() ^ written);
     else randomFillSync(chunk, 0, len);
     writeSync(fd, chunk, 0, len, at);
     written += len;
