@@ -81,6 +81,8 @@ export interface Commit {
   pageCount: number;
   /** with CAP_COMMIT_ACTIVATE: activate at once if the digest matches (no COMMIT_ACK, no ACTIVATE) */
   activate?: boolean;
+  /** with disks: how many of the pause's pages were disk blocks (0: the images are durable as the last ROUND_ACK left them) */
+  diskBlocks?: number;
 }
 export interface CommitAck {
   digest: bigint;
@@ -282,7 +284,13 @@ export function decodeCommit(p: Buffer): Commit {
   const m = decodeMap(p, FrameType.Commit);
   if (!isU64(m.digest) || !isCount(m.pageCount)) throw bad('COMMIT needs a u64 digest and a page count');
   if (m.activate !== undefined && typeof m.activate !== 'boolean') throw bad('COMMIT activate must be a boolean');
-  return { digest: m.digest, pageCount: m.pageCount, ...(m.activate === true ? { activate: true } : {}) };
+  if (m.diskBlocks !== undefined && !isCount(m.diskBlocks)) throw bad('COMMIT diskBlocks must be a count');
+  return {
+    digest: m.digest,
+    pageCount: m.pageCount,
+    ...(m.activate === true ? { activate: true } : {}),
+    ...(m.diskBlocks !== undefined ? { diskBlocks: m.diskBlocks as number } : {}),
+  };
 }
 
 export const encodeCommitAck = (c: CommitAck, version: number): Buffer => control(FrameType.CommitAck, c, version);

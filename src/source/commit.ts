@@ -43,7 +43,8 @@ export async function commitAndActivate(ctx: SourceContext, stopped: StoppedGues
   trace('source', SourceEvent.digestComputed);
   if (prove) await checkProof(conn, digest, pageCount);
   await ctx.beginCommitment();
-  await conn.send(encodeCommit({ digest, pageCount, activate: true }, version));
+  const disks = ctx.settings.options.disks?.length ? { diskBlocks: ctx.finalDiskBlocks } : {};
+  await conn.send(encodeCommit({ digest, pageCount, activate: true, ...disks }, version));
   ctx.enter('activating');
   const tSent = now();
   trace('source', SourceEvent.commitSent, { pages: stopped.lastPages });

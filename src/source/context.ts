@@ -107,6 +107,8 @@ export class SourceContext {
   readonly #diskStarts: number[];
   /** with disks: blocks sent of each disk */
   readonly diskBlocks: number[];
+  /** with disks: the blocks the pause sent (COMMIT tells the destination, which syncs only if any) */
+  finalDiskBlocks = 0;
   tFirstPage = 0;
   /** the current (at the end, the last) pre-copy round; post-copy's pages carry the next one */
   round = 1;

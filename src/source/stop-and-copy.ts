@@ -35,7 +35,9 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const lastPages = mergePages(ctx.pending, final);
   ctx.pending = lastPages;
   ctx.pendingSince = ctx.pagesSent;
+  const diskBlocksBefore = ctx.diskBlocks.reduce((n, b) => n + b, 0);
   const lastBytes = (await sendRound(ctx, { round: ctx.round + 1, pages: lastPages, final: true })).bytes;
+  ctx.finalDiskBlocks = ctx.diskBlocks.reduce((n, b) => n + b, 0) - diskBlocksBefore;
   trace('source', SourceEvent.lastPagesSent);
   return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };
 }
