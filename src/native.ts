@@ -334,6 +334,8 @@ interface Addon {
   precontentRespond(fan: number, eventFd: number, allow: boolean): void;
   /** the mark goes; an access still waiting is allowed */
   precontentUnwatch(fan: number): void;
+  /** the same on a pool thread: accesses go on at once, the group's teardown (a grace period) off this thread */
+  precontentUnwatchAsync(fan: number): Promise<void>;
   /** a receiver's pages land in the region's mapping, populated for write (not its files) */
   regionWriteInPlace(region: NativeRegion, on: boolean): void;
   lz4DecodePage(src: Buffer, pageSize: number): Buffer | null;

@@ -143,6 +143,15 @@ Napi::Value PrecontentUnwatch(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// precontentUnwatchAsync(fan): the same on a pool thread. Closing the descriptor lets every
+// access through at once, then tears the group down, which waits for the marks' grace period
+// (synchronize_srcu): milliseconds that must not fall inside a guest's pause.
+Napi::Value PrecontentUnwatchAsync(const Napi::CallbackInfo& info) {
+  int fan = IntArg(info, 0, "fan");
+  return Task<int>::Start(
+      info.Env(), [fan](int&, SysError&) { close(fan); }, [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); });
+}
+
 }  // namespace
 
 void InitPrecontent(Napi::Env env, Napi::Object exports) {
@@ -151,6 +160,7 @@ void InitPrecontent(Napi::Env env, Napi::Object exports) {
   exports.Set("precontentFillAsync", Napi::Function::New(env, PrecontentFillAsync));
   exports.Set("precontentRespond", Napi::Function::New(env, PrecontentRespond));
   exports.Set("precontentUnwatch", Napi::Function::New(env, PrecontentUnwatch));
+  exports.Set("precontentUnwatchAsync", Napi::Function::New(env, PrecontentUnwatchAsync));
 }
 
 }  // namespace livemig

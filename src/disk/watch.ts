@@ -21,8 +21,12 @@ export interface WatchedImages {
   quiet: number[];
   /** where each disk lies in a page space whose memory has `memoryPages` pages, and which file it is */
   ranges(memoryPages: number): PostcopyDiskRange[];
-  /** the marks go: accesses no longer wait (every block is here, or the guest runs by pre-copy) */
-  close(): void;
+  /**
+   * The marks go: accesses no longer wait (every block is here, or the guest runs by pre-copy).
+   * They go through at once; the promise settles when the group is torn down (off this thread:
+   * the teardown waits for a grace period, milliseconds)
+   */
+  close(): Promise<void>;
 }
 
 /** how long to wait for the events of our own reads (each image's quiet descriptor) */
@@ -67,10 +71,10 @@ export async function watchImages(disks: IncomingDisk[]): Promise<WatchedImages>
       });
     },
     close: () => {
-      if (!open) return;
+      if (!open) return Promise.resolve();
       open = false;
-      addon.precontentUnwatch(fan);
       for (const q of quiet) closeSync(q);
+      return callAsync('ERR_LIVEMIG_SYSCALL', 'activate', 'unwatching the disk images', () => addon.precontentUnwatchAsync(fan));
     },
   };
 }

@@ -50,15 +50,11 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
   }
   const ta = performance.now();
   trace('receiver', ReceiverEvent.activating);
-  // by pre-copy every block is here: the guest's accesses must not wait on anyone
-  ctx.diskWatch?.close();
+  // by pre-copy every block is here: the guest's accesses must not wait on anyone (they go on at
+  // once; the group's teardown runs beside the activation, and is awaited once ACTIVATED went)
+  const unwatched = ctx.diskWatch?.close();
+  unwatched?.catch(() => undefined);
   await ctx.options.activate(a.memory ?? a.region, got.deviceState!);
-  if (a.disks) {
-    // the guest runs on the images now: this side lets go of them and of their mapping
-    closeDisks(a.disks);
-    ctx.disks = undefined;
-    a.region.release();
-  }
   trace('receiver', ReceiverEvent.guestActivated);
   ctx.enter('activated');
   ctx.outcome?.settle('activated');
@@ -70,6 +66,13 @@ export async function activate(ctx: ReceiverContext, a: Accepted, got: Received)
     () => false, // the guest runs here either way; the source will ask (RESOLVE)
   );
   trace('receiver', ReceiverEvent.activatedSent);
+  if (a.disks) {
+    // the guest runs on the images: this side lets go of them and of their mapping, out of the pause
+    closeDisks(a.disks);
+    ctx.disks = undefined;
+    a.region.release();
+    await unwatched;
+  }
   ctx.progress({ type: 'activated', activate_ms: activateMs });
   // the source closes once it has read ACTIVATED: without that close it may not know, and
   // will ask on a new connection (a listener that stays up answers: activated)

@@ -35,7 +35,7 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
     ctx.memory?.release();
   }
   // and the disk images made for it: none of them ran here
-  ctx.diskWatch?.close();
+  await ctx.diskWatch?.close();
   if (ctx.disks && !guestRunsHere) {
     const keepMs = ctx.options.disks?.keepMs ?? 0;
     // kept for the guest's next try here, which then sends only what differs (src/disk/kept.ts)

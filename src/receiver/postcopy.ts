@@ -141,7 +141,7 @@ async function runPostcopy(o: PostcopyStart, base: Omit<ReceiveReport, 'mode' | 
   try {
     return await runWatched(o, base, { ta, pagesNeeded, needed: unpacked.bytes, watched, prio });
   } finally {
-    watched?.close();
+    await watched?.close();
   }
 }
 
