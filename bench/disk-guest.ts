@@ -122,14 +122,14 @@ function reader(file: string, source: string, size: number): { stop(): Promise<{
 }
 
 /** A filesystem for the images: XFS made on a loop file (root, mkfs.xfs), or the host's own (tmpdir). */
-function imagesOn(fs: string): { dir: string; remove(): void } {
+function imagesOn(fs: string, mountOptions: string): { dir: string; remove(): void } {
   const root = mkdtempSync(path.join(tmpdir(), 'livemig-bench-fs-'));
   if (fs === 'host') return { dir: root, remove: () => rmSync(root, { recursive: true, force: true }) };
   const mnt = path.join(root, 'mnt');
   execFileSync('truncate', ['-s', '8G', path.join(root, 'fs.img')]);
   execFileSync('mkfs.xfs', ['-q', path.join(root, 'fs.img')]);
   execFileSync('mkdir', [mnt]);
-  execFileSync('mount', ['-o', 'loop', path.join(root, 'fs.img'), mnt]);
+  execFileSync('mount', ['-o', `loop${mountOptions ? `,${mountOptions}` : ''}`, path.join(root, 'fs.img'), mnt]);
   return {
     dir: mnt,
     remove: () => {
@@ -139,8 +139,8 @@ function imagesOn(fs: string): { dir: string; remove(): void } {
   };
 }
 
-async function postcopyCase(runs: number, at: ReceiverPlace, link: string, fs: string): Promise<void> {
-  const on = imagesOn(fs);
+async function postcopyCase(runs: number, at: ReceiverPlace, link: string, fs: string, mountOptions: string): Promise<void> {
+  const on = imagesOn(fs, mountOptions);
   try {
     for (let i = 0; i < runs; i++) await postcopyRun(i, at, link, fs, on.dir);
   } finally {
@@ -223,6 +223,8 @@ async function main(): Promise<void> {
       runs: { type: 'string', default: '3' },
       cases: { type: 'string', default: 'pause,postcopy,throttle' },
       fs: { type: 'string', default: 'xfs,host' },
+      /** for the XFS made here: extra mount options (e.g. lazytime) */
+      'mount-options': { type: 'string', default: '' },
       link: { type: 'string', default: 'loopback,1gbit' },
     },
   });
@@ -233,7 +235,7 @@ async function main(): Promise<void> {
     const { link, at } = receiverPlace(linkName);
     try {
       if (cases.includes('pause')) await pauseCase(runs, at, linkName);
-      if (cases.includes('postcopy')) for (const fs of values.fs.split(',')) await postcopyCase(runs, at, linkName, fs);
+      if (cases.includes('postcopy')) for (const fs of values.fs.split(',')) await postcopyCase(runs, at, linkName, fs, values['mount-options']);
       if (cases.includes('throttle') && link) await throttleCase(runs, at, linkName);
     } finally {
       link?.remove();
