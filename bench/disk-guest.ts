@@ -7,7 +7,8 @@
  * - postcopy: the guest runs at the destination by post-copy (its push capped so that blocks
  *   stay missing) while this process reads random 64 KiB of its image there: how long a read of
  *   missing blocks waits, from the reader's side and as the fault service counted it; the images
- *   on XFS made on a loop file, and on the host's own filesystem (`--fs xfs,host`);
+ *   on XFS or ext4 made on a loop file, or on the host's own filesystem (`--fs xfs,ext4,host`),
+ *   mounted with `--mount-options` (e.g. lazytime: no timestamp written per write);
  * - throttle: the disk written faster than a 1 Gbit/s link carries: the pause against the
  *   downtime limit and the total against --deadline.
  *   node dist/bench/disk-guest.js [--runs 3] [--cases pause,postcopy,throttle] [--link loopback,1gbit]
@@ -121,13 +122,13 @@ function reader(file: string, source: string, size: number): { stop(): Promise<{
   };
 }
 
-/** A filesystem for the images: XFS made on a loop file (root, mkfs.xfs), or the host's own (tmpdir). */
+/** A filesystem for the images: XFS or ext4 made on a loop file (root, mkfs.xfs, mkfs.ext4), or the host's own (tmpdir). */
 function imagesOn(fs: string, mountOptions: string): { dir: string; remove(): void } {
   const root = mkdtempSync(path.join(tmpdir(), 'livemig-bench-fs-'));
   if (fs === 'host') return { dir: root, remove: () => rmSync(root, { recursive: true, force: true }) };
   const mnt = path.join(root, 'mnt');
   execFileSync('truncate', ['-s', '8G', path.join(root, 'fs.img')]);
-  execFileSync('mkfs.xfs', ['-q', path.join(root, 'fs.img')]);
+  execFileSync(`mkfs.${fs}`, ['-q', ...(fs === 'ext4' ? ['-F'] : []), path.join(root, 'fs.img')]);
   execFileSync('mkdir', [mnt]);
   execFileSync('mount', ['-o', `loop${mountOptions ? `,${mountOptions}` : ''}`, path.join(root, 'fs.img'), mnt]);
   return {

@@ -315,6 +315,8 @@ interface Addon {
   fileCloneAsync(src: number, dst: number): Promise<void>;
   /** every extent of the file after a write-back: [logical, physical, length, flags, ...] in bytes (FIEMAP) */
   fileExtentsAsync(fd: number): Promise<Float64Array>;
+  /** the ranges ([offset, length, ...], bytes) allocated in the file, its size kept (fallocate) */
+  fileAllocateAsync(fd: number, ranges: Float64Array): Promise<void>;
   /** the page hash of each block of the file as pread reads it now (past its end: zeros) */
   hashFileBlocksAsync(fd: number, blockSize: number, firstBlock: number, count: number): Promise<BigUint64Array>;
   /** the files the region maps, in order (its own duplicates, valid until it is released) */

@@ -2,6 +2,7 @@
 // (FICLONE, a reflink on XFS and btrfs), asking where its extents lie (FIEMAP, after the
 // filesystem has written back what is dirty), and hashing its blocks as they read now.
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/fiemap.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
@@ -119,12 +120,32 @@ Napi::Value HashFileBlocksAsync(const Napi::CallbackInfo& info) {
       });
 }
 
+// fileAllocateAsync(fd, ranges: Float64Array [offset, length, ...]): the ranges allocated in the
+// file (fallocate, size kept), so that writing them later changes no block map
+Napi::Value FileAllocateAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = FdArg(info, 0, "fd");
+  if (info.Length() < 2 || !info[1].IsTypedArray()) throw Napi::TypeError::New(env, "fileAllocateAsync(fd, ranges: Float64Array)");
+  Napi::Float64Array r = info[1].As<Napi::Float64Array>();
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (size_t i = 0; i + 1 < r.ElementLength(); i += 2) ranges.emplace_back(static_cast<int64_t>(r[i]), static_cast<int64_t>(r[i + 1]));
+  return Task<int>::Start(
+      env,
+      [fd, ranges](int&, SysError& err) {
+        for (const auto& [at, len] : ranges) {
+          if (len > 0 && fallocate(fd, FALLOC_FL_KEEP_SIZE, at, len) != 0) return err.set("fallocate", errno);
+        }
+      },
+      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); });
+}
+
 }  // namespace
 
 void InitDisk(Napi::Env env, Napi::Object exports) {
   exports.Set("fileCloneAsync", Napi::Function::New(env, FileCloneAsync));
   exports.Set("fileExtentsAsync", Napi::Function::New(env, FileExtentsAsync));
   exports.Set("hashFileBlocksAsync", Napi::Function::New(env, HashFileBlocksAsync));
+  exports.Set("fileAllocateAsync", Napi::Function::New(env, FileAllocateAsync));
 }
 
 }  // namespace livemig

@@ -4,7 +4,7 @@
  * reserved and mapped while the integrator prepares its guest, and ACCEPT with what this side
  * offers.
  */
-import { createDiskImages } from '../disk/incoming.js';
+import { createDiskImages, type IncomingDisk } from '../disk/incoming.js';
 import { precontentRefusal } from '../disk/probe.js';
 import { hashKeptImage, takeKeptImages } from '../disk/kept.js';
 import { watchImages } from '../disk/watch.js';
@@ -15,7 +15,7 @@ import path from 'node:path';
 import { LivemigError } from '../errors.js';
 import { takeMemory } from '../guest/local.js';
 import { GuestLayout } from '../guest/layout.js';
-import { addon, call, closeFd } from '../native.js';
+import { addon, call, callAsync, closeFd } from '../native.js';
 import { ProtocolError } from '../protocol/errors.js';
 import {
   CAP_CHANNELS,
@@ -222,7 +222,7 @@ async function allocateRegion(ctx: ReceiverContext, h: Hello, plan: PostcopyPlan
   populated.catch(() => undefined); // awaited below, after onReserved
   // a kept image is taken back only where the source learns its hashes (encodings): else it would skip blocks the image holds stale
   const reuse = ctx.version >= 2 && h.capabilities.includes(CAP_ENCODINGS);
-  const pages = h.disks ? await withDisks(ctx, created, h.disks, { postcopy: plan !== 'no', guest: h.guest, reuse }) : created;
+  const pages = h.disks ? await withDisks(ctx, created, h.disks, { postcopy: plan !== 'no', guest: h.guest, reuse, resident }) : created;
   const files = layout.regions.map((r) => ({ fd: created.fd, offset: r.firstPage * PAGE_SIZE }));
   const disks = ctx.disks?.map((d) => ({ name: d.name, path: d.path, size: d.size, fd: d.fd }));
   await options.onReserved?.(created, plan, layout, { files, local: false, ...(disks ? { disks } : {}) });
@@ -239,7 +239,7 @@ async function withDisks(
   ctx: ReceiverContext,
   memory: Region,
   disks: DiskSpec[],
-  o: { postcopy: boolean; guest: string | undefined; reuse: boolean },
+  o: { postcopy: boolean; guest: string | undefined; reuse: boolean; resident: PageExtents | undefined },
 ): Promise<Region> {
   ctx.memory = memory;
   ctx.diskGuest = o.guest;
@@ -248,6 +248,10 @@ async function withDisks(
   const taken = o.reuse ? takeKeptImages(where, o.guest, disks) : [];
   ctx.keptDisks = taken.flatMap((t, i) => (t ? [i] : []));
   ctx.disks = createDiskImages(where, disks, taken);
+  // where post-copy may follow, the blocks the source holds data for are allocated now: a block
+  // landing while a guest's access waits for it then changes no block map (no journal to wait
+  // on). Before the watch: an allocation of a watched file would wait for an answer too
+  if (o.postcopy && o.resident) await allocateDiskData(ctx.disks, memory.pageCount, o.resident, taken);
   if (o.postcopy) ctx.diskWatch = await watchImages(ctx.disks);
   const quiet = ctx.diskWatch?.quiet;
   const pages = Region.adoptPieces([
@@ -278,6 +282,28 @@ async function keptDiskHashes(ctx: ReceiverContext, region: Region, hashes: BigU
     ctx.progress({ type: 'image', path: d.path });
   }
   return true;
+}
+
+/** The source's data extents (page-space pages) of each fresh image, allocated in it. */
+async function allocateDiskData(
+  disks: IncomingDisk[],
+  memoryPages: number,
+  resident: PageExtents,
+  taken: readonly (IncomingDisk | undefined)[],
+): Promise<void> {
+  let first = memoryPages;
+  for (const [i, d] of disks.entries()) {
+    const end = first + d.size / PAGE_SIZE;
+    const ranges: number[] = [];
+    for (let k = 0; k < resident.length; k += 2) {
+      const a = Math.max(resident[k]!, first);
+      const b = Math.min(resident[k + 1]!, end);
+      if (a < b) ranges.push((a - first) * PAGE_SIZE, (b - a) * PAGE_SIZE);
+    }
+    if (!taken[i] && ranges.length)
+      await callAsync('ERR_LIVEMIG_NO_MEMORY', 'reserve', `allocating disk ${d.name}'s data`, () => addon.fileAllocateAsync(d.fd, Float64Array.from(ranges)));
+    first = end;
+  }
 }
 
 /** A guest's own directory of images under `dir` (made, private, when it is not there): the source's name for it, or 'unnamed'. */
