@@ -143,13 +143,13 @@ function imagesOn(fs: string, mountOptions: string): { dir: string; remove(): vo
 async function postcopyCase(runs: number, at: ReceiverPlace, link: string, fs: string, mountOptions: string): Promise<void> {
   const on = imagesOn(fs, mountOptions);
   try {
-    for (let i = 0; i < runs; i++) await postcopyRun(i, at, link, fs, on.dir);
+    for (let i = 0; i < runs; i++) await postcopyRun(i, at, link, fs, on.dir, mountOptions);
   } finally {
     on.remove();
   }
 }
 
-async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: string, under: string): Promise<void> {
+async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: string, under: string, mountOptions: string): Promise<void> {
   const dir = mkdtempSync(path.join(under, 'livemig-bench-dpc-'));
   let r: ReturnType<typeof reader> | undefined;
   try {
@@ -172,6 +172,7 @@ async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: strin
       case: 'postcopy-read-64k',
       link,
       fs,
+      mount_options: mountOptions,
       run: i + 1,
       verified: report.verified,
       disk_bad: report.guest_verified.disk?.bad,
