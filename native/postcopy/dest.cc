@@ -625,6 +625,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
           disconnect(e);
           break;
         }
+        // an access waiting on a disk goes on as soon as its blocks are in, not after the push's chunk
+        if (disks_.waiting() && !disks_.AnswerReady(state_, err)) break;
       }
       if (err.failed()) break;
       if (disks_.waiting() && !disks_.AnswerReady(state_, err)) break;
