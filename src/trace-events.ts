@@ -96,6 +96,7 @@ export const ReceiverEvent = {
   guestActivatedPostcopy: 'guest activated (post-copy)',
   postcopyRunningNotSent: 'POSTCOPY_RUNNING not sent',
   postcopyLinkBroke: 'post-copy link broke',
+  diskImagesNotKept: 'disk images not kept',
 } as const;
 export type ReceiverEvent = (typeof ReceiverEvent)[keyof typeof ReceiverEvent];
 
@@ -124,6 +125,7 @@ export interface ReceiverPayloads {
   [ReceiverEvent.guestActivatedPostcopy]: undefined;
   [ReceiverEvent.postcopyRunningNotSent]: { reason: string };
   [ReceiverEvent.postcopyLinkBroke]: { reason: string };
+  [ReceiverEvent.diskImagesNotKept]: { reason: string };
 }
 
 /** livemig:guest, the reference guest's steps (published in the guest's own process). */

@@ -4,7 +4,10 @@
  * whatever pages it has: it stays.
  */
 import { removeDiskImages } from '../disk/incoming.js';
+import { existsSync } from 'node:fs';
 import { keepDiskImages } from '../disk/kept.js';
+import { trace } from '../trace.js';
+import { ReceiverEvent } from '../trace-events.js';
 import { LivemigError } from '../errors.js';
 import { encodeError } from '../protocol/messages.js';
 import type { ReceiverContext } from './context.js';
@@ -39,8 +42,15 @@ export async function discard(ctx: ReceiverContext, e: unknown): Promise<Livemig
   if (ctx.disks && !guestRunsHere) {
     const keepMs = ctx.options.disks?.keepMs ?? 0;
     // kept for the guest's next try here, which then sends only what differs (src/disk/kept.ts)
-    if (keepMs > 0 && ctx.diskGuest !== undefined) keepDiskImages(ctx.disks, ctx.diskGuest, keepMs);
-    else removeDiskImages(ctx.disks);
+    if (keepMs > 0 && ctx.diskGuest !== undefined) {
+      try {
+        keepDiskImages(ctx.disks, ctx.diskGuest, keepMs);
+      } catch (e) {
+        // not kept (a full or read-only directory): removed, as without --keep-disks; the failure being discarded is what the caller hears
+        trace('receiver', ReceiverEvent.diskImagesNotKept, { reason: (e as Error).message });
+        removeDiskImages(ctx.disks.filter((d) => existsSync(d.path)));
+      }
+    } else removeDiskImages(ctx.disks);
   }
   return err;
 }
