@@ -37,7 +37,20 @@ const char* ErrnoName(int err) {
     case ENOTCONN: return "ENOTCONN";
     case EMSGSIZE: return "EMSGSIZE";
     case ENODEV: return "ENODEV";
-    default: return "E?";
+    case ECONNABORTED: return "ECONNABORTED";
+    case EHOSTUNREACH: return "EHOSTUNREACH";
+    case ENETUNREACH: return "ENETUNREACH";
+    case EROFS: return "EROFS";
+    case ENXIO: return "ENXIO";
+    case EPROTO: return "EPROTO";
+    default: {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+      // the C library's own name for the rest (glibc >= 2.32): never a bare "E?" where it knows one
+      const char* name = strerrorname_np(err);
+      if (name) return name;
+#endif
+      return "E?";
+    }
   }
 }
 
