@@ -140,16 +140,17 @@ function imagesOn(fs: string, mountOptions: string): { dir: string; remove(): vo
   };
 }
 
-async function postcopyCase(runs: number, at: ReceiverPlace, link: string, fs: string, mountOptions: string): Promise<void> {
+async function postcopyCase(runs: number, at: ReceiverPlace, link: string, fs: string, mountOptions: string, prealloc: string): Promise<void> {
   const on = imagesOn(fs, mountOptions);
   try {
-    for (let i = 0; i < runs; i++) await postcopyRun(i, at, link, fs, on.dir, mountOptions);
+    for (let i = 0; i < runs; i++)
+      for (const pre of prealloc === 'both' ? [i % 2 === 0, i % 2 !== 0] : [prealloc === 'on']) await postcopyRun(i, at, link, fs, on.dir, mountOptions, pre);
   } finally {
     on.remove();
   }
 }
 
-async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: string, under: string, mountOptions: string): Promise<void> {
+async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: string, under: string, mountOptions: string, prealloc: boolean): Promise<void> {
   const dir = mkdtempSync(path.join(under, 'livemig-bench-dpc-'));
   let r: ReturnType<typeof reader> | undefined;
   try {
@@ -158,6 +159,7 @@ async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: strin
       guest: { ...GUEST, rate: 4, disk: { size: DISK, rate: 0 } },
       receiverAt: at,
       diskDir: dir,
+      ...(prealloc ? { receiverArgs: ['--prealloc'] } : {}),
       policy: { mode: 'postcopy', postcopyBandwidthMiBps: 64 },
       onProgress: (e) => {
         if (e.type === 'postcopy' && !r) r = reader(path.join(dir, 'destination', 'disk0.img'), path.join(dir, 'source.img'), DISK);
@@ -173,6 +175,7 @@ async function postcopyRun(i: number, at: ReceiverPlace, link: string, fs: strin
       link,
       fs,
       mount_options: mountOptions,
+      prealloc,
       run: i + 1,
       verified: report.verified,
       disk_bad: report.guest_verified.disk?.bad,
@@ -227,6 +230,8 @@ async function main(): Promise<void> {
       fs: { type: 'string', default: 'xfs,host' },
       /** for the XFS made here: extra mount options (e.g. lazytime) */
       'mount-options': { type: 'string', default: '' },
+      /** post-copy: the receiver with --prealloc (the image's page cache read in before the guest runs), without, or both in turn */
+      prealloc: { type: 'string', default: 'off' },
       link: { type: 'string', default: 'loopback,1gbit' },
     },
   });
@@ -237,7 +242,8 @@ async function main(): Promise<void> {
     const { link, at } = receiverPlace(linkName);
     try {
       if (cases.includes('pause')) await pauseCase(runs, at, linkName);
-      if (cases.includes('postcopy')) for (const fs of values.fs.split(',')) await postcopyCase(runs, at, linkName, fs, values['mount-options']);
+      if (cases.includes('postcopy'))
+        for (const fs of values.fs.split(',')) await postcopyCase(runs, at, linkName, fs, values['mount-options'], values.prealloc);
       if (cases.includes('throttle') && link) await throttleCase(runs, at, linkName);
     } finally {
       link?.remove();

@@ -275,9 +275,17 @@ describe('an example guest with a disk, through the guest contract', () => {
 const precontent = precontentRefusal(tmpdir());
 describe('disk post-copy', { skip: precontent ?? false }, () => {
   const guest = { size: 64 * MiB, content: 'mixed' as const, rate: 8, pattern: 'uniform' as const, hotSize: 16 * MiB };
-  for (const mode of ['postcopy', 'hybrid'] as const) {
-    test(`${mode}: the guest's disk accesses wait for missing blocks, and every block checks out`, async () => {
-      const r = await runDemo({ guest: { ...guest, disk: { size: 64 * MiB, rate: 8 } }, policy: { mode } });
+  for (const [mode, prealloc] of [
+    ['postcopy', false],
+    ['hybrid', false],
+    ['postcopy', true],
+  ] as const) {
+    test(`${mode}${prealloc ? ', the receiver with --prealloc' : ''}: the guest's disk accesses wait for missing blocks, and every block checks out`, async () => {
+      const r = await runDemo({
+        guest: { ...guest, disk: { size: 64 * MiB, rate: 8 } },
+        policy: { mode },
+        ...(prealloc ? { receiverArgs: ['--prealloc'] } : {}),
+      });
       const disk = r.guest_verified.disk!;
       assert.equal(disk.bad, 0, `block ${disk.first_bad} differs from the model`);
       assert.ok(Number(disk.writes) > 0, 'the guest wrote its disk');

@@ -259,6 +259,14 @@ async function withDisks(
     ...ctx.disks.map((d, i) => ({ fd: quiet?.[i] ?? d.fd, offset: 0, size: d.size })),
   ]);
   ctx.region = pages;
+  // --prealloc, where post-copy may follow: the page cache the source's data will land in is
+  // read in now (the allocated extents read as zeros, no I/O), so that a block a guest's access
+  // waits for lands in memory the host already handed over: its first touches were the tail of
+  // those waits (a 64 KiB frame took 0.6-1.1 ms to land in 6% of them)
+  if (o.postcopy && o.resident && ctx.options.prealloc) {
+    const disksOnly = clipFrom(o.resident, memory.pageCount);
+    if (disksOnly.length) await pages.populateAsync(false, disksOnly);
+  }
   return pages;
 }
 
@@ -317,6 +325,13 @@ function guestDiskDir(dir: string, guest: string | undefined): string {
       throw new LivemigError('ERR_LIVEMIG_REFUSED', `cannot make ${own} for the guest's disks: ${(e as Error).message}`, { phase: 'reserve', cause: e });
   }
   return own;
+}
+
+/** The extents from page `first` on. */
+function clipFrom(e: PageExtents, first: number): PageExtents {
+  const out: number[] = [];
+  for (let i = 0; i < e.length; i += 2) if (e[i + 1]! > first) out.push(Math.max(e[i]!, first), e[i + 1]!);
+  return Float64Array.from(out);
 }
 
 /** The extents within the first `pages` pages. */
