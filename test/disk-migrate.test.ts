@@ -280,7 +280,8 @@ describe('disk post-copy', { skip: precontent ?? false }, () => {
     ['hybrid', false],
     ['postcopy', true],
   ] as const) {
-    test(`${mode}${prealloc ? ', the receiver with --prealloc' : ''}: the guest's disk accesses wait for missing blocks, and every block checks out`, async () => {
+    const how = `${mode}${prealloc ? ', the receiver with --prealloc' : ''}`;
+    test(`${how}: the guest's disk accesses wait for missing blocks, and every block checks out`, async () => {
       const r = await runDemo({
         guest: { ...guest, disk: { size: 64 * MiB, rate: 8 } },
         policy: { mode },
