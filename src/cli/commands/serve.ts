@@ -172,7 +172,8 @@ export const serve: Command = {
       default: false,
       help:
         "touch the memory of a guest coming in before its first page, as QEMU's destination prealloc: the first pass then runs at memory " +
-        'speed where this host is slow to hand over memory, and the preparation takes that time instead (default: memory is touched as pages arrive)',
+        'speed where this host is slow to hand over memory, and the preparation takes that time instead; where disk post-copy may follow, the ' +
+        "images' page cache too, so that a guest's read of a missing block waits less (default: memory is touched as pages arrive)",
     },
     'keep-images': {
       type: 'string',
