@@ -8,7 +8,7 @@
 import { fstatSync } from 'node:fs';
 import { LivemigError } from '../errors.js';
 import { Region } from '../region/region.js';
-import { chooseTracker, HashTracker } from '../tracking/index.js';
+import { memoryTracker } from '../source/memory-tracker.js';
 import type { DirtyTracker } from '../tracking/types.js';
 import type { MigrateOptions } from '../source/types.js';
 import { checkDisks, DISK_BLOCK } from './spec.js';
@@ -33,20 +33,19 @@ export async function withDisks(options: MigrateOptions): Promise<{ options: Mig
   });
   const pages = Region.adoptPieces([...memoryPieces, ...disks.map((d) => ({ fd: d.fd, offset: 0, size: d.size }))]);
   try {
-    const memoryTracker =
-      options.tracker ?? (options.untracked ? new HashTracker(memory) : chooseTracker(memory, options.target ? { target: options.target } : {}).tracker);
+    const forMemory = memoryTracker(memory, options, false);
     const blockTrackers = await Promise.all(
       disks.map((d) =>
         chooseBlockTracker({ fd: d.fd, path: d.path, size: d.size, blockSize: DISK_BLOCK, ...(d.written !== undefined ? { written: d.written } : {}) }),
       ),
     );
     const tracker = new DisksAndMemory(
-      memoryTracker,
+      forMemory.tracker,
       blockTrackers,
       memory.pageCount,
       disks.map((d) => d.size),
     );
-    const trackerReason = `${memoryTracker.backend} for the memory; ` + blockTrackers.map((t, i) => `disk ${specs[i]!.name}: ${t.reason}`).join('; ');
+    const trackerReason = `the memory: ${forMemory.reason}; ` + blockTrackers.map((t, i) => `disk ${specs[i]!.name}: ${t.reason}`).join('; ');
     tracker.reason = trackerReason;
     return {
       options: { ...options, region: pages, tracker, readPath: 'files' },

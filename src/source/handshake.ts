@@ -34,9 +34,7 @@ import { openConnection } from '../security/tls.js';
 import { frameLimits } from '../protocol/limits.js';
 import { warmUpProtocol } from '../protocol/warmup.js';
 import { offerMemory } from '../guest/local.js';
-import { HashTracker } from '../tracking/hash.js';
-import { SharedMemoryTracker } from '../tracking/shared.js';
-import { chooseTracker } from '../tracking/probe.js';
+import { memoryTracker } from './memory-tracker.js';
 import { warmUpRuntime } from '../warmup.js';
 import { CompressorPool, type Compressor } from '../encoding/compressor.js';
 import { now, type SourceContext } from './context.js';
@@ -185,19 +183,7 @@ async function exchange(ctx: SourceContext, local: ReturnType<typeof offerMemory
   ctx.channels = channels;
   const [readPath] = await Promise.all([populated, ...encoders.map((e) => e?.prepare())]);
   const prepMs = now() - ctx.tConnect;
-  let tracker = options.tracker;
-  let trackerReason = (options.tracker as { reason?: string } | undefined)?.reason || 'given by the caller';
-  if (!tracker && local) {
-    tracker = new SharedMemoryTracker(region.pageCount);
-    trackerReason = 'shared: a same-host upgrade; the destination maps the very memory, nothing is sent';
-  } else if (!tracker && options.untracked) {
-    tracker = new HashTracker(region);
-    trackerReason = 'hash: the guest registered no write tracking (userfaultfd WP_ASYNC), so every page is hashed each round';
-  } else if (!tracker) {
-    const choice = chooseTracker(region, options.target ? { target: options.target } : {});
-    tracker = choice.tracker;
-    trackerReason = `${choice.backend}: ${choice.reason}`;
-  }
+  const { tracker, reason: trackerReason } = memoryTracker(region, options, local !== undefined);
   ctx.tracker = tracker;
   ctx.session = { conn, version, accept, tracker, trackerReason, readPath, link, encoder, channels, channelChoice: granted, prepMs, security: opened.security };
   ctx.progress({
