@@ -157,6 +157,8 @@ export interface NativePostcopyDestOptions {
   onEvent: (e: PostcopyEvent) => void;
   /** disk post-copy: the fanotify descriptor every image is marked on, and where each disk lies (after the memory) */
   fanotify?: number;
+  /** disk post-copy: the service's end of the SOCK_SEQPACKET pair the guest's VMM asks for blocks on */
+  diskAsks?: number;
   disks?: PostcopyDiskRange[];
 }
 
@@ -197,6 +199,10 @@ export interface NativePostcopyDest {
     /** guest accesses to its disks, and those that waited for blocks to come */
     diskAccesses: number;
     diskAccessesWaited: number;
+    /** the VMM's own asks (lmg_disk_fetch, lmg_disk_overwrite), and the blocks it overwrote whole without a fetch */
+    diskFetches: number;
+    diskOverwrites: number;
+    diskPagesClaimed: number;
     bytes: number;
     connected: boolean;
   };
@@ -354,7 +360,8 @@ interface Addon {
   /** ends the process at once with `code`, without Node's teardown (a daemon whose shutdown is complete) */
   exitNow(code: number): never;
   setThreadSlice(ns: number): boolean;
-  socketPair(): [number, number];
+  /** a connected pair: a stream, or with `seqpacket` messages that keep their bounds */
+  socketPair(seqpacket?: boolean): [number, number];
   /** the guest contract's messages, framed by the guest library's own code (native/guest/livemig_guest.h) */
   controlRequest(fd: number, tag: number, timeoutMs: number, body?: Buffer): ControlMessage;
   controlSend(fd: number, tag: number, body?: Buffer, fds?: number[]): void;

@@ -95,6 +95,7 @@ export const ReceiverEvent = {
   faultServiceStarted: 'fault service started',
   guestActivatedPostcopy: 'guest activated (post-copy)',
   postcopyRunningNotSent: 'POSTCOPY_RUNNING not sent',
+  diskAsksRefused: 'the guest took no socket to ask for disk blocks on',
   postcopyLinkBroke: 'post-copy link broke',
   diskImagesNotKept: 'disk images not kept',
 } as const;
@@ -124,6 +125,7 @@ export interface ReceiverPayloads {
   [ReceiverEvent.faultServiceStarted]: undefined;
   [ReceiverEvent.guestActivatedPostcopy]: undefined;
   [ReceiverEvent.postcopyRunningNotSent]: { reason: string };
+  [ReceiverEvent.diskAsksRefused]: { reason: string };
   [ReceiverEvent.postcopyLinkBroke]: { reason: string };
   [ReceiverEvent.diskImagesNotKept]: { reason: string };
 }

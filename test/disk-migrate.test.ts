@@ -296,6 +296,19 @@ describe('disk post-copy', { skip: precontent ?? false }, () => {
     });
   }
 
+  test('a VMM that asks for its blocks itself: fetched ahead, whole-block writes claimed, none overwritten by the push', async () => {
+    const r = await runDemo({ guest: { ...guest, disk: { size: 64 * MiB, rate: 32, ask: true } }, guestKind: 'c', policy: { mode: 'postcopy' } });
+    const disk = r.guest_verified.disk!;
+    assert.equal(disk.bad, 0, `block ${disk.first_bad} differs from the model`);
+    assert.ok(Number(disk.writes) > 0, 'the guest wrote its disk');
+    assert.equal(r.mode, 'postcopy');
+    const pc = r.destination_postcopy ?? {};
+    assert.equal(pc['disk_fetches'], 64, 'the guest fetched its disk ahead, a MiB at a time');
+    assert.ok((pc['disk_overwrites'] ?? 0) > 0, 'the guest claimed the blocks it wrote');
+    assert.ok((pc['disk_blocks_overwritten'] ?? 0) > 0, 'a write claimed its block instead of fetching it');
+    assert.ok(r.verified);
+  });
+
   test('a link cut in the middle of disk post-copy recovers, and every block checks out', async () => {
     const dir = mkdtempSync(path.join(tmpdir(), 'livemig-disk-cut-'));
     const destination = path.join(dir, 'destination');

@@ -800,6 +800,21 @@ struct lmg_incoming {
   pthread_mutex_t lock;
   pthread_cond_t changed;
   enum incoming_phase phase; /* under lock */
+  /* disk post-copy: the socket the VMM asks for blocks on (lmg_disk_fetch), given with 'U' */
+  int asks;
+  pthread_mutex_t ask_lock;
+  pthread_cond_t ask_answered;
+  struct ask_waiter *waiters; /* under ask_lock */
+  uint64_t next_tag;          /* under ask_lock */
+  int ask_reader;             /* under ask_lock: a waiter is reading answers for everyone */
+  atomic_int livemig_gone;    /* the after-run thread ended: nothing more comes */
+};
+
+/* an ask in flight: its caller sleeps until the answer with its tag comes */
+struct ask_waiter {
+  uint64_t tag;
+  int done, error;
+  struct ask_waiter *next;
 };
 
 static void unmap_all(struct lmg_incoming *h) {
@@ -914,6 +929,22 @@ static int take_regions(struct lmg_incoming *h, struct lmg_message *m, char *why
   return 0;
 }
 
+/* 'K': the socket lmg_disk_fetch and lmg_disk_overwrite ask on (post-copy with disks). */
+static int take_disk_asks(struct lmg_incoming *h, struct lmg_message *m) {
+  if (m->nfds != 1) return refuse(h->fd, "'K' carries one socket, not %zu descriptors", m->nfds);
+  if (h->nd == 0) return refuse(h->fd, "'K' gives an ask socket, but the guest has no disks");
+  int type = 0;
+  socklen_t len = sizeof type;
+  if (getsockopt(m->fds[0], SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET)
+    return refuse(h->fd, "'K' carries a descriptor that is not a SOCK_SEQPACKET socket");
+  pthread_mutex_lock(&h->ask_lock);
+  if (h->asks >= 0) close(h->asks);
+  h->asks = m->fds[0];
+  m->nfds = 0;
+  pthread_mutex_unlock(&h->ask_lock);
+  return reply(h->fd, LMG_TAG_DISK_ASKS_TAKEN, NULL);
+}
+
 /* 'U': every region registered for minor faults on one userfaultfd, which goes to livemig. */
 static int register_postcopy(struct lmg_incoming *h) {
   char why[256];
@@ -976,8 +1007,98 @@ static void *after_run(void *arg) {
     lmg_message_free(&m);
     if (answered != 0) break;
   }
+  atomic_store(&h->livemig_gone, 1);
   return NULL;
 }
+
+/* ---- disk post-copy: the VMM asks for blocks ----------------------------------------- */
+
+/* the layout of native/postcopy/disk_waits.h (DiskAsk, DiskAnswer): one host, native order */
+struct disk_ask {
+  uint64_t tag;
+  uint32_t disk, kind;
+  uint64_t offset, length;
+};
+struct disk_answer {
+  uint64_t tag;
+  int32_t error;
+  uint32_t reserved;
+};
+enum { ASK_FETCH = 1, ASK_OVERWRITE = 2 };
+
+/* Under ask_lock: the socket ended. Whether the blocks came is livemig's word ('A'): wait for it
+   (or for livemig to go), then answer every waiter. */
+static void asks_ended(struct lmg_incoming *h) {
+  while (atomic_load(&h->pages_arriving) && !atomic_load(&h->livemig_gone)) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_nsec += 1000000;
+    if (t.tv_nsec >= 1000000000) t.tv_sec++, t.tv_nsec -= 1000000000;
+    pthread_cond_timedwait(&h->ask_answered, &h->ask_lock, &t);
+  }
+  int error = atomic_load(&h->pages_arriving) ? EIO : 0;
+  for (struct ask_waiter *w = h->waiters; w; w = w->next)
+    if (!w->done) w->done = 1, w->error = error;
+  if (h->asks >= 0) close(h->asks);
+  h->asks = -1;
+}
+
+/* Under ask_lock, as the reader: one answer, handed to its waiter. */
+static void read_answer(struct lmg_incoming *h) {
+  int fd = h->asks;
+  h->ask_reader = 1;
+  pthread_mutex_unlock(&h->ask_lock);
+  struct disk_answer a;
+  ssize_t n;
+  do n = recv(fd, &a, sizeof a, 0);
+  while (n < 0 && errno == EINTR);
+  pthread_mutex_lock(&h->ask_lock);
+  h->ask_reader = 0;
+  if (n == (ssize_t)sizeof a) {
+    for (struct ask_waiter *w = h->waiters; w; w = w->next)
+      if (w->tag == a.tag && !w->done) w->done = 1, w->error = a.error;
+  } else {
+    asks_ended(h); /* closed (the service ended), or broken */
+  }
+  pthread_cond_broadcast(&h->ask_answered);
+}
+
+static int disk_ask(struct lmg_incoming *h, size_t disk, uint32_t kind, uint64_t offset, uint64_t length) {
+  if (!h || disk >= h->nd || length == 0 || offset > h->disks[disk].size || length > h->disks[disk].size - offset) return errno = EINVAL, -1;
+  if (kind == ASK_OVERWRITE && (offset % LMG_DISK_BLOCK || length % LMG_DISK_BLOCK)) return errno = EINVAL, -1;
+  if (!atomic_load(&h->pages_arriving)) return 0; /* every block is here */
+  struct ask_waiter w = {0};
+  pthread_mutex_lock(&h->ask_lock);
+  if (h->asks < 0) { /* none given (the guest runs by pre-copy), or the service has ended */
+    pthread_mutex_unlock(&h->ask_lock);
+    return atomic_load(&h->pages_arriving) ? (errno = EIO, -1) : 0;
+  }
+  w.tag = ++h->next_tag;
+  struct disk_ask a = {w.tag, (uint32_t)disk, kind, offset, length};
+  if (send(h->asks, &a, sizeof a, MSG_NOSIGNAL) != (ssize_t)sizeof a) {
+    asks_ended(h);
+    pthread_mutex_unlock(&h->ask_lock);
+    return atomic_load(&h->pages_arriving) ? (errno = EIO, -1) : 0;
+  }
+  w.next = h->waiters;
+  h->waiters = &w;
+  while (!w.done) {
+    if (h->ask_reader || h->asks < 0) pthread_cond_wait(&h->ask_answered, &h->ask_lock);
+    else read_answer(h);
+  }
+  for (struct ask_waiter **at = &h->waiters; *at; at = &(*at)->next)
+    if (*at == &w) {
+      *at = w.next;
+      break;
+    }
+  pthread_mutex_unlock(&h->ask_lock);
+  if (w.error) return errno = w.error, -1;
+  return 0;
+}
+
+int lmg_disk_fetch(struct lmg_incoming *h, size_t disk, uint64_t offset, uint64_t length) { return disk_ask(h, disk, ASK_FETCH, offset, length); }
+
+int lmg_disk_overwrite(struct lmg_incoming *h, size_t disk, uint64_t offset, uint64_t length) { return disk_ask(h, disk, ASK_OVERWRITE, offset, length); }
 
 struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int timeout_ms, char *err, size_t errlen) {
   if (!path) return fail(err, errlen, EINVAL, "a socket path is required"), NULL;
@@ -998,6 +1119,10 @@ struct lmg_incoming *lmg_incoming_open(const char *path, const char *name, int t
   atomic_init(&h->pages_arriving, 0);
   pthread_mutex_init(&h->lock, NULL);
   pthread_cond_init(&h->changed, NULL);
+  h->asks = -1;
+  atomic_init(&h->livemig_gone, 0);
+  pthread_mutex_init(&h->ask_lock, NULL);
+  pthread_cond_init(&h->ask_answered, NULL);
   h->phase = BEFORE_RUN;
   char hello[256];
   snprintf(hello, sizeof hello, "{\"contract\":%d,\"contractMax\":%d,\"role\":\"incoming\",\"pid\":%d,\"name\":\"%s\"}", LMG_CONTRACT_OLDEST, LMG_CONTRACT,
@@ -1082,6 +1207,7 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
         }
         break;
       case LMG_TAG_REGISTER: answered = register_postcopy(h); break;
+      case LMG_TAG_DISK_ASKS: answered = take_disk_asks(h, &m); break;
       case LMG_TAG_GO:
         if (!loaded) {
           answered = refuse(h->fd, "run before a state was loaded");
@@ -1113,7 +1239,10 @@ void lmg_incoming_close(struct lmg_incoming *h) {
   }
   close(h->fd);
   if (h->uffd >= 0) close(h->uffd);
+  if (h->asks >= 0) close(h->asks);
   unmap_all(h);
+  pthread_cond_destroy(&h->ask_answered);
+  pthread_mutex_destroy(&h->ask_lock);
   pthread_cond_destroy(&h->changed);
   pthread_mutex_destroy(&h->lock);
   free(h);

@@ -86,6 +86,8 @@ extern "C" {
   X(GOING, 'g')                                                                                    \
   X(ALL_PRESENT, 'A') /* post-copy: every page is in place */                                      \
   X(ALL_PRESENT_ACK, 'a')                                                                          \
+  X(DISK_ASKS, 'K') /* post-copy with disks: the socket the VMM asks for blocks on */              \
+  X(DISK_ASKS_TAKEN, 'k')                                                                          \
   X(ERROR, 'e') /* + a UTF-8 reason, the answer to a request refused */
 
 #define LMG_TAG_ENUMERATOR_(name, tag) LMG_TAG_##name = tag,
@@ -308,6 +310,22 @@ int lmg_incoming_wait(struct lmg_incoming *h, const struct lmg_incoming_ops *ops
 
 /* 1 while pages may still arrive after run (livemig registered the regions for post-copy). Any thread, any time. */
 int lmg_incoming_postcopy(const struct lmg_incoming *h);
+
+/*
+ * Disk post-copy, for a VMM that asks for its blocks itself. Where the kernel has pre-content
+ * events (Linux >= 6.14) every access to an image waits for its blocks anyway; asking first
+ * lets the VMM fetch ahead, and overwrite without fetching:
+ * - lmg_disk_fetch returns once every block of [offset, offset + length) of disk `disk` (its
+ *   index in lmg_incoming_disks) is in the image: a read, or a partial write, is then safe;
+ * - lmg_disk_overwrite claims whole blocks (offset and length multiples of LMG_DISK_BLOCK) the
+ *   VMM is about to write in full: nothing is fetched, and the source's copy, still to come,
+ *   never lands over the write. Call it before the write.
+ * 0, or -1 with errno: EINVAL (a range outside the disk, or not whole blocks to overwrite), EIO
+ * (livemig went before the blocks came: the guest cannot go on). Outside post-copy, or once
+ * every block is here, 0 at once. Any thread, many at once.
+ */
+int lmg_disk_fetch(struct lmg_incoming *h, size_t disk, uint64_t offset, uint64_t length);
+int lmg_disk_overwrite(struct lmg_incoming *h, size_t disk, uint64_t offset, uint64_t length);
 
 /*
  * Stops serving livemig, unmaps the regions and frees the handle (the guest's memory goes

@@ -65,9 +65,10 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
 
   // new PostcopyDest({region, uffd, guest: bigint address | [{address, firstPage, pages}],
   //                   needed: Uint8Array (1: must come from the source, 2: a hole, nothing to map), hashes: BigUint64Array,
-  //                   version, onEvent, fanotify?, disks?: [{firstPage, pages, dev, ino}]})
+  //                   version, onEvent, fanotify?, diskAsks?, disks?: [{firstPage, pages, dev, ino}]})
   // With disks, the guest ranges cover the memory's pages and the disks the rest, in order; the
-  // fanotify descriptor has every disk image marked for pre-content events (disk_waits.h).
+  // fanotify descriptor has every disk image marked for pre-content events, and the VMM asks for
+  // blocks on diskAsks (the service's end of a SOCK_SEQPACKET pair: disk_waits.h).
   explicit PostcopyDest(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PostcopyDest>(info) {
     Napi::Env env = info.Env();
     Options o(info, "PostcopyDest");
@@ -86,7 +87,11 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     uint64_t guestPages = pages_;
     if (info[0].As<Napi::Object>().Has("disks")) {
       Napi::Array a = o.Required("disks").As<Napi::Array>();
-      int32_t fan = static_cast<int32_t>(o.Integer("fanotify", 0, INT32_MAX));
+      // the images' accesses wait on fanotify, the VMM's asks on their socket: one or both
+      const bool fanotify = !o.Optional("fanotify").IsUndefined(), asks = !o.Optional("diskAsks").IsUndefined();
+      if (!fanotify && !asks) throw o.Bad("disks", "given with a fanotify descriptor, a diskAsks socket, or both");
+      int32_t fan = fanotify ? static_cast<int32_t>(o.Integer("fanotify", 0, INT32_MAX)) : -1;
+      if (asks) disks_.InitAsks(static_cast<int32_t>(o.Integer("diskAsks", 0, INT32_MAX)));
       std::vector<DiskRange> disks;
       for (uint32_t i = 0; i < a.Length(); i++) {
         Napi::Object d = a.Get(i).As<Napi::Object>();
@@ -208,6 +213,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
     o.Set("connected", connected_.load());
     o.Set("diskAccesses", static_cast<double>(disks_.accesses()));
     o.Set("diskAccessesWaited", static_cast<double>(disks_.accessesWaited()));
+    o.Set("diskFetches", static_cast<double>(disks_.fetches()));
+    o.Set("diskOverwrites", static_cast<double>(disks_.overwrites()));
+    o.Set("diskPagesClaimed", static_cast<double>(disks_.pagesClaimed()));
     return o;
   }
 
@@ -232,7 +240,8 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   // connections; a byte read racing a store sees the old or the new state, both valid.
   Napi::Value Held(const Napi::CallbackInfo& info) {
     Napi::Uint8Array a = Napi::Uint8Array::New(info.Env(), pages_);
-    for (uint64_t p = 0; p < pages_; p++) a[p] = __atomic_load_n(&state_[p], __ATOMIC_RELAXED) >= kArrived ? 1 : 0;
+    // a claimed block is the guest's, but its source copy (and hash) has yet to come
+    for (uint64_t p = 0; p < pages_; p++) a[p] = IsHeld(__atomic_load_n(&state_[p], __ATOMIC_RELAXED)) ? 1 : 0;
     return a;
   }
 
@@ -315,12 +324,15 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   }
 
   // A whole page body is in the region (or scratch): record it and map it if someone waits.
-  void Landed(uint32_t p, bool toRegion, bool viaRequest, std::vector<uint32_t>& toMap) {
-    if (!toRegion) {
+  // A block the guest claimed (overwrites whole) lands in scratch: its hash is the source's
+  // copy's, for the digest, and the guest's write stays.
+  void Landed(uint32_t p, bool toRegion, const uint8_t* scratch, bool viaRequest, std::vector<uint32_t>& toMap) {
+    const bool claimed = !toRegion && state_[p] == kClaimed;
+    if (!toRegion && !claimed) {
       duplicates_++;
       return;
     }
-    hashes_[p] = PageHash(m_->addr + uint64_t{p} * kPage, kPage);
+    hashes_[p] = PageHash(claimed ? scratch : m_->addr + uint64_t{p} * kPage, kPage);
     (viaRequest ? pulled_ : pushed_)++;
     arrived_++;
     arrivedShared_.store(arrived_, std::memory_order_relaxed);
@@ -390,16 +402,17 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         continue;
       }
       // bodies: one recvmsg over the next pages, straight to where they belong
-      iovec iov[64];
+      iovec iov[kScratchPages];
       int n = 0;
       size_t bytes = 0;
-      for (uint32_t k = r.at; k < r.count && n < 64 && bytes < budget; k++, n++) {
+      for (uint32_t k = r.at; k < r.count && n < static_cast<int>(kScratchPages) && bytes < budget; k++, n++) {
         size_t skip = k == r.at ? r.off : 0;
         // the same page may come on both connections (a request answered while its pushed copy
         // was still in flight): once one copy landed the page is the guest's, and the rest of
         // the other, even half received, goes to scratch
         if (r.toRegion[k] && state_[r.idx[k]] >= kArrived) r.toRegion[k] = 0;
-        uint8_t* base = r.toRegion[k] ? m_->addr + uint64_t{r.idx[k]} * kPage : scratch_;
+        // a scratch page per place in the frame: a claimed block's copy is hashed once whole
+        uint8_t* base = r.toRegion[k] ? m_->addr + uint64_t{r.idx[k]} * kPage : ScratchFor(k);
         iov[n] = {base + skip, kPage - skip};
         bytes += kPage - skip;
       }
@@ -413,7 +426,7 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
         r.off += take;
         left -= take;
         if (r.off == kPage) {
-          Landed(r.idx[r.at], r.toRegion[r.at], viaRequest, toMap);
+          Landed(r.idx[r.at], r.toRegion[r.at], ScratchFor(r.at), viaRequest, toMap);
           r.at++;
           r.off = 0;
         }
@@ -572,13 +585,14 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       return true;
     };
     for (;;) {
-      pollfd fds[5];
+      pollfd fds[6];
       int nf = 0;
       fds[nf++] = {wake_, POLLIN, 0};
       fds[nf++] = {uffd_, POLLIN, 0};
-      // the disks' accesses: a descriptor that never polls ready when there are none
-      fds[nf++] = {disks_.active() ? disks_.fd() : -1, POLLIN, 0};
-      std::shared_ptr<Link> polled[5];  // the connection behind each entry from the fourth on
+      // the disks' accesses, and the VMM's asks: -1 never polls ready
+      fds[nf++] = {disks_.fd(), POLLIN, 0};
+      fds[nf++] = {disks_.asksFd(), POLLIN, 0};
+      std::shared_ptr<Link> polled[6];  // the connection behind each entry from the fifth on
       if (prio) polled[nf] = prio, fds[nf++] = {prio->fd(), static_cast<short>(POLLIN | (outAt < out.size() ? POLLOUT : 0)), 0};
       if (push) polled[nf] = push, fds[nf++] = {push->fd(), POLLIN, 0};
       // plaintext already opened into a link's buffer is not announced by poll: do not wait then
@@ -598,12 +612,13 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
       }
       if (fds[1].revents && (!ReadFaults(toMap, toRequest, err) || !MapRuns(toMap, err))) break;
       if (fds[2].revents && (!disks_.Read(state_, toRequest, err) || !disks_.AnswerReady(state_, err))) break;
+      if (fds[3].revents && (!disks_.ReadAsks(state_, toRequest, err) || !disks_.AnswerReady(state_, err))) break;
       // a fault's request goes out before any bulk reading
       if (!flushOut()) {
         if (err.failed()) break;
         continue;
       }
-      for (int k = 3; k < nf; k++) {
+      for (int k = 4; k < nf; k++) {
         Link* link = polled[k].get();
         if (link != prio.get() && link != push.get()) continue;  // replaced above
         if (!fds[k].revents && !link->HasBuffered()) continue;
@@ -671,7 +686,9 @@ class PostcopyDest : public Napi::ObjectWrap<PostcopyDest> {
   uint64_t* hashes_ = nullptr;
   Napi::Reference<Napi::BigUint64Array> hashesRef_;
   uint64_t arrived_ = 0, digest_ = 0;
-  alignas(64) uint8_t scratch_[kPage];
+  static constexpr size_t kScratchPages = 64;  // the most bodies one recvmsg takes (ReadPages)
+  uint8_t* ScratchFor(uint32_t k) { return scratch_.data() + (k % kScratchPages) * kPage; }
+  std::vector<uint8_t> scratch_ = std::vector<uint8_t>(kScratchPages * kPage);
   std::thread thread_;
   std::mutex mu_;
   bool stop_ = false;

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -27,7 +28,10 @@ constexpr uint32_t kMaxBatch = wire::kMaxBatchPages;
 constexpr size_t kPushChunk = 128 * 1024;        // bytes read from the push stream between fault checks
 constexpr size_t kPushChunkWaiting = 16 * 1024;  // ... while a fault waits on a requested page
 
-enum : uint8_t { kMissing = 0, kRequested = 1, kArrived = 2, kMapped = 3 };
+// kClaimed: a disk block the guest's VMM is overwriting whole (lmg_disk_overwrite): here for the
+// guest at once, while the source's copy still has to come (to scratch, for its hash)
+enum : uint8_t { kMissing = 0, kRequested = 1, kArrived = 2, kMapped = 3, kClaimed = 4 };
+inline bool IsHeld(uint8_t s) { return s == kArrived || s == kMapped; }
 enum : uint8_t { kUnsent = 0, kPushing = 1, kPushed = 2, kServed = 3 };
 
 inline uint64_t NowNs() {
@@ -57,14 +61,23 @@ struct Event {
 };
 
 inline void CallEvent(Napi::Env env, Napi::Function fn, Event* e) {
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("type", e->type);
-  if (!e->message.empty()) o.Set("message", e->message);
-  if (!e->code.empty()) o.Set("code", e->code);
-  if (e->type == "complete") o.Set("digest", Napi::BigInt::New(env, e->digest));
-  o.Set("generation", e->generation);
-  delete e;
-  fn.Call({o});
+  std::unique_ptr<Event> owned(e);
+  if (env == nullptr || fn.IsEmpty()) return;  // the function is being finalized: nobody listens
+  // Raw N-API, no C++ exceptions: a call that throws in here ends the process. A listener's
+  // exception stays pending and surfaces as an uncaught one; an environment that can no longer
+  // run JavaScript (the process exiting right after a stop) fails the calls: the event is dropped.
+  napi_value o, v, result;
+  auto set = [&](const char* name, napi_value value) { return napi_set_named_property(env, o, name, value) == napi_ok; };
+  auto str = [&](const std::string& s) {
+    napi_create_string_utf8(env, s.data(), s.size(), &v);
+    return v;
+  };
+  if (napi_create_object(env, &o) != napi_ok || !set("type", str(e->type))) return;
+  if (!e->message.empty() && !set("message", str(e->message))) return;
+  if (!e->code.empty() && !set("code", str(e->code))) return;
+  if (e->type == "complete" && (napi_create_bigint_uint64(env, e->digest, &v) != napi_ok || !set("digest", v))) return;
+  if (napi_create_uint32(env, e->generation, &v) != napi_ok || !set("generation", v)) return;
+  napi_call_function(env, env.Undefined(), fn, 1, &o, &result);
 }
 
 // Where a service thread's events go: a thread-safe function that may be closed under it. When

@@ -19,11 +19,13 @@ namespace {
 
 const std::string kLongerThanAllowed = "longer than " + std::to_string(LMG_MAX_BODY >> 20) + " MiB";
 
-// socketPair() -> [a, b]: a connected stream pair, both close-on-exec.
+// socketPair(seqpacket?: boolean) -> [a, b]: a connected pair (a stream, or with true messages
+// that keep their bounds), both close-on-exec.
 Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int sv[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) throw MakeSysError(env, "socketpair", errno);
+  const int type = info.Length() > 0 && info[0].ToBoolean().Value() ? SOCK_SEQPACKET : SOCK_STREAM;
+  if (socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0) throw MakeSysError(env, "socketpair", errno);
   Napi::Array a = Napi::Array::New(env, 2);
   a.Set(0u, Napi::Number::New(env, sv[0]));
   a.Set(1u, Napi::Number::New(env, sv[1]));

@@ -174,7 +174,7 @@ export class IncomingMigrations {
           outlive: { unit: m!.id, log: path.join(d.guestLogDir, `${name}-${m!.id}.log`) },
         });
       },
-      postcopy: { register: () => guest!.register() },
+      postcopy: { register: () => guest!.register(), giveDiskAsks: (fd) => guest!.giveDiskAsks(fd) },
       onProgress,
       onFaultLatencies: (ns) => d.metrics.faultLatencies(ns),
       onDiscard: () => guest?.kill(),

@@ -71,7 +71,8 @@ export interface GuestSpec {
   /** the guest registers no write tracking: livemig hashes every page each round */
   noTrack?: boolean;
   /** a disk: bytes, MB/s of random 4 KiB writes, and whether the guest reports them (default) */
-  disk?: { size: number; rate: number; noTrack?: boolean };
+  /** ask: the C guest at the destination asks for its blocks itself in post-copy (lmg_disk_fetch, lmg_disk_overwrite) */
+  disk?: { size: number; rate: number; noTrack?: boolean; ask?: boolean };
 }
 
 /** A GuestSpec from names given as strings (a benchmark's flags), checked. */
@@ -162,7 +163,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const diskDir = g.disk ? (o.diskDir ?? mkdtempSync(path.join(os.tmpdir(), 'livemig-demo-disk-'))) : undefined;
   const disk = g.disk && diskDir ? { ...g.disk, path: path.join(diskDir, 'source.img') } : undefined;
   if (diskDir) mkdirSync(path.join(diskDir, 'destination'));
-  const guestExec = kind === 'c' ? ['--guest-exec', cIncomingCommand().join(' ')] : [];
+  const guestExec = kind === 'c' ? ['--guest-exec', cIncomingCommand({ diskAsk: g.disk?.ask === true }).join(' ')] : [];
   const rxCommand = [
     ...receiverAt.prefix,
     process.execPath,

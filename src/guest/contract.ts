@@ -49,6 +49,8 @@ export const Tag = {
   going: 0x67,
   allPresent: 0x41, // A  -> a (post-copy: every page is in place)
   allPresentAck: 0x61,
+  diskAsks: 0x4b, // K  + the socket the VMM asks for blocks on (post-copy with disks) -> k
+  diskAsksTaken: 0x6b,
   error: 0x65, // e  + utf8 reason, to any request
 } as const;
 

@@ -317,6 +317,20 @@ export class IncomingGuest {
     this.child.unref(); // the guest runs on its own; this process may exit before it
   }
 
+  /**
+   * Post-copy with disks: the guest's end of the socket its VMM asks for blocks on
+   * (lmg_disk_fetch, lmg_disk_overwrite); the guest keeps its own copy.
+   */
+  giveDiskAsks(fd: number): void {
+    if (this.#fd < 0) throw new LivemigError('ERR_LIVEMIG_GUEST', 'the incoming guest is gone', { phase: 'postcopy' });
+    try {
+      addon.controlSend(this.#fd, Tag.diskAsks, undefined, [fd]);
+    } catch (e) {
+      throw new LivemigError('ERR_LIVEMIG_GUEST', `the incoming guest's socket failed: ${(e as Error).message}`, { phase: 'postcopy', cause: e });
+    }
+    this.#expect(this.#read('postcopy'), Tag.diskAsks, Tag.diskAsksTaken, 'postcopy');
+  }
+
   /** Post-copy: every page is in place; the guest may drop its registration. */
   allPresent(): void {
     this.#exchange(Tag.allPresent, Tag.allPresentAck, 'postcopy');

@@ -25,6 +25,10 @@ export interface FaultStats {
   bytes: number;
   /** disk post-copy: the guest's accesses to its disks, those that waited for blocks, and how long (µs) */
   disk_accesses?: number;
+  /** the VMM's own asks (lmg_disk_fetch, lmg_disk_overwrite), and the blocks it overwrote whole with no fetch */
+  disk_fetches?: number;
+  disk_overwrites?: number;
+  disk_blocks_overwritten?: number;
   disk_accesses_waited?: number;
   disk_wait_p50_us?: number;
   disk_wait_p99_us?: number;
@@ -51,8 +55,11 @@ export interface FaultServiceOptions {
   hashes: BigUint64Array;
   /** the negotiated protocol version */
   version: number;
-  /** disk post-copy: the images' fanotify descriptor, and where each disk lies after the memory */
-  disks?: { fanotify: number; ranges: PostcopyDiskRange[] };
+  /**
+   * disk post-copy: the images' fanotify descriptor, the service's end of the socket the VMM
+   * asks for blocks on (one or both), and where each disk lies after the memory
+   */
+  disks?: { fanotify?: number; asks?: number; ranges: PostcopyDiskRange[] };
 }
 
 export class FaultService {
@@ -97,7 +104,9 @@ export class FaultService {
           hashes: o.hashes,
           version: o.version,
           onEvent,
-          ...(o.disks ? { fanotify: o.disks.fanotify, disks: o.disks.ranges } : {}),
+          ...(o.disks?.fanotify !== undefined ? { fanotify: o.disks.fanotify } : {}),
+          ...(o.disks?.asks !== undefined ? { diskAsks: o.disks.asks } : {}),
+          ...(o.disks ? { disks: o.disks.ranges } : {}),
         }),
     );
     this.complete = new Promise((resolve, reject) => {
@@ -174,10 +183,13 @@ export class FaultService {
     };
   }
 
-  #diskStats(s: { diskAccesses: number; diskAccessesWaited: number }): Partial<FaultStats> {
+  #diskStats(s: ReturnType<NativePostcopyDest['stats']>): Partial<FaultStats> {
     const waits = this.#native.diskLatencies().sort();
     return {
       disk_accesses: s.diskAccesses,
+      disk_fetches: s.diskFetches,
+      disk_overwrites: s.diskOverwrites,
+      disk_blocks_overwritten: s.diskPagesClaimed,
       disk_accesses_waited: s.diskAccessesWaited,
       disk_wait_p50_us: +(percentile(waits, 0.5) / 1e3).toFixed(1),
       disk_wait_p99_us: +(percentile(waits, 0.99) / 1e3).toFixed(1),

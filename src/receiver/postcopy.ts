@@ -154,6 +154,7 @@ async function runWatched(
   const { ta, pagesNeeded, watched, prio } = s;
   const reg = await options.postcopy.register(o.memory ?? region);
   trace('receiver', ReceiverEvent.registered);
+  const asks = watched && options.postcopy.giveDiskAsks ? diskAsks(options.postcopy.giveDiskAsks) : undefined;
   const faults = new FaultService({
     region,
     uffd: reg.uffd,
@@ -161,7 +162,9 @@ async function runWatched(
     needed: s.needed,
     hashes: o.hashes,
     version,
-    ...(watched && o.memory ? { disks: { fanotify: watched.fanotify, ranges: watched.ranges(o.memory.pageCount) } } : {}),
+    ...(watched && o.memory
+      ? { disks: { fanotify: watched.fanotify, ...(asks !== undefined ? { asks } : {}), ranges: watched.ranges(o.memory.pageCount) } }
+      : {}),
   });
   o.onFaults(faults);
   faults.start();
@@ -185,6 +188,7 @@ async function runWatched(
   await faults.done;
   faults.stop(); // joins the finished thread
   closeFd(reg.uffd, 'postcopy'); // our copy of the guest's userfaultfd (the guest keeps its own)
+  if (asks !== undefined) closeFd(asks, 'postcopy'); // the VMM's asks from now on find every block here
   if (o.disks) {
     // every block is in the images: on stable storage before this side reports, then the guest's alone
     await syncDisksFinal(o.disks);
@@ -201,6 +205,25 @@ async function runWatched(
     postcopy: { ...fs, pages_needed: pagesNeeded, total_ms: +(performance.now() - tRun).toFixed(1), reconnects },
     confirmed: true, // post-copy ends with both digests: the source knows
   };
+}
+
+/**
+ * The socket a VMM linking the guest library asks for blocks on: its end goes to the guest, ours
+ * to the fault service. Returns ours, or undefined when the guest did not take it: the guest runs
+ * here already (the source committed), and its accesses still wait on the images' marks.
+ */
+function diskAsks(give: (fd: number) => void): number | undefined {
+  const [ours, theirs] = call('ERR_LIVEMIG_SYSCALL', 'postcopy', 'a socket for the guest to ask for blocks on', () => addon.socketPair(true));
+  try {
+    give(theirs);
+    return ours;
+  } catch (e) {
+    trace('receiver', ReceiverEvent.diskAsksRefused, { reason: (e as Error).message });
+    closeFd(ours, 'postcopy');
+    return undefined;
+  } finally {
+    closeFd(theirs, 'postcopy');
+  }
 }
 
 /**

@@ -96,7 +96,14 @@ export interface ReceiveOptions {
    * userfaultfd (a descriptor in this process) and the mapping's address in the guest.
    * `activate` then resumes the guest with pages still missing; they arrive while it runs.
    */
-  postcopy?: { register(region: Region): Promise<PostcopyRegistration> };
+  postcopy?: {
+    register(region: Region): Promise<PostcopyRegistration>;
+    /**
+     * With disks: hands the guest the socket its VMM may ask for blocks on (lmg_disk_fetch,
+     * lmg_disk_overwrite: docs/GUEST.md), a descriptor the guest takes a copy of
+     */
+    giveDiskAsks?(fd: number): void;
+  };
   /** post-copy: how long to wait for the source to come back after a break (default 60 s) */
   recoverTimeoutMs?: number;
   /**

@@ -140,8 +140,14 @@ export function cGuestArgs(
   args.push(...diskArgs(o.diskImage));
   return args;
 }
-export function cIncomingCommand(o: { register?: boolean } = {}): string[] {
-  return [C_GUEST, '--incoming', SOCKET_PLACEHOLDER, ...(o.register ? ['--register', REGISTER_PLACEHOLDER, '--name', NAME_PLACEHOLDER] : [])];
+export function cIncomingCommand(o: { register?: boolean; diskAsk?: boolean } = {}): string[] {
+  return [
+    C_GUEST,
+    '--incoming',
+    SOCKET_PLACEHOLDER,
+    ...(o.register ? ['--register', REGISTER_PLACEHOLDER, '--name', NAME_PLACEHOLDER] : []),
+    ...(o.diskAsk ? ['--disk-ask'] : []),
+  ];
 }
 
 /**

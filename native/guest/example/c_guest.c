@@ -254,6 +254,23 @@ static void heartbeat_to(const char *hostport) {
   if (inet_pton(AF_INET, host, &beat_to.sin_addr) == 1) beat_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 }
 
+/* --disk-ask: the disk's blocks asked for ahead, a MiB at a time, while the guest runs: from the
+   end back, where livemig's background push, which starts at the beginning, comes last */
+static void *fetch_disk(void *h) {
+  const uint64_t chunk = 1 << 20;
+  for (uint64_t end = st.disk_size; end > 0;) {
+    uint64_t at = end > chunk ? end - chunk : 0, n = end - at;
+    end = at;
+    if (lmg_disk_fetch(h, 0, at, n) != 0) {
+      fprintf(stderr, "c_guest: lmg_disk_fetch at %llu: %s\n", (unsigned long long)at, strerror(errno));
+      break;
+    }
+  }
+  return NULL;
+}
+
+static int claim_block(void *h, uint64_t offset, uint64_t length) { return lmg_disk_overwrite(h, 0, offset, length); }
+
 static int usage(void) {
   fprintf(stderr,
           "usage: c_guest --listen PATH [--sizes 192M,64M] [--rate MIB_S] [--seed N] [--heartbeat HOST:PORT] [--no-track] [--sparse]\n"
@@ -264,14 +281,16 @@ static int usage(void) {
           "         --disk: a disk image created at PATH (SIZE bytes, K/M/G), written with random 4 KiB blocks at --disk-rate\n"
           "         MB/s (default 0), each reported to livemig unless --no-disk-track\n"
           "       c_guest --register DAEMON_PATH --name NAME [the same flags]\n"
-          "       c_guest --incoming PATH [--register DAEMON_PATH --name NAME]\n");
+          "       c_guest --incoming PATH [--register DAEMON_PATH --name NAME] [--disk-ask]\n"
+          "         --disk-ask: in post-copy, ask livemig for the disk's blocks (lmg_disk_fetch, ahead of the check) and\n"
+          "         claim each block before writing it whole (lmg_disk_overwrite), as a VMM linking the library may\n");
   return 2;
 }
 
 int main(int argc, char **argv) {
   const char *listen = NULL, *incoming = NULL, *sizes = "192M,64M", *hb = NULL, *daemon = NULL, *name = "c-guest";
   uint64_t rate = 64, seed = 1;
-  int track = 1, sparse = 0, disk_track = 1;
+  int track = 1, sparse = 0, disk_track = 1, disk_ask = 0;
   const char *huge = "none", *disk_path = NULL;
   uint64_t disk_size = 0, disk_rate = 0;
   for (int i = 1; i < argc; i++) {
@@ -279,6 +298,7 @@ int main(int argc, char **argv) {
     if (!strcmp(a, "--no-track")) track = 0;
     else if (!strcmp(a, "--sparse")) sparse = 1;
     else if (!strcmp(a, "--no-disk-track")) disk_track = 0;
+    else if (!strcmp(a, "--disk-ask")) disk_ask = 1;
     else if (!v) return usage();
     else if (!strcmp(a, "--listen")) listen = v, i++;
     else if (!strcmp(a, "--incoming")) incoming = v, i++;
@@ -314,10 +334,15 @@ int main(int argc, char **argv) {
     st.heartbeat[sizeof st.heartbeat - 1] = 0;
     if (st.heartbeat[0]) heartbeat_to(st.heartbeat); /* the source's address for them came with the state */
     int postcopy = lmg_incoming_postcopy(h);
+    pthread_t fetcher;
+    int fetching = postcopy && disk_ask && st.disk_size && pthread_create(&fetcher, NULL, fetch_disk, h) == 0;
+    if (postcopy && disk_ask) disk.before_write = claim_block, disk.ctx = h;
     pthread_t vcpu;
-    atomic_store(&writing, 0);
+    /* a VMM asking for its blocks writes its disk while they arrive: the claims are what is tested */
+    atomic_store(&writing, postcopy && disk_ask);
     pthread_create(&vcpu, NULL, (void *(*)(void *))run, NULL);
     while (postcopy && !atomic_load(&all_present)) usleep(1000); /* post-copy: check once every page is here */
+    if (fetching) pthread_join(fetcher, NULL);
     check();
     if (daemon) {
       /* serve again, from the memory livemig handed over (post-copy's registration is gone once every page is here) */

@@ -107,6 +107,7 @@ int example_disk_create(struct example_disk *x, const char *path, const char *na
 int example_disk_write(struct example_disk *x) {
   uint64_t w[WORDS], blocks = x->d.size / BLOCK, b = xorshift(&x->xs) % blocks, k = ++x->writes;
   block_image(x->seed, b, k, w);
+  if (x->before_write && x->before_write(x->ctx, b * BLOCK, BLOCK) != 0) return -1;
   if (write_all(x->d.fd, w, BLOCK, b * BLOCK) != 0) return -1;
   lmg_disk_written(&x->d, b * BLOCK, BLOCK); /* after the write completed: livemig reads it from here on */
   return 0;

@@ -27,6 +27,10 @@ struct example_disk {
   uint64_t seed;
   uint64_t xs;     /* the write stream's state */
   uint64_t writes; /* writes made so far */
+  /* optional, before each write of a whole block: a destination VMM in post-copy claims it
+     (lmg_disk_overwrite), so the write waits for no fetch. 0, or -1 with errno */
+  int (*before_write)(void *ctx, uint64_t offset, uint64_t length);
+  void *ctx;
 };
 
 /* Creates (or replaces) the image at path, `size` bytes of the layout above, and opens it read-write. */

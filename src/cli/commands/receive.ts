@@ -108,7 +108,7 @@ export const receive: Command = {
             registerEarly: postcopy === 'planned',
           });
         },
-        postcopy: { register: () => incoming!.register() },
+        postcopy: { register: () => incoming!.register(), giveDiskAsks: (fd) => incoming!.giveDiskAsks(fd) },
         // a migration has begun: from here on it ends in an outcome line
         onProgress: (e) => {
           if (e.type === 'reserved')
