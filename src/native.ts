@@ -336,8 +336,6 @@ interface Addon {
   precontentWatch(path: string, fan?: number): number;
   /** the access events that came within the timeout, each to be answered */
   precontentNextAsync(fan: number, timeoutMs: number): Promise<PrecontentEvent[]>;
-  /** writes data at offset through the event's descriptor (the listener does not wait on itself) */
-  precontentFillAsync(eventFd: number, offset: number, data: Buffer): Promise<void>;
   /** the waiting access goes on (allow) or fails with EIO; closes the event's descriptor */
   precontentRespond(fan: number, eventFd: number, allow: boolean): void;
   /** the mark goes; an access still waiting is allowed */

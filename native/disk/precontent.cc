@@ -1,9 +1,8 @@
 // fanotify pre-content events (Linux >= 6.14): a read or write of a marked file blocks, and the
-// kernel tells the listener the exact range, until the listener answers. The mechanism of disk
-// post-copy (issue 33, item 6): a block not yet at the destination is fetched and written before
-// the guest's read of it goes on. Policy (which blocks are there, what to fetch) is in
-// src/disk/precontent.ts. Content is written through the event's descriptor, which the kernel
-// opened without notification, so the listener's own writes do not wait on itself.
+// kernel tells the listener the exact range, until the listener answers. Marking the images and
+// taking a descriptor that raises no event (src/disk/watch.ts), and probing the kernel
+// (src/disk/probe.ts); the post-copy fault service answers the guest's accesses itself
+// (native/postcopy/disk_waits.h).
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -103,30 +102,6 @@ Napi::Value PrecontentNextAsync(const Napi::CallbackInfo& info) {
       });
 }
 
-// precontentFillAsync(eventFd, offset, data): writes data at offset through the event's
-// descriptor (no notification: the listener does not wait on itself)
-Napi::Value PrecontentFillAsync(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd = IntArg(info, 0, "eventFd");
-  if (info.Length() < 3 || !info[1].IsNumber() || !info[2].IsBuffer()) throw Napi::TypeError::New(env, "precontentFillAsync(eventFd, offset, data: Buffer)");
-  int64_t offset = info[1].As<Napi::Number>().Int64Value();
-  if (offset < 0) throw Napi::RangeError::New(env, "offset must be non-negative");
-  Napi::Buffer<uint8_t> data = info[2].As<Napi::Buffer<uint8_t>>();
-  const uint8_t* p = data.Data();
-  size_t len = data.Length();
-  return Task<int>::Start(
-      env,
-      [fd, offset, p, len](int&, SysError& err) {
-        for (size_t done = 0; done < len;) {
-          ssize_t w = pwrite(fd, p + done, len - done, static_cast<off_t>(offset + static_cast<int64_t>(done)));
-          if (w < 0 && errno == EINTR) continue;
-          if (w <= 0) return err.set("pwrite(fanotify event fd)", w < 0 ? errno : EIO);
-          done += static_cast<size_t>(w);
-        }
-      },
-      [](Napi::Env e, int&) -> Napi::Value { return e.Undefined(); }, {info[2]});
-}
-
 // precontentRespond(fan, eventFd, allow): the access waiting on the event goes on (allow) or
 // fails with EIO; the event's descriptor is closed
 Napi::Value PrecontentRespond(const Napi::CallbackInfo& info) {
@@ -157,7 +132,6 @@ Napi::Value PrecontentUnwatchAsync(const Napi::CallbackInfo& info) {
 void InitPrecontent(Napi::Env env, Napi::Object exports) {
   exports.Set("precontentWatch", Napi::Function::New(env, PrecontentWatch));
   exports.Set("precontentNextAsync", Napi::Function::New(env, PrecontentNextAsync));
-  exports.Set("precontentFillAsync", Napi::Function::New(env, PrecontentFillAsync));
   exports.Set("precontentRespond", Napi::Function::New(env, PrecontentRespond));
   exports.Set("precontentUnwatch", Napi::Function::New(env, PrecontentUnwatch));
   exports.Set("precontentUnwatchAsync", Napi::Function::New(env, PrecontentUnwatchAsync));
