@@ -25,6 +25,7 @@ export const ErrorCodes = {
   ERR_LIVEMIG_ABORTED: 'the migration was aborted; the source guest keeps running',
   ERR_LIVEMIG_CANCELLED: 'the migration was cancelled before its point of commitment; the source guest keeps running',
   ERR_LIVEMIG_GUEST: 'the guest (pause/resume/device state callbacks) failed',
+  ERR_LIVEMIG_QEMU: "QEMU refused a request, failed, or runs a VM livemig cannot move (the message carries QEMU's own words)",
   ERR_LIVEMIG_SOURCE_LOST:
     'post-copy: the link to the source did not come back in time; the destination guest cannot finish (pages it lacks exist only at the source)',
   ERR_LIVEMIG_INSECURE: 'off loopback without credentials, and --insecure (insecure: true) was not given',

@@ -297,6 +297,8 @@ interface Addon {
   unixDup(fd: number): number;
   /** whether the peer of an idle connection has closed it (nothing is read) */
   unixPeerClosed(fd: number): boolean;
+  /** the pid of the process at the other end of a unix socket (SO_PEERCRED) */
+  unixPeerPid(fd: number): number;
   digestTable(hashes: BigUint64Array): bigint;
   /** data: a byte per page, 0 for a hole (not read; the zero page hash) */
   hashAll(region: NativeRegion, hashes: BigUint64Array, data?: Uint8Array): Promise<void>;

@@ -104,6 +104,16 @@ Napi::Value PeerClosed(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR));
 }
 
+// unixPeerPid(fd) -> the pid of the process at the other end (SO_PEERCRED: the kernel's word,
+// taken when it connected or listened), e.g. the QEMU behind a QMP socket
+Napi::Value PeerPid(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) throw MakeSysError(info.Env(), "getsockopt(SO_PEERCRED)", errno);
+  return Napi::Number::New(info.Env(), cred.pid);
+}
+
 }  // namespace
 
 void InitFdPass(Napi::Env env, Napi::Object exports) {
@@ -112,6 +122,7 @@ void InitFdPass(Napi::Env env, Napi::Object exports) {
   exports.Set("unixAccept", Napi::Function::New(env, Accept));
   exports.Set("unixDup", Napi::Function::New(env, Dup));
   exports.Set("unixPeerClosed", Napi::Function::New(env, PeerClosed));
+  exports.Set("unixPeerPid", Napi::Function::New(env, PeerPid));
 }
 
 }  // namespace livemig

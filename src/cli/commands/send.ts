@@ -6,6 +6,7 @@ import { SourceGuestSession } from '../../guest/source-session.js';
 import { migrate } from '../../source/migrate.js';
 import { MigrationControl } from '../../source/types.js';
 import { SourceGuest } from '../../workload/controller.js';
+import { QemuSource } from '../../vmm/qemu/source.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import {
   BEAT_FLAG,
@@ -29,7 +30,7 @@ const HELLO_TIMEOUT_MS = 10_000;
 
 /** What send needs of a guest, whether it started it or found it running. */
 interface Guest {
-  memory: SourceGuestSession['memory'];
+  memory: Pick<SourceGuestSession['memory'], 'region' | 'layout' | 'target' | 'untracked'> & Partial<Pick<SourceGuestSession['memory'], 'disks'>>;
   pieces: SourceGuestSession['pieces'];
   pid: number;
   /** the name its hello gave (a daemon at the destination lists it by this name) */
@@ -37,10 +38,25 @@ interface Guest {
   pause(lease: { maxPauseMs: number }): Promise<Buffer>;
   commit(): Promise<void>;
   resume(): Promise<void>;
-  throttle(percent: number): Promise<void>;
+  /** slows the guest's writes (auto-converge); absent where the guest cannot be throttled */
+  throttle?(percent: number): Promise<void>;
   release(): Promise<void>;
   /** livemig lets go; the guest runs on (and resumes itself if it was paused before the commitment) */
-  detach(): void;
+  detach(): void | Promise<void>;
+}
+
+function qemu(vm: QemuSource): Guest {
+  return {
+    memory: vm.memory,
+    pieces: [{ fd: vm.ram.fd, offset: 0, size: vm.ram.size }],
+    pid: vm.pid,
+    name: vm.ram.id,
+    pause: (lease) => vm.pause(lease),
+    commit: () => vm.commit(),
+    resume: () => vm.resume(),
+    release: () => vm.release(),
+    detach: () => vm.detach(),
+  };
 }
 
 function running(session: SourceGuestSession): Guest {
@@ -95,6 +111,13 @@ export const send: Command = {
   ].join('\n'),
   flags: {
     to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
+    qemu: {
+      type: 'string',
+      value: 'QMP_SOCKET',
+      help:
+        'migrate the QEMU VM whose QMP socket this is (its RAM on a shared file: -object memory-backend-file,...,share=on); ' +
+        "livemig moves the RAM, QEMU's own stream only its device state (docs/QEMU.md)",
+    },
     guest: {
       type: 'string',
       value: 'PATH',
@@ -128,10 +151,14 @@ export const send: Command = {
     // refused before a guest starts, or is touched
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     const socket = typeof v['guest'] === 'string' ? v['guest'] : undefined;
+    const qmp = typeof v['qemu'] === 'string' ? v['qemu'] : undefined;
+    if (qmp !== undefined && (socket !== undefined || v['local'] === true))
+      throw usageError('--qemu takes a QEMU VM: not with --guest, nor (yet) with --local');
     const disk = diskSpec(v);
     const image = typeof v['disk-image'] === 'string' ? v['disk-image'] : undefined;
     if ((disk === undefined) !== (image === undefined)) throw usageError('--disk SIZE and --disk-image PATH go together');
-    if (disk && socket !== undefined) throw usageError("--disk gives a guest started here a disk: a guest at --guest brings its own (its hello's)");
+    if (disk && (socket !== undefined || qmp !== undefined))
+      throw usageError("--disk gives a guest started here a disk: a guest at --guest brings its own (its hello's)");
     const spec =
       socket === undefined
         ? {
@@ -145,7 +172,10 @@ export const send: Command = {
     // which guest a failure leaves: none until one answers (or was started here)
     let before: 'none' | 'running' = 'none';
     try {
-      if (socket !== undefined) {
+      if (qmp !== undefined) {
+        guest = qemu(await QemuSource.attach(qmp));
+        before = 'running';
+      } else if (socket !== undefined) {
         const fd = connectRunningGuest(socket);
         before = 'running';
         guest = running(await SourceGuestSession.take(fd, HELLO_TIMEOUT_MS, `the guest at ${socket}`));
@@ -182,7 +212,7 @@ export const send: Command = {
           await guest.release();
           state = 'released';
         },
-        throttle: (p) => guest.throttle(p),
+        ...(guest.throttle ? { throttle: (p: number) => guest.throttle!(p) } : {}),
         ...settings,
         control,
         ...(live ? { onProgress: live.onProgress } : {}),
@@ -193,7 +223,7 @@ export const send: Command = {
     } catch (e) {
       live?.end({ completed: false });
       const err = e instanceof LivemigError ? e : new LivemigError('ERR_LIVEMIG_ABORTED', (e as Error).message, { phase: 'migrate', cause: e });
-      if (state !== 'released') guest.detach(); // it runs on (or waits, paused) without us
+      if (state !== 'released') await guest.detach(); // it runs on (or waits, paused) without us
       process.stdout.write(
         JSON.stringify({ error: { code: err.code, phase: err.phase, message: err.message }, source_guest: state, guest_pid: guest.pid }) + '\n',
       );

@@ -1,0 +1,36 @@
+/**
+ * `receive --qemu-exec` and the daemon's QEMU destinations: the operator's QEMU command line,
+ * started once the region is reserved with the memory livemig receives as its RAM.
+ */
+import type { GuestLayout } from '../guest/layout.js';
+import { LivemigError } from '../errors.js';
+import type { ReservedMemory } from '../receiver/types.js';
+import { IncomingQemu, MEMORY_PLACEHOLDER, checkQemuCommand } from '../vmm/qemu/incoming.js';
+import { usageError } from './flags.js';
+
+/** The operator's line, run by the shell (`exec`, so QEMU's pid is its own), livemig's flags after it. */
+export function qemuCommand(line: string): string[] {
+  if (line.trim().length === 0) throw usageError('--qemu-exec needs a command');
+  if (!line.includes(MEMORY_PLACEHOLDER))
+    throw usageError(
+      `--qemu-exec: the command must name its RAM file with ${MEMORY_PLACEHOLDER} (-object memory-backend-file,...,mem-path=${MEMORY_PLACEHOLDER},share=on)`,
+    );
+  const command = ['/bin/sh', '-c', `exec ${line} "$@"`, 'sh'];
+  try {
+    checkQemuCommand([line]);
+  } catch (e) {
+    throw usageError(`--qemu-exec: ${(e as Error).message}`);
+  }
+  return command;
+}
+
+/** Starts the destination QEMU on the reserved memory: a VM with one memory backend, no disks yet. */
+export function startQemu(command: readonly string[], layout: GuestLayout, memory: ReservedMemory): Promise<IncomingQemu> {
+  const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_REFUSED', `a QEMU destination: ${why}`, { phase: 'reserve' });
+  if (layout.regions.length !== 1 || memory.files.length !== 1 || memory.files[0]!.offset !== 0)
+    throw refuse(`the guest has ${layout.regions.length} regions; a QEMU VM has one memory backend`);
+  if (memory.local) throw refuse('a same-host upgrade of QEMU is not supported yet');
+  if (memory.disks?.length) throw refuse('disks of a QEMU VM are not supported yet');
+  const r = layout.regions[0]!;
+  return IncomingQemu.start({ command, memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name } });
+}

@@ -1,0 +1,173 @@
+/**
+ * The destination QEMU: started from the operator's command line with the RAM livemig receives
+ * as its memory backend (`{memory}` in the command becomes a path to livemig's memfd, handed to
+ * QEMU as a descriptor), waiting (`-incoming defer -S`) until livemig loads the device state;
+ * checked before anything loads: a backend that is not that memfd, or not shared, would load
+ * "successfully" with RAM that is not the guest's.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { LivemigError } from '../../errors.js';
+import { SHARED_FILE_HINT } from './memory.js';
+import { loadDeviceState, prepareMigration } from './device-state.js';
+import { QmpClient } from './qmp.js';
+
+export const MEMORY_PLACEHOLDER = '{memory}';
+/** the descriptor QEMU inherits the memory as */
+const MEMORY_FD = 3;
+const START_TIMEOUT_MS = 30_000;
+const LOAD_TIMEOUT_MS = 30_000;
+/** what is kept of QEMU's stderr, for its own words when it fails */
+const STDERR_KEPT = 4096;
+
+export interface IncomingQemuStart {
+  /** QEMU's command line, as words; one of them holds MEMORY_PLACEHOLDER (its memory backend's mem-path) */
+  command: readonly string[];
+  /** the memory: livemig's memfd, and the region's size and name (the source's memory backend id) */
+  memory: { fd: number; size: number; id: string };
+  stdout?: 'inherit' | 'ignore';
+}
+
+/** Refuses a command QEMU cannot be started from for an incoming migration. */
+export function checkQemuCommand(command: readonly string[]): void {
+  if (command.length === 0) throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', 'the QEMU command is empty', { phase: 'validate' });
+  if (!command.some((w) => w.includes(MEMORY_PLACEHOLDER)))
+    throw new LivemigError(
+      'ERR_LIVEMIG_INVALID_ARGUMENT',
+      `the QEMU command must name its RAM file with ${MEMORY_PLACEHOLDER}, as in ${SHARED_FILE_HINT.replace('/dev/shm/NAME', MEMORY_PLACEHOLDER)}`,
+      {
+        phase: 'validate',
+      },
+    );
+  for (const flag of ['-incoming', '-qmp'])
+    if (command.some((w) => new RegExp(`(^|\\s)-?${flag}(\\s|=|$)`).test(w)))
+      throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the QEMU command must not have ${flag}: livemig adds its own`, { phase: 'validate' });
+}
+
+export class IncomingQemu {
+  readonly child: ChildProcess;
+  readonly qmp: QmpClient;
+  readonly #dir: string;
+  readonly #stderr: () => string;
+
+  private constructor(child: ChildProcess, qmp: QmpClient, dir: string, stderr: () => string) {
+    this.child = child;
+    this.qmp = qmp;
+    this.#dir = dir;
+    this.#stderr = stderr;
+  }
+
+  get pid(): number {
+    return this.child.pid ?? 0;
+  }
+
+  static async start(o: IncomingQemuStart): Promise<IncomingQemu> {
+    checkQemuCommand(o.command);
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-qemu-in-'));
+    const qmpPath = path.join(dir, 'qmp');
+    const memoryPath = `/proc/self/fd/${MEMORY_FD}`;
+    const args = [
+      ...o.command.slice(1).map((w) => w.replaceAll(MEMORY_PLACEHOLDER, memoryPath)),
+      '-qmp',
+      `unix:${qmpPath},server=on,wait=off`,
+      '-incoming',
+      'defer',
+      '-S',
+    ];
+    const child = spawn(o.command[0]!, args, { stdio: ['ignore', o.stdout ?? 'inherit', 'pipe', o.memory.fd] });
+    let stderr = '';
+    child.stderr!.setEncoding('utf8');
+    child.stderr!.on('data', (s: string) => {
+      process.stderr.write(s);
+      stderr = (stderr + s).slice(-STDERR_KEPT);
+    });
+    const words = (): string => (stderr.trim() ? `: ${stderr.trim()}` : '');
+    let qmp: QmpClient | undefined;
+    try {
+      qmp = await connectWhenUp(child, qmpPath, words);
+      await checkMemory(qmp, memoryPath, o.memory);
+      await prepareMigration(qmp);
+      return new IncomingQemu(child, qmp, dir, () => stderr);
+    } catch (e) {
+      qmp?.close();
+      child.kill('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  /**
+   * Loads the device state (the VM stays paused), once: called when the state arrives, before
+   * the source commits, so a state QEMU refuses fails the migration with the source's VM still
+   * there. QEMU's own words when it refuses.
+   */
+  prepare(state: Buffer): Promise<void> {
+    this.#loaded ??= loadDeviceState(this.qmp, state, LOAD_TIMEOUT_MS).catch((e: unknown) => {
+      const said = this.#stderr().trim();
+      throw new LivemigError('ERR_LIVEMIG_QEMU', `${(e as Error).message}${said ? `; QEMU said: ${said.slice(-600)}` : ''}`, { phase: 'activate', cause: e });
+    });
+    return this.#loaded;
+  }
+
+  #loaded: Promise<void> | undefined;
+  #running = false;
+
+  /** The VM runs here. */
+  async activate(state: Buffer): Promise<void> {
+    await this.prepare(state);
+    await this.qmp.execute('cont');
+    this.#running = true;
+    this.qmp.close(); // the VM is the operator's now; livemig's QMP connection goes
+    this.child.unref();
+    rmSync(this.#dir, { recursive: true, force: true });
+  }
+
+  kill(): void {
+    this.qmp.close();
+    this.child.kill('SIGKILL');
+    rmSync(this.#dir, { recursive: true, force: true });
+  }
+
+  /** livemig is done: a VM told to run runs on; one that was not is stopped. */
+  close(): void {
+    if (!this.#running) this.kill();
+  }
+}
+
+async function connectWhenUp(child: ChildProcess, qmpPath: string, words: () => string): Promise<QmpClient> {
+  const deadline = performance.now() + START_TIMEOUT_MS;
+  for (;;) {
+    if (child.exitCode !== null || child.signalCode !== null)
+      throw new LivemigError('ERR_LIVEMIG_QEMU', `the destination QEMU exited (${child.exitCode ?? child.signalCode}) before it served QMP${words()}`, {
+        phase: 'reserve',
+      });
+    if (existsSync(qmpPath)) {
+      try {
+        return await QmpClient.connect(qmpPath);
+      } catch (e) {
+        if (performance.now() > deadline) throw e;
+      }
+    }
+    if (performance.now() > deadline)
+      throw new LivemigError('ERR_LIVEMIG_TIMEOUT', `the destination QEMU served no QMP within ${START_TIMEOUT_MS} ms${words()}`, { phase: 'reserve' });
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** The destination's backend must be livemig's memfd, shared, of the source's size and id. */
+async function checkMemory(qmp: QmpClient, memoryPath: string, memory: { size: number; id: string }): Promise<void> {
+  const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_QEMU', `the destination QEMU: ${why}`, { phase: 'reserve' });
+  const memdevs = await qmp.execute<{ id: string; size: number; share: boolean }[]>('query-memdev');
+  if (!Array.isArray(memdevs) || memdevs.length !== 1)
+    throw refuse(`${Array.isArray(memdevs) ? memdevs.length : 'no'} memory backends, not the one the source has`);
+  const m = memdevs[0]!;
+  if (m.id !== memory.id) throw refuse(`its memory backend is ${m.id}, the source's ${memory.id}: QEMU matches RAM by that name`);
+  if (m.size !== memory.size) throw refuse(`its memory backend holds ${m.size} bytes, the source's ${memory.size}`);
+  if (m.share !== true) throw refuse(`its memory backend is not shared (share=off): it would load with RAM that is not the guest's; use ${SHARED_FILE_HINT}`);
+  const got = await qmp.execute('qom-get', { path: `/objects/${m.id}`, property: 'mem-path' }).catch((e: Error) => {
+    throw refuse(`its memory backend is not a file (${e.message}): it would load with RAM that is not the guest's`);
+  });
+  if (got !== memoryPath) throw refuse(`its memory backend's mem-path is ${JSON.stringify(got)}, not livemig's memory (${MEMORY_PLACEHOLDER})`);
+}

@@ -1,0 +1,165 @@
+/**
+ * A running QEMU VM as a livemig source guest, through QMP: its RAM is the shared file of its
+ * memory backend (livemig reads it, and tracks QEMU's writes exactly where the preload library
+ * registered QEMU's mapping for userfaultfd WP_ASYNC: docs/QEMU.md, else by hashing); a pause is
+ * `stop` plus QEMU's own stream of device state (x-ignore-shared: its RAM stays out); a resume
+ * is `cont`; the release is `quit`.
+ *
+ * The lease: a pause not committed within its lease resumes the VM (`cont`), and the commitment
+ * is then refused, so a stalled peer never leaves the VM paused.
+ */
+import { closeSync } from 'node:fs';
+import { LivemigError } from '../../errors.js';
+import { addon, closeFd } from '../../native.js';
+import { GuestLayout } from '../../guest/layout.js';
+import { Region } from '../../region/region.js';
+import type { MigrateOptions } from '../../source/types.js';
+import { prepareMigration, saveDeviceState } from './device-state.js';
+import { qemuRam, type QemuRam } from './memory.js';
+import { QmpClient } from './qmp.js';
+
+/** a paused VM's lease runs this much past livemig's max pause (whose abort resumes it first) */
+const LEASE_SLACK_MS = 1000;
+const STATE_TIMEOUT_MS = 10_000;
+
+export class QemuSource {
+  readonly qmp: QmpClient;
+  readonly ram: QemuRam;
+  readonly region: Region;
+  readonly layout: GuestLayout;
+  /** how QEMU's writes are followed, and why */
+  readonly tracking: { exact: boolean; reason: string };
+  #paused = false;
+  #committed = false;
+  #leaseTimer: NodeJS.Timeout | undefined;
+  #leaseFired: Promise<void> | undefined;
+  #closed = false;
+
+  private constructor(qmp: QmpClient, ram: QemuRam, tracking: { exact: boolean; reason: string }) {
+    this.qmp = qmp;
+    this.ram = ram;
+    this.region = Region.adoptPieces([{ fd: ram.fd, offset: 0, size: ram.size }]);
+    this.layout = GuestLayout.single(ram.size, ram.id);
+    this.tracking = tracking;
+  }
+
+  /** Takes the VM at QMP socket `path`: refused, the VM untouched, unless it runs with its RAM on a shared file. */
+  static async attach(path: string): Promise<QemuSource> {
+    const qmp = await QmpClient.connect(path);
+    let ram: QemuRam[] = [];
+    try {
+      const status = await qmp.execute<{ status: string }>('query-status');
+      if (status.status !== 'running' && status.status !== 'paused')
+        throw new LivemigError('ERR_LIVEMIG_QEMU', `the VM is ${status.status}, not running: nothing to migrate`, { phase: 'qemu' });
+      ram = await qemuRam(qmp);
+      await prepareMigration(qmp);
+      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!));
+    } catch (e) {
+      for (const r of ram) closeSync(r.fd);
+      qmp.close();
+      throw e;
+    }
+  }
+
+  get pid(): number {
+    return this.qmp.pid;
+  }
+
+  /** What migrate() needs of the VM's memory: exact tracking through QEMU's own mapping, or hashing. */
+  get memory(): Pick<MigrateOptions, 'region' | 'layout' | 'target' | 'untracked'> {
+    return {
+      region: this.region,
+      layout: this.layout,
+      ...(this.tracking.exact ? { target: { pid: this.pid, address: this.ram.address } } : { untracked: true }),
+    };
+  }
+
+  /** `stop`, then the device state; the lease starts. */
+  async pause(lease: { maxPauseMs: number }): Promise<Buffer> {
+    await this.qmp.execute('stop');
+    this.#paused = true;
+    this.#committed = false;
+    this.#leaseFired = undefined;
+    this.#leaseTimer = setTimeout(() => {
+      // livemig went quiet: the VM runs again here, and no commitment may follow
+      this.#leaseFired = this.#cont();
+      this.#leaseFired.catch(() => undefined);
+    }, lease.maxPauseMs + LEASE_SLACK_MS);
+    try {
+      return await saveDeviceState(this.qmp, STATE_TIMEOUT_MS);
+    } catch (e) {
+      await this.resume().catch(() => undefined); // the rollback resumes it too; a VM is never left stopped
+      throw e;
+    }
+  }
+
+  /** The point of commitment: refused when the lease already resumed the VM. */
+  async commit(): Promise<void> {
+    if (this.#leaseFired || !this.#paused)
+      throw new LivemigError('ERR_LIVEMIG_GUEST', 'the VM is running again (its lease ran out): no commitment', { phase: 'commit' });
+    clearTimeout(this.#leaseTimer);
+    this.#committed = true;
+  }
+
+  async resume(): Promise<void> {
+    clearTimeout(this.#leaseTimer);
+    if (this.#leaseFired) return this.#leaseFired;
+    if (this.#committed) throw new LivemigError('ERR_LIVEMIG_STATE', 'the VM was committed to the destination: it never runs here again', { phase: 'resume' });
+    await this.#cont();
+  }
+
+  async #cont(): Promise<void> {
+    if (!this.#paused) return;
+    await this.qmp.execute('cont');
+    this.#paused = false;
+  }
+
+  /** The VM runs at the destination: QEMU here quits. */
+  async release(): Promise<void> {
+    clearTimeout(this.#leaseTimer);
+    const exited = this.qmp.waitEvent('SHUTDOWN', { timeoutMs: 5000 }).catch(() => undefined);
+    await this.qmp.execute('quit').catch((e: unknown) => {
+      if (!this.qmp.closed) throw e; // QEMU may close before it answers
+    });
+    await exited;
+    this.close();
+  }
+
+  /** livemig lets go: a VM paused before the commitment runs again. */
+  async detach(): Promise<void> {
+    clearTimeout(this.#leaseTimer);
+    if (this.#paused && !this.#committed) await this.#cont();
+    this.close();
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearTimeout(this.#leaseTimer);
+    this.qmp.close();
+    if (!this.region.released) this.region.release();
+    closeSync(this.ram.fd);
+  }
+}
+
+/**
+ * Exact tracking needs QEMU's mapping registered for userfaultfd WP_ASYNC (the preload library
+ * does it inside QEMU); a PAGEMAP_SCAN that checks for it says whether it is.
+ */
+function trackingOf(pid: number, ram: QemuRam): { exact: boolean; reason: string } {
+  let pagemap = -1;
+  try {
+    pagemap = addon.pagemapOpen(pid);
+    addon.pagemapScanSync(pagemap, ram.address, ram.size, 4096, false);
+    return { exact: true, reason: "uffd-async: QEMU's mapping of its RAM is registered for userfaultfd WP_ASYNC (the preload library)" };
+  } catch (e) {
+    const errno = (e as { errnoName?: string }).errnoName;
+    const why =
+      errno === 'EPERM'
+        ? "QEMU's mapping of its RAM is not registered for write tracking (start QEMU with LD_PRELOAD of livemig's preload library: docs/QEMU.md)"
+        : `PAGEMAP_SCAN of QEMU's mapping failed (${(e as Error).message})`;
+    return { exact: false, reason: `hash: ${why}, so every page is hashed each round` };
+  } finally {
+    if (pagemap >= 0) closeFd(pagemap, 'qemu');
+  }
+}
