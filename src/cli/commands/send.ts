@@ -107,7 +107,9 @@ export const send: Command = {
     'be confirmed: see `livemig resolve`) or released (it runs at the destination). With',
     "--local (a VMM restarting into a new version on this host) the guest's memory files go to",
     'the destination guest as they are: it pauses once, only its device state moves; a receiver',
-    'on another host refuses (ERR_LIVEMIG_NOT_LOCAL).',
+    'on another host refuses (ERR_LIVEMIG_NOT_LOCAL). SIGINT or SIGTERM cancels a migration before its',
+    'commitment (ERR_LIVEMIG_CANCELLED; the guest runs on here); after it, the migration finishes. With',
+    '--qemu QMP_SOCKET the guest is a QEMU VM (docs/QEMU.md).',
   ].join('\n'),
   flags: {
     to: { type: 'string', value: 'HOST:PORT', help: 'the receiver (required)' },
@@ -193,6 +195,20 @@ export const send: Command = {
     let state = 'running' as 'running' | 'paused' | 'released';
     const control = new MigrationControl();
     const live = v['json'] === true ? undefined : new LocalProgress({ control, totalBytes: guest.memory.region.size });
+    // SIGINT/SIGTERM cancel before the commitment (the guest resumes here), as the API's cancel does:
+    // killed outright, a VMM without a lease of its own (QEMU) would stay paused
+    const cancel = (signal: string): void => {
+      try {
+        control.cancel();
+        process.stderr.write(`livemig: ${signal}: cancelling the migration\n`);
+      } catch (e) {
+        process.stderr.write(`livemig: ${signal}: ${(e as Error).message}\n`);
+      }
+    };
+    const onInt = (): void => cancel('SIGINT');
+    const onTerm = (): void => cancel('SIGTERM');
+    process.on('SIGINT', onInt);
+    process.on('SIGTERM', onTerm);
     try {
       const report = await migrate({
         ...guest.memory,
@@ -229,6 +245,9 @@ export const send: Command = {
       );
       process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'migrate'}): ${err.message}; the source guest is ${state} (pid ${guest.pid})\n`);
       return 1;
+    } finally {
+      process.off('SIGINT', onInt);
+      process.off('SIGTERM', onTerm);
     }
   },
 };

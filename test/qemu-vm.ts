@@ -1,0 +1,215 @@
+/**
+ * A QEMU VM for the tests and benchmarks: the guest contract/qemu-guest builds (a Debian
+ * kernel, busybox and memwriter, which rewrites a checkable region of guest RAM and beats on
+ * ttyS1), its RAM on a shared file, QMP on a unix socket. What the VM says on ttyS1 is read as
+ * one byte stream across a migration: a stop can fall in the middle of a line, the rest then
+ * comes from the destination's port.
+ */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
+
+/** Why QEMU VMs cannot run here (undefined: they can): no QEMU, or the guest does not build. */
+export function qemuUnavailable(): string | undefined {
+  try {
+    execFileSync(QEMU, ['--version'], { stdio: 'ignore' });
+  } catch {
+    return `${QEMU} is not installed (Debian: apt-get install qemu-system-x86)`;
+  }
+  try {
+    guestImage();
+  } catch (e) {
+    return `the test guest does not build: ${(e as Error).message.split('\n').slice(-3).join(' ')}`;
+  }
+  return undefined;
+}
+
+let built: { kernel: string; initrd: string } | undefined;
+/** The kernel and initramfs (contrib/qemu-guest/build.sh, cached outside the repository). */
+export function guestImage(): { kernel: string; initrd: string } {
+  if (built) return built;
+  const out = execFileSync(path.join(REPO, 'contrib/qemu-guest/build.sh'), { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  const files = out.trim().split('\n');
+  const kernel = files.find((f) => f.endsWith('/vmlinuz'));
+  const initrd = files.find((f) => f.endsWith('/initramfs.cpio.gz'));
+  if (!kernel || !initrd) throw new Error(`build.sh printed no kernel and initramfs: ${out}`);
+  built = { kernel, initrd };
+  return built;
+}
+
+export interface VmOptions {
+  memMiB?: number;
+  /** memwriter: the checked region (MiB) and its rewrite rate (MiB/s) */
+  writeMiB?: number;
+  rate?: number;
+  hbMs?: number;
+}
+
+/** QEMU's arguments for the test VM, its memory backend's mem-path as given. */
+export function vmArgs(dir: string, name: string, memPath: string, o: VmOptions = {}, share = 'on'): string[] {
+  const { kernel, initrd } = guestImage();
+  const mem = o.memMiB ?? 256;
+  return [
+    ...['-accel', 'tcg', '-m', `${mem}M`, '-smp', '1', '-display', 'none', '-no-user-config', '-monitor', 'none', '-nic', 'none', '-vga', 'none'],
+    ...['-kernel', kernel, '-initrd', initrd],
+    '-append',
+    `console=ttyS0 quiet memwriter.mib=${o.writeMiB ?? 64} memwriter.rate=${o.rate ?? 16} memwriter.hb_ms=${o.hbMs ?? 5}`,
+    ...['-serial', `file:${path.join(dir, `console-${name}.log`)}`, '-serial', `unix:${path.join(dir, `hb-${name}.sock`)},server=on,wait=off`],
+    ...['-object', `memory-backend-file,id=ram0,size=${mem}M,mem-path=${memPath},share=${share}`],
+    ...['-machine', 'pc,suppress-vmdesc=on,memory-backend=ram0'],
+  ];
+}
+
+/** A shell line of words, each quoted. */
+export function shellLine(words: readonly string[]): string {
+  return words.map((w) => (/^[\w@%+=:,./{}-]+$/.test(w) ? w : `'${w.replaceAll("'", "'\\''")}'`)).join(' ');
+}
+
+/** ttyS1 of a VM (source, then destination): heartbeats and the answers to commands. */
+export class Serial {
+  #text = '';
+  #socket: Socket | undefined;
+  /** the last heartbeat's sequence number, and when (host clock, ms) each arrived */
+  lastSeq = -1;
+  beats: { seq: number; at: number }[] = [];
+
+  /** Reads the port at `sockPath` from now on (after a migration: the destination's). */
+  async attach(sockPath: string, timeoutMs = 30_000): Promise<void> {
+    this.#socket?.destroy();
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        this.#socket = await new Promise<Socket>((resolve, reject) => {
+          const s = connect(sockPath);
+          s.once('connect', () => resolve(s));
+          s.once('error', reject);
+        });
+        break;
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+    this.#socket.setEncoding('utf8');
+    this.#socket.on('data', (s: string) => this.#data(s));
+    this.#socket.on('error', () => undefined); // the VM went: what it said is kept
+  }
+
+  #data(s: string): void {
+    this.#text += s;
+    for (let nl = this.#text.indexOf('\n'); nl >= 0; nl = this.#text.indexOf('\n')) {
+      const line = this.#text.slice(0, nl);
+      this.#text = this.#text.slice(nl + 1);
+      const hb = /^HB (\d+) /.exec(line);
+      if (hb) {
+        this.lastSeq = Number(hb[1]);
+        this.beats.push({ seq: this.lastSeq, at: performance.now() });
+        if (this.beats.length > 100_000) this.beats.splice(0, 50_000);
+      } else {
+        this.lines.push(line);
+      }
+    }
+  }
+
+  /** lines other than heartbeats */
+  lines: string[] = [];
+
+  /** Waits for a line starting with `prefix` (after those seen so far). */
+  async waitLine(prefix: string, timeoutMs = 30_000): Promise<string> {
+    const from = this.lines.length;
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const hit = this.lines.slice(from).find((l) => l.startsWith(prefix));
+      if (hit) return hit;
+      if (Date.now() > deadline) throw new Error(`no "${prefix}" line within ${timeoutMs} ms (last: ${this.lines.slice(-3).join(' | ')})`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  /** Waits until heartbeats past `seq` arrive: the VM runs. */
+  async beatsAfter(seq: number, timeoutMs = 10_000): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.lastSeq <= seq) {
+      if (Date.now() > deadline) throw new Error(`no heartbeat after ${seq} within ${timeoutMs} ms`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    return this.lastSeq;
+  }
+
+  /** memwriter checks every page it wrote: { pages, bad } */
+  async check(): Promise<{ pages: number; bad: number; firstBad: number }> {
+    const answer = this.waitLine('CHECK ', 30_000);
+    this.#socket!.write('CHECK\n');
+    const m = /^CHECK ok pages=(\d+) bad=(\d+) first_bad=(-?\d+)/.exec(await answer);
+    if (!m) throw new Error(`memwriter answered ${await answer}`);
+    return { pages: Number(m[1]), bad: Number(m[2]), firstBad: Number(m[3]) };
+  }
+
+  close(): void {
+    this.#socket?.destroy();
+  }
+}
+
+/** A source VM, booted: its RAM in /dev/shm, QMP at `qmp`, memwriter ready on `serial`. */
+export class SourceVm {
+  readonly dir: string;
+  readonly qmp: string;
+  readonly ram: string;
+  readonly child: ChildProcess;
+  readonly serial = new Serial();
+
+  private constructor(dir: string, ram: string, child: ChildProcess) {
+    this.dir = dir;
+    this.ram = ram;
+    this.qmp = path.join(dir, 'qmp-src.sock');
+    this.child = child;
+  }
+
+  static async boot(o: VmOptions = {}): Promise<SourceVm> {
+    const dir = mkdtempSync(path.join(tmpdir(), 'livemig-qemu-test-'));
+    const ram = `/dev/shm/${path.basename(dir)}-src`;
+    const child = spawn(QEMU, [...vmArgs(dir, 'src', ram, o), '-qmp', `unix:${path.join(dir, 'qmp-src.sock')},server=on,wait=off`], {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    const vm = new SourceVm(dir, ram, child);
+    try {
+      await vm.serial.attach(path.join(dir, 'hb-src.sock'));
+      await vm.serial.waitLine('READY', 120_000);
+      await vm.serial.beatsAfter(vm.serial.lastSeq);
+      return vm;
+    } catch (e) {
+      vm.stop();
+      throw e;
+    }
+  }
+
+  get running(): boolean {
+    return this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  /** The destination's line for `receive --qemu-exec`: the same VM, its RAM at {memory}. */
+  destinationLine(o: VmOptions = {}, share = 'on'): string {
+    return shellLine([QEMU, ...vmArgs(this.dir, 'dst', '{memory}', o, share)]);
+  }
+
+  get destinationSerial(): string {
+    return path.join(this.dir, 'hb-dst.sock');
+  }
+
+  stop(): void {
+    this.serial.close();
+    this.child.kill('SIGKILL');
+    rmSync(this.ram, { force: true });
+  }
+
+  cleanup(): void {
+    this.stop();
+    if (existsSync(this.dir)) rmSync(this.dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,154 @@
+/**
+ * A real QEMU VM (TCG) migrated by livemig (issue 34): livemig moves its RAM, QEMU's own stream
+ * only its device state. The VM's workload (contrib/qemu-guest) rewrites 64 MiB of its RAM
+ * while it moves and, at the destination, checks every page it wrote; its heartbeats must go on
+ * there. A VM livemig cannot move, a destination that would load the wrong RAM, a cancel and a
+ * stalled migration all leave the source VM running.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { after, before, describe, test } from 'node:test';
+import { createInterface } from 'node:readline';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { QmpClient } from '../src/vmm/qemu/qmp.js';
+import { QemuSource } from '../src/vmm/qemu/source.js';
+import { Serial, SourceVm, qemuUnavailable } from './qemu-vm.js';
+
+const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
+const unavailable = qemuUnavailable();
+if (unavailable) console.log(`# QEMU tests skipped: ${unavailable}`);
+
+interface Json {
+  [k: string]: unknown;
+}
+
+/** `livemig receive --qemu-exec LINE` on a free port: its JSON lines as they come. */
+async function receiver(line: string): Promise<{ child: ChildProcess; port: number; lines: Json[]; next: (key: string) => Promise<Json> }> {
+  const child = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', line], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const lines: Json[] = [];
+  const waiters: (() => void)[] = [];
+  createInterface({ input: child.stdout! }).on('line', (l) => {
+    lines.push(JSON.parse(l) as Json);
+    for (const w of waiters.splice(0)) w();
+  });
+  const next = async (key: string): Promise<Json> => {
+    for (;;) {
+      const hit = lines.find((l) => key in l);
+      if (hit) return hit;
+      if (child.exitCode !== null) throw new Error(`the receiver exited (${child.exitCode}) with no ${key} line: ${JSON.stringify(lines)}`);
+      await new Promise<void>((r) => {
+        waiters.push(r);
+        setTimeout(r, 200);
+      });
+    }
+  };
+  const listening = await next('listening');
+  return { child, port: listening['port'] as number, lines, next };
+}
+
+/** `livemig send --qemu QMP --to 127.0.0.1:PORT --json`: its exit code and last JSON line. */
+function sender(qmp: string, port: number, extra: string[] = []): { child: ChildProcess; done: Promise<{ code: number; out: Json }> } {
+  const child = spawn(process.execPath, [CLI, 'send', '--qemu', qmp, '--to', `127.0.0.1:${port}`, '--json', ...extra], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let text = '';
+  child.stdout!.setEncoding('utf8').on('data', (s: string) => (text += s));
+  const done = new Promise<{ code: number; out: Json }>((resolve) =>
+    child.once('exit', (code) => {
+      const last = text.trim().split('\n').pop() ?? '{}';
+      resolve({ code: code ?? -1, out: JSON.parse(last || '{}') as Json });
+    }),
+  );
+  return { child, done };
+}
+
+async function status(qmpPath: string): Promise<string> {
+  const qmp = await QmpClient.connect(qmpPath);
+  try {
+    return (await qmp.execute<{ status: string }>('query-status')).status;
+  } finally {
+    qmp.close();
+  }
+}
+
+describe('a QEMU VM', { skip: unavailable ?? false }, () => {
+  let vm: SourceVm;
+  before(async () => {
+    vm = await SourceVm.boot();
+  });
+  after(() => vm?.cleanup());
+
+  test('a destination whose backend would load other RAM is refused before anything moves; the VM runs on', async () => {
+    const rx = await receiver(vm.destinationLine({}, 'off'));
+    const tx = sender(vm.qmp, rx.port);
+    const { code, out } = await tx.done;
+    assert.equal(code, 1);
+    const error = out['error'] as { code: string; message: string };
+    assert.match(error.message, /not shared/);
+    assert.equal(out['source_guest'], 'running');
+    rx.child.kill();
+    const seq = vm.serial.lastSeq;
+    await vm.serial.beatsAfter(seq + 5);
+    assert.equal(await status(vm.qmp), 'running');
+  });
+
+  test('a lease that runs out resumes the VM, and the commitment is then refused', async () => {
+    const source = await QemuSource.attach(vm.qmp);
+    try {
+      const state = await source.pause({ maxPauseMs: 100 });
+      assert.ok(state.length > 10_000, `a device state of ${state.length} bytes`);
+      const seq = vm.serial.lastSeq;
+      await vm.serial.beatsAfter(seq + 5, 5000); // resumed by the lease, livemig silent
+      await assert.rejects(source.commit(), /lease ran out/);
+    } finally {
+      await source.detach();
+    }
+    assert.equal(await status(vm.qmp), 'running');
+  });
+
+  test('SIGINT in the middle of the copy cancels; the VM runs on', async () => {
+    const rx = await receiver(vm.destinationLine());
+    const tx = sender(vm.qmp, rx.port, ['--bandwidth', '16']);
+    await rx.next('receiving');
+    await new Promise((r) => setTimeout(r, 500));
+    tx.child.kill('SIGINT');
+    const { code, out } = await tx.done;
+    assert.equal(code, 1);
+    assert.equal((out['error'] as { code: string }).code, 'ERR_LIVEMIG_CANCELLED');
+    assert.equal(out['source_guest'], 'running');
+    rx.child.kill();
+    await vm.serial.beatsAfter(vm.serial.lastSeq + 5);
+    assert.equal(await status(vm.qmp), 'running');
+  });
+
+  test('a running VM moves live: its check passes at the destination, where its heartbeats go on', async () => {
+    const rx = await receiver(vm.destinationLine());
+    const destination = new Serial();
+    try {
+      const tx = sender(vm.qmp, rx.port);
+      await rx.next('receiving');
+      // the destination QEMU serves its port from its start: heard from the first beat on
+      const heard = destination.attach(vm.destinationSerial);
+      const { code, out } = await tx.done;
+      assert.equal(code, 0, JSON.stringify(out));
+      assert.equal(out['mode'], 'precopy');
+      assert.match(String(out['tracker_reason']), /hash/);
+      const received = await rx.next('received');
+      assert.ok(received['guest_pid']);
+      await heard;
+      const last = vm.serial.lastSeq;
+      await destination.beatsAfter(last + 5);
+      const check = await destination.check();
+      assert.deepEqual(check, { pages: 16384, bad: 0, firstBad: -1 });
+      await new Promise((r) => (vm.child.exitCode !== null ? r(undefined) : vm.child.once('exit', r)));
+      assert.equal(vm.running, false, 'the source QEMU quit');
+      process.kill(received['guest_pid'] as number, 'SIGKILL');
+    } finally {
+      destination.close();
+      rx.child.kill();
+    }
+  });
+});
