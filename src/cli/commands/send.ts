@@ -89,6 +89,29 @@ function started(g: SourceGuest): Guest {
   };
 }
 
+/**
+ * SIGINT/SIGTERM cancel before the commitment (the guest resumes here), as the API's cancel does:
+ * killed outright, a VMM without a lease of its own (QEMU) would stay paused. Returns the undo.
+ */
+function cancelOnSignals(control: MigrationControl): () => void {
+  const cancel = (signal: string): void => {
+    try {
+      control.cancel();
+      process.stderr.write(`livemig: ${signal}: cancelling the migration\n`);
+    } catch (e) {
+      process.stderr.write(`livemig: ${signal}: ${(e as Error).message}\n`);
+    }
+  };
+  const onInt = (): void => cancel('SIGINT');
+  const onTerm = (): void => cancel('SIGTERM');
+  process.on('SIGINT', onInt);
+  process.on('SIGTERM', onTerm);
+  return () => {
+    process.off('SIGINT', onInt);
+    process.off('SIGTERM', onTerm);
+  };
+}
+
 export const send: Command = {
   name: 'send',
   summary: 'migrate a guest live to a receiver',
@@ -195,20 +218,7 @@ export const send: Command = {
     let state = 'running' as 'running' | 'paused' | 'released';
     const control = new MigrationControl();
     const live = v['json'] === true ? undefined : new LocalProgress({ control, totalBytes: guest.memory.region.size });
-    // SIGINT/SIGTERM cancel before the commitment (the guest resumes here), as the API's cancel does:
-    // killed outright, a VMM without a lease of its own (QEMU) would stay paused
-    const cancel = (signal: string): void => {
-      try {
-        control.cancel();
-        process.stderr.write(`livemig: ${signal}: cancelling the migration\n`);
-      } catch (e) {
-        process.stderr.write(`livemig: ${signal}: ${(e as Error).message}\n`);
-      }
-    };
-    const onInt = (): void => cancel('SIGINT');
-    const onTerm = (): void => cancel('SIGTERM');
-    process.on('SIGINT', onInt);
-    process.on('SIGTERM', onTerm);
+    const ignoreSignals = cancelOnSignals(control);
     try {
       const report = await migrate({
         ...guest.memory,
@@ -246,8 +256,7 @@ export const send: Command = {
       process.stderr.write(`livemig: ${err.code} (${err.phase ?? 'migrate'}): ${err.message}; the source guest is ${state} (pid ${guest.pid})\n`);
       return 1;
     } finally {
-      process.off('SIGINT', onInt);
-      process.off('SIGTERM', onTerm);
+      ignoreSignals();
     }
   },
 };
