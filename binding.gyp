@@ -81,6 +81,16 @@
       "libraries": ["-lpthread"]
     },
     {
+      "target_name": "livemig_qemu_preload",
+      "type": "shared_library",
+      "product_name": "livemig_qemu_preload",
+      "sources": ["native/qemu/preload.c", "native/guest/livemig_guest.c"],
+      "include_dirs": ["native/guest"],
+      "cflags": ["-fPIC", "-fvisibility=hidden"],
+      "cflags_c": ["-std=gnu11", "-O2", "-Wall", "-Wextra"],
+      "libraries": ["-ldl", "-lpthread"]
+    },
+    {
       "target_name": "read_floor",
       "type": "executable",
       "sources": ["bench/native/read_floor.c"],

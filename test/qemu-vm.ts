@@ -11,6 +11,7 @@ import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { preloadEnv } from '../src/vmm/qemu/preload.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
@@ -49,6 +50,8 @@ export interface VmOptions {
   writeMiB?: number;
   rate?: number;
   hbMs?: number;
+  /** load livemig's preload library into QEMU: its writes to RAM are tracked exactly */
+  preload?: boolean;
 }
 
 /** QEMU's arguments for the test VM, its memory backend's mem-path as given. */
@@ -176,6 +179,7 @@ export class SourceVm {
     const ram = `/dev/shm/${path.basename(dir)}-src`;
     const child = spawn(QEMU, [...vmArgs(dir, 'src', ram, o), '-qmp', `unix:${path.join(dir, 'qmp-src.sock')},server=on,wait=off`], {
       stdio: ['ignore', 'ignore', 'inherit'],
+      env: { ...process.env, ...(o.preload ? preloadEnv([ram]) : {}) },
     });
     const vm = new SourceVm(dir, ram, child);
     try {
@@ -193,13 +197,14 @@ export class SourceVm {
     return this.child.exitCode === null && this.child.signalCode === null;
   }
 
-  /** The destination's line for `receive --qemu-exec`: the same VM, its RAM at {memory}. */
-  destinationLine(o: VmOptions = {}, share = 'on'): string {
-    return shellLine([QEMU, ...vmArgs(this.dir, 'dst', '{memory}', o, share)]);
-  }
-
-  get destinationSerial(): string {
-    return path.join(this.dir, 'hb-dst.sock');
+  #destinations = 0;
+  /**
+   * The line for `receive --qemu-exec`: the same VM, its RAM at {memory}, and where its ttyS1
+   * is served (each destination a port of its own).
+   */
+  destination(o: VmOptions = {}, share = 'on'): { line: string; serial: string } {
+    const name = `dst${++this.#destinations}`;
+    return { line: shellLine([QEMU, ...vmArgs(this.dir, name, '{memory}', o, share)]), serial: path.join(this.dir, `hb-${name}.sock`) };
   }
 
   stop(): void {

@@ -82,7 +82,7 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
   after(() => vm?.cleanup());
 
   test('a destination whose backend would load other RAM is refused before anything moves; the VM runs on', async () => {
-    const rx = await receiver(vm.destinationLine({}, 'off'));
+    const rx = await receiver(vm.destination({}, 'off').line);
     const tx = sender(vm.qmp, rx.port);
     const { code, out } = await tx.done;
     assert.equal(code, 1);
@@ -110,7 +110,7 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
   });
 
   test('SIGINT in the middle of the copy cancels; the VM runs on', async () => {
-    const rx = await receiver(vm.destinationLine());
+    const rx = await receiver(vm.destination().line);
     const tx = sender(vm.qmp, rx.port, ['--bandwidth', '16']);
     await rx.next('receiving');
     await new Promise((r) => setTimeout(r, 500));
@@ -125,13 +125,14 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
   });
 
   test('a running VM moves live: its check passes at the destination, where its heartbeats go on', async () => {
-    const rx = await receiver(vm.destinationLine());
+    const to = vm.destination();
+    const rx = await receiver(to.line);
     const destination = new Serial();
     try {
       const tx = sender(vm.qmp, rx.port);
       await rx.next('receiving');
       // the destination QEMU serves its port from its start: heard from the first beat on
-      const heard = destination.attach(vm.destinationSerial);
+      const heard = destination.attach(to.serial);
       const { code, out } = await tx.done;
       assert.equal(code, 0, JSON.stringify(out));
       assert.equal(out['mode'], 'precopy');
@@ -140,7 +141,9 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
       assert.ok(received['guest_pid']);
       await heard;
       const last = vm.serial.lastSeq;
-      await destination.beatsAfter(last + 5);
+      await destination.beatsAfter(last + 5).catch((e: Error) => {
+        throw new Error(`${e.message}; the destination said: ${destination.lines.slice(-5).join(' | ')}, last beat ${destination.lastSeq}`);
+      });
       const check = await destination.check();
       assert.deepEqual(check, { pages: 16384, bad: 0, firstBad: -1 });
       await new Promise((r) => (vm.child.exitCode !== null ? r(undefined) : vm.child.once('exit', r)));
@@ -149,6 +152,32 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
     } finally {
       destination.close();
       rx.child.kill();
+    }
+  });
+});
+
+describe('a QEMU VM with the preload library', { skip: unavailable ?? false }, () => {
+  test("QEMU's writes are tracked exactly, and the VM's check passes at the destination", async () => {
+    const vm = await SourceVm.boot({ preload: true });
+    const to = vm.destination();
+    const rx = await receiver(to.line);
+    const destination = new Serial();
+    try {
+      const tx = sender(vm.qmp, rx.port);
+      await rx.next('receiving');
+      const heard = destination.attach(to.serial);
+      const { code, out } = await tx.done;
+      assert.equal(code, 0, JSON.stringify(out));
+      assert.equal(out['tracker'], 'uffd-async', String(out['tracker_reason']));
+      const received = await rx.next('received');
+      await heard;
+      await destination.beatsAfter(vm.serial.lastSeq + 5);
+      assert.deepEqual(await destination.check(), { pages: 16384, bad: 0, firstBad: -1 });
+      process.kill(received['guest_pid'] as number, 'SIGKILL');
+    } finally {
+      destination.close();
+      rx.child.kill();
+      vm.cleanup();
     }
   });
 });

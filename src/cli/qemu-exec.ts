@@ -24,6 +24,26 @@ export function qemuCommand(line: string): string[] {
   return command;
 }
 
+/**
+ * Stopped by SIGINT or SIGTERM before the VM runs here, the receiver takes its QEMU with it: a
+ * QEMU waiting for an incoming migration has no lease of its own and would wait forever. A VM
+ * already running here runs on. Returns the undo.
+ */
+export function qemuGoesWithSignals(qemu: () => IncomingQemu | undefined): () => void {
+  const stop = (signal: NodeJS.Signals): void => {
+    const q = qemu();
+    if (q && !q.running) process.stderr.write(`livemig: ${signal}: stopping the destination QEMU (pid ${q.pid}), which was not running yet\n`);
+    q?.close();
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  return () => {
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
+  };
+}
+
 /** Starts the destination QEMU on the reserved memory: a VM with one memory backend, no disks yet. */
 export function startQemu(command: readonly string[], layout: GuestLayout, memory: ReservedMemory): Promise<IncomingQemu> {
   const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_REFUSED', `a QEMU destination: ${why}`, { phase: 'reserve' });

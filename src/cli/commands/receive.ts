@@ -9,7 +9,7 @@ import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
 import { channelCount, diskDir, keepDisks } from '../migration-flags.js';
-import { qemuCommand, startQemu } from '../qemu-exec.js';
+import { qemuCommand, qemuGoesWithSignals, startQemu } from '../qemu-exec.js';
 import type { IncomingQemu } from '../../vmm/qemu/incoming.js';
 
 export const receive: Command = {
@@ -91,6 +91,7 @@ export const receive: Command = {
     const qemuLine = typeof v['qemu-exec'] === 'string' ? qemuCommand(v['qemu-exec']) : undefined;
     if (qemuLine && (typeof v['guest-exec'] === 'string' || typeof v['disk-dir'] === 'string'))
       throw usageError('--qemu-exec starts a QEMU VM: not with --guest-exec, nor (yet) with --disk-dir');
+    if (qemuLine) qemuGoesWithSignals(() => qemu);
     const command = typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand();
     const rx = await listen(
       host,

@@ -114,6 +114,11 @@ export class IncomingQemu {
   #loaded: Promise<void> | undefined;
   #running = false;
 
+  /** told to run (`cont` answered) */
+  get running(): boolean {
+    return this.#running;
+  }
+
   /** The VM runs here. */
   async activate(state: Buffer): Promise<void> {
     await this.prepare(state);
