@@ -13,7 +13,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QmpClient } from '../src/vmm/qemu/qmp.js';
 import { QemuSource } from '../src/vmm/qemu/source.js';
-import { Serial, SourceVm, qemuUnavailable } from './qemu-vm.js';
+import { Serial, SourceVm, qemuUnavailable } from '../src/demo/qemu-vm.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
 const unavailable = qemuUnavailable();

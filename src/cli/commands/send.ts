@@ -219,6 +219,7 @@ export const send: Command = {
     const control = new MigrationControl();
     const live = v['json'] === true ? undefined : new LocalProgress({ control, totalBytes: guest.memory.region.size });
     const ignoreSignals = cancelOnSignals(control);
+    const cpu0 = process.cpuUsage();
     try {
       const report = await migrate({
         ...guest.memory,
@@ -244,7 +245,9 @@ export const send: Command = {
         ...(live ? { onProgress: live.onProgress } : {}),
       });
       live?.end({ completed: true });
-      process.stdout.write(JSON.stringify(report) + '\n');
+      // this process's CPU from the guest's attach to the report (the guest is its own process)
+      const cpu = process.cpuUsage(cpu0);
+      process.stdout.write(JSON.stringify({ ...report, cpu_s: { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) } }) + '\n');
       return 0;
     } catch (e) {
       live?.end({ completed: false });

@@ -21,14 +21,19 @@ const failed = (e: QmpEvent): string | undefined =>
     ? `QEMU's migration ${String(e.data['status'])}`
     : undefined;
 
-/** Both sides: QEMU leaves shared RAM to livemig, and says when its stream is done. */
-export async function prepareMigration(qmp: QmpClient): Promise<void> {
+/**
+ * Both sides: QEMU leaves shared RAM to livemig, and says when its stream is done. At the
+ * source, a downtime limit QEMU's small remainder always fits: `migrate` then stops the VM
+ * itself at once, inside its own migration thread (cheaper than `stop` and a `migrate` after it).
+ */
+export async function prepareMigration(qmp: QmpClient, side: 'source' | 'destination'): Promise<void> {
   await qmp.execute('migrate-set-capabilities', {
     capabilities: [
       { capability: 'x-ignore-shared', state: true },
       { capability: 'events', state: true },
     ],
   });
+  if (side === 'source') await qmp.execute('migrate-set-parameters', { 'downtime-limit': 60_000 });
 }
 
 async function errorText(qmp: QmpClient, why: string): Promise<string> {
@@ -36,7 +41,10 @@ async function errorText(qmp: QmpClient, why: string): Promise<string> {
   return q?.['error-desc'] ? `${why}: ${q['error-desc']}` : why;
 }
 
-/** The stopped VM's device state (QEMU's stream with x-ignore-shared). */
+/**
+ * The VM's device state (QEMU's stream with x-ignore-shared): QEMU stops the VM (if it runs)
+ * and streams its devices; the VM stays stopped ('postmigrate').
+ */
 export async function saveDeviceState(qmp: QmpClient, timeoutMs: number): Promise<Buffer> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-qemu-'));
   const sock = path.join(dir, 'state');
@@ -77,25 +85,62 @@ export async function saveDeviceState(qmp: QmpClient, timeoutMs: number): Promis
   }
 }
 
-/** Loads a device state into a QEMU started with `-incoming defer` (it stays paused: -S). */
-export async function loadDeviceState(qmp: QmpClient, state: Buffer, timeoutMs: number): Promise<void> {
+/**
+ * The destination's way in for the device state: QEMU (started with `-incoming defer`) listens
+ * from now on, and livemig is connected, so that inside the pause the state only has to be
+ * written (QEMU's setup of an incoming migration took milliseconds there).
+ */
+export async function openIncoming(qmp: QmpClient): Promise<IncomingState> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-qemu-'));
   const sock = path.join(dir, 'state');
   try {
-    const completed = qmp.waitEvent('MIGRATION', { accept: (e) => e.data?.['status'] === 'completed', fail: failed, timeoutMs });
-    completed.catch(() => undefined);
     await qmp.execute('migrate-incoming', { uri: `unix:${sock}` });
-    const sent = new Promise<void>((resolve, reject) => {
+    const socket = await new Promise<Socket>((resolve, reject) => {
       const c = createConnection(sock);
+      c.once('connect', () => resolve(c));
       c.once('error', reject);
-      c.end(state, () => resolve());
     });
+    socket.on('error', () => undefined); // a QEMU that fails says why on QMP and its stderr
+    return new IncomingState(qmp, socket, dir);
+  } catch (e) {
+    rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+}
+
+export class IncomingState {
+  readonly #qmp: QmpClient;
+  readonly #socket: Socket;
+  readonly #dir: string;
+
+  constructor(qmp: QmpClient, socket: Socket, dir: string) {
+    this.#qmp = qmp;
+    this.#socket = socket;
+    this.#dir = dir;
+  }
+
+  /** Loads a device state; the VM stays paused (-S). */
+  async load(state: Buffer, timeoutMs: number): Promise<void> {
     try {
+      const completed = this.#qmp.waitEvent('MIGRATION', { accept: (e) => e.data?.['status'] === 'completed', fail: failed, timeoutMs });
+      completed.catch(() => undefined);
+      const sent = new Promise<void>((resolve, reject) => {
+        this.#socket.once('error', reject);
+        this.#socket.end(state, () => resolve());
+      });
       await Promise.all([sent, completed]);
     } catch (e) {
-      throw new LivemigError('ERR_LIVEMIG_QEMU', await errorText(qmp, `loading the device state: ${(e as Error).message}`), { phase: 'activate', cause: e });
+      throw new LivemigError('ERR_LIVEMIG_QEMU', await errorText(this.#qmp, `loading the device state: ${(e as Error).message}`), {
+        phase: 'activate',
+        cause: e,
+      });
+    } finally {
+      this.close();
     }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
+  }
+
+  close(): void {
+    this.#socket.destroy();
+    rmSync(this.#dir, { recursive: true, force: true });
   }
 }

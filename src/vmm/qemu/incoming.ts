@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { LivemigError } from '../../errors.js';
 import { SHARED_FILE_HINT } from './memory.js';
-import { loadDeviceState, prepareMigration } from './device-state.js';
+import { openIncoming, prepareMigration, type IncomingState } from './device-state.js';
 import { QmpClient } from './qmp.js';
 
 export const MEMORY_PLACEHOLDER = '{memory}';
@@ -52,11 +52,14 @@ export class IncomingQemu {
   readonly #dir: string;
   readonly #stderr: () => string;
 
-  private constructor(child: ChildProcess, qmp: QmpClient, dir: string, stderr: () => string) {
+  readonly #incoming: IncomingState;
+
+  private constructor(child: ChildProcess, qmp: QmpClient, dir: string, stderr: () => string, incoming: IncomingState) {
     this.child = child;
     this.qmp = qmp;
     this.#dir = dir;
     this.#stderr = stderr;
+    this.#incoming = incoming;
   }
 
   get pid(): number {
@@ -88,8 +91,9 @@ export class IncomingQemu {
     try {
       qmp = await connectWhenUp(child, qmpPath, words);
       await checkMemory(qmp, memoryPath, o.memory);
-      await prepareMigration(qmp);
-      return new IncomingQemu(child, qmp, dir, () => stderr);
+      await prepareMigration(qmp, 'destination');
+      const incoming = await openIncoming(qmp);
+      return new IncomingQemu(child, qmp, dir, () => stderr, incoming);
     } catch (e) {
       qmp?.close();
       child.kill('SIGKILL');
@@ -104,7 +108,7 @@ export class IncomingQemu {
    * there. QEMU's own words when it refuses.
    */
   prepare(state: Buffer): Promise<void> {
-    this.#loaded ??= loadDeviceState(this.qmp, state, LOAD_TIMEOUT_MS).catch((e: unknown) => {
+    this.#loaded ??= this.#incoming.load(state, LOAD_TIMEOUT_MS).catch((e: unknown) => {
       const said = this.#stderr().trim();
       throw new LivemigError('ERR_LIVEMIG_QEMU', `${(e as Error).message}${said ? `; QEMU said: ${said.slice(-600)}` : ''}`, { phase: 'activate', cause: e });
     });
@@ -130,6 +134,7 @@ export class IncomingQemu {
   }
 
   kill(): void {
+    this.#incoming.close();
     this.qmp.close();
     this.child.kill('SIGKILL');
     rmSync(this.#dir, { recursive: true, force: true });

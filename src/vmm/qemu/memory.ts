@@ -66,8 +66,10 @@ export async function qemuRam(qmp: QmpClient): Promise<QemuRam[]> {
 
 /** Opens the backend's file (through QEMU's own view of its filesystem) and finds QEMU's mapping of it. */
 function openRam(pid: number, m: QemuMemdev, path: string): QemuRam {
-  // QEMU may see another mount namespace: its root is the one to open the path in
-  const fd = openSync(`/proc/${pid}/root${path}`, 'r+');
+  // QEMU may see another mount namespace: its root is the one to open the path in; a path into
+  // its own descriptors (a VM livemig brought here: /proc/self/fd/N) is QEMU's, not ours
+  const own = /^\/proc\/self\/(fd\/\d+)$/.exec(path);
+  const fd = openSync(own ? `/proc/${pid}/${own[1]}` : `/proc/${pid}/root${path}`, 'r+');
   try {
     const st = fstatSync(fd);
     if (!st.isFile()) throw refused(`memory backend ${m.id}: ${path} is not a regular file (a hugetlbfs or tmpfs file is)`);

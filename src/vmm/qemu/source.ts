@@ -52,7 +52,7 @@ export class QemuSource {
       if (status.status !== 'running' && status.status !== 'paused')
         throw new LivemigError('ERR_LIVEMIG_QEMU', `the VM is ${status.status}, not running: nothing to migrate`, { phase: 'qemu' });
       ram = await qemuRam(qmp);
-      await prepareMigration(qmp);
+      await prepareMigration(qmp, 'source');
       return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!));
     } catch (e) {
       for (const r of ram) closeSync(r.fd);
@@ -74,10 +74,9 @@ export class QemuSource {
     };
   }
 
-  /** `stop`, then the device state; the lease starts. */
+  /** QEMU stops the VM and streams its device state (one `migrate`); the lease starts. */
   async pause(lease: { maxPauseMs: number }): Promise<Buffer> {
-    await this.qmp.execute('stop');
-    this.#paused = true;
+    this.#paused = true; // from the command on: a failure half-way resumes it
     this.#committed = false;
     this.#leaseFired = undefined;
     this.#leaseTimer = setTimeout(() => {
@@ -110,7 +109,9 @@ export class QemuSource {
 
   async #cont(): Promise<void> {
     if (!this.#paused) return;
-    await this.qmp.execute('cont');
+    // a migrate that failed before QEMU stopped the VM leaves it running: nothing to resume
+    const { status } = await this.qmp.execute<{ status: string }>('query-status');
+    if (status !== 'running') await this.qmp.execute('cont');
     this.#paused = false;
   }
 

@@ -1,5 +1,5 @@
 /**
- * A QEMU VM for the tests and benchmarks: the guest contract/qemu-guest builds (a Debian
+ * A QEMU VM for the demo, the tests and the benchmarks: the guest contrib/qemu-guest builds (a Debian
  * kernel, busybox and memwriter, which rewrites a checkable region of guest RAM and beats on
  * ttyS1), its RAM on a shared file, QMP on a unix socket. What the VM says on ttyS1 is read as
  * one byte stream across a migration: a stop can fall in the middle of a line, the rest then
@@ -11,9 +11,9 @@ import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { preloadEnv } from '../src/vmm/qemu/preload.js';
+import { preloadEnv } from '../vmm/qemu/preload.js';
 
-const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
 
 /** Why QEMU VMs cannot run here (undefined: they can): no QEMU, or the guest does not build. */
@@ -52,6 +52,10 @@ export interface VmOptions {
   hbMs?: number;
   /** load livemig's preload library into QEMU: its writes to RAM are tracked exactly */
   preload?: boolean;
+  /** the memory backend's prealloc=on: QEMU maps (and touches) all its RAM at start */
+  prealloc?: boolean;
+  /** another QEMU (default LIVEMIG_QEMU, else qemu-system-x86_64), and arguments it needs (e.g. -L for an unpacked one) */
+  binary?: { path: string; args: string[] };
 }
 
 /** QEMU's arguments for the test VM, its memory backend's mem-path as given. */
@@ -59,12 +63,13 @@ export function vmArgs(dir: string, name: string, memPath: string, o: VmOptions 
   const { kernel, initrd } = guestImage();
   const mem = o.memMiB ?? 256;
   return [
+    ...(o.binary?.args ?? []),
     ...['-accel', 'tcg', '-m', `${mem}M`, '-smp', '1', '-display', 'none', '-no-user-config', '-monitor', 'none', '-nic', 'none', '-vga', 'none'],
     ...['-kernel', kernel, '-initrd', initrd],
     '-append',
     `console=ttyS0 quiet memwriter.mib=${o.writeMiB ?? 64} memwriter.rate=${o.rate ?? 16} memwriter.hb_ms=${o.hbMs ?? 5}`,
     ...['-serial', `file:${path.join(dir, `console-${name}.log`)}`, '-serial', `unix:${path.join(dir, `hb-${name}.sock`)},server=on,wait=off`],
-    ...['-object', `memory-backend-file,id=ram0,size=${mem}M,mem-path=${memPath},share=${share}`],
+    ...['-object', `memory-backend-file,id=ram0,size=${mem}M,mem-path=${memPath},share=${share}${o.prealloc ? ',prealloc=on' : ''}`],
     ...['-machine', 'pc,suppress-vmdesc=on,memory-backend=ram0'],
   ];
 }
@@ -167,21 +172,24 @@ export class SourceVm {
   readonly child: ChildProcess;
   readonly serial = new Serial();
 
-  private constructor(dir: string, ram: string, child: ChildProcess) {
+  readonly options: VmOptions;
+
+  private constructor(dir: string, ram: string, child: ChildProcess, options: VmOptions) {
     this.dir = dir;
     this.ram = ram;
     this.qmp = path.join(dir, 'qmp-src.sock');
     this.child = child;
+    this.options = options;
   }
 
   static async boot(o: VmOptions = {}): Promise<SourceVm> {
     const dir = mkdtempSync(path.join(tmpdir(), 'livemig-qemu-test-'));
     const ram = `/dev/shm/${path.basename(dir)}-src`;
-    const child = spawn(QEMU, [...vmArgs(dir, 'src', ram, o), '-qmp', `unix:${path.join(dir, 'qmp-src.sock')},server=on,wait=off`], {
+    const child = spawn(o.binary?.path ?? QEMU, [...vmArgs(dir, 'src', ram, o), '-qmp', `unix:${path.join(dir, 'qmp-src.sock')},server=on,wait=off`], {
       stdio: ['ignore', 'ignore', 'inherit'],
       env: { ...process.env, ...(o.preload ? preloadEnv([ram]) : {}) },
     });
-    const vm = new SourceVm(dir, ram, child);
+    const vm = new SourceVm(dir, ram, child, o);
     try {
       await vm.serial.attach(path.join(dir, 'hb-src.sock'));
       await vm.serial.waitLine('READY', 120_000);
@@ -202,15 +210,35 @@ export class SourceVm {
    * The line for `receive --qemu-exec`: the same VM, its RAM at {memory}, and where its ttyS1
    * is served (each destination a port of its own).
    */
-  destination(o: VmOptions = {}, share = 'on'): { line: string; serial: string } {
+  destination(o: VmOptions = this.options, share = 'on'): { line: string; serial: string } {
     const name = `dst${++this.#destinations}`;
-    return { line: shellLine([QEMU, ...vmArgs(this.dir, name, '{memory}', o, share)]), serial: path.join(this.dir, `hb-${name}.sock`) };
+    return { line: shellLine([o.binary?.path ?? QEMU, ...vmArgs(this.dir, name, '{memory}', o, share)]), serial: path.join(this.dir, `hb-${name}.sock`) };
   }
+
+  /**
+   * A destination QEMU of the source's own kind, started here with `extra` (QEMU's own
+   * migration: -incoming): its QMP, ttyS1 and RAM file.
+   */
+  startDestination(extra: string[]): { child: ChildProcess; qmp: string; serial: string; ram: string } {
+    const name = `dst${++this.#destinations}`;
+    const ram = `${this.ram.replace(/-src$/, '')}-${name}`;
+    const qmp = path.join(this.dir, `qmp-${name}.sock`);
+    const args = [...vmArgs(this.dir, name, ram, this.options), '-qmp', `unix:${qmp},server=on,wait=off`, ...extra];
+    const child = spawn(this.options.binary?.path ?? QEMU, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+    this.#extra.push({ child, ram });
+    return { child, qmp, serial: path.join(this.dir, `hb-${name}.sock`), ram };
+  }
+
+  readonly #extra: { child: ChildProcess; ram: string }[] = [];
 
   stop(): void {
     this.serial.close();
     this.child.kill('SIGKILL');
     rmSync(this.ram, { force: true });
+    for (const e of this.#extra.splice(0)) {
+      e.child.kill('SIGKILL');
+      rmSync(e.ram, { force: true });
+    }
   }
 
   cleanup(): void {
