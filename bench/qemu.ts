@@ -48,7 +48,10 @@ function longestGap(a: Serial, b: Serial, t0: number): { gap: number; at: number
   let at = 0;
   for (let k = 1; k < beats.length; k++) {
     const d = beats[k]!.at - beats[k - 1]!.at;
-    if (d > gap) ((gap = d), (at = beats[k - 1]!.at - t0));
+    if (d > gap) {
+      gap = d;
+      at = beats[k - 1]!.at - t0;
+    }
   }
   return { gap: +gap.toFixed(2), at: +at.toFixed(1) };
 }
