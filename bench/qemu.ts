@@ -17,43 +17,16 @@
  * CPU seconds of each side (QEMU's process over the migration, plus livemig's processes).
  */
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { createServer } from 'node:net';
-import path from 'node:path';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
+import { cpuSeconds, longestGap, migrateWithLivemig } from '../src/demo/qemu-demo.js';
 import { Serial, SourceVm, type VmOptions } from '../src/demo/qemu-vm.js';
 import { QmpClient } from '../src/vmm/qemu/qmp.js';
 import { emit, machine } from './common.js';
 
-const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
-const CLK_TCK = 100;
-
 function arg(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
   return i > 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : fallback;
-}
-
-/** CPU seconds a process has used so far (utime + stime of every thread) */
-function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-}
-
-/** The longest silence between beats from `t0` on, the two ports' beats as one stream (ms). */
-function longestGap(a: Serial, b: Serial, t0: number): { gap: number; at: number } {
-  const beats = [...a.beats, ...b.beats].filter((x) => x.at >= t0).sort((x, y) => x.at - y.at);
-  let gap = 0;
-  let at = 0;
-  for (let k = 1; k < beats.length; k++) {
-    const d = beats[k]!.at - beats[k - 1]!.at;
-    if (d > gap) {
-      gap = d;
-      at = beats[k - 1]!.at - t0;
-    }
-  }
-  return { gap: +gap.toFixed(2), at: +at.toFixed(1) };
 }
 
 function freePort(): Promise<number> {
@@ -79,6 +52,8 @@ interface Outcome {
   extra?: Record<string, unknown>;
 }
 
+const CONVERGE_MS = 60_000;
+
 async function qemuOwn(vm: SourceVm, mode: string): Promise<Outcome> {
   const port = await freePort();
   const dst = vm.startDestination(['-incoming', 'defer']);
@@ -96,23 +71,25 @@ async function qemuOwn(vm: SourceVm, mode: string): Promise<Outcome> {
     }
     if (mode !== 'qemu-default') await sq.execute('migrate-set-parameters', { 'downtime-limit': 30 });
     await dq.execute('migrate-incoming', { uri: `tcp:127.0.0.1:${port}` });
-    const resumed = dq.waitEvent('RESUME', { timeoutMs: 120_000 });
+    // a migration that does not converge in a minute is given up (QEMU's default never throttles)
+    const resumed = dq.waitEvent('RESUME', { timeoutMs: CONVERGE_MS });
     const completed = sq.waitEvent('MIGRATION', {
       accept: (e) => e.data?.['status'] === 'completed',
       fail: (e) => (e.data?.['status'] === 'failed' ? 'failed' : undefined),
-      timeoutMs: 120_000,
+      timeoutMs: CONVERGE_MS,
     });
+    resumed.catch(() => undefined);
+    completed.catch(() => undefined);
     const cpu0 = cpuSeconds(vm.child.pid!);
     const dcpu0 = cpuSeconds(dst.child.pid!);
     await sq.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
     let ok = true;
     let reason: string | undefined;
     try {
-      await completed;
-      await resumed;
+      await Promise.all([completed, resumed]);
     } catch (e) {
       ok = false;
-      reason = (e as Error).message;
+      reason = `did not converge within ${CONVERGE_MS / 1000} s: ${(e as Error).message}`;
       await sq.execute('migrate_cancel').catch(() => undefined);
     }
     const q = await sq.execute<{ 'total-time'?: number; downtime?: number; ram?: { transferred: number }; 'error-desc'?: string }>('query-migrate');
@@ -147,59 +124,19 @@ async function connectRetry(qmp: string): Promise<QmpClient> {
 }
 
 async function livemigRun(vm: SourceVm, prealloc: boolean): Promise<Outcome> {
-  const to = vm.destination({ ...vm.options, preload: false, prealloc });
-  const rx = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', to.line], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const lines: Record<string, unknown>[] = [];
-  createInterface({ input: rx.stdout! }).on('line', (l) => lines.push(JSON.parse(l) as Record<string, unknown>));
-  const waitLine = async (key: string): Promise<Record<string, unknown>> => {
-    for (;;) {
-      const hit = lines.find((l) => key in l);
-      if (hit) return hit;
-      if (rx.exitCode !== null) throw new Error(`the receiver exited with no ${key}: ${JSON.stringify(lines)}`);
-      await new Promise((r) => setTimeout(r, 5));
-    }
-  };
-  const port = (await waitLine('listening'))['port'] as number;
-  const cpu0 = cpuSeconds(vm.child.pid!);
-  const tx = spawn(process.execPath, [CLI, 'send', '--qemu', vm.qmp, '--to', `127.0.0.1:${port}`, '--json', '--downtime-limit', '30'], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  let text = '';
-  tx.stdout!.setEncoding('utf8').on('data', (s: string) => (text += s));
-  const exited = new Promise<number>((r) => tx.once('exit', (c) => r(c ?? -1)));
-  await waitLine('receiving');
-  const destination = new Serial();
-  await destination.attach(to.serial);
-  // QEMU's CPU until it quits: sampled while it lives
-  let sourceCpu = 0;
-  const sampler = setInterval(() => {
-    try {
-      sourceCpu = cpuSeconds(vm.child.pid!) - cpu0;
-    } catch {
-      clearInterval(sampler); // it quit: the last sample stands
-    }
-  }, 2);
-  const code = await exited;
-  clearInterval(sampler);
-  const report = JSON.parse(text.trim().split('\n').pop() ?? '{}') as Record<string, unknown>;
-  const received = await waitLine('received').catch(() => ({}) as Record<string, unknown>);
-  const rxCpu = received['cpu_s'] as { user: number; system: number } | undefined;
-  const txCpu = report['cpu_s'] as { user: number; system: number } | undefined;
-  const pid = (received['guest_pid'] as number | undefined) ?? 0;
-  const dstCpu = pid ? cpuSeconds(pid) : 0;
+  const r = await migrateWithLivemig(vm, { prealloc, sendArgs: ['--downtime-limit', arg('livemig-downtime', '30')] });
+  const report = r.report;
   const sc = report['stop_and_copy'] as Record<string, number> | undefined;
   return {
-    ok: code === 0,
-    ...(code === 0 ? {} : { reason: JSON.stringify(report['error'] ?? report).slice(0, 300) }),
+    ok: r.ok,
+    ...(r.ok ? {} : { reason: JSON.stringify(report['error'] ?? report).slice(0, 300) }),
     total_ms: +(((report['prep_ms'] as number) ?? 0) + ((report['total_ms'] as number) ?? 0)).toFixed(1),
     wire_bytes: (report['wire_bytes'] as number) ?? 0,
     downtime_ms: (report['downtime_ms'] as number) ?? 0,
-    cpu_source_s: +(sourceCpu + (txCpu ? txCpu.user + txCpu.system : 0)).toFixed(2),
-    cpu_destination_s: +(dstCpu + (rxCpu ? rxCpu.user + rxCpu.system : 0)).toFixed(2),
-    destination,
-    destinationPid: pid,
+    cpu_source_s: r.cpu_source_s,
+    cpu_destination_s: r.cpu_destination_s,
+    destination: r.destination,
+    destinationPid: r.destinationPid,
     extra: { tracker: report['tracker'], rounds: report['rounds'], pause: sc, prep_ms: report['prep_ms'], migrate_ms: report['total_ms'] },
   };
 }

@@ -39,6 +39,7 @@ export const SourceEvent = {
   postcopyLinkBroke: 'post-copy link broke',
   postcopyReconnectFailed: 'post-copy reconnection failed',
   dirtyCountFailed: 'dirty count failed',
+  qemuStopped: 'QEMU stopped the VM',
 } as const;
 export type SourceEvent = (typeof SourceEvent)[keyof typeof SourceEvent];
 
@@ -70,6 +71,8 @@ export interface SourcePayloads {
   [SourceEvent.postcopyReconnectFailed]: { reason: string };
   /** counting the round's written pages for progress failed: the dirty rate falls back to the last round's */
   [SourceEvent.dirtyCountFailed]: { code: string; reason: string };
+  /** QEMU's STOP event: the VM's vCPUs halted (inside its migrate, which then saves the device state) */
+  [SourceEvent.qemuStopped]: undefined;
 }
 
 /** livemig:receiver, the destination's steps (the incoming guest's included). */

@@ -7,6 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
@@ -107,6 +108,31 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
       await source.detach();
     }
     assert.equal(await status(vm.qmp), 'running');
+  });
+
+  test('a throttle moves the vCPU threads into a CPU cgroup of their own, and back', async (t) => {
+    const source = await QemuSource.attach(vm.qmp);
+    try {
+      if (source.throttleRefusal) return t.skip(source.throttleRefusal);
+      const qmp = source.qmp;
+      const tids = (await qmp.execute<{ 'thread-id': number }[]>('query-cpus-fast')).map((c) => c['thread-id']);
+      // each vCPU thread's cpu cgroup (v1: the line naming the cpu controller)
+      const vcpus = (): string[] =>
+        tids.map((tid) => {
+          const lines = readFileSync(`/proc/${vm.child.pid}/task/${tid}/cgroup`, 'utf8').split('\n');
+          return lines.map((l) => l.split(':')).find((f) => f[1]?.split(',').includes('cpu'))?.[2] ?? '';
+        });
+      const before = vcpus();
+      assert.ok(before.length > 0, 'QEMU has vCPU threads');
+      await source.throttle(75);
+      for (const cgroup of vcpus()) assert.match(cgroup, /livemig-qemu-\d+$/, "a vCPU in the throttle's cgroup");
+      const seq = vm.serial.lastSeq;
+      await vm.serial.beatsAfter(seq + 5); // slowed, not stopped
+      await source.throttle(0);
+      assert.deepEqual(vcpus(), before, 'every vCPU back where it was');
+    } finally {
+      await source.detach();
+    }
   });
 
   test('SIGINT in the middle of the copy cancels; the VM runs on', async () => {

@@ -55,7 +55,11 @@ export const POLICY_FLAGS: Flags = {
   'downtime-limit': { type: 'string', default: '50', value: 'MS', help: 'stop and copy once the rest fits this pause' },
   'max-rounds': { type: 'string', default: '30', value: 'N', help: 'at most this many pre-copy rounds' },
   'max-bytes': { type: 'string', value: 'SIZE', help: 'at most this much sent in pre-copy (default 3x the region)' },
-  'on-stall': { type: 'string', value: STALL.join('|'), help: 'when pre-copy does not converge (default throttle)' },
+  'on-stall': {
+    type: 'string',
+    value: STALL.join('|'),
+    help: 'when pre-copy does not converge (default throttle; force for a guest that cannot be throttled, as a QEMU VM)',
+  },
   bandwidth: { type: 'string', value: 'MiB/s', help: 'cap the rate of pre-copy, smoothly (default none)' },
   'postcopy-bandwidth': {
     type: 'string',

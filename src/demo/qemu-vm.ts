@@ -144,7 +144,10 @@ export class Serial {
   async beatsAfter(seq: number, timeoutMs = 10_000): Promise<number> {
     const deadline = Date.now() + timeoutMs;
     while (this.lastSeq <= seq) {
-      if (Date.now() > deadline) throw new Error(`no heartbeat after ${seq} within ${timeoutMs} ms`);
+      if (Date.now() > deadline)
+        throw new Error(
+          `no heartbeat after ${seq} within ${timeoutMs} ms (the last: ${this.lastSeq}; other lines: ${this.lines.slice(-3).join(' | ') || 'none'})`,
+        );
       await new Promise((r) => setTimeout(r, 10));
     }
     return this.lastSeq;

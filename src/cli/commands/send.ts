@@ -56,6 +56,7 @@ function qemu(vm: QemuSource): Guest {
     resume: () => vm.resume(),
     release: () => vm.release(),
     detach: () => vm.detach(),
+    ...(vm.throttleRefusal === undefined ? { throttle: (p: number) => vm.throttle(p) } : {}),
   };
 }
 

@@ -17,6 +17,9 @@ import type { MigrateOptions } from '../../source/types.js';
 import { prepareMigration, saveDeviceState } from './device-state.js';
 import { qemuRam, type QemuRam } from './memory.js';
 import { QmpClient } from './qmp.js';
+import { VcpuThrottle } from './throttle.js';
+import { trace } from '../../trace.js';
+import { SourceEvent } from '../../trace-events.js';
 
 /** a paused VM's lease runs this much past livemig's max pause (whose abort resumes it first) */
 const LEASE_SLACK_MS = 1000;
@@ -34,10 +37,16 @@ export class QemuSource {
   #leaseTimer: NodeJS.Timeout | undefined;
   #leaseFired: Promise<void> | undefined;
   #closed = false;
+  readonly #throttle: VcpuThrottle | undefined;
+  /** why the VM cannot be throttled (undefined: it can, through its vCPUs' cgroup) */
+  readonly throttleRefusal: string | undefined;
 
-  private constructor(qmp: QmpClient, ram: QemuRam, tracking: { exact: boolean; reason: string }) {
+  private constructor(qmp: QmpClient, ram: QemuRam, tracking: { exact: boolean; reason: string }, vcpus: number[]) {
     this.qmp = qmp;
     this.ram = ram;
+    const t = VcpuThrottle.open(qmp.pid, vcpus);
+    this.#throttle = t instanceof VcpuThrottle ? t : undefined;
+    this.throttleRefusal = t instanceof VcpuThrottle ? undefined : t.reason;
     this.region = Region.adoptPieces([{ fd: ram.fd, offset: 0, size: ram.size }]);
     this.layout = GuestLayout.single(ram.size, ram.id);
     this.tracking = tracking;
@@ -53,7 +62,9 @@ export class QemuSource {
         throw new LivemigError('ERR_LIVEMIG_QEMU', `the VM is ${status.status}, not running: nothing to migrate`, { phase: 'qemu' });
       ram = await qemuRam(qmp);
       await prepareMigration(qmp, 'source');
-      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!));
+      const cpus = await qmp.execute<{ 'thread-id': number }[]>('query-cpus-fast');
+      const vcpus = Array.isArray(cpus) ? cpus.map((c) => c['thread-id']).filter((t) => Number.isSafeInteger(t) && t > 0) : [];
+      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!), vcpus);
     } catch (e) {
       for (const r of ram) closeSync(r.fd);
       qmp.close();
@@ -84,11 +95,16 @@ export class QemuSource {
       this.#leaseFired = this.#cont();
       this.#leaseFired.catch(() => undefined);
     }, lease.maxPauseMs + LEASE_SLACK_MS);
+    const off = this.qmp.onEvent((e) => {
+      if (e.event === 'STOP') trace('source', SourceEvent.qemuStopped);
+    });
     try {
       return await saveDeviceState(this.qmp, STATE_TIMEOUT_MS);
     } catch (e) {
       await this.resume().catch(() => undefined); // the rollback resumes it too; a VM is never left stopped
       throw e;
+    } finally {
+      off();
     }
   }
 
@@ -115,6 +131,12 @@ export class QemuSource {
     this.#paused = false;
   }
 
+  /** Slows the VM's vCPUs to (100 - percent)% (auto-converge); 0 releases. Only where throttleRefusal is undefined. */
+  async throttle(percent: number): Promise<void> {
+    if (!this.#throttle) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `the VM cannot be throttled: ${this.throttleRefusal}`, { phase: 'precopy' });
+    this.#throttle.set(percent);
+  }
+
   /** The VM runs at the destination: QEMU here quits. */
   async release(): Promise<void> {
     clearTimeout(this.#leaseTimer);
@@ -137,6 +159,7 @@ export class QemuSource {
     if (this.#closed) return;
     this.#closed = true;
     clearTimeout(this.#leaseTimer);
+    this.#throttle?.release(); // a VM that runs on here runs at full speed again
     this.qmp.close();
     if (!this.region.released) this.region.release();
     closeSync(this.ram.fd);
