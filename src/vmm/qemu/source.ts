@@ -98,6 +98,8 @@ export class QemuSource {
     const off = this.qmp.onEvent((e) => {
       if (e.event === 'STOP') trace('source', SourceEvent.qemuStopped);
     });
+    // a vCPU out of its quota may hold QEMU's big lock, which the stop waits for (300 ms seen)
+    if (this.#throttle?.percent) this.#throttle.release();
     try {
       return await saveDeviceState(this.qmp, STATE_TIMEOUT_MS);
     } catch (e) {
@@ -133,6 +135,7 @@ export class QemuSource {
 
   /** Slows the VM's vCPUs to (100 - percent)% (auto-converge); 0 releases. Only where throttleRefusal is undefined. */
   async throttle(percent: number): Promise<void> {
+    if (percent === 0 && this.#closed) return; // released: QEMU is gone, and so is what it was throttled by
     if (!this.#throttle) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `the VM cannot be throttled: ${this.throttleRefusal}`, { phase: 'precopy' });
     this.#throttle.set(percent);
   }

@@ -9,7 +9,9 @@ import { mkdirSync, readFileSync, readdirSync, rmdirSync, writeFileSync } from '
 import path from 'node:path';
 import { LivemigError } from '../../errors.js';
 
-const PERIOD_US = 100_000;
+// short periods: a vCPU thread out of quota may hold QEMU's big lock, and everything else in
+// QEMU (its main loop, the migration thread) waits for it until the next period
+const PERIOD_US = 10_000;
 
 /** Where the cgroup v1 `cpu` controller is mounted, or undefined. */
 function cpuMount(): string | undefined {
@@ -81,10 +83,22 @@ export class VcpuThrottle {
     }
     this.#home.clear();
     this.#percent = 0;
+    this.#removeGroup(20);
+  }
+
+  // Threads of a QEMU that just quit stay in the group until they are reaped (EBUSY): tried
+  // again a few times off this call, and said if it stays
+  #removeGroup(tries: number): void {
     try {
       rmdirSync(this.#dir);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') return;
+      if (code === 'EBUSY' && tries > 0) {
+        setTimeout(() => this.#removeGroup(tries - 1), 50).unref();
+        return;
+      }
+      process.stderr.write(`livemig: the throttle's cgroup ${this.#dir} stays: ${(e as Error).message}\n`);
     }
   }
 
