@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { LivemigError } from '../src/errors.js';
+import { addon } from '../src/native.js';
 import { Region } from '../src/region/region.js';
 import { ExternalTracker, HashTracker, UffdAsyncTracker, bitmapToPages, chooseTracker, probe } from '../src/tracking/index.js';
 
@@ -135,4 +136,26 @@ test('external tracker: lists, bitmaps, offsets and bad reports', async () => {
 
 test('bitmapToPages ignores padding bits past the page count', () => {
   assert.deepEqual(Array.from(bitmapToPages(Uint8Array.of(0xff, 0xff), 10)), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+});
+
+test('hash tracking: a page sent half-written, then written back, is caught by the final collect against what was sent', async () => {
+  const r = Region.create(8 * 4096, { name: 'hash-aba' });
+  try {
+    const t = new HashTracker(r);
+    const page = (): Buffer => Buffer.from(r.page(3).buffer, r.page(3).byteOffset, 4096);
+    page().fill(1); // the content the rounds saw
+    await t.start();
+    page()[0] = 2;
+    assert.deepEqual(Array.from(await t.collect()), [3]);
+    // sent while a write was half done (a lock taken): the destination holds this
+    page()[100] = 9;
+    const sent = new BigUint64Array(r.pageCount).fill(addon.zeroPageHash());
+    for (let p = 0; p < r.pageCount; p++) sent[p] = addon.pageHash(Buffer.from(r.page(p).buffer, r.page(p).byteOffset, 4096));
+    // written back (the lock released): as the last collect saw it
+    page()[100] = 1;
+    assert.deepEqual(Array.from(await t.collectFinal(sent)), [3], 'the page differs from what the destination holds');
+    await t.stop();
+  } finally {
+    r.release();
+  }
 });

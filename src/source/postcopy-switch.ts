@@ -38,7 +38,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
   let needed: Uint8Array = allPages;
   let pagesNeeded = region.pageCount;
   if (settings.mode !== 'postcopy') {
-    const collected = tracker.collectFinal();
+    const collected = tracker.collectFinal(ctx.hashes);
     const stale = mergePages(ctx.pending, collected instanceof Uint32Array ? collected : await collected);
     needed = new Uint8Array(region.pageCount);
     for (const p of stale) needed[p] = 1;

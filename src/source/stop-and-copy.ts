@@ -28,7 +28,7 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const deviceState = await ctx.pauseGuest();
   const tPaused = now();
   trace('source', SourceEvent.guestPaused);
-  const collected = tracker.collectFinal();
+  const collected = tracker.collectFinal(ctx.hashes);
   const final = collected instanceof Uint32Array ? collected : await collected;
   const tCollected = now();
   trace('source', SourceEvent.finalCollectDone);

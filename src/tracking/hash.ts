@@ -2,7 +2,12 @@
  * Portable fallback: keeps an XXH64 of every page and reports the pages whose hash changed.
  * Works on any Linux kernel and for memory written by any process, since it reads pages
  * through livemig's own mapping. Cost: a full read of the region per collect (native, two
- * threads). A write that restores a page's previous bytes is (correctly) not reported.
+ * threads). Between rounds a page counts as written when its bytes differ from the last
+ * collect's; the final collect compares with what the destination holds (the hash of what was
+ * sent, when the caller gives it): a page sent while a write was half done (a kernel's lock
+ * taken), then written back (the lock released) hashes as the last collect saw it, and only
+ * the sent hash tells it apart. Found migrating a QEMU VM, whose kernel hung at the
+ * destination on a stale lock.
  */
 import { addon, callAsync } from '../native.js';
 import type { Region } from '../region/region.js';
@@ -32,8 +37,15 @@ export class HashTracker implements DirtyTracker {
     return this.#state.collecting(() => this.#scan());
   }
 
-  collectFinal(): Promise<Uint32Array> {
-    return this.collect();
+  collectFinal(sent?: BigUint64Array): Promise<Uint32Array> {
+    if (!sent || sent.length !== this.pageCount) return this.collect();
+    const region = this.#region;
+    const against = sent.slice(); // hashCompare stores the current hashes in the table it is given
+    return this.#state.collecting(() =>
+      callAsync('ERR_LIVEMIG_TRACKING', 'tracking', 'hashing pages against what was sent', () =>
+        addon.hashCompare(region.nativeHandle, 0, region.pageCount, region.pageSize, against),
+      ),
+    );
   }
 
   async stop(): Promise<void> {

@@ -18,8 +18,11 @@ export interface DirtyTracker {
    * a backend may skip re-arming, and should answer as fast as it can (it is inside the pause):
    * one that can answer on the calling thread returns the pages themselves, which spares the
    * pause a trip through the microtask queue. No collect may follow it; stop() may.
+   * `sent`: each page's hash as the destination holds it (what was last sent); a tracker that
+   * compares content compares against it (a page sent while being written, then written back
+   * to what the last collect saw, is otherwise missed).
    */
-  collectFinal(): Uint32Array | Promise<Uint32Array>;
+  collectFinal(sent?: BigUint64Array): Uint32Array | Promise<Uint32Array>;
   stop(): Promise<void>;
   /**
    * How many pages were written since the last collect() (or start()), without re-arming
