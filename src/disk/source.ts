@@ -95,9 +95,14 @@ class DisksAndMemory implements DirtyTracker {
     return this.#join(memory!, disks as BlockRuns[]);
   }
 
-  async collectFinal(): Promise<Uint32Array> {
+  async collectFinal(sent?: BigUint64Array): Promise<Uint32Array> {
     // the guest is paused and its VMM drained and flushed its I/O: the disks' last writes are in
-    const [memory, ...disks] = await Promise.all([this.#memory.collectFinal(), ...this.#disks.map((d) => d.collectFinal())]);
+    const part = (first: number, end: number): BigUint64Array | undefined => (sent && sent.length === this.pageCount ? sent.subarray(first, end) : undefined);
+    const ends = [...this.#firstPage.slice(1), this.pageCount];
+    const [memory, ...disks] = await Promise.all([
+      this.#memory.collectFinal(part(0, this.#firstPage[0] ?? this.pageCount)),
+      ...this.#disks.map((d, i) => d.collectFinal(part(this.#firstPage[i]!, ends[i]!))),
+    ]);
     return this.#join(memory as Uint32Array, disks as BlockRuns[]);
   }
 

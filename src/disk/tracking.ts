@@ -30,9 +30,10 @@ export interface BlockTracker {
   collect(): Promise<BlockRuns>;
   /**
    * The last collect, the guest paused and its I/O drained: the same blocks, as fast as the
-   * backend can tell them (inside the pause); no collect follows it.
+   * backend can tell them (inside the pause); no collect follows it. `sent`: each block's hash
+   * as the destination holds it (src/tracking/hash.ts says why a hashing backend needs it).
    */
-  collectFinal(): Promise<BlockRuns>;
+  collectFinal(sent?: BigUint64Array): Promise<BlockRuns>;
   /** where to read blocks as they were at the last collect (a frozen clone), or the image itself */
   readFd(): number;
   close(): void;
@@ -98,8 +99,14 @@ export class HashBlockTracker implements BlockTracker {
     return Float64Array.from(out);
   }
 
-  collectFinal(): Promise<BlockRuns> {
-    return this.collect();
+  async collectFinal(sent?: BigUint64Array): Promise<BlockRuns> {
+    if (!sent) return this.collect();
+    const now = await this.#hashAll();
+    if (sent.length !== now.length) return this.collect();
+    const out: number[] = [];
+    for (let b = 0; b < now.length; b++) if (now[b] !== sent[b]) pushRun(out, b, b + 1);
+    this.#hashes = now;
+    return Float64Array.from(out);
   }
 
   readFd(): number {
