@@ -151,59 +151,52 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
   });
 
   test('a running VM moves live: its check passes at the destination, where its heartbeats go on', async () => {
-    const to = vm.destination();
-    const rx = await receiver(to.line);
-    const destination = new Serial();
-    try {
-      const tx = sender(vm.qmp, rx.port);
-      await rx.next('receiving');
-      // the destination QEMU serves its port from its start: heard from the first beat on
-      const heard = destination.attach(to.serial);
-      const { code, out } = await tx.done;
-      assert.equal(code, 0, JSON.stringify(out));
-      assert.equal(out['mode'], 'precopy');
-      assert.match(String(out['tracker_reason']), /hash/);
-      const received = await rx.next('received');
-      assert.ok(received['guest_pid']);
-      await heard;
-      const last = vm.serial.lastSeq;
-      await destination.beatsAfter(last + 5).catch((e: Error) => {
-        throw new Error(`${e.message}; the destination said: ${destination.lines.slice(-5).join(' | ')}, last beat ${destination.lastSeq}`);
-      });
-      const check = await destination.check();
-      assert.deepEqual(check, { pages: 16384, bad: 0, firstBad: -1 });
-      await new Promise((r) => (vm.child.exitCode !== null ? r(undefined) : vm.child.once('exit', r)));
-      assert.equal(vm.running, false, 'the source QEMU quit');
-      process.kill(received['guest_pid'] as number, 'SIGKILL');
-    } finally {
-      destination.close();
-      rx.child.kill();
-    }
+    const { out } = await migrateLive(vm);
+    assert.equal(out['mode'], 'precopy');
+    assert.match(String(out['tracker_reason']), /hash/);
+    await new Promise((r) => (vm.child.exitCode !== null ? r(undefined) : vm.child.once('exit', r)));
+    assert.equal(vm.running, false, 'the source QEMU quit');
   });
 });
 
 describe('a QEMU VM with the preload library', { skip: unavailable ?? false }, () => {
   test("QEMU's writes are tracked exactly, and the VM's check passes at the destination", async () => {
     const vm = await SourceVm.boot({ preload: true });
-    const to = vm.destination();
-    const rx = await receiver(to.line);
-    const destination = new Serial();
     try {
-      const tx = sender(vm.qmp, rx.port);
-      await rx.next('receiving');
-      const heard = destination.attach(to.serial);
-      const { code, out } = await tx.done;
-      assert.equal(code, 0, JSON.stringify(out));
+      const { out } = await migrateLive(vm);
       assert.equal(out['tracker'], 'uffd-async', String(out['tracker_reason']));
-      const received = await rx.next('received');
-      await heard;
-      await destination.beatsAfter(vm.serial.lastSeq + 5);
-      assert.deepEqual(await destination.check(), { pages: 16384, bad: 0, firstBad: -1 });
-      process.kill(received['guest_pid'] as number, 'SIGKILL');
     } finally {
-      destination.close();
-      rx.child.kill();
       vm.cleanup();
     }
   });
 });
+
+/**
+ * Moves `vm` live with receive --qemu-exec / send --qemu; the destination VM's beats go on and
+ * its check passes (then it is stopped). Returns send's report.
+ */
+async function migrateLive(vm: SourceVm): Promise<{ out: Json }> {
+  const to = vm.destination();
+  const rx = await receiver(to.line);
+  const destination = new Serial();
+  try {
+    const tx = sender(vm.qmp, rx.port);
+    await rx.next('receiving');
+    // the destination QEMU serves its port from its start: heard from the first beat on
+    const heard = destination.attach(to.serial);
+    const { code, out } = await tx.done;
+    assert.equal(code, 0, JSON.stringify(out));
+    const received = await rx.next('received');
+    assert.ok(received['guest_pid']);
+    await heard;
+    await destination.beatsAfter(vm.serial.lastSeq + 5).catch((e: Error) => {
+      throw new Error(`${e.message}; the destination said: ${destination.lines.slice(-5).join(' | ')}, last beat ${destination.lastSeq}`);
+    });
+    assert.deepEqual(await destination.check(), { pages: 16384, bad: 0, firstBad: -1 });
+    process.kill(received['guest_pid'] as number, 'SIGKILL');
+    return { out };
+  } finally {
+    destination.close();
+    rx.child.kill();
+  }
+}
