@@ -108,6 +108,14 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
       await source.detach();
     }
     assert.equal(await status(vm.qmp), 'running');
+    // the VM stays here: QEMU's own migration of it later must carry its RAM again
+    const qmp = await QmpClient.connect(vm.qmp);
+    try {
+      const caps = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
+      assert.equal(caps.find((c) => c.capability === 'x-ignore-shared')?.state, false, 'x-ignore-shared is off again');
+    } finally {
+      qmp.close();
+    }
   });
 
   test('a throttle moves the vCPU threads into a CPU cgroup of their own, and back', async (t) => {

@@ -26,7 +26,22 @@ const failed = (e: QmpEvent): string | undefined =>
  * source, a downtime limit QEMU's small remainder always fits: `migrate` then stops the VM
  * itself at once, inside its own migration thread (cheaper than `stop` and a `migrate` after it).
  */
-export async function prepareMigration(qmp: QmpClient, side: 'source' | 'destination'): Promise<void> {
+export async function prepareMigration(qmp: QmpClient, side: 'source' | 'destination'): Promise<() => Promise<void>> {
+  // what the source VM's QEMU had, put back when the VM stays there: x-ignore-shared left on
+  // would make QEMU's own migration of it, later, leave its RAM behind
+  const caps = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
+  const params = await qmp.execute<{ 'downtime-limit'?: number }>('query-migrate-parameters');
+  const had = (name: string): boolean => caps.find((c) => c.capability === name)?.state === true;
+  const restore = async (): Promise<void> => {
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: [
+        { capability: 'x-ignore-shared', state: had('x-ignore-shared') },
+        { capability: 'events', state: had('events') },
+      ],
+    });
+    if (side === 'source' && params['downtime-limit'] !== undefined)
+      await qmp.execute('migrate-set-parameters', { 'downtime-limit': params['downtime-limit'] });
+  };
   await qmp.execute('migrate-set-capabilities', {
     capabilities: [
       { capability: 'x-ignore-shared', state: true },
@@ -34,6 +49,7 @@ export async function prepareMigration(qmp: QmpClient, side: 'source' | 'destina
     ],
   });
   if (side === 'source') await qmp.execute('migrate-set-parameters', { 'downtime-limit': 60_000 });
+  return restore;
 }
 
 async function errorText(qmp: QmpClient, why: string): Promise<string> {

@@ -2,8 +2,9 @@
  * A running QEMU VM as a livemig source guest, through QMP: its RAM is the shared file of its
  * memory backend (livemig reads it, and tracks QEMU's writes exactly where the preload library
  * registered QEMU's mapping for userfaultfd WP_ASYNC: docs/QEMU.md, else by hashing); a pause is
- * `stop` plus QEMU's own stream of device state (x-ignore-shared: its RAM stays out); a resume
- * is `cont`; the release is `quit`.
+ * one `migrate` of QEMU's own, in which QEMU stops the VM and streams its device state
+ * (x-ignore-shared: its RAM stays out); a resume is `cont`; the release is `quit`. A VM that
+ * stays here gets its QEMU's migration settings back.
  *
  * The lease: a pause not committed within its lease resumes the VM (`cont`), and the commitment
  * is then refused, so a stalled peer never leaves the VM paused.
@@ -41,9 +42,22 @@ export class QemuSource {
   /** why the VM cannot be throttled (undefined: it can, through its vCPUs' cgroup) */
   readonly throttleRefusal: string | undefined;
 
-  private constructor(qmp: QmpClient, ram: QemuRam, tracking: { exact: boolean; reason: string }, vcpus: number[]) {
+  readonly #restore: () => Promise<void>;
+  /** the VM ran when livemig took it (one the operator had paused stays paused) */
+  readonly #wasRunning: boolean;
+
+  private constructor(
+    qmp: QmpClient,
+    ram: QemuRam,
+    tracking: { exact: boolean; reason: string },
+    vcpus: number[],
+    restore: () => Promise<void>,
+    wasRunning: boolean,
+  ) {
     this.qmp = qmp;
     this.ram = ram;
+    this.#restore = restore;
+    this.#wasRunning = wasRunning;
     const t = VcpuThrottle.open(qmp.pid, vcpus);
     this.#throttle = t instanceof VcpuThrottle ? t : undefined;
     this.throttleRefusal = t instanceof VcpuThrottle ? undefined : t.reason;
@@ -61,10 +75,10 @@ export class QemuSource {
       if (status.status !== 'running' && status.status !== 'paused')
         throw new LivemigError('ERR_LIVEMIG_QEMU', `the VM is ${status.status}, not running: nothing to migrate`, { phase: 'qemu' });
       ram = await qemuRam(qmp);
-      await prepareMigration(qmp, 'source');
+      const restore = await prepareMigration(qmp, 'source');
       const cpus = await qmp.execute<{ 'thread-id': number }[]>('query-cpus-fast');
       const vcpus = Array.isArray(cpus) ? cpus.map((c) => c['thread-id']).filter((t) => Number.isSafeInteger(t) && t > 0) : [];
-      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!), vcpus);
+      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!), vcpus, restore, status.status === 'running');
     } catch (e) {
       for (const r of ram) closeSync(r.fd);
       qmp.close();
@@ -129,7 +143,7 @@ export class QemuSource {
     if (!this.#paused) return;
     // a migrate that failed before QEMU stopped the VM leaves it running: nothing to resume
     const { status } = await this.qmp.execute<{ status: string }>('query-status');
-    if (status !== 'running') await this.qmp.execute('cont');
+    if (status !== 'running' && this.#wasRunning) await this.qmp.execute('cont');
     this.#paused = false;
   }
 
@@ -151,11 +165,15 @@ export class QemuSource {
     this.close();
   }
 
-  /** livemig lets go: a VM paused before the commitment runs again. */
+  /** livemig lets go: a VM paused before the commitment runs again, its QEMU's settings as they were. */
   async detach(): Promise<void> {
     clearTimeout(this.#leaseTimer);
-    if (this.#paused && !this.#committed) await this.#cont();
-    this.close();
+    try {
+      if (this.#paused && !this.#committed) await this.#cont();
+      if (!this.#committed) await this.#restore();
+    } finally {
+      this.close();
+    }
   }
 
   close(): void {
