@@ -11,7 +11,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
-import { Serial, SourceVm, qemuUnavailable, type VmOptions } from './qemu-vm.js';
+import { QEMU, Serial, SourceVm, qemuUnavailable, type VmOptions } from './qemu-vm.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../cli/main.js');
 const CLK_TCK = 100;
@@ -147,7 +147,7 @@ export async function runQemuDemo(o: VmOptions = {}): Promise<QemuDemoReport> {
     const r = run.report;
     return {
       verified: r['verified'] === true && check.bad === 0,
-      qemu: (await import('./qemu-vm.js')).QEMU,
+      qemu: vm.options.binary?.path ?? QEMU,
       vm: { mem_mib: vm.options.memMiB ?? 256, write_mib: vm.options.writeMiB ?? 64, rate_mib_s: vm.options.rate ?? 16 },
       tracker: String(r['tracker']),
       tracker_reason: String(r['tracker_reason']),
