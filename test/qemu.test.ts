@@ -6,65 +6,17 @@
  * stalled migration all leave the source VM running.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
-import { createInterface } from 'node:readline';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { qemuReceiver, qemuSender } from '../src/demo/qemu-demo.js';
 import { QmpClient } from '../src/vmm/qemu/qmp.js';
 import { QemuSource } from '../src/vmm/qemu/source.js';
 import { Serial, SourceVm, qemuUnavailable } from '../src/demo/qemu-vm.js';
 
-const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
 const unavailable = qemuUnavailable();
 if (unavailable) console.log(`# QEMU tests skipped: ${unavailable}`);
 
-interface Json {
-  [k: string]: unknown;
-}
-
-/** `livemig receive --qemu-exec LINE` on a free port: its JSON lines as they come. */
-async function receiver(line: string): Promise<{ child: ChildProcess; port: number; lines: Json[]; next: (key: string) => Promise<Json> }> {
-  const child = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', line], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const lines: Json[] = [];
-  const waiters: (() => void)[] = [];
-  createInterface({ input: child.stdout! }).on('line', (l) => {
-    lines.push(JSON.parse(l) as Json);
-    for (const w of waiters.splice(0)) w();
-  });
-  const next = async (key: string): Promise<Json> => {
-    for (;;) {
-      const hit = lines.find((l) => key in l);
-      if (hit) return hit;
-      if (child.exitCode !== null) throw new Error(`the receiver exited (${child.exitCode}) with no ${key} line: ${JSON.stringify(lines)}`);
-      await new Promise<void>((r) => {
-        waiters.push(r);
-        setTimeout(r, 200);
-      });
-    }
-  };
-  const listening = await next('listening');
-  return { child, port: listening['port'] as number, lines, next };
-}
-
-/** `livemig send --qemu QMP --to 127.0.0.1:PORT --json`: its exit code and last JSON line. */
-function sender(qmp: string, port: number, extra: string[] = []): { child: ChildProcess; done: Promise<{ code: number; out: Json }> } {
-  const child = spawn(process.execPath, [CLI, 'send', '--qemu', qmp, '--to', `127.0.0.1:${port}`, '--json', ...extra], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  let text = '';
-  child.stdout!.setEncoding('utf8').on('data', (s: string) => (text += s));
-  const done = new Promise<{ code: number; out: Json }>((resolve) =>
-    child.once('exit', (code) => {
-      const last = text.trim().split('\n').pop() ?? '{}';
-      resolve({ code: code ?? -1, out: JSON.parse(last || '{}') as Json });
-    }),
-  );
-  return { child, done };
-}
+type Json = Record<string, unknown>;
 
 async function status(qmpPath: string): Promise<string> {
   const qmp = await QmpClient.connect(qmpPath);
@@ -83,8 +35,8 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
   after(() => vm?.cleanup());
 
   test('a destination whose backend would load other RAM is refused before anything moves; the VM runs on', async () => {
-    const rx = await receiver(vm.destination({}, 'off').line);
-    const tx = sender(vm.qmp, rx.port);
+    const rx = await qemuReceiver(vm.destination({}, 'off').line);
+    const tx = qemuSender(vm.qmp, rx.port);
     const { code, out } = await tx.done;
     assert.equal(code, 1);
     const error = out['error'] as { code: string; message: string };
@@ -144,8 +96,8 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
   });
 
   test('SIGINT in the middle of the copy cancels; the VM runs on', async () => {
-    const rx = await receiver(vm.destination().line);
-    const tx = sender(vm.qmp, rx.port, ['--bandwidth', '16']);
+    const rx = await qemuReceiver(vm.destination().line);
+    const tx = qemuSender(vm.qmp, rx.port, ['--bandwidth', '16']);
     await rx.next('receiving');
     await new Promise((r) => setTimeout(r, 500));
     tx.child.kill('SIGINT');
@@ -185,10 +137,10 @@ describe('a QEMU VM with the preload library', { skip: unavailable ?? false }, (
  */
 async function migrateLive(vm: SourceVm): Promise<{ out: Json }> {
   const to = vm.destination();
-  const rx = await receiver(to.line);
+  const rx = await qemuReceiver(to.line);
   const destination = new Serial();
   try {
-    const tx = sender(vm.qmp, rx.port);
+    const tx = qemuSender(vm.qmp, rx.port);
     await rx.next('receiving');
     // the destination QEMU serves its port from its start: heard from the first beat on
     const heard = destination.attach(to.serial);

@@ -5,7 +5,7 @@
  * millisecond and, at the destination, checks every page it wrote; the report gives the
  * guest-observed gap (host clock, both ports as one stream) beside livemig's own figures.
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -52,37 +52,73 @@ export interface LivemigQemuRun {
   cpu_destination_s: number;
 }
 
+type Json = Record<string, unknown>;
+
+/** `livemig receive --qemu-exec LINE` on a free loopback port, its JSON lines as they come. */
+export interface QemuReceiver {
+  child: ChildProcess;
+  port: number;
+  lines: Json[];
+  /** the first line with `key` (waits for it; rejects when the receiver exits without one) */
+  next(key: string): Promise<Json>;
+}
+
+export async function qemuReceiver(line: string): Promise<QemuReceiver> {
+  const child = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', line], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const lines: Json[] = [];
+  const waiters: (() => void)[] = [];
+  createInterface({ input: child.stdout! }).on('line', (l) => {
+    lines.push(JSON.parse(l) as Json);
+    for (const w of waiters.splice(0)) w();
+  });
+  const next = async (key: string): Promise<Json> => {
+    for (;;) {
+      const hit = lines.find((l) => key in l);
+      if (hit) return hit;
+      if (child.exitCode !== null)
+        throw new LivemigError('ERR_LIVEMIG_ABORTED', `the receiver exited (${child.exitCode}) with no ${key} line: ${JSON.stringify(lines)}`);
+      await new Promise<void>((r) => {
+        waiters.push(r);
+        setTimeout(r, 200);
+      });
+    }
+  };
+  try {
+    return { child, port: (await next('listening'))['port'] as number, lines, next };
+  } catch (e) {
+    child.kill();
+    throw e;
+  }
+}
+
+/** `livemig send --qemu QMP --to 127.0.0.1:PORT --json`: its exit code and last JSON line. */
+export function qemuSender(qmp: string, port: number, extra: readonly string[] = []): { child: ChildProcess; done: Promise<{ code: number; out: Json }> } {
+  const child = spawn(process.execPath, [CLI, 'send', '--qemu', qmp, '--to', `127.0.0.1:${port}`, '--json', ...extra], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let text = '';
+  child.stdout!.setEncoding('utf8').on('data', (s: string) => (text += s));
+  const done = new Promise<{ code: number; out: Json }>((resolve) =>
+    child.once('exit', (code) => resolve({ code: code ?? -1, out: JSON.parse(text.trim().split('\n').pop() || '{}') as Json })),
+  );
+  return { child, done };
+}
+
 /**
  * Migrates `vm` with `livemig receive --qemu-exec` and `livemig send --qemu` on loopback;
  * `prealloc`: the destination's backend maps its RAM when QEMU starts (docs/QEMU.md).
  */
 export async function migrateWithLivemig(vm: SourceVm, o: { prealloc?: boolean; sendArgs?: string[] } = {}): Promise<LivemigQemuRun> {
   const to = vm.destination({ ...vm.options, preload: false, prealloc: o.prealloc ?? true });
-  const rx = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', to.line], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const lines: Record<string, unknown>[] = [];
-  createInterface({ input: rx.stdout! }).on('line', (l) => lines.push(JSON.parse(l) as Record<string, unknown>));
-  const line = async (key: string): Promise<Record<string, unknown>> => {
-    for (;;) {
-      const hit = lines.find((l) => key in l);
-      if (hit) return hit;
-      if (rx.exitCode !== null) throw new LivemigError('ERR_LIVEMIG_ABORTED', `the receiver exited with no ${key} line: ${JSON.stringify(lines)}`);
-      await new Promise((r) => setTimeout(r, 5));
-    }
-  };
+  const rx = await qemuReceiver(to.line);
   try {
-    const port = (await line('listening'))['port'] as number;
     const cpu0 = cpuSeconds(vm.child.pid!);
-    const tx = spawn(process.execPath, [CLI, 'send', '--qemu', vm.qmp, '--to', `127.0.0.1:${port}`, '--json', ...(o.sendArgs ?? [])], {
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    let text = '';
-    tx.stdout!.setEncoding('utf8').on('data', (s: string) => (text += s));
-    const exited = new Promise<number>((r) => tx.once('exit', (c) => r(c ?? -1)));
+    const tx = qemuSender(vm.qmp, rx.port, o.sendArgs);
     const destination = new Serial();
     // the destination QEMU serves its port from its start: heard from its first beat
-    const heard = line('receiving').then(() => destination.attach(to.serial));
+    const heard = rx.next('receiving').then(() => destination.attach(to.serial));
     heard.catch(() => undefined);
     // the source QEMU's CPU until it quits: sampled while it lives
     let sourceCpu = 0;
@@ -93,12 +129,11 @@ export async function migrateWithLivemig(vm: SourceVm, o: { prealloc?: boolean; 
         clearInterval(sampler); // it quit: the last sample stands
       }
     }, 2);
-    const code = await exited;
+    const { code, out: report } = await tx.done;
     clearInterval(sampler);
-    const report = JSON.parse(text.trim().split('\n').pop() || '{}') as Record<string, unknown>;
     if (code !== 0) return { ok: false, report, received: {}, destination, destinationPid: 0, cpu_source_s: 0, cpu_destination_s: 0 };
     await heard;
-    const received = await line('received');
+    const received = await rx.next('received');
     const cpu = (c: unknown): number => (c ? (c as { user: number; system: number }).user + (c as { system: number }).system : 0);
     const pid = (received['guest_pid'] as number | undefined) ?? 0;
     return {
@@ -111,7 +146,7 @@ export async function migrateWithLivemig(vm: SourceVm, o: { prealloc?: boolean; 
       cpu_destination_s: +((pid ? cpuSeconds(pid) : 0) + cpu(received['cpu_s'])).toFixed(2),
     };
   } finally {
-    if (rx.exitCode === null) rx.kill();
+    if (rx.child.exitCode === null) rx.child.kill();
   }
 }
 
