@@ -63,9 +63,16 @@ export interface QemuReceiver {
   next(key: string): Promise<Json>;
 }
 
-export async function qemuReceiver(line: string): Promise<QemuReceiver> {
-  const child = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', line], {
+/** how a livemig process is started besides its arguments: Node's own flags (e.g. `--import` of a hook) and its environment */
+export interface SpawnWith {
+  nodeArgs?: readonly string[];
+  env?: NodeJS.ProcessEnv;
+}
+
+export async function qemuReceiver(line: string, w: SpawnWith = {}): Promise<QemuReceiver> {
+  const child = spawn(process.execPath, [...(w.nodeArgs ?? []), CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', line], {
     stdio: ['ignore', 'pipe', 'inherit'],
+    env: w.env ?? process.env,
   });
   const lines: Json[] = [];
   const waiters: (() => void)[] = [];
@@ -94,9 +101,15 @@ export async function qemuReceiver(line: string): Promise<QemuReceiver> {
 }
 
 /** `livemig send --qemu QMP --to 127.0.0.1:PORT --json`: its exit code and last JSON line. */
-export function qemuSender(qmp: string, port: number, extra: readonly string[] = []): { child: ChildProcess; done: Promise<{ code: number; out: Json }> } {
-  const child = spawn(process.execPath, [CLI, 'send', '--qemu', qmp, '--to', `127.0.0.1:${port}`, '--json', ...extra], {
+export function qemuSender(
+  qmp: string,
+  port: number,
+  extra: readonly string[] = [],
+  w: SpawnWith = {},
+): { child: ChildProcess; done: Promise<{ code: number; out: Json }> } {
+  const child = spawn(process.execPath, [...(w.nodeArgs ?? []), CLI, 'send', '--qemu', qmp, '--to', `127.0.0.1:${port}`, '--json', ...extra], {
     stdio: ['ignore', 'pipe', 'inherit'],
+    env: w.env ?? process.env,
   });
   let text = '';
   child.stdout!.setEncoding('utf8').on('data', (s: string) => (text += s));

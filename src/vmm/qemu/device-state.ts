@@ -26,22 +26,31 @@ const failed = (e: QmpEvent): string | undefined =>
  * source, a downtime limit QEMU's small remainder always fits: `migrate` then stops the VM
  * itself at once, inside its own migration thread (cheaper than `stop` and a `migrate` after it).
  */
-export async function prepareMigration(qmp: QmpClient, side: 'source' | 'destination'): Promise<() => Promise<void>> {
+export interface MigrationSettings {
+  /** puts back what the VM's QEMU had */
+  restore(): Promise<void>;
+  /** the same as QMP command lines, for a keeper that puts them back when livemig is gone (keeper.ts) */
+  readonly restoreLines: string[];
+}
+
+export async function prepareMigration(qmp: QmpClient, side: 'source' | 'destination'): Promise<MigrationSettings> {
   // what the source VM's QEMU had, put back when the VM stays there: x-ignore-shared left on
   // would make QEMU's own migration of it, later, leave its RAM behind
   const caps = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
   const params = await qmp.execute<{ 'downtime-limit'?: number }>('query-migrate-parameters');
   const had = (name: string): boolean => caps.find((c) => c.capability === name)?.state === true;
-  const restore = async (): Promise<void> => {
-    await qmp.execute('migrate-set-capabilities', {
-      capabilities: [
-        { capability: 'x-ignore-shared', state: had('x-ignore-shared') },
-        { capability: 'events', state: had('events') },
-      ],
-    });
-    if (side === 'source' && params['downtime-limit'] !== undefined)
-      await qmp.execute('migrate-set-parameters', { 'downtime-limit': params['downtime-limit'] });
-  };
+  const commands: [string, Record<string, unknown>][] = [
+    [
+      'migrate-set-capabilities',
+      {
+        capabilities: [
+          { capability: 'x-ignore-shared', state: had('x-ignore-shared') },
+          { capability: 'events', state: had('events') },
+        ],
+      },
+    ],
+  ];
+  if (side === 'source' && params['downtime-limit'] !== undefined) commands.push(['migrate-set-parameters', { 'downtime-limit': params['downtime-limit'] }]);
   await qmp.execute('migrate-set-capabilities', {
     capabilities: [
       { capability: 'x-ignore-shared', state: true },
@@ -49,7 +58,12 @@ export async function prepareMigration(qmp: QmpClient, side: 'source' | 'destina
     ],
   });
   if (side === 'source') await qmp.execute('migrate-set-parameters', { 'downtime-limit': 60_000 });
-  return restore;
+  return {
+    restore: async () => {
+      for (const [command, args] of commands) await qmp.execute(command, args);
+    },
+    restoreLines: commands.map(([command, args]) => JSON.stringify({ execute: command, arguments: args })),
+  };
 }
 
 async function errorText(qmp: QmpClient, why: string): Promise<string> {

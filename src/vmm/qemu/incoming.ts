@@ -12,6 +12,7 @@ import path from 'node:path';
 import { LivemigError } from '../../errors.js';
 import { SHARED_FILE_HINT } from './memory.js';
 import { openIncoming, prepareMigration, type IncomingState } from './device-state.js';
+import { DestinationKeeper } from './keeper.js';
 import { QmpClient } from './qmp.js';
 
 export const MEMORY_PLACEHOLDER = '{memory}';
@@ -53,9 +54,12 @@ export class IncomingQemu {
   readonly #stderr: () => string;
 
   readonly #incoming: IncomingState;
+  /** kills this QEMU if the receiver dies before the VM was told to run */
+  readonly #keeper: DestinationKeeper;
 
-  private constructor(child: ChildProcess, qmp: QmpClient, dir: string, stderr: () => string, incoming: IncomingState) {
+  private constructor(child: ChildProcess, qmp: QmpClient, dir: string, stderr: () => string, incoming: IncomingState, keeper: DestinationKeeper) {
     this.child = child;
+    this.#keeper = keeper;
     this.qmp = qmp;
     this.#dir = dir;
     this.#stderr = stderr;
@@ -80,6 +84,7 @@ export class IncomingQemu {
       '-S',
     ];
     const child = spawn(o.command[0]!, args, { stdio: ['ignore', o.stdout ?? 'inherit', 'pipe', o.memory.fd] });
+    const keeper = new DestinationKeeper(child.pid ?? 0);
     let stderr = '';
     child.stderr!.setEncoding('utf8');
     child.stderr!.on('data', (s: string) => {
@@ -93,10 +98,11 @@ export class IncomingQemu {
       await checkMemory(qmp, memoryPath, o.memory);
       await prepareMigration(qmp, 'destination');
       const incoming = await openIncoming(qmp);
-      return new IncomingQemu(child, qmp, dir, () => stderr, incoming);
+      return new IncomingQemu(child, qmp, dir, () => stderr, incoming, keeper);
     } catch (e) {
       qmp?.close();
       child.kill('SIGKILL');
+      keeper.done();
       rmSync(dir, { recursive: true, force: true });
       throw e;
     }
@@ -126,6 +132,7 @@ export class IncomingQemu {
   /** The VM runs here. */
   async activate(state: Buffer): Promise<void> {
     await this.prepare(state);
+    this.#keeper.running(); // said first: if the receiver dies from here on, the VM may be running, and is never killed for it
     await this.qmp.execute('cont');
     this.#running = true;
     this.qmp.close(); // the VM is the operator's now; livemig's QMP connection goes
@@ -137,6 +144,7 @@ export class IncomingQemu {
     this.#incoming.close();
     this.qmp.close();
     this.child.kill('SIGKILL');
+    this.#keeper.done();
     rmSync(this.#dir, { recursive: true, force: true });
   }
 

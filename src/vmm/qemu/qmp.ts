@@ -37,9 +37,12 @@ export class QmpClient {
 
   /** QEMU's process */
   readonly pid: number;
+  /** the connection's descriptor (a keeper inherits it: keeper.ts) */
+  readonly fd: number;
 
-  private constructor(socket: Socket, who: string, pid: number) {
+  private constructor(socket: Socket, who: string, pid: number, fd: number) {
     this.#socket = socket;
+    this.fd = fd;
     this.#who = who;
     this.pid = pid;
     socket.setEncoding('utf8');
@@ -69,7 +72,7 @@ export class QmpClient {
       throw e;
     }
     const socket = new Socket({ fd, readable: true, writable: true });
-    const qmp = new QmpClient(socket, who, pid);
+    const qmp = new QmpClient(socket, who, pid, fd);
     try {
       const greeting = (await qmp.#expect('greeting', timeoutMs)) as { QMP?: { version?: { qemu?: { major: number; minor: number; micro: number } } } };
       const v = greeting.QMP?.version?.qemu;

@@ -15,7 +15,8 @@ import { addon, closeFd } from '../../native.js';
 import { GuestLayout } from '../../guest/layout.js';
 import { Region } from '../../region/region.js';
 import type { MigrateOptions } from '../../source/types.js';
-import { prepareMigration, saveDeviceState } from './device-state.js';
+import { prepareMigration, saveDeviceState, type MigrationSettings } from './device-state.js';
+import { SourceKeeper } from './keeper.js';
 import { qemuRam, type QemuRam } from './memory.js';
 import { QmpClient } from './qmp.js';
 import { VcpuThrottle } from './throttle.js';
@@ -42,7 +43,9 @@ export class QemuSource {
   /** why the VM cannot be throttled (undefined: it can, through its vCPUs' cgroup) */
   readonly throttleRefusal: string | undefined;
 
-  readonly #restore: () => Promise<void>;
+  readonly #settings: MigrationSettings;
+  /** resumes the VM if this process dies with the VM paused and not committed */
+  readonly #keeper: SourceKeeper;
   /** the VM ran when livemig took it (one the operator had paused stays paused) */
   readonly #wasRunning: boolean;
 
@@ -51,12 +54,13 @@ export class QemuSource {
     ram: QemuRam,
     tracking: { exact: boolean; reason: string },
     vcpus: number[],
-    restore: () => Promise<void>,
+    settings: MigrationSettings,
     wasRunning: boolean,
   ) {
     this.qmp = qmp;
     this.ram = ram;
-    this.#restore = restore;
+    this.#settings = settings;
+    this.#keeper = new SourceKeeper(qmp.fd, settings.restoreLines);
     this.#wasRunning = wasRunning;
     const t = VcpuThrottle.open(qmp.pid, vcpus);
     this.#throttle = t instanceof VcpuThrottle ? t : undefined;
@@ -75,10 +79,10 @@ export class QemuSource {
       if (status.status !== 'running' && status.status !== 'paused')
         throw new LivemigError('ERR_LIVEMIG_QEMU', `the VM is ${status.status}, not running: nothing to migrate`, { phase: 'qemu' });
       ram = await qemuRam(qmp);
-      const restore = await prepareMigration(qmp, 'source');
+      const settings = await prepareMigration(qmp, 'source');
       const cpus = await qmp.execute<{ 'thread-id': number }[]>('query-cpus-fast');
       const vcpus = Array.isArray(cpus) ? cpus.map((c) => c['thread-id']).filter((t) => Number.isSafeInteger(t) && t > 0) : [];
-      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!), vcpus, restore, status.status === 'running');
+      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!), vcpus, settings, status.status === 'running');
     } catch (e) {
       for (const r of ram) closeSync(r.fd);
       qmp.close();
@@ -103,6 +107,7 @@ export class QemuSource {
   async pause(lease: { maxPauseMs: number }): Promise<Buffer> {
     this.#paused = true; // from the command on: a failure half-way resumes it
     this.#committed = false;
+    if (this.#wasRunning) this.#keeper.set('paused');
     this.#leaseFired = undefined;
     this.#leaseTimer = setTimeout(() => {
       // livemig went quiet: the VM runs again here, and no commitment may follow
@@ -129,6 +134,8 @@ export class QemuSource {
     if (this.#leaseFired || !this.#paused)
       throw new LivemigError('ERR_LIVEMIG_GUEST', 'the VM is running again (its lease ran out): no commitment', { phase: 'commit' });
     clearTimeout(this.#leaseTimer);
+    // before the destination can hear of it: a keeper that resumed a committed VM would make two
+    this.#keeper.set('committed');
     this.#committed = true;
   }
 
@@ -145,6 +152,7 @@ export class QemuSource {
     const { status } = await this.qmp.execute<{ status: string }>('query-status');
     if (status !== 'running' && this.#wasRunning) await this.qmp.execute('cont');
     this.#paused = false;
+    this.#keeper.set('attached');
   }
 
   /** Slows the VM's vCPUs to (100 - percent)% (auto-converge); 0 releases. Only where throttleRefusal is undefined. */
@@ -170,7 +178,7 @@ export class QemuSource {
     clearTimeout(this.#leaseTimer);
     try {
       if (this.#paused && !this.#committed) await this.#cont();
-      if (!this.#committed) await this.#restore();
+      if (!this.#committed) await this.#settings.restore();
     } finally {
       this.close();
     }
@@ -180,6 +188,7 @@ export class QemuSource {
     if (this.#closed) return;
     this.#closed = true;
     clearTimeout(this.#leaseTimer);
+    this.#keeper.done();
     this.#throttle?.release(); // a VM that runs on here runs at full speed again
     this.qmp.close();
     if (!this.region.released) this.region.release();
