@@ -131,16 +131,45 @@ describe('a QEMU VM with the preload library', { skip: unavailable ?? false }, (
   });
 });
 
+describe('a QEMU VM upgraded on its host (--local)', { skip: unavailable ?? false }, () => {
+  test("the destination QEMU takes the source's RAM file as it is: only the device state moves, the VM's check passes", async () => {
+    const vm = await SourceVm.boot();
+    try {
+      const { out } = await migrateLive(vm, ['--local']);
+      assert.equal(out['local'], true);
+      assert.equal(out['pages_sent'], 0, `no page copied: ${JSON.stringify(out)}`);
+    } finally {
+      vm.cleanup();
+    }
+  });
+
+  test("a destination that would preallocate the running VM's RAM file is refused; the VM runs on", async () => {
+    const vm = await SourceVm.boot();
+    try {
+      const rx = await qemuReceiver(vm.destination({ ...vm.options, prealloc: true }).line);
+      const { code, out } = await qemuSender(vm.qmp, rx.port, ['--local']).done;
+      assert.equal(code, 1);
+      assert.match((out['error'] as { message: string }).message, /prealloc=on/);
+      assert.equal(out['source_guest'], 'running');
+      rx.child.kill();
+      await vm.serial.beatsAfter(vm.serial.lastSeq + 5);
+      assert.equal(await status(vm.qmp), 'running');
+    } finally {
+      vm.cleanup();
+    }
+  });
+});
+
 /**
  * Moves `vm` live with receive --qemu-exec / send --qemu; the destination VM's beats go on and
  * its check passes (then it is stopped). Returns send's report.
  */
-async function migrateLive(vm: SourceVm): Promise<{ out: Json }> {
+async function migrateLive(vm: SourceVm, sendArgs: string[] = []): Promise<{ out: Json }> {
   const to = vm.destination();
   const rx = await qemuReceiver(to.line);
   const destination = new Serial();
   try {
-    const tx = qemuSender(vm.qmp, rx.port);
+    const tx = qemuSender(vm.qmp, rx.port, sendArgs);
     await rx.next('receiving');
     // the destination QEMU serves its port from its start: heard from the first beat on
     const heard = destination.attach(to.serial);

@@ -40,6 +40,8 @@ interface Guest {
   resume(): Promise<void>;
   /** slows the guest's writes (auto-converge); absent where the guest cannot be throttled */
   throttle?(percent: number): Promise<void>;
+  /** why it cannot be (in the report: a VM that writes faster than the link then ends by the stall policy) */
+  throttleRefusal?: string;
   release(): Promise<void>;
   /** livemig lets go; the guest runs on (and resumes itself if it was paused before the commitment) */
   detach(): void | Promise<void>;
@@ -56,7 +58,7 @@ function qemu(vm: QemuSource): Guest {
     resume: () => vm.resume(),
     release: () => vm.release(),
     detach: () => vm.detach(),
-    ...(vm.throttleRefusal === undefined ? { throttle: (p: number) => vm.throttle(p) } : {}),
+    ...(vm.throttleRefusal === undefined ? { throttle: (p: number) => vm.throttle(p) } : { throttleRefusal: vm.throttleRefusal }),
   };
 }
 
@@ -113,9 +115,9 @@ function cancelOnSignals(control: MigrationControl): () => void {
   };
 }
 
-/** What `--qemu` does not take (yet): another guest, a same-host upgrade, post-copy. */
-function refuseForQemu(v: FlagValues, socket: string | undefined, mode: string | undefined): void {
-  if (socket !== undefined || v['local'] === true) throw usageError('--qemu takes a QEMU VM: not with --guest, nor (yet) with --local');
+/** What `--qemu` does not take: another guest, post-copy (yet). */
+function refuseForQemu(socket: string | undefined, mode: string | undefined): void {
+  if (socket !== undefined) throw usageError('--qemu takes a QEMU VM: not with --guest');
   if (mode !== undefined && mode !== 'precopy')
     throw usageError(
       `--qemu: --mode ${mode} is not supported yet: post-copy into QEMU needs the destination QEMU's RAM registered for minor ` +
@@ -188,7 +190,7 @@ export const send: Command = {
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     const socket = typeof v['guest'] === 'string' ? v['guest'] : undefined;
     const qmp = typeof v['qemu'] === 'string' ? v['qemu'] : undefined;
-    if (qmp !== undefined) refuseForQemu(v, socket, settings.mode);
+    if (qmp !== undefined) refuseForQemu(socket, settings.mode);
     const disk = diskSpec(v);
     const image = typeof v['disk-image'] === 'string' ? v['disk-image'] : undefined;
     if ((disk === undefined) !== (image === undefined)) throw usageError('--disk SIZE and --disk-image PATH go together');
@@ -257,7 +259,8 @@ export const send: Command = {
       live?.end({ completed: true });
       // this process's CPU from the guest's attach to the report (the guest is its own process)
       const cpu = process.cpuUsage(cpu0);
-      process.stdout.write(JSON.stringify({ ...report, cpu_s: { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) } }) + '\n');
+      const cpu_s = { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) };
+      process.stdout.write(JSON.stringify({ ...report, ...(guest.throttleRefusal ? { throttle_refusal: guest.throttleRefusal } : {}), cpu_s }) + '\n');
       return 0;
     } catch (e) {
       live?.end({ completed: false });

@@ -28,6 +28,8 @@ export interface IncomingQemuStart {
   command: readonly string[];
   /** the memory: livemig's memfd, and the region's size and name (the source's memory backend id) */
   memory: { fd: number; size: number; id: string };
+  /** a same-host upgrade: the memory is the source QEMU's own RAM file, in use by the running VM until the pause */
+  local?: boolean;
   stdout?: 'inherit' | 'ignore';
 }
 
@@ -72,6 +74,8 @@ export class IncomingQemu {
 
   static async start(o: IncomingQemuStart): Promise<IncomingQemu> {
     checkQemuCommand(o.command);
+    // refused before QEMU starts: a prealloc runs at its start, over the file the source VM still writes
+    if (o.local === true && o.command.some((w) => /\bprealloc=(on|yes|true)\b/.test(w))) throw preallocRefusal();
     const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-qemu-in-'));
     const qmpPath = path.join(dir, 'qmp');
     const memoryPath = `/proc/self/fd/${MEMORY_FD}`;
@@ -95,7 +99,7 @@ export class IncomingQemu {
     let qmp: QmpClient | undefined;
     try {
       qmp = await connectWhenUp(child, qmpPath, words);
-      await checkMemory(qmp, memoryPath, o.memory);
+      await checkMemory(qmp, memoryPath, o.memory, o.local === true);
       await prepareMigration(qmp, 'destination');
       const incoming = await openIncoming(qmp);
       return new IncomingQemu(child, qmp, dir, () => stderr, incoming, keeper);
@@ -175,7 +179,7 @@ async function connectWhenUp(child: ChildProcess, qmpPath: string, words: () => 
 }
 
 /** The destination's backend must be livemig's memfd, shared, of the source's size and id. */
-async function checkMemory(qmp: QmpClient, memoryPath: string, memory: { size: number; id: string }): Promise<void> {
+async function checkMemory(qmp: QmpClient, memoryPath: string, memory: { size: number; id: string }, local: boolean): Promise<void> {
   const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_QEMU', `the destination QEMU: ${why}`, { phase: 'reserve' });
   const memdevs = await qmp.execute<{ id: string; size: number; share: boolean }[]>('query-memdev');
   if (!Array.isArray(memdevs) || memdevs.length !== 1)
@@ -188,4 +192,16 @@ async function checkMemory(qmp: QmpClient, memoryPath: string, memory: { size: n
     throw refuse(`its memory backend is not a file (${e.message}): it would load with RAM that is not the guest's`);
   });
   if (got !== memoryPath) throw refuse(`its memory backend's mem-path is ${JSON.stringify(got)}, not livemig's memory (${MEMORY_PLACEHOLDER})`);
+  // prealloc touches every page of the file while the source VM still writes it: QEMU without
+  // MADV_POPULATE_WRITE reads a byte and writes it back, which can undo the guest's write between
+  if (local && (await qmp.execute('qom-get', { path: `/objects/${m.id}`, property: 'prealloc' })) === true) throw preallocRefusal();
+}
+
+function preallocRefusal(): LivemigError {
+  return new LivemigError(
+    'ERR_LIVEMIG_QEMU',
+    "the destination QEMU: its memory backend has prealloc=on: in a same-host upgrade the RAM file is the running source VM's, " +
+      'which preallocation would touch (drop prealloc=on)',
+    { phase: 'reserve' },
+  );
 }
