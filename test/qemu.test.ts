@@ -131,6 +131,22 @@ describe('a QEMU VM with the preload library', { skip: unavailable ?? false }, (
   });
 });
 
+describe('a QEMU VM by post-copy', { skip: unavailable ?? false }, () => {
+  for (const mode of ['postcopy', 'hybrid']) {
+    test(`--mode ${mode}: the destination QEMU runs with pages missing, each served at its first touch; the VM's check passes`, async () => {
+      const vm = await SourceVm.boot({ preload: true });
+      try {
+        const { out, received } = await migrateLive(vm, ['--mode', mode, ...(mode === 'hybrid' ? ['--max-rounds', '1'] : [])]);
+        assert.equal(out['mode'], mode, JSON.stringify(out));
+        const pc = (received['received'] as { postcopy?: { faults?: number } }).postcopy;
+        assert.ok(pc, `the destination served post-copy: ${JSON.stringify(received)}`);
+      } finally {
+        vm.cleanup();
+      }
+    });
+  }
+});
+
 describe('a QEMU VM upgraded on its host (--local)', { skip: unavailable ?? false }, () => {
   test("the destination QEMU takes the source's RAM file as it is: only the device state moves, the VM's check passes", async () => {
     const vm = await SourceVm.boot();
@@ -164,7 +180,7 @@ describe('a QEMU VM upgraded on its host (--local)', { skip: unavailable ?? fals
  * Moves `vm` live with receive --qemu-exec / send --qemu; the destination VM's beats go on and
  * its check passes (then it is stopped). Returns send's report.
  */
-async function migrateLive(vm: SourceVm, sendArgs: string[] = []): Promise<{ out: Json }> {
+async function migrateLive(vm: SourceVm, sendArgs: string[] = []): Promise<{ out: Json; received: Json }> {
   const to = vm.destination();
   const rx = await qemuReceiver(to.line);
   const destination = new Serial();
@@ -183,7 +199,7 @@ async function migrateLive(vm: SourceVm, sendArgs: string[] = []): Promise<{ out
     });
     assert.deepEqual(await destination.check(), { pages: 16384, bad: 0, firstBad: -1 });
     process.kill(received['guest_pid'] as number, 'SIGKILL');
-    return { out };
+    return { out, received };
   } finally {
     destination.close();
     rx.child.kill();

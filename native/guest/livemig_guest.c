@@ -945,22 +945,29 @@ static int take_disk_asks(struct lmg_incoming *h, struct lmg_message *m) {
   return reply(h->fd, LMG_TAG_DISK_ASKS_TAKEN, NULL);
 }
 
+int lmg_register_minor(const struct lmg_region *regions, size_t n, int *uffd, char *err, size_t errlen) {
+  int fd = uffd_with(UFFD_FEATURE_MINOR_SHMEM, err, errlen);
+  if (fd < 0) return -1;
+  for (size_t i = 0; i < n; i++) {
+    const struct lmg_region *r = &regions[i];
+    /* the pages stay in the memfd; only this mapping's entries go, so every touch faults */
+    struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)r->addr, r->size}, .mode = UFFDIO_REGISTER_MODE_MINOR};
+    if (madvise(r->addr, r->size, MADV_DONTNEED) != 0 || ioctl(fd, UFFDIO_REGISTER, &reg) != 0 || !(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
+      int e = errno;
+      close(fd);
+      return fail(err, errlen, e, "registering region %s for minor faults: %s", r->name, strerror(e));
+    }
+  }
+  *uffd = fd;
+  return 0;
+}
+
 /* 'U': every region registered for minor faults on one userfaultfd, which goes to livemig. */
 static int register_postcopy(struct lmg_incoming *h) {
   char why[256];
   if (h->uffd < 0) {
-    int fd = uffd_with(UFFD_FEATURE_MINOR_SHMEM, why, sizeof why);
-    if (fd < 0) return reply(h->fd, LMG_TAG_ERROR, why);
-    for (size_t i = 0; i < h->n; i++) {
-      struct lmg_region *r = &h->regions[i];
-      /* the pages stay in the memfd; only this mapping's entries go, so every touch faults */
-      struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)r->addr, r->size}, .mode = UFFDIO_REGISTER_MODE_MINOR};
-      if (madvise(r->addr, r->size, MADV_DONTNEED) != 0 || ioctl(fd, UFFDIO_REGISTER, &reg) != 0 || !(reg.ioctls & (1ULL << _UFFDIO_CONTINUE))) {
-        snprintf(why, sizeof why, "registering region %s for minor faults: %s", r->name, strerror(errno));
-        close(fd);
-        return reply(h->fd, LMG_TAG_ERROR, why);
-      }
-    }
+    int fd;
+    if (lmg_register_minor(h->regions, h->n, &fd, why, sizeof why) != 0) return reply(h->fd, LMG_TAG_ERROR, why);
     h->uffd = fd;
     atomic_store(&h->pages_arriving, 1);
   }

@@ -183,6 +183,15 @@ void lmg_disk_untrack(struct lmg_disk *d);
  */
 int lmg_track(struct lmg_region *regions, size_t n, int *uffd, char *err, size_t errlen);
 
+/*
+ * Post-copy, at the destination: registers every region's mapping for minor faults on a new
+ * userfaultfd (*uffd) for livemig to serve (UFFD_FEATURE_MINOR_SHMEM), after dropping the
+ * mapping's page table entries so that every first touch faults. lmg_incoming_wait does this
+ * itself when livemig asks; a VMM that serves livemig its own way (the QEMU preload library)
+ * calls it and hands *uffd over. Any thread, before the guest touches the regions.
+ */
+int lmg_register_minor(const struct lmg_region *regions, size_t n, int *uffd, char *err, size_t errlen);
+
 struct lmg_source_ops {
   size_t size; /* sizeof(struct lmg_source_ops): lets the struct grow (see Versions above) */
   void *ctx;

@@ -29,7 +29,8 @@ export async function takeDeviceState(ctx: ReceiverContext, f: WireFrame, a: Acc
   ctx.deviceStateSeen = true;
   trace('receiver', ReceiverEvent.deviceStateReceived);
   if (ctx.options.prepare && !got.prepared) {
-    got.prepared = ctx.options.prepare(a.memory ?? a.region, got.deviceState);
+    // without the proof, and post-copy agreed, the state comes with the switch: pages are missing
+    got.prepared = ctx.options.prepare(a.memory ?? a.region, got.deviceState, { pagesMissing: a.postcopy && !prove });
     got.prepared.catch(() => undefined); // awaited at COMMIT or POSTCOPY
   }
   // the last pages came before the device state: the digest is known while COMMIT is on its

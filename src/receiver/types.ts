@@ -72,9 +72,11 @@ export interface ReceiveOptions {
   /**
    * called as soon as the device state arrives, before the source commits: load and check it so
    * that `activate` only has to start the guest. A rejection fails the migration while the
-   * source can still resume its guest.
+   * source can still resume its guest. `pagesMissing`: the state came with a switch to
+   * post-copy, so pages of the region are still to come (a guest whose load reads its memory
+   * waits for activate, when faults are served).
    */
-  prepare?(region: Region, deviceState: Buffer): Promise<void>;
+  prepare?(region: Region, deviceState: Buffer, o: { pagesMissing: boolean }): Promise<void>;
   onProgress?(event: ReceiveProgress): void;
   /** post-copy: every fault's latency (fault read to page mapped), ns, once all pages are here */
   onFaultLatencies?(nanoseconds: Float64Array): void;

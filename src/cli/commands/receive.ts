@@ -11,6 +11,7 @@ import { parseHostPort, parseNumber, parseSize } from '../units.js';
 import { channelCount, diskDir, keepDisks } from '../migration-flags.js';
 import { qemuCommand, qemuGoesWithSignals, startQemu } from '../qemu-exec.js';
 import type { IncomingQemu } from '../../vmm/qemu/incoming.js';
+import { postcopyRefusal as qemuPostcopyRefusal } from '../../vmm/qemu/postcopy.js';
 
 export const receive: Command = {
   name: 'receive',
@@ -126,15 +127,19 @@ export const receive: Command = {
             registerEarly: postcopy === 'planned',
           });
         },
-        // post-copy into QEMU needs its mapping registered for minor faults: not yet (docs/QEMU.md)
-        ...(qemuLine ? {} : { postcopy: { register: () => incoming!.register(), giveDiskAsks: (fd: number) => incoming!.giveDiskAsks(fd) } }),
+        // post-copy into QEMU: its mapping registered for minor faults by the preload library (docs/QEMU.md)
+        ...(qemuLine
+          ? qemuPostcopyRefusal() === undefined
+            ? { postcopy: { register: async () => qemu!.register() } }
+            : {}
+          : { postcopy: { register: () => incoming!.register(), giveDiskAsks: (fd: number) => incoming!.giveDiskAsks(fd) } }),
         // a migration has begun: from here on it ends in an outcome line
         onProgress: (e) => {
           if (e.type === 'reserved')
             process.stdout.write(JSON.stringify({ receiving: { region_bytes: e.region_bytes, reserve_ms: +e.reserve_ms.toFixed(1) } }) + '\n');
         },
         onDiscard: () => (qemu?.kill(), incoming?.kill()),
-        prepare: (_region, deviceState) => (qemu ? qemu.prepare(deviceState) : incoming!.prepare(deviceState)),
+        prepare: (_region, deviceState, o) => (qemu ? qemu.prepare(deviceState, o) : incoming!.prepare(deviceState)),
         activate: async (_region, deviceState) => {
           if (qemu) {
             await qemu.activate(deviceState);
@@ -161,7 +166,10 @@ export const receive: Command = {
           if (!isRefusedBeforeReserving(e)) throw e;
         }
       }
-      if (report.mode === 'postcopy') incoming!.allPresent();
+      if (report.mode === 'postcopy' && qemu) {
+        const why = qemu.allPresent();
+        if (why) process.stderr.write(`livemig: the VM's writes are not tracked for its next migration (it will be hashed): ${why}\n`);
+      } else if (report.mode === 'postcopy') incoming!.allPresent();
       // this process's CPU from listening to the report (the guest it started is its own process)
       const cpu = process.cpuUsage(cpu0);
       const cpuS = { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) };

@@ -115,14 +115,9 @@ function cancelOnSignals(control: MigrationControl): () => void {
   };
 }
 
-/** What `--qemu` does not take: another guest, post-copy (yet). */
-function refuseForQemu(socket: string | undefined, mode: string | undefined): void {
+/** What `--qemu` does not take: another guest. */
+function refuseForQemu(socket: string | undefined): void {
   if (socket !== undefined) throw usageError('--qemu takes a QEMU VM: not with --guest');
-  if (mode !== undefined && mode !== 'precopy')
-    throw usageError(
-      `--qemu: --mode ${mode} is not supported yet: post-copy into QEMU needs the destination QEMU's RAM registered for minor ` +
-        'faults, and the pages its device load reads sent first (docs/QEMU.md); pre-copy works',
-    );
 }
 
 export const send: Command = {
@@ -190,7 +185,7 @@ export const send: Command = {
     assertSecureEnough(to.host, credentials, v['insecure'] === true, 'migrating to');
     const socket = typeof v['guest'] === 'string' ? v['guest'] : undefined;
     const qmp = typeof v['qemu'] === 'string' ? v['qemu'] : undefined;
-    if (qmp !== undefined) refuseForQemu(socket, settings.mode);
+    if (qmp !== undefined) refuseForQemu(socket);
     const disk = diskSpec(v);
     const image = typeof v['disk-image'] === 'string' ? v['disk-image'] : undefined;
     if ((disk === undefined) !== (image === undefined)) throw usageError('--disk SIZE and --disk-image PATH go together');

@@ -13,7 +13,9 @@ import { LivemigError } from '../../errors.js';
 import { SHARED_FILE_HINT } from './memory.js';
 import { openIncoming, prepareMigration, type IncomingState } from './device-state.js';
 import { DestinationKeeper } from './keeper.js';
+import { PreloadControl, postcopyRefusal } from './postcopy.js';
 import { QmpClient } from './qmp.js';
+import type { PostcopyRegistration } from '../../receiver/types.js';
 
 export const MEMORY_PLACEHOLDER = '{memory}';
 /** the descriptor QEMU inherits the memory as */
@@ -30,6 +32,8 @@ export interface IncomingQemuStart {
   memory: { fd: number; size: number; id: string };
   /** a same-host upgrade: the memory is the source QEMU's own RAM file, in use by the running VM until the pause */
   local?: boolean;
+  /** load the preload library (post-copy, and exact tracking of the VM's writes for its next migration); default: when it is built */
+  preload?: boolean;
   stdout?: 'inherit' | 'ignore';
 }
 
@@ -58,10 +62,21 @@ export class IncomingQemu {
   readonly #incoming: IncomingState;
   /** kills this QEMU if the receiver dies before the VM was told to run */
   readonly #keeper: DestinationKeeper;
+  /** the preload library's post-copy service inside QEMU (undefined: not loaded) */
+  readonly #control: PreloadControl | undefined;
 
-  private constructor(child: ChildProcess, qmp: QmpClient, dir: string, stderr: () => string, incoming: IncomingState, keeper: DestinationKeeper) {
+  private constructor(
+    child: ChildProcess,
+    qmp: QmpClient,
+    dir: string,
+    stderr: () => string,
+    incoming: IncomingState,
+    keeper: DestinationKeeper,
+    control: PreloadControl | undefined,
+  ) {
     this.child = child;
     this.#keeper = keeper;
+    this.#control = control;
     this.qmp = qmp;
     this.#dir = dir;
     this.#stderr = stderr;
@@ -87,7 +102,12 @@ export class IncomingQemu {
       'defer',
       '-S',
     ];
-    const child = spawn(o.command[0]!, args, { stdio: ['ignore', o.stdout ?? 'inherit', 'pipe', o.memory.fd] });
+    const control = (o.preload ?? postcopyRefusal() === undefined) ? new PreloadControl() : undefined;
+    const child = spawn(o.command[0]!, args, {
+      stdio: ['ignore', o.stdout ?? 'inherit', 'pipe', o.memory.fd, ...(control ? [control.theirs] : [])],
+      env: { ...process.env, ...control?.env(memoryPath) },
+    });
+    control?.handedOver();
     const keeper = new DestinationKeeper(child.pid ?? 0);
     let stderr = '';
     child.stderr!.setEncoding('utf8');
@@ -102,9 +122,10 @@ export class IncomingQemu {
       await checkMemory(qmp, memoryPath, o.memory, o.local === true);
       await prepareMigration(qmp, 'destination');
       const incoming = await openIncoming(qmp);
-      return new IncomingQemu(child, qmp, dir, () => stderr, incoming, keeper);
+      return new IncomingQemu(child, qmp, dir, () => stderr, incoming, keeper, control);
     } catch (e) {
       qmp?.close();
+      control?.close();
       child.kill('SIGKILL');
       keeper.done();
       rmSync(dir, { recursive: true, force: true });
@@ -115,9 +136,12 @@ export class IncomingQemu {
   /**
    * Loads the device state (the VM stays paused), once: called when the state arrives, before
    * the source commits, so a state QEMU refuses fails the migration with the source's VM still
-   * there. QEMU's own words when it refuses.
+   * there. QEMU's own words when it refuses. With pages still missing (post-copy) the load
+   * waits for activate(): QEMU reads guest RAM as it loads (virtio rings), and only the fault
+   * service, running by then, can give it those pages.
    */
-  prepare(state: Buffer): Promise<void> {
+  prepare(state: Buffer, o: { pagesMissing?: boolean } = {}): Promise<void> {
+    if (o.pagesMissing) return Promise.resolve();
     this.#loaded ??= this.#incoming.load(state, LOAD_TIMEOUT_MS).catch((e: unknown) => {
       const said = this.#stderr().trim();
       throw new LivemigError('ERR_LIVEMIG_QEMU', `${(e as Error).message}${said ? `; QEMU said: ${said.slice(-600)}` : ''}`, { phase: 'activate', cause: e });
@@ -133,6 +157,22 @@ export class IncomingQemu {
     return this.#running;
   }
 
+  /** Why post-copy into this QEMU cannot be (undefined: it can). */
+  get postcopyRefusal(): string | undefined {
+    return this.#control ? undefined : (postcopyRefusal() ?? 'the destination QEMU was started without the preload library');
+  }
+
+  /** Post-copy: QEMU's RAM mapping registered for minor faults, before the VM loads and runs. */
+  register(): PostcopyRegistration {
+    if (!this.#control) throw new LivemigError('ERR_LIVEMIG_UNSUPPORTED', `post-copy into QEMU: ${this.postcopyRefusal}`, { phase: 'postcopy' });
+    return this.#control.register();
+  }
+
+  /** Post-copy is over (livemig closed its userfaultfd): QEMU's writes are tracked again; why not, if not. */
+  allPresent(): string | undefined {
+    return this.#control?.allPresent();
+  }
+
   /** The VM runs here. */
   async activate(state: Buffer): Promise<void> {
     await this.prepare(state);
@@ -145,6 +185,7 @@ export class IncomingQemu {
   }
 
   kill(): void {
+    this.#control?.close();
     this.#incoming.close();
     this.qmp.close();
     this.child.kill('SIGKILL');
@@ -155,6 +196,7 @@ export class IncomingQemu {
   /** livemig is done: a VM told to run runs on; one that was not is stopped. */
   close(): void {
     if (!this.#running) this.kill();
+    else this.#control?.close(); // the library's thread ends; the VM runs on
   }
 }
 
