@@ -120,6 +120,27 @@ cp "$BB" "$R/bin/busybox"
     ln -sf /bin/busybox "$R/$app"
 done
 cp "$TMP/memwriter" "$R/bin/memwriter"
+
+# --- the virtio disk driver: Debian builds virtio_blk (and virtio, virtio_ring,
+# virtio_pci) as modules, so they go in the initramfs, each after the modules
+# it depends on (the `depends=` of its .modinfo; the package has no
+# modules.dep, depmod writes that at install), for /init to insmod in order.
+MODDIR="$(ls -d "$TMP"/kernel/lib/modules/*/kernel | head -n1)"
+[ -d "$MODDIR" ] || die "no lib/modules/*/kernel in $KPKG"
+mkdir -p "$R/lib/modules"
+: >"$R/lib/modules/load.order"
+add_module() {
+    local name="$1" ko deps dep
+    grep -qx "$name.ko" "$R/lib/modules/load.order" && return 0
+    ko="$(find "$MODDIR" -name "$name.ko" | head -n1)"
+    [ -n "$ko" ] || die "module $name.ko not found in $KPKG"
+    deps="$(tr '\0' '\n' <"$ko" | sed -n 's/^depends=//p' | head -n1)"
+    for dep in ${deps//,/ }; do add_module "$dep"; done
+    cp "$ko" "$R/lib/modules/$name.ko"
+    echo "$name.ko" >>"$R/lib/modules/load.order"
+}
+add_module virtio_pci
+add_module virtio_blk
 # The kernel opens /dev/console for init before /init can mount devtmpfs;
 # without the node init would start with no stdio. Needs root (CI is root);
 # /init reopens the console after mounting devtmpfs in any case.
@@ -135,6 +156,11 @@ exec </dev/console >/dev/console 2>&1
 # memwriter.shell=1 on the kernel command line: a shell on the console instead.
 case " $(cat /proc/cmdline) " in
 *" memwriter.shell=1 "*) exec /bin/sh ;;
+esac
+# A disk for memwriter (memwriter.disk_mib=N): the virtio block driver first.
+case " $(cat /proc/cmdline) " in
+*" memwriter.disk_mib="*)
+    while read -r ko; do insmod "/lib/modules/$ko" || echo "init: insmod $ko failed"; done </lib/modules/load.order ;;
 esac
 # memwriter reads its memwriter.* settings from /proc/cmdline itself.
 exec /bin/memwriter

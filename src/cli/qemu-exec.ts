@@ -5,6 +5,7 @@
 import type { GuestLayout } from '../guest/layout.js';
 import { LivemigError } from '../errors.js';
 import type { ReservedMemory } from '../receiver/types.js';
+import { disksMismatch, placedDisks } from '../vmm/qemu/disks.js';
 import { IncomingQemu, MEMORY_PLACEHOLDER, checkQemuCommand } from '../vmm/qemu/incoming.js';
 import { usageError } from './flags.js';
 
@@ -45,14 +46,30 @@ export function qemuGoesWithSignals(qemu: () => IncomingQemu | undefined): () =>
 }
 
 /**
- * Starts the destination QEMU on the reserved memory: a VM with one memory backend, no disks yet.
- * A same-host upgrade hands it the source QEMU's own RAM file (`local`): only device state moves.
+ * The disks the operator's line places (`{disk:NAME}`), and the check each source's disks get
+ * at its HELLO, before anything is reserved: the same names, or the migration is refused.
+ */
+export function qemuDiskPlaces(line: string): { names: string[]; accept(source: readonly string[]): void } {
+  const names = placedDisks([line]);
+  return {
+    names,
+    accept: (source) => {
+      const why = disksMismatch(source, names);
+      if (why) throw new LivemigError('ERR_LIVEMIG_REFUSED', `a QEMU destination: ${why}`, { phase: 'handshake' });
+    },
+  };
+}
+
+/**
+ * Starts the destination QEMU on the reserved memory: a VM with one memory backend, its disks on
+ * the images created for them. A same-host upgrade hands it the source QEMU's own RAM file
+ * (`local`): only device state moves.
  */
 export function startQemu(command: readonly string[], layout: GuestLayout, memory: ReservedMemory): Promise<IncomingQemu> {
   const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_REFUSED', `a QEMU destination: ${why}`, { phase: 'reserve' });
   if (layout.regions.length !== 1 || memory.files.length !== 1 || memory.files[0]!.offset !== 0)
     throw refuse(`the guest has ${layout.regions.length} regions; a QEMU VM has one memory backend`);
-  if (memory.disks?.length) throw refuse('disks of a QEMU VM are not supported yet');
   const r = layout.regions[0]!;
-  return IncomingQemu.start({ command, memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name }, local: memory.local });
+  const disks = (memory.disks ?? []).map((d) => ({ name: d.name, path: d.path }));
+  return IncomingQemu.start({ command, memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name }, local: memory.local, disks });
 }

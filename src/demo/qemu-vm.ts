@@ -54,9 +54,17 @@ export interface VmOptions {
   preload?: boolean;
   /** the memory backend's prealloc=on: QEMU maps (and touches) all its RAM at start */
   prealloc?: boolean;
+  /**
+   * a virtio disk (/dev/vda, the drive's id `vda`) memwriter writes checkable blocks to: its
+   * first `mib` MiB at `rate` MiB/s; the image at `path` in `format` (default raw)
+   */
+  disk?: { path: string; mib: number; rate: number; format?: string };
   /** another QEMU (default LIVEMIG_QEMU, else qemu-system-x86_64), and arguments it needs (e.g. -L for an unpacked one) */
   binary?: { path: string; args: string[] };
 }
+
+/** the test VM's disk: its -drive id, the name livemig moves it by */
+export const DISK_ID = 'vda';
 
 /** QEMU's arguments for the test VM, its memory backend's mem-path as given. */
 export function vmArgs(dir: string, name: string, memPath: string, o: VmOptions = {}, share = 'on'): string[] {
@@ -67,10 +75,12 @@ export function vmArgs(dir: string, name: string, memPath: string, o: VmOptions 
     ...['-accel', 'tcg', '-m', `${mem}M`, '-smp', '1', '-display', 'none', '-no-user-config', '-monitor', 'none', '-nic', 'none', '-vga', 'none'],
     ...['-kernel', kernel, '-initrd', initrd],
     '-append',
-    `console=ttyS0 quiet memwriter.mib=${o.writeMiB ?? 64} memwriter.rate=${o.rate ?? 16} memwriter.hb_ms=${o.hbMs ?? 5}`,
+    `console=ttyS0 quiet memwriter.mib=${o.writeMiB ?? 64} memwriter.rate=${o.rate ?? 16} memwriter.hb_ms=${o.hbMs ?? 5}` +
+      (o.disk ? ` memwriter.disk_mib=${o.disk.mib} memwriter.disk_rate=${o.disk.rate}` : ''),
     ...['-serial', `file:${path.join(dir, `console-${name}.log`)}`, '-serial', `unix:${path.join(dir, `hb-${name}.sock`)},server=on,wait=off`],
     ...['-object', `memory-backend-file,id=ram0,size=${mem}M,mem-path=${memPath},share=${share}${o.prealloc ? ',prealloc=on' : ''}`],
     ...['-machine', 'pc,suppress-vmdesc=on,memory-backend=ram0'],
+    ...(o.disk ? ['-drive', `file=${o.disk.path},format=${o.disk.format ?? 'raw'},if=virtio,id=${DISK_ID}`] : []),
   ];
 }
 
@@ -85,6 +95,8 @@ export class Serial {
   #socket: Socket | undefined;
   /** the last heartbeat's sequence number, and when (host clock, ms) each arrived */
   lastSeq = -1;
+  /** the disk blocks memwriter wrote so far (the last heartbeat's count) */
+  diskWrites = 0;
   beats: { seq: number; at: number }[] = [];
 
   /** Reads the port at `sockPath` from now on (after a migration: the destination's). */
@@ -114,9 +126,10 @@ export class Serial {
     for (let nl = this.#text.indexOf('\n'); nl >= 0; nl = this.#text.indexOf('\n')) {
       const line = this.#text.slice(0, nl);
       this.#text = this.#text.slice(nl + 1);
-      const hb = /^HB (\d+) /.exec(line);
+      const hb = /^HB (\d+) \d+(?: (\d+))?/.exec(line);
       if (hb) {
         this.lastSeq = Number(hb[1]);
+        if (hb[2] !== undefined) this.diskWrites = Number(hb[2]);
         this.beats.push({ seq: this.lastSeq, at: performance.now() });
         if (this.beats.length > 100_000) this.beats.splice(0, 50_000);
       } else {
@@ -160,6 +173,15 @@ export class Serial {
     const m = /^CHECK ok pages=(\d+) bad=(\d+) first_bad=(-?\d+)/.exec(await answer);
     if (!m) throw new Error(`memwriter answered ${await answer}`);
     return { pages: Number(m[1]), bad: Number(m[2]), firstBad: Number(m[3]) };
+  }
+
+  /** memwriter reads its disk back and checks every block against what it wrote */
+  async dcheck(): Promise<{ blocks: number; written: number; bad: number; firstBad: number; errors: number }> {
+    const answer = this.waitLine('DCHECK ', 120_000);
+    this.#socket!.write('DCHECK\n');
+    const m = /^DCHECK ok blocks=(\d+) written=(\d+) bad=(\d+) first_bad=(-?\d+) errors=(\d+)/.exec(await answer);
+    if (!m) throw new Error(`memwriter answered ${await answer}`);
+    return { blocks: Number(m[1]), written: Number(m[2]), bad: Number(m[3]), firstBad: Number(m[4]), errors: Number(m[5]) };
   }
 
   close(): void {
@@ -215,7 +237,9 @@ export class SourceVm {
    */
   destination(o: VmOptions = this.options, share = 'on'): { line: string; serial: string } {
     const name = `dst${++this.#destinations}`;
-    return { line: shellLine([o.binary?.path ?? QEMU, ...vmArgs(this.dir, name, '{memory}', o, share)]), serial: path.join(this.dir, `hb-${name}.sock`) };
+    // its disk where livemig creates the image
+    const placed = o.disk ? { ...o, disk: { ...o.disk, path: `{disk:${DISK_ID}}`, format: 'raw' } } : o;
+    return { line: shellLine([o.binary?.path ?? QEMU, ...vmArgs(this.dir, name, '{memory}', placed, share)]), serial: path.join(this.dir, `hb-${name}.sock`) };
   }
 
   /**

@@ -45,7 +45,9 @@ export async function withDisks(options: MigrateOptions): Promise<{ options: Mig
       memory.pageCount,
       disks.map((d) => d.size),
     );
-    const trackerReason = `the memory: ${forMemory.reason}; ` + blockTrackers.map((t, i) => `disk ${specs[i]!.name}: ${t.reason}`).join('; ');
+    const trackerReason =
+      `the memory: ${forMemory.reason}; ` +
+      blockTrackers.map((t, i) => `disk ${specs[i]!.name}: ${t.reason}${disks[i]!.trackingNote ? ` (${disks[i]!.trackingNote})` : ''}`).join('; ');
     tracker.reason = trackerReason;
     return {
       options: { ...options, region: pages, tracker, readPath: 'files' },

@@ -21,6 +21,8 @@ export interface SourceDisk extends DiskSpec {
   path: string;
   /** the VMM's written-block bitmap (contract 4, reported tracking): a sealed memfd, a bit per 4 KiB block */
   written?: number;
+  /** why the VMM reports no writes (a QEMU VM's disks), appended to the tracker's reason */
+  trackingNote?: string;
 }
 
 export const MAX_DISKS = 16;

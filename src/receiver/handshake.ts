@@ -79,6 +79,7 @@ export function checkHello(ctx: ReceiverContext, hello: WireFrame): Hello {
   }
   if (h.regionBytes % PAGE_SIZE !== 0) throw new ProtocolError('ERR_LIVEMIG_PROTOCOL', `region of ${h.regionBytes} bytes is not a whole number of pages`);
   // disks come only to a receiver told where to put them, and by pre-copy: refused before anything is reserved
+  options.acceptDisks?.((h.disks ?? []).map((d) => d.name));
   if (h.disks && !options.disks)
     throw new LivemigError('ERR_LIVEMIG_REFUSED', `the guest has ${h.disks.length} disk(s) and this receiver takes none (ReceiveOptions.disks)`, {
       phase: 'handshake',

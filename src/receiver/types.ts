@@ -61,6 +61,12 @@ export interface ReceiveOptions {
     keepMs?: number;
   };
   /**
+   * Called at HELLO, after its checks and before anything is reserved, with the names of the
+   * source's disks (none: an empty list): throw to refuse them (a QEMU destination whose command
+   * line places other disks), the source's guest untouched.
+   */
+  acceptDisks?(names: readonly string[]): void;
+  /**
    * called once the region is reserved, while its pages are being mapped and before any page
    * arrives: start the destination guest warm here; the handshake waits for the promise
    */

@@ -1,15 +1,18 @@
 /** livemig receive: serve one migration; the reference guest resumes here. */
 import type { LivemigError } from '../../errors.js';
 import { listen, type Receiver } from '../../receiver/listen.js';
+import type { ReceiveOptions } from '../../receiver/types.js';
 import { isRefusedBeforeReserving, mayBeAskedAbout } from '../../receiver/receiver.js';
 import type { Refusal } from '../../refusals.js';
 import { IncomingGuest } from '../../guest/incoming-session.js';
 import { referenceIncomingCommand } from '../../workload/controller.js';
+import path from 'node:path';
+import { unplainPath } from '../../vmm/qemu/disks.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
 import { channelCount, diskDir, keepDisks } from '../migration-flags.js';
-import { qemuCommand, qemuGoesWithSignals, startQemu } from '../qemu-exec.js';
+import { qemuCommand, qemuDiskPlaces, qemuGoesWithSignals, startQemu } from '../qemu-exec.js';
 import type { IncomingQemu } from '../../vmm/qemu/incoming.js';
 import { postcopyRefusal as qemuPostcopyRefusal } from '../../vmm/qemu/postcopy.js';
 
@@ -77,7 +80,8 @@ export const receive: Command = {
       value: "'qemu-system-x86_64 ... {memory}'",
       help:
         "a QEMU VM comes in (livemig send --qemu): QEMU's command line, run by /bin/sh, the source VM's own with its memory backend's " +
-        'mem-path={memory} (livemig hands QEMU the RAM it receives there); livemig adds -qmp, -incoming defer and -S (docs/QEMU.md)',
+        'mem-path={memory} (livemig hands QEMU the RAM it receives there) and each raw disk at file={disk:NAME} (NAME: the -drive id; ' +
+        'livemig creates the image in --disk-dir and puts its path there); livemig adds -qmp, -incoming defer and -S (docs/QEMU.md)',
     },
     json: { type: 'boolean', default: false, help: 'accepted for symmetry with send (the output is JSON lines already)' },
     ...DESTINATION_SECURITY_FLAGS,
@@ -90,8 +94,8 @@ export const receive: Command = {
     let incoming: IncomingGuest | undefined;
     let qemu: IncomingQemu | undefined;
     const qemuLine = typeof v['qemu-exec'] === 'string' ? qemuCommand(v['qemu-exec']) : undefined;
-    if (qemuLine && (typeof v['guest-exec'] === 'string' || typeof v['disk-dir'] === 'string'))
-      throw usageError('--qemu-exec starts a QEMU VM: not with --guest-exec, nor (yet) with --disk-dir');
+    if (qemuLine && typeof v['guest-exec'] === 'string') throw usageError('--qemu-exec starts a QEMU VM: not with --guest-exec');
+    const qemuDisks = qemuLine ? qemuDiskPlacesOf(v) : undefined;
     if (qemuLine) qemuGoesWithSignals(() => qemu);
     const command = typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand();
     const rx = await listen(
@@ -110,7 +114,7 @@ export const receive: Command = {
         ...(typeof v['max-device-state'] === 'string' ? { maxDeviceStateBytes: parseSize(v['max-device-state'], '--max-device-state') } : {}),
         ...(typeof v['reuse-image'] === 'string' ? { reuseImage: v['reuse-image'] } : {}),
         ...(v['prealloc'] === true ? { prealloc: true } : {}),
-        ...(typeof v['disk-dir'] === 'string' ? { disks: { dir: diskDir(v['disk-dir']), ...keepDisks(v) } } : {}),
+        ...receiveDisks(v, qemuDisks),
         // the guest maps its memory before pages flow, not during
         onReserved: async (_region, postcopy, layout, memory) => {
           if (qemuLine) {
@@ -198,6 +202,30 @@ export const receive: Command = {
     }
   },
 };
+
+/** --disk-dir (absolute for QEMU, whose command line gets the images' paths) and, for QEMU, the check of the source's disks. */
+function receiveDisks(v: FlagValues, qemu: ReturnType<typeof qemuDiskPlaces> | undefined): Pick<ReceiveOptions, 'disks' | 'acceptDisks'> {
+  const dir = typeof v['disk-dir'] === 'string' ? diskDir(v['disk-dir']) : undefined;
+  return {
+    ...(dir !== undefined ? { disks: { dir: qemu ? path.resolve(dir) : dir, ...keepDisks(v) } } : {}),
+    ...(qemu ? { acceptDisks: qemu.accept } : {}),
+  };
+}
+
+/** The disks a --qemu-exec line places: their images go in --disk-dir, which it then needs. */
+function qemuDiskPlacesOf(v: FlagValues): ReturnType<typeof qemuDiskPlaces> {
+  let places: ReturnType<typeof qemuDiskPlaces>;
+  try {
+    places = qemuDiskPlaces(str(v, 'qemu-exec'));
+  } catch (e) {
+    throw usageError(`--qemu-exec: ${(e as Error).message}`);
+  }
+  if (places.names.length && typeof v['disk-dir'] !== 'string')
+    throw usageError(`--qemu-exec places disk(s) ${places.names.join(', ')}: --disk-dir DIR says where their images are created`);
+  const dirRefusal = places.names.length ? unplainPath(path.resolve(str(v, 'disk-dir'))) : undefined;
+  if (dirRefusal) throw usageError(`--disk-dir: ${dirRefusal}`);
+  return places;
+}
 
 /** One line for each source refused here: where from, why, and the code. */
 export function printRefusal(r: Refusal): void {

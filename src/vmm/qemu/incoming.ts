@@ -10,6 +10,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { LivemigError } from '../../errors.js';
+import { checkIncomingDisks, placeDisks, placedDisks } from './disks.js';
 import { SHARED_FILE_HINT } from './memory.js';
 import { openIncoming, prepareMigration, type IncomingState } from './device-state.js';
 import { DestinationKeeper } from './keeper.js';
@@ -34,6 +35,8 @@ export interface IncomingQemuStart {
   local?: boolean;
   /** load the preload library (post-copy, and exact tracking of the VM's writes for its next migration); default: when it is built */
   preload?: boolean;
+  /** the source's disks and livemig's image of each, put where the command says {disk:NAME} */
+  disks?: readonly { name: string; path: string }[];
   stdout?: 'inherit' | 'ignore';
 }
 
@@ -48,6 +51,7 @@ export function checkQemuCommand(command: readonly string[]): void {
         phase: 'validate',
       },
     );
+  placedDisks(command);
   for (const flag of ['-incoming', '-qmp'])
     if (command.some((w) => new RegExp(`(^|\\s)-?${flag}(\\s|=|$)`).test(w)))
       throw new LivemigError('ERR_LIVEMIG_INVALID_ARGUMENT', `the QEMU command must not have ${flag}: livemig adds its own`, { phase: 'validate' });
@@ -91,11 +95,12 @@ export class IncomingQemu {
     checkQemuCommand(o.command);
     // refused before QEMU starts: a prealloc runs at its start, over the file the source VM still writes
     if (o.local === true && o.command.some((w) => /\bprealloc=(on|yes|true)\b/.test(w))) throw preallocRefusal();
+    for (const w of o.command) placeDisks(w, o.disks ?? []); // a disk it cannot place is refused before anything is made
     const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-qemu-in-'));
     const qmpPath = path.join(dir, 'qmp');
     const memoryPath = `/proc/self/fd/${MEMORY_FD}`;
     const args = [
-      ...o.command.slice(1).map((w) => w.replaceAll(MEMORY_PLACEHOLDER, memoryPath)),
+      ...o.command.slice(1).map((w) => placeDisks(w.replaceAll(MEMORY_PLACEHOLDER, memoryPath), o.disks ?? [])),
       '-qmp',
       `unix:${qmpPath},server=on,wait=off`,
       '-incoming',
@@ -120,6 +125,7 @@ export class IncomingQemu {
     try {
       qmp = await connectWhenUp(child, qmpPath, words);
       await checkMemory(qmp, memoryPath, o.memory, o.local === true);
+      await checkIncomingDisks(qmp, o.disks ?? []);
       await prepareMigration(qmp, 'destination');
       const incoming = await openIncoming(qmp);
       return new IncomingQemu(child, qmp, dir, () => stderr, incoming, keeper, control);

@@ -15,8 +15,10 @@ import { addon, closeFd } from '../../native.js';
 import { GuestLayout } from '../../guest/layout.js';
 import { Region } from '../../region/region.js';
 import type { MigrateOptions } from '../../source/types.js';
+import type { SourceDisk } from '../../disk/spec.js';
 import { prepareMigration, saveDeviceState, type MigrationSettings } from './device-state.js';
 import { SourceKeeper } from './keeper.js';
+import { qemuDisks } from './disks.js';
 import { qemuRam, type QemuRam } from './memory.js';
 import { QmpClient } from './qmp.js';
 import { VcpuThrottle } from './throttle.js';
@@ -34,6 +36,8 @@ export class QemuSource {
   readonly layout: GuestLayout;
   /** how QEMU's writes are followed, and why */
   readonly tracking: { exact: boolean; reason: string };
+  /** the VM's raw images, open read-only (src/vmm/qemu/disks.ts) */
+  disks: SourceDisk[] = [];
   #paused = false;
   #committed = false;
   #leaseTimer: NodeJS.Timeout | undefined;
@@ -74,17 +78,21 @@ export class QemuSource {
   static async attach(path: string): Promise<QemuSource> {
     const qmp = await QmpClient.connect(path);
     let ram: QemuRam[] = [];
+    let disks: SourceDisk[] = [];
     try {
       const status = await qmp.execute<{ status: string }>('query-status');
       if (status.status !== 'running' && status.status !== 'paused')
         throw new LivemigError('ERR_LIVEMIG_QEMU', `the VM is ${status.status}, not running: nothing to migrate`, { phase: 'qemu' });
       ram = await qemuRam(qmp);
+      disks = await qemuDisks(qmp);
       const settings = await prepareMigration(qmp, 'source');
       const cpus = await qmp.execute<{ 'thread-id': number }[]>('query-cpus-fast');
       const vcpus = Array.isArray(cpus) ? cpus.map((c) => c['thread-id']).filter((t) => Number.isSafeInteger(t) && t > 0) : [];
-      return new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!), vcpus, settings, status.status === 'running');
+      const vm = new QemuSource(qmp, ram[0]!, trackingOf(qmp.pid, ram[0]!), vcpus, settings, status.status === 'running');
+      vm.disks = disks;
+      return vm;
     } catch (e) {
-      for (const r of ram) closeSync(r.fd);
+      for (const r of [...ram, ...disks]) closeSync(r.fd);
       qmp.close();
       throw e;
     }
@@ -95,11 +103,12 @@ export class QemuSource {
   }
 
   /** What migrate() needs of the VM's memory: exact tracking through QEMU's own mapping, or hashing. */
-  get memory(): Pick<MigrateOptions, 'region' | 'layout' | 'target' | 'untracked'> {
+  get memory(): Pick<MigrateOptions, 'region' | 'layout' | 'target' | 'untracked' | 'disks'> {
     return {
       region: this.region,
       layout: this.layout,
       ...(this.tracking.exact ? { target: { pid: this.pid, address: this.ram.address } } : { untracked: true }),
+      ...(this.disks.length ? { disks: this.disks } : {}),
     };
   }
 
@@ -193,6 +202,7 @@ export class QemuSource {
     this.qmp.close();
     if (!this.region.released) this.region.release();
     closeSync(this.ram.fd);
+    for (const d of this.disks) closeSync(d.fd);
   }
 }
 
