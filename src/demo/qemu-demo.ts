@@ -69,8 +69,9 @@ export interface SpawnWith {
   env?: NodeJS.ProcessEnv;
 }
 
-export async function qemuReceiver(line: string, w: SpawnWith = {}): Promise<QemuReceiver> {
-  const child = spawn(process.execPath, [...(w.nodeArgs ?? []), CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', line], {
+/** `extra`: more of receive's flags (e.g. --disk-dir DIR) */
+export async function qemuReceiver(line: string, w: SpawnWith = {}, extra: readonly string[] = []): Promise<QemuReceiver> {
+  const child = spawn(process.execPath, [...(w.nodeArgs ?? []), CLI, 'receive', '--listen', '127.0.0.1:0', '--linger', '0', '--qemu-exec', line, ...extra], {
     stdio: ['ignore', 'pipe', 'inherit'],
     env: w.env ?? process.env,
   });

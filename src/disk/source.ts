@@ -31,6 +31,8 @@ export async function withDisks(options: MigrateOptions): Promise<{ options: Mig
     if (!st.isFile() && !st.isBlockDevice()) throw invalid(`disk ${i} (${specs[i]!.name}): its descriptor is neither a file nor a block device`);
     if (st.isFile() && st.size !== d.size) throw invalid(`disk ${i} (${specs[i]!.name}): the image holds ${st.size} bytes, its size says ${d.size}`);
   });
+  // the joined tracker follows the memory too: how its own was to be chosen (untracked, target) is spent
+  const { untracked, target, ...withoutMemoryChoice } = options;
   const pages = Region.adoptPieces([...memoryPieces, ...disks.map((d) => ({ fd: d.fd, offset: 0, size: d.size }))]);
   try {
     const forMemory = memoryTracker(memory, options, false);
@@ -50,7 +52,7 @@ export async function withDisks(options: MigrateOptions): Promise<{ options: Mig
       blockTrackers.map((t, i) => `disk ${specs[i]!.name}: ${t.reason}${disks[i]!.trackingNote ? ` (${disks[i]!.trackingNote})` : ''}`).join('; ');
     tracker.reason = trackerReason;
     return {
-      options: { ...options, region: pages, tracker, readPath: 'files' },
+      options: { ...withoutMemoryChoice, region: pages, tracker, readPath: 'files' },
       trackerReason,
       close: () => {
         for (const t of blockTrackers) t.close();

@@ -79,6 +79,7 @@ async function stopAndCopyAndActivate(ctx: SourceContext): Promise<Ending> {
       send_ms: +(a.tSent - stopped.tCollected).toFixed(3),
       commit_ms: +(a.tCommitted - a.tSent).toFixed(3),
       activate_ms: +a.activateMs.toFixed(3),
+      ...(ctx.settings.options.disks?.length ? { disk_blocks: ctx.finalDiskBlocks } : {}),
     },
   };
 }

@@ -413,7 +413,17 @@ export interface MigrationReport {
   forced_stop: boolean;
   /** highest throttle applied, percent */
   max_throttle_percentage: number;
-  stop_and_copy: { pages: number; bytes: number; pause_ms: number; final_collect_ms: number; send_ms: number; commit_ms: number; activate_ms: number };
+  stop_and_copy: {
+    pages: number;
+    bytes: number;
+    pause_ms: number;
+    final_collect_ms: number;
+    send_ms: number;
+    commit_ms: number;
+    activate_ms: number;
+    /** with disks: the blocks written since the last round, which the pause sent (of `pages`) */
+    disk_blocks?: number;
+  };
   /** how the connections were secured */
   security: SecurityReport;
   /** post-copy phase: pages pushed and served on request, from the switch to completion */
