@@ -205,8 +205,8 @@ export const send: Command = {
     let before: 'none' | 'running' = 'none';
     try {
       if (qmp !== undefined) {
-        guest = qemu(await QemuSource.attach(qmp));
-        before = 'running';
+        // a VM refused once QEMU answered (its disks, its RAM) runs on, untouched
+        guest = qemu(await QemuSource.attach(qmp, () => (before = 'running')));
       } else if (socket !== undefined) {
         const fd = connectRunningGuest(socket);
         before = 'running';

@@ -74,9 +74,14 @@ export class QemuSource {
     this.tracking = tracking;
   }
 
-  /** Takes the VM at QMP socket `path`: refused, the VM untouched, unless it runs with its RAM on a shared file. */
-  static async attach(path: string): Promise<QemuSource> {
+  /**
+   * Takes the VM at QMP socket `path`: refused, the VM untouched, unless it runs with its RAM on a
+   * shared file and its disks are raw images on local storage. `onConnected`: QEMU answered (a
+   * refusal from here on leaves a VM running).
+   */
+  static async attach(path: string, onConnected?: () => void): Promise<QemuSource> {
     const qmp = await QmpClient.connect(path);
+    onConnected?.();
     let ram: QemuRam[] = [];
     let disks: SourceDisk[] = [];
     try {
