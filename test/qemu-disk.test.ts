@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { qemuReceiver, qemuSender } from '../src/demo/qemu-demo.js';
 import { DISK_ID, Serial, SourceVm, qemuUnavailable, type VmOptions } from '../src/demo/qemu-vm.js';
 import { QmpClient } from '../src/vmm/qemu/qmp.js';
+import { disksMismatch, placeDisks, placedDisks, qemuDisks } from '../src/vmm/qemu/disks.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../src/cli/main.js');
 const unavailable = qemuUnavailable();
@@ -72,6 +73,60 @@ describe('receive --qemu-exec with disks', () => {
     });
     assert.equal(r.status, 2, r.stderr);
     assert.match(r.stderr, /\{disk:a,b\}: a disk's name is 1\.\.63 characters/);
+  });
+});
+
+/** A QMP client that answers query-block and query-named-block-nodes as given. */
+function fakeQmp(blocks: unknown[], nodes: unknown[]): QmpClient {
+  const answers: Record<string, unknown> = { 'query-block': blocks, 'query-named-block-nodes': nodes };
+  return { pid: process.pid, execute: (command: string) => Promise.resolve(answers[command]) } as unknown as QmpClient;
+}
+
+const rawNode = (file: string, size = DISK_MIB << 20): Json => ({
+  drv: 'raw',
+  file,
+  'node-name': '#block1',
+  backing_file_depth: 0,
+  image: { 'virtual-size': size },
+});
+const fileNode = (file: string, size = DISK_MIB << 20): Json => ({ drv: 'file', file, 'node-name': '#block2', image: { 'virtual-size': size } });
+
+describe("a QEMU VM's drives as livemig reads them", () => {
+  test('drives without a medium are no disks; a VM without any has none', async () => {
+    assert.deepEqual(await qemuDisks(fakeQmp([{ device: 'ide1-cd0' }, { device: 'floppy0' }], [])), []);
+  });
+
+  test('a backing chain, network storage, part of a file and a drive without a name are refused, each naming the disk', async () => {
+    const cases: [unknown, unknown[], RegExp][] = [
+      [
+        { device: 'vda', inserted: { ...rawNode('/i/top.qcow2'), drv: 'qcow2', backing_file: '/i/base.raw', backing_file_depth: 1 } },
+        [],
+        /^disk vda: \/i\/top\.qcow2 has a backing chain \(\/i\/base\.raw\)/,
+      ],
+      [{ device: 'vda', inserted: rawNode('nbd+unix:///vm1?socket=/run/nbd.sock') }, [], /^disk vda: "nbd\+unix:.*" is not a local file or block device/],
+      [
+        { device: 'vda', inserted: rawNode('/i/vm1.raw') },
+        [{ ...fileNode('/i/vm1.raw'), drv: 'nbd' }],
+        /^disk vda: \/i\/vm1\.raw is not a local file or block device QEMU opened/,
+      ],
+      [
+        { device: 'vda', inserted: rawNode('/i/vm1.raw', 1 << 20) },
+        [fileNode('/i/vm1.raw')],
+        /the raw node is 1048576 bytes of a 33554432-byte \/i\/vm1\.raw \(offset= or size=\)/,
+      ],
+      [{ device: '', inserted: rawNode('/i/vm1.raw') }, [fileNode('/i/vm1.raw')], /^disk #block1: name it \(-drive id=NAME/],
+    ];
+    for (const [block, nodes, message] of cases) await assert.rejects(qemuDisks(fakeQmp([block], nodes)), { code: 'ERR_LIVEMIG_QEMU', message });
+  });
+
+  test("the destination's places must be the source's disks, each once, on a plain path", () => {
+    assert.equal(disksMismatch(['vda', 'vdb'], ['vdb', 'vda']), undefined);
+    assert.match(disksMismatch(['vda'], [])!, /vda have no place/);
+    assert.match(disksMismatch([], ['vda'])!, /places disk\(s\) vda, which the source VM does not have/);
+    assert.deepEqual(placedDisks(['-drive', 'file={disk:vda},format=raw', 'x={disk:data.1}']), ['vda', 'data.1']);
+    assert.throws(() => placedDisks(['{disk:vda} {disk:vda}']), /appears twice/);
+    assert.equal(placeDisks('file={disk:vda},format=raw', [{ name: 'vda', path: '/d/vda.img' }]), 'file=/d/vda.img,format=raw');
+    assert.throws(() => placeDisks('file={disk:vda}', [{ name: 'vda', path: '/d,x/vda.img' }]), /not a plain absolute path/);
   });
 });
 

@@ -95,7 +95,7 @@ export async function qemuDisks(qmp: QmpClient): Promise<SourceDisk[]> {
   const nodes = await qmp.execute<BlockNode[]>('query-named-block-nodes', { flat: true });
   if (!Array.isArray(nodes)) throw refused(`query-named-block-nodes answered ${JSON.stringify(nodes).slice(0, 200)}, not a list`);
   const images = found.map((d) => {
-    const label = d.name ?? d.info.device ?? d.node['node-name'] ?? '?';
+    const label = d.name || d.info.device || d.node['node-name'] || '?';
     if (d.name === undefined)
       throw refused(`disk ${label}: name it (-drive id=NAME, or -blockdev node-name=NAME; 1..63 of [A-Za-z0-9._-]): the destination places disks by name`);
     return { name: d.name, ...rawImage(label, d.node, nodes) };
@@ -205,7 +205,7 @@ export async function checkIncomingDisks(qmp: QmpClient, disks: readonly { name:
   const found = await drives(qmp);
   for (const d of found) {
     const want = disks.find((x) => x.name === d.name);
-    const label = d.name ?? d.info.device ?? d.node['node-name'];
+    const label = d.name || d.info.device || d.node['node-name'];
     if (!want) throw refuse(`it has disk ${label} (${d.node.file}), which the source VM does not have`);
     if (d.node.drv !== 'raw' && !PROTOCOLS.has(d.node.drv ?? '')) throw refuse(`disk ${label} is ${d.node.drv}: livemig's image is raw (format=raw)`);
     if (d.node.file !== want.path) throw refuse(`disk ${label} is ${d.node.file}, not livemig's image ${want.path} ({disk:${want.name}})`);
