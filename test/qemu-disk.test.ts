@@ -164,6 +164,19 @@ describe('a QEMU VM with a raw disk on the plain filesystem', { skip: unavailabl
     assert.equal(await status(vm.qmp), 'running');
   });
 
+  test('post-copy with disks is refused before anything moves; the VM runs on', async () => {
+    const { code, out } = await qemuSender(vm.qmp, 1, ['--mode', 'hybrid']).done; // refused before it connects anywhere
+    assert.equal(code, 1);
+    assert.deepEqual(out['error'], {
+      code: 'ERR_LIVEMIG_UNSUPPORTED',
+      phase: 'validate',
+      message: '--mode hybrid: the VM has disks (vda), which move into QEMU by pre-copy only so far (docs/QEMU.md)',
+    });
+    assert.equal(out['source_guest'], 'running');
+    await writesPast(vm.serial, vm.serial.diskWrites);
+    assert.equal(await status(vm.qmp), 'running');
+  });
+
   test('it moves live while writing to its disk, tracked by hashing: every block checks at the destination', async () => {
     const { out } = await migrateWithDisk(vm, dir);
     assert.match(String(out['tracker_reason']), /disk vda: hash: .* cannot be cloned here/);

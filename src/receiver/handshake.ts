@@ -87,7 +87,7 @@ export function checkHello(ctx: ReceiverContext, hello: WireFrame): Hello {
   if (h.disks && (h.local !== undefined || !h.capabilities.includes(CAP_HOLES)))
     throw new LivemigError('ERR_LIVEMIG_REFUSED', 'disks move into fresh images: not with a same-host upgrade, nor without holes', { phase: 'handshake' });
   // disk post-copy needs the images watched (fanotify pre-content events): refused with the kernel's reason where it cannot be
-  ctx.diskPostcopyRefusal = h.disks && options.disks && options.postcopy ? precontentRefusal(options.disks.dir) : undefined;
+  ctx.diskPostcopyRefusal = h.disks && options.disks && options.postcopy ? (options.postcopy.disksRefusal ?? precontentRefusal(options.disks.dir)) : undefined;
   if (h.disks && h.capabilities.includes(CAP_POSTCOPY_PLANNED) && ctx.diskPostcopyRefusal)
     throw new LivemigError('ERR_LIVEMIG_REFUSED', `post-copy with disks: ${ctx.diskPostcopyRefusal}`, { phase: 'handshake' });
   const memoryBytes = h.regionBytes - diskBytes(h.disks);

@@ -107,6 +107,12 @@ export interface ReceiveOptions {
   postcopy?: {
     register(region: Region): Promise<PostcopyRegistration>;
     /**
+     * Why the guest's disks cannot follow by post-copy here (undefined: they can where the kernel
+     * marks images for pre-content events). A migration with disks then goes by pre-copy, its
+     * images never marked: a VMM that reads its images when it starts (QEMU) would wait on the mark.
+     */
+    disksRefusal?: string;
+    /**
      * With disks: hands the guest the socket its VMM may ask for blocks on (lmg_disk_fetch,
      * lmg_disk_overwrite: docs/GUEST.md), a descriptor the guest takes a copy of
      */

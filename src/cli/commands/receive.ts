@@ -94,7 +94,6 @@ export const receive: Command = {
     let incoming: IncomingGuest | undefined;
     let qemu: IncomingQemu | undefined;
     const qemuLine = typeof v['qemu-exec'] === 'string' ? qemuCommand(v['qemu-exec']) : undefined;
-    if (qemuLine && typeof v['guest-exec'] === 'string') throw usageError('--qemu-exec starts a QEMU VM: not with --guest-exec');
     const qemuDisks = qemuLine ? qemuDiskPlacesOf(v) : undefined;
     if (qemuLine) qemuGoesWithSignals(() => qemu);
     const command = typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand();
@@ -131,12 +130,7 @@ export const receive: Command = {
             registerEarly: postcopy === 'planned',
           });
         },
-        // post-copy into QEMU: its mapping registered for minor faults by the preload library (docs/QEMU.md)
-        ...(qemuLine
-          ? qemuPostcopyRefusal() === undefined
-            ? { postcopy: { register: async () => qemu!.register() } }
-            : {}
-          : { postcopy: { register: () => incoming!.register(), giveDiskAsks: (fd: number) => incoming!.giveDiskAsks(fd) } }),
+        ...postcopyOption(qemuLine ? () => qemu : undefined, () => incoming),
         // a migration has begun: from here on it ends in an outcome line
         onProgress: (e) => {
           if (e.type === 'reserved')
@@ -212,8 +206,19 @@ function receiveDisks(v: FlagValues, qemu: ReturnType<typeof qemuDiskPlaces> | u
   };
 }
 
-/** The disks a --qemu-exec line places: their images go in --disk-dir, which it then needs. */
+/** Post-copy into the guest started here: into QEMU, its mapping registered for minor faults by the preload library (docs/QEMU.md). */
+function postcopyOption(qemu: (() => IncomingQemu | undefined) | undefined, incoming: () => IncomingGuest | undefined): Pick<ReceiveOptions, 'postcopy'> {
+  if (!qemu) return { postcopy: { register: () => incoming()!.register(), giveDiskAsks: (fd: number) => incoming()!.giveDiskAsks(fd) } };
+  return qemuPostcopyRefusal() === undefined ? { postcopy: { register: async () => qemu()!.register(), disksRefusal: QEMU_DISKS_BY_PRECOPY } } : {};
+}
+
+/** why a QEMU VM's disks come by pre-copy only: a QEMU reads its images as it starts (a virtio disk's geometry from its first sector) */
+const QEMU_DISKS_BY_PRECOPY =
+  "a QEMU destination reads its disks' first blocks as it starts, before any block could be fetched: its disks come by pre-copy only so far";
+
+/** --qemu-exec (not with --guest-exec) and the disks its line places: their images go in --disk-dir, which it then needs. */
 function qemuDiskPlacesOf(v: FlagValues): ReturnType<typeof qemuDiskPlaces> {
+  if (typeof v['guest-exec'] === 'string') throw usageError('--qemu-exec starts a QEMU VM: not with --guest-exec');
   let places: ReturnType<typeof qemuDiskPlaces>;
   try {
     places = qemuDiskPlaces(str(v, 'qemu-exec'));
