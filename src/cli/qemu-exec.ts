@@ -45,12 +45,17 @@ export function qemuGoesWithSignals(qemu: () => IncomingQemu | undefined): () =>
 }
 
 /** Starts the destination QEMU on the reserved memory: a VM with one memory backend, no disks yet. */
-export function startQemu(command: readonly string[], layout: GuestLayout, memory: ReservedMemory): Promise<IncomingQemu> {
+export function startQemu(
+  command: readonly string[],
+  layout: GuestLayout,
+  memory: ReservedMemory,
+  o: { stdout?: 'inherit' | 'ignore' } = {},
+): Promise<IncomingQemu> {
   const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_REFUSED', `a QEMU destination: ${why}`, { phase: 'reserve' });
   if (layout.regions.length !== 1 || memory.files.length !== 1 || memory.files[0]!.offset !== 0)
     throw refuse(`the guest has ${layout.regions.length} regions; a QEMU VM has one memory backend`);
   if (memory.local) throw refuse('a same-host upgrade of QEMU is not supported yet');
   if (memory.disks?.length) throw refuse('disks of a QEMU VM are not supported yet');
   const r = layout.regions[0]!;
-  return IncomingQemu.start({ command, memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name } });
+  return IncomingQemu.start({ command, memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name }, ...(o.stdout ? { stdout: o.stdout } : {}) });
 }
