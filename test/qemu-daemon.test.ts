@@ -10,6 +10,7 @@ import { execFile, spawn } from 'node:child_process';
 import { existsSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { createServer } from 'node:net';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
 import { qemuCommand } from '../src/cli/qemu-exec.js';
@@ -75,6 +76,23 @@ async function guestsCli(dir: string, args: string[]): Promise<{ code: number; o
     return { code: err.code ?? -1, out: `${err.stdout ?? ''}${err.stderr ?? ''}` };
   }
 }
+
+test('serve --qemu-exec takes a command that names its RAM file {memory}, and no other guest command', async () => {
+  const serve = async (args: string[]): Promise<{ code: number; err: string }> => {
+    try {
+      await promisify(execFile)(process.execPath, [CLI, 'serve', ...args]);
+      return { code: 0, err: '' };
+    } catch (e) {
+      return { code: (e as { code: number }).code, err: String((e as { stderr?: string }).stderr) };
+    }
+  };
+  const noMemory = await serve(['--qemu-exec', 'qemu-system-x86_64 -m 1G']);
+  assert.equal(noMemory.code, 2);
+  assert.match(noMemory.err, /\{memory\}/);
+  const both = await serve(['--qemu-exec', 'qemu-system-x86_64 -object memory-backend-file,mem-path={memory}', '--guest-exec', 'x {socket}']);
+  assert.equal(both.code, 2);
+  assert.match(both.err, /not with --guest-exec/);
+});
 
 describe('a QEMU VM through the daemon', { skip: unavailable ?? false }, () => {
   let vm: SourceVm;
@@ -175,6 +193,20 @@ describe('a QEMU VM through the daemon', { skip: unavailable ?? false }, () => {
     assert.equal((await call(a.api, 'GET', '/v1/guests/intruder')).status, 404);
     assert.equal(((await call(a.api, 'GET', '/v1/migrations')).body['migrations'] as Json[]).length, 0);
     assert.equal(((await call(a.api, 'GET', '/v1/guests/vm1')).body as Json)['state'], 'idle');
+  });
+
+  test('a socket that is not QMP is refused, and what it said is not echoed to the caller', async () => {
+    const socket = path.join(tmp('notqmp'), 'other.sock');
+    const server = createServer((c) => c.end('{"secret": "not for the API caller"}\n'));
+    await new Promise<void>((resolve) => server.listen(socket, resolve));
+    try {
+      const r = await call(a.api, 'POST', '/v1/guests', { name: 'other', qemu: { qmp: socket } });
+      assert.equal(r.status, 409);
+      assert.match(String((r.body['error'] as Json)['message']), /is not a QMP socket/);
+      assert.doesNotMatch(JSON.stringify(r.body), /secret/);
+    } finally {
+      server.close();
+    }
   });
 
   test('post-copy of a QEMU VM is refused before anything moves', async () => {

@@ -13,6 +13,9 @@ import path from 'node:path';
 import { LivemigError } from '../errors.js';
 import { QemuSource } from '../vmm/qemu/source.js';
 
+/** the QMP client's words for a first line that is not QEMU's greeting (they quote the line) */
+const NOT_A_GREETING = /^QEMU refused greeting: |: not QMP: |: no QMP greeting$/;
+
 /** sun_path holds 108 bytes, the last a NUL */
 const MAX_SOCKET_PATH = 107;
 
@@ -42,7 +45,12 @@ export class QemuGuest {
   /** Takes the VM at `qmp` once, to check it and learn what it is, and lets it go: refused as `send --qemu` refuses it. */
   static async probe(qmp: string): Promise<QemuGuest> {
     checkQmpPath(qmp);
-    const vm = await QemuSource.attach(qmp);
+    const vm = await QemuSource.attach(qmp).catch((e: unknown) => {
+      // what another kind of socket said first is not the API caller's to read
+      if (e instanceof LivemigError && NOT_A_GREETING.test(e.message))
+        throw new LivemigError('ERR_LIVEMIG_QEMU', `${qmp} is not a QMP socket: what it sent first is not QEMU's greeting`, { phase: 'validate' });
+      throw e;
+    });
     let facts: QemuFacts;
     try {
       facts = {

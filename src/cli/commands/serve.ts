@@ -83,7 +83,9 @@ export const serve: Command = {
     '{from, reason, code, phase, message}} line for each source refused on --listen (kept as an',
     'incoming migration in state refused). SIGTERM (or SIGINT), or its stdout closed: no new',
     'migrations; the running ones finish within --shutdown-grace, or are cancelled before their',
-    'commitment (their guests resume here); then it exits 0.',
+    'commitment (their guests resume here); then it exits 0. QEMU VMs: one registers by its QMP',
+    'socket (`livemig guests --register NAME --qemu PATH`, POST /v1/guests); with --qemu-exec',
+    'the guests coming in are QEMU VMs started from that command line (docs/QEMU.md).',
   ].join('\n'),
   flags: {
     api: {
