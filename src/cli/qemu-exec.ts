@@ -48,11 +48,21 @@ export function qemuGoesWithSignals(qemu: () => IncomingQemu | undefined): () =>
  * Starts the destination QEMU on the reserved memory: a VM with one memory backend, no disks yet.
  * A same-host upgrade hands it the source QEMU's own RAM file (`local`): only device state moves.
  */
-export function startQemu(command: readonly string[], layout: GuestLayout, memory: ReservedMemory): Promise<IncomingQemu> {
+export function startQemu(
+  command: readonly string[],
+  layout: GuestLayout,
+  memory: ReservedMemory,
+  o: { stdout?: 'stderr' | 'ignore' } = {},
+): Promise<IncomingQemu> {
   const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_REFUSED', `a QEMU destination: ${why}`, { phase: 'reserve' });
   if (layout.regions.length !== 1 || memory.files.length !== 1 || memory.files[0]!.offset !== 0)
     throw refuse(`the guest has ${layout.regions.length} regions; a QEMU VM has one memory backend`);
   if (memory.disks?.length) throw refuse('disks of a QEMU VM are not supported yet');
   const r = layout.regions[0]!;
-  return IncomingQemu.start({ command, memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name }, local: memory.local });
+  return IncomingQemu.start({
+    command,
+    memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name },
+    local: memory.local,
+    ...(o.stdout ? { stdout: o.stdout } : {}),
+  });
 }
