@@ -180,6 +180,7 @@ export const DaemonEvent = {
   guestRegistered: 'guest registered',
   guestLeft: 'guest left',
   migrationFailed: 'migration failed',
+  guestNotLetGo: 'a guest a migration took was not let go cleanly',
   incomingFailed: 'incoming migration failed',
   shuttingDown: 'shutting down',
   shutdownWaits: 'shutdown waits for a committed migration',
@@ -200,6 +201,8 @@ export interface DaemonPayloads {
   [DaemonEvent.guestRegistered]: { name: string; pid: number; bytes: number };
   [DaemonEvent.guestLeft]: { name: string };
   [DaemonEvent.migrationFailed]: { id: string; code: ErrorCode; reason: string };
+  /** a QEMU VM after a failed migration: resuming it, or giving its migration settings back, failed */
+  [DaemonEvent.guestNotLetGo]: { id: string; reason: string };
   /** a released guest's memory, kept for its return (images.ts) */
   [DaemonEvent.imageKept]: { guest: string; bytes: number; held_bytes: number };
   [DaemonEvent.imageNotKept]: { guest: string; reason: string };

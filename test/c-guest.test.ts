@@ -315,7 +315,9 @@ test('a VMM stops its registration with a daemon and registers again under anoth
     await until('vm-b registered', () => names().length > 0);
     assert.deepEqual(names(), ['vm-b']);
     // the daemon migrates it on that connection: the library answers there
-    const s = registry.claim('vm-b', 'test');
+    const claimed = registry.claim('vm-b', 'test');
+    if (claimed.kind !== 'contract') throw new Error(`vm-b was claimed as a ${claimed.kind} guest`);
+    const s = claimed.session;
     assert.equal(s.hello.contract, GUEST_CONTRACT);
     assert.equal(s.pause().toString(), 'state-1');
     s.resume();

@@ -124,12 +124,13 @@ export function scratch(prefix: string): { tmp(tag: string): string; pids: numbe
   };
 }
 
-/** The daemon's /metrics, as Prometheus text, through its API socket. */
+/** The daemon's /metrics, as Prometheus text, through its API socket (with its token, when the target has one). */
 export async function metricsText(api: ApiTarget): Promise<string> {
   const http = await import('node:http');
+  const token = (api as { token?: string }).token;
   return new Promise<string>((resolve, reject) => {
     http
-      .get({ socketPath: (api as { socketPath: string }).socketPath, path: '/metrics' }, (res) => {
+      .get({ socketPath: (api as { socketPath: string }).socketPath, path: '/metrics', headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
         let text = '';
         res.setEncoding('utf8');
         res.on('data', (d: string) => (text += d));

@@ -4,9 +4,11 @@
  * VM. Afterwards exactly one VM runs, and its memory checks out by the guest's own check (every
  * page memwriter wrote): on the source when the fault came before the commitment, on the
  * destination after it. A QEMU has no lease of its own: the keepers (src/vmm/qemu/keeper.ts)
- * stand in for the process that died.
+ * stand in for the process that died. Post-copy × SIGKILL of the receiver is the row where no VM
+ * can run afterwards (as in the matrix): the pages not yet moved were only in flight.
  */
 import assert from 'node:assert/strict';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -23,7 +25,9 @@ if (unavailable) console.log(`# QEMU fault cells skipped: ${unavailable}`);
 const HOOK = path.join(path.dirname(fileURLToPath(import.meta.url)), 'fixtures', 'fault-hook.js');
 const ALL_PAGES = { pages: 16384, bad: 0, firstBad: -1 };
 
-let scratch: string;
+/** where the hook marks each fault (fault-hook.ts) */
+const scratch = mkdtempSync(path.join(tmpdir(), 'livemig-qemu-faults-'));
+process.on('exit', () => rmSync(scratch, { recursive: true, force: true }));
 
 /** `node --import` of the fault hook: SIGKILL at `stage`'s step on `side` */
 function killAt(stage: Stage, side: Side): SpawnWith {
@@ -32,6 +36,12 @@ function killAt(stage: Stage, side: Side): SpawnWith {
     nodeArgs: ['--import', HOOK],
     env: { ...process.env, LIVEMIG_FAULT: JSON.stringify({ ...STEP[stage][side], fault: 'kill', dev: '', port: 0, mark }) },
   };
+}
+
+/** how `child` ended: the signal that ended it (null: it exited) */
+async function signalOf(child: ChildProcess): Promise<NodeJS.Signals | null> {
+  if (child.exitCode === null && child.signalCode === null) await new Promise((r) => child.once('exit', r));
+  return child.signalCode;
 }
 
 /** QEMU processes whose command line names `needle` (a VM's own socket directory) */
@@ -80,13 +90,9 @@ async function sourceRunsOn(vm: SourceVm): Promise<void> {
 describe('QEMU cells of the fault matrix', { skip: unavailable ?? false }, () => {
   let vm: SourceVm;
   before(async () => {
-    scratch = mkdtempSync(path.join(tmpdir(), 'livemig-qemu-faults-'));
     vm = await SourceVm.boot();
   });
-  after(() => {
-    vm?.cleanup();
-    rmSync(scratch, { recursive: true, force: true });
-  });
+  after(() => vm?.cleanup());
 
   test('receiver SIGKILLed in the first round: the source VM runs on, intact; the destination QEMU goes with the receiver', async () => {
     const to = vm.destination();
@@ -96,7 +102,7 @@ describe('QEMU cells of the fault matrix', { skip: unavailable ?? false }, () =>
     assert.equal(code, 1, JSON.stringify(out));
     assert.match(String((out['error'] as { code?: string })?.code), /^ERR_LIVEMIG_/);
     assert.equal(out['source_guest'], 'running');
-    assert.equal(rx.child.signalCode, 'SIGKILL', 'the fault hit the receiver');
+    assert.equal(await signalOf(rx.child), 'SIGKILL', 'the fault hit the receiver');
     await gone(
       qemusWith(path.dirname(to.serial)).filter((p) => p !== vm.child.pid),
       'the destination QEMU',
@@ -109,7 +115,7 @@ describe('QEMU cells of the fault matrix', { skip: unavailable ?? false }, () =>
     const rx = await qemuReceiver(to.line);
     const tx = qemuSender(vm.qmp, rx.port, [], killAt('pause', 'source'));
     await tx.done;
-    assert.equal(tx.child.signalCode, 'SIGKILL', 'the fault hit send');
+    assert.equal(await signalOf(tx.child), 'SIGKILL', 'the fault hit send');
     const received = await rx.next('error').catch(() => rx.next('received'));
     assert.ok(received['error'], `the destination did not take the VM: ${JSON.stringify(received)}`);
     await gone(
@@ -128,7 +134,7 @@ describe('QEMU cells of the fault matrix', { skip: unavailable ?? false }, () =>
       await rx.next('receiving');
       const heard = destination.attach(to.serial);
       const { out } = await tx.done;
-      assert.equal(rx.child.signalCode, 'SIGKILL', `the fault hit the receiver (send said ${JSON.stringify(out)})`);
+      assert.equal(await signalOf(rx.child), 'SIGKILL', `the fault hit the receiver (send said ${JSON.stringify(out)}; receive ${JSON.stringify(rx.lines)})`);
       await heard;
       await destination.beatsAfter(vm.serial.lastSeq + 5, 60_000);
       assert.deepEqual(await destination.check(), ALL_PAGES);
@@ -139,5 +145,29 @@ describe('QEMU cells of the fault matrix', { skip: unavailable ?? false }, () =>
     } finally {
       destination.close();
     }
+  });
+});
+
+describe('the QEMU post-copy cell of the fault matrix', { skip: unavailable ?? false }, () => {
+  let vm: SourceVm;
+  before(async () => {
+    vm = await SourceVm.boot();
+  });
+  after(() => vm?.cleanup());
+
+  test('receiver SIGKILLed in post-copy: no VM runs (its missing pages died with the receiver), and both sides say so', async () => {
+    const to = vm.destination();
+    const rx = await qemuReceiver(to.line, killAt('post-copy', 'destination'));
+    const { code, out } = await qemuSender(vm.qmp, rx.port, ['--mode', 'postcopy', '--recover-timeout', '5']).done;
+    assert.equal(await signalOf(rx.child), 'SIGKILL', `the fault hit the receiver (send said ${JSON.stringify(out)}; receive ${JSON.stringify(rx.lines)})`);
+    assert.equal(code, 1, JSON.stringify(out));
+    assert.match(JSON.stringify(out['error']), /"phase":"(postcopy|activate)"/, 'the loss names its stage');
+    assert.notEqual(out['source_guest'], 'running', 'the source never runs its copy once post-copy began');
+    await gone(
+      qemusWith(path.dirname(to.serial)).filter((p) => p !== vm.child.pid),
+      'the destination QEMU (its keeper stops it)',
+    );
+    const source = vm.child.exitCode === null ? (await qmpSays(vm.qmp)).status : 'quit';
+    assert.notEqual(source, 'running');
   });
 });

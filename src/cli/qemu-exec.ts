@@ -65,11 +65,21 @@ export function qemuDiskPlaces(line: string): { names: string[]; accept(source: 
  * the images created for them. A same-host upgrade hands it the source QEMU's own RAM file
  * (`local`): only device state moves.
  */
-export function startQemu(command: readonly string[], layout: GuestLayout, memory: ReservedMemory): Promise<IncomingQemu> {
+export function startQemu(
+  command: readonly string[],
+  layout: GuestLayout,
+  memory: ReservedMemory,
+  o: { stdout?: 'stderr' | 'ignore' } = {},
+): Promise<IncomingQemu> {
   const refuse = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_REFUSED', `a QEMU destination: ${why}`, { phase: 'reserve' });
   if (layout.regions.length !== 1 || memory.files.length !== 1 || memory.files[0]!.offset !== 0)
     throw refuse(`the guest has ${layout.regions.length} regions; a QEMU VM has one memory backend`);
   const r = layout.regions[0]!;
-  const disks = (memory.disks ?? []).map((d) => ({ name: d.name, path: d.path }));
-  return IncomingQemu.start({ command, memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name }, local: memory.local, disks });
+  return IncomingQemu.start({
+    command,
+    memory: { fd: memory.files[0]!.fd, size: r.size, id: r.name },
+    local: memory.local,
+    disks: (memory.disks ?? []).map((d) => ({ name: d.name, path: d.path })),
+    ...(o.stdout ? { stdout: o.stdout } : {}),
+  });
 }

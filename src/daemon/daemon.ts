@@ -5,7 +5,7 @@
  * running ones end (or cancels those before their commitment, their guests resumed here), and
  * only then stops.
  */
-import { chmodSync, mkdirSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
@@ -67,6 +67,11 @@ export interface DaemonConfig {
   parallel?: number;
   /** the destination guest's command, a word of which holds {socket} (and {register} and {name}: where and as what it registers once it runs) */
   guestCommand: readonly string[];
+  /**
+   * every incoming guest is a QEMU VM started from this command (`serve --qemu-exec`: the
+   * operator's, never an API caller's), a word of which holds {memory}; instead of guestCommand
+   */
+  qemuCommand?: readonly string[];
   /** where migrated-in guests' output goes, one file each (default: guest-logs beside the guest socket) */
   guestLogDir?: string;
   /**
@@ -190,8 +195,10 @@ export class Daemon implements DaemonApi {
     const niceBefore = os.getPriority(0);
     if (config.nice !== undefined && config.nice !== niceBefore) setProcessNice(config.nice);
     // `nice -n` is relative: the destination guests go back to the nice this process had
-    const guestCommand =
-      config.nice !== undefined && config.nice !== niceBefore ? ['nice', '-n', String(niceBefore - config.nice), ...config.guestCommand] : config.guestCommand;
+    const nice = config.nice !== undefined && config.nice !== niceBefore ? ['nice', '-n', String(niceBefore - config.nice)] : [];
+    const guestCommand = [...nice, ...config.guestCommand];
+    // a destination QEMU in a session of its own (setsid execs it: the pid is QEMU's), as the other guests: no signal to the daemon's group reaches it
+    const qemuCommand = config.qemuCommand ? [...ownSession(), ...nice, ...config.qemuCommand] : undefined;
     try {
       if (config.history) {
         d.history = MigrationHistory.open(config.history);
@@ -217,6 +224,7 @@ export class Daemon implements DaemonApi {
         metrics: d.metrics,
         maxConcurrent: max,
         guestCommand,
+        ...(qemuCommand ? { qemuCommand } : {}),
         guests: { socket: d.registry.path, listed: (name) => d.registry.listed(name) },
         guestLogDir: guestLogDir(config),
         credentials: config.credentials,
@@ -389,6 +397,15 @@ function outgoingCredentials(c: Credentials, peerName: string | undefined): Cred
   if (c.kind === 'psk') return c;
   const { allow: _allow, ...own } = c;
   return { ...own, ...(peerName !== undefined ? { peerName } : {}) };
+}
+
+/** setsid(1), where it is on the PATH (util-linux): a child that leads no group, it execs in place */
+function ownSession(): string[] {
+  for (const dir of (process.env['PATH'] ?? '/usr/bin:/bin').split(':')) {
+    const p = path.join(dir, 'setsid');
+    if (existsSync(p)) return [p];
+  }
+  return [];
 }
 
 /** one outgoing transfer per two CPUs: a migration's sender and the guests it moves share them */

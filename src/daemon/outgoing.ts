@@ -6,7 +6,6 @@
  */
 import { channelsFor } from './threadpool.js';
 import { LivemigError } from '../errors.js';
-import type { SourceGuestSession } from '../guest/source-session.js';
 import { migrate } from '../source/migrate.js';
 import { MigrationControl, type MigrateOptions, type ProgressEvent } from '../source/types.js';
 import type { Credentials } from '../security/tls.js';
@@ -19,7 +18,8 @@ import type { EventBus } from './events.js';
 import type { DaemonMetrics } from './metrics.js';
 import { sampleFromStatus } from './progress.js';
 import { Migration, MigrationTable, PROGRESS_INTERVAL_MS } from './migration.js';
-import type { GuestRegistry } from './registry.js';
+import type { MovingGuest } from './moving-guest.js';
+import type { ClaimedGuest, GuestRegistry } from './registry.js';
 
 export interface MigrationRequest {
   guest: string;
@@ -61,6 +61,13 @@ export class OutgoingMigrations {
     const d = this.#d;
     const info = d.registry.info(req.guest);
     if (!info) throw new LivemigError('ERR_LIVEMIG_NOT_FOUND', `no guest named ${JSON.stringify(req.guest)} is registered here`, { phase: 'validate' });
+    if (info.kind === 'qemu' && (req.mode ?? 'precopy') !== 'precopy')
+      throw new LivemigError(
+        'ERR_LIVEMIG_UNSUPPORTED',
+        `guest ${req.guest} is a QEMU VM: mode ${req.mode} is not supported yet (post-copy into QEMU needs the destination QEMU's RAM registered ` +
+          'for minor faults, and the pages its device load reads sent first: docs/QEMU.md); pre-copy works',
+        { phase: 'validate' },
+      );
     const credentials = d.credentials?.(req.to.peer_name);
     const control = new MigrationControl();
     const m = new Migration({
@@ -80,12 +87,12 @@ export class OutgoingMigrations {
         encodings: req.encodings !== false,
       },
     });
-    const session = d.registry.claim(req.guest, m.id);
+    const claimed = d.registry.claim(req.guest, m.id);
     m.sourceGuest = 'running';
     d.table.add(m);
     const run = (): void => {
       this.#running++;
-      void this.#run(m, session, req, credentials).finally(() => {
+      void this.#run(m, claimed, req, credentials).finally(() => {
         this.#running--;
         this.#next();
       });
@@ -118,7 +125,7 @@ export class OutgoingMigrations {
     return this.#queue.map((q) => q.m);
   }
 
-  async #run(m: Migration, session: SourceGuestSession, req: MigrationRequest, credentials: Credentials | undefined): Promise<void> {
+  async #run(m: Migration, claimed: ClaimedGuest, req: MigrationRequest, credentials: Credentials | undefined): Promise<void> {
     const d = this.#d;
     const control = m.control!;
     // the settings as they are now: a PATCH while it was queued changed them
@@ -129,26 +136,52 @@ export class OutgoingMigrations {
     m.setState('running');
     // between progress events (a first pass over gigabytes is one round), read where it is
     const poll = setInterval(() => this.#sample(m), PROGRESS_INTERVAL_MS);
-    const options: MigrateOptions = {
-      ...session.memory,
+    let guest: MovingGuest | undefined;
+    try {
+      guest = await claimed.open();
+      const report = await migrate(this.#options(m, guest, req, credentials));
+      m.complete(report);
+      d.registry.settle(m.guest, 'released');
+    } catch (e) {
+      const code = (e as LivemigError).code;
+      // what livemig took of the guest for this migration goes; the guest runs on here (or, its
+      // outcome unknown, stays paused: only `livemig resolve` may say where it runs)
+      if (m.sourceGuest !== 'released')
+        await guest?.letGo().catch((err: unknown) => trace('daemon', DaemonEvent.guestNotLetGo, { id: m.id, reason: (err as Error).message }));
+      d.registry.settle(m.guest, m.sourceGuest === 'released' ? 'released' : code === 'ERR_LIVEMIG_ACTIVATION_UNKNOWN' ? 'detached' : 'kept');
+      m.fail(e);
+      trace('daemon', DaemonEvent.migrationFailed, { id: m.id, code, reason: (e as Error).message });
+    } finally {
+      clearInterval(poll);
+      d.share.leave(m.id);
+      d.metrics.finished(m);
+    }
+  }
+
+  /** migrate()'s options for moving `guest` as `req` asks. */
+  #options(m: Migration, guest: MovingGuest, req: MigrationRequest, credentials: Credentials | undefined): MigrateOptions {
+    const d = this.#d;
+    const control = m.control!;
+    return {
+      ...guest.memory,
       to: { host: req.to.host, port: req.to.port },
       pause: async (lease) => {
         m.sourceGuest = 'paused';
-        return session.pause(lease);
+        return guest.pause(lease);
       },
-      commit: () => session.commit(),
+      commit: () => guest.commit(),
       resume: async () => {
-        session.resume();
+        await guest.resume();
         m.sourceGuest = 'running';
       },
       release: async () => {
         // its memory, kept for its return, before the release lets the guest free it
-        if (d.images?.keep(m.guest, session.pieces, session.memory.region.size))
-          trace('daemon', DaemonEvent.imageKept, { guest: m.guest, bytes: session.memory.region.size, held_bytes: d.images.bytes });
-        session.release();
+        if (d.images?.keep(m.guest, guest.pieces, guest.memory.region.size))
+          trace('daemon', DaemonEvent.imageKept, { guest: m.guest, bytes: guest.memory.region.size, held_bytes: d.images.bytes });
+        await guest.release();
         m.sourceGuest = 'released';
       },
-      throttle: async (p) => session.throttle(p),
+      ...(guest.throttle ? { throttle: (p: number) => guest.throttle!(p) } : {}),
       control,
       // the cores are shared by the migrations that may run at once: channels for this one's share
       channels: channelsFor(d.maxConcurrent),
@@ -162,22 +195,6 @@ export class OutgoingMigrations {
       ...(d.insecure ? { insecure: true } : {}),
       onProgress: (e) => this.#onProgress(m, e),
     };
-    try {
-      const report = await migrate(options);
-      m.complete(report);
-      d.registry.settle(m.guest, 'released');
-    } catch (e) {
-      const code = (e as LivemigError).code;
-      // the outcome unknown (the link died after the commitment): the guest stays paused, and
-      // only `livemig resolve` may say where it runs; the daemon lets go of it
-      d.registry.settle(m.guest, m.sourceGuest === 'released' ? 'released' : code === 'ERR_LIVEMIG_ACTIVATION_UNKNOWN' ? 'detached' : 'kept');
-      m.fail(e);
-      trace('daemon', DaemonEvent.migrationFailed, { id: m.id, code, reason: (e as Error).message });
-    } finally {
-      clearInterval(poll);
-      d.share.leave(m.id);
-      d.metrics.finished(m);
-    }
   }
 
   #onProgress(m: Migration, e: ProgressEvent): void {

@@ -5,6 +5,8 @@
  * it and hands over its regions. The daemon keeps the connection while the guest is listed, and
  * migrates it on the same connection. The socket is made mode 0600 in a directory of its own:
  * only root and the daemon's user may register (they are also who may read a guest's memory).
+ * A QEMU VM is registered by an API call instead (registerQemu: its QMP socket, qemu-guest.ts),
+ * and listed until it is unregistered, migrated away, or its QEMU exits.
  */
 import { chmodSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import net from 'node:net';
@@ -14,6 +16,8 @@ import { SourceGuestSession } from '../guest/source-session.js';
 import { addon } from '../native.js';
 import { trace } from '../trace.js';
 import { DaemonEvent } from '../trace-events.js';
+import { contractGuest, qemuGuest, type MovingGuest } from './moving-guest.js';
+import { QemuGuest } from './qemu-guest.js';
 
 /** how long a guest that connected has to send its hello */
 const HELLO_TIMEOUT_MS = 10_000;
@@ -22,29 +26,40 @@ const LIVENESS_MS = 500;
 
 export type GuestState = 'idle' | 'migrating';
 
+export type GuestKind = 'contract' | 'qemu';
+
 export interface GuestInfo {
   name: string;
+  /** a guest that dialled the guest socket (docs/GUEST.md), or a QEMU VM registered by its QMP socket */
+  kind: GuestKind;
   pid: number;
   state: GuestState;
   bytes: number;
+  /** 'uffd-wp-async': its writes are tracked exactly (for QEMU: the preload library); 'none': livemig hashes its pages */
   tracking: 'uffd-wp-async' | 'none';
   regions: { id: number; name: string; bytes: number }[];
   registered_at: string;
   /** the migration moving it now */
   migration?: string;
+  /** a QEMU VM: its QMP socket, its memory backend's file, and why it is tracked as it is */
+  qemu?: { qmp: string; ram: string; tracking_reason: string };
 }
 
-interface Entry {
-  session: SourceGuestSession;
-  state: GuestState;
-  registeredAt: Date;
-  migration: string | undefined;
-}
+type Entry = { state: GuestState; registeredAt: Date; migration: string | undefined } & (
+  { kind: 'contract'; session: SourceGuestSession } | { kind: 'qemu'; vm: QemuGuest }
+);
+
+/** A claimed guest: what a migration moves, by open() (a QEMU VM is taken over QMP then: refused as `send --qemu` refuses it). */
+export type ClaimedGuest = { open(): Promise<MovingGuest> } & ({ kind: 'contract'; session: SourceGuestSession } | { kind: 'qemu' });
+
+const goneOf = (e: Entry): boolean => (e.kind === 'contract' ? e.session.gone : e.vm.gone);
 
 export class GuestRegistry {
   readonly path: string;
   readonly #server: net.Server;
   readonly #guests = new Map<string, Entry>();
+  /** names of QEMU VMs being checked for registration */
+  readonly #pending = new Set<string>();
   readonly #timer: NodeJS.Timeout;
 
   private constructor(socketPath: string, server: net.Server) {
@@ -94,20 +109,63 @@ export class GuestRegistry {
     }
     const name = session.hello.name;
     const known = this.#guests.get(name);
-    if (known && !known.session.gone) {
+    if ((known && !goneOf(known)) || this.#pending.has(name)) {
       // the guest dials again later: a name is one guest's until it goes
-      trace('daemon', DaemonEvent.guestRefused, { name, reason: `a guest named ${name} is already registered (pid ${known.session.pid})` });
+      trace('daemon', DaemonEvent.guestRefused, { name, reason: `a guest named ${name} is already registered` });
       session.close();
       return;
     }
     if (known) this.#remove(name);
-    this.#guests.set(name, { session, state: 'idle', registeredAt: new Date(), migration: undefined });
+    this.#guests.set(name, { kind: 'contract', session, state: 'idle', registeredAt: new Date(), migration: undefined });
     trace('daemon', DaemonEvent.guestRegistered, { name, pid: session.pid, bytes: session.region.size });
+  }
+
+  /**
+   * Registers the QEMU VM whose QMP socket is `qmp` as `name`, once it is checked as `send --qemu`
+   * checks it (qemu-guest.ts); refused when the name or the VM is registered already.
+   */
+  async registerQemu(name: string, qmp: string): Promise<GuestInfo> {
+    const taken = (why: string): LivemigError => new LivemigError('ERR_LIVEMIG_CONFLICT', why, { phase: 'validate' });
+    if (this.listed(name) || this.#pending.has(name)) throw taken(`a guest named ${name} is already registered`);
+    const same = [...this.#guests].find(([, e]) => e.kind === 'qemu' && e.vm.qmp === qmp && !e.vm.gone);
+    if (same) throw taken(`the QEMU VM at ${qmp} is registered already, as ${same[0]}`);
+    // the name is held while the VM is checked: two registrations of one name cannot both pass
+    this.#pending.add(name);
+    let vm: QemuGuest;
+    try {
+      vm = await QemuGuest.probe(qmp);
+    } finally {
+      this.#pending.delete(name);
+    }
+    // a contract guest may have dialled in under the name meanwhile; a path may name a VM registered under another
+    if (this.listed(name)) throw taken(`a guest named ${name} registered meanwhile`);
+    const vmTaken = [...this.#guests].find(([, e]) => e.kind === 'qemu' && e.vm.facts.pid === vm.facts.pid && !e.vm.gone);
+    if (vmTaken) throw taken(`the QEMU VM at ${qmp} (pid ${vm.facts.pid}) is registered already, as ${vmTaken[0]}`);
+    this.#remove(name); // a guest of that name that has gone
+    this.#guests.set(name, { kind: 'qemu', vm, state: 'idle', registeredAt: new Date(), migration: undefined });
+    trace('daemon', DaemonEvent.guestRegistered, { name, pid: vm.facts.pid, bytes: vm.facts.bytes });
+    return this.info(name)!;
+  }
+
+  /** Unregisters a QEMU VM (it runs on, untouched); a contract guest is listed while its connection lasts, and leaves by closing it. */
+  unregister(name: string): GuestInfo {
+    const e = this.#guests.get(name);
+    if (!e || (e.state === 'idle' && goneOf(e)))
+      throw new LivemigError('ERR_LIVEMIG_NOT_FOUND', `no guest named ${JSON.stringify(name)} is registered here`, { phase: 'validate' });
+    if (e.kind === 'contract')
+      throw new LivemigError('ERR_LIVEMIG_STATE', `guest ${name} registered itself: it is listed while its connection lasts, and leaves by closing it`, {
+        phase: 'validate',
+      });
+    if (e.state !== 'idle') throw new LivemigError('ERR_LIVEMIG_CONFLICT', `guest ${name} is being migrated (${e.migration})`, { phase: 'validate' });
+    const info = this.info(name)!;
+    this.#remove(name);
+    trace('daemon', DaemonEvent.guestLeft, { name });
+    return info;
   }
 
   #dropGone(): void {
     for (const [name, e] of this.#guests) {
-      if (e.state === 'idle' && e.session.gone) {
+      if (e.state === 'idle' && goneOf(e)) {
         trace('daemon', DaemonEvent.guestLeft, { name });
         this.#remove(name);
       }
@@ -118,13 +176,13 @@ export class GuestRegistry {
     const e = this.#guests.get(name);
     if (!e) return;
     this.#guests.delete(name);
-    e.session.close();
+    if (e.kind === 'contract') e.session.close();
   }
 
   /** Whether a guest of this name is listed (and has not gone). */
   listed(name: string): boolean {
     const e = this.#guests.get(name);
-    return e !== undefined && (e.state !== 'idle' || !e.session.gone);
+    return e !== undefined && (e.state !== 'idle' || !goneOf(e));
   }
 
   list(): GuestInfo[] {
@@ -135,30 +193,50 @@ export class GuestRegistry {
   info(name: string): GuestInfo | undefined {
     const e = this.#guests.get(name);
     if (!e) return undefined;
-    const s = e.session;
-    return {
+    const common = {
       name,
-      pid: s.pid,
+      kind: e.kind,
       state: e.state,
-      bytes: s.region.size,
-      tracking: s.tracking,
-      regions: s.layout.regions.map((r) => ({ id: r.id, name: r.name, bytes: r.size })),
       registered_at: e.registeredAt.toISOString(),
       ...(e.migration ? { migration: e.migration } : {}),
     };
+    if (e.kind === 'qemu') {
+      const f = e.vm.facts;
+      return {
+        ...common,
+        pid: f.pid,
+        bytes: f.bytes,
+        tracking: f.exact ? 'uffd-wp-async' : 'none',
+        regions: [{ id: 0, name: f.memdev, bytes: f.bytes }],
+        qemu: { qmp: e.vm.qmp, ram: f.ramPath, tracking_reason: f.trackingReason },
+      };
+    }
+    const s = e.session;
+    return {
+      ...common,
+      pid: s.pid,
+      bytes: s.region.size,
+      tracking: s.tracking,
+      regions: s.layout.regions.map((r) => ({ id: r.id, name: r.name, bytes: r.size })),
+    };
   }
 
-  /** The guest's session for migration `id`; refused when it is unknown, gone or already moving. */
-  claim(name: string, id: string): SourceGuestSession {
+  /** The guest, for migration `id`; refused when it is unknown, gone or already moving. */
+  claim(name: string, id: string): ClaimedGuest {
     const e = this.#guests.get(name);
-    if (!e || (e.state === 'idle' && e.session.gone)) {
+    if (!e || (e.state === 'idle' && goneOf(e))) {
       if (e) this.#remove(name);
       throw new LivemigError('ERR_LIVEMIG_NOT_FOUND', `no guest named ${JSON.stringify(name)} is registered here`, { phase: 'validate' });
     }
     if (e.state !== 'idle') throw new LivemigError('ERR_LIVEMIG_CONFLICT', `guest ${name} is already being migrated (${e.migration})`, { phase: 'validate' });
     e.state = 'migrating';
     e.migration = id;
-    return e.session;
+    if (e.kind === 'contract') {
+      const moving = contractGuest(e.session);
+      return { kind: 'contract', session: e.session, open: async () => moving };
+    }
+    const vm = e.vm;
+    return { kind: 'qemu', open: async () => qemuGuest(await vm.attach()) };
   }
 
   /**
@@ -169,13 +247,13 @@ export class GuestRegistry {
   settle(name: string, how: 'released' | 'kept' | 'detached'): void {
     const e = this.#guests.get(name);
     if (!e) return;
-    if (how === 'kept' && !e.session.gone) {
+    if (how === 'kept' && !goneOf(e)) {
       e.state = 'idle';
       e.migration = undefined;
       return;
     }
     this.#guests.delete(name);
-    if (how !== 'released') e.session.close();
+    if (how !== 'released' && e.kind === 'contract') e.session.close();
   }
 
   get size(): number {

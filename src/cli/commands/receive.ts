@@ -16,6 +16,29 @@ import { qemuCommand, qemuDiskPlaces, qemuGoesWithSignals, startQemu } from '../
 import type { IncomingQemu } from '../../vmm/qemu/incoming.js';
 import { postcopyRefusal as qemuPostcopyRefusal } from '../../vmm/qemu/postcopy.js';
 
+/**
+ * Post-copy: the incoming guest registers its mapping for minor faults; into QEMU, the preload
+ * library does it inside the QEMU livemig started (docs/QEMU.md), offered only where it is built.
+ */
+function postcopyHooks(o: {
+  intoQemu: boolean;
+  qemu: () => IncomingQemu | undefined;
+  incoming: () => IncomingGuest | undefined;
+}): Pick<ReceiveOptions, 'postcopy'> {
+  const { intoQemu, qemu, incoming } = o;
+  // its disks by pre-copy only: it reads them as it starts, where their marks would hold it
+  if (intoQemu)
+    return qemuPostcopyRefusal() === undefined ? { postcopy: { register: async () => qemu()!.register(), disksRefusal: QEMU_DISKS_BY_PRECOPY } } : {};
+  return { postcopy: { register: () => incoming()!.register(), giveDiskAsks: (fd: number) => incoming()!.giveDiskAsks(fd) } };
+}
+
+/** Post-copy is over: the guest is told; a QEMU's writes are tracked again for its next migration. */
+function allPresent(qemu: IncomingQemu | undefined, incoming: IncomingGuest | undefined): void {
+  if (!qemu) return incoming!.allPresent();
+  const why = qemu.allPresent();
+  if (why) process.stderr.write(`livemig: the VM's writes are not tracked for its next migration (it will be hashed): ${why}\n`);
+}
+
 export const receive: Command = {
   name: 'receive',
   summary: 'serve one migration; the guest resumes here',
@@ -130,7 +153,7 @@ export const receive: Command = {
             registerEarly: postcopy === 'planned',
           });
         },
-        ...postcopyOption(qemuLine ? () => qemu : undefined, () => incoming),
+        ...postcopyHooks({ intoQemu: qemuLine !== undefined, qemu: () => qemu, incoming: () => incoming }),
         // a migration has begun: from here on it ends in an outcome line
         onProgress: (e) => {
           if (e.type === 'reserved')
@@ -164,10 +187,7 @@ export const receive: Command = {
           if (!isRefusedBeforeReserving(e)) throw e;
         }
       }
-      if (report.mode === 'postcopy' && qemu) {
-        const why = qemu.allPresent();
-        if (why) process.stderr.write(`livemig: the VM's writes are not tracked for its next migration (it will be hashed): ${why}\n`);
-      } else if (report.mode === 'postcopy') incoming!.allPresent();
+      if (report.mode === 'postcopy') allPresent(qemu, incoming);
       // this process's CPU from listening to the report (the guest it started is its own process)
       const cpu = process.cpuUsage(cpu0);
       const cpuS = { user: +(cpu.user / 1e6).toFixed(3), system: +(cpu.system / 1e6).toFixed(3) };
@@ -178,8 +198,8 @@ export const receive: Command = {
       const err = e as LivemigError;
       // post-copy that cannot finish: the guest here runs on pages of which some exist nowhere
       // any more (they were only at the source). It cannot go on; it is stopped, and said so.
-      const lost = err.phase === 'postcopy' && incoming !== undefined;
-      if (lost) incoming!.kill();
+      const lost = err.phase === 'postcopy' && (incoming ?? qemu) !== undefined;
+      if (lost) (incoming ?? qemu)!.kill();
       process.stdout.write(
         JSON.stringify({
           error: { code: err.code, phase: err.phase, message: err.message },
@@ -204,12 +224,6 @@ function receiveDisks(v: FlagValues, qemu: ReturnType<typeof qemuDiskPlaces> | u
     ...(dir !== undefined ? { disks: { dir: qemu ? path.resolve(dir) : dir, ...keepDisks(v) } } : {}),
     ...(qemu ? { acceptDisks: qemu.accept } : {}),
   };
-}
-
-/** Post-copy into the guest started here: into QEMU, its mapping registered for minor faults by the preload library (docs/QEMU.md). */
-function postcopyOption(qemu: (() => IncomingQemu | undefined) | undefined, incoming: () => IncomingGuest | undefined): Pick<ReceiveOptions, 'postcopy'> {
-  if (!qemu) return { postcopy: { register: () => incoming()!.register(), giveDiskAsks: (fd: number) => incoming()!.giveDiskAsks(fd) } };
-  return qemuPostcopyRefusal() === undefined ? { postcopy: { register: async () => qemu()!.register(), disksRefusal: QEMU_DISKS_BY_PRECOPY } } : {};
 }
 
 /** why a QEMU VM's disks come by pre-copy only: a QEMU reads its images as it starts (a virtio disk's geometry from its first sector) */

@@ -13,6 +13,7 @@ import { str, usageError, type Command, type FlagValues } from '../flags.js';
 import { DESTINATION_SECURITY_FLAGS, credentialsFrom } from '../security-flags.js';
 import { parseHostPort, parseNumber, parseSize } from '../units.js';
 import { printRefusal, shellCommand } from './receive.js';
+import { qemuCommand } from '../qemu-exec.js';
 import { addon, call } from '../../native.js';
 import { whenStdoutCloses } from '../output.js';
 
@@ -82,7 +83,9 @@ export const serve: Command = {
     '{from, reason, code, phase, message}} line for each source refused on --listen (kept as an',
     'incoming migration in state refused). SIGTERM (or SIGINT), or its stdout closed: no new',
     'migrations; the running ones finish within --shutdown-grace, or are cancelled before their',
-    'commitment (their guests resume here); then it exits 0.',
+    'commitment (their guests resume here); then it exits 0. QEMU VMs: one registers by its QMP',
+    'socket (`livemig guests --register NAME --qemu PATH`, POST /v1/guests); with --qemu-exec',
+    'the guests coming in are QEMU VMs started from that command line (docs/QEMU.md).',
   ].join('\n'),
   flags: {
     api: {
@@ -117,6 +120,14 @@ export const serve: Command = {
       help:
         'the destination guest to start for each incoming migration (run by /bin/sh; default: the reference guest); ' +
         '{register} and {name}: the guest socket and the name it registers under once it runs, to be migrated again',
+    },
+    'qemu-exec': {
+      type: 'string',
+      value: "'qemu-system-x86_64 ... {memory}'",
+      help:
+        "the guests coming in are QEMU VMs (a daemon's registered QEMU VM, or send --qemu): QEMU's command line, run by /bin/sh, the source " +
+        "VM's own with its memory backend's mem-path={memory}; livemig adds -qmp, -incoming defer and -S (docs/QEMU.md). An operator's " +
+        'setting: no API caller chooses what this daemon runs. Pre-copy only; not with --guest-exec or --disk-dir',
     },
     'memory-budget': { type: 'string', value: 'SIZE', help: 'bytes incoming migrations may reserve together (default: what MemAvailable allows, at each one)' },
     bandwidth: { type: 'string', value: 'MiB/s', help: 'total bandwidth of outgoing migrations, shared fairly (default none)' },
@@ -206,6 +217,9 @@ export const serve: Command = {
     const tokenFile = flagOrEnv(v, 'token-file', TOKEN_FILE_ENV);
     const listen = parseHostPort(str(v, 'listen'), '--listen');
     const credentials = credentialsFrom(v, 'destination');
+    const qemuLine = typeof v['qemu-exec'] === 'string' ? qemuCommand(v['qemu-exec']) : undefined;
+    if (qemuLine && (typeof v['guest-exec'] === 'string' || typeof v['disk-dir'] === 'string'))
+      throw usageError('--qemu-exec starts a QEMU VM for each guest coming in: not with --guest-exec, nor (yet) with --disk-dir');
     const max = parseNumber(str(v, 'max-migrations'), '--max-migrations', 1);
     const guests = typeof v['guests'] === 'string' ? v['guests'] : path.join(defaultDaemonDir(), 'guests.sock');
     const stateDir = typeof v['state-dir'] === 'string' ? v['state-dir'] : path.dirname(path.resolve(guests));
@@ -252,6 +266,7 @@ export const serve: Command = {
       ...(typeof v['bandwidth'] === 'string' ? { bandwidthMiBps: parseNumber(v['bandwidth'], '--bandwidth (MiB/s)', Number.MIN_VALUE) } : {}),
       maxMigrations: Math.floor(max),
       ...(typeof v['parallel'] === 'string' ? { parallel: Math.floor(parseNumber(v['parallel'], '--parallel', 1)) } : {}),
+      ...(qemuLine ? { qemuCommand: qemuLine } : {}),
       guestCommand: typeof v['guest-exec'] === 'string' ? shellCommand(v['guest-exec']) : referenceIncomingCommand({ register: true }),
       nice: typeof v['nice'] === 'string' ? niceValue(v['nice']) : process.getuid?.() === 0 ? -5 : 0,
       shutdownGraceMs: parseNumber(str(v, 'shutdown-grace'), '--shutdown-grace (seconds)') * 1000,

@@ -17,6 +17,8 @@ export const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   ERR_LIVEMIG_VERSION: 409,
   ERR_LIVEMIG_UNSUPPORTED: 409,
   ERR_LIVEMIG_CANCELLED: 409,
+  // a QEMU VM livemig cannot take as it runs (its RAM not a shared file, QMP not answering): the VM's state, not the request
+  ERR_LIVEMIG_QEMU: 409,
   ERR_LIVEMIG_AUTH: 502,
   ERR_LIVEMIG_CONNECTION: 502,
   ERR_LIVEMIG_PROTOCOL: 502,

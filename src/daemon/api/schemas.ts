@@ -20,6 +20,30 @@ export const errorBody = {
   required: ['error'],
 } as const;
 
+/** POST /v1/guests: a QEMU VM registered by its QMP socket (contract guests register on the guest socket) */
+export const guestRegistration = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['name', 'qemu'],
+  properties: {
+    name: NAME,
+    qemu: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['qmp'],
+      properties: {
+        qmp: {
+          type: 'string',
+          minLength: 2,
+          maxLength: 107,
+          pattern: '^/',
+          description: "an absolute path: the VM's QMP unix socket (-qmp unix:PATH,server=on,wait=off)",
+        },
+      },
+    },
+  },
+} as const;
+
 export const migrationRequest = {
   type: 'object',
   additionalProperties: false,

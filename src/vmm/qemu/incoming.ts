@@ -37,7 +37,8 @@ export interface IncomingQemuStart {
   preload?: boolean;
   /** the source's disks and livemig's image of each, put where the command says {disk:NAME} */
   disks?: readonly { name: string; path: string }[];
-  stdout?: 'inherit' | 'ignore';
+  /** where QEMU's stdout goes: this process's stderr by default (its stdout may be a stream of JSON lines), or nowhere */
+  stdout?: 'stderr' | 'ignore';
 }
 
 /** Refuses a command QEMU cannot be started from for an incoming migration. */
@@ -109,7 +110,7 @@ export class IncomingQemu {
     ];
     const control = (o.preload ?? postcopyRefusal() === undefined) ? new PreloadControl() : undefined;
     const child = spawn(o.command[0]!, args, {
-      stdio: ['ignore', o.stdout ?? 'inherit', 'pipe', o.memory.fd, ...(control ? [control.theirs] : [])],
+      stdio: ['ignore', o.stdout === 'ignore' ? 'ignore' : 2, 'pipe', o.memory.fd, ...(control ? [control.theirs] : [])],
       env: { ...process.env, ...control?.env(memoryPath) },
     });
     control?.handedOver();
@@ -147,7 +148,10 @@ export class IncomingQemu {
    * service, running by then, can give it those pages.
    */
   prepare(state: Buffer, o: { pagesMissing?: boolean } = {}): Promise<void> {
-    if (o.pagesMissing) return Promise.resolve();
+    if (o.pagesMissing) {
+      this.#pagesMissing = true;
+      return Promise.resolve();
+    }
     this.#loaded ??= this.#incoming.load(state, LOAD_TIMEOUT_MS).catch((e: unknown) => {
       const said = this.#stderr().trim();
       throw new LivemigError('ERR_LIVEMIG_QEMU', `${(e as Error).message}${said ? `; QEMU said: ${said.slice(-600)}` : ''}`, { phase: 'activate', cause: e });
@@ -157,6 +161,8 @@ export class IncomingQemu {
 
   #loaded: Promise<void> | undefined;
   #running = false;
+  /** post-copy: the VM runs on pages that exist only at the source until every page is here */
+  #pagesMissing = false;
 
   /** told to run (`cont` answered) */
   get running(): boolean {
@@ -176,13 +182,16 @@ export class IncomingQemu {
 
   /** Post-copy is over (livemig closed its userfaultfd): QEMU's writes are tracked again; why not, if not. */
   allPresent(): string | undefined {
+    this.#keeper.running(); // from now on the VM holds all it needs: it outlives the receiver
     return this.#control?.allPresent();
   }
 
   /** The VM runs here. */
   async activate(state: Buffer): Promise<void> {
     await this.prepare(state);
-    this.#keeper.running(); // said first: if the receiver dies from here on, the VM may be running, and is never killed for it
+    // said first: if the receiver dies from here on, the VM may be running, and is never killed
+    // for it; unless pages are missing, which only the receiver could give it (then it must stop)
+    if (!this.#pagesMissing) this.#keeper.running();
     await this.qmp.execute('cont');
     this.#running = true;
     this.qmp.close(); // the VM is the operator's now; livemig's QMP connection goes

@@ -8,7 +8,9 @@
  *   way, so QEMU's own migration later carries the RAM again. A committed VM stays paused: the
  *   destination may run it.
  * - the destination's keeper kills a QEMU that was never told to run: nothing else would stop a
- *   QEMU waiting in `-incoming`. Told `running` before `cont`, it lets the VM be.
+ *   QEMU waiting in `-incoming`. Told `running` before `cont`, it lets the VM be; after a switch
+ *   to post-copy only once every page is here (a VM running on pages that only the dead
+ *   receiver could fetch must stop, not read zeros).
  * A shell, not a Node process: it must cost nothing beside every QEMU, and outlive livemig.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
