@@ -4,14 +4,14 @@
  * migration (src/vmm/qemu/source.ts). Each call means what migrate() means by it.
  */
 import type { SourceGuestSession } from '../guest/source-session.js';
-import type { MigrateOptions } from '../source/types.js';
+import type { MigrateOptions, PauseLease } from '../source/types.js';
 import type { QemuSource } from '../vmm/qemu/source.js';
 
 export interface MovingGuest {
   memory: Pick<MigrateOptions, 'region' | 'layout' | 'target' | 'untracked' | 'disks'>;
   /** its memory as files (a kept image is one of them) */
   pieces: { fd: number; offset: number; size: number }[];
-  pause(lease: { maxPauseMs: number }): Promise<Buffer>;
+  pause(lease: PauseLease): Promise<Buffer>;
   commit(): Promise<void>;
   resume(): Promise<void>;
   release(): Promise<void>;

@@ -290,10 +290,16 @@ export class SourceContext {
     return n;
   }
 
-  /** Pauses the guest for the switch; returns its device state. */
-  async pauseGuest(): Promise<Uint8Array> {
+  /** Pauses the guest for the switch; returns its device state. `onHalted`: it writes no more memory (PauseLease). */
+  async pauseGuest(onHalted?: () => void): Promise<Uint8Array> {
+    const halted = onHalted
+      ? (): void => {
+          this.paused = true; // from here a failure must resume it, even while its save goes on
+          onHalted();
+        }
+      : undefined;
     try {
-      const deviceState = await this.settings.options.pause({ maxPauseMs: this.settings.maxPauseMs });
+      const deviceState = await this.settings.options.pause({ maxPauseMs: this.settings.maxPauseMs, ...(halted ? { onHalted: halted } : {}) });
       this.paused = true;
       return deviceState;
     } catch (e) {

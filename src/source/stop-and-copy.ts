@@ -25,7 +25,12 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const tPause = now();
   ctx.deadlines.armPause();
   trace('source', SourceEvent.pauseRequested);
-  const deviceState = await ctx.pauseGuest();
+  // the last pages go as soon as the guest writes no more memory, beside the rest of its save
+  let halted!: () => void;
+  const haltedNow = new Promise<void>((resolve) => (halted = resolve));
+  const saving = ctx.pauseGuest(halted);
+  saving.catch(() => undefined); // awaited below; a send that fails first is the error told
+  await Promise.race([haltedNow, saving]);
   const tPaused = now();
   trace('source', SourceEvent.guestPaused);
   const collected = tracker.collectFinal(ctx.hashes);
@@ -39,5 +44,6 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   const lastBytes = (await sendRound(ctx, { round: ctx.round + 1, pages: lastPages, final: true })).bytes;
   ctx.finalDiskBlocks = ctx.diskBlocks.reduce((n, b) => n + b, 0) - diskBlocksBefore;
   trace('source', SourceEvent.lastPagesSent);
+  const deviceState = await saving;
   return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };
 }

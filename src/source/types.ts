@@ -212,6 +212,12 @@ export interface PostcopyStats {
   reconnects: number;
 }
 
+/** what a pause is given: how long livemig may keep the guest paused, and whom to tell once it writes no more memory */
+export interface PauseLease {
+  maxPauseMs: number;
+  onHalted?: () => void;
+}
+
 export interface MigrateOptions {
   /** the guest's memory, mapped in this process (several regions: back to back, as `layout` says) */
   region: Region;
@@ -224,9 +230,12 @@ export interface MigrateOptions {
   /**
    * pauses the guest and returns its device state (an opaque blob carried to the destination).
    * `maxPauseMs` is how long livemig may keep it paused before commitment: a guest may take a
-   * lease from it and resume by itself when livemig stays silent past it (HANDOVER.md)
+   * lease from it and resume by itself when livemig stays silent past it (HANDOVER.md).
+   * `onHalted`: a guest that goes on saving its device state after it stopped writing memory
+   * (a QEMU: its devices after its block layer drained) says so, and the final collect and the
+   * last pages go beside the rest of the save instead of after it.
    */
-  pause(lease: { maxPauseMs: number }): Promise<Uint8Array>;
+  pause(lease: PauseLease): Promise<Uint8Array>;
   /**
    * called with the guest paused, right before the point of commitment: from its return on the
    * guest must not resume by itself (it may run at the destination). A rejection (the guest

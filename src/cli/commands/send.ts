@@ -4,7 +4,7 @@ import { LivemigError } from '../../errors.js';
 import { connectRunningGuest } from '../../guest/connect.js';
 import { SourceGuestSession } from '../../guest/source-session.js';
 import { migrate } from '../../source/migrate.js';
-import { MigrationControl } from '../../source/types.js';
+import { MigrationControl, type PauseLease } from '../../source/types.js';
 import { SourceGuest } from '../../workload/controller.js';
 import { QemuSource } from '../../vmm/qemu/source.js';
 import { str, usageError, type Command, type FlagValues } from '../flags.js';
@@ -35,7 +35,7 @@ interface Guest {
   pid: number;
   /** the name its hello gave (a daemon at the destination lists it by this name) */
   name: string;
-  pause(lease: { maxPauseMs: number }): Promise<Buffer>;
+  pause(lease: PauseLease): Promise<Buffer>;
   commit(): Promise<void>;
   resume(): Promise<void>;
   /** slows the guest's writes (auto-converge); absent where the guest cannot be throttled */

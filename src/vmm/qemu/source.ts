@@ -14,7 +14,7 @@ import { LivemigError } from '../../errors.js';
 import { addon, closeFd } from '../../native.js';
 import { GuestLayout } from '../../guest/layout.js';
 import { Region } from '../../region/region.js';
-import type { MigrateOptions } from '../../source/types.js';
+import type { MigrateOptions, PauseLease } from '../../source/types.js';
 import type { SourceDisk } from '../../disk/spec.js';
 import { prepareMigration, saveDeviceState, type MigrationSettings } from './device-state.js';
 import { SourceKeeper } from './keeper.js';
@@ -43,6 +43,8 @@ export class QemuSource {
   #leaseTimer: NodeJS.Timeout | undefined;
   #leaseFired: Promise<void> | undefined;
   #closed = false;
+  /** the device state's save, settled (QEMU's migrate is over) */
+  #saving: Promise<void> = Promise.resolve();
   readonly #throttle: VcpuThrottle | undefined;
   /** why the VM cannot be throttled (undefined: it can, through its vCPUs' cgroup) */
   readonly throttleRefusal: string | undefined;
@@ -118,7 +120,7 @@ export class QemuSource {
   }
 
   /** QEMU stops the VM and streams its device state (one `migrate`); the lease starts. */
-  async pause(lease: { maxPauseMs: number }): Promise<Buffer> {
+  async pause(lease: PauseLease): Promise<Buffer> {
     this.#paused = true; // from the command on: a failure half-way resumes it
     this.#committed = false;
     if (this.#wasRunning) this.#keeper.set('paused');
@@ -128,13 +130,28 @@ export class QemuSource {
       this.#leaseFired = this.#cont();
       this.#leaseFired.catch(() => undefined);
     }, lease.maxPauseMs + LEASE_SLACK_MS);
+    let stopped = false;
     const off = this.qmp.onEvent((e) => {
-      if (e.event === 'STOP') trace('source', SourceEvent.qemuStopped);
+      if (e.event === 'STOP') {
+        stopped = true;
+        trace('source', SourceEvent.qemuStopped);
+      } else if (stopped && e.event === 'MIGRATION_PASS') {
+        // QEMU's first dirty-bitmap sync after the stop: its vCPUs are paused and its block
+        // layer drained and flushed (vm_stop comes first), and it writes no guest RAM while it
+        // saves its devices. The last pages may go now.
+        stopped = false;
+        lease.onHalted?.();
+      }
     });
     // a vCPU out of its quota may hold QEMU's big lock, which the stop waits for (300 ms seen)
     if (this.#throttle?.percent) this.#throttle.release();
+    const saving = saveDeviceState(this.qmp, STATE_TIMEOUT_MS);
+    this.#saving = saving.then(
+      () => undefined,
+      () => undefined,
+    );
     try {
-      return await saveDeviceState(this.qmp, STATE_TIMEOUT_MS);
+      return await saving;
     } catch (e) {
       await this.resume().catch(() => undefined); // the rollback resumes it too; a VM is never left stopped
       throw e;
@@ -155,6 +172,7 @@ export class QemuSource {
 
   async resume(): Promise<void> {
     clearTimeout(this.#leaseTimer);
+    await this.#saving; // QEMU refuses `cont` while its migrate still runs (a failure beside the save)
     if (this.#leaseFired) return this.#leaseFired;
     if (this.#committed) throw new LivemigError('ERR_LIVEMIG_STATE', 'the VM was committed to the destination: it never runs here again', { phase: 'resume' });
     await this.#cont();
