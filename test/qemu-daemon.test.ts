@@ -209,13 +209,6 @@ describe('a QEMU VM through the daemon', { skip: unavailable ?? false }, () => {
     }
   });
 
-  test('post-copy of a QEMU VM is refused before anything moves', async () => {
-    const r = await call(a.api, 'POST', '/v1/migrations', { guest: 'vm1', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, mode: 'hybrid' });
-    assert.equal(r.status, 409);
-    assert.equal((r.body['error'] as Json)['code'], 'ERR_LIVEMIG_UNSUPPORTED');
-    assert.equal(((await call(a.api, 'GET', '/v1/guests/vm1')).body as Json)['state'], 'idle');
-  });
-
   test('a cancel in the middle of the copy leaves the VM running here, registered and its own', async () => {
     const started = await call(a.api, 'POST', '/v1/migrations', { guest: 'vm1', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, bandwidth_mib_s: 8 });
     assert.equal(started.status, 201, JSON.stringify(started.body));
@@ -278,6 +271,46 @@ describe('a QEMU VM through the daemon', { skip: unavailable ?? false }, () => {
       assert.ok(events.some((e) => e.event === 'round'));
       assert.ok(events.some((e) => e.event === 'report'));
       assert.match(await metricsText(a.api), /livemig_migrations_total\{direction="outgoing",state="completed"\} 1/);
+    } finally {
+      destination.close();
+    }
+  });
+});
+
+describe('a QEMU VM through the daemon by post-copy', { skip: unavailable ?? false }, () => {
+  let vm: SourceVm;
+  let to: { line: string; serial: string };
+  let a: { daemon: Daemon; api: ApiTarget; dir: string };
+  let b: { daemon: Daemon; api: ApiTarget; dir: string };
+  before(async () => {
+    vm = await SourceVm.boot();
+    to = vm.destination();
+    a = await daemonAt('pa');
+    b = await daemonAt('pb', { qemuCommand: qemuCommand(to.line) });
+  });
+  after(async () => {
+    await a?.daemon.shutdown();
+    await b?.daemon.shutdown();
+    vm?.cleanup();
+  });
+
+  test('mode postcopy: the VM runs at the destination before its RAM is all there; its check passes', async () => {
+    assert.equal((await call(a.api, 'POST', '/v1/guests', { name: 'vm1', qemu: { qmp: vm.qmp } })).status, 201);
+    const started = await call(a.api, 'POST', '/v1/migrations', { guest: 'vm1', to: { host: '127.0.0.1', port: b.daemon.migrationPort }, mode: 'postcopy' });
+    assert.equal(started.status, 201, JSON.stringify(started.body));
+    const destination = new Serial();
+    const heard = destination.attach(to.serial, 120_000);
+    heard.catch(() => undefined);
+    try {
+      const end = await settled(a.api, String(started.body['id']));
+      assert.equal(end['state'], 'completed', JSON.stringify(end['error']));
+      assert.equal((end['report'] as Json)['mode'], 'postcopy');
+      const incoming = (await call(b.api, 'GET', '/v1/migrations?direction=incoming&state=completed')).body['migrations'] as Json[];
+      const arrived = (await call(b.api, 'GET', `/v1/migrations/${String(incoming[0]!['id'])}`)).body;
+      pids.push(Number(arrived['guest_pid']));
+      await heard;
+      await destination.beatsAfter(vm.serial.lastSeq + 5, 60_000);
+      assert.deepEqual(await destination.check(), { pages: 16384, bad: 0, firstBad: -1 });
     } finally {
       destination.close();
     }

@@ -10,6 +10,7 @@ import { channelsFor } from './threadpool.js';
 import { IncomingGuest } from '../guest/incoming-session.js';
 import type { IncomingQemu } from '../vmm/qemu/incoming.js';
 import { startQemu } from '../cli/qemu-exec.js';
+import { postcopyRefusal as qemuPostcopyRefusal } from '../vmm/qemu/postcopy.js';
 import { listen, type Receiver } from '../receiver/listen.js';
 import { isRefusedBeforeReserving } from '../receiver/failures.js';
 import type { Refusal } from '../refusals.js';
@@ -164,12 +165,16 @@ export class IncomingMigrations {
           outlive: { unit: m!.id, log: path.join(d.guestLogDir, `${name}-${m!.id}.log`) },
         });
       },
-      // post-copy into QEMU needs its mapping registered for minor faults: not yet (docs/QEMU.md), so none is offered
-      ...(d.qemuCommand ? {} : { postcopy: { register: () => guest!.register(), giveDiskAsks: (fd: number) => guest!.giveDiskAsks(fd) } }),
+      // post-copy into QEMU: the preload library registers QEMU's mapping (docs/QEMU.md), offered where it is built
+      ...(d.qemuCommand
+        ? qemuPostcopyRefusal() === undefined
+          ? { postcopy: { register: async () => qemu!.register() } }
+          : {}
+        : { postcopy: { register: () => guest!.register(), giveDiskAsks: (fd: number) => guest!.giveDiskAsks(fd) } }),
       onProgress,
       onFaultLatencies: (ns) => d.metrics.faultLatencies(ns),
       onDiscard: () => (qemu?.kill(), guest?.kill()),
-      prepare: (_region, state) => (qemu ? qemu.prepare(state) : guest!.prepare(state)),
+      prepare: (_region, state, o) => (qemu ? qemu.prepare(state, o) : guest!.prepare(state)),
       activate: async (_region, state) => {
         await (qemu ? qemu.activate(state) : guest!.activate(state));
       },
@@ -188,6 +193,8 @@ export class IncomingMigrations {
         outcome.then(
           (report) => {
             if (report.mode === 'postcopy') guest?.allPresent();
+            const untracked = report.mode === 'postcopy' ? qemu?.allPresent() : undefined;
+            if (untracked) process.stderr.write(`livemig: the VM's writes are not tracked for its next migration (it will be hashed): ${untracked}\n`);
             if (pid()) this.#guestPids.set(m!.id, pid()!);
             // held until it registers (or exits): a second guest of its name is refused meanwhile
             if (arriving !== undefined) this.#arriving.set(arriving, pid());
@@ -199,7 +206,7 @@ export class IncomingMigrations {
           (e: unknown) => {
             if (arriving !== undefined) this.#arriving.delete(arriving);
             // post-copy that cannot finish: the guest's missing pages exist nowhere any more
-            if ((e as { phase?: string }).phase === 'postcopy') guest?.kill();
+            if ((e as { phase?: string }).phase === 'postcopy') (guest ?? qemu)?.kill();
             else guest?.close();
             qemu?.close(); // a QEMU not told to run is stopped: it has no lease of its own and would wait forever
             // a refusal was recorded and counted as such (#refused) before this

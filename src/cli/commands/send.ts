@@ -115,7 +115,6 @@ function cancelOnSignals(control: MigrationControl): () => void {
   };
 }
 
-/** What `--qemu` does not take: another guest. */
 /**
  * A VM's disks move by pre-copy only so far: into QEMU by post-copy they would wait on the
  * images' fanotify marks inside QEMU's block layer, which no test has run. Refused before
@@ -131,6 +130,7 @@ async function qemuWithDisksByPrecopy(vm: QemuSource, mode: string | undefined):
   );
 }
 
+/** What `--qemu` does not take: another guest. */
 function refuseForQemu(socket: string | undefined): void {
   if (socket !== undefined) throw usageError('--qemu takes a QEMU VM: not with --guest');
 }
