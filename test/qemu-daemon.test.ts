@@ -16,8 +16,7 @@ import { after, before, describe, test } from 'node:test';
 import { qemuCommand } from '../src/cli/qemu-exec.js';
 import { followEvents, type ApiTarget, type StreamEvent } from '../src/daemon/client.js';
 import { Daemon } from '../src/daemon/daemon.js';
-import { QEMU, Serial, SourceVm, qemuUnavailable, vmArgs } from '../src/demo/qemu-vm.js';
-import { QmpClient } from '../src/vmm/qemu/qmp.js';
+import { QEMU, Serial, SourceVm, qemuUnavailable, vmArgs, vmStatus } from '../src/demo/qemu-vm.js';
 import { QemuSource } from '../src/vmm/qemu/source.js';
 import { referenceIncomingCommand } from '../src/workload/controller.js';
 import { alive, call, killAll, metricsText, scratch, settled } from './daemon-helpers.js';
@@ -43,17 +42,6 @@ async function daemonAt(tag: string, extra: { qemuCommand?: string[] } = {}): Pr
     ...extra,
   });
   return { daemon, api: { socketPath: path.join(dir, 'api.sock'), token: TOKEN }, dir };
-}
-
-async function qmpStatus(qmpPath: string): Promise<{ status: string; ignoreShared: boolean | undefined }> {
-  const qmp = await QmpClient.connect(qmpPath);
-  try {
-    const { status } = await qmp.execute<{ status: string }>('query-status');
-    const caps = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
-    return { status, ignoreShared: caps.find((c) => c.capability === 'x-ignore-shared')?.state };
-  } finally {
-    qmp.close();
-  }
 }
 
 /** `livemig guests ...` against the daemon at `api`: its exit code and stdout. */
@@ -131,7 +119,7 @@ describe('a QEMU VM through the daemon', { skip: unavailable ?? false }, () => {
     assert.equal(qemu['ram'], vm.ram);
     assert.match(String(qemu['tracking_reason']), /^hash: /);
     // the registration let go: QMP answers others again, and QEMU's migration settings are its own
-    assert.deepEqual(await qmpStatus(vm.qmp), { status: 'running', ignoreShared: false });
+    assert.deepEqual(await vmStatus(vm.qmp), { status: 'running', ignoreShared: false });
     await vm.serial.beatsAfter(vm.serial.lastSeq + 3);
 
     const twice = await call(a.api, 'POST', '/v1/guests', { name: 'vm1-again', qemu: { qmp: vm.qmp } });
@@ -225,7 +213,7 @@ describe('a QEMU VM through the daemon', { skip: unavailable ?? false }, () => {
     assert.equal(end['source_guest'], 'running');
     assert.equal(((await call(a.api, 'GET', '/v1/guests/vm1')).body as Json)['state'], 'idle');
     await vm.serial.beatsAfter(vm.serial.lastSeq + 5);
-    assert.deepEqual(await qmpStatus(vm.qmp), { status: 'running', ignoreShared: false });
+    assert.deepEqual(await vmStatus(vm.qmp), { status: 'running', ignoreShared: false });
   });
 
   test('a registered VM moves live daemon to daemon: its check passes at the destination, where its heartbeats go on', async () => {

@@ -15,8 +15,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { qemuReceiver, qemuSender, type SpawnWith } from '../src/demo/qemu-demo.js';
-import { Serial, SourceVm, qemuUnavailable } from '../src/demo/qemu-vm.js';
-import { QmpClient } from '../src/vmm/qemu/qmp.js';
+import { Serial, SourceVm, qemuUnavailable, vmStatus } from '../src/demo/qemu-vm.js';
 import { STEP, type Side, type Stage } from './fixtures/fault-steps.js';
 
 const unavailable = qemuUnavailable();
@@ -58,17 +57,6 @@ function qemusWith(needle: string): number[] {
   return pids;
 }
 
-async function qmpSays(qmpPath: string): Promise<{ status: string; ignoreShared: boolean }> {
-  const qmp = await QmpClient.connect(qmpPath);
-  try {
-    const { status } = await qmp.execute<{ status: string }>('query-status');
-    const caps = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
-    return { status, ignoreShared: caps.find((c) => c.capability === 'x-ignore-shared')?.state === true };
-  } finally {
-    qmp.close();
-  }
-}
-
 /** waits until no process of `pids` is left (a bound passed is a failure) */
 async function gone(pids: number[], what: string): Promise<void> {
   const deadline = Date.now() + 60_000;
@@ -81,7 +69,7 @@ async function gone(pids: number[], what: string): Promise<void> {
 /** The source VM runs on: it beats, QEMU says running with its settings back, and its memory checks out. */
 async function sourceRunsOn(vm: SourceVm): Promise<void> {
   await vm.serial.beatsAfter(vm.serial.lastSeq + 5, 60_000);
-  const said = await qmpSays(vm.qmp);
+  const said = await vmStatus(vm.qmp);
   assert.equal(said.status, 'running');
   assert.equal(said.ignoreShared, false, "QEMU's x-ignore-shared is off again");
   assert.deepEqual(await vm.serial.check(), ALL_PAGES);
@@ -138,7 +126,7 @@ describe('QEMU cells of the fault matrix', { skip: unavailable ?? false }, () =>
       await heard;
       await destination.beatsAfter(vm.serial.lastSeq + 5, 60_000);
       assert.deepEqual(await destination.check(), ALL_PAGES);
-      const source = vm.child.exitCode === null ? (await qmpSays(vm.qmp)).status : 'quit';
+      const source = vm.child.exitCode === null ? (await vmStatus(vm.qmp)).status : 'quit';
       assert.notEqual(source, 'running', 'one VM runs: the source does not');
       const [pid] = qemusWith(path.dirname(to.serial)).filter((p) => p !== vm.child.pid);
       if (pid) process.kill(pid, 'SIGKILL');
@@ -167,7 +155,7 @@ describe('the QEMU post-copy cell of the fault matrix', { skip: unavailable ?? f
       qemusWith(path.dirname(to.serial)).filter((p) => p !== vm.child.pid),
       'the destination QEMU (its keeper stops it)',
     );
-    const source = vm.child.exitCode === null ? (await qmpSays(vm.qmp)).status : 'quit';
+    const source = vm.child.exitCode === null ? (await vmStatus(vm.qmp)).status : 'quit';
     assert.notEqual(source, 'running');
   });
 });

@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { preloadEnv } from '../vmm/qemu/preload.js';
+import { QmpClient } from '../vmm/qemu/qmp.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
@@ -271,5 +272,17 @@ export class SourceVm {
   cleanup(): void {
     this.stop();
     if (existsSync(this.dir)) rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** What a VM's QEMU says of it: its run state, and whether its migration leaves shared RAM out (x-ignore-shared, livemig's setting). */
+export async function vmStatus(qmpPath: string): Promise<{ status: string; ignoreShared: boolean }> {
+  const qmp = await QmpClient.connect(qmpPath);
+  try {
+    const { status } = await qmp.execute<{ status: string }>('query-status');
+    const caps = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
+    return { status, ignoreShared: caps.find((c) => c.capability === 'x-ignore-shared')?.state === true };
+  } finally {
+    qmp.close();
   }
 }
