@@ -120,9 +120,9 @@ export async function saveDeviceState(qmp: QmpClient, timeoutMs: number): Promis
  * from now on, and livemig is connected, so that inside the pause the state only has to be
  * written (QEMU's setup of an incoming migration took milliseconds there).
  */
-export async function openIncoming(qmp: QmpClient): Promise<IncomingState> {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-qemu-'));
-  const sock = path.join(dir, 'state');
+export async function openIncoming(qmp: QmpClient, inside: string): Promise<IncomingState> {
+  // in the destination QEMU's own directory: what a receiver killed leaves, its keeper removes
+  const sock = path.join(inside, 'state');
   try {
     await qmp.execute('migrate-incoming', { uri: `unix:${sock}` });
     const socket = await new Promise<Socket>((resolve, reject) => {
@@ -131,9 +131,9 @@ export async function openIncoming(qmp: QmpClient): Promise<IncomingState> {
       c.once('error', reject);
     });
     socket.on('error', () => undefined); // a QEMU that fails says why on QMP and its stderr
-    return new IncomingState(qmp, socket, dir);
+    return new IncomingState(qmp, socket, sock);
   } catch (e) {
-    rmSync(dir, { recursive: true, force: true });
+    rmSync(sock, { force: true });
     throw e;
   }
 }
@@ -141,12 +141,13 @@ export async function openIncoming(qmp: QmpClient): Promise<IncomingState> {
 export class IncomingState {
   readonly #qmp: QmpClient;
   readonly #socket: Socket;
-  readonly #dir: string;
+  /** the socket's path, in the destination QEMU's directory */
+  readonly #path: string;
 
-  constructor(qmp: QmpClient, socket: Socket, dir: string) {
+  constructor(qmp: QmpClient, socket: Socket, socketPath: string) {
     this.#qmp = qmp;
     this.#socket = socket;
-    this.#dir = dir;
+    this.#path = socketPath;
   }
 
   /** Loads a device state; the VM stays paused (-S). */
@@ -171,6 +172,6 @@ export class IncomingState {
 
   close(): void {
     this.#socket.destroy();
-    rmSync(this.#dir, { recursive: true, force: true });
+    rmSync(this.#path, { force: true });
   }
 }

@@ -114,7 +114,7 @@ export class IncomingQemu {
       env: { ...process.env, ...control?.env(memoryPath) },
     });
     control?.handedOver();
-    const keeper = new DestinationKeeper(child.pid ?? 0);
+    const keeper = new DestinationKeeper(child.pid ?? 0, dir);
     let stderr = '';
     child.stderr!.setEncoding('utf8');
     child.stderr!.on('data', (s: string) => {
@@ -128,7 +128,7 @@ export class IncomingQemu {
       await checkMemory(qmp, memoryPath, o.memory, o.local === true);
       await checkIncomingDisks(qmp, o.disks ?? []);
       await prepareMigration(qmp, 'destination');
-      const incoming = await openIncoming(qmp);
+      const incoming = await openIncoming(qmp, dir);
       return new IncomingQemu(child, qmp, dir, () => stderr, incoming, keeper, control);
     } catch (e) {
       qmp?.close();

@@ -7,7 +7,8 @@
  *   and not committed, it runs again (`cont`); livemig's migration settings are put back either
  *   way, so QEMU's own migration later carries the RAM again. A committed VM stays paused: the
  *   destination may run it.
- * - the destination's keeper kills a QEMU that was never told to run: nothing else would stop a
+ * - the destination's keeper kills a QEMU that was never told to run (and removes the receiver's
+ *   directory of its sockets): nothing else would stop a
  *   QEMU waiting in `-incoming`. Told `running` before `cont`, it lets the VM be; after a switch
  *   to post-copy only once every page is here (a VM running on pages that only the dead
  *   receiver could fetch must stop, not read zeros).
@@ -40,6 +41,7 @@ const DESTINATION_SCRIPT = `while IFS= read -r line; do
   case "$line" in done|running) exit 0 ;; esac
 done
 [ "$LIVEMIG_QEMU_PID" -gt 1 ] && kill -9 "$LIVEMIG_QEMU_PID" 2>/dev/null
+[ -n "$LIVEMIG_QEMU_DIR" ] && rm -rf -- "$LIVEMIG_QEMU_DIR"
 `;
 
 class Keeper {
@@ -86,8 +88,9 @@ export class SourceKeeper extends Keeper {
 }
 
 export class DestinationKeeper extends Keeper {
-  constructor(qemuPid: number) {
-    super(DESTINATION_SCRIPT, { LIVEMIG_QEMU_PID: String(qemuPid) }, 'ignore');
+  /** `dir`: the receiver's directory for this QEMU (its sockets), removed with it */
+  constructor(qemuPid: number, dir: string) {
+    super(DESTINATION_SCRIPT, { LIVEMIG_QEMU_PID: String(qemuPid), LIVEMIG_QEMU_DIR: dir }, 'ignore');
   }
 
   /** said just before `cont`: a VM that may run here is never killed by the keeper */
