@@ -21,6 +21,7 @@ import { existsSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { cpuSeconds, longestGap, migrateWithLivemig } from '../src/demo/qemu-demo.js';
 import { Serial, SourceVm, type VmOptions } from '../src/demo/qemu-vm.js';
+import { processRef, signalProcess, type ProcessRef } from '../src/process-ref.js';
 import { QmpClient } from '../src/vmm/qemu/qmp.js';
 import { emit, machine } from './common.js';
 
@@ -48,7 +49,7 @@ interface Outcome {
   cpu_source_s: number;
   cpu_destination_s: number;
   destination: Serial;
-  destinationPid: number;
+  destinationQemu?: ProcessRef;
   extra?: Record<string, unknown>;
 }
 
@@ -102,7 +103,7 @@ async function qemuOwn(vm: SourceVm, mode: string): Promise<Outcome> {
       cpu_source_s: +(cpuSeconds(vm.child.pid!) - cpu0).toFixed(2),
       cpu_destination_s: +(cpuSeconds(dst.child.pid!) - dcpu0).toFixed(2),
       destination,
-      destinationPid: dst.child.pid!,
+      ...(dst.child.pid ? { destinationQemu: processRef(dst.child.pid) } : {}),
     };
     await sq.execute('quit').catch(() => undefined);
     return out;
@@ -136,7 +137,7 @@ async function livemigRun(vm: SourceVm, prealloc: boolean): Promise<Outcome> {
     cpu_source_s: r.cpu_source_s,
     cpu_destination_s: r.cpu_destination_s,
     destination: r.destination,
-    destinationPid: r.destinationPid,
+    ...(r.destinationQemu ? { destinationQemu: r.destinationQemu } : {}),
     extra: { tracker: report['tracker'], rounds: report['rounds'], pause: sc, prep_ms: report['prep_ms'], migrate_ms: report['total_ms'] },
   };
 }
@@ -198,13 +199,7 @@ async function main(): Promise<void> {
           emit({ bench: 'qemu', run, mode, rate_mib_s: rate, ok: false, reason: (e as Error).message.slice(0, 300) });
         } finally {
           r?.destination.close();
-          if (r?.destinationPid) {
-            try {
-              process.kill(r.destinationPid, 'SIGKILL');
-            } catch {
-              // gone already
-            }
-          }
+          if (r?.destinationQemu) signalProcess(r.destinationQemu, 'SIGKILL');
           vm.cleanup();
         }
       }

@@ -24,7 +24,7 @@ import type { TestCa } from '../src/security/test-ca.js';
 import { probe } from '../src/tracking/probe.js';
 import { referenceIncomingCommand } from '../src/workload/controller.js';
 import { makeCa, opensslMissing } from './certs.js';
-import { call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { call, Pids, registerGuest, settled } from './daemon-helpers.js';
 import { until } from './helpers.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -37,15 +37,15 @@ const TOKEN = 'https-test-token-0123456789';
 const STAGE_ORDER = ['queued', 'connecting', 'reserve', 'precopy', 'receiving', 'stop-and-copy', 'committed', 'activating', 'activated', 'postcopy', 'done'];
 
 const dirs: string[] = [];
-const pids: number[] = [];
+const pids = new Pids();
 function tmp(tag: string): string {
   const d = mkdtempSync(path.join(os.tmpdir(), `livemig-https-${tag}-`));
   dirs.push(d);
   return d;
 }
-afterEach(() => killAll(pids.splice(0)));
+afterEach(() => pids.killAll());
 after(() => {
-  killAll(pids);
+  pids.killAll();
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
 
@@ -296,7 +296,7 @@ describe('two daemons with certificates, driven over HTTPS', { skip: opensslMiss
         const pid = Number(d.extra(m)['guest_pid'] ?? 0);
         if (pid > 0) pids.push(pid);
       }
-    killAll(pids);
+    pids.killAll();
     await a.daemon.shutdown();
     await b.daemon.shutdown();
   });

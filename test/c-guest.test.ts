@@ -19,6 +19,7 @@ import { runDemo } from '../src/demo/demo.js';
 import { GUEST_CONTRACT, GUEST_CONTRACT_OLDEST, Tag } from '../src/guest/contract.js';
 import { SourceGuestSession } from '../src/guest/source-session.js';
 import { addon } from '../src/native.js';
+import { processRef, signalProcess, type ProcessRef } from '../src/process-ref.js';
 import { probe } from '../src/tracking/probe.js';
 import { HeartbeatObserver, cGuestArgs, cGuestPath, cIncomingCommand } from '../src/workload/controller.js';
 
@@ -73,6 +74,7 @@ async function sendRunning(startGuest: (socket: string, heartbeat: string) => st
   const rx = spawn(process.execPath, [CLI, 'receive', '--listen', '127.0.0.1:0', ...receiverArgs], { stdio: ['ignore', 'pipe', 'inherit'] });
   const rxLines = createInterface({ input: rx.stdout! })[Symbol.asyncIterator]();
   let destPid = 0;
+  let dest: ProcessRef | undefined;
   try {
     // the guest says it serves once its memory is filled
     const ready = JSON.parse((await createInterface({ input: g.stdout! })[Symbol.asyncIterator]().next()).value as string) as { guest: { pid: number } };
@@ -88,22 +90,15 @@ async function sendRunning(startGuest: (socket: string, heartbeat: string) => st
     while (line.receiving) line = JSON.parse((await rxLines.next()).value as string) as typeof line;
     destPid = line.guest_pid ?? 0;
     assert.ok(destPid > 0, JSON.stringify(line));
+    dest = processRef(destPid);
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 60_000);
     await waitExit(g, 5000);
     return { report, verify: verify.verify!, sourceExit: g.exitCode };
   } finally {
     for (const p of [g, rx]) if (p.exitCode === null) p.kill('SIGKILL');
-    if (destPid) killQuietly(destPid);
+    if (dest) signalProcess(dest, 'SIGKILL');
     observer.close();
     rmSync(dir, { recursive: true, force: true });
-  }
-}
-
-function killQuietly(pid: number): void {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    // gone already
   }
 }
 

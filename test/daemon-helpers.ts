@@ -6,6 +6,7 @@ import path from 'node:path';
 import { after, afterEach } from 'node:test';
 import { request, type ApiTarget } from '../src/daemon/client.js';
 import { referenceGuestRegisterArgs, type GuestDiskOptions } from '../src/workload/controller.js';
+import { processRef, signalProcess, type ProcessRef } from '../src/process-ref.js';
 
 export interface RegisteredGuest {
   name: string;
@@ -91,13 +92,24 @@ export function alive(pid: number): boolean {
   }
 }
 
-export function killAll(pids: number[]): void {
-  for (const pid of pids) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // gone already
+/**
+ * Guests a test started or saw started, killed when it ends. Each is remembered with its start
+ * time: a guest that exited by itself left its pid free, and the suite, running beside the fault
+ * matrix, had a later process (a stopped `send`) take that pid and die of the kill.
+ */
+export class Pids {
+  readonly #refs: ProcessRef[] = [];
+
+  push(...pids: number[]): void {
+    for (const pid of pids) {
+      const ref = processRef(pid);
+      if (ref) this.#refs.push(ref);
     }
+  }
+
+  /** SIGKILL to each remembered process that still holds its pid; forgets them all. */
+  killAll(): void {
+    for (const ref of this.#refs.splice(0)) signalProcess(ref, 'SIGKILL');
   }
 }
 
@@ -106,12 +118,12 @@ export function killAll(pids: number[]): void {
  * pids of guests its tests start or see started (killed after each test: a guest left beating
  * through later tests makes the whole suite's host busier).
  */
-export function scratch(prefix: string): { tmp(tag: string): string; pids: number[] } {
+export function scratch(prefix: string): { tmp(tag: string): string; pids: Pids } {
   const dirs: string[] = [];
-  const pids: number[] = [];
-  afterEach(() => killAll(pids.splice(0)));
+  const pids = new Pids();
+  afterEach(() => pids.killAll());
   after(() => {
-    killAll(pids);
+    pids.killAll();
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
   });
   return {

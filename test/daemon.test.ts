@@ -15,7 +15,7 @@ import { DaemonProcess } from '../src/daemon/process.js';
 import { LivemigError } from '../src/errors.js';
 import { probe } from '../src/tracking/probe.js';
 import { HeartbeatObserver, referenceIncomingCommand } from '../src/workload/controller.js';
-import { alive, allSettled, call, killAll, metricsText, registerGuest, settled } from './daemon-helpers.js';
+import { alive, allSettled, call, Pids, metricsText, registerGuest, settled } from './daemon-helpers.js';
 import { guestCheck, until } from './helpers.js';
 import { monotonicMs } from '../src/workload/clock.js';
 import { makeCa, opensslMissing } from './certs.js';
@@ -26,7 +26,7 @@ const MiB = 1 << 20;
 const TOKEN = 'test-token-0123456789abcdef';
 
 const dirs: string[] = [];
-const pids: number[] = [];
+const pids = new Pids();
 function tmp(tag: string): string {
   const d = mkdtempSync(path.join(os.tmpdir(), `livemig-daemon-${tag}-`));
   dirs.push(d);
@@ -47,9 +47,9 @@ async function collectGuests(apis: ApiTarget[]): Promise<void> {
 // A test's guests (those it started, and those its daemons started) end with the test, not
 // with the file: each runs a 1 kHz heartbeat, and fifteen left beating through the later tests
 // made the host of the whole suite several times busier
-afterEach(() => killAll(pids.splice(0)));
+afterEach(() => pids.killAll());
 after(() => {
-  killAll(pids);
+  pids.killAll();
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
 

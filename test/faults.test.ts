@@ -208,6 +208,8 @@ interface Outcome {
   notFired?: string;
   /** the cell could not be run to its end */
   broken?: string;
+  /** a side that left no report: how it ended and the tail of what it printed */
+  unreported?: string[];
 }
 
 interface Lines {
@@ -431,7 +433,13 @@ async function runCell(h: Hosts, dir: string, c: { stage: Stage; fault: Fault; s
     ...(gapAt ? { gapAt } : {}),
     ...(silent.length ? { silent, silentState: silent.map((pid) => describeSilent(pid, [...h.beats.source, ...h.beats.destination], t0)) } : {}),
     ...(exitedGuests.length ? { exited: exitedGuests } : {}),
+    ...(sent && received ? {} : { unreported: [...(sent ? [] : [said('send', send, tx)]), ...(received ? [] : [said('receive', receive, rx)])] }),
   };
+}
+
+/** A side that printed no report: its exit and its stderr's tail explain why. */
+function said(name: string, c: ChildProcess, l: Lines): string {
+  return `${name} exited ${c.exitCode ?? c.signalCode}, stdout ${JSON.stringify(l.all).slice(-500)}, stderr ${l.stderr().slice(-1500)}`;
 }
 
 /**
@@ -511,7 +519,7 @@ function check(o: Outcome): void {
     return;
   }
   const guests = `silent ${o.silent ?? []} (${(o.silentState ?? []).join('; ')}), exited ${o.exited ?? []}`;
-  const ends = `send ${JSON.stringify(o.send)}, receive ${JSON.stringify(o.receive)}`;
+  const ends = `send ${JSON.stringify(o.send)}, receive ${JSON.stringify(o.receive)}${o.unreported ? `; ${o.unreported.join('; ')}` : ''}`;
   assert.ok(o.runs === 'source' || o.runs === 'destination', `${cell}: exactly one guest runs afterwards, got ${o.runs} (${ends}, ${guests})`);
   if (!committed) assert.equal(o.runs, 'source', `${cell}: before the commitment the guest runs on the source`);
   // after COMMIT the destination is the primary, unless COMMIT itself was lost in the fault and
@@ -563,7 +571,10 @@ test(TITLE, { skip: canRun(), timeout: 45 * 60_000 }, async () => {
     const cells = [
       ...STAGES.flatMap((stage) => FAULTS.flatMap((fault) => SIDES.map((side) => ({ stage, fault, side, disk: false })))),
       ...DISK_CELLS.flatMap((d) => SIDES.map((side) => ({ ...d, side, disk: true }))),
-    ].filter((c) => !only || only.includes(`${c.stage}:${c.fault}:${c.side}${c.disk ? ':disk' : ''}`));
+    ]
+      .filter((c) => !only || only.includes(`${c.stage}:${c.fault}:${c.side}${c.disk ? ':disk' : ''}`))
+      // LIVEMIG_FAULT_REPEAT=N runs each chosen cell N times (a flake under load, looked into by hand)
+      .flatMap((c) => Array.from({ length: Number(process.env['LIVEMIG_FAULT_REPEAT'] ?? 1) }, () => c));
     const outcomes: Outcome[] = [];
     let next = 0;
     let port = 7900;

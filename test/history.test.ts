@@ -17,7 +17,7 @@ import Database from 'better-sqlite3';
 import { followEvents, request, type ApiTarget, type StreamEvent } from '../src/daemon/client.js';
 import { DaemonProcess } from '../src/daemon/process.js';
 import { probe } from '../src/tracking/probe.js';
-import { call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { call, Pids, registerGuest, settled } from './daemon-helpers.js';
 import { until } from './helpers.js';
 
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
@@ -26,7 +26,7 @@ const MiB = 1 << 20;
 const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
 const dirs: string[] = [];
-const pids: number[] = [];
+const pids = new Pids();
 const daemons: DaemonProcess[] = [];
 function tmp(tag: string): string {
   const d = mkdtempSync(path.join(os.tmpdir(), `livemig-history-${tag}-`));
@@ -40,7 +40,7 @@ async function daemon(dir: string, args: string[] = []): Promise<{ d: DaemonProc
 }
 afterEach(async () => {
   for (const d of daemons.splice(0)) await d.stop();
-  killAll(pids.splice(0));
+  pids.killAll();
 });
 after(() => {
   for (const d of dirs) rmSync(d, { recursive: true, force: true });

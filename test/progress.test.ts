@@ -18,7 +18,7 @@ import type { DaemonEvent } from '../src/daemon/events.js';
 import { Progress, type ProgressSample, type ProgressView } from '../src/daemon/progress.js';
 import { probe } from '../src/tracking/probe.js';
 import { referenceIncomingCommand } from '../src/workload/controller.js';
-import { call, killAll, registerGuest, settled } from './daemon-helpers.js';
+import { call, Pids, registerGuest, settled } from './daemon-helpers.js';
 import { until } from './helpers.js';
 
 const MiB = 1 << 20;
@@ -178,7 +178,7 @@ describe('the progress line', () => {
 const uffd = probe().find((p) => p.backend === 'uffd-async')!;
 const skip = uffd.available ? false : uffd.reason;
 const dirs: string[] = [];
-const pids: number[] = [];
+const pids = new Pids();
 
 async function inProcess(tag: string): Promise<{ daemon: Daemon; api: ApiTarget }> {
   const dir = mkdtempSync(path.join(os.tmpdir(), `livemig-progress-${tag}-`));
@@ -225,14 +225,14 @@ describe('progress through the daemon', { skip }, () => {
     b = await inProcess('b');
     unsubscribe = a.daemon.bus.subscribe((e) => void events.push(e));
   });
-  afterEach(() => killAll(pids.splice(0)));
+  afterEach(() => pids.killAll());
   after(async () => {
     unsubscribe();
     for (const m of b.daemon.table.list()) {
       const pid = Number(b.daemon.extra(m)['guest_pid'] ?? 0);
       if (pid > 0) pids.push(pid);
     }
-    killAll(pids);
+    pids.killAll();
     await a.daemon.shutdown();
     await b.daemon.shutdown();
     for (const d of dirs) rmSync(d, { recursive: true, force: true });

@@ -19,7 +19,7 @@ import { Daemon } from '../src/daemon/daemon.js';
 import { QEMU, Serial, SourceVm, qemuUnavailable, vmArgs, vmStatus } from '../src/demo/qemu-vm.js';
 import { QemuSource } from '../src/vmm/qemu/source.js';
 import { referenceIncomingCommand } from '../src/workload/controller.js';
-import { alive, call, killAll, metricsText, scratch, settled } from './daemon-helpers.js';
+import { alive, call, metricsText, scratch, settled } from './daemon-helpers.js';
 
 const unavailable = qemuUnavailable();
 if (unavailable) console.log(`# QEMU daemon tests skipped: ${unavailable}`);
@@ -163,7 +163,7 @@ describe('a QEMU VM through the daemon', { skip: unavailable ?? false }, () => {
       await assert.rejects(QemuSource.attach(qmp), (e: Error) => e.message === error['message']);
       assert.equal((await call(a.api, 'GET', '/v1/guests/unshared')).status, 404);
     } finally {
-      killAll([child.pid!]);
+      child.kill('SIGKILL');
       rmSync(ram, { force: true });
     }
   });

@@ -8,10 +8,11 @@
  * process's start time are checked, so a QEMU that quit, or another one serving the same path
  * later, is never moved under the registered name.
  */
-import { lstatSync, readFileSync } from 'node:fs';
+import { lstatSync } from 'node:fs';
 import path from 'node:path';
 import { LivemigError } from '../errors.js';
 import { QemuSource } from '../vmm/qemu/source.js';
+import { processStart } from '../process-ref.js';
 
 /** the QMP client's words for a first line that is not QEMU's greeting (they quote the line) */
 const NOT_A_GREETING = /^QEMU refused greeting: |: not QMP: |: no QMP greeting$/;
@@ -64,7 +65,7 @@ export class QemuGuest {
     } finally {
       await vm.detach();
     }
-    const started = startTime(facts.pid);
+    const started = processStart(facts.pid, 'qemu');
     if (started === undefined)
       throw new LivemigError('ERR_LIVEMIG_QEMU', `QEMU (pid ${facts.pid}) at ${qmp} exited while it was being registered`, { phase: 'validate' });
     return new QemuGuest(qmp, facts, started);
@@ -72,7 +73,7 @@ export class QemuGuest {
 
   /** Whether the registered QEMU process still runs. */
   get gone(): boolean {
-    return startTime(this.facts.pid) !== this.#started;
+    return processStart(this.facts.pid, 'qemu') !== this.#started;
   }
 
   /** Takes the VM for a migration: refused unless it is the QEMU registered, with the RAM it had. */
@@ -111,17 +112,4 @@ export function checkQmpPath(qmp: string): void {
     throw bad(`${(e as NodeJS.ErrnoException).code ?? (e as Error).message} (is QEMU running with -qmp unix:${qmp},server=on,wait=off?)`, 'ERR_LIVEMIG_QEMU');
   }
   if (!isSocket) throw bad('is not a unix socket (a symlink is not followed)');
-}
-
-/** Field 22 of /proc/PID/stat (when the process started), or undefined when there is no such process. */
-function startTime(pid: number): string | undefined {
-  let stat: string;
-  try {
-    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT' || (e as NodeJS.ErrnoException).code === 'ESRCH') return undefined;
-    throw new LivemigError('ERR_LIVEMIG_SYSCALL', `cannot read /proc/${pid}/stat: ${(e as Error).message}`, { phase: 'qemu', cause: e });
-  }
-  // the command name (field 2) may hold spaces and parentheses: fields after its last ')'
-  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
 }

@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { LivemigError } from '../errors.js';
+import { processRef, signalProcess, type ProcessRef } from '../process-ref.js';
 import { followEvents, request, type ApiTarget, type StreamEvent } from '../daemon/client.js';
 import { DaemonProcess } from '../daemon/process.js';
 import type { MigrationReport } from '../source/types.js';
@@ -34,8 +35,9 @@ export async function runDaemonDemo(o: {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'livemig-demo-daemons-'));
   const observer = await HeartbeatObserver.start();
   const daemons: DaemonProcess[] = [];
-  let guestPid = 0;
+  let guest: ProcessRef | undefined;
   let destPid = 0;
+  let dest: ProcessRef | undefined;
   try {
     const src = await DaemonProcess.start({ dir: path.join(dir, 'source') });
     daemons.push(src);
@@ -45,7 +47,7 @@ export async function runDaemonDemo(o: {
     const d: ApiTarget = { socketPath: dst.socketPath };
     const argv = referenceGuestRegisterArgs(src.guests, 'demo-guest', { ...o.guest, heartbeat: observer.address });
     const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'inherit'] });
-    guestPid = child.pid ?? 0;
+    guest = child.pid ? processRef(child.pid) : undefined;
     child.unref();
     await waitForGuest(s, 'demo-guest', child);
     await new Promise((r) => setTimeout(r, 300)); // let the guest's writes reach their rate
@@ -85,6 +87,7 @@ export async function runDaemonDemo(o: {
         phase: 'demo',
       });
     destPid = there.guest_pid;
+    dest = processRef(destPid);
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
     const gap = observer.maxGap(t0, monotonicMs());
     return {
@@ -98,13 +101,8 @@ export async function runDaemonDemo(o: {
       daemons: 'two livemig serve processes, unix-socket APIs, loopback migration port',
     };
   } finally {
-    for (const pid of [destPid, guestPid]) {
-      try {
-        if (pid) process.kill(pid, 'SIGTERM');
-      } catch {
-        // already gone (the source guest exits once it runs at the destination)
-      }
-    }
+    // (the source guest exits once it runs at the destination: its pid may name another process by now)
+    for (const ref of [dest, guest]) if (ref) signalProcess(ref, 'SIGTERM');
     await Promise.all(daemons.map((x) => x.stop()));
     observer.close();
     rmSync(dir, { recursive: true, force: true });

@@ -20,6 +20,7 @@ import { CONTENTS, PATTERNS, type ContentName, type PatternName } from '../workl
 import { monotonicMs } from '../workload/clock.js';
 import { extentPages } from '../pages/extents.js';
 import { PAGE_SIZE } from '../region/region.js';
+import { isSameProcess, processRef, signalProcess, type ProcessRef } from '../process-ref.js';
 import { HeartbeatObserver, SourceGuest, cGuestArgs, cIncomingCommand } from '../workload/controller.js';
 
 const CLI_ENTRY = fileURLToPath(new URL('../cli/main.js', import.meta.url));
@@ -181,15 +182,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const lines = createInterface({ input: receiver.stdout! })[Symbol.asyncIterator]();
   let guest: SourceGuest | undefined;
   let destPid = 0;
+  let dest: ProcessRef | undefined;
   // stopped from outside (^C, a timeout): the guests and the receiver go with the demo
   const onSignal = (sig: NodeJS.Signals): void => {
-    for (const pid of [destPid, guest?.child.pid ?? 0, receiver.pid ?? 0]) {
-      try {
-        if (pid) process.kill(pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-    }
+    if (dest) signalProcess(dest, 'SIGKILL');
+    for (const child of [guest?.child, receiver]) child?.kill('SIGKILL');
     process.exit(sig === 'SIGINT' ? 130 : 143);
   };
   process.once('SIGINT', onSignal);
@@ -264,6 +261,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     };
     if (!rx.guest_pid) throw new LivemigError('ERR_LIVEMIG_GUEST', `the receiver did not start the guest: ${JSON.stringify(rx)}`, { phase: 'demo' });
     destPid = rx.guest_pid;
+    dest = processRef(destPid);
     const verify = await observer.waitFor((b) => b.pid === destPid && b.verify !== undefined, 120_000);
     await new Promise((r) => setTimeout(r, 100)); // a few more heartbeats after the check
     const tEnd = monotonicMs();
@@ -297,13 +295,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       source_memory: { held_before_bytes: heldBefore * PAGE_SIZE, held_at_release_bytes: heldAtRelease * PAGE_SIZE },
     };
   } finally {
-    if (destPid) {
-      try {
-        process.kill(destPid, 'SIGTERM');
-      } catch {
-        // already gone
-      }
-    }
+    if (dest) signalProcess(dest, 'SIGTERM');
     if (guest && guest.child.exitCode === null) guest.kill();
     if (receiver.exitCode === null) {
       const exited = once(receiver, 'exit');
@@ -315,8 +307,8 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     if (diskDir && !o.diskDir) rmSync(diskDir, { recursive: true, force: true });
     // Wait until the destination guest is gone too: tearing down a gigabyte it mapped would
     // otherwise run beside whatever comes next (a benchmark's next run).
-    for (let i = 0; destPid && i < 500 && alive(destPid); i++) await new Promise((r) => setTimeout(r, 10));
-    if (destPid && alive(destPid)) process.kill(destPid, 'SIGKILL'); // a demo leaves no guest behind
+    for (let i = 0; dest && i < 500 && isSameProcess(dest); i++) await new Promise((r) => setTimeout(r, 10));
+    if (dest) signalProcess(dest, 'SIGKILL'); // a demo leaves no guest behind
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
@@ -346,13 +338,4 @@ function secureDemo(): { receiverArgs: string[]; credentials: Credentials; remov
 function withoutDisk(g: GuestSpec): Omit<GuestSpec, 'disk'> {
   const { disk: _disk, ...rest } = g;
   return rest;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false; // ESRCH: gone
-  }
 }

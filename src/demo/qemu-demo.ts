@@ -11,6 +11,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LivemigError } from '../errors.js';
+import { processRef, signalProcess, type ProcessRef } from '../process-ref.js';
 import { QEMU, Serial, SourceVm, qemuUnavailable, type VmOptions } from './qemu-vm.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../cli/main.js');
@@ -46,7 +47,8 @@ export interface LivemigQemuRun {
   received: Record<string, unknown>;
   /** the destination VM's ttyS1, read from its start */
   destination: Serial;
-  destinationPid: number;
+  /** the destination QEMU (pid and start time: a late kill must not hit a pid reused meanwhile) */
+  destinationQemu?: ProcessRef;
   /** CPU seconds: the source QEMU over the migration plus send; the destination QEMU plus receive */
   cpu_source_s: number;
   cpu_destination_s: number;
@@ -145,7 +147,7 @@ export async function migrateWithLivemig(vm: SourceVm, o: { prealloc?: boolean; 
     }, 2);
     const { code, out: report } = await tx.done;
     clearInterval(sampler);
-    if (code !== 0) return { ok: false, report, received: {}, destination, destinationPid: 0, cpu_source_s: 0, cpu_destination_s: 0 };
+    if (code !== 0) return { ok: false, report, received: {}, destination, cpu_source_s: 0, cpu_destination_s: 0 };
     await heard;
     const received = await rx.next('received');
     const cpu = (c: unknown): number => (c ? (c as { user: number; system: number }).user + (c as { system: number }).system : 0);
@@ -155,7 +157,7 @@ export async function migrateWithLivemig(vm: SourceVm, o: { prealloc?: boolean; 
       report,
       received,
       destination,
-      destinationPid: pid,
+      ...(pid ? { destinationQemu: processRef(pid) } : {}),
       cpu_source_s: +(sourceCpu + cpu(report['cpu_s'])).toFixed(2),
       cpu_destination_s: +((pid ? cpuSeconds(pid) : 0) + cpu(received['cpu_s'])).toFixed(2),
     };
@@ -207,11 +209,11 @@ export async function runQemuDemo(o: VmOptions = {}): Promise<QemuDemoReport> {
       wire_bytes: Number(r['wire_bytes']),
       stop_and_copy: r['stop_and_copy'] as Record<string, number>,
       guest_check: check,
-      destination_pid: run.destinationPid,
+      destination_pid: run.destinationQemu?.pid ?? 0,
     };
   } finally {
     run?.destination.close();
-    if (run?.destinationPid) process.kill(run.destinationPid, 'SIGKILL');
+    if (run?.destinationQemu) signalProcess(run.destinationQemu, 'SIGKILL');
     vm.cleanup();
   }
 }
