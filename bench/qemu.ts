@@ -12,7 +12,8 @@
  * QEMU's own migration: over TCP on loopback to a destination started with `-incoming defer`;
  * default settings (downtime limit 300 ms), `qemu-dl30` (downtime-limit 30 and auto-converge),
  * `qemu-multifd2` (the same with multifd, 2 channels). livemig: `send --qemu` / `receive
- * --qemu-exec`, downtime limit 30 ms, tracking by hashing or through the preload library.
+ * --qemu-exec`, downtime limit 30 ms (or --livemig-downtime MS; a mode's suffix `-dlN` sets it
+ * for that mode alone: `livemig-preload-dl10`), tracking by hashing or through the preload library.
  * Each line: gap, total time (QEMU's total-time; livemig's prep + total), bytes on the wire,
  * CPU seconds of each side (QEMU's process over the migration, plus livemig's processes).
  */
@@ -124,8 +125,13 @@ async function connectRetry(qmp: string): Promise<QmpClient> {
   }
 }
 
-async function livemigRun(vm: SourceVm, prealloc: boolean): Promise<Outcome> {
-  const r = await migrateWithLivemig(vm, { prealloc, sendArgs: ['--downtime-limit', arg('livemig-downtime', '30')] });
+/** livemig's downtime limit for `mode`: its `-dlN` suffix (a sweep in one run), else --livemig-downtime, else 30 ms */
+function livemigDowntime(mode: string): string {
+  return /-dl(\d+)$/.exec(mode)?.[1] ?? arg('livemig-downtime', '30');
+}
+
+async function livemigRun(vm: SourceVm, prealloc: boolean, mode: string): Promise<Outcome> {
+  const r = await migrateWithLivemig(vm, { prealloc, sendArgs: ['--downtime-limit', livemigDowntime(mode)] });
   const report = r.report;
   const sc = report['stop_and_copy'] as Record<string, number> | undefined;
   return {
@@ -168,13 +174,13 @@ async function main(): Promise<void> {
       // the modes in a different order each run: none always goes first on a fresh host
       const order = modes.map((m, i) => modes[(i + run - 1) % modes.length]!);
       for (const mode of order) {
-        const o: VmOptions = { memMiB: mem, writeMiB: write, rate, hbMs: 1, preload: mode === 'livemig-preload', binary };
+        const o: VmOptions = { memMiB: mem, writeMiB: write, rate, hbMs: 1, preload: mode.startsWith('livemig-preload'), binary };
         const vm = await SourceVm.boot(o);
         let r: Outcome | undefined;
         try {
           await new Promise((res) => setTimeout(res, 1000)); // writing steadily
           const t0 = performance.now();
-          r = mode.startsWith('qemu') ? await qemuOwn(vm, mode) : await livemigRun(vm, destPrealloc);
+          r = mode.startsWith('qemu') ? await qemuOwn(vm, mode) : await livemigRun(vm, destPrealloc, mode);
           await r.destination.beatsAfter(vm.serial.lastSeq + 50, 30_000);
           const gap = longestGap(vm.serial, r.destination, t0);
           const check = r.ok ? await r.destination.check() : undefined;
