@@ -360,6 +360,7 @@ interface Addon {
   /** ends the process at once with `code`, without Node's teardown (a daemon whose shutdown is complete) */
   exitNow(code: number): never;
   setThreadSlice(ns: number): boolean;
+  idleProcess(pid: number): number;
   /** a connected pair: a stream, or with `seqpacket` messages that keep their bounds */
   socketPair(seqpacket?: boolean): [number, number];
   /** the guest contract's messages, framed by the guest library's own code (native/guest/livemig_guest.h) */

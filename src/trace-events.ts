@@ -40,6 +40,7 @@ export const SourceEvent = {
   postcopyReconnectFailed: 'post-copy reconnection failed',
   dirtyCountFailed: 'dirty count failed',
   qemuStopped: 'QEMU stopped the VM',
+  qemuQuitAtNormalPriority: 'QEMU quits at normal priority',
 } as const;
 export type SourceEvent = (typeof SourceEvent)[keyof typeof SourceEvent];
 
@@ -73,6 +74,8 @@ export interface SourcePayloads {
   [SourceEvent.dirtyCountFailed]: { code: string; reason: string };
   /** QEMU's STOP event: the VM's vCPUs halted (inside its migrate, which then saves the device state) */
   [SourceEvent.qemuStopped]: undefined;
+  /** QEMU could not be moved to idle priority before its quit (another user's process): it quits as it runs */
+  [SourceEvent.qemuQuitAtNormalPriority]: { reason: string };
 }
 
 /** livemig:receiver, the destination's steps (the incoming guest's included). */

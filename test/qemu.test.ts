@@ -109,6 +109,9 @@ describe('a QEMU VM with the preload library', { skip: unavailable ?? false }, (
     try {
       const { out } = await migrateLive(vm);
       assert.equal(out['tracker'], 'uffd-async', String(out['tracker_reason']));
+      // the VM ran on while QEMU's migrate set up: that part of the pause is not its downtime
+      const sc = out['stop_and_copy'] as { pause_ms: number; ran_after_pause_ms?: number };
+      assert.ok(sc.ran_after_pause_ms !== undefined && sc.ran_after_pause_ms > 0 && sc.ran_after_pause_ms <= sc.pause_ms, JSON.stringify(sc));
     } finally {
       vm.cleanup();
     }

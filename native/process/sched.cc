@@ -175,6 +175,38 @@ Napi::Value IgnoreStopSignals(const Napi::CallbackInfo& info) {
 // to every process of the unit) ended it by that action instead of its exit code.
 Napi::Value ExitNow(const Napi::CallbackInfo& info) { _exit(info[0].As<Napi::Number>().Int32Value()); }
 
+// idleProcess(pid): every fair-class thread of process `pid` (0: this one) goes to SCHED_IDLE:
+// it runs only on a CPU nothing else wants. Returns how many threads moved. For a process whose
+// remaining work is teardown (a source VMM that quits once its guest runs elsewhere).
+Napi::Value IdleProcess(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t pid = info[0].As<Napi::Number>().Int64Value();
+  char path[64];
+  if (pid == 0) std::snprintf(path, sizeof path, "/proc/self/task");
+  else std::snprintf(path, sizeof path, "/proc/%lld/task", static_cast<long long>(pid));
+  DIR* dir = opendir(path);
+  if (!dir) throw MakeSysError(env, "opendir", errno, path);
+  uint32_t threads = 0;
+  while (dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    pid_t tid = static_cast<pid_t>(std::atoi(e->d_name));
+    int policy = sched_getscheduler(tid);
+    if (policy != SCHED_OTHER && policy != SCHED_BATCH) continue;  // -1: ended meanwhile; real-time: left alone
+    SchedAttr a{};
+    a.size = sizeof a;
+    a.policy = SCHED_IDLE;
+    if (syscall(SYS_sched_setattr, tid, &a, 0) != 0) {
+      int err = errno;
+      if (err == ESRCH) continue;
+      closedir(dir);
+      throw MakeSysError(env, "sched_setattr(SCHED_IDLE)", err);
+    }
+    threads++;
+  }
+  closedir(dir);
+  return Napi::Number::New(env, threads);
+}
+
 }  // namespace
 
 void InitSched(Napi::Env env, Napi::Object exports) {
@@ -182,6 +214,7 @@ void InitSched(Napi::Env env, Napi::Object exports) {
   exports.Set("exitNow", Napi::Function::New(env, ExitNow));
   exports.Set("setShortSlices", Napi::Function::New(env, SetShortSlices));
   exports.Set("setThreadSlice", Napi::Function::New(env, SetThreadSliceJs));
+  exports.Set("idleProcess", Napi::Function::New(env, IdleProcess));
 }
 
 }  // namespace livemig

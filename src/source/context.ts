@@ -94,6 +94,8 @@ export class SourceContext {
   encoder: PageEncoder | undefined;
   /** every channel, as soon as they exist (a rollback closes the extra ones) */
   channels: OutgoingChannels | undefined;
+  /** when the guest stopped running, where the VMM said so (its downtime begins there; else at the pause asked) */
+  tStopped: number | undefined;
   /** the guest was paused (or a pause failed half-way): a rollback must resume it */
   paused = false;
   /** the guest was throttled: a rollback must release the throttle */
@@ -292,6 +294,8 @@ export class SourceContext {
 
   /** Pauses the guest for the switch; returns its device state. `onHalted`: it writes no more memory (PauseLease). */
   async pauseGuest(onHalted?: () => void): Promise<Uint8Array> {
+    this.tStopped = undefined;
+    const onStopped = (at: number): void => void (this.tStopped = at);
     const halted = onHalted
       ? (): void => {
           this.paused = true; // from here a failure must resume it, even while its save goes on
@@ -299,7 +303,7 @@ export class SourceContext {
         }
       : undefined;
     try {
-      const deviceState = await this.settings.options.pause({ maxPauseMs: this.settings.maxPauseMs, ...(halted ? { onHalted: halted } : {}) });
+      const deviceState = await this.settings.options.pause({ maxPauseMs: this.settings.maxPauseMs, onStopped, ...(halted ? { onHalted: halted } : {}) });
       this.paused = true;
       return deviceState;
     } catch (e) {

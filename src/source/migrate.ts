@@ -64,7 +64,7 @@ async function stopAndCopyAndActivate(ctx: SourceContext): Promise<Ending> {
   // tracking stops after the hand-over: the guest is paused, and undoing write protection
   // walks the whole range (kernel work that has no place in the pause)
   await ctx.session.tracker.stop();
-  const downtimeMs = a.tActive - stopped.tPause;
+  const downtimeMs = a.tActive - stopped.tStopped;
   ctx.progress({ type: 'activated', downtime_ms: downtimeMs });
   return {
     mode: 'precopy',
@@ -75,6 +75,7 @@ async function stopAndCopyAndActivate(ctx: SourceContext): Promise<Ending> {
       pages: stopped.lastPages,
       bytes: stopped.lastBytes,
       pause_ms: +(stopped.tPaused - stopped.tPause).toFixed(3),
+      ...(stopped.tStopped > stopped.tPause ? { ran_after_pause_ms: +(stopped.tStopped - stopped.tPause).toFixed(3) } : {}),
       final_collect_ms: +(stopped.tCollected - stopped.tPaused).toFixed(3),
       send_ms: +(a.tSent - stopped.tCollected).toFixed(3),
       commit_ms: +(a.tCommitted - a.tSent).toFixed(3),

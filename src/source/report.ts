@@ -42,7 +42,9 @@ function downtimeVerdict(
   else if (ctx.forcedStop) why = `${took}: the stop was forced (${ctx.stopReason}) with ${sc.pages} pages left, expected to take ${expected ?? '?'} ms`;
   else
     why =
-      `${took}, expected ${expected ?? '?'} ms for ${sc.pages} pages: pausing the guest ${sc.pause_ms} ms, the last collection ${sc.final_collect_ms} ms, ` +
+      `${took}, expected ${expected ?? '?'} ms for ${sc.pages} pages: pausing the guest ${sc.pause_ms} ms` +
+      `${sc.ran_after_pause_ms !== undefined ? ` (it ran on for ${sc.ran_after_pause_ms} ms of it, not counted)` : ''}` +
+      `, the last collection ${sc.final_collect_ms} ms, ` +
       `sending ${sc.send_ms} ms, commitment ${sc.commit_ms} ms, activation ${sc.activate_ms} ms (a loaded host stretches each)`;
   return { ...verdict, downtime_limit_missed: why };
 }

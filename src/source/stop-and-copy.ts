@@ -14,6 +14,8 @@ export interface StoppedGuest {
   lastPages: number;
   lastBytes: number;
   tPause: number;
+  /** when the guest stopped running: tPause, or later where the VMM said so (a QEMU VM runs on while its migration sets up) */
+  tStopped: number;
   tPaused: number;
   tCollected: number;
   tLastSent: number;
@@ -45,5 +47,6 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   ctx.finalDiskBlocks = ctx.diskBlocks.reduce((n, b) => n + b, 0) - diskBlocksBefore;
   trace('source', SourceEvent.lastPagesSent);
   const deviceState = await saving;
-  return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tPaused, tCollected, tLastSent: now() };
+  const tStopped = Math.max(tPause, ctx.tStopped ?? tPause);
+  return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tStopped, tPaused, tCollected, tLastSent: now() };
 }

@@ -216,6 +216,11 @@ export interface PostcopyStats {
 export interface PauseLease {
   maxPauseMs: number;
   onHalted?: () => void;
+  /**
+   * the guest stopped running at `at` (performance.now()), later than the pause was asked: its
+   * downtime begins there (a QEMU VM runs on while its migration sets up, then stops)
+   */
+  onStopped?: (at: number) => void;
 }
 
 export interface MigrateOptions {
@@ -426,6 +431,8 @@ export interface MigrationReport {
     pages: number;
     bytes: number;
     pause_ms: number;
+    /** of pause_ms, how long the guest ran on after the pause was asked (a QEMU VM while its migration sets up): not downtime */
+    ran_after_pause_ms?: number;
     final_collect_ms: number;
     send_ms: number;
     commit_ms: number;

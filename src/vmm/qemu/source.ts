@@ -24,6 +24,7 @@ import { QmpClient } from './qmp.js';
 import { VcpuThrottle } from './throttle.js';
 import { trace } from '../../trace.js';
 import { SourceEvent } from '../../trace-events.js';
+import { idleProcess } from '../../sched.js';
 
 /** a paused VM's lease runs this much past livemig's max pause (whose abort resumes it first) */
 const LEASE_SLACK_MS = 1000;
@@ -134,6 +135,7 @@ export class QemuSource {
     const off = this.qmp.onEvent((e) => {
       if (e.event === 'STOP') {
         stopped = true;
+        lease.onStopped?.(performance.now()); // as heard: the VM stopped at most this QMP event's way earlier
         trace('source', SourceEvent.qemuStopped);
       } else if (stopped && e.event === 'MIGRATION_PASS') {
         // QEMU's first dirty-bitmap sync after the stop: its vCPUs are paused and its block
@@ -194,9 +196,16 @@ export class QemuSource {
     this.#throttle.set(percent);
   }
 
-  /** The VM runs at the destination: QEMU here quits. */
+  /** The VM runs at the destination: QEMU here quits, at idle priority. */
   async release(): Promise<void> {
     clearTimeout(this.#leaseTimer);
+    // QEMU's quit is teardown (its RAM mapping, TCG's buffers): it yields the CPU to the VM
+    // starting at the destination, which on a shared host it otherwise slows
+    try {
+      idleProcess(this.pid, 'release');
+    } catch (e) {
+      trace('source', SourceEvent.qemuQuitAtNormalPriority, { reason: (e as Error).message }); // a QEMU of another user: EPERM
+    }
     const exited = this.qmp.waitEvent('SHUTDOWN', { timeoutMs: 5000 }).catch(() => undefined);
     await this.qmp.execute('quit').catch((e: unknown) => {
       if (!this.qmp.closed) throw e; // QEMU may close before it answers
