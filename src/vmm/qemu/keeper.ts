@@ -16,6 +16,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { Writable } from 'node:stream';
+import { processStart } from '../../process-ref.js';
 
 export type SourceKeeperState = 'attached' | 'paused' | 'committed';
 
@@ -40,7 +41,12 @@ sleep 1
 const DESTINATION_SCRIPT = `while IFS= read -r line; do
   case "$line" in done|running) exit 0 ;; esac
 done
-[ "$LIVEMIG_QEMU_PID" -gt 1 ] && kill -9 "$LIVEMIG_QEMU_PID" 2>/dev/null
+# only the QEMU started then: a QEMU that died left its pid free for another process
+if [ "$LIVEMIG_QEMU_PID" -gt 1 ] && read -r stat < "/proc/$LIVEMIG_QEMU_PID/stat" 2>/dev/null; then
+  set -- \${stat##*) }
+  shift 19
+  [ "$1" = "$LIVEMIG_QEMU_START" ] && kill -9 "$LIVEMIG_QEMU_PID" 2>/dev/null
+fi
 [ -n "$LIVEMIG_QEMU_DIR" ] && rm -rf -- "$LIVEMIG_QEMU_DIR"
 `;
 
@@ -89,8 +95,9 @@ export class SourceKeeper extends Keeper {
 
 export class DestinationKeeper extends Keeper {
   /** `dir`: the receiver's directory for this QEMU (its sockets), removed with it */
-  constructor(qemuPid: number, dir: string) {
-    super(DESTINATION_SCRIPT, { LIVEMIG_QEMU_PID: String(qemuPid), LIVEMIG_QEMU_DIR: dir }, 'ignore');
+  /** `start`: the QEMU's start time (field 22 of /proc/PID/stat): the keeper kills that process or none */
+  constructor(qemuPid: number, dir: string, start: string = processStart(qemuPid, 'qemu') ?? '') {
+    super(DESTINATION_SCRIPT, { LIVEMIG_QEMU_PID: String(qemuPid), LIVEMIG_QEMU_START: start, LIVEMIG_QEMU_DIR: dir }, 'ignore');
   }
 
   /** said just before `cont`: a VM that may run here is never killed by the keeper */
