@@ -136,6 +136,17 @@ test('policy: stop when the estimate fits; bounds force a stop; a stall triggers
   const t = slow.decide(facts({ round: STALL_ROUNDS + 1, dirtyPages: 3000 - (STALL_ROUNDS + 1) * 300 }));
   assert.deepEqual([t.action, t.action === 'throttle' && t.level], ['throttle', THROTTLE_FIRST]);
   assert.match(t.reason, /converging too slowly: the guest dirtied 37 MB\/s against 40 MB\/s sent/);
+  // a limit no stop can keep (below its fixed cost): a stall with next to nothing left stops,
+  // instead of throttling an idle guest round after round; with more left, the throttle acts
+  const below = (dirtyPages: number): ConvergencePolicy => {
+    const p = new ConvergencePolicy({ ...base, downtimeLimitMs: 8, onStall: 'throttle' });
+    for (let r = 1; r <= STALL_ROUNDS; r++) assert.equal(p.decide(facts({ round: r, dirtyPages, dirtiedPages: dirtyPages })).action, 'continue');
+    return p;
+  };
+  const idle = below(44).decide(facts({ round: STALL_ROUNDS + 1, dirtyPages: 44, dirtiedPages: 44 }));
+  assert.deepEqual([idle.action, idle.action === 'stop' && idle.forced], ['stop', true]);
+  assert.match(idle.reason, /below the stop's own cost/);
+  assert.equal(below(900).decide(facts({ round: STALL_ROUNDS + 1 })).action, 'throttle');
   // dirtying less than half as fast as we send is left to converge
   const fine = new ConvergencePolicy({ ...base, onStall: 'throttle' });
   for (let r = 1; r <= 8; r++) assert.equal(fine.decide(facts({ round: r, dirtyPages: 3000 - r * 300, dirtiedPages: 400 })).action, 'continue', `round ${r}`);

@@ -213,6 +213,15 @@ export class ConvergencePolicy {
       this.#stallRounds = 0;
       switch (o.onStall) {
         case 'throttle':
+          // next to nothing left and still no fit: the limit is below what the stop itself costs,
+          // which no throttle lowers (an idle guest was throttled round after round for 8 ms)
+          if (remaining <= MIN_WORTH_A_ROUND && o.downtimeLimitMs <= o.fixedCostMs)
+            return {
+              action: 'stop',
+              forced: true,
+              estimateMs: est,
+              reason: `${why}; the limit is below the stop's own cost (${o.fixedCostMs} ms), which no throttle lowers: stopping`,
+            };
           if (this.throttle < THROTTLE_MAX) {
             this.throttle = this.throttle === 0 ? THROTTLE_FIRST : Math.min(THROTTLE_MAX, this.throttle + THROTTLE_STEP);
             this.#stallRounds = STALL_ROUNDS - 1; // one more round to see the effect, then step again
