@@ -134,7 +134,7 @@ function describeQemu(r: QemuDemoReport): string {
       `QEMU: ${r.qemu}; tracking: ${r.tracker_reason}`,
       `rounds: ${r.rounds}; total time: ${r.total_ms.toFixed(0)} ms; ` +
         `bytes on the wire: ${(r.wire_bytes / 2 ** 20).toFixed(1)} MiB for ${r.vm.mem_mib} MiB of RAM`,
-      `downtime (pause to activation): ${r.downtime_ms.toFixed(2)} ms; the VM's heartbeats stopped for ${r.guest_gap_ms.toFixed(2)} ms (host clock)`,
+      `downtime (STOP to cont): ${r.downtime_ms.toFixed(2)} ms; the VM's heartbeats stopped for ${r.guest_gap_ms.toFixed(2)} ms (host clock)`,
       `the VM runs on at the destination (pid ${r.destination_pid}), stopped when the demo ends`,
     ].join('\n') + '\n'
   );
