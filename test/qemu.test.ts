@@ -54,6 +54,22 @@ describe('a QEMU VM', { skip: unavailable ?? false }, () => {
     assert.equal((await vmStatus(vm.qmp)).ignoreShared, false, 'x-ignore-shared is off again');
   });
 
+  test('a VM committed to a destination whose activation then failed runs here again', async () => {
+    const source = await QemuSource.attach(vm.qmp);
+    try {
+      await source.pause({ maxPauseMs: 60_000 });
+      await source.commit();
+      // the destination said it did not activate (its copy is gone): livemig resumes the source
+      await source.resume();
+      await vm.serial.beatsAfter(vm.serial.lastSeq + 5);
+    } finally {
+      await source.detach();
+    }
+    // (QEMU's monitor takes one client at a time: asked once livemig's connection is gone)
+    const status = await vmStatus(vm.qmp);
+    assert.deepEqual([status.status, status.ignoreShared], ['running', false], "it runs, QEMU's settings put back");
+  });
+
   test('a throttle moves the vCPU threads into a CPU cgroup of their own, and back', async (t) => {
     const source = await QemuSource.attach(vm.qmp);
     try {

@@ -247,7 +247,10 @@ export interface MigrateOptions {
    * already resumed itself) aborts the migration before commitment.
    */
   commit?(): void | Promise<void>;
-  /** resumes the guest on the source after a failure before commitment */
+  /**
+   * resumes the guest on the source: after a failure before commitment, or after it when the
+   * destination said its activation failed (its copy is discarded: this is the only one)
+   */
   resume(): Promise<void>;
   /** called once the destination has activated the guest: the source copy may go */
   release?(): Promise<void>;

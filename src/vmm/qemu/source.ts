@@ -172,11 +172,15 @@ export class QemuSource {
     this.#committed = true;
   }
 
+  /**
+   * The VM runs here again: after a failure before the commitment, or after it when the
+   * destination said its activation failed and its copy is gone (livemig calls it then only).
+   */
   async resume(): Promise<void> {
     clearTimeout(this.#leaseTimer);
     await this.#saving; // QEMU refuses `cont` while its migrate still runs (a failure beside the save)
     if (this.#leaseFired) return this.#leaseFired;
-    if (this.#committed) throw new LivemigError('ERR_LIVEMIG_STATE', 'the VM was committed to the destination: it never runs here again', { phase: 'resume' });
+    this.#committed = false;
     await this.#cont();
   }
 
