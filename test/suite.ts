@@ -12,8 +12,13 @@
  *
  *   node dist/test/suite.js [FILE.test.js ...]       (default: every dist/test/*.test.js)
  *   LIVEMIG_TEST_CONCURRENCY=N                        (default 2; 1 runs the files one by one)
+ *
+ * Every file and every process it starts gets a temporary directory of this run's own (TMPDIR),
+ * removed when the suite ends: a guest a test kills cannot remove its socket's directory, and
+ * runs of the suite had left hundreds in /tmp.
  */
-import { readdirSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { run } from 'node:test';
 import { spec, tap } from 'node:test/reporters';
@@ -42,6 +47,9 @@ function suiteFiles(): string[] {
 }
 
 const asked = process.argv.slice(2).map((f) => path.resolve(f));
+const scratch = mkdtempSync(path.join(os.tmpdir(), 'livemig-suite-'));
+process.env['TMPDIR'] = scratch;
+process.on('exit', () => rmSync(scratch, { recursive: true, force: true }));
 const stream = run({ files: asked.length ? asked : suiteFiles(), concurrency: concurrency() });
 stream.on('test:fail', () => {
   process.exitCode = 1;
