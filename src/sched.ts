@@ -63,8 +63,8 @@ export function setProcessNice(nice: number): number {
 
 /**
  * Every thread of process `pid` (0: this one) to SCHED_IDLE: it runs only where no other thread
- * wants the CPU. For work left once the guest runs at the destination (a source QEMU's quit, a
- * one-shot `send`'s own teardown): on a 2-CPU host, a source QEMU quitting at normal priority
+ * wants the CPU. For work left once the guest runs at the destination (a source QEMU's quit): on
+ * a 2-CPU host, a source QEMU quitting at normal priority
  * beside the destination's first milliseconds left the VM silent 24-41 ms after the hand-over,
  * 12-17 ms with its quit put off (bench/qemu, 512 MiB/s). Returns how many threads moved; a
  * process gone meanwhile moves none.

@@ -12,7 +12,7 @@ import { lstatSync } from 'node:fs';
 import path from 'node:path';
 import { LivemigError } from '../errors.js';
 import { QemuSource } from '../vmm/qemu/source.js';
-import { processStart } from '../process-ref.js';
+import { isSameProcess, processRef, type ProcessRef } from '../process-ref.js';
 
 /** the QMP client's words for a first line that is not QEMU's greeting (they quote the line) */
 const NOT_A_GREETING = /^QEMU refused greeting: |: not QMP: |: no QMP greeting$/;
@@ -34,13 +34,13 @@ export interface QemuFacts {
 export class QemuGuest {
   readonly qmp: string;
   readonly facts: QemuFacts;
-  /** the process's start time (clock ticks since boot): a pid reused by another process differs */
-  readonly #started: string;
+  /** the QEMU process by pid and start time: a pid reused by another process differs */
+  readonly #process: ProcessRef;
 
-  private constructor(qmp: string, facts: QemuFacts, started: string) {
+  private constructor(qmp: string, facts: QemuFacts, process: ProcessRef) {
     this.qmp = qmp;
     this.facts = facts;
-    this.#started = started;
+    this.#process = process;
   }
 
   /** Takes the VM at `qmp` once, to check it and learn what it is, and lets it go: refused as `send --qemu` refuses it. */
@@ -65,7 +65,7 @@ export class QemuGuest {
     } finally {
       await vm.detach();
     }
-    const started = processStart(facts.pid, 'qemu');
+    const started = processRef(facts.pid);
     if (started === undefined)
       throw new LivemigError('ERR_LIVEMIG_QEMU', `QEMU (pid ${facts.pid}) at ${qmp} exited while it was being registered`, { phase: 'validate' });
     return new QemuGuest(qmp, facts, started);
@@ -73,7 +73,7 @@ export class QemuGuest {
 
   /** Whether the registered QEMU process still runs. */
   get gone(): boolean {
-    return processStart(this.facts.pid, 'qemu') !== this.#started;
+    return !isSameProcess(this.#process);
   }
 
   /** Takes the VM for a migration: refused unless it is the QEMU registered, with the RAM it had. */

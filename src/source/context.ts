@@ -96,6 +96,11 @@ export class SourceContext {
   channels: OutgoingChannels | undefined;
   /** when the guest stopped running, where the VMM said so (its downtime begins there; else at the pause asked) */
   tStopped: number | undefined;
+
+  /** When the guest paused at `tPause` stopped running: then, or later where its VMM said so. */
+  stoppedAt(tPause: number): number {
+    return Math.max(tPause, this.tStopped ?? tPause);
+  }
   /** the guest was paused (or a pause failed half-way): a rollback must resume it */
   paused = false;
   /** the guest was throttled: a rollback must release the throttle */

@@ -77,7 +77,7 @@ export async function switchToPostcopy(ctx: SourceContext): Promise<Ending> {
     onCommitted: () => ctx.enter('activating'),
     onRunning: () => {
       ctx.enter('postcopy');
-      downtime = now() - Math.max(tPause, ctx.tStopped ?? tPause);
+      downtime = now() - ctx.stoppedAt(tPause);
       trace('source', SourceEvent.postcopyRunningReceived);
       ctx.progress({ type: 'activated', downtime_ms: downtime });
       // tracking is over (the source is paused for good); stopping it is not the guest's pause

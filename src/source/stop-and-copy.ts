@@ -47,6 +47,5 @@ export async function stopAndCopy(ctx: SourceContext): Promise<StoppedGuest> {
   ctx.finalDiskBlocks = ctx.diskBlocks.reduce((n, b) => n + b, 0) - diskBlocksBefore;
   trace('source', SourceEvent.lastPagesSent);
   const deviceState = await saving;
-  const tStopped = Math.max(tPause, ctx.tStopped ?? tPause);
-  return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tStopped, tPaused, tCollected, tLastSent: now() };
+  return { deviceState, lastPages: lastPages.length, lastBytes, tPause, tStopped: ctx.stoppedAt(tPause), tPaused, tCollected, tLastSent: now() };
 }

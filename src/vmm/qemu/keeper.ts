@@ -8,8 +8,7 @@
  *   way, so QEMU's own migration later carries the RAM again. A committed VM stays paused: the
  *   destination may run it.
  * - the destination's keeper kills a QEMU that was never told to run (and removes the receiver's
- *   directory of its sockets): nothing else would stop a
- *   QEMU waiting in `-incoming`. Told `running` before `cont`, it lets the VM be; after a switch
+ *   directory of its sockets): nothing else would stop a QEMU waiting in `-incoming`. Told `running` before `cont`, it lets the VM be; after a switch
  *   to post-copy only once every page is here (a VM running on pages that only the dead
  *   receiver could fetch must stop, not read zeros).
  * A shell, not a Node process: it must cost nothing beside every QEMU, and outlive livemig.
@@ -94,8 +93,10 @@ export class SourceKeeper extends Keeper {
 }
 
 export class DestinationKeeper extends Keeper {
-  /** `dir`: the receiver's directory for this QEMU (its sockets), removed with it */
-  /** `start`: the QEMU's start time (field 22 of /proc/PID/stat): the keeper kills that process or none */
+  /**
+   * `dir`: the receiver's directory for this QEMU (its sockets), removed with it; `start`: the
+   * QEMU's start time (field 22 of /proc/PID/stat): the keeper kills that process or none
+   */
   constructor(qemuPid: number, dir: string, start: string = processStart(qemuPid, 'qemu') ?? '') {
     super(DESTINATION_SCRIPT, { LIVEMIG_QEMU_PID: String(qemuPid), LIVEMIG_QEMU_START: start, LIVEMIG_QEMU_DIR: dir }, 'ignore');
   }
